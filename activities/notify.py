@@ -1,0 +1,41 @@
+"""Notifications: webhook (JSON) and Slack incoming-webhook channels from the inventory."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.secrets import resolve
+from opsflow.models import NotifyRequest
+
+
+@activity.defn(name="notify.send")
+def send(request: NotifyRequest) -> list[str]:
+    """Send to the named channels (all channels when none are named). Returns the channels reached."""
+    n = request.notification
+    channels = [c for c in request.channels if not n.channels or c.name in n.channels]
+    unknown = set(n.channels) - {c.name for c in request.channels}
+    if unknown:
+        raise ApplicationError(f"unknown notification channel(s): {', '.join(sorted(unknown))}", type="BadInput", non_retryable=True)
+    sent = []
+    for channel in channels:
+        url = channel.url or resolve(channel.url_secret)
+        if channel.kind == "slack":
+            body = {"text": f"[{n.severity}] {n.environment}: {n.text}"}
+        else:
+            body = n.model_dump(mode="json")
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10):
+                pass
+        except urllib.error.HTTPError as e:
+            # 4xx (other than throttling) will not get better by retrying.
+            raise ApplicationError(f"channel {channel.name}: HTTP {e.code}", type="NotifyFailed", non_retryable=400 <= e.code < 500 and e.code != 429) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ApplicationError(f"channel {channel.name}: {getattr(e, 'reason', e)}", type="NotifyFailed") from None
+        sent.append(channel.name)
+    return sent

@@ -1,0 +1,256 @@
+"""The inventory: one YAML file describing an environment.
+
+It is validated by pydantic, and a bad file is reported with the path of the
+bad field (``regions.westeurope.database.provider: ...``). The validated model
+travels inside workflow inputs, so it must never hold a secret: it only names
+where a secret lives (``SecretRef``); activities fetch it on the worker.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class InventoryError(ValueError):
+    """The inventory file is missing, unreadable or invalid; the message names the bad field."""
+
+
+class Strict(BaseModel):
+    # A typo in a key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: object) -> float:
+    """'90s', '5m', '1.5h', 30 -> seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 5m, 1h)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+Seconds = Annotated[float, Field(ge=0)]
+
+
+class SecretRef(Strict):
+    """Where a secret lives. Exactly one of the fields is set."""
+
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "SecretRef":
+        if sum(x is not None for x in (self.env, self.file)) != 1:
+            raise ValueError("a secret reference names exactly one of: env, file")
+        return self
+
+
+def _no_password_in_dsn(dsn: str) -> str:
+    if re.search(r"(^|\s)password\s*=", dsn) or re.search(r"://[^/@:]+:[^/@]+@", dsn):
+        raise ValueError("the DSN must not hold a password; name where it lives with 'password: {env: VAR}'")
+    return dsn
+
+
+class _SqlAccess(Strict):
+    dsn: str = Field(description="libpq connection string without password, e.g. 'host=db port=5432 user=ops dbname=postgres'")
+    password: SecretRef | None = None
+
+    _check_dsn = field_validator("dsn")(_no_password_in_dsn)
+
+
+class PostgresDatabase(_SqlAccess):
+    """Self-managed PostgreSQL, reached over SQL only."""
+
+    provider: Literal["postgres"]
+
+
+class AzureFlexibleDatabase(_SqlAccess):
+    """Azure Database for PostgreSQL flexible server: control plane over ARM, lag over SQL."""
+
+    provider: Literal["azure-flexible"]
+    subscription_id: str
+    resource_group: str
+    server_name: str
+
+
+class AwsRdsDatabase(Strict):
+    """Amazon RDS for PostgreSQL: control plane over boto3, lag over SQL where reachable."""
+
+    provider: Literal["aws-rds"]
+    db_instance_identifier: str
+    aws_region: str
+    dsn: str | None = None
+    password: SecretRef | None = None
+
+    _check_dsn = field_validator("dsn")(lambda v: v if v is None else _no_password_in_dsn(v))
+
+
+Database = Annotated[Union[PostgresDatabase, AzureFlexibleDatabase, AwsRdsDatabase], Field(discriminator="provider")]
+
+
+class AzureTrafficManager(Strict):
+    provider: Literal["azure-traffic-manager"]
+    subscription_id: str
+    resource_group: str
+    profile: str
+
+
+class Route53Traffic(Strict):
+    provider: Literal["route53"]
+    hosted_zone_id: str
+    record_name: str
+    record_type: str = "CNAME"
+
+
+Traffic = Annotated[Union[AzureTrafficManager, Route53Traffic], Field(discriminator="provider")]
+
+
+class DeploymentTarget(Strict):
+    name: str
+    replicas: int = Field(ge=0, description="replicas to run when this region is primary")
+
+
+class KubernetesConfig(Strict):
+    kubeconfig: str | None = Field(default=None, description="path; default: in-cluster or ~/.kube/config")
+    context: str | None = None
+    namespace: str = "default"
+    service: str | None = Field(default=None, description="service annotated maintenance=true while the region is drained")
+    deployments: list[DeploymentTarget] = []
+
+
+class Region(Strict):
+    database: Database
+    traffic_endpoint: str = Field(description="Traffic Manager endpoint name, or Route 53 set identifier")
+    kubernetes: KubernetesConfig | None = None
+    smoke_urls: list[str] = []
+    task_queue: str | None = Field(default=None, description="default: opsflow-<environment>-<region>")
+
+
+class AzureConnection(Strict):
+    arm_endpoint: str = "https://management.azure.com"
+    # 'default' is azure-identity's DefaultAzureCredential; 'static-token' is for the lab's emulator only.
+    credential: Literal["default", "static-token"] = "default"
+    ca_bundle: str | None = Field(default=None, description="CA file to trust for ARM (the lab's test CA)")
+    # ARM's long-running operations ask clients to poll after a few seconds; the lab answers faster.
+    polling_interval: Seconds = 5
+
+
+class AwsConnection(Strict):
+    endpoint_url: str | None = Field(default=None, description="override, e.g. a moto server in the lab")
+    default_region: str = "us-east-1"
+
+
+class NotificationChannel(Strict):
+    name: str
+    kind: Literal["webhook", "slack"] = "webhook"
+    url: str | None = None
+    url_secret: SecretRef | None = None
+
+    @model_validator(mode="after")
+    def _url(self) -> "NotificationChannel":
+        if (self.url is None) == (self.url_secret is None):
+            raise ValueError("a channel has exactly one of: url, url_secret")
+        return self
+
+
+class ApprovalPolicy(Strict):
+    approvers: list[str] = Field(min_length=1)
+    require_distinct_approver: bool = True
+    timeout: Seconds = 3600
+    # What happens when nobody answers by the deadline: an escalation is always sent first.
+    on_timeout: Literal["abort", "keep-waiting"] = "abort"
+    escalation_channel: str | None = None
+    emergency_requires_approval: bool = False
+
+    _t = field_validator("timeout", mode="before")(parse_duration)
+
+
+class FailoverPolicy(Strict):
+    drain: Seconds = 60
+    max_planned_lag_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    catch_up_timeout: Seconds = 600
+    promote_timeout: Seconds = 900
+
+    _d = field_validator("drain", "catch_up_timeout", "promote_timeout", mode="before")(parse_duration)
+
+
+class Inventory(Strict):
+    environment: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
+    primary_region: str = Field(description="the region that is primary when the inventory was written; the live role is read from the database")
+    regions: dict[str, Region] = Field(min_length=2)
+    traffic: Traffic
+    approval: ApprovalPolicy
+    failover: FailoverPolicy = FailoverPolicy()
+    azure: AzureConnection | None = None
+    aws: AwsConnection | None = None
+    notifications: list[NotificationChannel] = []
+    reports_dir: str = "reports"
+    workflow_task_queue: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Inventory":
+        if self.primary_region not in self.regions:
+            raise ValueError(f"primary_region {self.primary_region!r} is not one of the regions: {', '.join(self.regions)}")
+        names = {c.name for c in self.notifications}
+        if self.approval.escalation_channel and self.approval.escalation_channel not in names:
+            raise ValueError(f"approval.escalation_channel {self.approval.escalation_channel!r} is not a notification channel")
+        uses_azure = isinstance(self.traffic, AzureTrafficManager) or any(
+            isinstance(r.database, AzureFlexibleDatabase) for r in self.regions.values()
+        )
+        if uses_azure and self.azure is None:
+            self.azure = AzureConnection()
+        return self
+
+    # -- derived names ---------------------------------------------------------------------------------
+    def region(self, name: str) -> Region:
+        if name not in self.regions:
+            raise InventoryError(f"unknown region {name!r}; the inventory has: {', '.join(self.regions)}")
+        return self.regions[name]
+
+    def region_queue(self, name: str) -> str:
+        return self.region(name).task_queue or f"opsflow-{self.environment}-{name}"
+
+    @property
+    def task_queue(self) -> str:
+        return self.workflow_task_queue or f"opsflow-{self.environment}"
+
+    def all_queues(self) -> list[str]:
+        return [self.task_queue, *(self.region_queue(r) for r in self.regions)]
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        # A discriminated union puts the provider tag in the path: regions.x.database.aws-rds.aws_region
+        loc = ".".join(str(p) for p in e["loc"])
+        lines.append(f"  {loc or '(top level)'}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_inventory(path: str | Path) -> Inventory:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise InventoryError(f"inventory {p} does not exist") from None
+    except yaml.YAMLError as e:
+        raise InventoryError(f"inventory {p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise InventoryError(f"inventory {p} must be a mapping at the top level")
+    try:
+        return Inventory.model_validate(raw)
+    except ValidationError as e:
+        raise InventoryError(f"inventory {p} is invalid:\n{_format_errors(e)}") from None

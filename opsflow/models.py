@@ -1,0 +1,241 @@
+"""Activity inputs/outputs and procedure reports. Plain pydantic models, no I/O."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel
+
+from opsflow.inventory import AwsConnection, AzureConnection, Database, Inventory, KubernetesConfig, NotificationChannel, Traffic
+
+
+def lsn_to_int(lsn: str | None) -> int | None:
+    """PostgreSQL LSN '16/B374D848' -> byte position."""
+    if not lsn:
+        return None
+    hi, lo = lsn.split("/")
+    return (int(hi, 16) << 32) + int(lo, 16)
+
+
+# -- what an activity acts on ----------------------------------------------------------------------------
+
+
+class RegionTarget(BaseModel):
+    """Everything an activity needs to act on one region; never a secret (only where secrets live)."""
+
+    environment: str
+    region: str
+    database: Database
+    kubernetes: KubernetesConfig | None = None
+    smoke_urls: list[str] = []
+    azure: AzureConnection | None = None
+    aws: AwsConnection | None = None
+
+    @classmethod
+    def of(cls, inv: Inventory, region: str) -> "RegionTarget":
+        r = inv.region(region)
+        return cls(
+            environment=inv.environment,
+            region=region,
+            database=r.database,
+            kubernetes=r.kubernetes,
+            smoke_urls=r.smoke_urls,
+            azure=inv.azure,
+            aws=inv.aws,
+        )
+
+
+class DbStatus(BaseModel):
+    region: str
+    reachable: bool
+    error: str | None = None
+    role: Literal["primary", "replica", "unknown"] = "unknown"
+    streaming: bool = False  # a replica whose WAL receiver is streaming from a primary
+    read_only: bool = False  # fenced: default_transaction_read_only is on
+    current_lsn: str | None = None  # primary: pg_current_wal_lsn(); replica: last received LSN
+    replay_lsn: str | None = None  # replica: pg_last_wal_replay_lsn()
+    replay_delay_seconds: float | None = None
+    timeline: int | None = None
+    cloud_state: str | None = None  # control-plane state where there is one (Azure 'Ready', RDS 'available')
+    cloud_role: str | None = None  # control-plane replication role (Azure 'Primary'/'AsyncReplica')
+
+
+class CatchUpRequest(BaseModel):
+    primary: RegionTarget
+    replica: RegionTarget
+    timeout_seconds: float
+    max_lag_bytes: int = 0  # 0: wait until the replica has replayed everything
+
+
+class CatchUpResult(BaseModel):
+    primary_lsn: str
+    replay_lsn: str
+    lag_bytes: int
+    replay_delay_seconds: float | None = None
+    waited_seconds: float
+
+
+class PromoteRequest(BaseModel):
+    target: RegionTarget
+    force: bool = False  # emergency: do not wait for the old primary
+
+
+class PromoteResult(BaseModel):
+    already_primary: bool
+    seconds: float
+    timeline: int | None = None
+    lsn_at_promotion: str | None = None  # the replay position the new primary started from
+    received_lsn: str | None = None  # what the replica had received (received - replayed = WAL lost by promotion)
+
+
+class TrafficRequest(BaseModel):
+    environment: str
+    traffic: Traffic
+    endpoints: dict[str, str]  # region -> endpoint name / set identifier
+    to_region: str
+    azure: AzureConnection | None = None
+    aws: AwsConnection | None = None
+
+    @classmethod
+    def of(cls, inv: Inventory, to_region: str) -> "TrafficRequest":
+        inv.region(to_region)
+        return cls(
+            environment=inv.environment,
+            traffic=inv.traffic,
+            endpoints={name: r.traffic_endpoint for name, r in inv.regions.items()},
+            to_region=to_region,
+            azure=inv.azure,
+            aws=inv.aws,
+        )
+
+
+class EndpointState(BaseModel):
+    region: str
+    endpoint: str
+    enabled: bool
+    priority: int | None = None
+    monitor_status: str | None = None  # Online / Degraded / Disabled / CheckingEndpoint ...
+
+
+class TrafficStatus(BaseModel):
+    endpoints: list[EndpointState]
+    serving_region: str | None  # the region traffic goes to now
+
+
+class MaintenanceRequest(BaseModel):
+    target: RegionTarget
+    on: bool
+
+
+class ScaleRequest(BaseModel):
+    target: RegionTarget
+
+
+class DeploymentState(BaseModel):
+    name: str
+    desired: int
+    ready: int
+
+
+class KubeStatus(BaseModel):
+    region: str
+    deployments: list[DeploymentState]
+    ready: bool
+    maintenance: bool | None = None
+
+
+class SmokeResult(BaseModel):
+    url: str
+    status: int | None
+    ok: bool
+    error: str | None = None
+    seconds: float
+
+
+class Notification(BaseModel):
+    environment: str
+    channels: list[str]  # names from the inventory; empty: all channels
+    text: str
+    severity: Literal["info", "warning", "critical"] = "info"
+    workflow_id: str | None = None
+
+
+class NotifyRequest(BaseModel):
+    notification: Notification
+    channels: list[NotificationChannel]  # the inventory's channels (urls or where their secret url lives)
+
+
+# -- reports --------------------------------------------------------------------------------------------
+
+StepOutcome = Literal["running", "ok", "failed", "skipped", "compensated", "planned"]
+
+
+class StepRecord(BaseModel):
+    name: str
+    title: str
+    outcome: StepOutcome = "running"
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    detail: str = ""
+
+    @property
+    def seconds(self) -> float | None:
+        if self.started_at and self.ended_at:
+            return (self.ended_at - self.started_at).total_seconds()
+        return None
+
+
+class Decision(BaseModel):
+    """An approval or rejection: who, when, why."""
+
+    approved: bool
+    by: str
+    at: datetime
+    reason: str = ""
+
+
+class ControlEvent(BaseModel):
+    """pause / resume / abort / override, with who and why."""
+
+    action: str
+    by: str
+    at: datetime
+    reason: str = ""
+
+
+ProcedureStatus = Literal["running", "waiting", "paused", "succeeded", "failed", "aborted", "refused", "planned"]
+
+
+class ProcedureReport(BaseModel):
+    """What every procedure reports: live (the `progress` query) and at the end (its result)."""
+
+    procedure: str
+    workflow_id: str
+    environment: str
+    requester: str
+    reason: str = ""
+    dry_run: bool = False
+    status: ProcedureStatus = "running"
+    failure: str | None = None
+    current_step: str | None = None
+    waiting_for: str | None = None
+    steps: list[StepRecord] = []
+    approval: Decision | None = None
+    events: list[ControlEvent] = []
+    remaining: list[str] = []  # after a failure past the point of no return: what a person must still do
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class FailoverReport(ProcedureReport):
+    procedure: str = "failover"
+    emergency: bool = False
+    from_region: str | None = None
+    to_region: str = ""
+    rto_seconds: float | None = None  # approval (emergency: start) -> traffic moved
+    lag_at_promotion_bytes: int | None = None
+    lag_at_promotion_seconds: float | None = None
+    rpo_bytes: int | None = None  # planned: 0, proven by LSN compare; emergency: WAL not replayed (estimate)
+    rpo_proven: bool = False
+    promotion_seconds: float | None = None

@@ -1,0 +1,24 @@
+"""What a worker runs: every procedure workflow and every activity, by task queue role."""
+
+from activities import database, http_checks, kubernetes, notify, traffic
+from workflows.failover import FailoverWorkflow
+
+WORKFLOWS = [FailoverWorkflow]
+
+# Activities that act on one region run on that region's queue, so a dead region cannot stall the rest.
+REGION_ACTIVITIES = [
+    database.db_status,
+    database.db_fence,
+    database.db_unfence,
+    database.db_promote,
+    database.db_check_writable,
+    database.db_wait_caught_up,
+    traffic.traffic_status,
+    traffic.traffic_switch,
+    kubernetes.kube_status,
+    kubernetes.set_maintenance,
+    kubernetes.scale_up,
+    http_checks.smoke,
+]
+# Activities that belong to no region run beside the workflows.
+GLOBAL_ACTIVITIES = [notify.send]
