@@ -47,3 +47,18 @@ def connect_config() -> dict:
 async def connect() -> Client:
     config = connect_config()
     return await Client.connect(config.pop("target_host"), data_converter=DATA_CONVERTER, **config)
+
+
+async def register_search_attributes(client: Client, namespace: str = "default") -> None:
+    """Register opsflow's search attributes (idempotent). Team clusters: run once, or `temporal operator
+    search-attribute create --name OpsProcedure --type Keyword` for each."""
+    from temporalio.api.enums.v1 import IndexedValueType
+    from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+    from temporalio.service import RPCError, RPCStatusCode
+
+    wanted = {k.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for k in SEARCH_ATTRIBUTES}
+    try:
+        await client.operator_service.add_search_attributes(AddSearchAttributesRequest(namespace=namespace, search_attributes=wanted))
+    except RPCError as e:
+        if e.status != RPCStatusCode.ALREADY_EXISTS:
+            raise

@@ -14,7 +14,7 @@ import sys
 import time
 
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.common import TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
@@ -45,7 +45,7 @@ async def start_procedure(client: Client, inv: Inventory, procedure: str, arg, s
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             static_summary=summary,
             static_details=f"requested by {arg.requester}" + (f": {arg.reason}" if arg.reason else ""),
-            search_attributes=TypedSearchAttributes([OPS_PROCEDURE.value_set(procedure), OPS_ENVIRONMENT.value_set(inv.environment)]),
+            search_attributes=TypedSearchAttributes([SearchAttributePair(OPS_PROCEDURE, procedure), SearchAttributePair(OPS_ENVIRONMENT, inv.environment)]),
         )
     except WorkflowAlreadyStartedError:
         running = client.get_workflow_handle(wid)

@@ -58,7 +58,7 @@ async def fetch_report(handle: WorkflowHandle) -> ProcedureReport:
     if desc.status == WorkflowExecutionStatus.RUNNING:
         return parse_report(await handle.query("progress", result_type=dict))
     try:
-        return parse_report(await handle.result(result_type=dict))
+        return parse_report(await handle.result())
     except WorkflowFailureError as e:
         cause = e.cause
         if isinstance(cause, ApplicationError) and cause.details:

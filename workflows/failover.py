@@ -183,23 +183,6 @@ class FailoverWorkflow(Procedure):
         report.rpo_bytes = max(received, last_primary or 0) - replayed
         report.rpo_proven = False
 
-    async def promote() -> None:
-            results["promote"] = await self.promote(target, q, force=True)
-
-        await self.forward(inp, source, [lambda: self.move_traffic(inp), promote], since=since)
-        promoted: PromoteResult = results["promote"]
-        # Data-loss estimate: WAL the replica had received but not replayed, plus what the old primary had
-        # written beyond what the replica received (known only if the old primary answered at preflight).
-        replayed = lsn_to_int(promoted.lsn_at_promotion) or lsn_to_int(new.replay_lsn) or 0
-        received = max(lsn_to_int(promoted.received_lsn) or 0, lsn_to_int(new.current_lsn) or 0, replayed)
-        old = self.report.steps and None
-        last_primary = None
-        for s in self.report.steps:
-            pass
-        report.lag_at_promotion_bytes = received - replayed
-        report.rpo_bytes = max(received, last_primary or 0) - replayed
-        report.rpo_proven = False
-
     async def promote(self, target: RegionTarget, q: str, force: bool) -> PromoteResult:
         inv = self.inventory
         result: PromoteResult = await self.step(

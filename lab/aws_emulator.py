@@ -1,0 +1,809 @@
+"""The lab's AWS: moto in server mode (RDS, Route 53, S3, CloudWatch) with the lab's real PostgreSQL behind RDS.
+
+moto keeps the control plane (instances, replicas, parameter groups, hosted zones, record sets,
+health checks, buckets, metrics). A thin WSGI middleware in front of it keeps the data plane real:
+
+* ``PromoteReadReplica`` on an instance mapped to a lab cluster answers like RDS (``DBInstanceStatus``
+  ``modifying``), then promotes the cluster for real (``pg_promote()``) in the background. When
+  PostgreSQL has left recovery, ``DescribeDBInstances`` shows the instance ``available`` with no
+  ``ReadReplicaSourceDBInstanceIdentifier`` and the source no longer lists it as a replica. If the
+  promotion fails (cluster down, ...) the instance goes back to being an ``available`` replica and
+  the error is in ``GET /_lab/state``. Unknown instances answer ``DBInstanceNotFound``; a standalone
+  instance answers ``InvalidDBInstanceState`` ("not a read replica"), as RDS does.
+* ``ModifyDBParameterGroup`` with ``ApplyMethod=immediate`` relays a few dynamic parameters
+  (``default_transaction_read_only``, ``statement_timeout``, ``idle_in_transaction_session_timeout``,
+  ``log_min_duration_statement``) to every mapped cluster whose instance uses that group
+  (``ALTER SYSTEM SET`` + ``pg_reload_conf()``), so fencing through a parameter group really fences.
+* CloudWatch ``AWS/RDS`` ``ReplicaLag`` (seconds, dimension ``DBInstanceIdentifier``) is published every
+  ``metrics_interval`` seconds for each mapped instance that is a replica, measured on the cluster.
+* Route 53 ``ChangeResourceRecordSets`` answers ``PENDING`` and ``GetChange`` turns ``INSYNC`` after
+  ``route53.propagation_seconds`` (moto alone is always INSYNC); an unknown change id is ``NoSuchChange``.
+* ``GetHealthCheckStatus`` probes for real: TCP health checks connect to ``IPAddress:Port``, HTTP(S)
+  ones GET ``ResourcePath`` there; the observation says ``Success: ...`` or ``Failure: ...``.
+* Faults for the error paths: the next ``count`` requests matching ``service`` (rds, route53, s3,
+  monitoring) and optionally ``action`` (the API operation name) get an AWS error ``code`` with HTTP
+  ``status`` (e.g. 400 ``Throttling``, 503 ``ServiceUnavailable``, 403 ``AccessDenied``).
+
+Lab endpoints (JSON, not AWS): ``GET /_lab/state``; ``POST /_lab/instances`` with
+``{"db_instance_identifier", "region", "cluster"|"dsn"}`` maps (or remaps) an RDS instance to a
+cluster, e.g. a replica created later with ``CreateDBInstanceReadReplica``; ``POST /_lab/faults``
+with a fault object or a list of them; ``DELETE /_lab/faults``.
+
+Config (a dict in-process; a YAML or JSON file for the CLI)::
+
+    host: 127.0.0.1              # default
+    metrics_interval: 5          # seconds between ReplicaLag datapoints; 0: none
+    promote_delay: 0             # extra seconds an RDS promotion takes before pg_promote()
+    rds:
+      instances:                 # primaries first or not: replicas are created after their source
+        - db_instance_identifier: orders-east
+          region: us-east-1
+          cluster: {...}         # lab.postgres.Cluster.to_dict(); or `dsn: "host=... port=..."`
+          parameter_group: orders-east-params   # optional: created (family `parameter_group_family`,
+                                                # default postgres16) and attached to this instance only
+          engine: postgres        # default; also instance_class (db.t3.micro), engine_version (moto's)
+        - db_instance_identifier: orders-west
+          region: us-west-2
+          replica_of: orders-east   # CreateDBInstanceReadReplica (by ARN when the regions differ)
+          cluster: {...}
+    route53:
+      propagation_seconds: 1     # how long a change stays PENDING; 0: INSYNC at once
+      zones:
+        - name: lab.opsflow.test.
+          records:
+            - name: db.lab.opsflow.test.
+              type: CNAME           # default CNAME; ttl default 30
+              failover:
+                - {set_identifier: east, role: PRIMARY, value: orders-east.lab.opsflow.test,
+                   health_check: {type: TCP, ip: 127.0.0.1, port: 5433}}
+                - {set_identifier: west, role: SECONDARY, value: orders-west.lab.opsflow.test}
+    s3:
+      buckets: [opsflow-reports]   # or {name, region}
+
+Running::
+
+    python -m lab.aws_emulator --config aws.yaml --port 4566 [--host 127.0.0.1] [--info-file info.json] [-v]
+
+prints one JSON line (url, hosted zone ids, health check ids, instance ARNs, buckets) when it is
+ready, writes the same to ``--info-file``, and runs until SIGTERM/SIGINT. In-process::
+
+    emu = start_emulator(config, port=0)   # emu.url, emu.info(), emu.map_instance(...), emu.inject_fault(...)
+    emu.stop()
+
+moto's state is per process: one emulator per process at a time (start resets moto, stop resets it).
+Clients need credentials (any, e.g. AWS_ACCESS_KEY_ID=testing); moto's account is 123456789012.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+log = logging.getLogger("opsflow.lab.aws")
+
+ACCOUNT_ID = "123456789012"  # moto's default account (what credentials like "testing" map to)
+_RELAYED_PARAMETERS = {
+    "default_transaction_read_only",
+    "statement_timeout",
+    "idle_in_transaction_session_timeout",
+    "log_min_duration_statement",
+}
+_ARN = re.compile(r"^arn:aws[\w-]*:rds:([\w-]+):(\d+):db:(.+)$")
+_SCOPE = re.compile(r"Credential=[^/,]+/\d{8}/([^/]+)/([^/]+)/aws4_request")
+_R53_CHANGE_BATCH = re.compile(r"^/2013-04-01/hostedzone/([^/]+)/rrset/?$")
+_R53_GET_CHANGE = re.compile(r"^/2013-04-01/change/([^/]+)$")
+_R53_HC_STATUS = re.compile(r"^/2013-04-01/healthcheck/([^/]+)/status$")
+
+_running: "AwsEmulator | None" = None
+_running_lock = threading.Lock()
+
+
+# -- small helpers ------------------------------------------------------------------------------------
+
+
+def _cluster_dsn(spec: dict[str, Any]) -> str:
+    if spec.get("dsn"):
+        return str(spec["dsn"])
+    if spec.get("cluster"):
+        from lab.postgres import Cluster
+
+        return Cluster.from_dict(spec["cluster"]).dsn
+    raise ValueError(f"instance {spec.get('db_instance_identifier')!r}: give 'cluster' (Cluster.to_dict()) or 'dsn'")
+
+
+def _cluster_port(spec: dict[str, Any]) -> int | None:
+    if spec.get("cluster"):
+        port = spec["cluster"].get("port")
+        return int(port) if port else None
+    m = re.search(r"(?:^|\s)port=(\d+)", spec.get("dsn") or "")
+    return int(m.group(1)) if m else None
+
+
+def _pg(dsn: str):
+    import psycopg
+
+    return psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+
+
+def _rds_backend(region: str):
+    from moto.rds.models import rds_backends
+
+    return rds_backends[ACCOUNT_ID][region]
+
+
+def _rds_db(region: str, ident: str):
+    """moto's DBInstance for an identifier or ARN, or None."""
+    m = _ARN.match(ident)
+    if m:
+        region, ident = m.group(1), m.group(3)
+    return _rds_backend(region).databases.get(ident)
+
+
+def _detach_replica(db, region: str) -> None:
+    """What moto's PromoteReadReplica leaves out: the instance forgets its source and the source forgets it."""
+    source = db.source_db_instance_identifier
+    db.is_replica, db.source_db_instance_identifier = False, None
+    primary = _rds_db(region, source) if source else None
+    if primary is not None:
+        for name in (db.db_instance_identifier, db.db_instance_arn):
+            if name in primary.replicas:
+                primary.replicas.remove(name)
+
+
+def _route53_backend():
+    from moto.route53.models import route53_backends
+
+    return route53_backends[ACCOUNT_ID]["global"]
+
+
+def _reset_moto() -> None:
+    from moto.moto_api._internal.models import moto_api_backend
+
+    moto_api_backend.reset()
+
+
+def _aws_error_body(service: str, code: str, message: str, status: int) -> tuple[bytes, str]:
+    rid = uuid.uuid4().hex
+    msg = escape(message)
+    if service == "s3":
+        xml = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{msg}</Message><RequestId>{rid}</RequestId></Error>'
+    else:
+        kind = "Receiver" if status >= 500 else "Sender"
+        ns = ' xmlns="https://route53.amazonaws.com/doc/2013-04-01/"' if service == "route53" else ""
+        xml = (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<ErrorResponse{ns}><Error><Type>{kind}</Type><Code>{code}</Code>'
+            f"<Message>{msg}</Message></Error><RequestId>{rid}</RequestId></ErrorResponse>"
+        )
+    return xml.encode(), "text/xml"
+
+
+def _probe(kind: str, ip: str, port: int, path: str | None, timeout: float = 2.0) -> tuple[bool, str]:
+    """What a Route 53 health checker would observe."""
+    kind = (kind or "").upper()
+    try:
+        if kind == "TCP":
+            with socket.create_connection((ip, port), timeout=timeout):
+                return True, "Success: TCP connection established"
+        if kind in ("HTTP", "HTTPS", "HTTP_STR_MATCH", "HTTPS_STR_MATCH"):
+            scheme = "https" if kind.startswith("HTTPS") else "http"
+            with urllib.request.urlopen(f"{scheme}://{ip}:{port}{path or '/'}", timeout=timeout) as r:
+                return True, f"Success: HTTP Status Code {r.status}, OK"
+    except urllib.error.HTTPError as e:
+        return (e.code < 400), f"{'Success' if e.code < 400 else 'Failure'}: HTTP Status Code {e.code}"
+    except OSError as e:
+        return False, f"Failure: {getattr(e, 'strerror', None) or e}"
+    return True, "Success: not probed by the lab"
+
+
+@dataclass
+class _Instance:
+    ident: str
+    region: str
+    dsn: str
+    promotion: str | None = None  # None, "running", "done", "failed"
+    last_error: str | None = None
+    promoted_at: float | None = None
+
+
+@dataclass
+class _Fault:
+    service: str
+    code: str
+    status: int = 400
+    action: str | None = None
+    count: int = 1
+    message: str | None = None
+
+
+# -- the middleware -----------------------------------------------------------------------------------
+
+
+class _Middleware:
+    """Sits in front of moto's WSGI app; everything it does not recognise goes straight through."""
+
+    def __init__(self, app: Callable, emu: "AwsEmulator"):
+        self.app = app
+        self.emu = emu
+
+    # WSGI plumbing
+    def _call(self, environ: dict) -> tuple[str, list[tuple[str, str]], bytes]:
+        captured: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        def start_response(status, headers, exc_info=None):
+            captured["status"], captured["headers"] = status, headers
+            return chunks.append
+
+        result = self.app(environ, start_response)
+        try:
+            for chunk in result:
+                chunks.append(chunk)
+        finally:
+            close = getattr(result, "close", None)
+            if close:
+                close()
+        return captured["status"], captured["headers"], b"".join(chunks)
+
+    @staticmethod
+    def _respond(start_response, status: str, headers: Iterable[tuple[str, str]], body: bytes) -> list[bytes]:
+        hs = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        hs.append(("Content-Length", str(len(body))))
+        start_response(status, hs)
+        return [body]
+
+    def _error(self, start_response, service: str, status: int, code: str, message: str) -> list[bytes]:
+        body, ctype = _aws_error_body(service, code, message, status)
+        phrase = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}
+        return self._respond(start_response, f"{status} {phrase.get(status, 'Error')}", [("Content-Type", ctype)], body)
+
+    def _json(self, start_response, obj: Any, status: str = "200 OK") -> list[bytes]:
+        return self._respond(start_response, status, [("Content-Type", "application/json")], json.dumps(obj, default=str).encode())
+
+    def __call__(self, environ: dict, start_response) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("/_lab/"):
+            return self._lab(environ, start_response, path)
+        m = _SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+        region, service = (m.group(1), m.group(2)) if m else (None, None)
+        method = environ.get("REQUEST_METHOD", "GET")
+        params: dict[str, str] = {}
+        action: str | None = None
+        if service in ("rds", "monitoring"):
+            body = self._read_body(environ)
+            params = {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()}
+            params.update({k: v[-1] for k, v in urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).items()})
+            action = params.get("Action") or (environ.get("HTTP_X_AMZ_TARGET", "").rsplit(".", 1)[-1] or None)
+        elif service == "route53":
+            if method == "POST" and _R53_CHANGE_BATCH.match(path):
+                action = "ChangeResourceRecordSets"
+            elif method == "GET" and _R53_GET_CHANGE.match(path):
+                action = "GetChange"
+            elif method == "GET" and _R53_HC_STATUS.match(path):
+                action = "GetHealthCheckStatus"
+            elif method == "GET" and path.rstrip("/").endswith("/rrset"):
+                action = "ListResourceRecordSets"
+        elif service == "s3":
+            parts = [p for p in path.split("/") if p]
+            if len(parts) >= 2:
+                action = {"PUT": "PutObject", "GET": "GetObject", "HEAD": "HeadObject", "DELETE": "DeleteObject"}.get(method)
+
+        fault = self.emu._take_fault(service, action) if service else None
+        if fault:
+            return self._error(start_response, fault.service, fault.status, fault.code, fault.message or f"injected by the lab: {fault.code}")
+
+        if service == "rds" and action == "PromoteReadReplica":
+            return self._promote(environ, start_response, region or "us-east-1", params)
+        if service == "rds" and action == "ModifyDBParameterGroup":
+            status, headers, body = self._call(environ)
+            if status.startswith("200"):
+                self.emu._relay_parameters(region or "us-east-1", params)
+            return self._respond(start_response, status, headers, body)
+        if service == "route53" and action == "ChangeResourceRecordSets":
+            status, headers, body = self._call(environ)
+            if status.startswith("200"):
+                body = self.emu._route53_submitted(body)
+            return self._respond(start_response, status, headers, body)
+        if service == "route53" and action == "GetChange":
+            change_id = urllib.parse.unquote(_R53_GET_CHANGE.match(path).group(1))
+            submitted = self.emu._changes.get(change_id)
+            if submitted is None:
+                return self._error(start_response, "route53", 404, "NoSuchChange", f"A change with the specified change ID does not exist: {change_id}")
+            status, headers, body = self._call(environ)
+            if time.monotonic() - submitted < self.emu.propagation_seconds:
+                body = body.replace(b"<Status>INSYNC</Status>", b"<Status>PENDING</Status>")
+            return self._respond(start_response, status, headers, body)
+        if service == "route53" and action == "GetHealthCheckStatus":
+            status, headers, body = self._call(environ)
+            if status.startswith("200"):
+                body = self.emu._health_observation(urllib.parse.unquote(_R53_HC_STATUS.match(path).group(1)), body)
+            return self._respond(start_response, status, headers, body)
+        return self.app(environ, start_response)
+
+    @staticmethod
+    def _read_body(environ: dict) -> bytes:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        body = environ["wsgi.input"].read(length) if length > 0 else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        return body
+
+    def _promote(self, environ, start_response, region: str, params: dict[str, str]) -> list[bytes]:
+        ident = params.get("DBInstanceIdentifier", "")
+        emu = self.emu
+        with emu.lock:
+            db = _rds_db(region, ident)
+            if db is None:
+                return self._error(start_response, "rds", 404, "DBInstanceNotFound", f"DBInstance {ident} not found.")
+            if not db.is_replica:
+                return self._error(start_response, "rds", 400, "InvalidDBInstanceState", f"DB Instance {ident} is not a read replica.")
+            mapped = emu.instances.get(ident)
+            if mapped is not None:
+                db.status = "modifying"  # as RDS answers; available again once PostgreSQL has been promoted
+        status, headers, body = self._call(environ)
+        if mapped is not None:
+            if status.startswith("200"):
+                emu._start_promotion(mapped)
+            else:
+                with emu.lock:
+                    db.status = "available"
+        elif status.startswith("200"):
+            with emu.lock:  # no data plane behind it: only the bookkeeping moto leaves out
+                _detach_replica(db, region)
+        return self._respond(start_response, status, headers, body)
+
+    def _lab(self, environ, start_response, path: str) -> list[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        try:
+            if path == "/_lab/state" and method == "GET":
+                return self._json(start_response, self.emu.state())
+            if path == "/_lab/instances" and method == "POST":
+                spec = json.loads(self._read_body(environ) or b"{}")
+                self.emu.map_instance(spec["db_instance_identifier"], spec["region"], cluster=spec.get("cluster"), dsn=spec.get("dsn"))
+                return self._json(start_response, self.emu.state()["instances"])
+            if path == "/_lab/faults" and method == "POST":
+                spec = json.loads(self._read_body(environ) or b"{}")
+                for f in spec if isinstance(spec, list) else [spec]:
+                    self.emu.inject_fault(**f)
+                return self._json(start_response, self.emu.state()["faults"])
+            if path == "/_lab/faults" and method == "DELETE":
+                self.emu.clear_faults()
+                return self._json(start_response, [])
+        except (KeyError, TypeError, ValueError) as e:
+            return self._json(start_response, {"error": f"{type(e).__name__}: {e}"}, "400 Bad Request")
+        return self._json(start_response, {"error": f"no such lab endpoint: {method} {path}"}, "404 Not Found")
+
+
+# -- the emulator -------------------------------------------------------------------------------------
+
+
+class AwsEmulator:
+    """A running emulator: ``url``, ``info()``, ``state()``, ``map_instance()``, ``inject_fault()``, ``stop()``."""
+
+    def __init__(self, config: dict[str, Any], port: int = 0, verbose: bool = False):
+        self.config = config or {}
+        self.host = self.config.get("host", "127.0.0.1")
+        self.port = port
+        self.verbose = verbose
+        self.lock = threading.RLock()
+        self.instances: dict[str, _Instance] = {}
+        self.propagation_seconds = float((self.config.get("route53") or {}).get("propagation_seconds", 1.0))
+        self.metrics_interval = float(self.config.get("metrics_interval", 5))
+        self.promote_delay = float(self.config.get("promote_delay", 0))
+        self._changes: dict[str, float] = {}
+        self._faults: list[_Fault] = []
+        self._info: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server = None
+        self.url = ""
+
+    # lifecycle
+    def start(self) -> "AwsEmulator":
+        global _running
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        with _running_lock:
+            if _running is not None:
+                raise RuntimeError(f"an AWS emulator already runs in this process ({_running.url}); moto's state is per process")
+            _running = self
+        try:
+            _reset_moto()
+            verbose = self.verbose
+
+            class Handler(MotoRequestHandler):
+                def log_request(self, *args, **kwargs):  # the dev server logs every request otherwise
+                    if verbose:
+                        super().log_request(*args, **kwargs)
+
+            app = _Middleware(DomainDispatcherApplication(create_backend_app), self)
+            self._server = make_server(self.host, self.port, app, threaded=True, request_handler=Handler)
+            self.port = self._server.server_port
+            self.url = f"http://{self.host}:{self.port}"
+            t = threading.Thread(target=self._server.serve_forever, name="aws-emulator", daemon=True)
+            t.start()
+            self._threads.append(t)
+            self._seed()
+            if self.metrics_interval > 0:
+                t = threading.Thread(target=self._metrics_loop, name="aws-emulator-metrics", daemon=True)
+                t.start()
+                self._threads.append(t)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        global _running
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        for t in self._threads:
+            t.join(timeout=10)
+        self._threads.clear()
+        with _running_lock:
+            if _running is self:
+                _reset_moto()
+                _running = None
+
+    def __enter__(self) -> "AwsEmulator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # clients for seeding and metrics (over HTTP, like any client)
+    def client(self, service: str, region: str = "us-east-1"):
+        import boto3
+
+        return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing").client(
+            service, region_name=region, endpoint_url=self.url
+        )
+
+    # seeding
+    def _seed(self) -> None:
+        cfg = self.config
+        info: dict[str, Any] = {"url": self.url, "hosted_zones": {}, "health_checks": {}, "instances": {}, "buckets": []}
+
+        for b in (cfg.get("s3") or {}).get("buckets", []):
+            spec = {"name": b} if isinstance(b, str) else dict(b)
+            region = spec.get("region", "us-east-1")
+            kwargs: dict[str, Any] = {"Bucket": spec["name"]}
+            if region != "us-east-1":
+                kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+            self.client("s3", region).create_bucket(**kwargs)
+            info["buckets"].append(spec["name"])
+
+        specs = {s["db_instance_identifier"]: s for s in (cfg.get("rds") or {}).get("instances", [])}
+        created: dict[str, str] = {}  # id -> ARN
+
+        def create(ident: str, chain: tuple[str, ...] = ()) -> str:
+            if ident in created:
+                return created[ident]
+            if ident in chain:
+                raise ValueError(f"rds.instances: replica_of loops through {ident!r}")
+            spec = specs[ident]
+            region = spec.get("region", "us-east-1")
+            rds = self.client("rds", region)
+            kwargs: dict[str, Any] = {
+                "DBInstanceIdentifier": ident,
+                "DBInstanceClass": spec.get("instance_class", "db.t3.micro"),
+                "Tags": [{"Key": "opsflow-lab", "Value": "true"}],
+            }
+            if spec.get("parameter_group"):
+                rds.create_db_parameter_group(
+                    DBParameterGroupName=spec["parameter_group"],
+                    DBParameterGroupFamily=spec.get("parameter_group_family", "postgres16"),
+                    Description=f"opsflow lab: {ident}",
+                )
+                kwargs["DBParameterGroupName"] = spec["parameter_group"]
+            port = _cluster_port(spec)
+            if port:
+                kwargs["Port"] = port
+            source = spec.get("replica_of")
+            if source:
+                if source not in specs:
+                    raise ValueError(f"rds.instances.{ident}.replica_of: {source!r} is not an instance of the config")
+                source_arn = create(source, chain + (ident,))
+                src_region = specs[source].get("region", "us-east-1")
+                kwargs["SourceDBInstanceIdentifier"] = source if src_region == region else source_arn
+                resp = rds.create_db_instance_read_replica(**kwargs)
+            else:
+                kwargs.update(
+                    Engine=spec.get("engine", "postgres"),
+                    MasterUsername=spec.get("master_username", "postgres"),
+                    MasterUserPassword="lab-not-a-secret",
+                    AllocatedStorage=int(spec.get("allocated_storage", 20)),
+                )
+                if spec.get("engine_version"):
+                    kwargs["EngineVersion"] = str(spec["engine_version"])
+                resp = rds.create_db_instance(**kwargs)
+            arn = resp["DBInstance"]["DBInstanceArn"]
+            created[ident] = arn
+            info["instances"][ident] = {"region": region, "arn": arn, "replica_of": source}
+            if spec.get("cluster") or spec.get("dsn"):
+                self.map_instance(ident, region, cluster=spec.get("cluster"), dsn=spec.get("dsn"))
+            return arn
+
+        for ident in specs:
+            create(ident)
+
+        r53cfg = cfg.get("route53") or {}
+        if r53cfg.get("zones"):
+            r53 = self.client("route53")
+            for zone in r53cfg["zones"]:
+                zone_id = r53.create_hosted_zone(Name=zone["name"], CallerReference=uuid.uuid4().hex)["HostedZone"]["Id"]
+                zone_id = zone_id.rsplit("/", 1)[-1]
+                info["hosted_zones"][zone["name"]] = zone_id
+                changes = []
+                for rec in zone.get("records", []):
+                    for fo in rec.get("failover", []):
+                        rrset: dict[str, Any] = {
+                            "Name": rec["name"],
+                            "Type": rec.get("type", "CNAME"),
+                            "TTL": int(rec.get("ttl", 30)),
+                            "SetIdentifier": fo["set_identifier"],
+                            "Failover": fo["role"].upper(),
+                            "ResourceRecords": [{"Value": fo["value"]}],
+                        }
+                        hc = fo.get("health_check")
+                        if hc:
+                            hc_cfg = {
+                                "Type": hc.get("type", "TCP").upper(),
+                                "IPAddress": hc.get("ip", "127.0.0.1"),
+                                "Port": int(hc["port"]),
+                                "RequestInterval": 10,
+                                "FailureThreshold": int(hc.get("failure_threshold", 1)),
+                            }
+                            if hc.get("path"):
+                                hc_cfg["ResourcePath"] = hc["path"]
+                            hc_id = r53.create_health_check(CallerReference=uuid.uuid4().hex, HealthCheckConfig=hc_cfg)["HealthCheck"]["Id"]
+                            rrset["HealthCheckId"] = hc_id
+                            info["health_checks"][fo["set_identifier"]] = hc_id
+                        changes.append({"Action": "CREATE", "ResourceRecordSet": rrset})
+                if changes:
+                    r53.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Comment": "opsflow lab seed", "Changes": changes})
+        self._info = info
+        if self.metrics_interval > 0:
+            self._publish_metrics()
+
+    # mapping, faults, state
+    def map_instance(self, ident: str, region: str, cluster: dict | None = None, dsn: str | None = None) -> None:
+        spec = {"db_instance_identifier": ident, "cluster": cluster, "dsn": dsn}
+        with self.lock:
+            if _rds_db(region, ident) is None:
+                raise ValueError(f"no RDS instance {ident!r} in {region}")
+            self.instances[ident] = _Instance(ident, region, _cluster_dsn(spec))
+
+    def inject_fault(self, service: str, code: str, status: int = 400, action: str | None = None, count: int = 1, message: str | None = None) -> None:
+        with self.lock:
+            self._faults.append(_Fault(service, code, int(status), action, int(count), message))
+
+    def clear_faults(self) -> None:
+        with self.lock:
+            self._faults.clear()
+
+    def _take_fault(self, service: str, action: str | None) -> _Fault | None:
+        with self.lock:
+            for f in self._faults:
+                if f.service == service and (f.action is None or f.action == action):
+                    f.count -= 1
+                    if f.count <= 0:
+                        self._faults.remove(f)
+                    return f
+        return None
+
+    def info(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._info))
+
+    def state(self) -> dict[str, Any]:
+        with self.lock:
+            instances = {}
+            for i in self.instances.values():
+                db = _rds_db(i.region, i.ident)
+                instances[i.ident] = {
+                    "region": i.region,
+                    "dsn": i.dsn,
+                    "rds_status": getattr(db, "status", None),
+                    "replica_of": getattr(db, "source_db_instance_identifier", None),
+                    "promotion": i.promotion,
+                    "last_error": i.last_error,
+                }
+            faults = [f.__dict__.copy() for f in self._faults]
+        return {**self.info(), "instances": instances, "faults": faults}
+
+    # the data plane behind RDS
+    def _start_promotion(self, inst: _Instance) -> None:
+        with self.lock:
+            inst.promotion, inst.last_error = "running", None
+        t = threading.Thread(target=self._promote_cluster, args=(inst,), name=f"promote-{inst.ident}", daemon=True)
+        t.start()
+
+    def _promote_cluster(self, inst: _Instance) -> None:
+        error = None
+        try:
+            if self.promote_delay:
+                time.sleep(self.promote_delay)
+            with _pg(inst.dsn) as conn:
+                if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                    if not conn.execute("SELECT pg_promote(true, 60)").fetchone()[0]:
+                        raise RuntimeError("pg_promote() did not finish within 60 s")
+        except Exception as e:  # noqa: BLE001 - reported through the control plane, like RDS would
+            error = f"{type(e).__name__}: {e}".strip()
+        with self.lock:
+            db = _rds_db(inst.region, inst.ident)
+            if db is None:
+                return
+            if error:
+                log.error("lab: promotion of %s failed: %s", inst.ident, error)
+                db.is_replica, db.status = True, "available"
+                inst.promotion, inst.last_error = "failed", error
+                return
+            source = db.source_db_instance_identifier
+            db.status = "available"
+            _detach_replica(db, inst.region)
+            inst.promotion, inst.promoted_at = "done", time.time()
+            log.info("lab: promoted %s (was a replica of %s)", inst.ident, source)
+
+    def _relay_parameters(self, region: str, params: dict[str, str]) -> None:
+        group = (params.get("DBParameterGroupName") or "").lower()
+        entries: dict[str, dict[str, str]] = {}
+        for key, value in params.items():
+            m = re.match(r"^Parameters\.(?:Parameter|member)\.(\d+)\.(\w+)$", key)
+            if m:
+                entries.setdefault(m.group(1), {})[m.group(2)] = value
+        relayed = [
+            e for e in entries.values()
+            if e.get("ParameterName") in _RELAYED_PARAMETERS and e.get("ApplyMethod", "immediate") == "immediate"
+        ]
+        if not relayed:
+            return
+        with self.lock:
+            targets = []
+            for inst in self.instances.values():
+                db = _rds_db(inst.region, inst.ident)
+                if inst.region == region and db is not None and (db.db_parameter_group_name or "").lower() == group:
+                    targets.append(inst)
+        for inst in targets:
+            try:
+                with _pg(inst.dsn) as conn:
+                    for e in relayed:
+                        name, value = e["ParameterName"], e.get("ParameterValue")
+                        if name == "default_transaction_read_only" and value is not None:
+                            value = "on" if value.strip().lower() in ("1", "on", "true") else "off"
+                        if value is None or value == "":
+                            conn.execute(f"ALTER SYSTEM RESET {name}")
+                        else:
+                            conn.execute(f"ALTER SYSTEM SET {name} = {_literal(value)}")
+                    conn.execute("SELECT pg_reload_conf()")
+                log.info("lab: parameter group %s -> %s: %s", group, inst.ident, relayed)
+            except Exception as e:  # noqa: BLE001 - RDS would apply it when the instance is back
+                log.warning("lab: could not apply parameter group %s to %s: %s", group, inst.ident, e)
+                with self.lock:
+                    inst.last_error = f"parameter group {group}: {e}"
+
+    def _route53_submitted(self, body: bytes) -> bytes:
+        m = re.search(rb"<Id>(?:/change/)?([^<]+)</Id>", body)
+        if m:
+            self._changes[m.group(1).decode()] = time.monotonic()
+            if self.propagation_seconds > 0:
+                body = body.replace(b"<Status>INSYNC</Status>", b"<Status>PENDING</Status>")
+        return body
+
+    def _health_observation(self, hc_id: str, body: bytes) -> bytes:
+        try:
+            hc = _route53_backend().get_health_check(hc_id)
+        except Exception:  # noqa: BLE001 - moto answered already; keep its answer
+            return body
+        if not hc.ip_address:
+            return body
+        ok, text = _probe(hc.type_, hc.ip_address, int(hc.port), hc.resource_path)
+        if hc.inverted:
+            ok = not ok
+        body = re.sub(rb"<Status>.*?</Status>", b"<Status>" + escape(text).encode() + b"</Status>", body, count=1, flags=re.S)
+        return re.sub(rb"<IPAddress>.*?</IPAddress>", b"<IPAddress>" + hc.ip_address.encode() + b"</IPAddress>", body, count=1)
+
+    def _metrics_loop(self) -> None:
+        while not self._stop.wait(self.metrics_interval):
+            self._publish_metrics()
+
+    def _publish_metrics(self) -> None:
+        with self.lock:
+            targets = [(i, _rds_db(i.region, i.ident)) for i in self.instances.values()]
+        for inst, db in targets:
+            if db is None or not db.is_replica:
+                continue
+            try:
+                with _pg(inst.dsn) as conn:
+                    lag = conn.execute(
+                        "SELECT CASE WHEN NOT pg_is_in_recovery() THEN NULL"
+                        " WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0"
+                        " ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END"
+                    ).fetchone()[0]
+                if lag is None:
+                    continue
+                self.client("cloudwatch", inst.region).put_metric_data(
+                    Namespace="AWS/RDS",
+                    MetricData=[{
+                        "MetricName": "ReplicaLag",
+                        "Dimensions": [{"Name": "DBInstanceIdentifier", "Value": inst.ident}],
+                        "Value": float(lag),
+                        "Unit": "Seconds",
+                    }],
+                )
+            except Exception as e:  # noqa: BLE001 - no datapoint, as CloudWatch would have none
+                log.debug("lab: no ReplicaLag for %s: %s", inst.ident, e)
+
+
+def _literal(value: str) -> str:
+    if re.fullmatch(r"-?\d+(\.\d+)?", value):
+        return value
+    return "'" + value.replace("'", "''") + "'"
+
+
+def start_emulator(config: dict[str, Any], port: int = 0, verbose: bool = False) -> AwsEmulator:
+    """Start moto + the lab middleware on loopback, seed it from ``config``; returns the running emulator."""
+    return AwsEmulator(config, port, verbose).start()
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if path.endswith(".json"):
+        return json.loads(text)
+    import yaml
+
+    return yaml.safe_load(text) or {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lab.aws_emulator", description="moto (RDS, Route 53, S3, CloudWatch) with the lab's PostgreSQL behind RDS")
+    ap.add_argument("--config", required=True, help="YAML or JSON file (see the module docstring)")
+    ap.add_argument("--port", type=int, default=0, help="0: any free port (the info line says which)")
+    ap.add_argument("--host", default=None, help="default: the config's host, else 127.0.0.1")
+    ap.add_argument("--info-file", help="write the info JSON here once ready")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = _load_config(args.config)
+    if args.host:
+        config["host"] = args.host
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    emu = start_emulator(config, args.port, verbose=args.verbose)
+    try:
+        line = json.dumps(emu.info())
+        if args.info_file:
+            tmp = Path(args.info_file + ".tmp")
+            tmp.write_text(line + "\n")
+            tmp.replace(args.info_file)
+        print(line, flush=True)
+        done.wait()
+    finally:
+        emu.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

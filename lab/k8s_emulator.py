@@ -1,0 +1,1342 @@
+"""A small stateful Kubernetes API server for the lab: one process per region, one "cluster" each.
+
+The real ``kubernetes`` Python client talks to it over HTTP exactly as it talks to a
+kube-apiserver, so the activities are tested with the real client, the real
+serialization (the client's pydantic models reject a malformed object) and the real
+error paths (``Status`` objects with 404/409/422/401/403).
+
+Why not ``kmock``: its ``KubernetesEmulator`` is an asyncio in-memory store that
+merges every PATCH as a plain dict, has no ``metadata.generation`` /
+``status.observedGeneration``, no ``/scale`` subresource (it would return the
+Deployment instead of a ``Scale``), keeps every version of every object forever
+(a controller ticking status would grow it without bound) and answers 404 with a
+traceback instead of a Kubernetes ``NotFound`` status. Making it behave like a
+cluster meant replacing most of it, so this is a focused server on
+``http.server.ThreadingHTTPServer`` instead.
+
+What it serves (core ``v1`` and ``apps/v1``, JSON only):
+
+* ``GET /version``, ``/healthz``, ``/readyz``, ``/livez``, discovery (``/api``, ``/apis``,
+  ``/api/v1``, ``/apis/apps/v1``)
+* namespaces: list/get/create/delete
+* nodes: list/get, ``PATCH``/``PUT`` (and ``/status``)
+* services and deployments: list (namespaced and cluster-wide, ``labelSelector`` and
+  ``fieldSelector=metadata.name=...``), get, create, ``PUT``, ``PATCH`` with
+  ``application/merge-patch+json`` (RFC 7386), ``application/strategic-merge-patch+json``
+  (the subset built-in types need: merge keys for containers/env/ports/conditions/...,
+  ``$patch: delete|replace``) and ``application/json-patch+json`` (RFC 6902), delete;
+  ``/status`` subresource
+* ``deployments/{name}/scale``: ``GET``/``PATCH``/``PUT`` of an ``autoscaling/v1`` ``Scale``
+
+Semantics kept from the real API server: ``resourceVersion`` bumps on every write and
+is a precondition when the request carries one (409 ``Conflict``); deployments'
+``metadata.generation`` increments on spec changes only; writes to the main resource
+ignore ``status`` and writes to ``/status`` ignore everything else; zero counters are
+omitted from deployment status (``omitempty``); ``?dryRun=All`` validates without storing;
+unknown objects answer 404 with a ``Status`` (``deployments.apps "web" not found``).
+
+A controller thread moves every deployment's status toward its spec one pod per
+``seconds_per_replica`` (default 0.2 s): ``updatedReplicas``, ``readyReplicas``,
+``availableReplicas``, ``observedGeneration``, and the ``Available`` / ``Progressing``
+conditions (``ProgressDeadlineExceeded`` after ``spec.progressDeadlineSeconds``
+without progress). A template change rolls pods over, respecting ``maxUnavailable``.
+
+Fault knobs, all reachable through the ordinary API so a test can flip them in another
+process (``kubectl annotate`` would do it too):
+
+* annotation ``lab.opsflow.dev/broken: "true"`` on a deployment: its new pods never get
+  ready (a crash loop); old ready pods stay, so a rollout stalls and a scale-up never
+  completes;
+* annotation ``lab.opsflow.dev/not-ready: "true"`` on a node: the controller turns its
+  ``Ready`` condition ``False``; when no node is Ready, no new pod gets ready;
+* seed ``auth: {token: ..., readonly_token: ...}``: requests without a valid bearer token
+  get 401, writes with the read-only token get 403;
+* in-process only: ``handle.fail_next(503, count=2)`` answers the next API requests
+  with that status (429/500/503 for retry tests).
+
+Seed (JSON or YAML)::
+
+    seconds_per_replica: 0.2          # optional
+    namespaces: [shop]                # optional: namespaces of the objects below are created anyway
+    nodes: [node-1, {name: node-2, ready: false}]   # default: one Ready node "node-1"
+    deployments:
+      - name: web
+        namespace: shop               # default "default"
+        replicas: 3
+        ready: 3                      # default: replicas (0 when broken)
+        broken: false
+        labels: {app: web}            # default {app: <name>}
+        progress_deadline_seconds: 600
+        max_unavailable: "25%"
+    services:
+      - name: web
+        namespace: shop
+        annotations: {}
+        ports: [80]                   # default [80]
+        selector: {app: web}          # default {app: <name>}
+    auth: {token: s3cret, readonly_token: peek}   # optional
+
+Run as a process (logs only, on stderr)::
+
+    python -m lab.k8s_emulator --seed seed.yaml --port 18443 [--state-file state.json]
+
+or in-process: ``handle = start_emulator(seed, port=0)``, then ``handle.url`` and
+``handle.stop()``. ``write_kubeconfig(path, {"lab-westeurope": url, ...})`` writes a
+kubeconfig with one context (and cluster and user) per name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+log = logging.getLogger("lab.k8s_emulator")
+
+BROKEN_ANNOTATION = "lab.opsflow.dev/broken"
+NODE_NOT_READY_ANNOTATION = "lab.opsflow.dev/not-ready"
+DEFAULT_SECONDS_PER_REPLICA = 0.2
+SERVER_VERSION = {
+    "major": "1",
+    "minor": "31",
+    "gitVersion": "v1.31.0-opsflow-lab",
+    "gitCommit": "0000000000000000000000000000000000000000",
+    "gitTreeState": "clean",
+    "buildDate": "2024-08-13T00:00:00Z",
+    "goVersion": "go1.22.5",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+}
+
+Obj = dict[str, Any]
+
+
+# -- resources -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resource:
+    plural: str
+    kind: str
+    group: str
+    namespaced: bool
+    subresources: tuple[str, ...] = ()
+    version: str = "v1"
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def qualified(self) -> str:
+        """'deployments.apps', 'services': how the API server names a resource in messages."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+    @property
+    def qualified_kind(self) -> str:
+        return f"{self.kind}.{self.group}" if self.group else self.kind
+
+
+NAMESPACES = Resource("namespaces", "Namespace", "", namespaced=False, subresources=("status",))
+NODES = Resource("nodes", "Node", "", namespaced=False, subresources=("status",))
+SERVICES = Resource("services", "Service", "", namespaced=True, subresources=("status",))
+DEPLOYMENTS = Resource("deployments", "Deployment", "apps", namespaced=True, subresources=("status", "scale"))
+_RESOURCES = {(r.group, r.plural): r for r in (NAMESPACES, NODES, SERVICES, DEPLOYMENTS)}
+_VERBS = {
+    NAMESPACES: ["create", "delete", "get", "list", "patch", "update"],
+    NODES: ["get", "list", "patch", "update"],
+    SERVICES: ["create", "delete", "get", "list", "patch", "update"],
+    DEPLOYMENTS: ["create", "delete", "get", "list", "patch", "update"],
+}
+_SHORT = {NAMESPACES: ["ns"], NODES: ["no"], SERVICES: ["svc"], DEPLOYMENTS: ["deploy"]}
+
+
+# -- errors as the API server reports them ---------------------------------------------------------------
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.code, self.reason, self.message, self.details = code, reason, message, details
+
+    def status(self) -> Obj:
+        body: Obj = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                     "message": self.message, "reason": self.reason, "code": self.code}
+        if self.details is not None:
+            body["details"] = self.details
+        return body
+
+
+def _details(res: Resource, name: str | None, **extra: Any) -> dict:
+    d: dict = {"name": name, "kind": res.plural} if name else {"kind": res.plural}
+    if res.group:
+        d["group"] = res.group
+    d.update(extra)
+    return d
+
+
+def not_found(res: Resource, name: str) -> ApiError:
+    return ApiError(404, "NotFound", f'{res.qualified} "{name}" not found', _details(res, name))
+
+
+def invalid(res: Resource, name: str, field: str, value: Any, why: str) -> ApiError:
+    msg = f"{field}: Invalid value: {json.dumps(value)}: {why}"
+    return ApiError(422, "Invalid", f'{res.qualified_kind} "{name}" is invalid: {msg}',
+                    {"name": name, "group": res.group, "kind": res.kind,
+                     "causes": [{"reason": "FieldValueInvalid", "message": f"Invalid value: {json.dumps(value)}: {why}", "field": field}]})
+
+
+def conflict(res: Resource, name: str) -> ApiError:
+    return ApiError(409, "Conflict", f'Operation cannot be fulfilled on {res.qualified} "{name}": the object has been modified; '
+                    "please apply your changes to the latest version and try again", _details(res, name))
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "BadRequest", message)
+
+
+# -- patches -----------------------------------------------------------------------------------------------
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: maps merge recursively, null deletes, everything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+# Lists of built-in types that strategic merge patch merges by a key instead of replacing.
+_MERGE_KEYS: dict[str, tuple[str, ...]] = {
+    "containers": ("name",),
+    "initContainers": ("name",),
+    "ephemeralContainers": ("name",),
+    "env": ("name",),
+    "volumes": ("name",),
+    "volumeMounts": ("mountPath",),
+    "imagePullSecrets": ("name",),
+    "conditions": ("type",),
+    "ports": ("containerPort", "port"),  # container ports merge on containerPort, service ports on port
+    "ownerReferences": ("uid",),
+    "hostAliases": ("ip",),
+    "tolerations": (),
+}
+_MERGE_PRIMITIVES = {"finalizers"}
+
+
+def _merge_key(field: str, items: list) -> str | None:
+    for key in _MERGE_KEYS.get(field, ()):
+        if items and all(isinstance(i, dict) and key in i for i in items):
+            return key
+    return None
+
+
+def strategic_merge_patch(target: Any, patch: Any) -> Any:
+    """The part of Kubernetes' strategic merge patch that built-in objects need."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    if patch.get("$patch") == "replace":
+        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
+    if patch.get("$patch") == "delete":
+        return None
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if key.startswith("$setElementOrder/") or key in ("$retainKeys", "$patch"):
+            continue
+        if key.startswith("$deleteFromPrimitiveList/"):
+            field = key.split("/", 1)[1]
+            if isinstance(result.get(field), list):
+                result[field] = [v for v in result[field] if v not in value]
+            continue
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, list):
+            merged = _merge_list(key, result.get(key), value)
+            if merged is None:
+                result.pop(key, None)
+            else:
+                result[key] = merged
+        elif isinstance(value, dict):
+            merged = strategic_merge_patch(result.get(key), value)
+            if merged is None:
+                result.pop(key, None)
+            else:
+                result[key] = merged
+        else:
+            result[key] = value
+    return result
+
+
+def _merge_list(field: str, current: Any, patch: list) -> list | None:
+    if any(isinstance(i, dict) and i.get("$patch") == "replace" for i in patch):
+        return [copy.deepcopy(i) for i in patch if not (isinstance(i, dict) and "$patch" in i)]
+    current = current if isinstance(current, list) else []
+    if field in _MERGE_PRIMITIVES:
+        return current + [v for v in patch if v not in current]
+    real = [i for i in patch if not (isinstance(i, dict) and i.get("$patch") == "delete")]
+    key = _merge_key(field, [i for i in patch if isinstance(i, dict) and set(i) != {"$patch"}] or real)
+    if key is None or not all(isinstance(i, dict) and key in i for i in current):
+        return [copy.deepcopy(i) for i in real]
+    out = copy.deepcopy(current)
+    for item in patch:
+        idx = next((n for n, c in enumerate(out) if c.get(key) == item.get(key)), None)
+        if item.get("$patch") == "delete":
+            if idx is not None:
+                out.pop(idx)
+        elif idx is None:
+            out.append(copy.deepcopy(item))
+        else:
+            out[idx] = strategic_merge_patch(out[idx], item)
+    return out
+
+
+def _pointer(path: str) -> list[str]:
+    if path == "":
+        return []
+    if not path.startswith("/"):
+        raise bad_request(f"json patch: invalid JSON pointer {path!r}")
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def _walk(doc: Any, parts: list[str]) -> Any:
+    for p in parts:
+        if isinstance(doc, list):
+            doc = doc[int(p)]
+        elif isinstance(doc, dict):
+            doc = doc[p]
+        else:
+            raise KeyError(p)
+    return doc
+
+
+def json_patch(doc: Any, ops: list) -> Any:
+    """RFC 6902 JSON patch (add, remove, replace, move, copy, test)."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        try:
+            kind, parts = op["op"], _pointer(op["path"])
+            if kind in ("move", "copy"):
+                src = _pointer(op["from"])
+                value = copy.deepcopy(_walk(doc, src))
+                if kind == "move":
+                    parent = _walk(doc, src[:-1])
+                    del parent[int(src[-1]) if isinstance(parent, list) else src[-1]]
+                kind, op = "add", {"value": value}
+            if kind == "test":
+                if _walk(doc, parts) != op["value"]:
+                    raise ApiError(422, "Invalid", f"json patch: test operation failed at {'/'.join(parts)}")
+                continue
+            if not parts:
+                doc = copy.deepcopy(op["value"]) if kind != "remove" else None
+                continue
+            parent, last = _walk(doc, parts[:-1]), parts[-1]
+            if isinstance(parent, list):
+                if kind == "add":
+                    parent.insert(len(parent) if last == "-" else int(last), copy.deepcopy(op["value"]))
+                elif kind == "remove":
+                    del parent[int(last)]
+                else:
+                    parent[int(last)] = copy.deepcopy(op["value"])
+            else:
+                if kind in ("remove", "replace") and last not in parent:
+                    raise KeyError(last)
+                if kind == "remove":
+                    del parent[last]
+                else:
+                    parent[last] = copy.deepcopy(op["value"])
+        except ApiError:
+            raise
+        except (KeyError, IndexError, ValueError, TypeError) as e:
+            raise ApiError(422, "Invalid", f"json patch: cannot apply {op!r}: {e}") from None
+    return doc
+
+
+PATCHERS: dict[str, Callable[[Any, Any], Any]] = {
+    "application/merge-patch+json": merge_patch,
+    "application/strategic-merge-patch+json": strategic_merge_patch,
+    "application/json-patch+json": json_patch,
+}
+
+
+# -- object shapes -----------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _scaled(value: Any, total: int, round_up: bool) -> int:
+    """maxUnavailable / maxSurge: an int or a percentage of the replicas."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"(\d+)%", str(value or "0"))
+    if not m:
+        return 0
+    pct = int(m.group(1)) * total
+    return -(-pct // 100) if round_up else pct // 100
+
+
+def selector_string(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def namespace_object(name: str) -> Obj:
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}},
+            "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+
+
+def node_object(name: str, ready: bool = True) -> Obj:
+    meta: Obj = {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                                          "kubernetes.io/arch": "amd64"}}
+    if not ready:
+        meta["annotations"] = {NODE_NOT_READY_ANNOTATION: "true"}
+    return {"apiVersion": "v1", "kind": "Node", "metadata": meta, "spec": {},
+            "status": {"conditions": [_node_ready_condition(ready, _now())],
+                       "nodeInfo": {"architecture": "amd64", "bootID": str(uuid.uuid4()),
+                                    "containerRuntimeVersion": "containerd://1.7.20",
+                                    "kernelVersion": "6.1.0-lab", "kubeProxyVersion": "v1.31.0",
+                                    "kubeletVersion": "v1.31.0", "machineID": uuid.uuid4().hex,
+                                    "operatingSystem": "linux", "osImage": "opsflow lab",
+                                    "systemUUID": str(uuid.uuid4())}}}
+
+
+def _node_ready_condition(ready: bool, now: str) -> Obj:
+    return {"type": "Ready", "status": "True" if ready else "False",
+            "reason": "KubeletReady" if ready else "KubeletNotReady",
+            "message": "kubelet is posting ready status" if ready else "container runtime is down (lab fault)",
+            "lastHeartbeatTime": now, "lastTransitionTime": now}
+
+
+def deployment_object(name: str, namespace: str, replicas: int, *, labels: dict | None = None,
+                      broken: bool = False, progress_deadline_seconds: int = 600,
+                      max_unavailable: Any = "25%", image: str = "registry.local/app:1") -> Obj:
+    labels = dict(labels or {"app": name})
+    meta: Obj = {"name": name, "namespace": namespace, "labels": dict(labels)}
+    if broken:
+        meta["annotations"] = {BROKEN_ANNOTATION: "true"}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": dict(labels)},
+            "template": {"metadata": {"labels": dict(labels)},
+                         "spec": {"containers": [{"name": name, "image": image,
+                                                  "ports": [{"containerPort": 8080, "protocol": "TCP"}]}]}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": max_unavailable, "maxSurge": "25%"}},
+            "progressDeadlineSeconds": progress_deadline_seconds,
+            "revisionHistoryLimit": 10,
+        },
+        "status": {},
+    }
+
+
+def service_object(name: str, namespace: str, *, ports: list | None = None, selector: dict | None = None,
+                   annotations: dict | None = None, labels: dict | None = None) -> Obj:
+    meta: Obj = {"name": name, "namespace": namespace}
+    if annotations:
+        meta["annotations"] = {str(k): str(v) for k, v in annotations.items()}
+    if labels:
+        meta["labels"] = dict(labels)
+    port_specs = []
+    for p in ports or [80]:
+        if isinstance(p, dict):
+            port_specs.append({"protocol": "TCP", "targetPort": p.get("port"), **p})
+        else:
+            port_specs.append({"name": f"p{int(p)}", "port": int(p), "protocol": "TCP", "targetPort": int(p)})
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+            "spec": {"type": "ClusterIP", "selector": dict(selector or {"app": name}), "ports": port_specs,
+                     "sessionAffinity": "None"},
+            "status": {"loadBalancer": {}}}
+
+
+# -- the store and the controller ----------------------------------------------------------------------------
+
+Key = tuple[str, str, str]  # (plural, namespace or "", name)
+
+
+class Cluster:
+    """All objects of one emulated cluster, the deployment/node controller, and the fault knobs."""
+
+    def __init__(self, seconds_per_replica: float = DEFAULT_SECONDS_PER_REPLICA, state_file: str | None = None,
+                 auth: dict | None = None):
+        self.lock = threading.RLock()
+        self.objects: dict[Key, Obj] = {}
+        self.rv = 0
+        self.seconds_per_replica = float(seconds_per_replica)
+        self.state_file = Path(state_file) if state_file else None
+        self.auth = dict(auth or {})
+        self._dirty = False
+        self._saved_at = 0.0
+        self._ip = 10 << 24 | 96 << 16 | 0 << 8 | 10
+        # controller bookkeeping that is not part of any object
+        self._templates: dict[Key, str] = {}
+        self._stepped_at: dict[Key, float] = {}
+        self._progress_at: dict[Key, float] = {}
+        self._faults: list[list] = []  # [code, remaining, path substring or None]
+
+    # -- storage -----------------------------------------------------------------------------------------
+    def _stamp(self, obj: Obj, res: Resource, *, new: bool) -> None:
+        self.rv += 1
+        meta = obj.setdefault("metadata", {})
+        meta["resourceVersion"] = str(self.rv)
+        obj["apiVersion"], obj["kind"] = res.api_version, res.kind
+        if new:
+            meta["uid"] = str(uuid.uuid4())
+            meta["creationTimestamp"] = _now()
+            if res is DEPLOYMENTS:
+                meta["generation"] = 1
+        self._dirty = True
+
+    def put_new(self, res: Resource, obj: Obj) -> Obj:
+        """Store a new object (seed or create) with server-owned metadata."""
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        ns = meta.get("namespace", "") if res.namespaced else ""
+        if res.namespaced:
+            meta["namespace"] = ns
+        for k in ("resourceVersion", "uid", "creationTimestamp", "generation"):
+            meta.pop(k, None)
+        if res is SERVICES:
+            spec = obj.setdefault("spec", {})
+            if spec.get("type", "ClusterIP") != "ExternalName" and not spec.get("clusterIP"):
+                self._ip += 1
+                spec["clusterIP"] = str(ipaddress.IPv4Address(self._ip))
+                spec["clusterIPs"] = [spec["clusterIP"]]
+        self._stamp(obj, res, new=True)
+        key = (res.plural, ns, meta["name"])
+        self.objects[key] = obj
+        if res is DEPLOYMENTS:
+            meta.setdefault("annotations", {}).setdefault("deployment.kubernetes.io/revision", "1")
+            self._templates[key] = _template_hash(obj)
+            self._progress_at[key] = time.monotonic()
+        return obj
+
+    def seed(self, seed: dict) -> None:
+        with self.lock:
+            if "seconds_per_replica" in seed:
+                self.seconds_per_replica = float(seed["seconds_per_replica"])
+            if seed.get("auth"):
+                self.auth = dict(seed["auth"])
+            namespaces = ["default", "kube-system", *seed.get("namespaces", [])]
+            for d in [*seed.get("deployments", []), *seed.get("services", [])]:
+                namespaces.append(d.get("namespace", "default"))
+            for ns in dict.fromkeys(namespaces):
+                self.put_new(NAMESPACES, namespace_object(ns))
+            for n in seed.get("nodes", ["node-1"]):
+                n = {"name": n} if isinstance(n, str) else n
+                self.put_new(NODES, node_object(n["name"], ready=n.get("ready", True)))
+            for d in seed.get("deployments", []):
+                replicas = int(d.get("replicas", 1))
+                broken = bool(d.get("broken", False))
+                obj = deployment_object(d["name"], d.get("namespace", "default"), replicas, labels=d.get("labels"),
+                                        broken=broken, progress_deadline_seconds=int(d.get("progress_deadline_seconds", 600)),
+                                        max_unavailable=d.get("max_unavailable", "25%"))
+                ready = min(int(d.get("ready", 0 if broken else replicas)), replicas)
+                obj["status"] = _deployment_status(replicas, replicas, ready, 1, obj["spec"], complete_deadline=False)
+                self.put_new(DEPLOYMENTS, obj)
+            for s in seed.get("services", []):
+                self.put_new(SERVICES, service_object(s["name"], s.get("namespace", "default"), ports=s.get("ports"),
+                                                      selector=s.get("selector"), annotations=s.get("annotations"),
+                                                      labels=s.get("labels")))
+
+    def load_state(self) -> bool:
+        if not self.state_file or not self.state_file.exists():
+            return False
+        data = json.loads(self.state_file.read_text())
+        with self.lock:
+            self.rv = int(data.get("resourceVersion", 0))
+            self.seconds_per_replica = float(data.get("seconds_per_replica", self.seconds_per_replica))
+            self.auth = data.get("auth", self.auth) or {}
+            for obj in data["objects"]:
+                res = _RESOURCES[(_group_of(obj), _plural_of(obj))]
+                key = (res.plural, obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+                self.objects[key] = obj
+                if res is DEPLOYMENTS:
+                    self._templates[key] = _template_hash(obj)
+                    self._progress_at[key] = time.monotonic()
+        log.info("loaded %d objects from %s", len(self.objects), self.state_file)
+        return True
+
+    def save_state(self, force: bool = False) -> None:
+        if not self.state_file:
+            return
+        with self.lock:
+            if not (self._dirty or force):
+                return
+            data = {"resourceVersion": self.rv, "seconds_per_replica": self.seconds_per_replica, "auth": self.auth,
+                    "objects": sorted(self.objects.values(), key=lambda o: (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]))}
+            self._dirty = False
+            self._saved_at = time.monotonic()
+        tmp = self.state_file.with_suffix(self.state_file.suffix + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.state_file)
+
+    # -- fault knobs -------------------------------------------------------------------------------------
+    def fail_next(self, code: int, count: int = 1, path_contains: str | None = None) -> None:
+        with self.lock:
+            self._faults.append([int(code), int(count), path_contains])
+
+    def take_fault(self, path: str) -> int | None:
+        with self.lock:
+            for f in self._faults:
+                if f[1] > 0 and (f[2] is None or f[2] in path):
+                    f[1] -= 1
+                    if f[1] == 0:
+                        self._faults.remove(f)
+                    return f[0]
+        return None
+
+    def annotate(self, res: Resource, namespace: str, name: str, key: str, value: str | None) -> None:
+        with self.lock:
+            obj = self.objects.get((res.plural, namespace if res.namespaced else "", name))
+            if obj is None:
+                raise not_found(res, name)
+            ann = obj["metadata"].setdefault("annotations", {})
+            if value is None:
+                ann.pop(key, None)
+            else:
+                ann[key] = value
+            self._stamp(obj, res, new=False)
+
+    # -- the controller ----------------------------------------------------------------------------------
+    def reconcile(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            nodes_ready = self._reconcile_nodes()
+            for key, obj in list(self.objects.items()):
+                if key[0] == "deployments":
+                    self._reconcile_deployment(key, obj, now, nodes_ready)
+        if self._dirty and now - self._saved_at > 0.5:
+            self.save_state()
+
+    def _reconcile_nodes(self) -> bool:
+        any_ready = False
+        for key, node in self.objects.items():
+            if key[0] != "nodes":
+                continue
+            want = node["metadata"].get("annotations", {}).get(NODE_NOT_READY_ANNOTATION) != "true"
+            any_ready = any_ready or want
+            conds = node.setdefault("status", {}).setdefault("conditions", [])
+            cur = next((c for c in conds if c.get("type") == "Ready"), None)
+            if cur is None or (cur.get("status") == "True") != want:
+                if cur is not None:
+                    conds.remove(cur)
+                conds.insert(0, _node_ready_condition(want, _now()))
+                self._stamp(node, NODES, new=False)
+                log.info("node %s is now %s", key[2], "Ready" if want else "NotReady")
+        return any_ready
+
+    def _reconcile_deployment(self, key: Key, obj: Obj, now: float, nodes_ready: bool) -> None:
+        spec, meta = obj["spec"], obj["metadata"]
+        status = obj.setdefault("status", {})
+        before = copy.deepcopy(status)
+        target = int(spec.get("replicas", 1))
+        broken = meta.get("annotations", {}).get(BROKEN_ANNOTATION) == "true" or not nodes_ready
+
+        total = int(status.get("replicas", 0))
+        updated = min(int(status.get("updatedReplicas", 0)), total)
+        old = total - updated
+        ready = int(status.get("readyReplicas", 0))
+        new_ready = max(0, min(ready - old, updated))
+
+        template = _template_hash(obj)
+        if self._templates.get(key) != template:  # a rollout: every current pod is now an old one
+            self._templates[key] = template
+            old, updated, new_ready = old + updated, 0, 0
+            self._progress_at[key] = now
+            meta.setdefault("annotations", {})["deployment.kubernetes.io/revision"] = str(
+                int(meta.get("annotations", {}).get("deployment.kubernetes.io/revision", "1")) + 1)
+
+        progressed = False
+        step = self.seconds_per_replica
+        if step <= 0 or now - self._stepped_at.get(key, 0.0) >= step:
+            for _ in range(10_000 if step <= 0 else 1):
+                moved = False
+                if updated < target:
+                    updated += 1
+                    moved = True
+                    if not broken:
+                        new_ready += 1
+                elif updated > target:
+                    updated -= 1
+                    new_ready = min(new_ready, updated)
+                    moved = True
+                elif new_ready < updated and not broken:
+                    new_ready += 1
+                    moved = True
+                max_unavailable = _scaled(spec.get("strategy", {}).get("rollingUpdate", {}).get("maxUnavailable", "25%"), target, False)
+                if old > 0 and (old - 1 + new_ready >= target - max_unavailable or new_ready >= target):
+                    old -= 1
+                    moved = True
+                progressed = progressed or moved
+                if not moved:
+                    break
+            self._stepped_at[key] = now
+        if progressed:
+            self._progress_at[key] = now
+
+        deadline = spec.get("progressDeadlineSeconds", 600)
+        stalled = now - self._progress_at.get(key, now) > float(deadline)
+        new_status = _deployment_status(target, old + updated, old + new_ready, meta.get("generation", 1), spec,
+                                        complete_deadline=stalled, updated=updated, previous=before.get("conditions"),
+                                        name=meta["name"], template=template, progressed=progressed)
+        if new_status != before:
+            obj["status"] = new_status
+            self._stamp(obj, DEPLOYMENTS, new=False)
+
+    # -- API operations ----------------------------------------------------------------------------------
+    def get(self, res: Resource, ns: str, name: str) -> Obj:
+        obj = self.objects.get((res.plural, ns if res.namespaced else "", name))
+        if obj is None:
+            raise not_found(res, name)
+        return obj
+
+    def list(self, res: Resource, ns: str | None, label_selector: str | None, field_selector: str | None) -> list[Obj]:
+        match_labels = _parse_label_selector(label_selector)
+        match_fields = _parse_field_selector(field_selector)
+        items = [o for (plural, ons, _), o in sorted(self.objects.items())
+                 if plural == res.plural and (ns is None or ons == ns)]
+        return [o for o in items if match_labels(o["metadata"].get("labels", {})) and match_fields(o)]
+
+
+def _group_of(obj: Obj) -> str:
+    api = obj.get("apiVersion", "v1")
+    return api.split("/")[0] if "/" in api else ""
+
+
+def _plural_of(obj: Obj) -> str:
+    return {"Namespace": "namespaces", "Node": "nodes", "Service": "services", "Deployment": "deployments"}[obj["kind"]]
+
+
+def _template_hash(obj: Obj) -> str:
+    return hashlib.sha256(json.dumps(obj.get("spec", {}).get("template", {}), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _deployment_status(target: int, total: int, ready: int, generation: int, spec: Obj, *, complete_deadline: bool,
+                       updated: int | None = None, previous: list | None = None, name: str = "", template: str = "",
+                       progressed: bool = False) -> Obj:
+    updated = total if updated is None else updated
+    now = _now()
+    max_unavailable = _scaled(spec.get("strategy", {}).get("rollingUpdate", {}).get("maxUnavailable", "25%"), target, False)
+    available = ready
+    complete = updated == target and total == target and available >= target
+    rs = f'ReplicaSet "{name}-{template[:10]}"' if name else "ReplicaSet"
+    prev = {c.get("type"): c for c in previous or []}
+
+    def cond(ctype: str, ok: bool, reason: str, message: str, touch: bool) -> Obj:
+        old = prev.get(ctype)
+        status_s = "True" if ok else "False"
+        c = {"type": ctype, "status": status_s, "reason": reason, "message": message,
+             "lastUpdateTime": now, "lastTransitionTime": now}
+        if old is not None:
+            if old.get("status") == status_s:
+                c["lastTransitionTime"] = old.get("lastTransitionTime", now)
+            if old.get("status") == status_s and old.get("reason") == reason and not touch:
+                c["lastUpdateTime"] = old.get("lastUpdateTime", now)
+        return c
+
+    if available >= target - max_unavailable:
+        avail = cond("Available", True, "MinimumReplicasAvailable", "Deployment has minimum availability.", False)
+    else:
+        avail = cond("Available", False, "MinimumReplicasUnavailable", "Deployment does not have minimum availability.", False)
+    if complete:
+        prog = cond("Progressing", True, "NewReplicaSetAvailable", f"{rs} has successfully progressed.", False)
+    elif complete_deadline:
+        prog = cond("Progressing", False, "ProgressDeadlineExceeded", f"{rs} has timed out progressing.", False)
+    else:
+        prog = cond("Progressing", True, "ReplicaSetUpdated", f"{rs} is progressing.", progressed)
+    status: Obj = {"observedGeneration": generation}
+    # omitempty, as the API server serializes DeploymentStatus
+    for field, value in (("replicas", total), ("updatedReplicas", updated), ("readyReplicas", ready),
+                         ("availableReplicas", available), ("unavailableReplicas", max(0, target - available))):
+        if value:
+            status[field] = value
+    status["conditions"] = [avail, prog]
+    return status
+
+
+def _parse_label_selector(sel: str | None) -> Callable[[dict], bool]:
+    if not sel:
+        return lambda labels: True
+    tests: list[Callable[[dict], bool]] = []
+    for term in re.split(r",(?![^()]*\))", sel):
+        term = term.strip()
+        if m := re.fullmatch(r"([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)", term):
+            k, op, vals = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}
+            tests.append((lambda k, vals: lambda l: l.get(k) in vals)(k, vals) if op == "in"
+                         else (lambda k, vals: lambda l: l.get(k) not in vals)(k, vals))
+        elif m := re.fullmatch(r"([\w./-]+)\s*!=\s*(\S*)", term):
+            tests.append((lambda k, v: lambda l: l.get(k) != v)(m.group(1), m.group(2)))
+        elif m := re.fullmatch(r"([\w./-]+)\s*==?\s*(\S*)", term):
+            tests.append((lambda k, v: lambda l: l.get(k) == v)(m.group(1), m.group(2)))
+        elif m := re.fullmatch(r"!([\w./-]+)", term):
+            tests.append((lambda k: lambda l: k not in l)(m.group(1)))
+        elif re.fullmatch(r"[\w./-]+", term):
+            tests.append((lambda k: lambda l: k in l)(term))
+        else:
+            raise bad_request(f"unable to parse requirement: {term!r}")
+    return lambda labels: all(t(labels) for t in tests)
+
+
+def _parse_field_selector(sel: str | None) -> Callable[[Obj], bool]:
+    if not sel:
+        return lambda obj: True
+    tests = []
+    for term in sel.split(","):
+        m = re.fullmatch(r"(metadata\.name|metadata\.namespace)\s*(!=|==|=)\s*(\S*)", term.strip())
+        if not m:
+            raise bad_request(f'field label not supported: "{term.split("=")[0]}"')
+        field, op, value = m.group(1).split(".")[1], m.group(2), m.group(3)
+        tests.append((lambda f, neg, v: lambda o: (o["metadata"].get(f, "") == v) != neg)(field, op == "!=", value))
+    return lambda obj: all(t(obj) for t in tests)
+
+
+# -- validation ---------------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate(res: Resource, obj: Obj) -> None:
+    meta = obj.get("metadata") or {}
+    name = meta.get("name", "")
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name):
+        raise invalid(res, str(name), "metadata.name", name,
+                      "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'")
+    for field in ("labels", "annotations"):
+        values = meta.get(field) or {}
+        if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+            raise invalid(res, name, f"metadata.{field}", values, "values must be strings")
+    if res is DEPLOYMENTS:
+        spec = obj.get("spec") or {}
+        replicas = spec.get("replicas", 1)
+        if not _is_int(replicas) or replicas < 0:
+            raise invalid(res, name, "spec.replicas", replicas, "must be greater than or equal to 0")
+        match = (spec.get("selector") or {}).get("matchLabels") or {}
+        labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+        if not match:
+            raise invalid(res, name, "spec.selector", spec.get("selector"), "empty selector is invalid for deployment")
+        if any(labels.get(k) != v for k, v in match.items()):
+            raise invalid(res, name, "spec.template.metadata.labels", labels, "`selector` does not match template `labels`")
+        containers = (((spec.get("template") or {}).get("spec") or {}).get("containers")) or []
+        if not containers or not all(isinstance(c, dict) and c.get("name") and c.get("image") for c in containers):
+            raise invalid(res, name, "spec.template.spec.containers", containers, "at least one container with a name and an image is required")
+    if res is SERVICES:
+        for i, p in enumerate((obj.get("spec") or {}).get("ports") or []):
+            if not _is_int(p.get("port")) or not 0 < p["port"] < 65536:
+                raise invalid(res, name, f"spec.ports[{i}].port", p.get("port"), "must be between 1 and 65535, inclusive")
+
+
+# -- HTTP ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Route:
+    res: Resource | None
+    namespace: str | None
+    name: str | None
+    sub: str | None
+
+
+def parse_path(path: str) -> Route | None:
+    parts = [p for p in path.split("/") if p]
+    if len(parts) >= 2 and parts[0] == "api" and parts[1] == "v1":
+        group, rest = "", parts[2:]
+    elif len(parts) >= 3 and parts[0] == "apis":
+        group, rest = parts[1], parts[3:]
+        if parts[2] != "v1":
+            return None
+    else:
+        return None
+    if not rest:
+        return None
+    ns = None
+    if rest[0] == "namespaces" and len(rest) >= 3 and rest[2] not in ("status", "finalize"):
+        ns, rest = rest[1], rest[2:]
+    res = _RESOURCES.get((group, rest[0]))
+    if res is None or (ns is not None and not res.namespaced) or len(rest) > 3:
+        return None
+    name = rest[1] if len(rest) > 1 else None
+    sub = rest[2] if len(rest) > 2 else None
+    if sub is not None and sub not in res.subresources:
+        return None
+    return Route(res, ns, name, sub)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "opsflow-k8s-emulator"
+    timeout = 60  # idle keep-alive connections are closed after a minute
+    cluster: Cluster  # set on the subclass per server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
+
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
+    def _send(self, code: int, body: Any) -> None:
+        if isinstance(body, str):
+            data, ctype = body.encode(), "text/plain; charset=utf-8"
+        else:
+            data, ctype = json.dumps(body).encode(), "application/json"
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Audit-Id", str(uuid.uuid4()))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if not raw:
+            raise bad_request("the request body is empty")
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise bad_request(f"the request body is not valid JSON: {e}") from None
+
+    def _serve(self, method: str) -> None:
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        path = url.path.rstrip("/") or "/"
+        c = self.cluster
+        try:
+            if method == "GET" and path in ("/healthz", "/readyz", "/livez"):
+                return self._send(200, "ok")
+            if method == "GET" and path == "/version":
+                return self._send(200, SERVER_VERSION)
+            route = parse_path(path)
+            role = self._authenticate(route)
+            if route is not None and (code := c.take_fault(path)) is not None:
+                reason = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}.get(code, "InternalError")
+                raise ApiError(code, reason, f"injected fault {code} (lab)", {"retryAfterSeconds": 1} if code == 429 else None)
+            if method == "GET" and (discovery := self._discovery(path)) is not None:
+                return self._send(200, discovery)
+            if route is None:
+                raise ApiError(404, "NotFound", "the server could not find the requested resource", {})
+            if role == "readonly" and method != "GET":
+                verb = {"PATCH": "patch", "PUT": "update", "POST": "create", "DELETE": "delete"}[method]
+                what = f"{route.res.plural}/{route.sub}" if route.sub else route.res.plural
+                where = f' in the namespace "{route.namespace}"' if route.namespace else " at the cluster scope"
+                raise ApiError(403, "Forbidden",
+                               f'{route.res.qualified} "{route.name or ""}" is forbidden: User "lab-readonly" cannot {verb} '
+                               f'resource "{what}" in API group "{route.res.group}"{where}',
+                               _details(route.res, route.name))
+            if query.get("watch") in ("true", "1"):
+                raise bad_request("watch is not supported by the opsflow lab emulator")
+            code, body = self._dispatch(method, route, query)
+            self._send(code, body)
+        except ApiError as e:
+            if e.code >= 500 or e.code == 429:
+                log.info("%s %s -> %d (%s)", method, path, e.code, e.message)
+            self._send(e.code, e.status())
+        except Exception as e:  # a bug in the emulator: answer like an API server would, and say so in the log
+            log.exception("%s %s failed", method, path)
+            self._send(500, ApiError(500, "InternalError", f"an error on the server ({e!r}) has prevented the request from succeeding").status())
+
+    def _authenticate(self, route: Route | None) -> str:
+        auth = self.cluster.auth
+        if not auth or not (auth.get("token") or auth.get("readonly_token")):
+            return "admin"
+        header = self.headers.get("Authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else None
+        if token and token == auth.get("token"):
+            return "admin"
+        if token and token == auth.get("readonly_token"):
+            return "readonly"
+        raise ApiError(401, "Unauthorized", "Unauthorized")
+
+    def _discovery(self, path: str) -> Obj | None:
+        if path == "/api":
+            return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+        if path == "/apis":
+            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
+                 "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}]}
+        if path == "/apis/apps":
+            return {"kind": "APIGroup", "apiVersion": "v1", "name": "apps",
+                    "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
+                    "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}
+        for prefix, group in (("/api/v1", ""), ("/apis/apps/v1", "apps")):
+            if path == prefix:
+                resources = []
+                for res in _RESOURCES.values():
+                    if res.group != group:
+                        continue
+                    resources.append({"name": res.plural, "singularName": res.kind.lower(), "namespaced": res.namespaced,
+                                      "kind": res.kind, "verbs": _VERBS[res], "shortNames": _SHORT[res]})
+                    for sub in res.subresources:
+                        kind = "Scale" if sub == "scale" else res.kind
+                        resources.append({"name": f"{res.plural}/{sub}", "singularName": "", "namespaced": res.namespaced,
+                                          "kind": kind, "verbs": ["get", "patch", "update"],
+                                          **({"group": "autoscaling", "version": "v1"} if sub == "scale" else {})})
+                return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/v1" if group else "v1",
+                        "resources": resources}
+        return None
+
+    # -- verbs -------------------------------------------------------------------------------------------
+    def _dispatch(self, method: str, route: Route, query: dict) -> tuple[int, Obj]:
+        res, ns, name, sub = route.res, route.namespace or "", route.name, route.sub
+        assert res is not None
+        c = self.cluster
+        dry_run = query.get("dryRun") == "All"
+        with c.lock:
+            if name is None:
+                if method == "GET":
+                    items = c.list(res, route.namespace if res.namespaced else None, query.get("labelSelector"), query.get("fieldSelector"))
+                    return 200, {"kind": f"{res.kind}List", "apiVersion": res.api_version,
+                                 "metadata": {"resourceVersion": str(c.rv)},
+                                 "items": [{k: v for k, v in copy.deepcopy(o).items() if k not in ("kind", "apiVersion")} for o in items]}
+                if method == "POST":
+                    return self._create(res, ns, self._body(), dry_run)
+                raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource")
+            if method == "DELETE" and sub is None:
+                obj = c.get(res, ns, name)
+                if not dry_run:
+                    del c.objects[(res.plural, ns if res.namespaced else "", name)]
+                    if res is NAMESPACES:
+                        for key in [k for k in c.objects if k[1] == name]:
+                            del c.objects[key]
+                    c.rv += 1
+                    c._dirty = True
+                return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                             "details": {**_details(res, name), "uid": obj["metadata"]["uid"]}}
+            obj = c.get(res, ns, name)
+            if sub == "scale":
+                return self._scale(method, res, ns, name, obj, query, dry_run)
+            if method == "GET":
+                return 200, copy.deepcopy(obj)
+            if method in ("PATCH", "PUT"):
+                return self._update(method, res, ns, name, sub, obj, dry_run)
+            raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    def _patched(self, method: str, current: Obj) -> Obj:
+        if method == "PUT":
+            body = self._body()
+            if not isinstance(body, dict):
+                raise bad_request("the body of a PUT must be an object")
+            return body
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        patcher = PATCHERS.get(ctype)
+        if patcher is None:
+            raise ApiError(415, "UnsupportedMediaType",
+                           f"the body of the request was in an unknown format - accepted media types include: {', '.join(PATCHERS)}")
+        body = self._body()
+        if ctype == "application/json-patch+json" and not isinstance(body, list):
+            raise bad_request("a JSON patch is a list of operations")
+        if ctype != "application/json-patch+json" and not isinstance(body, dict):
+            raise bad_request(f"a {ctype} body must be an object")
+        result = patcher(current, body)
+        if not isinstance(result, dict):
+            raise bad_request("the patch did not produce an object")
+        return result
+
+    def _precondition(self, res: Resource, name: str, current: Obj, new: Obj) -> None:
+        want = (new.get("metadata") or {}).get("resourceVersion")
+        if want and want != current["metadata"]["resourceVersion"]:
+            raise conflict(res, name)
+
+    def _update(self, method: str, res: Resource, ns: str, name: str, sub: str | None, obj: Obj, dry_run: bool) -> tuple[int, Obj]:
+        c = self.cluster
+        new = self._patched(method, obj)
+        self._precondition(res, name, obj, new)
+        new_meta = new.get("metadata") or {}
+        if new_meta.get("name", name) != name:
+            raise bad_request(f"the name of the object ({new_meta.get('name')}) does not match the name on the URL ({name})")
+        if res.namespaced and new_meta.get("namespace", ns) != ns:
+            raise bad_request("the namespace of the provided object does not match the namespace sent on the request")
+        if sub == "status":  # the status subresource changes status only
+            merged = copy.deepcopy(obj)
+            merged["status"] = new.get("status", {})
+        else:  # the main resource ignores status
+            merged = copy.deepcopy(new)
+            merged["status"] = copy.deepcopy(obj.get("status", {}))
+            meta = merged.setdefault("metadata", {})
+            meta["name"] = name
+            if res.namespaced:
+                meta["namespace"] = ns
+            for k in ("uid", "creationTimestamp", "generation"):
+                if k in obj["metadata"]:
+                    meta[k] = obj["metadata"][k]
+                else:
+                    meta.pop(k, None)
+        validate(res, merged)
+        if res is DEPLOYMENTS and merged.get("spec") != obj.get("spec"):
+            merged["metadata"]["generation"] = int(obj["metadata"].get("generation", 1)) + 1
+        unchanged = {k: v for k, v in merged.items() if k != "metadata"} == {k: v for k, v in obj.items() if k != "metadata"} and \
+            {k: v for k, v in merged["metadata"].items() if k != "resourceVersion"} == {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}
+        if unchanged:  # a no-op write does not bump resourceVersion (as the API server)
+            return 200, copy.deepcopy(obj)
+        if dry_run:
+            return 200, merged
+        c._stamp(merged, res, new=False)
+        c.objects[(res.plural, ns if res.namespaced else "", name)] = merged
+        log.info("%s %s%s %s/%s (resourceVersion %s)", method, res.plural, f"/{sub}" if sub else "", ns or "-", name,
+                 merged["metadata"]["resourceVersion"])
+        return 200, copy.deepcopy(merged)
+
+    def _create(self, res: Resource, ns: str, body: Any, dry_run: bool) -> tuple[int, Obj]:
+        c = self.cluster
+        if not isinstance(body, dict):
+            raise bad_request("the body of a create must be an object")
+        meta = body.setdefault("metadata", {})
+        if res.namespaced:
+            if meta.get("namespace", ns) != ns:
+                raise bad_request("the namespace of the provided object does not match the namespace sent on the request")
+            meta["namespace"] = ns
+            if ("namespaces", "", ns) not in c.objects:
+                raise not_found(NAMESPACES, ns)
+        if res is DEPLOYMENTS:
+            spec = body.setdefault("spec", {})
+            spec.setdefault("replicas", 1)
+            spec.setdefault("progressDeadlineSeconds", 600)
+            spec.setdefault("revisionHistoryLimit", 10)
+            spec.setdefault("strategy", {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}})
+        body["status"] = {} if res is not NAMESPACES else {"phase": "Active"}
+        validate(res, body)
+        name = meta["name"]
+        if (res.plural, ns if res.namespaced else "", name) in c.objects:
+            raise ApiError(409, "AlreadyExists", f'{res.qualified} "{name}" already exists', _details(res, name))
+        if dry_run:
+            return 201, body
+        obj = c.put_new(res, body)
+        log.info("created %s %s/%s", res.plural, ns or "-", name)
+        return 201, copy.deepcopy(obj)
+
+    def _scale(self, method: str, res: Resource, ns: str, name: str, obj: Obj, query: dict, dry_run: bool) -> tuple[int, Obj]:
+        c = self.cluster
+        scale = _scale_of(obj)
+        if method == "GET":
+            return 200, scale
+        if method not in ("PATCH", "PUT"):
+            raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+        new = self._patched(method, scale)
+        self._precondition(res, name, obj, new)
+        replicas = (new.get("spec") or {}).get("replicas", 0 if method == "PUT" else scale["spec"]["replicas"])
+        if not _is_int(replicas) or replicas < 0:
+            raise ApiError(422, "Invalid", f'Scale.autoscaling "{name}" is invalid: spec.replicas: Invalid value: {json.dumps(replicas)}: must be greater than or equal to 0',
+                           {"name": name, "group": "autoscaling", "kind": "Scale",
+                            "causes": [{"reason": "FieldValueInvalid", "message": "must be greater than or equal to 0", "field": "spec.replicas"}]})
+        if replicas == obj["spec"].get("replicas", 1) or dry_run:
+            out = copy.deepcopy(scale)
+            out["spec"]["replicas"] = replicas
+            return 200, out
+        before = obj["spec"].get("replicas", 1)
+        obj["spec"]["replicas"] = replicas
+        obj["metadata"]["generation"] = int(obj["metadata"].get("generation", 1)) + 1
+        c._stamp(obj, res, new=False)
+        log.info("scaled deployment %s/%s %d -> %d (generation %d)", ns, name, before, replicas, obj["metadata"]["generation"])
+        return 200, _scale_of(obj)
+
+
+def _scale_of(dep: Obj) -> Obj:
+    meta = dep["metadata"]
+    return {"kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in meta},
+            "spec": {"replicas": dep["spec"].get("replicas", 1)},
+            "status": {"replicas": int(dep.get("status", {}).get("replicas", 0)),
+                       "selector": selector_string(dep["spec"].get("selector", {}).get("matchLabels", {}))}}
+
+
+# -- running it -----------------------------------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # idle keep-alive connections must not hold up stop()
+    allow_reuse_address = True
+
+
+class EmulatorHandle:
+    """A running emulator: ``url``, ``stop()``, and the in-process fault knobs."""
+
+    def __init__(self, cluster: Cluster, server: _Server, threads: list[threading.Thread], stop_event: threading.Event):
+        self.cluster = cluster
+        self._server = server
+        self._threads = threads
+        self._stop = stop_event
+        host, port = server.server_address[:2]
+        self.host, self.port = host, port
+        self.url = f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._server.shutdown()
+        self._server.server_close()
+        for t in self._threads:
+            t.join(timeout=5)
+        self.cluster.save_state(force=True)
+        log.info("k8s emulator on %s stopped", self.url)
+
+    def __enter__(self) -> "EmulatorHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # Fault knobs. The same effects are reachable over the API (see the module docstring).
+    def set_broken(self, name: str, namespace: str = "default", broken: bool = True) -> None:
+        self.cluster.annotate(DEPLOYMENTS, namespace, name, BROKEN_ANNOTATION, "true" if broken else None)
+
+    def set_node_ready(self, name: str, ready: bool) -> None:
+        self.cluster.annotate(NODES, "", name, NODE_NOT_READY_ANNOTATION, None if ready else "true")
+
+    def fail_next(self, code: int, count: int = 1, path_contains: str | None = None) -> None:
+        """Answer the next ``count`` API requests (optionally only paths containing a string) with ``code``."""
+        self.cluster.fail_next(code, count, path_contains)
+
+    @property
+    def seconds_per_replica(self) -> float:
+        return self.cluster.seconds_per_replica
+
+    @seconds_per_replica.setter
+    def seconds_per_replica(self, value: float) -> None:
+        self.cluster.seconds_per_replica = float(value)
+
+    def snapshot(self, plural: str, namespace: str, name: str) -> Obj:
+        """A copy of a stored object, for debugging; tests should read through the real client."""
+        with self.cluster.lock:
+            return copy.deepcopy(self.cluster.objects[(plural, namespace, name)])
+
+
+def start_emulator(seed: dict, port: int = 0, *, host: str = "127.0.0.1", state_file: str | None = None,
+                   seconds_per_replica: float | None = None) -> EmulatorHandle:
+    """Start an emulated cluster on ``host:port`` (0: any free port) in background threads.
+
+    With a ``state_file`` that exists, its objects are loaded instead of the seed; the
+    state is written back while running (at most twice a second) and on ``stop()``.
+    """
+    cluster = Cluster(state_file=state_file)
+    if not cluster.load_state():
+        cluster.seed(seed)
+    if seconds_per_replica is not None:
+        cluster.seconds_per_replica = float(seconds_per_replica)
+    handler = type("Handler", (_Handler,), {"cluster": cluster})
+    server = _Server((host, port), handler)
+    stop = threading.Event()
+
+    def control() -> None:
+        while not stop.is_set():
+            try:
+                cluster.reconcile()
+            except Exception:  # keep the controller alive, as a real one would
+                log.exception("controller step failed")
+            step = cluster.seconds_per_replica
+            stop.wait(0.02 if step <= 0 else min(max(step / 4, 0.01), 0.25))
+
+    threads = [threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name=f"k8s-emulator-{port}", daemon=True),
+               threading.Thread(target=control, name=f"k8s-controller-{port}", daemon=True)]
+    for t in threads:
+        t.start()
+    handle = EmulatorHandle(cluster, server, threads, stop)
+    log.info("k8s emulator listening on %s (%d objects, %.2fs per replica)", handle.url, len(cluster.objects),
+             cluster.seconds_per_replica)
+    return handle
+
+
+def load_seed(path: str | Path) -> dict:
+    """A seed file: JSON, or YAML (a superset)."""
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except ValueError:
+        import yaml
+
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"seed {path} must be a mapping") from None
+        return data
+
+
+def write_kubeconfig(path: str | Path, clusters: dict[str, str], *, tokens: dict[str, str] | None = None,
+                     current: str | None = None) -> Path:
+    """Write a kubeconfig with one context (and cluster and user) per name -> server URL.
+
+    The lab names contexts ``lab-<region>``. ``tokens`` optionally gives a bearer token per
+    name (for an emulator seeded with ``auth``); without one the user has no credentials.
+    The current context is ``current`` or the first name. The file is written 0600.
+    """
+    import yaml
+
+    if not clusters:
+        raise ValueError("write_kubeconfig needs at least one cluster")
+    tokens = tokens or {}
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "preferences": {},
+        "clusters": [{"name": n, "cluster": {"server": url}} for n, url in clusters.items()],
+        "users": [{"name": n, "user": {"token": tokens[n]} if n in tokens else {}} for n in clusters],
+        "contexts": [{"name": n, "context": {"cluster": n, "user": n, "namespace": "default"}} for n in clusters],
+        "current-context": current or next(iter(clusters)),
+    }
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lab.k8s_emulator", description="A stateful Kubernetes API emulator for the opsflow lab.")
+    parser.add_argument("--seed", required=True, help="seed file (JSON or YAML): namespaces, deployments, services, nodes")
+    parser.add_argument("--port", type=int, required=True, help="port to listen on (0: any free port, logged)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--state-file", help="persist the objects here; loaded instead of the seed when it exists")
+    parser.add_argument("--seconds-per-replica", type=float, help=f"controller pace (default {DEFAULT_SECONDS_PER_REPLICA}, or the seed's)")
+    parser.add_argument("--log-level", default=os.environ.get("OPSFLOW_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handle = start_emulator(load_seed(args.seed), args.port, host=args.host, state_file=args.state_file,
+                            seconds_per_replica=args.seconds_per_replica)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    handle.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

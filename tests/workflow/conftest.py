@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import pytest_asyncio
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from opsflow.inventory import Inventory
+from opsflow.temporal import DATA_CONVERTER, register_search_attributes
+from tests.conftest import venv_binary
+from tests.workflow.world import World
+from workflows.failover import FailoverWorkflow
+
+WORKFLOWS = [FailoverWorkflow]
+
+
+@pytest_asyncio.fixture(scope="session")
+async def env():
+    async with await WorkflowEnvironment.start_time_skipping(
+        data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")
+    ) as e:
+        await register_search_attributes(e.client)
+        yield e
+
+
+def inventory_dict(**overrides) -> dict:
+    inv = {
+        "environment": f"t{uuid.uuid4().hex[:8]}",
+        "primary_region": "eastus",
+        "regions": {
+            r: {
+                "database": {"provider": "postgres", "dsn": f"host=db-{r} dbname=app user=ops"},
+                "traffic_endpoint": f"ep-{r}",
+                "kubernetes": {"namespace": "shop", "service": "web", "deployments": [{"name": "web", "replicas": 3}]},
+                "smoke_urls": [f"http://{r}.example/health"],
+            }
+            for r in ("eastus", "westeurope")
+        },
+        "traffic": {"provider": "azure-traffic-manager", "subscription_id": "sub", "resource_group": "rg", "profile": "shop"},
+        "approval": {"approvers": ["alice", "bob"], "require_distinct_approver": True, "timeout": "1h", "escalation_channel": "oncall"},
+        "failover": {"drain": "60s", "max_planned_lag_bytes": 1024 * 1024},
+        "notifications": [{"name": "ops", "url": "http://127.0.0.1:9/ops"}, {"name": "oncall", "url": "http://127.0.0.1:9/oncall"}],
+    }
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(inv.get(k), dict):
+            inv[k] = {**inv[k], **v}
+        else:
+            inv[k] = v
+    return inv
+
+
+@pytest.fixture
+def inventory() -> Inventory:
+    return Inventory.model_validate(inventory_dict())
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+@pytest_asyncio.fixture
+async def running(env, world, inventory):
+    """A worker serving every queue of the inventory with the world's stand-in activities."""
+    import concurrent.futures
+
+    acts = world.activities()
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        workers = [Worker(env.client, task_queue=inventory.task_queue, workflows=WORKFLOWS, activities=acts, activity_executor=ex)]
+        workers += [Worker(env.client, task_queue=inventory.region_queue(r), activities=acts, activity_executor=ex) for r in inventory.regions]
+        async with workers[0], workers[1], workers[2]:
+            yield env

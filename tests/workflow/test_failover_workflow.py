@@ -1,0 +1,251 @@
+"""The failover procedure's logic on the time-skipping server: gates, refusals, undo, abort, pause, emergency."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
+
+from opsflow.models import FailoverReport
+from starters.cli import start_procedure
+from starters.common import CliError, fetch_report
+from workflows.failover import FailoverInput
+from workflows.procedure import Request
+
+
+async def start(env, inventory, to="westeurope", **kw):
+    inp = FailoverInput(inventory=inventory, to_region=to, requester=kw.pop("requester", "alice"), reason="test", **kw)
+    return await start_procedure(env.client, inventory, "failover", inp, "test failover")
+
+
+async def until_waiting(handle, what="approval", timeout=10):
+    for _ in range(int(timeout / 0.05)):
+        r = FailoverReport.model_validate(await handle.query("progress", result_type=dict))
+        if r.waiting_for and r.waiting_for.startswith(what):
+            return r
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never waited for {what}: {r}")
+
+
+async def failed_report(handle) -> FailoverReport:
+    with pytest.raises(WorkflowFailureError) as exc:
+        await handle.result()
+    return FailoverReport.model_validate(exc.value.cause.details[0])
+
+
+async def update_names_in_history(handle) -> list[str]:
+    names = []
+    async for event in handle.fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
+            names.append(event.workflow_execution_update_accepted_event_attributes.accepted_request.input.name)
+    return names
+
+
+async def test_planned_failover_with_approval(running, world, inventory):
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    assert world.primary == "eastus" and not world.fenced  # nothing changes before approval
+    await handle.execute_update("approve", Request(by="bob", reason="change #42"))
+    report = FailoverReport.model_validate(await handle.result())
+
+    assert report.status == "succeeded"
+    assert world.primary == "westeurope" and world.serving == "westeurope" and world.promotions == 1
+    assert "eastus" in world.fenced and "eastus" in world.maintenance and "westeurope" in world.scaled
+    assert report.approval and report.approval.by == "bob" and report.approval.reason == "change #42"
+    assert report.from_region == "eastus" and report.rpo_bytes == 0 and report.rpo_proven
+    assert report.rto_seconds is not None and report.rto_seconds >= 0
+    names = [s.name for s in report.steps]
+    # The runbook's order: fence and drain before catch-up, promotion before traffic, verify before scale-up.
+    order = ["approval", "maintenance", "fence", "drain", "catch-up", "promote", "traffic", "verify-writes", "verify-routing", "verify-smoke", "scale-up", "notify"]
+    assert [n for n in names if n in order] == order
+    drain = next(s for s in report.steps if s.name == "drain")
+    assert drain.seconds == pytest.approx(60, abs=2)  # skipped by time, still the configured 60 s
+    assert any("Approval needed" in text for _, text, _ in world.notifications)
+
+
+async def test_non_approver_and_self_approval_are_rejected_before_history(running, world, inventory):
+    handle = await start(running, inventory, requester="alice")
+    await until_waiting(handle)
+    with pytest.raises(WorkflowUpdateFailedError) as exc:
+        await handle.execute_update("approve", Request(by="mallory"))
+    assert "may not approve" in str(exc.value.cause)
+    with pytest.raises(WorkflowUpdateFailedError) as exc:
+        await handle.execute_update("approve", Request(by="alice"))
+    assert "requested this procedure" in str(exc.value.cause)
+    assert await update_names_in_history(handle) == []
+    assert world.unchanged
+    await handle.execute_update("approve", Request(by="bob"))
+    await handle.result()
+    assert await update_names_in_history(handle) == ["approve"]
+
+
+async def test_approval_timeout_escalates_then_aborts_with_nothing_changed(running, world, inventory):
+    handle = await start(running, inventory)
+    report = await failed_report(handle)  # the time-skipping server jumps over the hour
+    assert report.status == "aborted" and "no approval" in report.failure
+    escalations = [n for n in world.notifications if n[1].startswith("ESCALATION")]
+    assert escalations and escalations[0][0] == "critical" and escalations[0][2] == ["oncall"]
+    assert world.unchanged
+
+
+async def test_failure_before_promotion_undoes_what_was_done(running, world, inventory):
+    world.fail["db.wait_caught_up"] = "replica stuck"
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await handle.execute_update("approve", Request(by="bob"))
+    report = await failed_report(handle)
+    assert report.status == "failed" and "replica stuck" in report.failure
+    assert world.unchanged  # fence lifted, maintenance annotation removed, nothing promoted
+    compensated = [s.title for s in report.steps if s.outcome == "compensated"]
+    assert compensated == ["Lift the write fence on eastus", "Maintenance mode off in eastus"]
+
+
+async def test_failure_after_promotion_goes_forward_and_lists_what_is_left(running, world, inventory):
+    world.fail["k8s.scale_up"] = "quota exceeded"
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await handle.execute_update("approve", Request(by="bob"))
+    report = await failed_report(handle)
+    assert report.status == "failed" and "quota exceeded" in report.failure
+    assert world.primary == "westeurope" and world.serving == "westeurope" and "eastus" in world.fenced  # no undo past promotion
+    assert report.remaining[0] == "scale up in westeurope"
+
+
+async def test_abort_while_waiting_for_approval(running, world, inventory):
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    with pytest.raises(WorkflowUpdateFailedError):
+        await handle.execute_update("abort", Request(by="mallory"))
+    await handle.execute_update("abort", Request(by="alice", reason="wrong day"))
+    report = await failed_report(handle)
+    assert report.status == "aborted" and "wrong day" in report.failure
+    assert world.unchanged
+
+
+async def test_abort_during_drain_compensates(running, world, inventory):
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await handle.execute_update("approve", Request(by="bob"))
+    await until_waiting(handle, "Drain")
+    assert "eastus" in world.fenced
+    await handle.execute_update("abort", Request(by="bob", reason="traffic spike"))
+    report = await failed_report(handle)
+    assert report.status == "aborted"
+    assert world.unchanged
+
+
+async def test_pause_holds_at_the_next_step_boundary_and_resume_continues(running, world, inventory):
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await handle.execute_update("pause", Request(by="alice", reason="check dashboards"))
+    with pytest.raises(WorkflowUpdateFailedError):
+        await handle.execute_update("pause", Request(by="alice"))
+    await handle.execute_update("approve", Request(by="bob"))
+    report = await until_waiting(handle, "resume")
+    assert report.status == "paused" and "eastus" not in world.maintenance  # held before the first change
+    await handle.execute_update("resume", Request(by="alice"))
+    report = FailoverReport.model_validate(await handle.result())
+    assert report.status == "succeeded"
+    assert [e.action for e in report.events] == ["pause", "resume"]
+
+
+async def test_abort_refused_past_the_point_of_no_return(running, world, inventory):
+    import threading
+
+    world.block_promote = threading.Event()
+    # Queries do not skip time: no drain, so the procedure reaches the promotion while we poll.
+    inventory = inventory.model_copy(update={"failover": inventory.failover.model_copy(update={"drain": 0})})
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await handle.execute_update("approve", Request(by="bob"))
+    for _ in range(400):
+        r = FailoverReport.model_validate(await handle.query("progress", result_type=dict))
+        if r.current_step == "promote":
+            break
+        await asyncio.sleep(0.05)
+    assert r.current_step == "promote"
+    with pytest.raises(WorkflowUpdateFailedError) as exc:
+        await handle.execute_update("abort", Request(by="bob"))
+    assert "point of no return" in str(exc.value.cause)
+    world.block_promote.set()
+    assert (await handle.result())["status"] == "succeeded"
+
+
+async def test_emergency_failover_with_dead_primary(running, world, inventory):
+    world.reachable["eastus"] = False
+    world.replay["westeurope"] = world.lsn - 4096  # the replica had not replayed the last 4 KiB
+    handle = await start(running, inventory, emergency=True)
+    report = FailoverReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and report.emergency and report.approval is None
+    names = [s.name for s in report.steps]
+    assert names.index("traffic") < names.index("promote")  # traffic off the dead region first
+    assert "drain" not in names and "catch-up" not in names and "fence" not in names
+    assert world.primary == "westeurope" and world.serving == "westeurope"
+    assert report.rpo_bytes == 4096 and not report.rpo_proven
+    assert any(sev == "critical" and "EMERGENCY" in text for sev, text, _ in world.notifications)
+
+
+async def test_emergency_waits_for_approval_when_the_inventory_asks(running, world, inventory):
+    inv = inventory.model_copy(update={"approval": inventory.approval.model_copy(update={"emergency_requires_approval": True})})
+    world.reachable["eastus"] = False
+    handle = await start(running, inv, emergency=True)
+    await until_waiting(handle)
+    assert world.primary == "eastus"
+    await handle.execute_update("approve", Request(by="bob"))
+    assert (await handle.result())["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    "setup, reason",
+    [
+        (lambda w: setattr(w, "primary", "westeurope"), "already the primary"),
+        (lambda w: setattr(w, "streaming", False), "not streaming"),
+        (lambda w: w.replay.update(westeurope=w.lsn - 8 * 1024 * 1024), "above the limit"),
+        (lambda w: w.reachable.update(eastus=False), "use --emergency"),
+        (lambda w: setattr(w, "kube_ready", False), "not ready"),
+    ],
+)
+async def test_refusals_change_nothing(running, world, inventory, setup, reason):
+    setup(world)
+    before = (world.primary, set(world.fenced), world.serving)
+    handle = await start(running, inventory)
+    report = await failed_report(handle)
+    assert report.status == "refused" and reason in report.failure
+    assert (world.primary, world.fenced, world.serving) == before and not world.maintenance and world.promotions == 0
+
+
+async def test_unknown_region_is_refused(running, world, inventory):
+    handle = await start(running, inventory, to="mars")
+    report = await failed_report(handle)
+    assert report.status == "refused" and "unknown region 'mars'" in report.failure
+
+
+async def test_second_procedure_on_the_same_environment_is_refused(running, world, inventory):
+    first = await start(running, inventory)
+    await until_waiting(first)
+    with pytest.raises(CliError) as exc:
+        await start(running, inventory)
+    assert exc.value.code == 3 and "another procedure is running" in str(exc.value)
+    await first.execute_update("abort", Request(by="alice"))
+    await failed_report(first)
+
+
+async def test_dry_run_prints_the_plan_and_changes_nothing(running, world, inventory):
+    handle = await start(running, inventory, dry_run=True)
+    report = FailoverReport.model_validate(await handle.result())
+    assert report.status == "planned" and world.unchanged
+    planned = [s for s in report.steps if s.outcome == "planned"]
+    assert [s.name for s in planned][:3] == ["preflight", "approval", "maintenance"]
+    assert any("promote" == s.name for s in planned)
+    assert not set(world.calls) & {"db.fence", "db.promote", "traffic.switch", "k8s.scale_up"}
+
+
+async def test_report_is_readable_after_a_failure(running, world, inventory):
+    world.primary = "westeurope"
+    handle = await start(running, inventory)
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    report = await fetch_report(handle)
+    assert report.status == "refused"

@@ -1,0 +1,159 @@
+"""A small model of the world for workflow-logic tests: activities stood in by name (the Temporal way).
+
+The real activities are tested against the lab (tests/integration); here only the procedure's logic is
+under test: order, refusals, undo, gates. Every call is recorded so tests can assert what changed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from opsflow.models import (
+    CatchUpRequest,
+    CatchUpResult,
+    DbStatus,
+    DeploymentState,
+    EndpointState,
+    KubeStatus,
+    MaintenanceRequest,
+    NotifyRequest,
+    PromoteRequest,
+    PromoteResult,
+    RegionTarget,
+    ScaleRequest,
+    SmokeResult,
+    TrafficRequest,
+    TrafficStatus,
+)
+
+
+@dataclass
+class World:
+    primary: str = "eastus"
+    regions: tuple = ("eastus", "westeurope")
+    lsn: int = 0x3000000
+    replay: dict = field(default_factory=lambda: {"westeurope": 0x3000000})
+    streaming: bool = True
+    reachable: dict = field(default_factory=dict)
+    fenced: set = field(default_factory=set)
+    maintenance: set = field(default_factory=set)
+    serving: str = "eastus"
+    scaled: set = field(default_factory=set)
+    promotions: int = 0
+    calls: list = field(default_factory=list)
+    notifications: list = field(default_factory=list)
+    fail: dict = field(default_factory=dict)  # activity name -> message (non-retryable failure)
+    kube_ready: bool = True
+    block_promote: threading.Event | None = None
+
+    def _maybe_fail(self, name: str) -> None:
+        self.calls.append(name)
+        if name in self.fail:
+            raise ApplicationError(self.fail[name], type="Injected", non_retryable=True)
+
+    def status_of(self, region: str) -> DbStatus:
+        if not self.reachable.get(region, True):
+            return DbStatus(region=region, reachable=False, error="connection refused")
+        if region == self.primary:
+            return DbStatus(region=region, reachable=True, role="primary", current_lsn=f"0/{self.lsn:X}", read_only=region in self.fenced, timeline=1 + self.promotions)
+        r = self.replay.get(region, self.lsn)
+        return DbStatus(region=region, reachable=True, role="replica", streaming=self.streaming, current_lsn=f"0/{self.lsn:X}", replay_lsn=f"0/{r:X}", replay_delay_seconds=0.0)
+
+    def activities(self):
+        w = self
+
+        @activity.defn(name="db.status")
+        def db_status(t: RegionTarget) -> DbStatus:
+            w._maybe_fail("db.status")
+            return w.status_of(t.region)
+
+        @activity.defn(name="db.fence")
+        def db_fence(t: RegionTarget) -> DbStatus:
+            w._maybe_fail("db.fence")
+            w.fenced.add(t.region)
+            return w.status_of(t.region)
+
+        @activity.defn(name="db.unfence")
+        def db_unfence(t: RegionTarget) -> DbStatus:
+            w._maybe_fail("db.unfence")
+            w.fenced.discard(t.region)
+            return w.status_of(t.region)
+
+        @activity.defn(name="db.wait_caught_up")
+        def db_wait(req: CatchUpRequest) -> CatchUpResult:
+            w._maybe_fail("db.wait_caught_up")
+            w.replay[req.replica.region] = w.lsn
+            return CatchUpResult(primary_lsn=f"0/{w.lsn:X}", replay_lsn=f"0/{w.lsn:X}", lag_bytes=0, replay_delay_seconds=0.0, waited_seconds=0.1)
+
+        @activity.defn(name="db.promote")
+        def db_promote(req: PromoteRequest) -> PromoteResult:
+            w._maybe_fail("db.promote")
+            if w.block_promote is not None:
+                w.block_promote.wait(10)
+            if w.primary == req.target.region:
+                return PromoteResult(already_primary=True, seconds=0.0)
+            replayed = w.replay.get(req.target.region, w.lsn)
+            w.primary = req.target.region
+            w.promotions += 1
+            return PromoteResult(already_primary=False, seconds=0.5, timeline=1 + w.promotions, lsn_at_promotion=f"0/{replayed:X}", received_lsn=f"0/{w.lsn:X}")
+
+        @activity.defn(name="db.check_writable")
+        def db_check_writable(t: RegionTarget) -> None:
+            w._maybe_fail("db.check_writable")
+            if t.region != w.primary or t.region in w.fenced:
+                raise ApplicationError(f"{t.region} refuses writes", type="NotWritable")
+
+        @activity.defn(name="traffic.status")
+        def traffic_status(req: TrafficRequest) -> TrafficStatus:
+            w._maybe_fail("traffic.status")
+            return w.traffic(req)
+
+        @activity.defn(name="traffic.switch")
+        def traffic_switch(req: TrafficRequest) -> TrafficStatus:
+            w._maybe_fail("traffic.switch")
+            w.serving = req.to_region
+            return w.traffic(req)
+
+        @activity.defn(name="k8s.status")
+        def kube_status(t: RegionTarget) -> KubeStatus:
+            w._maybe_fail("k8s.status")
+            return KubeStatus(region=t.region, deployments=[DeploymentState(name="web", desired=1, ready=1 if w.kube_ready else 0)], ready=w.kube_ready, maintenance=t.region in w.maintenance)
+
+        @activity.defn(name="k8s.set_maintenance")
+        def set_maintenance(req: MaintenanceRequest) -> KubeStatus:
+            w._maybe_fail("k8s.set_maintenance")
+            (w.maintenance.add if req.on else w.maintenance.discard)(req.target.region)
+            return KubeStatus(region=req.target.region, deployments=[], ready=True, maintenance=req.on)
+
+        @activity.defn(name="k8s.scale_up")
+        def scale_up(req: ScaleRequest) -> KubeStatus:
+            w._maybe_fail("k8s.scale_up")
+            w.scaled.add(req.target.region)
+            return KubeStatus(region=req.target.region, deployments=[DeploymentState(name="web", desired=3, ready=3)], ready=True)
+
+        @activity.defn(name="http.smoke")
+        def smoke(t: RegionTarget) -> list[SmokeResult]:
+            w._maybe_fail("http.smoke")
+            return [SmokeResult(url=u, status=200, ok=True, seconds=0.01) for u in t.smoke_urls]
+
+        @activity.defn(name="notify.send")
+        def notify(req: NotifyRequest) -> list[str]:
+            w.notifications.append((req.notification.severity, req.notification.text, list(req.notification.channels)))
+            return [c.name for c in req.channels]
+
+        return [db_status, db_fence, db_unfence, db_wait, db_promote, db_check_writable, traffic_status, traffic_switch, kube_status, set_maintenance, scale_up, smoke, notify]
+
+    def traffic(self, req: TrafficRequest) -> TrafficStatus:
+        return TrafficStatus(
+            endpoints=[EndpointState(region=r, endpoint=e, enabled=r == self.serving, priority=1 if r == self.serving else 2, monitor_status="Online" if r == self.serving else "Disabled") for r, e in req.endpoints.items()],
+            serving_region=self.serving,
+        )
+
+    @property
+    def unchanged(self) -> bool:
+        """Nothing in the world differs from the start (what a refusal/abort must leave)."""
+        return self.primary == "eastus" and not self.fenced and not self.maintenance and self.serving == "eastus" and not self.scaled and self.promotions == 0
