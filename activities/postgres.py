@@ -322,6 +322,7 @@ def sql_promote(db: Any, timeout: float, *, region: str | None = None) -> Promot
             _, timeline = _primary_position(conn)
             return PromoteResult(already_primary=True, seconds=0.0, timeline=timeline)
         _logger().info("promoting %s (received %s, replayed %s)", where(db), receive_before, replay_before)
+        _heartbeat({"phase": "promoting", "received_lsn": receive_before, "replayed_lsn": replay_before})
         t0 = time.monotonic()
         promoted_by_us = True
         try:

@@ -40,7 +40,7 @@ Config (a dict in-process; a YAML or JSON file for the CLI)::
           region: us-east-1
           cluster: {...}         # lab.postgres.Cluster.to_dict(); or `dsn: "host=... port=..."`
           parameter_group: orders-east-params   # optional: created (family `parameter_group_family`,
-                                                # default postgres16) and attached to this instance only
+                                                # default postgres15) and attached to this instance only
           engine: postgres        # default; also instance_class (db.t3.micro), engine_version (moto's)
         - db_instance_identifier: orders-west
           region: us-west-2
@@ -514,7 +514,7 @@ class AwsEmulator:
             if spec.get("parameter_group"):
                 rds.create_db_parameter_group(
                     DBParameterGroupName=spec["parameter_group"],
-                    DBParameterGroupFamily=spec.get("parameter_group_family", "postgres16"),
+                    DBParameterGroupFamily=spec.get("parameter_group_family", "postgres15"),
                     Description=f"opsflow lab: {ident}",
                 )
                 kwargs["DBParameterGroupName"] = spec["parameter_group"]

@@ -328,7 +328,7 @@ def _conf_text(port: int, archive_dir: Path | None) -> str:
         "listen_addresses = '127.0.0.1'",
         f"port = {port}",
         "unix_socket_directories = ''",
-        "max_connections = 50",
+        "max_connections = 100",
         "shared_buffers = 32MB",
         "wal_level = replica",
         "max_wal_senders = 10",

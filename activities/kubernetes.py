@@ -1,0 +1,362 @@
+"""Kubernetes activities: the region's workloads, read and scaled through the `kubernetes` client.
+
+Synchronous activities (the client blocks); the worker runs them on its thread pool.
+Every call builds its own ApiClient from the region's ``KubernetesConfig`` (a kubeconfig
+file and context, else the in-cluster service account, else the default kubeconfig),
+so two regions' clusters never share state and nothing global is configured.
+
+Errors: what retrying cannot fix is non-retryable and names the object (404 for a
+deployment, service or namespace; 401/403; 400/422, a request the server rejects as
+invalid); anything else (409, 429, 5xx, a cluster that does not answer) is retryable.
+A deployment whose rollout reports ``ProgressDeadlineExceeded`` fails non-retryably:
+the cluster has given up on it and a person must look.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Iterator
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config import ConfigException, load_incluster_config, new_client_from_config
+from temporalio import activity
+from temporalio.exceptions import ApplicationError, CancelledError
+
+from opsflow.inventory import KubernetesConfig
+from opsflow.models import DeploymentState, KubeStatus, MaintenanceRequest, RegionTarget, ScaleRequest
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_ANNOTATION = "maintenance"
+REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds for every API call
+POLL_SECONDS = 1.0  # how often scale_up looks at the rollout (and heartbeats)
+DEFAULT_WAIT_SECONDS = 600.0  # scale_up's wait bound outside an activity, or without a start-to-close timeout
+_MERGE_PATCH = "application/merge-patch+json"
+
+
+def _logger() -> logging.LoggerAdapter | logging.Logger:
+    return activity.logger if activity.in_activity() else log
+
+
+# -- the client ---------------------------------------------------------------------------------------------
+
+
+def _in_cluster() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def new_api_client(cfg: KubernetesConfig) -> k8s.ApiClient:
+    """A fresh ApiClient for one region: kubeconfig (+context), else in-cluster, else the default kubeconfig.
+
+    The default kubeconfig is $KUBECONFIG or ~/.kube/config; a context without a kubeconfig
+    path selects a context in the default kubeconfig.
+    """
+    try:
+        if cfg.kubeconfig:
+            path = os.path.expanduser(cfg.kubeconfig)
+            if not os.path.exists(path):
+                raise ConfigException(f"kubeconfig {path} does not exist")
+            return new_client_from_config(config_file=path, context=cfg.context, persist_config=False)
+        if cfg.context is None and _in_cluster():
+            conf = k8s.Configuration()
+            load_incluster_config(client_configuration=conf)
+            return k8s.ApiClient(conf)
+        return new_client_from_config(context=cfg.context, persist_config=False)
+    except ConfigException as e:
+        where = f"kubeconfig {cfg.kubeconfig or '(default)'}" + (f", context {cfg.context}" if cfg.context else "")
+        raise ApplicationError(f"kubernetes: cannot load {where}: {e}", type="KubernetesConfigError", non_retryable=True) from None
+
+
+def _status_message(e: ApiException) -> str:
+    """The API server's own words: the message of the Status object in the body."""
+    try:
+        body = json.loads(e.body or "")
+        if isinstance(body, dict) and body.get("message"):
+            return str(body["message"])
+    except ValueError:
+        pass
+    return str(e.reason or "no message")
+
+
+class _Cluster:
+    """One region's cluster for the duration of one activity call."""
+
+    def __init__(self, target: RegionTarget, cfg: KubernetesConfig, api: k8s.ApiClient):
+        self.target, self.cfg, self.api = target, cfg, api
+        self.apps = k8s.AppsV1Api(api)
+        self.core = k8s.CoreV1Api(api)
+        self.ns = cfg.namespace
+        ctx = f"context {cfg.context}, " if cfg.context else ""
+        self.where = f"region {target.region} ({ctx}{api.configuration.host})"
+
+    # -- errors ------------------------------------------------------------------------------------------
+    @contextmanager
+    def call(self, what: str, namespaced: bool = True) -> Iterator[None]:
+        """Turn client errors into ApplicationErrors that name ``what`` (e.g. 'deployment shop/web')."""
+        try:
+            yield
+        except ApiException as e:
+            raise self._api_error(e, what, namespaced) from None
+        except urllib3.exceptions.HTTPError as e:
+            raise ApplicationError(f"{self.where}: the Kubernetes API does not answer ({type(e).__name__}: {e})",
+                                   type="KubernetesUnavailable") from None
+
+    def _api_error(self, e: ApiException, what: str, namespaced: bool) -> ApplicationError:
+        code = e.status or 0
+        msg = _status_message(e)
+        details = {"status": code, "object": what, "message": msg}
+        if code == 404:
+            if namespaced and not self._namespace_exists():
+                what = f"namespace {self.ns}"
+                details["object"] = what
+            return ApplicationError(f"{self.where}: {what} not found ({msg})", details, type="KubernetesNotFound", non_retryable=True)
+        if code == 401:
+            return ApplicationError(f"{self.where}: unauthorized for {what} ({msg}); check the kubeconfig credentials",
+                                    details, type="KubernetesUnauthorized", non_retryable=True)
+        if code == 403:
+            return ApplicationError(f"{self.where}: forbidden: {msg}", details, type="KubernetesForbidden", non_retryable=True)
+        if code in (400, 422):
+            return ApplicationError(f"{self.where}: {what}: the request was rejected ({code}: {msg})", details,
+                                    type="KubernetesInvalid", non_retryable=True)
+        delay = None
+        retry_after = (e.headers or {}).get("Retry-After") if e.headers else None
+        if retry_after and str(retry_after).isdigit():
+            delay = timedelta(seconds=int(retry_after))
+        return ApplicationError(f"{self.where}: {what}: API error {code} ({msg})", details, type="KubernetesApiError",
+                                next_retry_delay=delay)
+
+    def _namespace_exists(self) -> bool:
+        """Tell a missing namespace from a missing object; assume it exists when we may not look."""
+        try:
+            self.core.read_namespace(self.ns, _request_timeout=REQUEST_TIMEOUT)
+            return True
+        except ApiException as e:
+            return e.status != 404
+        except urllib3.exceptions.HTTPError:
+            return True
+
+    # -- reads -------------------------------------------------------------------------------------------
+    def deployment(self, name: str) -> k8s.V1Deployment:
+        with self.call(f"deployment {self.ns}/{name}"):
+            return self.apps.read_namespaced_deployment(name, self.ns, _request_timeout=REQUEST_TIMEOUT)
+
+    def rollouts(self) -> list["_Rollout"]:
+        return [_Rollout.of(self.deployment(d.name)) for d in self.cfg.deployments]
+
+    def not_ready_nodes(self) -> list[str]:
+        """Names of nodes whose Ready condition is not True. [] when this identity may not list nodes."""
+        try:
+            with self.call("nodes", namespaced=False):
+                nodes = self.core.list_node(_request_timeout=REQUEST_TIMEOUT).items
+        except ApplicationError as e:
+            if e.type == "KubernetesForbidden":  # a namespace-scoped service account: cannot judge nodes
+                _logger().warning("%s: cannot list nodes (%s); node readiness not checked", self.where, e.message)
+                return []
+            raise
+        bad = []
+        for node in nodes:
+            conds = {c.type: c.status for c in (node.status.conditions if node.status and node.status.conditions else [])}
+            if conds.get("Ready") != "True":
+                bad.append(node.metadata.name)
+        return bad
+
+    def maintenance(self) -> bool | None:
+        if not self.cfg.service:
+            return None
+        with self.call(f"service {self.ns}/{self.cfg.service}"):
+            svc = self.core.read_namespaced_service(self.cfg.service, self.ns, _request_timeout=REQUEST_TIMEOUT)
+        return (svc.metadata.annotations or {}).get(MAINTENANCE_ANNOTATION) == "true"
+
+    def status(self, rollouts: list["_Rollout"] | None = None) -> KubeStatus:
+        rollouts = self.rollouts() if rollouts is None else rollouts
+        not_ready = self.not_ready_nodes()
+        if not_ready:
+            _logger().info("%s: nodes not Ready: %s", self.where, ", ".join(not_ready))
+        return KubeStatus(
+            region=self.target.region,
+            deployments=[r.state for r in rollouts],
+            ready=all(r.done for r in rollouts) and not not_ready,
+            maintenance=self.maintenance(),
+        )
+
+    # -- writes ------------------------------------------------------------------------------------------
+    def set_maintenance(self, on: bool) -> None:
+        name = self.cfg.service
+        what = f"service {self.ns}/{name}"
+        with self.call(what):
+            svc = self.core.read_namespaced_service(name, self.ns, _request_timeout=REQUEST_TIMEOUT)
+        annotations = svc.metadata.annotations or {}
+        if on and annotations.get(MAINTENANCE_ANNOTATION) == "true":
+            _logger().info("%s: %s already in maintenance", self.where, what)
+            return
+        if not on and MAINTENANCE_ANNOTATION not in annotations:
+            _logger().info("%s: %s not in maintenance", self.where, what)
+            return
+        body = {"metadata": {"annotations": {MAINTENANCE_ANNOTATION: "true" if on else None}}}
+        with self.call(what):
+            self.core.patch_namespaced_service(name, self.ns, body, _content_type=_MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT)
+        _logger().info("%s: %s maintenance %s", self.where, what, "on" if on else "off")
+
+    def scale_to_at_least(self, name: str, replicas: int) -> None:
+        """Raise the deployment's replicas to ``replicas`` through the scale subresource; never lower them."""
+        what = f"deployment {self.ns}/{name}"
+        with self.call(what):
+            scale = self.apps.read_namespaced_deployment_scale(name, self.ns, _request_timeout=REQUEST_TIMEOUT)
+        current = scale.spec.replicas if scale.spec and scale.spec.replicas is not None else 0
+        if current >= replicas:
+            _logger().info("%s: %s already at %d replicas (inventory: %d)", self.where, what, current, replicas)
+            return
+        # No resourceVersion precondition: the controller bumps it with every status update, and
+        # setting an absolute replica count is idempotent anyway.
+        body = {"spec": {"replicas": replicas}}
+        with self.call(what):
+            self.apps.patch_namespaced_deployment_scale(name, self.ns, body, _content_type=_MERGE_PATCH,
+                                                        _request_timeout=REQUEST_TIMEOUT)
+        _logger().info("%s: scaled %s %d -> %d", self.where, what, current, replicas)
+
+
+class _Rollout:
+    """A deployment's rollout as `kubectl rollout status` judges it."""
+
+    def __init__(self, state: DeploymentState, done: bool, waiting_for: str, failed: str | None):
+        self.state, self.done, self.waiting_for, self.failed = state, done, waiting_for, failed
+
+    @classmethod
+    def of(cls, dep: k8s.V1Deployment) -> "_Rollout":
+        name = dep.metadata.name
+        desired = dep.spec.replicas if dep.spec and dep.spec.replicas is not None else 1
+        st = dep.status or k8s.V1DeploymentStatus()
+        replicas, updated = st.replicas or 0, st.updated_replicas or 0
+        ready, available = st.ready_replicas or 0, st.available_replicas or 0
+        state = DeploymentState(name=name, desired=desired, ready=ready)
+        if (st.observed_generation or 0) < (dep.metadata.generation or 0):
+            return cls(state, False, f"{name}: waiting for the controller to observe generation {dep.metadata.generation}", None)
+        progressing = next((c for c in st.conditions or [] if c.type == "Progressing"), None)
+        if progressing is not None and progressing.reason == "ProgressDeadlineExceeded":
+            return cls(state, False, f"{name}: {progressing.message}", f"{name}: {progressing.message} ({ready}/{desired} ready)")
+        if updated < desired:
+            return cls(state, False, f"{name}: {updated} of {desired} replicas updated, {ready} ready", None)
+        if replicas > updated:
+            return cls(state, False, f"{name}: {replicas - updated} old replicas pending termination", None)
+        if available < updated or ready < desired:
+            return cls(state, False, f"{name}: {ready} of {desired} replicas ready", None)
+        return cls(state, True, f"{name}: {ready}/{desired} ready", None)
+
+
+@contextmanager
+def _cluster(target: RegionTarget) -> Iterator[_Cluster]:
+    assert target.kubernetes is not None
+    api = new_api_client(target.kubernetes)
+    try:
+        yield _Cluster(target, target.kubernetes, api)
+    finally:
+        api.close()
+        api.rest_client.pool_manager.clear()  # no idle connections left behind between activity calls
+
+
+def _no_kubernetes(target: RegionTarget) -> KubeStatus:
+    _logger().info("region %s has no kubernetes section in the inventory: nothing to check", target.region)
+    return KubeStatus(region=target.region, deployments=[], ready=True, maintenance=None)
+
+
+def _heartbeat(details: dict[str, Any]) -> None:
+    if activity.in_activity():
+        activity.heartbeat(details)
+
+
+def _sleep(seconds: float) -> None:
+    if activity.in_activity():
+        activity.wait_for_cancelled_sync(seconds)
+        if activity.is_cancelled():
+            raise CancelledError("cancelled while waiting for the rollout")
+    else:
+        time.sleep(seconds)
+
+
+def _wait_bound(wait_seconds: float | None) -> float:
+    """How long scale_up waits: the argument, else just short of the activity's start-to-close timeout."""
+    if wait_seconds is not None:
+        return wait_seconds
+    if activity.in_activity():
+        timeout = activity.info().start_to_close_timeout
+        if timeout:
+            total = timeout.total_seconds()
+            # stop a little early, so the failure says which deployment is not ready instead of a bare timeout
+            return max(total - 5.0, total * 0.9)
+    return DEFAULT_WAIT_SECONDS
+
+
+# -- the activities ----------------------------------------------------------------------------------------
+
+
+@activity.defn(name="k8s.status")
+def kube_status(target: RegionTarget) -> KubeStatus:
+    """The region's deployments (desired/ready at their current spec), its nodes, and its maintenance flag.
+
+    ready: every inventory deployment has completed its rollout at its current spec, and
+    every node is Ready. maintenance: the service's annotation ``maintenance == "true"``
+    (None when the inventory names no service).
+    """
+    if target.kubernetes is None:
+        return _no_kubernetes(target)
+    with _cluster(target) as c:
+        return c.status()
+
+
+@activity.defn(name="k8s.set_maintenance")
+def set_maintenance(req: MaintenanceRequest) -> KubeStatus:
+    """Annotate the region's service ``maintenance=true`` (on) or remove the annotation (off). Idempotent."""
+    target = req.target
+    if target.kubernetes is None:
+        return _no_kubernetes(target)
+    with _cluster(target) as c:
+        if c.cfg.service:
+            c.set_maintenance(req.on)
+        else:
+            _logger().info("%s: no service in the inventory: maintenance mode has nothing to do", c.where)
+        return c.status()
+
+
+@activity.defn(name="k8s.scale_up")
+def scale_up(req: ScaleRequest, wait_seconds: float | None = None, poll_seconds: float = POLL_SECONDS) -> KubeStatus:
+    """Scale every inventory deployment up to its replicas, then wait until all rollouts complete.
+
+    A deployment already at or above its inventory replicas is left alone (an autoscaler
+    may have raised it). Heartbeats ``{"ready", "desired", "waiting"}`` every poll, so the
+    workflow's heartbeat timeout notices a stuck worker. Gives up after ``wait_seconds``
+    (default: just short of the start-to-close timeout) with a retryable
+    ``DeploymentNotReady``; a rollout past its progress deadline fails non-retryably
+    (``DeploymentFailed``). The returned status also counts nodes (see ``kube_status``).
+    """
+    target = req.target
+    if target.kubernetes is None:
+        return _no_kubernetes(target)
+    bound = _wait_bound(wait_seconds)
+    started = time.monotonic()
+    with _cluster(target) as c:
+        for d in c.cfg.deployments:
+            c.scale_to_at_least(d.name, d.replicas)
+        while True:
+            rollouts = c.rollouts()
+            progress = {"ready": sum(r.state.ready for r in rollouts), "desired": sum(r.state.desired for r in rollouts),
+                        "waiting": [r.waiting_for for r in rollouts if not r.done]}
+            _heartbeat(progress)
+            failed = [r.failed for r in rollouts if r.failed]
+            if failed:
+                raise ApplicationError(f"{c.where}: rollout failed: {'; '.join(failed)}", progress,
+                                       type="DeploymentFailed", non_retryable=True)
+            if all(r.done for r in rollouts):
+                _logger().info("%s: all deployments ready (%d/%d) after %.1fs", c.where, progress["ready"],
+                               progress["desired"], time.monotonic() - started)
+                return c.status(rollouts)
+            if time.monotonic() - started >= bound:
+                raise ApplicationError(f"{c.where}: not ready after {bound:.0f}s: {'; '.join(progress['waiting'])}", progress,
+                                       type="DeploymentNotReady")
+            _sleep(min(poll_seconds, max(0.05, bound - (time.monotonic() - started))))

@@ -1,0 +1,1386 @@
+"""A local Azure Resource Manager emulator for the lab: the real azure-mgmt SDK clients talk to it over HTTPS.
+
+What it serves (the shapes of the ARM REST API; any api-version of the form YYYY-MM-DD[-preview] is accepted,
+the installed SDKs send 2026-10-01 for PostgreSQL and 2026-09-01 for Traffic Manager):
+
+  Microsoft.DBforPostgreSQL/flexibleServers
+    GET    .../flexibleServers                       list (resource group)
+    GET    .../flexibleServers/{server}              properties.state, replicationRole, replica{role,replicationState}
+    PATCH  .../flexibleServers/{server}              202 long-running operation; with
+                                                     properties.replica {promoteMode Standalone|Switchover,
+                                                     promoteOption Planned|Forced} it REALLY promotes the lab
+                                                     cluster mapped to the server (pg_promote over SQL)
+    GET    .../flexibleServers/{server}/replicas
+    GET    .../flexibleServers/{server}/configurations[/{name}]   read from the cluster's pg_settings
+    PUT|PATCH .../configurations/{name}              202 long-running operation: ALTER SYSTEM + pg_reload_conf
+                                                     on the mapped cluster (how Azure fences writes:
+                                                     default_transaction_read_only, no superuser needed)
+    GET    /subscriptions/{sub}/providers/Microsoft.DBforPostgreSQL/locations/{loc}/azureAsyncOperation/{id}
+    GET    /subscriptions/{sub}/providers/Microsoft.DBforPostgreSQL/locations/{loc}/operationResults/{id}
+
+  Microsoft.Network/trafficManagerProfiles
+    GET    .../trafficmanagerprofiles[/{profile}]    endpoints with endpointMonitorStatus computed the way
+                                                     Traffic Manager does: Disabled when disabled,
+                                                     CheckingEndpoint for a while after enabling, then Online
+                                                     (Degraded when the emulator is told it is unhealthy),
+                                                     Inactive when the profile is disabled
+    GET|PATCH|PUT .../trafficmanagerprofiles/{profile}/{AzureEndpoints|ExternalEndpoints}/{endpoint}
+                                                     endpointStatus, priority (1..1000, unique in the profile),
+                                                     weight, target
+
+Errors have ARM's shape {"error": {"code", "message"}}: 401 without a bearer token, 404 ResourceNotFound /
+ResourceGroupNotFound / SubscriptionNotFound, 400 for bad bodies, 409 AnotherOperationInProgress.
+
+Long-running operations follow the ARM protocol the SDK's ARMPolling expects: 202 with Azure-AsyncOperation
+and Location headers, an operation resource going InProgress -> Succeeded | Failed, then the SDK's final GET
+of the resource. They last at least `lro_seconds` (slow operations for tests).
+
+The admin API (no token needed; loopback lab only) under /_emulator/:
+    GET    /_emulator/health
+    GET    /_emulator/state                          servers, profiles, operations, settings
+    GET    /_emulator/requests                       the request log (method, path, status, fault)
+    POST   /_emulator/faults   {"match": "<regex on the path>", "status": 429|503|..., "count": N,
+                                "retry_after": s, "method": "GET", "delay": s, "drop": false}
+    GET|DELETE /_emulator/faults
+    POST   /_emulator/settings {"lro_seconds": s, "tm_checking_seconds": s, "planned_sync_timeout": s,
+                                "lro_retry_after": s|null}
+    POST   /_emulator/trafficmanagerprofiles/{profile}/endpoints/{endpoint}  {"healthy": false}
+    POST   /_emulator/flexibleServers/{server}       {"state": "Stopped"|null}  (override the reported state)
+
+Config (JSON):
+
+    {
+      "subscription_id": "00000000-0000-0000-0000-000000000000",
+      "tokens": ["lab-token"],              # optional: accepted bearer tokens (default: any bearer token)
+      "settings": {"lro_seconds": 1, "tm_checking_seconds": 2},
+      "flexible_servers": {
+        "pg-westeurope":  {"resource_group": "rg-lab", "location": "westeurope",
+                           "cluster": {<lab.postgres.Cluster.to_dict()>}, "role": "Primary"},
+        "pg-northeurope": {"resource_group": "rg-lab", "location": "northeurope",
+                           "cluster": {...}, "role": "AsyncReplica", "source": "pg-westeurope"}
+      },
+      "traffic_manager_profiles": {
+        "tm-lab": {"resource_group": "rg-lab", "routing_method": "Priority",
+                   "endpoints": {
+                     "ep-westeurope":  {"region": "westeurope",  "target": "weu.app.example", "priority": 1},
+                     "ep-northeurope": {"region": "northeurope", "target": "neu.app.example", "priority": 2,
+                                        "status": "Disabled", "type": "externalEndpoints"}}}
+      }
+    }
+
+A server maps to a lab cluster ("cluster": Cluster.to_dict()) or to any PostgreSQL ("dsn": "host=... user=...").
+Roles, sources, configuration overrides and endpoint states live in memory and are saved to a state file
+(default: next to the config file, <config>.state.json) on every change, so a restarted emulator keeps them.
+
+Run it:  python -m lab.arm_emulator --config FILE --port N --ca-dir DIR
+In-process: start_emulator(config, ca_dir, port=0) -> EmulatorHandle (.url, .ca_path, .stop(), .inject_fault()).
+The test CA (trustme) is kept in ca_dir (ca.pem, ca.key) and reused across restarts; clients pass ca.pem as
+`connection_verify` (the SDK refuses bearer tokens over plain HTTP, so there is no HTTP listener at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qs, unquote, urlsplit
+
+log = logging.getLogger("opsflow.lab.arm_emulator")
+
+DEFAULT_SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
+PG_NS = "Microsoft.DBforPostgreSQL"
+PG_TYPE = f"{PG_NS}/flexibleServers"
+TM_NS = "Microsoft.Network"
+TM_TYPE = f"{TM_NS}/trafficManagerProfiles"
+ENDPOINT_TYPES = {"azureendpoints": "azureEndpoints", "externalendpoints": "externalEndpoints", "nestedendpoints": "nestedEndpoints"}
+ROLES = {"primary": "Primary", "asyncreplica": "AsyncReplica", "geoasyncreplica": "GeoAsyncReplica", "none": "None"}
+REPLICA_ROLES = ("AsyncReplica", "GeoAsyncReplica")
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "lro_seconds": 1.0,  # minimum duration of a long-running operation
+    "tm_checking_seconds": 2.0,  # how long an endpoint stays CheckingEndpoint after it is enabled
+    "planned_sync_timeout": 60.0,  # Planned promotion: how long to wait for the replica to catch up
+    "promote_timeout": 60,  # pg_promote(wait_seconds)
+    "lro_retry_after": None,  # Retry-After (seconds) on operation status answers; None: let the client pick
+}
+_API_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
+_ERROR_CODES = {
+    400: "BadRequest",
+    401: "AuthenticationFailed",
+    403: "AuthorizationFailed",
+    404: "ResourceNotFound",
+    409: "Conflict",
+    429: "TooManyRequests",
+    500: "InternalServerError",
+    502: "BadGateway",
+    503: "ServiceUnavailable",
+    504: "GatewayTimeout",
+}
+
+
+class ArmError(Exception):
+    """An ARM error answer: HTTP status + {"error": {"code", "message"}}."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _bad_request(message: str, code: str = "BadRequest") -> ArmError:
+    return ArmError(400, code, message)
+
+
+def _not_found_resource(rtype: str, name: str, rg: str) -> ArmError:
+    return ArmError(
+        404,
+        "ResourceNotFound",
+        f"The Resource '{rtype}/{name}' under resource group '{rg}' was not found. "
+        "For more details please go to https://aka.ms/ARMResourceNotFoundFix",
+    )
+
+
+def _dsn_of(server_cfg: dict) -> str:
+    if server_cfg.get("dsn"):
+        return server_cfg["dsn"]
+    cluster = server_cfg.get("cluster")
+    if not cluster:
+        raise ValueError("a flexible server needs 'cluster' (lab.postgres.Cluster.to_dict()) or 'dsn'")
+    from lab.postgres import Cluster
+
+    return Cluster.from_dict(cluster).dsn
+
+
+def _pg_connect(dsn: str, timeout: int = 3):
+    import psycopg
+
+    return psycopg.connect(dsn, connect_timeout=max(2, int(timeout)), autocommit=True, application_name="arm-emulator")
+
+
+def _lsn(text: str | None) -> int:
+    if not text:
+        return 0
+    hi, lo = text.split("/")
+    return (int(hi, 16) << 32) + int(lo, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the emulated world
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class World:
+    """All emulated resources, their state, faults and operations. Thread-safe (one lock)."""
+
+    def __init__(self, config: dict, state_path: Path | None = None):
+        self.lock = threading.RLock()
+        self.subscription = str(config.get("subscription_id") or DEFAULT_SUBSCRIPTION)
+        self.tokens = set(config.get("tokens") or [])
+        unknown = set(config.get("settings", {})) - set(DEFAULT_SETTINGS)
+        if unknown:
+            raise ValueError(f"unknown emulator settings: {', '.join(sorted(unknown))} (known: {', '.join(DEFAULT_SETTINGS)})")
+        self.settings: dict[str, Any] = {**DEFAULT_SETTINGS, **config.get("settings", {})}
+        self.state_path = Path(state_path) if state_path else None
+        self.servers: dict[str, dict] = {}
+        self.profiles: dict[str, dict] = {}
+        self.operations: dict[str, dict] = {}
+        self.faults: list[dict] = []
+        self.request_log: deque[dict] = deque(maxlen=5000)
+        self._probe_cache: dict[str, tuple[float, dict]] = {}
+        self.resource_groups: set[str] = {rg.lower() for rg in config.get("resource_groups", [])}
+
+        for name, s in (config.get("flexible_servers") or {}).items():
+            role = ROLES.get(str(s.get("role", "Primary")).lower())
+            if role is None:
+                raise ValueError(f"flexible server {name}: role must be one of {', '.join(ROLES.values())}")
+            if role in REPLICA_ROLES and not s.get("source"):
+                raise ValueError(f"flexible server {name}: a replica needs 'source' (the server it replicates from)")
+            rg = s.get("resource_group") or "rg-lab"
+            self.resource_groups.add(rg.lower())
+            self.servers[name.lower()] = {
+                "name": name,
+                "resource_group": rg,
+                "location": s.get("location", "westeurope"),
+                "dsn": _dsn_of(s),
+                "role": role,
+                "source": s.get("source"),
+                "version": str(s["version"]) if s.get("version") else None,
+                "sku": s.get("sku") or {"name": "Standard_D2ds_v5", "tier": "GeneralPurpose"},
+                "fqdn": s.get("fqdn") or "127.0.0.1",
+                "administrator_login": s.get("administrator_login", "postgres"),
+                "tags": dict(s.get("tags") or {}),
+                "configurations": {},  # name -> value set through ARM
+                "state_override": None,
+                "busy_op": None,
+                "created": _now_iso(),
+                "_cluster": s.get("cluster"),  # lab.postgres.Cluster dict (switchovers stop/start it)
+            }
+        for name, srv in self.servers.items():
+            if srv["source"] and srv["source"].lower() not in self.servers:
+                raise ValueError(f"flexible server {srv['name']}: source {srv['source']!r} is not a configured server")
+        for name, p in (config.get("traffic_manager_profiles") or {}).items():
+            rg = p.get("resource_group") or "rg-lab"
+            self.resource_groups.add(rg.lower())
+            endpoints = {}
+            for ep_name, e in (p.get("endpoints") or {}).items():
+                etype = ENDPOINT_TYPES.get(str(e.get("type", "externalEndpoints")).lower())
+                if etype is None:
+                    raise ValueError(f"profile {name} endpoint {ep_name}: type must be azureEndpoints or externalEndpoints")
+                status = str(e.get("status", "Enabled")).capitalize()
+                if status not in ("Enabled", "Disabled"):
+                    raise ValueError(f"profile {name} endpoint {ep_name}: status must be Enabled or Disabled")
+                endpoints[ep_name.lower()] = {
+                    "name": ep_name,
+                    "type": etype,
+                    "location": e.get("region") or e.get("location"),
+                    "target": e.get("target") or f"{ep_name}.lab.invalid",
+                    "target_resource_id": e.get("target_resource_id"),
+                    "priority": e.get("priority"),
+                    "weight": e.get("weight", 1),
+                    "status": status,
+                    "healthy": bool(e.get("healthy", True)),
+                    "enabled_at": 0.0,  # long ago: an endpoint enabled in the config is Online at start
+                }
+            prios = [e["priority"] for e in endpoints.values() if e["priority"] is not None]
+            if len(prios) != len(set(prios)):
+                raise ValueError(f"profile {name}: endpoint priorities must be unique")
+            self.profiles[name.lower()] = {
+                "name": name,
+                "resource_group": rg,
+                "routing_method": p.get("routing_method", "Priority"),
+                "status": p.get("status", "Enabled"),
+                "relative_name": p.get("relative_name", name.lower()),
+                "ttl": int(p.get("ttl", 30)),
+                "monitor": p.get("monitor")
+                or {"protocol": "HTTPS", "port": 443, "path": "/healthz", "intervalInSeconds": 30, "timeoutInSeconds": 10, "toleratedNumberOfFailures": 3},
+                "endpoints": endpoints,
+            }
+        self._load_state()
+
+    # -- persistence -----------------------------------------------------------------------------------------
+    def _load_state(self) -> None:
+        if not self.state_path or not self.state_path.exists():
+            return
+        try:
+            data = json.loads(self.state_path.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable emulator state %s: %s", self.state_path, e)
+            return
+        for key, s in (data.get("servers") or {}).items():
+            srv = self.servers.get(key)
+            if srv is None:
+                continue
+            for f in ("role", "source", "configurations", "tags", "state_override"):
+                if f in s:
+                    srv[f] = s[f]
+        for key, p in (data.get("profiles") or {}).items():
+            prof = self.profiles.get(key)
+            if prof is None:
+                continue
+            prof["status"] = p.get("status", prof["status"])
+            for ek, e in (p.get("endpoints") or {}).items():
+                ep = prof["endpoints"].get(ek)
+                if ep is None:
+                    continue
+                for f in ("status", "priority", "weight", "target", "healthy", "enabled_at", "location"):
+                    if f in e:
+                        ep[f] = e[f]
+        for op_id, op in (data.get("operations") or {}).items():
+            if op.get("status") == "InProgress":
+                # The emulator stopped while this ran: its outcome is unknown to ARM.
+                op.update(status="Failed", endTime=_now_iso(), error={"code": "InternalServerError", "message": "the ARM emulator restarted while the operation ran; look at the resource"})
+            self.operations[op_id] = op
+        log.info("loaded emulator state from %s", self.state_path)
+
+    def persist(self) -> None:
+        if not self.state_path:
+            return
+        with self.lock:
+            data = {
+                "saved_at": _now_iso(),
+                "servers": {k: {f: s[f] for f in ("role", "source", "configurations", "tags", "state_override")} for k, s in self.servers.items()},
+                "profiles": {
+                    k: {
+                        "status": p["status"],
+                        "endpoints": {
+                            ek: {f: e[f] for f in ("status", "priority", "weight", "target", "healthy", "enabled_at", "location")}
+                            for ek, e in p["endpoints"].items()
+                        },
+                    }
+                    for k, p in self.profiles.items()
+                },
+                "operations": {k: {f: v for f, v in op.items() if not f.startswith("_")} for k, op in list(self.operations.items())[-200:]},
+            }
+            tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, self.state_path)
+
+    # -- auth, faults, log -----------------------------------------------------------------------------------
+    def check_auth(self, header: str | None) -> None:
+        challenge = 'Bearer authorization_uri="https://login.microsoftonline.com/common", error="invalid_token", error_description="{}"'
+        if not header:
+            msg = "Authentication failed. The 'Authorization' header is missing."
+            raise ArmError(401, "AuthenticationFailed", msg, {"WWW-Authenticate": challenge.format(msg)})
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            msg = "Authentication failed. The 'Authorization' header is provided in an invalid format."
+            raise ArmError(401, "AuthenticationFailed", msg, {"WWW-Authenticate": challenge.format(msg)})
+        if self.tokens and token.strip() not in self.tokens:
+            msg = "The access token is invalid."
+            raise ArmError(401, "InvalidAuthenticationToken", msg, {"WWW-Authenticate": challenge.format(msg)})
+
+    def add_fault(self, spec: dict) -> dict:
+        if not isinstance(spec, dict) or not isinstance(spec.get("match"), str):
+            raise _bad_request("a fault needs 'match': a regular expression on the request path")
+        try:
+            rx = re.compile(spec["match"], re.IGNORECASE)
+        except re.error as e:
+            raise _bad_request(f"fault 'match' is not a regular expression: {e}") from None
+        status = spec.get("status")
+        drop = bool(spec.get("drop", False))
+        delay = float(spec.get("delay") or 0)
+        if status is None and not drop and not delay:
+            raise _bad_request("a fault needs 'status' (e.g. 429, 503), 'drop': true or 'delay': seconds")
+        if status is not None and not (isinstance(status, int) and 400 <= status <= 599):
+            raise _bad_request("fault 'status' must be an HTTP error status (400..599)")
+        fault = {
+            "id": uuid.uuid4().hex[:12],
+            "match": spec["match"],
+            "method": (spec.get("method") or "").upper() or None,
+            "status": status,
+            "code": spec.get("code") or (_ERROR_CODES.get(status, "EmulatedFault") if status else None),
+            "count": int(spec.get("count", 1)),
+            "retry_after": spec.get("retry_after"),
+            "delay": delay,
+            "drop": drop,
+            "hits": 0,
+            "_rx": rx,
+        }
+        with self.lock:
+            self.faults.append(fault)
+        return self._public_fault(fault)
+
+    @staticmethod
+    def _public_fault(f: dict) -> dict:
+        return {k: v for k, v in f.items() if not k.startswith("_")}
+
+    def take_fault(self, method: str, path: str) -> dict | None:
+        with self.lock:
+            for f in self.faults:
+                if f["count"] <= 0:
+                    continue
+                if f["method"] and f["method"] != method:
+                    continue
+                if f["_rx"].search(path):
+                    f["count"] -= 1
+                    f["hits"] += 1
+                    return dict(f)
+        return None
+
+    def log_request(self, method: str, path: str, status: int, fault: bool = False) -> None:
+        self.request_log.append({"t": time.time(), "method": method, "path": path, "status": status, "fault": fault})
+
+    # -- SQL against the mapped clusters ---------------------------------------------------------------------
+    def probe(self, srv: dict, max_age: float = 0.5) -> dict:
+        """What the cluster says about itself (cached briefly); {'reachable': False, ...} when it is down."""
+        key = srv["name"].lower()
+        cached = self._probe_cache.get(key)
+        if cached and time.monotonic() - cached[0] < max_age:
+            return cached[1]
+        info: dict[str, Any]
+        try:
+            with _pg_connect(srv["dsn"], timeout=2) as conn:
+                row = conn.execute(
+                    "select pg_is_in_recovery(), current_setting('server_version'), "
+                    "(select status from pg_stat_wal_receiver), "
+                    "case when pg_is_in_recovery() then pg_last_wal_replay_lsn()::text else pg_current_wal_lsn()::text end"
+                ).fetchone()
+            info = {"reachable": True, "in_recovery": row[0], "version": row[1], "receiver": row[2], "lsn": row[3]}
+        except Exception as e:  # noqa: BLE001 - any failure means "not reachable" here
+            info = {"reachable": False, "error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}
+        self._probe_cache[key] = (time.monotonic(), info)
+        return info
+
+    # -- flexible servers: bodies ----------------------------------------------------------------------------
+    def server_id(self, srv: dict) -> str:
+        return f"/subscriptions/{self.subscription}/resourceGroups/{srv['resource_group']}/providers/{PG_TYPE}/{srv['name']}"
+
+    def server_body(self, srv: dict) -> dict:
+        with self.lock:
+            role, source = srv["role"], srv["source"]
+            busy = srv["busy_op"] is not None
+            override = srv["state_override"]
+        probe = self.probe(srv)
+        version = srv["version"]
+        minor = None
+        if probe.get("version"):
+            parts = probe["version"].split()[0].split(".")
+            version, minor = version or parts[0], parts[1] if len(parts) > 1 else None
+        state = override or ("Updating" if busy else "Ready")
+        replica: dict[str, Any] = {"role": role, "capacity": 0 if role in REPLICA_ROLES else 5}
+        props: dict[str, Any] = {
+            "administratorLogin": srv["administrator_login"],
+            "version": version or "15",
+            "minorVersion": minor,
+            "state": state,
+            "fullyQualifiedDomainName": srv["fqdn"],
+            "storage": {"storageSizeGB": 128, "autoGrow": "Disabled", "tier": "P10", "iops": 500, "type": ""},
+            "authConfig": {"activeDirectoryAuth": "Disabled", "passwordAuth": "Enabled"},
+            "dataEncryption": {"type": "SystemManaged"},
+            "backup": {"backupRetentionDays": 7, "geoRedundantBackup": "Disabled"},
+            "network": {"publicNetworkAccess": "Enabled"},
+            "highAvailability": {"mode": "Disabled", "state": "NotEnabled"},
+            "maintenanceWindow": {"customWindow": "Disabled", "dayOfWeek": 0, "startHour": 0, "startMinute": 0},
+            "availabilityZone": "1",
+            "replicationRole": role,
+            "replicaCapacity": replica["capacity"],
+            "replica": replica,
+        }
+        if role in REPLICA_ROLES:
+            if busy:
+                rstate = "Updating"
+            elif not probe.get("reachable") or not probe.get("in_recovery"):
+                rstate = "Broken"
+            elif probe.get("receiver") == "streaming":
+                rstate = "Active"
+            else:
+                rstate = "Reconfiguring" if probe.get("receiver") else "Broken"
+            replica["replicationState"] = rstate
+            src = self.servers.get((source or "").lower())
+            if src is not None:
+                props["sourceServerResourceId"] = self.server_id(src)
+        return {
+            "sku": dict(srv["sku"]),
+            "systemData": {"createdAt": srv["created"]},
+            "properties": props,
+            "location": srv["location"],
+            "tags": dict(srv["tags"]),
+            "id": self.server_id(srv),
+            "name": srv["name"],
+            "type": PG_TYPE,
+        }
+
+    # -- flexible servers: configurations ------------------------------------------------------------------
+    _SETTINGS_SQL = (
+        "select name, setting, unit, boot_val, vartype, enumvals, min_val, max_val, context, short_desc, pending_restart "
+        "from pg_settings"
+    )
+
+    def _config_body(self, srv: dict, row: tuple) -> dict:
+        name, setting, unit, boot_val, vartype, enumvals, min_val, max_val, context, desc, pending = row
+        data_type = {"bool": "Boolean", "integer": "Integer", "real": "Numeric", "enum": "Enumeration", "string": "String"}.get(vartype, "String")
+        if vartype == "bool":
+            allowed = "on,off"
+        elif vartype == "enum":
+            allowed = ",".join(enumvals or [])
+        elif vartype in ("integer", "real"):
+            allowed = f"{min_val}-{max_val}"
+        else:
+            allowed = ".*"
+        with self.lock:
+            overridden = name in srv["configurations"]
+        return {
+            "properties": {
+                "value": setting,
+                "description": desc,
+                "defaultValue": boot_val,
+                "dataType": data_type,
+                "allowedValues": allowed,
+                "source": "user-override" if overridden else "system-default",
+                "isDynamicConfig": context not in ("postmaster", "internal"),
+                "isReadOnly": context == "internal",
+                "isConfigPendingRestart": bool(pending),
+                "unit": unit,
+                "documentationLink": f"https://www.postgresql.org/docs/15/runtime-config.html#GUC-{name.upper().replace('_', '-')}",
+            },
+            "id": f"{self.server_id(srv)}/configurations/{name}",
+            "name": name,
+            "type": f"{PG_TYPE}/configurations",
+        }
+
+    def _settings_rows(self, srv: dict, name: str | None = None) -> list[tuple]:
+        try:
+            with _pg_connect(srv["dsn"]) as conn:
+                if name is None:
+                    return conn.execute(self._SETTINGS_SQL + " order by name").fetchall()
+                return conn.execute(self._SETTINGS_SQL + " where name = %s", (name,)).fetchall()
+        except Exception as e:  # noqa: BLE001
+            import psycopg
+
+            if isinstance(e, psycopg.OperationalError):
+                raise ArmError(409, "ServerNotReady", f"Server '{srv['name']}' is not reachable: {str(e).strip().splitlines()[0] if str(e).strip() else e}") from None
+            raise
+
+    def get_configuration(self, srv: dict, name: str) -> dict:
+        rows = self._settings_rows(srv, name)
+        if not rows:
+            raise ArmError(404, "ResourceNotFound", f"The configuration '{name}' does not exist for server '{srv['name']}'.")
+        return self._config_body(srv, rows[0])
+
+    @staticmethod
+    def _validate_setting(name: str, value: str, row: tuple) -> str:
+        _, _, _, _, vartype, enumvals, min_val, max_val, context, _, _ = row
+        if context == "internal":
+            raise _bad_request(f"The configuration '{name}' is read-only.", "ConfigurationIsReadOnly")
+        bad = _bad_request(f"The value '{value}' for configuration '{name}' is not valid.", "InvalidParameterValue")
+        if vartype == "bool":
+            v = value.strip().lower()
+            if v in ("on", "true", "yes", "1"):
+                return "on"
+            if v in ("off", "false", "no", "0"):
+                return "off"
+            raise bad
+        if vartype == "enum":
+            if value.lower() not in [e.lower() for e in (enumvals or [])]:
+                raise bad
+            return value.lower()
+        if vartype in ("integer", "real"):
+            try:
+                num = float(value)
+            except ValueError:
+                raise bad from None
+            if vartype == "integer" and num != int(num):
+                raise bad
+            if (min_val is not None and num < float(min_val)) or (max_val is not None and num > float(max_val)):
+                raise bad
+            return str(int(num)) if vartype == "integer" else value
+        return value
+
+    def put_configuration(self, srv: dict, name: str, body: Any, base: str, api_version: str) -> tuple[int, Any, dict]:
+        if not isinstance(body, dict):
+            raise _bad_request("The request content was invalid and could not be deserialized: the body must be a JSON object.", "InvalidRequestContent")
+        props = body.get("properties")
+        if not isinstance(props, dict):
+            raise _bad_request("The request content was invalid: 'properties' (an object with 'value' and 'source') is required.", "InvalidRequestContent")
+        value, source = props.get("value"), props.get("source")
+        if value is not None and not isinstance(value, str):
+            raise _bad_request("The configuration value must be a string.", "InvalidRequestContent")
+        reset = value is None or (isinstance(source, str) and source.lower() == "system-default" and value in (None, ""))
+        if value is None and not reset:
+            raise _bad_request("The configuration value is required.", "InvalidRequestContent")
+        rows = self._settings_rows(srv, name)
+        if not rows:
+            raise ArmError(404, "ResourceNotFound", f"The configuration '{name}' does not exist for server '{srv['name']}'.")
+        normalized = None if reset else self._validate_setting(name, value, rows[0])
+
+        def work(op: dict) -> None:
+            quoted_name = name  # validated against pg_settings: a real parameter name
+            with _pg_connect(srv["dsn"]) as conn:
+                if normalized is None:
+                    conn.execute(f"alter system reset {quoted_name}")
+                else:
+                    from psycopg import sql
+
+                    conn.execute(sql.SQL("alter system set {} = {}").format(sql.Identifier(quoted_name), sql.Literal(normalized)))
+                conn.execute("select pg_reload_conf()")
+            # pg_reload_conf only signals the postmaster: wait until new sessions see the value.
+            deadline = time.monotonic() + 10
+            want = normalized if normalized is not None else rows[0][3]
+            while True:
+                with _pg_connect(srv["dsn"]) as conn:
+                    row = conn.execute("select setting, context from pg_settings where name = %s", (name,)).fetchone()
+                if row is None or row[1] == "postmaster" or want is None or str(row[0]).lower() == str(want).lower():
+                    break
+                if time.monotonic() > deadline:
+                    raise ArmError(500, "InternalServerError", f"configuration '{name}' did not take effect after reload (value {row[0]!r})")
+                time.sleep(0.05)
+            with self.lock:
+                if normalized is None:
+                    srv["configurations"].pop(name, None)
+                else:
+                    srv["configurations"][name] = normalized
+
+        path = f"{self.server_id(srv)}/configurations/{name}"
+        return self.start_operation(srv, f"configuration {name}", work, path, base, api_version)
+
+    # -- flexible servers: promotion -------------------------------------------------------------------------
+    def patch_server(self, srv: dict, body: Any, base: str, api_version: str) -> tuple[int, Any, dict]:
+        if not isinstance(body, dict):
+            raise _bad_request("The request content was invalid and could not be deserialized: the body must be a JSON object.", "InvalidRequestContent")
+        props = body.get("properties", {})
+        if props is None:
+            props = {}
+        if not isinstance(props, dict):
+            raise _bad_request("'properties' must be an object.", "InvalidRequestContent")
+        tags = body.get("tags")
+        if tags is not None and not (isinstance(tags, dict) and all(isinstance(v, str) for v in tags.values())):
+            raise _bad_request("'tags' must be an object of strings.", "InvalidRequestContent")
+        replica = props.get("replica")
+        mode = option = None
+        if replica is not None:
+            if not isinstance(replica, dict):
+                raise _bad_request("'properties.replica' must be an object.", "InvalidRequestContent")
+            if replica.get("promoteMode") is not None or replica.get("promoteOption") is not None:
+                mode = str(replica.get("promoteMode") or "").lower()
+                option = str(replica.get("promoteOption") or "planned").lower()
+                if mode not in ("standalone", "switchover"):
+                    raise _bad_request(f"The value '{replica.get('promoteMode')}' of promoteMode is invalid; use Standalone or Switchover.", "InvalidParameterValue")
+                if option not in ("planned", "forced"):
+                    raise _bad_request(f"The value '{replica.get('promoteOption')}' of promoteOption is invalid; use Planned or Forced.", "InvalidParameterValue")
+        with self.lock:
+            if mode is not None and srv["role"] not in REPLICA_ROLES:
+                raise _bad_request(
+                    f"Server '{srv['name']}' is not a read replica (replication role {srv['role']}); only a read replica can be promoted.",
+                    "ReplicaPromotionNotAllowed",
+                )
+            source = self.servers.get((srv["source"] or "").lower()) if mode is not None else None
+
+        def work(op: dict) -> None:
+            if tags is not None:
+                with self.lock:
+                    srv["tags"] = dict(tags)
+            if mode is not None:
+                self._promote(srv, source, mode, option, op)
+
+        return self.start_operation(srv, f"promote {mode}/{option}" if mode else "update", work, self.server_id(srv), base, api_version)
+
+    def _promote(self, srv: dict, source: dict | None, mode: str, option: str, op: dict) -> None:
+        if option == "planned" or mode == "switchover":
+            if source is None:
+                raise ArmError(400, "PlannedPromotionNotPossible", f"Server '{srv['name']}' has no source server to synchronize with; use promoteOption Forced.")
+            self._wait_synchronized(srv, source, op)
+        if mode == "switchover":
+            if option != "planned":
+                raise ArmError(400, "SwitchoverNotSupported", "The emulator performs switchovers with promoteOption Planned only (a forced switchover would need pg_rewind).")
+            self._switchover(srv, source)
+            return
+        self._pg_promote(srv)
+        with self.lock:
+            srv["role"] = "Primary"
+            srv["source"] = None
+            self._probe_cache.clear()
+
+    def _pg_promote(self, srv: dict) -> None:
+        try:
+            with _pg_connect(srv["dsn"]) as conn:
+                in_recovery = conn.execute("select pg_is_in_recovery()").fetchone()[0]
+                if in_recovery:
+                    ok = conn.execute("select pg_promote(true, %s)", (int(self.settings["promote_timeout"]),)).fetchone()[0]
+                    if not ok:
+                        raise ArmError(500, "InternalServerError", f"Server '{srv['name']}': the promotion did not finish within {self.settings['promote_timeout']}s.")
+        except ArmError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ArmError(500, "InternalServerError", f"Server '{srv['name']}': promotion failed: {str(e).strip()}") from None
+
+    def _wait_synchronized(self, srv: dict, source: dict, op: dict) -> None:
+        """Planned: wait until the replica has replayed everything its source has written."""
+        deadline = time.monotonic() + float(self.settings["planned_sync_timeout"])
+        last = ""
+        while True:
+            try:
+                with _pg_connect(source["dsn"]) as conn:
+                    src_lsn = _lsn(conn.execute("select pg_current_wal_lsn()::text").fetchone()[0])
+            except Exception as e:  # noqa: BLE001
+                raise ArmError(
+                    400,
+                    "PlannedPromotionNotPossible",
+                    f"Planned promotion of '{srv['name']}' needs its source server '{source['name']}' to be reachable "
+                    f"({str(e).strip().splitlines()[0] if str(e).strip() else e}); use promoteOption Forced.",
+                ) from None
+            try:
+                with _pg_connect(srv["dsn"]) as conn:
+                    replay = _lsn(conn.execute("select pg_last_wal_replay_lsn()::text").fetchone()[0])
+            except Exception as e:  # noqa: BLE001
+                raise ArmError(500, "InternalServerError", f"Server '{srv['name']}' is not reachable: {str(e).strip()}") from None
+            if replay >= src_lsn:
+                return
+            last = f"{src_lsn - replay} bytes behind"
+            op["percentComplete"] = 10
+            if time.monotonic() > deadline:
+                raise ArmError(
+                    400,
+                    "PlannedPromotionTimedOut",
+                    f"Read replica '{srv['name']}' did not synchronize with '{source['name']}' within "
+                    f"{self.settings['planned_sync_timeout']}s ({last}).",
+                )
+            time.sleep(0.1)
+
+    def _switchover(self, srv: dict, source: dict) -> None:
+        """Swap roles for real: stop the source cleanly (its last WAL reaches the replica), promote the replica,
+        restart the old source as a standby of the new primary. Needs both to be lab clusters."""
+        from lab.postgres import Cluster, _write_server_file  # the lab's own file helper (ownership, modes)
+
+        cfg_src, cfg_dst = source.get("_cluster"), srv.get("_cluster")
+        if not cfg_src or not cfg_dst:
+            raise ArmError(400, "SwitchoverNotSupported", "The emulator can switch over lab clusters only (servers configured with 'cluster').")
+        old, new = Cluster.from_dict(cfg_src), Cluster.from_dict(cfg_dst)
+        with _pg_connect(source["dsn"]) as conn:
+            conn.execute("checkpoint")
+        old.stop("fast")
+        # The shutdown checkpoint is streamed before the walsender exits; wait until it is replayed.
+        time.sleep(0.5)
+        self._pg_promote(srv)
+        auto = old.datadir / "postgresql.auto.conf"
+        kept = [ln for ln in auto.read_text().splitlines() if not ln.startswith(("primary_conninfo", "primary_slot_name"))]
+        kept.append(f"primary_conninfo = 'host=127.0.0.1 port={new.port} user=postgres application_name={old.name}'")
+        _write_server_file(auto, "\n".join(kept) + "\n")
+        _write_server_file(old.datadir / "standby.signal", "")
+        old.start(wait=True)
+        with self.lock:
+            srv["role"], srv["source"] = "Primary", None
+            source["role"], source["source"] = "AsyncReplica", srv["name"]
+            self._probe_cache.clear()
+
+    # -- long-running operations -----------------------------------------------------------------------------
+    def start_operation(self, srv: dict, kind: str, work: Callable[[dict], None], resource_path: str, base: str, api_version: str) -> tuple[int, Any, dict]:
+        with self.lock:
+            if srv["busy_op"] is not None:
+                raise ArmError(409, "AnotherOperationInProgress", f"Another operation ({self.operations[srv['busy_op']]['kind']}) is in progress on server '{srv['name']}'; retry when it has finished.")
+            op_id = str(uuid.uuid4())
+            op = {
+                "name": op_id,
+                "status": "InProgress",
+                "startTime": _now_iso(),
+                "kind": kind,
+                "server": srv["name"],
+                "location": srv["location"],
+                "resource_path": resource_path,
+            }
+            self.operations[op_id] = op
+            srv["busy_op"] = op_id
+        threading.Thread(target=self._run_operation, args=(srv, op, work), name=f"arm-op-{op_id[:8]}", daemon=True).start()
+        headers = self.operation_headers(op, base, api_version)
+        return 202, None, headers
+
+    def operation_headers(self, op: dict, base: str, api_version: str) -> dict:
+        prefix = f"{base}/subscriptions/{self.subscription}/providers/{PG_NS}/locations/{op['location']}"
+        headers = {
+            "Azure-AsyncOperation": f"{prefix}/azureAsyncOperation/{op['name']}?api-version={api_version}",
+            "Location": f"{prefix}/operationResults/{op['name']}?api-version={api_version}",
+        }
+        if self.settings.get("lro_retry_after") is not None:
+            headers["Retry-After"] = str(int(self.settings["lro_retry_after"]))
+        return headers
+
+    def _run_operation(self, srv: dict, op: dict, work: Callable[[dict], None]) -> None:
+        started = time.monotonic()
+        status, error = "Succeeded", None
+        try:
+            work(op)
+        except ArmError as e:
+            status, error = "Failed", {"code": e.code, "message": e.message}
+        except Exception as e:  # noqa: BLE001
+            log.exception("operation %s failed", op["name"])
+            status, error = "Failed", {"code": "InternalServerError", "message": f"{type(e).__name__}: {e}"}
+        remaining = float(self.settings["lro_seconds"]) - (time.monotonic() - started)
+        if remaining > 0:
+            time.sleep(remaining)
+        with self.lock:
+            op["status"] = status
+            op["endTime"] = _now_iso()
+            op.pop("percentComplete", None)
+            if error:
+                op["error"] = error
+            srv["busy_op"] = None
+            self._probe_cache.pop(srv["name"].lower(), None)
+        log.info("operation %s (%s on %s): %s %s", op["name"], op["kind"], srv["name"], status, error or "")
+        self.persist()
+
+    def operation_status(self, op_id: str) -> dict:
+        with self.lock:
+            op = self.operations.get(op_id)
+            if op is None:
+                raise ArmError(404, "ResourceNotFound", f"The operation '{op_id}' was not found.")
+            body = {k: op[k] for k in ("name", "status", "startTime") if k in op}
+            for k in ("endTime", "error", "percentComplete"):
+                if k in op:
+                    body[k] = op[k]
+            return body
+
+    # -- traffic manager -------------------------------------------------------------------------------------
+    def profile_id(self, prof: dict) -> str:
+        return f"/subscriptions/{self.subscription}/resourceGroups/{prof['resource_group']}/providers/{TM_TYPE}/{prof['name']}"
+
+    def monitor_status(self, prof: dict, ep: dict, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        if prof["status"] != "Enabled":
+            return "Inactive"
+        if ep["status"] != "Enabled":
+            return "Disabled"
+        if now - float(ep["enabled_at"] or 0) < float(self.settings["tm_checking_seconds"]):
+            return "CheckingEndpoint"
+        return "Online" if ep["healthy"] else "Degraded"
+
+    def endpoint_body(self, prof: dict, ep: dict, now: float | None = None) -> dict:
+        props: dict[str, Any] = {
+            "endpointStatus": ep["status"],
+            "endpointMonitorStatus": self.monitor_status(prof, ep, now),
+            "target": ep["target"],
+            "weight": ep["weight"],
+            "priority": ep["priority"],
+            "endpointLocation": ep["location"],
+            "alwaysServe": "Disabled",
+        }
+        if ep["target_resource_id"]:
+            props["targetResourceId"] = ep["target_resource_id"]
+        return {
+            "id": f"{self.profile_id(prof)}/{ep['type']}/{ep['name']}",
+            "name": ep["name"],
+            "type": f"{TM_TYPE}/{ep['type']}",
+            "properties": props,
+        }
+
+    def profile_body(self, prof: dict) -> dict:
+        now = time.time()
+        with self.lock:
+            endpoints = [self.endpoint_body(prof, ep, now) for ep in prof["endpoints"].values()]
+        statuses = [e["properties"]["endpointMonitorStatus"] for e in endpoints]
+        if prof["status"] != "Enabled":
+            pstatus = "Disabled"
+        elif "Online" in statuses:
+            pstatus = "Online"
+        elif "CheckingEndpoint" in statuses:
+            pstatus = "CheckingEndpoints"
+        elif all(s == "Disabled" for s in statuses):
+            pstatus = "Inactive"
+        else:
+            pstatus = "Degraded"
+        return {
+            "id": self.profile_id(prof),
+            "name": prof["name"],
+            "type": TM_TYPE,
+            "location": "global",
+            "tags": {},
+            "properties": {
+                "profileStatus": prof["status"],
+                "trafficRoutingMethod": prof["routing_method"],
+                "dnsConfig": {"relativeName": prof["relative_name"], "fqdn": f"{prof['relative_name']}.trafficmanager.net", "ttl": prof["ttl"]},
+                "monitorConfig": {"profileMonitorStatus": pstatus, **prof["monitor"]},
+                "endpoints": endpoints,
+                "trafficViewEnrollmentStatus": "Disabled",
+            },
+        }
+
+    def write_endpoint(self, prof: dict, etype: str, name: str, body: Any, method: str) -> tuple[int, Any, dict]:
+        if not isinstance(body, dict):
+            raise _bad_request("The request content was invalid and could not be deserialized: the body must be a JSON object.", "InvalidRequestContent")
+        props = body.get("properties", {})
+        if props is None:
+            props = {}
+        if not isinstance(props, dict):
+            raise _bad_request("'properties' must be an object.", "InvalidRequestContent")
+        with self.lock:
+            ep = prof["endpoints"].get(name.lower())
+            created = False
+            if ep is not None and ep["type"] != etype:
+                raise _not_found_resource(f"{TM_TYPE}/{etype}", name, prof["resource_group"])
+            if ep is None:
+                if method == "PATCH":
+                    raise _not_found_resource(f"{TM_TYPE}/{etype}", name, prof["resource_group"])
+                if not props.get("target") and not props.get("targetResourceId"):
+                    raise _bad_request("A new endpoint needs 'target' or 'targetResourceId'.")
+                ep = {"name": name, "type": etype, "location": None, "target": None, "target_resource_id": None, "priority": None, "weight": 1, "status": "Enabled", "healthy": True, "enabled_at": time.time()}
+                created = True
+            new = dict(ep)
+            if "endpointStatus" in props and props["endpointStatus"] is not None:
+                status = str(props["endpointStatus"]).capitalize()
+                if status not in ("Enabled", "Disabled"):
+                    raise _bad_request(f"The value '{props['endpointStatus']}' of endpointStatus is invalid; use Enabled or Disabled.")
+                new["status"] = status
+            for field, key in (("priority", "priority"), ("weight", "weight")):
+                if key in props and props[key] is not None:
+                    v = props[key]
+                    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1000:
+                        raise _bad_request(f"The {key} of endpoint '{name}' must be an integer from 1 to 1000, not {v!r}.")
+                    new[field] = v
+            for field, key in (("target", "target"), ("location", "endpointLocation"), ("target_resource_id", "targetResourceId")):
+                if key in props and props[key] is not None:
+                    if not isinstance(props[key], str) or not props[key]:
+                        raise _bad_request(f"'{key}' must be a non-empty string.")
+                    new[field] = props[key]
+            if new["priority"] is not None:
+                for other in prof["endpoints"].values():
+                    if other["name"].lower() != name.lower() and other["priority"] == new["priority"]:
+                        raise _bad_request(
+                            f"Endpoint '{name}': priority {new['priority']} is already used by endpoint '{other['name']}'; "
+                            "no two endpoints of a profile can share the same priority value."
+                        )
+            if new["status"] == "Enabled" and (ep["status"] != "Enabled" or created):
+                new["enabled_at"] = time.time()  # Traffic Manager probes a newly enabled endpoint first
+            prof["endpoints"][name.lower()] = new
+            result = self.endpoint_body(prof, new)
+        self.persist()
+        return (201 if created else 200), result, {}
+
+    # -- request routing -------------------------------------------------------------------------------------
+    def handle(self, method: str, path: str, query: dict[str, list[str]], body: Any, base: str) -> tuple[int, Any, dict]:
+        segs = [unquote(s) for s in path.strip("/").split("/") if s != ""]
+        low = [s.lower() for s in segs]
+        if len(segs) < 2 or low[0] != "subscriptions":
+            raise ArmError(404, "NotFound", f"No HTTP resource was found that matches the request URI '{path}'.")
+        api_version = (query.get("api-version") or [None])[0]
+        if not api_version:
+            raise _bad_request("The api-version query parameter (?api-version=) is required for all requests.", "MissingApiVersionParameter")
+        if not _API_VERSION.match(api_version):
+            raise _bad_request(f"The api-version '{api_version}' is invalid. The supported versions look like 'YYYY-MM-DD[-preview]'.", "InvalidApiVersionParameter")
+        if segs[1].lower() != self.subscription.lower():
+            raise ArmError(404, "SubscriptionNotFound", f"The subscription '{segs[1]}' could not be found.")
+        rest, lrest = segs[2:], low[2:]
+
+        # /subscriptions/{sub}/providers/Microsoft.DBforPostgreSQL/locations/{loc}/{azureAsyncOperation|operationResults}/{id}
+        if len(rest) == 6 and lrest[0] == "providers" and lrest[1] == PG_NS.lower() and lrest[2] == "locations":
+            if method != "GET":
+                raise ArmError(405, "MethodNotAllowed", f"The method {method} is not allowed on an operation.")
+            kind, op_id = lrest[4], rest[5]
+            if kind == "azureasyncoperation":
+                status_body = self.operation_status(op_id)
+                headers = {}
+                if status_body["status"] == "InProgress" and self.settings.get("lro_retry_after") is not None:
+                    headers["Retry-After"] = str(int(self.settings["lro_retry_after"]))
+                return 200, status_body, headers
+            if kind == "operationresults":
+                status_body = self.operation_status(op_id)
+                with self.lock:
+                    op = self.operations[op_id]
+                if status_body["status"] == "InProgress":
+                    return 202, None, self.operation_headers(op, base, api_version)
+                if status_body["status"] == "Failed":
+                    err = status_body.get("error") or {}
+                    raise ArmError(400, err.get("code", "OperationFailed"), err.get("message", "The operation failed."))
+                return 200, self._resource_at(op["resource_path"]), {}
+            raise ArmError(404, "NotFound", f"No HTTP resource was found that matches the request URI '{path}'.")
+
+        if len(rest) < 2 or lrest[0] != "resourcegroups":
+            raise ArmError(404, "NotFound", f"No HTTP resource was found that matches the request URI '{path}'.")
+        rg = rest[1]
+        if rg.lower() not in self.resource_groups:
+            raise ArmError(404, "ResourceGroupNotFound", f"Resource group '{rg}' could not be found.")
+        if len(rest) < 5 or lrest[2] != "providers":
+            raise ArmError(404, "NotFound", f"No HTTP resource was found that matches the request URI '{path}'.")
+        ns, rtype, tail, ltail = lrest[3], lrest[4], rest[5:], lrest[5:]
+        if ns == PG_NS.lower() and rtype == "flexibleservers":
+            return self._handle_pg(method, rg, tail, ltail, body, base, api_version)
+        if ns == TM_NS.lower() and rtype == "trafficmanagerprofiles":
+            return self._handle_tm(method, rg, tail, ltail, body)
+        raise ArmError(404, "ResourceNotFound", f"The resource type '{rest[3]}/{rest[4]}' is not served by the ARM emulator.")
+
+    def _server(self, rg: str, name: str) -> dict:
+        srv = self.servers.get(name.lower())
+        if srv is None or srv["resource_group"].lower() != rg.lower():
+            raise _not_found_resource(PG_TYPE, name, rg)
+        return srv
+
+    def _profile(self, rg: str, name: str) -> dict:
+        prof = self.profiles.get(name.lower())
+        if prof is None or prof["resource_group"].lower() != rg.lower():
+            raise _not_found_resource(TM_TYPE, name, rg)
+        return prof
+
+    def _resource_at(self, resource_path: str) -> dict:
+        segs = resource_path.strip("/").split("/")
+        srv = self._server(segs[3], segs[7])
+        if len(segs) >= 10 and segs[8] == "configurations":
+            return self.get_configuration(srv, segs[9])
+        return self.server_body(srv)
+
+    def _handle_pg(self, method: str, rg: str, tail: list[str], ltail: list[str], body: Any, base: str, api_version: str) -> tuple[int, Any, dict]:
+        if not tail:
+            if method != "GET":
+                raise ArmError(405, "MethodNotAllowed", f"The method {method} is not allowed on a server collection.")
+            servers = [s for s in self.servers.values() if s["resource_group"].lower() == rg.lower()]
+            return 200, {"value": [self.server_body(s) for s in servers]}, {}
+        srv = self._server(rg, tail[0])
+        if len(tail) == 1:
+            if method == "GET":
+                return 200, self.server_body(srv), {}
+            if method == "PATCH":
+                return self.patch_server(srv, body, base, api_version)
+            if method == "PUT":
+                raise _bad_request("The ARM emulator does not create or replace flexible servers; they map to lab clusters in its config.", "OperationNotSupported")
+            raise ArmError(405, "MethodNotAllowed", f"The method {method} is not supported on a server by the emulator.")
+        if len(tail) == 2 and ltail[1] == "replicas" and method == "GET":
+            with self.lock:
+                replicas = [s for s in self.servers.values() if (s["source"] or "").lower() == srv["name"].lower()]
+            return 200, {"value": [self.server_body(s) for s in replicas]}, {}
+        if len(tail) >= 2 and ltail[1] == "configurations":
+            if len(tail) == 2 and method == "GET":
+                return 200, {"value": [self._config_body(srv, row) for row in self._settings_rows(srv)]}, {}
+            if len(tail) == 3:
+                name = ltail[2]
+                if method == "GET":
+                    return 200, self.get_configuration(srv, name), {}
+                if method in ("PUT", "PATCH"):
+                    return self.put_configuration(srv, name, body, base, api_version)
+        raise ArmError(404, "NotFound", f"The emulator does not serve {method} {'/'.join(tail[1:])} on flexible servers.")
+
+    def _handle_tm(self, method: str, rg: str, tail: list[str], ltail: list[str], body: Any) -> tuple[int, Any, dict]:
+        if not tail:
+            if method != "GET":
+                raise ArmError(405, "MethodNotAllowed", f"The method {method} is not allowed on a profile collection.")
+            profs = [p for p in self.profiles.values() if p["resource_group"].lower() == rg.lower()]
+            return 200, {"value": [self.profile_body(p) for p in profs]}, {}
+        prof = self._profile(rg, tail[0])
+        if len(tail) == 1:
+            if method == "GET":
+                return 200, self.profile_body(prof), {}
+            raise ArmError(405, "MethodNotAllowed", f"The emulator does not support {method} on a profile; change its endpoints.")
+        if len(tail) == 3 and ltail[1] in ENDPOINT_TYPES:
+            etype, name = ENDPOINT_TYPES[ltail[1]], tail[2]
+            if method == "GET":
+                with self.lock:
+                    ep = prof["endpoints"].get(name.lower())
+                    if ep is None or ep["type"] != etype:
+                        raise _not_found_resource(f"{TM_TYPE}/{etype}", name, rg)
+                    return 200, self.endpoint_body(prof, ep), {}
+            if method in ("PATCH", "PUT"):
+                return self.write_endpoint(prof, etype, name, body, method)
+            raise ArmError(405, "MethodNotAllowed", f"The emulator does not support {method} on an endpoint.")
+        raise _not_found_resource(f"{TM_TYPE}/{'/'.join(tail[1:])}", tail[0], rg)
+
+    # -- admin -----------------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {
+                "subscription_id": self.subscription,
+                "settings": dict(self.settings),
+                "servers": {s["name"]: {k: v for k, v in s.items() if k not in ("dsn",) and not k.startswith("_")} for s in self.servers.values()},
+                "profiles": {
+                    p["name"]: {
+                        "status": p["status"],
+                        "routing_method": p["routing_method"],
+                        "endpoints": {e["name"]: {**{k: v for k, v in e.items()}, "monitor_status": self.monitor_status(p, e)} for e in p["endpoints"].values()},
+                    }
+                    for p in self.profiles.values()
+                },
+                "operations": [{k: v for k, v in op.items()} for op in self.operations.values()],
+                "faults": [self._public_fault(f) for f in self.faults],
+            }
+
+    def set_settings(self, values: dict) -> dict:
+        if not isinstance(values, dict):
+            raise _bad_request("settings must be an object")
+        unknown = set(values) - set(DEFAULT_SETTINGS)
+        if unknown:
+            raise _bad_request(f"unknown settings: {', '.join(sorted(unknown))} (known: {', '.join(DEFAULT_SETTINGS)})")
+        with self.lock:
+            self.settings.update(values)
+            return dict(self.settings)
+
+    def set_endpoint_health(self, profile: str, endpoint: str, healthy: bool) -> dict:
+        with self.lock:
+            prof = self.profiles.get(profile.lower())
+            ep = prof["endpoints"].get(endpoint.lower()) if prof else None
+            if ep is None:
+                raise ArmError(404, "ResourceNotFound", f"no endpoint {endpoint!r} in profile {profile!r}")
+            ep["healthy"] = bool(healthy)
+            result = self.endpoint_body(prof, ep)
+        self.persist()
+        return result
+
+    def set_server_state(self, server: str, state: str | None) -> dict:
+        with self.lock:
+            srv = self.servers.get(server.lower())
+            if srv is None:
+                raise ArmError(404, "ResourceNotFound", f"no flexible server {server!r}")
+            srv["state_override"] = state
+        self.persist()
+        return self.server_body(srv)
+
+    def admin(self, method: str, path: str, body: Any) -> tuple[int, Any, dict]:
+        segs = [unquote(s) for s in path.strip("/").split("/")][1:]
+        if segs == ["health"] and method == "GET":
+            return 200, {"ok": True}, {}
+        if segs == ["state"] and method == "GET":
+            return 200, self.snapshot(), {}
+        if segs == ["requests"]:
+            if method == "GET":
+                return 200, {"value": list(self.request_log)}, {}
+            if method == "DELETE":
+                self.request_log.clear()
+                return 200, {"value": []}, {}
+        if segs == ["faults"]:
+            if method == "POST":
+                return 201, self.add_fault(body), {}
+            if method == "GET":
+                with self.lock:
+                    return 200, {"value": [self._public_fault(f) for f in self.faults]}, {}
+            if method == "DELETE":
+                with self.lock:
+                    self.faults.clear()
+                return 200, {"value": []}, {}
+        if segs == ["settings"]:
+            if method == "GET":
+                return 200, dict(self.settings), {}
+            if method == "POST":
+                return 200, self.set_settings(body), {}
+        if len(segs) == 5 and segs[0].lower() == "trafficmanagerprofiles" and segs[2] == "endpoints" and segs[4] == "health" and method == "POST":
+            if not isinstance(body, dict) or not isinstance(body.get("healthy"), bool):
+                raise _bad_request('body must be {"healthy": true|false}')
+            return 200, self.set_endpoint_health(segs[1], segs[3], body["healthy"]), {}
+        if len(segs) == 2 and segs[0].lower() == "flexibleservers" and method == "POST":
+            if not isinstance(body, dict) or "state" not in body:
+                raise _bad_request('body must be {"state": "Stopped" | ... | null}')
+            return 200, self.set_server_state(segs[1], body["state"]), {}
+        raise ArmError(404, "NotFound", f"no admin resource {method} {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTTPS server
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "opsflow-arm-emulator/1"
+    server: "_HttpsServer"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        log.debug("%s " + format, self.client_address[0], *args)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._dispatch("GET")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self._dispatch("PATCH")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._dispatch("DELETE")
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _dispatch(self, method: str) -> None:
+        world = self.server.world
+        url = urlsplit(self.path)
+        path = url.path
+        raw = self._read_body()
+        status, payload, headers = 500, None, {}
+        faulted = False
+        try:
+            body: Any = None
+            if raw.strip():
+                try:
+                    body = json.loads(raw)
+                except ValueError as e:
+                    raise _bad_request(f"The request content was invalid and could not be deserialized: {e}.", "InvalidRequestContent") from None
+            elif method in ("PUT", "PATCH", "POST"):
+                body = None
+            if path.startswith("/_emulator/") or path == "/_emulator":
+                status, payload, headers = world.admin(method, path, body if body is not None else {})
+            else:
+                world.check_auth(self.headers.get("Authorization"))
+                fault = world.take_fault(method, path)
+                if fault:
+                    faulted = True
+                    if fault["delay"]:
+                        time.sleep(fault["delay"])
+                    if fault["drop"]:
+                        world.log_request(method, path, 0, True)
+                        self.close_connection = True
+                        try:
+                            self.connection.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                        return
+                    if fault["status"]:
+                        extra = {}
+                        if fault["retry_after"] is not None:
+                            extra["Retry-After"] = str(fault["retry_after"])
+                        raise ArmError(fault["status"], fault["code"], f"Injected fault {fault['id']} ({fault['code']}) for {method} {path}.", extra)
+                host = self.headers.get("Host") or f"127.0.0.1:{self.server.server_address[1]}"
+                status, payload, headers = world.handle(method, path, parse_qs(url.query), body, f"https://{host}")
+        except ArmError as e:
+            status, payload, headers = e.status, e.body(), e.headers
+        except Exception as e:  # noqa: BLE001
+            log.exception("emulator error on %s %s", method, self.path)
+            status, payload, headers = 500, {"error": {"code": "InternalServerError", "message": f"{type(e).__name__}: {e}"}}, {}
+        world.log_request(method, path, status, faulted)
+        self._send(status, payload, headers)
+
+    def _send(self, status: int, payload: Any, headers: dict[str, str]) -> None:
+        data = b"" if payload is None else json.dumps(payload).encode()
+        self.send_response(status)
+        if payload is not None:
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        request_id = str(uuid.uuid4())
+        self.send_header("x-ms-request-id", request_id)
+        self.send_header("x-ms-correlation-request-id", request_id)
+        client_id = self.headers.get("x-ms-client-request-id")
+        if client_id:
+            self.send_header("x-ms-client-request-id", client_id)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if data:
+            self.wfile.write(data)
+
+
+class _HttpsServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], world: World, ssl_context: ssl.SSLContext):
+        self.world = world
+        self.ssl_context = ssl_context
+        super().__init__(address, _Handler)
+
+    def finish_request(self, request: socket.socket, client_address: Any) -> None:
+        # TLS handshake in the connection's own thread: a client that never speaks cannot stall accept().
+        request.settimeout(30)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            log.debug("TLS handshake with %s failed: %s", client_address, e)
+            return
+        try:
+            self.RequestHandlerClass(tls, client_address, self)
+        finally:
+            try:
+                tls.close()
+            except OSError:
+                pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection error from %s", client_address, exc_info=True)
+
+
+def load_ca(ca_dir: Path):
+    """The lab's test CA (trustme), created once in ca_dir and reused: ca.pem (give it to clients), ca.key."""
+    import trustme
+
+    ca_dir = Path(ca_dir)
+    ca_dir.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = ca_dir / "ca.pem", ca_dir / "ca.key"
+    if cert_path.exists() and key_path.exists():
+        return trustme.CA.from_pem(cert_path.read_bytes(), key_path.read_bytes()), cert_path
+    ca = trustme.CA(organization_name="opsflow lab")
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(ca.private_key_pem.bytes())
+    ca.cert_pem.write_to_path(str(cert_path))
+    return ca, cert_path
+
+
+class EmulatorHandle:
+    """A running emulator: .url (https://127.0.0.1:PORT), .ca_path (the CA file clients trust)."""
+
+    def __init__(self, world: World, server: _HttpsServer, thread: threading.Thread, url: str, ca_path: Path):
+        self.world, self._server, self._thread = world, server, thread
+        self.url, self.ca_path = url, ca_path
+        self.port = server.server_address[1]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        self.world.persist()
+
+    def __enter__(self) -> "EmulatorHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def inject_fault(self, match: str, status: int | None = 503, count: int = 1, retry_after: float | None = None,
+                     method: str | None = None, delay: float = 0.0, drop: bool = False, code: str | None = None) -> dict:
+        """Answer the next `count` requests whose path matches `match` (a regex) with `status` (or drop them)."""
+        return self.world.add_fault({"match": match, "status": status, "count": count, "retry_after": retry_after,
+                                     "method": method, "delay": delay, "drop": drop, "code": code})
+
+    def clear_faults(self) -> None:
+        with self.world.lock:
+            self.world.faults.clear()
+
+    def configure(self, **settings: Any) -> dict:
+        """lro_seconds, tm_checking_seconds, planned_sync_timeout, promote_timeout, lro_retry_after."""
+        return self.world.set_settings(settings)
+
+    def set_endpoint_health(self, profile: str, endpoint: str, healthy: bool) -> dict:
+        return self.world.set_endpoint_health(profile, endpoint, healthy)
+
+    def set_server_state(self, server: str, state: str | None) -> dict:
+        return self.world.set_server_state(server, state)
+
+    def requests(self) -> list[dict]:
+        return list(self.world.request_log)
+
+    def state(self) -> dict:
+        return self.world.snapshot()
+
+
+def start_emulator(config: dict, ca_dir: Path, port: int = 0, host: str = "127.0.0.1", state_path: Path | None = None) -> EmulatorHandle:
+    """Start the emulator in this process (a daemon thread). state_path default: ca_dir/arm_emulator.state.json."""
+    ca, ca_path = load_ca(Path(ca_dir))
+    cert = ca.issue_cert("127.0.0.1", "localhost", "::1")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    cert.configure_cert(ctx)
+    world = World(config, state_path if state_path is not None else Path(ca_dir) / "arm_emulator.state.json")
+    server = _HttpsServer((host, port), world, ctx)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="arm-emulator", daemon=True)
+    thread.start()
+    url = f"https://{host}:{server.server_address[1]}"
+    log.info("ARM emulator on %s (CA %s)", url, ca_path)
+    return EmulatorHandle(world, server, thread, url, ca_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lab.arm_emulator", description="Azure Resource Manager emulator for the opsflow lab (HTTPS only).")
+    ap.add_argument("--config", required=True, type=Path, help="JSON config: servers mapped to lab clusters, Traffic Manager profiles")
+    ap.add_argument("--port", type=int, default=0, help="TCP port on --host (0: any free port, printed at start)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--ca-dir", required=True, type=Path, help="where the test CA lives (ca.pem for clients); created if missing")
+    ap.add_argument("--state", type=Path, default=None, help="state file (default: <config>.state.json)")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        config = json.loads(args.config.read_text())
+    except (OSError, ValueError) as e:
+        print(f"arm_emulator: cannot read config {args.config}: {e}", file=sys.stderr)
+        return 2
+    state = args.state or args.config.with_name(args.config.name + ".state.json")
+    try:
+        handle = start_emulator(config, args.ca_dir, port=args.port, host=args.host, state_path=state)
+    except (ValueError, OSError) as e:
+        print(f"arm_emulator: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(json.dumps({"url": handle.url, "ca_path": str(handle.ca_path), "state": str(state), "pid": os.getpid()}), flush=True)
+    stop.wait()
+    handle.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

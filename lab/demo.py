@@ -1,0 +1,60 @@
+"""`opsflow lab demo`: the lab up, then a planned failover eastus -> westeurope, approved by a second person."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from opsflow.inventory import load_inventory
+from opsflow.models import ProcedureReport
+from opsflow.report import to_text
+from opsflow.temporal import connect
+from starters.cli import follow, start_procedure
+from starters.common import fetch_report
+from workflows.failover import FailoverInput
+from workflows.procedure import Request
+
+REQUESTER, APPROVER = "alice", "bob"
+
+
+async def approve_when_asked(handle) -> None:
+    while True:
+        report = await fetch_report(handle)
+        if report.status not in ("running", "waiting", "paused"):
+            return
+        if report.waiting_for and report.waiting_for.startswith("approval"):
+            reason = "demo: rehearsal on the lab"
+            print(f"\n  >>> a person would now type:  opsflow approve {handle.id} --as {APPROVER} --reason '{reason}'")
+            print(f"  >>> the demo approves as {APPROVER}\n", flush=True)
+            await asyncio.sleep(1)
+            await handle.execute_update("approve", Request(by=APPROVER, reason=reason))
+            return
+        await asyncio.sleep(0.3)
+
+
+async def demo(state: dict) -> int:
+    inv = load_inventory(state["inventory"])
+    target = next(r for r in inv.regions if r != inv.primary_region)
+    client = await connect()
+    inp = FailoverInput(inventory=inv, to_region=target, requester=REQUESTER, reason="opsflow demo")
+    handle = await start_procedure(client, inv, "failover", inp, f"Planned failover of {inv.environment} to {target} (demo)")
+    ui = f"{state['temporal']['ui_url']}/namespaces/default/workflows/{handle.id}"
+    print(f"\nplanned failover {inv.primary_region} -> {target} started as {handle.id}, requested by {REQUESTER}")
+    print(f"watch it in the Temporal UI: {ui}\n", flush=True)
+    approver = asyncio.create_task(approve_when_asked(handle))
+    code = await follow(handle, as_json=False)
+    await approver
+    report: ProcedureReport = await fetch_report(handle)
+    print("\n" + to_text(report))
+    print(f"\nreport:      opsflow report {handle.id} --markdown")
+    print(f"Temporal UI: {ui}")
+    print("the lab stays up; tear it down with: opsflow lab down")
+    return code
+
+
+def run_demo(root: Path, with_worker: bool = True) -> int:
+    from lab.manage import print_status, status, up
+
+    state = up(root, with_worker=with_worker)
+    print_status(status(root))
+    return asyncio.run(demo(state))

