@@ -1,0 +1,84 @@
+"""The inventory names the bad field; the CLI refuses bad input before anything starts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from opsflow.inventory import InventoryError, load_inventory, parse_duration
+from starters.cli import main as cli
+from tests.workflow.conftest import inventory_dict
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "inventory.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def test_valid_inventory_loads(tmp_path):
+    inv = load_inventory(write(tmp_path, inventory_dict(environment="prod")))
+    assert inv.environment == "prod" and set(inv.regions) == {"eastus", "westeurope"}
+    assert inv.region_queue("westeurope") == "opsflow-prod-westeurope" and inv.task_queue == "opsflow-prod"
+    assert inv.failover.drain == 60 and inv.approval.timeout == 3600
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d["regions"]["westeurope"]["database"].update(provider="oracle"), "regions.westeurope.database"),
+        (lambda d: d["regions"]["westeurope"]["database"].update(provider="azure-flexible"), "regions.westeurope.database.azure-flexible.server_name"),
+        (lambda d: d["regions"]["eastus"]["database"].update(provider="aws-rds"), "regions.eastus.database.aws-rds.db_instance_identifier"),
+        (lambda d: d["traffic"].pop("profile"), "traffic.azure-traffic-manager.profile"),
+        (lambda d: d["regions"]["eastus"].update(traffic_endpont="x"), "regions.eastus.traffic_endpont"),
+        (lambda d: d["approval"].update(approvers=[]), "approval.approvers"),
+        (lambda d: d["failover"].update(drain="soon"), "failover.drain"),
+        (lambda d: d["regions"]["eastus"]["database"].update(dsn="host=db password=hunter2"), "regions.eastus.database.postgres.dsn"),
+        (lambda d: d.update(primary_region="mars"), "primary_region 'mars'"),
+    ],
+)
+def test_invalid_inventory_names_the_field(tmp_path, mutate, field):
+    data = copy.deepcopy(inventory_dict())
+    mutate(data)
+    with pytest.raises(InventoryError) as exc:
+        load_inventory(write(tmp_path, data))
+    assert field in str(exc.value)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    with pytest.raises(InventoryError, match="not valid YAML"):
+        load_inventory(write(tmp_path, "regions: [unclosed"))
+    with pytest.raises(InventoryError, match="does not exist"):
+        load_inventory(tmp_path / "nope.yaml")
+
+
+def test_secret_never_in_dsn_but_reference_allowed(tmp_path):
+    data = inventory_dict()
+    data["regions"]["eastus"]["database"]["password"] = {"env": "EASTUS_DB_PASSWORD"}
+    inv = load_inventory(write(tmp_path, data))
+    assert inv.regions["eastus"].database.password.env == "EASTUS_DB_PASSWORD"
+    assert "hunter2" not in inv.model_dump_json()
+
+
+def test_durations():
+    assert parse_duration("90s") == 90 and parse_duration("5m") == 300 and parse_duration("1.5h") == 5400 and parse_duration(7) == 7
+    with pytest.raises(ValueError):
+        parse_duration("tomorrow")
+
+
+def test_cli_refuses_unknown_region_before_starting(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TEMPORAL_ADDRESS", "127.0.0.1:1")  # nothing listens: proves no connection was needed
+    code = cli(["failover", "--env", write(tmp_path, inventory_dict()), "--to", "mars"])
+    assert code == 2
+    assert "unknown region 'mars'" in capsys.readouterr().err
+
+
+def test_cli_refuses_malformed_inventory(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TEMPORAL_ADDRESS", "127.0.0.1:1")
+    data = inventory_dict()
+    data["regions"]["eastus"]["database"]["provider"] = "oracle"
+    code = cli(["failover", "--env", write(tmp_path, data), "--to", "westeurope"])
+    err = capsys.readouterr().err
+    assert code == 2 and "regions.eastus.database" in err
