@@ -267,6 +267,7 @@ class RdsInstance:
 
     # fence -----------------------------------------------------------------------------------------
     def fence(self) -> None:
+        self.describe()  # the inventory's instance exists (else non-retryable, naming it) before we touch SQL
         if self.parameter_group:
             self._set_read_only(True)
         elif self.db.dsn:
@@ -278,6 +279,7 @@ class RdsInstance:
             )
 
     def unfence(self) -> None:
+        self.describe()
         if self.parameter_group:
             self._set_read_only(False)
         elif self.db.dsn:
@@ -292,7 +294,7 @@ class RdsInstance:
         group = self.parameter_group
         what = f"DB parameter group {group} of {self.what}"
         rds = self._rds()
-        inst = self.describe()
+        inst = self.describe()  # again: fence() looked already, but this one is cheap and current
         attached = [g.get("DBParameterGroupName", "") for g in inst.get("DBParameterGroups", [])]
         if group.lower() not in (g.lower() for g in attached):
             raise ApplicationError(f"{what}: not attached to the instance (it has {', '.join(attached) or 'none'})",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from opsflow.temporal import LAB_POINTER
+from opsflow.temporal import lab_pointer
 
 REGIONS = ("eastus", "westeurope")
 PRIMARY = "eastus"
@@ -157,8 +157,8 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False) -> dict:
         say("lab up failed; removing what was started")
         down(root, quiet=True, keep_dir=True)
         raise
-    LAB_POINTER.parent.mkdir(parents=True, exist_ok=True)
-    LAB_POINTER.write_text(str(root))
+    lab_pointer().parent.mkdir(parents=True, exist_ok=True)
+    lab_pointer().write_text(str(root))
     return lab.state
 
 
@@ -359,8 +359,8 @@ def down(root: Path, quiet: bool = False, keep_dir: bool = False) -> None:
     if not keep_dir:
         shutil.rmtree(root, ignore_errors=True)
     try:
-        if LAB_POINTER.read_text().strip() == str(root):
-            LAB_POINTER.unlink()
+        if lab_pointer().read_text().strip() == str(root):
+            lab_pointer().unlink()
     except OSError:
         pass
     if not quiet:

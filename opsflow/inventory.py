@@ -183,8 +183,11 @@ class FailoverPolicy(Strict):
     max_planned_lag_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     catch_up_timeout: Seconds = 600
     promote_timeout: Seconds = 900
+    # How long a silent worker may hold a long step (catch-up, promotion, traffic, scale-up) before another
+    # worker takes it over after a crash.
+    heartbeat_timeout: Seconds = 30
 
-    _d = field_validator("drain", "catch_up_timeout", "promote_timeout", mode="before")(parse_duration)
+    _d = field_validator("drain", "catch_up_timeout", "promote_timeout", "heartbeat_timeout", mode="before")(parse_duration)
 
 
 class Inventory(Strict):

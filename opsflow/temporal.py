@@ -19,13 +19,15 @@ SEARCH_ATTRIBUTES = [OPS_PROCEDURE, OPS_ENVIRONMENT, OPS_STEP, OPS_STATUS]
 
 DATA_CONVERTER = pydantic_data_converter
 
-LAB_POINTER = Path(os.environ.get("OPSFLOW_HOME", Path.home() / ".opsflow")) / "current-lab"
+def lab_pointer() -> Path:
+    """Where `opsflow lab up` notes the directory of the running lab ($OPSFLOW_HOME, default ~/.opsflow)."""
+    return Path(os.environ.get("OPSFLOW_HOME") or Path.home() / ".opsflow") / "current-lab"
 
 
 def lab_state() -> dict | None:
     """The state file of the lab started last by `opsflow lab up`, if it is still there."""
     try:
-        lab_dir = Path(LAB_POINTER.read_text().strip())
+        lab_dir = Path(lab_pointer().read_text().strip())
         return json.loads((lab_dir / "lab.json").read_text())
     except (OSError, ValueError):
         return None

@@ -147,7 +147,7 @@ class FailoverWorkflow(Procedure):
         caught: CatchUpResult = await self.step(
             "catch-up", f"Wait until {to} has replayed all WAL", "db.wait_caught_up",
             CatchUpRequest(primary=old, replica=target, timeout_seconds=inv.failover.catch_up_timeout),
-            result_type=CatchUpResult, queue=q, timeout=inv.failover.catch_up_timeout + 60, heartbeat=30, attempts=3,
+            result_type=CatchUpResult, queue=q, timeout=inv.failover.catch_up_timeout + 60, heartbeat=inv.failover.heartbeat_timeout, attempts=3,
             detail=lambda c: f"replayed up to {c.replay_lsn}, {c.lag_bytes} bytes behind, waited {c.waited_seconds:.1f}s")
         report.lag_at_promotion_bytes = caught.lag_bytes
         report.lag_at_promotion_seconds = caught.replay_delay_seconds
@@ -188,7 +188,7 @@ class FailoverWorkflow(Procedure):
         result: PromoteResult = await self.step(
             "promote", f"{'Force-promote' if force else 'Promote'} the replica in {target.region}", "db.promote",
             PromoteRequest(target=target, force=force), result_type=PromoteResult, queue=q,
-            timeout=inv.failover.promote_timeout, heartbeat=60, attempts=5,
+            timeout=inv.failover.promote_timeout, heartbeat=inv.failover.heartbeat_timeout, attempts=5,
             detail=lambda p: "already primary" if p.already_primary else f"promoted in {p.seconds:.2f}s, timeline {p.timeline}")
         assert isinstance(self.report, FailoverReport)
         self.report.promotion_seconds = result.seconds
@@ -196,7 +196,7 @@ class FailoverWorkflow(Procedure):
 
     async def move_traffic(self, inp: FailoverInput) -> TrafficStatus:
         return await self.step("traffic", f"Send traffic to {inp.to_region}", "traffic.switch", TrafficRequest.of(inp.inventory, inp.to_region),
-                               result_type=TrafficStatus, queue=inp.inventory.region_queue(inp.to_region), timeout=300, heartbeat=30,
+                               result_type=TrafficStatus, queue=inp.inventory.region_queue(inp.to_region), timeout=300, heartbeat=inp.inventory.failover.heartbeat_timeout,
                                detail=lambda t: f"serving region: {t.serving_region}")
 
     async def forward(self, inp: FailoverInput, source: str, critical: list, since) -> None:
@@ -209,7 +209,7 @@ class FailoverWorkflow(Procedure):
             ("verify writes", lambda: self.step("verify-writes", f"Verify {to} accepts writes", "db.check_writable", target, queue=q)),
             ("verify routing", lambda: self.verify_routing(traffic, q)),
             *([("smoke tests", lambda: self.step("verify-smoke", f"Smoke tests in {to}", "http.smoke", target, queue=q, attempts=10))] if target.smoke_urls else []),
-            ("scale up", lambda: self.step("scale-up", f"Scale up {to}", "k8s.scale_up", ScaleRequest(target=target), result_type=KubeStatus, queue=q, timeout=900, heartbeat=30,
+            ("scale up", lambda: self.step("scale-up", f"Scale up {to}", "k8s.scale_up", ScaleRequest(target=target), result_type=KubeStatus, queue=q, timeout=900, heartbeat=inv.failover.heartbeat_timeout,
                                            detail=lambda k: ", ".join(f"{d.name} {d.ready}/{d.desired}" for d in k.deployments))),
         ]
         todo = [label for label, _ in critical + after]

@@ -1,0 +1,563 @@
+"""Every call opsflow makes to Azure: flexible servers (azure-mgmt-postgresqlflexibleservers) and Traffic Manager
+(azure-mgmt-trafficmanager), through Azure Resource Manager.
+
+The SDKs are blocking: these providers run in synchronous activities on the worker's thread pool. Where they
+wait (a long-running operation, an endpoint's health probes) they heartbeat when running in an activity.
+
+- `AzureFlexibleServer` (DatabaseProvider): replication state over SQL (activities.postgres), the control plane
+  over ARM. Fencing is Azure's way (no superuser there): the server parameter default_transaction_read_only set
+  through ARM, then the open sessions are ended over SQL. Promotion is the SDK's replica promotion
+  (PATCH properties.replica.promoteMode=Standalone, promoteOption=Planned|Forced), a long-running operation,
+  followed by a wait for the first committed write.
+- `AzureTrafficManagerRouter` (TrafficProvider): endpoint states of a Traffic Manager profile and the switch of
+  traffic to one region.
+
+Errors: what retrying cannot fix (authentication, permission, resource not found, bad request, no TLS / a CA we
+do not trust) raises a non-retryable ApplicationError naming the resource; throttling (429), unavailability
+(5xx), timeouts and lost connections raise retryable ones (after the SDK's own retries).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from azure.core.credentials import AccessToken
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.postgres import connect, sql_check_writable, sql_status, where
+from opsflow.inventory import AzureConnection, AzureFlexibleDatabase, AzureTrafficManager
+from opsflow.models import DbStatus, EndpointState, PromoteResult, RegionTarget, TrafficRequest, TrafficStatus
+
+log = logging.getLogger(__name__)
+
+STATIC_TOKEN_ENV = "OPSFLOW_AZURE_STATIC_TOKEN"
+DEFAULT_STATIC_TOKEN = "opsflow-lab-token"
+FENCE_PARAMETER = "default_transaction_read_only"
+REPLICA_ROLES = ("asyncreplica", "geoasyncreplica")
+DEFAULT_PROMOTE_TIMEOUT = 900.0
+DEFAULT_SWITCH_TIMEOUT = 600.0
+TERMINATE_WAIT_MS = 5_000
+# LRO failure codes for which a retry would fail the same way.
+_PERMANENT_OPERATION_CODES = {
+    "plannedpromotionnotpossible",
+    "replicapromotionnotallowed",
+    "invalidparametervalue",
+    "switchovernotsupported",
+    "configurationisreadonly",
+    "badrequest",
+}
+
+
+# -- heartbeats ---------------------------------------------------------------------------------------------
+
+
+def _heartbeat(*details: Any) -> None:
+    if activity.in_activity():
+        activity.heartbeat(*details)
+
+
+def _logger() -> Any:
+    return activity.logger if activity.in_activity() else log
+
+
+def _time_budget(default: float) -> float:
+    """How long this activity may wait: its start-to-close timeout minus a margin, else `default`."""
+    if activity.in_activity():
+        info = activity.info()
+        limit = info.start_to_close_timeout or info.schedule_to_close_timeout
+        if limit:
+            return max(5.0, limit.total_seconds() - 5.0)
+    return default
+
+
+# -- credentials and clients --------------------------------------------------------------------------------
+
+
+class StaticTokenCredential:
+    """A TokenCredential that always returns the same token (the lab's ARM emulator only)."""
+
+    def __init__(self, token: str):
+        self._token = token
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        return AccessToken(self._token, int(time.time()) + 3600)
+
+    def close(self) -> None:
+        pass
+
+
+def arm_credential(conn: AzureConnection) -> Any:
+    """'default': azure-identity's DefaultAzureCredential (managed identity, workload identity, az login...);
+    'static-token': a fixed token from $OPSFLOW_AZURE_STATIC_TOKEN (default 'opsflow-lab-token'), lab only."""
+    if conn.credential == "static-token":
+        return StaticTokenCredential(os.environ.get(STATIC_TOKEN_ENV) or DEFAULT_STATIC_TOKEN)
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential()
+
+
+def _client_kwargs(conn: AzureConnection) -> dict[str, Any]:
+    endpoint = conn.arm_endpoint.rstrip("/")
+    kwargs: dict[str, Any] = {
+        "base_url": endpoint,
+        # The token audience is the ARM endpoint (public, sovereign clouds and the lab alike).
+        "credential_scopes": [f"{endpoint}/.default"],
+        "polling_interval": conn.polling_interval,
+        # The SDK retries 408/429/5xx and lost connections itself, honouring Retry-After; keep it bounded
+        # so that Temporal's retry policy (and our heartbeats) stay in charge of the long waits.
+        "retry_total": 4,
+        "retry_backoff_factor": 0.5,
+        "retry_backoff_max": 20,
+        "connection_timeout": 10,
+        "read_timeout": 60,
+    }
+    if conn.ca_bundle:
+        kwargs["connection_verify"] = conn.ca_bundle
+    return kwargs
+
+
+def postgres_client(conn: AzureConnection, subscription_id: str) -> Any:
+    from azure.mgmt.postgresqlflexibleservers import PostgreSQLManagementClient
+
+    return PostgreSQLManagementClient(arm_credential(conn), subscription_id, **_client_kwargs(conn))
+
+
+def traffic_manager_client(conn: AzureConnection, subscription_id: str) -> Any:
+    from azure.mgmt.trafficmanager import TrafficManagerManagementClient
+
+    return TrafficManagerManagementClient(arm_credential(conn), subscription_id, **_client_kwargs(conn))
+
+
+# -- error mapping ------------------------------------------------------------------------------------------
+
+
+def _error_code(e: HttpResponseError) -> tuple[str | None, str]:
+    err = getattr(e, "error", None)
+    code = getattr(err, "code", None) if err is not None else None
+    message = getattr(err, "message", None) if err is not None else None
+    return code, (message or e.message or str(e)).strip().splitlines()[0]
+
+
+def arm_error(e: Exception, what: str) -> ApplicationError:
+    """Map an azure-core exception onto an ApplicationError: non-retryable for what a retry cannot fix."""
+    if isinstance(e, ApplicationError):
+        return e
+    if isinstance(e, (ServiceRequestError, ServiceResponseError)):
+        text = str(e)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            return ApplicationError(f"{what}: the ARM endpoint's TLS certificate is not trusted (set azure.ca_bundle?): {text}",
+                                    type="AzureTlsError", non_retryable=True)
+        if "non-TLS" in text or "non-https" in text:
+            return ApplicationError(f"{what}: {text} (azure.arm_endpoint must be https://)", type="AzureConfig", non_retryable=True)
+        return ApplicationError(f"{what}: ARM unreachable: {text}", type="AzureUnavailable")
+    if isinstance(e, HttpResponseError):
+        status = e.status_code
+        code, message = _error_code(e)
+        detail = f"{code}: {message}" if code else message
+        if isinstance(e, ClientAuthenticationError) or status == 401:
+            return ApplicationError(f"{what}: authentication refused by ARM ({detail})", type="AzureAuthFailed", non_retryable=True)
+        if status == 403:
+            return ApplicationError(f"{what}: permission denied by ARM ({detail})", type="AzurePermissionDenied", non_retryable=True)
+        if isinstance(e, ResourceNotFoundError) or status == 404:
+            return ApplicationError(f"{what}: not found ({detail})", type="AzureResourceNotFound", non_retryable=True)
+        if status in (400, 405, 422):
+            return ApplicationError(f"{what}: ARM refused the request ({detail})", type="AzureBadRequest", non_retryable=True)
+        if status == 409:
+            return ApplicationError(f"{what}: conflict ({detail})", type="AzureConflict")
+        if status in (200, 201, 202) and code:  # a long-running operation that ended Failed/Canceled
+            permanent = code.lower() in _PERMANENT_OPERATION_CODES
+            return ApplicationError(f"{what}: the operation failed ({detail})", type="AzureOperationFailed", non_retryable=permanent)
+        return ApplicationError(f"{what}: ARM answered {status} ({detail})", type="AzureUnavailable")
+    return ApplicationError(f"{what}: {type(e).__name__}: {e}", type="AzureError")
+
+
+@contextmanager
+def _arm(what: str) -> Iterator[None]:
+    try:
+        yield
+    except ApplicationError:
+        raise
+    except (HttpResponseError, ServiceRequestError, ServiceResponseError) as e:
+        raise arm_error(e, what) from None
+
+
+def _wait_poller(poller: Any, what: str, deadline: float) -> Any:
+    """Wait for an LROPoller, heartbeating; return its result."""
+    started = time.monotonic()
+    while not poller.done():
+        waited = time.monotonic() - started
+        _heartbeat({"phase": what, "operation": poller.status(), "waited_seconds": round(waited, 1)})
+        if time.monotonic() > deadline:
+            raise ApplicationError(f"{what}: the ARM operation is still {poller.status()} after {waited:.0f}s", type="AzureOperationTimeout")
+        poller.wait(timeout=1.0)
+    return poller.result()
+
+
+def _get(obj: Any, *path: str) -> Any:
+    for key in path:
+        if obj is None:
+            return None
+        obj = obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+    return obj
+
+
+# -- flexible server ----------------------------------------------------------------------------------------
+
+
+class AzureFlexibleServer:
+    """DatabaseProvider for provider "azure-flexible": Azure Database for PostgreSQL flexible server."""
+
+    def __init__(self, target: RegionTarget, *, promote_timeout: float | None = None):
+        if not isinstance(target.database, AzureFlexibleDatabase):
+            raise ValueError(f"AzureFlexibleServer serves provider 'azure-flexible', not {target.database.provider!r}")
+        self.target = target
+        self.db: AzureFlexibleDatabase = target.database
+        self.conn = target.azure or AzureConnection()
+        self.promote_timeout = promote_timeout
+        self._client: Any = None
+
+    # -- ARM ---------------------------------------------------------------------------------------------------
+    @property
+    def resource(self) -> str:
+        return (f"flexible server {self.db.server_name} (resource group {self.db.resource_group}, "
+                f"subscription {self.db.subscription_id})")
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = postgres_client(self.conn, self.db.subscription_id)
+        return self._client
+
+    def server(self) -> Any:
+        with _arm(f"get {self.resource}"):
+            return self.client.servers.get(self.db.resource_group, self.db.server_name)
+
+    @staticmethod
+    def _role(server: Any) -> str | None:
+        return _get(server, "properties", "replica", "role") or _get(server, "properties", "replication_role")
+
+    def _parameter(self, name: str) -> str | None:
+        with _arm(f"get parameter {name} of {self.resource}"):
+            cfg = self.client.configurations.get(self.db.resource_group, self.db.server_name, name)
+        return _get(cfg, "properties", "value")
+
+    def _set_parameter(self, name: str, value: str, deadline: float) -> None:
+        """Set a server parameter through ARM (a long-running operation), unless it already has the value."""
+        current = self._parameter(name)
+        if current is not None and current.lower() == value.lower():
+            return
+        what = f"set parameter {name}={value} on {self.resource}"
+        with _arm(what):
+            poller = self.client.configurations.begin_put(
+                self.db.resource_group, self.db.server_name, name, {"properties": {"value": value, "source": "user-override"}}
+            )
+            _wait_poller(poller, what, deadline)
+
+    # -- DatabaseProvider ------------------------------------------------------------------------------------
+    def status(self) -> DbStatus:
+        status = sql_status(self.db, self.target.region)
+        try:
+            server = self.server()
+        except ApplicationError as e:
+            if e.non_retryable:
+                raise  # our inventory names a server ARM does not know, or we may not read it
+            note = f"control plane: {e.message}"
+            return status.model_copy(update={"error": f"{status.error}; {note}" if status.error else note})
+        return status.model_copy(update={"cloud_state": _get(server, "properties", "state"), "cloud_role": self._role(server)})
+
+    def fence(self) -> None:
+        """Azure's fence: default_transaction_read_only=on through ARM, then end the open sessions over SQL."""
+        deadline = time.monotonic() + _time_budget(300.0)
+        self._set_parameter(FENCE_PARAMETER, "on", deadline)
+        self._wait_sql_read_only(True, deadline)
+        self._end_sessions()
+
+    def unfence(self) -> None:
+        deadline = time.monotonic() + _time_budget(300.0)
+        self._set_parameter(FENCE_PARAMETER, "off", deadline)
+        self._wait_sql_read_only(False, deadline)
+
+    def _wait_sql_read_only(self, want: bool, deadline: float) -> None:
+        """New sessions must see the parameter before we go on (the reload reaches them asynchronously)."""
+        while True:
+            with connect(self.db) as conn:
+                now = conn.execute("select current_setting('default_transaction_read_only')::bool").fetchone()[0]
+            if now == want:
+                return
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"{self.resource}: default_transaction_read_only is still {'off' if want else 'on'} "
+                                       f"over SQL after ARM reported the change", type="FenceIncomplete")
+            _heartbeat("waiting for the parameter to reach new sessions")
+            time.sleep(0.1)
+
+    def _end_sessions(self) -> None:
+        """End the other client sessions so that none keeps a read-write transaction (walsenders stay).
+
+        Azure's admin role may end sessions of ordinary roles (pg_signal_backend), not those of Azure's own
+        superuser; those are skipped with a warning."""
+        from psycopg import errors as pgerrors
+
+        with connect(self.db) as conn:
+            others = conn.execute(
+                "select pid, usename from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()"
+            ).fetchall()
+            skipped = []
+            for pid, user in others:
+                _heartbeat(f"fence: ending session {pid}")
+                try:
+                    conn.execute("select pg_terminate_backend(%s, %s)", (pid, TERMINATE_WAIT_MS))
+                except pgerrors.InsufficientPrivilege:
+                    skipped.append(f"{pid} ({user})")
+            if skipped:
+                _logger().warning("fence on %s: read-only now, but these sessions could not be ended: %s", where(self.db), ", ".join(skipped))
+
+    def promote(self, force: bool) -> PromoteResult:
+        """Promote this read replica to a standalone primary through ARM and wait until it commits a write.
+
+        Idempotent: a server that ARM already reports as not a replica gives already_primary=True. A promotion
+        still running (an earlier attempt of this activity) is waited for rather than started again.
+        force: promoteOption Forced (do not wait for the source server; emergency), else Planned.
+        """
+        budget = self.promote_timeout if self.promote_timeout is not None else _time_budget(DEFAULT_PROMOTE_TIMEOUT)
+        deadline = time.monotonic() + budget
+        server = self._wait_not_updating(deadline)
+        if (self._role(server) or "").lower() not in REPLICA_ROLES:
+            after = sql_status(self.db, self.target.region)
+            return PromoteResult(already_primary=True, seconds=0.0, timeline=after.timeline)
+        before = sql_status(self.db, self.target.region)
+        option = "Forced" if force else "Planned"
+        what = f"promote {self.resource} (Standalone, {option})"
+        _logger().info("%s: received %s, replayed %s", what, before.current_lsn, before.replay_lsn)
+        t0 = time.monotonic()
+        with _arm(what):
+            try:
+                poller = self.client.servers.begin_update(
+                    self.db.resource_group,
+                    self.db.server_name,
+                    {"properties": {"replica": {"promoteMode": "Standalone", "promoteOption": option}}},
+                )
+            except HttpResponseError as e:
+                if e.status_code != 409:
+                    raise
+                # Another operation runs on the server (our own earlier attempt?): wait and look again.
+                server = self._wait_not_updating(deadline)
+                if (self._role(server) or "").lower() in REPLICA_ROLES:
+                    raise
+                poller = None
+            if poller is not None:
+                _wait_poller(poller, what, deadline)
+        self._wait_writable(deadline, t0)
+        seconds = time.monotonic() - t0
+        with connect(self.db) as conn:
+            received, replayed = conn.execute("select pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text").fetchone()
+        after = sql_status(self.db, self.target.region)
+        return PromoteResult(
+            already_primary=False,
+            seconds=round(seconds, 3),
+            timeline=after.timeline,
+            lsn_at_promotion=replayed or before.replay_lsn,
+            received_lsn=received or before.current_lsn,
+        )
+
+    def _wait_not_updating(self, deadline: float) -> Any:
+        while True:
+            server = self.server()
+            state = _get(server, "properties", "state")
+            if state != "Updating":
+                return server
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"{self.resource}: still Updating (another operation runs on it)", type="AzureConflict")
+            _heartbeat({"phase": "waiting for a running operation on the server", "state": state})
+            time.sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+
+    def _wait_writable(self, deadline: float, t0: float) -> None:
+        while True:
+            try:
+                sql_check_writable(self.db, region=self.target.region)
+                return
+            except ApplicationError as e:
+                if e.non_retryable or time.monotonic() > deadline:
+                    raise
+                last = e.message
+            _heartbeat({"phase": "waiting for a write to commit", "waited_seconds": round(time.monotonic() - t0, 1), "last": last})
+            time.sleep(0.2)
+
+    def check_writable(self) -> None:
+        sql_check_writable(self.db, region=self.target.region)
+
+
+# -- traffic manager ----------------------------------------------------------------------------------------
+
+
+def _endpoint_type_segment(type_name: str | None) -> str:
+    """'Microsoft.Network/trafficManagerProfiles/externalEndpoints' -> 'ExternalEndpoints' (the URL segment)."""
+    last = (type_name or "").rsplit("/", 1)[-1]
+    return last[:1].upper() + last[1:] if last else "ExternalEndpoints"
+
+
+class AzureTrafficManagerRouter:
+    """TrafficProvider for Azure Traffic Manager (priority routing: the enabled, Online endpoint with the lowest
+    priority number serves)."""
+
+    def __init__(self, request: TrafficRequest):
+        if not isinstance(request.traffic, AzureTrafficManager):
+            raise ValueError(f"AzureTrafficManagerRouter serves provider 'azure-traffic-manager', not {request.traffic.provider!r}")
+        self.request = request
+        self.tm: AzureTrafficManager = request.traffic
+        self.conn = request.azure or AzureConnection()
+        self._client: Any = None
+
+    @property
+    def resource(self) -> str:
+        return f"Traffic Manager profile {self.tm.profile} (resource group {self.tm.resource_group}, subscription {self.tm.subscription_id})"
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = traffic_manager_client(self.conn, self.tm.subscription_id)
+        return self._client
+
+    def _profile(self) -> Any:
+        with _arm(f"get {self.resource}"):
+            return self.client.profiles.get(self.tm.resource_group, self.tm.profile)
+
+    def _endpoints(self, profile: Any) -> dict[str, Any]:
+        """The profile's endpoints by lower-case name; every endpoint the inventory names must be there."""
+        found = {(_get(e, "name") or "").lower(): e for e in (_get(profile, "properties", "endpoints") or [])}
+        missing = [f"{name} (region {region})" for region, name in self.request.endpoints.items() if name.lower() not in found]
+        if missing:
+            raise ApplicationError(f"{self.resource} has no endpoint {', '.join(missing)}; it has: {', '.join(_get(e, 'name') for e in found.values()) or 'none'}",
+                                   type="AzureResourceNotFound", non_retryable=True)
+        return found
+
+    def _state(self, profile: Any) -> TrafficStatus:
+        found = self._endpoints(profile)
+        region_of = {name.lower(): region for region, name in self.request.endpoints.items()}
+        states = []
+        for region, name in self.request.endpoints.items():
+            e = found[name.lower()]
+            states.append(EndpointState(
+                region=region,
+                endpoint=_get(e, "name"),
+                enabled=(_get(e, "properties", "endpoint_status") or "").lower() == "enabled",
+                priority=_get(e, "properties", "priority"),
+                monitor_status=_get(e, "properties", "endpoint_monitor_status"),
+            ))
+        serving = None
+        candidates = [e for e in found.values()
+                      if (_get(e, "properties", "endpoint_status") or "").lower() == "enabled"
+                      and (_get(e, "properties", "endpoint_monitor_status") or "") == "Online"]
+        if self._priority_routing(profile) and candidates:
+            best = min(candidates, key=lambda e: _get(e, "properties", "priority") or 1001)
+            serving = region_of.get((_get(best, "name") or "").lower())
+        elif len(candidates) == 1:
+            serving = region_of.get((_get(candidates[0], "name") or "").lower())
+        return TrafficStatus(endpoints=states, serving_region=serving)
+
+    @staticmethod
+    def _priority_routing(profile: Any) -> bool:
+        return (_get(profile, "properties", "traffic_routing_method") or "").lower() == "priority"
+
+    def status(self) -> TrafficStatus:
+        return self._state(self._profile())
+
+    def _patch(self, endpoint: Any, props: dict[str, Any]) -> None:
+        name = _get(endpoint, "name")
+        what = f"update endpoint {name} of {self.resource} ({', '.join(f'{k}={v}' for k, v in props.items())})"
+        _logger().info(what)
+        _heartbeat(what)
+        with _arm(what):
+            self.client.endpoints.update(self.tm.resource_group, self.tm.profile, _endpoint_type_segment(_get(endpoint, "type")),
+                                         name, {"properties": props})
+
+    def switch(self) -> TrafficStatus:
+        """Send traffic to request.to_region. Idempotent (only what differs is changed).
+
+        1. make room: an other endpoint holding priority 1 moves to a free priority (priorities are unique);
+        2. the target endpoint: Enabled, priority 1;
+        3. wait (heartbeating) until Traffic Manager reports it Online: Degraded raises EndpointDegraded, and
+           the other endpoints are left as they were, so traffic stays where it is;
+        4. the other endpoints: Disabled, priorities 2, 3, ... in their previous order.
+        """
+        to_region = self.request.to_region
+        if to_region not in self.request.endpoints:
+            raise ApplicationError(f"traffic: region {to_region!r} has no endpoint in the inventory", type="TrafficConfig", non_retryable=True)
+        deadline = time.monotonic() + _time_budget(DEFAULT_SWITCH_TIMEOUT)
+        profile = self._profile()
+        found = self._endpoints(profile)
+        priority_routing = self._priority_routing(profile)
+        target_key = self.request.endpoints[to_region].lower()
+        target = found[target_key]
+        others = [e for k, e in found.items() if k != target_key]
+
+        def prio(e: Any) -> int | None:
+            return _get(e, "properties", "priority")
+
+        def enabled(e: Any) -> bool:
+            return (_get(e, "properties", "endpoint_status") or "").lower() == "enabled"
+
+        if priority_routing:
+            used = {prio(e) for e in found.values() if prio(e) is not None}
+            for e in others:
+                if prio(e) == 1:
+                    free = next(p for p in list(range(max(used) + 1, 1001)) + list(range(2, 1001)) if p not in used)
+                    self._patch(e, {"priority": free})
+                    used.discard(1)
+                    used.add(free)
+        want: dict[str, Any] = {}
+        if not enabled(target):
+            want["endpointStatus"] = "Enabled"
+        if priority_routing and prio(target) != 1:
+            want["priority"] = 1
+        if want:
+            self._patch(target, want)
+        self._wait_online(target_key, deadline)
+        # Traffic is on the target now: take the others out of rotation, priorities after the target's.
+        profile = self._profile()
+        found = self._endpoints(profile)
+        others = sorted((e for k, e in found.items() if k != target_key), key=lambda e: (prio(e) is None, prio(e) or 0))
+        for n, e in enumerate(others, start=2):
+            props: dict[str, Any] = {}
+            if enabled(e):
+                props["endpointStatus"] = "Disabled"
+            if priority_routing and prio(e) != n:
+                props["priority"] = n
+            if props:
+                self._patch(e, props)
+        return self.status()
+
+    def _wait_online(self, target_key: str, deadline: float) -> None:
+        started = time.monotonic()
+        while True:
+            profile = self._profile()
+            e = self._endpoints(profile)[target_key]
+            monitor = _get(e, "properties", "endpoint_monitor_status")
+            if monitor == "Online":
+                return
+            if monitor in ("Degraded", "Stopped"):
+                raise ApplicationError(
+                    f"traffic: endpoint {_get(e, 'name')} of {self.resource} (region {self.request.to_region}) is {monitor}: "
+                    f"Traffic Manager's health probes fail there, so it will not take traffic; the other endpoints were left as they were",
+                    {"endpoint": _get(e, "name"), "monitor_status": monitor},
+                    type="EndpointDegraded",
+                    non_retryable=True,
+                )
+            waited = time.monotonic() - started
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"traffic: endpoint {_get(e, 'name')} of {self.resource} is still {monitor} after {waited:.0f}s",
+                                       type="EndpointNotOnline")
+            _heartbeat({"phase": "waiting for the endpoint to be Online", "endpoint": _get(e, "name"), "monitor_status": monitor,
+                        "waited_seconds": round(waited, 1)})
+            time.sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
