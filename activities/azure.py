@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from enum import Enum
 from typing import Any, Iterator
 
 from azure.core.credentials import AccessToken
@@ -206,10 +207,13 @@ def _wait_poller(poller: Any, what: str, deadline: float) -> Any:
 
 
 def _get(obj: Any, *path: str) -> Any:
+    """obj.a.b... over SDK models or dicts; None where a step is missing; enums as their plain string value."""
     for key in path:
         if obj is None:
             return None
         obj = obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+    if isinstance(obj, Enum):
+        return obj.value
     return obj
 
 

@@ -184,6 +184,7 @@ class _Cluster:
             deployments=[r.state for r in rollouts],
             ready=all(r.done for r in rollouts) and not not_ready,
             maintenance=self.maintenance(),
+            waiting=[r.waiting_for for r in rollouts if not r.done] + [f"node {n} not Ready" for n in not_ready],
         )
 
     # -- writes ------------------------------------------------------------------------------------------
@@ -325,16 +326,26 @@ def set_maintenance(req: MaintenanceRequest) -> KubeStatus:
 
 
 @activity.defn(name="k8s.scale_up")
-def scale_up(req: ScaleRequest, wait_seconds: float | None = None, poll_seconds: float = POLL_SECONDS) -> KubeStatus:
+def scale_up(req: ScaleRequest) -> KubeStatus:
     """Scale every inventory deployment up to its replicas, then wait until all rollouts complete.
 
     A deployment already at or above its inventory replicas is left alone (an autoscaler
-    may have raised it). Heartbeats ``{"ready", "desired", "waiting"}`` every poll, so the
-    workflow's heartbeat timeout notices a stuck worker. Gives up after ``wait_seconds``
-    (default: just short of the start-to-close timeout) with a retryable
-    ``DeploymentNotReady``; a rollout past its progress deadline fails non-retryably
-    (``DeploymentFailed``). The returned status also counts nodes (see ``kube_status``).
+    may have raised it). Heartbeats ``{"ready", "desired", "waiting"}`` about every second,
+    so the workflow's heartbeat timeout notices a stuck worker. Gives up just short of the
+    start-to-close timeout with a retryable ``DeploymentNotReady`` naming what is not
+    ready; a rollout past its progress deadline fails non-retryably (``DeploymentFailed``).
+    The returned status also counts nodes (see ``kube_status``).
+
+    Exactly one parameter on purpose: temporalio decodes activity arguments with their
+    type hints only when the workflow passes as many arguments as the function declares.
+    The wait knobs live on ``scale_up_and_wait``.
     """
+    return scale_up_and_wait(req)
+
+
+def scale_up_and_wait(req: ScaleRequest, *, wait_seconds: float | None = None, poll_seconds: float = POLL_SECONDS) -> KubeStatus:
+    """``k8s.scale_up`` with its knobs: the wait bound (default: just short of the activity's
+    start-to-close timeout, or DEFAULT_WAIT_SECONDS outside an activity) and the poll interval."""
     target = req.target
     if target.kubernetes is None:
         return _no_kubernetes(target)
@@ -356,7 +367,8 @@ def scale_up(req: ScaleRequest, wait_seconds: float | None = None, poll_seconds:
                 _logger().info("%s: all deployments ready (%d/%d) after %.1fs", c.where, progress["ready"],
                                progress["desired"], time.monotonic() - started)
                 return c.status(rollouts)
-            if time.monotonic() - started >= bound:
+            elapsed = time.monotonic() - started
+            if elapsed >= bound:
                 raise ApplicationError(f"{c.where}: not ready after {bound:.0f}s: {'; '.join(progress['waiting'])}", progress,
                                        type="DeploymentNotReady")
-            _sleep(min(poll_seconds, max(0.05, bound - (time.monotonic() - started))))
+            _sleep(min(poll_seconds, max(0.05, bound - elapsed)))

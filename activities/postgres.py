@@ -204,7 +204,7 @@ def sql_status(db: Any, region: str) -> DbStatus:
 # -- fence ----------------------------------------------------------------------------------------------------
 
 
-def _wait_reloaded(conn: psycopg.Connection, want: bool, db: Any, what: str) -> bool:
+def _wait_reloaded(conn: psycopg.Connection, want: bool, what: str) -> bool:
     """Wait until our own session sees default_transaction_read_only == want.
 
     pg_reload_conf() only signals the postmaster, which re-reads the files and then signals every backend;
@@ -230,7 +230,7 @@ def sql_fence(db: Any) -> None:
     with connect(db) as conn, _sql_errors(db, "fence"):
         conn.execute("alter system set default_transaction_read_only = on")
         conn.execute("select pg_reload_conf()")
-        if not _wait_reloaded(conn, True, db, "fence"):
+        if not _wait_reloaded(conn, True, "fence"):
             raise ApplicationError(f"fence on {where(db)}: default_transaction_read_only is still off {RELOAD_TIMEOUT:.0f}s after the reload",
                                    type="FenceIncomplete")
         others = conn.execute(
@@ -258,7 +258,7 @@ def sql_unfence(db: Any) -> None:
     with connect(db) as conn, _sql_errors(db, "unfence"):
         conn.execute("alter system reset default_transaction_read_only")
         conn.execute("select pg_reload_conf()")
-        if not _wait_reloaded(conn, False, db, "unfence"):
+        if not _wait_reloaded(conn, False, "unfence"):
             source, sourcefile = conn.execute(
                 "select source, sourcefile from pg_settings where name = 'default_transaction_read_only'"
             ).fetchone()

@@ -1296,8 +1296,13 @@ class EmulatorHandle:
         self.world, self._server, self._thread = world, server, thread
         self.url, self.ca_path = url, ca_path
         self.port = server.server_address[1]
+        self._stopped = False
 
     def stop(self) -> None:
+        """Stop serving and save the state. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)

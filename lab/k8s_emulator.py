@@ -576,6 +576,8 @@ class Cluster:
                 if res is DEPLOYMENTS:
                     self._templates[key] = _template_hash(obj)
                     self._progress_at[key] = time.monotonic()
+                if res is SERVICES and obj.get("spec", {}).get("clusterIP", "None") != "None":
+                    self._ip = max(self._ip, int(ipaddress.IPv4Address(obj["spec"]["clusterIP"])))
         log.info("loaded %d objects from %s", len(self.objects), self.state_file)
         return True
 
@@ -890,6 +892,8 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "opsflow-k8s-emulator"
     timeout = 60  # idle keep-alive connections are closed after a minute
+    disable_nagle_algorithm = True
+    wbufsize = -1  # headers and body leave in one write (flushed after each request)
     cluster: Cluster  # set on the subclass per server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
@@ -1263,7 +1267,7 @@ def start_emulator(seed: dict, port: int = 0, *, host: str = "127.0.0.1", state_
             step = cluster.seconds_per_replica
             stop.wait(0.02 if step <= 0 else min(max(step / 4, 0.01), 0.25))
 
-    threads = [threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name=f"k8s-emulator-{port}", daemon=True),
+    threads = [threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"k8s-emulator-{port}", daemon=True),
                threading.Thread(target=control, name=f"k8s-controller-{port}", daemon=True)]
     for t in threads:
         t.start()

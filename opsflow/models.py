@@ -143,6 +143,7 @@ class KubeStatus(BaseModel):
     deployments: list[DeploymentState]
     ready: bool
     maintenance: bool | None = None
+    waiting: list[str] = []  # why it is not ready: rollouts in progress, nodes not Ready
 
 
 class SmokeResult(BaseModel):

@@ -118,7 +118,7 @@ class FailoverWorkflow(Procedure):
                 raise Stop("refused", f"replication lag {lag} bytes is above the limit of {inv.failover.max_planned_lag_bytes} for a planned failover")
             kube: KubeStatus = await self.step("preflight-k8s", f"Check deployments in {to}", "k8s.status", target, result_type=KubeStatus, queue=q)
             if not kube.ready:
-                raise Stop("refused", f"deployments in {to} are not ready: " + ", ".join(f"{d.name} {d.ready}/{d.desired}" for d in kube.deployments if d.ready < d.desired))
+                raise Stop("refused", f"Kubernetes in {to} is not ready: " + "; ".join(kube.waiting or [f"{d.name} {d.ready}/{d.desired}" for d in kube.deployments if d.ready < d.desired]))
         await self.step("preflight-traffic", "Check traffic routing", "traffic.status", TrafficRequest.of(inv, to), result_type=TrafficStatus, queue=q)
 
         if inp.dry_run:

@@ -86,6 +86,7 @@ def emu(clusters, fake_aws_credentials):
     east, west = clusters
     config = {
         "metrics_interval": 0.5,
+        "promote_delay": 1.0,  # RDS takes a while; lets the test see "modifying"
         "rds": {
             "instances": [
                 {"db_instance_identifier": "orders-east", "region": "us-east-1", "cluster": east.to_dict(),

@@ -5,6 +5,9 @@ Nothing is mocked: real WAL, real lag, real promotion (lab/postgres.py starts th
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,12 +57,17 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    lab = Lab(tmp_path_factory.mktemp("pg"))
+def lab():
+    # Our own directory, not pytest's basetemp: other pytest sessions on the machine prune old basetemps,
+    # which would pull the data directories from under running servers. OPSFLOW_KEEP_LAB=1 keeps it.
+    root = Path(tempfile.mkdtemp(prefix="opsflow-pg-test-"))
+    lab = Lab(root)
     try:
         yield lab
     finally:
         lab.close()
+        if not os.environ.get("OPSFLOW_KEEP_LAB"):
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -348,10 +356,10 @@ def test_wrong_or_missing_password_fails_without_revealing_it(ops_role, monkeypa
     "dsn",
     ["host=db port=5432 user=ops password=hunter2 dbname=app", "password = hunter2 host=db", "postgresql://ops:hunter2@db:5432/app"],
 )
-def test_a_dsn_holding_a_password_is_rejected_by_the_inventory(dsn, tmp_path):
+def test_a_dsn_holding_a_password_is_rejected_by_the_inventory(dsn, lab):
     with pytest.raises(ValidationError, match="must not hold a password"):
         PostgresDatabase(provider="postgres", dsn=dsn)
-    inventory = tmp_path / "inv.yaml"
+    inventory = lab.root / "inv.yaml"
     inventory.write_text(
         f"""
 environment: lab

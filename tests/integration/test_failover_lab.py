@@ -1,0 +1,189 @@
+"""Failover on the lab, for real: PostgreSQL streaming replication, the ARM emulator behind the real Azure SDK,
+the Kubernetes emulator behind the real client, the Temporal dev server, the CLI as a person runs it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+from tests.integration.conftest import wait_for
+
+pytestmark = pytest.mark.lab
+
+TERMINAL = {"succeeded", "failed", "aborted", "refused", "planned"}
+
+
+def sql(dsn: str, query: str, *args):
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as c:
+        cur = c.execute(query, args or None)
+        return cur.fetchall() if cur.description else None
+
+
+def timeline(dsn: str) -> int:
+    return sql(dsn, "SELECT timeline_id FROM pg_control_checkpoint()")[0][0]
+
+
+def wait_status(lab, wid: str, pred, timeout: float = 120, what: str = "status") -> dict:
+    return wait_for(lambda: (lambda r: r if pred(r) else None)(lab.cli_json("status", wid)), timeout=timeout, interval=0.3, what=what)
+
+
+def wait_end(lab, wid: str, timeout: float = 180) -> dict:
+    return wait_status(lab, wid, lambda r: r["status"] in TERMINAL, timeout, "the procedure to end")
+
+
+def approve(lab, wid: str) -> None:
+    wait_status(lab, wid, lambda r: (r.get("waiting_for") or "").startswith("approval"), what="approval wait")
+    lab.cli("approve", wid, "--as", "bob", "--reason", "integration test", check=True)
+
+
+def traffic_endpoints(lab) -> dict[str, dict]:
+    """What Azure Traffic Manager reports, read through the real SDK over HTTPS."""
+    from azure.mgmt.trafficmanager import TrafficManagerManagementClient
+
+    from activities.azure import arm_credential
+    from opsflow.inventory import load_inventory
+
+    inv = load_inventory(lab.inventory)
+    client = TrafficManagerManagementClient(arm_credential(inv.azure), inv.traffic.subscription_id, base_url=inv.azure.arm_endpoint, connection_verify=inv.azure.ca_bundle)
+    profile = client.profiles.get(inv.traffic.resource_group, inv.traffic.profile)
+    return {e.name: {"status": e.endpoint_status, "priority": e.priority, "monitor": e.endpoint_monitor_status} for e in profile.endpoints}
+
+
+def deployments(lab, region: str) -> dict[str, tuple[int, int]]:
+    """spec.replicas and readyReplicas as the real Kubernetes client sees them."""
+    from kubernetes import client, config
+
+    api = client.AppsV1Api(config.new_client_from_config(str(lab.root / "kubeconfig"), context=f"lab-{region}"))
+    return {d.metadata.name: (d.spec.replicas, d.status.ready_replicas or 0) for d in api.list_namespaced_deployment("shop").items}
+
+
+def test_planned_failover_moves_the_primary_for_real(lab, worker):
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    sql(east, "CREATE TABLE orders (id int PRIMARY KEY, note text)")
+    sql(east, "INSERT INTO orders SELECT g, 'before' FROM generate_series(1, 500) g")
+
+    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice", "--reason", "integration")["workflow_id"]
+    wait_status(lab, wid, lambda r: r["status"] == "waiting", what="approval wait")
+    refused = lab.cli("approve", wid, "--as", "mallory")
+    assert refused.returncode == 1 and "may not approve" in refused.stderr
+    self_approval = lab.cli("approve", wid, "--as", "alice")
+    assert self_approval.returncode == 1 and "may not approve" in self_approval.stderr
+    approve(lab, wid)
+    report = wait_end(lab, wid)
+    assert report["status"] == "succeeded", report
+
+    # The database moved: rows are on the new primary, it accepts writes, the old one refuses them.
+    assert sql(west, "SELECT count(*) FROM orders")[0][0] == 500
+    assert sql(west, "SELECT pg_is_in_recovery()")[0][0] is False
+    sql(west, "INSERT INTO orders VALUES (501, 'after')")
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        sql(east, "INSERT INTO orders VALUES (502, 'old primary')")
+    assert timeline(west) == 2
+
+    # Traffic Manager through the Azure SDK: westeurope enabled and first, eastus disabled.
+    eps = traffic_endpoints(lab)
+    assert eps["shop-westeurope"]["status"] == "Enabled" and eps["shop-westeurope"]["priority"] == 1
+    assert eps["shop-eastus"]["status"] == "Disabled"
+    # Kubernetes through the real client: westeurope scaled to the inventory's replicas and ready.
+    assert deployments(lab, "westeurope") == {"web": (3, 3), "worker": (2, 2)}
+
+    assert report["approval"]["by"] == "bob" and report["rpo_bytes"] == 0 and report["rpo_proven"] is True
+    assert report["rto_seconds"] > 0 and report["lag_at_promotion_bytes"] == 0
+    md = lab.cli("report", wid, "--markdown", check=True).stdout
+    assert "| Promote the replica in westeurope | ok |" in md and "RPO 0 bytes" in md
+    listed = lab.cli_json("list")
+    assert any(r["workflow_id"] == wid and r["status"] == "succeeded" and r["procedure"] == "failover" for r in listed)
+
+
+def test_no_acknowledged_write_is_lost(lab, worker):
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    sql(east, "CREATE TABLE ledger (id int PRIMARY KEY, at timestamptz DEFAULT now())")
+    acknowledged: list[int] = []
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def writer() -> None:
+        # A client that retries against the other region when its primary refuses: what an app does after a switch.
+        targets, i, n = [east, west], 0, 0
+        while not stop.is_set():
+            n += 1
+            try:
+                with psycopg.connect(targets[i], autocommit=True, connect_timeout=2) as c:
+                    c.execute("INSERT INTO ledger (id) VALUES (%s)", (n,))
+                acknowledged.append(n)
+            except psycopg.Error as e:
+                errors.append(type(e).__name__)
+                i = 1 - i
+                time.sleep(0.05)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    wait_for(lambda: len(acknowledged) > 50, what="writes before the failover")
+    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    approve(lab, wid)
+    report = wait_end(lab, wid)
+    wait_for(lambda: sql(west, "SELECT count(*) FROM ledger WHERE id > %s", max(acknowledged[-1:] or [0]) - 1) and len(acknowledged) > 0, what="writes after")
+    before_stop = len(acknowledged)
+    wait_for(lambda: len(acknowledged) > before_stop + 20, what="writes on the new primary")
+    stop.set()
+    t.join(10)
+    assert report["status"] == "succeeded", report
+    present = {r[0] for r in sql(west, "SELECT id FROM ledger")}
+    lost = [n for n in acknowledged if n not in present]
+    assert not lost, f"{len(lost)} acknowledged writes lost: {lost[:10]}"
+    assert errors, "the writer never saw the fence: the test did not exercise the switch"
+
+
+def test_emergency_failover_with_the_old_primary_killed(lab, worker):
+    from lab.postgres import Cluster
+
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    sql(east, "CREATE TABLE t (id int)")
+    sql(east, "INSERT INTO t SELECT generate_series(1, 100)")
+    wait_for(lambda: sql(west, "SELECT count(*) FROM pg_class WHERE relname = 't'")[0][0] == 1, what="replication")
+    Cluster.from_dict(lab.state["postgres"]["eastus"]).kill()
+
+    proc = lab.cli("failover", "--to", "westeurope", "--emergency", "--requester", "alice", "--wait", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import json
+
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["status"] == "succeeded" and report["emergency"] is True
+    names = [s["name"] for s in report["steps"]]
+    assert names.index("traffic") < names.index("promote") and "drain" not in names and "approval" not in names
+    assert report["rpo_bytes"] is not None and report["rpo_proven"] is False
+    sql(west, "INSERT INTO t VALUES (101)")
+    assert traffic_endpoints(lab)["shop-eastus"]["status"] == "Disabled"
+
+
+def test_refusals_and_bad_input_change_nothing(lab, worker):
+    west = lab.dsn("westeurope")
+    unknown = lab.cli("failover", "--to", "mars", "--requester", "alice")
+    assert unknown.returncode == 2 and "unknown region 'mars'" in unknown.stderr
+    already = lab.cli("failover", "--to", "eastus", "--requester", "alice", "--wait", "--json")
+    assert already.returncode == 1 and '"refused"' in already.stdout and "already the primary" in already.stdout
+    missing = lab.cli("status", "opsflow-nope")
+    assert missing.returncode == 2 and "no procedure with workflow id 'opsflow-nope'" in missing.stderr
+    bad = lab.cli("approve", "opsflow-nope", "--as", "bob")
+    assert bad.returncode == 2
+    assert sql(west, "SELECT pg_is_in_recovery()")[0][0] is True and timeline(west) == 1
+
+    dry = lab.cli("failover", "--to", "westeurope", "--requester", "alice", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert '"planned"' in dry.stdout and "promote" in dry.stdout
+    assert sql(west, "SELECT pg_is_in_recovery()")[0][0] is True
+    assert traffic_endpoints(lab)["shop-eastus"]["status"] == "Enabled"
+
+
+def test_one_procedure_per_environment(lab, worker):
+    first = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    wait_status(lab, first, lambda r: r["status"] == "waiting", what="approval wait")
+    second = lab.cli("failover", "--to", "westeurope", "--requester", "bob")
+    assert second.returncode == 3 and "another procedure is running" in second.stderr
+    lab.cli("abort", first, "--as", "alice", "--reason", "test", check=True)
+    report = wait_end(lab, first)
+    assert report["status"] == "aborted"
+    assert sql(lab.dsn("eastus"), "SHOW default_transaction_read_only")[0][0] == "off"
