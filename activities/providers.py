@@ -7,9 +7,10 @@ the inventory names for the region.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Protocol
 
-from opsflow.models import DbStatus, PromoteResult, RegionTarget, TrafficRequest, TrafficStatus
+from opsflow.models import DbStatus, PromoteResult, RegionTarget, RestoreRequest, RestoreWindow, ScratchTarget, TrafficRequest, TrafficStatus
 
 
 class DatabaseProvider(Protocol):
@@ -64,3 +65,42 @@ def traffic_provider(request: TrafficRequest) -> TrafficProvider:
 
         return Route53Router(request)
     raise ValueError(f"unknown traffic provider {kind!r}")
+
+
+class RestoreProvider(Protocol):
+    """Restores a backup into a scratch target (a server, an instance, or a database), for drills."""
+
+    def window(self) -> "RestoreWindow":
+        """The restorable range: earliest (retention) and latest restore point."""
+
+    def start(self, name: str, point: datetime) -> "ScratchTarget":
+        """Begin restoring into scratch target `name`. Idempotent: an existing target of that name is reused."""
+
+    def status(self, name: str) -> "ScratchTarget":
+        """Where the restore of `name` stands (ready, and its DSN once ready). Raises if it failed."""
+
+    def delete(self, name: str) -> bool:
+        """Delete scratch target `name`; False when it was already gone. Idempotent."""
+
+    def list_scratch(self, prefix: str) -> list[str]:
+        """Scratch targets whose name starts with `prefix` (what a crashed run may have left behind)."""
+
+
+def restore_provider(request: "RestoreRequest") -> RestoreProvider:
+    if request.method == "azure-pitr":
+        from activities.azure import AzurePointInTimeRestore
+
+        return AzurePointInTimeRestore(request)
+    if request.method == "rds-pitr":
+        from activities.aws import RdsPointInTimeRestore
+
+        return RdsPointInTimeRestore(request)
+    if request.method == "s3-dump":
+        from activities.aws import S3DumpRestore
+
+        return S3DumpRestore(request)
+    raise ValueError(f"unknown restore method {request.method!r}")
+
+
+def default_restore_method(provider: str) -> str:
+    return {"azure-flexible": "azure-pitr", "aws-rds": "rds-pitr"}.get(provider, "s3-dump")

@@ -455,6 +455,8 @@ class World:
             "replicaCapacity": replica["capacity"],
             "replica": replica,
         }
+        if minor is None:
+            del props["minorVersion"]
         if role in REPLICA_ROLES:
             if busy:
                 rstate = "Updating"

@@ -252,6 +252,7 @@ def arm_emulator_config(clusters: dict, receiver_port: int) -> dict:
     servers = {}
     for region, cluster in clusters.items():
         servers[f"lab-{region}-pg"] = {
+            "resource_group": RESOURCE_GROUP,
             "location": region,
             "cluster": cluster.to_dict(),
             "role": "Primary" if region == PRIMARY else "AsyncReplica",
@@ -259,24 +260,24 @@ def arm_emulator_config(clusters: dict, receiver_port: int) -> dict:
         }
     return {
         "subscription_id": SUBSCRIPTION,
-        "resource_group": RESOURCE_GROUP,
+        "settings": {"lro_seconds": 0.5, "tm_checking_seconds": 1.0},
         "flexible_servers": servers,
         "traffic_manager_profiles": {
             PROFILE: {
+                "resource_group": RESOURCE_GROUP,
                 "routing_method": "Priority",
                 "endpoints": {
                     f"shop-{region}": {
                         "type": "externalEndpoints",
-                        "target": f"127.0.0.1:{receiver_port}",
                         "region": region,
-                        "enabled": region == PRIMARY,
+                        "target": f"{region}.shop.lab.example",
+                        "status": "Enabled" if region == PRIMARY else "Disabled",
                         "priority": 1 if region == PRIMARY else 2,
                     }
                     for region in REGIONS
                 },
             }
         },
-        "lro_seconds": 0.5,
     }
 
 

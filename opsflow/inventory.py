@@ -190,6 +190,54 @@ class FailoverPolicy(Strict):
     _d = field_validator("drain", "catch_up_timeout", "promote_timeout", "heartbeat_timeout", mode="before")(parse_duration)
 
 
+class RowCountCheck(Strict):
+    table: str = Field(description="schema-qualified or plain table name")
+    # With a commit-time column the source is counted as of the restore point (exact); without one the
+    # live source is counted and `tolerance` rows of difference are accepted.
+    timestamp_column: str | None = None
+    tolerance: int = Field(default=0, ge=0)
+
+
+class SqlCheck(Strict):
+    name: str
+    query: str = Field(description="must return a single boolean true on the restored server")
+
+
+class S3Location(Strict):
+    bucket: str
+    prefix: str = ""
+
+
+class DrillPolicy(Strict):
+    """The monthly restore test: where to restore, what to verify."""
+
+    # Default: by the source region's database provider (azure-flexible -> azure-pitr, aws-rds -> rds-pitr).
+    method: Literal["azure-pitr", "rds-pitr", "s3-dump"] | None = None
+    scratch_prefix: str = Field(default="opsflow-drill", pattern=r"^[a-z][a-z0-9-]{2,40}$")
+    # s3-dump: where the dumps are, and the PostgreSQL server that hosts the scratch database.
+    dumps: S3Location | None = None
+    scratch_server: _SqlAccess | None = None
+    retention: Seconds = 7 * 86400
+    restore_timeout: Seconds = 4 * 3600
+    heartbeat_timeout: Seconds = 120
+    row_counts: list[RowCountCheck] = []
+    checks: list[SqlCheck] = []
+    schema_objects: list[str] = []
+    notify_channels: list[str] = []
+
+    _d = field_validator("retention", "restore_timeout", "heartbeat_timeout", mode="before")(parse_duration)
+
+    @model_validator(mode="after")
+    def _s3(self) -> "DrillPolicy":
+        if self.method == "s3-dump" and (self.dumps is None or self.scratch_server is None):
+            raise ValueError("method s3-dump needs 'dumps' (bucket/prefix) and 'scratch_server' (dsn)")
+        return self
+
+
+class ReportStore(Strict):
+    s3: S3Location | None = None
+
+
 class Inventory(Strict):
     environment: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     primary_region: str = Field(description="the region that is primary when the inventory was written; the live role is read from the database")
@@ -200,7 +248,9 @@ class Inventory(Strict):
     azure: AzureConnection | None = None
     aws: AwsConnection | None = None
     notifications: list[NotificationChannel] = []
+    drill: DrillPolicy = DrillPolicy()
     reports_dir: str = "reports"
+    reports: ReportStore = ReportStore()
     workflow_task_queue: str | None = None
 
     @model_validator(mode="after")

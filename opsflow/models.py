@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from opsflow.inventory import AwsConnection, AzureConnection, Database, Inventory, KubernetesConfig, NotificationChannel, Traffic
+from opsflow.inventory import AwsConnection, AzureConnection, Database, DrillPolicy, Inventory, KubernetesConfig, NotificationChannel, ReportStore, Traffic
 
 
 def lsn_to_int(lsn: str | None) -> int | None:
@@ -167,6 +167,60 @@ class NotifyRequest(BaseModel):
     channels: list[NotificationChannel]  # the inventory's channels (urls or where their secret url lives)
 
 
+# -- restore drills -------------------------------------------------------------------------------------
+
+
+class RestoreRequest(BaseModel):
+    """Restore the source region's database into a scratch target named `scratch_name`."""
+
+    source: RegionTarget
+    drill: DrillPolicy
+    method: str
+    scratch_name: str = ""
+    point_in_time: datetime | None = None  # None: the latest restorable time
+
+
+class RestoreWindow(BaseModel):
+    earliest: datetime | None
+    latest: datetime
+    detail: str = ""  # e.g. the dump object chosen
+
+
+class ScratchTarget(BaseModel):
+    name: str
+    method: str
+    ready: bool
+    dsn: str | None = None  # libpq DSN without password; the password is the source's (restores copy roles)
+    restore_point: datetime | None = None
+    detail: str = ""
+
+
+class VerifyRequest(BaseModel):
+    source: RegionTarget
+    scratch: ScratchTarget
+    drill: DrillPolicy
+    restore_point: datetime
+
+
+class CheckResult(BaseModel):
+    kind: Literal["row_count", "sql", "schema"]
+    name: str
+    ok: bool
+    detail: str = ""
+    expected: int | None = None
+    actual: int | None = None
+
+
+class StoreReportRequest(BaseModel):
+    environment: str
+    workflow_id: str
+    reports_dir: str
+    store: ReportStore
+    aws: AwsConnection | None = None
+    json_text: str
+    markdown: str
+
+
 # -- reports --------------------------------------------------------------------------------------------
 
 StepOutcome = Literal["running", "ok", "failed", "skipped", "compensated", "planned"]
@@ -240,3 +294,16 @@ class FailoverReport(ProcedureReport):
     rpo_bytes: int | None = None  # planned: 0, proven by LSN compare; emergency: WAL not replayed (estimate)
     rpo_proven: bool = False
     promotion_seconds: float | None = None
+
+
+class DrillReport(ProcedureReport):
+    procedure: str = "drill"
+    source_region: str | None = None
+    method: str | None = None
+    scratch_name: str | None = None
+    restore_point: datetime | None = None
+    restore_point_age_seconds: float | None = None  # the RPO the backups really give
+    restore_seconds: float | None = None
+    checks: list[CheckResult] = []
+    scratch_deleted: bool | None = None
+    stored_at: list[str] = []

@@ -1,9 +1,10 @@
 """What a worker runs: every procedure workflow and every activity, by task queue role."""
 
-from activities import database, http_checks, kubernetes, notify, traffic
+from activities import database, http_checks, kubernetes, notify, reports, restore, traffic
+from workflows.drill import DrillWorkflow
 from workflows.failover import FailoverWorkflow
 
-WORKFLOWS = [FailoverWorkflow]
+WORKFLOWS = [FailoverWorkflow, DrillWorkflow]
 
 # Activities that act on one region run on that region's queue, so a dead region cannot stall the rest.
 REGION_ACTIVITIES = [
@@ -19,6 +20,13 @@ REGION_ACTIVITIES = [
     kubernetes.set_maintenance,
     kubernetes.scale_up,
     http_checks.smoke,
+    restore.restore_window,
+    restore.restore_leftovers,
+    restore.restore_start,
+    restore.restore_wait,
+    restore.restore_delete,
+    restore.validate_checks,
+    restore.verify,
 ]
 # Activities that belong to no region run beside the workflows.
-GLOBAL_ACTIVITIES = [notify.send]
+GLOBAL_ACTIVITIES = [notify.send, reports.store_report]

@@ -53,6 +53,7 @@ class Procedure:
 
     report: ProcedureReport
     inventory: Inventory
+    notify_on_stop = True
 
     def begin(self, report: ProcedureReport, inventory: Inventory) -> None:
         self.report = report
@@ -346,8 +347,12 @@ class Procedure:
         self.report.current_step = None
         self.report.waiting_for = None
         self.report.ended_at = workflow.now()
+        await self.finalize()
         self.show()
         return self.report
+
+    async def finalize(self) -> None:
+        """Called once at the end, success or not, after any undo (e.g. to store the report)."""
 
     async def _stopped(self, status: str, reason: str) -> ProcedureReport:
         if not self.point_of_no_return:
@@ -356,6 +361,8 @@ class Procedure:
         self.report.failure = reason
         self.report.waiting_for = None
         self.report.ended_at = workflow.now()
+        await self.finalize()
         self.show()
-        await self.notify(f"{self.report.procedure} {status}: {reason}", severity="critical" if status == "failed" else "warning")
+        if self.notify_on_stop:
+            await self.notify(f"{self.report.procedure} {status}: {reason}", severity="critical" if status == "failed" else "warning")
         raise ApplicationError(f"{self.report.procedure} {status}: {reason}", self.report, type=status.capitalize(), non_retryable=True)

@@ -11,9 +11,10 @@ from opsflow.inventory import Inventory
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
 from tests.workflow.world import World
+from workflows.drill import DrillWorkflow
 from workflows.failover import FailoverWorkflow
 
-WORKFLOWS = [FailoverWorkflow]
+WORKFLOWS = [FailoverWorkflow, DrillWorkflow]
 
 
 @pytest_asyncio.fixture(scope="session")

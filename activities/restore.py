@@ -1,0 +1,100 @@
+"""The restore-drill activities: provider-neutral, each picks the method's provider (activities/providers.py)."""
+
+from __future__ import annotations
+
+import time
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities import postgres
+from activities.providers import restore_provider
+from opsflow.inventory import PostgresDatabase
+from opsflow.models import CheckResult, RestoreRequest, RestoreWindow, ScratchTarget, VerifyRequest
+
+
+@activity.defn(name="restore.window")
+def restore_window(request: RestoreRequest) -> RestoreWindow:
+    return restore_provider(request).window()
+
+
+@activity.defn(name="restore.leftovers")
+def restore_leftovers(request: RestoreRequest) -> list[str]:
+    """Scratch targets left behind by an earlier run that crashed: found, deleted, and named in the report."""
+    provider = restore_provider(request)
+    found = [n for n in provider.list_scratch(request.drill.scratch_prefix + "-") if n != request.scratch_name]
+    for name in found:
+        provider.delete(name)
+    return found
+
+
+@activity.defn(name="restore.start")
+def restore_start(request: RestoreRequest) -> ScratchTarget:
+    assert request.point_in_time is not None
+    return restore_provider(request).start(request.scratch_name, request.point_in_time)
+
+
+@activity.defn(name="restore.wait")
+def restore_wait(request: RestoreRequest) -> ScratchTarget:
+    """Wait for the scratch target, heartbeating; restores take tens of minutes in production. After a worker
+    crash the next attempt picks up the same target by name: one scratch target per drill."""
+    provider = restore_provider(request)
+    started = time.monotonic()
+    while True:
+        target = provider.status(request.scratch_name)
+        if activity.in_activity():
+            activity.heartbeat({"ready": target.ready, "detail": target.detail, "waited_seconds": round(time.monotonic() - started, 1)})
+        if target.ready:
+            return target
+        time.sleep(1.0)
+
+
+@activity.defn(name="restore.delete")
+def restore_delete(request: RestoreRequest) -> bool:
+    return restore_provider(request).delete(request.scratch_name)
+
+
+def _scratch_db(request: VerifyRequest) -> PostgresDatabase:
+    if not request.scratch.dsn:
+        raise ApplicationError(f"scratch target {request.scratch.name} has no DSN", type="BadInput", non_retryable=True)
+    src = request.source.database
+    return PostgresDatabase(provider="postgres", dsn=request.scratch.dsn, password=getattr(src, "password", None))
+
+
+def _source_db(request) -> PostgresDatabase:
+    src = request.source.database
+    if not getattr(src, "dsn", None):
+        raise ApplicationError(f"{request.source.region}: the source database has no DSN to verify against", type="BadInput", non_retryable=True)
+    return PostgresDatabase(provider="postgres", dsn=src.dsn, password=src.password)
+
+
+@activity.defn(name="restore.validate_checks")
+def validate_checks(request: RestoreRequest) -> None:
+    """Before anything is created: every table named by a row-count check exists on the source."""
+    tables = [c.table for c in request.drill.row_counts]
+    if tables:
+        postgres.require_tables(_source_db(request), tables)
+
+
+@activity.defn(name="restore.verify")
+def verify(request: VerifyRequest) -> list[CheckResult]:
+    """Row counts against the source at the restore point, SQL checks, schema objects. Results, not exceptions:
+    the drill decides, and the report lists every check."""
+    scratch, source, drill = _scratch_db(request), _source_db(request), request.drill
+    results: list[CheckResult] = []
+    restored = postgres.row_counts(scratch, [c.table for c in drill.row_counts]) if drill.row_counts else {}
+    for c in drill.row_counts:
+        if c.timestamp_column:
+            expected = postgres.row_counts_at(source, c.table, c.timestamp_column, request.restore_point)
+        else:
+            expected = postgres.row_counts(source, [c.table])[c.table]
+        actual = restored[c.table]
+        ok = abs(expected - actual) <= c.tolerance
+        results.append(CheckResult(kind="row_count", name=c.table, ok=ok, expected=expected, actual=actual,
+                                   detail=f"{actual} rows restored, {expected} expected" + (f" (±{c.tolerance})" if c.tolerance else "")))
+    for name, ok, detail in postgres.run_checks(scratch, [(c.name, c.query) for c in drill.checks]):
+        results.append(CheckResult(kind="sql", name=name, ok=ok, detail=detail))
+    missing = set(postgres.missing_objects(scratch, drill.schema_objects)) if drill.schema_objects else set()
+    for obj in drill.schema_objects:
+        results.append(CheckResult(kind="schema", name=obj, ok=obj not in missing, detail="missing" if obj in missing else "present"))
+    return results

@@ -1,0 +1,124 @@
+"""The restore test (monthly DR drill). Reads top to bottom; each step is one line.
+
+validate the checks against the source -> find the restorable range and the restore point -> remove scratch
+targets a crashed run left behind -> restore into a scratch target -> wait for it (heartbeating) -> verify
+(row counts at the restore point, SQL checks, schema objects) -> ALWAYS delete the scratch target (after
+success, failure or cancellation) -> keep the report (local + S3) -> notify with one line.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel
+from temporalio import workflow
+from temporalio.exceptions import ActivityError
+
+from workflows.procedure import Procedure, Stop, failure_message
+
+with workflow.unsafe.imports_passed_through():
+    from activities.providers import default_restore_method
+    from opsflow.inventory import Inventory
+    from opsflow.models import CheckResult, ControlEvent, DrillReport, RegionTarget, RestoreRequest, RestoreWindow, ScratchTarget, StoreReportRequest, VerifyRequest
+    from opsflow.report import to_markdown
+
+
+class DrillInput(BaseModel):
+    inventory: Inventory
+    source_region: str | None = None  # default: the inventory's primary region
+    point_in_time: datetime | None = None  # default: the latest restorable time
+    dry_run: bool = False
+    requester: str
+    reason: str = ""
+
+
+@workflow.defn(name="drill")
+class DrillWorkflow(Procedure):
+    notify_on_stop = False  # finalize() sends the one-line summary, success or not
+    @workflow.run
+    async def run(self, inp: DrillInput) -> DrillReport:
+        inv = inp.inventory
+        self.begin(DrillReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason, dry_run=inp.dry_run), inv)
+        await self.conclude(lambda: self.drill(inp))
+        return self.report  # type: ignore[return-value]
+
+    async def drill(self, inp: DrillInput) -> None:
+        inv, report, policy = inp.inventory, self.report, inp.inventory.drill
+        assert isinstance(report, DrillReport)
+        source = inp.source_region or inv.primary_region
+        if source not in inv.regions:
+            raise Stop("refused", f"unknown region {source!r}; the inventory has: {', '.join(inv.regions)}")
+        method = policy.method or default_restore_method(inv.region(source).database.provider)
+        # One scratch target per drill, named by the run: a retried or crashed step finds the same one.
+        name = f"{policy.scratch_prefix}-{workflow.info().run_id.replace('-', '')[:8]}"
+        report.source_region, report.method, report.scratch_name = source, method, name
+        q = inv.region_queue(source)
+        req = RestoreRequest(source=RegionTarget.of(inv, source), drill=policy, method=method, scratch_name=name)
+
+        await self.step("validate", "Check that the verified tables exist on the source", "restore.validate_checks", req, queue=q, attempts=3)
+        window: RestoreWindow = await self.step("window", f"Find the restorable range ({method})", "restore.window", req, result_type=RestoreWindow, queue=q,
+                                                detail=lambda w: f"{w.earliest or '?'} .. {w.latest}" + (f"; {w.detail}" if w.detail else ""))
+        point = inp.point_in_time or window.latest
+        if point > workflow.now():
+            raise Stop("refused", f"the point in time {point.isoformat()} is in the future")
+        if window.earliest and point < window.earliest:
+            raise Stop("refused", f"the point in time {point.isoformat()} is before the earliest restorable time {window.earliest.isoformat()} (retention)")
+        if point > window.latest:
+            raise Stop("refused", f"the point in time {point.isoformat()} is after the latest restorable time {window.latest.isoformat()}")
+        req.point_in_time = report.restore_point = point
+        report.restore_point_age_seconds = (workflow.now() - point).total_seconds()
+
+        if inp.dry_run:
+            for step_name, what in (("leftovers", f"delete scratch targets named {policy.scratch_prefix}-* left by earlier runs"),
+                                    ("restore", f"{method}: restore {source} as of {point.isoformat()} into {name}"),
+                                    ("verify", f"{len(policy.row_counts)} row count(s), {len(policy.checks)} SQL check(s), {len(policy.schema_objects)} schema object(s)"),
+                                    ("cleanup", f"delete {name}"), ("report", "store the report and notify")):
+                self.end_step(self.begin_step(step_name, what), "planned")
+            report.status = "planned"
+            return
+
+        await self.step("leftovers", "Remove scratch targets left by earlier runs", "restore.leftovers", req, queue=q,
+                                    detail=lambda found: f"removed {', '.join(found)}" if found else "none")
+        # From here on the scratch target may exist: its deletion is owed whatever happens.
+        self.undo_stack.append((f"Delete scratch target {name}", "restore.delete", req))
+        started = workflow.now()
+        await self.step("restore", f"Restore {source} as of {point:%Y-%m-%d %H:%M:%S}Z into {name}", "restore.start", req, result_type=ScratchTarget, queue=q, attempts=5)
+        scratch: ScratchTarget = await self.step(
+            "restore-wait", f"Wait for {name}", "restore.wait", req, result_type=ScratchTarget, queue=q,
+            timeout=policy.restore_timeout, heartbeat=policy.heartbeat_timeout, attempts=3, detail=lambda t: t.detail)
+        report.restore_seconds = (workflow.now() - started).total_seconds()
+        checks: list[CheckResult] = await self.step(
+            "verify", "Verify integrity", "restore.verify", VerifyRequest(source=req.source, scratch=scratch, drill=policy, restore_point=point),
+            result_type=list[CheckResult], queue=q, timeout=1800, attempts=3,
+            detail=lambda rs: f"{sum(r.ok for r in rs)}/{len(rs)} checks passed")
+        report.checks = checks
+        await self.undo()  # delete the scratch target now; on failure or cancellation `conclude` does it
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            raise Stop("failed", "integrity check(s) failed: " + "; ".join(f"{c.kind} {c.name}: {c.detail}" for c in failed))
+
+    async def finalize(self) -> None:
+        """Keep the evidence: the report as JSON and Markdown, locally and in S3; then one line to the channels."""
+        report, inv = self.report, self.inventory
+        assert isinstance(report, DrillReport)
+        if report.dry_run:
+            return
+        deletions = [s for s in report.steps if s.name == "undo:restore.delete"]
+        if deletions:
+            report.scratch_deleted = all(s.outcome == "compensated" for s in deletions)
+        request = StoreReportRequest(environment=inv.environment, workflow_id=f"{report.workflow_id}-{workflow.info().run_id[:8]}", reports_dir=inv.reports_dir,
+                                     store=inv.reports, aws=inv.aws, json_text=report.model_dump_json(indent=2), markdown=to_markdown(report))
+        try:
+            report.stored_at = await workflow.execute_activity("report.store", request, result_type=list[str], task_queue=inv.task_queue,
+                                                               start_to_close_timeout=timedelta(seconds=60), summary="store the drill report")
+        except ActivityError as err:  # a report that cannot be stored is noted; the drill's outcome stands
+            report.events.append(ControlEvent(action="report-store-failed", by="opsflow", at=workflow.now(), reason=failure_message(err)))
+        status = report.status if report.status != "running" else "succeeded"
+        ok = sum(c.ok for c in report.checks)
+        line = (f"restore drill {inv.environment}/{report.source_region}: {status}; restore point {report.restore_point:%Y-%m-%d %H:%M}Z"
+                if report.restore_point else f"restore drill {inv.environment}: {status}")
+        if report.restore_seconds is not None:
+            line += f", restored in {report.restore_seconds:.0f}s, checks {ok}/{len(report.checks)}"
+        if report.failure:
+            line += f" — {report.failure}"
+        await self.notify(line, severity="info" if status == "succeeded" else "critical", channels=inv.drill.notify_channels or None)
