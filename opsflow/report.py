@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from opsflow.models import FailoverReport, ProcedureReport
+from opsflow.models import DrillReport, FailoverReport, ProcedureReport
 
 MARK = {"ok": "✓", "failed": "✗", "running": "…", "skipped": "-", "compensated": "↺", "planned": "•"}
 
@@ -35,6 +35,16 @@ def figures(r: ProcedureReport) -> list[str]:
             out.append(f"replication lag at promotion {r.lag_at_promotion_bytes} bytes{secs}")
         if r.rpo_bytes is not None:
             out.append(f"RPO {r.rpo_bytes} bytes of WAL" + (" (proven by LSN compare)" if r.rpo_proven else " (estimate: WAL not replayed)"))
+    if isinstance(r, DrillReport):
+        if r.restore_point:
+            age = f", {r.restore_point_age_seconds / 60:.0f} min old at the drill (the RPO the backups give)" if r.restore_point_age_seconds is not None else ""
+            out.append(f"restore point {r.restore_point:%Y-%m-%d %H:%M:%S}Z ({r.method} from {r.source_region}){age}")
+        if r.restore_seconds is not None:
+            out.append(f"restore took {r.restore_seconds:.1f}s into {r.scratch_name}")
+        for c in r.checks:
+            out.append(f"check {'passed' if c.ok else 'FAILED'}: {c.kind} {c.name}" + (f" — {c.detail}" if c.detail else ""))
+        if r.scratch_deleted is not None:
+            out.append(f"scratch target {r.scratch_name} {'deleted' if r.scratch_deleted else 'NOT deleted: delete it by hand'}")
     for item in r.remaining:
         out.append(f"LEFT TO DO: {item}")
     return out

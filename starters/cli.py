@@ -230,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--environment", dest="env_name")
     ls.add_argument("--status", help="e.g. failed, running, waiting")
     ls.add_argument("--limit", type=int, default=50)
+
+    # -- opsflow schedule ... (starters/schedules.py) --
+    from starters.schedules import add_arguments as schedule_arguments
+
+    schedule_arguments(sub.add_parser("schedule", help="procedures on a Temporal Schedule: create, list, describe, pause, trigger, backfill, delete"))
     return p
 
 
@@ -244,6 +249,11 @@ COMMANDS = {
     "report": cmd_report,
     "list": cmd_list,
 }
+
+# -- opsflow schedule ... (starters/schedules.py) --
+from starters.schedules import run as cmd_schedule  # noqa: E402
+
+COMMANDS["schedule"] = cmd_schedule
 
 
 def main(argv: list[str] | None = None) -> int:

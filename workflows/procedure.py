@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory
@@ -108,6 +108,9 @@ class Procedure:
                 summary=title,
             )
         except ActivityError as err:
+            if isinstance(err.cause, CancelledError):  # the workflow was cancelled (UI/CLI): an abort
+                self.end_step(record, "failed", "cancelled")
+                raise Stop("aborted", "cancelled") from None
             self.end_step(record, "failed", failure_message(err))
             raise Stop("failed", f"{title}: {failure_message(err)}") from None
         if undo is not None:

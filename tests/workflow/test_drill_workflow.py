@@ -1,0 +1,220 @@
+"""The restore drill's logic on the time-skipping server: checks, cleanup after success/failure/cancel,
+heartbeat-timeout retry yielding one scratch target, refusals before anything is created."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import pytest_asyncio
+from temporalio import activity
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+from temporalio.worker import Worker
+
+from activities.reports import store_report
+from opsflow.inventory import Inventory
+from opsflow.models import CheckResult, DrillReport, NotifyRequest, RestoreRequest, RestoreWindow, ScratchTarget, VerifyRequest
+from tests.workflow.conftest import WORKFLOWS, inventory_dict
+from workflows.drill import DrillInput
+
+NOW = datetime.now(timezone.utc)
+
+
+class Backups:
+    """Stand-ins for the restore activities, keeping count of the scratch targets that exist."""
+
+    def __init__(self):
+        self.scratch: set[str] = set()
+        self.created: list[str] = []
+        self.calls: list[str] = []
+        self.checks_ok = True
+        self.fail_wait = False
+        self.stall_first_wait = False
+        self.wait_attempts = 0
+        self.block_wait: threading.Event | None = None
+        self.notifications: list[str] = []
+
+    def activities(self):
+        b = self
+
+        @activity.defn(name="restore.validate_checks")
+        def validate(req: RestoreRequest) -> None:
+            b.calls.append("validate")
+            for c in req.drill.row_counts:
+                if c.table == "nope":
+                    raise ApplicationError("unknown table 'nope' on the source", type="BadInput", non_retryable=True)
+
+        @activity.defn(name="restore.window")
+        def window(req: RestoreRequest) -> RestoreWindow:
+            b.calls.append("window")
+            return RestoreWindow(earliest=NOW - timedelta(days=7), latest=NOW - timedelta(minutes=5))
+
+        @activity.defn(name="restore.leftovers")
+        def leftovers(req: RestoreRequest) -> list[str]:
+            found = sorted(n for n in b.scratch if n.startswith(req.drill.scratch_prefix) and n != req.scratch_name)
+            b.scratch -= set(found)
+            return found
+
+        @activity.defn(name="restore.start")
+        def start(req: RestoreRequest) -> ScratchTarget:
+            b.calls.append("start")
+            if req.scratch_name not in b.scratch:
+                b.scratch.add(req.scratch_name)
+                b.created.append(req.scratch_name)
+            return ScratchTarget(name=req.scratch_name, method=req.method, ready=False)
+
+        @activity.defn(name="restore.wait")
+        def wait(req: RestoreRequest) -> ScratchTarget:
+            b.wait_attempts += 1
+            if b.stall_first_wait and b.wait_attempts == 1:
+                time.sleep(3)  # no heartbeat: the heartbeat timeout (1 s) expires and the attempt is retried
+            if b.block_wait is not None:
+                while not b.block_wait.is_set():
+                    activity.heartbeat()
+                    time.sleep(0.05)
+            if b.fail_wait:
+                raise ApplicationError("restore failed: WAL segment missing", type="RestoreFailed", non_retryable=True)
+            return ScratchTarget(name=req.scratch_name, method=req.method, ready=True, dsn="host=scratch", restore_point=req.point_in_time, detail="ready")
+
+        @activity.defn(name="restore.delete")
+        def delete(req: RestoreRequest) -> bool:
+            b.calls.append("delete")
+            existed = req.scratch_name in b.scratch
+            b.scratch.discard(req.scratch_name)
+            return existed
+
+        @activity.defn(name="restore.verify")
+        def verify(req: VerifyRequest) -> list[CheckResult]:
+            return [
+                CheckResult(kind="row_count", name="orders", ok=True, expected=10, actual=10),
+                CheckResult(kind="sql", name="no negative totals", ok=b.checks_ok, detail="returned false" if not b.checks_ok else "true"),
+            ]
+
+        @activity.defn(name="notify.send")
+        def notify(req: NotifyRequest) -> list[str]:
+            b.notifications.append(req.notification.text)
+            return []
+
+        return [validate, window, leftovers, start, wait, delete, verify, notify, store_report]
+
+
+@pytest.fixture
+def backups():
+    return Backups()
+
+
+@pytest.fixture
+def drill_inventory(tmp_path) -> Inventory:
+    data = inventory_dict()
+    data["reports_dir"] = str(tmp_path / "reports")
+    data["drill"] = {"method": "s3-dump", "dumps": {"bucket": "b"}, "scratch_server": {"dsn": "host=scratch dbname=postgres"},
+                     "row_counts": [{"table": "orders"}], "checks": [{"name": "no negative totals", "query": "select true"}], "heartbeat_timeout": "1s"}
+    return Inventory.model_validate(data)
+
+
+@pytest_asyncio.fixture
+async def drilling(env, backups, drill_inventory):
+    acts = backups.activities()
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        workers = [Worker(env.client, task_queue=q, workflows=WORKFLOWS if q == drill_inventory.task_queue else [], activities=acts, activity_executor=ex)
+                   for q in drill_inventory.all_queues()]
+        async with workers[0], workers[1], workers[2]:
+            yield env
+
+
+async def start(env, inv, **kw):
+    from starters.cli import start_procedure
+
+    return await start_procedure(env.client, inv, "drill", DrillInput(inventory=inv, requester="schedule:monthly", **kw), "drill")
+
+
+async def failed(handle) -> DrillReport:
+    with pytest.raises(WorkflowFailureError) as exc:
+        await handle.result()
+    return DrillReport.model_validate(exc.value.cause.details[0])
+
+
+async def test_successful_drill_deletes_scratch_and_keeps_the_report(drilling, backups, drill_inventory, tmp_path):
+    backups.scratch.add("opsflow-drill-deadbeef")  # left behind by a crashed run
+    report = DrillReport.model_validate(await (await start(drilling, drill_inventory)).result())
+    assert report.status == "succeeded" and report.scratch_deleted is True
+    assert backups.scratch == set() and len(backups.created) == 1
+    assert [c.name for c in report.checks] == ["orders", "no negative totals"]
+    assert report.restore_point is not None and report.restore_point_age_seconds >= 300
+    assert report.restore_seconds is not None
+    leftovers = next(s for s in report.steps if s.name == "leftovers")
+    assert "opsflow-drill-deadbeef" in leftovers.detail
+    stored = [p for p in report.stored_at if p.endswith(".md")]
+    assert stored and "restore" in open(stored[0]).read() and (tmp_path / "reports").exists()
+    assert len(backups.notifications) == 1 and "succeeded" in backups.notifications[0]
+
+
+async def test_failed_check_fails_the_drill_with_the_check_named(drilling, backups, drill_inventory):
+    backups.checks_ok = False
+    report = await failed(await start(drilling, drill_inventory))
+    assert report.status == "failed" and "no negative totals" in report.failure
+    assert report.scratch_deleted is True and backups.scratch == set()
+    assert [c.ok for c in report.checks] == [True, False]
+    assert "failed" in backups.notifications[-1] and "no negative totals" in backups.notifications[-1]
+
+
+async def test_cleanup_after_a_failed_restore(drilling, backups, drill_inventory):
+    backups.fail_wait = True
+    report = await failed(await start(drilling, drill_inventory))
+    assert "WAL segment missing" in report.failure
+    assert report.scratch_deleted is True and backups.scratch == set() and backups.created
+
+
+async def test_cleanup_after_cancellation(drilling, backups, drill_inventory):
+    backups.block_wait = threading.Event()
+    handle = await start(drilling, drill_inventory)
+    for _ in range(200):
+        if backups.created:
+            break
+        await asyncio.sleep(0.05)
+    assert backups.scratch
+    await handle.cancel()
+    report = await failed(handle)
+    backups.block_wait.set()
+    assert report.status == "aborted" and report.scratch_deleted is True
+    assert backups.scratch == set()
+
+
+async def test_restore_outlasting_the_heartbeat_timeout_is_retried_with_one_scratch_target(drilling, backups, drill_inventory):
+    backups.stall_first_wait = True
+    report = DrillReport.model_validate(await (await start(drilling, drill_inventory)).result())
+    assert report.status == "succeeded"
+    assert backups.wait_attempts == 2 and len(backups.created) == 1 and backups.calls.count("start") == 1
+
+
+@pytest.mark.parametrize(
+    "kw, reason",
+    [
+        ({"point_in_time": NOW + timedelta(days=3650)}, "in the future"),  # the test server's clock runs ahead by skipped time
+        ({"point_in_time": NOW - timedelta(days=30)}, "before the earliest restorable time"),
+        ({"source_region": "mars"}, "unknown region 'mars'"),
+    ],
+)
+async def test_bad_point_in_time_or_region_refused_before_anything_is_created(drilling, backups, drill_inventory, kw, reason):
+    report = await failed(await start(drilling, drill_inventory, **kw))
+    assert report.status == "refused" and reason in report.failure
+    assert backups.created == [] and "start" not in backups.calls
+
+
+async def test_unknown_table_in_a_check_is_an_error_before_anything_is_created(drilling, backups, drill_inventory):
+    inv = drill_inventory.model_copy(update={"drill": drill_inventory.drill.model_copy(update={"row_counts": [{"table": "nope"}]})})
+    inv = Inventory.model_validate(inv.model_dump())
+    report = await failed(await start(drilling, inv))
+    assert "unknown table 'nope'" in report.failure
+    assert backups.created == []
+
+
+async def test_dry_run_creates_nothing(drilling, backups, drill_inventory):
+    report = DrillReport.model_validate(await (await start(drilling, drill_inventory, dry_run=True)).result())
+    assert report.status == "planned" and backups.created == []
+    assert [s.name for s in report.steps if s.outcome == "planned"] == ["leftovers", "restore", "verify", "cleanup", "report"]
