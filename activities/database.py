@@ -8,7 +8,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.providers import database_provider
-from opsflow.models import CatchUpRequest, CatchUpResult, DbStatus, PromoteRequest, PromoteResult, RegionTarget, lsn_to_int
+from opsflow.models import RebuildRequest, RebuildResult, CatchUpRequest, CatchUpResult, DbStatus, PromoteRequest, PromoteResult, RegionTarget, lsn_to_int
 
 
 @activity.defn(name="db.status")
@@ -77,3 +77,8 @@ def db_wait_caught_up(request: CatchUpRequest) -> CatchUpResult:
                 non_retryable=True,
             )
         time.sleep(0.2)
+
+
+@activity.defn(name="db.rebuild_replica")
+def db_rebuild_replica(request: RebuildRequest) -> RebuildResult:
+    return database_provider(request.target).rebuild_replica(request.primary)

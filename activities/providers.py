@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from opsflow.models import DbStatus, PromoteResult, RegionTarget, RestoreRequest, RestoreWindow, ScratchTarget, TrafficRequest, TrafficStatus
+from opsflow.models import DbStatus, PromoteResult, RebuildResult, RegionTarget, RestoreRequest, RestoreWindow, ScratchTarget, TrafficRequest, TrafficStatus
 
 
 class DatabaseProvider(Protocol):
@@ -28,6 +28,11 @@ class DatabaseProvider(Protocol):
 
     def check_writable(self) -> None:
         """Commit a probe write; raise if the server refuses it."""
+
+    def rebuild_replica(self, primary: RegionTarget) -> RebuildResult:
+        """Make this region's database a streaming replica of `primary` again (failback). The old, diverged
+        primary is never reused blindly: rewound where its timeline allows, else replaced by a fresh copy.
+        Idempotent: a replica already streaming from `primary` is left as it is."""
 
 
 class TrafficProvider(Protocol):

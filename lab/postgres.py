@@ -9,6 +9,20 @@ OS user, the cluster directories are handed to it, and the parent directories ge
 never read) so that user can reach them.
 
 Any step that fails or takes too long raises `PostgresLabError` with the tail of the server log.
+
+Beyond a primary and its replicas (init_primary, create_replica), the lab does what the procedures need of a
+self-managed PostgreSQL, for real:
+
+- point-in-time recovery: an archiving primary (init_primary(archive_dir=...)) keeps a base backup under
+  <root>/base-backups/ (take_base_backup, ensure_base_backup, latest_base_backup, base_backup_for);
+  archive_now() makes everything committed so far restorable; restore_to_time() builds a NEW cluster from a
+  base backup and the archive, promoted at the target time (earliest_/latest_restorable_time);
+- rebuild_replica(): a diverged former primary made a streaming replica of the new primary on its own port
+  (pg_rewind, else a fresh pg_basebackup with the old data kept aside);
+- drop_cluster(); dump_database() / restore_dump() (pg_dump -Fc, pg_restore) for the dump-in-S3 drill.
+
+Everything takes Cluster objects (or paths) and can be used from another process: Cluster.from_dict(),
+cluster_root() and archive_dir_of() recover what a restore needs from a cluster's saved dict.
 """
 
 from __future__ import annotations
@@ -723,6 +737,27 @@ def archive_now(primary: Cluster, timeout: float = ARCHIVE_TIMEOUT) -> datetime:
             time.sleep(0.05)
 
 
+def cluster_root(cluster: Cluster) -> Path:
+    """The root a lab cluster was created under (root/name/data): where its base-backups/ directory lives."""
+    return Path(cluster.datadir).resolve().parent.parent
+
+
+def archive_dir_of(cluster: Cluster) -> Path | None:
+    """The WAL archive a lab cluster archives to (from its opsflow.conf), or None when it does not archive.
+    With cluster_root() this is all another process (the ARM or AWS emulator) needs to restore a source
+    cluster it knows only from Cluster.to_dict()."""
+    try:
+        text = (Path(cluster.datadir) / _CONF_FILE).read_text()
+    except OSError:
+        return None
+    if not re.search(r"(?m)^archive_mode = on$", text):
+        return None
+    m = re.search(r"(?m)^archive_command = 'test ! -f (.+?)/%f && cp", text)
+    if not m:
+        return None
+    return Path(shlex.split(m.group(1).replace("''", "'"))[0])
+
+
 def _archived_segments(archive_dir: Path) -> list[str]:
     try:
         return sorted(n for n in os.listdir(archive_dir) if _SEGMENT.match(n))
@@ -904,8 +939,10 @@ def rebuild_replica(primary: Cluster, old: Cluster, root: Path, *, slot: str | N
     (default_transaction_read_only), an old primary_conninfo/slot, restore/recovery settings.
 
     Returns a Cluster equal to `old` whose `.rebuild` (RebuildInfo) says how: .method, .seconds,
-    .fallback_reason, .moved_aside. `root` is the directory of the lab's clusters; the cluster keeps the
-    directories it has (root is used only when old's data directory is gone, to check the layout).
+    .fallback_reason, .moved_aside. `root` (the lab's clusters directory) is accepted for symmetry with
+    create_replica and not needed: the cluster keeps its own directories (old.datadir is recreated, parents
+    included, when it is gone altogether). `timeout`: how long the rewound server may take to stream before
+    the fallback is taken. Raises PostgresLabError when even the fresh base backup fails.
     """
     import psycopg
 
@@ -980,7 +1017,7 @@ def rebuild_replica(primary: Cluster, old: Cluster, root: Path, *, slot: str | N
 
 _CANNOT_FOLLOW = re.compile(r"forked off current database system timeline \d+ before current recovery point|"
                             r"is not a child of this server's history|requested starting point .* is ahead of|"
-                            r"could not receive data from WAL stream|highest timeline \d+ of the primary is behind")
+                            r"highest timeline \d+ of the primary is behind")
 
 
 def _wait_following(replica: Cluster, timeout: float, log_start: int) -> None:

@@ -89,6 +89,19 @@ class PromoteResult(BaseModel):
     received_lsn: str | None = None  # what the replica had received (received - replayed = WAL lost by promotion)
 
 
+class RebuildRequest(BaseModel):
+    """Make `target` (a recovered region whose old database diverged or is gone) a streaming replica of `primary`."""
+
+    target: RegionTarget
+    primary: RegionTarget
+
+
+class RebuildResult(BaseModel):
+    method: str  # pg_rewind | pg_basebackup | azure-replica | rds-read-replica
+    seconds: float
+    detail: str = ""
+
+
 class TrafficRequest(BaseModel):
     environment: str
     traffic: Traffic

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
 import json
 import sys
 import time
@@ -282,5 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def entry() -> None:
+    """The console script. Exits without interpreter shutdown: a short-lived temporalio client can abort
+    while Python finalizes (temporalio/sdk-python#300), losing piped --json output."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

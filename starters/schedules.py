@@ -409,6 +409,16 @@ def _local(t: datetime, tz: str | None) -> str:
     return f"{lt:%Y-%m-%d %H:%M:%S %Z}" + ("" if zone is timezone.utc else f" ({t.astimezone(timezone.utc):%H:%M} UTC)")
 
 
+def _duration(td: timedelta) -> str:
+    """timedelta -> '1d', '6h', '90s', '1d12h'."""
+    seconds, out = int(td.total_seconds()), ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            out += f"{seconds // size}{unit}"
+            seconds %= size
+    return out or "0s"
+
+
 def _spec_summary(spec: ScheduleSpec) -> dict:
     return {
         "calendars": [format_calendar(c) for c in spec.calendars],
@@ -505,7 +515,7 @@ def _description(desc: ScheduleDescription, name: str, inv: Inventory) -> dict:
         "spec": _spec_summary(s.spec),
         "paused": s.state.paused,
         "note": s.state.note,
-        "policy": {"overlap": s.policy.overlap.name.lower().replace("_", "-"), "catchup_window": str(s.policy.catchup_window),
+        "policy": {"overlap": s.policy.overlap.name.lower().replace("_", "-"), "catchup_window": _duration(s.policy.catchup_window),
                    "pause_on_failure": s.policy.pause_on_failure},
         "next_action_times": [_iso(t) for t in info.next_action_times],
         "num_actions": info.num_actions,
@@ -559,7 +569,7 @@ async def cmd_describe(args, client: Client | None = None) -> int:
     tz = out["spec"]["timezone"]
     print(f"schedule {args.name} ({out['schedule_id']}): {out['procedure']} of {inv.environment} on task queue {out['task_queue']}")
     for cal, given in zip(out["spec"]["calendars"], out["spec"]["as_given"]):
-        print(f"  when:    {cal}  [{tz}]" + (f"   (given as {given})" if given else ""))
+        print(f"  when:    {cal}  [{tz}]" + (f"   (given as {given})" if given and given != f"calendar: {cal}" else ""))
     print(f"  state:   {'PAUSED' if out['paused'] else 'active'}" + (f" — {out['note']}" if out["note"] else ""))
     p = out["policy"]
     print(f"  policy:  overlap {p['overlap']}, catch-up window {p['catchup_window']}, "
@@ -575,7 +585,10 @@ async def cmd_describe(args, client: Client | None = None) -> int:
     if out["recent_actions"]:
         print("  recent runs:")
         for a in out["recent_actions"]:
-            print(f"    {a['scheduled_at']}  {a['workflow_id']}  {a.get('ops_status') or a.get('status') or ''}")
+            outcome = a.get("status") or ""
+            if a.get("ops_status"):
+                outcome += f" ({a['ops_status']})"
+            print(f"    {a['scheduled_at'][:19]}Z  {a['workflow_id']}  {outcome}")
     return 0
 
 

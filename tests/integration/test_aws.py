@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,8 +29,8 @@ from temporalio.testing import ActivityEnvironment
 from activities.aws import RdsInstance, Route53Router, store_report_s3
 from activities.postgres import sql_status
 from lab.aws_emulator import start_emulator
-from lab.postgres import Cluster, create_replica, init_primary
-from opsflow.inventory import AwsConnection, AwsRdsDatabase, Inventory
+from lab.postgres import Cluster, create_replica, init_primary, wait_streaming
+from opsflow.inventory import AwsConnection, Inventory
 from opsflow.models import RegionTarget, TrafficRequest
 
 pytestmark = pytest.mark.lab
@@ -61,8 +63,17 @@ def fake_aws_credentials():
 
 
 @pytest.fixture(scope="module")
-def clusters(tmp_path_factory):
-    root = tmp_path_factory.mktemp("aws-pg")
+def workdir():
+    # Not pytest's tmp_path: another pytest session on the same machine prunes old /tmp/pytest-of-<user>
+    # directories while ours still runs servers in them.
+    path = Path(tempfile.mkdtemp(prefix="opsflow-test-aws-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def clusters(workdir):
+    root = workdir / "pg"
     made: list[Cluster] = []
     try:
         east = init_primary(root, "east")
@@ -294,7 +305,29 @@ def test_fence_over_sql_without_a_parameter_group(inventory):
     assert not provider.status().read_only
 
 
+def test_status_when_the_rds_api_is_down_still_answers_over_sql(inventory):
+    down = inventory.model_copy(update={"aws": AwsConnection(endpoint_url="http://127.0.0.1:1")})
+    s = rds(down, "west").status()
+    assert (s.reachable, s.role, s.cloud_state) == (True, "replica", None)
+    assert "RDS API" in s.error
+
+
 # -- promote --------------------------------------------------------------------------------------------
+
+
+def test_promote_of_a_dead_replica_fails_retryably_and_rds_rolls_back(emu, inventory, clusters):
+    _, west = clusters
+    west.stop("fast")
+    try:
+        with pytest.raises(ApplicationError) as e:
+            rds(inventory, "west").promote(False)
+        assert not e.value.non_retryable and e.value.type == "PromoteFailed" and "orders-west" in e.value.message
+        w = describe(emu, "orders-west", "us-west-2")
+        assert w["DBInstanceStatus"] == "available" and w["ReadReplicaSourceDBInstanceIdentifier"].endswith(":db:orders-east")
+        assert emu.state()["instances"]["orders-west"]["promotion"] == "failed"
+    finally:
+        west.start()
+        wait_streaming(west)
 
 
 def test_promote_promotes_the_cluster_and_rds_shows_it_standalone(emu, inventory, clusters):
@@ -411,7 +444,9 @@ def test_s3_missing_bucket_is_non_retryable(inventory):
 # -- the emulator as a process ---------------------------------------------------------------------------
 
 
-def test_emulator_runs_as_a_process(tmp_path):
+def test_emulator_runs_as_a_process(workdir):
+    tmp_path = workdir / "cli"
+    tmp_path.mkdir()
     config = tmp_path / "aws.yaml"
     config.write_text("s3:\n  buckets: [cli-bucket]\nroute53:\n  zones:\n    - name: cli.test.\n")
     info_file = tmp_path / "info.json"

@@ -13,8 +13,9 @@ import os
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import pytest_asyncio
@@ -146,14 +147,14 @@ async def test_create_from_calendar_in_a_time_zone(cli, client, inventory):
     desc = await cli("describe", "monthly")
     assert desc["procedure"] == "drill" and desc["task_queue"] == inventory.task_queue
     assert desc["spec"] == {"calendars": ["day_of_month=1 hour=3"], "as_given": ["calendar: day_of_month=1 hour=3"], "intervals": [], "timezone": "Europe/Berlin"}
-    assert desc["policy"] == {"overlap": "skip", "catchup_window": "1 day, 0:00:00", "pause_on_failure": False}
+    assert desc["policy"] == {"overlap": "skip", "catchup_window": "1d", "pause_on_failure": False}
     assert desc["paused"] is False and desc["note"] == "monthly restore test" and desc["inventory_current"] is True
     # The server's next action times are the calendar's, read in Berlin (03:00 local is 01:00 or 02:00 UTC).
     server = times(desc["next_action_times"])
     assert len(server) >= 5 and server[0] > datetime.now(timezone.utc)
     assert server == upcoming([parse_calendar("day_of_month=1 hour=3")], "Europe/Berlin", datetime.now(timezone.utc), count=len(server))
     for t in server:
-        local = t.astimezone(__import__("zoneinfo").ZoneInfo("Europe/Berlin"))
+        local = t.astimezone(ZoneInfo("Europe/Berlin"))
         assert (local.day, local.hour, local.minute) == (1, 3, 0)
     # The schedule itself carries the environment and procedure, as the runs will.
     d = await client.get_schedule_handle(created["schedule_id"]).describe()
@@ -161,9 +162,9 @@ async def test_create_from_calendar_in_a_time_zone(cli, client, inventory):
 
 
 async def test_create_from_cron(cli):
-    created = await cli("create", "weekdays", "--procedure", "drill", "--cron", "30 2 * * mon-fri", "--pause-on-failure")
+    created = await cli("create", "weekdays", "--procedure", "drill", "--cron", "30 2 * * mon-fri", "--pause-on-failure", "--catchup-window", "6h")
     assert created["spec"]["calendars"] == ["day_of_week=mon-fri hour=2 minute=30"] and created["spec"]["timezone"] == "UTC"
-    assert created["policy"]["pause_on_failure"] is True
+    assert created["policy"] == {"overlap": "skip", "catchup_window": "6h", "pause_on_failure": True}
     server = times(created["next_action_times"])
     assert server == upcoming([parse_cron("30 2 * * mon-fri")], "UTC", datetime.now(timezone.utc), count=len(server))
     assert all(t.weekday() < 5 and (t.hour, t.minute) == (2, 30) for t in server)
@@ -334,10 +335,17 @@ async def test_delete(cli, client, inventory):
 # -- the real CLI, in a subprocess -------------------------------------------------------------------------
 
 
+# The CLI's main() in a fresh interpreter, left with os._exit: a short-lived Temporal client process can abort in
+# interpreter teardown ("PyGILState_Release ... finalizing", exit 134; temporalio/sdk-python#300), which would
+# make these tests flaky for a reason that is not theirs. Once the `opsflow` entry point itself exits that way,
+# this can become `-m starters.cli`.
+_RUN_CLI = "import os, sys; from starters.cli import main; code = main(sys.argv[1:]); sys.stdout.flush(); sys.stderr.flush(); os._exit(code)"
+
+
 def opsflow(server, *argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TEMPORAL_ADDRESS": server.client.service_client.config.target_host, "PYTHONPATH": str(ROOT)}
     env.pop("TEMPORAL_NAMESPACE", None)
-    return subprocess.run([sys.executable, "-m", "starters.cli", "schedule", *argv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    return subprocess.run([sys.executable, "-c", _RUN_CLI, "schedule", *argv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
 
 
 async def test_cli_subprocess(server, client, inventory_file, inventory):
