@@ -58,14 +58,16 @@ def pick_port(preferred: int | None = None) -> int:
     return free_port()
 
 
-def wait_port(port: int, timeout: float, what: str, log: Path | None = None) -> None:
+def wait_port(port: int, timeout: float, what: str, log: Path | None = None, pid: int | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not port_free(port):
             return
+        if pid is not None and not pid_alive(pid):
+            break  # it died: no point waiting
         time.sleep(0.1)
     tail = "\n".join(log.read_text().splitlines()[-20:]) if log and log.exists() else ""
-    raise RuntimeError(f"{what} did not open port {port} within {timeout:.0f}s\n{tail}")
+    raise RuntimeError(f"{what} did not open port {port} (log {log}):\n{tail}")
 
 
 class Lab:
@@ -219,7 +221,7 @@ def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_prima
     lab.state["azure"] = {"arm_endpoint": f"https://127.0.0.1:{aport}", "ca_bundle": str(root / "ca" / "ca.pem")}
 
     for name, p in (("temporal", port), ("receiver", rport), ("arm", aport), *((f"k8s-{r}", int(lab.state["kubernetes"][r]["url"].rsplit(":", 1)[1])) for r in REGIONS)):
-        wait_port(p, 60, name, Path(lab.state["processes"][name]["log"]))
+        wait_port(p, 60, name, Path(lab.state["processes"][name]["log"]), pid=lab.state["processes"][name]["pid"])
     wait_file(root / "ca" / "ca.pem", 30)
 
     inventory = root / "inventory.yaml"
