@@ -27,7 +27,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.secrets import resolve
-from opsflow.models import DbStatus, PromoteResult, RegionTarget, lsn_to_int
+from opsflow.models import DbStatus, PromoteResult, RebuildResult, RegionTarget, lsn_to_int
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +369,49 @@ def sql_promote(db: Any, timeout: float, *, region: str | None = None) -> Promot
     )
 
 
+# -- rebuild (failback) ----------------------------------------------------------------------------------------
+
+
+def _host_port(dsn: str) -> tuple[str, int]:
+    d = conninfo_to_dict(dsn)
+    host = (d.get("hostaddr") or d.get("host") or "localhost").split(",")[0]
+    return host, int(str(d.get("port") or 5432).split(",")[0])
+
+
+def sql_streams_from(db: Any, primary: Any) -> bool:
+    """Whether db is a replica whose WAL receiver streams from the server of primary.dsn (host and port)."""
+    with connect(db) as conn, _sql_errors(db, "replication source"):
+        row = conn.execute(
+            "select pg_is_in_recovery(), r.status, r.sender_host, r.sender_port "
+            "from (select 1) one left join pg_stat_wal_receiver r on true"
+        ).fetchone()
+    in_recovery, status, sender_host, sender_port = row
+    if not in_recovery or status != "streaming":
+        return False
+    host, port = _host_port(_dsn_of(primary))
+    loopback = {"localhost", "127.0.0.1", "::1"}
+    same_host = sender_host == host or (sender_host in loopback and host in loopback)
+    return same_host and sender_port == port
+
+
+def sql_rebuild_check(db: Any, primary: Any, *, region: str, primary_region: str) -> RebuildResult:
+    """The SQL-only half of a rebuild: success when db already streams from primary, else RebuildNotSupported."""
+    try:
+        if sql_streams_from(db, primary):
+            return RebuildResult(method="already-streaming", seconds=0.0, detail=f"{region} already streams from {primary_region}")
+    except ApplicationError as e:
+        if e.type != "DatabaseUnreachable":
+            raise
+    raise ApplicationError(
+        f"{region}: a self-managed PostgreSQL server (provider 'postgres') is reached over SQL only and cannot be rebuilt "
+        f"from here. On its host, stop it and run pg_rewind -D <datadir> --source-server '<{primary_region} dsn>' (or, when "
+        f"that fails, move the data directory aside and pg_basebackup -R from {primary_region}), start it as a standby of "
+        f"{where(primary)}, then run the failback again.",
+        type="RebuildNotSupported",
+        non_retryable=True,
+    )
+
+
 # -- the provider ---------------------------------------------------------------------------------------------
 
 
@@ -401,6 +444,13 @@ class PostgresServer:
 
     def check_writable(self) -> None:
         sql_check_writable(self.db, region=self.target.region)
+
+    def rebuild_replica(self, primary: RegionTarget) -> RebuildResult:
+        """A self-managed server is reached over SQL only: it cannot be rewound or re-copied from here (that
+        takes its host: pg_rewind or pg_basebackup on the data directory; the lab does it with
+        lab.postgres.rebuild_replica). Idempotent success when it already streams from `primary`; otherwise a
+        non-retryable RebuildNotSupported error that says what to run on the host."""
+        return sql_rebuild_check(self.db, primary.database, region=self.target.region, primary_region=primary.region)
 
     def _promote_timeout(self) -> float:
         if self.promote_timeout is not None:
@@ -484,7 +534,7 @@ def table_exists(db: Any, table: str) -> bool:
         return rel is not None and rel[2] in _COUNTABLE
 
 
-def validate_tables(db: Any, tables: list[str], timestamp_columns: dict[str, str] | None = None) -> None:
+def require_tables(db: Any, tables: list[str], timestamp_columns: dict[str, str] | None = None) -> None:
     """Raise ApplicationError(type="BadInput", non_retryable) naming every table (and timestamp column) that does
     not exist on db; run it against the source before anything is restored. Returns None when all exist."""
     problems = []
@@ -503,6 +553,9 @@ def validate_tables(db: Any, tables: list[str], timestamp_columns: dict[str, str
                     problems.append(e.message)
     if problems:
         raise _bad_input("; ".join(problems))
+
+
+validate_tables = require_tables
 
 
 def _timestamp_column(db: Any, conn: psycopg.Connection, table: str, rel: tuple[str, str], column: str) -> None:

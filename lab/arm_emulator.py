@@ -5,7 +5,24 @@ the installed SDKs send 2026-10-01 for PostgreSQL and 2026-09-01 for Traffic Man
 
   Microsoft.DBforPostgreSQL/flexibleServers
     GET    .../flexibleServers                       list (resource group)
-    GET    .../flexibleServers/{server}              properties.state, replicationRole, replica{role,replicationState}
+    GET    .../flexibleServers/{server}              properties.state, replicationRole, replica{role,replicationState},
+                                                     backup.earliestRestoreDate (servers with backups, below)
+    PUT    .../flexibleServers/{server}              202 long-running operation creating a server; createMode
+                                                     PointInTimeRestore (sourceServerResourceId, pointInTimeUTC):
+                                                     REALLY restores a new lab cluster from the source's base
+                                                     backup and WAL archive to that time (lab.postgres
+                                                     restore_to_time); Replica (sourceServerResourceId): makes the
+                                                     server a streaming replica of the source: a server that maps
+                                                     to a lab cluster, even one just deleted (the old, diverged
+                                                     primary of a failback), is rebuilt on its own port
+                                                     (lab.postgres.rebuild_replica: pg_rewind, else a fresh base
+                                                     backup); otherwise a new replica cluster is created.
+                                                     Repeating the same create is idempotent (202, the running or a
+                                                     no-op operation).
+    DELETE .../flexibleServers/{server}              202 long-running operation (204 when there is no such server,
+                                                     as ARM answers): a server the emulator created loses its
+                                                     cluster (lab.postgres.drop_cluster); a configured server's
+                                                     cluster is stopped and kept for a Replica re-create
     PATCH  .../flexibleServers/{server}              202 long-running operation; with
                                                      properties.replica {promoteMode Standalone|Switchover,
                                                      promoteOption Planned|Forced} it REALLY promotes the lab
@@ -69,8 +86,34 @@ Config (JSON):
     }
 
 A server maps to a lab cluster ("cluster": Cluster.to_dict()) or to any PostgreSQL ("dsn": "host=... user=...").
-Roles, sources, configuration overrides and endpoint states live in memory and are saved to a state file
-(default: next to the config file, <config>.state.json) on every change, so a restarted emulator keeps them.
+Roles, sources, configuration overrides, endpoint states and the servers created through the API (scratch
+restores, replicas) live in memory and are saved to a state file (default: next to the config file,
+<config>.state.json) on every change, so a restarted emulator keeps them. created_clusters(state_file) names
+the clusters the emulator created, for a lab teardown.
+
+Backups (point-in-time restore). A server whose lab cluster archives WAL (init_primary(archive_dir=...)) has
+backups; nothing needs configuring, everything is derived from the cluster (lab.postgres.archive_dir_of,
+cluster_root). An optional per-server "backups" object overrides the derivation ("backups": false: none):
+
+    "backups": {"archive_dir": "<labdir>/wal-archive",      # where the cluster archives WAL
+                "base_backup_dir": "<labdir>/pg",           # holds base-backups/ (lab.postgres.ensure_base_backup)
+                "clusters_root": "<labdir>/pg",             # where restored / new replica clusters are created
+                "retention_days": 7}                        # backup.backupRetentionDays
+
+earliestRestoreDate is the end of the oldest base backup (not older than the retention). A restore first
+makes everything committed on a running source primary restorable (lab.postgres.archive_now), as Azure's
+continuous WAL archiving does, so any point up to now can be restored. A point in the future or before
+earliestRestoreDate is refused at once (400 PointInTimeInFuture / PointInTimeBeforeEarliestRestoreDate); an
+unknown source is 404 ResourceNotFound; a restore that fails later fails its operation and leaves the server
+in state "ProvisioningFailed" (the emulator's stand-in: the API has no provisioningState on servers) until it
+is deleted.
+
+Lab-only tags (computed on every read, never stored; Azure's servers always listen on 5432 at their FQDN,
+the lab's on 127.0.0.1 at a port of their own):
+    opsflow-lab-port            the mapped cluster's port
+    opsflow-lab-latest-restore  the latest point in time a restore of this server can reach (ISO, UTC)
+    opsflow-lab-rebuild         how the last Replica create rebuilt the server (pg_rewind | pg_basebackup | new)
+    opsflow-lab-error           why the server's creation failed
 
 Run it:  python -m lab.arm_emulator --config FILE --port N --ca-dir DIR
 In-process: start_emulator(config, ca_dir, port=0) -> EmulatorHandle (.url, .ca_path, .stop(), .inject_fault()).
@@ -116,6 +159,14 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "promote_timeout": 60,  # pg_promote(wait_seconds)
     "lro_retry_after": None,  # Retry-After (seconds) on operation status answers; None: let the client pick
 }
+LAB_TAG_PREFIX = "opsflow-lab-"
+TAG_PORT = "opsflow-lab-port"
+TAG_LATEST_RESTORE = "opsflow-lab-latest-restore"
+TAG_REBUILD = "opsflow-lab-rebuild"
+TAG_ERROR = "opsflow-lab-error"
+BACKUP_KEYS = ("archive_dir", "base_backup_dir", "clusters_root", "retention_days")
+# Azure's rule for flexible server names (they become DNS names).
+_SERVER_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])$")
 _API_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
 _ERROR_CODES = {
     400: "BadRequest",
@@ -170,6 +221,56 @@ def _dsn_of(server_cfg: dict) -> str:
     return Cluster.from_dict(cluster).dsn
 
 
+def _lifecycle_fields(origin: str) -> dict:
+    """What a server's create/delete life adds to its record (all persisted)."""
+    return {
+        "origin": origin,  # "config": from the config file; "api": created through PUT (its cluster is ours)
+        "deleted": False,  # a configured server deleted through the API (404 now; its cluster kept, stopped)
+        "provisioning": False,  # a create operation runs
+        "dropping": False,  # a delete operation runs
+        "failed": None,  # {"code", "message"}: the create failed
+        "create": None,  # how it was created: {"mode", "source", "point"}
+        "rebuild": None,  # the last Replica create: {"method", "seconds", "fallback_reason"}
+    }
+
+
+def _backups_config(name: str, b: Any) -> dict | None | bool:
+    """The optional "backups" object of a server: None = derive from its cluster, False = no backups."""
+    if b is None or b is True:
+        return None
+    if b is False:
+        return False
+    if not isinstance(b, dict):
+        raise ValueError(f"flexible server {name}: 'backups' must be an object ({', '.join(BACKUP_KEYS)}) or false")
+    unknown = set(b) - set(BACKUP_KEYS)
+    if unknown:
+        raise ValueError(f"flexible server {name}: unknown backups keys {', '.join(sorted(unknown))} (known: {', '.join(BACKUP_KEYS)})")
+    out: dict[str, Any] = {k: (str(b[k]) if b.get(k) is not None else None) for k in BACKUP_KEYS if k != "retention_days"}
+    out["retention_days"] = int(b.get("retention_days", 7))
+    return out
+
+
+def _parse_time(value: Any) -> datetime:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("not a date-time string")
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    # Azure sends up to 7 fractional digits; Python takes 6.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+    t = datetime.fromisoformat(text)
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _first_line(e: BaseException | str, limit: int = 2000) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 def _pg_connect(dsn: str, timeout: int = 3):
     import psycopg
 
@@ -186,6 +287,14 @@ def _lsn(text: str | None) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # the emulated world
 # ---------------------------------------------------------------------------------------------------------------
+
+
+# What the state file keeps of a server: what changes (every server), and what a server created through the
+# API was created with (its record is rebuilt from the state file after a restart).
+_MUTABLE_FIELDS = ("role", "source", "configurations", "tags", "state_override", "deleted", "provisioning", "dropping",
+                   "failed", "create", "rebuild")
+_FIXED_FIELDS = ("origin", "name", "resource_group", "location", "dsn", "version", "sku", "fqdn", "administrator_login",
+                 "created", "backups")
 
 
 class World:
@@ -233,6 +342,8 @@ class World:
                 "busy_op": None,
                 "created": _now_iso(),
                 "_cluster": s.get("cluster"),  # lab.postgres.Cluster dict (switchovers stop/start it)
+                **_lifecycle_fields("config"),
+                "backups": _backups_config(name, s.get("backups")),
             }
         for name, srv in self.servers.items():
             if srv["source"] and srv["source"].lower() not in self.servers:
@@ -288,10 +399,25 @@ class World:
         for key, s in (data.get("servers") or {}).items():
             srv = self.servers.get(key)
             if srv is None:
-                continue
-            for f in ("role", "source", "configurations", "tags", "state_override"):
+                if s.get("origin") != "api":
+                    continue  # a configured server no longer in the config
+                try:
+                    srv = self._server_from_state(s)
+                except (KeyError, TypeError, ValueError) as e:
+                    log.warning("ignoring unreadable server %s in the emulator state: %s", key, e)
+                    continue
+                self.servers[key] = srv
+            for f in _MUTABLE_FIELDS:
                 if f in s:
                     srv[f] = s[f]
+            if srv.get("origin") == "config" and s.get("cluster"):
+                srv["_cluster"] = s["cluster"]  # a Replica re-create may have rebuilt it (same port)
+                srv["dsn"] = s.get("dsn") or srv["dsn"]
+            if srv["provisioning"]:
+                # The emulator stopped while the server was being created: its cluster may be half made.
+                srv["provisioning"] = False
+                srv["failed"] = {"code": "InternalServerError", "message": "the ARM emulator restarted while the server was being created; delete it and create it again"}
+            srv["dropping"] = False
         for key, p in (data.get("profiles") or {}).items():
             prof = self.profiles.get(key)
             if prof is None:
@@ -317,7 +443,7 @@ class World:
         with self.lock:
             data = {
                 "saved_at": _now_iso(),
-                "servers": {k: {f: s[f] for f in ("role", "source", "configurations", "tags", "state_override")} for k, s in self.servers.items()},
+                "servers": {k: self._server_state(s) for k, s in self.servers.items()},
                 "profiles": {
                     k: {
                         "status": p["status"],
@@ -333,6 +459,24 @@ class World:
             tmp = self.state_path.with_name(self.state_path.name + ".tmp")
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
             os.replace(tmp, self.state_path)
+
+    @staticmethod
+    def _server_state(srv: dict) -> dict:
+        data = {f: srv[f] for f in _MUTABLE_FIELDS}
+        data["cluster"] = srv.get("_cluster")
+        for f in _FIXED_FIELDS:
+            data[f] = srv[f]
+        return data
+
+    @staticmethod
+    def _server_from_state(s: dict) -> dict:
+        srv = {f: s[f] for f in _FIXED_FIELDS}
+        srv.update({f: s.get(f) for f in _MUTABLE_FIELDS})
+        srv["configurations"] = dict(srv.get("configurations") or {})
+        srv["tags"] = dict(srv.get("tags") or {})
+        srv["_cluster"] = s.get("cluster")
+        srv["busy_op"] = None
+        return srv
 
     # -- auth, faults, log -----------------------------------------------------------------------------------
     def check_auth(self, header: str | None) -> None:

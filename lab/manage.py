@@ -313,7 +313,8 @@ def lab_inventory(state: dict, root: Path) -> dict:
         "azure": {"arm_endpoint": state["azure"]["arm_endpoint"], "credential": "static-token", "ca_bundle": state["azure"]["ca_bundle"], "polling_interval": 0.2},
         "approval": {"approvers": ["alice", "bob"], "require_distinct_approver": True, "timeout": "1h", "on_timeout": "abort", "escalation_channel": "oncall"},
         # A short drain keeps the demo brisk; production inventories keep the 60 s default or more.
-        "failover": {"drain": "3s", "max_planned_lag_bytes": 16 * 1024 * 1024, "catch_up_timeout": "2m", "promote_timeout": "5m"},
+        # A short heartbeat timeout lets a new worker take over a crashed one's step within seconds in the lab.
+        "failover": {"drain": "3s", "max_planned_lag_bytes": 16 * 1024 * 1024, "catch_up_timeout": "2m", "promote_timeout": "5m", "heartbeat_timeout": "5s"},
         "notifications": [{"name": "ops", "url": f"{receiver}/ops"}, {"name": "oncall", "url": f"{receiver}/oncall"}],
         "reports_dir": str(root / "reports"),
     }

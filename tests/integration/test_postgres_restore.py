@@ -18,7 +18,9 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.postgres import (
+    PostgresServer,
     missing_objects,
+    require_tables,
     row_counts,
     row_counts_at,
     run_checks,
@@ -48,6 +50,7 @@ from lab.postgres import (
     wait_streaming,
 )
 from opsflow.inventory import PostgresDatabase
+from opsflow.models import RegionTarget
 
 pytestmark = pytest.mark.lab
 
@@ -96,6 +99,10 @@ def source(lab) -> Cluster:
 
 def db_of(cluster: Cluster | str) -> PostgresDatabase:
     return PostgresDatabase(provider="postgres", dsn=cluster.dsn if isinstance(cluster, Cluster) else cluster)
+
+
+def target_of(cluster: Cluster, region: str) -> RegionTarget:
+    return RegionTarget(environment="lab", region=region, database=db_of(cluster))
 
 
 def sql(cluster: Cluster | str, query: str, params=None):
@@ -213,6 +220,11 @@ def test_a_fenced_diverged_old_primary_is_rewound_into_a_replica_on_its_own_port
         conn.execute("insert into accounts select g, 'diverged' from generate_series(100, 3000) g")
         conn.commit()
 
+    # The provider for a self-managed server reaches it over SQL only: it says what to run on the host.
+    with pytest.raises(ApplicationError) as e:
+        PostgresServer(target_of(old, "east")).rebuild_replica(target_of(new, "west"))
+    assert e.value.type == "RebuildNotSupported" and e.value.non_retryable and "pg_rewind" in e.value.message
+
     rebuilt = rebuild_replica(new, old, lab.pg)
     assert rebuilt.rebuild.method == "pg_rewind", rebuilt.rebuild
     assert rebuilt == old  # same name, data directory, port and log file
@@ -226,6 +238,7 @@ def test_a_fenced_diverged_old_primary_is_rewound_into_a_replica_on_its_own_port
     wait_for(lambda: sql(rebuilt, "select count(*) from accounts where id = 3")[0][0] == 1, 20, "row 3 on the rebuilt replica")
 
     assert rebuild_replica(new, rebuilt, lab.pg).rebuild.method == "already-streaming"  # idempotent
+    assert PostgresServer(target_of(rebuilt, "east")).rebuild_replica(target_of(new, "west")).method == "already-streaming"
 
     # A later promotion of the rebuilt replica (the failback) gives a writable primary: no fence leaked.
     sql_promote(db_of(rebuilt), 30)
@@ -331,7 +344,8 @@ def test_row_counts_and_counts_at_a_point_in_time(verify_db):
         (lambda db: row_counts_at(db, "verify.orders", "no_such_column", datetime.now(timezone.utc)), "no_such_column"),
         (lambda db: row_counts_at(db, "verify.orders", "total", datetime.now(timezone.utc)), "not a timestamp"),
         (lambda db: row_counts_at(db, "verify.nope", "placed_at", datetime.now(timezone.utc)), "verify.nope"),
-        (lambda db: validate_tables(db, ["verify.orders", "verify.x", "verify.y"]), "verify.y"),
+        (lambda db: require_tables(db, ["verify.orders", "verify.x", "verify.y"]), "verify.y"),
+        (lambda db: validate_tables(db, ["verify.orders"], {"verify.orders": "nope"}), "no column 'nope'"),
     ],
 )
 def test_an_unknown_table_or_column_is_bad_input(verify_db, call, named):

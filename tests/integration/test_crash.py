@@ -1,0 +1,65 @@
+"""Crash: SIGKILL the worker in the middle of the procedure (during the catch-up wait, then during the
+promotion), start a new one each time; the procedure completes and the promotion happened exactly once."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+import urllib.request
+
+import pytest
+
+from tests.integration.conftest import wait_for
+from tests.integration.test_failover_lab import approve, sql, timeline, wait_end, wait_status
+
+pytestmark = pytest.mark.lab
+
+
+def arm_admin(lab, path: str, body: dict | None = None):
+    """The ARM emulator's admin API (HTTPS with the lab's test CA)."""
+    ctx = ssl.create_default_context(cafile=lab.state["azure"]["ca_bundle"])
+    req = urllib.request.Request(lab.state["azure"]["arm_endpoint"] + path, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def promotions_requested(lab) -> int:
+    log = arm_admin(lab, "/_emulator/requests")
+    entries = log["value"]
+    return sum(1 for r in entries if r.get("method") == "PATCH" and r.get("path", "").split("?")[0].endswith("/flexibleServers/lab-westeurope-pg") and r.get("status") in (200, 202))
+
+
+def test_worker_killed_during_catch_up_and_during_promotion(lab):
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    first = lab.start_worker()
+    sql(east, "CREATE TABLE orders (id int PRIMARY KEY)")
+    sql(east, "INSERT INTO orders SELECT generate_series(1, 1000)")
+    wait_for(lambda: sql(west, "SELECT count(*) FROM pg_class WHERE relname = 'orders'")[0][0] == 1, what="replication")
+    sql(west, "SELECT pg_wal_replay_pause()")  # the replica falls behind: the catch-up wait has to wait
+    sql(east, "INSERT INTO orders SELECT generate_series(1001, 2000)")
+
+    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    approve(lab, wid)
+    wait_status(lab, wid, lambda r: r["current_step"] == "catch-up", what="the catch-up wait")
+    time.sleep(1)
+    lab.kill_worker(first)  # SIGKILL in the middle of the catch-up wait
+    second = lab.start_worker()
+    arm_admin(lab, "/_emulator/settings", {"lro_seconds": 8})  # a slow promotion, to crash in the middle of it
+    time.sleep(3)
+    sql(west, "SELECT pg_wal_replay_resume()")
+
+    wait_status(lab, wid, lambda r: r["current_step"] == "promote", what="the promotion")
+    wait_for(lambda: promotions_requested(lab) == 1, what="the promotion request", timeout=30)
+    time.sleep(1)
+    lab.kill_worker(second)  # SIGKILL while the promotion's long-running operation is under way
+    lab.start_worker()
+
+    report = wait_end(lab, wid, timeout=240)
+    assert report["status"] == "succeeded", report
+    assert promotions_requested(lab) == 1  # exactly one promotion asked of Azure
+    assert timeline(west) == 2  # and exactly one happened: one timeline switch
+    assert sql(west, "SELECT count(*) FROM orders")[0][0] == 2000
+    catch_up = next(s for s in report["steps"] if s["name"] == "catch-up")
+    assert catch_up["outcome"] == "ok" and report["rpo_bytes"] == 0
