@@ -17,10 +17,17 @@ Waits heartbeat when they run inside an activity (`activity.in_activity()`), and
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
 import time
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Iterator
 
 import boto3
@@ -29,9 +36,11 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.postgres import connect, sql_check_writable, sql_fence, sql_status, sql_unfence
+from activities.postgres import _sql_errors as _db_errors, connect, sql_check_writable, sql_fence, sql_status, sql_unfence, where
+from activities.secrets import resolve
 from opsflow.inventory import AwsConnection
-from opsflow.models import DbStatus, EndpointState, PromoteResult, RegionTarget, TrafficRequest, TrafficStatus
+from opsflow.models import (DbStatus, EndpointState, PromoteResult, RebuildResult, RegionTarget, RestoreRequest, RestoreWindow,
+                            ScratchTarget, TrafficRequest, TrafficStatus)
 
 log = logging.getLogger(__name__)
 
@@ -437,6 +446,211 @@ class RdsInstance:
             raise ApplicationError(f"cannot probe writes on {self.what}: the inventory gives no dsn", type="DatabaseConfig", non_retryable=True)
         sql_check_writable(self.db, region=self.target.region)
 
+    # rebuild (failback) -------------------------------------------------------------------------------
+    DEFAULT_REBUILD_TIMEOUT = 3 * 3600.0  # a cross-region replica of a large instance takes hours; the activity's limit wins
+    # States in which RDS accepts a DeleteDBInstance; in the others (creating, modifying, backing-up ...) we wait.
+    _DELETABLE = {"available", "stopped", "failed", "storage-full", "incompatible-parameters", "incompatible-restore",
+                  "incompatible-network", "inaccessible-encryption-credentials", "incompatible-option-group"}
+
+    def _describe_or_none(self, ident: str | None = None) -> dict[str, Any] | None:
+        ident = ident or self.ident
+        try:
+            with aws_errors(f"RDS instance {ident} in {self.db.aws_region}"):
+                return self._rds().describe_db_instances(DBInstanceIdentifier=ident)["DBInstances"][0]
+        except ApplicationError as e:
+            if e.type == "AwsNotFound":
+                return None
+            raise
+
+    @staticmethod
+    def _is_source(source: str | None, primary: dict[str, Any]) -> bool:
+        """Does ReadReplicaSourceDBInstanceIdentifier (an identifier in-region, an ARN across regions) name `primary`?"""
+        if not source:
+            return False
+        return source in (primary.get("DBInstanceIdentifier"), primary.get("DBInstanceArn"))
+
+    def _replica_template(self, inst: dict[str, Any] | None) -> dict[str, Any]:
+        """What the new replica keeps of the instance it replaces: class, port (the inventory's DSN points at it),
+        parameter group, subnet group, security groups, tags. Carried in heartbeats across a worker crash."""
+        t: dict[str, Any] = {}
+        if inst:
+            t["DBInstanceClass"] = inst.get("DBInstanceClass")
+            port = (inst.get("Endpoint") or {}).get("Port") or inst.get("DbInstancePort")
+            if port:
+                t["Port"] = int(port)
+            groups = [g.get("DBParameterGroupName") for g in inst.get("DBParameterGroups", [])]
+            if groups and groups[0] and not groups[0].startswith("default."):
+                t["DBParameterGroupName"] = groups[0]
+            subnet = (inst.get("DBSubnetGroup") or {}).get("DBSubnetGroupName")
+            if subnet:
+                t["DBSubnetGroupName"] = subnet
+            sgs = [g["VpcSecurityGroupId"] for g in inst.get("VpcSecurityGroups", []) if g.get("VpcSecurityGroupId")]
+            if sgs and subnet:  # security groups belong to the subnet group's VPC
+                t["VpcSecurityGroupIds"] = sgs
+            tags = [tag for tag in inst.get("TagList", []) if not tag.get("Key", "").startswith("aws:")]
+            if tags:
+                t["Tags"] = tags
+        if self.db.dsn and "Port" not in t:
+            from psycopg.conninfo import conninfo_to_dict
+
+            port = conninfo_to_dict(self.db.dsn).get("port")
+            if port and str(port).isdigit():
+                t["Port"] = int(port)
+        return {k: v for k, v in t.items() if v}
+
+    def rebuild_replica(self, primary: RegionTarget) -> RebuildResult:
+        """Make this region's RDS instance a read replica of `primary`'s instance again (failback).
+
+        RDS cannot turn a standalone instance into a replica, so the old, diverged primary is deleted (with a
+        final snapshot named <id>-before-rebuild-<UTC stamp>: its diverged data is kept, never reused) and
+        CreateDBInstanceReadReplica makes a new instance of the same identifier (same endpoint) from the
+        primary: by identifier in-region, by ARN across regions. Then wait for `available` (heartbeating the
+        RDS status), and, when the inventory gives a DSN, until the replica streams over SQL.
+
+        Idempotent, looking before acting at each turn: a replica of `primary` that is available (and
+        streaming) is left as it is (method "already-replica"); one being created (e.g. by an attempt that
+        died) is waited for, not recreated; one that failed to build is deleted and built again; an instance
+        being deleted is waited for. The primary must be an available standalone instance with automated
+        backups (RDS requires them of a replication source)."""
+        if primary.database.provider != "aws-rds":
+            raise ApplicationError(
+                f"rebuild {self.what}: RDS replicates only from an RDS instance; the primary region {primary.region} "
+                f"uses provider {primary.database.provider!r}", type="BadInput", non_retryable=True)
+        source = RdsInstance(primary)
+        timeout = self.promote_timeout if self.promote_timeout is not None else _time_limit(self.DEFAULT_REBUILD_TIMEOUT)
+        started = time.monotonic()
+        deadline = started + timeout
+        previous = next((d for d in _heartbeat_details() if isinstance(d, dict) and d.get("phase")), {})
+        template: dict[str, Any] = dict(previous.get("template") or {})
+        acted = bool(previous.get("acted"))
+        deleted: str | None = previous.get("deleted")
+        snapshot_stamp = previous.get("stamp") or datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
+        poll = _Poll(0.25, 10.0)
+        failed_builds = 0
+
+        def beat(phase: str, **extra: Any) -> None:
+            _heartbeat({"phase": phase, "acted": acted, "deleted": deleted, "stamp": snapshot_stamp, "template": template,
+                        "waited_seconds": round(time.monotonic() - started, 1), **extra})
+
+        while True:
+            p = source.describe()
+            p_state, _, p_source = self._cloud(p)
+            if p_source:
+                raise ApplicationError(f"rebuild {self.what}: the primary {source.what} is itself a read replica (of {p_source}); "
+                                       f"promote it first or rebuild from the primary", type="NotPrimary", non_retryable=True)
+            if p.get("BackupRetentionPeriod") == 0:
+                raise ApplicationError(f"rebuild {self.what}: {source.what} has automated backups off (BackupRetentionPeriod 0), "
+                                       f"which RDS requires of a read replica's source; enable them", type="AwsInvalidParameter",
+                                       non_retryable=True)
+            inst = self._describe_or_none()
+            state = inst.get("DBInstanceStatus", "unknown") if inst else None
+            if inst is not None and self._is_source(inst.get("ReadReplicaSourceDBInstanceIdentifier"), p):
+                if state == "available":
+                    break
+                if state in self._BROKEN and state not in ("deleting", "stopping", "stopped"):
+                    # A replica that failed to build: replace it (the next turn creates it again), once.
+                    failed_builds += 1
+                    if failed_builds > 1:
+                        raise ApplicationError(f"rebuild {self.what}: the read replica of {source.what} failed to build again "
+                                               f"(RDS status {state!r}); see the RDS events", type="RebuildFailed")
+                    log.warning("rebuild %s: the read replica is %r; deleting it to build it again", self.what, state)
+                    self._delete_instance(final_snapshot=None)
+                    acted = True
+                beat("waiting for the read replica", rds_status=state)
+            elif inst is not None:
+                # The old, diverged primary (standalone), or a replica of another instance: replace it.
+                if not template:
+                    template = self._replica_template(inst)
+                if state == "deleting":
+                    beat("waiting for the old instance to be deleted", rds_status=state)
+                elif state in self._DELETABLE:
+                    if inst.get("DeletionProtection"):
+                        raise ApplicationError(f"rebuild {self.what}: the old instance has deletion protection on; a person must "
+                                               f"turn it off to let it be replaced by a read replica", type="Refused", non_retryable=True)
+                    snap = f"{self.ident}-before-rebuild-{snapshot_stamp}" if state == "available" else None
+                    self._delete_instance(final_snapshot=snap)
+                    acted, deleted = True, (f"{self.ident} (final snapshot {snap})" if snap else self.ident)
+                    beat("deleting the old instance", rds_status=state, final_snapshot=snap)
+                else:
+                    beat("waiting for the old instance to settle before deleting it", rds_status=state)
+            else:
+                if not template:
+                    template = self._replica_template(None)
+                if p_state != "available":
+                    beat("waiting for the primary to be available", primary_status=p_state)
+                else:
+                    self._create_replica(p, source, template)
+                    acted = True
+                    beat("creating the read replica", rds_status="creating")
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"rebuild {self.what}: not a replica of {source.what} after {time.monotonic() - started:.0f}s "
+                                       f"(RDS status {state or 'absent'})", type="RebuildTimeout")
+            poll.sleep()
+
+        if self.db.dsn:
+            self._wait_streaming(deadline, started, beat)
+        seconds = round(time.monotonic() - started, 3)
+        if not acted:
+            return RebuildResult(method="already-replica", seconds=seconds, detail=f"{self.ident} already replicates from {source.ident}")
+        detail = f"read replica {self.ident} of {source.ident}" + (f"; replaced {deleted}" if deleted else "")
+        return RebuildResult(method="rds-read-replica", seconds=seconds, detail=detail)
+
+    def _delete_instance(self, final_snapshot: str | None) -> None:
+        kwargs: dict[str, Any] = {"DBInstanceIdentifier": self.ident}
+        if final_snapshot:
+            kwargs["FinalDBSnapshotIdentifier"] = final_snapshot
+        else:
+            kwargs["SkipFinalSnapshot"] = True
+        try:
+            with aws_errors(self.what):
+                self._rds().delete_db_instance(**kwargs)
+        except ApplicationError as e:
+            # Deleted meanwhile, already deleting, or a state that will pass: the next look decides.
+            if e.type == "AwsNotFound" or _code(e) in ("InvalidDBInstanceState", "InvalidDBInstanceStateFault"):
+                log.info("delete %s: %s", self.what, e.message)
+                return
+            if _code(e) in ("DBSnapshotAlreadyExists", "DBSnapshotAlreadyExistsFault"):
+                # An attempt that died after asking took the snapshot already.
+                with aws_errors(self.what):
+                    self._rds().delete_db_instance(DBInstanceIdentifier=self.ident, SkipFinalSnapshot=True)
+                return
+            raise
+
+    def _create_replica(self, p: dict[str, Any], source: "RdsInstance", template: dict[str, Any]) -> None:
+        same_region = source.db.aws_region == self.db.aws_region
+        kwargs: dict[str, Any] = {
+            "DBInstanceIdentifier": self.ident,
+            "SourceDBInstanceIdentifier": source.ident if same_region else p["DBInstanceArn"],
+            **template,
+        }
+        if not same_region and p.get("StorageEncrypted"):
+            # An encrypted source across regions needs a presigned URL (boto3 makes it from SourceRegion) and a
+            # KMS key of this region, which RDS names in its error when it is missing.
+            kwargs["SourceRegion"] = source.db.aws_region
+        kwargs.setdefault("DBInstanceClass", p.get("DBInstanceClass"))
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        try:
+            with aws_errors(self.what):
+                self._rds().create_db_instance_read_replica(**kwargs)
+            log.info("rebuild %s: creating a read replica of %s", self.what, source.what)
+        except ApplicationError as e:
+            if _code(e) not in ("DBInstanceAlreadyExists", "DBInstanceAlreadyExistsFault"):
+                raise
+            log.info("rebuild %s: %s (the next look decides)", self.what, e.message)
+
+    def _wait_streaming(self, deadline: float, started: float, beat) -> None:
+        poll = _Poll(0.2, 5.0)
+        while True:
+            s = sql_status(self.db, self.target.region)
+            if s.reachable and s.role == "replica" and s.streaming:
+                return
+            seen = (f"role {s.role}, {'streaming' if s.streaming else 'not streaming'}" if s.reachable else f"unreachable: {s.error}")
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"rebuild {self.what}: RDS shows a read replica but PostgreSQL is not streaming after "
+                                       f"{time.monotonic() - started:.0f}s ({seen})", type="RebuildTimeout")
+            beat("waiting for the replica to stream", sql=seen)
+            poll.sleep()
+
 
 # -- Route 53 -----------------------------------------------------------------------------------------
 
@@ -604,3 +818,495 @@ def store_report_s3(conn: AwsConnection, bucket: str, key: str, body: str, conte
     with aws_errors(f"S3 object s3://{bucket}/{key}"):
         _client(conn, "s3").put_object(Bucket=bucket, Key=key, Body=body.encode("utf-8"), ContentType=content_type)
     return f"s3://{bucket}/{key}"
+
+
+# -- restore drills: RDS point-in-time restore, and a pg_dump in S3 ------------------------------------
+
+DUMP_TIME_METADATA = "opsflow-dump-time"
+SCRATCH_TAG = "opsflow-drill-scratch"  # on every RDS instance a drill restores; nothing without it is ever deleted
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def _tags(inst: dict[str, Any]) -> dict[str, str]:
+    return {t.get("Key", ""): t.get("Value", "") for t in inst.get("TagList", []) or []}
+
+
+def upload_dump(conn: AwsConnection | None, bucket: str, key: str, dump_file: str | Path, dump_time: datetime | None = None) -> str:
+    """Put a `pg_dump -Fc` file into s3://bucket/key (multipart when large); returns that URL.
+
+    `dump_time` (when the dump's snapshot was taken; default: the file's modification time) goes into the
+    object's metadata as `opsflow-dump-time`: S3DumpRestore takes it as the restore point, which is more exact
+    than the object's LastModified (the end of the upload)."""
+    key = key.lstrip("/")
+    path = Path(dump_file)
+    when = _utc(dump_time) if dump_time else datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    extra = {"Metadata": {DUMP_TIME_METADATA: when.isoformat()}, "ContentType": "application/octet-stream"}
+    with aws_errors(f"S3 object s3://{bucket}/{key}"):
+        _client(conn, "s3").upload_file(str(path), bucket, key, ExtraArgs=extra)
+    return f"s3://{bucket}/{key}"
+
+
+class RdsPointInTimeRestore:
+    """RestoreProvider for method "rds-pitr": RestoreDBInstanceToPointInTime of the source region's RDS instance
+    into a scratch instance named by the drill, in the source's region, subnet group and security groups (never
+    its parameter group: a fence through that group must not reach the scratch instance, and fencing refuses a
+    shared group).
+
+    window(): latest = the instance's LatestRestorableTime; earliest = the latest of (latest - the instance's
+    BackupRetentionPeriod days, its InstanceCreateTime, the RestoreWindow of its automated backups where RDS
+    reports one). start(): idempotent, an instance of that name that the drill made (tag opsflow-drill-scratch)
+    is reused. status(): ready once `available`, with a DSN made of the source's DSN (user, dbname, sslmode...)
+    and the scratch instance's endpoint address and port (in the lab the emulator reports 127.0.0.1 and the
+    restored cluster's port there). delete(): DeleteDBInstance(SkipFinalSnapshot) and wait until it is gone;
+    only instances tagged as drill scratch instances are deleted or listed, whatever their name.
+    """
+
+    METHOD = "rds-pitr"
+    DEFAULT_DELETE_TIMEOUT = 1800.0
+    _FAILED = {"failed", "incompatible-restore", "incompatible-parameters", "incompatible-network", "storage-full",
+               "inaccessible-encryption-credentials", "restore-error"}
+
+    def __init__(self, request: RestoreRequest, *, delete_timeout: float | None = None):
+        if request.source.database.provider != "aws-rds":
+            raise ApplicationError(f"restore method rds-pitr needs an aws-rds source; region {request.source.region} uses "
+                                   f"{request.source.database.provider!r}", type="BadInput", non_retryable=True)
+        self.request = request
+        self.source = RdsInstance(request.source)
+        self.db = self.source.db
+        self.delete_timeout = delete_timeout
+
+    def _what(self, name: str) -> str:
+        return f"RDS scratch instance {name} in {self.db.aws_region}"
+
+    def _rds(self) -> Any:
+        return self.source._rds()
+
+    def _describe(self, name: str) -> dict[str, Any] | None:
+        return self.source._describe_or_none(name)
+
+    # window -------------------------------------------------------------------------------------------
+    def window(self) -> RestoreWindow:
+        inst = self.source.describe()
+        retention = int(inst.get("BackupRetentionPeriod") or 0)
+        if retention <= 0:
+            raise ApplicationError(f"{self.source.what}: automated backups are off (BackupRetentionPeriod 0): no point-in-time "
+                                   f"restore is possible", type="RestoreUnavailable", non_retryable=True)
+        latest = inst.get("LatestRestorableTime")
+        if latest is None:
+            raise ApplicationError(f"{self.source.what}: RDS reports no LatestRestorableTime yet (no backup taken yet)",
+                                   type="RestoreUnavailable")
+        latest = _utc(latest)
+        bounds = [latest - timedelta(days=retention)]
+        if inst.get("InstanceCreateTime"):
+            bounds.append(_utc(inst["InstanceCreateTime"]))
+        automated = self._automated_earliest()
+        if automated:
+            bounds.append(automated)
+        earliest = min(max(bounds), latest)
+        return RestoreWindow(earliest=earliest, latest=latest,
+                             detail=f"RDS {self.source.ident}: backup retention {retention} day(s)")
+
+    def _automated_earliest(self) -> datetime | None:
+        try:
+            with aws_errors(f"automated backups of {self.source.what}"):
+                backups = self._rds().describe_db_instance_automated_backups(DBInstanceIdentifier=self.source.ident)["DBInstanceAutomatedBackups"]
+        except ApplicationError as e:  # not allowed or not there: the retention bound stands
+            log.info("%s", e.message)
+            return None
+        times = [_utc(b["RestoreWindow"]["EarliestTime"]) for b in backups
+                 if b.get("Status", "active") == "active" and (b.get("RestoreWindow") or {}).get("EarliestTime")]
+        return min(times) if times else None
+
+    # start / status -----------------------------------------------------------------------------------
+    def start(self, name: str, point: datetime) -> ScratchTarget:
+        point = _utc(point)
+        inst = self._describe(name)
+        if inst is None:
+            src = self.source.describe()
+            kwargs: dict[str, Any] = {
+                "SourceDBInstanceIdentifier": self.source.ident,
+                "TargetDBInstanceIdentifier": name,
+                "RestoreTime": point,
+                "DBInstanceClass": src.get("DBInstanceClass"),
+                "MultiAZ": False,
+                "DeletionProtection": False,
+                "Tags": [{"Key": SCRATCH_TAG, "Value": "true"}, {"Key": "opsflow-drill-source", "Value": self.source.ident},
+                         {"Key": "opsflow-restore-point", "Value": point.isoformat()}],
+            }
+            subnet = (src.get("DBSubnetGroup") or {}).get("DBSubnetGroupName")
+            if subnet:
+                kwargs["DBSubnetGroupName"] = subnet
+                sgs = [g["VpcSecurityGroupId"] for g in src.get("VpcSecurityGroups", []) if g.get("VpcSecurityGroupId")]
+                if sgs:
+                    kwargs["VpcSecurityGroupIds"] = sgs
+            kwargs = {k: v for k, v in kwargs.items() if v is not None}
+            try:
+                with aws_errors(f"point-in-time restore of {self.source.what} into {name}"):
+                    inst = self._rds().restore_db_instance_to_point_in_time(**kwargs)["DBInstance"]
+                log.info("restore %s as of %s into %s", self.source.what, point.isoformat(), name)
+            except ApplicationError as e:
+                if _code(e) not in ("DBInstanceAlreadyExists", "DBInstanceAlreadyExistsFault"):
+                    raise
+                inst = self._describe(name)  # made by a concurrent attempt
+                if inst is None:
+                    raise
+        self._require_scratch(inst, name)
+        return self._target(inst, name)
+
+    def status(self, name: str) -> ScratchTarget:
+        inst = self._describe(name)
+        if inst is None:
+            raise ApplicationError(f"{self._what(name)} does not exist (deleted, or never created)", type="AwsNotFound", non_retryable=True)
+        self._require_scratch(inst, name)
+        return self._target(inst, name)
+
+    def _require_scratch(self, inst: dict[str, Any], name: str) -> None:
+        if _tags(inst).get(SCRATCH_TAG) != "true":
+            raise ApplicationError(f"{self._what(name)}: an instance of that name exists and is not a drill's scratch instance "
+                                   f"(no tag {SCRATCH_TAG}=true); refusing to use or delete it", type="Refused", non_retryable=True)
+
+    def _target(self, inst: dict[str, Any], name: str) -> ScratchTarget:
+        state = inst.get("DBInstanceStatus", "unknown")
+        tags = _tags(inst)
+        point = None
+        if tags.get("opsflow-restore-point"):
+            try:
+                point = _utc(datetime.fromisoformat(tags["opsflow-restore-point"]))
+            except ValueError:
+                point = None
+        if state in self._FAILED:
+            raise ApplicationError(f"{self._what(name)}: the restore failed (RDS status {state!r}); see the RDS events",
+                                   {"rds_status": state}, type="RestoreFailed", non_retryable=True)
+        ready = state == "available"
+        dsn = self._dsn(inst) if ready else None
+        return ScratchTarget(name=name, method=self.METHOD, ready=ready, dsn=dsn, restore_point=point,
+                             detail=f"RDS {state}" + (f" at {self._endpoint(inst)}" if ready else ""))
+
+    @staticmethod
+    def _endpoint(inst: dict[str, Any]) -> str:
+        ep = inst.get("Endpoint") or {}
+        return f"{ep.get('Address')}:{ep.get('Port')}"
+
+    def _dsn(self, inst: dict[str, Any]) -> str:
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        ep = inst.get("Endpoint") or {}
+        if not ep.get("Address"):
+            raise ApplicationError(f"{self._what(inst['DBInstanceIdentifier'])}: available but RDS reports no endpoint", type="AwsError")
+        host, port = str(ep["Address"]), str(ep.get("Port") or 5432)
+        if self.db.dsn:
+            params = conninfo_to_dict(self.db.dsn)
+            params.pop("hostaddr", None)
+            params.update(host=host, port=port)
+            return make_conninfo(**params)
+        return make_conninfo(host=host, port=port, user=inst.get("MasterUsername") or "postgres", dbname=inst.get("DBName") or "postgres")
+
+    # delete / list ------------------------------------------------------------------------------------
+    def delete(self, name: str) -> bool:
+        inst = self._describe(name)
+        if inst is None:
+            return False
+        self._require_scratch(inst, name)
+        timeout = self.delete_timeout if self.delete_timeout is not None else _time_limit(self.DEFAULT_DELETE_TIMEOUT)
+        started = time.monotonic()
+        poll = _Poll(0.25, 10.0)
+        while inst is not None:
+            state = inst.get("DBInstanceStatus", "unknown")
+            if state != "deleting":
+                try:
+                    with aws_errors(self._what(name)):
+                        self._rds().delete_db_instance(DBInstanceIdentifier=name, SkipFinalSnapshot=True, DeleteAutomatedBackups=True)
+                    log.info("deleting %s", self._what(name))
+                except ApplicationError as e:
+                    if e.type == "AwsNotFound":
+                        return True
+                    if _code(e) not in ("InvalidDBInstanceState", "InvalidDBInstanceStateFault"):
+                        raise
+                    log.info("delete %s: %s; waiting", self._what(name), e.message)  # e.g. still creating
+            waited = time.monotonic() - started
+            _heartbeat({"phase": "deleting", "instance": name, "rds_status": state, "waited_seconds": round(waited, 1)})
+            if waited > timeout:
+                if state == "deleting":
+                    log.warning("%s: still deleting after %.0fs; RDS finishes it on its own", self._what(name), waited)
+                    return True
+                raise ApplicationError(f"{self._what(name)}: not deleted after {waited:.0f}s (RDS status {state!r})", type="DeleteTimeout")
+            poll.sleep()
+            inst = self._describe(name)
+        return True
+
+    def list_scratch(self, prefix: str) -> list[str]:
+        names = []
+        with aws_errors(f"RDS instances in {self.db.aws_region}"):
+            for page in self._rds().get_paginator("describe_db_instances").paginate():
+                for inst in page["DBInstances"]:
+                    ident = inst["DBInstanceIdentifier"]
+                    if ident.startswith(prefix) and _tags(inst).get(SCRATCH_TAG) == "true" and inst.get("DBInstanceStatus") != "deleting":
+                        names.append(ident)
+        return sorted(names)
+
+
+class S3DumpRestore:
+    """RestoreProvider for method "s3-dump": the newest `pg_dump -Fc` object under drill.dumps (bucket/prefix),
+    restored with pg_restore into a new database named like the scratch target on drill.scratch_server.
+
+    Dumps: every non-empty object under the prefix. A dump's time is its `opsflow-dump-time` metadata (set by
+    upload_dump: when the dump's snapshot was taken), else its LastModified. window(): earliest = the oldest
+    dump's time, latest = the newest's. A requested point picks the newest dump at or before it.
+
+    start() is quick (it fits the drill's short start step): it picks the dump, creates the empty database and
+    records the choice in the database's comment (`opsflow-restore {json}`). status(), called by restore.wait
+    with its long timeout and heartbeats, does the work: under a PostgreSQL advisory lock on the scratch server
+    (held by the session of the worker doing it, so it ends with that worker) it downloads the object, drops
+    and recreates the database, runs pg_restore (--no-owner --no-acl --exit-on-error, -j up to 4), heartbeating,
+    and marks the database complete in its comment. Another worker's status() meanwhile says "restoring"; a
+    worker that died leaves no lock, and the next status() starts over. The database is ready when marked
+    complete. pg_restore must be installed on the worker (postgresql-client; OPSFLOW_PG_RESTORE overrides the
+    path); the scratch server's password comes from drill.scratch_server.password, passed as PGPASSWORD.
+
+    delete(): terminate the database's sessions and DROP DATABASE (WITH (FORCE) on PostgreSQL 13+).
+    list_scratch(): databases with the prefix that carry the opsflow-restore comment (no other is touched).
+    """
+
+    METHOD = "s3-dump"
+    MARKER = "opsflow-restore "
+    POLL = 1.0
+
+    def __init__(self, request: RestoreRequest):
+        drill = request.drill
+        if drill.dumps is None or drill.scratch_server is None:
+            raise ApplicationError("restore method s3-dump needs drill.dumps (bucket/prefix) and drill.scratch_server (dsn)",
+                                   type="BadInput", non_retryable=True)
+        self.request = request
+        self.bucket = drill.dumps.bucket
+        self.prefix = drill.dumps.prefix.lstrip("/")
+        self.server = drill.scratch_server
+        self.conn = request.source.aws or AwsConnection()
+
+    @property
+    def where(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def _s3(self) -> Any:
+        return _client(self.conn, "s3")
+
+    # dumps --------------------------------------------------------------------------------------------
+    def _objects(self) -> list[dict[str, Any]]:
+        objs: list[dict[str, Any]] = []
+        with aws_errors(f"S3 dumps under {self.where}"):
+            for page in self._s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+                objs += [o for o in page.get("Contents", []) if o.get("Size", 0) > 0 and not o["Key"].endswith("/")]
+        if not objs:
+            raise ApplicationError(f"no dumps under {self.where}", type="RestoreUnavailable", non_retryable=True)
+        return sorted(objs, key=lambda o: (o["LastModified"], o["Key"]))
+
+    def _dump_time(self, obj: dict[str, Any]) -> datetime:
+        with aws_errors(f"S3 object s3://{self.bucket}/{obj['Key']}"):
+            meta = self._s3().head_object(Bucket=self.bucket, Key=obj["Key"]).get("Metadata", {}) or {}
+        text = meta.get(DUMP_TIME_METADATA)
+        if text:
+            try:
+                return _utc(datetime.fromisoformat(text))
+            except ValueError:
+                log.warning("s3://%s/%s: unreadable %s metadata %r; using LastModified", self.bucket, obj["Key"], DUMP_TIME_METADATA, text)
+        return _utc(obj["LastModified"])
+
+    def window(self) -> RestoreWindow:
+        objs = self._objects()
+        newest = objs[-1]
+        latest = self._dump_time(newest)
+        earliest = self._dump_time(objs[0]) if len(objs) > 1 else latest
+        return RestoreWindow(earliest=min(earliest, latest), latest=latest,
+                             detail=f"s3://{self.bucket}/{newest['Key']} ({newest.get('Size', 0)} bytes; {len(objs)} dump(s))")
+
+    def _pick(self, point: datetime) -> tuple[dict[str, Any], datetime]:
+        point = _utc(point)
+        for obj in reversed(self._objects()):
+            when = self._dump_time(obj)
+            if when <= point:
+                return obj, when
+        raise ApplicationError(f"no dump under {self.where} was taken at or before {point.isoformat()}",
+                               type="RestoreUnavailable", non_retryable=True)
+
+    # the scratch database -----------------------------------------------------------------------------
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not name or len(name.encode()) > 63 or not all(c.isalnum() or c in "-_" for c in name):
+            raise ApplicationError(f"scratch database name {name!r}: use up to 63 letters, digits, '-' and '_'", type="BadInput", non_retryable=True)
+
+    def _connect(self):
+        return connect(self.server, connect_timeout=10)
+
+    def _info(self, conn, name: str) -> dict[str, Any] | None:
+        """The database's opsflow-restore record; None when the database does not exist, {} when it has none."""
+        row = conn.execute("select shobj_description(oid, 'pg_database') from pg_database where datname = %s", (name,)).fetchone()
+        if row is None:
+            return None
+        text = row[0] or ""
+        if not text.startswith(self.MARKER):
+            return {}
+        try:
+            return json.loads(text[len(self.MARKER):])
+        except ValueError:
+            return {}
+
+    def _mark(self, conn, name: str, info: dict[str, Any]) -> None:
+        from psycopg import sql
+
+        conn.execute(sql.SQL("comment on database {} is {}").format(sql.Identifier(name), sql.Literal(self.MARKER + json.dumps(info))))
+
+    def _drop(self, conn, name: str) -> None:
+        from psycopg import sql
+
+        conn.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s and pid <> pg_backend_pid()", (name,))
+        force = conn.info.server_version >= 130000
+        conn.execute(sql.SQL("drop database if exists {}" + (" with (force)" if force else "")).format(sql.Identifier(name)))
+
+    def _scratch_dsn(self, name: str) -> str:
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(self.server.dsn, dbname=name)
+
+    def _target(self, name: str, info: dict[str, Any], ready: bool, detail: str) -> ScratchTarget:
+        point = None
+        if info.get("dump_time"):
+            point = _utc(datetime.fromisoformat(info["dump_time"]))
+        return ScratchTarget(name=name, method=self.METHOD, ready=ready, dsn=self._scratch_dsn(name) if ready else None,
+                             restore_point=point, detail=detail)
+
+    def start(self, name: str, point: datetime) -> ScratchTarget:
+        from psycopg import errors as pgerrors, sql
+
+        self._check_name(name)
+        with self._connect() as conn, _db_errors(self.server, f"start restore into {name}"):
+            info = self._info(conn, name)
+            if info is None or not info.get("key"):
+                obj, when = self._pick(point)
+                info = {"state": "pending", "bucket": self.bucket, "key": obj["Key"], "etag": obj.get("ETag", "").strip('"'),
+                        "size": obj.get("Size"), "dump_time": when.isoformat()}
+                try:
+                    conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+                except pgerrors.DuplicateDatabase:
+                    pass  # a concurrent attempt, or one that died before marking it: the record below is ours now
+                self._mark(conn, name, info)
+            complete = info.get("state") == "complete"
+            return self._target(name, info, complete, f"{'restored' if complete else 'to restore'} from s3://{info['bucket']}/{info['key']}")
+
+    def status(self, name: str) -> ScratchTarget:
+        self._check_name(name)
+        with self._connect() as conn, _db_errors(self.server, f"restore into {name}"):
+            info = self._info(conn, name)
+            if info is None or not info.get("key"):
+                if self.request.point_in_time is None:
+                    raise ApplicationError(f"scratch database {name} does not exist on {where(self.server)}", type="AwsNotFound", non_retryable=True)
+                self.start(name, self.request.point_in_time)
+                info = self._info(conn, name) or {}
+            if info.get("state") == "complete":
+                return self._target(name, info, True, f"restored from s3://{info['bucket']}/{info['key']}")
+            lock_key = f"opsflow-restore:{name}"
+            if not conn.execute("select pg_try_advisory_lock(hashtextextended(%s, 0))", (lock_key,)).fetchone()[0]:
+                return self._target(name, info, False, f"restoring from s3://{info['bucket']}/{info['key']} (another worker)")
+            try:
+                info = self._info(conn, name) or info
+                if info.get("state") != "complete":
+                    self._restore(conn, name, info)
+                    info = {**info, "state": "complete", "restored_at": datetime.now(timezone.utc).isoformat()}
+                    self._mark(conn, name, info)
+            finally:
+                conn.execute("select pg_advisory_unlock(hashtextextended(%s, 0))", (lock_key,))
+            return self._target(name, info, True, f"restored from s3://{info['bucket']}/{info['key']}")
+
+    def _restore(self, conn, name: str, info: dict[str, Any]) -> None:
+        from psycopg import sql
+
+        binary = _pg_restore_binary()
+        key = info["key"]
+        tmpdir = Path(tempfile.mkdtemp(prefix="opsflow-dump-"))
+        started = time.monotonic()
+        try:
+            path = tmpdir / "dump"
+            size = int(info.get("size") or 0)
+            seen = [0, 0.0]
+
+            def progress(n: int) -> None:
+                seen[0] += n
+                if time.monotonic() - seen[1] > 2:
+                    seen[1] = time.monotonic()
+                    _heartbeat({"phase": "download", "key": key, "bytes": seen[0], "of": size})
+
+            with aws_errors(f"S3 object s3://{info['bucket']}/{key}"):
+                self._s3().download_file(info["bucket"], key, str(path), Callback=progress)
+            # A clean database: what a dead attempt restored partly goes.
+            self._drop(conn, name)
+            conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+            self._mark(conn, name, {**info, "state": "restoring"})
+            from psycopg.conninfo import make_conninfo
+
+            target = make_conninfo(self.server.dsn, dbname=name, application_name="opsflow-restore")
+            env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+            if self.server.password is not None:
+                env["PGPASSWORD"] = resolve(self.server.password)
+            jobs = max(1, min(4, os.cpu_count() or 1))
+            args = [binary, "--no-owner", "--no-acl", "--exit-on-error", "-j", str(jobs), "-d", target, str(path)]
+            with open(tmpdir / "pg_restore.log", "w+b") as out:
+                proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                        preexec_fn=_die_with_parent)
+                try:
+                    while proc.poll() is None:
+                        _heartbeat({"phase": "pg_restore", "key": key, "seconds": round(time.monotonic() - started, 1)})
+                        time.sleep(self.POLL)
+                finally:
+                    if proc.poll() is None:  # cancelled (heartbeat raised) or interrupted: stop it
+                        proc.kill()
+                        proc.wait()
+                out.seek(0)
+                output = out.read().decode(errors="replace")
+            if proc.returncode != 0:
+                tail = "\n".join(output.strip().splitlines()[-15:])
+                kind = "BadInput" if "input file does not appear to be a valid archive" in output or "unsupported version" in output else "RestoreFailed"
+                raise ApplicationError(f"pg_restore of s3://{info['bucket']}/{key} into {name} on {where(self.server)} exited with "
+                                       f"{proc.returncode}:\n{tail}", type=kind, non_retryable=kind == "BadInput")
+            log.info("restored s3://%s/%s into %s in %.1fs", info["bucket"], key, name, time.monotonic() - started)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    # delete / list ------------------------------------------------------------------------------------
+    def delete(self, name: str) -> bool:
+        self._check_name(name)
+        with self._connect() as conn, _db_errors(self.server, f"drop scratch database {name}"):
+            info = self._info(conn, name)
+            if info is None:
+                return False
+            if not info and not name.startswith(self.request.drill.scratch_prefix + "-"):
+                raise ApplicationError(f"database {name} on {where(self.server)} is not a drill's scratch database; refusing to drop it",
+                                       type="Refused", non_retryable=True)
+            self._drop(conn, name)
+        return True
+
+    def list_scratch(self, prefix: str) -> list[str]:
+        with self._connect() as conn, _db_errors(self.server, "list scratch databases"):
+            rows = conn.execute(
+                "select datname from pg_database where starts_with(datname, %s) and shobj_description(oid, 'pg_database') like %s order by 1",
+                (prefix, self.MARKER.replace("%", r"\%").replace("_", r"\_") + "%"),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+
+def _pg_restore_binary() -> str:
+    found = os.environ.get("OPSFLOW_PG_RESTORE") or shutil.which("pg_restore")
+    if not found:
+        raise ApplicationError("pg_restore is not installed on this worker (install the PostgreSQL client, e.g. postgresql-client; "
+                               "or set OPSFLOW_PG_RESTORE)", type="WorkerConfig", non_retryable=True)
+    return found
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the worker dies, so no orphaned pg_restore keeps writing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the advisory lock and the drop before a restore still hold
+        pass

@@ -9,8 +9,20 @@ wait (a long-running operation, an endpoint's health probes) they heartbeat when
   through ARM, then the open sessions are ended over SQL. Promotion is the SDK's replica promotion
   (PATCH properties.replica.promoteMode=Standalone, promoteOption=Planned|Forced), a long-running operation,
   followed by a wait for the first committed write.
+  Failback (rebuild_replica): Azure cannot turn an existing server into a read replica, so the old, diverged
+  server is deleted and created again with createMode Replica from the current primary (same name, so the same
+  FQDN and DSN). Its data is never reused by Azure; the lab's ARM emulator rebuilds the same cluster on the same
+  port (pg_rewind where the timeline allows, else a fresh base backup) and says how in the tag
+  `opsflow-lab-rebuild`.
+- `AzurePointInTimeRestore` (RestoreProvider, method "azure-pitr"): the monthly restore drill's point-in-time
+  restore of a flexible server into a scratch server (createMode PointInTimeRestore) in the source's resource
+  group, tagged `opsflow-scratch=<environment>`: only servers with that tag are ever listed or deleted.
 - `AzureTrafficManagerRouter` (TrafficProvider): endpoint states of a Traffic Manager profile and the switch of
   traffic to one region.
+
+Lab-only tags read here (the ARM emulator computes them; real Azure servers have none of them): `opsflow-lab-port`
+(the server's PostgreSQL port; Azure always listens on 5432), `opsflow-lab-latest-restore` (the latest restorable
+time), `opsflow-lab-rebuild`, `opsflow-lab-error` (why a create failed).
 
 Errors: what retrying cannot fix (authentication, permission, resource not found, bad request, no TLS / a CA we
 do not trust) raises a non-retryable ApplicationError naming the resource; throttling (429), unavailability
@@ -21,8 +33,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Any, Iterator
 
@@ -38,8 +52,19 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.postgres import connect, sql_check_writable, sql_status, where
-from opsflow.inventory import AzureConnection, AzureFlexibleDatabase, AzureTrafficManager
-from opsflow.models import DbStatus, EndpointState, PromoteResult, RegionTarget, TrafficRequest, TrafficStatus
+from opsflow.inventory import AzureConnection, AzureFlexibleDatabase, AzureTrafficManager, PostgresDatabase
+from opsflow.models import (
+    DbStatus,
+    EndpointState,
+    PromoteResult,
+    RebuildResult,
+    RegionTarget,
+    RestoreRequest,
+    RestoreWindow,
+    ScratchTarget,
+    TrafficRequest,
+    TrafficStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +74,29 @@ FENCE_PARAMETER = "default_transaction_read_only"
 REPLICA_ROLES = ("asyncreplica", "geoasyncreplica")
 DEFAULT_PROMOTE_TIMEOUT = 900.0
 DEFAULT_SWITCH_TIMEOUT = 600.0
+DEFAULT_REBUILD_TIMEOUT = 3600.0  # Azure builds a read replica in tens of minutes for a large server
+DEFAULT_DELETE_TIMEOUT = 900.0
 TERMINATE_WAIT_MS = 5_000
+AZURE_PG_PORT = 5432
+# Azure restores to any point up to now from its continuously archived WAL (the Azure CLI's default restore time
+# is the current time). The latest point we offer stays this far behind the worker's clock, so that skew between
+# the worker and ARM never makes "the latest" a point in ARM's future.
+LATEST_RESTORE_MARGIN = 60.0
+# ARM shows a server right after accepting its creation; a scratch server that stays invisible this long after
+# we first looked for it is gone (its restore failed and ARM removed it, or someone deleted it).
+SCRATCH_MISSING_GRACE = 30.0
+SCRATCH_TAG = "opsflow-scratch"  # value: the environment; only servers with it are listed or deleted
+SCRATCH_SOURCE_TAG = "opsflow-source"
+SCRATCH_POINT_TAG = "opsflow-restore-point"
+LAB_PORT_TAG = "opsflow-lab-port"
+LAB_LATEST_RESTORE_TAG = "opsflow-lab-latest-restore"
+LAB_REBUILD_TAG = "opsflow-lab-rebuild"
+LAB_ERROR_TAG = "opsflow-lab-error"
+_SERVER_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])$")
+# Server states (properties.state) while an operation runs; and those of a server that will not become usable
+# ("ProvisioningFailed": the lab emulator's state for a failed create; the API has no provisioningState).
+_BUSY_STATES = {"provisioning", "updating", "starting", "restarting", "dropping", "stopping"}
+_FAILED_STATES = {"provisioningfailed", "failed", "disabled", "inaccessible"}
 # LRO failure codes for which a retry would fail the same way.
 _PERMANENT_OPERATION_CODES = {
     "plannedpromotionnotpossible",
@@ -58,6 +105,9 @@ _PERMANENT_OPERATION_CODES = {
     "switchovernotsupported",
     "configurationisreadonly",
     "badrequest",
+    "invalidsourceserver",
+    "nobackupavailable",
+    "operationnotsupported",
 }
 
 
@@ -215,6 +265,53 @@ def _get(obj: Any, *path: str) -> Any:
     if isinstance(obj, Enum):
         return obj.value
     return obj
+
+
+def _get_server(client: Any, resource_group: str, name: str, what: str) -> Any | None:
+    """A flexible server through ARM, or None when there is no such server (its resource group must exist)."""
+    with _arm(what):
+        try:
+            return client.servers.get(resource_group, name)
+        except ResourceNotFoundError as e:
+            code, _ = _error_code(e)
+            if code and code.lower() in ("resourcegroupnotfound", "subscriptionnotfound"):
+                raise
+            return None
+
+
+def _state(server: Any) -> str:
+    return _get(server, "properties", "state") or ""
+
+
+def _tags(server: Any) -> dict[str, str]:
+    return dict(_get(server, "tags") or {})
+
+
+def _user_tags(server: Any) -> dict[str, str]:
+    return {k: v for k, v in _tags(server).items() if not k.lower().startswith("opsflow-lab-")}
+
+
+def _utc(t: datetime | None) -> datetime | None:
+    if t is None:
+        return None
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return _utc(datetime.fromisoformat(text.strip().replace("Z", "+00:00")))
+    except ValueError:
+        return None
+
+
+def _iso(t: datetime) -> str:
+    return _utc(t).isoformat(timespec="microseconds").replace("+00:00", "Z")  # type: ignore[union-attr]
+
+
+def _same_id(a: str | None, b: str | None) -> bool:
+    return bool(a) and bool(b) and a.strip("/").lower() == b.strip("/").lower()  # type: ignore[union-attr]
 
 
 # -- flexible server ----------------------------------------------------------------------------------------

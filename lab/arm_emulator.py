@@ -250,6 +250,12 @@ def _backups_config(name: str, b: Any) -> dict | None | bool:
     return out
 
 
+def _user_tags(tags: dict) -> dict:
+    """Tags as stored: the lab's computed tags (opsflow-lab-*) are never stored, even when a client writes back
+    what it read."""
+    return {k: v for k, v in tags.items() if not k.lower().startswith(LAB_TAG_PREFIX)}
+
+
 def _parse_time(value: Any) -> datetime:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("not a date-time string")
@@ -568,18 +574,31 @@ class World:
     def server_id(self, srv: dict) -> str:
         return f"/subscriptions/{self.subscription}/resourceGroups/{srv['resource_group']}/providers/{PG_TYPE}/{srv['name']}"
 
+    def server_state(self, srv: dict) -> str:
+        with self.lock:
+            if srv["state_override"]:
+                return srv["state_override"]
+            if srv["provisioning"]:
+                return "Provisioning"
+            if srv["dropping"]:
+                return "Dropping"
+            if srv["failed"]:
+                return "ProvisioningFailed"
+            return "Updating" if srv["busy_op"] is not None else "Ready"
+
     def server_body(self, srv: dict) -> dict:
         with self.lock:
             role, source = srv["role"], srv["source"]
             busy = srv["busy_op"] is not None
-            override = srv["state_override"]
-        probe = self.probe(srv)
+            settled = not (srv["provisioning"] or srv["dropping"] or srv["failed"])
+        state = self.server_state(srv)
+        # A server being created (or whose creation failed) has no cluster to ask yet.
+        probe = self.probe(srv) if settled else {"reachable": False}
         version = srv["version"]
         minor = None
         if probe.get("version"):
             parts = probe["version"].split()[0].split(".")
             version, minor = version or parts[0], parts[1] if len(parts) > 1 else None
-        state = override or ("Updating" if busy else "Ready")
         replica: dict[str, Any] = {"role": role, "capacity": 0 if role in REPLICA_ROLES else 5}
         props: dict[str, Any] = {
             "administratorLogin": srv["administrator_login"],
@@ -590,7 +609,7 @@ class World:
             "storage": {"storageSizeGB": 128, "autoGrow": "Disabled", "tier": "P10", "iops": 500, "type": ""},
             "authConfig": {"activeDirectoryAuth": "Disabled", "passwordAuth": "Enabled"},
             "dataEncryption": {"type": "SystemManaged"},
-            "backup": {"backupRetentionDays": 7, "geoRedundantBackup": "Disabled"},
+            "backup": self._backup_body(srv, settled),
             "network": {"publicNetworkAccess": "Enabled"},
             "highAvailability": {"mode": "Disabled", "state": "NotEnabled"},
             "maintenanceWindow": {"customWindow": "Disabled", "dayOfWeek": 0, "startHour": 0, "startMinute": 0},
@@ -602,7 +621,9 @@ class World:
         if minor is None:
             del props["minorVersion"]
         if role in REPLICA_ROLES:
-            if busy:
+            if srv["provisioning"]:
+                rstate = "Provisioning"
+            elif busy:
                 rstate = "Updating"
             elif not probe.get("reachable") or not probe.get("in_recovery"):
                 rstate = "Broken"
@@ -619,11 +640,90 @@ class World:
             "systemData": {"createdAt": srv["created"]},
             "properties": props,
             "location": srv["location"],
-            "tags": dict(srv["tags"]),
+            "tags": {**srv["tags"], **self._lab_tags(srv, settled, probe)},
             "id": self.server_id(srv),
             "name": srv["name"],
             "type": PG_TYPE,
         }
+
+    # -- flexible servers: backups -------------------------------------------------------------------------
+    def backup_paths(self, srv: dict) -> dict | None:
+        """{archive_dir, base_backup_dir, clusters_root (Paths), retention_days} of a server with backups, else None."""
+        cfg = srv.get("backups")
+        if cfg is False:
+            return None
+        cfg = cfg or {}
+        cluster = srv.get("_cluster")
+        archive, base, root = cfg.get("archive_dir"), cfg.get("base_backup_dir"), cfg.get("clusters_root")
+        if cluster and not (archive and base and root):
+            from lab.postgres import Cluster, archive_dir_of, cluster_root
+
+            c = Cluster.from_dict(cluster)
+            archive = archive or archive_dir_of(c)
+            base = base or cluster_root(c)
+            root = root or cluster_root(c)
+        if not archive or not base:
+            return None
+        return {"archive_dir": Path(archive), "base_backup_dir": Path(base), "clusters_root": Path(root or base),
+                "retention_days": int(cfg.get("retention_days") or 7)}
+
+    def earliest_restore(self, srv: dict) -> datetime | None:
+        paths = self.backup_paths(srv)
+        if paths is None:
+            return None
+        from lab.postgres import earliest_restorable_time
+
+        earliest = earliest_restorable_time(paths["base_backup_dir"])
+        if earliest is None:
+            return None
+        retention = datetime.now(timezone.utc).timestamp() - paths["retention_days"] * 86400
+        return max(earliest, datetime.fromtimestamp(retention, timezone.utc))
+
+    def latest_restore(self, srv: dict, probe: dict | None = None) -> datetime | None:
+        """Now for a running source primary (a restore archives its WAL first); else the newest archived commit."""
+        paths = self.backup_paths(srv)
+        if paths is None:
+            return None
+        probe = probe if probe is not None else self.probe(srv)
+        if probe.get("reachable") and probe.get("in_recovery") is False:
+            return datetime.now(timezone.utc)
+        key = f"latest:{paths['archive_dir']}"
+        cached = self._probe_cache.get(key)
+        if cached and time.monotonic() - cached[0] < 10:
+            return cached[1]
+        from lab.postgres import PostgresLabError, last_archived_commit_time
+
+        try:
+            latest = last_archived_commit_time(paths["archive_dir"])
+        except PostgresLabError:
+            latest = None
+        self._probe_cache[key] = (time.monotonic(), latest)
+        return latest
+
+    def _backup_body(self, srv: dict, settled: bool) -> dict:
+        paths = self.backup_paths(srv) if settled else None
+        body: dict[str, Any] = {"backupRetentionDays": paths["retention_days"] if paths else 7, "geoRedundantBackup": "Disabled"}
+        earliest = self.earliest_restore(srv) if paths else None
+        if earliest is not None:
+            body["earliestRestoreDate"] = _iso(earliest)
+        return body
+
+    def _lab_tags(self, srv: dict, settled: bool, probe: dict) -> dict:
+        tags: dict[str, str] = {}
+        cluster = srv.get("_cluster")
+        if cluster and not srv.get("failed"):
+            tags[TAG_PORT] = str(cluster["port"])
+        if settled and self.backup_paths(srv) is not None:
+            latest = self.latest_restore(srv, probe)
+            if latest is not None:
+                tags[TAG_LATEST_RESTORE] = _iso(latest)
+        rebuild = srv.get("rebuild")
+        if rebuild:
+            text = rebuild["method"] + (f" (pg_rewind not used: {rebuild['fallback_reason']})" if rebuild.get("fallback_reason") else "")
+            tags[TAG_REBUILD] = text[:256]  # Azure's limit on a tag value
+        if srv.get("failed"):
+            tags[TAG_ERROR] = f"{srv['failed']['code']}: {srv['failed']['message']}"[:256]
+        return tags
 
     # -- flexible servers: configurations ------------------------------------------------------------------
     _SETTINGS_SQL = (
@@ -793,7 +893,7 @@ class World:
         def work(op: dict) -> None:
             if tags is not None:
                 with self.lock:
-                    srv["tags"] = dict(tags)
+                    srv["tags"] = _user_tags(tags)
             if mode is not None:
                 self._promote(srv, source, mode, option, op)
 
@@ -887,11 +987,298 @@ class World:
             source["role"], source["source"] = "AsyncReplica", srv["name"]
             self._probe_cache.clear()
 
+    # -- flexible servers: create (point-in-time restore, replica) and delete --------------------------------
+    def _source_server(self, resource_id: Any) -> dict:
+        if not isinstance(resource_id, str) or not resource_id.strip():
+            raise _bad_request("'properties.sourceServerResourceId' is required with this createMode.", "InvalidParameterValue")
+        segs = [unquote(x) for x in resource_id.strip().strip("/").split("/")]
+        low = [x.lower() for x in segs]
+        if len(segs) != 8 or low[0] != "subscriptions" or low[2] != "resourcegroups" or low[4] != "providers" \
+                or low[5] != PG_NS.lower() or low[6] != "flexibleservers":
+            raise _bad_request(f"sourceServerResourceId '{resource_id}' is not a flexible server resource id "
+                               f"(/subscriptions/{{id}}/resourceGroups/{{group}}/providers/{PG_TYPE}/{{name}}).", "InvalidResourceId")
+        if segs[1].lower() != self.subscription.lower():
+            raise ArmError(404, "ResourceNotFound", f"The source server '{resource_id}' was not found: the subscription '{segs[1]}' is unknown.")
+        with self.lock:
+            srv = self.servers.get(segs[7].lower())
+            if srv is None or srv["deleted"] or srv["resource_group"].lower() != segs[3].lower():
+                raise _not_found_resource(PG_TYPE, segs[7], segs[3])
+            return srv
+
+    def _new_server(self, name: str, rg: str, location: str, source: dict, cluster: dict, tags: dict, request: dict, role: str) -> dict:
+        from lab.postgres import Cluster
+
+        return {
+            "name": name,
+            "resource_group": rg,
+            "location": location,
+            "dsn": Cluster.from_dict(cluster).dsn,
+            "role": role,
+            "source": source["name"] if role in REPLICA_ROLES else None,
+            "version": source["version"],
+            "sku": dict(source["sku"]),
+            "fqdn": "127.0.0.1",
+            "administrator_login": source["administrator_login"],
+            "tags": tags,
+            "configurations": {},
+            "state_override": None,
+            "busy_op": None,
+            "created": _now_iso(),
+            "_cluster": cluster,
+            **_lifecycle_fields("api"),
+            "backups": None,  # derived from its cluster: a restored server does not archive, a replica might
+            "create": request,
+        }
+
+    @staticmethod
+    def _cluster_dict(root: Path, name: str) -> dict:
+        """Where lab.postgres puts cluster `name` under `root` (root/name/data), on a port chosen now: known before
+        the cluster exists, so that a create cut short can still be cleaned up."""
+        from lab.postgres import free_port
+
+        home = Path(root).resolve() / name
+        return {"name": name, "datadir": str(home / "data"), "port": free_port(), "logfile": str(home / "postgres.log")}
+
+    def put_server(self, rg: str, name: str, body: Any, base: str, api_version: str) -> tuple[int, Any, dict]:
+        if not isinstance(body, dict):
+            raise _bad_request("The request content was invalid and could not be deserialized: the body must be a JSON object.", "InvalidRequestContent")
+        props = body.get("properties") or {}
+        if not isinstance(props, dict):
+            raise _bad_request("'properties' must be an object.", "InvalidRequestContent")
+        tags = body.get("tags")
+        if tags is not None and not (isinstance(tags, dict) and all(isinstance(v, str) for v in tags.values())):
+            raise _bad_request("'tags' must be an object of strings.", "InvalidRequestContent")
+        mode = str(props.get("createMode") or "").lower()
+        with self.lock:
+            existing = self.servers.get(name.lower())
+            live = existing is not None and not existing["deleted"]
+            if live and existing["resource_group"].lower() != rg.lower():
+                raise ArmError(409, "ServerNameAlreadyExists",
+                               f"The server name '{name}' is already in use (resource group '{existing['resource_group']}'); server names are globally unique.")
+        if mode in ("", "default", "create", "update"):
+            raise _bad_request("The ARM emulator creates flexible servers with createMode PointInTimeRestore or Replica only (copies of its "
+                               "lab servers; new empty servers map to lab clusters in its config) and updates them with PATCH.", "OperationNotSupported")
+        if mode not in ("pointintimerestore", "replica"):
+            raise _bad_request(f"The emulator does not support createMode '{props.get('createMode')}' (supported: PointInTimeRestore, Replica).", "OperationNotSupported")
+        if existing is None and not _SERVER_NAME.match(name):
+            raise _bad_request(f"The server name '{name}' is invalid: 3 to 63 characters, lower-case letters, digits and hyphens, "
+                               "not starting or ending with a hyphen.", "InvalidServerName")
+        source = self._source_server(props.get("sourceServerResourceId"))
+        if source is existing:
+            raise _bad_request(f"Server '{name}' cannot be created from itself.", "InvalidParameterValue")
+        location = body.get("location") or (existing["location"] if existing is not None else None)
+        if not isinstance(location, str) or not location:
+            raise _bad_request("'location' is required to create a server.", "LocationRequired")
+        user_tags = _user_tags(tags or {})
+        if mode == "pointintimerestore":
+            return self._create_restore(rg, name, existing, live, source, props, location, user_tags, base, api_version)
+        return self._create_replica(rg, name, existing, live, source, location, user_tags, base, api_version)
+
+    def _repeat_create(self, srv: dict, base: str, api_version: str) -> tuple[int, Any, dict]:
+        """The same create again on a server it made: idempotent, as ARM's PUT is (the running or a no-op operation)."""
+        with self.lock:
+            op_id = srv["busy_op"]
+            if srv["failed"]:
+                raise ArmError(409, "ServerNameAlreadyExists",
+                               f"Server '{srv['name']}' exists and its creation failed ({srv['failed']['code']}: {srv['failed']['message']}); delete it first.")
+            if op_id is not None:
+                op = self.operations[op_id]
+                if not op["kind"].startswith("create"):
+                    raise ArmError(409, "AnotherOperationInProgress", f"Another operation ({op['kind']}) is in progress on server '{srv['name']}'.")
+                return 202, None, self.operation_headers(op, base, api_version)
+        return self.start_operation(srv, "create (no change)", lambda op: None, self.server_id(srv), base, api_version)
+
+    def _claim(self, key: str, expected: dict | None, srv: dict) -> None:
+        """Under the lock: the name still holds what the request saw (no concurrent create took it); take it."""
+        if self.servers.get(key) is not expected:
+            raise ArmError(409, "AnotherOperationInProgress", f"Server '{srv['name']}' is being created or deleted by another request; retry.")
+        self.servers[key] = srv
+
+    def _create_restore(self, rg: str, name: str, existing: dict | None, live: bool, source: dict, props: dict, location: str,
+                        tags: dict, base: str, api_version: str) -> tuple[int, Any, dict]:
+        raw = props.get("pointInTimeUTC")
+        if raw is None:
+            raise _bad_request("'properties.pointInTimeUTC' is required with createMode PointInTimeRestore.", "InvalidParameterValue")
+        try:
+            point = _parse_time(raw)
+        except ValueError:
+            raise _bad_request(f"pointInTimeUTC '{raw}' is not a date-time (ISO 8601, e.g. 2024-05-01T03:00:00Z).", "InvalidParameterValue") from None
+        request = {"mode": "PointInTimeRestore", "source": source["name"], "point": _iso(point)}
+        if live:
+            assert existing is not None
+            if existing["create"] == request:
+                return self._repeat_create(existing, base, api_version)
+            raise ArmError(409, "ServerNameAlreadyExists", f"Server '{name}' already exists; delete it first or restore into another name.")
+        paths = self.backup_paths(source)
+        if paths is None:
+            raise _bad_request(f"Server '{source['name']}' has no backups the emulator can restore: its lab cluster does not archive WAL "
+                               "(lab.postgres.init_primary(archive_dir=...)) and no 'backups' are configured for it.", "SourceServerHasNoBackups")
+        now = datetime.now(timezone.utc)
+        if point > now:
+            raise _bad_request(f"The point in time {_iso(point)} (pointInTimeUTC) is in the future: it is {_iso(now)} now. "
+                               f"Restore to a point between the earliest restore date and now.", "PointInTimeInFuture")
+        earliest = self.earliest_restore(source)
+        if earliest is None:
+            raise _bad_request(f"Server '{source['name']}' has no base backup yet; nothing can be restored.", "NoBackupAvailable")
+        if point < earliest:
+            raise _bad_request(f"The point in time {_iso(point)} (pointInTimeUTC) is before the earliest restore date {_iso(earliest)} of "
+                               f"server '{source['name']}' (properties.backup.earliestRestoreDate; backup retention "
+                               f"{paths['retention_days']} days).", "PointInTimeBeforeEarliestRestoreDate")
+        root = paths["clusters_root"]
+        cluster = self._cluster_dict(root, name)
+        srv = self._new_server(name, rg, location, source, cluster, tags, request, "Primary")
+        source_cluster = source.get("_cluster")
+
+        def prepare() -> None:
+            self._claim(name.lower(), existing, srv)
+            srv["provisioning"] = True
+
+        def work(op: dict) -> None:
+            from lab.postgres import Cluster, PostgresLabError, archive_now, base_backup_for, restore_to_time
+
+            probe = self.probe(source, max_age=0)
+            if source_cluster and probe.get("reachable") and probe.get("in_recovery") is False:
+                # Azure archives WAL continuously: everything committed up to now is restorable.
+                try:
+                    archive_now(Cluster.from_dict(source_cluster))
+                except PostgresLabError as e:
+                    log.warning("restore %s: could not archive the source's latest WAL: %s", name, _first_line(e))
+            backup = base_backup_for(paths["base_backup_dir"], point)
+            if backup is None:
+                raise ArmError(400, "NoBackupAvailable", f"No base backup of '{source['name']}' ends before {_iso(point)}.")
+            op["percentComplete"] = 10
+            try:
+                restore_to_time(backup, paths["archive_dir"], root, name, point, port=cluster["port"])
+            except PostgresLabError as e:
+                raise ArmError(400, "RestoreFailed", f"The restore of '{source['name']}' as of {_iso(point)} into '{name}' failed: {_first_line(e)}") from None
+
+        def on_done(status: str, error: dict | None) -> None:
+            srv["provisioning"] = False
+            srv["failed"] = None if status == "Succeeded" else (error or {"code": "InternalServerError", "message": "the restore failed"})
+
+        log.info("point-in-time restore of %s as of %s into %s (port %s)", source["name"], _iso(point), name, cluster["port"])
+        return self.start_operation(srv, "create (point-in-time restore)", work, self.server_id(srv), base, api_version, on_done=on_done, prepare=prepare)
+
+    def _create_replica(self, rg: str, name: str, existing: dict | None, live: bool, source: dict, location: str, tags: dict,
+                        base: str, api_version: str) -> tuple[int, Any, dict]:
+        request = {"mode": "Replica", "source": source["name"], "point": None}
+        if source["role"] in REPLICA_ROLES:
+            raise _bad_request(f"Server '{source['name']}' is a read replica (of '{source['source']}'); create a replica of a primary.", "InvalidSourceServer")
+        source_cluster = source.get("_cluster")
+        if not source_cluster:
+            raise _bad_request(f"The emulator builds replicas of lab clusters only; server '{source['name']}' is configured with a dsn.", "OperationNotSupported")
+        if live:
+            assert existing is not None
+            with self.lock:
+                already = existing["role"] in REPLICA_ROLES and (existing["source"] or "").lower() == source["name"].lower() and not existing["failed"]
+            if already:
+                return self._repeat_create(existing, base, api_version)
+        if existing is not None and existing.get("_cluster"):
+            # The old, diverged primary (deleted or not): rebuilt on its own cluster, port and data directory.
+            srv, rebuild = existing, True
+            from lab.postgres import Cluster, cluster_root
+
+            root = cluster_root(Cluster.from_dict(existing["_cluster"]))
+        elif existing is not None and live:
+            raise _bad_request(f"Server '{name}' is configured with a dsn, not a lab cluster: the emulator cannot make it a replica.", "OperationNotSupported")
+        else:
+            paths = self.backup_paths(source)
+            if paths is not None:
+                root = paths["clusters_root"]
+            else:
+                from lab.postgres import Cluster, cluster_root
+
+                root = cluster_root(Cluster.from_dict(source_cluster))
+            srv = self._new_server(name, rg, location, source, self._cluster_dict(root, name), tags, request, "AsyncReplica")
+            rebuild = False
+
+        def prepare() -> None:
+            if rebuild:
+                self._claim(name.lower(), existing, srv)
+                # A new server in Azure's eyes: its old settings, tags and configuration overrides are gone.
+                srv.update(deleted=False, failed=None, rebuild=None, create=request, role="AsyncReplica", source=source["name"],
+                           resource_group=rg, location=location, tags=tags, configurations={}, state_override=None)
+            else:
+                self._claim(name.lower(), existing, srv)
+            srv["provisioning"] = True
+
+        def work(op: dict) -> None:
+            from lab.postgres import Cluster, PostgresLabError, create_replica, rebuild_replica
+
+            primary = Cluster.from_dict(source_cluster)
+            t0 = time.monotonic()
+            try:
+                if rebuild:
+                    rebuilt = rebuild_replica(primary, Cluster.from_dict(srv["_cluster"]), root)
+                    info = rebuilt.rebuild
+                    result = {"method": info.method, "seconds": info.seconds,
+                              "fallback_reason": _first_line(info.fallback_reason, 200) if info.fallback_reason else None}
+                else:
+                    c = srv["_cluster"]
+                    create_replica(primary, root, name, port=c["port"])
+                    result = {"method": "new", "seconds": round(time.monotonic() - t0, 3), "fallback_reason": None}
+            except PostgresLabError as e:
+                raise ArmError(400, "ReplicaCreationFailed", f"Server '{name}' could not be made a replica of '{source['name']}': {_first_line(e)}") from None
+            with self.lock:
+                srv["rebuild"] = result
+
+        def on_done(status: str, error: dict | None) -> None:
+            srv["provisioning"] = False
+            srv["failed"] = None if status == "Succeeded" else (error or {"code": "InternalServerError", "message": "the replica creation failed"})
+
+        log.info("replica %s of %s (%s)", name, source["name"], "rebuild of its cluster" if rebuild else "new cluster")
+        return self.start_operation(srv, "create (replica)", work, self.server_id(srv), base, api_version, on_done=on_done, prepare=prepare)
+
+    def delete_server(self, rg: str, name: str, base: str, api_version: str) -> tuple[int, Any, dict]:
+        with self.lock:
+            srv = self.servers.get(name.lower())
+            if srv is None or srv["deleted"] or srv["resource_group"].lower() != rg.lower():
+                return 204, None, {}  # ARM: deleting what does not exist is No Content
+            cluster, origin = srv.get("_cluster"), srv["origin"]
+
+        def prepare() -> None:
+            srv["dropping"] = True
+
+        def work(op: dict) -> None:
+            if not cluster:
+                return
+            from lab.postgres import Cluster, PostgresLabError, drop_cluster
+
+            c = Cluster.from_dict(cluster)
+            if origin == "api":
+                drop_cluster(c)  # ours: stopped and removed
+            else:
+                # A cluster of the lab's own (its config): stopped, and kept for a Replica re-create (failback).
+                try:
+                    c.stop("fast")
+                except PostgresLabError:
+                    c.kill()
+
+        def on_done(status: str, error: dict | None) -> None:
+            srv["dropping"] = False
+            if status != "Succeeded":
+                return
+            key = srv["name"].lower()
+            if origin == "api":
+                if self.servers.get(key) is srv:
+                    del self.servers[key]
+            else:
+                srv.update(deleted=True, failed=None, create=None, rebuild=None, configurations={}, tags={}, state_override=None)
+
+        log.info("delete %s (%s)", srv["name"], "drop its cluster" if origin == "api" and cluster else "stop its cluster" if cluster else "no cluster")
+        return self.start_operation(srv, "delete", work, None, base, api_version, on_done=on_done, prepare=prepare)
+
     # -- long-running operations -----------------------------------------------------------------------------
-    def start_operation(self, srv: dict, kind: str, work: Callable[[dict], None], resource_path: str, base: str, api_version: str) -> tuple[int, Any, dict]:
+    def start_operation(self, srv: dict, kind: str, work: Callable[[dict], None], resource_path: str | None, base: str, api_version: str,
+                        on_done: Callable[[str, dict | None], None] | None = None, prepare: Callable[[], None] | None = None) -> tuple[int, Any, dict]:
+        """Run `work(op)` in a thread as a long-running operation on `srv`. `prepare()` runs under the lock once the
+        server is known to be free (mark it provisioning...); `on_done(status, error)` runs under the lock when the
+        operation ends, before the server is free again. resource_path None: no final resource (a delete)."""
         with self.lock:
             if srv["busy_op"] is not None:
                 raise ArmError(409, "AnotherOperationInProgress", f"Another operation ({self.operations[srv['busy_op']]['kind']}) is in progress on server '{srv['name']}'; retry when it has finished.")
+            if prepare is not None:
+                prepare()
             op_id = str(uuid.uuid4())
             op = {
                 "name": op_id,
@@ -904,7 +1291,8 @@ class World:
             }
             self.operations[op_id] = op
             srv["busy_op"] = op_id
-        threading.Thread(target=self._run_operation, args=(srv, op, work), name=f"arm-op-{op_id[:8]}", daemon=True).start()
+        self.persist()
+        threading.Thread(target=self._run_operation, args=(srv, op, work, on_done), name=f"arm-op-{op_id[:8]}", daemon=True).start()
         headers = self.operation_headers(op, base, api_version)
         return 202, None, headers
 
@@ -918,7 +1306,7 @@ class World:
             headers["Retry-After"] = str(int(self.settings["lro_retry_after"]))
         return headers
 
-    def _run_operation(self, srv: dict, op: dict, work: Callable[[dict], None]) -> None:
+    def _run_operation(self, srv: dict, op: dict, work: Callable[[dict], None], on_done: Callable[[str, dict | None], None] | None = None) -> None:
         started = time.monotonic()
         status, error = "Succeeded", None
         try:
@@ -937,6 +1325,11 @@ class World:
             op.pop("percentComplete", None)
             if error:
                 op["error"] = error
+            if on_done is not None:
+                try:
+                    on_done(status, error)
+                except Exception:  # noqa: BLE001
+                    log.exception("operation %s: bookkeeping after the operation failed", op["name"])
             srv["busy_op"] = None
             self._probe_cache.pop(srv["name"].lower(), None)
         log.info("operation %s (%s on %s): %s %s", op["name"], op["kind"], srv["name"], status, error or "")
@@ -1103,6 +1496,8 @@ class World:
                 if status_body["status"] == "Failed":
                     err = status_body.get("error") or {}
                     raise ArmError(400, err.get("code", "OperationFailed"), err.get("message", "The operation failed."))
+                if not op.get("resource_path"):
+                    return 204, None, {}  # a delete: nothing to return
                 return 200, self._resource_at(op["resource_path"]), {}
             raise ArmError(404, "NotFound", f"No HTTP resource was found that matches the request URI '{path}'.")
 
@@ -1122,7 +1517,7 @@ class World:
 
     def _server(self, rg: str, name: str) -> dict:
         srv = self.servers.get(name.lower())
-        if srv is None or srv["resource_group"].lower() != rg.lower():
+        if srv is None or srv["deleted"] or srv["resource_group"].lower() != rg.lower():
             raise _not_found_resource(PG_TYPE, name, rg)
         return srv
 
@@ -1143,20 +1538,23 @@ class World:
         if not tail:
             if method != "GET":
                 raise ArmError(405, "MethodNotAllowed", f"The method {method} is not allowed on a server collection.")
-            servers = [s for s in self.servers.values() if s["resource_group"].lower() == rg.lower()]
+            with self.lock:
+                servers = [s for s in self.servers.values() if s["resource_group"].lower() == rg.lower() and not s["deleted"]]
             return 200, {"value": [self.server_body(s) for s in servers]}, {}
+        if len(tail) == 1 and method == "PUT":
+            return self.put_server(rg, tail[0], body, base, api_version)
+        if len(tail) == 1 and method == "DELETE":
+            return self.delete_server(rg, tail[0], base, api_version)
         srv = self._server(rg, tail[0])
         if len(tail) == 1:
             if method == "GET":
                 return 200, self.server_body(srv), {}
             if method == "PATCH":
                 return self.patch_server(srv, body, base, api_version)
-            if method == "PUT":
-                raise _bad_request("The ARM emulator does not create or replace flexible servers; they map to lab clusters in its config.", "OperationNotSupported")
             raise ArmError(405, "MethodNotAllowed", f"The method {method} is not supported on a server by the emulator.")
         if len(tail) == 2 and ltail[1] == "replicas" and method == "GET":
             with self.lock:
-                replicas = [s for s in self.servers.values() if (s["source"] or "").lower() == srv["name"].lower()]
+                replicas = [s for s in self.servers.values() if (s["source"] or "").lower() == srv["name"].lower() and not s["deleted"]]
             return 200, {"value": [self.server_body(s) for s in replicas]}, {}
         if len(tail) >= 2 and ltail[1] == "configurations":
             if len(tail) == 2 and method == "GET":
@@ -1483,8 +1881,24 @@ class EmulatorHandle:
     def requests(self) -> list[dict]:
         return list(self.world.request_log)
 
+    def created_clusters(self) -> list[dict]:
+        """Cluster.to_dict() of every lab cluster the emulator created (restores, new replicas) and still maps."""
+        with self.world.lock:
+            return [dict(s["_cluster"]) for s in self.world.servers.values() if s["origin"] == "api" and s.get("_cluster")]
+
     def state(self) -> dict:
         return self.world.snapshot()
+
+
+def created_clusters(state_path: Path) -> list[dict]:
+    """Cluster.to_dict() of the lab clusters an emulator created (point-in-time restores, new replicas), read from
+    its state file: what a lab teardown must stop besides its own clusters (lab.postgres.drop_cluster). [] when
+    there is no state file."""
+    try:
+        data = json.loads(Path(state_path).read_text())
+    except (OSError, ValueError):
+        return []
+    return [dict(s["cluster"]) for s in (data.get("servers") or {}).values() if s.get("origin") == "api" and s.get("cluster")]
 
 
 def start_emulator(config: dict, ca_dir: Path, port: int = 0, host: str = "127.0.0.1", state_path: Path | None = None) -> EmulatorHandle:

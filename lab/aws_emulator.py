@@ -219,6 +219,17 @@ class _Instance:
     promotion: str | None = None  # None, "running", "done", "failed"
     last_error: str | None = None
     promoted_at: float | None = None
+    cluster: dict | None = None  # lab.postgres.Cluster.to_dict() when mapped onto a lab cluster (not a bare dsn)
+    scratch: bool = False  # made by RestoreDBInstanceToPointInTime: its cluster is dropped with the instance
+    deleted: bool = False  # the RDS instance was deleted; its cluster is stopped and kept for a rebuild
+    job: str | None = None  # "restoring" | "rebuilding" while the data plane works in the background
+    thread: threading.Thread | None = None
+    restore_point: str | None = None
+    rebuilt: dict | None = None  # how the last CreateDBInstanceReadReplica rebuilt the cluster
+
+    @property
+    def port(self) -> int | None:
+        return int(self.cluster["port"]) if self.cluster else None
 
 
 @dataclass
@@ -314,6 +325,17 @@ class _Middleware:
             if status.startswith("200"):
                 self.emu._relay_parameters(region or "us-east-1", params)
             return self._respond(start_response, status, headers, body)
+        if service == "rds" and action in ("CreateDBInstance", "CreateDBInstanceReadReplica"):
+            return self._create(environ, start_response, region or "us-east-1", params, action)
+        if service == "rds" and action == "RestoreDBInstanceToPointInTime":
+            return self._restore(environ, start_response, region or "us-east-1", params)
+        if service == "rds" and action == "DeleteDBInstance":
+            return self._delete(environ, start_response, region or "us-east-1", params)
+        if service == "rds":
+            status, headers, body = self._call(environ)
+            if status.startswith("200"):
+                body = self.emu._rewrite_rds(body)
+            return self._respond(start_response, status, headers, body)
         if service == "route53" and action == "ChangeResourceRecordSets":
             status, headers, body = self._call(environ)
             if status.startswith("200"):
@@ -368,6 +390,135 @@ class _Middleware:
         elif status.startswith("200"):
             with emu.lock:  # no data plane behind it: only the bookkeeping moto leaves out
                 _detach_replica(db, region)
+        if status.startswith("200"):
+            body = emu._rewrite_rds(body)
+        return self._respond(start_response, status, headers, body)
+
+    # -- creating, restoring and deleting instances: the data plane follows ------------------------------
+    def _create(self, environ, start_response, region: str, params: dict[str, str], action: str) -> list[bytes]:
+        """CreateDBInstance[ReadReplica]: an identifier in use is DBInstanceAlreadyExists (moto would overwrite it).
+        A read replica whose identifier was mapped onto a lab cluster before (an instance deleted to be replaced,
+        as RDS failback goes) rebuilds that cluster as a streaming replica of the source's cluster, in the
+        background (lab.postgres.rebuild_replica: pg_rewind, else a fresh base backup; same port): `creating`
+        until it streams, then `available`; `failed` if the rebuild fails (the error in /_lab/state)."""
+        emu = self.emu
+        ident = params.get("DBInstanceIdentifier", "")
+        with emu.lock:
+            if _rds_db(region, ident) is not None:
+                return self._error(start_response, "rds", 400, "DBInstanceAlreadyExists", "DB instance already exists")
+            old = emu.instances.get(ident)
+            primary = None
+            if action == "CreateDBInstanceReadReplica":
+                src_db = _rds_db(region, params.get("SourceDBInstanceIdentifier", ""))
+                primary = emu.instances.get(src_db.db_instance_identifier) if src_db is not None else None
+            rebuild = (old is not None and old.cluster is not None and not old.scratch and old.region == region
+                       and primary is not None and primary.cluster is not None and not primary.deleted and old.job is None)
+            status, headers, body = self._call(environ)
+            if status.startswith("200") and rebuild:
+                db = _rds_db(region, ident)
+                db.status, db.port = "creating", old.port
+                old.deleted, old.job, old.last_error, old.promotion = False, "rebuilding", None, None
+                body = _set_status(body, ident, "creating")
+                old.thread = threading.Thread(target=emu._rebuild_cluster, args=(old, primary), name=f"rebuild-{ident}", daemon=True)
+                old.thread.start()
+            elif status.startswith("200") and old is not None and old.deleted:
+                log.warning("lab: %s created again without a data plane (source not mapped onto a lab cluster)", ident)
+        if status.startswith("200"):
+            body = emu._rewrite_rds(body)
+        return self._respond(start_response, status, headers, body)
+
+    def _restore(self, environ, start_response, region: str, params: dict[str, str]) -> list[bytes]:
+        """RestoreDBInstanceToPointInTime of an instance mapped onto an archiving lab cluster: a NEW cluster restored
+        from the lab's base backup and WAL archive to RestoreTime (lab.postgres.restore_to_time), `creating` until
+        it accepts connections, then `available` with its Endpoint at 127.0.0.1:<its port>. The time must lie in
+        [earliest, latest] restorable (the base backup's end, the newest archived commit), as RDS checks."""
+        emu = self.emu
+        target = params.get("TargetDBInstanceIdentifier", "")
+        source = params.get("SourceDBInstanceIdentifier", "")
+        with emu.lock:
+            src_db = _rds_db(region, source)
+            src = emu.instances.get(src_db.db_instance_identifier) if src_db is not None else None
+            exists = _rds_db(region, target) is not None
+        if src is None or src.cluster is None or src.deleted or exists:
+            return self._passthrough(environ, start_response)  # moto answers (not found, already exists, no data plane)
+        from lab.postgres import Cluster, archive_dir_of
+
+        archive = archive_dir_of(Cluster.from_dict(src.cluster))
+        if archive is None:
+            return self._error(start_response, "rds", 400, "PointInTimeRestoreNotEnabled",
+                               f"DB instance {src.ident}: the lab cluster behind it does not archive WAL (init_primary(archive_dir=...))")
+        earliest, latest = emu._restorable(src)
+        if latest is None:
+            return self._error(start_response, "rds", 400, "InvalidRestoreFault",
+                               f"DB instance {src.ident} has no restorable time yet (no transaction archived since its base backup)")
+        if (params.get("UseLatestRestorableTime") or "").lower() == "true":
+            point = latest
+        elif params.get("RestoreTime"):
+            try:
+                point = _parse_time(params["RestoreTime"])
+            except ValueError:
+                return self._error(start_response, "rds", 400, "InvalidParameterValue", f"RestoreTime {params['RestoreTime']!r} is not a timestamp")
+        else:
+            return self._error(start_response, "rds", 400, "InvalidParameterCombination", "Specify RestoreTime or UseLatestRestorableTime")
+        if point > latest:
+            return self._error(start_response, "rds", 400, "InvalidParameterValue",
+                               f"The RestoreTime {_iso(point)} is after the latest restorable time {_iso(latest)} of {src.ident}")
+        if earliest is not None and point < earliest:
+            return self._error(start_response, "rds", 400, "InvalidParameterValue",
+                               f"The RestoreTime {_iso(point)} is before the earliest restorable time {_iso(earliest)} of {src.ident}")
+        with emu.lock:
+            status, headers, body = self._call(environ)
+            if status.startswith("200"):
+                db = _rds_db(region, target)
+                # What moto copies from the source and RDS does not: replication links, and the parameter group
+                # (a restored instance gets the default group unless one is named).
+                db.status, db.is_replica, db.source_db_instance_identifier, db.replicas = "creating", False, None, []
+                if not params.get("DBParameterGroupName"):
+                    db.db_parameter_group_name = None
+                inst = _Instance(target, region, "", scratch=True, job="restoring", restore_point=_iso(point))
+                emu.instances[target] = inst
+                body = _set_status(body, target, "creating")
+                inst.thread = threading.Thread(target=emu._restore_cluster, args=(inst, dict(src.cluster), archive, point),
+                                               name=f"restore-{target}", daemon=True)
+                inst.thread.start()
+        if status.startswith("200"):
+            body = emu._rewrite_rds(body)
+        return self._respond(start_response, status, headers, body)
+
+    def _delete(self, environ, start_response, region: str, params: dict[str, str]) -> list[bytes]:
+        """DeleteDBInstance: a restored (scratch) instance's cluster is dropped; a mapped instance's cluster is
+        stopped and kept (RDS deletes the server; the lab keeps the data for a later rebuild as a replica).
+        A running restore or rebuild finishes first. Cross-region replicas are detached first (moto cannot)."""
+        emu = self.emu
+        ident = params.get("DBInstanceIdentifier", "")
+        with emu.lock:
+            db = _rds_db(region, ident)
+            inst = emu.instances.get(ident)
+            job = inst.thread if inst is not None and inst.job else None
+        if db is None or db.deletion_protection:
+            return self._passthrough(environ, start_response)
+        if job is not None:
+            job.join(timeout=600)
+        with emu.lock:
+            db = _rds_db(region, ident)
+            if db is not None and db.is_replica:
+                _detach_replica(db, region)
+            status, headers, body = self._call(environ)
+            gone = None
+            if status.startswith("200") and inst is not None:
+                if inst.scratch:
+                    emu.instances.pop(ident, None)
+                else:
+                    inst.deleted = True
+                gone = inst
+        if gone is not None and gone.cluster is not None:
+            emu._retire_cluster(gone)
+        return self._respond(start_response, status, headers, body)
+
+    def _passthrough(self, environ, start_response) -> list[bytes]:
+        status, headers, body = self._call(environ)
+        if status.startswith("200"):
+            body = self.emu._rewrite_rds(body)
         return self._respond(start_response, status, headers, body)
 
     def _lab(self, environ, start_response, path: str) -> list[bytes]:
@@ -594,7 +745,7 @@ class AwsEmulator:
         with self.lock:
             if _rds_db(region, ident) is None:
                 raise ValueError(f"no RDS instance {ident!r} in {region}")
-            self.instances[ident] = _Instance(ident, region, _cluster_dsn(spec))
+            self.instances[ident] = _Instance(ident, region, _cluster_dsn(spec), cluster=dict(cluster) if cluster else None)
 
     def inject_fault(self, service: str, code: str, status: int = 400, action: str | None = None, count: int = 1, message: str | None = None) -> None:
         with self.lock:

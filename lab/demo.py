@@ -6,8 +6,6 @@ import asyncio
 from pathlib import Path
 
 from opsflow.inventory import load_inventory
-from opsflow.models import ProcedureReport
-from opsflow.report import to_text
 from opsflow.temporal import connect
 from starters.cli import follow, start_procedure
 from starters.common import fetch_report
@@ -32,20 +30,30 @@ async def approve_when_asked(handle) -> None:
         await asyncio.sleep(0.3)
 
 
+def current_primary(inv) -> str:
+    """The region whose database is primary now (a second demo run fails back the other way)."""
+    from activities.postgres import sql_status
+
+    for region, r in inv.regions.items():
+        status = sql_status(r.database, region)
+        if status.reachable and status.role == "primary" and not status.read_only:
+            return region
+    raise SystemExit("error: no writable primary in the lab; start afresh: opsflow lab down && opsflow lab demo")
+
+
 async def demo(state: dict) -> int:
     inv = load_inventory(state["inventory"])
-    target = next(r for r in inv.regions if r != inv.primary_region)
+    source = current_primary(inv)
+    target = next(r for r in inv.regions if r != source)
     client = await connect()
     inp = FailoverInput(inventory=inv, to_region=target, requester=REQUESTER, reason="opsflow demo")
     handle = await start_procedure(client, inv, "failover", inp, f"Planned failover of {inv.environment} to {target} (demo)")
     ui = f"{state['temporal']['ui_url']}/namespaces/default/workflows/{handle.id}"
-    print(f"\nplanned failover {inv.primary_region} -> {target} started as {handle.id}, requested by {REQUESTER}")
+    print(f"\nplanned failover {source} -> {target} started as {handle.id}, requested by {REQUESTER}")
     print(f"watch it in the Temporal UI: {ui}\n", flush=True)
     approver = asyncio.create_task(approve_when_asked(handle))
     code = await follow(handle, as_json=False)
     await approver
-    report: ProcedureReport = await fetch_report(handle)
-    print("\n" + to_text(report))
     print(f"\nreport:      opsflow report {handle.id} --markdown")
     print(f"Temporal UI: {ui}")
     print("the lab stays up; tear it down with: opsflow lab down")

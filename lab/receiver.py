@@ -67,5 +67,6 @@ if __name__ == "__main__":
     parser.add_argument("--dir", required=True, type=Path)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args.dir))
     server.serve_forever()

@@ -23,7 +23,10 @@ def sql(dsn: str, query: str, *args):
 
 
 def timeline(dsn: str) -> int:
-    return sql(dsn, "SELECT timeline_id FROM pg_control_checkpoint()")[0][0]
+    """The timeline the server writes WAL on now (pg_control's lags until the next checkpoint)."""
+    if sql(dsn, "SELECT pg_is_in_recovery()")[0][0]:
+        return sql(dsn, "SELECT received_tli FROM pg_stat_wal_receiver")[0][0]
+    return int(sql(dsn, "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")[0][0], 16)
 
 
 def wait_status(lab, wid: str, pred, timeout: float = 120, what: str = "status") -> dict:
@@ -94,6 +97,11 @@ def test_planned_failover_moves_the_primary_for_real(lab, worker):
     assert report["rto_seconds"] > 0 and report["lag_at_promotion_bytes"] == 0
     md = lab.cli("report", wid, "--markdown", check=True).stdout
     assert "| Promote the replica in westeurope | ok |" in md and "RPO 0 bytes" in md
+    from lab.receiver import read_notifications
+
+    texts = [n["body"]["text"] for n in read_notifications(lab.root / "receiver")]
+    assert any(t.startswith("Approval needed") for t in texts) and any("Failover of lab from eastus to westeurope done" in t for t in texts)
+    assert not [e for e in report["events"] if e["action"] == "notify-failed"]
     listed = lab.cli_json("list")
     assert any(r["workflow_id"] == wid and r["status"] == "succeeded" and r["procedure"] == "failover" for r in listed)
 
