@@ -1,4 +1,8 @@
-"""Every call opsflow makes to AWS: RDS for PostgreSQL, Route 53 failover records, S3 for reports.
+"""Every call opsflow makes to AWS: RDS for PostgreSQL, Route 53 failover records, S3 for reports and dumps.
+
+`RdsInstance` (DatabaseProvider: status, fence, promote, rebuild_replica for failback), `Route53Router`
+(TrafficProvider), `RdsPointInTimeRestore` and `S3DumpRestore` (RestoreProviders for the restore drill),
+`store_report_s3` and `upload_dump`.
 
 Synchronous boto3 (run these in sync activities on the worker's thread pool). A client is built per call
 from the inventory's `AwsConnection` (`endpoint_url` override, e.g. the lab's moto server, and region);
@@ -1218,6 +1222,30 @@ class S3DumpRestore:
                 conn.execute("select pg_advisory_unlock(hashtextextended(%s, 0))", (lock_key,))
             return self._target(name, info, True, f"restored from s3://{info['bucket']}/{info['key']}")
 
+    def _download(self, bucket: str, key: str, path: Path, size: int) -> None:
+        """boto3's threaded download in a helper thread; this (the activity's) thread heartbeats the progress."""
+        import threading
+
+        seen = [0]
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with aws_errors(f"S3 object s3://{bucket}/{key}"):
+                    self._s3().download_file(bucket, key, str(path), Callback=lambda n: seen.__setitem__(0, seen[0] + n))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the activity's thread
+                failure.append(e)
+
+        t = threading.Thread(target=run, name=f"download-{key}", daemon=True)
+        t.start()
+        while True:
+            _heartbeat({"phase": "download", "key": key, "bytes": seen[0], "of": size})
+            t.join(timeout=self.POLL)
+            if not t.is_alive():
+                break
+        if failure:
+            raise failure[0]
+
     def _restore(self, conn, name: str, info: dict[str, Any]) -> None:
         from psycopg import sql
 
@@ -1227,17 +1255,7 @@ class S3DumpRestore:
         started = time.monotonic()
         try:
             path = tmpdir / "dump"
-            size = int(info.get("size") or 0)
-            seen = [0, 0.0]
-
-            def progress(n: int) -> None:
-                seen[0] += n
-                if time.monotonic() - seen[1] > 2:
-                    seen[1] = time.monotonic()
-                    _heartbeat({"phase": "download", "key": key, "bytes": seen[0], "of": size})
-
-            with aws_errors(f"S3 object s3://{info['bucket']}/{key}"):
-                self._s3().download_file(info["bucket"], key, str(path), Callback=progress)
+            self._download(info["bucket"], key, path, int(info.get("size") or 0))
             # A clean database: what a dead attempt restored partly goes.
             self._drop(conn, name)
             conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))

@@ -498,6 +498,289 @@ class AzureFlexibleServer:
     def check_writable(self) -> None:
         sql_check_writable(self.db, region=self.target.region)
 
+    # -- failback: a read replica of the current primary --------------------------------------------------------
+    def rebuild_replica(self, primary: RegionTarget) -> RebuildResult:
+        """Make this region's server a read replica of `primary`'s server again (failback).
+
+        Azure cannot turn an existing server into a replica: the old server (the former primary, diverged) is
+        deleted, then created again under the same name with createMode Replica and sourceServerResourceId the
+        primary's server (a long-running operation, heartbeated), in the old server's location (else the
+        inventory's region name) and with its tags. Then we wait until it streams over SQL. The same name keeps
+        the FQDN, so the inventory's DSN stays right.
+
+        Idempotent and safe to retry after a crash: a server that ARM already shows as a replica of the primary
+        (an earlier attempt's, or one that never diverged) is left as it is once it streams ("already-replica");
+        a create still running is waited for; a server whose create failed is deleted and created again. It
+        refuses (non-retryable) when `primary` is not a primary in ARM and over SQL: the server deleted here must
+        never be the one serving writes.
+        """
+        t0 = time.monotonic()
+        deadline = t0 + _time_budget(DEFAULT_REBUILD_TIMEOUT)
+        pdb = primary.database
+        if not isinstance(pdb, AzureFlexibleDatabase):
+            raise ApplicationError(f"rebuild {self.resource}: the primary region {primary.region} is a {pdb.provider!r} database; an Azure read "
+                                   f"replica needs an Azure flexible server as its source", type="BadInput", non_retryable=True)
+        if (pdb.subscription_id, pdb.resource_group.lower(), pdb.server_name.lower()) == (self.db.subscription_id, self.db.resource_group.lower(), self.db.server_name.lower()):
+            raise ApplicationError(f"rebuild {self.resource}: it is the primary itself", type="BadInput", non_retryable=True)
+        source_provider = AzureFlexibleServer(primary)
+        source = source_provider.server()
+        source_id = _get(source, "id")
+        if (source_provider._role(source) or "").lower() in REPLICA_ROLES:
+            raise ApplicationError(f"rebuild {self.resource}: {source_provider.resource} (region {primary.region}) is a read replica in ARM, "
+                                   f"not the primary; refusing to rebuild from it", type="NotPrimary", non_retryable=True)
+        pst = sql_status(pdb, primary.region)
+        if not pst.reachable:
+            raise ApplicationError(f"rebuild {self.resource}: the primary {where(pdb)} is unreachable over SQL: {pst.error}", type="Unreachable")
+        if pst.role != "primary":
+            raise ApplicationError(f"rebuild {self.resource}: {where(pdb)} (region {primary.region}) is in recovery, not a primary; "
+                                   f"refusing to rebuild from it", type="NotPrimary", non_retryable=True)
+
+        current = self._wait_settled(deadline)
+        if current is not None and self._is_replica_of(current, source_id):
+            self._wait_streaming(deadline, t0)
+            return RebuildResult(method="already-replica", seconds=round(time.monotonic() - t0, 3),
+                                 detail=f"{self.db.server_name} is a read replica of {pdb.server_name}, streaming")
+        location = _get(current, "location") or self.target.region
+        tags = _user_tags(current) if current is not None else {}
+        steps = []
+        if current is not None:
+            what = (f"delete {self.resource} (state {_state(current) or '?'}, role {self._role(current) or '?'}): Azure cannot make an "
+                    f"existing server a replica")
+            _logger().warning("failback: %s", what)
+            with _arm(what):
+                poller = self.client.servers.begin_delete(self.db.resource_group, self.db.server_name)
+                _wait_poller(poller, what, deadline)
+            steps.append("deleted the old server")
+        what = f"create {self.resource} as a read replica of {source_provider.resource}"
+        _logger().info("failback: %s", what)
+        body = {"location": location, "properties": {"createMode": "Replica", "sourceServerResourceId": source_id}, "tags": tags}
+        with _arm(what):
+            poller = self.client.servers.begin_create_or_update(self.db.resource_group, self.db.server_name, body)
+            _wait_poller(poller, what, deadline)
+        steps.append(f"created a read replica of {pdb.server_name} in {location}")
+        self._wait_streaming(deadline, t0)
+        lab = _tags(self.server()).get(LAB_REBUILD_TAG)
+        if lab:
+            steps.append(f"lab: {lab}")
+        return RebuildResult(method="azure-replica", seconds=round(time.monotonic() - t0, 3), detail="; ".join(steps))
+
+    @staticmethod
+    def _is_replica_of(server: Any, source_id: str | None) -> bool:
+        role = (_get(server, "properties", "replica", "role") or _get(server, "properties", "replication_role") or "").lower()
+        return (role in REPLICA_ROLES and _same_id(_get(server, "properties", "source_server_resource_id"), source_id)
+                and _state(server).lower() not in _FAILED_STATES)
+
+    def _wait_settled(self, deadline: float) -> Any | None:
+        """This server once no operation runs on it (None: there is no such server)."""
+        while True:
+            server = _get_server(self.client, self.db.resource_group, self.db.server_name, f"get {self.resource}")
+            state = _state(server)
+            if server is None or state.lower() not in _BUSY_STATES:
+                return server
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"{self.resource}: still {state} (another operation runs on it)", type="AzureConflict")
+            _heartbeat({"phase": "waiting for a running operation on the server", "state": state})
+            time.sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+
+    def _wait_streaming(self, deadline: float, t0: float) -> None:
+        """Wait until the server is a replica whose WAL receiver streams (over SQL), heartbeating."""
+        while True:
+            st = sql_status(self.db, self.target.region)
+            if st.reachable and st.role == "replica" and st.streaming:
+                return
+            seen = st.error if not st.reachable else f"role {st.role}, streaming {st.streaming}"
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"{self.resource}: created as a read replica, but not streaming over SQL ({seen})", type="ReplicaNotStreaming")
+            _heartbeat({"phase": "waiting for the replica to stream", "seen": seen, "waited_seconds": round(time.monotonic() - t0, 1)})
+            time.sleep(0.2)
+
+
+# -- restore drills: point-in-time restore into a scratch server -------------------------------------------------
+
+
+class AzurePointInTimeRestore:
+    """RestoreProvider for method "azure-pitr": point-in-time restore of the source region's flexible server into
+    a scratch server of the same resource group (createMode PointInTimeRestore, pointInTimeUTC,
+    sourceServerResourceId), through ARM.
+
+    - window(): earliest = the source's properties.backup.earliestRestoreDate; latest = now minus
+      LATEST_RESTORE_MARGIN (the lab emulator's `opsflow-lab-latest-restore` tag when it gives one).
+    - start(): accepts the creation and returns at once (ready=False): ARM runs the restore, and restore.wait
+      polls status(). A scratch server of that name already there is reused (the activity may be retried).
+    - status(): ready once ARM says Ready and the server answers over SQL; its DSN is the source's with the host
+      replaced by fullyQualifiedDomainName and the port 5432 (the lab: tag `opsflow-lab-port`). The password is
+      the source's: a restore copies the roles. A failed create is a non-retryable RestoreFailed.
+    - delete(), list_scratch(): scratch servers only, i.e. with tag opsflow-scratch=<environment>; anything
+      else is refused, so a drill can never delete a server it did not create.
+    Errors: what ARM refuses (a point in the future, before the earliest restore date, an unknown source) is
+    non-retryable and carries ARM's code and message.
+    """
+
+    method = "azure-pitr"
+
+    def __init__(self, request: RestoreRequest):
+        db = request.source.database
+        if not isinstance(db, AzureFlexibleDatabase):
+            raise ValueError(f"AzurePointInTimeRestore restores provider 'azure-flexible', not {db.provider!r}")
+        self.request = request
+        self.db: AzureFlexibleDatabase = db
+        self.conn = request.source.azure or AzureConnection()
+        self.environment = request.source.environment
+        self._client: Any = None
+        self._missing_since: dict[str, float] = {}
+
+    @property
+    def resource(self) -> str:
+        return self._resource(self.db.server_name)
+
+    def _resource(self, name: str) -> str:
+        return f"flexible server {name} (resource group {self.db.resource_group}, subscription {self.db.subscription_id})"
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = postgres_client(self.conn, self.db.subscription_id)
+        return self._client
+
+    def _source(self) -> Any:
+        with _arm(f"get {self.resource}"):
+            return self.client.servers.get(self.db.resource_group, self.db.server_name)
+
+    def _get(self, name: str) -> Any | None:
+        return _get_server(self.client, self.db.resource_group, name, f"get {self._resource(name)}")
+
+    # -- RestoreProvider --------------------------------------------------------------------------------------
+    def window(self) -> RestoreWindow:
+        source = self._source()
+        earliest = _utc(_get(source, "properties", "backup", "earliest_restore_date"))
+        retention = _get(source, "properties", "backup", "backup_retention_days")
+        now = datetime.now(timezone.utc)
+        hint = _parse_time(_tags(source).get(LAB_LATEST_RESTORE_TAG))
+        if hint is not None:
+            latest, how = min(hint, now), "latest: the lab emulator's latest restorable time"
+        else:
+            latest, how = now - timedelta(seconds=LATEST_RESTORE_MARGIN), f"latest: now minus {LATEST_RESTORE_MARGIN:.0f}s (clock skew margin)"
+        notes = [f"earliest: backup.earliestRestoreDate of {self.db.server_name}" if earliest else
+                 f"ARM reports no backup.earliestRestoreDate for {self.db.server_name} (no backup yet?)", how]
+        if retention:
+            notes.append(f"retention {retention} days")
+        return RestoreWindow(earliest=earliest, latest=latest, detail="; ".join(notes))
+
+    def start(self, name: str, point: datetime) -> ScratchTarget:
+        if not _SERVER_NAME.match(name):
+            raise ApplicationError(f"scratch server name {name!r} is not a valid flexible server name (3-63 lower-case letters, digits, hyphens)",
+                                   type="BadInput", non_retryable=True)
+        point = _utc(point)  # type: ignore[assignment]
+        existing = self._get(name)
+        if existing is not None:
+            self._check_scratch(existing, name)
+            _logger().info("restore: scratch server %s exists already (state %s); reusing it", name, _state(existing))
+            return self._scratch(existing, name)
+        source = self._source()
+        what = f"point-in-time restore of {self.resource} as of {_iso(point)} into {name}"
+        body = {
+            "location": _get(source, "location"),
+            "properties": {"createMode": "PointInTimeRestore", "sourceServerResourceId": _get(source, "id"), "pointInTimeUTC": _iso(point)},
+            "tags": {SCRATCH_TAG: self.environment, SCRATCH_SOURCE_TAG: self.db.server_name, SCRATCH_POINT_TAG: _iso(point)},
+        }
+        with _arm(what):
+            # polling=False: the initial PUT only. ARM goes on restoring; restore.wait follows it with status().
+            self.client.servers.begin_create_or_update(self.db.resource_group, name, body, polling=False)
+        _logger().info("restore: %s accepted by ARM", what)
+        return ScratchTarget(name=name, method=self.method, ready=False, restore_point=point, detail=f"{what}: accepted, provisioning")
+
+    def status(self, name: str) -> ScratchTarget:
+        server = self._get(name)
+        if server is None:
+            first = self._missing_since.setdefault(name, time.monotonic())
+            if time.monotonic() - first < SCRATCH_MISSING_GRACE:
+                return ScratchTarget(name=name, method=self.method, ready=False, detail="not visible in ARM (yet)")
+            raise ApplicationError(f"scratch server {name} does not exist in resource group {self.db.resource_group}: its restore failed and "
+                                   f"ARM removed it, or it was deleted", type="RestoreFailed", non_retryable=True)
+        self._missing_since.pop(name, None)
+        return self._scratch(server, name)
+
+    def delete(self, name: str) -> bool:
+        deadline = time.monotonic() + _time_budget(DEFAULT_DELETE_TIMEOUT)
+        server = self._get(name)
+        if server is None:
+            return False
+        self._check_scratch(server, name)
+        what = f"delete scratch {self._resource(name)}"
+        started = time.monotonic()
+        while True:
+            if server is None:
+                return True  # gone while we waited (an earlier attempt's delete finished)
+            state = _state(server)
+            if state.lower() != "dropping":
+                try:
+                    with _arm(what):
+                        poller = self.client.servers.begin_delete(self.db.resource_group, name)
+                        _wait_poller(poller, what, deadline)
+                    _logger().info("restore: %s done", what)
+                    return True
+                except ApplicationError as e:
+                    if e.type != "AzureConflict":  # another operation runs on it (the restore): wait, then delete
+                        raise
+                    state = f"{state} (another operation runs: {e.message})"
+            waited = time.monotonic() - started
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"{what}: still {state} after {waited:.0f}s", type="AzureOperationTimeout")
+            _heartbeat({"phase": "waiting to delete the scratch server", "state": state, "waited_seconds": round(waited, 1)})
+            time.sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+            server = self._get(name)
+
+    def list_scratch(self, prefix: str) -> list[str]:
+        with _arm(f"list the flexible servers of resource group {self.db.resource_group}"):
+            servers = list(self.client.servers.list_by_resource_group(self.db.resource_group))
+        return sorted(_get(s, "name") for s in servers
+                      if (_get(s, "name") or "").startswith(prefix) and _tags(s).get(SCRATCH_TAG) == self.environment)
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    def _check_scratch(self, server: Any, name: str) -> None:
+        """Refuse to touch a server that is not a scratch server of this environment (tag opsflow-scratch)."""
+        if name.lower() == self.db.server_name.lower() or _tags(server).get(SCRATCH_TAG) != self.environment:
+            raise ApplicationError(f"{self._resource(name)} is not a scratch server of environment {self.environment} "
+                                   f"(tag {SCRATCH_TAG}={self.environment} missing): the drill does not touch it",
+                                   type="Refused", non_retryable=True)
+
+    def _scratch(self, server: Any, name: str) -> ScratchTarget:
+        state = _state(server)
+        tags = _tags(server)
+        point = _parse_time(tags.get(SCRATCH_POINT_TAG))
+        if state.lower() in _FAILED_STATES:
+            why = tags.get(LAB_ERROR_TAG)
+            raise ApplicationError(
+                f"the point-in-time restore into scratch {self._resource(name)} failed (state {state})"
+                + (f": {why}" if why else "; the create operation's error is in the resource group's activity log"),
+                type="RestoreFailed", non_retryable=True)
+        if state.lower() != "ready":
+            return ScratchTarget(name=name, method=self.method, ready=False, restore_point=point, detail=f"ARM state {state or 'unknown'}")
+        dsn = self._dsn(server)
+        scratch_db = PostgresDatabase(provider="postgres", dsn=dsn, password=self.db.password)
+        try:
+            with connect(scratch_db, connect_timeout=5):
+                pass
+        except ApplicationError as e:
+            if e.non_retryable:
+                raise
+            return ScratchTarget(name=name, method=self.method, ready=False, dsn=dsn, restore_point=point,
+                                 detail=f"Ready in ARM, not answering over SQL yet: {e.message}")
+        return ScratchTarget(name=name, method=self.method, ready=True, dsn=dsn, restore_point=point, detail=f"Ready at {where(scratch_db)}")
+
+    def _dsn(self, server: Any) -> str:
+        """The source's DSN (user, dbname, sslmode...) pointed at the scratch server."""
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        host = _get(server, "properties", "fully_qualified_domain_name")
+        if not host:
+            raise ApplicationError(f"scratch server {_get(server, 'name')}: ARM gives no fullyQualifiedDomainName", type="AzureError")
+        params = conninfo_to_dict(self.db.dsn)
+        params.pop("hostaddr", None)
+        params["host"] = host
+        params["port"] = str(_tags(server).get(LAB_PORT_TAG) or AZURE_PG_PORT)
+        return make_conninfo("", **params)
+
 
 # -- traffic manager ----------------------------------------------------------------------------------------
 

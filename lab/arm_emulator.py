@@ -92,8 +92,8 @@ restores, replicas) live in memory and are saved to a state file (default: next 
 the clusters the emulator created, for a lab teardown.
 
 Backups (point-in-time restore). A server whose lab cluster archives WAL (init_primary(archive_dir=...)) has
-backups; nothing needs configuring, everything is derived from the cluster (lab.postgres.archive_dir_of,
-cluster_root). An optional per-server "backups" object overrides the derivation ("backups": false: none):
+backups (a read replica has none until it is promoted); nothing needs configuring, everything is derived from
+the cluster (lab.postgres.archive_dir_of, cluster_root). An optional per-server "backups" object overrides the derivation ("backups": false: none):
 
     "backups": {"archive_dir": "<labdir>/wal-archive",      # where the cluster archives WAL
                 "base_backup_dir": "<labdir>/pg",           # holds base-backups/ (lab.postgres.ensure_base_backup)
@@ -131,6 +131,7 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -650,7 +651,9 @@ class World:
     def backup_paths(self, srv: dict) -> dict | None:
         """{archive_dir, base_backup_dir, clusters_root (Paths), retention_days} of a server with backups, else None."""
         cfg = srv.get("backups")
-        if cfg is False:
+        if cfg is False or srv["role"] in REPLICA_ROLES:
+            # A read replica offers no restore of its own here (once promoted it does): the emulator's choice,
+            # which also keeps the replica's frequent status reads free of archive scans.
             return None
         cfg = cfg or {}
         cluster = srv.get("_cluster")
@@ -671,9 +674,13 @@ class World:
         paths = self.backup_paths(srv)
         if paths is None:
             return None
-        from lab.postgres import earliest_restorable_time
+        from lab.postgres import PostgresLabError, earliest_restorable_time
 
-        earliest = earliest_restorable_time(paths["base_backup_dir"])
+        try:
+            earliest = earliest_restorable_time(paths["base_backup_dir"])
+        except (PostgresLabError, OSError) as e:
+            log.warning("server %s: cannot read its base backups: %s", srv["name"], _first_line(e))
+            return None
         if earliest is None:
             return None
         retention = datetime.now(timezone.utc).timestamp() - paths["retention_days"] * 86400
@@ -695,7 +702,7 @@ class World:
 
         try:
             latest = last_archived_commit_time(paths["archive_dir"])
-        except PostgresLabError:
+        except (PostgresLabError, OSError, subprocess.SubprocessError):
             latest = None
         self._probe_cache[key] = (time.monotonic(), latest)
         return latest
@@ -1111,8 +1118,9 @@ class World:
             raise ArmError(409, "ServerNameAlreadyExists", f"Server '{name}' already exists; delete it first or restore into another name.")
         paths = self.backup_paths(source)
         if paths is None:
-            raise _bad_request(f"Server '{source['name']}' has no backups the emulator can restore: its lab cluster does not archive WAL "
-                               "(lab.postgres.init_primary(archive_dir=...)) and no 'backups' are configured for it.", "SourceServerHasNoBackups")
+            why = (f"it is a read replica (of '{source['source']}'); restore its primary" if source["role"] in REPLICA_ROLES else
+                   "its lab cluster does not archive WAL (lab.postgres.init_primary(archive_dir=...)) and no 'backups' are configured for it")
+            raise _bad_request(f"Server '{source['name']}' has no backups the emulator can restore: {why}.", "SourceServerHasNoBackups")
         now = datetime.now(timezone.utc)
         if point > now:
             raise _bad_request(f"The point in time {_iso(point)} (pointInTimeUTC) is in the future: it is {_iso(now)} now. "

@@ -20,6 +20,26 @@ health checks, buckets, metrics). A thin WSGI middleware in front of it keeps th
   ``route53.propagation_seconds`` (moto alone is always INSYNC); an unknown change id is ``NoSuchChange``.
 * ``GetHealthCheckStatus`` probes for real: TCP health checks connect to ``IPAddress:Port``, HTTP(S)
   ones GET ``ResourcePath`` there; the observation says ``Success: ...`` or ``Failure: ...``.
+* Endpoints (lab-only): every RDS answer describing an instance mapped onto a lab cluster gives its
+  ``Endpoint`` as ``127.0.0.1`` and the cluster's port (and ``DbInstancePort``), so a client builds its DSN
+  from RDS as it would in AWS and reaches the cluster. ``LatestRestorableTime`` is the commit time of the
+  newest transaction in the cluster's WAL archive (absent when it does not archive, or nothing since the
+  base backup is archived; ``lab.postgres.archive_now()`` ships the WAL, as RDS does every five minutes);
+  ``DescribeDBInstanceAutomatedBackups`` gets a ``RestoreWindow`` from the base backup's end to that time.
+* ``RestoreDBInstanceToPointInTime`` of a mapped, archiving instance (``RestoreTime`` or
+  ``UseLatestRestorableTime``; outside the window: ``InvalidParameterValue``) creates the instance
+  ``creating`` with the default parameter group and no replication links, restores a NEW cluster from
+  the lab's base backup and WAL archive to that time (``lab.postgres.restore_to_time``, under
+  ``<source cluster root>/rds-restores/<identifier>``) in the background, maps the instance onto it and
+  shows it ``available``; ``incompatible-restore`` if the restore fails (the error in ``/_lab/state``).
+* ``DeleteDBInstance`` of such a restored instance drops its cluster before answering; deleting any other
+  mapped instance stops its cluster (RDS deleted the server) and keeps its data and mapping, so that:
+* ``CreateDBInstanceReadReplica`` with the identifier of a deleted mapped instance, from a mapped source,
+  rebuilds that cluster as a streaming replica of the source's cluster on its own port
+  (``lab.postgres.rebuild_replica``: pg_rewind, else a fresh base backup) in the background: ``creating``
+  until it streams, then ``available``; ``failed`` if the rebuild fails. RDS failback in the lab.
+  An identifier in use is ``DBInstanceAlreadyExists`` (moto alone would overwrite it); a cross-region
+  replica gets the default parameter group unless one is named, as in RDS.
 * Faults for the error paths: the next ``count`` requests matching ``service`` (rds, route53, s3,
   monitoring) and optionally ``action`` (the API operation name) get an AWS error ``code`` with HTTP
   ``status`` (e.g. 400 ``Throttling``, 503 ``ServiceUnavailable``, 403 ``AccessDenied``).
@@ -34,6 +54,8 @@ Config (a dict in-process; a YAML or JSON file for the CLI)::
     host: 127.0.0.1              # default
     metrics_interval: 5          # seconds between ReplicaLag datapoints; 0: none
     promote_delay: 0             # extra seconds an RDS promotion takes before pg_promote()
+    restore_delay: 0             # extra seconds a point-in-time restore stays `creating`
+    rebuild_delay: 0             # extra seconds a replica rebuild stays `creating`
     rds:
       instances:                 # primaries first or not: replicas are created after their source
         - db_instance_identifier: orders-east
@@ -71,6 +93,7 @@ ready, writes the same to ``--info-file``, and runs until SIGTERM/SIGINT. In-pro
     emu.stop()
 
 moto's state is per process: one emulator per process at a time (start resets moto, stop resets it).
+Stopping the emulator drops the clusters it restored (they exist only for their RDS instances).
 Clients need credentials (any, e.g. AWS_ACCESS_KEY_ID=testing); moto's account is 123456789012.
 """
 
@@ -80,6 +103,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -407,17 +431,31 @@ class _Middleware:
             if _rds_db(region, ident) is not None:
                 return self._error(start_response, "rds", 400, "DBInstanceAlreadyExists", "DB instance already exists")
             old = emu.instances.get(ident)
-            primary = None
+            primary = src_db = None
             if action == "CreateDBInstanceReadReplica":
                 src_db = _rds_db(region, params.get("SourceDBInstanceIdentifier", ""))
                 primary = emu.instances.get(src_db.db_instance_identifier) if src_db is not None else None
             rebuild = (old is not None and old.cluster is not None and not old.scratch and old.region == region
                        and primary is not None and primary.cluster is not None and not primary.deleted and old.job is None)
-            status, headers, body = self._call(environ)
+            # RDS gives a cross-region replica the default parameter group unless one is named (moto copies the
+            # source's, which does not exist in this region).
+            keep_group = None
+            if action == "CreateDBInstanceReadReplica" and src_db is not None and src_db.region != region and not params.get("DBParameterGroupName"):
+                keep_group, src_db.db_parameter_group_name = src_db.db_parameter_group_name, None
+            if rebuild:  # before moto creates it: no answer may show the new replica `available` before it is
+                old.deleted, old.job = False, "rebuilding"
+            status = "500 INTERNAL SERVER ERROR"
+            try:
+                status, headers, body = self._call(environ)
+            finally:
+                if keep_group is not None:
+                    src_db.db_parameter_group_name = keep_group
+                if rebuild and not status.startswith("200"):
+                    old.deleted, old.job = True, None
             if status.startswith("200") and rebuild:
                 db = _rds_db(region, ident)
                 db.status, db.port = "creating", old.port
-                old.deleted, old.job, old.last_error, old.promotion = False, "rebuilding", None, None
+                old.last_error, old.promotion = None, None
                 body = _set_status(body, ident, "creating")
                 old.thread = threading.Thread(target=emu._rebuild_cluster, args=(old, primary), name=f"rebuild-{ident}", daemon=True)
                 old.thread.start()
@@ -467,16 +505,19 @@ class _Middleware:
             return self._error(start_response, "rds", 400, "InvalidParameterValue",
                                f"The RestoreTime {_iso(point)} is before the earliest restorable time {_iso(earliest)} of {src.ident}")
         with emu.lock:
+            # Registered before moto creates it: no answer may show the instance `available` before it is.
+            inst = _Instance(target, region, "", scratch=True, job="restoring", restore_point=_iso(point))
+            emu.instances[target] = inst
             status, headers, body = self._call(environ)
-            if status.startswith("200"):
+            if not status.startswith("200"):
+                emu.instances.pop(target, None)
+            else:
                 db = _rds_db(region, target)
                 # What moto copies from the source and RDS does not: replication links, and the parameter group
                 # (a restored instance gets the default group unless one is named).
                 db.status, db.is_replica, db.source_db_instance_identifier, db.replicas = "creating", False, None, []
                 if not params.get("DBParameterGroupName"):
                     db.db_parameter_group_name = None
-                inst = _Instance(target, region, "", scratch=True, job="restoring", restore_point=_iso(point))
-                emu.instances[target] = inst
                 body = _set_status(body, target, "creating")
                 inst.thread = threading.Thread(target=emu._restore_cluster, args=(inst, dict(src.cluster), archive, point),
                                                name=f"restore-{target}", daemon=True)
@@ -559,6 +600,10 @@ class AwsEmulator:
         self.propagation_seconds = float((self.config.get("route53") or {}).get("propagation_seconds", 1.0))
         self.metrics_interval = float(self.config.get("metrics_interval", 5))
         self.promote_delay = float(self.config.get("promote_delay", 0))
+        self.restore_delay = float(self.config.get("restore_delay", 0))  # extra seconds a restore stays `creating`
+        self.rebuild_delay = float(self.config.get("rebuild_delay", 0))  # extra seconds a replica rebuild stays `creating`
+        self._restorable_lock = threading.Lock()
+        self._restorable_cache: dict[str, tuple] = {}
         self._changes: dict[str, float] = {}
         self._faults: list[_Fault] = []
         self._info: dict[str, Any] = {}
@@ -613,10 +658,24 @@ class AwsEmulator:
         for t in self._threads:
             t.join(timeout=10)
         self._threads.clear()
+        self._drop_scratch_clusters()
         with _running_lock:
             if _running is self:
                 _reset_moto()
                 _running = None
+
+    def _drop_scratch_clusters(self) -> None:
+        """Restored (scratch) clusters exist only for their RDS instances: they go with the emulator."""
+        with self.lock:
+            jobs = [i.thread for i in self.instances.values() if i.thread is not None]
+        for t in jobs:
+            t.join(timeout=120)
+        with self.lock:
+            scratch = [i for i in self.instances.values() if i.scratch and i.cluster]
+            for i in scratch:
+                self.instances.pop(i.ident, None)
+        for inst in scratch:
+            self._retire_cluster(inst)
 
     def __enter__(self) -> "AwsEmulator":
         return self
@@ -780,6 +839,12 @@ class AwsEmulator:
                     "replica_of": getattr(db, "source_db_instance_identifier", None),
                     "promotion": i.promotion,
                     "last_error": i.last_error,
+                    "port": i.port,
+                    "scratch": i.scratch,
+                    "deleted": i.deleted,
+                    "job": i.job,
+                    "restore_point": i.restore_point,
+                    "rebuilt": i.rebuilt,
                 }
             faults = [f.__dict__.copy() for f in self._faults]
         return {**self.info(), "instances": instances, "faults": faults}
@@ -816,6 +881,171 @@ class AwsEmulator:
             _detach_replica(db, inst.region)
             inst.promotion, inst.promoted_at = "done", time.time()
             log.info("lab: promoted %s (was a replica of %s)", inst.ident, source)
+
+    def _rebuild_cluster(self, old: _Instance, primary: _Instance) -> None:
+        """Background part of CreateDBInstanceReadReplica over a known cluster: rebuild it as a replica."""
+        error, rebuilt = None, None
+        try:
+            from lab.postgres import Cluster, cluster_root, rebuild_replica
+
+            if self.rebuild_delay:
+                time.sleep(self.rebuild_delay)
+            target = Cluster.from_dict(old.cluster)
+            rebuilt = rebuild_replica(Cluster.from_dict(primary.cluster), target, cluster_root(target))
+        except Exception as e:  # noqa: BLE001 - reported through the control plane, like RDS would
+            error = f"{type(e).__name__}: {e}".strip()
+        with self.lock:
+            old.job, old.thread = None, None
+            db = _rds_db(old.region, old.ident)
+            if error:
+                log.error("lab: rebuilding %s as a replica of %s failed: %s", old.ident, primary.ident, error)
+                old.last_error = error
+                if db is not None:
+                    db.status = "failed"
+                return
+            info = rebuilt.rebuild
+            old.dsn = rebuilt.dsn
+            old.rebuilt = {"source": primary.ident, "method": info.method if info else None, "seconds": info.seconds if info else None,
+                           "fallback_reason": info.fallback_reason if info else None,
+                           "moved_aside": str(info.moved_aside) if info and info.moved_aside else None}
+            if db is not None:
+                db.status = "available"
+            log.info("lab: %s rebuilt as a replica of %s (%s)", old.ident, primary.ident, old.rebuilt["method"])
+
+    def _restore_cluster(self, inst: _Instance, source: dict, archive: Path, point) -> None:
+        """Background part of RestoreDBInstanceToPointInTime: a new cluster restored to `point`."""
+        from lab.postgres import Cluster, base_backup_for, cluster_root, drop_cluster, restore_to_time
+
+        error, restored = None, None
+        try:
+            base_root = cluster_root(Cluster.from_dict(source))
+            backup = base_backup_for(base_root, point)
+            if backup is None:
+                raise RuntimeError(f"no base backup under {base_root} ends before {_iso(point)}")
+            root = base_root / RESTORES_DIR
+            home = root / inst.ident
+            if home.exists():  # left by an earlier emulator (its moto state is gone): ours to remove
+                drop_cluster(Cluster(name=inst.ident, datadir=home / "data", port=0, logfile=home / "postgres.log"))
+            if self.restore_delay:
+                time.sleep(self.restore_delay)
+            restored = restore_to_time(backup, archive, root, inst.ident, point)
+        except Exception as e:  # noqa: BLE001 - reported through the control plane, like RDS would
+            error = f"{type(e).__name__}: {e}".strip()
+        orphan = None
+        with self.lock:
+            inst.job, inst.thread = None, None
+            db = _rds_db(inst.region, inst.ident)
+            if error:
+                log.error("lab: restore of %s failed: %s", inst.ident, error)
+                inst.last_error = error
+                if db is not None:
+                    db.status = "incompatible-restore"
+            elif db is None or self.instances.get(inst.ident) is not inst:
+                orphan = restored  # deleted while it was restored
+            else:
+                inst.cluster, inst.dsn = restored.to_dict(), restored.dsn
+                db.port, db.status = restored.port, "available"
+                log.info("lab: restored %s to %s on port %s", inst.ident, inst.restore_point, restored.port)
+        if orphan is not None:
+            drop_cluster(orphan)
+
+    def _retire_cluster(self, inst: _Instance) -> None:
+        """The data plane of a deleted instance: a scratch cluster is dropped, any other one stopped (kept)."""
+        from lab.postgres import Cluster, drop_cluster
+
+        cluster = Cluster.from_dict(inst.cluster)
+        try:
+            if inst.scratch:
+                drop_cluster(cluster)
+                log.info("lab: dropped the cluster of %s", inst.ident)
+            else:
+                try:
+                    cluster.stop("fast")
+                except Exception:  # noqa: BLE001 - a server that will not stop cleanly is killed, as a deleted host
+                    cluster.kill()
+                log.info("lab: stopped the cluster of deleted instance %s (kept for a rebuild)", inst.ident)
+        except Exception as e:  # noqa: BLE001 - the control plane already answered; note it
+            log.warning("lab: could not retire the cluster of %s: %s", inst.ident, e)
+            with self.lock:
+                inst.last_error = f"retire: {e}"
+
+    def _restorable(self, inst: _Instance) -> tuple:
+        """(earliest, latest) restorable time of a mapped instance's cluster: the end of its oldest base backup,
+        and the commit time of the newest archived transaction (cached per state of the archive). (None, None)
+        without a WAL archive; latest None when nothing after the base backup is archived yet."""
+        if not inst.cluster:
+            return None, None
+        from lab.postgres import Cluster, archive_dir_of, cluster_root, earliest_restorable_time, last_archived_commit_time
+
+        cluster = Cluster.from_dict(inst.cluster)
+        archive = archive_dir_of(cluster)
+        if archive is None:
+            return None, None
+        try:
+            entries = [e for e in os.scandir(archive) if re.fullmatch(r"[0-9A-F]{24}", e.name)]
+            newest = max(entries, key=lambda e: e.name) if entries else None
+            key = (len(entries), newest.name if newest else None, newest.stat().st_mtime if newest else None)
+            with self._restorable_lock:
+                cached = self._restorable_cache.get(str(archive))
+            if cached and cached[0] == key:
+                latest = cached[1]
+            else:
+                latest = last_archived_commit_time(archive) if entries else None
+                with self._restorable_lock:
+                    self._restorable_cache[str(archive)] = (key, latest)
+            earliest = earliest_restorable_time(cluster_root(cluster))
+        except Exception as e:  # noqa: BLE001 - no restore window rather than a failed describe
+            log.warning("lab: restorable window of %s: %s", inst.ident, e)
+            return None, None
+        if latest is not None and earliest is not None and latest < earliest:
+            latest = None
+        return earliest, latest
+
+    def _rewrite_rds(self, body: bytes) -> bytes:
+        """What RDS answers about instances mapped onto lab clusters (lab-only): Endpoint Address/Port are
+        127.0.0.1 and the cluster's port (a client reaches the cluster where RDS says the instance is), and
+        LatestRestorableTime is the newest archived commit of the cluster's WAL archive (absent without one);
+        DescribeDBInstanceAutomatedBackups gets the RestoreWindow (earliest: the base backup's end)."""
+        if b"<DBInstance>" not in body and b"<DBInstanceAutomatedBackup>" not in body:
+            return body
+        with self.lock:
+            mapped = {i.ident: i for i in self.instances.values() if not i.deleted}
+
+        def instance_of(block: bytes) -> _Instance | None:
+            m = _DBI_IDENT.search(block)
+            return mapped.get(m.group(1).decode()) if m else None
+
+        def fix(m: re.Match) -> bytes:
+            block = m.group(0)
+            inst = instance_of(block)
+            if inst is not None and inst.job:  # the data plane is still being built
+                block = re.sub(rb"<DBInstanceStatus>[^<]*</DBInstanceStatus>", b"<DBInstanceStatus>creating</DBInstanceStatus>", block, count=1)
+            if inst is None or inst.cluster is None:
+                return block
+            if not inst.job:
+                endpoint = f"<Endpoint><Address>127.0.0.1</Address><Port>{inst.port}</Port></Endpoint>".encode()
+                block = re.sub(rb"<Endpoint>.*?</Endpoint>", endpoint, block, count=1, flags=re.S)
+                block = re.sub(rb"<DbInstancePort>\d*</DbInstancePort>", f"<DbInstancePort>{inst.port}</DbInstancePort>".encode(), block, count=1)
+            _, latest = self._restorable(inst)
+            block = re.sub(rb"<LatestRestorableTime>[^<]*</LatestRestorableTime>", b"", block)
+            if latest is not None:
+                block = block.replace(b"</DBInstance>", f"<LatestRestorableTime>{_iso(latest)}</LatestRestorableTime></DBInstance>".encode())
+            return block
+
+        def fix_backup(m: re.Match) -> bytes:
+            block = m.group(0)
+            inst = instance_of(block)
+            if inst is None or inst.cluster is None:
+                return block
+            earliest, latest = self._restorable(inst)
+            if earliest is None or latest is None:
+                return block
+            window = f"<RestoreWindow><EarliestTime>{_iso(earliest)}</EarliestTime><LatestTime>{_iso(latest)}</LatestTime></RestoreWindow>"
+            block = re.sub(rb"<RestoreWindow>.*?</RestoreWindow>", b"", block, flags=re.S)
+            return block.replace(b"</DBInstanceAutomatedBackup>", window.encode() + b"</DBInstanceAutomatedBackup>")
+
+        body = _DBI_BLOCK.sub(fix, body)
+        return _DBI_BACKUP_BLOCK.sub(fix_backup, body)
 
     def _relay_parameters(self, region: str, params: dict[str, str]) -> None:
         group = (params.get("DBParameterGroupName") or "").lower()
@@ -905,6 +1135,37 @@ class AwsEmulator:
                 )
             except Exception as e:  # noqa: BLE001 - no datapoint, as CloudWatch would have none
                 log.debug("lab: no ReplicaLag for %s: %s", inst.ident, e)
+
+
+_DBI_BLOCK = re.compile(rb"<DBInstance>.*?</DBInstance>", re.S)
+_DBI_BACKUP_BLOCK = re.compile(rb"<DBInstanceAutomatedBackup>.*?</DBInstanceAutomatedBackup>", re.S)
+_DBI_IDENT = re.compile(rb"<DBInstanceIdentifier>([^<]*)</DBInstanceIdentifier>")
+RESTORES_DIR = "rds-restores"  # restored clusters live under <source cluster root>/rds-restores/<identifier>
+
+
+def _parse_time(text: str) -> "datetime":
+    from datetime import datetime, timezone
+
+    t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def _iso(t: "datetime") -> str:
+    from datetime import timezone
+
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _set_status(body: bytes, ident: str, status: str) -> bytes:
+    """DBInstanceStatus of instance `ident` in an RDS XML answer."""
+    def fix(m: re.Match) -> bytes:
+        block = m.group(0)
+        im = _DBI_IDENT.search(block)
+        if not im or im.group(1).decode() != ident:
+            return block
+        return re.sub(rb"<DBInstanceStatus>[^<]*</DBInstanceStatus>", b"<DBInstanceStatus>" + status.encode() + b"</DBInstanceStatus>", block, count=1)
+
+    return _DBI_BLOCK.sub(fix, body)
 
 
 def _literal(value: str) -> str:

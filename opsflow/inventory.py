@@ -9,7 +9,7 @@ where a secret lives (``SecretRef``); activities fetch it on the worker.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -238,6 +238,62 @@ class ReportStore(Strict):
     s3: S3Location | None = None
 
 
+_DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+class TimeWindow(Strict):
+    """A weekly window, e.g. Sunday 02:00-04:00 UTC (end before start: the window spans midnight)."""
+
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(min_length=1)
+    start: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    end: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}") from None
+        return v
+
+    def next_opening(self, now: "datetime") -> "datetime | None":
+        """None when `now` is inside the window, else when it next opens (aware datetimes)."""
+        from datetime import datetime as dt, time as dtime
+        from zoneinfo import ZoneInfo
+
+        tz = ZoneInfo(self.timezone)
+        local = now.astimezone(tz)
+        sh, sm = map(int, self.start.split(":"))
+        eh, em = map(int, self.end.split(":"))
+        length = ((eh * 60 + em) - (sh * 60 + sm)) % (24 * 60) or 24 * 60
+        for back in (0, 1):  # a window is at most a day long: it opened today or yesterday
+            day = (local - timedelta(days=back)).date()
+            if _DAYS[day.weekday()] not in self.days:
+                continue
+            opens = dt.combine(day, dtime(sh, sm), tz)
+            if opens <= local < opens + timedelta(minutes=length):
+                return None
+        for ahead in range(0, 8):
+            day = (local + timedelta(days=ahead)).date()
+            opens = dt.combine(day, dtime(sh, sm), tz)
+            if _DAYS[day.weekday()] in self.days and opens > local:
+                return opens.astimezone(now.tzinfo)
+        raise ValueError("window never opens")
+
+
+class FailbackPolicy(Strict):
+    rebuild_timeout: Seconds = 6 * 3600
+    catch_up_timeout: Seconds = 6 * 3600
+    # The low-traffic window for the switch back; none: as soon as it is approved.
+    window: TimeWindow | None = None
+
+    _d = field_validator("rebuild_timeout", "catch_up_timeout", mode="before")(parse_duration)
+
+
 class Inventory(Strict):
     environment: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     primary_region: str = Field(description="the region that is primary when the inventory was written; the live role is read from the database")
@@ -245,6 +301,7 @@ class Inventory(Strict):
     traffic: Traffic
     approval: ApprovalPolicy
     failover: FailoverPolicy = FailoverPolicy()
+    failback: FailbackPolicy = FailbackPolicy()
     azure: AzureConnection | None = None
     aws: AwsConnection | None = None
     notifications: list[NotificationChannel] = []

@@ -320,3 +320,13 @@ class DrillReport(ProcedureReport):
     checks: list[CheckResult] = []
     scratch_deleted: bool | None = None
     stored_at: list[str] = []
+
+
+class FailbackReport(ProcedureReport):
+    procedure: str = "failback"
+    from_region: str | None = None  # the current primary
+    to_region: str = ""  # the recovered region traffic returns to
+    rebuild_method: str | None = None
+    rebuild_seconds: float | None = None
+    window_opened_at: datetime | None = None
+    failover: FailoverReport | None = None  # the child failover's report

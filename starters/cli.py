@@ -13,6 +13,7 @@ import os
 import json
 import sys
 import time
+from datetime import timedelta
 
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -29,13 +30,13 @@ from workflows.failover import FailoverInput
 TERMINAL_OK = {"succeeded", "planned"}
 
 
-def workflow_id(inv: Inventory) -> str:
+def environment_workflow_id(inv: Inventory) -> str:
     """One procedure per environment at a time: the id is the environment's, and a second start is refused."""
     return f"opsflow-{inv.environment}"
 
 
-async def start_procedure(client: Client, inv: Inventory, procedure: str, arg, summary: str) -> WorkflowHandle:
-    wid = workflow_id(inv)
+async def start_procedure(client: Client, inv: Inventory, procedure: str, arg, summary: str, workflow_id: str | None = None) -> WorkflowHandle:
+    wid = workflow_id or environment_workflow_id(inv)
     try:
         return await client.start_workflow(
             procedure,
@@ -100,15 +101,64 @@ async def cmd_failover(args) -> int:
     kind = "EMERGENCY failover" if args.emergency else "Planned failover"
     client = await connect()
     handle = await start_procedure(client, inv, "failover", inp, f"{kind}{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}")
+    needs_approval = not inp.dry_run and (not args.emergency or inv.approval.emergency_requires_approval)
+    return await run_started(handle, args, f"{kind.lower()} to {args.to}, requested by {requester}", approver_for(inv, requester) if needs_approval else None)
+
+
+async def run_started(handle: WorkflowHandle, args, what: str, approver_hint: str | None) -> int:
+    """After a start: print the id (or --json it), the approval hint, and follow with --wait."""
     if not args.json:
-        print(f"started {handle.id} ({kind.lower()} to {args.to}, requested by {requester})")
-        if not inp.dry_run and (not args.emergency or inv.approval.emergency_requires_approval):
-            approvers = [a for a in inv.approval.approvers if not (inv.approval.require_distinct_approver and a == requester)]
-            print(f"  approve with: opsflow approve {handle.id} --as {approvers[0] if approvers else 'NAME'}")
+        print(f"started {handle.id} ({what})")
+        if approver_hint:
+            print(f"  approve with: opsflow approve {handle.id} --as {approver_hint}")
     if args.wait or args.dry_run:
         return await follow(handle, args.json)
     emit({"workflow_id": handle.id, "run_id": handle.result_run_id}, args.json)
     return 0
+
+
+def approver_for(inv: Inventory, requester: str) -> str:
+    others = [a for a in inv.approval.approvers if not (inv.approval.require_distinct_approver and a == requester)]
+    return others[0] if others else "NAME"
+
+
+async def cmd_failback(args) -> int:
+    from workflows.failback import FailbackInput
+
+    inv = load_inventory(inventory_path(args.env))
+    inv.region(args.to)
+    requester = args.requester or getpass.getuser()
+    inp = FailbackInput(inventory=inv, to_region=args.to, dry_run=args.dry_run, requester=requester, reason=args.reason or "")
+    client = await connect()
+    handle = await start_procedure(client, inv, "failback", inp, f"Failback{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}")
+    return await run_started(handle, args, f"failback to {args.to}, requested by {requester}; approval comes after the replica has caught up", None if args.dry_run else approver_for(inv, requester))
+
+
+async def cmd_drill(args) -> int:
+    from datetime import datetime, timezone
+
+    from workflows.drill import DrillInput
+
+    inv = load_inventory(inventory_path(args.env))
+    if args.source:
+        inv.region(args.source)
+    point = None
+    if args.point_in_time:
+        try:
+            point = datetime.fromisoformat(args.point_in_time.replace("Z", "+00:00"))
+        except ValueError:
+            raise CliError(f"--point-in-time {args.point_in_time!r} is not an ISO 8601 time (e.g. 2026-11-01T03:00:00Z)") from None
+        if point.tzinfo is None:
+            raise CliError("--point-in-time needs a time zone (e.g. ...Z or +01:00)")
+        if point > datetime.now(timezone.utc):
+            raise CliError(f"--point-in-time {point.isoformat()} is in the future")
+        if point < datetime.now(timezone.utc) - timedelta(seconds=inv.drill.retention):
+            raise CliError(f"--point-in-time {point.isoformat()} is before the retention of {inv.drill.retention / 86400:.0f} days")
+    requester = args.requester or getpass.getuser()
+    inp = DrillInput(inventory=inv, source_region=args.source, point_in_time=point, dry_run=args.dry_run, requester=requester, reason=args.reason or "")
+    client = await connect()
+    handle = await start_procedure(client, inv, "drill", inp, f"Restore drill{' (dry run)' if args.dry_run else ''} of {inv.environment}", workflow_id=f"opsflow-drill-{inv.environment}")
+    return await run_started(handle, args, f"restore drill of {inv.environment}", None)
 
 
 async def cmd_update(args) -> int:
@@ -216,8 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--reason")
     f.add_argument("--wait", action="store_true", help="follow progress until the end")
 
-    for name in ("approve", "reject", "pause", "resume", "abort"):
-        u = common(sub.add_parser(name, help=f"{name} a running procedure"))
+    fb = common(sub.add_parser("failback", help="return to a recovered region: rebuild its replica, catch up, approve, fail over back"))
+    fb.add_argument("--env", help="inventory YAML (default: the running lab's)")
+    fb.add_argument("--to", required=True, metavar="REGION", help="the recovered region")
+    fb.add_argument("--dry-run", action="store_true")
+    fb.add_argument("--requester")
+    fb.add_argument("--reason")
+    fb.add_argument("--wait", action="store_true")
+
+    d = common(sub.add_parser("drill", help="restore test: restore a backup to a scratch target, verify it, delete it"))
+    d.add_argument("--env", help="inventory YAML (default: the running lab's)")
+    d.add_argument("--source", metavar="REGION", help="default: the inventory's primary region")
+    d.add_argument("--point-in-time", metavar="ISO", help="default: the latest restorable time")
+    d.add_argument("--dry-run", action="store_true")
+    d.add_argument("--requester")
+    d.add_argument("--reason")
+    d.add_argument("--wait", action="store_true")
+
+    for name in ("approve", "reject", "pause", "resume", "abort", "override"):
+        u = common(sub.add_parser(name, help="override a failback's window wait" if name == "override" else f"{name} a running procedure"))
         u.add_argument("workflow_id")
         u.add_argument("--as", dest="as_", required=True, metavar="NAME")
         u.add_argument("--reason", required=(name == "reject"))
@@ -241,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "failover": cmd_failover,
+    "failback": cmd_failback,
+    "drill": cmd_drill,
+    "override": cmd_update,
     "approve": cmd_update,
     "reject": cmd_update,
     "pause": cmd_update,

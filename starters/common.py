@@ -11,10 +11,10 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureEr
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from opsflow.models import DrillReport, FailoverReport, ProcedureReport
+from opsflow.models import DrillReport, FailbackReport, FailoverReport, ProcedureReport
 from opsflow.temporal import lab_state
 
-REPORT_TYPES: dict[str, type[ProcedureReport]] = {"failover": FailoverReport, "drill": DrillReport}
+REPORT_TYPES: dict[str, type[ProcedureReport]] = {"failover": FailoverReport, "failback": FailbackReport, "drill": DrillReport}
 
 
 class CliError(Exception):

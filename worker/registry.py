@@ -2,9 +2,10 @@
 
 from activities import database, http_checks, kubernetes, notify, reports, restore, traffic
 from workflows.drill import DrillWorkflow
+from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
 
-WORKFLOWS = [FailoverWorkflow, DrillWorkflow]
+WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow]
 
 # Activities that act on one region run on that region's queue, so a dead region cannot stall the rest.
 REGION_ACTIVITIES = [
@@ -14,6 +15,7 @@ REGION_ACTIVITIES = [
     database.db_promote,
     database.db_check_writable,
     database.db_wait_caught_up,
+    database.db_rebuild_replica,
     traffic.traffic_status,
     traffic.traffic_switch,
     kubernetes.kube_status,

@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory
     from opsflow.models import (
         CatchUpRequest,
+        Decision,
         CatchUpResult,
         DbStatus,
         FailoverReport,
@@ -41,6 +42,8 @@ class FailoverInput(BaseModel):
     dry_run: bool = False
     requester: str
     reason: str = ""
+    # Set by a parent procedure (failback) that already holds the approval: the gate records it and goes on.
+    approval: Decision | None = None
 
 
 def plan(inp: FailoverInput, from_region: str) -> list[tuple[str, str]]:
@@ -138,7 +141,11 @@ class FailoverWorkflow(Procedure):
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
         old, old_q = RegionTarget.of(inv, source), inv.region_queue(source)
 
-        decision = await self.approval_gate(f"planned failover of {inv.environment} from {source} to {to}")
+        if inp.approval is not None:
+            decision = report.approval = inp.approval
+            self.end_step(self.begin_step("approval", "Approval (given to the parent procedure)"), "ok", f"approved by {decision.by}")
+        else:
+            decision = await self.approval_gate(f"planned failover of {inv.environment} from {source} to {to}")
         await self.step("maintenance", f"Maintenance mode on in {source}", "k8s.set_maintenance", MaintenanceRequest(target=old, on=True), result_type=KubeStatus, queue=old_q,
                         undo=("k8s.set_maintenance", f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)))
         await self.step("fence", f"Fence writes on {source}", "db.fence", old, result_type=DbStatus, queue=old_q,

@@ -12,9 +12,10 @@ from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
 from tests.workflow.world import World
 from workflows.drill import DrillWorkflow
+from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
 
-WORKFLOWS = [FailoverWorkflow, DrillWorkflow]
+WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow]
 
 
 @pytest_asyncio.fixture(scope="session")

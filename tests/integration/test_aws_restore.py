@@ -1,0 +1,495 @@
+"""Restore drills and failback on the AWS path, for real: boto3 over HTTP against moto (lab/aws_emulator.py) with
+the lab's PostgreSQL behind RDS, configured by lab/aws_lab.py as `opsflow lab up --cloud aws` does.
+
+- RDS point-in-time restore: the primary archives WAL and keeps a base backup; RestoreDBInstanceToPointInTime
+  makes a new cluster restored to the requested time; the scratch instance's endpoint is that cluster.
+- A pg_dump in S3 restored into a scratch database on another server (pg_restore, as the worker runs it).
+- Failback: after a real promotion through RDS, the old primary's instance is replaced by a read replica of
+  the new primary, and its cluster streams from it.
+
+The tests run in order: the promotion near the end changes the lab for the ones after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import boto3
+import psycopg
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.aws import RdsInstance, RdsPointInTimeRestore, S3DumpRestore, SCRATCH_TAG, upload_dump
+from activities.postgres import sql_status
+from activities.restore import restore_leftovers, restore_wait
+from lab.aws_emulator import RESTORES_DIR, start_emulator
+from lab.aws_lab import DUMPS_BUCKET, REPORTS_BUCKET, ZONE, aws_emulator_config, aws_lab_inventory, instance_id, s3_dump_drill, seed_dump
+from lab.postgres import Cluster, archive_now, create_replica, drop_cluster, earliest_restorable_time, init_primary
+from opsflow.inventory import AwsConnection, DrillPolicy, Inventory
+from opsflow.models import RegionTarget, RestoreRequest
+
+pytestmark = pytest.mark.lab
+
+EAST, WEST = "eastus", "westeurope"
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fake_aws_credentials():
+    saved = {k: os.environ.get(k) for k in [*FAKE_AWS_ENV, "AWS_PROFILE"]}
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.update(FAKE_AWS_ENV)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    # Not pytest's tmp_path: parallel pytest sessions prune /tmp/pytest-of-<user> while our servers run there.
+    path = Path(tempfile.mkdtemp(prefix="opsflow-test-aws-restore-"))
+    yield path
+    if not os.environ.get("OPSFLOW_KEEP_LAB"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def clusters(workdir):
+    """The lab's pair (the primary archives WAL and keeps a base backup), plus a server for scratch databases."""
+    root = workdir / "pg"
+    made: list[Cluster] = []
+    try:
+        east = init_primary(root, EAST, archive_dir=workdir / "wal-archive")
+        made.append(east)
+        west = create_replica(east, root, WEST)
+        made.append(west)
+        scratch = init_primary(root, "scratch")
+        made.append(scratch)
+        yield {EAST: east, WEST: west, "scratch": scratch}
+    finally:
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            list(pool.map(drop_cluster, made))
+
+
+@pytest.fixture(scope="module")
+def emu(clusters, workdir):
+    config = aws_emulator_config({EAST: clusters[EAST], WEST: clusters[WEST]}, workdir)
+    config.update(metrics_interval=0, restore_delay=0.5, rebuild_delay=0.5)  # long enough to see `creating`
+    emulator = start_emulator(config)
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture(scope="module")
+def state(emu, clusters) -> dict:
+    """What `lab up --cloud aws` records (lab.json) after start_aws_emulator(), for the parts the inventory uses."""
+    return {
+        "receiver": {"url": "http://127.0.0.1:9"},
+        "regions": {r: {"dsn": clusters[r].dsn} for r in (EAST, WEST)},
+        "aws": {
+            "endpoint_url": emu.url,
+            "hosted_zone_id": emu.info()["hosted_zones"][ZONE],
+            "record_name": f"www.{ZONE}",
+            "instances": {r: {"db_instance_identifier": instance_id(r), "aws_region": a} for r, a in (("eastus", "us-east-1"), ("westeurope", "eu-west-1"))},
+            "buckets": {"reports": REPORTS_BUCKET, "dumps": DUMPS_BUCKET},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def inventory(state, workdir) -> Inventory:
+    return Inventory.model_validate(aws_lab_inventory(state, workdir))
+
+
+def rds_client(emu, region: str = "us-east-1"):
+    return boto3.client("rds", region_name=region, endpoint_url=emu.url)
+
+
+def describe(emu, ident: str, region: str = "us-east-1") -> dict:
+    return rds_client(emu, region).describe_db_instances(DBInstanceIdentifier=ident)["DBInstances"][0]
+
+
+def exists(emu, ident: str, region: str = "us-east-1") -> bool:
+    try:
+        describe(emu, ident, region)
+        return True
+    except rds_client(emu, region).exceptions.DBInstanceNotFoundFault:
+        return False
+
+
+def sql(dsn: str, query: str, params=None):
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else None
+
+
+def server_now(cluster: Cluster) -> datetime:
+    return sql(cluster.dsn, "select clock_timestamp()")[0][0]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def in_activity(fn, *args, timeout: float = 300):
+    """Run fn as an activity would (heartbeats recorded, a start-to-close limit of `timeout`)."""
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, start_to_close_timeout=timedelta(seconds=timeout), heartbeat_timeout=timedelta(seconds=60))
+    beats: list = []
+    env.on_heartbeat = lambda *details: beats.append(details[0] if details else None)
+    return env.run(fn, *args), beats
+
+
+def request(inventory: Inventory, method: str, name: str = "", point: datetime | None = None, region: str = EAST, **drill) -> RestoreRequest:
+    policy = inventory.drill.model_copy(update={"method": method})
+    if drill:
+        policy = DrillPolicy.model_validate({**policy.model_dump(exclude_none=True), **drill})
+    return RestoreRequest(source=RegionTarget.of(inventory, region), drill=policy, method=method, scratch_name=name, point_in_time=point)
+
+
+def wait_until(predicate, timeout: float = 30, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+# -- the lab's configuration ------------------------------------------------------------------------------
+
+
+def test_lab_inventory_names_the_aws_providers(inventory, emu, clusters):
+    east, west = inventory.regions[EAST].database, inventory.regions[WEST].database
+    assert (east.provider, east.db_instance_identifier, east.aws_region, east.dsn) == ("aws-rds", "lab-eastus-pg", "us-east-1", clusters[EAST].dsn)
+    assert (west.provider, west.db_instance_identifier, west.aws_region) == ("aws-rds", "lab-westeurope-pg", "eu-west-1")
+    assert inventory.traffic.provider == "route53" and inventory.aws.endpoint_url == emu.url
+    assert inventory.reports.s3.bucket == REPORTS_BUCKET and inventory.drill.method == "rds-pitr"
+    assert inventory.azure is None
+    # The RDS endpoints are the clusters (lab-only rewrite), the replica is cross-region by ARN.
+    e, w = describe(emu, "lab-eastus-pg"), describe(emu, "lab-westeurope-pg", "eu-west-1")
+    assert e["Endpoint"] == {"Address": "127.0.0.1", "Port": clusters[EAST].port}
+    assert w["Endpoint"] == {"Address": "127.0.0.1", "Port": clusters[WEST].port}
+    assert w["ReadReplicaSourceDBInstanceIdentifier"] == e["DBInstanceArn"]
+
+
+# -- RDS point-in-time restore --------------------------------------------------------------------------
+
+
+def test_rds_pitr_window_follows_the_wal_archive(inventory, clusters, workdir):
+    east = clusters[EAST]
+    sql(east.dsn, "create table if not exists orders (id serial primary key, note text, at timestamptz default clock_timestamp())")
+    made_restorable = archive_now(east)
+    window = RdsPointInTimeRestore(request(inventory, "rds-pitr")).window()
+    assert window.latest >= made_restorable  # the newest archived commit (archive_now's marker)
+    assert window.latest <= server_now(east)
+    base_backup_end = earliest_restorable_time(workdir / "pg")
+    assert window.earliest is not None and base_backup_end <= window.earliest <= window.latest
+    assert "retention" in window.detail
+
+
+def test_rds_pitr_restores_exactly_the_rows_before_the_point(emu, inventory, clusters, workdir):
+    east = clusters[EAST]
+    sql(east.dsn, "insert into orders (note) select 'before ' || g from generate_series(1, 5) g")
+    point = server_now(east)
+    sql(east.dsn, "insert into orders (note) select 'after ' || g from generate_series(1, 3) g")
+    archive_now(east)  # what RDS does by itself every five minutes: ship the WAL
+    before = sql(east.dsn, "select id, note from orders where note like 'before %' order by id")
+
+    name = "opsflow-drill-pitr0001"
+    req = request(inventory, "rds-pitr", name, point)
+    provider = RdsPointInTimeRestore(req)
+    started = provider.start(name, point)
+    assert (started.ready, started.method, started.restore_point) == (False, "rds-pitr", point)
+    assert describe(emu, name)["DBInstanceStatus"] == "creating"
+    assert provider.start(name, point).name == name  # idempotent: the same instance, no second restore
+    assert provider.list_scratch("opsflow-drill-") == [name]
+
+    target, beats = in_activity(restore_wait, req)
+    assert target.ready and target.dsn and beats and beats[0]["ready"] is False
+    inst = describe(emu, name)
+    port = inst["Endpoint"]["Port"]
+    assert inst["Endpoint"]["Address"] == "127.0.0.1" and port not in (east.port, clusters[WEST].port)
+    assert f"port={port}" in target.dsn and "host=127.0.0.1" in target.dsn and "dbname=postgres" in target.dsn
+    assert {t["Key"]: t["Value"] for t in inst["TagList"]}[SCRATCH_TAG] == "true"
+    assert inst["DBParameterGroups"][0]["DBParameterGroupName"].startswith("default.")  # never the source's group
+    assert "ReadReplicaSourceDBInstanceIdentifier" not in inst and not inst.get("ReadReplicaDBInstanceIdentifiers")
+    # Exactly what was committed before the point: every 'before' row, no 'after' row.
+    assert sql(target.dsn, "select id, note from orders order by id") == before
+    assert sql(target.dsn, "select pg_is_in_recovery()")[0][0] is False
+    datadir = workdir / "pg" / RESTORES_DIR / name / "data"
+    assert datadir.is_dir()
+
+    assert provider.delete(name) is True
+    assert not exists(emu, name) and not port_open(port) and not datadir.exists()
+    assert provider.delete(name) is False  # idempotent
+    assert provider.list_scratch("opsflow-drill-") == []
+
+
+def test_rds_pitr_refuses_a_point_outside_the_window(emu, inventory, clusters):
+    provider = RdsPointInTimeRestore(request(inventory, "rds-pitr"))
+    window = provider.window()
+    for point, word in ((window.latest + timedelta(minutes=5), "after"), (window.earliest - timedelta(minutes=5), "before")):
+        with pytest.raises(ApplicationError) as e:
+            provider.start("opsflow-drill-outside", point)
+        assert e.value.non_retryable and e.value.type == "AwsInvalidParameter" and word in e.value.message
+        assert not exists(emu, "opsflow-drill-outside")
+
+
+def test_rds_pitr_leftovers_are_removed_and_only_scratch_instances(emu, inventory, clusters):
+    left = "opsflow-drill-crashed1"
+    point = RdsPointInTimeRestore(request(inventory, "rds-pitr")).window().latest
+    RdsPointInTimeRestore(request(inventory, "rds-pitr", left, point)).start(left, point)
+    # An instance with the prefix that no drill made (no scratch tag) is never listed nor deleted.
+    rds_client(emu).create_db_instance(DBInstanceIdentifier="opsflow-drill-notmine", DBInstanceClass="db.t3.micro", Engine="postgres",
+                                       MasterUsername="postgres", MasterUserPassword="lab-not-a-secret", AllocatedStorage=20)
+    try:
+        found, _ = in_activity(restore_leftovers, request(inventory, "rds-pitr", "opsflow-drill-current", point))
+        assert found == [left]
+        assert not exists(emu, left) and exists(emu, "opsflow-drill-notmine")
+        assert left not in emu.state()["instances"]
+        with pytest.raises(ApplicationError) as e:
+            RdsPointInTimeRestore(request(inventory, "rds-pitr")).delete("opsflow-drill-notmine")
+        assert e.value.non_retryable and "opsflow-drill-notmine" in e.value.message
+    finally:
+        rds_client(emu).delete_db_instance(DBInstanceIdentifier="opsflow-drill-notmine", SkipFinalSnapshot=True)
+
+
+# -- a pg_dump in S3, restored into a scratch database ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dumps(emu, clusters):
+    """Two dumps of the primary: the first with the rows so far, the second after more."""
+    east = clusters[EAST]
+    sql(east.dsn, "create table if not exists items (id int primary key, name text)")
+    sql(east.dsn, "insert into items select g, 'first ' || g from generate_series(1, 4) g on conflict do nothing")
+    first = seed_dump(emu.url, east)
+    time.sleep(1.1)  # S3 LastModified has second precision
+    sql(east.dsn, "insert into items select g, 'second ' || g from generate_series(5, 7) g on conflict do nothing")
+    second = seed_dump(emu.url, east)
+    return first, second
+
+
+def dump_request(inventory, state, clusters, name: str = "", point: datetime | None = None, prefix: str | None = None) -> RestoreRequest:
+    policy = s3_dump_drill(state, clusters["scratch"].dsn)
+    if prefix is not None:
+        policy["dumps"]["prefix"] = prefix
+    policy.pop("method")
+    return request(inventory, "s3-dump", name, point, **policy)
+
+
+def test_s3_dump_window_and_restore(inventory, state, clusters, dumps):
+    first, second = dumps
+    req = dump_request(inventory, state, clusters)
+    window = S3DumpRestore(req).window()
+    assert (window.earliest, window.latest) == (first["dump_time"], second["dump_time"])
+    assert second["key"] in window.detail and "2 dump(s)" in window.detail
+
+    name = "opsflow-drill-dump0001"
+    req = dump_request(inventory, state, clusters, name, window.latest)
+    provider = S3DumpRestore(req)
+    started = provider.start(name, window.latest)
+    assert not started.ready and started.restore_point == second["dump_time"]
+    target, beats = in_activity(restore_wait, req)
+    assert target.ready and f"dbname={name}" in target.dsn and target.restore_point == second["dump_time"]
+    phases = [b.get("phase") for b in beats if isinstance(b, dict)]
+    assert "download" in phases and "pg_restore" in phases
+    assert sql(target.dsn, "select count(*), max(id) from items")[0] == (7, 7)
+    assert sql(target.dsn, "select count(*) from orders")[0][0] >= 5
+    assert provider.start(name, window.latest).ready  # idempotent: done is done
+    assert provider.status(name).ready
+    assert provider.list_scratch("opsflow-drill-") == [name]
+
+    assert provider.delete(name) is True
+    assert sql(clusters["scratch"].dsn, "select count(*) from pg_database where datname = %s", (name,))[0][0] == 0
+    assert provider.delete(name) is False
+    assert provider.list_scratch("opsflow-drill-") == []
+
+
+def test_s3_dump_point_picks_the_newest_dump_at_or_before_it(inventory, state, clusters, dumps):
+    first, second = dumps
+    name = "opsflow-drill-dump0002"
+    point = first["dump_time"] + (second["dump_time"] - first["dump_time"]) / 2
+    provider = S3DumpRestore(dump_request(inventory, state, clusters, name, point))
+    try:
+        assert provider.start(name, point).restore_point == first["dump_time"]
+        target = provider.status(name)
+        assert target.ready and sql(target.dsn, "select count(*), max(id) from items")[0] == (4, 4)
+        with pytest.raises(ApplicationError) as e:
+            provider.start("opsflow-drill-toolate", first["dump_time"] - timedelta(hours=1))
+        assert e.value.non_retryable and e.value.type == "RestoreUnavailable"
+    finally:
+        provider.delete(name)
+
+
+def test_s3_dump_restore_starts_over_after_a_dead_attempt_and_waits_for_a_live_one(inventory, state, clusters, dumps):
+    _, second = dumps
+    name = "opsflow-drill-dump0003"
+    scratch = clusters["scratch"].dsn
+    provider = S3DumpRestore(dump_request(inventory, state, clusters, name, second["dump_time"]))
+    try:
+        provider.start(name, second["dump_time"])
+        # A worker died half-way: some of the restore is there, nothing marks it complete.
+        sql(scratch.replace("dbname=postgres", f"dbname={name}"), "create table half_restored (x int)")
+        # Another worker restores right now (holds the lock): status waits, and touches nothing.
+        with psycopg.connect(scratch, autocommit=True) as other:
+            other.execute("select pg_advisory_lock(hashtextextended(%s, 0))", (f"opsflow-restore:{name}",))
+            busy = provider.status(name)
+            assert not busy.ready and "another worker" in busy.detail
+        target = provider.status(name)  # the other worker is gone: this one starts over
+        assert target.ready
+        tables = {r[0] for r in sql(target.dsn, "select tablename from pg_tables where schemaname = 'public'")}
+        assert "half_restored" not in tables and {"items", "orders"} <= tables
+    finally:
+        provider.delete(name)
+
+
+def test_s3_dump_that_is_not_a_dump_is_a_clear_error(emu, inventory, state, clusters, workdir):
+    junk = workdir / "junk.dump"
+    junk.write_bytes(b"this is not a pg_dump archive\n" * 10)
+    upload_dump(AwsConnection(endpoint_url=emu.url), DUMPS_BUCKET, "junk/bad.dump", junk)
+    name = "opsflow-drill-dump0004"
+    provider = S3DumpRestore(dump_request(inventory, state, clusters, name, datetime.now(timezone.utc), prefix="junk/"))
+    try:
+        provider.start(name, datetime.now(timezone.utc))
+        with pytest.raises(ApplicationError) as e:
+            provider.status(name)
+        assert e.value.non_retryable and e.value.type == "BadInput" and "junk/bad.dump" in e.value.message
+    finally:
+        provider.delete(name)
+    with pytest.raises(ApplicationError) as e:
+        S3DumpRestore(dump_request(inventory, state, clusters, prefix="nothing-here/")).window()
+    assert e.value.non_retryable and "nothing-here/" in e.value.message
+
+
+# -- failback: the old primary made a read replica of the new one --------------------------------------
+
+
+def test_rebuild_replica_after_a_real_promotion(emu, inventory, clusters):
+    east, west = clusters[EAST], clusters[WEST]
+    sql(east.dsn, "insert into orders (note) values ('last write on eastus')")
+    primary_lsn = sql_status(RegionTarget.of(inventory, EAST).database, EAST).current_lsn
+    wait_until(lambda: (sql_status(RegionTarget.of(inventory, WEST).database, WEST).replay_lsn or "") >= primary_lsn, what="catch-up")
+    RdsInstance(RegionTarget.of(inventory, EAST)).fence()
+    promoted, _ = in_activity(RdsInstance(RegionTarget.of(inventory, WEST)).promote, False)
+    assert not promoted.already_primary and promoted.timeline == 2
+    sql(west.dsn, "insert into orders (note) values ('first write on westeurope')")
+    assert sql(east.dsn, "select pg_is_in_recovery()")[0][0] is False  # the old primary, diverging
+
+    result, beats = in_activity(RdsInstance(RegionTarget.of(inventory, EAST)).rebuild_replica, RegionTarget.of(inventory, WEST))
+
+    assert result.method == "rds-read-replica" and "lab-westeurope-pg" in result.detail and "before-rebuild" in result.detail
+    phases = [b["phase"] for b in beats if isinstance(b, dict)]
+    assert "deleting the old instance" in phases and "creating the read replica" in phases and "waiting for the read replica" in phases
+    e, w = describe(emu, "lab-eastus-pg"), describe(emu, "lab-westeurope-pg", "eu-west-1")
+    assert e["DBInstanceStatus"] == "available" and e["ReadReplicaSourceDBInstanceIdentifier"] == w["DBInstanceArn"]
+    assert e["Endpoint"] == {"Address": "127.0.0.1", "Port": east.port}  # same endpoint: the inventory's DSN still holds
+    assert w["ReadReplicaDBInstanceIdentifiers"] == [e["DBInstanceArn"]]
+    snapshots = rds_client(emu).describe_db_snapshots(DBInstanceIdentifier="lab-eastus-pg", SnapshotType="manual")["DBSnapshots"]
+    assert any(s["DBSnapshotIdentifier"].startswith("lab-eastus-pg-before-rebuild-") for s in snapshots)
+    assert emu.state()["instances"]["lab-eastus-pg"]["rebuilt"]["method"] in ("pg_rewind", "pg_basebackup")
+
+    s = sql_status(RegionTarget.of(inventory, EAST).database, EAST)
+    assert (s.role, s.streaming, s.read_only) == ("replica", True, False)  # no fence carried over
+    wait_until(lambda: sql(east.dsn, "select count(*) from orders where note = 'first write on westeurope'")[0][0] == 1,
+               what="the write on the new primary to reach the rebuilt replica")
+    assert sql(east.dsn, "select count(*) from orders where note = 'last write on eastus'")[0][0] == 1
+
+    again, _ = in_activity(RdsInstance(RegionTarget.of(inventory, EAST)).rebuild_replica, RegionTarget.of(inventory, WEST))
+    assert again.method == "already-replica"
+    assert RdsInstance(RegionTarget.of(inventory, EAST)).status().cloud_role == "ReadReplica"
+
+
+def test_rebuild_waits_for_a_replica_an_earlier_attempt_started(emu, inventory, clusters):
+    """After a worker crash: the replica is being created; the retry waits for it and creates nothing."""
+    east = clusters[EAST]
+    rds_client(emu).delete_db_instance(DBInstanceIdentifier="lab-eastus-pg", SkipFinalSnapshot=True)
+    assert not east.is_running()  # RDS deleted the server; the lab keeps its data directory
+    arn = describe(emu, "lab-westeurope-pg", "eu-west-1")["DBInstanceArn"]
+    rds_client(emu).create_db_instance_read_replica(DBInstanceIdentifier="lab-eastus-pg", SourceDBInstanceIdentifier=arn, Port=east.port)
+    assert describe(emu, "lab-eastus-pg")["DBInstanceStatus"] == "creating"
+
+    result, beats = in_activity(RdsInstance(RegionTarget.of(inventory, EAST)).rebuild_replica, RegionTarget.of(inventory, WEST))
+
+    assert result.method == "already-replica"
+    phases = {b["phase"] for b in beats if isinstance(b, dict)}
+    assert "waiting for the read replica" in phases and "creating the read replica" not in phases
+    s = sql_status(RegionTarget.of(inventory, EAST).database, EAST)
+    assert (s.role, s.streaming) == ("replica", True)
+    assert emu.state()["instances"]["lab-eastus-pg"]["rebuilt"]["method"] in ("pg_rewind", "pg_basebackup")
+
+
+def test_rebuild_from_a_replica_is_refused(inventory):
+    with pytest.raises(ApplicationError) as e:
+        RdsInstance(RegionTarget.of(inventory, WEST)).rebuild_replica(RegionTarget.of(inventory, EAST))
+    assert e.value.non_retryable and e.value.type == "NotPrimary" and "lab-eastus-pg" in e.value.message
+
+
+def test_rds_pitr_from_the_new_primary_after_failover(emu, inventory, clusters):
+    """The new primary archives into the same WAL archive on its new timeline: a drill after the failover."""
+    west = clusters[WEST]
+    sql(west.dsn, "insert into orders (note) values ('after failover 1')")
+    point = server_now(west)
+    sql(west.dsn, "insert into orders (note) values ('after failover 2')")
+    archive_now(west)
+    name = "opsflow-drill-pitr0002"
+    req = request(inventory, "rds-pitr", name, point, region=WEST)
+    provider = RdsPointInTimeRestore(req)
+    assert provider.window().latest >= point
+    provider.start(name, point)
+    try:
+        target, _ = in_activity(restore_wait, req)
+        notes = {r[0] for r in sql(target.dsn, "select note from orders")}
+        assert {"after failover 1", "first write on westeurope", "last write on eastus"} <= notes
+        assert "after failover 2" not in notes
+    finally:
+        assert provider.delete(name)
+
+
+# -- the emulator as the lab runs it -----------------------------------------------------------------------
+
+
+def test_start_aws_emulator_as_a_lab_process(clusters, workdir):
+    from lab.aws_lab import start_aws_emulator
+    from lab.manage import Lab
+
+    root = workdir / "lab-process"
+    root.mkdir()
+    lab = Lab(root)
+    try:
+        aws = start_aws_emulator(lab, {EAST: clusters[EAST], WEST: clusters[WEST]}, root)
+        assert json.loads((root / "lab.json").read_text())["aws"]["endpoint_url"] == aws["endpoint_url"]
+        rds = boto3.client("rds", region_name="eu-west-1", endpoint_url=aws["endpoint_url"])
+        inst = rds.describe_db_instances(DBInstanceIdentifier="lab-westeurope-pg")["DBInstances"][0]
+        assert inst["Endpoint"]["Port"] == clusters[WEST].port
+        assert sorted(aws["info"]["buckets"]) == sorted([REPORTS_BUCKET, DUMPS_BUCKET])
+    finally:
+        lab.stop_process("aws")

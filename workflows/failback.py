@@ -1,0 +1,145 @@
+"""Failback: return to a recovered region after a failover. Reads top to bottom; each step is one line.
+
+preflight the recovered region (Kubernetes healthy; its old database reachable or gone) -> rebuild a replica
+there from the current primary (never reusing the diverged old primary blindly) -> wait until it is within
+the lag limit, heartbeating the bytes behind -> approval -> wait for the low-traffic window (a person can
+override) -> the planned failover back, as a child workflow (the same failover workflow) -> one report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import BaseModel
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError, ChildWorkflowError
+
+from workflows.failover import FailoverInput
+from workflows.procedure import Procedure, Request, Stop, failure_message
+
+with workflow.unsafe.imports_passed_through():
+    from opsflow.inventory import Inventory
+    from opsflow.models import CatchUpRequest, CatchUpResult, ControlEvent, DbStatus, FailbackReport, FailoverReport, KubeStatus, RebuildRequest, RebuildResult, RegionTarget
+
+
+class FailbackInput(BaseModel):
+    inventory: Inventory
+    to_region: str  # the recovered region to return to
+    dry_run: bool = False
+    requester: str
+    reason: str = ""
+
+
+@workflow.defn(name="failback")
+class FailbackWorkflow(Procedure):
+    @workflow.run
+    async def run(self, inp: FailbackInput) -> FailbackReport:
+        inv = inp.inventory
+        self.window_override: ControlEvent | None = None
+        self.begin(FailbackReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason, dry_run=inp.dry_run, to_region=inp.to_region), inv)
+        await self.conclude(lambda: self.failback(inp))
+        return self.report  # type: ignore[return-value]
+
+    async def failback(self, inp: FailbackInput) -> None:
+        inv, to, report = inp.inventory, inp.to_region, self.report
+        assert isinstance(report, FailbackReport)
+        if to not in inv.regions:
+            raise Stop("refused", f"unknown region {to!r}; the inventory has: {', '.join(inv.regions)}")
+        target, q = RegionTarget.of(inv, to), inv.region_queue(to)
+
+        # -- preflight ------------------------------------------------------------------------------------
+        kube: KubeStatus = await self.step("preflight-k8s", f"Check Kubernetes in {to}", "k8s.status", target, result_type=KubeStatus, queue=q)
+        if not kube.ready:
+            raise Stop("refused", f"Kubernetes in {to} is not healthy: " + "; ".join(kube.waiting or ["not ready"]))
+        old: DbStatus = await self.step("preflight-db", f"Check the old database in {to}", "db.status", target, result_type=DbStatus, queue=q,
+                                        detail=lambda s: f"{s.role}, reachable" if s.reachable else f"gone ({s.error})")
+        if old.reachable and old.role == "primary" and not old.read_only:
+            raise Stop("refused", f"{to} is a writable primary: nothing to fail back (or a split brain: check it)")
+        primary = None
+        for r in inv.regions:
+            if r == to:
+                continue
+            s: DbStatus = await self.step(f"preflight-{r}", f"Check the database in {r}", "db.status", RegionTarget.of(inv, r), result_type=DbStatus, queue=inv.region_queue(r))
+            if s.reachable and s.role == "primary":
+                primary = r
+        if primary is None:
+            raise Stop("refused", "no reachable primary to fail back from")
+        report.from_region = primary
+        current = RegionTarget.of(inv, primary)
+
+        if inp.dry_run:
+            for name, what in (("rebuild", f"rebuild the database in {to} as a replica of {primary} (pg_rewind where the timeline allows, else a fresh copy)"),
+                               ("catch-up", f"wait until {to} is within {inv.failover.max_planned_lag_bytes} bytes of {primary}"),
+                               ("approval", f"wait for one of {', '.join(inv.approval.approvers)}"),
+                               ("window", f"wait for the window {inv.failback.window.model_dump() if inv.failback.window else '(none: at once)'}"),
+                               ("failover", f"planned failover {primary} -> {to} (child workflow)")):
+                self.end_step(self.begin_step(name, what), "planned")
+            report.status = "planned"
+            return
+
+        # -- rebuild and catch up -------------------------------------------------------------------------
+        rebuilt: RebuildResult = await self.step(
+            "rebuild", f"Rebuild {to} as a replica of {primary}", "db.rebuild_replica", RebuildRequest(target=target, primary=current),
+            result_type=RebuildResult, queue=q, timeout=inv.failback.rebuild_timeout, heartbeat=inv.failover.heartbeat_timeout * 4, attempts=5,
+            detail=lambda r: f"{r.method} in {r.seconds:.1f}s" + (f" ({r.detail})" if r.detail else ""))
+        report.rebuild_method, report.rebuild_seconds = rebuilt.method, rebuilt.seconds
+        await self.step(
+            "catch-up", f"Wait until {to} has caught up with {primary}", "db.wait_caught_up",
+            CatchUpRequest(primary=current, replica=target, timeout_seconds=inv.failback.catch_up_timeout, max_lag_bytes=inv.failover.max_planned_lag_bytes),
+            result_type=CatchUpResult, queue=q, timeout=inv.failback.catch_up_timeout + 60, heartbeat=inv.failover.heartbeat_timeout, attempts=3,
+            detail=lambda c: f"{c.lag_bytes} bytes behind after {c.waited_seconds:.0f}s")
+
+        # -- people and the window ------------------------------------------------------------------------
+        decision = await self.approval_gate(f"failback of {inv.environment} from {primary} to {to}")
+        await self.wait_for_window()
+
+        # -- the failover back: the same workflow, as a child ---------------------------------------------
+        await self.boundary()
+        record = self.begin_step("failover", f"Planned failover {primary} -> {to} (child workflow)")
+        child_input = FailoverInput(inventory=inv, to_region=to, requester=inp.requester, reason=f"failback: {inp.reason}".strip(": "), approval=decision)
+        try:
+            child = await workflow.execute_child_workflow(
+                "failover", child_input, id=f"{workflow.info().workflow_id}-failover", result_type=FailoverReport,
+                task_queue=inv.task_queue, static_summary=f"Failover back to {to} (part of {workflow.info().workflow_id})")
+        except ChildWorkflowError as err:
+            cause = err.cause
+            if isinstance(cause, ApplicationError) and cause.details:
+                report.failover = FailoverReport.model_validate(cause.details[0])
+                report.remaining = report.failover.remaining
+            self.end_step(record, "failed", failure_message(err))
+            raise Stop("failed", f"the failover back to {to} failed: {failure_message(err)}") from None
+        report.failover = child
+        self.end_step(record, "ok", f"RTO {child.rto_seconds:.1f}s" if child.rto_seconds is not None else "")
+
+    async def wait_for_window(self) -> None:
+        window = self.inventory.failback.window
+        if window is None:
+            return
+        opens = window.next_opening(workflow.now())
+        if opens is None:
+            return
+        record = self.begin_step("window", f"Wait for the low-traffic window ({', '.join(window.days)} {window.start}-{window.end} {window.timezone})")
+        self.report.status = "waiting"
+        self.report.waiting_for = f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} --as NAME)"
+        self.show()
+        try:
+            await workflow.wait_condition(lambda: self.window_override is not None or self.abort_requested is not None, timeout=opens - workflow.now())
+        except asyncio.TimeoutError:
+            pass
+        assert isinstance(self.report, FailbackReport)
+        self.report.window_opened_at = workflow.now()
+        self.end_step(record, "ok", f"overridden by {self.window_override.by}" if self.window_override else "window open")
+        await self.boundary()
+
+    @workflow.update
+    def override(self, req: Request) -> str:
+        self.window_override = ControlEvent(action="override-window", by=req.by, at=workflow.now(), reason=req.reason)
+        self.report.events.append(self.window_override)
+        return "the window wait is overridden: the failover back starts now"
+
+    @override.validator
+    def _validate_override(self, req: Request) -> None:
+        if req.by not in self.inventory.approval.approvers:
+            raise ApplicationError(f"{req.by!r} may not override the window; approvers: {', '.join(self.inventory.approval.approvers)}", type="NotAllowed")
+        if not (self.report.waiting_for or "").startswith("the window"):
+            raise ApplicationError("not waiting for a window", type="NotWaiting")
