@@ -521,9 +521,8 @@ class RdsInstance:
                 f"rebuild {self.what}: RDS replicates only from an RDS instance; the primary region {primary.region} "
                 f"uses provider {primary.database.provider!r}", type="BadInput", non_retryable=True)
         source = RdsInstance(primary)
-        timeout = self.promote_timeout if self.promote_timeout is not None else _time_limit(self.DEFAULT_REBUILD_TIMEOUT)
         started = time.monotonic()
-        deadline = started + timeout
+        deadline = started + _time_limit(self.DEFAULT_REBUILD_TIMEOUT)
         previous = next((d for d in _heartbeat_details() if isinstance(d, dict) and d.get("phase")), {})
         template: dict[str, Any] = dict(previous.get("template") or {})
         acted = bool(previous.get("acted"))
@@ -542,10 +541,6 @@ class RdsInstance:
             if p_source:
                 raise ApplicationError(f"rebuild {self.what}: the primary {source.what} is itself a read replica (of {p_source}); "
                                        f"promote it first or rebuild from the primary", type="NotPrimary", non_retryable=True)
-            if p.get("BackupRetentionPeriod") == 0:
-                raise ApplicationError(f"rebuild {self.what}: {source.what} has automated backups off (BackupRetentionPeriod 0), "
-                                       f"which RDS requires of a read replica's source; enable them", type="AwsInvalidParameter",
-                                       non_retryable=True)
             inst = self._describe_or_none()
             state = inst.get("DBInstanceStatus", "unknown") if inst else None
             if inst is not None and self._is_source(inst.get("ReadReplicaSourceDBInstanceIdentifier"), p):
@@ -568,6 +563,7 @@ class RdsInstance:
                 if state == "deleting":
                     beat("waiting for the old instance to be deleted", rds_status=state)
                 elif state in self._DELETABLE:
+                    self._refuse_to_replace_a_primary(inst, source)
                     if inst.get("DeletionProtection"):
                         raise ApplicationError(f"rebuild {self.what}: the old instance has deletion protection on; a person must "
                                                f"turn it off to let it be replaced by a read replica", type="Refused", non_retryable=True)
@@ -580,6 +576,10 @@ class RdsInstance:
             else:
                 if not template:
                     template = self._replica_template(None)
+                if p.get("BackupRetentionPeriod") == 0:
+                    raise ApplicationError(f"rebuild {self.what}: {source.what} has automated backups off (BackupRetentionPeriod 0), "
+                                           f"which RDS requires of a read replica's source; enable them", type="AwsInvalidParameter",
+                                           non_retryable=True)
                 if p_state != "available":
                     beat("waiting for the primary to be available", primary_status=p_state)
                 else:
@@ -598,6 +598,20 @@ class RdsInstance:
             return RebuildResult(method="already-replica", seconds=seconds, detail=f"{self.ident} already replicates from {source.ident}")
         detail = f"read replica {self.ident} of {source.ident}" + (f"; replaced {deleted}" if deleted else "")
         return RebuildResult(method="rds-read-replica", seconds=seconds, detail=detail)
+
+    def _refuse_to_replace_a_primary(self, inst: dict[str, Any], source: "RdsInstance") -> None:
+        """Before the old instance is deleted: it must not be the live primary (swapped regions, a split brain)."""
+        replicas = inst.get("ReadReplicaDBInstanceIdentifiers") or []
+        if replicas:
+            raise ApplicationError(f"rebuild {self.what}: it has read replicas ({', '.join(replicas)}): it looks like the primary; "
+                                   f"refusing to replace it", type="Refused", non_retryable=True)
+        if self.db.dsn and source.db.dsn:
+            mine, theirs = sql_status(self.db, self.target.region), sql_status(source.db, source.target.region)
+            if (mine.reachable and theirs.reachable and mine.role == "primary" and theirs.role == "primary"
+                    and mine.timeline and theirs.timeline and mine.timeline > theirs.timeline):
+                raise ApplicationError(
+                    f"rebuild {self.what}: it is on timeline {mine.timeline}, later than {source.what} ({theirs.timeline}): it looks like "
+                    f"the newer primary; refusing to replace it (check which region is primary)", type="Refused", non_retryable=True)
 
     def _delete_instance(self, final_snapshot: str | None) -> None:
         kwargs: dict[str, Any] = {"DBInstanceIdentifier": self.ident}

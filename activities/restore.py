@@ -57,8 +57,13 @@ def restore_delete(request: RestoreRequest) -> bool:
 def _scratch_db(request: VerifyRequest) -> PostgresDatabase:
     if not request.scratch.dsn:
         raise ApplicationError(f"scratch target {request.scratch.name} has no DSN", type="BadInput", non_retryable=True)
-    src = request.source.database
-    return PostgresDatabase(provider="postgres", dsn=request.scratch.dsn, password=getattr(src, "password", None))
+    # Restores copy the source's roles, so the source's password; a dump restored onto a scratch server
+    # is reached with that server's own credentials.
+    if request.scratch.method == "s3-dump" and request.drill.scratch_server is not None:
+        password = request.drill.scratch_server.password
+    else:
+        password = getattr(request.source.database, "password", None)
+    return PostgresDatabase(provider="postgres", dsn=request.scratch.dsn, password=password)
 
 
 def _source_db(request) -> PostgresDatabase:
@@ -82,13 +87,17 @@ def verify(request: VerifyRequest) -> list[CheckResult]:
     the drill decides, and the report lists every check."""
     scratch, source, drill = _scratch_db(request), _source_db(request), request.drill
     results: list[CheckResult] = []
-    restored = postgres.row_counts(scratch, [c.table for c in drill.row_counts]) if drill.row_counts else {}
+    # A table missing from the restore is a failed check, not an error.
+    restored = postgres.row_counts(scratch, [c.table for c in drill.row_counts], missing_ok=True) if drill.row_counts else {}
     for c in drill.row_counts:
         if c.timestamp_column:
             expected = postgres.row_counts_at(source, c.table, c.timestamp_column, request.restore_point)
         else:
             expected = postgres.row_counts(source, [c.table])[c.table]
-        actual = restored[c.table]
+        actual = restored.get(c.table)
+        if actual is None:
+            results.append(CheckResult(kind="row_count", name=c.table, ok=False, expected=expected, detail="table missing from the restore"))
+            continue
         ok = abs(expected - actual) <= c.tolerance
         results.append(CheckResult(kind="row_count", name=c.table, ok=ok, expected=expected, actual=actual,
                                    detail=f"{actual} rows restored, {expected} expected" + (f" (±{c.tolerance})" if c.tolerance else "")))

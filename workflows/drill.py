@@ -87,8 +87,11 @@ class DrillWorkflow(Procedure):
             "restore-wait", f"Wait for {name}", "restore.wait", req, result_type=ScratchTarget, queue=q,
             timeout=policy.restore_timeout, heartbeat=policy.heartbeat_timeout, attempts=3, detail=lambda t: t.detail)
         report.restore_seconds = (workflow.now() - started).total_seconds()
+        if scratch.restore_point and scratch.restore_point != point:  # a dump restores to when it was taken
+            report.restore_point = scratch.restore_point
+            report.restore_point_age_seconds = (workflow.now() - scratch.restore_point).total_seconds()
         checks: list[CheckResult] = await self.step(
-            "verify", "Verify integrity", "restore.verify", VerifyRequest(source=req.source, scratch=scratch, drill=policy, restore_point=point),
+            "verify", "Verify integrity", "restore.verify", VerifyRequest(source=req.source, scratch=scratch, drill=policy, restore_point=scratch.restore_point or point),
             result_type=list[CheckResult], queue=q, timeout=1800, attempts=3,
             detail=lambda rs: f"{sum(r.ok for r in rs)}/{len(rs)} checks passed")
         report.checks = checks

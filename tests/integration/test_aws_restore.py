@@ -253,6 +253,32 @@ def test_rds_pitr_restores_exactly_the_rows_before_the_point(emu, inventory, clu
     assert provider.list_scratch("opsflow-drill-") == []
 
 
+def test_rds_pitr_through_the_drill_activities(emu, inventory, clusters):
+    """The drill's activities in its order, as the workflow runs them: checks verified against the source at the point."""
+    from activities.restore import restore_delete, restore_start, restore_window, validate_checks, verify
+    from opsflow.models import VerifyRequest
+
+    east = clusters[EAST]
+    sql(east.dsn, "insert into orders (note) select 'drill ' || g from generate_series(1, 4) g")
+    point = server_now(east)
+    sql(east.dsn, "insert into orders (note) values ('too late for the drill')")
+    archive_now(east)
+    drill = {"row_counts": [{"table": "orders", "timestamp_column": "at"}],
+             "checks": [{"name": "no late row", "query": "select count(*) = 0 from orders where note = 'too late for the drill'"}],
+             "schema_objects": ["orders"]}
+    name = "opsflow-drill-pitr0003"
+    req = request(inventory, "rds-pitr", name, point, **drill)
+    validate_checks(req)
+    window = restore_window(req)
+    assert window.earliest <= point <= window.latest
+    restore_start(req)
+    scratch, _ = in_activity(restore_wait, req)
+    results = verify(VerifyRequest(source=req.source, scratch=scratch, drill=req.drill, restore_point=point))
+    assert [(r.kind, r.name, r.ok) for r in results] == [("row_count", "orders", True), ("sql", "no late row", True), ("schema", "orders", True)]
+    assert results[0].expected == results[0].actual == sql(east.dsn, "select count(*) from orders where at < %s", (point,))[0][0]
+    assert restore_delete(req) is True and not exists(emu, name)
+
+
 def test_rds_pitr_refuses_a_point_outside_the_window(emu, inventory, clusters):
     provider = RdsPointInTimeRestore(request(inventory, "rds-pitr"))
     window = provider.window()
@@ -403,6 +429,11 @@ def test_rebuild_replica_after_a_real_promotion(emu, inventory, clusters):
     assert not promoted.already_primary and promoted.timeline == 2
     sql(west.dsn, "insert into orders (note) values ('first write on westeurope')")
     assert sql(east.dsn, "select pg_is_in_recovery()")[0][0] is False  # the old primary, diverging
+    # Regions swapped by mistake: the new primary is never deleted to become a replica of the old one.
+    with pytest.raises(ApplicationError) as e:
+        RdsInstance(RegionTarget.of(inventory, WEST)).rebuild_replica(RegionTarget.of(inventory, EAST))
+    assert e.value.non_retryable and e.value.type == "Refused" and "timeline 2" in e.value.message
+    assert describe(emu, "lab-westeurope-pg", "eu-west-1")["DBInstanceStatus"] == "available"
 
     result, beats = in_activity(RdsInstance(RegionTarget.of(inventory, EAST)).rebuild_replica, RegionTarget.of(inventory, WEST))
 
