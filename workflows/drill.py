@@ -80,7 +80,7 @@ class DrillWorkflow(Procedure):
         await self.step("leftovers", "Remove scratch targets left by earlier runs", "restore.leftovers", req, queue=q,
                                     detail=lambda found: f"removed {', '.join(found)}" if found else "none")
         # From here on the scratch target may exist: its deletion is owed whatever happens.
-        self.undo_stack.append((f"Delete scratch target {name}", "restore.delete", req))
+        self.owe(f"Delete scratch target {name}", "restore.delete", req, queue=q, timeout=policy.restore_timeout)
         started = workflow.now()
         await self.step("restore", f"Restore {source} as of {point:%Y-%m-%d %H:%M:%S}Z into {name}", "restore.start", req, result_type=ScratchTarget, queue=q, attempts=5)
         scratch: ScratchTarget = await self.step(

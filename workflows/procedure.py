@@ -65,7 +65,7 @@ class Procedure:
         self.paused = False
         self.abort_requested: ControlEvent | None = None
         self.point_of_no_return = False  # past it, failures go forward instead of undoing
-        self.undo_stack: list[tuple[str, str, Callable[[], Awaitable[Any]]]] = []
+        self.undo_stack: list[tuple[str, str, Any, str | None, float]] = []
         self.show()
 
     # -- steps -------------------------------------------------------------------------------------------
@@ -84,6 +84,7 @@ class Procedure:
         attempts: int = 5,
         detail: Callable[[Any], str] | None = None,
         undo: tuple[str, str, Any] | None = None,
+        undo_timeout: float = 60,
     ) -> Any:
         """Run one activity as a recorded step, at a step boundary (pause/abort are honoured here).
 
@@ -115,7 +116,7 @@ class Procedure:
             raise Stop("failed", f"{title}: {failure_message(err)}") from None
         if undo is not None:
             undo_activity, undo_title, undo_arg = undo
-            self.undo_stack.append((undo_title, undo_activity, undo_arg))
+            self.owe(undo_title, undo_activity, undo_arg, queue=queue, timeout=undo_timeout)
         self.end_step(record, "ok", detail(result) if detail else "")
         return result
 
@@ -160,16 +161,21 @@ class Procedure:
             a = self.abort_requested
             raise Stop("aborted", f"aborted by {a.by}" + (f": {a.reason}" if a.reason else ""))
 
+    def owe(self, title: str, activity: str, arg: Any, *, queue: str | None, timeout: float = 60) -> None:
+        """Record what undoes a change, to run (on the change's task queue) if the procedure stops."""
+        self.undo_stack.append((title, activity, arg, queue, timeout))
+
     async def undo(self) -> None:
         """Reverse the recorded steps, newest first. Each undo is tried hard: it must not be skipped."""
         while self.undo_stack:
-            title, activity, arg = self.undo_stack.pop()
+            title, activity, arg, queue, timeout = self.undo_stack.pop()
             record = self.begin_step(f"undo:{activity}", title)
             try:
                 await workflow.execute_activity(
                     activity,
                     arg,
-                    start_to_close_timeout=timedelta(seconds=60),
+                    task_queue=queue,
+                    start_to_close_timeout=timedelta(seconds=timeout),
                     retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=20), maximum_attempts=10),
                     summary=title,
                 )

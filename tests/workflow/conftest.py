@@ -18,8 +18,9 @@ from workflows.failover import FailoverWorkflow
 WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow]
 
 
-@pytest_asyncio.fixture(scope="session")
+@pytest_asyncio.fixture(scope="module")
 async def env():
+    """One time-skipping server per test module: skipped time and stray activity attempts stay in it."""
     async with await WorkflowEnvironment.start_time_skipping(
         data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")
     ) as e:

@@ -195,12 +195,14 @@ async def test_restore_outlasting_the_heartbeat_timeout_is_retried_with_one_scra
 @pytest.mark.parametrize(
     "kw, reason",
     [
-        ({"point_in_time": NOW + timedelta(days=3650)}, "in the future"),  # the test server's clock runs ahead by skipped time
+        ("future", "in the future"),
         ({"point_in_time": NOW - timedelta(days=30)}, "before the earliest restorable time"),
         ({"source_region": "mars"}, "unknown region 'mars'"),
     ],
 )
 async def test_bad_point_in_time_or_region_refused_before_anything_is_created(drilling, backups, drill_inventory, kw, reason):
+    if kw == "future":  # the test server's clock runs ahead by the time it skipped: ask it
+        kw = {"point_in_time": await drilling.get_current_time() + timedelta(days=1)}
     report = await failed(await start(drilling, drill_inventory, **kw))
     assert report.status == "refused" and reason in report.failure
     assert backups.created == [] and "start" not in backups.calls
