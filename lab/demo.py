@@ -60,9 +60,9 @@ async def demo(state: dict) -> int:
     return code
 
 
-def run_demo(root: Path, with_worker: bool = True) -> int:
+def run_demo(root: Path, with_worker: bool = True, cloud: str = "azure") -> int:
     from lab.manage import print_status, status, up
 
-    state = up(root, with_worker=with_worker)
+    state = up(root, with_worker=with_worker, cloud=cloud)
     print_status(status(root))
     return asyncio.run(demo(state))

@@ -141,7 +141,7 @@ def stop_pid(pid: int, timeout: float = 15) -> None:
 # -- up ------------------------------------------------------------------------------------------------------
 
 
-def up(root: Path, with_worker: bool = True, quiet: bool = False) -> dict:
+def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure") -> dict:
     from lab.postgres import create_replica, init_primary
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -154,7 +154,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     lab = Lab(root)
     try:
-        _up(lab, root, with_worker, say, create_replica, init_primary)
+        _up(lab, root, with_worker, say, create_replica, init_primary, cloud)
     except BaseException:
         say("lab up failed; removing what was started")
         down(root, quiet=True, keep_dir=True)
@@ -164,7 +164,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False) -> dict:
     return lab.state
 
 
-def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_primary) -> None:
+def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_primary, cloud: str) -> None:
     from lab.k8s_emulator import write_kubeconfig
 
     python = sys.executable
@@ -212,20 +212,31 @@ def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_prima
         lab.state.setdefault("kubernetes", {})[region] = {"url": kube_urls[f"lab-{region}"], "context": f"lab-{region}"}
     write_kubeconfig(root / "kubeconfig", kube_urls)
 
-    # Azure Resource Manager emulator over HTTPS (test CA): flexible servers on the clusters, Traffic Manager.
-    say("lab: Azure Resource Manager emulator (HTTPS)")
-    aport = pick_port()
-    arm_config = arm_emulator_config(clusters, rport)
-    (root / "arm.json").write_text(json.dumps(arm_config, indent=2))
-    lab.spawn("arm", [python, "-m", "lab.arm_emulator", "--config", str(root / "arm.json"), "--port", str(aport), "--ca-dir", str(root / "ca")])
-    lab.state["azure"] = {"arm_endpoint": f"https://127.0.0.1:{aport}", "ca_bundle": str(root / "ca" / "ca.pem")}
+    ports = {"temporal": port, "receiver": rport, **{f"k8s-{r}": int(lab.state["kubernetes"][r]["url"].rsplit(":", 1)[1]) for r in REGIONS}}
+    lab.state["cloud"] = cloud
+    if cloud == "aws":
+        # moto in server mode (RDS, Route 53, S3), the RDS identifiers backed by the same real clusters.
+        from lab.aws_lab import aws_lab_inventory, start_aws_emulator
 
-    for name, p in (("temporal", port), ("receiver", rport), ("arm", aport), *((f"k8s-{r}", int(lab.state["kubernetes"][r]["url"].rsplit(":", 1)[1])) for r in REGIONS)):
+        say("lab: AWS emulator (moto: RDS, Route 53, S3)")
+        start_aws_emulator(lab, clusters, root)
+    else:
+        # Azure Resource Manager emulator over HTTPS (test CA): flexible servers on the clusters, Traffic Manager.
+        say("lab: Azure Resource Manager emulator (HTTPS)")
+        ports["arm"] = pick_port()
+        (root / "arm.json").write_text(json.dumps(arm_emulator_config(clusters, rport), indent=2))
+        lab.spawn("arm", [python, "-m", "lab.arm_emulator", "--config", str(root / "arm.json"), "--port", str(ports["arm"]), "--ca-dir", str(root / "ca")])
+        lab.state["azure"] = {"arm_endpoint": f"https://127.0.0.1:{ports['arm']}", "ca_bundle": str(root / "ca" / "ca.pem")}
+
+    for name, p in ports.items():
         wait_port(p, 60, name, Path(lab.state["processes"][name]["log"]), pid=lab.state["processes"][name]["pid"])
-    wait_file(root / "ca" / "ca.pem", 30)
+    if cloud != "aws":
+        wait_file(root / "ca" / "ca.pem", 30)
 
+    seed_demo_data(clusters[PRIMARY])
     inventory = root / "inventory.yaml"
-    inventory.write_text(yaml.safe_dump(lab_inventory(lab.state, root), sort_keys=False))
+    inv = aws_lab_inventory(lab.state, root) if cloud == "aws" else lab_inventory(lab.state, root)
+    inventory.write_text(yaml.safe_dump(inv, sort_keys=False))
     lab.state["inventory"] = str(inventory)
     lab.state["dir"] = str(root)
     lab.save()
@@ -244,8 +255,30 @@ def wait_file(path: Path, timeout: float) -> None:
         time.sleep(0.1)
 
 
+def seed_demo_data(primary) -> None:
+    """A small table the drills verify (restore point counts, checks), and WAL archived so a drill can restore
+    to now: recovery can only replay archived WAL."""
+    import psycopg
+
+    from lab.postgres import archive_now
+
+    with psycopg.connect(primary.dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE IF NOT EXISTS lab_orders (id serial PRIMARY KEY, total numeric NOT NULL, created_at timestamptz NOT NULL DEFAULT clock_timestamp())")
+        c.execute("INSERT INTO lab_orders (total) SELECT (random() * 100)::numeric(10,2) FROM generate_series(1, 200)")
+    archive_now(primary)
+
+
+def worker_env(state: dict) -> dict:
+    env = {"TEMPORAL_ADDRESS": state["temporal"]["address"], "TEMPORAL_NAMESPACE": "default"}
+    if state.get("cloud") == "aws":
+        from lab.aws_lab import worker_env as aws_env
+
+        env.update(aws_env())
+    return env
+
+
 def start_worker(lab: Lab) -> int:
-    env = {"TEMPORAL_ADDRESS": lab.state["temporal"]["address"], "TEMPORAL_NAMESPACE": "default"}
+    env = worker_env(lab.state)
     return lab.spawn("worker", [sys.executable, "-m", "worker.main", "--env", lab.state["inventory"]], env=env)
 
 
@@ -316,6 +349,15 @@ def lab_inventory(state: dict, root: Path) -> dict:
         # A short heartbeat timeout lets a new worker take over a crashed one's step within seconds in the lab.
         "failover": {"drain": "3s", "max_planned_lag_bytes": 16 * 1024 * 1024, "catch_up_timeout": "2m", "promote_timeout": "5m", "heartbeat_timeout": "5s"},
         "notifications": [{"name": "ops", "url": f"{receiver}/ops"}, {"name": "oncall", "url": f"{receiver}/oncall"}],
+        "drill": {
+            "method": "azure-pitr",
+            "row_counts": [{"table": "lab_orders", "timestamp_column": "created_at"}],
+            "checks": [{"name": "no negative totals", "query": "SELECT NOT EXISTS (SELECT 1 FROM lab_orders WHERE total < 0)"}],
+            "schema_objects": ["public.lab_orders", "public.lab_orders_pkey"],
+            "retention": "7d",
+            "restore_timeout": "10m",
+            "heartbeat_timeout": "30s",
+        },
         "reports_dir": str(root / "reports"),
     }
 
@@ -354,6 +396,18 @@ def down(root: Path, quiet: bool = False, keep_dir: bool = False) -> None:
     lab = Lab(root)
     for name in ["worker", *[n for n in list(lab.state.get("processes", {})) if n != "worker"]]:
         lab.stop_process(name)
+    # Clusters the emulators created (scratch restores, rebuilt replicas) die with the lab too.
+    from lab.arm_emulator import created_clusters
+    from lab.aws_lab import drop_restored_clusters
+    from lab.postgres import drop_cluster
+
+    for d in created_clusters(root / "arm.json.state.json") if (root / "arm.json.state.json").exists() else []:
+        try:
+            drop_cluster(Cluster.from_dict(d))
+        except Exception as e:  # keep tearing down the rest
+            if not quiet:
+                print(f"lab: dropping {d.get('name')}: {e}", file=sys.stderr)
+    drop_restored_clusters(root)
     for d in lab.state.get("postgres", {}).values():
         try:
             Cluster.from_dict(d).stop(mode="immediate")
@@ -382,6 +436,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true")
         if name in ("up", "demo"):
             p.add_argument("--no-worker", action="store_true", help="do not start a worker (tests run their own)")
+            p.add_argument("--cloud", choices=["azure", "aws"], default="azure", help="emulated cloud: Azure (ARM) or AWS (moto)")
 
 
 def print_status(s: dict) -> None:
@@ -403,7 +458,7 @@ def print_status(s: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     root = (args.dir or default_dir()).resolve()
     if args.lab_command == "up":
-        up(root, with_worker=not args.no_worker, quiet=args.json)
+        up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud)
         s = status(root)
         if args.json:
             print(json.dumps(s, indent=2))
@@ -426,5 +481,5 @@ def main(args: argparse.Namespace) -> int:
     if args.lab_command == "demo":
         from lab.demo import run_demo
 
-        return run_demo(root, with_worker=not args.no_worker)
+        return run_demo(root, with_worker=not args.no_worker, cloud=args.cloud)
     raise AssertionError(args.lab_command)

@@ -19,7 +19,7 @@ from workflows.procedure import Procedure, Stop, failure_message
 with workflow.unsafe.imports_passed_through():
     from activities.providers import default_restore_method
     from opsflow.inventory import Inventory
-    from opsflow.models import CheckResult, ControlEvent, DrillReport, RegionTarget, RestoreRequest, RestoreWindow, ScratchTarget, StoreReportRequest, VerifyRequest
+    from opsflow.models import CheckResult, ControlEvent, DbStatus, DrillReport, RegionTarget, RestoreRequest, RestoreWindow, ScratchTarget, StoreReportRequest, VerifyRequest
     from opsflow.report import to_markdown
 
 
@@ -45,7 +45,7 @@ class DrillWorkflow(Procedure):
     async def drill(self, inp: DrillInput) -> None:
         inv, report, policy = inp.inventory, self.report, inp.inventory.drill
         assert isinstance(report, DrillReport)
-        source = inp.source_region or inv.primary_region
+        source = inp.source_region or await self.current_primary()
         if source not in inv.regions:
             raise Stop("refused", f"unknown region {source!r}; the inventory has: {', '.join(inv.regions)}")
         method = policy.method or default_restore_method(inv.region(source).database.provider)
@@ -99,6 +99,16 @@ class DrillWorkflow(Procedure):
         failed = [c for c in checks if not c.ok]
         if failed:
             raise Stop("failed", "integrity check(s) failed: " + "; ".join(f"{c.kind} {c.name}: {c.detail}" for c in failed))
+
+    async def current_primary(self) -> str:
+        """The region whose database is primary now (after a failover it is not the inventory's)."""
+        inv = self.inventory
+        for region in inv.regions:
+            status: DbStatus = await self.step(f"find-primary-{region}", f"Check the database in {region}", "db.status", RegionTarget.of(inv, region),
+                                               result_type=DbStatus, queue=inv.region_queue(region), attempts=2)
+            if status.reachable and status.role == "primary":
+                return region
+        return inv.primary_region
 
     async def finalize(self) -> None:
         """Keep the evidence: the report as JSON and Markdown, locally and in S3; then one line to the channels."""

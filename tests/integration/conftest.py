@@ -48,7 +48,9 @@ class Lab:
         return self.state["regions"][region]["dsn"]
 
     def env(self) -> dict:
-        return {**os.environ, "TEMPORAL_ADDRESS": self.state["temporal"]["address"], "PYTHONPATH": str(ROOT)}
+        from lab.manage import worker_env
+
+        return {**os.environ, **worker_env(self.state), "PYTHONPATH": str(ROOT)}
 
     def cli(self, *args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
         proc = subprocess.run([sys.executable, "-m", "starters.cli", *args], capture_output=True, text=True, env=self.env(), cwd=ROOT, timeout=timeout)
@@ -77,6 +79,19 @@ class Lab:
                     w.wait(30)
                 except subprocess.TimeoutExpired:
                     w.kill()
+
+
+@pytest.fixture
+def aws_lab(tmp_path, lab_home, monkeypatch):
+    from lab.aws_lab import worker_env
+    from lab.manage import down, up
+
+    for k, v in worker_env().items():
+        monkeypatch.setenv(k, v)
+    root = tmp_path / "lab"
+    state = up(root, with_worker=False, quiet=True, cloud="aws")
+    yield Lab(root, state)
+    down(root, quiet=True)
 
 
 @pytest.fixture

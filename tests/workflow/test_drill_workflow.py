@@ -18,7 +18,7 @@ from temporalio.worker import Worker
 
 from activities.reports import store_report
 from opsflow.inventory import Inventory
-from opsflow.models import CheckResult, DrillReport, NotifyRequest, RestoreRequest, RestoreWindow, ScratchTarget, VerifyRequest
+from opsflow.models import CheckResult, DbStatus, DrillReport, RegionTarget, NotifyRequest, RestoreRequest, RestoreWindow, ScratchTarget, VerifyRequest
 from tests.workflow.conftest import WORKFLOWS, inventory_dict
 from workflows.drill import DrillInput
 
@@ -95,12 +95,16 @@ class Backups:
                 CheckResult(kind="sql", name="no negative totals", ok=b.checks_ok, detail="returned false" if not b.checks_ok else "true"),
             ]
 
+        @activity.defn(name="db.status")
+        def db_status(t: RegionTarget) -> DbStatus:
+            return DbStatus(region=t.region, reachable=True, role="primary" if t.region == "eastus" else "replica")
+
         @activity.defn(name="notify.send")
         def notify(req: NotifyRequest) -> list[str]:
             b.notifications.append(req.notification.text)
             return []
 
-        return [validate, window, leftovers, start, wait, delete, verify, notify, store_report]
+        return [db_status, validate, window, leftovers, start, wait, delete, verify, notify, store_report]
 
 
 @pytest.fixture
