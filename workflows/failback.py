@@ -3,7 +3,8 @@
 preflight the recovered region (Kubernetes healthy; its old database reachable or gone) -> rebuild a replica
 there from the current primary (never reusing the diverged old primary blindly) -> wait until it is within
 the lag limit, heartbeating the bytes behind -> approval -> wait for the low-traffic window (a person can
-override) -> the planned failover back, as a child workflow (the same failover workflow) -> one report.
+override) -> the planned failover back, as a child workflow (the same failover workflow) -> the region left
+becomes the standby again (rebuilt as a replica of the primary) -> one report.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class FailbackWorkflow(Procedure):
                                ("catch-up", f"wait until {to} is within {inv.failover.max_planned_lag_bytes} bytes of {primary}"),
                                ("approval", f"wait for one of {', '.join(inv.approval.approvers)}"),
                                ("window", f"wait for the window {inv.failback.window.model_dump() if inv.failback.window else '(none: at once)'}"),
-                               ("failover", f"planned failover {primary} -> {to} (child workflow)")):
+                               ("failover", f"planned failover {primary} -> {to} (child workflow)"),
+                               ("restandby", f"rebuild {primary} as a replica of {to}")):
                 self.end_step(self.begin_step(name, what), "planned")
             report.status = "planned"
             return
@@ -110,6 +112,12 @@ class FailbackWorkflow(Procedure):
             raise Stop("failed", f"the failover back to {to} failed: {failure_message(err)}") from None
         report.failover = child
         self.end_step(record, "ok", f"RTO {child.rto_seconds:.1f}s" if child.rto_seconds is not None else "")
+
+        # The region we leave becomes the standby again, streaming from the primary we returned to.
+        self.point_of_no_return = True
+        await self.step("restandby", f"Rebuild {primary} as a replica of {to}", "db.rebuild_replica", RebuildRequest(target=current, primary=target),
+                        result_type=RebuildResult, queue=inv.region_queue(primary), timeout=inv.failback.rebuild_timeout, heartbeat=inv.failover.heartbeat_timeout * 4,
+                        attempts=5, detail=lambda r: f"{r.method} in {r.seconds:.1f}s")
 
     async def wait_for_window(self) -> None:
         window = self.inventory.failback.window

@@ -30,7 +30,18 @@ def timeline(dsn: str) -> int:
 
 
 def wait_status(lab, wid: str, pred, timeout: float = 120, what: str = "status") -> dict:
-    return wait_for(lambda: (lambda r: r if pred(r) else None)(lab.cli_json("status", wid)), timeout=timeout, interval=0.3, what=what)
+    last: list[dict] = []
+
+    def check():
+        last[:] = [lab.cli_json("status", wid)]
+        return last[0] if pred(last[0]) else None
+
+    try:
+        return wait_for(check, timeout=timeout, interval=0.3, what=what)
+    except AssertionError as e:
+        r = last[0] if last else {}
+        steps = [(s["name"], s["outcome"], s["detail"]) for s in r.get("steps", [])]
+        raise AssertionError(f"{e}; last status {r.get('status')}, failure {r.get('failure')}, steps {steps}") from None
 
 
 def wait_end(lab, wid: str, timeout: float = 180) -> dict:

@@ -1,0 +1,420 @@
+#!/usr/bin/env python3
+"""Planned failover on the lab: time per step, RTO, orchestration overhead, against the physical limit.
+
+    python bench/failover.py [--runs N] [--json]
+
+Each run brings up a FRESH lab in a temporary directory (Temporal dev server, PostgreSQL primary in eastus and
+streaming replica in westeurope, the ARM and Kubernetes emulators, a worker), runs a planned failover
+eastus -> westeurope the way a person does (`opsflow failover ... --requester alice`, `opsflow approve ... --as
+bob` as soon as it waits, `opsflow report ... --json`), and tears the lab down, also on failure or Ctrl-C.
+A run that fails is reported and left out of the figures.
+
+Then, with no lab, no Temporal and no emulators, N plain primary+replica pairs measure the PHYSICAL LIMIT:
+`SELECT pg_promote(wait => false)` on the replica until the first INSERT commits on it (retried every ms).
+
+The figures (medians over the runs that succeeded; min and max beside them):
+
+- step: the step's start -> end as the report records it (workflow time).
+- work: what the step itself had to do. For a step that runs activities: the activities' execution time from
+  the workflow history (ActivityTaskStarted -> ActivityTaskCompleted); for the drain: the configured drain
+  (a timer); for the approval: nothing (it waits for a person, and the bench answers at once).
+- overhead (per step) = step - work: handing the task to the worker and the result back to the workflow.
+- RTO: the report's rto_seconds, approval -> traffic moved. The steps inside it (marked *) are maintenance,
+  fence, drain, catch-up, promote, traffic. Shown with and without the configured drain (the lab's inventory
+  drains for 3 s; production inventories drain longer, 60 s by default).
+- orchestration overhead = RTO - configured drain - work of the steps inside the RTO: what Temporal and the
+  procedure's bookkeeping add to the work itself. "between steps" is the part of it outside any step
+  (RTO - the sum of those steps' times).
+- promotion: the report's promotion_seconds (the db.promote activity: the promotion request through the
+  Azure API emulator until a write commits), beside the physical limit.
+
+Progress goes to stderr; the result to stdout (--json: one JSON object). Nothing here asserts on timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from opsflow.models import FailoverReport  # noqa: E402
+
+SOURCE, TARGET = "eastus", "westeurope"
+REQUESTER, APPROVER = "alice", "bob"
+RTO_STEPS = ("maintenance", "fence", "drain", "catch-up", "promote", "traffic")  # approval -> traffic moved
+CLI_TIMEOUT = 120  # seconds, one CLI command
+FAILOVER_TIMEOUT = 300  # seconds, start -> end of one failover
+
+
+def say(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+class RunFailed(Exception):
+    """One failover run did not give a usable report; the run is reported and left out."""
+
+
+# -- one failover on a fresh lab --------------------------------------------------------------------------
+
+
+def cli_env(state: dict) -> dict[str, str]:
+    """The environment for `opsflow`: the lab's Temporal and nothing else (no TEMPORAL_* of the caller)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
+    env.update(TEMPORAL_ADDRESS=state["temporal"]["address"], TEMPORAL_NAMESPACE="default", PYTHONPATH=str(ROOT))
+    return env
+
+
+def opsflow(state: dict, *args: str) -> dict:
+    """Run `opsflow ARGS --json` as a person would (python -m starters.cli) and return its JSON."""
+    argv = [sys.executable, "-m", "starters.cli", *args, "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=cli_env(state), cwd=ROOT, timeout=CLI_TIMEOUT)
+    if proc.returncode != 0:
+        raise RunFailed(f"opsflow {' '.join(args)} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}")
+    return json.loads(proc.stdout)
+
+
+async def approve_and_wait(state: dict, workflow_id: str):
+    """Approve as soon as the procedure waits for it (through the CLI), wait for the end, return the history.
+
+    Waiting is done with the Temporal client in this process (a query every 0.2 s, then one long poll for the
+    result) rather than by polling `opsflow status` in new processes, which would load the 2 cores the
+    procedure is being measured on."""
+    from temporalio.client import Client, WorkflowFailureError
+    from temporalio.service import RPCError
+
+    from opsflow.temporal import DATA_CONVERTER
+
+    client = await Client.connect(state["temporal"]["address"], namespace="default", data_converter=DATA_CONVERTER)
+    handle = client.get_workflow_handle(workflow_id)
+    deadline = time.monotonic() + FAILOVER_TIMEOUT
+    while True:
+        if time.monotonic() > deadline:
+            raise RunFailed(f"{workflow_id} never waited for approval within {FAILOVER_TIMEOUT}s")
+        try:
+            progress = await handle.query("progress", result_type=dict)
+        except RPCError:  # no worker has picked the workflow up yet
+            progress = {}
+        if (progress.get("waiting_for") or "").startswith("approval"):
+            break
+        if progress.get("status") in ("succeeded", "failed", "aborted", "refused"):
+            raise RunFailed(f"{workflow_id} ended {progress['status']} before the approval: {progress.get('failure')}")
+        await asyncio.sleep(0.2)
+    await asyncio.to_thread(opsflow, state, "approve", workflow_id, "--as", APPROVER, "--reason", "bench")
+    try:
+        await asyncio.wait_for(handle.result(), timeout=max(1.0, deadline - time.monotonic()))
+    except WorkflowFailureError:
+        pass  # the report says why
+    except asyncio.TimeoutError:
+        raise RunFailed(f"{workflow_id} did not end within {FAILOVER_TIMEOUT}s") from None
+    return await handle.fetch_history()
+
+
+def activity_seconds_per_step(report: FailoverReport, history) -> dict[str, float]:
+    """Execution time (ActivityTaskStarted -> its close) of the activities each step ran, by step name.
+
+    An activity belongs to the step that began last before the activity was scheduled (steps run one after
+    the other, and a step schedules its activity in the same workflow task that begins it)."""
+    from temporalio.api.enums.v1 import EventType
+
+    def at(event) -> datetime:
+        return event.event_time.ToDatetime(tzinfo=timezone.utc)
+
+    scheduled: dict[int, datetime] = {}
+    started: dict[int, datetime] = {}
+    ran: list[tuple[datetime, float]] = []  # (scheduled at, execution seconds)
+    closing = {
+        EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity_task_completed_event_attributes",
+        EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "activity_task_failed_event_attributes",
+        EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "activity_task_timed_out_event_attributes",
+    }
+    for event in history.events:
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            scheduled[event.event_id] = at(event)
+        elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+            started[event.activity_task_started_event_attributes.scheduled_event_id] = at(event)
+        elif event.event_type in closing:
+            sid = getattr(event, closing[event.event_type]).scheduled_event_id
+            if sid in started:
+                ran.append((scheduled[sid], (at(event) - started[sid]).total_seconds()))
+
+    steps = sorted((s for s in report.steps if s.started_at), key=lambda s: s.started_at)
+    work: dict[str, float] = {}
+    for when, seconds in ran:
+        owner = [s for s in steps if s.started_at <= when]
+        if owner:
+            work[owner[-1].name] = work.get(owner[-1].name, 0.0) + seconds
+    return work
+
+
+def failover_run(base: Path, number: int) -> dict:
+    """A fresh lab, one planned failover through the CLI, the lab down again. Returns the run's figures."""
+    from lab.manage import down, up
+    from opsflow.inventory import load_inventory
+
+    root = base / f"lab-{number}"
+    t0 = time.monotonic()
+    try:
+        state = up(root, with_worker=True, quiet=True)
+        say(f"  lab up in {time.monotonic() - t0:.1f}s; planned failover {SOURCE} -> {TARGET}")
+        drain = load_inventory(state["inventory"]).failover.drain
+        started = opsflow(state, "failover", "--env", state["inventory"], "--to", TARGET, "--requester", REQUESTER, "--reason", "bench")
+        workflow_id = started["workflow_id"]
+        history = asyncio.run(approve_and_wait(state, workflow_id))
+        report = FailoverReport.model_validate(opsflow(state, "report", workflow_id))
+        if report.status != "succeeded" or report.rto_seconds is None or report.approval is None:
+            raise RunFailed(f"failover {report.status}: {report.failure or 'no RTO in the report'}")
+        figures = figures_of_run(report, history, drain)
+        figures["emulated_azure_delays"] = emulated_azure_delays(root)
+        return figures
+    finally:
+        ignore_interrupts(lambda: down(root, quiet=True))
+
+
+def emulated_azure_delays(root: Path) -> dict:
+    """What the lab's ARM emulator adds on purpose, as Azure would: the time a long-running operation (a
+    parameter change, a promotion) takes, and how long a Traffic Manager endpoint is 'CheckingEndpoint'."""
+    try:
+        return json.loads((root / "arm.json").read_text()).get("settings", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def figures_of_run(report: FailoverReport, history, drain: float) -> dict:
+    work = activity_seconds_per_step(report, history)
+    work["drain"] = drain
+    steps = {}
+    for s in report.steps:
+        if s.seconds is None:
+            continue
+        steps[s.name] = {"seconds": s.seconds, "work": work.get(s.name) if s.name != "approval" else None}
+    rto_end = report.approval.at.timestamp() + report.rto_seconds
+    in_rto = [s for s in report.steps if s.started_at and s.ended_at and s.started_at >= report.approval.at and s.ended_at.timestamp() <= rto_end + 1e-6]
+    missing = [name for name in RTO_STEPS if name not in {s.name for s in in_rto}]
+    if missing:
+        raise RunFailed(f"steps missing inside the RTO window: {', '.join(missing)}")
+    work_in_rto = sum(work.get(s.name, 0.0) for s in in_rto)  # drain counted as its configured time
+    steps_in_rto = sum(s.seconds for s in in_rto)
+    return {
+        "workflow_id": report.workflow_id,
+        "steps": steps,
+        "rto_seconds": report.rto_seconds,
+        "rto_excluding_drain_seconds": report.rto_seconds - drain,
+        "promotion_seconds": report.promotion_seconds,
+        "orchestration_overhead_seconds": report.rto_seconds - work_in_rto,
+        "between_steps_seconds": report.rto_seconds - steps_in_rto,
+        "drain_seconds": drain,
+    }
+
+
+# -- the physical limit: a plain primary + replica, no orchestration ----------------------------------------
+
+
+def physical_limit_run(base: Path, number: int) -> float:
+    """Seconds from `SELECT pg_promote(wait => false)` on a streaming replica until an INSERT commits on it."""
+    import psycopg
+
+    from lab.postgres import create_replica, init_primary
+
+    root = base / f"pair-{number}"
+    try:
+        primary = init_primary(root, "primary")
+        replica = create_replica(primary, root, "replica")
+        with psycopg.connect(primary.dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE probe (id int)")
+            lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        with psycopg.connect(replica.dsn, autocommit=True) as conn:
+            wait_replayed(conn, lsn)  # the replica has the table: the same idle, caught-up state as the lab's
+            t0 = time.perf_counter()
+            conn.execute("SELECT pg_promote(wait => false)")
+            while True:
+                try:
+                    conn.execute("INSERT INTO probe VALUES (1)")
+                    return time.perf_counter() - t0
+                except psycopg.errors.ReadOnlySqlTransaction:
+                    time.sleep(0.001)
+    finally:
+        # Every cluster under the pair's directory, also one whose creation was cut short.
+        ignore_interrupts(lambda: drop_clusters_under(root))
+
+
+def drop_clusters_under(root: Path) -> None:
+    from lab.postgres import Cluster, drop_cluster
+
+    for datadir in root.glob("*/data"):
+        drop_cluster(Cluster(name=datadir.parent.name, datadir=datadir, port=0, logfile=datadir.parent / "postgres.log"))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def wait_replayed(conn, lsn: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]:
+        if time.monotonic() > deadline:
+            raise RunFailed(f"the replica did not replay up to {lsn} within {timeout:.0f}s")
+        time.sleep(0.01)
+
+
+# -- running it all ---------------------------------------------------------------------------------------
+
+
+def ignore_interrupts(cleanup) -> None:
+    """Run a teardown without Ctrl-C or SIGTERM cutting it short (it must not leave servers behind); an
+    interrupt that came meanwhile is raised once the teardown is done."""
+    came: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: came.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        cleanup()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if came:
+        raise KeyboardInterrupt
+
+
+def interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+def attempt(what: str, number: int, runs: int, fn, *args):
+    """Run one measurement; a failure is reported and returned as such, never raised (Ctrl-C is)."""
+    say(f"{what} {number}/{runs}")
+    t0 = time.monotonic()
+    try:
+        result = fn(*args)
+    except Exception as e:  # noqa: BLE001 - any failure of one run: report it, go on with the next
+        say(f"  FAILED after {time.monotonic() - t0:.1f}s: {type(e).__name__}: {e}")
+        return {"ok": False, "run": number, "error": f"{type(e).__name__}: {e}"}
+    say(f"  done in {time.monotonic() - t0:.1f}s")
+    return {"ok": True, "run": number, "result": result}
+
+
+def stats(values: list[float]) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4), "max": round(max(values), 4), "n": len(values)}
+
+
+def summarize(runs: list[dict], pairs: list[dict], requested: int) -> dict:
+    ok = [r["result"] for r in runs if r["ok"]]
+    order: list[str] = []
+    for r in ok:
+        order += [name for name in r["steps"] if name not in order]
+    steps = {}
+    for name in order:
+        seen = [r["steps"][name] for r in ok if name in r["steps"]]
+        secs = [s["seconds"] for s in seen]
+        work = [s["work"] for s in seen if s["work"] is not None]
+        overhead = [s["seconds"] - s["work"] for s in seen if s["work"] is not None]
+        steps[name] = {"in_rto": name in RTO_STEPS, "seconds": stats(secs), "work_seconds": stats(work), "overhead_seconds": stats(overhead)}
+    figure = lambda key: stats([r[key] for r in ok])  # noqa: E731
+    return {
+        "scenario": f"planned failover {SOURCE} -> {TARGET}, fresh lab per run",
+        "runs_requested": requested,
+        "runs_ok": len(ok),
+        "failed_runs": [{"run": r["run"], "error": r["error"]} for r in runs if not r["ok"]],
+        "drain_seconds": ok[0]["drain_seconds"] if ok else None,
+        "emulated_azure_delays": ok[0]["emulated_azure_delays"] if ok else None,
+        "steps": steps,
+        "rto_seconds": figure("rto_seconds"),
+        "rto_excluding_drain_seconds": figure("rto_excluding_drain_seconds"),
+        "orchestration_overhead_seconds": figure("orchestration_overhead_seconds"),
+        "between_steps_seconds": figure("between_steps_seconds"),
+        "promotion_seconds": figure("promotion_seconds"),
+        "physical_limit_seconds": stats([p["result"] for p in pairs if p["ok"]]),
+        "physical_limit_failed": [{"pair": p["run"], "error": p["error"]} for p in pairs if not p["ok"]],
+        "per_run": [{"run": r["run"], **({k: v for k, v in r["result"].items() if k != "steps"} if r["ok"] else {"error": r["error"]})} for r in runs],
+    }
+
+
+def print_text(s: dict) -> None:
+    def fmt(v: float | None, width: int = 7) -> str:
+        if v is None:
+            return f"{'-':>{width}}"
+        return f"{0.0 if abs(v) < 0.005 else v:{width}.2f}"  # no "-0.00" from float rounding
+
+    def mmm(st: dict | None) -> str:
+        if not st:
+            return "n/a"
+        return f"median {fmt(st['median'], 6)} s  (min {fmt(st['min'], 0)}, max {fmt(st['max'], 0)}, n={st['n']})"
+
+    print(f"{s['scenario']}: {s['runs_ok']} of {s['runs_requested']} runs succeeded")
+    for f in s["failed_runs"]:
+        print(f"  run {f['run']} FAILED (left out): {f['error']}")
+    if not s["runs_ok"]:
+        return
+    print()
+    print(f"{'step':<17}{'RTO':>4} {'median':>7} {'min':>7} {'max':>7}   {'work':>7} {'overhead':>8}   (seconds; work and overhead: medians)")
+    for name, st in s["steps"].items():
+        sec, work, over = st["seconds"], st["work_seconds"], st["overhead_seconds"]
+        note = "  waits for the approver (the bench approves at once)" if name == "approval" else ("  configured drain (timer)" if name == "drain" else "")
+        print(f"{name:<17}{'*' if st['in_rto'] else '':>4} {fmt(sec['median'])} {fmt(sec['min'])} {fmt(sec['max'])}   "
+              f"{fmt(work['median'] if work else None)} {fmt(over['median'] if over else None, 8)}{note}")
+    print("* inside the RTO (approval -> traffic moved).  work: activity execution time from the history.  overhead = step - work")
+    print()
+    drain = s["drain_seconds"]
+    figures = [
+        ("RTO (approval -> traffic moved)", s["rto_seconds"], "the report's rto_seconds"),
+        (f"RTO excluding the configured drain ({drain:g} s)", s["rto_excluding_drain_seconds"], ""),
+        ("orchestration overhead in the RTO", s["orchestration_overhead_seconds"], "= RTO - drain - work of the * steps"),
+        ("  of which between steps", s["between_steps_seconds"], "= RTO - sum of the * steps' times"),
+        ("promotion (db.promote through ARM)", s["promotion_seconds"], "the report's promotion_seconds: request -> first write"),
+        ("PHYSICAL LIMIT (pg_promote -> 1st INSERT)", s["physical_limit_seconds"], "plain primary+replica, no Temporal, no emulators"),
+    ]
+    for label, st, note in figures:
+        print(f"{label:<44}{mmm(st)}   {note}".rstrip())
+    for f in s["physical_limit_failed"]:
+        print(f"  pair {f['pair']} FAILED (left out): {f['error']}")
+    delays = s.get("emulated_azure_delays") or {}
+    if delays:
+        print(f"the lab's ARM emulator adds, as Azure would: {delays.get('lro_seconds', '?')} s per long-running operation (fence parameter, "
+              f"promotion), {delays.get('tm_checking_seconds', '?')} s of Traffic Manager endpoint checking")
+    print()
+    print("per run:  " + "   ".join(f"#{r['run']} RTO {r['rto_seconds']:.2f}s" if "rto_seconds" in r else f"#{r['run']} failed" for r in s["per_run"]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="failover runs, and primary+replica pairs for the physical limit (default 5)")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+
+    # SIGTERM tears down like Ctrl-C does.
+    signal.signal(signal.SIGTERM, interrupt)
+    base = Path(tempfile.mkdtemp(prefix="opsflow-bench-"))
+    # The lab notes itself as "the current lab" under $OPSFLOW_HOME: keep that away from a lab the person runs.
+    os.environ["OPSFLOW_HOME"] = str(base / "home")
+    for key in [k for k in os.environ if k.startswith("TEMPORAL_")]:
+        del os.environ[key]  # the worker and the CLI talk to the bench's lab only
+    try:
+        runs = [attempt("failover run", i, args.runs, failover_run, base, i) for i in range(1, args.runs + 1)]
+        pairs = [attempt("physical limit, primary+replica pair", i, args.runs, physical_limit_run, base, i) for i in range(1, args.runs + 1)]
+    except KeyboardInterrupt:
+        say("interrupted; everything started was stopped")
+        return 130
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    summary = summarize(runs, pairs, args.runs)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_text(summary)
+    return 0 if summary["runs_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Failback and the restore drill on the lab, for real; the same failover on the AWS variant."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime, timezone
+
+import psycopg
+import pytest
+
+from tests.integration.conftest import wait_for
+from tests.integration.test_failover_lab import approve, sql, timeline, wait_end, wait_status
+
+pytestmark = pytest.mark.lab
+
+
+def failover(lab, to: str) -> dict:
+    wid = lab.cli_json("failover", "--to", to, "--requester", "alice")["workflow_id"]
+    approve(lab, wid)
+    report = wait_end(lab, wid)
+    assert report["status"] == "succeeded", report
+    return report
+
+
+def test_failback_returns_to_the_recovered_region(lab, worker):
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    sql(east, "CREATE TABLE journal (id int PRIMARY KEY, phase text)")
+    sql(east, "INSERT INTO journal SELECT g, 'before' FROM generate_series(1, 100) g")
+    failover(lab, "westeurope")
+    sql(west, "INSERT INTO journal SELECT g, 'on westeurope' FROM generate_series(101, 200) g")
+
+    wid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice", "--reason", "eastus recovered")["workflow_id"]
+    wait_status(lab, wid, lambda r: (r.get("waiting_for") or "").startswith("approval"), timeout=180, what="approval after catch-up")
+    sql(west, "INSERT INTO journal SELECT g, 'while waiting' FROM generate_series(201, 250) g")
+    lab.cli("approve", wid, "--as", "bob", "--reason", "window is now", check=True)
+    report = wait_end(lab, wid, timeout=240)
+    assert report["status"] == "succeeded", report
+
+    # eastus is primary again, westeurope streams from it, and every row of the whole sequence is there.
+    assert sql(east, "SELECT pg_is_in_recovery()")[0][0] is False
+    sql(east, "INSERT INTO journal VALUES (251, 'after failback')")
+    wait_for(lambda: sql(west, "SELECT count(*) FROM journal")[0][0] == 251, what="westeurope replaying from eastus")
+    assert sql(west, "SELECT status FROM pg_stat_wal_receiver")[0][0] == "streaming"
+    assert sql(east, "SELECT count(*) FROM journal")[0][0] == 251
+    assert report["rebuild_method"] in ("azure-replica",) and report["failover"]["status"] == "succeeded"
+    assert report["failover"]["approval"]["by"] == "bob" and report["failover"]["rpo_bytes"] == 0
+    child = [s["name"] for s in report["failover"]["steps"]]
+    assert "promote" in child and "traffic" in child
+
+
+def test_restore_drill_restores_exactly_the_rows_before_the_point(lab, worker):
+    east = lab.dsn("eastus")
+    sql(east, "CREATE TABLE ledger (id int PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT clock_timestamp())")
+    sql(east, "INSERT INTO ledger (id) SELECT generate_series(1, 300)")
+    time.sleep(1.1)
+    point = sql(east, "SELECT clock_timestamp()")[0][0].astimezone(timezone.utc)
+    time.sleep(1.1)
+    sql(east, "INSERT INTO ledger (id) SELECT generate_series(301, 450)")
+
+    # Verify ledger too, as of the restore point: exact because of the commit-time column.
+    import yaml
+
+    inv = yaml.safe_load(open(lab.inventory))
+    inv["drill"]["row_counts"].append({"table": "ledger", "timestamp_column": "created_at"})
+    inventory = lab.root / "inventory-drill.yaml"
+    inventory.write_text(yaml.safe_dump(inv))
+    proc = lab.cli("drill", "--env", str(inventory), "--point-in-time", point.isoformat(), "--requester", "alice", "--wait", "--json", timeout=400)
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert proc.returncode == 0 and report["status"] == "succeeded", report
+    ledger = next(c for c in report["checks"] if c["name"] == "ledger")
+    assert ledger["ok"] and ledger["actual"] == 300 and ledger["expected"] == 300
+    assert all(c["ok"] for c in report["checks"]) and len(report["checks"]) == 5
+    assert report["scratch_deleted"] is True and report["restore_seconds"] > 0
+    # The scratch server is gone: from ARM, and its cluster no longer runs.
+    from tests.integration.test_crash import arm_admin
+
+    servers = arm_admin(lab, "/_emulator/state")["flexible_servers"] if "flexible_servers" in arm_admin(lab, "/_emulator/state") else arm_admin(lab, "/_emulator/state")["servers"]
+    assert not [name for name in servers if name.startswith("opsflow-drill")]
+    assert any(p.endswith(".md") for p in report["stored_at"])
+    md = open(next(p for p in report["stored_at"] if p.endswith(".md"))).read()
+    assert "check passed: row_count ledger" in md
+
+    bad = lab.cli("drill", "--point-in-time", "2999-01-01T00:00:00Z", "--requester", "alice")
+    assert bad.returncode == 2 and "in the future" in bad.stderr
+
+
+def test_failover_on_the_aws_variant(aws_lab):
+    worker = aws_lab.start_worker()
+    try:
+        east, west = aws_lab.dsn("eastus"), aws_lab.dsn("westeurope")
+        sql(east, "CREATE TABLE orders (id int PRIMARY KEY)")
+        sql(east, "INSERT INTO orders SELECT generate_series(1, 100)")
+        report = failover(aws_lab, "westeurope")
+        assert sql(west, "SELECT count(*) FROM orders")[0][0] == 100 and timeline(west) == 2
+        sql(west, "INSERT INTO orders VALUES (101)")
+
+        import boto3
+
+        endpoint = aws_lab.state["aws"]["endpoint_url"]
+        rds = boto3.client("rds", endpoint_url=endpoint, region_name="eu-west-1")
+        west_id = aws_lab.state["aws"]["instances"]["westeurope"]["db_instance_identifier"]
+        inst = rds.describe_db_instances(DBInstanceIdentifier=west_id)["DBInstances"][0]
+        assert not inst.get("ReadReplicaSourceDBInstanceIdentifier")  # promoted: standalone in RDS
+        r53 = boto3.client("route53", endpoint_url=endpoint, region_name="us-east-1")
+        records = r53.list_resource_record_sets(HostedZoneId=aws_lab.state["aws"]["hosted_zone_id"])["ResourceRecordSets"]
+        roles = {r["SetIdentifier"]: r["Failover"] for r in records if r.get("SetIdentifier")}
+        west_set = json.loads(json.dumps(report))["steps"] and [k for k in roles if "west" in k][0]
+        assert roles[west_set] == "PRIMARY" and sorted(roles.values()) == ["PRIMARY", "SECONDARY"]
+    finally:
+        aws_lab.stop_workers()
