@@ -169,18 +169,22 @@ def failover_run(base: Path, number: int) -> dict:
     try:
         state = up(root, with_worker=True, quiet=True)
         say(f"  lab up in {time.monotonic() - t0:.1f}s; planned failover {SOURCE} -> {TARGET}")
+        t0 = time.monotonic()
         drain = load_inventory(state["inventory"]).failover.drain
         started = opsflow(state, "failover", "--env", state["inventory"], "--to", TARGET, "--requester", REQUESTER, "--reason", "bench")
         workflow_id = started["workflow_id"]
         history = asyncio.run(approve_and_wait(state, workflow_id))
         report = FailoverReport.model_validate(opsflow(state, "report", workflow_id))
+        say(f"  failover {report.status} in {time.monotonic() - t0:.1f}s (start to report); lab down")
         if report.status != "succeeded" or report.rto_seconds is None or report.approval is None:
             raise RunFailed(f"failover {report.status}: {report.failure or 'no RTO in the report'}")
         figures = figures_of_run(report, history, drain)
         figures["emulated_azure_delays"] = emulated_azure_delays(root)
         return figures
     finally:
+        t0 = time.monotonic()
         ignore_interrupts(lambda: down(root, quiet=True))
+        say(f"  lab down in {time.monotonic() - t0:.1f}s")
 
 
 def emulated_azure_delays(root: Path) -> dict:

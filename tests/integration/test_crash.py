@@ -63,3 +63,58 @@ def test_worker_killed_during_catch_up_and_during_promotion(lab):
     assert sql(west, "SELECT count(*) FROM orders")[0][0] == 2000
     catch_up = next(s for s in report["steps"] if s["name"] == "catch-up")
     assert catch_up["outcome"] == "ok" and report["rpo_bytes"] == 0
+
+
+def replica_builds_requested(lab, server: str) -> int:
+    entries = arm_admin(lab, "/_emulator/requests")["value"]
+    return sum(1 for r in entries if r.get("method") == "PUT" and r.get("path", "").split("?")[0].endswith(f"/flexibleServers/{server}") and r.get("status") in (200, 201, 202))
+
+
+def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab, tmp_path):
+    import threading
+
+    import yaml
+
+    from tests.integration.test_procedures_lab import failover
+
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    # A lag limit of 1 KiB: the failback's catch-up has to wait while westeurope takes writes.
+    inv = yaml.safe_load(open(lab.inventory))
+    inv["failover"]["max_planned_lag_bytes"] = 1024
+    (tmp_path / "inv.yaml").write_text(yaml.safe_dump(inv))
+    lab.inventory = str(tmp_path / "inv.yaml")
+    worker = lab.start_worker()
+    sql(east, "CREATE TABLE events (id bigserial PRIMARY KEY, body text)")
+    failover(lab, "westeurope")
+
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            sql(west, "INSERT INTO events (body) SELECT repeat('x', 200) FROM generate_series(1, 500)")
+
+    arm_admin(lab, "/_emulator/settings", {"lro_seconds": 8})  # a slow rebuild, to crash in the middle of it
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        wid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice")["workflow_id"]
+        wait_status(lab, wid, lambda r: r["current_step"] == "rebuild", what="the rebuild")
+        wait_for(lambda: replica_builds_requested(lab, "lab-eastus-pg") == 1, what="the replica creation request", timeout=30)
+        time.sleep(1)
+        lab.kill_worker(worker)  # SIGKILL in the middle of the replica rebuild
+        worker = lab.start_worker()
+        wait_status(lab, wid, lambda r: r["current_step"] == "catch-up", timeout=180, what="the catch-up wait")
+        time.sleep(2)
+        lab.kill_worker(worker)  # SIGKILL during the catch-up wait
+        lab.start_worker()
+        time.sleep(2)
+    finally:
+        stop.set()
+        t.join(30)
+    approve(lab, wid)
+    report = wait_end(lab, wid, timeout=240)
+    assert report["status"] == "succeeded", report
+    assert replica_builds_requested(lab, "lab-eastus-pg") == 1  # one replica built, despite the crash
+    rows = sql(west, "SELECT count(*) FROM events")[0][0]
+    assert sql(east, "SELECT count(*) FROM events")[0][0] == rows > 0
+    assert sql(east, "SELECT pg_is_in_recovery()")[0][0] is False
