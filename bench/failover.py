@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,8 @@ async def approve_and_wait(state: dict, workflow_id: str):
         if time.monotonic() > deadline:
             raise RunFailed(f"{workflow_id} never waited for approval within {FAILOVER_TIMEOUT}s")
         try:
-            progress = await handle.query("progress", result_type=dict)
+            # A query waits for a worker to answer it: keep each short, the worker may still be starting.
+            progress = await handle.query("progress", result_type=dict, rpc_timeout=timedelta(seconds=2))
         except RPCError:  # no worker has picked the workflow up yet
             progress = {}
         if (progress.get("waiting_for") or "").startswith("approval"):
@@ -159,6 +160,23 @@ def activity_seconds_per_step(report: FailoverReport, history) -> dict[str, floa
     return work
 
 
+def foreign_workers(history, worker_pid: int) -> tuple[set[str], set[str]]:
+    """Workers other than the lab's own that took tasks of this workflow: (only before the procedure got going,
+    after that). Every lab polls the same task queue names, and the lab's Temporal takes port 7233 when it is
+    free, so a stray worker of an earlier lab can still be polling that address and pick tasks up."""
+    worker_events = {f"{kind}_task_{what}_event_attributes" for kind in ("workflow", "activity") for what in ("started", "completed", "failed")}
+    before: set[str] = set()
+    after: set[str] = set()
+    going = False  # once a workflow task completed, the procedure runs
+    for event in history.events:
+        which = event.WhichOneof("attributes")
+        identity = getattr(event, which).identity if which in worker_events else ""  # not the CLI's (start, update)
+        if identity and identity.split("@", 1)[0] != str(worker_pid):
+            (after if going else before).add(identity)
+        going = going or event.HasField("workflow_task_completed_event_attributes")
+    return before, after
+
+
 def failover_run(base: Path, number: int) -> dict:
     """A fresh lab, one planned failover through the CLI, the lab down again. Returns the run's figures."""
     from lab.manage import down, up
@@ -175,10 +193,18 @@ def failover_run(base: Path, number: int) -> dict:
         workflow_id = started["workflow_id"]
         history = asyncio.run(approve_and_wait(state, workflow_id))
         report = FailoverReport.model_validate(opsflow(state, "report", workflow_id))
-        say(f"  failover {report.status} in {time.monotonic() - t0:.1f}s (start to report); lab down")
+        say(f"  failover {report.status} in {time.monotonic() - t0:.1f}s (start to report)")
         if report.status != "succeeded" or report.rto_seconds is None or report.approval is None:
             raise RunFailed(f"failover {report.status}: {report.failure or 'no RTO in the report'}")
+        before, after = foreign_workers(history, state["processes"]["worker"]["pid"])
+        if after:
+            raise RunFailed(f"a worker that is not the lab's ({', '.join(sorted(after))}) took tasks of the procedure: "
+                            f"its timings are not this lab's (a stray worker polling {state['temporal']['address']}?)")
+        if before:
+            say(f"  note: a worker that is not the lab's ({', '.join(sorted(before))}) failed the first workflow task(s); "
+                f"that delayed the start, not the figures")
         figures = figures_of_run(report, history, drain)
+        figures["foreign_workers_before_start"] = sorted(before)
         figures["emulated_azure_delays"] = emulated_azure_delays(root)
         return figures
     finally:
@@ -214,11 +240,11 @@ def figures_of_run(report: FailoverReport, history, drain: float) -> dict:
     return {
         "workflow_id": report.workflow_id,
         "steps": steps,
-        "rto_seconds": report.rto_seconds,
-        "rto_excluding_drain_seconds": report.rto_seconds - drain,
+        "rto_seconds": round(report.rto_seconds, 4),
+        "rto_excluding_drain_seconds": round(report.rto_seconds - drain, 4),
         "promotion_seconds": report.promotion_seconds,
-        "orchestration_overhead_seconds": report.rto_seconds - work_in_rto,
-        "between_steps_seconds": report.rto_seconds - steps_in_rto,
+        "orchestration_overhead_seconds": round(report.rto_seconds - work_in_rto, 4),
+        "between_steps_seconds": round(report.rto_seconds - steps_in_rto, 4),
         "drain_seconds": drain,
     }
 
@@ -277,7 +303,8 @@ def ignore_interrupts(cleanup) -> None:
     """Run a teardown without Ctrl-C or SIGTERM cutting it short (it must not leave servers behind); an
     interrupt that came meanwhile is raised once the teardown is done."""
     came: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _frame: came.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    watched = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, lambda signum, _frame: came.append(signum)) for sig in watched}
     try:
         cleanup()
     finally:

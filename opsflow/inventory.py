@@ -9,9 +9,10 @@ where a secret lives (``SecretRef``); activities fetch it on the worker.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import datetime, time as dtime, timedelta
 from pathlib import Path
 from typing import Annotated, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -252,19 +253,14 @@ class TimeWindow(Strict):
     @field_validator("timezone")
     @classmethod
     def _tz(cls, v: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
         try:
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {v!r}") from None
         return v
 
-    def next_opening(self, now: "datetime") -> "datetime | None":
+    def next_opening(self, now: datetime) -> datetime | None:
         """None when `now` is inside the window, else when it next opens (aware datetimes)."""
-        from datetime import datetime as dt, time as dtime
-        from zoneinfo import ZoneInfo
-
         tz = ZoneInfo(self.timezone)
         local = now.astimezone(tz)
         sh, sm = map(int, self.start.split(":"))
@@ -274,12 +270,12 @@ class TimeWindow(Strict):
             day = (local - timedelta(days=back)).date()
             if _DAYS[day.weekday()] not in self.days:
                 continue
-            opens = dt.combine(day, dtime(sh, sm), tz)
+            opens = datetime.combine(day, dtime(sh, sm), tz)
             if opens <= local < opens + timedelta(minutes=length):
                 return None
         for ahead in range(0, 8):
             day = (local + timedelta(days=ahead)).date()
-            opens = dt.combine(day, dtime(sh, sm), tz)
+            opens = datetime.combine(day, dtime(sh, sm), tz)
             if _DAYS[day.weekday()] in self.days and opens > local:
                 return opens.astimezone(now.tzinfo)
         raise ValueError("window never opens")

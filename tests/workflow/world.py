@@ -23,6 +23,8 @@ from opsflow.models import (
     NotifyRequest,
     PromoteRequest,
     PromoteResult,
+    RebuildRequest,
+    RebuildResult,
     RegionTarget,
     ScaleRequest,
     SmokeResult,
@@ -44,6 +46,7 @@ class World:
     serving: str = "eastus"
     scaled: set = field(default_factory=set)
     promotions: int = 0
+    rebuilds: list = field(default_factory=list)
     calls: list = field(default_factory=list)
     notifications: list = field(default_factory=list)
     fail: dict = field(default_factory=dict)  # activity name -> message (non-retryable failure)
@@ -107,6 +110,14 @@ class World:
             if t.region != w.primary or t.region in w.fenced:
                 raise ApplicationError(f"{t.region} refuses writes", type="NotWritable")
 
+        @activity.defn(name="db.rebuild_replica")
+        def db_rebuild(req: RebuildRequest) -> RebuildResult:
+            w._maybe_fail("db.rebuild_replica")
+            w.rebuilds.append(req.target.region)
+            w.fenced.discard(req.target.region)
+            w.replay[req.target.region] = w.lsn
+            return RebuildResult(method="pg_rewind", seconds=1.0)
+
         @activity.defn(name="traffic.status")
         def traffic_status(req: TrafficRequest) -> TrafficStatus:
             w._maybe_fail("traffic.status")
@@ -145,7 +156,7 @@ class World:
             w.notifications.append((req.notification.severity, req.notification.text, list(req.notification.channels)))
             return [c.name for c in req.channels]
 
-        return [db_status, db_fence, db_unfence, db_wait, db_promote, db_check_writable, traffic_status, traffic_switch, kube_status, set_maintenance, scale_up, smoke, notify]
+        return [db_status, db_fence, db_unfence, db_wait, db_promote, db_check_writable, db_rebuild, traffic_status, traffic_switch, kube_status, set_maintenance, scale_up, smoke, notify]
 
     def traffic(self, req: TrafficRequest) -> TrafficStatus:
         return TrafficStatus(
