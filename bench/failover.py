@@ -185,7 +185,7 @@ def failover_run(base: Path, number: int) -> dict:
     root = base / f"lab-{number}"
     t0 = time.monotonic()
     try:
-        state = up(root, with_worker=True, quiet=True)
+        state = up(root, with_worker=True, quiet=True, default_ports=False)
         say(f"  lab up in {time.monotonic() - t0:.1f}s; planned failover {SOURCE} -> {TARGET}")
         t0 = time.monotonic()
         drain = load_inventory(state["inventory"]).failover.drain

@@ -141,7 +141,9 @@ def stop_pid(pid: int, timeout: float = 15) -> None:
 # -- up ------------------------------------------------------------------------------------------------------
 
 
-def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure") -> dict:
+def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True) -> dict:
+    """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
+    tests and benchmarks take any free ports so they never meet another lab's leftovers."""
     from lab.postgres import create_replica, init_primary
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -154,7 +156,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
     root.mkdir(parents=True, exist_ok=True)
     lab = Lab(root)
     try:
-        _up(lab, root, with_worker, say, create_replica, init_primary, cloud)
+        _up(lab, root, with_worker, say, create_replica, init_primary, cloud, default_ports)
     except BaseException:
         say("lab up failed; removing what was started")
         down(root, quiet=True, keep_dir=True)
@@ -164,14 +166,14 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
     return lab.state
 
 
-def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_primary, cloud: str) -> None:
+def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_primary, cloud: str, default_ports: bool) -> None:
     from lab.k8s_emulator import write_kubeconfig
 
     python = sys.executable
     say(f"lab: starting in {root}")
 
     # Temporal dev server with UI and opsflow's search attributes, persisted in a sqlite file.
-    port, ui_port = pick_port(7233), pick_port(8233)
+    port, ui_port = (pick_port(7233), pick_port(8233)) if default_ports else (pick_port(), pick_port())
     attrs = [a for name in ("OpsProcedure", "OpsEnvironment", "OpsStep", "OpsStatus") for a in ("--search-attribute", f"{name}=Keyword")]
     lab.spawn("temporal", [temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port), "--ui-port", str(ui_port),
                            "--db-filename", str(root / "temporal.db"), "--log-level", "warn", "--ui-disable-news-fetch",
@@ -437,6 +439,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name in ("up", "demo"):
             p.add_argument("--no-worker", action="store_true", help="do not start a worker (tests run their own)")
             p.add_argument("--cloud", choices=["azure", "aws"], default="azure", help="emulated cloud: Azure (ARM) or AWS (moto)")
+        if name == "demo":
+            p.add_argument("--drill", action="store_true", help="then create the monthly restore-drill schedule and trigger it once")
 
 
 def print_status(s: dict) -> None:
@@ -481,5 +485,5 @@ def main(args: argparse.Namespace) -> int:
     if args.lab_command == "demo":
         from lab.demo import run_demo
 
-        return run_demo(root, with_worker=not args.no_worker, cloud=args.cloud)
+        return run_demo(root, with_worker=not args.no_worker, cloud=args.cloud, with_drill=args.drill)
     raise AssertionError(args.lab_command)

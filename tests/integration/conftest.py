@@ -32,8 +32,10 @@ def lab(tmp_path, lab_home):
     from lab.manage import down, up
 
     root = tmp_path / "lab"
-    state = up(root, with_worker=False, quiet=True)
-    yield Lab(root, state)
+    state = up(root, with_worker=False, quiet=True, default_ports=False)
+    lab = Lab(root, state)
+    yield lab
+    lab.stop_workers()  # a worker outliving its lab would poll the next lab's server on a reused port
     down(root, quiet=True)
 
 
@@ -89,8 +91,10 @@ def aws_lab(tmp_path, lab_home, monkeypatch):
     for k, v in worker_env().items():
         monkeypatch.setenv(k, v)
     root = tmp_path / "lab"
-    state = up(root, with_worker=False, quiet=True, cloud="aws")
-    yield Lab(root, state)
+    state = up(root, with_worker=False, quiet=True, cloud="aws", default_ports=False)
+    lab = Lab(root, state)
+    yield lab
+    lab.stop_workers()
     down(root, quiet=True)
 
 
