@@ -106,7 +106,7 @@ class DrillWorkflow(Procedure):
         for region in inv.regions:
             status: DbStatus = await self.step(f"find-primary-{region}", f"Check the database in {region}", "db.status", RegionTarget.of(inv, region),
                                                result_type=DbStatus, queue=inv.region_queue(region), attempts=2)
-            if status.reachable and status.role == "primary":
+            if status.reachable and status.role == "primary" and not status.read_only:  # a fenced old primary is not it
                 return region
         return inv.primary_region
 

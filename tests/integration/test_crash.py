@@ -71,8 +71,7 @@ def replica_builds_requested(lab, server: str) -> int:
 
 
 def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab, tmp_path):
-    import threading
-
+    import psycopg
     import yaml
 
     from tests.integration.test_procedures_lab import failover
@@ -87,30 +86,30 @@ def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab, tm
     sql(east, "CREATE TABLE events (id bigserial PRIMARY KEY, body text)")
     failover(lab, "westeurope")
 
-    stop = threading.Event()
-
-    def writer() -> None:
-        while not stop.is_set():
-            sql(west, "INSERT INTO events (body) SELECT repeat('x', 200) FROM generate_series(1, 500)")
-
     arm_admin(lab, "/_emulator/settings", {"lro_seconds": 8})  # a slow rebuild, to crash in the middle of it
-    t = threading.Thread(target=writer, daemon=True)
-    t.start()
-    try:
-        wid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice")["workflow_id"]
-        wait_status(lab, wid, lambda r: r["current_step"] == "rebuild", what="the rebuild")
-        wait_for(lambda: replica_builds_requested(lab, "lab-eastus-pg") == 1, what="the replica creation request", timeout=30)
-        time.sleep(1)
-        lab.kill_worker(worker)  # SIGKILL in the middle of the replica rebuild
-        worker = lab.start_worker()
-        wait_status(lab, wid, lambda r: r["current_step"] == "catch-up", timeout=180, what="the catch-up wait")
-        time.sleep(2)
-        lab.kill_worker(worker)  # SIGKILL during the catch-up wait
-        lab.start_worker()
-        time.sleep(2)
-    finally:
-        stop.set()
-        t.join(30)
+    wid = lab.cli_json("failback", "--env", lab.inventory, "--to", "eastus", "--requester", "alice")["workflow_id"]
+    wait_status(lab, wid, lambda r: r["current_step"] == "rebuild", what="the rebuild")
+    wait_for(lambda: replica_builds_requested(lab, "lab-eastus-pg") == 1, what="the replica creation request", timeout=30)
+    time.sleep(1)
+    lab.kill_worker(worker)  # SIGKILL in the middle of the replica rebuild
+    worker = lab.start_worker()
+
+    def rebuilt_and_streaming() -> bool:
+        try:
+            return sql(east, "SELECT status FROM pg_stat_wal_receiver") == [("streaming",)]
+        except psycopg.Error:
+            return False
+
+    # The moment eastus streams again, hold its replay and write on westeurope: the catch-up has to wait.
+    wait_for(rebuilt_and_streaming, timeout=120, interval=0.02, what="eastus streaming from westeurope")
+    sql(east, "SELECT pg_wal_replay_pause()")
+    sql(west, "INSERT INTO events (body) SELECT repeat('x', 200) FROM generate_series(1, 2000)")
+    wait_status(lab, wid, lambda r: r["current_step"] == "catch-up", timeout=180, what="the catch-up wait")
+    time.sleep(2)
+    lab.kill_worker(worker)  # SIGKILL during the catch-up wait
+    lab.start_worker()
+    time.sleep(2)
+    sql(east, "SELECT pg_wal_replay_resume()")
     approve(lab, wid)
     report = wait_end(lab, wid, timeout=240)
     assert report["status"] == "succeeded", report

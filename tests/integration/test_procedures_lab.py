@@ -68,7 +68,7 @@ def test_restore_drill_restores_exactly_the_rows_before_the_point(lab, worker):
     inventory.write_text(yaml.safe_dump(inv))
     proc = lab.cli("drill", "--env", str(inventory), "--point-in-time", point.isoformat(), "--requester", "alice", "--wait", "--json", timeout=400)
     report = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert proc.returncode == 0 and report["status"] == "succeeded", report
+    assert proc.returncode == 0 and report["status"] == "succeeded", (report["failure"], [(s["name"], s["outcome"], s["detail"]) for s in report["steps"]])
     ledger = next(c for c in report["checks"] if c["name"] == "ledger")
     assert ledger["ok"] and ledger["actual"] == 300 and ledger["expected"] == 300
     assert all(c["ok"] for c in report["checks"]) and len(report["checks"]) == 5
