@@ -1,0 +1,15 @@
+# The opsflow worker/CLI image used by docker-compose.temporal.yml (not used by the lab or the tests).
+FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends postgresql-client && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY opsflow opsflow
+COPY workflows workflows
+COPY activities activities
+COPY worker worker
+COPY starters starters
+COPY lab lab
+RUN pip install --no-cache-dir .
+USER nobody
+ENTRYPOINT []
+CMD ["opsflow-worker"]
