@@ -213,8 +213,9 @@ async def test_bad_point_in_time_or_region_refused_before_anything_is_created(dr
 
 
 async def test_unknown_table_in_a_check_is_an_error_before_anything_is_created(drilling, backups, drill_inventory):
-    inv = drill_inventory.model_copy(update={"drill": drill_inventory.drill.model_copy(update={"row_counts": [{"table": "nope"}]})})
-    inv = Inventory.model_validate(inv.model_dump())
+    data = drill_inventory.model_dump()
+    data["drill"]["row_counts"] = [{"table": "nope"}]
+    inv = Inventory.model_validate(data)
     report = await failed(await start(drilling, inv))
     assert "unknown table 'nope'" in report.failure
     assert backups.created == []
