@@ -38,6 +38,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError, PartialCredentialsError
 from temporalio import activity
+from activities.context import heartbeat as _heartbeat, time_limit as _time_limit
 from temporalio.exceptions import ApplicationError
 
 from activities.postgres import _sql_errors as _db_errors, connect, sql_check_writable, sql_fence, sql_status, sql_unfence, where
@@ -124,11 +125,6 @@ def _code(e: ApplicationError) -> str:
     return d.get("code", "") if isinstance(d, dict) else ""
 
 
-def _heartbeat(details: Any) -> None:
-    if activity.in_activity():
-        activity.heartbeat(details)
-
-
 def _heartbeat_details() -> list[Any]:
     """What the previous attempt of this activity heartbeated last (empty outside an activity)."""
     if not activity.in_activity():
@@ -137,16 +133,6 @@ def _heartbeat_details() -> list[Any]:
         return list(activity.info().heartbeat_details or [])
     except Exception:  # noqa: BLE001 - payloads that do not decode: start afresh
         return []
-
-
-def _time_limit(default: float) -> float:
-    """The activity's start-to-close limit less a margin (so we report a timeout ourselves), else default."""
-    if activity.in_activity():
-        info = activity.info()
-        limit = info.start_to_close_timeout or info.schedule_to_close_timeout
-        if limit:
-            return max(5.0, limit.total_seconds() - 5.0)
-    return default
 
 
 class _Poll:

@@ -49,6 +49,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from temporalio import activity
+from activities.context import heartbeat as _heartbeat, time_limit as _time_budget
 from temporalio.exceptions import ApplicationError
 
 from activities.postgres import connect, sql_check_writable, sql_status, where
@@ -114,23 +115,8 @@ _PERMANENT_OPERATION_CODES = {
 # -- heartbeats ---------------------------------------------------------------------------------------------
 
 
-def _heartbeat(*details: Any) -> None:
-    if activity.in_activity():
-        activity.heartbeat(*details)
-
-
 def _logger() -> Any:
     return activity.logger if activity.in_activity() else log
-
-
-def _time_budget(default: float) -> float:
-    """How long this activity may wait: its start-to-close timeout minus a margin, else `default`."""
-    if activity.in_activity():
-        info = activity.info()
-        limit = info.start_to_close_timeout or info.schedule_to_close_timeout
-        if limit:
-            return max(5.0, limit.total_seconds() - 5.0)
-    return default
 
 
 # -- credentials and clients --------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import ConfigException, load_incluster_config, new_client_from_config
 from temporalio import activity
+from activities.context import heartbeat as _heartbeat
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from opsflow.inventory import KubernetesConfig
@@ -265,11 +266,6 @@ def _cluster(target: RegionTarget) -> Iterator[_Cluster]:
 def _no_kubernetes(target: RegionTarget) -> KubeStatus:
     _logger().info("region %s has no kubernetes section in the inventory: nothing to check", target.region)
     return KubeStatus(region=target.region, deployments=[], ready=True, maintenance=None)
-
-
-def _heartbeat(details: dict[str, Any]) -> None:
-    if activity.in_activity():
-        activity.heartbeat(details)
 
 
 def _sleep(seconds: float) -> None:

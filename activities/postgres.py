@@ -24,6 +24,7 @@ import psycopg
 from psycopg import errors as pgerrors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from temporalio import activity
+from activities.context import heartbeat as _heartbeat, time_limit
 from temporalio.exceptions import ApplicationError
 
 from activities.secrets import resolve
@@ -40,11 +41,6 @@ POLL = 0.1
 
 
 # -- small helpers ------------------------------------------------------------------------------------------
-
-
-def _heartbeat(*details: Any) -> None:
-    if activity.in_activity():
-        activity.heartbeat(*details)
 
 
 def _logger() -> Any:
@@ -455,13 +451,7 @@ class PostgresServer:
     def _promote_timeout(self) -> float:
         if self.promote_timeout is not None:
             return self.promote_timeout
-        if activity.in_activity():
-            info = activity.info()
-            limit = info.start_to_close_timeout or info.schedule_to_close_timeout
-            if limit:
-                # Leave a little room to report a timeout ourselves rather than be cut off by the server.
-                return max(5.0, limit.total_seconds() - 5.0)
-        return self.DEFAULT_PROMOTE_TIMEOUT
+        return time_limit(self.DEFAULT_PROMOTE_TIMEOUT)
 
 
 # -- integrity verification (restore drills) ------------------------------------------------------------------
