@@ -52,7 +52,7 @@ from temporalio import activity
 from activities.context import heartbeat as _heartbeat, time_limit as _time_budget
 from temporalio.exceptions import ApplicationError
 
-from activities.postgres import connect, sql_check_writable, sql_status, where
+from activities.postgres import connect, end_other_sessions, sql_check_writable, sql_status, where
 from opsflow.inventory import AzureConnection, AzureFlexibleDatabase, AzureTrafficManager, PostgresDatabase
 from opsflow.models import (
     DbStatus,
@@ -77,7 +77,6 @@ DEFAULT_PROMOTE_TIMEOUT = 900.0
 DEFAULT_SWITCH_TIMEOUT = 600.0
 DEFAULT_REBUILD_TIMEOUT = 3600.0  # Azure builds a read replica in tens of minutes for a large server
 DEFAULT_DELETE_TIMEOUT = 900.0
-TERMINATE_WAIT_MS = 5_000
 AZURE_PG_PORT = 5432
 # Azure restores to any point up to now from its continuously archived WAL (the Azure CLI's default restore time
 # is the current time). The latest point we offer stays this far behind the worker's clock, so that skew between
@@ -394,21 +393,8 @@ class AzureFlexibleServer:
 
         Azure's admin role may end sessions of ordinary roles (pg_signal_backend), not those of Azure's own
         superuser; those are skipped with a warning."""
-        from psycopg import errors as pgerrors
-
         with connect(self.db) as conn:
-            others = conn.execute(
-                "select pid, usename from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()"
-            ).fetchall()
-            skipped = []
-            for pid, user in others:
-                _heartbeat(f"fence: ending session {pid}")
-                try:
-                    conn.execute("select pg_terminate_backend(%s, %s)", (pid, TERMINATE_WAIT_MS))
-                except pgerrors.InsufficientPrivilege:
-                    skipped.append(f"{pid} ({user})")
-            if skipped:
-                _logger().warning("fence on %s: read-only now, but these sessions could not be ended: %s", where(self.db), ", ".join(skipped))
+            end_other_sessions(conn, self.db)
 
     def promote(self, force: bool) -> PromoteResult:
         """Promote this read replica to a standalone primary through ARM and wait until it commits a write.

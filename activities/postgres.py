@@ -230,24 +230,31 @@ def sql_fence(db: Any) -> None:
         if not _wait_reloaded(conn, True, "fence"):
             raise ApplicationError(f"fence on {where(db)}: default_transaction_read_only is still off {RELOAD_TIMEOUT:.0f}s after the reload",
                                    type="FenceIncomplete")
-        others = conn.execute(
-            "select pid, usename from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()"
-        ).fetchall()
-        skipped = []
-        for pid, user in others:
-            _heartbeat(f"fence: ending session {pid}")
-            try:
-                ended = conn.execute("select pg_terminate_backend(%s, %s)", (pid, TERMINATE_WAIT_MS)).fetchone()[0]
-            except pgerrors.InsufficientPrivilege:
-                skipped.append(f"{pid} ({user}: not allowed)")
-                continue
-            if not ended:
-                # false: gone already, or still alive after the wait
-                alive = conn.execute("select 1 from pg_stat_activity where pid = %s", (pid,)).fetchone()
-                if alive:
-                    skipped.append(f"{pid} ({user}: still running after {TERMINATE_WAIT_MS} ms)")
-        if skipped:
-            _logger().warning("fence on %s: read-only now, but these sessions were not ended: %s", where(db), ", ".join(skipped))
+        end_other_sessions(conn, db)
+
+
+def end_other_sessions(conn: psycopg.Connection, db: Any) -> None:
+    """End the other client sessions (walsenders and our own session stay), so that none keeps a read-write
+    transaction past a fence. Sessions this role may not end (another provider's superuser) are skipped with
+    a warning."""
+    others = conn.execute(
+        "select pid, usename from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()"
+    ).fetchall()
+    skipped = []
+    for pid, user in others:
+        _heartbeat(f"fence: ending session {pid}")
+        try:
+            ended = conn.execute("select pg_terminate_backend(%s, %s)", (pid, TERMINATE_WAIT_MS)).fetchone()[0]
+        except pgerrors.InsufficientPrivilege:
+            skipped.append(f"{pid} ({user}: not allowed)")
+            continue
+        if not ended:
+            # false: gone already, or still alive after the wait
+            alive = conn.execute("select 1 from pg_stat_activity where pid = %s", (pid,)).fetchone()
+            if alive:
+                skipped.append(f"{pid} ({user}: still running after {TERMINATE_WAIT_MS} ms)")
+    if skipped:
+        _logger().warning("fence on %s: read-only now, but these sessions were not ended: %s", where(db), ", ".join(skipped))
 
 
 def sql_unfence(db: Any) -> None:
