@@ -83,6 +83,23 @@ class Lab:
                     w.kill()
 
 
+@pytest.fixture(scope="module")
+def fake_aws_credentials():
+    """boto3 against moto: fake credentials, and none of the developer's real AWS configuration."""
+    from lab.aws_lab import FAKE_CREDENTIALS
+
+    fake = {**FAKE_CREDENTIALS, "AWS_CONFIG_FILE": "/nonexistent/aws-config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials"}
+    saved = {k: os.environ.get(k) for k in [*fake, "AWS_PROFILE"]}
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.update(fake)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def aws_lab(tmp_path, lab_home, monkeypatch):
     from lab.aws_lab import worker_env

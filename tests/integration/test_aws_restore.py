@@ -38,33 +38,9 @@ from lab.postgres import Cluster, archive_now, create_replica, drop_cluster, ear
 from opsflow.inventory import AwsConnection, DrillPolicy, Inventory
 from opsflow.models import RegionTarget, RestoreRequest
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("fake_aws_credentials")]
 
 EAST, WEST = "eastus", "westeurope"
-FAKE_AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fake_aws_credentials():
-    saved = {k: os.environ.get(k) for k in [*FAKE_AWS_ENV, "AWS_PROFILE"]}
-    os.environ.pop("AWS_PROFILE", None)
-    os.environ.update(FAKE_AWS_ENV)
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 @pytest.fixture(scope="module")
 def workdir():
     # Not pytest's tmp_path: parallel pytest sessions prune /tmp/pytest-of-<user> while our servers run there.
