@@ -16,7 +16,7 @@ from temporalio.worker import Worker
 
 from opsflow.inventory import Inventory
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
-from starters.cli import start_procedure
+from opsflow.client import start_procedure
 from tests.conftest import venv_binary
 from tests.workflow.conftest import inventory_dict
 from tests.workflow.world import World
