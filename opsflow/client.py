@@ -398,9 +398,15 @@ class ProcedureStatus:
         return [q.name for q in self.queues if q.pollers == 0]
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d["report"] = self.report.model_dump(mode="json") if self.report else None
-        d["unserved_queues"] = self.unserved
+        """The report's fields at the top (what `opsflow status --json` always printed), Temporal's view beside."""
+        if self.report:
+            d = self.report.model_dump(mode="json")
+        else:
+            d = {"procedure": self.procedure, "workflow_id": self.workflow_id, "environment": self.environment, "status": self.status,
+                 "current_step": self.step, "waiting_for": None, "steps": []}
+        d.update({"temporal_status": self.temporal_status, "search_attributes": {"OpsStatus": self.status, "OpsStep": self.step},
+                  "summary": self.summary, "run_id": self.run_id, "report_source": self.report_source, "note": self.note,
+                  "pending_activities": self.pending_activities, "queues": [asdict(q) for q in self.queues], "unserved_queues": self.unserved})
         return d
 
 
