@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
+from temporalio.api.enums.v1 import PendingActivityState, TaskQueueKind, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
@@ -441,7 +441,7 @@ async def describe_status(client: Client, workflow_id: str, query_timeout: float
             st.queues.append(await queue_state(client, q, "activity"))
         for pa in desc.raw_description.pending_activities:
             st.pending_activities.append({
-                "activity": pa.activity_type.name, "state": pa.state.name.removeprefix("PENDING_ACTIVITY_STATE_").lower(),
+                "activity": pa.activity_type.name, "state": PendingActivityState.Name(pa.state).removeprefix("PENDING_ACTIVITY_STATE_").lower(),
                 "attempt": pa.attempt, "last_failure": pa.last_failure.message or None})
         if st.queues[0].pollers:
             try:
