@@ -167,7 +167,7 @@ class Preempted:
     workflow_id: str
     run_id: str | None
     procedure: str
-    outcome: str  # how it closed: cancelled, failed (its undo ran), completed, terminated
+    outcome: str  # how it closed, in Temporal's words: canceled, failed, completed, terminated
 
 
 class ProcedureHandle(WorkflowHandle):
@@ -202,9 +202,11 @@ async def running_procedures(client: Client, environment: str, exclude: str | No
     return found
 
 
-async def _describe_holder(handle: WorkflowHandle) -> tuple[str, str]:
-    """(procedure name, a line saying who runs what) for a refusal message."""
+async def _describe_holder(handle: WorkflowHandle) -> tuple[str, str] | None:
+    """(procedure name, a line saying who runs what) for a refusal message; None if it has ended meanwhile."""
     desc = await handle.describe()
+    if desc.status != WorkflowExecutionStatus.RUNNING:
+        return None
     try:
         r = await fetch_report(handle, query_timeout=2)
         return desc.workflow_type, f"{r.procedure} requested by {r.requester}, {r.status} at step {r.current_step}"
@@ -252,7 +254,10 @@ async def start_procedure(client: Client, inv: Inventory, procedure: str, arg: A
             except WorkflowAlreadyStartedError:
                 holders = [client.get_workflow_handle(wid)]
         holder = holders[0]
-        kind, what = await _describe_holder(holder)
+        described = await _describe_holder(holder)
+        if described is None:
+            continue  # it ended between our look and the start: try again
+        kind, what = described
         if not preempt or kind in NOT_PREEMPTIBLE:
             why = "" if not preempt else "; an emergency does not preempt a failover or failback"
             raise ProcedureRunning(f"another procedure is running on environment {inv.environment}: {holder.id} ({what}); "
