@@ -270,8 +270,14 @@ def seed_demo_data(primary) -> None:
     archive_now(primary)
 
 
+# The receiver's channel URLs reach the worker as environment variables, as a real team's webhook secrets would.
+LAB_WEBHOOK_ENV = {"ops": "OPSFLOW_LAB_WEBHOOK_OPS", "oncall": "OPSFLOW_LAB_WEBHOOK_ONCALL"}
+
+
 def worker_env(state: dict) -> dict:
     env = {"TEMPORAL_ADDRESS": state["temporal"]["address"], "TEMPORAL_NAMESPACE": "default"}
+    if state.get("receiver"):
+        env.update({var: f"{state['receiver']['url']}/{channel}" for channel, var in LAB_WEBHOOK_ENV.items()})
     if state.get("cloud") == "aws":
         from lab.aws_lab import worker_env as aws_env
 
@@ -350,7 +356,8 @@ def lab_inventory(state: dict, root: Path) -> dict:
         # A short drain keeps the demo brisk; production inventories keep the 60 s default or more.
         # A short heartbeat timeout lets a new worker take over a crashed one's step within seconds in the lab.
         "failover": {"drain": "3s", "max_planned_lag_bytes": 16 * 1024 * 1024, "catch_up_timeout": "2m", "promote_timeout": "5m", "heartbeat_timeout": "5s"},
-        "notifications": [{"name": "ops", "url": f"{receiver}/ops"}, {"name": "oncall", "url": f"{receiver}/oncall"}],
+        # Webhook URLs are secrets: the inventory names the worker's variables (set by worker_env).
+        "notifications": [{"name": "ops", "url_secret": {"env": LAB_WEBHOOK_ENV["ops"]}}, {"name": "oncall", "url_secret": {"env": LAB_WEBHOOK_ENV["oncall"]}}],
         "drill": {
             "method": "azure-pitr",
             "row_counts": [{"table": "lab_orders", "timestamp_column": "created_at"}],

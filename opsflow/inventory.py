@@ -17,6 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from opsflow.secret_scan import refuse_plaintext_secrets
+
 
 class InventoryError(ValueError):
     """The inventory file is missing, unreadable or invalid; the message names the bad field."""
@@ -46,21 +48,46 @@ def parse_duration(value: object) -> float:
 Seconds = Annotated[float, Field(ge=0)]
 
 
+class AwsSecretsManagerRef(Strict):
+    secret_id: str = Field(min_length=1, description="name or ARN of the secret")
+    region: str | None = Field(default=None, description="default: the inventory's aws.default_region")
+    key: str | None = Field(default=None, description="for a JSON secret: the field holding the value")
+
+
+class AzureKeyVaultRef(Strict):
+    vault_url: str = Field(pattern=r"^https://", description="e.g. https://myvault.vault.azure.net (HTTPS only)")
+    name: str = Field(pattern=r"^[0-9a-zA-Z-]{1,127}$")
+    version: str | None = None
+
+
 class SecretRef(Strict):
-    """Where a secret lives. Exactly one of the fields is set."""
+    """Where a secret lives. Exactly one of the fields is set; the worker fetches it (activities/secrets.py)."""
 
     env: str | None = None
     file: str | None = None
+    aws_secrets_manager: AwsSecretsManagerRef | None = None
+    azure_key_vault: AzureKeyVaultRef | None = None
 
     @model_validator(mode="after")
     def _one(self) -> "SecretRef":
-        if sum(x is not None for x in (self.env, self.file)) != 1:
-            raise ValueError("a secret reference names exactly one of: env, file")
+        if sum(x is not None for x in (self.env, self.file, self.aws_secrets_manager, self.azure_key_vault)) != 1:
+            raise ValueError("a secret reference names exactly one of: env, file, aws_secrets_manager, azure_key_vault")
         return self
+
+    def describe(self) -> str:
+        """Where, never what: for messages and logs."""
+        if self.env is not None:
+            return f"environment variable {self.env}"
+        if self.file is not None:
+            return f"file {self.file}"
+        if self.aws_secrets_manager is not None:
+            return f"AWS Secrets Manager secret {self.aws_secrets_manager.secret_id}"
+        assert self.azure_key_vault is not None
+        return f"Key Vault secret {self.azure_key_vault.name} in {self.azure_key_vault.vault_url}"
 
 
 def _no_password_in_dsn(dsn: str) -> str:
-    if re.search(r"(^|\s)password\s*=", dsn) or re.search(r"://[^/@:]+:[^/@]+@", dsn):
+    if re.search(r"(^|\s|[?&])password\s*=", dsn, re.IGNORECASE) or re.search(r"://[^/@:]+:[^/@]*@", dsn):
         raise ValueError("the DSN must not hold a password; name where it lives with 'password: {env: VAR}'")
     return dsn
 
@@ -157,14 +184,9 @@ class AwsConnection(Strict):
 class NotificationChannel(Strict):
     name: str
     kind: Literal["webhook", "slack"] = "webhook"
-    url: str | None = None
-    url_secret: SecretRef | None = None
-
-    @model_validator(mode="after")
-    def _url(self) -> "NotificationChannel":
-        if (self.url is None) == (self.url_secret is None):
-            raise ValueError("a channel has exactly one of: url, url_secret")
-        return self
+    # A webhook URL is a credential (whoever holds it can post, Slack's and PagerDuty's carry the token in the
+    # path): the inventory only says where it lives.
+    url_secret: SecretRef
 
 
 class ApprovalPolicy(Strict):
@@ -305,6 +327,8 @@ class Inventory(Strict):
     reports_dir: str = "reports"
     reports: ReportStore = ReportStore()
     workflow_task_queue: str | None = None
+
+    _no_plaintext_secrets = model_validator(mode="before")(refuse_plaintext_secrets)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Inventory":

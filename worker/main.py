@@ -80,6 +80,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     except InventoryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from activities import secrets
+
+    secrets.configure(inv)  # secret stores use the inventory's cloud connections
     asyncio.run(run(inv, args.region, not args.no_workflows, args.metrics_port))
     return 0
 
