@@ -141,7 +141,8 @@ def stop_pid(pid: int, timeout: float = 15) -> None:
 # -- up ------------------------------------------------------------------------------------------------------
 
 
-def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True) -> dict:
+def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
+       encrypt: bool = False) -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
     tests and benchmarks take any free ports so they never meet another lab's leftovers."""
     from lab.postgres import create_replica, init_primary
@@ -156,7 +157,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
     root.mkdir(parents=True, exist_ok=True)
     lab = Lab(root)
     try:
-        _up(lab, root, with_worker, say, create_replica, init_primary, cloud, default_ports)
+        _up(lab, root, with_worker, say, create_replica, init_primary, cloud, default_ports, encrypt)
     except BaseException:
         say("lab up failed; removing what was started")
         down(root, quiet=True, keep_dir=True)
@@ -166,18 +167,30 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
     return lab.state
 
 
-def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_primary, cloud: str, default_ports: bool) -> None:
+def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_primary, cloud: str, default_ports: bool,
+        encrypt: bool = False) -> None:
     from lab.k8s_emulator import write_kubeconfig
 
     python = sys.executable
     say(f"lab: starting in {root}")
+    codec_args: list[str] = []
+    if encrypt:
+        # Payload encryption: a fresh key file; worker and CLI use it, the codec server decrypts for the UI.
+        from opsflow.codec import new_key_line
+
+        key_file = root / "codec.keys"
+        key_file.touch(mode=0o600)
+        key_file.write_text(new_key_line("lab1") + "\n")
+        codec_port = pick_port()
+        lab.state["codec"] = {"key_file": str(key_file), "server": f"http://127.0.0.1:{codec_port}"}
+        codec_args = ["--ui-codec-endpoint", lab.state["codec"]["server"]]
 
     # Temporal dev server with UI and opsflow's search attributes, persisted in a sqlite file.
     port, ui_port = (pick_port(7233), pick_port(8233)) if default_ports else (pick_port(), pick_port())
     attrs = [a for name in ("OpsProcedure", "OpsEnvironment", "OpsStep", "OpsStatus") for a in ("--search-attribute", f"{name}=Keyword")]
     lab.spawn("temporal", [temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port), "--ui-port", str(ui_port),
                            "--db-filename", str(root / "temporal.db"), "--log-level", "warn", "--ui-disable-news-fetch",
-                           "--http-port", str(pick_port()), "--metrics-port", str(pick_port()), *attrs])
+                           "--http-port", str(pick_port()), "--metrics-port", str(pick_port()), *attrs, *codec_args])
     lab.state["temporal"] = {"address": f"127.0.0.1:{port}", "ui_url": f"http://127.0.0.1:{ui_port}", "namespace": "default"}
     lab.save()
 
@@ -214,7 +227,12 @@ def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_prima
         lab.state.setdefault("kubernetes", {})[region] = {"url": kube_urls[f"lab-{region}"], "context": f"lab-{region}"}
     write_kubeconfig(root / "kubeconfig", kube_urls)
 
+    if encrypt:
+        lab.spawn("codec", [python, "-m", "opsflow.codec_server", "--port", lab.state["codec"]["server"].rsplit(":", 1)[1],
+                            "--ui-origin", lab.state["temporal"]["ui_url"]], env={"OPSFLOW_CODEC_KEY_FILE": lab.state["codec"]["key_file"]})
     ports = {"temporal": port, "receiver": rport, **{f"k8s-{r}": int(lab.state["kubernetes"][r]["url"].rsplit(":", 1)[1]) for r in REGIONS}}
+    if encrypt:
+        ports["codec"] = int(lab.state["codec"]["server"].rsplit(":", 1)[1])
     lab.state["cloud"] = cloud
     if cloud == "aws":
         # moto in server mode (RDS, Route 53, S3), the RDS identifiers backed by the same real clusters.
@@ -276,6 +294,8 @@ LAB_WEBHOOK_ENV = {"ops": "OPSFLOW_LAB_WEBHOOK_OPS", "oncall": "OPSFLOW_LAB_WEBH
 
 def worker_env(state: dict) -> dict:
     env = {"TEMPORAL_ADDRESS": state["temporal"]["address"], "TEMPORAL_NAMESPACE": "default"}
+    if state.get("codec"):
+        env["OPSFLOW_CODEC_KEY_FILE"] = state["codec"]["key_file"]
     if state.get("receiver"):
         env.update({var: f"{state['receiver']['url']}/{channel}" for channel, var in LAB_WEBHOOK_ENV.items()})
     if state.get("cloud") == "aws":
@@ -446,6 +466,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name in ("up", "demo"):
             p.add_argument("--no-worker", action="store_true", help="do not start a worker (tests run their own)")
             p.add_argument("--cloud", choices=["azure", "aws"], default="azure", help="emulated cloud: Azure (ARM) or AWS (moto)")
+            p.add_argument("--encrypt", action="store_true", help="encrypt Temporal payloads (a lab key; a codec server for the UI)")
         if name == "demo":
             p.add_argument("--drill", action="store_true", help="then create the monthly restore-drill schedule and trigger it once")
 
@@ -469,7 +490,7 @@ def print_status(s: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     root = (args.dir or default_dir()).resolve()
     if args.lab_command == "up":
-        up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud)
+        up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, encrypt=args.encrypt)
         s = status(root)
         if args.json:
             print(json.dumps(s, indent=2))
