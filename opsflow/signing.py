@@ -456,3 +456,86 @@ class Signer:
         at = at or datetime.now(timezone.utc)
         message = start_payload(environment=environment, procedure=procedure, requester=self.name, reason=reason, at=at)
         return {"signature": self._sign(message), "signed_at": at}
+
+
+# -- records in the report, and the inventory's keys ---------------------------------------------------
+
+from pydantic import BaseModel  # noqa: E402 - kept next to the records that use it
+
+
+class SignedAction(BaseModel):
+    """One accepted signed request, as the report keeps it: enough to re-check it offline with the public keys."""
+
+    action: str
+    by: str
+    reason: str = ""
+    signed_at: datetime
+    signature: str
+    workflow_id: str = ""
+    run_id: str = ""
+    gate: str | None = None
+    full: bool = False
+    # start only:
+    environment: str = ""
+    procedure: str = ""
+
+    def payload(self) -> bytes:
+        if self.action == "start":
+            return start_payload(environment=self.environment, procedure=self.procedure, requester=self.by,
+                                 reason=self.reason, at=self.signed_at)
+        return request_payload(workflow_id=self.workflow_id, run_id=self.run_id, gate_id=self.gate, action=self.action,
+                               by=self.by, reason=self.reason, at=self.signed_at, full=self.full)
+
+
+def _entries(group: Any) -> list[Any]:
+    if isinstance(group, dict):
+        return [e for members in group.values() for e in (members or [])]
+    return list(group or [])
+
+
+def inventory_keys(inventory: Any) -> dict[str, str]:
+    """name -> SSH public key, from the approvers (plain list or role groups) and the operators."""
+    keys: dict[str, str] = {}
+    approval = getattr(inventory, "approval", None)
+    sources = _entries(getattr(approval, "approvers", []))
+    for members in (getattr(inventory, "operators", None) or {}).values():
+        sources += list(members or [])
+    for e in sources:
+        name = e.get("name") if isinstance(e, dict) else getattr(e, "name", None)
+        key = e.get("ssh_key") if isinstance(e, dict) else getattr(e, "ssh_key", None)
+        if name and key:
+            keys.setdefault(name, key)
+    return keys
+
+
+@dataclass
+class Keyring:
+    """A KeyPolicy over the whole inventory (approvers and operators), for verify_request/verify_start."""
+
+    keys: dict[str, str]
+    require_signed: bool = False
+
+    @classmethod
+    def of(cls, inventory: Any) -> "Keyring":
+        return cls(inventory_keys(inventory), bool(getattr(getattr(inventory, "approval", None), "require_signed", False)))
+
+    def key_of(self, name: str) -> str | None:
+        return self.keys.get(name)
+
+
+def verify_records(records: Iterable[SignedAction | dict], keyring: KeyPolicy) -> list[tuple[SignedAction, str | None]]:
+    """Re-check recorded signatures offline (no freshness: the time is part of what was signed).
+    -> [(record, None if good else why not)]."""
+    out = []
+    for r in records:
+        rec = r if isinstance(r, SignedAction) else SignedAction.model_validate(r)
+        key = keyring.key_of(rec.by)
+        if not key:
+            out.append((rec, f"no public key for {rec.by!r} in the inventory"))
+            continue
+        try:
+            verify_signature(rec.payload(), rec.signature, key)
+            out.append((rec, None))
+        except ValueError as e:
+            out.append((rec, str(e)))
+    return out

@@ -24,7 +24,10 @@ from opsflow.inventory import Inventory, InventoryError, load_inventory
 from opsflow.models import ProcedureReport
 from opsflow.report import figures, headline, step_line, to_markdown, to_text
 from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE, OPS_STATUS, OPS_STEP, connect
+from opsflow.codec import CodecConfigError
 from starters.common import CliError, emit, fetch_report, handle_for, inventory_path
+from starters.security import SigningFailed, add_key_argument, request_signature
+from starters.security import add_commands as security_commands, run_command as security_command
 from workflows.failover import FailoverInput
 
 TERMINAL_OK = {"succeeded", "planned"}
@@ -167,7 +170,8 @@ async def cmd_update(args) -> int:
     client = await connect()
     handle = await handle_for(client, args.workflow_id)
     try:
-        result = await handle.execute_update(args.command, Request(by=args.as_, reason=args.reason or ""), result_type=dict if args.command in ("approve", "reject") else str)
+        signed = await request_signature(handle, action=args.command, name=args.as_, reason=args.reason or "", key_path=args.key)  # issue 11
+        result = await handle.execute_update(args.command, Request(by=args.as_, reason=args.reason or "", **signed), result_type=dict if args.command in ("approve", "reject") else str)
     except WorkflowUpdateFailedError as e:
         cause = e.cause
         raise CliError(f"{args.command} refused: {cause.message if isinstance(cause, ApplicationError) else cause}", 1) from None
@@ -288,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         u.add_argument("workflow_id")
         u.add_argument("--as", dest="as_", required=True, metavar="NAME")
         u.add_argument("--reason", required=(name == "reject"))
+        add_key_argument(u)
 
     s = common(sub.add_parser("status", help="progress of a procedure"))
     s.add_argument("workflow_id")
@@ -303,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     from starters.schedules import add_arguments as schedule_arguments
 
     schedule_arguments(sub.add_parser("schedule", help="procedures on a Temporal Schedule: create, list, describe, pause, trigger, backfill, delete"))
+    security_commands(sub)  # verify-report, codec-key, codec-server (starters/security.py)
     return p
 
 
@@ -336,11 +342,13 @@ def main(argv: list[str] | None = None) -> int:
             from worker.main import run_from_args
 
             return run_from_args(args)
+        if (code := security_command(args)) is not None:
+            return code
         return asyncio.run(COMMANDS[args.command](args))
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
-    except InventoryError as e:
+    except (InventoryError, SigningFailed, CodecConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RPCError as e:
