@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from opsflow.secret_scan import refuse_plaintext_secrets
+from opsflow.secret_scan import plaintext_secrets
 
 
 class InventoryError(ValueError):
@@ -185,8 +185,16 @@ class NotificationChannel(Strict):
     name: str
     kind: Literal["webhook", "slack"] = "webhook"
     # A webhook URL is a credential (whoever holds it can post, Slack's and PagerDuty's carry the token in the
-    # path): the inventory only says where it lives.
-    url_secret: SecretRef
+    # path): the inventory only says where it lives. `url` is still read so that procedures started before
+    # this rule (their inventory is in the history) replay; load_inventory refuses it in a file.
+    url_secret: SecretRef | None = None
+    url: str | None = None
+
+    @model_validator(mode="after")
+    def _url(self) -> "NotificationChannel":
+        if (self.url is None) == (self.url_secret is None):
+            raise ValueError("a channel needs url_secret (where its webhook URL lives, e.g. {env: VAR})")
+        return self
 
 
 class ApprovalPolicy(Strict):
@@ -328,8 +336,6 @@ class Inventory(Strict):
     reports: ReportStore = ReportStore()
     workflow_task_queue: str | None = None
 
-    _no_plaintext_secrets = model_validator(mode="before")(refuse_plaintext_secrets)
-
     @model_validator(mode="after")
     def _consistent(self) -> "Inventory":
         if self.primary_region not in self.regions:
@@ -380,6 +386,10 @@ def load_inventory(path: str | Path) -> Inventory:
         raise InventoryError(f"inventory {p} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise InventoryError(f"inventory {p} must be a mapping at the top level")
+    # Checked on the file, not in the model: a workflow input recorded before a rule tightened must still decode.
+    found = plaintext_secrets(raw)
+    if found:
+        raise InventoryError(f"inventory {p} holds secrets in plain text:\n" + "\n".join(f"  {f}" for f in found))
     try:
         return Inventory.model_validate(raw)
     except ValidationError as e:

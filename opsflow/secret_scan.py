@@ -2,7 +2,7 @@
 
 The inventory travels inside workflow inputs (the Temporal history, readable by everyone with namespace
 access), so it may only say where a secret lives (`{env: VAR}`, `{file: PATH}`, `{aws_secrets_manager: ...}`,
-`{azure_key_vault: ...}`). This scan runs on the raw mapping before pydantic sees it, so it also catches a
+`{azure_key_vault: ...}`). `load_inventory` runs this scan on the raw mapping before pydantic sees it, so it also catches a
 secret in a field that is otherwise free text (a smoke URL with `?token=`, a DSN with a password).
 """
 
@@ -60,11 +60,3 @@ def plaintext_secrets(raw: Any) -> list[str]:
                     found.append(f"{where}: {what}; {REF_HINT}")
                     break
     return found
-
-
-def refuse_plaintext_secrets(cls: Any, raw: Any) -> Any:
-    """A pydantic `model_validator(mode="before")` for the Inventory."""
-    found = plaintext_secrets(raw)
-    if found:
-        raise ValueError("the inventory holds secrets in plain text:\n    " + "\n    ".join(found))
-    return raw

@@ -160,7 +160,7 @@ def test_the_plaintext_secret_rules_name_the_exact_field(tmp_path):
 def test_any_text_as_an_inventory_is_a_clear_error(tmp_path, text):
     f = tmp_path / "inventory.yaml"
     f.write_text(text)
-    with pytest.raises(InventoryError, match=r"inventory .*(not valid YAML|must be a mapping|is invalid)"):
+    with pytest.raises(InventoryError, match=r"inventory .*(not valid YAML|must be a mapping|is invalid|holds secrets)"):
         load_inventory(f)
     code, err = run_cli(["drill", "--env", str(f)])
     assert code == 2 and err.startswith("error: inventory") and "Traceback" not in err
