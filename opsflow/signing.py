@@ -7,8 +7,10 @@ approver's (and operator's) public key; a workflow Update validator checks the s
 `verify_request` before anything reaches history.
 
 Verification is pure and deterministic (no I/O, no clock: the caller passes `workflow.now()`), so it runs
-inside a workflow validator. Workflows import this module through `workflow.unsafe.imports_passed_through()`
-(cryptography is a native extension; re-importing it in every sandbox would be slow and gains nothing).
+inside a workflow validator. Workflows MUST import this module through `workflow.unsafe.imports_passed_through()`:
+cryptography is a native (Rust) extension that cannot be re-imported inside the sandbox ("SystemError: bad
+argument to internal function"). It also imports modules lazily (ec.ECDSA() imports the OpenSSL backend),
+so every cryptography call below runs inside `imports_passed_through()` too (a no-op outside a workflow).
 
 Signing happens in the CLI: through ssh-agent (SSH_AUTH_SOCK) by default, or a private key file
 (`--key PATH`, OpenSSH or PEM format, unencrypted; an encrypted key belongs in the agent).
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Protocol
+
+from temporalio import workflow
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -112,7 +116,8 @@ def _load_public(blob: bytes) -> Any:
 
 def check_public_key(line: str) -> str:
     """For the inventory's validators: a usable ed25519/ecdsa/rsa public key line, else ValueError."""
-    _load_public(public_key_blob(line))
+    with workflow.unsafe.imports_passed_through():  # the inventory is decoded inside workflows too
+        _load_public(public_key_blob(line))
     return line.strip()
 
 
@@ -197,9 +202,9 @@ def verify_signature(message: bytes, armored: str, public_key: str, namespace: s
         raise ValueError(f"signature hash {sig.hash_alg!r} is not accepted")
     digest = hashlib.new(sig.hash_alg, message).digest()
     data = b"SSHSIG" + _string(namespace.encode()) + _string(b"") + _string(sig.hash_alg.encode()) + _string(digest)
-    key = _load_public(expected)
     try:
-        _verify_raw(key, _Reader(expected).string().decode(), sig.algorithm, sig.raw, data)
+        with workflow.unsafe.imports_passed_through():  # cryptography's lazy imports must not enter the sandbox
+            _verify_raw(_load_public(expected), _Reader(expected).string().decode(), sig.algorithm, sig.raw, data)
     except InvalidSignature:
         raise ValueError("signature does not match what was signed (signed for another run/gate/action, or altered)") from None
 
@@ -245,6 +250,11 @@ class KeyPolicy(Protocol):
 def _check_fresh(signed_at: datetime | None, now: datetime) -> datetime:
     if signed_at is None:
         raise ValueError("missing signature time (signed_at)")
+    if isinstance(signed_at, str):
+        try:
+            signed_at = datetime.fromisoformat(signed_at.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"signed_at {signed_at!r} is not an ISO time") from None
     if signed_at.tzinfo is None:
         signed_at = signed_at.replace(tzinfo=timezone.utc)
     if abs(now - signed_at) > FRESHNESS:
