@@ -526,8 +526,16 @@ class Keyring:
     require_signed: bool = False
 
     @classmethod
-    def of(cls, inventory: Any) -> "Keyring":
-        return cls(inventory_keys(inventory), bool(getattr(getattr(inventory, "approval", None), "require_signed", False)))
+    def of(cls, inventory: Any, policy: Any = None) -> "Keyring":
+        """The inventory's keys (approvers, operators) plus a gate's own policy (e.g. a canary's promote gate);
+        signatures are required when the inventory's approval policy or that gate's policy says so."""
+        keys = inventory_keys(inventory)
+        required = bool(getattr(getattr(inventory, "approval", None), "require_signed", False))
+        if policy is not None:
+            for name, key in inventory_keys(type("_", (), {"approval": policy})()).items():
+                keys.setdefault(name, key)
+            required = required or bool(getattr(policy, "require_signed", False))
+        return cls(keys, required)
 
     def key_of(self, name: str) -> str | None:
         return self.keys.get(name)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from opsflow.signing import Keyring, Signer, SigningError, verify_records
+from opsflow.signing import Keyring, SignedAction, Signer, SigningError, verify_records
 
 KEY_HELP = "sign with this private key file (default when the inventory requires signatures: ssh-agent via SSH_AUTH_SOCK)"
 
@@ -105,7 +105,40 @@ def run_command(args: argparse.Namespace) -> int | None:
     return None
 
 
+def report_records(report: dict) -> tuple[list[SignedAction], list[str]]:
+    """The signed requests a report recorded (start, decisions at gates, control events), and the people's
+    actions recorded without a signature. Reports of child procedures (a failback's failover) are included."""
+    records: list[SignedAction] = [SignedAction.model_validate(r) for r in report.get("signatures") or []]
+    unsigned: list[str] = []
+    wid, run_id = report.get("workflow_id", ""), report.get("run_id", "")
+    if report.get("start_signature"):
+        records.append(SignedAction(action="start", by=report.get("requester", ""), reason=report.get("reason", ""),
+                                    signed_at=report.get("start_signed_at"), signature=report["start_signature"],
+                                    environment=report.get("environment", ""), procedure=report.get("procedure", "")))
+    for d in report.get("approvals") or []:
+        action = "approve" if d.get("approved") else "reject"
+        if d.get("signature"):
+            records.append(SignedAction(action=action, by=d["by"], reason=d.get("reason", ""), signed_at=d.get("signed_at"),
+                                        signature=d["signature"], workflow_id=wid, run_id=run_id, gate=d.get("gate"), full=d.get("full", False)))
+        else:
+            unsigned.append(f"{action} by {d.get('by')} at gate {d.get('gate')}")
+    for e in report.get("events") or []:
+        if e.get("signature"):
+            records.append(SignedAction(action=e["action"], by=e["by"], reason=e.get("reason", ""), signed_at=e.get("signed_at"),
+                                        signature=e["signature"], workflow_id=wid, run_id=run_id, gate=e.get("gate"), full=e.get("full", False)))
+        elif e.get("by") not in (None, "opsflow", "system"):
+            unsigned.append(f"{e.get('action')} by {e.get('by')}")
+    for value in report.values():
+        if isinstance(value, dict) and "approvals" in value and "workflow_id" in value:
+            child_records, child_unsigned = report_records(value)
+            records += child_records
+            unsigned += child_unsigned
+    return records, unsigned
+
+
 def verify_report(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from opsflow.inventory import load_inventory
 
     inv = load_inventory(args.env)
@@ -120,33 +153,23 @@ def verify_report(args: argparse.Namespace) -> int:
     if not isinstance(data, dict):
         print(f"error: {args.report} is not a report (expected a JSON object)", file=sys.stderr)
         return 2
-    records = data.get("signatures") or []
+    keyring = Keyring.of(inv)
     try:
-        results = verify_records(records, Keyring.of(inv))
-    except ValueError as e:
+        records, unsigned = report_records(data)
+    except (ValidationError, KeyError, TypeError, AttributeError) as e:
         print(f"error: {args.report}: a signature record is malformed: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    unsigned = [f"{d.get('by')} {'approved' if d.get('approved') else 'rejected'}" for d in _decisions(data)
-                if not any(r.action in ("approve", "reject") and r.by == d.get("by") for r, bad in results if bad is None)]
+    results = verify_records(records, keyring)
     bad = [(r, why) for r, why in results if why]
     if args.json:
         print(json.dumps({"workflow_id": data.get("workflow_id"), "verified": len(results) - len(bad),
-                          "failed": [{"action": r.action, "by": r.by, "why": why} for r, why in bad], "unsigned_decisions": unsigned}, indent=2))
+                          "failed": [{"action": r.action, "by": r.by, "why": why} for r, why in bad], "unsigned": unsigned}, indent=2))
     else:
         for r, why in results:
             where = f"gate {r.gate}" if r.gate else (f"{r.procedure} in {r.environment}" if r.action == "start" else "")
             print(f"{'ok ' if why is None else 'BAD'} {r.action:<8} by {r.by:<12} at {r.signed_at.isoformat()} {where}" + (f": {why}" if why else ""))
         for u in unsigned:
             print(f"UNSIGNED {u}")
-        print(f"{len(results) - len(bad)} of {len(results)} signatures verify" + (f"; {len(unsigned)} decision(s) without a signature" if unsigned else ""))
-    return 0 if not bad and not unsigned and (results or not Keyring.of(inv).require_signed) else 1
-
-
-def _decisions(report: dict) -> list[dict]:
-    """Approval decisions in a report, whatever the kernel calls them (gates' decisions, or the single approval)."""
-    out: list[dict] = []
-    for gate in (report.get("gates") or {}).values() if isinstance(report.get("gates"), dict) else report.get("gates") or []:
-        out += [d for d in (gate.get("decisions") or []) if isinstance(d, dict)]
-    if not out and isinstance(report.get("approval"), dict):
-        out.append(report["approval"])
-    return out
+        print(f"{len(results) - len(bad)} of {len(results)} signatures verify" + (f"; {len(unsigned)} action(s) without a signature" if unsigned else ""))
+    # Unsigned actions are a failure only where the inventory requires signatures.
+    return 1 if bad or (unsigned and keyring.require_signed) else 0

@@ -230,3 +230,38 @@ def test_payload_is_canonical():
     a = request_payload(workflow_id="w", run_id="r", gate_id=None, action="pause", by="bob", reason="é", at=NOW)
     b = request_payload(workflow_id="w", run_id="r", gate_id="", action="pause", by="bob", reason="é", at=NOW.astimezone(timezone(timedelta(hours=2))))
     assert a == b and a.isascii()
+
+
+def test_verify_report_checks_every_recorded_signature(keys, tmp_path):
+    import json
+
+    import opsflow.inventory
+
+    if not hasattr(opsflow.inventory, "Person"):
+        pytest.skip("needs the kernel's ApprovalPolicy with {name, ssh_key} approvers")
+
+    import yaml
+
+    from starters.cli import main as cli
+    from tests.workflow.conftest import inventory_dict
+
+    inv = inventory_dict(environment="prod")
+    inv["approval"]["approvers"] = [{"name": "bob", "ssh_key": keys["ed25519"][1]}, {"name": "alice", "ssh_key": keys["alice"][1]}]
+    (tmp_path / "inv.yaml").write_text(yaml.safe_dump(inv))
+    bob = Signer(name="bob", key_path=str(keys["ed25519"][0]))
+    alice = Signer(name="alice", key_path=str(keys["alice"][0]))
+    approve = bob.sign_request(workflow_id="opsflow-prod", run_id="r1", gate_id="approval", action="approve", reason="ok", at=NOW)
+    pause = alice.sign_request(workflow_id="opsflow-prod", run_id="r1", gate_id=None, action="pause", reason="", at=NOW)
+    start = alice.sign_start(environment="prod", procedure="failover", reason="drill", at=NOW)
+    report = {"procedure": "failover", "workflow_id": "opsflow-prod", "run_id": "r1", "environment": "prod", "requester": "alice",
+              "reason": "drill", "start_signature": start["signature"], "start_signed_at": NOW.isoformat(),
+              "approvals": [{"approved": True, "by": "bob", "at": NOW.isoformat(), "reason": "ok", "gate": "approval",
+                             "signature": approve["signature"], "signed_at": NOW.isoformat()}],
+              "events": [{"action": "pause", "by": "alice", "at": NOW.isoformat(), "reason": "", "signature": pause["signature"],
+                          "signed_at": NOW.isoformat()}]}
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(report))
+    assert cli(["verify-report", str(f), "--env", str(tmp_path / "inv.yaml")]) == 0
+    report["approvals"][0]["gate"] = "bake-25"  # moved to another gate after the fact
+    f.write_text(json.dumps(report))
+    assert cli(["verify-report", str(f), "--env", str(tmp_path / "inv.yaml")]) == 1
