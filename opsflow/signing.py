@@ -247,7 +247,7 @@ class KeyPolicy(Protocol):
     def key_of(self, name: str) -> str | None: ...
 
 
-def _check_fresh(signed_at: datetime | None, now: datetime) -> datetime:
+def _check_fresh(signed_at: datetime | str | None, now: datetime) -> datetime:
     if signed_at is None:
         raise ValueError("missing signature time (signed_at)")
     if isinstance(signed_at, str):
@@ -294,7 +294,7 @@ def verify_request(policy: KeyPolicy, req: Any, *, workflow_id: str, run_id: str
 
 
 def verify_start(policy: KeyPolicy, *, environment: str, procedure: str, requester: str, reason: str,
-                 signature: str | None, signed_at: datetime | None, now: datetime) -> None:
+                 signature: str | None, signed_at: datetime | str | None, now: datetime) -> None:
     """The start-time twin of verify_request (the workflow calls it first thing; a failure refuses the start)."""
     if not signature:
         if policy.require_signed:
@@ -319,7 +319,7 @@ def check_operator(operators: dict[str, list[Any]], procedure: str, requester: s
     allowed = operators.get(procedure)
     if not allowed:
         return
-    names = [a if isinstance(a, str) else getattr(a, "name", str(a)) for a in allowed]
+    names = [a if isinstance(a, str) else a.get("name", "?") if isinstance(a, dict) else getattr(a, "name", str(a)) for a in allowed]
     if requester not in names:
         raise ValueError(f"{requester!r} may not start {procedure}; operators for {procedure}: {', '.join(names)}")
 
@@ -557,3 +557,32 @@ def verify_records(records: Iterable[SignedAction | dict], keyring: KeyPolicy) -
         except ValueError as e:
             out.append((rec, str(e)))
     return out
+
+
+# -- the start of a procedure --------------------------------------------------------------------------
+
+# The requester's start signature travels in the workflow's memo (not its input), so every procedure gets it
+# the same way without a field in each input model. A memo is in the history like the input: no secret.
+START_MEMO = "opsflow-start-signature"
+
+
+def start_memo(signed: dict[str, Any]) -> dict[str, Any]:
+    """Signer.sign_start(...) -> the memo to start the workflow with ({} when nothing was signed)."""
+    if not signed:
+        return {}
+    return {START_MEMO: {"signature": signed["signature"], "signed_at": _utc(signed["signed_at"])}}
+
+
+def check_start(inventory: Any, *, procedure: str, requester: str, reason: str, memo: dict[str, Any] | None,
+                now: datetime) -> SignedAction | None:
+    """What the workflow checks first (a ValueError refuses the start): the requester is an operator for this
+    procedure, and when signatures are required, signed the start. -> the record for the report, if signed."""
+    check_operator(getattr(inventory, "operators", None) or {}, procedure, requester)
+    memo = memo or {}
+    signature, signed_at = memo.get("signature"), memo.get("signed_at")
+    verify_start(Keyring.of(inventory), environment=inventory.environment, procedure=procedure, requester=requester,
+                 reason=reason, signature=signature, signed_at=signed_at, now=now)
+    if not signature:
+        return None
+    return SignedAction(action="start", by=requester, reason=reason, signed_at=signed_at, signature=signature,
+                        environment=inventory.environment, procedure=procedure)

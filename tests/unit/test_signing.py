@@ -265,3 +265,24 @@ def test_verify_report_checks_every_recorded_signature(keys, tmp_path):
     report["approvals"][0]["gate"] = "bake-25"  # moved to another gate after the fact
     f.write_text(json.dumps(report))
     assert cli(["verify-report", str(f), "--env", str(tmp_path / "inv.yaml")]) == 1
+
+
+def test_check_start_operators_and_signature(keys):
+    from types import SimpleNamespace
+
+    from opsflow.signing import check_start, start_memo
+
+    inv = SimpleNamespace(environment="prod", operators={"failover": [{"name": "bob", "ssh_key": keys["ed25519"][1]}]},
+                          approval=SimpleNamespace(approvers=[], require_signed=True))
+    signed = Signer(name="bob", key_path=str(keys["ed25519"][0])).sign_start(environment="prod", procedure="failover", reason="r", at=NOW)
+    memo = start_memo(signed)["opsflow-start-signature"]
+    record = check_start(inv, procedure="failover", requester="bob", reason="r", memo=memo, now=NOW)
+    assert record is not None and record.action == "start" and record.by == "bob"
+    with pytest.raises(ValueError, match="'eve' may not start failover"):
+        check_start(inv, procedure="failover", requester="eve", reason="r", memo=memo, now=NOW)
+    with pytest.raises(ValueError, match="missing signature"):
+        check_start(inv, procedure="failover", requester="bob", reason="r", memo=None, now=NOW)
+    with pytest.raises(ValueError, match="does not match"):
+        check_start(inv, procedure="failover", requester="bob", reason="other", memo=memo, now=NOW)
+    with pytest.raises(ValueError, match="stale"):
+        check_start(inv, procedure="failover", requester="bob", reason="r", memo=memo, now=NOW + timedelta(minutes=30))
