@@ -174,7 +174,8 @@ async def cmd_update(args) -> int:
     client = await connect()
     handle = await handle_for(client, args.workflow_id)
     try:
-        signed = await request_signature(handle, action=args.command, name=args.as_, reason=args.reason or "", key_path=args.key)  # issue 11
+        signed = await request_signature(handle, action=args.command, name=args.as_, reason=args.reason or "", key_path=args.key,
+                                         gate_id=getattr(args, "gate", None))  # issue 11
         result = await handle.execute_update(args.command, Request(by=args.as_, reason=args.reason or "", **signed), result_type=dict if args.command in ("approve", "reject") else str)
     except WorkflowUpdateFailedError as e:
         cause = e.cause

@@ -66,10 +66,23 @@ async def request_signature(handle: Any, *, action: str, name: str, reason: str,
     if signer is None:
         return {}
     desc = await handle.describe()
+    if gate_id is None and action in ("approve", "reject"):
+        gate_id = await open_gate_id(handle)
     try:
         return signer.sign_request(workflow_id=handle.id, run_id=desc.run_id, gate_id=gate_id, action=action, reason=reason, full=full)
     except SigningError as e:
         raise SigningFailed(str(e)) from None
+
+
+async def open_gate_id(handle: Any) -> str | None:
+    """The gate an approval without --gate answers (the signature names it): the one open gate. Gates show in
+    the report as running steps titled "Approval: ..." named by the gate id."""
+    report = await handle.query("progress", result_type=dict)
+    open_gates = [s["name"] for s in report.get("steps") or []
+                  if s.get("outcome") == "running" and str(s.get("title", "")).startswith("Approval")]
+    if len(open_gates) > 1:
+        raise SigningFailed(f"several gates are open ({', '.join(open_gates)}): name one with --gate")
+    return open_gates[0] if open_gates else None
 
 
 # -- verify-report, codec-key, codec-server ----------------------------------------------------------------
