@@ -415,6 +415,7 @@ def status(root: Path) -> dict:
         "azure": lab.state.get("azure"),
         "kubernetes": lab.state.get("kubernetes"),
         "receiver": lab.state.get("receiver"),
+        "codec": lab.state.get("codec"),
         "processes": procs,
     }
 
@@ -482,6 +483,8 @@ def print_status(s: dict) -> None:
         print(f"  {r:<12} {v['dsn']}  ({'running' if v['postgres_running'] else 'STOPPED'})")
     if s.get("azure"):
         print(f"  ARM          {s['azure']['arm_endpoint']} (CA {s['azure']['ca_bundle']})")
+    if s.get("codec"):
+        print(f"  encrypted    codec server {s['codec']['server']} (the UI uses it), key file {s['codec']['key_file']}")
     for name, p in s["processes"].items():
         if not p["alive"]:
             print(f"  ! {name} (pid {p['pid']}) is not running; log: {p['log']}")
