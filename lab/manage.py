@@ -288,8 +288,10 @@ def seed_demo_data(primary) -> None:
     archive_now(primary)
 
 
-# The receiver's channel URLs reach the worker as environment variables, as a real team's webhook secrets would.
+# The receiver's channel URLs reach the worker as a real team's webhook secrets would: from the environment
+# (ops), from a secret store (oncall: Key Vault in the Azure lab, Secrets Manager in the AWS lab).
 LAB_WEBHOOK_ENV = {"ops": "OPSFLOW_LAB_WEBHOOK_OPS", "oncall": "OPSFLOW_LAB_WEBHOOK_ONCALL"}
+ONCALL_SECRET_NAME = "lab-oncall-webhook"
 
 
 def worker_env(state: dict) -> dict:
@@ -323,6 +325,8 @@ def arm_emulator_config(clusters: dict, receiver_port: int) -> dict:
         }
     return {
         "subscription_id": SUBSCRIPTION,
+        # The emulator is also the lab's Key Vault: the oncall channel's webhook URL lives there.
+        "key_vault_secrets": {ONCALL_SECRET_NAME: f"http://127.0.0.1:{receiver_port}/oncall"},
         "settings": {"lro_seconds": 0.5, "tm_checking_seconds": 1.0},
         "flexible_servers": servers,
         "traffic_manager_profiles": {
@@ -376,8 +380,9 @@ def lab_inventory(state: dict, root: Path) -> dict:
         # A short drain keeps the demo brisk; production inventories keep the 60 s default or more.
         # A short heartbeat timeout lets a new worker take over a crashed one's step within seconds in the lab.
         "failover": {"drain": "3s", "max_planned_lag_bytes": 16 * 1024 * 1024, "catch_up_timeout": "2m", "promote_timeout": "5m", "heartbeat_timeout": "5s"},
-        # Webhook URLs are secrets: the inventory names the worker's variables (set by worker_env).
-        "notifications": [{"name": "ops", "url_secret": {"env": LAB_WEBHOOK_ENV["ops"]}}, {"name": "oncall", "url_secret": {"env": LAB_WEBHOOK_ENV["oncall"]}}],
+        # Webhook URLs are secrets: ops' in the worker's environment (worker_env), oncall's in the emulated Key Vault.
+        "notifications": [{"name": "ops", "url_secret": {"env": LAB_WEBHOOK_ENV["ops"]}},
+                          {"name": "oncall", "url_secret": {"azure_key_vault": {"vault_url": state["azure"]["arm_endpoint"], "name": ONCALL_SECRET_NAME}}}],
         "drill": {
             "method": "azure-pitr",
             "row_counts": [{"table": "lab_orders", "timestamp_column": "created_at"}],
