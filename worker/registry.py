@@ -1,6 +1,6 @@
 """What a worker runs: every procedure workflow and every activity, by task queue role."""
 
-from activities import database, http_checks, kubernetes, notify, reports, restore, traffic
+from activities import database, http_checks, kubernetes, notify, reports, restore, temporal_queues, traffic
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
@@ -31,4 +31,4 @@ REGION_ACTIVITIES = [
     restore.verify,
 ]
 # Activities that belong to no region run beside the workflows.
-GLOBAL_ACTIVITIES = [notify.send, reports.store_report]
+GLOBAL_ACTIVITIES = [notify.send, reports.store_report, temporal_queues.unserved_queues]
