@@ -445,11 +445,15 @@ class Calendar(_Strict):
         if self.is_open(now):
             return None
         horizon = now + timedelta(days=SEARCH_DAYS)
-        # It can only become open where a window opens or a freeze ends.
-        candidates = {a for a, _ in self._window_spans(now, horizon) if a > now}
-        candidates |= {b for _, b in self._freeze_spans(now, horizon) if b > now}
-        for t in sorted(candidates):
-            if t <= horizon and self.is_open(t):
+        # It can only become open where a window opens or a freeze ends. The spans are computed once: a year of
+        # candidates must stay cheap inside a workflow task.
+        windows, freezes = self._window_spans(now, horizon), self._freeze_spans(now, horizon)
+        known_until = min([horizon, *(c.covered_until for c in self.ics if c.covered_until is not None)])
+        candidates = sorted({a for a, _ in windows if a > now} | {b for _, b in freezes if b > now})
+        for t in candidates:
+            if t >= known_until:
+                break
+            if any(a <= t < b for a, b in windows) and not any(a <= t < b for a, b in freezes):
                 return t.astimezone(now.tzinfo)
         raise NeverOpens(f"the calendar does not open within {SEARCH_DAYS} days of {now.isoformat()}: {self.describe()}")
 
