@@ -130,7 +130,9 @@ def check_field(key: str, value: str) -> str:
     for item in value.split(","):
         m = _ITEM.match(item)
         if not m:
-            raise CalendarError(f"{key}={whole}: {item!r} is not N, N-M, N-M/S, */S or *" if item else f"{key}={whole}: an empty item in the list")
+            if not item:
+                raise CalendarError(f"{key}={whole}: an empty item in the list")
+            raise CalendarError(f"{key}={whole}: {item!r} is not N, N-M, N-M/S, */S or *")
         start_tok, end_tok, step_tok = m.group("start"), m.group("end"), m.group("step")
         if step_tok is not None and (not step_tok.isdigit() or int(step_tok) < 1):
             raise CalendarError(f"{key}={whole}: the step {step_tok!r} must be a whole number of at least 1")
@@ -459,8 +461,9 @@ async def cmd_create(args, client: Client | None = None) -> int:
     if not desc.info.next_action_times:  # the server finds no time the calendar matches
         await handle.delete()
         given = (args.calendar and f"--calendar {args.calendar!r}") or f"--cron {args.cron!r}"
-        raise CliError(f"{given} never fires: Temporal finds no time matching it ({', '.join(format_calendar(c) for c in desc.schedule.spec.calendars)}"
-                       f" in {desc.schedule.spec.time_zone_name or 'UTC'}); nothing was created")
+        read_as = ", ".join(format_calendar(c) for c in desc.schedule.spec.calendars)
+        raise CliError(f"{given} never fires: Temporal finds no time matching it ({read_as} in {desc.schedule.spec.time_zone_name or 'UTC'}); "
+                       "nothing was created")
     out = _description(desc, name, inv)
     out["warnings"] = warnings
     if args.json:
