@@ -303,3 +303,15 @@ def test_answers_agree_with_each_other(instant, which):
     else:
         assert opens > instant and cal.closes_at(instant) is None and cal.time_left(instant) == timedelta(0)
         assert cal.is_open(opens) and not cal.is_open(opens - timedelta(seconds=1))
+
+
+def test_the_readme_example_is_valid():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("### Windows and freeze calendars", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    example = yaml.safe_load(block)
+    window = WeeklyWindow.model_validate(example["window"])
+    assert window.is_open(utc(2026, 11, 21, 23, 30)) and window.closes_at(utc(2026, 11, 21, 23, 30)) == utc(2026, 11, 22, 1, 0)
+    cal = Calendar.model_validate(example["calendar"], context={"base_dir": str(DATA), "now": utc(2026, 11, 1)})
+    assert cal.frozen(utc(2026, 12, 24, 12, 0)).name == "christmas, Christmas Eve"
+    assert cal.is_open(utc(2026, 12, 23, 12, 0)) and cal.closes_at(utc(2026, 12, 23, 12, 0)) == utc(2026, 12, 23, 16, 0)
+    assert cal.next_opening(utc(2026, 12, 23, 17, 0)) == utc(2026, 12, 29, 10, 0)
