@@ -132,8 +132,8 @@ class WeeklyWindow(_Strict):
     midnight into the next day; `start == end` lasts 24 hours (wall clock)."""
 
     days: list[Day] = Field(min_length=1, description="days the window opens: [sun], [mon-fri], 'sat,sun'")
-    start: str = Field(pattern=_HHMM, description="HH:MM wall-clock time in `timezone`")
-    end: str = Field(pattern=_HHMM, description="HH:MM; at or before start: the next day")
+    start: str = Field(description="HH:MM wall-clock time in `timezone`")
+    end: str = Field(description="HH:MM; at or before start: the next day")
     timezone: str = "UTC"
 
     _days = field_validator("days", mode="before")(_parse_days)
@@ -148,6 +148,8 @@ class WeeklyWindow(_Strict):
             return v.strftime("%H:%M")
         if isinstance(v, str) and re.match(r"^\d:[0-5]\d$", v.strip()):
             return "0" + v.strip()
+        if not isinstance(v, str) or not re.match(_HHMM, v):
+            raise ValueError(f"{v!r} is not a time of day HH:MM (00:00-23:59; quote it in YAML, e.g. \"02:00\")")
         return v
 
     # -- the occurrences ---------------------------------------------------------------------------------

@@ -533,9 +533,20 @@ async def _inventory_current(client: Client, desc: ScheduleDescription, inv: Inv
         return None
     try:
         (stored,) = await client.data_converter.decode(list(action.args), [dict])
-        return Inventory.model_validate(stored["inventory"]).model_dump(mode="json") == inv.model_dump(mode="json")
+        return _settings(Inventory.model_validate(stored["inventory"]).model_dump(mode="json")) == _settings(inv.model_dump(mode="json"))
     except Exception:  # an older or foreign input shape: say nothing rather than guess
         return None
+
+
+def _settings(dumped: object) -> object:
+    """An inventory as written: .ics freeze calendars are compared by file, not by the day they were expanded on."""
+    if isinstance(dumped, dict):
+        if "path" in dumped and "events" in dumped:
+            return {k: v for k, v in dumped.items() if k not in ("events", "covered_from", "covered_until")}
+        return {k: _settings(v) for k, v in dumped.items()}
+    if isinstance(dumped, list):
+        return [_settings(v) for v in dumped]
+    return dumped
 
 
 async def _outcomes(client: Client, recent: list[dict]) -> None:

@@ -217,3 +217,12 @@ def test_calendar_and_cron_together_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         _args(tmp_path, "m", "--procedure", "drill", "--calendar", "hour=3", "--cron", "0 3 * * *")
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_stored_inventory_is_compared_by_its_ics_files_not_the_day_they_were_expanded():
+    from starters.schedules import _settings
+
+    a = {"canary": {"freeze": {"ics": [{"path": "f.ics", "timezone": "UTC", "events": [1], "covered_from": "2026-11-01"}]}}}
+    b = {"canary": {"freeze": {"ics": [{"path": "f.ics", "timezone": "UTC", "events": [1, 2], "covered_from": "2026-11-20"}]}}}
+    assert _settings(a) == _settings(b)
+    assert _settings(a) != _settings({"canary": {"freeze": {"ics": [{"path": "g.ics", "timezone": "UTC", "events": []}]}}})
