@@ -76,14 +76,14 @@ def wall_to_instant(day: date, at: time, zone: ZoneInfo | timezone, last: bool =
         return max(first, second) if last else min(first, second)
     # In a gap: fold 0 reads it with the offset before the jump (later UTC), fold 1 with the one after.
     # The jump lies between them; find the first instant whose wall time is not before `naive`.
-    lo, hi = min(first, second), max(first, second)
-    while hi - lo > timedelta(seconds=1):
-        mid = lo + (hi - lo) / 2
-        if mid.astimezone(zone).replace(tzinfo=None) >= naive:
+    lo, hi = int(min(first, second).timestamp()), int(max(first, second).timestamp())  # whole seconds
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if datetime.fromtimestamp(mid, UTC).astimezone(zone).replace(tzinfo=None) >= naive:
             hi = mid
         else:
             lo = mid
-    return hi.replace(microsecond=0) if hi.microsecond else hi
+    return datetime.fromtimestamp(hi, UTC)
 
 
 def _merge(spans: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:

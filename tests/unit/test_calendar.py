@@ -316,3 +316,28 @@ def test_the_readme_example_is_valid():
     assert cal.frozen(utc(2026, 12, 24, 12, 0)).name == "christmas, Christmas Eve"
     assert cal.is_open(utc(2026, 12, 23, 12, 0)) and cal.closes_at(utc(2026, 12, 23, 12, 0)) == utc(2026, 12, 23, 16, 0)
     assert cal.next_opening(utc(2026, 12, 23, 17, 0)) == utc(2026, 12, 29, 10, 0)
+
+
+ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "America/Santiago", "Asia/Kolkata"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(instant=st.datetimes(min_value=datetime(2026, 1, 1), max_value=datetime(2028, 1, 1), timezones=st.just(UTC)),
+       days=st.lists(st.sampled_from(["mon", "tue", "wed", "thu", "fri", "sat", "sun"]), min_size=1, max_size=7),
+       start=st.integers(0, 24 * 60 - 1), end=st.integers(0, 24 * 60 - 1), zone=st.sampled_from(ZONES))
+def test_any_window_answers_agree_and_lasts_its_wall_clock_length_give_or_take_the_clock_change(instant, days, start, end, zone):
+    w = WeeklyWindow(days=days, start=f"{start // 60:02d}:{start % 60:02d}", end=f"{end // 60:02d}:{end % 60:02d}", timezone=zone)
+    opens = w.next_opening(instant)
+    assert w.is_open(instant) == (opens is None)
+    if opens is not None:
+        assert opens > instant and w.is_open(opens) and not w.is_open(opens - timedelta(seconds=1))
+        assert opens - instant <= timedelta(days=7, hours=1)
+        closes = w.closes_at(opens)
+        length = timedelta(minutes=(end - start) % (24 * 60) or 24 * 60)
+        if len(set(days)) == 1:  # one opening a week: no neighbour to join, so the span is one window
+            assert abs((closes - opens) - length) <= timedelta(hours=1)
+    else:
+        closes = w.closes_at(instant)
+        assert closes > instant and w.time_left(instant) == closes - instant
+        if not (len(set(days)) == 7 and start == end):  # only round-the-clock windows every day chain for ever
+            assert not w.is_open(closes)
