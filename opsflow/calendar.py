@@ -29,6 +29,7 @@ from typing import Any, Iterable, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from temporalio.exceptions import ApplicationError
 
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _FULL_DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
@@ -39,8 +40,12 @@ _HHMM = r"^([01]\d|2[0-3]):[0-5]\d$"
 UTC = timezone.utc
 
 
-class NeverOpens(ValueError):
-    """The calendar does not open within the search horizon (e.g. a freeze longer than a year)."""
+class NeverOpens(ApplicationError, ValueError):
+    """The calendar does not open within the search horizon (e.g. a freeze longer than a year). A procedure should
+    catch it and refuse; left uncaught in a workflow it fails the run (non-retryable) instead of retrying the task."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, type="NeverOpens", non_retryable=True)
 
 
 class _Strict(BaseModel):

@@ -206,8 +206,10 @@ def test_bad_freezes(fields, needle):
 
 def test_a_calendar_that_never_opens_says_so():
     cal = Calendar(freezes=[Freeze(name="forever", start=utc(2026, 1, 1), end=utc(2030, 1, 1))])
-    with pytest.raises(NeverOpens, match="does not open within 400 days"):
+    with pytest.raises(NeverOpens, match="does not open within 400 days") as exc:
         cal.next_opening(utc(2026, 6, 1))
+    # Uncaught in a workflow, it fails the run rather than retrying the workflow task for ever.
+    assert exc.value.non_retryable and exc.value.type == "NeverOpens" and isinstance(exc.value, ValueError)
 
 
 # -- .ics freeze calendars ---------------------------------------------------------------------------------
