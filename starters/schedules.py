@@ -435,6 +435,27 @@ def build_schedule(args) -> tuple[Inventory, str, Schedule, list[str]]:
     return inv, name, schedule, checked.warnings()
 
 
+def _show_dry_run(inv: Inventory, name: str, schedule: Schedule, warnings: list[str], args) -> int:
+    """What create would send. The run times are not shown: the server computes them once the schedule exists, and a
+    time computed here could disagree with it (create with --paused to see them before anything runs)."""
+    action = schedule.action
+    assert isinstance(action, ScheduleActionStartWorkflow)
+    out = {"name": name, "schedule_id": schedule_id(inv.environment, name), "environment": inv.environment,
+           "procedure": action.workflow, "workflow_id": f"{action.id}-<scheduled time>", "task_queue": action.task_queue,
+           "cron_sent": schedule.spec.cron_expressions[0], "timezone": schedule.spec.time_zone_name, "paused": schedule.state.paused,
+           "warnings": warnings, "next_action_times": None,
+           "why_no_times": "Temporal computes the run times when the schedule is created; create it with --paused to see them first"}
+    if args.json:
+        emit(out, True)
+        return 0
+    for w in warnings:
+        print(f"note: {w}")
+    print(f"would create schedule {name} ({out['schedule_id']}): {action.workflow} of {inv.environment}, runs as {out['workflow_id']}")
+    print(f"  spec sent to Temporal: {out['cron_sent']}  [{out['timezone']}]")
+    print(f"  next runs: {out['why_no_times']}")
+    return 0
+
+
 def _user() -> str:
     try:
         return getpass.getuser()
@@ -444,6 +465,8 @@ def _user() -> str:
 
 async def cmd_create(args, client: Client | None = None) -> int:
     inv, name, schedule, warnings = build_schedule(args)  # all checks first: nothing exists yet
+    if args.dry_run:
+        return _show_dry_run(inv, name, schedule, warnings, args)
     client = await _client(client)
     sid = schedule_id(inv.environment, name)
     memo = {"opsflow": {"name": name, "environment": inv.environment, "procedure": args.procedure,
@@ -786,7 +809,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     failure.add_argument("--keep-going", dest="pause_on_failure", action="store_false", help="a failed run alerts and the schedule goes on (default)")
     c.set_defaults(pause_on_failure=False)
     c.add_argument("--catchup-window", default="1d", help="how late a run missed while Temporal was down may still start (default 1d)")
-    c.add_argument("--paused", action="store_true", help="create it paused")
+    c.add_argument("--paused", action="store_true", help="create it paused (to look at the server's next run times first)")
+    c.add_argument("--dry-run", action="store_true", help="check and show what would be sent; create nothing (no run times: the server computes them)")
     c.add_argument("--note", help="a note shown with the schedule (and the reason given to each run)")
 
     cmd("list", "the environment's schedules", named=False)

@@ -226,3 +226,19 @@ def test_stored_inventory_is_compared_by_its_ics_files_not_the_day_they_were_exp
     b = {"canary": {"freeze": {"ics": [{"path": "f.ics", "timezone": "UTC", "events": [1, 2], "covered_from": "2026-11-20"}]}}}
     assert _settings(a) == _settings(b)
     assert _settings(a) != _settings({"canary": {"freeze": {"ics": [{"path": "g.ics", "timezone": "UTC", "events": []}]}}})
+
+
+async def test_dry_run_checks_and_shows_what_would_be_sent_without_temporal(tmp_path, capsys):
+    import json
+
+    from starters.schedules import cmd_create
+
+    args = _args(tmp_path, "monthly", "--procedure", "drill", "--calendar", "day_of_month=1 hour=3", "--timezone", "Europe/Berlin",
+                 "--dry-run", "--json")
+    assert await cmd_create(args, client=None) == 0  # no client: nothing is asked of Temporal
+    out = json.loads(capsys.readouterr().out)
+    assert out["cron_sent"] == "0 0 3 1 * * * # calendar: day_of_month=1 hour=3" and out["timezone"] == "Europe/Berlin"
+    assert out["workflow_id"] == "opsflow-unit-monthly-<scheduled time>" and out["next_action_times"] is None
+    assert "--paused" in out["why_no_times"]
+    with pytest.raises(CliError, match="hour=25"):
+        await cmd_create(_args(tmp_path, "m", "--procedure", "drill", "--calendar", "hour=25", "--dry-run"), client=None)
