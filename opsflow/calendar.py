@@ -147,12 +147,12 @@ class WeeklyWindow(_Strict):
     @field_validator("start", "end", mode="before")
     @classmethod
     def _hhmm(cls, v: Any) -> Any:
-        if isinstance(v, int) and not isinstance(v, bool):  # YAML reads an unquoted 02:00 as 120 (sexagesimal)
-            return f"{v // 60:02d}:{v % 60:02d}"
-        if isinstance(v, time):
-            return v.strftime("%H:%M")
-        if isinstance(v, str) and re.match(r"^\d:[0-5]\d$", v.strip()):
-            return "0" + v.strip()
+        if isinstance(v, int) and not isinstance(v, bool):  # YAML 1.1 reads an unquoted 22:30 as 1350 (base 60)
+            v = f"{v // 60:02d}:{v % 60:02d}"
+        elif isinstance(v, time):
+            v = v.strftime("%H:%M")
+        elif isinstance(v, str) and re.match(r"^\d:[0-5]\d$", v.strip()):
+            v = "0" + v.strip()
         if not isinstance(v, str) or not re.match(_HHMM, v):
             raise ValueError(f"{v!r} is not a time of day HH:MM (00:00-23:59; quote it in YAML, e.g. \"02:00\")")
         return v

@@ -138,6 +138,7 @@ def test_days_and_times_as_people_write_them():
         ({"timezone": "Mars/Olympus"}, "timezone", "unknown time zone 'Mars/Olympus'"),
         ({"start": "25:00"}, "start", "'25:00' is not a time of day HH:MM"),
         ({"end": "24:00"}, "end", "'24:00' is not a time of day HH:MM"),
+        ({"end": 1500}, "end", "'25:00' is not a time of day HH:MM"),  # YAML's unquoted 25:00
         ({"days": ["funday"]}, "days", "'funday' is not a day"),
         ({"days": []}, "days", "at least 1 item"),
         ({"until": "04:00"}, "until", "Extra inputs are not permitted"),
