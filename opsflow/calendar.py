@@ -305,7 +305,8 @@ class Freeze(_Strict):
         if self.weekly:
             return f"{self.name}: every {' and '.join(w.describe() for w in self.weekly)}"
         assert self.start is not None and self.end is not None
-        return f"{self.name}: {self.start.isoformat()} to {self.end.isoformat()}"
+        zone = _zone(self.timezone)
+        return f"{self.name}: {self.start.astimezone(zone):%Y-%m-%d %H:%M} to {self.end.astimezone(zone):%Y-%m-%d %H:%M} {self.timezone}"
 
 
 class FreezeEvent(_Strict):

@@ -176,6 +176,7 @@ def test_weekly_freeze_friday_noon_through_the_weekend():
 def test_inline_freeze_with_dates_covers_the_end_date():
     f = Freeze(name="holidays", start="2026-12-24", end="2026-12-26", timezone="Europe/Berlin")
     assert f.start == utc(2026, 12, 23, 23, 0) and f.end == utc(2026, 12, 26, 23, 0)
+    assert f.describe() == "holidays: 2026-12-24 00:00 to 2026-12-27 00:00 Europe/Berlin"
     cal = Calendar(freezes=[f])
     assert cal.is_open(utc(2026, 12, 23, 22, 59)) and not cal.is_open(utc(2026, 12, 26, 22, 0))
     assert cal.closes_at(utc(2026, 12, 20)) == utc(2026, 12, 23, 23, 0)
