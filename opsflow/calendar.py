@@ -31,6 +31,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from temporalio.exceptions import ApplicationError
 
+__all__ = ["Calendar", "Day", "Freeze", "FreezeCalendar", "FreezeEvent", "FreezeHit", "ICS_HORIZON_DAYS", "NeverOpens",
+           "SEARCH_DAYS", "WeeklyWindow", "load_ics", "wall_to_instant"]
+
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _FULL_DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
