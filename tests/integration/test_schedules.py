@@ -215,6 +215,16 @@ async def test_a_calendar_that_never_fires_is_refused_by_the_servers_answer(cli,
     assert not await exists(client, schedule_id(inventory.environment, "leap"))
 
 
+async def test_a_spec_the_server_refuses_is_bad_input_and_creates_nothing(cli, client, inventory, monkeypatch):
+    # Past our own checks (stood aside here), the server's parser has the last word.
+    import starters.schedules as schedules
+
+    monkeypatch.setattr(schedules, "check_calendar", lambda text: schedules.CheckedSpec("0 0 25 * * * * # calendar: hour=25", text, {}))
+    msg = await cli.fails("create", "refused", "--procedure", "drill", "--calendar", "hour=25")
+    assert msg.startswith("Temporal refused the schedule:") and "Hour is not in range" in msg
+    assert not await exists(client, schedule_id(inventory.environment, "refused"))
+
+
 async def test_weekly_maintenance_runs_under_the_environment_id(cli, client, inventory, monkeypatch):
     # The maintenance procedure is another module's; its input has the agreed shape.
     import sys
