@@ -9,13 +9,14 @@ where a secret lives (``SecretRef``); activities fetch it on the worker.
 from __future__ import annotations
 
 import re
-from datetime import datetime, time as dtime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal, Union
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from opsflow.calendar import WeeklyWindow
 
 
 class InventoryError(ValueError):
@@ -305,53 +306,15 @@ class ReportStore(Strict):
     s3: S3Location | None = None
 
 
-_DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-
-
-class TimeWindow(Strict):
-    """A weekly window, e.g. Sunday 02:00-04:00 UTC (end before start: the window spans midnight)."""
-
-    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(min_length=1)
-    start: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
-    end: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
-    timezone: str = "UTC"
-
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r}") from None
-        return v
-
-    def next_opening(self, now: datetime) -> datetime | None:
-        """None when `now` is inside the window, else when it next opens (aware datetimes)."""
-        tz = ZoneInfo(self.timezone)
-        local = now.astimezone(tz)
-        sh, sm = map(int, self.start.split(":"))
-        eh, em = map(int, self.end.split(":"))
-        length = ((eh * 60 + em) - (sh * 60 + sm)) % (24 * 60) or 24 * 60
-        for back in (0, 1):  # a window is at most a day long: it opened today or yesterday
-            day = (local - timedelta(days=back)).date()
-            if _DAYS[day.weekday()] not in self.days:
-                continue
-            opens = datetime.combine(day, dtime(sh, sm), tz)
-            if opens <= local < opens + timedelta(minutes=length):
-                return None
-        for ahead in range(0, 8):
-            day = (local + timedelta(days=ahead)).date()
-            opens = datetime.combine(day, dtime(sh, sm), tz)
-            if _DAYS[day.weekday()] in self.days and opens > local:
-                return opens.astimezone(now.tzinfo)
-        raise ValueError("window never opens")
+# The failback's low-traffic window is the calendar module's weekly window (the old name stays for callers).
+TimeWindow = WeeklyWindow
 
 
 class FailbackPolicy(Strict):
     rebuild_timeout: Seconds = 6 * 3600
     catch_up_timeout: Seconds = 6 * 3600
     # The low-traffic window for the switch back; none: as soon as it is approved.
-    window: TimeWindow | None = None
+    window: WeeklyWindow | None = None
 
     _d = field_validator("rebuild_timeout", "catch_up_timeout", mode="before")(parse_duration)
 
@@ -426,6 +389,7 @@ def load_inventory(path: str | Path) -> Inventory:
     if not isinstance(raw, dict):
         raise InventoryError(f"inventory {p} must be a mapping at the top level")
     try:
-        return Inventory.model_validate(raw)
+        # .ics freeze calendars named in the file are read (relative to it) and expanded now, not in a workflow.
+        return Inventory.model_validate(raw, context={"base_dir": str(p.resolve().parent)})
     except ValidationError as e:
         raise InventoryError(f"inventory {p} is invalid:\n{_format_errors(e)}") from None
