@@ -4,8 +4,9 @@ from activities import database, http_checks, kubernetes, notify, reports, resto
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
+from workflows.scheduled import ScheduledLaunch
 
-WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow]
+WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, ScheduledLaunch]
 
 # Activities that act on one region run on that region's queue, so a dead region cannot stall the rest.
 REGION_ACTIVITIES = [
