@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from opsflow.calendar import WeeklyWindow
 from opsflow.secret_scan import plaintext_secrets
+from opsflow.signing import check_public_key
 
 
 class InventoryError(ValueError):
@@ -202,6 +203,8 @@ class Person(Strict):
 
     name: str = Field(min_length=1)
     ssh_key: str | None = Field(default=None, description="OpenSSH public key, e.g. 'ssh-ed25519 AAAA... bob@laptop'")
+
+    _k = field_validator("ssh_key")(lambda v: v if v is None else check_public_key(v))  # a usable key, or the field is named
 
 
 People = list[Union[str, Person]]
