@@ -100,7 +100,11 @@ def public_key_blob(line: str) -> bytes:
         blob = base64.b64decode(parts[1], validate=True)
     except ValueError:
         raise ValueError("not an SSH public key (the key part is not base64)") from None
-    if _Reader(blob).string().decode(errors="replace") != parts[0]:
+    try:
+        kind = _Reader(blob).string().decode(errors="replace")
+    except ValueError:
+        raise ValueError("not an SSH public key (the key data is truncated: copy the whole line of the .pub file)") from None
+    if kind != parts[0]:
         raise ValueError(f"not an SSH public key (the key is not of type {parts[0]})")
     return blob
 
