@@ -140,6 +140,15 @@ async def test_encrypted_history_holds_no_host_names_and_the_codec_server_decode
         for secret in names:
             assert secret not in text, f"{name} holds {secret!r} in clear text"
 
+    # A person's CLI pointed at the encrypted lab (no key configured, no address): it finds the lab's key.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in lab.env().items() if k not in ("OPSFLOW_CODEC_KEY_FILE", "TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE")}
+    shown = subprocess.run([sys.executable, "-m", "starters.cli", "report", report["workflow_id"], "--json"], capture_output=True,
+                           text=True, env=env, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "planned", shown.stderr
+
     # The UI's view: the started event's input through the codec server.
     client = await Client.connect(lab.state["temporal"]["address"])
     history = await client.get_workflow_handle(report["workflow_id"]).fetch_history()
