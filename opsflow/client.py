@@ -36,6 +36,8 @@ from opsflow.temporal import DATA_CONVERTER, OPS_ENVIRONMENT, OPS_PROCEDURE, OPS
 # Procedures that are themselves the emergency path: an emergency start never cancels them.
 NOT_PREEMPTIBLE = frozenset({"failover", "failback"})
 PREEMPT_TIMEOUT = timedelta(minutes=10)
+# What a Schedule starts (workflows/scheduled.py): it starts the procedure as a child under the lock id.
+LAUNCHERS = frozenset({"scheduled"})
 
 # The report model per procedure name (a new procedure adds its report type here).
 REPORT_TYPES: dict[str, type[ProcedureReport]] = {"failover": FailoverReport, "failback": FailbackReport, "drill": DrillReport}
@@ -119,6 +121,22 @@ def inventory_paths(given: Iterable[str] | None, say: Callable[[str], None] = _s
     return paths or [inventory_path(None, say)]
 
 
+def data_converter(target_host: str | None = None):
+    """The pydantic converter, encrypting payloads (opsflow/codec.py) when a codec key is configured
+    (OPSFLOW_CODEC_KEY / OPSFLOW_CODEC_KEY_FILE), or when talking to a lab started with --encrypt (its key
+    file). The CLI and the worker both use this."""
+    import dataclasses
+
+    from opsflow.codec import KEY_FILE_ENV, codec_from_env
+
+    codec = codec_from_env()
+    if codec is None:
+        lab = lab_state()
+        if lab and lab.get("codec") and target_host == lab["temporal"]["address"]:
+            codec = codec_from_env({KEY_FILE_ENV: lab["codec"]["key_file"]})
+    return dataclasses.replace(DATA_CONVERTER, payload_codec=codec) if codec else DATA_CONVERTER
+
+
 def connect_config() -> dict:
     """Where to connect, from the standard places: a Temporal envconfig profile (TEMPORAL_CONFIG_FILE,
     TEMPORAL_PROFILE) and the TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE / TEMPORAL_API_KEY / TLS variables.
@@ -138,11 +156,12 @@ async def connect(address: str | None = None, namespace: str | None = None, runt
     `runtime` carries the worker's metrics."""
     extra = {"runtime": runtime} if runtime is not None else {}
     if address:
-        return await Client.connect(address, namespace=namespace or "default", data_converter=DATA_CONVERTER, **extra)
+        return await Client.connect(address, namespace=namespace or "default", data_converter=data_converter(address), **extra)
     config = connect_config()
     if namespace:
         config["namespace"] = namespace
-    return await Client.connect(config.pop("target_host"), data_converter=DATA_CONVERTER, **config, **extra)
+    target = config.pop("target_host")
+    return await Client.connect(target, data_converter=data_converter(target), **config, **extra)
 
 
 # -- starting under the environment's lock --------------------------------------------------------------------
@@ -190,8 +209,8 @@ async def running_procedures(client: Client, environment: str, exclude: str | No
     found = []
     try:
         async for wf in client.list_workflows(query, limit=20):
-            if wf.id == exclude or wf.parent_id:
-                continue  # children run under their parent's lock
+            if wf.id == exclude or wf.parent_id or wf.workflow_type in LAUNCHERS:
+                continue  # children run under their parent's lock; a launcher's child holds the lock id itself
             handle = client.get_workflow_handle(wf.id, run_id=wf.run_id)
             if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
                 found.append(handle)
@@ -230,12 +249,13 @@ async def _preempt(handle: WorkflowHandle, procedure: str, timeout: timedelta) -
 
 
 async def start_procedure(client: Client, inv: Inventory, procedure: str, arg: Any, summary: str, workflow_id: str | None = None,
-                          preempt: bool = False, preempt_timeout: timedelta = PREEMPT_TIMEOUT) -> ProcedureHandle:
+                          preempt: bool = False, preempt_timeout: timedelta = PREEMPT_TIMEOUT, memo: dict | None = None) -> ProcedureHandle:
     """Start `procedure` (its registered workflow name) with its input model `arg` on the environment's lock.
 
     Another procedure running on the environment: `ProcedureRunning` (exit 3). With `preempt` (the emergency
     failover), a running procedure that is not itself a failover/failback is cancelled, waited for (bounded by
-    `preempt_timeout`), and the start retried; the handle's `preempted` lists what was cancelled."""
+    `preempt_timeout`), and the start retried; the handle's `preempted` lists what was cancelled. `memo`: e.g. the
+    requester's signature over the start (opsflow/signing.py's start_memo)."""
     wid = workflow_id or environment_workflow_id(inv)
     requester, reason = getattr(arg, "requester", ""), getattr(arg, "reason", "")
     preempted: list[Preempted] = []
@@ -244,7 +264,7 @@ async def start_procedure(client: Client, inv: Inventory, procedure: str, arg: A
         if not holders:
             try:
                 started = await client.start_workflow(
-                    procedure, arg, id=wid, task_queue=inv.task_queue,
+                    procedure, arg, id=wid, task_queue=inv.task_queue, memo=memo or None,
                     id_conflict_policy=WorkflowIDConflictPolicy.FAIL, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
                     static_summary=summary, static_details=f"requested by {requester}" + (f": {reason}" if reason else ""),
                     search_attributes=procedure_search_attributes(procedure, inv.environment),
@@ -415,14 +435,14 @@ class ProcedureStatus:
         return d
 
 
-async def _started_queues(handle: WorkflowHandle) -> list[str]:
+async def _started_queues(client: Client, handle: WorkflowHandle) -> list[str]:
     """The region task queues of the inventory the procedure was started with (its first history event)."""
     try:
         async for event in handle.fetch_history_events(page_size=1):
             payloads = event.workflow_execution_started_event_attributes.input.payloads
             if not payloads:
                 return []
-            arg = (await DATA_CONVERTER.decode(payloads[:1], [dict]))[0]
+            arg = (await client.data_converter.decode(payloads[:1], [dict]))[0]  # the codec's, if payloads are encrypted
             inv = Inventory.model_validate(arg["inventory"])
             return [inv.region_queue(r) for r in inv.regions]
     except Exception:  # an input without an inventory: the workflow's own queue is still checked
@@ -442,7 +462,7 @@ async def describe_status(client: Client, workflow_id: str, query_timeout: float
         closed_at=desc.close_time.isoformat() if desc.close_time else None)
     if running:
         st.queues.append(await queue_state(client, desc.task_queue, "workflow"))
-        for q in await _started_queues(handle):
+        for q in await _started_queues(client, handle):
             st.queues.append(await queue_state(client, q, "activity"))
         for pa in desc.raw_description.pending_activities:
             st.pending_activities.append({

@@ -19,12 +19,21 @@ from temporalio.service import RPCError
 
 from opsflow.client import (ClientError, ProcedureStatus, connect, describe_status, fetch_report, follow, get_handle, inventory_path,
                             list_procedures, start_procedure)
+from opsflow.codec import CodecConfigError
 from opsflow.inventory import Inventory, InventoryError, load_inventory
 from opsflow.models import ProcedureReport
 from opsflow.report import ProgressLines, figures, headline, to_markdown, to_text
+from opsflow.signing import start_memo
 from starters.common import CliError, emit
+from starters.security import SigningFailed, add_key_argument, request_signature, start_signature
+from starters.security import add_commands as security_commands, run_command as security_command
 
 TERMINAL_OK = {"succeeded", "planned"}
+
+
+def signed_start(inv: Inventory, procedure: str, inp, args) -> dict | None:
+    """The start's memo: the requester's signature over what is started (issue 11), when the inventory asks."""
+    return start_memo(start_signature(inv, procedure, inp.requester, inp.reason or "", args.key)) or None
 
 
 async def follow_printing(handle: WorkflowHandle, as_json: bool) -> int:
@@ -57,7 +66,7 @@ async def cmd_failover(args) -> int:
     client = await connect()
     # An emergency preempts routine work (a maintenance window, a canary, a drill): cancelled with its undo first.
     handle = await start_procedure(client, inv, "failover", inp, f"{kind}{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}",
-                                   preempt=args.emergency and not args.dry_run)
+                                   preempt=args.emergency and not args.dry_run, memo=signed_start(inv, "failover", inp, args))
     for p in handle.preempted:
         print(f"preempted {p.workflow_id} ({p.procedure}): {p.outcome}", file=sys.stderr)
     needs_approval = not inp.dry_run and (not args.emergency or inv.approval.emergency_requires_approval)
@@ -90,7 +99,8 @@ async def cmd_failback(args) -> int:
     requester = args.requester or getpass.getuser()
     inp = FailbackInput(inventory=inv, to_region=args.to, dry_run=args.dry_run, requester=requester, reason=args.reason or "")
     client = await connect()
-    handle = await start_procedure(client, inv, "failback", inp, f"Failback{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}")
+    handle = await start_procedure(client, inv, "failback", inp, f"Failback{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}",
+                                   memo=signed_start(inv, "failback", inp, args))
     return await run_started(handle, args, f"failback to {args.to}, requested by {requester}; approval comes after the replica has caught up", None if args.dry_run else approver_for(inv, requester))
 
 
@@ -118,7 +128,8 @@ async def cmd_drill(args) -> int:
     inp = DrillInput(inventory=inv, source_region=args.source, point_in_time=point, dry_run=args.dry_run, requester=requester, reason=args.reason or "")
     client = await connect()
     # Under the environment's lock like every procedure: one drill (or anything else) per environment at a time.
-    handle = await start_procedure(client, inv, "drill", inp, f"Restore drill{' (dry run)' if args.dry_run else ''} of {inv.environment}")
+    handle = await start_procedure(client, inv, "drill", inp, f"Restore drill{' (dry run)' if args.dry_run else ''} of {inv.environment}",
+                                   memo=signed_start(inv, "drill", inp, args))
     return await run_started(handle, args, f"restore drill of {inv.environment}", None)
 
 
@@ -128,7 +139,10 @@ async def cmd_update(args) -> int:
     client = await connect()
     handle = await get_handle(client, args.workflow_id)
     try:
-        result = await handle.execute_update(args.command, Request(by=args.as_, reason=args.reason or ""), result_type=dict if args.command in ("approve", "reject") else str)
+        signed = await request_signature(handle, action=args.command, name=args.as_, reason=args.reason or "", key_path=args.key,
+                                         gate_id=getattr(args, "gate", None))  # issue 11
+        result = await handle.execute_update(args.command, Request(by=args.as_, reason=args.reason or "", **signed),
+                                             result_type=dict if args.command in ("approve", "reject") else str)
     except WorkflowUpdateFailedError as e:
         cause = e.cause
         raise CliError(f"{args.command} refused: {cause.message if isinstance(cause, ApplicationError) else cause}", 1) from None
@@ -237,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--requester", help="who asks (default: your login)")
     f.add_argument("--reason")
     f.add_argument("--wait", action="store_true", help="follow progress until the end")
+    add_key_argument(f)
 
     fb = common(sub.add_parser("failback", help="return to a recovered region: rebuild its replica, catch up, approve, fail over back"))
     fb.add_argument("--env", help="inventory YAML (default: the running lab's)")
@@ -245,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--requester")
     fb.add_argument("--reason")
     fb.add_argument("--wait", action="store_true")
+    add_key_argument(fb)
 
     d = common(sub.add_parser("drill", help="restore test: restore a backup to a scratch target, verify it, delete it"))
     d.add_argument("--env", help="inventory YAML (default: the running lab's)")
@@ -254,12 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--requester")
     d.add_argument("--reason")
     d.add_argument("--wait", action="store_true")
+    add_key_argument(d)
 
     for name in ("approve", "reject", "pause", "resume", "abort", "override"):
         u = common(sub.add_parser(name, help="override a failback's window wait" if name == "override" else f"{name} a running procedure"))
         u.add_argument("workflow_id")
         u.add_argument("--as", dest="as_", required=True, metavar="NAME")
         u.add_argument("--reason", required=(name == "reject"))
+        add_key_argument(u)
 
     s = common(sub.add_parser("status", help="progress of a procedure"))
     s.add_argument("workflow_id")
@@ -275,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     from starters.schedules import add_arguments as schedule_arguments
 
     schedule_arguments(sub.add_parser("schedule", help="procedures on a Temporal Schedule: create, list, describe, pause, trigger, backfill, delete"))
+    security_commands(sub)  # verify-report, codec-key, codec-server (starters/security.py)
     return p
 
 
@@ -308,11 +327,13 @@ def main(argv: list[str] | None = None) -> int:
             from worker.main import run_from_args
 
             return run_from_args(args)
+        if (code := security_command(args)) is not None:
+            return code
         return asyncio.run(COMMANDS[args.command](args))
     except ClientError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
-    except InventoryError as e:
+    except (InventoryError, SigningFailed, CodecConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RPCError as e:
