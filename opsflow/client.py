@@ -284,6 +284,8 @@ async def start_procedure(client: Client, inv: Inventory, procedure: str, arg: A
                                    f"one at a time per environment{why} (exit 3)", holder.id)
         _stderr(f"preempting {holder.id} ({what}): cancelling it with its undo before the {procedure}")
         preempted.append(await _preempt(holder, kind, preempt_timeout))
+        if hasattr(arg, "preempted"):  # an input that records what it preempted carries it into its report
+            arg = arg.model_copy(update={"preempted": [f"{p.workflow_id} ({p.procedure}, {p.outcome})" for p in preempted]})
     raise ProcedureRunning(f"environment {inv.environment} keeps getting new procedures; could not take its lock", wid)
 
 

@@ -24,6 +24,7 @@ class Arg(BaseModel):
     reason: str = "test"
     undo_seconds: float = 1
     ignore_cancel: bool = False
+    preempted: list[str] = []  # an input with this field learns what its start preempted
 
 
 async def hold_until_cancelled(arg: Arg) -> str:
@@ -47,6 +48,14 @@ class StandInMaintenance:
 
 @workflow.defn(name="failover", sandboxed=False)
 class StandInFailover:
+    @workflow.init
+    def __init__(self, arg: Arg) -> None:
+        self.arg = arg
+
+    @workflow.query
+    def started_with(self) -> Arg:
+        return self.arg
+
     @workflow.run
     async def run(self, arg: Arg) -> str:
         return await hold_until_cancelled(arg)
@@ -85,6 +94,8 @@ async def test_an_emergency_preempts_routine_work_after_its_undo(lock_env, inven
     new = await emergency.describe()
     assert old.status == WorkflowExecutionStatus.CANCELED and new.status == WorkflowExecutionStatus.RUNNING
     assert old.close_time <= new.start_time  # the undo finished before the emergency began
+    started_with = await emergency.query(StandInFailover.started_with)
+    assert started_with.preempted == [f"{routine.id} (maintenance, canceled)"]
     await emergency.terminate()
 
 
