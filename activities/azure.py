@@ -49,7 +49,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from temporalio import activity
-from activities.context import heartbeat as _heartbeat, time_limit as _time_budget
+from activities.context import check_cancelled, heartbeat as _heartbeat, sleep_or_cancelled as _sleep, time_limit as _time_budget
 from temporalio.exceptions import ApplicationError
 
 from activities.postgres import connect, end_other_sessions, sql_check_writable, sql_status, where
@@ -86,6 +86,7 @@ LATEST_RESTORE_MARGIN = 60.0
 # we first looked for it is gone (its restore failed and ARM removed it, or someone deleted it).
 SCRATCH_MISSING_GRACE = 30.0
 SCRATCH_TAG = "opsflow-scratch"  # value: the environment; only servers with it are listed or deleted
+SCRATCH_RUN_TAG = "opsflow-run"  # value: the drill run that made it; leftover cleanup spares the current run's
 SCRATCH_SOURCE_TAG = "opsflow-source"
 SCRATCH_POINT_TAG = "opsflow-restore-point"
 LAB_PORT_TAG = "opsflow-lab-port"
@@ -235,6 +236,7 @@ def _wait_poller(poller: Any, what: str, deadline: float) -> Any:
     while not poller.done():
         waited = time.monotonic() - started
         _heartbeat({"phase": what, "operation": poller.status(), "waited_seconds": round(waited, 1)})
+        check_cancelled(what)  # the operation goes on in Azure; whoever comes next finds it by the resource's state
         if time.monotonic() > deadline:
             raise ApplicationError(f"{what}: the ARM operation is still {poller.status()} after {waited:.0f}s", type="AzureOperationTimeout")
         poller.wait(timeout=1.0)
@@ -363,6 +365,11 @@ class AzureFlexibleServer:
             return status.model_copy(update={"error": f"{status.error}; {note}" if status.error else note})
         return status.model_copy(update={"cloud_state": _get(server, "properties", "state"), "cloud_role": self._role(server)})
 
+    def cloud_state(self) -> str | None:
+        """One control-plane read: the server's state and role in ARM (e.g. 'Ready, AsyncReplica')."""
+        server = self.server()
+        return ", ".join(x for x in (_get(server, "properties", "state"), self._role(server)) if x) or None
+
     def fence(self) -> None:
         """Azure's fence: default_transaction_read_only=on through ARM, then end the open sessions over SQL."""
         deadline = time.monotonic() + _time_budget(300.0)
@@ -386,7 +393,7 @@ class AzureFlexibleServer:
                 raise ApplicationError(f"{self.resource}: default_transaction_read_only is still {'off' if want else 'on'} "
                                        f"over SQL after ARM reported the change", type="FenceIncomplete")
             _heartbeat("waiting for the parameter to reach new sessions")
-            time.sleep(0.1)
+            _sleep(0.1)
 
     def _end_sessions(self) -> None:
         """End the other client sessions so that none keeps a read-write transaction (walsenders stay).
@@ -453,7 +460,7 @@ class AzureFlexibleServer:
             if time.monotonic() > deadline:
                 raise ApplicationError(f"{self.resource}: still Updating (another operation runs on it)", type="AzureConflict")
             _heartbeat({"phase": "waiting for a running operation on the server", "state": state})
-            time.sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+            _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
 
     def _wait_writable(self, deadline: float, t0: float) -> None:
         while True:
@@ -465,7 +472,7 @@ class AzureFlexibleServer:
                     raise
                 last = e.message
             _heartbeat({"phase": "waiting for a write to commit", "waited_seconds": round(time.monotonic() - t0, 1), "last": last})
-            time.sleep(0.2)
+            _sleep(0.2)
 
     def check_writable(self) -> None:
         sql_check_writable(self.db, region=self.target.region)
@@ -552,7 +559,7 @@ class AzureFlexibleServer:
             if time.monotonic() > deadline:
                 raise ApplicationError(f"{self.resource}: still {state} (another operation runs on it)", type="AzureConflict")
             _heartbeat({"phase": "waiting for a running operation on the server", "state": state})
-            time.sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+            _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
 
     def _wait_streaming(self, deadline: float, t0: float) -> None:
         """Wait until the server is a replica whose WAL receiver streams (over SQL), heartbeating."""
@@ -564,7 +571,7 @@ class AzureFlexibleServer:
             if time.monotonic() > deadline:
                 raise ApplicationError(f"{self.resource}: created as a read replica, but not streaming over SQL ({seen})", type="ReplicaNotStreaming")
             _heartbeat({"phase": "waiting for the replica to stream", "seen": seen, "waited_seconds": round(time.monotonic() - t0, 1)})
-            time.sleep(0.2)
+            _sleep(0.2)
 
 
 # -- restore drills: point-in-time restore into a scratch server -------------------------------------------------
@@ -597,7 +604,8 @@ class AzurePointInTimeRestore:
         self.request = request
         self.db: AzureFlexibleDatabase = db
         self.conn = request.source.azure or AzureConnection()
-        self.environment = request.source.environment
+        self.environment = request.scratch_environment
+        self.run_id = request.run_id
         self._client: Any = None
         self._missing_since: dict[str, float] = {}
 
@@ -653,7 +661,8 @@ class AzurePointInTimeRestore:
         body = {
             "location": _get(source, "location"),
             "properties": {"createMode": "PointInTimeRestore", "sourceServerResourceId": _get(source, "id"), "pointInTimeUTC": _iso(point)},
-            "tags": {SCRATCH_TAG: self.environment, SCRATCH_SOURCE_TAG: self.db.server_name, SCRATCH_POINT_TAG: _iso(point)},
+            "tags": {SCRATCH_TAG: self.environment, SCRATCH_SOURCE_TAG: self.db.server_name, SCRATCH_POINT_TAG: _iso(point),
+                     **({SCRATCH_RUN_TAG: self.run_id} if self.run_id else {})},
         }
         with _arm(what):
             # polling=False: the initial PUT only. ARM goes on restoring; restore.wait follows it with status().
@@ -699,14 +708,17 @@ class AzurePointInTimeRestore:
             if time.monotonic() > deadline:
                 raise ApplicationError(f"{what}: still {state} after {waited:.0f}s", type="AzureOperationTimeout")
             _heartbeat({"phase": "waiting to delete the scratch server", "state": state, "waited_seconds": round(waited, 1)})
-            time.sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+            _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
             server = self._get(name)
 
     def list_scratch(self, prefix: str) -> list[str]:
+        return sorted(self.scratch_runs(prefix))
+
+    def scratch_runs(self, prefix: str) -> dict[str, str | None]:
         with _arm(f"list the flexible servers of resource group {self.db.resource_group}"):
             servers = list(self.client.servers.list_by_resource_group(self.db.resource_group))
-        return sorted(_get(s, "name") for s in servers
-                      if (_get(s, "name") or "").startswith(prefix) and _tags(s).get(SCRATCH_TAG) == self.environment)
+        return {_get(s, "name"): _tags(s).get(SCRATCH_RUN_TAG) for s in servers
+                if (_get(s, "name") or "").startswith(prefix) and _tags(s).get(SCRATCH_TAG) == self.environment}
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _check_scratch(self, server: Any, name: str) -> None:
@@ -916,4 +928,4 @@ class AzureTrafficManagerRouter:
                                        type="EndpointNotOnline")
             _heartbeat({"phase": "waiting for the endpoint to be Online", "endpoint": _get(e, "name"), "monitor_status": monitor,
                         "waited_seconds": round(waited, 1)})
-            time.sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+            _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import psycopg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import postgres
+from activities.context import Backoff, Every, sleep_or_cancelled
 from activities.providers import database_provider
 from opsflow.models import RebuildRequest, RebuildResult, CatchUpRequest, CatchUpResult, DbStatus, PromoteRequest, PromoteResult, RegionTarget, lsn_to_int
 
@@ -44,39 +48,118 @@ def db_check_writable(target: RegionTarget) -> None:
 def db_wait_caught_up(request: CatchUpRequest) -> CatchUpResult:
     """Wait until the replica has replayed the primary's WAL up to its current position (LSN compare).
 
-    Heartbeats the remaining bytes so the UI shows them falling. Raises a non-retryable
+    Cheap for waits of hours: the LSNs are read over ONE SQL connection per server, kept for the whole wait,
+    polled with backoff (0.2 s growing to 2 s); the cloud's control plane (ARM GET, DescribeDBInstances) is
+    read at most every `control_plane_interval` seconds. A database without a SQL DSN (RDS without one) is
+    read through its provider at that interval only. Heartbeats the remaining bytes on every poll, and stops
+    within one poll when cancelled (CancelledError; nothing to undo: it only reads). Raises a non-retryable
     CatchUpTimeout when the bound passes: retrying would only wait longer than the runbook allows."""
-    primary, replica = database_provider(request.primary), database_provider(request.replica)
-    started = time.monotonic()
-    while True:
-        p, r = primary.status(), replica.status()
-        for s in (p, r):
-            if not s.reachable:
-                raise ApplicationError(f"{s.region}: database unreachable: {s.error}", type="Unreachable")
-        if r.role != "replica":
-            raise ApplicationError(f"{r.region}: is not a replica any more (role {r.role})", type="NotReplica", non_retryable=True)
-        primary_lsn = lsn_to_int(p.current_lsn) or 0
-        replay_lsn = lsn_to_int(r.replay_lsn) or 0
-        lag = max(primary_lsn - replay_lsn, 0)
-        waited = time.monotonic() - started
-        if activity.in_activity():
-            activity.heartbeat({"lag_bytes": lag, "waited_seconds": round(waited, 1)})
-        if lag <= request.max_lag_bytes:
-            return CatchUpResult(
-                primary_lsn=p.current_lsn or "0/0",
-                replay_lsn=r.replay_lsn or "0/0",
-                lag_bytes=lag,
-                replay_delay_seconds=r.replay_delay_seconds,
-                waited_seconds=waited,
-            )
-        if waited > request.timeout_seconds:
-            raise ApplicationError(
-                f"{r.region} still {lag} bytes behind {p.region} after {waited:.0f}s",
-                {"lag_bytes": lag},
-                type="CatchUpTimeout",
-                non_retryable=True,
-            )
-        time.sleep(0.2)
+    waiter = _CatchUpWaiter(request)
+    try:
+        return waiter.run()
+    finally:
+        waiter.close()
+
+
+class _CatchUpWaiter:
+    def __init__(self, request: CatchUpRequest):
+        self.request = request
+        self.sides = {"primary": request.primary, "replica": request.replica}
+        self.providers = {k: database_provider(t) for k, t in self.sides.items()}
+        self.conns: dict[str, Any] = {}
+        self.control_plane = Every(request.control_plane_interval)
+        self.control_plane_reads = 0
+        self.polls = 0
+        self.cloud: dict[str, str | None] = {}
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+        self.conns.clear()
+
+    def _sql_status(self, side: str) -> DbStatus | None:
+        """The SQL status over the kept connection (reconnecting once it broke); None: no DSN for this side."""
+        target = self.sides[side]
+        db = target.database
+        if not getattr(db, "dsn", None):
+            return None
+        conn = self.conns.get(side)
+        if conn is None or conn.closed or conn.broken:
+            self.conns.pop(side, None)
+            try:
+                conn = self.conns[side] = postgres.open_status_connection(db)
+            except ApplicationError as e:
+                if e.non_retryable:
+                    raise
+                return DbStatus(region=target.region, reachable=False, error=e.message)
+        try:
+            return postgres.sql_status_on(conn, db, target.region)
+        except psycopg.Error as e:
+            self.conns.pop(side, None)
+            conn.close()
+            return DbStatus(region=target.region, reachable=False, error=f"database {postgres.where(db)}: {str(e).strip()}")
+
+    def _status(self, side: str, control_plane: bool) -> DbStatus | None:
+        st = self._sql_status(side)
+        if st is None:  # no SQL: the provider's status (control plane) is all there is, within the budget
+            if not control_plane and side in self.last:
+                return self.last[side]
+            self.control_plane_reads += 1
+            return self.providers[side].status()
+        if control_plane:
+            cloud = getattr(self.providers[side], "cloud_state", None)
+            if cloud is not None:
+                self.control_plane_reads += 1
+                try:
+                    self.cloud[side] = cloud()
+                except ApplicationError as e:
+                    if e.non_retryable:
+                        raise
+                    self.cloud[side] = f"control plane: {e.message}"
+        return st.model_copy(update={"cloud_state": self.cloud.get(side)}) if self.cloud.get(side) else st
+
+    def run(self) -> CatchUpResult:
+        request = self.request
+        started = time.monotonic()
+        backoff = Backoff(0.2, 2.0)
+        self.last: dict[str, DbStatus] = {}
+        while True:
+            control_plane = self.control_plane.due()
+            p, r = self._status("primary", control_plane), self._status("replica", control_plane)
+            self.last = {"primary": p, "replica": r}
+            self.polls += 1
+            for s in (p, r):
+                if not s.reachable:
+                    raise ApplicationError(f"{s.region}: database unreachable: {s.error}", type="Unreachable")
+            if r.role != "replica":
+                raise ApplicationError(f"{r.region}: is not a replica any more (role {r.role})", type="NotReplica", non_retryable=True)
+            primary_lsn = lsn_to_int(p.current_lsn) or 0
+            replay_lsn = lsn_to_int(r.replay_lsn) or 0
+            lag = max(primary_lsn - replay_lsn, 0)
+            waited = time.monotonic() - started
+            if lag <= request.max_lag_bytes:
+                return CatchUpResult(
+                    primary_lsn=p.current_lsn or "0/0",
+                    replay_lsn=r.replay_lsn or "0/0",
+                    lag_bytes=lag,
+                    replay_delay_seconds=r.replay_delay_seconds,
+                    waited_seconds=waited,
+                    polls=self.polls,
+                    control_plane_reads=self.control_plane_reads,
+                )
+            if waited > request.timeout_seconds:
+                raise ApplicationError(
+                    f"{r.region} still {lag} bytes behind {p.region} after {waited:.0f}s",
+                    {"lag_bytes": lag},
+                    type="CatchUpTimeout",
+                    non_retryable=True,
+                )
+            sleep_or_cancelled(backoff.next(), {"lag_bytes": lag, "waited_seconds": round(waited, 1), "polls": self.polls,
+                                                "control_plane_reads": self.control_plane_reads},
+                               what=f"catch-up of {r.region}")
 
 
 @activity.defn(name="db.rebuild_replica")

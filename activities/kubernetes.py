@@ -27,7 +27,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import ConfigException, load_incluster_config, new_client_from_config
 from temporalio import activity
-from activities.context import heartbeat as _heartbeat
+from activities.context import heartbeat as _heartbeat, sleep_or_cancelled
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from opsflow.inventory import KubernetesConfig
@@ -269,12 +269,7 @@ def _no_kubernetes(target: RegionTarget) -> KubeStatus:
 
 
 def _sleep(seconds: float) -> None:
-    if activity.in_activity():
-        activity.wait_for_cancelled_sync(seconds)
-        if activity.is_cancelled():
-            raise CancelledError("cancelled while waiting for the rollout")
-    else:
-        time.sleep(seconds)
+    sleep_or_cancelled(seconds, what="waiting for the rollout")
 
 
 def _wait_bound(wait_seconds: float | None) -> float:

@@ -24,7 +24,7 @@ import psycopg
 from psycopg import errors as pgerrors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from temporalio import activity
-from activities.context import heartbeat as _heartbeat, time_limit
+from activities.context import heartbeat as _heartbeat, sleep_or_cancelled as _sleep, time_limit
 from temporalio.exceptions import ApplicationError
 
 from activities.secrets import resolve
@@ -155,47 +155,65 @@ def sql_status(db: Any, region: str) -> DbStatus:
     try:
         with conn:
             conn.execute("select set_config('statement_timeout', %s, false)", (str(STATUS_STATEMENT_TIMEOUT_MS),))
-            in_recovery, read_only = conn.execute(
-                "select pg_is_in_recovery(), current_setting('default_transaction_read_only')::bool"
-            ).fetchone()
-            if not in_recovery:
-                lsn, timeline = _primary_position(conn)
-                return DbStatus(region=region, reachable=True, role="primary", read_only=read_only, current_lsn=lsn, timeline=timeline)
-            row = conn.execute(
-                """
-                select r.pid, r.status, r.received_tli,
-                       pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text,
-                       extract(epoch from now() - pg_last_xact_replay_timestamp())::float8,
-                       (select timeline_id from pg_control_checkpoint())
-                  from (select 1) one left join pg_stat_wal_receiver r on true
-                """
-            ).fetchone()
-            pid, receiver_status, received_tli, receive_lsn, replay_lsn, since_replay, checkpoint_tli = row
-            error = None
-            if pid is not None and receiver_status is None:
-                error = "the WAL receiver's state is hidden from this role: grant it pg_monitor"
-            receive, replay = lsn_to_int(receive_lsn), lsn_to_int(replay_lsn)
-            if receive is not None and replay is not None and receive <= replay:
-                delay: float | None = 0.0  # everything received is replayed
-            else:
-                delay = max(0.0, since_replay) if since_replay is not None else None
-            return DbStatus(
-                region=region,
-                reachable=True,
-                error=error,
-                role="replica",
-                streaming=receiver_status == "streaming",
-                read_only=read_only,
-                current_lsn=receive_lsn,
-                replay_lsn=replay_lsn,
-                replay_delay_seconds=delay,
-                timeline=received_tli or checkpoint_tli,
-            )
+            return sql_status_on(conn, db, region)
+    except psycopg.Error as e:  # the server went away or stopped answering in the middle
+        return DbStatus(region=region, reachable=False, error=f"database {where(db)}: {_scrub(e, None)}")
+
+
+def open_status_connection(db: Any) -> psycopg.Connection:
+    """A connection for repeated sql_status_on() calls (one connection for a whole wait, not one per poll)."""
+    conn = connect(db, connect_timeout=5)
+    try:
+        conn.execute("select set_config('statement_timeout', %s, false)", (str(STATUS_STATEMENT_TIMEOUT_MS),))
+    except psycopg.Error as e:
+        conn.close()
+        raise ApplicationError(f"database {where(db)}: {_scrub(e, None)}", type="DatabaseUnreachable") from None
+    return conn
+
+
+def sql_status_on(conn: psycopg.Connection, db: Any, region: str) -> DbStatus:
+    """sql_status() over an open connection. psycopg errors (a lost connection) propagate to the caller, except
+    a missing privilege (non-retryable PermissionDenied)."""
+    try:
+        in_recovery, read_only = conn.execute(
+            "select pg_is_in_recovery(), current_setting('default_transaction_read_only')::bool"
+        ).fetchone()
+        if not in_recovery:
+            lsn, timeline = _primary_position(conn)
+            return DbStatus(region=region, reachable=True, role="primary", read_only=read_only, current_lsn=lsn, timeline=timeline)
+        row = conn.execute(
+            """
+            select r.pid, r.status, r.received_tli,
+                   pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text,
+                   extract(epoch from now() - pg_last_xact_replay_timestamp())::float8,
+                   (select timeline_id from pg_control_checkpoint())
+              from (select 1) one left join pg_stat_wal_receiver r on true
+            """
+        ).fetchone()
+        pid, receiver_status, received_tli, receive_lsn, replay_lsn, since_replay, checkpoint_tli = row
+        error = None
+        if pid is not None and receiver_status is None:
+            error = "the WAL receiver's state is hidden from this role: grant it pg_monitor"
+        receive, replay = lsn_to_int(receive_lsn), lsn_to_int(replay_lsn)
+        if receive is not None and replay is not None and receive <= replay:
+            delay: float | None = 0.0  # everything received is replayed
+        else:
+            delay = max(0.0, since_replay) if since_replay is not None else None
+        return DbStatus(
+            region=region,
+            reachable=True,
+            error=error,
+            role="replica",
+            streaming=receiver_status == "streaming",
+            read_only=read_only,
+            current_lsn=receive_lsn,
+            replay_lsn=replay_lsn,
+            replay_delay_seconds=delay,
+            timeline=received_tli or checkpoint_tli,
+        )
     except pgerrors.InsufficientPrivilege as e:
         raise ApplicationError(f"status of {where(db)}: permission denied: {_scrub(e, None)} (grant the role pg_monitor)",
                                type="PermissionDenied", non_retryable=True) from None
-    except psycopg.Error as e:  # the server went away or stopped answering in the middle
-        return DbStatus(region=region, reachable=False, error=f"database {where(db)}: {_scrub(e, None)}")
 
 
 # -- fence ----------------------------------------------------------------------------------------------------
@@ -213,7 +231,7 @@ def _wait_reloaded(conn: psycopg.Connection, want: bool, what: str) -> bool:
         if time.monotonic() > deadline:
             return False
         _heartbeat(f"{what}: waiting for the configuration reload")
-        time.sleep(0.02)
+        _sleep(0.02)
     return True
 
 
@@ -340,7 +358,7 @@ def sql_promote(db: Any, timeout: float, *, region: str | None = None) -> Promot
                 raise ApplicationError(f"promote {where(db)}: still in recovery after {waited:.0f}s (timeout {timeout:.0f}s); "
                                        f"retrying continues to wait", type="PromoteTimeout")
             _heartbeat({"phase": "leaving recovery", "waited_seconds": round(waited, 1)})
-            time.sleep(POLL)
+            _sleep(POLL)
         # Wait until the new primary commits a write.
         while True:
             try:
@@ -356,7 +374,7 @@ def sql_promote(db: Any, timeout: float, *, region: str | None = None) -> Promot
                     raise ApplicationError(f"promote {where(db)}: promoted but not writable after {timeout:.0f}s: {_scrub(e, None)}",
                                            type="NotWritable") from None
             _heartbeat({"phase": "waiting for a write to commit", "waited_seconds": round(time.monotonic() - t0, 1)})
-            time.sleep(POLL)
+            _sleep(POLL)
         seconds = time.monotonic() - t0
         # After recovery these stay at the last positions received / replayed during it.
         receive_after, replay_after = conn.execute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Literal
 
@@ -66,6 +67,7 @@ class CatchUpRequest(BaseModel):
     replica: RegionTarget
     timeout_seconds: float
     max_lag_bytes: int = 0  # 0: wait until the replica has replayed everything
+    control_plane_interval: float = 10.0  # read the cloud's control plane at most this often (ARM/RDS read budgets)
 
 
 class CatchUpResult(BaseModel):
@@ -74,6 +76,8 @@ class CatchUpResult(BaseModel):
     lag_bytes: int
     replay_delay_seconds: float | None = None
     waited_seconds: float
+    polls: int = 0  # SQL polls made
+    control_plane_reads: int = 0  # control-plane reads made (ARM GET / DescribeDBInstances)
 
 
 class PromoteRequest(BaseModel):
@@ -191,6 +195,24 @@ class RestoreRequest(BaseModel):
     method: str
     scratch_name: str = ""
     point_in_time: datetime | None = None  # None: the latest restorable time
+    # Scratch targets are tagged (Azure, RDS) or marked (dump databases) with the environment and the run that
+    # made them; leftover cleanup removes only those of the same environment and of another run.
+    environment: str = ""  # default: source.environment
+    run_id: str = ""  # the drill's run; default: none (only scratch_name is spared by the cleanup)
+    control_plane_interval: float = 10.0  # restore.wait reads the cloud's control plane at most this often
+
+    @property
+    def scratch_environment(self) -> str:
+        return self.environment or self.source.environment
+
+
+def scratch_name(prefix: str, environment: str, run_id: str, method: str) -> str:
+    """The scratch target's name for a drill run: `<prefix>-<env>-<run8>` for cloud servers/instances (letters,
+    digits, hyphens), `<prefix>_<env>_<run8>` for a database restored from a dump; at most 63 characters."""
+    run8 = re.sub(r"[^a-z0-9]", "", run_id.lower())[:8]
+    sep = "_" if method == "s3-dump" else "-"
+    env = re.sub(r"[^a-z0-9]+", sep, environment.lower()).strip(sep) or "env"
+    return f"{prefix}{sep}{env[:63 - len(prefix) - len(run8) - 2]}{sep}{run8}"
 
 
 class RestoreWindow(BaseModel):

@@ -21,14 +21,21 @@ from worker.registry import GLOBAL_ACTIVITIES, REGION_ACTIVITIES, WORKFLOWS
 log = logging.getLogger("opsflow.worker")
 
 
+# A cancellation reaches an activity only in the answer to a heartbeat, and the SDK sends heartbeats at most
+# every 80 % of the heartbeat timeout (30 s by default): cap that, so an abort stops a long step within seconds.
+HEARTBEAT_THROTTLE = timedelta(seconds=2)
+
+
 def build_workers(client: Client, inv: Inventory, regions: list[str] | None, executor: ThreadPoolExecutor, serve_workflows: bool = True) -> list[Worker]:
     workers = []
     if serve_workflows:
         workers.append(Worker(client, task_queue=inv.task_queue, workflows=WORKFLOWS, activities=GLOBAL_ACTIVITIES, activity_executor=executor,
-                              graceful_shutdown_timeout=timedelta(seconds=30)))
+                              graceful_shutdown_timeout=timedelta(seconds=30),
+                              max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE, default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE))
     for region in regions if regions is not None else list(inv.regions):
         workers.append(Worker(client, task_queue=inv.region_queue(region), activities=REGION_ACTIVITIES, activity_executor=executor,
-                              graceful_shutdown_timeout=timedelta(seconds=30), max_concurrent_activities=50))
+                              graceful_shutdown_timeout=timedelta(seconds=30), max_concurrent_activities=50,
+                              max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE, default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE))
     return workers
 
 
