@@ -241,6 +241,32 @@ class RdsInstance:
             cloud_role=cloud_role,
         )
 
+    def fence_control_plane(self, budget: float) -> list[str]:
+        """Emergency fence of an old primary that may be dead: default_transaction_read_only=1 in its own
+        parameter group (when the inventory names one), else StopDBInstance; then the SQL fence when the server
+        answers (self-managed/lab superuser). Raises ApplicationError when the RDS API cannot be reached."""
+        actions: list[str] = []
+        rds = _client(self.conn, "rds", self.db.aws_region)
+        inst = self.describe()
+        if self.parameter_group:
+            with aws_errors(f"DB parameter group {self.parameter_group} of {self.what}"):
+                rds.modify_db_parameter_group(DBParameterGroupName=self.parameter_group, Parameters=[
+                    {"ParameterName": "default_transaction_read_only", "ParameterValue": "1", "ApplyMethod": "immediate"}])
+            actions.append(f"set default_transaction_read_only=1 in parameter group {self.parameter_group}")
+        elif inst.get("DBInstanceStatus") in ("stopped", "stopping"):
+            actions.append(f"{self.what} is {inst.get('DBInstanceStatus')} already")
+        else:
+            with aws_errors(f"stop {self.what}"):
+                rds.stop_db_instance(DBInstanceIdentifier=self.ident)
+            actions.append(f"asked RDS to stop {self.what}")
+        if self.db.dsn:
+            try:
+                sql_fence(self.db)
+                actions.append("fenced it over SQL (read-only, sessions ended)")
+            except ApplicationError as e:
+                actions.append(f"no SQL fence ({e.message})")
+        return actions
+
     def cloud_state(self) -> str | None:
         """One control-plane read: DBInstanceStatus and role (e.g. 'available, ReadReplica')."""
         state, role, _ = self._cloud(self.describe())
@@ -588,7 +614,9 @@ class RdsInstance:
         if not acted:
             return RebuildResult(method="already-replica", seconds=seconds, detail=f"{self.ident} already replicates from {source.ident}")
         detail = f"read replica {self.ident} of {source.ident}" + (f"; replaced {deleted}" if deleted else "")
-        return RebuildResult(method="rds-read-replica", seconds=seconds, detail=detail)
+        preserved = f"RDS final snapshot {deleted.split('final snapshot ', 1)[1].rstrip(')')} of the old instance" \
+            if deleted and "final snapshot " in deleted else None
+        return RebuildResult(method="rds-read-replica", seconds=seconds, detail=detail, preserved=preserved)
 
     def _refuse_to_replace_a_primary(self, inst: dict[str, Any], source: "RdsInstance") -> None:
         """Before the old instance is deleted: it must not be the live primary (swapped regions, a split brain)."""

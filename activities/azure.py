@@ -49,7 +49,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from temporalio import activity
-from activities.context import check_cancelled, heartbeat as _heartbeat, sleep_or_cancelled as _sleep, time_limit as _time_budget
+from activities.context import check_cancelled, heartbeat as _heartbeat, shielded, sleep_or_cancelled as _sleep, time_limit as _time_budget
 from temporalio.exceptions import ApplicationError
 
 from activities.postgres import connect, end_other_sessions, sql_check_writable, sql_status, where
@@ -145,7 +145,7 @@ def arm_credential(conn: AzureConnection) -> Any:
     return DefaultAzureCredential()
 
 
-def _client_kwargs(conn: AzureConnection) -> dict[str, Any]:
+def _client_kwargs(conn: AzureConnection, fast: bool = False) -> dict[str, Any]:
     endpoint = conn.arm_endpoint.rstrip("/")
     kwargs: dict[str, Any] = {
         "base_url": endpoint,
@@ -162,13 +162,15 @@ def _client_kwargs(conn: AzureConnection) -> dict[str, Any]:
     }
     if conn.ca_bundle:
         kwargs["connection_verify"] = conn.ca_bundle
+    if fast:  # an emergency's best-effort call into a region that may be down: fail fast, the caller reports it
+        kwargs.update(retry_total=1, retry_backoff_max=2, connection_timeout=5, read_timeout=15)
     return kwargs
 
 
-def postgres_client(conn: AzureConnection, subscription_id: str) -> Any:
+def postgres_client(conn: AzureConnection, subscription_id: str, fast: bool = False) -> Any:
     from azure.mgmt.postgresqlflexibleservers import PostgreSQLManagementClient
 
-    return PostgreSQLManagementClient(arm_credential(conn), subscription_id, **_client_kwargs(conn))
+    return PostgreSQLManagementClient(arm_credential(conn), subscription_id, **_client_kwargs(conn, fast))
 
 
 def traffic_manager_client(conn: AzureConnection, subscription_id: str) -> Any:
@@ -365,6 +367,21 @@ class AzureFlexibleServer:
             return status.model_copy(update={"error": f"{status.error}; {note}" if status.error else note})
         return status.model_copy(update={"cloud_state": _get(server, "properties", "state"), "cloud_role": self._role(server)})
 
+    def fence_control_plane(self, budget: float) -> list[str]:
+        """Emergency fence of an old primary that may be dead: default_transaction_read_only=on through ARM (the
+        server applies it whenever it runs again), then its sessions ended over SQL if it answers. Short
+        timeouts and no SDK retries beyond one: raises ApplicationError when ARM cannot be reached."""
+        deadline = time.monotonic() + budget
+        self._client = postgres_client(self.conn, self.db.subscription_id, fast=True)
+        self._set_parameter(FENCE_PARAMETER, "on", deadline)
+        actions = [f"set {FENCE_PARAMETER}=on on {self.resource} through ARM"]
+        try:
+            self._end_sessions()
+            actions.append("ended its client sessions over SQL")
+        except ApplicationError as e:
+            actions.append(f"sessions not ended over SQL ({e.message})")
+        return actions
+
     def cloud_state(self) -> str | None:
         """One control-plane read: the server's state and role in ARM (e.g. 'Ready, AsyncReplica')."""
         server = self.server()
@@ -522,7 +539,10 @@ class AzureFlexibleServer:
         location = _get(current, "location") or self.target.region
         tags = _user_tags(current) if current is not None else {}
         steps = []
+        preserved = None
         if current is not None:
+            preserved = self._preserve(current, deadline)
+            steps.append(f"kept {preserved}")
             what = (f"delete {self.resource} (state {_state(current) or '?'}, role {self._role(current) or '?'}): Azure cannot make an "
                     f"existing server a replica")
             _logger().warning("failback: %s", what)
@@ -541,7 +561,33 @@ class AzureFlexibleServer:
         lab = _tags(self.server()).get(LAB_REBUILD_TAG)
         if lab:
             steps.append(f"lab: {lab}")
-        return RebuildResult(method="azure-replica", seconds=round(time.monotonic() - t0, 3), detail="; ".join(steps))
+        return RebuildResult(method="azure-replica", seconds=round(time.monotonic() - t0, 3), detail="; ".join(steps), preserved=preserved)
+
+    def _preserve(self, server: Any, deadline: float) -> str:
+        """Before the old server is deleted: an on-demand backup of it (Backups - Create), so that what it holds
+        (writes after the split included) can still be restored. Named by the day, so a retried rebuild finds
+        the backup it made; a server that cannot be backed up is not deleted (non-retryable PreserveFailed)."""
+        name = f"opsflow-before-rebuild-{datetime.now(timezone.utc):%Y%m%d}"
+        what = f"on-demand backup {name} of {self.resource}"
+        ops = self.client.backups_automatic_and_on_demand
+        try:
+            with _arm(what):
+                try:
+                    ops.get(self.db.resource_group, self.db.server_name, name)
+                    return f"{what} (already taken)"
+                except ResourceNotFoundError:
+                    pass
+                _logger().info("failback: %s before the server is deleted", what)
+                with shielded():
+                    poller = ops.begin_create(self.db.resource_group, self.db.server_name, name)
+                _wait_poller(poller, what, deadline)
+        except ApplicationError as e:
+            if not e.non_retryable:
+                raise
+            raise ApplicationError(f"rebuild {self.resource}: {what} failed, so the old server is not deleted: {e.message}. Keep its "
+                                   f"data another way (e.g. a point-in-time restore into a new server), then delete it by hand "
+                                   f"and run the failback again", type="PreserveFailed", non_retryable=True) from None
+        return what
 
     @staticmethod
     def _is_replica_of(server: Any, source_id: str | None) -> bool:

@@ -7,12 +7,12 @@ from typing import Any
 
 import psycopg
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities import postgres
-from activities.context import Backoff, Every, sleep_or_cancelled
+from activities.context import Backoff, Every, heartbeat, sleep_or_cancelled
 from activities.providers import database_provider
-from opsflow.models import RebuildRequest, RebuildResult, CatchUpRequest, CatchUpResult, DbStatus, PromoteRequest, PromoteResult, RegionTarget, lsn_to_int
+from opsflow.models import Divergence, DivergenceRequest, FenceResult, RebuildRequest, RebuildResult, CatchUpRequest, CatchUpResult, DbStatus, PromoteRequest, PromoteResult, RegionTarget, lsn_to_int
 
 
 @activity.defn(name="db.status")
@@ -164,4 +164,58 @@ class _CatchUpWaiter:
 
 @activity.defn(name="db.rebuild_replica")
 def db_rebuild_replica(request: RebuildRequest) -> RebuildResult:
-    return database_provider(request.target).rebuild_replica(request.primary)
+    """Rebuild the recovered region as a replica of the primary (see DatabaseProvider.rebuild_replica). First,
+    while the old server still holds its data, whether it took writes after the split (db.divergence), carried
+    in the heartbeat so that an attempt after a crash reports what the first one saw; the provider keeps what
+    the old server holds before it removes or rewinds it (RebuildResult.preserved). Cancelled mid-way, the
+    target is left "not a replica yet" and the next attempt starts over from what it finds."""
+    previous = None
+    if activity.in_activity():
+        try:
+            previous = next((d["divergence"] for d in activity.info().heartbeat_details or []
+                             if isinstance(d, dict) and d.get("divergence")), None)
+        except Exception:  # noqa: BLE001 - details that do not decode: look again
+            previous = None
+    if previous is not None:
+        divergence = Divergence.model_validate(previous)
+    else:
+        divergence = db_divergence(DivergenceRequest(old=request.target, new=request.primary))
+        heartbeat({"phase": "divergence", "divergence": divergence.model_dump(mode="json")})
+    result = database_provider(request.target).rebuild_replica(request.primary)
+    return result.model_copy(update={"divergence": divergence})
+
+
+@activity.defn(name="db.divergence")
+def db_divergence(request: DivergenceRequest) -> Divergence:
+    """Before a failback rewinds or replaces the old primary: did it take writes after the split? Compares the old
+    primary's last LSN on its timeline with the point where the new primary's timeline branched off (read from
+    the new primary's timeline history over SQL). Read-only; an unreachable server gives diverged=None."""
+    old_db, new_db = request.old.database, request.new.database
+    if not getattr(old_db, "dsn", None) or not getattr(new_db, "dsn", None):
+        return Divergence(diverged=None, old_region=request.old.region, new_region=request.new.region,
+                          detail="the inventory gives no SQL dsn for both databases: the LSNs cannot be compared")
+    return postgres.sql_divergence(old_db, new_db, old_region=request.old.region, new_region=request.new.region)
+
+
+FENCE_BUDGET = 60.0  # an emergency's fence of the old primary: never longer than this
+
+
+@activity.defn(name="db.fence_control_plane")
+def db_fence_control_plane(target: RegionTarget) -> FenceResult:
+    """Emergency fence of the OLD primary (split brain if its region comes back): best effort through the
+    control plane (Azure: default_transaction_read_only through ARM; RDS: parameter group or StopDBInstance;
+    self-managed: the SQL fence), short timeouts. Runs on the TARGET region's queue (the old region's worker
+    may be dead). Never raises for an unreachable region or a refusal: done=False and `remaining` says what a
+    person must still do; the failover goes on and lists it."""
+    provider = database_provider(target)
+    try:
+        actions = provider.fence_control_plane(FENCE_BUDGET)
+    except CancelledError:
+        raise
+    except ApplicationError as e:
+        return FenceResult(region=target.region, done=False, remaining=f"fence the old primary in {target.region} by hand "
+                           f"(read-only or stopped) before its region comes back: {e.message}")
+    except Exception as e:  # noqa: BLE001 - a dead region fails in many ways; none may stop the failover
+        return FenceResult(region=target.region, done=False, remaining=f"fence the old primary in {target.region} by hand: "
+                           f"{type(e).__name__}: {e}")
+    return FenceResult(region=target.region, done=True, actions=actions)

@@ -232,6 +232,7 @@ def _lifecycle_fields(origin: str) -> dict:
         "failed": None,  # {"code", "message"}: the create failed
         "create": None,  # how it was created: {"mode", "source", "point"}
         "rebuild": None,  # the last Replica create: {"method", "seconds", "fallback_reason"}
+        "on_demand_backups": {},  # name -> {"name", "completedTime", "path"}: Backups - Create (kept after a delete)
     }
 
 
@@ -299,7 +300,7 @@ def _lsn(text: str | None) -> int:
 # What the state file keeps of a server: what changes (every server), and what a server created through the
 # API was created with (its record is rebuilt from the state file after a restart).
 _MUTABLE_FIELDS = ("role", "source", "configurations", "tags", "state_override", "deleted", "provisioning", "dropping",
-                   "failed", "create", "rebuild")
+                   "failed", "create", "rebuild", "on_demand_backups")
 _FIXED_FIELDS = ("origin", "name", "resource_group", "location", "dsn", "version", "sku", "fqdn", "administrator_login",
                  "created", "backups")
 
@@ -481,6 +482,7 @@ class World:
         srv.update({f: s.get(f) for f in _MUTABLE_FIELDS})
         srv["configurations"] = dict(srv.get("configurations") or {})
         srv["tags"] = dict(srv.get("tags") or {})
+        srv["on_demand_backups"] = dict(srv.get("on_demand_backups") or {})
         srv["_cluster"] = s.get("cluster")
         srv["busy_op"] = None
         return srv
@@ -1540,6 +1542,8 @@ class World:
         srv = self._server(segs[3], segs[7])
         if len(segs) >= 10 and segs[8] == "configurations":
             return self.get_configuration(srv, segs[9])
+        if len(segs) >= 10 and segs[8] == "backups":
+            return self._handle_backups(srv, "GET", [srv["name"], "backups", segs[9]], "", "")[1]
         return self.server_body(srv)
 
     def _handle_pg(self, method: str, rg: str, tail: list[str], ltail: list[str], body: Any, base: str, api_version: str) -> tuple[int, Any, dict]:
@@ -1564,6 +1568,8 @@ class World:
             with self.lock:
                 replicas = [s for s in self.servers.values() if (s["source"] or "").lower() == srv["name"].lower() and not s["deleted"]]
             return 200, {"value": [self.server_body(s) for s in replicas]}, {}
+        if len(tail) >= 2 and ltail[1] == "backups":
+            return self._handle_backups(srv, method, tail, base, api_version)
         if len(tail) >= 2 and ltail[1] == "configurations":
             if len(tail) == 2 and method == "GET":
                 return 200, {"value": [self._config_body(srv, row) for row in self._settings_rows(srv)]}, {}
@@ -1574,6 +1580,52 @@ class World:
                 if method in ("PUT", "PATCH"):
                     return self.put_configuration(srv, name, body, base, api_version)
         raise ArmError(404, "NotFound", f"The emulator does not serve {method} {'/'.join(tail[1:])} on flexible servers.")
+
+    # -- flexible servers: on-demand backups (Backups - Create / Get / List By Server) -----------------------------
+    def _backup_resource(self, srv: dict, b: dict) -> dict:
+        return {"id": f"{self.server_id(srv)}/backups/{b['name']}", "name": b["name"], "type": f"{PG_TYPE}/backups",
+                "properties": {"backupType": "Customer On-Demand", "completedTime": b["completedTime"], "source": "Automatic"}}
+
+    def _handle_backups(self, srv: dict, method: str, tail: list[str], base: str, api_version: str) -> tuple[int, Any, dict]:
+        """An on-demand backup REALLY keeps the server's data: a base backup of its running cluster (pg_basebackup),
+        or a copy of the data directory of a stopped one, under <cluster root>/on-demand-backups/<server>-<name>."""
+        with self.lock:
+            backups = srv.setdefault("on_demand_backups", {})
+        if len(tail) == 2 and method == "GET":
+            return 200, {"value": [self._backup_resource(srv, b) for b in backups.values()]}, {}
+        if len(tail) != 3:
+            raise ArmError(404, "NotFound", "The emulator serves backups/{name} only.")
+        name = tail[2]
+        if method == "GET":
+            if name not in backups:
+                raise ArmError(404, "ResourceNotFound", f"The backup '{name}' of server '{srv['name']}' was not found.")
+            return 200, self._backup_resource(srv, backups[name]), {}
+        if method != "PUT":
+            raise ArmError(405, "MethodNotAllowed", f"The method {method} is not supported on a backup by the emulator.")
+        if name in backups:
+            return 200, self._backup_resource(srv, backups[name]), {}
+        cluster = srv.get("_cluster")
+        if not cluster:
+            raise ArmError(400, "OperationNotSupported", f"Server '{srv['name']}' has no lab cluster to back up.")
+
+        def work(op: dict) -> None:
+            import shutil
+
+            from lab.postgres import Cluster, cluster_root, take_base_backup
+
+            c = Cluster.from_dict(cluster)
+            dest = cluster_root(c) / "on-demand-backups" / f"{srv['name']}-{name}"
+            if dest.exists():
+                shutil.rmtree(dest)  # a half-made one from an emulator that died
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if c.is_running():
+                take_base_backup(c, dest)
+            else:
+                shutil.copytree(c.datadir, dest / "data", symlinks=True)
+            with self.lock:
+                backups[name] = {"name": name, "completedTime": _now_iso(), "path": str(dest)}
+
+        return self.start_operation(srv, "backup", work, f"{self.server_id(srv)}/backups/{name}", base, api_version)
 
     def _handle_tm(self, method: str, rg: str, tail: list[str], ltail: list[str], body: Any) -> tuple[int, Any, dict]:
         if not tail:

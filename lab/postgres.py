@@ -989,13 +989,18 @@ def rebuild_replica(primary: Cluster, old: Cluster, root: Path, *, slot: str | N
     else:
         try:
             target._remove_stale_lock()
+            # pg_rewind throws away what the old primary wrote after the split: keep a copy of it first.
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            kept = target.datadir.with_name(f"{target.datadir.name}.before-rewind-{stamp}")
+            shutil.copytree(target.datadir, kept, symlinks=True)
+            (kept / "postmaster.pid").unlink(missing_ok=True)
             _run([pg_bin("pg_rewind"), "-D", str(target.datadir), "--source-server", _conninfo_to(primary, f"{old.name}_rewind"), "--no-sync"],
                  cwd=target.datadir.parent, timeout=300, what=f"{what}: pg_rewind")
             _configure_standby(target, primary, slot)
             log_start = target.logfile.stat().st_size if target.logfile.exists() else 0
             target.start(wait=True)
             _wait_following(target, timeout, log_start)
-            return done("pg_rewind")
+            return done("pg_rewind", moved=kept)
         except PostgresLabError as e:
             reason = str(e)
             try:

@@ -100,10 +100,43 @@ class RebuildRequest(BaseModel):
     primary: RegionTarget
 
 
+class Divergence(BaseModel):
+    """Whether the old primary took writes after the split (the new primary's promotion), from the LSNs: the
+    old primary's last position on its timeline against the point where the new primary's timeline branched
+    off it (its timeline history). Unknown (diverged=None) when the old primary cannot be read."""
+
+    diverged: bool | None
+    old_region: str
+    new_region: str
+    old_timeline: int | None = None
+    old_last_lsn: str | None = None  # the old primary's pg_current_wal_lsn() (or last position seen)
+    new_timeline: int | None = None
+    switch_lsn: str | None = None  # where the new primary's timeline left the old one (the promotion point)
+    bytes_after_split: int | None = None  # WAL the old primary wrote after the split: writes the new one never got
+    transactions_after_split: int | None = None  # commits in that WAL, when known (pg_waldump on the host)
+    detail: str = ""
+
+
+class DivergenceRequest(BaseModel):
+    old: RegionTarget  # the former primary (recovered region)
+    new: RegionTarget  # the current primary
+
+
 class RebuildResult(BaseModel):
     method: str  # pg_rewind | pg_basebackup | azure-replica | rds-read-replica
     seconds: float
     detail: str = ""
+    preserved: str | None = None  # what was kept of the old server before it was removed or rewound (backup, snapshot, path)
+    divergence: Divergence | None = None  # what the old server held that the new primary does not
+
+
+class FenceResult(BaseModel):
+    """db.fence_control_plane / k8s.scale_to_zero: best effort, never raising for an unreachable region."""
+
+    region: str
+    done: bool  # the fence (or scale to zero) is in place
+    actions: list[str] = []  # what was done
+    remaining: str | None = None  # when not done: what a person must still do, and why it could not be done
 
 
 class TrafficRequest(BaseModel):
