@@ -55,12 +55,15 @@ of the resource. They last at least `lro_seconds` (slow operations for tests).
 The admin API (no token needed; loopback lab only) under /_emulator/:
     GET    /_emulator/health
     GET    /_emulator/state                          servers, profiles, operations, settings
-    GET    /_emulator/requests                       the request log (method, path, status, fault)
+    GET    /_emulator/requests                       the request log (method, path, status, fault), the last 5000
+    GET    /_emulator/counts                         {"requests": {"<METHOD> <path>": n}, "random_faults": {...}}: every
+                                                     API request since the start (side effects counted exactly once)
     POST   /_emulator/faults   {"match": "<regex on the path>", "status": 429|503|..., "count": N,
                                 "retry_after": s, "method": "GET", "delay": s, "drop": false}
     GET|DELETE /_emulator/faults
     POST   /_emulator/settings {"lro_seconds": s, "tm_checking_seconds": s, "planned_sync_timeout": s,
-                                "lro_retry_after": s|null}
+                                "lro_retry_after": s|null, "fault_rate": 0.2}   (fault_rate: a fraction of API requests
+                                answered 429 + Retry-After, 503 or a dropped connection; default $OPSFLOW_LAB_FAULTS)
     POST   /_emulator/trafficmanagerprofiles/{profile}/endpoints/{endpoint}  {"healthy": false}
     POST   /_emulator/flexibleServers/{server}       {"state": "Stopped"|null}  (override the reported state)
 
@@ -159,6 +162,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "planned_sync_timeout": 60.0,  # Planned promotion: how long to wait for the replica to catch up
     "promote_timeout": 60,  # pg_promote(wait_seconds)
     "lro_retry_after": None,  # Retry-After (seconds) on operation status answers; None: let the client pick
+    "fault_rate": None,  # fraction of API requests answered 429/503/dropped at random (lab.faults); None: $OPSFLOW_LAB_FAULTS
 }
 LAB_TAG_PREFIX = "opsflow-lab-"
 TAG_PORT = "opsflow-lab-port"
@@ -321,7 +325,12 @@ class World:
         self.profiles: dict[str, dict] = {}
         self.operations: dict[str, dict] = {}
         self.faults: list[dict] = []
+        from lab.faults import RandomFaults, rate_from_env
+
+        self._env_fault_rate = rate_from_env()
+        self.random_faults = RandomFaults(self._env_fault_rate)
         self.request_log: deque[dict] = deque(maxlen=5000)
+        self.request_counts: dict[str, int] = {}  # "GET /subscriptions/.../flexibleServers/x": API requests since the start
         self._probe_cache: dict[str, tuple[float, dict]] = {}
         self.resource_groups: set[str] = {rg.lower() for rg in config.get("resource_groups", [])}
 
@@ -537,6 +546,13 @@ class World:
         return {k: v for k, v in f.items() if not k.startswith("_")}
 
     def take_fault(self, method: str, path: str) -> dict | None:
+        rate = self.settings.get("fault_rate")
+        self.random_faults.rate = self._env_fault_rate if rate is None else float(rate)
+        kind = self.random_faults.pick()
+        if kind is not None:
+            return {"id": f"random-{kind}", "delay": 0, "drop": kind == "drop", "retry_after": 1 if kind == "throttle" else None,
+                    "status": {"throttle": 429, "unavailable": 503}.get(kind), "code": {"throttle": "TooManyRequests",
+                                                                                      "unavailable": "ServiceUnavailable"}.get(kind)}
         with self.lock:
             for f in self.faults:
                 if f["count"] <= 0:
@@ -551,6 +567,10 @@ class World:
 
     def log_request(self, method: str, path: str, status: int, fault: bool = False) -> None:
         self.request_log.append({"t": time.time(), "method": method, "path": path, "status": status, "fault": fault})
+        if not path.startswith("/_emulator"):
+            key = f"{method} {path.split('?')[0]}"
+            with self.lock:
+                self.request_counts[key] = self.request_counts.get(key, 0) + 1
 
     # -- SQL against the mapped clusters ---------------------------------------------------------------------
     def probe(self, srv: dict, max_age: float = 0.5) -> dict:
@@ -1706,6 +1726,9 @@ class World:
             return 200, {"ok": True}, {}
         if segs == ["state"] and method == "GET":
             return 200, self.snapshot(), {}
+        if segs == ["counts"] and method == "GET":
+            with self.lock:
+                return 200, {"requests": dict(self.request_counts), "random_faults": dict(self.random_faults.injected)}, {}
         if segs == ["requests"]:
             if method == "GET":
                 return 200, {"value": list(self.request_log)}, {}

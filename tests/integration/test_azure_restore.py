@@ -81,9 +81,10 @@ class DrillLab:
     def db(self, region: str) -> AzureFlexibleServer:
         return AzureFlexibleServer(self.target(region))
 
-    def request(self, scratch_name: str, point: datetime | None = None, drill: DrillPolicy | None = None, server_name: str | None = None) -> RestoreRequest:
+    def request(self, scratch_name: str, point: datetime | None = None, drill: DrillPolicy | None = None, server_name: str | None = None,
+                environment: str = "", run_id: str = "") -> RestoreRequest:
         return RestoreRequest(source=self.target("westeurope", server_name), drill=drill or DrillPolicy(), method="azure-pitr",
-                              scratch_name=scratch_name, point_in_time=point)
+                              scratch_name=scratch_name, point_in_time=point, environment=environment, run_id=run_id)
 
     def provider(self, server_name: str | None = None) -> AzurePointInTimeRestore:
         return AzurePointInTimeRestore(self.request("", server_name=server_name))
@@ -372,8 +373,11 @@ def test_rebuild_replica_after_a_real_promotion(lab: DrillLab):
     assert result.method == "azure-replica"
     assert "deleted the old server" in result.detail and "lab: pg_rewind" in result.detail, result.detail
     assert beats
-    # Azure's way: the old server deleted, then created again as a replica (same name, so the same DSN).
-    assert [(r["method"], r["status"]) for r in lab.requests(contains=f"{PG}/pg-weu") if r["method"] in ("PUT", "DELETE")] == [("DELETE", 202), ("PUT", 202)]
+    # Azure's way: an on-demand backup of the old server first (what it holds is kept), then the old server
+    # deleted, then created again as a replica (same name, so the same DSN).
+    assert [(r["method"], r["status"], "/backups/" in r["path"]) for r in lab.requests(contains=f"{PG}/pg-weu")
+            if r["method"] in ("PUT", "DELETE")] == [("PUT", 202, True), ("DELETE", 202, False), ("PUT", 202, False)]
+    assert result.preserved and "on-demand backup" in result.preserved
 
     st = weu.status()
     assert (st.role, st.streaming, st.cloud_role, st.cloud_state, st.timeline) == ("replica", True, "AsyncReplica", "Ready", 2)
@@ -390,3 +394,27 @@ def test_rebuild_replica_after_a_real_promotion(lab: DrillLab):
     again = weu.rebuild_replica(lab.target("northeurope"))
     assert again.method == "already-replica"
     assert len(lab.requests("PUT")) + len(lab.requests("DELETE")) == n  # looked before acting
+
+
+def test_leftover_cleanup_spares_another_environment_and_the_current_run(lab: DrillLab):
+    """Issue 8 item 6: scratch servers are tagged with environment and run; a drill's cleanup removes only its own
+    environment's servers of other (crashed) runs, never another environment's drill running beside it."""
+    sql(lab.primary, "create table t (id int); insert into t values (1)")
+    point = lab.provider().window().latest
+    other = lab.request("opsflow-drill-staging-aaaa0001", point, environment="staging", run_id="aaaa0001")
+    crashed = lab.request("opsflow-drill-prod-bbbb0001", point, environment="prod", run_id="bbbb0001")
+    current = lab.request("opsflow-drill-prod-cccc0001", point, environment="prod", run_id="cccc0001")
+    for req in (other, crashed, current):
+        AzurePointInTimeRestore(req).start(req.scratch_name, point)
+    tags = lab.client.servers.get(RG, other.scratch_name).tags
+    assert (tags["opsflow-scratch"], tags["opsflow-run"]) == ("staging", "aaaa0001")
+
+    found, _ = in_activity(restore_leftovers, current)
+    assert found == [crashed.scratch_name]
+    names = {s.name for s in lab.client.servers.list_by_resource_group(RG)}
+    assert {other.scratch_name, current.scratch_name} <= names and crashed.scratch_name not in names
+    with pytest.raises(ApplicationError) as ei:
+        AzurePointInTimeRestore(current).delete(other.scratch_name)
+    assert ei.value.type == "Refused"
+    for req in (other, current):
+        assert AzurePointInTimeRestore(req).delete(req.scratch_name) is True
