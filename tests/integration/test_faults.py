@@ -17,15 +17,21 @@ pytestmark = [pytest.mark.lab, pytest.mark.crash]
 
 
 @pytest.fixture
-def faulty_lab(tmp_path, lab_home):
+def faulty_lab(lab_home):
+    import shutil
+    import tempfile
+    from pathlib import Path
+
     from lab.manage import down, up
 
-    root = tmp_path / "lab"
+    # Not under pytest's tmp_path: a concurrent pytest session chmods /tmp/pytest-of-<user> back to 0700.
+    root = Path(tempfile.mkdtemp(prefix="opsflow-faults-test-")) / "lab"
     state = up(root, with_worker=False, quiet=True, default_ports=False, faults=0.2)
     lab = Lab(root, state)
     yield lab
     lab.stop_workers()
     down(root, quiet=True)
+    shutil.rmtree(root.parent, ignore_errors=True)
 
 
 def test_failover_failback_and_drill_complete_with_a_fifth_of_cloud_requests_failing(faulty_lab):
