@@ -867,8 +867,9 @@ class World:
 
                     conn.execute(sql.SQL("alter system set {} = {}").format(sql.Identifier(quoted_name), sql.Literal(normalized)))
                 conn.execute("select pg_reload_conf()")
-            # pg_reload_conf only signals the postmaster: wait until new sessions see the value.
-            deadline = time.monotonic() + 10
+            # pg_reload_conf only signals the postmaster: wait until new sessions see the value (a loaded machine
+            # running several labs can take seconds).
+            deadline = time.monotonic() + 30
             want = normalized if normalized is not None else rows[0][3]
             while True:
                 with _pg_connect(srv["dsn"]) as conn:

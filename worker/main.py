@@ -73,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", dest="inventory", help="inventory YAML (default: the running lab's)")
     parser.add_argument("--region", action="append", help="serve only this region's activity queue (repeatable)")
     parser.add_argument("--no-workflows", action="store_true", help="do not serve the workflow queue (a region-only worker)")
+    parser.add_argument("--no-regions", action="store_true", help="serve only the workflow queue (workflows, notifications, reports)")
     parser.add_argument("--metrics-port", type=int, help="expose Prometheus metrics on 127.0.0.1:PORT")
 
 
@@ -87,7 +88,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     except InventoryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    asyncio.run(run(inv, args.region, not args.no_workflows, args.metrics_port))
+    regions = [] if args.no_regions else args.region
+    asyncio.run(run(inv, regions, not args.no_workflows, args.metrics_port))
     return 0
 
 
