@@ -10,19 +10,13 @@ wait (a long-running operation, an endpoint's health probes) they heartbeat when
   (PATCH properties.replica.promoteMode=Standalone, promoteOption=Planned|Forced), a long-running operation,
   followed by a wait for the first committed write.
   Failback (rebuild_replica): Azure cannot turn an existing server into a read replica, so the old, diverged
-  server is deleted and created again with createMode Replica from the current primary (same name, so the same
-  FQDN and DSN). Its data is never reused by Azure; the lab's ARM emulator rebuilds the same cluster on the same
-  port (pg_rewind where the timeline allows, else a fresh base backup) and says how in the tag
-  `opsflow-lab-rebuild`.
+  server is kept first (an on-demand backup), then deleted and created again with createMode Replica from the
+  current primary (same name, so the same FQDN and DSN).
 - `AzurePointInTimeRestore` (RestoreProvider, method "azure-pitr"): the monthly restore drill's point-in-time
   restore of a flexible server into a scratch server (createMode PointInTimeRestore) in the source's resource
   group, tagged `opsflow-scratch=<environment>`: only servers with that tag are ever listed or deleted.
 - `AzureTrafficManagerRouter` (TrafficProvider): endpoint states of a Traffic Manager profile and the switch of
   traffic to one region.
-
-Lab-only tags read here (the ARM emulator computes them; real Azure servers have none of them): `opsflow-lab-port`
-(the server's PostgreSQL port; Azure always listens on 5432), `opsflow-lab-latest-restore` (the latest restorable
-time), `opsflow-lab-rebuild`, `opsflow-lab-error` (why a create failed).
 
 Errors: what retrying cannot fix (authentication, permission, resource not found, bad request, no TLS / a CA we
 do not trust) raises a non-retryable ApplicationError naming the resource; throttling (429), unavailability
@@ -89,15 +83,10 @@ SCRATCH_TAG = "opsflow-scratch"  # value: the environment; only servers with it 
 SCRATCH_RUN_TAG = "opsflow-run"  # value: the drill run that made it; leftover cleanup spares the current run's
 SCRATCH_SOURCE_TAG = "opsflow-source"
 SCRATCH_POINT_TAG = "opsflow-restore-point"
-LAB_PORT_TAG = "opsflow-lab-port"
-LAB_LATEST_RESTORE_TAG = "opsflow-lab-latest-restore"
-LAB_REBUILD_TAG = "opsflow-lab-rebuild"
-LAB_ERROR_TAG = "opsflow-lab-error"
 _SERVER_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])$")
-# Server states (properties.state) while an operation runs; and those of a server that will not become usable
-# ("ProvisioningFailed": the lab emulator's state for a failed create; the API has no provisioningState).
+# Server states (properties.state) while an operation runs; and those of a server that will not become usable.
 _BUSY_STATES = {"provisioning", "updating", "starting", "restarting", "dropping", "stopping"}
-_FAILED_STATES = {"provisioningfailed", "failed", "disabled", "inaccessible"}
+_FAILED_STATES = {"disabled", "inaccessible"}
 # LRO failure codes for which a retry would fail the same way.
 _PERMANENT_OPERATION_CODES = {
     "plannedpromotionnotpossible",
@@ -277,7 +266,8 @@ def _tags(server: Any) -> dict[str, str]:
 
 
 def _user_tags(server: Any) -> dict[str, str]:
-    return {k: v for k, v in _tags(server).items() if not k.lower().startswith("opsflow-lab-")}
+    """The tags a re-created server keeps: the old server's, less those opsflow sets on scratch servers."""
+    return {k: v for k, v in _tags(server).items() if k not in (SCRATCH_TAG, SCRATCH_RUN_TAG, SCRATCH_SOURCE_TAG, SCRATCH_POINT_TAG)}
 
 
 def _utc(t: datetime | None) -> datetime | None:
@@ -558,9 +548,6 @@ class AzureFlexibleServer:
             _wait_poller(poller, what, deadline)
         steps.append(f"created a read replica of {pdb.server_name} in {location}")
         self._wait_streaming(deadline, t0)
-        lab = _tags(self.server()).get(LAB_REBUILD_TAG)
-        if lab:
-            steps.append(f"lab: {lab}")
         return RebuildResult(method="azure-replica", seconds=round(time.monotonic() - t0, 3), detail="; ".join(steps), preserved=preserved)
 
     def _preserve(self, server: Any, deadline: float) -> str:
@@ -629,11 +616,11 @@ class AzurePointInTimeRestore:
     sourceServerResourceId), through ARM.
 
     - window(): earliest = the source's properties.backup.earliestRestoreDate; latest = now minus
-      LATEST_RESTORE_MARGIN (the lab emulator's `opsflow-lab-latest-restore` tag when it gives one).
+      LATEST_RESTORE_MARGIN (ARM reports no latest restorable time; never before earliest).
     - start(): accepts the creation and returns at once (ready=False): ARM runs the restore, and restore.wait
       polls status(). A scratch server of that name already there is reused (the activity may be retried).
     - status(): ready once ARM says Ready and the server answers over SQL; its DSN is the source's with the host
-      replaced by fullyQualifiedDomainName and the port 5432 (the lab: tag `opsflow-lab-port`). The password is
+      replaced by fullyQualifiedDomainName and the port 5432. The password is
       the source's: a restore copies the roles. A failed create is a non-retryable RestoreFailed.
     - delete(), list_scratch(): scratch servers only, i.e. with tag opsflow-scratch=<environment>; anything
       else is refused, so a drill can never delete a server it did not create.
@@ -681,11 +668,9 @@ class AzurePointInTimeRestore:
         earliest = _utc(_get(source, "properties", "backup", "earliest_restore_date"))
         retention = _get(source, "properties", "backup", "backup_retention_days")
         now = datetime.now(timezone.utc)
-        hint = _parse_time(_tags(source).get(LAB_LATEST_RESTORE_TAG))
-        if hint is not None:
-            latest, how = min(hint, now), "latest: the lab emulator's latest restorable time"
-        else:
-            latest, how = now - timedelta(seconds=LATEST_RESTORE_MARGIN), f"latest: now minus {LATEST_RESTORE_MARGIN:.0f}s (clock skew margin)"
+        latest, how = now - timedelta(seconds=LATEST_RESTORE_MARGIN), f"latest: now minus {LATEST_RESTORE_MARGIN:.0f}s (clock skew margin)"
+        if earliest is not None and earliest <= now and latest < earliest:
+            latest, how = earliest, "latest: the earliest restore date (the first backup is younger than the clock skew margin)"
         notes = [f"earliest: backup.earliestRestoreDate of {self.db.server_name}" if earliest else
                  f"ARM reports no backup.earliestRestoreDate for {self.db.server_name} (no backup yet?)", how]
         if retention:
@@ -779,11 +764,9 @@ class AzurePointInTimeRestore:
         tags = _tags(server)
         point = _parse_time(tags.get(SCRATCH_POINT_TAG))
         if state.lower() in _FAILED_STATES:
-            why = tags.get(LAB_ERROR_TAG)
             raise ApplicationError(
-                f"the point-in-time restore into scratch {self._resource(name)} failed (state {state})"
-                + (f": {why}" if why else "; the create operation's error is in the resource group's activity log"),
-                type="RestoreFailed", non_retryable=True)
+                f"the point-in-time restore into scratch {self._resource(name)} failed (state {state}); the create operation's "
+                f"error is in the resource group's activity log", type="RestoreFailed", non_retryable=True)
         if state.lower() != "ready":
             return ScratchTarget(name=name, method=self.method, ready=False, restore_point=point, detail=f"ARM state {state or 'unknown'}")
         dsn = self._dsn(server)
@@ -808,7 +791,7 @@ class AzurePointInTimeRestore:
         params = conninfo_to_dict(self.db.dsn)
         params.pop("hostaddr", None)
         params["host"] = host
-        params["port"] = str(_tags(server).get(LAB_PORT_TAG) or AZURE_PG_PORT)
+        params["port"] = str(AZURE_PG_PORT)
         return make_conninfo("", **params)
 
 

@@ -108,11 +108,13 @@ makes everything committed on a running source primary restorable (lab.postgres.
 continuous WAL archiving does, so any point up to now can be restored. A point in the future or before
 earliestRestoreDate is refused at once (400 PointInTimeInFuture / PointInTimeBeforeEarliestRestoreDate); an
 unknown source is 404 ResourceNotFound; a restore that fails later fails its operation and leaves the server
-in state "ProvisioningFailed" (the emulator's stand-in: the API has no provisioningState on servers) until it
-is deleted.
+in state "Disabled" (a state of the API's enumeration: it will never become usable) until it is deleted.
 
-Lab-only tags (computed on every read, never stored; Azure's servers always listen on 5432 at their FQDN,
-the lab's on 127.0.0.1 at a port of their own):
+Restored servers listen on PostgreSQL's port 5432 at a loopback address of their own (127.x.y.z, all of
+127.0.0.0/8 is loopback on Linux), which is their fullyQualifiedDomainName: clients reach them the way they reach
+Azure's servers, with no lab-only mapping.
+
+Lab-only tags (computed on every read, never stored; informative only, opsflow's activities never read them):
     opsflow-lab-port            the mapped cluster's port
     opsflow-lab-latest-restore  the latest point in time a restore of this server can reach (ISO, UTC)
     opsflow-lab-rebuild         how the last Replica create rebuilt the server (pg_rewind | pg_basebackup | new)
@@ -164,6 +166,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "lro_retry_after": None,  # Retry-After (seconds) on operation status answers; None: let the client pick
     "fault_rate": None,  # fraction of API requests answered 429/503/dropped at random (lab.faults); None: $OPSFLOW_LAB_FAULTS
 }
+AZURE_PG_PORT = 5432  # every flexible server listens there, at its FQDN
 LAB_TAG_PREFIX = "opsflow-lab-"
 TAG_PORT = "opsflow-lab-port"
 TAG_LATEST_RESTORE = "opsflow-lab-latest-restore"
@@ -606,7 +609,9 @@ class World:
             if srv["dropping"]:
                 return "Dropping"
             if srv["failed"]:
-                return "ProvisioningFailed"
+                # The API has no provisioning state on servers; a server that will never become usable shows a
+                # state of the real enumeration ("Disabled"), and why is in the emulator's state (admin API).
+                return "Disabled"
             return "Updating" if srv["busy_op"] is not None else "Ready"
 
     def server_body(self, srv: dict) -> dict:
@@ -1047,7 +1052,7 @@ class World:
             "source": source["name"] if role in REPLICA_ROLES else None,
             "version": source["version"],
             "sku": dict(source["sku"]),
-            "fqdn": "127.0.0.1",
+            "fqdn": cluster.get("host") or "127.0.0.1",
             "administrator_login": source["administrator_login"],
             "tags": tags,
             "configurations": {},
@@ -1061,12 +1066,17 @@ class World:
         }
 
     @staticmethod
-    def _cluster_dict(root: Path, name: str) -> dict:
+    def _cluster_dict(root: Path, name: str, own_address: bool = False) -> dict:
         """Where lab.postgres puts cluster `name` under `root` (root/name/data), on a port chosen now: known before
-        the cluster exists, so that a create cut short can still be cleaned up."""
-        from lab.postgres import free_port
+        the cluster exists, so that a create cut short can still be cleaned up. own_address: a loopback address of
+        its own with PostgreSQL's port 5432, given out as the server's fullyQualifiedDomainName — as in Azure,
+        where every server listens on 5432 at its FQDN, so clients need no lab-only mapping."""
+        from lab.postgres import free_loopback_host, free_port
 
         home = Path(root).resolve() / name
+        if own_address:
+            return {"name": name, "datadir": str(home / "data"), "port": AZURE_PG_PORT, "host": free_loopback_host(AZURE_PG_PORT),
+                    "logfile": str(home / "postgres.log")}
         return {"name": name, "datadir": str(home / "data"), "port": free_port(), "logfile": str(home / "postgres.log")}
 
     def put_server(self, rg: str, name: str, body: Any, base: str, api_version: str) -> tuple[int, Any, dict]:
@@ -1156,7 +1166,7 @@ class World:
                                f"server '{source['name']}' (properties.backup.earliestRestoreDate; backup retention "
                                f"{paths['retention_days']} days).", "PointInTimeBeforeEarliestRestoreDate")
         root = paths["clusters_root"]
-        cluster = self._cluster_dict(root, name)
+        cluster = self._cluster_dict(root, name, own_address=True)
         srv = self._new_server(name, rg, location, source, cluster, tags, request, "Primary")
         source_cluster = source.get("_cluster")
 
@@ -1179,7 +1189,8 @@ class World:
                 raise ArmError(400, "NoBackupAvailable", f"No base backup of '{source['name']}' ends before {_iso(point)}.")
             op["percentComplete"] = 10
             try:
-                restore_to_time(backup, paths["archive_dir"], root, name, point, port=cluster["port"])
+                restore_to_time(backup, paths["archive_dir"], root, name, point, port=cluster["port"],
+                                host=cluster.get("host") or "127.0.0.1")
             except PostgresLabError as e:
                 raise ArmError(400, "RestoreFailed", f"The restore of '{source['name']}' as of {_iso(point)} into '{name}' failed: {_first_line(e)}") from None
 
