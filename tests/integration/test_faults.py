@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.integration.conftest import Lab
+from tests.integration.conftest import Lab, lab_root
 from tests.integration.test_crash import arm_admin
 from tests.integration.test_failover_lab import sql, wait_end, wait_status
 from tests.integration.test_procedures_lab import failover
@@ -19,13 +19,10 @@ pytestmark = [pytest.mark.lab, pytest.mark.crash]
 @pytest.fixture
 def faulty_lab(lab_home):
     import shutil
-    import tempfile
-    from pathlib import Path
 
     from lab.manage import down, up
 
-    # Not under pytest's tmp_path: a concurrent pytest session chmods /tmp/pytest-of-<user> back to 0700.
-    root = Path(tempfile.mkdtemp(prefix="opsflow-faults-test-")) / "lab"
+    root = lab_root()
     state = up(root, with_worker=False, quiet=True, default_ports=False, faults=0.2)
     lab = Lab(root, state)
     yield lab
