@@ -916,7 +916,7 @@ def _wait_promoted(cluster: Cluster, timeout: float, what: str) -> None:
             # pg_ctl start -W returns before the postmaster writes its pid file: gone only once it was seen.
             time.sleep(0.2)  # the log line that says why may still be on its way
             raise PostgresLabError(f"{what}: the server stopped during recovery\n{_log_section(cluster.logfile)}")
-        if _port_open(cluster.port):
+        if _port_open(cluster.port, cluster.host):
             try:
                 with _connect(cluster, timeout=3) as conn:
                     if not conn.execute("select pg_is_in_recovery()").fetchone()[0]:
