@@ -241,11 +241,12 @@ class RdsInstance:
             cloud_role=cloud_role,
         )
 
-    def fence_control_plane(self, budget: float) -> list[str]:
+    def fence_control_plane(self, budget: float) -> tuple[str, list[str]]:
         """Emergency fence of an old primary that may be dead: default_transaction_read_only=1 in its own
         parameter group (when the inventory names one), else StopDBInstance; then the SQL fence when the server
         answers (self-managed/lab superuser). Raises ApplicationError when the RDS API cannot be reached."""
         actions: list[str] = []
+        method = "rds-parameter-group" if self.parameter_group else "rds-stop"
         rds = _client(self.conn, "rds", self.db.aws_region)
         inst = self.describe()
         if self.parameter_group:
@@ -265,7 +266,7 @@ class RdsInstance:
                 actions.append("fenced it over SQL (read-only, sessions ended)")
             except ApplicationError as e:
                 actions.append(f"no SQL fence ({e.message})")
-        return actions
+        return method, actions
 
     def cloud_state(self) -> str | None:
         """One control-plane read: DBInstanceStatus and role (e.g. 'available, ReadReplica')."""

@@ -357,7 +357,7 @@ class AzureFlexibleServer:
             return status.model_copy(update={"error": f"{status.error}; {note}" if status.error else note})
         return status.model_copy(update={"cloud_state": _get(server, "properties", "state"), "cloud_role": self._role(server)})
 
-    def fence_control_plane(self, budget: float) -> list[str]:
+    def fence_control_plane(self, budget: float) -> tuple[str, list[str]]:
         """Emergency fence of an old primary that may be dead: default_transaction_read_only=on through ARM (the
         server applies it whenever it runs again), then its sessions ended over SQL if it answers. Short
         timeouts and no SDK retries beyond one: raises ApplicationError when ARM cannot be reached."""
@@ -370,7 +370,7 @@ class AzureFlexibleServer:
             actions.append("ended its client sessions over SQL")
         except ApplicationError as e:
             actions.append(f"sessions not ended over SQL ({e.message})")
-        return actions
+        return "azure-read-only-parameter", actions
 
     def cloud_state(self) -> str | None:
         """One control-plane read: the server's state and role in ARM (e.g. 'Ready, AsyncReplica')."""

@@ -10,7 +10,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities import postgres
-from activities.context import Backoff, Every, heartbeat, sleep_or_cancelled
+from activities.context import Backoff, Every, heartbeat, sleep_or_cancelled, time_limit
 from activities.providers import database_provider
 from opsflow.models import Divergence, DivergenceRequest, FenceResult, RebuildRequest, RebuildResult, CatchUpRequest, CatchUpResult, DbStatus, PromoteRequest, PromoteResult, RegionTarget, lsn_to_int
 
@@ -197,7 +197,7 @@ def db_divergence(request: DivergenceRequest) -> Divergence:
     return postgres.sql_divergence(old_db, new_db, old_region=request.old.region, new_region=request.new.region)
 
 
-FENCE_BUDGET = 60.0  # an emergency's fence of the old primary: never longer than this
+FENCE_BUDGET = 40.0  # an emergency's fence of the old primary: never longer than this (the step allows 60 s)
 
 
 @activity.defn(name="db.fence_control_plane")
@@ -209,13 +209,13 @@ def db_fence_control_plane(target: RegionTarget) -> FenceResult:
     person must still do; the failover goes on and lists it."""
     provider = database_provider(target)
     try:
-        actions = provider.fence_control_plane(FENCE_BUDGET)
+        method, actions = provider.fence_control_plane(min(FENCE_BUDGET, time_limit(FENCE_BUDGET)))
     except CancelledError:
         raise
     except ApplicationError as e:
-        return FenceResult(region=target.region, done=False, remaining=f"fence the old primary in {target.region} by hand "
+        return FenceResult(region=target.region, fenced=False, detail=f"fence the old primary in {target.region} by hand "
                            f"(read-only or stopped) before its region comes back: {e.message}")
     except Exception as e:  # noqa: BLE001 - a dead region fails in many ways; none may stop the failover
-        return FenceResult(region=target.region, done=False, remaining=f"fence the old primary in {target.region} by hand: "
+        return FenceResult(region=target.region, fenced=False, detail=f"fence the old primary in {target.region} by hand: "
                            f"{type(e).__name__}: {e}")
-    return FenceResult(region=target.region, done=True, actions=actions)
+    return FenceResult(region=target.region, fenced=True, method=method, detail="; ".join(actions))

@@ -369,13 +369,12 @@ def scale_up_and_wait(req: ScaleRequest, *, wait_seconds: float | None = None, p
 
 
 @activity.defn(name="k8s.scale_to_zero")
-def scale_to_zero(req: ScaleRequest) -> FenceResult:
+def scale_to_zero(target: RegionTarget) -> FenceResult:
     """Emergency fence of the OLD region's applications: every inventory deployment scaled to 0 replicas (no
     wait for the pods to go). Best effort, run from the target region's queue: an unreachable cluster is not an
-    error but a result with done=False and what is left to do (the failover lists it as remaining)."""
-    target = req.target
+    error but a result with fenced=False and what is left to do (the failover lists it as remaining)."""
     if target.kubernetes is None or not target.kubernetes.deployments:
-        return FenceResult(region=target.region, done=True, actions=["no deployments in the inventory"])
+        return FenceResult(region=target.region, fenced=True, method="k8s-scale-to-zero", detail="no deployments in the inventory")
     actions: list[str] = []
     failed: list[str] = []
     try:
@@ -394,6 +393,7 @@ def scale_to_zero(req: ScaleRequest) -> FenceResult:
     except Exception as e:  # noqa: BLE001 - a dead region fails in many ways; none may stop the failover
         failed.append(f"{type(e).__name__}: {e}")
     if failed:
-        return FenceResult(region=target.region, done=False, actions=actions,
-                           remaining=f"scale {target.region}'s deployments to 0 by hand (could not: {'; '.join(failed)})")
-    return FenceResult(region=target.region, done=True, actions=actions)
+        return FenceResult(region=target.region, fenced=False, method="k8s-scale-to-zero",
+                           detail=f"scale {target.region}'s deployments to 0 by hand (could not: {'; '.join(failed)})"
+                           + (f"; done: {', '.join(actions)}" if actions else ""))
+    return FenceResult(region=target.region, fenced=True, method="k8s-scale-to-zero", detail=", ".join(actions))

@@ -457,10 +457,10 @@ class PostgresServer:
     def fence(self) -> None:
         sql_fence(self.db)
 
-    def fence_control_plane(self, budget: float) -> list[str]:
+    def fence_control_plane(self, budget: float) -> tuple[str, list[str]]:
         """Self-managed: no control plane; the SQL fence if the server answers (raises when it does not)."""
         sql_fence(self.db)
-        return [f"fenced {where(self.db)} over SQL (default_transaction_read_only=on, sessions ended)"]
+        return "sql-read-only", [f"fenced {where(self.db)} over SQL (default_transaction_read_only=on, sessions ended)"]
 
     def unfence(self) -> None:
         sql_unfence(self.db)
@@ -821,4 +821,4 @@ def sql_divergence(old_db: Any, new_db: Any, *, old_region: str, new_region: str
     detail = (f"{old_region} wrote {after} bytes of WAL on timeline {old.timeline} after {new_region} branched off at {split} "
               f"(old primary at {old.current_lsn})" if diverged else
               f"{old_region} stopped at {old.current_lsn}, not past the switch point {split}: nothing was written after the split")
-    return Divergence(diverged=diverged, **base, switch_lsn=split, bytes_after_split=after, detail=detail)
+    return Divergence(diverged=diverged, **base, split_lsn=split, bytes_after_split=after, detail=detail)

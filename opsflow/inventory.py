@@ -9,13 +9,16 @@ where a secret lives (``SecretRef``); activities fetch it on the worker.
 from __future__ import annotations
 
 import re
-from datetime import datetime, time as dtime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal, Union
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from opsflow.calendar import WeeklyWindow
+from opsflow.secret_scan import plaintext_secrets
+from opsflow.signing import check_public_key
 
 
 class InventoryError(ValueError):
@@ -46,21 +49,46 @@ def parse_duration(value: object) -> float:
 Seconds = Annotated[float, Field(ge=0)]
 
 
+class AwsSecretsManagerRef(Strict):
+    secret_id: str = Field(min_length=1, description="name or ARN of the secret")
+    region: str | None = Field(default=None, description="default: the inventory's aws.default_region")
+    key: str | None = Field(default=None, description="for a JSON secret: the field holding the value")
+
+
+class AzureKeyVaultRef(Strict):
+    vault_url: str = Field(pattern=r"^https://", description="e.g. https://myvault.vault.azure.net (HTTPS only)")
+    name: str = Field(pattern=r"^[0-9a-zA-Z-]{1,127}$")
+    version: str | None = None
+
+
 class SecretRef(Strict):
-    """Where a secret lives. Exactly one of the fields is set."""
+    """Where a secret lives. Exactly one of the fields is set; the worker fetches it (activities/secrets.py)."""
 
     env: str | None = None
     file: str | None = None
+    aws_secrets_manager: AwsSecretsManagerRef | None = None
+    azure_key_vault: AzureKeyVaultRef | None = None
 
     @model_validator(mode="after")
     def _one(self) -> "SecretRef":
-        if sum(x is not None for x in (self.env, self.file)) != 1:
-            raise ValueError("a secret reference names exactly one of: env, file")
+        if sum(x is not None for x in (self.env, self.file, self.aws_secrets_manager, self.azure_key_vault)) != 1:
+            raise ValueError("a secret reference names exactly one of: env, file, aws_secrets_manager, azure_key_vault")
         return self
+
+    def describe(self) -> str:
+        """Where, never what: for messages and logs."""
+        if self.env is not None:
+            return f"environment variable {self.env}"
+        if self.file is not None:
+            return f"file {self.file}"
+        if self.aws_secrets_manager is not None:
+            return f"AWS Secrets Manager secret {self.aws_secrets_manager.secret_id}"
+        assert self.azure_key_vault is not None
+        return f"Key Vault secret {self.azure_key_vault.name} in {self.azure_key_vault.vault_url}"
 
 
 def _no_password_in_dsn(dsn: str) -> str:
-    if re.search(r"(^|\s)password\s*=", dsn) or re.search(r"://[^/@:]+:[^/@]+@", dsn):
+    if re.search(r"(^|\s|[?&])password\s*=", dsn, re.IGNORECASE) or re.search(r"://[^/@:]+:[^/@]*@", dsn):
         raise ValueError("the DSN must not hold a password; name where it lives with 'password: {env: VAR}'")
     return dsn
 
@@ -157,19 +185,45 @@ class AwsConnection(Strict):
 class NotificationChannel(Strict):
     name: str
     kind: Literal["webhook", "slack"] = "webhook"
-    url: str | None = None
+    # A webhook URL is a credential (whoever holds it can post, Slack's and PagerDuty's carry the token in the
+    # path): the inventory only says where it lives. `url` is still read so that procedures started before
+    # this rule (their inventory is in the history) replay; load_inventory refuses it in a file.
     url_secret: SecretRef | None = None
+    url: str | None = None
 
     @model_validator(mode="after")
     def _url(self) -> "NotificationChannel":
         if (self.url is None) == (self.url_secret is None):
-            raise ValueError("a channel has exactly one of: url, url_secret")
+            raise ValueError("a channel needs url_secret (where its webhook URL lives, e.g. {env: VAR})")
         return self
 
 
+class Person(Strict):
+    """Someone who may approve or operate; with `ssh_key` their requests can be proven (signed)."""
+
+    name: str = Field(min_length=1)
+    ssh_key: str | None = Field(default=None, description="OpenSSH public key, e.g. 'ssh-ed25519 AAAA... bob@laptop'")
+
+    _k = field_validator("ssh_key")(lambda v: v if v is None else check_public_key(v))  # a usable key, or the field is named
+
+
+People = list[Union[str, Person]]
+
+
+def _people(entries: People) -> list[Person]:
+    return [Person(name=e) if isinstance(e, str) else e for e in entries]
+
+
 class ApprovalPolicy(Strict):
-    approvers: list[str] = Field(min_length=1)
+    """Who may approve, and what a gate needs: a plain list of approvers, or role groups
+    (`{platform-lead: [...], qa: [...]}`) with `require: [platform-lead, qa]` (each role approved by a
+    different person), and `min_approvals` distinct approvals in all."""
+
+    approvers: Union[People, dict[str, People]] = Field(min_length=1)
+    require: list[str] = []
+    min_approvals: int = Field(default=1, ge=1)
     require_distinct_approver: bool = True
+    require_signed: bool = False
     timeout: Seconds = 3600
     # What happens when nobody answers by the deadline: an escalation is always sent first.
     on_timeout: Literal["abort", "keep-waiting"] = "abort"
@@ -177,6 +231,51 @@ class ApprovalPolicy(Strict):
     emergency_requires_approval: bool = False
 
     _t = field_validator("timeout", mode="before")(parse_duration)
+
+    @model_validator(mode="after")
+    def _roles(self) -> "ApprovalPolicy":
+        roles = self.approvers if isinstance(self.approvers, dict) else {}
+        unknown = [r for r in self.require if r not in roles]
+        if unknown:
+            raise ValueError(f"require names role(s) {', '.join(unknown)} that are not approver groups ({', '.join(roles) or 'none'})")
+        if len(self.require) > len(self.names()):
+            raise ValueError(f"require needs {len(self.require)} different people but only {len(self.names())} approvers exist")
+        if self.require_signed and any(p.ssh_key is None for p in self.people()):
+            missing = [p.name for p in self.people() if p.ssh_key is None]
+            raise ValueError(f"require_signed: approver(s) without ssh_key: {', '.join(missing)}")
+        return self
+
+    def people(self) -> list[Person]:
+        groups = self.approvers.values() if isinstance(self.approvers, dict) else [self.approvers]
+        seen: dict[str, Person] = {}
+        for group in groups:
+            for p in _people(group):
+                seen.setdefault(p.name, p)
+        return list(seen.values())
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.people()]
+
+    def roles_of(self, name: str) -> list[str]:
+        if not isinstance(self.approvers, dict):
+            return []
+        return [role for role, group in self.approvers.items() if name in (p.name for p in _people(group))]
+
+    def key_of(self, name: str) -> str | None:
+        return next((p.ssh_key for p in self.people() if p.name == name), None)
+
+
+class Limits(Strict):
+    """Bounds every procedure keeps, whatever it does."""
+
+    # How long a step may wait for a worker to pick it up before it fails with "no worker serves <queue>".
+    worker_wait: Seconds = 60
+    # A pause longer than this escalates (the procedure keeps waiting).
+    pause_timeout: Seconds = 1800
+    # Long waits read the cloud's control plane at most this often (the database is polled over SQL).
+    control_plane_interval: Seconds = 10
+
+    _d = field_validator("worker_wait", "pause_timeout", "control_plane_interval", mode="before")(parse_duration)
 
 
 class FailoverPolicy(Strict):
@@ -239,53 +338,15 @@ class ReportStore(Strict):
     s3: S3Location | None = None
 
 
-_DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-
-
-class TimeWindow(Strict):
-    """A weekly window, e.g. Sunday 02:00-04:00 UTC (end before start: the window spans midnight)."""
-
-    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(min_length=1)
-    start: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
-    end: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
-    timezone: str = "UTC"
-
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r}") from None
-        return v
-
-    def next_opening(self, now: datetime) -> datetime | None:
-        """None when `now` is inside the window, else when it next opens (aware datetimes)."""
-        tz = ZoneInfo(self.timezone)
-        local = now.astimezone(tz)
-        sh, sm = map(int, self.start.split(":"))
-        eh, em = map(int, self.end.split(":"))
-        length = ((eh * 60 + em) - (sh * 60 + sm)) % (24 * 60) or 24 * 60
-        for back in (0, 1):  # a window is at most a day long: it opened today or yesterday
-            day = (local - timedelta(days=back)).date()
-            if _DAYS[day.weekday()] not in self.days:
-                continue
-            opens = datetime.combine(day, dtime(sh, sm), tz)
-            if opens <= local < opens + timedelta(minutes=length):
-                return None
-        for ahead in range(0, 8):
-            day = (local + timedelta(days=ahead)).date()
-            opens = datetime.combine(day, dtime(sh, sm), tz)
-            if _DAYS[day.weekday()] in self.days and opens > local:
-                return opens.astimezone(now.tzinfo)
-        raise ValueError("window never opens")
+# The failback's low-traffic window is the calendar module's weekly window (the old name stays for callers).
+TimeWindow = WeeklyWindow
 
 
 class FailbackPolicy(Strict):
     rebuild_timeout: Seconds = 6 * 3600
     catch_up_timeout: Seconds = 6 * 3600
     # The low-traffic window for the switch back; none: as soon as it is approved.
-    window: TimeWindow | None = None
+    window: WeeklyWindow | None = None
 
     _d = field_validator("rebuild_timeout", "catch_up_timeout", mode="before")(parse_duration)
 
@@ -296,6 +357,9 @@ class Inventory(Strict):
     regions: dict[str, Region] = Field(min_length=2)
     traffic: Traffic
     approval: ApprovalPolicy
+    limits: Limits = Limits()
+    # Who may start which procedure (procedure name -> people); a procedure not listed: anyone.
+    operators: dict[str, People] = {}
     failover: FailoverPolicy = FailoverPolicy()
     failback: FailbackPolicy = FailbackPolicy()
     azure: AzureConnection | None = None
@@ -356,7 +420,12 @@ def load_inventory(path: str | Path) -> Inventory:
         raise InventoryError(f"inventory {p} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise InventoryError(f"inventory {p} must be a mapping at the top level")
+    # Checked on the file, not in the model: a workflow input recorded before a rule tightened must still decode.
+    found = plaintext_secrets(raw)
+    if found:
+        raise InventoryError(f"inventory {p} holds secrets in plain text:\n" + "\n".join(f"  {f}" for f in found))
     try:
-        return Inventory.model_validate(raw)
+        # .ics freeze calendars named in the file are read (relative to it) and expanded now, not in a workflow.
+        return Inventory.model_validate(raw, context={"base_dir": str(p.resolve().parent)})
     except ValidationError as e:
         raise InventoryError(f"inventory {p} is invalid:\n{_format_errors(e)}") from None

@@ -67,7 +67,7 @@ class CatchUpRequest(BaseModel):
     replica: RegionTarget
     timeout_seconds: float
     max_lag_bytes: int = 0  # 0: wait until the replica has replayed everything
-    control_plane_interval: float = 10.0  # read the cloud's control plane at most this often (ARM/RDS read budgets)
+    control_plane_interval: float = 10  # read the cloud's control plane at most this often (SQL is polled)
 
 
 class CatchUpResult(BaseModel):
@@ -98,23 +98,24 @@ class RebuildRequest(BaseModel):
 
     target: RegionTarget
     primary: RegionTarget
+    preserve: bool = True  # keep what the old server holds before removing or rewinding it
 
 
 class Divergence(BaseModel):
-    """Whether the old primary took writes after the split (the new primary's promotion), from the LSNs: the
-    old primary's last position on its timeline against the point where the new primary's timeline branched
-    off it (its timeline history). Unknown (diverged=None) when the old primary cannot be read."""
+    """Whether the old primary took writes after the split (after an emergency failover they are lost): the old
+    primary's last position on its timeline against the point where the new primary's timeline forked off it
+    (read from the new primary's timeline history). diverged=None: unknown (the old primary cannot be read)."""
 
-    diverged: bool | None
-    old_region: str
-    new_region: str
-    old_timeline: int | None = None
-    old_last_lsn: str | None = None  # the old primary's pg_current_wal_lsn() (or last position seen)
-    new_timeline: int | None = None
-    switch_lsn: str | None = None  # where the new primary's timeline left the old one (the promotion point)
-    bytes_after_split: int | None = None  # WAL the old primary wrote after the split: writes the new one never got
-    transactions_after_split: int | None = None  # commits in that WAL, when known (pg_waldump on the host)
+    old_last_lsn: str | None = None  # the old primary's last WAL position
+    split_lsn: str | None = None  # where the new primary's timeline forked
+    bytes_after_split: int | None = None
+    transactions: int | None = None  # known only when the old server's WAL could be read
     detail: str = ""
+    diverged: bool | None = None  # True: WAL past the split point exists only on the old primary
+    old_region: str = ""
+    new_region: str = ""
+    old_timeline: int | None = None
+    new_timeline: int | None = None
 
 
 class DivergenceRequest(BaseModel):
@@ -126,17 +127,17 @@ class RebuildResult(BaseModel):
     method: str  # pg_rewind | pg_basebackup | azure-replica | rds-read-replica
     seconds: float
     detail: str = ""
-    preserved: str | None = None  # what was kept of the old server before it was removed or rewound (backup, snapshot, path)
-    divergence: Divergence | None = None  # what the old server held that the new primary does not
+    preserved: str | None = None  # what was kept of the old server (backup id, snapshot, moved data directory)
+    divergence: Divergence | None = None
 
 
 class FenceResult(BaseModel):
-    """db.fence_control_plane / k8s.scale_to_zero: best effort, never raising for an unreachable region."""
+    """A best-effort fence of an old primary through the control plane (emergency failover)."""
 
     region: str
-    done: bool  # the fence (or scale to zero) is in place
-    actions: list[str] = []  # what was done
-    remaining: str | None = None  # when not done: what a person must still do, and why it could not be done
+    fenced: bool
+    method: str = ""  # e.g. azure-stop, rds-parameter-group, sql-read-only, k8s-scale-to-zero
+    detail: str = ""
 
 
 class TrafficRequest(BaseModel):
@@ -228,10 +229,8 @@ class RestoreRequest(BaseModel):
     method: str
     scratch_name: str = ""
     point_in_time: datetime | None = None  # None: the latest restorable time
-    # Scratch targets are tagged (Azure, RDS) or marked (dump databases) with the environment and the run that
-    # made them; leftover cleanup removes only those of the same environment and of another run.
-    environment: str = ""  # default: source.environment
-    run_id: str = ""  # the drill's run; default: none (only scratch_name is spared by the cleanup)
+    environment: str = ""  # scratch targets are tagged by environment and run: cleanup never crosses them
+    run_id: str = ""
     control_plane_interval: float = 10.0  # restore.wait reads the cloud's control plane at most this often
 
     @property
@@ -240,7 +239,7 @@ class RestoreRequest(BaseModel):
 
 
 def scratch_name(prefix: str, environment: str, run_id: str, method: str) -> str:
-    """The scratch target's name for a drill run: `<prefix>-<env>-<run8>` for cloud servers/instances (letters,
+    """A scratch target's name for a drill run: `<prefix>-<env>-<run8>` for cloud servers/instances (letters,
     digits, hyphens), `<prefix>_<env>_<run8>` for a database restored from a dump; at most 63 characters."""
     run8 = re.sub(r"[^a-z0-9]", "", run_id.lower())[:8]
     sep = "_" if method == "s3-dump" else "-"
@@ -316,6 +315,10 @@ class Decision(BaseModel):
     by: str
     at: datetime
     reason: str = ""
+    gate: str = "approval"
+    roles: list[str] = []  # the approver's roles in the gate's policy, when it has role groups
+    signature: str | None = None  # SSHSIG armor, when the request was signed
+    signed_at: datetime | None = None
 
 
 class ControlEvent(BaseModel):
@@ -325,6 +328,8 @@ class ControlEvent(BaseModel):
     by: str
     at: datetime
     reason: str = ""
+    signature: str | None = None
+    signed_at: datetime | None = None
 
 
 ProcedureStatus = Literal["running", "waiting", "paused", "succeeded", "failed", "aborted", "refused", "planned"]
@@ -339,12 +344,18 @@ class ProcedureReport(BaseModel):
     requester: str
     reason: str = ""
     dry_run: bool = False
+    # Signed requests (opsflow/signing.py): the run the signatures bind to, and the requester's start signature;
+    # decisions and control events carry their own. `opsflow verify-report` re-checks them all.
+    run_id: str = ""
+    start_signature: str | None = None
+    start_signed_at: datetime | None = None
     status: ProcedureStatus = "running"
     failure: str | None = None
     current_step: str | None = None
     waiting_for: str | None = None
     steps: list[StepRecord] = []
-    approval: Decision | None = None
+    approval: Decision | None = None  # the decision that opened the (last) approval gate
+    approvals: list[Decision] = []  # every decision at every gate, in order
     events: list[ControlEvent] = []
     remaining: list[str] = []  # after a failure past the point of no return: what a person must still do
     started_at: datetime | None = None
@@ -362,6 +373,7 @@ class FailoverReport(ProcedureReport):
     rpo_bytes: int | None = None  # planned: 0, proven by LSN compare; emergency: WAL not replayed (estimate)
     rpo_proven: bool = False
     promotion_seconds: float | None = None
+    preempted: list[str] = []  # procedures an emergency failover aborted to run
 
 
 class DrillReport(ProcedureReport):
@@ -383,5 +395,7 @@ class FailbackReport(ProcedureReport):
     to_region: str = ""  # the recovered region traffic returns to
     rebuild_method: str | None = None
     rebuild_seconds: float | None = None
+    old_primary_preserved: str | None = None
+    divergence: Divergence | None = None
     window_opened_at: datetime | None = None
     failover: FailoverReport | None = None  # the child failover's report

@@ -1,11 +1,12 @@
 """What a worker runs: every procedure workflow and every activity, by task queue role."""
 
-from activities import database, http_checks, kubernetes, notify, reports, restore, traffic
+from activities import database, http_checks, kubernetes, notify, reports, restore, temporal_queues, traffic
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
+from workflows.scheduled import ScheduledLaunch
 
-WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow]
+WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, ScheduledLaunch]
 
 # Activities that act on one region run on that region's queue, so a dead region cannot stall the rest.
 REGION_ACTIVITIES = [
@@ -34,4 +35,4 @@ REGION_ACTIVITIES = [
     restore.verify,
 ]
 # Activities that belong to no region run beside the workflows.
-GLOBAL_ACTIVITIES = [notify.send, reports.store_report]
+GLOBAL_ACTIVITIES = [notify.send, reports.store_report, temporal_queues.unserved_queues]

@@ -132,7 +132,7 @@ def test_rebuild_keeps_the_old_primary_and_reports_its_writes_after_the_split(la
 
     div = db_divergence(DivergenceRequest(old=lab.target("westeurope"), new=lab.target("northeurope")))
     assert div.diverged is True and div.bytes_after_split > 0, div
-    assert (div.old_timeline, div.new_timeline) == (1, 2) and div.switch_lsn, div
+    assert (div.old_timeline, div.new_timeline) == (1, 2) and div.split_lsn, div
 
     result = db_rebuild_replica(RebuildRequest(target=lab.target("westeurope"), primary=lab.target("northeurope")))
     assert result.method == "azure-replica", result
@@ -158,7 +158,7 @@ def test_rebuild_keeps_the_old_primary_and_reports_its_writes_after_the_split(la
 
 def test_emergency_fence_is_best_effort_and_never_raises_for_an_unreachable_region(lab):
     res = db_fence_control_plane(lab.target("westeurope"))
-    assert res.done and any("default_transaction_read_only=on" in a for a in res.actions), res
+    assert res.fenced and res.method == "azure-read-only-parameter" and "default_transaction_read_only=on" in res.detail, res
     assert sql(lab.primary, "show default_transaction_read_only")[0][0] == "on"
 
     from opsflow.inventory import AzureConnection
@@ -166,5 +166,5 @@ def test_emergency_fence_is_best_effort_and_never_raises_for_an_unreachable_regi
     dead = AzureConnection(arm_endpoint="https://127.0.0.1:9", credential="static-token", ca_bundle=str(lab.emu.ca_path))
     t0 = time.monotonic()
     res = db_fence_control_plane(lab.target("westeurope", conn=dead))
-    assert not res.done and res.remaining and "by hand" in res.remaining, res
+    assert not res.fenced and "by hand" in res.detail, res
     assert time.monotonic() - t0 < 30
