@@ -328,7 +328,7 @@ def test_scratch_servers_survive_an_emulator_restart(lab: DrillLab):
     sql(lab.primary, "create table t (id int); insert into t values (1), (2)")
     p = lab.provider()
     name = "opsflow-drill-keep0001"
-    req = lab.request(name, p.window().latest)
+    req = lab.request(name, server_now(lab.primary))  # after the rows (the window's latest is a minute back)
     restore_start(req)
     target, _ = in_activity(restore_wait, req)
     # A brand-new replica server (no cluster of that name yet): a new streaming cluster.
