@@ -78,11 +78,17 @@ class Lab:
         self.root = root
         self.state_file = root / "lab.json"
         self.state: dict = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        self.faults = 0.0  # the cloud emulators' random fault rate (lab up --faults)
 
     def save(self) -> None:
         self.state_file.write_text(json.dumps(self.state, indent=2))
 
     def spawn(self, name: str, argv: list[str], env: dict | None = None) -> int:
+        if self.faults and (name in ("arm", "aws") or name.startswith("k8s-")):
+            from lab.faults import FAULTS_ENV
+
+            env = {**(env or {}), FAULTS_ENV: str(self.faults)}
+            self.state["faults"] = self.faults
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
@@ -143,9 +149,10 @@ def stop_pid(pid: int, timeout: float = 15) -> None:
 
 
 def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
-       encrypt: bool = False) -> dict:
+       faults: float = 0.0, encrypt: bool = False) -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
-    tests and benchmarks take any free ports so they never meet another lab's leftovers."""
+    tests and benchmarks take any free ports so they never meet another lab's leftovers. faults: the fraction of
+    cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults)."""
     from lab.postgres import create_replica, init_primary
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -157,6 +164,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
         down(root, quiet=True)
     root.mkdir(parents=True, exist_ok=True)
     lab = Lab(root)
+    lab.faults = faults
     try:
         _up(lab, root, with_worker, say, create_replica, init_primary, cloud, default_ports, encrypt)
     except BaseException:
@@ -477,6 +485,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name in ("up", "demo"):
             p.add_argument("--no-worker", action="store_true", help="do not start a worker (tests run their own)")
             p.add_argument("--cloud", choices=["azure", "aws"], default="azure", help="emulated cloud: Azure (ARM) or AWS (moto)")
+            p.add_argument("--faults", type=float, default=0.0, metavar="FRACTION",
+                           help="answer this fraction of cloud API requests with 429/503/dropped connections (e.g. 0.2)")
             if name == "up":
                 p.add_argument("--encrypt", action="store_true", help="encrypt Temporal payloads (a lab key; a codec server for the UI)")
         if name == "demo":
@@ -504,7 +514,7 @@ def print_status(s: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     root = (args.dir or default_dir()).resolve()
     if args.lab_command == "up":
-        up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, encrypt=args.encrypt)
+        up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults, encrypt=args.encrypt)
         s = status(root)
         if args.json:
             print(json.dumps(s, indent=2))

@@ -29,6 +29,11 @@ from worker.registry import GLOBAL_ACTIVITIES, REGION_ACTIVITIES, WORKFLOWS
 log = logging.getLogger("opsflow.worker")
 
 
+# A cancellation reaches an activity only in the answer to a heartbeat, and the SDK sends heartbeats at most
+# every 80 % of the heartbeat timeout (30 s by default): cap that, so an abort stops a long step within seconds.
+HEARTBEAT_THROTTLE = timedelta(seconds=2)
+
+
 @dataclass
 class FleetSettings:
     """How much one process takes on. Defaults suit a few environments; see README "A worker for a fleet"."""
@@ -50,7 +55,8 @@ def build_workers(client: Client, inv: Inventory, regions: list[str] | None, exe
     skip = skip_queues if skip_queues is not None else set()
     common = dict(activity_executor=executor, graceful_shutdown_timeout=timedelta(seconds=30),
                   max_concurrent_activities=min(s.max_concurrent_activities, s.activity_threads),
-                  max_concurrent_activity_task_polls=polls)
+                  max_concurrent_activity_task_polls=polls,
+                  max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE, default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE)
     workers = []
     if serve_workflows and inv.task_queue not in skip:
         skip.add(inv.task_queue)
@@ -110,6 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inventory YAML, or a directory of them (repeatable; default: the running lab's)")
     parser.add_argument("--region", action="append", help="serve only this region's activity queue (repeatable)")
     parser.add_argument("--no-workflows", action="store_true", help="do not serve the workflow queue (a region-only worker)")
+    parser.add_argument("--no-regions", action="store_true", help="serve only the workflow queue (workflows, notifications, reports)")
     parser.add_argument("--metrics-port", type=int, help="expose Prometheus metrics on 127.0.0.1:PORT")
     fleet = parser.add_argument_group("fleet settings (also OPSFLOW_WORKER_* environment variables)")
     fleet.add_argument("--activity-threads", type=int, default=_env_int("OPSFLOW_WORKER_ACTIVITY_THREADS", d.activity_threads),
@@ -144,6 +151,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         return getattr(e, "code", 2)
     from activities import secrets
 
+<<<<<<< HEAD
     # Secret stores use one set of cloud connections per process: a fleet's inventories must agree on them.
     connections = {(inv.aws.model_dump_json() if inv.aws else None, inv.azure.model_dump_json() if inv.azure else None) for inv in inventories}
     if len(connections) > 1:
@@ -151,6 +159,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     secrets.configure(inventories[0])
     settings = FleetSettings(args.activity_threads, args.max_concurrent_activities, args.max_cached_workflows, args.polls_per_queue)
     asyncio.run(run(inventories, args.region, not args.no_workflows, args.metrics_port, settings))
+=======
+    secrets.configure(inv)  # secret stores use the inventory's cloud connections
+    regions = [] if args.no_regions else args.region
+    asyncio.run(run(inv, regions, not args.no_workflows, args.metrics_port))
+>>>>>>> wt-safety
     return 0
 
 
