@@ -151,19 +151,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         return getattr(e, "code", 2)
     from activities import secrets
 
-<<<<<<< HEAD
     # Secret stores use one set of cloud connections per process: a fleet's inventories must agree on them.
     connections = {(inv.aws.model_dump_json() if inv.aws else None, inv.azure.model_dump_json() if inv.azure else None) for inv in inventories}
     if len(connections) > 1:
         log.warning("inventories name different aws/azure connections; secret stores use those of %s", inventories[0].environment)
     secrets.configure(inventories[0])
     settings = FleetSettings(args.activity_threads, args.max_concurrent_activities, args.max_cached_workflows, args.polls_per_queue)
-    asyncio.run(run(inventories, args.region, not args.no_workflows, args.metrics_port, settings))
-=======
-    secrets.configure(inv)  # secret stores use the inventory's cloud connections
-    regions = [] if args.no_regions else args.region
-    asyncio.run(run(inv, regions, not args.no_workflows, args.metrics_port))
->>>>>>> wt-safety
+    regions = [] if getattr(args, "no_regions", False) else args.region
+    asyncio.run(run(inventories, regions, not args.no_workflows, args.metrics_port, settings))
     return 0
 
 
