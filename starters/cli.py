@@ -141,7 +141,8 @@ async def cmd_update(args) -> int:
     try:
         signed = await request_signature(handle, action=args.command, name=args.as_, reason=args.reason or "", key_path=args.key,
                                          gate_id=getattr(args, "gate", None))  # issue 11
-        result = await handle.execute_update(args.command, Request(by=args.as_, reason=args.reason or "", **signed),
+        request = Request(by=args.as_, reason=args.reason or "", gate=getattr(args, "gate", None), **signed)
+        result = await handle.execute_update(args.command, request,
                                              result_type=dict if args.command in ("approve", "reject") else str)
     except WorkflowUpdateFailedError as e:
         cause = e.cause
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         u.add_argument("workflow_id")
         u.add_argument("--as", dest="as_", required=True, metavar="NAME")
         u.add_argument("--reason", required=(name == "reject"))
+        if name in ("approve", "reject"):
+            u.add_argument("--gate", metavar="ID", help="the gate this answers (default: the one open)")
         add_key_argument(u)
 
     s = common(sub.add_parser("status", help="progress of a procedure"))
