@@ -1063,6 +1063,8 @@ class _Handler(BaseHTTPRequestHandler):
                             del c.objects[key]
                     c.rv += 1
                     c._dirty = True
+                if res is SERVICES:  # as the API server: a deleted service comes back as the object
+                    return 200, copy.deepcopy(obj)
                 return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                              "details": {**_details(res, name), "uid": obj["metadata"]["uid"]}}
             obj = c.get(res, ns, name)
