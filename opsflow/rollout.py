@@ -249,6 +249,27 @@ def threshold_breaches(analysis: AnalysisSpec, samples: Samples) -> list[MetricV
     return out
 
 
+class FreezesRequest(BaseModel):
+    calendars: list[str]
+    start: datetime
+    end: datetime
+
+
+def closed_because(policy: RolloutPolicy, now: datetime, extra_freezes: list[FreezeEvent] = ()) -> str | None:
+    """Why a deployment may not start at `now` (a freeze, or outside every window); None when it may.
+    Deterministic: safe in a workflow at workflow.now()."""
+    for f in [*policy.freezes, *extra_freezes]:
+        if f.start <= now < f.end:
+            return f"deployment freeze {f.name!r} until {f.end:%Y-%m-%d %H:%M %Z}"
+    if policy.windows:
+        openings = [w.next_opening(now) for w in policy.windows]
+        if all(o is not None for o in openings):
+            nxt = min(o for o in openings if o is not None)
+            spans = "; ".join(f"{','.join(w.days)} {w.start}-{w.end} {w.timezone}" for w in policy.windows)
+            return f"outside the deployment windows ({spans}); next opening {nxt:%Y-%m-%d %H:%M %Z}"
+    return None
+
+
 def _complete_inventory() -> None:
     """`Inventory.rollout` names RolloutPolicy, which builds on the inventory's models: resolve it now."""
     import opsflow.inventory as inventory

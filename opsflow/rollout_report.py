@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from opsflow.models import ControlEvent, Decision, ProcedureReport
+from opsflow.models import ControlEvent, ProcedureReport
 from opsflow.rollout import StepAnalysis
 
 
@@ -20,7 +20,6 @@ class RolloutReport(ProcedureReport):
     weights: list[int] = []  # the plan
     weight: int = 0  # the canary's weight now
     analysis: list[StepAnalysis] = []
-    approvals: list[Decision] = []
     overrides: list[ControlEvent] = []
     promoted_by: list[ControlEvent] = []
     active: str | None = None  # blue-green: the deployment serving
