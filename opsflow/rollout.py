@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from opsflow.inventory import ApprovalPolicy, KubernetesConfig, Seconds, Strict, TimeWindow, parse_duration
+from opsflow.calendar import Calendar, Freeze, FreezeCalendar, NeverOpens, WeeklyWindow
+from opsflow.inventory import ApprovalPolicy, KubernetesConfig, Seconds, Strict, parse_duration
 
 Direction = Literal["increase", "decrease", "either"]
 
@@ -63,20 +64,14 @@ class AnalysisSpec(Strict):
     _d = field_validator("interval", "step", mode="before")(parse_duration)
 
 
-class FreezeEvent(Strict):
-    name: str
-    start: datetime
-    end: datetime
-
-
 class RolloutPolicy(Strict):
     apps: dict[str, RolloutApp] = Field(min_length=1)
     analysis: AnalysisSpec
     steps: list[int] = Field(default=[5, 25, 50, 100], description="canary weights in percent; 100 is the promotion")
     bake: Seconds = 600
-    windows: list[TimeWindow] = Field(default=[], description="deployments only inside one of these (none: any time)")
-    freezes: list[FreezeEvent] = []
-    freeze_calendars: list[str] = Field(default=[], description=".ics files; every event in them is a freeze")
+    windows: list[WeeklyWindow] = Field(default=[], description="deployments only inside one of these (none: any time)")
+    freezes: list[Freeze] = Field(default=[], description="deployment freezes: one-off events or weekly (e.g. Friday after 12:00)")
+    ics: list[FreezeCalendar] = Field(default=[], description=".ics freeze calendars (holidays, sales), expanded when the inventory is loaded")
     approval: ApprovalPolicy | None = Field(default=None, description="default: the inventory's approval policy")
     rollback_window: Seconds = Field(default=600, description="blue-green: how long the old colour is kept")
     timeout: Seconds = Field(default=900, description="bound on a rollout's wait for readiness")
@@ -249,24 +244,20 @@ def threshold_breaches(analysis: AnalysisSpec, samples: Samples) -> list[MetricV
     return out
 
 
-class FreezesRequest(BaseModel):
-    calendars: list[str]
-    start: datetime
-    end: datetime
-
-
-def closed_because(policy: RolloutPolicy, now: datetime, extra_freezes: list[FreezeEvent] = ()) -> str | None:
+def closed_because(policy: RolloutPolicy, now: datetime) -> str | None:
     """Why a deployment may not start at `now` (a freeze, or outside every window); None when it may.
-    Deterministic: safe in a workflow at workflow.now()."""
-    for f in [*policy.freezes, *extra_freezes]:
-        if f.start <= now < f.end:
-            return f"deployment freeze {f.name!r} until {f.end:%Y-%m-%d %H:%M %Z}"
-    if policy.windows:
-        openings = [w.next_opening(now) for w in policy.windows]
-        if all(o is not None for o in openings):
-            nxt = min(o for o in openings if o is not None)
-            spans = "; ".join(f"{','.join(w.days)} {w.start}-{w.end} {w.timezone}" for w in policy.windows)
-            return f"outside the deployment windows ({spans}); next opening {nxt:%Y-%m-%d %H:%M %Z}"
+    Deterministic (the calendar module at `now`): safe in a workflow at workflow.now()."""
+    cal = Calendar(windows=policy.windows, freezes=policy.freezes, ics=policy.ics)
+    hit = cal.frozen(now)
+    if hit is not None:
+        return f"deployment freeze {hit.name!r}" + (f" until {hit.until:%Y-%m-%d %H:%M %Z}" if hit.until else "")
+    if not cal.in_window(now):
+        try:
+            nxt = cal.next_opening(now)
+            when = f"; next opening {nxt:%Y-%m-%d %H:%M %Z}" if nxt else ""
+        except NeverOpens as e:
+            when = f"; {e.message}"
+        return f"outside the deployment windows ({'; '.join(w.describe() for w in policy.windows)}){when}"
     return None
 
 

@@ -1,11 +1,12 @@
 """What a worker runs: every procedure workflow and every activity, by task queue role."""
 
-from activities import database, http_checks, kubernetes, notify, reports, restore, traffic
+from activities import database, http_checks, kubernetes, notify, reports, restore, temporal_queues, traffic
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
+from workflows.scheduled import ScheduledLaunch
 
-WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow]
+WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, ScheduledLaunch]
 
 # Activities that act on one region run on that region's queue, so a dead region cannot stall the rest.
 REGION_ACTIVITIES = [
@@ -31,13 +32,12 @@ REGION_ACTIVITIES = [
     restore.verify,
 ]
 # Activities that belong to no region run beside the workflows.
-GLOBAL_ACTIVITIES = [notify.send, reports.store_report]
+GLOBAL_ACTIVITIES = [notify.send, reports.store_report, temporal_queues.unserved_queues]
 
 # Rollouts (canary, blue-green): Kubernetes and the region's Prometheus on the app's region queue.
-from activities import analysis, freeze_calendars, prometheus  # noqa: E402
+from activities import analysis, prometheus  # noqa: E402
 from workflows.canary import BlueGreenWorkflow, CanaryWorkflow  # noqa: E402
 
 WORKFLOWS += [CanaryWorkflow, BlueGreenWorkflow]
 REGION_ACTIVITIES += [kubernetes.rollout_status, kubernetes.create_canary, kubernetes.set_weight, kubernetes.delete_canary, kubernetes.set_image,
                       kubernetes.create_colour, kubernetes.switch_service, kubernetes.scale_deployment, prometheus.samples, analysis.judge_step]
-GLOBAL_ACTIVITIES += [freeze_calendars.freezes]

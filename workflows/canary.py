@@ -30,8 +30,6 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.models import ControlEvent
     from opsflow.rollout import (
         DeploymentRequest,
-        FreezeEvent,
-        FreezesRequest,
         ImageRequest,
         JudgeRequest,
         RolloutApp,
@@ -114,14 +112,7 @@ class Rollout(Procedure):
 
     async def calendar(self) -> None:
         """Refuse outside the deployment windows or in a freeze, unless an approver overrides with a reason."""
-        now = workflow.now()
-        extra: list[FreezeEvent] = []
-        if self.policy.freeze_calendars:
-            extra = await self.step("preflight-freezes", "Read the freeze calendars", "calendar.freezes",
-                                    FreezesRequest(calendars=self.policy.freeze_calendars, start=now - timedelta(days=1), end=now + timedelta(days=1)),
-                                    result_type=list[FreezeEvent], queue=self.inventory.task_queue,
-                                    detail=lambda evs: f"{len(evs)} freeze event(s) around now")
-        why = closed_because(self.policy, now, extra)
+        why = closed_because(self.policy, workflow.now())
         if why is None:
             return
         if not self.inp.override:

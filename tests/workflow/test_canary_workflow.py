@@ -25,7 +25,7 @@ from temporalio.worker import Worker
 from activities.analysis import judge_step
 from opsflow.inventory import Inventory
 from opsflow.models import NotifyRequest
-from opsflow.rollout import (DeploymentRequest, FreezeEvent, FreezesRequest, ImageRequest, MetricSamples, RolloutState, RolloutTarget,
+from opsflow.rollout import (DeploymentRequest, ImageRequest, MetricSamples, RolloutState, RolloutTarget,
                              Samples, SamplesRequest, WeightRequest)
 from opsflow.rollout_report import RolloutReport
 from tests.workflow.conftest import inventory_dict
@@ -144,16 +144,12 @@ class Cluster:
             return Samples(metrics=[MetricSamples(name=m.name, canary=c.figures(r.canary, m.name, False), baseline=c.figures(r.baseline, m.name, True))
                                     for m in r.analysis.metrics], canary_requests=requests, baseline_requests=requests * 3, start=r.start, end=r.end)
 
-        @activity.defn(name="calendar.freezes")
-        def freezes(r: FreezesRequest) -> list[FreezeEvent]:
-            return []
-
         @activity.defn(name="notify.send")
         def notify(r: NotifyRequest) -> None:
             c.notifications.append(r.notification.text)
 
         return [rollout_status, create_canary, set_weight, delete_canary, set_image, create_colour, switch_service, scale_deployment,
-                samples, freezes, notify, judge_step]
+                samples, notify, judge_step]
 
 
 ROLLOUT = {
