@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     from starters.schedules import add_arguments as schedule_arguments
 
     schedule_arguments(sub.add_parser("schedule", help="procedures on a Temporal Schedule: create, list, describe, pause, trigger, backfill, delete"))
+    from starters import rollout  # opsflow canary|bluegreen|promote|rollback
+
+    rollout.add_arguments(sub)
     return p
 
 
@@ -325,6 +328,9 @@ COMMANDS = {
 from starters.schedules import run as cmd_schedule  # noqa: E402
 
 COMMANDS["schedule"] = cmd_schedule
+from starters import rollout as _rollout  # noqa: E402
+
+COMMANDS.update(dict.fromkeys(_rollout.COMMANDS, _rollout.run))
 
 
 def main(argv: list[str] | None = None) -> int:
