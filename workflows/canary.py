@@ -278,7 +278,7 @@ class Rollout(Procedure):
         self.check_operator(req, "promote")
         if self.point_of_no_return or self.report.status in ("succeeded", "failed", "aborted", "refused"):
             raise ApplicationError("nothing to promote: the rollout is past its steps", type="NotWaiting")
-        if not (self.report.current_step or "").startswith(("bake", "decide", "judge", "weight", "promote-gate")):
+        if not (self.report.current_step or "").startswith(("bake", "decide", "judge", "weight", "promote-gate", "post-analysis")):
             raise ApplicationError(f"nothing to promote yet (current step: {self.report.current_step})", type="NotWaiting")
 
     @workflow.update

@@ -479,3 +479,17 @@ async def test_bluegreen_failure_in_the_window_switches_back(env, worker, cluste
         await approve_quorum(handle)
         report = await failed(handle)
     assert report.rolled_back and "error-rate" in report.rollback_reason and cluster.selector == "web"
+
+
+async def test_bluegreen_promote_ends_the_rollback_window_early(env, worker, cluster):
+    inv = make_inventory(rollback_window="2h")
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, inv, procedure="bluegreen")
+        await approve_quorum(handle)
+        await until(handle, lambda r: r.current_step == "post-analysis", "the rollback window")
+        await handle.execute_update("promote", Request(by="alice", reason="looks good"))
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and cluster.replicas["web"] == 0 and cluster.selector == "web-green"
+    window = next(s for s in report.steps if s.name == "post-analysis")
+    assert window.seconds < 7200 and "promoted by alice" in window.detail
