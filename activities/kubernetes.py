@@ -397,3 +397,305 @@ def scale_to_zero(target: RegionTarget) -> FenceResult:
                            detail=f"scale {target.region}'s deployments to 0 by hand (could not: {'; '.join(failed)})"
                            + (f"; done: {', '.join(actions)}" if actions else ""))
     return FenceResult(region=target.region, fenced=True, method="k8s-scale-to-zero", detail=", ".join(actions))
+
+# -- rollouts: canary and blue-green ----------------------------------------------------------------------
+#
+# The canary is a second deployment, `<stable>-canary`, made from the stable's spec with the new image; its pod
+# labels are the stable's with each selector value suffixed, so the stable service never selects canary pods,
+# and a service `<service>-canary` selects them. A Gateway API HTTPRoute splits traffic between the two
+# services by backendRef weight. Blue-green keeps two colours, `<stable>` and `<stable>-green`, and switches
+# the stable service's selector between them. Every activity looks before it acts.
+
+from opsflow.rollout import DeploymentRequest, ImageRequest, RolloutState, RolloutTarget, WeightRequest  # noqa: E402
+
+GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES = "gateway.networking.k8s.io", "v1", "httproutes"
+CANARY_OF = "opsflow.dev/canary-of"
+GREEN_SUFFIX = "-green"
+
+
+class _Place:
+    def __init__(self, region: str):
+        self.region = region
+
+
+@contextmanager
+def _rollout_cluster(target: RolloutTarget) -> Iterator[_Cluster]:
+    api = new_api_client(target.kubernetes)
+    try:
+        yield _Cluster(_Place(target.region), target.kubernetes, api)  # type: ignore[arg-type]
+    finally:
+        api.close()
+        api.rest_client.pool_manager.clear()
+
+
+def _suffixed(labels: dict, keys: dict, suffix: str) -> dict:
+    return {k: (f"{v}{suffix}" if k in keys else v) for k, v in (labels or {}).items()}
+
+
+def _container(dep: k8s.V1Deployment, name: str | None) -> k8s.V1Container:
+    containers = dep.spec.template.spec.containers
+    for c in containers:
+        if name is None or c.name == name:
+            return c
+    raise ApplicationError(f"deployment {dep.metadata.name} has no container {name!r} (has: {', '.join(c.name for c in containers)})",
+                           type="BadInput", non_retryable=True)
+
+
+def _maybe(c: _Cluster, what: str, read) -> Any:
+    """Read an object; None when it does not exist."""
+    try:
+        with c.call(what):
+            return read()
+    except ApplicationError as e:
+        if e.type == "KubernetesNotFound":
+            return None
+        raise
+
+
+def _route(c: _Cluster, target: RolloutTarget) -> dict:
+    if target.app.router is None:
+        raise ApplicationError(f"app {target.app.deployment} has no router in the inventory: a canary needs one", type="BadInput", non_retryable=True)
+    custom = k8s.CustomObjectsApi(c.api)
+    with c.call(f"httproute {c.ns}/{target.app.router.name}"):
+        return custom.get_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, c.ns, HTTPROUTES, target.app.router.name,
+                                                   _request_timeout=REQUEST_TIMEOUT)
+
+
+def _route_rule(route: dict, service: str) -> dict:
+    for rule in route.get("spec", {}).get("rules", []):
+        if any(ref.get("name") == service for ref in rule.get("backendRefs", [])):
+            return rule
+    raise ApplicationError(f"httproute {route['metadata']['name']} has no rule sending traffic to service {service}",
+                           type="BadInput", non_retryable=True)
+
+
+def _rollout_state(c: _Cluster, target: RolloutTarget) -> RolloutState:
+    app = target.app
+    stable = c.deployment(app.deployment)
+    roll = _Rollout.of(stable)
+    state = RolloutState(stable=app.deployment, stable_image=_container(stable, app.container).image, stable_desired=roll.state.desired,
+                         stable_ready=roll.state.ready, stable_done=roll.done)
+    canary = _maybe(c, f"deployment {c.ns}/{target.canary}", lambda: c.apps.read_namespaced_deployment(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT))
+    if canary is not None:
+        state.canary, state.canary_image = target.canary, _container(canary, app.container).image
+        state.canary_ready = (canary.status.ready_replicas or 0) if canary.status else 0
+    if app.router is not None:
+        rule = _route_rule(_route(c, target), app.service)
+        state.weights = {ref["name"]: int(ref.get("weight", 1)) for ref in rule.get("backendRefs", [])}
+    with c.call(f"service {c.ns}/{app.service}"):
+        svc = c.core.read_namespaced_service(app.service, c.ns, _request_timeout=REQUEST_TIMEOUT)
+    selector = svc.spec.selector or {}
+    for name in (app.deployment, f"{app.deployment}{GREEN_SUFFIX}"):
+        dep = stable if name == app.deployment else _maybe(c, f"deployment {c.ns}/{name}", lambda: c.apps.read_namespaced_deployment(name, c.ns, _request_timeout=REQUEST_TIMEOUT))
+        if dep is None:
+            continue
+        state.colours[name] = _container(dep, app.container).image
+        state.replicas[name] = dep.spec.replicas or 0
+        labels = dep.spec.template.metadata.labels or {}
+        if selector and all(labels.get(k) == v for k, v in selector.items()):
+            state.active = name
+    return state
+
+
+def _wait_done(c: _Cluster, name: str, bound: float, what: str) -> None:
+    """Wait until the deployment's rollout is complete (`kubectl rollout status`), heartbeating."""
+    started = time.monotonic()
+    while True:
+        r = _Rollout.of(c.deployment(name))
+        _heartbeat({"deployment": name, "ready": r.state.ready, "desired": r.state.desired, "waiting": r.waiting_for})
+        if r.failed:
+            raise ApplicationError(f"{c.where}: {what}: rollout failed: {r.failed}", type="DeploymentFailed", non_retryable=True)
+        if r.done:
+            return
+        if time.monotonic() - started >= bound:
+            raise ApplicationError(f"{c.where}: {what}: not ready after {bound:.0f}s: {r.waiting_for}", type="DeploymentNotReady")
+        _sleep(POLL_SECONDS)
+
+
+def _ensure_service_copy(c: _Cluster, source: str, name: str, keys: dict, suffix: str) -> None:
+    if _maybe(c, f"service {c.ns}/{name}", lambda: c.core.read_namespaced_service(name, c.ns, _request_timeout=REQUEST_TIMEOUT)) is not None:
+        return
+    with c.call(f"service {c.ns}/{source}"):
+        svc = c.core.read_namespaced_service(source, c.ns, _request_timeout=REQUEST_TIMEOUT)
+    body = k8s.V1Service(metadata=k8s.V1ObjectMeta(name=name, labels={CANARY_OF: source}),
+                         spec=k8s.V1ServiceSpec(selector=_suffixed(svc.spec.selector or {}, keys, suffix),
+                                                ports=[k8s.V1ServicePort(port=p.port, target_port=p.target_port, protocol=p.protocol, name=p.name)
+                                                       for p in svc.spec.ports or []]))
+    with c.call(f"service {c.ns}/{name}"):
+        c.core.create_namespaced_service(c.ns, body, _request_timeout=REQUEST_TIMEOUT)
+    _logger().info("%s: created service %s", c.where, name)
+
+
+def _ensure_copy(c: _Cluster, target: RolloutTarget, name: str, image: str, replicas: int, suffix: str) -> None:
+    """Deployment `name` from the stable's spec with `image` (created, or its image/replicas corrected)."""
+    app = target.app
+    existing = _maybe(c, f"deployment {c.ns}/{name}", lambda: c.apps.read_namespaced_deployment(name, c.ns, _request_timeout=REQUEST_TIMEOUT))
+    if existing is not None:
+        container = _container(existing, app.container)
+        patch: dict = {}
+        if container.image != image:
+            patch["template"] = {"spec": {"containers": [{"name": container.name, "image": image}]}}
+        if (existing.spec.replicas or 0) != replicas:
+            patch["replicas"] = replicas
+        if patch:
+            with c.call(f"deployment {c.ns}/{name}"):
+                c.apps.patch_namespaced_deployment(name, c.ns, {"spec": patch}, _request_timeout=REQUEST_TIMEOUT)
+            _logger().info("%s: deployment %s corrected to %s x%d", c.where, name, image, replicas)
+        return
+    stable = c.deployment(app.deployment)
+    keys = stable.spec.selector.match_labels or {}
+    spec = c.api.sanitize_for_serialization(stable.spec)
+    spec["replicas"] = replicas
+    spec["selector"] = {"matchLabels": _suffixed(keys, keys, suffix)}
+    spec["template"]["metadata"]["labels"] = _suffixed(spec["template"]["metadata"].get("labels") or {}, keys, suffix)
+    for cont in spec["template"]["spec"]["containers"]:
+        if app.container is None or cont["name"] == app.container:
+            cont["image"] = image
+            break
+    body = {"apiVersion": "apps/v1", "kind": "Deployment", "spec": spec,
+            "metadata": {"name": name, "labels": {**(stable.metadata.labels or {}), CANARY_OF: app.deployment}}}
+    with c.call(f"deployment {c.ns}/{name}"):
+        c.apps.create_namespaced_deployment(c.ns, body, _request_timeout=REQUEST_TIMEOUT)
+    _logger().info("%s: created deployment %s (%s x%d) from %s", c.where, name, image, replicas, app.deployment)
+
+
+@activity.defn(name="k8s.rollout_status")
+def rollout_status(target: RolloutTarget) -> RolloutState:
+    """Stable deployment (image, readiness), canary (if any), router weights, blue-green colours. No change."""
+    with _rollout_cluster(target) as c:
+        return _rollout_state(c, target)
+
+
+@activity.defn(name="k8s.create_canary")
+def create_canary(req: ImageRequest) -> RolloutState:
+    """Create `<stable>-canary` from the stable's spec with the new image and its service, then wait until it is
+    ready (heartbeating). An existing canary with another image is corrected."""
+    target = req.target
+    with _rollout_cluster(target) as c:
+        stable = c.deployment(target.app.deployment)
+        keys = stable.spec.selector.match_labels or {}
+        _ensure_copy(c, target, target.canary, req.image, target.app.canary_replicas, target.canary_suffix)
+        _ensure_service_copy(c, target.app.service, target.canary_service, keys, target.canary_suffix)
+        _wait_done(c, target.canary, req.wait_seconds or _wait_bound(None), f"canary {target.canary}")
+        return _rollout_state(c, target)
+
+
+@activity.defn(name="k8s.set_weight")
+def set_weight(req: WeightRequest) -> RolloutState:
+    """Send `canary_weight` % of the route's traffic to the canary service, the rest to the stable service."""
+    target = req.target
+    with _rollout_cluster(target) as c:
+        route = _route(c, target)
+        rule = _route_rule(route, target.app.service)
+        refs = rule["backendRefs"]
+        stable_ref = next(r for r in refs if r["name"] == target.app.service)
+        canary_ref = next((r for r in refs if r["name"] == target.canary_service), None)
+        want = {target.app.service: 100 - req.canary_weight, target.canary_service: req.canary_weight}
+        have = {r["name"]: int(r.get("weight", 1)) for r in refs}
+        if all(have.get(k) == v for k, v in want.items()) or (req.canary_weight == 0 and canary_ref is None and have[target.app.service] == 100):
+            _logger().info("%s: route %s already at canary %d%%", c.where, route["metadata"]["name"], req.canary_weight)
+            return _rollout_state(c, target)
+        stable_ref["weight"] = want[target.app.service]
+        if canary_ref is None:
+            refs.append({**{k: v for k, v in stable_ref.items() if k not in ("name", "weight")}, "name": target.canary_service, "weight": req.canary_weight})
+        else:
+            canary_ref["weight"] = req.canary_weight
+        body = {"metadata": {"resourceVersion": route["metadata"]["resourceVersion"]}, "spec": {"rules": route["spec"]["rules"]}}
+        with c.call(f"httproute {c.ns}/{route['metadata']['name']}"):
+            k8s.CustomObjectsApi(c.api).patch_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, c.ns, HTTPROUTES, route["metadata"]["name"], body,
+                                                                       _request_timeout=REQUEST_TIMEOUT)
+        _logger().info("%s: route %s: stable %d%%, canary %d%%", c.where, route["metadata"]["name"], 100 - req.canary_weight, req.canary_weight)
+        return _rollout_state(c, target)
+
+
+@activity.defn(name="k8s.delete_canary")
+def delete_canary(target: RolloutTarget) -> RolloutState:
+    """Route everything to the stable service (the canary's backendRef removed), then delete the canary's service and
+    deployment. Stable is never touched. Nothing to delete is success."""
+    with _rollout_cluster(target) as c:
+        if target.app.router is not None:
+            route = _route(c, target)
+            rule = _route_rule(route, target.app.service)
+            refs = rule["backendRefs"]
+            if any(r["name"] == target.canary_service for r in refs) or any(r["name"] == target.app.service and int(r.get("weight", 1)) != 100 for r in refs):
+                rule["backendRefs"] = [{**r, "weight": 100} for r in refs if r["name"] != target.canary_service]
+                body = {"metadata": {"resourceVersion": route["metadata"]["resourceVersion"]}, "spec": {"rules": route["spec"]["rules"]}}
+                with c.call(f"httproute {c.ns}/{route['metadata']['name']}"):
+                    k8s.CustomObjectsApi(c.api).patch_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, c.ns, HTTPROUTES, route["metadata"]["name"],
+                                                                               body, _request_timeout=REQUEST_TIMEOUT)
+        for what, delete in ((f"service {c.ns}/{target.canary_service}", lambda: c.core.delete_namespaced_service(target.canary_service, c.ns, _request_timeout=REQUEST_TIMEOUT)),
+                             (f"deployment {c.ns}/{target.canary}", lambda: c.apps.delete_namespaced_deployment(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT))):
+            if _maybe(c, what, delete) is not None:
+                _logger().info("%s: deleted %s", c.where, what)
+        return _rollout_state(c, target)
+
+
+@activity.defn(name="k8s.set_image")
+def set_image(req: ImageRequest) -> RolloutState:
+    """Give the stable deployment the image (the promotion), then wait for `rollout status` (heartbeating)."""
+    target = req.target
+    with _rollout_cluster(target) as c:
+        dep = c.deployment(target.app.deployment)
+        container = _container(dep, target.app.container)
+        if container.image != req.image:
+            body = {"spec": {"template": {"spec": {"containers": [{"name": container.name, "image": req.image}]}}}}
+            with c.call(f"deployment {c.ns}/{target.app.deployment}"):
+                c.apps.patch_namespaced_deployment(target.app.deployment, c.ns, body, _request_timeout=REQUEST_TIMEOUT)
+            _logger().info("%s: %s: %s -> %s", c.where, target.app.deployment, container.image, req.image)
+        _wait_done(c, target.app.deployment, req.wait_seconds or _wait_bound(None), f"deployment {target.app.deployment}")
+        return _rollout_state(c, target)
+
+
+@activity.defn(name="k8s.create_colour")
+def create_colour(req: ImageRequest) -> RolloutState:
+    """Blue-green: the colour the service does not select gets the image at the active colour's size; waits ready."""
+    target = req.target
+    with _rollout_cluster(target) as c:
+        state = _rollout_state(c, target)
+        active = state.active or target.app.deployment
+        other = target.app.deployment if active != target.app.deployment else f"{target.app.deployment}{GREEN_SUFFIX}"
+        size = max(state.replicas.get(active, 1), 1)
+        if other == target.app.deployment:  # the stable name exists already: only its image and size change
+            dep = c.deployment(other)
+            container = _container(dep, target.app.container)
+            body = {"spec": {"replicas": size, "template": {"spec": {"containers": [{"name": container.name, "image": req.image}]}}}}
+            with c.call(f"deployment {c.ns}/{other}"):
+                c.apps.patch_namespaced_deployment(other, c.ns, body, _request_timeout=REQUEST_TIMEOUT)
+        else:
+            _ensure_copy(c, target, other, req.image, size, GREEN_SUFFIX)
+        _wait_done(c, other, req.wait_seconds or _wait_bound(None), f"colour {other}")
+        return _rollout_state(c, target)
+
+
+@activity.defn(name="k8s.switch_service")
+def switch_service(req: DeploymentRequest) -> RolloutState:
+    """Point the stable service's selector at the deployment's pods (blue-green switch, and switch back)."""
+    target = req.target
+    with _rollout_cluster(target) as c:
+        dep = c.deployment(req.deployment)
+        with c.call(f"service {c.ns}/{target.app.service}"):
+            svc = c.core.read_namespaced_service(target.app.service, c.ns, _request_timeout=REQUEST_TIMEOUT)
+        want = dict(dep.spec.selector.match_labels or {})
+        if (svc.spec.selector or {}) != want:
+            # replace the whole selector: a strategic merge would keep the old colour's keys
+            with c.call(f"service {c.ns}/{target.app.service}"):
+                c.core.patch_namespaced_service(target.app.service, c.ns, [{"op": "add", "path": "/spec/selector", "value": want}],
+                                                _request_timeout=REQUEST_TIMEOUT)
+            _logger().info("%s: service %s now selects %s", c.where, target.app.service, req.deployment)
+        return _rollout_state(c, target)
+
+
+@activity.defn(name="k8s.scale_deployment")
+def scale_deployment(req: DeploymentRequest) -> RolloutState:
+    """Set a deployment's replicas (blue-green: the old colour down to 0 after the rollback window)."""
+    target = req.target
+    with _rollout_cluster(target) as c:
+        with c.call(f"deployment {c.ns}/{req.deployment}"):
+            scale = c.apps.read_namespaced_deployment_scale(req.deployment, c.ns, _request_timeout=REQUEST_TIMEOUT)
+        if scale.spec.replicas != req.replicas:
+            with c.call(f"deployment {c.ns}/{req.deployment}"):
+                c.apps.patch_namespaced_deployment_scale(req.deployment, c.ns, {"spec": {"replicas": req.replicas}}, _content_type=_MERGE_PATCH,
+                                                         _request_timeout=REQUEST_TIMEOUT)
+        if req.replicas:
+            _wait_done(c, req.deployment, _wait_bound(None), f"deployment {req.deployment}")
+        return _rollout_state(c, target)

@@ -68,12 +68,15 @@ Seed (JSON or YAML)::
         labels: {app: web}            # default {app: <name>}
         progress_deadline_seconds: 600
         max_unavailable: "25%"
+        image: registry.local/app:1   # default
     services:
       - name: web
         namespace: shop
         annotations: {}
         ports: [80]                   # default [80]
         selector: {app: web}          # default {app: <name>}
+    httproutes:                       # Gateway API HTTPRoutes (one rule; backendRefs with weights)
+      - {name: web, namespace: shop, backends: [{name: web, port: 80, weight: 100}]}
     auth: {token: s3cret, readonly_token: peek}   # optional
 
 Run as a process (logs only, on stderr)::
@@ -158,14 +161,17 @@ NAMESPACES = Resource("namespaces", "Namespace", "", namespaced=False, subresour
 NODES = Resource("nodes", "Node", "", namespaced=False, subresources=("status",))
 SERVICES = Resource("services", "Service", "", namespaced=True, subresources=("status",))
 DEPLOYMENTS = Resource("deployments", "Deployment", "apps", namespaced=True, subresources=("status", "scale"))
-_RESOURCES = {(r.group, r.plural): r for r in (NAMESPACES, NODES, SERVICES, DEPLOYMENTS)}
+# Gateway API HTTPRoute: the router a canary sets weights on (backendRefs[].weight); the lab's proxy follows it.
+HTTPROUTES = Resource("httproutes", "HTTPRoute", "gateway.networking.k8s.io", namespaced=True, subresources=("status",))
+_RESOURCES = {(r.group, r.plural): r for r in (NAMESPACES, NODES, SERVICES, DEPLOYMENTS, HTTPROUTES)}
 _VERBS = {
     NAMESPACES: ["create", "delete", "get", "list", "patch", "update"],
     NODES: ["get", "list", "patch", "update"],
     SERVICES: ["create", "delete", "get", "list", "patch", "update"],
     DEPLOYMENTS: ["create", "delete", "get", "list", "patch", "update"],
+    HTTPROUTES: ["create", "delete", "get", "list", "patch", "update"],
 }
-_SHORT = {NAMESPACES: ["ns"], NODES: ["no"], SERVICES: ["svc"], DEPLOYMENTS: ["deploy"]}
+_SHORT = {NAMESPACES: ["ns"], NODES: ["no"], SERVICES: ["svc"], DEPLOYMENTS: ["deploy"], HTTPROUTES: []}
 
 
 # -- errors as the API server reports them ---------------------------------------------------------------
@@ -472,6 +478,14 @@ def service_object(name: str, namespace: str, *, ports: list | None = None, sele
             "status": {"loadBalancer": {}}}
 
 
+def httproute_object(name: str, namespace: str, backends: list) -> Obj:
+    """A Gateway API HTTPRoute with one rule whose backendRefs are services with weights."""
+    refs = [{"name": b["name"], "port": int(b.get("port", 80)), "weight": int(b.get("weight", 1))} for b in backends]
+    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"parentRefs": [{"name": "lab-gateway"}], "rules": [{"backendRefs": refs}]}, "status": {}}
+
+
 # -- the store and the controller ----------------------------------------------------------------------------
 
 Key = tuple[str, str, str]  # (plural, namespace or "", name)
@@ -545,7 +559,7 @@ class Cluster:
             if seed.get("auth"):
                 self.auth = dict(seed["auth"])
             namespaces = ["default", "kube-system", *seed.get("namespaces", [])]
-            for d in [*seed.get("deployments", []), *seed.get("services", [])]:
+            for d in [*seed.get("deployments", []), *seed.get("services", []), *seed.get("httproutes", [])]:
                 namespaces.append(d.get("namespace", "default"))
             for ns in dict.fromkeys(namespaces):
                 self.put_new(NAMESPACES, namespace_object(ns))
@@ -557,7 +571,7 @@ class Cluster:
                 broken = bool(d.get("broken", False))
                 obj = deployment_object(d["name"], d.get("namespace", "default"), replicas, labels=d.get("labels"),
                                         broken=broken, progress_deadline_seconds=int(d.get("progress_deadline_seconds", 600)),
-                                        max_unavailable=d.get("max_unavailable", "25%"))
+                                        max_unavailable=d.get("max_unavailable", "25%"), image=d.get("image", "registry.local/app:1"))
                 ready = min(int(d.get("ready", 0 if broken else replicas)), replicas)
                 obj["status"] = _deployment_status(replicas, replicas, ready, 1, obj["spec"], complete_deadline=False)
                 self.put_new(DEPLOYMENTS, obj)
@@ -565,6 +579,8 @@ class Cluster:
                 self.put_new(SERVICES, service_object(s["name"], s.get("namespace", "default"), ports=s.get("ports"),
                                                       selector=s.get("selector"), annotations=s.get("annotations"),
                                                       labels=s.get("labels")))
+            for r in seed.get("httproutes", []):
+                self.put_new(HTTPROUTES, httproute_object(r["name"], r.get("namespace", "default"), r.get("backends", [])))
 
     def load_state(self) -> bool:
         if not self.state_file or not self.state_file.exists():
@@ -734,7 +750,8 @@ def _group_of(obj: Obj) -> str:
 
 
 def _plural_of(obj: Obj) -> str:
-    return {"Namespace": "namespaces", "Node": "nodes", "Service": "services", "Deployment": "deployments"}[obj["kind"]]
+    return {"Namespace": "namespaces", "Node": "nodes", "Service": "services", "Deployment": "deployments",
+            "HTTPRoute": "httproutes"}[obj["kind"]]
 
 
 def _template_hash(obj: Obj) -> str:
@@ -851,6 +868,12 @@ def validate(res: Resource, obj: Obj) -> None:
         containers = (((spec.get("template") or {}).get("spec") or {}).get("containers")) or []
         if not containers or not all(isinstance(c, dict) and c.get("name") and c.get("image") for c in containers):
             raise invalid(res, name, "spec.template.spec.containers", containers, "at least one container with a name and an image is required")
+    if res is HTTPROUTES:
+        for i, rule in enumerate((obj.get("spec") or {}).get("rules") or []):
+            for j, ref in enumerate(rule.get("backendRefs") or []):
+                w = ref.get("weight", 1)
+                if not _is_int(w) or not 0 <= w <= 1_000_000:
+                    raise invalid(res, name, f"spec.rules[{i}].backendRefs[{j}].weight", w, "must be between 0 and 1000000")
     if res is SERVICES:
         for i, p in enumerate((obj.get("spec") or {}).get("ports") or []):
             if not _is_int(p.get("port")) or not 0 < p["port"] < 65536:
@@ -1015,13 +1038,13 @@ class _Handler(BaseHTTPRequestHandler):
             return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
         if path == "/apis":
             return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-                {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
-                 "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}]}
+                {"name": g, "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
+                 "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"}} for g in ("apps", HTTPROUTES.group)]}
         if path == "/apis/apps":
             return {"kind": "APIGroup", "apiVersion": "v1", "name": "apps",
                     "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
                     "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}
-        for prefix, group in (("/api/v1", ""), ("/apis/apps/v1", "apps")):
+        for prefix, group in (("/api/v1", ""), ("/apis/apps/v1", "apps"), (f"/apis/{HTTPROUTES.group}/v1", HTTPROUTES.group)):
             if path == prefix:
                 resources = []
                 for res in _RESOURCES.values():
@@ -1063,6 +1086,8 @@ class _Handler(BaseHTTPRequestHandler):
                             del c.objects[key]
                     c.rv += 1
                     c._dirty = True
+                if res is SERVICES:  # as the API server: a deleted service comes back as the object
+                    return 200, copy.deepcopy(obj)
                 return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                              "details": {**_details(res, name), "uid": obj["metadata"]["uid"]}}
             obj = c.get(res, ns, name)

@@ -149,7 +149,7 @@ def stop_pid(pid: int, timeout: float = 15) -> None:
 
 
 def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
-       faults: float = 0.0, encrypt: bool = False) -> dict:
+       faults: float = 0.0, encrypt: bool = False, rollout: bool = False) -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
     tests and benchmarks take any free ports so they never meet another lab's leftovers. faults: the fraction of
     cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults)."""
@@ -166,6 +166,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
     lab = Lab(root)
     lab.faults = faults
     try:
+        lab.state["with_rollout"] = rollout  # the rollout stage (lab/rollout.py): app, NGINX, Prometheus, load
         _up(lab, root, with_worker, say, create_replica, init_primary, cloud, default_ports, encrypt)
     except BaseException:
         say("lab up failed; removing what was started")
@@ -231,6 +232,10 @@ def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_prima
             "deployments": [{"name": d["name"], "namespace": "shop", "replicas": replicas(d)} for d in DEPLOYMENTS],
             "services": [{"name": "web", "namespace": "shop"}],
         }
+        if region == PRIMARY and lab.state.get("with_rollout"):
+            from lab.rollout import seed_additions
+
+            seed_additions(seed)
         seed_file = root / f"k8s-{region}.yaml"
         seed_file.write_text(yaml.safe_dump(seed))
         lab.spawn(f"k8s-{region}", [python, "-m", "lab.k8s_emulator", "--seed", str(seed_file), "--port", str(kport),
@@ -266,8 +271,17 @@ def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_prima
         wait_file(root / "ca" / "ca.pem", 30)
 
     seed_demo_data(clusters[PRIMARY])
+    if lab.state.get("with_rollout"):
+        from lab import rollout
+
+        say("lab: rollout stage (app processes, NGINX, Prometheus, load)")
+        lab.state["rollout"] = rollout.start(lab, root, lab.state["kubernetes"][PRIMARY]["url"], PRIMARY)
     inventory = root / "inventory.yaml"
     inv = aws_lab_inventory(lab.state, root) if cloud == "aws" else lab_inventory(lab.state, root)
+    if lab.state.get("rollout"):
+        from lab.rollout import inventory_section
+
+        inv["rollout"] = inventory_section(lab.state["rollout"])
     inventory.write_text(yaml.safe_dump(inv, sort_keys=False))
     lab.state["inventory"] = str(inventory)
     lab.state["dir"] = str(root)
@@ -434,6 +448,7 @@ def status(root: Path) -> dict:
         "kubernetes": lab.state.get("kubernetes"),
         "receiver": lab.state.get("receiver"),
         "codec": lab.state.get("codec"),
+        "rollout": lab.state.get("rollout"),
         "processes": procs,
     }
 
@@ -487,10 +502,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--cloud", choices=["azure", "aws"], default="azure", help="emulated cloud: Azure (ARM) or AWS (moto)")
             p.add_argument("--faults", type=float, default=0.0, metavar="FRACTION",
                            help="answer this fraction of cloud API requests with 429/503/dropped connections (e.g. 0.2)")
+            p.add_argument("--rollout", action="store_true", help="also the rollout stage: app processes, NGINX, Prometheus, load")
             if name == "up":
                 p.add_argument("--encrypt", action="store_true", help="encrypt Temporal payloads (a lab key; a codec server for the UI)")
         if name == "demo":
             p.add_argument("--drill", action="store_true", help="then create the monthly restore-drill schedule and trigger it once")
+            p.add_argument("--procedure", choices=["failover", "canary"], default="failover", help="what the demo shows")
 
 
 def print_status(s: dict) -> None:
@@ -514,7 +531,8 @@ def print_status(s: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     root = (args.dir or default_dir()).resolve()
     if args.lab_command == "up":
-        up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults, encrypt=args.encrypt)
+        up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults, encrypt=args.encrypt,
+           rollout=args.rollout)
         s = status(root)
         if args.json:
             print(json.dumps(s, indent=2))
@@ -536,6 +554,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.lab_command == "demo":
         from lab.demo import run_demo
+
+        if args.procedure == "canary":
+            from lab.rollout_demo import run_canary_demo
+
+            return run_canary_demo(root, with_worker=not args.no_worker, cloud=args.cloud)
 
         return run_demo(root, with_worker=not args.no_worker, cloud=args.cloud, with_drill=args.drill)
     raise AssertionError(args.lab_command)

@@ -369,6 +369,7 @@ class Inventory(Strict):
     reports_dir: str = "reports"
     reports: ReportStore = ReportStore()
     workflow_task_queue: str | None = None
+    rollout: "RolloutPolicy | None" = None  # canary and blue-green (opsflow/rollout.py)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Inventory":
@@ -429,3 +430,6 @@ def load_inventory(path: str | Path) -> Inventory:
         return Inventory.model_validate(raw, context={"base_dir": str(p.resolve().parent)})
     except ValidationError as e:
         raise InventoryError(f"inventory {p} is invalid:\n{_format_errors(e)}") from None
+
+
+import opsflow.rollout  # noqa: E402,F401 - defines RolloutPolicy on the models above and completes Inventory

@@ -9,7 +9,7 @@ VENV=${VENV:-.venv}
 if [[ ! -x /usr/lib/postgresql/15/bin/initdb && -z "${OPSFLOW_PG_BINDIR:-}" ]]; then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     echo "setup: installing PostgreSQL 15 server binaries (apt)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 nginx prometheus >/dev/null
   else
     echo "setup: PostgreSQL 15 server binaries are missing: install postgresql-15 (or set OPSFLOW_PG_BINDIR)" >&2
     exit 1

@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     schedule_arguments(sub.add_parser("schedule", help="procedures on a Temporal Schedule: create, list, describe, pause, trigger, backfill, delete"))
     security_commands(sub)  # verify-report, codec-key, codec-server (starters/security.py)
+    from starters import rollout  # opsflow canary|bluegreen|promote|rollback
+
+    rollout.add_arguments(sub)
     return p
 
 
@@ -319,6 +322,9 @@ COMMANDS = {
 from starters.schedules import run as cmd_schedule  # noqa: E402
 
 COMMANDS["schedule"] = cmd_schedule
+from starters import rollout as _rollout  # noqa: E402
+
+COMMANDS.update(dict.fromkeys(_rollout.COMMANDS, _rollout.run))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,3 +36,11 @@ REGION_ACTIVITIES = [
 ]
 # Activities that belong to no region run beside the workflows.
 GLOBAL_ACTIVITIES = [notify.send, reports.store_report, temporal_queues.unserved_queues]
+
+# Rollouts (canary, blue-green): Kubernetes and the region's Prometheus on the app's region queue.
+from activities import analysis, prometheus  # noqa: E402
+from workflows.canary import BlueGreenWorkflow, CanaryWorkflow  # noqa: E402
+
+WORKFLOWS += [CanaryWorkflow, BlueGreenWorkflow]
+REGION_ACTIVITIES += [kubernetes.rollout_status, kubernetes.create_canary, kubernetes.set_weight, kubernetes.delete_canary, kubernetes.set_image,
+                      kubernetes.create_colour, kubernetes.switch_service, kubernetes.scale_deployment, prometheus.samples, analysis.judge_step]

@@ -17,6 +17,9 @@ from workflows.failover import FailoverWorkflow
 from workflows.scheduled import ScheduledLaunch
 
 WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, ScheduledLaunch]
+from workflows.canary import BlueGreenWorkflow, CanaryWorkflow  # noqa: E402
+
+WORKFLOWS += [CanaryWorkflow, BlueGreenWorkflow]
 
 
 @pytest_asyncio.fixture(scope="module")

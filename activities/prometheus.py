@@ -1,0 +1,89 @@
+"""Prometheus: range queries over the HTTP API (`/api/v1/query_range`), for canary analysis.
+
+Synchronous (httpx blocking client) on the worker's thread pool. A query Prometheus rejects (bad PromQL)
+is non-retryable; an unreachable server or a 5xx is retried.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+import httpx
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from opsflow.rollout import MetricSamples, Samples, SamplesRequest
+
+TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+
+def fill(template: str, *, deployment: str, version: str = "", interval: float | None = None) -> str:
+    """The PromQL template with {deployment}, {version} and {interval} filled in (PromQL's own braces stay)."""
+    out = template.replace("{deployment}", deployment).replace("{version}", version)
+    if interval is not None:
+        out = out.replace("{interval}", f"{max(1, int(round(interval)))}s")
+    return out
+
+
+def query_range(base: str, query: str, start: datetime, end: datetime, step: float) -> list[float]:
+    """The values of a query that returns one series (sum over the rest); NaN/absent points are left out."""
+    params = {"query": query, "start": f"{start.timestamp():.3f}", "end": f"{end.timestamp():.3f}", "step": f"{max(step, 0.001):g}s"}
+    try:
+        r = httpx.get(f"{base.rstrip('/')}/api/v1/query_range", params=params, timeout=TIMEOUT)
+    except httpx.HTTPError as e:
+        raise ApplicationError(f"prometheus {base} does not answer: {e}", type="PrometheusUnavailable") from None
+    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    if r.status_code in (400, 422):
+        raise ApplicationError(f"prometheus rejected the query {query!r}: {body.get('error', r.text[:200])}", type="BadInput", non_retryable=True)
+    if r.status_code != 200 or body.get("status") != "success":
+        raise ApplicationError(f"prometheus {base}: HTTP {r.status_code}: {body.get('error', r.text[:200])}", type="PrometheusError")
+    series = body["data"]["result"]
+    if len(series) > 1:  # several series: sum them point by point, as sum() would
+        points: dict[float, float] = {}
+        for s in series:
+            for t, v in s["values"]:
+                points[t] = points.get(t, 0.0) + float(v)
+        values = [points[t] for t in sorted(points)]
+    else:
+        values = [float(v) for _, v in series[0]["values"]] if series else []
+    return [v for v in values if math.isfinite(v)]
+
+
+def query(base: str, promql: str, at: datetime | None = None) -> float | None:
+    """An instant query's single value (None when empty or not a number)."""
+    params = {"query": promql, **({"time": f"{at.timestamp():.3f}"} if at else {})}
+    try:
+        r = httpx.get(f"{base.rstrip('/')}/api/v1/query", params=params, timeout=TIMEOUT)
+    except httpx.HTTPError as e:
+        raise ApplicationError(f"prometheus {base} does not answer: {e}", type="PrometheusUnavailable") from None
+    if r.status_code in (400, 422):
+        raise ApplicationError(f"prometheus rejected the query {promql!r}: {r.text[:200]}", type="BadInput", non_retryable=True)
+    r.raise_for_status()
+    result = r.json()["data"]["result"]
+    if not result:
+        return None
+    value = float(result[0]["value"][1]) if "value" in result[0] else None
+    return value if value is not None and math.isfinite(value) else None
+
+
+@activity.defn(name="prometheus.samples")
+def samples(req: SamplesRequest) -> Samples:
+    """Every metric's values for canary and baseline over [start, end] at the analysis step, and the request volume."""
+    a = req.analysis
+    b_start, b_end = req.baseline_start or req.start, req.baseline_end or req.end
+    out = []
+    for m in a.metrics:
+        activity.heartbeat(m.name) if activity.in_activity() else None
+        out.append(MetricSamples(
+            name=m.name,
+            canary=query_range(a.prometheus, fill(m.query, deployment=req.canary, version=req.canary_version, interval=a.interval), req.start, req.end, a.step),
+            baseline=query_range(a.prometheus, fill(m.query, deployment=req.baseline, version=req.baseline_version, interval=a.interval), b_start, b_end, a.step),
+        ))
+    canary_requests = baseline_requests = None
+    if a.requests:
+        window = (req.end - req.start).total_seconds()
+        canary_requests = query(a.prometheus, fill(a.requests, deployment=req.canary, version=req.canary_version, interval=window), req.end)
+        baseline_requests = query(a.prometheus, fill(a.requests, deployment=req.baseline, version=req.baseline_version,
+                                                     interval=(b_end - b_start).total_seconds()), b_end)
+    return Samples(metrics=out, canary_requests=canary_requests, baseline_requests=baseline_requests, start=req.start, end=req.end)

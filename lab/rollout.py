@@ -1,0 +1,380 @@
+"""The lab's rollout stage: real app processes, a real NGINX splitting real traffic, a real Prometheus, load.
+
+One process (`python -m lab.rollout ...`), started by `opsflow lab up --rollout`, plays the parts a cluster
+would: the kubelet (it runs one `lab.app` process per deployment of the Kubernetes emulator that has
+replicas, with the deployment's image; a new image gets a new process and the old one stops once NGINX no
+longer sends it traffic), the Gateway API implementation (it renders the HTTPRoute's backendRefs — service
+name and weight — into an NGINX upstream: a service selects the deployments whose pod labels match its
+selector and that have a ready replica, as endpoints do; then `nginx -s reload`), and Prometheus service
+discovery (a file_sd target list, one target per app process). A load generator sends steady requests
+through NGINX. NGINX and Prometheus run as this user with their own prefix and data directory in the lab.
+
+The Kubernetes API is polled every ~0.25 s over plain HTTP (the emulator has no watch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.request import urlopen
+
+log = logging.getLogger("lab.rollout")
+
+IMAGE_REPO = "registry.lab/shop"
+IMAGES = {"healthy": f"{IMAGE_REPO}:healthy-2", "faulty": f"{IMAGE_REPO}:faulty-2", "slow": f"{IMAGE_REPO}:slow-2"}
+STABLE_IMAGE = f"{IMAGE_REPO}:healthy-1"
+APP = "web"
+NAMESPACE = "shop"
+NGINX = "/usr/sbin/nginx"
+PROMETHEUS = "/usr/bin/prometheus"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# -- what the lab manager calls ----------------------------------------------------------------------------
+
+
+def seed_additions(seed: dict) -> dict:
+    """The rollout stage's objects in a region's emulator seed: the app runs the stable image, and the
+    HTTPRoute `web` sends all of the service `web`'s traffic to it."""
+    for d in seed.get("deployments", []):
+        if d["name"] == APP:
+            d["image"] = STABLE_IMAGE
+    seed.setdefault("httproutes", []).append({"name": APP, "namespace": NAMESPACE, "backends": [{"name": APP, "port": 80, "weight": 100}]})
+    return seed
+
+
+def start(lab, root: Path, kube_url: str, region: str) -> dict:
+    """Start the stage as a lab process; returns what `opsflow lab status` shows under `rollout`."""
+    from lab.manage import wait_port
+
+    proxy_port, prom_port = free_port(), free_port()
+    lab.spawn("rollout", [sys.executable, "-m", "lab.rollout", "--dir", str(root / "rollout"), "--kube", kube_url,
+                          "--namespace", NAMESPACE, "--route", APP, "--proxy-port", str(proxy_port),
+                          "--prometheus-port", str(prom_port)])
+    info = lab.state["processes"]["rollout"]
+    wait_port(prom_port, 60, "prometheus", Path(info["log"]), pid=info["pid"])
+    wait_port(proxy_port, 60, "nginx", Path(info["log"]), pid=info["pid"])
+    return {"images": dict(IMAGES), "stable_image": STABLE_IMAGE, "app": APP, "namespace": NAMESPACE, "region": region,
+            "route": APP, "prometheus": f"http://127.0.0.1:{prom_port}", "proxy": f"http://127.0.0.1:{proxy_port}",
+            "state": str(root / "rollout" / "state.json")}
+
+
+def inventory_section(rollout: dict) -> dict:
+    """The lab inventory's `rollout:` section for the stage."""
+    requests = 'sum(rate(http_requests_total{deployment="{deployment}"}[5s]))'
+    errors = 'sum(rate(http_requests_total{deployment="{deployment}",status=~"5.."}[5s]))'
+    p95 = 'histogram_quantile(0.95, sum by (le) (rate(http_request_duration_seconds_bucket{deployment="{deployment}"}[5s])))'
+    return {
+        "apps": {APP: {"region": rollout["region"], "deployment": APP, "container": APP, "service": APP,
+                       "router": {"kind": "httproute", "name": rollout["route"]}}},
+        "analysis": {
+            "prometheus": rollout["prometheus"],
+            "interval": "5s",
+            "step": "1s",
+            "min_requests": 20,
+            "requests": 'sum(increase(http_requests_total{deployment="{deployment}"}[{interval}]))',
+            "metrics": [
+                {"name": "error-rate", "query": f"{errors} / {requests}", "max": 0.05, "direction": "increase", "critical": True},
+                {"name": "p95-latency", "query": p95, "max": 0.25, "direction": "increase"},
+            ],
+        },
+        "steps": [25, 50, 100],
+        "bake": "15s",
+        "approval": {"approvers": {"platform-lead": ["carol"], "qa": ["dave"]}, "require": ["platform-lead", "qa"]},
+        "rollback_window": "20s",
+    }
+
+
+# -- the stage itself -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AppProcess:
+    deployment: str
+    image: str
+    port: int
+    proc: subprocess.Popen
+
+    @property
+    def version(self) -> str:
+        return self.image.rsplit(":", 1)[-1]
+
+
+@dataclass
+class Stage:
+    root: Path
+    kube: str
+    namespace: str
+    route: str
+    proxy_port: int
+    prom_port: int
+    apps: dict[str, AppProcess] = field(default_factory=dict)
+    retiring: list[AppProcess] = field(default_factory=list)
+    rendered: str = ""
+    targets: str = ""
+    nginx: subprocess.Popen | None = None
+    prometheus: subprocess.Popen | None = None
+
+    # -- kubernetes ---------------------------------------------------------------------------------------
+    def _list(self, path: str) -> list[dict]:
+        with urlopen(f"{self.kube}{path}", timeout=5) as r:
+            return json.loads(r.read())["items"]
+
+    def observe(self) -> tuple[list[dict], dict[str, dict], list[dict]]:
+        ns = self.namespace
+        deployments = self._list(f"/apis/apps/v1/namespaces/{ns}/deployments")
+        services = {s["metadata"]["name"]: s for s in self._list(f"/api/v1/namespaces/{ns}/services")}
+        routes = [r for r in self._list(f"/apis/gateway.networking.k8s.io/v1/namespaces/{ns}/httproutes")
+                  if r["metadata"]["name"] == self.route]
+        return deployments, services, routes
+
+    # -- the kubelet's part --------------------------------------------------------------------------------
+    def run_apps(self, deployments: list[dict]) -> None:
+        wanted = {}
+        for d in deployments:
+            if (d["spec"].get("replicas") or 0) > 0:
+                wanted[d["metadata"]["name"]] = d["spec"]["template"]["spec"]["containers"][0]["image"]
+        for name, image in wanted.items():
+            cur = self.apps.get(name)
+            if cur is not None and cur.image == image and cur.proc.poll() is None:
+                continue
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "lab.app", "--port", str(port), "--deployment", name, "--image", image],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None)
+            deadline = time.monotonic() + 15
+            while not port_open(port) and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            log.info("app %s runs %s on port %d (pid %d)", name, image, port, proc.pid)
+            if cur is not None:
+                self.retiring.append(cur)
+            self.apps[name] = AppProcess(name, image, port, proc)
+        for name in [n for n in self.apps if n not in wanted]:
+            self.retiring.append(self.apps.pop(name))
+
+    def stop_retired(self) -> None:
+        """After NGINX has reloaded without them: old processes stop (their last scrape is kept in Prometheus)."""
+        for app in self.retiring:
+            app.proc.terminate()
+            try:
+                app.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                app.proc.kill()
+            log.info("app %s (%s) on port %d stopped", app.deployment, app.image, app.port)
+        self.retiring.clear()
+
+    # -- the gateway's part --------------------------------------------------------------------------------
+    def endpoints(self, service: dict | None, deployments: list[dict]) -> list[AppProcess]:
+        if service is None:
+            return []
+        selector = service["spec"].get("selector") or {}
+        out = []
+        for d in deployments:
+            labels = d["spec"]["template"].get("metadata", {}).get("labels", {})
+            ready = (d.get("status") or {}).get("readyReplicas", 0)
+            app = self.apps.get(d["metadata"]["name"])
+            if selector and all(labels.get(k) == v for k, v in selector.items()) and ready > 0 and app is not None:
+                out.append(app)
+        return out
+
+    def render(self, deployments: list[dict], services: dict[str, dict], routes: list[dict]) -> str:
+        servers, split = [], []
+        for route in routes:
+            for rule in route["spec"].get("rules", [])[:1]:
+                for ref in rule.get("backendRefs", []):
+                    weight = int(ref.get("weight", 1))
+                    for app in self.endpoints(services.get(ref["name"]), deployments):
+                        split.append(f"{ref['name']}={weight}->{app.deployment}:{app.version}")
+                        if weight > 0:
+                            servers.append(f"    server 127.0.0.1:{app.port} weight={weight} max_fails=0;")
+        d = self.root / "nginx"
+        upstream = "\n".join(servers) if servers else "    server 127.0.0.1:1 down;"
+        return f"""# rendered by lab.rollout from HTTPRoute {self.namespace}/{self.route}: {', '.join(split) or 'no backends'}
+daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/tmp/body;
+  proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi;
+  scgi_temp_path {d}/tmp/scgi;
+  upstream route {{
+{upstream}
+    keepalive 16;
+  }}
+  server {{
+    listen 127.0.0.1:{self.proxy_port};
+    location / {{
+      proxy_pass http://route;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_next_upstream off;
+    }}
+  }}
+}}
+"""
+
+    def apply(self, config: str) -> None:
+        d = self.root / "nginx"
+        (d / "nginx.conf").write_text(config)
+        if self.nginx is None:
+            for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+                (d / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+            self.nginx = subprocess.Popen([NGINX, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
+                                          stdin=subprocess.DEVNULL)
+        else:
+            subprocess.run([NGINX, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log"), "-s", "reload"],
+                           check=True, capture_output=True)
+        self.rendered = config
+        log.info("nginx: %s", config.splitlines()[0])
+
+    # -- prometheus ----------------------------------------------------------------------------------------
+    def write_targets(self) -> None:
+        targets = json.dumps([{"targets": [f"127.0.0.1:{a.port}"], "labels": {"lab_deployment": a.deployment}}
+                              for a in sorted(self.apps.values(), key=lambda a: a.deployment)], indent=1)
+        if targets == self.targets:
+            return
+        path = self.root / "prometheus" / "targets.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(targets)
+        os.replace(tmp, path)
+        self.targets = targets
+
+    def start_prometheus(self) -> None:
+        d = self.root / "prometheus"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "targets.json").write_text("[]")
+        (d / "prometheus.yml").write_text(f"""global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: lab-app
+    scrape_interval: 1s
+    scrape_timeout: 900ms
+    file_sd_configs:
+      - files: ["{d}/targets.json"]
+        refresh_interval: 1s
+""")
+        self.prometheus = subprocess.Popen([PROMETHEUS, f"--config.file={d}/prometheus.yml", f"--storage.tsdb.path={d}/data",
+                                            f"--web.listen-address=127.0.0.1:{self.prom_port}", "--log.level=warn",
+                                            "--storage.tsdb.retention.time=1d"], stdin=subprocess.DEVNULL)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"apps": {a.deployment: {"image": a.image, "port": a.port, "pid": a.proc.pid} for a in self.apps.values()},
+                "nginx": self.rendered.splitlines()[0] if self.rendered else None}
+
+    def step(self) -> None:
+        deployments, services, routes = self.observe()
+        self.run_apps(deployments)
+        self.write_targets()
+        config = self.render(deployments, services, routes)
+        if config != self.rendered:
+            self.apply(config)
+            state = self.root / "state.json"
+            state.write_text(json.dumps(self.state(), indent=1))
+        if self.retiring:
+            time.sleep(0.3)  # let NGINX's old worker finish its requests to them
+            self.stop_retired()
+
+    def stop(self) -> None:
+        self.retiring.extend(self.apps.values())
+        self.apps.clear()
+        for p in (self.nginx, self.prometheus):
+            if p is not None and p.poll() is None:
+                p.terminate()
+        self.stop_retired()
+        for p in (self.nginx, self.prometheus):
+            if p is not None:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def load(proxy_port: int, rps: float, stop: threading.Event, threads: int = 8) -> list[threading.Thread]:
+    """Steady requests through the proxy: `threads` clients, each at rps/threads (a slow answer delays only its own)."""
+    def client() -> None:
+        conn = None
+        interval = threads / rps
+        next_at = time.monotonic()
+        while not stop.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=5)
+                conn.request("GET", "/")
+                conn.getresponse().read()
+            except (OSError, http.client.HTTPException):
+                conn = None
+            next_at += interval
+            stop.wait(max(0.0, next_at - time.monotonic()))
+            next_at = max(next_at, time.monotonic() - interval)
+
+    out = [threading.Thread(target=client, daemon=True, name=f"load-{i}") for i in range(threads)]
+    for t in out:
+        t.start()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lab.rollout")
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--kube", required=True, help="the Kubernetes emulator's URL")
+    p.add_argument("--namespace", default=NAMESPACE)
+    p.add_argument("--route", default=APP, help="the HTTPRoute the proxy follows")
+    p.add_argument("--proxy-port", type=int, required=True)
+    p.add_argument("--prometheus-port", type=int, required=True)
+    p.add_argument("--rps", type=float, default=40.0, help="load generator: requests per second through the proxy")
+    args = p.parse_args(argv)
+    logging.basicConfig(level="INFO", stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (args.dir / "nginx").mkdir(parents=True, exist_ok=True)
+    stage = Stage(args.dir, args.kube, args.namespace, args.route, args.proxy_port, args.prometheus_port)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    stage.start_prometheus()
+    stage.apply(stage.render([], {}, []))
+    load(args.proxy_port, args.rps, done)
+    try:
+        while not done.is_set():
+            try:
+                stage.step()
+            except Exception:  # keep reconciling, as a controller would
+                log.exception("rollout stage step failed")
+            for proc, what in ((stage.nginx, "nginx"), (stage.prometheus, "prometheus")):
+                if proc is not None and proc.poll() is not None:
+                    log.error("%s exited with %s", what, proc.returncode)
+                    done.set()
+            done.wait(0.25)
+    finally:
+        stage.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

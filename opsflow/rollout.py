@@ -1,0 +1,272 @@
+"""Rollouts (canary, blue-green): the inventory's `rollout:` section, activity inputs/outputs, the report.
+
+Plain pydantic models, no I/O: they travel in workflow inputs and history. The statistics live in
+`opsflow/judge.py` (scipy, activities only).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from opsflow.calendar import Calendar, Freeze, FreezeCalendar, NeverOpens, WeeklyWindow
+from opsflow.inventory import ApprovalPolicy, KubernetesConfig, Seconds, Strict, parse_duration
+
+Direction = Literal["increase", "decrease", "either"]
+
+
+# -- the inventory's `rollout:` section ----------------------------------------------------------------------
+
+
+class RouterRef(Strict):
+    """What splits traffic between stable and canary: a Gateway API HTTPRoute whose backendRefs carry weights."""
+
+    kind: Literal["httproute"] = "httproute"
+    name: str
+
+
+class RolloutApp(Strict):
+    region: str = Field(description="the region whose cluster runs the app")
+    deployment: str = Field(description="the stable deployment")
+    container: str | None = Field(default=None, description="the container whose image changes; default: the first")
+    service: str = Field(description="the stable service (blue-green switches its selector)")
+    router: RouterRef | None = Field(default=None, description="required for canary rollouts")
+    canary_replicas: int = Field(default=1, ge=1)
+
+
+class MetricSpec(Strict):
+    """A PromQL template; {deployment}, {version} and {interval} are filled in for canary and baseline."""
+
+    name: str
+    query: str
+    max: float | None = Field(default=None, description="absolute limit on the canary's value (fail fast when above)")
+    min: float | None = Field(default=None, description="absolute limit on the canary's value (fail fast when below)")
+    judge: bool = True
+    direction: Direction = "increase"
+    critical: bool = False
+
+
+class AnalysisSpec(Strict):
+    prometheus: str = Field(description="Prometheus HTTP API base URL")
+    interval: Seconds = Field(default=60, description="how often the bake looks at the figures")
+    step: Seconds = Field(default=10, description="query_range resolution: one sample per step")
+    min_requests: int = Field(default=100, ge=0, description="canary requests in the bake below which the judge says inconclusive")
+    requests: str | None = Field(default=None, description="PromQL for the request count over {interval}")
+    metrics: list[MetricSpec] = Field(min_length=1)
+    confidence: float = Field(default=0.98, gt=0.5, lt=1)
+    tolerance: float = Field(default=0.25, ge=0)
+    min_samples: int = Field(default=5, ge=1)
+    pass_score: float = Field(default=95, ge=0, le=100)
+    marginal_score: float = Field(default=75, ge=0, le=100)
+
+    _d = field_validator("interval", "step", mode="before")(parse_duration)
+
+
+class RolloutPolicy(Strict):
+    apps: dict[str, RolloutApp] = Field(min_length=1)
+    analysis: AnalysisSpec
+    steps: list[int] = Field(default=[5, 25, 50, 100], description="canary weights in percent; 100 is the promotion")
+    bake: Seconds = 600
+    windows: list[WeeklyWindow] = Field(default=[], description="deployments only inside one of these (none: any time)")
+    freezes: list[Freeze] = Field(default=[], description="deployment freezes: one-off events or weekly (e.g. Friday after 12:00)")
+    ics: list[FreezeCalendar] = Field(default=[], description=".ics freeze calendars (holidays, sales), expanded when the inventory is loaded")
+    approval: ApprovalPolicy | None = Field(default=None, description="default: the inventory's approval policy")
+    rollback_window: Seconds = Field(default=600, description="blue-green: how long the old colour is kept")
+    timeout: Seconds = Field(default=900, description="bound on a rollout's wait for readiness")
+
+    _d = field_validator("bake", "rollback_window", "timeout", mode="before")(parse_duration)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if not v or any(not 0 < w <= 100 for w in v) or v != sorted(set(v)):
+            raise ValueError("steps are increasing weights between 1 and 100, e.g. [5, 25, 50, 100]")
+        return v if v[-1] == 100 else [*v, 100]
+
+    @model_validator(mode="after")
+    def _scores(self) -> "RolloutPolicy":
+        if self.analysis.marginal_score > self.analysis.pass_score:
+            raise ValueError("analysis.marginal_score must not be above analysis.pass_score")
+        return self
+
+    def app(self, name: str | None) -> tuple[str, RolloutApp]:
+        if name is None:
+            if len(self.apps) != 1:
+                raise ValueError(f"several apps in rollout.apps ({', '.join(self.apps)}): name one with --app")
+            name = next(iter(self.apps))
+        if name not in self.apps:
+            raise ValueError(f"unknown app {name!r}; rollout.apps has: {', '.join(self.apps)}")
+        return name, self.apps[name]
+
+
+# -- what the activities act on -------------------------------------------------------------------------------
+
+
+class RolloutTarget(BaseModel):
+    environment: str
+    region: str
+    kubernetes: KubernetesConfig
+    app: RolloutApp
+    canary_suffix: str = "-canary"
+
+    @property
+    def canary(self) -> str:
+        return f"{self.app.deployment}{self.canary_suffix}"
+
+    @property
+    def canary_service(self) -> str:
+        return f"{self.app.service}{self.canary_suffix}"
+
+
+class RolloutState(BaseModel):
+    """Stable, canary and router as the cluster has them."""
+
+    stable: str
+    stable_image: str | None = None
+    stable_desired: int = 0
+    stable_ready: int = 0
+    stable_done: bool = False
+    canary: str | None = None  # exists
+    canary_image: str | None = None
+    canary_ready: int = 0
+    weights: dict[str, int] = {}  # backend service -> weight
+    active: str | None = None  # blue-green: the deployment the service selects
+    colours: dict[str, str] = {}  # deployment -> image, for the stable's colours
+    replicas: dict[str, int] = {}
+
+
+class ImageRequest(BaseModel):
+    target: RolloutTarget
+    image: str
+    wait_seconds: float | None = None
+
+
+class WeightRequest(BaseModel):
+    target: RolloutTarget
+    canary_weight: int = Field(ge=0, le=100)
+
+
+class DeploymentRequest(BaseModel):
+    target: RolloutTarget
+    deployment: str
+    replicas: int | None = None
+
+
+class SamplesRequest(BaseModel):
+    analysis: AnalysisSpec
+    canary: str  # deployment names
+    baseline: str
+    canary_version: str = ""
+    baseline_version: str = ""
+    start: datetime
+    end: datetime
+    baseline_start: datetime | None = None  # blue-green: the baseline's figures from before the switch
+    baseline_end: datetime | None = None
+
+
+class MetricSamples(BaseModel):
+    name: str
+    canary: list[float]
+    baseline: list[float]
+
+
+class Samples(BaseModel):
+    metrics: list[MetricSamples]
+    canary_requests: float | None = None
+    baseline_requests: float | None = None
+    start: datetime
+    end: datetime
+
+
+class JudgeRequest(BaseModel):
+    analysis: AnalysisSpec
+    samples: Samples
+    weight: int
+
+
+class MetricVerdict(BaseModel):
+    """One metric at one step: the canary's and the baseline's figures and what was decided."""
+
+    name: str
+    verdict: Literal["pass", "high", "low", "inconclusive", "breach"]
+    canary: float | None = None  # mean over the window
+    baseline: float | None = None
+    ratio: float | None = None
+    estimate: float | None = None  # Hodges-Lehmann shift canary - baseline
+    lower: float | None = None
+    upper: float | None = None
+    p_value: float | None = None
+    canary_samples: int = 0
+    baseline_samples: int = 0
+    critical: bool = False
+    reason: str = ""
+
+
+class StepAnalysis(BaseModel):
+    weight: int
+    kind: Literal["interval", "judge", "post-switch"] = "judge"
+    verdict: Literal["pass", "marginal", "fail", "inconclusive"]
+    score: float | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    canary_requests: float | None = None
+    baseline_requests: float | None = None
+    metrics: list[MetricVerdict] = []
+    reason: str = ""
+
+    def failed_metrics(self) -> list[MetricVerdict]:
+        return [m for m in self.metrics if m.verdict in ("high", "low", "breach")]
+
+
+def threshold_breaches(analysis: AnalysisSpec, samples: Samples) -> list[MetricVerdict]:
+    """Absolute limits on the canary's mean in the window: pure arithmetic, safe in a workflow."""
+    out = []
+    specs = {m.name: m for m in analysis.metrics}
+    for ms in samples.metrics:
+        spec = specs.get(ms.name)
+        values = [v for v in ms.canary if v == v and v not in (float("inf"), float("-inf"))]
+        if spec is None or not values:
+            continue
+        mean = sum(values) / len(values)
+        base = [v for v in ms.baseline if v == v and v not in (float("inf"), float("-inf"))]
+        base_mean = sum(base) / len(base) if base else None
+        why = None
+        if spec.max is not None and mean > spec.max:
+            why = f"canary {mean:.4g} above the limit {spec.max:g}"
+        elif spec.min is not None and mean < spec.min:
+            why = f"canary {mean:.4g} below the limit {spec.min:g}"
+        if why:
+            out.append(MetricVerdict(name=ms.name, verdict="breach", canary=mean, baseline=base_mean, canary_samples=len(values),
+                                     baseline_samples=len(base), critical=spec.critical,
+                                     reason=why + (f" (baseline {base_mean:.4g})" if base_mean is not None else "")))
+    return out
+
+
+def closed_because(policy: RolloutPolicy, now: datetime) -> str | None:
+    """Why a deployment may not start at `now` (a freeze, or outside every window); None when it may.
+    Deterministic (the calendar module at `now`): safe in a workflow at workflow.now()."""
+    cal = Calendar(windows=policy.windows, freezes=policy.freezes, ics=policy.ics)
+    hit = cal.frozen(now)
+    if hit is not None:
+        return f"deployment freeze {hit.name!r}" + (f" until {hit.until:%Y-%m-%d %H:%M %Z}" if hit.until else "")
+    if not cal.in_window(now):
+        try:
+            nxt = cal.next_opening(now)
+            when = f"; next opening {nxt:%Y-%m-%d %H:%M %Z}" if nxt else ""
+        except NeverOpens as e:
+            when = f"; {e.message}"
+        return f"outside the deployment windows ({'; '.join(w.describe() for w in policy.windows)}){when}"
+    return None
+
+
+def _complete_inventory() -> None:
+    """`Inventory.rollout` names RolloutPolicy, which builds on the inventory's models: resolve it now."""
+    import opsflow.inventory as inventory
+
+    inventory.RolloutPolicy = RolloutPolicy  # type: ignore[attr-defined]
+    inventory.Inventory.model_rebuild()
+
+
+_complete_inventory()

@@ -1,0 +1,25 @@
+"""The rollout procedures' report (canary, blue-green): what a change board files."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from opsflow.models import ControlEvent, ProcedureReport
+from opsflow.rollout import StepAnalysis
+
+
+class RolloutReport(ProcedureReport):
+    procedure: str = "canary"
+    strategy: Literal["canary", "bluegreen"] = "canary"
+    app: str = ""
+    region: str = ""
+    image: str = ""
+    previous_image: str | None = None
+    rolled_back: bool = False
+    rollback_reason: str | None = None
+    weights: list[int] = []  # the plan
+    weight: int = 0  # the canary's weight now
+    analysis: list[StepAnalysis] = []
+    overrides: list[ControlEvent] = []
+    promoted_by: list[ControlEvent] = []
+    active: str | None = None  # blue-green: the deployment serving

@@ -1,0 +1,159 @@
+"""The rollout activities against the lab's real parts: the Kubernetes emulator through the real client, and the
+rollout stage (app processes, NGINX following the HTTPRoute, Prometheus scraping them, a load generator)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from kubernetes import client as k8s
+from kubernetes.config import new_client_from_config
+
+from activities.analysis import judge_step
+from activities.kubernetes import create_canary, create_colour, delete_canary, rollout_status, scale_deployment, set_image, set_weight, switch_service
+from activities.prometheus import samples
+from lab.k8s_emulator import start_emulator, write_kubeconfig
+from lab.rollout import IMAGES, STABLE_IMAGE, free_port, inventory_section, seed_additions
+from opsflow.inventory import KubernetesConfig
+from opsflow.rollout import AnalysisSpec, DeploymentRequest, ImageRequest, JudgeRequest, RolloutApp, RolloutTarget, SamplesRequest, WeightRequest
+
+pytestmark = pytest.mark.lab
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cluster():
+    seed = seed_additions({"seconds_per_replica": 0.05, "namespaces": ["shop"],
+                           "deployments": [{"name": "web", "namespace": "shop", "replicas": 3}],
+                           "services": [{"name": "web", "namespace": "shop"}]})
+    handle = start_emulator(seed)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def target(tmp_path, cluster) -> RolloutTarget:
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", {"lab-eastus": cluster.url})
+    return RolloutTarget(environment="lab", region="eastus",
+                         kubernetes=KubernetesConfig(kubeconfig=str(kubeconfig), context="lab-eastus", namespace="shop"),
+                         app=RolloutApp(region="eastus", deployment="web", container="web", service="web", router={"kind": "httproute", "name": "web"}))
+
+
+@pytest.fixture
+def stage(tmp_path, cluster):
+    proxy, prom = free_port(), free_port()
+    log = open(tmp_path / "stage.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "lab.rollout", "--dir", str(tmp_path / "stage"), "--kube", cluster.url,
+                             "--proxy-port", str(proxy), "--prometheus-port", str(prom), "--rps", "40"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    from lab.manage import wait_port
+
+    wait_port(prom, 60, "prometheus", tmp_path / "stage.log", pid=proc.pid)
+    wait_port(proxy, 60, "nginx", tmp_path / "stage.log", pid=proc.pid)
+    yield {"proxy": f"http://127.0.0.1:{proxy}", "prometheus": f"http://127.0.0.1:{prom}", "log": tmp_path / "stage.log"}
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+
+
+def api(target: RolloutTarget):
+    c = new_client_from_config(config_file=target.kubernetes.kubeconfig, context="lab-eastus", persist_config=False)
+    return k8s.AppsV1Api(c), k8s.CoreV1Api(c), k8s.CustomObjectsApi(c)
+
+
+def wait_for(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (v := predicate()):
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def versions_served(proxy: str, n: int = 60) -> Counter:
+    seen = Counter()
+    for _ in range(n):
+        try:
+            with urllib.request.urlopen(proxy + "/", timeout=5) as r:
+                seen[r.headers["X-Version"]] += 1
+        except urllib.error.HTTPError as e:
+            seen[(e.headers["X-Version"] or "proxy") + ":" + str(e.code)] += 1
+        except OSError:
+            seen["down"] += 1
+    return seen
+
+
+def test_canary_lifecycle_through_the_real_client(target):
+    apps, core, custom = api(target)
+    st = rollout_status(target)
+    assert st.stable_image == STABLE_IMAGE and st.canary is None and st.weights == {"web": 100} and st.active == "web"
+
+    st = create_canary(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
+    assert st.canary == "web-canary" and st.canary_image == IMAGES["healthy"] and st.canary_ready == 1
+    canary = apps.read_namespaced_deployment("web-canary", "shop")
+    assert canary.spec.selector.match_labels == {"app": "web-canary"}
+    assert core.read_namespaced_service("web-canary", "shop").spec.selector == {"app": "web-canary"}
+    assert core.read_namespaced_service("web", "shop").spec.selector == {"app": "web"}  # stable never selects canary pods
+    again = create_canary(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))  # idempotent
+    assert again.canary_ready == 1
+
+    assert set_weight(WeightRequest(target=target, canary_weight=25)).weights == {"web": 75, "web-canary": 25}
+    route = custom.get_namespaced_custom_object("gateway.networking.k8s.io", "v1", "shop", "httproutes", "web")
+    assert route["spec"]["rules"][0]["backendRefs"] == [{"name": "web", "port": 80, "weight": 75}, {"name": "web-canary", "port": 80, "weight": 25}]
+    assert set_weight(WeightRequest(target=target, canary_weight=25)).weights == {"web": 75, "web-canary": 25}
+
+    st = delete_canary(target)
+    assert st.canary is None and st.weights == {"web": 100}
+    assert delete_canary(target).canary is None  # nothing left: still success
+    assert apps.read_namespaced_deployment("web", "shop").spec.template.spec.containers[0].image == STABLE_IMAGE
+
+    st = set_image(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
+    assert st.stable_image == IMAGES["healthy"] and st.stable_done
+
+
+def test_blue_green_switch_and_back(target):
+    st = create_colour(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
+    assert st.colours == {"web": STABLE_IMAGE, "web-green": IMAGES["healthy"]} and st.replicas["web-green"] == 3 and st.active == "web"
+    assert switch_service(DeploymentRequest(target=target, deployment="web-green")).active == "web-green"
+    assert switch_service(DeploymentRequest(target=target, deployment="web-green")).active == "web-green"
+    assert switch_service(DeploymentRequest(target=target, deployment="web")).active == "web"
+    st = scale_deployment(DeploymentRequest(target=target, deployment="web-green", replicas=0))
+    assert st.replicas["web-green"] == 0
+
+
+def test_proxy_follows_the_route_and_prometheus_scrapes_the_apps(target, stage):
+    wait_for(lambda: versions_served(stage["proxy"], 5)["healthy-1"] == 5, what="stable behind the proxy")
+    create_canary(ImageRequest(target=target, image=IMAGES["faulty"], wait_seconds=30))
+    set_weight(WeightRequest(target=target, canary_weight=50))
+
+    def split():
+        c = versions_served(stage["proxy"], 80)
+        return c if c["faulty-2"] + c["faulty-2:500"] > 20 else None
+
+    seen = wait_for(split, what="traffic split")
+    assert seen["healthy-1"] > 20 and seen["faulty-2:500"] > 0  # ~50/50, and the faulty image fails some
+
+    started = datetime.now(timezone.utc)
+    analysis = AnalysisSpec.model_validate({**inventory_section({"region": "eastus", "route": "web", "prometheus": stage["prometheus"]})["analysis"],
+                                            "min_requests": 10})
+    time.sleep(12)  # the bake: real time for real traffic (Prometheus scrapes every second)
+    got = samples(SamplesRequest(analysis=analysis, canary="web-canary", baseline="web", start=started + timedelta(seconds=5),
+                                 end=datetime.now(timezone.utc)))
+    err = next(m for m in got.metrics if m.name == "error-rate")
+    assert len(err.canary) >= 4 and len(err.baseline) >= 4
+    assert max(err.baseline) == 0 and sum(err.canary) / len(err.canary) > 0.05
+    assert got.canary_requests and got.canary_requests > 50
+    step = judge_step(JudgeRequest(analysis=analysis, samples=got, weight=50))
+    assert step.verdict == "fail"
+    failed = {m.name: m for m in step.failed_metrics()}
+    assert "error-rate" in failed and failed["error-rate"].critical
+
+    delete_canary(target)
+    wait_for(lambda: versions_served(stage["proxy"], 20) == Counter({"healthy-1": 20}), what="stable alone behind the proxy")

@@ -1,0 +1,133 @@
+"""Canary and blue-green end to end on the lab's rollout stage, through the CLI as a person runs it: real app
+processes, real NGINX splitting real traffic by the HTTPRoute's weights, real Prometheus scraping the apps.
+
+One lab for the module (the rollouts run one after another, as they would on an environment)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections import Counter
+from urllib.parse import quote
+
+import pytest
+
+from tests.integration.conftest import Lab, wait_for
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def rollout_lab(tmp_path_factory):
+    import os
+
+    from lab.manage import down, up
+
+    root = tmp_path_factory.mktemp("rollout") / "lab"
+    saved = {k: os.environ.get(k) for k in ("OPSFLOW_HOME", "TEMPORAL_ADDRESS")}
+    os.environ["OPSFLOW_HOME"] = str(root.parent / "home")
+    os.environ.pop("TEMPORAL_ADDRESS", None)
+    state = up(root, with_worker=False, quiet=True, default_ports=False, rollout=True)
+    lab = Lab(root, state)
+    lab.start_worker()
+    yield lab
+    lab.stop_workers()
+    down(root, quiet=True)
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def run_rollout(lab: Lab, *args: str) -> dict:
+    started = lab.cli_json(*args, "--requester", "alice")
+    wid = started["workflow_id"]
+    wait_for(lambda: lab.cli_json("status", wid)["current_step"] == "approval", 60, what="the approval gate")
+    lab.cli("approve", wid, "--as", "carol", check=True)
+    lab.cli("approve", wid, "--as", "dave", check=True)
+
+    def ended():
+        r = lab.cli_json("report", wid)
+        return r if r["status"] not in ("running", "waiting", "paused") else None
+
+    return wait_for(ended, 240, 1.0, "the rollout to end")
+
+
+def route_weights(lab: Lab) -> dict:
+    url = lab.state["kubernetes"]["eastus"]["url"]
+    with urllib.request.urlopen(f"{url}/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/web") as r:
+        route = json.loads(r.read())
+    return {ref["name"]: ref["weight"] for ref in route["spec"]["rules"][0]["backendRefs"]}
+
+
+def deployments(lab: Lab) -> dict:
+    url = lab.state["kubernetes"]["eastus"]["url"]
+    with urllib.request.urlopen(f"{url}/apis/apps/v1/namespaces/shop/deployments") as r:
+        items = json.loads(r.read())["items"]
+    return {d["metadata"]["name"]: (d["spec"]["template"]["spec"]["containers"][0]["image"], d["spec"]["replicas"]) for d in items}
+
+
+def served(lab: Lab, n: int = 30) -> Counter:
+    seen = Counter()
+    for _ in range(n):
+        try:
+            with urllib.request.urlopen(lab.state["rollout"]["proxy"] + "/", timeout=5) as r:
+                seen[r.headers["X-Version"]] += 1
+        except urllib.error.HTTPError as e:
+            seen[f"{e.headers['X-Version']}:{e.code}"] += 1
+    return seen
+
+
+def prometheus_total(lab: Lab, deployment: str) -> float:
+    q = quote(f'sum(http_requests_total{{deployment="{deployment}"}})')
+    with urllib.request.urlopen(f"{lab.state['rollout']['prometheus']}/api/v1/query?query={q}") as r:
+        result = json.loads(r.read())["data"]["result"]
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def test_status_names_the_rollout_stage(rollout_lab):
+    s = rollout_lab.cli_json("lab", "status", "--dir", str(rollout_lab.root))
+    assert set(s["rollout"]["images"]) >= {"healthy", "faulty", "slow"} and s["rollout"]["app"] == "web"
+    assert s["rollout"]["prometheus"].startswith("http://127.0.0.1:")
+
+
+def test_healthy_image_is_promoted_with_figures_from_prometheus(rollout_lab):
+    lab, images = rollout_lab, rollout_lab.state["rollout"]["images"]
+    old = lab.state["rollout"]["stable_image"]
+    report = run_rollout(lab, "canary", "--image", images["healthy"], "--steps", "25,50,100", "--bake", "15s", "--auto-promote")
+    assert report["status"] == "succeeded", report.get("failure")
+    assert report["previous_image"] == old and report["image"] == images["healthy"] and not report["rolled_back"]
+    assert deployments(lab)["web"][0] == images["healthy"] and "web-canary" not in deployments(lab)
+    assert route_weights(lab) == {"web": 100}
+    judged = [a for a in report["analysis"] if a["kind"] == "judge"]
+    assert [a["weight"] for a in judged] == [25, 50] and all(a["verdict"] == "pass" for a in judged)
+    # the figures come from Prometheus: real request counts and latencies of the two deployments
+    assert judged[0]["canary_requests"] > 20 and prometheus_total(lab, "web-canary") > 20
+    p95 = next(m for m in judged[0]["metrics"] if m["name"] == "p95-latency")
+    assert 0.004 < p95["canary"] < 0.1 and 0.004 < p95["baseline"] < 0.1 and p95["canary_samples"] >= 5
+    wait_for(lambda: served(lab, 10) == Counter({images["healthy"].rsplit(":", 1)[1]: 10}), 30, what="the new stable alone behind the proxy")
+
+
+def test_faulty_image_is_rolled_back_naming_the_error_rate(rollout_lab):
+    lab, images = rollout_lab, rollout_lab.state["rollout"]["images"]
+    before = deployments(lab)["web"]
+    report = run_rollout(lab, "canary", "--image", images["faulty"], "--steps", "25,50,100", "--bake", "15s", "--auto-promote")
+    assert report["status"] == "failed" and report["rolled_back"]
+    assert "error-rate" in report["rollback_reason"]
+    breach = next(m for a in report["analysis"] for m in a["metrics"] if m["name"] == "error-rate")
+    assert breach["canary"] > 0.05 and breach["baseline"] < 0.01  # faulty: ~15 % 5xx, measured by Prometheus
+    assert deployments(lab)["web"] == before and "web-canary" not in deployments(lab)
+    assert route_weights(lab) == {"web": 100}
+    undo = [s["name"] for s in report["steps"] if s["outcome"] == "compensated"]
+    assert undo == ["undo:k8s.set_weight", "undo:k8s.delete_canary"]  # weight 0 first, then the canary removed
+
+
+def test_bluegreen_switch_and_automatic_switch_back(rollout_lab):
+    lab, images = rollout_lab, rollout_lab.state["rollout"]["images"]
+    stable = deployments(lab)["web"][0]
+    report = run_rollout(lab, "bluegreen", "--image", images["slow"])
+    assert report["status"] == "failed" and report["rolled_back"] and "p95-latency" in report["rollback_reason"]
+    names = [s["name"] for s in report["steps"]]
+    assert names.index("switch") < names.index("post-analysis") < names.index("undo:k8s.switch_service")
+    d = deployments(lab)
+    assert d["web"] == (stable, 3) and d["web-green"][1] == 0
+    wait_for(lambda: served(lab, 10) == Counter({stable.rsplit(":", 1)[1]: 10}), 30, what="blue alone behind the proxy")

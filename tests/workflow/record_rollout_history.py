@@ -1,0 +1,54 @@
+"""Record the rollout procedures' histories for the replay test (tests/workflow/test_replay.py).
+
+    python -m tests.workflow.record_rollout_history canary|bluegreen
+
+As record_history.py: a recorded history is never re-recorded (the recorder refuses to overwrite)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import sys
+from pathlib import Path
+
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from opsflow.temporal import DATA_CONVERTER, register_search_attributes
+from tests.conftest import venv_binary
+from tests.workflow.test_canary_workflow import NEW, Cluster, make_inventory
+from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, RolloutInput
+from workflows.procedure import Request
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+async def record(name: str) -> None:
+    out = HISTORIES / f"{name}_healthy.json"
+    if out.exists():
+        raise SystemExit(f"{out} exists: recorded histories are never re-recorded; record a new one under a new name")
+    async with await WorkflowEnvironment.start_time_skipping(data_converter=DATA_CONVERTER,
+                                                             test_server_existing_path=venv_binary("temporal-test-server")) as env:
+        await register_search_attributes(env.client)
+        inv = make_inventory()
+        cluster = Cluster()
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            queues = [inv.task_queue, *(inv.region_queue(r) for r in inv.regions)]
+            workers = [Worker(env.client, task_queue=q, workflows=[CanaryWorkflow, BlueGreenWorkflow], activities=cluster.activities(),
+                              activity_executor=ex) for q in queues]
+            async with workers[0], workers[1], workers[2]:
+                inp = RolloutInput(inventory=inv, image=NEW, strategy=name, auto_promote=True, requester="alice", reason="replay")
+                handle = await env.client.start_workflow(name, inp, id="opsflow-replay", task_queue=inv.task_queue)
+                while (await handle.query("progress", result_type=dict)).get("current_step") != "approval":
+                    await asyncio.sleep(0.05)
+                await handle.execute_update("approve", Request(by="carol", reason="replay"))
+                await handle.execute_update("approve", Request(by="dave", reason="replay"))
+                await handle.result()
+                history = await handle.fetch_history()
+    out.write_text(json.dumps(json.loads(history.to_json()), indent=1))
+    print(f"recorded {out} ({len(history.events)} events)")
+
+
+if __name__ == "__main__":
+    asyncio.run(record(sys.argv[1]))

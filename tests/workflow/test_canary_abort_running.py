@@ -1,0 +1,26 @@
+"""An abort while the canary's creation is running (blocked, heartbeating): the activity is cancelled, the undo
+removes whatever it made, stable keeps 100 %. In its own module: a cancelled activity leaves the time-skipping
+server's clock locked for a while, which would slow the other tests' skipped waits down to real time."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from tests.workflow.test_canary_workflow import OLD, approve_quorum, cluster, failed, make_inventory, start, until, worker  # noqa: F401
+from workflows.procedure import Request
+
+
+async def test_abort_while_the_canary_is_being_created(env, worker, cluster):  # noqa: F811
+    cluster.block["k8s.create_canary"] = threading.Event()
+    started = cluster.started.setdefault("k8s.create_canary", threading.Event())
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, make_inventory(), auto_promote=True)
+        await approve_quorum(handle)
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        await handle.execute_update("abort", Request(by="alice", reason="wrong image"))
+        report = await failed(handle)
+    assert report.status == "aborted" and report.rolled_back
+    assert cluster.canary_image is None and cluster.weights == {"web": 100} and cluster.stable_image == OLD
+    assert "k8s.delete_canary" in cluster.calls and "k8s.set_weight" not in cluster.calls

@@ -1,0 +1,495 @@
+"""Canary and blue-green logic on the time-skipping server, activities stood in by name; the judge is the real one.
+
+The stand-in cluster keeps stable, canary, the route's weights and the blue-green colours; the stand-in
+Prometheus answers with figures chosen per test (a healthy canary looks like stable; a faulty one has errors;
+a "marginal" one is worse on one non-critical metric)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from temporalio import activity
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import CancelledError
+from temporalio.worker import Worker
+
+from activities.analysis import judge_step
+from opsflow.inventory import Inventory
+from opsflow.models import NotifyRequest
+from opsflow.rollout import (DeploymentRequest, ImageRequest, MetricSamples, RolloutState, RolloutTarget,
+                             Samples, SamplesRequest, WeightRequest)
+from opsflow.rollout_report import RolloutReport
+from tests.workflow.conftest import inventory_dict
+from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, RolloutInput
+from workflows.procedure import Request
+
+OLD, NEW = "registry/shop:1.0", "registry/shop:1.1"
+
+
+@dataclass
+class Cluster:
+    stable_image: str = OLD
+    canary_image: str | None = None
+    weights: dict = field(default_factory=lambda: {"web": 100})
+    selector: str = "web"  # blue-green: the deployment the service selects
+    colours: dict = field(default_factory=lambda: {"web": OLD})
+    replicas: dict = field(default_factory=lambda: {"web": 3})
+    behaviour: str = "healthy"  # healthy | faulty | slow | marginal | quiet
+    weight_log: list = field(default_factory=list)
+    calls: list = field(default_factory=list)
+    notifications: list = field(default_factory=list)
+    block: dict = field(default_factory=dict)  # activity name -> threading.Event it waits for (heartbeating)
+    started: dict = field(default_factory=dict)  # activity name -> threading.Event set when it starts
+
+    def state(self) -> RolloutState:
+        return RolloutState(stable="web", stable_image=self.stable_image, stable_desired=3, stable_ready=3, stable_done=True,
+                            canary="web-canary" if self.canary_image else None, canary_image=self.canary_image,
+                            canary_ready=1 if self.canary_image else 0, weights=dict(self.weights), active=self.selector,
+                            colours=dict(self.colours), replicas=dict(self.replicas))
+
+    def _enter(self, name: str) -> None:
+        self.calls.append(name)
+        self.started.setdefault(name, threading.Event()).set()
+        gate = self.block.pop(name, None)  # blocks the first call only (the undo may call it again)
+        while gate is not None and not gate.is_set():
+            activity.heartbeat()
+            if activity.is_cancelled():
+                raise CancelledError("cancelled")
+            gate.wait(0.05)
+
+    @property
+    def stable_at_100(self) -> bool:
+        return self.canary_image is None and self.weights == {"web": 100} and self.stable_image == OLD
+
+    def figures(self, deployment: str, metric: str, baseline: bool) -> list[float]:
+        rng = np.random.default_rng(abs(hash((deployment, metric, baseline))) % 2**32)
+        base = {"error-rate": 0.0, "p95-latency": 0.05, "p50-latency": 0.02, "cpu": 0.3}[metric]
+        values = [base] * 30 if metric == "error-rate" else list(rng.normal(base, base * 0.05, 30))
+        b = self.behaviour
+        if not baseline:
+            if b == "faulty" and metric == "error-rate":
+                values = list(rng.uniform(0.1, 0.2, 30))
+            if b == "slow" and metric == "p95-latency":
+                values = [v + 0.3 for v in values]
+            if b == "marginal" and metric == "cpu":
+                values = [v * 1.6 for v in values]
+        return values
+
+    def activities(self):
+        c = self
+
+        @activity.defn(name="k8s.rollout_status")
+        def rollout_status(t: RolloutTarget) -> RolloutState:
+            c._enter("k8s.rollout_status")
+            return c.state()
+
+        @activity.defn(name="k8s.create_canary")
+        def create_canary(r: ImageRequest) -> RolloutState:
+            c._enter("k8s.create_canary")
+            c.canary_image = r.image
+            return c.state()
+
+        @activity.defn(name="k8s.set_weight")
+        def set_weight(r: WeightRequest) -> RolloutState:
+            c._enter("k8s.set_weight")
+            c.weights = {"web": 100 - r.canary_weight, "web-canary": r.canary_weight}
+            c.weight_log.append(r.canary_weight)
+            return c.state()
+
+        @activity.defn(name="k8s.delete_canary")
+        def delete_canary(t: RolloutTarget) -> RolloutState:
+            c._enter("k8s.delete_canary")
+            c.weights = {"web": 100}
+            c.canary_image = None
+            return c.state()
+
+        @activity.defn(name="k8s.set_image")
+        def set_image(r: ImageRequest) -> RolloutState:
+            c._enter("k8s.set_image")
+            c.stable_image = r.image
+            return c.state()
+
+        @activity.defn(name="k8s.create_colour")
+        def create_colour(r: ImageRequest) -> RolloutState:
+            c._enter("k8s.create_colour")
+            other = "web-green" if c.selector == "web" else "web"
+            c.colours[other], c.replicas[other] = r.image, 3
+            return c.state()
+
+        @activity.defn(name="k8s.switch_service")
+        def switch_service(r: DeploymentRequest) -> RolloutState:
+            c._enter("k8s.switch_service")
+            c.selector = r.deployment
+            return c.state()
+
+        @activity.defn(name="k8s.scale_deployment")
+        def scale_deployment(r: DeploymentRequest) -> RolloutState:
+            c._enter("k8s.scale_deployment")
+            c.replicas[r.deployment] = r.replicas
+            return c.state()
+
+        @activity.defn(name="prometheus.samples")
+        def samples(r: SamplesRequest) -> Samples:
+            c._enter("prometheus.samples")
+            requests = 5.0 if c.behaviour == "quiet" else 1000.0
+            return Samples(metrics=[MetricSamples(name=m.name, canary=c.figures(r.canary, m.name, False), baseline=c.figures(r.baseline, m.name, True))
+                                    for m in r.analysis.metrics], canary_requests=requests, baseline_requests=requests * 3, start=r.start, end=r.end)
+
+        @activity.defn(name="notify.send")
+        def notify(r: NotifyRequest) -> None:
+            c.notifications.append(r.notification.text)
+
+        return [rollout_status, create_canary, set_weight, delete_canary, set_image, create_colour, switch_service, scale_deployment,
+                samples, notify, judge_step]
+
+
+ROLLOUT = {
+    "apps": {"web": {"region": "eastus", "deployment": "web", "container": "web", "service": "web", "router": {"name": "web"}}},
+    "analysis": {
+        "prometheus": "http://prometheus.example:9090", "interval": "60s", "min_requests": 100,
+        "metrics": [
+            {"name": "error-rate", "query": "errors{deployment=\"{deployment}\"}", "max": 0.05, "direction": "increase", "critical": True},
+            {"name": "p95-latency", "query": "p95{deployment=\"{deployment}\"}", "max": 1.0, "direction": "increase", "critical": True},
+            {"name": "p50-latency", "query": "p50{deployment=\"{deployment}\"}", "direction": "increase"},
+            {"name": "cpu", "query": "cpu{deployment=\"{deployment}\"}", "direction": "increase"},
+        ],
+    },
+    "steps": [5, 25, 50, 100],
+    "bake": "10m",
+    "rollback_window": "10m",
+    "approval": {"approvers": {"platform-lead": ["carol", "erin"], "qa": ["dave"]}, "require": ["platform-lead", "qa"], "timeout": "2h"},
+}
+
+
+def make_inventory(**rollout) -> Inventory:
+    return Inventory.model_validate(inventory_dict(rollout={**ROLLOUT, **rollout}))
+
+
+@pytest.fixture
+def cluster() -> Cluster:
+    return Cluster()
+
+
+@pytest_asyncio.fixture
+async def worker(env, cluster):
+    CLOCK["env"] = env
+    queue = f"rollout-{uuid.uuid4().hex[:8]}"
+    acts = cluster.activities()
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        yield queue, [Worker(env.client, task_queue=q, workflows=[CanaryWorkflow, BlueGreenWorkflow], activities=acts, activity_executor=ex)
+                      for q in (queue, f"{queue}-eastus", f"{queue}-westeurope")], ex
+
+
+async def start(env, worker, inventory: Inventory, procedure="canary", **kw):
+    queue, _, _ = worker
+    inv = inventory.model_copy(update={"workflow_task_queue": queue})
+    for r, region in inv.regions.items():
+        region.task_queue = f"{queue}-{r}"
+    inp = RolloutInput(inventory=inv, image=kw.pop("image", NEW), strategy=procedure, requester=kw.pop("requester", "alice"), **kw)
+    return await env.client.start_workflow(procedure, inp, id=f"{procedure}-{uuid.uuid4().hex[:8]}", task_queue=queue,
+                                           id_conflict_policy=WorkflowIDConflictPolicy.FAIL)
+
+
+async def progress(handle) -> RolloutReport:
+    return RolloutReport.model_validate(await handle.query("progress", result_type=dict))
+
+
+CLOCK = {}
+
+
+async def until(handle, predicate, what: str, polls: int = 60) -> RolloutReport:
+    """Poll the progress query; between polls let the time-skipping server move on 60 s (bakes are minutes)."""
+    for _ in range(polls):
+        r = await progress(handle)
+        if predicate(r):
+            return r
+        await CLOCK["env"].sleep(60)
+    raise AssertionError(f"never reached {what}: status {r.status}, step {r.current_step}, waiting for {r.waiting_for}")
+
+
+async def approve_quorum(handle) -> None:
+    await until(handle, lambda r: r.current_step == "approval" and r.status == "waiting", "the approval gate")
+    await handle.execute_update("approve", Request(by="carol", reason="platform ok"))
+    await handle.execute_update("approve", Request(by="dave", reason="qa ok"))
+
+
+async def failed(handle) -> RolloutReport:
+    with pytest.raises(WorkflowFailureError) as exc:
+        await handle.result()
+    return RolloutReport.model_validate(exc.value.cause.details[0])
+
+
+async def run_workers(worker):
+    _, workers, _ = worker
+    return workers
+
+
+# -- canary --------------------------------------------------------------------------------------------------
+
+
+async def test_healthy_canary_steps_bakes_judges_and_promotes(env, worker, cluster):
+    inv = make_inventory()
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, inv, auto_promote=True)
+        await approve_quorum(handle)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and not report.rolled_back
+    assert cluster.weight_log == [5, 25, 50] and cluster.stable_image == NEW and cluster.canary_image is None and cluster.weights == {"web": 100}
+    assert report.previous_image == OLD and report.image == NEW and report.weights == [5, 25, 50, 100]
+    judged = [a for a in report.analysis if a.kind == "judge"]
+    assert [a.weight for a in judged] == [5, 25, 50] and all(a.verdict == "pass" for a in judged)
+    assert {m.name for m in judged[0].metrics} == {"error-rate", "p95-latency", "p50-latency", "cpu"}
+    assert all(m.canary is not None and m.baseline is not None for m in judged[0].metrics)
+    bakes = [s for s in report.steps if s.name.startswith("bake-")]
+    assert [round(s.seconds) for s in bakes] == [600, 600, 600]  # skipped by time, still the configured bake
+    assert {d.by for d in report.approvals} == {"carol", "dave"} and {r for d in report.approvals for r in d.roles} == {"platform-lead", "qa"}
+    names = [s.name for s in report.steps]
+    assert names.index("approval") < names.index("create-canary") < names.index("weight-5") < names.index("promote") < names.index("cleanup")
+
+
+async def test_quorum_needs_both_roles_each_by_a_different_person(env, worker, cluster):
+    inv = make_inventory()
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, inv, auto_promote=True, requester="alice")
+        await until(handle, lambda r: r.current_step == "approval", "the approval gate")
+        await handle.execute_update("approve", Request(by="carol"))
+        r = await until(handle, lambda r: "qa" in (r.waiting_for or ""), "the gate asking for qa")
+        assert "still needs" in r.waiting_for and cluster.calls == ["k8s.rollout_status"]
+        with pytest.raises(WorkflowUpdateFailedError):  # another platform lead does not make a qa approval
+            await handle.execute_update("approve", Request(by="carol"))
+        await handle.execute_update("approve", Request(by="erin"))
+        r = await progress(handle)
+        assert r.current_step == "approval" and "qa" in r.waiting_for and "k8s.create_canary" not in cluster.calls
+        with pytest.raises(WorkflowUpdateFailedError) as exc:
+            await handle.execute_update("approve", Request(by="mallory"))
+        assert "may not approve" in str(exc.value.cause)
+        await handle.execute_update("approve", Request(by="dave"))
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded"
+
+
+async def test_faulty_canary_is_rolled_back_weight_zero_first_naming_the_metric(env, worker, cluster):
+    cluster.behaviour = "faulty"
+    inv = make_inventory()
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, inv, auto_promote=True)
+        await approve_quorum(handle)
+        report = await failed(handle)
+    assert report.status == "failed" and report.rolled_back
+    assert "error-rate" in report.rollback_reason and "above the limit 0.05" in report.rollback_reason
+    assert cluster.weight_log == [5, 0]  # weight 0 first ...
+    assert cluster.calls.index("k8s.delete_canary") > len(cluster.calls) - 1 - cluster.calls[::-1].index("k8s.set_weight")  # ... then removed
+    assert cluster.stable_at_100 and "k8s.set_image" not in cluster.calls
+    breach = report.analysis[-1]
+    assert breach.kind == "interval" and breach.metrics[0].name == "error-rate" and breach.metrics[0].canary > 0.05
+    assert any("rolled back" in n for n in cluster.notifications)
+
+
+async def test_judge_failure_without_a_broken_limit_rolls_back(env, worker, cluster):
+    cluster.behaviour = "slow"  # +300 ms on p95: below its 1 s limit, but clearly worse than stable
+    inv = make_inventory()
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, inv, auto_promote=True)
+        await approve_quorum(handle)
+        report = await failed(handle)
+    assert report.rolled_back and "p95-latency high" in report.rollback_reason
+    verdict = report.analysis[-1]
+    assert verdict.kind == "judge" and verdict.verdict == "fail" and verdict.score == 0  # a critical metric failed
+    p95 = next(m for m in verdict.metrics if m.name == "p95-latency")
+    assert p95.verdict == "high" and p95.estimate == pytest.approx(0.3, abs=0.02)
+    assert cluster.stable_at_100
+
+
+async def test_marginal_pauses_for_a_person_then_promote_goes_on(env, worker, cluster):
+    cluster.behaviour = "marginal"  # cpu 60 % higher: 3 of 4 metrics pass -> score 75 -> marginal
+    inv = make_inventory()
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, inv, auto_promote=True)
+        await approve_quorum(handle)
+        r = await until(handle, lambda r: r.current_step == "decide-5" and r.status == "waiting", "the decision at 5 %")
+        assert r.analysis[-1].verdict == "marginal" and r.analysis[-1].score == 75
+        assert cluster.canary_image == NEW and cluster.weights == {"web": 95, "web-canary": 5}  # no automatic rollback
+        with pytest.raises(WorkflowUpdateFailedError):
+            await handle.execute_update("promote", Request(by="mallory"))
+        await handle.execute_update("promote", Request(by="alice", reason="cpu is expected to rise"))
+        await until(handle, lambda r: r.current_step == "decide-25", "the decision at 25 %")
+        await handle.execute_update("promote", Request(by="alice", full=True))
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and cluster.stable_image == NEW
+    assert cluster.weight_log == [5, 25]  # --full: straight to 100 %
+    assert [e.action for e in report.promoted_by] == ["promote", "promote-full"]
+
+
+async def test_low_traffic_is_inconclusive_never_a_pass(env, worker, cluster):
+    cluster.behaviour = "quiet"
+    inv = make_inventory()
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, inv, auto_promote=True)
+        await approve_quorum(handle)
+        r = await until(handle, lambda r: r.current_step == "decide-5", "the decision at 5 %")
+        assert r.analysis[-1].verdict == "inconclusive" and "only 5 canary requests" in r.analysis[-1].reason
+        await handle.execute_update("abort", Request(by="alice", reason="not enough traffic today"))
+        report = await failed(handle)
+    assert report.status == "aborted" and report.rolled_back and cluster.stable_at_100
+
+
+async def test_without_auto_promote_a_person_promotes_at_the_end(env, worker, cluster):
+    inv = make_inventory(steps=[50, 100])
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, inv)
+        await approve_quorum(handle)
+        await until(handle, lambda r: r.current_step == "promote-gate", "the promotion gate")
+        assert cluster.stable_image == OLD
+        await handle.execute_update("promote", Request(by="bob"))
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and cluster.stable_image == NEW
+
+
+@pytest.mark.parametrize("when", ["approval", "bake-5", "bake-25", "decide-5", "promote-gate"])
+async def test_abort_at_every_step_leaves_stable_at_100(env, worker, cluster, when):
+    if when == "decide-5":
+        cluster.behaviour = "marginal"
+    if when in ("create-canary", "weight-5"):
+        cluster.block["k8s.create_canary" if when == "create-canary" else "k8s.set_weight"] = threading.Event()
+    inv = make_inventory()
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, inv, auto_promote=when != "promote-gate")
+        if when != "approval":
+            await approve_quorum(handle)
+        await until(handle, lambda r: r.current_step == when, when)
+        if when in ("create-canary", "weight-5"):
+            activity_name = "k8s.create_canary" if when == "create-canary" else "k8s.set_weight"
+            await asyncio.get_running_loop().run_in_executor(None, cluster.started.setdefault(activity_name, threading.Event()).wait, 10)
+        await handle.execute_update("abort", Request(by="alice", reason=f"abort at {when}"))
+        report = await failed(handle)
+    assert report.status == "aborted"
+    assert cluster.stable_at_100, (when, cluster)
+    if when != "approval":
+        assert report.rolled_back
+
+
+async def test_freeze_and_window_refuse_before_anything_changes(env, worker, cluster):
+    # the test server's clock runs ahead of the real one (skipped time): a freeze that surely covers it
+    frozen = make_inventory(freezes=[{"name": "black friday", "start": "2000-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"}])
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        report = await failed(await start(env, worker, frozen))
+        assert report.status == "refused" and "black friday" in report.failure and cluster.calls == []
+        closed = make_inventory(windows=[{"days": ["mon"], "start": "03:00", "end": "03:01"}])  # open one minute a week
+        report = await failed(await start(env, worker, closed))
+        assert report.status == "refused" and "outside the deployment windows" in report.failure and cluster.calls == []
+
+
+async def test_override_by_an_approver_with_a_reason(env, worker, cluster):
+    frozen = make_inventory(freezes=[{"name": "sale", "start": "2000-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"}])
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, frozen, override=True, auto_promote=True)
+        await until(handle, lambda r: r.current_step == "window" and r.status == "waiting", "the override")
+        assert cluster.calls == []
+        with pytest.raises(WorkflowUpdateFailedError) as exc:
+            await handle.execute_update("override", Request(by="alice", reason="hotfix"))
+        assert "may not override" in str(exc.value.cause)
+        with pytest.raises(WorkflowUpdateFailedError) as exc:
+            await handle.execute_update("override", Request(by="carol"))
+        assert "needs a reason" in str(exc.value.cause)
+        await handle.execute_update("override", Request(by="carol", reason="security fix CVE-2026-1"))
+        await approve_quorum(handle)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded"
+    assert [(o.by, o.reason) for o in report.overrides] == [("carol", "security fix CVE-2026-1")]
+
+
+async def test_refusals_image_already_running_and_leftover_canary(env, worker, cluster):
+    inv = make_inventory()
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        report = await failed(await start(env, worker, inv, image=OLD))
+        assert report.status == "refused" and "already runs" in report.failure
+        cluster.canary_image = "registry/shop:0.9"
+        report = await failed(await start(env, worker, inv))
+        assert report.status == "refused" and "left over" in report.failure
+    assert cluster.calls == ["k8s.rollout_status", "k8s.rollout_status"]
+
+
+async def test_dry_run_plans_every_step_and_changes_nothing(env, worker, cluster):
+    inv = make_inventory()
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        report = RolloutReport.model_validate(await (await start(env, worker, inv, dry_run=True)).result())
+    assert report.status == "planned" and cluster.calls == ["k8s.rollout_status"]
+    planned = [s.name for s in report.steps if s.outcome in ("planned", "skipped")]
+    assert planned[:3] == ["approval", "create-canary", "weight-5"] and planned[-3:] == ["promote", "cleanup", "notify"]
+    assert "judge-50" in planned and "weight-100" not in planned
+
+
+# -- blue-green ----------------------------------------------------------------------------------------------
+
+
+async def test_bluegreen_switches_then_scales_the_old_colour_down(env, worker, cluster):
+    inv = make_inventory()
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, inv, procedure="bluegreen")
+        await approve_quorum(handle)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and report.active == "web-green" and report.previous_image == OLD
+    assert cluster.selector == "web-green" and cluster.colours["web-green"] == NEW and cluster.replicas["web"] == 0
+    post = [a for a in report.analysis if a.kind == "judge"]
+    assert post and post[0].verdict == "pass"
+
+
+async def test_bluegreen_rollback_in_the_window_switches_back_keeping_the_old_colour(env, worker, cluster):
+    inv = make_inventory()
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, inv, procedure="bluegreen")
+        await approve_quorum(handle)
+        await until(handle, lambda r: r.current_step == "post-analysis", "the rollback window")
+        assert cluster.selector == "web-green"
+        await handle.execute_update("rollback", Request(by="alice", reason="customers complain"))
+        report = await failed(handle)
+    assert report.status == "aborted" and report.rolled_back
+    assert cluster.selector == "web" and cluster.replicas["web"] == 3 and cluster.replicas["web-green"] == 0
+
+
+async def test_bluegreen_failure_in_the_window_switches_back(env, worker, cluster):
+    cluster.behaviour = "faulty"
+    inv = make_inventory()
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, inv, procedure="bluegreen")
+        await approve_quorum(handle)
+        report = await failed(handle)
+    assert report.rolled_back and "error-rate" in report.rollback_reason and cluster.selector == "web"
+
+
+async def test_bluegreen_promote_ends_the_rollback_window_early(env, worker, cluster):
+    inv = make_inventory(rollback_window="2h")
+    w = worker[1]
+    async with w[0], w[1], w[2]:
+        handle = await start(env, worker, inv, procedure="bluegreen")
+        await approve_quorum(handle)
+        await until(handle, lambda r: r.current_step == "post-analysis", "the rollback window")
+        await handle.execute_update("promote", Request(by="alice", reason="looks good"))
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and cluster.replicas["web"] == 0 and cluster.selector == "web-green"
+    window = next(s for s in report.steps if s.name == "post-analysis")
+    assert window.seconds < 7200 and "promoted by alice" in window.detail

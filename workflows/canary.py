@@ -1,0 +1,491 @@
+"""Canary rollout and blue-green deployment. Reads top to bottom; each step is one line.
+
+Canary:     preflight (window/freeze, stable healthy, image differs, no leftover canary) -> approvals (quorum of
+            roles) -> create the canary (stable's spec, new image) and wait until ready -> for each weight: set
+            the weight -> bake, looking at the figures every interval (a broken limit rolls back at once) ->
+            judge (Mann-Whitney against the stable baseline) -> pass: next weight / marginal or inconclusive:
+            wait for a person (promote or abort) / fail: automatic rollback -> promote (stable gets the image,
+            rollout status waited, weights 100/0, canary removed) -> notify.
+Rollback:   the canary's weight to 0 first, then the canary removed; stable is never touched. An abort at any
+            moment before the promotion does the same (the undo stack), so stable serves 100 %.
+Blue-green: preflight -> approvals -> the other colour at full size with the new image, ready -> pre-promotion
+            check -> switch the service -> post-promotion analysis through the rollback window (new colour
+            after the switch against the old colour before it) -> scale the old colour down. A failure in
+            the window, or `opsflow rollback`, switches back while the old colour is still there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from pydantic import BaseModel
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+from workflows.procedure import Procedure, Request, StepDecl, Stop, failure_message
+
+with workflow.unsafe.imports_passed_through():
+    from opsflow.inventory import Inventory
+    from opsflow.models import ControlEvent
+    from opsflow.rollout import (
+        DeploymentRequest,
+        ImageRequest,
+        JudgeRequest,
+        RolloutApp,
+        RolloutPolicy,
+        RolloutState,
+        RolloutTarget,
+        Samples,
+        SamplesRequest,
+        StepAnalysis,
+        WeightRequest,
+        closed_because,
+        threshold_breaches,
+    )
+    from opsflow.rollout_report import RolloutReport
+
+
+class RolloutInput(BaseModel):
+    inventory: Inventory
+    image: str
+    app: str | None = None
+    strategy: str = "canary"  # canary | bluegreen
+    steps: list[int] | None = None  # default: the inventory's
+    bake: float | None = None  # seconds per weight; default: the inventory's
+    auto_promote: bool = False  # without: a person promotes after the last analysed weight
+    override: bool = False  # outside a window / in a freeze: ask an approver to override instead of refusing
+    dry_run: bool = False
+    requester: str
+    reason: str = ""
+
+
+def version_of(image: str) -> str:
+    last = image.rsplit("/", 1)[-1]
+    return last.rsplit(":", 1)[-1] if ":" in last else "latest"
+
+
+class Rollout(Procedure):
+    """What canary and blue-green share: preflight, approvals, analysis, the promote/rollback/override Updates."""
+
+    notify_on_stop = False  # finalize() tells the channels, rolled back or not
+
+    inp: RolloutInput
+    policy: RolloutPolicy
+    app: RolloutApp
+    target: RolloutTarget
+    queue: str
+
+    def setup(self, inp: RolloutInput) -> None:
+        self.inp = inp
+        self.promote_request: ControlEvent | None = None
+        self.promote_full = False
+        self.rollback_request: ControlEvent | None = None
+        self.window_override: ControlEvent | None = None
+        self.deciding = False  # waiting for a person after a marginal/inconclusive judgement (or to promote)
+        self.switched = False  # blue-green: the service points at the new colour
+
+    # -- preflight ---------------------------------------------------------------------------------------
+    async def preflight(self) -> RolloutState:
+        inp, inv, report = self.inp, self.inp.inventory, self.report
+        assert isinstance(report, RolloutReport)
+        if inv.rollout is None:
+            raise Stop("refused", "the inventory has no rollout: section")
+        self.policy = inv.rollout
+        try:
+            name, self.app = self.policy.app(inp.app)
+        except ValueError as e:
+            raise Stop("refused", str(e)) from None
+        region = inv.regions.get(self.app.region)
+        if region is None or region.kubernetes is None:
+            raise Stop("refused", f"rollout.apps.{name}.region {self.app.region!r} is not a region with a kubernetes section")
+        if inp.strategy == "canary" and self.app.router is None:
+            raise Stop("refused", f"rollout.apps.{name} has no router: a canary needs one (blue-green does not)")
+        report.app, report.region, report.image = name, self.app.region, inp.image
+        self.target = RolloutTarget(environment=inv.environment, region=self.app.region, kubernetes=region.kubernetes, app=self.app)
+        self.queue = inv.region_queue(self.app.region)
+        await self.calendar()
+        state: RolloutState = await self.step("preflight", f"Check {self.app.deployment} in {self.app.region}", "k8s.rollout_status", self.target,
+                                              result_type=RolloutState, queue=self.queue,
+                                              detail=lambda s: f"stable {s.stable_image} {s.stable_ready}/{s.stable_desired}, weights {s.weights}")
+        return state
+
+    async def calendar(self) -> None:
+        """Refuse outside the deployment windows or in a freeze, unless an approver overrides with a reason."""
+        why = closed_because(self.policy, workflow.now())
+        if why is None:
+            return
+        if not self.inp.override:
+            raise Stop("refused", f"{why} (nothing changed; an approver may override: --override, then opsflow override ID --as NAME --reason WHY)")
+        record = self.begin_step("window", f"Override needed: {why}")
+        self.report.status = "waiting"
+        policy = self.rollout_policy()
+        self.report.waiting_for = f"an override by an approver ({', '.join(policy.names())}): opsflow override {self.report.workflow_id} --as NAME --reason WHY"
+        self.show()
+        await self.notify(f"Override needed for a {self.inp.strategy} of {self.inp.image}: {why}", severity="warning")
+        try:
+            await workflow.wait_condition(lambda: self.window_override is not None or self.abort_requested is not None,
+                                          timeout=timedelta(seconds=policy.timeout))
+        except asyncio.TimeoutError:
+            self.end_step(record, "failed", "no override by the deadline")
+            raise Stop("refused", f"{why}; no override within {policy.timeout:.0f}s") from None
+        self.report.waiting_for = None
+        if self.window_override is None:
+            self.end_step(record, "failed", "aborted while waiting")
+            await self.boundary()
+        o = self.window_override
+        assert o is not None
+        self.end_step(record, "ok", f"overridden by {o.by}: {o.reason}")
+
+    def rollout_policy(self):
+        return self.policy.approval or self.inventory.approval
+
+    async def approvals(self, what: str) -> None:
+        await self.gate("approval", what, policy=self.rollout_policy())
+
+    # -- analysis ----------------------------------------------------------------------------------------
+    async def run_activity(self, activity: str, arg, result_type, timeout: float = 60):
+        """An analysis activity inside a bake (not a step of its own): failures stop the procedure."""
+        opts = self.activity_options(self.queue, timeout, None, 3)
+        try:
+            return await workflow.execute_activity(activity, arg, result_type=result_type, summary=activity, **opts)
+        except ActivityError as err:
+            raise Stop("failed", f"{activity}: {failure_message(err)}") from None
+
+    async def samples(self, canary: str, baseline: str, start, end, baseline_version: str, baseline_window=None) -> Samples:
+        a = self.policy.analysis
+        b_start, b_end = baseline_window or (None, None)
+        req = SamplesRequest(analysis=a, canary=canary, baseline=baseline, canary_version=version_of(self.inp.image),
+                             baseline_version=version_of(baseline_version), start=start, end=end, baseline_start=b_start, baseline_end=b_end)
+        return await self.run_activity("prometheus.samples", req, Samples)
+
+    async def bake(self, name: str, title: str, seconds: float, weight: int, canary: str, baseline: str, baseline_image: str,
+                   baseline_window=None) -> StepAnalysis | None:
+        """Wait `seconds`, looking at the figures every interval: a broken limit fails fast (returns that analysis).
+        A `promote` ends the bake early (returns None, as does a bake with nothing wrong)."""
+        assert isinstance(self.report, RolloutReport)
+        await self.boundary()
+        record = self.begin_step(name, title)
+        interval = max(self.policy.analysis.interval, 1.0)
+        start = workflow.now()
+        checks = 0
+        while True:
+            left = seconds - (workflow.now() - start).total_seconds()
+            if left <= 0:
+                break
+            self.report.waiting_for = f"{title}: {left:.0f}s left (opsflow promote {self.report.workflow_id} --as NAME skips it)"
+            self.show()
+            try:
+                await workflow.wait_condition(lambda: self.interrupting(), timeout=timedelta(seconds=min(interval, left)))
+            except asyncio.TimeoutError:
+                pass
+            if self.abort_requested is not None or self.rollback_request is not None:
+                self.end_step(record, "failed", "aborted")
+                await self.stop_if_asked()
+            if self.promote_request is not None:
+                self.end_step(record, "ok", f"ended early: promoted by {self.promote_request.by}")
+                return None
+            checks += 1
+            got = await self.samples(canary, baseline, start, workflow.now(), baseline_image, baseline_window)
+            breaches = threshold_breaches(self.policy.analysis, got)
+            if breaches:
+                result = StepAnalysis(weight=weight, kind="interval", verdict="fail", start=start, end=workflow.now(),
+                                      canary_requests=got.canary_requests, baseline_requests=got.baseline_requests, metrics=breaches,
+                                      reason="; ".join(f"{b.name}: {b.reason}" for b in breaches))
+                self.report.analysis.append(result)
+                self.end_step(record, "failed", result.reason)
+                return result
+        self.report.waiting_for = None
+        self.end_step(record, "ok", f"{checks} check(s), no limit broken")
+        return None
+
+    def interrupting(self) -> bool:
+        return self.abort_requested is not None or self.rollback_request is not None or self.promote_request is not None
+
+    async def stop_if_asked(self) -> None:
+        if self.rollback_request is not None and self.abort_requested is None:
+            r = self.rollback_request
+            raise Stop("aborted", f"rolled back by {r.by}" + (f": {r.reason}" if r.reason else ""))
+        await self.boundary()
+
+    async def judge(self, name: str, weight: int, canary: str, baseline: str, baseline_image: str, start, baseline_window=None) -> StepAnalysis:
+        assert isinstance(self.report, RolloutReport)
+        await self.boundary()
+        record = self.begin_step(name, f"Judge the canary at {weight} %")
+        got = await self.samples(canary, baseline, start, workflow.now(), baseline_image, baseline_window)
+        result: StepAnalysis = await self.run_activity("analysis.judge", JudgeRequest(analysis=self.policy.analysis, samples=got, weight=weight), StepAnalysis)
+        self.report.analysis.append(result)
+        self.end_step(record, "ok" if result.verdict == "pass" else "failed", f"{result.verdict} (score {result.score}): {result.reason}")
+        return result
+
+    def failure_text(self, result: StepAnalysis) -> str:
+        parts = []
+        for m in result.failed_metrics():
+            figures = f"canary {m.canary:.4g}" if m.canary is not None else "canary ?"
+            figures += f" vs baseline {m.baseline:.4g}" if m.baseline is not None else ""
+            parts.append(f"{m.name} {m.verdict}: {figures} ({m.reason})")
+        return f"at {result.weight} %: " + ("; ".join(parts) or result.reason)
+
+    async def decide(self, name: str, question: str) -> None:
+        """Wait for a person: promote (go on) or abort/rollback (roll back). No answer by the deadline: roll back."""
+        await self.boundary()
+        record = self.begin_step(name, question)
+        self.report.status = "waiting"
+        wid = self.report.workflow_id
+        self.report.waiting_for = f"{question}: opsflow promote {wid} --as NAME [--full], or opsflow abort {wid} --as NAME"
+        self.deciding = True
+        self.promote_request = None
+        self.show()
+        await self.notify(f"{self.report.procedure} of {self.inp.image} needs a person: {question}", severity="warning")
+        timeout = self.rollout_policy().timeout
+        try:
+            await workflow.wait_condition(self.interrupting, timeout=timedelta(seconds=timeout))
+        except asyncio.TimeoutError:
+            self.deciding = False
+            self.end_step(record, "failed", f"nobody decided within {timeout:.0f}s")
+            raise Stop("failed", f"{question}: nobody decided within {timeout:.0f}s; rolled back") from None
+        self.deciding = False
+        self.report.waiting_for = None
+        if self.promote_request is None:
+            self.end_step(record, "failed", "aborted")
+            await self.stop_if_asked()
+        p = self.promote_request
+        assert p is not None
+        self.end_step(record, "ok", f"promoted by {p.by}" + (" (full)" if self.promote_full else "") + (f": {p.reason}" if p.reason else ""))
+
+    async def finalize(self) -> None:
+        report = self.report
+        assert isinstance(report, RolloutReport)
+        if report.status not in ("succeeded", "planned") and any(s.outcome == "compensated" for s in report.steps):
+            report.rolled_back = True
+            report.rollback_reason = report.rollback_reason or report.failure
+        if report.status != "planned":
+            await self.notify(f"{report.procedure} of {report.image} on {report.app}: {report.status}"
+                              + (f" (rolled back: {report.rollback_reason})" if report.rolled_back else ""),
+                              severity="info" if report.status == "succeeded" else "warning")
+
+    # -- people ------------------------------------------------------------------------------------------
+    @workflow.update
+    def promote(self, req: Request) -> str:
+        self.promote_request = self.event("promote-full" if req.full else "promote", req)
+        self.promote_full = self.promote_full or req.full
+        assert isinstance(self.report, RolloutReport)
+        self.report.promoted_by.append(self.promote_request)
+        return "promoting straight to 100 %" if req.full else "going on to the next step now"
+
+    @promote.validator
+    def _validate_promote(self, req: Request) -> None:
+        self.check_operator(req, "promote")
+        if self.point_of_no_return or self.report.status in ("succeeded", "failed", "aborted", "refused"):
+            raise ApplicationError("nothing to promote: the rollout is past its steps", type="NotWaiting")
+        if not (self.report.current_step or "").startswith(("bake", "decide", "judge", "weight", "promote-gate", "post-analysis")):
+            raise ApplicationError(f"nothing to promote yet (current step: {self.report.current_step})", type="NotWaiting")
+
+    @workflow.update
+    def rollback(self, req: Request) -> str:
+        self.rollback_request = self.event("rollback", req)
+        return "rolling back: the previous version takes all traffic again"
+
+    @rollback.validator
+    def _validate_rollback(self, req: Request) -> None:
+        self.check_operator(req, "rollback")
+        if self.point_of_no_return:
+            raise ApplicationError("past the rollback window: the old version is gone", type="NotAllowed")
+        if self.rollback_request is not None or self.abort_requested is not None:
+            raise ApplicationError("a rollback is already under way", type="NotAllowed")
+
+    @workflow.update
+    def override(self, req: Request) -> str:
+        self.window_override = self.event("override-window", req)
+        assert isinstance(self.report, RolloutReport)
+        self.report.overrides.append(self.window_override)
+        return "overridden: the rollout goes on outside its window"
+
+    @override.validator
+    def _validate_override(self, req: Request) -> None:
+        policy = self.rollout_policy()
+        if req.by not in policy.names():
+            raise ApplicationError(f"{req.by!r} may not override; approvers: {', '.join(policy.names())}", type="NotAllowed")
+        if not req.reason.strip():
+            raise ApplicationError("an override needs a reason (--reason)", type="BadInput")
+        self.verify_request(req, "override", "window", policy)
+        if self.report.current_step != "window" or self.window_override is not None:
+            raise ApplicationError("not waiting for an override", type="NotWaiting")
+
+
+def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: float, stable_image: str | None) -> list[StepDecl]:
+    decls = [
+        StepDecl("approval", "wait for the approvals (quorum)"),
+        StepDecl("create-canary", f"create {app.deployment}-canary ({app.canary_replicas} replica(s)) from {app.deployment} with {inp.image}; wait until ready"),
+    ]
+    for w in steps[:-1]:
+        decls += [
+            StepDecl(f"weight-{w}", f"route {w} % to the canary via httproute {app.router.name if app.router else '?'}"),
+            StepDecl(f"bake-{w}", f"bake {bake:.0f}s, checking limits every interval"),
+            StepDecl(f"judge-{w}", "judge canary against stable (Mann-Whitney)"),
+            StepDecl(f"decide-{w}", "wait for a person to promote or abort", "the judgement is marginal or inconclusive"),
+        ]
+    decls += [
+        StepDecl("promote-gate", "wait for a person to promote", "no --auto-promote", not inp.auto_promote),
+        StepDecl("promote", f"set {app.deployment} to {inp.image} (was {stable_image}); wait for rollout status"),
+        StepDecl("cleanup", f"route 100 % to {app.service}; delete the canary"),
+        StepDecl("notify", "notify the channels"),
+    ]
+    return decls
+
+
+@workflow.defn(name="canary")
+class CanaryWorkflow(Rollout):
+    @workflow.init
+    def __init__(self, inp: RolloutInput) -> None:
+        inv = inp.inventory
+        super().__init__(inv, RolloutReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason,
+                                            dry_run=inp.dry_run, image=inp.image, procedure="canary", strategy="canary"))
+        self.setup(inp)
+
+    @workflow.run
+    async def run(self, inp: RolloutInput) -> RolloutReport:
+        return await self.conclude(self.canary)  # type: ignore[return-value]
+
+    async def canary(self) -> None:
+        inp, report = self.inp, self.report
+        assert isinstance(report, RolloutReport)
+        state = await self.preflight()
+        steps = inp.steps or self.policy.steps
+        steps = steps if steps[-1] == 100 else [*steps, 100]
+        bake = inp.bake if inp.bake is not None else self.policy.bake
+        report.weights, report.previous_image = steps, state.stable_image
+        if not state.stable_done:
+            raise Stop("refused", f"stable {self.app.deployment} is not healthy ({state.stable_ready}/{state.stable_desired} ready)")
+        if state.stable_image == inp.image:
+            raise Stop("refused", f"{self.app.deployment} already runs {inp.image}")
+        if state.canary is not None:
+            raise Stop("refused", f"a canary is left over: {state.canary} ({state.canary_image}); remove it first (opsflow canary ... after kubectl delete)")
+        if self.app.service not in state.weights:
+            raise Stop("refused", f"httproute {self.app.router.name if self.app.router else '?'} sends nothing to service {self.app.service}")
+        self.declare(canary_plan(inp, self.app, steps, bake, state.stable_image))
+        if inp.dry_run:
+            self.plan()
+            return
+
+        await self.approvals(f"canary of {inp.image} on {self.app.deployment} in {self.app.region} (now {state.stable_image})")
+        t, q = self.target, self.queue
+        await self.step("create-canary", f"Create the canary with {inp.image}", "k8s.create_canary", ImageRequest(target=t, image=inp.image),
+                        result_type=RolloutState, queue=q, timeout=self.policy.timeout, heartbeat=10, interruptible=True,
+                        undo=("k8s.delete_canary", "Remove the canary (stable keeps 100 %)", t),
+                        detail=lambda s: f"{s.canary} ready {s.canary_ready}")
+        for w in steps[:-1]:
+            if self.promote_full:
+                break
+            self.promote_request = None
+            await self.step(f"weight-{w}", f"Route {w} % to the canary", "k8s.set_weight", WeightRequest(target=t, canary_weight=w),
+                            result_type=RolloutState, queue=q, undo=("k8s.set_weight", "Canary weight back to 0", WeightRequest(target=t, canary_weight=0)),
+                            detail=lambda s: ", ".join(f"{k}={v}" for k, v in s.weights.items()))
+            report.weight = w
+            started = workflow.now()
+            broken = await self.bake(f"bake-{w}", f"Bake at {w} %", bake, w, t.canary, self.app.deployment, state.stable_image or "")
+            if broken is not None:
+                report.rollback_reason = self.failure_text(broken)
+                raise Stop("failed", f"rolled back automatically: {report.rollback_reason}")
+            if self.promote_request is not None:
+                continue  # a person promoted during the bake: no judgement for this weight
+            result = await self.judge(f"judge-{w}", w, t.canary, self.app.deployment, state.stable_image or "", started)
+            if result.verdict == "fail":
+                report.rollback_reason = self.failure_text(result)
+                raise Stop("failed", f"rolled back automatically: {report.rollback_reason}")
+            if result.verdict in ("marginal", "inconclusive"):
+                await self.decide(f"decide-{w}", f"the canary at {w} % is {result.verdict}")
+        if not inp.auto_promote and not self.promote_full and self.promote_request is None:
+            await self.decide("promote-gate", f"promote {inp.image} to 100 %")
+
+        # -- promotion: from here the new image is the stable one ------------------------------------------
+        await self.boundary()
+        self.point_of_no_return = True
+        await self.step("promote", f"Promote {inp.image} to {self.app.deployment}", "k8s.set_image", ImageRequest(target=t, image=inp.image),
+                        result_type=RolloutState, queue=q, timeout=self.policy.timeout, heartbeat=10,
+                        detail=lambda s: f"{s.stable_image} {s.stable_ready}/{s.stable_desired} ready")
+        await self.step("cleanup", "Route 100 % to stable and remove the canary", "k8s.delete_canary", t, result_type=RolloutState, queue=q,
+                        detail=lambda s: ", ".join(f"{k}={v}" for k, v in s.weights.items()))
+        report.weight = 0
+        record = self.begin_step("notify", "Notify")
+        self.end_step(record, "ok", f"{inp.image} promoted on {self.app.deployment}")
+
+
+def bluegreen_plan(inp: RolloutInput, app: RolloutApp, active: str, other: str, window: float) -> list[StepDecl]:
+    return [
+        StepDecl("approval", "wait for the approvals (quorum)"),
+        StepDecl("create-colour", f"run {other} with {inp.image} at {active}'s size beside it; wait until ready"),
+        StepDecl("pre-analysis", f"check {other} is fully ready before any traffic"),
+        StepDecl("switch", f"point service {app.service} at {other}"),
+        StepDecl("post-analysis", f"watch {other} for {window:.0f}s against {active}'s figures before the switch; switch back on failure"),
+        StepDecl("switch-back", f"point service {app.service} back at {active}", "the post-promotion analysis fails or a person rolls back"),
+        StepDecl("scale-down", f"scale {active} to 0 after the rollback window"),
+        StepDecl("notify", "notify the channels"),
+    ]
+
+
+@workflow.defn(name="bluegreen")
+class BlueGreenWorkflow(Rollout):
+    @workflow.init
+    def __init__(self, inp: RolloutInput) -> None:
+        inv = inp.inventory
+        super().__init__(inv, RolloutReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason,
+                                            dry_run=inp.dry_run, image=inp.image, procedure="bluegreen", strategy="bluegreen"))
+        self.setup(inp)
+
+    @workflow.run
+    async def run(self, inp: RolloutInput) -> RolloutReport:
+        return await self.conclude(self.bluegreen)  # type: ignore[return-value]
+
+    async def bluegreen(self) -> None:
+        inp, report = self.inp, self.report
+        assert isinstance(report, RolloutReport)
+        state = await self.preflight()
+        active = state.active or self.app.deployment
+        other = self.app.deployment if active != self.app.deployment else f"{self.app.deployment}-green"
+        previous = state.colours.get(active)
+        report.previous_image, report.active = previous, active
+        if previous == inp.image:
+            raise Stop("refused", f"{active} already runs {inp.image}")
+        window = self.policy.rollback_window
+        self.declare(bluegreen_plan(inp, self.app, active, other, window))
+        if inp.dry_run:
+            self.plan()
+            return
+
+        await self.approvals(f"blue-green of {inp.image} on {self.app.deployment} in {self.app.region} (now {previous} on {active})")
+        t, q = self.target, self.queue
+        await self.step("create-colour", f"Run {other} with {inp.image}", "k8s.create_colour", ImageRequest(target=t, image=inp.image),
+                        result_type=RolloutState, queue=q, timeout=self.policy.timeout, heartbeat=10, interruptible=True,
+                        undo=("k8s.scale_deployment", f"Scale {other} to 0", DeploymentRequest(target=t, deployment=other, replicas=0)),
+                        detail=lambda s: f"{other} {s.replicas.get(other)} replicas with {s.colours.get(other)}")
+        pre: RolloutState = await self.step("pre-analysis", f"Check {other} before the switch", "k8s.rollout_status", t, result_type=RolloutState, queue=q,
+                                            detail=lambda s: f"{other} runs {s.colours.get(other)}")
+        if pre.colours.get(other) != inp.image:
+            raise Stop("failed", f"{other} does not run {inp.image} (runs {pre.colours.get(other)})")
+        switched_at = workflow.now()
+        await self.step("switch", f"Switch {self.app.service} to {other}", "k8s.switch_service", DeploymentRequest(target=t, deployment=other),
+                        result_type=RolloutState, queue=q,
+                        undo=("k8s.switch_service", f"Switch {self.app.service} back to {active}", DeploymentRequest(target=t, deployment=active)),
+                        detail=lambda s: f"serving: {s.active}")
+        report.active = other
+        switched_at = workflow.now()
+        baseline_window = (switched_at - timedelta(seconds=window), switched_at)
+        broken = await self.bake("post-analysis", f"Watch {other} for {window:.0f}s (rollback window)", window, 100, other, active,
+                                 previous or "", baseline_window)
+        if broken is None and self.promote_request is None:
+            result = await self.judge("post-analysis", 100, other, active, previous or "", switched_at, baseline_window)
+            if result.verdict == "fail":
+                broken = result
+        if broken is not None:
+            report.rollback_reason = self.failure_text(broken)
+            report.active = active
+            raise Stop("failed", f"switched back automatically: {report.rollback_reason}")
+        await self.boundary()
+        if self.rollback_request is not None:
+            await self.stop_if_asked()
+        self.point_of_no_return = True
+        await self.step("scale-down", f"Scale {active} down", "k8s.scale_deployment", DeploymentRequest(target=t, deployment=active, replicas=0),
+                        result_type=RolloutState, queue=q, timeout=self.policy.timeout)
+        record = self.begin_step("notify", "Notify")
+        self.end_step(record, "ok", f"{inp.image} serves from {other}; {active} scaled down")
