@@ -8,8 +8,8 @@ from pathlib import Path
 
 from opsflow.inventory import load_inventory
 from opsflow.temporal import connect
-from starters.cli import follow, start_procedure
-from starters.common import fetch_report
+from opsflow.client import fetch_report, follow, start_procedure
+from opsflow.report import ProgressLines
 from workflows.canary import RolloutInput
 from workflows.procedure import Request
 
@@ -35,9 +35,11 @@ async def one(client, inv, image: str, ui: str) -> int:
     handle = await start_procedure(client, inv, "canary", inp, f"Canary of {image} (demo)")
     print(f"\ncanary of {image} started as {handle.id}; UI: {ui}/namespaces/default/workflows/{handle.id}\n", flush=True)
     approver = asyncio.create_task(approve_when_asked(handle))
-    code = await follow(handle, as_json=False)
+    lines = ProgressLines()
+    await follow(handle, lambda r: [print(line, flush=True) for line in lines.new_lines(r)])
     await approver
     report = await fetch_report(handle)
+    code = 0 if report.status == "succeeded" else 1
     for a in report.analysis:  # type: ignore[attr-defined]
         figures = ", ".join(f"{m.name} {m.verdict} (canary {m.canary:.4g} vs stable {m.baseline:.4g})" for m in a.metrics
                             if m.canary is not None and m.baseline is not None)

@@ -31,6 +31,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from opsflow.inventory import Inventory
 from opsflow.models import DrillReport, FailbackReport, FailoverReport, ProcedureReport
+from opsflow.rollout_report import RolloutReport
 from opsflow.temporal import DATA_CONVERTER, OPS_ENVIRONMENT, OPS_PROCEDURE, OPS_STATUS, OPS_STEP
 
 # Procedures that are themselves the emergency path: an emergency start never cancels them.
@@ -40,7 +41,8 @@ PREEMPT_TIMEOUT = timedelta(minutes=10)
 LAUNCHERS = frozenset({"scheduled"})
 
 # The report model per procedure name (a new procedure adds its report type here).
-REPORT_TYPES: dict[str, type[ProcedureReport]] = {"failover": FailoverReport, "failback": FailbackReport, "drill": DrillReport}
+REPORT_TYPES: dict[str, type[ProcedureReport]] = {"failover": FailoverReport, "failback": FailbackReport, "drill": DrillReport,
+                                                  "canary": RolloutReport, "bluegreen": RolloutReport}
 
 
 class ClientError(Exception):

@@ -9,9 +9,9 @@ import getpass
 
 from opsflow.inventory import load_inventory
 from opsflow.rollout_report import RolloutReport
-from starters.common import REPORT_TYPES, CliError, emit, handle_for, inventory_path
+from opsflow.client import get_handle as handle_for, inventory_path
+from starters.common import CliError, emit
 
-REPORT_TYPES.update({"canary": RolloutReport, "bluegreen": RolloutReport})
 
 
 def _duration(value: str) -> float:
