@@ -38,6 +38,8 @@ from tests.workflow.conftest import inventory_dict
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
+from workflows.scheduled import ScheduledLaunch  # noqa: E402
+
 SCHEDULED_BY = SearchAttributeKey.for_keyword("TemporalScheduledById")
 
 
@@ -92,7 +94,7 @@ def inventory(inventory_file) -> Inventory:
 
 @pytest_asyncio.fixture(scope="module")
 async def client(server, inventory) -> Client:
-    async with Worker(server.client, task_queue=inventory.task_queue, workflows=[StandInDrill, StandInMaintenance]):
+    async with Worker(server.client, task_queue=inventory.task_queue, workflows=[StandInDrill, StandInMaintenance, ScheduledLaunch]):
         yield server.client
 
 
@@ -246,9 +248,11 @@ async def test_weekly_maintenance_runs_under_the_environment_id(cli, client, inv
     assert created["procedure"] == "maintenance" and created["spec"]["calendars"] == ["day_of_week=sun hour=2"]
     assert all(t.weekday() == 6 and t.hour == 2 for t in times(created["next_action_times"]))
     wid = (await cli("trigger", "weekly"))["workflow_id"]
-    # Temporal appends the scheduled time to the action's id: the run is opsflow-<env>-<time>, not the lock id itself.
-    assert wid.startswith(f"opsflow-{inventory.environment}-20")
-    result = await client.get_workflow_handle(wid).result()
+    # Temporal appends the scheduled time to the launcher's id; the launcher runs the procedure under the lock id.
+    assert wid.startswith(f"opsflow-{inventory.environment}-weekly-")
+    launched = await client.get_workflow_handle(wid).result()
+    assert launched["workflow_id"] == f"opsflow-{inventory.environment}"
+    result = launched["report"]
     assert result["input"]["requester"] == "schedule:weekly" and result["input"]["region"] == "eastus"
 
 
@@ -260,7 +264,7 @@ async def test_trigger_starts_a_drill(cli, client, inventory):
     started = await cli("trigger", "ondemand")
     wid = started["workflow_id"]
     assert wid.startswith(f"opsflow-{inventory.environment}-ondemand-")
-    result = await client.get_workflow_handle(wid).result()
+    result = (await client.get_workflow_handle(wid).result())["report"]  # the launcher's child: the drill
     # The run got the drill's input: the inventory, the source region, requested by the schedule.
     from workflows.drill import DrillInput
 
@@ -275,7 +279,7 @@ async def test_trigger_starts_a_drill(cli, client, inventory):
     assert [(a["workflow_id"], a["status"]) for a in desc["recent_actions"]] == [(wid, "completed")]
 
 
-async def test_trigger_while_a_run_is_in_progress_is_refused(cli, client):
+async def test_trigger_while_a_run_is_in_progress_is_refused(cli, client, inventory):
     await cli("create", "held", "--procedure", "drill", "--calendar", "month=jan day_of_month=1", "--note", "hold")
     started = await cli("trigger", "held")
     first = started["workflow_id"]
@@ -283,13 +287,21 @@ async def test_trigger_while_a_run_is_in_progress_is_refused(cli, client):
     assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
     msg = await cli.fails("trigger", "held", code=3)
     assert "has a run in progress" in msg and first in msg
-    await handle.signal(StandInDrill.release)
+    await client.get_workflow_handle(f"opsflow-{inventory.environment}").signal(StandInDrill.release)  # the launched drill
     await handle.result()
     await eventually(lambda: _running_cleared(cli, "held"), what="the schedule to see the run end")
     again = await cli("trigger", "held")
     # A new run (the workflow id carries the trigger time to the second, so it may repeat within one second).
     assert again["run_id"] and again["run_id"] != started["run_id"]
-    await client.get_workflow_handle(again["workflow_id"], run_id=again["run_id"]).signal(StandInDrill.release)
+    await eventually(lambda: _child_running(client, inventory.environment), what="the second launch's drill")
+    await client.get_workflow_handle(f"opsflow-{inventory.environment}").signal(StandInDrill.release)
+
+
+async def _child_running(client, environment):
+    try:
+        return (await client.get_workflow_handle(f"opsflow-{environment}").describe()).status == WorkflowExecutionStatus.RUNNING
+    except Exception:
+        return False
 
 
 async def _running_cleared(cli, name):
@@ -356,7 +368,7 @@ async def test_backfill_runs_the_missed_times_one_after_another(cli, client, inv
     assert sorted(a["scheduled_at"] for a in desc["recent_actions"]) == out["scheduled_times"]
     for a in desc["recent_actions"]:
         assert a["workflow_id"] == f"{schedule_id(inventory.environment, 'yearly')}-{a['scheduled_at']}"
-        result = await client.get_workflow_handle(a["workflow_id"]).result()
+        result = (await client.get_workflow_handle(a["workflow_id"]).result())["report"]
         assert result["input"]["requester"] == "schedule:yearly"
 
 
