@@ -305,6 +305,7 @@ class Inventory(Strict):
     reports_dir: str = "reports"
     reports: ReportStore = ReportStore()
     workflow_task_queue: str | None = None
+    maintenance: MaintenancePolicy | None = None  # the weekly maintenance window (opsflow/maintenance.py)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Inventory":
@@ -335,6 +336,16 @@ class Inventory(Strict):
 
     def all_queues(self) -> list[str]:
         return [self.task_queue, *(self.region_queue(r) for r in self.regions)]
+
+
+# Sections kept in their own modules build on the models above, so they are imported last. When one of them is
+# the first module imported, it is still half-built here and completes Inventory itself at its end.
+try:
+    from opsflow.maintenance import MaintenancePolicy  # noqa: E402
+except ImportError:
+    pass
+else:
+    Inventory.model_rebuild()
 
 
 def _format_errors(err: ValidationError) -> str:
