@@ -883,12 +883,18 @@ def run_maintenance(db: Any, item: Any, guards: Any, *, cancel_at: datetime | No
     watch = connect(db)
     try:
         with _sql_errors(db, f"maintenance {item.key}"):
+            for session in (work, watch):  # the sizes in the statistics need a lock on the table too
+                session.execute("select set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
+                                (_ms(guards.lock_timeout), _ms(guards.statement_timeout)))
             if item.table:
-                result.before = table_stats(watch, item.table)
+                try:
+                    result.before = table_stats(watch, item.table)
+                except pgerrors.LockNotAvailable:
+                    result.outcome, result.detail = "lock-timeout", f"lock not granted within {guards.lock_timeout:g}s"
+                    result.seconds = time.monotonic() - started
+                    return result
                 if result.before is None:
                     raise _bad_input(f"table {item.table} does not exist on {where(db)}")
-            work.execute("select set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
-                         (_ms(guards.lock_timeout), _ms(guards.statement_timeout)))
             if item.kind == "reindex":
                 result.dropped_invalid = _drop_invalid_ccnew(work, item.table)
             pid = work.info.backend_pid
@@ -947,7 +953,7 @@ def run_maintenance(db: Any, item: Any, guards: Any, *, cancel_at: datetime | No
                                        type="DatabaseError")
             if item.kind == "reindex" and item.table:
                 result.dropped_invalid += _drop_invalid_ccnew(watch, item.table)
-        if item.table:
+        if item.table and result.outcome != "lock-timeout":
             with _sql_errors(db, f"statistics of {item.table}"):
                 if item.kind in ("vacuum", "vacuum-analyze") and result.outcome == "done":
                     # the statistics collector reports a VACUUM's effect asynchronously; wait until it shows

@@ -283,7 +283,7 @@ def seed_bloat(dsn: str, rows: int = 40_000, deleted: int = 30_000) -> None:
         c.execute(f"CREATE TABLE IF NOT EXISTS {BLOAT_TABLE} (id bigint PRIMARY KEY, kind text NOT NULL, payload text NOT NULL) "
                   "WITH (autovacuum_enabled = false)")
         c.execute(f"CREATE INDEX IF NOT EXISTS {BLOAT_TABLE}_kind ON {BLOAT_TABLE} (kind)")
-        c.execute(f"INSERT INTO {BLOAT_TABLE} SELECT g, 'k' || (g % 17), repeat(md5(g::text), 4) FROM generate_series(1, %s) g "
+        c.execute(f"INSERT INTO {BLOAT_TABLE} SELECT g, 'k' || (g %% 17), repeat(md5(g::text), 4) FROM generate_series(1, %s) g "
                   "ON CONFLICT DO NOTHING", (rows,))
         c.execute(f"DELETE FROM {BLOAT_TABLE} WHERE id <= %s", (deleted,))
 
