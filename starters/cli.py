@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     from starters.schedules import add_arguments as schedule_arguments
 
     schedule_arguments(sub.add_parser("schedule", help="procedures on a Temporal Schedule: create, list, describe, pause, trigger, backfill, delete"))
+    from starters import maintenance  # opsflow maintenance ... (starters/maintenance.py)
+    maintenance.add_arguments(sub.add_parser("maintenance", help="the weekly maintenance window: one environment or a fleet"))
     return p
 
 
@@ -325,6 +327,9 @@ COMMANDS = {
 from starters.schedules import run as cmd_schedule  # noqa: E402
 
 COMMANDS["schedule"] = cmd_schedule
+from starters.maintenance import run as cmd_maintenance  # noqa: E402
+
+COMMANDS["maintenance"] = cmd_maintenance
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,13 @@
 """What a worker runs: every procedure workflow and every activity, by task queue role."""
 
 from activities import database, http_checks, kubernetes, notify, reports, restore, traffic
+from activities import maintenance, statuspage
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
+from workflows.maintenance import MaintenanceFleetWorkflow, MaintenanceWorkflow
 
-WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow]
+WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, MaintenanceWorkflow, MaintenanceFleetWorkflow]
 
 # Activities that act on one region run on that region's queue, so a dead region cannot stall the rest.
 REGION_ACTIVITIES = [
@@ -29,6 +31,7 @@ REGION_ACTIVITIES = [
     restore.restore_delete,
     restore.validate_checks,
     restore.verify,
+    maintenance.plan, maintenance.run_item, maintenance.health, maintenance.take_backup, maintenance.verify_backup,
 ]
 # Activities that belong to no region run beside the workflows.
-GLOBAL_ACTIVITIES = [notify.send, reports.store_report]
+GLOBAL_ACTIVITIES = [notify.send, reports.store_report, statuspage.update, maintenance.watch]
