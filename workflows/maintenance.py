@@ -369,11 +369,13 @@ class MaintenanceWorkflow(Procedure):
 
     async def finalize(self) -> None:
         r = self.mreport
+        status, step = r.status, r.current_step  # recording the status page step below must not change how it ended
         r.done = [f"{i.key}: {i.outcome}" for i in r.items]
         r.not_done = [f"{d.key}: {d.reason}" for d in r.deferred + r.skipped]
         if r.status in ("failed", "aborted"):
             r.not_done += [f"{i.key}: not started ({r.status})" for i in self.items_left if i.key not in {d.key for d in r.deferred}]
             await self.status_page("status-ended-early", "completed", f"The maintenance ended early ({r.status}): {r.failure}. {self.summary()}")
+        r.status, r.current_step = status, step
 
 
 # -- the fleet -----------------------------------------------------------------------------------------------------

@@ -114,15 +114,24 @@ class MaintWorld:
             if req.item.table in w.slow:
                 if req.cancel_at is not None:  # on_cutoff cancel: the real activity cancels itself at cancel_at
                     return ItemResult(**base, outcome="cancelled-at-cutoff", detail="cancelled at the window's cutoff (pg_cancel_backend)")
-                while True:  # until the workflow cancels it (delivered with a heartbeat)
-                    activity.heartbeat({"progress": "scanning heap"})
-                    if activity.is_cancelled():
-                        w.cancelled.append(key)
-                        raise CancelledError("cancelled")
-                    time.sleep(0.05)
+                try:
+                    while True:  # until the workflow cancels it (delivered with a heartbeat, raised in this thread)
+                        activity.heartbeat({"progress": "scanning heap"})
+                        if activity.is_cancelled():
+                            raise CancelledError("cancelled")
+                        time.sleep(0.05)
+                except CancelledError:
+                    w.cancelled.append(key)
+                    raise
             if key in w.block:
-                while not w.release.wait(0.05):
-                    activity.heartbeat()
+                try:
+                    while not w.release.wait(0.05):
+                        activity.heartbeat()
+                        if activity.is_cancelled():  # a pause interrupts a long statement; it runs again after the resume
+                            raise CancelledError("cancelled")
+                except CancelledError:
+                    w.cancelled.append(key)
+                    raise
             return ItemResult(**base, outcome="done", seconds=0.2, before=TableStats(n_dead_tup=1000, table_bytes=8192 * 10),
                               after=TableStats(n_dead_tup=0, table_bytes=8192 * 8))
 
@@ -182,6 +191,7 @@ def maint_inventory(now: datetime, env: str | None = None, **maintenance) -> Inv
         "cutoff": "20m",
         "tasks": [{"kind": "vacuum-analyze", "tables": ["public.orders", "public.events"]}, {"kind": "reindex", "tables": ["public.events"]}],
         "guards": {"lock_timeout": "2s", "lock_retries": 1},
+        "heartbeat_timeout": "2s",  # cancellation reaches a running statement with its next heartbeat
         "backup": {"take": True, "verify": True, "directory": "/backups"},
         "status_page": {"api_url": "http://127.0.0.1:9/sp", "page_id": "p", "api_key": {"env": "SP_KEY"}},
         **maintenance,
@@ -283,8 +293,9 @@ async def test_waits_for_the_window_and_an_approver_can_override_it(worker, mwor
     inv = maint_inventory(now, window=window_around(now, opens_in=timedelta(hours=5), length=timedelta(hours=2)))
     handle = await start(env, inv)
     await approve_when_waiting(handle)
-    with pytest.raises(WorkflowUpdateFailedError, match="may not override"):
+    with pytest.raises(WorkflowUpdateFailedError) as refused:
         await handle.execute_update("override", Request(by="mallory", reason="now"))
+    assert "may not override" in str(refused.value.cause)
     await until_update(handle, "override", Request(by="bob", reason="quiet night"))
     report = await handle.result()
     assert report.override and report.override.by == "bob"
@@ -312,11 +323,15 @@ async def test_at_the_cutoff_no_new_table_starts_and_the_rest_is_deferred(worker
     handle = await start(env, inv)
     await approve_when_waiting(handle)
     await asyncio.get_running_loop().run_in_executor(None, lambda: mworld.started.setdefault("vacuum-analyze:public.orders", threading.Event()).wait(20))
+    # 25 minutes pass while paused (time skips only while no activity runs): the pause interrupts the statement
+    await handle.execute_update("pause", Request(by="alice", reason="look at the graphs"))
+    await until(lambda: mworld.cancelled, "the running statement to stop for the pause")
     await env.sleep(timedelta(minutes=25))
     mworld.release.set()
+    await handle.execute_update("resume", Request(by="alice"))
     report = await handle.result()
     assert report.status == "succeeded"
-    assert keys(report) == ["vacuum-analyze:public.orders"]  # on_cutoff finish: the running one finished
+    assert keys(report) == ["vacuum-analyze:public.orders"]  # on_cutoff finish: the interrupted one ran to its end
     assert [d.key for d in report.deferred] == ["vacuum-analyze:public.events", "reindex:public.events"]
     assert all("cutoff" in d.reason for d in report.deferred)
     assert mworld.cancel_at["vacuum-analyze:public.orders"] is None
