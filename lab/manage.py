@@ -489,6 +489,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--cloud", choices=["azure", "aws"], default="azure", help="emulated cloud: Azure (ARM) or AWS (moto)")
         if name == "demo":
             p.add_argument("--drill", action="store_true", help="then create the monthly restore-drill schedule and trigger it once")
+            p.add_argument("--procedure", choices=["failover", "maintenance"], default="failover", help="what the demo runs")
 
 
 def print_status(s: dict) -> None:
@@ -533,5 +534,5 @@ def main(args: argparse.Namespace) -> int:
     if args.lab_command == "demo":
         from lab.demo import run_demo
 
-        return run_demo(root, with_worker=not args.no_worker, cloud=args.cloud, with_drill=args.drill)
+        return run_demo(root, with_worker=not args.no_worker, cloud=args.cloud, with_drill=args.drill, procedure=args.procedure)
     raise AssertionError(args.lab_command)

@@ -1,0 +1,46 @@
+"""The maintenance window end to end on the lab, through the CLI a person types: the bloated table vacuumed and
+reindexed, maintenance mode on and off again, the status page told in order, the replica still streaming."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+
+from lab.manage import BLOAT_TABLE
+from lab.receiver import read_statuspage
+from tests.integration.conftest import wait_for
+
+pytestmark = pytest.mark.lab
+
+
+def dead_tuples(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return c.execute("select n_dead_tup from pg_stat_user_tables where relname = %s", (BLOAT_TABLE,)).fetchone()[0]
+
+
+def test_maintenance_window_on_the_lab(lab, worker):
+    primary = lab.dsn("eastus")
+    wait_for(lambda: dead_tuples(primary) >= 30_000, 30, what="the seeded dead tuples in the statistics")
+    started = lab.cli_json("maintenance", "--requester", "alice", "--reason", "weekly")
+    wid = started["workflow_id"]
+    wait_for(lambda: (lab.cli_json("status", wid).get("waiting_for") or "").startswith("approval"), 120, what="the approval gate")
+    lab.cli("approve", wid, "--as", "bob", "--reason", "go", check=True)
+    wait_for(lambda: lab.cli_json("status", wid)["status"] not in ("running", "waiting"), 300, what="the end of the maintenance")
+    report = lab.cli_json("report", wid)
+    assert report["status"] == "succeeded", json.dumps(report, indent=1)[-3000:]
+
+    vacuumed = next(i for i in report["items"] if i["key"] == f"vacuum-analyze:public.{BLOAT_TABLE}")
+    assert vacuumed["reason"].startswith("auto: ") and vacuumed["before"]["n_dead_tup"] >= 30_000
+    assert vacuumed["after"]["n_dead_tup"] == 0 and vacuumed["after"]["last_vacuum"]
+    assert dead_tuples(primary) == 0
+    reindexed = next(i for i in report["items"] if i["key"] == f"reindex:public.{BLOAT_TABLE}")
+    assert reindexed["outcome"] == "done" and reindexed["after"]["invalid_indexes"] == []
+
+    calls = [(c["method"], (c["body"] or {}).get("incident", {}).get("status")) for c in read_statuspage(lab.root / "receiver")]
+    assert [c for c in calls if c[0] != "GET"] == [("POST", "scheduled"), ("PATCH", "in_progress"), ("PATCH", "completed")]
+    steps = [s["name"] for s in report["steps"]]
+    assert steps.index("maintenance-on") < steps.index(f"vacuum-analyze:public.{BLOAT_TABLE}") < steps.index("maintenance-off")
+    with psycopg.connect(lab.dsn("westeurope"), autocommit=True) as c:
+        assert c.execute("select status from pg_stat_wal_receiver").fetchone() == ("streaming",)
