@@ -49,7 +49,7 @@ def seed(dsn: str, tables: list[str], rows: int) -> None:
             c.execute(f"DROP TABLE IF EXISTS {t}")
             c.execute(f"CREATE TABLE {t} (id bigint PRIMARY KEY, payload text NOT NULL) WITH (autovacuum_enabled = false)")
             c.execute(f"INSERT INTO {t} SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, %s) g", (rows,))
-            c.execute(f"DELETE FROM {t} WHERE id %% 4 <> 0")
+            c.execute(f"DELETE FROM {t} WHERE id % 4 <> 0")
         # the replica's hot_standby_feedback must have passed the deletes, else VACUUM keeps them (recently dead)
         xid = c.execute("select txid_current()").fetchone()[0]
         deadline = time.monotonic() + 60
