@@ -309,6 +309,7 @@ class World:
 
     def __init__(self, config: dict, state_path: Path | None = None):
         self.lock = threading.RLock()
+        self.ondemand_backups: dict[tuple[str, str], dict] = {}  # (server, backup name) -> body; in memory only
         self.subscription = str(config.get("subscription_id") or DEFAULT_SUBSCRIPTION)
         self.tokens = set(config.get("tokens") or [])
         unknown = set(config.get("settings", {})) - set(DEFAULT_SETTINGS)
@@ -1540,6 +1541,8 @@ class World:
         srv = self._server(segs[3], segs[7])
         if len(segs) >= 10 and segs[8] == "configurations":
             return self.get_configuration(srv, segs[9])
+        if len(segs) >= 10 and segs[8] == "backups":
+            return self.ondemand_backups.get((srv["name"].lower(), segs[9].lower()), {})
         return self.server_body(srv)
 
     def _handle_pg(self, method: str, rg: str, tail: list[str], ltail: list[str], body: Any, base: str, api_version: str) -> tuple[int, Any, dict]:
@@ -1573,7 +1576,45 @@ class World:
                     return 200, self.get_configuration(srv, name), {}
                 if method in ("PUT", "PATCH"):
                     return self.put_configuration(srv, name, body, base, api_version)
+        if len(tail) in (2, 3) and ltail[1] == "backups":
+            return self.handle_backups(method, srv, tail, base, api_version)
         raise ArmError(404, "NotFound", f"The emulator does not serve {method} {'/'.join(tail[1:])} on flexible servers.")
+
+    # -- flexible servers: on-demand backups (backups_automatic_and_on_demand) -----------------------------------
+    def handle_backups(self, method: str, srv: dict, tail: list[str], base: str, api_version: str) -> tuple[int, Any, dict]:
+        """GET .../backups, GET|PUT .../backups/{name}: an on-demand backup is a REAL base backup of the mapped
+        cluster (lab.postgres.take_base_backup into its base-backups directory, so restores can use it too)."""
+        backups = self.ondemand_backups
+        key = srv["name"].lower()
+        if len(tail) == 2:
+            if method != "GET":
+                raise ArmError(405, "MethodNotAllowed", f"The method {method} is not allowed on backups.")
+            return 200, {"value": [b for (s, _), b in backups.items() if s == key]}, {}
+        name = tail[2]
+        if method == "GET":
+            if (key, name.lower()) not in backups:
+                raise ArmError(404, "ResourceNotFound", f"The backup '{name}' was not found for server '{srv['name']}'.")
+            return 200, backups[(key, name.lower())], {}
+        if method != "PUT":
+            raise ArmError(405, "MethodNotAllowed", f"The method {method} is not supported on a backup by the emulator.")
+        paths = self.backup_paths(srv)
+        if paths is None or not srv.get("_cluster"):
+            raise ArmError(400, "BackupNotSupported", f"Server '{srv['name']}' takes no backups (a read replica, or backups off).")
+        resource_path = f"/subscriptions/{self.subscription}/resourceGroups/{srv['resource_group']}/providers/{PG_TYPE}/{srv['name']}/backups/{name}"
+
+        def work(op: dict) -> None:
+            from lab.postgres import Cluster, _backups_dir, read_base_backup, take_base_backup
+
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            done = take_base_backup(Cluster.from_dict(srv["_cluster"]), _backups_dir(paths["base_backup_dir"]) / stamp)
+            info = read_base_backup(done)
+            with self.lock:
+                backups[(key, name.lower())] = {
+                    "id": resource_path, "name": name, "type": f"{PG_TYPE}/backups",
+                    "properties": {"backupType": "Customer", "completedTime": info["end_time"].isoformat().replace("+00:00", "Z"), "source": "Customer"},
+                }
+
+        return self.start_operation(srv, "backup", work, resource_path, base, api_version)
 
     def _handle_tm(self, method: str, rg: str, tail: list[str], ltail: list[str], body: Any) -> tuple[int, Any, dict]:
         if not tail:

@@ -388,8 +388,8 @@ STATUSPAGE_KEY_ENV = "OPSFLOW_LAB_STATUSPAGE_KEY"
 
 def lab_maintenance(receiver: str) -> dict:
     """A maintenance window open whenever the lab runs (it opened an hour ago and lasts 23h59m, every day), the
-    bloated table picked by `auto`, a status page on the receiver. The ARM emulator serves no on-demand backups,
-    so the lab takes none (backup.take: false); production Azure inventories keep the default (true)."""
+    bloated table picked by `auto`, an on-demand backup (the ARM emulator takes a real base backup), a status
+    page on the receiver."""
     from datetime import datetime, timedelta, timezone
 
     opened = datetime.now(timezone.utc) - timedelta(hours=1)
@@ -405,7 +405,7 @@ def lab_maintenance(receiver: str) -> dict:
             {"kind": "sql", "name": "purge negative totals", "sql": "DELETE FROM lab_orders WHERE total < 0"},
         ],
         "guards": {"lock_timeout": "2s", "lock_retries": 1, "statement_timeout": "10m", "max_replication_lag": "16MB", "lag_wait": "60s"},
-        "backup": {"take": False, "verify": False},
+        "backup": {"take": True, "verify": True},
         "status_page": {"api_url": f"{receiver}/statuspage/v1", "page_id": "lab", "api_key": {"env": STATUSPAGE_KEY_ENV}},
         "maintenance_mode": True,
         "heartbeat_timeout": "10s",
