@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+import yaml
 
 from lab.manage import BLOAT_TABLE
 from lab.receiver import read_statuspage
@@ -18,8 +19,23 @@ def dead_tuples(dsn: str) -> int:
         return c.execute("select n_dead_tup from pg_stat_user_tables where relname = %s", (BLOAT_TABLE,)).fetchone()[0]
 
 
-def test_maintenance_window_on_the_lab(lab, worker):
+def test_maintenance_window_on_the_lab(lab, worker, tmp_path):
     primary = lab.dsn("eastus")
+    # a table name that is an injection attempt: refused naming the field, nothing started, nothing run
+    inv = yaml.safe_load(open(lab.inventory).read())
+    inv["maintenance"]["tasks"][1]["tables"] = ["lab_orders; DROP TABLE lab_orders"]
+    (tmp_path / "evil.yaml").write_text(yaml.safe_dump(inv))
+    refused = lab.cli("maintenance", "--env", str(tmp_path / "evil.yaml"), "--requester", "alice")
+    assert refused.returncode == 2 and "maintenance.tasks.1.tables: " in refused.stderr and "is not a table name" in refused.stderr
+    with psycopg.connect(primary, autocommit=True) as c:
+        assert c.execute("select to_regclass('lab_orders') is not null").fetchone() == (True,)
+
+    # the dry run prints the plan from the same declarations and changes nothing
+    plan = lab.cli_json("maintenance", "--dry-run", "--requester", "alice")
+    assert plan["status"] == "planned"
+    assert [s["name"] for s in plan["steps"] if s["outcome"] == "planned"][:3] == ["announce", "backup", "verify-backup"]
+    assert dead_tuples(primary) >= 30_000 and not read_statuspage(lab.root / "receiver")
+
     wait_for(lambda: dead_tuples(primary) >= 30_000, 30, what="the seeded dead tuples in the statistics")
     started = lab.cli_json("maintenance", "--requester", "alice", "--reason", "weekly")
     wid = started["workflow_id"]
