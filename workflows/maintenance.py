@@ -132,6 +132,7 @@ class MaintenanceWorkflow(Procedure):
         report.window = f"{', '.join(w.days)} {w.start}-{w.end} {w.timezone}, cutoff {policy.cutoff:.0f}s, on_cutoff {policy.on_cutoff}"
 
         # -- preflight: refuse before changing anything ------------------------------------------------------
+        await self.check_workers(inv.all_queues())
         statuses: dict[str, DbStatus] = {}
         for r in inv.regions:
             statuses[r] = await self.step(f"preflight-{r}", f"Check the database in {r}", "db.status", RegionTarget.of(inv, r),
