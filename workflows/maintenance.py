@@ -304,7 +304,14 @@ class MaintenanceWorkflow(Procedure):
                         report.deferred.append(Deferred(key=item.key, reason=result.detail))
                     await self.health(item)
 
-            await asyncio.gather(*(lane() for _ in range(guards.parallel)))
+            lanes = [asyncio.ensure_future(lane()) for _ in range(guards.parallel)]
+            try:
+                await asyncio.gather(*lanes)
+            except BaseException:
+                for other in lanes:  # one lane stopped the run (health, abort): the others stop too
+                    other.cancel()
+                await asyncio.gather(*lanes, return_exceptions=True)
+                raise
             if self.cutoff_reached() or not retry:
                 break
         if self.items_left:

@@ -451,3 +451,17 @@ async def test_fleet_starts_no_new_environment_after_max_errors_failures(worker,
     assert [m.status for m in report.members] == ["succeeded", "failed", "not-started", "not-started"]
     assert "max_errors 1" in report.members[2].failure
     assert not any(e in (invs[2].environment, invs[3].environment) for e, _ in mworld.calls)
+
+
+async def test_parallel_runs_that_many_tables_at_once(worker, mworld):
+    env = worker
+    inv = maint_inventory(await env.get_current_time(), guards={"lock_timeout": "2s", "parallel": 2})
+    mworld.block.update({"vacuum-analyze:public.orders", "vacuum-analyze:public.events"})
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    both = [mworld.started.setdefault(k, threading.Event()) for k in ("vacuum-analyze:public.orders", "vacuum-analyze:public.events")]
+    await asyncio.get_running_loop().run_in_executor(None, lambda: all(e.wait(20) for e in both))
+    assert "reindex:public.events" not in mworld.started  # a third waits for a free lane
+    mworld.release.set()
+    report = await handle.result()
+    assert sorted(keys(report)) == ["reindex:public.events", "vacuum-analyze:public.events", "vacuum-analyze:public.orders"]
