@@ -246,3 +246,27 @@ def test_self_managed_backup_is_a_fresh_base_backup_that_verifies(clusters, tmp_
     with pytest.raises(ApplicationError, match="before this maintenance started"):
         ActivityEnvironment().run(maint.verify_backup, VerifyBackupRequest(target=target(primary), policy=policy, backup=backup,
                                                                            not_before=datetime.now(timezone.utc) + timedelta(minutes=1)))
+
+
+def test_rds_backup_is_a_manual_snapshot_found_again_on_retry_and_verified(monkeypatch):
+    import boto3
+    from moto import mock_aws
+
+    from opsflow.inventory import AwsConnection, AwsRdsDatabase
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(k, "testing")
+    with mock_aws():
+        boto3.client("rds", region_name="eu-west-1").create_db_instance(
+            DBInstanceIdentifier="shop-db", DBInstanceClass="db.t3.micro", Engine="postgres", AllocatedStorage=20,
+            MasterUsername="ops", MasterUserPassword="not-a-secret-1")
+        rds = RegionTarget(environment="lab", region="eu", database=AwsRdsDatabase(provider="aws-rds", db_instance_identifier="shop-db", aws_region="eu-west-1"),
+                           aws=AwsConnection())
+        started = datetime.now(timezone.utc) - timedelta(seconds=5)
+        request = BackupRequest(target=rds, policy=BackupPolicy(), name="opsflow-maint-test")
+        first = ActivityEnvironment().run(maint.take_backup, request)
+        again = ActivityEnvironment().run(maint.take_backup, request)  # a retried activity finds the same snapshot
+        assert first.method == "rds-snapshot" and again.id == first.id and first.size_bytes > 0
+        assert "completed" in ActivityEnvironment().run(maint.verify_backup, VerifyBackupRequest(target=rds, policy=BackupPolicy(), backup=first, not_before=started))
+        snaps = boto3.client("rds", region_name="eu-west-1").describe_db_snapshots(DBInstanceIdentifier="shop-db")["DBSnapshots"]
+        assert [s["DBSnapshotIdentifier"] for s in snaps if s["SnapshotType"] == "manual"] == ["opsflow-maint-test"]
