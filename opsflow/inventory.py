@@ -9,13 +9,14 @@ where a secret lives (``SecretRef``); activities fetch it on the worker.
 from __future__ import annotations
 
 import re
-from datetime import datetime, time as dtime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal, Union
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from opsflow.calendar import WeeklyWindow
 
 
 class InventoryError(ValueError):
@@ -167,9 +168,30 @@ class NotificationChannel(Strict):
         return self
 
 
+class Person(Strict):
+    """Someone who may approve or operate; with `ssh_key` their requests can be proven (signed)."""
+
+    name: str = Field(min_length=1)
+    ssh_key: str | None = Field(default=None, description="OpenSSH public key, e.g. 'ssh-ed25519 AAAA... bob@laptop'")
+
+
+People = list[Union[str, Person]]
+
+
+def _people(entries: People) -> list[Person]:
+    return [Person(name=e) if isinstance(e, str) else e for e in entries]
+
+
 class ApprovalPolicy(Strict):
-    approvers: list[str] = Field(min_length=1)
+    """Who may approve, and what a gate needs: a plain list of approvers, or role groups
+    (`{platform-lead: [...], qa: [...]}`) with `require: [platform-lead, qa]` (each role approved by a
+    different person), and `min_approvals` distinct approvals in all."""
+
+    approvers: Union[People, dict[str, People]] = Field(min_length=1)
+    require: list[str] = []
+    min_approvals: int = Field(default=1, ge=1)
     require_distinct_approver: bool = True
+    require_signed: bool = False
     timeout: Seconds = 3600
     # What happens when nobody answers by the deadline: an escalation is always sent first.
     on_timeout: Literal["abort", "keep-waiting"] = "abort"
@@ -177,6 +199,51 @@ class ApprovalPolicy(Strict):
     emergency_requires_approval: bool = False
 
     _t = field_validator("timeout", mode="before")(parse_duration)
+
+    @model_validator(mode="after")
+    def _roles(self) -> "ApprovalPolicy":
+        roles = self.approvers if isinstance(self.approvers, dict) else {}
+        unknown = [r for r in self.require if r not in roles]
+        if unknown:
+            raise ValueError(f"require names role(s) {', '.join(unknown)} that are not approver groups ({', '.join(roles) or 'none'})")
+        if len(self.require) > len(self.names()):
+            raise ValueError(f"require needs {len(self.require)} different people but only {len(self.names())} approvers exist")
+        if self.require_signed and any(p.ssh_key is None for p in self.people()):
+            missing = [p.name for p in self.people() if p.ssh_key is None]
+            raise ValueError(f"require_signed: approver(s) without ssh_key: {', '.join(missing)}")
+        return self
+
+    def people(self) -> list[Person]:
+        groups = self.approvers.values() if isinstance(self.approvers, dict) else [self.approvers]
+        seen: dict[str, Person] = {}
+        for group in groups:
+            for p in _people(group):
+                seen.setdefault(p.name, p)
+        return list(seen.values())
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.people()]
+
+    def roles_of(self, name: str) -> list[str]:
+        if not isinstance(self.approvers, dict):
+            return []
+        return [role for role, group in self.approvers.items() if name in (p.name for p in _people(group))]
+
+    def key_of(self, name: str) -> str | None:
+        return next((p.ssh_key for p in self.people() if p.name == name), None)
+
+
+class Limits(Strict):
+    """Bounds every procedure keeps, whatever it does."""
+
+    # How long a step may wait for a worker to pick it up before it fails with "no worker serves <queue>".
+    worker_wait: Seconds = 60
+    # A pause longer than this escalates (the procedure keeps waiting).
+    pause_timeout: Seconds = 1800
+    # Long waits read the cloud's control plane at most this often (the database is polled over SQL).
+    control_plane_interval: Seconds = 10
+
+    _d = field_validator("worker_wait", "pause_timeout", "control_plane_interval", mode="before")(parse_duration)
 
 
 class FailoverPolicy(Strict):
@@ -239,53 +306,15 @@ class ReportStore(Strict):
     s3: S3Location | None = None
 
 
-_DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-
-
-class TimeWindow(Strict):
-    """A weekly window, e.g. Sunday 02:00-04:00 UTC (end before start: the window spans midnight)."""
-
-    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(min_length=1)
-    start: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
-    end: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
-    timezone: str = "UTC"
-
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r}") from None
-        return v
-
-    def next_opening(self, now: datetime) -> datetime | None:
-        """None when `now` is inside the window, else when it next opens (aware datetimes)."""
-        tz = ZoneInfo(self.timezone)
-        local = now.astimezone(tz)
-        sh, sm = map(int, self.start.split(":"))
-        eh, em = map(int, self.end.split(":"))
-        length = ((eh * 60 + em) - (sh * 60 + sm)) % (24 * 60) or 24 * 60
-        for back in (0, 1):  # a window is at most a day long: it opened today or yesterday
-            day = (local - timedelta(days=back)).date()
-            if _DAYS[day.weekday()] not in self.days:
-                continue
-            opens = datetime.combine(day, dtime(sh, sm), tz)
-            if opens <= local < opens + timedelta(minutes=length):
-                return None
-        for ahead in range(0, 8):
-            day = (local + timedelta(days=ahead)).date()
-            opens = datetime.combine(day, dtime(sh, sm), tz)
-            if _DAYS[day.weekday()] in self.days and opens > local:
-                return opens.astimezone(now.tzinfo)
-        raise ValueError("window never opens")
+# The failback's low-traffic window is the calendar module's weekly window (the old name stays for callers).
+TimeWindow = WeeklyWindow
 
 
 class FailbackPolicy(Strict):
     rebuild_timeout: Seconds = 6 * 3600
     catch_up_timeout: Seconds = 6 * 3600
     # The low-traffic window for the switch back; none: as soon as it is approved.
-    window: TimeWindow | None = None
+    window: WeeklyWindow | None = None
 
     _d = field_validator("rebuild_timeout", "catch_up_timeout", mode="before")(parse_duration)
 
@@ -296,6 +325,9 @@ class Inventory(Strict):
     regions: dict[str, Region] = Field(min_length=2)
     traffic: Traffic
     approval: ApprovalPolicy
+    limits: Limits = Limits()
+    # Who may start which procedure (procedure name -> people); a procedure not listed: anyone.
+    operators: dict[str, People] = {}
     failover: FailoverPolicy = FailoverPolicy()
     failback: FailbackPolicy = FailbackPolicy()
     azure: AzureConnection | None = None
@@ -368,6 +400,7 @@ def load_inventory(path: str | Path) -> Inventory:
     if not isinstance(raw, dict):
         raise InventoryError(f"inventory {p} must be a mapping at the top level")
     try:
-        return Inventory.model_validate(raw)
+        # .ics freeze calendars named in the file are read (relative to it) and expanded now, not in a workflow.
+        return Inventory.model_validate(raw, context={"base_dir": str(p.resolve().parent)})
     except ValidationError as e:
         raise InventoryError(f"inventory {p} is invalid:\n{_format_errors(e)}") from None

@@ -66,6 +66,7 @@ class CatchUpRequest(BaseModel):
     replica: RegionTarget
     timeout_seconds: float
     max_lag_bytes: int = 0  # 0: wait until the replica has replayed everything
+    control_plane_interval: float = 10  # read the cloud's control plane at most this often (SQL is polled)
 
 
 class CatchUpResult(BaseModel):
@@ -94,11 +95,33 @@ class RebuildRequest(BaseModel):
 
     target: RegionTarget
     primary: RegionTarget
+    preserve: bool = True  # keep what the old server holds before removing or rewinding it
+
+
+class Divergence(BaseModel):
+    """Whether the old primary took writes after the split (after an emergency failover they are lost)."""
+
+    old_last_lsn: str | None = None  # the old primary's last WAL position
+    split_lsn: str | None = None  # where the new primary's timeline forked
+    bytes_after_split: int | None = None
+    transactions: int | None = None  # known only when the old server's WAL could be read
+    detail: str = ""
 
 
 class RebuildResult(BaseModel):
     method: str  # pg_rewind | pg_basebackup | azure-replica | rds-read-replica
     seconds: float
+    detail: str = ""
+    preserved: str | None = None  # what was kept of the old server (backup id, snapshot, moved data directory)
+    divergence: Divergence | None = None
+
+
+class FenceResult(BaseModel):
+    """A best-effort fence of an old primary through the control plane (emergency failover)."""
+
+    region: str
+    fenced: bool
+    method: str = ""  # e.g. azure-stop, rds-parameter-group, sql-read-only, k8s-scale-to-zero
     detail: str = ""
 
 
@@ -191,6 +214,8 @@ class RestoreRequest(BaseModel):
     method: str
     scratch_name: str = ""
     point_in_time: datetime | None = None  # None: the latest restorable time
+    environment: str = ""  # scratch targets are tagged by environment and run: cleanup never crosses them
+    run_id: str = ""
 
 
 class RestoreWindow(BaseModel):
@@ -261,6 +286,10 @@ class Decision(BaseModel):
     by: str
     at: datetime
     reason: str = ""
+    gate: str = "approval"
+    roles: list[str] = []  # the approver's roles in the gate's policy, when it has role groups
+    signature: str | None = None  # SSHSIG armor, when the request was signed
+    signed_at: datetime | None = None
 
 
 class ControlEvent(BaseModel):
@@ -270,6 +299,8 @@ class ControlEvent(BaseModel):
     by: str
     at: datetime
     reason: str = ""
+    signature: str | None = None
+    signed_at: datetime | None = None
 
 
 ProcedureStatus = Literal["running", "waiting", "paused", "succeeded", "failed", "aborted", "refused", "planned"]
@@ -289,7 +320,8 @@ class ProcedureReport(BaseModel):
     current_step: str | None = None
     waiting_for: str | None = None
     steps: list[StepRecord] = []
-    approval: Decision | None = None
+    approval: Decision | None = None  # the decision that opened the (last) approval gate
+    approvals: list[Decision] = []  # every decision at every gate, in order
     events: list[ControlEvent] = []
     remaining: list[str] = []  # after a failure past the point of no return: what a person must still do
     started_at: datetime | None = None
@@ -307,6 +339,7 @@ class FailoverReport(ProcedureReport):
     rpo_bytes: int | None = None  # planned: 0, proven by LSN compare; emergency: WAL not replayed (estimate)
     rpo_proven: bool = False
     promotion_seconds: float | None = None
+    preempted: list[str] = []  # procedures an emergency failover aborted to run
 
 
 class DrillReport(ProcedureReport):
@@ -328,5 +361,7 @@ class FailbackReport(ProcedureReport):
     to_region: str = ""  # the recovered region traffic returns to
     rebuild_method: str | None = None
     rebuild_seconds: float | None = None
+    old_primary_preserved: str | None = None
+    divergence: Divergence | None = None
     window_opened_at: datetime | None = None
     failover: FailoverReport | None = None  # the child failover's report

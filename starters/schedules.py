@@ -1,7 +1,8 @@
-"""`opsflow schedule ...`: procedures on a Temporal Schedule (the monthly restore drill).
+"""`opsflow schedule ...`: procedures on a Temporal Schedule (the monthly restore drill, the weekly maintenance).
 
-    opsflow schedule create NAME --env INVENTORY --procedure drill (--calendar "day_of_month=1 hour=3" | --cron "0 3 1 * *")
-                            [--timezone Europe/Berlin] [--source REGION] [--pause-on-failure | --keep-going]
+    opsflow schedule create NAME --env INVENTORY --procedure drill|maintenance
+                            (--calendar "day_of_month=1 hour=3" | --cron "0 3 1 * *") [--timezone Europe/Berlin]
+                            [--source REGION (drill) | --region REGION (maintenance)] [--pause-on-failure | --keep-going]
                             [--catchup-window 1d] [--paused] [--note TEXT] [--json]
     opsflow schedule list      --env INVENTORY [--json]
     opsflow schedule describe  NAME --env INVENTORY [--json]
@@ -11,21 +12,29 @@
     opsflow schedule backfill  NAME --env INVENTORY --start ISO --end ISO [--overlap buffer-all] [--limit 12] [--json]
     opsflow schedule delete    NAME --env INVENTORY [--json]
 
-The schedule's id is `opsflow-<environment>-<NAME>`; the workflows it starts are named after it (Temporal appends
-the scheduled time). Everything is validated before anything is created: a malformed calendar, an unknown
-procedure or region, a bad time zone, a calendar that never fires are exit code 2 with a message naming the
-bad part. Overlapping runs are skipped; a failed drill alerts (the drill notifies) and the schedule goes on,
-unless --pause-on-failure.
+The Temporal server is the one that reads the calendar: `--calendar` becomes a 7-field cron string the server
+parses (the text as given rides along as the spec's comment), and every time shown — the next runs after a
+create or describe, the runs a backfill will make — is the server's own answer (`next_action_times`,
+`ListScheduleMatchingTimes`). This module only checks what a person needs a clear message for before
+anything is created: the keys, each value's shape and range, the cron field count, the time zone, the
+procedure and its region. Whatever the server still refuses comes back as exit code 2, nothing created; a
+calendar the server finds no next time for ("never fires") is deleted again and refused the same way.
+
+The schedule's id is `opsflow-<environment>-<NAME>`. Temporal appends the scheduled time to the id of every
+workflow a schedule starts (the API's `keep_original_workflow_id` policy is not in the Python SDK, and the
+server we ship ignored it when tried), so a scheduled run cannot hold the environment's lock id
+`opsflow-<environment>` itself: a scheduled maintenance runs as `opsflow-<environment>-<time>`, a scheduled
+drill as `opsflow-<environment>-<NAME>-<time>`. Overlapping runs of one schedule are skipped.
 
 Calendar syntax (`--calendar`): space-separated `key=value`, keys second, minute, hour, day_of_month, month,
 day_of_week, year. A value is `*`, `N`, `N-M`, `N/S`, `N-M/S`, `*/S` or a comma list of those; months may be
-named (jan..dec), days of the week too (sun..sat; 0 and 7 are Sunday; fri-mon wraps round the week-end). Unset fields default as in Temporal:
-second, minute and hour to 0, the others to every value. Temporal matches a day only when it satisfies BOTH
-day_of_month and day_of_week (classic cron takes either). Times are wall-clock times in --timezone (default
-UTC): on the night clocks go forward a time that does not exist is skipped, on the night they go back a time
-that exists twice fires twice.
+named (jan..dec), days of the week too (sun..sat; 0 and 7 are Sunday; fri-mon wraps round the weekend).
+Unset fields default as in Temporal: second, minute and hour to 0, the others to every value. Temporal
+matches a day only when it satisfies BOTH day_of_month and day_of_week (classic cron takes either). Times are
+wall-clock times in --timezone (default UTC); the server skips a time the clocks skip and fires twice at a
+time that happens twice.
 
-The drill's input (with the inventory) is stored in the schedule when it is created: after changing the
+A procedure's input (with the inventory) is stored in the schedule when it is created: after changing the
 inventory, delete and create the schedule again (`describe` tells when the stored inventory is stale).
 """
 
@@ -35,11 +44,12 @@ import argparse
 import getpass
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from temporalio.api.workflowservice.v1 import ListScheduleMatchingTimesRequest
 from temporalio.client import (
     Client,
     Schedule,
@@ -63,7 +73,7 @@ from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE, OPS_STATUS, connect
 from starters.common import CliError, emit, inventory_path
 
 # ---------------------------------------------------------------------------------------------------------
-# The calendar: "day_of_month=1 hour=3" <-> ScheduleCalendarSpec
+# Checking a calendar or cron before the server reads it
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -75,193 +85,154 @@ MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", 
 DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
 _FULL_MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october", "november", "december"]
 _FULL_DAYS = ["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
-
-
-@dataclass(frozen=True)
-class _Field:
-    lo: int
-    hi: int  # the highest value accepted in input (day_of_week: 7, another name for Sunday)
-    default: tuple[ScheduleRange, ...]
-    names: dict[str, int] | None = None
-    what: str = "value"
-
-    @property
-    def top(self) -> int:  # the highest value stored (day_of_week: 6)
-        return 6 if self.hi == 7 else self.hi
-
-
-FIELDS: dict[str, _Field] = {
-    "second": _Field(0, 59, (ScheduleRange(0, 0, 1),), what="second"),
-    "minute": _Field(0, 59, (ScheduleRange(0, 0, 1),), what="minute"),
-    "hour": _Field(0, 23, (ScheduleRange(0, 0, 1),), what="hour"),
-    "day_of_month": _Field(1, 31, (ScheduleRange(1, 31, 1),), what="day of the month"),
-    "month": _Field(1, 12, (ScheduleRange(1, 12, 1),), {**{n: i + 1 for i, n in enumerate(MONTHS)}, **{n: i + 1 for i, n in enumerate(_FULL_MONTHS)}}, "month"),
-    "day_of_week": _Field(0, 7, (ScheduleRange(0, 6, 1),), {**{n: i for i, n in enumerate(DAYS)}, **{n: i for i, n in enumerate(_FULL_DAYS)}}, "day of the week"),
-    "year": _Field(2000, 9999, (), what="year"),
+_NAMES = {"month": {**{n: i + 1 for i, n in enumerate(MONTHS)}, **{n: i + 1 for i, n in enumerate(_FULL_MONTHS)}},
+          "day_of_week": {**{n: i for i, n in enumerate(DAYS)}, **{n: i for i, n in enumerate(_FULL_DAYS)}}}
+# key -> (lowest, highest accepted, what a value is, the server's default when the key is not given)
+KEYS: dict[str, tuple[int, int, str, str]] = {
+    "second": (0, 59, "second", "0"),
+    "minute": (0, 59, "minute", "0"),
+    "hour": (0, 23, "hour", "0"),
+    "day_of_month": (1, 31, "day of the month", "*"),
+    "month": (1, 12, "month", "*"),
+    "day_of_week": (0, 7, "day of the week", "*"),  # 7 is Sunday too
+    "year": (2000, 2100, "year", "*"),  # the server's own range
 }
-# The order a person reads a date in; `format_calendar` writes keys in it.
-DISPLAY_ORDER = ["year", "month", "day_of_month", "day_of_week", "hour", "minute", "second"]
-CRON_FIELDS = {5: ["minute", "hour", "day_of_month", "month", "day_of_week"],
-               6: ["minute", "hour", "day_of_month", "month", "day_of_week", "year"],
-               7: ["second", "minute", "hour", "day_of_month", "month", "day_of_week", "year"]}
-CRON_SHORTHANDS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
-                   "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+CRON_ORDER = ["second", "minute", "hour", "day_of_month", "month", "day_of_week", "year"]
+CRON_FIELDS = {5: CRON_ORDER[1:6], 6: CRON_ORDER[1:], 7: CRON_ORDER}
+CRON_SHORTHANDS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 _ITEM = re.compile(r"^(?P<start>\*|[a-z0-9]+)(?:-(?P<end>[a-z0-9]+))?(?:/(?P<step>[^/]*))?$")
 
 
-def _number(key: str, f: _Field, token: str, whole: str) -> int:
-    if f.names and token in f.names:
-        return f.names[token]
+def _number(key: str, token: str, whole: str) -> int:
+    lo, hi, what, _ = KEYS[key]
+    names = _NAMES.get(key)
+    if names and token in names:
+        return names[token]
     if not token.isdigit():
-        named = f" or {', '.join(list(f.names)[: 12 if key == 'month' else 7])}" if f.names else ""
-        raise CalendarError(f"{key}={whole}: {token!r} is not a {f.what} ({f.lo}-{f.hi}{named})")
+        named = f" or {', '.join(list(names)[: 12 if key == 'month' else 7])}" if names else ""
+        raise CalendarError(f"{key}={whole}: {token!r} is not a {what} ({lo}-{hi}{named})")
     n = int(token)
-    if not f.lo <= n <= f.hi:
-        raise CalendarError(f"{key}={whole}: {n} is out of range for {key} ({f.lo}-{f.hi})")
+    if not lo <= n <= hi:
+        raise CalendarError(f"{key}={whole}: {n} is out of range for {key} ({lo}-{hi})")
     return n
 
 
-def _compress(values: set[int]) -> list[ScheduleRange]:
-    out: list[ScheduleRange] = []
-    for v in sorted(values):
-        if out and out[-1].end == v - 1:
-            out[-1] = ScheduleRange(out[-1].start, v, 1)
-        else:
-            out.append(ScheduleRange(v, v, 1))
-    return out
-
-
-def parse_field(key: str, value: str) -> list[ScheduleRange]:
-    """One field's value ('1', '1-5', '*/15', 'mon-fri', '1,15') -> Temporal ranges. Raises CalendarError."""
-    if key not in FIELDS:
-        raise CalendarError(f"unknown calendar key {key!r}; the keys are: {', '.join(FIELDS)}")
-    f = FIELDS[key]
-    whole = value
-    value = value.strip().lower()
+def check_field(key: str, value: str) -> str:
+    """Check one field's value ('1', '1-5', '*/15', 'mon-fri', '1,15') and return it as the server reads it
+    (numbers; a day range round the weekend split in two). Raises CalendarError naming the bad part."""
+    if key not in KEYS:
+        raise CalendarError(f"unknown calendar key {key!r}; the keys are: {', '.join(KEYS)}")
+    lo = KEYS[key][0]
+    whole, value = value, value.strip().lower()
     if not value:
-        raise CalendarError(f"{key}= has no value (e.g. {key}={f.lo})")
-    ranges: list[ScheduleRange] = []
+        raise CalendarError(f"{key}= has no value (e.g. {key}={lo})")
+    out: list[str] = []
     for item in value.split(","):
         m = _ITEM.match(item)
         if not m:
-            raise CalendarError(f"{key}={whole}: {item!r} is not N, N-M, N-M/S, */S or *" if item else f"{key}={whole}: an empty item in the list")
+            if not item:
+                raise CalendarError(f"{key}={whole}: an empty item in the list")
+            raise CalendarError(f"{key}={whole}: {item!r} is not N, N-M, N-M/S, */S or *")
         start_tok, end_tok, step_tok = m.group("start"), m.group("end"), m.group("step")
-        if step_tok is None:
-            step = 1
-        elif not step_tok.isdigit() or int(step_tok) < 1:
+        if step_tok is not None and (not step_tok.isdigit() or int(step_tok) < 1):
             raise CalendarError(f"{key}={whole}: the step {step_tok!r} must be a whole number of at least 1")
-        else:
-            step = int(step_tok)
+        step = f"/{int(step_tok)}" if step_tok is not None else ""
         if start_tok == "*":
             if end_tok is not None:
                 raise CalendarError(f"{key}={whole}: '*' cannot start a range")
-            if key == "year":
-                if step != 1:
-                    raise CalendarError(f"{key}={whole}: a year step needs a start year (e.g. 2026/2)")
-                return []  # every year
-            start, end = f.lo, f.top
-        else:
-            start = _number(key, f, start_tok, whole)
-            # N/S means N, N+S, N+2S, ... up to the field's top (Temporal's x/y).
-            end = _number(key, f, end_tok, whole) if end_tok is not None else (f.top if step_tok is not None else start)
-            if end < start and key == "day_of_week":
-                end += 7  # fri-sun wraps round the week-end
-            if end < start:
-                raise CalendarError(f"{key}={whole}: the range {start_tok}-{end_tok} runs backwards (start {start} is after end {end})")
-        if key == "day_of_week" and end >= 7:  # 7 is Sunday too: store it as 0
-            values = {v % 7 for v in range(start, end + 1, step)}
-            ranges.extend(_compress(values))
+            out.append("*" + step)
             continue
-        if start == end or start + step > end:
-            ranges.append(ScheduleRange(start, start, 1))
-        else:
-            ranges.append(ScheduleRange(start, end, step))
-    return _dedupe(ranges)
+        start = _number(key, start_tok, whole)
+        if end_tok is None:
+            out.append(f"{start}{step}")
+            continue
+        end = _number(key, end_tok, whole)
+        if key == "day_of_week" and end < start:  # fri-mon, sat-sun: round the weekend
+            if step:
+                raise CalendarError(f"{key}={whole}: a step cannot go round the weekend; write the days as a list")
+            out.append(f"{start}-7" + (f",0-{end}" if end > 0 else ""))
+            continue
+        if end < start:
+            raise CalendarError(f"{key}={whole}: the range {start_tok}-{end_tok} runs backwards (start {start} is after end {end})")
+        out.append(f"{start}-{end}{step}")
+    return ",".join(out)
 
 
-def _dedupe(ranges: list[ScheduleRange]) -> list[ScheduleRange]:
-    seen: list[ScheduleRange] = []
-    for r in ranges:
-        if r not in seen:
-            seen.append(r)
-    return seen
+@dataclass(frozen=True)
+class CheckedSpec:
+    """What the server gets (a cron string with the text as given for its comment) and what it was."""
+
+    cron: str
+    given: str
+    fields: dict[str, str]
+
+    def warnings(self) -> list[str]:
+        if self.fields.get("day_of_month", "*") != "*" and self.fields.get("day_of_week", "*") != "*":
+            return ["day_of_month and day_of_week both restrict the days: Temporal runs only on days matching both "
+                    "(classic cron takes either)"]
+        return []
 
 
-def parse_calendar(text: str, comment: str | None = None) -> ScheduleCalendarSpec:
-    """'day_of_month=1 hour=3' -> ScheduleCalendarSpec (second/minute/hour default to 0, the rest to every)."""
+def _as_cron(fields: dict[str, str], given: str) -> CheckedSpec:
+    cron = " ".join(fields.get(k, KEYS[k][3]) for k in CRON_ORDER)
+    # The server keeps what follows '#' as the spec's comment: `describe` shows the text as it was given.
+    return CheckedSpec(cron=f"{cron} # {given}", given=given, fields=fields)
+
+
+def check_calendar(text: str) -> CheckedSpec:
+    """'day_of_week=sun hour=2' -> a checked spec for the server. Raises CalendarError naming the bad part."""
     if not text or not text.strip():
         raise CalendarError("the calendar is empty; e.g. --calendar 'day_of_month=1 hour=3'")
-    given: dict[str, list[ScheduleRange]] = {}
+    fields: dict[str, str] = {}
     for part in text.split():
         if "=" not in part:
-            raise CalendarError(f"{part!r} is not key=value (e.g. hour=3); the keys are: {', '.join(FIELDS)}")
+            raise CalendarError(f"{part!r} is not key=value (e.g. hour=3); the keys are: {', '.join(KEYS)}")
         key, value = part.split("=", 1)
         key = key.strip().lower().replace("-", "_")
-        if key not in FIELDS:
-            raise CalendarError(f"unknown calendar key {key!r} in {part!r}; the keys are: {', '.join(FIELDS)}")
-        if key in given:
+        if key not in KEYS:
+            raise CalendarError(f"unknown calendar key {key!r} in {part!r}; the keys are: {', '.join(KEYS)}")
+        if key in fields:
             raise CalendarError(f"{key} is given twice; use a comma list instead (e.g. {key}=1,15)")
-        given[key] = parse_field(key, value)
-    kwargs: dict[str, Any] = {k: tuple(given.get(k, FIELDS[k].default)) for k in FIELDS}
-    return ScheduleCalendarSpec(**kwargs, comment=comment if comment is not None else f"calendar: {' '.join(text.split())}")
+        fields[key] = check_field(key, value)
+    return _as_cron(fields, f"calendar: {' '.join(text.split())}")
 
 
-def parse_cron(expr: str) -> ScheduleCalendarSpec:
-    """A 5/6/7-field cron string (or @daily & co.) -> ScheduleCalendarSpec, with the same checks as a calendar."""
+def check_cron(expr: str) -> CheckedSpec:
+    """A 5/6/7-field cron string (or @daily & co.) -> a checked spec for the server, with the calendar's checks
+    on each field. Raises CalendarError naming the bad part."""
     text = " ".join((expr or "").split())
     if not text:
         raise CalendarError("the cron expression is empty; e.g. --cron '0 3 1 * *'")
     if re.match(r"^(CRON_)?TZ=", text, re.I):
         raise CalendarError(f"cron {text!r}: give the time zone with --timezone, not inside the expression")
-    if text.lower().startswith("@every"):
-        raise CalendarError(f"cron {text!r}: @every is not supported here; write the times as a calendar")
-    body = CRON_SHORTHANDS.get(text.lower(), text)
-    if body.startswith("@"):
-        raise CalendarError(f"cron {text!r}: unknown shorthand; use one of {', '.join(CRON_SHORTHANDS)}")
-    parts = body.split()
+    if "#" in text:
+        raise CalendarError(f"cron {text!r}: no comments in the expression; use --note")
+    if text.startswith("@"):
+        if text.lower() not in CRON_SHORTHANDS:
+            raise CalendarError(f"cron {text!r}: unknown shorthand; use one of {', '.join(CRON_SHORTHANDS)} (or write the times)")
+        return CheckedSpec(cron=f"{text.lower()} # cron: {text}", given=f"cron: {text}", fields={})
+    parts = text.split()
     keys = CRON_FIELDS.get(len(parts))
     if keys is None:
-        raise CalendarError(f"cron {text!r} has {len(parts)} fields; it needs 5 (minute hour day_of_month month day_of_week), 6 (+ year) or 7 (second first)")
-    given: dict[str, list[ScheduleRange]] = {}
+        raise CalendarError(f"cron {text!r} has {len(parts)} fields; it needs 5 (minute hour day_of_month month day_of_week), "
+                            "6 (+ year) or 7 (second first)")
+    fields: dict[str, str] = {}
     for key, value in zip(keys, parts):
-        if value == "?":
-            value = "*"
         try:
-            given[key] = parse_field(key, value)
+            fields[key] = check_field(key, value)
         except CalendarError as e:
             raise CalendarError(f"cron {text!r}: {e}") from None
-    kwargs: dict[str, Any] = {k: tuple(given.get(k, FIELDS[k].default)) for k in FIELDS}
-    return ScheduleCalendarSpec(**kwargs, comment=f"cron: {text}")
+    fields.setdefault("second", "0")
+    return _as_cron(fields, f"cron: {text}")
 
 
-def _render_value(key: str, f: _Field, r: ScheduleRange) -> str:
-    def name(v: int) -> str:
-        if key == "month":
-            return MONTHS[v - 1]
-        if key == "day_of_week":
-            return DAYS[v % 7]
-        return str(v)
+# -- showing the server's structured spec the way a person writes it -----------------------------------------
 
-    start, end, step = r.start, max(r.end, r.start), r.step or 1
-    if start == f.lo and end == f.top:
-        return "*" if step == 1 else f"*/{step}"
-    if start == end:
-        return name(start)
-    return f"{name(start)}-{name(end)}" + (f"/{step}" if step != 1 else "")
-
-
-def format_calendar(spec: ScheduleCalendarSpec) -> str:
-    """The inverse of parse_calendar: only what differs from the defaults, largest unit first."""
-    parts = []
-    for key in DISPLAY_ORDER:
-        f = FIELDS[key]
-        ranges = tuple(_normal(r) for r in getattr(spec, key))
-        if ranges == tuple(f.default):
-            continue
-        if key == "year" and not ranges:
-            continue
-        parts.append(f"{key}={','.join(_render_value(key, f, r) for r in ranges) if ranges else '*'}")
-    return " ".join(parts) or "second=0"
+_DEFAULTS = {"second": (ScheduleRange(0, 0, 1),), "minute": (ScheduleRange(0, 0, 1),), "hour": (ScheduleRange(0, 0, 1),),
+             "day_of_month": (ScheduleRange(1, 31, 1),), "month": (ScheduleRange(1, 12, 1),),
+             "day_of_week": (ScheduleRange(0, 6, 1),), "year": ()}
+_TOP = {"second": 59, "minute": 59, "hour": 23, "day_of_month": 31, "month": 12, "day_of_week": 6, "year": 2100}
+DISPLAY_ORDER = ["year", "month", "day_of_month", "day_of_week", "hour", "minute", "second"]
 
 
 def _normal(r: ScheduleRange) -> ScheduleRange:
@@ -269,71 +240,40 @@ def _normal(r: ScheduleRange) -> ScheduleRange:
     return ScheduleRange(r.start, r.start, 1) if r.start == end else ScheduleRange(r.start, end, step)
 
 
-def _values(ranges: Sequence[ScheduleRange]) -> set[int]:
-    out: set[int] = set()
-    for r in ranges:
-        out.update(range(r.start, max(r.end, r.start) + 1, r.step or 1))
-    return out
+def _render(key: str, r: ScheduleRange) -> str:
+    def name(v: int) -> str:
+        return MONTHS[v - 1] if key == "month" else DAYS[v % 7] if key == "day_of_week" else str(v)
+
+    start, end, step = r.start, r.end, r.step
+    if start == KEYS[key][0] and end >= _TOP[key]:
+        return "*" if step == 1 else f"*/{step}"
+    if start == end:
+        return name(start)
+    return f"{name(start)}-{name(end)}" + (f"/{step}" if step != 1 else "")
 
 
-def calendar_warnings(spec: ScheduleCalendarSpec) -> list[str]:
-    dom = tuple(_normal(r) for r in spec.day_of_month) != FIELDS["day_of_month"].default
-    dow = tuple(_normal(r) for r in spec.day_of_week) != FIELDS["day_of_week"].default
-    if dom and dow:
-        return ["day_of_month and day_of_week both restrict the days: Temporal runs only on days matching both (classic cron takes either)"]
-    return []
-
-
-def upcoming(calendars: Sequence[ScheduleCalendarSpec], tz: str | None, after: datetime, count: int = 10,
-             until: datetime | None = None, horizon_days: int = 366 * 8) -> list[datetime]:
-    """The next times (UTC, strictly after `after`) at which Temporal takes action for these calendars, computed
-    here the way the server does: wall-clock matching in the time zone, a non-existent time skipped, an
-    ambiguous one taken twice. Used to refuse a calendar that never fires, and to count a backfill."""
-    zone = ZoneInfo(tz) if tz and tz != "UTC" else timezone.utc
-    compiled = []
-    for c in calendars:
-        years = _values(c.year)
-        compiled.append((years, _values(c.month), _values(c.day_of_month), _values(c.day_of_week),
-                         sorted(_values(c.hour)), sorted(_values(c.minute)), sorted(_values(c.second))))
-    after = after.astimezone(timezone.utc)
-    day = after.astimezone(zone).date() - timedelta(days=1)
-    last_day = (until.astimezone(zone).date() + timedelta(days=1)) if until else day + timedelta(days=horizon_days)
-    found: list[datetime] = []
-    while day <= last_day and len(found) < count:
-        hits: set[datetime] = set()
-        for years, months, doms, dows, hours, minutes, seconds in compiled:
-            if (years and day.year not in years) or day.month not in months or day.day not in doms or (day.isoweekday() % 7) not in dows:
-                continue
-            hits.update(_times_of_day(day, hours, minutes, seconds, zone))
-        for t in sorted(hits):
-            if t > after and (until is None or t <= until) and len(found) < count:
-                found.append(t)
-        day += timedelta(days=1)
-    return found
-
-
-def _times_of_day(day: date, hours: list[int], minutes: list[int], seconds: list[int], zone) -> Iterator[datetime]:
-    for h in hours:
-        for m in minutes:
-            for s in seconds:
-                local = datetime.combine(day, time(h, m, s), tzinfo=zone)
-                first = local.astimezone(timezone.utc)
-                if first.astimezone(zone).replace(tzinfo=None) != local.replace(tzinfo=None):
-                    continue  # the clocks skip this time on this day
-                yield first
-                second = local.replace(fold=1).astimezone(timezone.utc)
-                if second != first:
-                    yield second  # the clocks pass this time twice on this day
+def format_calendar(spec: ScheduleCalendarSpec) -> str:
+    """A structured spec (as the server describes it) -> 'day_of_month=1 hour=3': only what differs from the
+    defaults, largest unit first."""
+    parts = []
+    for key in DISPLAY_ORDER:
+        ranges = tuple(_normal(r) for r in getattr(spec, key))
+        if ranges == _DEFAULTS[key]:
+            continue
+        parts.append(f"{key}={','.join(_render(key, r) for r in ranges) if ranges else '*'}")
+    return " ".join(parts) or "second=0"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Procedures a schedule can run
+# Procedures a schedule can run: name -> (how to build the start action)
 # ---------------------------------------------------------------------------------------------------------
 
 
 def _drill_action(inv: Inventory, name: str, schedule_id: str, args) -> ScheduleActionStartWorkflow:
     from workflows.drill import DrillInput  # imported here: the CLI's other commands do not need it
 
+    if args.region is not None:
+        raise CliError("--region is for --procedure maintenance; a drill restores from --source REGION")
     reason = args.note or f"schedule {name}"
     inp = DrillInput(inventory=inv, source_region=args.source, requester=f"schedule:{name}", reason=reason)
     return ScheduleActionStartWorkflow(
@@ -347,7 +287,33 @@ def _drill_action(inv: Inventory, name: str, schedule_id: str, args) -> Schedule
     )
 
 
-PROCEDURES = {"drill": _drill_action}
+def _maintenance_action(inv: Inventory, name: str, schedule_id: str, args) -> ScheduleActionStartWorkflow:
+    if args.source is not None:
+        raise CliError("--source is for --procedure drill; a maintenance runs on --region REGION (default: the current primary)")
+    try:
+        from workflows.maintenance import MaintenanceInput
+    except ModuleNotFoundError as e:
+        if e.name not in ("workflows.maintenance",):
+            raise
+        raise CliError("this opsflow has no maintenance procedure yet (workflows/maintenance.py); a schedule can run: drill") from None
+    reason = args.note or f"schedule {name}"
+    inp = MaintenanceInput(inventory=inv, requester=f"schedule:{name}", reason=reason, region=args.region)
+    return ScheduleActionStartWorkflow(
+        "maintenance",
+        inp,
+        # The environment's lock id; Temporal still appends the scheduled time (see the module's notes).
+        id=f"opsflow-{inv.environment}",
+        task_queue=inv.task_queue,
+        typed_search_attributes=_attributes(inv.environment, "maintenance"),
+        static_summary=f"Maintenance window of {inv.environment}" + (f" in {args.region}" if args.region else "") + f" (schedule {name})",
+        static_details=f"requested by schedule:{name}: {reason}",
+    )
+
+
+PROCEDURES: dict[str, Callable[[Inventory, str, str, argparse.Namespace], ScheduleActionStartWorkflow]] = {
+    "drill": _drill_action,
+    "maintenance": _maintenance_action,
+}
 OVERLAP = {"skip": ScheduleOverlapPolicy.SKIP, "buffer-one": ScheduleOverlapPolicy.BUFFER_ONE,
            "buffer-all": ScheduleOverlapPolicy.BUFFER_ALL, "allow-all": ScheduleOverlapPolicy.ALLOW_ALL}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,50}$")
@@ -434,14 +400,15 @@ def _spec_summary(spec: ScheduleSpec) -> dict:
 
 
 def build_schedule(args) -> tuple[Inventory, str, Schedule, list[str]]:
-    """Validate everything a create needs and build the Schedule, touching nothing (no Temporal call)."""
+    """Check what a person needs a clear message for and build the Schedule, touching nothing (no Temporal call).
+    The server reads the calendar when the schedule is created (cmd_create)."""
     name = check_name(args.name)
     if args.procedure not in PROCEDURES:
         raise CliError(f"unknown procedure {args.procedure!r}; a schedule can run: {', '.join(PROCEDURES)}")
     if bool(args.calendar) == bool(args.cron):
         raise CliError("give exactly one of --calendar (e.g. 'day_of_month=1 hour=3') and --cron (e.g. '0 3 1 * *')")
     try:
-        cal = parse_calendar(args.calendar) if args.calendar else parse_cron(args.cron)
+        checked = check_calendar(args.calendar) if args.calendar else check_cron(args.cron)
     except CalendarError as e:
         raise CliError(f"bad {'--calendar' if args.calendar else '--cron'}: {e}") from None
     tz = check_timezone(args.timezone)
@@ -451,20 +418,42 @@ def build_schedule(args) -> tuple[Inventory, str, Schedule, list[str]]:
         raise CliError(f"--catchup-window: {e}") from None
     if catchup < timedelta(seconds=10):
         raise CliError("--catchup-window must be at least 10s (Temporal's minimum)")
-    if not upcoming([cal], tz, datetime.now(timezone.utc), count=1):
-        raise CliError(f"the calendar {format_calendar(cal)!r} never fires (no matching time in the next 8 years)")
     inv = _inventory(args)
-    if args.source is not None and args.source not in inv.regions:
-        raise CliError(f"unknown region {args.source!r}; the inventory has: {', '.join(inv.regions)}")
+    for flag, region in (("--source", args.source), ("--region", args.region)):
+        if region is not None and region not in inv.regions:
+            raise CliError(f"{flag}: unknown region {region!r}; the inventory has: {', '.join(inv.regions)}")
     sid = schedule_id(inv.environment, name)
     note = args.note or (f"created paused by {_user()}" if args.paused else f"created by {_user()}")
     schedule = Schedule(
         action=PROCEDURES[args.procedure](inv, name, sid, args),
-        spec=ScheduleSpec(calendars=[cal], time_zone_name=tz),
+        spec=ScheduleSpec(cron_expressions=[checked.cron], time_zone_name=tz),
+        # SKIP: a run still going when the next time comes is not doubled (scheduled runs cannot take the
+        # environment's lock id, see above).
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP, catchup_window=catchup, pause_on_failure=bool(args.pause_on_failure)),
         state=ScheduleState(note=note, paused=bool(args.paused)),
     )
-    return inv, name, schedule, calendar_warnings(cal)
+    return inv, name, schedule, checked.warnings()
+
+
+def _show_dry_run(inv: Inventory, name: str, schedule: Schedule, warnings: list[str], args) -> int:
+    """What create would send. The run times are not shown: the server computes them once the schedule exists, and a
+    time computed here could disagree with it (create with --paused to see them before anything runs)."""
+    action = schedule.action
+    assert isinstance(action, ScheduleActionStartWorkflow)
+    out = {"name": name, "schedule_id": schedule_id(inv.environment, name), "environment": inv.environment,
+           "procedure": action.workflow, "workflow_id": f"{action.id}-<scheduled time>", "task_queue": action.task_queue,
+           "cron_sent": schedule.spec.cron_expressions[0], "timezone": schedule.spec.time_zone_name, "paused": schedule.state.paused,
+           "warnings": warnings, "next_action_times": None,
+           "why_no_times": "Temporal computes the run times when the schedule is created; create it with --paused to see them first"}
+    if args.json:
+        emit(out, True)
+        return 0
+    for w in warnings:
+        print(f"note: {w}")
+    print(f"would create schedule {name} ({out['schedule_id']}): {action.workflow} of {inv.environment}, runs as {out['workflow_id']}")
+    print(f"  spec sent to Temporal: {out['cron_sent']}  [{out['timezone']}]")
+    print(f"  next runs: {out['why_no_times']}")
+    return 0
 
 
 def _user() -> str:
@@ -476,9 +465,12 @@ def _user() -> str:
 
 async def cmd_create(args, client: Client | None = None) -> int:
     inv, name, schedule, warnings = build_schedule(args)  # all checks first: nothing exists yet
+    if args.dry_run:
+        return _show_dry_run(inv, name, schedule, warnings, args)
     client = await _client(client)
     sid = schedule_id(inv.environment, name)
-    memo = {"opsflow": {"name": name, "environment": inv.environment, "procedure": args.procedure, "source_region": args.source,
+    memo = {"opsflow": {"name": name, "environment": inv.environment, "procedure": args.procedure,
+                        "source_region": args.source, "region": args.region,
                         "inventory": str(Path(inventory_path(args.env)).resolve()), "created_by": _user()}}
     try:
         handle = await client.create_schedule(sid, schedule, memo=memo, search_attributes=_attributes(inv.environment, args.procedure))
@@ -488,7 +480,13 @@ async def cmd_create(args, client: Client | None = None) -> int:
         if e.status == RPCStatusCode.INVALID_ARGUMENT:
             raise CliError(f"Temporal refused the schedule: {e.message}") from None
         raise
-    desc = await handle.describe()
+    desc = await _first_description(handle)
+    if not desc.info.next_action_times:  # the server finds no time the calendar matches
+        await handle.delete()
+        given = (args.calendar and f"--calendar {args.calendar!r}") or f"--cron {args.cron!r}"
+        read_as = ", ".join(format_calendar(c) for c in desc.schedule.spec.calendars)
+        raise CliError(f"{given} never fires: Temporal finds no time matching it ({read_as} in {desc.schedule.spec.time_zone_name or 'UTC'}); "
+                       "nothing was created")
     out = _description(desc, name, inv)
     out["warnings"] = warnings
     if args.json:
@@ -501,6 +499,28 @@ async def cmd_create(args, client: Client | None = None) -> int:
         for t in desc.info.next_action_times[:3]:
             print(f"  next: {_local(t, schedule.spec.time_zone_name)}")
     return 0
+
+
+async def _first_description(handle: ScheduleHandle, patience: float = 3) -> ScheduleDescription:
+    """The new schedule as the server describes it; an empty list of next times is asked again briefly before it
+    is believed (the server computes them when it takes the schedule in)."""
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + patience
+    while True:
+        desc = await handle.describe()
+        if desc.info.next_action_times or asyncio.get_running_loop().time() > deadline:
+            return desc
+        await asyncio.sleep(0.5)
+
+
+async def matching_times(client: Client, handle: ScheduleHandle, start: datetime, end: datetime) -> list[datetime]:
+    """The times in [start, end] at which the server's reading of the schedule's spec takes action."""
+    req = ListScheduleMatchingTimesRequest(namespace=client.namespace, schedule_id=handle.id)
+    req.start_time.FromDatetime(start.astimezone(timezone.utc))
+    req.end_time.FromDatetime(end.astimezone(timezone.utc))
+    resp = await client.workflow_service.list_schedule_matching_times(req)
+    return [t.ToDatetime(tzinfo=timezone.utc) for t in resp.start_time]
 
 
 def _description(desc: ScheduleDescription, name: str, inv: Inventory) -> dict:
@@ -536,9 +556,20 @@ async def _inventory_current(client: Client, desc: ScheduleDescription, inv: Inv
         return None
     try:
         (stored,) = await client.data_converter.decode(list(action.args), [dict])
-        return Inventory.model_validate(stored["inventory"]).model_dump(mode="json") == inv.model_dump(mode="json")
+        return _settings(Inventory.model_validate(stored["inventory"]).model_dump(mode="json")) == _settings(inv.model_dump(mode="json"))
     except Exception:  # an older or foreign input shape: say nothing rather than guess
         return None
+
+
+def _settings(dumped: object) -> object:
+    """An inventory as written: .ics freeze calendars are compared by file, not by the day they were expanded on."""
+    if isinstance(dumped, dict):
+        if "path" in dumped and "events" in dumped:
+            return {k: v for k, v in dumped.items() if k not in ("events", "covered_from", "covered_until")}
+        return {k: _settings(v) for k, v in dumped.items()}
+    if isinstance(dumped, list):
+        return [_settings(v) for v in dumped]
+    return dumped
 
 
 async def _outcomes(client: Client, recent: list[dict]) -> None:
@@ -701,7 +732,7 @@ async def cmd_backfill(args, client: Client | None = None) -> int:
         raise CliError(f"--start {_iso(start)} is not before --end {_iso(end)}")
     if end > datetime.now(timezone.utc) + timedelta(seconds=5):
         raise CliError(f"--end {_iso(end)} is in the future; a backfill runs the times that have passed (trigger runs one now)")
-    times = upcoming(desc.schedule.spec.calendars, tz, start - timedelta(microseconds=1), count=args.limit + 1, until=end)
+    times = await matching_times(client, handle, start, end)
     if not times:
         raise CliError(f"no scheduled time of {args.name} falls between {_iso(start)} and {_iso(end)}; nothing to backfill")
     if len(times) > args.limit:
@@ -765,19 +796,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
 
-    c = cmd("create", "create a schedule (everything is checked before anything is created)")
-    c.add_argument("--procedure", required=True, help="what to run: drill")
+    c = cmd("create", "create a schedule; the server reads the calendar and shows the next runs (--paused to look first)")
+    c.add_argument("--procedure", required=True, help=f"what to run: {', '.join(PROCEDURES)}")
     when = c.add_mutually_exclusive_group()
     when.add_argument("--calendar", metavar="SPEC", help="e.g. 'day_of_month=1 hour=3' or 'day_of_week=mon-fri hour=2 minute=30'")
     when.add_argument("--cron", metavar="EXPR", help="e.g. '0 3 1 * *' (minute hour day_of_month month day_of_week)")
     c.add_argument("--timezone", default="UTC", help="IANA time zone the calendar is read in (default UTC), e.g. Europe/Berlin")
-    c.add_argument("--source", metavar="REGION", help="region whose backups are restored (default: the inventory's primary)")
+    c.add_argument("--source", metavar="REGION", help="drill: region whose backups are restored (default: the inventory's primary)")
+    c.add_argument("--region", metavar="REGION", help="maintenance: region whose database is maintained (default: the current primary)")
     failure = c.add_mutually_exclusive_group()
     failure.add_argument("--pause-on-failure", dest="pause_on_failure", action="store_true", help="pause the schedule when a run fails")
     failure.add_argument("--keep-going", dest="pause_on_failure", action="store_false", help="a failed run alerts and the schedule goes on (default)")
     c.set_defaults(pause_on_failure=False)
     c.add_argument("--catchup-window", default="1d", help="how late a run missed while Temporal was down may still start (default 1d)")
-    c.add_argument("--paused", action="store_true", help="create it paused")
+    c.add_argument("--paused", action="store_true", help="create it paused (to look at the server's next run times first)")
+    c.add_argument("--dry-run", action="store_true", help="check and show what would be sent; create nothing (no run times: the server computes them)")
     c.add_argument("--note", help="a note shown with the schedule (and the reason given to each run)")
 
     cmd("list", "the environment's schedules", named=False)

@@ -1,6 +1,6 @@
 """What a worker runs: every procedure workflow and every activity, by task queue role."""
 
-from activities import database, http_checks, kubernetes, notify, reports, restore, traffic
+from activities import database, http_checks, kubernetes, notify, reports, restore, temporal_queues, traffic
 from activities import maintenance, statuspage
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
@@ -34,4 +34,4 @@ REGION_ACTIVITIES = [
     maintenance.plan, maintenance.run_item, maintenance.health, maintenance.take_backup, maintenance.verify_backup,
 ]
 # Activities that belong to no region run beside the workflows.
-GLOBAL_ACTIVITIES = [notify.send, reports.store_report, statuspage.update, maintenance.watch]
+GLOBAL_ACTIVITIES = [notify.send, reports.store_report, temporal_queues.unserved_queues, statuspage.update, maintenance.watch]

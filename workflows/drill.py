@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
-from workflows.procedure import Procedure, Stop, failure_message
+from workflows.procedure import Procedure, StepDecl, Stop, failure_message
 
 with workflow.unsafe.imports_passed_through():
     from activities.providers import default_restore_method
@@ -32,15 +32,31 @@ class DrillInput(BaseModel):
     reason: str = ""
 
 
+def declare(inp: DrillInput, source: str, method: str, name: str, point: datetime) -> list[StepDecl]:
+    """Every step after the restore point is known: the dry-run plan and the run's only names."""
+    policy = inp.inventory.drill
+    return [
+        StepDecl("leftovers", f"delete scratch targets of finished drills of {inp.inventory.environment} ({policy.scratch_prefix}-*)"),
+        StepDecl("restore", f"{method}: restore {source} as of {point.isoformat()} into {name}"),
+        StepDecl("restore-wait", f"wait for {name} (up to {policy.restore_timeout:.0f}s)"),
+        StepDecl("verify", f"{len(policy.row_counts)} row count(s), {len(policy.checks)} SQL check(s), {len(policy.schema_objects)} schema object(s)"),
+        StepDecl("cleanup", f"delete {name} (always: after success, failure or abort)"),
+    ]
+
+
 @workflow.defn(name="drill")
 class DrillWorkflow(Procedure):
     notify_on_stop = False  # finalize() sends the one-line summary, success or not
+
+    @workflow.init
+    def __init__(self, inp: DrillInput) -> None:
+        inv = inp.inventory
+        super().__init__(inv, DrillReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason,
+                                          dry_run=inp.dry_run))
+
     @workflow.run
     async def run(self, inp: DrillInput) -> DrillReport:
-        inv = inp.inventory
-        self.begin(DrillReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason, dry_run=inp.dry_run), inv)
-        await self.conclude(lambda: self.drill(inp))
-        return self.report  # type: ignore[return-value]
+        return await self.conclude(lambda: self.drill(inp))  # type: ignore[return-value]
 
     async def drill(self, inp: DrillInput) -> None:
         inv, report, policy = inp.inventory, self.report, inp.inventory.drill
@@ -53,7 +69,8 @@ class DrillWorkflow(Procedure):
         name = f"{policy.scratch_prefix}-{workflow.info().run_id.replace('-', '')[:8]}"
         report.source_region, report.method, report.scratch_name = source, method, name
         q = inv.region_queue(source)
-        req = RestoreRequest(source=RegionTarget.of(inv, source), drill=policy, method=method, scratch_name=name)
+        req = RestoreRequest(source=RegionTarget.of(inv, source), drill=policy, method=method, scratch_name=name,
+                             environment=inv.environment, run_id=workflow.info().run_id)
 
         await self.step("validate", "Check that the verified tables exist on the source", "restore.validate_checks", req, queue=q, attempts=3)
         window: RestoreWindow = await self.step("window", f"Find the restorable range ({method})", "restore.window", req, result_type=RestoreWindow, queue=q,
@@ -68,24 +85,21 @@ class DrillWorkflow(Procedure):
         req.point_in_time = report.restore_point = point
         report.restore_point_age_seconds = (workflow.now() - point).total_seconds()
 
+        await self.check_workers([inv.task_queue, q])
+        self.declare(declare(inp, source, method, name, point))
         if inp.dry_run:
-            for step_name, what in (("leftovers", f"delete scratch targets named {policy.scratch_prefix}-* left by earlier runs"),
-                                    ("restore", f"{method}: restore {source} as of {point.isoformat()} into {name}"),
-                                    ("verify", f"{len(policy.row_counts)} row count(s), {len(policy.checks)} SQL check(s), {len(policy.schema_objects)} schema object(s)"),
-                                    ("cleanup", f"delete {name}"), ("report", "store the report and notify")):
-                self.end_step(self.begin_step(step_name, what), "planned")
-            report.status = "planned"
+            self.plan()
             return
 
         await self.step("leftovers", "Remove scratch targets left by earlier runs", "restore.leftovers", req, queue=q,
                                     detail=lambda found: f"removed {', '.join(found)}" if found else "none")
         # From here on the scratch target may exist: its deletion is owed whatever happens.
-        self.owe(f"Delete scratch target {name}", "restore.delete", req, queue=q, timeout=policy.restore_timeout)
+        self.owe(f"Delete scratch target {name}", "restore.delete", req, queue=q, timeout=policy.restore_timeout, name="cleanup")
         started = workflow.now()
         await self.step("restore", f"Restore {source} as of {point:%Y-%m-%d %H:%M:%S}Z into {name}", "restore.start", req, result_type=ScratchTarget, queue=q, attempts=5)
         scratch: ScratchTarget = await self.step(
             "restore-wait", f"Wait for {name}", "restore.wait", req, result_type=ScratchTarget, queue=q,
-            timeout=policy.restore_timeout, heartbeat=policy.heartbeat_timeout, attempts=3, detail=lambda t: t.detail)
+            timeout=policy.restore_timeout, heartbeat=policy.heartbeat_timeout, attempts=3, interruptible=True, detail=lambda t: t.detail)
         report.restore_seconds = (workflow.now() - started).total_seconds()
         if scratch.restore_point and scratch.restore_point != point:  # a dump restores to when it was taken
             report.restore_point = scratch.restore_point
@@ -116,14 +130,16 @@ class DrillWorkflow(Procedure):
         assert isinstance(report, DrillReport)
         if report.dry_run:
             return
-        deletions = [s for s in report.steps if s.name == "undo:restore.delete"]
+        deletions = [s for s in report.steps if s.name in ("cleanup", "undo:restore.delete")]
         if deletions:
             report.scratch_deleted = all(s.outcome == "compensated" for s in deletions)
         request = StoreReportRequest(environment=inv.environment, workflow_id=f"{report.workflow_id}-{workflow.info().run_id[:8]}", reports_dir=inv.reports_dir,
                                      store=inv.reports, aws=inv.aws, json_text=report.model_dump_json(indent=2), markdown=to_markdown(report))
         try:
-            report.stored_at = await workflow.execute_activity("report.store", request, result_type=list[str], task_queue=inv.task_queue,
-                                                               start_to_close_timeout=timedelta(seconds=60), summary="store the drill report")
+            # Bounded: a store that keeps failing is reported, and the drill's outcome stands.
+            opts = self.activity_options(inv.task_queue, 60, None, 5)
+            opts.pop("cancellation_type")
+            report.stored_at = await workflow.execute_activity("report.store", request, result_type=list[str], summary="store the drill report", **opts)
         except ActivityError as err:  # a report that cannot be stored is noted; the drill's outcome stands
             report.events.append(ControlEvent(action="report-store-failed", by="opsflow", at=workflow.now(), reason=failure_message(err)))
         status = report.status if report.status != "running" else "succeeded"

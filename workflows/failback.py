@@ -1,10 +1,11 @@
 """Failback: return to a recovered region after a failover. Reads top to bottom; each step is one line.
 
-preflight the recovered region (Kubernetes healthy; its old database reachable or gone) -> rebuild a replica
-there from the current primary (never reusing the diverged old primary blindly) -> wait until it is within
-the lag limit, heartbeating the bytes behind -> approval -> wait for the low-traffic window (a person can
-override) -> the planned failover back, as a child workflow (the same failover workflow) -> the region left
-becomes the standby again (rebuilt as a replica of the primary) -> one report.
+preflight the recovered region (Kubernetes healthy; its old database reachable or gone) -> approval (nothing
+destructive happens before it) -> rebuild a replica there from the current primary, keeping what the old
+server holds first and reporting whether it took writes after the split -> wait until it is within the lag
+limit, heartbeating the bytes behind -> wait for the low-traffic window (a person can override) -> the
+planned failover back, as a child workflow (the same failover workflow) -> the region left becomes the
+standby again (rebuilt as a replica of the primary) -> one report.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
 from workflows.failover import FailoverInput
-from workflows.procedure import Procedure, Request, Stop, failure_message
+from workflows.procedure import Procedure, Request, StepDecl, Stop, failure_message
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory
@@ -31,15 +32,34 @@ class FailbackInput(BaseModel):
     reason: str = ""
 
 
+def declare(inp: FailbackInput, primary: str) -> list[StepDecl]:
+    """Every step after the preflight: the dry-run plan and the run's only names."""
+    inv, to = inp.inventory, inp.to_region
+    window = inv.failback.window
+    return [
+        StepDecl("approval", f"wait for one of {', '.join(inv.approval.names())}"),
+        StepDecl("rebuild", f"keep what the old server in {to} holds, then rebuild it as a replica of {primary} "
+                 "(pg_rewind where the timeline allows, else a fresh copy; Azure/RDS: a new replica)"),
+        StepDecl("catch-up", f"wait until {to} is within {inv.failover.max_planned_lag_bytes} bytes of {primary}"),
+        StepDecl("window", f"wait for the low-traffic window {window.model_dump() if window else ''} (override: opsflow override)",
+                 "the inventory has a failback window and it is closed", window is not None),
+        StepDecl("failover", f"planned failover {primary} -> {to} (child workflow)"),
+        StepDecl("restandby", f"rebuild {primary} as a replica of {to}"),
+    ]
+
+
 @workflow.defn(name="failback")
 class FailbackWorkflow(Procedure):
+    @workflow.init
+    def __init__(self, inp: FailbackInput) -> None:
+        inv = inp.inventory
+        super().__init__(inv, FailbackReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason,
+                                             dry_run=inp.dry_run, to_region=inp.to_region))
+        self.window_override: ControlEvent | None = None
+
     @workflow.run
     async def run(self, inp: FailbackInput) -> FailbackReport:
-        inv = inp.inventory
-        self.window_override: ControlEvent | None = None
-        self.begin(FailbackReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason, dry_run=inp.dry_run, to_region=inp.to_region), inv)
-        await self.conclude(lambda: self.failback(inp))
-        return self.report  # type: ignore[return-value]
+        return await self.conclude(lambda: self.failback(inp))  # type: ignore[return-value]
 
     async def failback(self, inp: FailbackInput) -> None:
         inv, to, report = inp.inventory, inp.to_region, self.report
@@ -68,35 +88,42 @@ class FailbackWorkflow(Procedure):
         report.from_region = primary
         current = RegionTarget.of(inv, primary)
 
+        await self.check_workers([inv.task_queue, q, inv.region_queue(primary)])
+        self.declare(declare(inp, primary))
         if inp.dry_run:
-            for name, what in (("rebuild", f"rebuild the database in {to} as a replica of {primary} (pg_rewind where the timeline allows, else a fresh copy)"),
-                               ("catch-up", f"wait until {to} is within {inv.failover.max_planned_lag_bytes} bytes of {primary}"),
-                               ("approval", f"wait for one of {', '.join(inv.approval.approvers)}"),
-                               ("window", f"wait for the window {inv.failback.window.model_dump() if inv.failback.window else '(none: at once)'}"),
-                               ("failover", f"planned failover {primary} -> {to} (child workflow)"),
-                               ("restandby", f"rebuild {primary} as a replica of {to}")):
-                self.end_step(self.begin_step(name, what), "planned")
-            report.status = "planned"
+            self.plan()
             return
+
+        # Recorded histories rebuilt before asking; from now on nothing destructive happens before approval.
+        approve_first = workflow.patched("approve-before-rebuild")
+        if approve_first:
+            decision = await self.approval_gate(f"failback of {inv.environment} from {primary} to {to} "
+                                                f"(rebuilds the database in {to}; what it holds is kept first)")
 
         # -- rebuild and catch up -------------------------------------------------------------------------
         rebuilt: RebuildResult = await self.step(
             "rebuild", f"Rebuild {to} as a replica of {primary}", "db.rebuild_replica", RebuildRequest(target=target, primary=current),
-            result_type=RebuildResult, queue=q, timeout=inv.failback.rebuild_timeout, heartbeat=inv.failover.heartbeat_timeout * 4, attempts=5,
-            detail=lambda r: f"{r.method} in {r.seconds:.1f}s" + (f" ({r.detail})" if r.detail else ""))
+            result_type=RebuildResult, queue=q, timeout=inv.failback.rebuild_timeout, heartbeat=inv.failover.heartbeat_timeout * 4,
+            attempts=5, interruptible=True,
+            detail=lambda r: f"{r.method} in {r.seconds:.1f}s" + (f" ({r.detail})" if r.detail else "")
+            + (f"; kept: {r.preserved}" if r.preserved else ""))
         report.rebuild_method, report.rebuild_seconds = rebuilt.method, rebuilt.seconds
+        report.old_primary_preserved, report.divergence = rebuilt.preserved, rebuilt.divergence
         await self.step(
             "catch-up", f"Wait until {to} has caught up with {primary}", "db.wait_caught_up",
-            CatchUpRequest(primary=current, replica=target, timeout_seconds=inv.failback.catch_up_timeout, max_lag_bytes=inv.failover.max_planned_lag_bytes),
-            result_type=CatchUpResult, queue=q, timeout=inv.failback.catch_up_timeout + 60, heartbeat=inv.failover.heartbeat_timeout, attempts=3,
-            detail=lambda c: f"{c.lag_bytes} bytes behind after {c.waited_seconds:.0f}s")
+            CatchUpRequest(primary=current, replica=target, timeout_seconds=inv.failback.catch_up_timeout,
+                           max_lag_bytes=inv.failover.max_planned_lag_bytes, control_plane_interval=inv.limits.control_plane_interval),
+            result_type=CatchUpResult, queue=q, timeout=inv.failback.catch_up_timeout + 60, heartbeat=inv.failover.heartbeat_timeout,
+            attempts=3, interruptible=True, detail=lambda c: f"{c.lag_bytes} bytes behind after {c.waited_seconds:.0f}s")
 
         # -- people and the window ------------------------------------------------------------------------
-        decision = await self.approval_gate(f"failback of {inv.environment} from {primary} to {to}")
+        if not approve_first:
+            decision = await self.approval_gate(f"failback of {inv.environment} from {primary} to {to}")
         await self.wait_for_window()
 
         # -- the failover back: the same workflow, as a child ---------------------------------------------
         await self.boundary()
+        self._check_declared("failover")
         record = self.begin_step("failover", f"Planned failover {primary} -> {to} (child workflow)")
         child_input = FailoverInput(inventory=inv, to_region=to, requester=inp.requester, reason=f"failback: {inp.reason}".strip(": "), approval=decision)
         try:
@@ -116,8 +143,9 @@ class FailbackWorkflow(Procedure):
         # The region we leave becomes the standby again, streaming from the primary we returned to.
         self.point_of_no_return = True
         await self.step("restandby", f"Rebuild {primary} as a replica of {to}", "db.rebuild_replica", RebuildRequest(target=current, primary=target),
-                        result_type=RebuildResult, queue=inv.region_queue(primary), timeout=inv.failback.rebuild_timeout, heartbeat=inv.failover.heartbeat_timeout * 4,
-                        attempts=5, detail=lambda r: f"{r.method} in {r.seconds:.1f}s")
+                        result_type=RebuildResult, queue=inv.region_queue(primary), timeout=inv.failback.rebuild_timeout,
+                        heartbeat=inv.failover.heartbeat_timeout * 4, attempts=5,
+                        detail=lambda r: f"{r.method} in {r.seconds:.1f}s" + (f"; kept: {r.preserved}" if r.preserved else ""))
 
     async def wait_for_window(self) -> None:
         window = self.inventory.failback.window
@@ -126,6 +154,7 @@ class FailbackWorkflow(Procedure):
         opens = window.next_opening(workflow.now())
         if opens is None:
             return
+        self._check_declared("window")
         record = self.begin_step("window", f"Wait for the low-traffic window ({', '.join(window.days)} {window.start}-{window.end} {window.timezone})")
         self.report.status = "waiting"
         self.report.waiting_for = f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} --as NAME)"
@@ -147,7 +176,8 @@ class FailbackWorkflow(Procedure):
 
     @override.validator
     def _validate_override(self, req: Request) -> None:
-        if req.by not in self.inventory.approval.approvers:
-            raise ApplicationError(f"{req.by!r} may not override the window; approvers: {', '.join(self.inventory.approval.approvers)}", type="NotAllowed")
+        if req.by not in self.inventory.approval.names():
+            raise ApplicationError(f"{req.by!r} may not override the window; approvers: {', '.join(self.inventory.approval.names())}", type="NotAllowed")
+        self.verify_request(req, "override", "window", self.inventory.approval)
         if not (self.report.waiting_for or "").startswith("the window"):
             raise ApplicationError("not waiting for a window", type="NotWaiting")

@@ -1,11 +1,13 @@
 """Region failover, planned or emergency. Reads top to bottom; each step is one line.
 
 Planned:   preflight -> approval -> maintenance on + fence old primary -> drain -> wait until the replica has
-           replayed everything (LSN) -> [point of no return] promote -> move traffic -> verify -> scale up -> notify.
+           replayed everything (LSN) -> promote -> move traffic -> verify -> scale up -> notify.
 Emergency: preflight (old region may be dead) -> [approval if the inventory asks] -> traffic off the old
-           region -> forced promotion -> verify -> scale up -> notify the incident channel.
-Before the promotion any failure or abort undoes what was done; after it the procedure goes forward and
-the report says what is left.
+           region -> forced promotion -> fence the old primary through the control plane (best effort)
+           -> verify -> scale up -> notify the incident channel.
+Until a promotion may have happened, any failure or abort undoes what was done: a failed promotion whose
+target is verifiably still a replica is undone too. After it the procedure goes forward and the report
+says what is left.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ from __future__ import annotations
 from pydantic import BaseModel
 from temporalio import workflow
 
-from workflows.procedure import Procedure, Stop
+from workflows.procedure import Procedure, StepDecl, Stop
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory
     from opsflow.models import (
         CatchUpRequest,
-        Decision,
         CatchUpResult,
         DbStatus,
+        Decision,
         FailoverReport,
+        FenceResult,
         KubeStatus,
         MaintenanceRequest,
         PromoteRequest,
@@ -46,49 +49,54 @@ class FailoverInput(BaseModel):
     approval: Decision | None = None
 
 
-def plan(inp: FailoverInput, from_region: str) -> list[tuple[str, str]]:
-    """Every step and what it would change: printed by --dry-run, and the order the procedure follows."""
+def declare(inp: FailoverInput, source: str) -> list[StepDecl]:
+    """Every step after the preflight, and what it would change: the dry-run plan and the run's only names."""
     inv, to = inp.inventory, inp.to_region
-    to_region, from_r = inv.region(to), inv.region(from_region)
+    to_region, from_r = inv.region(to), inv.region(source)
     deployments = ", ".join(f"{d.name}={d.replicas}" for d in (to_region.kubernetes.deployments if to_region.kubernetes else []))
     service = from_r.kubernetes.service if from_r.kubernetes else None
+    approvers = ", ".join(inv.approval.names()) + (" (not the requester)" if inv.approval.require_distinct_approver else "")
+    smoke = f"{len(to_region.smoke_urls)} smoke URL(s) in {to} answer"
     if inp.emergency:
         steps = [
-            ("preflight", f"check {to} is a reachable replica (no change)"),
-            *([("approval", "wait for an approver")] if inv.approval.emergency_requires_approval else []),
-            ("traffic", f"{inv.traffic.provider}: send traffic to {to_region.traffic_endpoint}, disable {from_r.traffic_endpoint}"),
-            ("promote", f"force-promote the {to_region.database.provider} replica in {to} (unreplayed WAL is lost)"),
+            StepDecl("approval", f"wait for one of {approvers}", "the inventory requires approval for emergencies",
+                     inv.approval.emergency_requires_approval),
+            StepDecl("traffic", f"{inv.traffic.provider}: send traffic to {to_region.traffic_endpoint}, disable {from_r.traffic_endpoint}"),
+            StepDecl("promote", f"force-promote the {to_region.database.provider} replica in {to} (unreplayed WAL is lost)"),
+            StepDecl("fence-old", f"best effort: fence the old primary in {source} through its control plane (split brain)"),
+            StepDecl("scale-down-old", f"best effort: scale {source}'s deployments to zero"),
         ]
     else:
         steps = [
-            ("preflight", f"check {to} is a healthy streaming replica and its deployments are ready (no change)"),
-            ("approval", f"wait for one of {', '.join(inv.approval.approvers)}" + (" (not the requester)" if inv.approval.require_distinct_approver else "")),
-            ("maintenance", f"annotate service {service} in {from_region} maintenance=true" if service else f"no service to annotate in {from_region}"),
-            ("fence", f"make the {from_region} primary read-only and end its sessions"),
-            ("drain", f"wait {inv.failover.drain:.0f}s for in-flight work to finish"),
-            ("catch-up", f"wait until {to} has replayed all WAL of {from_region} (up to {inv.failover.catch_up_timeout:.0f}s)"),
-            ("promote", f"promote the {to_region.database.provider} replica in {to}"),
-            ("traffic", f"{inv.traffic.provider}: enable {to_region.traffic_endpoint} first, then disable {from_r.traffic_endpoint}"),
+            StepDecl("approval", f"wait for one of {approvers}"),
+            StepDecl("maintenance", f"annotate service {service} in {source} maintenance=true" if service else f"no service to annotate in {source}"),
+            StepDecl("fence", f"make the {source} primary read-only and end its sessions (writes are down from here)"),
+            StepDecl("drain", f"wait {inv.failover.drain:.0f}s for in-flight work to finish"),
+            StepDecl("catch-up", f"wait until {to} has replayed all WAL of {source} (up to {inv.failover.catch_up_timeout:.0f}s)"),
+            StepDecl("promote", f"promote the {to_region.database.provider} replica in {to}"),
+            StepDecl("verify-not-promoted", f"ask {to}'s database whether it is still a replica; if so undo", "the promotion fails", False),
+            StepDecl("traffic", f"{inv.traffic.provider}: enable {to_region.traffic_endpoint} first, then disable {from_r.traffic_endpoint}"),
         ]
-    steps += [
-        ("verify", f"{to} accepts writes, traffic is served by {to}" + (f", {len(to_region.smoke_urls)} smoke URL(s)" if to_region.smoke_urls else "")),
-        ("scale-up", f"scale {to}: {deployments}" if deployments else f"no deployments to scale in {to}"),
-        ("notify", f"notify {', '.join(c.name for c in inv.notifications) or 'nobody (no channels)'}"),
+    return steps + [
+        StepDecl("verify-writes", f"{to} accepts writes"),
+        StepDecl("verify-routing", f"traffic is served by {to}"),
+        StepDecl("verify-smoke", smoke, "smoke URLs are configured", bool(to_region.smoke_urls)),
+        StepDecl("scale-up", f"scale {to}: {deployments}" if deployments else f"no deployments to scale in {to}"),
+        StepDecl("notify", f"notify {', '.join(c.name for c in inv.notifications) or 'nobody (no channels)'}"),
     ]
-    return steps
 
 
 @workflow.defn(name="failover")
 class FailoverWorkflow(Procedure):
+    @workflow.init
+    def __init__(self, inp: FailoverInput) -> None:
+        inv = inp.inventory
+        super().__init__(inv, FailoverReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason,
+                                             dry_run=inp.dry_run, emergency=inp.emergency, to_region=inp.to_region))
+
     @workflow.run
     async def run(self, inp: FailoverInput) -> FailoverReport:
-        inv = inp.inventory
-        self.begin(
-            FailoverReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason, dry_run=inp.dry_run, emergency=inp.emergency, to_region=inp.to_region),
-            inv,
-        )
-        await self.conclude(lambda: self.failover(inp))
-        return self.report  # type: ignore[return-value]
+        return await self.conclude(lambda: self.failover(inp))  # type: ignore[return-value]
 
     async def failover(self, inp: FailoverInput) -> None:
         inv, to, report = inp.inventory, inp.to_region, self.report
@@ -106,7 +114,8 @@ class FailoverWorkflow(Procedure):
         others = [r for r in inv.regions if r != to]
         statuses = {}
         for r in others:
-            statuses[r] = await self.step(f"preflight-{r}", f"Check the database in {r}", "db.status", RegionTarget.of(inv, r), result_type=DbStatus, queue=inv.region_queue(r) if not inp.emergency else q, attempts=2 if inp.emergency else 5)
+            statuses[r] = await self.step(f"preflight-{r}", f"Check the database in {r}", "db.status", RegionTarget.of(inv, r), result_type=DbStatus,
+                                          queue=inv.region_queue(r) if not inp.emergency else q, attempts=2 if inp.emergency else 5)
         primaries = [r for r, s in statuses.items() if s.reachable and s.role == "primary"]
         source = primaries[0] if primaries else (inv.primary_region if inv.primary_region != to else others[0])
         report.from_region = source
@@ -121,15 +130,16 @@ class FailoverWorkflow(Procedure):
                 raise Stop("refused", f"replication lag {lag} bytes is above the limit of {inv.failover.max_planned_lag_bytes} for a planned failover")
             kube: KubeStatus = await self.step("preflight-k8s", f"Check deployments in {to}", "k8s.status", target, result_type=KubeStatus, queue=q)
             if not kube.ready:
-                raise Stop("refused", f"Kubernetes in {to} is not ready: " + "; ".join(kube.waiting or [f"{d.name} {d.ready}/{d.desired}" for d in kube.deployments if d.ready < d.desired]))
+                raise Stop("refused", f"Kubernetes in {to} is not ready: "
+                           + "; ".join(kube.waiting or [f"{d.name} {d.ready}/{d.desired}" for d in kube.deployments if d.ready < d.desired]))
         await self.step("preflight-traffic", "Check traffic routing", "traffic.status", TrafficRequest.of(inv, to), result_type=TrafficStatus, queue=q)
+        # Emergency: the old region's queue may have no worker (it is down); it is only used best effort.
+        await self.check_workers([inv.task_queue, q] + ([] if inp.emergency else [inv.region_queue(source)]))
 
+        self.declare(declare(inp, source))
         if inp.dry_run:
-            for name, what in plan(inp, source):
-                self.end_step(self.begin_step(name, what), "planned")
-            report.status = "planned"
+            self.plan()
             return
-
         if inp.emergency:
             await self.emergency(inp, source, new, old)
         else:
@@ -146,22 +156,27 @@ class FailoverWorkflow(Procedure):
             self.end_step(self.begin_step("approval", "Approval (given to the parent procedure)"), "ok", f"approved by {decision.by}")
         else:
             decision = await self.approval_gate(f"planned failover of {inv.environment} from {source} to {to}")
-        await self.step("maintenance", f"Maintenance mode on in {source}", "k8s.set_maintenance", MaintenanceRequest(target=old, on=True), result_type=KubeStatus, queue=old_q,
+        await self.step("maintenance", f"Maintenance mode on in {source}", "k8s.set_maintenance", MaintenanceRequest(target=old, on=True),
+                        result_type=KubeStatus, queue=old_q,
                         undo=("k8s.set_maintenance", f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)))
         await self.step("fence", f"Fence writes on {source}", "db.fence", old, result_type=DbStatus, queue=old_q,
                         undo=("db.unfence", f"Lift the write fence on {source}", old))
+        self.writes_down = f"the old primary in {source} is fenced (read-only) until the promotion"
         await self.wait("drain", f"Drain {source}", inv.failover.drain)
         caught: CatchUpResult = await self.step(
             "catch-up", f"Wait until {to} has replayed all WAL", "db.wait_caught_up",
-            CatchUpRequest(primary=old, replica=target, timeout_seconds=inv.failover.catch_up_timeout),
-            result_type=CatchUpResult, queue=q, timeout=inv.failover.catch_up_timeout + 60, heartbeat=inv.failover.heartbeat_timeout, attempts=3,
+            CatchUpRequest(primary=old, replica=target, timeout_seconds=inv.failover.catch_up_timeout,
+                           control_plane_interval=inv.limits.control_plane_interval),
+            result_type=CatchUpResult, queue=q, timeout=inv.failover.catch_up_timeout + 60, heartbeat=inv.failover.heartbeat_timeout,
+            attempts=3, interruptible=True,
             detail=lambda c: f"replayed up to {c.replay_lsn}, {c.lag_bytes} bytes behind, waited {c.waited_seconds:.1f}s")
         report.lag_at_promotion_bytes = caught.lag_bytes
         report.lag_at_promotion_seconds = caught.replay_delay_seconds
 
         await self.boundary()
-        self.point_of_no_return = True
-        await self.forward(inp, source, [("promote", lambda: self.promote(target, q, force=False)), ("move traffic", lambda: self.move_traffic(inp))], since=decision.at)
+        self.point_of_no_return = True  # a promotion may happen from here: no abort (it is refused, not lost)
+        critical = [("promote", lambda: self.promote(target, q, force=False)), ("move traffic", lambda: self.move_traffic(inp))]
+        await self.forward(inp, source, critical, since=decision.at)
         # Planned: the old primary was fenced and the replica replayed every byte before promotion.
         report.rpo_bytes = 0
         report.rpo_proven = caught.lag_bytes == 0
@@ -201,10 +216,20 @@ class FailoverWorkflow(Procedure):
         self.report.promotion_seconds = result.seconds
         return result
 
+    async def still_a_replica(self, target: RegionTarget, q: str) -> bool:
+        """After a failed promotion: does the database itself say it is still a replica? (Not the cloud.)"""
+        try:
+            s: DbStatus = await self.step("verify-not-promoted", f"Ask the database in {target.region} whether it was promoted", "db.status",
+                                          target, result_type=DbStatus, queue=q, attempts=3,
+                                          detail=lambda s: f"{s.role}" if s.reachable else f"unreachable: {s.error}")
+        except Stop:
+            return False
+        return s.reachable and s.role == "replica"
+
     async def move_traffic(self, inp: FailoverInput) -> TrafficStatus:
         return await self.step("traffic", f"Send traffic to {inp.to_region}", "traffic.switch", TrafficRequest.of(inp.inventory, inp.to_region),
-                               result_type=TrafficStatus, queue=inp.inventory.region_queue(inp.to_region), timeout=300, heartbeat=inp.inventory.failover.heartbeat_timeout,
-                               detail=lambda t: f"serving region: {t.serving_region}")
+                               result_type=TrafficStatus, queue=inp.inventory.region_queue(inp.to_region), timeout=300,
+                               heartbeat=inp.inventory.failover.heartbeat_timeout, detail=lambda t: f"serving region: {t.serving_region}")
 
     async def forward(self, inp: FailoverInput, source: str, critical: list, since) -> None:
         """Past the point of no return: run to the end; a failure lists what a person must still do."""
@@ -212,36 +237,68 @@ class FailoverWorkflow(Procedure):
         assert isinstance(report, FailoverReport)
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
         traffic = TrafficRequest.of(inv, to)
+        heartbeat = inv.failover.heartbeat_timeout
         after = [
             ("verify writes", lambda: self.step("verify-writes", f"Verify {to} accepts writes", "db.check_writable", target, queue=q)),
             ("verify routing", lambda: self.verify_routing(traffic, q)),
-            *([("smoke tests", lambda: self.step("verify-smoke", f"Smoke tests in {to}", "http.smoke", target, queue=q, attempts=10))] if target.smoke_urls else []),
-            ("scale up", lambda: self.step("scale-up", f"Scale up {to}", "k8s.scale_up", ScaleRequest(target=target), result_type=KubeStatus, queue=q, timeout=900, heartbeat=inv.failover.heartbeat_timeout,
+            *([("smoke tests", lambda: self.step("verify-smoke", f"Smoke tests in {to}", "http.smoke", target, queue=q, attempts=10))]
+              if target.smoke_urls else []),
+            ("scale up", lambda: self.step("scale-up", f"Scale up {to}", "k8s.scale_up", ScaleRequest(target=target), result_type=KubeStatus, queue=q,
+                                           timeout=900, heartbeat=heartbeat,
                                            detail=lambda k: ", ".join(f"{d.name} {d.ready}/{d.desired}" for d in k.deployments))),
         ]
         todo = [label for label, _ in critical + after]
         try:
             for label, fn in critical:
-                await fn()
+                try:
+                    await fn()
+                except Stop as stop:
+                    if label == "promote" and not inp.emergency and workflow.patched("undo-unpromoted") and await self.still_a_replica(target, q):
+                        self.point_of_no_return = False  # nothing irreversible happened: undo, the old primary writes again
+                        raise Stop("failed", f"{stop.reason}; {to} is verifiably still a replica, so the failover was undone "
+                                   f"({source} is writable again, traffic untouched)") from None
+                    raise
                 todo.remove(label)
+            self.writes_down = None
             report.rto_seconds = (workflow.now() - since).total_seconds()
+            if inp.emergency and workflow.patched("emergency-fence"):
+                await self.fence_old(inp, source, q)
             for label, fn in after:
                 await fn()
                 todo.remove(label)
-        except Stop:
-            report.remaining = [f"{label} in {to}" for label in todo] + [f"tell the team: the failover of {inv.environment} to {to} is incomplete"]
-            raise
+        except Stop as stop:
+            if self.point_of_no_return:
+                report.remaining = [f"{label} in {to}" for label in todo] + report.remaining
+                report.remaining.append(f"tell the team: the failover of {inv.environment} to {to} is incomplete")
+            raise stop
         verb = "EMERGENCY failover" if inp.emergency else "Failover"
-        await self.step_notify(f"{verb} of {inv.environment} from {source} to {to} done; RTO {report.rto_seconds:.1f}s", "critical" if inp.emergency else "info")
+        await self.step_notify(f"{verb} of {inv.environment} from {source} to {to} done; RTO {report.rto_seconds:.1f}s",
+                               "critical" if inp.emergency else "info")
+
+    async def fence_old(self, inp: FailoverInput, source: str, q: str) -> None:
+        """Best effort, never blocking: keep a returning old region from taking writes (split brain)."""
+        old = RegionTarget.of(inp.inventory, source)
+        for name, title, activity in (("fence-old", f"Fence the old primary in {source} (control plane)", "db.fence_control_plane"),
+                                      ("scale-down-old", f"Scale {source}'s deployments to zero", "k8s.scale_to_zero")):
+            try:
+                done: FenceResult = await self.step(name, title, activity, old, result_type=FenceResult, queue=q, timeout=60, attempts=2,
+                                                    detail=lambda f: f"{f.method}: {f.detail}" if f.fenced else f"not done: {f.detail}")
+                ok, why = done.fenced, done.detail
+            except Stop as stop:
+                ok, why = False, stop.reason
+            if not ok:
+                self.report.remaining.append(f"{title.lower()} by hand before it comes back ({why})")
 
     async def verify_routing(self, traffic: TrafficRequest, q: str) -> TrafficStatus:
-        status: TrafficStatus = await self.step("verify-routing", f"Verify traffic is served by {traffic.to_region}", "traffic.status", traffic, result_type=TrafficStatus, queue=q,
+        status: TrafficStatus = await self.step("verify-routing", f"Verify traffic is served by {traffic.to_region}", "traffic.status", traffic,
+                                                result_type=TrafficStatus, queue=q,
                                                 detail=lambda t: ", ".join(f"{e.endpoint}={e.monitor_status}" for e in t.endpoints))
         if status.serving_region != traffic.to_region:
             raise Stop("failed", f"traffic is served by {status.serving_region}, not {traffic.to_region}")
         return status
 
     async def step_notify(self, text: str, severity: str) -> None:
+        self._check_declared("notify")
         record = self.begin_step("notify", "Notify")
         await self.notify(text, severity=severity)
         self.end_step(record, "ok", text)

@@ -1,35 +1,43 @@
-"""What every procedure shares: steps, the approval gate, pause/resume/abort, undo, UI details, the report.
+"""What every procedure shares: steps, gates, pause/resume/abort, undo, UI details, the report.
 
-A procedure subclasses `Procedure`, builds its report in `run`, and writes each step as one line:
+A procedure subclasses `Procedure`, builds its state in `@workflow.init` and writes each step as one line:
 
     status = await self.step("preflight", "Check westeurope", "db.status", target, result_type=DbStatus)
 
-People talk to a running procedure through Updates whose validators reject a request that may not
-happen (a non-approver, a self-approval, an abort past the point of no return) before it reaches history.
+A step's activity runs as a task raced against abort (and, for long steps, pause): an abort cancels it,
+waits until it has stopped, then undoes what was done. Every activity has a bound on how long it may wait
+for a worker. People talk to a running procedure through Updates whose validators reject a request that may
+not happen (a non-approver, a self-approval, an abort past the point of no return) before it reaches history.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+import itertools
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Awaitable, Callable
 
 from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, ChildWorkflowError, TimeoutError, TimeoutType
 
 with workflow.unsafe.imports_passed_through():
-    from opsflow.inventory import Inventory
+    from opsflow.inventory import ApprovalPolicy, Inventory
     from opsflow.models import ControlEvent, Decision, Notification, NotifyRequest, ProcedureReport, StepRecord
     from opsflow.temporal import OPS_STATUS, OPS_STEP
 
 
 class Request(BaseModel):
-    """A person acting on a running procedure: approve, reject, pause, resume, abort, override."""
+    """A person acting on a running procedure: approve, reject, pause, resume, abort, override, promote."""
 
     by: str
     reason: str = ""
+    gate: str | None = None  # the gate this answers; default: the one open
+    full: bool = False  # canary `promote --full`: straight to 100 %
+    signature: str | None = None  # SSHSIG armor over the request (see opsflow/signing.py)
+    signed_at: datetime | None = None
 
 
 class Stop(Exception):
@@ -41,6 +49,67 @@ class Stop(Exception):
         self.reason = reason
 
 
+@dataclass
+class StepDecl:
+    """One declared step: the dry-run plan prints these, and a run may only record declared names."""
+
+    name: str
+    what: str  # what it would change
+    when: str | None = None  # the condition under which it runs, if any
+    runs: bool = True  # the condition, evaluated at plan time (False: listed as skipped)
+
+
+@dataclass
+class GateState:
+    """A point where the procedure waits for people. Decisions accumulate until the policy's quorum."""
+
+    id: str
+    title: str
+    policy: ApprovalPolicy
+    requester: str
+    decisions: list[Decision]
+    open: bool = True
+    outcome: str | None = None  # approved | rejected
+
+    def approvals(self) -> list[Decision]:
+        return [d for d in self.decisions if d.approved]
+
+    def missing(self) -> str | None:
+        """What the quorum still needs (None: met)."""
+        people = [d.by for d in self.approvals()]
+        needed = []
+        if len(set(people)) < self.policy.min_approvals:
+            needed.append(f"{self.policy.min_approvals - len(set(people))} more approval(s)")
+        uncovered = self.uncovered_roles(people)
+        if uncovered:
+            needed.append("an approval by role " + " and ".join(uncovered))
+        return "; ".join(needed) or None
+
+    def uncovered_roles(self, people: list[str]) -> list[str]:
+        """Required roles that no assignment of distinct approvers covers (each person covers one role)."""
+        required = self.policy.require
+        if not required:
+            return []
+        best = list(required)
+        for perm in itertools.permutations(set(people), min(len(set(people)), len(required))):
+            left = list(required)
+            for person in perm:
+                for role in self.policy.roles_of(person):
+                    if role in left:
+                        left.remove(role)
+                        break
+            if len(left) < len(best):
+                best = left
+            if not best:
+                break
+        return best
+
+    def eligible(self) -> list[str]:
+        taken = {d.by for d in self.decisions}
+        return [n for n in self.policy.names()
+                if n not in taken and not (self.policy.require_distinct_approver and n == self.requester)]
+
+
 def failure_message(err: BaseException) -> str:
     """The innermost message of an activity/child failure: what actually went wrong."""
     while isinstance(err, (ActivityError, ChildWorkflowError)) and err.cause is not None:
@@ -48,27 +117,59 @@ def failure_message(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+def not_started(err: ActivityError) -> bool:
+    """True when the activity never reached a worker within its bound."""
+    return isinstance(err.cause, TimeoutError) and err.cause.type == TimeoutType.SCHEDULE_TO_START
+
+
+RETRY_NEVER = ["BadInput", "Refused", "NotFound"]
+
+
 class Procedure:
     """Base class for procedure workflows (handlers are inherited by the @workflow.defn subclasses)."""
 
-    report: ProcedureReport
-    inventory: Inventory
     notify_on_stop = True
 
-    def begin(self, report: ProcedureReport, inventory: Inventory) -> None:
-        self.report = report
+    def __init__(self, inventory: Inventory, report: ProcedureReport) -> None:
         self.inventory = inventory
+        self.report = report
         self.report.workflow_id = workflow.info().workflow_id
         self.report.started_at = workflow.now()
-        self.awaiting_approval = False
-        self.decision: Decision | None = None
+        self.gates: dict[str, GateState] = {}
         self.paused = False
+        self.paused_at: datetime | None = None
         self.abort_requested: ControlEvent | None = None
         self.point_of_no_return = False  # past it, failures go forward instead of undoing
-        self.undo_stack: list[tuple[str, str, Any, str | None, float]] = []
-        self.show()
+        self.writes_down: str | None = None  # set while a step has made the service unwritable (said on pause)
+        self.undo_stack: list[tuple[str, str, Any, str | None, float, str | None]] = []
+        self.declared: list[StepDecl] | None = None
+
+    # -- declared steps and the dry-run plan -------------------------------------------------------------
+
+    def declare(self, decls: list[StepDecl]) -> None:
+        """The steps this run will take from here on; `plan()` prints them, `step()` keeps to them."""
+        self.declared = decls
+
+    def plan(self) -> None:
+        """Dry run: record every declared step as planned (or skipped, with its condition), change nothing."""
+        for d in self.declared or []:
+            detail = d.what + (f" (when {d.when})" if d.when else "")
+            self.end_step(self.begin_step(d.name, d.what), "planned" if d.runs else "skipped", detail)
+        self.report.status = "planned"
 
     # -- steps -------------------------------------------------------------------------------------------
+
+    def activity_options(self, queue: str | None, timeout: float, heartbeat: float | None, attempts: int) -> dict:
+        """Every activity is bounded: how long it may wait for a worker, run, and be retried."""
+        return dict(
+            task_queue=queue,
+            schedule_to_start_timeout=timedelta(seconds=self.inventory.limits.worker_wait),
+            start_to_close_timeout=timedelta(seconds=timeout),
+            heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None,
+            retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=20),
+                                     maximum_attempts=attempts, non_retryable_error_types=RETRY_NEVER),
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
 
     async def step(
         self,
@@ -85,40 +186,71 @@ class Procedure:
         detail: Callable[[Any], str] | None = None,
         undo: tuple[str, str, Any] | None = None,
         undo_timeout: float = 60,
+        interruptible: bool = False,
     ) -> Any:
-        """Run one activity as a recorded step, at a step boundary (pause/abort are honoured here).
+        """Run one activity as a recorded step, between step boundaries (pause/abort are honoured there).
 
+        An abort cancels the running activity (it stops on its next heartbeat) and the undo follows.
+        `interruptible` steps (long waits) are also cancelled by a pause and run again after the resume.
         `undo=(activity, title, arg)` registers what reverses this step should the procedure stop before
-        the point of no return."""
-        await self.boundary()
-        record = self.begin_step(name, title)
-        try:
-            result = await workflow.execute_activity(
-                activity,
-                arg,
-                result_type=result_type,
-                task_queue=queue,
-                start_to_close_timeout=timedelta(seconds=timeout),
-                heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None,
-                retry_policy=RetryPolicy(
-                    initial_interval=timedelta(seconds=1),
-                    maximum_interval=timedelta(seconds=20),
-                    maximum_attempts=attempts,
-                    non_retryable_error_types=["BadInput", "Refused"],
-                ),
-                summary=title,
-            )
-        except ActivityError as err:
-            if isinstance(err.cause, CancelledError):  # the workflow was cancelled (UI/CLI): an abort
+        the point of no return; it is owed as soon as the step has started, since it may have acted."""
+        self._check_declared(name)
+        while True:
+            await self.boundary()
+            record = self.begin_step(name, title)
+            opts = self.activity_options(queue, timeout, heartbeat, attempts)
+            handle = workflow.start_activity(activity, arg, result_type=result_type, summary=title, **opts)
+            if undo is not None:
+                undo_activity, undo_title, undo_arg = undo
+                self.owe(undo_title, undo_activity, undo_arg, queue=queue, timeout=undo_timeout)
+            paused = await self._race(handle, interruptible)
+            try:
+                result = await handle
+            except ActivityError as err:
+                if isinstance(err.cause, CancelledError):
+                    if paused and self.abort_requested is None:
+                        self.end_step(record, "skipped", "interrupted by the pause; runs again after the resume")
+                        continue
+                    self.end_step(record, "failed", "cancelled")
+                    if self.abort_requested is None:  # cancelled from the UI/CLI: an abort
+                        raise Stop("aborted", "cancelled") from None
+                    await self.boundary()
+                if not_started(err):
+                    message = f"no worker serves {queue or self.inventory.task_queue} (waited {self.inventory.limits.worker_wait:.0f}s)"
+                else:
+                    message = failure_message(err)
+                self.end_step(record, "failed", message)
+                raise Stop("failed", f"{title}: {message}") from None
+            except asyncio.CancelledError:
                 self.end_step(record, "failed", "cancelled")
-                raise Stop("aborted", "cancelled") from None
-            self.end_step(record, "failed", failure_message(err))
-            raise Stop("failed", f"{title}: {failure_message(err)}") from None
-        if undo is not None:
-            undo_activity, undo_title, undo_arg = undo
-            self.owe(undo_title, undo_activity, undo_arg, queue=queue, timeout=undo_timeout)
-        self.end_step(record, "ok", detail(result) if detail else "")
-        return result
+                raise
+            self.end_step(record, "ok", detail(result) if detail else "")
+            if self.abort_requested is not None:
+                await self.boundary()
+            return result
+
+    async def _race(self, handle: Any, interruptible: bool) -> bool:
+        """Wait for the activity, or cancel it on an abort (or a pause, when interruptible). True if paused."""
+        def interrupted() -> bool:
+            return self.abort_requested is not None and not self.point_of_no_return or interruptible and self.paused
+
+        await workflow.wait_condition(lambda: handle.done() or interrupted())
+        if handle.done():
+            return False
+        # Histories recorded before interruptible steps waited for the step to end (replay keeps that).
+        if not workflow.patched("interruptible-steps"):
+            await workflow.wait_condition(handle.done)
+            return False
+        paused = self.paused and self.abort_requested is None
+        self.report.waiting_for = "the running step to stop (cancelled)"
+        self.show()
+        handle.cancel()
+        await workflow.wait_condition(handle.done)
+        return paused
+
+    def _check_declared(self, name: str) -> None:
+        if self.declared is not None and not name.startswith("undo:") and name not in {d.name for d in self.declared}:
+            raise ApplicationError(f"step {name!r} is not declared in the procedure's plan", type="BadProcedure", non_retryable=True)
 
     def begin_step(self, name: str, title: str) -> StepRecord:
         record = StepRecord(name=name, title=title, started_at=workflow.now())
@@ -136,7 +268,8 @@ class Procedure:
         self.show()
 
     async def wait(self, name: str, title: str, seconds: float) -> None:
-        """A timed wait shown as a step (e.g. the drain); an abort ends it early."""
+        """A timed wait shown as a step (e.g. the drain, a bake); an abort ends it at once."""
+        self._check_declared(name)
         await self.boundary()
         record = self.begin_step(name, title)
         self.report.waiting_for = f"{title} ({seconds:.0f}s)"
@@ -146,159 +279,238 @@ class Procedure:
         except asyncio.TimeoutError:
             pass
         self.report.waiting_for = None
-        self.end_step(record, "ok" if self.abort_requested is None else "failed", "" if self.abort_requested is None else "aborted")
+        aborted = self.abort_requested is not None
+        self.end_step(record, "failed" if aborted else "ok", "aborted" if aborted else "")
         await self.boundary()
 
     async def boundary(self) -> None:
+        """Honour a pause (with its deadline and escalation) and an abort."""
         if self.abort_requested is None and self.paused:
             self.report.status = "paused"
-            self.report.waiting_for = "resume (opsflow resume)"
+            self.report.waiting_for = "resume (opsflow resume)" + (f" — WRITES ARE DOWN: {self.writes_down}" if self.writes_down else "")
             self.show()
-            await workflow.wait_condition(lambda: not self.paused or self.abort_requested is not None)
+            # A pause has a deadline (recorded histories paused without one: replay keeps that).
+            deadline = timedelta(seconds=self.inventory.limits.pause_timeout) if workflow.patched("pause-deadline") else None
+            try:
+                await workflow.wait_condition(lambda: not self.paused or self.abort_requested is not None, timeout=deadline)
+            except asyncio.TimeoutError:
+                minutes = self.inventory.limits.pause_timeout / 60
+                await self.notify(f"ESCALATION: {self.report.procedure} of {self.inventory.environment} paused for {minutes:.0f} min"
+                                  + (f"; WRITES ARE DOWN: {self.writes_down}" if self.writes_down else ""), severity="critical")
+                self.report.waiting_for += " (escalated)"
+                self.show()
+                await workflow.wait_condition(lambda: not self.paused or self.abort_requested is not None)
             self.report.status = "running"
             self.report.waiting_for = None
         if self.abort_requested is not None:
             a = self.abort_requested
             raise Stop("aborted", f"aborted by {a.by}" + (f": {a.reason}" if a.reason else ""))
 
-    def owe(self, title: str, activity: str, arg: Any, *, queue: str | None, timeout: float = 60) -> None:
-        """Record what undoes a change, to run (on the change's task queue) if the procedure stops."""
-        self.undo_stack.append((title, activity, arg, queue, timeout))
+    def owe(self, title: str, activity: str, arg: Any, *, queue: str | None, timeout: float = 60, name: str | None = None) -> None:
+        """Record what undoes a change, to run (on the change's task queue) if the procedure stops.
+        `name` is the step name it runs under (default `undo:<activity>`)."""
+        entry = (title, activity, arg, queue, timeout, name)
+        if entry not in self.undo_stack:
+            self.undo_stack.append(entry)
 
     async def undo(self) -> None:
-        """Reverse the recorded steps, newest first. Each undo is tried hard: it must not be skipped."""
+        """Reverse the recorded steps, newest first. Each undo is tried hard, and bounded: one that cannot
+        run says so in `remaining`, for a person to do."""
         while self.undo_stack:
-            title, activity, arg, queue, timeout = self.undo_stack.pop()
-            record = self.begin_step(f"undo:{activity}", title)
+            title, activity, arg, queue, timeout, name = self.undo_stack.pop()
+            record = self.begin_step(name or f"undo:{activity}", title)
+            opts = self.activity_options(queue, timeout, None, 10)
+            opts["retry_policy"] = RetryPolicy(maximum_interval=timedelta(seconds=20), maximum_attempts=10)
             try:
-                await workflow.execute_activity(
-                    activity,
-                    arg,
-                    task_queue=queue,
-                    start_to_close_timeout=timedelta(seconds=timeout),
-                    retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=20), maximum_attempts=10),
-                    summary=title,
-                )
+                await workflow.execute_activity(activity, arg, summary=title, **opts)
                 self.end_step(record, "compensated")
             except ActivityError as err:
-                self.end_step(record, "failed", failure_message(err))
-                self.report.remaining.append(f"{title} (undo failed: {failure_message(err)})")
+                why = f"no worker serves {queue}" if not_started(err) else failure_message(err)
+                self.end_step(record, "failed", why)
+                self.report.remaining.append(f"{title} (undo failed: {why})")
 
-    # -- people ------------------------------------------------------------------------------------------
+    # -- gates -------------------------------------------------------------------------------------------
 
-    async def approval_gate(self, what: str) -> Decision:
-        """Wait for an approval. No answer by the deadline: escalate, then abort or keep waiting."""
-        policy = self.inventory.approval
-        record = self.begin_step("approval", f"Approval: {what}")
-        self.awaiting_approval = True
+    async def gate(self, gate_id: str, what: str, *, policy: ApprovalPolicy | None = None) -> list[Decision]:
+        """Wait until people approve `what` by the gate's quorum. A rejection or an abort stops the procedure;
+        no answer by the deadline escalates, then aborts or keeps waiting (the policy says which)."""
+        policy = policy or self.inventory.approval
+        gate = self.gates[gate_id] = GateState(gate_id, what, policy, self.report.requester, [])
+        record = self.begin_step(gate_id, f"Approval: {what}")
         self.report.status = "waiting"
         wid = self.report.workflow_id
-        self.report.waiting_for = f"approval by one of {', '.join(self.allowed_approvers())}: opsflow approve {wid} --as NAME"
+        self.report.waiting_for = self._gate_waiting(gate)
         self.show()
         await self.notify(f"Approval needed: {what}. Approve: opsflow approve {wid} --as NAME", severity="warning")
+
+        def decided() -> bool:
+            return gate.outcome is not None or self.abort_requested is not None
+
         try:
-            await workflow.wait_condition(lambda: self.decision is not None or self.abort_requested is not None, timeout=timedelta(seconds=policy.timeout))
+            await workflow.wait_condition(decided, timeout=timedelta(seconds=policy.timeout))
         except asyncio.TimeoutError:
             channels = [policy.escalation_channel] if policy.escalation_channel else []
             await self.notify(f"ESCALATION: nobody approved '{what}' within {policy.timeout:.0f}s", severity="critical", channels=channels)
             if policy.on_timeout == "abort":
-                self.awaiting_approval = False
+                gate.open = False
                 self.end_step(record, "failed", "no approval by the deadline")
                 raise Stop("aborted", f"no approval within {policy.timeout:.0f}s; escalated and aborted with nothing changed") from None
             self.report.waiting_for += " (escalated)"
             self.show()
-            await workflow.wait_condition(lambda: self.decision is not None or self.abort_requested is not None)
-        self.awaiting_approval = False
-        if self.decision is None:
+            await workflow.wait_condition(decided)
+        gate.open = False
+        if gate.outcome is None:
             self.end_step(record, "failed", "aborted while waiting")
             await self.boundary()
-        d = self.decision
-        assert d is not None
-        self.end_step(record, "ok" if d.approved else "failed", f"{'approved' if d.approved else 'rejected'} by {d.by}" + (f": {d.reason}" if d.reason else ""))
-        if not d.approved:
-            raise Stop("aborted", f"rejected by {d.by}: {d.reason}")
-        return d
+        last = gate.decisions[-1]
+        who = ", ".join(d.by for d in gate.decisions if d.approved == last.approved)
+        self.end_step(record, "ok" if last.approved else "failed", f"{'approved' if last.approved else 'rejected'} by {who}" + (f": {last.reason}" if last.reason else ""))
+        if not last.approved:
+            raise Stop("aborted", f"rejected by {last.by}: {last.reason}")
+        return gate.approvals()
 
-    def allowed_approvers(self) -> list[str]:
-        policy = self.inventory.approval
-        return [a for a in policy.approvers if not (policy.require_distinct_approver and a == self.report.requester)]
+    async def approval_gate(self, what: str, gate_id: str = "approval", policy: ApprovalPolicy | None = None) -> Decision:
+        """The usual single gate: returns the decision that completed the quorum."""
+        return (await self.gate(gate_id, what, policy=policy))[-1]
 
-    def _check_approver(self, req: Request) -> None:
-        if not self.awaiting_approval:
+    def _gate_waiting(self, gate: GateState) -> str:
+        wid = self.report.workflow_id
+        need = gate.missing() if gate.decisions else None
+        who = ", ".join(gate.eligible()) or "nobody eligible"
+        roles = f" (roles needed: {', '.join(gate.policy.require)})" if gate.policy.require else ""
+        return f"approval by one of {who}{roles}: opsflow approve {wid} --as NAME" + (f" — still needs {need}" if need else "")
+
+    def open_gate(self, req: Request) -> GateState:
+        """The gate a request answers: the one it names, else the single open one."""
+        open_gates = [g for g in self.gates.values() if g.open]
+        if req.gate is not None:
+            gate = self.gates.get(req.gate)
+            if gate is None or not gate.open:
+                names = ", ".join(g.id for g in open_gates) or "none"
+                raise ApplicationError(f"gate {req.gate!r} is not open (open gates: {names})", type="NotWaiting")
+            return gate
+        if not open_gates:
             raise ApplicationError(f"nothing is waiting for approval (current step: {self.report.current_step})", type="NotWaiting")
-        policy = self.inventory.approval
-        if req.by not in policy.approvers:
-            raise ApplicationError(f"{req.by!r} may not approve in {self.inventory.environment}; approvers: {', '.join(policy.approvers)}", type="NotAllowed")
+        if len(open_gates) > 1:
+            raise ApplicationError(f"several gates are open ({', '.join(g.id for g in open_gates)}): name one with --gate", type="BadInput")
+        return open_gates[0]
+
+    def check_approver(self, req: Request, gate: GateState, action: str) -> None:
+        policy = gate.policy
+        if req.by not in policy.names():
+            raise ApplicationError(f"{req.by!r} may not approve in {self.inventory.environment}; approvers: {', '.join(policy.names())}", type="NotAllowed")
         if policy.require_distinct_approver and req.by == self.report.requester:
             raise ApplicationError(f"{req.by!r} requested this procedure and may not approve it (a distinct approver is required)", type="NotAllowed")
+        if any(d.by == req.by for d in gate.decisions):
+            raise ApplicationError(f"{req.by!r} has already answered gate {gate.id!r}; another person is needed", type="NotAllowed")
+        self.verify_request(req, action, gate.id, policy)
 
-    def _check_operator(self, req: Request) -> None:
-        if req.by not in self.inventory.approval.approvers and req.by != self.report.requester:
+    def check_operator(self, req: Request, action: str) -> None:
+        if req.by not in self.inventory.approval.names() and req.by != self.report.requester:
             raise ApplicationError(f"{req.by!r} may not control this procedure; only the requester or an approver", type="NotAllowed")
+        self.verify_request(req, action, None, self.inventory.approval)
+
+    def verify_request(self, req: Request, action: str, gate_id: str | None, policy: ApprovalPolicy) -> None:
+        """Where a signed request is checked (issue: signed approvals); unsigned inventories accept names."""
+
+    def _decide(self, req: Request, approved: bool) -> Decision:
+        gate = self.open_gate(req)
+        decision = Decision(approved=approved, by=req.by, at=workflow.now(), reason=req.reason, gate=gate.id,
+                            roles=gate.policy.roles_of(req.by), signature=req.signature, signed_at=req.signed_at)
+        gate.decisions.append(decision)
+        self.report.approvals.append(decision)
+        if not approved:
+            gate.outcome = "rejected"
+        elif gate.missing() is None:
+            gate.outcome = "approved"
+        if gate.outcome is not None:
+            self.report.approval = decision
+        else:
+            self.report.waiting_for = self._gate_waiting(gate)
+            self.show()
+        return decision
 
     @workflow.update
     def approve(self, req: Request) -> Decision:
-        self.decision = Decision(approved=True, by=req.by, at=workflow.now(), reason=req.reason)
-        self.report.approval = self.decision
-        return self.decision
+        return self._decide(req, True)
 
     @approve.validator
     def _validate_approve(self, req: Request) -> None:
-        self._check_approver(req)
+        self.check_approver(req, self.open_gate(req), "approve")
 
     @workflow.update
     def reject(self, req: Request) -> Decision:
-        self.decision = Decision(approved=False, by=req.by, at=workflow.now(), reason=req.reason)
-        self.report.approval = self.decision
-        return self.decision
+        return self._decide(req, False)
 
     @reject.validator
     def _validate_reject(self, req: Request) -> None:
-        self._check_approver(req)
+        self.check_approver(req, self.open_gate(req), "reject")
         if not req.reason.strip():
             raise ApplicationError("a rejection needs a reason (--reason)", type="BadInput")
 
+    # -- pause, resume, abort ----------------------------------------------------------------------------
+
+    def event(self, action: str, req: Request) -> ControlEvent:
+        e = ControlEvent(action=action, by=req.by, at=workflow.now(), reason=req.reason, signature=req.signature, signed_at=req.signed_at)
+        self.report.events.append(e)
+        return e
+
     @workflow.update
-    def pause(self, req: Request) -> str:
+    async def pause(self, req: Request) -> str:
         self.paused = True
-        self.report.events.append(ControlEvent(action="pause", by=req.by, at=workflow.now(), reason=req.reason))
-        return f"pausing at the next step boundary (current step: {self.report.current_step})"
+        self.event("pause", req)
+        if self.writes_down:
+            await self.notify(f"{self.report.procedure} of {self.inventory.environment} PAUSED by {req.by} while WRITES ARE DOWN: {self.writes_down}",
+                              severity="critical")
+            return f"paused — WRITES ARE DOWN while paused: {self.writes_down}; resume or abort soon"
+        return f"pausing (a long step stops now, a short one at its end; current step: {self.report.current_step})"
 
     @pause.validator
     def _validate_pause(self, req: Request) -> None:
-        self._check_operator(req)
+        self.check_operator(req, "pause")
         if self.paused:
             raise ApplicationError("already paused", type="NotAllowed")
 
     @workflow.update
     def resume(self, req: Request) -> str:
         self.paused = False
-        self.report.events.append(ControlEvent(action="resume", by=req.by, at=workflow.now(), reason=req.reason))
+        self.event("resume", req)
         return "resumed"
 
     @resume.validator
     def _validate_resume(self, req: Request) -> None:
-        self._check_operator(req)
+        self.check_operator(req, "resume")
         if not self.paused:
             raise ApplicationError("not paused", type="NotAllowed")
 
     @workflow.update
     def abort(self, req: Request) -> str:
-        self.abort_requested = ControlEvent(action="abort", by=req.by, at=workflow.now(), reason=req.reason)
-        self.report.events.append(self.abort_requested)
-        return "aborting at the next step boundary; what was done will be undone"
+        self.abort_requested = self.event("abort", req)
+        return "aborting now: the running step is cancelled and what was done is undone"
 
     @abort.validator
     def _validate_abort(self, req: Request) -> None:
-        self._check_operator(req)
+        self.check_operator(req, "abort")
         if self.point_of_no_return:
-            raise ApplicationError("past the point of no return (the promotion has happened): the procedure goes forward", type="NotAllowed")
+            raise ApplicationError("past the point of no return: the procedure goes forward", type="NotAllowed")
         if self.abort_requested is not None:
             raise ApplicationError("an abort is already under way", type="NotAllowed")
 
     @workflow.query
     def progress(self) -> ProcedureReport:
         return self.report
+
+    # -- workers -------------------------------------------------------------------------------------------
+
+    async def check_workers(self, queues: list[str], *, name: str = "preflight-workers") -> None:
+        """Refuse before changing anything when a task queue this procedure will use has no worker."""
+        if not workflow.patched("check-workers"):
+            return
+        unserved: list[str] = await self.step(name, "Check that a worker serves every task queue", "temporal.unserved_queues",
+                                              sorted(set(queues)), result_type=list[str], queue=self.inventory.task_queue,
+                                              attempts=3, detail=lambda u: f"unserved: {', '.join(u)}" if u else "all served")
+        if unserved:
+            raise Stop("refused", "; ".join(f"no worker serves {q}" for q in unserved) + " (start one: opsflow worker --env ...)")
 
     # -- notifications, UI, ending ------------------------------------------------------------------------
 
@@ -307,18 +519,14 @@ class Procedure:
         if not self.inventory.notifications:
             return
         request = NotifyRequest(
-            notification=Notification(environment=self.inventory.environment, channels=channels or [], text=text, severity=severity, workflow_id=self.report.workflow_id),  # type: ignore[arg-type]
+            notification=Notification(environment=self.inventory.environment, channels=channels or [], text=text,
+                                      severity=severity, workflow_id=self.report.workflow_id),  # type: ignore[arg-type]
             channels=self.inventory.notifications,
         )
+        opts = self.activity_options(self.inventory.task_queue, 30, None, 3)
+        opts.pop("cancellation_type")
         try:
-            await workflow.execute_activity(
-                "notify.send",
-                request,
-                task_queue=self.inventory.task_queue,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=RetryPolicy(maximum_attempts=3),
-                summary=f"notify: {text[:60]}",
-            )
+            await workflow.execute_activity("notify.send", request, summary=f"notify: {text[:60]}", **opts)
         except ActivityError as err:
             self.report.events.append(ControlEvent(action="notify-failed", by="opsflow", at=workflow.now(), reason=failure_message(err)))
 
@@ -344,12 +552,13 @@ class Procedure:
 
         A procedure that did not succeed ends the workflow as failed (so the UI lists it as such) with the
         report in the failure's details; `opsflow report` reads it from there."""
+        self.show()
         try:
             await body()
         except Stop as stop:
             return await self._stopped(stop.status, stop.reason)
         except asyncio.CancelledError:
-            # Cancelled from the UI/CLI: treated as an abort, and the undo still runs.
+            # Cancelled from the UI/CLI (or preempted by an emergency): an abort, and the undo still runs.
             return await self._stopped("aborted", "cancelled")
         if self.report.status not in ("planned",):
             self.report.status = "succeeded"
@@ -366,6 +575,7 @@ class Procedure:
     async def _stopped(self, status: str, reason: str) -> ProcedureReport:
         if not self.point_of_no_return:
             await self.undo()
+            self.writes_down = None
         self.report.status = status  # type: ignore[assignment]
         self.report.failure = reason
         self.report.waiting_for = None

@@ -1,6 +1,10 @@
-"""Record the history of a planned failover (with a rejected approval attempt, a pause and a resume) for the
-replay test. Re-run after an intended change to the workflow's commands:
-    python -m tests.workflow.record_history
+"""Record a procedure's history for the replay test (tests/workflow/test_replay.py).
+
+    python -m tests.workflow.record_history NAME        # NAME: one of RECORDINGS below
+
+A recorded history is evidence that in-flight runs of that day's code keep working: it is never
+re-recorded to make a replay pass (the recorder refuses to overwrite). A change to a procedure that would
+break it uses `workflow.patched`; a new shape of a procedure gets a NEW recording beside the old ones.
 """
 
 from __future__ import annotations
@@ -8,49 +12,115 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import sys
 from pathlib import Path
 
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from opsflow.inventory import Inventory
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
-from starters.cli import start_procedure
 from tests.conftest import venv_binary
-from tests.workflow.conftest import inventory_dict
+from tests.workflow.conftest import WORKFLOWS, inventory_dict
 from tests.workflow.world import World
-from workflows.failover import FailoverInput, FailoverWorkflow
 from workflows.procedure import Request
 
-OUT = Path(__file__).parent / "histories" / "failover_planned.json"
+HISTORIES = Path(__file__).parent / "histories"
 
 
-async def record() -> None:
-    inv = Inventory.model_validate(inventory_dict(environment="replay"))
+async def waiting_for(handle: WorkflowHandle, what: str) -> None:
+    while what not in ((await handle.query("progress", result_type=dict)).get("waiting_for") or ""):
+        await asyncio.sleep(0.05)
+
+
+async def planned(env, inv: Inventory, world: World) -> WorkflowHandle:
+    from workflows.failover import FailoverInput
+
+    handle = await start(env, inv, "failover", FailoverInput(inventory=inv, to_region="westeurope", requester="alice"))
+    await waiting_for(handle, "approval")
+    try:
+        await handle.execute_update("approve", Request(by="alice"))  # refused: never reaches history
+    except WorkflowUpdateFailedError:
+        pass
+    await handle.execute_update("pause", Request(by="alice"))
+    await handle.execute_update("approve", Request(by="bob", reason="replay"))
+    await asyncio.sleep(0.5)
+    await handle.execute_update("resume", Request(by="alice"))
+    return handle
+
+
+async def emergency(env, inv: Inventory, world: World) -> WorkflowHandle:
+    from workflows.failover import FailoverInput
+
+    world.reachable["eastus"] = False
+    return await start(env, inv, "failover", FailoverInput(inventory=inv, to_region="westeurope", emergency=True, requester="alice"))
+
+
+async def failback(env, inv: Inventory, world: World) -> WorkflowHandle:
+    from workflows.failback import FailbackInput
+
+    world.primary, world.serving = "westeurope", "westeurope"
+    world.fenced.add("eastus")
+    world.replay = {"eastus": world.lsn - 65536}
+    handle = await start(env, inv, "failback", FailbackInput(inventory=inv, to_region="eastus", requester="alice"))
+    await waiting_for(handle, "approval")
+    await handle.execute_update("approve", Request(by="bob", reason="eastus is back"))
+    return handle
+
+
+async def drill(env, inv: Inventory, world: World) -> WorkflowHandle:
+    from workflows.drill import DrillInput
+
+    return await start(env, inv, "drill", DrillInput(inventory=inv, requester="schedule:monthly"))
+
+
+RECORDINGS = {"failover_planned": planned, "failover_emergency": emergency, "failback": failback, "drill": drill}
+
+
+async def start(env, inv: Inventory, procedure: str, arg) -> WorkflowHandle:
+    return await env.client.start_workflow(procedure, arg, id=f"opsflow-{inv.environment}", task_queue=inv.task_queue,
+                                           id_conflict_policy=WorkflowIDConflictPolicy.FAIL)
+
+
+def recording_inventory(name: str, tmp: Path) -> Inventory:
+    data = inventory_dict(environment="replay")
+    if name == "drill":
+        data["reports_dir"] = str(tmp / "reports")
+        data["drill"] = {"method": "s3-dump", "dumps": {"bucket": "b"}, "scratch_server": {"dsn": "host=scratch dbname=postgres"},
+                         "row_counts": [{"table": "orders"}], "checks": [{"name": "no negative totals", "query": "select true"}]}
+    return Inventory.model_validate(data)
+
+
+async def record(name: str) -> Path:
+    import tempfile
+
+    from tests.workflow.test_drill_workflow import Backups
+
+    out = HISTORIES / f"{name}.json"
+    if out.exists():
+        raise SystemExit(f"{out} exists: recorded histories are never re-recorded; record a new one under a new name")
     world = World()
-    async with await WorkflowEnvironment.start_time_skipping(data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")) as env:
-        await register_search_attributes(env.client)
-        with concurrent.futures.ThreadPoolExecutor(4) as ex:
-            acts = world.activities()
-            workers = [Worker(env.client, task_queue=q, workflows=[FailoverWorkflow] if q == inv.task_queue else [], activities=acts, activity_executor=ex) for q in inv.all_queues()]
-            async with workers[0], workers[1], workers[2]:
-                handle = await start_procedure(env.client, inv, "failover", FailoverInput(inventory=inv, to_region="westeurope", requester="alice"), "replay")
-                while "approval" not in ((await handle.query("progress", result_type=dict)).get("waiting_for") or ""):
-                    await asyncio.sleep(0.05)
-                try:
-                    await handle.execute_update("approve", Request(by="alice"))
-                except WorkflowUpdateFailedError:
-                    pass
-                await handle.execute_update("pause", Request(by="alice"))
-                await handle.execute_update("approve", Request(by="bob", reason="replay"))
-                await asyncio.sleep(0.5)
-                await handle.execute_update("resume", Request(by="alice"))
-                await handle.result()
-                history = await handle.fetch_history()
-    OUT.write_text(json.dumps(json.loads(history.to_json()), indent=1))
-    print(f"wrote {OUT}")
+    with tempfile.TemporaryDirectory() as tmp:
+        inv = recording_inventory(name, Path(tmp))
+        acts = Backups().activities() if name == "drill" else world.activities()
+        async with await WorkflowEnvironment.start_time_skipping(data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")) as env:
+            await register_search_attributes(env.client)
+            with concurrent.futures.ThreadPoolExecutor(4) as ex:
+                queues = inv.all_queues()
+                workers = [Worker(env.client, task_queue=q, workflows=WORKFLOWS if q == inv.task_queue else [], activities=acts, activity_executor=ex) for q in queues]
+                async with workers[0], workers[1], workers[2]:
+                    handle = await RECORDINGS[name](env, inv, world)
+                    try:
+                        await handle.result()
+                    except Exception:  # a failed run is a history worth replaying too
+                        pass
+                    history = await handle.fetch_history()
+    out.write_text(json.dumps(json.loads(history.to_json()), indent=1))
+    return out
 
 
 if __name__ == "__main__":
-    asyncio.run(record())
+    for arg in sys.argv[1:] or sorted(RECORDINGS):
+        print(f"wrote {asyncio.run(record(arg))}")

@@ -29,15 +29,15 @@ async def start(env, inventory, to="eastus", **kw):
     return await start_procedure(env.client, inventory, "failback", FailbackInput(inventory=inventory, to_region=to, requester="alice", **kw), "test failback")
 
 
-async def test_failback_rebuilds_catches_up_waits_for_approval_and_fails_over_back(running, failed_over, inventory):
+async def test_failback_asks_before_destroying_then_rebuilds_catches_up_and_fails_over_back(running, failed_over, inventory):
     world = failed_over
     handle = await start(running, inventory)
-    report = FailbackReport.model_validate((await until_waiting(handle)).model_dump())
-    names = [s.name for s in report.steps]
-    assert names.index("rebuild") < names.index("catch-up") < names.index("approval")
-    assert world.rebuilds == ["eastus"] and world.primary == "westeurope"  # nothing switched before approval
+    await until_waiting(handle)
+    assert world.rebuilds == [] and world.primary == "westeurope"  # nothing rebuilt (destroyed) before approval
     await handle.execute_update("approve", Request(by="bob", reason="eastus is back"))
     report = FailbackReport.model_validate(await handle.result())
+    names = [s.name for s in report.steps]
+    assert names.index("approval") < names.index("rebuild") < names.index("catch-up") < names.index("failover")
     assert report.status == "succeeded" and report.from_region == "westeurope" and report.rebuild_method == "pg_rewind"
     assert world.primary == "eastus" and world.serving == "eastus" and world.promotions == 1
     assert world.rebuilds == ["eastus", "westeurope"]  # westeurope is the standby again

@@ -232,14 +232,19 @@ async def test_second_procedure_on_the_same_environment_is_refused(running, worl
     await failed_report(first)
 
 
-async def test_dry_run_prints_the_plan_and_changes_nothing(running, world, inventory):
-    handle = await start(running, inventory, dry_run=True)
-    report = FailoverReport.model_validate(await handle.result())
+async def test_dry_run_plans_exactly_the_steps_a_real_run_takes(running, world, inventory):
+    report = FailoverReport.model_validate(await (await start(running, inventory, dry_run=True)).result())
     assert report.status == "planned" and world.unchanged
-    planned = [s for s in report.steps if s.outcome == "planned"]
-    assert [s.name for s in planned][:3] == ["preflight", "approval", "maintenance"]
-    assert any("promote" == s.name for s in planned)
     assert not set(world.calls) & {"db.fence", "db.promote", "traffic.switch", "k8s.scale_up"}
+    planned = [s.name for s in report.steps if s.outcome == "planned"]
+    assert [s.name for s in report.steps if s.outcome == "skipped"] == ["verify-not-promoted"]  # only if a promotion fails
+
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await handle.execute_update("approve", Request(by="bob"))
+    real = FailoverReport.model_validate(await handle.result())
+    names = [s.name for s in real.steps]
+    assert names[names.index("approval"):] == planned
 
 
 async def test_report_is_readable_after_a_failure(running, world, inventory):

@@ -1,21 +1,28 @@
-"""Replay a recorded failover history against today's workflow code: a non-deterministic change fails here."""
+"""Replay every recorded history against today's workflow code: a change that would break an in-flight run
+fails here. Histories are recorded once (tests/workflow/record_history.py) and never re-recorded."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
 from opsflow.temporal import DATA_CONVERTER
-from workflows.failover import FailoverWorkflow
+from tests.workflow.conftest import WORKFLOWS
 
-HISTORIES = Path(__file__).parent / "histories"
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
 
-async def test_recorded_failover_history_replays():
-    path = HISTORIES / "failover_planned.json"
-    history = WorkflowHistory.from_json("recorded", path.read_text())
-    assert len(history.events) > 40  # a whole failover, not a stub
-    result = await Replayer(workflows=[FailoverWorkflow], data_converter=DATA_CONVERTER).replay_workflow(history)
-    assert result.replay_failure is None
+@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+async def test_recorded_history_replays(path: Path):
+    history = WorkflowHistory.from_json("opsflow-replay", path.read_text())  # the recorded run's id
+    assert len(history.events) > 20  # a whole procedure, not a stub
+    result = await Replayer(workflows=WORKFLOWS, data_converter=DATA_CONVERTER).replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, result.replay_failure
+
+
+def test_every_procedure_has_a_recorded_history():
+    recorded = {p.stem.split("_")[0] for p in HISTORIES}
+    assert {w.__temporal_workflow_definition.name for w in WORKFLOWS} <= recorded

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, CancelledError
 
 from opsflow.models import (
     CatchUpRequest,
@@ -21,6 +21,7 @@ from opsflow.models import (
     KubeStatus,
     MaintenanceRequest,
     NotifyRequest,
+    FenceResult,
     PromoteRequest,
     PromoteResult,
     RebuildRequest,
@@ -52,6 +53,12 @@ class World:
     fail: dict = field(default_factory=dict)  # activity name -> message (non-retryable failure)
     kube_ready: bool = True
     block_promote: threading.Event | None = None
+    unserved: set = field(default_factory=set)  # task queues no worker serves (as DescribeTaskQueue would say)
+    old_fenced: list = field(default_factory=list)  # control-plane fences of an old primary (emergency)
+    cancelled: list = field(default_factory=list)  # activities that stopped on a cancellation
+    block_catch_up: threading.Event | None = None  # the catch-up waits (heartbeating) until this is set
+    catch_up_attempts: int = 0
+    fail_after: dict = field(default_factory=dict)  # activity name -> message: acts, then reports a failure
 
     def _maybe_fail(self, name: str) -> None:
         self.calls.append(name)
@@ -89,6 +96,16 @@ class World:
         @activity.defn(name="db.wait_caught_up")
         def db_wait(req: CatchUpRequest) -> CatchUpResult:
             w._maybe_fail("db.wait_caught_up")
+            w.catch_up_attempts += 1
+            try:
+                while w.block_catch_up is not None and not w.block_catch_up.is_set():
+                    activity.heartbeat()
+                    if activity.is_cancelled():
+                        raise CancelledError()
+                    time.sleep(0.02)
+            except BaseException:
+                w.cancelled.append("db.wait_caught_up")
+                raise
             w.replay[req.replica.region] = w.lsn
             return CatchUpResult(primary_lsn=f"0/{w.lsn:X}", replay_lsn=f"0/{w.lsn:X}", lag_bytes=0, replay_delay_seconds=0.0, waited_seconds=0.1)
 
@@ -102,6 +119,8 @@ class World:
             replayed = w.replay.get(req.target.region, w.lsn)
             w.primary = req.target.region
             w.promotions += 1
+            if "db.promote" in w.fail_after:
+                raise ApplicationError(w.fail_after["db.promote"], type="Injected", non_retryable=True)
             return PromoteResult(already_primary=False, seconds=0.5, timeline=1 + w.promotions, lsn_at_promotion=f"0/{replayed:X}", received_lsn=f"0/{w.lsn:X}")
 
         @activity.defn(name="db.check_writable")
@@ -156,7 +175,23 @@ class World:
             w.notifications.append((req.notification.severity, req.notification.text, list(req.notification.channels)))
             return [c.name for c in req.channels]
 
-        return [db_status, db_fence, db_unfence, db_wait, db_promote, db_check_writable, db_rebuild, traffic_status, traffic_switch, kube_status, set_maintenance, scale_up, smoke, notify]
+        @activity.defn(name="db.fence_control_plane")
+        def fence_control_plane(t: RegionTarget) -> FenceResult:
+            w._maybe_fail("db.fence_control_plane")
+            w.old_fenced.append(("db", t.region))
+            return FenceResult(region=t.region, fenced=True, method="stand-in", detail="stopped")
+
+        @activity.defn(name="k8s.scale_to_zero")
+        def scale_to_zero(t: RegionTarget) -> FenceResult:
+            w._maybe_fail("k8s.scale_to_zero")
+            w.old_fenced.append(("k8s", t.region))
+            return FenceResult(region=t.region, fenced=True, method="stand-in", detail="0 replicas")
+
+        @activity.defn(name="temporal.unserved_queues")
+        def unserved_queues(queues: list[str]) -> list[str]:
+            return [q for q in queues if q in w.unserved]
+
+        return [fence_control_plane, scale_to_zero, unserved_queues, db_status, db_fence, db_unfence, db_wait, db_promote, db_check_writable, db_rebuild, traffic_status, traffic_switch, kube_status, set_maintenance, scale_up, smoke, notify]
 
     def traffic(self, req: TrafficRequest) -> TrafficStatus:
         return TrafficStatus(

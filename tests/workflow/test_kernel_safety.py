@@ -1,0 +1,148 @@
+"""The kernel on a bad night (time-skipping server, activities stood in by name): abort and pause reach a
+running step at once, a queue nobody serves is refused or bounded, a failed promotion of a replica is
+undone, quorum gates, the emergency's best-effort fence, loud pauses while writes are down."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from temporalio.client import WorkflowUpdateFailedError
+
+from opsflow.inventory import ApprovalPolicy, Inventory
+from opsflow.models import FailoverReport
+from tests.workflow.conftest import inventory_dict
+from tests.workflow.test_failover_workflow import failed_report, start, until_waiting
+
+
+async def until(handle, predicate, timeout=15):
+    for _ in range(int(timeout / 0.05)):
+        r = FailoverReport.model_validate(await handle.query("progress", result_type=dict))
+        if predicate(r):
+            return r
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"condition never met: {r}")
+
+
+async def refused(update) -> str:
+    with pytest.raises(WorkflowUpdateFailedError) as exc:
+        await update
+    return exc.value.cause.message
+
+
+def running_step(name):
+    return lambda r: any(s.name == name and s.outcome == "running" for s in r.steps)
+
+
+@pytest.fixture
+def inventory() -> Inventory:
+    # Heartbeats throttle at 0.8 x the timeout: a short one lets a cancellation reach a stand-in quickly.
+    return Inventory.model_validate(inventory_dict(failover={"drain": "0s", "heartbeat_timeout": "2s"}, limits={"worker_wait": "30s"}))
+
+
+async def test_abort_during_catch_up_cancels_it_and_undoes(running, world, inventory):
+    world.block_catch_up = threading.Event()
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await handle.execute_update("approve", Request(by="bob"))
+    await until(handle, running_step("catch-up"))
+    await handle.execute_update("abort", Request(by="alice", reason="wrong day"))
+    report = await failed_report(handle)
+    assert world.cancelled == ["db.wait_caught_up"]  # the activity itself stopped; the wait was not sat out
+    assert report.status == "aborted" and world.unchanged  # fence lifted, maintenance off
+    catch_up = next(s for s in report.steps if s.name == "catch-up")
+    assert catch_up.outcome == "failed" and catch_up.detail == "cancelled"
+
+
+async def test_pause_stops_a_long_step_and_resume_runs_it_again(running, world, inventory):
+    world.block_catch_up = threading.Event()
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await handle.execute_update("approve", Request(by="bob"))
+    await until(handle, running_step("catch-up"))
+    said = await handle.execute_update("pause", Request(by="alice"), result_type=str)
+    assert "WRITES ARE DOWN" in said  # the old primary is fenced while we pause
+    await until(handle, lambda r: r.status == "paused")
+    assert world.cancelled == ["db.wait_caught_up"]
+    assert any(sev == "critical" and "WRITES ARE DOWN" in text for sev, text, _ in world.notifications)
+    world.block_catch_up.set()
+    await handle.execute_update("resume", Request(by="alice"))
+    report = FailoverReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and world.catch_up_attempts == 2
+    assert [s.outcome for s in report.steps if s.name == "catch-up"] == ["skipped", "ok"]
+
+
+async def test_a_queue_without_worker_is_refused_before_any_change(running, world, inventory):
+    world.unserved = {inventory.region_queue("eastus")}
+    report = await failed_report(await start(running, inventory))
+    assert report.status == "refused" and world.unchanged
+    assert f"no worker serves {inventory.region_queue('eastus')}" in report.failure
+
+
+async def test_a_step_no_worker_picks_up_fails_naming_the_queue(running, world, inventory):
+    data = inventory.model_dump()
+    data["limits"]["worker_wait"] = 5
+    data["regions"]["westeurope"]["task_queue"] = "nobody-polls-this"
+    inv = Inventory.model_validate(data)
+    report = await failed_report(await start(running, inv))
+    assert report.status == "failed" and "no worker serves nobody-polls-this (waited 5s)" in report.failure
+    assert world.unchanged
+
+
+async def test_failed_promotion_of_a_verified_replica_is_undone(running, world, inventory):
+    world.fail["db.promote"] = "ARM: 500 InternalServerError"
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await handle.execute_update("approve", Request(by="bob"))
+    report = await failed_report(handle)
+    assert report.status == "failed" and "verifiably still a replica" in report.failure
+    assert world.unchanged and not report.remaining  # the old primary writes again: no outage left behind
+    assert [s.name for s in report.steps if s.outcome == "compensated"] == ["undo:db.unfence", "undo:k8s.set_maintenance"]
+
+
+async def test_failed_promotion_that_may_have_happened_goes_forward(running, world, inventory):
+    world.fail_after["db.promote"] = "timeout reading the response"
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await handle.execute_update("approve", Request(by="bob"))
+    report = await failed_report(handle)
+    assert world.primary == "westeurope" and "eastus" in world.fenced  # no undo: it was promoted
+    assert report.remaining[:2] == ["promote in westeurope", "move traffic in westeurope"]
+
+
+async def test_quorum_of_two_roles_each_a_different_person(running, world, inventory):
+    roles = ApprovalPolicy(approvers={"platform-lead": ["alice", "carol"], "qa": ["bob", "dave"]}, require=["platform-lead", "qa"])
+    inv = inventory.model_copy(update={"approval": roles})
+    handle = await start(running, inv, requester="erin")
+    await until_waiting(handle)
+    await handle.execute_update("approve", Request(by="alice"))
+    r = await until_waiting(handle)
+    assert "still needs an approval by role qa" in r.waiting_for and world.unchanged
+    assert "already answered" in await refused(handle.execute_update("approve", Request(by="alice")))
+    assert "gate 'promote' is not open" in await refused(handle.execute_update("approve", Request(by="bob", gate="promote")))
+    await handle.execute_update("approve", Request(by="carol"))  # a second lead is not QA
+    assert world.unchanged
+    await handle.execute_update("approve", Request(by="bob"))
+    report = FailoverReport.model_validate(await handle.result())
+    assert report.status == "succeeded"
+    assert [(d.by, d.roles) for d in report.approvals] == [("alice", ["platform-lead"]), ("carol", ["platform-lead"]), ("bob", ["qa"])]
+
+
+async def test_emergency_fences_the_old_primary_best_effort(running, world, inventory):
+    world.reachable["eastus"] = False
+    world.fail["db.fence_control_plane"] = "eastus control plane unreachable"
+    report = FailoverReport.model_validate(await (await start(running, inventory, emergency=True)).result())
+    assert report.status == "succeeded" and world.primary == "westeurope"
+    assert ("k8s", "eastus") in world.old_fenced
+    assert any("fence the old primary in eastus" in r and "unreachable" in r for r in report.remaining)
+
+
+async def test_an_emergency_is_not_blocked_by_a_dead_old_region_queue(running, world, inventory):
+    world.reachable["eastus"] = False
+    world.unserved = {inventory.region_queue("eastus")}  # the old region's worker died with it
+    report = FailoverReport.model_validate(await (await start(running, inventory, emergency=True)).result())
+    assert report.status == "succeeded"
+
+
+from workflows.procedure import Request  # noqa: E402
