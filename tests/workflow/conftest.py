@@ -14,8 +14,9 @@ from tests.workflow.world import World
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
+from workflows.maintenance import MaintenanceFleetWorkflow, MaintenanceWorkflow
 
-WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow]
+WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, MaintenanceWorkflow, MaintenanceFleetWorkflow]
 
 
 @pytest_asyncio.fixture(scope="module")
