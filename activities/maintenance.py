@@ -180,7 +180,7 @@ def verify_backup(req: VerifyBackupRequest) -> str:
 def watch(req: WatchRequest) -> WatchResult:
     """Query each metric every interval for the duration; the first breach ends the watch (it alerts)."""
     results = {q.name: WatchQueryResult(name=q.name, query=q.query) for q in req.policy.queries}
-    deadline = time.monotonic() + min(req.duration, time_limit(req.duration + 60) - 5)
+    deadline = time.monotonic() + min(req.duration, time_limit(req.duration + 60))
     while True:
         for q in req.policy.queries:
             r = results[q.name]

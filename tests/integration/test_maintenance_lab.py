@@ -33,6 +33,7 @@ from opsflow.maintenance_models import (
     RunItemRequest,
     StatusPageRequest,
     VerifyBackupRequest,
+    WatchRequest,
     WorkItem,
 )
 from opsflow.models import RegionTarget
@@ -270,3 +271,58 @@ def test_rds_backup_is_a_manual_snapshot_found_again_on_retry_and_verified(monke
         assert "completed" in ActivityEnvironment().run(maint.verify_backup, VerifyBackupRequest(target=rds, policy=BackupPolicy(), backup=first, not_before=started))
         snaps = boto3.client("rds", region_name="eu-west-1").describe_db_snapshots(DBInstanceIdentifier="shop-db")["DBSnapshots"]
         assert [s["DBSnapshotIdentifier"] for s in snaps if s["SnapshotType"] == "manual"] == ["opsflow-maint-test"]
+
+
+@pytest.fixture(scope="module")
+def prometheus_url():
+    """A real Prometheus (Debian package) scraping itself every second."""
+    import subprocess
+
+    from lab.postgres import free_port
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus is not installed (scripts/setup.sh installs it)")
+    root = Path(tempfile.mkdtemp(prefix="opsflow-maint-prom-"))
+    port = free_port()
+    (root / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "self", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}]}))
+    proc = subprocess.Popen([binary, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        from activities.prometheus import query
+
+        def scraped() -> bool:
+            try:
+                return query(url, "sum(up)") == 1.0
+            except ApplicationError:
+                return False
+
+        wait_for(scraped, 60, "Prometheus to scrape itself")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_watch_queries_prometheus_and_a_breach_ends_it_early(prometheus_url):
+    from activities.prometheus import query
+    from opsflow.maintenance import WatchPolicy
+
+    assert query(prometheus_url, "sum(up)") == 1.0
+    assert query(prometheus_url, 'sum(up{job="nothing"})') != query(prometheus_url, 'sum(up{job="nothing"})')  # no data: NaN
+    with pytest.raises(ApplicationError, match="bad query"):
+        query(prometheus_url, "sum(up")
+
+    calm = WatchPolicy(prometheus=prometheus_url, duration=3, interval=1, queries=[{"name": "targets up", "query": "sum(up)", "min": 1}])
+    result = ActivityEnvironment().run(maint.watch, WatchRequest(policy=calm, duration=3))
+    assert result.ok and result.results[0].samples >= 2 and result.results[0].last == 1.0
+
+    started = time.monotonic()
+    alarming = WatchPolicy(prometheus=prometheus_url, duration=60, interval=1, queries=[{"name": "targets up", "query": "sum(up)", "max": 0.5}])
+    result = ActivityEnvironment().run(maint.watch, WatchRequest(policy=alarming, duration=60))
+    assert not result.ok and result.results[0].breached and "above 0.5" in result.results[0].detail
+    assert time.monotonic() - started < 30  # the first breach ends the watch: it alerts at once
