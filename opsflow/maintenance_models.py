@@ -179,6 +179,28 @@ class MaintenanceReport(ProcedureReport):
     done: list[str] = []
     not_done: list[str] = []
 
+    def figure_lines(self) -> list[str]:
+        """The report's figures for people (opsflow report, the CLI's summary)."""
+        out = [f"window {self.window}" + (f"; overridden by {self.override.by}" if self.override else "")]
+        if self.backup:
+            out.append(f"backup {self.backup.method} {self.backup.id}" + (f" — {self.backup_verified}" if self.backup_verified else ""))
+        for i in self.items:
+            line = f"{i.key}: {i.outcome} in {i.seconds:.1f}s"
+            if i.before and i.after:
+                line += (f", dead tuples {i.before.n_dead_tup} -> {i.after.n_dead_tup}, table+indexes "
+                         f"{i.before.table_bytes + i.before.index_bytes} -> {i.after.table_bytes + i.after.index_bytes} bytes")
+            if i.lock_wait_seconds:
+                line += f", lock wait {i.lock_wait_seconds:.1f}s"
+            if i.dropped_invalid:
+                line += f", dropped invalid {', '.join(i.dropped_invalid)}"
+            out.append(line + (f" ({i.reason})" if i.reason.startswith("auto") else ""))
+        out += [f"SKIPPED {d.key}: {d.reason}" for d in self.skipped]
+        out += [f"DEFERRED {d.key}: {d.reason}" for d in self.deferred]
+        out += [f"watch {w.name}: {'BREACHED ' + w.detail if w.breached else f'ok, last {w.last}'}" for w in self.watch]
+        if self.status in ("failed", "aborted"):
+            out += [f"NOT DONE {n}" for n in self.not_done]
+        return out
+
 
 class FleetMember(BaseModel):
     environment: str
@@ -195,3 +217,8 @@ class FleetReport(ProcedureReport):
     max_errors: int = 0
     members: list[FleetMember] = []
     peak_concurrency: int = 0
+
+    def figure_lines(self) -> list[str]:
+        return [f"at most {self.max_concurrency} at once (peak {self.peak_concurrency}), stop after {self.max_errors} failure(s)"] + [
+            f"{m.environment} ({m.workflow_id}): {m.status}" + (f", {m.tables_done} table(s) done, {m.deferred} deferred" if m.status == "succeeded" else "")
+            + (f" — {m.failure}" if m.failure else "") for m in self.members]
