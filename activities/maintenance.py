@@ -170,7 +170,7 @@ def verify_backup(req: VerifyBackupRequest) -> str:
                                type="BackupInvalid", non_retryable=True)
     if b.method != "azure-on-demand" and not b.size_bytes:
         raise ApplicationError(f"backup {b.id} is empty", type="BackupInvalid", non_retryable=True)
-    detail = f"{b.method} {b.id}: completed {completed:%Y-%m-%d %H:%M:%S}Z" + (f", {b.size_bytes} bytes" if b.size_bytes else "")
+    detail = f"{b.method} {b.id.rsplit('/', 1)[-1]}: completed {completed:%Y-%m-%d %H:%M:%S}Z" + (f", {b.size_bytes} bytes" if b.size_bytes else "")
     if b.method == "pg_basebackup":
         detail += "; " + postgres.verify_base_backup(b.location)
     return detail

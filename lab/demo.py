@@ -110,11 +110,6 @@ async def maintenance_demo(state: dict) -> int:
     approver = asyncio.create_task(approve_when_asked(handle))
     code = await follow(handle, as_json=False)
     await approver
-    report = await fetch_report(handle)
-    for item in getattr(report, "items", []):
-        if item.before and item.after:
-            print(f"  {item.key}: dead tuples {item.before.n_dead_tup} -> {item.after.n_dead_tup}, "
-                  f"table+indexes {item.before.table_bytes + item.before.index_bytes} -> {item.after.table_bytes + item.after.index_bytes} bytes")
     print(f"\nreport:      opsflow report {handle.id} --markdown")
     print(f"status page: the receiver's {state['receiver']['dir']}/statuspage.jsonl")
     print("the lab stays up; tear it down with: opsflow lab down")

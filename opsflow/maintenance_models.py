@@ -183,7 +183,7 @@ class MaintenanceReport(ProcedureReport):
         """The report's figures for people (opsflow report, the CLI's summary)."""
         out = [f"window {self.window}" + (f"; overridden by {self.override.by}" if self.override else "")]
         if self.backup:
-            out.append(f"backup {self.backup.method} {self.backup.id}" + (f" — {self.backup_verified}" if self.backup_verified else ""))
+            out.append(f"backup {self.backup.id}" + (f"; verified: {self.backup_verified}" if self.backup_verified else "; not verified"))
         for i in self.items:
             line = f"{i.key}: {i.outcome} in {i.seconds:.1f}s"
             if i.before and i.after:

@@ -183,7 +183,7 @@ class MaintenanceWorkflow(Procedure):
                                             BackupRequest(target=self.target, policy=policy.backup, name=f"opsflow-maint-{workflow.info().run_id[:8]}"),
                                             result_type=BackupResult, queue=self.queue, timeout=policy.backup.timeout + 60,
                                             heartbeat=max(policy.heartbeat_timeout, 30), attempts=3, interruptible=True,
-                                            detail=lambda b: f"{b.method} {b.id}")
+                                            detail=lambda b: f"{b.method} {b.id.rsplit('/', 1)[-1]}")
             if policy.backup.verify:
                 report.backup_verified = await self.step("verify-backup", "Verify the backup", "backup.verify",
                                                          VerifyBackupRequest(target=self.target, policy=policy.backup, backup=report.backup, not_before=started),
@@ -370,7 +370,7 @@ class MaintenanceWorkflow(Procedure):
         if r.deferred:
             text += f"; deferred: {', '.join(d.key for d in r.deferred)}"
         if r.backup:
-            text += f"; backup {r.backup.id}"
+            text += f"; backup {r.backup.id.rsplit('/', 1)[-1]}"
         if r.watch_breached:
             text += "; METRICS BREACHED after the window"
         return text
