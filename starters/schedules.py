@@ -276,13 +276,31 @@ def _drill_action(inv: Inventory, name: str, schedule_id: str, args) -> Schedule
         raise CliError("--region is for --procedure maintenance; a drill restores from --source REGION")
     reason = args.note or f"schedule {name}"
     inp = DrillInput(inventory=inv, source_region=args.source, requester=f"schedule:{name}", reason=reason)
+    summary = f"Restore drill of {inv.environment}" + (f" from {args.source}" if args.source else "") + f" (schedule {name})"
+    return _launch(inv, "drill", inp, schedule_id, summary, reason, name)
+
+
+def _procedure_of(action: ScheduleActionStartWorkflow) -> str | None:
+    """The procedure a schedule runs (its action starts the `scheduled` launcher)."""
+    from opsflow.temporal import OPS_PROCEDURE
+
+    return action.typed_search_attributes.get(OPS_PROCEDURE) if action.typed_search_attributes else action.workflow
+
+
+def _launch(inv: Inventory, procedure: str, inp, schedule_id: str, summary: str, reason: str, name: str) -> ScheduleActionStartWorkflow:
+    """The schedule starts the `scheduled` launcher (Temporal appends the scheduled time to its id), which
+    starts the procedure under the environment's lock `opsflow-<env>`: one procedure per environment."""
+    from workflows.scheduled import LaunchInput
+
+    launch = LaunchInput(procedure=procedure, environment=inv.environment, task_queue=inv.task_queue,
+                         arg=inp.model_dump(mode="json"), summary=summary)
     return ScheduleActionStartWorkflow(
-        "drill",
-        inp,
-        id=schedule_id,  # Temporal appends the scheduled time: opsflow-<env>-<name>-2026-06-01T01:00:00Z
+        "scheduled",
+        launch,
+        id=schedule_id,
         task_queue=inv.task_queue,
-        typed_search_attributes=_attributes(inv.environment, "drill"),
-        static_summary=f"Restore drill of {inv.environment}" + (f" from {args.source}" if args.source else "") + f" (schedule {name})",
+        typed_search_attributes=_attributes(inv.environment, procedure),
+        static_summary=summary,
         static_details=f"requested by schedule:{name}: {reason}",
     )
 
@@ -298,16 +316,8 @@ def _maintenance_action(inv: Inventory, name: str, schedule_id: str, args) -> Sc
         raise CliError("this opsflow has no maintenance procedure yet (workflows/maintenance.py); a schedule can run: drill") from None
     reason = args.note or f"schedule {name}"
     inp = MaintenanceInput(inventory=inv, requester=f"schedule:{name}", reason=reason, region=args.region)
-    return ScheduleActionStartWorkflow(
-        "maintenance",
-        inp,
-        # The environment's lock id; Temporal still appends the scheduled time (see the module's notes).
-        id=f"opsflow-{inv.environment}",
-        task_queue=inv.task_queue,
-        typed_search_attributes=_attributes(inv.environment, "maintenance"),
-        static_summary=f"Maintenance window of {inv.environment}" + (f" in {args.region}" if args.region else "") + f" (schedule {name})",
-        static_details=f"requested by schedule:{name}: {reason}",
-    )
+    summary = f"Maintenance window of {inv.environment}" + (f" in {args.region}" if args.region else "") + f" (schedule {name})"
+    return _launch(inv, "maintenance", inp, schedule_id, summary, reason, name)
 
 
 PROCEDURES: dict[str, Callable[[Inventory, str, str, argparse.Namespace], ScheduleActionStartWorkflow]] = {
@@ -441,7 +451,7 @@ def _show_dry_run(inv: Inventory, name: str, schedule: Schedule, warnings: list[
     action = schedule.action
     assert isinstance(action, ScheduleActionStartWorkflow)
     out = {"name": name, "schedule_id": schedule_id(inv.environment, name), "environment": inv.environment,
-           "procedure": action.workflow, "workflow_id": f"{action.id}-<scheduled time>", "task_queue": action.task_queue,
+           "procedure": _procedure_of(action), "workflow_id": f"opsflow-{inv.environment}", "task_queue": action.task_queue,
            "cron_sent": schedule.spec.cron_expressions[0], "timezone": schedule.spec.time_zone_name, "paused": schedule.state.paused,
            "warnings": warnings, "next_action_times": None,
            "why_no_times": "Temporal computes the run times when the schedule is created; create it with --paused to see them first"}
@@ -530,7 +540,7 @@ def _description(desc: ScheduleDescription, name: str, inv: Inventory) -> dict:
         "name": name,
         "schedule_id": desc.id,
         "environment": inv.environment,
-        "procedure": action.workflow if isinstance(action, ScheduleActionStartWorkflow) else None,
+        "procedure": _procedure_of(action) if isinstance(action, ScheduleActionStartWorkflow) else None,
         "task_queue": action.task_queue if isinstance(action, ScheduleActionStartWorkflow) else None,
         "spec": _spec_summary(s.spec),
         "paused": s.state.paused,
@@ -556,6 +566,7 @@ async def _inventory_current(client: Client, desc: ScheduleDescription, inv: Inv
         return None
     try:
         (stored,) = await client.data_converter.decode(list(action.args), [dict])
+        stored = stored.get("arg", stored)  # the launcher's input carries the procedure's
         return _settings(Inventory.model_validate(stored["inventory"]).model_dump(mode="json")) == _settings(inv.model_dump(mode="json"))
     except Exception:  # an older or foreign input shape: say nothing rather than guess
         return None

@@ -6,8 +6,9 @@ from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
 from workflows.maintenance import MaintenanceFleetWorkflow, MaintenanceWorkflow
+from workflows.scheduled import ScheduledLaunch
 
-WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, MaintenanceWorkflow, MaintenanceFleetWorkflow]
+WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, ScheduledLaunch, MaintenanceWorkflow, MaintenanceFleetWorkflow]
 
 # Activities that act on one region run on that region's queue, so a dead region cannot stall the rest.
 REGION_ACTIVITIES = [

@@ -143,6 +143,7 @@ class Procedure:
         self.writes_down: str | None = None  # set while a step has made the service unwritable (said on pause)
         self.undo_stack: list[tuple[str, str, Any, str | None, float, str | None]] = []
         self.declared: list[StepDecl] | None = None
+        self._shown: tuple[str, str] | None = None  # the search attributes last upserted
 
     # -- declared steps and the dry-run plan -------------------------------------------------------------
 
@@ -545,7 +546,13 @@ class Procedure:
             secs = f"{s.seconds:.1f}" if s.seconds is not None else ""
             lines.append(f"| {s.title} | {s.outcome} | {secs} |")
         workflow.set_current_details("\n".join(lines))
-        workflow.upsert_search_attributes([OPS_STEP.value_set(r.current_step or "start"), OPS_STATUS.value_set(r.status)])
+        shown = (r.current_step or "start", r.status)
+        # An upsert is a command in history and costs a round trip: only when a value changed (recorded
+        # histories upserted on every redraw; replay keeps that).
+        if shown == self._shown and workflow.patched("lean-ui"):
+            return
+        self._shown = shown
+        workflow.upsert_search_attributes([OPS_STEP.value_set(shown[0]), OPS_STATUS.value_set(shown[1])])
 
     async def conclude(self, body: Callable[[], Awaitable[None]]) -> ProcedureReport:
         """Run the procedure body; on a stop or failure undo what can be undone, and end with the report.

@@ -143,9 +143,12 @@ def test_build_schedule(tmp_path):
     assert schedule.spec.time_zone_name == "Europe/Berlin" and schedule.spec.cron_expressions == ["0 0 3 1 * * * # calendar: day_of_month=1 hour=3"]
     assert schedule.policy.pause_on_failure and schedule.policy.overlap.name == "SKIP" and schedule.state.paused
     action = schedule.action
-    assert action.workflow == "drill" and action.id == "opsflow-unit-monthly" and action.task_queue == inv.task_queue
-    (inp,) = action.args
-    assert inp.requester == "schedule:monthly" and inp.source_region == "westeurope" and inp.inventory.environment == "unit"
+    # The schedule starts the launcher, which starts the drill under the environment's lock opsflow-unit.
+    assert action.workflow == "scheduled" and action.id == "opsflow-unit-monthly" and action.task_queue == inv.task_queue
+    (launch,) = action.args
+    assert launch.procedure == "drill" and launch.environment == "unit"
+    inp = launch.arg
+    assert inp["requester"] == "schedule:monthly" and inp["source_region"] == "westeurope" and inp["inventory"]["environment"] == "unit"
     assert {p.key.name: p.value for p in action.typed_search_attributes} == {"OpsProcedure": "drill", "OpsEnvironment": "unit"}
     _, _, default, _ = build_schedule(_args(tmp_path, "m2", "--procedure", "drill", "--cron", "0 3 1 * *"))
     assert not default.policy.pause_on_failure and not default.state.paused and default.spec.time_zone_name == "UTC"
@@ -172,9 +175,10 @@ def test_maintenance_schedule_builds_its_input_under_the_environment_id(tmp_path
     _, _, schedule, _ = build_schedule(_args(tmp_path, "weekly", "--procedure", "maintenance", "--calendar", "day_of_week=sun hour=2",
                                              "--region", "eastus"))
     action = schedule.action
-    assert action.workflow == "maintenance" and action.id == "opsflow-unit"
-    (inp,) = action.args
-    assert inp.requester == "schedule:weekly" and inp.region == "eastus" and not inp.dry_run
+    assert action.workflow == "scheduled" and action.id == "opsflow-unit-weekly"
+    (launch,) = action.args
+    inp = launch.arg
+    assert launch.procedure == "maintenance" and inp["requester"] == "schedule:weekly" and inp["region"] == "eastus" and not inp["dry_run"]
     assert {p.key.name: p.value for p in action.typed_search_attributes} == {"OpsProcedure": "maintenance", "OpsEnvironment": "unit"}
 
 
@@ -238,7 +242,7 @@ async def test_dry_run_checks_and_shows_what_would_be_sent_without_temporal(tmp_
     assert await cmd_create(args, client=None) == 0  # no client: nothing is asked of Temporal
     out = json.loads(capsys.readouterr().out)
     assert out["cron_sent"] == "0 0 3 1 * * * # calendar: day_of_month=1 hour=3" and out["timezone"] == "Europe/Berlin"
-    assert out["workflow_id"] == "opsflow-unit-monthly-<scheduled time>" and out["next_action_times"] is None
+    assert out["workflow_id"] == "opsflow-unit" and out["next_action_times"] is None  # the environment lock
     assert "--paused" in out["why_no_times"]
     with pytest.raises(CliError, match="hour=25"):
         await cmd_create(_args(tmp_path, "m", "--procedure", "drill", "--calendar", "hour=25", "--dry-run"), client=None)

@@ -15,8 +15,9 @@ from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
 from workflows.maintenance import MaintenanceFleetWorkflow, MaintenanceWorkflow
+from workflows.scheduled import ScheduledLaunch
 
-WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, MaintenanceWorkflow, MaintenanceFleetWorkflow]
+WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, ScheduledLaunch, MaintenanceWorkflow, MaintenanceFleetWorkflow]
 
 
 @pytest_asyncio.fixture(scope="module")

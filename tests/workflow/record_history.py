@@ -76,7 +76,16 @@ async def drill(env, inv: Inventory, world: World) -> WorkflowHandle:
     return await start(env, inv, "drill", DrillInput(inventory=inv, requester="schedule:monthly"))
 
 
-RECORDINGS = {"failover_planned": planned, "failover_emergency": emergency, "failback": failback, "drill": drill}
+async def scheduled(env, inv: Inventory, world: World) -> WorkflowHandle:
+    from workflows.drill import DrillInput
+    from workflows.scheduled import LaunchInput
+
+    arg = DrillInput(inventory=inv, requester="schedule:monthly").model_dump(mode="json")
+    launch = LaunchInput(procedure="drill", environment=inv.environment, task_queue=inv.task_queue, arg=arg)
+    return await env.client.start_workflow("scheduled", launch, id="opsflow-replay-monthly", task_queue=inv.task_queue)
+
+
+RECORDINGS = {"failover_planned": planned, "failover_emergency": emergency, "failback": failback, "drill": drill, "scheduled": scheduled}
 
 
 async def start(env, inv: Inventory, procedure: str, arg) -> WorkflowHandle:
@@ -86,7 +95,7 @@ async def start(env, inv: Inventory, procedure: str, arg) -> WorkflowHandle:
 
 def recording_inventory(name: str, tmp: Path) -> Inventory:
     data = inventory_dict(environment="replay")
-    if name == "drill":
+    if name in ("drill", "scheduled"):
         data["reports_dir"] = str(tmp / "reports")
         data["drill"] = {"method": "s3-dump", "dumps": {"bucket": "b"}, "scratch_server": {"dsn": "host=scratch dbname=postgres"},
                          "row_counts": [{"table": "orders"}], "checks": [{"name": "no negative totals", "query": "select true"}]}
@@ -104,7 +113,7 @@ async def record(name: str) -> Path:
     world = World()
     with tempfile.TemporaryDirectory() as tmp:
         inv = recording_inventory(name, Path(tmp))
-        acts = Backups().activities() if name == "drill" else world.activities()
+        acts = Backups().activities() if name in ("drill", "scheduled") else world.activities()
         async with await WorkflowEnvironment.start_time_skipping(data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")) as env:
             await register_search_attributes(env.client)
             with concurrent.futures.ThreadPoolExecutor(4) as ex:

@@ -229,3 +229,21 @@ async def test_dry_run_creates_nothing(drilling, backups, drill_inventory):
     report = DrillReport.model_validate(await (await start(drilling, drill_inventory, dry_run=True)).result())
     assert report.status == "planned" and backups.created == []
     assert [s.name for s in report.steps if s.outcome == "planned"] == ["leftovers", "restore", "restore-wait", "verify", "cleanup"]
+
+
+async def test_a_scheduled_drill_takes_the_environment_lock_or_is_skipped(drilling, backups, drill_inventory):
+    from workflows.scheduled import LaunchInput
+
+    inv = drill_inventory
+    launch = LaunchInput(procedure="drill", environment=inv.environment, task_queue=inv.task_queue,
+                         arg=DrillInput(inventory=inv, requester="schedule:monthly").model_dump(mode="json"))
+    done = await drilling.client.execute_workflow("scheduled", launch, id=f"opsflow-{inv.environment}-monthly-1", task_queue=inv.task_queue, result_type=dict)
+    assert done["status"] == "started" and done["workflow_id"] == f"opsflow-{inv.environment}"
+    assert DrillReport.model_validate(done["report"]).status == "succeeded"
+
+    backups.block_wait = threading.Event()  # a drill holds the lock while the schedule fires again
+    held = await start(drilling, inv)
+    skipped = await drilling.client.execute_workflow("scheduled", launch, id=f"opsflow-{inv.environment}-monthly-2", task_queue=inv.task_queue, result_type=dict)
+    assert skipped["status"] == "skipped" and "another procedure is running" in skipped["reason"]
+    backups.block_wait.set()
+    assert DrillReport.model_validate(await held.result()).status == "succeeded"

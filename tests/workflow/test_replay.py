@@ -18,7 +18,7 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_recorded_history_replays(path: Path):
     history = WorkflowHistory.from_json("opsflow-replay", path.read_text())  # the recorded run's id
-    assert len(history.events) > 20  # a whole procedure, not a stub
+    assert len(history.events) > 10  # a whole run, not a stub
     result = await Replayer(workflows=WORKFLOWS, data_converter=DATA_CONVERTER).replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, result.replay_failure
 
