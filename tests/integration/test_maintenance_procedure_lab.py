@@ -61,3 +61,26 @@ def test_maintenance_window_on_the_lab(lab, worker, tmp_path):
     assert steps.index("maintenance-on") < steps.index(f"vacuum-analyze:public.{BLOAT_TABLE}") < steps.index("maintenance-off")
     with psycopg.connect(lab.dsn("westeurope"), autocommit=True) as c:
         assert c.execute("select status from pg_stat_wal_receiver").fetchone() == ("streaming",)
+
+
+def test_a_fleet_of_two_environments_one_at_a_time_through_the_cli(lab, worker, tmp_path):
+    # A second environment on the same lab, served by the same worker (its queues are the lab's): a fleet of two.
+    inv = yaml.safe_load(open(lab.inventory).read())
+    inv["maintenance"]["backup"] = {"take": False, "verify": False}
+    second = {**inv, "environment": "lab2", "workflow_task_queue": "opsflow-lab",
+              "regions": {r: {**v, "task_queue": f"opsflow-lab-{r}"} for r, v in inv["regions"].items()}}
+    (tmp_path / "lab2.yaml").write_text(yaml.safe_dump(second))
+    (tmp_path / "lab1.yaml").write_text(yaml.safe_dump(inv))
+    started = lab.cli_json("maintenance", "--env", str(tmp_path / "lab1.yaml"), "--env", str(tmp_path / "lab2.yaml"),
+                           "--max-concurrency", "1", "--requester", "alice")
+    fleet = started["workflow_id"]
+    for child in ("opsflow-lab", "opsflow-lab2"):
+        wait_for(lambda: lab.cli("status", child, "--json").returncode == 0
+                 and (lab.cli_json("status", child).get("waiting_for") or "").startswith("approval"), 180, what=f"{child} to wait for approval")
+        assert lab.cli_json("status", fleet)["members"][1 if child == "opsflow-lab" else 0]["status"] in ("not-started", "succeeded")
+        lab.cli("approve", child, "--as", "bob", check=True)
+    wait_for(lambda: lab.cli_json("status", fleet)["status"] not in ("running", "waiting"), 300, what="the fleet to end")
+    report = lab.cli_json("report", fleet)
+    assert report["status"] == "succeeded", report.get("failure")
+    assert [(m["environment"], m["status"]) for m in report["members"]] == [("lab", "succeeded"), ("lab2", "succeeded")]
+    assert report["peak_concurrency"] == 1
