@@ -776,9 +776,12 @@ def table_stats(conn: psycopg.Connection, table: str) -> Any:
 
 
 def missing_tables(db: Any, tables: list[str]) -> list[str]:
-    """The listed tables (schema.table, already validated identifiers) that do not exist on db."""
+    """The listed tables (schema.table, already validated identifiers) that do not exist on db. Catalog only:
+    no lock is taken, so a table another session holds locked is found, not waited for."""
     with connect(db) as conn, _sql_errors(db, "table lookup"):
-        return [t for t in tables if table_stats(conn, t) is None]
+        return [t for t in tables if conn.execute(
+            "select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = %s and c.relname = %s and c.relkind in ('r', 'p', 'm')",
+            _split_table(t)).fetchone() is None]
 
 
 def dead_tuple_candidates(db: Any, min_dead_tuples: int, dead_ratio: float, limit: int) -> list[tuple[str, str]]:

@@ -84,3 +84,20 @@ def test_a_fleet_of_two_environments_one_at_a_time_through_the_cli(lab, worker, 
     assert report["status"] == "succeeded", report.get("failure")
     assert [(m["environment"], m["status"]) for m in report["members"]] == [("lab", "succeeded"), ("lab2", "succeeded")]
     assert report["peak_concurrency"] == 1
+
+
+def test_a_table_locked_by_another_session_is_retried_then_skipped_and_the_rest_is_done(lab, worker):
+    with psycopg.connect(lab.dsn("eastus")) as holder:
+        holder.execute("LOCK TABLE lab_orders IN ACCESS EXCLUSIVE MODE")  # held for the whole window
+        wid = lab.cli_json("maintenance", "--requester", "alice")["workflow_id"]
+        wait_for(lambda: (lab.cli_json("status", wid).get("waiting_for") or "").startswith("approval"), 120, what="the approval gate")
+        lab.cli("approve", wid, "--as", "bob", check=True)
+        wait_for(lambda: lab.cli_json("status", wid)["status"] not in ("running", "waiting"), 300, what="the end of the maintenance")
+        holder.rollback()
+    report = lab.cli_json("report", wid)
+    assert report["status"] == "succeeded", report.get("failure")
+    skipped = {s["key"]: s["reason"] for s in report["skipped"]}
+    assert set(skipped) == {"analyze:public.lab_orders", "sql:purge negative totals"}
+    assert all("lock not granted within 2s (2 attempt(s))" in r for r in skipped.values())
+    done = [i["key"] for i in report["items"] if i["outcome"] == "done"]
+    assert done == [f"vacuum-analyze:public.{BLOAT_TABLE}", f"reindex:public.{BLOAT_TABLE}"]
