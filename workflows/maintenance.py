@@ -263,6 +263,14 @@ class MaintenanceWorkflow(Procedure):
             raise ApplicationError("not waiting for the window", type="NotWaiting")
         self.verify_request(req, "override", None, self.inventory.approval)
 
+    @workflow.signal
+    def abort_from_fleet(self, req: Request) -> None:
+        """The fleet's abort, passed down: a parent workflow can signal its children, not send them Updates. It
+        takes the abort path (the running statement cancelled, maintenance mode off), which a workflow
+        cancellation would not: that leaves the running activity to finish on its own."""
+        if self.abort_requested is None:
+            self.abort_requested = self.event("abort", req)
+
     def cutoff_reached(self) -> bool:
         # Started by an override outside the window: the approver chose the time; there is no window to end.
         return self.in_window and self.calendar.cutoff_reached(workflow.now(), self.policy.cutoff)
@@ -403,7 +411,8 @@ class FleetInput(BaseModel):
 class MaintenanceFleetWorkflow(Procedure):
     """One maintenance per environment as child workflows `opsflow-<env>` (each environment's lock holds), at
     most max_concurrency at once; after max_errors failures no new one starts. Each child keeps its own gates
-    (approval, override): its approvers answer it by its id. An abort cancels the running children (they undo)."""
+    (approval, override): its approvers answer it by its id. An abort is passed down to the running children
+    (their statements are cancelled and they undo) and no new one starts."""
 
     @workflow.init
     def __init__(self, inp: FleetInput) -> None:
@@ -463,12 +472,14 @@ class MaintenanceFleetWorkflow(Procedure):
             running += 1
             report.peak_concurrency = max(report.peak_concurrency, running)
             tasks.append(asyncio.ensure_future(one(inv)))
-        try:
-            await workflow.wait_condition(lambda: running == 0 or self.abort_requested is not None)
-        finally:
-            if self.abort_requested is not None:
-                for h in children:
-                    h.cancel()
+        await workflow.wait_condition(lambda: running == 0 or self.abort_requested is not None)
+        if self.abort_requested is not None:
+            a = self.abort_requested
+            for h in children:
+                try:
+                    await h.signal(MaintenanceWorkflow.abort_from_fleet, Request(by=a.by, reason=f"fleet {report.workflow_id} aborted: {a.reason}"))
+                except Exception:  # noqa: BLE001 - the child has ended meanwhile
+                    pass
         await asyncio.gather(*tasks, return_exceptions=True)
         for m in report.members:
             if m.status == "not-started":

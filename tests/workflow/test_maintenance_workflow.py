@@ -465,3 +465,26 @@ async def test_parallel_runs_that_many_tables_at_once(worker, mworld):
     mworld.release.set()
     report = await handle.result()
     assert sorted(keys(report)) == ["reindex:public.events", "vacuum-analyze:public.events", "vacuum-analyze:public.orders"]
+
+
+async def test_aborting_the_fleet_cancels_the_running_environments_which_undo(worker, mworld):
+    env = worker
+    now = await env.get_current_time()
+    invs = [maint_inventory(now, env=f"h{uuid.uuid4().hex[:6]}") for _ in range(3)]
+    mworld.slow.add("public.orders")
+    fleet = await env.client.start_workflow(MaintenanceFleetWorkflow.run, FleetInput(inventories=invs, requester="alice", max_concurrency=2),
+                                            id=f"fleet-{uuid.uuid4().hex[:6]}", task_queue=QUEUE)
+    for inv in invs[:2]:
+        await approve_when_waiting(env.client.get_workflow_handle(f"opsflow-{inv.environment}"))
+    await until(lambda: sum(c == "vacuum-analyze:public.orders" for _, c in mworld.calls) == 2, "both environments mid-table")
+    await fleet.execute_update("abort", Request(by="alice", reason="incident elsewhere"))
+    with pytest.raises(WorkflowFailureError) as info:
+        await fleet.result()
+    from opsflow.maintenance_models import FleetReport
+
+    details = info.value.cause.details[0]
+    report = FleetReport.model_validate(details if isinstance(details, dict) else details.model_dump())
+    assert report.status == "aborted"
+    assert [m.status for m in report.members] == ["aborted", "aborted", "not-started"]
+    assert not mworld.maintenance  # each child turned maintenance mode off again
+    assert sorted(mworld.cancelled) == ["vacuum-analyze:public.orders"] * 2  # their running statements were stopped
