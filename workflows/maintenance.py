@@ -266,8 +266,7 @@ class MaintenanceWorkflow(Procedure):
     @workflow.signal
     def abort_from_fleet(self, req: Request) -> None:
         """The fleet's abort, passed down: a parent workflow can signal its children, not send them Updates. It
-        takes the abort path (the running statement cancelled, maintenance mode off), which a workflow
-        cancellation would not: that leaves the running activity to finish on its own."""
+        takes the path `opsflow abort` takes: the running statement cancelled, maintenance mode off, reported."""
         if self.abort_requested is None:
             self.abort_requested = self.event("abort", req)
 
