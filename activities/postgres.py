@@ -987,8 +987,6 @@ def base_backup(db: Any, directory: str, name: str, *, timeout: float = 3600) ->
     import subprocess
     from pathlib import Path
 
-    from opsflow.maintenance_models import BackupResult
-
     dest = Path(directory) / name
     started = datetime.now(timezone.utc)
     if (dest / "backup_manifest").exists():

@@ -20,7 +20,7 @@ from datetime import timedelta
 
 from pydantic import BaseModel, Field
 from temporalio import workflow
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
 from workflows.procedure import Procedure, Request, StepDecl, Stop, failure_message
@@ -63,6 +63,10 @@ class MaintenanceInput(BaseModel):
 VERBS = {"vacuum": "VACUUM", "analyze": "ANALYZE", "vacuum-analyze": "VACUUM (ANALYZE)", "reindex": "REINDEX CONCURRENTLY"}
 
 
+def breaches(w: WatchResult) -> str:
+    return "; ".join(f"{r.name} {r.detail}" for r in w.results if r.breached)
+
+
 def item_title(item: WorkItem) -> str:
     return f"SQL: {item.name}" if item.kind == "sql" else f"{VERBS[item.kind]} {item.table}"
 
@@ -77,7 +81,8 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
     decls = [
         StepDecl("announce", f"status page {page.page_id if page else '-'}: scheduled maintenance", "a status page is configured", page is not None),
         StepDecl("backup", plan.backup_target, "backup.take", policy.backup.take),
-        StepDecl("verify-backup", "the backup completed after the start and is not empty", "backup.verify", policy.backup.take and policy.backup.verify),
+        StepDecl("verify-backup", "the backup completed after the start and is not empty", "backup.verify",
+                 policy.backup.take and policy.backup.verify),
         StepDecl("approval", f"wait for one of {', '.join(inv.approval.names())}"),
         StepDecl("window", f"wait for the window ({', '.join(w.days)} {w.start}-{w.end} {w.timezone})", "outside the window"),
         StepDecl("maintenance-on", f"annotate service {service} in {region} maintenance=true", "maintenance_mode and a service",
@@ -91,7 +96,7 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
         StepDecl("maintenance-off", f"remove the maintenance annotation of {service} in {region}", "maintenance mode was turned on",
                  policy.maintenance_mode and service is not None),
         StepDecl("smoke", f"{len(smoke)} smoke URL(s) answer", "smoke URLs are configured", bool(smoke)),
-        StepDecl("watch", f"watch {len(policy.watch.queries) if policy.watch else 0} metric(s) for {policy.watch.duration if policy.watch else 0:.0f}s",
+        StepDecl("watch", f"watch {len(policy.watch.queries)} metric(s) for {policy.watch.duration:.0f}s" if policy.watch else "watch metrics",
                  "watch is configured", policy.watch is not None),
         StepDecl("status-completed", "status page: completed", "a status page is configured", page is not None),
         StepDecl("status-ended-early", "status page: the window ended early", "the run stops", False),
@@ -180,13 +185,15 @@ class MaintenanceWorkflow(Procedure):
         if policy.backup.take:
             started = report.started_at or workflow.now()
             report.backup = await self.step("backup", plan.backup_target, "backup.take",
-                                            BackupRequest(target=self.target, policy=policy.backup, name=f"opsflow-maint-{workflow.info().run_id[:8]}"),
+                                            BackupRequest(target=self.target, policy=policy.backup,
+                                                          name=f"opsflow-maint-{workflow.info().run_id[:8]}"),
                                             result_type=BackupResult, queue=self.queue, timeout=policy.backup.timeout + 60,
                                             heartbeat=max(policy.heartbeat_timeout, 30), attempts=3, interruptible=True,
                                             detail=lambda b: f"{b.method} {b.id.rsplit('/', 1)[-1]}")
             if policy.backup.verify:
                 report.backup_verified = await self.step("verify-backup", "Verify the backup", "backup.verify",
-                                                         VerifyBackupRequest(target=self.target, policy=policy.backup, backup=report.backup, not_before=started),
+                                                         VerifyBackupRequest(target=self.target, policy=policy.backup, backup=report.backup,
+                                                                             not_before=started),
                                                          result_type=str, queue=self.queue, timeout=policy.backup.timeout, heartbeat=None, attempts=3,
                                                          detail=lambda d: d)
         await self.approval_gate(f"maintenance of {inv.environment} ({region}): {len(plan.items)} item(s)")
@@ -195,8 +202,8 @@ class MaintenanceWorkflow(Procedure):
         # -- in the window -------------------------------------------------------------------------------------
         service = inv.regions[region].kubernetes.service if inv.regions[region].kubernetes else None
         if policy.maintenance_mode and service:
-            await self.step("maintenance-on", f"Maintenance mode on in {region}", "k8s.set_maintenance", MaintenanceRequest(target=self.target, on=True),
-                            result_type=KubeStatus, queue=self.queue)
+            await self.step("maintenance-on", f"Maintenance mode on in {region}", "k8s.set_maintenance",
+                            MaintenanceRequest(target=self.target, on=True), result_type=KubeStatus, queue=self.queue)
             # owed from here on: turned off at the end, and on any failure or abort
             self.owe(f"Maintenance mode off in {region}", "k8s.set_maintenance", MaintenanceRequest(target=self.target, on=False),
                      queue=self.queue, name="maintenance-off")
@@ -208,17 +215,17 @@ class MaintenanceWorkflow(Procedure):
         await self.undo()  # maintenance mode off (recorded as step maintenance-off)
         report.maintenance_mode_on = False
         if self.target.smoke_urls:
-            await self.step("smoke", f"Smoke tests in {region}", "http.smoke", self.target, result_type=list[SmokeResult], queue=self.queue, attempts=10)
+            await self.step("smoke", f"Smoke tests in {region}", "http.smoke", self.target, result_type=list[SmokeResult],
+                            queue=self.queue, attempts=10)
         if policy.watch:
             watched: WatchResult = await self.step("watch", f"Watch the metrics for {policy.watch.duration:.0f}s", "watch.metrics",
                                                    WatchRequest(policy=policy.watch, duration=policy.watch.duration), result_type=WatchResult,
                                                    queue=inv.task_queue, timeout=policy.watch.duration + 120, heartbeat=policy.watch.interval + 60,
                                                    attempts=3, interruptible=True,
-                                                   detail=lambda w: "within thresholds" if w.ok else "BREACH: " + "; ".join(f"{r.name} {r.detail}" for r in w.results if r.breached))
+                                                   detail=lambda w: "within thresholds" if w.ok else "BREACH: " + breaches(w))
             report.watch, report.watch_breached = watched.results, not watched.ok
             if not watched.ok:
-                await self.notify(f"Maintenance of {inv.environment}: metrics breached after the window: "
-                                  + "; ".join(f"{r.name} {r.detail}" for r in watched.results if r.breached), severity="critical")
+                await self.notify(f"Maintenance of {inv.environment}: metrics breached after the window: {breaches(watched)}", severity="critical")
         await self.status_page("status-completed", "completed", self.summary())
         record = self.begin_step("notify", "Notify")
         await self.notify(self.summary(), severity="warning" if report.deferred or report.skipped or report.watch_breached else "info")
@@ -258,7 +265,8 @@ class MaintenanceWorkflow(Procedure):
     @override.validator
     def _validate_override(self, req: Request) -> None:
         if req.by not in self.inventory.approval.names():
-            raise ApplicationError(f"{req.by!r} may not override the window; approvers: {', '.join(self.inventory.approval.names())}", type="NotAllowed")
+            approvers = ", ".join(self.inventory.approval.names())
+            raise ApplicationError(f"{req.by!r} may not override the window; approvers: {approvers}", type="NotAllowed")
         if not self.waiting_for_window:
             raise ApplicationError("not waiting for the window", type="NotWaiting")
         self.verify_request(req, "override", None, self.inventory.approval)
@@ -427,7 +435,8 @@ class MaintenanceFleetWorkflow(Procedure):
     async def body(self, inp: FleetInput) -> None:
         report = self.report
         assert isinstance(report, FleetReport)
-        self.declare([StepDecl(f"env:{i.environment}", f"maintenance of {i.environment} (child workflow opsflow-{i.environment})") for i in inp.inventories])
+        self.declare([StepDecl(f"env:{i.environment}", f"maintenance of {i.environment} (child workflow opsflow-{i.environment})")
+                      for i in inp.inventories])
         # --dry-run: each child runs its own dry run (its preflight and plan)
         members = {m.environment: m for m in report.members}
         running = 0
@@ -442,7 +451,8 @@ class MaintenanceFleetWorkflow(Procedure):
             self.show()
             try:
                 handle = await workflow.start_child_workflow(
-                    MaintenanceWorkflow.run, MaintenanceInput(inventory=inv, region=inp.region, dry_run=inp.dry_run, requester=inp.requester, reason=inp.reason),
+                    MaintenanceWorkflow.run,
+                    MaintenanceInput(inventory=inv, region=inp.region, dry_run=inp.dry_run, requester=inp.requester, reason=inp.reason),
                     id=member.workflow_id, task_queue=inv.task_queue, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
                     static_summary=f"maintenance of {inv.environment} (fleet {report.workflow_id})")
                 children.append(handle)

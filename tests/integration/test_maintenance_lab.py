@@ -3,7 +3,6 @@ receiver as the status page. Nothing is mocked: real dead tuples, real locks, re
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import threading
@@ -25,7 +24,7 @@ from lab.manage import BLOAT_TABLE, seed_bloat
 from lab.postgres import create_replica, init_primary
 from lab.receiver import read_statuspage, serve
 from opsflow.inventory import InventoryError, PostgresDatabase, SecretRef, load_inventory
-from opsflow.maintenance import BackupPolicy, Guards, MaintenancePolicy, MaintenanceTask, StatusPage
+from opsflow.maintenance import BackupPolicy, Guards, MaintenanceTask, StatusPage
 from opsflow.maintenance_models import (
     BackupRequest,
     HealthRequest,
