@@ -13,11 +13,19 @@ import argparse
 import getpass
 import hashlib
 
+import importlib
+
 from opsflow.inventory import load_inventory
 from opsflow.maintenance_models import FleetReport, MaintenanceReport
-from starters.common import REPORT_TYPES, CliError, inventory_path
+from starters.common import CliError, inventory_path
 
-REPORT_TYPES.update({"maintenance": MaintenanceReport, "maintenance-fleet": FleetReport})
+# Reports are read back by procedure name (status, report, --wait): register ours where the reader looks
+# (opsflow.client once the client API holds it, starters.common before).
+for _module in ("opsflow.client", "starters.common"):
+    try:
+        getattr(importlib.import_module(_module), "REPORT_TYPES", {}).update({"maintenance": MaintenanceReport, "maintenance-fleet": FleetReport})
+    except ImportError:
+        pass
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +46,7 @@ def fleet_id(envs: list[str]) -> str:
 
 
 async def run(args) -> int:
-    from opsflow.temporal import connect
-    from starters.cli import approver_for, run_started, start_procedure
+    from starters.cli import approver_for, connect, run_started, start_procedure
     from workflows.maintenance import FleetInput, MaintenanceInput
 
     paths = [inventory_path(p) for p in (args.env or [None])]
