@@ -324,6 +324,7 @@ class World:
         self.request_log: deque[dict] = deque(maxlen=5000)
         self._probe_cache: dict[str, tuple[float, dict]] = {}
         self.resource_groups: set[str] = {rg.lower() for rg in config.get("resource_groups", [])}
+        self.vault_secrets: dict[str, str] = dict(config.get("key_vault_secrets") or {})
 
         for name, s in (config.get("flexible_servers") or {}).items():
             role = ROLES.get(str(s.get("role", "Primary")).lower())
@@ -487,6 +488,28 @@ class World:
         return srv
 
     # -- auth, faults, log -----------------------------------------------------------------------------------
+    def key_vault(self, method: str, path: str, auth: str | None, origin: str) -> tuple[int, Any, dict]:
+        """Key Vault's data plane, get-secret only (GET /secrets/{name}[/{version}]), served on the emulator's
+        own address. Like the real vault it first answers 401 with a bearer challenge naming the resource
+        the token is for; the SDK then asks its credential for that scope and retries."""
+        if not auth or not auth.lower().startswith("bearer ") or not auth[7:].strip():
+            challenge = f'Bearer authorization="https://login.microsoftonline.com/common", resource="{origin}"'
+            return 401, {"error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer or PoP token."}}, {"WWW-Authenticate": challenge}
+        if self.tokens and auth[7:].strip() not in self.tokens:
+            return 401, {"error": {"code": "Unauthorized", "message": "AKV10032: Invalid issuer."}}, {}
+        segs = [unquote(x) for x in path.strip("/").split("/")]
+        if method != "GET" or len(segs) not in (2, 3):
+            return 405, {"error": {"code": "BadParameter", "message": "the emulated vault serves GET /secrets/{name}[/{version}] only"}}, {}
+        with self.lock:
+            value = self.vault_secrets.get(segs[1])
+        if value is None:
+            msg = f"A secret with (name/id) {segs[1]} was not found in this key vault."
+            return 404, {"error": {"code": "SecretNotFound", "message": msg}}, {}
+        version = segs[2] if len(segs) == 3 and segs[2] else "0" * 32
+        stamp = int(time.time())
+        return 200, {"value": value, "id": f"{origin}/secrets/{segs[1]}/{version}",
+                     "attributes": {"enabled": True, "created": stamp, "updated": stamp, "recoveryLevel": "Recoverable+Purgeable"}}, {}
+
     def check_auth(self, header: str | None) -> None:
         challenge = 'Bearer authorization_uri="https://login.microsoftonline.com/common", error="invalid_token", error_description="{}"'
         if not header:
@@ -1711,6 +1734,12 @@ class World:
                 with self.lock:
                     self.faults.clear()
                 return 200, {"value": []}, {}
+        if len(segs) == 3 and segs[:2] == ["vault", "secrets"] and method == "PUT":
+            if not isinstance(body, dict) or not isinstance(body.get("value"), str):
+                raise _bad_request('body must be {"value": "..."}')
+            with self.lock:
+                self.vault_secrets[segs[2]] = body["value"]
+            return 200, {"name": segs[2]}, {}
         if segs == ["settings"]:
             if method == "GET":
                 return 200, dict(self.settings), {}
@@ -1787,6 +1816,9 @@ class _Handler(BaseHTTPRequestHandler):
                 body = None
             if path.startswith("/_emulator/") or path == "/_emulator":
                 status, payload, headers = world.admin(method, path, body if body is not None else {})
+            elif path.startswith("/secrets/"):
+                host = self.headers.get("Host") or f"127.0.0.1:{self.server.server_address[1]}"
+                status, payload, headers = world.key_vault(method, path, self.headers.get("Authorization"), f"https://{host}")
             else:
                 world.check_auth(self.headers.get("Authorization"))
                 fault = world.take_fault(method, path)

@@ -315,6 +315,11 @@ class ProcedureReport(BaseModel):
     requester: str
     reason: str = ""
     dry_run: bool = False
+    # Signed requests (opsflow/signing.py): the run the signatures bind to, and the requester's start signature;
+    # decisions and control events carry their own. `opsflow verify-report` re-checks them all.
+    run_id: str = ""
+    start_signature: str | None = None
+    start_signed_at: datetime | None = None
     status: ProcedureStatus = "running"
     failure: str | None = None
     current_step: str | None = None

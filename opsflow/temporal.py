@@ -19,6 +19,23 @@ SEARCH_ATTRIBUTES = [OPS_PROCEDURE, OPS_ENVIRONMENT, OPS_STEP, OPS_STATUS]
 
 DATA_CONVERTER = pydantic_data_converter
 
+
+def data_converter(target_host: str | None = None):
+    """The pydantic converter, encrypting payloads (opsflow/codec.py) when a codec key is configured
+    (OPSFLOW_CODEC_KEY / OPSFLOW_CODEC_KEY_FILE), or when talking to a lab started with --encrypt (its key
+    file). The CLI and the worker both use this."""
+    import dataclasses
+
+    from opsflow.codec import KEY_FILE_ENV, codec_from_env
+
+    codec = codec_from_env()
+    if codec is None:
+        lab = lab_state()
+        if lab and lab.get("codec") and target_host == lab["temporal"]["address"]:
+            codec = codec_from_env({KEY_FILE_ENV: lab["codec"]["key_file"]})
+    return dataclasses.replace(DATA_CONVERTER, payload_codec=codec) if codec else DATA_CONVERTER
+
+
 def lab_pointer() -> Path:
     """Where `opsflow lab up` notes the directory of the running lab ($OPSFLOW_HOME, default ~/.opsflow)."""
     return Path(os.environ.get("OPSFLOW_HOME") or Path.home() / ".opsflow") / "current-lab"
@@ -48,7 +65,8 @@ def connect_config() -> dict:
 
 async def connect() -> Client:
     config = connect_config()
-    return await Client.connect(config.pop("target_host"), data_converter=DATA_CONVERTER, **config)
+    target = config.pop("target_host")
+    return await Client.connect(target, data_converter=data_converter(target), **config)
 
 
 async def register_search_attributes(client: Client, namespace: str = "default") -> None:

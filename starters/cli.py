@@ -24,7 +24,11 @@ from opsflow.inventory import Inventory, InventoryError, load_inventory
 from opsflow.models import ProcedureReport
 from opsflow.report import figures, headline, step_line, to_markdown, to_text
 from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE, OPS_STATUS, OPS_STEP, connect
+from opsflow.codec import CodecConfigError
 from starters.common import CliError, emit, fetch_report, handle_for, inventory_path
+from opsflow.signing import start_memo
+from starters.security import SigningFailed, add_key_argument, request_signature, start_signature
+from starters.security import add_commands as security_commands, run_command as security_command
 from workflows.failover import FailoverInput
 
 TERMINAL_OK = {"succeeded", "planned"}
@@ -35,13 +39,16 @@ def environment_workflow_id(inv: Inventory) -> str:
     return f"opsflow-{inv.environment}"
 
 
-async def start_procedure(client: Client, inv: Inventory, procedure: str, arg, summary: str, workflow_id: str | None = None) -> WorkflowHandle:
+async def start_procedure(client: Client, inv: Inventory, procedure: str, arg, summary: str, workflow_id: str | None = None,
+                          key_path: str | None = None) -> WorkflowHandle:
     wid = workflow_id or environment_workflow_id(inv)
+    memo = start_memo(start_signature(inv, procedure, arg.requester, arg.reason or "", key_path))  # issue 11: signed start
     try:
         return await client.start_workflow(
             procedure,
             arg,
             id=wid,
+            memo=memo or None,
             task_queue=inv.task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
@@ -100,7 +107,7 @@ async def cmd_failover(args) -> int:
     inp = FailoverInput(inventory=inv, to_region=args.to, emergency=args.emergency, dry_run=args.dry_run, requester=requester, reason=args.reason or "")
     kind = "EMERGENCY failover" if args.emergency else "Planned failover"
     client = await connect()
-    handle = await start_procedure(client, inv, "failover", inp, f"{kind}{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}")
+    handle = await start_procedure(client, inv, "failover", inp, f"{kind}{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}", key_path=args.key)
     needs_approval = not inp.dry_run and (not args.emergency or inv.approval.emergency_requires_approval)
     return await run_started(handle, args, f"{kind.lower()} to {args.to}, requested by {requester}", approver_for(inv, requester) if needs_approval else None)
 
@@ -130,7 +137,7 @@ async def cmd_failback(args) -> int:
     requester = args.requester or getpass.getuser()
     inp = FailbackInput(inventory=inv, to_region=args.to, dry_run=args.dry_run, requester=requester, reason=args.reason or "")
     client = await connect()
-    handle = await start_procedure(client, inv, "failback", inp, f"Failback{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}")
+    handle = await start_procedure(client, inv, "failback", inp, f"Failback{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}", key_path=args.key)
     return await run_started(handle, args, f"failback to {args.to}, requested by {requester}; approval comes after the replica has caught up", None if args.dry_run else approver_for(inv, requester))
 
 
@@ -157,7 +164,7 @@ async def cmd_drill(args) -> int:
     requester = args.requester or getpass.getuser()
     inp = DrillInput(inventory=inv, source_region=args.source, point_in_time=point, dry_run=args.dry_run, requester=requester, reason=args.reason or "")
     client = await connect()
-    handle = await start_procedure(client, inv, "drill", inp, f"Restore drill{' (dry run)' if args.dry_run else ''} of {inv.environment}", workflow_id=f"opsflow-drill-{inv.environment}")
+    handle = await start_procedure(client, inv, "drill", inp, f"Restore drill{' (dry run)' if args.dry_run else ''} of {inv.environment}", workflow_id=f"opsflow-drill-{inv.environment}", key_path=args.key)
     return await run_started(handle, args, f"restore drill of {inv.environment}", None)
 
 
@@ -167,7 +174,9 @@ async def cmd_update(args) -> int:
     client = await connect()
     handle = await handle_for(client, args.workflow_id)
     try:
-        result = await handle.execute_update(args.command, Request(by=args.as_, reason=args.reason or ""), result_type=dict if args.command in ("approve", "reject") else str)
+        signed = await request_signature(handle, action=args.command, name=args.as_, reason=args.reason or "", key_path=args.key,
+                                         gate_id=getattr(args, "gate", None))  # issue 11
+        result = await handle.execute_update(args.command, Request(by=args.as_, reason=args.reason or "", **signed), result_type=dict if args.command in ("approve", "reject") else str)
     except WorkflowUpdateFailedError as e:
         cause = e.cause
         raise CliError(f"{args.command} refused: {cause.message if isinstance(cause, ApplicationError) else cause}", 1) from None
@@ -265,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--requester", help="who asks (default: your login)")
     f.add_argument("--reason")
     f.add_argument("--wait", action="store_true", help="follow progress until the end")
+    add_key_argument(f)
 
     fb = common(sub.add_parser("failback", help="return to a recovered region: rebuild its replica, catch up, approve, fail over back"))
     fb.add_argument("--env", help="inventory YAML (default: the running lab's)")
@@ -273,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--requester")
     fb.add_argument("--reason")
     fb.add_argument("--wait", action="store_true")
+    add_key_argument(fb)
 
     d = common(sub.add_parser("drill", help="restore test: restore a backup to a scratch target, verify it, delete it"))
     d.add_argument("--env", help="inventory YAML (default: the running lab's)")
@@ -282,12 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--requester")
     d.add_argument("--reason")
     d.add_argument("--wait", action="store_true")
+    add_key_argument(d)
 
     for name in ("approve", "reject", "pause", "resume", "abort", "override"):
         u = common(sub.add_parser(name, help="override a failback's window wait" if name == "override" else f"{name} a running procedure"))
         u.add_argument("workflow_id")
         u.add_argument("--as", dest="as_", required=True, metavar="NAME")
         u.add_argument("--reason", required=(name == "reject"))
+        add_key_argument(u)
 
     s = common(sub.add_parser("status", help="progress of a procedure"))
     s.add_argument("workflow_id")
@@ -303,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     from starters.schedules import add_arguments as schedule_arguments
 
     schedule_arguments(sub.add_parser("schedule", help="procedures on a Temporal Schedule: create, list, describe, pause, trigger, backfill, delete"))
+    security_commands(sub)  # verify-report, codec-key, codec-server (starters/security.py)
     from starters import maintenance  # opsflow maintenance ... (starters/maintenance.py)
     maintenance.add_arguments(sub.add_parser("maintenance", help="the weekly maintenance window: one environment or a fleet"))
     return p
@@ -341,11 +355,13 @@ def main(argv: list[str] | None = None) -> int:
             from worker.main import run_from_args
 
             return run_from_args(args)
+        if (code := security_command(args)) is not None:
+            return code
         return asyncio.run(COMMANDS[args.command](args))
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
-    except InventoryError as e:
+    except (InventoryError, SigningFailed, CodecConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RPCError as e:

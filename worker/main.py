@@ -15,7 +15,7 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from opsflow.inventory import InventoryError, Inventory, load_inventory
-from opsflow.temporal import DATA_CONVERTER, connect_config
+from opsflow.temporal import connect_config, data_converter
 from worker.registry import GLOBAL_ACTIVITIES, REGION_ACTIVITIES, WORKFLOWS
 
 log = logging.getLogger("opsflow.worker")
@@ -37,7 +37,7 @@ async def run(inv: Inventory, regions: list[str] | None, serve_workflows: bool, 
     runtime = None
     if metrics_port:
         runtime = Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=f"127.0.0.1:{metrics_port}")))
-    client = await Client.connect(config.pop("target_host"), data_converter=DATA_CONVERTER, runtime=runtime, **config)
+    client = await Client.connect(config.pop("target_host"), data_converter=data_converter(), runtime=runtime, **config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -80,6 +80,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     except InventoryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from activities import secrets
+
+    secrets.configure(inv)  # secret stores use the inventory's cloud connections
     asyncio.run(run(inv, args.region, not args.no_workflows, args.metrics_port))
     return 0
 
