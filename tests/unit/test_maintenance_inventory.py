@@ -36,7 +36,7 @@ def test_durations_and_sizes_parse():
 
 def test_a_bad_maintenance_section_is_refused_naming_the_field(tmp_path):
     bad = inventory_dict(maintenance={"window": WINDOW, "on_cutoff": "explode", "tasks": [{"kind": "vacuum", "tables": ["x; DROP TABLE x"]}],
-                                      "status_page": {"page_id": "p", "api_key": "plain-text-key"}})
+                                      "status_page": {"page_id": "p", "api_key": {"env": "STATUSPAGE_KEY"}}})
     path = tmp_path / "inv.yaml"
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(InventoryError) as err:
@@ -44,4 +44,12 @@ def test_a_bad_maintenance_section_is_refused_naming_the_field(tmp_path):
     text = str(err.value)
     assert "maintenance.on_cutoff" in text
     assert "maintenance.tasks.0.tables" in text and "is not a table name" in text
-    assert "maintenance.status_page.api_key" in text  # a secret is a reference ({env: VAR}), never the key itself
+
+
+def test_a_status_page_key_in_plain_text_is_refused(tmp_path):
+    plain = inventory_dict(maintenance={"window": WINDOW, "tasks": [{"kind": "vacuum", "tables": ["orders"]}],
+                                        "status_page": {"page_id": "p", "api_key": "plain-text-key"}})
+    path = tmp_path / "inv.yaml"
+    path.write_text(yaml.safe_dump(plain))
+    with pytest.raises(InventoryError, match=r"maintenance\.status_page\.api_key"):  # a reference ({env: VAR}), never the key
+        load_inventory(path)
