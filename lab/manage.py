@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from opsflow.temporal import lab_pointer
+from opsflow.client import lab_pointer
 
 REGIONS = ("eastus", "westeurope")
 PRIMARY = "eastus"
@@ -31,6 +31,7 @@ RESOURCE_GROUP = "opsflow-lab"
 PROFILE = "lab-shop"
 DEPLOYMENTS = [{"name": "web", "replicas": 3}, {"name": "worker", "replicas": 2}]
 STANDBY_REPLICAS = 1  # the standby region runs warm, one replica per deployment
+LONG_POLL_SECONDS = 5  # the lab's Temporal answers an idle poll after this long (a default server: one minute)
 
 
 def default_dir() -> Path:
@@ -77,11 +78,17 @@ class Lab:
         self.root = root
         self.state_file = root / "lab.json"
         self.state: dict = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        self.faults = 0.0  # the cloud emulators' random fault rate (lab up --faults)
 
     def save(self) -> None:
         self.state_file.write_text(json.dumps(self.state, indent=2))
 
     def spawn(self, name: str, argv: list[str], env: dict | None = None) -> int:
+        if self.faults and (name in ("arm", "aws") or name.startswith("k8s-")):
+            from lab.faults import FAULTS_ENV
+
+            env = {**(env or {}), FAULTS_ENV: str(self.faults)}
+            self.state["faults"] = self.faults
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
@@ -142,9 +149,10 @@ def stop_pid(pid: int, timeout: float = 15) -> None:
 
 
 def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
-       encrypt: bool = False) -> dict:
+       faults: float = 0.0, encrypt: bool = False) -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
-    tests and benchmarks take any free ports so they never meet another lab's leftovers."""
+    tests and benchmarks take any free ports so they never meet another lab's leftovers. faults: the fraction of
+    cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults)."""
     from lab.postgres import create_replica, init_primary
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -156,6 +164,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
         down(root, quiet=True)
     root.mkdir(parents=True, exist_ok=True)
     lab = Lab(root)
+    lab.faults = faults
     try:
         _up(lab, root, with_worker, say, create_replica, init_primary, cloud, default_ports, encrypt)
     except BaseException:
@@ -190,7 +199,10 @@ def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_prima
     attrs = [a for name in ("OpsProcedure", "OpsEnvironment", "OpsStep", "OpsStatus") for a in ("--search-attribute", f"{name}=Keyword")]
     lab.spawn("temporal", [temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port), "--ui-port", str(ui_port),
                            "--db-filename", str(root / "temporal.db"), "--log-level", "warn", "--ui-disable-news-fetch",
-                           "--http-port", str(pick_port()), "--metrics-port", str(pick_port()), *attrs, *codec_args])
+                           "--http-port", str(pick_port()), "--metrics-port", str(pick_port()), *attrs, *codec_args,
+                           # Short long polls: an idle worker re-polls every 5 s, so `opsflow status` sees a dead one in
+                           # seconds (the lab's clients are told so by OPSFLOW_POLLER_STALE_AFTER in worker_env).
+                           "--dynamic-config-value", f'matching.longPollExpirationInterval="{LONG_POLL_SECONDS}s"'])
     lab.state["temporal"] = {"address": f"127.0.0.1:{port}", "ui_url": f"http://127.0.0.1:{ui_port}", "namespace": "default"}
     lab.save()
 
@@ -313,7 +325,8 @@ ONCALL_SECRET_NAME = "lab-oncall-webhook"
 
 
 def worker_env(state: dict) -> dict:
-    env = {"TEMPORAL_ADDRESS": state["temporal"]["address"], "TEMPORAL_NAMESPACE": "default", STATUSPAGE_KEY_ENV: "lab-statuspage-key"}
+    env = {"TEMPORAL_ADDRESS": state["temporal"]["address"], "TEMPORAL_NAMESPACE": "default", STATUSPAGE_KEY_ENV: "lab-statuspage-key",
+           "OPSFLOW_POLLER_STALE_AFTER": str(LONG_POLL_SECONDS * 2 + 2)}
     if state.get("codec"):
         env["OPSFLOW_CODEC_KEY_FILE"] = state["codec"]["key_file"]
     if state.get("receiver"):
@@ -520,6 +533,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name in ("up", "demo"):
             p.add_argument("--no-worker", action="store_true", help="do not start a worker (tests run their own)")
             p.add_argument("--cloud", choices=["azure", "aws"], default="azure", help="emulated cloud: Azure (ARM) or AWS (moto)")
+            p.add_argument("--faults", type=float, default=0.0, metavar="FRACTION",
+                           help="answer this fraction of cloud API requests with 429/503/dropped connections (e.g. 0.2)")
             if name == "up":
                 p.add_argument("--encrypt", action="store_true", help="encrypt Temporal payloads (a lab key; a codec server for the UI)")
         if name == "demo":
@@ -548,7 +563,7 @@ def print_status(s: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     root = (args.dir or default_dir()).resolve()
     if args.lab_command == "up":
-        up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, encrypt=args.encrypt)
+        up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults, encrypt=args.encrypt)
         s = status(root)
         if args.json:
             print(json.dumps(s, indent=2))
