@@ -13,19 +13,8 @@ import argparse
 import getpass
 import hashlib
 
-import importlib
-
 from opsflow.inventory import load_inventory
-from opsflow.maintenance_models import FleetReport, MaintenanceReport
 from starters.common import CliError, inventory_path
-
-# Reports are read back by procedure name (status, report, --wait): register ours where the reader looks
-# (opsflow.client once the client API holds it, starters.common before).
-for _module in ("opsflow.client", "starters.common"):
-    try:
-        getattr(importlib.import_module(_module), "REPORT_TYPES", {}).update({"maintenance": MaintenanceReport, "maintenance-fleet": FleetReport})
-    except ImportError:
-        pass
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
