@@ -1386,3 +1386,34 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 - not Linux: the advisory lock and the drop before a restore still hold
         pass
+
+
+# -- manual snapshot (the maintenance window's backup before anything) ------------------------------------------
+
+
+def rds_manual_snapshot(target: RegionTarget, name: str, timeout: float) -> Any:
+    """A manual DB snapshot of the region's RDS instance, waited for until `available` (heartbeating).
+    Idempotent: a snapshot of that name is reused."""
+    from opsflow.maintenance_models import BackupResult
+
+    db = target.database
+    rds = _client(target.aws, "rds", db.aws_region)
+    what = f"snapshot {name} of RDS instance {db.db_instance_identifier}"
+    deadline = time.monotonic() + timeout
+    with aws_errors(what):
+        try:
+            snap = rds.describe_db_snapshots(DBSnapshotIdentifier=name)["DBSnapshots"][0]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "DBSnapshotNotFound":
+                raise
+            snap = rds.create_db_snapshot(DBSnapshotIdentifier=name, DBInstanceIdentifier=db.db_instance_identifier)["DBSnapshot"]
+        while snap.get("Status") != "available":
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"{what}: still {snap.get('Status')} after {timeout:.0f}s", type="BackupTimeout", non_retryable=True)
+            _heartbeat({"snapshot": name, "status": snap.get("Status")})
+            time.sleep(5)
+            snap = rds.describe_db_snapshots(DBSnapshotIdentifier=name)["DBSnapshots"][0]
+    return BackupResult(id=snap.get("DBSnapshotArn") or name, method="rds-snapshot", state="completed",
+                        started_at=snap.get("SnapshotCreateTime"), completed_at=snap.get("SnapshotCreateTime"),
+                        size_bytes=(snap.get("AllocatedStorage") or 0) * 1024**3, location=db.db_instance_identifier)
+

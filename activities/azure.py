@@ -958,3 +958,37 @@ class AzureTrafficManagerRouter:
             _heartbeat({"phase": "waiting for the endpoint to be Online", "endpoint": _get(e, "name"), "monitor_status": monitor,
                         "waited_seconds": round(waited, 1)})
             _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+
+
+# -- on-demand backup (the maintenance window's backup before anything) ------------------------------------------
+
+
+def on_demand_backup(target: RegionTarget, name: str, timeout: float) -> Any:
+    """An on-demand backup of the region's flexible server (backups_automatic_and_on_demand.begin_create),
+    waited for with heartbeats. Idempotent: a backup of that name that exists already is returned."""
+    from opsflow.maintenance_models import BackupResult
+
+    server = AzureFlexibleServer(target)
+    db, client = server.db, server.client
+    what = f"on-demand backup {name} of {server.resource}"
+    with _arm(what):
+        try:
+            backup = client.backups_automatic_and_on_demand.get(db.resource_group, db.server_name, name)
+        except ResourceNotFoundError:
+            poller = client.backups_automatic_and_on_demand.begin_create(db.resource_group, db.server_name, name)
+            backup = _wait_poller(poller, what, time.monotonic() + timeout)
+            if backup is None:
+                backup = client.backups_automatic_and_on_demand.get(db.resource_group, db.server_name, name)
+    return BackupResult(id=_get(backup, "id") or name, method="azure-on-demand", state="completed",
+                        completed_at=_utc(_get(backup, "properties", "completed_time") or _get(backup, "completed_time")),
+                        location=db.server_name)
+
+
+def get_backup(target: RegionTarget, name: str) -> Any | None:
+    """The flexible server's backup of that name (SDK model), or None."""
+    server = AzureFlexibleServer(target)
+    with _arm(f"get backup {name} of {server.resource}"):
+        try:
+            return server.client.backups_automatic_and_on_demand.get(server.db.resource_group, server.db.server_name, name)
+        except ResourceNotFoundError:
+            return None

@@ -1,4 +1,4 @@
-"""Prometheus: range queries over the HTTP API (`/api/v1/query_range`), for canary analysis.
+"""Prometheus over its HTTP API: range queries for canary analysis, instant queries for the maintenance watch.
 
 Synchronous (httpx blocking client) on the worker's thread pool. A query Prometheus rejects (bad PromQL)
 is non-retryable; an unreachable server or a 5xx is retried.
@@ -50,21 +50,28 @@ def query_range(base: str, query: str, start: datetime, end: datetime, step: flo
     return [v for v in values if math.isfinite(v)]
 
 
-def query(base: str, promql: str, at: datetime | None = None) -> float | None:
-    """An instant query's single value (None when empty or not a number)."""
-    params = {"query": promql, **({"time": f"{at.timestamp():.3f}"} if at else {})}
+def query(url: str, promql: str, *, timeout: float = 10.0) -> float:
+    """The value of an instant query that returns one number (a scalar or a one-sample vector). NaN when the
+    vector is empty: no data is not zero."""
     try:
-        r = httpx.get(f"{base.rstrip('/')}/api/v1/query", params=params, timeout=TIMEOUT)
+        resp = httpx.get(f"{url.rstrip('/')}/api/v1/query", params={"query": promql}, timeout=timeout)
     except httpx.HTTPError as e:
-        raise ApplicationError(f"prometheus {base} does not answer: {e}", type="PrometheusUnavailable") from None
-    if r.status_code in (400, 422):
-        raise ApplicationError(f"prometheus rejected the query {promql!r}: {r.text[:200]}", type="BadInput", non_retryable=True)
-    r.raise_for_status()
-    result = r.json()["data"]["result"]
-    if not result:
-        return None
-    value = float(result[0]["value"][1]) if "value" in result[0] else None
-    return value if value is not None and math.isfinite(value) else None
+        raise ApplicationError(f"prometheus {url}: {type(e).__name__}: {e}", type="PrometheusUnavailable") from None
+    if resp.status_code == 400:
+        raise ApplicationError(f"prometheus: bad query {promql!r}: {resp.json().get('error', resp.text[:200])}", type="BadInput", non_retryable=True)
+    if resp.status_code != 200:
+        raise ApplicationError(f"prometheus {url}: HTTP {resp.status_code}", type="PrometheusUnavailable")
+    data = resp.json()["data"]
+    if data["resultType"] == "scalar":
+        return float(data["result"][1])
+    if data["resultType"] == "vector":
+        if not data["result"]:
+            return math.nan
+        if len(data["result"]) > 1:
+            raise ApplicationError(f"prometheus: {promql!r} returned {len(data['result'])} series; aggregate it to one (e.g. sum(...))",
+                                   type="BadInput", non_retryable=True)
+        return float(data["result"][0]["value"][1])
+    raise ApplicationError(f"prometheus: {promql!r} returned a {data['resultType']}, not a number", type="BadInput", non_retryable=True)
 
 
 @activity.defn(name="prometheus.samples")

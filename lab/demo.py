@@ -100,12 +100,37 @@ def drill_schedule(state: dict) -> int:
     return 0 if report.get("status") == "succeeded" else 1
 
 
-def run_demo(root: Path, with_worker: bool = True, cloud: str = "azure", with_drill: bool = False) -> int:
+async def maintenance_demo(state: dict) -> int:
+    """The weekly maintenance window on the lab: its bloated table vacuumed, reindexed, under guards."""
+    from workflows.maintenance import MaintenanceInput
+
+    inv = load_inventory(state["inventory"])
+    client = await connect()
+    inp = MaintenanceInput(inventory=inv, requester=REQUESTER, reason="opsflow demo")
+    handle = await start_procedure(client, inv, "maintenance", inp, f"Maintenance window of {inv.environment} (demo)")
+    ui = f"{state['temporal']['ui_url']}/namespaces/default/workflows/{handle.id}"
+    print(f"\nmaintenance window started as {handle.id}, requested by {REQUESTER}")
+    print(f"watch it in the Temporal UI: {ui}\n", flush=True)
+    approver = asyncio.create_task(approve_when_asked(handle))
+    lines = ProgressLines()
+    report = await follow(handle, lambda r: [print(line, flush=True) for line in lines.new_lines(r)])
+    await approver
+    print(headline(report))
+    for f in figures(report):
+        print(f"  {f}")
+    code = 0 if report.status == "succeeded" else 1
+    print(f"\nreport:      opsflow report {handle.id} --markdown")
+    print(f"status page: the receiver's {state['receiver']['dir']}/statuspage.jsonl")
+    print("the lab stays up; tear it down with: opsflow lab down")
+    return code
+
+
+def run_demo(root: Path, with_worker: bool = True, cloud: str = "azure", with_drill: bool = False, procedure: str = "failover") -> int:
     from lab.manage import print_status, status, up
 
     state = up(root, with_worker=with_worker, cloud=cloud)
     print_status(status(root))
-    code = asyncio.run(demo(state))
+    code = asyncio.run(maintenance_demo(state) if procedure == "maintenance" else demo(state))
     if with_drill and code == 0:
         code = drill_schedule(state)
     return code

@@ -311,7 +311,25 @@ def seed_demo_data(primary) -> None:
     with psycopg.connect(primary.dsn, autocommit=True) as c:
         c.execute("CREATE TABLE IF NOT EXISTS lab_orders (id serial PRIMARY KEY, total numeric NOT NULL, created_at timestamptz NOT NULL DEFAULT clock_timestamp())")
         c.execute("INSERT INTO lab_orders (total) SELECT (random() * 100)::numeric(10,2) FROM generate_series(1, 200)")
+    seed_bloat(primary.dsn)
     archive_now(primary)
+
+
+BLOAT_TABLE = "lab_events"
+
+
+def seed_bloat(dsn: str, rows: int = 40_000, deleted: int = 30_000) -> None:
+    """A table with real bloat for the maintenance window: autovacuum off for it, most rows deleted (dead tuples
+    VACUUM will remove), and an index for REINDEX."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(f"CREATE TABLE IF NOT EXISTS {BLOAT_TABLE} (id bigint PRIMARY KEY, kind text NOT NULL, payload text NOT NULL) "
+                  "WITH (autovacuum_enabled = false)")
+        c.execute(f"CREATE INDEX IF NOT EXISTS {BLOAT_TABLE}_kind ON {BLOAT_TABLE} (kind)")
+        c.execute(f"INSERT INTO {BLOAT_TABLE} SELECT g, 'k' || (g %% 17), repeat(md5(g::text), 4) FROM generate_series(1, %s) g "
+                  "ON CONFLICT DO NOTHING", (rows,))
+        c.execute(f"DELETE FROM {BLOAT_TABLE} WHERE id <= %s", (deleted,))
 
 
 # The receiver's channel URLs reach the worker as a real team's webhook secrets would: from the environment
@@ -321,7 +339,7 @@ ONCALL_SECRET_NAME = "lab-oncall-webhook"
 
 
 def worker_env(state: dict) -> dict:
-    env = {"TEMPORAL_ADDRESS": state["temporal"]["address"], "TEMPORAL_NAMESPACE": "default",
+    env = {"TEMPORAL_ADDRESS": state["temporal"]["address"], "TEMPORAL_NAMESPACE": "default", STATUSPAGE_KEY_ENV: "lab-statuspage-key",
            "OPSFLOW_POLLER_STALE_AFTER": str(LONG_POLL_SECONDS * 2 + 2)}
     if state.get("codec"):
         env["OPSFLOW_CODEC_KEY_FILE"] = state["codec"]["key_file"]
@@ -420,6 +438,36 @@ def lab_inventory(state: dict, root: Path) -> dict:
             "heartbeat_timeout": "30s",
         },
         "reports_dir": str(root / "reports"),
+        "maintenance": lab_maintenance(receiver),
+    }
+
+
+STATUSPAGE_KEY_ENV = "OPSFLOW_LAB_STATUSPAGE_KEY"
+
+
+def lab_maintenance(receiver: str) -> dict:
+    """A maintenance window open whenever the lab runs (it opened an hour ago and lasts 23h59m, every day), the
+    bloated table picked by `auto`, an on-demand backup (the ARM emulator takes a real base backup), a status
+    page on the receiver."""
+    from datetime import datetime, timedelta, timezone
+
+    opened = datetime.now(timezone.utc) - timedelta(hours=1)
+    return {
+        "window": {"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "start": f"{opened:%H:%M}",
+                   "end": f"{opened - timedelta(minutes=1):%H:%M}", "timezone": "UTC"},
+        "cutoff": "10m",
+        "on_cutoff": "finish",
+        "tasks": [
+            {"kind": "vacuum-analyze", "tables": "auto", "auto": {"min_dead_tuples": 1000, "dead_ratio": 0.2}},
+            {"kind": "analyze", "tables": ["public.lab_orders"]},
+            {"kind": "reindex", "tables": [f"public.{BLOAT_TABLE}"]},
+            {"kind": "sql", "name": "purge negative totals", "sql": "DELETE FROM lab_orders WHERE total < 0"},
+        ],
+        "guards": {"lock_timeout": "2s", "lock_retries": 1, "statement_timeout": "10m", "max_replication_lag": "16MB", "lag_wait": "60s"},
+        "backup": {"take": True, "verify": True},
+        "status_page": {"api_url": f"{receiver}/statuspage/v1", "page_id": "lab", "api_key": {"env": STATUSPAGE_KEY_ENV}},
+        "maintenance_mode": True,
+        "heartbeat_timeout": "10s",
     }
 
 
@@ -507,7 +555,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 p.add_argument("--encrypt", action="store_true", help="encrypt Temporal payloads (a lab key; a codec server for the UI)")
         if name == "demo":
             p.add_argument("--drill", action="store_true", help="then create the monthly restore-drill schedule and trigger it once")
-            p.add_argument("--procedure", choices=["failover", "canary"], default="failover", help="what the demo shows")
+            p.add_argument("--procedure", choices=["failover", "maintenance", "canary"], default="failover", help="what the demo shows")
 
 
 def print_status(s: dict) -> None:
@@ -560,5 +608,5 @@ def main(args: argparse.Namespace) -> int:
 
             return run_canary_demo(root, with_worker=not args.no_worker, cloud=args.cloud)
 
-        return run_demo(root, with_worker=not args.no_worker, cloud=args.cloud, with_drill=args.drill)
+        return run_demo(root, with_worker=not args.no_worker, cloud=args.cloud, with_drill=args.drill, procedure=args.procedure)
     raise AssertionError(args.lab_command)

@@ -30,6 +30,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from opsflow.inventory import Inventory
+from opsflow.maintenance_models import FleetReport, MaintenanceReport
 from opsflow.models import DrillReport, FailbackReport, FailoverReport, ProcedureReport
 from opsflow.rollout_report import RolloutReport
 from opsflow.temporal import DATA_CONVERTER, OPS_ENVIRONMENT, OPS_PROCEDURE, OPS_STATUS, OPS_STEP
@@ -42,7 +43,8 @@ LAUNCHERS = frozenset({"scheduled"})
 
 # The report model per procedure name (a new procedure adds its report type here).
 REPORT_TYPES: dict[str, type[ProcedureReport]] = {"failover": FailoverReport, "failback": FailbackReport, "drill": DrillReport,
-                                                  "canary": RolloutReport, "bluegreen": RolloutReport}
+                                                  "canary": RolloutReport, "bluegreen": RolloutReport,
+                                                  "maintenance": MaintenanceReport, "maintenance-fleet": FleetReport}
 
 
 class ClientError(Exception):

@@ -370,6 +370,7 @@ class Inventory(Strict):
     reports: ReportStore = ReportStore()
     workflow_task_queue: str | None = None
     rollout: "RolloutPolicy | None" = None  # canary and blue-green (opsflow/rollout.py)
+    maintenance: "MaintenancePolicy | None" = None  # the weekly maintenance window (opsflow/maintenance.py)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Inventory":
@@ -400,6 +401,11 @@ class Inventory(Strict):
 
     def all_queues(self) -> list[str]:
         return [self.task_queue, *(self.region_queue(r) for r in self.regions)]
+
+
+# Sections kept in their own modules build on the models above, so they are imported last. When one of them is
+# the first module imported, it is still half-built here and completes Inventory itself at its end.
+import opsflow.maintenance  # noqa: E402,F401 - defines MaintenancePolicy and completes Inventory
 
 
 def _format_errors(err: ValidationError) -> str:

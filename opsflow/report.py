@@ -45,6 +45,7 @@ def figures(r: ProcedureReport) -> list[str]:
             out.append(f"check {'passed' if c.ok else 'FAILED'}: {c.kind} {c.name}" + (f" — {c.detail}" if c.detail else ""))
         if r.scratch_deleted is not None:
             out.append(f"scratch target {r.scratch_name} {'deleted' if r.scratch_deleted else 'NOT deleted: delete it by hand'}")
+    out += r.figure_lines() if hasattr(r, "figure_lines") else []  # a report model that renders its own figures
     for item in r.remaining:
         out.append(f"LEFT TO DO: {item}")
     return out

@@ -265,8 +265,13 @@ def _complete_inventory() -> None:
     """`Inventory.rollout` names RolloutPolicy, which builds on the inventory's models: resolve it now."""
     import opsflow.inventory as inventory
 
+    from pydantic.errors import PydanticUndefinedAnnotation
+
     inventory.RolloutPolicy = RolloutPolicy  # type: ignore[attr-defined]
-    inventory.Inventory.model_rebuild()
+    try:
+        inventory.Inventory.model_rebuild()
+    except PydanticUndefinedAnnotation:  # another section (maintenance) is still being built: it completes Inventory
+        pass
 
 
 _complete_inventory()

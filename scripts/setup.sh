@@ -15,6 +15,11 @@ if [[ ! -x /usr/lib/postgresql/15/bin/initdb && -z "${OPSFLOW_PG_BINDIR:-}" ]]; 
     exit 1
   fi
 fi
+# Prometheus: the maintenance window's watch is tested against a real one (the test skips without it).
+if ! command -v prometheus >/dev/null && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+  echo "setup: installing Prometheus (apt)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null || echo "setup: no prometheus; its test will skip" >&2
+fi
 
 if [[ ! -x $VENV/bin/python ]]; then
   python3 -m venv "$VENV"

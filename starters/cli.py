@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     from starters import rollout  # opsflow canary|bluegreen|promote|rollback
 
     rollout.add_arguments(sub)
+
+    from starters import maintenance  # opsflow maintenance ... (starters/maintenance.py)
+    maintenance.add_arguments(sub.add_parser("maintenance", help="the weekly maintenance window: one environment or a fleet"))
     return p
 
 
@@ -325,6 +328,10 @@ COMMANDS["schedule"] = cmd_schedule
 from starters import rollout as _rollout  # noqa: E402
 
 COMMANDS.update(dict.fromkeys(_rollout.COMMANDS, _rollout.run))
+
+from starters.maintenance import run as cmd_maintenance  # noqa: E402
+
+COMMANDS["maintenance"] = cmd_maintenance
 
 
 def main(argv: list[str] | None = None) -> int:

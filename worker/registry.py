@@ -1,12 +1,14 @@
 """What a worker runs: every procedure workflow and every activity, by task queue role."""
 
 from activities import database, http_checks, kubernetes, notify, reports, restore, temporal_queues, traffic
+from activities import maintenance, statuspage
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
+from workflows.maintenance import MaintenanceFleetWorkflow, MaintenanceWorkflow
 from workflows.scheduled import ScheduledLaunch
 
-WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, ScheduledLaunch]
+WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, ScheduledLaunch, MaintenanceWorkflow, MaintenanceFleetWorkflow]
 
 # Activities that act on one region run on that region's queue, so a dead region cannot stall the rest.
 REGION_ACTIVITIES = [
@@ -33,9 +35,10 @@ REGION_ACTIVITIES = [
     restore.restore_delete,
     restore.validate_checks,
     restore.verify,
+    maintenance.plan, maintenance.run_item, maintenance.health, maintenance.take_backup, maintenance.verify_backup,
 ]
 # Activities that belong to no region run beside the workflows.
-GLOBAL_ACTIVITIES = [notify.send, reports.store_report, temporal_queues.unserved_queues]
+GLOBAL_ACTIVITIES = [notify.send, reports.store_report, temporal_queues.unserved_queues, statuspage.update, maintenance.watch]
 
 # Rollouts (canary, blue-green): Kubernetes and the region's Prometheus on the app's region queue.
 from activities import analysis, prometheus  # noqa: E402

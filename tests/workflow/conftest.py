@@ -14,9 +14,10 @@ from tests.workflow.world import World
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
+from workflows.maintenance import MaintenanceFleetWorkflow, MaintenanceWorkflow
 from workflows.scheduled import ScheduledLaunch
 
-WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, ScheduledLaunch]
+WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, ScheduledLaunch, MaintenanceWorkflow, MaintenanceFleetWorkflow]
 from workflows.canary import BlueGreenWorkflow, CanaryWorkflow  # noqa: E402
 
 WORKFLOWS += [CanaryWorkflow, BlueGreenWorkflow]

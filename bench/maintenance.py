@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""The maintenance window's overhead against running `vacuumdb` directly on the same tables.
+
+    python bench/maintenance.py [--runs N] [--tables T] [--rows R] [--json]
+
+One lab (Temporal dev server, PostgreSQL primary + streaming replica, emulators, a worker) in a temporary
+directory, torn down at the end (also on failure or Ctrl-C). Each run, twice over the same freshly bloated
+tables (T tables of R rows, three quarters deleted, autovacuum off):
+
+- procedure: `opsflow maintenance` with a `vacuum-analyze` task on those tables (approved at once, no backup,
+  no status page, no maintenance mode: the table work and what the procedure adds to it). Measured from the
+  first table step's start to the last health check's end in the report (workflow time), and the whole run.
+- vacuumdb: `vacuumdb --analyze --table ... ` on the same tables, one session, wall time.
+
+ratio = procedure tables phase / vacuumdb. The procedure adds per table: a Temporal activity round trip, the
+statistics before/after (which waits for the statistics collector to show the VACUUM), the progress watcher,
+and a health check (primary, replica lag, smoke URLs). Medians of the runs, min and max beside them.
+Progress on stderr, result on stdout. Nothing here asserts on timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def say(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def seed(dsn: str, tables: list[str], rows: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for t in tables:
+            c.execute(f"DROP TABLE IF EXISTS {t}")
+            c.execute(f"CREATE TABLE {t} (id bigint PRIMARY KEY, payload text NOT NULL) WITH (autovacuum_enabled = false)")
+            c.execute(f"INSERT INTO {t} SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, %s) g", (rows,))
+            c.execute(f"DELETE FROM {t} WHERE id % 4 <> 0")
+        # the replica's hot_standby_feedback must have passed the deletes, else VACUUM keeps them (recently dead)
+        xid = c.execute("select txid_current()").fetchone()[0]
+        deadline = time.monotonic() + 60
+        while not c.execute("select bool_and(backend_xmin is null or backend_xmin::text::bigint > %s) from pg_stat_replication", (xid,)).fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replica's xmin feedback did not pass the deletes")
+            time.sleep(0.1)
+
+
+def vacuumdb_seconds(dsn: str, tables: list[str]) -> float:
+    from lab.postgres import pg_bin
+
+    argv = [pg_bin("vacuumdb"), "--analyze", "--dbname", dsn, *[a for t in tables for a in ("--table", t)]]
+    started = time.monotonic()
+    subprocess.run(argv, check=True, capture_output=True)
+    return time.monotonic() - started
+
+
+async def procedure_seconds(state: dict, inventory: Path) -> tuple[float, float, dict]:
+    from temporalio.client import Client, WorkflowFailureError
+
+    from opsflow.temporal import DATA_CONVERTER
+    from workflows.procedure import Request
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
+    env.update(TEMPORAL_ADDRESS=state["temporal"]["address"], TEMPORAL_NAMESPACE="default", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "starters.cli", "maintenance", "--env", str(inventory), "--requester", "alice", "--json"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    wid = json.loads(out.stdout)["workflow_id"]
+    client = await Client.connect(state["temporal"]["address"], namespace="default", data_converter=DATA_CONVERTER)
+    handle = client.get_workflow_handle(wid)
+    while True:
+        try:
+            p = await handle.query("progress", result_type=dict, rpc_timeout=timedelta(seconds=2))
+        except Exception:  # noqa: BLE001 - the worker has not picked it up yet
+            p = {}
+        if (p.get("waiting_for") or "").startswith("approval"):
+            break
+        await asyncio.sleep(0.1)
+    await handle.execute_update("approve", Request(by="bob", reason="bench"))
+    try:
+        result = await handle.result()
+    except WorkflowFailureError as e:  # the report rides in the failure
+        result = e.cause.details[0] if getattr(e.cause, "details", None) else {"status": "failed", "failure": str(e.cause), "steps": []}
+    report = result.model_dump(mode="json") if hasattr(result, "model_dump") else result
+    steps = report["steps"]
+    from datetime import datetime
+
+    def t(s: str) -> datetime:
+        return datetime.fromisoformat(s)
+
+    table_steps = [s for s in steps if ":" in s["name"] and not s["name"].startswith("preflight")]
+    phase = (t(table_steps[-1]["ended_at"]) - t(table_steps[0]["started_at"])).total_seconds()
+    total = (t(report["ended_at"]) - t(report["started_at"])).total_seconds()
+    return phase, total, report
+
+
+def median_min_max(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tables", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    from lab.manage import down, up
+
+    tables = [f"public.bench_t{i}" for i in range(1, args.tables + 1)]
+    root = Path(tempfile.mkdtemp(prefix="opsflow-bench-maint-")) / "lab"
+    os.environ["OPSFLOW_HOME"] = str(root.parent / "home")
+    say(f"lab up in {root}")
+    state = up(root, with_worker=True, quiet=True, default_ports=False)
+    runs = []
+    try:
+        inv = yaml.safe_load(Path(state["inventory"]).read_text())
+        inv["maintenance"].update(tasks=[{"kind": "vacuum-analyze", "tables": tables}], status_page=None, maintenance_mode=False,
+                                  backup={"take": False, "verify": False})
+        inventory = root / "bench-inventory.yaml"
+        inventory.write_text(yaml.safe_dump(inv, sort_keys=False))
+        dsn = state["regions"]["eastus"]["dsn"]
+        for n in range(1, args.runs + 1):
+            seed(dsn, tables, args.rows)
+            phase, total, report = asyncio.run(procedure_seconds(state, inventory))
+            if report["status"] != "succeeded":
+                say(f"run {n}: the procedure {report['status']}: {report.get('failure')}; left out")
+                continue
+            seed(dsn, tables, args.rows)
+            direct = vacuumdb_seconds(dsn, tables)
+            runs.append({"procedure_tables_seconds": phase, "procedure_total_seconds": total, "vacuumdb_seconds": direct, "ratio": phase / direct})
+            say(f"run {n}: procedure tables phase {phase:.2f}s (whole run {total:.2f}s), vacuumdb {direct:.2f}s, ratio {phase / direct:.1f}")
+    finally:
+        down(root, quiet=True)
+    if not runs:
+        say("no run succeeded")
+        return 1
+    result = {"tables": args.tables, "rows_per_table": args.rows, "runs": len(runs),
+              **{k: median_min_max([r[k] for r in runs]) for k in runs[0]},
+              "per_table_overhead_seconds": statistics.median([(r["procedure_tables_seconds"] - r["vacuumdb_seconds"]) / args.tables for r in runs])}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"maintenance window vs vacuumdb, {args.tables} tables x {args.rows} rows (3/4 dead), {len(runs)} run(s), median [min-max]:")
+        for key, label in (("vacuumdb_seconds", "vacuumdb --analyze"), ("procedure_tables_seconds", "procedure, tables phase"),
+                           ("procedure_total_seconds", "procedure, whole run"), ("ratio", "ratio tables phase / vacuumdb")):
+            s = result[key]
+            print(f"  {label:<32} {s['median']:8.2f}  [{s['min']:.2f}-{s['max']:.2f}]")
+        print(f"  overhead per table (median)      {result['per_table_overhead_seconds']:8.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

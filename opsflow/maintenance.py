@@ -1,0 +1,163 @@
+"""The weekly maintenance window: the inventory's `maintenance:` section (requests, results and reports are in
+`opsflow/maintenance_models.py`).
+
+Table names are identifiers, validated strictly here (`schema.table`, letters/digits/underscore): a name that
+is anything else -- an injection attempt included -- is refused when the inventory is loaded, naming the
+field, and nothing runs. The activities still build SQL with `psycopg.sql.Identifier`, never by formatting.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from opsflow.calendar import WeeklyWindow
+from opsflow.inventory import SecretRef, Seconds, Strict, parse_duration
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "kB": 1024, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+
+
+def table_name(value: object) -> str:
+    """'schema.table' or 'table' (schema public), each part a plain SQL identifier. Anything else is refused."""
+    text = str(value)
+    parts = text.split(".")
+    if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
+        raise ValueError(f"{text!r} is not a table name: use schema.table with letters, digits and underscores only")
+    return text if len(parts) == 2 else f"public.{text}"
+
+
+def parse_size(value: object) -> int:
+    """'64MB', '1GB', 1048576 -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"not a size: {value!r} (use e.g. 16MB, 1GB or a number of bytes)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+TaskKind = Literal["vacuum", "analyze", "vacuum-analyze", "reindex", "sql"]
+
+
+class AutoSelect(Strict):
+    """`tables: auto`: the tables of pg_stat_user_tables with at least `min_dead_tuples` dead tuples and a dead
+    share of at least `dead_ratio`, worst first, at most `limit` of them."""
+
+    min_dead_tuples: int = Field(default=10_000, ge=0)
+    dead_ratio: float = Field(default=0.1, ge=0, le=1)
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class MaintenanceTask(Strict):
+    kind: TaskKind
+    tables: list[str] | Literal["auto"] = []
+    auto: AutoSelect = AutoSelect()
+    # sql tasks: a named statement (e.g. a cleanup) that runs with the same guards
+    name: str | None = None
+    sql: str | None = None
+
+    @field_validator("tables", mode="before")
+    @classmethod
+    def _tables(cls, v: object) -> object:
+        if isinstance(v, list):
+            return [table_name(t) for t in v]
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> "MaintenanceTask":
+        if self.kind == "sql":
+            if not (self.name and self.sql):
+                raise ValueError("an sql task needs 'name' and 'sql'")
+            if self.tables:
+                raise ValueError("an sql task has no 'tables'")
+        elif not self.tables:
+            raise ValueError(f"a {self.kind} task needs 'tables': a list, or auto")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name if self.kind == "sql" and self.name else self.kind
+
+
+class Guards(Strict):
+    lock_timeout: Seconds = 5  # per session: a table whose lock is held is retried later, then skipped
+    lock_retries: int = Field(default=1, ge=0, le=10)
+    statement_timeout: Seconds = 3600
+    parallel: int = Field(default=1, ge=1, le=16)  # tables at once, like vacuumdb --jobs
+    max_replication_lag: int = 64 * 1024 * 1024  # bytes; no new task starts while a replica lags more
+    lag_wait: Seconds = 600  # how long to wait for a lagging replica before the run stops
+
+    _d = field_validator("lock_timeout", "statement_timeout", "lag_wait", mode="before")(parse_duration)
+    _s = field_validator("max_replication_lag", mode="before")(parse_size)
+
+
+class BackupPolicy(Strict):
+    take: bool = True
+    verify: bool = True
+    # provider postgres (self-managed): pg_basebackup over the replication protocol into this directory on
+    # the worker (needs a role with REPLICATION); Azure and RDS back up through their control plane.
+    directory: str | None = None
+    timeout: Seconds = 3600
+
+    _d = field_validator("timeout", mode="before")(parse_duration)
+
+
+class StatusPage(Strict):
+    """An Atlassian-Statuspage-shaped API: scheduled-maintenance incidents on a page."""
+
+    api_url: str = "https://api.statuspage.io/v1"
+    page_id: str
+    api_key: SecretRef
+    component_ids: list[str] = []
+    title: str = "Scheduled database maintenance"
+
+
+class WatchQuery(Strict):
+    name: str
+    query: str = Field(description="PromQL returning one number")
+    max: float | None = None
+    min: float | None = None
+
+
+class WatchPolicy(Strict):
+    prometheus: str = Field(description="Prometheus base URL")
+    duration: Seconds = 3600
+    interval: Seconds = 60
+    queries: list[WatchQuery] = Field(min_length=1)
+
+    _d = field_validator("duration", "interval", mode="before")(parse_duration)
+
+
+class MaintenancePolicy(Strict):
+    window: WeeklyWindow
+    cutoff: Seconds = 0  # no new task starts when less than this is left of the window
+    on_cutoff: Literal["finish", "cancel"] = "finish"  # cancel: the running statement too (pg_cancel_backend)
+    tasks: list[MaintenanceTask] = Field(min_length=1)
+    guards: Guards = Guards()
+    backup: BackupPolicy = BackupPolicy()
+    status_page: StatusPage | None = None
+    maintenance_mode: bool = True  # annotate the region's service maintenance=true for the window
+    watch: WatchPolicy | None = None
+    heartbeat_timeout: Seconds = 30
+    # One step per table keeps the UI legible and each table retryable; this bounds the history of one run
+    # (a few events per table): tables beyond it are deferred to the next window and listed.
+    max_tables: int = Field(default=500, ge=1, le=5000)
+
+    _d = field_validator("cutoff", "heartbeat_timeout", mode="before")(parse_duration)
+
+
+# Imported first (before opsflow.inventory finished), this module completes Inventory's `maintenance` field.
+from pydantic.errors import PydanticUndefinedAnnotation  # noqa: E402
+
+from opsflow import inventory as _inventory  # noqa: E402
+
+_inventory.MaintenancePolicy = MaintenancePolicy  # type: ignore[attr-defined]
+if not _inventory.Inventory.__pydantic_complete__:
+    try:
+        _inventory.Inventory.model_rebuild()
+    except PydanticUndefinedAnnotation:  # another section (rollout) is still being built: it completes Inventory
+        pass

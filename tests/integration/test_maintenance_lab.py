@@ -1,0 +1,327 @@
+"""The maintenance window's activities against real PostgreSQL (a primary and a streaming replica), the lab's
+receiver as the status page. Nothing is mocked: real dead tuples, real locks, real REINDEX CONCURRENTLY."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+from pydantic import ValidationError
+from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.testing import ActivityEnvironment
+
+from activities import maintenance as maint
+from activities import statuspage
+from activities.postgres import table_stats
+from lab.manage import BLOAT_TABLE, seed_bloat
+from lab.postgres import create_replica, init_primary
+from lab.receiver import read_statuspage, serve
+from opsflow.inventory import InventoryError, PostgresDatabase, SecretRef, load_inventory
+from opsflow.maintenance import BackupPolicy, Guards, MaintenanceTask, StatusPage
+from opsflow.maintenance_models import (
+    BackupRequest,
+    HealthRequest,
+    PlanRequest,
+    RunItemRequest,
+    StatusPageRequest,
+    VerifyBackupRequest,
+    WatchRequest,
+    WorkItem,
+)
+from opsflow.models import RegionTarget
+
+pytestmark = pytest.mark.lab
+
+TABLE = f"public.{BLOAT_TABLE}"
+
+
+@pytest.fixture(scope="module")
+def clusters():
+    root = Path(tempfile.mkdtemp(prefix="opsflow-maint-test-"))
+    primary = init_primary(root, "primary")
+    replica = create_replica(primary, root, "replica")
+    try:
+        yield primary, replica
+    finally:
+        for c in (replica, primary):
+            try:
+                c.stop("fast")
+            except Exception:
+                c.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def target(cluster, region: str = "eastus") -> RegionTarget:
+    return RegionTarget(environment="lab", region=region, database=PostgresDatabase(provider="postgres", dsn=cluster.dsn))
+
+
+def query(cluster, text: str, params=None):
+    with psycopg.connect(cluster.dsn, autocommit=True) as c:
+        cur = c.execute(text, params)
+        return cur.fetchall() if cur.description else None
+
+
+def stats(cluster, table: str = TABLE):
+    with psycopg.connect(cluster.dsn, autocommit=True) as c:
+        return table_stats(c, table)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+    return value
+
+
+def settle(primary) -> None:
+    """Wait until the replica's hot_standby_feedback no longer holds back the rows just deleted: until then they
+    are 'recently dead' and VACUUM must keep them (a real effect of the lab's replica, not of the test)."""
+    xid = query(primary, "select txid_current()")[0][0]
+    wait_for(lambda: query(primary, "select bool_and(backend_xmin is null or backend_xmin::text::bigint > %s) from pg_stat_replication",
+                           (xid,))[0][0], 30, "the replica's xmin feedback to pass the deletes")
+
+
+def item(kind: str, table: str | None = TABLE, **kw) -> WorkItem:
+    return WorkItem(task=0, kind=kind, table=table, **kw)
+
+
+GUARDS = Guards(lock_timeout=1, statement_timeout=60)
+
+
+def test_auto_picks_the_bloated_table_and_vacuum_really_removes_the_dead_tuples(clusters):
+    primary, _ = clusters
+    seed_bloat(primary.dsn)
+    wait_for(lambda: stats(primary).n_dead_tup >= 30_000, 30, "the statistics to show the dead tuples")
+    settle(primary)
+    plan = ActivityEnvironment().run(maint.plan, PlanRequest(
+        target=target(primary), backup=BackupPolicy(take=False),
+        tasks=[MaintenanceTask(kind="vacuum-analyze", tables="auto", auto={"min_dead_tuples": 1000, "dead_ratio": 0.2})]))
+    assert [i.table for i in plan.items] == [TABLE]
+    assert "30000 dead tuples" in plan.items[0].reason and "75%" in plan.items[0].reason
+
+    result = ActivityEnvironment().run(maint.run_item, RunItemRequest(target=target(primary), item=plan.items[0], guards=GUARDS))
+    assert result.outcome == "done"
+    assert result.before.n_dead_tup >= 30_000 and result.before.last_vacuum is None
+    assert result.after.n_dead_tup == 0 and result.after.last_vacuum is not None
+    assert stats(primary).n_dead_tup == 0
+
+
+def test_reindex_concurrently_cleans_up_an_invalid_ccnew_index_and_leaves_none(clusters):
+    primary, _ = clusters
+    seed_bloat(primary.dsn)
+    # What an interrupted REINDEX CONCURRENTLY leaves: an invalid <index>_ccnew (here: a failed unique build).
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        query(primary, f"CREATE UNIQUE INDEX CONCURRENTLY {BLOAT_TABLE}_kind_ccnew ON {BLOAT_TABLE} (kind)")
+    assert stats(primary).invalid_indexes == [f"{BLOAT_TABLE}_kind_ccnew"]
+
+    result = ActivityEnvironment().run(maint.run_item, RunItemRequest(target=target(primary), item=item("reindex"), guards=GUARDS))
+    assert result.outcome == "done"
+    assert result.dropped_invalid == [f"public.{BLOAT_TABLE}_kind_ccnew"]
+    assert stats(primary).invalid_indexes == []
+    assert query(primary, "select count(*) from pg_index i join pg_class c on c.oid = i.indrelid where c.relname = %s and not i.indisvalid",
+                 (BLOAT_TABLE,)) == [(0,)]
+
+
+def test_lock_timeout_is_honoured_while_another_session_holds_the_lock(clusters):
+    primary, _ = clusters
+    seed_bloat(primary.dsn)
+    with psycopg.connect(primary.dsn) as holder:
+        holder.execute(f"LOCK TABLE {BLOAT_TABLE} IN ACCESS EXCLUSIVE MODE")  # held until the transaction ends
+        started = time.monotonic()
+        result = ActivityEnvironment().run(maint.run_item, RunItemRequest(
+            target=target(primary), item=item("vacuum"), guards=Guards(lock_timeout=0.5, statement_timeout=60)))
+        took = time.monotonic() - started
+        holder.rollback()
+    assert result.outcome == "lock-timeout", result
+    assert "0.5s" in result.detail
+    assert took < 10  # it gave up at the lock timeout instead of waiting for the holder
+
+
+def test_cutoff_cancels_the_running_statement_with_pg_cancel_backend(clusters):
+    primary, _ = clusters
+    long = WorkItem(task=0, kind="sql", name="slow cleanup", sql="SELECT pg_sleep(30)")
+    started = time.monotonic()
+    result = ActivityEnvironment().run(maint.run_item, RunItemRequest(
+        target=target(primary), item=long, guards=GUARDS, cancel_at=datetime.now(timezone.utc) + timedelta(seconds=1)))
+    assert result.outcome == "cancelled-at-cutoff"
+    assert time.monotonic() - started < 15
+    assert query(primary, "select count(*) from pg_stat_activity where query = 'SELECT pg_sleep(30)'") == [(0,)]
+
+
+def test_heartbeat_delivered_cancellation_stops_the_statement_cleanly(clusters):
+    primary, _ = clusters
+    env = ActivityEnvironment()
+    beats: list = []
+    env.on_heartbeat = lambda *d: beats.append(d)
+    long = WorkItem(task=0, kind="sql", name="slow cleanup", sql="SELECT pg_sleep(31)")
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(env.run(maint.run_item, RunItemRequest(target=target(primary), item=long, guards=GUARDS)))
+        except BaseException as e:  # noqa: BLE001
+            outcome.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    wait_for(lambda: beats, 20, "a progress heartbeat")
+    env.cancel()
+    t.join(30)
+    assert not t.is_alive()
+    assert isinstance(outcome[0], CancelledError), outcome
+    wait_for(lambda: query(primary, "select count(*) from pg_stat_activity where query = 'SELECT pg_sleep(31)'") == [(0,)], 10,
+             "the statement to be cancelled")
+
+
+def test_replicas_still_stream_after_maintenance_and_health_says_so(clusters):
+    primary, replica = clusters
+    ActivityEnvironment().run(maint.run_item, RunItemRequest(target=target(primary), item=item("vacuum-analyze"), guards=GUARDS))
+    health = ActivityEnvironment().run(maint.health, HealthRequest(primary=target(primary), replicas=[target(replica, "westeurope")],
+                                                                    max_lag_bytes=16 * 1024 * 1024, lag_wait=30))
+    assert health.ok, health.detail
+    assert set(health.lag_bytes) == {"westeurope"}
+    assert query(replica, "select status from pg_stat_wal_receiver") == [("streaming",)]
+
+
+def test_a_table_name_that_is_an_injection_attempt_is_refused_naming_the_field_and_nothing_runs(clusters, tmp_path):
+    primary, _ = clusters
+    evil = "lab_orders; DROP TABLE lab_orders"
+    query(primary, "CREATE TABLE IF NOT EXISTS lab_orders (id int)")
+    with pytest.raises(ValidationError, match="is not a table name"):
+        MaintenanceTask(kind="vacuum", tables=[evil])
+    from tests.workflow.conftest import inventory_dict
+
+    window = {"days": ["sun"], "start": "02:00", "end": "04:00"}
+    inv = inventory_dict(maintenance={"window": window, "tasks": [{"kind": "vacuum", "tables": [evil]}]})
+    path = tmp_path / "inv.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    with pytest.raises(InventoryError, match=r"maintenance\.tasks\.0\.tables: .*is not a table name"):
+        load_inventory(path)
+    # Even past validation (a hand-built item), the name reaches SQL only as a quoted identifier.
+    forged = WorkItem.model_construct(task=0, kind="vacuum", table=evil, name=None, sql=None, reason="forged")
+    with pytest.raises(ApplicationError, match="does not exist"):
+        ActivityEnvironment().run(maint.run_item, RunItemRequest.model_construct(target=target(primary), item=forged, guards=GUARDS, cancel_at=None))
+    assert query(primary, "select to_regclass('lab_orders') is not null") == [(True,)]
+
+
+def test_status_page_calls_arrive_in_order_and_a_retried_create_finds_the_incident(tmp_path, monkeypatch):
+    server = serve(tmp_path / "receiver")
+    monkeypatch.setenv("OPSFLOW_TEST_STATUSPAGE_KEY", "k")
+    try:
+        page = StatusPage(api_url=f"http://127.0.0.1:{server.server_address[1]}/statuspage/v1", page_id="p1",
+                          api_key=SecretRef(env="OPSFLOW_TEST_STATUSPAGE_KEY"))
+        now = datetime.now(timezone.utc)
+        env = ActivityEnvironment()
+        created = env.run(statuspage.update, StatusPageRequest(page=page, status="scheduled", body="VACUUM tonight", scheduled_for=now,
+                                                               scheduled_until=now + timedelta(hours=2)))
+        again = env.run(statuspage.update, StatusPageRequest(page=page, status="scheduled", body="VACUUM tonight"))
+        assert again.incident_id == created.incident_id
+        for status in ("in_progress", "completed"):
+            env.run(statuspage.update, StatusPageRequest(page=page, incident_id=created.incident_id, status=status, body=status))
+    finally:
+        server.shutdown()
+    calls = read_statuspage(tmp_path / "receiver")
+    assert [(c["method"], (c["body"] or {}).get("incident", {}).get("status")) for c in calls] == [
+        ("GET", None), ("POST", "scheduled"), ("GET", None), ("PATCH", "in_progress"), ("PATCH", "completed")]
+
+
+def test_self_managed_backup_is_a_fresh_base_backup_that_verifies(clusters, tmp_path):
+    primary, _ = clusters
+    policy = BackupPolicy(directory=str(tmp_path / "backups"))
+    started = datetime.now(timezone.utc) - timedelta(seconds=1)
+    backup = ActivityEnvironment().run(maint.take_backup, BackupRequest(target=target(primary), policy=policy, name="maint-test"))
+    assert backup.method == "pg_basebackup" and backup.size_bytes > 1_000_000
+    detail = ActivityEnvironment().run(maint.verify_backup, VerifyBackupRequest(target=target(primary), policy=policy, backup=backup, not_before=started))
+    assert "verified" in detail
+    # an old backup does not pass for a fresh one
+    with pytest.raises(ApplicationError, match="before this maintenance started"):
+        ActivityEnvironment().run(maint.verify_backup, VerifyBackupRequest(target=target(primary), policy=policy, backup=backup,
+                                                                           not_before=datetime.now(timezone.utc) + timedelta(minutes=1)))
+
+
+def test_rds_backup_is_a_manual_snapshot_found_again_on_retry_and_verified(monkeypatch):
+    import boto3
+    from moto import mock_aws
+
+    from opsflow.inventory import AwsConnection, AwsRdsDatabase
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(k, "testing")
+    with mock_aws():
+        boto3.client("rds", region_name="eu-west-1").create_db_instance(
+            DBInstanceIdentifier="shop-db", DBInstanceClass="db.t3.micro", Engine="postgres", AllocatedStorage=20,
+            MasterUsername="ops", MasterUserPassword="not-a-secret-1")
+        rds = RegionTarget(environment="lab", region="eu", database=AwsRdsDatabase(provider="aws-rds", db_instance_identifier="shop-db", aws_region="eu-west-1"),
+                           aws=AwsConnection())
+        started = datetime.now(timezone.utc) - timedelta(seconds=5)
+        request = BackupRequest(target=rds, policy=BackupPolicy(), name="opsflow-maint-test")
+        first = ActivityEnvironment().run(maint.take_backup, request)
+        again = ActivityEnvironment().run(maint.take_backup, request)  # a retried activity finds the same snapshot
+        assert first.method == "rds-snapshot" and again.id == first.id and first.size_bytes > 0
+        assert "completed" in ActivityEnvironment().run(maint.verify_backup, VerifyBackupRequest(target=rds, policy=BackupPolicy(), backup=first, not_before=started))
+        snaps = boto3.client("rds", region_name="eu-west-1").describe_db_snapshots(DBInstanceIdentifier="shop-db")["DBSnapshots"]
+        assert [s["DBSnapshotIdentifier"] for s in snaps if s["SnapshotType"] == "manual"] == ["opsflow-maint-test"]
+
+
+@pytest.fixture(scope="module")
+def prometheus_url():
+    """A real Prometheus (Debian package) scraping itself every second."""
+    import subprocess
+
+    from lab.postgres import free_port
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus is not installed (scripts/setup.sh installs it)")
+    root = Path(tempfile.mkdtemp(prefix="opsflow-maint-prom-"))
+    port = free_port()
+    (root / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "self", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}]}))
+    proc = subprocess.Popen([binary, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        from activities.prometheus import query
+
+        def scraped() -> bool:
+            try:
+                return query(url, "sum(up)") == 1.0
+            except ApplicationError:
+                return False
+
+        wait_for(scraped, 60, "Prometheus to scrape itself")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_watch_queries_prometheus_and_a_breach_ends_it_early(prometheus_url):
+    from activities.prometheus import query
+    from opsflow.maintenance import WatchPolicy
+
+    assert query(prometheus_url, "sum(up)") == 1.0
+    assert query(prometheus_url, 'sum(up{job="nothing"})') != query(prometheus_url, 'sum(up{job="nothing"})')  # no data: NaN
+    with pytest.raises(ApplicationError, match="bad query"):
+        query(prometheus_url, "sum(up")
+
+    calm = WatchPolicy(prometheus=prometheus_url, duration=3, interval=1, queries=[{"name": "targets up", "query": "sum(up)", "min": 1}])
+    result = ActivityEnvironment().run(maint.watch, WatchRequest(policy=calm, duration=3))
+    assert result.ok and result.results[0].samples >= 2 and result.results[0].last == 1.0
+
+    started = time.monotonic()
+    alarming = WatchPolicy(prometheus=prometheus_url, duration=60, interval=1, queries=[{"name": "targets up", "query": "sum(up)", "max": 0.5}])
+    result = ActivityEnvironment().run(maint.watch, WatchRequest(policy=alarming, duration=60))
+    assert not result.ok and result.results[0].breached and "above 0.5" in result.results[0].detail
+    assert time.monotonic() - started < 30  # the first breach ends the watch: it alerts at once

@@ -1,0 +1,103 @@
+"""The maintenance window end to end on the lab, through the CLI a person types: the bloated table vacuumed and
+reindexed, maintenance mode on and off again, the status page told in order, the replica still streaming."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+import yaml
+
+from lab.manage import BLOAT_TABLE
+from lab.receiver import read_statuspage
+from tests.integration.conftest import wait_for
+
+pytestmark = pytest.mark.lab
+
+
+def dead_tuples(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return c.execute("select n_dead_tup from pg_stat_user_tables where relname = %s", (BLOAT_TABLE,)).fetchone()[0]
+
+
+def test_maintenance_window_on_the_lab(lab, worker, tmp_path):
+    primary = lab.dsn("eastus")
+    # a table name that is an injection attempt: refused naming the field, nothing started, nothing run
+    inv = yaml.safe_load(open(lab.inventory).read())
+    inv["maintenance"]["tasks"][1]["tables"] = ["lab_orders; DROP TABLE lab_orders"]
+    (tmp_path / "evil.yaml").write_text(yaml.safe_dump(inv))
+    refused = lab.cli("maintenance", "--env", str(tmp_path / "evil.yaml"), "--requester", "alice")
+    assert refused.returncode == 2 and "maintenance.tasks.1.tables: " in refused.stderr and "is not a table name" in refused.stderr
+    with psycopg.connect(primary, autocommit=True) as c:
+        assert c.execute("select to_regclass('lab_orders') is not null").fetchone() == (True,)
+
+    # the dry run prints the plan from the same declarations and changes nothing
+    plan = lab.cli_json("maintenance", "--dry-run", "--requester", "alice")
+    assert plan["status"] == "planned"
+    assert [s["name"] for s in plan["steps"] if s["outcome"] == "planned"][:3] == ["announce", "backup", "verify-backup"]
+    assert dead_tuples(primary) >= 30_000 and not read_statuspage(lab.root / "receiver")
+
+    wait_for(lambda: dead_tuples(primary) >= 30_000, 30, what="the seeded dead tuples in the statistics")
+    started = lab.cli_json("maintenance", "--requester", "alice", "--reason", "weekly")
+    wid = started["workflow_id"]
+    wait_for(lambda: (lab.cli_json("status", wid).get("waiting_for") or "").startswith("approval"), 120, what="the approval gate")
+    lab.cli("approve", wid, "--as", "bob", "--reason", "go", check=True)
+    wait_for(lambda: lab.cli_json("status", wid)["status"] not in ("running", "waiting"), 300, what="the end of the maintenance")
+    report = lab.cli_json("report", wid)
+    assert report["status"] == "succeeded", (report["failure"], [(s["name"], s["outcome"], s["detail"]) for s in report["steps"]])
+
+    # the Azure SDK's on-demand backup (the ARM emulator takes a real base backup), verified newer than the start
+    assert report["backup"]["method"] == "azure-on-demand" and report["backup"]["id"].endswith(report["backup"]["id"].rsplit("/", 1)[-1])
+    assert "completed" in report["backup_verified"]
+    vacuumed = next(i for i in report["items"] if i["key"] == f"vacuum-analyze:public.{BLOAT_TABLE}")
+    assert vacuumed["reason"].startswith("auto: ") and vacuumed["before"]["n_dead_tup"] >= 30_000
+    assert vacuumed["after"]["n_dead_tup"] == 0 and vacuumed["after"]["last_vacuum"]
+    assert dead_tuples(primary) == 0
+    reindexed = next(i for i in report["items"] if i["key"] == f"reindex:public.{BLOAT_TABLE}")
+    assert reindexed["outcome"] == "done" and reindexed["after"]["invalid_indexes"] == []
+
+    calls = [(c["method"], (c["body"] or {}).get("incident", {}).get("status")) for c in read_statuspage(lab.root / "receiver")]
+    assert [c for c in calls if c[0] != "GET"] == [("POST", "scheduled"), ("PATCH", "in_progress"), ("PATCH", "completed")]
+    steps = [s["name"] for s in report["steps"]]
+    assert steps.index("maintenance-on") < steps.index(f"vacuum-analyze:public.{BLOAT_TABLE}") < steps.index("maintenance-off")
+    with psycopg.connect(lab.dsn("westeurope"), autocommit=True) as c:
+        assert c.execute("select status from pg_stat_wal_receiver").fetchone() == ("streaming",)
+
+
+def test_a_fleet_of_two_environments_one_at_a_time_through_the_cli(lab, worker, tmp_path):
+    # A second environment on the same lab, served by the same worker (its queues are the lab's): a fleet of two.
+    inv = yaml.safe_load(open(lab.inventory).read())
+    inv["maintenance"]["backup"] = {"take": False, "verify": False}
+    second = {**inv, "environment": "lab2", "workflow_task_queue": "opsflow-lab",
+              "regions": {r: {**v, "task_queue": f"opsflow-lab-{r}"} for r, v in inv["regions"].items()}}
+    (tmp_path / "lab2.yaml").write_text(yaml.safe_dump(second))
+    (tmp_path / "lab1.yaml").write_text(yaml.safe_dump(inv))
+    started = lab.cli_json("maintenance", "--env", str(tmp_path / "lab1.yaml"), "--env", str(tmp_path / "lab2.yaml"),
+                           "--max-concurrency", "1", "--requester", "alice")
+    fleet = started["workflow_id"]
+    for child in ("opsflow-lab", "opsflow-lab2"):
+        wait_for(lambda: lab.cli("status", child, "--json").returncode == 0
+                 and (lab.cli_json("status", child).get("waiting_for") or "").startswith("approval"), 180, what=f"{child} to wait for approval")
+        assert lab.cli_json("status", fleet)["members"][1 if child == "opsflow-lab" else 0]["status"] in ("not-started", "succeeded")
+        lab.cli("approve", child, "--as", "bob", check=True)
+    wait_for(lambda: lab.cli_json("status", fleet)["status"] not in ("running", "waiting"), 300, what="the fleet to end")
+    report = lab.cli_json("report", fleet)
+    assert report["status"] == "succeeded", report.get("failure")
+    assert [(m["environment"], m["status"]) for m in report["members"]] == [("lab", "succeeded"), ("lab2", "succeeded")]
+    assert report["peak_concurrency"] == 1
+
+
+def test_a_table_locked_by_another_session_is_retried_then_skipped_and_the_rest_is_done(lab, worker):
+    with psycopg.connect(lab.dsn("eastus")) as holder:
+        holder.execute("LOCK TABLE lab_orders IN ACCESS EXCLUSIVE MODE")  # held for the whole window
+        wid = lab.cli_json("maintenance", "--requester", "alice")["workflow_id"]
+        wait_for(lambda: (lab.cli_json("status", wid).get("waiting_for") or "").startswith("approval"), 120, what="the approval gate")
+        lab.cli("approve", wid, "--as", "bob", check=True)
+        wait_for(lambda: lab.cli_json("status", wid)["status"] not in ("running", "waiting"), 300, what="the end of the maintenance")
+        holder.rollback()
+    report = lab.cli_json("report", wid)
+    assert report["status"] == "succeeded", report.get("failure")
+    skipped = {s["key"]: s["reason"] for s in report["skipped"]}
+    assert set(skipped) == {"analyze:public.lab_orders", "sql:purge negative totals"}
+    assert all("lock not granted within 2s (2 attempt(s))" in r for r in skipped.values())
+    done = [i["key"] for i in report["items"] if i["outcome"] == "done"]
+    assert done == [f"vacuum-analyze:public.{BLOAT_TABLE}", f"reindex:public.{BLOAT_TABLE}"]

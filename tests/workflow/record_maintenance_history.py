@@ -1,0 +1,60 @@
+"""Record the maintenance window's histories for the replay test (tests/workflow/test_replay.py):
+
+    python -m tests.workflow.record_maintenance_history [maintenance | maintenance-fleet]
+
+maintenance: a whole window (announce, backup, approval, a table whose lock is held once and retried, health
+checks, maintenance mode off, status page completed); maintenance-fleet: two environments, one at a time.
+Like every recorded history it is never re-recorded (the recorder refuses to overwrite).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import sys
+from pathlib import Path
+
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from opsflow.temporal import DATA_CONVERTER, register_search_attributes
+from tests.conftest import venv_binary
+from tests.workflow.test_maintenance_workflow import QUEUE, MaintWorld, approve_when_waiting, maint_inventory
+from workflows.maintenance import FleetInput, MaintenanceFleetWorkflow, MaintenanceInput, MaintenanceWorkflow
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+async def record(name: str) -> Path:
+    out = HISTORIES / f"{name}.json"
+    if out.exists():
+        raise SystemExit(f"{out} exists: recorded histories are never re-recorded; record a new one under a new name")
+    world = MaintWorld()
+    world.lock_held["public.orders"] = 1
+    async with await WorkflowEnvironment.start_time_skipping(data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")) as env:
+        await register_search_attributes(env.client)
+        now = await env.get_current_time()
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            async with Worker(env.client, task_queue=QUEUE, workflows=[MaintenanceWorkflow, MaintenanceFleetWorkflow], activities=world.activities(),
+                              activity_executor=ex):
+                if name == "maintenance":
+                    inv = maint_inventory(now, env="replay")
+                    handle = await env.client.start_workflow(MaintenanceWorkflow.run, MaintenanceInput(inventory=inv, requester="alice", reason="replay"),
+                                                             id="opsflow-replay", task_queue=QUEUE)
+                    await approve_when_waiting(handle)
+                else:
+                    invs = [maint_inventory(now, env=e) for e in ("replay-a", "replay-b")]
+                    handle = await env.client.start_workflow(MaintenanceFleetWorkflow.run, FleetInput(inventories=invs, requester="alice", max_concurrency=1),
+                                                             id="opsflow-replay", task_queue=QUEUE)
+                    for inv in invs:
+                        await approve_when_waiting(env.client.get_workflow_handle(f"opsflow-{inv.environment}"))
+                await handle.result()
+                history = await handle.fetch_history()
+    out.write_text(json.dumps(json.loads(history.to_json()), indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:] or ["maintenance", "maintenance-fleet"]:
+        print(f"wrote {asyncio.run(record(arg))}")

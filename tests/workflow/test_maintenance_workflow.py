@@ -1,0 +1,489 @@
+"""The maintenance window's logic on the time-skipping server, activities stood in by name: the window wait,
+cutoff deferral, on_cutoff cancel, a failing health check, abort in the middle of a table, lock retries, the
+fleet's rate control, the dry run. The real activities are tested against PostgreSQL in tests/integration."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import pytest
+import pytest_asyncio
+from temporalio import activity
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.worker import Worker
+
+from opsflow.inventory import Inventory
+from opsflow.maintenance_models import (
+    BackupRequest,
+    BackupResult,
+    HealthRequest,
+    HealthResult,
+    ItemResult,
+    MaintenanceReport,
+    PlanRequest,
+    PlanResult,
+    RunItemRequest,
+    StatusPageRequest,
+    StatusPageResult,
+    TableStats,
+    VerifyBackupRequest,
+    WatchQueryResult,
+    WatchRequest,
+    WatchResult,
+    WorkItem,
+)
+from opsflow.models import DbStatus, KubeStatus, MaintenanceRequest, NotifyRequest, RegionTarget, SmokeResult
+from tests.workflow.conftest import inventory_dict
+from workflows.maintenance import FleetInput, MaintenanceFleetWorkflow, MaintenanceInput, MaintenanceWorkflow
+from workflows.procedure import Request
+
+DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+QUEUE = "maint-tests"
+
+
+@dataclass
+class MaintWorld:
+    """Environments' databases as the maintenance sees them; every call recorded."""
+
+    calls: list = field(default_factory=list)
+    maintenance: set = field(default_factory=set)  # environments with maintenance mode on
+    peak_maintenance: int = 0
+    statuspage: list = field(default_factory=list)
+    notifications: list = field(default_factory=list)
+    lock_held: dict = field(default_factory=dict)  # table -> how many more attempts find the lock held
+    slow: set = field(default_factory=set)  # tables whose statement runs until cancelled
+    started: dict = field(default_factory=dict)  # key -> threading.Event set when the statement started
+    cancelled: list = field(default_factory=list)
+    unhealthy_after: set = field(default_factory=set)  # keys after which the health check fails
+    fail_plan: set = field(default_factory=set)  # environments whose preflight fails
+    cancel_at: dict = field(default_factory=dict)
+    release: threading.Event = field(default_factory=threading.Event)
+    block: set = field(default_factory=set)  # keys that wait for `release`
+
+    def activities(self):
+        w = self
+
+        @activity.defn(name="db.status")
+        def db_status(t: RegionTarget) -> DbStatus:
+            if t.region == "eastus":
+                return DbStatus(region=t.region, reachable=True, role="primary", current_lsn="0/3000000")
+            return DbStatus(region=t.region, reachable=True, role="replica", streaming=True, current_lsn="0/3000000", replay_lsn="0/3000000")
+
+        @activity.defn(name="maint.plan")
+        def plan(req: PlanRequest) -> PlanResult:
+            w.calls.append((req.target.environment, "plan"))
+            if req.target.environment in w.fail_plan:
+                raise ApplicationError("database refused the preflight", type="Injected", non_retryable=True)
+            items = []
+            for i, task in enumerate(req.tasks):
+                if task.kind == "sql":
+                    items.append(WorkItem(task=i, kind="sql", name=task.name, sql=task.sql, reason="listed"))
+                else:
+                    items += [WorkItem(task=i, kind=task.kind, table=t, reason="listed") for t in task.tables]
+            return PlanResult(items=items, backup_target="pg_basebackup into /backups")
+
+        @activity.defn(name="backup.take")
+        def take(req: BackupRequest) -> BackupResult:
+            w.calls.append((req.target.environment, "backup"))
+            return BackupResult(id=req.name, method="pg_basebackup", state="completed", completed_at=activity.info().current_attempt_scheduled_time,
+                                size_bytes=1 << 20, location=f"/backups/{req.name}")
+
+        @activity.defn(name="backup.verify")
+        def verify(req: VerifyBackupRequest) -> str:
+            w.calls.append((req.target.environment, "verify-backup"))
+            return f"{req.backup.id} verified"
+
+        @activity.defn(name="maint.run_item")
+        def run_item(req: RunItemRequest) -> ItemResult:
+            key = req.item.key
+            w.calls.append((req.target.environment, key))
+            w.cancel_at[key] = req.cancel_at
+            w.started.setdefault(key, threading.Event()).set()
+            base = dict(key=key, kind=req.item.kind, table=req.item.table, name=req.item.name, reason=req.item.reason)
+            if w.lock_held.get(req.item.table, 0) > 0:
+                w.lock_held[req.item.table] -= 1
+                return ItemResult(**base, outcome="lock-timeout", detail=f"lock not granted within {req.guards.lock_timeout:g}s", lock_wait_seconds=req.guards.lock_timeout)
+            if req.item.table in w.slow:
+                if req.cancel_at is not None:  # on_cutoff cancel: the real activity cancels itself at cancel_at
+                    return ItemResult(**base, outcome="cancelled-at-cutoff", detail="cancelled at the window's cutoff (pg_cancel_backend)")
+                try:
+                    while True:  # until the workflow cancels it (delivered with a heartbeat, raised in this thread)
+                        activity.heartbeat({"progress": "scanning heap"})
+                        if activity.is_cancelled():
+                            raise CancelledError("cancelled")
+                        time.sleep(0.05)
+                except CancelledError:
+                    w.cancelled.append(key)
+                    raise
+            if key in w.block:
+                try:
+                    while not w.release.wait(0.05):
+                        activity.heartbeat()
+                        if activity.is_cancelled():  # a pause interrupts a long statement; it runs again after the resume
+                            raise CancelledError("cancelled")
+                except CancelledError:
+                    w.cancelled.append(key)
+                    raise
+            return ItemResult(**base, outcome="done", seconds=0.2, before=TableStats(n_dead_tup=1000, table_bytes=8192 * 10),
+                              after=TableStats(n_dead_tup=0, table_bytes=8192 * 8))
+
+        @activity.defn(name="maint.health")
+        def health(req: HealthRequest) -> HealthResult:
+            last = [c for e, c in w.calls if e == req.primary.environment][-1]
+            w.calls.append((req.primary.environment, "health"))
+            if last in w.unhealthy_after:
+                return HealthResult(ok=False, detail="replica westeurope is not streaming")
+            return HealthResult(ok=True, detail="healthy", lag_bytes={"westeurope": 0})
+
+        @activity.defn(name="k8s.set_maintenance")
+        def set_maintenance(req: MaintenanceRequest) -> KubeStatus:
+            env = req.target.environment
+            w.calls.append((env, f"maintenance-{'on' if req.on else 'off'}"))
+            (w.maintenance.add if req.on else w.maintenance.discard)(env)
+            w.peak_maintenance = max(w.peak_maintenance, len(w.maintenance))
+            return KubeStatus(region=req.target.region, deployments=[], ready=True, maintenance=req.on)
+
+        @activity.defn(name="http.smoke")
+        def smoke(t: RegionTarget) -> list[SmokeResult]:
+            w.calls.append((t.environment, "smoke"))
+            return [SmokeResult(url=u, status=200, ok=True, seconds=0.01) for u in t.smoke_urls]
+
+        @activity.defn(name="statuspage.update")
+        def statuspage(req: StatusPageRequest) -> StatusPageResult:
+            w.statuspage.append((req.status, req.body))
+            return StatusPageResult(incident_id=req.incident_id or "inc1", status=req.status)
+
+        @activity.defn(name="watch.metrics")
+        def watch(req: WatchRequest) -> WatchResult:
+            breached = any(q.name == "errors" for q in req.policy.queries)
+            return WatchResult(ok=not breached, results=[WatchQueryResult(name=q.name, query=q.query, samples=3, last=5.0, breached=breached,
+                                                                          detail="5 is above 1" if breached else "") for q in req.policy.queries])
+
+        @activity.defn(name="notify.send")
+        def notify(req: NotifyRequest) -> list[str]:
+            w.notifications.append((req.notification.severity, req.notification.text))
+            return [c.name for c in req.channels]
+
+        @activity.defn(name="temporal.unserved_queues")
+        def unserved(queues: list[str]) -> list[str]:
+            return []
+
+        return [db_status, plan, take, verify, run_item, health, set_maintenance, smoke, statuspage, watch, notify, unserved]
+
+
+def window_around(now: datetime, *, opens_in: timedelta = timedelta(hours=-1), length: timedelta = timedelta(hours=3)) -> dict:
+    start = now + opens_in
+    end = start + length
+    return {"days": [DAYS[start.weekday()]], "start": f"{start:%H:%M}", "end": f"{end:%H:%M}", "timezone": "UTC"}
+
+
+def maint_inventory(now: datetime, env: str | None = None, **maintenance) -> Inventory:
+    section = {
+        "window": window_around(now),
+        "cutoff": "20m",
+        "tasks": [{"kind": "vacuum-analyze", "tables": ["public.orders", "public.events"]}, {"kind": "reindex", "tables": ["public.events"]}],
+        "guards": {"lock_timeout": "2s", "lock_retries": 1},
+        "heartbeat_timeout": "2s",  # cancellation reaches a running statement with its next heartbeat
+        "backup": {"take": True, "verify": True, "directory": "/backups"},
+        "status_page": {"api_url": "http://127.0.0.1:9/sp", "page_id": "p", "api_key": {"env": "SP_KEY"}},
+        **maintenance,
+    }
+    inv = inventory_dict(maintenance=section, workflow_task_queue=QUEUE)
+    if env:
+        inv["environment"] = env
+    for r in inv["regions"].values():
+        r["task_queue"] = QUEUE
+    return Inventory.model_validate(inv)
+
+
+@pytest.fixture
+def mworld() -> MaintWorld:
+    return MaintWorld()
+
+
+@pytest_asyncio.fixture
+async def worker(env, mworld):
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        async with Worker(env.client, task_queue=QUEUE, workflows=[MaintenanceWorkflow, MaintenanceFleetWorkflow], activities=mworld.activities(),
+                          activity_executor=ex, max_concurrent_activities=16):
+            yield env
+
+
+async def start(env, inv: Inventory, **kw):
+    return await env.client.start_workflow(MaintenanceWorkflow.run, MaintenanceInput(inventory=inv, requester="alice", **kw),
+                                           id=f"opsflow-{inv.environment}", task_queue=QUEUE)
+
+
+async def until(predicate, what: str, timeout: float = 20):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def approve_when_waiting(handle, by: str = "bob"):
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await handle.execute_update("approve", Request(by=by, reason="ok"))
+        except WorkflowUpdateFailedError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+        except Exception:  # the workflow (a child) may not exist yet
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def failed_report(handle) -> MaintenanceReport:
+    with pytest.raises(WorkflowFailureError) as info:
+        await handle.result()
+    details = info.value.cause.details
+    return MaintenanceReport.model_validate(details[0] if not isinstance(details[0], MaintenanceReport) else details[0].model_dump())
+
+
+def keys(report: MaintenanceReport) -> list[str]:
+    return [i.key for i in report.items]
+
+
+async def test_a_whole_window_in_order(worker, mworld):
+    env = worker
+    inv = maint_inventory(await env.get_current_time())
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    assert report.status == "succeeded"
+    e = inv.environment
+    order = [c for env_, c in mworld.calls if env_ == e]
+    assert order == ["plan", "backup", "verify-backup", "maintenance-on",
+                     "vacuum-analyze:public.orders", "health", "vacuum-analyze:public.events", "health", "reindex:public.events", "health",
+                     "maintenance-off", "smoke"]
+    assert [s for s, _ in mworld.statuspage] == ["scheduled", "in_progress", "completed"]
+    assert keys(report) == ["vacuum-analyze:public.orders", "vacuum-analyze:public.events", "reindex:public.events"]
+    assert report.items[0].before.n_dead_tup == 1000 and report.items[0].after.n_dead_tup == 0
+    assert report.backup and report.backup.id.startswith("opsflow-maint-") and report.backup_verified
+    assert not report.maintenance_mode_on and not mworld.maintenance
+    assert not report.deferred and not report.skipped
+    assert "3 item(s) done, 3000 dead tuples removed" in mworld.notifications[-1][1]
+
+
+async def test_waits_for_the_window_and_an_approver_can_override_it(worker, mworld):
+    env = worker
+    now = await env.get_current_time()
+    inv = maint_inventory(now, window=window_around(now, opens_in=timedelta(hours=5), length=timedelta(hours=2)))
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()  # the time-skipping server jumps to the opening
+    assert report.window_opened_at >= now + timedelta(hours=5) - timedelta(minutes=1)
+    assert [s.name for s in report.steps if s.name == "window"] == ["window"]
+    assert report.status == "succeeded"
+
+    # override: starts now, recorded; a non-approver may not
+    now = await env.get_current_time()
+    inv = maint_inventory(now, window=window_around(now, opens_in=timedelta(hours=5), length=timedelta(hours=2)))
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    with pytest.raises(WorkflowUpdateFailedError) as refused:
+        await handle.execute_update("override", Request(by="mallory", reason="now"))
+    assert "may not override" in str(refused.value.cause)
+    await until_update(handle, "override", Request(by="bob", reason="quiet night"))
+    report = await handle.result()
+    assert report.override and report.override.by == "bob"
+    assert report.window_opened_at < now + timedelta(hours=1)
+    assert len(report.items) == 3  # no cutoff outside the window: the approver chose the time
+
+
+async def until_update(handle, name: str, req: Request):
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return await handle.execute_update(name, req)
+        except WorkflowUpdateFailedError as e:
+            if "not waiting" not in str(e.cause) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def test_at_the_cutoff_no_new_table_starts_and_the_rest_is_deferred(worker, mworld):
+    env = worker
+    now = await env.get_current_time()
+    # the window closes in 40 min, cutoff 20 min: after 25 min inside the first table, no new one may start
+    inv = maint_inventory(now, window=window_around(now, opens_in=timedelta(minutes=-10), length=timedelta(minutes=50)), cutoff="20m")
+    mworld.block.add("vacuum-analyze:public.orders")
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    await asyncio.get_running_loop().run_in_executor(None, lambda: mworld.started.setdefault("vacuum-analyze:public.orders", threading.Event()).wait(20))
+    # 25 minutes pass while paused (time skips only while no activity runs): the pause interrupts the statement
+    await handle.execute_update("pause", Request(by="alice", reason="look at the graphs"))
+    await until(lambda: mworld.cancelled, "the running statement to stop for the pause")
+    await env.sleep(timedelta(minutes=25))
+    mworld.release.set()
+    await handle.execute_update("resume", Request(by="alice"))
+    report = await handle.result()
+    assert report.status == "succeeded"
+    assert keys(report) == ["vacuum-analyze:public.orders"]  # on_cutoff finish: the interrupted one ran to its end
+    assert [d.key for d in report.deferred] == ["vacuum-analyze:public.events", "reindex:public.events"]
+    assert all("cutoff" in d.reason for d in report.deferred)
+    assert mworld.cancel_at["vacuum-analyze:public.orders"] is None
+    assert not mworld.maintenance  # maintenance mode off after the cutoff
+    assert "deferred: vacuum-analyze:public.events, reindex:public.events" in mworld.notifications[-1][1]
+
+
+async def test_on_cutoff_cancel_hands_the_cutoff_to_the_running_statement(worker, mworld):
+    env = worker
+    now = await env.get_current_time()
+    inv = maint_inventory(now, window=window_around(now, opens_in=timedelta(minutes=-10), length=timedelta(minutes=50)),
+                          cutoff="20m", on_cutoff="cancel")
+    mworld.slow.add("public.orders")
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    cancel_at = mworld.cancel_at["vacuum-analyze:public.orders"]
+    closes = (now + timedelta(minutes=40)).replace(second=0, microsecond=0)
+    assert abs((cancel_at - (closes - timedelta(minutes=20))).total_seconds()) < 61
+    assert report.items[0].outcome == "cancelled-at-cutoff"
+    assert report.deferred[0].key == "vacuum-analyze:public.orders" and "cancelled at the window's cutoff" in report.deferred[0].reason
+
+
+async def test_a_failed_health_check_stops_the_run_with_maintenance_mode_off(worker, mworld):
+    env = worker
+    inv = maint_inventory(await env.get_current_time())
+    mworld.unhealthy_after.add("vacuum-analyze:public.orders")
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await failed_report(handle)
+    assert report.status == "failed" and "not streaming" in report.failure
+    e = inv.environment
+    assert [c for env_, c in mworld.calls if env_ == e][-3:] == ["vacuum-analyze:public.orders", "health", "maintenance-off"]
+    assert not mworld.maintenance
+    assert mworld.statuspage[-1][0] == "completed" and "ended early (failed)" in mworld.statuspage[-1][1]
+    assert "vacuum-analyze:public.orders: done" in report.done
+    assert any(n.startswith("reindex:public.events: not started") for n in report.not_done)
+
+
+async def test_abort_in_the_middle_of_a_table_cancels_the_statement_and_turns_maintenance_mode_off(worker, mworld):
+    env = worker
+    inv = maint_inventory(await env.get_current_time())
+    mworld.slow.add("public.events")
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    await asyncio.get_running_loop().run_in_executor(None, lambda: mworld.started.setdefault("vacuum-analyze:public.events", threading.Event()).wait(20))
+    await handle.execute_update("abort", Request(by="alice", reason="traffic spike"))
+    report = await failed_report(handle)
+    assert report.status == "aborted"
+    assert mworld.cancelled == ["vacuum-analyze:public.events"]  # the statement was stopped, not left running
+    assert not mworld.maintenance
+    assert [s for s, _ in mworld.statuspage][-1] == "completed" and "ended early (aborted)" in mworld.statuspage[-1][1]
+    assert report.done == ["vacuum-analyze:public.orders: done"]
+    assert any(n.startswith("reindex:public.events: not started") for n in report.not_done)
+
+
+async def test_a_locked_table_is_retried_after_the_others_then_skipped(worker, mworld):
+    env = worker
+    inv = maint_inventory(await env.get_current_time())
+    mworld.lock_held["public.orders"] = 5  # held for the whole run
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    e = inv.environment
+    runs = [c for env_, c in mworld.calls if env_ == e and ":" in c]
+    assert runs == ["vacuum-analyze:public.orders", "vacuum-analyze:public.events", "reindex:public.events", "vacuum-analyze:public.orders"]
+    assert [s.key for s in report.skipped] == ["vacuum-analyze:public.orders"]
+    assert "lock not granted within 2s (2 attempt(s))" in report.skipped[0].reason
+
+
+async def test_dry_run_prints_the_plan_and_changes_nothing(worker, mworld):
+    env = worker
+    inv = maint_inventory(await env.get_current_time(), watch={"prometheus": "http://prom", "duration": "1h", "queries": [{"name": "p95", "query": "x", "max": 1}]})
+    handle = await start(env, inv, dry_run=True)
+    report = await handle.result()
+    assert report.status == "planned"
+    planned = [(s.name, s.outcome) for s in report.steps if s.outcome in ("planned", "skipped")]
+    assert ("backup", "planned") in planned and ("vacuum-analyze:public.orders", "planned") in planned
+    assert ("health:reindex:public.events", "planned") in planned and ("watch", "planned") in planned
+    assert [c for _, c in mworld.calls] == ["plan"] and not mworld.statuspage and not mworld.maintenance
+
+
+async def test_fleet_runs_at_most_n_at_once(worker, mworld):
+    env = worker
+    now = await env.get_current_time()
+    invs = [maint_inventory(now, env=f"f{uuid.uuid4().hex[:6]}") for _ in range(3)]
+    for inv in invs:
+        mworld.block.add("reindex:public.events")
+    fleet = await env.client.start_workflow(MaintenanceFleetWorkflow.run, FleetInput(inventories=invs, requester="alice", max_concurrency=2),
+                                            id=f"fleet-{uuid.uuid4().hex[:6]}", task_queue=QUEUE)
+    handles = [env.client.get_workflow_handle(f"opsflow-{i.environment}") for i in invs]
+    await approve_when_waiting(handles[0])
+    await approve_when_waiting(handles[1])
+    await until(lambda: len(mworld.maintenance) == 2, "two environments in maintenance")
+    assert not any(e == invs[2].environment for e, _ in mworld.calls)  # the third waits for a free slot
+    mworld.release.set()
+    await approve_when_waiting(handles[2])
+    report = await fleet.result()
+    assert [m.status for m in report.members] == ["succeeded"] * 3
+    assert report.peak_concurrency == 2 and mworld.peak_maintenance == 2
+
+
+async def test_fleet_starts_no_new_environment_after_max_errors_failures(worker, mworld):
+    env = worker
+    now = await env.get_current_time()
+    invs = [maint_inventory(now, env=f"g{uuid.uuid4().hex[:6]}") for _ in range(4)]
+    mworld.fail_plan.add(invs[1].environment)
+    fleet = await env.client.start_workflow(MaintenanceFleetWorkflow.run, FleetInput(inventories=invs, requester="alice", max_concurrency=1, max_errors=1),
+                                            id=f"fleet-{uuid.uuid4().hex[:6]}", task_queue=QUEUE)
+    await approve_when_waiting(env.client.get_workflow_handle(f"opsflow-{invs[0].environment}"))
+    with pytest.raises(WorkflowFailureError) as info:
+        await fleet.result()
+    from opsflow.maintenance_models import FleetReport
+
+    details = info.value.cause.details[0]
+    report = FleetReport.model_validate(details if isinstance(details, dict) else details.model_dump())
+    assert [m.status for m in report.members] == ["succeeded", "failed", "not-started", "not-started"]
+    assert "max_errors 1" in report.members[2].failure
+    assert not any(e in (invs[2].environment, invs[3].environment) for e, _ in mworld.calls)
+
+
+async def test_parallel_runs_that_many_tables_at_once(worker, mworld):
+    env = worker
+    inv = maint_inventory(await env.get_current_time(), guards={"lock_timeout": "2s", "parallel": 2})
+    mworld.block.update({"vacuum-analyze:public.orders", "vacuum-analyze:public.events"})
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    both = [mworld.started.setdefault(k, threading.Event()) for k in ("vacuum-analyze:public.orders", "vacuum-analyze:public.events")]
+    await asyncio.get_running_loop().run_in_executor(None, lambda: all(e.wait(20) for e in both))
+    assert "reindex:public.events" not in mworld.started  # a third waits for a free lane
+    mworld.release.set()
+    report = await handle.result()
+    assert sorted(keys(report)) == ["reindex:public.events", "vacuum-analyze:public.events", "vacuum-analyze:public.orders"]
+
+
+async def test_aborting_the_fleet_cancels_the_running_environments_which_undo(worker, mworld):
+    env = worker
+    now = await env.get_current_time()
+    invs = [maint_inventory(now, env=f"h{uuid.uuid4().hex[:6]}") for _ in range(3)]
+    mworld.slow.add("public.orders")
+    fleet = await env.client.start_workflow(MaintenanceFleetWorkflow.run, FleetInput(inventories=invs, requester="alice", max_concurrency=2),
+                                            id=f"fleet-{uuid.uuid4().hex[:6]}", task_queue=QUEUE)
+    for inv in invs[:2]:
+        await approve_when_waiting(env.client.get_workflow_handle(f"opsflow-{inv.environment}"))
+    await until(lambda: sum(c == "vacuum-analyze:public.orders" for _, c in mworld.calls) == 2, "both environments mid-table")
+    await fleet.execute_update("abort", Request(by="alice", reason="incident elsewhere"))
+    with pytest.raises(WorkflowFailureError) as info:
+        await fleet.result()
+    from opsflow.maintenance_models import FleetReport
+
+    details = info.value.cause.details[0]
+    report = FleetReport.model_validate(details if isinstance(details, dict) else details.model_dump())
+    assert report.status == "aborted"
+    assert [m.status for m in report.members] == ["aborted", "aborted", "not-started"]
+    assert not mworld.maintenance  # each child turned maintenance mode off again
+    assert sorted(mworld.cancelled) == ["vacuum-analyze:public.orders"] * 2  # their running statements were stopped
