@@ -114,7 +114,10 @@ def write_inventories(state: dict, count: int, folder: Path, shared_queue: bool)
     names = []
     for i in range(count):
         env = f"fleet-{i:03d}"
-        inv = dict(base, environment=env)
+        inv = json.loads(json.dumps(dict(base, environment=env)))
+        # The product's default lag limit (the lab's is 16 MB): all environments share one database pair here, and an
+        # archive_timeout WAL switch on the idle lab primary makes the replica look a whole 16 MB segment behind.
+        inv.setdefault("failover", {})["max_planned_lag_bytes"] = 64 * 1024 * 1024
         if shared_queue:
             inv["workflow_task_queue"] = "opsflow-fleet"
         (folder / f"{env}.yaml").write_text(yaml.safe_dump(inv, sort_keys=False))
@@ -173,25 +176,60 @@ async def run_procedures(state: dict, inv_dir: Path, procedures: int) -> dict:
     t0 = time.monotonic()
     results = await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(procedures))), RUN_TIMEOUT)
     wall = time.monotonic() - t0
-    return {"results": results, "wall": wall, "histories": await history_shape(client, inventories[0])}
+    return {"results": results, "wall": wall, "histories": await history_shape(client, inventories, procedures)}
 
 
-async def history_shape(client, inv) -> dict:
-    """What one procedure of each kind costs the server: history events, search-attribute upserts, workflow
-    tasks and activities (from the first failover and the first drill)."""
+async def history_shape(client, inventories: list, procedures: int) -> dict:
+    """What procedures cost the server and where they waited, from a sample of histories (every 10th
+    procedure): events, search-attribute upserts, workflow tasks, activities per procedure (medians), and the
+    waits: activity scheduled -> started (waiting for a worker slot), started -> completed (execution), workflow
+    task scheduled -> started (waiting for the worker to take the next workflow task)."""
     from temporalio.api.enums.v1 import EventType as E
 
-    shape = {}
-    for kind, n in (("failover", 0), ("drill", 1)):
-        try:
-            history = await client.get_workflow_handle(f"bench-{inv.environment}-{n}").fetch_history()
-        except Exception:  # noqa: BLE001 - a figure we can do without
-            continue
-        types = [e.event_type for e in history.events]
-        shape[kind] = {"events": len(types), "upserts": types.count(E.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES),
-                       "workflow_tasks": types.count(E.EVENT_TYPE_WORKFLOW_TASK_COMPLETED),
-                       "activities": types.count(E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)}
-    return shape
+    def at(e) -> float:
+        return e.event_time.ToMicroseconds() / 1e6
+
+    shape: dict[str, dict] = {}
+    waits: dict[str, list[float]] = {"activity_wait": [], "activity_run": [], "workflow_task_wait": [], "workflow_task_run": []}
+    for n in range(0, procedures, 10) if procedures > 20 else range(procedures):
+        for kind_n in (n, n + 1):
+            if kind_n >= procedures:
+                continue
+            inv = inventories[kind_n % len(inventories)]
+            try:
+                history = await client.get_workflow_handle(f"bench-{inv.environment}-{kind_n}").fetch_history()
+            except Exception:  # noqa: BLE001 - a figure we can do without
+                continue
+            kind = "failover" if kind_n % 2 == 0 else "drill"
+            types = [e.event_type for e in history.events]
+            row = {"events": len(types), "upserts": types.count(E.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES),
+                   "workflow_tasks": types.count(E.EVENT_TYPE_WORKFLOW_TASK_COMPLETED),
+                   "activities": types.count(E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)}
+            for k, v in row.items():
+                shape.setdefault(kind, {}).setdefault(k, []).append(v)
+            sched, started, wft = {}, {}, None
+            for e in history.events:
+                if e.event_type == E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+                    sched[e.event_id] = at(e)
+                elif e.event_type == E.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+                    sid = e.activity_task_started_event_attributes.scheduled_event_id
+                    started[sid] = at(e)
+                    waits["activity_wait"].append(at(e) - sched[sid])
+                elif e.event_type == E.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+                    sid = e.activity_task_completed_event_attributes.scheduled_event_id
+                    if sid in started:
+                        waits["activity_run"].append(at(e) - started[sid])
+                elif e.event_type == E.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+                    wft = at(e)
+                elif e.event_type == E.EVENT_TYPE_WORKFLOW_TASK_STARTED and wft is not None:
+                    waits["workflow_task_wait"].append(at(e) - wft)
+                    wft = at(e)
+                elif e.event_type == E.EVENT_TYPE_WORKFLOW_TASK_COMPLETED and wft is not None:
+                    waits["workflow_task_run"].append(at(e) - wft)
+    out = {kind: {k: statistics.median(v) for k, v in rows.items()} for kind, rows in shape.items()}
+    out["waits_seconds"] = {k: {"median": round(statistics.median(v), 3), "p90": round(pct(v, 0.9), 3), "max": round(max(v), 3)}
+                            for k, v in waits.items() if v}
+    return out
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -219,6 +257,7 @@ def main() -> int:
     p.add_argument("--max-cached-workflows", type=int, default=100, help="per workflow queue (default 100)")
     p.add_argument("--max-concurrent-workflow-tasks", type=int, default=None, help="per workflow queue (SDK default)")
     p.add_argument("--polls", type=int, default=2, help="long polls per queue and task type (default 2)")
+    p.add_argument("--lean-show", action="store_true", help="run the procedures with the proposed show() fix (bench/lean_workflows.py)")
     p.add_argument("--shared-workflow-queue", action="store_true", help="one workflow queue for every environment")
     args = p.parse_args()
 
@@ -233,7 +272,7 @@ def main() -> int:
     worker = None
     sampler = None
     settings = {k: getattr(args, k) for k in ("activity_threads", "max_concurrent_activities", "max_cached_workflows",
-                                              "max_concurrent_workflow_tasks", "polls", "shared_workflow_queue")}
+                                              "max_concurrent_workflow_tasks", "polls", "shared_workflow_queue", "lean_show")}
     try:
         try:
             t0 = time.monotonic()
@@ -247,6 +286,8 @@ def main() -> int:
             argv = [sys.executable, str(ROOT / "bench" / "fleet_worker.py"), "--inventories", str(inv_dir),
                     "--activity-threads", str(args.activity_threads), "--max-concurrent-activities", str(args.max_concurrent_activities),
                     "--max-cached-workflows", str(args.max_cached_workflows), "--polls", str(args.polls)]
+            if args.lean_show:
+                argv.append("--lean-show")
             if args.max_concurrent_workflow_tasks:
                 argv += ["--max-concurrent-workflow-tasks", str(args.max_concurrent_workflow_tasks)]
             log = open(base / "worker.log", "w")

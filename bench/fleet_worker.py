@@ -37,6 +37,10 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    workflows = WORKFLOWS
+    if args.lean_show:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from lean_workflows import WORKFLOWS as workflows
     common = dict(graceful_shutdown_timeout=timedelta(seconds=5), max_concurrent_activities=args.max_concurrent_activities,
                   max_concurrent_activity_task_polls=args.polls)
     with ThreadPoolExecutor(max_workers=args.activity_threads, thread_name_prefix="activity") as executor:
@@ -45,7 +49,7 @@ async def serve(args: argparse.Namespace) -> None:
         for inv in inventories:
             if inv.task_queue not in served:
                 served.add(inv.task_queue)
-                workers.append(Worker(client, task_queue=inv.task_queue, workflows=WORKFLOWS, activities=GLOBAL_ACTIVITIES, activity_executor=executor,
+                workers.append(Worker(client, task_queue=inv.task_queue, workflows=workflows, activities=GLOBAL_ACTIVITIES, activity_executor=executor,
                                       max_cached_workflows=args.max_cached_workflows, max_concurrent_workflow_tasks=args.max_concurrent_workflow_tasks,
                                       max_concurrent_workflow_task_polls=args.polls, **common))
             for region in inv.regions:
@@ -70,6 +74,7 @@ def main() -> int:
     p.add_argument("--max-cached-workflows", type=int, default=1000, help="per workflow queue")
     p.add_argument("--max-concurrent-workflow-tasks", type=int, default=None, help="per workflow queue (SDK default 100)")
     p.add_argument("--polls", type=int, default=2, help="long polls per queue and task type (the SDK's least is 2)")
+    p.add_argument("--lean-show", action="store_true", help="the procedures with the proposed show() fix (bench/lean_workflows.py)")
     asyncio.run(serve(p.parse_args()))
     return 0
 
