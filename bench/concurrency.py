@@ -3,7 +3,7 @@
 
     python bench/concurrency.py [--procedures 1000] [--environments 100] [--json]
                                 [--activity-threads N] [--max-concurrent-activities N] [--max-cached-workflows N]
-                                [--max-concurrent-workflow-tasks N] [--polls N] [--shared-workflow-queue]
+                                [--max-concurrent-workflow-tasks N] [--polls N] [--shared-queues workflow|all]
 
 A fresh lab (Temporal dev server, PostgreSQL primary + streaming replica, ARM and Kubernetes emulators; no lab
 worker). The bench writes --environments inventories, copies of the lab's with their own `environment:` name
@@ -18,8 +18,10 @@ Printed: completed (ended as planned), failed (anything else; the first reasons 
 (the worker process's VmRSS, sampled every 0.2 s), wall_seconds (first start request -> last result),
 p50/p99_seconds (each procedure's start request -> its result), throughput_per_second, and the load average.
 
---shared-workflow-queue gives every inventory the same `workflow_task_queue` (one workflow worker and one
-workflow cache for the whole fleet; region queues stay per environment).
+--shared-queues workflow gives every inventory the same `workflow_task_queue` (one workflow worker and one
+workflow cache for the whole fleet); --shared-queues all also one queue per region name (`opsflow-fleet-eastus`),
+shared by the environments in that region: 3 Temporal workers instead of 300, and the activity slots a queue
+takes on bounded by the thread pool that runs them.
 
 Progress goes to stderr; the figures to stdout (--json: one JSON object). Nothing here asserts on timings.
 """
@@ -108,7 +110,7 @@ def replica_caught_up(state: dict) -> None:
         wait_replayed(conn, lsn)
 
 
-def write_inventories(state: dict, count: int, folder: Path, shared_queue: bool) -> list[str]:
+def write_inventories(state: dict, count: int, folder: Path, shared_queue: str | None) -> list[str]:
     base = yaml.safe_load(Path(state["inventory"]).read_text())
     folder.mkdir(parents=True)
     names = []
@@ -120,6 +122,9 @@ def write_inventories(state: dict, count: int, folder: Path, shared_queue: bool)
         inv.setdefault("failover", {})["max_planned_lag_bytes"] = 64 * 1024 * 1024
         if shared_queue:
             inv["workflow_task_queue"] = "opsflow-fleet"
+        if shared_queue == "all":
+            for region, r in inv["regions"].items():
+                r["task_queue"] = f"opsflow-fleet-{region}"
         (folder / f"{env}.yaml").write_text(yaml.safe_dump(inv, sort_keys=False))
         names.append(env)
     return names
@@ -190,6 +195,7 @@ async def history_shape(client, inventories: list, procedures: int) -> dict:
         return e.event_time.ToMicroseconds() / 1e6
 
     shape: dict[str, dict] = {}
+    slow: list[dict] = []
     waits: dict[str, list[float]] = {"activity_wait": [], "activity_run": [], "workflow_task_wait": [], "workflow_task_run": []}
     for n in range(0, procedures, 10) if procedures > 20 else range(procedures):
         for kind_n in (n, n + 1):
@@ -207,14 +213,19 @@ async def history_shape(client, inventories: list, procedures: int) -> dict:
                    "activities": types.count(E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)}
             for k, v in row.items():
                 shape.setdefault(kind, {}).setdefault(k, []).append(v)
-            sched, started, wft = {}, {}, None
+            sched, started, wft, kinds = {}, {}, None, {}
             for e in history.events:
                 if e.event_type == E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
                     sched[e.event_id] = at(e)
+                    kinds[e.event_id] = e.activity_task_scheduled_event_attributes.activity_type.name
                 elif e.event_type == E.EVENT_TYPE_ACTIVITY_TASK_STARTED:
                     sid = e.activity_task_started_event_attributes.scheduled_event_id
                     started[sid] = at(e)
                     waits["activity_wait"].append(at(e) - sched[sid])
+                    a = e.activity_task_started_event_attributes
+                    if a.attempt > 1 or at(e) - sched[sid] > 5:
+                        slow.append({"activity": kinds[sid], "attempt": a.attempt, "wait_seconds": round(at(e) - sched[sid], 2),
+                                     "last_failure": a.last_failure.message[:200] if a.HasField("last_failure") else None})
                 elif e.event_type == E.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
                     sid = e.activity_task_completed_event_attributes.scheduled_event_id
                     if sid in started:
@@ -229,6 +240,7 @@ async def history_shape(client, inventories: list, procedures: int) -> dict:
     out = {kind: {k: statistics.median(v) for k, v in rows.items()} for kind, rows in shape.items()}
     out["waits_seconds"] = {k: {"median": round(statistics.median(v), 3), "p90": round(pct(v, 0.9), 3), "max": round(max(v), 3)}
                             for k, v in waits.items() if v}
+    out["slow_or_retried_activities"] = sorted(slow, key=lambda x: -x["wait_seconds"])[:8]
     return out
 
 
@@ -258,7 +270,9 @@ def main() -> int:
     p.add_argument("--max-concurrent-workflow-tasks", type=int, default=None, help="per workflow queue (SDK default)")
     p.add_argument("--polls", type=int, default=2, help="long polls per queue and task type (default 2)")
     p.add_argument("--lean-show", action="store_true", help="run the procedures with the proposed show() fix (bench/lean_workflows.py)")
-    p.add_argument("--shared-workflow-queue", action="store_true", help="one workflow queue for every environment")
+    p.add_argument("--workflow-polls", type=int, default=None, help="workflow task polls per workflow queue (default --polls)")
+    p.add_argument("--shared-queues", choices=["workflow", "all"], help="one workflow queue for every environment (workflow), "
+                   "and one queue per region name for every environment (all)")
     args = p.parse_args()
 
     signal.signal(signal.SIGTERM, interrupt)
@@ -272,7 +286,7 @@ def main() -> int:
     worker = None
     sampler = None
     settings = {k: getattr(args, k) for k in ("activity_threads", "max_concurrent_activities", "max_cached_workflows",
-                                              "max_concurrent_workflow_tasks", "polls", "shared_workflow_queue", "lean_show")}
+                                              "max_concurrent_workflow_tasks", "polls", "workflow_polls", "shared_queues", "lean_show")}
     try:
         try:
             t0 = time.monotonic()
@@ -280,7 +294,7 @@ def main() -> int:
             say(f"lab up in {time.monotonic() - t0:.1f}s")
             replica_caught_up(state)
             inv_dir = base / "inventories"
-            write_inventories(state, args.environments, inv_dir, args.shared_workflow_queue)
+            write_inventories(state, args.environments, inv_dir, args.shared_queues)
             env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
             env.update(TEMPORAL_ADDRESS=state["temporal"]["address"], TEMPORAL_NAMESPACE="default", PYTHONPATH=str(ROOT))
             argv = [sys.executable, str(ROOT / "bench" / "fleet_worker.py"), "--inventories", str(inv_dir),
@@ -288,6 +302,8 @@ def main() -> int:
                     "--max-cached-workflows", str(args.max_cached_workflows), "--polls", str(args.polls)]
             if args.lean_show:
                 argv.append("--lean-show")
+            if args.workflow_polls:
+                argv += ["--workflow-polls", str(args.workflow_polls)]
             if args.max_concurrent_workflow_tasks:
                 argv += ["--max-concurrent-workflow-tasks", str(args.max_concurrent_workflow_tasks)]
             log = open(base / "worker.log", "w")

@@ -51,7 +51,7 @@ async def serve(args: argparse.Namespace) -> None:
                 served.add(inv.task_queue)
                 workers.append(Worker(client, task_queue=inv.task_queue, workflows=workflows, activities=GLOBAL_ACTIVITIES, activity_executor=executor,
                                       max_cached_workflows=args.max_cached_workflows, max_concurrent_workflow_tasks=args.max_concurrent_workflow_tasks,
-                                      max_concurrent_workflow_task_polls=args.polls, **common))
+                                      max_concurrent_workflow_task_polls=args.workflow_polls or args.polls, **common))
             for region in inv.regions:
                 queue = inv.region_queue(region)
                 if queue not in served:
@@ -74,6 +74,8 @@ def main() -> int:
     p.add_argument("--max-cached-workflows", type=int, default=1000, help="per workflow queue")
     p.add_argument("--max-concurrent-workflow-tasks", type=int, default=None, help="per workflow queue (SDK default 100)")
     p.add_argument("--polls", type=int, default=2, help="long polls per queue and task type (the SDK's least is 2)")
+    p.add_argument("--workflow-polls", type=int, default=None, help="workflow task polls per workflow queue (default --polls); "
+                   "a fifth of them poll the worker's sticky queue, where every cached workflow's next task goes")
     p.add_argument("--lean-show", action="store_true", help="the procedures with the proposed show() fix (bench/lean_workflows.py)")
     asyncio.run(serve(p.parse_args()))
     return 0
