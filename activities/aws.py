@@ -38,7 +38,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError, PartialCredentialsError
 from temporalio import activity
-from activities.context import heartbeat as _heartbeat, time_limit as _time_limit
+from activities.context import heartbeat as _heartbeat, sleep_or_cancelled as _sleep, time_limit as _time_limit
 from temporalio.exceptions import ApplicationError
 
 from activities.postgres import _sql_errors as _db_errors, connect, sql_check_writable, sql_fence, sql_status, sql_unfence, where
@@ -142,7 +142,7 @@ class _Poll:
         self.delay, self.cap = first, cap
 
     def sleep(self) -> None:
-        time.sleep(self.delay)
+        _sleep(self.delay)
         self.delay = min(self.cap, self.delay * 1.5)
 
 
@@ -240,6 +240,38 @@ class RdsInstance:
             cloud_state=cloud_state,
             cloud_role=cloud_role,
         )
+
+    def fence_control_plane(self, budget: float) -> tuple[str, list[str]]:
+        """Emergency fence of an old primary that may be dead: default_transaction_read_only=1 in its own
+        parameter group (when the inventory names one), else StopDBInstance; then the SQL fence when the server
+        answers (self-managed/lab superuser). Raises ApplicationError when the RDS API cannot be reached."""
+        actions: list[str] = []
+        method = "rds-parameter-group" if self.parameter_group else "rds-stop"
+        rds = _client(self.conn, "rds", self.db.aws_region)
+        inst = self.describe()
+        if self.parameter_group:
+            with aws_errors(f"DB parameter group {self.parameter_group} of {self.what}"):
+                rds.modify_db_parameter_group(DBParameterGroupName=self.parameter_group, Parameters=[
+                    {"ParameterName": "default_transaction_read_only", "ParameterValue": "1", "ApplyMethod": "immediate"}])
+            actions.append(f"set default_transaction_read_only=1 in parameter group {self.parameter_group}")
+        elif inst.get("DBInstanceStatus") in ("stopped", "stopping"):
+            actions.append(f"{self.what} is {inst.get('DBInstanceStatus')} already")
+        else:
+            with aws_errors(f"stop {self.what}"):
+                rds.stop_db_instance(DBInstanceIdentifier=self.ident)
+            actions.append(f"asked RDS to stop {self.what}")
+        if self.db.dsn:
+            try:
+                sql_fence(self.db)
+                actions.append("fenced it over SQL (read-only, sessions ended)")
+            except ApplicationError as e:
+                actions.append(f"no SQL fence ({e.message})")
+        return method, actions
+
+    def cloud_state(self) -> str | None:
+        """One control-plane read: DBInstanceStatus and role (e.g. 'available, ReadReplica')."""
+        state, role, _ = self._cloud(self.describe())
+        return f"{state}, {role}"
 
     def _replica_lag(self) -> float | None:
         """The latest AWS/RDS ReplicaLag datapoint of the last 10 minutes (seconds), or None."""
@@ -583,7 +615,9 @@ class RdsInstance:
         if not acted:
             return RebuildResult(method="already-replica", seconds=seconds, detail=f"{self.ident} already replicates from {source.ident}")
         detail = f"read replica {self.ident} of {source.ident}" + (f"; replaced {deleted}" if deleted else "")
-        return RebuildResult(method="rds-read-replica", seconds=seconds, detail=detail)
+        preserved = f"RDS final snapshot {deleted.split('final snapshot ', 1)[1].rstrip(')')} of the old instance" \
+            if deleted and "final snapshot " in deleted else None
+        return RebuildResult(method="rds-read-replica", seconds=seconds, detail=detail, preserved=preserved)
 
     def _refuse_to_replace_a_primary(self, inst: dict[str, Any], source: "RdsInstance") -> None:
         """Before the old instance is deleted: it must not be the live primary (swapped regions, a split brain)."""
@@ -827,7 +861,8 @@ def store_report_s3(conn: AwsConnection, bucket: str, key: str, body: str, conte
 # -- restore drills: RDS point-in-time restore, and a pg_dump in S3 ------------------------------------
 
 DUMP_TIME_METADATA = "opsflow-dump-time"
-SCRATCH_TAG = "opsflow-drill-scratch"  # on every RDS instance a drill restores; nothing without it is ever deleted
+SCRATCH_TAG = "opsflow-scratch"  # value: the environment; on every RDS instance a drill restores, nothing without it is deleted
+SCRATCH_RUN_TAG = "opsflow-run"  # value: the drill run that made it; leftover cleanup spares the current run's
 
 
 def _utc(t: datetime) -> datetime:
@@ -861,7 +896,7 @@ class RdsPointInTimeRestore:
 
     window(): latest = the instance's LatestRestorableTime; earliest = the latest of (latest - the instance's
     BackupRetentionPeriod days, its InstanceCreateTime, the RestoreWindow of its automated backups where RDS
-    reports one). start(): idempotent, an instance of that name that the drill made (tag opsflow-drill-scratch)
+    reports one). start(): idempotent, an instance of that name that the drill made (tag opsflow-scratch=<environment>)
     is reused. status(): ready once `available`, with a DSN made of the source's DSN (user, dbname, sslmode...)
     and the scratch instance's endpoint address and port (in the lab the emulator reports 127.0.0.1 and the
     restored cluster's port there). delete(): DeleteDBInstance(SkipFinalSnapshot) and wait until it is gone;
@@ -881,6 +916,7 @@ class RdsPointInTimeRestore:
         self.source = RdsInstance(request.source)
         self.db = self.source.db
         self.delete_timeout = delete_timeout
+        self.environment = request.scratch_environment
 
     def _what(self, name: str) -> str:
         return f"RDS scratch instance {name} in {self.db.aws_region}"
@@ -937,8 +973,9 @@ class RdsPointInTimeRestore:
                 "DBInstanceClass": src.get("DBInstanceClass"),
                 "MultiAZ": False,
                 "DeletionProtection": False,
-                "Tags": [{"Key": SCRATCH_TAG, "Value": "true"}, {"Key": "opsflow-drill-source", "Value": self.source.ident},
-                         {"Key": "opsflow-restore-point", "Value": point.isoformat()}],
+                "Tags": [{"Key": SCRATCH_TAG, "Value": self.environment}, {"Key": "opsflow-drill-source", "Value": self.source.ident},
+                         {"Key": "opsflow-restore-point", "Value": point.isoformat()},
+                         *([{"Key": SCRATCH_RUN_TAG, "Value": self.request.run_id}] if self.request.run_id else [])],
             }
             subnet = (src.get("DBSubnetGroup") or {}).get("DBSubnetGroupName")
             if subnet:
@@ -968,9 +1005,9 @@ class RdsPointInTimeRestore:
         return self._target(inst, name)
 
     def _require_scratch(self, inst: dict[str, Any], name: str) -> None:
-        if _tags(inst).get(SCRATCH_TAG) != "true":
+        if _tags(inst).get(SCRATCH_TAG) != self.environment:
             raise ApplicationError(f"{self._what(name)}: an instance of that name exists and is not a drill's scratch instance "
-                                   f"(no tag {SCRATCH_TAG}=true); refusing to use or delete it", type="Refused", non_retryable=True)
+                                   f"(no tag {SCRATCH_TAG}={self.environment}); refusing to use or delete it", type="Refused", non_retryable=True)
 
     def _target(self, inst: dict[str, Any], name: str) -> ScratchTarget:
         state = inst.get("DBInstanceStatus", "unknown")
@@ -1042,14 +1079,17 @@ class RdsPointInTimeRestore:
         return True
 
     def list_scratch(self, prefix: str) -> list[str]:
-        names = []
+        return sorted(self.scratch_runs(prefix))
+
+    def scratch_runs(self, prefix: str) -> dict[str, str | None]:
+        found: dict[str, str | None] = {}
         with aws_errors(f"RDS instances in {self.db.aws_region}"):
             for page in self._rds().get_paginator("describe_db_instances").paginate():
                 for inst in page["DBInstances"]:
-                    ident = inst["DBInstanceIdentifier"]
-                    if ident.startswith(prefix) and _tags(inst).get(SCRATCH_TAG) == "true" and inst.get("DBInstanceStatus") != "deleting":
-                        names.append(ident)
-        return sorted(names)
+                    ident, tags = inst["DBInstanceIdentifier"], _tags(inst)
+                    if ident.startswith(prefix) and tags.get(SCRATCH_TAG) == self.environment and inst.get("DBInstanceStatus") != "deleting":
+                        found[ident] = tags.get(SCRATCH_RUN_TAG)
+        return found
 
 
 class S3DumpRestore:
@@ -1189,7 +1229,8 @@ class S3DumpRestore:
             if info is None or not info.get("key"):
                 obj, when = self._pick(point)
                 info = {"state": "pending", "bucket": self.bucket, "key": obj["Key"], "etag": obj.get("ETag", "").strip('"'),
-                        "size": obj.get("Size"), "dump_time": when.isoformat()}
+                        "size": obj.get("Size"), "dump_time": when.isoformat(),
+                        "environment": self.request.scratch_environment, "run": self.request.run_id or None}
                 try:
                     conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
                 except pgerrors.DuplicateDatabase:
@@ -1274,7 +1315,7 @@ class S3DumpRestore:
                 try:
                     while proc.poll() is None:
                         _heartbeat({"phase": "pg_restore", "key": key, "seconds": round(time.monotonic() - started, 1)})
-                        time.sleep(self.POLL)
+                        _sleep(self.POLL)
                 finally:
                     if proc.poll() is None:  # cancelled (heartbeat raised) or interrupted: stop it
                         proc.kill()
@@ -1297,19 +1338,36 @@ class S3DumpRestore:
             info = self._info(conn, name)
             if info is None:
                 return False
-            if not info and not name.startswith(self.request.drill.scratch_prefix + "-"):
+            env = self.request.scratch_environment
+            if not info and not name.startswith(self.request.drill.scratch_prefix):
                 raise ApplicationError(f"database {name} on {where(self.server)} is not a drill's scratch database; refusing to drop it",
                                        type="Refused", non_retryable=True)
+            if info.get("environment") not in (None, env):
+                raise ApplicationError(f"database {name} on {where(self.server)} is a scratch database of environment "
+                                       f"{info['environment']}, not {env}; refusing to drop it", type="Refused", non_retryable=True)
             self._drop(conn, name)
         return True
 
     def list_scratch(self, prefix: str) -> list[str]:
+        return sorted(self.scratch_runs(prefix))
+
+    def scratch_runs(self, prefix: str) -> dict[str, str | None]:
+        """This environment's scratch databases (marked with it) whose name starts with `prefix`, with their run."""
         with self._connect() as conn, _db_errors(self.server, "list scratch databases"):
             rows = conn.execute(
-                "select datname from pg_database where starts_with(datname, %s) and shobj_description(oid, 'pg_database') like %s order by 1",
+                "select datname, shobj_description(oid, 'pg_database') from pg_database "
+                "where starts_with(datname, %s) and shobj_description(oid, 'pg_database') like %s order by 1",
                 (prefix, self.MARKER.replace("%", r"\%").replace("_", r"\_") + "%"),
             ).fetchall()
-        return [r[0] for r in rows]
+        found: dict[str, str | None] = {}
+        for name, text in rows:
+            try:
+                info = json.loads(text[len(self.MARKER):])
+            except ValueError:
+                continue
+            if isinstance(info, dict) and info.get("environment") == self.request.scratch_environment:
+                found[name] = info.get("run")
+        return found
 
 
 def _pg_restore_binary() -> str:

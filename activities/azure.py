@@ -10,19 +10,13 @@ wait (a long-running operation, an endpoint's health probes) they heartbeat when
   (PATCH properties.replica.promoteMode=Standalone, promoteOption=Planned|Forced), a long-running operation,
   followed by a wait for the first committed write.
   Failback (rebuild_replica): Azure cannot turn an existing server into a read replica, so the old, diverged
-  server is deleted and created again with createMode Replica from the current primary (same name, so the same
-  FQDN and DSN). Its data is never reused by Azure; the lab's ARM emulator rebuilds the same cluster on the same
-  port (pg_rewind where the timeline allows, else a fresh base backup) and says how in the tag
-  `opsflow-lab-rebuild`.
+  server is kept first (an on-demand backup), then deleted and created again with createMode Replica from the
+  current primary (same name, so the same FQDN and DSN).
 - `AzurePointInTimeRestore` (RestoreProvider, method "azure-pitr"): the monthly restore drill's point-in-time
   restore of a flexible server into a scratch server (createMode PointInTimeRestore) in the source's resource
   group, tagged `opsflow-scratch=<environment>`: only servers with that tag are ever listed or deleted.
 - `AzureTrafficManagerRouter` (TrafficProvider): endpoint states of a Traffic Manager profile and the switch of
   traffic to one region.
-
-Lab-only tags read here (the ARM emulator computes them; real Azure servers have none of them): `opsflow-lab-port`
-(the server's PostgreSQL port; Azure always listens on 5432), `opsflow-lab-latest-restore` (the latest restorable
-time), `opsflow-lab-rebuild`, `opsflow-lab-error` (why a create failed).
 
 Errors: what retrying cannot fix (authentication, permission, resource not found, bad request, no TLS / a CA we
 do not trust) raises a non-retryable ApplicationError naming the resource; throttling (429), unavailability
@@ -49,7 +43,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from temporalio import activity
-from activities.context import heartbeat as _heartbeat, time_limit as _time_budget
+from activities.context import check_cancelled, heartbeat as _heartbeat, shielded, sleep_or_cancelled as _sleep, time_limit as _time_budget
 from temporalio.exceptions import ApplicationError
 
 from activities.postgres import connect, end_other_sessions, sql_check_writable, sql_status, where
@@ -86,17 +80,13 @@ LATEST_RESTORE_MARGIN = 60.0
 # we first looked for it is gone (its restore failed and ARM removed it, or someone deleted it).
 SCRATCH_MISSING_GRACE = 30.0
 SCRATCH_TAG = "opsflow-scratch"  # value: the environment; only servers with it are listed or deleted
+SCRATCH_RUN_TAG = "opsflow-run"  # value: the drill run that made it; leftover cleanup spares the current run's
 SCRATCH_SOURCE_TAG = "opsflow-source"
 SCRATCH_POINT_TAG = "opsflow-restore-point"
-LAB_PORT_TAG = "opsflow-lab-port"
-LAB_LATEST_RESTORE_TAG = "opsflow-lab-latest-restore"
-LAB_REBUILD_TAG = "opsflow-lab-rebuild"
-LAB_ERROR_TAG = "opsflow-lab-error"
 _SERVER_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])$")
-# Server states (properties.state) while an operation runs; and those of a server that will not become usable
-# ("ProvisioningFailed": the lab emulator's state for a failed create; the API has no provisioningState).
+# Server states (properties.state) while an operation runs; and those of a server that will not become usable.
 _BUSY_STATES = {"provisioning", "updating", "starting", "restarting", "dropping", "stopping"}
-_FAILED_STATES = {"provisioningfailed", "failed", "disabled", "inaccessible"}
+_FAILED_STATES = {"disabled", "inaccessible"}
 # LRO failure codes for which a retry would fail the same way.
 _PERMANENT_OPERATION_CODES = {
     "plannedpromotionnotpossible",
@@ -144,7 +134,7 @@ def arm_credential(conn: AzureConnection) -> Any:
     return DefaultAzureCredential()
 
 
-def _client_kwargs(conn: AzureConnection) -> dict[str, Any]:
+def _client_kwargs(conn: AzureConnection, fast: bool = False) -> dict[str, Any]:
     endpoint = conn.arm_endpoint.rstrip("/")
     kwargs: dict[str, Any] = {
         "base_url": endpoint,
@@ -161,13 +151,15 @@ def _client_kwargs(conn: AzureConnection) -> dict[str, Any]:
     }
     if conn.ca_bundle:
         kwargs["connection_verify"] = conn.ca_bundle
+    if fast:  # an emergency's best-effort call into a region that may be down: fail fast, the caller reports it
+        kwargs.update(retry_total=1, retry_backoff_max=2, connection_timeout=5, read_timeout=15)
     return kwargs
 
 
-def postgres_client(conn: AzureConnection, subscription_id: str) -> Any:
+def postgres_client(conn: AzureConnection, subscription_id: str, fast: bool = False) -> Any:
     from azure.mgmt.postgresqlflexibleservers import PostgreSQLManagementClient
 
-    return PostgreSQLManagementClient(arm_credential(conn), subscription_id, **_client_kwargs(conn))
+    return PostgreSQLManagementClient(arm_credential(conn), subscription_id, **_client_kwargs(conn, fast))
 
 
 def traffic_manager_client(conn: AzureConnection, subscription_id: str) -> Any:
@@ -235,6 +227,7 @@ def _wait_poller(poller: Any, what: str, deadline: float) -> Any:
     while not poller.done():
         waited = time.monotonic() - started
         _heartbeat({"phase": what, "operation": poller.status(), "waited_seconds": round(waited, 1)})
+        check_cancelled(what)  # the operation goes on in Azure; whoever comes next finds it by the resource's state
         if time.monotonic() > deadline:
             raise ApplicationError(f"{what}: the ARM operation is still {poller.status()} after {waited:.0f}s", type="AzureOperationTimeout")
         poller.wait(timeout=1.0)
@@ -273,7 +266,8 @@ def _tags(server: Any) -> dict[str, str]:
 
 
 def _user_tags(server: Any) -> dict[str, str]:
-    return {k: v for k, v in _tags(server).items() if not k.lower().startswith("opsflow-lab-")}
+    """The tags a re-created server keeps: the old server's, less those opsflow sets on scratch servers."""
+    return {k: v for k, v in _tags(server).items() if k not in (SCRATCH_TAG, SCRATCH_RUN_TAG, SCRATCH_SOURCE_TAG, SCRATCH_POINT_TAG)}
 
 
 def _utc(t: datetime | None) -> datetime | None:
@@ -363,6 +357,26 @@ class AzureFlexibleServer:
             return status.model_copy(update={"error": f"{status.error}; {note}" if status.error else note})
         return status.model_copy(update={"cloud_state": _get(server, "properties", "state"), "cloud_role": self._role(server)})
 
+    def fence_control_plane(self, budget: float) -> tuple[str, list[str]]:
+        """Emergency fence of an old primary that may be dead: default_transaction_read_only=on through ARM (the
+        server applies it whenever it runs again), then its sessions ended over SQL if it answers. Short
+        timeouts and no SDK retries beyond one: raises ApplicationError when ARM cannot be reached."""
+        deadline = time.monotonic() + budget
+        self._client = postgres_client(self.conn, self.db.subscription_id, fast=True)
+        self._set_parameter(FENCE_PARAMETER, "on", deadline)
+        actions = [f"set {FENCE_PARAMETER}=on on {self.resource} through ARM"]
+        try:
+            self._end_sessions()
+            actions.append("ended its client sessions over SQL")
+        except ApplicationError as e:
+            actions.append(f"sessions not ended over SQL ({e.message})")
+        return "azure-read-only-parameter", actions
+
+    def cloud_state(self) -> str | None:
+        """One control-plane read: the server's state and role in ARM (e.g. 'Ready, AsyncReplica')."""
+        server = self.server()
+        return ", ".join(x for x in (_get(server, "properties", "state"), self._role(server)) if x) or None
+
     def fence(self) -> None:
         """Azure's fence: default_transaction_read_only=on through ARM, then end the open sessions over SQL."""
         deadline = time.monotonic() + _time_budget(300.0)
@@ -386,7 +400,7 @@ class AzureFlexibleServer:
                 raise ApplicationError(f"{self.resource}: default_transaction_read_only is still {'off' if want else 'on'} "
                                        f"over SQL after ARM reported the change", type="FenceIncomplete")
             _heartbeat("waiting for the parameter to reach new sessions")
-            time.sleep(0.1)
+            _sleep(0.1)
 
     def _end_sessions(self) -> None:
         """End the other client sessions so that none keeps a read-write transaction (walsenders stay).
@@ -453,7 +467,7 @@ class AzureFlexibleServer:
             if time.monotonic() > deadline:
                 raise ApplicationError(f"{self.resource}: still Updating (another operation runs on it)", type="AzureConflict")
             _heartbeat({"phase": "waiting for a running operation on the server", "state": state})
-            time.sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+            _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
 
     def _wait_writable(self, deadline: float, t0: float) -> None:
         while True:
@@ -465,7 +479,7 @@ class AzureFlexibleServer:
                     raise
                 last = e.message
             _heartbeat({"phase": "waiting for a write to commit", "waited_seconds": round(time.monotonic() - t0, 1), "last": last})
-            time.sleep(0.2)
+            _sleep(0.2)
 
     def check_writable(self) -> None:
         sql_check_writable(self.db, region=self.target.region)
@@ -515,7 +529,10 @@ class AzureFlexibleServer:
         location = _get(current, "location") or self.target.region
         tags = _user_tags(current) if current is not None else {}
         steps = []
+        preserved = None
         if current is not None:
+            preserved = self._preserve(current, deadline)
+            steps.append(f"kept {preserved}")
             what = (f"delete {self.resource} (state {_state(current) or '?'}, role {self._role(current) or '?'}): Azure cannot make an "
                     f"existing server a replica")
             _logger().warning("failback: %s", what)
@@ -531,10 +548,33 @@ class AzureFlexibleServer:
             _wait_poller(poller, what, deadline)
         steps.append(f"created a read replica of {pdb.server_name} in {location}")
         self._wait_streaming(deadline, t0)
-        lab = _tags(self.server()).get(LAB_REBUILD_TAG)
-        if lab:
-            steps.append(f"lab: {lab}")
-        return RebuildResult(method="azure-replica", seconds=round(time.monotonic() - t0, 3), detail="; ".join(steps))
+        return RebuildResult(method="azure-replica", seconds=round(time.monotonic() - t0, 3), detail="; ".join(steps), preserved=preserved)
+
+    def _preserve(self, server: Any, deadline: float) -> str:
+        """Before the old server is deleted: an on-demand backup of it (Backups - Create), so that what it holds
+        (writes after the split included) can still be restored. Named by the day, so a retried rebuild finds
+        the backup it made; a server that cannot be backed up is not deleted (non-retryable PreserveFailed)."""
+        name = f"opsflow-before-rebuild-{datetime.now(timezone.utc):%Y%m%d}"
+        what = f"on-demand backup {name} of {self.resource}"
+        ops = self.client.backups_automatic_and_on_demand
+        try:
+            with _arm(what):
+                try:
+                    ops.get(self.db.resource_group, self.db.server_name, name)
+                    return f"{what} (already taken)"
+                except ResourceNotFoundError:
+                    pass
+                _logger().info("failback: %s before the server is deleted", what)
+                with shielded():
+                    poller = ops.begin_create(self.db.resource_group, self.db.server_name, name)
+                _wait_poller(poller, what, deadline)
+        except ApplicationError as e:
+            if not e.non_retryable:
+                raise
+            raise ApplicationError(f"rebuild {self.resource}: {what} failed, so the old server is not deleted: {e.message}. Keep its "
+                                   f"data another way (e.g. a point-in-time restore into a new server), then delete it by hand "
+                                   f"and run the failback again", type="PreserveFailed", non_retryable=True) from None
+        return what
 
     @staticmethod
     def _is_replica_of(server: Any, source_id: str | None) -> bool:
@@ -552,7 +592,7 @@ class AzureFlexibleServer:
             if time.monotonic() > deadline:
                 raise ApplicationError(f"{self.resource}: still {state} (another operation runs on it)", type="AzureConflict")
             _heartbeat({"phase": "waiting for a running operation on the server", "state": state})
-            time.sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+            _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
 
     def _wait_streaming(self, deadline: float, t0: float) -> None:
         """Wait until the server is a replica whose WAL receiver streams (over SQL), heartbeating."""
@@ -564,7 +604,7 @@ class AzureFlexibleServer:
             if time.monotonic() > deadline:
                 raise ApplicationError(f"{self.resource}: created as a read replica, but not streaming over SQL ({seen})", type="ReplicaNotStreaming")
             _heartbeat({"phase": "waiting for the replica to stream", "seen": seen, "waited_seconds": round(time.monotonic() - t0, 1)})
-            time.sleep(0.2)
+            _sleep(0.2)
 
 
 # -- restore drills: point-in-time restore into a scratch server -------------------------------------------------
@@ -576,11 +616,11 @@ class AzurePointInTimeRestore:
     sourceServerResourceId), through ARM.
 
     - window(): earliest = the source's properties.backup.earliestRestoreDate; latest = now minus
-      LATEST_RESTORE_MARGIN (the lab emulator's `opsflow-lab-latest-restore` tag when it gives one).
+      LATEST_RESTORE_MARGIN (ARM reports no latest restorable time; never before earliest).
     - start(): accepts the creation and returns at once (ready=False): ARM runs the restore, and restore.wait
       polls status(). A scratch server of that name already there is reused (the activity may be retried).
     - status(): ready once ARM says Ready and the server answers over SQL; its DSN is the source's with the host
-      replaced by fullyQualifiedDomainName and the port 5432 (the lab: tag `opsflow-lab-port`). The password is
+      replaced by fullyQualifiedDomainName and the port 5432. The password is
       the source's: a restore copies the roles. A failed create is a non-retryable RestoreFailed.
     - delete(), list_scratch(): scratch servers only, i.e. with tag opsflow-scratch=<environment>; anything
       else is refused, so a drill can never delete a server it did not create.
@@ -597,7 +637,8 @@ class AzurePointInTimeRestore:
         self.request = request
         self.db: AzureFlexibleDatabase = db
         self.conn = request.source.azure or AzureConnection()
-        self.environment = request.source.environment
+        self.environment = request.scratch_environment
+        self.run_id = request.run_id
         self._client: Any = None
         self._missing_since: dict[str, float] = {}
 
@@ -627,11 +668,9 @@ class AzurePointInTimeRestore:
         earliest = _utc(_get(source, "properties", "backup", "earliest_restore_date"))
         retention = _get(source, "properties", "backup", "backup_retention_days")
         now = datetime.now(timezone.utc)
-        hint = _parse_time(_tags(source).get(LAB_LATEST_RESTORE_TAG))
-        if hint is not None:
-            latest, how = min(hint, now), "latest: the lab emulator's latest restorable time"
-        else:
-            latest, how = now - timedelta(seconds=LATEST_RESTORE_MARGIN), f"latest: now minus {LATEST_RESTORE_MARGIN:.0f}s (clock skew margin)"
+        latest, how = now - timedelta(seconds=LATEST_RESTORE_MARGIN), f"latest: now minus {LATEST_RESTORE_MARGIN:.0f}s (clock skew margin)"
+        if earliest is not None and earliest <= now and latest < earliest:
+            latest, how = earliest, "latest: the earliest restore date (the first backup is younger than the clock skew margin)"
         notes = [f"earliest: backup.earliestRestoreDate of {self.db.server_name}" if earliest else
                  f"ARM reports no backup.earliestRestoreDate for {self.db.server_name} (no backup yet?)", how]
         if retention:
@@ -653,7 +692,8 @@ class AzurePointInTimeRestore:
         body = {
             "location": _get(source, "location"),
             "properties": {"createMode": "PointInTimeRestore", "sourceServerResourceId": _get(source, "id"), "pointInTimeUTC": _iso(point)},
-            "tags": {SCRATCH_TAG: self.environment, SCRATCH_SOURCE_TAG: self.db.server_name, SCRATCH_POINT_TAG: _iso(point)},
+            "tags": {SCRATCH_TAG: self.environment, SCRATCH_SOURCE_TAG: self.db.server_name, SCRATCH_POINT_TAG: _iso(point),
+                     **({SCRATCH_RUN_TAG: self.run_id} if self.run_id else {})},
         }
         with _arm(what):
             # polling=False: the initial PUT only. ARM goes on restoring; restore.wait follows it with status().
@@ -699,14 +739,17 @@ class AzurePointInTimeRestore:
             if time.monotonic() > deadline:
                 raise ApplicationError(f"{what}: still {state} after {waited:.0f}s", type="AzureOperationTimeout")
             _heartbeat({"phase": "waiting to delete the scratch server", "state": state, "waited_seconds": round(waited, 1)})
-            time.sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+            _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
             server = self._get(name)
 
     def list_scratch(self, prefix: str) -> list[str]:
+        return sorted(self.scratch_runs(prefix))
+
+    def scratch_runs(self, prefix: str) -> dict[str, str | None]:
         with _arm(f"list the flexible servers of resource group {self.db.resource_group}"):
             servers = list(self.client.servers.list_by_resource_group(self.db.resource_group))
-        return sorted(_get(s, "name") for s in servers
-                      if (_get(s, "name") or "").startswith(prefix) and _tags(s).get(SCRATCH_TAG) == self.environment)
+        return {_get(s, "name"): _tags(s).get(SCRATCH_RUN_TAG) for s in servers
+                if (_get(s, "name") or "").startswith(prefix) and _tags(s).get(SCRATCH_TAG) == self.environment}
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _check_scratch(self, server: Any, name: str) -> None:
@@ -721,11 +764,9 @@ class AzurePointInTimeRestore:
         tags = _tags(server)
         point = _parse_time(tags.get(SCRATCH_POINT_TAG))
         if state.lower() in _FAILED_STATES:
-            why = tags.get(LAB_ERROR_TAG)
             raise ApplicationError(
-                f"the point-in-time restore into scratch {self._resource(name)} failed (state {state})"
-                + (f": {why}" if why else "; the create operation's error is in the resource group's activity log"),
-                type="RestoreFailed", non_retryable=True)
+                f"the point-in-time restore into scratch {self._resource(name)} failed (state {state}); the create operation's "
+                f"error is in the resource group's activity log", type="RestoreFailed", non_retryable=True)
         if state.lower() != "ready":
             return ScratchTarget(name=name, method=self.method, ready=False, restore_point=point, detail=f"ARM state {state or 'unknown'}")
         dsn = self._dsn(server)
@@ -750,7 +791,7 @@ class AzurePointInTimeRestore:
         params = conninfo_to_dict(self.db.dsn)
         params.pop("hostaddr", None)
         params["host"] = host
-        params["port"] = str(_tags(server).get(LAB_PORT_TAG) or AZURE_PG_PORT)
+        params["port"] = str(AZURE_PG_PORT)
         return make_conninfo("", **params)
 
 
@@ -916,4 +957,4 @@ class AzureTrafficManagerRouter:
                                        type="EndpointNotOnline")
             _heartbeat({"phase": "waiting for the endpoint to be Online", "endpoint": _get(e, "name"), "monitor_status": monitor,
                         "waited_seconds": round(waited, 1)})
-            time.sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+            _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))

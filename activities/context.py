@@ -1,10 +1,24 @@
-"""Helpers for code that runs both inside an activity and outside one (tests, the lab, the bench)."""
+"""Helpers for code that runs both inside an activity and outside one (tests, the lab, the bench).
+
+Cancellation of a synchronous activity (how the SDK delivers it, temporalio 1.x): the server tells the worker
+an activity was cancelled in the answer to a heartbeat, so an activity that does not heartbeat never learns
+it. The worker then sets the activity's cancelled event (`activity.is_cancelled()` turns true) and, for
+activities on a ThreadPoolExecutor, raises `temporalio.exceptions.CancelledError` asynchronously in the
+activity's thread (at the next Python bytecode; a blocking C call such as a socket read finishes first).
+So: heartbeat on every poll, wait with `sleep_or_cancelled` (it returns at once on cancellation), and wrap
+what must not be cut in half (a cloud request whose outcome must be recorded) in `shielded()`: the
+exception is held back until the block ends. Heartbeats are sent at most every `max_heartbeat_throttle_interval`
+of the worker (worker/main.py sets it to a couple of seconds, so a cancellation arrives within seconds).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
 
 from temporalio import activity
+from temporalio.exceptions import CancelledError
 
 
 def heartbeat(*details: Any) -> None:
@@ -22,3 +36,67 @@ def time_limit(default: float) -> float:
         if limit:
             return max(5.0, limit.total_seconds() - 5.0)
     return default
+
+
+def cancelled() -> bool:
+    """Whether this activity has been asked to stop (cancellation delivered with a heartbeat answer)."""
+    return activity.in_activity() and activity.is_cancelled()
+
+
+def check_cancelled(what: str = "") -> None:
+    """Raise CancelledError when this activity has been cancelled: call it between the steps of a long action."""
+    if cancelled():
+        raise CancelledError(f"cancelled{': ' + what if what else ''}")
+
+
+def sleep_or_cancelled(seconds: float, *details: Any, what: str = "") -> None:
+    """Heartbeat `details` (when given), then wait `seconds` or until the activity is cancelled, whichever
+    comes first; on cancellation raise CancelledError. Outside an activity: a plain sleep."""
+    if not activity.in_activity():
+        time.sleep(max(0.0, seconds))
+        return
+    if details:
+        activity.heartbeat(*details)
+    check_cancelled(what)
+    activity.wait_for_cancelled_sync(max(0.0, seconds))
+    check_cancelled(what)
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Hold back the SDK's asynchronous CancelledError until the block ends (a request to the cloud and the
+    recording of its outcome stay together). Outside an activity: nothing."""
+    with activity.shield_thread_cancel_exception() if activity.in_activity() else nullcontext():
+        yield
+
+
+class Backoff:
+    """Delays for polling: `first`, growing by `factor` up to `cap` (0.2 s -> ~2 s by default)."""
+
+    def __init__(self, first: float = 0.2, cap: float = 2.0, factor: float = 1.5):
+        self.first, self.cap, self.factor = first, cap, factor
+        self.delay = first
+
+    def next(self) -> float:
+        delay = self.delay
+        self.delay = min(self.cap, self.delay * self.factor)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+class Every:
+    """At most once per `interval` seconds (the control-plane budget): `due()` is true on the first call and
+    then once the interval has passed since the last true answer."""
+
+    def __init__(self, interval: float):
+        self.interval = max(0.0, interval)
+        self._last: float | None = None
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self._last is None or now - self._last >= self.interval:
+            self._last = now
+            return True
+        return False

@@ -27,11 +27,11 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import ConfigException, load_incluster_config, new_client_from_config
 from temporalio import activity
-from activities.context import heartbeat as _heartbeat
+from activities.context import heartbeat as _heartbeat, sleep_or_cancelled
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from opsflow.inventory import KubernetesConfig
-from opsflow.models import DeploymentState, KubeStatus, MaintenanceRequest, RegionTarget, ScaleRequest
+from opsflow.models import DeploymentState, FenceResult, KubeStatus, MaintenanceRequest, RegionTarget, ScaleRequest
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ def new_api_client(cfg: KubernetesConfig) -> k8s.ApiClient:
     except ConfigException as e:
         where = f"kubeconfig {cfg.kubeconfig or '(default)'}" + (f", context {cfg.context}" if cfg.context else "")
         raise ApplicationError(f"kubernetes: cannot load {where}: {e}", type="KubernetesConfigError", non_retryable=True) from None
+
+
+FENCE_REQUEST_TIMEOUT = (3, 10)  # connect, read: a dead region must not hold the emergency up
 
 
 def _status_message(e: ApiException) -> str:
@@ -269,12 +272,7 @@ def _no_kubernetes(target: RegionTarget) -> KubeStatus:
 
 
 def _sleep(seconds: float) -> None:
-    if activity.in_activity():
-        activity.wait_for_cancelled_sync(seconds)
-        if activity.is_cancelled():
-            raise CancelledError("cancelled while waiting for the rollout")
-    else:
-        time.sleep(seconds)
+    sleep_or_cancelled(seconds, what="waiting for the rollout")
 
 
 def _wait_bound(wait_seconds: float | None) -> float:
@@ -368,3 +366,34 @@ def scale_up_and_wait(req: ScaleRequest, *, wait_seconds: float | None = None, p
                 raise ApplicationError(f"{c.where}: not ready after {bound:.0f}s: {'; '.join(progress['waiting'])}", progress,
                                        type="DeploymentNotReady")
             _sleep(min(poll_seconds, max(0.05, bound - elapsed)))
+
+
+@activity.defn(name="k8s.scale_to_zero")
+def scale_to_zero(target: RegionTarget) -> FenceResult:
+    """Emergency fence of the OLD region's applications: every inventory deployment scaled to 0 replicas (no
+    wait for the pods to go). Best effort, run from the target region's queue: an unreachable cluster is not an
+    error but a result with fenced=False and what is left to do (the failover lists it as remaining)."""
+    if target.kubernetes is None or not target.kubernetes.deployments:
+        return FenceResult(region=target.region, fenced=True, method="k8s-scale-to-zero", detail="no deployments in the inventory")
+    actions: list[str] = []
+    failed: list[str] = []
+    try:
+        with _cluster(target) as c:
+            for d in c.cfg.deployments:
+                what = f"deployment {c.ns}/{d.name}"
+                try:
+                    with c.call(what):
+                        c.apps.patch_namespaced_deployment_scale(d.name, c.ns, {"spec": {"replicas": 0}}, _content_type=_MERGE_PATCH,
+                                                                 _request_timeout=FENCE_REQUEST_TIMEOUT)
+                    actions.append(f"scaled {what} to 0")
+                except ApplicationError as e:
+                    failed.append(f"{what}: {e.message}")
+    except ApplicationError as e:
+        failed.append(e.message)
+    except Exception as e:  # noqa: BLE001 - a dead region fails in many ways; none may stop the failover
+        failed.append(f"{type(e).__name__}: {e}")
+    if failed:
+        return FenceResult(region=target.region, fenced=False, method="k8s-scale-to-zero",
+                           detail=f"scale {target.region}'s deployments to 0 by hand (could not: {'; '.join(failed)})"
+                           + (f"; done: {', '.join(actions)}" if actions else ""))
+    return FenceResult(region=target.region, fenced=True, method="k8s-scale-to-zero", detail=", ".join(actions))

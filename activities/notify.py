@@ -23,7 +23,7 @@ def send(request: NotifyRequest) -> list[str]:
         raise ApplicationError(f"unknown notification channel(s): {', '.join(sorted(unknown))}", type="BadInput", non_retryable=True)
     sent = []
     for channel in channels:
-        url = channel.url or resolve(channel.url_secret)
+        url = channel.url or resolve(channel.url_secret)  # url: only in inventories recorded before secret-only channels
         if channel.kind == "slack":
             body = {"text": f"[{n.severity}] {n.environment}: {n.text}"}
         else:

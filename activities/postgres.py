@@ -24,7 +24,7 @@ import psycopg
 from psycopg import errors as pgerrors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from temporalio import activity
-from activities.context import heartbeat as _heartbeat, time_limit
+from activities.context import heartbeat as _heartbeat, sleep_or_cancelled as _sleep, time_limit
 from temporalio.exceptions import ApplicationError
 
 from activities.secrets import resolve
@@ -155,47 +155,65 @@ def sql_status(db: Any, region: str) -> DbStatus:
     try:
         with conn:
             conn.execute("select set_config('statement_timeout', %s, false)", (str(STATUS_STATEMENT_TIMEOUT_MS),))
-            in_recovery, read_only = conn.execute(
-                "select pg_is_in_recovery(), current_setting('default_transaction_read_only')::bool"
-            ).fetchone()
-            if not in_recovery:
-                lsn, timeline = _primary_position(conn)
-                return DbStatus(region=region, reachable=True, role="primary", read_only=read_only, current_lsn=lsn, timeline=timeline)
-            row = conn.execute(
-                """
-                select r.pid, r.status, r.received_tli,
-                       pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text,
-                       extract(epoch from now() - pg_last_xact_replay_timestamp())::float8,
-                       (select timeline_id from pg_control_checkpoint())
-                  from (select 1) one left join pg_stat_wal_receiver r on true
-                """
-            ).fetchone()
-            pid, receiver_status, received_tli, receive_lsn, replay_lsn, since_replay, checkpoint_tli = row
-            error = None
-            if pid is not None and receiver_status is None:
-                error = "the WAL receiver's state is hidden from this role: grant it pg_monitor"
-            receive, replay = lsn_to_int(receive_lsn), lsn_to_int(replay_lsn)
-            if receive is not None and replay is not None and receive <= replay:
-                delay: float | None = 0.0  # everything received is replayed
-            else:
-                delay = max(0.0, since_replay) if since_replay is not None else None
-            return DbStatus(
-                region=region,
-                reachable=True,
-                error=error,
-                role="replica",
-                streaming=receiver_status == "streaming",
-                read_only=read_only,
-                current_lsn=receive_lsn,
-                replay_lsn=replay_lsn,
-                replay_delay_seconds=delay,
-                timeline=received_tli or checkpoint_tli,
-            )
+            return sql_status_on(conn, db, region)
+    except psycopg.Error as e:  # the server went away or stopped answering in the middle
+        return DbStatus(region=region, reachable=False, error=f"database {where(db)}: {_scrub(e, None)}")
+
+
+def open_status_connection(db: Any) -> psycopg.Connection:
+    """A connection for repeated sql_status_on() calls (one connection for a whole wait, not one per poll)."""
+    conn = connect(db, connect_timeout=5)
+    try:
+        conn.execute("select set_config('statement_timeout', %s, false)", (str(STATUS_STATEMENT_TIMEOUT_MS),))
+    except psycopg.Error as e:
+        conn.close()
+        raise ApplicationError(f"database {where(db)}: {_scrub(e, None)}", type="DatabaseUnreachable") from None
+    return conn
+
+
+def sql_status_on(conn: psycopg.Connection, db: Any, region: str) -> DbStatus:
+    """sql_status() over an open connection. psycopg errors (a lost connection) propagate to the caller, except
+    a missing privilege (non-retryable PermissionDenied)."""
+    try:
+        in_recovery, read_only = conn.execute(
+            "select pg_is_in_recovery(), current_setting('default_transaction_read_only')::bool"
+        ).fetchone()
+        if not in_recovery:
+            lsn, timeline = _primary_position(conn)
+            return DbStatus(region=region, reachable=True, role="primary", read_only=read_only, current_lsn=lsn, timeline=timeline)
+        row = conn.execute(
+            """
+            select r.pid, r.status, r.received_tli,
+                   pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text,
+                   extract(epoch from now() - pg_last_xact_replay_timestamp())::float8,
+                   (select timeline_id from pg_control_checkpoint())
+              from (select 1) one left join pg_stat_wal_receiver r on true
+            """
+        ).fetchone()
+        pid, receiver_status, received_tli, receive_lsn, replay_lsn, since_replay, checkpoint_tli = row
+        error = None
+        if pid is not None and receiver_status is None:
+            error = "the WAL receiver's state is hidden from this role: grant it pg_monitor"
+        receive, replay = lsn_to_int(receive_lsn), lsn_to_int(replay_lsn)
+        if receive is not None and replay is not None and receive <= replay:
+            delay: float | None = 0.0  # everything received is replayed
+        else:
+            delay = max(0.0, since_replay) if since_replay is not None else None
+        return DbStatus(
+            region=region,
+            reachable=True,
+            error=error,
+            role="replica",
+            streaming=receiver_status == "streaming",
+            read_only=read_only,
+            current_lsn=receive_lsn,
+            replay_lsn=replay_lsn,
+            replay_delay_seconds=delay,
+            timeline=received_tli or checkpoint_tli,
+        )
     except pgerrors.InsufficientPrivilege as e:
         raise ApplicationError(f"status of {where(db)}: permission denied: {_scrub(e, None)} (grant the role pg_monitor)",
                                type="PermissionDenied", non_retryable=True) from None
-    except psycopg.Error as e:  # the server went away or stopped answering in the middle
-        return DbStatus(region=region, reachable=False, error=f"database {where(db)}: {_scrub(e, None)}")
 
 
 # -- fence ----------------------------------------------------------------------------------------------------
@@ -213,7 +231,7 @@ def _wait_reloaded(conn: psycopg.Connection, want: bool, what: str) -> bool:
         if time.monotonic() > deadline:
             return False
         _heartbeat(f"{what}: waiting for the configuration reload")
-        time.sleep(0.02)
+        _sleep(0.02)
     return True
 
 
@@ -340,7 +358,7 @@ def sql_promote(db: Any, timeout: float, *, region: str | None = None) -> Promot
                 raise ApplicationError(f"promote {where(db)}: still in recovery after {waited:.0f}s (timeout {timeout:.0f}s); "
                                        f"retrying continues to wait", type="PromoteTimeout")
             _heartbeat({"phase": "leaving recovery", "waited_seconds": round(waited, 1)})
-            time.sleep(POLL)
+            _sleep(POLL)
         # Wait until the new primary commits a write.
         while True:
             try:
@@ -356,7 +374,7 @@ def sql_promote(db: Any, timeout: float, *, region: str | None = None) -> Promot
                     raise ApplicationError(f"promote {where(db)}: promoted but not writable after {timeout:.0f}s: {_scrub(e, None)}",
                                            type="NotWritable") from None
             _heartbeat({"phase": "waiting for a write to commit", "waited_seconds": round(time.monotonic() - t0, 1)})
-            time.sleep(POLL)
+            _sleep(POLL)
         seconds = time.monotonic() - t0
         # After recovery these stay at the last positions received / replayed during it.
         receive_after, replay_after = conn.execute(
@@ -438,6 +456,11 @@ class PostgresServer:
 
     def fence(self) -> None:
         sql_fence(self.db)
+
+    def fence_control_plane(self, budget: float) -> tuple[str, list[str]]:
+        """Self-managed: no control plane; the SQL fence if the server answers (raises when it does not)."""
+        sql_fence(self.db)
+        return "sql-read-only", [f"fenced {where(self.db)} over SQL (default_transaction_read_only=on, sessions ended)"]
 
     def unfence(self) -> None:
         sql_unfence(self.db)
@@ -728,3 +751,74 @@ def missing_objects(db: Any, objects: list[str]) -> list[str]:
             if not found:
                 missing.append(obj)
     return missing
+
+
+# -- divergence (failback: what the old primary holds that the new one does not) ------------------------------
+
+
+def timeline_history(db: Any, timeline: int) -> str | None:
+    """The text of timeline `timeline`'s history file on db's server ('<parent tli>\\t<switch lsn>\\t<reason>' per
+    line): over a replication connection (TIMELINE_HISTORY, needs the REPLICATION attribute), else
+    pg_read_file (superuser or pg_read_server_files). None when neither is allowed or timeline is 1."""
+    if timeline <= 1:
+        return None
+    repl = type("ReplicationDb", (), {"dsn": make_conninfo(_dsn_of(db), replication="database"),
+                                      "password": getattr(db, "password", None)})()
+    try:
+        with connect(repl) as conn:
+            res = conn.pgconn.exec_(f"TIMELINE_HISTORY {int(timeline)}".encode())
+            if res.status == psycopg.pq.ExecStatus.TUPLES_OK and res.ntuples == 1:
+                return bytes(res.get_value(0, 1) or b"").decode()
+    except (ApplicationError, psycopg.Error) as e:
+        _logger().info("TIMELINE_HISTORY on %s: %s; trying pg_read_file", where(db), getattr(e, "message", e))
+    try:
+        with connect(db) as conn:
+            return conn.execute("select pg_read_file(%s)", (f"pg_wal/{timeline:08X}.history",)).fetchone()[0]
+    except (ApplicationError, psycopg.Error) as e:
+        _logger().info("pg_read_file of the timeline history on %s: %s", where(db), getattr(e, "message", e))
+        return None
+
+
+def switch_point(history: str, old_timeline: int) -> str | None:
+    """The LSN where the history's timeline left `old_timeline` (None if it never descended from it)."""
+    for line in history.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and int(parts[0]) == old_timeline:
+            return parts[1]
+    return None
+
+
+def sql_divergence(old_db: Any, new_db: Any, *, old_region: str, new_region: str) -> "Divergence":
+    """Whether the old primary wrote after the split: its last LSN on its timeline against the point where the
+    new primary's timeline branched off that timeline. Never raises for an unreachable old server (unknown)."""
+    from opsflow.models import Divergence
+
+    new = sql_status(new_db, new_region)
+    base = {"old_region": old_region, "new_region": new_region, "new_timeline": new.timeline}
+    if not new.reachable:
+        return Divergence(diverged=None, **base, detail=f"the new primary cannot be read: {new.error}")
+    old = sql_status(old_db, old_region)
+    if not old.reachable:
+        return Divergence(diverged=None, **base, detail=f"the old primary cannot be read ({old.error}): whether it took writes after "
+                                                        f"the split is unknown; keep its data until someone has looked")
+    if old.role != "primary":
+        return Divergence(diverged=None, **base, old_timeline=old.timeline, old_last_lsn=old.replay_lsn,
+                          detail=f"{old_region} is a replica (timeline {old.timeline}): it was rebuilt already, or never promoted")
+    base.update(old_timeline=old.timeline, old_last_lsn=old.current_lsn)
+    if old.timeline == new.timeline:
+        return Divergence(diverged=None, **base, detail=f"both servers are primaries on timeline {old.timeline}: no promotion "
+                                                        f"separates them (split brain?); compare their data by hand")
+    history = timeline_history(new_db, new.timeline or 0)
+    split = switch_point(history, old.timeline or 0) if history else None
+    if split is None:
+        why = "its timeline history cannot be read (grant REPLICATION or pg_read_server_files)" if history is None else \
+              f"timeline {new.timeline} does not descend from timeline {old.timeline}"
+        return Divergence(diverged=None, **base, detail=f"{new_region}: {why}")
+    after = max(0, (lsn_to_int(old.current_lsn) or 0) - (lsn_to_int(split) or 0))
+    # Any WAL past the switch point is something the new primary never got (a shutdown checkpoint included:
+    # pg_rewind is needed all the same); the transaction count, when the host can tell, says if it was data.
+    diverged = after > 0
+    detail = (f"{old_region} wrote {after} bytes of WAL on timeline {old.timeline} after {new_region} branched off at {split} "
+              f"(old primary at {old.current_lsn})" if diverged else
+              f"{old_region} stopped at {old.current_lsn}, not past the switch point {split}: nothing was written after the split")
+    return Divergence(diverged=diverged, **base, split_lsn=split, bytes_after_split=after, detail=detail)

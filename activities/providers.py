@@ -88,7 +88,11 @@ class RestoreProvider(Protocol):
         """Delete scratch target `name`; False when it was already gone. Idempotent."""
 
     def list_scratch(self, prefix: str) -> list[str]:
-        """Scratch targets whose name starts with `prefix` (what a crashed run may have left behind)."""
+        """Scratch targets of this environment whose name starts with `prefix` (what a crashed run may have
+        left behind)."""
+
+    def scratch_runs(self, prefix: str) -> dict[str, str | None]:
+        """list_scratch(prefix) with the run that made each target (tag/mark opsflow-run; None if unknown)."""
 
 
 def restore_provider(request: "RestoreRequest") -> RestoreProvider:

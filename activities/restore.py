@@ -8,6 +8,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import postgres
+from activities.context import Backoff, check_cancelled, sleep_or_cancelled
 from activities.providers import restore_provider
 from opsflow.inventory import PostgresDatabase
 from opsflow.models import CheckResult, RestoreRequest, RestoreWindow, ScratchTarget, VerifyRequest
@@ -20,10 +21,15 @@ def restore_window(request: RestoreRequest) -> RestoreWindow:
 
 @activity.defn(name="restore.leftovers")
 def restore_leftovers(request: RestoreRequest) -> list[str]:
-    """Scratch targets left behind by an earlier run that crashed: found, deleted, and named in the report."""
+    """Scratch targets left behind by an earlier run of this environment that crashed: found, deleted, and named
+    in the report. Only targets tagged with this environment (providers list nothing else) and made by another
+    run (tag/mark opsflow-run) are removed: another environment's drill, even one running now, is never touched."""
     provider = restore_provider(request)
-    found = [n for n in provider.list_scratch(request.drill.scratch_prefix + "-") if n != request.scratch_name]
+    runs = provider.scratch_runs(request.drill.scratch_prefix)
+    found = sorted(n for n, run in runs.items()
+                   if n != request.scratch_name and not (request.run_id and run == request.run_id))
     for name in found:
+        check_cancelled("removing leftover scratch targets")
         provider.delete(name)
     return found
 
@@ -37,16 +43,19 @@ def restore_start(request: RestoreRequest) -> ScratchTarget:
 @activity.defn(name="restore.wait")
 def restore_wait(request: RestoreRequest) -> ScratchTarget:
     """Wait for the scratch target, heartbeating; restores take tens of minutes in production. After a worker
-    crash the next attempt picks up the same target by name: one scratch target per drill."""
+    crash the next attempt picks up the same target by name: one scratch target per drill. Polls with backoff
+    from 1 s up to the control-plane interval (each poll is a control-plane read); stops within a poll when
+    cancelled, leaving the scratch target to the drill's owed restore.delete."""
     provider = restore_provider(request)
     started = time.monotonic()
+    backoff = Backoff(1.0, max(1.0, request.control_plane_interval))
     while True:
         target = provider.status(request.scratch_name)
-        if activity.in_activity():
-            activity.heartbeat({"ready": target.ready, "detail": target.detail, "waited_seconds": round(time.monotonic() - started, 1)})
         if target.ready:
             return target
-        time.sleep(1.0)
+        sleep_or_cancelled(backoff.next(), {"ready": target.ready, "detail": target.detail,
+                                            "waited_seconds": round(time.monotonic() - started, 1)},
+                           what=f"waiting for scratch target {request.scratch_name}")
 
 
 @activity.defn(name="restore.delete")

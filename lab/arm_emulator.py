@@ -55,12 +55,15 @@ of the resource. They last at least `lro_seconds` (slow operations for tests).
 The admin API (no token needed; loopback lab only) under /_emulator/:
     GET    /_emulator/health
     GET    /_emulator/state                          servers, profiles, operations, settings
-    GET    /_emulator/requests                       the request log (method, path, status, fault)
+    GET    /_emulator/requests                       the request log (method, path, status, fault), the last 5000
+    GET    /_emulator/counts                         {"requests": {"<METHOD> <path>": n}, "random_faults": {...}}: every
+                                                     API request since the start (side effects counted exactly once)
     POST   /_emulator/faults   {"match": "<regex on the path>", "status": 429|503|..., "count": N,
                                 "retry_after": s, "method": "GET", "delay": s, "drop": false}
     GET|DELETE /_emulator/faults
     POST   /_emulator/settings {"lro_seconds": s, "tm_checking_seconds": s, "planned_sync_timeout": s,
-                                "lro_retry_after": s|null}
+                                "lro_retry_after": s|null, "fault_rate": 0.2}   (fault_rate: a fraction of API requests
+                                answered 429 + Retry-After, 503 or a dropped connection; default $OPSFLOW_LAB_FAULTS)
     POST   /_emulator/trafficmanagerprofiles/{profile}/endpoints/{endpoint}  {"healthy": false}
     POST   /_emulator/flexibleServers/{server}       {"state": "Stopped"|null}  (override the reported state)
 
@@ -105,11 +108,13 @@ makes everything committed on a running source primary restorable (lab.postgres.
 continuous WAL archiving does, so any point up to now can be restored. A point in the future or before
 earliestRestoreDate is refused at once (400 PointInTimeInFuture / PointInTimeBeforeEarliestRestoreDate); an
 unknown source is 404 ResourceNotFound; a restore that fails later fails its operation and leaves the server
-in state "ProvisioningFailed" (the emulator's stand-in: the API has no provisioningState on servers) until it
-is deleted.
+in state "Disabled" (a state of the API's enumeration: it will never become usable) until it is deleted.
 
-Lab-only tags (computed on every read, never stored; Azure's servers always listen on 5432 at their FQDN,
-the lab's on 127.0.0.1 at a port of their own):
+Restored servers listen on PostgreSQL's port 5432 at a loopback address of their own (127.x.y.z, all of
+127.0.0.0/8 is loopback on Linux), which is their fullyQualifiedDomainName: clients reach them the way they reach
+Azure's servers, with no lab-only mapping.
+
+Lab-only tags (computed on every read, never stored; informative only, opsflow's activities never read them):
     opsflow-lab-port            the mapped cluster's port
     opsflow-lab-latest-restore  the latest point in time a restore of this server can reach (ISO, UTC)
     opsflow-lab-rebuild         how the last Replica create rebuilt the server (pg_rewind | pg_basebackup | new)
@@ -159,7 +164,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "planned_sync_timeout": 60.0,  # Planned promotion: how long to wait for the replica to catch up
     "promote_timeout": 60,  # pg_promote(wait_seconds)
     "lro_retry_after": None,  # Retry-After (seconds) on operation status answers; None: let the client pick
+    "fault_rate": None,  # fraction of API requests answered 429/503/dropped at random (lab.faults); None: $OPSFLOW_LAB_FAULTS
 }
+AZURE_PG_PORT = 5432  # every flexible server listens there, at its FQDN
 LAB_TAG_PREFIX = "opsflow-lab-"
 TAG_PORT = "opsflow-lab-port"
 TAG_LATEST_RESTORE = "opsflow-lab-latest-restore"
@@ -232,6 +239,7 @@ def _lifecycle_fields(origin: str) -> dict:
         "failed": None,  # {"code", "message"}: the create failed
         "create": None,  # how it was created: {"mode", "source", "point"}
         "rebuild": None,  # the last Replica create: {"method", "seconds", "fallback_reason"}
+        "on_demand_backups": {},  # name -> {"name", "completedTime", "path"}: Backups - Create (kept after a delete)
     }
 
 
@@ -299,7 +307,7 @@ def _lsn(text: str | None) -> int:
 # What the state file keeps of a server: what changes (every server), and what a server created through the
 # API was created with (its record is rebuilt from the state file after a restart).
 _MUTABLE_FIELDS = ("role", "source", "configurations", "tags", "state_override", "deleted", "provisioning", "dropping",
-                   "failed", "create", "rebuild")
+                   "failed", "create", "rebuild", "on_demand_backups")
 _FIXED_FIELDS = ("origin", "name", "resource_group", "location", "dsn", "version", "sku", "fqdn", "administrator_login",
                  "created", "backups")
 
@@ -320,9 +328,15 @@ class World:
         self.profiles: dict[str, dict] = {}
         self.operations: dict[str, dict] = {}
         self.faults: list[dict] = []
+        from lab.faults import RandomFaults, rate_from_env
+
+        self._env_fault_rate = rate_from_env()
+        self.random_faults = RandomFaults(self._env_fault_rate)
         self.request_log: deque[dict] = deque(maxlen=5000)
+        self.request_counts: dict[str, int] = {}  # "GET /subscriptions/.../flexibleServers/x": API requests since the start
         self._probe_cache: dict[str, tuple[float, dict]] = {}
         self.resource_groups: set[str] = {rg.lower() for rg in config.get("resource_groups", [])}
+        self.vault_secrets: dict[str, str] = dict(config.get("key_vault_secrets") or {})
 
         for name, s in (config.get("flexible_servers") or {}).items():
             role = ROLES.get(str(s.get("role", "Primary")).lower())
@@ -481,11 +495,34 @@ class World:
         srv.update({f: s.get(f) for f in _MUTABLE_FIELDS})
         srv["configurations"] = dict(srv.get("configurations") or {})
         srv["tags"] = dict(srv.get("tags") or {})
+        srv["on_demand_backups"] = dict(srv.get("on_demand_backups") or {})
         srv["_cluster"] = s.get("cluster")
         srv["busy_op"] = None
         return srv
 
     # -- auth, faults, log -----------------------------------------------------------------------------------
+    def key_vault(self, method: str, path: str, auth: str | None, origin: str) -> tuple[int, Any, dict]:
+        """Key Vault's data plane, get-secret only (GET /secrets/{name}[/{version}]), served on the emulator's
+        own address. Like the real vault it first answers 401 with a bearer challenge naming the resource
+        the token is for; the SDK then asks its credential for that scope and retries."""
+        if not auth or not auth.lower().startswith("bearer ") or not auth[7:].strip():
+            challenge = f'Bearer authorization="https://login.microsoftonline.com/common", resource="{origin}"'
+            return 401, {"error": {"code": "Unauthorized", "message": "AKV10000: Request is missing a Bearer or PoP token."}}, {"WWW-Authenticate": challenge}
+        if self.tokens and auth[7:].strip() not in self.tokens:
+            return 401, {"error": {"code": "Unauthorized", "message": "AKV10032: Invalid issuer."}}, {}
+        segs = [unquote(x) for x in path.strip("/").split("/")]
+        if method != "GET" or len(segs) not in (2, 3):
+            return 405, {"error": {"code": "BadParameter", "message": "the emulated vault serves GET /secrets/{name}[/{version}] only"}}, {}
+        with self.lock:
+            value = self.vault_secrets.get(segs[1])
+        if value is None:
+            msg = f"A secret with (name/id) {segs[1]} was not found in this key vault."
+            return 404, {"error": {"code": "SecretNotFound", "message": msg}}, {}
+        version = segs[2] if len(segs) == 3 and segs[2] else "0" * 32
+        stamp = int(time.time())
+        return 200, {"value": value, "id": f"{origin}/secrets/{segs[1]}/{version}",
+                     "attributes": {"enabled": True, "created": stamp, "updated": stamp, "recoveryLevel": "Recoverable+Purgeable"}}, {}
+
     def check_auth(self, header: str | None) -> None:
         challenge = 'Bearer authorization_uri="https://login.microsoftonline.com/common", error="invalid_token", error_description="{}"'
         if not header:
@@ -535,6 +572,13 @@ class World:
         return {k: v for k, v in f.items() if not k.startswith("_")}
 
     def take_fault(self, method: str, path: str) -> dict | None:
+        rate = self.settings.get("fault_rate")
+        self.random_faults.rate = self._env_fault_rate if rate is None else float(rate)
+        kind = self.random_faults.pick()
+        if kind is not None:
+            return {"id": f"random-{kind}", "delay": 0, "drop": kind == "drop", "retry_after": 1 if kind == "throttle" else None,
+                    "status": {"throttle": 429, "unavailable": 503}.get(kind), "code": {"throttle": "TooManyRequests",
+                                                                                      "unavailable": "ServiceUnavailable"}.get(kind)}
         with self.lock:
             for f in self.faults:
                 if f["count"] <= 0:
@@ -549,6 +593,10 @@ class World:
 
     def log_request(self, method: str, path: str, status: int, fault: bool = False) -> None:
         self.request_log.append({"t": time.time(), "method": method, "path": path, "status": status, "fault": fault})
+        if not path.startswith("/_emulator"):
+            key = f"{method} {path.split('?')[0]}"
+            with self.lock:
+                self.request_counts[key] = self.request_counts.get(key, 0) + 1
 
     # -- SQL against the mapped clusters ---------------------------------------------------------------------
     def probe(self, srv: dict, max_age: float = 0.5) -> dict:
@@ -584,7 +632,9 @@ class World:
             if srv["dropping"]:
                 return "Dropping"
             if srv["failed"]:
-                return "ProvisioningFailed"
+                # The API has no provisioning state on servers; a server that will never become usable shows a
+                # state of the real enumeration ("Disabled"), and why is in the emulator's state (admin API).
+                return "Disabled"
             return "Updating" if srv["busy_op"] is not None else "Ready"
 
     def server_body(self, srv: dict) -> dict:
@@ -845,8 +895,9 @@ class World:
 
                     conn.execute(sql.SQL("alter system set {} = {}").format(sql.Identifier(quoted_name), sql.Literal(normalized)))
                 conn.execute("select pg_reload_conf()")
-            # pg_reload_conf only signals the postmaster: wait until new sessions see the value.
-            deadline = time.monotonic() + 10
+            # pg_reload_conf only signals the postmaster: wait until new sessions see the value (a loaded machine
+            # running several labs can take seconds).
+            deadline = time.monotonic() + 30
             want = normalized if normalized is not None else rows[0][3]
             while True:
                 with _pg_connect(srv["dsn"]) as conn:
@@ -1024,7 +1075,7 @@ class World:
             "source": source["name"] if role in REPLICA_ROLES else None,
             "version": source["version"],
             "sku": dict(source["sku"]),
-            "fqdn": "127.0.0.1",
+            "fqdn": cluster.get("host") or "127.0.0.1",
             "administrator_login": source["administrator_login"],
             "tags": tags,
             "configurations": {},
@@ -1038,12 +1089,17 @@ class World:
         }
 
     @staticmethod
-    def _cluster_dict(root: Path, name: str) -> dict:
+    def _cluster_dict(root: Path, name: str, own_address: bool = False) -> dict:
         """Where lab.postgres puts cluster `name` under `root` (root/name/data), on a port chosen now: known before
-        the cluster exists, so that a create cut short can still be cleaned up."""
-        from lab.postgres import free_port
+        the cluster exists, so that a create cut short can still be cleaned up. own_address: a loopback address of
+        its own with PostgreSQL's port 5432, given out as the server's fullyQualifiedDomainName — as in Azure,
+        where every server listens on 5432 at its FQDN, so clients need no lab-only mapping."""
+        from lab.postgres import free_loopback_host, free_port
 
         home = Path(root).resolve() / name
+        if own_address:
+            return {"name": name, "datadir": str(home / "data"), "port": AZURE_PG_PORT, "host": free_loopback_host(AZURE_PG_PORT),
+                    "logfile": str(home / "postgres.log")}
         return {"name": name, "datadir": str(home / "data"), "port": free_port(), "logfile": str(home / "postgres.log")}
 
     def put_server(self, rg: str, name: str, body: Any, base: str, api_version: str) -> tuple[int, Any, dict]:
@@ -1133,7 +1189,7 @@ class World:
                                f"server '{source['name']}' (properties.backup.earliestRestoreDate; backup retention "
                                f"{paths['retention_days']} days).", "PointInTimeBeforeEarliestRestoreDate")
         root = paths["clusters_root"]
-        cluster = self._cluster_dict(root, name)
+        cluster = self._cluster_dict(root, name, own_address=True)
         srv = self._new_server(name, rg, location, source, cluster, tags, request, "Primary")
         source_cluster = source.get("_cluster")
 
@@ -1156,7 +1212,8 @@ class World:
                 raise ArmError(400, "NoBackupAvailable", f"No base backup of '{source['name']}' ends before {_iso(point)}.")
             op["percentComplete"] = 10
             try:
-                restore_to_time(backup, paths["archive_dir"], root, name, point, port=cluster["port"])
+                restore_to_time(backup, paths["archive_dir"], root, name, point, port=cluster["port"],
+                                host=cluster.get("host") or "127.0.0.1")
             except PostgresLabError as e:
                 raise ArmError(400, "RestoreFailed", f"The restore of '{source['name']}' as of {_iso(point)} into '{name}' failed: {_first_line(e)}") from None
 
@@ -1540,6 +1597,8 @@ class World:
         srv = self._server(segs[3], segs[7])
         if len(segs) >= 10 and segs[8] == "configurations":
             return self.get_configuration(srv, segs[9])
+        if len(segs) >= 10 and segs[8] == "backups":
+            return self._handle_backups(srv, "GET", [srv["name"], "backups", segs[9]], "", "")[1]
         return self.server_body(srv)
 
     def _handle_pg(self, method: str, rg: str, tail: list[str], ltail: list[str], body: Any, base: str, api_version: str) -> tuple[int, Any, dict]:
@@ -1564,6 +1623,8 @@ class World:
             with self.lock:
                 replicas = [s for s in self.servers.values() if (s["source"] or "").lower() == srv["name"].lower() and not s["deleted"]]
             return 200, {"value": [self.server_body(s) for s in replicas]}, {}
+        if len(tail) >= 2 and ltail[1] == "backups":
+            return self._handle_backups(srv, method, tail, base, api_version)
         if len(tail) >= 2 and ltail[1] == "configurations":
             if len(tail) == 2 and method == "GET":
                 return 200, {"value": [self._config_body(srv, row) for row in self._settings_rows(srv)]}, {}
@@ -1574,6 +1635,52 @@ class World:
                 if method in ("PUT", "PATCH"):
                     return self.put_configuration(srv, name, body, base, api_version)
         raise ArmError(404, "NotFound", f"The emulator does not serve {method} {'/'.join(tail[1:])} on flexible servers.")
+
+    # -- flexible servers: on-demand backups (Backups - Create / Get / List By Server) -----------------------------
+    def _backup_resource(self, srv: dict, b: dict) -> dict:
+        return {"id": f"{self.server_id(srv)}/backups/{b['name']}", "name": b["name"], "type": f"{PG_TYPE}/backups",
+                "properties": {"backupType": "Customer On-Demand", "completedTime": b["completedTime"], "source": "Automatic"}}
+
+    def _handle_backups(self, srv: dict, method: str, tail: list[str], base: str, api_version: str) -> tuple[int, Any, dict]:
+        """An on-demand backup REALLY keeps the server's data: a base backup of its running cluster (pg_basebackup),
+        or a copy of the data directory of a stopped one, under <cluster root>/on-demand-backups/<server>-<name>."""
+        with self.lock:
+            backups = srv.setdefault("on_demand_backups", {})
+        if len(tail) == 2 and method == "GET":
+            return 200, {"value": [self._backup_resource(srv, b) for b in backups.values()]}, {}
+        if len(tail) != 3:
+            raise ArmError(404, "NotFound", "The emulator serves backups/{name} only.")
+        name = tail[2]
+        if method == "GET":
+            if name not in backups:
+                raise ArmError(404, "ResourceNotFound", f"The backup '{name}' of server '{srv['name']}' was not found.")
+            return 200, self._backup_resource(srv, backups[name]), {}
+        if method != "PUT":
+            raise ArmError(405, "MethodNotAllowed", f"The method {method} is not supported on a backup by the emulator.")
+        if name in backups:
+            return 200, self._backup_resource(srv, backups[name]), {}
+        cluster = srv.get("_cluster")
+        if not cluster:
+            raise ArmError(400, "OperationNotSupported", f"Server '{srv['name']}' has no lab cluster to back up.")
+
+        def work(op: dict) -> None:
+            import shutil
+
+            from lab.postgres import Cluster, cluster_root, take_base_backup
+
+            c = Cluster.from_dict(cluster)
+            dest = cluster_root(c) / "on-demand-backups" / f"{srv['name']}-{name}"
+            if dest.exists():
+                shutil.rmtree(dest)  # a half-made one from an emulator that died
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if c.is_running():
+                take_base_backup(c, dest)
+            else:
+                shutil.copytree(c.datadir, dest / "data", symlinks=True)
+            with self.lock:
+                backups[name] = {"name": name, "completedTime": _now_iso(), "path": str(dest)}
+
+        return self.start_operation(srv, "backup", work, f"{self.server_id(srv)}/backups/{name}", base, api_version)
 
     def _handle_tm(self, method: str, rg: str, tail: list[str], ltail: list[str], body: Any) -> tuple[int, Any, dict]:
         if not tail:
@@ -1654,6 +1761,9 @@ class World:
             return 200, {"ok": True}, {}
         if segs == ["state"] and method == "GET":
             return 200, self.snapshot(), {}
+        if segs == ["counts"] and method == "GET":
+            with self.lock:
+                return 200, {"requests": dict(self.request_counts), "random_faults": dict(self.random_faults.injected)}, {}
         if segs == ["requests"]:
             if method == "GET":
                 return 200, {"value": list(self.request_log)}, {}
@@ -1670,6 +1780,12 @@ class World:
                 with self.lock:
                     self.faults.clear()
                 return 200, {"value": []}, {}
+        if len(segs) == 3 and segs[:2] == ["vault", "secrets"] and method == "PUT":
+            if not isinstance(body, dict) or not isinstance(body.get("value"), str):
+                raise _bad_request('body must be {"value": "..."}')
+            with self.lock:
+                self.vault_secrets[segs[2]] = body["value"]
+            return 200, {"name": segs[2]}, {}
         if segs == ["settings"]:
             if method == "GET":
                 return 200, dict(self.settings), {}
@@ -1746,6 +1862,9 @@ class _Handler(BaseHTTPRequestHandler):
                 body = None
             if path.startswith("/_emulator/") or path == "/_emulator":
                 status, payload, headers = world.admin(method, path, body if body is not None else {})
+            elif path.startswith("/secrets/"):
+                host = self.headers.get("Host") or f"127.0.0.1:{self.server.server_address[1]}"
+                status, payload, headers = world.key_vault(method, path, self.headers.get("Authorization"), f"https://{host}")
             else:
                 world.check_auth(self.headers.get("Authorization"))
                 fault = world.take_fault(method, path)

@@ -44,7 +44,9 @@ health checks, buckets, metrics). A thin WSGI middleware in front of it keeps th
   monitoring) and optionally ``action`` (the API operation name) get an AWS error ``code`` with HTTP
   ``status`` (e.g. 400 ``Throttling``, 503 ``ServiceUnavailable``, 403 ``AccessDenied``).
 
-Lab endpoints (JSON, not AWS): ``GET /_lab/state``; ``POST /_lab/instances`` with
+Lab endpoints (JSON, not AWS): ``GET /_lab/state``; ``GET /_lab/counts`` (every API request since the start by
+service and action, and the random faults injected); ``POST /_lab/fault_rate`` ``{"rate": 0.2}`` (a fraction of
+requests answered Throttling / ServiceUnavailable / a dropped connection; default $OPSFLOW_LAB_FAULTS); ``POST /_lab/instances`` with
 ``{"db_instance_identifier", "region", "cluster"|"dsn"}`` maps (or remaps) an RDS instance to a
 cluster, e.g. a replica created later with ``CreateDBInstanceReadReplica``; ``POST /_lab/faults``
 with a fault object or a list of them; ``DELETE /_lab/faults``.
@@ -338,6 +340,19 @@ class _Middleware:
             if len(parts) >= 2:
                 action = {"PUT": "PutObject", "GET": "GetObject", "HEAD": "HeadObject", "DELETE": "DeleteObject"}.get(method)
 
+        if service:
+            with self.emu.lock:
+                key = f"{service} {action or method + ' ' + path}"
+                self.emu.request_counts[key] = self.emu.request_counts.get(key, 0) + 1
+            kind = self.emu.random_faults.pick()
+            if kind == "drop":  # werkzeug cannot drop a connection unanswered: AWS's other transient answer, a 500
+                return self._error(start_response, service, 500, "InternalFailure", "random fault (lab): InternalFailure")
+            if kind is not None:
+                code = 429 if kind == "throttle" else 503
+                aws_code = {"rds": "Throttling", "route53": "Throttling", "s3": "SlowDown"}.get(service, "Throttling") \
+                    if code == 429 else "ServiceUnavailable"
+                return self._error(start_response, service, 400 if code == 429 and service in ("rds", "monitoring") else code,
+                                   aws_code, f"random fault (lab): {aws_code}")
         fault = self.emu._take_fault(service, action) if service else None
         if fault:
             return self._error(start_response, fault.service, fault.status, fault.code, fault.message or f"injected by the lab: {fault.code}")
@@ -567,6 +582,13 @@ class _Middleware:
         try:
             if path == "/_lab/state" and method == "GET":
                 return self._json(start_response, self.emu.state())
+            if path == "/_lab/counts" and method == "GET":
+                with self.emu.lock:
+                    return self._json(start_response, {"requests": dict(self.emu.request_counts),
+                                                       "random_faults": dict(self.emu.random_faults.injected)})
+            if path == "/_lab/fault_rate" and method == "POST":
+                self.emu.random_faults.rate = float(json.loads(self._read_body(environ) or b"{}")["rate"])
+                return self._json(start_response, {"rate": self.emu.random_faults.rate})
             if path == "/_lab/instances" and method == "POST":
                 spec = json.loads(self._read_body(environ) or b"{}")
                 self.emu.map_instance(spec["db_instance_identifier"], spec["region"], cluster=spec.get("cluster"), dsn=spec.get("dsn"))
@@ -606,6 +628,10 @@ class AwsEmulator:
         self._restorable_cache: dict[str, tuple] = {}
         self._changes: dict[str, float] = {}
         self._faults: list[_Fault] = []
+        from lab.faults import RandomFaults
+
+        self.random_faults = RandomFaults()  # $OPSFLOW_LAB_FAULTS: a fraction of API requests fail at random
+        self.request_counts: dict[str, int] = {}  # "<service> <Action>": API requests since the start
         self._info: dict[str, Any] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -124,8 +124,29 @@ def start_aws_emulator(lab, clusters: dict[str, Any], root: Path, port: int | No
         "buckets": {"reports": REPORTS_BUCKET, "dumps": DUMPS_BUCKET},
         "info": info,
     }
+    lab.state["aws"]["oncall_secret_id"] = store_webhook_secret(info["url"], f"{lab.state['receiver']['url']}/oncall") if lab.state.get("receiver") else None
     lab.save()
     return lab.state["aws"]
+
+
+ONCALL_SECRET_ID = "opsflow/lab/oncall-webhook"
+
+
+def store_webhook_secret(endpoint_url: str, url: str) -> str:
+    """The oncall channel's webhook URL as a Secrets Manager secret in moto (the AWS lab's secret store)."""
+    import boto3
+
+    from botocore.exceptions import ClientError
+
+    sm = boto3.client("secretsmanager", endpoint_url=endpoint_url, region_name=AWS_REGIONS[next(iter(AWS_REGIONS))],
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    try:
+        sm.create_secret(Name=ONCALL_SECRET_ID, SecretString=url)
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") != "ResourceExistsException":
+            raise
+        sm.put_secret_value(SecretId=ONCALL_SECRET_ID, SecretString=url)
+    return ONCALL_SECRET_ID
 
 
 def _alive(pid: int) -> bool:
@@ -156,6 +177,9 @@ def aws_lab_inventory(state: dict, root: Path) -> dict:
         r["traffic_endpoint"] = set_identifier(region)
     base["traffic"] = {"provider": "route53", "hosted_zone_id": aws["hosted_zone_id"], "record_name": aws["record_name"], "record_type": "CNAME"}
     base["aws"] = {"endpoint_url": aws["endpoint_url"], "default_region": AWS_REGIONS[next(iter(AWS_REGIONS))]}
+    for channel in base.get("notifications", []):
+        if "azure_key_vault" in channel.get("url_secret", {}):  # the AWS lab keeps that webhook in Secrets Manager
+            channel["url_secret"] = {"aws_secrets_manager": {"secret_id": ONCALL_SECRET_ID}}
     base["reports"] = {"s3": {"bucket": aws["buckets"]["reports"], "prefix": "drills"}}
     drill = dict(base.get("drill") or {})
     drill["method"] = "rds-pitr"

@@ -96,6 +96,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -495,6 +496,10 @@ class Cluster:
         self._stepped_at: dict[Key, float] = {}
         self._progress_at: dict[Key, float] = {}
         self._faults: list[list] = []  # [code, remaining, path substring or None]
+        from lab.faults import RandomFaults
+
+        self.random_faults = RandomFaults()  # $OPSFLOW_LAB_FAULTS: a fraction of API requests fail at random
+        self.request_counts: dict[str, int] = {}  # "<METHOD> <path>": API requests since the start
 
     # -- storage -----------------------------------------------------------------------------------------
     def _stamp(self, obj: Obj, res: Resource, *, new: bool) -> None:
@@ -923,6 +928,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Audit-Id", str(uuid.uuid4()))
+        if code == 429:
+            self.send_header("Retry-After", "1")  # as the API server sends with TooManyRequests
         self.end_headers()
         self.wfile.write(data)
 
@@ -948,6 +955,22 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, SERVER_VERSION)
             route = parse_path(path)
             role = self._authenticate(route)
+            if route is not None:
+                with c.lock:
+                    key = f"{method} {path}"
+                    c.request_counts[key] = c.request_counts.get(key, 0) + 1
+                kind = c.random_faults.pick()
+                if kind == "drop":
+                    self.close_connection = True
+                    try:
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    return None
+                if kind is not None:
+                    code = 429 if kind == "throttle" else 503
+                    raise ApiError(code, {429: "TooManyRequests", 503: "ServiceUnavailable"}[code], f"random fault {code} (lab)",
+                                   {"retryAfterSeconds": 1} if code == 429 else None)
             if route is not None and (code := c.take_fault(path)) is not None:
                 reason = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}.get(code, "InternalError")
                 raise ApiError(code, reason, f"injected fault {code} (lab)", {"retryAfterSeconds": 1} if code == 429 else None)

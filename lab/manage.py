@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from opsflow.temporal import lab_pointer
+from opsflow.client import lab_pointer
 
 REGIONS = ("eastus", "westeurope")
 PRIMARY = "eastus"
@@ -31,6 +31,7 @@ RESOURCE_GROUP = "opsflow-lab"
 PROFILE = "lab-shop"
 DEPLOYMENTS = [{"name": "web", "replicas": 3}, {"name": "worker", "replicas": 2}]
 STANDBY_REPLICAS = 1  # the standby region runs warm, one replica per deployment
+LONG_POLL_SECONDS = 5  # the lab's Temporal answers an idle poll after this long (a default server: one minute)
 
 
 def default_dir() -> Path:
@@ -77,11 +78,17 @@ class Lab:
         self.root = root
         self.state_file = root / "lab.json"
         self.state: dict = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        self.faults = 0.0  # the cloud emulators' random fault rate (lab up --faults)
 
     def save(self) -> None:
         self.state_file.write_text(json.dumps(self.state, indent=2))
 
     def spawn(self, name: str, argv: list[str], env: dict | None = None) -> int:
+        if self.faults and (name in ("arm", "aws") or name.startswith("k8s-")):
+            from lab.faults import FAULTS_ENV
+
+            env = {**(env or {}), FAULTS_ENV: str(self.faults)}
+            self.state["faults"] = self.faults
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
@@ -141,9 +148,11 @@ def stop_pid(pid: int, timeout: float = 15) -> None:
 # -- up ------------------------------------------------------------------------------------------------------
 
 
-def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True) -> dict:
+def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
+       faults: float = 0.0, encrypt: bool = False) -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
-    tests and benchmarks take any free ports so they never meet another lab's leftovers."""
+    tests and benchmarks take any free ports so they never meet another lab's leftovers. faults: the fraction of
+    cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults)."""
     from lab.postgres import create_replica, init_primary
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -155,8 +164,9 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
         down(root, quiet=True)
     root.mkdir(parents=True, exist_ok=True)
     lab = Lab(root)
+    lab.faults = faults
     try:
-        _up(lab, root, with_worker, say, create_replica, init_primary, cloud, default_ports)
+        _up(lab, root, with_worker, say, create_replica, init_primary, cloud, default_ports, encrypt)
     except BaseException:
         say("lab up failed; removing what was started")
         down(root, quiet=True, keep_dir=True)
@@ -166,18 +176,33 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
     return lab.state
 
 
-def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_primary, cloud: str, default_ports: bool) -> None:
+def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_primary, cloud: str, default_ports: bool,
+        encrypt: bool = False) -> None:
     from lab.k8s_emulator import write_kubeconfig
 
     python = sys.executable
     say(f"lab: starting in {root}")
+    codec_args: list[str] = []
+    if encrypt:
+        # Payload encryption: a fresh key file; worker and CLI use it, the codec server decrypts for the UI.
+        from opsflow.codec import new_key_line
+
+        key_file = root / "codec.keys"
+        key_file.touch(mode=0o600)
+        key_file.write_text(new_key_line("lab1") + "\n")
+        codec_port = pick_port()
+        lab.state["codec"] = {"key_file": str(key_file), "server": f"http://127.0.0.1:{codec_port}"}
+        codec_args = ["--ui-codec-endpoint", lab.state["codec"]["server"]]
 
     # Temporal dev server with UI and opsflow's search attributes, persisted in a sqlite file.
     port, ui_port = (pick_port(7233), pick_port(8233)) if default_ports else (pick_port(), pick_port())
     attrs = [a for name in ("OpsProcedure", "OpsEnvironment", "OpsStep", "OpsStatus") for a in ("--search-attribute", f"{name}=Keyword")]
     lab.spawn("temporal", [temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port), "--ui-port", str(ui_port),
                            "--db-filename", str(root / "temporal.db"), "--log-level", "warn", "--ui-disable-news-fetch",
-                           "--http-port", str(pick_port()), "--metrics-port", str(pick_port()), *attrs])
+                           "--http-port", str(pick_port()), "--metrics-port", str(pick_port()), *attrs, *codec_args,
+                           # Short long polls: an idle worker re-polls every 5 s, so `opsflow status` sees a dead one in
+                           # seconds (the lab's clients are told so by OPSFLOW_POLLER_STALE_AFTER in worker_env).
+                           "--dynamic-config-value", f'matching.longPollExpirationInterval="{LONG_POLL_SECONDS}s"'])
     lab.state["temporal"] = {"address": f"127.0.0.1:{port}", "ui_url": f"http://127.0.0.1:{ui_port}", "namespace": "default"}
     lab.save()
 
@@ -214,7 +239,12 @@ def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_prima
         lab.state.setdefault("kubernetes", {})[region] = {"url": kube_urls[f"lab-{region}"], "context": f"lab-{region}"}
     write_kubeconfig(root / "kubeconfig", kube_urls)
 
+    if encrypt:
+        lab.spawn("codec", [python, "-m", "opsflow.codec_server", "--port", lab.state["codec"]["server"].rsplit(":", 1)[1],
+                            "--ui-origin", lab.state["temporal"]["ui_url"]], env={"OPSFLOW_CODEC_KEY_FILE": lab.state["codec"]["key_file"]})
     ports = {"temporal": port, "receiver": rport, **{f"k8s-{r}": int(lab.state["kubernetes"][r]["url"].rsplit(":", 1)[1]) for r in REGIONS}}
+    if encrypt:
+        ports["codec"] = int(lab.state["codec"]["server"].rsplit(":", 1)[1])
     lab.state["cloud"] = cloud
     if cloud == "aws":
         # moto in server mode (RDS, Route 53, S3), the RDS identifiers backed by the same real clusters.
@@ -270,8 +300,19 @@ def seed_demo_data(primary) -> None:
     archive_now(primary)
 
 
+# The receiver's channel URLs reach the worker as a real team's webhook secrets would: from the environment
+# (ops), from a secret store (oncall: Key Vault in the Azure lab, Secrets Manager in the AWS lab).
+LAB_WEBHOOK_ENV = {"ops": "OPSFLOW_LAB_WEBHOOK_OPS", "oncall": "OPSFLOW_LAB_WEBHOOK_ONCALL"}
+ONCALL_SECRET_NAME = "lab-oncall-webhook"
+
+
 def worker_env(state: dict) -> dict:
-    env = {"TEMPORAL_ADDRESS": state["temporal"]["address"], "TEMPORAL_NAMESPACE": "default"}
+    env = {"TEMPORAL_ADDRESS": state["temporal"]["address"], "TEMPORAL_NAMESPACE": "default",
+           "OPSFLOW_POLLER_STALE_AFTER": str(LONG_POLL_SECONDS * 2 + 2)}
+    if state.get("codec"):
+        env["OPSFLOW_CODEC_KEY_FILE"] = state["codec"]["key_file"]
+    if state.get("receiver"):
+        env.update({var: f"{state['receiver']['url']}/{channel}" for channel, var in LAB_WEBHOOK_ENV.items()})
     if state.get("cloud") == "aws":
         from lab.aws_lab import worker_env as aws_env
 
@@ -297,6 +338,8 @@ def arm_emulator_config(clusters: dict, receiver_port: int) -> dict:
         }
     return {
         "subscription_id": SUBSCRIPTION,
+        # The emulator is also the lab's Key Vault: the oncall channel's webhook URL lives there.
+        "key_vault_secrets": {ONCALL_SECRET_NAME: f"http://127.0.0.1:{receiver_port}/oncall"},
         "settings": {"lro_seconds": 0.5, "tm_checking_seconds": 1.0},
         "flexible_servers": servers,
         "traffic_manager_profiles": {
@@ -350,7 +393,9 @@ def lab_inventory(state: dict, root: Path) -> dict:
         # A short drain keeps the demo brisk; production inventories keep the 60 s default or more.
         # A short heartbeat timeout lets a new worker take over a crashed one's step within seconds in the lab.
         "failover": {"drain": "3s", "max_planned_lag_bytes": 16 * 1024 * 1024, "catch_up_timeout": "2m", "promote_timeout": "5m", "heartbeat_timeout": "5s"},
-        "notifications": [{"name": "ops", "url": f"{receiver}/ops"}, {"name": "oncall", "url": f"{receiver}/oncall"}],
+        # Webhook URLs are secrets: ops' in the worker's environment (worker_env), oncall's in the emulated Key Vault.
+        "notifications": [{"name": "ops", "url_secret": {"env": LAB_WEBHOOK_ENV["ops"]}},
+                          {"name": "oncall", "url_secret": {"azure_key_vault": {"vault_url": state["azure"]["arm_endpoint"], "name": ONCALL_SECRET_NAME}}}],
         "drill": {
             "method": "azure-pitr",
             "row_counts": [{"table": "lab_orders", "timestamp_column": "created_at"}],
@@ -388,6 +433,7 @@ def status(root: Path) -> dict:
         "azure": lab.state.get("azure"),
         "kubernetes": lab.state.get("kubernetes"),
         "receiver": lab.state.get("receiver"),
+        "codec": lab.state.get("codec"),
         "processes": procs,
     }
 
@@ -439,6 +485,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name in ("up", "demo"):
             p.add_argument("--no-worker", action="store_true", help="do not start a worker (tests run their own)")
             p.add_argument("--cloud", choices=["azure", "aws"], default="azure", help="emulated cloud: Azure (ARM) or AWS (moto)")
+            p.add_argument("--faults", type=float, default=0.0, metavar="FRACTION",
+                           help="answer this fraction of cloud API requests with 429/503/dropped connections (e.g. 0.2)")
+            if name == "up":
+                p.add_argument("--encrypt", action="store_true", help="encrypt Temporal payloads (a lab key; a codec server for the UI)")
         if name == "demo":
             p.add_argument("--drill", action="store_true", help="then create the monthly restore-drill schedule and trigger it once")
 
@@ -454,6 +504,8 @@ def print_status(s: dict) -> None:
         print(f"  {r:<12} {v['dsn']}  ({'running' if v['postgres_running'] else 'STOPPED'})")
     if s.get("azure"):
         print(f"  ARM          {s['azure']['arm_endpoint']} (CA {s['azure']['ca_bundle']})")
+    if s.get("codec"):
+        print(f"  encrypted    codec server {s['codec']['server']} (the UI uses it), key file {s['codec']['key_file']}")
     for name, p in s["processes"].items():
         if not p["alive"]:
             print(f"  ! {name} (pid {p['pid']}) is not running; log: {p['log']}")
@@ -462,7 +514,7 @@ def print_status(s: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     root = (args.dir or default_dir()).resolve()
     if args.lab_command == "up":
-        up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud)
+        up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults, encrypt=args.encrypt)
         s = status(root)
         if args.json:
             print(json.dumps(s, indent=2))

@@ -187,10 +187,32 @@ def free_port() -> int:
     raise PostgresLabError("no free loopback port found")
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
+
+
+def free_loopback_host(port: int = 5432) -> str:
+    """An address of 127.0.0.0/8 (all loopback on Linux) other than 127.0.0.1 where `port` is free now: a cluster
+    can listen there on the port its cloud would use (Azure: 5432), so clients need no lab-only port mapping."""
+    import random
+
+    for _ in range(200):
+        host = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+        if host in _handed_out_hosts:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out_hosts.add(host)
+        return host
+    raise PostgresLabError(f"no loopback address with port {port} free found")
+
+
+_handed_out_hosts: set[str] = set()
 
 
 # -- processes -----------------------------------------------------------------------------------------------
@@ -246,6 +268,7 @@ class Cluster:
     datadir: Path
     port: int
     logfile: Path
+    host: str = "127.0.0.1"  # the loopback address it listens on (emulated cloud servers: one of their own, on 5432)
     # Set only on the Cluster returned by rebuild_replica(); not persisted by to_dict(), not compared.
     rebuild: RebuildInfo | None = field(default=None, compare=False, repr=False)
 
@@ -255,7 +278,7 @@ class Cluster:
 
     @property
     def dsn(self) -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+        return f"host={self.host} port={self.port} user=postgres dbname=postgres"
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def pid(self) -> int | None:
@@ -280,8 +303,8 @@ class Cluster:
         if not (self.datadir / "PG_VERSION").exists():
             raise PostgresLabError(f"cluster {self.name}: {self.datadir} is not a PostgreSQL data directory")
         self._remove_stale_lock()
-        if _port_open(self.port):
-            raise PostgresLabError(f"cluster {self.name}: port {self.port} on 127.0.0.1 is already in use by another process")
+        if _port_open(self.port, self.host):
+            raise PostgresLabError(f"cluster {self.name}: port {self.port} on {self.host} is already in use by another process")
         args = [pg_bin("pg_ctl"), "start", "-D", str(self.datadir), "-l", str(self.logfile)]
         args += ["-w", "-t", str(int(START_TIMEOUT))] if wait else ["-W"]
         _run(args, cwd=self.datadir.parent, timeout=START_TIMEOUT + 15, what=f"cluster {self.name}: start", logfile=self.logfile)
@@ -297,7 +320,7 @@ class Cluster:
 
     def _wait_accepting(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not _port_open(self.port):
+        while not _port_open(self.port, self.host):
             if not self.is_running():
                 raise PostgresLabError(f"cluster {self.name}: the server stopped while starting\n{_log_section(self.logfile)}")
             if time.monotonic() > deadline:
@@ -341,11 +364,15 @@ class Cluster:
 
     # -- persistence -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"name": self.name, "datadir": str(self.datadir), "port": self.port, "logfile": str(self.logfile)}
+        d = {"name": self.name, "datadir": str(self.datadir), "port": self.port, "logfile": str(self.logfile)}
+        if self.host != "127.0.0.1":
+            d["host"] = self.host
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Cluster":
-        return cls(name=d["name"], datadir=Path(d["datadir"]), port=int(d["port"]), logfile=Path(d["logfile"]))
+        return cls(name=d["name"], datadir=Path(d["datadir"]), port=int(d["port"]), logfile=Path(d["logfile"]),
+                   host=d.get("host") or "127.0.0.1")
 
 
 # -- configuration -------------------------------------------------------------------------------------------
@@ -353,10 +380,10 @@ class Cluster:
 _CONF_FILE = "opsflow.conf"  # included from postgresql.conf; copied to replicas by pg_basebackup
 
 
-def _conf_text(port: int, archive_dir: Path | None) -> str:
+def _conf_text(port: int, archive_dir: Path | None, host: str = "127.0.0.1") -> str:
     lines = [
         "# written by opsflow lab (lab/postgres.py)",
-        "listen_addresses = '127.0.0.1'",
+        f"listen_addresses = '{host}'",
         f"port = {port}",
         "unix_socket_directories = ''",
         "max_connections = 100",
@@ -385,8 +412,8 @@ def _conf_text(port: int, archive_dir: Path | None) -> str:
 _HBA = """\
 # written by opsflow lab (lab/postgres.py): trust on loopback, TCP only
 # TYPE  DATABASE     USER  ADDRESS        METHOD
-host    all          all   127.0.0.1/32   trust
-host    replication  all   127.0.0.1/32   trust
+host    all          all   127.0.0.0/8    trust
+host    replication  all   127.0.0.0/8    trust
 """
 
 
@@ -483,7 +510,7 @@ def _basebackup_replica(primary: Cluster, replica: Cluster, slot: str | None) ->
 
 
 def _conninfo_to(primary: Cluster, application_name: str) -> str:
-    return f"host=127.0.0.1 port={primary.port} user=postgres application_name={application_name}"
+    return f"host={primary.host} port={primary.port} user=postgres application_name={application_name}"
 
 
 # Settings that must not survive into a replica or a restored server: where it streams from, recovery
@@ -813,7 +840,7 @@ def _recovery_conf(archive_dir: Path, target: datetime | None) -> str:
 
 
 def restore_to_time(base_backup: Path, archive_dir: Path, root: Path, name: str, target_time: datetime | None,
-                    port: int | None = None, *, timeout: float = RESTORE_TIMEOUT) -> Cluster:
+                    port: int | None = None, *, timeout: float = RESTORE_TIMEOUT, host: str = "127.0.0.1") -> Cluster:
     """A NEW cluster root/name restored from `base_backup` by replaying the archived WAL up to target_time,
     promoted and writable (its own primary: no archiving, no replicas, not the source's port).
 
@@ -846,10 +873,10 @@ def restore_to_time(base_backup: Path, archive_dir: Path, root: Path, name: str,
     if datadir.exists():
         raise PostgresLabError(f"restore {name}: {datadir} already exists; remove it (drop_cluster) or pick another name")
     port = port or free_port()
-    if _port_open(port):
-        raise PostgresLabError(f"restore {name}: port {port} on 127.0.0.1 is already in use")
+    if _port_open(port, host):
+        raise PostgresLabError(f"restore {name}: port {port} on {host} is already in use")
     _make_dir(home)
-    cluster = Cluster(name=name, datadir=datadir, port=port, logfile=logfile)
+    cluster = Cluster(name=name, datadir=datadir, port=port, logfile=logfile, host=host)
     what = f"restore {name} from {base_backup.name} to {target.isoformat() if target else 'the end of the archive'}"
     try:
         _copy_as_server_user(base_backup / "data", datadir)
@@ -857,7 +884,7 @@ def restore_to_time(base_backup: Path, archive_dir: Path, root: Path, name: str,
             (datadir / leftover).unlink(missing_ok=True)
         # Its own server: no archiving into the source's archive (a restored timeline there would be followed
         # by later restores), its own port, no fence, no streaming.
-        _write_server_file(datadir / _CONF_FILE, _conf_text(port, None) + _recovery_conf(archive_dir, target))
+        _write_server_file(datadir / _CONF_FILE, _conf_text(port, None, host) + _recovery_conf(archive_dir, target))
         _rewrite_auto_conf(datadir, [])
         _write_server_file(datadir / "recovery.signal", "")
         cluster.start(wait=False)
@@ -871,7 +898,7 @@ def restore_to_time(base_backup: Path, archive_dir: Path, root: Path, name: str,
             raise PostgresLabError(_restore_hint(str(e), cluster, target, archive_dir)) from None
         raise
     # Recovery is over: drop the recovery settings so they cannot apply to this server again.
-    _write_server_file(datadir / _CONF_FILE, _conf_text(port, None))
+    _write_server_file(datadir / _CONF_FILE, _conf_text(port, None, host))
     return cluster
 
 
@@ -889,7 +916,7 @@ def _wait_promoted(cluster: Cluster, timeout: float, what: str) -> None:
             # pg_ctl start -W returns before the postmaster writes its pid file: gone only once it was seen.
             time.sleep(0.2)  # the log line that says why may still be on its way
             raise PostgresLabError(f"{what}: the server stopped during recovery\n{_log_section(cluster.logfile)}")
-        if _port_open(cluster.port):
+        if _port_open(cluster.port, cluster.host):
             try:
                 with _connect(cluster, timeout=3) as conn:
                     if not conn.execute("select pg_is_in_recovery()").fetchone()[0]:
@@ -989,13 +1016,18 @@ def rebuild_replica(primary: Cluster, old: Cluster, root: Path, *, slot: str | N
     else:
         try:
             target._remove_stale_lock()
+            # pg_rewind throws away what the old primary wrote after the split: keep a copy of it first.
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            kept = target.datadir.with_name(f"{target.datadir.name}.before-rewind-{stamp}")
+            shutil.copytree(target.datadir, kept, symlinks=True)
+            (kept / "postmaster.pid").unlink(missing_ok=True)
             _run([pg_bin("pg_rewind"), "-D", str(target.datadir), "--source-server", _conninfo_to(primary, f"{old.name}_rewind"), "--no-sync"],
                  cwd=target.datadir.parent, timeout=300, what=f"{what}: pg_rewind")
             _configure_standby(target, primary, slot)
             log_start = target.logfile.stat().st_size if target.logfile.exists() else 0
             target.start(wait=True)
             _wait_following(target, timeout, log_start)
-            return done("pg_rewind")
+            return done("pg_rewind", moved=kept)
         except PostgresLabError as e:
             reason = str(e)
             try:

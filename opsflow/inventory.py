@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opsflow.calendar import WeeklyWindow
+from opsflow.secret_scan import plaintext_secrets
+from opsflow.signing import check_public_key
 
 
 class InventoryError(ValueError):
@@ -47,21 +49,46 @@ def parse_duration(value: object) -> float:
 Seconds = Annotated[float, Field(ge=0)]
 
 
+class AwsSecretsManagerRef(Strict):
+    secret_id: str = Field(min_length=1, description="name or ARN of the secret")
+    region: str | None = Field(default=None, description="default: the inventory's aws.default_region")
+    key: str | None = Field(default=None, description="for a JSON secret: the field holding the value")
+
+
+class AzureKeyVaultRef(Strict):
+    vault_url: str = Field(pattern=r"^https://", description="e.g. https://myvault.vault.azure.net (HTTPS only)")
+    name: str = Field(pattern=r"^[0-9a-zA-Z-]{1,127}$")
+    version: str | None = None
+
+
 class SecretRef(Strict):
-    """Where a secret lives. Exactly one of the fields is set."""
+    """Where a secret lives. Exactly one of the fields is set; the worker fetches it (activities/secrets.py)."""
 
     env: str | None = None
     file: str | None = None
+    aws_secrets_manager: AwsSecretsManagerRef | None = None
+    azure_key_vault: AzureKeyVaultRef | None = None
 
     @model_validator(mode="after")
     def _one(self) -> "SecretRef":
-        if sum(x is not None for x in (self.env, self.file)) != 1:
-            raise ValueError("a secret reference names exactly one of: env, file")
+        if sum(x is not None for x in (self.env, self.file, self.aws_secrets_manager, self.azure_key_vault)) != 1:
+            raise ValueError("a secret reference names exactly one of: env, file, aws_secrets_manager, azure_key_vault")
         return self
+
+    def describe(self) -> str:
+        """Where, never what: for messages and logs."""
+        if self.env is not None:
+            return f"environment variable {self.env}"
+        if self.file is not None:
+            return f"file {self.file}"
+        if self.aws_secrets_manager is not None:
+            return f"AWS Secrets Manager secret {self.aws_secrets_manager.secret_id}"
+        assert self.azure_key_vault is not None
+        return f"Key Vault secret {self.azure_key_vault.name} in {self.azure_key_vault.vault_url}"
 
 
 def _no_password_in_dsn(dsn: str) -> str:
-    if re.search(r"(^|\s)password\s*=", dsn) or re.search(r"://[^/@:]+:[^/@]+@", dsn):
+    if re.search(r"(^|\s|[?&])password\s*=", dsn, re.IGNORECASE) or re.search(r"://[^/@:]+:[^/@]*@", dsn):
         raise ValueError("the DSN must not hold a password; name where it lives with 'password: {env: VAR}'")
     return dsn
 
@@ -158,13 +185,16 @@ class AwsConnection(Strict):
 class NotificationChannel(Strict):
     name: str
     kind: Literal["webhook", "slack"] = "webhook"
-    url: str | None = None
+    # A webhook URL is a credential (whoever holds it can post, Slack's and PagerDuty's carry the token in the
+    # path): the inventory only says where it lives. `url` is still read so that procedures started before
+    # this rule (their inventory is in the history) replay; load_inventory refuses it in a file.
     url_secret: SecretRef | None = None
+    url: str | None = None
 
     @model_validator(mode="after")
     def _url(self) -> "NotificationChannel":
         if (self.url is None) == (self.url_secret is None):
-            raise ValueError("a channel has exactly one of: url, url_secret")
+            raise ValueError("a channel needs url_secret (where its webhook URL lives, e.g. {env: VAR})")
         return self
 
 
@@ -173,6 +203,8 @@ class Person(Strict):
 
     name: str = Field(min_length=1)
     ssh_key: str | None = Field(default=None, description="OpenSSH public key, e.g. 'ssh-ed25519 AAAA... bob@laptop'")
+
+    _k = field_validator("ssh_key")(lambda v: v if v is None else check_public_key(v))  # a usable key, or the field is named
 
 
 People = list[Union[str, Person]]
@@ -388,6 +420,10 @@ def load_inventory(path: str | Path) -> Inventory:
         raise InventoryError(f"inventory {p} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise InventoryError(f"inventory {p} must be a mapping at the top level")
+    # Checked on the file, not in the model: a workflow input recorded before a rule tightened must still decode.
+    found = plaintext_secrets(raw)
+    if found:
+        raise InventoryError(f"inventory {p} holds secrets in plain text:\n" + "\n".join(f"  {f}" for f in found))
     try:
         # .ics freeze calendars named in the file are read (relative to it) and expanded now, not in a workflow.
         return Inventory.model_validate(raw, context={"base_dir": str(p.resolve().parent)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Literal
 
@@ -75,6 +76,8 @@ class CatchUpResult(BaseModel):
     lag_bytes: int
     replay_delay_seconds: float | None = None
     waited_seconds: float
+    polls: int = 0  # SQL polls made
+    control_plane_reads: int = 0  # control-plane reads made (ARM GET / DescribeDBInstances)
 
 
 class PromoteRequest(BaseModel):
@@ -99,13 +102,25 @@ class RebuildRequest(BaseModel):
 
 
 class Divergence(BaseModel):
-    """Whether the old primary took writes after the split (after an emergency failover they are lost)."""
+    """Whether the old primary took writes after the split (after an emergency failover they are lost): the old
+    primary's last position on its timeline against the point where the new primary's timeline forked off it
+    (read from the new primary's timeline history). diverged=None: unknown (the old primary cannot be read)."""
 
     old_last_lsn: str | None = None  # the old primary's last WAL position
     split_lsn: str | None = None  # where the new primary's timeline forked
     bytes_after_split: int | None = None
     transactions: int | None = None  # known only when the old server's WAL could be read
     detail: str = ""
+    diverged: bool | None = None  # True: WAL past the split point exists only on the old primary
+    old_region: str = ""
+    new_region: str = ""
+    old_timeline: int | None = None
+    new_timeline: int | None = None
+
+
+class DivergenceRequest(BaseModel):
+    old: RegionTarget  # the former primary (recovered region)
+    new: RegionTarget  # the current primary
 
 
 class RebuildResult(BaseModel):
@@ -216,6 +231,20 @@ class RestoreRequest(BaseModel):
     point_in_time: datetime | None = None  # None: the latest restorable time
     environment: str = ""  # scratch targets are tagged by environment and run: cleanup never crosses them
     run_id: str = ""
+    control_plane_interval: float = 10.0  # restore.wait reads the cloud's control plane at most this often
+
+    @property
+    def scratch_environment(self) -> str:
+        return self.environment or self.source.environment
+
+
+def scratch_name(prefix: str, environment: str, run_id: str, method: str) -> str:
+    """A scratch target's name for a drill run: `<prefix>-<env>-<run8>` for cloud servers/instances (letters,
+    digits, hyphens), `<prefix>_<env>_<run8>` for a database restored from a dump; at most 63 characters."""
+    run8 = re.sub(r"[^a-z0-9]", "", run_id.lower())[:8]
+    sep = "_" if method == "s3-dump" else "-"
+    env = re.sub(r"[^a-z0-9]+", sep, environment.lower()).strip(sep) or "env"
+    return f"{prefix}{sep}{env[:63 - len(prefix) - len(run8) - 2]}{sep}{run8}"
 
 
 class RestoreWindow(BaseModel):
@@ -315,6 +344,11 @@ class ProcedureReport(BaseModel):
     requester: str
     reason: str = ""
     dry_run: bool = False
+    # Signed requests (opsflow/signing.py): the run the signatures bind to, and the requester's start signature;
+    # decisions and control events carry their own. `opsflow verify-report` re-checks them all.
+    run_id: str = ""
+    start_signature: str | None = None
+    start_signed_at: datetime | None = None
     status: ProcedureStatus = "running"
     failure: str | None = None
     current_step: str | None = None

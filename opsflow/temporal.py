@@ -1,10 +1,7 @@
-"""Temporal plumbing shared by the CLI, the worker and the tests: connection, data converter, search attributes."""
+"""Temporal plumbing safe to import anywhere (workflows included): the data converter and the search-attribute keys.
+Connecting is opsflow/client.py's job."""
 
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
@@ -18,37 +15,6 @@ OPS_STATUS = SearchAttributeKey.for_keyword("OpsStatus")
 SEARCH_ATTRIBUTES = [OPS_PROCEDURE, OPS_ENVIRONMENT, OPS_STEP, OPS_STATUS]
 
 DATA_CONVERTER = pydantic_data_converter
-
-def lab_pointer() -> Path:
-    """Where `opsflow lab up` notes the directory of the running lab ($OPSFLOW_HOME, default ~/.opsflow)."""
-    return Path(os.environ.get("OPSFLOW_HOME") or Path.home() / ".opsflow") / "current-lab"
-
-
-def lab_state() -> dict | None:
-    """The state file of the lab started last by `opsflow lab up`, if it is still there."""
-    try:
-        lab_dir = Path(lab_pointer().read_text().strip())
-        return json.loads((lab_dir / "lab.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def connect_config() -> dict:
-    """Where to connect, from the standard places: a Temporal envconfig profile (TEMPORAL_CONFIG_FILE,
-    TEMPORAL_PROFILE) and the TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE / TEMPORAL_API_KEY / TLS variables.
-    With none of those, the running lab's server, else localhost:7233."""
-    from temporalio.envconfig import ClientConfig
-
-    config = dict(ClientConfig.load_client_connect_config())
-    if "target_host" not in config:
-        lab = lab_state()
-        config["target_host"] = lab["temporal"]["address"] if lab else "localhost:7233"
-    return config
-
-
-async def connect() -> Client:
-    config = connect_config()
-    return await Client.connect(config.pop("target_host"), data_converter=DATA_CONVERTER, **config)
 
 
 async def register_search_attributes(client: Client, namespace: str = "default") -> None:

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import ApprovalPolicy, Inventory
     from opsflow.models import ControlEvent, Decision, Notification, NotifyRequest, ProcedureReport, StepRecord
     from opsflow.temporal import OPS_STATUS, OPS_STEP
+    from opsflow import signing  # cryptography: a native extension, must not be re-imported in the sandbox
 
 
 class Request(BaseModel):
@@ -143,6 +144,7 @@ class Procedure:
         self.writes_down: str | None = None  # set while a step has made the service unwritable (said on pause)
         self.undo_stack: list[tuple[str, str, Any, str | None, float, str | None]] = []
         self.declared: list[StepDecl] | None = None
+        self._shown: tuple[str, str] | None = None  # the search attributes last upserted
 
     # -- declared steps and the dry-run plan -------------------------------------------------------------
 
@@ -411,7 +413,32 @@ class Procedure:
         self.verify_request(req, action, None, self.inventory.approval)
 
     def verify_request(self, req: Request, action: str, gate_id: str | None, policy: ApprovalPolicy) -> None:
-        """Where a signed request is checked (issue: signed approvals); unsigned inventories accept names."""
+        """Signed requests (opsflow/signing.py): refuse a missing (when required), wrong-key, other-run/gate/action,
+        stale or replayed signature. Pure: checked against the workflow's clock and its own records."""
+        info = workflow.info()
+        used = [x.signature for x in (*self.report.approvals, *self.report.events) if x.signature]
+        try:
+            signing.verify_request(signing.Keyring.of(self.inventory, policy), req, workflow_id=info.workflow_id, run_id=info.run_id,
+                                   gate_id=gate_id, action=action, now=workflow.now(), used=used)
+        except ValueError as e:
+            raise ApplicationError(str(e), type="NotAllowed") from None
+
+    def check_start(self) -> None:
+        """Who may start this procedure (`operators:`) and, when signatures are required, the requester's start
+        signature (in the memo; opsflow/signing.py). A child procedure (a failback's failover, a scheduled
+        launch) was checked where its parent started."""
+        info = workflow.info()
+        self.report.run_id = info.run_id
+        if info.parent is not None:
+            return
+        memo = workflow.memo_value(signing.START_MEMO, None, type_hint=dict)
+        try:
+            record = signing.check_start(self.inventory, procedure=self.report.procedure, requester=self.report.requester,
+                                         reason=self.report.reason, memo=memo, now=workflow.now())
+        except ValueError as e:
+            raise Stop("refused", str(e)) from None
+        if record is not None:
+            self.report.start_signature, self.report.start_signed_at = record.signature, record.signed_at
 
     def _decide(self, req: Request, approved: bool) -> Decision:
         gate = self.open_gate(req)
@@ -545,7 +572,13 @@ class Procedure:
             secs = f"{s.seconds:.1f}" if s.seconds is not None else ""
             lines.append(f"| {s.title} | {s.outcome} | {secs} |")
         workflow.set_current_details("\n".join(lines))
-        workflow.upsert_search_attributes([OPS_STEP.value_set(r.current_step or "start"), OPS_STATUS.value_set(r.status)])
+        shown = (r.current_step or "start", r.status)
+        # An upsert is a command in history and costs a round trip: only when a value changed (recorded
+        # histories upserted on every redraw; replay keeps that).
+        if shown == self._shown and workflow.patched("lean-ui"):
+            return
+        self._shown = shown
+        workflow.upsert_search_attributes([OPS_STEP.value_set(shown[0]), OPS_STATUS.value_set(shown[1])])
 
     async def conclude(self, body: Callable[[], Awaitable[None]]) -> ProcedureReport:
         """Run the procedure body; on a stop or failure undo what can be undone, and end with the report.
@@ -554,6 +587,7 @@ class Procedure:
         report in the failure's details; `opsflow report` reads it from there."""
         self.show()
         try:
+            self.check_start()
             await body()
         except Stop as stop:
             return await self._stopped(stop.status, stop.reason)

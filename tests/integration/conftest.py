@@ -27,16 +27,28 @@ def lab_home(tmp_path, monkeypatch):
     return home
 
 
+def lab_root() -> Path:
+    """A lab directory outside pytest's tmp_path: every pytest session started as root chmods /tmp/pytest-of-root
+    back to 0700, which locks the clusters' `postgres` OS user out of its configuration files mid-test (a reload
+    then silently keeps the old settings: a fence that never takes effect)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="opsflow-lab-test-")) / "lab"
+
+
 @pytest.fixture
-def lab(tmp_path, lab_home):
+def lab(lab_home):
+    import shutil
+
     from lab.manage import down, up
 
-    root = tmp_path / "lab"
+    root = lab_root()
     state = up(root, with_worker=False, quiet=True, default_ports=False)
     lab = Lab(root, state)
     yield lab
     lab.stop_workers()  # a worker outliving its lab would poll the next lab's server on a reused port
     down(root, quiet=True)
+    shutil.rmtree(root.parent, ignore_errors=True)
 
 
 class Lab:
@@ -107,12 +119,15 @@ def aws_lab(tmp_path, lab_home, monkeypatch):
 
     for k, v in worker_env().items():
         monkeypatch.setenv(k, v)
-    root = tmp_path / "lab"
+    root = lab_root()
     state = up(root, with_worker=False, quiet=True, cloud="aws", default_ports=False)
     lab = Lab(root, state)
     yield lab
     lab.stop_workers()
     down(root, quiet=True)
+    import shutil
+
+    shutil.rmtree(root.parent, ignore_errors=True)
 
 
 @pytest.fixture

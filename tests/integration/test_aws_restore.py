@@ -141,11 +141,13 @@ def in_activity(fn, *args, timeout: float = 300):
     return env.run(fn, *args), beats
 
 
-def request(inventory: Inventory, method: str, name: str = "", point: datetime | None = None, region: str = EAST, **drill) -> RestoreRequest:
+def request(inventory: Inventory, method: str, name: str = "", point: datetime | None = None, region: str = EAST, *,
+            environment: str = "", run_id: str = "", **drill) -> RestoreRequest:
     policy = inventory.drill.model_copy(update={"method": method})
     if drill:
         policy = DrillPolicy.model_validate({**policy.model_dump(exclude_none=True), **drill})
-    return RestoreRequest(source=RegionTarget.of(inventory, region), drill=policy, method=method, scratch_name=name, point_in_time=point)
+    return RestoreRequest(source=RegionTarget.of(inventory, region), drill=policy, method=method, scratch_name=name, point_in_time=point,
+                          environment=environment, run_id=run_id)
 
 
 def wait_until(predicate, timeout: float = 30, what: str = "condition"):
@@ -214,7 +216,7 @@ def test_rds_pitr_restores_exactly_the_rows_before_the_point(emu, inventory, clu
     port = inst["Endpoint"]["Port"]
     assert inst["Endpoint"]["Address"] == "127.0.0.1" and port not in (east.port, clusters[WEST].port)
     assert f"port={port}" in target.dsn and "host=127.0.0.1" in target.dsn and "dbname=postgres" in target.dsn
-    assert {t["Key"]: t["Value"] for t in inst["TagList"]}[SCRATCH_TAG] == "true"
+    assert {t["Key"]: t["Value"] for t in inst["TagList"]}[SCRATCH_TAG] == inventory.environment
     assert inst["DBParameterGroups"][0]["DBParameterGroupName"].startswith("default.")  # never the source's group
     assert "ReadReplicaSourceDBInstanceIdentifier" not in inst and not inst.get("ReadReplicaDBInstanceIdentifiers")
     # Exactly what was committed before the point: every 'before' row, no 'after' row.
@@ -500,3 +502,27 @@ def test_start_aws_emulator_as_a_lab_process(clusters, workdir):
         assert sorted(aws["info"]["buckets"]) == sorted([REPORTS_BUCKET, DUMPS_BUCKET])
     finally:
         lab.stop_process("aws")
+
+
+def test_rds_leftover_cleanup_spares_another_environment_and_the_current_run(emu, inventory, clusters):
+    """Issue 8 item 6: two environments drilling on one account; each cleanup removes only its own crashed runs."""
+    point = RdsPointInTimeRestore(request(inventory, "rds-pitr")).window().latest
+    other = request(inventory, "rds-pitr", "opsflow-drill-staging-aaaa0001", point, environment="staging", run_id="aaaa0001")
+    RdsPointInTimeRestore(other).start(other.scratch_name, point)  # staging's drill, running now
+    mine_crashed = request(inventory, "rds-pitr", "opsflow-drill-prod-bbbb0001", point, environment="prod", run_id="bbbb0001")
+    RdsPointInTimeRestore(mine_crashed).start(mine_crashed.scratch_name, point)
+    current = request(inventory, "rds-pitr", "opsflow-drill-prod-cccc0001", point, environment="prod", run_id="cccc0001")
+    RdsPointInTimeRestore(current).start(current.scratch_name, point)  # this run's own target, made before a crash
+    try:
+        tags = {t["Key"]: t["Value"] for t in describe(emu, other.scratch_name)["TagList"]}
+        assert (tags["opsflow-scratch"], tags["opsflow-run"]) == ("staging", "aaaa0001")
+        found, _ = in_activity(restore_leftovers, current)
+        assert found == [mine_crashed.scratch_name]
+        assert exists(emu, other.scratch_name) and exists(emu, current.scratch_name)
+        assert not exists(emu, mine_crashed.scratch_name)
+        with pytest.raises(ApplicationError) as e:
+            RdsPointInTimeRestore(current).delete(other.scratch_name)  # prod's drill never deletes staging's target
+        assert e.value.type == "Refused"
+    finally:
+        for req in (other, current):
+            RdsPointInTimeRestore(req).delete(req.scratch_name)

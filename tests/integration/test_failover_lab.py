@@ -78,6 +78,8 @@ def test_planned_failover_moves_the_primary_for_real(lab, worker):
     east, west = lab.dsn("eastus"), lab.dsn("westeurope")
     sql(east, "CREATE TABLE orders (id int PRIMARY KEY, note text)")
     sql(east, "INSERT INTO orders SELECT g, 'before' FROM generate_series(1, 500) g")
+    dry = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice", "--dry-run")
+    planned = [s["name"] for s in dry["steps"] if s["outcome"] == "planned"]
 
     wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice", "--reason", "integration")["workflow_id"]
     wait_status(lab, wid, lambda r: r["status"] == "waiting", what="approval wait")
@@ -88,6 +90,8 @@ def test_planned_failover_moves_the_primary_for_real(lab, worker):
     approve(lab, wid)
     report = wait_end(lab, wid)
     assert report["status"] == "succeeded", report
+    names = [s["name"] for s in report["steps"]]
+    assert names[names.index("approval"):] == planned  # the dry run's plan is the run's steps, in order
 
     # The database moved: rows are on the new primary, it accepts writes, the old one refuses them.
     assert sql(west, "SELECT count(*) FROM orders")[0][0] == 500

@@ -529,3 +529,21 @@ def test_emulator_process_keeps_its_state_across_restarts(tmp_path):
         assert status.deployments[0].desired == 3 and status.deployments[0].ready == 3 and status.maintenance is True
     finally:
         stop(proc)
+
+
+def test_emergency_scale_to_zero_of_the_old_region_is_best_effort(kubeconfig, tmp_path):
+    from activities.kubernetes import scale_to_zero
+
+    t = target(kubeconfig, deployments=(("web", 3), ("worker", 2)))
+    res = scale_to_zero(t)
+    assert res.fenced and res.detail == "scaled deployment shop/web to 0, scaled deployment shop/worker to 0", res
+    with api(kubeconfig) as c:
+        apps = k8s.AppsV1Api(c)
+        assert [apps.read_namespaced_deployment(n, "shop").spec.replicas for n in ("web", "worker")] == [0, 0]
+
+    # A dead region: nothing answers. Not an error: what is left to do, within seconds.
+    dead = str(write_kubeconfig(tmp_path / "dead-kubeconfig", {"lab-westeurope": f"http://127.0.0.1:{free_port()}"}))
+    started = time.monotonic()
+    res = scale_to_zero(target(dead))
+    assert not res.fenced and "by hand" in res.detail and "shop/web" in res.detail, res
+    assert time.monotonic() - started < 60

@@ -45,7 +45,7 @@ def inventory_dict(**overrides) -> dict:
         "traffic": {"provider": "azure-traffic-manager", "subscription_id": "sub", "resource_group": "rg", "profile": "shop"},
         "approval": {"approvers": ["alice", "bob"], "require_distinct_approver": True, "timeout": "1h", "escalation_channel": "oncall"},
         "failover": {"drain": "60s", "max_planned_lag_bytes": 1024 * 1024},
-        "notifications": [{"name": "ops", "url": "http://127.0.0.1:9/ops"}, {"name": "oncall", "url": "http://127.0.0.1:9/oncall"}],
+        "notifications": [{"name": "ops", "url_secret": {"env": "OPSFLOW_TEST_WEBHOOK_OPS"}}, {"name": "oncall", "url_secret": {"env": "OPSFLOW_TEST_WEBHOOK_ONCALL"}}],
     }
     for k, v in overrides.items():
         if isinstance(v, dict) and isinstance(inv.get(k), dict):

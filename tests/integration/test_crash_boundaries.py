@@ -1,0 +1,231 @@
+"""The crash suite (issue 8): SIGKILL the worker at EVERY activity boundary of planned failover, emergency
+failover, failback and drill, in one run per procedure on one lab; each completes, and each side effect happened
+exactly once (promotions, replicas built, scratch servers created and deleted: counted at the ARM emulator).
+Plus: the Temporal dev server killed and restarted in the middle of a procedure (it persists to a sqlite file).
+
+How the boundaries are found: the test watches the workflow's history (the Temporal client, not sleeps). Two
+worker processes: one serves the workflow queue, one the region queues. At every ActivityTaskCompleted the
+workflow worker is SIGKILLed (the next step must be decided by a fresh worker replaying the history), and at
+every ActivityTaskStarted of a heartbeating (long) step the region worker is SIGKILLed in the middle of it (the
+retry must find the world half-changed and finish the job once). Each killed worker is replaced at once. The
+test inventory's heartbeat timeout is 5 s, so a killed long step is retried within seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowExecutionStatus
+
+from opsflow.temporal import DATA_CONVERTER
+from tests.integration.conftest import ROOT, wait_for
+from tests.integration.test_crash import arm_admin
+from tests.integration.test_failover_lab import sql, timeline, wait_end, wait_status
+
+pytestmark = [pytest.mark.lab, pytest.mark.crash]
+
+OK = (200, 201, 202)
+
+
+class Workers:
+    """The workflow worker and the region worker of a lab, each restartable after a SIGKILL."""
+
+    def __init__(self, lab, inventory: str):
+        self.lab, self.inventory, self.n = lab, inventory, 0
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.kills = {"workflow": 0, "region": 0}
+
+    def start(self, role: str) -> None:
+        flag = "--no-regions" if role == "workflow" else "--no-workflows"
+        self.n += 1
+        log = open(self.lab.root / f"worker-{role}-{self.n}.log", "w")
+        self.procs[role] = subprocess.Popen([sys.executable, "-m", "worker.main", "--env", self.inventory, flag], stdout=log,
+                                            stderr=subprocess.STDOUT, env=self.lab.env(), cwd=ROOT)
+        self.lab.workers.append(self.procs[role])
+
+    def start_all(self) -> None:
+        self.start("workflow")
+        self.start("region")
+
+    def kill(self, role: str) -> None:
+        proc = self.procs[role]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        self.kills[role] += 1
+        self.start(role)
+
+
+async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve: bool, timeout: float = 900) -> dict:
+    """Follow the workflow's history until it closes; kill at every activity boundary (see the module doc)."""
+    client = await Client.connect(lab.state["temporal"]["address"], data_converter=DATA_CONVERTER)
+    handle = client.get_workflow_handle(wid)
+    killed_completed: set[int] = set()
+    killed_started: set[int] = set()
+    approved = not approve
+    deadline = time.monotonic() + timeout
+    long_steps: set[int] = set()  # scheduled event ids of activities with a heartbeat timeout
+    boundaries = 0
+    while True:
+        assert time.monotonic() < deadline, f"{wid} did not finish; kills {workers.kills}"
+        desc = await handle.describe()
+        history = [e async for e in handle.fetch_history_events()]
+        for e in history:
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+                if e.activity_task_scheduled_event_attributes.heartbeat_timeout.seconds:
+                    long_steps.add(e.event_id)
+            elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+                sched = e.activity_task_started_event_attributes.scheduled_event_id
+                if sched in long_steps and sched not in killed_started:
+                    killed_started.add(sched)
+                    workers.kill("region")  # in the middle of a long step
+            elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+                if e.event_id not in killed_completed:
+                    killed_completed.add(e.event_id)
+                    boundaries += 1
+                    workers.kill("workflow")  # between two steps
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            break
+        if not approved:
+            status = lab.cli("status", wid, "--json")
+            if status.returncode == 0 and (json.loads(status.stdout).get("waiting_for") or "").startswith("approval"):
+                lab.cli("approve", wid, "--as", "bob", "--reason", "crash suite", check=True)
+                approved = True
+        await asyncio.sleep(0.05)
+    report = wait_end(lab, wid, timeout=120)
+    if report["status"] != "succeeded":  # keep the lab's logs for whoever reads the failure
+        import shutil
+
+        keep = Path(tempfile.gettempdir()) / f"opsflow-crash-logs-{wid}-{int(time.time())}"
+        shutil.copytree(lab.root, keep, ignore=shutil.ignore_patterns("pg", "*.db*"), dirs_exist_ok=True)
+        report["failure"] = f"{report['failure']} (logs kept in {keep})"
+    report["_boundaries"] = boundaries
+    report["_kills"] = dict(workers.kills)
+    return report
+
+
+def arm_writes(lab, method: str, path_end: str) -> int:
+    """Accepted ARM requests of one kind: the side effects, counted at the emulator."""
+    return sum(1 for r in arm_admin(lab, "/_emulator/requests")["value"]
+               if r["method"] == method and r["path"].split("?")[0].endswith(path_end) and r["status"] in OK)
+
+
+def fast_heartbeats(lab) -> str:
+    inv = yaml.safe_load(open(lab.inventory))
+    inv.setdefault("failover", {})["heartbeat_timeout"] = "5s"
+    path = lab.root / "inventory-crash.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    return str(path)
+
+
+def setup_data(lab) -> None:
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    sql(east, "CREATE TABLE orders (id int PRIMARY KEY)")
+    sql(east, "INSERT INTO orders SELECT generate_series(1, 500)")
+    wait_for(lambda: sql(west, "SELECT count(*) FROM pg_class WHERE relname = 'orders'")[0][0] == 1, what="replication")
+
+
+async def test_planned_failover_survives_a_kill_at_every_boundary(lab):
+    inventory = fast_heartbeats(lab)
+    setup_data(lab)
+    workers = Workers(lab, inventory)
+    workers.start_all()
+    wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    report = await run_killing_at_every_boundary(lab, workers, wid, approve=True)
+    assert report["status"] == "succeeded", report["failure"] + " " + str([(s["name"], s["outcome"], s["detail"][:300]) for s in report["steps"]])
+    assert report["_boundaries"] >= 8 and report["_kills"]["region"] >= 2, report["_kills"]
+    assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 1  # one promotion asked of Azure
+    assert timeline(lab.dsn("westeurope")) == 2  # and one happened
+    assert report["rpo_bytes"] == 0 and sql(lab.dsn("westeurope"), "SELECT count(*) FROM orders")[0][0] == 500
+
+
+async def test_emergency_failover_survives_a_kill_at_every_boundary(lab):
+    inventory = fast_heartbeats(lab)
+    setup_data(lab)
+    workers = Workers(lab, inventory)
+    workers.start_all()
+    wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--emergency", "--requester", "alice")["workflow_id"]
+    report = await run_killing_at_every_boundary(lab, workers, wid, approve=False)
+    assert report["status"] == "succeeded", report["failure"] + " " + str([(s["name"], s["outcome"], s["detail"][:300]) for s in report["steps"]])
+    assert report["_boundaries"] >= 5, report["_kills"]
+    assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 1
+    assert timeline(lab.dsn("westeurope")) == 2
+
+
+async def test_failback_survives_a_kill_at_every_boundary(lab):
+    from tests.integration.test_procedures_lab import failover
+
+    inventory = fast_heartbeats(lab)
+    lab.inventory = inventory
+    setup_data(lab)
+    workers = Workers(lab, inventory)
+    workers.start_all()
+    failover(lab, "westeurope")  # the setting: eastus was left; no kills here
+    builds_before = arm_writes(lab, "PUT", "/flexibleServers/lab-eastus-pg")
+    promotions_before = arm_writes(lab, "PATCH", "/flexibleServers/lab-eastus-pg")
+    wid = lab.cli_json("failback", "--env", inventory, "--to", "eastus", "--requester", "alice")["workflow_id"]
+    report = await run_killing_at_every_boundary(lab, workers, wid, approve=True)
+    assert report["status"] == "succeeded", report["failure"] + " " + str([(s["name"], s["outcome"], s["detail"][:300]) for s in report["steps"]])
+    assert arm_writes(lab, "PUT", "/flexibleServers/lab-eastus-pg") - builds_before == 1  # one replica built
+    assert arm_writes(lab, "PATCH", "/flexibleServers/lab-eastus-pg") - promotions_before == 1  # one promotion back
+    assert sql(lab.dsn("eastus"), "SELECT pg_is_in_recovery()")[0][0] is False
+    assert sql(lab.dsn("eastus"), "SELECT count(*) FROM orders")[0][0] == 500
+
+
+async def test_drill_survives_a_kill_at_every_boundary(lab):
+    inventory = fast_heartbeats(lab)
+    setup_data(lab)
+    workers = Workers(lab, inventory)
+    workers.start_all()
+    wid = lab.cli_json("drill", "--env", inventory, "--requester", "alice")["workflow_id"]
+    report = await run_killing_at_every_boundary(lab, workers, wid, approve=False)
+    assert report["status"] == "succeeded", report["failure"] + " " + str([(s["name"], s["outcome"], s["detail"][:300]) for s in report["steps"]])
+    assert report["scratch_deleted"] is True
+    name = report["scratch_name"]
+    assert arm_writes(lab, "PUT", f"/flexibleServers/{name}") == 1  # one scratch server created
+    assert arm_writes(lab, "DELETE", f"/flexibleServers/{name}") == 1  # and deleted once
+    assert not [s for s in arm_admin(lab, "/_emulator/state")["servers"] if s.startswith("opsflow-drill")]
+
+
+def test_failover_completes_across_a_temporal_server_restart(lab):
+    """The dev server persists to a sqlite file in the lab: killed in the middle of the catch-up and started again
+    on the same file and port, the procedure completes."""
+    from tests.integration.test_failover_lab import approve
+
+    setup_data(lab)
+    west = lab.dsn("westeurope")
+    lab.start_worker()
+    sql(west, "SELECT pg_wal_replay_pause()")  # the catch-up has to wait
+    sql(lab.dsn("eastus"), "INSERT INTO orders SELECT generate_series(501, 1000)")
+    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    approve(lab, wid)
+    wait_status(lab, wid, lambda r: r["current_step"] == "catch-up", what="the catch-up wait")
+
+    proc = lab.state["processes"]["temporal"]
+    import os
+
+    os.kill(proc["pid"], signal.SIGKILL)
+    wait_for(lambda: subprocess.run(["kill", "-0", str(proc["pid"])], capture_output=True).returncode != 0, what="the server gone")
+    log = open(lab.root / "temporal-restarted.log", "w")
+    restarted = subprocess.Popen(proc["argv"], stdout=log, stderr=subprocess.STDOUT, cwd=lab.root, start_new_session=True)
+    try:
+        sql(west, "SELECT pg_wal_replay_resume()")
+        report = wait_end(lab, wid, timeout=300)
+        assert report["status"] == "succeeded", report
+        assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 1 and timeline(west) == 2
+        assert sql(west, "SELECT count(*) FROM orders")[0][0] == 1000
+    finally:
+        lab.stop_workers()
+        restarted.send_signal(signal.SIGTERM)
+        try:
+            restarted.wait(30)
+        except subprocess.TimeoutExpired:
+            restarted.kill()
