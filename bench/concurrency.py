@@ -144,14 +144,14 @@ async def wait_pollers(client, queues: list[str], timeout: float) -> None:
 
 
 async def run_procedures(state: dict, inv_dir: Path, procedures: int) -> dict:
-    from temporalio.client import Client, WorkflowFailureError
+    from temporalio.client import WorkflowFailureError
 
     from opsflow.inventory import load_inventory
-    from opsflow.temporal import DATA_CONVERTER
+    from opsflow.client import connect
     from workflows.drill import DrillInput
     from workflows.failover import FailoverInput
 
-    client = await Client.connect(state["temporal"]["address"], namespace="default", data_converter=DATA_CONVERTER)
+    client = await connect(state["temporal"]["address"], namespace="default")
     inventories = [load_inventory(p) for p in sorted(inv_dir.glob("*.yaml"))]
     queues = sorted({q for inv in inventories for q in inv.all_queues()})
     await wait_pollers(client, queues, 120)

@@ -257,11 +257,11 @@ def emergency_run(base: Path, number: int, kill_primary: bool = True) -> dict:
 
 
 async def wait_for_end(state: dict, workflow_id: str):
-    from temporalio.client import Client, WorkflowFailureError
+    from temporalio.client import WorkflowFailureError
 
-    from opsflow.temporal import DATA_CONVERTER
+    from opsflow.client import connect
 
-    client = await Client.connect(state["temporal"]["address"], namespace="default", data_converter=DATA_CONVERTER)
+    client = await connect(state["temporal"]["address"], namespace="default")
     handle = client.get_workflow_handle(workflow_id)
     try:
         await asyncio.wait_for(handle.result(), timeout=FAILOVER_TIMEOUT)

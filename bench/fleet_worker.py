@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from temporalio.worker import Worker  # noqa: E402
 
 from opsflow.inventory import load_inventory  # noqa: E402
-from opsflow.temporal import connect  # noqa: E402
+from opsflow.client import connect  # noqa: E402
 from worker.registry import GLOBAL_ACTIVITIES, REGION_ACTIVITIES, WORKFLOWS  # noqa: E402
 
 

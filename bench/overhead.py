@@ -136,15 +136,14 @@ def steps_from_history(history) -> dict:
 
 
 async def noop_bench(state: dict, runs: int, steps: int, variants: list[str]) -> dict:
-    from temporalio.client import Client
     from temporalio.worker import Worker
 
     from bench_workflows import RawInput, RawWorkflow, StepsInput, StepsWorkflow, noop
     from opsflow.inventory import load_inventory
-    from opsflow.temporal import DATA_CONVERTER
+    from opsflow.client import connect
 
     inv = load_inventory(state["inventory"])
-    client = await Client.connect(state["temporal"]["address"], namespace="default", data_converter=DATA_CONVERTER)
+    client = await connect(state["temporal"]["address"], namespace="default")
     queue = f"bench-overhead-{uuid.uuid4().hex[:8]}"
     per_variant: dict[str, list[dict]] = {v: [] for v in variants}
     with ThreadPoolExecutor(max_workers=8) as pool:
