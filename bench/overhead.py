@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 VARIANTS = {
-    "full": "the kernel as it is: details + search-attribute upsert on every step begin and end",
+    "full": "the kernel as it is (main: details on every step begin/end, upsert when OpsStep/OpsStatus change)",
     "changed": "details every time, upsert only when OpsStep/OpsStatus change (proposed fix)",
     "details": "current details only, no upsert",
     "upsert": "upsert only, no current details",
