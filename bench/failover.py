@@ -2,6 +2,7 @@
 """Planned failover on the lab: time per step, RTO, orchestration overhead, against the physical limit.
 
     python bench/failover.py [--runs N] [--json]
+    python bench/failover.py --emergency [--runs N] [--primary-alive] [--json]
 
 Each run brings up a FRESH lab in a temporary directory (Temporal dev server, PostgreSQL primary in eastus and
 streaming replica in westeurope, the ARM and Kubernetes emulators, a worker), runs a planned failover
@@ -27,6 +28,17 @@ The figures (medians over the runs that succeeded; min and max beside them):
   (RTO - the sum of those steps' times).
 - promotion: the report's promotion_seconds (the db.promote activity: the promotion request through the
   Azure API emulator until a write commits), beside the physical limit.
+
+--emergency: each run kills the eastus primary (as an outage would; --primary-alive keeps it) and runs an
+emergency failover to westeurope (`opsflow failover --emergency`, no approval in the lab's inventory). The
+figure is TRAFFIC MOVED: from the workflow's start (WorkflowExecutionStarted in the history) until the traffic
+step ended, i.e. Traffic Manager sends clients to westeurope. Beside it, the delays the lab's ARM emulator adds
+on purpose to look like Azure (lab/arm_emulator.py settings, written by the lab into arm.json):
+`tm_checking_seconds`, how long a newly enabled Traffic Manager endpoint stays CheckingEndpoint before it is
+Online (the traffic step waits for Online), and `lro_seconds`, the least time of a long-running operation (the
+forced promotion, the control-plane fence). "excluding emulated delays" takes the Traffic Manager check out of
+the traffic-moved figure (the promotion runs after the traffic in an emergency). The RTO is the report's
+(emergency: from after the preflight until traffic moved and the replica promoted).
 
 Progress goes to stderr; the result to stdout (--json: one JSON object). Nothing here asserts on timings.
 """
@@ -213,6 +225,75 @@ def failover_run(base: Path, number: int) -> dict:
         say(f"  lab down in {time.monotonic() - t0:.1f}s")
 
 
+def emergency_run(base: Path, number: int, kill_primary: bool = True) -> dict:
+    """A fresh lab, the primary killed, one emergency failover through the CLI. Returns the run's figures."""
+    from lab.manage import down, up
+    from lab.postgres import Cluster
+
+    root = base / f"lab-{number}"
+    t0 = time.monotonic()
+    try:
+        state = up(root, with_worker=True, quiet=True, default_ports=False)
+        say(f"  lab up in {time.monotonic() - t0:.1f}s; emergency failover {SOURCE} -> {TARGET}"
+            + (f" ({SOURCE} primary killed)" if kill_primary else ""))
+        if kill_primary:
+            Cluster.from_dict(state["postgres"][SOURCE]).kill()
+        t0 = time.monotonic()
+        started = opsflow(state, "failover", "--env", state["inventory"], "--to", TARGET, "--emergency", "--requester", REQUESTER,
+                          "--reason", "bench")
+        history = asyncio.run(wait_for_end(state, started["workflow_id"]))
+        report = FailoverReport.model_validate(opsflow(state, "report", started["workflow_id"]))
+        say(f"  emergency failover {report.status} in {time.monotonic() - t0:.1f}s (start to report)")
+        if report.status != "succeeded" or report.rto_seconds is None:
+            raise RunFailed(f"emergency failover {report.status}: {report.failure or 'no RTO in the report'}")
+        _, after = foreign_workers(history, state["processes"]["worker"]["pid"])
+        if after:
+            raise RunFailed(f"a worker that is not the lab's ({', '.join(sorted(after))}) took tasks of the procedure")
+        return emergency_figures(report, history, emulated_azure_delays(root))
+    finally:
+        t0 = time.monotonic()
+        ignore_interrupts(lambda: down(root, quiet=True))
+        say(f"  lab down in {time.monotonic() - t0:.1f}s")
+
+
+async def wait_for_end(state: dict, workflow_id: str):
+    from temporalio.client import WorkflowFailureError
+
+    from opsflow.client import connect
+
+    client = await connect(state["temporal"]["address"], namespace="default")
+    handle = client.get_workflow_handle(workflow_id)
+    try:
+        await asyncio.wait_for(handle.result(), timeout=FAILOVER_TIMEOUT)
+    except WorkflowFailureError:
+        pass  # the report says why
+    except asyncio.TimeoutError:
+        raise RunFailed(f"{workflow_id} did not end within {FAILOVER_TIMEOUT}s") from None
+    return await handle.fetch_history()
+
+
+def emergency_figures(report: FailoverReport, history, delays: dict) -> dict:
+    start = history.events[0].event_time.ToDatetime(tzinfo=timezone.utc)  # WorkflowExecutionStarted
+    by_name = {s.name: s for s in report.steps}
+    traffic = by_name.get("traffic")
+    if traffic is None or traffic.ended_at is None or traffic.outcome != "ok":
+        raise RunFailed("no completed traffic step in the report")
+    work = activity_seconds_per_step(report, history)
+    moved = (traffic.ended_at - start).total_seconds()
+    tm_checking = float(delays.get("tm_checking_seconds") or 0)
+    return {
+        "workflow_id": report.workflow_id,
+        "steps": {s.name: {"seconds": s.seconds, "work": work.get(s.name)} for s in report.steps if s.seconds is not None},
+        "traffic_moved_seconds": round(moved, 4),
+        "traffic_moved_excluding_emulated_delays_seconds": round(moved - tm_checking, 4),
+        "before_traffic_step_seconds": round((traffic.started_at - start).total_seconds(), 4),
+        "rto_seconds": round(report.rto_seconds, 4),
+        "promotion_seconds": report.promotion_seconds,
+        "rpo_bytes": report.rpo_bytes,
+        "emulated_azure_delays": delays,
+    }
+
+
 def emulated_azure_delays(root: Path) -> dict:
     """What the lab's ARM emulator adds on purpose, as Azure would: the time a long-running operation (a
     parameter change, a promotion) takes, and how long a Traffic Manager endpoint is 'CheckingEndpoint'."""
@@ -370,6 +451,62 @@ def summarize(runs: list[dict], pairs: list[dict], requested: int) -> dict:
     }
 
 
+def summarize_emergency(runs: list[dict], requested: int, kill_primary: bool) -> dict:
+    ok = [r["result"] for r in runs if r["ok"]]
+    order: list[str] = []
+    for r in ok:
+        order += [name for name in r["steps"] if name not in order]
+    steps = {}
+    for name in order:
+        seen = [r["steps"][name] for r in ok if name in r["steps"]]
+        steps[name] = {"seconds": stats([x["seconds"] for x in seen]), "work_seconds": stats([x["work"] for x in seen]),
+                       "overhead_seconds": stats([x["seconds"] - x["work"] for x in seen if x["work"] is not None])}
+    figure = lambda key: stats([r[key] for r in ok])  # noqa: E731
+    return {
+        "scenario": f"emergency failover {SOURCE} -> {TARGET}" + (f" with the {SOURCE} primary killed" if kill_primary else "") + ", fresh lab per run",
+        "runs_requested": requested,
+        "runs_ok": len(ok),
+        "failed_runs": [{"run": r["run"], "error": r["error"]} for r in runs if not r["ok"]],
+        "emulated_azure_delays": ok[0]["emulated_azure_delays"] if ok else None,
+        "steps": steps,
+        "traffic_moved_seconds": figure("traffic_moved_seconds"),
+        "traffic_moved_excluding_emulated_delays_seconds": figure("traffic_moved_excluding_emulated_delays_seconds"),
+        "before_traffic_step_seconds": figure("before_traffic_step_seconds"),
+        "rto_seconds": figure("rto_seconds"),
+        "promotion_seconds": figure("promotion_seconds"),
+        "per_run": [{"run": r["run"], **({k: v for k, v in r["result"].items() if k != "steps"} if r["ok"] else {"error": r["error"]})} for r in runs],
+    }
+
+
+def print_emergency(s: dict) -> None:
+    def mmm(st: dict | None) -> str:
+        return f"median {st['median']:6.2f} s  (min {st['min']:.2f}, max {st['max']:.2f}, n={st['n']})" if st else "n/a"
+
+    print(f"{s['scenario']}: {s['runs_ok']} of {s['runs_requested']} runs succeeded")
+    for f in s["failed_runs"]:
+        print(f"  run {f['run']} FAILED (left out): {f['error']}")
+    if not s["runs_ok"]:
+        return
+    print()
+    print(f"{'step':<20}{'median':>8}{'work':>8}{'overhead':>9}   (seconds; work: activity execution from the history)")
+    for name, st in s["steps"].items():
+        w, o = st["work_seconds"], st["overhead_seconds"]
+        print(f"{name:<20}{st['seconds']['median']:8.2f}{w['median'] if w else float('nan'):8.2f}{o['median'] if o else float('nan'):9.2f}")
+    print()
+    d = s["emulated_azure_delays"] or {}
+    for label, key, note in (
+        ("TRAFFIC MOVED (start -> traffic step done)", "traffic_moved_seconds", "WorkflowExecutionStarted -> traffic step end"),
+        ("  excluding the emulator's deliberate delays", "traffic_moved_excluding_emulated_delays_seconds",
+         f"minus {d.get('tm_checking_seconds', '?')} s Traffic Manager endpoint checking"),
+        ("  of which before the traffic step", "before_traffic_step_seconds", "preflight of both regions, traffic check, poller check"),
+        ("RTO (report: after preflight -> promoted)", "rto_seconds", ""),
+        ("promotion (forced, through ARM)", "promotion_seconds", f"includes the emulator's {d.get('lro_seconds', '?')} s operation time"),
+    ):
+        print(f"{label:<46}{mmm(s[key])}   {note}".rstrip())
+    print(f"the lab's ARM emulator adds on purpose, as Azure would: {d.get('tm_checking_seconds', '?')} s of Traffic Manager endpoint checking "
+          f"(inside the traffic step), {d.get('lro_seconds', '?')} s per long-running operation (promotion, control-plane fence; after the traffic)")
+
+
 def print_text(s: dict) -> None:
     def fmt(v: float | None, width: int = 7) -> str:
         if v is None:
@@ -420,6 +557,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="failover runs, and primary+replica pairs for the physical limit (default 5)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--emergency", action="store_true", help="emergency failover with the primary killed: time until traffic moved")
+    parser.add_argument("--primary-alive", action="store_true", help="with --emergency: do not kill the old primary first")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -431,6 +570,17 @@ def main() -> int:
     os.environ["OPSFLOW_HOME"] = str(base / "home")
     for key in [k for k in os.environ if k.startswith("TEMPORAL_")]:
         del os.environ[key]  # the worker and the CLI talk to the bench's lab only
+    if args.emergency:
+        try:
+            runs = [attempt("emergency failover run", i, args.runs, emergency_run, base, i, not args.primary_alive) for i in range(1, args.runs + 1)]
+        except KeyboardInterrupt:
+            say("interrupted; everything started was stopped")
+            return 130
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        summary = summarize_emergency(runs, args.runs, not args.primary_alive)
+        print(json.dumps(summary, indent=2)) if args.json else print_emergency(summary)
+        return 0 if summary["runs_ok"] else 1
     try:
         runs = [attempt("failover run", i, args.runs, failover_run, base, i) for i in range(1, args.runs + 1)]
         pairs = [attempt("physical limit, primary+replica pair", i, args.runs, physical_limit_run, base, i) for i in range(1, args.runs + 1)]
