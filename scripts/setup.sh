@@ -6,19 +6,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
-if [[ ! -x /usr/lib/postgresql/15/bin/initdb && -z "${OPSFLOW_PG_BINDIR:-}" ]]; then
+# Debian packages the lab runs for real: PostgreSQL 15 (+ pg_repack), NGINX (the canary's traffic split),
+# Prometheus (canary analysis, the maintenance watch). Each is installed only when missing.
+missing=()
+[[ -x /usr/lib/postgresql/15/bin/initdb || -n "${OPSFLOW_PG_BINDIR:-}" ]] || missing+=(postgresql-15)
+command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
+command -v prometheus >/dev/null || missing+=(prometheus)
+if (( ${#missing[@]} )); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-    echo "setup: installing PostgreSQL 15 server binaries (apt)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 nginx prometheus >/dev/null
+    echo "setup: installing ${missing[*]} (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "setup: PostgreSQL 15 server binaries are missing: install postgresql-15 (or set OPSFLOW_PG_BINDIR)" >&2
+    echo "setup: missing Debian packages: ${missing[*]} (install them, or set OPSFLOW_PG_BINDIR for PostgreSQL)" >&2
     exit 1
   fi
-fi
-# Prometheus: the maintenance window's watch is tested against a real one (the test skips without it).
-if ! command -v prometheus >/dev/null && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-  echo "setup: installing Prometheus (apt)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null || echo "setup: no prometheus; its test will skip" >&2
 fi
 
 if [[ ! -x $VENV/bin/python ]]; then
