@@ -105,9 +105,15 @@ class Rollout(Procedure):
         self.target = RolloutTarget(environment=inv.environment, region=self.app.region, kubernetes=region.kubernetes, app=self.app)
         self.queue = inv.region_queue(self.app.region)
         await self.calendar()
-        state: RolloutState = await self.step("preflight", f"Check {self.app.deployment} in {self.app.region}", "k8s.rollout_status", self.target,
-                                              result_type=RolloutState, queue=self.queue,
-                                              detail=lambda s: f"stable {s.stable_image} {s.stable_ready}/{s.stable_desired}, weights {s.weights}")
+        state: RolloutState = await self.step(
+            "preflight",
+            f"Check {self.app.deployment} in {self.app.region}",
+            "k8s.rollout_status",
+            self.target,
+            result_type=RolloutState,
+            queue=self.queue,
+            detail=lambda s: f"stable {s.stable_image} {s.stable_ready}/{s.stable_desired}, weights {s.weights}",
+        )
         return state
 
     async def calendar(self) -> None:
@@ -116,16 +122,21 @@ class Rollout(Procedure):
         if why is None:
             return
         if not self.inp.override:
-            raise Stop("refused", f"{why} (nothing changed; an approver may override: --override, then opsflow override ID --as NAME --reason WHY)")
+            raise Stop(
+                "refused", f"{why} (nothing changed; an approver may override: --override, then opsflow override ID --as NAME --reason WHY)"
+            )
         record = self.begin_step("window", f"Override needed: {why}")
         self.report.status = "waiting"
         policy = self.rollout_policy()
-        self.report.waiting_for = f"an override by an approver ({', '.join(policy.names())}): opsflow override {self.report.workflow_id} --as NAME --reason WHY"
+        self.report.waiting_for = (
+            f"an override by an approver ({', '.join(policy.names())}): opsflow override {self.report.workflow_id} --as NAME --reason WHY"
+        )
         self.show()
         await self.notify(f"Override needed for a {self.inp.strategy} of {self.inp.image}: {why}", severity="warning")
         try:
-            await workflow.wait_condition(lambda: self.window_override is not None or self.abort_requested is not None,
-                                          timeout=timedelta(seconds=policy.timeout))
+            await workflow.wait_condition(
+                lambda: self.window_override is not None or self.abort_requested is not None, timeout=timedelta(seconds=policy.timeout)
+            )
         except asyncio.TimeoutError:
             self.end_step(record, "failed", "no override by the deadline")
             raise Stop("refused", f"{why}; no override within {policy.timeout:.0f}s") from None
@@ -155,12 +166,22 @@ class Rollout(Procedure):
     async def samples(self, canary: str, baseline: str, start, end, baseline_version: str, baseline_window=None) -> Samples:
         a = self.policy.analysis
         b_start, b_end = baseline_window or (None, None)
-        req = SamplesRequest(analysis=a, canary=canary, baseline=baseline, canary_version=version_of(self.inp.image),
-                             baseline_version=version_of(baseline_version), start=start, end=end, baseline_start=b_start, baseline_end=b_end)
+        req = SamplesRequest(
+            analysis=a,
+            canary=canary,
+            baseline=baseline,
+            canary_version=version_of(self.inp.image),
+            baseline_version=version_of(baseline_version),
+            start=start,
+            end=end,
+            baseline_start=b_start,
+            baseline_end=b_end,
+        )
         return await self.run_activity("prometheus.samples", req, Samples)
 
-    async def bake(self, name: str, title: str, seconds: float, weight: int, canary: str, baseline: str, baseline_image: str,
-                   baseline_window=None) -> StepAnalysis | None:
+    async def bake(
+        self, name: str, title: str, seconds: float, weight: int, canary: str, baseline: str, baseline_image: str, baseline_window=None
+    ) -> StepAnalysis | None:
         """Wait `seconds`, looking at the figures every interval: a broken limit fails fast (returns that analysis).
         A `promote` ends the bake early (returns None, as does a bake with nothing wrong)."""
         assert isinstance(self.report, RolloutReport)
@@ -189,9 +210,17 @@ class Rollout(Procedure):
             got = await self.samples(canary, baseline, start, workflow.now(), baseline_image, baseline_window)
             breaches = threshold_breaches(self.policy.analysis, got)
             if breaches:
-                result = StepAnalysis(weight=weight, kind="interval", verdict="fail", start=start, end=workflow.now(),
-                                      canary_requests=got.canary_requests, baseline_requests=got.baseline_requests, metrics=breaches,
-                                      reason="; ".join(f"{b.name}: {b.reason}" for b in breaches))
+                result = StepAnalysis(
+                    weight=weight,
+                    kind="interval",
+                    verdict="fail",
+                    start=start,
+                    end=workflow.now(),
+                    canary_requests=got.canary_requests,
+                    baseline_requests=got.baseline_requests,
+                    metrics=breaches,
+                    reason="; ".join(f"{b.name}: {b.reason}" for b in breaches),
+                )
                 self.report.analysis.append(result)
                 self.end_step(record, "failed", result.reason)
                 return result
@@ -208,12 +237,16 @@ class Rollout(Procedure):
             raise Stop("aborted", f"rolled back by {r.by}" + (f": {r.reason}" if r.reason else ""))
         await self.boundary()
 
-    async def judge(self, name: str, weight: int, canary: str, baseline: str, baseline_image: str, start, baseline_window=None) -> StepAnalysis:
+    async def judge(
+        self, name: str, weight: int, canary: str, baseline: str, baseline_image: str, start, baseline_window=None
+    ) -> StepAnalysis:
         assert isinstance(self.report, RolloutReport)
         await self.boundary()
         record = self.begin_step(name, f"Judge the canary at {weight} %")
         got = await self.samples(canary, baseline, start, workflow.now(), baseline_image, baseline_window)
-        result: StepAnalysis = await self.run_activity("analysis.judge", JudgeRequest(analysis=self.policy.analysis, samples=got, weight=weight), StepAnalysis)
+        result: StepAnalysis = await self.run_activity(
+            "analysis.judge", JudgeRequest(analysis=self.policy.analysis, samples=got, weight=weight), StepAnalysis
+        )
         self.report.analysis.append(result)
         self.end_step(record, "ok" if result.verdict == "pass" else "failed", f"{result.verdict} (score {result.score}): {result.reason}")
         return result
@@ -251,7 +284,9 @@ class Rollout(Procedure):
             await self.stop_if_asked()
         p = self.promote_request
         assert p is not None
-        self.end_step(record, "ok", f"promoted by {p.by}" + (" (full)" if self.promote_full else "") + (f": {p.reason}" if p.reason else ""))
+        self.end_step(
+            record, "ok", f"promoted by {p.by}" + (" (full)" if self.promote_full else "") + (f": {p.reason}" if p.reason else "")
+        )
 
     async def finalize(self) -> None:
         report = self.report
@@ -260,9 +295,11 @@ class Rollout(Procedure):
             report.rolled_back = True
             report.rollback_reason = report.rollback_reason or report.failure
         if report.status != "planned":
-            await self.notify(f"{report.procedure} of {report.image} on {report.app}: {report.status}"
-                              + (f" (rolled back: {report.rollback_reason})" if report.rolled_back else ""),
-                              severity="info" if report.status == "succeeded" else "warning")
+            await self.notify(
+                f"{report.procedure} of {report.image} on {report.app}: {report.status}"
+                + (f" (rolled back: {report.rollback_reason})" if report.rolled_back else ""),
+                severity="info" if report.status == "succeeded" else "warning",
+            )
 
     # -- people ------------------------------------------------------------------------------------------
     @workflow.update
@@ -316,7 +353,10 @@ class Rollout(Procedure):
 def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: float, stable_image: str | None) -> list[StepDecl]:
     decls = [
         StepDecl("approval", "wait for the approvals (quorum)"),
-        StepDecl("create-canary", f"create {app.deployment}-canary ({app.canary_replicas} replica(s)) from {app.deployment} with {inp.image}; wait until ready"),
+        StepDecl(
+            "create-canary",
+            f"create {app.deployment}-canary ({app.canary_replicas} replica(s)) from {app.deployment} with {inp.image}; wait until ready",
+        ),
     ]
     for w in steps[:-1]:
         decls += [
@@ -339,8 +379,19 @@ class CanaryWorkflow(Rollout):
     @workflow.init
     def __init__(self, inp: RolloutInput) -> None:
         inv = inp.inventory
-        super().__init__(inv, RolloutReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason,
-                                            dry_run=inp.dry_run, image=inp.image, procedure="canary", strategy="canary"))
+        super().__init__(
+            inv,
+            RolloutReport(
+                workflow_id="",
+                environment=inv.environment,
+                requester=inp.requester,
+                reason=inp.reason,
+                dry_run=inp.dry_run,
+                image=inp.image,
+                procedure="canary",
+                strategy="canary",
+            ),
+        )
         self.setup(inp)
 
     @workflow.run
@@ -360,9 +411,14 @@ class CanaryWorkflow(Rollout):
         if state.stable_image == inp.image:
             raise Stop("refused", f"{self.app.deployment} already runs {inp.image}")
         if state.canary is not None:
-            raise Stop("refused", f"a canary is left over: {state.canary} ({state.canary_image}); remove it first (opsflow canary ... after kubectl delete)")
+            raise Stop(
+                "refused",
+                f"a canary is left over: {state.canary} ({state.canary_image}); remove it first (opsflow canary ... after kubectl delete)",
+            )
         if self.app.service not in state.weights:
-            raise Stop("refused", f"httproute {self.app.router.name if self.app.router else '?'} sends nothing to service {self.app.service}")
+            raise Stop(
+                "refused", f"httproute {self.app.router.name if self.app.router else '?'} sends nothing to service {self.app.service}"
+            )
         self.declare(canary_plan(inp, self.app, steps, bake, state.stable_image))
         if inp.dry_run:
             self.plan()
@@ -370,17 +426,33 @@ class CanaryWorkflow(Rollout):
 
         await self.approvals(f"canary of {inp.image} on {self.app.deployment} in {self.app.region} (now {state.stable_image})")
         t, q = self.target, self.queue
-        await self.step("create-canary", f"Create the canary with {inp.image}", "k8s.create_canary", ImageRequest(target=t, image=inp.image),
-                        result_type=RolloutState, queue=q, timeout=self.policy.timeout, heartbeat=10, interruptible=True,
-                        undo=("k8s.delete_canary", "Remove the canary (stable keeps 100 %)", t),
-                        detail=lambda s: f"{s.canary} ready {s.canary_ready}")
+        await self.step(
+            "create-canary",
+            f"Create the canary with {inp.image}",
+            "k8s.create_canary",
+            ImageRequest(target=t, image=inp.image),
+            result_type=RolloutState,
+            queue=q,
+            timeout=self.policy.timeout,
+            heartbeat=10,
+            interruptible=True,
+            undo=("k8s.delete_canary", "Remove the canary (stable keeps 100 %)", t),
+            detail=lambda s: f"{s.canary} ready {s.canary_ready}",
+        )
         for w in steps[:-1]:
             if self.promote_full:
                 break
             self.promote_request = None
-            await self.step(f"weight-{w}", f"Route {w} % to the canary", "k8s.set_weight", WeightRequest(target=t, canary_weight=w),
-                            result_type=RolloutState, queue=q, undo=("k8s.set_weight", "Canary weight back to 0", WeightRequest(target=t, canary_weight=0)),
-                            detail=lambda s: ", ".join(f"{k}={v}" for k, v in s.weights.items()))
+            await self.step(
+                f"weight-{w}",
+                f"Route {w} % to the canary",
+                "k8s.set_weight",
+                WeightRequest(target=t, canary_weight=w),
+                result_type=RolloutState,
+                queue=q,
+                undo=("k8s.set_weight", "Canary weight back to 0", WeightRequest(target=t, canary_weight=0)),
+                detail=lambda s: ", ".join(f"{k}={v}" for k, v in s.weights.items()),
+            )
             report.weight = w
             started = workflow.now()
             broken = await self.bake(f"bake-{w}", f"Bake at {w} %", bake, w, t.canary, self.app.deployment, state.stable_image or "")
@@ -401,11 +473,26 @@ class CanaryWorkflow(Rollout):
         # -- promotion: from here the new image is the stable one ------------------------------------------
         await self.boundary()
         self.point_of_no_return = True
-        await self.step("promote", f"Promote {inp.image} to {self.app.deployment}", "k8s.set_image", ImageRequest(target=t, image=inp.image),
-                        result_type=RolloutState, queue=q, timeout=self.policy.timeout, heartbeat=10,
-                        detail=lambda s: f"{s.stable_image} {s.stable_ready}/{s.stable_desired} ready")
-        await self.step("cleanup", "Route 100 % to stable and remove the canary", "k8s.delete_canary", t, result_type=RolloutState, queue=q,
-                        detail=lambda s: ", ".join(f"{k}={v}" for k, v in s.weights.items()))
+        await self.step(
+            "promote",
+            f"Promote {inp.image} to {self.app.deployment}",
+            "k8s.set_image",
+            ImageRequest(target=t, image=inp.image),
+            result_type=RolloutState,
+            queue=q,
+            timeout=self.policy.timeout,
+            heartbeat=10,
+            detail=lambda s: f"{s.stable_image} {s.stable_ready}/{s.stable_desired} ready",
+        )
+        await self.step(
+            "cleanup",
+            "Route 100 % to stable and remove the canary",
+            "k8s.delete_canary",
+            t,
+            result_type=RolloutState,
+            queue=q,
+            detail=lambda s: ", ".join(f"{k}={v}" for k, v in s.weights.items()),
+        )
         report.weight = 0
         record = self.begin_step("notify", "Notify")
         self.end_step(record, "ok", f"{inp.image} promoted on {self.app.deployment}")
@@ -418,7 +505,9 @@ def bluegreen_plan(inp: RolloutInput, app: RolloutApp, active: str, other: str, 
         StepDecl("pre-analysis", f"check {other} is fully ready before any traffic"),
         StepDecl("switch", f"point service {app.service} at {other}"),
         StepDecl("post-analysis", f"watch {other} for {window:.0f}s against {active}'s figures before the switch; switch back on failure"),
-        StepDecl("switch-back", f"point service {app.service} back at {active}", "the post-promotion analysis fails or a person rolls back"),
+        StepDecl(
+            "switch-back", f"point service {app.service} back at {active}", "the post-promotion analysis fails or a person rolls back"
+        ),
         StepDecl("scale-down", f"scale {active} to 0 after the rollback window"),
         StepDecl("notify", "notify the channels"),
     ]
@@ -429,8 +518,19 @@ class BlueGreenWorkflow(Rollout):
     @workflow.init
     def __init__(self, inp: RolloutInput) -> None:
         inv = inp.inventory
-        super().__init__(inv, RolloutReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason,
-                                            dry_run=inp.dry_run, image=inp.image, procedure="bluegreen", strategy="bluegreen"))
+        super().__init__(
+            inv,
+            RolloutReport(
+                workflow_id="",
+                environment=inv.environment,
+                requester=inp.requester,
+                reason=inp.reason,
+                dry_run=inp.dry_run,
+                image=inp.image,
+                procedure="bluegreen",
+                strategy="bluegreen",
+            ),
+        )
         self.setup(inp)
 
     @workflow.run
@@ -455,24 +555,54 @@ class BlueGreenWorkflow(Rollout):
 
         await self.approvals(f"blue-green of {inp.image} on {self.app.deployment} in {self.app.region} (now {previous} on {active})")
         t, q = self.target, self.queue
-        await self.step("create-colour", f"Run {other} with {inp.image}", "k8s.create_colour", ImageRequest(target=t, image=inp.image),
-                        result_type=RolloutState, queue=q, timeout=self.policy.timeout, heartbeat=10, interruptible=True,
-                        undo=("k8s.scale_deployment", f"Scale {other} to 0", DeploymentRequest(target=t, deployment=other, replicas=0)),
-                        detail=lambda s: f"{other} {s.replicas.get(other)} replicas with {s.colours.get(other)}")
-        pre: RolloutState = await self.step("pre-analysis", f"Check {other} before the switch", "k8s.rollout_status", t, result_type=RolloutState, queue=q,
-                                            detail=lambda s: f"{other} runs {s.colours.get(other)}")
+        await self.step(
+            "create-colour",
+            f"Run {other} with {inp.image}",
+            "k8s.create_colour",
+            ImageRequest(target=t, image=inp.image),
+            result_type=RolloutState,
+            queue=q,
+            timeout=self.policy.timeout,
+            heartbeat=10,
+            interruptible=True,
+            undo=("k8s.scale_deployment", f"Scale {other} to 0", DeploymentRequest(target=t, deployment=other, replicas=0)),
+            detail=lambda s: f"{other} {s.replicas.get(other)} replicas with {s.colours.get(other)}",
+        )
+        pre: RolloutState = await self.step(
+            "pre-analysis",
+            f"Check {other} before the switch",
+            "k8s.rollout_status",
+            t,
+            result_type=RolloutState,
+            queue=q,
+            detail=lambda s: f"{other} runs {s.colours.get(other)}",
+        )
         if pre.colours.get(other) != inp.image:
             raise Stop("failed", f"{other} does not run {inp.image} (runs {pre.colours.get(other)})")
         switched_at = workflow.now()
-        await self.step("switch", f"Switch {self.app.service} to {other}", "k8s.switch_service", DeploymentRequest(target=t, deployment=other),
-                        result_type=RolloutState, queue=q,
-                        undo=("k8s.switch_service", f"Switch {self.app.service} back to {active}", DeploymentRequest(target=t, deployment=active)),
-                        detail=lambda s: f"serving: {s.active}")
+        await self.step(
+            "switch",
+            f"Switch {self.app.service} to {other}",
+            "k8s.switch_service",
+            DeploymentRequest(target=t, deployment=other),
+            result_type=RolloutState,
+            queue=q,
+            undo=("k8s.switch_service", f"Switch {self.app.service} back to {active}", DeploymentRequest(target=t, deployment=active)),
+            detail=lambda s: f"serving: {s.active}",
+        )
         report.active = other
         switched_at = workflow.now()
         baseline_window = (switched_at - timedelta(seconds=window), switched_at)
-        broken = await self.bake("post-analysis", f"Watch {other} for {window:.0f}s (rollback window)", window, 100, other, active,
-                                 previous or "", baseline_window)
+        broken = await self.bake(
+            "post-analysis",
+            f"Watch {other} for {window:.0f}s (rollback window)",
+            window,
+            100,
+            other,
+            active,
+            previous or "",
+            baseline_window,
+        )
         if broken is None and self.promote_request is None:
             result = await self.judge("post-analysis", 100, other, active, previous or "", switched_at, baseline_window)
             if result.verdict == "fail":
@@ -485,7 +615,14 @@ class BlueGreenWorkflow(Rollout):
         if self.rollback_request is not None:
             await self.stop_if_asked()
         self.point_of_no_return = True
-        await self.step("scale-down", f"Scale {active} down", "k8s.scale_deployment", DeploymentRequest(target=t, deployment=active, replicas=0),
-                        result_type=RolloutState, queue=q, timeout=self.policy.timeout)
+        await self.step(
+            "scale-down",
+            f"Scale {active} down",
+            "k8s.scale_deployment",
+            DeploymentRequest(target=t, deployment=active, replicas=0),
+            result_type=RolloutState,
+            queue=q,
+            timeout=self.policy.timeout,
+        )
         record = self.begin_step("notify", "Notify")
         self.end_step(record, "ok", f"{inp.image} serves from {other}; {active} scaled down")

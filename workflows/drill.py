@@ -19,7 +19,18 @@ from workflows.procedure import Procedure, StepDecl, Stop, failure_message
 with workflow.unsafe.imports_passed_through():
     from activities.providers import default_restore_method
     from opsflow.inventory import Inventory
-    from opsflow.models import CheckResult, ControlEvent, DbStatus, DrillReport, RegionTarget, RestoreRequest, RestoreWindow, ScratchTarget, StoreReportRequest, VerifyRequest
+    from opsflow.models import (
+        CheckResult,
+        ControlEvent,
+        DbStatus,
+        DrillReport,
+        RegionTarget,
+        RestoreRequest,
+        RestoreWindow,
+        ScratchTarget,
+        StoreReportRequest,
+        VerifyRequest,
+    )
     from opsflow.report import to_markdown
 
 
@@ -39,7 +50,10 @@ def declare(inp: DrillInput, source: str, method: str, name: str, point: datetim
         StepDecl("leftovers", f"delete scratch targets of finished drills of {inp.inventory.environment} ({policy.scratch_prefix}-*)"),
         StepDecl("restore", f"{method}: restore {source} as of {point.isoformat()} into {name}"),
         StepDecl("restore-wait", f"wait for {name} (up to {policy.restore_timeout:.0f}s)"),
-        StepDecl("verify", f"{len(policy.row_counts)} row count(s), {len(policy.checks)} SQL check(s), {len(policy.schema_objects)} schema object(s)"),
+        StepDecl(
+            "verify",
+            f"{len(policy.row_counts)} row count(s), {len(policy.checks)} SQL check(s), {len(policy.schema_objects)} schema object(s)",
+        ),
         StepDecl("cleanup", f"delete {name} (always: after success, failure or abort)"),
     ]
 
@@ -51,8 +65,9 @@ class DrillWorkflow(Procedure):
     @workflow.init
     def __init__(self, inp: DrillInput) -> None:
         inv = inp.inventory
-        super().__init__(inv, DrillReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason,
-                                          dry_run=inp.dry_run))
+        super().__init__(
+            inv, DrillReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason, dry_run=inp.dry_run)
+        )
 
     @workflow.run
     async def run(self, inp: DrillInput) -> DrillReport:
@@ -69,17 +84,35 @@ class DrillWorkflow(Procedure):
         name = f"{policy.scratch_prefix}-{workflow.info().run_id.replace('-', '')[:8]}"
         report.source_region, report.method, report.scratch_name = source, method, name
         q = inv.region_queue(source)
-        req = RestoreRequest(source=RegionTarget.of(inv, source), drill=policy, method=method, scratch_name=name,
-                             environment=inv.environment, run_id=workflow.info().run_id)
+        req = RestoreRequest(
+            source=RegionTarget.of(inv, source),
+            drill=policy,
+            method=method,
+            scratch_name=name,
+            environment=inv.environment,
+            run_id=workflow.info().run_id,
+        )
 
-        await self.step("validate", "Check that the verified tables exist on the source", "restore.validate_checks", req, queue=q, attempts=3)
-        window: RestoreWindow = await self.step("window", f"Find the restorable range ({method})", "restore.window", req, result_type=RestoreWindow, queue=q,
-                                                detail=lambda w: f"{w.earliest or '?'} .. {w.latest}" + (f"; {w.detail}" if w.detail else ""))
+        await self.step(
+            "validate", "Check that the verified tables exist on the source", "restore.validate_checks", req, queue=q, attempts=3
+        )
+        window: RestoreWindow = await self.step(
+            "window",
+            f"Find the restorable range ({method})",
+            "restore.window",
+            req,
+            result_type=RestoreWindow,
+            queue=q,
+            detail=lambda w: f"{w.earliest or '?'} .. {w.latest}" + (f"; {w.detail}" if w.detail else ""),
+        )
         point = inp.point_in_time or window.latest
         if point > workflow.now():
             raise Stop("refused", f"the point in time {point.isoformat()} is in the future")
         if window.earliest and point < window.earliest:
-            raise Stop("refused", f"the point in time {point.isoformat()} is before the earliest restorable time {window.earliest.isoformat()} (retention)")
+            raise Stop(
+                "refused",
+                f"the point in time {point.isoformat()} is before the earliest restorable time {window.earliest.isoformat()} (retention)",
+            )
         if point > window.latest:
             raise Stop("refused", f"the point in time {point.isoformat()} is after the latest restorable time {window.latest.isoformat()}")
         req.point_in_time = report.restore_point = point
@@ -91,23 +124,54 @@ class DrillWorkflow(Procedure):
             self.plan()
             return
 
-        await self.step("leftovers", "Remove scratch targets left by earlier runs", "restore.leftovers", req, queue=q,
-                                    detail=lambda found: f"removed {', '.join(found)}" if found else "none")
+        await self.step(
+            "leftovers",
+            "Remove scratch targets left by earlier runs",
+            "restore.leftovers",
+            req,
+            queue=q,
+            detail=lambda found: f"removed {', '.join(found)}" if found else "none",
+        )
         # From here on the scratch target may exist: its deletion is owed whatever happens.
         self.owe(f"Delete scratch target {name}", "restore.delete", req, queue=q, timeout=policy.restore_timeout, name="cleanup")
         started = workflow.now()
-        await self.step("restore", f"Restore {source} as of {point:%Y-%m-%d %H:%M:%S}Z into {name}", "restore.start", req, result_type=ScratchTarget, queue=q, attempts=5)
+        await self.step(
+            "restore",
+            f"Restore {source} as of {point:%Y-%m-%d %H:%M:%S}Z into {name}",
+            "restore.start",
+            req,
+            result_type=ScratchTarget,
+            queue=q,
+            attempts=5,
+        )
         scratch: ScratchTarget = await self.step(
-            "restore-wait", f"Wait for {name}", "restore.wait", req, result_type=ScratchTarget, queue=q,
-            timeout=policy.restore_timeout, heartbeat=policy.heartbeat_timeout, attempts=3, interruptible=True, detail=lambda t: t.detail)
+            "restore-wait",
+            f"Wait for {name}",
+            "restore.wait",
+            req,
+            result_type=ScratchTarget,
+            queue=q,
+            timeout=policy.restore_timeout,
+            heartbeat=policy.heartbeat_timeout,
+            attempts=3,
+            interruptible=True,
+            detail=lambda t: t.detail,
+        )
         report.restore_seconds = (workflow.now() - started).total_seconds()
         if scratch.restore_point and scratch.restore_point != point:  # a dump restores to when it was taken
             report.restore_point = scratch.restore_point
             report.restore_point_age_seconds = (workflow.now() - scratch.restore_point).total_seconds()
         checks: list[CheckResult] = await self.step(
-            "verify", "Verify integrity", "restore.verify", VerifyRequest(source=req.source, scratch=scratch, drill=policy, restore_point=scratch.restore_point or point),
-            result_type=list[CheckResult], queue=q, timeout=1800, attempts=3,
-            detail=lambda rs: f"{sum(r.ok for r in rs)}/{len(rs)} checks passed")
+            "verify",
+            "Verify integrity",
+            "restore.verify",
+            VerifyRequest(source=req.source, scratch=scratch, drill=policy, restore_point=scratch.restore_point or point),
+            result_type=list[CheckResult],
+            queue=q,
+            timeout=1800,
+            attempts=3,
+            detail=lambda rs: f"{sum(r.ok for r in rs)}/{len(rs)} checks passed",
+        )
         report.checks = checks
         await self.undo()  # delete the scratch target now; on failure or cancellation `conclude` does it
         failed = [c for c in checks if not c.ok]
@@ -118,8 +182,15 @@ class DrillWorkflow(Procedure):
         """The region whose database is primary now (after a failover it is not the inventory's)."""
         inv = self.inventory
         for region in inv.regions:
-            status: DbStatus = await self.step(f"find-primary-{region}", f"Check the database in {region}", "db.status", RegionTarget.of(inv, region),
-                                               result_type=DbStatus, queue=inv.region_queue(region), attempts=2)
+            status: DbStatus = await self.step(
+                f"find-primary-{region}",
+                f"Check the database in {region}",
+                "db.status",
+                RegionTarget.of(inv, region),
+                result_type=DbStatus,
+                queue=inv.region_queue(region),
+                attempts=2,
+            )
             if status.reachable and status.role == "primary" and not status.read_only:  # a fenced old primary is not it
                 return region
         return inv.primary_region
@@ -133,19 +204,31 @@ class DrillWorkflow(Procedure):
         deletions = [s for s in report.steps if s.name in ("cleanup", "undo:restore.delete")]
         if deletions:
             report.scratch_deleted = all(s.outcome == "compensated" for s in deletions)
-        request = StoreReportRequest(environment=inv.environment, workflow_id=f"{report.workflow_id}-{workflow.info().run_id[:8]}", reports_dir=inv.reports_dir,
-                                     store=inv.reports, aws=inv.aws, json_text=report.model_dump_json(indent=2), markdown=to_markdown(report))
+        request = StoreReportRequest(
+            environment=inv.environment,
+            workflow_id=f"{report.workflow_id}-{workflow.info().run_id[:8]}",
+            reports_dir=inv.reports_dir,
+            store=inv.reports,
+            aws=inv.aws,
+            json_text=report.model_dump_json(indent=2),
+            markdown=to_markdown(report),
+        )
         try:
             # Bounded: a store that keeps failing is reported, and the drill's outcome stands.
             opts = self.activity_options(inv.task_queue, 60, None, 5)
             opts.pop("cancellation_type")
-            report.stored_at = await workflow.execute_activity("report.store", request, result_type=list[str], summary="store the drill report", **opts)
+            report.stored_at = await workflow.execute_activity(
+                "report.store", request, result_type=list[str], summary="store the drill report", **opts
+            )
         except ActivityError as err:  # a report that cannot be stored is noted; the drill's outcome stands
             report.events.append(ControlEvent(action="report-store-failed", by="opsflow", at=workflow.now(), reason=failure_message(err)))
         status = report.status if report.status != "running" else "succeeded"
         ok = sum(c.ok for c in report.checks)
-        line = (f"restore drill {inv.environment}/{report.source_region}: {status}; restore point {report.restore_point:%Y-%m-%d %H:%M}Z"
-                if report.restore_point else f"restore drill {inv.environment}: {status}")
+        line = (
+            f"restore drill {inv.environment}/{report.source_region}: {status}; restore point {report.restore_point:%Y-%m-%d %H:%M}Z"
+            if report.restore_point
+            else f"restore drill {inv.environment}: {status}"
+        )
         if report.restore_seconds is not None:
             line += f", restored in {report.restore_seconds:.0f}s, checks {ok}/{len(report.checks)}"
         if report.failure:

@@ -21,7 +21,18 @@ from workflows.procedure import Procedure, Request, StepDecl, Stop, failure_mess
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory
-    from opsflow.models import CatchUpRequest, CatchUpResult, ControlEvent, DbStatus, FailbackReport, FailoverReport, KubeStatus, RebuildRequest, RebuildResult, RegionTarget
+    from opsflow.models import (
+        CatchUpRequest,
+        CatchUpResult,
+        ControlEvent,
+        DbStatus,
+        FailbackReport,
+        FailoverReport,
+        KubeStatus,
+        RebuildRequest,
+        RebuildResult,
+        RegionTarget,
+    )
 
 
 class FailbackInput(BaseModel):
@@ -38,11 +49,18 @@ def declare(inp: FailbackInput, primary: str) -> list[StepDecl]:
     window = inv.failback.window
     return [
         StepDecl("approval", f"wait for one of {', '.join(inv.approval.names())}"),
-        StepDecl("rebuild", f"keep what the old server in {to} holds, then rebuild it as a replica of {primary} "
-                 "(pg_rewind where the timeline allows, else a fresh copy; Azure/RDS: a new replica)"),
+        StepDecl(
+            "rebuild",
+            f"keep what the old server in {to} holds, then rebuild it as a replica of {primary} "
+            "(pg_rewind where the timeline allows, else a fresh copy; Azure/RDS: a new replica)",
+        ),
         StepDecl("catch-up", f"wait until {to} is within {inv.failover.max_planned_lag_bytes} bytes of {primary}"),
-        StepDecl("window", f"wait for the low-traffic window {window.model_dump() if window else ''} (override: opsflow override)",
-                 "the inventory has a failback window and it is closed", window is not None),
+        StepDecl(
+            "window",
+            f"wait for the low-traffic window {window.model_dump() if window else ''} (override: opsflow override)",
+            "the inventory has a failback window and it is closed",
+            window is not None,
+        ),
         StepDecl("failover", f"planned failover {primary} -> {to} (child workflow)"),
         StepDecl("restandby", f"rebuild {primary} as a replica of {to}"),
     ]
@@ -53,8 +71,17 @@ class FailbackWorkflow(Procedure):
     @workflow.init
     def __init__(self, inp: FailbackInput) -> None:
         inv = inp.inventory
-        super().__init__(inv, FailbackReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason,
-                                             dry_run=inp.dry_run, to_region=inp.to_region))
+        super().__init__(
+            inv,
+            FailbackReport(
+                workflow_id="",
+                environment=inv.environment,
+                requester=inp.requester,
+                reason=inp.reason,
+                dry_run=inp.dry_run,
+                to_region=inp.to_region,
+            ),
+        )
         self.window_override: ControlEvent | None = None
 
     @workflow.run
@@ -69,18 +96,34 @@ class FailbackWorkflow(Procedure):
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
 
         # -- preflight ------------------------------------------------------------------------------------
-        kube: KubeStatus = await self.step("preflight-k8s", f"Check Kubernetes in {to}", "k8s.status", target, result_type=KubeStatus, queue=q)
+        kube: KubeStatus = await self.step(
+            "preflight-k8s", f"Check Kubernetes in {to}", "k8s.status", target, result_type=KubeStatus, queue=q
+        )
         if not kube.ready:
             raise Stop("refused", f"Kubernetes in {to} is not healthy: " + "; ".join(kube.waiting or ["not ready"]))
-        old: DbStatus = await self.step("preflight-db", f"Check the old database in {to}", "db.status", target, result_type=DbStatus, queue=q,
-                                        detail=lambda s: f"{s.role}, reachable" if s.reachable else f"gone ({s.error})")
+        old: DbStatus = await self.step(
+            "preflight-db",
+            f"Check the old database in {to}",
+            "db.status",
+            target,
+            result_type=DbStatus,
+            queue=q,
+            detail=lambda s: f"{s.role}, reachable" if s.reachable else f"gone ({s.error})",
+        )
         if old.reachable and old.role == "primary" and not old.read_only:
             raise Stop("refused", f"{to} is a writable primary: nothing to fail back (or a split brain: check it)")
         primary = None
         for r in inv.regions:
             if r == to:
                 continue
-            s: DbStatus = await self.step(f"preflight-{r}", f"Check the database in {r}", "db.status", RegionTarget.of(inv, r), result_type=DbStatus, queue=inv.region_queue(r))
+            s: DbStatus = await self.step(
+                f"preflight-{r}",
+                f"Check the database in {r}",
+                "db.status",
+                RegionTarget.of(inv, r),
+                result_type=DbStatus,
+                queue=inv.region_queue(r),
+            )
             if s.reachable and s.role == "primary":
                 primary = r
         if primary is None:
@@ -97,24 +140,49 @@ class FailbackWorkflow(Procedure):
         # Recorded histories rebuilt before asking; from now on nothing destructive happens before approval.
         approve_first = workflow.patched("approve-before-rebuild")
         if approve_first:
-            decision = await self.approval_gate(f"failback of {inv.environment} from {primary} to {to} "
-                                                f"(rebuilds the database in {to}; what it holds is kept first)")
+            decision = await self.approval_gate(
+                f"failback of {inv.environment} from {primary} to {to} (rebuilds the database in {to}; what it holds is kept first)"
+            )
 
         # -- rebuild and catch up -------------------------------------------------------------------------
         rebuilt: RebuildResult = await self.step(
-            "rebuild", f"Rebuild {to} as a replica of {primary}", "db.rebuild_replica", RebuildRequest(target=target, primary=current),
-            result_type=RebuildResult, queue=q, timeout=inv.failback.rebuild_timeout, heartbeat=inv.failover.heartbeat_timeout * 4,
-            attempts=5, interruptible=True,
-            detail=lambda r: f"{r.method} in {r.seconds:.1f}s" + (f" ({r.detail})" if r.detail else "")
-            + (f"; kept: {r.preserved}" if r.preserved else ""))
+            "rebuild",
+            f"Rebuild {to} as a replica of {primary}",
+            "db.rebuild_replica",
+            RebuildRequest(target=target, primary=current),
+            result_type=RebuildResult,
+            queue=q,
+            timeout=inv.failback.rebuild_timeout,
+            heartbeat=inv.failover.heartbeat_timeout * 4,
+            attempts=5,
+            interruptible=True,
+            detail=lambda r: (
+                f"{r.method} in {r.seconds:.1f}s"
+                + (f" ({r.detail})" if r.detail else "")
+                + (f"; kept: {r.preserved}" if r.preserved else "")
+            ),
+        )
         report.rebuild_method, report.rebuild_seconds = rebuilt.method, rebuilt.seconds
         report.old_primary_preserved, report.divergence = rebuilt.preserved, rebuilt.divergence
         await self.step(
-            "catch-up", f"Wait until {to} has caught up with {primary}", "db.wait_caught_up",
-            CatchUpRequest(primary=current, replica=target, timeout_seconds=inv.failback.catch_up_timeout,
-                           max_lag_bytes=inv.failover.max_planned_lag_bytes, control_plane_interval=inv.limits.control_plane_interval),
-            result_type=CatchUpResult, queue=q, timeout=inv.failback.catch_up_timeout + 60, heartbeat=inv.failover.heartbeat_timeout,
-            attempts=3, interruptible=True, detail=lambda c: f"{c.lag_bytes} bytes behind after {c.waited_seconds:.0f}s")
+            "catch-up",
+            f"Wait until {to} has caught up with {primary}",
+            "db.wait_caught_up",
+            CatchUpRequest(
+                primary=current,
+                replica=target,
+                timeout_seconds=inv.failback.catch_up_timeout,
+                max_lag_bytes=inv.failover.max_planned_lag_bytes,
+                control_plane_interval=inv.limits.control_plane_interval,
+            ),
+            result_type=CatchUpResult,
+            queue=q,
+            timeout=inv.failback.catch_up_timeout + 60,
+            heartbeat=inv.failover.heartbeat_timeout,
+            attempts=3,
+            interruptible=True,
+            detail=lambda c: f"{c.lag_bytes} bytes behind after {c.waited_seconds:.0f}s",
+        )
 
         # -- people and the window ------------------------------------------------------------------------
         if not approve_first:
@@ -125,11 +193,18 @@ class FailbackWorkflow(Procedure):
         await self.boundary()
         self._check_declared("failover")
         record = self.begin_step("failover", f"Planned failover {primary} -> {to} (child workflow)")
-        child_input = FailoverInput(inventory=inv, to_region=to, requester=inp.requester, reason=f"failback: {inp.reason}".strip(": "), approval=decision)
+        child_input = FailoverInput(
+            inventory=inv, to_region=to, requester=inp.requester, reason=f"failback: {inp.reason}".strip(": "), approval=decision
+        )
         try:
             child = await workflow.execute_child_workflow(
-                "failover", child_input, id=f"{workflow.info().workflow_id}-failover", result_type=FailoverReport,
-                task_queue=inv.task_queue, static_summary=f"Failover back to {to} (part of {workflow.info().workflow_id})")
+                "failover",
+                child_input,
+                id=f"{workflow.info().workflow_id}-failover",
+                result_type=FailoverReport,
+                task_queue=inv.task_queue,
+                static_summary=f"Failover back to {to} (part of {workflow.info().workflow_id})",
+            )
         except ChildWorkflowError as err:
             cause = err.cause
             if isinstance(cause, ApplicationError) and cause.details:
@@ -142,10 +217,18 @@ class FailbackWorkflow(Procedure):
 
         # The region we leave becomes the standby again, streaming from the primary we returned to.
         self.point_of_no_return = True
-        await self.step("restandby", f"Rebuild {primary} as a replica of {to}", "db.rebuild_replica", RebuildRequest(target=current, primary=target),
-                        result_type=RebuildResult, queue=inv.region_queue(primary), timeout=inv.failback.rebuild_timeout,
-                        heartbeat=inv.failover.heartbeat_timeout * 4, attempts=5,
-                        detail=lambda r: f"{r.method} in {r.seconds:.1f}s" + (f"; kept: {r.preserved}" if r.preserved else ""))
+        await self.step(
+            "restandby",
+            f"Rebuild {primary} as a replica of {to}",
+            "db.rebuild_replica",
+            RebuildRequest(target=current, primary=target),
+            result_type=RebuildResult,
+            queue=inv.region_queue(primary),
+            timeout=inv.failback.rebuild_timeout,
+            heartbeat=inv.failover.heartbeat_timeout * 4,
+            attempts=5,
+            detail=lambda r: f"{r.method} in {r.seconds:.1f}s" + (f"; kept: {r.preserved}" if r.preserved else ""),
+        )
 
     async def wait_for_window(self) -> None:
         window = self.inventory.failback.window
@@ -155,12 +238,18 @@ class FailbackWorkflow(Procedure):
         if opens is None:
             return
         self._check_declared("window")
-        record = self.begin_step("window", f"Wait for the low-traffic window ({', '.join(window.days)} {window.start}-{window.end} {window.timezone})")
+        record = self.begin_step(
+            "window", f"Wait for the low-traffic window ({', '.join(window.days)} {window.start}-{window.end} {window.timezone})"
+        )
         self.report.status = "waiting"
-        self.report.waiting_for = f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} --as NAME)"
+        self.report.waiting_for = (
+            f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} --as NAME)"
+        )
         self.show()
         try:
-            await workflow.wait_condition(lambda: self.window_override is not None or self.abort_requested is not None, timeout=opens - workflow.now())
+            await workflow.wait_condition(
+                lambda: self.window_override is not None or self.abort_requested is not None, timeout=opens - workflow.now()
+            )
         except asyncio.TimeoutError:
             pass
         assert isinstance(self.report, FailbackReport)
@@ -177,7 +266,9 @@ class FailbackWorkflow(Procedure):
     @override.validator
     def _validate_override(self, req: Request) -> None:
         if req.by not in self.inventory.approval.names():
-            raise ApplicationError(f"{req.by!r} may not override the window; approvers: {', '.join(self.inventory.approval.names())}", type="NotAllowed")
+            raise ApplicationError(
+                f"{req.by!r} may not override the window; approvers: {', '.join(self.inventory.approval.names())}", type="NotAllowed"
+            )
         self.verify_request(req, "override", "window", self.inventory.approval)
         if not (self.report.waiting_for or "").startswith("the window"):
             raise ApplicationError("not waiting for a window", type="NotWaiting")

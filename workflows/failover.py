@@ -59,8 +59,12 @@ def declare(inp: FailoverInput, source: str) -> list[StepDecl]:
     smoke = f"{len(to_region.smoke_urls)} smoke URL(s) in {to} answer"
     if inp.emergency:
         steps = [
-            StepDecl("approval", f"wait for one of {approvers}", "the inventory requires approval for emergencies",
-                     inv.approval.emergency_requires_approval),
+            StepDecl(
+                "approval",
+                f"wait for one of {approvers}",
+                "the inventory requires approval for emergencies",
+                inv.approval.emergency_requires_approval,
+            ),
             StepDecl("traffic", f"{inv.traffic.provider}: send traffic to {to_region.traffic_endpoint}, disable {from_r.traffic_endpoint}"),
             StepDecl("promote", f"force-promote the {to_region.database.provider} replica in {to} (unreplayed WAL is lost)"),
             StepDecl("fence-old", f"best effort: fence the old primary in {source} through its control plane (split brain)"),
@@ -69,13 +73,18 @@ def declare(inp: FailoverInput, source: str) -> list[StepDecl]:
     else:
         steps = [
             StepDecl("approval", f"wait for one of {approvers}"),
-            StepDecl("maintenance", f"annotate service {service} in {source} maintenance=true" if service else f"no service to annotate in {source}"),
+            StepDecl(
+                "maintenance",
+                f"annotate service {service} in {source} maintenance=true" if service else f"no service to annotate in {source}",
+            ),
             StepDecl("fence", f"make the {source} primary read-only and end its sessions (writes are down from here)"),
             StepDecl("drain", f"wait {inv.failover.drain:.0f}s for in-flight work to finish"),
             StepDecl("catch-up", f"wait until {to} has replayed all WAL of {source} (up to {inv.failover.catch_up_timeout:.0f}s)"),
             StepDecl("promote", f"promote the {to_region.database.provider} replica in {to}"),
             StepDecl("verify-not-promoted", f"ask {to}'s database whether it is still a replica; if so undo", "the promotion fails", False),
-            StepDecl("traffic", f"{inv.traffic.provider}: enable {to_region.traffic_endpoint} first, then disable {from_r.traffic_endpoint}"),
+            StepDecl(
+                "traffic", f"{inv.traffic.provider}: enable {to_region.traffic_endpoint} first, then disable {from_r.traffic_endpoint}"
+            ),
         ]
     return steps + [
         StepDecl("verify-writes", f"{to} accepts writes"),
@@ -91,8 +100,18 @@ class FailoverWorkflow(Procedure):
     @workflow.init
     def __init__(self, inp: FailoverInput) -> None:
         inv = inp.inventory
-        super().__init__(inv, FailoverReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason,
-                                             dry_run=inp.dry_run, emergency=inp.emergency, to_region=inp.to_region))
+        super().__init__(
+            inv,
+            FailoverReport(
+                workflow_id="",
+                environment=inv.environment,
+                requester=inp.requester,
+                reason=inp.reason,
+                dry_run=inp.dry_run,
+                emergency=inp.emergency,
+                to_region=inp.to_region,
+            ),
+        )
 
     @workflow.run
     async def run(self, inp: FailoverInput) -> FailoverReport:
@@ -114,8 +133,15 @@ class FailoverWorkflow(Procedure):
         others = [r for r in inv.regions if r != to]
         statuses = {}
         for r in others:
-            statuses[r] = await self.step(f"preflight-{r}", f"Check the database in {r}", "db.status", RegionTarget.of(inv, r), result_type=DbStatus,
-                                          queue=inv.region_queue(r) if not inp.emergency else q, attempts=2 if inp.emergency else 5)
+            statuses[r] = await self.step(
+                f"preflight-{r}",
+                f"Check the database in {r}",
+                "db.status",
+                RegionTarget.of(inv, r),
+                result_type=DbStatus,
+                queue=inv.region_queue(r) if not inp.emergency else q,
+                attempts=2 if inp.emergency else 5,
+            )
         primaries = [r for r, s in statuses.items() if s.reachable and s.role == "primary"]
         source = primaries[0] if primaries else (inv.primary_region if inv.primary_region != to else others[0])
         report.from_region = source
@@ -127,12 +153,22 @@ class FailoverWorkflow(Procedure):
                 raise Stop("refused", f"the replica in {to} is not streaming from {source}")
             lag = (lsn_to_int(old.current_lsn) or 0) - (lsn_to_int(new.replay_lsn) or 0)
             if lag > inv.failover.max_planned_lag_bytes:
-                raise Stop("refused", f"replication lag {lag} bytes is above the limit of {inv.failover.max_planned_lag_bytes} for a planned failover")
-            kube: KubeStatus = await self.step("preflight-k8s", f"Check deployments in {to}", "k8s.status", target, result_type=KubeStatus, queue=q)
+                raise Stop(
+                    "refused",
+                    f"replication lag {lag} bytes is above the limit of {inv.failover.max_planned_lag_bytes} for a planned failover",
+                )
+            kube: KubeStatus = await self.step(
+                "preflight-k8s", f"Check deployments in {to}", "k8s.status", target, result_type=KubeStatus, queue=q
+            )
             if not kube.ready:
-                raise Stop("refused", f"Kubernetes in {to} is not ready: "
-                           + "; ".join(kube.waiting or [f"{d.name} {d.ready}/{d.desired}" for d in kube.deployments if d.ready < d.desired]))
-        await self.step("preflight-traffic", "Check traffic routing", "traffic.status", TrafficRequest.of(inv, to), result_type=TrafficStatus, queue=q)
+                raise Stop(
+                    "refused",
+                    f"Kubernetes in {to} is not ready: "
+                    + "; ".join(kube.waiting or [f"{d.name} {d.ready}/{d.desired}" for d in kube.deployments if d.ready < d.desired]),
+                )
+        await self.step(
+            "preflight-traffic", "Check traffic routing", "traffic.status", TrafficRequest.of(inv, to), result_type=TrafficStatus, queue=q
+        )
         # Emergency: the old region's queue may have no worker (it is down); it is only used best effort.
         await self.check_workers([inv.task_queue, q] + ([] if inp.emergency else [inv.region_queue(source)]))
 
@@ -156,20 +192,44 @@ class FailoverWorkflow(Procedure):
             self.end_step(self.begin_step("approval", "Approval (given to the parent procedure)"), "ok", f"approved by {decision.by}")
         else:
             decision = await self.approval_gate(f"planned failover of {inv.environment} from {source} to {to}")
-        await self.step("maintenance", f"Maintenance mode on in {source}", "k8s.set_maintenance", MaintenanceRequest(target=old, on=True),
-                        result_type=KubeStatus, queue=old_q,
-                        undo=("k8s.set_maintenance", f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)))
-        await self.step("fence", f"Fence writes on {source}", "db.fence", old, result_type=DbStatus, queue=old_q,
-                        undo=("db.unfence", f"Lift the write fence on {source}", old))
+        await self.step(
+            "maintenance",
+            f"Maintenance mode on in {source}",
+            "k8s.set_maintenance",
+            MaintenanceRequest(target=old, on=True),
+            result_type=KubeStatus,
+            queue=old_q,
+            undo=("k8s.set_maintenance", f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)),
+        )
+        await self.step(
+            "fence",
+            f"Fence writes on {source}",
+            "db.fence",
+            old,
+            result_type=DbStatus,
+            queue=old_q,
+            undo=("db.unfence", f"Lift the write fence on {source}", old),
+        )
         self.writes_down = f"the old primary in {source} is fenced (read-only) until the promotion"
         await self.wait("drain", f"Drain {source}", inv.failover.drain)
         caught: CatchUpResult = await self.step(
-            "catch-up", f"Wait until {to} has replayed all WAL", "db.wait_caught_up",
-            CatchUpRequest(primary=old, replica=target, timeout_seconds=inv.failover.catch_up_timeout,
-                           control_plane_interval=inv.limits.control_plane_interval),
-            result_type=CatchUpResult, queue=q, timeout=inv.failover.catch_up_timeout + 60, heartbeat=inv.failover.heartbeat_timeout,
-            attempts=3, interruptible=True,
-            detail=lambda c: f"replayed up to {c.replay_lsn}, {c.lag_bytes} bytes behind, waited {c.waited_seconds:.1f}s")
+            "catch-up",
+            f"Wait until {to} has replayed all WAL",
+            "db.wait_caught_up",
+            CatchUpRequest(
+                primary=old,
+                replica=target,
+                timeout_seconds=inv.failover.catch_up_timeout,
+                control_plane_interval=inv.limits.control_plane_interval,
+            ),
+            result_type=CatchUpResult,
+            queue=q,
+            timeout=inv.failover.catch_up_timeout + 60,
+            heartbeat=inv.failover.heartbeat_timeout,
+            attempts=3,
+            interruptible=True,
+            detail=lambda c: f"replayed up to {c.replay_lsn}, {c.lag_bytes} bytes behind, waited {c.waited_seconds:.1f}s",
+        )
         report.lag_at_promotion_bytes = caught.lag_bytes
         report.lag_at_promotion_seconds = caught.replay_delay_seconds
 
@@ -208,10 +268,17 @@ class FailoverWorkflow(Procedure):
     async def promote(self, target: RegionTarget, q: str, force: bool) -> PromoteResult:
         inv = self.inventory
         result: PromoteResult = await self.step(
-            "promote", f"{'Force-promote' if force else 'Promote'} the replica in {target.region}", "db.promote",
-            PromoteRequest(target=target, force=force), result_type=PromoteResult, queue=q,
-            timeout=inv.failover.promote_timeout, heartbeat=inv.failover.heartbeat_timeout, attempts=5,
-            detail=lambda p: "already primary" if p.already_primary else f"promoted in {p.seconds:.2f}s, timeline {p.timeline}")
+            "promote",
+            f"{'Force-promote' if force else 'Promote'} the replica in {target.region}",
+            "db.promote",
+            PromoteRequest(target=target, force=force),
+            result_type=PromoteResult,
+            queue=q,
+            timeout=inv.failover.promote_timeout,
+            heartbeat=inv.failover.heartbeat_timeout,
+            attempts=5,
+            detail=lambda p: "already primary" if p.already_primary else f"promoted in {p.seconds:.2f}s, timeline {p.timeline}",
+        )
         assert isinstance(self.report, FailoverReport)
         self.report.promotion_seconds = result.seconds
         return result
@@ -219,17 +286,32 @@ class FailoverWorkflow(Procedure):
     async def still_a_replica(self, target: RegionTarget, q: str) -> bool:
         """After a failed promotion: does the database itself say it is still a replica? (Not the cloud.)"""
         try:
-            s: DbStatus = await self.step("verify-not-promoted", f"Ask the database in {target.region} whether it was promoted", "db.status",
-                                          target, result_type=DbStatus, queue=q, attempts=3,
-                                          detail=lambda s: f"{s.role}" if s.reachable else f"unreachable: {s.error}")
+            s: DbStatus = await self.step(
+                "verify-not-promoted",
+                f"Ask the database in {target.region} whether it was promoted",
+                "db.status",
+                target,
+                result_type=DbStatus,
+                queue=q,
+                attempts=3,
+                detail=lambda s: f"{s.role}" if s.reachable else f"unreachable: {s.error}",
+            )
         except Stop:
             return False
         return s.reachable and s.role == "replica"
 
     async def move_traffic(self, inp: FailoverInput) -> TrafficStatus:
-        return await self.step("traffic", f"Send traffic to {inp.to_region}", "traffic.switch", TrafficRequest.of(inp.inventory, inp.to_region),
-                               result_type=TrafficStatus, queue=inp.inventory.region_queue(inp.to_region), timeout=300,
-                               heartbeat=inp.inventory.failover.heartbeat_timeout, detail=lambda t: f"serving region: {t.serving_region}")
+        return await self.step(
+            "traffic",
+            f"Send traffic to {inp.to_region}",
+            "traffic.switch",
+            TrafficRequest.of(inp.inventory, inp.to_region),
+            result_type=TrafficStatus,
+            queue=inp.inventory.region_queue(inp.to_region),
+            timeout=300,
+            heartbeat=inp.inventory.failover.heartbeat_timeout,
+            detail=lambda t: f"serving region: {t.serving_region}",
+        )
 
     async def forward(self, inp: FailoverInput, source: str, critical: list, since) -> None:
         """Past the point of no return: run to the end; a failure lists what a person must still do."""
@@ -241,11 +323,25 @@ class FailoverWorkflow(Procedure):
         after = [
             ("verify writes", lambda: self.step("verify-writes", f"Verify {to} accepts writes", "db.check_writable", target, queue=q)),
             ("verify routing", lambda: self.verify_routing(traffic, q)),
-            *([("smoke tests", lambda: self.step("verify-smoke", f"Smoke tests in {to}", "http.smoke", target, queue=q, attempts=10))]
-              if target.smoke_urls else []),
-            ("scale up", lambda: self.step("scale-up", f"Scale up {to}", "k8s.scale_up", ScaleRequest(target=target), result_type=KubeStatus, queue=q,
-                                           timeout=900, heartbeat=heartbeat,
-                                           detail=lambda k: ", ".join(f"{d.name} {d.ready}/{d.desired}" for d in k.deployments))),
+            *(
+                [("smoke tests", lambda: self.step("verify-smoke", f"Smoke tests in {to}", "http.smoke", target, queue=q, attempts=10))]
+                if target.smoke_urls
+                else []
+            ),
+            (
+                "scale up",
+                lambda: self.step(
+                    "scale-up",
+                    f"Scale up {to}",
+                    "k8s.scale_up",
+                    ScaleRequest(target=target),
+                    result_type=KubeStatus,
+                    queue=q,
+                    timeout=900,
+                    heartbeat=heartbeat,
+                    detail=lambda k: ", ".join(f"{d.name} {d.ready}/{d.desired}" for d in k.deployments),
+                ),
+            ),
         ]
         todo = [label for label, _ in critical + after]
         try:
@@ -253,10 +349,18 @@ class FailoverWorkflow(Procedure):
                 try:
                     await fn()
                 except Stop as stop:
-                    if label == "promote" and not inp.emergency and workflow.patched("undo-unpromoted") and await self.still_a_replica(target, q):
+                    if (
+                        label == "promote"
+                        and not inp.emergency
+                        and workflow.patched("undo-unpromoted")
+                        and await self.still_a_replica(target, q)
+                    ):
                         self.point_of_no_return = False  # nothing irreversible happened: undo, the old primary writes again
-                        raise Stop("failed", f"{stop.reason}; {to} is verifiably still a replica, so the failover was undone "
-                                   f"({source} is writable again, traffic untouched)") from None
+                        raise Stop(
+                            "failed",
+                            f"{stop.reason}; {to} is verifiably still a replica, so the failover was undone "
+                            f"({source} is writable again, traffic untouched)",
+                        ) from None
                     raise
                 todo.remove(label)
             self.writes_down = None
@@ -272,17 +376,30 @@ class FailoverWorkflow(Procedure):
                 report.remaining.append(f"tell the team: the failover of {inv.environment} to {to} is incomplete")
             raise stop
         verb = "EMERGENCY failover" if inp.emergency else "Failover"
-        await self.step_notify(f"{verb} of {inv.environment} from {source} to {to} done; RTO {report.rto_seconds:.1f}s",
-                               "critical" if inp.emergency else "info")
+        await self.step_notify(
+            f"{verb} of {inv.environment} from {source} to {to} done; RTO {report.rto_seconds:.1f}s",
+            "critical" if inp.emergency else "info",
+        )
 
     async def fence_old(self, inp: FailoverInput, source: str, q: str) -> None:
         """Best effort, never blocking: keep a returning old region from taking writes (split brain)."""
         old = RegionTarget.of(inp.inventory, source)
-        for name, title, activity in (("fence-old", f"Fence the old primary in {source} (control plane)", "db.fence_control_plane"),
-                                      ("scale-down-old", f"Scale {source}'s deployments to zero", "k8s.scale_to_zero")):
+        for name, title, activity in (
+            ("fence-old", f"Fence the old primary in {source} (control plane)", "db.fence_control_plane"),
+            ("scale-down-old", f"Scale {source}'s deployments to zero", "k8s.scale_to_zero"),
+        ):
             try:
-                done: FenceResult = await self.step(name, title, activity, old, result_type=FenceResult, queue=q, timeout=60, attempts=2,
-                                                    detail=lambda f: f"{f.method}: {f.detail}" if f.fenced else f"not done: {f.detail}")
+                done: FenceResult = await self.step(
+                    name,
+                    title,
+                    activity,
+                    old,
+                    result_type=FenceResult,
+                    queue=q,
+                    timeout=60,
+                    attempts=2,
+                    detail=lambda f: f"{f.method}: {f.detail}" if f.fenced else f"not done: {f.detail}",
+                )
                 ok, why = done.fenced, done.detail
             except Stop as stop:
                 ok, why = False, stop.reason
@@ -290,9 +407,15 @@ class FailoverWorkflow(Procedure):
                 self.report.remaining.append(f"{title.lower()} by hand before it comes back ({why})")
 
     async def verify_routing(self, traffic: TrafficRequest, q: str) -> TrafficStatus:
-        status: TrafficStatus = await self.step("verify-routing", f"Verify traffic is served by {traffic.to_region}", "traffic.status", traffic,
-                                                result_type=TrafficStatus, queue=q,
-                                                detail=lambda t: ", ".join(f"{e.endpoint}={e.monitor_status}" for e in t.endpoints))
+        status: TrafficStatus = await self.step(
+            "verify-routing",
+            f"Verify traffic is served by {traffic.to_region}",
+            "traffic.status",
+            traffic,
+            result_type=TrafficStatus,
+            queue=q,
+            detail=lambda t: ", ".join(f"{e.endpoint}={e.monitor_status}" for e in t.endpoints),
+        )
         if status.serving_region != traffic.to_region:
             raise Stop("failed", f"traffic is served by {status.serving_region}, not {traffic.to_region}")
         return status

@@ -79,25 +79,48 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
     page, service = policy.status_page, (inv.regions[region].kubernetes.service if inv.regions[region].kubernetes else None)
     smoke = inv.regions[region].smoke_urls
     decls = [
-        StepDecl("announce", f"status page {page.page_id if page else '-'}: scheduled maintenance", "a status page is configured", page is not None),
+        StepDecl(
+            "announce",
+            f"status page {page.page_id if page else '-'}: scheduled maintenance",
+            "a status page is configured",
+            page is not None,
+        ),
         StepDecl("backup", plan.backup_target, "backup.take", policy.backup.take),
-        StepDecl("verify-backup", "the backup completed after the start and is not empty", "backup.verify",
-                 policy.backup.take and policy.backup.verify),
+        StepDecl(
+            "verify-backup",
+            "the backup completed after the start and is not empty",
+            "backup.verify",
+            policy.backup.take and policy.backup.verify,
+        ),
         StepDecl("approval", f"wait for one of {', '.join(inv.approval.names())}"),
         StepDecl("window", f"wait for the window ({', '.join(w.days)} {w.start}-{w.end} {w.timezone})", "outside the window"),
-        StepDecl("maintenance-on", f"annotate service {service} in {region} maintenance=true", "maintenance_mode and a service",
-                 policy.maintenance_mode and service is not None),
+        StepDecl(
+            "maintenance-on",
+            f"annotate service {service} in {region} maintenance=true",
+            "maintenance_mode and a service",
+            policy.maintenance_mode and service is not None,
+        ),
         StepDecl("status-in-progress", "status page: in progress", "a status page is configured", page is not None),
     ]
     for item in plan.items:
         decls.append(StepDecl(item.key, f"{item_title(item)} ({item.reason})"))
-        decls.append(StepDecl(f"health:{item.key}", "health: database answers, replicas within the lag limit" + (", smoke URLs" if smoke else "")))
+        decls.append(
+            StepDecl(f"health:{item.key}", "health: database answers, replicas within the lag limit" + (", smoke URLs" if smoke else ""))
+        )
     return decls + [
-        StepDecl("maintenance-off", f"remove the maintenance annotation of {service} in {region}", "maintenance mode was turned on",
-                 policy.maintenance_mode and service is not None),
+        StepDecl(
+            "maintenance-off",
+            f"remove the maintenance annotation of {service} in {region}",
+            "maintenance mode was turned on",
+            policy.maintenance_mode and service is not None,
+        ),
         StepDecl("smoke", f"{len(smoke)} smoke URL(s) answer", "smoke URLs are configured", bool(smoke)),
-        StepDecl("watch", f"watch {len(policy.watch.queries)} metric(s) for {policy.watch.duration:.0f}s" if policy.watch else "watch metrics",
-                 "watch is configured", policy.watch is not None),
+        StepDecl(
+            "watch",
+            f"watch {len(policy.watch.queries)} metric(s) for {policy.watch.duration:.0f}s" if policy.watch else "watch metrics",
+            "watch is configured",
+            policy.watch is not None,
+        ),
         StepDecl("status-completed", "status page: completed", "a status page is configured", page is not None),
         StepDecl("status-ended-early", "status page: the window ended early", "the run stops", False),
         StepDecl("notify", f"notify {', '.join(c.name for c in inv.notifications) or 'nobody (no channels)'}"),
@@ -109,8 +132,17 @@ class MaintenanceWorkflow(Procedure):
     @workflow.init
     def __init__(self, inp: MaintenanceInput) -> None:
         inv = inp.inventory
-        super().__init__(inv, MaintenanceReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason,
-                                                dry_run=inp.dry_run, region=inp.region))
+        super().__init__(
+            inv,
+            MaintenanceReport(
+                workflow_id="",
+                environment=inv.environment,
+                requester=inp.requester,
+                reason=inp.reason,
+                dry_run=inp.dry_run,
+                region=inp.region,
+            ),
+        )
         self.window_override: ControlEvent | None = None
         self.waiting_for_window = False
         self.in_window = False
@@ -140,8 +172,14 @@ class MaintenanceWorkflow(Procedure):
         await self.check_workers(inv.all_queues())
         statuses: dict[str, DbStatus] = {}
         for r in inv.regions:
-            statuses[r] = await self.step(f"preflight-{r}", f"Check the database in {r}", "db.status", RegionTarget.of(inv, r),
-                                          result_type=DbStatus, queue=inv.region_queue(r))
+            statuses[r] = await self.step(
+                f"preflight-{r}",
+                f"Check the database in {r}",
+                "db.status",
+                RegionTarget.of(inv, r),
+                result_type=DbStatus,
+                queue=inv.region_queue(r),
+            )
         primaries = [r for r, s in statuses.items() if s.reachable and s.role == "primary"]
         region = inp.region or (primaries[0] if primaries else None)
         if region is None:
@@ -149,22 +187,33 @@ class MaintenanceWorkflow(Procedure):
         if region not in inv.regions:
             raise Stop("refused", f"unknown region {region!r}; the inventory has: {', '.join(inv.regions)}")
         if statuses[region].role != "primary" or not statuses[region].reachable:
-            raise Stop("refused", f"the database in {region} is not a reachable primary ({statuses[region].error or statuses[region].role}): "
-                                  "VACUUM and REINDEX need the primary")
+            raise Stop(
+                "refused",
+                f"the database in {region} is not a reachable primary ({statuses[region].error or statuses[region].role}): "
+                "VACUUM and REINDEX need the primary",
+            )
         report.region = region
         self.target, self.queue = RegionTarget.of(inv, region), inv.region_queue(region)
         self.replicas = [RegionTarget.of(inv, r) for r in inv.regions if r != region]
         bad = [f"{r}: {s.error or 'not streaming'}" for r, s in statuses.items() if r != region and not (s.reachable and s.streaming)]
         if bad:
             raise Stop("refused", "replicas are not healthy: " + "; ".join(bad))
-        plan: PlanResult = await self.step("preflight-tables", "Pick the tables, check they exist and the backup target", "maint.plan",
-                                           PlanRequest(target=self.target, tasks=policy.tasks, backup=policy.backup, max_tables=policy.max_tables),
-                                           result_type=PlanResult, queue=self.queue, timeout=120,
-                                           detail=lambda p: f"{len(p.items)} item(s); backup: {p.backup_target}")
+        plan: PlanResult = await self.step(
+            "preflight-tables",
+            "Pick the tables, check they exist and the backup target",
+            "maint.plan",
+            PlanRequest(target=self.target, tasks=policy.tasks, backup=policy.backup, max_tables=policy.max_tables),
+            result_type=PlanResult,
+            queue=self.queue,
+            timeout=120,
+            detail=lambda p: f"{len(p.items)} item(s); backup: {p.backup_target}",
+        )
         if plan.missing:
             raise Stop("refused", f"listed table(s) do not exist on {region}: {', '.join(plan.missing)}")
         report.planned = plan.items
-        report.deferred += [Deferred(key=i.key, reason=f"over maintenance.max_tables ({policy.max_tables}): next window") for i in plan.over_limit]
+        report.deferred += [
+            Deferred(key=i.key, reason=f"over maintenance.max_tables ({policy.max_tables}): next window") for i in plan.over_limit
+        ]
         self.items_left = list(plan.items)
         self.declare(declare(inp, region, plan))
         if inp.dry_run:
@@ -176,37 +225,67 @@ class MaintenanceWorkflow(Procedure):
         opens = self.calendar.next_opening(now) or now
         closes = self.calendar.closes_at(opens) if opens != now else self.calendar.closes_at(now)
         if policy.status_page:
-            text = f"Database maintenance of {inv.environment}: " + ", ".join(sorted({item_title(i).split(' ')[0] for i in plan.items}))
-            res: StatusPageResult = await self.step("announce", "Announce the maintenance on the status page", "statuspage.update",
-                                                    StatusPageRequest(page=policy.status_page, status="scheduled", body=text,
-                                                                      scheduled_for=opens, scheduled_until=closes),
-                                                    result_type=StatusPageResult, queue=inv.task_queue, detail=lambda r: f"incident {r.incident_id}")
+            text = f"Database maintenance of {inv.environment}: " + ", ".join(sorted({item_title(i).split(" ")[0] for i in plan.items}))
+            res: StatusPageResult = await self.step(
+                "announce",
+                "Announce the maintenance on the status page",
+                "statuspage.update",
+                StatusPageRequest(page=policy.status_page, status="scheduled", body=text, scheduled_for=opens, scheduled_until=closes),
+                result_type=StatusPageResult,
+                queue=inv.task_queue,
+                detail=lambda r: f"incident {r.incident_id}",
+            )
             self.incident = report.status_page_incident = res.incident_id
         if policy.backup.take:
             started = report.started_at or workflow.now()
-            report.backup = await self.step("backup", plan.backup_target, "backup.take",
-                                            BackupRequest(target=self.target, policy=policy.backup,
-                                                          name=f"opsflow-maint-{workflow.info().run_id[:8]}"),
-                                            result_type=BackupResult, queue=self.queue, timeout=policy.backup.timeout + 60,
-                                            heartbeat=max(policy.heartbeat_timeout, 30), attempts=3, interruptible=True,
-                                            detail=lambda b: f"{b.method} {b.id.rsplit('/', 1)[-1]}")
+            report.backup = await self.step(
+                "backup",
+                plan.backup_target,
+                "backup.take",
+                BackupRequest(target=self.target, policy=policy.backup, name=f"opsflow-maint-{workflow.info().run_id[:8]}"),
+                result_type=BackupResult,
+                queue=self.queue,
+                timeout=policy.backup.timeout + 60,
+                heartbeat=max(policy.heartbeat_timeout, 30),
+                attempts=3,
+                interruptible=True,
+                detail=lambda b: f"{b.method} {b.id.rsplit('/', 1)[-1]}",
+            )
             if policy.backup.verify:
-                report.backup_verified = await self.step("verify-backup", "Verify the backup", "backup.verify",
-                                                         VerifyBackupRequest(target=self.target, policy=policy.backup, backup=report.backup,
-                                                                             not_before=started),
-                                                         result_type=str, queue=self.queue, timeout=policy.backup.timeout, heartbeat=None, attempts=3,
-                                                         detail=lambda d: d)
+                report.backup_verified = await self.step(
+                    "verify-backup",
+                    "Verify the backup",
+                    "backup.verify",
+                    VerifyBackupRequest(target=self.target, policy=policy.backup, backup=report.backup, not_before=started),
+                    result_type=str,
+                    queue=self.queue,
+                    timeout=policy.backup.timeout,
+                    heartbeat=None,
+                    attempts=3,
+                    detail=lambda d: d,
+                )
         await self.approval_gate(f"maintenance of {inv.environment} ({region}): {len(plan.items)} item(s)")
         await self.wait_for_window()
 
         # -- in the window -------------------------------------------------------------------------------------
         service = inv.regions[region].kubernetes.service if inv.regions[region].kubernetes else None
         if policy.maintenance_mode and service:
-            await self.step("maintenance-on", f"Maintenance mode on in {region}", "k8s.set_maintenance",
-                            MaintenanceRequest(target=self.target, on=True), result_type=KubeStatus, queue=self.queue)
+            await self.step(
+                "maintenance-on",
+                f"Maintenance mode on in {region}",
+                "k8s.set_maintenance",
+                MaintenanceRequest(target=self.target, on=True),
+                result_type=KubeStatus,
+                queue=self.queue,
+            )
             # owed from here on: turned off at the end, and on any failure or abort
-            self.owe(f"Maintenance mode off in {region}", "k8s.set_maintenance", MaintenanceRequest(target=self.target, on=False),
-                     queue=self.queue, name="maintenance-off")
+            self.owe(
+                f"Maintenance mode off in {region}",
+                "k8s.set_maintenance",
+                MaintenanceRequest(target=self.target, on=False),
+                queue=self.queue,
+                name="maintenance-off",
+            )
             report.maintenance_mode_on = True
         await self.status_page("status-in-progress", "in_progress", f"Maintenance of {inv.environment} is in progress")
         await self.run_items()
@@ -215,17 +294,28 @@ class MaintenanceWorkflow(Procedure):
         await self.undo()  # maintenance mode off (recorded as step maintenance-off)
         report.maintenance_mode_on = False
         if self.target.smoke_urls:
-            await self.step("smoke", f"Smoke tests in {region}", "http.smoke", self.target, result_type=list[SmokeResult],
-                            queue=self.queue, attempts=10)
+            await self.step(
+                "smoke", f"Smoke tests in {region}", "http.smoke", self.target, result_type=list[SmokeResult], queue=self.queue, attempts=10
+            )
         if policy.watch:
-            watched: WatchResult = await self.step("watch", f"Watch the metrics for {policy.watch.duration:.0f}s", "watch.metrics",
-                                                   WatchRequest(policy=policy.watch, duration=policy.watch.duration), result_type=WatchResult,
-                                                   queue=inv.task_queue, timeout=policy.watch.duration + 120, heartbeat=policy.watch.interval + 60,
-                                                   attempts=3, interruptible=True,
-                                                   detail=lambda w: "within thresholds" if w.ok else "BREACH: " + breaches(w))
+            watched: WatchResult = await self.step(
+                "watch",
+                f"Watch the metrics for {policy.watch.duration:.0f}s",
+                "watch.metrics",
+                WatchRequest(policy=policy.watch, duration=policy.watch.duration),
+                result_type=WatchResult,
+                queue=inv.task_queue,
+                timeout=policy.watch.duration + 120,
+                heartbeat=policy.watch.interval + 60,
+                attempts=3,
+                interruptible=True,
+                detail=lambda w: "within thresholds" if w.ok else "BREACH: " + breaches(w),
+            )
             report.watch, report.watch_breached = watched.results, not watched.ok
             if not watched.ok:
-                await self.notify(f"Maintenance of {inv.environment}: metrics breached after the window: {breaches(watched)}", severity="critical")
+                await self.notify(
+                    f"Maintenance of {inv.environment}: metrics breached after the window: {breaches(watched)}", severity="critical"
+                )
         await self.status_page("status-completed", "completed", self.summary())
         record = self.begin_step("notify", "Notify")
         await self.notify(self.summary(), severity="warning" if report.deferred or report.skipped or report.watch_breached else "info")
@@ -241,12 +331,15 @@ class MaintenanceWorkflow(Procedure):
             return
         record = self.begin_step("window", "Wait for the maintenance window")
         self.report.status = "waiting"
-        self.report.waiting_for = f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} --as NAME)"
+        self.report.waiting_for = (
+            f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} --as NAME)"
+        )
         self.waiting_for_window = True
         self.show()
         try:
-            await workflow.wait_condition(lambda: self.window_override is not None or self.abort_requested is not None,
-                                          timeout=opens - workflow.now())
+            await workflow.wait_condition(
+                lambda: self.window_override is not None or self.abort_requested is not None, timeout=opens - workflow.now()
+            )
         except asyncio.TimeoutError:
             pass
         self.waiting_for_window = False
@@ -330,8 +423,10 @@ class MaintenanceWorkflow(Procedure):
             if self.cutoff_reached() or not retry:
                 break
         if self.items_left:
-            report.deferred += [Deferred(key=i.key, reason=f"the cutoff ({self.policy.cutoff:.0f}s before the window closes) was reached")
-                                for i in self.items_left]
+            report.deferred += [
+                Deferred(key=i.key, reason=f"the cutoff ({self.policy.cutoff:.0f}s before the window closes) was reached")
+                for i in self.items_left
+            ]
             self.items_left = []
 
     async def run_item(self, item: WorkItem) -> ItemResult:
@@ -341,22 +436,41 @@ class MaintenanceWorkflow(Procedure):
             if r.outcome != "done":
                 return f"{r.outcome}: {r.detail}"
             if r.before and r.after:
-                return (f"dead tuples {r.before.n_dead_tup} -> {r.after.n_dead_tup}, size {r.before.table_bytes + r.before.index_bytes} -> "
-                        f"{r.after.table_bytes + r.after.index_bytes} bytes, lock wait {r.lock_wait_seconds:.1f}s")
+                return (
+                    f"dead tuples {r.before.n_dead_tup} -> {r.after.n_dead_tup}, size {r.before.table_bytes + r.before.index_bytes} -> "
+                    f"{r.after.table_bytes + r.after.index_bytes} bytes, lock wait {r.lock_wait_seconds:.1f}s"
+                )
             return f"done in {r.seconds:.1f}s"
 
-        return await self.step(item.key, item_title(item), "maint.run_item",
-                               RunItemRequest(target=self.target, item=item, guards=guards, cancel_at=self.cancel_at()),
-                               result_type=ItemResult, queue=self.queue, timeout=guards.statement_timeout + guards.lock_timeout + 120,
-                               heartbeat=self.policy.heartbeat_timeout, attempts=3, interruptible=True, detail=detail)
+        return await self.step(
+            item.key,
+            item_title(item),
+            "maint.run_item",
+            RunItemRequest(target=self.target, item=item, guards=guards, cancel_at=self.cancel_at()),
+            result_type=ItemResult,
+            queue=self.queue,
+            timeout=guards.statement_timeout + guards.lock_timeout + 120,
+            heartbeat=self.policy.heartbeat_timeout,
+            attempts=3,
+            interruptible=True,
+            detail=detail,
+        )
 
     async def health(self, item: WorkItem) -> None:
         guards = self.policy.guards
-        h: HealthResult = await self.step(f"health:{item.key}", f"Health after {item_title(item)}", "maint.health",
-                                          HealthRequest(primary=self.target, replicas=self.replicas, max_lag_bytes=guards.max_replication_lag,
-                                                        lag_wait=guards.lag_wait),
-                                          result_type=HealthResult, queue=self.queue, timeout=guards.lag_wait + 120, heartbeat=60, attempts=3,
-                                          interruptible=True, detail=lambda h: h.detail + (f"; lag {h.lag_bytes}" if h.lag_bytes else ""))
+        h: HealthResult = await self.step(
+            f"health:{item.key}",
+            f"Health after {item_title(item)}",
+            "maint.health",
+            HealthRequest(primary=self.target, replicas=self.replicas, max_lag_bytes=guards.max_replication_lag, lag_wait=guards.lag_wait),
+            result_type=HealthResult,
+            queue=self.queue,
+            timeout=guards.lag_wait + 120,
+            heartbeat=60,
+            attempts=3,
+            interruptible=True,
+            detail=lambda h: h.detail + (f"; lag {h.lag_bytes}" if h.lag_bytes else ""),
+        )
         if not h.ok:
             raise Stop("failed", f"health check after {item_title(item)}: {h.detail}")
 
@@ -368,9 +482,12 @@ class MaintenanceWorkflow(Procedure):
             return
         record = self.begin_step(name, f"Status page: {status.replace('_', ' ')}")
         try:
-            await workflow.execute_activity("statuspage.update", StatusPageRequest(page=self.policy.status_page, incident_id=self.incident,
-                                                                                    status=status, body=body),  # type: ignore[arg-type]
-                                            result_type=StatusPageResult, **self.activity_options(self.inventory.task_queue, 60, None, 5))
+            await workflow.execute_activity(
+                "statuspage.update",
+                StatusPageRequest(page=self.policy.status_page, incident_id=self.incident, status=status, body=body),  # type: ignore[arg-type]
+                result_type=StatusPageResult,
+                **self.activity_options(self.inventory.task_queue, 60, None, 5),
+            )
             self.end_step(record, "ok", status)
         except Exception as err:  # noqa: BLE001 - an ActivityError; the procedure goes on
             self.end_step(record, "failed", failure_message(err))
@@ -397,7 +514,9 @@ class MaintenanceWorkflow(Procedure):
         r.not_done = [f"{d.key}: {d.reason}" for d in r.deferred + r.skipped]
         if r.status in ("failed", "aborted"):
             r.not_done += [f"{i.key}: not started ({r.status})" for i in self.items_left if i.key not in {d.key for d in r.deferred}]
-            await self.status_page("status-ended-early", "completed", f"The maintenance ended early ({r.status}): {r.failure}. {self.summary()}")
+            await self.status_page(
+                "status-ended-early", "completed", f"The maintenance ended early ({r.status}): {r.failure}. {self.summary()}"
+            )
         r.status, r.current_step = status, step
 
 
@@ -424,9 +543,19 @@ class MaintenanceFleetWorkflow(Procedure):
     @workflow.init
     def __init__(self, inp: FleetInput) -> None:
         envs = [i.environment for i in inp.inventories]
-        super().__init__(inp.inventories[0], FleetReport(workflow_id="", environment=",".join(envs), requester=inp.requester, reason=inp.reason,
-                                                         dry_run=inp.dry_run, max_concurrency=inp.max_concurrency, max_errors=inp.max_errors,
-                                                         members=[FleetMember(environment=e, workflow_id=f"opsflow-{e}", status="not-started") for e in envs]))
+        super().__init__(
+            inp.inventories[0],
+            FleetReport(
+                workflow_id="",
+                environment=",".join(envs),
+                requester=inp.requester,
+                reason=inp.reason,
+                dry_run=inp.dry_run,
+                max_concurrency=inp.max_concurrency,
+                max_errors=inp.max_errors,
+                members=[FleetMember(environment=e, workflow_id=f"opsflow-{e}", status="not-started") for e in envs],
+            ),
+        )
 
     @workflow.run
     async def run(self, inp: FleetInput) -> FleetReport:
@@ -435,8 +564,12 @@ class MaintenanceFleetWorkflow(Procedure):
     async def body(self, inp: FleetInput) -> None:
         report = self.report
         assert isinstance(report, FleetReport)
-        self.declare([StepDecl(f"env:{i.environment}", f"maintenance of {i.environment} (child workflow opsflow-{i.environment})")
-                      for i in inp.inventories])
+        self.declare(
+            [
+                StepDecl(f"env:{i.environment}", f"maintenance of {i.environment} (child workflow opsflow-{i.environment})")
+                for i in inp.inventories
+            ]
+        )
         # --dry-run: each child runs its own dry run (its preflight and plan)
         members = {m.environment: m for m in report.members}
         running = 0
@@ -453,8 +586,11 @@ class MaintenanceFleetWorkflow(Procedure):
                 handle = await workflow.start_child_workflow(
                     MaintenanceWorkflow.run,
                     MaintenanceInput(inventory=inv, region=inp.region, dry_run=inp.dry_run, requester=inp.requester, reason=inp.reason),
-                    id=member.workflow_id, task_queue=inv.task_queue, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-                    static_summary=f"maintenance of {inv.environment} (fleet {report.workflow_id})")
+                    id=member.workflow_id,
+                    task_queue=inv.task_queue,
+                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                    static_summary=f"maintenance of {inv.environment} (fleet {report.workflow_id})",
+                )
                 children.append(handle)
                 child = await handle
                 member.status = child.status
@@ -486,17 +622,24 @@ class MaintenanceFleetWorkflow(Procedure):
             a = self.abort_requested
             for h in children:
                 try:
-                    await h.signal(MaintenanceWorkflow.abort_from_fleet, Request(by=a.by, reason=f"fleet {report.workflow_id} aborted: {a.reason}"))
+                    await h.signal(
+                        MaintenanceWorkflow.abort_from_fleet, Request(by=a.by, reason=f"fleet {report.workflow_id} aborted: {a.reason}")
+                    )
                 except Exception:  # noqa: BLE001 - the child has ended meanwhile
                     pass
         await asyncio.gather(*tasks, return_exceptions=True)
         for m in report.members:
             if m.status == "not-started":
-                m.failure = "aborted before it started" if self.abort_requested else f"not started: {failed} failed (max_errors {inp.max_errors})"
+                m.failure = (
+                    "aborted before it started" if self.abort_requested else f"not started: {failed} failed (max_errors {inp.max_errors})"
+                )
         await self.boundary()
         if failed:
-            raise Stop("failed", f"{failed} of {len(inp.inventories)} environment(s) failed: "
-                       + "; ".join(f"{m.environment} {m.status}" for m in report.members if m.status not in ("succeeded", "planned")))
+            raise Stop(
+                "failed",
+                f"{failed} of {len(inp.inventories)} environment(s) failed: "
+                + "; ".join(f"{m.environment} {m.status}" for m in report.members if m.status not in ("succeeded", "planned")),
+            )
 
 
 def _child_status(err: BaseException) -> str:

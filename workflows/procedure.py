@@ -107,8 +107,7 @@ class GateState:
 
     def eligible(self) -> list[str]:
         taken = {d.by for d in self.decisions}
-        return [n for n in self.policy.names()
-                if n not in taken and not (self.policy.require_distinct_approver and n == self.requester)]
+        return [n for n in self.policy.names() if n not in taken and not (self.policy.require_distinct_approver and n == self.requester)]
 
 
 def failure_message(err: BaseException) -> str:
@@ -168,8 +167,12 @@ class Procedure:
             schedule_to_start_timeout=timedelta(seconds=self.inventory.limits.worker_wait),
             start_to_close_timeout=timedelta(seconds=timeout),
             heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None,
-            retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=20),
-                                     maximum_attempts=attempts, non_retryable_error_types=RETRY_NEVER),
+            retry_policy=RetryPolicy(
+                initial_interval=timedelta(seconds=1),
+                maximum_interval=timedelta(seconds=20),
+                maximum_attempts=attempts,
+                non_retryable_error_types=RETRY_NEVER,
+            ),
             cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
 
@@ -233,6 +236,7 @@ class Procedure:
 
     async def _race(self, handle: Any, interruptible: bool) -> bool:
         """Wait for the activity, or cancel it on an abort (or a pause, when interruptible). True if paused."""
+
         def interrupted() -> bool:
             return self.abort_requested is not None and not self.point_of_no_return or interruptible and self.paused
 
@@ -297,8 +301,11 @@ class Procedure:
                 await workflow.wait_condition(lambda: not self.paused or self.abort_requested is not None, timeout=deadline)
             except asyncio.TimeoutError:
                 minutes = self.inventory.limits.pause_timeout / 60
-                await self.notify(f"ESCALATION: {self.report.procedure} of {self.inventory.environment} paused for {minutes:.0f} min"
-                                  + (f"; WRITES ARE DOWN: {self.writes_down}" if self.writes_down else ""), severity="critical")
+                await self.notify(
+                    f"ESCALATION: {self.report.procedure} of {self.inventory.environment} paused for {minutes:.0f} min"
+                    + (f"; WRITES ARE DOWN: {self.writes_down}" if self.writes_down else ""),
+                    severity="critical",
+                )
                 self.report.waiting_for += " (escalated)"
                 self.show()
                 await workflow.wait_condition(lambda: not self.paused or self.abort_requested is not None)
@@ -366,7 +373,11 @@ class Procedure:
             await self.boundary()
         last = gate.decisions[-1]
         who = ", ".join(d.by for d in gate.decisions if d.approved == last.approved)
-        self.end_step(record, "ok" if last.approved else "failed", f"{'approved' if last.approved else 'rejected'} by {who}" + (f": {last.reason}" if last.reason else ""))
+        self.end_step(
+            record,
+            "ok" if last.approved else "failed",
+            f"{'approved' if last.approved else 'rejected'} by {who}" + (f": {last.reason}" if last.reason else ""),
+        )
         if not last.approved:
             raise Stop("aborted", f"rejected by {last.by}: {last.reason}")
         return gate.approvals()
@@ -400,9 +411,13 @@ class Procedure:
     def check_approver(self, req: Request, gate: GateState, action: str) -> None:
         policy = gate.policy
         if req.by not in policy.names():
-            raise ApplicationError(f"{req.by!r} may not approve in {self.inventory.environment}; approvers: {', '.join(policy.names())}", type="NotAllowed")
+            raise ApplicationError(
+                f"{req.by!r} may not approve in {self.inventory.environment}; approvers: {', '.join(policy.names())}", type="NotAllowed"
+            )
         if policy.require_distinct_approver and req.by == self.report.requester:
-            raise ApplicationError(f"{req.by!r} requested this procedure and may not approve it (a distinct approver is required)", type="NotAllowed")
+            raise ApplicationError(
+                f"{req.by!r} requested this procedure and may not approve it (a distinct approver is required)", type="NotAllowed"
+            )
         if any(d.by == req.by for d in gate.decisions):
             raise ApplicationError(f"{req.by!r} has already answered gate {gate.id!r}; another person is needed", type="NotAllowed")
         self.verify_request(req, action, gate.id, policy)
@@ -418,8 +433,16 @@ class Procedure:
         info = workflow.info()
         used = [x.signature for x in (*self.report.approvals, *self.report.events) if x.signature]
         try:
-            signing.verify_request(signing.Keyring.of(self.inventory, policy), req, workflow_id=info.workflow_id, run_id=info.run_id,
-                                   gate_id=gate_id, action=action, now=workflow.now(), used=used)
+            signing.verify_request(
+                signing.Keyring.of(self.inventory, policy),
+                req,
+                workflow_id=info.workflow_id,
+                run_id=info.run_id,
+                gate_id=gate_id,
+                action=action,
+                now=workflow.now(),
+                used=used,
+            )
         except ValueError as e:
             raise ApplicationError(str(e), type="NotAllowed") from None
 
@@ -433,8 +456,14 @@ class Procedure:
             return
         memo = workflow.memo_value(signing.START_MEMO, None, type_hint=dict)
         try:
-            record = signing.check_start(self.inventory, procedure=self.report.procedure, requester=self.report.requester,
-                                         reason=self.report.reason, memo=memo, now=workflow.now())
+            record = signing.check_start(
+                self.inventory,
+                procedure=self.report.procedure,
+                requester=self.report.requester,
+                reason=self.report.reason,
+                memo=memo,
+                now=workflow.now(),
+            )
         except ValueError as e:
             raise Stop("refused", str(e)) from None
         if record is not None:
@@ -442,8 +471,16 @@ class Procedure:
 
     def _decide(self, req: Request, approved: bool) -> Decision:
         gate = self.open_gate(req)
-        decision = Decision(approved=approved, by=req.by, at=workflow.now(), reason=req.reason, gate=gate.id,
-                            roles=gate.policy.roles_of(req.by), signature=req.signature, signed_at=req.signed_at)
+        decision = Decision(
+            approved=approved,
+            by=req.by,
+            at=workflow.now(),
+            reason=req.reason,
+            gate=gate.id,
+            roles=gate.policy.roles_of(req.by),
+            signature=req.signature,
+            signed_at=req.signed_at,
+        )
         gate.decisions.append(decision)
         self.report.approvals.append(decision)
         if not approved:
@@ -487,8 +524,10 @@ class Procedure:
         self.paused = True
         self.event("pause", req)
         if self.writes_down:
-            await self.notify(f"{self.report.procedure} of {self.inventory.environment} PAUSED by {req.by} while WRITES ARE DOWN: {self.writes_down}",
-                              severity="critical")
+            await self.notify(
+                f"{self.report.procedure} of {self.inventory.environment} PAUSED by {req.by} while WRITES ARE DOWN: {self.writes_down}",
+                severity="critical",
+            )
             return f"paused — WRITES ARE DOWN while paused: {self.writes_down}; resume or abort soon"
         return f"pausing (a long step stops now, a short one at its end; current step: {self.report.current_step})"
 
@@ -533,9 +572,16 @@ class Procedure:
         """Refuse before changing anything when a task queue this procedure will use has no worker."""
         if not workflow.patched("check-workers"):
             return
-        unserved: list[str] = await self.step(name, "Check that a worker serves every task queue", "temporal.unserved_queues",
-                                              sorted(set(queues)), result_type=list[str], queue=self.inventory.task_queue,
-                                              attempts=3, detail=lambda u: f"unserved: {', '.join(u)}" if u else "all served")
+        unserved: list[str] = await self.step(
+            name,
+            "Check that a worker serves every task queue",
+            "temporal.unserved_queues",
+            sorted(set(queues)),
+            result_type=list[str],
+            queue=self.inventory.task_queue,
+            attempts=3,
+            detail=lambda u: f"unserved: {', '.join(u)}" if u else "all served",
+        )
         if unserved:
             raise Stop("refused", "; ".join(f"no worker serves {q}" for q in unserved) + " (start one: opsflow worker --env ...)")
 
@@ -546,8 +592,13 @@ class Procedure:
         if not self.inventory.notifications:
             return
         request = NotifyRequest(
-            notification=Notification(environment=self.inventory.environment, channels=channels or [], text=text,
-                                      severity=severity, workflow_id=self.report.workflow_id),  # type: ignore[arg-type]
+            notification=Notification(
+                environment=self.inventory.environment,
+                channels=channels or [],
+                text=text,
+                severity=severity,
+                workflow_id=self.report.workflow_id,
+            ),  # type: ignore[arg-type]
             channels=self.inventory.notifications,
         )
         opts = self.activity_options(self.inventory.task_queue, 30, None, 3)

@@ -34,11 +34,19 @@ class ScheduledLaunch:
         lock = f"opsflow-{inp.environment}"
         try:
             child = await workflow.start_child_workflow(
-                inp.procedure, inp.arg, id=lock, task_queue=inp.task_queue, static_summary=inp.summary or None,
-                search_attributes=TypedSearchAttributes([SearchAttributePair(OPS_PROCEDURE, inp.procedure),
-                                                         SearchAttributePair(OPS_ENVIRONMENT, inp.environment)]),
-                run_timeout=None, execution_timeout=None, task_timeout=timedelta(seconds=10),
-                parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL)
+                inp.procedure,
+                inp.arg,
+                id=lock,
+                task_queue=inp.task_queue,
+                static_summary=inp.summary or None,
+                search_attributes=TypedSearchAttributes(
+                    [SearchAttributePair(OPS_PROCEDURE, inp.procedure), SearchAttributePair(OPS_ENVIRONMENT, inp.environment)]
+                ),
+                run_timeout=None,
+                execution_timeout=None,
+                task_timeout=timedelta(seconds=10),
+                parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
+            )
         except WorkflowAlreadyStartedError:
             workflow.set_current_details(f"skipped: another procedure holds {lock}")
             return {"status": "skipped", "reason": f"another procedure is running on {inp.environment} ({lock})"}
@@ -48,5 +56,6 @@ class ScheduledLaunch:
         except ChildWorkflowError as err:
             cause = err.cause
             details = cause.details if isinstance(cause, ApplicationError) else ()
-            raise ApplicationError(f"{inp.procedure} on {inp.environment} did not succeed: {cause}", *details,
-                                   type="ProcedureFailed", non_retryable=True) from None
+            raise ApplicationError(
+                f"{inp.procedure} on {inp.environment} did not succeed: {cause}", *details, type="ProcedureFailed", non_retryable=True
+            ) from None
