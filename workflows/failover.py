@@ -47,6 +47,8 @@ class FailoverInput(BaseModel):
     reason: str = ""
     # Set by a parent procedure (failback) that already holds the approval: the gate records it and goes on.
     approval: Decision | None = None
+    # Set by the client when an emergency had to cancel routine work to take the environment's lock.
+    preempted: list[str] = []
 
 
 def declare(inp: FailoverInput, source: str) -> list[StepDecl]:
@@ -110,6 +112,7 @@ class FailoverWorkflow(Procedure):
                 dry_run=inp.dry_run,
                 emergency=inp.emergency,
                 to_region=inp.to_region,
+                preempted=inp.preempted,
             ),
         )
 

@@ -146,3 +146,10 @@ async def test_an_emergency_is_not_blocked_by_a_dead_old_region_queue(running, w
 
 
 from workflows.procedure import Request  # noqa: E402
+
+
+async def test_an_emergency_report_names_what_it_preempted(running, world, inventory):
+    world.reachable["eastus"] = False
+    handle = await start(running, inventory, emergency=True, preempted=["opsflow-x (maintenance, canceled)"])
+    report = FailoverReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and report.preempted == ["opsflow-x (maintenance, canceled)"]
