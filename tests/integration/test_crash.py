@@ -88,6 +88,7 @@ def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab, tm
 
     arm_admin(lab, "/_emulator/settings", {"lro_seconds": 8})  # a slow rebuild, to crash in the middle of it
     wid = lab.cli_json("failback", "--env", lab.inventory, "--to", "eastus", "--requester", "alice")["workflow_id"]
+    approve(lab, wid)  # nothing destructive happens before the approval
     wait_status(lab, wid, lambda r: r["current_step"] == "rebuild", what="the rebuild")
     wait_for(lambda: replica_builds_requested(lab, "lab-eastus-pg") == 1, what="the replica creation request", timeout=30)
     time.sleep(1)
@@ -110,7 +111,6 @@ def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab, tm
     lab.start_worker()
     time.sleep(2)
     sql(east, "SELECT pg_wal_replay_resume()")
-    approve(lab, wid)
     report = wait_end(lab, wid, timeout=240)
     assert report["status"] == "succeeded", report
     assert replica_builds_requested(lab, "lab-eastus-pg") == 1  # one replica built, despite the crash
