@@ -1,4 +1,5 @@
 # The opsflow worker/CLI image used by docker-compose.temporal.yml (not used by the lab or the tests).
+# Production code only: lab/ (the local rehearsal environment) is not copied; the CLI's `lab` command says so.
 FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends postgresql-client && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
@@ -8,7 +9,6 @@ COPY workflows workflows
 COPY activities activities
 COPY worker worker
 COPY starters starters
-COPY lab lab
 RUN pip install --no-cache-dir .
 USER nobody
 ENTRYPOINT []

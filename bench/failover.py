@@ -92,12 +92,12 @@ async def approve_and_wait(state: dict, workflow_id: str):
     Waiting is done with the Temporal client in this process (a query every 0.2 s, then one long poll for the
     result) rather than by polling `opsflow status` in new processes, which would load the 2 cores the
     procedure is being measured on."""
-    from temporalio.client import Client, WorkflowFailureError
+    from temporalio.client import WorkflowFailureError
     from temporalio.service import RPCError
 
-    from opsflow.temporal import DATA_CONVERTER
+    from opsflow.client import connect
 
-    client = await Client.connect(state["temporal"]["address"], namespace="default", data_converter=DATA_CONVERTER)
+    client = await connect(state["temporal"]["address"], namespace="default")
     handle = client.get_workflow_handle(workflow_id)
     deadline = time.monotonic() + FAILOVER_TIMEOUT
     while True:

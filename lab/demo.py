@@ -7,10 +7,9 @@ import os
 import time
 from pathlib import Path
 
+from opsflow.client import connect, fetch_report, follow, start_procedure
 from opsflow.inventory import load_inventory
-from opsflow.temporal import connect
-from starters.cli import follow, start_procedure
-from starters.common import fetch_report
+from opsflow.report import ProgressLines, figures, headline
 from workflows.failover import FailoverInput
 from workflows.procedure import Request
 
@@ -54,8 +53,13 @@ async def demo(state: dict) -> int:
     print(f"\nplanned failover {source} -> {target} started as {handle.id}, requested by {REQUESTER}")
     print(f"watch it in the Temporal UI: {ui}\n", flush=True)
     approver = asyncio.create_task(approve_when_asked(handle))
-    code = await follow(handle, as_json=False)
+    lines = ProgressLines()
+    report = await follow(handle, lambda r: [print(line, flush=True) for line in lines.new_lines(r)])
     await approver
+    print(headline(report))
+    for f in figures(report):
+        print(f"  {f}")
+    code = 0 if report.status == "succeeded" else 1
     print(f"\nreport:      opsflow report {handle.id} --markdown")
     print(f"Temporal UI: {ui}")
     print("the lab stays up; tear it down with: opsflow lab down")

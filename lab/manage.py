@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from opsflow.temporal import lab_pointer
+from opsflow.client import lab_pointer
 
 REGIONS = ("eastus", "westeurope")
 PRIMARY = "eastus"
@@ -31,6 +31,7 @@ RESOURCE_GROUP = "opsflow-lab"
 PROFILE = "lab-shop"
 DEPLOYMENTS = [{"name": "web", "replicas": 3}, {"name": "worker", "replicas": 2}]
 STANDBY_REPLICAS = 1  # the standby region runs warm, one replica per deployment
+LONG_POLL_SECONDS = 5  # the lab's Temporal answers an idle poll after this long (a default server: one minute)
 
 
 def default_dir() -> Path:
@@ -198,7 +199,10 @@ def _up(lab: Lab, root: Path, with_worker: bool, say, create_replica, init_prima
     attrs = [a for name in ("OpsProcedure", "OpsEnvironment", "OpsStep", "OpsStatus") for a in ("--search-attribute", f"{name}=Keyword")]
     lab.spawn("temporal", [temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port), "--ui-port", str(ui_port),
                            "--db-filename", str(root / "temporal.db"), "--log-level", "warn", "--ui-disable-news-fetch",
-                           "--http-port", str(pick_port()), "--metrics-port", str(pick_port()), *attrs, *codec_args])
+                           "--http-port", str(pick_port()), "--metrics-port", str(pick_port()), *attrs, *codec_args,
+                           # Short long polls: an idle worker re-polls every 5 s, so `opsflow status` sees a dead one in
+                           # seconds (the lab's clients are told so by OPSFLOW_POLLER_STALE_AFTER in worker_env).
+                           "--dynamic-config-value", f'matching.longPollExpirationInterval="{LONG_POLL_SECONDS}s"'])
     lab.state["temporal"] = {"address": f"127.0.0.1:{port}", "ui_url": f"http://127.0.0.1:{ui_port}", "namespace": "default"}
     lab.save()
 
@@ -303,7 +307,8 @@ ONCALL_SECRET_NAME = "lab-oncall-webhook"
 
 
 def worker_env(state: dict) -> dict:
-    env = {"TEMPORAL_ADDRESS": state["temporal"]["address"], "TEMPORAL_NAMESPACE": "default"}
+    env = {"TEMPORAL_ADDRESS": state["temporal"]["address"], "TEMPORAL_NAMESPACE": "default",
+           "OPSFLOW_POLLER_STALE_AFTER": str(LONG_POLL_SECONDS * 2 + 2)}
     if state.get("codec"):
         env["OPSFLOW_CODEC_KEY_FILE"] = state["codec"]["key_file"]
     if state.get("receiver"):

@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     from opsflow.codec import CodecConfigError, codec_from_env
-    from opsflow.temporal import lab_state
+    from opsflow.client import lab_state
 
     try:
         codec = codec_from_env()

@@ -71,3 +71,24 @@ def to_markdown(r: ProcedureReport) -> str:
         secs = f"{s.seconds:.2f}" if s.seconds is not None else ""
         lines.append(f"| {s.title} | {s.outcome} | {start} | {end} | {secs} | {s.detail.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
+
+
+class ProgressLines:
+    """Turns successive live reports into the lines a terminal should print next: each step once when it
+    starts and once when it ends, and a line whenever what the procedure waits for changes."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, str] = {}
+        self.last_wait: str | None = None
+
+    def new_lines(self, report: ProcedureReport) -> list[str]:
+        out = []
+        for i, s in enumerate(report.steps):
+            line = step_line(s)
+            if self.seen.get(i) != line and (s.outcome != "running" or self.seen.get(i) is None):
+                out.append(line)
+                self.seen[i] = line
+        if report.waiting_for and report.waiting_for != self.last_wait:
+            out.append(f"  ⏸ waiting for {report.waiting_for}")
+        self.last_wait = report.waiting_for
+        return out

@@ -10,87 +10,42 @@ import argparse
 import asyncio
 import getpass
 import os
-import json
 import sys
-import time
 from datetime import timedelta
 
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from opsflow.client import (ClientError, ProcedureStatus, connect, describe_status, fetch_report, follow, get_handle, inventory_path,
+                            list_procedures, start_procedure)
+from opsflow.codec import CodecConfigError
 from opsflow.inventory import Inventory, InventoryError, load_inventory
 from opsflow.models import ProcedureReport
-from opsflow.report import figures, headline, step_line, to_markdown, to_text
-from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE, OPS_STATUS, OPS_STEP, connect
-from opsflow.codec import CodecConfigError
-from starters.common import CliError, emit, fetch_report, handle_for, inventory_path
+from opsflow.report import ProgressLines, figures, headline, to_markdown, to_text
 from opsflow.signing import start_memo
+from starters.common import CliError, emit
 from starters.security import SigningFailed, add_key_argument, request_signature, start_signature
 from starters.security import add_commands as security_commands, run_command as security_command
-from workflows.failover import FailoverInput
 
 TERMINAL_OK = {"succeeded", "planned"}
 
 
-def environment_workflow_id(inv: Inventory) -> str:
-    """One procedure per environment at a time: the id is the environment's, and a second start is refused."""
-    return f"opsflow-{inv.environment}"
+def signed_start(inv: Inventory, procedure: str, inp, args) -> dict | None:
+    """The start's memo: the requester's signature over what is started (issue 11), when the inventory asks."""
+    return start_memo(start_signature(inv, procedure, inp.requester, inp.reason or "", args.key)) or None
 
 
-async def start_procedure(client: Client, inv: Inventory, procedure: str, arg, summary: str, workflow_id: str | None = None,
-                          key_path: str | None = None) -> WorkflowHandle:
-    wid = workflow_id or environment_workflow_id(inv)
-    memo = start_memo(start_signature(inv, procedure, arg.requester, arg.reason or "", key_path))  # issue 11: signed start
-    try:
-        return await client.start_workflow(
-            procedure,
-            arg,
-            id=wid,
-            memo=memo or None,
-            task_queue=inv.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            static_summary=summary,
-            static_details=f"requested by {arg.requester}" + (f": {arg.reason}" if arg.reason else ""),
-            search_attributes=TypedSearchAttributes([SearchAttributePair(OPS_PROCEDURE, procedure), SearchAttributePair(OPS_ENVIRONMENT, inv.environment)]),
-        )
-    except WorkflowAlreadyStartedError:
-        running = client.get_workflow_handle(wid)
-        desc = await running.describe()
-        try:
-            r = await fetch_report(running)
-            what = f"{r.procedure} requested by {r.requester}, {r.status} at step {r.current_step}"
-        except Exception:  # a report is a courtesy here; the refusal stands without it
-            what = desc.workflow_type
-        raise CliError(f"another procedure is running on environment {inv.environment}: {wid} ({what}); one at a time per environment", 3) from None
-
-
-async def follow(handle: WorkflowHandle, as_json: bool) -> int:
+async def follow_printing(handle: WorkflowHandle, as_json: bool) -> int:
     """Print steps as they happen until the procedure ends; then the report."""
-    seen: dict[int, str] = {}
-    last_wait = None
-    while True:
-        desc = await handle.describe()
-        running = desc.status == WorkflowExecutionStatus.RUNNING
-        try:
-            report = await fetch_report(handle)
-        except RPCError:
-            await asyncio.sleep(0.5)  # the worker may be restarting; the procedure is durable, keep watching
-            continue
+    lines = ProgressLines()
+
+    def show(report: ProcedureReport) -> None:
         if not as_json:
-            for i, s in enumerate(report.steps):
-                line = step_line(s)
-                if seen.get(i) != line and (s.outcome != "running" or seen.get(i) is None):
-                    print(line, flush=True)
-                    seen[i] = line
-            if report.waiting_for and report.waiting_for != last_wait:
-                print(f"  ⏸ waiting for {report.waiting_for}", flush=True)
-            last_wait = report.waiting_for
-        if not running:
-            break
-        await asyncio.sleep(0.5)
+            for line in lines.new_lines(report):
+                print(line, flush=True)
+
+    report = await follow(handle, show)
     if as_json:
         emit(report, True)
     else:
@@ -101,13 +56,19 @@ async def follow(handle: WorkflowHandle, as_json: bool) -> int:
 
 
 async def cmd_failover(args) -> int:
+    from workflows.failover import FailoverInput
+
     inv = load_inventory(inventory_path(args.env))
     inv.region(args.to)  # unknown region: a clear error before anything starts
     requester = args.requester or getpass.getuser()
     inp = FailoverInput(inventory=inv, to_region=args.to, emergency=args.emergency, dry_run=args.dry_run, requester=requester, reason=args.reason or "")
     kind = "EMERGENCY failover" if args.emergency else "Planned failover"
     client = await connect()
-    handle = await start_procedure(client, inv, "failover", inp, f"{kind}{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}", key_path=args.key)
+    # An emergency preempts routine work (a maintenance window, a canary, a drill): cancelled with its undo first.
+    handle = await start_procedure(client, inv, "failover", inp, f"{kind}{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}",
+                                   preempt=args.emergency and not args.dry_run, memo=signed_start(inv, "failover", inp, args))
+    for p in handle.preempted:
+        print(f"preempted {p.workflow_id} ({p.procedure}): {p.outcome}", file=sys.stderr)
     needs_approval = not inp.dry_run and (not args.emergency or inv.approval.emergency_requires_approval)
     return await run_started(handle, args, f"{kind.lower()} to {args.to}, requested by {requester}", approver_for(inv, requester) if needs_approval else None)
 
@@ -119,8 +80,9 @@ async def run_started(handle: WorkflowHandle, args, what: str, approver_hint: st
         if approver_hint:
             print(f"  approve with: opsflow approve {handle.id} --as {approver_hint}")
     if args.wait or args.dry_run:
-        return await follow(handle, args.json)
-    emit({"workflow_id": handle.id, "run_id": handle.result_run_id}, args.json)
+        return await follow_printing(handle, args.json)
+    preempted = [vars(p) for p in getattr(handle, "preempted", [])]
+    emit({"workflow_id": handle.id, "run_id": handle.result_run_id, **({"preempted": preempted} if preempted else {})}, args.json)
     return 0
 
 
@@ -137,7 +99,8 @@ async def cmd_failback(args) -> int:
     requester = args.requester or getpass.getuser()
     inp = FailbackInput(inventory=inv, to_region=args.to, dry_run=args.dry_run, requester=requester, reason=args.reason or "")
     client = await connect()
-    handle = await start_procedure(client, inv, "failback", inp, f"Failback{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}", key_path=args.key)
+    handle = await start_procedure(client, inv, "failback", inp, f"Failback{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}",
+                                   memo=signed_start(inv, "failback", inp, args))
     return await run_started(handle, args, f"failback to {args.to}, requested by {requester}; approval comes after the replica has caught up", None if args.dry_run else approver_for(inv, requester))
 
 
@@ -164,7 +127,9 @@ async def cmd_drill(args) -> int:
     requester = args.requester or getpass.getuser()
     inp = DrillInput(inventory=inv, source_region=args.source, point_in_time=point, dry_run=args.dry_run, requester=requester, reason=args.reason or "")
     client = await connect()
-    handle = await start_procedure(client, inv, "drill", inp, f"Restore drill{' (dry run)' if args.dry_run else ''} of {inv.environment}", workflow_id=f"opsflow-drill-{inv.environment}", key_path=args.key)
+    # Under the environment's lock like every procedure: one drill (or anything else) per environment at a time.
+    handle = await start_procedure(client, inv, "drill", inp, f"Restore drill{' (dry run)' if args.dry_run else ''} of {inv.environment}",
+                                   memo=signed_start(inv, "drill", inp, args))
     return await run_started(handle, args, f"restore drill of {inv.environment}", None)
 
 
@@ -172,11 +137,13 @@ async def cmd_update(args) -> int:
     from workflows.procedure import Request
 
     client = await connect()
-    handle = await handle_for(client, args.workflow_id)
+    handle = await get_handle(client, args.workflow_id)
     try:
         signed = await request_signature(handle, action=args.command, name=args.as_, reason=args.reason or "", key_path=args.key,
                                          gate_id=getattr(args, "gate", None))  # issue 11
-        result = await handle.execute_update(args.command, Request(by=args.as_, reason=args.reason or "", **signed), result_type=dict if args.command in ("approve", "reject") else str)
+        request = Request(by=args.as_, reason=args.reason or "", gate=getattr(args, "gate", None), **signed)
+        result = await handle.execute_update(args.command, request,
+                                             result_type=dict if args.command in ("approve", "reject") else str)
     except WorkflowUpdateFailedError as e:
         cause = e.cause
         raise CliError(f"{args.command} refused: {cause.message if isinstance(cause, ApplicationError) else cause}", 1) from None
@@ -190,20 +157,42 @@ async def cmd_update(args) -> int:
 
 
 async def cmd_status(args) -> int:
+    """From Temporal's own record (no worker needed), with the live report when a worker answers."""
     client = await connect()
-    report = await fetch_report(await handle_for(client, args.workflow_id))
+    st = await describe_status(client, args.workflow_id)
     if args.json:
-        emit(report, True)
+        emit(st.as_dict(), True)
         return 0
-    print(to_text(report))
-    if report.waiting_for:
-        print(f"  waiting for: {report.waiting_for}")
+    print(status_text(st))
     return 0
+
+
+def status_text(st: ProcedureStatus) -> str:
+    out = []
+    if st.report:
+        out.append(to_text(st.report))
+        if st.report.waiting_for:
+            out.append(f"  waiting for: {st.report.waiting_for}")
+    else:
+        out.append(f"{st.procedure} {st.workflow_id}: {st.status or st.temporal_status}" + (f", step {st.step}" if st.step else ""))
+        if st.summary:
+            out.append(f"  {st.summary}")
+        out.append(f"  Temporal: {st.temporal_status}, started {st.started_at}" + (f", closed {st.closed_at}" if st.closed_at else ""))
+        for pa in st.pending_activities:
+            failure = f", last failure: {pa['last_failure']}" if pa["last_failure"] else ""
+            out.append(f"  activity {pa['activity']}: {pa['state']}, attempt {pa['attempt']}{failure}")
+    if st.note:
+        out.append(f"  note: {st.note}")
+    for q in st.queues:
+        if not q.pollers:
+            seen = f"last poll {q.last_poll_seconds_ago:.0f}s ago" if q.last_poll_seconds_ago is not None else "never polled"
+            out.append(f"  ! no worker polls {q.name} ({q.kind} queue; {seen}): start one with `opsflow worker --env INVENTORY`")
+    return "\n".join(out)
 
 
 async def cmd_report(args) -> int:
     client = await connect()
-    report = await fetch_report(await handle_for(client, args.workflow_id))
+    report = await fetch_report(await get_handle(client, args.workflow_id))
     if args.json:
         emit(report, True)
     elif args.markdown:
@@ -215,24 +204,7 @@ async def cmd_report(args) -> int:
 
 async def cmd_list(args) -> int:
     client = await connect()
-    query = "OpsProcedure IS NOT NULL"
-    if args.env_name:
-        query += f" AND OpsEnvironment = '{args.env_name}'"
-    if args.status:
-        query += f" AND OpsStatus = '{args.status}'"
-    rows = []
-    async for wf in client.list_workflows(query, limit=args.limit):
-        sa = wf.typed_search_attributes
-        rows.append({
-            "workflow_id": wf.id,
-            "run_id": wf.run_id,
-            "procedure": sa.get(OPS_PROCEDURE),
-            "environment": sa.get(OPS_ENVIRONMENT),
-            "status": sa.get(OPS_STATUS),
-            "step": sa.get(OPS_STEP),
-            "temporal_status": wf.status.name.lower() if wf.status else None,
-            "started_at": wf.start_time.isoformat() if wf.start_time else None,
-        })
+    rows = await list_procedures(client, environment=args.env_name, status=args.status, limit=args.limit)
     if args.json:
         emit(rows, True)
     else:
@@ -244,8 +216,10 @@ async def cmd_list(args) -> int:
 
 
 def cmd_lab(args) -> int:
-    from lab import manage
-
+    try:
+        from lab import manage
+    except ImportError:
+        raise ClientError("the lab is not installed here (it ships in a source checkout: pip install -e '.[lab]')") from None
     return manage.main(args)
 
 
@@ -258,11 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
 
-    from lab.manage import add_arguments as lab_arguments
     from worker.main import add_arguments as worker_arguments
 
     lab = sub.add_parser("lab", help="the local rehearsal lab: up, status, down")
-    lab_arguments(lab)
+    try:  # the `lab` subcommand is the only way from the CLI into lab/; a production image ships without it
+        from lab.manage import add_arguments as lab_arguments
+    except ImportError:
+        lab.add_argument("lab_command", nargs="?", help="(the lab is not installed here)")
+    else:
+        lab_arguments(lab)
 
     worker_arguments(sub.add_parser("worker", help="run a worker for the inventory's task queues"))
 
@@ -300,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         u.add_argument("workflow_id")
         u.add_argument("--as", dest="as_", required=True, metavar="NAME")
         u.add_argument("--reason", required=(name == "reject"))
+        if name in ("approve", "reject"):
+            u.add_argument("--gate", metavar="ID", help="the gate this answers (default: the one open)")
         add_key_argument(u)
 
     s = common(sub.add_parser("status", help="progress of a procedure"))
@@ -353,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         if (code := security_command(args)) is not None:
             return code
         return asyncio.run(COMMANDS[args.command](args))
-    except CliError as e:
+    except ClientError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
     except (InventoryError, SigningFailed, CodecConfigError) as e:

@@ -68,8 +68,9 @@ from temporalio.client import (
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError, RPCStatusCode
 
+from opsflow.client import connect
 from opsflow.inventory import Inventory, InventoryError, load_inventory, parse_duration
-from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE, OPS_STATUS, connect
+from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE, OPS_STATUS
 from starters.common import CliError, emit, inventory_path
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,21 +1,29 @@
-"""The worker process: serves the inventory's task queues until SIGTERM/SIGINT, then shuts down gracefully."""
+"""The worker process: serves the task queues of one or many environments until SIGTERM/SIGINT, then shuts down
+gracefully.
+
+A fleet is the normal case: `opsflow worker --env a.yaml --env b.yaml` or `--env DIR` (every *.yaml in it) runs
+one process with one Temporal client and one activity thread pool, and a Temporal worker per task queue (the
+environment's workflow queue, and one per region). Queues two inventories share are served once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
-from opsflow.inventory import InventoryError, Inventory, load_inventory
-from opsflow.temporal import connect_config, data_converter
+from opsflow.client import ClientError, connect, inventory_paths
+from opsflow.inventory import Inventory, InventoryError, load_inventory
 from worker.registry import GLOBAL_ACTIVITIES, REGION_ACTIVITIES, WORKFLOWS
 
 log = logging.getLogger("opsflow.worker")
@@ -26,35 +34,64 @@ log = logging.getLogger("opsflow.worker")
 HEARTBEAT_THROTTLE = timedelta(seconds=2)
 
 
-def build_workers(client: Client, inv: Inventory, regions: list[str] | None, executor: ThreadPoolExecutor, serve_workflows: bool = True) -> list[Worker]:
+@dataclass
+class FleetSettings:
+    """How much one process takes on. Defaults suit a few environments; see README "A worker for a fleet"."""
+
+    activity_threads: int = 64  # the one thread pool every sync activity of every environment runs on
+    max_concurrent_activities: int = 50  # per task queue
+    max_cached_workflows: int = 1000  # per workflow queue: histories kept in memory between workflow tasks
+    polls_per_queue: int | None = None  # long polls per queue and task type; default 5, and 2 (the least) past 4 environments
+
+    def polls(self, environments: int) -> int:
+        return max(2, self.polls_per_queue or (5 if environments <= 4 else 2))
+
+
+def build_workers(client: Client, inv: Inventory, regions: list[str] | None, executor: ThreadPoolExecutor, serve_workflows: bool = True,
+                  settings: FleetSettings | None = None, skip_queues: set[str] | None = None, environments: int = 1) -> list[Worker]:
+    """The Temporal workers one environment needs, leaving out queues already served (`skip_queues`)."""
+    s = settings or FleetSettings()
+    polls = s.polls(environments)
+    skip = skip_queues if skip_queues is not None else set()
+    common = dict(activity_executor=executor, graceful_shutdown_timeout=timedelta(seconds=30),
+                  max_concurrent_activities=min(s.max_concurrent_activities, s.activity_threads),
+                  max_concurrent_activity_task_polls=polls,
+                  max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE, default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE)
     workers = []
-    if serve_workflows:
-        workers.append(Worker(client, task_queue=inv.task_queue, workflows=WORKFLOWS, activities=GLOBAL_ACTIVITIES, activity_executor=executor,
-                              graceful_shutdown_timeout=timedelta(seconds=30),
-                              max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE, default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE))
+    if serve_workflows and inv.task_queue not in skip:
+        skip.add(inv.task_queue)
+        workers.append(Worker(client, task_queue=inv.task_queue, workflows=WORKFLOWS, activities=GLOBAL_ACTIVITIES,
+                              max_cached_workflows=s.max_cached_workflows, max_concurrent_workflow_task_polls=polls, **common))
     for region in regions if regions is not None else list(inv.regions):
-        workers.append(Worker(client, task_queue=inv.region_queue(region), activities=REGION_ACTIVITIES, activity_executor=executor,
-                              graceful_shutdown_timeout=timedelta(seconds=30), max_concurrent_activities=50,
-                              max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE, default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE))
+        queue = inv.region_queue(region)
+        if queue in skip:
+            continue
+        skip.add(queue)
+        workers.append(Worker(client, task_queue=queue, activities=REGION_ACTIVITIES, **common))
     return workers
 
 
-async def run(inv: Inventory, regions: list[str] | None, serve_workflows: bool, metrics_port: int | None) -> None:
-    config = connect_config()
+async def run(inventories: list[Inventory], regions: list[str] | None, serve_workflows: bool, metrics_port: int | None,
+              settings: FleetSettings | None = None) -> None:
+    settings = settings or FleetSettings()
     runtime = None
     if metrics_port:
         runtime = Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=f"127.0.0.1:{metrics_port}")))
-    client = await Client.connect(config.pop("target_host"), data_converter=data_converter(), runtime=runtime, **config)
+    client = await connect(runtime=runtime)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    with ThreadPoolExecutor(max_workers=64, thread_name_prefix="activity") as executor:
-        workers = build_workers(client, inv, regions, executor, serve_workflows)
+    with ThreadPoolExecutor(max_workers=settings.activity_threads, thread_name_prefix="activity") as executor:
+        served: set[str] = set()
+        workers = []
+        for inv in inventories:
+            workers += build_workers(client, inv, regions, executor, serve_workflows, settings, served, len(inventories))
         tasks = [asyncio.create_task(w.run()) for w in workers]
         queues = [w.task_queue for w in workers]
-        log.info("worker for %s serving %s", inv.environment, ", ".join(queues))
-        print(f"opsflow worker: environment {inv.environment}, task queues {', '.join(queues)}", flush=True)
+        envs = ", ".join(inv.environment for inv in inventories)
+        log.info("worker for %s serving %s", envs, ", ".join(queues))
+        print(f"opsflow worker: environment{'s' if len(inventories) > 1 else ''} {envs}, task queues {', '.join(queues)}", flush=True)
         done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
         for t in done:
             if t in tasks and t.exception():
@@ -64,35 +101,64 @@ async def run(inv: Inventory, regions: list[str] | None, serve_workflows: bool, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="opsflow worker", description="Run a worker for an inventory's task queues.")
+    parser = argparse.ArgumentParser(prog="opsflow worker", description="Run a worker for one or many inventories' task queues.")
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 
 
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--env", dest="inventory", help="inventory YAML (default: the running lab's)")
+    d = FleetSettings()
+    parser.add_argument("--env", dest="inventory", action="append",
+                        help="inventory YAML, or a directory of them (repeatable; default: the running lab's)")
     parser.add_argument("--region", action="append", help="serve only this region's activity queue (repeatable)")
     parser.add_argument("--no-workflows", action="store_true", help="do not serve the workflow queue (a region-only worker)")
     parser.add_argument("--no-regions", action="store_true", help="serve only the workflow queue (workflows, notifications, reports)")
     parser.add_argument("--metrics-port", type=int, help="expose Prometheus metrics on 127.0.0.1:PORT")
+    fleet = parser.add_argument_group("fleet settings (also OPSFLOW_WORKER_* environment variables)")
+    fleet.add_argument("--activity-threads", type=int, default=_env_int("OPSFLOW_WORKER_ACTIVITY_THREADS", d.activity_threads),
+                       help=f"threads shared by all environments' activities (default {d.activity_threads})")
+    fleet.add_argument("--max-concurrent-activities", type=int,
+                       default=_env_int("OPSFLOW_WORKER_MAX_CONCURRENT_ACTIVITIES", d.max_concurrent_activities),
+                       help=f"activities at once per task queue (default {d.max_concurrent_activities})")
+    fleet.add_argument("--max-cached-workflows", type=int, default=_env_int("OPSFLOW_WORKER_MAX_CACHED_WORKFLOWS", d.max_cached_workflows),
+                       help=f"workflows kept in memory per environment (default {d.max_cached_workflows})")
+    fleet.add_argument("--polls-per-queue", type=int, default=_env_int("OPSFLOW_WORKER_POLLS_PER_QUEUE", 0) or None,
+                       help="long polls per task queue and type (default 5; 2 when serving more than 4 environments)")
+
+
+def load_inventories(given: list[str] | None, regions: list[str] | None) -> list[Inventory]:
+    inventories = [load_inventory(p) for p in inventory_paths(given)]
+    names = [inv.environment for inv in inventories]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ClientError(f"two inventories describe the same environment: {', '.join(dup)}")
+    for inv in inventories:
+        for r in regions or []:
+            inv.region(r)
+    return inventories
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from starters.common import inventory_path
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        inv = load_inventory(inventory_path(args.inventory))
-        for r in args.region or []:
-            inv.region(r)
-    except InventoryError as e:
+        inventories = load_inventories(args.inventory, args.region)
+    except (InventoryError, ClientError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "code", 2)
     from activities import secrets
 
-    secrets.configure(inv)  # secret stores use the inventory's cloud connections
-    regions = [] if args.no_regions else args.region
-    asyncio.run(run(inv, regions, not args.no_workflows, args.metrics_port))
+    # Secret stores use one set of cloud connections per process: a fleet's inventories must agree on them.
+    connections = {(inv.aws.model_dump_json() if inv.aws else None, inv.azure.model_dump_json() if inv.azure else None) for inv in inventories}
+    if len(connections) > 1:
+        log.warning("inventories name different aws/azure connections; secret stores use those of %s", inventories[0].environment)
+    secrets.configure(inventories[0])
+    settings = FleetSettings(args.activity_threads, args.max_concurrent_activities, args.max_cached_workflows, args.polls_per_queue)
+    regions = [] if getattr(args, "no_regions", False) else args.region
+    asyncio.run(run(inventories, regions, not args.no_workflows, args.metrics_port, settings))
     return 0
 
 

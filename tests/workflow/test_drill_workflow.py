@@ -136,7 +136,7 @@ async def drilling(env, backups, drill_inventory):
 
 
 async def start(env, inv, **kw):
-    from starters.cli import start_procedure
+    from opsflow.client import start_procedure
 
     return await start_procedure(env.client, inv, "drill", DrillInput(inventory=inv, requester="schedule:monthly", **kw), "drill")
 

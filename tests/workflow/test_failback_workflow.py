@@ -10,7 +10,7 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
 from opsflow.inventory import TimeWindow
 from opsflow.models import FailbackReport
-from starters.cli import start_procedure
+from opsflow.client import start_procedure
 from tests.workflow.test_failover_workflow import until_waiting
 from workflows.failback import FailbackInput
 from workflows.procedure import Request

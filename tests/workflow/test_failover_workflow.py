@@ -8,9 +8,8 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
+from opsflow.client import ProcedureRunning, fetch_report, start_procedure
 from opsflow.models import FailoverReport
-from starters.cli import start_procedure
-from starters.common import CliError, fetch_report
 from workflows.failover import FailoverInput
 from workflows.procedure import Request
 
@@ -225,7 +224,7 @@ async def test_unknown_region_is_refused(running, world, inventory):
 async def test_second_procedure_on_the_same_environment_is_refused(running, world, inventory):
     first = await start(running, inventory)
     await until_waiting(first)
-    with pytest.raises(CliError) as exc:
+    with pytest.raises(ProcedureRunning) as exc:
         await start(running, inventory)
     assert exc.value.code == 3 and "another procedure is running" in str(exc.value)
     await first.execute_update("abort", Request(by="alice"))
