@@ -73,9 +73,10 @@ DEFAULT_REBUILD_TIMEOUT = 3600.0  # Azure builds a read replica in tens of minut
 DEFAULT_DELETE_TIMEOUT = 900.0
 AZURE_PG_PORT = 5432
 # Azure restores to any point up to now from its continuously archived WAL (the Azure CLI's default restore time
-# is the current time). The latest point we offer stays this far behind the worker's clock, so that skew between
-# the worker and ARM never makes "the latest" a point in ARM's future.
-LATEST_RESTORE_MARGIN = 60.0
+# is the current time); ARM reports no "latest restorable time". The latest point we offer is the worker's clock
+# less this margin for clock skew (NTP-synchronised hosts differ by milliseconds); a point ARM finds in its future
+# is refused at once with PointInTimeInFuture, a clear non-retryable error.
+LATEST_RESTORE_MARGIN = 1.0
 # ARM shows a server right after accepting its creation; a scratch server that stays invisible this long after
 # we first looked for it is gone (its restore failed and ARM removed it, or someone deleted it).
 SCRATCH_MISSING_GRACE = 30.0

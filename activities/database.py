@@ -12,7 +12,10 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from activities import postgres
 from activities.context import Backoff, Every, heartbeat, sleep_or_cancelled, time_limit
 from activities.providers import database_provider
-from opsflow.models import Divergence, DivergenceRequest, FenceResult, RebuildRequest, RebuildResult, CatchUpRequest, CatchUpResult, DbStatus, PromoteRequest, PromoteResult, RegionTarget, lsn_to_int
+from opsflow.models import (
+    CatchUpRequest, CatchUpResult, DbStatus, Divergence, DivergenceRequest, FenceResult, PromoteRequest, PromoteResult, RebuildRequest,
+    RebuildResult, RegionTarget, lsn_to_int,
+)
 
 
 @activity.defn(name="db.status")

@@ -112,6 +112,10 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
     return report
 
 
+def explain(report: dict) -> str:
+    return f"{report['failure']} {[(s['name'], s['outcome'], s['detail'][:300]) for s in report['steps']]}"
+
+
 def arm_writes(lab, method: str, path_end: str) -> int:
     """Accepted ARM requests of one kind: the side effects, counted at the emulator."""
     return sum(1 for r in arm_admin(lab, "/_emulator/requests")["value"]
@@ -140,7 +144,7 @@ async def test_planned_failover_survives_a_kill_at_every_boundary(lab):
     workers.start_all()
     wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--requester", "alice")["workflow_id"]
     report = await run_killing_at_every_boundary(lab, workers, wid, approve=True)
-    assert report["status"] == "succeeded", report["failure"] + " " + str([(s["name"], s["outcome"], s["detail"][:300]) for s in report["steps"]])
+    assert report["status"] == "succeeded", explain(report)
     assert report["_boundaries"] >= 8 and report["_kills"]["region"] >= 2, report["_kills"]
     assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 1  # one promotion asked of Azure
     assert timeline(lab.dsn("westeurope")) == 2  # and one happened
@@ -154,7 +158,7 @@ async def test_emergency_failover_survives_a_kill_at_every_boundary(lab):
     workers.start_all()
     wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--emergency", "--requester", "alice")["workflow_id"]
     report = await run_killing_at_every_boundary(lab, workers, wid, approve=False)
-    assert report["status"] == "succeeded", report["failure"] + " " + str([(s["name"], s["outcome"], s["detail"][:300]) for s in report["steps"]])
+    assert report["status"] == "succeeded", explain(report)
     assert report["_boundaries"] >= 5, report["_kills"]
     assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 1
     assert timeline(lab.dsn("westeurope")) == 2
@@ -173,7 +177,7 @@ async def test_failback_survives_a_kill_at_every_boundary(lab):
     promotions_before = arm_writes(lab, "PATCH", "/flexibleServers/lab-eastus-pg")
     wid = lab.cli_json("failback", "--env", inventory, "--to", "eastus", "--requester", "alice")["workflow_id"]
     report = await run_killing_at_every_boundary(lab, workers, wid, approve=True)
-    assert report["status"] == "succeeded", report["failure"] + " " + str([(s["name"], s["outcome"], s["detail"][:300]) for s in report["steps"]])
+    assert report["status"] == "succeeded", explain(report)
     assert arm_writes(lab, "PUT", "/flexibleServers/lab-eastus-pg") - builds_before == 1  # one replica built
     assert arm_writes(lab, "PATCH", "/flexibleServers/lab-eastus-pg") - promotions_before == 1  # one promotion back
     assert sql(lab.dsn("eastus"), "SELECT pg_is_in_recovery()")[0][0] is False
@@ -187,7 +191,7 @@ async def test_drill_survives_a_kill_at_every_boundary(lab):
     workers.start_all()
     wid = lab.cli_json("drill", "--env", inventory, "--requester", "alice")["workflow_id"]
     report = await run_killing_at_every_boundary(lab, workers, wid, approve=False)
-    assert report["status"] == "succeeded", report["failure"] + " " + str([(s["name"], s["outcome"], s["detail"][:300]) for s in report["steps"]])
+    assert report["status"] == "succeeded", explain(report)
     assert report["scratch_deleted"] is True
     name = report["scratch_name"]
     assert arm_writes(lab, "PUT", f"/flexibleServers/{name}") == 1  # one scratch server created

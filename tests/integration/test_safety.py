@@ -94,6 +94,7 @@ async def test_an_abort_stops_the_catch_up_within_seconds_and_polling_keeps_to_t
     # Each of the two servers at most once per interval (+1: the first poll reads at once).
     budget = 2 * (int(waited // req.control_plane_interval) + 1)
     assert 2 <= reads <= budget, (reads, budget, waited)
+    print(f"cancel -> catch-up stopped in {stop_seconds:.2f}s; {reads} control-plane reads in {waited:.1f}s")
     assert stop_seconds < 5, stop_seconds  # heartbeat throttle 2 s + one poll
     # Stopped means stopped: nothing reads ARM for it any more.
     await asyncio.sleep(req.control_plane_interval + 1)
