@@ -74,6 +74,23 @@ def query(url: str, promql: str, *, timeout: float = 10.0) -> float:
     raise ApplicationError(f"prometheus: {promql!r} returned a {data['resultType']}, not a number", type="BadInput", non_retryable=True)
 
 
+def instant(base: str, promql: str, at: datetime | None = None) -> float | None:
+    """An instant query's single value (None when empty or not a number)."""
+    params = {"query": promql, **({"time": f"{at.timestamp():.3f}"} if at else {})}
+    try:
+        r = httpx.get(f"{base.rstrip('/')}/api/v1/query", params=params, timeout=TIMEOUT)
+    except httpx.HTTPError as e:
+        raise ApplicationError(f"prometheus {base} does not answer: {e}", type="PrometheusUnavailable") from None
+    if r.status_code in (400, 422):
+        raise ApplicationError(f"prometheus rejected the query {promql!r}: {r.text[:200]}", type="BadInput", non_retryable=True)
+    r.raise_for_status()
+    result = r.json()["data"]["result"]
+    if not result:
+        return None
+    value = float(result[0]["value"][1]) if "value" in result[0] else None
+    return value if value is not None and math.isfinite(value) else None
+
+
 @activity.defn(name="prometheus.samples")
 def samples(req: SamplesRequest) -> Samples:
     """Every metric's values for canary and baseline over [start, end] at the analysis step, and the request volume."""
@@ -90,7 +107,7 @@ def samples(req: SamplesRequest) -> Samples:
     canary_requests = baseline_requests = None
     if a.requests:
         window = (req.end - req.start).total_seconds()
-        canary_requests = query(a.prometheus, fill(a.requests, deployment=req.canary, version=req.canary_version, interval=window), req.end)
-        baseline_requests = query(a.prometheus, fill(a.requests, deployment=req.baseline, version=req.baseline_version,
+        canary_requests = instant(a.prometheus, fill(a.requests, deployment=req.canary, version=req.canary_version, interval=window), req.end)
+        baseline_requests = instant(a.prometheus, fill(a.requests, deployment=req.baseline, version=req.baseline_version,
                                                      interval=(b_end - b_start).total_seconds()), b_end)
     return Samples(metrics=out, canary_requests=canary_requests, baseline_requests=baseline_requests, start=req.start, end=req.end)

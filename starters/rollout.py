@@ -59,8 +59,8 @@ def add_arguments(sub) -> None:
 
 
 async def start(args) -> int:
-    from opsflow.temporal import connect
-    from starters.cli import run_started, start_procedure
+    from opsflow.client import connect, start_procedure
+    from starters.cli import run_started
     from workflows.canary import RolloutInput
 
     inv = load_inventory(inventory_path(args.env))
@@ -87,7 +87,7 @@ async def update(args) -> int:
     from temporalio.client import WorkflowUpdateFailedError
     from temporalio.exceptions import ApplicationError
 
-    from opsflow.temporal import connect
+    from opsflow.client import connect
     from workflows.procedure import Request
 
     client = await connect()
