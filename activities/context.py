@@ -13,6 +13,8 @@ of the worker (worker/main.py sets it to a couple of seconds, so a cancellation 
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
@@ -60,6 +62,30 @@ def sleep_or_cancelled(seconds: float, *details: Any, what: str = "") -> None:
     check_cancelled(what)
     activity.wait_for_cancelled_sync(max(0.0, seconds))
     check_cancelled(what)
+
+
+@contextmanager
+def heartbeating(what: str, every: float = 2.0) -> Iterator[None]:
+    """Heartbeat `what` every `every` seconds from a helper thread while the block runs: a blocking call (one
+    long SQL statement) keeps the activity alive and a killed worker is noticed within the heartbeat timeout.
+    The thread runs in a copy of this thread's context, where the activity's context lives."""
+    if not activity.in_activity():
+        yield
+        return
+    done = threading.Event()
+    beat = contextvars.copy_context()
+
+    def loop() -> None:
+        while not done.wait(every):
+            beat.run(activity.heartbeat, what)
+
+    thread = threading.Thread(target=loop, name=f"heartbeat: {what}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 @contextmanager

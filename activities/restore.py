@@ -8,7 +8,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import postgres
-from activities.context import Backoff, check_cancelled, sleep_or_cancelled
+from activities.context import Backoff, check_cancelled, heartbeating, sleep_or_cancelled
 from activities.providers import restore_provider
 from opsflow.inventory import PostgresDatabase
 from opsflow.models import CheckResult, RestoreRequest, RestoreWindow, ScratchTarget, VerifyRequest
@@ -94,6 +94,11 @@ def validate_checks(request: RestoreRequest) -> None:
 def verify(request: VerifyRequest) -> list[CheckResult]:
     """Row counts against the source at the restore point, SQL checks, schema objects. Results, not exceptions:
     the drill decides, and the report lists every check."""
+    with heartbeating(f"verifying {request.scratch.name}"):  # one count(*) of a big table may take minutes
+        return _verify(request)
+
+
+def _verify(request: VerifyRequest) -> list[CheckResult]:
     scratch, source, drill = _scratch_db(request), _source_db(request), request.drill
     results: list[CheckResult] = []
     # A table missing from the restore is a failed check, not an error.

@@ -169,6 +169,7 @@ class DrillWorkflow(Procedure):
             result_type=list[CheckResult],
             queue=q,
             timeout=1800,
+            heartbeat=policy.heartbeat_timeout,  # a worker lost mid-check is retried within it, not after 30 min
             attempts=3,
             detail=lambda rs: f"{sum(r.ok for r in rs)}/{len(rs)} checks passed",
         )

@@ -125,6 +125,7 @@ def arm_writes(lab, method: str, path_end: str) -> int:
 def fast_heartbeats(lab) -> str:
     inv = yaml.safe_load(open(lab.inventory))
     inv.setdefault("failover", {})["heartbeat_timeout"] = "5s"
+    inv.setdefault("drill", {})["heartbeat_timeout"] = "5s"
     path = lab.root / "inventory-crash.yaml"
     path.write_text(yaml.safe_dump(inv))
     return str(path)

@@ -78,7 +78,8 @@ def served(lab: Lab, n: int = 30) -> Counter:
 
 
 def prometheus_total(lab: Lab, deployment: str) -> float:
-    q = quote(f'sum(http_requests_total{{deployment="{deployment}"}})')
+    # a range, because a deleted deployment's series is stale at once (the canary is gone after promotion)
+    q = quote(f'sum(max_over_time(http_requests_total{{deployment="{deployment}"}}[15m]))')
     with urllib.request.urlopen(f"{lab.state['rollout']['prometheus']}/api/v1/query?query={q}") as r:
         result = json.loads(r.read())["data"]["result"]
     return float(result[0]["value"][1]) if result else 0.0
