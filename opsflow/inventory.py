@@ -270,12 +270,14 @@ class Limits(Strict):
 
     # How long a step may wait for a worker to pick it up before it fails with "no worker serves <queue>".
     worker_wait: Seconds = 60
+    # A step whose queue has a worker that is only busy (every slot taken) is scheduled again, up to this in all.
+    busy_wait: Seconds = 1800
     # A pause longer than this escalates (the procedure keeps waiting).
     pause_timeout: Seconds = 1800
     # Long waits read the cloud's control plane at most this often (the database is polled over SQL).
     control_plane_interval: Seconds = 10
 
-    _d = field_validator("worker_wait", "pause_timeout", "control_plane_interval", mode="before")(parse_duration)
+    _d = field_validator("worker_wait", "busy_wait", "pause_timeout", "control_plane_interval", mode="before")(parse_duration)
 
 
 class FailoverPolicy(Strict):

@@ -142,6 +142,7 @@ class Procedure:
         self.point_of_no_return = False  # past it, failures go forward instead of undoing
         self.writes_down: str | None = None  # set while a step has made the service unwritable (said on pause)
         self.undo_stack: list[tuple[str, str, Any, str | None, float, str | None]] = []
+        self.busy_waited: dict[str, float] = {}  # step name -> seconds its activity waited for a busy worker
         self.declared: list[StepDecl] | None = None
         self._shown: tuple[str, str] | None = None  # the search attributes last upserted
 
@@ -221,6 +222,8 @@ class Procedure:
                         raise Stop("aborted", "cancelled") from None
                     await self.boundary()
                 if not_started(err):
+                    if await self._worker_busy(queue or self.inventory.task_queue, record):
+                        continue
                     message = f"no worker serves {queue or self.inventory.task_queue} (waited {self.inventory.limits.worker_wait:.0f}s)"
                 else:
                     message = failure_message(err)
@@ -233,6 +236,28 @@ class Procedure:
             if self.abort_requested is not None:
                 await self.boundary()
             return result
+
+    async def _worker_busy(self, queue: str, record: StepRecord) -> bool:
+        """A step not picked up in `limits.worker_wait`: is a worker polling `queue` (busy, every slot taken)
+        rather than missing? Then it is scheduled again, for up to `limits.busy_wait` in all. Asked as a local
+        activity: the workflow's own worker answers even when the activity slots are what is full."""
+        if not workflow.patched("busy-workers"):
+            return False
+        limits = self.inventory.limits
+        waited = self.busy_waited.get(record.name, 0.0) + limits.worker_wait
+        if waited > limits.busy_wait:
+            return False
+        try:
+            unserved: list[str] = await workflow.execute_local_activity(
+                "temporal.unserved_queues", [queue], result_type=list[str], start_to_close_timeout=timedelta(seconds=10),
+                retry_policy=RetryPolicy(maximum_attempts=3))
+        except ActivityError:
+            return False
+        if unserved:
+            return False
+        self.busy_waited[record.name] = waited
+        self.end_step(record, "skipped", f"not picked up in {limits.worker_wait:.0f}s: the worker serving {queue} is busy; scheduled again")
+        return True
 
     async def _race(self, handle: Any, interruptible: bool) -> bool:
         """Wait for the activity, or cancel it on an abort (or a pause, when interruptible). True if paused."""

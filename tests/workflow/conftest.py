@@ -33,6 +33,16 @@ async def env():
         yield e
 
 
+@pytest_asyncio.fixture(scope="module")
+async def dev_env():
+    """A dev server (real time) for what the time-skipping server does not do: Updates while a timer runs
+    (temporalio/sdk-java#1903, features#551), DescribeTaskQueue's pollers."""
+    async with await WorkflowEnvironment.start_local(data_converter=DATA_CONVERTER, dev_server_existing_path=venv_binary("temporal"),
+                                                     dev_server_log_level="error") as e:
+        await register_search_attributes(e.client)
+        yield e
+
+
 def inventory_dict(**overrides) -> dict:
     inv = {
         "environment": f"t{uuid.uuid4().hex[:8]}",

@@ -22,7 +22,6 @@ from temporalio import activity
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import CancelledError
-from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.analysis import judge_step
@@ -31,8 +30,6 @@ from opsflow.models import NotifyRequest
 from opsflow.rollout import (DeploymentRequest, ImageRequest, MetricSamples, RolloutState, RolloutTarget,
                              Samples, SamplesRequest, WeightRequest)
 from opsflow.rollout_report import RolloutReport
-from opsflow.temporal import DATA_CONVERTER, register_search_attributes
-from tests.conftest import venv_binary
 from tests.workflow.conftest import inventory_dict
 from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, RolloutInput
 from workflows.procedure import Request
@@ -182,15 +179,6 @@ def make_inventory(**rollout) -> Inventory:
 @pytest.fixture
 def cluster() -> Cluster:
     return Cluster()
-
-
-@pytest_asyncio.fixture(scope="module")
-async def dev_env():
-    """A dev server (real time) for Updates during a bake or a rollback window."""
-    async with await WorkflowEnvironment.start_local(data_converter=DATA_CONVERTER, dev_server_existing_path=venv_binary("temporal"),
-                                                     dev_server_log_level="error") as e:
-        await register_search_attributes(e.client)
-        yield e
 
 
 def workers_for(env, cluster):

@@ -84,6 +84,7 @@ async def test_a_step_no_worker_picks_up_fails_naming_the_queue(running, world, 
     data = inventory.model_dump()
     data["limits"]["worker_wait"] = 5
     data["regions"]["westeurope"]["task_queue"] = "nobody-polls-this"
+    world.lost = {"nobody-polls-this"}  # served at the preflight, gone by the first step there
     inv = Inventory.model_validate(data)
     report = await failed_report(await start(running, inv))
     assert report.status == "failed" and "no worker serves nobody-polls-this (waited 5s)" in report.failure
@@ -153,3 +154,43 @@ async def test_an_emergency_report_names_what_it_preempted(running, world, inven
     handle = await start(running, inventory, emergency=True, preempted=["opsflow-x (maintenance, canceled)"])
     report = FailoverReport.model_validate(await handle.result())
     assert report.status == "succeeded" and report.preempted == ["opsflow-x (maintenance, canceled)"]
+
+
+async def test_a_busy_worker_is_waited_for_not_reported_missing(dev_env, world, inventory):
+    """Two failovers, one westeurope worker with one activity slot: the first holds it (a blocked catch-up), so
+    the second's westeurope step is not picked up within `worker_wait`. The worker polls, so it is busy, not
+    missing: the step is scheduled again and runs once the slot is free."""
+    import concurrent.futures
+    import uuid
+
+    from temporalio.worker import Worker
+
+    from tests.workflow.conftest import WORKFLOWS
+
+    data = inventory.model_dump()
+    data["limits"]["worker_wait"] = 3
+    first = Inventory.model_validate(data)
+    second = Inventory.model_validate({**data, "environment": f"t{uuid.uuid4().hex[:8]}", "workflow_task_queue": first.task_queue,  # same queues
+                                       "regions": {r: {**v, "task_queue": first.region_queue(r)} for r, v in data["regions"].items()}})
+    world.block_catch_up = threading.Event()
+    env, acts = dev_env, world.activities()
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        async with Worker(env.client, task_queue=first.task_queue, workflows=WORKFLOWS, activities=acts, activity_executor=ex), \
+                Worker(env.client, task_queue=first.region_queue("eastus"), activities=acts, activity_executor=ex), \
+                Worker(env.client, task_queue=first.region_queue("westeurope"), activities=acts, activity_executor=ex,
+                       max_concurrent_activities=1):
+            one = await start(env, first)
+            await until_waiting(one)
+            await one.execute_update("approve", Request(by="bob"))
+            await until(one, running_step("catch-up"))
+            two = await start(env, second)
+            r = await until(two, lambda r: any("busy; scheduled again" in s.detail for s in r.steps), timeout=30)
+            assert r.status == "running" and r.failure is None
+            world.block_catch_up.set()
+            assert FailoverReport.model_validate(await one.result()).status == "succeeded"
+            await until_waiting(two)
+            await two.execute_update("approve", Request(by="bob"))
+            report = FailoverReport.model_validate(await two.result())
+    assert report.status == "succeeded"
+    busy = [s for s in report.steps if s.outcome == "skipped" and "busy" in s.detail]
+    assert busy and f"the worker serving {first.region_queue('westeurope')} is busy" in busy[0].detail

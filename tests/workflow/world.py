@@ -54,6 +54,8 @@ class World:
     kube_ready: bool = True
     block_promote: threading.Event | None = None
     unserved: set = field(default_factory=set)  # task queues no worker serves (as DescribeTaskQueue would say)
+    lost: set = field(default_factory=set)  # task queues whose worker is there for the first question, then gone
+    asked: set = field(default_factory=set)
     old_fenced: list = field(default_factory=list)  # control-plane fences of an old primary (emergency)
     cancelled: list = field(default_factory=list)  # activities that stopped on a cancellation
     block_catch_up: threading.Event | None = None  # the catch-up waits (heartbeating) until this is set
@@ -189,7 +191,9 @@ class World:
 
         @activity.defn(name="temporal.unserved_queues")
         def unserved_queues(queues: list[str]) -> list[str]:
-            return [q for q in queues if q in w.unserved]
+            gone = [q for q in queues if q in w.unserved or q in w.lost and q in w.asked]
+            w.asked.update(queues)
+            return gone
 
         return [fence_control_plane, scale_to_zero, unserved_queues, db_status, db_fence, db_unfence, db_wait, db_promote, db_check_writable, db_rebuild, traffic_status, traffic_switch, kube_status, set_maintenance, scale_up, smoke, notify]
 
