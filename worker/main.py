@@ -42,6 +42,7 @@ class FleetSettings:
     max_concurrent_activities: int = 50  # per task queue
     max_cached_workflows: int = 1000  # per workflow queue: histories kept in memory between workflow tasks
     polls_per_queue: int | None = None  # long polls per queue and task type; default 5, and 2 (the least) past 4 environments
+    workflow_polls: int | None = None  # workflow task polls of a workflow queue (a fleet's shared queue wants ~20); default: as above
 
     def polls(self, environments: int) -> int:
         return max(2, self.polls_per_queue or (5 if environments <= 4 else 2))
@@ -61,7 +62,8 @@ def build_workers(client: Client, inv: Inventory, regions: list[str] | None, exe
     if serve_workflows and inv.task_queue not in skip:
         skip.add(inv.task_queue)
         workers.append(Worker(client, task_queue=inv.task_queue, workflows=WORKFLOWS, activities=GLOBAL_ACTIVITIES,
-                              max_cached_workflows=s.max_cached_workflows, max_concurrent_workflow_task_polls=polls, **common))
+                              max_cached_workflows=s.max_cached_workflows, max_concurrent_workflow_task_polls=max(2, s.workflow_polls or polls),
+                              **common))
     for region in regions if regions is not None else list(inv.regions):
         queue = inv.region_queue(region)
         if queue in skip:
@@ -128,6 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"workflows kept in memory per environment (default {d.max_cached_workflows})")
     fleet.add_argument("--polls-per-queue", type=int, default=_env_int("OPSFLOW_WORKER_POLLS_PER_QUEUE", 0) or None,
                        help="long polls per task queue and type (default 5; 2 when serving more than 4 environments)")
+    fleet.add_argument("--workflow-polls", type=int, default=_env_int("OPSFLOW_WORKER_WORKFLOW_POLLS", 0) or None,
+                       help="workflow task polls per workflow queue (default: --polls-per-queue's); ~20 for a fleet's shared queue")
 
 
 def load_inventories(given: list[str] | None, regions: list[str] | None) -> list[Inventory]:
@@ -156,7 +160,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if len(connections) > 1:
         log.warning("inventories name different aws/azure connections; secret stores use those of %s", inventories[0].environment)
     secrets.configure(inventories[0])
-    settings = FleetSettings(args.activity_threads, args.max_concurrent_activities, args.max_cached_workflows, args.polls_per_queue)
+    settings = FleetSettings(args.activity_threads, args.max_concurrent_activities, args.max_cached_workflows, args.polls_per_queue,
+                             args.workflow_polls)
     regions = [] if getattr(args, "no_regions", False) else args.region
     asyncio.run(run(inventories, regions, not args.no_workflows, args.metrics_port, settings))
     return 0

@@ -81,7 +81,6 @@ class Rollout(Procedure):
         self.promote_request: ControlEvent | None = None
         self.promote_full = False
         self.rollback_request: ControlEvent | None = None
-        self.window_override: ControlEvent | None = None
         self.deciding = False  # waiting for a person after a marginal/inconclusive judgement (or to promote)
         self.switched = False  # blue-green: the service points at the new colour
 
@@ -126,20 +125,16 @@ class Rollout(Procedure):
                 "refused", f"{why} (nothing changed; an approver may override: --override, then opsflow override ID --as NAME --reason WHY)"
             )
         record = self.begin_step("window", f"Override needed: {why}")
-        self.report.status = "waiting"
         policy = self.rollout_policy()
+        self.report.status = "waiting"
         self.report.waiting_for = (
             f"an override by an approver ({', '.join(policy.names())}): opsflow override {self.report.workflow_id} --as NAME --reason WHY"
         )
-        self.show()
+        self.show()  # before the notification, as histories recorded before the kernel's override wait have it
         await self.notify(f"Override needed for a {self.inp.strategy} of {self.inp.image}: {why}", severity="warning")
-        try:
-            await workflow.wait_condition(
-                lambda: self.window_override is not None or self.abort_requested is not None, timeout=timedelta(seconds=policy.timeout)
-            )
-        except asyncio.TimeoutError:
+        if not await self.wait_for_override(self.report.waiting_for, timedelta(seconds=policy.timeout)) and self.abort_requested is None:
             self.end_step(record, "failed", "no override by the deadline")
-            raise Stop("refused", f"{why}; no override within {policy.timeout:.0f}s") from None
+            raise Stop("refused", f"{why}; no override within {policy.timeout:.0f}s")
         self.report.waiting_for = None
         if self.window_override is None:
             self.end_step(record, "failed", "aborted while waiting")
@@ -331,23 +326,15 @@ class Rollout(Procedure):
         if self.rollback_request is not None or self.abort_requested is not None:
             raise ApplicationError("a rollback is already under way", type="NotAllowed")
 
-    @workflow.update
-    def override(self, req: Request) -> str:
-        self.window_override = self.event("override-window", req)
-        assert isinstance(self.report, RolloutReport)
-        self.report.overrides.append(self.window_override)
-        return "overridden: the rollout goes on outside its window"
+    override_needs_reason = True
 
-    @override.validator
-    def _validate_override(self, req: Request) -> None:
-        policy = self.rollout_policy()
-        if req.by not in policy.names():
-            raise ApplicationError(f"{req.by!r} may not override; approvers: {', '.join(policy.names())}", type="NotAllowed")
-        if not req.reason.strip():
-            raise ApplicationError("an override needs a reason (--reason)", type="BadInput")
-        self.verify_request(req, "override", "window", policy)
-        if self.report.current_step != "window" or self.window_override is not None:
-            raise ApplicationError("not waiting for an override", type="NotWaiting")
+    def override_policy(self):
+        return self.rollout_policy()
+
+    def overridden(self, event: ControlEvent) -> str:
+        assert isinstance(self.report, RolloutReport)
+        self.report.overrides.append(event)
+        return "overridden: the rollout goes on outside its window"
 
 
 def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: float, stable_image: str | None) -> list[StepDecl]:

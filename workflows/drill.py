@@ -8,7 +8,7 @@ success, failure or cancellation) -> keep the report (local + S3) -> notify with
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from pydantic import BaseModel
 from temporalio import workflow

@@ -10,14 +10,13 @@ standby again (rebuilt as a replica of the primary) -> one report.
 
 from __future__ import annotations
 
-import asyncio
 
 from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
 from workflows.failover import FailoverInput
-from workflows.procedure import Procedure, Request, StepDecl, Stop, failure_message
+from workflows.procedure import Procedure, StepDecl, Stop, failure_message
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory
@@ -82,7 +81,6 @@ class FailbackWorkflow(Procedure):
                 to_region=inp.to_region,
             ),
         )
-        self.window_override: ControlEvent | None = None
 
     @workflow.run
     async def run(self, inp: FailbackInput) -> FailbackReport:
@@ -241,34 +239,14 @@ class FailbackWorkflow(Procedure):
         record = self.begin_step(
             "window", f"Wait for the low-traffic window ({', '.join(window.days)} {window.start}-{window.end} {window.timezone})"
         )
-        self.report.status = "waiting"
-        self.report.waiting_for = (
-            f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} --as NAME)"
+        await self.wait_for_override(
+            f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} --as NAME)",
+            opens - workflow.now(),
         )
-        self.show()
-        try:
-            await workflow.wait_condition(
-                lambda: self.window_override is not None or self.abort_requested is not None, timeout=opens - workflow.now()
-            )
-        except asyncio.TimeoutError:
-            pass
         assert isinstance(self.report, FailbackReport)
         self.report.window_opened_at = workflow.now()
         self.end_step(record, "ok", f"overridden by {self.window_override.by}" if self.window_override else "window open")
         await self.boundary()
 
-    @workflow.update
-    def override(self, req: Request) -> str:
-        self.window_override = ControlEvent(action="override-window", by=req.by, at=workflow.now(), reason=req.reason)
-        self.report.events.append(self.window_override)
+    def overridden(self, event: ControlEvent) -> str:
         return "the window wait is overridden: the failover back starts now"
-
-    @override.validator
-    def _validate_override(self, req: Request) -> None:
-        if req.by not in self.inventory.approval.names():
-            raise ApplicationError(
-                f"{req.by!r} may not override the window; approvers: {', '.join(self.inventory.approval.names())}", type="NotAllowed"
-            )
-        self.verify_request(req, "override", "window", self.inventory.approval)
-        if not (self.report.waiting_for or "").startswith("the window"):
-            raise ApplicationError("not waiting for a window", type="NotWaiting")

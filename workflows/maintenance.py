@@ -143,8 +143,6 @@ class MaintenanceWorkflow(Procedure):
                 region=inp.region,
             ),
         )
-        self.window_override: ControlEvent | None = None
-        self.waiting_for_window = False
         self.in_window = False
         self.incident: str | None = None
         self.items_left: list[WorkItem] = []
@@ -330,39 +328,19 @@ class MaintenanceWorkflow(Procedure):
             self.mreport.window_opened_at = workflow.now()
             return
         record = self.begin_step("window", "Wait for the maintenance window")
-        self.report.status = "waiting"
-        self.report.waiting_for = (
-            f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} --as NAME)"
+        await self.wait_for_override(
+            f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} --as NAME)",
+            opens - workflow.now(),
         )
-        self.waiting_for_window = True
-        self.show()
-        try:
-            await workflow.wait_condition(
-                lambda: self.window_override is not None or self.abort_requested is not None, timeout=opens - workflow.now()
-            )
-        except asyncio.TimeoutError:
-            pass
-        self.waiting_for_window = False
         self.report.waiting_for = None
         await self.boundary()
         self.in_window = self.window_override is None or self.calendar.is_open(workflow.now())
         self.mreport.window_opened_at = workflow.now()
         self.end_step(record, "ok", f"overridden by {self.window_override.by}" if self.window_override else "window open")
 
-    @workflow.update
-    def override(self, req: Request) -> str:
-        self.window_override = self.event("override-window", req)
-        self.mreport.override = self.window_override
+    def overridden(self, event: ControlEvent) -> str:
+        self.mreport.override = event
         return "the window wait is overridden: the maintenance starts now (no cutoff applies outside the window)"
-
-    @override.validator
-    def _validate_override(self, req: Request) -> None:
-        if req.by not in self.inventory.approval.names():
-            approvers = ", ".join(self.inventory.approval.names())
-            raise ApplicationError(f"{req.by!r} may not override the window; approvers: {approvers}", type="NotAllowed")
-        if not self.waiting_for_window:
-            raise ApplicationError("not waiting for the window", type="NotWaiting")
-        self.verify_request(req, "override", None, self.inventory.approval)
 
     @workflow.signal
     def abort_from_fleet(self, req: Request) -> None:

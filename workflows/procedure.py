@@ -143,6 +143,8 @@ class Procedure:
         self.writes_down: str | None = None  # set while a step has made the service unwritable (said on pause)
         self.undo_stack: list[tuple[str, str, Any, str | None, float, str | None]] = []
         self.busy_waited: dict[str, float] = {}  # step name -> seconds its activity waited for a busy worker
+        self.window_override: ControlEvent | None = None  # an approver's `opsflow override` of a window wait
+        self.awaiting_override = False
         self.declared: list[StepDecl] | None = None
         self._shown: tuple[str, str] | None = None  # the search attributes last upserted
 
@@ -586,6 +588,49 @@ class Procedure:
             raise ApplicationError("past the point of no return: the procedure goes forward", type="NotAllowed")
         if self.abort_requested is not None:
             raise ApplicationError("an abort is already under way", type="NotAllowed")
+
+    # -- overrides: a window or a freeze an approver may set aside ------------------------------------
+
+    # Which procedures take an override and how: who may (`override_policy`), whether a reason is required.
+    override_needs_reason = False
+
+    def override_policy(self) -> ApprovalPolicy:
+        return self.inventory.approval
+
+    def overridden(self, event: ControlEvent) -> str:
+        """Record the override in the procedure's report; the answer the person sees."""
+        return "the wait is overridden: the procedure goes on now"
+
+    async def wait_for_override(self, waiting_for: str, timeout: timedelta) -> bool:
+        """Wait `timeout` (a window to open, an override's deadline) unless an approver overrides first (then
+        True) or the procedure is aborted. `waiting_for` is what the UI and `opsflow status` show."""
+        self.report.status = "waiting"
+        self.report.waiting_for = waiting_for
+        self.awaiting_override = True
+        self.show()
+        try:
+            await workflow.wait_condition(lambda: self.window_override is not None or self.abort_requested is not None, timeout=timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self.awaiting_override = False
+        return self.window_override is not None
+
+    @workflow.update
+    def override(self, req: Request) -> str:
+        self.window_override = self.event("override-window", req)
+        return self.overridden(self.window_override)
+
+    @override.validator
+    def _validate_override(self, req: Request) -> None:
+        policy = self.override_policy()
+        if req.by not in policy.names():
+            raise ApplicationError(f"{req.by!r} may not override; approvers: {', '.join(policy.names())}", type="NotAllowed")
+        if self.override_needs_reason and not req.reason.strip():
+            raise ApplicationError("an override needs a reason (--reason)", type="BadInput")
+        if not self.awaiting_override or self.window_override is not None:
+            raise ApplicationError("not waiting for an override", type="NotWaiting")
+        self.verify_request(req, "override", None, policy)
 
     @workflow.query
     def progress(self) -> ProcedureReport:
