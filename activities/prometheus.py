@@ -50,15 +50,17 @@ def query_range(base: str, query: str, start: datetime, end: datetime, step: flo
     return [v for v in values if math.isfinite(v)]
 
 
-def query(url: str, promql: str, *, timeout: float = 10.0) -> float:
-    """The value of an instant query that returns one number (a scalar or a one-sample vector). NaN when the
-    vector is empty: no data is not zero."""
+def query(url: str, promql: str, *, at: datetime | None = None, timeout: float | httpx.Timeout = TIMEOUT) -> float:
+    """The value of an instant query (at `at`, default now) that returns one number: a scalar or a one-sample
+    vector. NaN when the vector is empty: no data is not zero."""
+    params = {"query": promql, **({"time": f"{at.timestamp():.3f}"} if at else {})}
     try:
-        resp = httpx.get(f"{url.rstrip('/')}/api/v1/query", params={"query": promql}, timeout=timeout)
+        resp = httpx.get(f"{url.rstrip('/')}/api/v1/query", params=params, timeout=timeout)
     except httpx.HTTPError as e:
-        raise ApplicationError(f"prometheus {url}: {type(e).__name__}: {e}", type="PrometheusUnavailable") from None
-    if resp.status_code == 400:
-        raise ApplicationError(f"prometheus: bad query {promql!r}: {resp.json().get('error', resp.text[:200])}", type="BadInput", non_retryable=True)
+        raise ApplicationError(f"prometheus {url} does not answer: {type(e).__name__}: {e}", type="PrometheusUnavailable") from None
+    if resp.status_code in (400, 422):
+        error = resp.json().get("error", resp.text[:200]) if resp.headers.get("content-type", "").startswith("application/json") else resp.text[:200]
+        raise ApplicationError(f"prometheus rejected the query {promql!r}: {error}", type="BadInput", non_retryable=True)
     if resp.status_code != 200:
         raise ApplicationError(f"prometheus {url}: HTTP {resp.status_code}", type="PrometheusUnavailable")
     data = resp.json()["data"]
@@ -74,21 +76,9 @@ def query(url: str, promql: str, *, timeout: float = 10.0) -> float:
     raise ApplicationError(f"prometheus: {promql!r} returned a {data['resultType']}, not a number", type="BadInput", non_retryable=True)
 
 
-def instant(base: str, promql: str, at: datetime | None = None) -> float | None:
-    """An instant query's single value (None when empty or not a number)."""
-    params = {"query": promql, **({"time": f"{at.timestamp():.3f}"} if at else {})}
-    try:
-        r = httpx.get(f"{base.rstrip('/')}/api/v1/query", params=params, timeout=TIMEOUT)
-    except httpx.HTTPError as e:
-        raise ApplicationError(f"prometheus {base} does not answer: {e}", type="PrometheusUnavailable") from None
-    if r.status_code in (400, 422):
-        raise ApplicationError(f"prometheus rejected the query {promql!r}: {r.text[:200]}", type="BadInput", non_retryable=True)
-    r.raise_for_status()
-    result = r.json()["data"]["result"]
-    if not result:
-        return None
-    value = float(result[0]["value"][1]) if "value" in result[0] else None
-    return value if value is not None and math.isfinite(value) else None
+def number(value: float) -> float | None:
+    """None for no data (NaN) or an infinity: a request count the judge can use, or none."""
+    return value if math.isfinite(value) else None
 
 
 @activity.defn(name="prometheus.samples")
@@ -107,7 +97,8 @@ def samples(req: SamplesRequest) -> Samples:
     canary_requests = baseline_requests = None
     if a.requests:
         window = (req.end - req.start).total_seconds()
-        canary_requests = instant(a.prometheus, fill(a.requests, deployment=req.canary, version=req.canary_version, interval=window), req.end)
-        baseline_requests = instant(a.prometheus, fill(a.requests, deployment=req.baseline, version=req.baseline_version,
-                                                     interval=(b_end - b_start).total_seconds()), b_end)
+        canary_requests = number(query(a.prometheus, fill(a.requests, deployment=req.canary, version=req.canary_version, interval=window),
+                                       at=req.end))
+        baseline_requests = number(query(a.prometheus, fill(a.requests, deployment=req.baseline, version=req.baseline_version,
+                                                            interval=(b_end - b_start).total_seconds()), at=b_end))
     return Samples(metrics=out, canary_requests=canary_requests, baseline_requests=baseline_requests, start=req.start, end=req.end)

@@ -3,7 +3,7 @@
 
     python bench/concurrency.py [--procedures 1000] [--environments 100] [--json]
                                 [--activity-threads N] [--max-concurrent-activities N] [--max-cached-workflows N]
-                                [--max-concurrent-workflow-tasks N] [--polls N] [--shared-queues workflow|all]
+                                [--max-concurrent-workflow-tasks N] [--polls N] [--workflow-polls N] [--shared-queues none|workflow|all]
 
 A fresh lab (Temporal dev server, PostgreSQL primary + streaming replica, ARM and Kubernetes emulators; no lab
 worker). The bench writes --environments inventories, copies of the lab's with their own `environment:` name
@@ -120,7 +120,7 @@ def write_inventories(state: dict, count: int, folder: Path, shared_queue: str |
         # The product's default lag limit (the lab's is 16 MB): all environments share one database pair here, and an
         # archive_timeout WAL switch on the idle lab primary makes the replica look a whole 16 MB segment behind.
         inv.setdefault("failover", {})["max_planned_lag_bytes"] = 64 * 1024 * 1024
-        if shared_queue:
+        if shared_queue in ("workflow", "all"):
             inv["workflow_task_queue"] = "opsflow-fleet"
         if shared_queue == "all":
             for region, r in inv["regions"].items():
@@ -265,14 +265,15 @@ def main() -> int:
     p.add_argument("--environments", type=int, default=100)
     p.add_argument("--json", action="store_true")
     p.add_argument("--activity-threads", type=int, default=32, help="the worker's one activity thread pool (default 32)")
-    p.add_argument("--max-concurrent-activities", type=int, default=20, help="per task queue (default 20)")
-    p.add_argument("--max-cached-workflows", type=int, default=100, help="per workflow queue (default 100)")
+    p.add_argument("--max-concurrent-activities", type=int, default=16, help="per task queue (default 16)")
+    p.add_argument("--max-cached-workflows", type=int, default=250, help="per workflow queue (default 250)")
     p.add_argument("--max-concurrent-workflow-tasks", type=int, default=None, help="per workflow queue (SDK default)")
-    p.add_argument("--polls", type=int, default=2, help="long polls per queue and task type (default 2)")
+    p.add_argument("--polls", type=int, default=4, help="long polls per queue and task type (default 4)")
     p.add_argument("--lean-show", action="store_true", help="run the procedures with the proposed show() fix (bench/lean_workflows.py)")
-    p.add_argument("--workflow-polls", type=int, default=None, help="workflow task polls per workflow queue (default --polls)")
-    p.add_argument("--shared-queues", choices=["workflow", "all"], help="one workflow queue for every environment (workflow), "
-                   "and one queue per region name for every environment (all)")
+    p.add_argument("--workflow-polls", type=int, default=20, help="workflow task polls per workflow queue (default 20)")
+    p.add_argument("--shared-queues", choices=["none", "workflow", "all"], default="all",
+                   help="one workflow queue for every environment (workflow), and one queue per region name for every environment "
+                   "(all, the default: README 'Fleets'); none: queues per environment")
     args = p.parse_args()
 
     signal.signal(signal.SIGTERM, interrupt)

@@ -76,7 +76,13 @@ class Rollout(Procedure):
     target: RolloutTarget
     queue: str
 
-    def setup(self, inp: RolloutInput) -> None:
+    strategy: str  # the procedure's name: canary | bluegreen
+
+    def __init__(self, inp: RolloutInput) -> None:
+        inv = inp.inventory
+        report = RolloutReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason,
+                               dry_run=inp.dry_run, image=inp.image, procedure=self.strategy, strategy=self.strategy)
+        super().__init__(inv, report)
         self.inp = inp
         self.promote_request: ControlEvent | None = None
         self.promote_full = False
@@ -363,23 +369,11 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
 
 @workflow.defn(name="canary")
 class CanaryWorkflow(Rollout):
+    strategy = "canary"
+
     @workflow.init
     def __init__(self, inp: RolloutInput) -> None:
-        inv = inp.inventory
-        super().__init__(
-            inv,
-            RolloutReport(
-                workflow_id="",
-                environment=inv.environment,
-                requester=inp.requester,
-                reason=inp.reason,
-                dry_run=inp.dry_run,
-                image=inp.image,
-                procedure="canary",
-                strategy="canary",
-            ),
-        )
-        self.setup(inp)
+        super().__init__(inp)
 
     @workflow.run
     async def run(self, inp: RolloutInput) -> RolloutReport:
@@ -502,23 +496,11 @@ def bluegreen_plan(inp: RolloutInput, app: RolloutApp, active: str, other: str, 
 
 @workflow.defn(name="bluegreen")
 class BlueGreenWorkflow(Rollout):
+    strategy = "bluegreen"
+
     @workflow.init
     def __init__(self, inp: RolloutInput) -> None:
-        inv = inp.inventory
-        super().__init__(
-            inv,
-            RolloutReport(
-                workflow_id="",
-                environment=inv.environment,
-                requester=inp.requester,
-                reason=inp.reason,
-                dry_run=inp.dry_run,
-                image=inp.image,
-                procedure="bluegreen",
-                strategy="bluegreen",
-            ),
-        )
-        self.setup(inp)
+        super().__init__(inp)
 
     @workflow.run
     async def run(self, inp: RolloutInput) -> RolloutReport:
