@@ -241,8 +241,9 @@ class Procedure:
 
     async def _worker_busy(self, queue: str, record: StepRecord) -> bool:
         """A step not picked up in `limits.worker_wait`: is a worker polling `queue` (busy, every slot taken)
-        rather than missing? Then it is scheduled again, for up to `limits.busy_wait` in all. Asked as a local
-        activity: the workflow's own worker answers even when the activity slots are what is full."""
+        rather than missing? Then it is scheduled again, for up to `limits.busy_wait` in all. Asked on the workflow's
+        queue, not as a local activity: with a full workflow cache, pending local activities stall a worker
+        (temporalio/sdk-rust#886; seen here with 1000 procedures on one worker)."""
         if not workflow.patched("busy-workers"):
             return False
         limits = self.inventory.limits
@@ -250,9 +251,9 @@ class Procedure:
         if waited > limits.busy_wait:
             return False
         try:
-            unserved: list[str] = await workflow.execute_local_activity(
-                "temporal.unserved_queues", [queue], result_type=list[str], start_to_close_timeout=timedelta(seconds=10),
-                retry_policy=RetryPolicy(maximum_attempts=3))
+            unserved: list[str] = await workflow.execute_activity(
+                "temporal.unserved_queues", [queue], result_type=list[str], summary=f"is a worker polling {queue}?",
+                **self.activity_options(self.inventory.task_queue, 10, None, 3))
         except ActivityError:
             return False
         if unserved:
