@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_key_argument(d)
 
     for name in ("approve", "reject", "pause", "resume", "abort", "override"):
-        u = common(sub.add_parser(name, help="override a window wait or a freeze (failback, maintenance, canary, blue-green; an approver)" if name == "override" else f"{name} a running procedure"))
+        what = "override a window wait or a freeze (failback, maintenance, canary; by an approver)"
+        u = common(sub.add_parser(name, help=what if name == "override" else f"{name} a running procedure"))
         u.add_argument("workflow_id")
         u.add_argument("--as", dest="as_", required=True, metavar="NAME")
         u.add_argument("--reason", required=(name == "reject"))
