@@ -60,7 +60,8 @@ def restore_wait(request: RestoreRequest) -> ScratchTarget:
 
 @activity.defn(name="restore.delete")
 def restore_delete(request: RestoreRequest) -> bool:
-    return restore_provider(request).delete(request.scratch_name)
+    with heartbeating(f"deleting {request.scratch_name}"):  # a delete waits for the cloud; the drill's cleanup heartbeats
+        return restore_provider(request).delete(request.scratch_name)
 
 
 def _scratch_db(request: VerifyRequest) -> PostgresDatabase:

@@ -133,7 +133,8 @@ class DrillWorkflow(Procedure):
             detail=lambda found: f"removed {', '.join(found)}" if found else "none",
         )
         # From here on the scratch target may exist: its deletion is owed whatever happens.
-        self.owe(f"Delete scratch target {name}", "restore.delete", req, queue=q, timeout=policy.restore_timeout, name="cleanup")
+        self.owe(f"Delete scratch target {name}", "restore.delete", req, queue=q, timeout=policy.restore_timeout, name="cleanup",
+                 heartbeat=policy.heartbeat_timeout)
         started = workflow.now()
         await self.step(
             "restore",

@@ -141,7 +141,7 @@ class Procedure:
         self.abort_requested: ControlEvent | None = None
         self.point_of_no_return = False  # past it, failures go forward instead of undoing
         self.writes_down: str | None = None  # set while a step has made the service unwritable (said on pause)
-        self.undo_stack: list[tuple[str, str, Any, str | None, float, str | None]] = []
+        self.undo_stack: list[tuple[str, str, Any, str | None, float, str | None, float | None]] = []
         self.busy_waited: dict[str, float] = {}  # step name -> seconds its activity waited for a busy worker
         self.window_override: ControlEvent | None = None  # an approver's `opsflow override` of a window wait
         self.awaiting_override = False
@@ -343,10 +343,12 @@ class Procedure:
             a = self.abort_requested
             raise Stop("aborted", f"aborted by {a.by}" + (f": {a.reason}" if a.reason else ""))
 
-    def owe(self, title: str, activity: str, arg: Any, *, queue: str | None, timeout: float = 60, name: str | None = None) -> None:
+    def owe(self, title: str, activity: str, arg: Any, *, queue: str | None, timeout: float = 60, name: str | None = None,
+            heartbeat: float | None = None) -> None:
         """Record what undoes a change, to run (on the change's task queue) if the procedure stops.
-        `name` is the step name it runs under (default `undo:<activity>`)."""
-        entry = (title, activity, arg, queue, timeout, name)
+        `name` is the step name it runs under (default `undo:<activity>`); a long undo (`timeout` of minutes)
+        takes a `heartbeat` timeout, so a worker lost while it runs costs that, not the whole timeout."""
+        entry = (title, activity, arg, queue, timeout, name, heartbeat)
         if entry not in self.undo_stack:
             self.undo_stack.append(entry)
 
@@ -354,9 +356,9 @@ class Procedure:
         """Reverse the recorded steps, newest first. Each undo is tried hard, and bounded: one that cannot
         run says so in `remaining`, for a person to do."""
         while self.undo_stack:
-            title, activity, arg, queue, timeout, name = self.undo_stack.pop()
+            title, activity, arg, queue, timeout, name, heartbeat = self.undo_stack.pop()
             record = self.begin_step(name or f"undo:{activity}", title)
-            opts = self.activity_options(queue, timeout, None, 10)
+            opts = self.activity_options(queue, timeout, heartbeat, 10)
             opts["retry_policy"] = RetryPolicy(maximum_interval=timedelta(seconds=20), maximum_attempts=10)
             try:
                 await workflow.execute_activity(activity, arg, summary=title, **opts)
