@@ -79,10 +79,7 @@ class Rollout(Procedure):
     strategy: str  # the procedure's name: canary | bluegreen
 
     def __init__(self, inp: RolloutInput) -> None:
-        inv = inp.inventory
-        report = RolloutReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason,
-                               dry_run=inp.dry_run, image=inp.image, procedure=self.strategy, strategy=self.strategy)
-        super().__init__(inv, report)
+        super().__init__(inp.inventory, RolloutReport.of(inp, image=inp.image, procedure=self.strategy, strategy=self.strategy))
         self.inp = inp
         self.promote_request: ControlEvent | None = None
         self.promote_full = False

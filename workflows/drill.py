@@ -64,10 +64,7 @@ class DrillWorkflow(Procedure):
 
     @workflow.init
     def __init__(self, inp: DrillInput) -> None:
-        inv = inp.inventory
-        super().__init__(
-            inv, DrillReport(workflow_id="", environment=inv.environment, requester=inp.requester, reason=inp.reason, dry_run=inp.dry_run)
-        )
+        super().__init__(inp.inventory, DrillReport.of(inp))
 
     @workflow.run
     async def run(self, inp: DrillInput) -> DrillReport:

@@ -69,18 +69,7 @@ def declare(inp: FailbackInput, primary: str) -> list[StepDecl]:
 class FailbackWorkflow(Procedure):
     @workflow.init
     def __init__(self, inp: FailbackInput) -> None:
-        inv = inp.inventory
-        super().__init__(
-            inv,
-            FailbackReport(
-                workflow_id="",
-                environment=inv.environment,
-                requester=inp.requester,
-                reason=inp.reason,
-                dry_run=inp.dry_run,
-                to_region=inp.to_region,
-            ),
-        )
+        super().__init__(inp.inventory, FailbackReport.of(inp, to_region=inp.to_region))
 
     @workflow.run
     async def run(self, inp: FailbackInput) -> FailbackReport:

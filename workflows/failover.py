@@ -101,20 +101,8 @@ def declare(inp: FailoverInput, source: str) -> list[StepDecl]:
 class FailoverWorkflow(Procedure):
     @workflow.init
     def __init__(self, inp: FailoverInput) -> None:
-        inv = inp.inventory
-        super().__init__(
-            inv,
-            FailoverReport(
-                workflow_id="",
-                environment=inv.environment,
-                requester=inp.requester,
-                reason=inp.reason,
-                dry_run=inp.dry_run,
-                emergency=inp.emergency,
-                to_region=inp.to_region,
-                preempted=inp.preempted,
-            ),
-        )
+        report = FailoverReport.of(inp, emergency=inp.emergency, to_region=inp.to_region, preempted=inp.preempted)
+        super().__init__(inp.inventory, report)
 
     @workflow.run
     async def run(self, inp: FailoverInput) -> FailoverReport:

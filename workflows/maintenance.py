@@ -131,18 +131,7 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
 class MaintenanceWorkflow(Procedure):
     @workflow.init
     def __init__(self, inp: MaintenanceInput) -> None:
-        inv = inp.inventory
-        super().__init__(
-            inv,
-            MaintenanceReport(
-                workflow_id="",
-                environment=inv.environment,
-                requester=inp.requester,
-                reason=inp.reason,
-                dry_run=inp.dry_run,
-                region=inp.region,
-            ),
-        )
+        super().__init__(inp.inventory, MaintenanceReport.of(inp, region=inp.region))
         self.in_window = False
         self.incident: str | None = None
         self.items_left: list[WorkItem] = []
