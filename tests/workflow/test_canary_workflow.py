@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -245,9 +245,12 @@ async def failed(handle) -> RolloutReport:
     return RolloutReport.model_validate(exc.value.cause.details[0])
 
 
-async def run_workers(worker):
-    _, workers, _ = worker
-    return workers
+@contextlib.asynccontextmanager
+async def serving(worker):
+    """The three workers of the `worker`/`dev_worker` fixture, running for the block."""
+    _, (for_workflows, eastus, westeurope), _ = worker
+    async with for_workflows, eastus, westeurope:
+        yield
 
 
 # -- canary --------------------------------------------------------------------------------------------------
@@ -255,8 +258,7 @@ async def run_workers(worker):
 
 async def test_healthy_canary_steps_bakes_judges_and_promotes(env, worker, cluster):
     inv = make_inventory()
-    w = worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(worker):
         handle = await start(env, worker, inv, auto_promote=True)
         await approve_quorum(handle)
         report = RolloutReport.model_validate(await handle.result())
@@ -276,8 +278,7 @@ async def test_healthy_canary_steps_bakes_judges_and_promotes(env, worker, clust
 
 async def test_quorum_needs_both_roles_each_by_a_different_person(env, worker, cluster):
     inv = make_inventory()
-    w = worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(worker):
         handle = await start(env, worker, inv, auto_promote=True, requester="alice")
         await until(handle, lambda r: r.current_step == "approval", "the approval gate")
         await handle.execute_update("approve", Request(by="carol"))
@@ -299,8 +300,7 @@ async def test_quorum_needs_both_roles_each_by_a_different_person(env, worker, c
 async def test_faulty_canary_is_rolled_back_weight_zero_first_naming_the_metric(env, worker, cluster):
     cluster.behaviour = "faulty"
     inv = make_inventory()
-    w = worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(worker):
         handle = await start(env, worker, inv, auto_promote=True)
         await approve_quorum(handle)
         report = await failed(handle)
@@ -317,8 +317,7 @@ async def test_faulty_canary_is_rolled_back_weight_zero_first_naming_the_metric(
 async def test_judge_failure_without_a_broken_limit_rolls_back(env, worker, cluster):
     cluster.behaviour = "slow"  # +300 ms on p95: below its 1 s limit, but clearly worse than stable
     inv = make_inventory()
-    w = worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(worker):
         handle = await start(env, worker, inv, auto_promote=True)
         await approve_quorum(handle)
         report = await failed(handle)
@@ -333,8 +332,7 @@ async def test_judge_failure_without_a_broken_limit_rolls_back(env, worker, clus
 async def test_marginal_pauses_for_a_person_then_promote_goes_on(env, worker, cluster):
     cluster.behaviour = "marginal"  # cpu 60 % higher: 3 of 4 metrics pass -> score 75 -> marginal
     inv = make_inventory()
-    w = worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(worker):
         handle = await start(env, worker, inv, auto_promote=True)
         await approve_quorum(handle)
         r = await until(handle, lambda r: r.current_step == "decide-5" and r.status == "waiting", "the decision at 5 %")
@@ -354,8 +352,7 @@ async def test_marginal_pauses_for_a_person_then_promote_goes_on(env, worker, cl
 async def test_low_traffic_is_inconclusive_never_a_pass(env, worker, cluster):
     cluster.behaviour = "quiet"
     inv = make_inventory()
-    w = worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(worker):
         handle = await start(env, worker, inv, auto_promote=True)
         await approve_quorum(handle)
         r = await until(handle, lambda r: r.current_step == "decide-5", "the decision at 5 %")
@@ -367,8 +364,7 @@ async def test_low_traffic_is_inconclusive_never_a_pass(env, worker, cluster):
 
 async def test_without_auto_promote_a_person_promotes_at_the_end(env, worker, cluster):
     inv = make_inventory(steps=[50, 100])
-    w = worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(worker):
         handle = await start(env, worker, inv)
         await approve_quorum(handle)
         await until(handle, lambda r: r.current_step == "promote-gate", "the promotion gate")
@@ -385,8 +381,7 @@ async def test_abort_at_every_step_leaves_stable_at_100(dev_env, dev_worker, clu
         cluster.behaviour = "marginal"
     # the 5 % bake is passed quickly where the abort is aimed later; the one aimed at stays 10 minutes long
     inv = make_inventory(bake="2s", analysis={**ROLLOUT["analysis"], "interval": "1s"}) if when in ("bake-25", "decide-5", "promote-gate") else make_inventory()
-    w = dev_worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(dev_worker):
         handle = await start(dev_env, dev_worker, inv, auto_promote=when != "promote-gate")
         if when != "approval":
             await approve_quorum(handle)
@@ -404,8 +399,7 @@ async def test_abort_at_every_step_leaves_stable_at_100(dev_env, dev_worker, clu
 async def test_freeze_and_window_refuse_before_anything_changes(env, worker, cluster):
     # the test server's clock runs ahead of the real one (skipped time): a freeze that surely covers it
     frozen = make_inventory(freezes=[{"name": "black friday", "start": "2000-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"}])
-    w = worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(worker):
         report = await failed(await start(env, worker, frozen))
         assert report.status == "refused" and "black friday" in report.failure and cluster.calls == []
         closed = make_inventory(windows=[{"days": ["mon"], "start": "03:00", "end": "03:01"}])  # open one minute a week
@@ -415,8 +409,7 @@ async def test_freeze_and_window_refuse_before_anything_changes(env, worker, clu
 
 async def test_override_by_an_approver_with_a_reason(env, worker, cluster):
     frozen = make_inventory(freezes=[{"name": "sale", "start": "2000-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"}])
-    w = worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(worker):
         handle = await start(env, worker, frozen, override=True, auto_promote=True)
         await until(handle, lambda r: r.current_step == "window" and r.status == "waiting", "the override")
         assert cluster.calls == []
@@ -435,8 +428,7 @@ async def test_override_by_an_approver_with_a_reason(env, worker, cluster):
 
 async def test_refusals_image_already_running_and_leftover_canary(env, worker, cluster):
     inv = make_inventory()
-    w = worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(worker):
         report = await failed(await start(env, worker, inv, image=OLD))
         assert report.status == "refused" and "already runs" in report.failure
         cluster.canary_image = "registry/shop:0.9"
@@ -447,8 +439,7 @@ async def test_refusals_image_already_running_and_leftover_canary(env, worker, c
 
 async def test_dry_run_plans_every_step_and_changes_nothing(env, worker, cluster):
     inv = make_inventory()
-    w = worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(worker):
         report = RolloutReport.model_validate(await (await start(env, worker, inv, dry_run=True)).result())
     assert report.status == "planned" and cluster.calls == ["k8s.rollout_status"]
     planned = [s.name for s in report.steps if s.outcome in ("planned", "skipped")]
@@ -461,8 +452,7 @@ async def test_dry_run_plans_every_step_and_changes_nothing(env, worker, cluster
 
 async def test_bluegreen_switches_then_scales_the_old_colour_down(env, worker, cluster):
     inv = make_inventory()
-    w = worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(worker):
         handle = await start(env, worker, inv, procedure="bluegreen")
         await approve_quorum(handle)
         report = RolloutReport.model_validate(await handle.result())
@@ -474,8 +464,7 @@ async def test_bluegreen_switches_then_scales_the_old_colour_down(env, worker, c
 
 async def test_bluegreen_rollback_in_the_window_switches_back_keeping_the_old_colour(dev_env, dev_worker, cluster):
     inv = make_inventory()
-    w = dev_worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(dev_worker):
         handle = await start(dev_env, dev_worker, inv, procedure="bluegreen")
         await approve_quorum(handle)
         await until(handle, lambda r: r.current_step == "post-analysis", "the rollback window")
@@ -489,8 +478,7 @@ async def test_bluegreen_rollback_in_the_window_switches_back_keeping_the_old_co
 async def test_bluegreen_failure_in_the_window_switches_back(env, worker, cluster):
     cluster.behaviour = "faulty"
     inv = make_inventory()
-    w = worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(worker):
         handle = await start(env, worker, inv, procedure="bluegreen")
         await approve_quorum(handle)
         report = await failed(handle)
@@ -499,8 +487,7 @@ async def test_bluegreen_failure_in_the_window_switches_back(env, worker, cluste
 
 async def test_bluegreen_promote_ends_the_rollback_window_early(dev_env, dev_worker, cluster):
     inv = make_inventory(rollback_window="2h")
-    w = dev_worker[1]
-    async with w[0], w[1], w[2]:
+    async with serving(dev_worker):
         handle = await start(dev_env, dev_worker, inv, procedure="bluegreen")
         await approve_quorum(handle)
         await until(handle, lambda r: r.current_step == "post-analysis", "the rollback window")
