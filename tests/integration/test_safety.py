@@ -17,14 +17,12 @@ import pytest
 from temporalio import workflow
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.common import RetryPolicy
-from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.database import db_divergence, db_fence_control_plane, db_rebuild_replica, db_wait_caught_up
 from lab.postgres import Cluster, _set_port, free_port
 from opsflow.models import CatchUpRequest, DivergenceRequest, RebuildRequest
-from opsflow.temporal import DATA_CONVERTER
-from tests.conftest import venv_binary
+from tests.conftest import dev_server
 from tests.integration.conftest import wait_for
 from tests.integration.test_azure import lab, sql  # noqa: F401 - the Azure lab fixture
 from tests.integration.test_azure_restore import PG
@@ -61,8 +59,7 @@ async def test_an_abort_stops_the_catch_up_within_seconds_and_polling_keeps_to_t
     lsn_behind(lab)
     req = CatchUpRequest(primary=lab.target("westeurope"), replica=lab.target("northeurope"), timeout_seconds=600,
                          control_plane_interval=3.0)
-    async with await WorkflowEnvironment.start_local(data_converter=DATA_CONVERTER, dev_server_existing_path=venv_binary("temporal"),
-                                                     ui=False) as env:
+    async with await dev_server(ui=False) as env:
         queue = f"safety-{uuid.uuid4().hex[:8]}"
         with ThreadPoolExecutor(4) as executor:
             async with Worker(env.client, task_queue=queue, workflows=[CatchUpWorkflow], activities=[db_wait_caught_up],

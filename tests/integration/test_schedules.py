@@ -24,15 +24,14 @@ from temporalio import workflow
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError, RPCStatusCode
-from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from opsflow.inventory import Inventory
-from opsflow.temporal import DATA_CONVERTER, OPS_ENVIRONMENT, OPS_PROCEDURE, SEARCH_ATTRIBUTES
+from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE, SEARCH_ATTRIBUTES
 from starters.cli import build_parser
 from starters.common import CliError
 from starters.schedules import run, schedule_id
-from tests.conftest import venv_binary
+from tests.conftest import dev_server
 from tests.workflow.conftest import inventory_dict
 
 pytestmark = pytest.mark.lab
@@ -71,12 +70,7 @@ class StandInMaintenance:
 
 @pytest_asyncio.fixture(scope="module")
 async def server():
-    async with await WorkflowEnvironment.start_local(
-        dev_server_existing_path=venv_binary("temporal"),
-        data_converter=DATA_CONVERTER,
-        search_attributes=SEARCH_ATTRIBUTES,
-        dev_server_extra_args=["--log-level", "error"],
-    ) as env:
+    async with await dev_server(search_attributes=SEARCH_ATTRIBUTES) as env:
         yield env
 
 

@@ -9,7 +9,7 @@ from temporalio.worker import Worker
 
 from opsflow.inventory import Inventory
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
-from tests.conftest import venv_binary
+from tests.conftest import dev_server, venv_binary
 from tests.workflow.world import World
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
@@ -37,8 +37,7 @@ async def env():
 async def dev_env():
     """A dev server (real time) for what the time-skipping server does not do: Updates while a timer runs
     (temporalio/sdk-java#1903, features#551), DescribeTaskQueue's pollers."""
-    async with await WorkflowEnvironment.start_local(data_converter=DATA_CONVERTER, dev_server_existing_path=venv_binary("temporal"),
-                                                     dev_server_log_level="error") as e:
+    async with await dev_server() as e:
         await register_search_attributes(e.client)
         yield e
 
