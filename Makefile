@@ -1,4 +1,8 @@
 VENV ?= .venv
+# Test modules run in parallel (pytest-xdist): each lab test builds its own lab on free ports, and most of a lab
+# test is waiting (replication, heartbeats, restarts), so three processes keep 2 cores busy. JOBS=1: one process.
+JOBS ?= 3
+PYTEST = pytest -q -p no:cacheprovider -n $(JOBS) --dist worksteal
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup demo test test-fast lab-down bench
@@ -12,11 +16,11 @@ demo: setup
 
 ## make test: the whole suite (workflow logic, the lab's real parts, crash, replay)
 test: setup
-	pytest -q -p no:cacheprovider
+	$(PYTEST)
 
 ## make test-fast: workflow logic only (time-skipping server), seconds
 test-fast: setup
-	pytest -q -p no:cacheprovider tests/unit tests/workflow
+	$(PYTEST) tests/unit tests/workflow
 
 lab-down:
 	opsflow lab down

@@ -28,7 +28,7 @@ from activities.context import heartbeat as _heartbeat, sleep_or_cancelled as _s
 from temporalio.exceptions import ApplicationError
 
 from activities.secrets import resolve
-from opsflow.models import DbStatus, PromoteResult, RebuildResult, RegionTarget, lsn_to_int
+from opsflow.models import DbStatus, Divergence, PromoteResult, RebuildResult, RegionTarget, lsn_to_int
 
 log = logging.getLogger(__name__)
 
@@ -1103,10 +1103,9 @@ def switch_point(history: str, old_timeline: int) -> str | None:
     return None
 
 
-def sql_divergence(old_db: Any, new_db: Any, *, old_region: str, new_region: str) -> "Divergence":
+def sql_divergence(old_db: Any, new_db: Any, *, old_region: str, new_region: str) -> Divergence:
     """Whether the old primary wrote after the split: its last LSN on its timeline against the point where the
     new primary's timeline branched off that timeline. Never raises for an unreachable old server (unknown)."""
-    from opsflow.models import Divergence
 
     new = sql_status(new_db, new_region)
     base = {"old_region": old_region, "new_region": new_region, "new_timeline": new.timeline}
