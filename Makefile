@@ -1,8 +1,9 @@
 VENV ?= .venv
-# Test modules run in parallel (pytest-xdist): each lab test builds its own lab on free ports, and most of a lab
-# test is waiting (replication, heartbeats, restarts), so three processes keep 2 cores busy. JOBS=1: one process.
+# Test modules run in parallel (pytest-xdist), each whole in one process but the crash suite's and other
+# lab-per-test modules (tests/conftest.py SPREAD); labs take free ports, and most of a lab test is waiting
+# (replication, heartbeats, restarts), so three processes keep 2 cores busy. JOBS=0: one process.
 JOBS ?= 3
-PYTEST = pytest -q -p no:cacheprovider -n $(JOBS) --dist worksteal
+PYTEST = pytest -q -p no:cacheprovider -n $(JOBS) --dist loadscope
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup demo test test-fast lab-down bench

@@ -117,6 +117,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -1169,16 +1170,12 @@ _DBI_IDENT = re.compile(rb"<DBInstanceIdentifier>([^<]*)</DBInstanceIdentifier>"
 RESTORES_DIR = "rds-restores"  # restored clusters live under <source cluster root>/rds-restores/<identifier>
 
 
-def _parse_time(text: str) -> "datetime":
-    from datetime import datetime, timezone
-
+def _parse_time(text: str) -> datetime:
     t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
 
-def _iso(t: "datetime") -> str:
-    from datetime import timezone
-
+def _iso(t: datetime) -> str:
     return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 

@@ -1076,7 +1076,7 @@ class _Handler(BaseHTTPRequestHandler):
                                  "items": [{k: v for k, v in copy.deepcopy(o).items() if k not in ("kind", "apiVersion")} for o in items]}
                 if method == "POST":
                     return self._create(res, ns, self._body(), dry_run)
-                raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource")
+                raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
             if method == "DELETE" and sub is None:
                 obj = c.get(res, ns, name)
                 if not dry_run:

@@ -8,7 +8,6 @@ import argparse
 import getpass
 
 from opsflow.inventory import load_inventory
-from opsflow.rollout_report import RolloutReport
 from opsflow.client import get_handle as handle_for, inventory_path
 from starters.common import CliError, emit
 
