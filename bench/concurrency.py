@@ -267,7 +267,7 @@ def main() -> int:
     p.add_argument("--activity-threads", type=int, default=32, help="the worker's one activity thread pool (default 32)")
     p.add_argument("--max-concurrent-activities", type=int, default=16, help="per task queue (default 16)")
     p.add_argument("--max-cached-workflows", type=int, default=500, help="per workflow queue (default 500)")
-    p.add_argument("--max-concurrent-workflow-tasks", type=int, default=None, help="per workflow queue (SDK default)")
+    p.add_argument("--max-concurrent-workflow-tasks", type=int, default=20, help="per workflow queue (default 20, as opsflow worker's; the SDK's 100)")
     p.add_argument("--polls", type=int, default=4, help="long polls per queue and task type (default 4)")
     p.add_argument("--lean-show", action="store_true", help="run the procedures with the proposed show() fix (bench/lean_workflows.py)")
     p.add_argument("--workflow-polls", type=int, default=20, help="workflow task polls per workflow queue (default 20)")

@@ -72,7 +72,7 @@ def main() -> int:
     p.add_argument("--activity-threads", type=int, default=64)
     p.add_argument("--max-concurrent-activities", type=int, default=50, help="per task queue")
     p.add_argument("--max-cached-workflows", type=int, default=1000, help="per workflow queue")
-    p.add_argument("--max-concurrent-workflow-tasks", type=int, default=None, help="per workflow queue (SDK default 100)")
+    p.add_argument("--max-concurrent-workflow-tasks", type=int, default=20, help="per workflow queue (default 20; the SDK's 100)")
     p.add_argument("--polls", type=int, default=2, help="long polls per queue and task type (the SDK's least is 2)")
     p.add_argument("--workflow-polls", type=int, default=None, help="workflow task polls per workflow queue (default --polls); "
                    "a fifth of them poll the worker's sticky queue, where every cached workflow's next task goes")
