@@ -24,7 +24,6 @@ from temporalio.worker import Worker
 
 from opsflow.client import ClientError, connect, inventory_paths
 from opsflow.inventory import Inventory, InventoryError, load_inventory
-from worker.registry import GLOBAL_ACTIVITIES, REGION_ACTIVITIES, WORKFLOWS
 
 log = logging.getLogger("opsflow.worker")
 
@@ -54,6 +53,8 @@ class FleetSettings:
 def build_workers(client: Client, inv: Inventory, regions: list[str] | None, executor: ThreadPoolExecutor, serve_workflows: bool = True,
                   settings: FleetSettings | None = None, skip_queues: set[str] | None = None, environments: int = 1) -> list[Worker]:
     """The Temporal workers one environment needs, leaving out queues already served (`skip_queues`)."""
+    from worker.registry import GLOBAL_ACTIVITIES, REGION_ACTIVITIES, WORKFLOWS  # every workflow and activity: not for `opsflow --help`
+
     s = settings or FleetSettings()
     polls = s.polls(environments)
     workflow_polls = max(2, s.workflow_polls or polls)
