@@ -45,6 +45,10 @@ class FleetSettings:
     # Workflow tasks at once per workflow queue (the SDK's default is 100). They run one at a time on the GIL anyway;
     # 100 at once only held memory: 1000 procedures peaked at 541 MB RSS with 100, 298 MB with 20 (bench/concurrency.py).
     workflow_tasks: int = 20
+    # How long a procedure's next workflow task waits for the worker that ran the last one (which has its history in
+    # memory) before any worker takes it and replays the history: what a worker killed mid-procedure costs each of
+    # its procedures. The SDK's default; shorter means more replays when a busy worker is merely slow.
+    sticky_timeout: int = 10
 
     def polls(self, environments: int) -> int:
         return max(2, self.polls_per_queue or (5 if environments <= 4 else 2))
@@ -68,7 +72,8 @@ def build_workers(client: Client, inv: Inventory, regions: list[str] | None, exe
         skip.add(inv.task_queue)
         workers.append(Worker(client, task_queue=inv.task_queue, workflows=WORKFLOWS, activities=GLOBAL_ACTIVITIES,
                               max_cached_workflows=s.max_cached_workflows, max_concurrent_workflow_task_polls=workflow_polls,
-                              max_concurrent_workflow_tasks=max(s.workflow_tasks, workflow_polls), **common))
+                              max_concurrent_workflow_tasks=max(s.workflow_tasks, workflow_polls),
+                              sticky_queue_schedule_to_start_timeout=timedelta(seconds=s.sticky_timeout), **common))
     for region in regions if regions is not None else list(inv.regions):
         queue = inv.region_queue(region)
         if queue in skip:
@@ -139,6 +144,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="workflow task polls per workflow queue (default: --polls-per-queue's); ~20 for a fleet's shared queue")
     fleet.add_argument("--workflow-tasks", type=int, default=_env_int("OPSFLOW_WORKER_WORKFLOW_TASKS", d.workflow_tasks),
                        help=f"workflow tasks at once per workflow queue (default {d.workflow_tasks}; at least --workflow-polls)")
+    fleet.add_argument("--sticky-timeout", type=int, default=_env_int("OPSFLOW_WORKER_STICKY_TIMEOUT", d.sticky_timeout), metavar="SECONDS",
+                       help=f"how long a procedure's next step waits for the worker that ran its last one before another takes it "
+                            f"(default {d.sticky_timeout}: what a killed worker costs each of its procedures)")
 
 
 def load_inventories(given: list[str] | None, regions: list[str] | None) -> list[Inventory]:
@@ -167,8 +175,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     if len(connections) > 1:
         log.warning("inventories name different aws/azure connections; secret stores use those of %s", inventories[0].environment)
     secrets.configure(inventories[0])
-    settings = FleetSettings(args.activity_threads, args.max_concurrent_activities, args.max_cached_workflows, args.polls_per_queue,
-                             args.workflow_polls, args.workflow_tasks)
+    settings = FleetSettings(activity_threads=args.activity_threads, max_concurrent_activities=args.max_concurrent_activities,
+                             max_cached_workflows=args.max_cached_workflows, polls_per_queue=args.polls_per_queue,
+                             workflow_polls=args.workflow_polls, workflow_tasks=args.workflow_tasks, sticky_timeout=args.sticky_timeout)
     regions = [] if getattr(args, "no_regions", False) else args.region
     asyncio.run(run(inventories, regions, not args.no_workflows, args.metrics_port, settings))
     return 0

@@ -75,9 +75,10 @@ class Lab:
     def cli_json(self, *args: str) -> dict:
         return json.loads(self.cli(*args, "--json", check=True).stdout)
 
-    def start_worker(self) -> subprocess.Popen:
+    def start_worker(self, *flags: str) -> subprocess.Popen:
         log = open(self.root / f"worker-{len(self.workers)}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "worker.main", "--env", self.inventory], stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, "-m", "worker.main", "--env", self.inventory, *flags], stdout=log, stderr=subprocess.STDOUT,
+                                env=self.env(), cwd=ROOT)
         self.workers.append(proc)
         return proc
 

@@ -14,6 +14,8 @@ from tests.integration.conftest import wait_for
 from tests.integration.test_failover_lab import approve, sql, timeline, wait_end, wait_status
 
 pytestmark = pytest.mark.lab
+# A killed worker costs each procedure the sticky timeout at its next step (10 s by default): 2 s here.
+FAST_RESTART = ("--sticky-timeout", "2")
 
 
 def arm_admin(lab, path: str, body: dict | None = None):
@@ -33,7 +35,7 @@ def promotions_requested(lab) -> int:
 
 def test_worker_killed_during_catch_up_and_during_promotion(lab):
     east, west = lab.dsn("eastus"), lab.dsn("westeurope")
-    first = lab.start_worker()
+    first = lab.start_worker(*FAST_RESTART)
     sql(east, "CREATE TABLE orders (id int PRIMARY KEY)")
     sql(east, "INSERT INTO orders SELECT generate_series(1, 1000)")
     wait_for(lambda: sql(west, "SELECT count(*) FROM pg_class WHERE relname = 'orders'")[0][0] == 1, what="replication")
@@ -45,7 +47,7 @@ def test_worker_killed_during_catch_up_and_during_promotion(lab):
     wait_status(lab, wid, lambda r: r["current_step"] == "catch-up", what="the catch-up wait")
     time.sleep(1)
     lab.kill_worker(first)  # SIGKILL in the middle of the catch-up wait
-    second = lab.start_worker()
+    second = lab.start_worker(*FAST_RESTART)
     arm_admin(lab, "/_emulator/settings", {"lro_seconds": 8})  # a slow promotion, to crash in the middle of it
     time.sleep(3)
     sql(west, "SELECT pg_wal_replay_resume()")
@@ -54,7 +56,7 @@ def test_worker_killed_during_catch_up_and_during_promotion(lab):
     wait_for(lambda: promotions_requested(lab) == 1, what="the promotion request", timeout=30)
     time.sleep(1)
     lab.kill_worker(second)  # SIGKILL while the promotion's long-running operation is under way
-    lab.start_worker()
+    lab.start_worker(*FAST_RESTART)
 
     report = wait_end(lab, wid, timeout=240)
     assert report["status"] == "succeeded", report
@@ -80,9 +82,10 @@ def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab, tm
     # A lag limit of 1 KiB: the failback's catch-up has to wait while westeurope takes writes.
     inv = yaml.safe_load(open(lab.inventory))
     inv["failover"]["max_planned_lag_bytes"] = 1024
+    inv["failover"]["heartbeat_timeout"] = "5s"  # a killed worker's rebuild and catch-up are retried after 20 s and 5 s
     (tmp_path / "inv.yaml").write_text(yaml.safe_dump(inv))
     lab.inventory = str(tmp_path / "inv.yaml")
-    worker = lab.start_worker()
+    worker = lab.start_worker(*FAST_RESTART)
     sql(east, "CREATE TABLE events (id bigserial PRIMARY KEY, body text)")
     failover(lab, "westeurope")
 
@@ -93,7 +96,7 @@ def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab, tm
     wait_for(lambda: replica_builds_requested(lab, "lab-eastus-pg") == 1, what="the replica creation request", timeout=30)
     time.sleep(1)
     lab.kill_worker(worker)  # SIGKILL in the middle of the replica rebuild
-    worker = lab.start_worker()
+    worker = lab.start_worker(*FAST_RESTART)
 
     def rebuilt_and_streaming() -> bool:
         try:
@@ -108,7 +111,7 @@ def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab, tm
     wait_status(lab, wid, lambda r: r["current_step"] == "catch-up", timeout=180, what="the catch-up wait")
     time.sleep(2)
     lab.kill_worker(worker)  # SIGKILL during the catch-up wait
-    lab.start_worker()
+    lab.start_worker(*FAST_RESTART)
     time.sleep(2)
     sql(east, "SELECT pg_wal_replay_resume()")
     report = wait_end(lab, wid, timeout=240)
