@@ -3,7 +3,7 @@ VENV ?= .venv
 # lab-per-test modules (tests/conftest.py SPREAD); labs take free ports, and most of a lab test is waiting
 # (replication, heartbeats, restarts), so three processes keep 2 cores busy. JOBS=0: one process.
 JOBS ?= 3
-PYTEST = pytest -q -p no:cacheprovider -n $(JOBS) --dist loadscope
+PYTEST = pytest -q -p no:cacheprovider -n $(JOBS) --dist loadscope --durations=15
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup demo test test-fast lab-down bench
