@@ -281,7 +281,9 @@ async def test_trigger_while_a_run_is_in_progress_is_refused(cli, client, invent
     assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
     msg = await cli.fails("trigger", "held", code=3)
     assert "has a run in progress" in msg and first in msg
-    await client.get_workflow_handle(f"opsflow-{inventory.environment}").signal(StandInDrill.release)  # the launched drill
+    # The launch starts the drill after the trigger returns; until then the latest run is an earlier test's, completed.
+    await eventually(lambda: _child_running(client, inventory.environment), what="the launched drill")
+    await client.get_workflow_handle(f"opsflow-{inventory.environment}").signal(StandInDrill.release)
     await handle.result()
     await eventually(lambda: _running_cleared(cli, "held"), what="the schedule to see the run end")
     again = await cli("trigger", "held")
