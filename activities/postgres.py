@@ -1106,7 +1106,6 @@ def switch_point(history: str, old_timeline: int) -> str | None:
 def sql_divergence(old_db: Any, new_db: Any, *, old_region: str, new_region: str) -> Divergence:
     """Whether the old primary wrote after the split: its last LSN on its timeline against the point where the
     new primary's timeline branched off that timeline. Never raises for an unreachable old server (unknown)."""
-
     new = sql_status(new_db, new_region)
     base = {"old_region": old_region, "new_region": new_region, "new_timeline": new.timeline}
     if not new.reachable:

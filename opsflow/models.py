@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel
 
@@ -344,13 +344,6 @@ class ProcedureReport(BaseModel):
     requester: str
     reason: str = ""
     dry_run: bool = False
-    @classmethod
-    def of(cls, inp: Any, **fields: Any) -> Any:
-        """The report a run of `inp` starts with: any procedure input (inventory, requester, reason, dry_run);
-        the workflow id is filled in once the run knows it."""
-        return cls(workflow_id="", environment=inp.inventory.environment, requester=inp.requester, reason=inp.reason,
-                   dry_run=inp.dry_run, **fields)
-
     # Signed requests (opsflow/signing.py): the run the signatures bind to, and the requester's start signature;
     # decisions and control events carry their own. `opsflow verify-report` re-checks them all.
     run_id: str = ""
@@ -367,6 +360,13 @@ class ProcedureReport(BaseModel):
     remaining: list[str] = []  # after a failure past the point of no return: what a person must still do
     started_at: datetime | None = None
     ended_at: datetime | None = None
+
+    @classmethod
+    def of(cls, inp: Any, **fields: Any) -> Self:
+        """The report a run of `inp` starts with: any procedure input (inventory, requester, reason, dry_run);
+        the workflow id is filled in once the run knows it."""
+        return cls(workflow_id="", environment=inp.inventory.environment, requester=inp.requester, reason=inp.reason,
+                   dry_run=inp.dry_run, **fields)
 
 
 class FailoverReport(ProcedureReport):

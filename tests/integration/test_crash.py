@@ -10,12 +10,10 @@ import urllib.request
 
 import pytest
 
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import FAST_RESTART, wait_for
 from tests.integration.test_failover_lab import approve, sql, timeline, wait_end, wait_status
 
 pytestmark = pytest.mark.lab
-# A killed worker costs each procedure the sticky timeout at its next step (10 s by default): 2 s here.
-FAST_RESTART = ("--sticky-timeout", "2")
 
 
 def arm_admin(lab, path: str, body: dict | None = None):

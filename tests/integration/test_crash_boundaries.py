@@ -27,7 +27,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from opsflow.temporal import DATA_CONVERTER
-from tests.integration.conftest import ROOT, wait_for
+from tests.integration.conftest import FAST_RESTART, ROOT, wait_for
 from tests.integration.test_crash import arm_admin
 from tests.integration.test_failover_lab import sql, timeline, wait_end, wait_status
 
@@ -48,8 +48,7 @@ class Workers:
         flag = "--no-regions" if role == "workflow" else "--no-workflows"
         self.n += 1
         log = open(self.lab.root / f"worker-{role}-{self.n}.log", "w")
-        # A killed workflow worker costs each procedure the sticky timeout at the next step (10 s by default): 2 s here.
-        self.procs[role] = subprocess.Popen([sys.executable, "-m", "worker.main", "--env", self.inventory, flag, "--sticky-timeout", "2"],
+        self.procs[role] = subprocess.Popen([sys.executable, "-m", "worker.main", "--env", self.inventory, flag, *FAST_RESTART],
                                             stdout=log, stderr=subprocess.STDOUT, env=self.lab.env(), cwd=ROOT)
         self.lab.workers.append(self.procs[role])
 
