@@ -31,13 +31,15 @@ class Keys(BaseModel):
 
 @workflow.defn(name="signing-probe")
 class SigningProbe:
-    def __init__(self) -> None:
+    # The keys come in through @workflow.init, as in the procedures: an update delivered with the first workflow
+    # task is validated before run() starts, and must already see them.
+    @workflow.init
+    def __init__(self, keys: Keys) -> None:
         self.approved: list[str] = []
-        self.keys: dict[str, str] = {}
+        self.keys = keys.keys
 
     @workflow.run
     async def run(self, keys: Keys) -> list[str]:
-        self.keys = keys.keys
         await workflow.wait_condition(lambda: len(self.approved) >= 1, timeout=timedelta(hours=1))
         return self.approved
 
