@@ -3,12 +3,14 @@ failover, failback and drill, in one run per procedure on one lab; each complete
 exactly once (promotions, replicas built, scratch servers created and deleted: counted at the ARM emulator).
 Plus: the Temporal dev server killed and restarted in the middle of a procedure (it persists to a sqlite file).
 
-How the boundaries are found: the test watches the workflow's history (the Temporal client, not sleeps). Two
-worker processes: one serves the workflow queue, one the region queues. At every ActivityTaskCompleted the
-workflow worker is SIGKILLed (the next step must be decided by a fresh worker replaying the history), and at
-every ActivityTaskStarted of a heartbeating (long) step the region worker is SIGKILLed in the middle of it (the
-retry must find the world half-changed and finish the job once). Each killed worker is replaced at once. The
-test inventory's heartbeat timeout is 5 s, so a killed long step is retried within seconds."""
+How the boundaries are found: the test watches the workflow's history and its pending activities (the Temporal
+client, not sleeps). Two worker processes: one serves the workflow queue, one the region queues. At every
+ActivityTaskCompleted the workflow worker is SIGKILLed (the next step must be decided by a fresh worker replaying
+the history), and while each heartbeating (long) step is running, the worker running it is SIGKILLed in the
+middle of it (the retry must find the world half-changed and finish the job once). A pending activity, not the
+history, says a step is running: the history records an activity's start only when it closes. Each killed worker
+is replaced at once. The test inventory's heartbeat timeout is 5 s, so a killed long step is retried within
+seconds."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from opsflow.temporal import DATA_CONVERTER
@@ -43,6 +45,7 @@ class Workers:
         self.lab, self.inventory, self.n = lab, inventory, 0
         self.procs: dict[str, subprocess.Popen] = {}
         self.kills = {"workflow": 0, "region": 0}
+        self.long_step_kills = 0
 
     def start(self, role: str) -> None:
         flag = "--no-regions" if role == "workflow" else "--no-workflows"
@@ -55,6 +58,11 @@ class Workers:
     def start_all(self) -> None:
         self.start("workflow")
         self.start("region")
+
+    def role_of(self, identity: str) -> str | None:
+        """Which of our workers an activity's `last_worker_identity` (the SDK's default, pid@host) names."""
+        pid = identity.split("@")[0]
+        return next((role for role, proc in self.procs.items() if str(proc.pid) == pid), None)
 
     def kill(self, role: str) -> None:
         proc = self.procs[role]
@@ -69,10 +77,10 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
     client = await Client.connect(lab.state["temporal"]["address"], data_converter=DATA_CONVERTER)
     handle = client.get_workflow_handle(wid)
     killed_completed: set[int] = set()
-    killed_started: set[int] = set()
+    killed_running: set[str] = set()
     approved = not approve
     deadline = time.monotonic() + timeout
-    long_steps: set[int] = set()  # scheduled event ids of activities with a heartbeat timeout
+    long_steps: set[str] = set()  # activity ids of the steps with a heartbeat timeout
     boundaries = 0
     while True:
         assert time.monotonic() < deadline, f"{wid} did not finish; kills {workers.kills}"
@@ -81,17 +89,20 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
         for e in history:
             if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
                 if e.activity_task_scheduled_event_attributes.heartbeat_timeout.seconds:
-                    long_steps.add(e.event_id)
-            elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
-                sched = e.activity_task_started_event_attributes.scheduled_event_id
-                if sched in long_steps and sched not in killed_started:
-                    killed_started.add(sched)
-                    workers.kill("region")  # in the middle of a long step
+                    long_steps.add(e.activity_task_scheduled_event_attributes.activity_id)
             elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
                 if e.event_id not in killed_completed:
                     killed_completed.add(e.event_id)
                     boundaries += 1
                     workers.kill("workflow")  # between two steps
+        for act in desc.raw_description.pending_activities:
+            running = act.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+            if running and act.activity_id in long_steps and act.activity_id not in killed_running:
+                role = workers.role_of(act.last_worker_identity)
+                if role is not None:  # else started by a worker killed since: its retry is killed instead
+                    killed_running.add(act.activity_id)
+                    workers.kill(role)  # in the middle of a long step
+                    workers.long_step_kills += 1
         if desc.status != WorkflowExecutionStatus.RUNNING:
             break
         if not approved:
@@ -108,7 +119,7 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
         shutil.copytree(lab.root, keep, ignore=shutil.ignore_patterns("pg", "*.db*"), dirs_exist_ok=True)
         report["failure"] = f"{report['failure']} (logs kept in {keep})"
     report["_boundaries"] = boundaries
-    report["_kills"] = dict(workers.kills)
+    report["_kills"] = dict(workers.kills, long_steps=workers.long_step_kills)
     return report
 
 
@@ -146,7 +157,7 @@ async def test_planned_failover_survives_a_kill_at_every_boundary(lab):
     wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--requester", "alice")["workflow_id"]
     report = await run_killing_at_every_boundary(lab, workers, wid, approve=True)
     assert report["status"] == "succeeded", explain(report)
-    assert report["_boundaries"] >= 8 and report["_kills"]["region"] >= 2, report["_kills"]
+    assert report["_boundaries"] >= 8 and report["_kills"]["long_steps"] >= 2, report["_kills"]
     assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 1  # one promotion asked of Azure
     assert timeline(lab.dsn("westeurope")) == 2  # and one happened
     assert report["rpo_bytes"] == 0 and sql(lab.dsn("westeurope"), "SELECT count(*) FROM orders")[0][0] == 500
@@ -160,7 +171,7 @@ async def test_emergency_failover_survives_a_kill_at_every_boundary(lab):
     wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--emergency", "--requester", "alice")["workflow_id"]
     report = await run_killing_at_every_boundary(lab, workers, wid, approve=False)
     assert report["status"] == "succeeded", explain(report)
-    assert report["_boundaries"] >= 5, report["_kills"]
+    assert report["_boundaries"] >= 5 and report["_kills"]["long_steps"] >= 1, report["_kills"]
     assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 1
     assert timeline(lab.dsn("westeurope")) == 2
 
@@ -179,6 +190,7 @@ async def test_failback_survives_a_kill_at_every_boundary(lab):
     wid = lab.cli_json("failback", "--env", inventory, "--to", "eastus", "--requester", "alice")["workflow_id"]
     report = await run_killing_at_every_boundary(lab, workers, wid, approve=True)
     assert report["status"] == "succeeded", explain(report)
+    assert report["_kills"]["long_steps"] >= 1, report["_kills"]
     assert arm_writes(lab, "PUT", "/flexibleServers/lab-eastus-pg") - builds_before == 1  # one replica built
     assert arm_writes(lab, "PATCH", "/flexibleServers/lab-eastus-pg") - promotions_before == 1  # one promotion back
     assert sql(lab.dsn("eastus"), "SELECT pg_is_in_recovery()")[0][0] is False
@@ -193,6 +205,7 @@ async def test_drill_survives_a_kill_at_every_boundary(lab):
     wid = lab.cli_json("drill", "--env", inventory, "--requester", "alice")["workflow_id"]
     report = await run_killing_at_every_boundary(lab, workers, wid, approve=False)
     assert report["status"] == "succeeded", explain(report)
+    assert report["_kills"]["long_steps"] >= 1, report["_kills"]
     assert report["scratch_deleted"] is True
     name = report["scratch_name"]
     assert arm_writes(lab, "PUT", f"/flexibleServers/{name}") == 1  # one scratch server created
