@@ -14,17 +14,20 @@ import argparse
 import hmac
 import os
 import sys
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
-from aiohttp import hdrs, web
-from google.protobuf import json_format
-from temporalio.api.common.v1 import Payloads
-from temporalio.converter import PayloadCodec
+if TYPE_CHECKING:  # aiohttp is imported when the server is built: every `opsflow` command builds this parser
+    from aiohttp import web
+    from temporalio.converter import PayloadCodec
 
 DEFAULT_PORT = 8081
 
 
 def build_app(codec: PayloadCodec, ui_origins: list[str], auth_token: str | None = None) -> web.Application:
+    from aiohttp import hdrs, web
+    from google.protobuf import json_format
+    from temporalio.api.common.v1 import Payloads
+
     allowed = {o.rstrip("/") for o in ui_origins}
 
     def cors(req: web.Request, resp: web.StreamResponse) -> None:
@@ -88,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
     from opsflow.codec import CodecConfigError, codec_from_env
     from opsflow.client import lab_state
 
