@@ -1,15 +1,18 @@
 """The lab for integration tests: real PostgreSQL, the ARM and Kubernetes emulators, the Temporal dev server.
 
 A fresh lab per test (a failover changes the world for good), without the lab's own worker: tests start
-and kill worker processes themselves. The CLI is run as a subprocess, the way a person runs it."""
+and kill worker processes themselves. The CLI is run as a subprocess, the way a person runs it; waits poll the
+status in-process (`Lab.status`), through the same library code."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +63,8 @@ class Lab:
         self.state = state
         self.inventory = state["inventory"]
         self.workers: list[subprocess.Popen] = []
+        self._status_loop: asyncio.AbstractEventLoop | None = None  # a thread's loop, holding one client
+        self._client = None
 
     def dsn(self, region: str) -> str:
         return self.state["regions"][region]["dsn"]
@@ -89,7 +94,40 @@ class Lab:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
+    def status(self, wid: str, missing_ok: bool = False) -> dict | None:
+        """What `opsflow status WID --json` prints, read in this process with the CLI's own `describe_status`: a
+        test polling the CLI as a subprocess spent ~0.5 s of CPU a poll, most of a core while it waited. No such
+        procedure: None with `missing_ok`, else the CLI's ClientError."""
+        if self._status_loop is None:
+            self._status_loop = asyncio.new_event_loop()
+            threading.Thread(target=self._status_loop.run_forever, daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(self._status(wid, missing_ok), self._status_loop).result(timeout=60)
+
+    async def _status(self, wid: str, missing_ok: bool) -> dict | None:
+        import dataclasses
+
+        from temporalio.client import Client
+
+        from opsflow.client import ClientError, describe_status
+        from opsflow.codec import codec_from_env
+        from opsflow.temporal import DATA_CONVERTER
+
+        if self._client is None:
+            codec = codec_from_env(self.env())  # an encrypted lab's key file, as its CLI finds it
+            converter = dataclasses.replace(DATA_CONVERTER, payload_codec=codec) if codec else DATA_CONVERTER
+            self._client = await Client.connect(self.state["temporal"]["address"], data_converter=converter)
+        try:
+            st = await describe_status(self._client, wid)
+        except ClientError:
+            if missing_ok:
+                return None
+            raise
+        return json.loads(json.dumps(st.as_dict(), default=str))
+
     def stop_workers(self) -> None:
+        if self._status_loop is not None:
+            self._status_loop.call_soon_threadsafe(self._status_loop.stop)
+            self._status_loop, self._client = None, None
         for w in self.workers:
             if w.poll() is None:
                 w.send_signal(signal.SIGTERM)

@@ -15,7 +15,6 @@ seconds."""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -106,8 +105,7 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
         if desc.status != WorkflowExecutionStatus.RUNNING:
             break
         if not approved:
-            status = lab.cli("status", wid, "--json")
-            if status.returncode == 0 and (json.loads(status.stdout).get("waiting_for") or "").startswith("approval"):
+            if (lab.status(wid).get("waiting_for") or "").startswith("approval"):
                 lab.cli("approve", wid, "--as", "bob", "--reason", "crash suite", check=True)
                 approved = True
         await asyncio.sleep(0.05)

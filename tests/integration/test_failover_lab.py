@@ -33,11 +33,12 @@ def wait_status(lab, wid: str, pred, timeout: float = 120, what: str = "status")
     last: list[dict] = []
 
     def check():
-        last[:] = [lab.cli_json("status", wid)]
+        last[:] = [lab.status(wid)]
         return last[0] if pred(last[0]) else None
 
     try:
-        return wait_for(check, timeout=timeout, interval=0.3, what=what)
+        wait_for(check, timeout=timeout, interval=0.3, what=what)
+        return lab.cli_json("status", wid)  # what a person sees, once it holds
     except AssertionError as e:
         r = last[0] if last else {}
         steps = [(s["name"], s["outcome"], s["detail"]) for s in r.get("steps", [])]

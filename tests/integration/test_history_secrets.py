@@ -86,13 +86,13 @@ async def test_no_secret_value_in_any_history(secret_lab):
     started = lab.cli_json("failover", "--to", "westeurope", "--requester", "carol", "--reason", "secret scan")
     wid = started["workflow_id"]
     def at_gate() -> bool:
-        r = lab.cli_json("status", wid)
+        r = lab.status(wid)
         assert r["status"] not in ("failed", "aborted", "refused"), r
         return (r.get("waiting_for") or "").startswith("approval")
 
     wait_for(at_gate, 120, what="the approval gate")
     lab.cli("approve", wid, "--as", "bob", "--reason", "ok", check=True)
-    wait_for(lambda: lab.cli_json("status", wid)["status"] in ("succeeded", "failed"), 300, what="the failover to end")
+    wait_for(lambda: lab.status(wid)["status"] in ("succeeded", "failed"), 300, what="the failover to end")
     drill = lab.cli("drill", "--requester", "alice", "--wait", "--json", timeout=400)
     assert drill.returncode in (0, 1), drill.stderr  # the scan matters here, not the drill's verdict
 

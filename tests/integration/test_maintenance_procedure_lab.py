@@ -39,9 +39,9 @@ def test_maintenance_window_on_the_lab(lab, worker, tmp_path):
     wait_for(lambda: dead_tuples(primary) >= 30_000, 30, what="the seeded dead tuples in the statistics")
     started = lab.cli_json("maintenance", "--requester", "alice", "--reason", "weekly")
     wid = started["workflow_id"]
-    wait_for(lambda: (lab.cli_json("status", wid).get("waiting_for") or "").startswith("approval"), 120, what="the approval gate")
+    wait_for(lambda: (lab.status(wid).get("waiting_for") or "").startswith("approval"), 120, what="the approval gate")
     lab.cli("approve", wid, "--as", "bob", "--reason", "go", check=True)
-    wait_for(lambda: lab.cli_json("status", wid)["status"] not in ("running", "waiting"), 300, what="the end of the maintenance")
+    wait_for(lambda: lab.status(wid)["status"] not in ("running", "waiting"), 300, what="the end of the maintenance")
     report = lab.cli_json("report", wid)
     assert report["status"] == "succeeded", (report["failure"], [(s["name"], s["outcome"], s["detail"]) for s in report["steps"]])
 
@@ -75,11 +75,11 @@ def test_a_fleet_of_two_environments_one_at_a_time_through_the_cli(lab, worker, 
                            "--max-concurrency", "1", "--requester", "alice")
     fleet = started["workflow_id"]
     for child in ("opsflow-lab", "opsflow-lab2"):
-        wait_for(lambda: lab.cli("status", child, "--json").returncode == 0
-                 and (lab.cli_json("status", child).get("waiting_for") or "").startswith("approval"), 180, what=f"{child} to wait for approval")
+        wait_for(lambda: ((lab.status(child, missing_ok=True) or {}).get("waiting_for") or "").startswith("approval"), 180,
+                 what=f"{child} to wait for approval")
         assert lab.cli_json("status", fleet)["members"][1 if child == "opsflow-lab" else 0]["status"] in ("not-started", "succeeded")
         lab.cli("approve", child, "--as", "bob", check=True)
-    wait_for(lambda: lab.cli_json("status", fleet)["status"] not in ("running", "waiting"), 300, what="the fleet to end")
+    wait_for(lambda: lab.status(fleet)["status"] not in ("running", "waiting"), 300, what="the fleet to end")
     report = lab.cli_json("report", fleet)
     assert report["status"] == "succeeded", report.get("failure")
     assert [(m["environment"], m["status"]) for m in report["members"]] == [("lab", "succeeded"), ("lab2", "succeeded")]
@@ -90,9 +90,9 @@ def test_a_table_locked_by_another_session_is_retried_then_skipped_and_the_rest_
     with psycopg.connect(lab.dsn("eastus")) as holder:
         holder.execute("LOCK TABLE lab_orders IN ACCESS EXCLUSIVE MODE")  # held for the whole window
         wid = lab.cli_json("maintenance", "--requester", "alice")["workflow_id"]
-        wait_for(lambda: (lab.cli_json("status", wid).get("waiting_for") or "").startswith("approval"), 120, what="the approval gate")
+        wait_for(lambda: (lab.status(wid).get("waiting_for") or "").startswith("approval"), 120, what="the approval gate")
         lab.cli("approve", wid, "--as", "bob", check=True)
-        wait_for(lambda: lab.cli_json("status", wid)["status"] not in ("running", "waiting"), 300, what="the end of the maintenance")
+        wait_for(lambda: lab.status(wid)["status"] not in ("running", "waiting"), 300, what="the end of the maintenance")
         holder.rollback()
     report = lab.cli_json("report", wid)
     assert report["status"] == "succeeded", report.get("failure")

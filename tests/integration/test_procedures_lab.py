@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from datetime import datetime, timezone
+from datetime import timezone
 
-import psycopg
 import pytest
 
 from tests.integration.conftest import wait_for
@@ -89,7 +87,7 @@ def test_restore_drill_restores_exactly_the_rows_before_the_point(lab, worker):
 
 
 def test_failover_on_the_aws_variant(aws_lab):
-    worker = aws_lab.start_worker()
+    aws_lab.start_worker()
     try:
         east, west = aws_lab.dsn("eastus"), aws_lab.dsn("westeurope")
         sql(east, "CREATE TABLE orders (id int PRIMARY KEY)")

@@ -6,7 +6,6 @@ One lab for the module (the rollouts run one after another, as they would on an 
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections import Counter
 from urllib.parse import quote
@@ -41,15 +40,12 @@ def rollout_lab(tmp_path_factory):
 def run_rollout(lab: Lab, *args: str) -> dict:
     started = lab.cli_json(*args, "--requester", "alice")
     wid = started["workflow_id"]
-    wait_for(lambda: lab.cli_json("status", wid)["current_step"] == "approval", 60, what="the approval gate")
+    wait_for(lambda: lab.status(wid)["current_step"] == "approval", 60, what="the approval gate")
     lab.cli("approve", wid, "--as", "carol", check=True)
     lab.cli("approve", wid, "--as", "dave", check=True)
 
-    def ended():
-        r = lab.cli_json("report", wid)
-        return r if r["status"] not in ("running", "waiting", "paused") else None
-
-    return wait_for(ended, 240, 1.0, "the rollout to end")
+    wait_for(lambda: lab.status(wid)["status"] not in ("running", "waiting", "paused"), 240, what="the rollout to end")
+    return lab.cli_json("report", wid)
 
 
 def route_weights(lab: Lab) -> dict:

@@ -70,7 +70,7 @@ async def test_signed_approvals_on_the_lab(signed_lab, keys, agent, tmp_path):
     assert refused.returncode == 1 and "'eve' may not start failover" in refused.stdout + refused.stderr, refused
     started = lab.cli_json("failover", "--to", "westeurope", "--requester", "carol", "--reason", "signed drill", "--key", keys["carol"][0])
     wid = started["workflow_id"]
-    wait_for(lambda: status(lab, wid)["status"] == "waiting", 120, what="the approval gate")
+    wait_for(lambda: lab.status(wid)["status"] == "waiting", 120, what="the approval gate")
 
     client = await Client.connect(lab.state["temporal"]["address"])
     handle = client.get_workflow_handle(wid)
@@ -102,7 +102,7 @@ async def test_signed_approvals_on_the_lab(signed_lab, keys, agent, tmp_path):
     done = subprocess.run([*lab_cli(lab), "approve", wid, "--as", "dana", "--reason", "qa ok"], capture_output=True, text=True,
                           env={**lab.env(), "SSH_AUTH_SOCK": agent}, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
-    wait_for(lambda: status(lab, wid)["status"] in ("succeeded", "failed"), 300, what="the failover to end")
+    wait_for(lambda: lab.status(wid)["status"] in ("succeeded", "failed"), 300, what="the failover to end")
 
     # None of the refused requests reached the history: exactly the two accepted approvals are there.
     history = await handle.fetch_history()
