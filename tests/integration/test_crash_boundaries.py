@@ -44,7 +44,6 @@ class Workers:
         self.lab, self.inventory, self.n = lab, inventory, 0
         self.procs: dict[str, subprocess.Popen] = {}
         self.kills = {"workflow": 0, "region": 0}
-        self.long_step_kills = 0
 
     def start(self, role: str) -> None:
         flag = "--no-regions" if role == "workflow" else "--no-workflows"
@@ -101,7 +100,6 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
                 if role is not None:  # else started by a worker killed since: its retry is killed instead
                     killed_running.add(act.activity_id)
                     workers.kill(role)  # in the middle of a long step
-                    workers.long_step_kills += 1
         if desc.status != WorkflowExecutionStatus.RUNNING:
             break
         if not approved:
@@ -117,7 +115,7 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
         shutil.copytree(lab.root, keep, ignore=shutil.ignore_patterns("pg", "*.db*"), dirs_exist_ok=True)
         report["failure"] = f"{report['failure']} (logs kept in {keep})"
     report["_boundaries"] = boundaries
-    report["_kills"] = dict(workers.kills, long_steps=workers.long_step_kills)
+    report["_kills"] = dict(workers.kills, long_steps=len(killed_running))
     return report
 
 
