@@ -60,7 +60,7 @@ def port_free(port: int) -> bool:
 
 
 def pick_port(preferred: int | None = None) -> int:
-    from lab.postgres import free_port
+    from lab.ports import free_port
 
     if preferred and port_free(preferred):
         return preferred
@@ -133,24 +133,34 @@ def pid_alive(pid: int) -> bool:
 
 
 def stop_pid(pid: int, timeout: float = 15) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after the timeout."""
+    stop_pids([pid], timeout)
+
+
+def stop_pids(pids: list[int], timeout: float = 15) -> None:
+    """SIGTERM each process group, then SIGKILL what is left after the timeout; all at once, so that a lab's
+    slowest process to stop sets the time, not the sum of them."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
+        left = [p for p in pids if pid_alive(p)]
+        for pid in left:
             try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not pid_alive(pid):
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
                 try:
-                    os.waitpid(pid, os.WNOHANG)
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        while left and time.monotonic() < deadline:
+            for pid in left:
+                try:
+                    os.waitpid(pid, os.WNOHANG)  # reap our children, or they stay zombies
                 except ChildProcessError:
                     pass
-                return
-            time.sleep(0.1)
+            left = [p for p in left if pid_alive(p)]
+            if left:
+                time.sleep(0.05)
+        if not left:
+            return
 
 
 # -- up ------------------------------------------------------------------------------------------------------
@@ -513,8 +523,12 @@ def down(root: Path, quiet: bool = False, keep_dir: bool = False) -> None:
     from lab.postgres import Cluster
 
     lab = Lab(root)
-    for name in ["worker", *[n for n in list(lab.state.get("processes", {})) if n != "worker"]]:
-        lab.stop_process(name)
+    lab.stop_process("worker")  # first: it stops cleanly only while Temporal is there
+    procs = lab.state.get("processes", {})
+    if procs:
+        stop_pids([info["pid"] for info in procs.values()])
+        procs.clear()
+        lab.save()
     # Clusters the emulators created (scratch restores, rebuilt replicas) die with the lab too.
     from lab.arm_emulator import created_clusters
     from lab.aws_lab import drop_restored_clusters

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lab.ports import free_port  # noqa: F401  (the lab's one port picker; imported from here by older callers)
+
 PG_VERSION = "15"
 DEFAULT_BINDIR = Path(f"/usr/lib/postgresql/{PG_VERSION}/bin")
 SERVER_USER = "postgres"  # the OS user the servers run as when we are root
@@ -171,20 +173,6 @@ def _make_dir(path: Path) -> Path:
 
 
 # -- ports ---------------------------------------------------------------------------------------------------
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (not handed out before by this process)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-    raise PostgresLabError("no free loopback port found")
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.request import urlopen
 
+from lab.ports import free_port
+
 log = logging.getLogger("lab.rollout")
 
 IMAGE_REPO = "registry.lab/shop"
@@ -38,12 +40,6 @@ APP = "web"
 NAMESPACE = "shop"
 NGINX = "/usr/sbin/nginx"
 PROMETHEUS = "/usr/bin/prometheus"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port: int) -> bool:

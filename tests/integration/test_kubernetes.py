@@ -14,7 +14,6 @@ import inspect
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import ActivityEnvironment
 
 from activities.kubernetes import kube_status, scale_up, scale_up_and_wait, set_maintenance
+from lab.ports import free_port
 from lab.k8s_emulator import BROKEN_ANNOTATION, NODE_NOT_READY_ANNOTATION, start_emulator, write_kubeconfig
 from opsflow.inventory import KubernetesConfig
 from opsflow.models import MaintenanceRequest, RegionTarget, ScaleRequest
@@ -97,12 +97,6 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the emulator speaks the Kubernetes API ----------------------------------------------------------------------

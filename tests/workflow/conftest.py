@@ -7,6 +7,7 @@ import pytest_asyncio
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from lab.ports import free_port
 from opsflow.inventory import Inventory
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import dev_server, venv_binary
@@ -27,7 +28,7 @@ WORKFLOWS += [CanaryWorkflow, BlueGreenWorkflow]
 async def env():
     """One time-skipping server per test module: skipped time and stray activity attempts stay in it."""
     async with await WorkflowEnvironment.start_time_skipping(
-        data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")
+        data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server"), port=free_port()
     ) as e:
         await register_search_attributes(e.client)
         yield e
