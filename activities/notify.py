@@ -9,8 +9,10 @@ import urllib.request
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.context import heartbeating
 from activities.secrets import resolve
-from opsflow.models import NotifyRequest
+from opsflow.inventory import NotificationChannel
+from opsflow.models import Notification, NotifyRequest
 
 
 @activity.defn(name="notify.send")
@@ -21,6 +23,11 @@ def send(request: NotifyRequest) -> list[str]:
     unknown = set(n.channels) - {c.name for c in request.channels}
     if unknown:
         raise ApplicationError(f"unknown notification channel(s): {', '.join(sorted(unknown))}", type="BadInput", non_retryable=True)
+    with heartbeating("sending notifications"):  # a worker lost mid-send is noticed within the heartbeat timeout
+        return _send(n, channels)
+
+
+def _send(n: Notification, channels: list[NotificationChannel]) -> list[str]:
     sent = []
     for channel in channels:
         url = channel.url or resolve(channel.url_secret)  # url: only in inventories recorded before secret-only channels

@@ -269,6 +269,7 @@ async def start_procedure(client: Client, inv: Inventory, procedure: str, arg: A
             try:
                 started = await client.start_workflow(
                     procedure, arg, id=wid, task_queue=inv.task_queue, memo=memo or None,
+                    task_timeout=timedelta(seconds=inv.limits.workflow_task_timeout),
                     id_conflict_policy=WorkflowIDConflictPolicy.FAIL, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
                     static_summary=summary, static_details=f"requested by {requester}" + (f": {reason}" if reason else ""),
                     search_attributes=procedure_search_attributes(procedure, inv.environment),

@@ -276,8 +276,12 @@ class Limits(Strict):
     pause_timeout: Seconds = 1800
     # Long waits read the cloud's control plane at most this often (the database is polled over SQL).
     control_plane_interval: Seconds = 10
+    # How long Temporal waits for the worker that took a procedure's next decision (a workflow task) before another
+    # worker gets it: what a worker that dies mid-decision costs the procedure. Temporal's default; at most 120 s.
+    workflow_task_timeout: Seconds = Field(default=10, ge=1, le=120)
 
-    _d = field_validator("worker_wait", "busy_wait", "pause_timeout", "control_plane_interval", mode="before")(parse_duration)
+    _d = field_validator("worker_wait", "busy_wait", "pause_timeout", "control_plane_interval", "workflow_task_timeout",
+                         mode="before")(parse_duration)
 
 
 class FailoverPolicy(Strict):

@@ -16,7 +16,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
 from workflows.failover import FailoverInput
-from workflows.procedure import Procedure, StepDecl, Stop, failure_message
+from workflows.procedure import Procedure, child_task_timeout, StepDecl, Stop, failure_message
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory
@@ -191,6 +191,7 @@ class FailbackWorkflow(Procedure):
                 result_type=FailoverReport,
                 task_queue=inv.task_queue,
                 static_summary=f"Failover back to {to} (part of {workflow.info().workflow_id})",
+                task_timeout=child_task_timeout(),
             )
         except ChildWorkflowError as err:
             cause = err.cause

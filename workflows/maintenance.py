@@ -23,7 +23,7 @@ from temporalio import workflow
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
-from workflows.procedure import Procedure, Request, StepDecl, Stop, failure_message
+from workflows.procedure import Procedure, child_task_timeout, Request, StepDecl, Stop, failure_message
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.calendar import Calendar
@@ -557,6 +557,7 @@ class MaintenanceFleetWorkflow(Procedure):
                     task_queue=inv.task_queue,
                     id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
                     static_summary=f"maintenance of {inv.environment} (fleet {report.workflow_id})",
+                    task_timeout=child_task_timeout(),
                 )
                 children.append(handle)
                 child = await handle

@@ -117,12 +117,19 @@ def failure_message(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+def child_task_timeout() -> timedelta | None:
+    """A child procedure's workflow task timeout: its parent's (the inventory's `limits.workflow_task_timeout`, set
+    at the start), so a worker that dies mid-decision costs the child no more than the parent."""
+    return workflow.info().task_timeout if workflow.patched("child-task-timeout") else None
+
+
 def not_started(err: ActivityError) -> bool:
     """True when the activity never reached a worker within its bound."""
     return isinstance(err.cause, TimeoutError) and err.cause.type == TimeoutType.SCHEDULE_TO_START
 
 
 RETRY_NEVER = ["BadInput", "Refused", "NotFound"]
+NOTIFY_HEARTBEAT = 10  # seconds; notify.send heartbeats every 2 s while it sends
 
 
 class Procedure:
@@ -674,7 +681,9 @@ class Procedure:
             ),  # type: ignore[arg-type]
             channels=self.inventory.notifications,
         )
-        opts = self.activity_options(self.inventory.task_queue, 30, None, 3)
+        # A worker lost while it sends costs the heartbeat timeout, not the 30 s bound (the activity heartbeats).
+        heartbeat = NOTIFY_HEARTBEAT if workflow.patched("notify-heartbeat") else None
+        opts = self.activity_options(self.inventory.task_queue, 30, heartbeat, 3)
         opts.pop("cancellation_type")
         try:
             await workflow.execute_activity("notify.send", request, summary=f"notify: {text[:60]}", **opts)

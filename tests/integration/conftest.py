@@ -20,8 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Worker flags for tests that SIGKILL workers: a killed worker costs each procedure the sticky timeout at its next
-# step (10 s by default), 2 s with these.
-FAST_RESTART = ("--sticky-timeout", "2")
+# step (10 s by default), 1 s with these.
+FAST_RESTART = ("--sticky-timeout", "1")
 
 
 @pytest.fixture

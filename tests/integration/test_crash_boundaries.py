@@ -38,20 +38,31 @@ OK = (200, 201, 202)
 
 
 class Workers:
-    """The workflow worker and the region worker of a lab, each restartable after a SIGKILL."""
+    """The workflow worker and the region worker of a lab, each replaced at once after a SIGKILL: a standby of each
+    role (tests/integration/standby_worker.py, started ahead and waiting) takes over, and the next standby warms
+    up meanwhile."""
 
     def __init__(self, lab, inventory: str):
         self.lab, self.inventory, self.n = lab, inventory, 0
         self.procs: dict[str, subprocess.Popen] = {}
+        self.standby: dict[str, subprocess.Popen] = {}
         self.kills = {"workflow": 0, "region": 0}
 
-    def start(self, role: str) -> None:
+    def _spawn(self, role: str) -> subprocess.Popen:
         flag = "--no-regions" if role == "workflow" else "--no-workflows"
         self.n += 1
         log = open(self.lab.root / f"worker-{role}-{self.n}.log", "w")
-        self.procs[role] = subprocess.Popen([sys.executable, "-m", "worker.main", "--env", self.inventory, flag, *FAST_RESTART],
-                                            stdout=log, stderr=subprocess.STDOUT, env=self.lab.env(), cwd=ROOT)
-        self.lab.workers.append(self.procs[role])
+        proc = subprocess.Popen([sys.executable, "-m", "tests.integration.standby_worker", "--env", self.inventory, flag, *FAST_RESTART],
+                                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=self.lab.env(), cwd=ROOT)
+        self.lab.workers.append(proc)
+        return proc
+
+    def start(self, role: str) -> None:
+        proc = self.standby.pop(role, None) or self._spawn(role)
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        self.procs[role] = proc
+        self.standby[role] = self._spawn(role)
 
     def start_all(self) -> None:
         self.start("workflow")
@@ -130,9 +141,12 @@ def arm_writes(lab, method: str, path_end: str) -> int:
 
 
 def fast_heartbeats(lab) -> str:
+    """The inventory with the bounds on what a killed worker costs made short: a long step's heartbeat (retried
+    after it), a decision a killed workflow worker held (another worker gets it after the task timeout)."""
     inv = yaml.safe_load(open(lab.inventory))
     inv.setdefault("failover", {})["heartbeat_timeout"] = "5s"
     inv.setdefault("drill", {})["heartbeat_timeout"] = "5s"
+    inv.setdefault("limits", {})["workflow_task_timeout"] = "2s"
     path = lab.root / "inventory-crash.yaml"
     path.write_text(yaml.safe_dump(inv))
     return str(path)
