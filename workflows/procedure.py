@@ -659,6 +659,7 @@ class Procedure:
             sorted(set(queues)),
             result_type=list[str],
             queue=self.inventory.task_queue,
+            timeout=10,  # one DescribeTaskQueue per queue; a worker lost mid-check costs this, not the 60 s default
             attempts=3,
             detail=lambda u: f"unserved: {', '.join(u)}" if u else "all served",
         )
