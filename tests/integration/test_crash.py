@@ -10,11 +10,16 @@ import urllib.request
 
 import pytest
 
-from tests.integration.conftest import FAST_RESTART, wait_for
+from tests.integration.conftest import FAST_RESTART, fast_recovery, wait_for
 from tests.integration.test_failover_lab import approve, sql, timeline, wait_end, wait_status
 
 pytestmark = pytest.mark.lab
 
+
+def explain(report: dict) -> str:
+    """What a failed procedure's report says, whole: its failure, what is left to do, each step's outcome."""
+    return f"{report.get('failure')}; remaining {report.get('remaining')}; " + "; ".join(
+        f"{s['name']}: {s['outcome']} {s['detail'][:300]}" for s in report["steps"])
 
 def arm_admin(lab, path: str, body: dict | None = None):
     """The ARM emulator's admin API (HTTPS with the lab's test CA)."""
@@ -33,6 +38,7 @@ def promotions_requested(lab) -> int:
 
 def test_worker_killed_during_catch_up_and_during_promotion(lab):
     east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    lab.inventory = fast_recovery(lab)
     first = lab.start_worker(*FAST_RESTART)
     sql(east, "CREATE TABLE orders (id int PRIMARY KEY)")
     sql(east, "INSERT INTO orders SELECT generate_series(1, 1000)")
@@ -40,7 +46,7 @@ def test_worker_killed_during_catch_up_and_during_promotion(lab):
     sql(west, "SELECT pg_wal_replay_pause()")  # the replica falls behind: the catch-up wait has to wait
     sql(east, "INSERT INTO orders SELECT generate_series(1001, 2000)")
 
-    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    wid = lab.cli_json("failover", "--env", lab.inventory, "--to", "westeurope", "--requester", "alice")["workflow_id"]
     approve(lab, wid)
     wait_status(lab, wid, lambda r: r["current_step"] == "catch-up", what="the catch-up wait")
     time.sleep(1)
@@ -70,19 +76,14 @@ def replica_builds_requested(lab, server: str) -> int:
     return sum(1 for r in entries if r.get("method") == "PUT" and r.get("path", "").split("?")[0].endswith(f"/flexibleServers/{server}") and r.get("status") in (200, 201, 202))
 
 
-def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab, tmp_path):
+def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab):
     import psycopg
-    import yaml
 
     from tests.integration.test_procedures_lab import failover
 
     east, west = lab.dsn("eastus"), lab.dsn("westeurope")
     # A lag limit of 1 KiB: the failback's catch-up has to wait while westeurope takes writes.
-    inv = yaml.safe_load(open(lab.inventory))
-    inv["failover"]["max_planned_lag_bytes"] = 1024
-    inv["failover"]["heartbeat_timeout"] = "5s"  # a killed worker's rebuild and catch-up are retried after 20 s and 5 s
-    (tmp_path / "inv.yaml").write_text(yaml.safe_dump(inv))
-    lab.inventory = str(tmp_path / "inv.yaml")
+    lab.inventory = fast_recovery(lab, max_planned_lag_bytes=1024)
     worker = lab.start_worker(*FAST_RESTART)
     sql(east, "CREATE TABLE events (id bigserial PRIMARY KEY, body text)")
     failover(lab, "westeurope")
@@ -113,7 +114,7 @@ def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab, tm
     time.sleep(2)
     sql(east, "SELECT pg_wal_replay_resume()")
     report = wait_end(lab, wid, timeout=240)
-    assert report["status"] == "succeeded", report
+    assert report["status"] == "succeeded", explain(report)
     assert replica_builds_requested(lab, "lab-eastus-pg") == 1  # one replica built, despite the crash
     rows = sql(west, "SELECT count(*) FROM events")[0][0]
     assert sql(east, "SELECT count(*) FROM events")[0][0] == rows > 0

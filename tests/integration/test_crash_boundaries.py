@@ -9,8 +9,8 @@ ActivityTaskCompleted the workflow worker is SIGKILLed (the next step must be de
 the history), and while each heartbeating (long) step is running, the worker running it is SIGKILLed in the
 middle of it (the retry must find the world half-changed and finish the job once). A pending activity, not the
 history, says a step is running: the history records an activity's start only when it closes. Each killed worker
-is replaced at once. The test inventory's heartbeat timeout is 5 s, so a killed long step is retried within
-seconds."""
+is replaced at once. The test inventory's heartbeat timeout is 5 s and its workflow task timeout 2 s
+(conftest.fast_recovery), so a killed step or decision is taken over within seconds."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from opsflow.temporal import DATA_CONVERTER
-from tests.integration.conftest import FAST_RESTART, ROOT, wait_for
-from tests.integration.test_crash import arm_admin
+from tests.integration.conftest import FAST_RESTART, ROOT, fast_recovery, wait_for
+from tests.integration.test_crash import arm_admin, explain
 from tests.integration.test_failover_lab import sql, timeline, wait_end, wait_status
 
 pytestmark = [pytest.mark.lab, pytest.mark.crash]
@@ -130,26 +130,10 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
     return report
 
 
-def explain(report: dict) -> str:
-    return f"{report['failure']} {[(s['name'], s['outcome'], s['detail'][:300]) for s in report['steps']]}"
-
-
 def arm_writes(lab, method: str, path_end: str) -> int:
     """Accepted ARM requests of one kind: the side effects, counted at the emulator."""
     return sum(1 for r in arm_admin(lab, "/_emulator/requests")["value"]
                if r["method"] == method and r["path"].split("?")[0].endswith(path_end) and r["status"] in OK)
-
-
-def fast_heartbeats(lab) -> str:
-    """The inventory with the bounds on what a killed worker costs made short: a long step's heartbeat (retried
-    after it), a decision a killed workflow worker held (another worker gets it after the task timeout)."""
-    inv = yaml.safe_load(open(lab.inventory))
-    inv.setdefault("failover", {})["heartbeat_timeout"] = "5s"
-    inv.setdefault("drill", {})["heartbeat_timeout"] = "5s"
-    inv.setdefault("limits", {})["workflow_task_timeout"] = "2s"
-    path = lab.root / "inventory-crash.yaml"
-    path.write_text(yaml.safe_dump(inv))
-    return str(path)
 
 
 def setup_data(lab) -> None:
@@ -160,7 +144,7 @@ def setup_data(lab) -> None:
 
 
 async def test_planned_failover_survives_a_kill_at_every_boundary(lab):
-    inventory = fast_heartbeats(lab)
+    inventory = fast_recovery(lab)
     setup_data(lab)
     workers = Workers(lab, inventory)
     workers.start_all()
@@ -174,7 +158,7 @@ async def test_planned_failover_survives_a_kill_at_every_boundary(lab):
 
 
 async def test_emergency_failover_survives_a_kill_at_every_boundary(lab):
-    inventory = fast_heartbeats(lab)
+    inventory = fast_recovery(lab)
     setup_data(lab)
     workers = Workers(lab, inventory)
     workers.start_all()
@@ -189,7 +173,7 @@ async def test_emergency_failover_survives_a_kill_at_every_boundary(lab):
 async def test_failback_survives_a_kill_at_every_boundary(lab):
     from tests.integration.test_procedures_lab import failover
 
-    inventory = fast_heartbeats(lab)
+    inventory = fast_recovery(lab)
     lab.inventory = inventory
     setup_data(lab)
     workers = Workers(lab, inventory)
@@ -208,7 +192,7 @@ async def test_failback_survives_a_kill_at_every_boundary(lab):
 
 
 async def test_drill_survives_a_kill_at_every_boundary(lab):
-    inventory = fast_heartbeats(lab)
+    inventory = fast_recovery(lab)
     setup_data(lab)
     workers = Workers(lab, inventory)
     workers.start_all()
