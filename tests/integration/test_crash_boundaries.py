@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 from temporalio.api.enums.v1 import EventType, PendingActivityState
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client
 
 from opsflow.temporal import DATA_CONVERTER
 from tests.integration.conftest import FAST_RESTART, ROOT, fast_recovery, wait_for
@@ -35,6 +35,12 @@ from tests.integration.test_failover_lab import sql, timeline, wait_end, wait_st
 pytestmark = [pytest.mark.lab, pytest.mark.crash]
 
 OK = (200, 201, 202)
+ACTIVITY_CLOSED = {  # the event types that end an activity, and their attributes' field
+    EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity_task_completed_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "activity_task_failed_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "activity_task_timed_out_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED: "activity_task_canceled_event_attributes",
+}
 
 
 class Workers:
@@ -82,42 +88,54 @@ class Workers:
 
 
 async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve: bool, timeout: float = 900) -> dict:
-    """Follow the workflow's history until it closes; kill at every activity boundary (see the module doc)."""
+    """Follow the workflow's history until it closes, killing at every activity boundary (see the module doc). The
+    history is followed with a long poll, each event as it is written (reading it whole every 50 ms cost the test and
+    the server more CPU than the procedure); pending activities are read only while a long step may be running."""
     client = await Client.connect(lab.state["temporal"]["address"], data_converter=DATA_CONVERTER)
     handle = client.get_workflow_handle(wid)
-    killed_completed: set[int] = set()
+    long_steps: dict[int, str] = {}  # scheduled event id -> activity id, of the long steps not yet killed or closed
     killed_running: set[str] = set()
-    approved = not approve
-    deadline = time.monotonic() + timeout
-    long_steps: set[str] = set()  # activity ids of the steps with a heartbeat timeout
     boundaries = 0
-    while True:
-        assert time.monotonic() < deadline, f"{wid} did not finish; kills {workers.kills}"
-        desc = await handle.describe()
-        history = [e async for e in handle.fetch_history_events()]
-        for e in history:
+    closed = asyncio.Event()
+
+    async def follow_history() -> None:
+        nonlocal boundaries
+        async for e in handle.fetch_history_events(wait_new_event=True):
             if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
                 if e.activity_task_scheduled_event_attributes.heartbeat_timeout.seconds:
-                    long_steps.add(e.activity_task_scheduled_event_attributes.activity_id)
-            elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
-                if e.event_id not in killed_completed:
-                    killed_completed.add(e.event_id)
+                    long_steps[e.event_id] = e.activity_task_scheduled_event_attributes.activity_id
+            elif e.event_type in ACTIVITY_CLOSED:
+                long_steps.pop(getattr(e, ACTIVITY_CLOSED[e.event_type]).scheduled_event_id, None)
+                if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
                     boundaries += 1
                     workers.kill("workflow")  # between two steps
-        for act in desc.raw_description.pending_activities:
-            running = act.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
-            if running and act.activity_id in long_steps and act.activity_id not in killed_running:
-                role = workers.role_of(act.last_worker_identity)
-                if role is not None:  # else started by a worker killed since: its retry is killed instead
-                    killed_running.add(act.activity_id)
-                    workers.kill(role)  # in the middle of a long step
-        if desc.status != WorkflowExecutionStatus.RUNNING:
-            break
-        if not approved:
-            if (lab.status(wid).get("waiting_for") or "").startswith("approval"):
-                lab.cli("approve", wid, "--as", "bob", "--reason", "crash suite", check=True)
-                approved = True
-        await asyncio.sleep(0.05)
+        closed.set()
+
+    async def kill_long_steps_and_approve() -> None:
+        approved, next_look = not approve, 0.0
+        while not closed.is_set():
+            if set(long_steps.values()) - killed_running:
+                for act in (await handle.describe()).raw_description.pending_activities:
+                    running = act.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+                    if running and act.activity_id in long_steps.values() and act.activity_id not in killed_running:
+                        role = workers.role_of(act.last_worker_identity)
+                        if role is not None:  # else started by a worker killed since: its retry is killed instead
+                            killed_running.add(act.activity_id)
+                            workers.kill(role)  # in the middle of a long step
+            if not approved and time.monotonic() >= next_look:
+                next_look = time.monotonic() + 0.3
+                if ((await asyncio.to_thread(lab.status, wid)).get("waiting_for") or "").startswith("approval"):
+                    await asyncio.to_thread(lab.cli, "approve", wid, "--as", "bob", "--reason", "crash suite", check=True)
+                    approved = True
+            try:
+                await asyncio.wait_for(closed.wait(), 0.05)
+            except TimeoutError:
+                pass
+
+    try:
+        await asyncio.wait_for(asyncio.gather(follow_history(), kill_long_steps_and_approve()), timeout)
+    except TimeoutError:
+        raise AssertionError(f"{wid} did not finish in {timeout:.0f}s; kills {workers.kills}") from None
     report = wait_end(lab, wid, timeout=120)
     if report["status"] != "succeeded":  # keep the lab's logs for whoever reads the failure
         import shutil
