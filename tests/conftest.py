@@ -62,12 +62,24 @@ def dev_server(**kwargs):
 SPREAD = ("tests/integration/test_crash_boundaries.py", "tests/integration/test_crash.py",
           "tests/integration/test_procedures_lab.py", "tests/integration/test_failover_lab.py",
           "tests/integration/test_maintenance_procedure_lab.py")
+# Then the longest whole modules; the rest after them, in collection order (the short ones last: no process is left
+# running one long test while the others are idle).
+LONG_MODULES = ("tests/integration/test_faults.py", "tests/integration/test_rollout_lab.py",
+                "tests/integration/test_aws_restore.py", "tests/integration/test_azure_restore.py")
+ORDER = {module: i for i, module in enumerate(SPREAD + LONG_MODULES)}
+# The two ~2-minute tests (each a failback with workers killed) start before anything else.
+FIRST = ("tests/integration/test_crash_boundaries.py::test_failback_survives_a_kill_at_every_boundary",
+         "tests/integration/test_crash.py::test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback")
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """make test's parallel run (pytest-xdist): one unit of work per module, per test in SPREAD. (xdist's own
-    `loadgroup` marks do not work with pytest 9, which no longer reads the `_nodeid` xdist rewrites.)"""
+    """make test's parallel run (pytest-xdist): one unit of work per module, per test in SPREAD, handed out in the
+    order of the collection (below). xdist's own reordering (largest scope first, on by default) put SPREAD's
+    one-test scopes last, and a 2-minute crash test started when the others were done. (xdist's `loadgroup` marks
+    do not work with pytest 9, which no longer reads the `_nodeid` xdist rewrites.)"""
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False
 
     class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -78,6 +90,5 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    """SPREAD's tests first, longest first; the other processes take the rest meanwhile."""
-    order = {module: i for i, module in enumerate(SPREAD)}
-    items.sort(key=lambda item: order.get(item.nodeid.split("::", 1)[0], len(SPREAD)))
+    """SPREAD's tests first, then the long modules, longest first; the other processes take the rest meanwhile."""
+    items.sort(key=lambda item: (item.nodeid not in FIRST, ORDER.get(item.nodeid.split("::", 1)[0], len(ORDER))))
