@@ -194,6 +194,13 @@ def worker(lab):
     lab.stop_workers()
 
 
+def explain(report: dict) -> str:
+    """What a failed procedure's report says, whole (pytest cuts a dict short): its failure, what is left to do,
+    each step's outcome."""
+    return f"{report.get('failure')}; remaining {report.get('remaining')}; " + "; ".join(
+        f"{s['name']}: {s['outcome']} {(s.get('detail') or '')[:300]}" for s in report.get("steps", []))
+
+
 def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -10,16 +10,10 @@ import urllib.request
 
 import pytest
 
-from tests.integration.conftest import FAST_RESTART, fast_recovery, wait_for
+from tests.integration.conftest import FAST_RESTART, explain, fast_recovery, wait_for
 from tests.integration.test_failover_lab import approve, sql, timeline, wait_end, wait_status
 
 pytestmark = pytest.mark.lab
-
-
-def explain(report: dict) -> str:
-    """What a failed procedure's report says, whole: its failure, what is left to do, each step's outcome."""
-    return f"{report.get('failure')}; remaining {report.get('remaining')}; " + "; ".join(
-        f"{s['name']}: {s['outcome']} {s['detail'][:300]}" for s in report["steps"])
 
 def arm_admin(lab, path: str, body: dict | None = None):
     """The ARM emulator's admin API (HTTPS with the lab's test CA)."""
@@ -63,7 +57,7 @@ def test_worker_killed_during_catch_up_and_during_promotion(lab):
     lab.start_worker(*FAST_RESTART)
 
     report = wait_end(lab, wid, timeout=240)
-    assert report["status"] == "succeeded", report
+    assert report["status"] == "succeeded", explain(report)
     assert promotions_requested(lab) == 1  # exactly one promotion asked of Azure
     assert timeline(west) == 2  # and exactly one happened: one timeline switch
     assert sql(west, "SELECT count(*) FROM orders")[0][0] == 2000

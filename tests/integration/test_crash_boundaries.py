@@ -28,8 +28,8 @@ from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client
 
 from opsflow.temporal import DATA_CONVERTER
-from tests.integration.conftest import FAST_RESTART, ROOT, fast_recovery, wait_for
-from tests.integration.test_crash import arm_admin, explain
+from tests.integration.conftest import FAST_RESTART, ROOT, explain, fast_recovery, wait_for
+from tests.integration.test_crash import arm_admin
 from tests.integration.test_failover_lab import sql, timeline, wait_end, wait_status
 
 pytestmark = [pytest.mark.lab, pytest.mark.crash]
@@ -249,7 +249,7 @@ def test_failover_completes_across_a_temporal_server_restart(lab):
     try:
         sql(west, "SELECT pg_wal_replay_resume()")
         report = wait_end(lab, wid, timeout=300)
-        assert report["status"] == "succeeded", report
+        assert report["status"] == "succeeded", explain(report)
         assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 1 and timeline(west) == 2
         assert sql(west, "SELECT count(*) FROM orders")[0][0] == 1000
     finally:

@@ -9,7 +9,7 @@ import time
 import psycopg
 import pytest
 
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import explain, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -90,7 +90,7 @@ def test_planned_failover_moves_the_primary_for_real(lab, worker):
     assert self_approval.returncode == 1 and "may not approve" in self_approval.stderr
     approve(lab, wid)
     report = wait_end(lab, wid)
-    assert report["status"] == "succeeded", report
+    assert report["status"] == "succeeded", explain(report)
     names = [s["name"] for s in report["steps"]]
     assert names[names.index("approval"):] == planned  # the dry run's plan is the run's steps, in order
 
@@ -154,7 +154,7 @@ def test_no_acknowledged_write_is_lost(lab, worker):
     wait_for(lambda: len(acknowledged) > before_stop + 20, what="writes on the new primary")
     stop.set()
     t.join(10)
-    assert report["status"] == "succeeded", report
+    assert report["status"] == "succeeded", explain(report)
     present = {r[0] for r in sql(west, "SELECT id FROM ledger")}
     lost = [n for n in acknowledged if n not in present]
     assert not lost, f"{len(lost)} acknowledged writes lost: {lost[:10]}"

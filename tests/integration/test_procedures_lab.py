@@ -8,7 +8,7 @@ from datetime import timezone
 
 import pytest
 
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import explain, wait_for
 from tests.integration.test_failover_lab import approve, sql, timeline, wait_end, wait_status
 
 pytestmark = pytest.mark.lab
@@ -18,7 +18,7 @@ def failover(lab, to: str) -> dict:
     wid = lab.cli_json("failover", "--to", to, "--requester", "alice")["workflow_id"]
     approve(lab, wid)
     report = wait_end(lab, wid)
-    assert report["status"] == "succeeded", report
+    assert report["status"] == "succeeded", explain(report)
     return report
 
 
@@ -34,7 +34,7 @@ def test_failback_returns_to_the_recovered_region(lab, worker):
     sql(west, "INSERT INTO journal SELECT g, 'while waiting' FROM generate_series(201, 250) g")
     lab.cli("approve", wid, "--as", "bob", "--reason", "window is now", check=True)
     report = wait_end(lab, wid, timeout=240)
-    assert report["status"] == "succeeded", report
+    assert report["status"] == "succeeded", explain(report)
 
     # eastus is primary again, westeurope streams from it, and every row of the whole sequence is there.
     assert sql(east, "SELECT pg_is_in_recovery()")[0][0] is False
