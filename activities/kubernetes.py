@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import urllib3
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config import ConfigException, load_incluster_config, new_client_from_config
+from kubernetes.config import ConfigException, load_incluster_config, load_kube_config
 from temporalio import activity
 from activities.context import heartbeat as _heartbeat, sleep_or_cancelled
 from temporalio.exceptions import ApplicationError
@@ -53,26 +53,36 @@ def _in_cluster() -> bool:
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
+# Throttling (429, with its Retry-After) and an API server's passing 5xx are retried inside the call, as the Azure SDK
+# and boto3 do for theirs; only what persists reaches the activity's own retries. Every request opsflow sends is safe
+# to repeat (reads, merge patches to a target state, creates that meet 409 when they already happened). Connection
+# failures are retried once: an unreachable region must fail fast (the emergency fence).
+TRANSIENT_RETRIES = urllib3.Retry(total=5, connect=1, read=1, status=4, backoff_factor=0.3, status_forcelist=(429, 502, 503, 504),
+                                  allowed_methods=None, respect_retry_after_header=True, raise_on_status=False)
+
+
 def new_api_client(cfg: KubernetesConfig) -> k8s.ApiClient:
     """A fresh ApiClient for one region: kubeconfig (+context), else in-cluster, else the default kubeconfig.
 
     The default kubeconfig is $KUBECONFIG or ~/.kube/config; a context without a kubeconfig
     path selects a context in the default kubeconfig.
     """
+    conf = k8s.Configuration()
     try:
         if cfg.kubeconfig:
             path = os.path.expanduser(cfg.kubeconfig)
             if not os.path.exists(path):
                 raise ConfigException(f"kubeconfig {path} does not exist")
-            return new_client_from_config(config_file=path, context=cfg.context, persist_config=False)
-        if cfg.context is None and _in_cluster():
-            conf = k8s.Configuration()
+            load_kube_config(config_file=path, context=cfg.context, client_configuration=conf, persist_config=False)
+        elif cfg.context is None and _in_cluster():
             load_incluster_config(client_configuration=conf)
-            return k8s.ApiClient(conf)
-        return new_client_from_config(context=cfg.context, persist_config=False)
+        else:
+            load_kube_config(context=cfg.context, client_configuration=conf, persist_config=False)
     except ConfigException as e:
         where = f"kubeconfig {cfg.kubeconfig or '(default)'}" + (f", context {cfg.context}" if cfg.context else "")
         raise ApplicationError(f"kubernetes: cannot load {where}: {e}", type="KubernetesConfigError", non_retryable=True) from None
+    conf.retries = TRANSIENT_RETRIES
+    return k8s.ApiClient(conf)
 
 
 FENCE_REQUEST_TIMEOUT = (3, 10)  # connect, read: a dead region must not hold the emergency up

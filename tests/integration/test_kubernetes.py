@@ -30,7 +30,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import ActivityEnvironment
 
-from activities.kubernetes import kube_status, scale_up, scale_up_and_wait, set_maintenance
+from activities.kubernetes import TRANSIENT_RETRIES, kube_status, scale_up, scale_up_and_wait, set_maintenance
 from lab.ports import free_port
 from lab.k8s_emulator import BROKEN_ANNOTATION, NODE_NOT_READY_ANNOTATION, start_emulator, write_kubeconfig
 from opsflow.inventory import KubernetesConfig
@@ -433,12 +433,14 @@ def test_unauthorized_and_forbidden_are_non_retryable(tmp_path):
         assert set_maintenance(MaintenanceRequest(target=target(kc, context="lab-admin"), on=True)).maintenance is True
 
 
-def test_server_errors_are_retryable(kubeconfig, cluster):
-    cluster.fail_next(503, count=1, path_contains="/deployments/")
+def test_server_errors_are_retried_in_the_call_then_retryable(kubeconfig, cluster):
+    cluster.fail_next(503, count=2, path_contains="/deployments/")  # passing: retried by the client (TRANSIENT_RETRIES)
+    assert kube_status(target(kubeconfig)).ready is True
+    cluster.fail_next(503, count=TRANSIENT_RETRIES.status + 1, path_contains="/deployments/")  # lasting: the activity's
     with pytest.raises(ApplicationError) as err:
         kube_status(target(kubeconfig))
     assert not err.value.non_retryable and err.value.type == "KubernetesApiError" and "503" in err.value.message
-    assert kube_status(target(kubeconfig)).ready is True  # the retry succeeds
+    assert kube_status(target(kubeconfig)).ready is True  # the activity's retry succeeds
 
 
 def test_unreachable_cluster_is_retryable(kubeconfig, cluster):
