@@ -956,9 +956,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _body(self) -> Any:
+    def _read_body(self) -> bytes:
+        """The request body, read before anything else is decided: an answer (a fault, a 403) sent with the body
+        still unread left it in the connection, and a client that retried on the same connection had it read as
+        the start of its next request (400 "Bad request syntax")."""
         length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        return self.rfile.read(length) if length else b""
+
+    def _body(self) -> Any:
+        raw = self._raw
         if not raw:
             raise bad_request("the request body is empty")
         try:
@@ -967,6 +973,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise bad_request(f"the request body is not valid JSON: {e}") from None
 
     def _serve(self, method: str) -> None:
+        self._raw = self._read_body()
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         path = url.path.rstrip("/") or "/"
