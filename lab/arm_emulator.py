@@ -1094,7 +1094,8 @@ class World:
         the cluster exists, so that a create cut short can still be cleaned up. own_address: a loopback address of
         its own with PostgreSQL's port 5432, given out as the server's fullyQualifiedDomainName — as in Azure,
         where every server listens on 5432 at its FQDN, so clients need no lab-only mapping."""
-        from lab.postgres import free_loopback_host, free_port
+        from lab.ports import free_port
+        from lab.postgres import free_loopback_host
 
         home = Path(root).resolve() / name
         if own_address:

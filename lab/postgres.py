@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lab.ports import free_port  # noqa: F401  (the lab's one port picker; imported from here by older callers)
+from lab.ports import free_port
 
 PG_VERSION = "15"
 DEFAULT_BINDIR = Path(f"/usr/lib/postgresql/{PG_VERSION}/bin")

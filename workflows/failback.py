@@ -16,7 +16,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
 from workflows.failover import FailoverInput
-from workflows.procedure import Procedure, child_task_timeout, StepDecl, Stop, failure_message
+from workflows.procedure import Procedure, StepDecl, Stop, child_task_timeout, failure_message
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory

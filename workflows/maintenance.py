@@ -23,7 +23,7 @@ from temporalio import workflow
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
-from workflows.procedure import Procedure, child_task_timeout, Request, StepDecl, Stop, failure_message
+from workflows.procedure import Procedure, Request, StepDecl, Stop, child_task_timeout, failure_message
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.calendar import Calendar

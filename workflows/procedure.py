@@ -683,8 +683,7 @@ class Procedure:
             channels=self.inventory.notifications,
         )
         # A worker lost while it sends costs the heartbeat timeout, not the 30 s bound (the activity heartbeats).
-        heartbeat = NOTIFY_HEARTBEAT if workflow.patched("notify-heartbeat") else None
-        opts = self.activity_options(self.inventory.task_queue, 30, heartbeat, 3)
+        opts = self.activity_options(self.inventory.task_queue, 30, NOTIFY_HEARTBEAT, 3)
         opts.pop("cancellation_type")
         try:
             await workflow.execute_activity("notify.send", request, summary=f"notify: {text[:60]}", **opts)

@@ -15,6 +15,7 @@ from tests.integration.test_failover_lab import approve, sql, timeline, wait_end
 
 pytestmark = pytest.mark.lab
 
+
 def arm_admin(lab, path: str, body: dict | None = None):
     """The ARM emulator's admin API (HTTPS with the lab's test CA)."""
     ctx = ssl.create_default_context(cafile=lab.state["azure"]["ca_bundle"])

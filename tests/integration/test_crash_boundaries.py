@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client
 
@@ -93,7 +92,7 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
     the server more CPU than the procedure); pending activities are read only while a long step may be running."""
     client = await Client.connect(lab.state["temporal"]["address"], data_converter=DATA_CONVERTER)
     handle = client.get_workflow_handle(wid)
-    long_steps: dict[int, str] = {}  # scheduled event id -> activity id, of the long steps not yet killed or closed
+    long_steps: dict[int, str] = {}  # scheduled event id -> activity id, of the long steps not yet closed
     killed_running: set[str] = set()
     boundaries = 0
     closed = asyncio.Event()

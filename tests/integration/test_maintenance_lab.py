@@ -277,7 +277,7 @@ def prometheus_url():
     """A real Prometheus (Debian package) scraping itself every second."""
     import subprocess
 
-    from lab.postgres import free_port
+    from lab.ports import free_port
 
     binary = shutil.which("prometheus")
     if binary is None:

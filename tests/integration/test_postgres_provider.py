@@ -19,7 +19,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.postgres import PostgresServer, connect, sql_check_writable, sql_status
-from lab.postgres import Cluster, PostgresLabError, create_replica, free_port, init_primary, pg_bin
+from lab.ports import free_port
+from lab.postgres import Cluster, PostgresLabError, create_replica, init_primary, pg_bin
 from opsflow.inventory import InventoryError, PostgresDatabase, SecretRef, load_inventory
 from opsflow.models import RegionTarget, lsn_to_int
 

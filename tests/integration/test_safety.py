@@ -20,7 +20,8 @@ from temporalio.common import RetryPolicy
 from temporalio.worker import Worker
 
 from activities.database import db_divergence, db_fence_control_plane, db_rebuild_replica, db_wait_caught_up
-from lab.postgres import Cluster, _set_port, free_port
+from lab.ports import free_port
+from lab.postgres import Cluster, _set_port
 from opsflow.models import CatchUpRequest, DivergenceRequest, RebuildRequest
 from tests.conftest import dev_server
 from tests.integration.conftest import wait_for
