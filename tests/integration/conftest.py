@@ -1,8 +1,9 @@
 """The lab for integration tests: real PostgreSQL, the ARM and Kubernetes emulators, the Temporal dev server.
 
 A fresh lab per test (a failover changes the world for good), without the lab's own worker: tests start
-and kill worker processes themselves. The CLI is run as a subprocess, the way a person runs it; waits poll the
-status in-process (`Lab.status`), through the same library code."""
+and kill worker processes themselves. The CLI runs in a process of its own, the way a person runs it, and so does
+each worker (both forked from a process that imported them once: forked.py); waits poll the status in-process
+(`Lab.status`), through the same library code."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.integration import forked
 
 ROOT = Path(__file__).resolve().parents[2]
 # Worker flags for tests that SIGKILL workers: a killed worker costs each procedure the sticky timeout at its next
@@ -77,7 +79,7 @@ class Lab:
         self.root = root
         self.state = state
         self.inventory = state["inventory"]
-        self.workers: list[subprocess.Popen] = []
+        self.workers: list[forked.Forked] = []
         self._status_loop: asyncio.AbstractEventLoop | None = None  # a thread's loop, holding one client
         self._client = None
 
@@ -90,7 +92,8 @@ class Lab:
         return {**os.environ, **worker_env(self.state), "PYTHONPATH": str(ROOT)}
 
     def cli(self, *args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "starters.cli", *args], capture_output=True, text=True, env=self.env(), cwd=ROOT, timeout=timeout)
+        """`opsflow ARGS`, forked (tests/integration/forked.py) with the lab's environment."""
+        proc = forked.run("starters.cli", list(args), self.env(), ROOT, timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"opsflow {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
         return proc
@@ -98,14 +101,13 @@ class Lab:
     def cli_json(self, *args: str) -> dict:
         return json.loads(self.cli(*args, "--json", check=True).stdout)
 
-    def start_worker(self, *flags: str) -> subprocess.Popen:
-        log = open(self.root / f"worker-{len(self.workers)}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "worker.main", "--env", self.inventory, *flags], stdout=log, stderr=subprocess.STDOUT,
-                                env=self.env(), cwd=ROOT)
+    def start_worker(self, *flags: str) -> forked.Forked:
+        log = self.root / f"worker-{len(self.workers)}.log"
+        proc = forked.start("worker.main", ["--env", self.inventory, *flags], self.env(), ROOT, log)
         self.workers.append(proc)
         return proc
 
-    def kill_worker(self, proc: subprocess.Popen) -> None:
+    def kill_worker(self, proc: forked.Forked) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 

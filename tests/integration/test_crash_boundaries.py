@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client
 
 from opsflow.temporal import DATA_CONVERTER
+from tests.integration import forked
 from tests.integration.conftest import FAST_RESTART, ROOT, explain, fast_recovery, wait_for
 from tests.integration.test_crash import arm_admin
 from tests.integration.test_failover_lab import sql, timeline, wait_end, wait_status
@@ -43,31 +43,21 @@ ACTIVITY_CLOSED = {  # the event types that end an activity, and their attribute
 
 
 class Workers:
-    """The workflow worker and the region worker of a lab, each replaced at once after a SIGKILL: a standby of each
-    role (tests/integration/standby_worker.py, started ahead and waiting) takes over, and the next standby warms
-    up meanwhile."""
+    """The workflow worker and the region worker of a lab, each replaced at once after a SIGKILL (forked from a
+    process that imported it already: forked.py, so the procedure waits for the server's timeouts, not for a
+    Python start)."""
 
     def __init__(self, lab, inventory: str):
         self.lab, self.inventory, self.n = lab, inventory, 0
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.standby: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, forked.Forked] = {}
         self.kills = {"workflow": 0, "region": 0}
 
-    def _spawn(self, role: str) -> subprocess.Popen:
+    def start(self, role: str) -> None:
         flag = "--no-regions" if role == "workflow" else "--no-workflows"
         self.n += 1
-        log = open(self.lab.root / f"worker-{role}-{self.n}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "tests.integration.standby_worker", "--env", self.inventory, flag, *FAST_RESTART],
-                                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=self.lab.env(), cwd=ROOT)
-        self.lab.workers.append(proc)
-        return proc
-
-    def start(self, role: str) -> None:
-        proc = self.standby.pop(role, None) or self._spawn(role)
-        proc.stdin.write(b"go\n")
-        proc.stdin.flush()
-        self.procs[role] = proc
-        self.standby[role] = self._spawn(role)
+        log = self.lab.root / f"worker-{role}-{self.n}.log"
+        self.procs[role] = forked.start("worker.main", ["--env", self.inventory, flag, *FAST_RESTART], self.lab.env(), ROOT, log)
+        self.lab.workers.append(self.procs[role])
 
     def start_all(self) -> None:
         self.start("workflow")
