@@ -31,6 +31,7 @@ RESOURCE_GROUP = "opsflow-lab"
 PROFILE = "lab-shop"
 DEPLOYMENTS = [{"name": "web", "replicas": 3}, {"name": "worker", "replicas": 2}]
 STANDBY_REPLICAS = 1  # the standby region runs warm, one replica per deployment
+LRO_SECONDS = 0.5  # how long the emulated Azure operations of the lab take at the least
 LONG_POLL_SECONDS = 5  # the lab's Temporal answers an idle poll after this long (a default server: one minute)
 # Temporal's history service reads its task queues at most 20 times a second by default (per shard; a dev server has
 # one): every step waited up to 50 ms for that read before its task was dispatched (~100 ms a step across two task
@@ -390,7 +391,7 @@ def arm_emulator_config(clusters: dict, receiver_port: int) -> dict:
         "subscription_id": SUBSCRIPTION,
         # The emulator is also the lab's Key Vault: the oncall channel's webhook URL lives there.
         "key_vault_secrets": {ONCALL_SECRET_NAME: f"http://127.0.0.1:{receiver_port}/oncall"},
-        "settings": {"lro_seconds": 0.5, "tm_checking_seconds": 1.0},
+        "settings": {"lro_seconds": LRO_SECONDS, "tm_checking_seconds": 1.0},
         "flexible_servers": servers,
         "traffic_manager_profiles": {
             PROFILE: {

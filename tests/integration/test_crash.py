@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from lab.manage import LRO_SECONDS
 from tests.integration.conftest import FAST_RESTART, explain, fast_recovery, wait_for
 from tests.integration.test_failover_lab import approve, sql, timeline, wait_end, wait_status
 
@@ -55,6 +56,7 @@ def test_worker_killed_during_catch_up_and_during_promotion(lab):
     wait_for(lambda: promotions_requested(lab) == 1, what="the promotion request", timeout=30)
     time.sleep(1)
     lab.kill_worker(second)  # SIGKILL while the promotion's long-running operation is under way
+    arm_admin(lab, "/_emulator/settings", {"lro_seconds": LRO_SECONDS})  # the rest at the lab's pace
     lab.start_worker(*FAST_RESTART)
 
     report = wait_end(lab, wid, timeout=240)
@@ -83,11 +85,13 @@ def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab):
     sql(east, "CREATE TABLE events (id bigserial PRIMARY KEY, body text)")
     failover(lab, "westeurope")
 
-    arm_admin(lab, "/_emulator/settings", {"lro_seconds": 8})  # a slow rebuild, to crash in the middle of it
     wid = lab.cli_json("failback", "--env", lab.inventory, "--to", "eastus", "--requester", "alice")["workflow_id"]
     approve(lab, wid)  # nothing destructive happens before the approval
     wait_status(lab, wid, lambda r: r["current_step"] == "rebuild", what="the rebuild")
     wait_for(lambda: replica_builds_requested(lab, "lab-eastus-pg") == 1, what="the replica creation request", timeout=30)
+    # A slow creation, to crash in the middle of it (the emulator's operations end `lro_seconds` after they began, as
+    # set when they are polled: this one runs on for 8 s).
+    arm_admin(lab, "/_emulator/settings", {"lro_seconds": 8})
     time.sleep(1)
     lab.kill_worker(worker)  # SIGKILL in the middle of the replica rebuild
     worker = lab.start_worker(*FAST_RESTART)
@@ -100,6 +104,7 @@ def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab):
 
     # The moment eastus streams again, hold its replay and write on westeurope: the catch-up has to wait.
     wait_for(rebuilt_and_streaming, timeout=120, interval=0.02, what="eastus streaming from westeurope")
+    arm_admin(lab, "/_emulator/settings", {"lro_seconds": LRO_SECONDS})  # the rest at the lab's pace
     sql(east, "SELECT pg_wal_replay_pause()")
     sql(west, "INSERT INTO events (body) SELECT repeat('x', 200) FROM generate_series(1, 2000)")
     wait_status(lab, wid, lambda r: r["current_step"] == "catch-up", timeout=180, what="the catch-up wait")

@@ -9,7 +9,7 @@ ActivityTaskCompleted the workflow worker is SIGKILLed (the next step must be de
 the history), and while each heartbeating (long) step is running, the worker running it is SIGKILLed in the
 middle of it (the retry must find the world half-changed and finish the job once). A pending activity, not the
 history, says a step is running: the history records an activity's start only when it closes. Each killed worker
-is replaced at once. The test inventory's heartbeat timeout is 5 s and its workflow task timeout 2 s
+is replaced at once. The test inventory's heartbeat timeout is 5 s and its workflow task timeout 1 s
 (conftest.fast_recovery), so a killed step or decision is taken over within seconds."""
 
 from __future__ import annotations
