@@ -37,8 +37,8 @@ def wait_status(lab, wid: str, pred, timeout: float = 120, what: str = "status")
         return last[0] if pred(last[0]) else None
 
     try:
-        wait_for(check, timeout=timeout, interval=0.3, what=what)
-        return lab.cli_json("status", wid)  # what a person sees, once it holds
+        # What `opsflow status --json` prints (test_client_lab runs the command itself), read in this process.
+        return wait_for(check, timeout=timeout, interval=0.3, what=what)
     except AssertionError as e:
         r = last[0] if last else {}
         steps = [(s["name"], s["outcome"], s["detail"]) for s in r.get("steps", [])]
