@@ -111,21 +111,18 @@ class Lab:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
-    def status(self, wid: str, missing_ok: bool = False) -> dict | None:
-        """What `opsflow status WID --json` prints, read in this process with the CLI's own `describe_status`: a
-        test polling the CLI as a subprocess spent ~0.5 s of CPU a poll, most of a core while it waited. No such
-        procedure: None with `missing_ok`, else the CLI's ClientError."""
+    def _run(self, coro, timeout: float):
+        """Run a coroutine on this lab's own event loop (a thread holding one Temporal client)."""
         if self._status_loop is None:
             self._status_loop = asyncio.new_event_loop()
             threading.Thread(target=self._status_loop.run_forever, daemon=True).start()
-        return asyncio.run_coroutine_threadsafe(self._status(wid, missing_ok), self._status_loop).result(timeout=60)
+        return asyncio.run_coroutine_threadsafe(coro, self._status_loop).result(timeout=timeout)
 
-    async def _status(self, wid: str, missing_ok: bool) -> dict | None:
+    async def _connect(self):
         import dataclasses
 
         from temporalio.client import Client
 
-        from opsflow.client import ClientError, describe_status
         from opsflow.codec import codec_from_env
         from opsflow.temporal import DATA_CONVERTER
 
@@ -133,13 +130,42 @@ class Lab:
             codec = codec_from_env(self.env())  # an encrypted lab's key file, as its CLI finds it
             converter = dataclasses.replace(DATA_CONVERTER, payload_codec=codec) if codec else DATA_CONVERTER
             self._client = await Client.connect(self.state["temporal"]["address"], data_converter=converter)
+        return self._client
+
+    def status(self, wid: str, missing_ok: bool = False) -> dict | None:
+        """What `opsflow status WID --json` prints, read in this process with the CLI's own `describe_status`: a
+        test polling the CLI as a subprocess spent ~0.5 s of CPU a poll, most of a core while it waited. No such
+        procedure: None with `missing_ok`, else the CLI's ClientError."""
+        return self._run(self._status(wid, missing_ok), timeout=60)
+
+    async def _status(self, wid: str, missing_ok: bool) -> dict | None:
+        from opsflow.client import ClientError, describe_status
+
+        client = await self._connect()
         try:
-            st = await describe_status(self._client, wid)
+            st = await describe_status(client, wid)
         except ClientError:
             if missing_ok:
                 return None
             raise
         return json.loads(json.dumps(st.as_dict(), default=str))
+
+    def wait_closed(self, wid: str, timeout: float) -> bool:
+        """Until the procedure's run closes, on a long poll for its close event: a status read every 0.3 s for the
+        whole of a procedure cost the test, the server and the worker CPU. False if still open after `timeout`."""
+        return self._run(self._wait_closed(wid, timeout), timeout=timeout + 30)
+
+    async def _wait_closed(self, wid: str, timeout: float) -> bool:
+        from temporalio.client import WorkflowHistoryEventFilterType
+
+        handle = (await self._connect()).get_workflow_handle(wid)
+        try:
+            async with asyncio.timeout(timeout):
+                async for _ in handle.fetch_history_events(wait_new_event=True, event_filter_type=WorkflowHistoryEventFilterType.CLOSE_EVENT):
+                    return True
+        except TimeoutError:
+            return False
+        return True
 
     def stop_workers(self) -> None:
         if self._status_loop is not None:

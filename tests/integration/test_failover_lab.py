@@ -46,7 +46,8 @@ def wait_status(lab, wid: str, pred, timeout: float = 120, what: str = "status")
 
 
 def wait_end(lab, wid: str, timeout: float = 180) -> dict:
-    return wait_status(lab, wid, lambda r: r["status"] in TERMINAL, timeout, "the procedure to end")
+    closed = lab.wait_closed(wid, timeout)  # then its last status; if it is still open, the status says where it is
+    return wait_status(lab, wid, lambda r: r["status"] in TERMINAL, timeout if closed else 1, "the procedure to end")
 
 
 def approve(lab, wid: str) -> None:

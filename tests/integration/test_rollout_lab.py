@@ -44,6 +44,7 @@ def run_rollout(lab: Lab, *args: str) -> dict:
     lab.cli("approve", wid, "--as", "carol", check=True)
     lab.cli("approve", wid, "--as", "dave", check=True)
 
+    lab.wait_closed(wid, 240)  # a long poll, then the status it ended with
     wait_for(lambda: lab.status(wid)["status"] not in ("running", "waiting", "paused"), 240, what="the rollout to end")
     return lab.cli_json("report", wid)
 
