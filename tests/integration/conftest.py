@@ -82,6 +82,8 @@ class Lab:
         self.workers: list[forked.Forked] = []
         self._status_loop: asyncio.AbstractEventLoop | None = None  # a thread's loop, holding one client
         self._client = None
+        self._followers: dict[str, asyncio.Event] = {}  # workflow id -> set on each new history event (wait_change)
+        self._follower_tasks: set[asyncio.Task] = set()
 
     def dsn(self, region: str) -> str:
         return self.state["regions"][region]["dsn"]
@@ -150,6 +152,34 @@ class Lab:
             raise
         return json.loads(json.dumps(st.as_dict(), default=str))
 
+    def wait_change(self, wid: str, timeout: float) -> None:
+        """Until the procedure's history grows (every change of its status is a workflow task, an event), or
+        `timeout`: a status read every 0.3 s through a long step cost the test, the server and the worker CPU."""
+        self._run(self._wait_change(wid, timeout), timeout=timeout + 30)
+
+    async def _wait_change(self, wid: str, timeout: float) -> None:
+        if wid not in self._followers:
+            changed = asyncio.Event()
+            self._followers[wid] = changed
+
+            async def follow() -> None:
+                handle = (await self._connect()).get_workflow_handle(wid)
+                try:
+                    async for _ in handle.fetch_history_events(wait_new_event=True):
+                        changed.set()
+                finally:
+                    self._followers.pop(wid, None)  # closed, or not found: the next wait starts over
+
+            self._follower_tasks.add(asyncio.get_running_loop().create_task(follow()))
+        changed = self._followers.get(wid)
+        if changed is None:
+            return
+        try:
+            await asyncio.wait_for(changed.wait(), timeout)
+        except TimeoutError:
+            pass
+        changed.clear()
+
     def wait_closed(self, wid: str, timeout: float) -> bool:
         """Until the procedure's run closes, on a long poll for its close event: a status read every 0.3 s for the
         whole of a procedure cost the test, the server and the worker CPU. False if still open after `timeout`."""
@@ -171,6 +201,8 @@ class Lab:
         if self._status_loop is not None:
             self._status_loop.call_soon_threadsafe(self._status_loop.stop)
             self._status_loop, self._client = None, None
+            self._followers.clear()
+            self._follower_tasks.clear()
         for w in self.workers:
             if w.poll() is None:
                 w.send_signal(signal.SIGTERM)

@@ -34,11 +34,14 @@ def wait_status(lab, wid: str, pred, timeout: float = 120, what: str = "status")
 
     def check():
         last[:] = [lab.status(wid)]
-        return last[0] if pred(last[0]) else None
+        if pred(last[0]):
+            return last[0]
+        lab.wait_change(wid, 2)  # read again when the history grows (at most 2 s later: pending activities are not in it)
+        return None
 
     try:
         # What `opsflow status --json` prints (test_client_lab runs the command itself), read in this process.
-        return wait_for(check, timeout=timeout, interval=0.3, what=what)
+        return wait_for(check, timeout=timeout, interval=0.01, what=what)
     except AssertionError as e:
         r = last[0] if last else {}
         steps = [(s["name"], s["outcome"], s["detail"]) for s in r.get("steps", [])]
