@@ -1,8 +1,8 @@
 VENV ?= .venv
 # Test modules run in parallel (pytest-xdist), each whole in one process but the crash suite's and other
 # lab-per-test modules (tests/conftest.py SPREAD); labs take free ports, and most of a lab test is waiting
-# (replication, heartbeats, restarts), so four processes keep 2 cores busy. JOBS=0: one process.
-JOBS ?= 4
+# (replication, heartbeats, restarts), so five processes keep 2 cores busy. JOBS=0: one process.
+JOBS ?= 5
 PYTEST = pytest -q -p no:cacheprovider -n $(JOBS) --dist loadscope --durations=15
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 

@@ -61,17 +61,39 @@ def lab_root() -> Path:
 
 @pytest.fixture
 def lab(lab_home):
-    import shutil
-
-    from lab.manage import down, up
+    from lab.manage import up
 
     root = lab_root()
     state = up(root, with_worker=False, quiet=True, default_ports=False)
     lab = Lab(root, state)
     yield lab
     lab.stop_workers()  # a worker outliving its lab would poll the next lab's server on a reused port
-    down(root, quiet=True)
-    shutil.rmtree(root.parent, ignore_errors=True)
+    down_meanwhile(root)
+
+
+TEARDOWNS: list[threading.Thread] = []
+
+
+def down_meanwhile(root: Path) -> None:
+    """Take a lab down on a thread while the next test begins (~1.5 s a lab; its ports and directory are its own, its
+    workers already stopped); the session waits for every one (finish_teardowns)."""
+    import shutil
+
+    from lab.manage import down
+
+    def run() -> None:
+        down(root, quiet=True)
+        shutil.rmtree(root.parent, ignore_errors=True)
+
+    TEARDOWNS.append(threading.Thread(target=run, name=f"down {root}"))
+    TEARDOWNS[-1].start()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def finish_teardowns():
+    yield
+    for thread in TEARDOWNS:
+        thread.join()
 
 
 class Lab:
@@ -232,7 +254,7 @@ def fake_aws_credentials():
 @pytest.fixture
 def aws_lab(tmp_path, lab_home, monkeypatch):
     from lab.aws_lab import worker_env
-    from lab.manage import down, up
+    from lab.manage import up
 
     for k, v in worker_env().items():
         monkeypatch.setenv(k, v)
@@ -241,10 +263,7 @@ def aws_lab(tmp_path, lab_home, monkeypatch):
     lab = Lab(root, state)
     yield lab
     lab.stop_workers()
-    down(root, quiet=True)
-    import shutil
-
-    shutil.rmtree(root.parent, ignore_errors=True)
+    down_meanwhile(root)
 
 
 @pytest.fixture

@@ -306,8 +306,10 @@ def test_promote_of_a_dead_replica_fails_retryably_and_rds_rolls_back(emu, inven
         wait_streaming(west)
 
 
-def test_promote_promotes_the_cluster_and_rds_shows_it_standalone(emu, inventory, clusters):
+def test_promote_promotes_the_cluster_and_rds_shows_it_standalone(emu, inventory, clusters, monkeypatch):
     east, west = clusters
+    # `modifying` long enough to be seen however busy the machine is (a describe took 3 s once, under 6 test processes).
+    monkeypatch.setattr(emu, "promote_delay", 4.0)
     write_row(east, "last write before the promotion")
     primary_lsn = rds(inventory, "east").status().current_lsn
     wait_until(lambda: (rds(inventory, "west").status().replay_lsn or "") >= primary_lsn, what="catch-up")
