@@ -308,13 +308,15 @@ def test_promote_of_a_dead_replica_fails_retryably_and_rds_rolls_back(emu, inven
 
 def test_promote_promotes_the_cluster_and_rds_shows_it_standalone(emu, inventory, clusters, monkeypatch):
     east, west = clusters
-    # `modifying` long enough to be seen however busy the machine is (a describe took 3 s once, under 6 test processes).
+    # `modifying` long enough to be seen however busy the machine is (a describe took 3 s once, under 6 test processes),
+    # within a limit that leaves room for it (the activity environment's own leaves 5 s).
     monkeypatch.setattr(emu, "promote_delay", 4.0)
+    west_rds = RdsInstance(RegionTarget.of(inventory, "west"), promote_timeout=60)
     write_row(east, "last write before the promotion")
     primary_lsn = rds(inventory, "east").status().current_lsn
     wait_until(lambda: (rds(inventory, "west").status().replay_lsn or "") >= primary_lsn, what="catch-up")
 
-    result, beats = run_in_activity(rds(inventory, "west").promote, False)
+    result, beats = run_in_activity(west_rds.promote, False)
 
     assert not result.already_primary and result.timeline == 2 and result.seconds > 0
     assert result.lsn_at_promotion and result.received_lsn
@@ -355,7 +357,8 @@ def test_route53_status(inventory):
     assert (by_region["west"].enabled, by_region["west"].priority, by_region["west"].monitor_status) == (False, 2, "Healthy")
 
 
-def test_route53_switch_flips_primary_and_waits_insync(emu, inventory):
+def test_route53_switch_flips_primary_and_waits_insync(emu, inventory, monkeypatch):
+    monkeypatch.setattr(emu, "propagation_seconds", 4.0)  # PENDING at the first look, however busy the machine is
     router = Route53Router(TrafficRequest.of(inventory, "west"))
     status, beats = run_in_activity(router.switch)
     assert status.serving_region == "west"
