@@ -396,8 +396,7 @@ class RdsInstance:
             elif not source:
                 break  # promoted
             elif called_at is None:
-                called_at = self._promote_call()
-                seen_busy = False
+                called_at, seen_busy = self._promote_call()
             elif seen_busy or time.monotonic() - called_at > self.PROMOTE_GRACE:
                 raise ApplicationError(
                     f"promote {self.what}: RDS finished but the instance still replicates from {source}; retrying promotes again",
@@ -430,16 +429,20 @@ class RdsInstance:
             received_lsn=received,
         )
 
-    def _promote_call(self) -> float:
+    def _promote_call(self) -> tuple[float, bool]:
+        """PromoteReadReplica: when it was called, and whether RDS answered that it is at work on it (`modifying`): a
+        replica shown available again after that has failed to promote, however quickly that happened."""
+        busy = False
         try:
             with aws_errors(self.what):
-                self._rds().promote_read_replica(DBInstanceIdentifier=self.ident)
+                answer = self._rds().promote_read_replica(DBInstanceIdentifier=self.ident)
+            busy = (answer.get("DBInstance") or {}).get("DBInstanceStatus", "available") != "available"
         except ApplicationError as e:
             # Promoted (or promoting) between our look and the call: the wait that follows sorts it out.
             if _code(e) != "InvalidDBInstanceState":
                 raise
             log.info("promote %s: %s", self.what, e.message)
-        return time.monotonic()
+        return time.monotonic(), busy
 
     def _wait_writable(self, deadline: float, started: float) -> None:
         poll = _Poll(0.1, 2.0)

@@ -68,32 +68,16 @@ def lab(lab_home):
     lab = Lab(root, state)
     yield lab
     lab.stop_workers()  # a worker outliving its lab would poll the next lab's server on a reused port
-    down_meanwhile(root)
+    take_down(root)
 
 
-TEARDOWNS: list[threading.Thread] = []
-
-
-def down_meanwhile(root: Path) -> None:
-    """Take a lab down on a thread while the next test begins (~1.5 s a lab; its ports and directory are its own, its
-    workers already stopped); the session waits for every one (finish_teardowns)."""
+def take_down(root: Path) -> None:
     import shutil
 
     from lab.manage import down
 
-    def run() -> None:
-        down(root, quiet=True)
-        shutil.rmtree(root.parent, ignore_errors=True)
-
-    TEARDOWNS.append(threading.Thread(target=run, name=f"down {root}"))
-    TEARDOWNS[-1].start()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def finish_teardowns():
-    yield
-    for thread in TEARDOWNS:
-        thread.join()
+    down(root, quiet=True)
+    shutil.rmtree(root.parent, ignore_errors=True)
 
 
 class Lab:
@@ -263,7 +247,7 @@ def aws_lab(tmp_path, lab_home, monkeypatch):
     lab = Lab(root, state)
     yield lab
     lab.stop_workers()
-    down_meanwhile(root)
+    take_down(root)
 
 
 @pytest.fixture
