@@ -5,8 +5,8 @@ cloud SDKs and every activity and workflow module before it does anything; the l
 them (a CLI call per command, a worker per kill in the crash suites), which was a third of `make test`'s CPU on two
 cores. multiprocessing's forkserver imports them once per test process and forks each one from there: a separate
 process with its own pid, environment, working directory, stdout and stderr, exit code, killable with SIGKILL,
-running the same `main` a console script runs. (The production entry points themselves are run as real commands
-by the tests of `opsflow lab`, the demo and the unit tests of the CLI.)"""
+running the same `main` a console script runs. (The entry points themselves run as real commands in the CLI's unit
+tests and in test_client_lab, whose fleet worker is `python -m worker.main`.)"""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _run(module: str, argv: list[str], env: dict, cwd: str, stdout: str, stderr:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the child reports anything on its stderr, as an interpreter would
         import traceback
 
         traceback.print_exc()
