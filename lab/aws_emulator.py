@@ -125,7 +125,6 @@ from typing import Any, Callable, Iterable
 log = logging.getLogger("opsflow.lab.aws")
 
 ACCOUNT_ID = "123456789012"  # moto's default account (what credentials like "testing" map to)
-MIN_MODIFYING_SECONDS = 1.0  # the least time an RDS promotion shows `modifying`, as the real one does
 _RELAYED_PARAMETERS = {
     "default_transaction_read_only",
     "statement_timeout",
@@ -885,7 +884,7 @@ class AwsEmulator:
         t.start()
 
     def _promote_cluster(self, inst: _Instance) -> None:
-        error, began = None, time.monotonic()
+        error = None
         try:
             if self.promote_delay:
                 time.sleep(self.promote_delay)
@@ -895,9 +894,6 @@ class AwsEmulator:
                         raise RuntimeError("pg_promote() did not finish within 60 s")
         except Exception as e:  # noqa: BLE001 - reported through the control plane, like RDS would
             error = f"{type(e).__name__}: {e}".strip()
-        # RDS shows `modifying` for a while even when the promotion fails at once (a stopped cluster refuses in
-        # milliseconds): a client that never saw it busy would take the replica for one RDS has not started on.
-        time.sleep(max(0.0, began + MIN_MODIFYING_SECONDS - time.monotonic()))
         with self.lock:
             db = _rds_db(inst.region, inst.ident)
             if db is None:

@@ -176,7 +176,9 @@ class Lab:
                 finally:
                     self._followers.pop(wid, None)  # closed, or not found: the next wait starts over
 
-            self._follower_tasks.add(asyncio.get_running_loop().create_task(follow()))
+            task = asyncio.get_running_loop().create_task(follow())
+            self._follower_tasks.add(task)  # the loop keeps only a weak reference
+            task.add_done_callback(self._follower_tasks.discard)
         changed = self._followers.get(wid)
         if changed is None:
             return

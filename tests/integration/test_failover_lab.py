@@ -48,9 +48,11 @@ def wait_status(lab, wid: str, pred, timeout: float = 120, what: str = "status")
         raise AssertionError(f"{e}; last status {r.get('status')}, failure {r.get('failure')}, steps {steps}") from None
 
 
-def wait_end(lab, wid: str, timeout: float = 180) -> dict:
-    closed = lab.wait_closed(wid, timeout)  # then its last status; if it is still open, the status says where it is
-    return wait_status(lab, wid, lambda r: r["status"] in TERMINAL, timeout if closed else 1, "the procedure to end")
+def wait_end(lab, wid: str, timeout: float = 180, ended=lambda r: r["status"] in TERMINAL, what: str = "the procedure to end") -> dict:
+    """The status a procedure ended with (`ended` holds), waited for on a long poll for its close event; if it is
+    still open after `timeout`, the status says where it is."""
+    closed = lab.wait_closed(wid, timeout)
+    return wait_status(lab, wid, ended, timeout if closed else 1, what)
 
 
 def approve(lab, wid: str) -> None:

@@ -19,6 +19,7 @@ from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.client import Client
 
 from tests.integration.conftest import Lab, wait_for
+from tests.integration.test_failover_lab import wait_end
 
 pytestmark = pytest.mark.lab
 
@@ -92,8 +93,7 @@ async def test_no_secret_value_in_any_history(secret_lab):
 
     wait_for(at_gate, 120, what="the approval gate")
     lab.cli("approve", wid, "--as", "bob", "--reason", "ok", check=True)
-    lab.wait_closed(wid, 300)  # a long poll, then the status it ended with
-    wait_for(lambda: lab.status(wid)["status"] in ("succeeded", "failed"), 300, what="the failover to end")
+    wait_end(lab, wid, 300, lambda r: r["status"] in ("succeeded", "failed"), "the failover to end")
     drill = lab.cli("drill", "--requester", "alice", "--wait", "--json", timeout=400)
     assert drill.returncode in (0, 1), drill.stderr  # the scan matters here, not the drill's verdict
 

@@ -10,6 +10,7 @@ import yaml
 from lab.manage import BLOAT_TABLE
 from lab.receiver import read_statuspage
 from tests.integration.conftest import wait_for
+from tests.integration.test_failover_lab import wait_end
 
 pytestmark = pytest.mark.lab
 
@@ -41,8 +42,7 @@ def test_maintenance_window_on_the_lab(lab, worker, tmp_path):
     wid = started["workflow_id"]
     wait_for(lambda: (lab.status(wid).get("waiting_for") or "").startswith("approval"), 120, what="the approval gate")
     lab.cli("approve", wid, "--as", "bob", "--reason", "go", check=True)
-    lab.wait_closed(wid, 300)  # a long poll, then the status it ended with
-    wait_for(lambda: lab.status(wid)["status"] not in ("running", "waiting"), 300, what="the end of the maintenance")
+    wait_end(lab, wid, 300, lambda r: r["status"] not in ("running", "waiting"), "the end of the maintenance")
     report = lab.cli_json("report", wid)
     assert report["status"] == "succeeded", (report["failure"], [(s["name"], s["outcome"], s["detail"]) for s in report["steps"]])
 
@@ -80,8 +80,7 @@ def test_a_fleet_of_two_environments_one_at_a_time_through_the_cli(lab, worker, 
                  what=f"{child} to wait for approval")
         assert lab.cli_json("status", fleet)["members"][1 if child == "opsflow-lab" else 0]["status"] in ("not-started", "succeeded")
         lab.cli("approve", child, "--as", "bob", check=True)
-    lab.wait_closed(fleet, 300)  # a long poll, then the status it ended with
-    wait_for(lambda: lab.status(fleet)["status"] not in ("running", "waiting"), 300, what="the fleet to end")
+    wait_end(lab, fleet, 300, lambda r: r["status"] not in ("running", "waiting"), "the fleet to end")
     report = lab.cli_json("report", fleet)
     assert report["status"] == "succeeded", report.get("failure")
     assert [(m["environment"], m["status"]) for m in report["members"]] == [("lab", "succeeded"), ("lab2", "succeeded")]
@@ -94,8 +93,7 @@ def test_a_table_locked_by_another_session_is_retried_then_skipped_and_the_rest_
         wid = lab.cli_json("maintenance", "--requester", "alice")["workflow_id"]
         wait_for(lambda: (lab.status(wid).get("waiting_for") or "").startswith("approval"), 120, what="the approval gate")
         lab.cli("approve", wid, "--as", "bob", check=True)
-        lab.wait_closed(wid, 300)  # a long poll, then the status it ended with
-        wait_for(lambda: lab.status(wid)["status"] not in ("running", "waiting"), 300, what="the end of the maintenance")
+        wait_end(lab, wid, 300, lambda r: r["status"] not in ("running", "waiting"), "the end of the maintenance")
         holder.rollback()
     report = lab.cli_json("report", wid)
     assert report["status"] == "succeeded", report.get("failure")

@@ -13,6 +13,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.integration.conftest import Lab, wait_for
+from tests.integration.test_failover_lab import wait_end
 
 pytestmark = pytest.mark.lab
 
@@ -44,8 +45,7 @@ def run_rollout(lab: Lab, *args: str) -> dict:
     lab.cli("approve", wid, "--as", "carol", check=True)
     lab.cli("approve", wid, "--as", "dave", check=True)
 
-    lab.wait_closed(wid, 240)  # a long poll, then the status it ended with
-    wait_for(lambda: lab.status(wid)["status"] not in ("running", "waiting", "paused"), 240, what="the rollout to end")
+    wait_end(lab, wid, 240, lambda r: r["status"] not in ("running", "waiting", "paused"), "the rollout to end")
     return lab.cli_json("report", wid)
 
 

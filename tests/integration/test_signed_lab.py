@@ -19,6 +19,7 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 
 from opsflow.signing import Signer
 from tests.integration.conftest import wait_for
+from tests.integration.test_failover_lab import wait_end
 
 pytestmark = pytest.mark.lab
 
@@ -102,8 +103,7 @@ async def test_signed_approvals_on_the_lab(signed_lab, keys, agent, tmp_path):
     done = subprocess.run([*lab_cli(lab), "approve", wid, "--as", "dana", "--reason", "qa ok"], capture_output=True, text=True,
                           env={**lab.env(), "SSH_AUTH_SOCK": agent}, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
-    lab.wait_closed(wid, 300)  # a long poll, then the status it ended with
-    wait_for(lambda: lab.status(wid)["status"] in ("succeeded", "failed"), 300, what="the failover to end")
+    wait_end(lab, wid, 300, lambda r: r["status"] in ("succeeded", "failed"), "the failover to end")
 
     # None of the refused requests reached the history: exactly the two accepted approvals are there.
     history = await handle.fetch_history()
