@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-# What the fork server imports ahead: the CLI and the worker with every activity and workflow module.
-PRELOAD = ["starters.cli", "worker.main", "worker.registry"]
+# What the fork server imports ahead: the CLI and the worker with every activity and workflow module, and more.
+PRELOAD = ["tests.integration.forkserver_preload"]
 _context = None
 
 

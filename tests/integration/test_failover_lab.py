@@ -136,18 +136,23 @@ def test_no_acknowledged_write_is_lost(lab, worker):
     errors: list[str] = []
 
     def writer() -> None:
-        # A client that retries against the other region when its primary refuses: what an app does after a switch.
-        targets, i, n = [east, west], 0, 0
-        while not stop.is_set():
+        # An app holding a connection, ~200 writes a second, that reconnects to the other region when its primary
+        # ends its session or refuses the write: what an app does after a switch. (The fence must end the session.)
+        targets, i, n, conn = [east, west], 0, 0, None
+        while not stop.wait(0.005):
             n += 1
             try:
-                with psycopg.connect(targets[i], autocommit=True, connect_timeout=2) as c:
-                    c.execute("INSERT INTO ledger (id) VALUES (%s)", (n,))
+                conn = conn or psycopg.connect(targets[i], autocommit=True, connect_timeout=2)
+                conn.execute("INSERT INTO ledger (id) VALUES (%s)", (n,))
                 acknowledged.append(n)
             except psycopg.Error as e:
                 errors.append(type(e).__name__)
-                i = 1 - i
+                if conn is not None:
+                    conn.close()
+                conn, i = None, 1 - i
                 time.sleep(0.05)
+        if conn is not None:
+            conn.close()
 
     t = threading.Thread(target=writer, daemon=True)
     t.start()
