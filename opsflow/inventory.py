@@ -350,11 +350,18 @@ TimeWindow = WeeklyWindow
 
 class FailbackPolicy(Strict):
     rebuild_timeout: Seconds = 6 * 3600
+    # How long a silent worker may hold a replica rebuild before another takes it over after a crash; none: four
+    # times failover.heartbeat_timeout (a rebuild's cloud calls may block longer than other steps').
+    rebuild_heartbeat_timeout: Annotated[float, Field(gt=0)] | None = None
     catch_up_timeout: Seconds = 6 * 3600
     # The low-traffic window for the switch back; none: as soon as it is approved.
     window: WeeklyWindow | None = None
 
     _d = field_validator("rebuild_timeout", "catch_up_timeout", mode="before")(parse_duration)
+    _h = field_validator("rebuild_heartbeat_timeout", mode="before")(lambda v: v if v is None else parse_duration(v))
+
+    def rebuild_heartbeat(self, failover: FailoverPolicy) -> float:
+        return self.rebuild_heartbeat_timeout or failover.heartbeat_timeout * 4
 
 
 class Inventory(Strict):

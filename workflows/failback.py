@@ -140,7 +140,7 @@ class FailbackWorkflow(Procedure):
             result_type=RebuildResult,
             queue=q,
             timeout=inv.failback.rebuild_timeout,
-            heartbeat=inv.failover.heartbeat_timeout * 4,
+            heartbeat=inv.failback.rebuild_heartbeat(inv.failover),
             attempts=5,
             interruptible=True,
             detail=lambda r: (
@@ -213,7 +213,7 @@ class FailbackWorkflow(Procedure):
             result_type=RebuildResult,
             queue=inv.region_queue(primary),
             timeout=inv.failback.rebuild_timeout,
-            heartbeat=inv.failover.heartbeat_timeout * 4,
+            heartbeat=inv.failback.rebuild_heartbeat(inv.failover),
             attempts=5,
             detail=lambda r: f"{r.method} in {r.seconds:.1f}s" + (f"; kept: {r.preserved}" if r.preserved else ""),
         )

@@ -28,12 +28,13 @@ FAST_RESTART = ("--sticky-timeout", "1")
 
 def fast_recovery(lab, **failover) -> str:
     """The lab's inventory with what a killed worker costs made short, for tests that kill workers: a long step's
-    heartbeat timeout (5 s: it is retried after that), a decision a killed workflow worker held (the workflow task
+    heartbeat timeout (5 s: it is retried after that; a failback's rebuild too), a decision a killed workflow worker held (the workflow task
     timeout, 1 s, the least: then another worker gets it). `failover`: more of the failover policy. Returns its path."""
     import yaml
 
     inv = yaml.safe_load(open(lab.inventory))
     inv.setdefault("failover", {}).update({"heartbeat_timeout": "5s", **failover})
+    inv.setdefault("failback", {})["rebuild_heartbeat_timeout"] = "5s"
     inv.setdefault("drill", {})["heartbeat_timeout"] = "5s"
     inv.setdefault("limits", {})["workflow_task_timeout"] = "1s"
     path = lab.root / "inventory-fast-recovery.yaml"

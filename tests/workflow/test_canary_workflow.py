@@ -187,8 +187,8 @@ def workers_for(env, cluster):
     queue = f"rollout-{uuid.uuid4().hex[:8]}"
     acts = cluster.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        yield queue, [Worker(env.client, task_queue=q, workflows=[CanaryWorkflow, BlueGreenWorkflow], activities=acts, activity_executor=ex)
-                      for q in (queue, f"{queue}-eastus", f"{queue}-westeurope")], ex
+        yield queue, [Worker(env.client, task_queue=q, workflows=[CanaryWorkflow, BlueGreenWorkflow] if q == queue else [], activities=acts,
+                             activity_executor=ex) for q in (queue, f"{queue}-eastus", f"{queue}-westeurope")], ex
 
 
 @pytest_asyncio.fixture
