@@ -32,6 +32,7 @@ from opsflow.rollout import (DeploymentRequest, ImageRequest, MetricSamples, Rol
                              Samples, SamplesRequest, WeightRequest)
 from opsflow.rollout_report import RolloutReport
 from tests.workflow.conftest import inventory_dict
+from worker.main import HEARTBEAT_THROTTLE
 from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, RolloutInput
 from workflows.procedure import Request
 
@@ -188,7 +189,9 @@ def workers_for(env, cluster):
     acts = cluster.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         yield queue, [Worker(env.client, task_queue=q, workflows=[CanaryWorkflow, BlueGreenWorkflow] if q == queue else [], activities=acts,
-                             activity_executor=ex) for q in (queue, f"{queue}-eastus", f"{queue}-westeurope")], ex
+                             activity_executor=ex, max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+                             default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE)  # as opsflow's worker: aborts in seconds
+                      for q in (queue, f"{queue}-eastus", f"{queue}-westeurope")], ex
 
 
 @pytest_asyncio.fixture
@@ -387,8 +390,9 @@ async def test_abort_at_every_step_leaves_stable_at_100(dev_env, dev_worker, clu
     """On the dev server: the abort reaches the workflow while a bake (a real 10-minute timer) or a gate waits."""
     if when == "decide-5":
         cluster.behaviour = "marginal"
-    # the 5 % bake is passed quickly where the abort is aimed later; the one aimed at stays 10 minutes long
-    inv = make_inventory(bake="2s", analysis={**ROLLOUT["analysis"], "interval": "1s"}) if when in ("bake-25", "decide-5", "promote-gate") else make_inventory()
+    # the 5 % bake is passed quickly where the abort is aimed later (a gate waits for it; a bake aimed at lasts 2 s)
+    quick = {"bake-25": ("2s", "1s"), "decide-5": ("1s", "0.5s"), "promote-gate": ("1s", "0.5s")}
+    inv = make_inventory(bake=quick[when][0], analysis={**ROLLOUT["analysis"], "interval": quick[when][1]}) if when in quick else make_inventory()
     async with serving(dev_worker):
         handle = await start(dev_env, dev_worker, inv, auto_promote=when != "promote-gate")
         if when != "approval":

@@ -82,12 +82,12 @@ async def test_a_queue_without_worker_is_refused_before_any_change(running, worl
 
 async def test_a_step_no_worker_picks_up_fails_naming_the_queue(running, world, inventory):
     data = inventory.model_dump()
-    data["limits"]["worker_wait"] = 5
+    data["limits"]["worker_wait"] = 1  # real seconds: the time-skipping server does not skip a schedule-to-start wait
     data["regions"]["westeurope"]["task_queue"] = "nobody-polls-this"
     world.lost = {"nobody-polls-this"}  # served at the preflight, gone by the first step there
     inv = Inventory.model_validate(data)
     report = await failed_report(await start(running, inv))
-    assert report.status == "failed" and "no worker serves nobody-polls-this (waited 5s)" in report.failure
+    assert report.status == "failed" and "no worker serves nobody-polls-this (waited 1s)" in report.failure
     assert world.unchanged
 
 
