@@ -67,7 +67,7 @@ SPREAD = ("tests/integration/test_crash_boundaries.py", "tests/integration/test_
 LONG_MODULES = ("tests/integration/test_faults.py", "tests/integration/test_rollout_lab.py",
                 "tests/integration/test_aws_restore.py", "tests/integration/test_azure_restore.py")
 ORDER = {module: i for i, module in enumerate(SPREAD + LONG_MODULES)}
-# The two ~2-minute tests (each a failback with workers killed) start before anything else.
+# The two failback crash tests (a failover, then a failback with workers killed: ~45-60 s each) start first.
 FIRST = ("tests/integration/test_crash_boundaries.py::test_failback_survives_a_kill_at_every_boundary",
          "tests/integration/test_crash.py::test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback")
 
