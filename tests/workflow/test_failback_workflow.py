@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
 from opsflow.inventory import TimeWindow
@@ -23,6 +24,14 @@ def failed_over(world):
     world.fenced.add("eastus")
     world.replay = {"eastus": world.lsn - 65536}
     return world
+
+
+async def rebuild_heartbeat_timeouts(handle) -> list[float]:
+    """The heartbeat timeout each replica rebuild was scheduled with (what a worker lost during it costs)."""
+    return [e.activity_task_scheduled_event_attributes.heartbeat_timeout.ToTimedelta().total_seconds()
+            async for e in handle.fetch_history_events()
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+            and e.activity_task_scheduled_event_attributes.activity_type.name == "db.rebuild_replica"]
 
 
 async def start(env, inventory, to="eastus", **kw):
@@ -46,6 +55,16 @@ async def test_failback_asks_before_destroying_then_rebuilds_catches_up_and_fail
     assert [s.name for s in child.steps if s.name == "approval"] == ["approval"]  # recorded, not asked again
     catch_up = next(s for s in report.steps if s.name == "catch-up")
     assert "bytes behind" in catch_up.detail
+    assert await rebuild_heartbeat_timeouts(handle) == [inventory.failover.heartbeat_timeout * 4] * 2  # the default
+
+
+async def test_the_rebuild_heartbeat_timeout_is_the_inventorys_when_given(running, failed_over, inventory):
+    inv = inventory.model_copy(update={"failback": inventory.failback.model_copy(update={"rebuild_heartbeat_timeout": 7.0})})
+    handle = await start(running, inv)
+    await until_waiting(handle)
+    await handle.execute_update("approve", Request(by="bob"))
+    assert FailbackReport.model_validate(await handle.result()).status == "succeeded"
+    assert await rebuild_heartbeat_timeouts(handle) == [7.0, 7.0]
 
 
 async def test_failback_waits_for_the_low_traffic_window(running, failed_over, inventory):
