@@ -238,6 +238,7 @@ def emergency_run(base: Path, number: int, kill_primary: bool = True) -> dict:
             + (f" ({SOURCE} primary killed)" if kill_primary else ""))
         if kill_primary:
             Cluster.from_dict(state["postgres"][SOURCE]).kill()
+        asyncio.run(wait_served(state))
         t0 = time.monotonic()
         started = opsflow(state, "failover", "--env", state["inventory"], "--to", TARGET, "--emergency", "--requester", REQUESTER,
                           "--reason", "bench")
@@ -254,6 +255,26 @@ def emergency_run(base: Path, number: int, kill_primary: bool = True) -> dict:
         t0 = time.monotonic()
         ignore_interrupts(lambda: down(root, quiet=True))
         say(f"  lab down in {time.monotonic() - t0:.1f}s")
+
+
+async def wait_served(state: dict, timeout: float = 60) -> None:
+    """Until the lab's worker polls the procedure's queues. The lab comes up with its worker still starting: an
+    emergency started at once waited ~0.7 s for its first decision, which a worker running before the emergency
+    (the real case) does not cost."""
+    from temporalio.api.enums.v1 import TaskQueueType
+
+    from activities.temporal_queues import queue_pollers
+    from opsflow.client import connect
+    from opsflow.inventory import load_inventory
+
+    client = await connect(state["temporal"]["address"], namespace="default")
+    inv = load_inventory(state["inventory"])
+    wanted = [(inv.task_queue, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)] + [(q, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY) for q in inv.all_queues()]
+    deadline = time.monotonic() + timeout
+    while wanted := [(q, kind) for q, kind in wanted if not await queue_pollers(client, q, (kind,))]:
+        if time.monotonic() > deadline:
+            raise RunFailed(f"no worker polls {wanted[0][0]} {timeout:.0f}s after the lab came up")
+        await asyncio.sleep(0.1)
 
 
 async def wait_for_end(state: dict, workflow_id: str):
