@@ -29,7 +29,8 @@ The figures (medians over the runs that succeeded; min and max beside them):
 - promotion: the report's promotion_seconds (the db.promote activity: the promotion request through the
   Azure API emulator until a write commits), beside the physical limit.
 
---emergency: each run kills the eastus primary (as an outage would; --primary-alive keeps it) and runs an
+--emergency: each run kills the eastus primary (as an outage would; --primary-alive keeps it), waits until the
+lab's worker polls the procedure's queues (a worker runs before an outage), and runs an
 emergency failover to westeurope (`opsflow failover --emergency`, no approval in the lab's inventory). The
 figure is TRAFFIC MOVED: from the workflow's start (WorkflowExecutionStarted in the history) until the traffic
 step ended, i.e. Traffic Manager sends clients to westeurope. Beside it, the delays the lab's ARM emulator adds
