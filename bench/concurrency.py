@@ -130,17 +130,20 @@ def write_inventories(state: dict, count: int, folder: Path, shared_queue: str |
     return names
 
 
-async def wait_pollers(client, queues: list[str], timeout: float) -> None:
+async def wait_pollers(client, queues: list[str], timeout: float, workflow_queues: list[str] | tuple = (), interval: float = 0.5) -> None:
+    """Until a worker polls each of `queues` for activities and each of `workflow_queues` for workflow tasks."""
+    from temporalio.api.enums.v1 import TaskQueueType
+
     from activities.temporal_queues import queue_pollers
 
     deadline = time.monotonic() + timeout
-    left = list(queues)
+    left = [(q, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY) for q in queues] + [(q, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW) for q in workflow_queues]
     while left:
-        left = [q for q in left if not await queue_pollers(client, q)]
+        left = [(q, kind) for q, kind in left if not await queue_pollers(client, q, (kind,))]
         if left and time.monotonic() > deadline:
-            raise RuntimeError(f"no poller on {len(left)} queue(s), e.g. {left[0]}")
+            raise RuntimeError(f"no poller on {len(left)} queue(s), e.g. {left[0][0]}")
         if left:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(interval)
 
 
 async def run_procedures(state: dict, inv_dir: Path, procedures: int) -> dict:

@@ -62,6 +62,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from opsflow.models import FailoverReport  # noqa: E402
 
@@ -262,20 +263,13 @@ async def wait_served(state: dict, timeout: float = 60) -> None:
     """Until the lab's worker polls the procedure's queues. The lab comes up with its worker still starting: an
     emergency started at once waited ~0.7 s for its first decision, which a worker running before the emergency
     (the real case) does not cost."""
-    from temporalio.api.enums.v1 import TaskQueueType
-
-    from activities.temporal_queues import queue_pollers
+    from concurrency import wait_pollers
     from opsflow.client import connect
     from opsflow.inventory import load_inventory
 
     client = await connect(state["temporal"]["address"], namespace="default")
     inv = load_inventory(state["inventory"])
-    wanted = [(inv.task_queue, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)] + [(q, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY) for q in inv.all_queues()]
-    deadline = time.monotonic() + timeout
-    while wanted := [(q, kind) for q, kind in wanted if not await queue_pollers(client, q, (kind,))]:
-        if time.monotonic() > deadline:
-            raise RunFailed(f"no worker polls {wanted[0][0]} {timeout:.0f}s after the lab came up")
-        await asyncio.sleep(0.1)
+    await wait_pollers(client, inv.all_queues(), timeout, workflow_queues=[inv.task_queue], interval=0.1)
 
 
 async def wait_for_end(state: dict, workflow_id: str):
