@@ -137,7 +137,8 @@ async def wait_pollers(client, queues: list[str], timeout: float, workflow_queue
     from activities.temporal_queues import queue_pollers
 
     deadline = time.monotonic() + timeout
-    left = [(q, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY) for q in queues] + [(q, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW) for q in workflow_queues]
+    left = [(q, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY) for q in queues]
+    left += [(q, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW) for q in workflow_queues]
     while left:
         left = [(q, kind) for q, kind in left if not await queue_pollers(client, q, (kind,))]
         if left and time.monotonic() > deadline:

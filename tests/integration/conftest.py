@@ -28,8 +28,9 @@ FAST_RESTART = ("--sticky-timeout", "1")
 
 def fast_recovery(lab, **failover) -> str:
     """The lab's inventory with what a killed worker costs made short, for tests that kill workers: a long step's
-    heartbeat timeout (5 s: it is retried after that; a failback's rebuild too), a decision a killed workflow worker held (the workflow task
-    timeout, 1 s, the least: then another worker gets it). `failover`: more of the failover policy. Returns its path."""
+    heartbeat timeout (5 s: it is retried after that; a failback's rebuild too), a decision a killed workflow worker
+    held (the workflow task timeout, 1 s, the least: then another worker gets it). `failover`: more of the failover
+    policy. Returns its path."""
     import yaml
 
     inv = yaml.safe_load(open(lab.inventory))

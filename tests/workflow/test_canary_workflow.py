@@ -392,7 +392,8 @@ async def test_abort_at_every_step_leaves_stable_at_100(dev_env, dev_worker, clu
         cluster.behaviour = "marginal"
     # the 5 % bake is passed quickly where the abort is aimed later (a gate waits for it; a bake aimed at lasts 2 s)
     quick = {"bake-25": ("2s", "1s"), "decide-5": ("1s", "0.5s"), "promote-gate": ("1s", "0.5s")}
-    inv = make_inventory(bake=quick[when][0], analysis={**ROLLOUT["analysis"], "interval": quick[when][1]}) if when in quick else make_inventory()
+    bake, interval = quick.get(when, (None, None))
+    inv = make_inventory(bake=bake, analysis={**ROLLOUT["analysis"], "interval": interval}) if bake else make_inventory()
     async with serving(dev_worker):
         handle = await start(dev_env, dev_worker, inv, auto_promote=when != "promote-gate")
         if when != "approval":
