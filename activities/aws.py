@@ -76,13 +76,13 @@ def _client(conn: AwsConnection | None, service: str, region: str | None = None)
         user_agent_extra="opsflow",
         s3={"addressing_style": "path"} if conn.endpoint_url else None,
     )
-    return _session().client(service, region_name=region or conn.default_region, endpoint_url=conn.endpoint_url, config=config)
+    return new_session().client(service, region_name=region or conn.default_region, endpoint_url=conn.endpoint_url, config=config)
 
 
 _PARSED: dict = {}  # botocore's data files (service models, endpoint rules), parsed once per process
 
 
-def _session() -> boto3.session.Session:
+def new_session() -> boto3.session.Session:
     """A new Session per call (boto3's sessions are not thread-safe, and activities run on a pool), so credentials
     come from boto3's chain as they are now. Its loader shares the parsed data files: parsing them again took ~0.2 s of
     CPU per client (a describe loop in a wait made a new client each time). The loader caches the files it parsed in

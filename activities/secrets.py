@@ -69,12 +69,12 @@ def resolve(ref: SecretRef) -> str:
 def _aws_secret(ref: SecretRef) -> str:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from activities.aws import _session  # a Session of its own: boto3's default one is not thread-safe
+    from activities.aws import new_session  # a Session of its own: boto3's default one is not thread-safe
 
     spec = ref.aws_secrets_manager
     assert spec is not None
     conn = _aws or AwsConnection()
-    client = _session().client("secretsmanager", region_name=spec.region or conn.default_region, endpoint_url=conn.endpoint_url)
+    client = new_session().client("secretsmanager", region_name=spec.region or conn.default_region, endpoint_url=conn.endpoint_url)
     try:
         answer = client.get_secret_value(SecretId=spec.secret_id)
     except ClientError as e:
