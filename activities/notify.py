@@ -35,7 +35,13 @@ def _send(n: Notification, channels: list[NotificationChannel]) -> list[str]:
             body = {"text": f"[{n.severity}] {n.environment}: {n.text}"}
         else:
             body = n.model_dump(mode="json")
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            # urllib quotes a URL it cannot use in its error (the secret itself): name the channel instead.
+            req = urllib.request.Request(url.strip(), data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        except ValueError:
+            raise ApplicationError(f"channel {channel.name}: its URL is not an http(s) URL (no scheme?)",
+                                   type="BadInput", non_retryable=True) from None
         try:
             with urllib.request.urlopen(req, timeout=10):
                 pass
@@ -44,5 +50,8 @@ def _send(n: Notification, channels: list[NotificationChannel]) -> list[str]:
             raise ApplicationError(f"channel {channel.name}: HTTP {e.code}", type="NotifyFailed", non_retryable=400 <= e.code < 500 and e.code != 429) from None
         except (urllib.error.URLError, OSError) as e:
             raise ApplicationError(f"channel {channel.name}: {getattr(e, 'reason', e)}", type="NotifyFailed") from None
+        except ValueError as e:  # http.client's InvalidURL (a control character in the URL) quotes the URL's path
+            raise ApplicationError(f"channel {channel.name}: its URL is not valid ({type(e).__name__})",
+                                   type="BadInput", non_retryable=True) from None
         sent.append(channel.name)
     return sent

@@ -19,6 +19,7 @@ from typing import Any
 
 from temporalio.exceptions import ApplicationError
 
+from opsflow import scrub
 from opsflow.inventory import AwsConnection, AzureConnection, Inventory, SecretRef
 
 CACHE_SECONDS = 60.0
@@ -43,6 +44,13 @@ def _missing(message: str) -> ApplicationError:
 
 
 def resolve(ref: SecretRef) -> str:
+    """The secret's value; from here on the worker scrubs it from every activity failure (opsflow.scrub)."""
+    value = _resolve(ref)
+    scrub.register(value)
+    return value
+
+
+def _resolve(ref: SecretRef) -> str:
     if ref.env is not None:
         value = os.environ.get(ref.env)
         if value is None:

@@ -23,7 +23,9 @@ TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 def _client(req: StatusPageRequest) -> httpx.Client:
     return httpx.Client(base_url=req.page.api_url.rstrip("/"), timeout=TIMEOUT,
-                        headers={"Authorization": f"OAuth {resolve(req.page.api_key)}", "Content-Type": "application/json"})
+                        # .strip(): a key from a file or variable often ends in a newline, which no header can carry
+                        headers={"Authorization": f"OAuth {resolve(req.page.api_key).strip()}",
+                                 "Content-Type": "application/json"})
 
 
 def _check(resp: httpx.Response, what: str) -> dict:

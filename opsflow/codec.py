@@ -67,16 +67,28 @@ def new_key_line(key_id: str) -> str:
     return f"{key_id}:{base64.b64encode(os.urandom(32)).decode()}"
 
 
-class EncryptionCodec(PayloadCodec):
-    """AES-256-GCM per payload; the key id is both in the metadata and authenticated (associated data)."""
+class UnencryptedPayloadError(ValueError):
+    """A process holding codec keys received a payload that is not encrypted."""
 
-    def __init__(self, keys: Sequence[CodecKey]):
+
+class EncryptionCodec(PayloadCodec):
+    """AES-256-GCM per payload; the key id is both in the metadata and authenticated (associated data).
+
+    Decoding refuses a payload that is not encrypted: with encryption on, a clear payload did not come from a
+    process holding the key (a `temporal workflow signal` or a client without it), and its content reaching a
+    workflow unchecked is what encryption is there to rule out. The SDK reads no payload of ours unencrypted
+    (search attributes never pass through a codec). `accept_plaintext` is for display only (the codec server
+    showing histories recorded before encryption was turned on).
+    """
+
+    def __init__(self, keys: Sequence[CodecKey], accept_plaintext: bool = False):
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         if not keys:
             raise CodecConfigError("no codec key")
         self.current = keys[0]
         self._ciphers = {k.id: AESGCM(k.key) for k in keys}
+        self.accept_plaintext = accept_plaintext
 
     async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
         cipher = self._ciphers[self.current.id]
@@ -91,8 +103,14 @@ class EncryptionCodec(PayloadCodec):
         out = []
         for p in payloads:
             if p.metadata.get("encoding") != ENCODING:
-                out.append(p)  # written before encryption was turned on, or by an unencrypted client
-                continue
+                if self.accept_plaintext:
+                    out.append(p)
+                    continue
+                encoding = p.metadata.get("encoding", b"").decode(errors="replace") or "none"
+                raise UnencryptedPayloadError(
+                    f"received an unencrypted payload (encoding {encoding!r}) while payload encryption is on: it was "
+                    "written by a client without the codec key, or before encryption was turned on (let such "
+                    "procedures finish, or read them with a process that has no key)")
             key_id = p.metadata.get(KEY_ID, b"").decode()
             cipher = self._ciphers.get(key_id)
             if cipher is None:

@@ -3,9 +3,12 @@ Connecting is opsflow/client.py's job."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
-from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.contrib.pydantic import PydanticPayloadConverter
+from temporalio.converter import DataConverter, DefaultFailureConverter, DefaultFailureConverterWithEncodedAttributes
 
 # Registered by `opsflow lab up` (and documented for team clusters) so the UI and `opsflow list` can filter.
 OPS_PROCEDURE = SearchAttributeKey.for_keyword("OpsProcedure")
@@ -14,7 +17,28 @@ OPS_STEP = SearchAttributeKey.for_keyword("OpsStep")
 OPS_STATUS = SearchAttributeKey.for_keyword("OpsStatus")
 SEARCH_ATTRIBUTES = [OPS_PROCEDURE, OPS_ENVIRONMENT, OPS_STEP, OPS_STATUS]
 
-DATA_CONVERTER = pydantic_data_converter
+
+
+@dataclasses.dataclass(frozen=True)
+class OpsDataConverter(DataConverter):
+    """Pydantic payloads; with a payload codec (encryption) failure messages and stack traces are encrypted too.
+
+    The SDK's failure converter writes both in clear text by default, and a failure's message quotes what the
+    payloads hide (a host, a resource name). The choice follows the codec, so `dataclasses.replace(DATA_CONVERTER,
+    payload_codec=codec)` (what opsflow.client does) gets it. A failure written either way decodes either way.
+    """
+
+    payload_converter_class: type = PydanticPayloadConverter
+
+    def __post_init__(self) -> None:
+        # The class, not only the instance: workflows build their own failure converter from it in the sandbox.
+        if self.failure_converter_class in (DefaultFailureConverter, DefaultFailureConverterWithEncodedAttributes):
+            wanted = DefaultFailureConverterWithEncodedAttributes if self.payload_codec else DefaultFailureConverter
+            object.__setattr__(self, "failure_converter_class", wanted)
+        super().__post_init__()
+
+
+DATA_CONVERTER = OpsDataConverter()
 
 
 async def register_search_attributes(client: Client, namespace: str = "default") -> None:

@@ -24,6 +24,7 @@ from temporalio.worker import Worker
 
 from opsflow.client import ClientError, connect, inventory_paths
 from opsflow.inventory import Inventory, InventoryError, load_inventory
+from opsflow.scrub import ScrubInterceptor
 
 log = logging.getLogger("opsflow.worker")
 
@@ -64,6 +65,7 @@ def build_workers(client: Client, inv: Inventory, regions: list[str] | None, exe
     workflow_polls = max(2, s.workflow_polls or polls)
     skip = skip_queues if skip_queues is not None else set()
     common = dict(activity_executor=executor, graceful_shutdown_timeout=timedelta(seconds=30),
+                  interceptors=[ScrubInterceptor()],  # no resolved secret value in an activity's failure
                   max_concurrent_activities=min(s.max_concurrent_activities, s.activity_threads),
                   max_concurrent_activity_task_polls=polls,
                   max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE, default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE)

@@ -29,7 +29,8 @@ def test_dsn_passwords_as_libpq_reads_them(dsn, param):
         assert found is not None and repr(param) in found
 
 
-@pytest.mark.parametrize("dsn", ["host=db port=5432 user=ops dbname=postgres", "postgresql://ops@db/app?sslmode=require",
+@pytest.mark.parametrize("dsn", ["host=db port=5432 user=ops dbname=postgres",
+                                 "postgresql://ops@db/app?sslmode=require",
                                  "postgresql://db/app?passfile=/run/pgpass", "postgresql://u:@db/app", "not a dsn"])
 def test_dsns_without_a_password_pass(dsn):
     assert dsn_secret(dsn) is None
@@ -53,8 +54,9 @@ def test_url_credentials_are_found(url):
     assert text_secret(f"check {url} daily") is not None  # inside prose too
 
 
-@pytest.mark.parametrize("url", ["https://api.example/health", "https://api.example/x?key=", "https://user@host.example/",
-                                 "https://api.example/x?monkey=1&keyboard=2", "http://[::1/x"])
+@pytest.mark.parametrize("url", ["https://api.example/health", "https://api.example/x?key=",
+                                 "https://user@host.example/", "https://api.example/x?monkey=1&keyboard=2",
+                                 "http://[::1/x"])
 def test_urls_without_credentials_pass(url):
     assert url_secret(url) is None
 
