@@ -25,13 +25,14 @@ sys.path.insert(0, str(ROOT))
 
 from temporalio.worker import Worker  # noqa: E402
 
-from opsflow.inventory import load_inventory  # noqa: E402
 from opsflow.client import connect  # noqa: E402
 from worker.registry import GLOBAL_ACTIVITIES, REGION_ACTIVITIES, WORKFLOWS  # noqa: E402
 
 
 async def serve(args: argparse.Namespace) -> None:
-    inventories = [load_inventory(p) for p in sorted(Path(args.inventories).glob("*.yaml"))]
+    from activities.rules import RULEBOOK  # the worker's rules, as opsflow's worker loads them
+
+    inventories = RULEBOOK.load(sorted(Path(args.inventories).glob("*.yaml")))
     client = await connect()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -22,6 +22,7 @@ All datetimes returned are in the time zone of the `now` given (UTC for `workflo
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
@@ -330,6 +331,7 @@ class FreezeCalendar(_Strict):
     covered_from: datetime | None = None
     covered_until: datetime | None = None
     events: list[FreezeEvent] | None = None
+    sha256: str | None = None  # of the file read at load: what the worker's rules and a requester's copy compare
 
     _tz = field_validator("timezone")(_check_zone)
 
@@ -352,6 +354,7 @@ class FreezeCalendar(_Strict):
         until = since + timedelta(days=ICS_HORIZON_DAYS)
         events = load_ics(path, since, until, self.timezone)
         self.events, self.covered_from, self.covered_until = events, since, until
+        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         return self
 
     def spans(self, since: datetime, until: datetime) -> list[tuple[datetime, datetime]]:

@@ -12,10 +12,12 @@ is running, 1 the procedure or request failed).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -33,6 +35,8 @@ from opsflow.inventory import Inventory
 from opsflow.maintenance_models import FleetReport, MaintenanceReport
 from opsflow.models import DrillReport, FailbackReport, FailoverReport, ProcedureReport
 from opsflow.rollout_report import RolloutReport
+from opsflow.rules import START_UNSIGNED, WorkerRules, input_digest
+from opsflow.signing import start_memo
 from opsflow.temporal import DATA_CONVERTER, OPS_ENVIRONMENT, OPS_PROCEDURE, OPS_STATUS, OPS_STEP
 
 # Procedures that are themselves the emergency path: an emergency start never cancels them.
@@ -178,6 +182,12 @@ def environment_workflow_id(environment: Inventory | str) -> str:
     return f"opsflow-{name}"
 
 
+def fleet_workflow_id(environments: list[str]) -> str:
+    """A maintenance fleet's id: one per set of environments (its members still take each environment's lock)."""
+    digest = hashlib.sha256(",".join(sorted(environments)).encode()).hexdigest()[:8]
+    return f"opsflow-fleet-{len(environments)}-{digest}"
+
+
 def procedure_search_attributes(procedure: str, environment: str) -> TypedSearchAttributes:
     """What a start (or a schedule's action) sets so lists, the UI and the lock check find the procedure."""
     return TypedSearchAttributes([SearchAttributePair(OPS_PROCEDURE, procedure), SearchAttributePair(OPS_ENVIRONMENT, environment)])
@@ -253,14 +263,23 @@ async def _preempt(handle: WorkflowHandle, procedure: str, timeout: timedelta) -
 
 
 async def start_procedure(client: Client, inv: Inventory, procedure: str, arg: Any, summary: str, workflow_id: str | None = None,
-                          preempt: bool = False, preempt_timeout: timedelta = PREEMPT_TIMEOUT, memo: dict | None = None) -> ProcedureHandle:
+                          preempt: bool = False, preempt_timeout: timedelta = PREEMPT_TIMEOUT, memo: dict | None = None,
+                          signer: Any = None) -> ProcedureHandle:
     """Start `procedure` (its registered workflow name) with its input model `arg` on the environment's lock.
 
     Another procedure running on the environment: `ProcedureRunning` (exit 3). With `preempt` (the emergency
     failover), a running procedure that is not itself a failover/failback is cancelled, waited for (bounded by
     `preempt_timeout`), and the start retried; the handle's `preempted` lists what was cancelled. `memo`: e.g. the
-    requester's signature over the start (opsflow/signing.py's start_memo)."""
+    requester's signature over the start (opsflow/signing.py's start_memo); better `signer` (a signing.Signer): the
+    start is signed here, over the very input sent. The input carries no rules: the environment and the digest of
+    `inv` (the requester's copy), and the worker runs it by its own inventory (opsflow/rules.py)."""
     wid = workflow_id or environment_workflow_id(inv)
+    if hasattr(arg, "without_rules"):
+        arg = arg.without_rules(inv)
+    if signer is not None:
+        signed = signer.sign_start(environment=inv.environment, procedure=procedure, reason=getattr(arg, "reason", "") or "",
+                                   input_sha256=input_digest(arg, START_UNSIGNED), nonce=uuid.uuid4().hex)
+        memo = {**(memo or {}), **start_memo(signed)}
     requester, reason = getattr(arg, "requester", ""), getattr(arg, "reason", "")
     preempted: list[Preempted] = []
     for _ in range(5):  # each round frees the lock of one holder; more rounds mean someone keeps starting
@@ -442,19 +461,40 @@ class ProcedureStatus:
         return d
 
 
-async def _started_queues(client: Client, handle: WorkflowHandle) -> list[str]:
-    """The region task queues of the inventory the procedure was started with (its first history event)."""
-    try:
-        async for event in handle.fetch_history_events(page_size=1):
+async def recorded_rules(client: Client, handle: WorkflowHandle) -> Inventory | None:
+    """The inventory a procedure acts by, read from its history without a worker: the worker's answer to
+    `rules.inventory` (opsflow/rules.py), or, for a run started before the worker held the rules, its input's."""
+    scheduled: set[int] = set()
+    first = True
+    async for event in handle.fetch_history_events():
+        if first:
+            first = False
             payloads = event.workflow_execution_started_event_attributes.input.payloads
-            if not payloads:
-                return []
-            arg = (await client.data_converter.decode(payloads[:1], [dict]))[0]  # the codec's, if payloads are encrypted
-            inv = Inventory.model_validate(arg["inventory"])
-            return [inv.region_queue(r) for r in inv.regions]
-    except Exception:  # an input without an inventory: the workflow's own queue is still checked
+            if payloads:
+                arg = (await client.data_converter.decode(payloads[:1], [dict]))[0]  # the codec's, if encrypted
+                if isinstance(arg, dict) and arg.get("inventory"):
+                    return Inventory.model_validate(arg["inventory"])
+        elif event.HasField("activity_task_scheduled_event_attributes"):
+            if event.activity_task_scheduled_event_attributes.activity_type.name == "rules.inventory":
+                scheduled.add(event.event_id)
+        elif event.HasField("activity_task_completed_event_attributes"):
+            done = event.activity_task_completed_event_attributes
+            if done.scheduled_event_id in scheduled:
+                rules = WorkerRules.model_validate((await client.data_converter.decode(list(done.result.payloads), [dict]))[0])
+                found = [r.inventory for r in rules.environments if r.inventory is not None]
+                return found[0] if found else None
+        elif scheduled == set() and event.event_id > 20:
+            return None  # the rules are taken first thing: a history without them by now has none
+    return None
+
+
+async def _started_queues(client: Client, handle: WorkflowHandle) -> list[str]:
+    """The region task queues of the inventory the procedure acts by (read from its history)."""
+    try:
+        inv = await recorded_rules(client, handle)
+    except Exception:  # an input or answer of another shape: the workflow's own queue is still checked
         return []
-    return []
+    return [inv.region_queue(r) for r in inv.regions] if inv is not None else []
 
 
 async def describe_status(client: Client, workflow_id: str, query_timeout: float = 3) -> ProcedureStatus:

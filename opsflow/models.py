@@ -349,6 +349,11 @@ class ProcedureReport(BaseModel):
     run_id: str = ""
     start_signature: str | None = None
     start_signed_at: datetime | None = None
+    start_input_sha256: str | None = None  # what a version 2 start signature binds: the input's digest, a nonce
+    start_nonce: str | None = None
+    scheduled_by: str | None = None  # a run a Schedule launched: who created (and signed) the Schedule, its id
+    schedule_id: str | None = None
+    rules_sha256: str | None = None  # the worker's inventory this run acted by (opsflow/rules.py)
     status: ProcedureStatus = "running"
     failure: str | None = None
     current_step: str | None = None
@@ -365,7 +370,8 @@ class ProcedureReport(BaseModel):
     def of(cls, inp: Any, **fields: Any) -> Self:
         """The report a run of `inp` starts with: any procedure input (inventory, requester, reason, dry_run);
         the workflow id is filled in once the run knows it."""
-        return cls(workflow_id="", environment=inp.inventory.environment, requester=inp.requester, reason=inp.reason,
+        environment = getattr(inp, "environment", "") or inp.inventory.environment
+        return cls(workflow_id="", environment=environment, requester=inp.requester, reason=inp.reason,
                    dry_run=inp.dry_run, **fields)
 
 

@@ -168,6 +168,8 @@ def parse_signature(armored: str) -> ParsedSignature:
         pub, ns, _reserved, hash_alg, sig = r.string(), r.string(), r.string(), r.string(), r.string()
         inner = _Reader(sig)
         algorithm, raw = inner.string().decode(), inner.string()
+        if not (r.done() and inner.done()):  # a blob is consumed whole: nothing may ride after the signature
+            raise ValueError("trailing data after the signature")
     except (ValueError, UnicodeDecodeError, struct.error) as e:
         raise ValueError(f"malformed SSH signature: {e}") from None
     return ParsedSignature(pub, ns.decode(errors="replace"), hash_alg.decode(errors="replace"), algorithm, raw)
@@ -234,10 +236,65 @@ def request_payload(*, workflow_id: str, run_id: str, gate_id: str | None, actio
                        "action": action, "by": by, "reason": reason, "full": bool(full), "at": _utc(at)})
 
 
-def start_payload(*, environment: str, procedure: str, requester: str, reason: str, at: datetime) -> bytes:
-    """The bytes a requester signs to start a procedure (the run does not exist yet)."""
-    return _canonical({"opsflow": 1, "action": "start", "environment": environment, "procedure": procedure,
-                       "by": requester, "reason": reason, "at": _utc(at)})
+def start_payload(*, environment: str, procedure: str, requester: str, reason: str, at: datetime,
+                  input_sha256: str | None = None, nonce: str | None = None) -> bytes:
+    """The bytes a requester signs to start a procedure (the run does not exist yet). Version 2 binds the whole
+    input (its canonical sha256: region, dry run, image, everything) and a single-use nonce; version 1 (without
+    them) is only accepted from histories recorded before the worker held the rules."""
+    fields = {"opsflow": 1, "action": "start", "environment": environment, "procedure": procedure,
+              "by": requester, "reason": reason, "at": _utc(at)}
+    if input_sha256 is not None or nonce is not None:
+        fields.update({"opsflow": 2, "input": input_sha256 or "", "nonce": nonce or ""})
+    return _canonical(fields)
+
+
+def schedule_payload(*, schedule_id: str, procedure: str, environment: str, input_sha256: str, by: str,
+                     at: datetime) -> bytes:
+    """The bytes an operator signs to create a Schedule: every run it launches is bound to that schedule's id,
+    the procedure, the environment and the very input (no freshness: a schedule fires for months)."""
+    return _canonical({"opsflow": 2, "action": "schedule", "schedule_id": schedule_id, "procedure": procedure,
+                       "environment": environment, "input": input_sha256, "by": by, "at": _utc(at)})
+
+
+# The launcher hands a scheduled procedure the schedule's signed creation in the child's memo.
+SCHEDULE_MEMO = "opsflow-schedule"
+# What a Schedule may run: routine work, and dry runs of anything.
+SCHEDULABLE = frozenset({"drill", "maintenance"})
+
+
+def check_schedule(inventory: Any, *, procedure: str, record: dict[str, Any], parent_workflow_id: str,
+                   input_sha256: str, dry_run: bool) -> SignedAction | None:
+    """A procedure launched by a Schedule (workflows/scheduled.py): only a schedulable kind (or a dry run), from
+    the schedule it names, created by an operator of the procedure, signed over this input where signatures are
+    required. Raises ValueError naming what is wrong."""
+    if procedure not in SCHEDULABLE and not dry_run:
+        raise ValueError(f"a Schedule may run {', '.join(sorted(SCHEDULABLE))} or dry runs, not a {procedure}")
+    schedule_id, by = str(record.get("schedule_id") or ""), str(record.get("by") or "")
+    if not schedule_id or not parent_workflow_id.startswith(f"{schedule_id}-"):
+        raise ValueError(f"launched by {parent_workflow_id}, which no Schedule {schedule_id or '(none named)'} started")
+    check_operator(getattr(inventory, "operators", None) or {}, procedure, by)
+    keyring = Keyring.of(inventory)
+    signature, signed_at = record.get("signature"), record.get("signed_at")
+    if not signature:
+        if keyring.require_signed:
+            raise ValueError(f"the Schedule {schedule_id} was not signed by its creator; this environment requires it "
+                             "(opsflow schedule create ... --as NAME signs)")
+        return None
+    key = keyring.key_of(by)
+    if not key:
+        raise ValueError(f"no SSH public key for {by!r}, who created the Schedule {schedule_id}")
+    try:
+        at = signed_at if isinstance(signed_at, datetime) else datetime.fromisoformat(str(signed_at).replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"the Schedule {schedule_id}'s signed_at {signed_at!r} is not an ISO time") from None
+    message = schedule_payload(schedule_id=schedule_id, procedure=procedure, environment=inventory.environment,
+                               input_sha256=input_sha256, by=by, at=at)
+    try:
+        verify_signature(message, signature, key)
+    except ValueError as e:
+        raise ValueError(f"the Schedule {schedule_id}'s signature by {by!r} does not hold for this run: {e}") from None
+    return SignedAction(action="schedule", by=by, signed_at=at, signature=signature, environment=inventory.environment,
+                        procedure=procedure, input_sha256=input_sha256, nonce=schedule_id)
 
 
 # -- verification in a workflow validator --------------------------------------------------------------
@@ -267,6 +324,17 @@ def _check_fresh(signed_at: datetime | str | None, now: datetime) -> datetime:
     return signed_at
 
 
+def request_key(req: Any, *, workflow_id: str, run_id: str, gate_id: str | None, action: str) -> str | None:
+    """What a replay is recognised by: the hash of what was signed, not of the signature's text (another armor
+    of the same blob, or an ECDSA signature re-made as (r, n-s), signs the same request)."""
+    signed_at = getattr(req, "signed_at", None)
+    if not getattr(req, "signature", None) or signed_at is None:
+        return None
+    message = request_payload(workflow_id=workflow_id, run_id=run_id, gate_id=gate_id, action=action, by=req.by,
+                              reason=getattr(req, "reason", ""), at=signed_at, full=getattr(req, "full", False))
+    return "sha256:" + hashlib.sha256(message).hexdigest()
+
+
 def verify_request(policy: KeyPolicy, req: Any, *, workflow_id: str, run_id: str, gate_id: str | None, action: str,
                    now: datetime, used: Iterable[str] = ()) -> None:
     """Raise ValueError unless `req` (a kernel Request) is signed by the inventory's key for `req.by`, for
@@ -283,7 +351,9 @@ def verify_request(policy: KeyPolicy, req: Any, *, workflow_id: str, run_id: str
     if not key:
         raise ValueError(f"no SSH public key for {req.by!r} in the inventory: the signature cannot be checked")
     signed_at = _check_fresh(getattr(req, "signed_at", None), now)
-    if signature in set(used):
+    used = set(used)
+    replay_key = request_key(req, workflow_id=workflow_id, run_id=run_id, gate_id=gate_id, action=action)
+    if signature in used or replay_key in used:
         raise ValueError("replayed signature: this signed request was already accepted")
     message = request_payload(workflow_id=workflow_id, run_id=run_id, gate_id=gate_id, action=action, by=req.by,
                               reason=getattr(req, "reason", ""), at=signed_at, full=getattr(req, "full", False))
@@ -298,7 +368,8 @@ def verify_request(policy: KeyPolicy, req: Any, *, workflow_id: str, run_id: str
 
 
 def verify_start(policy: KeyPolicy, *, environment: str, procedure: str, requester: str, reason: str,
-                 signature: str | None, signed_at: datetime | str | None, now: datetime) -> None:
+                 signature: str | None, signed_at: datetime | str | None, now: datetime,
+                 input_sha256: str | None = None, nonce: str | None = None) -> None:
     """The start-time twin of verify_request (the workflow calls it first thing; a failure refuses the start)."""
     if not signature:
         if policy.require_signed:
@@ -308,13 +379,16 @@ def verify_start(policy: KeyPolicy, *, environment: str, procedure: str, request
     if not key:
         raise ValueError(f"no SSH public key for requester {requester!r} in the inventory")
     at = _check_fresh(signed_at, now)
-    message = start_payload(environment=environment, procedure=procedure, requester=requester, reason=reason, at=at)
+    message = start_payload(environment=environment, procedure=procedure, requester=requester, reason=reason, at=at,
+                            input_sha256=input_sha256, nonce=nonce)
     try:
         verify_signature(message, signature, key)
     except ValueError as e:
         if "does not match" in str(e):
             raise ValueError(f"the start signature of {requester!r} does not match this start "
-                             f"({procedure} in {environment}, reason {reason!r})") from None
+                             f"({procedure} in {environment}, reason {reason!r}"
+                             + (", this very input: a signature made for another input or a dry run starts nothing"
+                                if input_sha256 else "") + ")") from None
         raise ValueError(f"{e} (requester {requester!r})") from None
 
 
@@ -466,10 +540,22 @@ class Signer:
                                   by=self.name, reason=reason, at=at, full=full)
         return {"signature": self._sign(message), "signed_at": at}
 
-    def sign_start(self, *, environment: str, procedure: str, reason: str = "", at: datetime | None = None) -> dict[str, Any]:
+    def sign_schedule(self, *, schedule_id: str, procedure: str, environment: str, input_sha256: str,
+                      at: datetime | None = None) -> dict[str, Any]:
         at = at or datetime.now(timezone.utc)
-        message = start_payload(environment=environment, procedure=procedure, requester=self.name, reason=reason, at=at)
-        return {"signature": self._sign(message), "signed_at": at}
+        message = schedule_payload(schedule_id=schedule_id, procedure=procedure, environment=environment,
+                                   input_sha256=input_sha256, by=self.name, at=at)
+        return {"signature": self._sign(message), "signed_at": _utc(at)}
+
+    def sign_start(self, *, environment: str, procedure: str, reason: str = "", at: datetime | None = None,
+                   input_sha256: str | None = None, nonce: str | None = None) -> dict[str, Any]:
+        at = at or datetime.now(timezone.utc)
+        message = start_payload(environment=environment, procedure=procedure, requester=self.name, reason=reason, at=at,
+                                input_sha256=input_sha256, nonce=nonce)
+        signed: dict[str, Any] = {"signature": self._sign(message), "signed_at": at}
+        if input_sha256 is not None or nonce is not None:
+            signed.update({"input_sha256": input_sha256 or "", "nonce": nonce or ""})
+        return signed
 
 
 # -- records in the report, and the inventory's keys ---------------------------------------------------
@@ -492,11 +578,16 @@ class SignedAction(BaseModel):
     # start only:
     environment: str = ""
     procedure: str = ""
+    input_sha256: str | None = None  # version 2 starts: the input's digest and the nonce
+    nonce: str | None = None
 
     def payload(self) -> bytes:
+        if self.action == "schedule":  # nonce: the schedule id
+            return schedule_payload(schedule_id=self.nonce or "", procedure=self.procedure, environment=self.environment,
+                                    input_sha256=self.input_sha256 or "", by=self.by, at=self.signed_at)
         if self.action == "start":
             return start_payload(environment=self.environment, procedure=self.procedure, requester=self.by,
-                                 reason=self.reason, at=self.signed_at)
+                                 reason=self.reason, at=self.signed_at, input_sha256=self.input_sha256, nonce=self.nonce)
         return request_payload(workflow_id=self.workflow_id, run_id=self.run_id, gate_id=self.gate, action=self.action,
                                by=self.by, reason=self.reason, at=self.signed_at, full=self.full)
 
@@ -574,19 +665,28 @@ def start_memo(signed: dict[str, Any]) -> dict[str, Any]:
     """Signer.sign_start(...) -> the memo to start the workflow with ({} when nothing was signed)."""
     if not signed:
         return {}
-    return {START_MEMO: {"signature": signed["signature"], "signed_at": _utc(signed["signed_at"])}}
+    memo = {"signature": signed["signature"], "signed_at": _utc(signed["signed_at"])}
+    if "nonce" in signed:
+        memo.update({"input_sha256": signed["input_sha256"], "nonce": signed["nonce"]})
+    return {START_MEMO: memo}
 
 
 def check_start(inventory: Any, *, procedure: str, requester: str, reason: str, memo: dict[str, Any] | None,
-                now: datetime) -> SignedAction | None:
+                now: datetime, input_sha256: str | None = None) -> SignedAction | None:
     """What the workflow checks first (a ValueError refuses the start): the requester is an operator for this
-    procedure, and when signatures are required, signed the start. -> the record for the report, if signed."""
+    procedure, and when signatures are required, signed the start. `input_sha256`: the digest of the input the
+    workflow received; given, a signature must bind it (version 2). -> the record for the report, if signed."""
     check_operator(getattr(inventory, "operators", None) or {}, procedure, requester)
     memo = memo or {}
     signature, signed_at = memo.get("signature"), memo.get("signed_at")
+    nonce = memo.get("nonce") if input_sha256 is not None else None
+    if signature and input_sha256 is not None and not nonce:
+        raise ValueError("the start signature binds no input (an older CLI?): sign the start again with this opsflow")
     verify_start(Keyring.of(inventory), environment=inventory.environment, procedure=procedure, requester=requester,
-                 reason=reason, signature=signature, signed_at=signed_at, now=now)
+                 reason=reason, signature=signature, signed_at=signed_at, now=now,
+                 input_sha256=input_sha256 if signature else None, nonce=nonce)
     if not signature:
         return None
     return SignedAction(action="start", by=requester, reason=reason, signed_at=signed_at, signature=signature,
-                        environment=inventory.environment, procedure=procedure)
+                        environment=inventory.environment, procedure=procedure,
+                        input_sha256=input_sha256 if nonce else None, nonce=nonce)

@@ -23,17 +23,17 @@ from opsflow.codec import CodecConfigError
 from opsflow.inventory import Inventory, InventoryError, load_inventory
 from opsflow.models import ProcedureReport
 from opsflow.report import ProgressLines, figures, headline, to_markdown, to_text
-from opsflow.signing import start_memo
+from opsflow.signing import Signer
 from starters.common import CliError, emit
-from starters.security import SigningFailed, add_key_argument, request_signature, start_signature
+from starters.security import SigningFailed, add_key_argument, request_signature, start_signer
 from starters.security import add_commands as security_commands, run_command as security_command
 
 TERMINAL_OK = {"succeeded", "planned"}
 
 
-def signed_start(inv: Inventory, procedure: str, inp, args) -> dict | None:
-    """The start's memo: the requester's signature over what is started (issue 11), when the inventory asks."""
-    return start_memo(start_signature(inv, procedure, inp.requester, inp.reason or "", args.key)) or None
+def signed_start(inv: Inventory, procedure: str, inp, args) -> Signer | None:
+    """Who signs the start (start_procedure signs the very input it sends), when the inventory asks or --key is given."""
+    return start_signer(inv, inp.requester, args.key)
 
 
 async def follow_printing(handle: WorkflowHandle, as_json: bool) -> int:
@@ -66,7 +66,7 @@ async def cmd_failover(args) -> int:
     client = await connect()
     # An emergency preempts routine work (a maintenance window, a canary, a drill): cancelled with its undo first.
     handle = await start_procedure(client, inv, "failover", inp, f"{kind}{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}",
-                                   preempt=args.emergency and not args.dry_run, memo=signed_start(inv, "failover", inp, args))
+                                   preempt=args.emergency and not args.dry_run, signer=signed_start(inv, "failover", inp, args))
     for p in handle.preempted:
         print(f"preempted {p.workflow_id} ({p.procedure}): {p.outcome}", file=sys.stderr)
     needs_approval = not inp.dry_run and (not args.emergency or inv.approval.emergency_requires_approval)
@@ -100,7 +100,7 @@ async def cmd_failback(args) -> int:
     inp = FailbackInput(inventory=inv, to_region=args.to, dry_run=args.dry_run, requester=requester, reason=args.reason or "")
     client = await connect()
     handle = await start_procedure(client, inv, "failback", inp, f"Failback{' (dry run)' if args.dry_run else ''} of {inv.environment} to {args.to}",
-                                   memo=signed_start(inv, "failback", inp, args))
+                                   signer=signed_start(inv, "failback", inp, args))
     return await run_started(handle, args, f"failback to {args.to}, requested by {requester}; approval comes after the replica has caught up", None if args.dry_run else approver_for(inv, requester))
 
 
@@ -129,7 +129,7 @@ async def cmd_drill(args) -> int:
     client = await connect()
     # Under the environment's lock like every procedure: one drill (or anything else) per environment at a time.
     handle = await start_procedure(client, inv, "drill", inp, f"Restore drill{' (dry run)' if args.dry_run else ''} of {inv.environment}",
-                                   memo=signed_start(inv, "drill", inp, args))
+                                   signer=signed_start(inv, "drill", inp, args))
     return await run_started(handle, args, f"restore drill of {inv.environment}", None)
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import hashlib
+
+from opsflow.client import fleet_workflow_id
 
 from opsflow.inventory import load_inventory
 from starters.common import CliError, inventory_path
+from starters.security import add_key_argument, start_signer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,14 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true", help="follow progress until the end")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--requester", help="who asks (default: your login)")
+    add_key_argument(parser)
     parser.add_argument("--reason")
     parser.add_argument("--max-concurrency", type=int, default=1, metavar="N", help="fleet: environments at once (default 1)")
     parser.add_argument("--max-errors", type=int, default=1, metavar="M", help="fleet: no new environment after M failed (default 1)")
 
 
 def fleet_id(envs: list[str]) -> str:
-    digest = hashlib.sha256(",".join(sorted(envs)).encode()).hexdigest()[:8]
-    return f"opsflow-fleet-{len(envs)}-{digest}"
+    return fleet_workflow_id(envs)
 
 
 async def run(args) -> int:
@@ -55,14 +57,15 @@ async def run(args) -> int:
     if len(invs) == 1:
         inv = invs[0]
         inp = MaintenanceInput(inventory=inv, region=args.region, dry_run=args.dry_run, requester=requester, reason=args.reason or "")
-        handle = await start_procedure(client, inv, "maintenance", inp, f"Maintenance window{dry} of {inv.environment}")
+        handle = await start_procedure(client, inv, "maintenance", inp, f"Maintenance window{dry} of {inv.environment}",
+                                       signer=start_signer(inv, requester, args.key))
         return await run_started(handle, args, f"maintenance of {inv.environment}, requested by {requester}",
                                  None if args.dry_run else approver_for(inv, requester))
     envs = [i.environment for i in invs]
     fleet = FleetInput(inventories=invs, region=args.region, dry_run=args.dry_run, requester=requester, reason=args.reason or "",
                        max_concurrency=args.max_concurrency, max_errors=args.max_errors)
     handle = await start_procedure(client, invs[0], "maintenance-fleet", fleet, f"Maintenance{dry} of {len(invs)} environments: {', '.join(envs)}",
-                                   workflow_id=fleet_id(envs))
+                                   workflow_id=fleet_id(envs), signer=start_signer(invs[0], requester, args.key))
     if not args.json:
         print(f"  each environment runs as opsflow-<env> and waits for its own approval: {', '.join(f'opsflow-{e}' for e in envs)}")
     return await run_started(handle, args, f"maintenance of {len(invs)} environments, at most {args.max_concurrency} at once", None)

@@ -10,6 +10,7 @@ import getpass
 from opsflow.inventory import load_inventory
 from opsflow.client import get_handle as handle_for, inventory_path
 from starters.common import CliError, emit
+from starters.security import SigningFailed, add_key_argument, request_signature, start_signer
 
 
 
@@ -46,6 +47,7 @@ def add_arguments(sub) -> None:
         p.add_argument("--reason")
         p.add_argument("--wait", action="store_true", help="follow progress until the end")
         p.add_argument("--json", action="store_true")
+        add_key_argument(p)
     for name, text in (("promote", "canary: next step now (--full: straight to 100 %%); blue-green: end the rollback window"),
                        ("rollback", "roll back now: the previous version takes all traffic (blue-green: switch back)")):
         u = sub.add_parser(name, help=text)
@@ -55,6 +57,7 @@ def add_arguments(sub) -> None:
         if name == "promote":
             u.add_argument("--full", action="store_true", help="straight to 100 %%")
         u.add_argument("--json", action="store_true")
+        add_key_argument(u)
 
 
 async def start(args) -> int:
@@ -75,7 +78,8 @@ async def start(args) -> int:
                        dry_run=args.dry_run, requester=requester, reason=args.reason or "")
     client = await connect()
     kind = "Canary" if args.command == "canary" else "Blue-green"
-    handle = await start_procedure(client, inv, args.command, inp, f"{kind}{' (dry run)' if args.dry_run else ''} of {args.image} on {app}")
+    handle = await start_procedure(client, inv, args.command, inp, f"{kind}{' (dry run)' if args.dry_run else ''} of {args.image} on {app}",
+                                   signer=start_signer(inv, requester, args.key))
     policy = inv.rollout.approval or inv.approval
     hint = ", ".join(policy.require) if policy.require else None
     return await run_started(handle, args, f"{args.command} of {args.image} on {app}, requested by {requester}",
@@ -91,7 +95,13 @@ async def update(args) -> int:
 
     client = await connect()
     handle = await handle_for(client, args.workflow_id)
-    req = Request(by=args.as_, reason=args.reason or "", full=getattr(args, "full", False))
+    full = getattr(args, "full", False)
+    try:
+        signed = await request_signature(handle, action=args.command, name=args.as_, reason=args.reason or "", key_path=args.key,
+                                         full=full)
+    except SigningFailed as e:
+        raise CliError(f"cannot sign the {args.command}: {e}") from None
+    req = Request(by=args.as_, reason=args.reason or "", full=full, **signed)
     try:
         result = await handle.execute_update(args.command, req, result_type=str)
     except WorkflowUpdateFailedError as e:

@@ -71,7 +71,10 @@ from temporalio.service import RPCError, RPCStatusCode
 from opsflow.client import connect
 from opsflow.inventory import Inventory, InventoryError, load_inventory, parse_duration
 from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE, OPS_STATUS
+from opsflow.rules import START_UNSIGNED, InventoryDigest, differences, digest_of, input_digest
+from opsflow.signing import SigningError
 from starters.common import CliError, emit, inventory_path
+from starters.security import SigningFailed, add_key_argument, signer_for
 
 # ---------------------------------------------------------------------------------------------------------
 # Checking a calendar or cron before the server reads it
@@ -278,7 +281,7 @@ def _drill_action(inv: Inventory, name: str, schedule_id: str, args) -> Schedule
     reason = args.note or f"schedule {name}"
     inp = DrillInput(inventory=inv, source_region=args.source, requester=f"schedule:{name}", reason=reason)
     summary = f"Restore drill of {inv.environment}" + (f" from {args.source}" if args.source else "") + f" (schedule {name})"
-    return _launch(inv, "drill", inp, schedule_id, summary, reason, name)
+    return _launch(inv, "drill", inp, schedule_id, summary, reason, name, args)
 
 
 def _procedure_of(action: ScheduleActionStartWorkflow) -> str | None:
@@ -288,13 +291,27 @@ def _procedure_of(action: ScheduleActionStartWorkflow) -> str | None:
     return action.typed_search_attributes.get(OPS_PROCEDURE) if action.typed_search_attributes else action.workflow
 
 
-def _launch(inv: Inventory, procedure: str, inp, schedule_id: str, summary: str, reason: str, name: str) -> ScheduleActionStartWorkflow:
+def _launch(inv: Inventory, procedure: str, inp, schedule_id: str, summary: str, reason: str, name: str,
+            args: argparse.Namespace) -> ScheduleActionStartWorkflow:
     """The schedule starts the `scheduled` launcher (Temporal appends the scheduled time to its id), which
-    starts the procedure under the environment's lock `opsflow-<env>`: one procedure per environment."""
+    starts the procedure under the environment's lock `opsflow-<env>`: one procedure per environment. The input
+    carries no rules (the worker's inventory is); the creator (`--as`, an operator) signs the schedule's id,
+    procedure, environment and input where the inventory requires signatures (or with --key)."""
     from workflows.scheduled import LaunchInput
 
+    arg = inp.without_rules(inv).model_dump(mode="json")
+    by = getattr(args, "as_name", None) or _user()
+    signed: dict = {}
+    if not getattr(args, "dry_run", False):
+        try:
+            signer = signer_for(inv, by, getattr(args, "key", None))
+            if signer is not None:
+                signed = signer.sign_schedule(schedule_id=schedule_id, procedure=procedure, environment=inv.environment,
+                                              input_sha256=input_digest(arg, START_UNSIGNED))
+        except (SigningFailed, SigningError) as e:
+            raise CliError(f"cannot sign the schedule as {by!r}: {e}") from None
     launch = LaunchInput(procedure=procedure, environment=inv.environment, task_queue=inv.task_queue,
-                         arg=inp.model_dump(mode="json"), summary=summary)
+                         arg=arg, summary=summary, schedule_id=schedule_id, by=by, **signed)
     return ScheduleActionStartWorkflow(
         "scheduled",
         launch,
@@ -309,16 +326,12 @@ def _launch(inv: Inventory, procedure: str, inp, schedule_id: str, summary: str,
 def _maintenance_action(inv: Inventory, name: str, schedule_id: str, args) -> ScheduleActionStartWorkflow:
     if args.source is not None:
         raise CliError("--source is for --procedure drill; a maintenance runs on --region REGION (default: the current primary)")
-    try:
-        from workflows.maintenance import MaintenanceInput
-    except ModuleNotFoundError as e:
-        if e.name not in ("workflows.maintenance",):
-            raise
-        raise CliError("this opsflow has no maintenance procedure yet (workflows/maintenance.py); a schedule can run: drill") from None
+    from workflows.maintenance import MaintenanceInput  # imported here: the CLI's other commands do not need it
+
     reason = args.note or f"schedule {name}"
     inp = MaintenanceInput(inventory=inv, requester=f"schedule:{name}", reason=reason, region=args.region)
     summary = f"Maintenance window of {inv.environment}" + (f" in {args.region}" if args.region else "") + f" (schedule {name})"
-    return _launch(inv, "maintenance", inp, schedule_id, summary, reason, name)
+    return _launch(inv, "maintenance", inp, schedule_id, summary, reason, name, args)
 
 
 PROCEDURES: dict[str, Callable[[Inventory, str, str, argparse.Namespace], ScheduleActionStartWorkflow]] = {
@@ -561,27 +574,21 @@ def _description(desc: ScheduleDescription, name: str, inv: Inventory) -> dict:
 
 
 async def _inventory_current(client: Client, desc: ScheduleDescription, inv: Inventory) -> bool | None:
-    """Does the inventory stored in the schedule's drill input still equal the inventory file?"""
+    """Does the digest of the inventory the schedule was created with still match the inventory file? (Its runs
+    act by the worker's inventory and are refused, naming what differs, when the digest does not match it.)"""
     action = desc.schedule.action
     if not isinstance(action, ScheduleActionStartWorkflow) or not action.args:
         return None
     try:
         (stored,) = await client.data_converter.decode(list(action.args), [dict])
         stored = stored.get("arg", stored)  # the launcher's input carries the procedure's
-        return _settings(Inventory.model_validate(stored["inventory"]).model_dump(mode="json")) == _settings(inv.model_dump(mode="json"))
+        if stored.get("inventory_digest"):
+            seen = InventoryDigest.model_validate(stored["inventory_digest"])
+        else:  # schedules created before the worker held the rules carry the inventory itself
+            seen = digest_of(Inventory.model_validate(stored["inventory"]))
+        return not differences(digest_of(inv), seen)
     except Exception:  # an older or foreign input shape: say nothing rather than guess
         return None
-
-
-def _settings(dumped: object) -> object:
-    """An inventory as written: .ics freeze calendars are compared by file, not by the day they were expanded on."""
-    if isinstance(dumped, dict):
-        if "path" in dumped and "events" in dumped:
-            return {k: v for k, v in dumped.items() if k not in ("events", "covered_from", "covered_until")}
-        return {k: _settings(v) for k, v in dumped.items()}
-    if isinstance(dumped, list):
-        return [_settings(v) for v in dumped]
-    return dumped
 
 
 async def _outcomes(client: Client, recent: list[dict]) -> None:
@@ -619,7 +626,8 @@ async def cmd_describe(args, client: Client | None = None) -> int:
           + ("pause on failure" if p["pause_on_failure"] else "keep going after a failure"))
     print(f"  actions: {out['num_actions']} taken, {out['skipped_overlap']} skipped (overlap), {out['missed_catchup_window']} missed (catch-up window)")
     if out["inventory_current"] is False:
-        print("  WARNING: the inventory stored in this schedule differs from the inventory file; delete and create it again")
+        print("  WARNING: this schedule was created with an inventory that differs from the inventory file; its runs are "
+              "refused where that differs from the worker's: delete and create it again")
     print("  next runs:" if desc.info.next_action_times else "  next runs: none")
     for t in desc.info.next_action_times[:5]:
         print(f"    {_local(t, tz)}")
@@ -824,6 +832,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--paused", action="store_true", help="create it paused (to look at the server's next run times first)")
     c.add_argument("--dry-run", action="store_true", help="check and show what would be sent; create nothing (no run times: the server computes them)")
     c.add_argument("--note", help="a note shown with the schedule (and the reason given to each run)")
+    c.add_argument("--as", dest="as_name", metavar="NAME",
+                   help="who creates it (an operator of the procedure; signs where required; default: your login)")
+    add_key_argument(c)
 
     cmd("list", "the environment's schedules", named=False)
     cmd("describe", "spec, next and recent runs, state")

@@ -28,7 +28,8 @@ class SigningFailed(Exception):
 
 
 def signer_for(inventory: Any, name: str, key_path: str | None) -> Signer | None:
-    keyring = Keyring.of(inventory)
+    # A rollout's own approvers (rollout.approval) sign with the keys listed there.
+    keyring = Keyring.of(inventory, getattr(getattr(inventory, "rollout", None), "approval", None))
     if key_path is None and not keyring.require_signed:
         return None
     if key_path is not None and not Path(key_path).expanduser().is_file():
@@ -36,26 +37,31 @@ def signer_for(inventory: Any, name: str, key_path: str | None) -> Signer | None
     return Signer(name=name, key_path=key_path, public_key=keyring.key_of(name))
 
 
-def start_signature(inventory: Any, procedure: str, requester: str, reason: str, key_path: str | None) -> dict[str, Any]:
-    """{'signature', 'signed_at'} to put into a procedure's start input, or {} when none is wanted."""
+class _StartSigner(Signer):
+    """A Signer whose failures are the CLI's SigningFailed (exit 2, nothing started)."""
+
+    def sign_start(self, **kw: Any) -> dict[str, Any]:
+        try:
+            return super().sign_start(**kw)
+        except SigningError as e:
+            raise SigningFailed(str(e)) from None
+
+
+def start_signer(inventory: Any, requester: str, key_path: str | None) -> Signer | None:
+    """Who signs a procedure's start (over the very input sent: opsflow.client.start_procedure), or None when no
+    signature is wanted (the inventory does not require one and no --key was given)."""
     signer = signer_for(inventory, requester, key_path)
-    if signer is None:
-        return {}
-    try:
-        return signer.sign_start(environment=inventory.environment, procedure=procedure, reason=reason)
-    except SigningError as e:
-        raise SigningFailed(str(e)) from None
+    return None if signer is None else _StartSigner(**vars(signer))
 
 
 async def started_inventory(handle: Any) -> Any:
-    """The inventory a running procedure was started with (its first history event's input)."""
-    from opsflow.inventory import Inventory
+    """The inventory a running procedure acts by (the worker's, as its history recorded it): whose keys sign."""
+    from opsflow.client import recorded_rules
 
-    async for event in handle.fetch_history_events(page_size=1):
-        payloads = list(event.workflow_execution_started_event_attributes.input.payloads)
-        [arg] = await handle._client.data_converter.decode(payloads[:1], [dict])
-        return Inventory.model_validate(arg["inventory"])
-    raise SigningFailed(f"{handle.id}: no history")
+    inventory = await recorded_rules(handle._client, handle)
+    if inventory is None:
+        raise SigningFailed(f"{handle.id} has not taken its rules from the worker yet: try again in a moment")
+    return inventory
 
 
 async def request_signature(handle: Any, *, action: str, name: str, reason: str, key_path: str | None,
@@ -124,10 +130,16 @@ def report_records(report: dict) -> tuple[list[SignedAction], list[str]]:
     records: list[SignedAction] = [SignedAction.model_validate(r) for r in report.get("signatures") or []]
     unsigned: list[str] = []
     wid, run_id = report.get("workflow_id", ""), report.get("run_id", "")
-    if report.get("start_signature"):
+    if report.get("start_signature") and report.get("schedule_id"):  # launched by a Schedule its creator signed
+        records.append(SignedAction(action="schedule", by=report.get("scheduled_by") or "", signed_at=report.get("start_signed_at"),
+                                    signature=report["start_signature"], environment=report.get("environment", ""),
+                                    procedure=report.get("procedure", ""), input_sha256=report.get("start_input_sha256"),
+                                    nonce=report["schedule_id"]))
+    elif report.get("start_signature"):
         records.append(SignedAction(action="start", by=report.get("requester", ""), reason=report.get("reason", ""),
                                     signed_at=report.get("start_signed_at"), signature=report["start_signature"],
-                                    environment=report.get("environment", ""), procedure=report.get("procedure", "")))
+                                    environment=report.get("environment", ""), procedure=report.get("procedure", ""),
+                                    input_sha256=report.get("start_input_sha256"), nonce=report.get("start_nonce")))
     for d in report.get("approvals") or []:
         action = "approve" if d.get("approved") else "reject"
         if d.get("signature"):
@@ -174,15 +186,25 @@ def verify_report(args: argparse.Namespace) -> int:
         return 2
     results = verify_records(records, keyring)
     bad = [(r, why) for r, why in results if why]
+    # What a doctored report would leave out: the start's signature, the deciding approval among those recorded.
+    problems = []
+    if keyring.require_signed and not data.get("start_signature"):
+        problems.append("the start is not signed (this environment requires it)")
+    decided = data.get("approval")
+    if decided and decided not in (data.get("approvals") or []):
+        problems.append(f"the approval by {decided.get('by')} is not among the recorded approvals")
     if args.json:
         print(json.dumps({"workflow_id": data.get("workflow_id"), "verified": len(results) - len(bad),
-                          "failed": [{"action": r.action, "by": r.by, "why": why} for r, why in bad], "unsigned": unsigned}, indent=2))
+                          "failed": [{"action": r.action, "by": r.by, "why": why} for r, why in bad], "unsigned": unsigned,
+                          "problems": problems}, indent=2))
     else:
         for r, why in results:
             where = f"gate {r.gate}" if r.gate else (f"{r.procedure} in {r.environment}" if r.action == "start" else "")
             print(f"{'ok ' if why is None else 'BAD'} {r.action:<8} by {r.by:<12} at {r.signed_at.isoformat()} {where}" + (f": {why}" if why else ""))
         for u in unsigned:
             print(f"UNSIGNED {u}")
+        for p in problems:
+            print(f"BAD {p}")
         print(f"{len(results) - len(bad)} of {len(results)} signatures verify" + (f"; {len(unsigned)} action(s) without a signature" if unsigned else ""))
     # Unsigned actions are a failure only where the inventory requires signatures.
-    return 1 if bad or (unsigned and keyring.require_signed) else 0
+    return 1 if bad or problems or (unsigned and keyring.require_signed) else 0

@@ -61,7 +61,7 @@ def dev_server(**kwargs):
 # one before).
 SPREAD = ("tests/integration/test_crash_boundaries.py", "tests/integration/test_crash.py",
           "tests/integration/test_procedures_lab.py", "tests/integration/test_failover_lab.py",
-          "tests/integration/test_maintenance_procedure_lab.py")
+          "tests/integration/test_maintenance_procedure_lab.py", "tests/integration/test_trust_lab.py")
 # Then the longest whole modules; the rest after them, in collection order (the short ones last: no process is left
 # running one long test while the others are idle).
 LONG_MODULES = ("tests/integration/test_faults.py", "tests/integration/test_rollout_lab.py",

@@ -23,7 +23,7 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from opsflow.client import ClientError, connect, inventory_paths
-from opsflow.inventory import Inventory, InventoryError, load_inventory
+from opsflow.inventory import Inventory, InventoryError
 from opsflow.scrub import ScrubInterceptor
 
 log = logging.getLogger("opsflow.worker")
@@ -59,13 +59,15 @@ def build_workers(client: Client, inv: Inventory, regions: list[str] | None, exe
                   settings: FleetSettings | None = None, skip_queues: set[str] | None = None, environments: int = 1) -> list[Worker]:
     """The Temporal workers one environment needs, leaving out queues already served (`skip_queues`)."""
     from worker.registry import GLOBAL_ACTIVITIES, REGION_ACTIVITIES, WORKFLOWS  # every workflow and activity: not for `opsflow --help`
+    from worker.trust import trust_interceptor
 
     s = settings or FleetSettings()
     polls = s.polls(environments)
     workflow_polls = max(2, s.workflow_polls or polls)
     skip = skip_queues if skip_queues is not None else set()
     common = dict(activity_executor=executor, graceful_shutdown_timeout=timedelta(seconds=30),
-                  interceptors=[ScrubInterceptor()],  # no resolved secret value in an activity's failure
+                  # The worker's own check of who started and approved a run; no resolved secret in a failure.
+                  interceptors=[trust_interceptor(client), ScrubInterceptor()],
                   max_concurrent_activities=min(s.max_concurrent_activities, s.activity_threads),
                   max_concurrent_activity_task_polls=polls,
                   max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE, default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE)
@@ -152,7 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_inventories(given: list[str] | None, regions: list[str] | None) -> list[Inventory]:
-    inventories = [load_inventory(p) for p in inventory_paths(given)]
+    from activities.rules import RULEBOOK  # the worker's inventories are the rules its procedures run by
+
+    inventories = RULEBOOK.load(inventory_paths(given))
     names = [inv.environment for inv in inventories]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})

@@ -1,7 +1,7 @@
 """What a worker runs: every procedure workflow and every activity, by task queue role."""
 
 from activities import database, http_checks, kubernetes, notify, reports, restore, temporal_queues, traffic
-from activities import maintenance, statuspage
+from activities import maintenance, rules, statuspage
 from workflows.drill import DrillWorkflow
 from workflows.failback import FailbackWorkflow
 from workflows.failover import FailoverWorkflow
@@ -38,7 +38,7 @@ REGION_ACTIVITIES = [
     maintenance.plan, maintenance.run_item, maintenance.health, maintenance.take_backup, maintenance.verify_backup,
 ]
 # Activities that belong to no region run beside the workflows.
-GLOBAL_ACTIVITIES = [notify.send, reports.store_report, temporal_queues.unserved_queues, statuspage.update, maintenance.watch]
+GLOBAL_ACTIVITIES = [rules.worker_inventory, notify.send, reports.store_report, temporal_queues.unserved_queues, statuspage.update, maintenance.watch]
 
 # Rollouts (canary, blue-green): Kubernetes and the region's Prometheus on the app's region queue.
 from activities import analysis, prometheus  # noqa: E402

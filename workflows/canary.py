@@ -27,6 +27,7 @@ from workflows.procedure import Procedure, Request, StepDecl, Stop, failure_mess
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory
+    from opsflow.rules import ProcedureInput
     from opsflow.models import ControlEvent
     from opsflow.rollout import (
         DeploymentRequest,
@@ -46,8 +47,7 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.rollout_report import RolloutReport
 
 
-class RolloutInput(BaseModel):
-    inventory: Inventory
+class RolloutInput(ProcedureInput):
     image: str
     app: str | None = None
     strategy: str = "canary"  # canary | bluegreen
@@ -148,6 +148,14 @@ class Rollout(Procedure):
 
     def rollout_policy(self):
         return self.policy.approval or self.inventory.approval
+
+    def check_operator(self, req: Request, action: str) -> None:
+        """The rollout's own approvers (`rollout.approval`) may promote, roll back, pause and abort it too."""
+        self.check_rules_taken()
+        policy = self.rollout_policy() if getattr(self, "policy", None) is not None else self.inventory.approval
+        if req.by not in policy.names():
+            return super().check_operator(req, action)
+        self.verify_request(req, action, None, policy)
 
     async def approvals(self, what: str) -> None:
         await self.gate("approval", what, policy=self.rollout_policy())
@@ -302,7 +310,7 @@ class Rollout(Procedure):
     # -- people ------------------------------------------------------------------------------------------
     @workflow.update
     def promote(self, req: Request) -> str:
-        self.promote_request = self.event("promote-full" if req.full else "promote", req)
+        self.promote_request = self.event("promote-full" if req.full else "promote", req, signed_as="promote")
         self.promote_full = self.promote_full or req.full
         assert isinstance(self.report, RolloutReport)
         self.report.promoted_by.append(self.promote_request)
@@ -374,9 +382,10 @@ class CanaryWorkflow(Rollout):
 
     @workflow.run
     async def run(self, inp: RolloutInput) -> RolloutReport:
-        return await self.conclude(self.canary)  # type: ignore[return-value]
+        return await self.conclude(inp, self.canary)  # type: ignore[return-value]
 
-    async def canary(self) -> None:
+    async def canary(self, inp: RolloutInput) -> None:
+        self.inp = inp
         inp, report = self.inp, self.report
         assert isinstance(report, RolloutReport)
         state = await self.preflight()
@@ -501,9 +510,10 @@ class BlueGreenWorkflow(Rollout):
 
     @workflow.run
     async def run(self, inp: RolloutInput) -> RolloutReport:
-        return await self.conclude(self.bluegreen)  # type: ignore[return-value]
+        return await self.conclude(inp, self.bluegreen)  # type: ignore[return-value]
 
-    async def bluegreen(self) -> None:
+    async def bluegreen(self, inp: RolloutInput) -> None:
+        self.inp = inp
         inp, report = self.inp, self.report
         assert isinstance(report, RolloutReport)
         state = await self.preflight()

@@ -19,6 +19,7 @@ from workflows.procedure import Procedure, StepDecl, Stop, failure_message
 with workflow.unsafe.imports_passed_through():
     from activities.providers import default_restore_method
     from opsflow.inventory import Inventory
+    from opsflow.rules import ProcedureInput
     from opsflow.models import (
         CheckResult,
         ControlEvent,
@@ -34,8 +35,7 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.report import to_markdown
 
 
-class DrillInput(BaseModel):
-    inventory: Inventory
+class DrillInput(ProcedureInput):
     source_region: str | None = None  # default: the inventory's primary region
     point_in_time: datetime | None = None  # default: the latest restorable time
     dry_run: bool = False
@@ -68,7 +68,7 @@ class DrillWorkflow(Procedure):
 
     @workflow.run
     async def run(self, inp: DrillInput) -> DrillReport:
-        return await self.conclude(lambda: self.drill(inp))  # type: ignore[return-value]
+        return await self.conclude(inp, self.drill)  # type: ignore[return-value]
 
     async def drill(self, inp: DrillInput) -> None:
         inv, report, policy = inp.inventory, self.report, inp.inventory.drill
@@ -198,6 +198,8 @@ class DrillWorkflow(Procedure):
         """Keep the evidence: the report as JSON and Markdown, locally and in S3; then one line to the channels."""
         report, inv = self.report, self.inventory
         assert isinstance(report, DrillReport)
+        if inv is None:  # refused before the worker's rules were taken: nothing ran, nothing to keep
+            return
         if report.dry_run:
             return
         deletions = [s for s in report.steps if s.name in ("cleanup", "undo:restore.delete")]

@@ -20,6 +20,7 @@ from workflows.procedure import Procedure, StepDecl, Stop, child_task_timeout, f
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory
+    from opsflow.rules import ProcedureInput
     from opsflow.models import (
         CatchUpRequest,
         CatchUpResult,
@@ -34,8 +35,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 
-class FailbackInput(BaseModel):
-    inventory: Inventory
+class FailbackInput(ProcedureInput):
     to_region: str  # the recovered region to return to
     dry_run: bool = False
     requester: str
@@ -73,7 +73,7 @@ class FailbackWorkflow(Procedure):
 
     @workflow.run
     async def run(self, inp: FailbackInput) -> FailbackReport:
-        return await self.conclude(lambda: self.failback(inp))  # type: ignore[return-value]
+        return await self.conclude(inp, self.failback)  # type: ignore[return-value]
 
     async def failback(self, inp: FailbackInput) -> None:
         inv, to, report = inp.inventory, inp.to_region, self.report
@@ -183,6 +183,8 @@ class FailbackWorkflow(Procedure):
         child_input = FailoverInput(
             inventory=inv, to_region=to, requester=inp.requester, reason=f"failback: {inp.reason}".strip(": "), approval=decision
         )
+        if self.worker_rules:  # the child takes the worker's rules itself; it is told the digest of these
+            child_input = child_input.without_rules(inv)
         try:
             child = await workflow.execute_child_workflow(
                 "failover",

@@ -19,6 +19,8 @@ from workflows.procedure import Procedure, StepDecl, Stop
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory
+    from opsflow.rules import ProcedureInput
+    from opsflow import signing
     from opsflow.models import (
         CatchUpRequest,
         CatchUpResult,
@@ -38,8 +40,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 
-class FailoverInput(BaseModel):
-    inventory: Inventory
+class FailoverInput(ProcedureInput):
     to_region: str
     emergency: bool = False
     dry_run: bool = False
@@ -106,7 +107,36 @@ class FailoverWorkflow(Procedure):
 
     @workflow.run
     async def run(self, inp: FailoverInput) -> FailoverReport:
-        return await self.conclude(lambda: self.failover(inp))  # type: ignore[return-value]
+        return await self.conclude(inp, self.failover)  # type: ignore[return-value]
+
+    # A failback runs its failover back as a child `<its id>-failover`, handing over the approval it holds.
+    def expected_workflow_ids(self) -> list[str]:
+        lock = f"opsflow-{self.inventory.environment}"
+        return [f"{lock}-failover"] if workflow.info().parent is not None else [lock]
+
+    def check_child(self, parent, received=None) -> None:
+        if parent.workflow_id != f"opsflow-{self.inventory.environment}":
+            super().check_child(parent, received)
+
+    def parent_approval(self, decision: Decision) -> Decision:
+        """The approval a failback parent passes down, checked again by the worker's rules: only from the failback
+        of the same environment (its id is that environment's lock), by one of the worker's approvers, signed
+        for that parent run's approval gate where signatures are required."""
+        if not self.worker_rules:
+            return decision
+        parent = workflow.info().parent
+        if parent is None:
+            raise Stop("refused", "an approval in the input is honoured only from a failback of the same environment")
+        policy = self.inventory.approval
+        if decision.by not in policy.names() or policy.require_distinct_approver and decision.by == self.report.requester:
+            raise Stop("refused", f"the approval handed down by {parent.workflow_id} is by {decision.by!r}, who may not approve")
+        try:
+            signing.verify_request(signing.Keyring.of(self.inventory, policy), decision, workflow_id=parent.workflow_id,
+                                   run_id=parent.run_id, gate_id=decision.gate or "approval", action="approve",
+                                   now=decision.signed_at or decision.at)
+        except ValueError as e:
+            raise Stop("refused", f"the approval handed down by {parent.workflow_id}: {e}") from None
+        return decision
 
     async def failover(self, inp: FailoverInput) -> None:
         inv, to, report = inp.inventory, inp.to_region, self.report
@@ -179,7 +209,7 @@ class FailoverWorkflow(Procedure):
         old, old_q = RegionTarget.of(inv, source), inv.region_queue(source)
 
         if inp.approval is not None:
-            decision = report.approval = inp.approval
+            decision = report.approval = self.parent_approval(inp.approval)
             self.end_step(self.begin_step("approval", "Approval (given to the parent procedure)"), "ok", f"approved by {decision.by}")
         else:
             decision = await self.approval_gate(f"planned failover of {inv.environment} from {source} to {to}")

@@ -16,9 +16,10 @@ deferred to the next window and listed. Long statements heartbeat their progress
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from datetime import timedelta
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from temporalio import workflow
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
@@ -28,6 +29,8 @@ from workflows.procedure import Procedure, Request, StepDecl, Stop, child_task_t
 with workflow.unsafe.imports_passed_through():
     from opsflow.calendar import Calendar
     from opsflow.inventory import Inventory
+    from opsflow.rules import InventoryDigest, ProcedureInput, digest_of
+    from opsflow import signing
     from opsflow.maintenance import MaintenancePolicy
     from opsflow.maintenance_models import (
         BackupRequest,
@@ -52,8 +55,7 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.models import ControlEvent, DbStatus, KubeStatus, MaintenanceRequest, RegionTarget, SmokeResult
 
 
-class MaintenanceInput(BaseModel):
-    inventory: Inventory
+class MaintenanceInput(ProcedureInput):
     region: str | None = None  # default: the region whose database is the primary now
     dry_run: bool = False
     requester: str
@@ -143,7 +145,12 @@ class MaintenanceWorkflow(Procedure):
 
     @workflow.run
     async def run(self, inp: MaintenanceInput) -> MaintenanceReport:
-        return await self.conclude(lambda: self.body(inp))  # type: ignore[return-value]
+        return await self.conclude(inp, self.body)  # type: ignore[return-value]
+
+    def check_child(self, parent, received=None) -> None:
+        # A fleet (checked at its own start) runs one maintenance per environment as its children.
+        if not parent.workflow_id.startswith("opsflow-fleet-"):
+            super().check_child(parent, received)
 
     async def body(self, inp: MaintenanceInput) -> None:
         inv, report = inp.inventory, self.mreport
@@ -491,13 +498,32 @@ class MaintenanceWorkflow(Procedure):
 
 
 class FleetInput(BaseModel):
-    inventories: list[Inventory] = Field(min_length=1)
+    environments: list[str] = []
+    inventory_digests: dict[str, InventoryDigest] = {}  # what the requester saw, per environment
+    inventories: list[Inventory] = []  # inputs recorded before the worker held the rules carried them
     region: str | None = None
     dry_run: bool = False
     requester: str
     reason: str = ""
     max_concurrency: int = Field(default=1, ge=1)
     max_errors: int = Field(default=1, ge=1)  # once this many have failed, no new one starts (SSM MaxErrors)
+
+    @model_validator(mode="after")
+    def _named(self) -> "FleetInput":
+        if not self.environments:
+            self.environments = [i.environment for i in self.inventories]
+        if not self.environments:
+            raise ValueError("a fleet names at least one environment")
+        return self
+
+    def seen_digest(self, environment: str) -> InventoryDigest | None:
+        if environment in self.inventory_digests:
+            return self.inventory_digests[environment]
+        return next((digest_of(i) for i in self.inventories if i.environment == environment), None)
+
+    def without_rules(self, _inventory: Inventory | None = None) -> "FleetInput":
+        digests = {e: d for e in self.environments if (d := self.seen_digest(e)) is not None}
+        return self.model_copy(update={"inventories": [], "inventory_digests": digests})
 
 
 @workflow.defn(name="maintenance-fleet")
@@ -509,9 +535,9 @@ class MaintenanceFleetWorkflow(Procedure):
 
     @workflow.init
     def __init__(self, inp: FleetInput) -> None:
-        envs = [i.environment for i in inp.inventories]
+        envs = inp.environments
         super().__init__(
-            inp.inventories[0],
+            inp.inventories[0] if inp.inventories else None,
             FleetReport(
                 workflow_id="",
                 environment=",".join(envs),
@@ -526,7 +552,24 @@ class MaintenanceFleetWorkflow(Procedure):
 
     @workflow.run
     async def run(self, inp: FleetInput) -> FleetReport:
-        return await self.conclude(lambda: self.body(inp))  # type: ignore[return-value]
+        return await self.conclude(inp, self.body)  # type: ignore[return-value]
+
+    async def take_rules(self, inp: FleetInput) -> FleetInput:  # type: ignore[override]
+        """Every member's rules from the worker, checked against what the requester saw, before any child starts."""
+        if not workflow.patched("worker-rules"):
+            self.rules_taken = True
+            return inp
+        self.worker_rules = True
+        self.inventory = None  # type: ignore[assignment]
+        nonce = (workflow.memo_value(signing.START_MEMO, None, type_hint=dict) or {}).get("nonce")
+        found = await self.fetch_rules({e: inp.seen_digest(e) for e in inp.environments}, nonce)
+        self.inventory = found[inp.environments[0]]
+        self.rules_taken = True
+        return inp.model_copy(update={"inventories": [found[e] for e in inp.environments]})
+
+    def expected_workflow_ids(self) -> list[str]:
+        envs = sorted(self.report.environment.split(","))
+        return [f"opsflow-fleet-{len(envs)}-{hashlib.sha256(','.join(envs).encode()).hexdigest()[:8]}"]
 
     async def body(self, inp: FleetInput) -> None:
         report = self.report
@@ -550,9 +593,11 @@ class MaintenanceFleetWorkflow(Procedure):
             member.status = "running"
             self.show()
             try:
+                child_input = MaintenanceInput(inventory=inv, region=inp.region, dry_run=inp.dry_run, requester=inp.requester,
+                                               reason=inp.reason)
                 handle = await workflow.start_child_workflow(
                     MaintenanceWorkflow.run,
-                    MaintenanceInput(inventory=inv, region=inp.region, dry_run=inp.dry_run, requester=inp.requester, reason=inp.reason),
+                    child_input.without_rules(inv) if self.worker_rules else child_input,
                     id=member.workflow_id,
                     task_queue=inv.task_queue,
                     id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,

@@ -26,8 +26,10 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import ApprovalPolicy, Inventory
     from opsflow.models import ControlEvent, Decision, Notification, NotifyRequest, ProcedureReport, StepRecord
+    from opsflow.rules import START_UNSIGNED, InventoryDigest, ProcedureInput, RulesRequest, WorkerRules, input_digest
     from opsflow.temporal import OPS_STATUS, OPS_STEP
     from opsflow import signing  # cryptography: a native extension, must not be re-imported in the sandbox
+    from activities.rules import worker_inventory
 
 
 class Request(BaseModel):
@@ -137,8 +139,12 @@ class Procedure:
 
     notify_on_stop = True
 
-    def __init__(self, inventory: Inventory, report: ProcedureReport) -> None:
-        self.inventory = inventory
+    def __init__(self, inventory: Inventory | None, report: ProcedureReport) -> None:
+        # The rules: until `take_rules` has the worker's inventory, none (an input's inventory is not trusted).
+        self.inventory: Inventory = inventory  # type: ignore[assignment]
+        self.rules_taken = False
+        self.used_requests: list[str] = []  # what accepted signed requests signed (signing.request_key): no replay
+        self.worker_rules = False  # True: this run acts by the worker's inventory (every run since "worker-rules")
         self.report = report
         self.report.workflow_id = workflow.info().workflow_id
         self.report.started_at = workflow.now()
@@ -459,7 +465,12 @@ class Procedure:
             raise ApplicationError(f"{req.by!r} has already answered gate {gate.id!r}; another person is needed", type="NotAllowed")
         self.verify_request(req, action, gate.id, policy)
 
+    def check_rules_taken(self) -> None:
+        if not self.rules_taken:
+            raise ApplicationError("the procedure is still taking its rules from the worker; try again in a moment", type="NotWaiting")
+
     def check_operator(self, req: Request, action: str) -> None:
+        self.check_rules_taken()
         if req.by not in self.inventory.approval.names() and req.by != self.report.requester:
             raise ApplicationError(f"{req.by!r} may not control this procedure; only the requester or an approver", type="NotAllowed")
         self.verify_request(req, action, None, self.inventory.approval)
@@ -468,7 +479,7 @@ class Procedure:
         """Signed requests (opsflow/signing.py): refuse a missing (when required), wrong-key, other-run/gate/action,
         stale or replayed signature. Pure: checked against the workflow's clock and its own records."""
         info = workflow.info()
-        used = [x.signature for x in (*self.report.approvals, *self.report.events) if x.signature]
+        used = [x.signature for x in (*self.report.approvals, *self.report.events) if x.signature] + self.used_requests
         try:
             signing.verify_request(
                 signing.Keyring.of(self.inventory, policy),
@@ -483,15 +494,62 @@ class Procedure:
         except ValueError as e:
             raise ApplicationError(str(e), type="NotAllowed") from None
 
-    def check_start(self) -> None:
+    # -- the rules: the worker's inventory, and who started the run --------------------------------------------
+
+    async def fetch_rules(self, wanted: dict[str, InventoryDigest | None], nonce: str | None = None) -> dict[str, Inventory]:
+        """The worker's inventories for `wanted` (environment -> the digest the requester saw), recorded in the
+        history; a refusal (a digest that differs, an environment the worker does not hold, a start signature
+        already used) stops the run before anything changed."""
+        try:
+            rules: WorkerRules = await workflow.execute_activity(
+                worker_inventory, RulesRequest(environments=wanted, start_nonce=nonce), task_queue=workflow.info().task_queue,
+                schedule_to_start_timeout=timedelta(seconds=60), start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=3, non_retryable_error_types=RETRY_NEVER),
+                summary=f"the worker's rules for {', '.join(wanted)}")
+        except ActivityError as err:
+            raise Stop("refused", f"could not take the worker's rules: {failure_message(err)}") from None
+        refusals = [r.refusal for r in rules.environments if r.inventory is None]
+        if refusals:
+            raise Stop("refused", "; ".join(str(r) for r in refusals))
+        self.report.rules_sha256 = ",".join(r.sha256[:16] for r in rules.environments)
+        return {r.environment: r.inventory for r in rules.environments if r.inventory is not None}
+
+    async def take_rules(self, inp: Any) -> Any:
+        """The input with the worker's inventory in place of whatever it carried (README "Who decides the rules").
+        Histories recorded before (their inputs carried the inventory) replay as they ran."""
+        if not workflow.patched("worker-rules"):
+            self.rules_taken = True
+            return inp
+        self.worker_rules = True
+        self.inventory = None  # type: ignore[assignment]
+        nonce = (workflow.memo_value(signing.START_MEMO, None, type_hint=dict) or {}).get("nonce")
+        inventories = await self.fetch_rules({inp.environment: inp.seen_digest()}, nonce if self.is_top_level() else None)
+        self.inventory = inventories[inp.environment]
+        self.rules_taken = True
+        return inp.model_copy(update={"inventory": self.inventory})
+
+    def is_top_level(self) -> bool:
+        return workflow.info().parent is None
+
+    def expected_workflow_ids(self) -> list[str]:
+        """The ids this run may have: the environment's lock (a run under another id would dodge it)."""
+        return [f"opsflow-{self.inventory.environment}"]
+
+    def check_start(self, received: Any = None) -> None:
         """Who may start this procedure (`operators:`) and, when signatures are required, the requester's start
-        signature (in the memo; opsflow/signing.py). A child procedure (a failback's failover, a scheduled
-        launch) was checked where its parent started."""
+        signature (in the memo; opsflow/signing.py) over this very input. A child procedure (a failback's
+        failover, a fleet's member, a scheduled launch) is checked by `check_child`."""
         info = workflow.info()
         self.report.run_id = info.run_id
+        if self.worker_rules and info.workflow_id not in self.expected_workflow_ids():
+            raise Stop("refused", f"a {self.report.procedure} of {self.inventory.environment} runs as "
+                                  f"{' or '.join(self.expected_workflow_ids())} (the environment's lock), not {info.workflow_id}")
         if info.parent is not None:
+            if self.worker_rules:
+                self.check_child(info.parent, received)
             return
         memo = workflow.memo_value(signing.START_MEMO, None, type_hint=dict)
+        digest = input_digest(received, START_UNSIGNED) if self.worker_rules and received is not None else None
         try:
             record = signing.check_start(
                 self.inventory,
@@ -500,11 +558,31 @@ class Procedure:
                 reason=self.report.reason,
                 memo=memo,
                 now=workflow.now(),
+                input_sha256=digest,
             )
         except ValueError as e:
             raise Stop("refused", str(e)) from None
         if record is not None:
             self.report.start_signature, self.report.start_signed_at = record.signature, record.signed_at
+            self.report.start_input_sha256, self.report.start_nonce = record.input_sha256, record.nonce
+
+    def check_child(self, parent: Any, received: Any = None) -> None:
+        """A child run: a Schedule's launch (its signed creation is in the memo), or a parent that starts this
+        procedure as a child (see the overrides)."""
+        record = workflow.memo_value(signing.SCHEDULE_MEMO, None, type_hint=dict)
+        if record is None:
+            raise Stop("refused", f"a {self.report.procedure} is not started as the child of another workflow "
+                                  f"({parent.workflow_id}); start it with opsflow")
+        try:
+            signed = signing.check_schedule(self.inventory, procedure=self.report.procedure, record=record,
+                                            parent_workflow_id=parent.workflow_id, dry_run=self.report.dry_run,
+                                            input_sha256=input_digest(received, START_UNSIGNED))
+        except ValueError as e:
+            raise Stop("refused", str(e)) from None
+        self.report.scheduled_by, self.report.schedule_id = record.get("by"), record.get("schedule_id")
+        if signed is not None:
+            self.report.start_signature, self.report.start_signed_at = signed.signature, signed.signed_at
+            self.report.start_input_sha256 = signed.input_sha256
 
     def _decide(self, req: Request, approved: bool) -> Decision:
         gate = self.open_gate(req)
@@ -519,6 +597,7 @@ class Procedure:
             signed_at=req.signed_at,
         )
         gate.decisions.append(decision)
+        self.remember_signed(req, "approve" if approved else "reject", gate.id)
         self.report.approvals.append(decision)
         if not approved:
             gate.outcome = "rejected"
@@ -551,7 +630,14 @@ class Procedure:
 
     # -- pause, resume, abort ----------------------------------------------------------------------------
 
-    def event(self, action: str, req: Request) -> ControlEvent:
+    def remember_signed(self, req: Request, action: str, gate_id: str | None) -> None:
+        info = workflow.info()
+        key = signing.request_key(req, workflow_id=info.workflow_id, run_id=info.run_id, gate_id=gate_id, action=action)
+        if key:
+            self.used_requests.append(key)
+
+    def event(self, action: str, req: Request, signed_as: str | None = None) -> ControlEvent:
+        self.remember_signed(req, signed_as or action, None)
         e = ControlEvent(action=action, by=req.by, at=workflow.now(), reason=req.reason, signature=req.signature, signed_at=req.signed_at)
         self.report.events.append(e)
         return e
@@ -628,11 +714,12 @@ class Procedure:
 
     @workflow.update
     def override(self, req: Request) -> str:
-        self.window_override = self.event("override-window", req)
+        self.window_override = self.event("override-window", req, signed_as="override")
         return self.overridden(self.window_override)
 
     @override.validator
     def _validate_override(self, req: Request) -> None:
+        self.check_rules_taken()
         policy = self.override_policy()
         if req.by not in policy.names():
             raise ApplicationError(f"{req.by!r} may not override; approvers: {', '.join(policy.names())}", type="NotAllowed")
@@ -645,6 +732,11 @@ class Procedure:
     @workflow.query
     def progress(self) -> ProcedureReport:
         return self.report
+
+    @workflow.query
+    def rules(self) -> Inventory | None:
+        """The inventory this run acts by (the worker's): the CLI reads whose keys sign a request from it."""
+        return self.inventory if self.rules_taken else None
 
     # -- workers -------------------------------------------------------------------------------------------
 
@@ -670,7 +762,7 @@ class Procedure:
 
     async def notify(self, text: str, *, severity: str = "info", channels: list[str] | None = None) -> None:
         """Best effort: a notification that cannot be delivered is noted, never fails the procedure."""
-        if not self.inventory.notifications:
+        if self.inventory is None or not self.inventory.notifications:
             return
         request = NotifyRequest(
             notification=Notification(
@@ -713,15 +805,46 @@ class Procedure:
         self._shown = shown
         workflow.upsert_search_attributes([OPS_STEP.value_set(shown[0]), OPS_STATUS.value_set(shown[1])])
 
-    async def conclude(self, body: Callable[[], Awaitable[None]]) -> ProcedureReport:
-        """Run the procedure body; on a stop or failure undo what can be undone, and end with the report.
+    async def conclude(self, inp: Any, body: Callable[[Any], Awaitable[None]]) -> ProcedureReport:
+        """Take the worker's rules, check the start, run the procedure body; on a stop or failure undo what can
+        be undone, and end with the report.
 
-        A procedure that did not succeed ends the workflow as failed (so the UI lists it as such) with the
-        report in the failure's details; `opsflow report` reads it from there."""
+        A Temporal cancel (the UI, `temporal workflow cancel`, an emergency's preemption) is an abort: before
+        the point of no return the running step is cancelled and the undo runs; after it the procedure goes
+        forward to a consistent state, and says so. A procedure that did not succeed ends the workflow as failed
+        (so the UI lists it as such) with the report in the failure's details; `opsflow report` reads it."""
         self.show()
+        if not workflow.patched("cancel-as-abort"):  # histories recorded before: a cancel ended the body at once
+            return await self._run_body(inp, body)
+        task = asyncio.ensure_future(self._run_body(inp, body))
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():
+                    raise
+                await self.cancelled_through_temporal()
+
+    async def cancelled_through_temporal(self) -> None:
+        now = workflow.now()
+        if not self.point_of_no_return:
+            if self.abort_requested is None:
+                self.abort_requested = ControlEvent(action="abort", by="temporal", at=now,
+                                                    reason="cancelled through Temporal, unsigned")
+                self.report.events.append(self.abort_requested)
+            return
+        self.report.events.append(ControlEvent(action="cancel-refused", by="temporal", at=now,
+                                               reason="cancelled through Temporal past the point of no return: going forward"))
+        self.show()
+        await self.notify(f"{self.report.procedure} of {self.report.environment}: a Temporal cancel arrived past the point "
+                          "of no return; the procedure goes forward to a consistent state", severity="warning")
+
+    async def _run_body(self, inp: Any, body: Callable[[Any], Awaitable[None]]) -> ProcedureReport:
         try:
-            self.check_start()
-            await body()
+            received = inp
+            inp = await self.take_rules(inp)
+            self.check_start(received)
+            await body(inp)
         except Stop as stop:
             return await self._stopped(stop.status, stop.reason)
         except asyncio.CancelledError:
@@ -734,6 +857,7 @@ class Procedure:
         self.report.ended_at = workflow.now()
         await self.finalize()
         self.show()
+        await workflow.wait_condition(workflow.all_handlers_finished)
         return self.report
 
     async def finalize(self) -> None:

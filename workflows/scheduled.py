@@ -17,6 +17,7 @@ from temporalio.exceptions import ApplicationError, ChildWorkflowError, Workflow
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE
+    from opsflow import signing
 
 
 class LaunchInput(BaseModel):
@@ -25,6 +26,12 @@ class LaunchInput(BaseModel):
     task_queue: str
     arg: dict[str, Any]  # the procedure's input model, as JSON
     summary: str = ""
+    # The Schedule's creation, signed by an operator over its id, the procedure, the environment and `arg`: the
+    # procedure checks it against the worker's keys (signing.check_schedule) before it changes anything.
+    schedule_id: str = ""
+    by: str = ""
+    signature: str | None = None
+    signed_at: str | None = None
 
 
 @workflow.defn(name="scheduled")
@@ -32,6 +39,13 @@ class ScheduledLaunch:
     @workflow.run
     async def run(self, inp: LaunchInput) -> dict:
         lock = f"opsflow-{inp.environment}"
+        memo = None
+        if workflow.patched("signed-schedules"):
+            if inp.procedure not in signing.SCHEDULABLE and not inp.arg.get("dry_run"):
+                raise ApplicationError(f"a Schedule may run {', '.join(sorted(signing.SCHEDULABLE))} or dry runs, "
+                                       f"not a {inp.procedure}", type="Refused", non_retryable=True)
+            memo = {signing.SCHEDULE_MEMO: {"schedule_id": inp.schedule_id, "by": inp.by, "signature": inp.signature,
+                                            "signed_at": inp.signed_at}}
         try:
             child = await workflow.start_child_workflow(
                 inp.procedure,
@@ -46,6 +60,7 @@ class ScheduledLaunch:
                 execution_timeout=None,
                 task_timeout=timedelta(seconds=10),
                 parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
+                memo=memo,
             )
         except WorkflowAlreadyStartedError:
             workflow.set_current_details(f"skipped: another procedure holds {lock}")

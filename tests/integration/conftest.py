@@ -30,7 +30,8 @@ def fast_recovery(lab, **failover) -> str:
     """The lab's inventory with what a killed worker costs made short, for tests that kill workers: a long step's
     heartbeat timeout (5 s: it is retried after that; a failback's rebuild too), a decision a killed workflow worker
     held (the workflow task timeout, 1 s, the least: then another worker gets it). `failover`: more of the failover
-    policy. Returns its path."""
+    policy. Written into the lab's own inventory, the one its workers hold (they read it again when it changes):
+    a procedure runs by its worker's rules, and a copy that differed would be refused. Returns its path."""
     import yaml
 
     inv = yaml.safe_load(open(lab.inventory))
@@ -38,7 +39,7 @@ def fast_recovery(lab, **failover) -> str:
     inv.setdefault("failback", {})["rebuild_heartbeat_timeout"] = "5s"
     inv.setdefault("drill", {})["heartbeat_timeout"] = "5s"
     inv.setdefault("limits", {})["workflow_task_timeout"] = "1s"
-    path = lab.root / "inventory-fast-recovery.yaml"
+    path = Path(lab.inventory)
     path.write_text(yaml.safe_dump(inv))
     return str(path)
 

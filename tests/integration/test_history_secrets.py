@@ -162,4 +162,14 @@ async def test_encrypted_history_holds_no_host_names_and_the_codec_server_decode
         assert resp.headers["Access-Control-Allow-Origin"] == lab.state["temporal"]["ui_url"]
         decoded = json_format.Parse(resp.read(), Payloads())
     plain = json.loads(decoded.payloads[0].data)
-    assert plain["inventory"]["regions"]["eastus"]["database"]["server_name"] == inv["regions"]["eastus"]["database"]["server_name"]
+    # The input carries no rules (the environment and the digest of the CLI's copy); the worker's answer to
+    # rules.inventory, the first activity, holds the inventory the run acted by.
+    assert plain["environment"] == inv["environment"] and plain["inventory"] is None and plain["inventory_digest"]["sha256"]
+    completed = next(e.activity_task_completed_event_attributes.result for e in history.events
+                     if e.HasField("activity_task_completed_event_attributes"))
+    request = urllib.request.Request(f"{lab.state['codec']['server']}/decode", data=json_format.MessageToJson(completed).encode(),
+                                     headers={"Content-Type": "application/json", "X-Namespace": "default"}, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        rules = json.loads(json_format.Parse(resp.read(), Payloads()).payloads[0].data)
+    server = rules["environments"][0]["inventory"]["regions"]["eastus"]["database"]["server_name"]
+    assert server == inv["regions"]["eastus"]["database"]["server_name"]

@@ -71,8 +71,11 @@ def test_a_fleet_of_two_environments_one_at_a_time_through_the_cli(lab, worker, 
     second = {**inv, "environment": "lab2", "workflow_task_queue": "opsflow-lab",
               "regions": {r: {**v, "task_queue": f"opsflow-lab-{r}"} for r, v in inv["regions"].items()}}
     (tmp_path / "lab2.yaml").write_text(yaml.safe_dump(second))
-    (tmp_path / "lab1.yaml").write_text(yaml.safe_dump(inv))
-    started = lab.cli_json("maintenance", "--env", str(tmp_path / "lab1.yaml"), "--env", str(tmp_path / "lab2.yaml"),
+    open(lab.inventory, "w").write(yaml.safe_dump(inv))
+    # The worker holds both environments' rules (a procedure runs only by its worker's inventory).
+    lab.stop_workers()
+    lab.start_worker("--env", str(tmp_path / "lab2.yaml"))
+    started = lab.cli_json("maintenance", "--env", lab.inventory, "--env", str(tmp_path / "lab2.yaml"),
                            "--max-concurrency", "1", "--requester", "alice")
     fleet = started["workflow_id"]
     for child in ("opsflow-lab", "opsflow-lab2"):

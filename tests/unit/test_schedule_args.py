@@ -6,12 +6,12 @@ server (tests/integration/test_schedules.py)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 import pytest
 import yaml
 from temporalio.client import ScheduleCalendarSpec, ScheduleRange as R
 
+from opsflow.rules import digest_of
 from starters.common import CliError
 from starters.schedules import CalendarError, add_arguments, build_schedule, check_calendar, check_cron, check_field, format_calendar
 from tests.workflow.conftest import inventory_dict
@@ -148,30 +148,16 @@ def test_build_schedule(tmp_path):
     (launch,) = action.args
     assert launch.procedure == "drill" and launch.environment == "unit"
     inp = launch.arg
-    assert inp["requester"] == "schedule:monthly" and inp["source_region"] == "westeurope" and inp["inventory"]["environment"] == "unit"
+    assert inp["requester"] == "schedule:monthly" and inp["source_region"] == "westeurope" and inp["environment"] == "unit"
+    # No rules ride in the input: the worker's inventory is what runs; the digest says which version was seen.
+    assert inp["inventory"] is None and inp["inventory_digest"]["sha256"] == digest_of(inv).sha256
+    assert launch.schedule_id == "opsflow-unit-monthly" and launch.by and launch.signature is None
     assert {p.key.name: p.value for p in action.typed_search_attributes} == {"OpsProcedure": "drill", "OpsEnvironment": "unit"}
     _, _, default, _ = build_schedule(_args(tmp_path, "m2", "--procedure", "drill", "--cron", "0 3 1 * *"))
     assert not default.policy.pause_on_failure and not default.state.paused and default.spec.time_zone_name == "UTC"
 
 
-def test_maintenance_schedule_builds_its_input_under_the_environment_id(tmp_path, monkeypatch):
-    # The maintenance procedure is written elsewhere; its input's shape is the agreed one.
-    import types
-
-    from pydantic import BaseModel
-
-    from opsflow.inventory import Inventory
-
-    class MaintenanceInput(BaseModel):
-        inventory: Inventory
-        requester: str
-        reason: str = ""
-        dry_run: bool = False
-        region: str | None = None
-
-    fake = types.ModuleType("workflows.maintenance")
-    fake.MaintenanceInput = MaintenanceInput
-    monkeypatch.setitem(sys.modules, "workflows.maintenance", fake)
+def test_maintenance_schedule_builds_its_input_under_the_environment_id(tmp_path):
     _, _, schedule, _ = build_schedule(_args(tmp_path, "weekly", "--procedure", "maintenance", "--calendar", "day_of_week=sun hour=2",
                                              "--region", "eastus"))
     action = schedule.action
@@ -180,13 +166,6 @@ def test_maintenance_schedule_builds_its_input_under_the_environment_id(tmp_path
     inp = launch.arg
     assert launch.procedure == "maintenance" and inp["requester"] == "schedule:weekly" and inp["region"] == "eastus" and not inp["dry_run"]
     assert {p.key.name: p.value for p in action.typed_search_attributes} == {"OpsProcedure": "maintenance", "OpsEnvironment": "unit"}
-
-
-def test_maintenance_without_the_procedure_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "workflows.maintenance", None)  # as if the module did not exist
-    with pytest.raises(CliError) as exc:
-        build_schedule(_args(tmp_path, "weekly", "--procedure", "maintenance", "--calendar", "day_of_week=sun hour=2"))
-    assert exc.value.code == 2 and "no maintenance procedure yet" in str(exc.value)
 
 
 @pytest.mark.parametrize(
@@ -221,15 +200,6 @@ def test_calendar_and_cron_together_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         _args(tmp_path, "m", "--procedure", "drill", "--calendar", "hour=3", "--cron", "0 3 * * *")
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
-
-
-def test_stored_inventory_is_compared_by_its_ics_files_not_the_day_they_were_expanded():
-    from starters.schedules import _settings
-
-    a = {"canary": {"freeze": {"ics": [{"path": "f.ics", "timezone": "UTC", "events": [1], "covered_from": "2026-11-01"}]}}}
-    b = {"canary": {"freeze": {"ics": [{"path": "f.ics", "timezone": "UTC", "events": [1, 2], "covered_from": "2026-11-20"}]}}}
-    assert _settings(a) == _settings(b)
-    assert _settings(a) != _settings({"canary": {"freeze": {"ics": [{"path": "g.ics", "timezone": "UTC", "events": []}]}}})
 
 
 async def test_dry_run_checks_and_shows_what_would_be_sent_without_temporal(tmp_path, capsys):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import pytest
 import pytest_asyncio
@@ -8,6 +9,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from lab.ports import free_port
+from activities.rules import RULEBOOK
 from opsflow.inventory import Inventory
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import dev_server, venv_binary
@@ -74,6 +76,12 @@ def inventory() -> Inventory:
     return Inventory.model_validate(inventory_dict())
 
 
+def worker_holds(*inventories: Inventory) -> None:
+    """The test worker's rules (README "Who decides the rules"): as a deployed worker loads its inventories."""
+    for inv in inventories:
+        RULEBOOK.add(inv)
+
+
 @pytest.fixture
 def world() -> World:
     return World()
@@ -86,7 +94,10 @@ async def running(env, world, inventory):
 
     acts = world.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        workers = [Worker(env.client, task_queue=inventory.task_queue, workflows=WORKFLOWS, activities=acts, activity_executor=ex)]
-        workers += [Worker(env.client, task_queue=inventory.region_queue(r), activities=acts, activity_executor=ex) for r in inventory.regions]
+        # Heartbeats throttled as opsflow's worker does (2 s), so a cancel reaches a long step within seconds.
+        beat = dict(max_heartbeat_throttle_interval=timedelta(seconds=2), default_heartbeat_throttle_interval=timedelta(seconds=2))
+        workers = [Worker(env.client, task_queue=inventory.task_queue, workflows=WORKFLOWS, activities=acts, activity_executor=ex, **beat)]
+        workers += [Worker(env.client, task_queue=inventory.region_queue(r), activities=acts, activity_executor=ex, **beat)
+                    for r in inventory.regions]
         async with workers[0], workers[1], workers[2]:
             yield env

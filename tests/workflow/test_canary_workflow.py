@@ -31,6 +31,8 @@ from opsflow.models import NotifyRequest
 from opsflow.rollout import (DeploymentRequest, ImageRequest, MetricSamples, RolloutState, RolloutTarget,
                              Samples, SamplesRequest, WeightRequest)
 from opsflow.rollout_report import RolloutReport
+from activities.rules import worker_inventory
+from tests.workflow.conftest import worker_holds
 from tests.workflow.conftest import inventory_dict
 from worker.main import HEARTBEAT_THROTTLE
 from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, RolloutInput
@@ -152,7 +154,7 @@ class Cluster:
         def notify(r: NotifyRequest) -> None:
             c.notifications.append(r.notification.text)
 
-        return [rollout_status, create_canary, set_weight, delete_canary, set_image, create_colour, switch_service, scale_deployment,
+        return [worker_inventory, rollout_status, create_canary, set_weight, delete_canary, set_image, create_colour, switch_service, scale_deployment,
                 samples, notify, judge_step]
 
 
@@ -214,7 +216,8 @@ async def start(env, worker, inventory: Inventory, procedure="canary", **kw):
     for r, region in inv.regions.items():
         region.task_queue = f"{queue}-{r}"
     inp = RolloutInput(inventory=inv, image=kw.pop("image", NEW), strategy=procedure, requester=kw.pop("requester", "alice"), **kw)
-    return await env.client.start_workflow(procedure, inp, id=f"{procedure}-{uuid.uuid4().hex[:8]}", task_queue=queue,
+    worker_holds(inv)
+    return await env.client.start_workflow(procedure, inp, id=f"opsflow-{inv.environment}", task_queue=queue,
                                            id_conflict_policy=WorkflowIDConflictPolicy.FAIL)
 
 

@@ -19,6 +19,8 @@ from temporalio.worker import Worker
 from activities.reports import store_report
 from opsflow.inventory import Inventory
 from opsflow.models import CheckResult, DbStatus, DrillReport, RegionTarget, NotifyRequest, RestoreRequest, RestoreWindow, ScratchTarget, VerifyRequest
+from activities.rules import worker_inventory
+from tests.workflow.conftest import worker_holds
 from tests.workflow.conftest import WORKFLOWS, inventory_dict
 from workflows.drill import DrillInput
 
@@ -108,7 +110,7 @@ class Backups:
         def unserved_queues(queues: list[str]) -> list[str]:
             return []
 
-        return [unserved_queues, db_status, validate, window, leftovers, start, wait, delete, verify, notify, store_report]
+        return [worker_inventory, unserved_queues, db_status, validate, window, leftovers, start, wait, delete, verify, notify, store_report]
 
 
 @pytest.fixture
@@ -138,6 +140,7 @@ async def drilling(env, backups, drill_inventory):
 async def start(env, inv, **kw):
     from opsflow.client import start_procedure
 
+    worker_holds(inv)
     return await start_procedure(env.client, inv, "drill", DrillInput(inventory=inv, requester="schedule:monthly", **kw), "drill")
 
 
@@ -235,8 +238,10 @@ async def test_a_scheduled_drill_takes_the_environment_lock_or_is_skipped(drilli
     from workflows.scheduled import LaunchInput
 
     inv = drill_inventory
+    worker_holds(inv)
     launch = LaunchInput(procedure="drill", environment=inv.environment, task_queue=inv.task_queue,
-                         arg=DrillInput(inventory=inv, requester="schedule:monthly").model_dump(mode="json"))
+                         arg=DrillInput(inventory=inv, requester="schedule:monthly").model_dump(mode="json"),
+                         schedule_id=f"opsflow-{inv.environment}-monthly", by="alice")
     done = await drilling.client.execute_workflow("scheduled", launch, id=f"opsflow-{inv.environment}-monthly-1", task_queue=inv.task_queue, result_type=dict)
     assert done["status"] == "started" and done["workflow_id"] == f"opsflow-{inv.environment}"
     assert DrillReport.model_validate(done["report"]).status == "succeeded"
@@ -247,3 +252,28 @@ async def test_a_scheduled_drill_takes_the_environment_lock_or_is_skipped(drilli
     assert skipped["status"] == "skipped" and "another procedure is running" in skipped["reason"]
     backups.block_wait.set()
     assert DrillReport.model_validate(await held.result()).status == "succeeded"
+
+
+async def test_the_launcher_started_by_hand_runs_nothing(drilling, backups, drill_inventory):
+    """An attacker with namespace permissions starts the Schedule's launcher themselves: no Schedule of that id
+    started it, or it names a procedure no Schedule may run. Nothing is restored."""
+    from temporalio.client import WorkflowFailureError
+
+    from workflows.failover import FailoverInput
+    from workflows.scheduled import LaunchInput
+
+    inv = drill_inventory
+    worker_holds(inv)
+    drill = DrillInput(inventory=inv, requester="schedule:monthly").model_dump(mode="json")
+    by_hand = LaunchInput(procedure="drill", environment=inv.environment, task_queue=inv.task_queue, arg=drill,
+                          schedule_id=f"opsflow-{inv.environment}-monthly", by="alice")
+    with pytest.raises(WorkflowFailureError) as refused:
+        await drilling.client.execute_workflow("scheduled", by_hand, id=f"evil-{inv.environment}", task_queue=inv.task_queue)
+    assert "which no Schedule" in str(refused.value.cause)
+    failover = FailoverInput(inventory=inv, to_region="westeurope", requester="mallory").model_dump(mode="json")
+    launch = LaunchInput(procedure="failover", environment=inv.environment, task_queue=inv.task_queue, arg=failover,
+                         schedule_id=f"opsflow-{inv.environment}-x", by="mallory")
+    with pytest.raises(WorkflowFailureError) as refused:
+        await drilling.client.execute_workflow("scheduled", launch, id=f"opsflow-{inv.environment}-x-1", task_queue=inv.task_queue)
+    assert "may run drill, maintenance or dry runs, not a failover" in str(refused.value.cause)
+    assert backups.created == []

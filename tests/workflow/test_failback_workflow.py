@@ -12,6 +12,7 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from opsflow.inventory import TimeWindow
 from opsflow.models import FailbackReport
 from opsflow.client import start_procedure
+from tests.workflow.conftest import worker_holds
 from tests.workflow.test_failover_workflow import until_waiting
 from workflows.failback import FailbackInput
 from workflows.procedure import Request
@@ -35,6 +36,7 @@ async def rebuild_heartbeat_timeouts(handle) -> list[float]:
 
 
 async def start(env, inventory, to="eastus", **kw):
+    worker_holds(inventory)
     return await start_procedure(env.client, inventory, "failback", FailbackInput(inventory=inventory, to_region=to, requester="alice", **kw), "test failback")
 
 

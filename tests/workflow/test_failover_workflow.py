@@ -10,11 +10,13 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
 from opsflow.client import ProcedureRunning, fetch_report, start_procedure
 from opsflow.models import FailoverReport
+from tests.workflow.conftest import worker_holds
 from workflows.failover import FailoverInput
 from workflows.procedure import Request
 
 
 async def start(env, inventory, to="westeurope", **kw):
+    worker_holds(inventory)
     inp = FailoverInput(inventory=inventory, to_region=to, requester=kw.pop("requester", "alice"), reason="test", **kw)
     return await start_procedure(env.client, inventory, "failover", inp, "test failover")
 

@@ -40,6 +40,9 @@ from opsflow.maintenance_models import (
     WorkItem,
 )
 from opsflow.models import DbStatus, KubeStatus, MaintenanceRequest, NotifyRequest, RegionTarget, SmokeResult
+from opsflow.client import fleet_workflow_id
+from activities.rules import worker_inventory
+from tests.workflow.conftest import worker_holds
 from tests.workflow.conftest import inventory_dict
 from workflows.maintenance import FleetInput, MaintenanceFleetWorkflow, MaintenanceInput, MaintenanceWorkflow
 from workflows.procedure import Request
@@ -175,7 +178,7 @@ class MaintWorld:
         def unserved(queues: list[str]) -> list[str]:
             return []
 
-        return [db_status, plan, take, verify, run_item, health, set_maintenance, smoke, statuspage, watch, notify, unserved]
+        return [worker_inventory, db_status, plan, take, verify, run_item, health, set_maintenance, smoke, statuspage, watch, notify, unserved]
 
 
 def window_around(now: datetime, *, opens_in: timedelta = timedelta(hours=-1), length: timedelta = timedelta(hours=3)) -> dict:
@@ -217,6 +220,7 @@ async def worker(env, mworld):
 
 
 async def start(env, inv: Inventory, **kw):
+    worker_holds(inv)
     return await env.client.start_workflow(MaintenanceWorkflow.run, MaintenanceInput(inventory=inv, requester="alice", **kw),
                                            id=f"opsflow-{inv.environment}", task_queue=QUEUE)
 
@@ -419,8 +423,9 @@ async def test_fleet_runs_at_most_n_at_once(worker, mworld):
     invs = [maint_inventory(now, env=f"f{uuid.uuid4().hex[:6]}") for _ in range(3)]
     for inv in invs:
         mworld.block.add("reindex:public.events")
+    worker_holds(*invs)
     fleet = await env.client.start_workflow(MaintenanceFleetWorkflow.run, FleetInput(inventories=invs, requester="alice", max_concurrency=2),
-                                            id=f"fleet-{uuid.uuid4().hex[:6]}", task_queue=QUEUE)
+                                            id=fleet_workflow_id([i.environment for i in invs]), task_queue=QUEUE)
     handles = [env.client.get_workflow_handle(f"opsflow-{i.environment}") for i in invs]
     await approve_when_waiting(handles[0])
     await approve_when_waiting(handles[1])
@@ -438,8 +443,9 @@ async def test_fleet_starts_no_new_environment_after_max_errors_failures(worker,
     now = await env.get_current_time()
     invs = [maint_inventory(now, env=f"g{uuid.uuid4().hex[:6]}") for _ in range(4)]
     mworld.fail_plan.add(invs[1].environment)
+    worker_holds(*invs)
     fleet = await env.client.start_workflow(MaintenanceFleetWorkflow.run, FleetInput(inventories=invs, requester="alice", max_concurrency=1, max_errors=1),
-                                            id=f"fleet-{uuid.uuid4().hex[:6]}", task_queue=QUEUE)
+                                            id=fleet_workflow_id([i.environment for i in invs]), task_queue=QUEUE)
     await approve_when_waiting(env.client.get_workflow_handle(f"opsflow-{invs[0].environment}"))
     with pytest.raises(WorkflowFailureError) as info:
         await fleet.result()
@@ -471,8 +477,9 @@ async def test_aborting_the_fleet_cancels_the_running_environments_which_undo(wo
     now = await env.get_current_time()
     invs = [maint_inventory(now, env=f"h{uuid.uuid4().hex[:6]}") for _ in range(3)]
     mworld.slow.add("public.orders")
+    worker_holds(*invs)
     fleet = await env.client.start_workflow(MaintenanceFleetWorkflow.run, FleetInput(inventories=invs, requester="alice", max_concurrency=2),
-                                            id=f"fleet-{uuid.uuid4().hex[:6]}", task_queue=QUEUE)
+                                            id=fleet_workflow_id([i.environment for i in invs]), task_queue=QUEUE)
     for inv in invs[:2]:
         await approve_when_waiting(env.client.get_workflow_handle(f"opsflow-{inv.environment}"))
     await until(lambda: sum(c == "vacuum-analyze:public.orders" for _, c in mworld.calls) == 2, "both environments mid-table")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from activities.rules import worker_inventory
 from opsflow.models import (
     CatchUpRequest,
     CatchUpResult,
@@ -61,9 +62,12 @@ class World:
     block_catch_up: threading.Event | None = None  # the catch-up waits (heartbeating) until this is set
     catch_up_attempts: int = 0
     fail_after: dict = field(default_factory=dict)  # activity name -> message: acts, then reports a failure
+    hold: dict = field(default_factory=dict)  # activity name -> threading.Event: the step waits in flight until set
 
     def _maybe_fail(self, name: str) -> None:
         self.calls.append(name)
+        if name in self.hold:
+            self.hold[name].wait(30)
         if name in self.fail:
             raise ApplicationError(self.fail[name], type="Injected", non_retryable=True)
 
@@ -195,7 +199,7 @@ class World:
             w.asked.update(queues)
             return gone
 
-        return [fence_control_plane, scale_to_zero, unserved_queues, db_status, db_fence, db_unfence, db_wait, db_promote, db_check_writable, db_rebuild, traffic_status, traffic_switch, kube_status, set_maintenance, scale_up, smoke, notify]
+        return [worker_inventory, fence_control_plane, scale_to_zero, unserved_queues, db_status, db_fence, db_unfence, db_wait, db_promote, db_check_writable, db_rebuild, traffic_status, traffic_switch, kube_status, set_maintenance, scale_up, smoke, notify]
 
     def traffic(self, req: TrafficRequest) -> TrafficStatus:
         return TrafficStatus(
