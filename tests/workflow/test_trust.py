@@ -117,7 +117,9 @@ async def test_a_start_signature_made_for_a_dry_run_starts_nothing_real(dev_env,
         handle = await env.client.start_workflow("failover", real, id=f"opsflow-{inv.environment}", task_queue=inv.task_queue, memo=memo)
         report = await failed_report(handle)
         assert report.status == "refused" and "does not match this start" in report.failure and "dry run" in report.failure
-        # The same signed start used twice: the nonce was spent by the first run.
+        # The same signed start used twice: the nonce was spent by the first run (a refused run spends it too).
+        memo = start_memo(alice.sign_start(environment=inv.environment, procedure="failover", input_sha256=input_digest(dry, START_UNSIGNED),
+                                           nonce="n2"))
         first = await env.client.start_workflow("failover", dry, id=f"opsflow-{inv.environment}", task_queue=inv.task_queue, memo=memo)
         assert FailoverReport.model_validate(await first.result()).status == "planned"
         again = await env.client.start_workflow("failover", dry, id=f"opsflow-{inv.environment}", task_queue=inv.task_queue, memo=memo)
