@@ -20,6 +20,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.rules import RULEBOOK
 from opsflow.inventory import Inventory
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
@@ -85,17 +86,46 @@ async def scheduled(env, inv: Inventory, world: World) -> WorkflowHandle:
     return await env.client.start_workflow("scheduled", launch, id="opsflow-replay-monthly", task_queue=inv.task_queue)
 
 
+async def cancelled(env, inv: Inventory, world: World) -> WorkflowHandle:
+    """A planned failover cancelled through Temporal during the drain: an abort with its undo."""
+    from workflows.failover import FailoverInput
+
+    handle = await start(env, inv, "failover", FailoverInput(inventory=inv, to_region="westeurope", requester="alice"))
+    await waiting_for(handle, "approval")
+    await handle.execute_update("approve", Request(by="bob", reason="replay"))
+    await waiting_for(handle, "Drain")
+    await handle.cancel()
+    return handle
+
+
+async def scheduled_signed(env, inv: Inventory, world: World) -> WorkflowHandle:
+    from workflows.drill import DrillInput
+    from workflows.scheduled import LaunchInput
+
+    arg = DrillInput(inventory=inv, requester="schedule:monthly").without_rules(inv).model_dump(mode="json")
+    launch = LaunchInput(procedure="drill", environment=inv.environment, task_queue=inv.task_queue, arg=arg,
+                         schedule_id="opsflow-replay", by="alice")
+    return await env.client.start_workflow("scheduled", launch, id="opsflow-replay-monthly", task_queue=inv.task_queue)
+
+
 RECORDINGS = {"failover_planned": planned, "failover_emergency": emergency, "failback": failback, "drill": drill, "scheduled": scheduled}
+# Since the worker holds the rules (issue 18): inputs without rules, the worker's answer in the history.
+WORKER_RULES = "-worker-rules"
+RECORDINGS.update({f"{k}{WORKER_RULES}": v for k, v in RECORDINGS.items() if k != "scheduled"})
+RECORDINGS.update({f"scheduled{WORKER_RULES}": scheduled_signed, f"failover_cancelled{WORKER_RULES}": cancelled})
+NEW_SHAPE = False  # set by record() for the worker-rules recordings
 
 
 async def start(env, inv: Inventory, procedure: str, arg) -> WorkflowHandle:
+    if NEW_SHAPE:
+        arg = arg.without_rules(inv)
     return await env.client.start_workflow(procedure, arg, id=f"opsflow-{inv.environment}", task_queue=inv.task_queue,
                                            id_conflict_policy=WorkflowIDConflictPolicy.FAIL)
 
 
 def recording_inventory(name: str, tmp: Path) -> Inventory:
     data = inventory_dict(environment="replay")
-    if name in ("drill", "scheduled"):
+    if name.startswith(("drill", "scheduled")):
         data["reports_dir"] = str(tmp / "reports")
         data["drill"] = {"method": "s3-dump", "dumps": {"bucket": "b"}, "scratch_server": {"dsn": "host=scratch dbname=postgres"},
                          "row_counts": [{"table": "orders"}], "checks": [{"name": "no negative totals", "query": "select true"}]}
@@ -110,10 +140,13 @@ async def record(name: str) -> Path:
     out = HISTORIES / f"{name}.json"
     if out.exists():
         raise SystemExit(f"{out} exists: recorded histories are never re-recorded; record a new one under a new name")
+    global NEW_SHAPE
+    NEW_SHAPE = name.endswith(WORKER_RULES)
     world = World()
     with tempfile.TemporaryDirectory() as tmp:
         inv = recording_inventory(name, Path(tmp))
-        acts = Backups().activities() if name in ("drill", "scheduled") else world.activities()
+        RULEBOOK.add(inv)  # the recording worker's rules
+        acts = Backups().activities() if name.startswith(("drill", "scheduled")) else world.activities()
         async with await WorkflowEnvironment.start_time_skipping(data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")) as env:
             await register_search_attributes(env.client)
             with concurrent.futures.ThreadPoolExecutor(4) as ex:

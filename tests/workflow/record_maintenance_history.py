@@ -15,9 +15,12 @@ import json
 import sys
 from pathlib import Path
 
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.rules import RULEBOOK
+from opsflow.client import fleet_workflow_id
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
 from tests.workflow.test_maintenance_workflow import QUEUE, MaintWorld, approve_when_waiting, maint_inventory
@@ -38,17 +41,32 @@ async def record(name: str) -> Path:
         with concurrent.futures.ThreadPoolExecutor(8) as ex:
             async with Worker(env.client, task_queue=QUEUE, workflows=[MaintenanceWorkflow, MaintenanceFleetWorkflow], activities=world.activities(),
                               activity_executor=ex):
-                if name == "maintenance":
+                # Since the worker holds the rules (issue 18): inputs without rules, the worker's answer in the history.
+                new_shape = name.endswith("_worker-rules")
+                if name.startswith("maintenance_") or name == "maintenance":
                     inv = maint_inventory(now, env="replay")
-                    handle = await env.client.start_workflow(MaintenanceWorkflow.run, MaintenanceInput(inventory=inv, requester="alice", reason="replay"),
+                    RULEBOOK.add(inv)
+                    inp = MaintenanceInput(inventory=inv, requester="alice", reason="replay")
+                    handle = await env.client.start_workflow(MaintenanceWorkflow.run, inp.without_rules(inv) if new_shape else inp,
                                                              id="opsflow-replay", task_queue=QUEUE)
                     await approve_when_waiting(handle)
                 else:
                     invs = [maint_inventory(now, env=e) for e in ("replay-a", "replay-b")]
-                    handle = await env.client.start_workflow(MaintenanceFleetWorkflow.run, FleetInput(inventories=invs, requester="alice", max_concurrency=1),
-                                                             id="opsflow-replay", task_queue=QUEUE)
                     for inv in invs:
-                        await approve_when_waiting(env.client.get_workflow_handle(f"opsflow-{inv.environment}"))
+                        RULEBOOK.add(inv)
+                    fleet = FleetInput(inventories=invs, requester="alice", max_concurrency=1)
+                    wid = fleet_workflow_id([i.environment for i in invs]) if new_shape else "opsflow-replay"
+                    handle = await env.client.start_workflow(MaintenanceFleetWorkflow.run, fleet.without_rules() if new_shape else fleet,
+                                                             id=wid, task_queue=QUEUE)
+                    for inv in invs:
+                        child = env.client.get_workflow_handle(f"opsflow-{inv.environment}")
+                        while True:  # the fleet starts it once the one before has ended
+                            try:
+                                await child.describe()
+                                break
+                            except RPCError:
+                                await asyncio.sleep(0.05)
+                        await approve_when_waiting(child)
                 await handle.result()
                 history = await handle.fetch_history()
     out.write_text(json.dumps(json.loads(history.to_json()), indent=1))
@@ -56,5 +74,5 @@ async def record(name: str) -> Path:
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:] or ["maintenance", "maintenance-fleet"]:
+    for arg in sys.argv[1:] or ["maintenance", "maintenance-fleet", "maintenance_worker-rules", "maintenance-fleet_worker-rules"]:
         print(f"wrote {asyncio.run(record(arg))}")

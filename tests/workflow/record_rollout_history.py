@@ -17,6 +17,8 @@ from temporalio.worker import Worker
 
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
+from activities.rules import RULEBOOK
+from opsflow.inventory import Inventory
 from tests.workflow.test_canary_workflow import NEW, Cluster, make_inventory
 from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, RolloutInput
 from workflows.procedure import Request
@@ -24,14 +26,19 @@ from workflows.procedure import Request
 HISTORIES = Path(__file__).parent / "histories"
 
 
-async def record(name: str) -> None:
-    out = HISTORIES / f"{name}_healthy.json"
+async def record(name: str, variant: str = "healthy") -> None:
+    """variant `healthy`: as recorded first; `worker-rules`: the input without rules, the worker's in the history."""
+    new_shape = variant == "worker-rules"
+    out = HISTORIES / f"{name}_{variant}.json"
     if out.exists():
         raise SystemExit(f"{out} exists: recorded histories are never re-recorded; record a new one under a new name")
     async with await WorkflowEnvironment.start_time_skipping(data_converter=DATA_CONVERTER,
                                                              test_server_existing_path=venv_binary("temporal-test-server")) as env:
         await register_search_attributes(env.client)
         inv = make_inventory()
+        if new_shape:  # runs under its environment's lock: opsflow-replay
+            inv = Inventory.model_validate({**inv.model_dump(mode="json"), "environment": "replay"})
+            RULEBOOK.add(inv)
         cluster = Cluster()
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
             queues = [inv.task_queue, *(inv.region_queue(r) for r in inv.regions)]
@@ -39,7 +46,8 @@ async def record(name: str) -> None:
                               activity_executor=ex) for q in queues]
             async with workers[0], workers[1], workers[2]:
                 inp = RolloutInput(inventory=inv, image=NEW, strategy=name, auto_promote=True, requester="alice", reason="replay")
-                handle = await env.client.start_workflow(name, inp, id="opsflow-replay", task_queue=inv.task_queue)
+                handle = await env.client.start_workflow(name, inp.without_rules(inv) if new_shape else inp, id="opsflow-replay",
+                                                         task_queue=inv.task_queue)
                 while (await handle.query("progress", result_type=dict)).get("current_step") != "approval":
                     await asyncio.sleep(0.05)
                 await handle.execute_update("approve", Request(by="carol", reason="replay"))
@@ -51,4 +59,4 @@ async def record(name: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(record(sys.argv[1]))
+    asyncio.run(record(*sys.argv[1:3]))

@@ -9,15 +9,20 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
+from opsflow.client import fleet_workflow_id
 from opsflow.temporal import DATA_CONVERTER
 from tests.workflow.conftest import WORKFLOWS
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
 
+# The recorded run's id where it was not opsflow-replay (a fleet's id names its environments).
+IDS = {"maintenance-fleet_worker-rules": fleet_workflow_id(["replay-a", "replay-b"])}
+
+
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_recorded_history_replays(path: Path):
-    history = WorkflowHistory.from_json("opsflow-replay", path.read_text())  # the recorded run's id
+    history = WorkflowHistory.from_json(IDS.get(path.stem, "opsflow-replay"), path.read_text())  # the recorded run's id
     assert len(history.events) > 10  # a whole run, not a stub
     result = await Replayer(workflows=WORKFLOWS, data_converter=DATA_CONVERTER).replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, result.replay_failure
