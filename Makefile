@@ -9,7 +9,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # again without it (collection took 6.5 s of CPU per process, 3 s with the cache).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup demo test test-fast lab-down bench
+.PHONY: setup demo test test-fast lint lab-down bench
 
 setup:
 	@VENV=$(VENV) ./scripts/setup.sh
@@ -18,13 +18,16 @@ setup:
 demo: setup
 	opsflow lab demo
 
-## make test: the whole suite (workflow logic, the lab's real parts, crash, replay)
-test: setup
+## make test: lint (ruff, pyproject's [tool.ruff]), then the whole suite (workflow logic, the lab's real parts, crash, replay)
+test: setup lint
 	$(PYTEST)
 
 ## make test-fast: workflow logic only (time-skipping server), seconds
-test-fast: setup
+test-fast: setup lint
 	$(PYTEST) tests/unit tests/workflow
+
+lint: setup
+	ruff check .
 
 lab-down:
 	opsflow lab down

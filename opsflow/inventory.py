@@ -382,8 +382,8 @@ class Inventory(Strict):
     reports_dir: str = "reports"
     reports: ReportStore = ReportStore()
     workflow_task_queue: str | None = None
-    rollout: "RolloutPolicy | None" = None  # canary and blue-green (opsflow/rollout.py)
-    maintenance: "MaintenancePolicy | None" = None  # the weekly maintenance window (opsflow/maintenance.py)
+    rollout: "RolloutPolicy | None" = None  # noqa: F821 - canary and blue-green (opsflow/rollout.py), completed below
+    maintenance: "MaintenancePolicy | None" = None  # noqa: F821 - the maintenance window (opsflow/maintenance.py)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Inventory":

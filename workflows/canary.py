@@ -19,14 +19,12 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 from workflows.procedure import Procedure, Request, StepDecl, Stop, failure_message
 
 with workflow.unsafe.imports_passed_through():
-    from opsflow.inventory import Inventory
     from opsflow.rules import ProcedureInput
     from opsflow.models import ControlEvent
     from opsflow.rollout import (

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
@@ -18,7 +17,6 @@ from workflows.procedure import Procedure, StepDecl, Stop, failure_message
 
 with workflow.unsafe.imports_passed_through():
     from activities.providers import default_restore_method
-    from opsflow.inventory import Inventory
     from opsflow.rules import ProcedureInput
     from opsflow.models import (
         CheckResult,

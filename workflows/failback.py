@@ -11,7 +11,6 @@ standby again (rebuilt as a replica of the primary) -> one report.
 from __future__ import annotations
 
 
-from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
@@ -19,7 +18,6 @@ from workflows.failover import FailoverInput
 from workflows.procedure import Procedure, StepDecl, Stop, child_task_timeout, failure_message
 
 with workflow.unsafe.imports_passed_through():
-    from opsflow.inventory import Inventory
     from opsflow.rules import ProcedureInput
     from opsflow.models import (
         CatchUpRequest,

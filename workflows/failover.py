@@ -12,13 +12,11 @@ says what is left.
 
 from __future__ import annotations
 
-from pydantic import BaseModel
 from temporalio import workflow
 
 from workflows.procedure import Procedure, StepDecl, Stop
 
 with workflow.unsafe.imports_passed_through():
-    from opsflow.inventory import Inventory
     from opsflow.rules import ProcedureInput
     from opsflow import signing
     from opsflow.models import (

@@ -26,7 +26,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import ApprovalPolicy, Inventory
     from opsflow.models import ControlEvent, Decision, Notification, NotifyRequest, ProcedureReport, StepRecord
-    from opsflow.rules import START_UNSIGNED, InventoryDigest, ProcedureInput, RulesRequest, WorkerRules, input_digest
+    from opsflow.rules import START_UNSIGNED, InventoryDigest, RulesRequest, WorkerRules, input_digest
     from opsflow.temporal import OPS_STATUS, OPS_STEP
     from opsflow import signing  # cryptography: a native extension, must not be re-imported in the sandbox
     from activities.rules import worker_inventory
