@@ -32,23 +32,13 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from opsflow.inventory import Inventory
-from opsflow.maintenance_models import FleetReport, MaintenanceReport
-from opsflow.models import DrillReport, FailbackReport, FailoverReport, ProcedureReport
-from opsflow.rollout_report import RolloutReport
+from opsflow.models import ProcedureReport
+from opsflow.procedures import LAUNCHERS, NOT_PREEMPTIBLE, REPORT_TYPES
 from opsflow.rules import START_UNSIGNED, WorkerRules, input_digest
 from opsflow.signing import start_memo
 from opsflow.temporal import DATA_CONVERTER, OPS_ENVIRONMENT, OPS_PROCEDURE, OPS_STATUS, OPS_STEP
 
-# Procedures that are themselves the emergency path: an emergency start never cancels them.
-NOT_PREEMPTIBLE = frozenset({"failover", "failback"})
 PREEMPT_TIMEOUT = timedelta(minutes=10)
-# What a Schedule starts (workflows/scheduled.py): it starts the procedure as a child under the lock id.
-LAUNCHERS = frozenset({"scheduled"})
-
-# The report model per procedure name (a new procedure adds its report type here).
-REPORT_TYPES: dict[str, type[ProcedureReport]] = {"failover": FailoverReport, "failback": FailbackReport, "drill": DrillReport,
-                                                  "canary": RolloutReport, "bluegreen": RolloutReport,
-                                                  "maintenance": MaintenanceReport, "maintenance-fleet": FleetReport}
 
 
 class ClientError(Exception):

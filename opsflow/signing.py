@@ -258,17 +258,15 @@ def schedule_payload(*, schedule_id: str, procedure: str, environment: str, inpu
 
 # The launcher hands a scheduled procedure the schedule's signed creation in the child's memo.
 SCHEDULE_MEMO = "opsflow-schedule"
-# What a Schedule may run: routine work, and dry runs of anything.
-SCHEDULABLE = frozenset({"drill", "maintenance"})
 
 
 def check_schedule(inventory: Any, *, procedure: str, record: dict[str, Any], parent_workflow_id: str,
-                   input_sha256: str, dry_run: bool) -> SignedAction | None:
+                   input_sha256: str, dry_run: bool, schedulable: frozenset[str]) -> SignedAction | None:
     """A procedure launched by a Schedule (workflows/scheduled.py): only a schedulable kind (or a dry run), from
     the schedule it names, created by an operator of the procedure, signed over this input where signatures are
     required. Raises ValueError naming what is wrong."""
-    if procedure not in SCHEDULABLE and not dry_run:
-        raise ValueError(f"a Schedule may run {', '.join(sorted(SCHEDULABLE))} or dry runs, not a {procedure}")
+    if procedure not in schedulable and not dry_run:
+        raise ValueError(f"a Schedule may run {', '.join(sorted(schedulable))} or dry runs, not a {procedure}")
     schedule_id, by = str(record.get("schedule_id") or ""), str(record.get("by") or "")
     if not schedule_id or not parent_workflow_id.startswith(f"{schedule_id}-"):
         raise ValueError(f"launched by {parent_workflow_id}, which no Schedule {schedule_id or '(none named)'} started")

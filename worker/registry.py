@@ -2,13 +2,9 @@
 
 from activities import database, http_checks, kubernetes, notify, reports, restore, temporal_queues, traffic
 from activities import maintenance, rules, statuspage
-from workflows.drill import DrillWorkflow
-from workflows.failback import FailbackWorkflow
-from workflows.failover import FailoverWorkflow
-from workflows.maintenance import MaintenanceFleetWorkflow, MaintenanceWorkflow
-from workflows.scheduled import ScheduledLaunch
+from opsflow.procedures import workflow_classes
 
-WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, ScheduledLaunch, MaintenanceWorkflow, MaintenanceFleetWorkflow]
+WORKFLOWS = workflow_classes()  # the one list of procedures (opsflow/procedures.py)
 
 # Activities that act on one region run on that region's queue, so a dead region cannot stall the rest.
 REGION_ACTIVITIES = [
@@ -42,8 +38,5 @@ GLOBAL_ACTIVITIES = [rules.worker_inventory, notify.send, reports.store_report, 
 
 # Rollouts (canary, blue-green): Kubernetes and the region's Prometheus on the app's region queue.
 from activities import analysis, prometheus  # noqa: E402
-from workflows.canary import BlueGreenWorkflow, CanaryWorkflow  # noqa: E402
-
-WORKFLOWS += [CanaryWorkflow, BlueGreenWorkflow]
 REGION_ACTIVITIES += [kubernetes.rollout_status, kubernetes.create_canary, kubernetes.set_weight, kubernetes.delete_canary, kubernetes.set_image,
                       kubernetes.create_colour, kubernetes.switch_service, kubernetes.scale_deployment, prometheus.samples, analysis.judge_step]

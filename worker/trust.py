@@ -26,6 +26,7 @@ from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, 
 from activities.rules import RULEBOOK
 from opsflow.inventory import ApprovalPolicy, Inventory
 from opsflow.models import Decision, RegionTarget
+from opsflow.procedures import SCHEDULABLE
 from opsflow.rules import START_UNSIGNED, input_digest
 from opsflow import signing
 from workflows.procedure import GateState, Request
@@ -135,7 +136,8 @@ class Verifier:
             raise NotTrusted(f"{run.workflow_id} was started by {parent_id}, which may not start a {run.procedure}")
         try:
             signed = signing.check_schedule(inv, procedure=run.procedure, record=record, parent_workflow_id=parent_id,
-                                            input_sha256=input_digest(run.arg, START_UNSIGNED), dry_run=bool(run.arg.get("dry_run")))
+                                            input_sha256=input_digest(run.arg, START_UNSIGNED), dry_run=bool(run.arg.get("dry_run")),
+                                            schedulable=SCHEDULABLE)
         except ValueError as e:
             raise NotTrusted(str(e)) from None
         if signed is None:

@@ -26,6 +26,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import ApprovalPolicy, Inventory
     from opsflow.models import ControlEvent, Decision, Notification, NotifyRequest, ProcedureReport, StepRecord
+    from opsflow.procedures import SCHEDULABLE
     from opsflow.rules import START_UNSIGNED, InventoryDigest, RulesRequest, WorkerRules, input_digest
     from opsflow.temporal import OPS_STATUS, OPS_STEP
     from opsflow import signing  # cryptography: a native extension, must not be re-imported in the sandbox
@@ -576,7 +577,7 @@ class Procedure:
         try:
             signed = signing.check_schedule(self.inventory, procedure=self.report.procedure, record=record,
                                             parent_workflow_id=parent.workflow_id, dry_run=self.report.dry_run,
-                                            input_sha256=input_digest(received, START_UNSIGNED))
+                                            input_sha256=input_digest(received, START_UNSIGNED), schedulable=SCHEDULABLE)
         except ValueError as e:
             raise Stop("refused", str(e)) from None
         self.report.scheduled_by, self.report.schedule_id = record.get("by"), record.get("schedule_id")

@@ -16,6 +16,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ApplicationError, ChildWorkflowError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
+    from opsflow.procedures import SCHEDULABLE
     from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE
     from opsflow import signing
 
@@ -41,8 +42,8 @@ class ScheduledLaunch:
         lock = f"opsflow-{inp.environment}"
         memo = None
         if workflow.patched("signed-schedules"):
-            if inp.procedure not in signing.SCHEDULABLE and not inp.arg.get("dry_run"):
-                raise ApplicationError(f"a Schedule may run {', '.join(sorted(signing.SCHEDULABLE))} or dry runs, "
+            if inp.procedure not in SCHEDULABLE and not inp.arg.get("dry_run"):
+                raise ApplicationError(f"a Schedule may run {', '.join(sorted(SCHEDULABLE))} or dry runs, "
                                        f"not a {inp.procedure}", type="Refused", non_retryable=True)
             memo = {signing.SCHEDULE_MEMO: {"schedule_id": inp.schedule_id, "by": inp.by, "signature": inp.signature,
                                             "signed_at": inp.signed_at}}

@@ -216,3 +216,10 @@ async def test_dry_run_checks_and_shows_what_would_be_sent_without_temporal(tmp_
     assert "--paused" in out["why_no_times"]
     with pytest.raises(CliError, match="hour=25"):
         await cmd_create(_args(tmp_path, "m", "--procedure", "drill", "--calendar", "hour=25", "--dry-run"), client=None)
+
+
+def test_a_schedule_builds_exactly_the_procedures_a_schedule_may_launch():
+    from opsflow.procedures import SCHEDULABLE
+    from starters.schedules import PROCEDURES
+
+    assert set(PROCEDURES) == SCHEDULABLE

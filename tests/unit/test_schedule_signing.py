@@ -7,6 +7,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from opsflow.inventory import Inventory
+from opsflow.procedures import SCHEDULABLE
 from opsflow.signing import Signer, check_schedule
 from tests.workflow.conftest import inventory_dict
 
@@ -26,7 +27,7 @@ def signed(tmp_path):
 
 def check(inv, record, **kw):
     args = dict(procedure="drill", record=record, parent_workflow_id="opsflow-prod-monthly-2026-12-01T03:00:00Z",
-                input_sha256="ab" * 32, dry_run=False)
+                input_sha256="ab" * 32, dry_run=False, schedulable=SCHEDULABLE)
     return check_schedule(inv, **{**args, **kw})
 
 

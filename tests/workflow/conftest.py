@@ -14,16 +14,9 @@ from opsflow.inventory import Inventory
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import dev_server, venv_binary
 from tests.workflow.world import World
-from workflows.drill import DrillWorkflow
-from workflows.failback import FailbackWorkflow
-from workflows.failover import FailoverWorkflow
-from workflows.maintenance import MaintenanceFleetWorkflow, MaintenanceWorkflow
-from workflows.scheduled import ScheduledLaunch
+from opsflow.procedures import workflow_classes
 
-WORKFLOWS = [FailoverWorkflow, FailbackWorkflow, DrillWorkflow, ScheduledLaunch, MaintenanceWorkflow, MaintenanceFleetWorkflow]
-from workflows.canary import BlueGreenWorkflow, CanaryWorkflow  # noqa: E402
-
-WORKFLOWS += [CanaryWorkflow, BlueGreenWorkflow]
+WORKFLOWS = workflow_classes()  # what the worker registers (opsflow/procedures.py)
 
 
 @pytest_asyncio.fixture(scope="module")
