@@ -876,4 +876,5 @@ class Procedure:
         self.show()
         if self.notify_on_stop:
             await self.notify(f"{self.report.procedure} {status}: {reason}", severity="critical" if status == "failed" else "warning")
+        await workflow.wait_condition(workflow.all_handlers_finished)  # a pause's notification, say, still in flight
         raise ApplicationError(f"{self.report.procedure} {status}: {reason}", self.report, type=status.capitalize(), non_retryable=True)

@@ -13,11 +13,11 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import eventually
 from tests.integration import forked
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -270,10 +270,4 @@ def explain(report: dict) -> str:
 
 
 def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return eventually(predicate, timeout, what, interval=interval)

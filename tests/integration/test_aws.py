@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from lab.aws_emulator import start_emulator
 from lab.postgres import Cluster, create_replica, init_primary, wait_streaming
 from opsflow.inventory import AwsConnection, Inventory
 from opsflow.models import RegionTarget, TrafficRequest
+from tests.helpers import eventually as wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("fake_aws_credentials")]
 
@@ -154,15 +154,6 @@ def write_row(cluster: Cluster, value: str) -> None:
         c.execute("insert into orders (note) values (%s)", (value,))
 
 
-def wait_until(predicate, timeout: float = 20, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 # -- status ---------------------------------------------------------------------------------------------

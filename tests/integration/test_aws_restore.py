@@ -37,6 +37,7 @@ from lab.aws_lab import DUMPS_BUCKET, REPORTS_BUCKET, ZONE, aws_emulator_config,
 from lab.postgres import Cluster, archive_now, create_replica, drop_cluster, earliest_restorable_time, init_primary
 from opsflow.inventory import AwsConnection, DrillPolicy, Inventory
 from opsflow.models import RegionTarget, RestoreRequest
+from tests.helpers import eventually as wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("fake_aws_credentials")]
 
@@ -150,15 +151,6 @@ def request(inventory: Inventory, method: str, name: str = "", point: datetime |
                           environment=environment, run_id=run_id)
 
 
-def wait_until(predicate, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 # -- the lab's configuration ------------------------------------------------------------------------------

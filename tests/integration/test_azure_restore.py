@@ -31,6 +31,7 @@ from lab.arm_emulator import EmulatorHandle, start_emulator
 from lab.postgres import Cluster, create_replica, drop_cluster, earliest_restorable_time, init_primary, wait_streaming
 from opsflow.inventory import AzureConnection, AzureFlexibleDatabase, DrillPolicy, RowCountCheck, SqlCheck
 from opsflow.models import RegionTarget, RestoreRequest, VerifyRequest
+from tests.helpers import eventually as wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -146,12 +147,6 @@ def server_now(cluster: Cluster) -> datetime:
     return sql(cluster, "select clock_timestamp()")[0][0]
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -35,6 +35,7 @@ from lab.ports import free_port
 from lab.k8s_emulator import BROKEN_ANNOTATION, NODE_NOT_READY_ANNOTATION, start_emulator, write_kubeconfig
 from opsflow.inventory import KubernetesConfig
 from opsflow.models import MaintenanceRequest, RegionTarget, ScaleRequest
+from tests.helpers import eventually as wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -88,15 +89,6 @@ def api(kubeconfig: str, context: str = "lab-westeurope") -> k8s.ApiClient:
     return new_client_from_config(config_file=kubeconfig, context=context, persist_config=False)
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(interval)
 
 
 # -- the emulator speaks the Kubernetes API ----------------------------------------------------------------------

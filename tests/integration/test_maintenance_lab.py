@@ -36,6 +36,7 @@ from opsflow.maintenance_models import (
     WorkItem,
 )
 from opsflow.models import RegionTarget
+from tests.helpers import eventually as wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -73,13 +74,6 @@ def stats(cluster, table: str = TABLE):
         return table_stats(c, table)
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-    return value
 
 
 def settle(primary) -> None:

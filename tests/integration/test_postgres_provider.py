@@ -23,6 +23,7 @@ from lab.ports import free_port
 from lab.postgres import Cluster, PostgresLabError, create_replica, init_primary, pg_bin
 from opsflow.inventory import InventoryError, PostgresDatabase, SecretRef, load_inventory
 from opsflow.models import RegionTarget, lsn_to_int
+from tests.helpers import eventually as wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -99,15 +100,6 @@ def primary_lsn(cluster: Cluster) -> int:
     return lsn_to_int(sql(cluster, "select pg_current_wal_lsn()::text")[0][0])
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def wait_replayed(replica: Cluster, lsn: int, timeout: float = 20):

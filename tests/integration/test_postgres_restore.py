@@ -51,6 +51,7 @@ from lab.postgres import (
 )
 from opsflow.inventory import PostgresDatabase
 from opsflow.models import RegionTarget
+from tests.helpers import eventually as wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -119,13 +120,6 @@ def server_now(cluster: Cluster) -> datetime:
     return sql(cluster, "select clock_timestamp()")[0][0]
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 # -- base backups and point-in-time restores -------------------------------------------------------------

@@ -24,6 +24,7 @@ from lab.k8s_emulator import start_emulator, write_kubeconfig
 from lab.rollout import IMAGES, STABLE_IMAGE, free_port, inventory_section, seed_additions
 from opsflow.inventory import KubernetesConfig
 from opsflow.rollout import AnalysisSpec, DeploymentRequest, ImageRequest, JudgeRequest, RolloutApp, RolloutTarget, SamplesRequest, WeightRequest
+from tests.helpers import eventually as wait_for
 
 pytestmark = pytest.mark.lab
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,13 +69,6 @@ def api(target: RolloutTarget):
     return k8s.AppsV1Api(c), k8s.CoreV1Api(c), k8s.CustomObjectsApi(c)
 
 
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (v := predicate()):
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def versions_served(proxy: str, n: int = 60) -> Counter:

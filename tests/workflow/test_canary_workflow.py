@@ -511,3 +511,37 @@ async def test_bluegreen_promote_ends_the_rollback_window_early(dev_env, dev_wor
     assert report.status == "succeeded" and cluster.replicas["web"] == 0 and cluster.selector == "web-green"
     window = next(s for s in report.steps if s.name == "post-analysis")
     assert window.seconds < 7200 and "promoted by alice" in window.detail
+
+
+async def test_a_rollout_approver_promotes_signed_and_a_replayed_promote_is_refused(env, worker, cluster, tmp_path):
+    """carol is the rollout's platform-lead approver, not an approver of the environment: she may promote (issue 18).
+    With signatures required, the same signed promote sent again is refused, whatever armor it comes in."""
+    from tests.workflow.test_trust import key_pair
+
+    from opsflow.signing import Signer
+
+    (carol_key, carol_pub), (dave_key, dave_pub) = key_pair(tmp_path, "carol"), key_pair(tmp_path, "dave")
+    approval = {"approvers": {"platform-lead": [{"name": "carol", "ssh_key": carol_pub}], "qa": [{"name": "dave", "ssh_key": dave_pub}]},
+                "require": ["platform-lead", "qa"], "timeout": "2h", "require_signed": True}
+    inv = make_inventory(steps=[50, 100], approval=approval)
+    carol, dave = Signer(name="carol", key_path=carol_key), Signer(name="dave", key_path=dave_key)
+    async with serving(worker):
+        handle = await start(env, worker, inv)
+        await until(handle, lambda r: r.current_step == "approval" and r.status == "waiting", "the approval gate")
+        run = (await handle.describe()).run_id
+        for who in (carol, dave):
+            signed = who.sign_request(workflow_id=handle.id, run_id=run, gate_id="approval", action="approve", reason="ok",
+                                      at=await env.get_current_time())  # the workflow's clock: the test server skips time
+            await handle.execute_update("approve", Request(by=who.name, reason="ok", **signed))
+        await until(handle, lambda r: r.current_step == "promote-gate", "the promotion gate")
+        with pytest.raises(WorkflowUpdateFailedError) as exc:
+            await handle.execute_update("promote", Request(by="carol"))  # unsigned
+        assert "missing signature" in str(exc.value.cause)
+        signed = carol.sign_request(workflow_id=handle.id, run_id=run, gate_id=None, action="promote", at=await env.get_current_time())
+        await handle.execute_update("promote", Request(by="carol", **signed))
+        again = {**signed, "signature": signed["signature"].replace("\n", "\r\n")}  # the same blob in other text
+        with pytest.raises(WorkflowUpdateFailedError) as exc:
+            await handle.execute_update("promote", Request(by="carol", **again))
+        assert "replayed signature" in str(exc.value.cause)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and cluster.stable_image == NEW and [e.by for e in report.promoted_by] == ["carol"]
