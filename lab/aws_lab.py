@@ -150,7 +150,7 @@ def store_webhook_secret(endpoint_url: str, url: str) -> str:
 
 
 def _alive(pid: int) -> bool:
-    from lab.manage import pid_alive
+    from opsflow.client import pid_alive
 
     return pid_alive(pid)
 

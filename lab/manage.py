@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from opsflow.client import lab_pointer
+from opsflow.client import lab_pointer, pid_alive
 
 REGIONS = ("eastus", "westeurope")
 PRIMARY = "eastus"
@@ -118,19 +118,6 @@ class Lab:
         info = self.state.get("processes", {}).get(name)
         return bool(info) and pid_alive(info["pid"])
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def stop_pid(pid: int, timeout: float = 15) -> None:

@@ -65,14 +65,19 @@ def lab_pointer() -> Path:
     return Path(os.environ.get("OPSFLOW_HOME") or Path.home() / ".opsflow") / "current-lab"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """The process runs (a zombie child of ours does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def lab_state() -> dict | None:
@@ -84,7 +89,7 @@ def lab_state() -> dict | None:
     except (OSError, ValueError):
         return None
     temporal = state.get("processes", {}).get("temporal")
-    if not state.get("ready") or not temporal or not _pid_alive(temporal["pid"]):
+    if not state.get("ready") or not temporal or not pid_alive(temporal["pid"]):
         return None
     return state
 
