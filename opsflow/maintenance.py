@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from opsflow.calendar import WeeklyWindow
-from opsflow.inventory import SecretRef, Seconds, Strict, parse_duration
+from opsflow.sections import SecretRef, Seconds, Strict, parse_duration
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB)?\s*$")
@@ -148,16 +148,3 @@ class MaintenancePolicy(Strict):
     max_tables: int = Field(default=500, ge=1, le=5000)
 
     _d = field_validator("cutoff", "heartbeat_timeout", mode="before")(parse_duration)
-
-
-# Imported first (before opsflow.inventory finished), this module completes Inventory's `maintenance` field.
-from pydantic.errors import PydanticUndefinedAnnotation  # noqa: E402
-
-from opsflow import inventory as _inventory  # noqa: E402
-
-_inventory.MaintenancePolicy = MaintenancePolicy  # type: ignore[attr-defined]
-if not _inventory.Inventory.__pydantic_complete__:
-    try:
-        _inventory.Inventory.model_rebuild()
-    except PydanticUndefinedAnnotation:  # another section (rollout) is still being built: it completes Inventory
-        pass

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from opsflow.calendar import Calendar, Freeze, FreezeCalendar, NeverOpens, WeeklyWindow
-from opsflow.inventory import ApprovalPolicy, KubernetesConfig, Seconds, Strict, parse_duration
+from opsflow.sections import ApprovalPolicy, KubernetesConfig, Seconds, Strict, parse_duration
 
 Direction = Literal["increase", "decrease", "either"]
 
@@ -259,19 +259,3 @@ def closed_because(policy: RolloutPolicy, now: datetime) -> str | None:
             when = f"; {e.message}"
         return f"outside the deployment windows ({'; '.join(w.describe() for w in policy.windows)}){when}"
     return None
-
-
-def _complete_inventory() -> None:
-    """`Inventory.rollout` names RolloutPolicy, which builds on the inventory's models: resolve it now."""
-    import opsflow.inventory as inventory
-
-    from pydantic.errors import PydanticUndefinedAnnotation
-
-    inventory.RolloutPolicy = RolloutPolicy  # type: ignore[attr-defined]
-    try:
-        inventory.Inventory.model_rebuild()
-    except PydanticUndefinedAnnotation:  # another section (maintenance) is still being built: it completes Inventory
-        pass
-
-
-_complete_inventory()

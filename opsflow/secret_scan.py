@@ -17,6 +17,8 @@ import re
 from typing import Any, Iterator
 from urllib.parse import unquote_plus, urlsplit
 
+from opsflow.sections import no_password_in_dsn
+
 REF_HINT = ("give a secret reference instead: {env: VAR}, {file: PATH}, {aws_secrets_manager: {secret_id: ...}} "
             "or {azure_key_vault: {vault_url: ..., name: ...}}")
 
@@ -129,10 +131,8 @@ def text_secret(text: str, dsn: bool = False) -> str | None:
 
 
 def _inventory_validator_refuses(dsn: str) -> bool:
-    from opsflow.inventory import _no_password_in_dsn  # here: opsflow.inventory imports this module
-
     try:
-        _no_password_in_dsn(dsn)
+        no_password_in_dsn(dsn)
     except ValueError:
         return True
     return False

@@ -1,0 +1,359 @@
+"""The inventory's sections: every model an inventory is made of, but the whole (`opsflow.inventory.Inventory`).
+
+The maintenance and rollout sections (opsflow/maintenance.py, opsflow/rollout.py) build on these; the inventory
+module imports all of them and builds `Inventory` last, so nothing here imports a module that imports it back.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from opsflow.calendar import WeeklyWindow
+from opsflow.signing import check_public_key
+
+
+class InventoryError(ValueError):
+    """The inventory file is missing, unreadable or invalid; the message names the bad field."""
+
+
+class Strict(BaseModel):
+    # A typo in a key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: object) -> float:
+    """'90s', '5m', '1.5h', 30 -> seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 5m, 1h)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+Seconds = Annotated[float, Field(ge=0)]
+
+
+class AwsSecretsManagerRef(Strict):
+    secret_id: str = Field(min_length=1, description="name or ARN of the secret")
+    region: str | None = Field(default=None, description="default: the inventory's aws.default_region")
+    key: str | None = Field(default=None, description="for a JSON secret: the field holding the value")
+
+
+class AzureKeyVaultRef(Strict):
+    vault_url: str = Field(pattern=r"^https://", description="e.g. https://myvault.vault.azure.net (HTTPS only)")
+    name: str = Field(pattern=r"^[0-9a-zA-Z-]{1,127}$")
+    version: str | None = None
+
+
+class SecretRef(Strict):
+    """Where a secret lives. Exactly one of the fields is set; the worker fetches it (activities/secrets.py)."""
+
+    env: str | None = None
+    file: str | None = None
+    aws_secrets_manager: AwsSecretsManagerRef | None = None
+    azure_key_vault: AzureKeyVaultRef | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "SecretRef":
+        if sum(x is not None for x in (self.env, self.file, self.aws_secrets_manager, self.azure_key_vault)) != 1:
+            raise ValueError("a secret reference names exactly one of: env, file, aws_secrets_manager, azure_key_vault")
+        return self
+
+    def describe(self) -> str:
+        """Where, never what: for messages and logs."""
+        if self.env is not None:
+            return f"environment variable {self.env}"
+        if self.file is not None:
+            return f"file {self.file}"
+        if self.aws_secrets_manager is not None:
+            return f"AWS Secrets Manager secret {self.aws_secrets_manager.secret_id}"
+        assert self.azure_key_vault is not None
+        return f"Key Vault secret {self.azure_key_vault.name} in {self.azure_key_vault.vault_url}"
+
+
+def no_password_in_dsn(dsn: str) -> str:
+    if re.search(r"(^|\s|[?&])password\s*=", dsn, re.IGNORECASE) or re.search(r"://[^/@:]+:[^/@]*@", dsn):
+        raise ValueError("the DSN must not hold a password; name where it lives with 'password: {env: VAR}'")
+    return dsn
+
+
+class _SqlAccess(Strict):
+    dsn: str = Field(description="libpq connection string without password, e.g. 'host=db port=5432 user=ops dbname=postgres'")
+    password: SecretRef | None = None
+
+    _check_dsn = field_validator("dsn")(no_password_in_dsn)
+
+
+class PostgresDatabase(_SqlAccess):
+    """Self-managed PostgreSQL, reached over SQL only."""
+
+    provider: Literal["postgres"]
+
+
+class AzureFlexibleDatabase(_SqlAccess):
+    """Azure Database for PostgreSQL flexible server: control plane over ARM, lag over SQL."""
+
+    provider: Literal["azure-flexible"]
+    subscription_id: str
+    resource_group: str
+    server_name: str
+
+
+class AwsRdsDatabase(Strict):
+    """Amazon RDS for PostgreSQL: control plane over boto3, lag over SQL where reachable."""
+
+    provider: Literal["aws-rds"]
+    db_instance_identifier: str
+    aws_region: str
+    dsn: str | None = None
+    password: SecretRef | None = None
+
+    _check_dsn = field_validator("dsn")(lambda v: v if v is None else no_password_in_dsn(v))
+
+
+Database = Annotated[Union[PostgresDatabase, AzureFlexibleDatabase, AwsRdsDatabase], Field(discriminator="provider")]
+
+
+class AzureTrafficManager(Strict):
+    provider: Literal["azure-traffic-manager"]
+    subscription_id: str
+    resource_group: str
+    profile: str
+
+
+class Route53Traffic(Strict):
+    provider: Literal["route53"]
+    hosted_zone_id: str
+    record_name: str
+    record_type: str = "CNAME"
+
+
+Traffic = Annotated[Union[AzureTrafficManager, Route53Traffic], Field(discriminator="provider")]
+
+
+class DeploymentTarget(Strict):
+    name: str
+    replicas: int = Field(ge=0, description="replicas to run when this region is primary")
+
+
+class KubernetesConfig(Strict):
+    kubeconfig: str | None = Field(default=None, description="path; default: in-cluster or ~/.kube/config")
+    context: str | None = None
+    namespace: str = "default"
+    service: str | None = Field(default=None, description="service annotated maintenance=true while the region is drained")
+    deployments: list[DeploymentTarget] = []
+
+
+class Region(Strict):
+    database: Database
+    traffic_endpoint: str = Field(description="Traffic Manager endpoint name, or Route 53 set identifier")
+    kubernetes: KubernetesConfig | None = None
+    smoke_urls: list[str] = []
+    task_queue: str | None = Field(default=None, description="default: opsflow-<environment>-<region>")
+
+
+class AzureConnection(Strict):
+    arm_endpoint: str = "https://management.azure.com"
+    # 'default' is azure-identity's DefaultAzureCredential; 'static-token' is for the lab's emulator only.
+    credential: Literal["default", "static-token"] = "default"
+    ca_bundle: str | None = Field(default=None, description="CA file to trust for ARM (the lab's test CA)")
+    # ARM's long-running operations ask clients to poll after a few seconds; the lab answers faster.
+    polling_interval: Seconds = 5
+
+
+class AwsConnection(Strict):
+    endpoint_url: str | None = Field(default=None, description="override, e.g. a moto server in the lab")
+    default_region: str = "us-east-1"
+
+
+class NotificationChannel(Strict):
+    name: str
+    kind: Literal["webhook", "slack"] = "webhook"
+    # A webhook URL is a credential (whoever holds it can post, Slack's and PagerDuty's carry the token in the
+    # path): the inventory only says where it lives. `url` is still read so that procedures started before
+    # this rule (their inventory is in the history) replay; load_inventory refuses it in a file.
+    url_secret: SecretRef | None = None
+    url: str | None = None
+
+    @model_validator(mode="after")
+    def _url(self) -> "NotificationChannel":
+        if (self.url is None) == (self.url_secret is None):
+            raise ValueError("a channel needs url_secret (where its webhook URL lives, e.g. {env: VAR})")
+        return self
+
+
+class Person(Strict):
+    """Someone who may approve or operate; with `ssh_key` their requests can be proven (signed)."""
+
+    name: str = Field(min_length=1)
+    ssh_key: str | None = Field(default=None, description="OpenSSH public key, e.g. 'ssh-ed25519 AAAA... bob@laptop'")
+
+    _k = field_validator("ssh_key")(lambda v: v if v is None else check_public_key(v))  # a usable key, or the field is named
+
+
+People = list[Union[str, Person]]
+
+
+def _people(entries: People) -> list[Person]:
+    return [Person(name=e) if isinstance(e, str) else e for e in entries]
+
+
+class ApprovalPolicy(Strict):
+    """Who may approve, and what a gate needs: a plain list of approvers, or role groups
+    (`{platform-lead: [...], qa: [...]}`) with `require: [platform-lead, qa]` (each role approved by a
+    different person), and `min_approvals` distinct approvals in all."""
+
+    approvers: Union[People, dict[str, People]] = Field(min_length=1)
+    require: list[str] = []
+    min_approvals: int = Field(default=1, ge=1)
+    require_distinct_approver: bool = True
+    require_signed: bool = False
+    timeout: Seconds = 3600
+    # What happens when nobody answers by the deadline: an escalation is always sent first.
+    on_timeout: Literal["abort", "keep-waiting"] = "abort"
+    escalation_channel: str | None = None
+    emergency_requires_approval: bool = False
+
+    _t = field_validator("timeout", mode="before")(parse_duration)
+
+    @model_validator(mode="after")
+    def _roles(self) -> "ApprovalPolicy":
+        roles = self.approvers if isinstance(self.approvers, dict) else {}
+        unknown = [r for r in self.require if r not in roles]
+        if unknown:
+            raise ValueError(f"require names role(s) {', '.join(unknown)} that are not approver groups ({', '.join(roles) or 'none'})")
+        if len(self.require) > len(self.names()):
+            raise ValueError(f"require needs {len(self.require)} different people but only {len(self.names())} approvers exist")
+        if self.require_signed and any(p.ssh_key is None for p in self.people()):
+            missing = [p.name for p in self.people() if p.ssh_key is None]
+            raise ValueError(f"require_signed: approver(s) without ssh_key: {', '.join(missing)}")
+        return self
+
+    def people(self) -> list[Person]:
+        groups = self.approvers.values() if isinstance(self.approvers, dict) else [self.approvers]
+        seen: dict[str, Person] = {}
+        for group in groups:
+            for p in _people(group):
+                seen.setdefault(p.name, p)
+        return list(seen.values())
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.people()]
+
+    def roles_of(self, name: str) -> list[str]:
+        if not isinstance(self.approvers, dict):
+            return []
+        return [role for role, group in self.approvers.items() if name in (p.name for p in _people(group))]
+
+    def key_of(self, name: str) -> str | None:
+        return next((p.ssh_key for p in self.people() if p.name == name), None)
+
+
+class Limits(Strict):
+    """Bounds every procedure keeps, whatever it does."""
+
+    # How long a step may wait for a worker to pick it up before it fails with "no worker serves <queue>".
+    worker_wait: Seconds = 60
+    # A step whose queue has a worker that is only busy (every slot taken) is scheduled again, up to this in all.
+    busy_wait: Seconds = 1800
+    # A pause longer than this escalates (the procedure keeps waiting).
+    pause_timeout: Seconds = 1800
+    # Long waits read the cloud's control plane at most this often (the database is polled over SQL).
+    control_plane_interval: Seconds = 10
+    # How long Temporal waits for the worker that took a procedure's next decision (a workflow task) before another
+    # worker gets it: what a worker that dies mid-decision costs the procedure. Temporal's default; at most 120 s.
+    workflow_task_timeout: Seconds = Field(default=10, ge=1, le=120)
+
+    _d = field_validator("worker_wait", "busy_wait", "pause_timeout", "control_plane_interval", "workflow_task_timeout",
+                         mode="before")(parse_duration)
+
+
+class FailoverPolicy(Strict):
+    drain: Seconds = 60
+    max_planned_lag_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    catch_up_timeout: Seconds = 600
+    promote_timeout: Seconds = 900
+    # How long a silent worker may hold a long step (catch-up, promotion, traffic, scale-up) before another
+    # worker takes it over after a crash.
+    heartbeat_timeout: Seconds = 30
+
+    _d = field_validator("drain", "catch_up_timeout", "promote_timeout", "heartbeat_timeout", mode="before")(parse_duration)
+
+
+class RowCountCheck(Strict):
+    table: str = Field(description="schema-qualified or plain table name")
+    # With a commit-time column the source is counted as of the restore point (exact); without one the
+    # live source is counted and `tolerance` rows of difference are accepted.
+    timestamp_column: str | None = None
+    tolerance: int = Field(default=0, ge=0)
+
+
+class SqlCheck(Strict):
+    name: str
+    query: str = Field(description="must return a single boolean true on the restored server")
+
+
+class S3Location(Strict):
+    bucket: str
+    prefix: str = ""
+
+
+class DrillPolicy(Strict):
+    """The monthly restore test: where to restore, what to verify."""
+
+    # Default: by the source region's database provider (azure-flexible -> azure-pitr, aws-rds -> rds-pitr).
+    method: Literal["azure-pitr", "rds-pitr", "s3-dump"] | None = None
+    scratch_prefix: str = Field(default="opsflow-drill", pattern=r"^[a-z][a-z0-9-]{2,40}$")
+    # s3-dump: where the dumps are, and the PostgreSQL server that hosts the scratch database.
+    dumps: S3Location | None = None
+    scratch_server: _SqlAccess | None = None
+    retention: Seconds = 7 * 86400
+    restore_timeout: Seconds = 4 * 3600
+    heartbeat_timeout: Seconds = 120
+    row_counts: list[RowCountCheck] = []
+    checks: list[SqlCheck] = []
+    schema_objects: list[str] = []
+    notify_channels: list[str] = []
+
+    _d = field_validator("retention", "restore_timeout", "heartbeat_timeout", mode="before")(parse_duration)
+
+    @model_validator(mode="after")
+    def _s3(self) -> "DrillPolicy":
+        if self.method == "s3-dump" and (self.dumps is None or self.scratch_server is None):
+            raise ValueError("method s3-dump needs 'dumps' (bucket/prefix) and 'scratch_server' (dsn)")
+        return self
+
+
+class ReportStore(Strict):
+    s3: S3Location | None = None
+
+
+# The failback's low-traffic window is the calendar module's weekly window (the old name stays for callers).
+TimeWindow = WeeklyWindow
+
+
+class FailbackPolicy(Strict):
+    rebuild_timeout: Seconds = 6 * 3600
+    # How long a silent worker may hold a replica rebuild before another takes it over after a crash; none: four
+    # times failover.heartbeat_timeout (a rebuild's cloud calls may block longer than other steps').
+    rebuild_heartbeat_timeout: Annotated[float, Field(gt=0)] | None = None
+    catch_up_timeout: Seconds = 6 * 3600
+    # The low-traffic window for the switch back; none: as soon as it is approved.
+    window: WeeklyWindow | None = None
+
+    _d = field_validator("rebuild_timeout", "catch_up_timeout", mode="before")(parse_duration)
+    _h = field_validator("rebuild_heartbeat_timeout", mode="before")(lambda v: v if v is None else parse_duration(v))
+
+    def rebuild_heartbeat(self, failover: FailoverPolicy) -> float:
+        return self.rebuild_heartbeat_timeout or failover.heartbeat_timeout * 4
