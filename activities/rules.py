@@ -7,6 +7,7 @@ started after the change; a file that no longer validates keeps the last good ru
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -115,9 +116,8 @@ async def nonce_used_elsewhere(nonce: str) -> str | None:
 async def worker_inventory(req: RulesRequest) -> WorkerRules:
     """The worker's inventory for each environment asked, or why the start is refused (a digest that differs
     names the settings; an environment this worker does not hold; a start signature already used)."""
-    out = []
-    for env, seen in req.environments.items():
-        out.append(rules_for(env, seen))
+    # Reading an inventory file that changed is blocking I/O: off the worker's event loop.
+    out = [await asyncio.to_thread(rules_for, env, seen) for env, seen in req.environments.items()]
     if req.start_nonce and all(r.inventory is not None for r in out):
         used_by = await nonce_used_elsewhere(req.start_nonce)
         if used_by:

@@ -12,7 +12,6 @@ is running, 1 the procedure or request failed).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import sys
@@ -175,12 +174,6 @@ def environment_workflow_id(environment: Inventory | str) -> str:
     and the conflict policy refuses a second one while it runs."""
     name = environment.environment if isinstance(environment, Inventory) else environment
     return f"opsflow-{name}"
-
-
-def fleet_workflow_id(environments: list[str]) -> str:
-    """A maintenance fleet's id: one per set of environments (its members still take each environment's lock)."""
-    digest = hashlib.sha256(",".join(sorted(environments)).encode()).hexdigest()[:8]
-    return f"opsflow-fleet-{len(environments)}-{digest}"
 
 
 def procedure_search_attributes(procedure: str, environment: str) -> TypedSearchAttributes:

@@ -8,6 +8,7 @@ The kernel imports nothing above it, so workflow classes are named by import pat
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from dataclasses import dataclass
 
@@ -46,6 +47,12 @@ REPORT_TYPES: dict[str, type[ProcedureReport]] = {p.name: p.report for p in PROC
 NOT_PREEMPTIBLE = frozenset(p.name for p in PROCEDURES if not p.preemptible)
 SCHEDULABLE = frozenset(p.name for p in PROCEDURES if p.schedulable)
 LAUNCHERS = frozenset(p.name for p in PROCEDURES if p.report is None)
+
+
+def fleet_workflow_id(environments: list[str]) -> str:
+    """A maintenance fleet's id: one per set of environments (its members still take each environment's lock)."""
+    digest = hashlib.sha256(",".join(sorted(environments)).encode()).hexdigest()[:8]
+    return f"opsflow-fleet-{len(environments)}-{digest}"
 
 
 def workflow_classes() -> list[type]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import getpass
 
-from opsflow.client import fleet_workflow_id
+from opsflow.procedures import fleet_workflow_id
 
 from opsflow.inventory import load_inventory
 from starters.common import CliError, inventory_path

@@ -16,7 +16,6 @@ deferred to the next window and listed. Long statements heartbeat their progress
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from datetime import timedelta
 
 from pydantic import BaseModel, Field, model_validator
@@ -29,8 +28,8 @@ from workflows.procedure import Procedure, Request, StepDecl, Stop, child_task_t
 with workflow.unsafe.imports_passed_through():
     from opsflow.calendar import Calendar
     from opsflow.inventory import Inventory
+    from opsflow.procedures import fleet_workflow_id
     from opsflow.rules import InventoryDigest, ProcedureInput, digest_of
-    from opsflow import signing
     from opsflow.maintenance import MaintenancePolicy
     from opsflow.maintenance_models import (
         BackupRequest,
@@ -554,22 +553,16 @@ class MaintenanceFleetWorkflow(Procedure):
     async def run(self, inp: FleetInput) -> FleetReport:
         return await self.conclude(inp, self.body)  # type: ignore[return-value]
 
-    async def take_rules(self, inp: FleetInput) -> FleetInput:  # type: ignore[override]
-        """Every member's rules from the worker, checked against what the requester saw, before any child starts."""
-        if not workflow.patched("worker-rules"):
-            self.rules_taken = True
-            return inp
-        self.worker_rules = True
-        self.inventory = None  # type: ignore[assignment]
-        nonce = (workflow.memo_value(signing.START_MEMO, None, type_hint=dict) or {}).get("nonce")
-        found = await self.fetch_rules({e: inp.seen_digest(e) for e in inp.environments}, nonce)
+    # Every member's rules from the worker, checked against what the requester saw, before any child starts.
+    def rules_wanted(self, inp: FleetInput) -> dict[str, InventoryDigest | None]:  # type: ignore[override]
+        return {e: inp.seen_digest(e) for e in inp.environments}
+
+    def with_rules(self, inp: FleetInput, found: dict[str, Inventory]) -> FleetInput:  # type: ignore[override]
         self.inventory = found[inp.environments[0]]
-        self.rules_taken = True
         return inp.model_copy(update={"inventories": [found[e] for e in inp.environments]})
 
     def expected_workflow_ids(self) -> list[str]:
-        envs = sorted(self.report.environment.split(","))
-        return [f"opsflow-fleet-{len(envs)}-{hashlib.sha256(','.join(envs).encode()).hexdigest()[:8]}"]
+        return [fleet_workflow_id(self.report.environment.split(","))]
 
     async def body(self, inp: FleetInput) -> None:
         report = self.report

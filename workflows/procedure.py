@@ -524,9 +524,18 @@ class Procedure:
         self.worker_rules = True
         self.inventory = None  # type: ignore[assignment]
         nonce = (workflow.memo_value(signing.START_MEMO, None, type_hint=dict) or {}).get("nonce")
-        inventories = await self.fetch_rules({inp.environment: inp.seen_digest()}, nonce if self.is_top_level() else None)
-        self.inventory = inventories[inp.environment]
+        found = await self.fetch_rules(self.rules_wanted(inp), nonce if self.is_top_level() else None)
+        inp = self.with_rules(inp, found)
         self.rules_taken = True
+        return inp
+
+    def rules_wanted(self, inp: Any) -> dict[str, InventoryDigest | None]:
+        """environment -> the digest of the inventory the requester saw (a fleet asks for each member's)."""
+        return {inp.environment: inp.seen_digest()}
+
+    def with_rules(self, inp: Any, found: dict[str, Inventory]) -> Any:
+        """Keep the worker's inventory as this run's rules; -> the input carrying it."""
+        self.inventory = found[inp.environment]
         return inp.model_copy(update={"inventory": self.inventory})
 
     def is_top_level(self) -> bool:

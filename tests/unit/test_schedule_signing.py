@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from opsflow.inventory import Inventory
 from opsflow.procedures import SCHEDULABLE
 from opsflow.signing import Signer, check_schedule
+from tests.helpers import ssh_key_pair
 from tests.workflow.conftest import inventory_dict
 
 
 @pytest.fixture
 def signed(tmp_path):
-    k = ed25519.Ed25519PrivateKey.generate()
-    (tmp_path / "alice").write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                     serialization.NoEncryption()))
-    pub = k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    path, pub = ssh_key_pair(tmp_path, "alice")
     inv = Inventory.model_validate(inventory_dict(environment="prod", approval={"approvers": [{"name": "alice", "ssh_key": pub}], "require_signed": True},
                                                   operators={"drill": [{"name": "alice", "ssh_key": pub}]}))
-    sig = Signer(name="alice", key_path=str(tmp_path / "alice")).sign_schedule(
+    sig = Signer(name="alice", key_path=path).sign_schedule(
         schedule_id="opsflow-prod-monthly", procedure="drill", environment="prod", input_sha256="ab" * 32)
     return inv, {"schedule_id": "opsflow-prod-monthly", "by": "alice", **sig}
 

@@ -8,22 +8,18 @@ import json
 from datetime import datetime, timezone
 
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from opsflow.signing import Signer
 from starters.security import verify_report
+from tests.helpers import ssh_key_pair
 from tests.workflow.conftest import inventory_dict
 
 AT = datetime(2026, 12, 6, 10, 0, tzinfo=timezone.utc)
 
 
 def key(tmp_path, name):
-    k = ed25519.Ed25519PrivateKey.generate()
-    (tmp_path / name).write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                  serialization.NoEncryption()))
-    pub = k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    return Signer(name=name, key_path=str(tmp_path / name)), pub
+    path, pub = ssh_key_pair(tmp_path, name)
+    return Signer(name=name, key_path=path), pub
 
 
 def check(tmp_path, report, inventory) -> tuple[int, dict]:

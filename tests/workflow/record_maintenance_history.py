@@ -20,7 +20,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.rules import RULEBOOK
-from opsflow.client import fleet_workflow_id
+from opsflow.procedures import fleet_workflow_id
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
 from tests.workflow.test_maintenance_workflow import QUEUE, MaintWorld, approve_when_waiting, maint_inventory

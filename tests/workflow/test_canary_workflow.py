@@ -516,11 +516,10 @@ async def test_bluegreen_promote_ends_the_rollback_window_early(dev_env, dev_wor
 async def test_a_rollout_approver_promotes_signed_and_a_replayed_promote_is_refused(env, worker, cluster, tmp_path):
     """carol is the rollout's platform-lead approver, not an approver of the environment: she may promote (issue 18).
     With signatures required, the same signed promote sent again is refused, whatever armor it comes in."""
-    from tests.workflow.test_trust import key_pair
-
     from opsflow.signing import Signer
+    from tests.helpers import ssh_key_pair
 
-    (carol_key, carol_pub), (dave_key, dave_pub) = key_pair(tmp_path, "carol"), key_pair(tmp_path, "dave")
+    (carol_key, carol_pub), (dave_key, dave_pub) = ssh_key_pair(tmp_path, "carol"), ssh_key_pair(tmp_path, "dave")
     approval = {"approvers": {"platform-lead": [{"name": "carol", "ssh_key": carol_pub}], "qa": [{"name": "dave", "ssh_key": dave_pub}]},
                 "require": ["platform-lead", "qa"], "timeout": "2h", "require_signed": True}
     inv = make_inventory(steps=[50, 100], approval=approval)

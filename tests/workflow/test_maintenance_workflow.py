@@ -40,7 +40,7 @@ from opsflow.maintenance_models import (
     WorkItem,
 )
 from opsflow.models import DbStatus, KubeStatus, MaintenanceRequest, NotifyRequest, RegionTarget, SmokeResult
-from opsflow.client import fleet_workflow_id
+from opsflow.procedures import fleet_workflow_id
 from activities.rules import worker_inventory
 from tests.workflow.conftest import worker_holds
 from tests.workflow.conftest import inventory_dict

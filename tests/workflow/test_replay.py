@@ -9,8 +9,7 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
-from opsflow.client import fleet_workflow_id
-from opsflow.procedures import PROCEDURES
+from opsflow.procedures import PROCEDURES, fleet_workflow_id
 from opsflow.temporal import DATA_CONVERTER
 from tests.workflow.conftest import WORKFLOWS
 

@@ -8,8 +8,6 @@ import threading
 from datetime import datetime, timezone
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from temporalio.client import WorkflowUpdateFailedError
 
 from opsflow.client import start_procedure
@@ -17,6 +15,7 @@ from opsflow.inventory import Inventory
 from opsflow.models import Decision, FailoverReport
 from opsflow.rules import START_UNSIGNED, input_digest
 from opsflow.signing import Signer, start_memo
+from tests.helpers import ssh_key_pair
 from tests.workflow.conftest import inventory_dict, worker_holds
 from tests.workflow.test_failover_workflow import failed_report, start, until_waiting, update_names_in_history
 from workflows.failover import FailoverInput
@@ -28,14 +27,6 @@ def inventory() -> Inventory:
     # A 1 s drain: these tests wait in real time for a step to be in flight (the test server skips time only
     # while a result is awaited).
     return Inventory.model_validate(inventory_dict(failover={"drain": "1s", "max_planned_lag_bytes": 1024 * 1024}))
-
-
-def key_pair(tmp_path, name: str) -> tuple[str, str]:
-    key = ed25519.Ed25519PrivateKey.generate()
-    path = tmp_path / name
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    return str(path), f"{pub} {name}@laptop"
 
 
 async def test_an_edited_local_inventory_is_refused_naming_what_differs(running, world, inventory):
@@ -95,7 +86,7 @@ async def test_a_start_under_another_id_dodges_no_lock(running, world, inventory
 def signed_inventory(tmp_path) -> tuple[Inventory, dict[str, str]]:
     paths, keys = {}, {}
     for name in ("alice", "bob", "mallory"):
-        paths[name], keys[name] = key_pair(tmp_path, name)
+        paths[name], keys[name] = ssh_key_pair(tmp_path, name)
     inv = Inventory.model_validate(inventory_dict(
         failover={"drain": "1s", "max_planned_lag_bytes": 1024 * 1024},
         approval={"approvers": [{"name": "bob", "ssh_key": keys["bob"]}], "require_signed": True, "require_distinct_approver": True,
