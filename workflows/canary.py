@@ -22,9 +22,11 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows.procedure import Procedure, Request, StepDecl, Stop, failure_message
+from workflows.procedure import A, R, Procedure, Request, StepDecl, Stop, Undo, failure_message
 
 with workflow.unsafe.imports_passed_through():
+    from opsflow.contracts.base import Activity
+    from opsflow.contracts.rollout import ANALYSIS_JUDGE, K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_ROLLOUT_STATUS, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE, K8S_SET_WEIGHT, K8S_SWITCH_SERVICE, PROMETHEUS_SAMPLES
     from opsflow.rules import ProcedureInput
     from opsflow.models import ControlEvent
     from opsflow.rollout import (
@@ -108,9 +110,8 @@ class Rollout(Procedure):
         state: RolloutState = await self.step(
             "preflight",
             f"Check {self.app.deployment} in {self.app.region}",
-            "k8s.rollout_status",
+            K8S_ROLLOUT_STATUS,
             self.target,
-            result_type=RolloutState,
             queue=self.queue,
             detail=lambda s: f"stable {s.stable_image} {s.stable_ready}/{s.stable_desired}, weights {s.weights}",
         )
@@ -159,13 +160,14 @@ class Rollout(Procedure):
         await self.gate("approval", what, policy=self.rollout_policy())
 
     # -- analysis ----------------------------------------------------------------------------------------
-    async def run_activity(self, activity: str, arg, result_type, timeout: float = 60):
+    async def run_activity(self, activity: Activity[A, R], arg: A, timeout: float = 60) -> R:
         """An analysis activity inside a bake (not a step of its own): failures stop the procedure."""
         opts = self.activity_options(self.queue, timeout, None, 3)
         try:
-            return await workflow.execute_activity(activity, arg, result_type=result_type, summary=activity, **opts)
+            return await workflow.execute_activity(activity.name, arg, result_type=activity.result_type,
+                                                   summary=activity.name, **opts)
         except ActivityError as err:
-            raise Stop("failed", f"{activity}: {failure_message(err)}") from None
+            raise Stop("failed", f"{activity.name}: {failure_message(err)}") from None
 
     async def samples(self, canary: str, baseline: str, start, end, baseline_version: str, baseline_window=None) -> Samples:
         a = self.policy.analysis
@@ -181,7 +183,7 @@ class Rollout(Procedure):
             baseline_start=b_start,
             baseline_end=b_end,
         )
-        return await self.run_activity("prometheus.samples", req, Samples)
+        return await self.run_activity(PROMETHEUS_SAMPLES, req)
 
     async def bake(
         self, name: str, title: str, seconds: float, weight: int, canary: str, baseline: str, baseline_image: str, baseline_window=None
@@ -249,7 +251,7 @@ class Rollout(Procedure):
         record = self.begin_step(name, f"Judge the canary at {weight} %")
         got = await self.samples(canary, baseline, start, workflow.now(), baseline_image, baseline_window)
         result: StepAnalysis = await self.run_activity(
-            "analysis.judge", JudgeRequest(analysis=self.policy.analysis, samples=got, weight=weight), StepAnalysis
+            ANALYSIS_JUDGE, JudgeRequest(analysis=self.policy.analysis, samples=got, weight=weight)
         )
         self.report.analysis.append(result)
         self.end_step(record, "ok" if result.verdict == "pass" else "failed", f"{result.verdict} (score {result.score}): {result.reason}")
@@ -414,14 +416,13 @@ class CanaryWorkflow(Rollout):
         await self.step(
             "create-canary",
             f"Create the canary with {inp.image}",
-            "k8s.create_canary",
+            K8S_CREATE_CANARY,
             ImageRequest(target=t, image=inp.image),
-            result_type=RolloutState,
             queue=q,
             timeout=self.policy.timeout,
             heartbeat=10,
             interruptible=True,
-            undo=("k8s.delete_canary", "Remove the canary (stable keeps 100 %)", t),
+            undo=Undo(K8S_DELETE_CANARY, "Remove the canary (stable keeps 100 %)", t),
             detail=lambda s: f"{s.canary} ready {s.canary_ready}",
         )
         for w in steps[:-1]:
@@ -431,11 +432,10 @@ class CanaryWorkflow(Rollout):
             await self.step(
                 f"weight-{w}",
                 f"Route {w} % to the canary",
-                "k8s.set_weight",
+                K8S_SET_WEIGHT,
                 WeightRequest(target=t, canary_weight=w),
-                result_type=RolloutState,
                 queue=q,
-                undo=("k8s.set_weight", "Canary weight back to 0", WeightRequest(target=t, canary_weight=0)),
+                undo=Undo(K8S_SET_WEIGHT, "Canary weight back to 0", WeightRequest(target=t, canary_weight=0)),
                 detail=lambda s: ", ".join(f"{k}={v}" for k, v in s.weights.items()),
             )
             report.weight = w
@@ -461,9 +461,8 @@ class CanaryWorkflow(Rollout):
         await self.step(
             "promote",
             f"Promote {inp.image} to {self.app.deployment}",
-            "k8s.set_image",
+            K8S_SET_IMAGE,
             ImageRequest(target=t, image=inp.image),
-            result_type=RolloutState,
             queue=q,
             timeout=self.policy.timeout,
             heartbeat=10,
@@ -472,9 +471,8 @@ class CanaryWorkflow(Rollout):
         await self.step(
             "cleanup",
             "Route 100 % to stable and remove the canary",
-            "k8s.delete_canary",
+            K8S_DELETE_CANARY,
             t,
-            result_type=RolloutState,
             queue=q,
             detail=lambda s: ", ".join(f"{k}={v}" for k, v in s.weights.items()),
         )
@@ -532,22 +530,20 @@ class BlueGreenWorkflow(Rollout):
         await self.step(
             "create-colour",
             f"Run {other} with {inp.image}",
-            "k8s.create_colour",
+            K8S_CREATE_COLOUR,
             ImageRequest(target=t, image=inp.image),
-            result_type=RolloutState,
             queue=q,
             timeout=self.policy.timeout,
             heartbeat=10,
             interruptible=True,
-            undo=("k8s.scale_deployment", f"Scale {other} to 0", DeploymentRequest(target=t, deployment=other, replicas=0)),
+            undo=Undo(K8S_SCALE_DEPLOYMENT, f"Scale {other} to 0", DeploymentRequest(target=t, deployment=other, replicas=0)),
             detail=lambda s: f"{other} {s.replicas.get(other)} replicas with {s.colours.get(other)}",
         )
         pre: RolloutState = await self.step(
             "pre-analysis",
             f"Check {other} before the switch",
-            "k8s.rollout_status",
+            K8S_ROLLOUT_STATUS,
             t,
-            result_type=RolloutState,
             queue=q,
             detail=lambda s: f"{other} runs {s.colours.get(other)}",
         )
@@ -557,11 +553,10 @@ class BlueGreenWorkflow(Rollout):
         await self.step(
             "switch",
             f"Switch {self.app.service} to {other}",
-            "k8s.switch_service",
+            K8S_SWITCH_SERVICE,
             DeploymentRequest(target=t, deployment=other),
-            result_type=RolloutState,
             queue=q,
-            undo=("k8s.switch_service", f"Switch {self.app.service} back to {active}", DeploymentRequest(target=t, deployment=active)),
+            undo=Undo(K8S_SWITCH_SERVICE, f"Switch {self.app.service} back to {active}", DeploymentRequest(target=t, deployment=active)),
             detail=lambda s: f"serving: {s.active}",
         )
         report.active = other
@@ -592,9 +587,8 @@ class BlueGreenWorkflow(Rollout):
         await self.step(
             "scale-down",
             f"Scale {active} down",
-            "k8s.scale_deployment",
+            K8S_SCALE_DEPLOYMENT,
             DeploymentRequest(target=t, deployment=active, replicas=0),
-            result_type=RolloutState,
             queue=q,
             timeout=self.policy.timeout,
         )

@@ -13,9 +13,12 @@ from datetime import datetime
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
-from workflows.procedure import Procedure, StepDecl, Stop, failure_message
+from workflows.procedure import Procedure, StepDecl, Stop, Undo, failure_message
 
 with workflow.unsafe.imports_passed_through():
+    from opsflow.contracts.db import DB_STATUS
+    from opsflow.contracts.notify import REPORT_STORE
+    from opsflow.contracts.restore import RESTORE_DELETE, RESTORE_LEFTOVERS, RESTORE_START, RESTORE_VALIDATE_CHECKS, RESTORE_VERIFY, RESTORE_WAIT, RESTORE_WINDOW
     from activities.providers import default_restore_method
     from opsflow.rules import ProcedureInput
     from opsflow.models import (
@@ -89,14 +92,13 @@ class DrillWorkflow(Procedure):
         )
 
         await self.step(
-            "validate", "Check that the verified tables exist on the source", "restore.validate_checks", req, queue=q, attempts=3
+            "validate", "Check that the verified tables exist on the source", RESTORE_VALIDATE_CHECKS, req, queue=q, attempts=3
         )
         window: RestoreWindow = await self.step(
             "window",
             f"Find the restorable range ({method})",
-            "restore.window",
+            RESTORE_WINDOW,
             req,
-            result_type=RestoreWindow,
             queue=q,
             detail=lambda w: f"{w.earliest or '?'} .. {w.latest}" + (f"; {w.detail}" if w.detail else ""),
         )
@@ -122,30 +124,28 @@ class DrillWorkflow(Procedure):
         await self.step(
             "leftovers",
             "Remove scratch targets left by earlier runs",
-            "restore.leftovers",
+            RESTORE_LEFTOVERS,
             req,
             queue=q,
             detail=lambda found: f"removed {', '.join(found)}" if found else "none",
         )
         # From here on the scratch target may exist: its deletion is owed whatever happens.
-        self.owe(f"Delete scratch target {name}", "restore.delete", req, queue=q, timeout=policy.restore_timeout, name="cleanup",
-                 heartbeat=policy.heartbeat_timeout)
+        self.owe(Undo(RESTORE_DELETE, f"Delete scratch target {name}", req, queue=q, timeout=policy.restore_timeout,
+                      name="cleanup", heartbeat=policy.heartbeat_timeout))
         started = workflow.now()
         await self.step(
             "restore",
             f"Restore {source} as of {point:%Y-%m-%d %H:%M:%S}Z into {name}",
-            "restore.start",
+            RESTORE_START,
             req,
-            result_type=ScratchTarget,
             queue=q,
             attempts=5,
         )
         scratch: ScratchTarget = await self.step(
             "restore-wait",
             f"Wait for {name}",
-            "restore.wait",
+            RESTORE_WAIT,
             req,
-            result_type=ScratchTarget,
             queue=q,
             timeout=policy.restore_timeout,
             heartbeat=policy.heartbeat_timeout,
@@ -160,9 +160,8 @@ class DrillWorkflow(Procedure):
         checks: list[CheckResult] = await self.step(
             "verify",
             "Verify integrity",
-            "restore.verify",
+            RESTORE_VERIFY,
             VerifyRequest(source=req.source, scratch=scratch, drill=policy, restore_point=scratch.restore_point or point),
-            result_type=list[CheckResult],
             queue=q,
             timeout=1800,
             heartbeat=policy.heartbeat_timeout,  # a worker lost mid-check is retried within it, not after 30 min
@@ -182,9 +181,8 @@ class DrillWorkflow(Procedure):
             status: DbStatus = await self.step(
                 f"find-primary-{region}",
                 f"Check the database in {region}",
-                "db.status",
+                DB_STATUS,
                 RegionTarget.of(inv, region),
-                result_type=DbStatus,
                 queue=inv.region_queue(region),
                 attempts=2,
             )
@@ -217,7 +215,7 @@ class DrillWorkflow(Procedure):
             opts = self.activity_options(inv.task_queue, 60, None, 5)
             opts.pop("cancellation_type")
             report.stored_at = await workflow.execute_activity(
-                "report.store", request, result_type=list[str], summary="store the drill report", **opts
+                REPORT_STORE.name, request, result_type=REPORT_STORE.result_type, summary="store the drill report", **opts
             )
         except ActivityError as err:  # a report that cannot be stored is noted; the drill's outcome stands
             report.events.append(ControlEvent(action="report-store-failed", by="opsflow", at=workflow.now(), reason=failure_message(err)))

@@ -18,10 +18,11 @@ from workflows.failover import FailoverInput
 from workflows.procedure import Procedure, StepDecl, Stop, child_task_timeout, failure_message
 
 with workflow.unsafe.imports_passed_through():
+    from opsflow.contracts.db import DB_REBUILD_REPLICA, DB_STATUS, DB_WAIT_CAUGHT_UP
+    from opsflow.contracts.k8s import K8S_STATUS
     from opsflow.rules import ProcedureInput
     from opsflow.models import (
         CatchUpRequest,
-        CatchUpResult,
         ControlEvent,
         DbStatus,
         FailbackReport,
@@ -82,16 +83,15 @@ class FailbackWorkflow(Procedure):
 
         # -- preflight ------------------------------------------------------------------------------------
         kube: KubeStatus = await self.step(
-            "preflight-k8s", f"Check Kubernetes in {to}", "k8s.status", target, result_type=KubeStatus, queue=q
+            "preflight-k8s", f"Check Kubernetes in {to}", K8S_STATUS, target, queue=q
         )
         if not kube.ready:
             raise Stop("refused", f"Kubernetes in {to} is not healthy: " + "; ".join(kube.waiting or ["not ready"]))
         old: DbStatus = await self.step(
             "preflight-db",
             f"Check the old database in {to}",
-            "db.status",
+            DB_STATUS,
             target,
-            result_type=DbStatus,
             queue=q,
             detail=lambda s: f"{s.role}, reachable" if s.reachable else f"gone ({s.error})",
         )
@@ -104,9 +104,8 @@ class FailbackWorkflow(Procedure):
             s: DbStatus = await self.step(
                 f"preflight-{r}",
                 f"Check the database in {r}",
-                "db.status",
+                DB_STATUS,
                 RegionTarget.of(inv, r),
-                result_type=DbStatus,
                 queue=inv.region_queue(r),
             )
             if s.reachable and s.role == "primary":
@@ -133,9 +132,8 @@ class FailbackWorkflow(Procedure):
         rebuilt: RebuildResult = await self.step(
             "rebuild",
             f"Rebuild {to} as a replica of {primary}",
-            "db.rebuild_replica",
+            DB_REBUILD_REPLICA,
             RebuildRequest(target=target, primary=current),
-            result_type=RebuildResult,
             queue=q,
             timeout=inv.failback.rebuild_timeout,
             heartbeat=inv.failback.rebuild_heartbeat(inv.failover),
@@ -152,7 +150,7 @@ class FailbackWorkflow(Procedure):
         await self.step(
             "catch-up",
             f"Wait until {to} has caught up with {primary}",
-            "db.wait_caught_up",
+            DB_WAIT_CAUGHT_UP,
             CatchUpRequest(
                 primary=current,
                 replica=target,
@@ -160,7 +158,6 @@ class FailbackWorkflow(Procedure):
                 max_lag_bytes=inv.failover.max_planned_lag_bytes,
                 control_plane_interval=inv.limits.control_plane_interval,
             ),
-            result_type=CatchUpResult,
             queue=q,
             timeout=inv.failback.catch_up_timeout + 60,
             heartbeat=inv.failover.heartbeat_timeout,
@@ -208,9 +205,8 @@ class FailbackWorkflow(Procedure):
         await self.step(
             "restandby",
             f"Rebuild {primary} as a replica of {to}",
-            "db.rebuild_replica",
+            DB_REBUILD_REPLICA,
             RebuildRequest(target=current, primary=target),
-            result_type=RebuildResult,
             queue=inv.region_queue(primary),
             timeout=inv.failback.rebuild_timeout,
             heartbeat=inv.failback.rebuild_heartbeat(inv.failover),

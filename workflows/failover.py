@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from temporalio import workflow
 
-from workflows.procedure import Procedure, StepDecl, Stop
+from workflows.procedure import Procedure, StepDecl, Stop, Undo
 
 with workflow.unsafe.imports_passed_through():
+    from opsflow.contracts.db import DB_CHECK_WRITABLE, DB_FENCE, DB_FENCE_CONTROL_PLANE, DB_PROMOTE, DB_STATUS, DB_UNFENCE, DB_WAIT_CAUGHT_UP
+    from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
+    from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_STATUS, TRAFFIC_SWITCH
     from opsflow.rules import ProcedureInput
     from opsflow import signing
     from opsflow.models import (
@@ -144,7 +147,7 @@ class FailoverWorkflow(Procedure):
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
 
         # -- preflight: refuse before changing anything --------------------------------------------------
-        new: DbStatus = await self.step("preflight", f"Check the database in {to}", "db.status", target, result_type=DbStatus, queue=q)
+        new: DbStatus = await self.step("preflight", f"Check the database in {to}", DB_STATUS, target, queue=q)
         if new.reachable and new.role == "primary":
             raise Stop("refused", f"{to} is already the primary")
         if not new.reachable:
@@ -155,9 +158,8 @@ class FailoverWorkflow(Procedure):
             statuses[r] = await self.step(
                 f"preflight-{r}",
                 f"Check the database in {r}",
-                "db.status",
+                DB_STATUS,
                 RegionTarget.of(inv, r),
-                result_type=DbStatus,
                 queue=inv.region_queue(r) if not inp.emergency else q,
                 attempts=2 if inp.emergency else 5,
             )
@@ -177,7 +179,7 @@ class FailoverWorkflow(Procedure):
                     f"replication lag {lag} bytes is above the limit of {inv.failover.max_planned_lag_bytes} for a planned failover",
                 )
             kube: KubeStatus = await self.step(
-                "preflight-k8s", f"Check deployments in {to}", "k8s.status", target, result_type=KubeStatus, queue=q
+                "preflight-k8s", f"Check deployments in {to}", K8S_STATUS, target, queue=q
             )
             if not kube.ready:
                 raise Stop(
@@ -186,7 +188,7 @@ class FailoverWorkflow(Procedure):
                     + "; ".join(kube.waiting or [f"{d.name} {d.ready}/{d.desired}" for d in kube.deployments if d.ready < d.desired]),
                 )
         await self.step(
-            "preflight-traffic", "Check traffic routing", "traffic.status", TrafficRequest.of(inv, to), result_type=TrafficStatus, queue=q
+            "preflight-traffic", "Check traffic routing", TRAFFIC_STATUS, TrafficRequest.of(inv, to), queue=q
         )
         # Emergency: the old region's queue may have no worker (it is down); it is only used best effort.
         await self.check_workers([inv.task_queue, q] + ([] if inp.emergency else [inv.region_queue(source)]))
@@ -214,34 +216,31 @@ class FailoverWorkflow(Procedure):
         await self.step(
             "maintenance",
             f"Maintenance mode on in {source}",
-            "k8s.set_maintenance",
+            K8S_SET_MAINTENANCE,
             MaintenanceRequest(target=old, on=True),
-            result_type=KubeStatus,
             queue=old_q,
-            undo=("k8s.set_maintenance", f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)),
+            undo=Undo(K8S_SET_MAINTENANCE, f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)),
         )
         await self.step(
             "fence",
             f"Fence writes on {source}",
-            "db.fence",
+            DB_FENCE,
             old,
-            result_type=DbStatus,
             queue=old_q,
-            undo=("db.unfence", f"Lift the write fence on {source}", old),
+            undo=Undo(DB_UNFENCE, f"Lift the write fence on {source}", old),
         )
         self.writes_down = f"the old primary in {source} is fenced (read-only) until the promotion"
         await self.wait("drain", f"Drain {source}", inv.failover.drain)
         caught: CatchUpResult = await self.step(
             "catch-up",
             f"Wait until {to} has replayed all WAL",
-            "db.wait_caught_up",
+            DB_WAIT_CAUGHT_UP,
             CatchUpRequest(
                 primary=old,
                 replica=target,
                 timeout_seconds=inv.failover.catch_up_timeout,
                 control_plane_interval=inv.limits.control_plane_interval,
             ),
-            result_type=CatchUpResult,
             queue=q,
             timeout=inv.failover.catch_up_timeout + 60,
             heartbeat=inv.failover.heartbeat_timeout,
@@ -289,9 +288,8 @@ class FailoverWorkflow(Procedure):
         result: PromoteResult = await self.step(
             "promote",
             f"{'Force-promote' if force else 'Promote'} the replica in {target.region}",
-            "db.promote",
+            DB_PROMOTE,
             PromoteRequest(target=target, force=force),
-            result_type=PromoteResult,
             queue=q,
             timeout=inv.failover.promote_timeout,
             heartbeat=inv.failover.heartbeat_timeout,
@@ -308,9 +306,8 @@ class FailoverWorkflow(Procedure):
             s: DbStatus = await self.step(
                 "verify-not-promoted",
                 f"Ask the database in {target.region} whether it was promoted",
-                "db.status",
+                DB_STATUS,
                 target,
-                result_type=DbStatus,
                 queue=q,
                 attempts=3,
                 detail=lambda s: f"{s.role}" if s.reachable else f"unreachable: {s.error}",
@@ -323,9 +320,8 @@ class FailoverWorkflow(Procedure):
         return await self.step(
             "traffic",
             f"Send traffic to {inp.to_region}",
-            "traffic.switch",
+            TRAFFIC_SWITCH,
             TrafficRequest.of(inp.inventory, inp.to_region),
-            result_type=TrafficStatus,
             queue=inp.inventory.region_queue(inp.to_region),
             timeout=300,
             heartbeat=inp.inventory.failover.heartbeat_timeout,
@@ -340,10 +336,10 @@ class FailoverWorkflow(Procedure):
         traffic = TrafficRequest.of(inv, to)
         heartbeat = inv.failover.heartbeat_timeout
         after = [
-            ("verify writes", lambda: self.step("verify-writes", f"Verify {to} accepts writes", "db.check_writable", target, queue=q)),
+            ("verify writes", lambda: self.step("verify-writes", f"Verify {to} accepts writes", DB_CHECK_WRITABLE, target, queue=q)),
             ("verify routing", lambda: self.verify_routing(traffic, q)),
             *(
-                [("smoke tests", lambda: self.step("verify-smoke", f"Smoke tests in {to}", "http.smoke", target, queue=q, attempts=10))]
+                [("smoke tests", lambda: self.step("verify-smoke", f"Smoke tests in {to}", HTTP_SMOKE, target, queue=q, attempts=10))]
                 if target.smoke_urls
                 else []
             ),
@@ -352,9 +348,8 @@ class FailoverWorkflow(Procedure):
                 lambda: self.step(
                     "scale-up",
                     f"Scale up {to}",
-                    "k8s.scale_up",
+                    K8S_SCALE_UP,
                     ScaleRequest(target=target),
-                    result_type=KubeStatus,
                     queue=q,
                     timeout=900,
                     heartbeat=heartbeat,
@@ -404,8 +399,8 @@ class FailoverWorkflow(Procedure):
         """Best effort, never blocking: keep a returning old region from taking writes (split brain)."""
         old = RegionTarget.of(inp.inventory, source)
         for name, title, activity in (
-            ("fence-old", f"Fence the old primary in {source} (control plane)", "db.fence_control_plane"),
-            ("scale-down-old", f"Scale {source}'s deployments to zero", "k8s.scale_to_zero"),
+            ("fence-old", f"Fence the old primary in {source} (control plane)", DB_FENCE_CONTROL_PLANE),
+            ("scale-down-old", f"Scale {source}'s deployments to zero", K8S_SCALE_TO_ZERO),
         ):
             try:
                 done: FenceResult = await self.step(
@@ -413,7 +408,6 @@ class FailoverWorkflow(Procedure):
                     title,
                     activity,
                     old,
-                    result_type=FenceResult,
                     queue=q,
                     timeout=60,
                     attempts=2,
@@ -429,9 +423,8 @@ class FailoverWorkflow(Procedure):
         status: TrafficStatus = await self.step(
             "verify-routing",
             f"Verify traffic is served by {traffic.to_region}",
-            "traffic.status",
+            TRAFFIC_STATUS,
             traffic,
-            result_type=TrafficStatus,
             queue=q,
             detail=lambda t: ", ".join(f"{e.endpoint}={e.monitor_status}" for e in t.endpoints),
         )

@@ -23,9 +23,14 @@ from temporalio import workflow
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
-from workflows.procedure import Procedure, Request, StepDecl, Stop, child_task_timeout, failure_message
+from workflows.procedure import Procedure, Request, StepDecl, Stop, Undo, child_task_timeout, failure_message
 
 with workflow.unsafe.imports_passed_through():
+    from opsflow.contracts.db import DB_STATUS
+    from opsflow.contracts.k8s import K8S_SET_MAINTENANCE
+    from opsflow.contracts.maintenance import BACKUP_TAKE, BACKUP_VERIFY, MAINT_HEALTH, MAINT_PLAN, MAINT_RUN_ITEM, WATCH_METRICS
+    from opsflow.contracts.notify import STATUSPAGE_UPDATE
+    from opsflow.contracts.traffic import HTTP_SMOKE
     from opsflow.calendar import Calendar
     from opsflow.inventory import Inventory
     from opsflow.procedures import fleet_workflow_id
@@ -33,7 +38,6 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.maintenance import MaintenancePolicy
     from opsflow.maintenance_models import (
         BackupRequest,
-        BackupResult,
         Deferred,
         FleetMember,
         FleetReport,
@@ -51,7 +55,7 @@ with workflow.unsafe.imports_passed_through():
         WatchResult,
         WorkItem,
     )
-    from opsflow.models import ControlEvent, DbStatus, KubeStatus, MaintenanceRequest, RegionTarget, SmokeResult
+    from opsflow.models import ControlEvent, DbStatus, MaintenanceRequest, RegionTarget
 
 
 class MaintenanceInput(ProcedureInput):
@@ -90,7 +94,7 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
         StepDecl(
             "verify-backup",
             "the backup completed after the start and is not empty",
-            "backup.verify",
+            BACKUP_VERIFY,
             policy.backup.take and policy.backup.verify,
         ),
         StepDecl("approval", f"wait for one of {', '.join(inv.approval.names())}"),
@@ -168,9 +172,8 @@ class MaintenanceWorkflow(Procedure):
             statuses[r] = await self.step(
                 f"preflight-{r}",
                 f"Check the database in {r}",
-                "db.status",
+                DB_STATUS,
                 RegionTarget.of(inv, r),
-                result_type=DbStatus,
                 queue=inv.region_queue(r),
             )
         primaries = [r for r, s in statuses.items() if s.reachable and s.role == "primary"]
@@ -194,9 +197,8 @@ class MaintenanceWorkflow(Procedure):
         plan: PlanResult = await self.step(
             "preflight-tables",
             "Pick the tables, check they exist and the backup target",
-            "maint.plan",
+            MAINT_PLAN,
             PlanRequest(target=self.target, tasks=policy.tasks, backup=policy.backup, max_tables=policy.max_tables),
-            result_type=PlanResult,
             queue=self.queue,
             timeout=120,
             detail=lambda p: f"{len(p.items)} item(s); backup: {p.backup_target}",
@@ -222,9 +224,8 @@ class MaintenanceWorkflow(Procedure):
             res: StatusPageResult = await self.step(
                 "announce",
                 "Announce the maintenance on the status page",
-                "statuspage.update",
+                STATUSPAGE_UPDATE,
                 StatusPageRequest(page=policy.status_page, status="scheduled", body=text, scheduled_for=opens, scheduled_until=closes),
-                result_type=StatusPageResult,
                 queue=inv.task_queue,
                 detail=lambda r: f"incident {r.incident_id}",
             )
@@ -234,9 +235,8 @@ class MaintenanceWorkflow(Procedure):
             report.backup = await self.step(
                 "backup",
                 plan.backup_target,
-                "backup.take",
+                BACKUP_TAKE,
                 BackupRequest(target=self.target, policy=policy.backup, name=f"opsflow-maint-{workflow.info().run_id[:8]}"),
-                result_type=BackupResult,
                 queue=self.queue,
                 timeout=policy.backup.timeout + 60,
                 heartbeat=max(policy.heartbeat_timeout, 30),
@@ -248,9 +248,8 @@ class MaintenanceWorkflow(Procedure):
                 report.backup_verified = await self.step(
                     "verify-backup",
                     "Verify the backup",
-                    "backup.verify",
+                    BACKUP_VERIFY,
                     VerifyBackupRequest(target=self.target, policy=policy.backup, backup=report.backup, not_before=started),
-                    result_type=str,
                     queue=self.queue,
                     timeout=policy.backup.timeout,
                     heartbeat=None,
@@ -266,19 +265,13 @@ class MaintenanceWorkflow(Procedure):
             await self.step(
                 "maintenance-on",
                 f"Maintenance mode on in {region}",
-                "k8s.set_maintenance",
+                K8S_SET_MAINTENANCE,
                 MaintenanceRequest(target=self.target, on=True),
-                result_type=KubeStatus,
                 queue=self.queue,
             )
             # owed from here on: turned off at the end, and on any failure or abort
-            self.owe(
-                f"Maintenance mode off in {region}",
-                "k8s.set_maintenance",
-                MaintenanceRequest(target=self.target, on=False),
-                queue=self.queue,
-                name="maintenance-off",
-            )
+            self.owe(Undo(K8S_SET_MAINTENANCE, f"Maintenance mode off in {region}",
+                          MaintenanceRequest(target=self.target, on=False), queue=self.queue, name="maintenance-off"))
             report.maintenance_mode_on = True
         await self.status_page("status-in-progress", "in_progress", f"Maintenance of {inv.environment} is in progress")
         await self.run_items()
@@ -288,15 +281,14 @@ class MaintenanceWorkflow(Procedure):
         report.maintenance_mode_on = False
         if self.target.smoke_urls:
             await self.step(
-                "smoke", f"Smoke tests in {region}", "http.smoke", self.target, result_type=list[SmokeResult], queue=self.queue, attempts=10
+                "smoke", f"Smoke tests in {region}", HTTP_SMOKE, self.target, queue=self.queue, attempts=10
             )
         if policy.watch:
             watched: WatchResult = await self.step(
                 "watch",
                 f"Watch the metrics for {policy.watch.duration:.0f}s",
-                "watch.metrics",
+                WATCH_METRICS,
                 WatchRequest(policy=policy.watch, duration=policy.watch.duration),
-                result_type=WatchResult,
                 queue=inv.task_queue,
                 timeout=policy.watch.duration + 120,
                 heartbeat=policy.watch.interval + 60,
@@ -418,9 +410,8 @@ class MaintenanceWorkflow(Procedure):
         return await self.step(
             item.key,
             item_title(item),
-            "maint.run_item",
+            MAINT_RUN_ITEM,
             RunItemRequest(target=self.target, item=item, guards=guards, cancel_at=self.cancel_at()),
-            result_type=ItemResult,
             queue=self.queue,
             timeout=guards.statement_timeout + guards.lock_timeout + 120,
             heartbeat=self.policy.heartbeat_timeout,
@@ -434,9 +425,8 @@ class MaintenanceWorkflow(Procedure):
         h: HealthResult = await self.step(
             f"health:{item.key}",
             f"Health after {item_title(item)}",
-            "maint.health",
+            MAINT_HEALTH,
             HealthRequest(primary=self.target, replicas=self.replicas, max_lag_bytes=guards.max_replication_lag, lag_wait=guards.lag_wait),
-            result_type=HealthResult,
             queue=self.queue,
             timeout=guards.lag_wait + 120,
             heartbeat=60,
@@ -456,9 +446,9 @@ class MaintenanceWorkflow(Procedure):
         record = self.begin_step(name, f"Status page: {status.replace('_', ' ')}")
         try:
             await workflow.execute_activity(
-                "statuspage.update",
+                STATUSPAGE_UPDATE.name,
                 StatusPageRequest(page=self.policy.status_page, incident_id=self.incident, status=status, body=body),  # type: ignore[arg-type]
-                result_type=StatusPageResult,
+                result_type=STATUSPAGE_UPDATE.result_type,
                 **self.activity_options(self.inventory.task_queue, 60, None, 5),
             )
             self.end_step(record, "ok", status)

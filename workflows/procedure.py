@@ -2,7 +2,9 @@
 
 A procedure subclasses `Procedure`, builds its state in `@workflow.init` and writes each step as one line:
 
-    status = await self.step("preflight", "Check westeurope", "db.status", target, result_type=DbStatus)
+    status = await self.step("preflight", "Check westeurope", DB_STATUS, target)
+
+The activity is its typed declaration (opsflow/contracts/), so the step's result is a `DbStatus`.
 
 A step's activity runs as a task raced against abort (and, for long steps, pause): an abort cancels it,
 waits until it has stopped, then undoes what was done. Every activity has a bound on how long it may wait
@@ -14,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from pydantic import BaseModel
 from temporalio import workflow
@@ -30,7 +32,12 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.rules import START_UNSIGNED, InventoryDigest, RulesRequest, WorkerRules, input_digest
     from opsflow.temporal import OPS_STATUS, OPS_STEP
     from opsflow import signing  # cryptography: a native extension, must not be re-imported in the sandbox
-    from activities.rules import worker_inventory
+    from opsflow.contracts.base import Activity
+    from opsflow.contracts.kernel import RULES_INVENTORY, TEMPORAL_UNSERVED_QUEUES
+    from opsflow.contracts.notify import NOTIFY_SEND
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 class Request(BaseModel):
@@ -61,6 +68,21 @@ class StepDecl:
     what: str  # what it would change
     when: str | None = None  # the condition under which it runs, if any
     runs: bool = True  # the condition, evaluated at plan time (False: listed as skipped)
+
+
+@dataclass(frozen=True)
+class Undo:
+    """What reverses a change, run (on the change's task queue) should the procedure stop before the point of no
+    return. `name` is the step it runs under (default `undo:<activity>`); a long undo (a `timeout` of minutes) takes
+    a `heartbeat` timeout, so a worker lost while it runs costs that, not the whole timeout."""
+
+    activity: Activity
+    title: str
+    arg: Any = None
+    queue: str | None = None
+    timeout: float = 60
+    name: str | None = None
+    heartbeat: float | None = None
 
 
 @dataclass
@@ -155,7 +177,7 @@ class Procedure:
         self.abort_requested: ControlEvent | None = None
         self.point_of_no_return = False  # past it, failures go forward instead of undoing
         self.writes_down: str | None = None  # set while a step has made the service unwritable (said on pause)
-        self.undo_stack: list[tuple[str, str, Any, str | None, float, str | None, float | None]] = []
+        self.undo_stack: list[Undo] = []
         self.busy_waited: dict[str, float] = {}  # step name -> seconds its activity waited for a busy worker
         self.window_override: ControlEvent | None = None  # an approver's `opsflow override` of a window wait
         self.awaiting_override = False
@@ -197,34 +219,34 @@ class Procedure:
         self,
         name: str,
         title: str,
-        activity: str,
-        arg: Any = None,
+        activity: Activity[A, R],
+        arg: A,
         *,
-        result_type: type | None = None,
         queue: str | None = None,
         timeout: float = 60,
         heartbeat: float | None = None,
         attempts: int = 5,
-        detail: Callable[[Any], str] | None = None,
-        undo: tuple[str, str, Any] | None = None,
+        detail: Callable[[R], str] | None = None,
+        undo: Undo | None = None,
         undo_timeout: float = 60,
         interruptible: bool = False,
-    ) -> Any:
+    ) -> R:
         """Run one activity as a recorded step, between step boundaries (pause/abort are honoured there).
 
         An abort cancels the running activity (it stops on its next heartbeat) and the undo follows.
         `interruptible` steps (long waits) are also cancelled by a pause and run again after the resume.
-        `undo=(activity, title, arg)` registers what reverses this step should the procedure stop before
-        the point of no return; it is owed as soon as the step has started, since it may have acted."""
+        `undo=Undo(activity, title, arg)` registers what reverses this step should the procedure stop before
+        the point of no return (on the step's queue); it is owed as soon as the step has started, since it may
+        have acted."""
         self._check_declared(name)
         while True:
             await self.boundary()
             record = self.begin_step(name, title)
             opts = self.activity_options(queue, timeout, heartbeat, attempts)
-            handle = workflow.start_activity(activity, arg, result_type=result_type, summary=title, **opts)
+            handle = workflow.start_activity(activity.name, arg, result_type=activity.result_type, summary=title,
+                                             **opts)
             if undo is not None:
-                undo_activity, undo_title, undo_arg = undo
-                self.owe(undo_title, undo_activity, undo_arg, queue=queue, timeout=undo_timeout)
+                self.owe(replace(undo, queue=queue, timeout=undo_timeout))
             paused = await self._race(handle, interruptible)
             try:
                 result = await handle
@@ -266,7 +288,8 @@ class Procedure:
             return False
         try:
             unserved: list[str] = await workflow.execute_activity(
-                "temporal.unserved_queues", [queue], result_type=list[str], summary=f"is a worker polling {queue}?",
+                TEMPORAL_UNSERVED_QUEUES.name, [queue], result_type=TEMPORAL_UNSERVED_QUEUES.result_type,
+                summary=f"is a worker polling {queue}?",
                 **self.activity_options(self.inventory.task_queue, 10, None, 3))
         except ActivityError:
             return False
@@ -357,30 +380,26 @@ class Procedure:
             a = self.abort_requested
             raise Stop("aborted", f"aborted by {a.by}" + (f": {a.reason}" if a.reason else ""))
 
-    def owe(self, title: str, activity: str, arg: Any, *, queue: str | None, timeout: float = 60, name: str | None = None,
-            heartbeat: float | None = None) -> None:
-        """Record what undoes a change, to run (on the change's task queue) if the procedure stops.
-        `name` is the step name it runs under (default `undo:<activity>`); a long undo (`timeout` of minutes)
-        takes a `heartbeat` timeout, so a worker lost while it runs costs that, not the whole timeout."""
-        entry = (title, activity, arg, queue, timeout, name, heartbeat)
-        if entry not in self.undo_stack:
-            self.undo_stack.append(entry)
+    def owe(self, undo: Undo) -> None:
+        """Record what undoes a change, to run if the procedure stops (once, however often it is owed)."""
+        if undo not in self.undo_stack:
+            self.undo_stack.append(undo)
 
     async def undo(self) -> None:
         """Reverse the recorded steps, newest first. Each undo is tried hard, and bounded: one that cannot
         run says so in `remaining`, for a person to do."""
         while self.undo_stack:
-            title, activity, arg, queue, timeout, name, heartbeat = self.undo_stack.pop()
-            record = self.begin_step(name or f"undo:{activity}", title)
-            opts = self.activity_options(queue, timeout, heartbeat, 10)
+            u = self.undo_stack.pop()
+            record = self.begin_step(u.name or f"undo:{u.activity.name}", u.title)
+            opts = self.activity_options(u.queue, u.timeout, u.heartbeat, 10)
             opts["retry_policy"] = RetryPolicy(maximum_interval=timedelta(seconds=20), maximum_attempts=10)
             try:
-                await workflow.execute_activity(activity, arg, summary=title, **opts)
+                await workflow.execute_activity(u.activity.name, u.arg, summary=u.title, **opts)
                 self.end_step(record, "compensated")
             except ActivityError as err:
-                why = f"no worker serves {queue}" if not_started(err) else failure_message(err)
+                why = f"no worker serves {u.queue}" if not_started(err) else failure_message(err)
                 self.end_step(record, "failed", why)
-                self.report.remaining.append(f"{title} (undo failed: {why})")
+                self.report.remaining.append(f"{u.title} (undo failed: {why})")
 
     # -- gates -------------------------------------------------------------------------------------------
 
@@ -503,7 +522,8 @@ class Procedure:
         already used) stops the run before anything changed."""
         try:
             rules: WorkerRules = await workflow.execute_activity(
-                worker_inventory, RulesRequest(environments=wanted, start_nonce=nonce), task_queue=workflow.info().task_queue,
+                RULES_INVENTORY.name, RulesRequest(environments=wanted, start_nonce=nonce),
+                result_type=RULES_INVENTORY.result_type, task_queue=workflow.info().task_queue,
                 schedule_to_start_timeout=timedelta(seconds=60), start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RetryPolicy(maximum_attempts=3, non_retryable_error_types=RETRY_NEVER),
                 summary=f"the worker's rules for {', '.join(wanted)}")
@@ -757,9 +777,8 @@ class Procedure:
         unserved: list[str] = await self.step(
             name,
             "Check that a worker serves every task queue",
-            "temporal.unserved_queues",
+            TEMPORAL_UNSERVED_QUEUES,
             sorted(set(queues)),
-            result_type=list[str],
             queue=self.inventory.task_queue,
             timeout=10,  # one DescribeTaskQueue per queue; a worker lost mid-check costs this, not the 60 s default
             attempts=3,
@@ -788,7 +807,7 @@ class Procedure:
         opts = self.activity_options(self.inventory.task_queue, 30, NOTIFY_HEARTBEAT, 3)
         opts.pop("cancellation_type")
         try:
-            await workflow.execute_activity("notify.send", request, summary=f"notify: {text[:60]}", **opts)
+            await workflow.execute_activity(NOTIFY_SEND.name, request, summary=f"notify: {text[:60]}", **opts)
         except ActivityError as err:
             self.report.events.append(ControlEvent(action="notify-failed", by="opsflow", at=workflow.now(), reason=failure_message(err)))
 

@@ -1,0 +1,9 @@
+"""What the kernel asks the worker: its rules (the inventory) and which task queues no worker serves."""
+
+from __future__ import annotations
+
+from opsflow.contracts.base import Activity
+from opsflow.rules import RulesRequest, WorkerRules
+
+RULES_INVENTORY = Activity("rules.inventory", RulesRequest, WorkerRules)
+TEMPORAL_UNSERVED_QUEUES = Activity("temporal.unserved_queues", list[str], list[str])
