@@ -28,7 +28,8 @@ from workflows.procedure import Request
 
 CliError = ClientError  # one error type with exit codes for the client API and the CLI
 TERMINAL_OK = {"succeeded", "planned"}
-KEY_HELP = "sign with this private key file (default when the inventory requires signatures: ssh-agent via SSH_AUTH_SOCK)"
+KEY_HELP = ("sign with this private key file "
+            "(default when the inventory requires signatures: ssh-agent via SSH_AUTH_SOCK)")
 
 
 class SigningFailed(Exception):

@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_key_argument(fb)
     fb.set_defaults(func=cmd_failback)
 
-    d = add_json(sub.add_parser("drill", help="restore test: restore a backup to a scratch target, verify it, delete it"))
+    d = add_json(sub.add_parser("drill",
+                                help="restore test: restore a backup to a scratch target, verify it, delete it"))
     d.add_argument("--env", help=ENV_HELP)
     d.add_argument("--source", metavar="REGION", help="default: the inventory's primary region")
     d.add_argument("--point-in-time", metavar="ISO", help="default: the latest restorable time")
@@ -83,7 +84,8 @@ async def cmd_failback(args: argparse.Namespace) -> int:
     who = requester(args)
     inp = FailbackInput(inventory=inv, to_region=args.to, dry_run=args.dry_run, requester=who, reason=args.reason or "")
     client = await connect()
-    handle = await start_procedure(client, inv, "failback", inp, f"Failback{dry(args)} of {inv.environment} to {args.to}",
+    handle = await start_procedure(client, inv, "failback", inp,
+                                   f"Failback{dry(args)} of {inv.environment} to {args.to}",
                                    signer=start_signer(inv, who, args.key))
     what = f"failback to {args.to}, requested by {who}; approval comes after the replica has caught up"
     return await run_started(handle, args, what, None if args.dry_run else approver_for(inv, who))

@@ -77,9 +77,10 @@ async def start(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     who = requester(args)
-    inp = RolloutInput(inventory=inv, image=args.image, app=app, strategy=args.command, steps=getattr(args, "steps", None),
-                       bake=getattr(args, "bake", None), auto_promote=getattr(args, "auto_promote", False),
-                       override=args.override, dry_run=args.dry_run, requester=who, reason=args.reason or "")
+    inp = RolloutInput(inventory=inv, image=args.image, app=app, strategy=args.command,
+                       steps=getattr(args, "steps", None), bake=getattr(args, "bake", None),
+                       auto_promote=getattr(args, "auto_promote", False), override=args.override,
+                       dry_run=args.dry_run, requester=who, reason=args.reason or "")
     client = await connect()
     kind = "Canary" if args.command == "canary" else "Blue-green"
     dry = " (dry run)" if args.dry_run else ""

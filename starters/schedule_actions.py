@@ -39,7 +39,8 @@ def schedule_id(environment: str, name: str) -> str:
 
 def check_name(name: str) -> str:
     if not _NAME.match(name or ""):
-        raise CliError(f"schedule name {name!r}: use lower-case letters, digits and '-' (at most 51, e.g. monthly-drill)")
+        raise CliError(f"schedule name {name!r}: use lower-case letters, digits and '-' "
+                       "(at most 51, e.g. monthly-drill)")
     return name
 
 
@@ -50,7 +51,8 @@ def check_timezone(tz: str | None) -> str:
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
-        raise CliError(f"unknown time zone {tz!r} (an IANA name such as UTC, Europe/Berlin, America/New_York)") from None
+        raise CliError(f"unknown time zone {tz!r} "
+                       "(an IANA name such as UTC, Europe/Berlin, America/New_York)") from None
     return tz
 
 

@@ -73,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     def cmd(name: str, help: str, handler, named: bool = True) -> argparse.ArgumentParser:
         sp = commands.add_parser(name, help=help)
         if named:
-            sp.add_argument("name", metavar="NAME", help="the schedule's name within the environment, e.g. monthly-drill")
+            sp.add_argument("name", metavar="NAME",
+                            help="the schedule's name within the environment, e.g. monthly-drill")
         sp.add_argument("--env", help="inventory YAML (default: the running lab's)")
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         sp.set_defaults(func=handler)
@@ -135,7 +136,8 @@ async def _describe(client: Client, inv: Inventory, name: str) -> tuple[Schedule
         return handle, await handle.describe()
     except RPCError as e:
         if e.status == RPCStatusCode.NOT_FOUND:
-            raise CliError(f"no schedule {name} in environment {inv.environment} (see: opsflow schedule list --env ...)") from None
+            raise CliError(f"no schedule {name} in environment {inv.environment} "
+                           "(see: opsflow schedule list --env ...)") from None
         raise
 
 
@@ -176,20 +178,22 @@ def _show_dry_run(inv: Inventory, name: str, schedule: Schedule, warnings: list[
     action = schedule.action
     assert isinstance(action, ScheduleActionStartWorkflow)
     out = {"name": name, "schedule_id": schedule_id(inv.environment, name), "environment": inv.environment,
-           "procedure": procedure_of(action), "workflow_id": f"opsflow-{inv.environment}", "task_queue": action.task_queue,
-           "cron_sent": schedule.spec.cron_expressions[0], "timezone": schedule.spec.time_zone_name, "paused": schedule.state.paused,
+           "procedure": procedure_of(action), "workflow_id": f"opsflow-{inv.environment}",
+           "task_queue": action.task_queue, "cron_sent": schedule.spec.cron_expressions[0],
+           "timezone": schedule.spec.time_zone_name, "paused": schedule.state.paused,
            "warnings": warnings, "next_action_times": None,
-           "why_no_times": "Temporal computes the run times when the schedule is created; create it with --paused to see them first"}
+           "why_no_times": "Temporal computes the run times when the schedule is created; "
+                           "create it with --paused to see them first"}
     if args.json:
         emit(out, True)
         return 0
     for w in warnings:
         print(f"note: {w}")
-    print(f"would create schedule {name} ({out['schedule_id']}): {action.workflow} of {inv.environment}, runs as {out['workflow_id']}")
+    print(f"would create schedule {name} ({out['schedule_id']}): {action.workflow} of {inv.environment}, "
+          f"runs as {out['workflow_id']}")
     print(f"  spec sent to Temporal: {out['cron_sent']}  [{out['timezone']}]")
     print(f"  next runs: {out['why_no_times']}")
     return 0
-
 
 
 async def cmd_create(args, client: Client | None = None) -> int:
@@ -202,9 +206,11 @@ async def cmd_create(args, client: Client | None = None) -> int:
                         "source_region": args.source, "region": args.region,
                         "inventory": str(Path(inventory_path(args.env)).resolve()), "created_by": user()}}
     try:
-        handle = await client.create_schedule(sid, schedule, memo=memo, search_attributes=attributes(inv.environment, args.procedure))
+        handle = await client.create_schedule(sid, schedule, memo=memo,
+                                              search_attributes=attributes(inv.environment, args.procedure))
     except ScheduleAlreadyRunningError:
-        raise CliError(f"schedule {name} already exists in environment {inv.environment} (opsflow schedule describe {name}; delete it to recreate)") from None
+        raise CliError(f"schedule {name} already exists in environment {inv.environment} "
+                       f"(opsflow schedule describe {name}; delete it to recreate)") from None
     except RPCError as e:
         if e.status == RPCStatusCode.INVALID_ARGUMENT:
             raise CliError(f"Temporal refused the schedule: {e.message}") from None
@@ -214,7 +220,8 @@ async def cmd_create(args, client: Client | None = None) -> int:
         await handle.delete()
         given = (args.calendar and f"--calendar {args.calendar!r}") or f"--cron {args.cron!r}"
         read_as = ", ".join(format_calendar(c) for c in desc.schedule.spec.calendars)
-        raise CliError(f"{given} never fires: Temporal finds no time matching it ({read_as} in {desc.schedule.spec.time_zone_name or 'UTC'}); "
+        zone = desc.schedule.spec.time_zone_name or "UTC"
+        raise CliError(f"{given} never fires: Temporal finds no time matching it ({read_as} in {zone}); "
                        "nothing was created")
     out = _description(desc, name, inv)
     out["warnings"] = warnings
@@ -223,8 +230,8 @@ async def cmd_create(args, client: Client | None = None) -> int:
     else:
         for w in warnings:
             print(f"note: {w}")
-        print(f"created schedule {name} ({sid}): {args.procedure} of {inv.environment} at {out['spec']['calendars'][0]} {out['spec']['timezone']}"
-              + (" — PAUSED" if out["paused"] else ""))
+        print(f"created schedule {name} ({sid}): {args.procedure} of {inv.environment} "
+              f"at {out['spec']['calendars'][0]} {out['spec']['timezone']}" + (" — PAUSED" if out["paused"] else ""))
         for t in desc.info.next_action_times[:3]:
             print(f"  next: {_local(t, schedule.spec.time_zone_name)}")
     return 0
@@ -262,14 +269,15 @@ def _description(desc: ScheduleDescription, name: str, inv: Inventory) -> dict:
         "spec": _spec_summary(s.spec),
         "paused": s.state.paused,
         "note": s.state.note,
-        "policy": {"overlap": s.policy.overlap.name.lower().replace("_", "-"), "catchup_window": _duration(s.policy.catchup_window),
-                   "pause_on_failure": s.policy.pause_on_failure},
+        "policy": {"overlap": s.policy.overlap.name.lower().replace("_", "-"),
+                   "catchup_window": _duration(s.policy.catchup_window), "pause_on_failure": s.policy.pause_on_failure},
         "next_action_times": [_iso(t) for t in info.next_action_times],
         "num_actions": info.num_actions,
         "skipped_overlap": info.num_actions_skipped_overlap,
         "missed_catchup_window": info.num_actions_missed_catchup_window,
         "running": [a.workflow_id for a in info.running_actions if hasattr(a, "workflow_id")],
-        "recent_actions": [{"scheduled_at": _iso(a.scheduled_at), "started_at": _iso(a.started_at), "workflow_id": getattr(a.action, "workflow_id", None),
+        "recent_actions": [{"scheduled_at": _iso(a.scheduled_at), "started_at": _iso(a.started_at),
+                            "workflow_id": getattr(a.action, "workflow_id", None),
                             "run_id": getattr(a.action, "first_execution_run_id", None)} for a in info.recent_actions],
         "created_at": _iso(info.created_at),
         "updated_at": _iso(info.last_updated_at),
@@ -320,17 +328,19 @@ async def cmd_describe(args, client: Client | None = None) -> int:
         emit(out, True)
         return 0
     tz = out["spec"]["timezone"]
-    print(f"schedule {args.name} ({out['schedule_id']}): {out['procedure']} of {inv.environment} on task queue {out['task_queue']}")
+    print(f"schedule {args.name} ({out['schedule_id']}): {out['procedure']} of {inv.environment} "
+          f"on task queue {out['task_queue']}")
     for cal, given in zip(out["spec"]["calendars"], out["spec"]["as_given"]):
         print(f"  when:    {cal}  [{tz}]" + (f"   (given as {given})" if given and given != f"calendar: {cal}" else ""))
     print(f"  state:   {'PAUSED' if out['paused'] else 'active'}" + (f" — {out['note']}" if out["note"] else ""))
     p = out["policy"]
     print(f"  policy:  overlap {p['overlap']}, catch-up window {p['catchup_window']}, "
           + ("pause on failure" if p["pause_on_failure"] else "keep going after a failure"))
-    print(f"  actions: {out['num_actions']} taken, {out['skipped_overlap']} skipped (overlap), {out['missed_catchup_window']} missed (catch-up window)")
+    print(f"  actions: {out['num_actions']} taken, {out['skipped_overlap']} skipped (overlap), "
+          f"{out['missed_catchup_window']} missed (catch-up window)")
     if out["inventory_current"] is False:
-        print("  WARNING: this schedule was created with an inventory that differs from the inventory file; its runs are "
-              "refused where that differs from the worker's: delete and create it again")
+        print("  WARNING: this schedule was created with an inventory that differs from the inventory file; "
+              "its runs are refused where that differs from the worker's: delete and create it again")
     print("  next runs:" if desc.info.next_action_times else "  next runs: none")
     for t in desc.info.next_action_times[:5]:
         print(f"    {_local(t, tz)}")
@@ -372,7 +382,8 @@ async def cmd_list(args, client: Client | None = None) -> int:
         return 0
     for r in rows:
         state = "PAUSED" if r["paused"] else "active"
-        print(f"{r['name']:<24} {r['procedure'] or '':<8} {state:<7} next {r['next_action_time'] or '-':<21} {' | '.join(r['calendars'])} [{r['timezone']}]")
+        print(f"{r['name']:<24} {r['procedure'] or '':<8} {state:<7} next {r['next_action_time'] or '-':<21} "
+              f"{' | '.join(r['calendars'])} [{r['timezone']}]")
     if not rows:
         print(f"no schedules in environment {inv.environment}")
     return 0
@@ -383,14 +394,16 @@ async def cmd_pause(args, client: Client | None = None) -> int:
     check_name(args.name)
     client = await _client(client)
     handle, _ = await _describe(client, inv, args.name)
-    note = f"{'paused' if args.schedule_command == 'pause' else 'unpaused'} by {user()}" + (f": {args.reason}" if args.reason else "")
+    done = "paused" if args.schedule_command == "pause" else "unpaused"
+    note = f"{done} by {user()}" + (f": {args.reason}" if args.reason else "")
     if args.schedule_command == "pause":
         await handle.pause(note=note)
     else:
         await handle.unpause(note=note)
     desc = await handle.describe()
     if args.json:
-        emit({"name": args.name, "schedule_id": handle.id, "paused": desc.schedule.state.paused, "note": desc.schedule.state.note}, True)
+        emit({"name": args.name, "schedule_id": handle.id, "paused": desc.schedule.state.paused,
+              "note": desc.schedule.state.note}, True)
     else:
         print(f"{args.name}: {'PAUSED' if desc.schedule.state.paused else 'active'} ({desc.schedule.state.note})")
         if not desc.schedule.state.paused and desc.info.next_action_times:
@@ -418,7 +431,8 @@ async def cmd_trigger(args, client: Client | None = None) -> int:
     before = desc.info.num_actions
     await handle.trigger()
     after = await _wait_new_action(handle, before)
-    started = [a for a in after.info.recent_actions if a.started_at and a.scheduled_at and a not in desc.info.recent_actions]
+    started = [a for a in after.info.recent_actions
+               if a.started_at and a.scheduled_at and a not in desc.info.recent_actions]
     wid = getattr(started[-1].action, "workflow_id", None) if started else None
     if args.json:
         emit({"name": args.name, "schedule_id": handle.id, "triggered": True, "workflow_id": wid,
@@ -434,7 +448,8 @@ def _parse_time(value: str, what: str, tz: str | None) -> datetime:
     try:
         t = datetime.fromisoformat(value.strip())
     except ValueError:
-        raise CliError(f"{what} {value!r} is not an ISO date/time (e.g. 2026-05-01T00:00 or 2026-05-01T00:00:00Z)") from None
+        raise CliError(f"{what} {value!r} is not an ISO date/time "
+                       "(e.g. 2026-05-01T00:00 or 2026-05-01T00:00:00Z)") from None
     if t.tzinfo is None:  # a wall-clock time in the schedule's own time zone
         t = t.replace(tzinfo=ZoneInfo(tz) if tz and tz != "UTC" else timezone.utc)
     return t.astimezone(timezone.utc)
@@ -452,20 +467,23 @@ async def cmd_backfill(args, client: Client | None = None) -> int:
     if start >= end:
         raise CliError(f"--start {_iso(start)} is not before --end {_iso(end)}")
     if end > datetime.now(timezone.utc) + timedelta(seconds=5):
-        raise CliError(f"--end {_iso(end)} is in the future; a backfill runs the times that have passed (trigger runs one now)")
+        raise CliError(f"--end {_iso(end)} is in the future; a backfill runs the times that have passed "
+                       "(trigger runs one now)")
     times = await matching_times(client, handle, start, end)
     if not times:
-        raise CliError(f"no scheduled time of {args.name} falls between {_iso(start)} and {_iso(end)}; nothing to backfill")
+        raise CliError(f"no scheduled time of {args.name} falls between {_iso(start)} and {_iso(end)}; "
+                       "nothing to backfill")
     if len(times) > args.limit:
-        raise CliError(f"the range holds more than {args.limit} scheduled times of {args.name}; narrow it or raise --limit")
+        raise CliError(f"the range holds more than {args.limit} scheduled times of {args.name}; "
+                       "narrow it or raise --limit")
     await handle.backfill(ScheduleBackfill(start_at=start, end_at=end, overlap=OVERLAP[args.overlap]))
     out = {"name": args.name, "schedule_id": handle.id, "start": _iso(start), "end": _iso(end), "overlap": args.overlap,
            "scheduled_times": [_iso(t) for t in times]}
     if args.json:
         emit(out, True)
     else:
-        print(f"backfilling {args.name}: {len(times)} run(s), {args.overlap} (one after another)" if args.overlap == "buffer-all" else
-              f"backfilling {args.name}: {len(times)} run(s), overlap {args.overlap}")
+        how = f"{args.overlap} (one after another)" if args.overlap == "buffer-all" else f"overlap {args.overlap}"
+        print(f"backfilling {args.name}: {len(times)} run(s), {how}")
         for t in times:
             print(f"  {_local(t, tz)}")
     return 0

@@ -45,10 +45,10 @@ def report_records(report: dict) -> tuple[list[SignedAction], list[str]]:
     unsigned: list[str] = []
     wid, run_id = report.get("workflow_id", ""), report.get("run_id", "")
     if report.get("start_signature") and report.get("schedule_id"):  # launched by a Schedule its creator signed
-        records.append(SignedAction(action="schedule", by=report.get("scheduled_by") or "", signed_at=report.get("start_signed_at"),
-                                    signature=report["start_signature"], environment=report.get("environment", ""),
-                                    procedure=report.get("procedure", ""), input_sha256=report.get("start_input_sha256"),
-                                    nonce=report["schedule_id"]))
+        records.append(SignedAction(action="schedule", by=report.get("scheduled_by") or "",
+                                    signed_at=report.get("start_signed_at"), signature=report["start_signature"],
+                                    environment=report.get("environment", ""), procedure=report.get("procedure", ""),
+                                    input_sha256=report.get("start_input_sha256"), nonce=report["schedule_id"]))
     elif report.get("start_signature"):
         records.append(SignedAction(action="start", by=report.get("requester", ""), reason=report.get("reason", ""),
                                     signed_at=report.get("start_signed_at"), signature=report["start_signature"],
@@ -57,14 +57,16 @@ def report_records(report: dict) -> tuple[list[SignedAction], list[str]]:
     for d in report.get("approvals") or []:
         action = "approve" if d.get("approved") else "reject"
         if d.get("signature"):
-            records.append(SignedAction(action=action, by=d["by"], reason=d.get("reason", ""), signed_at=d.get("signed_at"),
-                                        signature=d["signature"], workflow_id=wid, run_id=run_id, gate=d.get("gate"), full=d.get("full", False)))
+            records.append(SignedAction(action=action, by=d["by"], reason=d.get("reason", ""),
+                                        signed_at=d.get("signed_at"), signature=d["signature"], workflow_id=wid,
+                                        run_id=run_id, gate=d.get("gate"), full=d.get("full", False)))
         else:
             unsigned.append(f"{action} by {d.get('by')} at gate {d.get('gate')}")
     for e in report.get("events") or []:
         if e.get("signature"):
-            records.append(SignedAction(action=e["action"], by=e["by"], reason=e.get("reason", ""), signed_at=e.get("signed_at"),
-                                        signature=e["signature"], workflow_id=wid, run_id=run_id, gate=e.get("gate"), full=e.get("full", False)))
+            records.append(SignedAction(action=e["action"], by=e["by"], reason=e.get("reason", ""),
+                                        signed_at=e.get("signed_at"), signature=e["signature"], workflow_id=wid,
+                                        run_id=run_id, gate=e.get("gate"), full=e.get("full", False)))
         elif e.get("by") not in (None, "opsflow", "system"):
             unsigned.append(f"{e.get('action')} by {e.get('by')}")
     for value in report.values():
@@ -105,16 +107,18 @@ def verify_report(args: argparse.Namespace) -> int:
         problems.append(f"the approval by {decided.get('by')} is not among the recorded approvals")
     if args.json:
         print(json.dumps({"workflow_id": data.get("workflow_id"), "verified": len(results) - len(bad),
-                          "failed": [{"action": r.action, "by": r.by, "why": why} for r, why in bad], "unsigned": unsigned,
-                          "problems": problems}, indent=2))
+                          "failed": [{"action": r.action, "by": r.by, "why": why} for r, why in bad],
+                          "unsigned": unsigned, "problems": problems}, indent=2))
     else:
         for r, why in results:
             where = f"gate {r.gate}" if r.gate else (f"{r.procedure} in {r.environment}" if r.action == "start" else "")
-            print(f"{'ok ' if why is None else 'BAD'} {r.action:<8} by {r.by:<12} at {r.signed_at.isoformat()} {where}" + (f": {why}" if why else ""))
+            print(f"{'ok ' if why is None else 'BAD'} {r.action:<8} by {r.by:<12} at {r.signed_at.isoformat()} {where}"
+                  + (f": {why}" if why else ""))
         for u in unsigned:
             print(f"UNSIGNED {u}")
         for p in problems:
             print(f"BAD {p}")
-        print(f"{len(results) - len(bad)} of {len(results)} signatures verify" + (f"; {len(unsigned)} action(s) without a signature" if unsigned else ""))
+        without = f"; {len(unsigned)} action(s) without a signature" if unsigned else ""
+        print(f"{len(results) - len(bad)} of {len(results)} signatures verify{without}")
     # Unsigned actions are a failure only where the inventory requires signatures.
     return 1 if bad or problems or (unsigned and keyring.require_signed) else 0
