@@ -45,18 +45,17 @@ from zoneinfo import ZoneInfo
 
 from temporalio.api.workflowservice.v1 import ListScheduleMatchingTimesRequest
 from temporalio.client import (Client, Schedule, ScheduleActionStartWorkflow, ScheduleAlreadyRunningError,
-                               ScheduleBackfill, ScheduleDescription, ScheduleHandle, ScheduleOverlapPolicy,
-                               ScheduleSpec)
+                               ScheduleBackfill, ScheduleDescription, ScheduleHandle, ScheduleOverlapPolicy)
 from temporalio.service import RPCError, RPCStatusCode
 
 from opsflow.client import connect, inventory_path
 from opsflow.cron import format_calendar
 from opsflow.inventory import Inventory
-from opsflow.rules import InventoryDigest, differences, digest_of
-from opsflow.temporal import OPS_PROCEDURE, OPS_STATUS
+from opsflow.temporal import OPS_PROCEDURE
 from starters.common import CliError, add_key_argument, emit
 from starters.schedule_actions import (PROCEDURES, attributes, build_schedule, check_name, procedure_of,
                                        schedule_id, schedule_inventory, user)
+from starters.schedule_show import description, inventory_current, iso, local_time, outcomes
 
 OVERLAP = {"skip": ScheduleOverlapPolicy.SKIP, "buffer-one": ScheduleOverlapPolicy.BUFFER_ONE,
            "buffer-all": ScheduleOverlapPolicy.BUFFER_ALL, "allow-all": ScheduleOverlapPolicy.ALLOW_ALL}
@@ -126,6 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="refuse a range holding more scheduled times than this (default 12)")
     cmd("delete", "delete the schedule (runs in progress go on)", cmd_delete)
 
+
 async def _client(client: Client | None) -> Client:
     return client or await connect()
 
@@ -139,37 +139,6 @@ async def _describe(client: Client, inv: Inventory, name: str) -> tuple[Schedule
             raise CliError(f"no schedule {name} in environment {inv.environment} "
                            "(see: opsflow schedule list --env ...)") from None
         raise
-
-
-def _iso(t: datetime | None) -> str | None:
-    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if t else None
-
-
-def _local(t: datetime, tz: str | None) -> str:
-    zone = ZoneInfo(tz) if tz and tz != "UTC" else timezone.utc
-    lt = t.astimezone(zone)
-    return f"{lt:%Y-%m-%d %H:%M:%S %Z}" + ("" if zone is timezone.utc else f" ({t.astimezone(timezone.utc):%H:%M} UTC)")
-
-
-def _duration(td: timedelta) -> str:
-    """timedelta -> '1d', '6h', '90s', '1d12h'."""
-    seconds, out = int(td.total_seconds()), ""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size:
-            out += f"{seconds // size}{unit}"
-            seconds %= size
-    return out or "0s"
-
-
-def _spec_summary(spec: ScheduleSpec) -> dict:
-    return {
-        "calendars": [format_calendar(c) for c in spec.calendars],
-        "as_given": [c.comment for c in spec.calendars],
-        "intervals": [str(i.every) for i in spec.intervals],
-        "timezone": spec.time_zone_name or "UTC",
-    }
-
-
 
 
 def _show_dry_run(inv: Inventory, name: str, schedule: Schedule, warnings: list[str], args) -> int:
@@ -215,7 +184,7 @@ async def cmd_create(args, client: Client | None = None) -> int:
         if e.status == RPCStatusCode.INVALID_ARGUMENT:
             raise CliError(f"Temporal refused the schedule: {e.message}") from None
         raise
-    desc = await _first_description(handle)
+    desc = await _firstdescription(handle)
     if not desc.info.next_action_times:  # the server finds no time the calendar matches
         await handle.delete()
         given = (args.calendar and f"--calendar {args.calendar!r}") or f"--cron {args.cron!r}"
@@ -223,7 +192,7 @@ async def cmd_create(args, client: Client | None = None) -> int:
         zone = desc.schedule.spec.time_zone_name or "UTC"
         raise CliError(f"{given} never fires: Temporal finds no time matching it ({read_as} in {zone}); "
                        "nothing was created")
-    out = _description(desc, name, inv)
+    out = description(desc, name, inv)
     out["warnings"] = warnings
     if args.json:
         emit(out, True)
@@ -233,11 +202,11 @@ async def cmd_create(args, client: Client | None = None) -> int:
         print(f"created schedule {name} ({sid}): {args.procedure} of {inv.environment} "
               f"at {out['spec']['calendars'][0]} {out['spec']['timezone']}" + (" — PAUSED" if out["paused"] else ""))
         for t in desc.info.next_action_times[:3]:
-            print(f"  next: {_local(t, schedule.spec.time_zone_name)}")
+            print(f"  next: {local_time(t, schedule.spec.time_zone_name)}")
     return 0
 
 
-async def _first_description(handle: ScheduleHandle, patience: float = 3) -> ScheduleDescription:
+async def _firstdescription(handle: ScheduleHandle, patience: float = 3) -> ScheduleDescription:
     """The new schedule as the server describes it; an empty list of next times is asked again briefly before it
     is believed (the server computes them when it takes the schedule in)."""
     deadline = asyncio.get_running_loop().time() + patience
@@ -257,73 +226,14 @@ async def matching_times(client: Client, handle: ScheduleHandle, start: datetime
     return [t.ToDatetime(tzinfo=timezone.utc) for t in resp.start_time]
 
 
-def _description(desc: ScheduleDescription, name: str, inv: Inventory) -> dict:
-    s, info = desc.schedule, desc.info
-    action = s.action
-    return {
-        "name": name,
-        "schedule_id": desc.id,
-        "environment": inv.environment,
-        "procedure": procedure_of(action) if isinstance(action, ScheduleActionStartWorkflow) else None,
-        "task_queue": action.task_queue if isinstance(action, ScheduleActionStartWorkflow) else None,
-        "spec": _spec_summary(s.spec),
-        "paused": s.state.paused,
-        "note": s.state.note,
-        "policy": {"overlap": s.policy.overlap.name.lower().replace("_", "-"),
-                   "catchup_window": _duration(s.policy.catchup_window), "pause_on_failure": s.policy.pause_on_failure},
-        "next_action_times": [_iso(t) for t in info.next_action_times],
-        "num_actions": info.num_actions,
-        "skipped_overlap": info.num_actions_skipped_overlap,
-        "missed_catchup_window": info.num_actions_missed_catchup_window,
-        "running": [a.workflow_id for a in info.running_actions if hasattr(a, "workflow_id")],
-        "recent_actions": [{"scheduled_at": _iso(a.scheduled_at), "started_at": _iso(a.started_at),
-                            "workflow_id": getattr(a.action, "workflow_id", None),
-                            "run_id": getattr(a.action, "first_execution_run_id", None)} for a in info.recent_actions],
-        "created_at": _iso(info.created_at),
-        "updated_at": _iso(info.last_updated_at),
-    }
-
-
-async def _inventory_current(client: Client, desc: ScheduleDescription, inv: Inventory) -> bool | None:
-    """Does the digest of the inventory the schedule was created with still match the inventory file? (Its runs
-    act by the worker's inventory and are refused, naming what differs, when the digest does not match it.)"""
-    action = desc.schedule.action
-    if not isinstance(action, ScheduleActionStartWorkflow) or not action.args:
-        return None
-    try:
-        (stored,) = await client.data_converter.decode(list(action.args), [dict])
-        stored = stored.get("arg", stored)  # the launcher's input carries the procedure's
-        if stored.get("inventory_digest"):
-            seen = InventoryDigest.model_validate(stored["inventory_digest"])
-        else:  # schedules created before the worker held the rules carry the inventory itself
-            seen = digest_of(Inventory.model_validate(stored["inventory"]))
-        return not differences(digest_of(inv), seen)
-    except Exception:  # an older or foreign input shape: say nothing rather than guess
-        return None
-
-
-async def _outcomes(client: Client, recent: list[dict]) -> None:
-    """Add each recent run's outcome (Temporal status, and the procedure's own OpsStatus) to the rows."""
-    for row in recent:
-        if not row["workflow_id"]:
-            continue
-        try:
-            d = await client.get_workflow_handle(row["workflow_id"], run_id=row["run_id"]).describe()
-        except RPCError:
-            row["status"] = "unknown"  # past retention, or deleted
-            continue
-        row["status"] = d.status.name.lower() if d.status else None
-        row["ops_status"] = d.typed_search_attributes.get(OPS_STATUS)
-
-
 async def cmd_describe(args, client: Client | None = None) -> int:
     inv = schedule_inventory(args)
     check_name(args.name)
     client = await _client(client)
     _, desc = await _describe(client, inv, args.name)
-    out = _description(desc, args.name, inv)
-    await _outcomes(client, out["recent_actions"])
-    out["inventory_current"] = await _inventory_current(client, desc, inv)
+    out = description(desc, args.name, inv)
+    await outcomes(client, out["recent_actions"])
+    out["inventory_current"] = await inventory_current(client, desc, inv)
     if args.json:
         emit(out, True)
         return 0
@@ -343,7 +253,7 @@ async def cmd_describe(args, client: Client | None = None) -> int:
               "its runs are refused where that differs from the worker's: delete and create it again")
     print("  next runs:" if desc.info.next_action_times else "  next runs: none")
     for t in desc.info.next_action_times[:5]:
-        print(f"    {_local(t, tz)}")
+        print(f"    {local_time(t, tz)}")
     for wid in out["running"]:
         print(f"  running: {wid}")
     if out["recent_actions"]:
@@ -373,8 +283,8 @@ async def cmd_list(args, client: Client | None = None) -> int:
             "timezone": (sched.spec.time_zone_name or "UTC") if sched else None,
             "paused": sched.state.paused if sched else None,
             "note": sched.state.note if sched else None,
-            "next_action_time": _iso(info.next_action_times[0]) if info and info.next_action_times else None,
-            "last_action_time": _iso(info.recent_actions[-1].scheduled_at) if info and info.recent_actions else None,
+            "next_action_time": iso(info.next_action_times[0]) if info and info.next_action_times else None,
+            "last_action_time": iso(info.recent_actions[-1].scheduled_at) if info and info.recent_actions else None,
         })
     rows.sort(key=lambda r: r["name"])
     if args.json:
@@ -407,7 +317,7 @@ async def cmd_pause(args, client: Client | None = None) -> int:
     else:
         print(f"{args.name}: {'PAUSED' if desc.schedule.state.paused else 'active'} ({desc.schedule.state.note})")
         if not desc.schedule.state.paused and desc.info.next_action_times:
-            print(f"  next: {_local(desc.info.next_action_times[0], desc.schedule.spec.time_zone_name)}")
+            print(f"  next: {local_time(desc.info.next_action_times[0], desc.schedule.spec.time_zone_name)}")
     return 0
 
 
@@ -465,27 +375,27 @@ async def cmd_backfill(args, client: Client | None = None) -> int:
     tz = desc.schedule.spec.time_zone_name
     start, end = _parse_time(args.start, "--start", tz), _parse_time(args.end, "--end", tz)
     if start >= end:
-        raise CliError(f"--start {_iso(start)} is not before --end {_iso(end)}")
+        raise CliError(f"--start {iso(start)} is not before --end {iso(end)}")
     if end > datetime.now(timezone.utc) + timedelta(seconds=5):
-        raise CliError(f"--end {_iso(end)} is in the future; a backfill runs the times that have passed "
+        raise CliError(f"--end {iso(end)} is in the future; a backfill runs the times that have passed "
                        "(trigger runs one now)")
     times = await matching_times(client, handle, start, end)
     if not times:
-        raise CliError(f"no scheduled time of {args.name} falls between {_iso(start)} and {_iso(end)}; "
+        raise CliError(f"no scheduled time of {args.name} falls between {iso(start)} and {iso(end)}; "
                        "nothing to backfill")
     if len(times) > args.limit:
         raise CliError(f"the range holds more than {args.limit} scheduled times of {args.name}; "
                        "narrow it or raise --limit")
     await handle.backfill(ScheduleBackfill(start_at=start, end_at=end, overlap=OVERLAP[args.overlap]))
-    out = {"name": args.name, "schedule_id": handle.id, "start": _iso(start), "end": _iso(end), "overlap": args.overlap,
-           "scheduled_times": [_iso(t) for t in times]}
+    out = {"name": args.name, "schedule_id": handle.id, "start": iso(start), "end": iso(end), "overlap": args.overlap,
+           "scheduled_times": [iso(t) for t in times]}
     if args.json:
         emit(out, True)
     else:
         how = f"{args.overlap} (one after another)" if args.overlap == "buffer-all" else f"overlap {args.overlap}"
         print(f"backfilling {args.name}: {len(times)} run(s), {how}")
         for t in times:
-            print(f"  {_local(t, tz)}")
+            print(f"  {local_time(t, tz)}")
     return 0
 
 
