@@ -359,6 +359,21 @@ async def follow(handle: WorkflowHandle, on_report: Callable[[ProcedureReport], 
         await asyncio.sleep(interval)
 
 
+# -- talking to a running procedure ----------------------------------------------------------------------------
+
+
+async def send_update(handle: WorkflowHandle, update: Callable[..., Any], request: Any, result_type: type | None = None) -> Any:
+    """Send a person's request to a running procedure by its Update method (`Procedure.approve`, `Procedure.pause`,
+    `Rollout.promote`, ...: the `@workflow.update` methods of `workflows/`), never by its name, so a renamed or
+    removed update fails where it is imported. The CLI, the lab, the bench and the tests send updates through
+    here; this module does not import `workflows/`, the caller passes the method. `result_type` overrides the
+    method's own return type (the CLI reads a decision as a dict). A refusal raises what the SDK raises
+    (`WorkflowUpdateFailedError`)."""
+    if isinstance(update, str):
+        raise TypeError(f"send the Update method (e.g. Procedure.{update}), not its name {update!r}")
+    return await handle.execute_update(update, request, result_type=result_type)
+
+
 async def list_procedures(client: Client, environment: str | None = None, status: str | None = None, procedure: str | None = None,
                           limit: int = 50) -> list[dict]:
     """Procedures, newest first, from the search attributes (no worker needed)."""

@@ -1,22 +1,28 @@
 """`opsflow canary`, `opsflow bluegreen`, `opsflow promote ID --as NAME [--full]`, `opsflow rollback ID --as NAME`.
 
-A thin layer: the inventory and arguments become a `RolloutInput`, the workflow does the rest."""
+A thin layer: the inventory and arguments become a `RolloutInput`, the workflow does the rest; promote and
+rollback are the rollout's Update methods (`Rollout.promote`, `Rollout.rollback`)."""
 
 from __future__ import annotations
 
 import argparse
-import getpass
 
-from opsflow.inventory import load_inventory
-from opsflow.client import get_handle as handle_for, inventory_path
-from starters.common import CliError, emit
-from starters.security import SigningFailed, add_key_argument, request_signature, start_signer
+from opsflow.client import connect, get_handle, inventory_path, start_procedure
+from opsflow.inventory import load_inventory, parse_duration
+from starters.common import (CliError, SigningFailed, add_key_argument, request_signature, requester, run_started,
+                             send_request, show_request_result, start_signer)
+from workflows.canary import Rollout, RolloutInput
+from workflows.procedure import Request
 
+STARTS = (("canary", "canary rollout: weight steps, bakes, statistical analysis, automatic rollback"),
+          ("bluegreen", "blue-green deployment: the other colour, switch, rollback window"))
+UPDATES = (("promote", Rollout.promote,
+            "canary: next step now (--full: straight to 100 %%); blue-green: end the rollback window"),
+           ("rollback", Rollout.rollback,
+            "roll back now: the previous version takes all traffic (blue-green: switch back)"))
 
 
 def _duration(value: str) -> float:
-    from opsflow.inventory import parse_duration
-
     try:
         return parse_duration(value)
     except ValueError as e:
@@ -30,9 +36,8 @@ def _steps(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"steps are weights in percent, e.g. 5,25,50,100 (got {value!r})") from None
 
 
-def add_arguments(sub) -> None:
-    for name, text in (("canary", "canary rollout: weight steps, bakes, statistical analysis, automatic rollback"),
-                       ("bluegreen", "blue-green deployment: the other colour, switch, rollback window")):
+def register(sub: argparse._SubParsersAction) -> None:
+    for name, text in STARTS:
         p = sub.add_parser(name, help=text)
         p.add_argument("--env", help="inventory YAML (default: the running lab's)")
         p.add_argument("--image", required=True, help="the new image, e.g. registry/shop:1.2.3")
@@ -40,16 +45,18 @@ def add_arguments(sub) -> None:
         if name == "canary":
             p.add_argument("--steps", type=_steps, help="weights in percent, e.g. 5,25,50,100 (100: the promotion)")
             p.add_argument("--bake", type=_duration, help="time per weight, e.g. 10m")
-            p.add_argument("--auto-promote", action="store_true", help="promote after the last weight passes, without a person")
-        p.add_argument("--override", action="store_true", help="outside a window or in a freeze: wait for an approver's override")
+            p.add_argument("--auto-promote", action="store_true",
+                           help="promote after the last weight passes, without a person")
+        p.add_argument("--override", action="store_true",
+                       help="outside a window or in a freeze: wait for an approver's override")
         p.add_argument("--dry-run", action="store_true", help="preflight and print the plan; change nothing")
         p.add_argument("--requester", help="who asks (default: your login)")
         p.add_argument("--reason")
         p.add_argument("--wait", action="store_true", help="follow progress until the end")
         p.add_argument("--json", action="store_true")
         add_key_argument(p)
-    for name, text in (("promote", "canary: next step now (--full: straight to 100 %%); blue-green: end the rollback window"),
-                       ("rollback", "roll back now: the previous version takes all traffic (blue-green: switch back)")):
+        p.set_defaults(func=start)
+    for name, update, text in UPDATES:
         u = sub.add_parser(name, help=text)
         u.add_argument("workflow_id")
         u.add_argument("--as", dest="as_", required=True, metavar="NAME")
@@ -58,13 +65,10 @@ def add_arguments(sub) -> None:
             u.add_argument("--full", action="store_true", help="straight to 100 %%")
         u.add_argument("--json", action="store_true")
         add_key_argument(u)
+        u.set_defaults(func=send, update=update)
 
 
-async def start(args) -> int:
-    from opsflow.client import connect, start_procedure
-    from starters.cli import run_started
-    from workflows.canary import RolloutInput
-
+async def start(args: argparse.Namespace) -> int:
     inv = load_inventory(inventory_path(args.env))
     if inv.rollout is None:
         raise CliError("the inventory has no rollout: section")
@@ -72,50 +76,32 @@ async def start(args) -> int:
         app, _ = inv.rollout.app(args.app)
     except ValueError as e:
         raise CliError(str(e)) from None
-    requester = args.requester or getpass.getuser()
-    inp = RolloutInput(inventory=inv, image=args.image, app=app, strategy=args.command, steps=getattr(args, "steps", None),
-                       bake=getattr(args, "bake", None), auto_promote=getattr(args, "auto_promote", False), override=args.override,
-                       dry_run=args.dry_run, requester=requester, reason=args.reason or "")
+    who = requester(args)
+    inp = RolloutInput(inventory=inv, image=args.image, app=app, strategy=args.command,
+                       steps=getattr(args, "steps", None), bake=getattr(args, "bake", None),
+                       auto_promote=getattr(args, "auto_promote", False), override=args.override,
+                       dry_run=args.dry_run, requester=who, reason=args.reason or "")
     client = await connect()
     kind = "Canary" if args.command == "canary" else "Blue-green"
-    handle = await start_procedure(client, inv, args.command, inp, f"{kind}{' (dry run)' if args.dry_run else ''} of {args.image} on {app}",
-                                   signer=start_signer(inv, requester, args.key))
+    dry = " (dry run)" if args.dry_run else ""
+    handle = await start_procedure(client, inv, args.command, inp, f"{kind}{dry} of {args.image} on {app}",
+                                   signer=start_signer(inv, who, args.key))
     policy = inv.rollout.approval or inv.approval
     hint = ", ".join(policy.require) if policy.require else None
-    return await run_started(handle, args, f"{args.command} of {args.image} on {app}, requested by {requester}",
+    return await run_started(handle, args, f"{args.command} of {args.image} on {app}, requested by {who}",
                              f"NAME (one per role: {hint})" if hint else "NAME")
 
 
-async def update(args) -> int:
-    from temporalio.client import WorkflowUpdateFailedError
-    from temporalio.exceptions import ApplicationError
-
-    from opsflow.client import connect
-    from workflows.procedure import Request
-
+async def send(args: argparse.Namespace) -> int:
     client = await connect()
-    handle = await handle_for(client, args.workflow_id)
+    handle = await get_handle(client, args.workflow_id)
     full = getattr(args, "full", False)
     try:
-        signed = await request_signature(handle, action=args.command, name=args.as_, reason=args.reason or "", key_path=args.key,
-                                         full=full)
+        signed = await request_signature(handle, action=args.command, name=args.as_, reason=args.reason or "",
+                                         key_path=args.key, full=full)
     except SigningFailed as e:
         raise CliError(f"cannot sign the {args.command}: {e}") from None
     req = Request(by=args.as_, reason=args.reason or "", full=full, **signed)
-    try:
-        result = await handle.execute_update(args.command, req, result_type=str)
-    except WorkflowUpdateFailedError as e:
-        cause = e.cause
-        raise CliError(f"{args.command} refused: {cause.message if isinstance(cause, ApplicationError) else cause}", 1) from None
-    if args.json:
-        emit({"workflow_id": args.workflow_id, "action": args.command, "by": args.as_, "result": result}, True)
-    else:
-        print(f"{args.command} {args.workflow_id} as {args.as_}: {result}")
+    result = await send_request(handle, args, args.update, req, result_type=str)
+    show_request_result(args, result, f"{args.command} {args.workflow_id} as {args.as_}: {result}")
     return 0
-
-
-COMMANDS = {"canary": start, "bluegreen": start, "promote": update, "rollback": update}
-
-
-async def run(args) -> int:
-    return await COMMANDS[args.command](args)

@@ -2,37 +2,34 @@
 
     opsflow schedule create NAME --env INVENTORY --procedure drill|maintenance
                             (--calendar "day_of_month=1 hour=3" | --cron "0 3 1 * *") [--timezone Europe/Berlin]
-                            [--source REGION (drill) | --region REGION (maintenance)] [--pause-on-failure | --keep-going]
-                            [--catchup-window 1d] [--paused] [--note TEXT] [--json]
+                            [--source REGION (drill) | --region REGION (maintenance)]
+                            [--pause-on-failure | --keep-going] [--catchup-window 1d] [--paused] [--note TEXT]
+                            [--json]
     opsflow schedule list      --env INVENTORY [--json]
     opsflow schedule describe  NAME --env INVENTORY [--json]
     opsflow schedule pause     NAME --env INVENTORY [--reason TEXT] [--json]
     opsflow schedule unpause   NAME --env INVENTORY [--reason TEXT] [--json]
     opsflow schedule trigger   NAME --env INVENTORY [--json]
-    opsflow schedule backfill  NAME --env INVENTORY --start ISO --end ISO [--overlap buffer-all] [--limit 12] [--json]
+    opsflow schedule backfill  NAME --env INVENTORY --start ISO --end ISO [--overlap buffer-all] [--limit 12]
+                               [--json]
     opsflow schedule delete    NAME --env INVENTORY [--json]
 
 The Temporal server is the one that reads the calendar: `--calendar` becomes a 7-field cron string the server
 parses (the text as given rides along as the spec's comment), and every time shown — the next runs after a
 create or describe, the runs a backfill will make — is the server's own answer (`next_action_times`,
-`ListScheduleMatchingTimes`). This module only checks what a person needs a clear message for before
-anything is created: the keys, each value's shape and range, the cron field count, the time zone, the
-procedure and its region. Whatever the server still refuses comes back as exit code 2, nothing created; a
-calendar the server finds no next time for ("never fires") is deleted again and refused the same way.
+`ListScheduleMatchingTimes`). Before anything is created, `starters/schedule_actions.py` checks what a person
+needs a clear message for (the calendar's keys, each value's shape and range, the cron field count through
+`opsflow/cron.py`, which also has the calendar syntax; the time zone, the procedure and its region) and builds
+the schedule. Whatever the server still refuses comes back as exit code 2, nothing created; a calendar the
+server finds no next time for ("never fires") is deleted again and refused the same way. Times are wall-clock
+times in --timezone (default UTC); the server skips a time the clocks skip and fires twice at a time that
+happens twice.
 
 The schedule's id is `opsflow-<environment>-<NAME>`. Temporal appends the scheduled time to the id of every
 workflow a schedule starts (the API's `keep_original_workflow_id` policy is not in the Python SDK, and the
 server we ship ignored it when tried), so a scheduled run cannot hold the environment's lock id
 `opsflow-<environment>` itself: a scheduled maintenance runs as `opsflow-<environment>-<time>`, a scheduled
 drill as `opsflow-<environment>-<NAME>-<time>`. Overlapping runs of one schedule are skipped.
-
-Calendar syntax (`--calendar`): space-separated `key=value`, keys second, minute, hour, day_of_month, month,
-day_of_week, year. A value is `*`, `N`, `N-M`, `N/S`, `N-M/S`, `*/S` or a comma list of those; months may be
-named (jan..dec), days of the week too (sun..sat; 0 and 7 are Sunday; fri-mon wraps round the weekend).
-Unset fields default as in Temporal: second, minute and hour to 0, the others to every value. Temporal
-matches a day only when it satisfies BOTH day_of_month and day_of_week (classic cron takes either). Times are
-wall-clock times in --timezone (default UTC); the server skips a time the clocks skip and fires twice at a
-time that happens twice.
 
 A procedure's input (with the inventory) is stored in the schedule when it is created: after changing the
 inventory, delete and create the schedule again (`describe` tells when the stored inventory is stale).
@@ -41,338 +38,92 @@ inventory, delete and create the schedule again (`describe` tells when the store
 from __future__ import annotations
 
 import argparse
-import getpass
-import re
-from dataclasses import dataclass
+import asyncio
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from temporalio.api.workflowservice.v1 import ListScheduleMatchingTimesRequest
-from temporalio.client import (
-    Client,
-    Schedule,
-    ScheduleActionStartWorkflow,
-    ScheduleAlreadyRunningError,
-    ScheduleBackfill,
-    ScheduleCalendarSpec,
-    ScheduleDescription,
-    ScheduleHandle,
-    ScheduleOverlapPolicy,
-    SchedulePolicy,
-    ScheduleRange,
-    ScheduleSpec,
-    ScheduleState,
-)
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.client import (Client, Schedule, ScheduleActionStartWorkflow, ScheduleAlreadyRunningError,
+                               ScheduleBackfill, ScheduleDescription, ScheduleHandle, ScheduleOverlapPolicy)
 from temporalio.service import RPCError, RPCStatusCode
 
-from opsflow.client import connect
-from opsflow.inventory import Inventory, InventoryError, load_inventory, parse_duration
-from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE, OPS_STATUS
-from opsflow.rules import START_UNSIGNED, InventoryDigest, differences, digest_of, input_digest
-from opsflow.signing import SigningError
-from starters.common import CliError, emit, inventory_path
-from starters.security import SigningFailed, add_key_argument, signer_for
+from opsflow.client import connect, inventory_path
+from opsflow.cron import format_calendar
+from opsflow.inventory import Inventory
+from opsflow.temporal import OPS_PROCEDURE
+from starters.common import CliError, add_key_argument, emit
+from starters.schedule_actions import (PROCEDURES, attributes, build_schedule, check_name, procedure_of,
+                                       schedule_id, schedule_inventory, user)
+from starters.schedule_show import description, inventory_current, iso, local_time, outcomes
 
-# ---------------------------------------------------------------------------------------------------------
-# Checking a calendar or cron before the server reads it
-# ---------------------------------------------------------------------------------------------------------
-
-
-class CalendarError(ValueError):
-    """A malformed calendar or cron expression; the message names the bad key or value."""
-
-
-MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
-DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
-_FULL_MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october", "november", "december"]
-_FULL_DAYS = ["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
-_NAMES = {"month": {**{n: i + 1 for i, n in enumerate(MONTHS)}, **{n: i + 1 for i, n in enumerate(_FULL_MONTHS)}},
-          "day_of_week": {**{n: i for i, n in enumerate(DAYS)}, **{n: i for i, n in enumerate(_FULL_DAYS)}}}
-# key -> (lowest, highest accepted, what a value is, the server's default when the key is not given)
-KEYS: dict[str, tuple[int, int, str, str]] = {
-    "second": (0, 59, "second", "0"),
-    "minute": (0, 59, "minute", "0"),
-    "hour": (0, 23, "hour", "0"),
-    "day_of_month": (1, 31, "day of the month", "*"),
-    "month": (1, 12, "month", "*"),
-    "day_of_week": (0, 7, "day of the week", "*"),  # 7 is Sunday too
-    "year": (2000, 2100, "year", "*"),  # the server's own range
-}
-CRON_ORDER = ["second", "minute", "hour", "day_of_month", "month", "day_of_week", "year"]
-CRON_FIELDS = {5: CRON_ORDER[1:6], 6: CRON_ORDER[1:], 7: CRON_ORDER}
-CRON_SHORTHANDS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
-_ITEM = re.compile(r"^(?P<start>\*|[a-z0-9]+)(?:-(?P<end>[a-z0-9]+))?(?:/(?P<step>[^/]*))?$")
-
-
-def _number(key: str, token: str, whole: str) -> int:
-    lo, hi, what, _ = KEYS[key]
-    names = _NAMES.get(key)
-    if names and token in names:
-        return names[token]
-    if not token.isdigit():
-        named = f" or {', '.join(list(names)[: 12 if key == 'month' else 7])}" if names else ""
-        raise CalendarError(f"{key}={whole}: {token!r} is not a {what} ({lo}-{hi}{named})")
-    n = int(token)
-    if not lo <= n <= hi:
-        raise CalendarError(f"{key}={whole}: {n} is out of range for {key} ({lo}-{hi})")
-    return n
-
-
-def check_field(key: str, value: str) -> str:
-    """Check one field's value ('1', '1-5', '*/15', 'mon-fri', '1,15') and return it as the server reads it
-    (numbers; a day range round the weekend split in two). Raises CalendarError naming the bad part."""
-    if key not in KEYS:
-        raise CalendarError(f"unknown calendar key {key!r}; the keys are: {', '.join(KEYS)}")
-    lo = KEYS[key][0]
-    whole, value = value, value.strip().lower()
-    if not value:
-        raise CalendarError(f"{key}= has no value (e.g. {key}={lo})")
-    out: list[str] = []
-    for item in value.split(","):
-        m = _ITEM.match(item)
-        if not m:
-            if not item:
-                raise CalendarError(f"{key}={whole}: an empty item in the list")
-            raise CalendarError(f"{key}={whole}: {item!r} is not N, N-M, N-M/S, */S or *")
-        start_tok, end_tok, step_tok = m.group("start"), m.group("end"), m.group("step")
-        if step_tok is not None and (not step_tok.isdigit() or int(step_tok) < 1):
-            raise CalendarError(f"{key}={whole}: the step {step_tok!r} must be a whole number of at least 1")
-        step = f"/{int(step_tok)}" if step_tok is not None else ""
-        if start_tok == "*":
-            if end_tok is not None:
-                raise CalendarError(f"{key}={whole}: '*' cannot start a range")
-            out.append("*" + step)
-            continue
-        start = _number(key, start_tok, whole)
-        if end_tok is None:
-            out.append(f"{start}{step}")
-            continue
-        end = _number(key, end_tok, whole)
-        if key == "day_of_week" and end < start:  # fri-mon, sat-sun: round the weekend
-            if step:
-                raise CalendarError(f"{key}={whole}: a step cannot go round the weekend; write the days as a list")
-            out.append(f"{start}-7" + (f",0-{end}" if end > 0 else ""))
-            continue
-        if end < start:
-            raise CalendarError(f"{key}={whole}: the range {start_tok}-{end_tok} runs backwards (start {start} is after end {end})")
-        out.append(f"{start}-{end}{step}")
-    return ",".join(out)
-
-
-@dataclass(frozen=True)
-class CheckedSpec:
-    """What the server gets (a cron string with the text as given for its comment) and what it was."""
-
-    cron: str
-    given: str
-    fields: dict[str, str]
-
-    def warnings(self) -> list[str]:
-        if self.fields.get("day_of_month", "*") != "*" and self.fields.get("day_of_week", "*") != "*":
-            return ["day_of_month and day_of_week both restrict the days: Temporal runs only on days matching both "
-                    "(classic cron takes either)"]
-        return []
-
-
-def _as_cron(fields: dict[str, str], given: str) -> CheckedSpec:
-    cron = " ".join(fields.get(k, KEYS[k][3]) for k in CRON_ORDER)
-    # The server keeps what follows '#' as the spec's comment: `describe` shows the text as it was given.
-    return CheckedSpec(cron=f"{cron} # {given}", given=given, fields=fields)
-
-
-def check_calendar(text: str) -> CheckedSpec:
-    """'day_of_week=sun hour=2' -> a checked spec for the server. Raises CalendarError naming the bad part."""
-    if not text or not text.strip():
-        raise CalendarError("the calendar is empty; e.g. --calendar 'day_of_month=1 hour=3'")
-    fields: dict[str, str] = {}
-    for part in text.split():
-        if "=" not in part:
-            raise CalendarError(f"{part!r} is not key=value (e.g. hour=3); the keys are: {', '.join(KEYS)}")
-        key, value = part.split("=", 1)
-        key = key.strip().lower().replace("-", "_")
-        if key not in KEYS:
-            raise CalendarError(f"unknown calendar key {key!r} in {part!r}; the keys are: {', '.join(KEYS)}")
-        if key in fields:
-            raise CalendarError(f"{key} is given twice; use a comma list instead (e.g. {key}=1,15)")
-        fields[key] = check_field(key, value)
-    return _as_cron(fields, f"calendar: {' '.join(text.split())}")
-
-
-def check_cron(expr: str) -> CheckedSpec:
-    """A 5/6/7-field cron string (or @daily & co.) -> a checked spec for the server, with the calendar's checks
-    on each field. Raises CalendarError naming the bad part."""
-    text = " ".join((expr or "").split())
-    if not text:
-        raise CalendarError("the cron expression is empty; e.g. --cron '0 3 1 * *'")
-    if re.match(r"^(CRON_)?TZ=", text, re.I):
-        raise CalendarError(f"cron {text!r}: give the time zone with --timezone, not inside the expression")
-    if "#" in text:
-        raise CalendarError(f"cron {text!r}: no comments in the expression; use --note")
-    if text.startswith("@"):
-        if text.lower() not in CRON_SHORTHANDS:
-            raise CalendarError(f"cron {text!r}: unknown shorthand; use one of {', '.join(CRON_SHORTHANDS)} (or write the times)")
-        return CheckedSpec(cron=f"{text.lower()} # cron: {text}", given=f"cron: {text}", fields={})
-    parts = text.split()
-    keys = CRON_FIELDS.get(len(parts))
-    if keys is None:
-        raise CalendarError(f"cron {text!r} has {len(parts)} fields; it needs 5 (minute hour day_of_month month day_of_week), "
-                            "6 (+ year) or 7 (second first)")
-    fields: dict[str, str] = {}
-    for key, value in zip(keys, parts):
-        try:
-            fields[key] = check_field(key, value)
-        except CalendarError as e:
-            raise CalendarError(f"cron {text!r}: {e}") from None
-    fields.setdefault("second", "0")
-    return _as_cron(fields, f"cron: {text}")
-
-
-# -- showing the server's structured spec the way a person writes it -----------------------------------------
-
-_DEFAULTS = {"second": (ScheduleRange(0, 0, 1),), "minute": (ScheduleRange(0, 0, 1),), "hour": (ScheduleRange(0, 0, 1),),
-             "day_of_month": (ScheduleRange(1, 31, 1),), "month": (ScheduleRange(1, 12, 1),),
-             "day_of_week": (ScheduleRange(0, 6, 1),), "year": ()}
-_TOP = {"second": 59, "minute": 59, "hour": 23, "day_of_month": 31, "month": 12, "day_of_week": 6, "year": 2100}
-DISPLAY_ORDER = ["year", "month", "day_of_month", "day_of_week", "hour", "minute", "second"]
-
-
-def _normal(r: ScheduleRange) -> ScheduleRange:
-    end, step = max(r.end, r.start), r.step or 1
-    return ScheduleRange(r.start, r.start, 1) if r.start == end else ScheduleRange(r.start, end, step)
-
-
-def _render(key: str, r: ScheduleRange) -> str:
-    def name(v: int) -> str:
-        return MONTHS[v - 1] if key == "month" else DAYS[v % 7] if key == "day_of_week" else str(v)
-
-    start, end, step = r.start, r.end, r.step
-    if start == KEYS[key][0] and end >= _TOP[key]:
-        return "*" if step == 1 else f"*/{step}"
-    if start == end:
-        return name(start)
-    return f"{name(start)}-{name(end)}" + (f"/{step}" if step != 1 else "")
-
-
-def format_calendar(spec: ScheduleCalendarSpec) -> str:
-    """A structured spec (as the server describes it) -> 'day_of_month=1 hour=3': only what differs from the
-    defaults, largest unit first."""
-    parts = []
-    for key in DISPLAY_ORDER:
-        ranges = tuple(_normal(r) for r in getattr(spec, key))
-        if ranges == _DEFAULTS[key]:
-            continue
-        parts.append(f"{key}={','.join(_render(key, r) for r in ranges) if ranges else '*'}")
-    return " ".join(parts) or "second=0"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Procedures a schedule can run: name -> (how to build the start action)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _drill_action(inv: Inventory, name: str, schedule_id: str, args) -> ScheduleActionStartWorkflow:
-    from workflows.drill import DrillInput  # imported here: the CLI's other commands do not need it
-
-    if args.region is not None:
-        raise CliError("--region is for --procedure maintenance; a drill restores from --source REGION")
-    reason = args.note or f"schedule {name}"
-    inp = DrillInput(inventory=inv, source_region=args.source, requester=f"schedule:{name}", reason=reason)
-    summary = f"Restore drill of {inv.environment}" + (f" from {args.source}" if args.source else "") + f" (schedule {name})"
-    return _launch(inv, "drill", inp, schedule_id, summary, reason, name, args)
-
-
-def _procedure_of(action: ScheduleActionStartWorkflow) -> str | None:
-    """The procedure a schedule runs (its action starts the `scheduled` launcher)."""
-    from opsflow.temporal import OPS_PROCEDURE
-
-    return action.typed_search_attributes.get(OPS_PROCEDURE) if action.typed_search_attributes else action.workflow
-
-
-def _launch(inv: Inventory, procedure: str, inp, schedule_id: str, summary: str, reason: str, name: str,
-            args: argparse.Namespace) -> ScheduleActionStartWorkflow:
-    """The schedule starts the `scheduled` launcher (Temporal appends the scheduled time to its id), which
-    starts the procedure under the environment's lock `opsflow-<env>`: one procedure per environment. The input
-    carries no rules (the worker's inventory is); the creator (`--as`, an operator) signs the schedule's id,
-    procedure, environment and input where the inventory requires signatures (or with --key)."""
-    from workflows.scheduled import LaunchInput
-
-    arg = inp.without_rules(inv).model_dump(mode="json")
-    by = getattr(args, "as_name", None) or _user()
-    signed: dict = {}
-    if not getattr(args, "dry_run", False):
-        try:
-            signer = signer_for(inv, by, getattr(args, "key", None))
-            if signer is not None:
-                signed = signer.sign_schedule(schedule_id=schedule_id, procedure=procedure, environment=inv.environment,
-                                              input_sha256=input_digest(arg, START_UNSIGNED))
-        except (SigningFailed, SigningError) as e:
-            raise CliError(f"cannot sign the schedule as {by!r}: {e}") from None
-    launch = LaunchInput(procedure=procedure, environment=inv.environment, task_queue=inv.task_queue,
-                         arg=arg, summary=summary, schedule_id=schedule_id, by=by, **signed)
-    return ScheduleActionStartWorkflow(
-        "scheduled",
-        launch,
-        id=schedule_id,
-        task_queue=inv.task_queue,
-        typed_search_attributes=_attributes(inv.environment, procedure),
-        static_summary=summary,
-        static_details=f"requested by schedule:{name}: {reason}",
-    )
-
-
-def _maintenance_action(inv: Inventory, name: str, schedule_id: str, args) -> ScheduleActionStartWorkflow:
-    if args.source is not None:
-        raise CliError("--source is for --procedure drill; a maintenance runs on --region REGION (default: the current primary)")
-    from workflows.maintenance import MaintenanceInput  # imported here: the CLI's other commands do not need it
-
-    reason = args.note or f"schedule {name}"
-    inp = MaintenanceInput(inventory=inv, requester=f"schedule:{name}", reason=reason, region=args.region)
-    summary = f"Maintenance window of {inv.environment}" + (f" in {args.region}" if args.region else "") + f" (schedule {name})"
-    return _launch(inv, "maintenance", inp, schedule_id, summary, reason, name, args)
-
-
-PROCEDURES: dict[str, Callable[[Inventory, str, str, argparse.Namespace], ScheduleActionStartWorkflow]] = {
-    "drill": _drill_action,
-    "maintenance": _maintenance_action,
-}
 OVERLAP = {"skip": ScheduleOverlapPolicy.SKIP, "buffer-one": ScheduleOverlapPolicy.BUFFER_ONE,
            "buffer-all": ScheduleOverlapPolicy.BUFFER_ALL, "allow-all": ScheduleOverlapPolicy.ALLOW_ALL}
-_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,50}$")
 
 
-def _attributes(environment: str, procedure: str) -> TypedSearchAttributes:
-    return TypedSearchAttributes([SearchAttributePair(OPS_PROCEDURE, procedure), SearchAttributePair(OPS_ENVIRONMENT, environment)])
+def register(sub: argparse._SubParsersAction) -> None:
+    """`opsflow schedule` and its subcommands, each with its handler."""
+    p = sub.add_parser("schedule", help="procedures on a Temporal Schedule: create, list, describe, pause, trigger, "
+                                        "backfill, delete")
+    p.description = "Run procedures on a Temporal Schedule (e.g. the monthly restore drill)."
+    commands = p.add_subparsers(dest="schedule_command", required=True,
+                                metavar="{create,list,describe,pause,unpause,trigger,backfill,delete}")
 
+    def cmd(name: str, help: str, handler, named: bool = True) -> argparse.ArgumentParser:
+        sp = commands.add_parser(name, help=help)
+        if named:
+            sp.add_argument("name", metavar="NAME",
+                            help="the schedule's name within the environment, e.g. monthly-drill")
+        sp.add_argument("--env", help="inventory YAML (default: the running lab's)")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(func=handler)
+        return sp
 
-def schedule_id(environment: str, name: str) -> str:
-    return f"opsflow-{environment}-{name}"
+    c = cmd("create", "create a schedule; the server reads the calendar and shows the next runs (--paused to look "
+                      "first)", cmd_create)
+    c.add_argument("--procedure", required=True, help=f"what to run: {', '.join(PROCEDURES)}")
+    when = c.add_mutually_exclusive_group()
+    when.add_argument("--calendar", metavar="SPEC",
+                      help="e.g. 'day_of_month=1 hour=3' or 'day_of_week=mon-fri hour=2 minute=30'")
+    when.add_argument("--cron", metavar="EXPR",
+                      help="e.g. '0 3 1 * *' (minute hour day_of_month month day_of_week)")
+    c.add_argument("--timezone", default="UTC",
+                   help="IANA time zone the calendar is read in (default UTC), e.g. Europe/Berlin")
+    c.add_argument("--source", metavar="REGION",
+                   help="drill: region whose backups are restored (default: the inventory's primary)")
+    c.add_argument("--region", metavar="REGION",
+                   help="maintenance: region whose database is maintained (default: the current primary)")
+    failure = c.add_mutually_exclusive_group()
+    failure.add_argument("--pause-on-failure", dest="pause_on_failure", action="store_true",
+                         help="pause the schedule when a run fails")
+    failure.add_argument("--keep-going", dest="pause_on_failure", action="store_false",
+                         help="a failed run alerts and the schedule goes on (default)")
+    c.set_defaults(pause_on_failure=False)
+    c.add_argument("--catchup-window", default="1d",
+                   help="how late a run missed while Temporal was down may still start (default 1d)")
+    c.add_argument("--paused", action="store_true",
+                   help="create it paused (to look at the server's next run times first)")
+    c.add_argument("--dry-run", action="store_true",
+                   help="check and show what would be sent; create nothing (no run times: the server computes them)")
+    c.add_argument("--note", help="a note shown with the schedule (and the reason given to each run)")
+    c.add_argument("--as", dest="as_name", metavar="NAME",
+                   help="who creates it (an operator of the procedure; signs where required; default: your login)")
+    add_key_argument(c)
 
-
-def check_name(name: str) -> str:
-    if not _NAME.match(name or ""):
-        raise CliError(f"schedule name {name!r}: use lower-case letters, digits and '-' (at most 51, e.g. monthly-drill)")
-    return name
-
-
-def check_timezone(tz: str | None) -> str:
-    tz = tz or "UTC"
-    if tz == "UTC":
-        return tz
-    try:
-        ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise CliError(f"unknown time zone {tz!r} (an IANA name such as UTC, Europe/Berlin, America/New_York)") from None
-    return tz
-
-
-def _inventory(args) -> Inventory:
-    try:
-        return load_inventory(inventory_path(args.env))
-    except InventoryError as e:
-        raise CliError(str(e)) from None
+    cmd("list", "the environment's schedules", cmd_list, named=False)
+    cmd("describe", "spec, next and recent runs, state", cmd_describe)
+    for name, help in (("pause", "stop taking scheduled actions"), ("unpause", "take scheduled actions again")):
+        cmd(name, help, cmd_pause).add_argument("--reason", help="recorded in the schedule's note")
+    cmd("trigger", "run now (refused while a run of this schedule is in progress)", cmd_trigger)
+    b = cmd("backfill", "run the scheduled times of a past period", cmd_backfill)
+    b.add_argument("--start", required=True, metavar="ISO",
+                   help="e.g. 2026-05-01T00:00 (no offset: the schedule's time zone)")
+    b.add_argument("--end", required=True, metavar="ISO")
+    b.add_argument("--overlap", choices=list(OVERLAP), default="buffer-all",
+                   help="default buffer-all: the runs go one after another")
+    b.add_argument("--limit", type=int, default=12,
+                   help="refuse a range holding more scheduled times than this (default 12)")
+    cmd("delete", "delete the schedule (runs in progress go on)", cmd_delete)
 
 
 async def _client(client: Client | None) -> Client:
@@ -385,78 +136,9 @@ async def _describe(client: Client, inv: Inventory, name: str) -> tuple[Schedule
         return handle, await handle.describe()
     except RPCError as e:
         if e.status == RPCStatusCode.NOT_FOUND:
-            raise CliError(f"no schedule {name} in environment {inv.environment} (see: opsflow schedule list --env ...)") from None
+            raise CliError(f"no schedule {name} in environment {inv.environment} "
+                           "(see: opsflow schedule list --env ...)") from None
         raise
-
-
-def _iso(t: datetime | None) -> str | None:
-    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if t else None
-
-
-def _local(t: datetime, tz: str | None) -> str:
-    zone = ZoneInfo(tz) if tz and tz != "UTC" else timezone.utc
-    lt = t.astimezone(zone)
-    return f"{lt:%Y-%m-%d %H:%M:%S %Z}" + ("" if zone is timezone.utc else f" ({t.astimezone(timezone.utc):%H:%M} UTC)")
-
-
-def _duration(td: timedelta) -> str:
-    """timedelta -> '1d', '6h', '90s', '1d12h'."""
-    seconds, out = int(td.total_seconds()), ""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size:
-            out += f"{seconds // size}{unit}"
-            seconds %= size
-    return out or "0s"
-
-
-def _spec_summary(spec: ScheduleSpec) -> dict:
-    return {
-        "calendars": [format_calendar(c) for c in spec.calendars],
-        "as_given": [c.comment for c in spec.calendars],
-        "intervals": [str(i.every) for i in spec.intervals],
-        "timezone": spec.time_zone_name or "UTC",
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Commands
-# ---------------------------------------------------------------------------------------------------------
-
-
-def build_schedule(args) -> tuple[Inventory, str, Schedule, list[str]]:
-    """Check what a person needs a clear message for and build the Schedule, touching nothing (no Temporal call).
-    The server reads the calendar when the schedule is created (cmd_create)."""
-    name = check_name(args.name)
-    if args.procedure not in PROCEDURES:
-        raise CliError(f"unknown procedure {args.procedure!r}; a schedule can run: {', '.join(PROCEDURES)}")
-    if bool(args.calendar) == bool(args.cron):
-        raise CliError("give exactly one of --calendar (e.g. 'day_of_month=1 hour=3') and --cron (e.g. '0 3 1 * *')")
-    try:
-        checked = check_calendar(args.calendar) if args.calendar else check_cron(args.cron)
-    except CalendarError as e:
-        raise CliError(f"bad {'--calendar' if args.calendar else '--cron'}: {e}") from None
-    tz = check_timezone(args.timezone)
-    try:
-        catchup = timedelta(seconds=parse_duration(args.catchup_window))
-    except ValueError as e:
-        raise CliError(f"--catchup-window: {e}") from None
-    if catchup < timedelta(seconds=10):
-        raise CliError("--catchup-window must be at least 10s (Temporal's minimum)")
-    inv = _inventory(args)
-    for flag, region in (("--source", args.source), ("--region", args.region)):
-        if region is not None and region not in inv.regions:
-            raise CliError(f"{flag}: unknown region {region!r}; the inventory has: {', '.join(inv.regions)}")
-    sid = schedule_id(inv.environment, name)
-    note = args.note or (f"created paused by {_user()}" if args.paused else f"created by {_user()}")
-    schedule = Schedule(
-        action=PROCEDURES[args.procedure](inv, name, sid, args),
-        spec=ScheduleSpec(cron_expressions=[checked.cron], time_zone_name=tz),
-        # SKIP: a run still going when the next time comes is not doubled (scheduled runs cannot take the
-        # environment's lock id, see above).
-        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP, catchup_window=catchup, pause_on_failure=bool(args.pause_on_failure)),
-        state=ScheduleState(note=note, paused=bool(args.paused)),
-    )
-    return inv, name, schedule, checked.warnings()
 
 
 def _show_dry_run(inv: Inventory, name: str, schedule: Schedule, warnings: list[str], args) -> int:
@@ -465,26 +147,22 @@ def _show_dry_run(inv: Inventory, name: str, schedule: Schedule, warnings: list[
     action = schedule.action
     assert isinstance(action, ScheduleActionStartWorkflow)
     out = {"name": name, "schedule_id": schedule_id(inv.environment, name), "environment": inv.environment,
-           "procedure": _procedure_of(action), "workflow_id": f"opsflow-{inv.environment}", "task_queue": action.task_queue,
-           "cron_sent": schedule.spec.cron_expressions[0], "timezone": schedule.spec.time_zone_name, "paused": schedule.state.paused,
+           "procedure": procedure_of(action), "workflow_id": f"opsflow-{inv.environment}",
+           "task_queue": action.task_queue, "cron_sent": schedule.spec.cron_expressions[0],
+           "timezone": schedule.spec.time_zone_name, "paused": schedule.state.paused,
            "warnings": warnings, "next_action_times": None,
-           "why_no_times": "Temporal computes the run times when the schedule is created; create it with --paused to see them first"}
+           "why_no_times": "Temporal computes the run times when the schedule is created; "
+                           "create it with --paused to see them first"}
     if args.json:
         emit(out, True)
         return 0
     for w in warnings:
         print(f"note: {w}")
-    print(f"would create schedule {name} ({out['schedule_id']}): {action.workflow} of {inv.environment}, runs as {out['workflow_id']}")
+    print(f"would create schedule {name} ({out['schedule_id']}): {action.workflow} of {inv.environment}, "
+          f"runs as {out['workflow_id']}")
     print(f"  spec sent to Temporal: {out['cron_sent']}  [{out['timezone']}]")
     print(f"  next runs: {out['why_no_times']}")
     return 0
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no login name in some containers
-        return "unknown"
 
 
 async def cmd_create(args, client: Client | None = None) -> int:
@@ -495,41 +173,42 @@ async def cmd_create(args, client: Client | None = None) -> int:
     sid = schedule_id(inv.environment, name)
     memo = {"opsflow": {"name": name, "environment": inv.environment, "procedure": args.procedure,
                         "source_region": args.source, "region": args.region,
-                        "inventory": str(Path(inventory_path(args.env)).resolve()), "created_by": _user()}}
+                        "inventory": str(Path(inventory_path(args.env)).resolve()), "created_by": user()}}
     try:
-        handle = await client.create_schedule(sid, schedule, memo=memo, search_attributes=_attributes(inv.environment, args.procedure))
+        handle = await client.create_schedule(sid, schedule, memo=memo,
+                                              search_attributes=attributes(inv.environment, args.procedure))
     except ScheduleAlreadyRunningError:
-        raise CliError(f"schedule {name} already exists in environment {inv.environment} (opsflow schedule describe {name}; delete it to recreate)") from None
+        raise CliError(f"schedule {name} already exists in environment {inv.environment} "
+                       f"(opsflow schedule describe {name}; delete it to recreate)") from None
     except RPCError as e:
         if e.status == RPCStatusCode.INVALID_ARGUMENT:
             raise CliError(f"Temporal refused the schedule: {e.message}") from None
         raise
-    desc = await _first_description(handle)
+    desc = await _firstdescription(handle)
     if not desc.info.next_action_times:  # the server finds no time the calendar matches
         await handle.delete()
         given = (args.calendar and f"--calendar {args.calendar!r}") or f"--cron {args.cron!r}"
         read_as = ", ".join(format_calendar(c) for c in desc.schedule.spec.calendars)
-        raise CliError(f"{given} never fires: Temporal finds no time matching it ({read_as} in {desc.schedule.spec.time_zone_name or 'UTC'}); "
+        zone = desc.schedule.spec.time_zone_name or "UTC"
+        raise CliError(f"{given} never fires: Temporal finds no time matching it ({read_as} in {zone}); "
                        "nothing was created")
-    out = _description(desc, name, inv)
+    out = description(desc, name, inv)
     out["warnings"] = warnings
     if args.json:
         emit(out, True)
     else:
         for w in warnings:
             print(f"note: {w}")
-        print(f"created schedule {name} ({sid}): {args.procedure} of {inv.environment} at {out['spec']['calendars'][0]} {out['spec']['timezone']}"
-              + (" — PAUSED" if out["paused"] else ""))
+        print(f"created schedule {name} ({sid}): {args.procedure} of {inv.environment} "
+              f"at {out['spec']['calendars'][0]} {out['spec']['timezone']}" + (" — PAUSED" if out["paused"] else ""))
         for t in desc.info.next_action_times[:3]:
-            print(f"  next: {_local(t, schedule.spec.time_zone_name)}")
+            print(f"  next: {local_time(t, schedule.spec.time_zone_name)}")
     return 0
 
 
-async def _first_description(handle: ScheduleHandle, patience: float = 3) -> ScheduleDescription:
+async def _firstdescription(handle: ScheduleHandle, patience: float = 3) -> ScheduleDescription:
     """The new schedule as the server describes it; an empty list of next times is asked again briefly before it
     is believed (the server computes them when it takes the schedule in)."""
-    import asyncio
-
     deadline = asyncio.get_running_loop().time() + patience
     while True:
         desc = await handle.describe()
@@ -547,90 +226,34 @@ async def matching_times(client: Client, handle: ScheduleHandle, start: datetime
     return [t.ToDatetime(tzinfo=timezone.utc) for t in resp.start_time]
 
 
-def _description(desc: ScheduleDescription, name: str, inv: Inventory) -> dict:
-    s, info = desc.schedule, desc.info
-    action = s.action
-    return {
-        "name": name,
-        "schedule_id": desc.id,
-        "environment": inv.environment,
-        "procedure": _procedure_of(action) if isinstance(action, ScheduleActionStartWorkflow) else None,
-        "task_queue": action.task_queue if isinstance(action, ScheduleActionStartWorkflow) else None,
-        "spec": _spec_summary(s.spec),
-        "paused": s.state.paused,
-        "note": s.state.note,
-        "policy": {"overlap": s.policy.overlap.name.lower().replace("_", "-"), "catchup_window": _duration(s.policy.catchup_window),
-                   "pause_on_failure": s.policy.pause_on_failure},
-        "next_action_times": [_iso(t) for t in info.next_action_times],
-        "num_actions": info.num_actions,
-        "skipped_overlap": info.num_actions_skipped_overlap,
-        "missed_catchup_window": info.num_actions_missed_catchup_window,
-        "running": [a.workflow_id for a in info.running_actions if hasattr(a, "workflow_id")],
-        "recent_actions": [{"scheduled_at": _iso(a.scheduled_at), "started_at": _iso(a.started_at), "workflow_id": getattr(a.action, "workflow_id", None),
-                            "run_id": getattr(a.action, "first_execution_run_id", None)} for a in info.recent_actions],
-        "created_at": _iso(info.created_at),
-        "updated_at": _iso(info.last_updated_at),
-    }
-
-
-async def _inventory_current(client: Client, desc: ScheduleDescription, inv: Inventory) -> bool | None:
-    """Does the digest of the inventory the schedule was created with still match the inventory file? (Its runs
-    act by the worker's inventory and are refused, naming what differs, when the digest does not match it.)"""
-    action = desc.schedule.action
-    if not isinstance(action, ScheduleActionStartWorkflow) or not action.args:
-        return None
-    try:
-        (stored,) = await client.data_converter.decode(list(action.args), [dict])
-        stored = stored.get("arg", stored)  # the launcher's input carries the procedure's
-        if stored.get("inventory_digest"):
-            seen = InventoryDigest.model_validate(stored["inventory_digest"])
-        else:  # schedules created before the worker held the rules carry the inventory itself
-            seen = digest_of(Inventory.model_validate(stored["inventory"]))
-        return not differences(digest_of(inv), seen)
-    except Exception:  # an older or foreign input shape: say nothing rather than guess
-        return None
-
-
-async def _outcomes(client: Client, recent: list[dict]) -> None:
-    """Add each recent run's outcome (Temporal status, and the procedure's own OpsStatus) to the rows."""
-    for row in recent:
-        if not row["workflow_id"]:
-            continue
-        try:
-            d = await client.get_workflow_handle(row["workflow_id"], run_id=row["run_id"]).describe()
-        except RPCError:
-            row["status"] = "unknown"  # past retention, or deleted
-            continue
-        row["status"] = d.status.name.lower() if d.status else None
-        row["ops_status"] = d.typed_search_attributes.get(OPS_STATUS)
-
-
 async def cmd_describe(args, client: Client | None = None) -> int:
-    inv = _inventory(args)
+    inv = schedule_inventory(args)
     check_name(args.name)
     client = await _client(client)
     _, desc = await _describe(client, inv, args.name)
-    out = _description(desc, args.name, inv)
-    await _outcomes(client, out["recent_actions"])
-    out["inventory_current"] = await _inventory_current(client, desc, inv)
+    out = description(desc, args.name, inv)
+    await outcomes(client, out["recent_actions"])
+    out["inventory_current"] = await inventory_current(client, desc, inv)
     if args.json:
         emit(out, True)
         return 0
     tz = out["spec"]["timezone"]
-    print(f"schedule {args.name} ({out['schedule_id']}): {out['procedure']} of {inv.environment} on task queue {out['task_queue']}")
+    print(f"schedule {args.name} ({out['schedule_id']}): {out['procedure']} of {inv.environment} "
+          f"on task queue {out['task_queue']}")
     for cal, given in zip(out["spec"]["calendars"], out["spec"]["as_given"]):
         print(f"  when:    {cal}  [{tz}]" + (f"   (given as {given})" if given and given != f"calendar: {cal}" else ""))
     print(f"  state:   {'PAUSED' if out['paused'] else 'active'}" + (f" — {out['note']}" if out["note"] else ""))
     p = out["policy"]
     print(f"  policy:  overlap {p['overlap']}, catch-up window {p['catchup_window']}, "
           + ("pause on failure" if p["pause_on_failure"] else "keep going after a failure"))
-    print(f"  actions: {out['num_actions']} taken, {out['skipped_overlap']} skipped (overlap), {out['missed_catchup_window']} missed (catch-up window)")
+    print(f"  actions: {out['num_actions']} taken, {out['skipped_overlap']} skipped (overlap), "
+          f"{out['missed_catchup_window']} missed (catch-up window)")
     if out["inventory_current"] is False:
-        print("  WARNING: this schedule was created with an inventory that differs from the inventory file; its runs are "
-              "refused where that differs from the worker's: delete and create it again")
+        print("  WARNING: this schedule was created with an inventory that differs from the inventory file; "
+              "its runs are refused where that differs from the worker's: delete and create it again")
     print("  next runs:" if desc.info.next_action_times else "  next runs: none")
     for t in desc.info.next_action_times[:5]:
-        print(f"    {_local(t, tz)}")
+        print(f"    {local_time(t, tz)}")
     for wid in out["running"]:
         print(f"  running: {wid}")
     if out["recent_actions"]:
@@ -644,7 +267,7 @@ async def cmd_describe(args, client: Client | None = None) -> int:
 
 
 async def cmd_list(args, client: Client | None = None) -> int:
-    inv = _inventory(args)
+    inv = schedule_inventory(args)
     client = await _client(client)
     rows = []
     async for s in await client.list_schedules(f"OpsEnvironment = '{inv.environment}'"):
@@ -660,8 +283,8 @@ async def cmd_list(args, client: Client | None = None) -> int:
             "timezone": (sched.spec.time_zone_name or "UTC") if sched else None,
             "paused": sched.state.paused if sched else None,
             "note": sched.state.note if sched else None,
-            "next_action_time": _iso(info.next_action_times[0]) if info and info.next_action_times else None,
-            "last_action_time": _iso(info.recent_actions[-1].scheduled_at) if info and info.recent_actions else None,
+            "next_action_time": iso(info.next_action_times[0]) if info and info.next_action_times else None,
+            "last_action_time": iso(info.recent_actions[-1].scheduled_at) if info and info.recent_actions else None,
         })
     rows.sort(key=lambda r: r["name"])
     if args.json:
@@ -669,35 +292,36 @@ async def cmd_list(args, client: Client | None = None) -> int:
         return 0
     for r in rows:
         state = "PAUSED" if r["paused"] else "active"
-        print(f"{r['name']:<24} {r['procedure'] or '':<8} {state:<7} next {r['next_action_time'] or '-':<21} {' | '.join(r['calendars'])} [{r['timezone']}]")
+        print(f"{r['name']:<24} {r['procedure'] or '':<8} {state:<7} next {r['next_action_time'] or '-':<21} "
+              f"{' | '.join(r['calendars'])} [{r['timezone']}]")
     if not rows:
         print(f"no schedules in environment {inv.environment}")
     return 0
 
 
 async def cmd_pause(args, client: Client | None = None) -> int:
-    inv = _inventory(args)
+    inv = schedule_inventory(args)
     check_name(args.name)
     client = await _client(client)
     handle, _ = await _describe(client, inv, args.name)
-    note = f"{'paused' if args.schedule_command == 'pause' else 'unpaused'} by {_user()}" + (f": {args.reason}" if args.reason else "")
+    done = "paused" if args.schedule_command == "pause" else "unpaused"
+    note = f"{done} by {user()}" + (f": {args.reason}" if args.reason else "")
     if args.schedule_command == "pause":
         await handle.pause(note=note)
     else:
         await handle.unpause(note=note)
     desc = await handle.describe()
     if args.json:
-        emit({"name": args.name, "schedule_id": handle.id, "paused": desc.schedule.state.paused, "note": desc.schedule.state.note}, True)
+        emit({"name": args.name, "schedule_id": handle.id, "paused": desc.schedule.state.paused,
+              "note": desc.schedule.state.note}, True)
     else:
         print(f"{args.name}: {'PAUSED' if desc.schedule.state.paused else 'active'} ({desc.schedule.state.note})")
         if not desc.schedule.state.paused and desc.info.next_action_times:
-            print(f"  next: {_local(desc.info.next_action_times[0], desc.schedule.spec.time_zone_name)}")
+            print(f"  next: {local_time(desc.info.next_action_times[0], desc.schedule.spec.time_zone_name)}")
     return 0
 
 
 async def _wait_new_action(handle: ScheduleHandle, before: int, timeout: float = 15) -> ScheduleDescription:
-    import asyncio
-
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         desc = await handle.describe()
@@ -707,7 +331,7 @@ async def _wait_new_action(handle: ScheduleHandle, before: int, timeout: float =
 
 
 async def cmd_trigger(args, client: Client | None = None) -> int:
-    inv = _inventory(args)
+    inv = schedule_inventory(args)
     check_name(args.name)
     client = await _client(client)
     handle, desc = await _describe(client, inv, args.name)
@@ -717,7 +341,8 @@ async def cmd_trigger(args, client: Client | None = None) -> int:
     before = desc.info.num_actions
     await handle.trigger()
     after = await _wait_new_action(handle, before)
-    started = [a for a in after.info.recent_actions if a.started_at and a.scheduled_at and a not in desc.info.recent_actions]
+    started = [a for a in after.info.recent_actions
+               if a.started_at and a.scheduled_at and a not in desc.info.recent_actions]
     wid = getattr(started[-1].action, "workflow_id", None) if started else None
     if args.json:
         emit({"name": args.name, "schedule_id": handle.id, "triggered": True, "workflow_id": wid,
@@ -733,14 +358,15 @@ def _parse_time(value: str, what: str, tz: str | None) -> datetime:
     try:
         t = datetime.fromisoformat(value.strip())
     except ValueError:
-        raise CliError(f"{what} {value!r} is not an ISO date/time (e.g. 2026-05-01T00:00 or 2026-05-01T00:00:00Z)") from None
+        raise CliError(f"{what} {value!r} is not an ISO date/time "
+                       "(e.g. 2026-05-01T00:00 or 2026-05-01T00:00:00Z)") from None
     if t.tzinfo is None:  # a wall-clock time in the schedule's own time zone
         t = t.replace(tzinfo=ZoneInfo(tz) if tz and tz != "UTC" else timezone.utc)
     return t.astimezone(timezone.utc)
 
 
 async def cmd_backfill(args, client: Client | None = None) -> int:
-    inv = _inventory(args)
+    inv = schedule_inventory(args)
     check_name(args.name)
     if args.limit < 1:
         raise CliError("--limit must be at least 1")
@@ -749,29 +375,32 @@ async def cmd_backfill(args, client: Client | None = None) -> int:
     tz = desc.schedule.spec.time_zone_name
     start, end = _parse_time(args.start, "--start", tz), _parse_time(args.end, "--end", tz)
     if start >= end:
-        raise CliError(f"--start {_iso(start)} is not before --end {_iso(end)}")
+        raise CliError(f"--start {iso(start)} is not before --end {iso(end)}")
     if end > datetime.now(timezone.utc) + timedelta(seconds=5):
-        raise CliError(f"--end {_iso(end)} is in the future; a backfill runs the times that have passed (trigger runs one now)")
+        raise CliError(f"--end {iso(end)} is in the future; a backfill runs the times that have passed "
+                       "(trigger runs one now)")
     times = await matching_times(client, handle, start, end)
     if not times:
-        raise CliError(f"no scheduled time of {args.name} falls between {_iso(start)} and {_iso(end)}; nothing to backfill")
+        raise CliError(f"no scheduled time of {args.name} falls between {iso(start)} and {iso(end)}; "
+                       "nothing to backfill")
     if len(times) > args.limit:
-        raise CliError(f"the range holds more than {args.limit} scheduled times of {args.name}; narrow it or raise --limit")
+        raise CliError(f"the range holds more than {args.limit} scheduled times of {args.name}; "
+                       "narrow it or raise --limit")
     await handle.backfill(ScheduleBackfill(start_at=start, end_at=end, overlap=OVERLAP[args.overlap]))
-    out = {"name": args.name, "schedule_id": handle.id, "start": _iso(start), "end": _iso(end), "overlap": args.overlap,
-           "scheduled_times": [_iso(t) for t in times]}
+    out = {"name": args.name, "schedule_id": handle.id, "start": iso(start), "end": iso(end), "overlap": args.overlap,
+           "scheduled_times": [iso(t) for t in times]}
     if args.json:
         emit(out, True)
     else:
-        print(f"backfilling {args.name}: {len(times)} run(s), {args.overlap} (one after another)" if args.overlap == "buffer-all" else
-              f"backfilling {args.name}: {len(times)} run(s), overlap {args.overlap}")
+        how = f"{args.overlap} (one after another)" if args.overlap == "buffer-all" else f"overlap {args.overlap}"
+        print(f"backfilling {args.name}: {len(times)} run(s), {how}")
         for t in times:
-            print(f"  {_local(t, tz)}")
+            print(f"  {local_time(t, tz)}")
     return 0
 
 
 async def cmd_delete(args, client: Client | None = None) -> int:
-    inv = _inventory(args)
+    inv = schedule_inventory(args)
     check_name(args.name)
     client = await _client(client)
     handle, desc = await _describe(client, inv, args.name)
@@ -784,66 +413,3 @@ async def cmd_delete(args, client: Client | None = None) -> int:
         for wid in running:
             print(f"  still running (not stopped by the delete): {wid}")
     return 0
-
-
-SCHEDULE_COMMANDS = {
-    "create": cmd_create,
-    "list": cmd_list,
-    "describe": cmd_describe,
-    "pause": cmd_pause,
-    "unpause": cmd_pause,
-    "trigger": cmd_trigger,
-    "backfill": cmd_backfill,
-    "delete": cmd_delete,
-}
-
-
-async def run(args, client: Client | None = None) -> int:
-    """The `opsflow schedule` entry point: dispatch on the subcommand."""
-    return await SCHEDULE_COMMANDS[args.schedule_command](args, client)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the `schedule` subcommands to the parser of `opsflow schedule`."""
-    p.description = "Run procedures on a Temporal Schedule (e.g. the monthly restore drill)."
-    sub = p.add_subparsers(dest="schedule_command", required=True, metavar="{create,list,describe,pause,unpause,trigger,backfill,delete}")
-
-    def cmd(name: str, help: str, named: bool = True) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help)
-        if named:
-            sp.add_argument("name", metavar="NAME", help="the schedule's name within the environment, e.g. monthly-drill")
-        sp.add_argument("--env", help="inventory YAML (default: the running lab's)")
-        sp.add_argument("--json", action="store_true", help="machine-readable output")
-        return sp
-
-    c = cmd("create", "create a schedule; the server reads the calendar and shows the next runs (--paused to look first)")
-    c.add_argument("--procedure", required=True, help=f"what to run: {', '.join(PROCEDURES)}")
-    when = c.add_mutually_exclusive_group()
-    when.add_argument("--calendar", metavar="SPEC", help="e.g. 'day_of_month=1 hour=3' or 'day_of_week=mon-fri hour=2 minute=30'")
-    when.add_argument("--cron", metavar="EXPR", help="e.g. '0 3 1 * *' (minute hour day_of_month month day_of_week)")
-    c.add_argument("--timezone", default="UTC", help="IANA time zone the calendar is read in (default UTC), e.g. Europe/Berlin")
-    c.add_argument("--source", metavar="REGION", help="drill: region whose backups are restored (default: the inventory's primary)")
-    c.add_argument("--region", metavar="REGION", help="maintenance: region whose database is maintained (default: the current primary)")
-    failure = c.add_mutually_exclusive_group()
-    failure.add_argument("--pause-on-failure", dest="pause_on_failure", action="store_true", help="pause the schedule when a run fails")
-    failure.add_argument("--keep-going", dest="pause_on_failure", action="store_false", help="a failed run alerts and the schedule goes on (default)")
-    c.set_defaults(pause_on_failure=False)
-    c.add_argument("--catchup-window", default="1d", help="how late a run missed while Temporal was down may still start (default 1d)")
-    c.add_argument("--paused", action="store_true", help="create it paused (to look at the server's next run times first)")
-    c.add_argument("--dry-run", action="store_true", help="check and show what would be sent; create nothing (no run times: the server computes them)")
-    c.add_argument("--note", help="a note shown with the schedule (and the reason given to each run)")
-    c.add_argument("--as", dest="as_name", metavar="NAME",
-                   help="who creates it (an operator of the procedure; signs where required; default: your login)")
-    add_key_argument(c)
-
-    cmd("list", "the environment's schedules", named=False)
-    cmd("describe", "spec, next and recent runs, state")
-    for name, help in (("pause", "stop taking scheduled actions"), ("unpause", "take scheduled actions again")):
-        cmd(name, help).add_argument("--reason", help="recorded in the schedule's note")
-    cmd("trigger", "run now (refused while a run of this schedule is in progress)")
-    b = cmd("backfill", "run the scheduled times of a past period")
-    b.add_argument("--start", required=True, metavar="ISO", help="e.g. 2026-05-01T00:00 (no offset: the schedule's time zone)")
-    b.add_argument("--end", required=True, metavar="ISO")
-    b.add_argument("--overlap", choices=list(OVERLAP), default="buffer-all", help="default buffer-all: the runs go one after another")
-    b.add_argument("--limit", type=int, default=12, help="refuse a range holding more scheduled times than this (default 12)")
-    cmd("delete", "delete the schedule (runs in progress go on)")

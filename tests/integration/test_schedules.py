@@ -30,7 +30,7 @@ from opsflow.inventory import Inventory
 from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE, SEARCH_ATTRIBUTES
 from starters.cli import build_parser
 from starters.common import CliError
-from starters.schedules import run, schedule_id
+from starters.schedule_actions import schedule_id
 from tests.conftest import dev_server
 from tests.workflow.conftest import inventory_dict
 
@@ -101,7 +101,7 @@ class Cli:
     async def __call__(self, *argv: str) -> dict | list:
         args = build_parser().parse_args(["schedule", *argv, "--env", str(self.inventory_file), "--json"])
         self.capsys.readouterr()
-        assert await run(args, self.client) == 0
+        assert await args.func(args, self.client) == 0
         return json.loads(self.capsys.readouterr().out)
 
     async def fails(self, *argv: str, code: int = 2) -> str:
@@ -213,9 +213,9 @@ async def test_a_calendar_that_never_fires_is_refused_by_the_servers_answer(cli,
 
 async def test_a_spec_the_server_refuses_is_bad_input_and_creates_nothing(cli, client, inventory, monkeypatch):
     # Past our own checks (stood aside here), the server's parser has the last word.
-    import starters.schedules as schedules
+    from opsflow import cron
 
-    monkeypatch.setattr(schedules, "check_calendar", lambda text: schedules.CheckedSpec("0 0 25 * * * * # calendar: hour=25", text, {}))
+    monkeypatch.setattr(cron, "check_calendar", lambda text: cron.CheckedSpec("0 0 25 * * * * # calendar: hour=25", text, {}))
     msg = await cli.fails("create", "refused", "--procedure", "drill", "--calendar", "hour=25")
     assert msg.startswith("Temporal refused the schedule:") and "Hour is not in range" in msg
     assert not await exists(client, schedule_id(inventory.environment, "refused"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from starters.cli import build_parser, main
-from starters.maintenance import fleet_id
+from opsflow.procedures import fleet_workflow_id as fleet_id
 from tests.workflow.conftest import inventory_dict
 
 WINDOW = {"days": ["sun"], "start": "02:00", "end": "04:00"}

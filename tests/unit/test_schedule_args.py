@@ -13,7 +13,9 @@ from temporalio.client import ScheduleCalendarSpec, ScheduleRange as R
 
 from opsflow.rules import digest_of
 from starters.common import CliError
-from starters.schedules import CalendarError, add_arguments, build_schedule, check_calendar, check_cron, check_field, format_calendar
+from opsflow.cron import CalendarError, check_calendar, check_cron, check_field, format_calendar
+from starters.schedule_actions import build_schedule
+from starters.schedules import register
 from tests.workflow.conftest import inventory_dict
 
 
@@ -132,7 +134,7 @@ def _args(tmp_path, *argv: str) -> argparse.Namespace:
         inv.write_text(yaml.safe_dump(inventory_dict(environment="unit")))
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")
-    add_arguments(sub.add_parser("schedule"))
+    register(sub)
     return p.parse_args(["schedule", "create", *argv, "--env", str(inv)])
 
 
@@ -220,6 +222,6 @@ async def test_dry_run_checks_and_shows_what_would_be_sent_without_temporal(tmp_
 
 def test_a_schedule_builds_exactly_the_procedures_a_schedule_may_launch():
     from opsflow.procedures import SCHEDULABLE
-    from starters.schedules import PROCEDURES
+    from starters.schedule_actions import PROCEDURES
 
     assert set(PROCEDURES) == SCHEDULABLE
