@@ -44,7 +44,7 @@ def control_plane_reads(state: dict) -> int:
         with urllib.request.urlopen(state["azure"]["arm_endpoint"] + "/_emulator/counts", context=ctx, timeout=10) as r:
             counts = json.loads(r.read())["requests"]
         return sum(n for k, n in counts.items() if k.startswith("GET ") and k.split("/")[-2].lower() == "flexibleservers")
-    with urllib.request.urlopen(state["aws"]["endpoint_url"] + "/_lab/counts", timeout=10) as r:
+    with urllib.request.urlopen(state["aws"]["endpoint_url"] + "/_emulator/counts", timeout=10) as r:
         counts = json.loads(r.read())["requests"]
     return counts.get("rds DescribeDBInstances", 0)
 

@@ -8,7 +8,7 @@ health checks, buckets, metrics). A thin WSGI middleware in front of it keeps th
   PostgreSQL has left recovery, ``DescribeDBInstances`` shows the instance ``available`` with no
   ``ReadReplicaSourceDBInstanceIdentifier`` and the source no longer lists it as a replica. If the
   promotion fails (cluster down, ...) the instance goes back to being an ``available`` replica and
-  the error is in ``GET /_lab/state``. Unknown instances answer ``DBInstanceNotFound``; a standalone
+  the error is in ``GET /_emulator/state``. Unknown instances answer ``DBInstanceNotFound``; a standalone
   instance answers ``InvalidDBInstanceState`` ("not a read replica"), as RDS does.
 * ``ModifyDBParameterGroup`` with ``ApplyMethod=immediate`` relays a few dynamic parameters
   (``default_transaction_read_only``, ``statement_timeout``, ``idle_in_transaction_session_timeout``,
@@ -31,7 +31,7 @@ health checks, buckets, metrics). A thin WSGI middleware in front of it keeps th
   ``creating`` with the default parameter group and no replication links, restores a NEW cluster from
   the lab's base backup and WAL archive to that time (``lab.postgres.restore_to_time``, under
   ``<source cluster root>/rds-restores/<identifier>``) in the background, maps the instance onto it and
-  shows it ``available``; ``incompatible-restore`` if the restore fails (the error in ``/_lab/state``).
+  shows it ``available``; ``incompatible-restore`` if the restore fails (the error in ``/_emulator/state``).
 * ``DeleteDBInstance`` of such a restored instance drops its cluster before answering; deleting any other
   mapped instance stops its cluster (RDS deleted the server) and keeps its data and mapping, so that:
 * ``CreateDBInstanceReadReplica`` with the identifier of a deleted mapped instance, from a mapped source,
@@ -40,16 +40,17 @@ health checks, buckets, metrics). A thin WSGI middleware in front of it keeps th
   until it streams, then ``available``; ``failed`` if the rebuild fails. RDS failback in the lab.
   An identifier in use is ``DBInstanceAlreadyExists`` (moto alone would overwrite it); a cross-region
   replica gets the default parameter group unless one is named, as in RDS.
-* Faults for the error paths: the next ``count`` requests matching ``service`` (rds, route53, s3,
-  monitoring) and optionally ``action`` (the API operation name) get an AWS error ``code`` with HTTP
-  ``status`` (e.g. 400 ``Throttling``, 503 ``ServiceUnavailable``, 403 ``AccessDenied``).
+* Faults for the error paths (lab/faults.py, the emulators' one fault API): a request's key is
+  ``"<service> <Action>"`` (service: rds, route53, s3, monitoring), so
+  ``emu.inject_fault(r"^rds DescribeDBInstances$", status=400, code="Throttling", count=10)`` answers the next
+  ten with that AWS error (e.g. 400 ``Throttling``, 503 ``ServiceUnavailable``, 403 ``AccessDenied``). Random
+  faults answer Throttling (SlowDown for S3) / ServiceUnavailable, and a 500 ``InternalFailure`` for a
+  dropped connection (werkzeug cannot drop one unanswered).
 
-Lab endpoints (JSON, not AWS): ``GET /_lab/state``; ``GET /_lab/counts`` (every API request since the start by
-service and action, and the random faults injected); ``POST /_lab/fault_rate`` ``{"rate": 0.2}`` (a fraction of
-requests answered Throttling / ServiceUnavailable / a dropped connection; default $OPSFLOW_LAB_FAULTS); ``POST /_lab/instances`` with
-``{"db_instance_identifier", "region", "cluster"|"dsn"}`` maps (or remaps) an RDS instance to a
-cluster, e.g. a replica created later with ``CreateDBInstanceReadReplica``; ``POST /_lab/faults``
-with a fault object or a list of them; ``DELETE /_lab/faults``.
+Admin endpoints (JSON, not AWS; lab/emulator.py): ``/_emulator/state``, ``counts``, ``faults``,
+``fault_rate``, ... and ``POST /_emulator/instances`` with ``{"db_instance_identifier", "region",
+"cluster"|"dsn"}``: maps (or remaps) an RDS instance to a cluster, e.g. a replica created later with
+``CreateDBInstanceReadReplica``.
 
 Config (a dict in-process; a YAML or JSON file for the CLI)::
 
@@ -121,6 +122,9 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from lab.emulator import Emulator, is_admin_path
+from lab.faults import Fault
 
 log = logging.getLogger("opsflow.lab.aws")
 
@@ -209,7 +213,8 @@ def _aws_error_body(service: str, code: str, message: str, status: int) -> tuple
     rid = uuid.uuid4().hex
     msg = escape(message)
     if service == "s3":
-        xml = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{msg}</Message><RequestId>{rid}</RequestId></Error>'
+        xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{msg}</Message>'
+               f'<RequestId>{rid}</RequestId></Error>')
     else:
         kind = "Receiver" if status >= 500 else "Sender"
         ns = ' xmlns="https://route53.amazonaws.com/doc/2013-04-01/"' if service == "route53" else ""
@@ -259,14 +264,10 @@ class _Instance:
         return int(self.cluster["port"]) if self.cluster else None
 
 
-@dataclass
-class _Fault:
-    service: str
-    code: str
-    status: int = 400
-    action: str | None = None
-    count: int = 1
-    message: str | None = None
+_PHRASES = {200: "OK", 201: "Created", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 429: "Too Many Requests",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+_AWS_CODES = {400: "InvalidParameterValue", 403: "AccessDenied", 404: "NotFound", 429: "Throttling",
+              500: "InternalFailure", 503: "ServiceUnavailable"}
 
 
 # -- the middleware -----------------------------------------------------------------------------------
@@ -307,16 +308,17 @@ class _Middleware:
 
     def _error(self, start_response, service: str, status: int, code: str, message: str) -> list[bytes]:
         body, ctype = _aws_error_body(service, code, message, status)
-        phrase = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}
-        return self._respond(start_response, f"{status} {phrase.get(status, 'Error')}", [("Content-Type", ctype)], body)
+        return self._respond(start_response, f"{status} {_PHRASES.get(status, 'Error')}", [("Content-Type", ctype)],
+                             body)
 
     def _json(self, start_response, obj: Any, status: str = "200 OK") -> list[bytes]:
-        return self._respond(start_response, status, [("Content-Type", "application/json")], json.dumps(obj, default=str).encode())
+        return self._respond(start_response, status, [("Content-Type", "application/json")],
+                             json.dumps(obj, default=str).encode())
 
     def __call__(self, environ: dict, start_response) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if path.startswith("/_lab/"):
-            return self._lab(environ, start_response, path)
+        if is_admin_path(path):
+            return self._admin(environ, start_response, path)
         m = _SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
         region, service = (m.group(1), m.group(2)) if m else (None, None)
         method = environ.get("REQUEST_METHOD", "GET")
@@ -339,24 +341,15 @@ class _Middleware:
         elif service == "s3":
             parts = [p for p in path.split("/") if p]
             if len(parts) >= 2:
-                action = {"PUT": "PutObject", "GET": "GetObject", "HEAD": "HeadObject", "DELETE": "DeleteObject"}.get(method)
+                action = {"PUT": "PutObject", "GET": "GetObject", "HEAD": "HeadObject",
+                          "DELETE": "DeleteObject"}.get(method)
 
         if service:
-            with self.emu.lock:
-                key = f"{service} {action or method + ' ' + path}"
-                self.emu.request_counts[key] = self.emu.request_counts.get(key, 0) + 1
-            kind = self.emu.random_faults.pick()
-            if kind == "drop":  # werkzeug cannot drop a connection unanswered: AWS's other transient answer, a 500
-                return self._error(start_response, service, 500, "InternalFailure", "random fault (lab): InternalFailure")
-            if kind is not None:
-                code = 429 if kind == "throttle" else 503
-                aws_code = {"rds": "Throttling", "route53": "Throttling", "s3": "SlowDown"}.get(service, "Throttling") \
-                    if code == 429 else "ServiceUnavailable"
-                return self._error(start_response, service, 400 if code == 429 and service in ("rds", "monitoring") else code,
-                                   aws_code, f"random fault (lab): {aws_code}")
-        fault = self.emu._take_fault(service, action) if service else None
-        if fault:
-            return self._error(start_response, fault.service, fault.status, fault.code, fault.message or f"injected by the lab: {fault.code}")
+            key = f"{service} {action or method + ' ' + path}"
+            self.emu.count_request(key)
+            fault = self.emu.take_fault(key, method)
+            if fault is not None:
+                return self._fault(start_response, service, fault)
 
         if service == "rds" and action == "PromoteReadReplica":
             return self._promote(environ, start_response, region or "us-east-1", params)
@@ -385,7 +378,8 @@ class _Middleware:
             change_id = urllib.parse.unquote(_R53_GET_CHANGE.match(path).group(1))
             submitted = self.emu._changes.get(change_id)
             if submitted is None:
-                return self._error(start_response, "route53", 404, "NoSuchChange", f"A change with the specified change ID does not exist: {change_id}")
+                return self._error(start_response, "route53", 404, "NoSuchChange",
+                                   f"A change with the specified change ID does not exist: {change_id}")
             status, headers, body = self._call(environ)
             if time.monotonic() - submitted < self.emu.propagation_seconds:
                 body = body.replace(b"<Status>INSYNC</Status>", b"<Status>PENDING</Status>")
@@ -396,6 +390,24 @@ class _Middleware:
                 body = self.emu._health_observation(urllib.parse.unquote(_R53_HC_STATUS.match(path).group(1)), body)
             return self._respond(start_response, status, headers, body)
         return self.app(environ, start_response)
+
+    def _fault(self, start_response, service: str, fault: Fault) -> list[bytes]:
+        """A fault answered the way AWS answers (werkzeug cannot drop a connection unanswered: a dropped one is
+        AWS's other transient answer, a 500)."""
+        if fault.delay:
+            time.sleep(fault.delay)
+        if fault.drop:
+            return self._error(start_response, service, 500, "InternalFailure", "random fault (lab): InternalFailure")
+        status = fault.status or 500
+        if fault.kind == "planned":
+            code = fault.code or _AWS_CODES.get(status, "InternalFailure")
+            return self._error(start_response, service, status, code, fault.message or f"injected by the lab: {code}")
+        if status == 429:
+            code = {"rds": "Throttling", "route53": "Throttling", "s3": "SlowDown"}.get(service, "Throttling")
+            status = 400 if service in ("rds", "monitoring") else status
+        else:
+            code = "ServiceUnavailable"
+        return self._error(start_response, service, status, code, f"random fault (lab): {code}")
 
     @staticmethod
     def _read_body(environ: dict) -> bytes:
@@ -416,7 +428,8 @@ class _Middleware:
             if db is None:
                 return self._error(start_response, "rds", 404, "DBInstanceNotFound", f"DBInstance {ident} not found.")
             if not db.is_replica:
-                return self._error(start_response, "rds", 400, "InvalidDBInstanceState", f"DB Instance {ident} is not a read replica.")
+                return self._error(start_response, "rds", 400, "InvalidDBInstanceState",
+                                   f"DB Instance {ident} is not a read replica.")
             mapped = emu.instances.get(ident)
             if mapped is not None:
                 db.status = "modifying"  # as RDS answers; available again once PostgreSQL has been promoted
@@ -440,7 +453,7 @@ class _Middleware:
         A read replica whose identifier was mapped onto a lab cluster before (an instance deleted to be replaced,
         as RDS failback goes) rebuilds that cluster as a streaming replica of the source's cluster, in the
         background (lab.postgres.rebuild_replica: pg_rewind, else a fresh base backup; same port): `creating`
-        until it streams, then `available`; `failed` if the rebuild fails (the error in /_lab/state)."""
+        until it streams, then `available`; `failed` if the rebuild fails (the error in /_emulator/state)."""
         emu = self.emu
         ident = params.get("DBInstanceIdentifier", "")
         with emu.lock:
@@ -452,11 +465,13 @@ class _Middleware:
                 src_db = _rds_db(region, params.get("SourceDBInstanceIdentifier", ""))
                 primary = emu.instances.get(src_db.db_instance_identifier) if src_db is not None else None
             rebuild = (old is not None and old.cluster is not None and not old.scratch and old.region == region
-                       and primary is not None and primary.cluster is not None and not primary.deleted and old.job is None)
+                       and primary is not None and primary.cluster is not None and not primary.deleted
+                       and old.job is None)
             # RDS gives a cross-region replica the default parameter group unless one is named (moto copies the
             # source's, which does not exist in this region).
             keep_group = None
-            if action == "CreateDBInstanceReadReplica" and src_db is not None and src_db.region != region and not params.get("DBParameterGroupName"):
+            if action == "CreateDBInstanceReadReplica" and src_db is not None and src_db.region != region \
+                    and not params.get("DBParameterGroupName"):
                 keep_group, src_db.db_parameter_group_name = src_db.db_parameter_group_name, None
             if rebuild:  # before moto creates it: no answer may show the new replica `available` before it is
                 old.deleted, old.job = False, "rebuilding"
@@ -473,7 +488,8 @@ class _Middleware:
                 db.status, db.port = "creating", old.port
                 old.last_error, old.promotion = None, None
                 body = _set_status(body, ident, "creating")
-                old.thread = threading.Thread(target=emu._rebuild_cluster, args=(old, primary), name=f"rebuild-{ident}", daemon=True)
+                old.thread = threading.Thread(target=emu._rebuild_cluster, args=(old, primary), name=f"rebuild-{ident}",
+                                              daemon=True)
                 old.thread.start()
             elif status.startswith("200") and old is not None and old.deleted:
                 log.warning("lab: %s created again without a data plane (source not mapped onto a lab cluster)", ident)
@@ -500,26 +516,32 @@ class _Middleware:
         archive = archive_dir_of(Cluster.from_dict(src.cluster))
         if archive is None:
             return self._error(start_response, "rds", 400, "PointInTimeRestoreNotEnabled",
-                               f"DB instance {src.ident}: the lab cluster behind it does not archive WAL (init_primary(archive_dir=...))")
+                               f"DB instance {src.ident}: the lab cluster behind it does not archive WAL "
+                               "(init_primary(archive_dir=...))")
         earliest, latest = emu._restorable(src)
         if latest is None:
             return self._error(start_response, "rds", 400, "InvalidRestoreFault",
-                               f"DB instance {src.ident} has no restorable time yet (no transaction archived since its base backup)")
+                               f"DB instance {src.ident} has no restorable time yet (no transaction archived since "
+                               "its base backup)")
         if (params.get("UseLatestRestorableTime") or "").lower() == "true":
             point = latest
         elif params.get("RestoreTime"):
             try:
                 point = _parse_time(params["RestoreTime"])
             except ValueError:
-                return self._error(start_response, "rds", 400, "InvalidParameterValue", f"RestoreTime {params['RestoreTime']!r} is not a timestamp")
+                return self._error(start_response, "rds", 400, "InvalidParameterValue",
+                                   f"RestoreTime {params['RestoreTime']!r} is not a timestamp")
         else:
-            return self._error(start_response, "rds", 400, "InvalidParameterCombination", "Specify RestoreTime or UseLatestRestorableTime")
+            return self._error(start_response, "rds", 400, "InvalidParameterCombination",
+                               "Specify RestoreTime or UseLatestRestorableTime")
         if point > latest:
             return self._error(start_response, "rds", 400, "InvalidParameterValue",
-                               f"The RestoreTime {_iso(point)} is after the latest restorable time {_iso(latest)} of {src.ident}")
+                               f"The RestoreTime {_iso(point)} is after the latest restorable time {_iso(latest)} "
+                               f"of {src.ident}")
         if earliest is not None and point < earliest:
             return self._error(start_response, "rds", 400, "InvalidParameterValue",
-                               f"The RestoreTime {_iso(point)} is before the earliest restorable time {_iso(earliest)} of {src.ident}")
+                               f"The RestoreTime {_iso(point)} is before the earliest restorable time "
+                               f"{_iso(earliest)} of {src.ident}")
         with emu.lock:
             # Registered before moto creates it: no answer may show the instance `available` before it is.
             inst = _Instance(target, region, "", scratch=True, job="restoring", restore_point=_iso(point))
@@ -535,7 +557,8 @@ class _Middleware:
                 if not params.get("DBParameterGroupName"):
                     db.db_parameter_group_name = None
                 body = _set_status(body, target, "creating")
-                inst.thread = threading.Thread(target=emu._restore_cluster, args=(inst, dict(src.cluster), archive, point),
+                inst.thread = threading.Thread(target=emu._restore_cluster,
+                                               args=(inst, dict(src.cluster), archive, point),
                                                name=f"restore-{target}", daemon=True)
                 inst.thread.start()
         if status.startswith("200"):
@@ -578,66 +601,41 @@ class _Middleware:
             body = self.emu._rewrite_rds(body)
         return self._respond(start_response, status, headers, body)
 
-    def _lab(self, environ, start_response, path: str) -> list[bytes]:
-        method = environ.get("REQUEST_METHOD", "GET")
+    def _admin(self, environ, start_response, path: str) -> list[bytes]:
+        raw = self._read_body(environ)
         try:
-            if path == "/_lab/state" and method == "GET":
-                return self._json(start_response, self.emu.state())
-            if path == "/_lab/counts" and method == "GET":
-                with self.emu.lock:
-                    return self._json(start_response, {"requests": dict(self.emu.request_counts),
-                                                       "random_faults": dict(self.emu.random_faults.injected)})
-            if path == "/_lab/fault_rate" and method == "POST":
-                self.emu.random_faults.rate = float(json.loads(self._read_body(environ) or b"{}")["rate"])
-                return self._json(start_response, {"rate": self.emu.random_faults.rate})
-            if path == "/_lab/instances" and method == "POST":
-                spec = json.loads(self._read_body(environ) or b"{}")
-                self.emu.map_instance(spec["db_instance_identifier"], spec["region"], cluster=spec.get("cluster"), dsn=spec.get("dsn"))
-                return self._json(start_response, self.emu.state()["instances"])
-            if path == "/_lab/faults" and method == "POST":
-                spec = json.loads(self._read_body(environ) or b"{}")
-                for f in spec if isinstance(spec, list) else [spec]:
-                    self.emu.inject_fault(**f)
-                return self._json(start_response, self.emu.state()["faults"])
-            if path == "/_lab/faults" and method == "DELETE":
-                self.emu.clear_faults()
-                return self._json(start_response, [])
-        except (KeyError, TypeError, ValueError) as e:
-            return self._json(start_response, {"error": f"{type(e).__name__}: {e}"}, "400 Bad Request")
-        return self._json(start_response, {"error": f"no such lab endpoint: {method} {path}"}, "404 Not Found")
+            body = json.loads(raw) if raw.strip() else None
+        except ValueError as e:
+            return self._json(start_response, {"error": {"code": "BadRequest", "message": str(e)}}, "400 Bad Request")
+        status, payload = self.emu.admin(environ.get("REQUEST_METHOD", "GET"), path, body)
+        return self._json(start_response, payload, f"{status} {_PHRASES.get(status, 'Error')}")
 
 
 # -- the emulator -------------------------------------------------------------------------------------
 
 
-class AwsEmulator:
+class AwsEmulator(Emulator):
     """A running emulator: ``url``, ``info()``, ``state()``, ``map_instance()``, ``inject_fault()``, ``stop()``."""
 
+    join_timeout = 10.0
+
     def __init__(self, config: dict[str, Any], port: int = 0, verbose: bool = False):
+        super().__init__()
         self.config = config or {}
         self.host = self.config.get("host", "127.0.0.1")
         self.port = port
         self.verbose = verbose
-        self.lock = threading.RLock()
         self.instances: dict[str, _Instance] = {}
         self.propagation_seconds = float((self.config.get("route53") or {}).get("propagation_seconds", 1.0))
         self.metrics_interval = float(self.config.get("metrics_interval", 5))
         self.promote_delay = float(self.config.get("promote_delay", 0))
         self.restore_delay = float(self.config.get("restore_delay", 0))  # extra seconds a restore stays `creating`
-        self.rebuild_delay = float(self.config.get("rebuild_delay", 0))  # extra seconds a replica rebuild stays `creating`
+        # extra seconds a replica rebuild stays `creating`
+        self.rebuild_delay = float(self.config.get("rebuild_delay", 0))
         self._restorable_lock = threading.Lock()
         self._restorable_cache: dict[str, tuple] = {}
         self._changes: dict[str, float] = {}
-        self._faults: list[_Fault] = []
-        from lab.faults import RandomFaults
-
-        self.random_faults = RandomFaults()  # $OPSFLOW_LAB_FAULTS: a fraction of API requests fail at random
-        self.request_counts: dict[str, int] = {}  # "<service> <Action>": API requests since the start
         self._info: dict[str, Any] = {}
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._server = None
-        self.url = ""
 
     # lifecycle
     def start(self) -> "AwsEmulator":
@@ -647,7 +645,8 @@ class AwsEmulator:
 
         with _running_lock:
             if _running is not None:
-                raise RuntimeError(f"an AWS emulator already runs in this process ({_running.url}); moto's state is per process")
+                raise RuntimeError(f"an AWS emulator already runs in this process ({_running.url}); moto's state "
+                                   "is per process")
             _running = self
         try:
             _reset_moto()
@@ -659,32 +658,20 @@ class AwsEmulator:
                         super().log_request(*args, **kwargs)
 
             app = _Middleware(DomainDispatcherApplication(create_backend_app), self)
-            self._server = make_server(self.host, self.port, app, threaded=True, request_handler=Handler)
-            self.port = self._server.server_port
+            server = make_server(self.host, self.port, app, threaded=True, request_handler=Handler)
+            self.port = server.server_port
             self.url = f"http://{self.host}:{self.port}"
-            t = threading.Thread(target=self._server.serve_forever, name="aws-emulator", daemon=True)
-            t.start()
-            self._threads.append(t)
+            self.serve(server, "aws-emulator")
             self._seed()
             if self.metrics_interval > 0:
-                t = threading.Thread(target=self._metrics_loop, name="aws-emulator-metrics", daemon=True)
-                t.start()
-                self._threads.append(t)
+                self.run(self._metrics_loop, "aws-emulator-metrics")
         except BaseException:
             self.stop()
             raise
         return self
 
-    def stop(self) -> None:
+    def after_stop(self) -> None:
         global _running
-        self._stop.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        for t in self._threads:
-            t.join(timeout=10)
-        self._threads.clear()
         self._drop_scratch_clusters()
         with _running_lock:
             if _running is self:
@@ -704,12 +691,6 @@ class AwsEmulator:
         for inst in scratch:
             self._retire_cluster(inst)
 
-    def __enter__(self) -> "AwsEmulator":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     # clients for seeding and metrics (over HTTP, like any client)
     def client(self, service: str, region: str = "us-east-1"):
         import boto3
@@ -721,7 +702,8 @@ class AwsEmulator:
     # seeding
     def _seed(self) -> None:
         cfg = self.config
-        info: dict[str, Any] = {"url": self.url, "hosted_zones": {}, "health_checks": {}, "instances": {}, "buckets": []}
+        info: dict[str, Any] = {"url": self.url, "hosted_zones": {}, "health_checks": {}, "instances": {},
+                                "buckets": []}
 
         for b in (cfg.get("s3") or {}).get("buckets", []):
             spec = {"name": b} if isinstance(b, str) else dict(b)
@@ -790,7 +772,8 @@ class AwsEmulator:
         if r53cfg.get("zones"):
             r53 = self.client("route53")
             for zone in r53cfg["zones"]:
-                zone_id = r53.create_hosted_zone(Name=zone["name"], CallerReference=uuid.uuid4().hex)["HostedZone"]["Id"]
+                created = r53.create_hosted_zone(Name=zone["name"], CallerReference=uuid.uuid4().hex)
+                zone_id = created["HostedZone"]["Id"]
                 zone_id = zone_id.rsplit("/", 1)[-1]
                 info["hosted_zones"][zone["name"]] = zone_id
                 changes = []
@@ -815,12 +798,14 @@ class AwsEmulator:
                             }
                             if hc.get("path"):
                                 hc_cfg["ResourcePath"] = hc["path"]
-                            hc_id = r53.create_health_check(CallerReference=uuid.uuid4().hex, HealthCheckConfig=hc_cfg)["HealthCheck"]["Id"]
+                            made = r53.create_health_check(CallerReference=uuid.uuid4().hex, HealthCheckConfig=hc_cfg)
+                            hc_id = made["HealthCheck"]["Id"]
                             rrset["HealthCheckId"] = hc_id
                             info["health_checks"][fo["set_identifier"]] = hc_id
                         changes.append({"Action": "CREATE", "ResourceRecordSet": rrset})
                 if changes:
-                    r53.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Comment": "opsflow lab seed", "Changes": changes})
+                    r53.change_resource_record_sets(HostedZoneId=zone_id,
+                                                    ChangeBatch={"Comment": "opsflow lab seed", "Changes": changes})
         self._info = info
         if self.metrics_interval > 0:
             self._publish_metrics()
@@ -831,30 +816,20 @@ class AwsEmulator:
         with self.lock:
             if _rds_db(region, ident) is None:
                 raise ValueError(f"no RDS instance {ident!r} in {region}")
-            self.instances[ident] = _Instance(ident, region, _cluster_dsn(spec), cluster=dict(cluster) if cluster else None)
-
-    def inject_fault(self, service: str, code: str, status: int = 400, action: str | None = None, count: int = 1, message: str | None = None) -> None:
-        with self.lock:
-            self._faults.append(_Fault(service, code, int(status), action, int(count), message))
-
-    def clear_faults(self) -> None:
-        with self.lock:
-            self._faults.clear()
-
-    def _take_fault(self, service: str, action: str | None) -> _Fault | None:
-        with self.lock:
-            for f in self._faults:
-                if f.service == service and (f.action is None or f.action == action):
-                    f.count -= 1
-                    if f.count <= 0:
-                        self._faults.remove(f)
-                    return f
-        return None
+            self.instances[ident] = _Instance(ident, region, _cluster_dsn(spec),
+                                              cluster=dict(cluster) if cluster else None)
 
     def info(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._info))
 
-    def state(self) -> dict[str, Any]:
+    def admin_route(self, method: str, segs: list[str], body: Any) -> tuple[int, Any] | None:
+        if segs == ["instances"] and method == "POST":
+            self.map_instance(body["db_instance_identifier"], body["region"], cluster=body.get("cluster"),
+                              dsn=body.get("dsn"))
+            return 200, self.state()["instances"]
+        return None
+
+    def describe(self) -> dict[str, Any]:
         with self.lock:
             instances = {}
             for i in self.instances.values():
@@ -873,8 +848,7 @@ class AwsEmulator:
                     "restore_point": i.restore_point,
                     "rebuilt": i.rebuilt,
                 }
-            faults = [f.__dict__.copy() for f in self._faults]
-        return {**self.info(), "instances": instances, "faults": faults}
+        return {**self.info(), "instances": instances}
 
     # the data plane behind RDS
     def _start_promotion(self, inst: _Instance) -> None:
@@ -932,7 +906,8 @@ class AwsEmulator:
                 return
             info = rebuilt.rebuild
             old.dsn = rebuilt.dsn
-            old.rebuilt = {"source": primary.ident, "method": info.method if info else None, "seconds": info.seconds if info else None,
+            old.rebuilt = {"source": primary.ident, "method": info.method if info else None,
+                           "seconds": info.seconds if info else None,
                            "fallback_reason": info.fallback_reason if info else None,
                            "moved_aside": str(info.moved_aside) if info and info.moved_aside else None}
             if db is not None:
@@ -1002,7 +977,8 @@ class AwsEmulator:
         without a WAL archive; latest None when nothing after the base backup is archived yet."""
         if not inst.cluster:
             return None, None
-        from lab.postgres import Cluster, archive_dir_of, cluster_root, earliest_restorable_time, last_archived_commit_time
+        from lab.postgres import Cluster, archive_dir_of, cluster_root, earliest_restorable_time, \
+            last_archived_commit_time
 
         cluster = Cluster.from_dict(inst.cluster)
         archive = archive_dir_of(cluster)
@@ -1046,17 +1022,20 @@ class AwsEmulator:
             block = m.group(0)
             inst = instance_of(block)
             if inst is not None and inst.job:  # the data plane is still being built
-                block = re.sub(rb"<DBInstanceStatus>[^<]*</DBInstanceStatus>", b"<DBInstanceStatus>creating</DBInstanceStatus>", block, count=1)
+                block = re.sub(rb"<DBInstanceStatus>[^<]*</DBInstanceStatus>",
+                               b"<DBInstanceStatus>creating</DBInstanceStatus>", block, count=1)
             if inst is None or inst.cluster is None:
                 return block
             if not inst.job:
                 endpoint = f"<Endpoint><Address>127.0.0.1</Address><Port>{inst.port}</Port></Endpoint>".encode()
                 block = re.sub(rb"<Endpoint>.*?</Endpoint>", endpoint, block, count=1, flags=re.S)
-                block = re.sub(rb"<DbInstancePort>\d*</DbInstancePort>", f"<DbInstancePort>{inst.port}</DbInstancePort>".encode(), block, count=1)
+                block = re.sub(rb"<DbInstancePort>\d*</DbInstancePort>",
+                               f"<DbInstancePort>{inst.port}</DbInstancePort>".encode(), block, count=1)
             _, latest = self._restorable(inst)
             block = re.sub(rb"<LatestRestorableTime>[^<]*</LatestRestorableTime>", b"", block)
             if latest is not None:
-                block = block.replace(b"</DBInstance>", f"<LatestRestorableTime>{_iso(latest)}</LatestRestorableTime></DBInstance>".encode())
+                tail = f"<LatestRestorableTime>{_iso(latest)}</LatestRestorableTime></DBInstance>"
+                block = block.replace(b"</DBInstance>", tail.encode())
             return block
 
         def fix_backup(m: re.Match) -> bytes:
@@ -1067,7 +1046,8 @@ class AwsEmulator:
             earliest, latest = self._restorable(inst)
             if earliest is None or latest is None:
                 return block
-            window = f"<RestoreWindow><EarliestTime>{_iso(earliest)}</EarliestTime><LatestTime>{_iso(latest)}</LatestTime></RestoreWindow>"
+            window = (f"<RestoreWindow><EarliestTime>{_iso(earliest)}</EarliestTime>"
+                      f"<LatestTime>{_iso(latest)}</LatestTime></RestoreWindow>")
             block = re.sub(rb"<RestoreWindow>.*?</RestoreWindow>", b"", block, flags=re.S)
             return block.replace(b"</DBInstanceAutomatedBackup>", window.encode() + b"</DBInstanceAutomatedBackup>")
 
@@ -1129,11 +1109,13 @@ class AwsEmulator:
         ok, text = _probe(hc.type_, hc.ip_address, int(hc.port), hc.resource_path)
         if hc.inverted:
             ok = not ok
-        body = re.sub(rb"<Status>.*?</Status>", b"<Status>" + escape(text).encode() + b"</Status>", body, count=1, flags=re.S)
-        return re.sub(rb"<IPAddress>.*?</IPAddress>", b"<IPAddress>" + hc.ip_address.encode() + b"</IPAddress>", body, count=1)
+        body = re.sub(rb"<Status>.*?</Status>", b"<Status>" + escape(text).encode() + b"</Status>", body, count=1,
+                      flags=re.S)
+        return re.sub(rb"<IPAddress>.*?</IPAddress>", b"<IPAddress>" + hc.ip_address.encode() + b"</IPAddress>", body,
+                      count=1)
 
     def _metrics_loop(self) -> None:
-        while not self._stop.wait(self.metrics_interval):
+        while not self.stop_event.wait(self.metrics_interval):
             self._publish_metrics()
 
     def _publish_metrics(self) -> None:
@@ -1186,7 +1168,8 @@ def _set_status(body: bytes, ident: str, status: str) -> bytes:
         im = _DBI_IDENT.search(block)
         if not im or im.group(1).decode() != ident:
             return block
-        return re.sub(rb"<DBInstanceStatus>[^<]*</DBInstanceStatus>", b"<DBInstanceStatus>" + status.encode() + b"</DBInstanceStatus>", block, count=1)
+        return re.sub(rb"<DBInstanceStatus>[^<]*</DBInstanceStatus>",
+                      b"<DBInstanceStatus>" + status.encode() + b"</DBInstanceStatus>", block, count=1)
 
     return _DBI_BLOCK.sub(fix, body)
 
@@ -1212,14 +1195,17 @@ def _load_config(path: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lab.aws_emulator", description="moto (RDS, Route 53, S3, CloudWatch) with the lab's PostgreSQL behind RDS")
+    ap = argparse.ArgumentParser(
+        prog="python -m lab.aws_emulator",
+        description="moto (RDS, Route 53, S3, CloudWatch) with the lab's PostgreSQL behind RDS")
     ap.add_argument("--config", required=True, help="YAML or JSON file (see the module docstring)")
     ap.add_argument("--port", type=int, default=0, help="0: any free port (the info line says which)")
     ap.add_argument("--host", default=None, help="default: the config's host, else 127.0.0.1")
     ap.add_argument("--info-file", help="write the info JSON here once ready")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = _load_config(args.config)
     if args.host:
         config["host"] = args.host

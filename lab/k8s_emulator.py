@@ -51,8 +51,11 @@ process (``kubectl annotate`` would do it too):
   ``Ready`` condition ``False``; when no node is Ready, no new pod gets ready;
 * seed ``auth: {token: ..., readonly_token: ...}``: requests without a valid bearer token
   get 401, writes with the read-only token get 403;
-* in-process only: ``handle.fail_next(503, count=2)`` answers the next API requests
-  with that status (429/500/503 for retry tests).
+* the emulators' one fault API (lab/faults.py; a request's key is ``"<METHOD> <path>"``):
+  ``emu.inject_fault("/deployments/", status=503, count=2)`` answers the next two matching API requests with
+  that status (429/500/503 for retry tests); also ``POST /_emulator/faults``, random faults
+  (``OPSFLOW_LAB_FAULTS``, ``POST /_emulator/fault_rate``) and the other admin endpoints of lab/emulator.py
+  (``/_emulator/counts``, ``/_emulator/state``, ...).
 
 Seed (JSON or YAML)::
 
@@ -83,8 +86,8 @@ Run as a process (logs only, on stderr)::
 
     python -m lab.k8s_emulator --seed seed.yaml --port 18443 [--state-file state.json]
 
-or in-process: ``handle = start_emulator(seed, port=0)``, then ``handle.url`` and
-``handle.stop()``. ``write_kubeconfig(path, {"lab-westeurope": url, ...})`` writes a
+or in-process: ``emu = start_emulator(seed, port=0)`` (a K8sEmulator), then ``emu.url`` and
+``emu.stop()``. ``write_kubeconfig(path, {"lab-westeurope": url, ...})`` writes a
 kubeconfig with one context (and cluster and user) per name.
 """
 
@@ -110,6 +113,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
+
+from lab.emulator import Emulator, is_admin_path
+from lab.faults import Fault
 
 log = logging.getLogger("lab.k8s_emulator")
 
@@ -206,12 +212,13 @@ def invalid(res: Resource, name: str, field: str, value: Any, why: str) -> ApiEr
     msg = f"{field}: Invalid value: {json.dumps(value)}: {why}"
     return ApiError(422, "Invalid", f'{res.qualified_kind} "{name}" is invalid: {msg}',
                     {"name": name, "group": res.group, "kind": res.kind,
-                     "causes": [{"reason": "FieldValueInvalid", "message": f"Invalid value: {json.dumps(value)}: {why}", "field": field}]})
+                     "causes": [{"reason": "FieldValueInvalid", "message": f"Invalid value: {json.dumps(value)}: {why}",
+                                 "field": field}]})
 
 
 def conflict(res: Resource, name: str) -> ApiError:
-    return ApiError(409, "Conflict", f'Operation cannot be fulfilled on {res.qualified} "{name}": the object has been modified; '
-                    "please apply your changes to the latest version and try again", _details(res, name))
+    return ApiError(409, "Conflict", f'Operation cannot be fulfilled on {res.qualified} "{name}": the object has been '
+                    "modified; please apply your changes to the latest version and try again", _details(res, name))
 
 
 def bad_request(message: str) -> ApiError:
@@ -393,6 +400,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _max_unavailable(spec: Obj) -> Any:
+    return spec.get("strategy", {}).get("rollingUpdate", {}).get("maxUnavailable", "25%")
+
+
 def _scaled(value: Any, total: int, round_up: bool) -> int:
     """maxUnavailable / maxSurge: an int or a percentage of the replicas."""
     if isinstance(value, int):
@@ -451,7 +462,8 @@ def deployment_object(name: str, namespace: str, replicas: int, *, labels: dict 
             "template": {"metadata": {"labels": dict(labels)},
                          "spec": {"containers": [{"name": name, "image": image,
                                                   "ports": [{"containerPort": 8080, "protocol": "TCP"}]}]}},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": max_unavailable, "maxSurge": "25%"}},
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxUnavailable": max_unavailable, "maxSurge": "25%"}},
             "progressDeadlineSeconds": progress_deadline_seconds,
             "revisionHistoryLimit": 10,
         },
@@ -492,7 +504,7 @@ Key = tuple[str, str, str]  # (plural, namespace or "", name)
 
 
 class Cluster:
-    """All objects of one emulated cluster, the deployment/node controller, and the fault knobs."""
+    """All objects of one emulated cluster, the deployment/node controller, and the annotation knobs."""
 
     def __init__(self, seconds_per_replica: float = DEFAULT_SECONDS_PER_REPLICA, state_file: str | None = None,
                  auth: dict | None = None):
@@ -509,11 +521,6 @@ class Cluster:
         self._templates: dict[Key, str] = {}
         self._stepped_at: dict[Key, float] = {}
         self._progress_at: dict[Key, float] = {}
-        self._faults: list[list] = []  # [code, remaining, path substring or None]
-        from lab.faults import RandomFaults
-
-        self.random_faults = RandomFaults()  # $OPSFLOW_LAB_FAULTS: a fraction of API requests fail at random
-        self.request_counts: dict[str, int] = {}  # "<METHOD> <path>": API requests since the start
 
     # -- storage -----------------------------------------------------------------------------------------
     def _stamp(self, obj: Obj, res: Resource, *, new: bool) -> None:
@@ -570,8 +577,10 @@ class Cluster:
                 replicas = int(d.get("replicas", 1))
                 broken = bool(d.get("broken", False))
                 obj = deployment_object(d["name"], d.get("namespace", "default"), replicas, labels=d.get("labels"),
-                                        broken=broken, progress_deadline_seconds=int(d.get("progress_deadline_seconds", 600)),
-                                        max_unavailable=d.get("max_unavailable", "25%"), image=d.get("image", "registry.local/app:1"))
+                                        broken=broken,
+                                        progress_deadline_seconds=int(d.get("progress_deadline_seconds", 600)),
+                                        max_unavailable=d.get("max_unavailable", "25%"),
+                                        image=d.get("image", "registry.local/app:1"))
                 ready = min(int(d.get("ready", 0 if broken else replicas)), replicas)
                 obj["status"] = _deployment_status(replicas, replicas, ready, 1, obj["spec"], complete_deadline=False)
                 self.put_new(DEPLOYMENTS, obj)
@@ -580,7 +589,8 @@ class Cluster:
                                                       selector=s.get("selector"), annotations=s.get("annotations"),
                                                       labels=s.get("labels")))
             for r in seed.get("httproutes", []):
-                self.put_new(HTTPROUTES, httproute_object(r["name"], r.get("namespace", "default"), r.get("backends", [])))
+                route = httproute_object(r["name"], r.get("namespace", "default"), r.get("backends", []))
+                self.put_new(HTTPROUTES, route)
 
     def load_state(self) -> bool:
         if not self.state_file or not self.state_file.exists():
@@ -608,29 +618,17 @@ class Cluster:
         with self.lock:
             if not (self._dirty or force):
                 return
+            objects = sorted(self.objects.values(),
+                             key=lambda o: (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]))
             data = {"resourceVersion": self.rv, "seconds_per_replica": self.seconds_per_replica, "auth": self.auth,
-                    "objects": sorted(self.objects.values(), key=lambda o: (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]))}
+                    "objects": objects}
             self._dirty = False
             self._saved_at = time.monotonic()
         tmp = self.state_file.with_suffix(self.state_file.suffix + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.state_file)
 
-    # -- fault knobs -------------------------------------------------------------------------------------
-    def fail_next(self, code: int, count: int = 1, path_contains: str | None = None) -> None:
-        with self.lock:
-            self._faults.append([int(code), int(count), path_contains])
-
-    def take_fault(self, path: str) -> int | None:
-        with self.lock:
-            for f in self._faults:
-                if f[1] > 0 and (f[2] is None or f[2] in path):
-                    f[1] -= 1
-                    if f[1] == 0:
-                        self._faults.remove(f)
-                    return f[0]
-        return None
-
+    # -- annotation knobs --------------------------------------------------------------------------------
     def annotate(self, res: Resource, namespace: str, name: str, key: str, value: str | None) -> None:
         with self.lock:
             obj = self.objects.get((res.plural, namespace if res.namespaced else "", name))
@@ -709,7 +707,7 @@ class Cluster:
                 elif new_ready < updated and not broken:
                     new_ready += 1
                     moved = True
-                max_unavailable = _scaled(spec.get("strategy", {}).get("rollingUpdate", {}).get("maxUnavailable", "25%"), target, False)
+                max_unavailable = _scaled(_max_unavailable(spec), target, False)
                 if old > 0 and (old - 1 + new_ready >= target - max_unavailable or new_ready >= target):
                     old -= 1
                     moved = True
@@ -763,7 +761,7 @@ def _deployment_status(target: int, total: int, ready: int, generation: int, spe
                        progressed: bool = False) -> Obj:
     updated = total if updated is None else updated
     now = _now()
-    max_unavailable = _scaled(spec.get("strategy", {}).get("rollingUpdate", {}).get("maxUnavailable", "25%"), target, False)
+    max_unavailable = _scaled(_max_unavailable(spec), target, False)
     available = ready
     complete = updated == target and total == target and available >= target
     rs = f'ReplicaSet "{name}-{template[:10]}"' if name else "ReplicaSet"
@@ -784,7 +782,8 @@ def _deployment_status(target: int, total: int, ready: int, generation: int, spe
     if available >= target - max_unavailable:
         avail = cond("Available", True, "MinimumReplicasAvailable", "Deployment has minimum availability.", False)
     else:
-        avail = cond("Available", False, "MinimumReplicasUnavailable", "Deployment does not have minimum availability.", False)
+        avail = cond("Available", False, "MinimumReplicasUnavailable", "Deployment does not have minimum availability.",
+                     False)
     if complete:
         prog = cond("Progressing", True, "NewReplicaSetAvailable", f"{rs} has successfully progressed.", False)
     elif complete_deadline:
@@ -864,20 +863,24 @@ def validate(res: Resource, obj: Obj) -> None:
         if not match:
             raise invalid(res, name, "spec.selector", spec.get("selector"), "empty selector is invalid for deployment")
         if any(labels.get(k) != v for k, v in match.items()):
-            raise invalid(res, name, "spec.template.metadata.labels", labels, "`selector` does not match template `labels`")
+            raise invalid(res, name, "spec.template.metadata.labels", labels,
+                          "`selector` does not match template `labels`")
         containers = (((spec.get("template") or {}).get("spec") or {}).get("containers")) or []
         if not containers or not all(isinstance(c, dict) and c.get("name") and c.get("image") for c in containers):
-            raise invalid(res, name, "spec.template.spec.containers", containers, "at least one container with a name and an image is required")
+            raise invalid(res, name, "spec.template.spec.containers", containers,
+                          "at least one container with a name and an image is required")
     if res is HTTPROUTES:
         for i, rule in enumerate((obj.get("spec") or {}).get("rules") or []):
             for j, ref in enumerate(rule.get("backendRefs") or []):
                 w = ref.get("weight", 1)
                 if not _is_int(w) or not 0 <= w <= 1_000_000:
-                    raise invalid(res, name, f"spec.rules[{i}].backendRefs[{j}].weight", w, "must be between 0 and 1000000")
+                    raise invalid(res, name, f"spec.rules[{i}].backendRefs[{j}].weight", w,
+                                  "must be between 0 and 1000000")
     if res is SERVICES:
         for i, p in enumerate((obj.get("spec") or {}).get("ports") or []):
             if not _is_int(p.get("port")) or not 0 < p["port"] < 65536:
-                raise invalid(res, name, f"spec.ports[{i}].port", p.get("port"), "must be between 1 and 65535, inclusive")
+                raise invalid(res, name, f"spec.ports[{i}].port", p.get("port"),
+                              "must be between 1 and 65535, inclusive")
 
 
 # -- HTTP ---------------------------------------------------------------------------------------------------
@@ -922,7 +925,8 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 60  # idle keep-alive connections are closed after a minute
     disable_nagle_algorithm = True
     wbufsize = -1  # headers and body leave in one write (flushed after each request)
-    cluster: Cluster  # set on the subclass per server
+    emulator: "K8sEmulator"  # set on the subclass per server
+    cluster: Cluster  # the emulator's
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -977,8 +981,10 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         path = url.path.rstrip("/") or "/"
-        c = self.cluster
+        emu = self.emulator
         try:
+            if is_admin_path(path):
+                return self._send(*emu.admin(method, path, json.loads(self._raw) if self._raw.strip() else None))
             if method == "GET" and path in ("/healthz", "/readyz", "/livez"):
                 return self._send(200, "ok")
             if method == "GET" and path == "/version":
@@ -986,24 +992,21 @@ class _Handler(BaseHTTPRequestHandler):
             route = parse_path(path)
             role = self._authenticate(route)
             if route is not None:
-                with c.lock:
-                    key = f"{method} {path}"
-                    c.request_counts[key] = c.request_counts.get(key, 0) + 1
-                kind = c.random_faults.pick()
-                if kind == "drop":
-                    self.close_connection = True
-                    try:
-                        self.connection.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                    return None
-                if kind is not None:
-                    code = 429 if kind == "throttle" else 503
-                    raise ApiError(code, {429: "TooManyRequests", 503: "ServiceUnavailable"}[code], f"random fault {code} (lab)",
-                                   {"retryAfterSeconds": 1} if code == 429 else None)
-            if route is not None and (code := c.take_fault(path)) is not None:
-                reason = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}.get(code, "InternalError")
-                raise ApiError(code, reason, f"injected fault {code} (lab)", {"retryAfterSeconds": 1} if code == 429 else None)
+                key = f"{method} {path}"
+                emu.count_request(key)
+                fault = emu.take_fault(key, method)
+                if fault is not None:
+                    if fault.delay:
+                        time.sleep(fault.delay)
+                    if fault.drop:
+                        self.close_connection = True
+                        try:
+                            self.connection.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                        return None
+                    if fault.status:
+                        raise _fault_error(fault)
             if method == "GET" and (discovery := self._discovery(path)) is not None:
                 return self._send(200, discovery)
             if route is None:
@@ -1013,8 +1016,8 @@ class _Handler(BaseHTTPRequestHandler):
                 what = f"{route.res.plural}/{route.sub}" if route.sub else route.res.plural
                 where = f' in the namespace "{route.namespace}"' if route.namespace else " at the cluster scope"
                 raise ApiError(403, "Forbidden",
-                               f'{route.res.qualified} "{route.name or ""}" is forbidden: User "lab-readonly" cannot {verb} '
-                               f'resource "{what}" in API group "{route.res.group}"{where}',
+                               f'{route.res.qualified} "{route.name or ""}" is forbidden: User "lab-readonly" cannot '
+                               f'{verb} resource "{what}" in API group "{route.res.group}"{where}',
                                _details(route.res, route.name))
             if query.get("watch") in ("true", "1"):
                 raise bad_request("watch is not supported by the opsflow lab emulator")
@@ -1026,7 +1029,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(e.code, e.status())
         except Exception as e:  # a bug in the emulator: answer like an API server would, and say so in the log
             log.exception("%s %s failed", method, path)
-            self._send(500, ApiError(500, "InternalError", f"an error on the server ({e!r}) has prevented the request from succeeding").status())
+            why = f"an error on the server ({e!r}) has prevented the request from succeeding"
+            self._send(500, ApiError(500, "InternalError", why).status())
 
     def _authenticate(self, route: Route | None) -> str:
         auth = self.cluster.auth
@@ -1051,18 +1055,21 @@ class _Handler(BaseHTTPRequestHandler):
             return {"kind": "APIGroup", "apiVersion": "v1", "name": "apps",
                     "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
                     "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}
-        for prefix, group in (("/api/v1", ""), ("/apis/apps/v1", "apps"), (f"/apis/{HTTPROUTES.group}/v1", HTTPROUTES.group)):
+        for prefix, group in (("/api/v1", ""), ("/apis/apps/v1", "apps"),
+                              (f"/apis/{HTTPROUTES.group}/v1", HTTPROUTES.group)):
             if path == prefix:
                 resources = []
                 for res in _RESOURCES.values():
                     if res.group != group:
                         continue
-                    resources.append({"name": res.plural, "singularName": res.kind.lower(), "namespaced": res.namespaced,
-                                      "kind": res.kind, "verbs": _VERBS[res], "shortNames": _SHORT[res]})
+                    resources.append({"name": res.plural, "singularName": res.kind.lower(),
+                                      "namespaced": res.namespaced, "kind": res.kind, "verbs": _VERBS[res],
+                                      "shortNames": _SHORT[res]})
                     for sub in res.subresources:
                         kind = "Scale" if sub == "scale" else res.kind
-                        resources.append({"name": f"{res.plural}/{sub}", "singularName": "", "namespaced": res.namespaced,
-                                          "kind": kind, "verbs": ["get", "patch", "update"],
+                        resources.append({"name": f"{res.plural}/{sub}", "singularName": "",
+                                          "namespaced": res.namespaced, "kind": kind,
+                                          "verbs": ["get", "patch", "update"],
                                           **({"group": "autoscaling", "version": "v1"} if sub == "scale" else {})})
                 return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/v1" if group else "v1",
                         "resources": resources}
@@ -1077,13 +1084,16 @@ class _Handler(BaseHTTPRequestHandler):
         with c.lock:
             if name is None:
                 if method == "GET":
-                    items = c.list(res, route.namespace if res.namespaced else None, query.get("labelSelector"), query.get("fieldSelector"))
+                    items = c.list(res, route.namespace if res.namespaced else None, query.get("labelSelector"),
+                                   query.get("fieldSelector"))
                     return 200, {"kind": f"{res.kind}List", "apiVersion": res.api_version,
                                  "metadata": {"resourceVersion": str(c.rv)},
-                                 "items": [{k: v for k, v in copy.deepcopy(o).items() if k not in ("kind", "apiVersion")} for o in items]}
+                                 "items": [{k: v for k, v in copy.deepcopy(o).items()
+                                            if k not in ("kind", "apiVersion")} for o in items]}
                 if method == "POST":
                     return self._create(res, ns, self._body(), dry_run)
-                raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+                raise ApiError(405, "MethodNotAllowed",
+                               "the server does not allow this method on the requested resource")
             if method == "DELETE" and sub is None:
                 obj = c.get(res, ns, name)
                 if not dry_run:
@@ -1116,7 +1126,8 @@ class _Handler(BaseHTTPRequestHandler):
         patcher = PATCHERS.get(ctype)
         if patcher is None:
             raise ApiError(415, "UnsupportedMediaType",
-                           f"the body of the request was in an unknown format - accepted media types include: {', '.join(PATCHERS)}")
+                           "the body of the request was in an unknown format - accepted media types include: "
+                           f"{', '.join(PATCHERS)}")
         body = self._body()
         if ctype == "application/json-patch+json" and not isinstance(body, list):
             raise bad_request("a JSON patch is a list of operations")
@@ -1132,13 +1143,15 @@ class _Handler(BaseHTTPRequestHandler):
         if want and want != current["metadata"]["resourceVersion"]:
             raise conflict(res, name)
 
-    def _update(self, method: str, res: Resource, ns: str, name: str, sub: str | None, obj: Obj, dry_run: bool) -> tuple[int, Obj]:
+    def _update(self, method: str, res: Resource, ns: str, name: str, sub: str | None, obj: Obj,
+                dry_run: bool) -> tuple[int, Obj]:
         c = self.cluster
         new = self._patched(method, obj)
         self._precondition(res, name, obj, new)
         new_meta = new.get("metadata") or {}
         if new_meta.get("name", name) != name:
-            raise bad_request(f"the name of the object ({new_meta.get('name')}) does not match the name on the URL ({name})")
+            raise bad_request(f"the name of the object ({new_meta.get('name')}) does not match the name on the URL "
+                              f"({name})")
         if res.namespaced and new_meta.get("namespace", ns) != ns:
             raise bad_request("the namespace of the provided object does not match the namespace sent on the request")
         if sub == "status":  # the status subresource changes status only
@@ -1159,8 +1172,11 @@ class _Handler(BaseHTTPRequestHandler):
         validate(res, merged)
         if res is DEPLOYMENTS and merged.get("spec") != obj.get("spec"):
             merged["metadata"]["generation"] = int(obj["metadata"].get("generation", 1)) + 1
-        unchanged = {k: v for k, v in merged.items() if k != "metadata"} == {k: v for k, v in obj.items() if k != "metadata"} and \
-            {k: v for k, v in merged["metadata"].items() if k != "resourceVersion"} == {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}
+        def without(d: Obj, key: str) -> Obj:
+            return {k: v for k, v in d.items() if k != key}
+
+        unchanged = without(merged, "metadata") == without(obj, "metadata") and \
+            without(merged["metadata"], "resourceVersion") == without(obj["metadata"], "resourceVersion")
         if unchanged:  # a no-op write does not bump resourceVersion (as the API server)
             return 200, copy.deepcopy(obj)
         if dry_run:
@@ -1178,7 +1194,8 @@ class _Handler(BaseHTTPRequestHandler):
         meta = body.setdefault("metadata", {})
         if res.namespaced:
             if meta.get("namespace", ns) != ns:
-                raise bad_request("the namespace of the provided object does not match the namespace sent on the request")
+                raise bad_request("the namespace of the provided object does not match the namespace sent on the "
+                                  "request")
             meta["namespace"] = ns
             if ("namespaces", "", ns) not in c.objects:
                 raise not_found(NAMESPACES, ns)
@@ -1187,7 +1204,8 @@ class _Handler(BaseHTTPRequestHandler):
             spec.setdefault("replicas", 1)
             spec.setdefault("progressDeadlineSeconds", 600)
             spec.setdefault("revisionHistoryLimit", 10)
-            spec.setdefault("strategy", {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}})
+            spec.setdefault("strategy", {"type": "RollingUpdate",
+                                         "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}})
         body["status"] = {} if res is not NAMESPACES else {"phase": "Active"}
         validate(res, body)
         name = meta["name"]
@@ -1199,7 +1217,8 @@ class _Handler(BaseHTTPRequestHandler):
         log.info("created %s %s/%s", res.plural, ns or "-", name)
         return 201, copy.deepcopy(obj)
 
-    def _scale(self, method: str, res: Resource, ns: str, name: str, obj: Obj, query: dict, dry_run: bool) -> tuple[int, Obj]:
+    def _scale(self, method: str, res: Resource, ns: str, name: str, obj: Obj, query: dict,
+               dry_run: bool) -> tuple[int, Obj]:
         c = self.cluster
         scale = _scale_of(obj)
         if method == "GET":
@@ -1210,9 +1229,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._precondition(res, name, obj, new)
         replicas = (new.get("spec") or {}).get("replicas", 0 if method == "PUT" else scale["spec"]["replicas"])
         if not _is_int(replicas) or replicas < 0:
-            raise ApiError(422, "Invalid", f'Scale.autoscaling "{name}" is invalid: spec.replicas: Invalid value: {json.dumps(replicas)}: must be greater than or equal to 0',
+            why = "must be greater than or equal to 0"
+            raise ApiError(422, "Invalid", f'Scale.autoscaling "{name}" is invalid: spec.replicas: Invalid value: '
+                                           f'{json.dumps(replicas)}: {why}',
                            {"name": name, "group": "autoscaling", "kind": "Scale",
-                            "causes": [{"reason": "FieldValueInvalid", "message": "must be greater than or equal to 0", "field": "spec.replicas"}]})
+                            "causes": [{"reason": "FieldValueInvalid", "message": why, "field": "spec.replicas"}]})
         if replicas == obj["spec"].get("replicas", 1) or dry_run:
             out = copy.deepcopy(scale)
             out["spec"]["replicas"] = replicas
@@ -1221,14 +1242,16 @@ class _Handler(BaseHTTPRequestHandler):
         obj["spec"]["replicas"] = replicas
         obj["metadata"]["generation"] = int(obj["metadata"].get("generation", 1)) + 1
         c._stamp(obj, res, new=False)
-        log.info("scaled deployment %s/%s %d -> %d (generation %d)", ns, name, before, replicas, obj["metadata"]["generation"])
+        log.info("scaled deployment %s/%s %d -> %d (generation %d)", ns, name, before, replicas,
+                 obj["metadata"]["generation"])
         return 200, _scale_of(obj)
 
 
 def _scale_of(dep: Obj) -> Obj:
     meta = dep["metadata"]
     return {"kind": "Scale", "apiVersion": "autoscaling/v1",
-            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in meta},
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                         if k in meta},
             "spec": {"replicas": dep["spec"].get("replicas", 1)},
             "status": {"replicas": int(dep.get("status", {}).get("replicas", 0)),
                        "selector": selector_string(dep["spec"].get("selector", {}).get("matchLabels", {}))}}
@@ -1243,45 +1266,28 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
 
-class EmulatorHandle:
-    """A running emulator: ``url``, ``stop()``, and the in-process fault knobs."""
+class K8sEmulator(Emulator):
+    """A running emulator: ``url``, ``stop()``, the cluster's knobs, and the emulators' fault API."""
 
-    def __init__(self, cluster: Cluster, server: _Server, threads: list[threading.Thread], stop_event: threading.Event):
+    def __init__(self, cluster: Cluster):
+        super().__init__()
         self.cluster = cluster
-        self._server = server
-        self._threads = threads
-        self._stop = stop_event
-        host, port = server.server_address[:2]
-        self.host, self.port = host, port
-        self.url = f"http://{host}:{port}"
 
-    def stop(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._server.shutdown()
-        self._server.server_close()
-        for t in self._threads:
-            t.join(timeout=5)
+    def after_stop(self) -> None:
         self.cluster.save_state(force=True)
         log.info("k8s emulator on %s stopped", self.url)
 
-    def __enter__(self) -> "EmulatorHandle":
-        return self
+    def describe(self) -> dict:
+        with self.cluster.lock:
+            return {"resourceVersion": self.cluster.rv, "seconds_per_replica": self.cluster.seconds_per_replica,
+                    "objects": len(self.cluster.objects)}
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # Fault knobs. The same effects are reachable over the API (see the module docstring).
+    # Knobs. The same effects are reachable over the API (see the module docstring).
     def set_broken(self, name: str, namespace: str = "default", broken: bool = True) -> None:
         self.cluster.annotate(DEPLOYMENTS, namespace, name, BROKEN_ANNOTATION, "true" if broken else None)
 
     def set_node_ready(self, name: str, ready: bool) -> None:
         self.cluster.annotate(NODES, "", name, NODE_NOT_READY_ANNOTATION, None if ready else "true")
-
-    def fail_next(self, code: int, count: int = 1, path_contains: str | None = None) -> None:
-        """Answer the next ``count`` API requests (optionally only paths containing a string) with ``code``."""
-        self.cluster.fail_next(code, count, path_contains)
 
     @property
     def seconds_per_replica(self) -> float:
@@ -1296,9 +1302,28 @@ class EmulatorHandle:
         with self.cluster.lock:
             return copy.deepcopy(self.cluster.objects[(plural, namespace, name)])
 
+    def control(self) -> None:
+        """The controller: moves the deployments' and nodes' status toward their spec until stop()."""
+        cluster = self.cluster
+        while not self.stop_event.is_set():
+            try:
+                cluster.reconcile()
+            except Exception:  # keep the controller alive, as a real one would
+                log.exception("controller step failed")
+            step = cluster.seconds_per_replica
+            self.stop_event.wait(0.02 if step <= 0 else min(max(step / 4, 0.01), 0.25))
+
+
+def _fault_error(fault: Fault) -> ApiError:
+    code = fault.status or 500
+    reasons = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
+    origin = "injected" if fault.kind == "planned" else "random"
+    return ApiError(code, fault.code or reasons.get(code, "InternalError"),
+                    fault.message or f"{origin} fault {code} (lab)", {"retryAfterSeconds": 1} if code == 429 else None)
+
 
 def start_emulator(seed: dict, port: int = 0, *, host: str = "127.0.0.1", state_file: str | None = None,
-                   seconds_per_replica: float | None = None) -> EmulatorHandle:
+                   seconds_per_replica: float | None = None) -> K8sEmulator:
     """Start an emulated cluster on ``host:port`` (0: any free port) in background threads.
 
     With a ``state_file`` that exists, its objects are loaded instead of the seed; the
@@ -1309,27 +1334,16 @@ def start_emulator(seed: dict, port: int = 0, *, host: str = "127.0.0.1", state_
         cluster.seed(seed)
     if seconds_per_replica is not None:
         cluster.seconds_per_replica = float(seconds_per_replica)
-    handler = type("Handler", (_Handler,), {"cluster": cluster})
+    emu = K8sEmulator(cluster)
+    handler = type("Handler", (_Handler,), {"emulator": emu, "cluster": cluster})
     server = _Server((host, port), handler)
-    stop = threading.Event()
-
-    def control() -> None:
-        while not stop.is_set():
-            try:
-                cluster.reconcile()
-            except Exception:  # keep the controller alive, as a real one would
-                log.exception("controller step failed")
-            step = cluster.seconds_per_replica
-            stop.wait(0.02 if step <= 0 else min(max(step / 4, 0.01), 0.25))
-
-    threads = [threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"k8s-emulator-{port}", daemon=True),
-               threading.Thread(target=control, name=f"k8s-controller-{port}", daemon=True)]
-    for t in threads:
-        t.start()
-    handle = EmulatorHandle(cluster, server, threads, stop)
-    log.info("k8s emulator listening on %s (%d objects, %.2fs per replica)", handle.url, len(cluster.objects),
+    emu.port = server.server_address[1]
+    emu.url = f"http://{host}:{emu.port}"
+    emu.serve(server, f"k8s-emulator-{port}", poll_interval=0.05)
+    emu.run(emu.control, f"k8s-controller-{port}")
+    log.info("k8s emulator listening on %s (%d objects, %.2fs per replica)", emu.url, len(cluster.objects),
              cluster.seconds_per_replica)
-    return handle
+    return emu
 
 
 def load_seed(path: str | Path) -> dict:
@@ -1377,12 +1391,15 @@ def write_kubeconfig(path: str | Path, clusters: dict[str, str], *, tokens: dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lab.k8s_emulator", description="A stateful Kubernetes API emulator for the opsflow lab.")
-    parser.add_argument("--seed", required=True, help="seed file (JSON or YAML): namespaces, deployments, services, nodes")
+    parser = argparse.ArgumentParser(prog="python -m lab.k8s_emulator",
+                                     description="A stateful Kubernetes API emulator for the opsflow lab.")
+    parser.add_argument("--seed", required=True,
+                        help="seed file (JSON or YAML): namespaces, deployments, services, nodes")
     parser.add_argument("--port", type=int, required=True, help="port to listen on (0: any free port, logged)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--state-file", help="persist the objects here; loaded instead of the seed when it exists")
-    parser.add_argument("--seconds-per-replica", type=float, help=f"controller pace (default {DEFAULT_SECONDS_PER_REPLICA}, or the seed's)")
+    parser.add_argument("--seconds-per-replica", type=float,
+                        help=f"controller pace (default {DEFAULT_SECONDS_PER_REPLICA}, or the seed's)")
     parser.add_argument("--log-level", default=os.environ.get("OPSFLOW_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

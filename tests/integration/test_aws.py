@@ -202,14 +202,14 @@ def test_unknown_instance_is_non_retryable_and_named(inventory):
 
 def test_throttling_and_5xx_are_retryable(emu, inventory):
     provider = rds(inventory, "east")
-    emu.inject_fault(service="rds", action="DescribeDBInstances", code="Throttling", status=400, count=10)
+    emu.inject_fault(r"^rds DescribeDBInstances$", status=400, code="Throttling", count=10)
     try:
         with pytest.raises(ApplicationError) as e:
             provider.promote(False)
         assert not e.value.non_retryable and e.value.type == "AwsThrottled" and "orders-east" in e.value.message
     finally:
         emu.clear_faults()
-    emu.inject_fault(service="route53", action="ChangeResourceRecordSets", code="ServiceUnavailable", status=503, count=10)
+    emu.inject_fault(r"^route53 ChangeResourceRecordSets$", status=503, code="ServiceUnavailable", count=10)
     try:
         with pytest.raises(ApplicationError) as e:
             Route53Router(TrafficRequest.of(inventory, "west")).switch()
@@ -217,12 +217,12 @@ def test_throttling_and_5xx_are_retryable(emu, inventory):
     finally:
         emu.clear_faults()
     # A throttle botocore rides out by itself is no error at all.
-    emu.inject_fault(service="rds", action="DescribeDBInstances", code="Throttling", status=400, count=1)
+    emu.inject_fault(r"^rds DescribeDBInstances$", status=400, code="Throttling", count=1)
     assert provider.status().cloud_state == "available"
 
 
 def test_access_denied_is_non_retryable(emu, inventory):
-    emu.inject_fault(service="s3", action="PutObject", code="AccessDenied", status=403, count=1)
+    emu.inject_fault(r"^s3 PutObject$", status=403, code="AccessDenied", count=1)
     with pytest.raises(ApplicationError) as e:
         store_report_s3(inventory.aws, BUCKET, "denied.json", "{}", "application/json")
     assert e.value.non_retryable and e.value.type == "AwsAccessDenied" and f"s3://{BUCKET}/denied.json" in e.value.message

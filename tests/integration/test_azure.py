@@ -27,7 +27,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.azure import AzureFlexibleServer, AzureTrafficManagerRouter, postgres_client, traffic_manager_client
-from lab.arm_emulator import EmulatorHandle, start_emulator
+from lab.arm_emulator import ArmEmulator, start_emulator
 from lab.postgres import Cluster, create_replica, init_primary, wait_streaming
 from opsflow.inventory import AzureConnection, AzureFlexibleDatabase, AzureTrafficManager
 from opsflow.models import RegionTarget, TrafficRequest
@@ -68,7 +68,7 @@ class AzureLab:
     root: Path
     primary: Cluster
     replica: Cluster
-    emu: EmulatorHandle
+    emu: ArmEmulator
     config: dict
 
     @property

@@ -27,7 +27,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.azure import AzureFlexibleServer, AzurePointInTimeRestore, postgres_client
 from activities.restore import restore_delete, restore_leftovers, restore_start, restore_wait, verify
-from lab.arm_emulator import EmulatorHandle, start_emulator
+from lab.arm_emulator import ArmEmulator, start_emulator
 from lab.postgres import Cluster, create_replica, drop_cluster, earliest_restorable_time, init_primary, wait_streaming
 from opsflow.inventory import AzureConnection, AzureFlexibleDatabase, DrillPolicy, RowCountCheck, SqlCheck
 from opsflow.models import RegionTarget, RestoreRequest, VerifyRequest
@@ -62,7 +62,7 @@ class DrillLab:
     root: Path
     primary: Cluster
     replica: Cluster
-    emu: EmulatorHandle
+    emu: ArmEmulator
     config: dict
 
     @property

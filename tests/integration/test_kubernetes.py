@@ -426,9 +426,9 @@ def test_unauthorized_and_forbidden_are_non_retryable(tmp_path):
 
 
 def test_server_errors_are_retried_in_the_call_then_retryable(kubeconfig, cluster):
-    cluster.fail_next(503, count=2, path_contains="/deployments/")  # passing: retried by the client (TRANSIENT_RETRIES)
+    cluster.inject_fault("/deployments/", status=503, count=2)  # passing: retried by the client (TRANSIENT_RETRIES)
     assert kube_status(target(kubeconfig)).ready is True
-    cluster.fail_next(503, count=TRANSIENT_RETRIES.status + 1, path_contains="/deployments/")  # lasting: the activity's
+    cluster.inject_fault("/deployments/", status=503, count=TRANSIENT_RETRIES.status + 1)  # lasting: the activity's
     with pytest.raises(ApplicationError) as err:
         kube_status(target(kubeconfig))
     assert not err.value.non_retryable and err.value.type == "KubernetesApiError" and "503" in err.value.message
