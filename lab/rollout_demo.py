@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from opsflow.client import connect, fetch_report, follow, start_procedure
 from opsflow.inventory import load_inventory
-from opsflow.temporal import connect
-from opsflow.client import fetch_report, follow, start_procedure
 from opsflow.report import ProgressLines
 from workflows.canary import RolloutInput
 from workflows.procedure import Request
