@@ -217,10 +217,10 @@ async def cmd_list(args) -> int:
 
 def cmd_lab(args) -> int:
     try:
-        from lab import manage
+        from lab import cli as lab_cli
     except ImportError:
         raise ClientError("the lab is not installed here (it ships in a source checkout: pip install -e '.[lab]')") from None
-    return manage.main(args)
+    return lab_cli.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lab = sub.add_parser("lab", help="the local rehearsal lab: up, status, down")
     try:  # the `lab` subcommand is the only way from the CLI into lab/; a production image ships without it
-        from lab.manage import add_arguments as lab_arguments
+        from lab.cli import add_arguments as lab_arguments
     except ImportError:
         lab.add_argument("lab_command", nargs="?", help="(the lab is not installed here)")
     else:
