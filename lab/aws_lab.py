@@ -8,7 +8,7 @@ the clusters' ports); S3 holds a bucket for reports and one for dumps. The emula
 as its own process and keeps the data plane real: promotions, replica rebuilds (failback) and point-in-time
 restores (restore drills) happen on the clusters.
 
-Functions for lab/manage.py:
+Functions for lab/manage.py (the runner):
 
     aws_emulator_config(clusters, root) -> dict        what the emulator serves
     start_aws_emulator(lab, clusters, root) -> dict     spawn `python -m lab.aws_emulator`, wait, fill lab.state["aws"]
@@ -16,18 +16,32 @@ Functions for lab/manage.py:
     worker_env() -> dict                               AWS_* variables a worker needs to talk to moto
     seed_dump(endpoint_url, source, ...) -> dict       pg_dump a cluster into the dumps bucket (the s3-dump drill)
     s3_dump_drill(state, scratch_dsn) -> dict          a drill policy for the s3-dump method
-    drop_restored_clusters(root) -> list[str]          for `lab down`: clusters of RDS restores, if the emulator was killed
+    drop_restored_clusters(root) -> list[str]          for `lab down`: clusters of RDS restores, if the emulator
+                                                       was killed
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
 from datetime import timezone
 from pathlib import Path
 from typing import Any
+
+import boto3
+import psycopg
+from botocore.exceptions import ClientError
+
+from activities.aws import upload_dump
+from lab.aws_emulator import RESTORES_DIR
+from lab.inventory import PRIMARY, lab_inventory
+from lab.postgres import Cluster, drop_cluster, dump_database
+from lab.processes import Lab, pick_port
+from opsflow.client import pid_alive
+from opsflow.inventory import AwsConnection
 
 AWS_REGIONS = {"eastus": "us-east-1", "westeurope": "eu-west-1"}
 ZONE = "shop.lab.example."
@@ -62,8 +76,6 @@ def aws_emulator_config(clusters: dict[str, Any], root: Path) -> dict:
     with a parameter group of its own; the shop's Route 53 failover records with TCP health checks on the
     clusters' ports; the reports and dumps buckets. `root` is the lab directory (unused by the config itself;
     start_aws_emulator writes the config there)."""
-    from lab.manage import PRIMARY
-
     regions = [r for r in AWS_REGIONS if r in clusters] + [r for r in clusters if r not in AWS_REGIONS]
     primary = PRIMARY if PRIMARY in clusters else regions[0]
     instances = []
@@ -90,17 +102,17 @@ def aws_emulator_config(clusters: dict[str, Any], root: Path) -> dict:
         "metrics_interval": 5,
         "promote_delay": 0.5,
         "rds": {"instances": instances},
-        "route53": {"propagation_seconds": 1.0, "zones": [{"name": ZONE, "records": [{"name": RECORD, "type": "CNAME", "failover": failover}]}]},
+        "route53": {"propagation_seconds": 1.0,
+                    "zones": [{"name": ZONE, "records": [{"name": RECORD, "type": "CNAME", "failover": failover}]}]},
         "s3": {"buckets": [REPORTS_BUCKET, DUMPS_BUCKET]},
     }
 
 
-def start_aws_emulator(lab, clusters: dict[str, Any], root: Path, port: int | None = None, timeout: float = 90) -> dict:
+def start_aws_emulator(lab: Lab, clusters: dict[str, Any], root: Path, port: int | None = None,
+                       timeout: float = 90) -> dict:
     """Spawn the emulator as a lab process ("aws", `python -m lab.aws_emulator`), wait for its info file, and
     record lab.state["aws"] = {"endpoint_url", "hosted_zone_id", "record_name", "instances", "buckets", "info"}.
-    `lab` is lab.manage.Lab (its spawn() keeps the pid and log for `lab down`)."""
-    from lab.manage import pick_port
-
+    `lab` is lab.processes.Lab (its spawn() keeps the pid and log for `lab down`)."""
     root = Path(root)
     config_file, info_file = root / CONFIG_FILE, root / INFO_FILE
     config_file.write_text(json.dumps(aws_emulator_config(clusters, root), indent=2))
@@ -111,7 +123,7 @@ def start_aws_emulator(lab, clusters: dict[str, Any], root: Path, port: int | No
     log = Path(lab.state["processes"]["aws"]["log"])
     deadline = time.monotonic() + timeout
     while not info_file.exists():
-        if not _alive(lab.state["processes"]["aws"]["pid"]) or time.monotonic() > deadline:
+        if not pid_alive(lab.state["processes"]["aws"]["pid"]) or time.monotonic() > deadline:
             tail = "\n".join(log.read_text().splitlines()[-30:]) if log.exists() else ""
             raise RuntimeError(f"the AWS emulator did not come up within {timeout:.0f}s (log {log}):\n{tail}")
         time.sleep(0.1)
@@ -120,11 +132,14 @@ def start_aws_emulator(lab, clusters: dict[str, Any], root: Path, port: int | No
         "endpoint_url": info["url"],
         "hosted_zone_id": info["hosted_zones"][ZONE],
         "record_name": RECORD,
-        "instances": {r: {"db_instance_identifier": instance_id(r), "aws_region": AWS_REGIONS.get(r, "us-east-1")} for r in clusters},
+        "instances": {r: {"db_instance_identifier": instance_id(r), "aws_region": AWS_REGIONS.get(r, "us-east-1")}
+                      for r in clusters},
         "buckets": {"reports": REPORTS_BUCKET, "dumps": DUMPS_BUCKET},
         "info": info,
     }
-    lab.state["aws"]["oncall_secret_id"] = store_webhook_secret(info["url"], f"{lab.state['receiver']['url']}/oncall") if lab.state.get("receiver") else None
+    receiver = lab.state.get("receiver")
+    lab.state["aws"]["oncall_secret_id"] = (store_webhook_secret(info["url"], f"{receiver['url']}/oncall")
+                                            if receiver else None)
     lab.save()
     return lab.state["aws"]
 
@@ -134,10 +149,6 @@ ONCALL_SECRET_ID = "opsflow/lab/oncall-webhook"
 
 def store_webhook_secret(endpoint_url: str, url: str) -> str:
     """The oncall channel's webhook URL as a Secrets Manager secret in moto (the AWS lab's secret store)."""
-    import boto3
-
-    from botocore.exceptions import ClientError
-
     sm = boto3.client("secretsmanager", endpoint_url=endpoint_url, region_name=AWS_REGIONS[next(iter(AWS_REGIONS))],
                       aws_access_key_id="testing", aws_secret_access_key="testing")
     try:
@@ -147,12 +158,6 @@ def store_webhook_secret(endpoint_url: str, url: str) -> str:
             raise
         sm.put_secret_value(SecretId=ONCALL_SECRET_ID, SecretString=url)
     return ONCALL_SECRET_ID
-
-
-def _alive(pid: int) -> bool:
-    from opsflow.client import pid_alive
-
-    return pid_alive(pid)
 
 
 def worker_env() -> dict[str, str]:
@@ -166,16 +171,16 @@ def aws_lab_inventory(state: dict, root: Path) -> dict:
     restore drills by RDS point-in-time restore. Everything else (Kubernetes, smoke URLs, approvals, failover
     policy, notifications, the drill's checks) is the Azure variant's, so the two labs rehearse the same
     procedures."""
-    from lab.manage import lab_inventory
-
     aws = state["aws"]
     base = lab_inventory({**state, "azure": state.get("azure") or {"arm_endpoint": "", "ca_bundle": ""}}, root)
     base.pop("azure", None)
     for region, r in base["regions"].items():
-        inst = aws["instances"].get(region) or {"db_instance_identifier": instance_id(region), "aws_region": AWS_REGIONS.get(region, "us-east-1")}
+        inst = aws["instances"].get(region) or {"db_instance_identifier": instance_id(region),
+                                                "aws_region": AWS_REGIONS.get(region, "us-east-1")}
         r["database"] = {"provider": "aws-rds", **inst, "dsn": state["regions"][region]["dsn"]}
         r["traffic_endpoint"] = set_identifier(region)
-    base["traffic"] = {"provider": "route53", "hosted_zone_id": aws["hosted_zone_id"], "record_name": aws["record_name"], "record_type": "CNAME"}
+    base["traffic"] = {"provider": "route53", "hosted_zone_id": aws["hosted_zone_id"],
+                       "record_name": aws["record_name"], "record_type": "CNAME"}
     base["aws"] = {"endpoint_url": aws["endpoint_url"], "default_region": AWS_REGIONS[next(iter(AWS_REGIONS))]}
     for channel in base.get("notifications", []):
         if "azure_key_vault" in channel.get("url_secret", {}):  # the AWS lab keeps that webhook in Secrets Manager
@@ -191,21 +196,16 @@ def s3_dump_drill(state: dict, scratch_dsn: str, base: dict | None = None) -> di
     """A drill policy for method s3-dump: the newest dump under s3://<dumps bucket>/postgres/, restored into a
     scratch database on the PostgreSQL server of `scratch_dsn` (a writable server: not the replica)."""
     policy = dict(base or {})
-    policy.update(method="s3-dump", dumps={"bucket": state["aws"]["buckets"]["dumps"], "prefix": DUMPS_PREFIX}, scratch_server={"dsn": scratch_dsn})
+    policy.update(method="s3-dump", dumps={"bucket": state["aws"]["buckets"]["dumps"], "prefix": DUMPS_PREFIX},
+                  scratch_server={"dsn": scratch_dsn})
     return policy
 
 
-def seed_dump(endpoint_url: str, source, *, bucket: str = DUMPS_BUCKET, prefix: str = DUMPS_PREFIX, dbname: str | None = None,
-              key: str | None = None, workdir: Path | None = None) -> dict:
+def seed_dump(endpoint_url: str, source, *, bucket: str = DUMPS_BUCKET, prefix: str = DUMPS_PREFIX,
+              dbname: str | None = None, key: str | None = None, workdir: Path | None = None) -> dict:
     """pg_dump -Fc of `source` (a lab Cluster or a DSN; its database, or `dbname`) uploaded to S3 with its dump
     time (the server's clock just before pg_dump took its snapshot) as metadata. Returns {"url", "key",
     "dump_time"}. Needs AWS credentials in the environment (worker_env())."""
-    import psycopg
-
-    from activities.aws import upload_dump
-    from lab.postgres import Cluster, dump_database
-    from opsflow.inventory import AwsConnection
-
     dsn = source.dsn if isinstance(source, Cluster) else str(source)
     name = source.name if isinstance(source, Cluster) else "postgres"
     with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
@@ -216,8 +216,6 @@ def seed_dump(endpoint_url: str, source, *, bucket: str = DUMPS_BUCKET, prefix: 
         path = dump_database(dsn, tmp / "db.dump", dbname=dbname)
         url = upload_dump(AwsConnection(endpoint_url=endpoint_url), bucket, key, path, dump_time=dump_time)
     finally:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return {"url": url, "key": key, "dump_time": dump_time}
 
@@ -225,9 +223,6 @@ def seed_dump(endpoint_url: str, source, *, bucket: str = DUMPS_BUCKET, prefix: 
 def drop_restored_clusters(root: Path) -> list[str]:
     """Drop the clusters the emulator restored for RDS point-in-time restores under <root>/pg/rds-restores/.
     The emulator drops them itself when it stops (SIGTERM); this is for `lab down` after it was killed."""
-    from lab.aws_emulator import RESTORES_DIR
-    from lab.postgres import Cluster, drop_cluster
-
     restores = Path(root) / "pg" / RESTORES_DIR
     dropped = []
     if restores.is_dir():

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import time
+import subprocess
+import sys
 from pathlib import Path
 
-from opsflow.client import connect, fetch_report, follow, start_procedure
+from temporalio.client import WorkflowFailureError
+
+from activities.postgres import sql_status
+from lab.manage import print_status, status, up, worker_env
+from opsflow.client import connect, environment_workflow_id, fetch_report, follow, start_procedure
 from opsflow.inventory import load_inventory
 from opsflow.report import ProgressLines, figures, headline
 from workflows.failover import FailoverInput
+from workflows.maintenance import MaintenanceInput
 from workflows.procedure import Request
 
 REQUESTER, APPROVER = "alice", "bob"
@@ -33,8 +40,6 @@ async def approve_when_asked(handle) -> None:
 
 def current_primary(inv) -> str:
     """The region whose database is primary now (a second demo run fails back the other way)."""
-    from activities.postgres import sql_status
-
     for region, r in inv.regions.items():
         status = sql_status(r.database, region)
         if status.reachable and status.role == "primary" and not status.read_only:
@@ -48,7 +53,8 @@ async def demo(state: dict) -> int:
     target = next(r for r in inv.regions if r != source)
     client = await connect()
     inp = FailoverInput(inventory=inv, to_region=target, requester=REQUESTER, reason="opsflow demo")
-    handle = await start_procedure(client, inv, "failover", inp, f"Planned failover of {inv.environment} to {target} (demo)")
+    handle = await start_procedure(client, inv, "failover", inp,
+                                   f"Planned failover of {inv.environment} to {target} (demo)")
     ui = f"{state['temporal']['ui_url']}/namespaces/default/workflows/{handle.id}"
     print(f"\nplanned failover {source} -> {target} started as {handle.id}, requested by {REQUESTER}")
     print(f"watch it in the Temporal UI: {ui}\n", flush=True)
@@ -68,19 +74,16 @@ async def demo(state: dict) -> int:
 
 def drill_schedule(state: dict) -> int:
     """Create the monthly restore-drill schedule and trigger it once, following the run to its report."""
-    import json
-    import subprocess
-    import sys
-
-    from lab.manage import worker_env
-
     def opsflow(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "starters.cli", *args], capture_output=True, text=True, env={**os.environ, **worker_env(state)})
+        return subprocess.run([sys.executable, "-m", "starters.cli", *args], capture_output=True, text=True,
+                              env={**os.environ, **worker_env(state)})
 
     inv = state["inventory"]
     print("\nthe monthly restore drill on a Temporal Schedule:")
-    print(f"  opsflow schedule create monthly-drill --env {inv} --procedure drill --calendar 'day_of_month=1 hour=3' --timezone UTC")
-    created = opsflow("schedule", "create", "monthly-drill", "--env", inv, "--procedure", "drill", "--calendar", "day_of_month=1 hour=3", "--timezone", "UTC")
+    print(f"  opsflow schedule create monthly-drill --env {inv} --procedure drill "
+          "--calendar 'day_of_month=1 hour=3' --timezone UTC")
+    created = opsflow("schedule", "create", "monthly-drill", "--env", inv, "--procedure", "drill",
+                      "--calendar", "day_of_month=1 hour=3", "--timezone", "UTC")
     if created.returncode not in (0, 2):  # 2: it exists from an earlier demo
         print(created.stderr, end="")
         return created.returncode
@@ -91,19 +94,28 @@ def drill_schedule(state: dict) -> int:
         return triggered.returncode
     wid = json.loads(triggered.stdout).get("workflow_id")
     print(f"  drill {wid} started; following it")
-    while True:
-        report = json.loads(opsflow("status", wid, "--json").stdout or "{}")
-        if report.get("status") not in (None, "running", "waiting"):
-            break
-        time.sleep(1)
-    print(opsflow("report", wid).stdout, end="")
+    launched = asyncio.run(scheduled_run(state, wid))
+    if launched.get("status") == "skipped":
+        print(f"  skipped: {launched.get('reason')}")
+        return 1
+    drill = launched["workflow_id"]
+    report = json.loads(opsflow("report", drill, "--json").stdout or "{}")
+    print(opsflow("report", drill).stdout, end="")
     return 0 if report.get("status") == "succeeded" else 1
+
+
+async def scheduled_run(state: dict, launch_id: str) -> dict:
+    """What a Schedule's launch (workflows/scheduled.py) did, once the procedure it started has ended: the
+    procedure runs as its child under the environment's lock id, which is where its report is."""
+    client = await connect()
+    try:
+        return await client.get_workflow_handle(launch_id).result()
+    except WorkflowFailureError:  # the procedure failed, and its launch with it
+        return {"status": "failed", "workflow_id": environment_workflow_id(load_inventory(state["inventory"]))}
 
 
 async def maintenance_demo(state: dict) -> int:
     """The weekly maintenance window on the lab: its bloated table vacuumed, reindexed, under guards."""
-    from workflows.maintenance import MaintenanceInput
-
     inv = load_inventory(state["inventory"])
     client = await connect()
     inp = MaintenanceInput(inventory=inv, requester=REQUESTER, reason="opsflow demo")
@@ -125,9 +137,8 @@ async def maintenance_demo(state: dict) -> int:
     return code
 
 
-def run_demo(root: Path, with_worker: bool = True, cloud: str = "azure", with_drill: bool = False, procedure: str = "failover") -> int:
-    from lab.manage import print_status, status, up
-
+def run_demo(root: Path, with_worker: bool = True, cloud: str = "azure", with_drill: bool = False,
+             procedure: str = "failover") -> int:
     state = up(root, with_worker=with_worker, cloud=cloud)
     print_status(status(root))
     code = asyncio.run(maintenance_demo(state) if procedure == "maintenance" else demo(state))

@@ -27,8 +27,10 @@ cluster_root() and archive_dir_of() recover what a restore needs from a cluster'
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
+import random
 import re
 import shlex
 import shutil
@@ -36,11 +38,15 @@ import signal
 import socket
 import stat
 import subprocess
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from lab.ports import free_port
 
@@ -119,9 +125,11 @@ def _run(args: list[str], *, cwd: Path, timeout: float, what: str, logfile: Path
         )
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        raise PostgresLabError(f"{what}: timed out after {timeout:.0f}s\n{_excerpt(out)}{_log_section(logfile)}") from None
+        raise PostgresLabError(f"{what}: timed out after {timeout:.0f}s\n"
+                               f"{_excerpt(out)}{_log_section(logfile)}") from None
     if p.returncode != 0:
-        raise PostgresLabError(f"{what}: {Path(args[0]).name} exited with {p.returncode}\n{_excerpt(p.stdout)}{_log_section(logfile)}")
+        raise PostgresLabError(f"{what}: {Path(args[0]).name} exited with {p.returncode}\n"
+                               f"{_excerpt(p.stdout)}{_log_section(logfile)}")
     return p.stdout
 
 
@@ -184,8 +192,6 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
 def free_loopback_host(port: int = 5432) -> str:
     """An address of 127.0.0.0/8 (all loopback on Linux) other than 127.0.0.1 where `port` is free now: a cluster
     can listen there on the port its cloud would use (Azure: 5432), so clients need no lab-only port mapping."""
-    import random
-
     for _ in range(200):
         host = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
         if host in _handed_out_hosts:
@@ -292,10 +298,12 @@ class Cluster:
             raise PostgresLabError(f"cluster {self.name}: {self.datadir} is not a PostgreSQL data directory")
         self._remove_stale_lock()
         if _port_open(self.port, self.host):
-            raise PostgresLabError(f"cluster {self.name}: port {self.port} on {self.host} is already in use by another process")
+            raise PostgresLabError(f"cluster {self.name}: port {self.port} on {self.host} is already in use "
+                                   "by another process")
         args = [pg_bin("pg_ctl"), "start", "-D", str(self.datadir), "-l", str(self.logfile)]
         args += ["-w", "-t", str(int(START_TIMEOUT))] if wait else ["-W"]
-        _run(args, cwd=self.datadir.parent, timeout=START_TIMEOUT + 15, what=f"cluster {self.name}: start", logfile=self.logfile)
+        _run(args, cwd=self.datadir.parent, timeout=START_TIMEOUT + 15, what=f"cluster {self.name}: start",
+             logfile=self.logfile)
         if wait:
             self._wait_accepting(START_TIMEOUT)
 
@@ -310,9 +318,11 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while not _port_open(self.port, self.host):
             if not self.is_running():
-                raise PostgresLabError(f"cluster {self.name}: the server stopped while starting\n{_log_section(self.logfile)}")
+                raise PostgresLabError(f"cluster {self.name}: the server stopped while starting\n"
+                                       f"{_log_section(self.logfile)}")
             if time.monotonic() > deadline:
-                raise PostgresLabError(f"cluster {self.name}: not accepting connections on port {self.port} after {timeout:.0f}s\n{_log_section(self.logfile)}")
+                raise PostgresLabError(f"cluster {self.name}: not accepting connections on port {self.port} "
+                                       f"after {timeout:.0f}s\n{_log_section(self.logfile)}")
             time.sleep(0.05)
 
     def stop(self, mode: str = "fast") -> None:
@@ -393,7 +403,8 @@ def _conf_text(port: int, archive_dir: Path | None, host: str = "127.0.0.1") -> 
         target = shlex.quote(str(archive_dir))
         # Never overwrite a segment already archived (an old primary must not clobber the new one's WAL).
         command = f"test ! -f {target}/%f && cp %p {target}/%f"
-        lines += ["archive_mode = on", f"archive_command = '{command.replace(chr(39), chr(39) * 2)}'", "archive_timeout = 60"]
+        quoted = command.replace(chr(39), chr(39) * 2)
+        lines += ["archive_mode = on", f"archive_command = '{quoted}'", "archive_timeout = 60"]
     return "\n".join(lines) + "\n"
 
 
@@ -461,12 +472,14 @@ def init_primary(root: Path, name: str, port: int | None = None, archive_dir: Pa
     return cluster
 
 
-def create_replica(primary: Cluster, root: Path, name: str, port: int | None = None, slot: str | None = None) -> Cluster:
+def create_replica(primary: Cluster, root: Path, name: str, port: int | None = None,
+                   slot: str | None = None) -> Cluster:
     """A streaming replica of `primary` under root/name (pg_basebackup -R -X stream), started and streaming."""
     home, datadir, logfile = _cluster_paths(root, name)
     if datadir.exists():
         raise PostgresLabError(f"cluster {name}: {datadir} already exists; remove it or pick another name")
-    return _basebackup_replica(primary, Cluster(name=name, datadir=datadir, port=port or free_port(), logfile=logfile), slot)
+    replica = Cluster(name=name, datadir=datadir, port=port or free_port(), logfile=logfile)
+    return _basebackup_replica(primary, replica, slot)
 
 
 def _check_slot_name(slot: str | None) -> None:
@@ -479,15 +492,18 @@ def _basebackup_replica(primary: Cluster, replica: Cluster, slot: str | None) ->
     _check_slot_name(slot)
     name, datadir = replica.name, replica.datadir
     if not primary.is_running():
-        raise PostgresLabError(f"cluster {name}: the primary {primary.name} is not running\n{_log_section(primary.logfile)}")
+        raise PostgresLabError(f"cluster {name}: the primary {primary.name} is not running\n"
+                               f"{_log_section(primary.logfile)}")
     _make_dir(datadir.parent)
-    args = [pg_bin("pg_basebackup"), "-d", _conninfo_to(primary, name), "-D", str(datadir), "-R", "-X", "stream", "-c", "fast", "--no-sync"]
+    args = [pg_bin("pg_basebackup"), "-d", _conninfo_to(primary, name), "-D", str(datadir), "-R", "-X", "stream",
+            "-c", "fast", "--no-sync"]
     if slot:
         args += ["-S", slot]
         if not _slot_exists(primary, slot):
             args += ["-C"]
     try:
-        _run(args, cwd=datadir.parent, timeout=300, what=f"cluster {name}: pg_basebackup from {primary.name}", logfile=primary.logfile)
+        _run(args, cwd=datadir.parent, timeout=300, what=f"cluster {name}: pg_basebackup from {primary.name}",
+             logfile=primary.logfile)
     except PostgresLabError:
         shutil.rmtree(datadir, ignore_errors=True)
         raise
@@ -510,8 +526,8 @@ _NOT_INHERITED = ("primary_conninfo", "primary_slot_name", "default_transaction_
 
 def _rewrite_auto_conf(datadir: Path, extra: list[str]) -> None:
     auto = datadir / "postgresql.auto.conf"
-    lines = auto.read_text().splitlines() if auto.exists() else ["# Do not edit this file manually!",
-                                                                   "# It will be overwritten by the ALTER SYSTEM command."]
+    lines = auto.read_text().splitlines() if auto.exists() else [
+        "# Do not edit this file manually!", "# It will be overwritten by the ALTER SYSTEM command."]
     kept = [line for line in lines if not line.strip().startswith(_NOT_INHERITED)]
     _write_server_file(auto, "\n".join(kept + extra) + "\n")
 
@@ -530,21 +546,18 @@ def _configure_standby(replica: Cluster, primary: Cluster, slot: str | None) -> 
 
 
 def _slot_exists(primary: Cluster, slot: str) -> bool:
-    import psycopg
-
     with psycopg.connect(primary.dsn, connect_timeout=5, autocommit=True) as conn:
         return conn.execute("select 1 from pg_replication_slots where slot_name = %s", (slot,)).fetchone() is not None
 
 
 def wait_streaming(replica: Cluster, timeout: float = 30) -> None:
     """Wait until the replica's WAL receiver streams from its primary."""
-    import psycopg
-
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while True:
         if not replica.is_running():
-            raise PostgresLabError(f"cluster {replica.name}: the server is not running\n{_log_section(replica.logfile)}")
+            raise PostgresLabError(f"cluster {replica.name}: the server is not running\n"
+                                   f"{_log_section(replica.logfile)}")
         try:
             with psycopg.connect(replica.dsn, connect_timeout=3, autocommit=True) as conn:
                 row = conn.execute("select pg_is_in_recovery(), (select status from pg_stat_wal_receiver)").fetchone()
@@ -556,7 +569,8 @@ def wait_streaming(replica: Cluster, timeout: float = 30) -> None:
         except psycopg.Error as e:
             last = f"cannot query: {str(e).strip()}"
         if time.monotonic() > deadline:
-            raise PostgresLabError(f"cluster {replica.name}: not streaming after {timeout:.0f}s ({last})\n{_log_section(replica.logfile)}")
+            raise PostgresLabError(f"cluster {replica.name}: not streaming after {timeout:.0f}s ({last})\n"
+                                   f"{_log_section(replica.logfile)}")
         time.sleep(0.1)
 
 
@@ -586,8 +600,6 @@ def _parse_time(text: str) -> datetime:
 
 
 def _connect(cluster_or_dsn: "Cluster | str", timeout: int = 5):
-    import psycopg
-
     dsn = cluster_or_dsn.dsn if isinstance(cluster_or_dsn, Cluster) else cluster_or_dsn
     return psycopg.connect(dsn, connect_timeout=timeout, autocommit=True)
 
@@ -628,7 +640,8 @@ def take_base_backup(primary: Cluster, dest: Path) -> Path:
     if dest.exists():
         raise PostgresLabError(f"base backup: {dest} already exists")
     if not primary.is_running():
-        raise PostgresLabError(f"base backup: the cluster {primary.name} is not running\n{_log_section(primary.logfile)}")
+        raise PostgresLabError(f"base backup: the cluster {primary.name} is not running\n"
+                               f"{_log_section(primary.logfile)}")
     _make_dir(dest.parent)
     tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -636,7 +649,8 @@ def take_base_backup(primary: Cluster, dest: Path) -> Path:
     try:
         with _connect(primary) as conn:
             system_id, version, start_clock = conn.execute(
-                "select system_identifier::text, current_setting('server_version'), clock_timestamp() from pg_control_system()"
+                "select system_identifier::text, current_setting('server_version'), clock_timestamp() "
+                "from pg_control_system()"
             ).fetchone()
         _run(
             [pg_bin("pg_basebackup"), "-d", _conninfo_to(primary, "opsflow_base_backup"), "-D", str(tmp / "data"),
@@ -727,7 +741,8 @@ def archive_now(primary: Cluster, timeout: float = ARCHIVE_TIMEOUT) -> datetime:
     marker and holds every transaction committed before T.
     """
     with _connect(primary) as conn:
-        in_recovery, archive_mode = conn.execute("select pg_is_in_recovery(), current_setting('archive_mode')").fetchone()
+        in_recovery, archive_mode = conn.execute(
+            "select pg_is_in_recovery(), current_setting('archive_mode')").fetchone()
         if in_recovery:
             raise PostgresLabError(f"archive_now: {primary.name} is a replica; archive on the primary")
         if archive_mode == "off":
@@ -855,11 +870,13 @@ def restore_to_time(base_backup: Path, archive_dir: Path, root: Path, name: str,
     if target is not None and target < info["end_time"]:
         raise PostgresLabError(
             f"restore {name}: the point in time {target.isoformat()} is before the base backup "
-            f"{base_backup.name} (restorable from {info['end_time'].isoformat()}); pick a later time or an older base backup"
+            f"{base_backup.name} (restorable from {info['end_time'].isoformat()}); pick a later time or an older "
+            "base backup"
         )
     home, datadir, logfile = _cluster_paths(root, name)
     if datadir.exists():
-        raise PostgresLabError(f"restore {name}: {datadir} already exists; remove it (drop_cluster) or pick another name")
+        raise PostgresLabError(f"restore {name}: {datadir} already exists; remove it (drop_cluster) "
+                               "or pick another name")
     port = port or free_port()
     if _port_open(port, host):
         raise PostgresLabError(f"restore {name}: port {port} on {host} is already in use")
@@ -891,8 +908,6 @@ def restore_to_time(base_backup: Path, archive_dir: Path, root: Path, name: str,
 
 
 def _wait_promoted(cluster: Cluster, timeout: float, what: str) -> None:
-    import psycopg
-
     started = time.monotonic()
     deadline = started + timeout
     last = "not started"
@@ -909,11 +924,13 @@ def _wait_promoted(cluster: Cluster, timeout: float, what: str) -> None:
                 with _connect(cluster, timeout=3) as conn:
                     if not conn.execute("select pg_is_in_recovery()").fetchone()[0]:
                         return
-                    last = f"in recovery, replayed up to {conn.execute('select pg_last_wal_replay_lsn()').fetchone()[0]}"
+                    replayed = conn.execute("select pg_last_wal_replay_lsn()").fetchone()[0]
+                    last = f"in recovery, replayed up to {replayed}"
             except psycopg.Error as e:
                 last = str(e).strip()
         if time.monotonic() > deadline:
-            raise PostgresLabError(f"{what}: still not promoted after {timeout:.0f}s ({last})\n{_log_section(cluster.logfile)}")
+            raise PostgresLabError(f"{what}: still not promoted after {timeout:.0f}s ({last})\n"
+                                   f"{_log_section(cluster.logfile)}")
         time.sleep(0.1)
 
 
@@ -925,7 +942,8 @@ def _restore_hint(message: str, cluster: Cluster, target: datetime | None, archi
             last = last_archived_commit_time(archive_dir)
         except PostgresLabError:
             pass
-        return (f"restore {cluster.name}: the point in time {target.isoformat() if target else '?'} was not reached: the "
+        return (f"restore {cluster.name}: the point in time {target.isoformat() if target else '?'} "
+                "was not reached: the "
                 f"archive holds no transaction committed at or after it (newest archived commit: "
                 f"{last.isoformat() if last else 'none'}). A time in the future, or WAL not archived yet: call "
                 f"archive_now() on the source primary first.\n{message}")
@@ -959,8 +977,6 @@ def rebuild_replica(primary: Cluster, old: Cluster, root: Path, *, slot: str | N
     included, when it is gone altogether). `timeout`: how long the rewound server may take to stream before
     the fallback is taken. Raises PostgresLabError when even the fresh base backup fails.
     """
-    import psycopg
-
     t0 = time.monotonic()
     _check_slot_name(slot)
     target = Cluster(name=old.name, datadir=old.datadir, port=old.port, logfile=old.logfile)
@@ -978,14 +994,16 @@ def rebuild_replica(primary: Cluster, old: Cluster, root: Path, *, slot: str | N
         conn.execute("checkpoint")
 
     def done(method: str, reason: str | None = None, moved: Path | None = None) -> Cluster:
-        target.rebuild = RebuildInfo(method=method, seconds=round(time.monotonic() - t0, 3), fallback_reason=reason, moved_aside=moved)
+        target.rebuild = RebuildInfo(method=method, seconds=round(time.monotonic() - t0, 3), fallback_reason=reason,
+                                     moved_aside=moved)
         return target
 
     if target.is_running():
         try:
             with _connect(target, timeout=3) as conn:
                 in_recovery, status, sender_port = conn.execute(
-                    "select pg_is_in_recovery(), (select status from pg_stat_wal_receiver), (select sender_port from pg_stat_wal_receiver)"
+                    "select pg_is_in_recovery(), (select status from pg_stat_wal_receiver), "
+                    "(select sender_port from pg_stat_wal_receiver)"
                 ).fetchone()
             if in_recovery and status == "streaming" and sender_port == primary.port:
                 return done("already-streaming")
@@ -1009,7 +1027,8 @@ def rebuild_replica(primary: Cluster, old: Cluster, root: Path, *, slot: str | N
             kept = target.datadir.with_name(f"{target.datadir.name}.before-rewind-{stamp}")
             shutil.copytree(target.datadir, kept, symlinks=True)
             (kept / "postmaster.pid").unlink(missing_ok=True)
-            _run([pg_bin("pg_rewind"), "-D", str(target.datadir), "--source-server", _conninfo_to(primary, f"{old.name}_rewind"), "--no-sync"],
+            _run([pg_bin("pg_rewind"), "-D", str(target.datadir),
+                  "--source-server", _conninfo_to(primary, f"{old.name}_rewind"), "--no-sync"],
                  cwd=target.datadir.parent, timeout=300, what=f"{what}: pg_rewind")
             _configure_standby(target, primary, slot)
             log_start = target.logfile.stat().st_size if target.logfile.exists() else 0
@@ -1058,7 +1077,8 @@ def _wait_following(replica: Cluster, timeout: float, log_start: int) -> None:
             new = ""
         m = _CANNOT_FOLLOW.search(new)
         if m:
-            raise PostgresLabError(f"cluster {replica.name}: cannot follow its primary ({m.group(0)})\n{_log_section(replica.logfile)}")
+            raise PostgresLabError(f"cluster {replica.name}: cannot follow its primary ({m.group(0)})\n"
+                                   f"{_log_section(replica.logfile)}")
 
 
 # -- removal ----------------------------------------------------------------------------------------------
@@ -1092,21 +1112,22 @@ def _client_env() -> dict[str, str]:
 def _run_client(args: list[str], what: str, timeout: float) -> str:
     """A client tool (pg_dump, pg_restore) as the current user, with the caller's environment."""
     try:
-        p = subprocess.run(args, env=_client_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(args, env=_client_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=timeout)
     except subprocess.TimeoutExpired:
         raise PostgresLabError(f"{what}: timed out after {timeout:.0f}s") from None
     if p.returncode != 0:
-        raise PostgresLabError(f"{what}: {Path(args[0]).name} exited with {p.returncode}\n{_excerpt(p.stderr + p.stdout)}")
+        raise PostgresLabError(f"{what}: {Path(args[0]).name} exited with {p.returncode}\n"
+                               f"{_excerpt(p.stderr + p.stdout)}")
     return p.stdout
 
 
 def _dsn_with(dsn: str, **params: str) -> str:
-    from psycopg.conninfo import make_conninfo
-
     return make_conninfo(dsn, **params)
 
 
-def dump_database(cluster_or_dsn: "Cluster | str", dest_file: Path, *, dbname: str | None = None, timeout: float = 3600) -> Path:
+def dump_database(cluster_or_dsn: "Cluster | str", dest_file: Path, *, dbname: str | None = None,
+                  timeout: float = 3600) -> Path:
     """pg_dump -Fc of one database into dest_file (written to a temporary name, then renamed: a dest_file
     that exists is complete). The database is the DSN's (a Cluster: 'postgres'), or dbname. Returns dest_file."""
     dsn = cluster_or_dsn.dsn if isinstance(cluster_or_dsn, Cluster) else cluster_or_dsn
@@ -1123,13 +1144,12 @@ def dump_database(cluster_or_dsn: "Cluster | str", dest_file: Path, *, dbname: s
     return dest_file
 
 
-def restore_dump(dump_file: Path, dsn: str, dbname: str, *, replace: bool = False, jobs: int = 1, timeout: float = 3600) -> str:
+def restore_dump(dump_file: Path, dsn: str, dbname: str, *, replace: bool = False, jobs: int = 1,
+                 timeout: float = 3600) -> str:
     """Create database `dbname` on the server of `dsn` (connecting to the DSN's own database to do so) and
     pg_restore dump_file into it (--no-owner --no-acl: roles of the source need not exist on a scratch
     server; --exit-on-error). An existing dbname is an error, unless replace=True (dropped first, WITH FORCE).
     Returns the DSN of the restored database."""
-    from psycopg import errors as pgerrors, sql
-
     dump_file = Path(dump_file)
     if not dump_file.is_file():
         raise PostgresLabError(f"restore dump: {dump_file} does not exist")
@@ -1139,7 +1159,8 @@ def restore_dump(dump_file: Path, dsn: str, dbname: str, *, replace: bool = Fals
         try:
             conn.execute(sql.SQL("create database {}").format(sql.Identifier(dbname)))
         except pgerrors.DuplicateDatabase:
-            raise PostgresLabError(f"restore dump: database {dbname!r} already exists (replace=True drops it first)") from None
+            raise PostgresLabError(f"restore dump: database {dbname!r} already exists "
+                                   "(replace=True drops it first)") from None
     target = _dsn_with(dsn, dbname=dbname)
     args = [pg_bin("pg_restore"), "--no-owner", "--no-acl", "--exit-on-error", "-d", target]
     if jobs > 1:

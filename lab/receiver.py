@@ -37,9 +37,11 @@ def make_handler(root: Path):
                 if not self.headers.get("Authorization", "").startswith("OAuth "):
                     return self._json(401, {"error": "missing OAuth key"})
                 with open(root / "statuspage.jsonl", "a") as f:
-                    f.write(json.dumps({"at": time.time(), "method": method, "path": self.path, "body": payload}) + "\n")
+                    record = {"at": time.time(), "method": method, "path": self.path, "body": payload}
+                    f.write(json.dumps(record) + "\n")
                 if method == "GET" and parts[1:] == ["incidents", "scheduled"]:
-                    return self._json(200, [i for i in incidents.values() if i["page_id"] == parts[0] and i["status"] == "scheduled"])
+                    return self._json(200, [i for i in incidents.values()
+                                            if i["page_id"] == parts[0] and i["status"] == "scheduled"])
                 if method == "POST" and parts[1:] == ["incidents"]:
                     incident = {**payload["incident"], "id": f"inc{len(incidents) + 1}", "page_id": parts[0]}
                     incidents[incident["id"]] = incident

@@ -27,9 +27,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.request import urlopen
 
 from lab.ports import free_port
+
+if TYPE_CHECKING:  # the stage runs as its own process (python -m lab.rollout), without the runner's imports
+    from lab.processes import Lab
 
 log = logging.getLogger("lab.rollout")
 
@@ -57,21 +61,19 @@ def seed_additions(seed: dict) -> dict:
     for d in seed.get("deployments", []):
         if d["name"] == APP:
             d["image"] = STABLE_IMAGE
-    seed.setdefault("httproutes", []).append({"name": APP, "namespace": NAMESPACE, "backends": [{"name": APP, "port": 80, "weight": 100}]})
+    seed.setdefault("httproutes", []).append({"name": APP, "namespace": NAMESPACE,
+                                              "backends": [{"name": APP, "port": 80, "weight": 100}]})
     return seed
 
 
-def start(lab, root: Path, kube_url: str, region: str) -> dict:
+def start(lab: Lab, root: Path, kube_url: str, region: str) -> dict:
     """Start the stage as a lab process; returns what `opsflow lab status` shows under `rollout`."""
-    from lab.manage import wait_port
-
     proxy_port, prom_port = free_port(), free_port()
     lab.spawn("rollout", [sys.executable, "-m", "lab.rollout", "--dir", str(root / "rollout"), "--kube", kube_url,
                           "--namespace", NAMESPACE, "--route", APP, "--proxy-port", str(proxy_port),
                           "--prometheus-port", str(prom_port)])
-    info = lab.state["processes"]["rollout"]
-    wait_port(prom_port, 60, "prometheus", Path(info["log"]), pid=info["pid"])
-    wait_port(proxy_port, 60, "nginx", Path(info["log"]), pid=info["pid"])
+    lab.wait_port("rollout", prom_port, what="prometheus")
+    lab.wait_port("rollout", proxy_port, what="nginx")
     return {"images": dict(IMAGES), "stable_image": STABLE_IMAGE, "app": APP, "namespace": NAMESPACE, "region": region,
             "route": APP, "prometheus": f"http://127.0.0.1:{prom_port}", "proxy": f"http://127.0.0.1:{proxy_port}",
             "state": str(root / "rollout" / "state.json")}
@@ -81,7 +83,8 @@ def inventory_section(rollout: dict) -> dict:
     """The lab inventory's `rollout:` section for the stage."""
     requests = 'sum(rate(http_requests_total{deployment="{deployment}"}[5s]))'
     errors = 'sum(rate(http_requests_total{deployment="{deployment}",status=~"5.."}[5s]))'
-    p95 = 'histogram_quantile(0.95, sum by (le) (rate(http_request_duration_seconds_bucket{deployment="{deployment}"}[5s])))'
+    p95 = ('histogram_quantile(0.95, sum by (le) '
+           '(rate(http_request_duration_seconds_bucket{deployment="{deployment}"}[5s])))')
     return {
         "apps": {APP: {"region": rollout["region"], "deployment": APP, "container": APP, "service": APP,
                        "router": {"kind": "httproute", "name": rollout["route"]}}},
@@ -92,7 +95,8 @@ def inventory_section(rollout: dict) -> dict:
             "min_requests": 20,
             "requests": 'sum(increase(http_requests_total{deployment="{deployment}"}[{interval}]))',
             "metrics": [
-                {"name": "error-rate", "query": f"{errors} / {requests}", "max": 0.05, "direction": "increase", "critical": True},
+                {"name": "error-rate", "query": f"{errors} / {requests}", "max": 0.05, "direction": "increase",
+                 "critical": True},
                 {"name": "p95-latency", "query": p95, "max": 0.25, "direction": "increase"},
             ],
         },
@@ -157,7 +161,8 @@ class Stage:
             if cur is not None and cur.image == image and cur.proc.poll() is None:
                 continue
             port = free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "lab.app", "--port", str(port), "--deployment", name, "--image", image],
+            proc = subprocess.Popen([sys.executable, "-m", "lab.app", "--port", str(port), "--deployment", name,
+                                     "--image", image],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None)
             deadline = time.monotonic() + 15
             while not port_open(port) and time.monotonic() < deadline and proc.poll() is None:
@@ -206,7 +211,8 @@ class Stage:
                             servers.append(f"    server 127.0.0.1:{app.port} weight={weight} max_fails=0;")
         d = self.root / "nginx"
         upstream = "\n".join(servers) if servers else "    server 127.0.0.1:1 down;"
-        return f"""# rendered by lab.rollout from HTTPRoute {self.namespace}/{self.route}: {', '.join(split) or 'no backends'}
+        backends = ", ".join(split) or "no backends"
+        return f"""# rendered by lab.rollout from HTTPRoute {self.namespace}/{self.route}: {backends}
 daemon off;
 worker_processes 1;
 pid {d}/nginx.pid;
@@ -238,14 +244,13 @@ http {{
     def apply(self, config: str) -> None:
         d = self.root / "nginx"
         (d / "nginx.conf").write_text(config)
+        nginx = [NGINX, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")]
         if self.nginx is None:
             for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
                 (d / "tmp" / sub).mkdir(parents=True, exist_ok=True)
-            self.nginx = subprocess.Popen([NGINX, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
-                                          stdin=subprocess.DEVNULL)
+            self.nginx = subprocess.Popen(nginx, stdin=subprocess.DEVNULL)
         else:
-            subprocess.run([NGINX, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log"), "-s", "reload"],
-                           check=True, capture_output=True)
+            subprocess.run([*nginx, "-s", "reload"], check=True, capture_output=True)
         self.rendered = config
         log.info("nginx: %s", config.splitlines()[0])
 
@@ -276,13 +281,15 @@ scrape_configs:
       - files: ["{d}/targets.json"]
         refresh_interval: 1s
 """)
-        self.prometheus = subprocess.Popen([PROMETHEUS, f"--config.file={d}/prometheus.yml", f"--storage.tsdb.path={d}/data",
+        self.prometheus = subprocess.Popen([PROMETHEUS, f"--config.file={d}/prometheus.yml",
+                                            f"--storage.tsdb.path={d}/data",
                                             f"--web.listen-address=127.0.0.1:{self.prom_port}", "--log.level=warn",
                                             "--storage.tsdb.retention.time=1d"], stdin=subprocess.DEVNULL)
 
     # -- the loop ----------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"apps": {a.deployment: {"image": a.image, "port": a.port, "pid": a.proc.pid} for a in self.apps.values()},
+        return {"apps": {a.deployment: {"image": a.image, "port": a.port, "pid": a.proc.pid}
+                         for a in self.apps.values()},
                 "nginx": self.rendered.splitlines()[0] if self.rendered else None}
 
     def step(self) -> None:

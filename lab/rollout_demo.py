@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from lab.manage import down, print_status, status, up
+from opsflow.client import connect, fetch_report, follow, start_procedure
 from opsflow.inventory import load_inventory
-from opsflow.temporal import connect
-from opsflow.client import fetch_report, follow, start_procedure
 from opsflow.report import ProgressLines
 from workflows.canary import RolloutInput
 from workflows.procedure import Request
@@ -33,7 +33,8 @@ async def one(client, inv, image: str, ui: str) -> int:
     inp = RolloutInput(inventory=inv, image=image, strategy="canary", steps=[25, 50, 100], bake=15, auto_promote=True,
                        requester="alice", reason="opsflow demo")
     handle = await start_procedure(client, inv, "canary", inp, f"Canary of {image} (demo)")
-    print(f"\ncanary of {image} started as {handle.id}; UI: {ui}/namespaces/default/workflows/{handle.id}\n", flush=True)
+    print(f"\ncanary of {image} started as {handle.id}; UI: {ui}/namespaces/default/workflows/{handle.id}\n",
+          flush=True)
     approver = asyncio.create_task(approve_when_asked(handle))
     lines = ProgressLines()
     await follow(handle, lambda r: [print(line, flush=True) for line in lines.new_lines(r)])
@@ -41,8 +42,8 @@ async def one(client, inv, image: str, ui: str) -> int:
     report = await fetch_report(handle)
     code = 0 if report.status == "succeeded" else 1
     for a in report.analysis:  # type: ignore[attr-defined]
-        figures = ", ".join(f"{m.name} {m.verdict} (canary {m.canary:.4g} vs stable {m.baseline:.4g})" for m in a.metrics
-                            if m.canary is not None and m.baseline is not None)
+        figures = ", ".join(f"{m.name} {m.verdict} (canary {m.canary:.4g} vs stable {m.baseline:.4g})"
+                            for m in a.metrics if m.canary is not None and m.baseline is not None)
         print(f"  analysis at {a.weight} % ({a.kind}): {a.verdict} — {figures}")
     return code
 
@@ -60,8 +61,6 @@ async def demo(state: dict) -> int:
 
 
 def run_canary_demo(root: Path, with_worker: bool = True, cloud: str = "azure") -> int:
-    from lab.manage import down, print_status, status, up
-
     state = up(root, with_worker=with_worker, cloud=cloud, rollout=True)
     if not state.get("rollout"):  # a lab from an earlier demo without the rollout stage
         down(root, quiet=True)

@@ -9,17 +9,17 @@ from opsflow.client import ClientError
 from worker.main import add_arguments as worker_arguments, run_from_args as run_worker
 
 try:  # an optional part: a source checkout has lab/, the production image (Dockerfile) does not
-    from lab import manage as lab_manage
+    from lab import cli as lab_cli
 except ImportError:
-    lab_manage = None
+    lab_cli = None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     lab = sub.add_parser("lab", help="the local rehearsal lab: up, status, down")
-    if lab_manage is None:
+    if lab_cli is None:
         lab.add_argument("lab_command", nargs="?", help="(the lab is not installed here)")
     else:
-        lab_manage.add_arguments(lab)
+        lab_cli.add_arguments(lab)
     lab.set_defaults(func=cmd_lab)
     worker = sub.add_parser("worker", help="run a worker for the inventory's task queues")
     worker_arguments(worker)
@@ -27,6 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    if lab_manage is None:
+    if lab_cli is None:
         raise ClientError("the lab is not installed here (it ships in a source checkout: pip install -e '.[lab]')")
-    return lab_manage.main(args)
+    return lab_cli.main(args)

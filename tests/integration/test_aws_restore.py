@@ -482,7 +482,7 @@ def test_rds_pitr_from_the_new_primary_after_failover(emu, inventory, clusters):
 
 def test_start_aws_emulator_as_a_lab_process(clusters, workdir):
     from lab.aws_lab import start_aws_emulator
-    from lab.manage import Lab
+    from lab.processes import Lab
 
     root = workdir / "lab-process"
     root.mkdir()

@@ -47,7 +47,7 @@ def emulator_config(root: Path, primary: Cluster, replica: Cluster) -> dict:
         "tokens": ["opsflow-lab-token"],
         "settings": {"lro_seconds": 0.2},
         "flexible_servers": {
-            # Backups spelled out for the primary (the keys lab/manage.py may pass); derived from the cluster for
+            # Backups spelled out for the primary (the keys lab/inventory.py may pass); derived from the cluster for
             # the replica (it archives to the same place once promoted).
             "pg-weu": {"resource_group": RG, "location": "westeurope", "cluster": primary.to_dict(), "role": "Primary",
                        "backups": {"archive_dir": str(root / "wal-archive"), "base_backup_dir": str(root / "pg"),

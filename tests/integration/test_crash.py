@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from lab.manage import LRO_SECONDS
+from lab.inventory import LRO_SECONDS
 from tests.integration.conftest import FAST_RESTART, explain, fast_recovery, wait_for
 from tests.integration.test_failover_lab import approve, sql, timeline, wait_end, wait_status
 

@@ -21,7 +21,9 @@ from activities.analysis import judge_step
 from activities.kubernetes import create_canary, create_colour, delete_canary, rollout_status, scale_deployment, set_image, set_weight, switch_service
 from activities.prometheus import samples
 from lab.k8s_emulator import start_emulator, write_kubeconfig
-from lab.rollout import IMAGES, STABLE_IMAGE, free_port, inventory_section, seed_additions
+from lab.ports import free_port
+from lab.processes import wait_port
+from lab.rollout import IMAGES, STABLE_IMAGE, inventory_section, seed_additions
 from opsflow.inventory import KubernetesConfig
 from opsflow.rollout import AnalysisSpec, DeploymentRequest, ImageRequest, JudgeRequest, RolloutApp, RolloutTarget, SamplesRequest, WeightRequest
 from tests.helpers import eventually as wait_for
@@ -55,8 +57,6 @@ def stage(tmp_path, cluster):
     proc = subprocess.Popen([sys.executable, "-m", "lab.rollout", "--dir", str(tmp_path / "stage"), "--kube", cluster.url,
                              "--proxy-port", str(proxy), "--prometheus-port", str(prom), "--rps", "40"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    from lab.manage import wait_port
-
     wait_port(prom, 60, "prometheus", tmp_path / "stage.log", pid=proc.pid)
     wait_port(proxy, 60, "nginx", tmp_path / "stage.log", pid=proc.pid)
     yield {"proxy": f"http://127.0.0.1:{proxy}", "prometheus": f"http://127.0.0.1:{prom}", "log": tmp_path / "stage.log"}

@@ -129,3 +129,32 @@ def test_bluegreen_switch_and_automatic_switch_back(rollout_lab):
     d = deployments(lab)
     assert d["web"] == (stable, 3) and d["web-green"][1] == 0
     wait_for(lambda: served(lab, 10) == Counter({stable.rsplit(":", 1)[1]: 10}), 30, what="blue alone behind the proxy")
+
+
+def set_stable_image(lab: Lab, image: str) -> None:
+    """Put `image` back on the stable deployment, as `kubectl set image` would (a strategic merge patch)."""
+    url = lab.state["kubernetes"]["eastus"]["url"]
+    patch = {"spec": {"template": {"spec": {"containers": [{"name": "web", "image": image}]}}}}
+    request = urllib.request.Request(f"{url}/apis/apps/v1/namespaces/shop/deployments/web", method="PATCH",
+                                     data=json.dumps(patch).encode(),
+                                     headers={"Content-Type": "application/strategic-merge-patch+json"})
+    with urllib.request.urlopen(request):
+        pass
+
+
+def test_lab_demo_canary_promotes_the_healthy_image_and_rolls_back_the_faulty_one(rollout_lab):
+    """`opsflow lab demo --procedure canary`, as the README says, on a lab as it comes up (its stable image the
+    first one: the tests above promoted another)."""
+    lab, images = rollout_lab, rollout_lab.state["rollout"]["images"]
+    stable = lab.state["rollout"]["stable_image"]
+    set_stable_image(lab, stable)
+    version = stable.rsplit(":", 1)[1]
+    wait_for(lambda: served(lab, 10) == Counter({version: 10}), 30, what="the first stable image alone behind the proxy")
+
+    demo = lab.cli("lab", "demo", "--procedure", "canary", "--dir", str(lab.root), timeout=400)
+    assert demo.returncode == 0, f"stdout:\n{demo.stdout}\nstderr:\n{demo.stderr}"
+    assert f"canary of {images['healthy']} started" in demo.stdout
+    assert f"canary of {images['faulty']} started" in demo.stdout
+    assert "error-rate breach" in demo.stdout  # the faulty image's analysis, printed by the demo
+    assert deployments(lab)["web"][0] == images["healthy"] and "web-canary" not in deployments(lab)
+    assert route_weights(lab) == {"web": 100}

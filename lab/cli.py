@@ -1,0 +1,80 @@
+"""`opsflow lab up|status|down|demo`: the command line of the lab (starters/cli.py hands `opsflow lab` here).
+
+Every `opsflow` command builds this parser, so this module imports only the standard library at its top; the
+runner (lab/manage.py) and the demos are imported when a `lab` command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+COMMANDS = (("up", "start the lab"), ("status", "show the lab"), ("down", "stop the lab and remove its directory"),
+            ("demo", "lab up, then a planned failover with approval"))
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get("OPSFLOW_LAB_DIR") or f"/tmp/opsflow-lab-{os.getuid()}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="lab_command", required=True)
+    for name, text in COMMANDS:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--dir", type=Path, default=None, help=f"lab directory (default {default_dir()})")
+        p.add_argument("--json", action="store_true")
+        if name in ("up", "demo"):
+            p.add_argument("--no-worker", action="store_true", help="do not start a worker (tests run their own)")
+            p.add_argument("--cloud", choices=["azure", "aws"], default="azure",
+                           help="emulated cloud: Azure (ARM) or AWS (moto)")
+            p.add_argument("--faults", type=float, default=0.0, metavar="FRACTION",
+                           help="answer this fraction of cloud API requests with 429/503/dropped connections "
+                                "(e.g. 0.2)")
+            p.add_argument("--rollout", action="store_true",
+                           help="also the rollout stage: app processes, NGINX, Prometheus, load")
+            if name == "up":
+                p.add_argument("--encrypt", action="store_true",
+                               help="encrypt Temporal payloads (a lab key; a codec server for the UI)")
+        if name == "demo":
+            p.add_argument("--drill", action="store_true",
+                           help="then create the monthly restore-drill schedule and trigger it once")
+            p.add_argument("--procedure", choices=["failover", "maintenance", "canary"], default="failover",
+                           help="what the demo shows")
+
+
+def main(args: argparse.Namespace) -> int:
+    # Start-up time: the runner and the demos bring psycopg, boto3, the emulators and the workflows, which no other
+    # `opsflow` command needs.
+    from lab import demo, manage, rollout_demo
+
+    root = (args.dir or default_dir()).resolve()
+    if args.lab_command == "up":
+        manage.up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults,
+                  encrypt=args.encrypt, rollout=args.rollout)
+        s = manage.status(root)
+        if args.json:
+            print(json.dumps(s, indent=2))
+        else:
+            manage.print_status(s)
+            print(f"  tear down with: opsflow lab down{'' if root == default_dir().resolve() else f' --dir {root}'}")
+        return 0
+    if args.lab_command == "status":
+        s = manage.status(root)
+        if args.json:
+            print(json.dumps(s, indent=2))
+        else:
+            manage.print_status(s)
+        return 0 if s.get("up") else 1
+    if args.lab_command == "down":
+        manage.down(root, quiet=args.json)
+        if args.json:
+            print(json.dumps({"down": True, "dir": str(root)}))
+        return 0
+    if args.lab_command == "demo":
+        if args.procedure == "canary":
+            return rollout_demo.run_canary_demo(root, with_worker=not args.no_worker, cloud=args.cloud)
+        return demo.run_demo(root, with_worker=not args.no_worker, cloud=args.cloud, with_drill=args.drill,
+                             procedure=args.procedure)
+    raise AssertionError(args.lab_command)
