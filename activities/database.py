@@ -9,8 +9,10 @@ import psycopg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
-from activities import postgres
 from activities.context import Backoff, Every, heartbeat, sleep_or_cancelled, time_limit
+from activities.postgres.connection import where
+from activities.postgres.divergence import sql_divergence
+from activities.postgres.server import open_status_connection, sql_status_on
 from activities.providers import database_provider
 from opsflow.models import (
     CatchUpRequest, CatchUpResult, DbStatus, Divergence, DivergenceRequest, FenceResult, PromoteRequest, PromoteResult, RebuildRequest,
@@ -93,17 +95,17 @@ class _CatchUpWaiter:
         if conn is None or conn.closed or conn.broken:
             self.conns.pop(side, None)
             try:
-                conn = self.conns[side] = postgres.open_status_connection(db)
+                conn = self.conns[side] = open_status_connection(db)
             except ApplicationError as e:
                 if e.non_retryable:
                     raise
                 return DbStatus(region=target.region, reachable=False, error=e.message)
         try:
-            return postgres.sql_status_on(conn, db, target.region)
+            return sql_status_on(conn, db, target.region)
         except psycopg.Error as e:
             self.conns.pop(side, None)
             conn.close()
-            return DbStatus(region=target.region, reachable=False, error=f"database {postgres.where(db)}: {str(e).strip()}")
+            return DbStatus(region=target.region, reachable=False, error=f"database {where(db)}: {str(e).strip()}")
 
     def _status(self, side: str, control_plane: bool) -> DbStatus | None:
         st = self._sql_status(side)
@@ -197,7 +199,7 @@ def db_divergence(request: DivergenceRequest) -> Divergence:
     if not getattr(old_db, "dsn", None) or not getattr(new_db, "dsn", None):
         return Divergence(diverged=None, old_region=request.old.region, new_region=request.new.region,
                           detail="the inventory gives no SQL dsn for both databases: the LSNs cannot be compared")
-    return postgres.sql_divergence(old_db, new_db, old_region=request.old.region, new_region=request.new.region)
+    return sql_divergence(old_db, new_db, old_region=request.old.region, new_region=request.new.region)
 
 
 FENCE_BUDGET = 40.0  # an emergency's fence of the old primary: never longer than this (the step allows 60 s)

@@ -14,9 +14,11 @@ from pathlib import Path
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import postgres, prometheus
+from activities import prometheus
 from activities.context import heartbeat, time_limit
 from activities.http_checks import probe
+from activities.postgres.backup import base_backup, verify_base_backup
+from activities.postgres.maintenance import dead_tuple_candidates, missing_tables, run_maintenance
 from activities.providers import database_provider
 from opsflow.maintenance import table_name
 from opsflow.models import lsn_to_int
@@ -55,7 +57,7 @@ def plan(req: PlanRequest) -> PlanResult:
             items.append(WorkItem(task=i, kind="sql", name=task.name, sql=task.sql, reason="listed"))
             continue
         if task.tables == "auto":
-            picked = postgres.dead_tuple_candidates(db, task.auto.min_dead_tuples, task.auto.dead_ratio, task.auto.limit)
+            picked = dead_tuple_candidates(db, task.auto.min_dead_tuples, task.auto.dead_ratio, task.auto.limit)
             for table, why in picked:
                 try:
                     table_name(table)
@@ -63,7 +65,7 @@ def plan(req: PlanRequest) -> PlanResult:
                     continue  # a catalog name that is not a plain identifier: never sent back as SQL
                 items.append(WorkItem(task=i, kind=task.kind, table=table, reason=f"auto: {why}"))
         else:
-            gone = postgres.missing_tables(db, list(task.tables))
+            gone = missing_tables(db, list(task.tables))
             missing += [t for t in gone if t not in missing]
             items += [WorkItem(task=i, kind=task.kind, table=t, reason="listed") for t in task.tables if t not in gone]
     return PlanResult(items=items[: req.max_tables], missing=missing, over_limit=items[req.max_tables:], backup_target=_backup_target(req))
@@ -96,7 +98,7 @@ def _writable(path: Path) -> bool:
 @activity.defn(name="maint.run_item")
 def run_item(req: RunItemRequest) -> ItemResult:
     """One table (or named statement) under the guards; progress heartbeated; cancellation stops it cleanly."""
-    return postgres.run_maintenance(_sql_db(req.target), req.item, req.guards, cancel_at=req.cancel_at)
+    return run_maintenance(_sql_db(req.target), req.item, req.guards, cancel_at=req.cancel_at)
 
 
 @activity.defn(name="maint.health")
@@ -138,16 +140,16 @@ def take_backup(req: BackupRequest) -> BackupResult:
     limit = time_limit(req.policy.timeout)
     provider = req.target.database.provider
     if provider == "azure-flexible":
-        from activities.azure import on_demand_backup
+        from activities.azure.flexible_server import on_demand_backup  # the Azure clients load on first use
 
         return on_demand_backup(req.target, req.name, limit)
     if provider == "aws-rds":
-        from activities.aws import rds_manual_snapshot
+        from activities.aws.rds import rds_manual_snapshot  # boto3 loads on first use
 
         return rds_manual_snapshot(req.target, req.name, limit)
     if not req.policy.directory:
         raise ApplicationError("maintenance.backup.directory is not set", type="BadInput", non_retryable=True)
-    return postgres.base_backup(req.target.database, req.policy.directory, req.name, timeout=limit)
+    return base_backup(req.target.database, req.policy.directory, req.name, timeout=limit)
 
 
 @activity.defn(name="backup.verify")
@@ -157,12 +159,12 @@ def verify_backup(req: VerifyBackupRequest) -> str:
     if b.state != "completed":
         raise ApplicationError(f"backup {b.id} is {b.state}, not completed", type="BackupInvalid", non_retryable=True)
     if b.method == "azure-on-demand":
-        from activities.azure import get_backup, _get, _utc
+        from activities.azure.flexible_server import backup_completed_at, get_backup  # on first use, as above
 
         found = get_backup(req.target, b.id.rsplit("/", 1)[-1])
         if found is None:
             raise ApplicationError(f"backup {b.id} is not listed by Azure", type="BackupInvalid", non_retryable=True)
-        completed = _utc(_get(found, "properties", "completed_time") or _get(found, "completed_time"))
+        completed = backup_completed_at(found)
     else:
         completed = b.completed_at
     if completed is None or completed < req.not_before:
@@ -172,7 +174,7 @@ def verify_backup(req: VerifyBackupRequest) -> str:
         raise ApplicationError(f"backup {b.id} is empty", type="BackupInvalid", non_retryable=True)
     detail = f"{b.method} {b.id.rsplit('/', 1)[-1]}: completed {completed:%Y-%m-%d %H:%M:%S}Z" + (f", {b.size_bytes} bytes" if b.size_bytes else "")
     if b.method == "pg_basebackup":
-        detail += "; " + postgres.verify_base_backup(b.location)
+        detail += "; " + verify_base_backup(b.location)
     return detail
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from temporalio import activity
 
+from opsflow.inventory import AwsConnection
 from opsflow.models import StoreReportRequest
 
 
@@ -21,8 +22,7 @@ def store_report(request: StoreReportRequest) -> list[str]:
         path.write_text(body)
         places.append(str(path))
     if request.store.s3 is not None:
-        from activities.aws import store_report_s3
-        from opsflow.inventory import AwsConnection
+        from activities.aws.reports import store_report_s3  # boto3 loads on first use (~0.5 s of start-up)
 
         s3 = request.store.s3
         prefix = f"{s3.prefix.rstrip('/')}/" if s3.prefix else ""

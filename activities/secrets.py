@@ -75,9 +75,10 @@ def _resolve(ref: SecretRef) -> str:
 
 
 def _aws_secret(ref: SecretRef) -> str:
+    # boto3 loads on first use (~0.5 s): the CLI's codec and every worker import this module.
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from activities.aws import new_session  # a Session of its own: boto3's default one is not thread-safe
+    from activities.aws.session import new_session  # a Session of its own: boto3's default one is not thread-safe
 
     spec = ref.aws_secrets_manager
     assert spec is not None
@@ -111,10 +112,12 @@ def _json_field(value: str, field: str | None, ref: SecretRef) -> str:
 
 
 def _key_vault_secret(ref: SecretRef) -> str:
-    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError, ServiceRequestError
+    # The Azure SDK loads on first use, as boto3 above.
+    from azure.core.exceptions import (ClientAuthenticationError, HttpResponseError, ResourceNotFoundError,
+                                       ServiceRequestError)
     from azure.keyvault.secrets import SecretClient
 
-    from activities.azure import arm_credential
+    from activities.azure.arm import arm_credential
 
     spec = ref.azure_key_vault
     assert spec is not None

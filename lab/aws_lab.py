@@ -202,7 +202,7 @@ def seed_dump(endpoint_url: str, source, *, bucket: str = DUMPS_BUCKET, prefix: 
     "dump_time"}. Needs AWS credentials in the environment (worker_env())."""
     import psycopg
 
-    from activities.aws import upload_dump
+    from activities.aws.dump_restore import upload_dump
     from lab.postgres import Cluster, dump_database
     from opsflow.inventory import AwsConnection
 

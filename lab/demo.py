@@ -33,7 +33,7 @@ async def approve_when_asked(handle) -> None:
 
 def current_primary(inv) -> str:
     """The region whose database is primary now (a second demo run fails back the other way)."""
-    from activities.postgres import sql_status
+    from activities.postgres.server import sql_status
 
     for region, r in inv.regions.items():
         status = sql_status(r.database, region)
