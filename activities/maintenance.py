@@ -1,6 +1,6 @@
 """The maintenance window's activities: provider-neutral, each picks what the region's database needs.
 
-SQL work (VACUUM/ANALYZE/REINDEX, statistics, lag) is PostgreSQL's on every provider (activities/postgres.py);
+SQL work (VACUUM/ANALYZE/REINDEX, statistics, lag) is PostgreSQL's on every provider (activities/postgres/);
 backups go through the provider's control plane (Azure on-demand backup, RDS manual snapshot) or, for a
 self-managed server, pg_basebackup over the replication protocol into a directory on the worker.
 """
@@ -41,7 +41,11 @@ from opsflow.maintenance_models import (
 
 def _sql_db(target):
     if getattr(target.database, "dsn", None) is None:
-        raise ApplicationError(f"{target.region}: maintenance needs SQL access; the inventory gives no dsn", type="BadInput", non_retryable=True)
+        raise ApplicationError(
+            f"{target.region}: maintenance needs SQL access; the inventory gives no dsn",
+            type="BadInput",
+            non_retryable=True,
+        )
     return target.database
 
 
@@ -68,7 +72,12 @@ def plan(req: PlanRequest) -> PlanResult:
             gone = missing_tables(db, list(task.tables))
             missing += [t for t in gone if t not in missing]
             items += [WorkItem(task=i, kind=task.kind, table=t, reason="listed") for t in task.tables if t not in gone]
-    return PlanResult(items=items[: req.max_tables], missing=missing, over_limit=items[req.max_tables:], backup_target=_backup_target(req))
+    return PlanResult(
+        items=items[: req.max_tables],
+        missing=missing,
+        over_limit=items[req.max_tables :],
+        backup_target=_backup_target(req),
+    )
 
 
 def _backup_target(req: PlanRequest) -> str:
@@ -80,12 +89,17 @@ def _backup_target(req: PlanRequest) -> str:
     if provider == "aws-rds":
         return f"RDS manual snapshot of {req.target.database.db_instance_identifier}"
     if not req.backup.directory:
-        raise ApplicationError("maintenance.backup.directory is needed to back up a self-managed server (pg_basebackup target)",
-                               type="BadInput", non_retryable=True)
+        raise ApplicationError(
+            "maintenance.backup.directory is needed to back up a self-managed server (pg_basebackup target)",
+            type="BadInput",
+            non_retryable=True,
+        )
     directory = Path(req.backup.directory)
     probe_dir = directory if directory.exists() else directory.parent
     if not probe_dir.exists() or not _writable(probe_dir):
-        raise ApplicationError(f"backup directory {directory} is not writable on this worker", type="Refused", non_retryable=True)
+        raise ApplicationError(
+            f"backup directory {directory} is not writable on this worker", type="Refused", non_retryable=True
+        )
     return f"pg_basebackup into {directory}"
 
 
@@ -109,7 +123,9 @@ def health(req: HealthRequest) -> HealthResult:
     problems: list[str] = []
     status = database_provider(req.primary).status()
     if not status.reachable or status.role != "primary":
-        return HealthResult(ok=False, detail=f"primary in {req.primary.region}: " + (status.error or f"role {status.role}"))
+        return HealthResult(
+            ok=False, detail=f"primary in {req.primary.region}: " + (status.error or f"role {status.role}")
+        )
     lags: dict[str, int] = {}
     while True:
         lags, laggards = {}, []
@@ -117,7 +133,11 @@ def health(req: HealthRequest) -> HealthResult:
         for replica in req.replicas:
             r = database_provider(replica).status()
             if not r.reachable or not r.streaming:
-                return HealthResult(ok=False, detail=f"replica in {replica.region} is not streaming: {r.error or r.role}", lag_bytes=lags)
+                return HealthResult(
+                    ok=False,
+                    detail=f"replica in {replica.region} is not streaming: {r.error or r.role}",
+                    lag_bytes=lags,
+                )
             lags[replica.region] = max(0, primary_lsn - (lsn_to_int(r.replay_lsn) or 0))
             if lags[replica.region] > req.max_lag_bytes:
                 laggards.append(replica.region)
@@ -126,13 +146,23 @@ def health(req: HealthRequest) -> HealthResult:
         if not laggards:
             break
         if waited > req.lag_wait:
-            return HealthResult(ok=False, detail=f"replication lag above {req.max_lag_bytes} bytes for {waited:.0f}s: "
-                                + ", ".join(f"{r} {lags[r]}" for r in laggards), lag_bytes=lags, waited_seconds=waited)
+            return HealthResult(
+                ok=False,
+                detail=f"replication lag above {req.max_lag_bytes} bytes for {waited:.0f}s: "
+                + ", ".join(f"{r} {lags[r]}" for r in laggards),
+                lag_bytes=lags,
+                waited_seconds=waited,
+            )
         time.sleep(1)
     smoke = [probe(u) for u in req.primary.smoke_urls]
     problems += [f"{s.url}: {s.status or s.error}" for s in smoke if not s.ok]
-    return HealthResult(ok=not problems, detail="; ".join(problems) or "healthy", lag_bytes=lags,
-                        waited_seconds=time.monotonic() - started, smoke=smoke)
+    return HealthResult(
+        ok=not problems,
+        detail="; ".join(problems) or "healthy",
+        lag_bytes=lags,
+        waited_seconds=time.monotonic() - started,
+        smoke=smoke,
+    )
 
 
 @activity.defn(name="backup.take")
@@ -168,11 +198,16 @@ def verify_backup(req: VerifyBackupRequest) -> str:
     else:
         completed = b.completed_at
     if completed is None or completed < req.not_before:
-        raise ApplicationError(f"backup {b.id} completed at {completed}, before this maintenance started ({req.not_before:%H:%M:%S})",
-                               type="BackupInvalid", non_retryable=True)
+        raise ApplicationError(
+            f"backup {b.id} completed at {completed}, before this maintenance started ({req.not_before:%H:%M:%S})",
+            type="BackupInvalid",
+            non_retryable=True,
+        )
     if b.method != "azure-on-demand" and not b.size_bytes:
         raise ApplicationError(f"backup {b.id} is empty", type="BackupInvalid", non_retryable=True)
-    detail = f"{b.method} {b.id.rsplit('/', 1)[-1]}: completed {completed:%Y-%m-%d %H:%M:%S}Z" + (f", {b.size_bytes} bytes" if b.size_bytes else "")
+    detail = f"{b.method} {b.id.rsplit('/', 1)[-1]}: completed {completed:%Y-%m-%d %H:%M:%S}Z" + (
+        f", {b.size_bytes} bytes" if b.size_bytes else ""
+    )
     if b.method == "pg_basebackup":
         detail += "; " + verify_base_backup(b.location)
     return detail
@@ -196,7 +231,9 @@ def watch(req: WatchRequest) -> WatchResult:
             r.worst = value if r.worst is None or worse(value, r.worst) else r.worst
             if (q.max is not None and value > q.max) or (q.min is not None and value < q.min):
                 r.breached = True
-                r.detail = f"{value:g} is " + (f"above {q.max:g}" if q.max is not None and value > q.max else f"below {q.min:g}")
+                r.detail = f"{value:g} is " + (
+                    f"above {q.max:g}" if q.max is not None and value > q.max else f"below {q.min:g}"
+                )
         heartbeat({q: r.last for q, r in results.items()})
         if any(r.breached for r in results.values()) or time.monotonic() >= deadline:
             break

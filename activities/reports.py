@@ -26,6 +26,17 @@ def store_report(request: StoreReportRequest) -> list[str]:
 
         s3 = request.store.s3
         prefix = f"{s3.prefix.rstrip('/')}/" if s3.prefix else ""
-        for ext, body, ctype in (("json", request.json_text, "application/json"), ("md", request.markdown, "text/markdown")):
-            places.append(store_report_s3(request.aws or AwsConnection(), s3.bucket, f"{prefix}{request.environment}/{stem}.{ext}", body, ctype))
+        for ext, body, ctype in (
+            ("json", request.json_text, "application/json"),
+            ("md", request.markdown, "text/markdown"),
+        ):
+            places.append(
+                store_report_s3(
+                    request.aws or AwsConnection(),
+                    s3.bucket,
+                    f"{prefix}{request.environment}/{stem}.{ext}",
+                    body,
+                    ctype,
+                )
+            )
     return places

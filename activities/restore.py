@@ -60,7 +60,8 @@ def restore_wait(request: RestoreRequest) -> ScratchTarget:
 
 @activity.defn(name="restore.delete")
 def restore_delete(request: RestoreRequest) -> bool:
-    with heartbeating(f"deleting {request.scratch_name}"):  # a delete waits for the cloud; the drill's cleanup heartbeats
+    # a delete waits for the cloud; the drill's cleanup heartbeats
+    with heartbeating(f"deleting {request.scratch_name}"):
         return restore_provider(request).delete(request.scratch_name)
 
 
@@ -79,7 +80,11 @@ def _scratch_db(request: VerifyRequest) -> PostgresDatabase:
 def _source_db(request) -> PostgresDatabase:
     src = request.source.database
     if not getattr(src, "dsn", None):
-        raise ApplicationError(f"{request.source.region}: the source database has no DSN to verify against", type="BadInput", non_retryable=True)
+        raise ApplicationError(
+            f"{request.source.region}: the source database has no DSN to verify against",
+            type="BadInput",
+            non_retryable=True,
+        )
     return PostgresDatabase(provider="postgres", dsn=src.dsn, password=src.password)
 
 
@@ -111,14 +116,30 @@ def _verify(request: VerifyRequest) -> list[CheckResult]:
             expected = row_counts(source, [c.table])[c.table]
         actual = restored.get(c.table)
         if actual is None:
-            results.append(CheckResult(kind="row_count", name=c.table, ok=False, expected=expected, detail="table missing from the restore"))
+            results.append(
+                CheckResult(
+                    kind="row_count", name=c.table, ok=False, expected=expected, detail="table missing from the restore"
+                )
+            )
             continue
         ok = abs(expected - actual) <= c.tolerance
-        results.append(CheckResult(kind="row_count", name=c.table, ok=ok, expected=expected, actual=actual,
-                                   detail=f"{actual} rows restored, {expected} expected" + (f" (±{c.tolerance})" if c.tolerance else "")))
+        results.append(
+            CheckResult(
+                kind="row_count",
+                name=c.table,
+                ok=ok,
+                expected=expected,
+                actual=actual,
+                detail=f"{actual} rows restored, {expected} expected" + (f" (±{c.tolerance})" if c.tolerance else ""),
+            )
+        )
     for name, ok, detail in run_checks(scratch, [(c.name, c.query) for c in drill.checks]):
         results.append(CheckResult(kind="sql", name=name, ok=ok, detail=detail))
     missing = set(missing_objects(scratch, drill.schema_objects)) if drill.schema_objects else set()
     for obj in drill.schema_objects:
-        results.append(CheckResult(kind="schema", name=obj, ok=obj not in missing, detail="missing" if obj in missing else "present"))
+        results.append(
+            CheckResult(
+                kind="schema", name=obj, ok=obj not in missing, detail="missing" if obj in missing else "present"
+            )
+        )
     return results

@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 DUMP_TIME_METADATA = "opsflow-dump-time"
 
 
-def upload_dump(conn: AwsConnection | None, bucket: str, key: str, dump_file: str | Path, dump_time: datetime | None = None) -> str:
+def upload_dump(
+    conn: AwsConnection | None, bucket: str, key: str, dump_file: str | Path, dump_time: datetime | None = None
+) -> str:
     """Put a `pg_dump -Fc` file into s3://bucket/key (multipart when large); returns that URL.
 
     `dump_time` (when the dump's snapshot was taken; default: the file's modification time) goes into the
@@ -77,8 +79,11 @@ class S3DumpRestore:
     def __init__(self, request: RestoreRequest):
         drill = request.drill
         if drill.dumps is None or drill.scratch_server is None:
-            raise ApplicationError("restore method s3-dump needs drill.dumps (bucket/prefix) and drill.scratch_server (dsn)",
-                                   type="BadInput", non_retryable=True)
+            raise ApplicationError(
+                "restore method s3-dump needs drill.dumps (bucket/prefix) and drill.scratch_server (dsn)",
+                type="BadInput",
+                non_retryable=True,
+            )
         self.request = request
         self.bucket = drill.dumps.bucket
         self.prefix = drill.dumps.prefix.lstrip("/")
@@ -110,7 +115,13 @@ class S3DumpRestore:
             try:
                 return utc(datetime.fromisoformat(text))
             except ValueError:
-                log.warning("s3://%s/%s: unreadable %s metadata %r; using LastModified", self.bucket, obj["Key"], DUMP_TIME_METADATA, text)
+                log.warning(
+                    "s3://%s/%s: unreadable %s metadata %r; using LastModified",
+                    self.bucket,
+                    obj["Key"],
+                    DUMP_TIME_METADATA,
+                    text,
+                )
         return utc(obj["LastModified"])
 
     def window(self) -> RestoreWindow:
@@ -118,8 +129,11 @@ class S3DumpRestore:
         newest = objs[-1]
         latest = self._dump_time(newest)
         earliest = self._dump_time(objs[0]) if len(objs) > 1 else latest
-        return RestoreWindow(earliest=min(earliest, latest), latest=latest,
-                             detail=f"s3://{self.bucket}/{newest['Key']} ({newest.get('Size', 0)} bytes; {len(objs)} dump(s))")
+        return RestoreWindow(
+            earliest=min(earliest, latest),
+            latest=latest,
+            detail=f"s3://{self.bucket}/{newest['Key']} ({newest.get('Size', 0)} bytes; {len(objs)} dump(s))",
+        )
 
     def _pick(self, point: datetime) -> tuple[dict[str, Any], datetime]:
         point = utc(point)
@@ -127,38 +141,56 @@ class S3DumpRestore:
             when = self._dump_time(obj)
             if when <= point:
                 return obj, when
-        raise ApplicationError(f"no dump under {self.where} was taken at or before {point.isoformat()}",
-                               type="RestoreUnavailable", non_retryable=True)
+        raise ApplicationError(
+            f"no dump under {self.where} was taken at or before {point.isoformat()}",
+            type="RestoreUnavailable",
+            non_retryable=True,
+        )
 
     # the scratch database -----------------------------------------------------------------------------
     @staticmethod
     def _check_name(name: str) -> None:
         if not name or len(name.encode()) > 63 or not all(c.isalnum() or c in "-_" for c in name):
-            raise ApplicationError(f"scratch database name {name!r}: use up to 63 letters, digits, '-' and '_'", type="BadInput", non_retryable=True)
+            raise ApplicationError(
+                f"scratch database name {name!r}: use up to 63 letters, digits, '-' and '_'",
+                type="BadInput",
+                non_retryable=True,
+            )
 
     def _connect(self):
         return connect(self.server, connect_timeout=10)
 
     def _info(self, conn, name: str) -> dict[str, Any] | None:
         """The database's opsflow-restore record; None when the database does not exist, {} when it has none."""
-        row = conn.execute("select shobj_description(oid, 'pg_database') from pg_database where datname = %s", (name,)).fetchone()
+        row = conn.execute(
+            "select shobj_description(oid, 'pg_database') from pg_database where datname = %s", (name,)
+        ).fetchone()
         if row is None:
             return None
         text = row[0] or ""
         if not text.startswith(self.MARKER):
             return {}
         try:
-            return json.loads(text[len(self.MARKER):])
+            return json.loads(text[len(self.MARKER) :])
         except ValueError:
             return {}
 
     def _mark(self, conn, name: str, info: dict[str, Any]) -> None:
-        conn.execute(sql.SQL("comment on database {} is {}").format(sql.Identifier(name), sql.Literal(self.MARKER + json.dumps(info))))
+        conn.execute(
+            sql.SQL("comment on database {} is {}").format(
+                sql.Identifier(name), sql.Literal(self.MARKER + json.dumps(info))
+            )
+        )
 
     def _drop(self, conn, name: str) -> None:
-        conn.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s and pid <> pg_backend_pid()", (name,))
+        conn.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity where datname = %s and pid <> pg_backend_pid()",
+            (name,),
+        )
         force = conn.info.server_version >= 130000
-        conn.execute(sql.SQL("drop database if exists {}" + (" with (force)" if force else "")).format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("drop database if exists {}" + (" with (force)" if force else "")).format(sql.Identifier(name))
+        )
 
     def _scratch_dsn(self, name: str) -> str:
         return make_conninfo(self.server.dsn, dbname=name)
@@ -167,8 +199,14 @@ class S3DumpRestore:
         point = None
         if info.get("dump_time"):
             point = utc(datetime.fromisoformat(info["dump_time"]))
-        return ScratchTarget(name=name, method=self.METHOD, ready=ready, dsn=self._scratch_dsn(name) if ready else None,
-                             restore_point=point, detail=detail)
+        return ScratchTarget(
+            name=name,
+            method=self.METHOD,
+            ready=ready,
+            dsn=self._scratch_dsn(name) if ready else None,
+            restore_point=point,
+            detail=detail,
+        )
 
     def start(self, name: str, point: datetime) -> ScratchTarget:
         self._check_name(name)
@@ -176,16 +214,28 @@ class S3DumpRestore:
             info = self._info(conn, name)
             if info is None or not info.get("key"):
                 obj, when = self._pick(point)
-                info = {"state": "pending", "bucket": self.bucket, "key": obj["Key"], "etag": obj.get("ETag", "").strip('"'),
-                        "size": obj.get("Size"), "dump_time": when.isoformat(),
-                        "environment": self.request.scratch_environment, "run": self.request.run_id or None}
+                info = {
+                    "state": "pending",
+                    "bucket": self.bucket,
+                    "key": obj["Key"],
+                    "etag": obj.get("ETag", "").strip('"'),
+                    "size": obj.get("Size"),
+                    "dump_time": when.isoformat(),
+                    "environment": self.request.scratch_environment,
+                    "run": self.request.run_id or None,
+                }
                 try:
                     conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
                 except pgerrors.DuplicateDatabase:
                     pass  # a concurrent attempt, or one that died before marking it: the record below is ours now
                 self._mark(conn, name, info)
             complete = info.get("state") == "complete"
-            return self._target(name, info, complete, f"{'restored' if complete else 'to restore'} from s3://{info['bucket']}/{info['key']}")
+            return self._target(
+                name,
+                info,
+                complete,
+                f"{'restored' if complete else 'to restore'} from s3://{info['bucket']}/{info['key']}",
+            )
 
     def status(self, name: str) -> ScratchTarget:
         self._check_name(name)
@@ -193,14 +243,20 @@ class S3DumpRestore:
             info = self._info(conn, name)
             if info is None or not info.get("key"):
                 if self.request.point_in_time is None:
-                    raise ApplicationError(f"scratch database {name} does not exist on {where(self.server)}", type="AwsNotFound", non_retryable=True)
+                    raise ApplicationError(
+                        f"scratch database {name} does not exist on {where(self.server)}",
+                        type="AwsNotFound",
+                        non_retryable=True,
+                    )
                 self.start(name, self.request.point_in_time)
                 info = self._info(conn, name) or {}
             if info.get("state") == "complete":
                 return self._target(name, info, True, f"restored from s3://{info['bucket']}/{info['key']}")
             lock_key = f"opsflow-restore:{name}"
             if not conn.execute("select pg_try_advisory_lock(hashtextextended(%s, 0))", (lock_key,)).fetchone()[0]:
-                return self._target(name, info, False, f"restoring from s3://{info['bucket']}/{info['key']} (another worker)")
+                return self._target(
+                    name, info, False, f"restoring from s3://{info['bucket']}/{info['key']} (another worker)"
+                )
             try:
                 info = self._info(conn, name) or info
                 if info.get("state") != "complete":
@@ -219,7 +275,9 @@ class S3DumpRestore:
         def run() -> None:
             try:
                 with aws_errors(f"S3 object s3://{bucket}/{key}"):
-                    self._s3().download_file(bucket, key, str(path), Callback=lambda n: seen.__setitem__(0, seen[0] + n))
+                    self._s3().download_file(
+                        bucket, key, str(path), Callback=lambda n: seen.__setitem__(0, seen[0] + n)
+                    )
             except BaseException as e:  # noqa: BLE001 - re-raised in the activity's thread
                 failure.append(e)
 
@@ -252,8 +310,14 @@ class S3DumpRestore:
             jobs = max(1, min(4, os.cpu_count() or 1))
             args = [binary, "--no-owner", "--no-acl", "--exit-on-error", "-j", str(jobs), "-d", target, str(path)]
             with open(tmpdir / "pg_restore.log", "w+b") as out:
-                proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                        preexec_fn=_die_with_parent)
+                proc = subprocess.Popen(
+                    args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    preexec_fn=_die_with_parent,
+                )
                 try:
                     while proc.poll() is None:
                         _heartbeat({"phase": "pg_restore", "key": key, "seconds": round(time.monotonic() - started, 1)})
@@ -266,9 +330,17 @@ class S3DumpRestore:
                 output = out.read().decode(errors="replace")
             if proc.returncode != 0:
                 tail = "\n".join(output.strip().splitlines()[-15:])
-                kind = "BadInput" if "input file does not appear to be a valid archive" in output or "unsupported version" in output else "RestoreFailed"
-                raise ApplicationError(f"pg_restore of s3://{info['bucket']}/{key} into {name} on {where(self.server)} exited with "
-                                       f"{proc.returncode}:\n{tail}", type=kind, non_retryable=kind == "BadInput")
+                kind = (
+                    "BadInput"
+                    if "input file does not appear to be a valid archive" in output or "unsupported version" in output
+                    else "RestoreFailed"
+                )
+                raise ApplicationError(
+                    f"pg_restore of s3://{info['bucket']}/{key} into {name} on {where(self.server)} exited with "
+                    f"{proc.returncode}:\n{tail}",
+                    type=kind,
+                    non_retryable=kind == "BadInput",
+                )
             log.info("restored s3://%s/%s into %s in %.1fs", info["bucket"], key, name, time.monotonic() - started)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -282,11 +354,18 @@ class S3DumpRestore:
                 return False
             env = self.request.scratch_environment
             if not info and not name.startswith(self.request.drill.scratch_prefix):
-                raise ApplicationError(f"database {name} on {where(self.server)} is not a drill's scratch database; refusing to drop it",
-                                       type="Refused", non_retryable=True)
+                raise ApplicationError(
+                    f"database {name} on {where(self.server)} is not a drill's scratch database; refusing to drop it",
+                    type="Refused",
+                    non_retryable=True,
+                )
             if info.get("environment") not in (None, env):
-                raise ApplicationError(f"database {name} on {where(self.server)} is a scratch database of environment "
-                                       f"{info['environment']}, not {env}; refusing to drop it", type="Refused", non_retryable=True)
+                raise ApplicationError(
+                    f"database {name} on {where(self.server)} is a scratch database of environment "
+                    f"{info['environment']}, not {env}; refusing to drop it",
+                    type="Refused",
+                    non_retryable=True,
+                )
             self._drop(conn, name)
         return True
 
@@ -304,7 +383,7 @@ class S3DumpRestore:
         found: dict[str, str | None] = {}
         for name, text in rows:
             try:
-                info = json.loads(text[len(self.MARKER):])
+                info = json.loads(text[len(self.MARKER) :])
             except ValueError:
                 continue
             if isinstance(info, dict) and info.get("environment") == self.request.scratch_environment:
@@ -315,8 +394,12 @@ class S3DumpRestore:
 def _pg_restore_binary() -> str:
     found = os.environ.get("OPSFLOW_PG_RESTORE") or shutil.which("pg_restore")
     if not found:
-        raise ApplicationError("pg_restore is not installed on this worker (install the PostgreSQL client, e.g. postgresql-client; "
-                               "or set OPSFLOW_PG_RESTORE)", type="WorkerConfig", non_retryable=True)
+        raise ApplicationError(
+            "pg_restore is not installed on this worker (install the PostgreSQL client, e.g. postgresql-client; or "
+            "set OPSFLOW_PG_RESTORE)",
+            type="WorkerConfig",
+            non_retryable=True,
+        )
     return found
 
 

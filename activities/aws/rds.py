@@ -38,7 +38,7 @@ class RdsInstance:
     PostgreSQL reloads it, and every new transaction, in new and existing sessions, starts read-only. The group
     must be attached to this instance only (checked: fencing a shared group would fence its replicas, and a
     promoted replica would refuse writes). Sessions are not ended on this path; the drain before the fence
-    handles them. Without a parameter group: the SQL fence of activities.postgres (ALTER SYSTEM, reload, end
+    handles them. Without a parameter group: the SQL fence of activities.postgres.server (ALTER SYSTEM, reload, end
     sessions), which needs a superuser: the lab and self-managed servers, not production RDS.
 
     promote(force): idempotent. Standalone and `available` already -> already_primary=True. Otherwise
@@ -53,7 +53,9 @@ class RdsInstance:
     _BROKEN = {"failed", "incompatible-parameters", "incompatible-restore", "incompatible-network", "storage-full",
                "inaccessible-encryption-credentials", "deleting", "stopped", "stopping"}
 
-    def __init__(self, target: RegionTarget, *, parameter_group: str | None = None, promote_timeout: float | None = None):
+    def __init__(
+        self, target: RegionTarget, *, parameter_group: str | None = None, promote_timeout: float | None = None
+    ):
         if target.database.provider != "aws-rds":
             raise ValueError(f"RdsInstance serves provider 'aws-rds', not {target.database.provider!r}")
         self.target = target
@@ -125,8 +127,16 @@ class RdsInstance:
         inst = self.describe()
         if self.parameter_group:
             with aws_errors(f"DB parameter group {self.parameter_group} of {self.what}"):
-                rds.modify_db_parameter_group(DBParameterGroupName=self.parameter_group, Parameters=[
-                    {"ParameterName": "default_transaction_read_only", "ParameterValue": "1", "ApplyMethod": "immediate"}])
+                rds.modify_db_parameter_group(
+                    DBParameterGroupName=self.parameter_group,
+                    Parameters=[
+                        {
+                            "ParameterName": "default_transaction_read_only",
+                            "ParameterValue": "1",
+                            "ApplyMethod": "immediate",
+                        }
+                    ],
+                )
             actions.append(f"set default_transaction_read_only=1 in parameter group {self.parameter_group}")
         elif inst.get("DBInstanceStatus") in ("stopped", "stopping"):
             actions.append(f"{self.what} is {inst.get('DBInstanceStatus')} already")
@@ -180,7 +190,8 @@ class RdsInstance:
         else:
             raise ApplicationError(
                 f"cannot fence {self.what}: the inventory names neither a dsn nor a parameter group",
-                type="FenceUnsupported", non_retryable=True,
+                type="FenceUnsupported",
+                non_retryable=True,
             )
 
     def unfence(self) -> None:
@@ -192,7 +203,8 @@ class RdsInstance:
         else:
             raise ApplicationError(
                 f"cannot unfence {self.what}: the inventory names neither a dsn nor a parameter group",
-                type="FenceUnsupported", non_retryable=True,
+                type="FenceUnsupported",
+                non_retryable=True,
             )
 
     def _set_read_only(self, on: bool) -> None:
@@ -202,8 +214,11 @@ class RdsInstance:
         inst = self.describe()  # again: fence() looked already, but this one is cheap and current
         attached = [g.get("DBParameterGroupName", "") for g in inst.get("DBParameterGroups", [])]
         if group.lower() not in (g.lower() for g in attached):
-            raise ApplicationError(f"{what}: not attached to the instance (it has {', '.join(attached) or 'none'})",
-                                   type="AwsInvalidParameter", non_retryable=True)
+            raise ApplicationError(
+                f"{what}: not attached to the instance (it has {', '.join(attached) or 'none'})",
+                type="AwsInvalidParameter",
+                non_retryable=True,
+            )
         with aws_errors(f"RDS instances in {self.db.aws_region}"):
             others = [
                 i["DBInstanceIdentifier"]
@@ -216,12 +231,19 @@ class RdsInstance:
             raise ApplicationError(
                 f"{what}: shared with {', '.join(sorted(others))}; fencing through it would fence them too. "
                 f"Give this instance a parameter group of its own.",
-                type="AwsInvalidParameter", non_retryable=True,
+                type="AwsInvalidParameter",
+                non_retryable=True,
             )
         with aws_errors(what):
             rds.modify_db_parameter_group(
                 DBParameterGroupName=group,
-                Parameters=[{"ParameterName": "default_transaction_read_only", "ParameterValue": "1" if on else "0", "ApplyMethod": "immediate"}],
+                Parameters=[
+                    {
+                        "ParameterName": "default_transaction_read_only",
+                        "ParameterValue": "1" if on else "0",
+                        "ApplyMethod": "immediate",
+                    }
+                ],
             )
         # Wait until it took effect: over SQL where we can, else until RDS reports the group in sync.
         deadline = time.monotonic() + self.FENCE_TIMEOUT
@@ -232,19 +254,31 @@ class RdsInstance:
                 done, seen = s.reachable and s.read_only == on, (f"read_only={s.read_only}" if s.reachable else s.error)
             else:
                 groups = self.describe().get("DBParameterGroups", [])
-                state = next((g.get("ParameterApplyStatus") for g in groups if g.get("DBParameterGroupName", "").lower() == group.lower()), None)
+                state = next(
+                    (
+                        g.get("ParameterApplyStatus")
+                        for g in groups
+                        if g.get("DBParameterGroupName", "").lower() == group.lower()
+                    ),
+                    None,
+                )
                 done, seen = state == "in-sync", f"ParameterApplyStatus={state}"
             if done:
                 return
             if time.monotonic() > deadline:
-                raise ApplicationError(f"{what}: default_transaction_read_only={'1' if on else '0'} not in effect after "
-                                       f"{self.FENCE_TIMEOUT:.0f}s ({seen})", type="FenceIncomplete")
+                raise ApplicationError(
+                    f"{what}: default_transaction_read_only={'1' if on else '0'} not in effect after "
+                    f"{self.FENCE_TIMEOUT:.0f}s ({seen})",
+                    type="FenceIncomplete",
+                )
             _heartbeat({"phase": "fence" if on else "unfence", "seen": seen})
             poll.sleep()
 
     # promote ---------------------------------------------------------------------------------------
     def promote(self, force: bool) -> PromoteResult:
-        timeout = self.promote_timeout if self.promote_timeout is not None else _time_limit(self.DEFAULT_PROMOTE_TIMEOUT)
+        timeout = (
+            self.promote_timeout if self.promote_timeout is not None else _time_limit(self.DEFAULT_PROMOTE_TIMEOUT)
+        )
         started = time.monotonic()
         deadline = started + timeout
         inst = self.describe()
@@ -252,7 +286,9 @@ class RdsInstance:
         if not source and state == "available":
             sql = sql_status(self.db, self.target.region) if self.db.dsn else None
             if sql is None or not sql.reachable or sql.role == "primary":
-                return PromoteResult(already_primary=True, seconds=0.0, timeline=sql.timeline if sql and sql.reachable else None)
+                return PromoteResult(
+                    already_primary=True, seconds=0.0, timeline=sql.timeline if sql and sql.reachable else None
+                )
             # RDS shows it standalone but PostgreSQL is still in recovery: a promotion is finishing. Wait below.
 
         called_at: float | None = None
@@ -261,10 +297,16 @@ class RdsInstance:
         while True:
             state, _, source = self._cloud(inst)
             waited = time.monotonic() - started
-            _heartbeat({"phase": "rds promotion", "rds_status": state, "source": source, "waited_seconds": round(waited, 1)})
+            _heartbeat(
+                {"phase": "rds promotion", "rds_status": state, "source": source, "waited_seconds": round(waited, 1)}
+            )
             if state in self._BROKEN:
-                raise ApplicationError(f"promote {self.what}: RDS reports it {state!r}", {"rds_status": state},
-                                       type="RdsInstanceState", non_retryable=True)
+                raise ApplicationError(
+                    f"promote {self.what}: RDS reports it {state!r}",
+                    {"rds_status": state},
+                    type="RdsInstanceState",
+                    non_retryable=True,
+                )
             if state != "available":
                 seen_busy = True
             elif not source:
@@ -273,12 +315,15 @@ class RdsInstance:
                 called_at, seen_busy = self._promote_call()
             elif seen_busy or time.monotonic() - called_at > self.PROMOTE_GRACE:
                 raise ApplicationError(
-                    f"promote {self.what}: RDS finished but the instance still replicates from {source}; retrying promotes again",
+                    f"promote {self.what}: RDS finished but the instance still replicates from {source}; retrying "
+                    "promotes again",
                     type="PromoteFailed",
                 )
             if time.monotonic() > deadline:
-                raise ApplicationError(f"promote {self.what}: RDS still shows {state!r} (source {source}) after {waited:.0f}s",
-                                       type="PromoteTimeout")
+                raise ApplicationError(
+                    f"promote {self.what}: RDS still shows {state!r} (source {source}) after {waited:.0f}s",
+                    type="PromoteTimeout",
+                )
             poll.sleep()
             inst = self.describe()
 
@@ -291,7 +336,9 @@ class RdsInstance:
         try:
             with connect(self.db) as conn:
                 # After recovery these stay at the last positions received / replayed while it was a replica.
-                received, replayed = conn.execute("select pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text").fetchone()
+                received, replayed = conn.execute(
+                    "select pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text"
+                ).fetchone()
         except Exception as e:  # noqa: BLE001 - the positions are for the report; the promotion stands
             log.warning("promote %s: could not read the last replayed position: %s", self.what, e)
         after = sql_status(self.db, self.target.region)
@@ -330,26 +377,46 @@ class RdsInstance:
                 s = sql_status(self.db, self.target.region)
                 if s.reachable and s.role == "primary" and s.read_only:
                     raise ApplicationError(
-                        f"promote {self.what}: promoted, but it refuses writes because default_transaction_read_only is on "
-                        f"(a fence, or its parameter group): unfence it", type="NotWritable", non_retryable=True,
+                        f"promote {self.what}: promoted, but it refuses writes because default_transaction_read_only "
+                        "is on (a fence, or its parameter group): unfence it",
+                        type="NotWritable",
+                        non_retryable=True,
                     ) from None
                 waited = time.monotonic() - started
                 if time.monotonic() > deadline:
-                    raise ApplicationError(f"promote {self.what}: promoted in RDS but not writable after {waited:.0f}s: {e.message}",
-                                           type="PromoteTimeout") from None
-                _heartbeat({"phase": "waiting for a write to commit", "waited_seconds": round(waited, 1), "last": e.message})
+                    raise ApplicationError(
+                        f"promote {self.what}: promoted in RDS but not writable after {waited:.0f}s: {e.message}",
+                        type="PromoteTimeout",
+                    ) from None
+                _heartbeat(
+                    {"phase": "waiting for a write to commit", "waited_seconds": round(waited, 1), "last": e.message}
+                )
                 poll.sleep()
 
     def check_writable(self) -> None:
         if not self.db.dsn:
-            raise ApplicationError(f"cannot probe writes on {self.what}: the inventory gives no dsn", type="DatabaseConfig", non_retryable=True)
+            raise ApplicationError(
+                f"cannot probe writes on {self.what}: the inventory gives no dsn",
+                type="DatabaseConfig",
+                non_retryable=True,
+            )
         sql_check_writable(self.db, region=self.target.region)
 
     # rebuild (failback) -------------------------------------------------------------------------------
-    DEFAULT_REBUILD_TIMEOUT = 3 * 3600.0  # a cross-region replica of a large instance takes hours; the activity's limit wins
+    # a cross-region replica of a large instance takes hours; the activity's limit wins
+    DEFAULT_REBUILD_TIMEOUT = 3 * 3600.0
     # States in which RDS accepts a DeleteDBInstance; in the others (creating, modifying, backing-up ...) we wait.
-    _DELETABLE = {"available", "stopped", "failed", "storage-full", "incompatible-parameters", "incompatible-restore",
-                  "incompatible-network", "inaccessible-encryption-credentials", "incompatible-option-group"}
+    _DELETABLE = {
+        "available",
+        "stopped",
+        "failed",
+        "storage-full",
+        "incompatible-parameters",
+        "incompatible-restore",
+        "incompatible-network",
+        "inaccessible-encryption-credentials",
+        "incompatible-option-group",
+    }
 
     def describe_or_none(self, ident: str | None = None) -> dict[str, Any] | None:
         ident = ident or self.ident
@@ -363,7 +430,8 @@ class RdsInstance:
 
     @staticmethod
     def _is_source(source: str | None, primary: dict[str, Any]) -> bool:
-        """Does ReadReplicaSourceDBInstanceIdentifier (an identifier in-region, an ARN across regions) name `primary`?"""
+        """Does ReadReplicaSourceDBInstanceIdentifier (an identifier in-region, an ARN across regions) name
+        `primary`?"""
         if not source:
             return False
         return source in (primary.get("DBInstanceIdentifier"), primary.get("DBInstanceArn"))
@@ -412,7 +480,10 @@ class RdsInstance:
         if primary.database.provider != "aws-rds":
             raise ApplicationError(
                 f"rebuild {self.what}: RDS replicates only from an RDS instance; the primary region {primary.region} "
-                f"uses provider {primary.database.provider!r}", type="BadInput", non_retryable=True)
+                f"uses provider {primary.database.provider!r}",
+                type="BadInput",
+                non_retryable=True,
+            )
         source = RdsInstance(primary)
         started = time.monotonic()
         deadline = started + _time_limit(self.DEFAULT_REBUILD_TIMEOUT)
@@ -425,15 +496,28 @@ class RdsInstance:
         failed_builds = 0
 
         def beat(phase: str, **extra: Any) -> None:
-            _heartbeat({"phase": phase, "acted": acted, "deleted": deleted, "stamp": snapshot_stamp, "template": template,
-                        "waited_seconds": round(time.monotonic() - started, 1), **extra})
+            _heartbeat(
+                {
+                    "phase": phase,
+                    "acted": acted,
+                    "deleted": deleted,
+                    "stamp": snapshot_stamp,
+                    "template": template,
+                    "waited_seconds": round(time.monotonic() - started, 1),
+                    **extra,
+                }
+            )
 
         while True:
             p = source.describe()
             p_state, _, p_source = self._cloud(p)
             if p_source:
-                raise ApplicationError(f"rebuild {self.what}: the primary {source.what} is itself a read replica (of {p_source}); "
-                                       f"promote it first or rebuild from the primary", type="NotPrimary", non_retryable=True)
+                raise ApplicationError(
+                    f"rebuild {self.what}: the primary {source.what} is itself a read replica (of {p_source}); "
+                    f"promote it first or rebuild from the primary",
+                    type="NotPrimary",
+                    non_retryable=True,
+                )
             inst = self.describe_or_none()
             state = inst.get("DBInstanceStatus", "unknown") if inst else None
             if inst is not None and self._is_source(inst.get("ReadReplicaSourceDBInstanceIdentifier"), p):
@@ -443,8 +527,11 @@ class RdsInstance:
                     # A replica that failed to build: replace it (the next turn creates it again), once.
                     failed_builds += 1
                     if failed_builds > 1:
-                        raise ApplicationError(f"rebuild {self.what}: the read replica of {source.what} failed to build again "
-                                               f"(RDS status {state!r}); see the RDS events", type="RebuildFailed")
+                        raise ApplicationError(
+                            f"rebuild {self.what}: the read replica of {source.what} failed to build again "
+                            f"(RDS status {state!r}); see the RDS events",
+                            type="RebuildFailed",
+                        )
                     log.warning("rebuild %s: the read replica is %r; deleting it to build it again", self.what, state)
                     self._delete_instance(final_snapshot=None)
                     acted = True
@@ -458,8 +545,12 @@ class RdsInstance:
                 elif state in self._DELETABLE:
                     self._refuse_to_replace_a_primary(inst, source)
                     if inst.get("DeletionProtection"):
-                        raise ApplicationError(f"rebuild {self.what}: the old instance has deletion protection on; a person must "
-                                               f"turn it off to let it be replaced by a read replica", type="Refused", non_retryable=True)
+                        raise ApplicationError(
+                            f"rebuild {self.what}: the old instance has deletion protection on; a person must "
+                            f"turn it off to let it be replaced by a read replica",
+                            type="Refused",
+                            non_retryable=True,
+                        )
                     snap = f"{self.ident}-before-rebuild-{snapshot_stamp}" if state == "available" else None
                     self._delete_instance(final_snapshot=snap)
                     acted, deleted = True, (f"{self.ident} (final snapshot {snap})" if snap else self.ident)
@@ -470,9 +561,12 @@ class RdsInstance:
                 if not template:
                     template = self._replica_template(None)
                 if p.get("BackupRetentionPeriod") == 0:
-                    raise ApplicationError(f"rebuild {self.what}: {source.what} has automated backups off (BackupRetentionPeriod 0), "
-                                           f"which RDS requires of a read replica's source; enable them", type="AwsInvalidParameter",
-                                           non_retryable=True)
+                    raise ApplicationError(
+                        f"rebuild {self.what}: {source.what} has automated backups off (BackupRetentionPeriod 0), "
+                        f"which RDS requires of a read replica's source; enable them",
+                        type="AwsInvalidParameter",
+                        non_retryable=True,
+                    )
                 if p_state != "available":
                     beat("waiting for the primary to be available", primary_status=p_state)
                 else:
@@ -480,33 +574,56 @@ class RdsInstance:
                     acted = True
                     beat("creating the read replica", rds_status="creating")
             if time.monotonic() > deadline:
-                raise ApplicationError(f"rebuild {self.what}: not a replica of {source.what} after {time.monotonic() - started:.0f}s "
-                                       f"(RDS status {state or 'absent'})", type="RebuildTimeout")
+                raise ApplicationError(
+                    f"rebuild {self.what}: not a replica of {source.what} after {time.monotonic() - started:.0f}s "
+                    f"(RDS status {state or 'absent'})",
+                    type="RebuildTimeout",
+                )
             poll.sleep()
 
         if self.db.dsn:
             self._wait_streaming(deadline, started, beat)
         seconds = round(time.monotonic() - started, 3)
         if not acted:
-            return RebuildResult(method="already-replica", seconds=seconds, detail=f"{self.ident} already replicates from {source.ident}")
+            return RebuildResult(
+                method="already-replica", seconds=seconds, detail=f"{self.ident} already replicates from {source.ident}"
+            )
         detail = f"read replica {self.ident} of {source.ident}" + (f"; replaced {deleted}" if deleted else "")
-        preserved = f"RDS final snapshot {deleted.split('final snapshot ', 1)[1].rstrip(')')} of the old instance" \
-            if deleted and "final snapshot " in deleted else None
+        preserved = (
+            f"RDS final snapshot {deleted.split('final snapshot ', 1)[1].rstrip(')')} of the old instance"
+            if deleted and "final snapshot " in deleted
+            else None
+        )
         return RebuildResult(method="rds-read-replica", seconds=seconds, detail=detail, preserved=preserved)
 
     def _refuse_to_replace_a_primary(self, inst: dict[str, Any], source: "RdsInstance") -> None:
         """Before the old instance is deleted: it must not be the live primary (swapped regions, a split brain)."""
         replicas = inst.get("ReadReplicaDBInstanceIdentifiers") or []
         if replicas:
-            raise ApplicationError(f"rebuild {self.what}: it has read replicas ({', '.join(replicas)}): it looks like the primary; "
-                                   f"refusing to replace it", type="Refused", non_retryable=True)
+            raise ApplicationError(
+                f"rebuild {self.what}: it has read replicas ({', '.join(replicas)}): it looks like the primary; "
+                "refusing to replace it",
+                type="Refused",
+                non_retryable=True,
+            )
         if self.db.dsn and source.db.dsn:
             mine, theirs = sql_status(self.db, self.target.region), sql_status(source.db, source.target.region)
-            if (mine.reachable and theirs.reachable and mine.role == "primary" and theirs.role == "primary"
-                    and mine.timeline and theirs.timeline and mine.timeline > theirs.timeline):
+            if (
+                mine.reachable
+                and theirs.reachable
+                and mine.role == "primary"
+                and theirs.role == "primary"
+                and mine.timeline
+                and theirs.timeline
+                and mine.timeline > theirs.timeline
+            ):
                 raise ApplicationError(
-                    f"rebuild {self.what}: it is on timeline {mine.timeline}, later than {source.what} ({theirs.timeline}): it looks like "
-                    f"the newer primary; refusing to replace it (check which region is primary)", type="Refused", non_retryable=True)
+                    f"rebuild {self.what}: it is on timeline {mine.timeline}, later than {source.what} "
+                    f"({theirs.timeline}): it looks like "
+                    f"the newer primary; refusing to replace it (check which region is primary)",
+                    type="Refused",
+                    non_retryable=True,
+                )
 
     def _delete_instance(self, final_snapshot: str | None) -> None:
         kwargs: dict[str, Any] = {"DBInstanceIdentifier": self.ident}
@@ -557,10 +674,17 @@ class RdsInstance:
             s = sql_status(self.db, self.target.region)
             if s.reachable and s.role == "replica" and s.streaming:
                 return
-            seen = (f"role {s.role}, {'streaming' if s.streaming else 'not streaming'}" if s.reachable else f"unreachable: {s.error}")
+            seen = (
+                f"role {s.role}, {'streaming' if s.streaming else 'not streaming'}"
+                if s.reachable
+                else f"unreachable: {s.error}"
+            )
             if time.monotonic() > deadline:
-                raise ApplicationError(f"rebuild {self.what}: RDS shows a read replica but PostgreSQL is not streaming after "
-                                       f"{time.monotonic() - started:.0f}s ({seen})", type="RebuildTimeout")
+                raise ApplicationError(
+                    f"rebuild {self.what}: RDS shows a read replica but PostgreSQL is not streaming after "
+                    f"{time.monotonic() - started:.0f}s ({seen})",
+                    type="RebuildTimeout",
+                )
             beat("waiting for the replica to stream", sql=seen)
             poll.sleep()
 
@@ -581,13 +705,22 @@ def rds_manual_snapshot(target: RegionTarget, name: str, timeout: float) -> Any:
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") != "DBSnapshotNotFound":
                 raise
-            snap = rds.create_db_snapshot(DBSnapshotIdentifier=name, DBInstanceIdentifier=db.db_instance_identifier)["DBSnapshot"]
+            created = rds.create_db_snapshot(DBSnapshotIdentifier=name, DBInstanceIdentifier=db.db_instance_identifier)
+            snap = created["DBSnapshot"]
         while snap.get("Status") != "available":
             if time.monotonic() > deadline:
-                raise ApplicationError(f"{what}: still {snap.get('Status')} after {timeout:.0f}s", type="BackupTimeout", non_retryable=True)
+                raise ApplicationError(
+                    f"{what}: still {snap.get('Status')} after {timeout:.0f}s", type="BackupTimeout", non_retryable=True
+                )
             _heartbeat({"snapshot": name, "status": snap.get("Status")})
             time.sleep(5)
             snap = rds.describe_db_snapshots(DBSnapshotIdentifier=name)["DBSnapshots"][0]
-    return BackupResult(id=snap.get("DBSnapshotArn") or name, method="rds-snapshot", state="completed",
-                        started_at=snap.get("SnapshotCreateTime"), completed_at=snap.get("SnapshotCreateTime"),
-                        size_bytes=(snap.get("AllocatedStorage") or 0) * 1024**3, location=db.db_instance_identifier)
+    return BackupResult(
+        id=snap.get("DBSnapshotArn") or name,
+        method="rds-snapshot",
+        state="completed",
+        started_at=snap.get("SnapshotCreateTime"),
+        completed_at=snap.get("SnapshotCreateTime"),
+        size_bytes=(snap.get("AllocatedStorage") or 0) * 1024**3,
+        location=db.db_instance_identifier,
+    )

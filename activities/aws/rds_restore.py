@@ -18,7 +18,8 @@ from opsflow.models import RestoreRequest, RestoreWindow, ScratchTarget
 log = logging.getLogger(__name__)
 
 
-SCRATCH_TAG = "opsflow-scratch"  # value: the environment; on every RDS instance a drill restores, nothing without it is deleted
+# value: the environment; on every RDS instance a drill restores, nothing without it is deleted
+SCRATCH_TAG = "opsflow-scratch"
 SCRATCH_RUN_TAG = "opsflow-run"  # value: the drill run that made it; leftover cleanup spares the current run's
 
 
@@ -48,8 +49,12 @@ class RdsPointInTimeRestore:
 
     def __init__(self, request: RestoreRequest, *, delete_timeout: float | None = None):
         if request.source.database.provider != "aws-rds":
-            raise ApplicationError(f"restore method rds-pitr needs an aws-rds source; region {request.source.region} uses "
-                                   f"{request.source.database.provider!r}", type="BadInput", non_retryable=True)
+            raise ApplicationError(
+                f"restore method rds-pitr needs an aws-rds source; region {request.source.region} uses "
+                f"{request.source.database.provider!r}",
+                type="BadInput",
+                non_retryable=True,
+            )
         self.request = request
         self.source = RdsInstance(request.source)
         self.db = self.source.db
@@ -70,12 +75,18 @@ class RdsPointInTimeRestore:
         inst = self.source.describe()
         retention = int(inst.get("BackupRetentionPeriod") or 0)
         if retention <= 0:
-            raise ApplicationError(f"{self.source.what}: automated backups are off (BackupRetentionPeriod 0): no point-in-time "
-                                   f"restore is possible", type="RestoreUnavailable", non_retryable=True)
+            raise ApplicationError(
+                f"{self.source.what}: automated backups are off (BackupRetentionPeriod 0): no point-in-time restore is "
+                "possible",
+                type="RestoreUnavailable",
+                non_retryable=True,
+            )
         latest = inst.get("LatestRestorableTime")
         if latest is None:
-            raise ApplicationError(f"{self.source.what}: RDS reports no LatestRestorableTime yet (no backup taken yet)",
-                                   type="RestoreUnavailable")
+            raise ApplicationError(
+                f"{self.source.what}: RDS reports no LatestRestorableTime yet (no backup taken yet)",
+                type="RestoreUnavailable",
+            )
         latest = utc(latest)
         bounds = [latest - timedelta(days=retention)]
         if inst.get("InstanceCreateTime"):
@@ -84,18 +95,24 @@ class RdsPointInTimeRestore:
         if automated:
             bounds.append(automated)
         earliest = min(max(bounds), latest)
-        return RestoreWindow(earliest=earliest, latest=latest,
-                             detail=f"RDS {self.source.ident}: backup retention {retention} day(s)")
+        return RestoreWindow(
+            earliest=earliest, latest=latest, detail=f"RDS {self.source.ident}: backup retention {retention} day(s)"
+        )
 
     def _automated_earliest(self) -> datetime | None:
         try:
             with aws_errors(f"automated backups of {self.source.what}"):
-                backups = self._rds().describe_db_instance_automated_backups(DBInstanceIdentifier=self.source.ident)["DBInstanceAutomatedBackups"]
+                backups = self._rds().describe_db_instance_automated_backups(DBInstanceIdentifier=self.source.ident)[
+                    "DBInstanceAutomatedBackups"
+                ]
         except ApplicationError as e:  # not allowed or not there: the retention bound stands
             log.info("%s", e.message)
             return None
-        times = [utc(b["RestoreWindow"]["EarliestTime"]) for b in backups
-                 if b.get("Status", "active") == "active" and (b.get("RestoreWindow") or {}).get("EarliestTime")]
+        times = [
+            utc(b["RestoreWindow"]["EarliestTime"])
+            for b in backups
+            if b.get("Status", "active") == "active" and (b.get("RestoreWindow") or {}).get("EarliestTime")
+        ]
         return min(times) if times else None
 
     # start / status -----------------------------------------------------------------------------------
@@ -111,9 +128,12 @@ class RdsPointInTimeRestore:
                 "DBInstanceClass": src.get("DBInstanceClass"),
                 "MultiAZ": False,
                 "DeletionProtection": False,
-                "Tags": [{"Key": SCRATCH_TAG, "Value": self.environment}, {"Key": "opsflow-drill-source", "Value": self.source.ident},
-                         {"Key": "opsflow-restore-point", "Value": point.isoformat()},
-                         *([{"Key": SCRATCH_RUN_TAG, "Value": self.request.run_id}] if self.request.run_id else [])],
+                "Tags": [
+                    {"Key": SCRATCH_TAG, "Value": self.environment},
+                    {"Key": "opsflow-drill-source", "Value": self.source.ident},
+                    {"Key": "opsflow-restore-point", "Value": point.isoformat()},
+                    *([{"Key": SCRATCH_RUN_TAG, "Value": self.request.run_id}] if self.request.run_id else []),
+                ],
             }
             subnet = (src.get("DBSubnetGroup") or {}).get("DBSubnetGroupName")
             if subnet:
@@ -138,14 +158,20 @@ class RdsPointInTimeRestore:
     def status(self, name: str) -> ScratchTarget:
         inst = self._describe(name)
         if inst is None:
-            raise ApplicationError(f"{self._what(name)} does not exist (deleted, or never created)", type="AwsNotFound", non_retryable=True)
+            raise ApplicationError(
+                f"{self._what(name)} does not exist (deleted, or never created)", type="AwsNotFound", non_retryable=True
+            )
         self._require_scratch(inst, name)
         return self._target(inst, name)
 
     def _require_scratch(self, inst: dict[str, Any], name: str) -> None:
         if _tags(inst).get(SCRATCH_TAG) != self.environment:
-            raise ApplicationError(f"{self._what(name)}: an instance of that name exists and is not a drill's scratch instance "
-                                   f"(no tag {SCRATCH_TAG}={self.environment}); refusing to use or delete it", type="Refused", non_retryable=True)
+            raise ApplicationError(
+                f"{self._what(name)}: an instance of that name exists and is not a drill's scratch instance "
+                f"(no tag {SCRATCH_TAG}={self.environment}); refusing to use or delete it",
+                type="Refused",
+                non_retryable=True,
+            )
 
     def _target(self, inst: dict[str, Any], name: str) -> ScratchTarget:
         state = inst.get("DBInstanceStatus", "unknown")
@@ -157,12 +183,22 @@ class RdsPointInTimeRestore:
             except ValueError:
                 point = None
         if state in self._FAILED:
-            raise ApplicationError(f"{self._what(name)}: the restore failed (RDS status {state!r}); see the RDS events",
-                                   {"rds_status": state}, type="RestoreFailed", non_retryable=True)
+            raise ApplicationError(
+                f"{self._what(name)}: the restore failed (RDS status {state!r}); see the RDS events",
+                {"rds_status": state},
+                type="RestoreFailed",
+                non_retryable=True,
+            )
         ready = state == "available"
         dsn = self._dsn(inst) if ready else None
-        return ScratchTarget(name=name, method=self.METHOD, ready=ready, dsn=dsn, restore_point=point,
-                             detail=f"RDS {state}" + (f" at {self._endpoint(inst)}" if ready else ""))
+        return ScratchTarget(
+            name=name,
+            method=self.METHOD,
+            ready=ready,
+            dsn=dsn,
+            restore_point=point,
+            detail=f"RDS {state}" + (f" at {self._endpoint(inst)}" if ready else ""),
+        )
 
     @staticmethod
     def _endpoint(inst: dict[str, Any]) -> str:
@@ -172,14 +208,18 @@ class RdsPointInTimeRestore:
     def _dsn(self, inst: dict[str, Any]) -> str:
         ep = inst.get("Endpoint") or {}
         if not ep.get("Address"):
-            raise ApplicationError(f"{self._what(inst['DBInstanceIdentifier'])}: available but RDS reports no endpoint", type="AwsError")
+            raise ApplicationError(
+                f"{self._what(inst['DBInstanceIdentifier'])}: available but RDS reports no endpoint", type="AwsError"
+            )
         host, port = str(ep["Address"]), str(ep.get("Port") or 5432)
         if self.db.dsn:
             params = conninfo_to_dict(self.db.dsn)
             params.pop("hostaddr", None)
             params.update(host=host, port=port)
             return make_conninfo(**params)
-        return make_conninfo(host=host, port=port, user=inst.get("MasterUsername") or "postgres", dbname=inst.get("DBName") or "postgres")
+        return make_conninfo(
+            host=host, port=port, user=inst.get("MasterUsername") or "postgres", dbname=inst.get("DBName") or "postgres"
+        )
 
     # delete / list ------------------------------------------------------------------------------------
     def delete(self, name: str) -> bool:
@@ -195,7 +235,9 @@ class RdsPointInTimeRestore:
             if state != "deleting":
                 try:
                     with aws_errors(self._what(name)):
-                        self._rds().delete_db_instance(DBInstanceIdentifier=name, SkipFinalSnapshot=True, DeleteAutomatedBackups=True)
+                        self._rds().delete_db_instance(
+                            DBInstanceIdentifier=name, SkipFinalSnapshot=True, DeleteAutomatedBackups=True
+                        )
                     log.info("deleting %s", self._what(name))
                 except ApplicationError as e:
                     if e.type == "AwsNotFound":
@@ -209,7 +251,9 @@ class RdsPointInTimeRestore:
                 if state == "deleting":
                     log.warning("%s: still deleting after %.0fs; RDS finishes it on its own", self._what(name), waited)
                     return True
-                raise ApplicationError(f"{self._what(name)}: not deleted after {waited:.0f}s (RDS status {state!r})", type="DeleteTimeout")
+                raise ApplicationError(
+                    f"{self._what(name)}: not deleted after {waited:.0f}s (RDS status {state!r})", type="DeleteTimeout"
+                )
             poll.sleep()
             inst = self._describe(name)
         return True
@@ -223,6 +267,10 @@ class RdsPointInTimeRestore:
             for page in self._rds().get_paginator("describe_db_instances").paginate():
                 for inst in page["DBInstances"]:
                     ident, tags = inst["DBInstanceIdentifier"], _tags(inst)
-                    if ident.startswith(prefix) and tags.get(SCRATCH_TAG) == self.environment and inst.get("DBInstanceStatus") != "deleting":
+                    if (
+                        ident.startswith(prefix)
+                        and tags.get(SCRATCH_TAG) == self.environment
+                        and inst.get("DBInstanceStatus") != "deleting"
+                    ):
                         found[ident] = tags.get(SCRATCH_RUN_TAG)
         return found

@@ -58,7 +58,11 @@ class Route53Router:
         """The record sets of name/type that have a SetIdentifier, by SetIdentifier."""
         r53 = self._r53()
         out: dict[str, dict[str, Any]] = {}
-        kwargs: dict[str, Any] = {"HostedZoneId": self.zone_id, "StartRecordName": self.name, "StartRecordType": self.type}
+        kwargs: dict[str, Any] = {
+            "HostedZoneId": self.zone_id,
+            "StartRecordName": self.name,
+            "StartRecordType": self.type,
+        }
         with aws_errors(self.what):
             while True:
                 page = r53.list_resource_record_sets(**kwargs)
@@ -95,17 +99,21 @@ class Route53Router:
             if rr is None:
                 continue
             role = rr.get("Failover")
-            endpoints.append(EndpointState(
-                region=region,
-                endpoint=set_id,
-                enabled=role == "PRIMARY",
-                priority={"PRIMARY": 1, "SECONDARY": 2}.get(role or ""),
-                monitor_status=self._health(rr.get("HealthCheckId")),
-            ))
+            endpoints.append(
+                EndpointState(
+                    region=region,
+                    endpoint=set_id,
+                    enabled=role == "PRIMARY",
+                    priority={"PRIMARY": 1, "SECONDARY": 2}.get(role or ""),
+                    monitor_status=self._health(rr.get("HealthCheckId")),
+                )
+            )
         if not endpoints:
             raise ApplicationError(
-                f"{self.what}: no failover record with a SetIdentifier of {', '.join(sorted(self.request.endpoints.values()))}",
-                type="AwsNotFound", non_retryable=True,
+                f"{self.what}: no failover record with a SetIdentifier of "
+                f"{', '.join(sorted(self.request.endpoints.values()))}",
+                type="AwsNotFound",
+                non_retryable=True,
             )
         primary = next((e for e in endpoints if e.priority == 1), None)
         secondary = next((e for e in endpoints if e.priority == 2), None)
@@ -122,13 +130,20 @@ class Route53Router:
     def switch(self) -> TrafficStatus:
         to = self.request.to_region
         if to not in self.request.endpoints:
-            raise ApplicationError(f"{self.what}: region {to!r} has no traffic endpoint in the inventory", type="AwsInvalidParameter", non_retryable=True)
+            raise ApplicationError(
+                f"{self.what}: region {to!r} has no traffic endpoint in the inventory",
+                type="AwsInvalidParameter",
+                non_retryable=True,
+            )
         target_id = self.request.endpoints[to]
         recs = self.records()
         target = recs.get(target_id)
         if target is None:
-            raise ApplicationError(f"{self.what}: no failover record with SetIdentifier {target_id!r} (region {to})",
-                                   type="AwsNotFound", non_retryable=True)
+            raise ApplicationError(
+                f"{self.what}: no failover record with SetIdentifier {target_id!r} (region {to})",
+                type="AwsNotFound",
+                non_retryable=True,
+            )
         managed = set(self.request.endpoints.values())
         changes = []
         if target.get("Failover") != "PRIMARY":
@@ -166,5 +181,8 @@ class Route53Router:
             if status == "INSYNC":
                 return
             if waited > timeout:
-                raise ApplicationError(f"Route 53 change {change_id} of {self.what} still {status} after {waited:.0f}s", type="ChangeNotInSync")
+                raise ApplicationError(
+                    f"Route 53 change {change_id} of {self.what} still {status} after {waited:.0f}s",
+                    type="ChangeNotInSync",
+                )
             poll.sleep()

@@ -60,7 +60,9 @@ def client(conn: AwsConnection | None, service: str, region: str | None = None) 
         user_agent_extra="opsflow",
         s3={"addressing_style": "path"} if conn.endpoint_url else None,
     )
-    return new_session().client(service, region_name=region or conn.default_region, endpoint_url=conn.endpoint_url, config=config)
+    return new_session().client(
+        service, region_name=region or conn.default_region, endpoint_url=conn.endpoint_url, config=config
+    )
 
 
 _PARSED: dict = {}  # botocore's data files (service models, endpoint rules), parsed once per process
@@ -89,7 +91,12 @@ def aws_error(e: Exception, what: str) -> ApplicationError:
         details = {"code": code, "http_status": http, "resource": what}
         if code in _THROTTLED or "Throttl" in code:
             return ApplicationError(text, details, type="AwsThrottled")
-        if http >= 500 or code in ("InternalFailure", "InternalError", "ServiceUnavailable", "ServiceUnavailableException"):
+        if http >= 500 or code in (
+            "InternalFailure",
+            "InternalError",
+            "ServiceUnavailable",
+            "ServiceUnavailableException",
+        ):
             return ApplicationError(text, details, type="AwsUnavailable")
         if code in _ACCESS or "AccessDenied" in code or http == 403:
             return ApplicationError(text, details, type="AwsAccessDenied", non_retryable=True)
@@ -99,7 +106,9 @@ def aws_error(e: Exception, what: str) -> ApplicationError:
             return ApplicationError(text, details, type="AwsInvalidParameter", non_retryable=True)
         return ApplicationError(text, details, type="AwsError")
     if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
-        return ApplicationError(f"{what}: no AWS credentials on this worker ({e})", type="AwsCredentials", non_retryable=True)
+        return ApplicationError(
+            f"{what}: no AWS credentials on this worker ({e})", type="AwsCredentials", non_retryable=True
+        )
     if isinstance(e, NoRegionError):
         return ApplicationError(f"{what}: no AWS region given", type="AwsInvalidParameter", non_retryable=True)
     if isinstance(e, BotoCoreError):  # connection refused/reset, timeouts, unparsable answers

@@ -129,28 +129,41 @@ def arm_error(e: Exception, what: str) -> ApplicationError:
     if isinstance(e, (ServiceRequestError, ServiceResponseError)):
         text = str(e)
         if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-            return ApplicationError(f"{what}: the ARM endpoint's TLS certificate is not trusted (set azure.ca_bundle?): {text}",
-                                    type="AzureTlsError", non_retryable=True)
+            return ApplicationError(
+                f"{what}: the ARM endpoint's TLS certificate is not trusted (set azure.ca_bundle?): {text}",
+                type="AzureTlsError",
+                non_retryable=True,
+            )
         if "non-TLS" in text or "non-https" in text:
-            return ApplicationError(f"{what}: {text} (azure.arm_endpoint must be https://)", type="AzureConfig", non_retryable=True)
+            return ApplicationError(
+                f"{what}: {text} (azure.arm_endpoint must be https://)", type="AzureConfig", non_retryable=True
+            )
         return ApplicationError(f"{what}: ARM unreachable: {text}", type="AzureUnavailable")
     if isinstance(e, HttpResponseError):
         status = e.status_code
         code, message = error_code(e)
         detail = f"{code}: {message}" if code else message
         if isinstance(e, ClientAuthenticationError) or status == 401:
-            return ApplicationError(f"{what}: authentication refused by ARM ({detail})", type="AzureAuthFailed", non_retryable=True)
+            return ApplicationError(
+                f"{what}: authentication refused by ARM ({detail})", type="AzureAuthFailed", non_retryable=True
+            )
         if status == 403:
-            return ApplicationError(f"{what}: permission denied by ARM ({detail})", type="AzurePermissionDenied", non_retryable=True)
+            return ApplicationError(
+                f"{what}: permission denied by ARM ({detail})", type="AzurePermissionDenied", non_retryable=True
+            )
         if isinstance(e, ResourceNotFoundError) or status == 404:
             return ApplicationError(f"{what}: not found ({detail})", type="AzureResourceNotFound", non_retryable=True)
         if status in (400, 405, 422):
-            return ApplicationError(f"{what}: ARM refused the request ({detail})", type="AzureBadRequest", non_retryable=True)
+            return ApplicationError(
+                f"{what}: ARM refused the request ({detail})", type="AzureBadRequest", non_retryable=True
+            )
         if status == 409:
             return ApplicationError(f"{what}: conflict ({detail})", type="AzureConflict")
         if status in (200, 201, 202) and code:  # a long-running operation that ended Failed/Canceled
             permanent = code.lower() in _PERMANENT_OPERATION_CODES
-            return ApplicationError(f"{what}: the operation failed ({detail})", type="AzureOperationFailed", non_retryable=permanent)
+            return ApplicationError(
+                f"{what}: the operation failed ({detail})", type="AzureOperationFailed", non_retryable=permanent
+            )
         return ApplicationError(f"{what}: ARM answered {status} ({detail})", type="AzureUnavailable")
     return ApplicationError(f"{what}: {type(e).__name__}: {e}", type="AzureError")
 
@@ -173,7 +186,10 @@ def wait_poller(poller: Any, what: str, deadline: float) -> Any:
         _heartbeat({"phase": what, "operation": poller.status(), "waited_seconds": round(waited, 1)})
         check_cancelled(what)  # the operation goes on in Azure; whoever comes next finds it by the resource's state
         if time.monotonic() > deadline:
-            raise ApplicationError(f"{what}: the ARM operation is still {poller.status()} after {waited:.0f}s", type="AzureOperationTimeout")
+            raise ApplicationError(
+                f"{what}: the ARM operation is still {poller.status()} after {waited:.0f}s",
+                type="AzureOperationTimeout",
+            )
         poller.wait(timeout=1.0)
     return poller.result()
 

@@ -1,7 +1,7 @@
 """Azure Database for PostgreSQL flexible server: `AzureFlexibleServer` (DatabaseProvider) and the maintenance
 window's on-demand backups.
 
-Replication state over SQL (activities.postgres), the control plane over ARM. Fencing is Azure's way (no
+Replication state over SQL (activities/postgres/), the control plane over ARM. Fencing is Azure's way (no
 superuser there): the server parameter default_transaction_read_only set through ARM, then the open sessions
 are ended over SQL. Promotion is the SDK's replica promotion (PATCH properties.replica.promoteMode=Standalone,
 promoteOption=Planned|Forced), a long-running operation, followed by a wait for the first committed write.
@@ -67,7 +67,11 @@ def server_tags(server: Any) -> dict[str, str]:
 
 def _user_tags(server: Any) -> dict[str, str]:
     """The tags a re-created server keeps: the old server's, less those opsflow sets on scratch servers."""
-    return {k: v for k, v in server_tags(server).items() if k not in (SCRATCH_TAG, SCRATCH_RUN_TAG, SCRATCH_SOURCE_TAG, SCRATCH_POINT_TAG)}
+    return {
+        k: v
+        for k, v in server_tags(server).items()
+        if k not in (SCRATCH_TAG, SCRATCH_RUN_TAG, SCRATCH_SOURCE_TAG, SCRATCH_POINT_TAG)
+    }
 
 
 class AzureFlexibleServer:
@@ -85,8 +89,10 @@ class AzureFlexibleServer:
     # -- ARM ---------------------------------------------------------------------------------------------------
     @property
     def resource(self) -> str:
-        return (f"flexible server {self.db.server_name} (resource group {self.db.resource_group}, "
-                f"subscription {self.db.subscription_id})")
+        return (
+            f"flexible server {self.db.server_name} (resource group {self.db.resource_group}, "
+            f"subscription {self.db.subscription_id})"
+        )
 
     @property
     def client(self) -> Any:
@@ -115,7 +121,10 @@ class AzureFlexibleServer:
         what = f"set parameter {name}={value} on {self.resource}"
         with arm_errors(what):
             poller = self.client.configurations.begin_put(
-                self.db.resource_group, self.db.server_name, name, {"properties": {"value": value, "source": "user-override"}}
+                self.db.resource_group,
+                self.db.server_name,
+                name,
+                {"properties": {"value": value, "source": "user-override"}},
             )
             wait_poller(poller, what, deadline)
 
@@ -129,7 +138,9 @@ class AzureFlexibleServer:
                 raise  # our inventory names a server ARM does not know, or we may not read it
             note = f"control plane: {e.message}"
             return status.model_copy(update={"error": f"{status.error}; {note}" if status.error else note})
-        return status.model_copy(update={"cloud_state": field(server, "properties", "state"), "cloud_role": self._role(server)})
+        return status.model_copy(
+            update={"cloud_state": field(server, "properties", "state"), "cloud_role": self._role(server)}
+        )
 
     def fence_control_plane(self, budget: float) -> tuple[str, list[str]]:
         """Emergency fence of an old primary that may be dead: default_transaction_read_only=on through ARM (the
@@ -171,8 +182,11 @@ class AzureFlexibleServer:
             if now == want:
                 return
             if time.monotonic() > deadline:
-                raise ApplicationError(f"{self.resource}: default_transaction_read_only is still {'off' if want else 'on'} "
-                                       f"over SQL after ARM reported the change", type="FenceIncomplete")
+                raise ApplicationError(
+                    f"{self.resource}: default_transaction_read_only is still {'off' if want else 'on'} "
+                    f"over SQL after ARM reported the change",
+                    type="FenceIncomplete",
+                )
             _heartbeat("waiting for the parameter to reach new sessions")
             _sleep(0.1)
 
@@ -222,7 +236,9 @@ class AzureFlexibleServer:
         self._wait_writable(deadline, t0)
         seconds = time.monotonic() - t0
         with connect(self.db) as conn:
-            received, replayed = conn.execute("select pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text").fetchone()
+            received, replayed = conn.execute(
+                "select pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text"
+            ).fetchone()
         after = sql_status(self.db, self.target.region)
         return PromoteResult(
             already_primary=False,
@@ -239,7 +255,9 @@ class AzureFlexibleServer:
             if state != "Updating":
                 return server
             if time.monotonic() > deadline:
-                raise ApplicationError(f"{self.resource}: still Updating (another operation runs on it)", type="AzureConflict")
+                raise ApplicationError(
+                    f"{self.resource}: still Updating (another operation runs on it)", type="AzureConflict"
+                )
             _heartbeat({"phase": "waiting for a running operation on the server", "state": state})
             _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
 
@@ -252,7 +270,13 @@ class AzureFlexibleServer:
                 if e.non_retryable or time.monotonic() > deadline:
                     raise
                 last = e.message
-            _heartbeat({"phase": "waiting for a write to commit", "waited_seconds": round(time.monotonic() - t0, 1), "last": last})
+            _heartbeat(
+                {
+                    "phase": "waiting for a write to commit",
+                    "waited_seconds": round(time.monotonic() - t0, 1),
+                    "last": last,
+                }
+            )
             _sleep(0.2)
 
     def check_writable(self) -> None:
@@ -278,28 +302,52 @@ class AzureFlexibleServer:
         deadline = t0 + _time_budget(DEFAULT_REBUILD_TIMEOUT)
         pdb = primary.database
         if not isinstance(pdb, AzureFlexibleDatabase):
-            raise ApplicationError(f"rebuild {self.resource}: the primary region {primary.region} is a {pdb.provider!r} database; an Azure read "
-                                   f"replica needs an Azure flexible server as its source", type="BadInput", non_retryable=True)
-        if (pdb.subscription_id, pdb.resource_group.lower(), pdb.server_name.lower()) == (self.db.subscription_id, self.db.resource_group.lower(), self.db.server_name.lower()):
-            raise ApplicationError(f"rebuild {self.resource}: it is the primary itself", type="BadInput", non_retryable=True)
+            raise ApplicationError(
+                f"rebuild {self.resource}: the primary region {primary.region} is a {pdb.provider!r} database; an "
+                "Azure read replica needs an Azure flexible server as its source",
+                type="BadInput",
+                non_retryable=True,
+            )
+        if (pdb.subscription_id, pdb.resource_group.lower(), pdb.server_name.lower()) == (
+            self.db.subscription_id,
+            self.db.resource_group.lower(),
+            self.db.server_name.lower(),
+        ):
+            raise ApplicationError(
+                f"rebuild {self.resource}: it is the primary itself", type="BadInput", non_retryable=True
+            )
         source_provider = AzureFlexibleServer(primary)
         source = source_provider.server()
         source_id = field(source, "id")
         if (source_provider._role(source) or "").lower() in REPLICA_ROLES:
-            raise ApplicationError(f"rebuild {self.resource}: {source_provider.resource} (region {primary.region}) is a read replica in ARM, "
-                                   f"not the primary; refusing to rebuild from it", type="NotPrimary", non_retryable=True)
+            raise ApplicationError(
+                f"rebuild {self.resource}: {source_provider.resource} (region {primary.region}) is a read replica in "
+                "ARM, not the primary; refusing to rebuild from it",
+                type="NotPrimary",
+                non_retryable=True,
+            )
         pst = sql_status(pdb, primary.region)
         if not pst.reachable:
-            raise ApplicationError(f"rebuild {self.resource}: the primary {where(pdb)} is unreachable over SQL: {pst.error}", type="Unreachable")
+            raise ApplicationError(
+                f"rebuild {self.resource}: the primary {where(pdb)} is unreachable over SQL: {pst.error}",
+                type="Unreachable",
+            )
         if pst.role != "primary":
-            raise ApplicationError(f"rebuild {self.resource}: {where(pdb)} (region {primary.region}) is in recovery, not a primary; "
-                                   f"refusing to rebuild from it", type="NotPrimary", non_retryable=True)
+            raise ApplicationError(
+                f"rebuild {self.resource}: {where(pdb)} (region {primary.region}) is in recovery, not a primary; "
+                "refusing to rebuild from it",
+                type="NotPrimary",
+                non_retryable=True,
+            )
 
         current = self._wait_settled(deadline)
         if current is not None and self._is_replica_of(current, source_id):
             self._wait_streaming(deadline, t0)
-            return RebuildResult(method="already-replica", seconds=round(time.monotonic() - t0, 3),
-                                 detail=f"{self.db.server_name} is a read replica of {pdb.server_name}, streaming")
+            return RebuildResult(
+                method="already-replica",
+                seconds=round(time.monotonic() - t0, 3),
+                detail=f"{self.db.server_name} is a read replica of {pdb.server_name}, streaming",
+            )
         location = field(current, "location") or self.target.region
         tags = _user_tags(current) if current is not None else {}
         steps = []
@@ -307,8 +355,10 @@ class AzureFlexibleServer:
         if current is not None:
             preserved = self._preserve(current, deadline)
             steps.append(f"kept {preserved}")
-            what = (f"delete {self.resource} (state {server_state(current) or '?'}, role {self._role(current) or '?'}): Azure cannot make an "
-                    f"existing server a replica")
+            what = (
+                f"delete {self.resource} (state {server_state(current) or '?'}, role {self._role(current) or '?'}): "
+                "Azure cannot make an existing server a replica"
+            )
             logger(log).warning("failback: %s", what)
             with arm_errors(what):
                 poller = self.client.servers.begin_delete(self.db.resource_group, self.db.server_name)
@@ -316,13 +366,22 @@ class AzureFlexibleServer:
             steps.append("deleted the old server")
         what = f"create {self.resource} as a read replica of {source_provider.resource}"
         logger(log).info("failback: %s", what)
-        body = {"location": location, "properties": {"createMode": "Replica", "sourceServerResourceId": source_id}, "tags": tags}
+        body = {
+            "location": location,
+            "properties": {"createMode": "Replica", "sourceServerResourceId": source_id},
+            "tags": tags,
+        }
         with arm_errors(what):
             poller = self.client.servers.begin_create_or_update(self.db.resource_group, self.db.server_name, body)
             wait_poller(poller, what, deadline)
         steps.append(f"created a read replica of {pdb.server_name} in {location}")
         self._wait_streaming(deadline, t0)
-        return RebuildResult(method="azure-replica", seconds=round(time.monotonic() - t0, 3), detail="; ".join(steps), preserved=preserved)
+        return RebuildResult(
+            method="azure-replica",
+            seconds=round(time.monotonic() - t0, 3),
+            detail="; ".join(steps),
+            preserved=preserved,
+        )
 
     def _preserve(self, server: Any, deadline: float) -> str:
         """Before the old server is deleted: an on-demand backup of it (Backups - Create), so that what it holds
@@ -345,16 +404,25 @@ class AzureFlexibleServer:
         except ApplicationError as e:
             if not e.non_retryable:
                 raise
-            raise ApplicationError(f"rebuild {self.resource}: {what} failed, so the old server is not deleted: {e.message}. Keep its "
-                                   f"data another way (e.g. a point-in-time restore into a new server), then delete it by hand "
-                                   f"and run the failback again", type="PreserveFailed", non_retryable=True) from None
+            raise ApplicationError(
+                f"rebuild {self.resource}: {what} failed, so the old server is not deleted: {e.message}. Keep its data "
+                "another way (e.g. a point-in-time restore into a new server), then delete it by hand and run the "
+                "failback again",
+                type="PreserveFailed",
+                non_retryable=True,
+            ) from None
         return what
 
     @staticmethod
     def _is_replica_of(server: Any, source_id: str | None) -> bool:
-        role = (field(server, "properties", "replica", "role") or field(server, "properties", "replication_role") or "").lower()
-        return (role in REPLICA_ROLES and same_id(field(server, "properties", "source_server_resource_id"), source_id)
-                and server_state(server).lower() not in FAILED_STATES)
+        role = (
+            field(server, "properties", "replica", "role") or field(server, "properties", "replication_role") or ""
+        ).lower()
+        return (
+            role in REPLICA_ROLES
+            and same_id(field(server, "properties", "source_server_resource_id"), source_id)
+            and server_state(server).lower() not in FAILED_STATES
+        )
 
     def _wait_settled(self, deadline: float) -> Any | None:
         """This server once no operation runs on it (None: there is no such server)."""
@@ -364,7 +432,9 @@ class AzureFlexibleServer:
             if server is None or state.lower() not in _BUSY_STATES:
                 return server
             if time.monotonic() > deadline:
-                raise ApplicationError(f"{self.resource}: still {state} (another operation runs on it)", type="AzureConflict")
+                raise ApplicationError(
+                    f"{self.resource}: still {state} (another operation runs on it)", type="AzureConflict"
+                )
             _heartbeat({"phase": "waiting for a running operation on the server", "state": state})
             _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
 
@@ -376,8 +446,17 @@ class AzureFlexibleServer:
                 return
             seen = st.error if not st.reachable else f"role {st.role}, streaming {st.streaming}"
             if time.monotonic() > deadline:
-                raise ApplicationError(f"{self.resource}: created as a read replica, but not streaming over SQL ({seen})", type="ReplicaNotStreaming")
-            _heartbeat({"phase": "waiting for the replica to stream", "seen": seen, "waited_seconds": round(time.monotonic() - t0, 1)})
+                raise ApplicationError(
+                    f"{self.resource}: created as a read replica, but not streaming over SQL ({seen})",
+                    type="ReplicaNotStreaming",
+                )
+            _heartbeat(
+                {
+                    "phase": "waiting for the replica to stream",
+                    "seen": seen,
+                    "waited_seconds": round(time.monotonic() - t0, 1),
+                }
+            )
             _sleep(0.2)
 
 
@@ -395,9 +474,13 @@ def on_demand_backup(target: RegionTarget, name: str, timeout: float) -> Any:
             backup = wait_poller(poller, what, time.monotonic() + timeout)
             if backup is None:
                 backup = client.backups_automatic_and_on_demand.get(db.resource_group, db.server_name, name)
-    return BackupResult(id=field(backup, "id") or name, method="azure-on-demand", state="completed",
-                        completed_at=backup_completed_at(backup),
-                        location=db.server_name)
+    return BackupResult(
+        id=field(backup, "id") or name,
+        method="azure-on-demand",
+        state="completed",
+        completed_at=backup_completed_at(backup),
+        location=db.server_name,
+    )
 
 
 def backup_completed_at(backup: Any) -> datetime | None:
@@ -410,6 +493,8 @@ def get_backup(target: RegionTarget, name: str) -> Any | None:
     server = AzureFlexibleServer(target)
     with arm_errors(f"get backup {name} of {server.resource}"):
         try:
-            return server.client.backups_automatic_and_on_demand.get(server.db.resource_group, server.db.server_name, name)
+            return server.client.backups_automatic_and_on_demand.get(
+                server.db.resource_group, server.db.server_name, name
+            )
         except ResourceNotFoundError:
             return None

@@ -75,7 +75,9 @@ class AzurePointInTimeRestore:
         return self._resource(self.db.server_name)
 
     def _resource(self, name: str) -> str:
-        return f"flexible server {name} (resource group {self.db.resource_group}, subscription {self.db.subscription_id})"
+        return (
+            f"flexible server {name} (resource group {self.db.resource_group}, subscription {self.db.subscription_id})"
+        )
 
     @property
     def client(self) -> Any:
@@ -96,38 +98,64 @@ class AzurePointInTimeRestore:
         earliest = utc(field(source, "properties", "backup", "earliest_restore_date"))
         retention = field(source, "properties", "backup", "backup_retention_days")
         now = datetime.now(timezone.utc)
-        latest, how = now - timedelta(seconds=LATEST_RESTORE_MARGIN), f"latest: now minus {LATEST_RESTORE_MARGIN:.0f}s (clock skew margin)"
+        latest, how = (
+            now - timedelta(seconds=LATEST_RESTORE_MARGIN),
+            f"latest: now minus {LATEST_RESTORE_MARGIN:.0f}s (clock skew margin)",
+        )
         if earliest is not None and earliest <= now and latest < earliest:
-            latest, how = earliest, "latest: the earliest restore date (the first backup is younger than the clock skew margin)"
-        notes = [f"earliest: backup.earliestRestoreDate of {self.db.server_name}" if earliest else
-                 f"ARM reports no backup.earliestRestoreDate for {self.db.server_name} (no backup yet?)", how]
+            latest, how = (
+                earliest,
+                "latest: the earliest restore date (the first backup is younger than the clock skew margin)",
+            )
+        notes = [
+            f"earliest: backup.earliestRestoreDate of {self.db.server_name}"
+            if earliest
+            else f"ARM reports no backup.earliestRestoreDate for {self.db.server_name} (no backup yet?)",
+            how,
+        ]
         if retention:
             notes.append(f"retention {retention} days")
         return RestoreWindow(earliest=earliest, latest=latest, detail="; ".join(notes))
 
     def start(self, name: str, point: datetime) -> ScratchTarget:
         if not _SERVER_NAME.match(name):
-            raise ApplicationError(f"scratch server name {name!r} is not a valid flexible server name (3-63 lower-case letters, digits, hyphens)",
-                                   type="BadInput", non_retryable=True)
+            raise ApplicationError(
+                f"scratch server name {name!r} is not a valid flexible server name (3-63 lower-case letters, digits, "
+                "hyphens)",
+                type="BadInput",
+                non_retryable=True,
+            )
         point = utc(point)  # type: ignore[assignment]
         existing = self._server(name)
         if existing is not None:
             self._check_scratch(existing, name)
-            logger(log).info("restore: scratch server %s exists already (state %s); reusing it", name, server_state(existing))
+            logger(log).info(
+                "restore: scratch server %s exists already (state %s); reusing it", name, server_state(existing)
+            )
             return self._scratch(existing, name)
         source = self._source()
         what = f"point-in-time restore of {self.resource} as of {iso(point)} into {name}"
         body = {
             "location": field(source, "location"),
-            "properties": {"createMode": "PointInTimeRestore", "sourceServerResourceId": field(source, "id"), "pointInTimeUTC": iso(point)},
-            "tags": {SCRATCH_TAG: self.environment, SCRATCH_SOURCE_TAG: self.db.server_name, SCRATCH_POINT_TAG: iso(point),
-                     **({SCRATCH_RUN_TAG: self.run_id} if self.run_id else {})},
+            "properties": {
+                "createMode": "PointInTimeRestore",
+                "sourceServerResourceId": field(source, "id"),
+                "pointInTimeUTC": iso(point),
+            },
+            "tags": {
+                SCRATCH_TAG: self.environment,
+                SCRATCH_SOURCE_TAG: self.db.server_name,
+                SCRATCH_POINT_TAG: iso(point),
+                **({SCRATCH_RUN_TAG: self.run_id} if self.run_id else {}),
+            },
         }
         with arm_errors(what):
             # polling=False: the initial PUT only. ARM goes on restoring; restore.wait follows it with status().
             self.client.servers.begin_create_or_update(self.db.resource_group, name, body, polling=False)
         logger(log).info("restore: %s accepted by ARM", what)
-        return ScratchTarget(name=name, method=self.method, ready=False, restore_point=point, detail=f"{what}: accepted, provisioning")
+        return ScratchTarget(
+            name=name, method=self.method, ready=False, restore_point=point, detail=f"{what}: accepted, provisioning"
+        )
 
     def status(self, name: str) -> ScratchTarget:
         server = self._server(name)
@@ -135,8 +163,12 @@ class AzurePointInTimeRestore:
             first = self._missing_since.setdefault(name, time.monotonic())
             if time.monotonic() - first < SCRATCH_MISSING_GRACE:
                 return ScratchTarget(name=name, method=self.method, ready=False, detail="not visible in ARM (yet)")
-            raise ApplicationError(f"scratch server {name} does not exist in resource group {self.db.resource_group}: its restore failed and "
-                                   f"ARM removed it, or it was deleted", type="RestoreFailed", non_retryable=True)
+            raise ApplicationError(
+                f"scratch server {name} does not exist in resource group {self.db.resource_group}: its restore failed "
+                "and ARM removed it, or it was deleted",
+                type="RestoreFailed",
+                non_retryable=True,
+            )
         self._missing_since.pop(name, None)
         return self._scratch(server, name)
 
@@ -166,7 +198,9 @@ class AzurePointInTimeRestore:
             waited = time.monotonic() - started
             if time.monotonic() > deadline:
                 raise ApplicationError(f"{what}: still {state} after {waited:.0f}s", type="AzureOperationTimeout")
-            _heartbeat({"phase": "waiting to delete the scratch server", "state": state, "waited_seconds": round(waited, 1)})
+            _heartbeat(
+                {"phase": "waiting to delete the scratch server", "state": state, "waited_seconds": round(waited, 1)}
+            )
             _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
             server = self._server(name)
 
@@ -176,16 +210,22 @@ class AzurePointInTimeRestore:
     def scratch_runs(self, prefix: str) -> dict[str, str | None]:
         with arm_errors(f"list the flexible servers of resource group {self.db.resource_group}"):
             servers = list(self.client.servers.list_by_resource_group(self.db.resource_group))
-        return {field(s, "name"): server_tags(s).get(SCRATCH_RUN_TAG) for s in servers
-                if (field(s, "name") or "").startswith(prefix) and server_tags(s).get(SCRATCH_TAG) == self.environment}
+        return {
+            field(s, "name"): server_tags(s).get(SCRATCH_RUN_TAG)
+            for s in servers
+            if (field(s, "name") or "").startswith(prefix) and server_tags(s).get(SCRATCH_TAG) == self.environment
+        }
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _check_scratch(self, server: Any, name: str) -> None:
         """Refuse to touch a server that is not a scratch server of this environment (tag opsflow-scratch)."""
         if name.lower() == self.db.server_name.lower() or server_tags(server).get(SCRATCH_TAG) != self.environment:
-            raise ApplicationError(f"{self._resource(name)} is not a scratch server of environment {self.environment} "
-                                   f"(tag {SCRATCH_TAG}={self.environment} missing): the drill does not touch it",
-                                   type="Refused", non_retryable=True)
+            raise ApplicationError(
+                f"{self._resource(name)} is not a scratch server of environment {self.environment} "
+                f"(tag {SCRATCH_TAG}={self.environment} missing): the drill does not touch it",
+                type="Refused",
+                non_retryable=True,
+            )
 
     def _scratch(self, server: Any, name: str) -> ScratchTarget:
         state = server_state(server)
@@ -193,10 +233,19 @@ class AzurePointInTimeRestore:
         point = parse_time(tags.get(SCRATCH_POINT_TAG))
         if state.lower() in FAILED_STATES:
             raise ApplicationError(
-                f"the point-in-time restore into scratch {self._resource(name)} failed (state {state}); the create operation's "
-                f"error is in the resource group's activity log", type="RestoreFailed", non_retryable=True)
+                f"the point-in-time restore into scratch {self._resource(name)} failed (state {state}); the create "
+                "operation's error is in the resource group's activity log",
+                type="RestoreFailed",
+                non_retryable=True,
+            )
         if state.lower() != "ready":
-            return ScratchTarget(name=name, method=self.method, ready=False, restore_point=point, detail=f"ARM state {state or 'unknown'}")
+            return ScratchTarget(
+                name=name,
+                method=self.method,
+                ready=False,
+                restore_point=point,
+                detail=f"ARM state {state or 'unknown'}",
+            )
         dsn = self._dsn(server)
         scratch_db = PostgresDatabase(provider="postgres", dsn=dsn, password=self.db.password)
         try:
@@ -205,15 +254,30 @@ class AzurePointInTimeRestore:
         except ApplicationError as e:
             if e.non_retryable:
                 raise
-            return ScratchTarget(name=name, method=self.method, ready=False, dsn=dsn, restore_point=point,
-                                 detail=f"Ready in ARM, not answering over SQL yet: {e.message}")
-        return ScratchTarget(name=name, method=self.method, ready=True, dsn=dsn, restore_point=point, detail=f"Ready at {where(scratch_db)}")
+            return ScratchTarget(
+                name=name,
+                method=self.method,
+                ready=False,
+                dsn=dsn,
+                restore_point=point,
+                detail=f"Ready in ARM, not answering over SQL yet: {e.message}",
+            )
+        return ScratchTarget(
+            name=name,
+            method=self.method,
+            ready=True,
+            dsn=dsn,
+            restore_point=point,
+            detail=f"Ready at {where(scratch_db)}",
+        )
 
     def _dsn(self, server: Any) -> str:
         """The source's DSN (user, dbname, sslmode...) pointed at the scratch server."""
         host = field(server, "properties", "fully_qualified_domain_name")
         if not host:
-            raise ApplicationError(f"scratch server {field(server, 'name')}: ARM gives no fullyQualifiedDomainName", type="AzureError")
+            raise ApplicationError(
+                f"scratch server {field(server, 'name')}: ARM gives no fullyQualifiedDomainName", type="AzureError"
+            )
         params = conninfo_to_dict(self.db.dsn)
         params.pop("hostaddr", None)
         params["host"] = host

@@ -33,7 +33,9 @@ class AzureTrafficManagerRouter:
 
     def __init__(self, request: TrafficRequest):
         if not isinstance(request.traffic, AzureTrafficManager):
-            raise ValueError(f"AzureTrafficManagerRouter serves provider 'azure-traffic-manager', not {request.traffic.provider!r}")
+            raise ValueError(
+                f"AzureTrafficManagerRouter serves provider 'azure-traffic-manager', not {request.traffic.provider!r}"
+            )
         self.request = request
         self.tm: AzureTrafficManager = request.traffic
         self.conn = request.azure or AzureConnection()
@@ -41,7 +43,8 @@ class AzureTrafficManagerRouter:
 
     @property
     def resource(self) -> str:
-        return f"Traffic Manager profile {self.tm.profile} (resource group {self.tm.resource_group}, subscription {self.tm.subscription_id})"
+        return (f"Traffic Manager profile {self.tm.profile} (resource group {self.tm.resource_group}, "
+                f"subscription {self.tm.subscription_id})")
 
     @property
     def client(self) -> Any:
@@ -56,10 +59,16 @@ class AzureTrafficManagerRouter:
     def _endpoints(self, profile: Any) -> dict[str, Any]:
         """The profile's endpoints by lower-case name; every endpoint the inventory names must be there."""
         found = {(field(e, "name") or "").lower(): e for e in (field(profile, "properties", "endpoints") or [])}
-        missing = [f"{name} (region {region})" for region, name in self.request.endpoints.items() if name.lower() not in found]
+        missing = [
+            f"{name} (region {region})" for region, name in self.request.endpoints.items() if name.lower() not in found
+        ]
         if missing:
-            raise ApplicationError(f"{self.resource} has no endpoint {', '.join(missing)}; it has: {', '.join(field(e, 'name') for e in found.values()) or 'none'}",
-                                   type="AzureResourceNotFound", non_retryable=True)
+            raise ApplicationError(
+                f"{self.resource} has no endpoint {', '.join(missing)}; it has: "
+                f"{', '.join(field(e, 'name') for e in found.values()) or 'none'}",
+                type="AzureResourceNotFound",
+                non_retryable=True,
+            )
         return found
 
     def _state(self, profile: Any) -> TrafficStatus:
@@ -68,17 +77,22 @@ class AzureTrafficManagerRouter:
         states = []
         for region, name in self.request.endpoints.items():
             e = found[name.lower()]
-            states.append(EndpointState(
-                region=region,
-                endpoint=field(e, "name"),
-                enabled=(field(e, "properties", "endpoint_status") or "").lower() == "enabled",
-                priority=field(e, "properties", "priority"),
-                monitor_status=field(e, "properties", "endpoint_monitor_status"),
-            ))
+            states.append(
+                EndpointState(
+                    region=region,
+                    endpoint=field(e, "name"),
+                    enabled=(field(e, "properties", "endpoint_status") or "").lower() == "enabled",
+                    priority=field(e, "properties", "priority"),
+                    monitor_status=field(e, "properties", "endpoint_monitor_status"),
+                )
+            )
         serving = None
-        candidates = [e for e in found.values()
-                      if (field(e, "properties", "endpoint_status") or "").lower() == "enabled"
-                      and (field(e, "properties", "endpoint_monitor_status") or "") == "Online"]
+        candidates = [
+            e
+            for e in found.values()
+            if (field(e, "properties", "endpoint_status") or "").lower() == "enabled"
+            and (field(e, "properties", "endpoint_monitor_status") or "") == "Online"
+        ]
         if self._priority_routing(profile) and candidates:
             best = min(candidates, key=lambda e: field(e, "properties", "priority") or 1001)
             serving = region_of.get((field(best, "name") or "").lower())
@@ -99,8 +113,13 @@ class AzureTrafficManagerRouter:
         logger(log).info(what)
         _heartbeat(what)
         with arm_errors(what):
-            self.client.endpoints.update(self.tm.resource_group, self.tm.profile, _endpoint_type_segment(field(endpoint, "type")),
-                                         name, {"properties": props})
+            self.client.endpoints.update(
+                self.tm.resource_group,
+                self.tm.profile,
+                _endpoint_type_segment(field(endpoint, "type")),
+                name,
+                {"properties": props},
+            )
 
     def switch(self) -> TrafficStatus:
         """Send traffic to request.to_region. Idempotent (only what differs is changed).
@@ -113,7 +132,11 @@ class AzureTrafficManagerRouter:
         """
         to_region = self.request.to_region
         if to_region not in self.request.endpoints:
-            raise ApplicationError(f"traffic: region {to_region!r} has no endpoint in the inventory", type="TrafficConfig", non_retryable=True)
+            raise ApplicationError(
+                f"traffic: region {to_region!r} has no endpoint in the inventory",
+                type="TrafficConfig",
+                non_retryable=True,
+            )
         deadline = time.monotonic() + _time_budget(DEFAULT_SWITCH_TIMEOUT)
         profile = self._profile()
         found = self._endpoints(profile)
@@ -168,16 +191,25 @@ class AzureTrafficManagerRouter:
                 return
             if monitor in ("Degraded", "Stopped"):
                 raise ApplicationError(
-                    f"traffic: endpoint {field(e, 'name')} of {self.resource} (region {self.request.to_region}) is {monitor}: "
-                    f"Traffic Manager's health probes fail there, so it will not take traffic; the other endpoints were left as they were",
+                    f"traffic: endpoint {field(e, 'name')} of {self.resource} (region {self.request.to_region}) is "
+                    f"{monitor}: Traffic Manager's health probes fail there, so it will not take traffic; the other "
+                    "endpoints were left as they were",
                     {"endpoint": field(e, "name"), "monitor_status": monitor},
                     type="EndpointDegraded",
                     non_retryable=True,
                 )
             waited = time.monotonic() - started
             if time.monotonic() > deadline:
-                raise ApplicationError(f"traffic: endpoint {field(e, 'name')} of {self.resource} is still {monitor} after {waited:.0f}s",
-                                       type="EndpointNotOnline")
-            _heartbeat({"phase": "waiting for the endpoint to be Online", "endpoint": field(e, "name"), "monitor_status": monitor,
-                        "waited_seconds": round(waited, 1)})
+                raise ApplicationError(
+                    f"traffic: endpoint {field(e, 'name')} of {self.resource} is still {monitor} after {waited:.0f}s",
+                    type="EndpointNotOnline",
+                )
+            _heartbeat(
+                {
+                    "phase": "waiting for the endpoint to be Online",
+                    "endpoint": field(e, "name"),
+                    "monitor_status": monitor,
+                    "waited_seconds": round(waited, 1),
+                }
+            )
             _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))

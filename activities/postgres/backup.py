@@ -29,20 +29,33 @@ def base_backup(db: Any, directory: str, name: str, *, timeout: float = 3600) ->
     if dest.exists():  # a crashed attempt: start again
         shutil.rmtree(dest)
     Path(directory).mkdir(parents=True, exist_ok=True)
-    binary = shutil.which("pg_basebackup") or next((str(p) for p in sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_basebackup"))), None)
+    binary = shutil.which("pg_basebackup") or next(
+        (str(p) for p in sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_basebackup"))), None
+    )
     if binary is None:
-        raise ApplicationError("backup: pg_basebackup is not installed on this worker (postgresql-client)", type="BackupConfig", non_retryable=True)
+        raise ApplicationError(
+            "backup: pg_basebackup is not installed on this worker (postgresql-client)",
+            type="BackupConfig",
+            non_retryable=True,
+        )
     env = {**os.environ}
     if getattr(db, "password", None) is not None:
         env["PGPASSWORD"] = resolve(db.password)
-    proc = subprocess.Popen([binary, "-d", dsn_of(db), "-D", str(dest), "-Fp", "-X", "stream", "-c", "fast", "--no-password"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    proc = subprocess.Popen(
+        [binary, "-d", dsn_of(db), "-D", str(dest), "-Fp", "-X", "stream", "-c", "fast", "--no-password"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
     deadline = time.monotonic() + timeout
     while proc.poll() is None:
         _heartbeat({"backup": name, "bytes": _dir_bytes(dest)})
         if time.monotonic() > deadline:
             proc.kill()
-            raise ApplicationError(f"backup: pg_basebackup ran over {timeout:.0f}s", type="BackupTimeout", non_retryable=True)
+            raise ApplicationError(
+                f"backup: pg_basebackup ran over {timeout:.0f}s", type="BackupTimeout", non_retryable=True
+            )
         time.sleep(1)
     output = (proc.stdout.read() if proc.stdout else "").strip()
     if proc.returncode != 0:
@@ -60,15 +73,30 @@ def _dir_bytes(path: Any) -> int:
 def _backup_result(dest: Any, state: str) -> Any:
     manifest = dest / "backup_manifest"
     done = datetime.fromtimestamp(manifest.stat().st_mtime, timezone.utc) if manifest.exists() else None
-    return BackupResult(id=dest.name, method="pg_basebackup", state=state, completed_at=done, size_bytes=_dir_bytes(dest), location=str(dest))
+    return BackupResult(
+        id=dest.name,
+        method="pg_basebackup",
+        state=state,
+        completed_at=done,
+        size_bytes=_dir_bytes(dest),
+        location=str(dest),
+    )
 
 
 def verify_base_backup(location: str) -> str:
     """pg_verifybackup on a plain-format base backup: every file against its manifest, and the WAL it needs."""
-    binary = shutil.which("pg_verifybackup") or next((str(p) for p in sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_verifybackup"))), None)
+    binary = shutil.which("pg_verifybackup") or next(
+        (str(p) for p in sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_verifybackup"))), None
+    )
     if binary is None:
-        raise ApplicationError("backup: pg_verifybackup is not installed on this worker", type="BackupConfig", non_retryable=True)
+        raise ApplicationError(
+            "backup: pg_verifybackup is not installed on this worker", type="BackupConfig", non_retryable=True
+        )
     proc = subprocess.run([binary, location], capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
-        raise ApplicationError(f"backup {location} does not verify: {(proc.stderr or proc.stdout).strip()[-500:]}", type="BackupInvalid", non_retryable=True)
+        raise ApplicationError(
+            f"backup {location} does not verify: {(proc.stderr or proc.stdout).strip()[-500:]}",
+            type="BackupInvalid",
+            non_retryable=True,
+        )
     return (proc.stdout or "backup successfully verified").strip()

@@ -29,7 +29,9 @@ APPLICATION_NAME = "opsflow"
 def dsn_of(db: Any) -> str:
     dsn = getattr(db, "dsn", None)
     if not dsn:
-        raise ApplicationError("database: the inventory gives no SQL dsn for this database", type="DatabaseConfig", non_retryable=True)
+        raise ApplicationError(
+            "database: the inventory gives no SQL dsn for this database", type="DatabaseConfig", non_retryable=True
+        )
     return dsn
 
 
@@ -39,8 +41,11 @@ def where(db: Any) -> str:
     try:
         d = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as e:
-        raise ApplicationError(f"database: malformed dsn: {str(e).strip()}", type="DatabaseConfig", non_retryable=True) from None
-    return f"{d.get('host') or d.get('hostaddr') or 'localhost'}:{d.get('port') or 5432}/{d.get('dbname') or d.get('user') or ''}"
+        raise ApplicationError(
+            f"database: malformed dsn: {str(e).strip()}", type="DatabaseConfig", non_retryable=True
+        ) from None
+    host = d.get("host") or d.get("hostaddr") or "localhost"
+    return f"{host}:{d.get('port') or 5432}/{d.get('dbname') or d.get('user') or ''}"
 
 
 def redact(text: str, secret: str | None) -> str:
@@ -52,10 +57,22 @@ def redact(text: str, secret: str | None) -> str:
 
 # Connection failures that retrying cannot fix: the server answered, and said no.
 _PERMANENT_CONNECT = [
-    (re.compile(r"password authentication failed|authentication failed|no password supplied|fe_sendauth|SCRAM|"
-                r"pg_hba\.conf|not permitted to log in|permission denied for database", re.I), "DatabaseAuthFailed"),
-    (re.compile(r'(role|database) ".*" does not exist|invalid (connection option|sslmode|port)|'
-                r"invalid integer value", re.I), "DatabaseConfig"),
+    (
+        re.compile(
+            r"password authentication failed|authentication failed|no password supplied|fe_sendauth|SCRAM|"
+            r"pg_hba\.conf|not permitted to log in|permission denied for database",
+            re.I,
+        ),
+        "DatabaseAuthFailed",
+    ),
+    (
+        re.compile(
+            r'(role|database) ".*" does not exist|invalid (connection option|sslmode|port)|'
+            r"invalid integer value",
+            re.I,
+        ),
+        "DatabaseConfig",
+    ),
 ]
 
 
@@ -77,12 +94,16 @@ def connect(db: Any, *, connect_timeout: float = 5, autocommit: bool = True) -> 
         conninfo = make_conninfo(db.dsn, **params)
         return psycopg.connect(conninfo, autocommit=autocommit)
     except psycopg.ProgrammingError as e:  # an option libpq does not know
-        raise ApplicationError(f"database {loc}: bad dsn: {redact(e, secret)}", type="DatabaseConfig", non_retryable=True) from None
+        raise ApplicationError(
+            f"database {loc}: bad dsn: {redact(e, secret)}", type="DatabaseConfig", non_retryable=True
+        ) from None
     except psycopg.OperationalError as e:
         msg = redact(e, secret)
         for pattern, kind in _PERMANENT_CONNECT:
             if pattern.search(msg):
-                raise ApplicationError(f"database {loc}: connection refused by the server: {msg}", type=kind, non_retryable=True) from None
+                raise ApplicationError(
+                    f"database {loc}: connection refused by the server: {msg}", type=kind, non_retryable=True
+                ) from None
         raise ApplicationError(f"database {loc}: cannot connect: {msg}", type="DatabaseUnreachable") from None
 
 
@@ -94,7 +115,9 @@ def sql_errors(db: Any, what: str) -> Iterator[None]:
     except ApplicationError:
         raise
     except pgerrors.InsufficientPrivilege as e:
-        raise ApplicationError(f"{what} on {where(db)}: permission denied: {redact(e, None)}", type="PermissionDenied", non_retryable=True) from None
+        raise ApplicationError(
+            f"{what} on {where(db)}: permission denied: {redact(e, None)}", type="PermissionDenied", non_retryable=True
+        ) from None
     except psycopg.OperationalError as e:  # connection lost, server shutting down, statement timeout
         raise ApplicationError(f"{what} on {where(db)}: {redact(e, None)}", type="DatabaseUnreachable") from None
     except psycopg.Error as e:
@@ -111,8 +134,13 @@ def timeout_ms(seconds: float) -> str:
 
 
 def is_name_error(e: psycopg.Error) -> bool:
-    # 22xxx data exceptions (invalid name syntax, improper qualified name), 42xxx syntax errors: the name, not the server
-    return bool(getattr(e, "sqlstate", None)) and e.sqlstate[:2] in ("22", "42") and not isinstance(e, pgerrors.InsufficientPrivilege)
+    # 22xxx data exceptions (invalid name syntax, improper qualified name), 42xxx syntax errors: the name, not the
+    # server
+    return (
+        bool(getattr(e, "sqlstate", None))
+        and e.sqlstate[:2] in ("22", "42")
+        and not isinstance(e, pgerrors.InsufficientPrivilege)
+    )
 
 
 def error_line(e: psycopg.Error) -> str:

@@ -58,26 +58,46 @@ def sql_divergence(old_db: Any, new_db: Any, *, old_region: str, new_region: str
         return Divergence(diverged=None, **base, detail=f"the new primary cannot be read: {new.error}")
     old = sql_status(old_db, old_region)
     if not old.reachable:
-        return Divergence(diverged=None, **base, detail=f"the old primary cannot be read ({old.error}): whether it took writes after "
-                                                        f"the split is unknown; keep its data until someone has looked")
+        return Divergence(
+            diverged=None,
+            **base,
+            detail=f"the old primary cannot be read ({old.error}): whether it took writes after "
+            f"the split is unknown; keep its data until someone has looked",
+        )
     if old.role != "primary":
-        return Divergence(diverged=None, **base, old_timeline=old.timeline, old_last_lsn=old.replay_lsn,
-                          detail=f"{old_region} is a replica (timeline {old.timeline}): it was rebuilt already, or never promoted")
+        return Divergence(
+            diverged=None,
+            **base,
+            old_timeline=old.timeline,
+            old_last_lsn=old.replay_lsn,
+            detail=f"{old_region} is a replica (timeline {old.timeline}): it was rebuilt already, or never promoted",
+        )
     base.update(old_timeline=old.timeline, old_last_lsn=old.current_lsn)
     if old.timeline == new.timeline:
-        return Divergence(diverged=None, **base, detail=f"both servers are primaries on timeline {old.timeline}: no promotion "
-                                                        f"separates them (split brain?); compare their data by hand")
+        return Divergence(
+            diverged=None,
+            **base,
+            detail=f"both servers are primaries on timeline {old.timeline}: no promotion "
+            f"separates them (split brain?); compare their data by hand",
+        )
     history = timeline_history(new_db, new.timeline or 0)
     split = switch_point(history, old.timeline or 0) if history else None
     if split is None:
-        why = "its timeline history cannot be read (grant REPLICATION or pg_read_server_files)" if history is None else \
-              f"timeline {new.timeline} does not descend from timeline {old.timeline}"
+        why = (
+            "its timeline history cannot be read (grant REPLICATION or pg_read_server_files)"
+            if history is None
+            else f"timeline {new.timeline} does not descend from timeline {old.timeline}"
+        )
         return Divergence(diverged=None, **base, detail=f"{new_region}: {why}")
     after = max(0, (lsn_to_int(old.current_lsn) or 0) - (lsn_to_int(split) or 0))
     # Any WAL past the switch point is something the new primary never got (a shutdown checkpoint included:
     # pg_rewind is needed all the same); the transaction count, when the host can tell, says if it was data.
     diverged = after > 0
-    detail = (f"{old_region} wrote {after} bytes of WAL on timeline {old.timeline} after {new_region} branched off at {split} "
-              f"(old primary at {old.current_lsn})" if diverged else
-              f"{old_region} stopped at {old.current_lsn}, not past the switch point {split}: nothing was written after the split")
+    detail = (
+        f"{old_region} wrote {after} bytes of WAL on timeline {old.timeline} after {new_region} branched off at "
+        f"{split} (old primary at {old.current_lsn})"
+        if diverged
+        else f"{old_region} stopped at {old.current_lsn}, not past the switch point {split}: "
+             "nothing was written after the split"
+    )
     return Divergence(diverged=diverged, **base, split_lsn=split, bytes_after_split=after, detail=detail)

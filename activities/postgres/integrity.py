@@ -26,7 +26,14 @@ from activities.postgres.connection import (bad_input, connect, error_line, is_n
 CHECK_STATEMENT_TIMEOUT = 60.0
 COUNT_STATEMENT_TIMEOUT = 600.0
 _COUNTABLE = {"r": "table", "p": "partitioned table", "v": "view", "m": "materialized view", "f": "foreign table"}
-_KINDS = {**_COUNTABLE, "i": "index", "I": "partitioned index", "S": "sequence", "c": "composite type", "t": "TOAST table"}
+_KINDS = {
+    **_COUNTABLE,
+    "i": "index",
+    "I": "partitioned index",
+    "S": "sequence",
+    "c": "composite type",
+    "t": "TOAST table",
+}
 
 
 def _resolve_relation(conn: psycopg.Connection, name: str) -> tuple[str, str, str] | None:
@@ -54,12 +61,16 @@ def _countable(db: Any, conn: psycopg.Connection, table: str, *, missing_ok: boo
     if rel is None:
         if missing_ok:
             return None
-        raise bad_input(f"unknown table {table!r} on {where(db)}: no such table or view (names are resolved like SQL: "
-                         f"schema-qualified or on the search_path, unquoted names in lower case)")
+        raise bad_input(
+            f"unknown table {table!r} on {where(db)}: no such table or view (names are resolved like SQL: "
+            f"schema-qualified or on the search_path, unquoted names in lower case)"
+        )
     schema, relname, kind = rel
     if kind not in _COUNTABLE:
         what = _KINDS.get(kind, f"relation of kind {kind!r}")
-        raise bad_input(f"{table!r} on {where(db)} is {'an' if what[0] in 'aeiou' else 'a'} {what}, not a table or view")
+        raise bad_input(
+            f"{table!r} on {where(db)} is {'an' if what[0] in 'aeiou' else 'a'} {what}, not a table or view"
+        )
     return schema, relname
 
 
@@ -106,8 +117,9 @@ def _timestamp_column(db: Any, conn: psycopg.Connection, table: str, rel: tuple[
         raise bad_input(f"column {column!r} of {table!r} is {row[0]}, not a timestamp")
 
 
-def row_counts(db: Any, tables: list[str], *, missing_ok: bool = False,
-               statement_timeout: float = COUNT_STATEMENT_TIMEOUT) -> dict[str, int | None]:
+def row_counts(
+    db: Any, tables: list[str], *, missing_ok: bool = False, statement_timeout: float = COUNT_STATEMENT_TIMEOUT
+) -> dict[str, int | None]:
     """count(*) of each table, keyed by the name as given, all in one REPEATABLE READ READ ONLY transaction
     (one snapshot). An unknown table raises BadInput naming it; with missing_ok (the restored side of a
     comparison, where a missing table is a finding, not bad input) its count is None instead."""
@@ -123,12 +135,15 @@ def row_counts(db: Any, tables: list[str], *, missing_ok: bool = False,
                     counts[table] = None
                     continue
                 _heartbeat(f"counting rows of {table}")
-                counts[table] = conn.execute(sql.SQL("select count(*) from {}").format(sql.Identifier(*rel))).fetchone()[0]
+                counts[table] = conn.execute(
+                    sql.SQL("select count(*) from {}").format(sql.Identifier(*rel))
+                ).fetchone()[0]
     return counts
 
 
-def row_counts_at(db: Any, table: str, timestamp_column: str, at: datetime, *,
-                  statement_timeout: float = COUNT_STATEMENT_TIMEOUT) -> int:
+def row_counts_at(
+    db: Any, table: str, timestamp_column: str, at: datetime, *, statement_timeout: float = COUNT_STATEMENT_TIMEOUT
+) -> int:
     """Rows of `table` whose `timestamp_column` is strictly before `at`: the source's count at a restore point,
     for a table that records when its rows were written (same strictness as restore_to_time: transactions
     committed before the target). A naive `at`, and a timestamp-without-time-zone column, are taken as UTC.
@@ -140,10 +155,15 @@ def row_counts_at(db: Any, table: str, timestamp_column: str, at: datetime, *,
     with connect(db, autocommit=False) as conn, sql_errors(db, "row count at a point in time"):
         conn.read_only = True
         with conn.transaction():
-            conn.execute("select set_config('statement_timeout', %s, true), set_config('TimeZone', 'UTC', true)", (timeout_ms(statement_timeout),))
+            conn.execute(
+                "select set_config('statement_timeout', %s, true), set_config('TimeZone', 'UTC', true)",
+                (timeout_ms(statement_timeout),),
+            )
             rel = _countable(db, conn, table)
             _timestamp_column(db, conn, table, rel, timestamp_column)
-            query = sql.SQL("select count(*) from {} where {} < %s").format(sql.Identifier(*rel), sql.Identifier(timestamp_column))
+            query = sql.SQL("select count(*) from {} where {} < %s").format(
+                sql.Identifier(*rel), sql.Identifier(timestamp_column)
+            )
             return conn.execute(query, (at,)).fetchone()[0]
 
 
@@ -178,8 +198,9 @@ def _check_outcome(rows: list[tuple], columns: int) -> tuple[bool, str]:
     return False, f"returned {value!r} ({type(value).__name__}), not a boolean"
 
 
-def run_checks(db: Any, checks: list[tuple[str, str]], *,
-               statement_timeout: float = CHECK_STATEMENT_TIMEOUT) -> list[tuple[str, bool, str]]:
+def run_checks(
+    db: Any, checks: list[tuple[str, str]], *, statement_timeout: float = CHECK_STATEMENT_TIMEOUT
+) -> list[tuple[str, bool, str]]:
     """Run the caller's SQL checks; each must return a single row holding boolean true.
 
     Each check runs alone: one statement (prepared: 'a; b' is refused), in its own READ ONLY transaction

@@ -44,7 +44,8 @@ def table_stats(conn: psycopg.Connection, table: str) -> Any:
         """
         select s.n_live_tup, s.n_dead_tup, pg_table_size(c.oid), pg_indexes_size(c.oid),
                greatest(s.last_vacuum, s.last_autovacuum), greatest(s.last_analyze, s.last_autoanalyze),
-               coalesce((select array_agg(ic.relname::text order by ic.relname) from pg_index i join pg_class ic on ic.oid = i.indexrelid
+               coalesce((select array_agg(ic.relname::text order by ic.relname)
+                           from pg_index i join pg_class ic on ic.oid = i.indexrelid
                           where i.indrelid = c.oid and not i.indisvalid), '{}')
           from pg_class c join pg_namespace n on n.oid = c.relnamespace
           left join pg_stat_user_tables s on s.relid = c.oid
@@ -55,17 +56,31 @@ def table_stats(conn: psycopg.Connection, table: str) -> Any:
     if row is None:
         return None
     live, dead, tbytes, ibytes, last_vacuum, last_analyze, invalid = row
-    return TableStats(n_live_tup=live or 0, n_dead_tup=dead or 0, table_bytes=tbytes or 0, index_bytes=ibytes or 0,
-                      last_vacuum=last_vacuum, last_analyze=last_analyze, invalid_indexes=list(invalid))
+    return TableStats(
+        n_live_tup=live or 0,
+        n_dead_tup=dead or 0,
+        table_bytes=tbytes or 0,
+        index_bytes=ibytes or 0,
+        last_vacuum=last_vacuum,
+        last_analyze=last_analyze,
+        invalid_indexes=list(invalid),
+    )
 
 
 def missing_tables(db: Any, tables: list[str]) -> list[str]:
     """The listed tables (schema.table, already validated identifiers) that do not exist on db. Catalog only:
     no lock is taken, so a table another session holds locked is found, not waited for."""
     with connect(db) as conn, sql_errors(db, "table lookup"):
-        return [t for t in tables if conn.execute(
-            "select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = %s and c.relname = %s and c.relkind in ('r', 'p', 'm')",
-            _split_table(t)).fetchone() is None]
+        return [
+            t
+            for t in tables
+            if conn.execute(
+                "select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = %s and "
+                "c.relname = %s and c.relkind in ('r', 'p', 'm')",
+                _split_table(t),
+            ).fetchone()
+            is None
+        ]
 
 
 def dead_tuple_candidates(db: Any, min_dead_tuples: int, dead_ratio: float, limit: int) -> list[tuple[str, str]]:
@@ -84,15 +99,18 @@ def dead_tuple_candidates(db: Any, min_dead_tuples: int, dead_ratio: float, limi
             """,
             (min_dead_tuples, dead_ratio, limit),
         ).fetchall()
-    return [(f"{s}.{t}", f"{dead} dead tuples, {ratio:.0%} of its rows (thresholds: {min_dead_tuples}, {dead_ratio:.0%})")
-            for s, t, dead, live, ratio in rows]
+    return [
+        (f"{s}.{t}", f"{dead} dead tuples, {ratio:.0%} of its rows (thresholds: {min_dead_tuples}, {dead_ratio:.0%})")
+        for s, t, dead, live, ratio in rows
+    ]
 
 
 def replication_lag_bytes(db: Any) -> dict[str, int]:
     """Bytes each streaming replica of the primary `db` has still to replay (pg_stat_replication)."""
     with connect(db) as conn, sql_errors(db, "replication lag"):
         rows = conn.execute(
-            "select application_name, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint from pg_stat_replication"
+            "select application_name, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint "
+            "from pg_stat_replication"
         ).fetchall()
     return {name: int(lag) for name, lag in rows}
 
@@ -151,7 +169,9 @@ def _progress(conn: psycopg.Connection, pid: int) -> tuple[str, bool]:
     return line, bool(waiting)
 
 
-def run_maintenance(db: Any, item: Any, guards: Any, *, cancel_at: datetime | None = None, poll: float = MAINTENANCE_POLL) -> Any:
+def run_maintenance(
+    db: Any, item: Any, guards: Any, *, cancel_at: datetime | None = None, poll: float = MAINTENANCE_POLL
+) -> Any:
     """Run one work item (VACUUM/ANALYZE/REINDEX CONCURRENTLY of a table, or a named sql statement) with the
     guards, and return its ItemResult with the table's statistics before and after.
 
@@ -159,14 +179,18 @@ def run_maintenance(db: Any, item: Any, guards: Any, *, cancel_at: datetime | No
     "statement-timeout", the cutoff (cancel_at) "cancelled-at-cutoff": the caller decides whether to retry. A
     cancelled activity cancels the statement (pg_cancel_backend), waits for it to end, then raises."""
     started = time.monotonic()
-    result = ItemResult(key=item.key, kind=item.kind, table=item.table, name=item.name, outcome="done", reason=item.reason)
+    result = ItemResult(
+        key=item.key, kind=item.kind, table=item.table, name=item.name, outcome="done", reason=item.reason
+    )
     work = connect(db)
     watch = connect(db)
     try:
         with sql_errors(db, f"maintenance {item.key}"):
             for session in (work, watch):  # the sizes in the statistics need a lock on the table too
-                session.execute("select set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
-                                (timeout_ms(guards.lock_timeout), timeout_ms(guards.statement_timeout)))
+                session.execute(
+                    "select set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
+                    (timeout_ms(guards.lock_timeout), timeout_ms(guards.statement_timeout)),
+                )
             if item.table:
                 try:
                     result.before = table_stats(watch, item.table)
@@ -222,16 +246,26 @@ def run_maintenance(db: Any, item: Any, guards: Any, *, cancel_at: datetime | No
                 result.outcome, result.detail = "lock-timeout", f"lock not granted within {guards.lock_timeout:g}s"
             elif isinstance(e, pgerrors.QueryCanceled):
                 if cancelled_by == "cutoff":
-                    result.outcome, result.detail = "cancelled-at-cutoff", "cancelled at the window's cutoff (pg_cancel_backend)"
+                    result.outcome, result.detail = (
+                        "cancelled-at-cutoff",
+                        "cancelled at the window's cutoff (pg_cancel_backend)",
+                    )
                 else:
-                    result.outcome, result.detail = "statement-timeout", f"statement ran over {guards.statement_timeout:g}s"
+                    result.outcome, result.detail = (
+                        "statement-timeout",
+                        f"statement ran over {guards.statement_timeout:g}s",
+                    )
             elif isinstance(e, psycopg.Error) and is_name_error(e) and item.kind == "sql":
                 raise bad_input(f"sql task {item.name!r}: {error_line(e)}")
             elif isinstance(e, psycopg.OperationalError):
-                raise ApplicationError(f"maintenance {item.key} on {where(db)}: {redact(e, None)}", type="DatabaseUnreachable")
+                raise ApplicationError(
+                    f"maintenance {item.key} on {where(db)}: {redact(e, None)}", type="DatabaseUnreachable"
+                )
             else:
-                raise ApplicationError(f"maintenance {item.key} on {where(db)}: {error_line(e) if isinstance(e, psycopg.Error) else e}",
-                                       type="DatabaseError")
+                raise ApplicationError(
+                    f"maintenance {item.key} on {where(db)}: {error_line(e) if isinstance(e, psycopg.Error) else e}",
+                    type="DatabaseError",
+                )
             if item.kind == "reindex" and item.table:
                 result.dropped_invalid += _drop_invalid_ccnew(watch, item.table)
         if item.table and result.outcome != "lock-timeout":
@@ -241,7 +275,10 @@ def run_maintenance(db: Any, item: Any, guards: Any, *, cancel_at: datetime | No
                     deadline = time.monotonic() + 10
                     while True:
                         after = table_stats(watch, item.table)
-                        if after.last_vacuum != (result.before.last_vacuum if result.before else None) or time.monotonic() > deadline:
+                        if (
+                            after.last_vacuum != (result.before.last_vacuum if result.before else None)
+                            or time.monotonic() > deadline
+                        ):
                             break
                         time.sleep(0.1)
                     result.after = after

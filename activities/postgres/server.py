@@ -84,7 +84,9 @@ def sql_status_on(conn: psycopg.Connection, db: Any, region: str) -> DbStatus:
         ).fetchone()
         if not in_recovery:
             lsn, timeline = _primary_position(conn)
-            return DbStatus(region=region, reachable=True, role="primary", read_only=read_only, current_lsn=lsn, timeline=timeline)
+            return DbStatus(
+                region=region, reachable=True, role="primary", read_only=read_only, current_lsn=lsn, timeline=timeline
+            )
         row = conn.execute(
             """
             select r.pid, r.status, r.received_tli,
@@ -116,8 +118,11 @@ def sql_status_on(conn: psycopg.Connection, db: Any, region: str) -> DbStatus:
             timeline=received_tli or checkpoint_tli,
         )
     except pgerrors.InsufficientPrivilege as e:
-        raise ApplicationError(f"status of {where(db)}: permission denied: {redact(e, None)} (grant the role pg_monitor)",
-                               type="PermissionDenied", non_retryable=True) from None
+        raise ApplicationError(
+            f"status of {where(db)}: permission denied: {redact(e, None)} (grant the role pg_monitor)",
+            type="PermissionDenied",
+            non_retryable=True,
+        ) from None
 
 
 # -- fence ----------------------------------------------------------------------------------------------------
@@ -150,8 +155,11 @@ def sql_fence(db: Any) -> None:
         conn.execute("alter system set default_transaction_read_only = on")
         conn.execute("select pg_reload_conf()")
         if not _wait_reloaded(conn, True, "fence"):
-            raise ApplicationError(f"fence on {where(db)}: default_transaction_read_only is still off {RELOAD_TIMEOUT:.0f}s after the reload",
-                                   type="FenceIncomplete")
+            raise ApplicationError(
+                f"fence on {where(db)}: default_transaction_read_only is still off "
+                f"{RELOAD_TIMEOUT:.0f}s after the reload",
+                type="FenceIncomplete",
+            )
         end_other_sessions(conn, db)
 
 
@@ -176,7 +184,9 @@ def end_other_sessions(conn: psycopg.Connection, db: Any) -> None:
             if alive:
                 skipped.append(f"{pid} ({user}: still running after {TERMINATE_WAIT_MS} ms)")
     if skipped:
-        logger(log).warning("fence on %s: read-only now, but these sessions were not ended: %s", where(db), ", ".join(skipped))
+        logger(log).warning(
+            "fence on %s: read-only now, but these sessions were not ended: %s", where(db), ", ".join(skipped)
+        )
 
 
 def sql_unfence(db: Any) -> None:
@@ -189,9 +199,15 @@ def sql_unfence(db: Any) -> None:
                 "select source, sourcefile from pg_settings where name = 'default_transaction_read_only'"
             ).fetchone()
             if source == "configuration file":
-                raise ApplicationError(f"unfence on {where(db)}: default_transaction_read_only is set in {sourcefile}; remove it there",
-                                       type="UnfenceRefused", non_retryable=True)
-            raise ApplicationError(f"unfence on {where(db)}: default_transaction_read_only is still on ({source})", type="UnfenceIncomplete")
+                raise ApplicationError(
+                    f"unfence on {where(db)}: default_transaction_read_only is set in {sourcefile}; remove it there",
+                    type="UnfenceRefused",
+                    non_retryable=True,
+                )
+            raise ApplicationError(
+                f"unfence on {where(db)}: default_transaction_read_only is still on ({source})",
+                type="UnfenceIncomplete",
+            )
 
 
 # -- writes -----------------------------------------------------------------------------------------------
@@ -202,9 +218,12 @@ def _probe_write(conn: psycopg.Connection, key: str) -> None:
         try:
             with conn.transaction():
                 if conn.execute("select to_regclass(%s)", (PROBE_TABLE,)).fetchone()[0] is None:
-                    conn.execute(f"create table if not exists {PROBE_TABLE} (region text primary key, at timestamptz not null)")
+                    conn.execute(
+                        f"create table if not exists {PROBE_TABLE} (region text primary key, at timestamptz not null)"
+                    )
                 conn.execute(
-                    f"insert into {PROBE_TABLE} (region, at) values (%s, now()) on conflict (region) do update set at = excluded.at",
+                    f"insert into {PROBE_TABLE} (region, at) values (%s, now()) "
+                    "on conflict (region) do update set at = excluded.at",
                     (key,),
                 )
             return
@@ -259,8 +278,11 @@ def sql_promote(db: Any, timeout: float, *, region: str | None = None) -> Promot
         while conn.execute("select pg_is_in_recovery()").fetchone()[0]:
             waited = time.monotonic() - t0
             if time.monotonic() > deadline:
-                raise ApplicationError(f"promote {where(db)}: still in recovery after {waited:.0f}s (timeout {timeout:.0f}s); "
-                                       f"retrying continues to wait", type="PromoteTimeout")
+                raise ApplicationError(
+                    f"promote {where(db)}: still in recovery after {waited:.0f}s (timeout {timeout:.0f}s); retrying "
+                    "continues to wait",
+                    type="PromoteTimeout",
+                )
             _heartbeat({"phase": "leaving recovery", "waited_seconds": round(waited, 1)})
             _sleep(POLL)
         # Wait until the new primary commits a write.
@@ -273,10 +295,14 @@ def sql_promote(db: Any, timeout: float, *, region: str | None = None) -> Promot
                     raise ApplicationError(
                         f"promote {where(db)}: promoted, but it refuses writes because it is fenced "
                         f"(default_transaction_read_only=on): unfence it. Server: {redact(e, None)}",
-                        type="NotWritable", non_retryable=True) from None
+                        type="NotWritable",
+                        non_retryable=True,
+                    ) from None
                 if time.monotonic() > deadline:
-                    raise ApplicationError(f"promote {where(db)}: promoted but not writable after {timeout:.0f}s: {redact(e, None)}",
-                                           type="NotWritable") from None
+                    raise ApplicationError(
+                        f"promote {where(db)}: promoted but not writable after {timeout:.0f}s: {redact(e, None)}",
+                        type="NotWritable",
+                    ) from None
             _heartbeat({"phase": "waiting for a write to commit", "waited_seconds": round(time.monotonic() - t0, 1)})
             _sleep(POLL)
         seconds = time.monotonic() - t0
@@ -323,15 +349,17 @@ def sql_rebuild_check(db: Any, primary: Any, *, region: str, primary_region: str
     """The SQL-only half of a rebuild: success when db already streams from primary, else RebuildNotSupported."""
     try:
         if sql_streams_from(db, primary):
-            return RebuildResult(method="already-streaming", seconds=0.0, detail=f"{region} already streams from {primary_region}")
+            return RebuildResult(
+                method="already-streaming", seconds=0.0, detail=f"{region} already streams from {primary_region}"
+            )
     except ApplicationError as e:
         if e.type != "DatabaseUnreachable":
             raise
     raise ApplicationError(
-        f"{region}: a self-managed PostgreSQL server (provider 'postgres') is reached over SQL only and cannot be rebuilt "
-        f"from here. On its host, stop it and run pg_rewind -D <datadir> --source-server '<{primary_region} dsn>' (or, when "
-        f"that fails, move the data directory aside and pg_basebackup -R from {primary_region}), start it as a standby of "
-        f"{where(primary)}, then run the failback again.",
+        f"{region}: a self-managed PostgreSQL server (provider 'postgres') is reached over SQL only and cannot be "
+        f"rebuilt from here. On its host, stop it and run pg_rewind -D <datadir> --source-server '<{primary_region} "
+        f"dsn>' (or, when that fails, move the data directory aside and pg_basebackup -R from {primary_region}), start "
+        f"it as a standby of {where(primary)}, then run the failback again.",
         type="RebuildNotSupported",
         non_retryable=True,
     )
