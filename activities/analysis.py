@@ -23,19 +23,45 @@ def judge_step(req: JudgeRequest) -> StepAnalysis:
             results.append(classify(ms.name, ms.canary, ms.baseline, direction=spec.direction, confidence=a.confidence,
                                     tolerance=a.tolerance, min_samples=a.min_samples, critical=spec.critical))
     verdict = judge(results, pass_score=a.pass_score, marginal_score=a.marginal_score)
-    metrics = [MetricVerdict(name=r.name, verdict=r.classification, canary=r.canary_mean, baseline=r.baseline_mean, ratio=r.ratio,
-                             estimate=r.estimate, lower=r.lower, upper=r.upper, p_value=r.p_value, canary_samples=r.canary_n,
-                             baseline_samples=r.baseline_n, critical=r.critical, reason=r.reason) for r in verdict.metrics]
+    metrics = [
+        MetricVerdict(
+            name=r.name,
+            verdict=r.classification,
+            canary=r.canary_mean,
+            baseline=r.baseline_mean,
+            ratio=r.ratio,
+            estimate=r.estimate,
+            lower=r.lower,
+            upper=r.upper,
+            p_value=r.p_value,
+            canary_samples=r.canary_n,
+            baseline_samples=r.baseline_n,
+            critical=r.critical,
+            reason=r.reason,
+        )
+        for r in verdict.metrics
+    ]
     breaches = threshold_breaches(a, s)
-    out = StepAnalysis(weight=req.weight, kind="judge", verdict=verdict.verdict, score=verdict.score, start=s.start, end=s.end,
-                       canary_requests=s.canary_requests, baseline_requests=s.baseline_requests, reason=verdict.reason)
+    out = StepAnalysis(
+        weight=req.weight,
+        kind="judge",
+        verdict=verdict.verdict,
+        score=verdict.score,
+        start=s.start,
+        end=s.end,
+        canary_requests=s.canary_requests,
+        baseline_requests=s.baseline_requests,
+        reason=verdict.reason,
+    )
     # a limit broken: the metric fails whatever the rank test said
     for b in breaches:
         metrics = [m for m in metrics if m.name != b.name] + [b]
     out.metrics = metrics
     if breaches:
         out.verdict = "fail"
-        out.reason = "; ".join(f"{b.name}: {b.reason}" for b in breaches) + (f"; {out.reason}" if verdict.verdict != "pass" else "")
+        out.reason = "; ".join(f"{b.name}: {b.reason}" for b in breaches) + (
+            f"; {out.reason}" if verdict.verdict != "pass" else ""
+        )
     elif s.canary_requests is not None and s.canary_requests < a.min_requests:
         # low traffic is never a pass
         out.verdict = "inconclusive" if verdict.verdict != "fail" else "fail"

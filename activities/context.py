@@ -14,6 +14,7 @@ of the worker (worker/main.py sets it to a couple of seconds, so a cancellation 
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -27,6 +28,11 @@ def heartbeat(*details: Any) -> None:
     """Heartbeat when running as an activity; nothing otherwise."""
     if activity.in_activity():
         activity.heartbeat(*details)
+
+
+def logger(fallback: logging.Logger) -> Any:
+    """The activity's logger (its records carry the activity's context) inside an activity; `fallback` outside."""
+    return activity.logger if activity.in_activity() else fallback
 
 
 def time_limit(default: float) -> float:

@@ -9,12 +9,24 @@ import psycopg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
-from activities import postgres
 from activities.context import Backoff, Every, heartbeat, sleep_or_cancelled, time_limit
+from activities.postgres.connection import where
+from activities.postgres.divergence import sql_divergence
+from activities.postgres.server import open_status_connection, sql_status_on
 from activities.providers import database_provider
 from opsflow.models import (
-    CatchUpRequest, CatchUpResult, DbStatus, Divergence, DivergenceRequest, FenceResult, PromoteRequest, PromoteResult, RebuildRequest,
-    RebuildResult, RegionTarget, lsn_to_int,
+    CatchUpRequest,
+    CatchUpResult,
+    DbStatus,
+    Divergence,
+    DivergenceRequest,
+    FenceResult,
+    PromoteRequest,
+    PromoteResult,
+    RebuildRequest,
+    RebuildResult,
+    RegionTarget,
+    lsn_to_int,
 )
 
 
@@ -93,17 +105,17 @@ class _CatchUpWaiter:
         if conn is None or conn.closed or conn.broken:
             self.conns.pop(side, None)
             try:
-                conn = self.conns[side] = postgres.open_status_connection(db)
+                conn = self.conns[side] = open_status_connection(db)
             except ApplicationError as e:
                 if e.non_retryable:
                     raise
                 return DbStatus(region=target.region, reachable=False, error=e.message)
         try:
-            return postgres.sql_status_on(conn, db, target.region)
+            return sql_status_on(conn, db, target.region)
         except psycopg.Error as e:
             self.conns.pop(side, None)
             conn.close()
-            return DbStatus(region=target.region, reachable=False, error=f"database {postgres.where(db)}: {str(e).strip()}")
+            return DbStatus(region=target.region, reachable=False, error=f"database {where(db)}: {str(e).strip()}")
 
     def _status(self, side: str, control_plane: bool) -> DbStatus | None:
         st = self._sql_status(side)
@@ -138,7 +150,9 @@ class _CatchUpWaiter:
                 if not s.reachable:
                     raise ApplicationError(f"{s.region}: database unreachable: {s.error}", type="Unreachable")
             if r.role != "replica":
-                raise ApplicationError(f"{r.region}: is not a replica any more (role {r.role})", type="NotReplica", non_retryable=True)
+                raise ApplicationError(
+                    f"{r.region}: is not a replica any more (role {r.role})", type="NotReplica", non_retryable=True
+                )
             primary_lsn = lsn_to_int(p.current_lsn) or 0
             replay_lsn = lsn_to_int(r.replay_lsn) or 0
             lag = max(primary_lsn - replay_lsn, 0)
@@ -160,9 +174,16 @@ class _CatchUpWaiter:
                     type="CatchUpTimeout",
                     non_retryable=True,
                 )
-            sleep_or_cancelled(backoff.next(), {"lag_bytes": lag, "waited_seconds": round(waited, 1), "polls": self.polls,
-                                                "control_plane_reads": self.control_plane_reads},
-                               what=f"catch-up of {r.region}")
+            sleep_or_cancelled(
+                backoff.next(),
+                {
+                    "lag_bytes": lag,
+                    "waited_seconds": round(waited, 1),
+                    "polls": self.polls,
+                    "control_plane_reads": self.control_plane_reads,
+                },
+                what=f"catch-up of {r.region}",
+            )
 
 
 @activity.defn(name="db.rebuild_replica")
@@ -175,8 +196,14 @@ def db_rebuild_replica(request: RebuildRequest) -> RebuildResult:
     previous = None
     if activity.in_activity():
         try:
-            previous = next((d["divergence"] for d in activity.info().heartbeat_details or []
-                             if isinstance(d, dict) and d.get("divergence")), None)
+            previous = next(
+                (
+                    d["divergence"]
+                    for d in activity.info().heartbeat_details or []
+                    if isinstance(d, dict) and d.get("divergence")
+                ),
+                None,
+            )
         except Exception:  # noqa: BLE001 - details that do not decode: look again
             previous = None
     if previous is not None:
@@ -195,9 +222,13 @@ def db_divergence(request: DivergenceRequest) -> Divergence:
     the new primary's timeline history over SQL). Read-only; an unreachable server gives diverged=None."""
     old_db, new_db = request.old.database, request.new.database
     if not getattr(old_db, "dsn", None) or not getattr(new_db, "dsn", None):
-        return Divergence(diverged=None, old_region=request.old.region, new_region=request.new.region,
-                          detail="the inventory gives no SQL dsn for both databases: the LSNs cannot be compared")
-    return postgres.sql_divergence(old_db, new_db, old_region=request.old.region, new_region=request.new.region)
+        return Divergence(
+            diverged=None,
+            old_region=request.old.region,
+            new_region=request.new.region,
+            detail="the inventory gives no SQL dsn for both databases: the LSNs cannot be compared",
+        )
+    return sql_divergence(old_db, new_db, old_region=request.old.region, new_region=request.new.region)
 
 
 FENCE_BUDGET = 40.0  # an emergency's fence of the old primary: never longer than this (the step allows 60 s)
@@ -216,9 +247,16 @@ def db_fence_control_plane(target: RegionTarget) -> FenceResult:
     except CancelledError:
         raise
     except ApplicationError as e:
-        return FenceResult(region=target.region, fenced=False, detail=f"fence the old primary in {target.region} by hand "
-                           f"(read-only or stopped) before its region comes back: {e.message}")
+        return FenceResult(
+            region=target.region,
+            fenced=False,
+            detail=f"fence the old primary in {target.region} by hand "
+            f"(read-only or stopped) before its region comes back: {e.message}",
+        )
     except Exception as e:  # noqa: BLE001 - a dead region fails in many ways; none may stop the failover
-        return FenceResult(region=target.region, fenced=False, detail=f"fence the old primary in {target.region} by hand: "
-                           f"{type(e).__name__}: {e}")
+        return FenceResult(
+            region=target.region,
+            fenced=False,
+            detail=f"fence the old primary in {target.region} by hand: {type(e).__name__}: {e}",
+        )
     return FenceResult(region=target.region, fenced=True, method=method, detail="; ".join(actions))

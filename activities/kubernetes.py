@@ -50,15 +50,26 @@ def _logger() -> logging.LoggerAdapter | logging.Logger:
 
 
 def _in_cluster() -> bool:
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists(
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )
 
 
 # Throttling (429, with its Retry-After) and an API server's passing 5xx are retried inside the call, as the Azure SDK
 # and boto3 do for theirs; only what persists reaches the activity's own retries. Every request opsflow sends is safe
 # to repeat (reads, merge patches to a target state, creates that meet 409 when they already happened). Connection
 # failures are retried once: an unreachable region must fail fast (the emergency fence).
-TRANSIENT_RETRIES = urllib3.Retry(total=5, connect=1, read=1, status=4, backoff_factor=0.3, status_forcelist=(429, 502, 503, 504),
-                                  allowed_methods=None, respect_retry_after_header=True, raise_on_status=False)
+TRANSIENT_RETRIES = urllib3.Retry(
+    total=5,
+    connect=1,
+    read=1,
+    status=4,
+    backoff_factor=0.3,
+    status_forcelist=(429, 502, 503, 504),
+    allowed_methods=None,
+    respect_retry_after_header=True,
+    raise_on_status=False,
+)
 
 
 def new_api_client(cfg: KubernetesConfig) -> k8s.ApiClient:
@@ -80,7 +91,9 @@ def new_api_client(cfg: KubernetesConfig) -> k8s.ApiClient:
             load_kube_config(context=cfg.context, client_configuration=conf, persist_config=False)
     except ConfigException as e:
         where = f"kubeconfig {cfg.kubeconfig or '(default)'}" + (f", context {cfg.context}" if cfg.context else "")
-        raise ApplicationError(f"kubernetes: cannot load {where}: {e}", type="KubernetesConfigError", non_retryable=True) from None
+        raise ApplicationError(
+            f"kubernetes: cannot load {where}: {e}", type="KubernetesConfigError", non_retryable=True
+        ) from None
     conf.retries = TRANSIENT_RETRIES
     return k8s.ApiClient(conf)
 
@@ -119,8 +132,10 @@ class _Cluster:
         except ApiException as e:
             raise self._api_error(e, what, namespaced) from None
         except urllib3.exceptions.HTTPError as e:
-            raise ApplicationError(f"{self.where}: the Kubernetes API does not answer ({type(e).__name__}: {e})",
-                                   type="KubernetesUnavailable") from None
+            raise ApplicationError(
+                f"{self.where}: the Kubernetes API does not answer ({type(e).__name__}: {e})",
+                type="KubernetesUnavailable",
+            ) from None
 
     def _api_error(self, e: ApiException, what: str, namespaced: bool) -> ApplicationError:
         code = e.status or 0
@@ -130,21 +145,37 @@ class _Cluster:
             if namespaced and not self._namespace_exists():
                 what = f"namespace {self.ns}"
                 details["object"] = what
-            return ApplicationError(f"{self.where}: {what} not found ({msg})", details, type="KubernetesNotFound", non_retryable=True)
+            return ApplicationError(
+                f"{self.where}: {what} not found ({msg})", details, type="KubernetesNotFound", non_retryable=True
+            )
         if code == 401:
-            return ApplicationError(f"{self.where}: unauthorized for {what} ({msg}); check the kubeconfig credentials",
-                                    details, type="KubernetesUnauthorized", non_retryable=True)
+            return ApplicationError(
+                f"{self.where}: unauthorized for {what} ({msg}); check the kubeconfig credentials",
+                details,
+                type="KubernetesUnauthorized",
+                non_retryable=True,
+            )
         if code == 403:
-            return ApplicationError(f"{self.where}: forbidden: {msg}", details, type="KubernetesForbidden", non_retryable=True)
+            return ApplicationError(
+                f"{self.where}: forbidden: {msg}", details, type="KubernetesForbidden", non_retryable=True
+            )
         if code in (400, 422):
-            return ApplicationError(f"{self.where}: {what}: the request was rejected ({code}: {msg})", details,
-                                    type="KubernetesInvalid", non_retryable=True)
+            return ApplicationError(
+                f"{self.where}: {what}: the request was rejected ({code}: {msg})",
+                details,
+                type="KubernetesInvalid",
+                non_retryable=True,
+            )
         delay = None
         retry_after = (e.headers or {}).get("Retry-After") if e.headers else None
         if retry_after and str(retry_after).isdigit():
             delay = timedelta(seconds=int(retry_after))
-        return ApplicationError(f"{self.where}: {what}: API error {code} ({msg})", details, type="KubernetesApiError",
-                                next_retry_delay=delay)
+        return ApplicationError(
+            f"{self.where}: {what}: API error {code} ({msg})",
+            details,
+            type="KubernetesApiError",
+            next_retry_delay=delay,
+        )
 
     def _namespace_exists(self) -> bool:
         """Tell a missing namespace from a missing object; assume it exists when we may not look."""
@@ -176,7 +207,9 @@ class _Cluster:
             raise
         bad = []
         for node in nodes:
-            conds = {c.type: c.status for c in (node.status.conditions if node.status and node.status.conditions else [])}
+            conds = {
+                c.type: c.status for c in (node.status.conditions if node.status and node.status.conditions else [])
+            }
             if conds.get("Ready") != "True":
                 bad.append(node.metadata.name)
         return bad
@@ -216,7 +249,9 @@ class _Cluster:
             return
         body = {"metadata": {"annotations": {MAINTENANCE_ANNOTATION: "true" if on else None}}}
         with self.call(what):
-            self.core.patch_namespaced_service(name, self.ns, body, _content_type=_MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT)
+            self.core.patch_namespaced_service(
+                name, self.ns, body, _content_type=_MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT
+            )
         _logger().info("%s: %s maintenance %s", self.where, what, "on" if on else "off")
 
     def scale_to_at_least(self, name: str, replicas: int) -> None:
@@ -232,8 +267,9 @@ class _Cluster:
         # setting an absolute replica count is idempotent anyway.
         body = {"spec": {"replicas": replicas}}
         with self.call(what):
-            self.apps.patch_namespaced_deployment_scale(name, self.ns, body, _content_type=_MERGE_PATCH,
-                                                        _request_timeout=REQUEST_TIMEOUT)
+            self.apps.patch_namespaced_deployment_scale(
+                name, self.ns, body, _content_type=_MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT
+            )
         _logger().info("%s: scaled %s %d -> %d", self.where, what, current, replicas)
 
 
@@ -252,10 +288,20 @@ class _Rollout:
         ready, available = st.ready_replicas or 0, st.available_replicas or 0
         state = DeploymentState(name=name, desired=desired, ready=ready)
         if (st.observed_generation or 0) < (dep.metadata.generation or 0):
-            return cls(state, False, f"{name}: waiting for the controller to observe generation {dep.metadata.generation}", None)
+            return cls(
+                state,
+                False,
+                f"{name}: waiting for the controller to observe generation {dep.metadata.generation}",
+                None,
+            )
         progressing = next((c for c in st.conditions or [] if c.type == "Progressing"), None)
         if progressing is not None and progressing.reason == "ProgressDeadlineExceeded":
-            return cls(state, False, f"{name}: {progressing.message}", f"{name}: {progressing.message} ({ready}/{desired} ready)")
+            return cls(
+                state,
+                False,
+                f"{name}: {progressing.message}",
+                f"{name}: {progressing.message} ({ready}/{desired} ready)",
+            )
         if updated < desired:
             return cls(state, False, f"{name}: {updated} of {desired} replicas updated, {ready} ready", None)
         if replicas > updated:
@@ -347,7 +393,9 @@ def scale_up(req: ScaleRequest) -> KubeStatus:
     return scale_up_and_wait(req)
 
 
-def scale_up_and_wait(req: ScaleRequest, *, wait_seconds: float | None = None, poll_seconds: float = POLL_SECONDS) -> KubeStatus:
+def scale_up_and_wait(
+    req: ScaleRequest, *, wait_seconds: float | None = None, poll_seconds: float = POLL_SECONDS
+) -> KubeStatus:
     """``k8s.scale_up`` with its knobs: the wait bound (default: just short of the activity's
     start-to-close timeout, or DEFAULT_WAIT_SECONDS outside an activity) and the poll interval."""
     target = req.target
@@ -360,21 +408,36 @@ def scale_up_and_wait(req: ScaleRequest, *, wait_seconds: float | None = None, p
             c.scale_to_at_least(d.name, d.replicas)
         while True:
             rollouts = c.rollouts()
-            progress = {"ready": sum(r.state.ready for r in rollouts), "desired": sum(r.state.desired for r in rollouts),
-                        "waiting": [r.waiting_for for r in rollouts if not r.done]}
+            progress = {
+                "ready": sum(r.state.ready for r in rollouts),
+                "desired": sum(r.state.desired for r in rollouts),
+                "waiting": [r.waiting_for for r in rollouts if not r.done],
+            }
             _heartbeat(progress)
             failed = [r.failed for r in rollouts if r.failed]
             if failed:
-                raise ApplicationError(f"{c.where}: rollout failed: {'; '.join(failed)}", progress,
-                                       type="DeploymentFailed", non_retryable=True)
+                raise ApplicationError(
+                    f"{c.where}: rollout failed: {'; '.join(failed)}",
+                    progress,
+                    type="DeploymentFailed",
+                    non_retryable=True,
+                )
             if all(r.done for r in rollouts):
-                _logger().info("%s: all deployments ready (%d/%d) after %.1fs", c.where, progress["ready"],
-                               progress["desired"], time.monotonic() - started)
+                _logger().info(
+                    "%s: all deployments ready (%d/%d) after %.1fs",
+                    c.where,
+                    progress["ready"],
+                    progress["desired"],
+                    time.monotonic() - started,
+                )
                 return c.status(rollouts)
             elapsed = time.monotonic() - started
             if elapsed >= bound:
-                raise ApplicationError(f"{c.where}: not ready after {bound:.0f}s: {'; '.join(progress['waiting'])}", progress,
-                                       type="DeploymentNotReady")
+                raise ApplicationError(
+                    f"{c.where}: not ready after {bound:.0f}s: {'; '.join(progress['waiting'])}",
+                    progress,
+                    type="DeploymentNotReady",
+                )
             _sleep(min(poll_seconds, max(0.05, bound - elapsed)))
 
 
@@ -384,7 +447,9 @@ def scale_to_zero(target: RegionTarget) -> FenceResult:
     wait for the pods to go). Best effort, run from the target region's queue: an unreachable cluster is not an
     error but a result with fenced=False and what is left to do (the failover lists it as remaining)."""
     if target.kubernetes is None or not target.kubernetes.deployments:
-        return FenceResult(region=target.region, fenced=True, method="k8s-scale-to-zero", detail="no deployments in the inventory")
+        return FenceResult(
+            region=target.region, fenced=True, method="k8s-scale-to-zero", detail="no deployments in the inventory"
+        )
     actions: list[str] = []
     failed: list[str] = []
     try:
@@ -393,8 +458,13 @@ def scale_to_zero(target: RegionTarget) -> FenceResult:
                 what = f"deployment {c.ns}/{d.name}"
                 try:
                     with c.call(what):
-                        c.apps.patch_namespaced_deployment_scale(d.name, c.ns, {"spec": {"replicas": 0}}, _content_type=_MERGE_PATCH,
-                                                                 _request_timeout=FENCE_REQUEST_TIMEOUT)
+                        c.apps.patch_namespaced_deployment_scale(
+                            d.name,
+                            c.ns,
+                            {"spec": {"replicas": 0}},
+                            _content_type=_MERGE_PATCH,
+                            _request_timeout=FENCE_REQUEST_TIMEOUT,
+                        )
                     actions.append(f"scaled {what} to 0")
                 except ApplicationError as e:
                     failed.append(f"{what}: {e.message}")
@@ -403,10 +473,15 @@ def scale_to_zero(target: RegionTarget) -> FenceResult:
     except Exception as e:  # noqa: BLE001 - a dead region fails in many ways; none may stop the failover
         failed.append(f"{type(e).__name__}: {e}")
     if failed:
-        return FenceResult(region=target.region, fenced=False, method="k8s-scale-to-zero",
-                           detail=f"scale {target.region}'s deployments to 0 by hand (could not: {'; '.join(failed)})"
-                           + (f"; done: {', '.join(actions)}" if actions else ""))
+        return FenceResult(
+            region=target.region,
+            fenced=False,
+            method="k8s-scale-to-zero",
+            detail=f"scale {target.region}'s deployments to 0 by hand (could not: {'; '.join(failed)})"
+            + (f"; done: {', '.join(actions)}" if actions else ""),
+        )
     return FenceResult(region=target.region, fenced=True, method="k8s-scale-to-zero", detail=", ".join(actions))
+
 
 # -- rollouts: canary and blue-green ----------------------------------------------------------------------
 #
@@ -447,8 +522,11 @@ def _container(dep: k8s.V1Deployment, name: str | None) -> k8s.V1Container:
     for c in containers:
         if name is None or c.name == name:
             return c
-    raise ApplicationError(f"deployment {dep.metadata.name} has no container {name!r} (has: {', '.join(c.name for c in containers)})",
-                           type="BadInput", non_retryable=True)
+    raise ApplicationError(
+        f"deployment {dep.metadata.name} has no container {name!r} (has: {', '.join(c.name for c in containers)})",
+        type="BadInput",
+        non_retryable=True,
+    )
 
 
 def _maybe(c: _Cluster, what: str, read) -> Any:
@@ -464,28 +542,45 @@ def _maybe(c: _Cluster, what: str, read) -> Any:
 
 def _route(c: _Cluster, target: RolloutTarget) -> dict:
     if target.app.router is None:
-        raise ApplicationError(f"app {target.app.deployment} has no router in the inventory: a canary needs one", type="BadInput", non_retryable=True)
+        raise ApplicationError(
+            f"app {target.app.deployment} has no router in the inventory: a canary needs one",
+            type="BadInput",
+            non_retryable=True,
+        )
     custom = k8s.CustomObjectsApi(c.api)
     with c.call(f"httproute {c.ns}/{target.app.router.name}"):
-        return custom.get_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, c.ns, HTTPROUTES, target.app.router.name,
-                                                   _request_timeout=REQUEST_TIMEOUT)
+        return custom.get_namespaced_custom_object(
+            GATEWAY_GROUP, GATEWAY_VERSION, c.ns, HTTPROUTES, target.app.router.name, _request_timeout=REQUEST_TIMEOUT
+        )
 
 
 def _route_rule(route: dict, service: str) -> dict:
     for rule in route.get("spec", {}).get("rules", []):
         if any(ref.get("name") == service for ref in rule.get("backendRefs", [])):
             return rule
-    raise ApplicationError(f"httproute {route['metadata']['name']} has no rule sending traffic to service {service}",
-                           type="BadInput", non_retryable=True)
+    raise ApplicationError(
+        f"httproute {route['metadata']['name']} has no rule sending traffic to service {service}",
+        type="BadInput",
+        non_retryable=True,
+    )
 
 
 def _rollout_state(c: _Cluster, target: RolloutTarget) -> RolloutState:
     app = target.app
     stable = c.deployment(app.deployment)
     roll = _Rollout.of(stable)
-    state = RolloutState(stable=app.deployment, stable_image=_container(stable, app.container).image, stable_desired=roll.state.desired,
-                         stable_ready=roll.state.ready, stable_done=roll.done)
-    canary = _maybe(c, f"deployment {c.ns}/{target.canary}", lambda: c.apps.read_namespaced_deployment(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT))
+    state = RolloutState(
+        stable=app.deployment,
+        stable_image=_container(stable, app.container).image,
+        stable_desired=roll.state.desired,
+        stable_ready=roll.state.ready,
+        stable_done=roll.done,
+    )
+    canary = _maybe(
+        c,
+        f"deployment {c.ns}/{target.canary}",
+        lambda: c.apps.read_namespaced_deployment(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT),
+    )
     if canary is not None:
         state.canary, state.canary_image = target.canary, _container(canary, app.container).image
         state.canary_ready = (canary.status.ready_replicas or 0) if canary.status else 0
@@ -496,7 +591,15 @@ def _rollout_state(c: _Cluster, target: RolloutTarget) -> RolloutState:
         svc = c.core.read_namespaced_service(app.service, c.ns, _request_timeout=REQUEST_TIMEOUT)
     selector = svc.spec.selector or {}
     for name in (app.deployment, f"{app.deployment}{GREEN_SUFFIX}"):
-        dep = stable if name == app.deployment else _maybe(c, f"deployment {c.ns}/{name}", lambda: c.apps.read_namespaced_deployment(name, c.ns, _request_timeout=REQUEST_TIMEOUT))
+        dep = (
+            stable
+            if name == app.deployment
+            else _maybe(
+                c,
+                f"deployment {c.ns}/{name}",
+                lambda: c.apps.read_namespaced_deployment(name, c.ns, _request_timeout=REQUEST_TIMEOUT),
+            )
+        )
         if dep is None:
             continue
         state.colours[name] = _container(dep, app.container).image
@@ -514,23 +617,40 @@ def _wait_done(c: _Cluster, name: str, bound: float, what: str) -> None:
         r = _Rollout.of(c.deployment(name))
         _heartbeat({"deployment": name, "ready": r.state.ready, "desired": r.state.desired, "waiting": r.waiting_for})
         if r.failed:
-            raise ApplicationError(f"{c.where}: {what}: rollout failed: {r.failed}", type="DeploymentFailed", non_retryable=True)
+            raise ApplicationError(
+                f"{c.where}: {what}: rollout failed: {r.failed}", type="DeploymentFailed", non_retryable=True
+            )
         if r.done:
             return
         if time.monotonic() - started >= bound:
-            raise ApplicationError(f"{c.where}: {what}: not ready after {bound:.0f}s: {r.waiting_for}", type="DeploymentNotReady")
+            raise ApplicationError(
+                f"{c.where}: {what}: not ready after {bound:.0f}s: {r.waiting_for}", type="DeploymentNotReady"
+            )
         _sleep(POLL_SECONDS)
 
 
 def _ensure_service_copy(c: _Cluster, source: str, name: str, keys: dict, suffix: str) -> None:
-    if _maybe(c, f"service {c.ns}/{name}", lambda: c.core.read_namespaced_service(name, c.ns, _request_timeout=REQUEST_TIMEOUT)) is not None:
+    if (
+        _maybe(
+            c,
+            f"service {c.ns}/{name}",
+            lambda: c.core.read_namespaced_service(name, c.ns, _request_timeout=REQUEST_TIMEOUT),
+        )
+        is not None
+    ):
         return
     with c.call(f"service {c.ns}/{source}"):
         svc = c.core.read_namespaced_service(source, c.ns, _request_timeout=REQUEST_TIMEOUT)
-    body = k8s.V1Service(metadata=k8s.V1ObjectMeta(name=name, labels={CANARY_OF: source}),
-                         spec=k8s.V1ServiceSpec(selector=_suffixed(svc.spec.selector or {}, keys, suffix),
-                                                ports=[k8s.V1ServicePort(port=p.port, target_port=p.target_port, protocol=p.protocol, name=p.name)
-                                                       for p in svc.spec.ports or []]))
+    body = k8s.V1Service(
+        metadata=k8s.V1ObjectMeta(name=name, labels={CANARY_OF: source}),
+        spec=k8s.V1ServiceSpec(
+            selector=_suffixed(svc.spec.selector or {}, keys, suffix),
+            ports=[
+                k8s.V1ServicePort(port=p.port, target_port=p.target_port, protocol=p.protocol, name=p.name)
+                for p in svc.spec.ports or []
+            ],
+        ),
+    )
     with c.call(f"service {c.ns}/{name}"):
         c.core.create_namespaced_service(c.ns, body, _request_timeout=REQUEST_TIMEOUT)
     _logger().info("%s: created service %s", c.where, name)
@@ -539,7 +659,11 @@ def _ensure_service_copy(c: _Cluster, source: str, name: str, keys: dict, suffix
 def _ensure_copy(c: _Cluster, target: RolloutTarget, name: str, image: str, replicas: int, suffix: str) -> None:
     """Deployment `name` from the stable's spec with `image` (created, or its image/replicas corrected)."""
     app = target.app
-    existing = _maybe(c, f"deployment {c.ns}/{name}", lambda: c.apps.read_namespaced_deployment(name, c.ns, _request_timeout=REQUEST_TIMEOUT))
+    existing = _maybe(
+        c,
+        f"deployment {c.ns}/{name}",
+        lambda: c.apps.read_namespaced_deployment(name, c.ns, _request_timeout=REQUEST_TIMEOUT),
+    )
     if existing is not None:
         container = _container(existing, app.container)
         patch: dict = {}
@@ -562,8 +686,12 @@ def _ensure_copy(c: _Cluster, target: RolloutTarget, name: str, image: str, repl
         if app.container is None or cont["name"] == app.container:
             cont["image"] = image
             break
-    body = {"apiVersion": "apps/v1", "kind": "Deployment", "spec": spec,
-            "metadata": {"name": name, "labels": {**(stable.metadata.labels or {}), CANARY_OF: app.deployment}}}
+    body = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "spec": spec,
+        "metadata": {"name": name, "labels": {**(stable.metadata.labels or {}), CANARY_OF: app.deployment}},
+    }
     with c.call(f"deployment {c.ns}/{name}"):
         c.apps.create_namespaced_deployment(c.ns, body, _request_timeout=REQUEST_TIMEOUT)
     _logger().info("%s: created deployment %s (%s x%d) from %s", c.where, name, image, replicas, app.deployment)
@@ -602,19 +730,43 @@ def set_weight(req: WeightRequest) -> RolloutState:
         canary_ref = next((r for r in refs if r["name"] == target.canary_service), None)
         want = {target.app.service: 100 - req.canary_weight, target.canary_service: req.canary_weight}
         have = {r["name"]: int(r.get("weight", 1)) for r in refs}
-        if all(have.get(k) == v for k, v in want.items()) or (req.canary_weight == 0 and canary_ref is None and have[target.app.service] == 100):
+        if all(have.get(k) == v for k, v in want.items()) or (
+            req.canary_weight == 0 and canary_ref is None and have[target.app.service] == 100
+        ):
             _logger().info("%s: route %s already at canary %d%%", c.where, route["metadata"]["name"], req.canary_weight)
             return _rollout_state(c, target)
         stable_ref["weight"] = want[target.app.service]
         if canary_ref is None:
-            refs.append({**{k: v for k, v in stable_ref.items() if k not in ("name", "weight")}, "name": target.canary_service, "weight": req.canary_weight})
+            refs.append(
+                {
+                    **{k: v for k, v in stable_ref.items() if k not in ("name", "weight")},
+                    "name": target.canary_service,
+                    "weight": req.canary_weight,
+                }
+            )
         else:
             canary_ref["weight"] = req.canary_weight
-        body = {"metadata": {"resourceVersion": route["metadata"]["resourceVersion"]}, "spec": {"rules": route["spec"]["rules"]}}
+        body = {
+            "metadata": {"resourceVersion": route["metadata"]["resourceVersion"]},
+            "spec": {"rules": route["spec"]["rules"]},
+        }
         with c.call(f"httproute {c.ns}/{route['metadata']['name']}"):
-            k8s.CustomObjectsApi(c.api).patch_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, c.ns, HTTPROUTES, route["metadata"]["name"], body,
-                                                                       _request_timeout=REQUEST_TIMEOUT)
-        _logger().info("%s: route %s: stable %d%%, canary %d%%", c.where, route["metadata"]["name"], 100 - req.canary_weight, req.canary_weight)
+            k8s.CustomObjectsApi(c.api).patch_namespaced_custom_object(
+                GATEWAY_GROUP,
+                GATEWAY_VERSION,
+                c.ns,
+                HTTPROUTES,
+                route["metadata"]["name"],
+                body,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        _logger().info(
+            "%s: route %s: stable %d%%, canary %d%%",
+            c.where,
+            route["metadata"]["name"],
+            100 - req.canary_weight,
+            req.canary_weight,
+        )
         return _rollout_state(c, target)
 
 
@@ -627,14 +779,34 @@ def delete_canary(target: RolloutTarget) -> RolloutState:
             route = _route(c, target)
             rule = _route_rule(route, target.app.service)
             refs = rule["backendRefs"]
-            if any(r["name"] == target.canary_service for r in refs) or any(r["name"] == target.app.service and int(r.get("weight", 1)) != 100 for r in refs):
+            if any(r["name"] == target.canary_service for r in refs) or any(
+                r["name"] == target.app.service and int(r.get("weight", 1)) != 100 for r in refs
+            ):
                 rule["backendRefs"] = [{**r, "weight": 100} for r in refs if r["name"] != target.canary_service]
-                body = {"metadata": {"resourceVersion": route["metadata"]["resourceVersion"]}, "spec": {"rules": route["spec"]["rules"]}}
+                body = {
+                    "metadata": {"resourceVersion": route["metadata"]["resourceVersion"]},
+                    "spec": {"rules": route["spec"]["rules"]},
+                }
                 with c.call(f"httproute {c.ns}/{route['metadata']['name']}"):
-                    k8s.CustomObjectsApi(c.api).patch_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, c.ns, HTTPROUTES, route["metadata"]["name"],
-                                                                               body, _request_timeout=REQUEST_TIMEOUT)
-        for what, delete in ((f"service {c.ns}/{target.canary_service}", lambda: c.core.delete_namespaced_service(target.canary_service, c.ns, _request_timeout=REQUEST_TIMEOUT)),
-                             (f"deployment {c.ns}/{target.canary}", lambda: c.apps.delete_namespaced_deployment(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT))):
+                    k8s.CustomObjectsApi(c.api).patch_namespaced_custom_object(
+                        GATEWAY_GROUP,
+                        GATEWAY_VERSION,
+                        c.ns,
+                        HTTPROUTES,
+                        route["metadata"]["name"],
+                        body,
+                        _request_timeout=REQUEST_TIMEOUT,
+                    )
+        for what, delete in (
+            (
+                f"service {c.ns}/{target.canary_service}",
+                lambda: c.core.delete_namespaced_service(target.canary_service, c.ns, _request_timeout=REQUEST_TIMEOUT),
+            ),
+            (
+                f"deployment {c.ns}/{target.canary}",
+                lambda: c.apps.delete_namespaced_deployment(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT),
+            ),
+        ):
             if _maybe(c, what, delete) is not None:
                 _logger().info("%s: deleted %s", c.where, what)
         return _rollout_state(c, target)
@@ -652,7 +824,9 @@ def set_image(req: ImageRequest) -> RolloutState:
             with c.call(f"deployment {c.ns}/{target.app.deployment}"):
                 c.apps.patch_namespaced_deployment(target.app.deployment, c.ns, body, _request_timeout=REQUEST_TIMEOUT)
             _logger().info("%s: %s: %s -> %s", c.where, target.app.deployment, container.image, req.image)
-        _wait_done(c, target.app.deployment, req.wait_seconds or _wait_bound(None), f"deployment {target.app.deployment}")
+        _wait_done(
+            c, target.app.deployment, req.wait_seconds or _wait_bound(None), f"deployment {target.app.deployment}"
+        )
         return _rollout_state(c, target)
 
 
@@ -668,7 +842,12 @@ def create_colour(req: ImageRequest) -> RolloutState:
         if other == target.app.deployment:  # the stable name exists already: only its image and size change
             dep = c.deployment(other)
             container = _container(dep, target.app.container)
-            body = {"spec": {"replicas": size, "template": {"spec": {"containers": [{"name": container.name, "image": req.image}]}}}}
+            body = {
+                "spec": {
+                    "replicas": size,
+                    "template": {"spec": {"containers": [{"name": container.name, "image": req.image}]}},
+                }
+            }
             with c.call(f"deployment {c.ns}/{other}"):
                 c.apps.patch_namespaced_deployment(other, c.ns, body, _request_timeout=REQUEST_TIMEOUT)
         else:
@@ -689,8 +868,12 @@ def switch_service(req: DeploymentRequest) -> RolloutState:
         if (svc.spec.selector or {}) != want:
             # replace the whole selector: a strategic merge would keep the old colour's keys
             with c.call(f"service {c.ns}/{target.app.service}"):
-                c.core.patch_namespaced_service(target.app.service, c.ns, [{"op": "add", "path": "/spec/selector", "value": want}],
-                                                _request_timeout=REQUEST_TIMEOUT)
+                c.core.patch_namespaced_service(
+                    target.app.service,
+                    c.ns,
+                    [{"op": "add", "path": "/spec/selector", "value": want}],
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
             _logger().info("%s: service %s now selects %s", c.where, target.app.service, req.deployment)
         return _rollout_state(c, target)
 
@@ -704,8 +887,13 @@ def scale_deployment(req: DeploymentRequest) -> RolloutState:
             scale = c.apps.read_namespaced_deployment_scale(req.deployment, c.ns, _request_timeout=REQUEST_TIMEOUT)
         if scale.spec.replicas != req.replicas:
             with c.call(f"deployment {c.ns}/{req.deployment}"):
-                c.apps.patch_namespaced_deployment_scale(req.deployment, c.ns, {"spec": {"replicas": req.replicas}}, _content_type=_MERGE_PATCH,
-                                                         _request_timeout=REQUEST_TIMEOUT)
+                c.apps.patch_namespaced_deployment_scale(
+                    req.deployment,
+                    c.ns,
+                    {"spec": {"replicas": req.replicas}},
+                    _content_type=_MERGE_PATCH,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
         if req.replicas:
             _wait_done(c, req.deployment, _wait_bound(None), f"deployment {req.deployment}")
         return _rollout_state(c, target)

@@ -1,6 +1,6 @@
 """The maintenance window's activities: provider-neutral, each picks what the region's database needs.
 
-SQL work (VACUUM/ANALYZE/REINDEX, statistics, lag) is PostgreSQL's on every provider (activities/postgres.py);
+SQL work (VACUUM/ANALYZE/REINDEX, statistics, lag) is PostgreSQL's on every provider (activities/postgres/);
 backups go through the provider's control plane (Azure on-demand backup, RDS manual snapshot) or, for a
 self-managed server, pg_basebackup over the replication protocol into a directory on the worker.
 """
@@ -14,9 +14,11 @@ from pathlib import Path
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import postgres, prometheus
+from activities import prometheus
 from activities.context import heartbeat, time_limit
 from activities.http_checks import probe
+from activities.postgres.backup import base_backup, verify_base_backup
+from activities.postgres.maintenance import dead_tuple_candidates, missing_tables, run_maintenance
 from activities.providers import database_provider
 from opsflow.maintenance import table_name
 from opsflow.models import lsn_to_int
@@ -39,7 +41,11 @@ from opsflow.maintenance_models import (
 
 def _sql_db(target):
     if getattr(target.database, "dsn", None) is None:
-        raise ApplicationError(f"{target.region}: maintenance needs SQL access; the inventory gives no dsn", type="BadInput", non_retryable=True)
+        raise ApplicationError(
+            f"{target.region}: maintenance needs SQL access; the inventory gives no dsn",
+            type="BadInput",
+            non_retryable=True,
+        )
     return target.database
 
 
@@ -55,7 +61,7 @@ def plan(req: PlanRequest) -> PlanResult:
             items.append(WorkItem(task=i, kind="sql", name=task.name, sql=task.sql, reason="listed"))
             continue
         if task.tables == "auto":
-            picked = postgres.dead_tuple_candidates(db, task.auto.min_dead_tuples, task.auto.dead_ratio, task.auto.limit)
+            picked = dead_tuple_candidates(db, task.auto.min_dead_tuples, task.auto.dead_ratio, task.auto.limit)
             for table, why in picked:
                 try:
                     table_name(table)
@@ -63,10 +69,15 @@ def plan(req: PlanRequest) -> PlanResult:
                     continue  # a catalog name that is not a plain identifier: never sent back as SQL
                 items.append(WorkItem(task=i, kind=task.kind, table=table, reason=f"auto: {why}"))
         else:
-            gone = postgres.missing_tables(db, list(task.tables))
+            gone = missing_tables(db, list(task.tables))
             missing += [t for t in gone if t not in missing]
             items += [WorkItem(task=i, kind=task.kind, table=t, reason="listed") for t in task.tables if t not in gone]
-    return PlanResult(items=items[: req.max_tables], missing=missing, over_limit=items[req.max_tables:], backup_target=_backup_target(req))
+    return PlanResult(
+        items=items[: req.max_tables],
+        missing=missing,
+        over_limit=items[req.max_tables :],
+        backup_target=_backup_target(req),
+    )
 
 
 def _backup_target(req: PlanRequest) -> str:
@@ -78,12 +89,17 @@ def _backup_target(req: PlanRequest) -> str:
     if provider == "aws-rds":
         return f"RDS manual snapshot of {req.target.database.db_instance_identifier}"
     if not req.backup.directory:
-        raise ApplicationError("maintenance.backup.directory is needed to back up a self-managed server (pg_basebackup target)",
-                               type="BadInput", non_retryable=True)
+        raise ApplicationError(
+            "maintenance.backup.directory is needed to back up a self-managed server (pg_basebackup target)",
+            type="BadInput",
+            non_retryable=True,
+        )
     directory = Path(req.backup.directory)
     probe_dir = directory if directory.exists() else directory.parent
     if not probe_dir.exists() or not _writable(probe_dir):
-        raise ApplicationError(f"backup directory {directory} is not writable on this worker", type="Refused", non_retryable=True)
+        raise ApplicationError(
+            f"backup directory {directory} is not writable on this worker", type="Refused", non_retryable=True
+        )
     return f"pg_basebackup into {directory}"
 
 
@@ -96,7 +112,7 @@ def _writable(path: Path) -> bool:
 @activity.defn(name="maint.run_item")
 def run_item(req: RunItemRequest) -> ItemResult:
     """One table (or named statement) under the guards; progress heartbeated; cancellation stops it cleanly."""
-    return postgres.run_maintenance(_sql_db(req.target), req.item, req.guards, cancel_at=req.cancel_at)
+    return run_maintenance(_sql_db(req.target), req.item, req.guards, cancel_at=req.cancel_at)
 
 
 @activity.defn(name="maint.health")
@@ -107,7 +123,9 @@ def health(req: HealthRequest) -> HealthResult:
     problems: list[str] = []
     status = database_provider(req.primary).status()
     if not status.reachable or status.role != "primary":
-        return HealthResult(ok=False, detail=f"primary in {req.primary.region}: " + (status.error or f"role {status.role}"))
+        return HealthResult(
+            ok=False, detail=f"primary in {req.primary.region}: " + (status.error or f"role {status.role}")
+        )
     lags: dict[str, int] = {}
     while True:
         lags, laggards = {}, []
@@ -115,7 +133,11 @@ def health(req: HealthRequest) -> HealthResult:
         for replica in req.replicas:
             r = database_provider(replica).status()
             if not r.reachable or not r.streaming:
-                return HealthResult(ok=False, detail=f"replica in {replica.region} is not streaming: {r.error or r.role}", lag_bytes=lags)
+                return HealthResult(
+                    ok=False,
+                    detail=f"replica in {replica.region} is not streaming: {r.error or r.role}",
+                    lag_bytes=lags,
+                )
             lags[replica.region] = max(0, primary_lsn - (lsn_to_int(r.replay_lsn) or 0))
             if lags[replica.region] > req.max_lag_bytes:
                 laggards.append(replica.region)
@@ -124,13 +146,23 @@ def health(req: HealthRequest) -> HealthResult:
         if not laggards:
             break
         if waited > req.lag_wait:
-            return HealthResult(ok=False, detail=f"replication lag above {req.max_lag_bytes} bytes for {waited:.0f}s: "
-                                + ", ".join(f"{r} {lags[r]}" for r in laggards), lag_bytes=lags, waited_seconds=waited)
+            return HealthResult(
+                ok=False,
+                detail=f"replication lag above {req.max_lag_bytes} bytes for {waited:.0f}s: "
+                + ", ".join(f"{r} {lags[r]}" for r in laggards),
+                lag_bytes=lags,
+                waited_seconds=waited,
+            )
         time.sleep(1)
     smoke = [probe(u) for u in req.primary.smoke_urls]
     problems += [f"{s.url}: {s.status or s.error}" for s in smoke if not s.ok]
-    return HealthResult(ok=not problems, detail="; ".join(problems) or "healthy", lag_bytes=lags,
-                        waited_seconds=time.monotonic() - started, smoke=smoke)
+    return HealthResult(
+        ok=not problems,
+        detail="; ".join(problems) or "healthy",
+        lag_bytes=lags,
+        waited_seconds=time.monotonic() - started,
+        smoke=smoke,
+    )
 
 
 @activity.defn(name="backup.take")
@@ -138,16 +170,16 @@ def take_backup(req: BackupRequest) -> BackupResult:
     limit = time_limit(req.policy.timeout)
     provider = req.target.database.provider
     if provider == "azure-flexible":
-        from activities.azure import on_demand_backup
+        from activities.azure.flexible_server import on_demand_backup  # the Azure clients load on first use
 
         return on_demand_backup(req.target, req.name, limit)
     if provider == "aws-rds":
-        from activities.aws import rds_manual_snapshot
+        from activities.aws.rds import rds_manual_snapshot  # boto3 loads on first use
 
         return rds_manual_snapshot(req.target, req.name, limit)
     if not req.policy.directory:
         raise ApplicationError("maintenance.backup.directory is not set", type="BadInput", non_retryable=True)
-    return postgres.base_backup(req.target.database, req.policy.directory, req.name, timeout=limit)
+    return base_backup(req.target.database, req.policy.directory, req.name, timeout=limit)
 
 
 @activity.defn(name="backup.verify")
@@ -157,22 +189,27 @@ def verify_backup(req: VerifyBackupRequest) -> str:
     if b.state != "completed":
         raise ApplicationError(f"backup {b.id} is {b.state}, not completed", type="BackupInvalid", non_retryable=True)
     if b.method == "azure-on-demand":
-        from activities.azure import get_backup, _get, _utc
+        from activities.azure.flexible_server import backup_completed_at, get_backup  # on first use, as above
 
         found = get_backup(req.target, b.id.rsplit("/", 1)[-1])
         if found is None:
             raise ApplicationError(f"backup {b.id} is not listed by Azure", type="BackupInvalid", non_retryable=True)
-        completed = _utc(_get(found, "properties", "completed_time") or _get(found, "completed_time"))
+        completed = backup_completed_at(found)
     else:
         completed = b.completed_at
     if completed is None or completed < req.not_before:
-        raise ApplicationError(f"backup {b.id} completed at {completed}, before this maintenance started ({req.not_before:%H:%M:%S})",
-                               type="BackupInvalid", non_retryable=True)
+        raise ApplicationError(
+            f"backup {b.id} completed at {completed}, before this maintenance started ({req.not_before:%H:%M:%S})",
+            type="BackupInvalid",
+            non_retryable=True,
+        )
     if b.method != "azure-on-demand" and not b.size_bytes:
         raise ApplicationError(f"backup {b.id} is empty", type="BackupInvalid", non_retryable=True)
-    detail = f"{b.method} {b.id.rsplit('/', 1)[-1]}: completed {completed:%Y-%m-%d %H:%M:%S}Z" + (f", {b.size_bytes} bytes" if b.size_bytes else "")
+    detail = f"{b.method} {b.id.rsplit('/', 1)[-1]}: completed {completed:%Y-%m-%d %H:%M:%S}Z" + (
+        f", {b.size_bytes} bytes" if b.size_bytes else ""
+    )
     if b.method == "pg_basebackup":
-        detail += "; " + postgres.verify_base_backup(b.location)
+        detail += "; " + verify_base_backup(b.location)
     return detail
 
 
@@ -194,7 +231,9 @@ def watch(req: WatchRequest) -> WatchResult:
             r.worst = value if r.worst is None or worse(value, r.worst) else r.worst
             if (q.max is not None and value > q.max) or (q.min is not None and value < q.min):
                 r.breached = True
-                r.detail = f"{value:g} is " + (f"above {q.max:g}" if q.max is not None and value > q.max else f"below {q.min:g}")
+                r.detail = f"{value:g} is " + (
+                    f"above {q.max:g}" if q.max is not None and value > q.max else f"below {q.min:g}"
+                )
         heartbeat({q: r.last for q, r in results.items()})
         if any(r.breached for r in results.values()) or time.monotonic() >= deadline:
             break

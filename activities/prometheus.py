@@ -28,16 +28,27 @@ def fill(template: str, *, deployment: str, version: str = "", interval: float |
 
 def query_range(base: str, query: str, start: datetime, end: datetime, step: float) -> list[float]:
     """The values of a query that returns one series (sum over the rest); NaN/absent points are left out."""
-    params = {"query": query, "start": f"{start.timestamp():.3f}", "end": f"{end.timestamp():.3f}", "step": f"{max(step, 0.001):g}s"}
+    params = {
+        "query": query,
+        "start": f"{start.timestamp():.3f}",
+        "end": f"{end.timestamp():.3f}",
+        "step": f"{max(step, 0.001):g}s",
+    }
     try:
         r = httpx.get(f"{base.rstrip('/')}/api/v1/query_range", params=params, timeout=TIMEOUT)
     except httpx.HTTPError as e:
         raise ApplicationError(f"prometheus {base} does not answer: {e}", type="PrometheusUnavailable") from None
     body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
     if r.status_code in (400, 422):
-        raise ApplicationError(f"prometheus rejected the query {query!r}: {body.get('error', r.text[:200])}", type="BadInput", non_retryable=True)
+        raise ApplicationError(
+            f"prometheus rejected the query {query!r}: {body.get('error', r.text[:200])}",
+            type="BadInput",
+            non_retryable=True,
+        )
     if r.status_code != 200 or body.get("status") != "success":
-        raise ApplicationError(f"prometheus {base}: HTTP {r.status_code}: {body.get('error', r.text[:200])}", type="PrometheusError")
+        raise ApplicationError(
+            f"prometheus {base}: HTTP {r.status_code}: {body.get('error', r.text[:200])}", type="PrometheusError"
+        )
     series = body["data"]["result"]
     if len(series) > 1:  # several series: sum them point by point, as sum() would
         points: dict[float, float] = {}
@@ -57,10 +68,18 @@ def query(url: str, promql: str, *, at: datetime | None = None, timeout: float |
     try:
         resp = httpx.get(f"{url.rstrip('/')}/api/v1/query", params=params, timeout=timeout)
     except httpx.HTTPError as e:
-        raise ApplicationError(f"prometheus {url} does not answer: {type(e).__name__}: {e}", type="PrometheusUnavailable") from None
+        raise ApplicationError(
+            f"prometheus {url} does not answer: {type(e).__name__}: {e}", type="PrometheusUnavailable"
+        ) from None
     if resp.status_code in (400, 422):
-        error = resp.json().get("error", resp.text[:200]) if resp.headers.get("content-type", "").startswith("application/json") else resp.text[:200]
-        raise ApplicationError(f"prometheus rejected the query {promql!r}: {error}", type="BadInput", non_retryable=True)
+        error = (
+            resp.json().get("error", resp.text[:200])
+            if resp.headers.get("content-type", "").startswith("application/json")
+            else resp.text[:200]
+        )
+        raise ApplicationError(
+            f"prometheus rejected the query {promql!r}: {error}", type="BadInput", non_retryable=True
+        )
     if resp.status_code != 200:
         raise ApplicationError(f"prometheus {url}: HTTP {resp.status_code}", type="PrometheusUnavailable")
     data = resp.json()["data"]
@@ -70,10 +89,15 @@ def query(url: str, promql: str, *, at: datetime | None = None, timeout: float |
         if not data["result"]:
             return math.nan
         if len(data["result"]) > 1:
-            raise ApplicationError(f"prometheus: {promql!r} returned {len(data['result'])} series; aggregate it to one (e.g. sum(...))",
-                                   type="BadInput", non_retryable=True)
+            raise ApplicationError(
+                f"prometheus: {promql!r} returned {len(data['result'])} series; aggregate it to one (e.g. sum(...))",
+                type="BadInput",
+                non_retryable=True,
+            )
         return float(data["result"][0]["value"][1])
-    raise ApplicationError(f"prometheus: {promql!r} returned a {data['resultType']}, not a number", type="BadInput", non_retryable=True)
+    raise ApplicationError(
+        f"prometheus: {promql!r} returned a {data['resultType']}, not a number", type="BadInput", non_retryable=True
+    )
 
 
 def number(value: float) -> float | None:
@@ -89,16 +113,47 @@ def samples(req: SamplesRequest) -> Samples:
     out = []
     for m in a.metrics:
         activity.heartbeat(m.name) if activity.in_activity() else None
-        out.append(MetricSamples(
-            name=m.name,
-            canary=query_range(a.prometheus, fill(m.query, deployment=req.canary, version=req.canary_version, interval=a.interval), req.start, req.end, a.step),
-            baseline=query_range(a.prometheus, fill(m.query, deployment=req.baseline, version=req.baseline_version, interval=a.interval), b_start, b_end, a.step),
-        ))
+        out.append(
+            MetricSamples(
+                name=m.name,
+                canary=query_range(
+                    a.prometheus,
+                    fill(m.query, deployment=req.canary, version=req.canary_version, interval=a.interval),
+                    req.start,
+                    req.end,
+                    a.step,
+                ),
+                baseline=query_range(
+                    a.prometheus,
+                    fill(m.query, deployment=req.baseline, version=req.baseline_version, interval=a.interval),
+                    b_start,
+                    b_end,
+                    a.step,
+                ),
+            )
+        )
     canary_requests = baseline_requests = None
     if a.requests:
         window = (req.end - req.start).total_seconds()
-        canary_requests = number(query(a.prometheus, fill(a.requests, deployment=req.canary, version=req.canary_version, interval=window),
-                                       at=req.end))
-        baseline_requests = number(query(a.prometheus, fill(a.requests, deployment=req.baseline, version=req.baseline_version,
-                                                            interval=(b_end - b_start).total_seconds()), at=b_end))
-    return Samples(metrics=out, canary_requests=canary_requests, baseline_requests=baseline_requests, start=req.start, end=req.end)
+        canary_requests = number(
+            query(
+                a.prometheus,
+                fill(a.requests, deployment=req.canary, version=req.canary_version, interval=window),
+                at=req.end,
+            )
+        )
+        baseline_requests = number(
+            query(
+                a.prometheus,
+                fill(
+                    a.requests,
+                    deployment=req.baseline,
+                    version=req.baseline_version,
+                    interval=(b_end - b_start).total_seconds(),
+                ),
+                at=b_end,
+            )
+        )
+    return Samples(
+        metrics=out, canary_requests=canary_requests, baseline_requests=baseline_requests, start=req.start, end=req.end
+    )

@@ -10,7 +10,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from opsflow.models import DbStatus, PromoteResult, RebuildResult, RegionTarget, RestoreRequest, RestoreWindow, ScratchTarget, TrafficRequest, TrafficStatus
+from activities.postgres.server import PostgresServer
+from opsflow.models import (DbStatus, PromoteResult, RebuildResult, RegionTarget, RestoreRequest, RestoreWindow,
+                            ScratchTarget, TrafficRequest, TrafficStatus)
 
 
 class DatabaseProvider(Protocol):
@@ -44,16 +46,16 @@ class TrafficProvider(Protocol):
 
 def database_provider(target: RegionTarget) -> DatabaseProvider:
     kind = target.database.provider
+    # The cloud providers load on first use: boto3 and the Azure clients take ~1-1.5 s to import, and a worker (or
+    # workflows/drill.py, which imports this module) may never need them.
     if kind == "postgres":
-        from activities.postgres import PostgresServer
-
         return PostgresServer(target)
     if kind == "azure-flexible":
-        from activities.azure import AzureFlexibleServer
+        from activities.azure.flexible_server import AzureFlexibleServer
 
         return AzureFlexibleServer(target)
     if kind == "aws-rds":
-        from activities.aws import RdsInstance
+        from activities.aws.rds import RdsInstance
 
         return RdsInstance(target)
     raise ValueError(f"unknown database provider {kind!r}")
@@ -62,11 +64,11 @@ def database_provider(target: RegionTarget) -> DatabaseProvider:
 def traffic_provider(request: TrafficRequest) -> TrafficProvider:
     kind = request.traffic.provider
     if kind == "azure-traffic-manager":
-        from activities.azure import AzureTrafficManagerRouter
+        from activities.azure.traffic_manager import AzureTrafficManagerRouter
 
         return AzureTrafficManagerRouter(request)
     if kind == "route53":
-        from activities.aws import Route53Router
+        from activities.aws.route53 import Route53Router
 
         return Route53Router(request)
     raise ValueError(f"unknown traffic provider {kind!r}")
@@ -97,15 +99,15 @@ class RestoreProvider(Protocol):
 
 def restore_provider(request: "RestoreRequest") -> RestoreProvider:
     if request.method == "azure-pitr":
-        from activities.azure import AzurePointInTimeRestore
+        from activities.azure.restore import AzurePointInTimeRestore
 
         return AzurePointInTimeRestore(request)
     if request.method == "rds-pitr":
-        from activities.aws import RdsPointInTimeRestore
+        from activities.aws.rds_restore import RdsPointInTimeRestore
 
         return RdsPointInTimeRestore(request)
     if request.method == "s3-dump":
-        from activities.aws import S3DumpRestore
+        from activities.aws.dump_restore import S3DumpRestore
 
         return S3DumpRestore(request)
     raise ValueError(f"unknown restore method {request.method!r}")

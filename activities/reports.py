@@ -6,6 +6,7 @@ from pathlib import Path
 
 from temporalio import activity
 
+from opsflow.inventory import AwsConnection
 from opsflow.models import StoreReportRequest
 
 
@@ -21,11 +22,21 @@ def store_report(request: StoreReportRequest) -> list[str]:
         path.write_text(body)
         places.append(str(path))
     if request.store.s3 is not None:
-        from activities.aws import store_report_s3
-        from opsflow.inventory import AwsConnection
+        from activities.aws.reports import store_report_s3  # boto3 loads on first use (~0.5 s of start-up)
 
         s3 = request.store.s3
         prefix = f"{s3.prefix.rstrip('/')}/" if s3.prefix else ""
-        for ext, body, ctype in (("json", request.json_text, "application/json"), ("md", request.markdown, "text/markdown")):
-            places.append(store_report_s3(request.aws or AwsConnection(), s3.bucket, f"{prefix}{request.environment}/{stem}.{ext}", body, ctype))
+        for ext, body, ctype in (
+            ("json", request.json_text, "application/json"),
+            ("md", request.markdown, "text/markdown"),
+        ):
+            places.append(
+                store_report_s3(
+                    request.aws or AwsConnection(),
+                    s3.bucket,
+                    f"{prefix}{request.environment}/{stem}.{ext}",
+                    body,
+                    ctype,
+                )
+            )
     return places

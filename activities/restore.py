@@ -7,8 +7,8 @@ import time
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import postgres
 from activities.context import Backoff, check_cancelled, heartbeating, sleep_or_cancelled
+from activities.postgres.integrity import missing_objects, require_tables, row_counts, row_counts_at, run_checks
 from activities.providers import restore_provider
 from opsflow.inventory import PostgresDatabase
 from opsflow.models import CheckResult, RestoreRequest, RestoreWindow, ScratchTarget, VerifyRequest
@@ -60,7 +60,8 @@ def restore_wait(request: RestoreRequest) -> ScratchTarget:
 
 @activity.defn(name="restore.delete")
 def restore_delete(request: RestoreRequest) -> bool:
-    with heartbeating(f"deleting {request.scratch_name}"):  # a delete waits for the cloud; the drill's cleanup heartbeats
+    # a delete waits for the cloud; the drill's cleanup heartbeats
+    with heartbeating(f"deleting {request.scratch_name}"):
         return restore_provider(request).delete(request.scratch_name)
 
 
@@ -79,7 +80,11 @@ def _scratch_db(request: VerifyRequest) -> PostgresDatabase:
 def _source_db(request) -> PostgresDatabase:
     src = request.source.database
     if not getattr(src, "dsn", None):
-        raise ApplicationError(f"{request.source.region}: the source database has no DSN to verify against", type="BadInput", non_retryable=True)
+        raise ApplicationError(
+            f"{request.source.region}: the source database has no DSN to verify against",
+            type="BadInput",
+            non_retryable=True,
+        )
     return PostgresDatabase(provider="postgres", dsn=src.dsn, password=src.password)
 
 
@@ -88,7 +93,7 @@ def validate_checks(request: RestoreRequest) -> None:
     """Before anything is created: every table named by a row-count check exists on the source."""
     tables = [c.table for c in request.drill.row_counts]
     if tables:
-        postgres.require_tables(_source_db(request), tables)
+        require_tables(_source_db(request), tables)
 
 
 @activity.defn(name="restore.verify")
@@ -103,22 +108,38 @@ def _verify(request: VerifyRequest) -> list[CheckResult]:
     scratch, source, drill = _scratch_db(request), _source_db(request), request.drill
     results: list[CheckResult] = []
     # A table missing from the restore is a failed check, not an error.
-    restored = postgres.row_counts(scratch, [c.table for c in drill.row_counts], missing_ok=True) if drill.row_counts else {}
+    restored = row_counts(scratch, [c.table for c in drill.row_counts], missing_ok=True) if drill.row_counts else {}
     for c in drill.row_counts:
         if c.timestamp_column:
-            expected = postgres.row_counts_at(source, c.table, c.timestamp_column, request.restore_point)
+            expected = row_counts_at(source, c.table, c.timestamp_column, request.restore_point)
         else:
-            expected = postgres.row_counts(source, [c.table])[c.table]
+            expected = row_counts(source, [c.table])[c.table]
         actual = restored.get(c.table)
         if actual is None:
-            results.append(CheckResult(kind="row_count", name=c.table, ok=False, expected=expected, detail="table missing from the restore"))
+            results.append(
+                CheckResult(
+                    kind="row_count", name=c.table, ok=False, expected=expected, detail="table missing from the restore"
+                )
+            )
             continue
         ok = abs(expected - actual) <= c.tolerance
-        results.append(CheckResult(kind="row_count", name=c.table, ok=ok, expected=expected, actual=actual,
-                                   detail=f"{actual} rows restored, {expected} expected" + (f" (±{c.tolerance})" if c.tolerance else "")))
-    for name, ok, detail in postgres.run_checks(scratch, [(c.name, c.query) for c in drill.checks]):
+        results.append(
+            CheckResult(
+                kind="row_count",
+                name=c.table,
+                ok=ok,
+                expected=expected,
+                actual=actual,
+                detail=f"{actual} rows restored, {expected} expected" + (f" (±{c.tolerance})" if c.tolerance else ""),
+            )
+        )
+    for name, ok, detail in run_checks(scratch, [(c.name, c.query) for c in drill.checks]):
         results.append(CheckResult(kind="sql", name=name, ok=ok, detail=detail))
-    missing = set(postgres.missing_objects(scratch, drill.schema_objects)) if drill.schema_objects else set()
+    missing = set(missing_objects(scratch, drill.schema_objects)) if drill.schema_objects else set()
     for obj in drill.schema_objects:
-        results.append(CheckResult(kind="schema", name=obj, ok=obj not in missing, detail="missing" if obj in missing else "present"))
+        results.append(
+            CheckResult(
+                kind="schema", name=obj, ok=obj not in missing, detail="missing" if obj in missing else "present"
+            )
+        )
     return results

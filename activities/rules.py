@@ -70,7 +70,12 @@ class Rulebook:
             log.error("inventory %s changed but is invalid; keeping the last good rules: %s", path, e)
             return inv
         if fresh.environment != environment:
-            log.error("inventory %s now describes %s, not %s; keeping the last good rules", path, fresh.environment, environment)
+            log.error(
+                "inventory %s now describes %s, not %s; keeping the last good rules",
+                path,
+                fresh.environment,
+                environment,
+            )
             return inv
         log.info("inventory %s changed: new rules for %s", path, environment)
         self.add(fresh, path)
@@ -84,15 +89,20 @@ def rules_for(environment: str, seen) -> EnvironmentRules:
     inv = RULEBOOK.get(environment)
     if inv is None:
         served = ", ".join(RULEBOOK.environments()) or "none"
-        return EnvironmentRules(environment=environment, refusal=(
-            f"the worker serving this procedure holds no inventory for environment {environment!r} (it holds: {served});"
-            f" a procedure runs only by the rules its worker was deployed with"))
+        return EnvironmentRules(
+            environment=environment,
+            refusal=(
+                f"the worker serving this procedure holds no inventory for environment {environment!r} (it holds: "
+                f"{served}); a procedure runs only by the rules its worker was deployed with"
+            ),
+        )
     mine = digest_of(inv)
     if seen is not None:
         diffs = differences(mine, seen)
         if diffs:
-            return EnvironmentRules(environment=environment, refusal=mismatch_message(environment, diffs, mine.sha256),
-                                    sha256=mine.sha256)
+            return EnvironmentRules(
+                environment=environment, refusal=mismatch_message(environment, diffs, mine.sha256), sha256=mine.sha256
+            )
     return EnvironmentRules(environment=environment, inventory=inv, sha256=mine.sha256)
 
 

@@ -75,21 +75,30 @@ def _resolve(ref: SecretRef) -> str:
 
 
 def _aws_secret(ref: SecretRef) -> str:
+    # boto3 loads on first use (~0.5 s): the CLI's codec and every worker import this module.
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from activities.aws import new_session  # a Session of its own: boto3's default one is not thread-safe
+    from activities.aws.session import new_session  # a Session of its own: boto3's default one is not thread-safe
 
     spec = ref.aws_secrets_manager
     assert spec is not None
     conn = _aws or AwsConnection()
-    client = new_session().client("secretsmanager", region_name=spec.region or conn.default_region, endpoint_url=conn.endpoint_url)
+    client = new_session().client(
+        "secretsmanager", region_name=spec.region or conn.default_region, endpoint_url=conn.endpoint_url
+    )
     try:
         answer = client.get_secret_value(SecretId=spec.secret_id)
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
-        if code in ("ResourceNotFoundException", "AccessDeniedException", "DecryptionFailure", "InvalidRequestException"):
+        if code in (
+            "ResourceNotFoundException",
+            "AccessDeniedException",
+            "DecryptionFailure",
+            "InvalidRequestException",
+        ):
             raise _missing(f"{ref.describe()}: {code}") from None
-        raise ApplicationError(f"secret: {ref.describe()}: {code}", type="SecretUnavailable") from None  # throttling etc.: retry
+        # throttling etc.: retry
+        raise ApplicationError(f"secret: {ref.describe()}: {code}", type="SecretUnavailable") from None
     except BotoCoreError as e:
         raise ApplicationError(f"secret: {ref.describe()}: {type(e).__name__}", type="SecretUnavailable") from None
     value = answer.get("SecretString")
@@ -111,10 +120,16 @@ def _json_field(value: str, field: str | None, ref: SecretRef) -> str:
 
 
 def _key_vault_secret(ref: SecretRef) -> str:
-    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError, ServiceRequestError
+    # The Azure SDK loads on first use, as boto3 above.
+    from azure.core.exceptions import (
+        ClientAuthenticationError,
+        HttpResponseError,
+        ResourceNotFoundError,
+        ServiceRequestError,
+    )
     from azure.keyvault.secrets import SecretClient
 
-    from activities.azure import arm_credential
+    from activities.azure.arm import arm_credential
 
     spec = ref.azure_key_vault
     assert spec is not None
@@ -131,7 +146,9 @@ def _key_vault_secret(ref: SecretRef) -> str:
     except ResourceNotFoundError:
         raise _missing(f"{ref.describe()} does not exist") from None
     except ClientAuthenticationError as e:
-        raise _missing(f"{ref.describe()}: not allowed ({e.message.splitlines()[0] if e.message else 'authentication failed'})") from None
+        raise _missing(
+            f"{ref.describe()}: not allowed ({e.message.splitlines()[0] if e.message else 'authentication failed'})"
+        ) from None
     except HttpResponseError as e:
         if e.status_code in (401, 403):
             raise _missing(f"{ref.describe()}: not allowed (HTTP {e.status_code})") from None

@@ -30,11 +30,19 @@ def _client(req: StatusPageRequest) -> httpx.Client:
 
 def _check(resp: httpx.Response, what: str) -> dict:
     if resp.status_code in (401, 403):
-        raise ApplicationError(f"status page: {what}: refused ({resp.status_code}); check the API key", type="StatusPageAuth", non_retryable=True)
+        raise ApplicationError(
+            f"status page: {what}: refused ({resp.status_code}); check the API key",
+            type="StatusPageAuth",
+            non_retryable=True,
+        )
     if resp.status_code in (400, 404, 422):
-        raise ApplicationError(f"status page: {what}: {resp.status_code} {resp.text[:200]}", type="BadInput", non_retryable=True)
+        raise ApplicationError(
+            f"status page: {what}: {resp.status_code} {resp.text[:200]}", type="BadInput", non_retryable=True
+        )
     if resp.status_code >= 300:
-        raise ApplicationError(f"status page: {what}: {resp.status_code} {resp.text[:200]}", type="StatusPageUnavailable")
+        raise ApplicationError(
+            f"status page: {what}: {resp.status_code} {resp.text[:200]}", type="StatusPageUnavailable"
+        )
     return resp.json() if resp.content else {}
 
 
@@ -49,16 +57,28 @@ def update(req: StatusPageRequest) -> StatusPageResult:
                 for incident in _check(http.get(f"/pages/{page}/incidents/scheduled"), "list scheduled maintenances"):
                     if ((incident.get("metadata") or {}).get("opsflow") or {}).get("workflow_id") == workflow_id:
                         return StatusPageResult(incident_id=incident["id"], status=incident.get("status", "scheduled"))
-                body = {"incident": {
-                    "name": req.page.title, "status": "scheduled", "body": req.body,
-                    "scheduled_for": req.scheduled_for.isoformat() if req.scheduled_for else None,
-                    "scheduled_until": req.scheduled_until.isoformat() if req.scheduled_until else None,
-                    "component_ids": req.page.component_ids, "metadata": {"opsflow": {"workflow_id": workflow_id}},
-                }}
+                body = {
+                    "incident": {
+                        "name": req.page.title,
+                        "status": "scheduled",
+                        "body": req.body,
+                        "scheduled_for": req.scheduled_for.isoformat() if req.scheduled_for else None,
+                        "scheduled_until": req.scheduled_until.isoformat() if req.scheduled_until else None,
+                        "component_ids": req.page.component_ids,
+                        "metadata": {"opsflow": {"workflow_id": workflow_id}},
+                    }
+                }
                 created = _check(http.post(f"/pages/{page}/incidents", json=body), "create the scheduled maintenance")
                 return StatusPageResult(incident_id=created["id"], status=created.get("status", "scheduled"))
-            updated = _check(http.patch(f"/pages/{page}/incidents/{req.incident_id}", json={"incident": {"status": req.status, "body": req.body}}),
-                             f"set the maintenance to {req.status}")
+            updated = _check(
+                http.patch(
+                    f"/pages/{page}/incidents/{req.incident_id}",
+                    json={"incident": {"status": req.status, "body": req.body}},
+                ),
+                f"set the maintenance to {req.status}",
+            )
             return StatusPageResult(incident_id=req.incident_id, status=updated.get("status", req.status))
     except httpx.HTTPError as e:
-        raise ApplicationError(f"status page {req.page.api_url}: {type(e).__name__}: {e}", type="StatusPageUnavailable") from None
+        raise ApplicationError(
+            f"status page {req.page.api_url}: {type(e).__name__}: {e}", type="StatusPageUnavailable"
+        ) from None

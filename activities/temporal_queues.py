@@ -22,8 +22,13 @@ async def queue_pollers(client, queue: str, kinds=(TaskQueueType.TASK_QUEUE_TYPE
     now = datetime.now(timezone.utc)
     seen: list[str] = []
     for kind in kinds:
-        resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
-            namespace=client.namespace, task_queue=TaskQueue(name=queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL), task_queue_type=kind))
+        resp = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL),
+                task_queue_type=kind,
+            )
+        )
         for p in resp.pollers:
             last = p.last_access_time.ToDatetime(tzinfo=timezone.utc) if p.HasField("last_access_time") else now
             if now - last <= POLLER_FRESH:

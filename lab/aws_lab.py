@@ -35,7 +35,7 @@ import boto3
 import psycopg
 from botocore.exceptions import ClientError
 
-from activities.aws import upload_dump
+from activities.aws.dump_restore import upload_dump
 from lab.aws_emulator import RESTORES_DIR
 from lab.inventory import PRIMARY, lab_inventory
 from lab.postgres import Cluster, drop_cluster, dump_database

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from temporalio.client import WorkflowFailureError
 
-from activities.postgres import sql_status
+from activities.postgres.server import sql_status
 from lab.manage import print_status, status, up, worker_env
 from opsflow.client import connect, environment_workflow_id, fetch_report, follow, start_procedure
 from opsflow.inventory import load_inventory

@@ -7,8 +7,13 @@ import starters.cli  # noqa: F401
 import worker.main  # noqa: F401
 import worker.registry  # noqa: F401
 
-import activities.aws  # noqa: F401
-import activities.azure  # noqa: F401
+import activities.aws.dump_restore  # noqa: F401
+import activities.aws.rds_restore  # noqa: F401
+import activities.aws.reports  # noqa: F401
+import activities.aws.route53  # noqa: F401
+import activities.azure.flexible_server  # noqa: F401
+import activities.azure.restore  # noqa: F401
+import activities.azure.traffic_manager  # noqa: F401
 import azure.mgmt.postgresqlflexibleservers  # noqa: F401
 import azure.mgmt.trafficmanager  # noqa: F401
 import temporalio.envconfig  # noqa: F401

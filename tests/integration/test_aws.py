@@ -25,8 +25,10 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.aws import RdsInstance, Route53Router, store_report_s3
-from activities.postgres import sql_status
+from activities.aws.rds import RdsInstance
+from activities.aws.reports import store_report_s3
+from activities.aws.route53 import Route53Router
+from activities.postgres.server import sql_status
 from lab.aws_emulator import start_emulator
 from lab.postgres import Cluster, create_replica, init_primary, wait_streaming
 from opsflow.inventory import AwsConnection, Inventory

@@ -29,8 +29,10 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.aws import RdsInstance, RdsPointInTimeRestore, S3DumpRestore, SCRATCH_TAG, upload_dump
-from activities.postgres import sql_status
+from activities.aws.dump_restore import S3DumpRestore, upload_dump
+from activities.aws.rds import RdsInstance
+from activities.aws.rds_restore import SCRATCH_TAG, RdsPointInTimeRestore
+from activities.postgres.server import sql_status
 from activities.restore import restore_leftovers, restore_wait
 from lab.aws_emulator import RESTORES_DIR, start_emulator
 from lab.aws_lab import DUMPS_BUCKET, REPORTS_BUCKET, ZONE, aws_emulator_config, aws_lab_inventory, instance_id, s3_dump_drill, seed_dump

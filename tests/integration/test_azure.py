@@ -26,7 +26,9 @@ from psycopg import errors as pgerrors
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.azure import AzureFlexibleServer, AzureTrafficManagerRouter, postgres_client, traffic_manager_client
+from activities.azure.arm import postgres_client, traffic_manager_client
+from activities.azure.flexible_server import AzureFlexibleServer
+from activities.azure.traffic_manager import AzureTrafficManagerRouter
 from lab.arm_emulator import ArmEmulator, start_emulator
 from lab.postgres import Cluster, create_replica, init_primary, wait_streaming
 from opsflow.inventory import AzureConnection, AzureFlexibleDatabase, AzureTrafficManager

@@ -25,7 +25,9 @@ from psycopg.conninfo import conninfo_to_dict
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.azure import AzureFlexibleServer, AzurePointInTimeRestore, postgres_client
+from activities.azure.arm import postgres_client
+from activities.azure.flexible_server import AzureFlexibleServer
+from activities.azure.restore import AzurePointInTimeRestore
 from activities.restore import restore_delete, restore_leftovers, restore_start, restore_wait, verify
 from lab.arm_emulator import ArmEmulator, start_emulator
 from lab.postgres import Cluster, create_replica, drop_cluster, earliest_restorable_time, init_primary, wait_streaming

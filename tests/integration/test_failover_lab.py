@@ -64,7 +64,7 @@ def traffic_endpoints(lab) -> dict[str, dict]:
     """What Azure Traffic Manager reports, read through the real SDK over HTTPS."""
     from azure.mgmt.trafficmanager import TrafficManagerManagementClient
 
-    from activities.azure import arm_credential
+    from activities.azure.arm import arm_credential
     from opsflow.inventory import load_inventory
 
     inv = load_inventory(lab.inventory)

@@ -19,7 +19,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities import maintenance as maint
 from activities import statuspage
-from activities.postgres import table_stats
+from activities.postgres.maintenance import table_stats
 from lab.seed import BLOAT_TABLE, seed_bloat
 from lab.postgres import create_replica, init_primary
 from lab.receiver import read_statuspage, serve

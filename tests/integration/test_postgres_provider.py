@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.postgres import PostgresServer, connect, sql_check_writable, sql_status
+from activities.postgres.connection import connect
+from activities.postgres.server import PostgresServer, sql_check_writable, sql_status
 from lab.ports import free_port
 from lab.postgres import Cluster, PostgresLabError, create_replica, init_primary, pg_bin
 from opsflow.inventory import InventoryError, PostgresDatabase, SecretRef, load_inventory

@@ -17,20 +17,8 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.postgres import (
-    PostgresServer,
-    missing_objects,
-    require_tables,
-    row_counts,
-    row_counts_at,
-    run_checks,
-    sql_check_writable,
-    sql_fence,
-    sql_promote,
-    sql_status,
-    table_exists,
-    validate_tables,
-)
+from activities.postgres.integrity import missing_objects, require_tables, row_counts, row_counts_at, run_checks, table_exists
+from activities.postgres.server import PostgresServer, sql_check_writable, sql_fence, sql_promote, sql_status
 from lab.postgres import (
     Cluster,
     PostgresLabError,
@@ -339,7 +327,7 @@ def test_row_counts_and_counts_at_a_point_in_time(verify_db):
         (lambda db: row_counts_at(db, "verify.orders", "total", datetime.now(timezone.utc)), "not a timestamp"),
         (lambda db: row_counts_at(db, "verify.nope", "placed_at", datetime.now(timezone.utc)), "verify.nope"),
         (lambda db: require_tables(db, ["verify.orders", "verify.x", "verify.y"]), "verify.y"),
-        (lambda db: validate_tables(db, ["verify.orders"], {"verify.orders": "nope"}), "no column 'nope'"),
+        (lambda db: require_tables(db, ["verify.orders"], {"verify.orders": "nope"}), "no column 'nope'"),
     ],
 )
 def test_an_unknown_table_or_column_is_bad_input(verify_db, call, named):

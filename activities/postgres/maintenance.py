@@ -1,0 +1,293 @@
+"""Maintenance: VACUUM / ANALYZE / REINDEX CONCURRENTLY under guards (the weekly window).
+Each statement runs on its own session with lock_timeout and statement_timeout set for that session only. A
+second session watches it: heartbeats progress from pg_stat_progress_vacuum / pg_stat_progress_create_index,
+counts the time it waits on a lock, and on cancellation (delivered by a heartbeat) or at the cutoff cancels the
+statement with pg_cancel_backend, waits for it to end and stops cleanly. Names reach SQL only as
+sql.Identifier; the inventory has already refused anything that is not a plain identifier.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors, sql
+from temporalio import activity
+from temporalio.exceptions import ApplicationError, CancelledError
+
+from activities.context import heartbeat as _heartbeat
+from activities.postgres.connection import (bad_input, connect, error_line, is_name_error, redact, sql_errors,
+                                            timeout_ms, where)
+from opsflow.maintenance_models import ItemResult, TableStats
+
+
+MAINTENANCE_POLL = 1.0  # how often the watching session samples progress and heartbeats
+CCNEW = "_ccnew"  # REINDEX CONCURRENTLY names its new index <index>_ccnew[N]; a failed run leaves it invalid
+
+
+def _split_table(table: str) -> tuple[str, str]:
+    schema, _, name = table.rpartition(".")
+    return schema or "public", name
+
+
+def _ident(table: str) -> sql.Composable:
+    return sql.Identifier(*_split_table(table))
+
+
+def table_stats(conn: psycopg.Connection, table: str) -> Any:
+    """n_live_tup, n_dead_tup, sizes, last (auto)vacuum/analyze and invalid indexes of a table, or None."""
+    schema, name = _split_table(table)
+    row = conn.execute(
+        """
+        select s.n_live_tup, s.n_dead_tup, pg_table_size(c.oid), pg_indexes_size(c.oid),
+               greatest(s.last_vacuum, s.last_autovacuum), greatest(s.last_analyze, s.last_autoanalyze),
+               coalesce((select array_agg(ic.relname::text order by ic.relname)
+                           from pg_index i join pg_class ic on ic.oid = i.indexrelid
+                          where i.indrelid = c.oid and not i.indisvalid), '{}')
+          from pg_class c join pg_namespace n on n.oid = c.relnamespace
+          left join pg_stat_user_tables s on s.relid = c.oid
+         where n.nspname = %s and c.relname = %s and c.relkind in ('r', 'p', 'm')
+        """,
+        (schema, name),
+    ).fetchone()
+    if row is None:
+        return None
+    live, dead, tbytes, ibytes, last_vacuum, last_analyze, invalid = row
+    return TableStats(
+        n_live_tup=live or 0,
+        n_dead_tup=dead or 0,
+        table_bytes=tbytes or 0,
+        index_bytes=ibytes or 0,
+        last_vacuum=last_vacuum,
+        last_analyze=last_analyze,
+        invalid_indexes=list(invalid),
+    )
+
+
+def missing_tables(db: Any, tables: list[str]) -> list[str]:
+    """The listed tables (schema.table, already validated identifiers) that do not exist on db. Catalog only:
+    no lock is taken, so a table another session holds locked is found, not waited for."""
+    with connect(db) as conn, sql_errors(db, "table lookup"):
+        return [
+            t
+            for t in tables
+            if conn.execute(
+                "select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = %s and "
+                "c.relname = %s and c.relkind in ('r', 'p', 'm')",
+                _split_table(t),
+            ).fetchone()
+            is None
+        ]
+
+
+def dead_tuple_candidates(db: Any, min_dead_tuples: int, dead_ratio: float, limit: int) -> list[tuple[str, str]]:
+    """(schema.table, why) of the tables with at least `min_dead_tuples` dead tuples making up at least
+    `dead_ratio` of the rows, worst first. The statistics are the collector's: a table just bloated may need a
+    moment to show up."""
+    with connect(db) as conn, sql_errors(db, "table selection"):
+        rows = conn.execute(
+            """
+            select schemaname, relname, n_dead_tup, n_live_tup,
+                   n_dead_tup::float8 / greatest(n_dead_tup + n_live_tup, 1) as ratio
+              from pg_stat_user_tables
+             where n_dead_tup >= %s and n_dead_tup::float8 / greatest(n_dead_tup + n_live_tup, 1) >= %s
+             order by n_dead_tup desc, schemaname, relname
+             limit %s
+            """,
+            (min_dead_tuples, dead_ratio, limit),
+        ).fetchall()
+    return [
+        (f"{s}.{t}", f"{dead} dead tuples, {ratio:.0%} of its rows (thresholds: {min_dead_tuples}, {dead_ratio:.0%})")
+        for s, t, dead, live, ratio in rows
+    ]
+
+
+def replication_lag_bytes(db: Any) -> dict[str, int]:
+    """Bytes each streaming replica of the primary `db` has still to replay (pg_stat_replication)."""
+    with connect(db) as conn, sql_errors(db, "replication lag"):
+        rows = conn.execute(
+            "select application_name, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint "
+            "from pg_stat_replication"
+        ).fetchall()
+    return {name: int(lag) for name, lag in rows}
+
+
+def _maintenance_statement(item: Any) -> sql.Composable:
+    if item.kind == "sql":
+        return sql.SQL(item.sql)  # a named statement from the inventory, written by its operators
+    table = _ident(item.table)
+    return {
+        "vacuum": sql.SQL("VACUUM {}"),
+        "analyze": sql.SQL("ANALYZE {}"),
+        "vacuum-analyze": sql.SQL("VACUUM (ANALYZE) {}"),
+        "reindex": sql.SQL("REINDEX TABLE CONCURRENTLY {}"),
+    }[item.kind].format(table)
+
+
+def _drop_invalid_ccnew(conn: psycopg.Connection, table: str) -> list[str]:
+    """Drop the invalid `_ccnew` indexes an interrupted REINDEX CONCURRENTLY left on the table."""
+    schema, name = _split_table(table)
+    dropped = []
+    for (index,) in conn.execute(
+        """
+        select ic.relname from pg_index i join pg_class ic on ic.oid = i.indexrelid
+          join pg_class c on c.oid = i.indrelid join pg_namespace n on n.oid = c.relnamespace
+         where n.nspname = %s and c.relname = %s and not i.indisvalid and ic.relname ~ %s
+        """,
+        (schema, name, f"{CCNEW}[0-9]*$"),
+    ).fetchall():
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, index)))
+        dropped.append(f"{schema}.{index}")
+    return dropped
+
+
+def _progress(conn: psycopg.Connection, pid: int) -> tuple[str, bool]:
+    """(a progress line, whether the statement is waiting on a lock) for backend `pid`."""
+    row = conn.execute(
+        """
+        select a.wait_event_type = 'Lock',
+               (select format('%%s: %%s/%%s heap blocks scanned, %%s vacuumed, %%s dead tuples', v.phase,
+                              v.heap_blks_scanned, v.heap_blks_total, v.heap_blks_vacuumed, v.num_dead_tuples)
+                  from pg_stat_progress_vacuum v where v.pid = a.pid),
+               (select format('%%s: %%s/%%s blocks, %%s/%%s tuples', p.phase, p.blocks_done, p.blocks_total,
+                              p.tuples_done, p.tuples_total)
+                  from pg_stat_progress_create_index p where p.pid = a.pid),
+               (select format('%%s: %%s/%%s sample blocks', p.phase, p.sample_blks_scanned, p.sample_blks_total)
+                  from pg_stat_progress_analyze p where p.pid = a.pid),
+               a.wait_event_type, a.wait_event
+          from pg_stat_activity a where a.pid = %s
+        """,
+        (pid,),
+    ).fetchone()
+    if row is None:
+        return "", False
+    waiting, vacuum, index, analyze, wtype, wevent = row
+    line = vacuum or index or analyze or (f"waiting: {wtype}/{wevent}" if wtype else "running")
+    return line, bool(waiting)
+
+
+def run_maintenance(
+    db: Any, item: Any, guards: Any, *, cancel_at: datetime | None = None, poll: float = MAINTENANCE_POLL
+) -> Any:
+    """Run one work item (VACUUM/ANALYZE/REINDEX CONCURRENTLY of a table, or a named sql statement) with the
+    guards, and return its ItemResult with the table's statistics before and after.
+
+    A lock wait beyond lock_timeout gives outcome "lock-timeout", a statement beyond statement_timeout
+    "statement-timeout", the cutoff (cancel_at) "cancelled-at-cutoff": the caller decides whether to retry. A
+    cancelled activity cancels the statement (pg_cancel_backend), waits for it to end, then raises."""
+    started = time.monotonic()
+    result = ItemResult(
+        key=item.key, kind=item.kind, table=item.table, name=item.name, outcome="done", reason=item.reason
+    )
+    work = connect(db)
+    watch = connect(db)
+    try:
+        with sql_errors(db, f"maintenance {item.key}"):
+            for session in (work, watch):  # the sizes in the statistics need a lock on the table too
+                session.execute(
+                    "select set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
+                    (timeout_ms(guards.lock_timeout), timeout_ms(guards.statement_timeout)),
+                )
+            if item.table:
+                try:
+                    result.before = table_stats(watch, item.table)
+                except pgerrors.LockNotAvailable:
+                    result.outcome, result.detail = "lock-timeout", f"lock not granted within {guards.lock_timeout:g}s"
+                    result.seconds = time.monotonic() - started
+                    return result
+                if result.before is None:
+                    raise bad_input(f"table {item.table} does not exist on {where(db)}")
+            if item.kind == "reindex":
+                result.dropped_invalid = _drop_invalid_ccnew(work, item.table)
+            pid = work.info.backend_pid
+        failure: list[BaseException] = []
+
+        def execute() -> None:
+            try:
+                work.execute(_maintenance_statement(item))
+            except BaseException as e:  # reported by the watching loop
+                failure.append(e)
+
+        runner = threading.Thread(target=execute, name=f"maintenance {item.key}", daemon=True)
+        runner.start()
+        cancelled_by: str | None = None
+        last_sample = time.monotonic()
+        try:
+            while runner.is_alive():
+                runner.join(poll)
+                now = time.monotonic()
+                try:
+                    line, waiting = _progress(watch, pid)
+                except psycopg.Error:
+                    line, waiting = "", False
+                if waiting:
+                    result.lock_wait_seconds += now - last_sample
+                last_sample = now
+                _heartbeat({"item": item.key, "progress": line, "seconds": round(now - started, 1)})
+                if activity.in_activity() and activity.is_cancelled():
+                    raise CancelledError("activity cancelled")
+                if cancel_at is not None and cancelled_by is None and datetime.now(timezone.utc) >= cancel_at:
+                    cancelled_by = "cutoff"
+                    watch.execute("select pg_cancel_backend(%s)", (pid,))
+        except (CancelledError, KeyboardInterrupt):
+            # Abort: stop the statement, wait for it to end, leave no invalid index behind, then report it.
+            watch.execute("select pg_cancel_backend(%s)", (pid,))
+            runner.join(60)
+            if item.kind == "reindex" and item.table:
+                _drop_invalid_ccnew(watch, item.table)
+            raise
+        result.seconds = time.monotonic() - started
+        if failure:
+            e = failure[0]
+            if isinstance(e, pgerrors.LockNotAvailable):
+                result.outcome, result.detail = "lock-timeout", f"lock not granted within {guards.lock_timeout:g}s"
+            elif isinstance(e, pgerrors.QueryCanceled):
+                if cancelled_by == "cutoff":
+                    result.outcome, result.detail = (
+                        "cancelled-at-cutoff",
+                        "cancelled at the window's cutoff (pg_cancel_backend)",
+                    )
+                else:
+                    result.outcome, result.detail = (
+                        "statement-timeout",
+                        f"statement ran over {guards.statement_timeout:g}s",
+                    )
+            elif isinstance(e, psycopg.Error) and is_name_error(e) and item.kind == "sql":
+                raise bad_input(f"sql task {item.name!r}: {error_line(e)}")
+            elif isinstance(e, psycopg.OperationalError):
+                raise ApplicationError(
+                    f"maintenance {item.key} on {where(db)}: {redact(e, None)}", type="DatabaseUnreachable"
+                )
+            else:
+                raise ApplicationError(
+                    f"maintenance {item.key} on {where(db)}: {error_line(e) if isinstance(e, psycopg.Error) else e}",
+                    type="DatabaseError",
+                )
+            if item.kind == "reindex" and item.table:
+                result.dropped_invalid += _drop_invalid_ccnew(watch, item.table)
+        if item.table and result.outcome != "lock-timeout":
+            with sql_errors(db, f"statistics of {item.table}"):
+                if item.kind in ("vacuum", "vacuum-analyze") and result.outcome == "done":
+                    # the statistics collector reports a VACUUM's effect asynchronously; wait until it shows
+                    deadline = time.monotonic() + 10
+                    while True:
+                        after = table_stats(watch, item.table)
+                        if (
+                            after.last_vacuum != (result.before.last_vacuum if result.before else None)
+                            or time.monotonic() > deadline
+                        ):
+                            break
+                        time.sleep(0.1)
+                    result.after = after
+                else:
+                    result.after = table_stats(watch, item.table)
+        return result
+    finally:
+        for c in (work, watch):
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
