@@ -65,7 +65,7 @@ def version_of(image: str) -> str:
     return last.rsplit(":", 1)[-1] if ":" in last else "latest"
 
 
-class Rollout(Procedure):
+class Rollout(Procedure[RolloutReport]):
     """What canary and blue-green share: preflight, approvals, analysis, the promote/rollback/override Updates."""
 
     notify_on_stop = False  # finalize() tells the channels, rolled back or not
@@ -90,7 +90,6 @@ class Rollout(Procedure):
     # -- preflight ---------------------------------------------------------------------------------------
     async def preflight(self) -> RolloutState:
         inp, inv, report = self.inp, self.inp.inventory, self.report
-        assert isinstance(report, RolloutReport)
         if inv.rollout is None:
             raise Stop("refused", "the inventory has no rollout: section")
         self.policy = inv.rollout
@@ -190,7 +189,6 @@ class Rollout(Procedure):
     ) -> StepAnalysis | None:
         """Wait `seconds`, looking at the figures every interval: a broken limit fails fast (returns that analysis).
         A `promote` ends the bake early (returns None, as does a bake with nothing wrong)."""
-        assert isinstance(self.report, RolloutReport)
         await self.boundary()
         record = self.begin_step(name, title)
         interval = max(self.policy.analysis.interval, 1.0)
@@ -246,7 +244,6 @@ class Rollout(Procedure):
     async def judge(
         self, name: str, weight: int, canary: str, baseline: str, baseline_image: str, start, baseline_window=None
     ) -> StepAnalysis:
-        assert isinstance(self.report, RolloutReport)
         await self.boundary()
         record = self.begin_step(name, f"Judge the canary at {weight} %")
         got = await self.samples(canary, baseline, start, workflow.now(), baseline_image, baseline_window)
@@ -296,7 +293,6 @@ class Rollout(Procedure):
 
     async def finalize(self) -> None:
         report = self.report
-        assert isinstance(report, RolloutReport)
         if report.status not in ("succeeded", "planned") and any(s.outcome == "compensated" for s in report.steps):
             report.rolled_back = True
             report.rollback_reason = report.rollback_reason or report.failure
@@ -312,7 +308,6 @@ class Rollout(Procedure):
     def promote(self, req: Request) -> str:
         self.promote_request = self.event("promote-full" if req.full else "promote", req, signed_as="promote")
         self.promote_full = self.promote_full or req.full
-        assert isinstance(self.report, RolloutReport)
         self.report.promoted_by.append(self.promote_request)
         return "promoting straight to 100 %" if req.full else "going on to the next step now"
 
@@ -343,7 +338,6 @@ class Rollout(Procedure):
         return self.rollout_policy()
 
     def overridden(self, event: ControlEvent) -> str:
-        assert isinstance(self.report, RolloutReport)
         self.report.overrides.append(event)
         return "overridden: the rollout goes on outside its window"
 
@@ -382,12 +376,11 @@ class CanaryWorkflow(Rollout):
 
     @workflow.run
     async def run(self, inp: RolloutInput) -> RolloutReport:
-        return await self.conclude(inp, self.canary)  # type: ignore[return-value]
+        return await self.conclude(inp, self.canary)
 
     async def canary(self, inp: RolloutInput) -> None:
         self.inp = inp
         inp, report = self.inp, self.report
-        assert isinstance(report, RolloutReport)
         state = await self.preflight()
         steps = inp.steps or self.policy.steps
         steps = steps if steps[-1] == 100 else [*steps, 100]
@@ -506,12 +499,11 @@ class BlueGreenWorkflow(Rollout):
 
     @workflow.run
     async def run(self, inp: RolloutInput) -> RolloutReport:
-        return await self.conclude(inp, self.bluegreen)  # type: ignore[return-value]
+        return await self.conclude(inp, self.bluegreen)
 
     async def bluegreen(self, inp: RolloutInput) -> None:
         self.inp = inp
         inp, report = self.inp, self.report
-        assert isinstance(report, RolloutReport)
         state = await self.preflight()
         active = state.active or self.app.deployment
         other = self.app.deployment if active != self.app.deployment else f"{self.app.deployment}-green"

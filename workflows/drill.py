@@ -60,7 +60,7 @@ def declare(inp: DrillInput, source: str, method: str, name: str, point: datetim
 
 
 @workflow.defn(name="drill")
-class DrillWorkflow(Procedure):
+class DrillWorkflow(Procedure[DrillReport]):
     notify_on_stop = False  # finalize() sends the one-line summary, success or not
 
     @workflow.init
@@ -69,11 +69,10 @@ class DrillWorkflow(Procedure):
 
     @workflow.run
     async def run(self, inp: DrillInput) -> DrillReport:
-        return await self.conclude(inp, self.drill)  # type: ignore[return-value]
+        return await self.conclude(inp, self.drill)
 
     async def drill(self, inp: DrillInput) -> None:
         inv, report, policy = inp.inventory, self.report, inp.inventory.drill
-        assert isinstance(report, DrillReport)
         source = inp.source_region or await self.current_primary()
         if source not in inv.regions:
             raise Stop("refused", f"unknown region {source!r}; the inventory has: {', '.join(inv.regions)}")
@@ -193,7 +192,6 @@ class DrillWorkflow(Procedure):
     async def finalize(self) -> None:
         """Keep the evidence: the report as JSON and Markdown, locally and in S3; then one line to the channels."""
         report, inv = self.report, self.inventory
-        assert isinstance(report, DrillReport)
         if inv is None:  # refused before the worker's rules were taken: nothing ran, nothing to keep
             return
         if report.dry_run:

@@ -65,18 +65,17 @@ def declare(inp: FailbackInput, primary: str) -> list[StepDecl]:
 
 
 @workflow.defn(name="failback")
-class FailbackWorkflow(Procedure):
+class FailbackWorkflow(Procedure[FailbackReport]):
     @workflow.init
     def __init__(self, inp: FailbackInput) -> None:
         super().__init__(inp.inventory, FailbackReport.of(inp, to_region=inp.to_region))
 
     @workflow.run
     async def run(self, inp: FailbackInput) -> FailbackReport:
-        return await self.conclude(inp, self.failback)  # type: ignore[return-value]
+        return await self.conclude(inp, self.failback)
 
     async def failback(self, inp: FailbackInput) -> None:
         inv, to, report = inp.inventory, inp.to_region, self.report
-        assert isinstance(report, FailbackReport)
         if to not in inv.regions:
             raise Stop("refused", f"unknown region {to!r}; the inventory has: {', '.join(inv.regions)}")
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
@@ -229,7 +228,6 @@ class FailbackWorkflow(Procedure):
             f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} --as NAME)",
             opens - workflow.now(),
         )
-        assert isinstance(self.report, FailbackReport)
         self.report.window_opened_at = workflow.now()
         self.end_step(record, "ok", f"overridden by {self.window_override.by}" if self.window_override else "window open")
         await self.boundary()

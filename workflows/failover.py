@@ -100,7 +100,7 @@ def declare(inp: FailoverInput, source: str) -> list[StepDecl]:
 
 
 @workflow.defn(name="failover")
-class FailoverWorkflow(Procedure):
+class FailoverWorkflow(Procedure[FailoverReport]):
     @workflow.init
     def __init__(self, inp: FailoverInput) -> None:
         report = FailoverReport.of(inp, emergency=inp.emergency, to_region=inp.to_region, preempted=inp.preempted)
@@ -108,7 +108,7 @@ class FailoverWorkflow(Procedure):
 
     @workflow.run
     async def run(self, inp: FailoverInput) -> FailoverReport:
-        return await self.conclude(inp, self.failover)  # type: ignore[return-value]
+        return await self.conclude(inp, self.failover)
 
     # A failback runs its failover back as a child `<its id>-failover`, handing over the approval it holds.
     def expected_workflow_ids(self) -> list[str]:
@@ -141,7 +141,6 @@ class FailoverWorkflow(Procedure):
 
     async def failover(self, inp: FailoverInput) -> None:
         inv, to, report = inp.inventory, inp.to_region, self.report
-        assert isinstance(report, FailoverReport)
         if to not in inv.regions:
             raise Stop("refused", f"unknown region {to!r}; the inventory has: {', '.join(inv.regions)}")
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
@@ -204,7 +203,6 @@ class FailoverWorkflow(Procedure):
 
     async def planned(self, inp: FailoverInput, source: str) -> None:
         inv, to, report = inp.inventory, inp.to_region, self.report
-        assert isinstance(report, FailoverReport)
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
         old, old_q = RegionTarget.of(inv, source), inv.region_queue(source)
 
@@ -261,7 +259,6 @@ class FailoverWorkflow(Procedure):
 
     async def emergency(self, inp: FailoverInput, source: str, new: DbStatus, old: DbStatus) -> None:
         inv, to, report = inp.inventory, inp.to_region, self.report
-        assert isinstance(report, FailoverReport)
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
         since = workflow.now()
         if inv.approval.emergency_requires_approval:
@@ -296,7 +293,6 @@ class FailoverWorkflow(Procedure):
             attempts=5,
             detail=lambda p: "already primary" if p.already_primary else f"promoted in {p.seconds:.2f}s, timeline {p.timeline}",
         )
-        assert isinstance(self.report, FailoverReport)
         self.report.promotion_seconds = result.seconds
         return result
 
@@ -331,7 +327,6 @@ class FailoverWorkflow(Procedure):
     async def forward(self, inp: FailoverInput, source: str, critical: list, since) -> None:
         """Past the point of no return: run to the end; a failure lists what a person must still do."""
         inv, to, report = inp.inventory, inp.to_region, self.report
-        assert isinstance(report, FailoverReport)
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
         traffic = TrafficRequest.of(inv, to)
         heartbeat = inv.failover.heartbeat_timeout

@@ -133,7 +133,7 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
 
 
 @workflow.defn(name="maintenance")
-class MaintenanceWorkflow(Procedure):
+class MaintenanceWorkflow(Procedure[MaintenanceReport]):
     @workflow.init
     def __init__(self, inp: MaintenanceInput) -> None:
         super().__init__(inp.inventory, MaintenanceReport.of(inp, region=inp.region))
@@ -141,14 +141,9 @@ class MaintenanceWorkflow(Procedure):
         self.incident: str | None = None
         self.items_left: list[WorkItem] = []
 
-    @property
-    def mreport(self) -> MaintenanceReport:
-        assert isinstance(self.report, MaintenanceReport)
-        return self.report
-
     @workflow.run
     async def run(self, inp: MaintenanceInput) -> MaintenanceReport:
-        return await self.conclude(inp, self.body)  # type: ignore[return-value]
+        return await self.conclude(inp, self.body)
 
     def check_child(self, parent, received=None) -> None:
         # A fleet (checked at its own start) runs one maintenance per environment as its children.
@@ -156,7 +151,7 @@ class MaintenanceWorkflow(Procedure):
             super().check_child(parent, received)
 
     async def body(self, inp: MaintenanceInput) -> None:
-        inv, report = inp.inventory, self.mreport
+        inv, report = inp.inventory, self.report
         policy = inv.maintenance
         if policy is None:
             raise Stop("refused", f"the inventory of {inv.environment} has no maintenance: section")
@@ -312,7 +307,7 @@ class MaintenanceWorkflow(Procedure):
         opens = self.calendar.next_opening(workflow.now())
         if opens is None:
             self.in_window = True
-            self.mreport.window_opened_at = workflow.now()
+            self.report.window_opened_at = workflow.now()
             return
         record = self.begin_step("window", "Wait for the maintenance window")
         await self.wait_for_override(
@@ -322,11 +317,11 @@ class MaintenanceWorkflow(Procedure):
         self.report.waiting_for = None
         await self.boundary()
         self.in_window = self.window_override is None or self.calendar.is_open(workflow.now())
-        self.mreport.window_opened_at = workflow.now()
+        self.report.window_opened_at = workflow.now()
         self.end_step(record, "ok", f"overridden by {self.window_override.by}" if self.window_override else "window open")
 
     def overridden(self, event: ControlEvent) -> str:
-        self.mreport.override = event
+        self.report.override = event
         return "the window wait is overridden: the maintenance starts now (no cutoff applies outside the window)"
 
     @workflow.signal
@@ -351,7 +346,7 @@ class MaintenanceWorkflow(Procedure):
     async def run_items(self) -> None:
         """Each item under the guards, `parallel` at once; a table whose lock was not granted is tried again
         after the others (lock_retries times), then skipped. At the cutoff no new item starts."""
-        guards, report = self.policy.guards, self.mreport
+        guards, report = self.policy.guards, self.report
         tries: dict[str, int] = {}
         for attempt in range(guards.lock_retries + 1):
             todo = [i for i in self.items_left]
@@ -456,7 +451,7 @@ class MaintenanceWorkflow(Procedure):
             self.end_step(record, "failed", failure_message(err))
 
     def summary(self) -> str:
-        r = self.mreport
+        r = self.report
         done = [i for i in r.items if i.outcome == "done"]
         dead = sum((i.before.n_dead_tup - i.after.n_dead_tup) for i in done if i.before and i.after)
         text = f"Maintenance of {r.environment} ({r.region}): {len(done)} item(s) done, {dead} dead tuples removed"
@@ -471,7 +466,7 @@ class MaintenanceWorkflow(Procedure):
         return text
 
     async def finalize(self) -> None:
-        r = self.mreport
+        r = self.report
         status, step = r.status, r.current_step  # recording the status page step below must not change how it ended
         r.done = [f"{i.key}: {i.outcome}" for i in r.items]
         r.not_done = [f"{d.key}: {d.reason}" for d in r.deferred + r.skipped]
@@ -516,7 +511,7 @@ class FleetInput(BaseModel):
 
 
 @workflow.defn(name="maintenance-fleet")
-class MaintenanceFleetWorkflow(Procedure):
+class MaintenanceFleetWorkflow(Procedure[FleetReport]):
     """One maintenance per environment as child workflows `opsflow-<env>` (each environment's lock holds), at
     most max_concurrency at once; after max_errors failures no new one starts. Each child keeps its own gates
     (approval, override): its approvers answer it by its id. An abort is passed down to the running children
@@ -541,7 +536,7 @@ class MaintenanceFleetWorkflow(Procedure):
 
     @workflow.run
     async def run(self, inp: FleetInput) -> FleetReport:
-        return await self.conclude(inp, self.body)  # type: ignore[return-value]
+        return await self.conclude(inp, self.body)
 
     # Every member's rules from the worker, checked against what the requester saw, before any child starts.
     def rules_wanted(self, inp: FleetInput) -> dict[str, InventoryDigest | None]:  # type: ignore[override]
@@ -556,7 +551,6 @@ class MaintenanceFleetWorkflow(Procedure):
 
     async def body(self, inp: FleetInput) -> None:
         report = self.report
-        assert isinstance(report, FleetReport)
         self.declare(
             [
                 StepDecl(f"env:{i.environment}", f"maintenance of {i.environment} (child workflow opsflow-{i.environment})")
