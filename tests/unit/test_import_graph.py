@@ -91,3 +91,69 @@ def test_the_production_image_does_not_need_the_lab():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY lab" not in dockerfile
     assert not list(ROOT.glob("*.whl")), "no wheels committed at the repository root"
+
+
+PRODUCTION = ("opsflow", "activities", "workflows", "worker", "starters", "lab")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_level_imports(path: Path, known: set[str]) -> set[str]:
+    """The project modules `path` imports when it is imported: statements at module level (also inside a
+    module-level `with`/`try`/`if`), not those inside functions, which run later."""
+    found: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    found.add(sub if sub in known else node.module)
+            elif isinstance(node, (ast.With, ast.If, ast.Try)):
+                for block in ("body", "orelse", "finalbody", "handlers"):
+                    for child in getattr(node, block, []):
+                        visit(child.body if isinstance(child, ast.ExceptHandler) else [child])
+
+    visit(ast.parse(path.read_text(), filename=str(path)).body)
+    return {m for m in found if m in known}
+
+
+def test_no_import_circle_among_production_modules():
+    """A module-level import circle works only by the order modules happen to be imported in (and bottom-of-file
+    imports or `model_rebuild` blocks to close it): issue 19 took them all out; this keeps them out."""
+    paths = {module_name(p): p for package in PRODUCTION for p in modules(package)}
+    known = set(paths)
+    edges = {m: module_level_imports(p, known) - {m} for m, p in paths.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def strongly_connected(v: str) -> None:  # Tarjan
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                strongly_connected(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for m in sorted(edges):
+        if m not in index:
+            strongly_connected(m)
+    assert not circles, "modules on an import circle: " + "; ".join(" ↔ ".join(c) for c in circles)
