@@ -105,11 +105,20 @@ class Procedure(Steps, Gates, Controls, Rules, Display, Generic[Rep]):
                                                     reason="cancelled through Temporal, unsigned")
                 self.report.events.append(self.abort_requested)
             return
-        self.report.events.append(ControlEvent(action="cancel-refused", by="temporal", at=now,
-                                               reason="cancelled through Temporal past the point of no return: going forward"))
+        self.report.events.append(
+            ControlEvent(
+                action="cancel-refused",
+                by="temporal",
+                at=now,
+                reason="cancelled through Temporal past the point of no return: going forward",
+            )
+        )
         self.show()
-        await self.notify(f"{self.report.procedure} of {self.report.environment}: a Temporal cancel arrived past the point "
-                          "of no return; the procedure goes forward to a consistent state", severity="warning")
+        await self.notify(
+            f"{self.report.procedure} of {self.report.environment}: a Temporal cancel arrived past the point "
+            "of no return; the procedure goes forward to a consistent state",
+            severity="warning",
+        )
 
     async def _run_body(self, inp: Any, body: Callable[[Any], Awaitable[None]]) -> Rep:
         try:
@@ -146,6 +155,10 @@ class Procedure(Steps, Gates, Controls, Rules, Display, Generic[Rep]):
         await self.finalize()
         self.show()
         if self.notify_on_stop:
-            await self.notify(f"{self.report.procedure} {status}: {reason}", severity="critical" if status == "failed" else "warning")
+            await self.notify(
+                f"{self.report.procedure} {status}: {reason}", severity="critical" if status == "failed" else "warning"
+            )
         await workflow.wait_condition(workflow.all_handlers_finished)  # a pause's notification, say, still in flight
-        raise ApplicationError(f"{self.report.procedure} {status}: {reason}", self.report, type=status.capitalize(), non_retryable=True)
+        raise ApplicationError(
+            f"{self.report.procedure} {status}: {reason}", self.report, type=status.capitalize(), non_retryable=True
+        )

@@ -55,7 +55,10 @@ class ScheduledLaunch:
                 task_queue=inp.task_queue,
                 static_summary=inp.summary or None,
                 search_attributes=TypedSearchAttributes(
-                    [SearchAttributePair(OPS_PROCEDURE, inp.procedure), SearchAttributePair(OPS_ENVIRONMENT, inp.environment)]
+                    [
+                        SearchAttributePair(OPS_PROCEDURE, inp.procedure),
+                        SearchAttributePair(OPS_ENVIRONMENT, inp.environment),
+                    ]
                 ),
                 run_timeout=None,
                 execution_timeout=None,
@@ -73,5 +76,8 @@ class ScheduledLaunch:
             cause = err.cause
             details = cause.details if isinstance(cause, ApplicationError) else ()
             raise ApplicationError(
-                f"{inp.procedure} on {inp.environment} did not succeed: {cause}", *details, type="ProcedureFailed", non_retryable=True
+                f"{inp.procedure} on {inp.environment} did not succeed: {cause}",
+                *details,
+                type="ProcedureFailed",
+                non_retryable=True,
             ) from None

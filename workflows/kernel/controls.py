@@ -27,7 +27,14 @@ class Controls:
 
     def event(self, action: str, req: Request, signed_as: str | None = None) -> ControlEvent:
         self.remember_signed(req, signed_as or action, None)
-        e = ControlEvent(action=action, by=req.by, at=workflow.now(), reason=req.reason, signature=req.signature, signed_at=req.signed_at)
+        e = ControlEvent(
+            action=action,
+            by=req.by,
+            at=workflow.now(),
+            reason=req.reason,
+            signature=req.signature,
+            signed_at=req.signed_at,
+        )
         self.report.events.append(e)
         return e
 
@@ -37,7 +44,8 @@ class Controls:
         self.event("pause", req)
         if self.writes_down:
             await self.notify(
-                f"{self.report.procedure} of {self.inventory.environment} PAUSED by {req.by} while WRITES ARE DOWN: {self.writes_down}",
+                f"{self.report.procedure} of {self.inventory.environment} PAUSED by {req.by} "
+                f"while WRITES ARE DOWN: {self.writes_down}",
                 severity="critical",
             )
             return f"paused — WRITES ARE DOWN while paused: {self.writes_down}; resume or abort soon"
@@ -92,7 +100,8 @@ class Controls:
         self.awaiting_override = True
         self.show()
         try:
-            await workflow.wait_condition(lambda: self.window_override is not None or self.abort_requested is not None, timeout=timeout)
+            await workflow.wait_condition(
+                lambda: self.window_override is not None or self.abort_requested is not None, timeout=timeout)
         except asyncio.TimeoutError:
             pass
         finally:
@@ -109,7 +118,8 @@ class Controls:
         self.check_rules_taken()
         policy = self.override_policy()
         if req.by not in policy.names():
-            raise ApplicationError(f"{req.by!r} may not override; approvers: {', '.join(policy.names())}", type="NotAllowed")
+            raise ApplicationError(f"{req.by!r} may not override; approvers: {', '.join(policy.names())}",
+                                   type="NotAllowed")
         if self.override_needs_reason and not req.reason.strip():
             raise ApplicationError("an override needs a reason (--reason)", type="BadInput")
         if not self.awaiting_override or self.window_override is not None:

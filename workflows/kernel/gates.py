@@ -65,7 +65,11 @@ class GateState:
 
     def eligible(self) -> list[str]:
         taken = {d.by for d in self.decisions}
-        return [n for n in self.policy.names() if n not in taken and not (self.policy.require_distinct_approver and n == self.requester)]
+        return [
+            n
+            for n in self.policy.names()
+            if n not in taken and not (self.policy.require_distinct_approver and n == self.requester)
+        ]
 
 
 class Gates:
@@ -90,11 +94,17 @@ class Gates:
             await workflow.wait_condition(decided, timeout=timedelta(seconds=policy.timeout))
         except asyncio.TimeoutError:
             channels = [policy.escalation_channel] if policy.escalation_channel else []
-            await self.notify(f"ESCALATION: nobody approved '{what}' within {policy.timeout:.0f}s", severity="critical", channels=channels)
+            await self.notify(
+                f"ESCALATION: nobody approved '{what}' within {policy.timeout:.0f}s",
+                severity="critical",
+                channels=channels,
+            )
             if policy.on_timeout == "abort":
                 gate.open = False
                 self.end_step(record, "failed", "no approval by the deadline")
-                raise Stop("aborted", f"no approval within {policy.timeout:.0f}s; escalated and aborted with nothing changed") from None
+                raise Stop(
+                    "aborted", f"no approval within {policy.timeout:.0f}s; escalated and aborted with nothing changed"
+                ) from None
             self.report.waiting_for += " (escalated)"
             self.show()
             await workflow.wait_condition(decided)
@@ -113,7 +123,9 @@ class Gates:
             raise Stop("aborted", f"rejected by {last.by}: {last.reason}")
         return gate.approvals()
 
-    async def approval_gate(self, what: str, gate_id: str = "approval", policy: ApprovalPolicy | None = None) -> Decision:
+    async def approval_gate(
+        self, what: str, gate_id: str = "approval", policy: ApprovalPolicy | None = None
+    ) -> Decision:
         """The usual single gate: returns the decision that completed the quorum."""
         return (await self.gate(gate_id, what, policy=policy))[-1]
 
@@ -122,7 +134,9 @@ class Gates:
         need = gate.missing() if gate.decisions else None
         who = ", ".join(gate.eligible()) or "nobody eligible"
         roles = f" (roles needed: {', '.join(gate.policy.require)})" if gate.policy.require else ""
-        return f"approval by one of {who}{roles}: opsflow approve {wid} --as NAME" + (f" — still needs {need}" if need else "")
+        return f"approval by one of {who}{roles}: opsflow approve {wid} --as NAME" + (
+            f" — still needs {need}" if need else ""
+        )
 
     def open_gate(self, req: Request) -> GateState:
         """The gate a request answers: the one it names, else the single open one."""
@@ -134,29 +148,39 @@ class Gates:
                 raise ApplicationError(f"gate {req.gate!r} is not open (open gates: {names})", type="NotWaiting")
             return gate
         if not open_gates:
-            raise ApplicationError(f"nothing is waiting for approval (current step: {self.report.current_step})", type="NotWaiting")
+            raise ApplicationError(
+                f"nothing is waiting for approval (current step: {self.report.current_step})", type="NotWaiting"
+            )
         if len(open_gates) > 1:
-            raise ApplicationError(f"several gates are open ({', '.join(g.id for g in open_gates)}): name one with --gate", type="BadInput")
+            raise ApplicationError(
+                f"several gates are open ({', '.join(g.id for g in open_gates)}): name one with --gate", type="BadInput"
+            )
         return open_gates[0]
 
     def check_approver(self, req: Request, gate: GateState, action: str) -> None:
         policy = gate.policy
         if req.by not in policy.names():
             raise ApplicationError(
-                f"{req.by!r} may not approve in {self.inventory.environment}; approvers: {', '.join(policy.names())}", type="NotAllowed"
+                f"{req.by!r} may not approve in {self.inventory.environment}; approvers: {', '.join(policy.names())}",
+                type="NotAllowed",
             )
         if policy.require_distinct_approver and req.by == self.report.requester:
             raise ApplicationError(
-                f"{req.by!r} requested this procedure and may not approve it (a distinct approver is required)", type="NotAllowed"
+                f"{req.by!r} requested this procedure and may not approve it (a distinct approver is required)",
+                type="NotAllowed",
             )
         if any(d.by == req.by for d in gate.decisions):
-            raise ApplicationError(f"{req.by!r} has already answered gate {gate.id!r}; another person is needed", type="NotAllowed")
+            raise ApplicationError(
+                f"{req.by!r} has already answered gate {gate.id!r}; another person is needed", type="NotAllowed"
+            )
         self.verify_request(req, action, gate.id, policy)
 
     def check_operator(self, req: Request, action: str) -> None:
         self.check_rules_taken()
         if req.by not in self.inventory.approval.names() and req.by != self.report.requester:
-            raise ApplicationError(f"{req.by!r} may not control this procedure; only the requester or an approver", type="NotAllowed")
+            raise ApplicationError(
+                f"{req.by!r} may not control this procedure; only the requester or an approver", type="NotAllowed"
+            )
         self.verify_request(req, action, None, self.inventory.approval)
 
     def verify_request(self, req: Request, action: str, gate_id: str | None, policy: ApprovalPolicy) -> None:

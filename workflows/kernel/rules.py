@@ -25,9 +25,13 @@ class Rules:
 
     def check_rules_taken(self) -> None:
         if not self.rules_taken:
-            raise ApplicationError("the procedure is still taking its rules from the worker; try again in a moment", type="NotWaiting")
+            raise ApplicationError(
+                "the procedure is still taking its rules from the worker; try again in a moment", type="NotWaiting"
+            )
 
-    async def fetch_rules(self, wanted: dict[str, InventoryDigest | None], nonce: str | None = None) -> dict[str, Inventory]:
+    async def fetch_rules(
+        self, wanted: dict[str, InventoryDigest | None], nonce: str | None = None
+    ) -> dict[str, Inventory]:
         """The worker's inventories for `wanted` (environment -> the digest the requester saw), recorded in the
         history; a refusal (a digest that differs, an environment the worker does not hold, a start signature
         already used) stops the run before anything changed."""
@@ -83,8 +87,11 @@ class Rules:
         info = workflow.info()
         self.report.run_id = info.run_id
         if self.worker_rules and info.workflow_id not in self.expected_workflow_ids():
-            raise Stop("refused", f"a {self.report.procedure} of {self.inventory.environment} runs as "
-                                  f"{' or '.join(self.expected_workflow_ids())} (the environment's lock), not {info.workflow_id}")
+            raise Stop(
+                "refused",
+                f"a {self.report.procedure} of {self.inventory.environment} runs as "
+                f"{' or '.join(self.expected_workflow_ids())} (the environment's lock), not {info.workflow_id}",
+            )
         if info.parent is not None:
             if self.worker_rules:
                 self.check_child(info.parent, received)
@@ -115,9 +122,15 @@ class Rules:
             raise Stop("refused", f"a {self.report.procedure} is not started as the child of another workflow "
                                   f"({parent.workflow_id}); start it with opsflow")
         try:
-            signed = signing.check_schedule(self.inventory, procedure=self.report.procedure, record=record,
-                                            parent_workflow_id=parent.workflow_id, dry_run=self.report.dry_run,
-                                            input_sha256=input_digest(received, START_UNSIGNED), schedulable=SCHEDULABLE)
+            signed = signing.check_schedule(
+                self.inventory,
+                procedure=self.report.procedure,
+                record=record,
+                parent_workflow_id=parent.workflow_id,
+                dry_run=self.report.dry_run,
+                input_sha256=input_digest(received, START_UNSIGNED),
+                schedulable=SCHEDULABLE,
+            )
         except ValueError as e:
             raise Stop("refused", str(e)) from None
         self.report.scheduled_by, self.report.schedule_id = record.get("by"), record.get("schedule_id")

@@ -121,7 +121,8 @@ class Steps:
                 if not_started(err):
                     if await self._worker_busy(queue or self.inventory.task_queue, record):
                         continue
-                    message = f"no worker serves {queue or self.inventory.task_queue} (waited {self.inventory.limits.worker_wait:.0f}s)"
+                    waited = self.inventory.limits.worker_wait
+                    message = f"no worker serves {queue or self.inventory.task_queue} (waited {waited:.0f}s)"
                 else:
                     message = failure_message(err)
                 self.end_step(record, "failed", message)
@@ -155,7 +156,8 @@ class Steps:
         if unserved:
             return False
         self.busy_waited[record.name] = waited
-        self.end_step(record, "skipped", f"not picked up in {limits.worker_wait:.0f}s: the worker serving {queue} is busy; scheduled again")
+        busy = f"the worker serving {queue} is busy; scheduled again"
+        self.end_step(record, "skipped", f"not picked up in {limits.worker_wait:.0f}s: {busy}")
         return True
 
     async def _race(self, handle: Any, interruptible: bool) -> bool:
@@ -180,7 +182,8 @@ class Steps:
 
     def _check_declared(self, name: str) -> None:
         if self.declared is not None and not name.startswith("undo:") and name not in {d.name for d in self.declared}:
-            raise ApplicationError(f"step {name!r} is not declared in the procedure's plan", type="BadProcedure", non_retryable=True)
+            raise ApplicationError(f"step {name!r} is not declared in the procedure's plan", type="BadProcedure",
+                                   non_retryable=True)
 
     def begin_step(self, name: str, title: str) -> StepRecord:
         record = StepRecord(name=name, title=title, started_at=workflow.now())
@@ -217,12 +220,15 @@ class Steps:
         """Honour a pause (with its deadline and escalation) and an abort."""
         if self.abort_requested is None and self.paused:
             self.report.status = "paused"
-            self.report.waiting_for = "resume (opsflow resume)" + (f" — WRITES ARE DOWN: {self.writes_down}" if self.writes_down else "")
+            down = f" — WRITES ARE DOWN: {self.writes_down}" if self.writes_down else ""
+            self.report.waiting_for = "resume (opsflow resume)" + down
             self.show()
             # A pause has a deadline (recorded histories paused without one: replay keeps that).
-            deadline = timedelta(seconds=self.inventory.limits.pause_timeout) if workflow.patched("pause-deadline") else None
+            limit = timedelta(seconds=self.inventory.limits.pause_timeout)
+            deadline = limit if workflow.patched("pause-deadline") else None
             try:
-                await workflow.wait_condition(lambda: not self.paused or self.abort_requested is not None, timeout=deadline)
+                await workflow.wait_condition(lambda: not self.paused or self.abort_requested is not None,
+                                              timeout=deadline)
             except asyncio.TimeoutError:
                 minutes = self.inventory.limits.pause_timeout / 60
                 await self.notify(
@@ -275,4 +281,5 @@ class Steps:
             detail=lambda u: f"unserved: {', '.join(u)}" if u else "all served",
         )
         if unserved:
-            raise Stop("refused", "; ".join(f"no worker serves {q}" for q in unserved) + " (start one: opsflow worker --env ...)")
+            raise Stop("refused", "; ".join(f"no worker serves {q}" for q in unserved)
+                       + " (start one: opsflow worker --env ...)")

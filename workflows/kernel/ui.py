@@ -37,7 +37,9 @@ class Display:
         try:
             await workflow.execute_activity(NOTIFY_SEND.name, request, summary=f"notify: {text[:60]}", **opts)
         except ActivityError as err:
-            self.report.events.append(ControlEvent(action="notify-failed", by="opsflow", at=workflow.now(), reason=failure_message(err)))
+            self.report.events.append(
+                ControlEvent(action="notify-failed", by="opsflow", at=workflow.now(), reason=failure_message(err))
+            )
 
     def show(self) -> None:
         """Mirror the report into the Temporal UI: current details (markdown) and search attributes."""
