@@ -25,7 +25,13 @@ from typing import Any, Callable, Iterable
 from temporalio.api.enums.v1 import PendingActivityState, TaskQueueKind, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -327,19 +333,48 @@ async def fetch_report(handle: WorkflowHandle, query_timeout: float | None = Non
     """Running: the `progress` query (needs a worker; `query_timeout` bounds the wait for one). Ended: the
     result, or the report the kernel put in the failure's (or cancellation's) details."""
     desc = await handle.describe()
+    if desc.workflow_type in LAUNCHERS:
+        return await launched_report(handle, desc, query_timeout)
     if desc.status == WorkflowExecutionStatus.RUNNING:
         timeout = timedelta(seconds=query_timeout) if query_timeout else None
         return parse_report(await handle.query("progress", result_type=dict, rpc_timeout=timeout))
     try:
         return parse_report(await handle.result())
     except WorkflowFailureError as e:
-        cause = e.cause
-        while cause is not None:
-            details = getattr(cause, "details", None)
-            if details and isinstance(details[0], dict) and "procedure" in details[0]:
-                return parse_report(details[0])
-            cause = cause.__cause__
-        raise ClientError(f"{handle.id} ended {desc.status.name.lower()}: {e.cause}", 1) from None
+        return report_in_failure(handle, desc, e)
+
+
+def report_in_failure(handle: WorkflowHandle, desc: WorkflowExecutionDescription,
+                      e: WorkflowFailureError) -> ProcedureReport:
+    """The report the kernel put in a failed (or cancelled) procedure's failure details."""
+    cause = e.cause
+    while cause is not None:
+        details = getattr(cause, "details", None)
+        if details and isinstance(details[0], dict) and "procedure" in details[0]:
+            return parse_report(details[0])
+        cause = cause.__cause__
+    raise ClientError(f"{handle.id} ended {desc.status.name.lower()}: {e.cause}", 1) from None
+
+
+async def launched_report(handle: WorkflowHandle, desc: WorkflowExecutionDescription,
+                          query_timeout: float | None) -> ProcedureReport:
+    """A Schedule's launch (the id `opsflow schedule trigger` prints) reports its procedure: the child it runs
+    under the environment's lock id while it runs, the report it returned after; a skipped launch says why."""
+    if desc.status == WorkflowExecutionStatus.RUNNING:
+        children = desc.raw_description.pending_children
+        if not children:
+            raise ClientError(f"{handle.id} is a Schedule's launch that has not started its procedure yet", 1)
+        # The SDK's handle keeps its client private; the child is on the same one.
+        child = handle._client.get_workflow_handle(children[0].workflow_id, run_id=children[0].run_id)
+        return await fetch_report(child, query_timeout=query_timeout)
+    try:
+        launched = await handle.result()
+    except WorkflowFailureError as e:  # the procedure failed: its report is in the failure's details
+        return report_in_failure(handle, desc, e)
+    if isinstance(launched, dict) and launched.get("report"):
+        return parse_report(launched["report"])
+    why = launched.get("reason", "") if isinstance(launched, dict) else ""
+    raise ClientError(f"{handle.id}: the Schedule's launch ran no procedure ({why or launched})", 1)
 
 
 async def follow(handle: WorkflowHandle, on_report: Callable[[ProcedureReport], None] | None = None, interval: float = 0.5) -> ProcedureReport:

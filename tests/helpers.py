@@ -3,9 +3,10 @@ key."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -24,6 +25,19 @@ def eventually(predicate: Callable[[], T], timeout: float = 60.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+async def eventually_async(predicate: Callable[[], Awaitable[T]], timeout: float = 60.0, what: str = "condition", *,
+                           interval: float = 0.1) -> T:
+    """`eventually` for a coroutine predicate (a Temporal query, a describe): awaited, not blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def ssh_key_pair(folder: Path, name: str) -> tuple[str, str]:

@@ -20,6 +20,8 @@ from activities.reports import store_report
 from opsflow.inventory import Inventory
 from opsflow.models import CheckResult, DbStatus, DrillReport, RegionTarget, NotifyRequest, RestoreRequest, RestoreWindow, ScratchTarget, VerifyRequest
 from activities.rules import worker_inventory
+from opsflow.client import ClientError, fetch_report
+from tests.helpers import eventually_async
 from tests.workflow.conftest import worker_holds
 from tests.workflow.conftest import WORKFLOWS, inventory_dict
 from workflows.drill import DrillInput
@@ -252,6 +254,27 @@ async def test_a_scheduled_drill_takes_the_environment_lock_or_is_skipped(drilli
     assert skipped["status"] == "skipped" and "another procedure is running" in skipped["reason"]
     backups.block_wait.set()
     assert DrillReport.model_validate(await held.result()).status == "succeeded"
+
+    # `opsflow status|report <the launch's id>` (what `schedule trigger` prints) shows the procedure it launched.
+    launched = await fetch_report(drilling.client.get_workflow_handle(f"opsflow-{inv.environment}-monthly-1"))
+    assert isinstance(launched, DrillReport) and launched.workflow_id == f"opsflow-{inv.environment}"
+    with pytest.raises(ClientError, match="ran no procedure .another procedure is running"):
+        await fetch_report(drilling.client.get_workflow_handle(f"opsflow-{inv.environment}-monthly-2"))
+    backups.block_wait = threading.Event()
+    running = await drilling.client.start_workflow("scheduled", launch, id=f"opsflow-{inv.environment}-monthly-3",
+                                                   task_queue=inv.task_queue)
+
+    async def drill_running() -> DrillReport | None:
+        try:
+            report = await fetch_report(running, query_timeout=5)
+        except ClientError:  # the launch has not started its drill yet
+            return None
+        return report if report.status == "running" else None
+
+    report = await eventually_async(drill_running, what="the launch's drill, running")
+    assert report.procedure == "drill" and report.workflow_id == f"opsflow-{inv.environment}"
+    backups.block_wait.set()
+    assert (await running.result(rpc_timeout=None))["status"] == "started"
 
 
 async def test_the_launcher_started_by_hand_runs_nothing(drilling, backups, drill_inventory):
