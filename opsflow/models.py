@@ -412,3 +412,21 @@ class FailbackReport(ProcedureReport):
     divergence: Divergence | None = None
     window_opened_at: datetime | None = None
     failover: FailoverReport | None = None  # the child failover's report
+
+
+class ReadinessCheck(BaseModel):
+    """One thing a failover would need, checked without changing anything."""
+
+    check: str  # database, replica, kubernetes, traffic, workers
+    region: str | None = None
+    ok: bool
+    detail: str = ""
+
+
+class ReadinessReport(ProcedureReport):
+    """Could this environment fail over now? The failover's preflight for every region, changing nothing."""
+
+    procedure: str = "readiness"
+    primary_region: str | None = None
+    ready: bool | None = None
+    checks: list[ReadinessCheck] = []

@@ -13,7 +13,7 @@ import importlib
 from dataclasses import dataclass
 
 from opsflow.maintenance_models import FleetReport, MaintenanceReport
-from opsflow.models import DrillReport, FailbackReport, FailoverReport, ProcedureReport
+from opsflow.models import DrillReport, FailbackReport, FailoverReport, ProcedureReport, ReadinessReport
 from opsflow.rollout_report import RolloutReport
 
 
@@ -38,6 +38,7 @@ PROCEDURES: tuple[Procedure, ...] = (
     Procedure("maintenance-fleet", "workflows.maintenance:MaintenanceFleetWorkflow", FleetReport),
     Procedure("canary", "workflows.canary:CanaryWorkflow", RolloutReport),
     Procedure("bluegreen", "workflows.canary:BlueGreenWorkflow", RolloutReport),
+    Procedure("readiness", "workflows.readiness:ReadinessWorkflow", ReadinessReport, schedulable=True),
     # What a Schedule starts: it starts the procedure as a child under the environment's lock id.
     Procedure("scheduled", "workflows.scheduled:ScheduledLaunch", None),
 )

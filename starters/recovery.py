@@ -1,4 +1,4 @@
-"""`opsflow failover`, `opsflow failback`, `opsflow drill`: the disaster-recovery procedures. The inventory and
+"""`opsflow failover`, `opsflow failback`, `opsflow drill`, `opsflow readiness`: the disaster-recovery procedures. The inventory and
 the arguments become the procedure's input; opsflow.client starts it under the environment's lock."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from starters.common import (CliError, add_json, add_key_argument, approver_for,
 from workflows.drill import DrillInput
 from workflows.failback import FailbackInput
 from workflows.failover import FailoverInput
+from workflows.readiness import ReadinessInput
 
 ENV_HELP = "inventory YAML (default: the running lab's)"
 
@@ -53,6 +54,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--wait", action="store_true")
     add_key_argument(d)
     d.set_defaults(func=cmd_drill)
+
+    r = add_json(sub.add_parser("readiness", help="could the environment fail over now? every region's database, "
+                                                   "Kubernetes, traffic and workers checked; nothing changed"))
+    r.add_argument("--env", help=ENV_HELP)
+    r.add_argument("--dry-run", action="store_true", help="print what would be checked")
+    r.add_argument("--requester")
+    r.add_argument("--reason")
+    r.add_argument("--wait", action="store_true", help="follow until the answer (exit 1: not ready)")
+    add_key_argument(r)
+    r.set_defaults(func=cmd_readiness)
 
 
 def dry(args: argparse.Namespace) -> str:
@@ -122,3 +133,13 @@ async def cmd_drill(args: argparse.Namespace) -> int:
     handle = await start_procedure(client, inv, "drill", inp, f"Restore drill{dry(args)} of {inv.environment}",
                                    signer=start_signer(inv, who, args.key))
     return await run_started(handle, args, f"restore drill of {inv.environment}", None)
+
+
+async def cmd_readiness(args: argparse.Namespace) -> int:
+    inv = load_inventory(inventory_path(args.env))
+    who = requester(args)
+    inp = ReadinessInput(inventory=inv, dry_run=args.dry_run, requester=who, reason=args.reason or "")
+    client = await connect()
+    handle = await start_procedure(client, inv, "readiness", inp, f"Readiness{dry(args)} of {inv.environment}",
+                                   signer=start_signer(inv, who, args.key))
+    return await run_started(handle, args, f"readiness check of {inv.environment}", None)

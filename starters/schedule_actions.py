@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import getpass
 import re
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from temporalio.client import (Schedule, ScheduleActionStartWorkflow, ScheduleOverlapPolicy, SchedulePolicy,
-                               ScheduleSpec, ScheduleState)
+from temporalio.client import (Schedule, ScheduleActionStartWorkflow, ScheduleIntervalSpec, ScheduleOverlapPolicy,
+                               SchedulePolicy, ScheduleSpec, ScheduleState)
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from opsflow import cron
@@ -27,6 +28,7 @@ from opsflow.signing import SigningError
 from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE
 from starters.common import CliError, SigningFailed, signer_for
 from workflows.drill import DrillInput
+from workflows.readiness import ReadinessInput
 from workflows.maintenance import MaintenanceInput
 from workflows.scheduled import LaunchInput
 
@@ -106,6 +108,16 @@ def _maintenance_action(inv: Inventory, name: str, schedule_id: str,
     return _launch(inv, "maintenance", inp, schedule_id, summary, reason, name, args)
 
 
+def _readiness_action(inv: Inventory, name: str, schedule_id: str,
+                      args: argparse.Namespace) -> ScheduleActionStartWorkflow:
+    if args.source is not None or args.region is not None:
+        raise CliError("--source and --region are not for --procedure readiness: it checks every region")
+    reason = args.note or f"schedule {name}"
+    inp = ReadinessInput(inventory=inv, requester=f"schedule:{name}", reason=reason)
+    summary = f"Readiness of {inv.environment} (schedule {name})"
+    return _launch(inv, "readiness", inp, schedule_id, summary, reason, name, args)
+
+
 def _launch(inv: Inventory, procedure: str, inp: Any, schedule_id: str, summary: str, reason: str, name: str,
             args: argparse.Namespace) -> ScheduleActionStartWorkflow:
     """The schedule starts the `scheduled` launcher, which starts the procedure under the environment's lock. The
@@ -138,6 +150,7 @@ def _launch(inv: Inventory, procedure: str, inp: Any, schedule_id: str, summary:
 PROCEDURES: dict[str, Callable[[Inventory, str, str, argparse.Namespace], ScheduleActionStartWorkflow]] = {
     "drill": _drill_action,
     "maintenance": _maintenance_action,
+    "readiness": _readiness_action,
 }
 
 
@@ -147,12 +160,24 @@ def build_schedule(args: argparse.Namespace) -> tuple[Inventory, str, Schedule, 
     name = check_name(args.name)
     if args.procedure not in PROCEDURES:
         raise CliError(f"unknown procedure {args.procedure!r}; a schedule can run: {', '.join(PROCEDURES)}")
-    if bool(args.calendar) == bool(args.cron):
-        raise CliError("give exactly one of --calendar (e.g. 'day_of_month=1 hour=3') and --cron (e.g. '0 3 1 * *')")
-    try:
-        checked = cron.check_calendar(args.calendar) if args.calendar else cron.check_cron(args.cron)
-    except cron.CalendarError as e:
-        raise CliError(f"bad {'--calendar' if args.calendar else '--cron'}: {e}") from None
+    every = getattr(args, "every", None)
+    if sum(bool(w) for w in (args.calendar, args.cron, every)) != 1:
+        raise CliError("give exactly one of --calendar (e.g. 'day_of_month=1 hour=3'), --cron (e.g. '0 3 1 * *') "
+                       "and --every (e.g. 30m)")
+    if every:
+        try:
+            interval = timedelta(seconds=parse_duration(every))
+        except ValueError as e:
+            raise CliError(f"--every: {e}") from None
+        if interval < timedelta(minutes=1):
+            raise CliError(f"--every {every}: at least 1m (each run checks every region)")
+        spec, warnings = ScheduleSpec(intervals=[ScheduleIntervalSpec(every=interval)]), []
+    else:
+        try:
+            checked = cron.check_calendar(args.calendar) if args.calendar else cron.check_cron(args.cron)
+        except cron.CalendarError as e:
+            raise CliError(f"bad {'--calendar' if args.calendar else '--cron'}: {e}") from None
+        spec, warnings = ScheduleSpec(cron_expressions=[checked.cron]), checked.warnings()
     tz = check_timezone(args.timezone)
     try:
         catchup = timedelta(seconds=parse_duration(args.catchup_window))
@@ -168,11 +193,11 @@ def build_schedule(args: argparse.Namespace) -> tuple[Inventory, str, Schedule, 
     note = args.note or (f"created paused by {user()}" if args.paused else f"created by {user()}")
     schedule = Schedule(
         action=PROCEDURES[args.procedure](inv, name, sid, args),
-        spec=ScheduleSpec(cron_expressions=[checked.cron], time_zone_name=tz),
+        spec=replace(spec, time_zone_name=tz),
         # SKIP: a run still going when the next time comes is not doubled (scheduled runs cannot take the
         # environment's lock id, see starters/schedules.py).
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP, catchup_window=catchup,
                               pause_on_failure=bool(args.pause_on_failure)),
         state=ScheduleState(note=note, paused=bool(args.paused)),
     )
-    return inv, name, schedule, checked.warnings()
+    return inv, name, schedule, warnings

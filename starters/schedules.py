@@ -87,6 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="e.g. 'day_of_month=1 hour=3' or 'day_of_week=mon-fri hour=2 minute=30'")
     when.add_argument("--cron", metavar="EXPR",
                       help="e.g. '0 3 1 * *' (minute hour day_of_month month day_of_week)")
+    when.add_argument("--every", metavar="DURATION",
+                      help="a fixed interval, e.g. 30m (readiness checks); at least 1m")
     c.add_argument("--timezone", default="UTC",
                    help="IANA time zone the calendar is read in (default UTC), e.g. Europe/Berlin")
     c.add_argument("--source", metavar="REGION",
@@ -148,7 +150,8 @@ def _show_dry_run(inv: Inventory, name: str, schedule: Schedule, warnings: list[
     assert isinstance(action, ScheduleActionStartWorkflow)
     out = {"name": name, "schedule_id": schedule_id(inv.environment, name), "environment": inv.environment,
            "procedure": procedure_of(action), "workflow_id": f"opsflow-{inv.environment}",
-           "task_queue": action.task_queue, "cron_sent": schedule.spec.cron_expressions[0],
+           "task_queue": action.task_queue, "cron_sent": (schedule.spec.cron_expressions or [None])[0],
+           "every": [str(i.every) for i in schedule.spec.intervals],
            "timezone": schedule.spec.time_zone_name, "paused": schedule.state.paused,
            "warnings": warnings, "next_action_times": None,
            "why_no_times": "Temporal computes the run times when the schedule is created; "
@@ -160,7 +163,8 @@ def _show_dry_run(inv: Inventory, name: str, schedule: Schedule, warnings: list[
         print(f"note: {w}")
     print(f"would create schedule {name} ({out['schedule_id']}): {action.workflow} of {inv.environment}, "
           f"runs as {out['workflow_id']}")
-    print(f"  spec sent to Temporal: {out['cron_sent']}  [{out['timezone']}]")
+    spec = out["cron_sent"] or ", ".join(f"every {e}" for e in out["every"])
+    print(f"  spec sent to Temporal: {spec}  [{out['timezone']}]")
     print(f"  next runs: {out['why_no_times']}")
     return 0
 

@@ -26,8 +26,14 @@ def test_failback_returns_to_the_recovered_region(lab, worker):
     east, west = lab.dsn("eastus"), lab.dsn("westeurope")
     sql(east, "CREATE TABLE journal (id int PRIMARY KEY, phase text)")
     sql(east, "INSERT INTO journal SELECT g, 'before' FROM generate_series(1, 100) g")
+    assert readiness(lab)["ready"] is True
     failover(lab, "westeurope")
     sql(west, "INSERT INTO journal SELECT g, 'on westeurope' FROM generate_series(101, 200) g")
+    # Failed over, nothing protects westeurope: eastus is a fenced old primary until the failback (issue 20).
+    stranded = readiness(lab)
+    assert stranded["ready"] is False and stranded["primary_region"] == "westeurope"
+    assert [(c["check"], c["region"]) for c in stranded["checks"] if not c["ok"]] == [("replica", "eastus")]
+    assert "opsflow failback --to eastus" in stranded["failure"]
 
     wid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice", "--reason", "eastus recovered")["workflow_id"]
     wait_status(lab, wid, lambda r: (r.get("waiting_for") or "").startswith("approval"), timeout=180, what="approval after catch-up")
@@ -46,6 +52,16 @@ def test_failback_returns_to_the_recovered_region(lab, worker):
     assert report["failover"]["approval"]["by"] == "bob" and report["failover"]["rpo_bytes"] == 0
     child = [s["name"] for s in report["failover"]["steps"]]
     assert "promote" in child and "traffic" in child
+    assert readiness(lab)["ready"] is True  # protected again
+
+
+def readiness(lab) -> dict:
+    """`opsflow readiness --wait --json`: exit 0 ready, 1 not ready; the report either way."""
+    proc = lab.cli("readiness", "--wait", "--json")
+    report = json.loads(proc.stdout)
+    assert proc.returncode == (0 if report["ready"] else 1), proc.stderr
+    assert report["status"] in ("succeeded", "failed") and not [s for s in report["steps"] if s["name"] == "promote"]
+    return report
 
 
 def test_restore_drill_restores_exactly_the_rows_before_the_point(lab, worker):

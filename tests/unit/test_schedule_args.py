@@ -173,7 +173,7 @@ def test_maintenance_schedule_builds_its_input_under_the_environment_id(tmp_path
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--procedure", "failover", "--calendar", "hour=3"], "unknown procedure 'failover'; a schedule can run: drill, maintenance"),
+        (["--procedure", "failover", "--calendar", "hour=3"], "unknown procedure 'failover'; a schedule can run: drill, maintenance, readiness"),
         (["--procedure", "drill"], "give exactly one of --calendar"),
         (["--procedure", "drill", "--calendar", "hour=25"], "bad --calendar: hour=25: 25 is out of range"),
         (["--procedure", "drill", "--cron", "0 3 1 *"], "bad --cron: cron '0 3 1 *' has 4 fields"),
@@ -184,6 +184,9 @@ def test_maintenance_schedule_builds_its_input_under_the_environment_id(tmp_path
         (["--procedure", "maintenance", "--calendar", "hour=3", "--source", "eastus"], "--source is for --procedure drill"),
         (["--procedure", "drill", "--calendar", "hour=3", "--catchup-window", "5s"], "at least 10s"),
         (["--procedure", "drill", "--calendar", "hour=3", "--catchup-window", "soon"], "--catchup-window: not a duration"),
+        (["--procedure", "readiness", "--every", "10s"], "--every 10s: at least 1m"),
+        (["--procedure", "readiness", "--every", "often"], "--every: not a duration"),
+        (["--procedure", "readiness", "--every", "30m", "--source", "eastus"], "not for --procedure readiness"),
     ],
 )
 def test_create_refuses_bad_input(tmp_path, argv, needle):
@@ -196,6 +199,13 @@ def test_create_refuses_bad_input(tmp_path, argv, needle):
 def test_schedule_names(tmp_path, name):
     with pytest.raises(CliError, match="schedule name"):
         build_schedule(_args(tmp_path, name, "--procedure", "drill", "--calendar", "hour=3"))
+
+
+def test_readiness_every_30_minutes_is_an_interval_schedule_of_the_launcher(tmp_path):
+    _, _, schedule, warnings = build_schedule(_args(tmp_path, "ready", "--procedure", "readiness", "--every", "30m"))
+    assert [i.every.total_seconds() for i in schedule.spec.intervals] == [1800] and not schedule.spec.cron_expressions
+    (launch,) = schedule.action.args
+    assert launch.procedure == "readiness" and launch.arg["requester"] == "schedule:ready" and warnings == []
 
 
 def test_calendar_and_cron_together_is_a_usage_error(tmp_path, capsys):

@@ -108,11 +108,20 @@ async def scheduled_signed(env, inv: Inventory, world: World) -> WorkflowHandle:
     return await env.client.start_workflow("scheduled", launch, id="opsflow-replay-monthly", task_queue=inv.task_queue)
 
 
+async def readiness(env, inv: Inventory, world: World) -> WorkflowHandle:
+    """Not ready: the replica stopped streaming (every check still runs; the run fails naming it)."""
+    from workflows.readiness import ReadinessInput
+
+    world.streaming = False
+    return await start(env, inv, "readiness", ReadinessInput(inventory=inv, requester="schedule:ready"))
+
+
 RECORDINGS = {"failover_planned": planned, "failover_emergency": emergency, "failback": failback, "drill": drill, "scheduled": scheduled}
 # Since the worker holds the rules (issue 18): inputs without rules, the worker's answer in the history.
 WORKER_RULES = "-worker-rules"
 RECORDINGS.update({f"{k}{WORKER_RULES}": v for k, v in RECORDINGS.items() if k != "scheduled"})
-RECORDINGS.update({f"scheduled{WORKER_RULES}": scheduled_signed, f"failover_cancelled{WORKER_RULES}": cancelled})
+RECORDINGS.update({f"scheduled{WORKER_RULES}": scheduled_signed, f"failover_cancelled{WORKER_RULES}": cancelled,
+                   f"readiness{WORKER_RULES}": readiness})
 NEW_SHAPE = False  # set by record() for the worker-rules recordings
 
 

@@ -1,0 +1,67 @@
+"""Readiness: every check of a failover's preflight, changing nothing; not ready names what is not."""
+
+from __future__ import annotations
+
+import pytest
+from temporalio.client import WorkflowFailureError
+
+from opsflow.client import start_procedure
+from opsflow.models import ReadinessReport
+from tests.workflow.conftest import worker_holds
+from workflows.readiness import ReadinessInput
+
+
+async def run(env, inventory, **kw) -> ReadinessReport:
+    worker_holds(inventory)
+    inp = ReadinessInput(inventory=inventory, requester="schedule:ready", **kw)
+    handle = await start_procedure(env.client, inventory, "readiness", inp, "test readiness")
+    try:
+        return ReadinessReport.model_validate(await handle.result())
+    except WorkflowFailureError as e:
+        return ReadinessReport.model_validate(e.cause.details[0])
+
+
+def failing(report: ReadinessReport) -> list[tuple[str, str | None]]:
+    return [(c.check, c.region) for c in report.checks if not c.ok]
+
+
+async def test_a_healthy_environment_is_ready_and_nothing_changed(running, world, inventory):
+    report = await run(running, inventory)
+    assert report.status == "succeeded" and report.ready and report.primary_region == "eastus"
+    assert {(c.check, c.region) for c in report.checks} >= {("database", None), ("replica", "westeurope"),
+                                                           ("kubernetes", "westeurope"), ("traffic", None),
+                                                           ("workers", None)}
+    assert world.unchanged and not world.rebuilds
+    assert set(world.calls) <= {"db.status", "k8s.status", "traffic.status"}  # reads only
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    (lambda w: setattr(w, "streaming", False), [("replica", "westeurope")]),
+    (lambda w: w.replay.update(westeurope=0), [("replica", "westeurope")]),  # 48 MiB behind, over the limit
+    (lambda w: setattr(w, "kube_ready", False), [("kubernetes", "westeurope")]),
+    (lambda w: w.reachable.update(westeurope=False), [("database", "westeurope")]),
+    # A fenced primary: no writable primary, and the fenced one protects nothing.
+    (lambda w: w.fenced.add("eastus"), [("database", None), ("replica", "eastus")]),
+    (lambda w: setattr(w, "serving", "westeurope"), [("traffic", None)]),
+    (lambda w: w.fail.update({"k8s.status": "forbidden"}), [("kubernetes", "westeurope")]),
+])
+async def test_not_ready_names_what_is_not_and_every_check_still_runs(running, world, inventory, breakage, expected):
+    breakage(world)
+    report = await run(running, inventory)
+    assert report.status == "failed" and report.ready is False and report.failure.startswith("not ready: ")
+    assert failing(report) == expected
+    assert any(c.check == "workers" for c in report.checks)  # the checks after the failing one ran too
+    assert world.primary == "eastus" and not world.maintenance and world.promotions == 0
+
+
+async def test_a_queue_without_worker_is_not_ready(running, world, inventory):
+    world.unserved.add(inventory.region_queue("westeurope"))
+    report = await run(running, inventory)
+    assert failing(report) == [("workers", None)] and inventory.region_queue("westeurope") in report.failure
+
+
+async def test_dry_run_lists_the_checks(running, world, inventory):
+    report = await run(running, inventory, dry_run=True)
+    assert report.status == "planned" and world.calls == []
+    assert [s.name for s in report.steps] == ["database-eastus", "database-westeurope", "kubernetes-eastus",
+                                              "kubernetes-westeurope", "traffic", "workers"]
