@@ -24,7 +24,7 @@ from temporalio.worker import Worker
 
 from opsflow.client import ClientError, connect, inventory_paths
 from opsflow.inventory import Inventory, InventoryError
-from opsflow.procedures import LAUNCHERS
+from opsflow.procedures import LAUNCHERS, REPORT_TYPES
 from opsflow.scrub import ScrubInterceptor
 from worker.metrics import Endpoint, MetricsInterceptor, OpsMetrics, free_port, watch
 
@@ -104,6 +104,7 @@ async def run(inventories: list[Inventory], regions: list[str] | None, serve_wor
         sdk_port = free_port()
         runtime = Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=f"127.0.0.1:{sdk_port}")))
         metrics = OpsMetrics()
+        metrics.serve([inv.environment for inv in inventories], sorted(REPORT_TYPES))
         endpoint = Endpoint(metrics, metrics_address, metrics_port, sdk_port)
         endpoint.start()
     client = await connect(runtime=runtime)

@@ -29,7 +29,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
+from temporalio import activity
 from temporalio.worker import (
+    ActivityInboundInterceptor,
+    ExecuteActivityInput,
     ExecuteWorkflowInput,
     Interceptor,
     WorkflowInboundInterceptor,
@@ -37,6 +40,7 @@ from temporalio.worker import (
 )
 
 log = logging.getLogger("opsflow.metrics")
+WATCH_ACTIVITY = "watch.metrics"  # activities/maintenance.py: the metric watch after a maintenance
 
 # Procedures last from seconds (a refused start) to hours (a maintenance window, a failback's rebuild).
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
@@ -66,8 +70,21 @@ class OpsMetrics:
                                   ["procedure", "environment", "gate"], registry=r)
         self.gate_timeout = Gauge("opsflow_gate_timeout_seconds", "The gate's approval timeout (the worker's rules)",
                                   ["procedure", "environment", "gate"], registry=r)
+        self.watch_breaches = Counter("opsflow_maintenance_watch_breaches", "Metric watches after a maintenance that "
+                                      "ended on a breached limit", ["environment", "query"], registry=r)
+        self.environment = Gauge("opsflow_environment_info", "1 for each environment whose rules this worker holds",
+                                 ["environment"], registry=r)
+        self.worker_ready = Gauge("opsflow_worker_queue_polling", "1 while Temporal lists this worker as a poller "
+                                  "of the task queue", ["queue"], registry=r)
         self._lock = threading.Lock()
         self._gates: set[tuple[str, str, str]] = set()
+
+    def serve(self, environments: list[str], procedures: list[str]) -> None:
+        """The environments this worker holds; their failure counters start at 0 (so an alert sees the first)."""
+        for env in environments:
+            self.environment.labels(env).set(1)
+            for procedure in procedures:
+                self.runs.labels(procedure, env, "failed")
 
     # -- a procedure's end --------------------------------------------------------------------------------------
 
@@ -98,6 +115,18 @@ class OpsMetrics:
         if procedure == "drill" and status == "succeeded" and _ts(ended) is not None:
             child = self.drill_success.labels(env)
             child.set(max(child._value.get(), _ts(ended)))  # never backwards (a read-back racing a run's end)
+
+    def record_watch(self, task_queue: str, result: Any) -> None:
+        """A maintenance watch's result: each breached query (the environment is the one whose workflow queue it ran
+        on, by the worker's rules)."""
+        from activities.rules import RULEBOOK
+
+        r = result if isinstance(result, dict) else result.model_dump(mode="json")
+        env = next((e for e in RULEBOOK.environments() if (inv := RULEBOOK.get(e)) and inv.task_queue == task_queue),
+                   task_queue)
+        for q in r.get("results") or []:
+            if q.get("breached"):
+                self.watch_breaches.labels(env, q.get("name") or "").inc()
 
     # -- gates -------------------------------------------------------------------------------------------------
 
@@ -168,6 +197,21 @@ class MetricsInterceptor(Interceptor):
                 log.exception("recording a procedure's end")
 
         return Inbound
+
+    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
+        metrics = self.metrics
+
+        class Watched(ActivityInboundInterceptor):
+            async def execute_activity(self, input: ExecuteActivityInput) -> Any:
+                result = await super().execute_activity(input)
+                if activity.info().activity_type == WATCH_ACTIVITY:
+                    try:
+                        metrics.record_watch(activity.info().task_queue, result)
+                    except Exception:
+                        log.exception("recording a maintenance watch")
+                return result
+
+        return Watched(next)
 
 
 # -- visibility: gates now, and the last figures at start ----------------------------------------------------
@@ -329,7 +373,9 @@ async def watch(client, metrics: OpsMetrics, endpoint: Endpoint | None, environm
                 missing = []
                 for q in queues:
                     kinds = (TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)
-                    if client.identity not in await queue_pollers(client, q, kinds):
+                    polling = client.identity in await queue_pollers(client, q, kinds)
+                    metrics.worker_ready.labels(q).set(1 if polling else 0)
+                    if not polling:
                         missing.append(q)
                 endpoint.ready = not missing
                 endpoint.ready_detail = "ready" if not missing else f"not yet polling: {', '.join(missing)}"

@@ -20,6 +20,7 @@ from worker.metrics import free_port
 
 pytestmark = pytest.mark.lab
 PROMETHEUS = Path("/usr/bin/prometheus")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -108,7 +109,8 @@ def test_worker_metrics_after_real_procedures(lab, monkeypatch):
     folder = lab.root / "prometheus-metrics-test"
     folder.mkdir()
     (folder / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s"},
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ROOT / "deploy" / "prometheus" / "opsflow-rules.yml")],
         "scrape_configs": [{"job_name": "opsflow-worker", "static_configs": [{"targets": [f"127.0.0.1:{port2}"]}]}]}))
     prom_port = free_port()
     prom = subprocess.Popen([str(PROMETHEUS), f"--config.file={folder}/prometheus.yml", f"--storage.tsdb.path={folder}/data",
@@ -125,6 +127,24 @@ def test_worker_metrics_after_real_procedures(lab, monkeypatch):
             return result and float(result[0]["value"][1])
 
         assert wait_for(scraped, timeout=60, what="Prometheus to scrape the worker") == pytest.approx(ts(drill["ended_at"]))
+        # The shipped rules load and evaluate against the real figures; every dashboard query runs.
+        api = f"http://127.0.0.1:{prom_port}/api/v1"
+        rules = wait_for(lambda: [r for g in httpx.get(f"{api}/rules").json()["data"]["groups"] for r in g["rules"]
+                                  if r.get("lastEvaluation", "").startswith("2") and r["health"] != "unknown"],
+                         timeout=30, what="the rules evaluated")
+        assert {r["name"]: r["health"] for r in rules} == {r["name"]: "ok" for r in rules} and len(rules) == 6
+        dash = json.loads((ROOT / "deploy" / "grafana" / "opsflow-dashboard.json").read_text())
+        answers = {}
+        for panel in dash["panels"]:
+            for t in panel.get("targets", []):
+                expr = t["expr"].replace("$environment", env)
+                r = httpx.get(f"{api}/query", params={"query": expr}).json()
+                assert r["status"] == "success", (panel["title"], expr, r)
+                answers[panel["title"]] = r["data"]["result"]
+        [rto] = answers["RTO of the last failover"]
+        assert float(rto["value"][1]) == pytest.approx(final["rto_seconds"])
+        [days] = answers["Days since the last successful restore drill"]
+        assert 0 <= float(days["value"][1]) < 1
     finally:
         prom.send_signal(signal.SIGTERM)
         prom.wait(30)

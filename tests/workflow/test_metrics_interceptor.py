@@ -79,3 +79,15 @@ def test_a_dry_run_and_a_failed_drill_leave_the_last_success_alone():
     assert sample(m, "opsflow_drill_last_success_timestamp_seconds", environment="prod") == 1767226200
     assert sample(m, "opsflow_procedure_runs_total", procedure="drill", environment="prod", outcome="failed") == 1
     assert sample(m, "opsflow_procedure_duration_seconds_count", procedure="drill", environment="prod") == 2
+
+
+def test_a_breached_watch_is_counted_for_the_environment_of_its_queue(inventory):
+    from tests.workflow.conftest import worker_holds
+
+    worker_holds(inventory)
+    m = OpsMetrics()
+    m.record_watch(inventory.task_queue, {"ok": False, "results": [
+        {"name": "error_rate", "query": "q", "breached": True}, {"name": "p95", "query": "q2", "breached": False}]})
+    env = inventory.environment
+    assert sample(m, "opsflow_maintenance_watch_breaches_total", environment=env, query="error_rate") == 1
+    assert sample(m, "opsflow_maintenance_watch_breaches_total", environment=env, query="p95") is None
