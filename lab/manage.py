@@ -232,7 +232,10 @@ def worker_env(state: dict) -> dict:
 
 def start_worker(lab: Lab) -> int:
     env = worker_env(lab.state)
-    return lab.spawn("worker", [sys.executable, "-m", "worker.main", "--env", lab.state["inventory"]], env=env)
+    port = pick_port()  # the worker's /metrics, /healthz, /readyz (README "Running opsflow as a team")
+    lab.state["worker_metrics"] = f"http://127.0.0.1:{port}/metrics"
+    return lab.spawn("worker", [sys.executable, "-m", "worker.main", "--env", lab.state["inventory"],
+                                "--metrics-port", str(port)], env=env)
 
 
 # -- status / down --------------------------------------------------------------------------------------------
@@ -261,6 +264,7 @@ def status(root: Path) -> dict:
         "receiver": lab.state.get("receiver"),
         "codec": lab.state.get("codec"),
         "rollout": lab.state.get("rollout"),
+        "worker_metrics": lab.state.get("worker_metrics"),
         "processes": procs,
     }
 
@@ -276,6 +280,8 @@ def print_status(s: dict) -> None:
         print(f"  {r:<12} {v['dsn']}  ({'running' if v['postgres_running'] else 'STOPPED'})")
     if s.get("azure"):
         print(f"  ARM          {s['azure']['arm_endpoint']} (CA {s['azure']['ca_bundle']})")
+    if s.get("worker_metrics"):
+        print(f"  metrics      {s['worker_metrics']} (the worker's; Prometheus rules and dashboard in deploy/)")
     if s.get("codec"):
         print(f"  encrypted    codec server {s['codec']['server']} (the UI uses it), key file {s['codec']['key_file']}")
     for name, p in s["processes"].items():

@@ -21,7 +21,7 @@ from temporalio.service import RPCError
 from opsflow.client import ClientError
 from opsflow.codec import CodecConfigError
 from opsflow.inventory import InventoryError
-from starters import control, local, maintenance, recovery, rollout, schedules, security, status
+from starters import alerts, control, local, maintenance, recovery, rollout, schedules, security, status
 from starters.common import SigningFailed
 
 # In the order `opsflow --help` lists their commands.
@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     security,  # verify-report, codec-key, codec-server
     rollout,  # canary, bluegreen, promote, rollback
     maintenance,  # maintenance
+    alerts,  # alert-receiver
 )
 
 

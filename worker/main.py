@@ -24,7 +24,9 @@ from temporalio.worker import Worker
 
 from opsflow.client import ClientError, connect, inventory_paths
 from opsflow.inventory import Inventory, InventoryError
+from opsflow.procedures import LAUNCHERS, REPORT_TYPES
 from opsflow.scrub import ScrubInterceptor
+from worker.metrics import Endpoint, MetricsInterceptor, OpsMetrics, free_port, watch
 
 log = logging.getLogger("opsflow.worker")
 
@@ -56,8 +58,10 @@ class FleetSettings:
 
 
 def build_workers(client: Client, inv: Inventory, regions: list[str] | None, executor: ThreadPoolExecutor, serve_workflows: bool = True,
-                  settings: FleetSettings | None = None, skip_queues: set[str] | None = None, environments: int = 1) -> list[Worker]:
-    """The Temporal workers one environment needs, leaving out queues already served (`skip_queues`)."""
+                  settings: FleetSettings | None = None, skip_queues: set[str] | None = None, environments: int = 1,
+                  metrics: OpsMetrics | None = None) -> list[Worker]:
+    """The Temporal workers one environment needs, leaving out queues already served (`skip_queues`); with
+    `metrics`, each procedure's end is counted (worker/metrics.py)."""
     from worker.registry import GLOBAL_ACTIVITIES, REGION_ACTIVITIES, WORKFLOWS  # every workflow and activity: not for `opsflow --help`
     from worker.trust import trust_interceptor
 
@@ -65,9 +69,12 @@ def build_workers(client: Client, inv: Inventory, regions: list[str] | None, exe
     polls = s.polls(environments)
     workflow_polls = max(2, s.workflow_polls or polls)
     skip = skip_queues if skip_queues is not None else set()
+    # The worker's own check of who started and approved a run; no resolved secret in a failure; the metrics.
+    interceptors = [trust_interceptor(client), ScrubInterceptor()]
+    if metrics is not None:
+        interceptors.append(MetricsInterceptor(metrics, LAUNCHERS))
     common = dict(activity_executor=executor, graceful_shutdown_timeout=timedelta(seconds=30),
-                  # The worker's own check of who started and approved a run; no resolved secret in a failure.
-                  interceptors=[trust_interceptor(client), ScrubInterceptor()],
+                  interceptors=interceptors,
                   max_concurrent_activities=min(s.max_concurrent_activities, s.activity_threads),
                   max_concurrent_activity_task_polls=polls,
                   max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE, default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE)
@@ -88,11 +95,18 @@ def build_workers(client: Client, inv: Inventory, regions: list[str] | None, exe
 
 
 async def run(inventories: list[Inventory], regions: list[str] | None, serve_workflows: bool, metrics_port: int | None,
-              settings: FleetSettings | None = None) -> None:
+              settings: FleetSettings | None = None, metrics_address: str = "127.0.0.1") -> None:
     settings = settings or FleetSettings()
     runtime = None
+    metrics = endpoint = None
     if metrics_port:
-        runtime = Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=f"127.0.0.1:{metrics_port}")))
+        # The SDK's exporter on an internal loopback port; ours serves both, with /healthz and /readyz, on the given one.
+        sdk_port = free_port()
+        runtime = Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=f"127.0.0.1:{sdk_port}")))
+        metrics = OpsMetrics()
+        metrics.serve([inv.environment for inv in inventories], sorted(REPORT_TYPES))
+        endpoint = Endpoint(metrics, metrics_address, metrics_port, sdk_port)
+        endpoint.start()
     client = await connect(runtime=runtime)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -102,9 +116,15 @@ async def run(inventories: list[Inventory], regions: list[str] | None, serve_wor
         served: set[str] = set()
         workers = []
         for inv in inventories:
-            workers += build_workers(client, inv, regions, executor, serve_workflows, settings, served, len(inventories))
+            workers += build_workers(client, inv, regions, executor, serve_workflows, settings, served, len(inventories),
+                                     metrics)
         tasks = [asyncio.create_task(w.run()) for w in workers]
         queues = [w.task_queue for w in workers]
+        watcher = None
+        if metrics is not None:
+            poll = float(os.environ.get("OPSFLOW_METRICS_POLL_SECONDS") or 15)
+            watcher = asyncio.create_task(watch(client, metrics, endpoint, {inv.environment for inv in inventories}, queues,
+                                                poll, serve_workflows))
         envs = ", ".join(inv.environment for inv in inventories)
         log.info("worker for %s serving %s", envs, ", ".join(queues))
         print(f"opsflow worker: environment{'s' if len(inventories) > 1 else ''} {envs}, task queues {', '.join(queues)}", flush=True)
@@ -113,7 +133,12 @@ async def run(inventories: list[Inventory], regions: list[str] | None, serve_wor
             if t in tasks and t.exception():
                 raise t.exception()  # type: ignore[misc]
         print("opsflow worker: shutting down (finishing running activities)", flush=True)
+        if watcher is not None:
+            watcher.cancel()
+            endpoint.ready, endpoint.ready_detail = False, "shutting down"
         await asyncio.gather(*(w.shutdown() for w in workers), return_exceptions=True)
+        if endpoint is not None:
+            endpoint.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +158,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region", action="append", help="serve only this region's activity queue (repeatable)")
     parser.add_argument("--no-workflows", action="store_true", help="do not serve the workflow queue (a region-only worker)")
     parser.add_argument("--no-regions", action="store_true", help="serve only the workflow queue (workflows, notifications, reports)")
-    parser.add_argument("--metrics-port", type=int, help="expose Prometheus metrics on 127.0.0.1:PORT")
+    parser.add_argument("--metrics-port", type=int, default=_env_int("OPSFLOW_WORKER_METRICS_PORT", 0) or None,
+                        help="serve /metrics (opsflow's and the SDK's), /healthz and /readyz on PORT")
+    parser.add_argument("--metrics-address", default=os.environ.get("OPSFLOW_WORKER_METRICS_ADDRESS") or "127.0.0.1",
+                        help="the address the metrics port binds (default 127.0.0.1; 0.0.0.0 in a pod)")
     fleet = parser.add_argument_group("fleet settings (also OPSFLOW_WORKER_* environment variables)")
     fleet.add_argument("--activity-threads", type=int, default=_env_int("OPSFLOW_WORKER_ACTIVITY_THREADS", d.activity_threads),
                        help=f"threads shared by all environments' activities (default {d.activity_threads})")
@@ -185,7 +213,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                              max_cached_workflows=args.max_cached_workflows, polls_per_queue=args.polls_per_queue,
                              workflow_polls=args.workflow_polls, workflow_tasks=args.workflow_tasks, sticky_timeout=args.sticky_timeout)
     regions = [] if getattr(args, "no_regions", False) else args.region
-    asyncio.run(run(inventories, regions, not args.no_workflows, args.metrics_port, settings))
+    asyncio.run(run(inventories, regions, not args.no_workflows, args.metrics_port, settings,
+                    getattr(args, "metrics_address", "127.0.0.1")))
     return 0
 
 
