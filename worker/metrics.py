@@ -72,6 +72,9 @@ class OpsMetrics:
                                   ["procedure", "environment", "gate"], registry=r)
         self.watch_breaches = Counter("opsflow_maintenance_watch_breaches", "Metric watches after a maintenance that "
                                       "ended on a breached limit", ["environment", "query"], registry=r)
+        self.readiness = Gauge("opsflow_readiness_ok", "1 when the last readiness check found the region ready to "
+                               "fail over to or from (its own checks and the environment's all passed)",
+                               ["environment", "region"], registry=r)
         self.environment = Gauge("opsflow_environment_info", "1 for each environment whose rules this worker holds",
                                  ["environment"], registry=r)
         self.worker_ready = Gauge("opsflow_worker_queue_polling", "1 while Temporal lists this worker as a poller "
@@ -112,6 +115,12 @@ class OpsMetrics:
                 self.rpo.labels(env).set(r["rpo_bytes"])
             if _ts(ended) is not None and status in ("succeeded", "failed", "aborted"):
                 self.failover_end.labels(env, status).set(_ts(ended))
+        if procedure == "readiness" and status in ("succeeded", "failed"):
+            checks = r.get("checks") or []
+            everywhere = all(c.get("ok") for c in checks if not c.get("region"))
+            for region in {c["region"] for c in checks if c.get("region")}:
+                ok = everywhere and all(c.get("ok") for c in checks if c.get("region") == region)
+                self.readiness.labels(env, region).set(1 if ok else 0)
         if procedure == "drill" and status == "succeeded" and _ts(ended) is not None:
             child = self.drill_success.labels(env)
             child.set(max(child._value.get(), _ts(ended)))  # never backwards (a read-back racing a run's end)
@@ -256,8 +265,9 @@ def _rpc(seconds: float):
 
 
 async def read_back(client, metrics: OpsMetrics, environments: set[str], per_type: int = 50) -> None:
-    """The last successful drill and the last failover of each environment, from their results in visibility."""
-    for wtype, need in (("drill", "drill"), ("failover", "failover")):
+    """The last successful drill, the last failover and the last readiness check of each environment, from their
+    results in visibility."""
+    for wtype, need in (("drill", "drill"), ("failover", "failover"), ("readiness", "readiness")):
         left = set(environments)
         seen = 0
         async for wf in client.list_workflows(f"WorkflowType = '{wtype}' AND ExecutionStatus != 'Running'"):

@@ -93,8 +93,10 @@ class ReadinessWorkflow(Procedure[ReadinessReport]):
             f"database-{region}", f"Check the database in {region}", DB_STATUS, RegionTarget.of(inv, region),
             queue=inv.region_queue(region), attempts=2,
             detail=lambda s: f"{s.role}{' (fenced)' if s.read_only else ''}" if s.reachable else "unreachable"))
-        if status is not None and not status.reachable:
-            self.found(region, "database", False, f"unreachable: {status.error}")
+        if status is not None:
+            self.found(region, "database", status.reachable,
+                       status.role + (" (fenced)" if status.read_only else "") if status.reachable
+                       else f"unreachable: {status.error}")
         return status
 
     def replica(self, region: str, status: DbStatus, primary: DbStatus | None) -> None:

@@ -65,3 +65,19 @@ async def test_dry_run_lists_the_checks(running, world, inventory):
     assert report.status == "planned" and world.calls == []
     assert [s.name for s in report.steps] == ["database-eastus", "database-westeurope", "kubernetes-eastus",
                                               "kubernetes-westeurope", "traffic", "workers"]
+
+
+async def test_each_region_feeds_the_readiness_gauge(running, world, inventory):
+    """What `opsflow_readiness_ok{environment,region}` (worker/metrics.py) makes of a run: a region is ready when its
+    own checks and the environment's pass."""
+    from worker.metrics import OpsMetrics
+
+    metrics = OpsMetrics()
+    metrics.record_end(await run(running, inventory))
+    env = inventory.environment
+    assert [metrics.registry.get_sample_value("opsflow_readiness_ok", {"environment": env, "region": r})
+            for r in ("eastus", "westeurope")] == [1, 1]
+    world.streaming = False
+    metrics.record_end(await run(running, inventory))
+    assert [metrics.registry.get_sample_value("opsflow_readiness_ok", {"environment": env, "region": r})
+            for r in ("eastus", "westeurope")] == [1, 0]
