@@ -354,6 +354,7 @@ class ProcedureReport(BaseModel):
     scheduled_by: str | None = None  # a run a Schedule launched: who created (and signed) the Schedule, its id
     schedule_id: str | None = None
     rules_sha256: str | None = None  # the worker's inventory this run acted by (opsflow/rules.py)
+    stored_at: list[str] = []  # where the report was kept at the end (reports directory, S3)
     status: ProcedureStatus = "running"
     failure: str | None = None
     current_step: str | None = None
@@ -399,7 +400,6 @@ class DrillReport(ProcedureReport):
     restore_seconds: float | None = None
     checks: list[CheckResult] = []
     scratch_deleted: bool | None = None
-    stored_at: list[str] = []
 
 
 class FailbackReport(ProcedureReport):

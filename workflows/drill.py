@@ -11,29 +11,24 @@ from __future__ import annotations
 from datetime import datetime
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
 
-from workflows.procedure import Procedure, StepDecl, Stop, Undo, failure_message
+from workflows.procedure import Procedure, StepDecl, Stop, Undo
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.contracts.db import DB_STATUS
-    from opsflow.contracts.notify import REPORT_STORE
     from opsflow.contracts.restore import RESTORE_DELETE, RESTORE_LEFTOVERS, RESTORE_START, RESTORE_VALIDATE_CHECKS, RESTORE_VERIFY, RESTORE_WAIT, RESTORE_WINDOW
     from activities.providers import default_restore_method
     from opsflow.rules import ProcedureInput
     from opsflow.models import (
         CheckResult,
-        ControlEvent,
         DbStatus,
         DrillReport,
         RegionTarget,
         RestoreRequest,
         RestoreWindow,
         ScratchTarget,
-        StoreReportRequest,
         VerifyRequest,
     )
-    from opsflow.report import to_markdown
 
 
 class DrillInput(ProcedureInput):
@@ -62,6 +57,7 @@ def declare(inp: DrillInput, source: str, method: str, name: str, point: datetim
 @workflow.defn(name="drill")
 class DrillWorkflow(Procedure[DrillReport]):
     notify_on_stop = False  # finalize() sends the one-line summary, success or not
+    stores_own_report = True
 
     @workflow.init
     def __init__(self, inp: DrillInput) -> None:
@@ -199,24 +195,7 @@ class DrillWorkflow(Procedure[DrillReport]):
         deletions = [s for s in report.steps if s.name in ("cleanup", "undo:restore.delete")]
         if deletions:
             report.scratch_deleted = all(s.outcome == "compensated" for s in deletions)
-        request = StoreReportRequest(
-            environment=inv.environment,
-            workflow_id=f"{report.workflow_id}-{workflow.info().run_id[:8]}",
-            reports_dir=inv.reports_dir,
-            store=inv.reports,
-            aws=inv.aws,
-            json_text=report.model_dump_json(indent=2),
-            markdown=to_markdown(report),
-        )
-        try:
-            # Bounded: a store that keeps failing is reported, and the drill's outcome stands.
-            opts = self.activity_options(inv.task_queue, 60, None, 5)
-            opts.pop("cancellation_type")
-            report.stored_at = await workflow.execute_activity(
-                REPORT_STORE.name, request, result_type=REPORT_STORE.result_type, summary="store the drill report", **opts
-            )
-        except ActivityError as err:  # a report that cannot be stored is noted; the drill's outcome stands
-            report.events.append(ControlEvent(action="report-store-failed", by="opsflow", at=workflow.now(), reason=failure_message(err)))
+        await self.store_report()  # before the summary line, as drills always have (the kernel keeps others' after)
         status = report.status if report.status != "running" else "succeeded"
         ok = sum(c.ok for c in report.checks)
         line = (

@@ -30,6 +30,7 @@ from workflows.kernel.steps import StepDecl, Steps, Undo
 from workflows.kernel.gates import GateState, Gates
 from workflows.kernel.controls import Controls
 from workflows.kernel.rules import Rules
+from workflows.kernel.reports import Reports
 from workflows.kernel.ui import Display
 
 # What a procedure module needs of the kernel, in one import (the parts are in workflows/kernel/).
@@ -40,7 +41,7 @@ __all__ = ["A", "R", "GateState", "Procedure", "Request", "StepDecl", "Stop", "U
 Rep = TypeVar("Rep", bound=ProcedureReport)
 
 
-class Procedure(Steps, Gates, Controls, Rules, Display, Generic[Rep]):
+class Procedure(Steps, Gates, Controls, Rules, Display, Reports, Generic[Rep]):
     """Base class for procedure workflows (handlers are inherited by the @workflow.defn subclasses), generic over
     its report: `class FailoverWorkflow(Procedure[FailoverReport])` has a `self.report` that is a FailoverReport."""
 
@@ -137,12 +138,18 @@ class Procedure(Steps, Gates, Controls, Rules, Display, Generic[Rep]):
         self.report.waiting_for = None
         self.report.ended_at = workflow.now()
         await self.finalize()
+        await self.keep_report()
         self.show()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.report
 
     async def finalize(self) -> None:
-        """Called once at the end, success or not, after any undo (e.g. to store the report)."""
+        """Called once at the end, success or not, after any undo (e.g. a summary line)."""
+
+    async def keep_report(self) -> None:
+        """Every procedure's report is kept where the drill's always was (runs recorded before did not keep it)."""
+        if not self.stores_own_report and workflow.patched("store-every-report"):
+            await self.store_report()
 
     async def _stopped(self, status: str, reason: str) -> Rep:
         if not self.point_of_no_return:
@@ -153,6 +160,7 @@ class Procedure(Steps, Gates, Controls, Rules, Display, Generic[Rep]):
         self.report.waiting_for = None
         self.report.ended_at = workflow.now()
         await self.finalize()
+        await self.keep_report()
         self.show()
         if self.notify_on_stop:
             await self.notify(

@@ -61,6 +61,10 @@ def readiness(lab) -> dict:
     report = json.loads(proc.stdout)
     assert proc.returncode == (0 if report["ready"] else 1), proc.stderr
     assert report["status"] in ("succeeded", "failed") and not [s for s in report["steps"] if s["name"] == "promote"]
+    # Every procedure's report is kept where the drill's is (the reports directory; S3 where configured).
+    kept = lab.cli_json("report", report["workflow_id"])["stored_at"]
+    assert sorted(p.rsplit(".", 1)[1] for p in kept) == ["json", "md"]
+    assert json.loads(open(next(p for p in kept if p.endswith(".json"))).read())["procedure"] == "readiness"
     return report
 
 

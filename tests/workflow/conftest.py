@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import tempfile
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -38,6 +40,10 @@ async def dev_env():
         yield e
 
 
+# Every procedure keeps its report at the end (workflows/kernel/reports.py): the tests' go to a temporary folder.
+REPORTS = Path(tempfile.gettempdir()) / "opsflow-test-reports"
+
+
 def inventory_dict(**overrides) -> dict:
     inv = {
         "environment": f"t{uuid.uuid4().hex[:8]}",
@@ -54,6 +60,7 @@ def inventory_dict(**overrides) -> dict:
         "traffic": {"provider": "azure-traffic-manager", "subscription_id": "sub", "resource_group": "rg", "profile": "shop"},
         "approval": {"approvers": ["alice", "bob"], "require_distinct_approver": True, "timeout": "1h", "escalation_channel": "oncall"},
         "failover": {"drain": "60s", "max_planned_lag_bytes": 1024 * 1024},
+        "reports_dir": str(REPORTS),
         "notifications": [{"name": "ops", "url_secret": {"env": "OPSFLOW_TEST_WEBHOOK_OPS"}}, {"name": "oncall", "url_secret": {"env": "OPSFLOW_TEST_WEBHOOK_ONCALL"}}],
     }
     for k, v in overrides.items():

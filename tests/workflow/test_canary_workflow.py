@@ -31,6 +31,7 @@ from opsflow.models import NotifyRequest
 from opsflow.rollout import (DeploymentRequest, ImageRequest, MetricSamples, RolloutState, RolloutTarget,
                              Samples, SamplesRequest, WeightRequest)
 from opsflow.rollout_report import RolloutReport
+from activities.reports import store_report
 from activities.rules import worker_inventory
 from tests.workflow.conftest import worker_holds
 from tests.workflow.conftest import inventory_dict
@@ -154,7 +155,7 @@ class Cluster:
         def notify(r: NotifyRequest) -> None:
             c.notifications.append(r.notification.text)
 
-        return [worker_inventory, rollout_status, create_canary, set_weight, delete_canary, set_image, create_colour, switch_service, scale_deployment,
+        return [worker_inventory, store_report, rollout_status, create_canary, set_weight, delete_canary, set_image, create_colour, switch_service, scale_deployment,
                 samples, notify, judge_step]
 
 

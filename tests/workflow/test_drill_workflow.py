@@ -298,5 +298,5 @@ async def test_the_launcher_started_by_hand_runs_nothing(drilling, backups, dril
                          schedule_id=f"opsflow-{inv.environment}-x", by="mallory")
     with pytest.raises(WorkflowFailureError) as refused:
         await drilling.client.execute_workflow("scheduled", launch, id=f"opsflow-{inv.environment}-x-1", task_queue=inv.task_queue)
-    assert "may run drill, maintenance or dry runs, not a failover" in str(refused.value.cause)
+    assert "may run drill, maintenance, readiness or dry runs, not a failover" in str(refused.value.cause)
     assert backups.created == []

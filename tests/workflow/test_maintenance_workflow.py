@@ -41,6 +41,7 @@ from opsflow.maintenance_models import (
 )
 from opsflow.models import DbStatus, KubeStatus, MaintenanceRequest, NotifyRequest, RegionTarget, SmokeResult
 from opsflow.procedures import fleet_workflow_id
+from activities.reports import store_report
 from activities.rules import worker_inventory
 from tests.workflow.conftest import worker_holds
 from tests.workflow.conftest import inventory_dict
@@ -178,7 +179,7 @@ class MaintWorld:
         def unserved(queues: list[str]) -> list[str]:
             return []
 
-        return [worker_inventory, db_status, plan, take, verify, run_item, health, set_maintenance, smoke, statuspage, watch, notify, unserved]
+        return [worker_inventory, store_report, db_status, plan, take, verify, run_item, health, set_maintenance, smoke, statuspage, watch, notify, unserved]
 
 
 def window_around(now: datetime, *, opens_in: timedelta = timedelta(hours=-1), length: timedelta = timedelta(hours=3)) -> dict:

@@ -81,3 +81,10 @@ async def test_each_region_feeds_the_readiness_gauge(running, world, inventory):
     metrics.record_end(await run(running, inventory))
     assert [metrics.registry.get_sample_value("opsflow_readiness_ok", {"environment": env, "region": r})
             for r in ("eastus", "westeurope")] == [1, 0]
+
+
+async def test_the_report_is_kept_like_every_procedures(running, world, inventory):
+    report = await run(running, inventory)
+    assert sorted(p.rsplit(".", 1)[1] for p in report.stored_at) == ["json", "md"]
+    kept = ReadinessReport.model_validate_json(open(next(p for p in report.stored_at if p.endswith(".json"))).read())
+    assert kept.workflow_id == report.workflow_id and kept.checks == report.checks

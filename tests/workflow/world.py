@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from activities.reports import store_report
 from activities.rules import worker_inventory
 from opsflow.models import (
     CatchUpRequest,
@@ -199,7 +200,7 @@ class World:
             w.asked.update(queues)
             return gone
 
-        return [worker_inventory, fence_control_plane, scale_to_zero, unserved_queues, db_status, db_fence, db_unfence, db_wait, db_promote, db_check_writable, db_rebuild, traffic_status, traffic_switch, kube_status, set_maintenance, scale_up, smoke, notify]
+        return [worker_inventory, store_report, fence_control_plane, scale_to_zero, unserved_queues, db_status, db_fence, db_unfence, db_wait, db_promote, db_check_writable, db_rebuild, traffic_status, traffic_switch, kube_status, set_maintenance, scale_up, smoke, notify]
 
     def traffic(self, req: TrafficRequest) -> TrafficStatus:
         return TrafficStatus(

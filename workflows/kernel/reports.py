@@ -1,0 +1,44 @@
+"""The report kept at the end: JSON and Markdown in the inventory's reports directory and S3, for every procedure
+(the evidence a postmortem or an audit asks for), best effort and bounded."""
+
+from __future__ import annotations
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from opsflow.contracts.notify import REPORT_STORE
+    from opsflow.models import ControlEvent, StoreReportRequest
+    from opsflow.report import to_markdown
+
+from workflows.kernel.common import failure_message
+
+
+class Reports:
+    """The report's keeping (a part `Procedure` composes; `self` is the procedure)."""
+
+    stores_own_report = False  # True: the procedure's finalize() stores it (the drill, before its summary line)
+
+    async def store_report(self) -> None:
+        """Keep the report; one that cannot be stored is noted in it, and the procedure's outcome stands."""
+        report, inv = self.report, self.inventory
+        if inv is None or report.dry_run:  # refused before the worker's rules were taken, or a plan: nothing to keep
+            return
+        request = StoreReportRequest(
+            environment=inv.environment,
+            workflow_id=f"{report.workflow_id}-{workflow.info().run_id[:8]}",
+            reports_dir=inv.reports_dir,
+            store=inv.reports,
+            aws=inv.aws,
+            json_text=report.model_dump_json(indent=2),
+            markdown=to_markdown(report),
+        )
+        opts = self.activity_options(inv.task_queue, 60, None, 5)
+        opts.pop("cancellation_type")
+        try:
+            report.stored_at = await workflow.execute_activity(
+                REPORT_STORE.name, request, result_type=REPORT_STORE.result_type,
+                summary=f"store the {report.procedure} report", **opts)
+        except ActivityError as err:
+            report.events.append(ControlEvent(action="report-store-failed", by="opsflow", at=workflow.now(),
+                                              reason=failure_message(err)))
