@@ -71,8 +71,9 @@ def vacuumdb_seconds(dsn: str, tables: list[str]) -> float:
 async def procedure_seconds(state: dict, inventory: Path) -> tuple[float, float, dict]:
     from temporalio.client import Client, WorkflowFailureError
 
+    from opsflow.client import send_update
     from opsflow.temporal import DATA_CONVERTER
-    from workflows.procedure import Request
+    from workflows.procedure import Procedure, Request
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
     env.update(TEMPORAL_ADDRESS=state["temporal"]["address"], TEMPORAL_NAMESPACE="default", PYTHONPATH=str(ROOT))
@@ -89,7 +90,7 @@ async def procedure_seconds(state: dict, inventory: Path) -> tuple[float, float,
         if (p.get("waiting_for") or "").startswith("approval"):
             break
         await asyncio.sleep(0.1)
-    await handle.execute_update("approve", Request(by="bob", reason="bench"))
+    await send_update(handle, Procedure.approve, Request(by="bob", reason="bench"))
     try:
         result = await handle.result()
     except WorkflowFailureError as e:  # the report rides in the failure

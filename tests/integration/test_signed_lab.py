@@ -17,9 +17,11 @@ import pytest
 import yaml
 from temporalio.client import Client, WorkflowUpdateFailedError
 
+from opsflow.client import send_update
 from opsflow.signing import Signer
 from tests.integration.conftest import wait_for
 from tests.integration.test_failover_lab import wait_end
+from workflows.procedure import Procedure
 
 pytestmark = pytest.mark.lab
 
@@ -92,7 +94,7 @@ async def test_signed_approvals_on_the_lab(signed_lab, keys, agent, tmp_path):
     }
     for why, body in attempts.items():
         with pytest.raises(WorkflowUpdateFailedError) as e:
-            await handle.execute_update("approve", body, result_type=dict)
+            await send_update(handle, Procedure.approve, body)
         assert why in str(e.value.cause), (why, e.value.cause)
 
     # Correct: bob through the CLI with his key file; one role is not enough.

@@ -21,12 +21,13 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.rules import RULEBOOK
+from opsflow.client import send_update
 from opsflow.inventory import Inventory
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
 from tests.workflow.conftest import WORKFLOWS, inventory_dict
 from tests.workflow.world import World
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -42,13 +43,13 @@ async def planned(env, inv: Inventory, world: World) -> WorkflowHandle:
     handle = await start(env, inv, "failover", FailoverInput(inventory=inv, to_region="westeurope", requester="alice"))
     await waiting_for(handle, "approval")
     try:
-        await handle.execute_update("approve", Request(by="alice"))  # refused: never reaches history
+        await send_update(handle, Procedure.approve, Request(by="alice"))  # refused: never reaches history
     except WorkflowUpdateFailedError:
         pass
-    await handle.execute_update("pause", Request(by="alice"))
-    await handle.execute_update("approve", Request(by="bob", reason="replay"))
+    await send_update(handle, Procedure.pause, Request(by="alice"))
+    await send_update(handle, Procedure.approve, Request(by="bob", reason="replay"))
     await asyncio.sleep(0.5)
-    await handle.execute_update("resume", Request(by="alice"))
+    await send_update(handle, Procedure.resume, Request(by="alice"))
     return handle
 
 
@@ -67,7 +68,7 @@ async def failback(env, inv: Inventory, world: World) -> WorkflowHandle:
     world.replay = {"eastus": world.lsn - 65536}
     handle = await start(env, inv, "failback", FailbackInput(inventory=inv, to_region="eastus", requester="alice"))
     await waiting_for(handle, "approval")
-    await handle.execute_update("approve", Request(by="bob", reason="eastus is back"))
+    await send_update(handle, Procedure.approve, Request(by="bob", reason="eastus is back"))
     return handle
 
 
@@ -92,7 +93,7 @@ async def cancelled(env, inv: Inventory, world: World) -> WorkflowHandle:
 
     handle = await start(env, inv, "failover", FailoverInput(inventory=inv, to_region="westeurope", requester="alice"))
     await waiting_for(handle, "approval")
-    await handle.execute_update("approve", Request(by="bob", reason="replay"))
+    await send_update(handle, Procedure.approve, Request(by="bob", reason="replay"))
     await waiting_for(handle, "Drain")
     await handle.cancel()
     return handle

@@ -15,13 +15,14 @@ from pathlib import Path
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from opsflow.client import send_update
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
 from activities.rules import RULEBOOK
 from opsflow.inventory import Inventory
 from tests.workflow.test_canary_workflow import NEW, Cluster, make_inventory
 from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, RolloutInput
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -50,8 +51,8 @@ async def record(name: str, variant: str = "healthy") -> None:
                                                          task_queue=inv.task_queue)
                 while (await handle.query("progress", result_type=dict)).get("current_step") != "approval":
                     await asyncio.sleep(0.05)
-                await handle.execute_update("approve", Request(by="carol", reason="replay"))
-                await handle.execute_update("approve", Request(by="dave", reason="replay"))
+                await send_update(handle, Procedure.approve, Request(by="carol", reason="replay"))
+                await send_update(handle, Procedure.approve, Request(by="dave", reason="replay"))
                 await handle.result()
                 history = await handle.fetch_history()
     out.write_text(json.dumps(json.loads(history.to_json()), indent=1))

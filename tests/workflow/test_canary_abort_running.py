@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from opsflow.client import send_update
 from tests.workflow.test_canary_workflow import OLD, approve_quorum, cluster, failed, make_inventory, start, until, worker  # noqa: F401
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 
 async def test_abort_while_the_canary_is_being_created(env, worker, cluster):  # noqa: F811
@@ -19,7 +20,7 @@ async def test_abort_while_the_canary_is_being_created(env, worker, cluster):  #
         handle = await start(env, worker, make_inventory(), auto_promote=True)
         await approve_quorum(handle)
         await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
-        await handle.execute_update("abort", Request(by="alice", reason="wrong image"))
+        await send_update(handle, Procedure.abort, Request(by="alice", reason="wrong image"))
         report = await failed(handle)
     assert report.status == "aborted" and report.rolled_back
     assert cluster.canary_image is None and cluster.weights == {"web": 100} and cluster.stable_image == OLD

@@ -26,6 +26,7 @@ from temporalio.exceptions import CancelledError
 from temporalio.worker import Worker
 
 from activities.analysis import judge_step
+from opsflow.client import send_update
 from opsflow.inventory import Inventory
 from opsflow.models import NotifyRequest
 from opsflow.rollout import (DeploymentRequest, ImageRequest, MetricSamples, RolloutState, RolloutTarget,
@@ -35,8 +36,8 @@ from activities.rules import worker_inventory
 from tests.workflow.conftest import worker_holds
 from tests.workflow.conftest import inventory_dict
 from worker.main import HEARTBEAT_THROTTLE
-from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, RolloutInput
-from workflows.procedure import Request
+from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, Rollout, RolloutInput
+from workflows.procedure import Procedure, Request
 
 OLD, NEW = "registry/shop:1.0", "registry/shop:1.1"
 
@@ -242,8 +243,8 @@ async def until(handle, predicate, what: str, polls: int = 60) -> RolloutReport:
 
 async def approve_quorum(handle) -> None:
     await until(handle, lambda r: r.current_step == "approval" and r.status == "waiting", "the approval gate")
-    await handle.execute_update("approve", Request(by="carol", reason="platform ok"))
-    await handle.execute_update("approve", Request(by="dave", reason="qa ok"))
+    await send_update(handle, Procedure.approve, Request(by="carol", reason="platform ok"))
+    await send_update(handle, Procedure.approve, Request(by="dave", reason="qa ok"))
 
 
 async def failed(handle) -> RolloutReport:
@@ -295,18 +296,18 @@ async def test_quorum_needs_both_roles_each_by_a_different_person(env, worker, c
     async with serving(worker):
         handle = await start(env, worker, inv, auto_promote=True, requester="alice")
         await until(handle, lambda r: r.current_step == "approval", "the approval gate")
-        await handle.execute_update("approve", Request(by="carol"))
+        await send_update(handle, Procedure.approve, Request(by="carol"))
         r = await until(handle, lambda r: "qa" in (r.waiting_for or ""), "the gate asking for qa")
         assert "still needs" in r.waiting_for and cluster.calls == ["k8s.rollout_status"]
         with pytest.raises(WorkflowUpdateFailedError):  # another platform lead does not make a qa approval
-            await handle.execute_update("approve", Request(by="carol"))
-        await handle.execute_update("approve", Request(by="erin"))
+            await send_update(handle, Procedure.approve, Request(by="carol"))
+        await send_update(handle, Procedure.approve, Request(by="erin"))
         r = await progress(handle)
         assert r.current_step == "approval" and "qa" in r.waiting_for and "k8s.create_canary" not in cluster.calls
         with pytest.raises(WorkflowUpdateFailedError) as exc:
-            await handle.execute_update("approve", Request(by="mallory"))
+            await send_update(handle, Procedure.approve, Request(by="mallory"))
         assert "may not approve" in str(exc.value.cause)
-        await handle.execute_update("approve", Request(by="dave"))
+        await send_update(handle, Procedure.approve, Request(by="dave"))
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded"
 
@@ -353,10 +354,10 @@ async def test_marginal_pauses_for_a_person_then_promote_goes_on(env, worker, cl
         assert r.analysis[-1].verdict == "marginal" and r.analysis[-1].score == 75
         assert cluster.canary_image == NEW and cluster.weights == {"web": 95, "web-canary": 5}  # no automatic rollback
         with pytest.raises(WorkflowUpdateFailedError):
-            await handle.execute_update("promote", Request(by="mallory"))
-        await handle.execute_update("promote", Request(by="alice", reason="cpu is expected to rise"))
+            await send_update(handle, Rollout.promote, Request(by="mallory"))
+        await send_update(handle, Rollout.promote, Request(by="alice", reason="cpu is expected to rise"))
         await until(handle, lambda r: r.current_step == "decide-25", "the decision at 25 %")
-        await handle.execute_update("promote", Request(by="alice", full=True))
+        await send_update(handle, Rollout.promote, Request(by="alice", full=True))
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded" and cluster.stable_image == NEW
     assert cluster.weight_log == [5, 25]  # --full: straight to 100 %
@@ -371,7 +372,7 @@ async def test_low_traffic_is_inconclusive_never_a_pass(env, worker, cluster):
         await approve_quorum(handle)
         r = await until(handle, lambda r: r.current_step == "decide-5", "the decision at 5 %")
         assert r.analysis[-1].verdict == "inconclusive" and "only 5 canary requests" in r.analysis[-1].reason
-        await handle.execute_update("abort", Request(by="alice", reason="not enough traffic today"))
+        await send_update(handle, Procedure.abort, Request(by="alice", reason="not enough traffic today"))
         report = await failed(handle)
     assert report.status == "aborted" and report.rolled_back and cluster.stable_at_100
 
@@ -383,7 +384,7 @@ async def test_without_auto_promote_a_person_promotes_at_the_end(env, worker, cl
         await approve_quorum(handle)
         await until(handle, lambda r: r.current_step == "promote-gate", "the promotion gate")
         assert cluster.stable_image == OLD
-        await handle.execute_update("promote", Request(by="bob"))
+        await send_update(handle, Rollout.promote, Request(by="bob"))
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded" and cluster.stable_image == NEW
 
@@ -402,7 +403,7 @@ async def test_abort_at_every_step_leaves_stable_at_100(dev_env, dev_worker, clu
         if when != "approval":
             await approve_quorum(handle)
         await until(handle, lambda r: r.current_step == when, when)
-        await handle.execute_update("abort", Request(by="alice", reason=f"abort at {when}"))
+        await send_update(handle, Procedure.abort, Request(by="alice", reason=f"abort at {when}"))
         report = await failed(handle)
     assert report.status == "aborted"
     assert cluster.stable_at_100, (when, cluster)
@@ -429,12 +430,12 @@ async def test_override_by_an_approver_with_a_reason(env, worker, cluster):
         await until(handle, lambda r: r.current_step == "window" and r.status == "waiting", "the override")
         assert cluster.calls == []
         with pytest.raises(WorkflowUpdateFailedError) as exc:
-            await handle.execute_update("override", Request(by="alice", reason="hotfix"))
+            await send_update(handle, Procedure.override, Request(by="alice", reason="hotfix"))
         assert "may not override" in str(exc.value.cause)
         with pytest.raises(WorkflowUpdateFailedError) as exc:
-            await handle.execute_update("override", Request(by="carol"))
+            await send_update(handle, Procedure.override, Request(by="carol"))
         assert "needs a reason" in str(exc.value.cause)
-        await handle.execute_update("override", Request(by="carol", reason="security fix CVE-2026-1"))
+        await send_update(handle, Procedure.override, Request(by="carol", reason="security fix CVE-2026-1"))
         await approve_quorum(handle)
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded"
@@ -484,7 +485,7 @@ async def test_bluegreen_rollback_in_the_window_switches_back_keeping_the_old_co
         await approve_quorum(handle)
         await until(handle, lambda r: r.current_step == "post-analysis", "the rollback window")
         assert cluster.selector == "web-green"
-        await handle.execute_update("rollback", Request(by="alice", reason="customers complain"))
+        await send_update(handle, Rollout.rollback, Request(by="alice", reason="customers complain"))
         report = await failed(handle)
     assert report.status == "aborted" and report.rolled_back
     assert cluster.selector == "web" and cluster.replicas["web"] == 3 and cluster.replicas["web-green"] == 0
@@ -506,7 +507,7 @@ async def test_bluegreen_promote_ends_the_rollback_window_early(dev_env, dev_wor
         handle = await start(dev_env, dev_worker, inv, procedure="bluegreen")
         await approve_quorum(handle)
         await until(handle, lambda r: r.current_step == "post-analysis", "the rollback window")
-        await handle.execute_update("promote", Request(by="alice", reason="looks good"))
+        await send_update(handle, Rollout.promote, Request(by="alice", reason="looks good"))
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded" and cluster.replicas["web"] == 0 and cluster.selector == "web-green"
     window = next(s for s in report.steps if s.name == "post-analysis")
@@ -531,16 +532,16 @@ async def test_a_rollout_approver_promotes_signed_and_a_replayed_promote_is_refu
         for who in (carol, dave):
             signed = who.sign_request(workflow_id=handle.id, run_id=run, gate_id="approval", action="approve", reason="ok",
                                       at=await env.get_current_time())  # the workflow's clock: the test server skips time
-            await handle.execute_update("approve", Request(by=who.name, reason="ok", **signed))
+            await send_update(handle, Procedure.approve, Request(by=who.name, reason="ok", **signed))
         await until(handle, lambda r: r.current_step == "promote-gate", "the promotion gate")
         with pytest.raises(WorkflowUpdateFailedError) as exc:
-            await handle.execute_update("promote", Request(by="carol"))  # unsigned
+            await send_update(handle, Rollout.promote, Request(by="carol"))  # unsigned
         assert "missing signature" in str(exc.value.cause)
         signed = carol.sign_request(workflow_id=handle.id, run_id=run, gate_id=None, action="promote", at=await env.get_current_time())
-        await handle.execute_update("promote", Request(by="carol", **signed))
+        await send_update(handle, Rollout.promote, Request(by="carol", **signed))
         again = {**signed, "signature": signed["signature"].replace("\n", "\r\n")}  # the same blob in other text
         with pytest.raises(WorkflowUpdateFailedError) as exc:
-            await handle.execute_update("promote", Request(by="carol", **again))
+            await send_update(handle, Rollout.promote, Request(by="carol", **again))
         assert "replayed signature" in str(exc.value.cause)
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded" and cluster.stable_image == NEW and [e.by for e in report.promoted_by] == ["carol"]

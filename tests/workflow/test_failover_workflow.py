@@ -8,11 +8,11 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
-from opsflow.client import ProcedureRunning, fetch_report, start_procedure
+from opsflow.client import ProcedureRunning, fetch_report, send_update, start_procedure
 from opsflow.models import FailoverReport
 from tests.workflow.conftest import worker_holds
 from workflows.failover import FailoverInput
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 
 async def start(env, inventory, to="westeurope", **kw):
@@ -48,7 +48,7 @@ async def test_planned_failover_with_approval(running, world, inventory):
     handle = await start(running, inventory)
     await until_waiting(handle)
     assert world.primary == "eastus" and not world.fenced  # nothing changes before approval
-    await handle.execute_update("approve", Request(by="bob", reason="change #42"))
+    await send_update(handle, Procedure.approve, Request(by="bob", reason="change #42"))
     report = FailoverReport.model_validate(await handle.result())
 
     assert report.status == "succeeded"
@@ -70,14 +70,14 @@ async def test_non_approver_and_self_approval_are_rejected_before_history(runnin
     handle = await start(running, inventory, requester="alice")
     await until_waiting(handle)
     with pytest.raises(WorkflowUpdateFailedError) as exc:
-        await handle.execute_update("approve", Request(by="mallory"))
+        await send_update(handle, Procedure.approve, Request(by="mallory"))
     assert "may not approve" in str(exc.value.cause)
     with pytest.raises(WorkflowUpdateFailedError) as exc:
-        await handle.execute_update("approve", Request(by="alice"))
+        await send_update(handle, Procedure.approve, Request(by="alice"))
     assert "requested this procedure" in str(exc.value.cause)
     assert await update_names_in_history(handle) == []
     assert world.unchanged
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     await handle.result()
     assert await update_names_in_history(handle) == ["approve"]
 
@@ -95,7 +95,7 @@ async def test_failure_before_promotion_undoes_what_was_done(running, world, inv
     world.fail["db.wait_caught_up"] = "replica stuck"
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     report = await failed_report(handle)
     assert report.status == "failed" and "replica stuck" in report.failure
     assert world.unchanged  # fence lifted, maintenance annotation removed, nothing promoted
@@ -107,7 +107,7 @@ async def test_failure_after_promotion_goes_forward_and_lists_what_is_left(runni
     world.fail["k8s.scale_up"] = "quota exceeded"
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     report = await failed_report(handle)
     assert report.status == "failed" and "quota exceeded" in report.failure
     assert world.primary == "westeurope" and world.serving == "westeurope" and "eastus" in world.fenced  # no undo past promotion
@@ -118,8 +118,8 @@ async def test_abort_while_waiting_for_approval(running, world, inventory):
     handle = await start(running, inventory)
     await until_waiting(handle)
     with pytest.raises(WorkflowUpdateFailedError):
-        await handle.execute_update("abort", Request(by="mallory"))
-    await handle.execute_update("abort", Request(by="alice", reason="wrong day"))
+        await send_update(handle, Procedure.abort, Request(by="mallory"))
+    await send_update(handle, Procedure.abort, Request(by="alice", reason="wrong day"))
     report = await failed_report(handle)
     assert report.status == "aborted" and "wrong day" in report.failure
     assert world.unchanged
@@ -128,10 +128,10 @@ async def test_abort_while_waiting_for_approval(running, world, inventory):
 async def test_abort_during_drain_compensates(running, world, inventory):
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     await until_waiting(handle, "Drain")
     assert "eastus" in world.fenced
-    await handle.execute_update("abort", Request(by="bob", reason="traffic spike"))
+    await send_update(handle, Procedure.abort, Request(by="bob", reason="traffic spike"))
     report = await failed_report(handle)
     assert report.status == "aborted"
     assert world.unchanged
@@ -140,13 +140,13 @@ async def test_abort_during_drain_compensates(running, world, inventory):
 async def test_pause_holds_at_the_next_step_boundary_and_resume_continues(running, world, inventory):
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("pause", Request(by="alice", reason="check dashboards"))
+    await send_update(handle, Procedure.pause, Request(by="alice", reason="check dashboards"))
     with pytest.raises(WorkflowUpdateFailedError):
-        await handle.execute_update("pause", Request(by="alice"))
-    await handle.execute_update("approve", Request(by="bob"))
+        await send_update(handle, Procedure.pause, Request(by="alice"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     report = await until_waiting(handle, "resume")
     assert report.status == "paused" and "eastus" not in world.maintenance  # held before the first change
-    await handle.execute_update("resume", Request(by="alice"))
+    await send_update(handle, Procedure.resume, Request(by="alice"))
     report = FailoverReport.model_validate(await handle.result())
     assert report.status == "succeeded"
     assert [e.action for e in report.events] == ["pause", "resume"]
@@ -160,7 +160,7 @@ async def test_abort_refused_past_the_point_of_no_return(running, world, invento
     inventory = inventory.model_copy(update={"failover": inventory.failover.model_copy(update={"drain": 0})})
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     for _ in range(400):
         r = FailoverReport.model_validate(await handle.query("progress", result_type=dict))
         if r.current_step == "promote":
@@ -168,7 +168,7 @@ async def test_abort_refused_past_the_point_of_no_return(running, world, invento
         await asyncio.sleep(0.05)
     assert r.current_step == "promote"
     with pytest.raises(WorkflowUpdateFailedError) as exc:
-        await handle.execute_update("abort", Request(by="bob"))
+        await send_update(handle, Procedure.abort, Request(by="bob"))
     assert "point of no return" in str(exc.value.cause)
     world.block_promote.set()
     assert (await handle.result())["status"] == "succeeded"
@@ -194,7 +194,7 @@ async def test_emergency_waits_for_approval_when_the_inventory_asks(running, wor
     handle = await start(running, inv, emergency=True)
     await until_waiting(handle)
     assert world.primary == "eastus"
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     assert (await handle.result())["status"] == "succeeded"
 
 
@@ -229,7 +229,7 @@ async def test_second_procedure_on_the_same_environment_is_refused(running, worl
     with pytest.raises(ProcedureRunning) as exc:
         await start(running, inventory)
     assert exc.value.code == 3 and "another procedure is running" in str(exc.value)
-    await first.execute_update("abort", Request(by="alice"))
+    await send_update(first, Procedure.abort, Request(by="alice"))
     await failed_report(first)
 
 
@@ -242,7 +242,7 @@ async def test_dry_run_plans_exactly_the_steps_a_real_run_takes(running, world, 
 
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     real = FailoverReport.model_validate(await handle.result())
     names = [s.name for s in real.steps]
     assert names[names.index("approval"):] == planned

@@ -10,10 +10,12 @@ import threading
 import pytest
 from temporalio.client import WorkflowUpdateFailedError
 
+from opsflow.client import send_update
 from opsflow.inventory import ApprovalPolicy, Inventory
 from opsflow.models import FailoverReport
 from tests.workflow.conftest import inventory_dict
 from tests.workflow.test_failover_workflow import failed_report, start, until_waiting
+from workflows.procedure import Procedure, Request
 
 
 async def until(handle, predicate, timeout=15):
@@ -45,9 +47,9 @@ async def test_abort_during_catch_up_cancels_it_and_undoes(running, world, inven
     world.block_catch_up = threading.Event()
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     await until(handle, running_step("catch-up"))
-    await handle.execute_update("abort", Request(by="alice", reason="wrong day"))
+    await send_update(handle, Procedure.abort, Request(by="alice", reason="wrong day"))
     report = await failed_report(handle)
     assert world.cancelled == ["db.wait_caught_up"]  # the activity itself stopped; the wait was not sat out
     assert report.status == "aborted" and world.unchanged  # fence lifted, maintenance off
@@ -59,15 +61,15 @@ async def test_pause_stops_a_long_step_and_resume_runs_it_again(running, world, 
     world.block_catch_up = threading.Event()
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     await until(handle, running_step("catch-up"))
-    said = await handle.execute_update("pause", Request(by="alice"), result_type=str)
+    said = await send_update(handle, Procedure.pause, Request(by="alice"))
     assert "WRITES ARE DOWN" in said  # the old primary is fenced while we pause
     await until(handle, lambda r: r.status == "paused")
     assert world.cancelled == ["db.wait_caught_up"]
     assert any(sev == "critical" and "WRITES ARE DOWN" in text for sev, text, _ in world.notifications)
     world.block_catch_up.set()
-    await handle.execute_update("resume", Request(by="alice"))
+    await send_update(handle, Procedure.resume, Request(by="alice"))
     report = FailoverReport.model_validate(await handle.result())
     assert report.status == "succeeded" and world.catch_up_attempts == 2
     assert [s.outcome for s in report.steps if s.name == "catch-up"] == ["skipped", "ok"]
@@ -95,7 +97,7 @@ async def test_failed_promotion_of_a_verified_replica_is_undone(running, world, 
     world.fail["db.promote"] = "ARM: 500 InternalServerError"
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     report = await failed_report(handle)
     assert report.status == "failed" and "verifiably still a replica" in report.failure
     assert world.unchanged and not report.remaining  # the old primary writes again: no outage left behind
@@ -106,7 +108,7 @@ async def test_failed_promotion_that_may_have_happened_goes_forward(running, wor
     world.fail_after["db.promote"] = "timeout reading the response"
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     report = await failed_report(handle)
     assert world.primary == "westeurope" and "eastus" in world.fenced  # no undo: it was promoted
     assert report.remaining[:2] == ["promote in westeurope", "move traffic in westeurope"]
@@ -117,14 +119,14 @@ async def test_quorum_of_two_roles_each_a_different_person(running, world, inven
     inv = inventory.model_copy(update={"approval": roles})
     handle = await start(running, inv, requester="erin")
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="alice"))
+    await send_update(handle, Procedure.approve, Request(by="alice"))
     r = await until_waiting(handle)
     assert "still needs an approval by role qa" in r.waiting_for and world.unchanged
-    assert "already answered" in await refused(handle.execute_update("approve", Request(by="alice")))
-    assert "gate 'promote' is not open" in await refused(handle.execute_update("approve", Request(by="bob", gate="promote")))
-    await handle.execute_update("approve", Request(by="carol"))  # a second lead is not QA
+    assert "already answered" in await refused(send_update(handle, Procedure.approve, Request(by="alice")))
+    assert "gate 'promote' is not open" in await refused(send_update(handle, Procedure.approve, Request(by="bob", gate="promote")))
+    await send_update(handle, Procedure.approve, Request(by="carol"))  # a second lead is not QA
     assert world.unchanged
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     report = FailoverReport.model_validate(await handle.result())
     assert report.status == "succeeded"
     assert [(d.by, d.roles) for d in report.approvals] == [("alice", ["platform-lead"]), ("carol", ["platform-lead"]), ("bob", ["qa"])]
@@ -144,9 +146,6 @@ async def test_an_emergency_is_not_blocked_by_a_dead_old_region_queue(running, w
     world.unserved = {inventory.region_queue("eastus")}  # the old region's worker died with it
     report = FailoverReport.model_validate(await (await start(running, inventory, emergency=True)).result())
     assert report.status == "succeeded"
-
-
-from workflows.procedure import Request  # noqa: E402
 
 
 async def test_an_emergency_report_names_what_it_preempted(running, world, inventory):
@@ -181,7 +180,7 @@ async def test_a_busy_worker_is_waited_for_not_reported_missing(dev_env, world, 
                        max_concurrent_activities=1):
             one = await start(env, first)
             await until_waiting(one)
-            await one.execute_update("approve", Request(by="bob"))
+            await send_update(one, Procedure.approve, Request(by="bob"))
             await until(one, running_step("catch-up"))
             two = await start(env, second)
             r = await until(two, lambda r: any("busy; scheduled again" in s.detail for s in r.steps), timeout=30)
@@ -189,7 +188,7 @@ async def test_a_busy_worker_is_waited_for_not_reported_missing(dev_env, world, 
             world.block_catch_up.set()
             assert FailoverReport.model_validate(await one.result()).status == "succeeded"
             await until_waiting(two)
-            await two.execute_update("approve", Request(by="bob"))
+            await send_update(two, Procedure.approve, Request(by="bob"))
             report = FailoverReport.model_validate(await two.result())
     assert report.status == "succeeded"
     busy = [s for s in report.steps if s.outcome == "skipped" and "busy" in s.detail]

@@ -19,6 +19,7 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.worker import Worker
 
+from opsflow.client import send_update
 from opsflow.inventory import Inventory
 from opsflow.maintenance_models import (
     BackupRequest,
@@ -45,7 +46,7 @@ from activities.rules import worker_inventory
 from tests.workflow.conftest import worker_holds
 from tests.workflow.conftest import inventory_dict
 from workflows.maintenance import FleetInput, MaintenanceFleetWorkflow, MaintenanceInput, MaintenanceWorkflow
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 QUEUE = "maint-tests"
@@ -237,7 +238,7 @@ async def approve_when_waiting(handle, by: str = "bob"):
     deadline = time.monotonic() + 30
     while True:
         try:
-            return await handle.execute_update("approve", Request(by=by, reason="ok"))
+            return await send_update(handle, Procedure.approve, Request(by=by, reason="ok"))
         except WorkflowUpdateFailedError:
             if time.monotonic() > deadline:
                 raise
@@ -297,20 +298,20 @@ async def test_waits_for_the_window_and_an_approver_can_override_it(worker, mwor
     handle = await start(env, inv)
     await approve_when_waiting(handle)
     with pytest.raises(WorkflowUpdateFailedError) as refused:
-        await handle.execute_update("override", Request(by="mallory", reason="now"))
+        await send_update(handle, Procedure.override, Request(by="mallory", reason="now"))
     assert "may not override" in str(refused.value.cause)
-    await until_update(handle, "override", Request(by="bob", reason="quiet night"))
+    await until_update(handle, Procedure.override, Request(by="bob", reason="quiet night"))
     report = await handle.result()
     assert report.override and report.override.by == "bob"
     assert report.window_opened_at < now + timedelta(hours=1)
     assert len(report.items) == 3  # no cutoff outside the window: the approver chose the time
 
 
-async def until_update(handle, name: str, req: Request):
+async def until_update(handle, update, req: Request):
     deadline = time.monotonic() + 20
     while True:
         try:
-            return await handle.execute_update(name, req)
+            return await send_update(handle, update, req)
         except WorkflowUpdateFailedError as e:
             if "not waiting" not in str(e.cause) or time.monotonic() > deadline:
                 raise
@@ -327,11 +328,11 @@ async def test_at_the_cutoff_no_new_table_starts_and_the_rest_is_deferred(worker
     await approve_when_waiting(handle)
     await asyncio.get_running_loop().run_in_executor(None, lambda: mworld.started.setdefault("vacuum-analyze:public.orders", threading.Event()).wait(20))
     # 25 minutes pass while paused (time skips only while no activity runs): the pause interrupts the statement
-    await handle.execute_update("pause", Request(by="alice", reason="look at the graphs"))
+    await send_update(handle, Procedure.pause, Request(by="alice", reason="look at the graphs"))
     await until(lambda: mworld.cancelled, "the running statement to stop for the pause")
     await env.sleep(timedelta(minutes=25))
     mworld.release.set()
-    await handle.execute_update("resume", Request(by="alice"))
+    await send_update(handle, Procedure.resume, Request(by="alice"))
     report = await handle.result()
     assert report.status == "succeeded"
     assert keys(report) == ["vacuum-analyze:public.orders"]  # on_cutoff finish: the interrupted one ran to its end
@@ -381,7 +382,7 @@ async def test_abort_in_the_middle_of_a_table_cancels_the_statement_and_turns_ma
     handle = await start(env, inv)
     await approve_when_waiting(handle)
     await asyncio.get_running_loop().run_in_executor(None, lambda: mworld.started.setdefault("vacuum-analyze:public.events", threading.Event()).wait(20))
-    await handle.execute_update("abort", Request(by="alice", reason="traffic spike"))
+    await send_update(handle, Procedure.abort, Request(by="alice", reason="traffic spike"))
     report = await failed_report(handle)
     assert report.status == "aborted"
     assert mworld.cancelled == ["vacuum-analyze:public.events"]  # the statement was stopped, not left running
@@ -483,7 +484,7 @@ async def test_aborting_the_fleet_cancels_the_running_environments_which_undo(wo
     for inv in invs[:2]:
         await approve_when_waiting(env.client.get_workflow_handle(f"opsflow-{inv.environment}"))
     await until(lambda: sum(c == "vacuum-analyze:public.orders" for _, c in mworld.calls) == 2, "both environments mid-table")
-    await fleet.execute_update("abort", Request(by="alice", reason="incident elsewhere"))
+    await send_update(fleet, Procedure.abort, Request(by="alice", reason="incident elsewhere"))
     with pytest.raises(WorkflowFailureError) as info:
         await fleet.result()
     from opsflow.maintenance_models import FleetReport

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import pytest
 from temporalio.client import WorkflowUpdateFailedError
 
-from opsflow.client import start_procedure
+from opsflow.client import send_update, start_procedure
 from opsflow.inventory import Inventory
 from opsflow.models import Decision, FailoverReport
 from opsflow.rules import START_UNSIGNED, input_digest
@@ -19,7 +19,7 @@ from tests.helpers import ssh_key_pair
 from tests.workflow.conftest import inventory_dict, worker_holds
 from tests.workflow.test_failover_workflow import failed_report, start, until_waiting, update_names_in_history
 from workflows.failover import FailoverInput
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 
 @pytest.fixture
@@ -51,10 +51,10 @@ async def test_a_raw_start_runs_by_the_worker_rules_and_refuses_a_stranger(runni
     handle = await running.client.start_workflow("failover", raw, id=wid, task_queue=inventory.task_queue)
     await until_waiting(handle)
     with pytest.raises(WorkflowUpdateFailedError) as exc:
-        await handle.execute_update("approve", Request(by="mallory-friend"))
+        await send_update(handle, Procedure.approve, Request(by="mallory-friend"))
     assert "may not approve" in str(exc.value.cause) and "alice, bob" in str(exc.value.cause)
     assert await update_names_in_history(handle) == [] and world.unchanged
-    await handle.execute_update("abort", Request(by="alice"))
+    await send_update(handle, Procedure.abort, Request(by="alice"))
     assert (await failed_report(handle)).status == "aborted"
 
 
@@ -134,15 +134,15 @@ async def test_a_signed_request_replayed_in_another_armor_is_refused(dev_env, wo
         await until_waiting(handle)
         desc = await handle.describe()
         signed = alice.sign_request(workflow_id=handle.id, run_id=desc.run_id, gate_id=None, action="pause")
-        await handle.execute_update("pause", Request(by="alice", **signed))
+        await send_update(handle, Procedure.pause, Request(by="alice", **signed))
         resume = alice.sign_request(workflow_id=handle.id, run_id=desc.run_id, gate_id=None, action="resume")
-        await handle.execute_update("resume", Request(by="alice", **resume))
+        await send_update(handle, Procedure.resume, Request(by="alice", **resume))
         rewrapped = "\n".join(line for line in signed["signature"].splitlines()) + "\n\n"  # the same blob, other text
         assert rewrapped != signed["signature"]
         with pytest.raises(WorkflowUpdateFailedError) as exc:
-            await handle.execute_update("pause", Request(by="alice", signature=rewrapped, signed_at=signed["signed_at"]))
+            await send_update(handle, Procedure.pause, Request(by="alice", signature=rewrapped, signed_at=signed["signed_at"]))
         assert "replayed signature" in str(exc.value.cause)
-        await handle.execute_update("abort", Request(by="alice", **alice.sign_request(workflow_id=handle.id, run_id=desc.run_id,
+        await send_update(handle, Procedure.abort, Request(by="alice", **alice.sign_request(workflow_id=handle.id, run_id=desc.run_id,
                                                                                        gate_id=None, action="abort")))
         report = await failed_report(handle)
         assert report.start_input_sha256 and report.start_nonce and report.status == "aborted"
@@ -181,7 +181,7 @@ class running_worker:
 async def approved(running, inventory):
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     return handle
 
 
@@ -196,7 +196,7 @@ async def test_a_cancel_before_the_promotion_is_an_abort_with_its_undo(running, 
     handle = await start(running, inventory)
     await until_waiting(handle)
     if where != "approval":
-        await handle.execute_update("approve", Request(by="bob"))
+        await send_update(handle, Procedure.approve, Request(by="bob"))
         if where == "drain":
             await until_waiting(handle, "Drain")
         else:
@@ -310,7 +310,7 @@ async def test_honest_signed_use_passes_the_worker_check(dev_env, world, signed_
             handle = await start_procedure(dev_env.client, inv, "failover", inp, "signed failover", signer=alice)
             await until_waiting(handle)
             desc = await handle.describe()
-            await handle.execute_update("approve", Request(by="bob", **bob.sign_request(workflow_id=handle.id, run_id=desc.run_id,
+            await send_update(handle, Procedure.approve, Request(by="bob", **bob.sign_request(workflow_id=handle.id, run_id=desc.run_id,
                                                                                         gate_id="approval", action="approve")))
             report = FailoverReport.model_validate(await handle.result())
     assert report.status == "succeeded" and world.primary == "westeurope" and world.promotions == 1
