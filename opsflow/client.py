@@ -26,10 +26,13 @@ from temporalio.api.enums.v1 import PendingActivityState, TaskQueueKind, TaskQue
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import (
+    SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy,
+)
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from opsflow.contracts.kernel import RULES_INVENTORY
 from opsflow.inventory import Inventory
 from opsflow.models import ProcedureReport
 from opsflow.procedures import LAUNCHERS, NOT_PREEMPTIBLE, REPORT_TYPES
@@ -478,7 +481,7 @@ async def recorded_rules(client: Client, handle: WorkflowHandle) -> Inventory | 
                 if isinstance(arg, dict) and arg.get("inventory"):
                     return Inventory.model_validate(arg["inventory"])
         elif event.HasField("activity_task_scheduled_event_attributes"):
-            if event.activity_task_scheduled_event_attributes.activity_type.name == "rules.inventory":
+            if event.activity_task_scheduled_event_attributes.activity_type.name == RULES_INVENTORY.name:
                 scheduled.add(event.event_id)
         elif event.HasField("activity_task_completed_event_attributes"):
             done = event.activity_task_completed_event_attributes

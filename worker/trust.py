@@ -24,6 +24,16 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
 from activities.rules import RULEBOOK
+from opsflow.contracts.db import DB_FENCE, DB_FENCE_CONTROL_PLANE, DB_PROMOTE, DB_REBUILD_REPLICA, DB_UNFENCE
+from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE
+from opsflow.contracts.maintenance import BACKUP_TAKE, MAINT_RUN_ITEM
+from opsflow.contracts.notify import STATUSPAGE_UPDATE
+from opsflow.contracts.restore import RESTORE_DELETE, RESTORE_LEFTOVERS, RESTORE_START
+from opsflow.contracts.rollout import (
+    K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE, K8S_SET_WEIGHT,
+    K8S_SWITCH_SERVICE,
+)
+from opsflow.contracts.traffic import TRAFFIC_SWITCH
 from opsflow.inventory import ApprovalPolicy, Inventory
 from opsflow.models import Decision, RegionTarget
 from opsflow.procedures import SCHEDULABLE
@@ -36,12 +46,14 @@ log = logging.getLogger("opsflow.trust")
 # Activities that change the world -> whether they run only behind the approval gate (False: a checked start
 # is enough, e.g. a drill's scratch restore, the maintenance announcement, the undo of a fence).
 CHANGES_WORLD: dict[str, bool] = {
-    "db.fence": True, "db.promote": True, "db.rebuild_replica": True, "traffic.switch": True, "k8s.scale_up": True,
-    "db.unfence": False, "db.fence_control_plane": False, "k8s.scale_to_zero": False, "k8s.set_maintenance": False,
-    "restore.start": False, "restore.delete": False, "restore.leftovers": False,
-    "maint.run_item": True, "backup.take": False, "statuspage.update": False,
-    "k8s.create_canary": True, "k8s.set_weight": True, "k8s.set_image": True, "k8s.create_colour": True,
-    "k8s.switch_service": True, "k8s.scale_deployment": True, "k8s.delete_canary": False,
+    DB_FENCE.name: True, DB_PROMOTE.name: True, DB_REBUILD_REPLICA.name: True,
+    TRAFFIC_SWITCH.name: True, K8S_SCALE_UP.name: True,
+    DB_UNFENCE.name: False, DB_FENCE_CONTROL_PLANE.name: False,
+    K8S_SCALE_TO_ZERO.name: False, K8S_SET_MAINTENANCE.name: False,
+    RESTORE_START.name: False, RESTORE_DELETE.name: False, RESTORE_LEFTOVERS.name: False,
+    MAINT_RUN_ITEM.name: True, BACKUP_TAKE.name: False, STATUSPAGE_UPDATE.name: False,
+    K8S_CREATE_CANARY.name: True, K8S_SET_WEIGHT.name: True, K8S_SET_IMAGE.name: True, K8S_CREATE_COLOUR.name: True,
+    K8S_SWITCH_SERVICE.name: True, K8S_SCALE_DEPLOYMENT.name: True, K8S_DELETE_CANARY.name: False,
 }
 # An emergency failover passes no gate unless the inventory asks for one.
 GATE = "approval"

@@ -26,6 +26,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client
 
+from opsflow.contracts.notify import NOTIFY_SEND
 from opsflow.temporal import DATA_CONVERTER
 from tests.integration import forked
 from tests.integration.conftest import FAST_RESTART, ROOT, explain, fast_recovery, wait_for
@@ -78,7 +79,7 @@ class Workers:
 
 
 async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve: bool, timeout: float = 900,
-                                       spare: tuple[str, ...] = ("notify.send",)) -> dict:
+                                       spare: tuple[str, ...] = (NOTIFY_SEND.name,)) -> dict:
     """Follow the workflow's history until it closes, killing at every activity boundary (see the module doc). The
     history is followed with a long poll, each event as it is written (reading it whole every 50 ms cost the test and
     the server more CPU than the procedure); pending activities are read only while a long step may be running.

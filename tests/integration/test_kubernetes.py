@@ -33,6 +33,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.kubernetes import TRANSIENT_RETRIES, kube_status, scale_up, scale_up_and_wait, set_maintenance
 from lab.ports import free_port
 from lab.k8s_emulator import BROKEN_ANNOTATION, NODE_NOT_READY_ANNOTATION, start_emulator, write_kubeconfig
+from opsflow.contracts.k8s import K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
 from opsflow.inventory import KubernetesConfig
 from opsflow.models import MaintenanceRequest, RegionTarget, ScaleRequest
 from tests.helpers import eventually as wait_until
@@ -307,7 +308,7 @@ def test_scale_up_heartbeats_progress_in_an_activity(kubeconfig, cluster):
     cluster.seconds_per_replica = 0.5
     beats: list[dict] = []
     env = ActivityEnvironment()
-    env.info = dataclasses.replace(env.info, activity_type="k8s.scale_up", start_to_close_timeout=timedelta(seconds=30),
+    env.info = dataclasses.replace(env.info, activity_type=K8S_SCALE_UP.name, start_to_close_timeout=timedelta(seconds=30),
                                    heartbeat_timeout=timedelta(seconds=5))
     env.on_heartbeat = lambda *details: beats.append(details[0])
     status = env.run(scale_up, ScaleRequest(target=target(kubeconfig, deployments=(("web", 4),))))
@@ -327,7 +328,7 @@ def test_activities_take_exactly_one_argument():
         params = inspect.signature(fn).parameters
         assert len(params) == 1, f"{fn.__name__} must take exactly one parameter, has {list(params)}"
     names = {activity._Definition.must_from_callable(fn).name for fn in (kube_status, set_maintenance, scale_up)}
-    assert names == {"k8s.status", "k8s.set_maintenance", "k8s.scale_up"}
+    assert names == {K8S_STATUS.name, K8S_SET_MAINTENANCE.name, K8S_SCALE_UP.name}
 
 
 def test_scale_up_of_a_broken_deployment_gives_up_retryably(kubeconfig):

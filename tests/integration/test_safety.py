@@ -22,6 +22,7 @@ from temporalio.worker import Worker
 from activities.database import db_divergence, db_fence_control_plane, db_rebuild_replica, db_wait_caught_up
 from lab.ports import free_port
 from lab.postgres import Cluster, _set_port
+from opsflow.contracts.db import DB_WAIT_CAUGHT_UP
 from opsflow.models import CatchUpRequest, DivergenceRequest, RebuildRequest
 from tests.conftest import dev_server
 from tests.integration.conftest import wait_for
@@ -37,7 +38,7 @@ class CatchUpWorkflow:
     @workflow.run
     async def run(self, req: CatchUpRequest) -> None:
         await workflow.execute_activity(
-            "db.wait_caught_up", req, start_to_close_timeout=timedelta(minutes=10), heartbeat_timeout=timedelta(seconds=30),
+            DB_WAIT_CAUGHT_UP.name, req, start_to_close_timeout=timedelta(minutes=10), heartbeat_timeout=timedelta(seconds=30),
             retry_policy=RetryPolicy(maximum_attempts=1), cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
 

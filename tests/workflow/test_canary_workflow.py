@@ -27,6 +27,11 @@ from temporalio.worker import Worker
 
 from activities.analysis import judge_step
 from opsflow.client import send_update
+from opsflow.contracts.notify import NOTIFY_SEND
+from opsflow.contracts.rollout import (
+    K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_ROLLOUT_STATUS, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE,
+    K8S_SET_WEIGHT, K8S_SWITCH_SERVICE, PROMETHEUS_SAMPLES,
+)
 from opsflow.inventory import Inventory
 from opsflow.models import NotifyRequest
 from opsflow.rollout import (DeploymentRequest, ImageRequest, MetricSamples, RolloutState, RolloutTarget,
@@ -94,64 +99,64 @@ class Cluster:
     def activities(self):
         c = self
 
-        @activity.defn(name="k8s.rollout_status")
+        @K8S_ROLLOUT_STATUS.implementation
         def rollout_status(t: RolloutTarget) -> RolloutState:
-            c._enter("k8s.rollout_status")
+            c._enter(K8S_ROLLOUT_STATUS.name)
             return c.state()
 
-        @activity.defn(name="k8s.create_canary")
+        @K8S_CREATE_CANARY.implementation
         def create_canary(r: ImageRequest) -> RolloutState:
-            c._enter("k8s.create_canary")
+            c._enter(K8S_CREATE_CANARY.name)
             c.canary_image = r.image
             return c.state()
 
-        @activity.defn(name="k8s.set_weight")
+        @K8S_SET_WEIGHT.implementation
         def set_weight(r: WeightRequest) -> RolloutState:
-            c._enter("k8s.set_weight")
+            c._enter(K8S_SET_WEIGHT.name)
             c.weights = {"web": 100 - r.canary_weight, "web-canary": r.canary_weight}
             c.weight_log.append(r.canary_weight)
             return c.state()
 
-        @activity.defn(name="k8s.delete_canary")
+        @K8S_DELETE_CANARY.implementation
         def delete_canary(t: RolloutTarget) -> RolloutState:
-            c._enter("k8s.delete_canary")
+            c._enter(K8S_DELETE_CANARY.name)
             c.weights = {"web": 100}
             c.canary_image = None
             return c.state()
 
-        @activity.defn(name="k8s.set_image")
+        @K8S_SET_IMAGE.implementation
         def set_image(r: ImageRequest) -> RolloutState:
-            c._enter("k8s.set_image")
+            c._enter(K8S_SET_IMAGE.name)
             c.stable_image = r.image
             return c.state()
 
-        @activity.defn(name="k8s.create_colour")
+        @K8S_CREATE_COLOUR.implementation
         def create_colour(r: ImageRequest) -> RolloutState:
-            c._enter("k8s.create_colour")
+            c._enter(K8S_CREATE_COLOUR.name)
             other = "web-green" if c.selector == "web" else "web"
             c.colours[other], c.replicas[other] = r.image, 3
             return c.state()
 
-        @activity.defn(name="k8s.switch_service")
+        @K8S_SWITCH_SERVICE.implementation
         def switch_service(r: DeploymentRequest) -> RolloutState:
-            c._enter("k8s.switch_service")
+            c._enter(K8S_SWITCH_SERVICE.name)
             c.selector = r.deployment
             return c.state()
 
-        @activity.defn(name="k8s.scale_deployment")
+        @K8S_SCALE_DEPLOYMENT.implementation
         def scale_deployment(r: DeploymentRequest) -> RolloutState:
-            c._enter("k8s.scale_deployment")
+            c._enter(K8S_SCALE_DEPLOYMENT.name)
             c.replicas[r.deployment] = r.replicas
             return c.state()
 
-        @activity.defn(name="prometheus.samples")
+        @PROMETHEUS_SAMPLES.implementation
         def samples(r: SamplesRequest) -> Samples:
-            c._enter("prometheus.samples")
+            c._enter(PROMETHEUS_SAMPLES.name)
             requests = 5.0 if c.behaviour == "quiet" else 1000.0
             return Samples(metrics=[MetricSamples(name=m.name, canary=c.figures(r.canary, m.name, False), baseline=c.figures(r.baseline, m.name, True))
                                     for m in r.analysis.metrics], canary_requests=requests, baseline_requests=requests * 3, start=r.start, end=r.end)
 
-        @activity.defn(name="notify.send")
+        @NOTIFY_SEND.implementation
         def notify(r: NotifyRequest) -> None:
             c.notifications.append(r.notification.text)
 
@@ -298,12 +303,12 @@ async def test_quorum_needs_both_roles_each_by_a_different_person(env, worker, c
         await until(handle, lambda r: r.current_step == "approval", "the approval gate")
         await send_update(handle, Procedure.approve, Request(by="carol"))
         r = await until(handle, lambda r: "qa" in (r.waiting_for or ""), "the gate asking for qa")
-        assert "still needs" in r.waiting_for and cluster.calls == ["k8s.rollout_status"]
+        assert "still needs" in r.waiting_for and cluster.calls == [K8S_ROLLOUT_STATUS.name]
         with pytest.raises(WorkflowUpdateFailedError):  # another platform lead does not make a qa approval
             await send_update(handle, Procedure.approve, Request(by="carol"))
         await send_update(handle, Procedure.approve, Request(by="erin"))
         r = await progress(handle)
-        assert r.current_step == "approval" and "qa" in r.waiting_for and "k8s.create_canary" not in cluster.calls
+        assert r.current_step == "approval" and "qa" in r.waiting_for and K8S_CREATE_CANARY.name not in cluster.calls
         with pytest.raises(WorkflowUpdateFailedError) as exc:
             await send_update(handle, Procedure.approve, Request(by="mallory"))
         assert "may not approve" in str(exc.value.cause)
@@ -322,8 +327,8 @@ async def test_faulty_canary_is_rolled_back_weight_zero_first_naming_the_metric(
     assert report.status == "failed" and report.rolled_back
     assert "error-rate" in report.rollback_reason and "above the limit 0.05" in report.rollback_reason
     assert cluster.weight_log == [5, 0]  # weight 0 first ...
-    assert cluster.calls.index("k8s.delete_canary") > len(cluster.calls) - 1 - cluster.calls[::-1].index("k8s.set_weight")  # ... then removed
-    assert cluster.stable_at_100 and "k8s.set_image" not in cluster.calls
+    assert cluster.calls.index(K8S_DELETE_CANARY.name) > len(cluster.calls) - 1 - cluster.calls[::-1].index(K8S_SET_WEIGHT.name)  # ... then removed
+    assert cluster.stable_at_100 and K8S_SET_IMAGE.name not in cluster.calls
     breach = report.analysis[-1]
     assert breach.kind == "interval" and breach.metrics[0].name == "error-rate" and breach.metrics[0].canary > 0.05
     assert any("rolled back" in n for n in cluster.notifications)
@@ -450,14 +455,14 @@ async def test_refusals_image_already_running_and_leftover_canary(env, worker, c
         cluster.canary_image = "registry/shop:0.9"
         report = await failed(await start(env, worker, inv))
         assert report.status == "refused" and "left over" in report.failure
-    assert cluster.calls == ["k8s.rollout_status", "k8s.rollout_status"]
+    assert cluster.calls == [K8S_ROLLOUT_STATUS.name, K8S_ROLLOUT_STATUS.name]
 
 
 async def test_dry_run_plans_every_step_and_changes_nothing(env, worker, cluster):
     inv = make_inventory()
     async with serving(worker):
         report = RolloutReport.model_validate(await (await start(env, worker, inv, dry_run=True)).result())
-    assert report.status == "planned" and cluster.calls == ["k8s.rollout_status"]
+    assert report.status == "planned" and cluster.calls == [K8S_ROLLOUT_STATUS.name]
     planned = [s.name for s in report.steps if s.outcome in ("planned", "skipped")]
     assert planned[:3] == ["approval", "create-canary", "weight-5"] and planned[-3:] == ["promote", "cleanup", "notify"]
     assert "judge-50" in planned and "weight-100" not in planned

@@ -17,8 +17,18 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from activities.reports import store_report
+from opsflow.contracts.db import DB_STATUS
+from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
+from opsflow.contracts.notify import NOTIFY_SEND
+from opsflow.contracts.restore import (
+    RESTORE_DELETE, RESTORE_LEFTOVERS, RESTORE_START, RESTORE_VALIDATE_CHECKS, RESTORE_VERIFY, RESTORE_WAIT,
+    RESTORE_WINDOW,
+)
 from opsflow.inventory import Inventory
-from opsflow.models import CheckResult, DbStatus, DrillReport, RegionTarget, NotifyRequest, RestoreRequest, RestoreWindow, ScratchTarget, VerifyRequest
+from opsflow.models import (
+    CheckResult, DbStatus, DrillReport, RegionTarget, NotifyRequest, RestoreRequest, RestoreWindow, ScratchTarget,
+    VerifyRequest,
+)
 from activities.rules import worker_inventory
 from tests.workflow.conftest import worker_holds
 from tests.workflow.conftest import WORKFLOWS, inventory_dict
@@ -44,25 +54,25 @@ class Backups:
     def activities(self):
         b = self
 
-        @activity.defn(name="restore.validate_checks")
+        @RESTORE_VALIDATE_CHECKS.implementation
         def validate(req: RestoreRequest) -> None:
             b.calls.append("validate")
             for c in req.drill.row_counts:
                 if c.table == "nope":
                     raise ApplicationError("unknown table 'nope' on the source", type="BadInput", non_retryable=True)
 
-        @activity.defn(name="restore.window")
+        @RESTORE_WINDOW.implementation
         def window(req: RestoreRequest) -> RestoreWindow:
             b.calls.append("window")
             return RestoreWindow(earliest=NOW - timedelta(days=7), latest=NOW - timedelta(minutes=5))
 
-        @activity.defn(name="restore.leftovers")
+        @RESTORE_LEFTOVERS.implementation
         def leftovers(req: RestoreRequest) -> list[str]:
             found = sorted(n for n in b.scratch if n.startswith(req.drill.scratch_prefix) and n != req.scratch_name)
             b.scratch -= set(found)
             return found
 
-        @activity.defn(name="restore.start")
+        @RESTORE_START.implementation
         def start(req: RestoreRequest) -> ScratchTarget:
             b.calls.append("start")
             if req.scratch_name not in b.scratch:
@@ -70,7 +80,7 @@ class Backups:
                 b.created.append(req.scratch_name)
             return ScratchTarget(name=req.scratch_name, method=req.method, ready=False)
 
-        @activity.defn(name="restore.wait")
+        @RESTORE_WAIT.implementation
         def wait(req: RestoreRequest) -> ScratchTarget:
             b.wait_attempts += 1
             if b.stall_first_wait and b.wait_attempts == 1:
@@ -83,30 +93,30 @@ class Backups:
                 raise ApplicationError("restore failed: WAL segment missing", type="RestoreFailed", non_retryable=True)
             return ScratchTarget(name=req.scratch_name, method=req.method, ready=True, dsn="host=scratch", restore_point=req.point_in_time, detail="ready")
 
-        @activity.defn(name="restore.delete")
+        @RESTORE_DELETE.implementation
         def delete(req: RestoreRequest) -> bool:
             b.calls.append("delete")
             existed = req.scratch_name in b.scratch
             b.scratch.discard(req.scratch_name)
             return existed
 
-        @activity.defn(name="restore.verify")
+        @RESTORE_VERIFY.implementation
         def verify(req: VerifyRequest) -> list[CheckResult]:
             return [
                 CheckResult(kind="row_count", name="orders", ok=True, expected=10, actual=10),
                 CheckResult(kind="sql", name="no negative totals", ok=b.checks_ok, detail="returned false" if not b.checks_ok else "true"),
             ]
 
-        @activity.defn(name="db.status")
+        @DB_STATUS.implementation
         def db_status(t: RegionTarget) -> DbStatus:
             return DbStatus(region=t.region, reachable=True, role="primary" if t.region == "eastus" else "replica")
 
-        @activity.defn(name="notify.send")
+        @NOTIFY_SEND.implementation
         def notify(req: NotifyRequest) -> list[str]:
             b.notifications.append(req.notification.text)
             return []
 
-        @activity.defn(name="temporal.unserved_queues")
+        @TEMPORAL_UNSERVED_QUEUES.implementation
         def unserved_queues(queues: list[str]) -> list[str]:
             return []
 

@@ -9,6 +9,8 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
+from opsflow.contracts.db import DB_REBUILD_REPLICA
+from opsflow.contracts.k8s import K8S_SCALE_UP
 from opsflow.inventory import TimeWindow
 from opsflow.models import FailbackReport
 from opsflow.client import send_update, start_procedure
@@ -32,7 +34,7 @@ async def rebuild_heartbeat_timeouts(handle) -> list[float]:
     return [e.activity_task_scheduled_event_attributes.heartbeat_timeout.ToTimedelta().total_seconds()
             async for e in handle.fetch_history_events()
             if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-            and e.activity_task_scheduled_event_attributes.activity_type.name == "db.rebuild_replica"]
+            and e.activity_task_scheduled_event_attributes.activity_type.name == DB_REBUILD_REPLICA.name]
 
 
 async def start(env, inventory, to="eastus", **kw):
@@ -106,7 +108,7 @@ async def test_a_person_can_override_the_window(running, failed_over, inventory)
 
 
 async def test_a_failure_in_the_child_failover_is_reported_by_the_parent(running, failed_over, inventory):
-    failed_over.fail["k8s.scale_up"] = "quota exceeded in eastus"
+    failed_over.fail[K8S_SCALE_UP.name] = "quota exceeded in eastus"
     handle = await start(running, inventory)
     await until_waiting(handle)
     await send_update(handle, Procedure.approve, Request(by="bob"))

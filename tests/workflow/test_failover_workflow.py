@@ -9,6 +9,9 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
 from opsflow.client import ProcedureRunning, fetch_report, send_update, start_procedure
+from opsflow.contracts.db import DB_FENCE, DB_PROMOTE, DB_WAIT_CAUGHT_UP
+from opsflow.contracts.k8s import K8S_SCALE_UP
+from opsflow.contracts.traffic import TRAFFIC_SWITCH
 from opsflow.models import FailoverReport
 from tests.workflow.conftest import worker_holds
 from workflows.failover import FailoverInput
@@ -92,7 +95,7 @@ async def test_approval_timeout_escalates_then_aborts_with_nothing_changed(runni
 
 
 async def test_failure_before_promotion_undoes_what_was_done(running, world, inventory):
-    world.fail["db.wait_caught_up"] = "replica stuck"
+    world.fail[DB_WAIT_CAUGHT_UP.name] = "replica stuck"
     handle = await start(running, inventory)
     await until_waiting(handle)
     await send_update(handle, Procedure.approve, Request(by="bob"))
@@ -104,7 +107,7 @@ async def test_failure_before_promotion_undoes_what_was_done(running, world, inv
 
 
 async def test_failure_after_promotion_goes_forward_and_lists_what_is_left(running, world, inventory):
-    world.fail["k8s.scale_up"] = "quota exceeded"
+    world.fail[K8S_SCALE_UP.name] = "quota exceeded"
     handle = await start(running, inventory)
     await until_waiting(handle)
     await send_update(handle, Procedure.approve, Request(by="bob"))
@@ -236,7 +239,7 @@ async def test_second_procedure_on_the_same_environment_is_refused(running, worl
 async def test_dry_run_plans_exactly_the_steps_a_real_run_takes(running, world, inventory):
     report = FailoverReport.model_validate(await (await start(running, inventory, dry_run=True)).result())
     assert report.status == "planned" and world.unchanged
-    assert not set(world.calls) & {"db.fence", "db.promote", "traffic.switch", "k8s.scale_up"}
+    assert not set(world.calls) & {DB_FENCE.name, DB_PROMOTE.name, TRAFFIC_SWITCH.name, K8S_SCALE_UP.name}
     planned = [s.name for s in report.steps if s.outcome == "planned"]
     assert [s.name for s in report.steps if s.outcome == "skipped"] == ["verify-not-promoted"]  # only if a promotion fails
 

@@ -11,6 +11,7 @@ import pytest
 from temporalio.client import WorkflowUpdateFailedError
 
 from opsflow.client import send_update
+from opsflow.contracts.db import DB_FENCE_CONTROL_PLANE, DB_PROMOTE, DB_WAIT_CAUGHT_UP
 from opsflow.inventory import ApprovalPolicy, Inventory
 from opsflow.models import FailoverReport
 from tests.workflow.conftest import inventory_dict
@@ -51,7 +52,7 @@ async def test_abort_during_catch_up_cancels_it_and_undoes(running, world, inven
     await until(handle, running_step("catch-up"))
     await send_update(handle, Procedure.abort, Request(by="alice", reason="wrong day"))
     report = await failed_report(handle)
-    assert world.cancelled == ["db.wait_caught_up"]  # the activity itself stopped; the wait was not sat out
+    assert world.cancelled == [DB_WAIT_CAUGHT_UP.name]  # the activity itself stopped; the wait was not sat out
     assert report.status == "aborted" and world.unchanged  # fence lifted, maintenance off
     catch_up = next(s for s in report.steps if s.name == "catch-up")
     assert catch_up.outcome == "failed" and catch_up.detail == "cancelled"
@@ -66,7 +67,7 @@ async def test_pause_stops_a_long_step_and_resume_runs_it_again(running, world, 
     said = await send_update(handle, Procedure.pause, Request(by="alice"))
     assert "WRITES ARE DOWN" in said  # the old primary is fenced while we pause
     await until(handle, lambda r: r.status == "paused")
-    assert world.cancelled == ["db.wait_caught_up"]
+    assert world.cancelled == [DB_WAIT_CAUGHT_UP.name]
     assert any(sev == "critical" and "WRITES ARE DOWN" in text for sev, text, _ in world.notifications)
     world.block_catch_up.set()
     await send_update(handle, Procedure.resume, Request(by="alice"))
@@ -94,7 +95,7 @@ async def test_a_step_no_worker_picks_up_fails_naming_the_queue(running, world, 
 
 
 async def test_failed_promotion_of_a_verified_replica_is_undone(running, world, inventory):
-    world.fail["db.promote"] = "ARM: 500 InternalServerError"
+    world.fail[DB_PROMOTE.name] = "ARM: 500 InternalServerError"
     handle = await start(running, inventory)
     await until_waiting(handle)
     await send_update(handle, Procedure.approve, Request(by="bob"))
@@ -105,7 +106,7 @@ async def test_failed_promotion_of_a_verified_replica_is_undone(running, world, 
 
 
 async def test_failed_promotion_that_may_have_happened_goes_forward(running, world, inventory):
-    world.fail_after["db.promote"] = "timeout reading the response"
+    world.fail_after[DB_PROMOTE.name] = "timeout reading the response"
     handle = await start(running, inventory)
     await until_waiting(handle)
     await send_update(handle, Procedure.approve, Request(by="bob"))
@@ -134,7 +135,7 @@ async def test_quorum_of_two_roles_each_a_different_person(running, world, inven
 
 async def test_emergency_fences_the_old_primary_best_effort(running, world, inventory):
     world.reachable["eastus"] = False
-    world.fail["db.fence_control_plane"] = "eastus control plane unreachable"
+    world.fail[DB_FENCE_CONTROL_PLANE.name] = "eastus control plane unreachable"
     report = FailoverReport.model_validate(await (await start(running, inventory, emergency=True)).result())
     assert report.status == "succeeded" and world.primary == "westeurope"
     assert ("k8s", "eastus") in world.old_fenced

@@ -20,6 +20,14 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.worker import Worker
 
 from opsflow.client import send_update
+from opsflow.contracts.db import DB_STATUS
+from opsflow.contracts.k8s import K8S_SET_MAINTENANCE
+from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
+from opsflow.contracts.maintenance import (
+    BACKUP_TAKE, BACKUP_VERIFY, MAINT_HEALTH, MAINT_PLAN, MAINT_RUN_ITEM, WATCH_METRICS,
+)
+from opsflow.contracts.notify import NOTIFY_SEND, STATUSPAGE_UPDATE
+from opsflow.contracts.traffic import HTTP_SMOKE
 from opsflow.inventory import Inventory
 from opsflow.maintenance_models import (
     BackupRequest,
@@ -74,13 +82,13 @@ class MaintWorld:
     def activities(self):
         w = self
 
-        @activity.defn(name="db.status")
+        @DB_STATUS.implementation
         def db_status(t: RegionTarget) -> DbStatus:
             if t.region == "eastus":
                 return DbStatus(region=t.region, reachable=True, role="primary", current_lsn="0/3000000")
             return DbStatus(region=t.region, reachable=True, role="replica", streaming=True, current_lsn="0/3000000", replay_lsn="0/3000000")
 
-        @activity.defn(name="maint.plan")
+        @MAINT_PLAN.implementation
         def plan(req: PlanRequest) -> PlanResult:
             w.calls.append((req.target.environment, "plan"))
             if req.target.environment in w.fail_plan:
@@ -93,18 +101,18 @@ class MaintWorld:
                     items += [WorkItem(task=i, kind=task.kind, table=t, reason="listed") for t in task.tables]
             return PlanResult(items=items, backup_target="pg_basebackup into /backups")
 
-        @activity.defn(name="backup.take")
+        @BACKUP_TAKE.implementation
         def take(req: BackupRequest) -> BackupResult:
             w.calls.append((req.target.environment, "backup"))
             return BackupResult(id=req.name, method="pg_basebackup", state="completed", completed_at=activity.info().current_attempt_scheduled_time,
                                 size_bytes=1 << 20, location=f"/backups/{req.name}")
 
-        @activity.defn(name="backup.verify")
+        @BACKUP_VERIFY.implementation
         def verify(req: VerifyBackupRequest) -> str:
             w.calls.append((req.target.environment, "verify-backup"))
             return f"{req.backup.id} verified"
 
-        @activity.defn(name="maint.run_item")
+        @MAINT_RUN_ITEM.implementation
         def run_item(req: RunItemRequest) -> ItemResult:
             key = req.item.key
             w.calls.append((req.target.environment, key))
@@ -138,7 +146,7 @@ class MaintWorld:
             return ItemResult(**base, outcome="done", seconds=0.2, before=TableStats(n_dead_tup=1000, table_bytes=8192 * 10),
                               after=TableStats(n_dead_tup=0, table_bytes=8192 * 8))
 
-        @activity.defn(name="maint.health")
+        @MAINT_HEALTH.implementation
         def health(req: HealthRequest) -> HealthResult:
             last = [c for e, c in w.calls if e == req.primary.environment][-1]
             w.calls.append((req.primary.environment, "health"))
@@ -146,7 +154,7 @@ class MaintWorld:
                 return HealthResult(ok=False, detail="replica westeurope is not streaming")
             return HealthResult(ok=True, detail="healthy", lag_bytes={"westeurope": 0})
 
-        @activity.defn(name="k8s.set_maintenance")
+        @K8S_SET_MAINTENANCE.implementation
         def set_maintenance(req: MaintenanceRequest) -> KubeStatus:
             env = req.target.environment
             w.calls.append((env, f"maintenance-{'on' if req.on else 'off'}"))
@@ -154,28 +162,28 @@ class MaintWorld:
             w.peak_maintenance = max(w.peak_maintenance, len(w.maintenance))
             return KubeStatus(region=req.target.region, deployments=[], ready=True, maintenance=req.on)
 
-        @activity.defn(name="http.smoke")
+        @HTTP_SMOKE.implementation
         def smoke(t: RegionTarget) -> list[SmokeResult]:
             w.calls.append((t.environment, "smoke"))
             return [SmokeResult(url=u, status=200, ok=True, seconds=0.01) for u in t.smoke_urls]
 
-        @activity.defn(name="statuspage.update")
+        @STATUSPAGE_UPDATE.implementation
         def statuspage(req: StatusPageRequest) -> StatusPageResult:
             w.statuspage.append((req.status, req.body))
             return StatusPageResult(incident_id=req.incident_id or "inc1", status=req.status)
 
-        @activity.defn(name="watch.metrics")
+        @WATCH_METRICS.implementation
         def watch(req: WatchRequest) -> WatchResult:
             breached = any(q.name == "errors" for q in req.policy.queries)
             return WatchResult(ok=not breached, results=[WatchQueryResult(name=q.name, query=q.query, samples=3, last=5.0, breached=breached,
                                                                           detail="5 is above 1" if breached else "") for q in req.policy.queries])
 
-        @activity.defn(name="notify.send")
+        @NOTIFY_SEND.implementation
         def notify(req: NotifyRequest) -> list[str]:
             w.notifications.append((req.notification.severity, req.notification.text))
             return [c.name for c in req.channels]
 
-        @activity.defn(name="temporal.unserved_queues")
+        @TEMPORAL_UNSERVED_QUEUES.implementation
         def unserved(queues: list[str]) -> list[str]:
             return []
 

@@ -11,6 +11,9 @@ import pytest
 from temporalio.client import WorkflowUpdateFailedError
 
 from opsflow.client import send_update, start_procedure
+from opsflow.contracts.db import DB_PROMOTE
+from opsflow.contracts.k8s import K8S_SCALE_UP
+from opsflow.contracts.traffic import TRAFFIC_SWITCH
 from opsflow.inventory import Inventory
 from opsflow.models import Decision, FailoverReport
 from opsflow.rules import START_UNSIGNED, input_digest
@@ -209,7 +212,7 @@ async def test_a_cancel_before_the_promotion_is_an_abort_with_its_undo(running, 
     assert world.unchanged and world.promotions == 0
 
 
-@pytest.mark.parametrize("blocked", ["db.promote", "traffic.switch", "k8s.scale_up"])
+@pytest.mark.parametrize("blocked", [DB_PROMOTE.name, TRAFFIC_SWITCH.name, K8S_SCALE_UP.name])
 async def test_a_cancel_past_the_promotion_goes_forward_to_a_consistent_world(running, world, inventory, blocked):
     hold = threading.Event()
     world.hold[blocked] = hold
@@ -241,7 +244,7 @@ class RogueFailover:
 
         from temporalio.common import RetryPolicy
 
-        await wf.execute_activity("db.promote", {"target": arg["target"], "force": False}, task_queue=arg["queue"],
+        await wf.execute_activity(DB_PROMOTE.name, {"target": arg["target"], "force": False}, task_queue=arg["queue"],
                                   start_to_close_timeout=timedelta(seconds=10), retry_policy=RetryPolicy(maximum_attempts=1))
         return "promoted"
 
@@ -287,7 +290,7 @@ async def test_a_rogue_workflow_worker_cannot_drive_a_promotion(dev_env, world, 
             with pytest.raises(WorkflowFailureError) as exc:
                 await handle.result()
             assert "approval gate" in str(exc.value.cause.cause) and "no signed approval" in str(exc.value.cause.cause)
-    assert world.promotions == 0 and "db.promote" not in world.calls
+    assert world.promotions == 0 and DB_PROMOTE.name not in world.calls
 
 
 async def test_honest_signed_use_passes_the_worker_check(dev_env, world, signed_inventory):
