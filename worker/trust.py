@@ -103,12 +103,23 @@ class Verifier:
             if req.input.name not in ("approve", "reject"):
                 continue
             [body] = await conv.decode(list(req.input.args.payloads)[:1], [dict])
-            decisions.append((Request.model_validate(body), e.event_time.ToDatetime(tzinfo=timezone.utc), req.input.name))
+            decisions.append(
+                (Request.model_validate(body), e.event_time.ToDatetime(tzinfo=timezone.utc), req.input.name)
+            )
         env = arg.get("environment") or (arg.get("inventory") or {}).get("environment") or ""
         if not env and arg.get("environments"):
             env = arg["environments"][0]
-        return RunFacts(history.events[0].workflow_execution_started_event_attributes.workflow_type.name, workflow_id, run_id,
-                        env, arg, memo, history.events[0].event_time.ToDatetime(tzinfo=timezone.utc), parent, decisions)
+        return RunFacts(
+            history.events[0].workflow_execution_started_event_attributes.workflow_type.name,
+            workflow_id,
+            run_id,
+            env,
+            arg,
+            memo,
+            history.events[0].event_time.ToDatetime(tzinfo=timezone.utc),
+            parent,
+            decisions,
+        )
 
     # -- the start ----------------------------------------------------------------------------------------------
 
@@ -130,7 +141,10 @@ class Verifier:
             self.check_start(run, inv)
             return run
         parent_id, parent_run = run.parent
-        if run.procedure == "failover" and run.workflow_id == f"{parent_id}-failover" == f"opsflow-{inv.environment}-failover":
+        if (
+            run.procedure == "failover"
+            and run.workflow_id == f"{parent_id}-failover" == f"opsflow-{inv.environment}-failover"
+        ):
             parent = await self.facts(parent_id, parent_run)
             if parent.procedure != "failback" or parent.parent is not None:
                 raise NotTrusted(f"{run.workflow_id}'s parent {parent_id} is not a failback started by a person")
@@ -147,9 +161,15 @@ class Verifier:
         if record is None:
             raise NotTrusted(f"{run.workflow_id} was started by {parent_id}, which may not start a {run.procedure}")
         try:
-            signed = signing.check_schedule(inv, procedure=run.procedure, record=record, parent_workflow_id=parent_id,
-                                            input_sha256=input_digest(run.arg, START_UNSIGNED), dry_run=bool(run.arg.get("dry_run")),
-                                            schedulable=SCHEDULABLE)
+            signed = signing.check_schedule(
+                inv,
+                procedure=run.procedure,
+                record=record,
+                parent_workflow_id=parent_id,
+                input_sha256=input_digest(run.arg, START_UNSIGNED),
+                dry_run=bool(run.arg.get("dry_run")),
+                schedulable=SCHEDULABLE,
+            )
         except ValueError as e:
             raise NotTrusted(str(e)) from None
         if signed is None:
@@ -177,7 +197,9 @@ class Verifier:
             if name == "reject":
                 return f"rejected by {req.by}"
             if all(d.by != req.by for d in gate.decisions):
-                gate.decisions.append(Decision(approved=True, by=req.by, at=at, gate=GATE, roles=policy.roles_of(req.by)))
+                gate.decisions.append(
+                    Decision(approved=True, by=req.by, at=at, gate=GATE, roles=policy.roles_of(req.by))
+                )
         return gate.missing() if gate.decisions else "no signed approval"
 
     def needs_gate(self, run: RunFacts, inv: Inventory) -> bool:
@@ -210,7 +232,9 @@ class Verifier:
             return
         missing = self.gate_passed(gate_run, inv, self.policy_of(gate_run, inv))
         if missing:
-            raise NotTrusted(f"the approval gate of {gate_run.workflow_id} has not passed by the worker's rules: {missing}")
+            raise NotTrusted(
+                f"the approval gate of {gate_run.workflow_id} has not passed by the worker's rules: {missing}"
+            )
         self.gated_ok.add(run_id)
 
 
@@ -221,7 +245,9 @@ def check_targets(inv: Inventory, args: Any) -> None:
         for value in (arg, *(getattr(arg, f, None) for f in ("target", "replica", "primary", "source"))):
             if isinstance(value, RegionTarget):
                 if value.environment != inv.environment or value.region not in inv.regions:
-                    raise NotTrusted(f"the activity targets {value.environment}/{value.region}, not a region of {inv.environment}")
+                    raise NotTrusted(
+                        f"the activity targets {value.environment}/{value.region}, not a region of {inv.environment}"
+                    )
                 if value.database != inv.regions[value.region].database:
                     raise NotTrusted(f"the activity's database for {value.region} is not the worker's inventory's")
 

@@ -58,7 +58,9 @@ class Workers:
         flag = "--no-regions" if role == "workflow" else "--no-workflows"
         self.n += 1
         log = self.lab.root / f"worker-{role}-{self.n}.log"
-        self.procs[role] = forked.start("worker.main", ["--env", self.inventory, flag, *FAST_RESTART], self.lab.env(), ROOT, log)
+        self.procs[role] = forked.start(
+            "worker.main", ["--env", self.inventory, flag, *FAST_RESTART], self.lab.env(), ROOT, log
+        )
         self.lab.workers.append(self.procs[role])
 
     def start_all(self) -> None:
@@ -120,7 +122,9 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
             if not approved and time.monotonic() >= next_look:
                 next_look = time.monotonic() + 0.3
                 if ((await asyncio.to_thread(lab.status, wid)).get("waiting_for") or "").startswith("approval"):
-                    await asyncio.to_thread(lab.cli, "approve", wid, "--as", "bob", "--reason", "crash suite", check=True)
+                    await asyncio.to_thread(
+                        lab.cli, "approve", wid, "--as", "bob", "--reason", "crash suite", check=True
+                    )
                     approved = True
             try:
                 await asyncio.wait_for(closed.wait(), 0.05)
@@ -175,7 +179,9 @@ async def test_emergency_failover_survives_a_kill_at_every_boundary(lab):
     setup_data(lab)
     workers = Workers(lab, inventory)
     workers.start_all()
-    wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--emergency", "--requester", "alice")["workflow_id"]
+    wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--emergency", "--requester", "alice")[
+        "workflow_id"
+    ]
     report = await run_killing_at_every_boundary(lab, workers, wid, approve=False)
     assert report["status"] == "succeeded", explain(report)
     assert report["_boundaries"] >= 5 and report["_kills"]["long_steps"] >= 1, report["_kills"]
@@ -238,9 +244,14 @@ def test_failover_completes_across_a_temporal_server_restart(lab):
     import os
 
     os.kill(proc["pid"], signal.SIGKILL)
-    wait_for(lambda: subprocess.run(["kill", "-0", str(proc["pid"])], capture_output=True).returncode != 0, what="the server gone")
+    wait_for(
+        lambda: subprocess.run(["kill", "-0", str(proc["pid"])], capture_output=True).returncode != 0,
+        what="the server gone",
+    )
     log = open(lab.root / "temporal-restarted.log", "w")
-    restarted = subprocess.Popen(proc["argv"], stdout=log, stderr=subprocess.STDOUT, cwd=lab.root, start_new_session=True)
+    restarted = subprocess.Popen(
+        proc["argv"], stdout=log, stderr=subprocess.STDOUT, cwd=lab.root, start_new_session=True
+    )
     try:
         sql(west, "SELECT pg_wal_replay_resume()")
         report = wait_end(lab, wid, timeout=300)

@@ -57,7 +57,9 @@ async def emergency(env, inv: Inventory, world: World) -> WorkflowHandle:
     from workflows.failover import FailoverInput
 
     world.reachable["eastus"] = False
-    return await start(env, inv, "failover", FailoverInput(inventory=inv, to_region="westeurope", emergency=True, requester="alice"))
+    return await start(
+        env, inv, "failover", FailoverInput(inventory=inv, to_region="westeurope", emergency=True, requester="alice")
+    )
 
 
 async def failback(env, inv: Inventory, world: World) -> WorkflowHandle:
@@ -109,7 +111,13 @@ async def scheduled_signed(env, inv: Inventory, world: World) -> WorkflowHandle:
     return await env.client.start_workflow("scheduled", launch, id="opsflow-replay-monthly", task_queue=inv.task_queue)
 
 
-RECORDINGS = {"failover_planned": planned, "failover_emergency": emergency, "failback": failback, "drill": drill, "scheduled": scheduled}
+RECORDINGS = {
+    "failover_planned": planned,
+    "failover_emergency": emergency,
+    "failback": failback,
+    "drill": drill,
+    "scheduled": scheduled,
+}
 # Since the worker holds the rules (issue 18): inputs without rules, the worker's answer in the history.
 WORKER_RULES = "-worker-rules"
 RECORDINGS.update({f"{k}{WORKER_RULES}": v for k, v in RECORDINGS.items() if k != "scheduled"})
@@ -128,8 +136,13 @@ def recording_inventory(name: str, tmp: Path) -> Inventory:
     data = inventory_dict(environment="replay")
     if name.startswith(("drill", "scheduled")):
         data["reports_dir"] = str(tmp / "reports")
-        data["drill"] = {"method": "s3-dump", "dumps": {"bucket": "b"}, "scratch_server": {"dsn": "host=scratch dbname=postgres"},
-                         "row_counts": [{"table": "orders"}], "checks": [{"name": "no negative totals", "query": "select true"}]}
+        data["drill"] = {
+            "method": "s3-dump",
+            "dumps": {"bucket": "b"},
+            "scratch_server": {"dsn": "host=scratch dbname=postgres"},
+            "row_counts": [{"table": "orders"}],
+            "checks": [{"name": "no negative totals", "query": "select true"}],
+        }
     return Inventory.model_validate(data)
 
 
@@ -148,11 +161,22 @@ async def record(name: str) -> Path:
         inv = recording_inventory(name, Path(tmp))
         RULEBOOK.add(inv)  # the recording worker's rules
         acts = Backups().activities() if name.startswith(("drill", "scheduled")) else world.activities()
-        async with await WorkflowEnvironment.start_time_skipping(data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")) as env:
+        async with await WorkflowEnvironment.start_time_skipping(
+            data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")
+        ) as env:
             await register_search_attributes(env.client)
             with concurrent.futures.ThreadPoolExecutor(4) as ex:
                 queues = inv.all_queues()
-                workers = [Worker(env.client, task_queue=q, workflows=WORKFLOWS if q == inv.task_queue else [], activities=acts, activity_executor=ex) for q in queues]
+                workers = [
+                    Worker(
+                        env.client,
+                        task_queue=q,
+                        workflows=WORKFLOWS if q == inv.task_queue else [],
+                        activities=acts,
+                        activity_executor=ex,
+                    )
+                    for q in queues
+                ]
                 async with workers[0], workers[1], workers[2]:
                     handle = await RECORDINGS[name](env, inv, world)
                     try:

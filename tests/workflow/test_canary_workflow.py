@@ -63,10 +63,20 @@ class Cluster:
     started: dict = field(default_factory=dict)  # activity name -> threading.Event set when it starts
 
     def state(self) -> RolloutState:
-        return RolloutState(stable="web", stable_image=self.stable_image, stable_desired=3, stable_ready=3, stable_done=True,
-                            canary="web-canary" if self.canary_image else None, canary_image=self.canary_image,
-                            canary_ready=1 if self.canary_image else 0, weights=dict(self.weights), active=self.selector,
-                            colours=dict(self.colours), replicas=dict(self.replicas))
+        return RolloutState(
+            stable="web",
+            stable_image=self.stable_image,
+            stable_desired=3,
+            stable_ready=3,
+            stable_done=True,
+            canary="web-canary" if self.canary_image else None,
+            canary_image=self.canary_image,
+            canary_ready=1 if self.canary_image else 0,
+            weights=dict(self.weights),
+            active=self.selector,
+            colours=dict(self.colours),
+            replicas=dict(self.replicas),
+        )
 
     def _enter(self, name: str) -> None:
         self.calls.append(name)
@@ -153,32 +163,82 @@ class Cluster:
         def samples(r: SamplesRequest) -> Samples:
             c._enter(PROMETHEUS_SAMPLES.name)
             requests = 5.0 if c.behaviour == "quiet" else 1000.0
-            return Samples(metrics=[MetricSamples(name=m.name, canary=c.figures(r.canary, m.name, False), baseline=c.figures(r.baseline, m.name, True))
-                                    for m in r.analysis.metrics], canary_requests=requests, baseline_requests=requests * 3, start=r.start, end=r.end)
+            return Samples(
+                metrics=[
+                    MetricSamples(
+                        name=m.name,
+                        canary=c.figures(r.canary, m.name, False),
+                        baseline=c.figures(r.baseline, m.name, True),
+                    )
+                    for m in r.analysis.metrics
+                ],
+                canary_requests=requests,
+                baseline_requests=requests * 3,
+                start=r.start,
+                end=r.end,
+            )
 
         @NOTIFY_SEND.implementation
         def notify(r: NotifyRequest) -> None:
             c.notifications.append(r.notification.text)
 
-        return [worker_inventory, rollout_status, create_canary, set_weight, delete_canary, set_image, create_colour, switch_service, scale_deployment,
-                samples, notify, judge_step]
+        return [
+            worker_inventory,
+            rollout_status,
+            create_canary,
+            set_weight,
+            delete_canary,
+            set_image,
+            create_colour,
+            switch_service,
+            scale_deployment,
+            samples,
+            notify,
+            judge_step,
+        ]
 
 
 ROLLOUT = {
-    "apps": {"web": {"region": "eastus", "deployment": "web", "container": "web", "service": "web", "router": {"name": "web"}}},
+    "apps": {
+        "web": {
+            "region": "eastus",
+            "deployment": "web",
+            "container": "web",
+            "service": "web",
+            "router": {"name": "web"},
+        }
+    },
     "analysis": {
-        "prometheus": "http://prometheus.example:9090", "interval": "60s", "min_requests": 100,
+        "prometheus": "http://prometheus.example:9090",
+        "interval": "60s",
+        "min_requests": 100,
         "metrics": [
-            {"name": "error-rate", "query": "errors{deployment=\"{deployment}\"}", "max": 0.05, "direction": "increase", "critical": True},
-            {"name": "p95-latency", "query": "p95{deployment=\"{deployment}\"}", "max": 1.0, "direction": "increase", "critical": True},
-            {"name": "p50-latency", "query": "p50{deployment=\"{deployment}\"}", "direction": "increase"},
-            {"name": "cpu", "query": "cpu{deployment=\"{deployment}\"}", "direction": "increase"},
+            {
+                "name": "error-rate",
+                "query": 'errors{deployment="{deployment}"}',
+                "max": 0.05,
+                "direction": "increase",
+                "critical": True,
+            },
+            {
+                "name": "p95-latency",
+                "query": 'p95{deployment="{deployment}"}',
+                "max": 1.0,
+                "direction": "increase",
+                "critical": True,
+            },
+            {"name": "p50-latency", "query": 'p50{deployment="{deployment}"}', "direction": "increase"},
+            {"name": "cpu", "query": 'cpu{deployment="{deployment}"}', "direction": "increase"},
         ],
     },
     "steps": [5, 25, 50, 100],
     "bake": "10m",
     "rollback_window": "10m",
-    "approval": {"approvers": {"platform-lead": ["carol", "erin"], "qa": ["dave"]}, "require": ["platform-lead", "qa"], "timeout": "2h"},
+    "approval": {
+        "approvers": {"platform-lead": ["carol", "erin"], "qa": ["dave"]},
+        "require": ["platform-lead", "qa"],
+        "timeout": "2h",
+    },
 }
 
 
@@ -196,10 +256,22 @@ def workers_for(env, cluster):
     queue = f"rollout-{uuid.uuid4().hex[:8]}"
     acts = cluster.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        yield queue, [Worker(env.client, task_queue=q, workflows=[CanaryWorkflow, BlueGreenWorkflow] if q == queue else [], activities=acts,
-                             activity_executor=ex, max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
-                             default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE)  # as opsflow's worker: aborts in seconds
-                      for q in (queue, f"{queue}-eastus", f"{queue}-westeurope")], ex
+        yield (
+            queue,
+            [
+                Worker(
+                    env.client,
+                    task_queue=q,
+                    workflows=[CanaryWorkflow, BlueGreenWorkflow] if q == queue else [],
+                    activities=acts,
+                    activity_executor=ex,
+                    max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+                    default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+                )  # as opsflow's worker: aborts in seconds
+                for q in (queue, f"{queue}-eastus", f"{queue}-westeurope")
+            ],
+            ex,
+        )
 
 
 @pytest_asyncio.fixture
@@ -221,7 +293,9 @@ async def start(env, worker, inventory: Inventory, procedure="canary", **kw):
     inv = inventory.model_copy(update={"workflow_task_queue": queue})
     for r, region in inv.regions.items():
         region.task_queue = f"{queue}-{r}"
-    inp = RolloutInput(inventory=inv, image=kw.pop("image", NEW), strategy=procedure, requester=kw.pop("requester", "alice"), **kw)
+    inp = RolloutInput(
+        inventory=inv, image=kw.pop("image", NEW), strategy=procedure, requester=kw.pop("requester", "alice"), **kw
+    )
     worker_holds(inv)
     return await env.client.start_workflow(procedure, inp, id=f"opsflow-{inv.environment}", task_queue=queue,
                                            id_conflict_policy=WorkflowIDConflictPolicy.FAIL)
@@ -270,7 +344,11 @@ async def freeze_covering_now(env, name: str) -> dict:
     """A freeze around the test server's clock, which runs decades ahead of the real one once the module's earlier
     tests have skipped time (2056-2096 seen; a fixed freeze ending in 2100 was sometimes already over)."""
     now = await env.get_current_time()
-    return {"name": name, "start": (now - timedelta(days=1)).isoformat(), "end": (now + timedelta(days=365)).isoformat()}
+    return {
+        "name": name,
+        "start": (now - timedelta(days=1)).isoformat(),
+        "end": (now + timedelta(days=365)).isoformat(),
+    }
 
 
 # -- canary --------------------------------------------------------------------------------------------------
@@ -283,7 +361,12 @@ async def test_healthy_canary_steps_bakes_judges_and_promotes(env, worker, clust
         await approve_quorum(handle)
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded" and not report.rolled_back
-    assert cluster.weight_log == [5, 25, 50] and cluster.stable_image == NEW and cluster.canary_image is None and cluster.weights == {"web": 100}
+    assert (
+        cluster.weight_log == [5, 25, 50]
+        and cluster.stable_image == NEW
+        and cluster.canary_image is None
+        and cluster.weights == {"web": 100}
+    )
     assert report.previous_image == OLD and report.image == NEW and report.weights == [5, 25, 50, 100]
     judged = [a for a in report.analysis if a.kind == "judge"]
     assert [a.weight for a in judged] == [5, 25, 50] and all(a.verdict == "pass" for a in judged)
@@ -291,9 +374,18 @@ async def test_healthy_canary_steps_bakes_judges_and_promotes(env, worker, clust
     assert all(m.canary is not None and m.baseline is not None for m in judged[0].metrics)
     bakes = [s for s in report.steps if s.name.startswith("bake-")]
     assert [round(s.seconds) for s in bakes] == [600, 600, 600]  # skipped by time, still the configured bake
-    assert {d.by for d in report.approvals} == {"carol", "dave"} and {r for d in report.approvals for r in d.roles} == {"platform-lead", "qa"}
+    assert {d.by for d in report.approvals} == {"carol", "dave"} and {r for d in report.approvals for r in d.roles} == {
+        "platform-lead",
+        "qa",
+    }
     names = [s.name for s in report.steps]
-    assert names.index("approval") < names.index("create-canary") < names.index("weight-5") < names.index("promote") < names.index("cleanup")
+    assert (
+        names.index("approval")
+        < names.index("create-canary")
+        < names.index("weight-5")
+        < names.index("promote")
+        < names.index("cleanup")
+    )
 
 
 async def test_quorum_needs_both_roles_each_by_a_different_person(env, worker, cluster):
@@ -327,7 +419,10 @@ async def test_faulty_canary_is_rolled_back_weight_zero_first_naming_the_metric(
     assert report.status == "failed" and report.rolled_back
     assert "error-rate" in report.rollback_reason and "above the limit 0.05" in report.rollback_reason
     assert cluster.weight_log == [5, 0]  # weight 0 first ...
-    assert cluster.calls.index(K8S_DELETE_CANARY.name) > len(cluster.calls) - 1 - cluster.calls[::-1].index(K8S_SET_WEIGHT.name)  # ... then removed
+    # ... then removed
+    assert cluster.calls.index(K8S_DELETE_CANARY.name) > len(cluster.calls) - 1 - cluster.calls[::-1].index(
+        K8S_SET_WEIGHT.name
+    )
     assert cluster.stable_at_100 and K8S_SET_IMAGE.name not in cluster.calls
     breach = report.analysis[-1]
     assert breach.kind == "interval" and breach.metrics[0].name == "error-rate" and breach.metrics[0].canary > 0.05
@@ -402,7 +497,9 @@ async def test_abort_at_every_step_leaves_stable_at_100(dev_env, dev_worker, clu
     # the 5 % bake is passed quickly where the abort is aimed later (a gate waits for it; a bake aimed at lasts 2 s)
     quick = {"bake-25": ("2s", "1s"), "decide-5": ("1s", "0.5s"), "promote-gate": ("1s", "0.5s")}
     bake, interval = quick.get(when, (None, None))
-    inv = make_inventory(bake=bake, analysis={**ROLLOUT["analysis"], "interval": interval}) if bake else make_inventory()
+    inv = (
+        make_inventory(bake=bake, analysis={**ROLLOUT["analysis"], "interval": interval}) if bake else make_inventory()
+    )
     async with serving(dev_worker):
         handle = await start(dev_env, dev_worker, inv, auto_promote=when != "promote-gate")
         if when != "approval":
@@ -526,8 +623,15 @@ async def test_a_rollout_approver_promotes_signed_and_a_replayed_promote_is_refu
     from tests.helpers import ssh_key_pair
 
     (carol_key, carol_pub), (dave_key, dave_pub) = ssh_key_pair(tmp_path, "carol"), ssh_key_pair(tmp_path, "dave")
-    approval = {"approvers": {"platform-lead": [{"name": "carol", "ssh_key": carol_pub}], "qa": [{"name": "dave", "ssh_key": dave_pub}]},
-                "require": ["platform-lead", "qa"], "timeout": "2h", "require_signed": True}
+    approval = {
+        "approvers": {
+            "platform-lead": [{"name": "carol", "ssh_key": carol_pub}],
+            "qa": [{"name": "dave", "ssh_key": dave_pub}],
+        },
+        "require": ["platform-lead", "qa"],
+        "timeout": "2h",
+        "require_signed": True,
+    }
     inv = make_inventory(steps=[50, 100], approval=approval)
     carol, dave = Signer(name="carol", key_path=carol_key), Signer(name="dave", key_path=dave_key)
     async with serving(worker):
@@ -535,18 +639,28 @@ async def test_a_rollout_approver_promotes_signed_and_a_replayed_promote_is_refu
         await until(handle, lambda r: r.current_step == "approval" and r.status == "waiting", "the approval gate")
         run = (await handle.describe()).run_id
         for who in (carol, dave):
-            signed = who.sign_request(workflow_id=handle.id, run_id=run, gate_id="approval", action="approve", reason="ok",
-                                      at=await env.get_current_time())  # the workflow's clock: the test server skips time
+            signed = who.sign_request(
+                workflow_id=handle.id,
+                run_id=run,
+                gate_id="approval",
+                action="approve",
+                reason="ok",
+                at=await env.get_current_time(),
+            )  # the workflow's clock: the test server skips time
             await send_update(handle, Procedure.approve, Request(by=who.name, reason="ok", **signed))
         await until(handle, lambda r: r.current_step == "promote-gate", "the promotion gate")
         with pytest.raises(WorkflowUpdateFailedError) as exc:
             await send_update(handle, Rollout.promote, Request(by="carol"))  # unsigned
         assert "missing signature" in str(exc.value.cause)
-        signed = carol.sign_request(workflow_id=handle.id, run_id=run, gate_id=None, action="promote", at=await env.get_current_time())
+        signed = carol.sign_request(
+            workflow_id=handle.id, run_id=run, gate_id=None, action="promote", at=await env.get_current_time()
+        )
         await send_update(handle, Rollout.promote, Request(by="carol", **signed))
         again = {**signed, "signature": signed["signature"].replace("\n", "\r\n")}  # the same blob in other text
         with pytest.raises(WorkflowUpdateFailedError) as exc:
             await send_update(handle, Rollout.promote, Request(by="carol", **again))
         assert "replayed signature" in str(exc.value.cause)
         report = RolloutReport.model_validate(await handle.result())
-    assert report.status == "succeeded" and cluster.stable_image == NEW and [e.by for e in report.promoted_by] == ["carol"]
+    assert (
+        report.status == "succeeded" and cluster.stable_image == NEW and [e.by for e in report.promoted_by] == ["carol"]
+    )

@@ -91,7 +91,14 @@ class Backups:
                     time.sleep(0.05)
             if b.fail_wait:
                 raise ApplicationError("restore failed: WAL segment missing", type="RestoreFailed", non_retryable=True)
-            return ScratchTarget(name=req.scratch_name, method=req.method, ready=True, dsn="host=scratch", restore_point=req.point_in_time, detail="ready")
+            return ScratchTarget(
+                name=req.scratch_name,
+                method=req.method,
+                ready=True,
+                dsn="host=scratch",
+                restore_point=req.point_in_time,
+                detail="ready",
+            )
 
         @RESTORE_DELETE.implementation
         def delete(req: RestoreRequest) -> bool:
@@ -104,7 +111,12 @@ class Backups:
         def verify(req: VerifyRequest) -> list[CheckResult]:
             return [
                 CheckResult(kind="row_count", name="orders", ok=True, expected=10, actual=10),
-                CheckResult(kind="sql", name="no negative totals", ok=b.checks_ok, detail="returned false" if not b.checks_ok else "true"),
+                CheckResult(
+                    kind="sql",
+                    name="no negative totals",
+                    ok=b.checks_ok,
+                    detail="returned false" if not b.checks_ok else "true",
+                ),
             ]
 
         @DB_STATUS.implementation
@@ -120,7 +132,20 @@ class Backups:
         def unserved_queues(queues: list[str]) -> list[str]:
             return []
 
-        return [worker_inventory, unserved_queues, db_status, validate, window, leftovers, start, wait, delete, verify, notify, store_report]
+        return [
+            worker_inventory,
+            unserved_queues,
+            db_status,
+            validate,
+            window,
+            leftovers,
+            start,
+            wait,
+            delete,
+            verify,
+            notify,
+            store_report,
+        ]
 
 
 @pytest.fixture
@@ -132,8 +157,14 @@ def backups():
 def drill_inventory(tmp_path) -> Inventory:
     data = inventory_dict()
     data["reports_dir"] = str(tmp_path / "reports")
-    data["drill"] = {"method": "s3-dump", "dumps": {"bucket": "b"}, "scratch_server": {"dsn": "host=scratch dbname=postgres"},
-                     "row_counts": [{"table": "orders"}], "checks": [{"name": "no negative totals", "query": "select true"}], "heartbeat_timeout": "1s"}
+    data["drill"] = {
+        "method": "s3-dump",
+        "dumps": {"bucket": "b"},
+        "scratch_server": {"dsn": "host=scratch dbname=postgres"},
+        "row_counts": [{"table": "orders"}],
+        "checks": [{"name": "no negative totals", "query": "select true"}],
+        "heartbeat_timeout": "1s",
+    }
     return Inventory.model_validate(data)
 
 
@@ -141,8 +172,16 @@ def drill_inventory(tmp_path) -> Inventory:
 async def drilling(env, backups, drill_inventory):
     acts = backups.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        workers = [Worker(env.client, task_queue=q, workflows=WORKFLOWS if q == drill_inventory.task_queue else [], activities=acts, activity_executor=ex)
-                   for q in drill_inventory.all_queues()]
+        workers = [
+            Worker(
+                env.client,
+                task_queue=q,
+                workflows=WORKFLOWS if q == drill_inventory.task_queue else [],
+                activities=acts,
+                activity_executor=ex,
+            )
+            for q in drill_inventory.all_queues()
+        ]
         async with workers[0], workers[1], workers[2]:
             yield env
 
@@ -151,7 +190,9 @@ async def start(env, inv, **kw):
     from opsflow.client import start_procedure
 
     worker_holds(inv)
-    return await start_procedure(env.client, inv, "drill", DrillInput(inventory=inv, requester="schedule:monthly", **kw), "drill")
+    return await start_procedure(
+        env.client, inv, "drill", DrillInput(inventory=inv, requester="schedule:monthly", **kw), "drill"
+    )
 
 
 async def failed(handle) -> DrillReport:
@@ -206,7 +247,9 @@ async def test_cleanup_after_cancellation(drilling, backups, drill_inventory):
     assert backups.scratch == set()
 
 
-async def test_restore_outlasting_the_heartbeat_timeout_is_retried_with_one_scratch_target(drilling, backups, drill_inventory):
+async def test_restore_outlasting_the_heartbeat_timeout_is_retried_with_one_scratch_target(
+    drilling, backups, drill_inventory
+):
     backups.stall_first_wait = True
     report = DrillReport.model_validate(await (await start(drilling, drill_inventory)).result())
     assert report.status == "succeeded"
@@ -221,7 +264,9 @@ async def test_restore_outlasting_the_heartbeat_timeout_is_retried_with_one_scra
         ({"source_region": "mars"}, "unknown region 'mars'"),
     ],
 )
-async def test_bad_point_in_time_or_region_refused_before_anything_is_created(drilling, backups, drill_inventory, kw, reason):
+async def test_bad_point_in_time_or_region_refused_before_anything_is_created(
+    drilling, backups, drill_inventory, kw, reason
+):
     if kw == "future":  # the test server's clock runs ahead by the time it skipped: ask it
         kw = {"point_in_time": await drilling.get_current_time() + timedelta(days=1)}
     report = await failed(await start(drilling, drill_inventory, **kw))
@@ -241,7 +286,13 @@ async def test_unknown_table_in_a_check_is_an_error_before_anything_is_created(d
 async def test_dry_run_creates_nothing(drilling, backups, drill_inventory):
     report = DrillReport.model_validate(await (await start(drilling, drill_inventory, dry_run=True)).result())
     assert report.status == "planned" and backups.created == []
-    assert [s.name for s in report.steps if s.outcome == "planned"] == ["leftovers", "restore", "restore-wait", "verify", "cleanup"]
+    assert [s.name for s in report.steps if s.outcome == "planned"] == [
+        "leftovers",
+        "restore",
+        "restore-wait",
+        "verify",
+        "cleanup",
+    ]
 
 
 async def test_a_scheduled_drill_takes_the_environment_lock_or_is_skipped(drilling, backups, drill_inventory):
@@ -252,13 +303,17 @@ async def test_a_scheduled_drill_takes_the_environment_lock_or_is_skipped(drilli
     launch = LaunchInput(procedure="drill", environment=inv.environment, task_queue=inv.task_queue,
                          arg=DrillInput(inventory=inv, requester="schedule:monthly").model_dump(mode="json"),
                          schedule_id=f"opsflow-{inv.environment}-monthly", by="alice")
-    done = await drilling.client.execute_workflow("scheduled", launch, id=f"opsflow-{inv.environment}-monthly-1", task_queue=inv.task_queue, result_type=dict)
+    done = await drilling.client.execute_workflow(
+        "scheduled", launch, id=f"opsflow-{inv.environment}-monthly-1", task_queue=inv.task_queue, result_type=dict
+    )
     assert done["status"] == "started" and done["workflow_id"] == f"opsflow-{inv.environment}"
     assert DrillReport.model_validate(done["report"]).status == "succeeded"
 
     backups.block_wait = threading.Event()  # a drill holds the lock while the schedule fires again
     held = await start(drilling, inv)
-    skipped = await drilling.client.execute_workflow("scheduled", launch, id=f"opsflow-{inv.environment}-monthly-2", task_queue=inv.task_queue, result_type=dict)
+    skipped = await drilling.client.execute_workflow(
+        "scheduled", launch, id=f"opsflow-{inv.environment}-monthly-2", task_queue=inv.task_queue, result_type=dict
+    )
     assert skipped["status"] == "skipped" and "another procedure is running" in skipped["reason"]
     backups.block_wait.set()
     assert DrillReport.model_validate(await held.result()).status == "succeeded"
@@ -278,12 +333,16 @@ async def test_the_launcher_started_by_hand_runs_nothing(drilling, backups, dril
     by_hand = LaunchInput(procedure="drill", environment=inv.environment, task_queue=inv.task_queue, arg=drill,
                           schedule_id=f"opsflow-{inv.environment}-monthly", by="alice")
     with pytest.raises(WorkflowFailureError) as refused:
-        await drilling.client.execute_workflow("scheduled", by_hand, id=f"evil-{inv.environment}", task_queue=inv.task_queue)
+        await drilling.client.execute_workflow(
+            "scheduled", by_hand, id=f"evil-{inv.environment}", task_queue=inv.task_queue
+        )
     assert "which no Schedule" in str(refused.value.cause)
     failover = FailoverInput(inventory=inv, to_region="westeurope", requester="mallory").model_dump(mode="json")
     launch = LaunchInput(procedure="failover", environment=inv.environment, task_queue=inv.task_queue, arg=failover,
                          schedule_id=f"opsflow-{inv.environment}-x", by="mallory")
     with pytest.raises(WorkflowFailureError) as refused:
-        await drilling.client.execute_workflow("scheduled", launch, id=f"opsflow-{inv.environment}-x-1", task_queue=inv.task_queue)
+        await drilling.client.execute_workflow(
+            "scheduled", launch, id=f"opsflow-{inv.environment}-x-1", task_queue=inv.task_queue
+        )
     assert "may run drill, maintenance or dry runs, not a failover" in str(refused.value.cause)
     assert backups.created == []

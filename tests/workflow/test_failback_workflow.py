@@ -39,10 +39,18 @@ async def rebuild_heartbeat_timeouts(handle) -> list[float]:
 
 async def start(env, inventory, to="eastus", **kw):
     worker_holds(inventory)
-    return await start_procedure(env.client, inventory, "failback", FailbackInput(inventory=inventory, to_region=to, requester="alice", **kw), "test failback")
+    return await start_procedure(
+        env.client,
+        inventory,
+        "failback",
+        FailbackInput(inventory=inventory, to_region=to, requester="alice", **kw),
+        "test failback",
+    )
 
 
-async def test_failback_asks_before_destroying_then_rebuilds_catches_up_and_fails_over_back(running, failed_over, inventory):
+async def test_failback_asks_before_destroying_then_rebuilds_catches_up_and_fails_over_back(
+    running, failed_over, inventory
+):
     world = failed_over
     handle = await start(running, inventory)
     await until_waiting(handle)
@@ -63,7 +71,9 @@ async def test_failback_asks_before_destroying_then_rebuilds_catches_up_and_fail
 
 
 async def test_the_rebuild_heartbeat_timeout_is_the_inventorys_when_given(running, failed_over, inventory):
-    inv = inventory.model_copy(update={"failback": inventory.failback.model_copy(update={"rebuild_heartbeat_timeout": 7.0})})
+    inv = inventory.model_copy(
+        update={"failback": inventory.failback.model_copy(update={"rebuild_heartbeat_timeout": 7.0})}
+    )
     handle = await start(running, inv)
     await until_waiting(handle)
     await send_update(handle, Procedure.approve, Request(by="bob"))
@@ -88,7 +98,9 @@ async def test_a_person_can_override_the_window(running, failed_over, inventory)
 
     # A window that is certainly closed now: two days ahead of the test server's (skipping) clock.
     later = await running.get_current_time() + timedelta(days=2)
-    window = TimeWindow(days=[["mon", "tue", "wed", "thu", "fri", "sat", "sun"][later.weekday()]], start="02:00", end="03:00")
+    window = TimeWindow(
+        days=[["mon", "tue", "wed", "thu", "fri", "sat", "sun"][later.weekday()]], start="02:00", end="03:00"
+    )
     inv = inventory.model_copy(update={"failback": inventory.failback.model_copy(update={"window": window})})
     handle = await start(running, inv)
     await until_waiting(handle)
@@ -115,7 +127,11 @@ async def test_a_failure_in_the_child_failover_is_reported_by_the_parent(running
     with pytest.raises(WorkflowFailureError) as exc:
         await handle.result()
     report = FailbackReport.model_validate(exc.value.cause.details[0])
-    assert report.status == "failed" and "failover back to eastus failed" in report.failure and "quota exceeded" in report.failure
+    assert (
+        report.status == "failed"
+        and "failover back to eastus failed" in report.failure
+        and "quota exceeded" in report.failure
+    )
     assert report.failover is not None and report.failover.status == "failed"
     assert report.remaining and report.remaining[0] == "scale up in eastus"
 

@@ -62,7 +62,20 @@ async def test_planned_failover_with_approval(running, world, inventory):
     assert report.rto_seconds is not None and report.rto_seconds >= 0
     names = [s.name for s in report.steps]
     # The runbook's order: fence and drain before catch-up, promotion before traffic, verify before scale-up.
-    order = ["approval", "maintenance", "fence", "drain", "catch-up", "promote", "traffic", "verify-writes", "verify-routing", "verify-smoke", "scale-up", "notify"]
+    order = [
+        "approval",
+        "maintenance",
+        "fence",
+        "drain",
+        "catch-up",
+        "promote",
+        "traffic",
+        "verify-writes",
+        "verify-routing",
+        "verify-smoke",
+        "scale-up",
+        "notify",
+    ]
     assert [n for n in names if n in order] == order
     drain = next(s for s in report.steps if s.name == "drain")
     assert drain.seconds == pytest.approx(60, abs=2)  # skipped by time, still the configured 60 s
@@ -113,7 +126,8 @@ async def test_failure_after_promotion_goes_forward_and_lists_what_is_left(runni
     await send_update(handle, Procedure.approve, Request(by="bob"))
     report = await failed_report(handle)
     assert report.status == "failed" and "quota exceeded" in report.failure
-    assert world.primary == "westeurope" and world.serving == "westeurope" and "eastus" in world.fenced  # no undo past promotion
+    # no undo past promotion
+    assert world.primary == "westeurope" and world.serving == "westeurope" and "eastus" in world.fenced
     assert report.remaining[0] == "scale up in westeurope"
 
 
@@ -192,7 +206,9 @@ async def test_emergency_failover_with_dead_primary(running, world, inventory):
 
 
 async def test_emergency_waits_for_approval_when_the_inventory_asks(running, world, inventory):
-    inv = inventory.model_copy(update={"approval": inventory.approval.model_copy(update={"emergency_requires_approval": True})})
+    inv = inventory.model_copy(
+        update={"approval": inventory.approval.model_copy(update={"emergency_requires_approval": True})}
+    )
     world.reachable["eastus"] = False
     handle = await start(running, inv, emergency=True)
     await until_waiting(handle)
@@ -241,7 +257,8 @@ async def test_dry_run_plans_exactly_the_steps_a_real_run_takes(running, world, 
     assert report.status == "planned" and world.unchanged
     assert not set(world.calls) & {DB_FENCE.name, DB_PROMOTE.name, TRAFFIC_SWITCH.name, K8S_SCALE_UP.name}
     planned = [s.name for s in report.steps if s.outcome == "planned"]
-    assert [s.name for s in report.steps if s.outcome == "skipped"] == ["verify-not-promoted"]  # only if a promotion fails
+    # only if a promotion fails
+    assert [s.name for s in report.steps if s.outcome == "skipped"] == ["verify-not-promoted"]
 
     handle = await start(running, inventory)
     await until_waiting(handle)

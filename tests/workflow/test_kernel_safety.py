@@ -41,7 +41,9 @@ def running_step(name):
 @pytest.fixture
 def inventory() -> Inventory:
     # Heartbeats throttle at 0.8 x the timeout: a short one lets a cancellation reach a stand-in quickly.
-    return Inventory.model_validate(inventory_dict(failover={"drain": "0s", "heartbeat_timeout": "2s"}, limits={"worker_wait": "30s"}))
+    return Inventory.model_validate(
+        inventory_dict(failover={"drain": "0s", "heartbeat_timeout": "2s"}, limits={"worker_wait": "30s"})
+    )
 
 
 async def test_abort_during_catch_up_cancels_it_and_undoes(running, world, inventory):
@@ -102,7 +104,10 @@ async def test_failed_promotion_of_a_verified_replica_is_undone(running, world, 
     report = await failed_report(handle)
     assert report.status == "failed" and "verifiably still a replica" in report.failure
     assert world.unchanged and not report.remaining  # the old primary writes again: no outage left behind
-    assert [s.name for s in report.steps if s.outcome == "compensated"] == ["undo:db.unfence", "undo:k8s.set_maintenance"]
+    assert [s.name for s in report.steps if s.outcome == "compensated"] == [
+        "undo:db.unfence",
+        "undo:k8s.set_maintenance",
+    ]
 
 
 async def test_failed_promotion_that_may_have_happened_goes_forward(running, world, inventory):
@@ -116,7 +121,9 @@ async def test_failed_promotion_that_may_have_happened_goes_forward(running, wor
 
 
 async def test_quorum_of_two_roles_each_a_different_person(running, world, inventory):
-    roles = ApprovalPolicy(approvers={"platform-lead": ["alice", "carol"], "qa": ["bob", "dave"]}, require=["platform-lead", "qa"])
+    roles = ApprovalPolicy(
+        approvers={"platform-lead": ["alice", "carol"], "qa": ["bob", "dave"]}, require=["platform-lead", "qa"]
+    )
     inv = inventory.model_copy(update={"approval": roles})
     handle = await start(running, inv, requester="erin")
     await until_waiting(handle)
@@ -124,13 +131,19 @@ async def test_quorum_of_two_roles_each_a_different_person(running, world, inven
     r = await until_waiting(handle)
     assert "still needs an approval by role qa" in r.waiting_for and world.unchanged
     assert "already answered" in await refused(send_update(handle, Procedure.approve, Request(by="alice")))
-    assert "gate 'promote' is not open" in await refused(send_update(handle, Procedure.approve, Request(by="bob", gate="promote")))
+    assert "gate 'promote' is not open" in await refused(
+        send_update(handle, Procedure.approve, Request(by="bob", gate="promote"))
+    )
     await send_update(handle, Procedure.approve, Request(by="carol"))  # a second lead is not QA
     assert world.unchanged
     await send_update(handle, Procedure.approve, Request(by="bob"))
     report = FailoverReport.model_validate(await handle.result())
     assert report.status == "succeeded"
-    assert [(d.by, d.roles) for d in report.approvals] == [("alice", ["platform-lead"]), ("carol", ["platform-lead"]), ("bob", ["qa"])]
+    assert [(d.by, d.roles) for d in report.approvals] == [
+        ("alice", ["platform-lead"]),
+        ("carol", ["platform-lead"]),
+        ("bob", ["qa"]),
+    ]
 
 
 async def test_emergency_fences_the_old_primary_best_effort(running, world, inventory):
@@ -170,15 +183,28 @@ async def test_a_busy_worker_is_waited_for_not_reported_missing(dev_env, world, 
     data = inventory.model_dump()
     data["limits"]["worker_wait"] = 3
     first = Inventory.model_validate(data)
-    second = Inventory.model_validate({**data, "environment": f"t{uuid.uuid4().hex[:8]}", "workflow_task_queue": first.task_queue,  # same queues
-                                       "regions": {r: {**v, "task_queue": first.region_queue(r)} for r, v in data["regions"].items()}})
+    second = Inventory.model_validate(
+        {
+            **data,
+            "environment": f"t{uuid.uuid4().hex[:8]}",
+            "workflow_task_queue": first.task_queue,  # same queues
+            "regions": {r: {**v, "task_queue": first.region_queue(r)} for r, v in data["regions"].items()},
+        }
+    )
     world.block_catch_up = threading.Event()
     env, acts = dev_env, world.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        async with Worker(env.client, task_queue=first.task_queue, workflows=WORKFLOWS, activities=acts, activity_executor=ex), \
-                Worker(env.client, task_queue=first.region_queue("eastus"), activities=acts, activity_executor=ex), \
-                Worker(env.client, task_queue=first.region_queue("westeurope"), activities=acts, activity_executor=ex,
-                       max_concurrent_activities=1):
+        async with (
+            Worker(env.client, task_queue=first.task_queue, workflows=WORKFLOWS, activities=acts, activity_executor=ex),
+            Worker(env.client, task_queue=first.region_queue("eastus"), activities=acts, activity_executor=ex),
+            Worker(
+                env.client,
+                task_queue=first.region_queue("westeurope"),
+                activities=acts,
+                activity_executor=ex,
+                max_concurrent_activities=1,
+            ),
+        ):
             one = await start(env, first)
             await until_waiting(one)
             await send_update(one, Procedure.approve, Request(by="bob"))

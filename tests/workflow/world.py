@@ -83,9 +83,24 @@ class World:
         if not self.reachable.get(region, True):
             return DbStatus(region=region, reachable=False, error="connection refused")
         if region == self.primary:
-            return DbStatus(region=region, reachable=True, role="primary", current_lsn=f"0/{self.lsn:X}", read_only=region in self.fenced, timeline=1 + self.promotions)
+            return DbStatus(
+                region=region,
+                reachable=True,
+                role="primary",
+                current_lsn=f"0/{self.lsn:X}",
+                read_only=region in self.fenced,
+                timeline=1 + self.promotions,
+            )
         r = self.replay.get(region, self.lsn)
-        return DbStatus(region=region, reachable=True, role="replica", streaming=self.streaming, current_lsn=f"0/{self.lsn:X}", replay_lsn=f"0/{r:X}", replay_delay_seconds=0.0)
+        return DbStatus(
+            region=region,
+            reachable=True,
+            role="replica",
+            streaming=self.streaming,
+            current_lsn=f"0/{self.lsn:X}",
+            replay_lsn=f"0/{r:X}",
+            replay_delay_seconds=0.0,
+        )
 
     def activities(self):
         w = self
@@ -121,7 +136,13 @@ class World:
                 w.cancelled.append(DB_WAIT_CAUGHT_UP.name)
                 raise
             w.replay[req.replica.region] = w.lsn
-            return CatchUpResult(primary_lsn=f"0/{w.lsn:X}", replay_lsn=f"0/{w.lsn:X}", lag_bytes=0, replay_delay_seconds=0.0, waited_seconds=0.1)
+            return CatchUpResult(
+                primary_lsn=f"0/{w.lsn:X}",
+                replay_lsn=f"0/{w.lsn:X}",
+                lag_bytes=0,
+                replay_delay_seconds=0.0,
+                waited_seconds=0.1,
+            )
 
         @DB_PROMOTE.implementation
         def db_promote(req: PromoteRequest) -> PromoteResult:
@@ -135,7 +156,13 @@ class World:
             w.promotions += 1
             if DB_PROMOTE.name in w.fail_after:
                 raise ApplicationError(w.fail_after[DB_PROMOTE.name], type="Injected", non_retryable=True)
-            return PromoteResult(already_primary=False, seconds=0.5, timeline=1 + w.promotions, lsn_at_promotion=f"0/{replayed:X}", received_lsn=f"0/{w.lsn:X}")
+            return PromoteResult(
+                already_primary=False,
+                seconds=0.5,
+                timeline=1 + w.promotions,
+                lsn_at_promotion=f"0/{replayed:X}",
+                received_lsn=f"0/{w.lsn:X}",
+            )
 
         @DB_CHECK_WRITABLE.implementation
         def db_check_writable(t: RegionTarget) -> None:
@@ -165,7 +192,12 @@ class World:
         @K8S_STATUS.implementation
         def kube_status(t: RegionTarget) -> KubeStatus:
             w._maybe_fail(K8S_STATUS.name)
-            return KubeStatus(region=t.region, deployments=[DeploymentState(name="web", desired=1, ready=1 if w.kube_ready else 0)], ready=w.kube_ready, maintenance=t.region in w.maintenance)
+            return KubeStatus(
+                region=t.region,
+                deployments=[DeploymentState(name="web", desired=1, ready=1 if w.kube_ready else 0)],
+                ready=w.kube_ready,
+                maintenance=t.region in w.maintenance,
+            )
 
         @K8S_SET_MAINTENANCE.implementation
         def set_maintenance(req: MaintenanceRequest) -> KubeStatus:
@@ -177,7 +209,9 @@ class World:
         def scale_up(req: ScaleRequest) -> KubeStatus:
             w._maybe_fail(K8S_SCALE_UP.name)
             w.scaled.add(req.target.region)
-            return KubeStatus(region=req.target.region, deployments=[DeploymentState(name="web", desired=3, ready=3)], ready=True)
+            return KubeStatus(
+                region=req.target.region, deployments=[DeploymentState(name="web", desired=3, ready=3)], ready=True
+            )
 
         @HTTP_SMOKE.implementation
         def smoke(t: RegionTarget) -> list[SmokeResult]:
@@ -207,15 +241,50 @@ class World:
             w.asked.update(queues)
             return gone
 
-        return [worker_inventory, fence_control_plane, scale_to_zero, unserved_queues, db_status, db_fence, db_unfence, db_wait, db_promote, db_check_writable, db_rebuild, traffic_status, traffic_switch, kube_status, set_maintenance, scale_up, smoke, notify]
+        return [
+            worker_inventory,
+            fence_control_plane,
+            scale_to_zero,
+            unserved_queues,
+            db_status,
+            db_fence,
+            db_unfence,
+            db_wait,
+            db_promote,
+            db_check_writable,
+            db_rebuild,
+            traffic_status,
+            traffic_switch,
+            kube_status,
+            set_maintenance,
+            scale_up,
+            smoke,
+            notify,
+        ]
 
     def traffic(self, req: TrafficRequest) -> TrafficStatus:
         return TrafficStatus(
-            endpoints=[EndpointState(region=r, endpoint=e, enabled=r == self.serving, priority=1 if r == self.serving else 2, monitor_status="Online" if r == self.serving else "Disabled") for r, e in req.endpoints.items()],
+            endpoints=[
+                EndpointState(
+                    region=r,
+                    endpoint=e,
+                    enabled=r == self.serving,
+                    priority=1 if r == self.serving else 2,
+                    monitor_status="Online" if r == self.serving else "Disabled",
+                )
+                for r, e in req.endpoints.items()
+            ],
             serving_region=self.serving,
         )
 
     @property
     def unchanged(self) -> bool:
         """Nothing in the world differs from the start (what a refusal/abort must leave)."""
-        return self.primary == "eastus" and not self.fenced and not self.maintenance and self.serving == "eastus" and not self.scaled and self.promotions == 0
+        return (
+            self.primary == "eastus"
+            and not self.fenced
+            and not self.maintenance
+            and self.serving == "eastus"
+            and not self.scaled
+            and self.promotions == 0
+        )
