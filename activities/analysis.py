@@ -5,13 +5,13 @@ An activity because scipy is no workflow code; it is pure computation, so it nev
 
 from __future__ import annotations
 
-from temporalio import activity
 
+from opsflow.contracts.rollout import ANALYSIS_JUDGE
 from opsflow.judge import classify, judge
 from opsflow.rollout import JudgeRequest, MetricVerdict, StepAnalysis, threshold_breaches
 
 
-@activity.defn(name="analysis.judge")
+@ANALYSIS_JUDGE.implementation
 def judge_step(req: JudgeRequest) -> StepAnalysis:
     """Mann-Whitney per judged metric, the absolute limits, the request volume: one verdict for the step."""
     a, s = req.analysis, req.samples

@@ -14,6 +14,10 @@ from activities.postgres.connection import where
 from activities.postgres.divergence import sql_divergence
 from activities.postgres.server import open_status_connection, sql_status_on
 from activities.providers import database_provider
+from opsflow.contracts.db import (
+    DB_CHECK_WRITABLE, DB_DIVERGENCE, DB_FENCE, DB_FENCE_CONTROL_PLANE, DB_PROMOTE, DB_REBUILD_REPLICA, DB_STATUS,
+    DB_UNFENCE, DB_WAIT_CAUGHT_UP,
+)
 from opsflow.models import (
     CatchUpRequest,
     CatchUpResult,
@@ -30,36 +34,36 @@ from opsflow.models import (
 )
 
 
-@activity.defn(name="db.status")
+@DB_STATUS.implementation
 def db_status(target: RegionTarget) -> DbStatus:
     return database_provider(target).status()
 
 
-@activity.defn(name="db.fence")
+@DB_FENCE.implementation
 def db_fence(target: RegionTarget) -> DbStatus:
     provider = database_provider(target)
     provider.fence()
     return provider.status()
 
 
-@activity.defn(name="db.unfence")
+@DB_UNFENCE.implementation
 def db_unfence(target: RegionTarget) -> DbStatus:
     provider = database_provider(target)
     provider.unfence()
     return provider.status()
 
 
-@activity.defn(name="db.promote")
+@DB_PROMOTE.implementation
 def db_promote(request: PromoteRequest) -> PromoteResult:
     return database_provider(request.target).promote(request.force)
 
 
-@activity.defn(name="db.check_writable")
+@DB_CHECK_WRITABLE.implementation
 def db_check_writable(target: RegionTarget) -> None:
     database_provider(target).check_writable()
 
 
-@activity.defn(name="db.wait_caught_up")
+@DB_WAIT_CAUGHT_UP.implementation
 def db_wait_caught_up(request: CatchUpRequest) -> CatchUpResult:
     """Wait until the replica has replayed the primary's WAL up to its current position (LSN compare).
 
@@ -186,7 +190,7 @@ class _CatchUpWaiter:
             )
 
 
-@activity.defn(name="db.rebuild_replica")
+@DB_REBUILD_REPLICA.implementation
 def db_rebuild_replica(request: RebuildRequest) -> RebuildResult:
     """Rebuild the recovered region as a replica of the primary (see DatabaseProvider.rebuild_replica). First,
     while the old server still holds its data, whether it took writes after the split (db.divergence), carried
@@ -215,7 +219,7 @@ def db_rebuild_replica(request: RebuildRequest) -> RebuildResult:
     return result.model_copy(update={"divergence": divergence})
 
 
-@activity.defn(name="db.divergence")
+@DB_DIVERGENCE.implementation
 def db_divergence(request: DivergenceRequest) -> Divergence:
     """Before a failback rewinds or replaces the old primary: did it take writes after the split? Compares the old
     primary's last LSN on its timeline with the point where the new primary's timeline branched off (read from
@@ -234,7 +238,7 @@ def db_divergence(request: DivergenceRequest) -> Divergence:
 FENCE_BUDGET = 40.0  # an emergency's fence of the old primary: never longer than this (the step allows 60 s)
 
 
-@activity.defn(name="db.fence_control_plane")
+@DB_FENCE_CONTROL_PLANE.implementation
 def db_fence_control_plane(target: RegionTarget) -> FenceResult:
     """Emergency fence of the OLD primary (split brain if its region comes back): best effort through the
     control plane (Azure: default_transaction_read_only through ARM; RDS: parameter group or StopDBInstance;

@@ -6,9 +6,9 @@ import time
 import urllib.error
 import urllib.request
 
-from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from opsflow.contracts.traffic import HTTP_SMOKE
 from opsflow.models import RegionTarget, SmokeResult
 
 
@@ -25,7 +25,7 @@ def probe(url: str, timeout: float = 10) -> SmokeResult:
         return SmokeResult(url=url, status=None, ok=False, error=str(reason), seconds=time.monotonic() - started)
 
 
-@activity.defn(name="http.smoke")
+@HTTP_SMOKE.implementation
 def smoke(target: RegionTarget) -> list[SmokeResult]:
     """Retryable on failure: a service that has just been scaled may need a moment."""
     results = [probe(url) for url in target.smoke_urls]

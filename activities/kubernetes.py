@@ -30,6 +30,11 @@ from temporalio import activity
 from activities.context import heartbeat as _heartbeat, sleep_or_cancelled
 from temporalio.exceptions import ApplicationError
 
+from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
+from opsflow.contracts.rollout import (
+    K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_ROLLOUT_STATUS, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE,
+    K8S_SET_WEIGHT, K8S_SWITCH_SERVICE,
+)
 from opsflow.inventory import KubernetesConfig
 from opsflow.models import DeploymentState, FenceResult, KubeStatus, MaintenanceRequest, RegionTarget, ScaleRequest
 
@@ -347,7 +352,7 @@ def _wait_bound(wait_seconds: float | None) -> float:
 # -- the activities ----------------------------------------------------------------------------------------
 
 
-@activity.defn(name="k8s.status")
+@K8S_STATUS.implementation
 def kube_status(target: RegionTarget) -> KubeStatus:
     """The region's deployments (desired/ready at their current spec), its nodes, and its maintenance flag.
 
@@ -361,7 +366,7 @@ def kube_status(target: RegionTarget) -> KubeStatus:
         return c.status()
 
 
-@activity.defn(name="k8s.set_maintenance")
+@K8S_SET_MAINTENANCE.implementation
 def set_maintenance(req: MaintenanceRequest) -> KubeStatus:
     """Annotate the region's service ``maintenance=true`` (on) or remove the annotation (off). Idempotent."""
     target = req.target
@@ -375,7 +380,7 @@ def set_maintenance(req: MaintenanceRequest) -> KubeStatus:
         return c.status()
 
 
-@activity.defn(name="k8s.scale_up")
+@K8S_SCALE_UP.implementation
 def scale_up(req: ScaleRequest) -> KubeStatus:
     """Scale every inventory deployment up to its replicas, then wait until all rollouts complete.
 
@@ -441,7 +446,7 @@ def scale_up_and_wait(
             _sleep(min(poll_seconds, max(0.05, bound - elapsed)))
 
 
-@activity.defn(name="k8s.scale_to_zero")
+@K8S_SCALE_TO_ZERO.implementation
 def scale_to_zero(target: RegionTarget) -> FenceResult:
     """Emergency fence of the OLD region's applications: every inventory deployment scaled to 0 replicas (no
     wait for the pods to go). Best effort, run from the target region's queue: an unreachable cluster is not an
@@ -697,14 +702,14 @@ def _ensure_copy(c: _Cluster, target: RolloutTarget, name: str, image: str, repl
     _logger().info("%s: created deployment %s (%s x%d) from %s", c.where, name, image, replicas, app.deployment)
 
 
-@activity.defn(name="k8s.rollout_status")
+@K8S_ROLLOUT_STATUS.implementation
 def rollout_status(target: RolloutTarget) -> RolloutState:
     """Stable deployment (image, readiness), canary (if any), router weights, blue-green colours. No change."""
     with _rollout_cluster(target) as c:
         return _rollout_state(c, target)
 
 
-@activity.defn(name="k8s.create_canary")
+@K8S_CREATE_CANARY.implementation
 def create_canary(req: ImageRequest) -> RolloutState:
     """Create `<stable>-canary` from the stable's spec with the new image and its service, then wait until it is
     ready (heartbeating). An existing canary with another image is corrected."""
@@ -718,7 +723,7 @@ def create_canary(req: ImageRequest) -> RolloutState:
         return _rollout_state(c, target)
 
 
-@activity.defn(name="k8s.set_weight")
+@K8S_SET_WEIGHT.implementation
 def set_weight(req: WeightRequest) -> RolloutState:
     """Send `canary_weight` % of the route's traffic to the canary service, the rest to the stable service."""
     target = req.target
@@ -770,7 +775,7 @@ def set_weight(req: WeightRequest) -> RolloutState:
         return _rollout_state(c, target)
 
 
-@activity.defn(name="k8s.delete_canary")
+@K8S_DELETE_CANARY.implementation
 def delete_canary(target: RolloutTarget) -> RolloutState:
     """Route everything to the stable service (the canary's backendRef removed), then delete the canary's service and
     deployment. Stable is never touched. Nothing to delete is success."""
@@ -812,7 +817,7 @@ def delete_canary(target: RolloutTarget) -> RolloutState:
         return _rollout_state(c, target)
 
 
-@activity.defn(name="k8s.set_image")
+@K8S_SET_IMAGE.implementation
 def set_image(req: ImageRequest) -> RolloutState:
     """Give the stable deployment the image (the promotion), then wait for `rollout status` (heartbeating)."""
     target = req.target
@@ -830,7 +835,7 @@ def set_image(req: ImageRequest) -> RolloutState:
         return _rollout_state(c, target)
 
 
-@activity.defn(name="k8s.create_colour")
+@K8S_CREATE_COLOUR.implementation
 def create_colour(req: ImageRequest) -> RolloutState:
     """Blue-green: the colour the service does not select gets the image at the active colour's size; waits ready."""
     target = req.target
@@ -856,7 +861,7 @@ def create_colour(req: ImageRequest) -> RolloutState:
         return _rollout_state(c, target)
 
 
-@activity.defn(name="k8s.switch_service")
+@K8S_SWITCH_SERVICE.implementation
 def switch_service(req: DeploymentRequest) -> RolloutState:
     """Point the stable service's selector at the deployment's pods (blue-green switch, and switch back)."""
     target = req.target
@@ -878,7 +883,7 @@ def switch_service(req: DeploymentRequest) -> RolloutState:
         return _rollout_state(c, target)
 
 
-@activity.defn(name="k8s.scale_deployment")
+@K8S_SCALE_DEPLOYMENT.implementation
 def scale_deployment(req: DeploymentRequest) -> RolloutState:
     """Set a deployment's replicas (blue-green: the old colour down to 0 after the rollback window)."""
     target = req.target

@@ -11,7 +11,6 @@ import math
 import time
 from pathlib import Path
 
-from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import prometheus
@@ -20,6 +19,9 @@ from activities.http_checks import probe
 from activities.postgres.backup import base_backup, verify_base_backup
 from activities.postgres.maintenance import dead_tuple_candidates, missing_tables, run_maintenance
 from activities.providers import database_provider
+from opsflow.contracts.maintenance import (
+    BACKUP_TAKE, BACKUP_VERIFY, MAINT_HEALTH, MAINT_PLAN, MAINT_RUN_ITEM, WATCH_METRICS,
+)
 from opsflow.maintenance import table_name
 from opsflow.models import lsn_to_int
 from opsflow.maintenance_models import (
@@ -49,7 +51,7 @@ def _sql_db(target):
     return target.database
 
 
-@activity.defn(name="maint.plan")
+@MAINT_PLAN.implementation
 def plan(req: PlanRequest) -> PlanResult:
     """The work, in order: each task's tables (listed ones must exist; `auto` ones picked by their dead
     tuples, with the reason), bounded by max_tables; and what the backup will use."""
@@ -109,13 +111,13 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK)
 
 
-@activity.defn(name="maint.run_item")
+@MAINT_RUN_ITEM.implementation
 def run_item(req: RunItemRequest) -> ItemResult:
     """One table (or named statement) under the guards; progress heartbeated; cancellation stops it cleanly."""
     return run_maintenance(_sql_db(req.target), req.item, req.guards, cancel_at=req.cancel_at)
 
 
-@activity.defn(name="maint.health")
+@MAINT_HEALTH.implementation
 def health(req: HealthRequest) -> HealthResult:
     """After each table: the primary answers, every replica streams within the lag limit (waiting up to
     lag_wait for it to come back under), and the region's smoke URLs answer."""
@@ -165,7 +167,7 @@ def health(req: HealthRequest) -> HealthResult:
     )
 
 
-@activity.defn(name="backup.take")
+@BACKUP_TAKE.implementation
 def take_backup(req: BackupRequest) -> BackupResult:
     limit = time_limit(req.policy.timeout)
     provider = req.target.database.provider
@@ -182,7 +184,7 @@ def take_backup(req: BackupRequest) -> BackupResult:
     return base_backup(req.target.database, req.policy.directory, req.name, timeout=limit)
 
 
-@activity.defn(name="backup.verify")
+@BACKUP_VERIFY.implementation
 def verify_backup(req: VerifyBackupRequest) -> str:
     """Completed, newer than the procedure's start, non-empty; a base backup also passes pg_verifybackup."""
     b = req.backup
@@ -213,7 +215,7 @@ def verify_backup(req: VerifyBackupRequest) -> str:
     return detail
 
 
-@activity.defn(name="watch.metrics")
+@WATCH_METRICS.implementation
 def watch(req: WatchRequest) -> WatchResult:
     """Query each metric every interval for the duration; the first breach ends the watch (it alerts)."""
     results = {q.name: WatchQueryResult(name=q.name, query=q.query) for q in req.policy.queries}

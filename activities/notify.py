@@ -6,16 +6,16 @@ import json
 import urllib.error
 import urllib.request
 
-from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.context import heartbeating
 from activities.secrets import resolve
+from opsflow.contracts.notify import NOTIFY_SEND
 from opsflow.inventory import NotificationChannel
 from opsflow.models import Notification, NotifyRequest
 
 
-@activity.defn(name="notify.send")
+@NOTIFY_SEND.implementation
 def send(request: NotifyRequest) -> list[str]:
     """Send to the named channels (all channels when none are named). Returns the channels reached."""
     n = request.notification

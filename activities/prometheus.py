@@ -13,6 +13,7 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from opsflow.contracts.rollout import PROMETHEUS_SAMPLES
 from opsflow.rollout import MetricSamples, Samples, SamplesRequest
 
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
@@ -105,7 +106,7 @@ def number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-@activity.defn(name="prometheus.samples")
+@PROMETHEUS_SAMPLES.implementation
 def samples(req: SamplesRequest) -> Samples:
     """Every metric's values for canary and baseline over [start, end] at the analysis step, and the request volume."""
     a = req.analysis

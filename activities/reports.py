@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from temporalio import activity
 
+from opsflow.contracts.notify import REPORT_STORE
 from opsflow.inventory import AwsConnection
 from opsflow.models import StoreReportRequest
 
 
-@activity.defn(name="report.store")
+@REPORT_STORE.implementation
 def store_report(request: StoreReportRequest) -> list[str]:
     """Write <reports_dir>/<environment>/<workflow id>.{json,md}, and the same keys under the S3 prefix. Idempotent."""
     stem = request.workflow_id.replace("/", "_")

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import time
 
-from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.context import Backoff, check_cancelled, heartbeating, sleep_or_cancelled
 from activities.postgres.integrity import missing_objects, require_tables, row_counts, row_counts_at, run_checks
 from activities.providers import restore_provider
+from opsflow.contracts.restore import (
+    RESTORE_DELETE, RESTORE_LEFTOVERS, RESTORE_START, RESTORE_VALIDATE_CHECKS, RESTORE_VERIFY, RESTORE_WAIT,
+    RESTORE_WINDOW,
+)
 from opsflow.inventory import PostgresDatabase
 from opsflow.models import CheckResult, RestoreRequest, RestoreWindow, ScratchTarget, VerifyRequest
 
 
-@activity.defn(name="restore.window")
+@RESTORE_WINDOW.implementation
 def restore_window(request: RestoreRequest) -> RestoreWindow:
     return restore_provider(request).window()
 
 
-@activity.defn(name="restore.leftovers")
+@RESTORE_LEFTOVERS.implementation
 def restore_leftovers(request: RestoreRequest) -> list[str]:
     """Scratch targets left behind by an earlier run of this environment that crashed: found, deleted, and named
     in the report. Only targets tagged with this environment (providers list nothing else) and made by another
@@ -34,13 +37,13 @@ def restore_leftovers(request: RestoreRequest) -> list[str]:
     return found
 
 
-@activity.defn(name="restore.start")
+@RESTORE_START.implementation
 def restore_start(request: RestoreRequest) -> ScratchTarget:
     assert request.point_in_time is not None
     return restore_provider(request).start(request.scratch_name, request.point_in_time)
 
 
-@activity.defn(name="restore.wait")
+@RESTORE_WAIT.implementation
 def restore_wait(request: RestoreRequest) -> ScratchTarget:
     """Wait for the scratch target, heartbeating; restores take tens of minutes in production. After a worker
     crash the next attempt picks up the same target by name: one scratch target per drill. Polls with backoff
@@ -58,7 +61,7 @@ def restore_wait(request: RestoreRequest) -> ScratchTarget:
                            what=f"waiting for scratch target {request.scratch_name}")
 
 
-@activity.defn(name="restore.delete")
+@RESTORE_DELETE.implementation
 def restore_delete(request: RestoreRequest) -> bool:
     # a delete waits for the cloud; the drill's cleanup heartbeats
     with heartbeating(f"deleting {request.scratch_name}"):
@@ -88,7 +91,7 @@ def _source_db(request) -> PostgresDatabase:
     return PostgresDatabase(provider="postgres", dsn=src.dsn, password=src.password)
 
 
-@activity.defn(name="restore.validate_checks")
+@RESTORE_VALIDATE_CHECKS.implementation
 def validate_checks(request: RestoreRequest) -> None:
     """Before anything is created: every table named by a row-count check exists on the source."""
     tables = [c.table for c in request.drill.row_counts]
@@ -96,7 +99,7 @@ def validate_checks(request: RestoreRequest) -> None:
         require_tables(_source_db(request), tables)
 
 
-@activity.defn(name="restore.verify")
+@RESTORE_VERIFY.implementation
 def verify(request: VerifyRequest) -> list[CheckResult]:
     """Row counts against the source at the restore point, SQL checks, schema objects. Results, not exceptions:
     the drill decides, and the report lists every check."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from temporalio import activity
 
+from opsflow.contracts.kernel import RULES_INVENTORY
 from opsflow.inventory import Inventory, InventoryError, load_inventory
 from opsflow.rules import EnvironmentRules, RulesRequest, WorkerRules, differences, digest_of, mismatch_message
 from opsflow.signing import START_MEMO
@@ -122,7 +123,7 @@ async def nonce_used_elsewhere(nonce: str) -> str | None:
     return None
 
 
-@activity.defn(name="rules.inventory")
+@RULES_INVENTORY.implementation
 async def worker_inventory(req: RulesRequest) -> WorkerRules:
     """The worker's inventory for each environment asked, or why the start is refused (a digest that differs
     names the settings; an environment this worker does not hold; a start signature already used)."""

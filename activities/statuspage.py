@@ -16,6 +16,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.secrets import resolve
+from opsflow.contracts.notify import STATUSPAGE_UPDATE
 from opsflow.maintenance_models import StatusPageRequest, StatusPageResult
 
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
@@ -46,7 +47,7 @@ def _check(resp: httpx.Response, what: str) -> dict:
     return resp.json() if resp.content else {}
 
 
-@activity.defn(name="statuspage.update")
+@STATUSPAGE_UPDATE.implementation
 def update(req: StatusPageRequest) -> StatusPageResult:
     """Create the scheduled maintenance (incident_id None) or move it to the next status."""
     page = req.page.page_id

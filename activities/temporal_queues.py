@@ -12,6 +12,8 @@ from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
+from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
+
 # A worker long-polls for up to ~70 s, so a live poller may not have been seen for that long; one silent
 # for longer than this is taken as gone.
 POLLER_FRESH = timedelta(seconds=90)
@@ -36,7 +38,7 @@ async def queue_pollers(client, queue: str, kinds=(TaskQueueType.TASK_QUEUE_TYPE
     return seen
 
 
-@activity.defn(name="temporal.unserved_queues")
+@TEMPORAL_UNSERVED_QUEUES.implementation
 async def unserved_queues(queues: list[str]) -> list[str]:
     """The queues (of those given) that no worker polls for activities."""
     client = activity.client()

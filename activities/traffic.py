@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from temporalio import activity
 
 from activities.providers import traffic_provider
+from opsflow.contracts.traffic import TRAFFIC_STATUS, TRAFFIC_SWITCH
 from opsflow.models import TrafficRequest, TrafficStatus
 
 
-@activity.defn(name="traffic.status")
+@TRAFFIC_STATUS.implementation
 def traffic_status(request: TrafficRequest) -> TrafficStatus:
     return traffic_provider(request).status()
 
 
-@activity.defn(name="traffic.switch")
+@TRAFFIC_SWITCH.implementation
 def traffic_switch(request: TrafficRequest) -> TrafficStatus:
     return traffic_provider(request).switch()

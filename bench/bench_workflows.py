@@ -51,13 +51,17 @@ class StepsWorkflow(Procedure):
     def __init__(self, inp: StepsInput) -> None:
         self.mode = inp.show
         self.shown: tuple[str, str] | None = None
-        super().__init__(inp.inventory, BenchReport(workflow_id="", environment=inp.inventory.environment, requester="bench"))
+        super().__init__(
+            inp.inventory, BenchReport(workflow_id="", environment=inp.inventory.environment, requester="bench")
+        )
 
     @workflow.run
     async def run(self, inp: StepsInput) -> BenchReport:
         async def body() -> None:
             for i in range(inp.steps):
-                await self.step(f"noop-{i}", f"No-op {i}", "bench.noop", i, result_type=int, queue=inp.queue, attempts=1)
+                await self.step(
+                    f"noop-{i}", f"No-op {i}", "bench.noop", i, result_type=int, queue=inp.queue, attempts=1
+                )
 
         return await self.conclude(body)  # type: ignore[return-value]
 
@@ -68,7 +72,12 @@ class StepsWorkflow(Procedure):
             return
         r = self.report
         if self.mode in ("details", "changed"):
-            lines = [f"**{r.procedure}** in `{r.environment}` — **{r.status}**", "", "| step | outcome | seconds |", "| --- | --- | --- |"]
+            lines = [
+                f"**{r.procedure}** in `{r.environment}` — **{r.status}**",
+                "",
+                "| step | outcome | seconds |",
+                "| --- | --- | --- |",
+            ]
             lines += [f"| {s.title} | {s.outcome} | {s.seconds or ''} |" for s in r.steps]
             workflow.set_current_details("\n".join(lines))
         attrs = (r.current_step or "start", r.status)
@@ -89,7 +98,9 @@ class RawWorkflow:
     async def run(self, inp: RawInput) -> int:
         for i in range(inp.steps):
             if inp.local:
-                await workflow.execute_local_activity("bench.noop", i, result_type=int, start_to_close_timeout=timedelta(seconds=30))
+                await workflow.execute_local_activity(
+                    "bench.noop", i, result_type=int, start_to_close_timeout=timedelta(seconds=30)
+                )
             else:
                 await workflow.execute_activity("bench.noop", i, result_type=int, task_queue=inp.queue,
                                                 start_to_close_timeout=timedelta(seconds=30))

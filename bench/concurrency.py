@@ -3,7 +3,8 @@
 
     python bench/concurrency.py [--procedures 1000] [--environments 100] [--json]
                                 [--activity-threads N] [--max-concurrent-activities N] [--max-cached-workflows N]
-                                [--max-concurrent-workflow-tasks N] [--polls N] [--workflow-polls N] [--shared-queues none|workflow|all]
+                                [--max-concurrent-workflow-tasks N] [--polls N] [--workflow-polls N]
+                                [--shared-queues none|workflow|all]
 
 A fresh lab (Temporal dev server, PostgreSQL primary + streaming replica, ARM and Kubernetes emulators; no lab
 worker). The bench writes --environments inventories, copies of the lab's with their own `environment:` name
@@ -130,7 +131,9 @@ def write_inventories(state: dict, count: int, folder: Path, shared_queue: str |
     return names
 
 
-async def wait_pollers(client, queues: list[str], timeout: float, workflow_queues: list[str] | tuple = (), interval: float = 0.5) -> None:
+async def wait_pollers(
+    client, queues: list[str], timeout: float, workflow_queues: list[str] | tuple = (), interval: float = 0.5
+) -> None:
     """Until a worker polls each of `queues` for activities and each of `workflow_queues` for workflow tasks."""
     from temporalio.api.enums.v1 import TaskQueueType
 
@@ -167,18 +170,37 @@ async def run_procedures(state: dict, inv_dir: Path, procedures: int) -> dict:
         t0 = time.monotonic()
         try:
             if n % 2 == 0:
-                handle = await client.start_workflow("failover", FailoverInput(inventory=inv, to_region="westeurope", dry_run=True,
-                                                                                 requester="alice", reason="bench"),
-                                                     id=wid, task_queue=inv.task_queue, result_type=dict)
+                handle = await client.start_workflow(
+                    "failover",
+                    FailoverInput(
+                        inventory=inv, to_region="westeurope", dry_run=True, requester="alice", reason="bench"
+                    ),
+                    id=wid,
+                    task_queue=inv.task_queue,
+                    result_type=dict,
+                )
             else:
-                handle = await client.start_workflow("drill", DrillInput(inventory=inv, dry_run=True, requester="alice", reason="bench"),
-                                                     id=wid, task_queue=inv.task_queue, result_type=dict)
+                handle = await client.start_workflow(
+                    "drill",
+                    DrillInput(inventory=inv, dry_run=True, requester="alice", reason="bench"),
+                    id=wid,
+                    task_queue=inv.task_queue,
+                    result_type=dict,
+                )
             report = await handle.result()
             status = report.get("status")
-            return ("failover" if n % 2 == 0 else "drill", time.monotonic() - t0, None if status == "planned" else f"ended {status}")
+            return (
+                "failover" if n % 2 == 0 else "drill",
+                time.monotonic() - t0,
+                None if status == "planned" else f"ended {status}",
+            )
         except WorkflowFailureError as e:
             cause = e.cause
-            return ("failover" if n % 2 == 0 else "drill", time.monotonic() - t0, f"{type(cause).__name__}: {cause}"[:300])
+            return (
+                "failover" if n % 2 == 0 else "drill",
+                time.monotonic() - t0,
+                f"{type(cause).__name__}: {cause}"[:300],
+            )
         except Exception as e:  # noqa: BLE001 - one procedure's failure is counted, not raised
             return ("failover" if n % 2 == 0 else "drill", time.monotonic() - t0, f"{type(e).__name__}: {e}"[:300])
 
@@ -200,7 +222,12 @@ async def history_shape(client, inventories: list, procedures: int) -> dict:
 
     shape: dict[str, dict] = {}
     slow: list[dict] = []
-    waits: dict[str, list[float]] = {"activity_wait": [], "activity_run": [], "workflow_task_wait": [], "workflow_task_run": []}
+    waits: dict[str, list[float]] = {
+        "activity_wait": [],
+        "activity_run": [],
+        "workflow_task_wait": [],
+        "workflow_task_run": [],
+    }
     for n in range(0, procedures, 10) if procedures > 20 else range(procedures):
         for kind_n in (n, n + 1):
             if kind_n >= procedures:
@@ -228,8 +255,14 @@ async def history_shape(client, inventories: list, procedures: int) -> dict:
                     waits["activity_wait"].append(at(e) - sched[sid])
                     a = e.activity_task_started_event_attributes
                     if a.attempt > 1 or at(e) - sched[sid] > 5:
-                        slow.append({"activity": kinds[sid], "attempt": a.attempt, "wait_seconds": round(at(e) - sched[sid], 2),
-                                     "last_failure": a.last_failure.message[:200] if a.HasField("last_failure") else None})
+                        slow.append(
+                            {
+                                "activity": kinds[sid],
+                                "attempt": a.attempt,
+                                "wait_seconds": round(at(e) - sched[sid], 2),
+                                "last_failure": a.last_failure.message[:200] if a.HasField("last_failure") else None,
+                            }
+                        )
                 elif e.event_type == E.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
                     sid = e.activity_task_completed_event_attributes.scheduled_event_id
                     if sid in started:
@@ -242,8 +275,11 @@ async def history_shape(client, inventories: list, procedures: int) -> dict:
                 elif e.event_type == E.EVENT_TYPE_WORKFLOW_TASK_COMPLETED and wft is not None:
                     waits["workflow_task_run"].append(at(e) - wft)
     out = {kind: {k: statistics.median(v) for k, v in rows.items()} for kind, rows in shape.items()}
-    out["waits_seconds"] = {k: {"median": round(statistics.median(v), 3), "p90": round(pct(v, 0.9), 3), "max": round(max(v), 3)}
-                            for k, v in waits.items() if v}
+    out["waits_seconds"] = {
+        k: {"median": round(statistics.median(v), 3), "p90": round(pct(v, 0.9), 3), "max": round(max(v), 3)}
+        for k, v in waits.items()
+        if v
+    }
     out["slow_or_retried_activities"] = sorted(slow, key=lambda x: -x["wait_seconds"])[:8]
     return out
 
@@ -268,16 +304,31 @@ def main() -> int:
     p.add_argument("--procedures", type=int, default=1000)
     p.add_argument("--environments", type=int, default=100)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--activity-threads", type=int, default=32, help="the worker's one activity thread pool (default 32)")
+    p.add_argument(
+        "--activity-threads", type=int, default=32, help="the worker's one activity thread pool (default 32)"
+    )
     p.add_argument("--max-concurrent-activities", type=int, default=16, help="per task queue (default 16)")
     p.add_argument("--max-cached-workflows", type=int, default=500, help="per workflow queue (default 500)")
-    p.add_argument("--max-concurrent-workflow-tasks", type=int, default=20, help="per workflow queue (default 20, as opsflow worker's; the SDK's 100)")
+    p.add_argument(
+        "--max-concurrent-workflow-tasks",
+        type=int,
+        default=20,
+        help="per workflow queue (default 20, as opsflow worker's; the SDK's 100)",
+    )
     p.add_argument("--polls", type=int, default=4, help="long polls per queue and task type (default 4)")
-    p.add_argument("--lean-show", action="store_true", help="run the procedures with the proposed show() fix (bench/lean_workflows.py)")
+    p.add_argument(
+        "--lean-show",
+        action="store_true",
+        help="run the procedures with the proposed show() fix (bench/lean_workflows.py)",
+    )
     p.add_argument("--workflow-polls", type=int, default=20, help="workflow task polls per workflow queue (default 20)")
-    p.add_argument("--shared-queues", choices=["none", "workflow", "all"], default="all",
-                   help="one workflow queue for every environment (workflow), and one queue per region name for every environment "
-                   "(all, the default: README 'Fleets'); none: queues per environment")
+    p.add_argument(
+        "--shared-queues",
+        choices=["none", "workflow", "all"],
+        default="all",
+        help="one workflow queue for every environment (workflow), and one queue per region name for every environment "
+        "(all, the default: README 'Fleets'); none: queues per environment",
+    )
     args = p.parse_args()
 
     signal.signal(signal.SIGTERM, interrupt)
@@ -290,8 +341,19 @@ def main() -> int:
     root = base / "lab"
     worker = None
     sampler = None
-    settings = {k: getattr(args, k) for k in ("activity_threads", "max_concurrent_activities", "max_cached_workflows",
-                                              "max_concurrent_workflow_tasks", "polls", "workflow_polls", "shared_queues", "lean_show")}
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "activity_threads",
+            "max_concurrent_activities",
+            "max_cached_workflows",
+            "max_concurrent_workflow_tasks",
+            "polls",
+            "workflow_polls",
+            "shared_queues",
+            "lean_show",
+        )
+    }
     try:
         try:
             t0 = time.monotonic()
@@ -301,10 +363,23 @@ def main() -> int:
             inv_dir = base / "inventories"
             write_inventories(state, args.environments, inv_dir, args.shared_queues)
             env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
-            env.update(TEMPORAL_ADDRESS=state["temporal"]["address"], TEMPORAL_NAMESPACE="default", PYTHONPATH=str(ROOT))
-            argv = [sys.executable, str(ROOT / "bench" / "fleet_worker.py"), "--inventories", str(inv_dir),
-                    "--activity-threads", str(args.activity_threads), "--max-concurrent-activities", str(args.max_concurrent_activities),
-                    "--max-cached-workflows", str(args.max_cached_workflows), "--polls", str(args.polls)]
+            env.update(
+                TEMPORAL_ADDRESS=state["temporal"]["address"], TEMPORAL_NAMESPACE="default", PYTHONPATH=str(ROOT)
+            )
+            argv = [
+                sys.executable,
+                str(ROOT / "bench" / "fleet_worker.py"),
+                "--inventories",
+                str(inv_dir),
+                "--activity-threads",
+                str(args.activity_threads),
+                "--max-concurrent-activities",
+                str(args.max_concurrent_activities),
+                "--max-cached-workflows",
+                str(args.max_cached_workflows),
+                "--polls",
+                str(args.polls),
+            ]
             if args.lean_show:
                 argv.append("--lean-show")
             if args.workflow_polls:

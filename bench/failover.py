@@ -96,7 +96,9 @@ def opsflow(state: dict, *args: str) -> dict:
     argv = [sys.executable, "-m", "starters.cli", *args, "--json"]
     proc = subprocess.run(argv, capture_output=True, text=True, env=cli_env(state), cwd=ROOT, timeout=CLI_TIMEOUT)
     if proc.returncode != 0:
-        raise RunFailed(f"opsflow {' '.join(args)} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}")
+        raise RunFailed(
+            f"opsflow {' '.join(args)} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}"
+        )
     return json.loads(proc.stdout)
 
 
@@ -178,7 +180,11 @@ def foreign_workers(history, worker_pid: int) -> tuple[set[str], set[str]]:
     """Workers other than the lab's own that took tasks of this workflow: (only before the procedure got going,
     after that). Every lab polls the same task queue names, and the lab's Temporal takes port 7233 when it is
     free, so a stray worker of an earlier lab can still be polling that address and pick tasks up."""
-    worker_events = {f"{kind}_task_{what}_event_attributes" for kind in ("workflow", "activity") for what in ("started", "completed", "failed")}
+    worker_events = {
+        f"{kind}_task_{what}_event_attributes"
+        for kind in ("workflow", "activity")
+        for what in ("started", "completed", "failed")
+    }
     before: set[str] = set()
     after: set[str] = set()
     going = False  # once a workflow task completed, the procedure runs
@@ -203,7 +209,18 @@ def failover_run(base: Path, number: int) -> dict:
         say(f"  lab up in {time.monotonic() - t0:.1f}s; planned failover {SOURCE} -> {TARGET}")
         t0 = time.monotonic()
         drain = load_inventory(state["inventory"]).failover.drain
-        started = opsflow(state, "failover", "--env", state["inventory"], "--to", TARGET, "--requester", REQUESTER, "--reason", "bench")
+        started = opsflow(
+            state,
+            "failover",
+            "--env",
+            state["inventory"],
+            "--to",
+            TARGET,
+            "--requester",
+            REQUESTER,
+            "--reason",
+            "bench",
+        )
         workflow_id = started["workflow_id"]
         history = asyncio.run(approve_and_wait(state, workflow_id))
         report = FailoverReport.model_validate(opsflow(state, "report", workflow_id))
@@ -215,8 +232,11 @@ def failover_run(base: Path, number: int) -> dict:
             raise RunFailed(f"a worker that is not the lab's ({', '.join(sorted(after))}) took tasks of the procedure: "
                             f"its timings are not this lab's (a stray worker polling {state['temporal']['address']}?)")
         if before:
-            say(f"  note: a worker that is not the lab's ({', '.join(sorted(before))}) failed the first workflow task(s); "
-                f"that delayed the start, not the figures")
+            say(
+                f"  note: a worker that is not the lab's ({', '.join(sorted(before))}) failed the first workflow "
+                f"task(s); "
+                f"that delayed the start, not the figures"
+            )
         figures = figures_of_run(report, history, drain)
         figures["foreign_workers_before_start"] = sorted(before)
         figures["emulated_azure_delays"] = emulated_azure_delays(root)
@@ -242,8 +262,19 @@ def emergency_run(base: Path, number: int, kill_primary: bool = True) -> dict:
             Cluster.from_dict(state["postgres"][SOURCE]).kill()
         asyncio.run(wait_served(state))
         t0 = time.monotonic()
-        started = opsflow(state, "failover", "--env", state["inventory"], "--to", TARGET, "--emergency", "--requester", REQUESTER,
-                          "--reason", "bench")
+        started = opsflow(
+            state,
+            "failover",
+            "--env",
+            state["inventory"],
+            "--to",
+            TARGET,
+            "--emergency",
+            "--requester",
+            REQUESTER,
+            "--reason",
+            "bench",
+        )
         history = asyncio.run(wait_for_end(state, started["workflow_id"]))
         report = FailoverReport.model_validate(opsflow(state, "report", started["workflow_id"]))
         say(f"  emergency failover {report.status} in {time.monotonic() - t0:.1f}s (start to report)")
@@ -299,7 +330,9 @@ def emergency_figures(report: FailoverReport, history, delays: dict) -> dict:
     tm_checking = float(delays.get("tm_checking_seconds") or 0)
     return {
         "workflow_id": report.workflow_id,
-        "steps": {s.name: {"seconds": s.seconds, "work": work.get(s.name)} for s in report.steps if s.seconds is not None},
+        "steps": {
+            s.name: {"seconds": s.seconds, "work": work.get(s.name)} for s in report.steps if s.seconds is not None
+        },
         "traffic_moved_seconds": round(moved, 4),
         "traffic_moved_excluding_emulated_delays_seconds": round(moved - tm_checking, 4),
         "before_traffic_step_seconds": round((traffic.started_at - start).total_seconds(), 4),
@@ -328,7 +361,14 @@ def figures_of_run(report: FailoverReport, history, drain: float) -> dict:
             continue
         steps[s.name] = {"seconds": s.seconds, "work": work.get(s.name) if s.name != "approval" else None}
     rto_end = report.approval.at.timestamp() + report.rto_seconds
-    in_rto = [s for s in report.steps if s.started_at and s.ended_at and s.started_at >= report.approval.at and s.ended_at.timestamp() <= rto_end + 1e-6]
+    in_rto = [
+        s
+        for s in report.steps
+        if s.started_at
+        and s.ended_at
+        and s.started_at >= report.approval.at
+        and s.ended_at.timestamp() <= rto_end + 1e-6
+    ]
     missing = [name for name in RTO_STEPS if name not in {s.name for s in in_rto}]
     if missing:
         raise RunFailed(f"steps missing inside the RTO window: {', '.join(missing)}")
@@ -381,7 +421,9 @@ def drop_clusters_under(root: Path) -> None:
     from lab.postgres import Cluster, drop_cluster
 
     for datadir in root.glob("*/data"):
-        drop_cluster(Cluster(name=datadir.parent.name, datadir=datadir, port=0, logfile=datadir.parent / "postgres.log"))
+        drop_cluster(
+            Cluster(name=datadir.parent.name, datadir=datadir, port=0, logfile=datadir.parent / "postgres.log")
+        )
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -432,7 +474,12 @@ def stats(values: list[float]) -> dict | None:
     values = [v for v in values if v is not None]
     if not values:
         return None
-    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4), "max": round(max(values), 4), "n": len(values)}
+    return {
+        "median": round(statistics.median(values), 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+        "n": len(values),
+    }
 
 
 def summarize(runs: list[dict], pairs: list[dict], requested: int) -> dict:
@@ -446,7 +493,12 @@ def summarize(runs: list[dict], pairs: list[dict], requested: int) -> dict:
         secs = [s["seconds"] for s in seen]
         work = [s["work"] for s in seen if s["work"] is not None]
         overhead = [s["seconds"] - s["work"] for s in seen if s["work"] is not None]
-        steps[name] = {"in_rto": name in RTO_STEPS, "seconds": stats(secs), "work_seconds": stats(work), "overhead_seconds": stats(overhead)}
+        steps[name] = {
+            "in_rto": name in RTO_STEPS,
+            "seconds": stats(secs),
+            "work_seconds": stats(work),
+            "overhead_seconds": stats(overhead),
+        }
     figure = lambda key: stats([r[key] for r in ok])  # noqa: E731
     return {
         "scenario": f"planned failover {SOURCE} -> {TARGET}, fresh lab per run",
@@ -463,7 +515,13 @@ def summarize(runs: list[dict], pairs: list[dict], requested: int) -> dict:
         "promotion_seconds": figure("promotion_seconds"),
         "physical_limit_seconds": stats([p["result"] for p in pairs if p["ok"]]),
         "physical_limit_failed": [{"pair": p["run"], "error": p["error"]} for p in pairs if not p["ok"]],
-        "per_run": [{"run": r["run"], **({k: v for k, v in r["result"].items() if k != "steps"} if r["ok"] else {"error": r["error"]})} for r in runs],
+        "per_run": [
+            {
+                "run": r["run"],
+                **({k: v for k, v in r["result"].items() if k != "steps"} if r["ok"] else {"error": r["error"]}),
+            }
+            for r in runs
+        ],
     }
 
 
@@ -479,7 +537,9 @@ def summarize_emergency(runs: list[dict], requested: int, kill_primary: bool) ->
                        "overhead_seconds": stats([x["seconds"] - x["work"] for x in seen if x["work"] is not None])}
     figure = lambda key: stats([r[key] for r in ok])  # noqa: E731
     return {
-        "scenario": f"emergency failover {SOURCE} -> {TARGET}" + (f" with the {SOURCE} primary killed" if kill_primary else "") + ", fresh lab per run",
+        "scenario": f"emergency failover {SOURCE} -> {TARGET}"
+        + (f" with the {SOURCE} primary killed" if kill_primary else "")
+        + ", fresh lab per run",
         "runs_requested": requested,
         "runs_ok": len(ok),
         "failed_runs": [{"run": r["run"], "error": r["error"]} for r in runs if not r["ok"]],
@@ -490,7 +550,13 @@ def summarize_emergency(runs: list[dict], requested: int, kill_primary: bool) ->
         "before_traffic_step_seconds": figure("before_traffic_step_seconds"),
         "rto_seconds": figure("rto_seconds"),
         "promotion_seconds": figure("promotion_seconds"),
-        "per_run": [{"run": r["run"], **({k: v for k, v in r["result"].items() if k != "steps"} if r["ok"] else {"error": r["error"]})} for r in runs],
+        "per_run": [
+            {
+                "run": r["run"],
+                **({k: v for k, v in r["result"].items() if k != "steps"} if r["ok"] else {"error": r["error"]}),
+            }
+            for r in runs
+        ],
     }
 
 
@@ -507,20 +573,41 @@ def print_emergency(s: dict) -> None:
     print(f"{'step':<20}{'median':>8}{'work':>8}{'overhead':>9}   (seconds; work: activity execution from the history)")
     for name, st in s["steps"].items():
         w, o = st["work_seconds"], st["overhead_seconds"]
-        print(f"{name:<20}{st['seconds']['median']:8.2f}{w['median'] if w else float('nan'):8.2f}{o['median'] if o else float('nan'):9.2f}")
+        print(
+            f"{name:<20}{st['seconds']['median']:8.2f}"
+            f"{w['median'] if w else float('nan'):8.2f}{o['median'] if o else float('nan'):9.2f}"
+        )
     print()
     d = s["emulated_azure_delays"] or {}
     for label, key, note in (
-        ("TRAFFIC MOVED (start -> traffic step done)", "traffic_moved_seconds", "WorkflowExecutionStarted -> traffic step end"),
-        ("  excluding the emulator's deliberate delays", "traffic_moved_excluding_emulated_delays_seconds",
-         f"minus {d.get('tm_checking_seconds', '?')} s Traffic Manager endpoint checking"),
-        ("  of which before the traffic step", "before_traffic_step_seconds", "preflight of both regions, traffic check, poller check"),
+        (
+            "TRAFFIC MOVED (start -> traffic step done)",
+            "traffic_moved_seconds",
+            "WorkflowExecutionStarted -> traffic step end",
+        ),
+        (
+            "  excluding the emulator's deliberate delays",
+            "traffic_moved_excluding_emulated_delays_seconds",
+            f"minus {d.get('tm_checking_seconds', '?')} s Traffic Manager endpoint checking",
+        ),
+        (
+            "  of which before the traffic step",
+            "before_traffic_step_seconds",
+            "preflight of both regions, traffic check, poller check",
+        ),
         ("RTO (report: after preflight -> promoted)", "rto_seconds", ""),
-        ("promotion (forced, through ARM)", "promotion_seconds", f"includes the emulator's {d.get('lro_seconds', '?')} s operation time"),
+        (
+            "promotion (forced, through ARM)",
+            "promotion_seconds",
+            f"includes the emulator's {d.get('lro_seconds', '?')} s operation time",
+        ),
     ):
         print(f"{label:<46}{mmm(s[key])}   {note}".rstrip())
-    print(f"the lab's ARM emulator adds on purpose, as Azure would: {d.get('tm_checking_seconds', '?')} s of Traffic Manager endpoint checking "
-          f"(inside the traffic step), {d.get('lro_seconds', '?')} s per long-running operation (promotion, control-plane fence; after the traffic)")
+    print(
+        f"the lab's ARM emulator adds on purpose, as Azure would: {d.get('tm_checking_seconds', '?')} s of Traffic "
+        f"Manager endpoint checking (inside the traffic step), {d.get('lro_seconds', '?')} s per long-running "
+        "operation (promotion, control-plane fence; after the traffic)"
+    )
 
 
 def print_text(s: dict) -> None:
@@ -540,22 +627,44 @@ def print_text(s: dict) -> None:
     if not s["runs_ok"]:
         return
     print()
-    print(f"{'step':<17}{'RTO':>4} {'median':>7} {'min':>7} {'max':>7}   {'work':>7} {'overhead':>8}   (seconds; work and overhead: medians)")
+    print(
+        f"{'step':<17}{'RTO':>4} {'median':>7} {'min':>7} {'max':>7}   {'work':>7} {'overhead':>8}"
+        "   (seconds; work and overhead: medians)"
+    )
     for name, st in s["steps"].items():
         sec, work, over = st["seconds"], st["work_seconds"], st["overhead_seconds"]
-        note = "  waits for the approver (the bench approves at once)" if name == "approval" else ("  configured drain (timer)" if name == "drain" else "")
+        note = (
+            "  waits for the approver (the bench approves at once)"
+            if name == "approval"
+            else ("  configured drain (timer)" if name == "drain" else "")
+        )
         print(f"{name:<17}{'*' if st['in_rto'] else '':>4} {fmt(sec['median'])} {fmt(sec['min'])} {fmt(sec['max'])}   "
               f"{fmt(work['median'] if work else None)} {fmt(over['median'] if over else None, 8)}{note}")
-    print("* inside the RTO (approval -> traffic moved).  work: activity execution time from the history.  overhead = step - work")
+    print(
+        "* inside the RTO (approval -> traffic moved).  work: activity execution time from the history.  "
+        "overhead = step - work"
+    )
     print()
     drain = s["drain_seconds"]
     figures = [
         ("RTO (approval -> traffic moved)", s["rto_seconds"], "the report's rto_seconds"),
         (f"RTO excluding the configured drain ({drain:g} s)", s["rto_excluding_drain_seconds"], ""),
-        ("orchestration overhead in the RTO", s["orchestration_overhead_seconds"], "= RTO - drain - work of the * steps"),
+        (
+            "orchestration overhead in the RTO",
+            s["orchestration_overhead_seconds"],
+            "= RTO - drain - work of the * steps",
+        ),
         ("  of which between steps", s["between_steps_seconds"], "= RTO - sum of the * steps' times"),
-        ("promotion (db.promote through ARM)", s["promotion_seconds"], "the report's promotion_seconds: request -> first write"),
-        ("PHYSICAL LIMIT (pg_promote -> 1st INSERT)", s["physical_limit_seconds"], "plain primary+replica, no Temporal, no emulators"),
+        (
+            "promotion (db.promote through ARM)",
+            s["promotion_seconds"],
+            "the report's promotion_seconds: request -> first write",
+        ),
+        (
+            "PHYSICAL LIMIT (pg_promote -> 1st INSERT)",
+            s["physical_limit_seconds"],
+            "plain primary+replica, no Temporal, no emulators",
+        ),
     ]
     for label, st, note in figures:
         print(f"{label:<44}{mmm(st)}   {note}".rstrip())
@@ -563,18 +672,36 @@ def print_text(s: dict) -> None:
         print(f"  pair {f['pair']} FAILED (left out): {f['error']}")
     delays = s.get("emulated_azure_delays") or {}
     if delays:
-        print(f"the lab's ARM emulator adds, as Azure would: {delays.get('lro_seconds', '?')} s per long-running operation (fence parameter, "
-              f"promotion), {delays.get('tm_checking_seconds', '?')} s of Traffic Manager endpoint checking")
+        print(
+            f"the lab's ARM emulator adds, as Azure would: {delays.get('lro_seconds', '?')} s per long-running "
+            "operation (fence parameter, "
+            f"promotion), {delays.get('tm_checking_seconds', '?')} s of Traffic Manager endpoint checking"
+        )
     print()
-    print("per run:  " + "   ".join(f"#{r['run']} RTO {r['rto_seconds']:.2f}s" if "rto_seconds" in r else f"#{r['run']} failed" for r in s["per_run"]))
+    print(
+        "per run:  "
+        + "   ".join(
+            f"#{r['run']} RTO {r['rto_seconds']:.2f}s" if "rto_seconds" in r else f"#{r['run']} failed"
+            for r in s["per_run"]
+        )
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="failover runs, and primary+replica pairs for the physical limit (default 5)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=5,
+        help="failover runs, and primary+replica pairs for the physical limit (default 5)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    parser.add_argument("--emergency", action="store_true", help="emergency failover with the primary killed: time until traffic moved")
-    parser.add_argument("--primary-alive", action="store_true", help="with --emergency: do not kill the old primary first")
+    parser.add_argument(
+        "--emergency", action="store_true", help="emergency failover with the primary killed: time until traffic moved"
+    )
+    parser.add_argument(
+        "--primary-alive", action="store_true", help="with --emergency: do not kill the old primary first"
+    )
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -588,7 +715,10 @@ def main() -> int:
         del os.environ[key]  # the worker and the CLI talk to the bench's lab only
     if args.emergency:
         try:
-            runs = [attempt("emergency failover run", i, args.runs, emergency_run, base, i, not args.primary_alive) for i in range(1, args.runs + 1)]
+            runs = [
+                attempt("emergency failover run", i, args.runs, emergency_run, base, i, not args.primary_alive)
+                for i in range(1, args.runs + 1)
+            ]
         except KeyboardInterrupt:
             say("interrupted; everything started was stopped")
             return 130
@@ -599,7 +729,10 @@ def main() -> int:
         return 0 if summary["runs_ok"] else 1
     try:
         runs = [attempt("failover run", i, args.runs, failover_run, base, i) for i in range(1, args.runs + 1)]
-        pairs = [attempt("physical limit, primary+replica pair", i, args.runs, physical_limit_run, base, i) for i in range(1, args.runs + 1)]
+        pairs = [
+            attempt("physical limit, primary+replica pair", i, args.runs, physical_limit_run, base, i)
+            for i in range(1, args.runs + 1)
+        ]
     except KeyboardInterrupt:
         say("interrupted; everything started was stopped")
         return 130

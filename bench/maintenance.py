@@ -47,13 +47,17 @@ def seed(dsn: str, tables: list[str], rows: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as c:
         for t in tables:
             c.execute(f"DROP TABLE IF EXISTS {t}")
-            c.execute(f"CREATE TABLE {t} (id bigint PRIMARY KEY, payload text NOT NULL) WITH (autovacuum_enabled = false)")
+            c.execute(
+                f"CREATE TABLE {t} (id bigint PRIMARY KEY, payload text NOT NULL) WITH (autovacuum_enabled = false)"
+            )
             c.execute(f"INSERT INTO {t} SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, %s) g", (rows,))
             c.execute(f"DELETE FROM {t} WHERE id % 4 <> 0")
         # the replica's hot_standby_feedback must have passed the deletes, else VACUUM keeps them (recently dead)
         xid = c.execute("select txid_current()").fetchone()[0]
         deadline = time.monotonic() + 60
-        while not c.execute("select bool_and(backend_xmin is null or backend_xmin::text::bigint > %s) from pg_stat_replication", (xid,)).fetchone()[0]:
+        while not c.execute(
+            "select bool_and(backend_xmin is null or backend_xmin::text::bigint > %s) from pg_stat_replication", (xid,)
+        ).fetchone()[0]:
             if time.monotonic() > deadline:
                 raise RuntimeError("the replica's xmin feedback did not pass the deletes")
             time.sleep(0.1)
@@ -71,13 +75,30 @@ def vacuumdb_seconds(dsn: str, tables: list[str]) -> float:
 async def procedure_seconds(state: dict, inventory: Path) -> tuple[float, float, dict]:
     from temporalio.client import Client, WorkflowFailureError
 
+    from opsflow.client import send_update
     from opsflow.temporal import DATA_CONVERTER
-    from workflows.procedure import Request
+    from workflows.procedure import Procedure, Request
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
     env.update(TEMPORAL_ADDRESS=state["temporal"]["address"], TEMPORAL_NAMESPACE="default", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-m", "starters.cli", "maintenance", "--env", str(inventory), "--requester", "alice", "--json"],
-                         capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "starters.cli",
+            "maintenance",
+            "--env",
+            str(inventory),
+            "--requester",
+            "alice",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=True,
+    )
     wid = json.loads(out.stdout)["workflow_id"]
     client = await Client.connect(state["temporal"]["address"], namespace="default", data_converter=DATA_CONVERTER)
     handle = client.get_workflow_handle(wid)
@@ -89,11 +110,15 @@ async def procedure_seconds(state: dict, inventory: Path) -> tuple[float, float,
         if (p.get("waiting_for") or "").startswith("approval"):
             break
         await asyncio.sleep(0.1)
-    await handle.execute_update("approve", Request(by="bob", reason="bench"))
+    await send_update(handle, Procedure.approve, Request(by="bob", reason="bench"))
     try:
         result = await handle.result()
     except WorkflowFailureError as e:  # the report rides in the failure
-        result = e.cause.details[0] if getattr(e.cause, "details", None) else {"status": "failed", "failure": str(e.cause), "steps": []}
+        result = (
+            e.cause.details[0]
+            if getattr(e.cause, "details", None)
+            else {"status": "failed", "failure": str(e.cause), "steps": []}
+        )
     report = result.model_dump(mode="json") if hasattr(result, "model_dump") else result
     steps = report["steps"]
     from datetime import datetime
@@ -129,8 +154,12 @@ def main() -> int:
     runs = []
     try:
         inv = yaml.safe_load(Path(state["inventory"]).read_text())
-        inv["maintenance"].update(tasks=[{"kind": "vacuum-analyze", "tables": tables}], status_page=None, maintenance_mode=False,
-                                  backup={"take": False, "verify": False})
+        inv["maintenance"].update(
+            tasks=[{"kind": "vacuum-analyze", "tables": tables}],
+            status_page=None,
+            maintenance_mode=False,
+            backup={"take": False, "verify": False},
+        )
         inventory = root / "bench-inventory.yaml"
         inventory.write_text(yaml.safe_dump(inv, sort_keys=False))
         dsn = state["regions"]["eastus"]["dsn"]
@@ -142,22 +171,45 @@ def main() -> int:
                 continue
             seed(dsn, tables, args.rows)
             direct = vacuumdb_seconds(dsn, tables)
-            runs.append({"procedure_tables_seconds": phase, "procedure_total_seconds": total, "vacuumdb_seconds": direct, "ratio": phase / direct})
-            say(f"run {n}: procedure tables phase {phase:.2f}s (whole run {total:.2f}s), vacuumdb {direct:.2f}s, ratio {phase / direct:.1f}")
+            runs.append(
+                {
+                    "procedure_tables_seconds": phase,
+                    "procedure_total_seconds": total,
+                    "vacuumdb_seconds": direct,
+                    "ratio": phase / direct,
+                }
+            )
+            say(
+                f"run {n}: procedure tables phase {phase:.2f}s (whole run {total:.2f}s), "
+                f"vacuumdb {direct:.2f}s, ratio {phase / direct:.1f}"
+            )
     finally:
         down(root, quiet=True)
     if not runs:
         say("no run succeeded")
         return 1
-    result = {"tables": args.tables, "rows_per_table": args.rows, "runs": len(runs),
-              **{k: median_min_max([r[k] for r in runs]) for k in runs[0]},
-              "per_table_overhead_seconds": statistics.median([(r["procedure_tables_seconds"] - r["vacuumdb_seconds"]) / args.tables for r in runs])}
+    result = {
+        "tables": args.tables,
+        "rows_per_table": args.rows,
+        "runs": len(runs),
+        **{k: median_min_max([r[k] for r in runs]) for k in runs[0]},
+        "per_table_overhead_seconds": statistics.median(
+            [(r["procedure_tables_seconds"] - r["vacuumdb_seconds"]) / args.tables for r in runs]
+        ),
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"maintenance window vs vacuumdb, {args.tables} tables x {args.rows} rows (3/4 dead), {len(runs)} run(s), median [min-max]:")
-        for key, label in (("vacuumdb_seconds", "vacuumdb --analyze"), ("procedure_tables_seconds", "procedure, tables phase"),
-                           ("procedure_total_seconds", "procedure, whole run"), ("ratio", "ratio tables phase / vacuumdb")):
+        print(
+            f"maintenance window vs vacuumdb, {args.tables} tables x {args.rows} rows (3/4 dead), "
+            f"{len(runs)} run(s), median [min-max]:"
+        )
+        for key, label in (
+            ("vacuumdb_seconds", "vacuumdb --analyze"),
+            ("procedure_tables_seconds", "procedure, tables phase"),
+            ("procedure_total_seconds", "procedure, whole run"),
+            ("ratio", "ratio tables phase / vacuumdb"),
+        ):
             s = result[key]
             print(f"  {label:<32} {s['median']:8.2f}  [{s['min']:.2f}-{s['max']:.2f}]")
         print(f"  overhead per table (median)      {result['per_table_overhead_seconds']:8.2f} s")

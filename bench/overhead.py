@@ -114,7 +114,11 @@ def steps_from_history(history) -> dict:
             wft_start_of[ev.event_id] = wft_started or t
         elif ev.event_type == E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             by = ev.activity_task_scheduled_event_attributes.workflow_task_completed_event_id
-            pending[ev.event_id] = {"scheduled_at": t, "begun_at": wft_start_of.get(by, t), "wft": wft_span.get(by, 0.0)}
+            pending[ev.event_id] = {
+                "scheduled_at": t,
+                "begun_at": wft_start_of.get(by, t),
+                "wft": wft_span.get(by, 0.0),
+            }
         elif ev.event_type == E.EVENT_TYPE_ACTIVITY_TASK_STARTED:
             rec = pending[ev.activity_task_started_event_attributes.scheduled_event_id]
             rec["started_at"] = t
@@ -147,16 +151,26 @@ async def noop_bench(state: dict, runs: int, steps: int, variants: list[str]) ->
     queue = f"bench-overhead-{uuid.uuid4().hex[:8]}"
     per_variant: dict[str, list[dict]] = {v: [] for v in variants}
     with ThreadPoolExecutor(max_workers=8) as pool:
-        async with Worker(client, task_queue=queue, workflows=[StepsWorkflow, RawWorkflow], activities=[noop], activity_executor=pool):
+        async with Worker(
+            client, task_queue=queue, workflows=[StepsWorkflow, RawWorkflow], activities=[noop], activity_executor=pool
+        ):
             for run in range(runs + 1):  # run 0 warms up (imports in the sandbox, first polls) and is left out
                 for v in variants:
                     wid = f"bench-{v}-{run}-{uuid.uuid4().hex[:6]}"
                     if v in ("raw", "local"):
-                        handle = await client.start_workflow("bench-raw", RawInput(steps=steps, local=v == "local", queue=queue),
-                                                             id=wid, task_queue=queue)
+                        handle = await client.start_workflow(
+                            "bench-raw",
+                            RawInput(steps=steps, local=v == "local", queue=queue),
+                            id=wid,
+                            task_queue=queue,
+                        )
                     else:
-                        handle = await client.start_workflow("bench-steps", StepsInput(inventory=inv, steps=steps, show=v, queue=queue),
-                                                             id=wid, task_queue=queue)
+                        handle = await client.start_workflow(
+                            "bench-steps",
+                            StepsInput(inventory=inv, steps=steps, show=v, queue=queue),
+                            id=wid,
+                            task_queue=queue,
+                        )
                     await handle.result()
                     if run:
                         per_variant[v].append(steps_from_history(await handle.fetch_history()))
@@ -240,7 +254,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="no-op workflows per variant (default 5)")
     parser.add_argument("--steps", type=int, default=20, help="no-op steps per workflow (default 20)")
-    parser.add_argument("--failovers", type=int, default=1, help="planned failovers on fresh labs for the real steps (default 1; 0: none)")
+    parser.add_argument(
+        "--failovers",
+        type=int,
+        default=1,
+        help="planned failovers on fresh labs for the real steps (default 1; 0: none)",
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = parser.parse_args()
@@ -262,7 +281,10 @@ def main() -> int:
         try:
             t0 = time.monotonic()
             state = up(root, with_worker=False, quiet=True, default_ports=False)
-            say(f"lab up in {time.monotonic() - t0:.1f}s; {args.runs} x {args.steps} no-op steps per variant: {', '.join(variants)}")
+            say(
+                f"lab up in {time.monotonic() - t0:.1f}s; {args.runs} x {args.steps} no-op steps per variant: "
+                f"{', '.join(variants)}"
+            )
             noop = asyncio.run(noop_bench(state, args.runs, args.steps, variants))
             conversion = inventory_conversion(state)
         finally:
@@ -278,7 +300,8 @@ def main() -> int:
     summary = {
         "per_step_overhead_ms_median": full["median"],
         "per_step_overhead_ms_p95": full["p95"],
-        "measured_on": f"{args.runs} x {args.steps} no-op steps through Procedure.step on the lab's Temporal dev server",
+        "measured_on": f"{args.runs} x {args.steps} no-op steps through Procedure.step "
+        "on the lab's Temporal dev server",
         "failover_per_step_overhead_ms_median": real["overhead_ms"]["median"] if real and real["overhead_ms"] else None,
         "failover_per_step_overhead_ms_p95": real["overhead_ms"]["p95"] if real and real["overhead_ms"] else None,
         "variants": noop,
@@ -297,18 +320,33 @@ def print_text(s: dict) -> None:
     def m(st: dict | None, key: str = "median") -> str:
         return f"{st[key]:8.1f}" if st else f"{'-':>8}"
 
-    print(f"per-step orchestration overhead (no-op steps, kernel as is): median {s['per_step_overhead_ms_median']:.1f} ms, "
-          f"p95 {s['per_step_overhead_ms_p95']:.1f} ms   [{s['measured_on']}]")
+    print(
+        "per-step orchestration overhead (no-op steps, kernel as is): "
+        f"median {s['per_step_overhead_ms_median']:.1f} ms, "
+        f"p95 {s['per_step_overhead_ms_p95']:.1f} ms   [{s['measured_on']}]"
+    )
     if s["failover_per_step_overhead_ms_median"] is not None:
-        print(f"per-step orchestration overhead (planned failover's real steps): median {s['failover_per_step_overhead_ms_median']:.1f} ms, "
-              f"p95 {s['failover_per_step_overhead_ms_p95']:.1f} ms")
+        print(
+            "per-step orchestration overhead (planned failover's real steps): "
+            f"median {s['failover_per_step_overhead_ms_median']:.1f} ms, "
+            f"p95 {s['failover_per_step_overhead_ms_p95']:.1f} ms"
+        )
     print()
-    print(f"{'variant':<9}{'overhead':>9}{'p95':>9}{'wft':>9}{'dispatch':>9}{'activity':>9}{'pickup':>9}{'events':>8}{'upserts':>8}   (ms per step; medians)")
+    print(
+        f"{'variant':<9}{'overhead':>9}{'p95':>9}{'wft':>9}{'dispatch':>9}{'activity':>9}{'pickup':>9}"
+        f"{'events':>8}{'upserts':>8}   (ms per step; medians)"
+    )
     for name, v in s["variants"].items():
-        print(f"{name:<9}{m(v['overhead_ms'])} {m(v['overhead_ms'], 'p95')}{m(v.get('wft_ms'))} {m(v.get('dispatch_ms'))} {m(v.get('activity_ms'))} "
-              f"{m(v.get('pickup_ms'))}{v.get('history_events_per_step', '-'):>8}{v.get('upserts_per_step', '-'):>8}   {v['what']}")
+        print(
+            f"{name:<9}{m(v['overhead_ms'])} {m(v['overhead_ms'], 'p95')}{m(v.get('wft_ms'))} "
+            f"{m(v.get('dispatch_ms'))} {m(v.get('activity_ms'))} {m(v.get('pickup_ms'))}"
+            f"{v.get('history_events_per_step', '-'):>8}{v.get('upserts_per_step', '-'):>8}   {v['what']}"
+        )
     c = s["inventory_conversion"]
-    print(f"\nthe lab inventory in a workflow input: {c['payload_bytes']} bytes, {c['encode_decode_ms']:.2f} ms to encode+decode (once per start/replay)")
+    print(
+        f"\nthe lab inventory in a workflow input: {c['payload_bytes']} bytes, "
+        f"{c['encode_decode_ms']:.2f} ms to encode+decode (once per start/replay)"
+    )
     if s["failover"]:
         print("\nplanned failover, overhead per step (ms, median over runs): "
               + ", ".join(f"{k} {v:.0f}" for k, v in s["failover"]["per_step_overhead_ms_median"].items()))

@@ -43,7 +43,9 @@ def control_plane_reads(state: dict) -> int:
         ctx = ssl.create_default_context(cafile=state["azure"]["ca_bundle"])
         with urllib.request.urlopen(state["azure"]["arm_endpoint"] + "/_emulator/counts", context=ctx, timeout=10) as r:
             counts = json.loads(r.read())["requests"]
-        return sum(n for k, n in counts.items() if k.startswith("GET ") and k.split("/")[-2].lower() == "flexibleservers")
+        return sum(
+            n for k, n in counts.items() if k.startswith("GET ") and k.split("/")[-2].lower() == "flexibleservers"
+        )
     with urllib.request.urlopen(state["aws"]["endpoint_url"] + "/_emulator/counts", timeout=10) as r:
         counts = json.loads(r.read())["requests"]
     return counts.get("rds DescribeDBInstances", 0)

@@ -13,12 +13,12 @@ from temporalio.client import WorkflowFailureError
 
 from activities.postgres.server import sql_status
 from lab.manage import print_status, status, up, worker_env
-from opsflow.client import connect, environment_workflow_id, fetch_report, follow, start_procedure
+from opsflow.client import connect, environment_workflow_id, fetch_report, follow, send_update, start_procedure
 from opsflow.inventory import load_inventory
 from opsflow.report import ProgressLines, figures, headline
 from workflows.failover import FailoverInput
 from workflows.maintenance import MaintenanceInput
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 REQUESTER, APPROVER = "alice", "bob"
 
@@ -33,7 +33,7 @@ async def approve_when_asked(handle) -> None:
             print(f"\n  >>> a person would now type:  opsflow approve {handle.id} --as {APPROVER} --reason '{reason}'")
             print(f"  >>> the demo approves as {APPROVER}\n", flush=True)
             await asyncio.sleep(1)
-            await handle.execute_update("approve", Request(by=APPROVER, reason=reason))
+            await send_update(handle, Procedure.approve, Request(by=APPROVER, reason=reason))
             return
         await asyncio.sleep(0.3)
 

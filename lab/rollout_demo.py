@@ -7,11 +7,11 @@ import asyncio
 from pathlib import Path
 
 from lab.manage import down, print_status, status, up
-from opsflow.client import connect, fetch_report, follow, start_procedure
+from opsflow.client import connect, fetch_report, follow, send_update, start_procedure
 from opsflow.inventory import load_inventory
 from opsflow.report import ProgressLines
 from workflows.canary import RolloutInput
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 APPROVERS = (("carol", "platform-lead"), ("dave", "qa"))
 
@@ -24,7 +24,7 @@ async def approve_when_asked(handle) -> None:
         if report.current_step == "approval" and report.status == "waiting":
             for name, role in APPROVERS:
                 print(f"\n  >>> the {role} would type:  opsflow approve {handle.id} --as {name}", flush=True)
-                await handle.execute_update("approve", Request(by=name, reason=f"demo: {role}"))
+                await send_update(handle, Procedure.approve, Request(by=name, reason=f"demo: {role}"))
             return
         await asyncio.sleep(0.3)
 

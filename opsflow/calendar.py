@@ -65,7 +65,9 @@ def _check_zone(v: str) -> str:
     try:
         _zone(v)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {v!r} (an IANA name such as UTC, Europe/Berlin, America/New_York)") from None
+        raise ValueError(
+            f"unknown time zone {v!r} (an IANA name such as UTC, Europe/Berlin, America/New_York)"
+        ) from None
     return v
 
 
@@ -124,7 +126,9 @@ def _parse_days(value: Any) -> Any:
                 return DAYS.index(name)
             if name in _FULL_DAYS:
                 return _FULL_DAYS.index(name)
-            raise ValueError(f"{item!r}: {name!r} is not a day (mon, tue, wed, thu, fri, sat, sun, or a range like mon-fri)")
+            raise ValueError(
+                f"{item!r}: {name!r} is not a day (mon, tue, wed, thu, fri, sat, sun, or a range like mon-fri)"
+            )
 
         if len(parts) == 1:
             days.add(DAYS[one(parts[0])])
@@ -295,7 +299,9 @@ class Freeze(_Strict):
             if self.start is None or self.end is None:
                 raise ValueError(f"freeze {self.name!r}: give both start and end")
             if self.end <= self.start:
-                raise ValueError(f"freeze {self.name!r}: end {self.end.isoformat()} is not after start {self.start.isoformat()}")
+                raise ValueError(
+                    f"freeze {self.name!r}: end {self.end.isoformat()} is not after start {self.start.isoformat()}"
+                )
         return self
 
     def spans(self, since: datetime, until: datetime) -> list[tuple[datetime, datetime]]:
@@ -310,7 +316,8 @@ class Freeze(_Strict):
             return f"{self.name}: every {' and '.join(w.describe() for w in self.weekly)}"
         assert self.start is not None and self.end is not None
         zone = _zone(self.timezone)
-        return f"{self.name}: {self.start.astimezone(zone):%Y-%m-%d %H:%M} to {self.end.astimezone(zone):%Y-%m-%d %H:%M} {self.timezone}"
+        start, end = self.start.astimezone(zone), self.end.astimezone(zone)
+        return f"{self.name}: {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} {self.timezone}"
 
 
 class FreezeEvent(_Strict):
@@ -364,7 +371,9 @@ class FreezeCalendar(_Strict):
         return [e.name for e in self.events or [] if e.start <= now < e.end]
 
     def covers(self, now: datetime) -> bool:
-        return (self.covered_from is None or now >= self.covered_from) and (self.covered_until is None or now < self.covered_until)
+        return (self.covered_from is None or now >= self.covered_from) and (
+            self.covered_until is None or now < self.covered_until
+        )
 
 
 def load_ics(path: Path, since: datetime, until: datetime, zone_name: str = "UTC") -> list[FreezeEvent]:
@@ -390,7 +399,11 @@ def load_ics(path: Path, since: datetime, until: datetime, zone_name: str = "UTC
         end = end_prop.dt if end_prop is not None else None
         if end is None:
             dur = ev.get("DURATION")
-            end = start + dur.dt if dur is not None else (start + timedelta(days=1) if not isinstance(start, datetime) else start)
+            end = (
+                start + dur.dt
+                if dur is not None
+                else (start + timedelta(days=1) if not isinstance(start, datetime) else start)
+            )
 
         def utc(v: date | datetime) -> datetime:
             if isinstance(v, datetime):
@@ -433,8 +446,10 @@ class Calendar(_Strict):
         now = _aware(now)
         stale = [c.path for c in self.ics if not c.covers(now)]
         if stale:
-            return FreezeHit(name=f"freeze calendar {', '.join(stale)} is not expanded for {now:%Y-%m-%d}; reload the inventory",
-                             until=None)
+            return FreezeHit(
+                name=f"freeze calendar {', '.join(stale)} is not expanded for {now:%Y-%m-%d}; reload the inventory",
+                until=None,
+            )
         names = [f.name for f in self.freezes if any(a <= now < b for a, b in f.spans(now, now))]
         names += [n for c in self.ics for n in c.hits(now)]
         if not names:
@@ -469,7 +484,9 @@ class Calendar(_Strict):
                 break
             if any(a <= t < b for a, b in windows) and not any(a <= t < b for a, b in freezes):
                 return t.astimezone(now.tzinfo)
-        raise NeverOpens(f"the calendar does not open within {SEARCH_DAYS} days of {now.isoformat()}: {self.describe()}")
+        raise NeverOpens(
+            f"the calendar does not open within {SEARCH_DAYS} days of {now.isoformat()}: {self.describe()}"
+        )
 
     def closes_at(self, now: datetime) -> datetime | None:
         """When it closes (a window ends or a freeze starts) if open at `now`; None when closed. Open round the

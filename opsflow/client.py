@@ -32,10 +32,13 @@ from temporalio.client import (
     WorkflowFailureError,
     WorkflowHandle,
 )
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import (
+    SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy,
+)
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from opsflow.contracts.kernel import RULES_INVENTORY
 from opsflow.inventory import Inventory
 from opsflow.models import ProcedureReport
 from opsflow.procedures import LAUNCHERS, NOT_PREEMPTIBLE, REPORT_TYPES
@@ -111,7 +114,9 @@ def inventory_path(given: str | None, say: Callable[[str], None] = _stderr) -> s
     if lab:
         say(f"using the lab's inventory at {lab['inventory']} (pass --env FILE for another environment)")
         return lab["inventory"]
-    raise ClientError("no inventory: pass --env FILE (no lab is running to take one from; `opsflow lab up` starts one)", 2)
+    raise ClientError(
+        "no inventory: pass --env FILE (no lab is running to take one from; `opsflow lab up` starts one)", 2
+    )
 
 
 def inventory_paths(given: Iterable[str] | None, say: Callable[[str], None] = _stderr) -> list[str]:
@@ -164,7 +169,9 @@ async def connect(address: str | None = None, namespace: str | None = None, runt
     `runtime` carries the worker's metrics."""
     extra = {"runtime": runtime} if runtime is not None else {}
     if address:
-        return await Client.connect(address, namespace=namespace or "default", data_converter=data_converter(address), **extra)
+        return await Client.connect(
+            address, namespace=namespace or "default", data_converter=data_converter(address), **extra
+        )
     config = connect_config()
     if namespace:
         config["namespace"] = namespace
@@ -184,7 +191,9 @@ def environment_workflow_id(environment: Inventory | str) -> str:
 
 def procedure_search_attributes(procedure: str, environment: str) -> TypedSearchAttributes:
     """What a start (or a schedule's action) sets so lists, the UI and the lock check find the procedure."""
-    return TypedSearchAttributes([SearchAttributePair(OPS_PROCEDURE, procedure), SearchAttributePair(OPS_ENVIRONMENT, environment)])
+    return TypedSearchAttributes(
+        [SearchAttributePair(OPS_PROCEDURE, procedure), SearchAttributePair(OPS_ENVIRONMENT, environment)]
+    )
 
 
 @dataclass
@@ -251,14 +260,26 @@ async def _preempt(handle: WorkflowHandle, procedure: str, timeout: timedelta) -
         if desc.status != WorkflowExecutionStatus.RUNNING:
             return Preempted(handle.id, desc.run_id, procedure, desc.status.name.lower() if desc.status else "closed")
         if time.monotonic() > deadline:
-            raise ClientError(f"{handle.id} ({procedure}) was asked to cancel but is still running after {timeout}; its undo "
-                              f"may be stuck — look at it (opsflow status {handle.id}) and terminate it if you must, then retry", 1)
+            raise ClientError(
+                f"{handle.id} ({procedure}) was asked to cancel but is still running after {timeout}; its undo "
+                f"may be stuck — look at it (opsflow status {handle.id}) and terminate it if you must, then retry",
+                1,
+            )
         await asyncio.sleep(0.5)
 
 
-async def start_procedure(client: Client, inv: Inventory, procedure: str, arg: Any, summary: str, workflow_id: str | None = None,
-                          preempt: bool = False, preempt_timeout: timedelta = PREEMPT_TIMEOUT, memo: dict | None = None,
-                          signer: Any = None) -> ProcedureHandle:
+async def start_procedure(
+    client: Client,
+    inv: Inventory,
+    procedure: str,
+    arg: Any,
+    summary: str,
+    workflow_id: str | None = None,
+    preempt: bool = False,
+    preempt_timeout: timedelta = PREEMPT_TIMEOUT,
+    memo: dict | None = None,
+    signer: Any = None,
+) -> ProcedureHandle:
     """Start `procedure` (its registered workflow name) with its input model `arg` on the environment's lock.
 
     Another procedure running on the environment: `ProcedureRunning` (exit 3). With `preempt` (the emergency
@@ -271,8 +292,13 @@ async def start_procedure(client: Client, inv: Inventory, procedure: str, arg: A
     if hasattr(arg, "without_rules"):
         arg = arg.without_rules(inv)
     if signer is not None:
-        signed = signer.sign_start(environment=inv.environment, procedure=procedure, reason=getattr(arg, "reason", "") or "",
-                                   input_sha256=input_digest(arg, START_UNSIGNED), nonce=uuid.uuid4().hex)
+        signed = signer.sign_start(
+            environment=inv.environment,
+            procedure=procedure,
+            reason=getattr(arg, "reason", "") or "",
+            input_sha256=input_digest(arg, START_UNSIGNED),
+            nonce=uuid.uuid4().hex,
+        )
         memo = {**(memo or {}), **start_memo(signed)}
     requester, reason = getattr(arg, "requester", ""), getattr(arg, "reason", "")
     preempted: list[Preempted] = []
@@ -281,10 +307,16 @@ async def start_procedure(client: Client, inv: Inventory, procedure: str, arg: A
         if not holders:
             try:
                 started = await client.start_workflow(
-                    procedure, arg, id=wid, task_queue=inv.task_queue, memo=memo or None,
+                    procedure,
+                    arg,
+                    id=wid,
+                    task_queue=inv.task_queue,
+                    memo=memo or None,
                     task_timeout=timedelta(seconds=inv.limits.workflow_task_timeout),
-                    id_conflict_policy=WorkflowIDConflictPolicy.FAIL, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-                    static_summary=summary, static_details=f"requested by {requester}" + (f": {reason}" if reason else ""),
+                    id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                    static_summary=summary,
+                    static_details=f"requested by {requester}" + (f": {reason}" if reason else ""),
                     search_attributes=procedure_search_attributes(procedure, inv.environment),
                 )
                 started.preempted = preempted  # type: ignore[attr-defined]
@@ -298,12 +330,17 @@ async def start_procedure(client: Client, inv: Inventory, procedure: str, arg: A
         kind, what = described
         if not preempt or kind in NOT_PREEMPTIBLE:
             why = "" if not preempt else "; an emergency does not preempt a failover or failback"
-            raise ProcedureRunning(f"another procedure is running on environment {inv.environment}: {holder.id} ({what}); "
-                                   f"one at a time per environment{why} (exit 3)", holder.id)
+            raise ProcedureRunning(
+                f"another procedure is running on environment {inv.environment}: {holder.id} ({what}); "
+                f"one at a time per environment{why} (exit 3)",
+                holder.id,
+            )
         _stderr(f"preempting {holder.id} ({what}): cancelling it with its undo before the {procedure}")
         preempted.append(await _preempt(holder, kind, preempt_timeout))
         if hasattr(arg, "preempted"):  # an input that records what it preempted carries it into its report
-            arg = arg.model_copy(update={"preempted": [f"{p.workflow_id} ({p.procedure}, {p.outcome})" for p in preempted]})
+            arg = arg.model_copy(
+                update={"preempted": [f"{p.workflow_id} ({p.procedure}, {p.outcome})" for p in preempted]}
+            )
     raise ProcedureRunning(f"environment {inv.environment} keeps getting new procedures; could not take its lock", wid)
 
 
@@ -377,7 +414,9 @@ async def launched_report(handle: WorkflowHandle, desc: WorkflowExecutionDescrip
     raise ClientError(f"{handle.id}: the Schedule's launch ran no procedure ({why or launched})", 1)
 
 
-async def follow(handle: WorkflowHandle, on_report: Callable[[ProcedureReport], None] | None = None, interval: float = 0.5) -> ProcedureReport:
+async def follow(
+    handle: WorkflowHandle, on_report: Callable[[ProcedureReport], None] | None = None, interval: float = 0.5
+) -> ProcedureReport:
     """Poll the procedure until it ends, handing each report to `on_report`; return the final report. A worker
     restarting in between is waited out: the procedure is durable."""
     while True:
@@ -397,7 +436,9 @@ async def follow(handle: WorkflowHandle, on_report: Callable[[ProcedureReport], 
 # -- talking to a running procedure ----------------------------------------------------------------------------
 
 
-async def send_update(handle: WorkflowHandle, update: Callable[..., Any], request: Any, result_type: type | None = None) -> Any:
+async def send_update(
+    handle: WorkflowHandle, update: Callable[..., Any], request: Any, result_type: type | None = None
+) -> Any:
     """Send a person's request to a running procedure by its Update method (`Procedure.approve`, `Procedure.pause`,
     `Rollout.promote`, ...: the `@workflow.update` methods of `workflows/`), never by its name, so a renamed or
     removed update fails where it is imported. The CLI, the lab, the bench and the tests send updates through
@@ -409,8 +450,13 @@ async def send_update(handle: WorkflowHandle, update: Callable[..., Any], reques
     return await handle.execute_update(update, request, result_type=result_type)
 
 
-async def list_procedures(client: Client, environment: str | None = None, status: str | None = None, procedure: str | None = None,
-                          limit: int = 50) -> list[dict]:
+async def list_procedures(
+    client: Client,
+    environment: str | None = None,
+    status: str | None = None,
+    procedure: str | None = None,
+    limit: int = 50,
+) -> list[dict]:
     """Procedures, newest first, from the search attributes (no worker needed)."""
     query = "OpsProcedure IS NOT NULL"
     if environment:
@@ -450,13 +496,24 @@ class QueueState:
     last_poll_seconds_ago: float | None
 
 
-async def queue_state(client: Client, name: str, kind: str = "activity", stale_after: float | None = None) -> QueueState:
+async def queue_state(
+    client: Client, name: str, kind: str = "activity", stale_after: float | None = None
+) -> QueueState:
     """Who polls a task queue now (Temporal's DescribeTaskQueue), counting only pollers seen recently."""
     qtype = TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW if kind == "workflow" else TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
-    resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
-        namespace=client.namespace, task_queue=TaskQueue(name=name, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL), task_queue_type=qtype))
+    resp = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=name, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL),
+            task_queue_type=qtype,
+        )
+    )
     now = datetime.now(timezone.utc)
-    ages = [(now - p.last_access_time.ToDatetime(timezone.utc)).total_seconds() for p in resp.pollers if p.HasField("last_access_time")]
+    ages = [
+        (now - p.last_access_time.ToDatetime(timezone.utc)).total_seconds()
+        for p in resp.pollers
+        if p.HasField("last_access_time")
+    ]
     limit = stale_after if stale_after is not None else poller_stale_after()
     return QueueState(name, kind, sum(1 for a in ages if a <= limit), min(ages) if ages else None)
 
@@ -491,11 +548,28 @@ class ProcedureStatus:
         if self.report:
             d = self.report.model_dump(mode="json")
         else:
-            d = {"procedure": self.procedure, "workflow_id": self.workflow_id, "environment": self.environment, "status": self.status,
-                 "current_step": self.step, "waiting_for": None, "steps": []}
-        d.update({"temporal_status": self.temporal_status, "search_attributes": {"OpsStatus": self.status, "OpsStep": self.step},
-                  "summary": self.summary, "run_id": self.run_id, "report_source": self.report_source, "note": self.note,
-                  "pending_activities": self.pending_activities, "queues": [asdict(q) for q in self.queues], "unserved_queues": self.unserved})
+            d = {
+                "procedure": self.procedure,
+                "workflow_id": self.workflow_id,
+                "environment": self.environment,
+                "status": self.status,
+                "current_step": self.step,
+                "waiting_for": None,
+                "steps": [],
+            }
+        d.update(
+            {
+                "temporal_status": self.temporal_status,
+                "search_attributes": {"OpsStatus": self.status, "OpsStep": self.step},
+                "summary": self.summary,
+                "run_id": self.run_id,
+                "report_source": self.report_source,
+                "note": self.note,
+                "pending_activities": self.pending_activities,
+                "queues": [asdict(q) for q in self.queues],
+                "unserved_queues": self.unserved,
+            }
+        )
         return d
 
 
@@ -513,12 +587,14 @@ async def recorded_rules(client: Client, handle: WorkflowHandle) -> Inventory | 
                 if isinstance(arg, dict) and arg.get("inventory"):
                     return Inventory.model_validate(arg["inventory"])
         elif event.HasField("activity_task_scheduled_event_attributes"):
-            if event.activity_task_scheduled_event_attributes.activity_type.name == "rules.inventory":
+            if event.activity_task_scheduled_event_attributes.activity_type.name == RULES_INVENTORY.name:
                 scheduled.add(event.event_id)
         elif event.HasField("activity_task_completed_event_attributes"):
             done = event.activity_task_completed_event_attributes
             if done.scheduled_event_id in scheduled:
-                rules = WorkerRules.model_validate((await client.data_converter.decode(list(done.result.payloads), [dict]))[0])
+                rules = WorkerRules.model_validate(
+                    (await client.data_converter.decode(list(done.result.payloads), [dict]))[0]
+                )
                 found = [r.inventory for r in rules.environments if r.inventory is not None]
                 return found[0] if found else None
         elif scheduled == set() and event.event_id > 20:
@@ -541,18 +617,30 @@ async def describe_status(client: Client, workflow_id: str, query_timeout: float
     sa = desc.typed_search_attributes
     running = desc.status == WorkflowExecutionStatus.RUNNING
     st = ProcedureStatus(
-        workflow_id=desc.id, run_id=desc.run_id, procedure=sa.get(OPS_PROCEDURE) or desc.workflow_type, environment=sa.get(OPS_ENVIRONMENT),
-        temporal_status=desc.status.name.lower() if desc.status else "unknown", status=sa.get(OPS_STATUS), step=sa.get(OPS_STEP),
-        summary=await desc.static_summary(), started_at=desc.start_time.isoformat() if desc.start_time else None,
-        closed_at=desc.close_time.isoformat() if desc.close_time else None)
+        workflow_id=desc.id,
+        run_id=desc.run_id,
+        procedure=sa.get(OPS_PROCEDURE) or desc.workflow_type,
+        environment=sa.get(OPS_ENVIRONMENT),
+        temporal_status=desc.status.name.lower() if desc.status else "unknown",
+        status=sa.get(OPS_STATUS),
+        step=sa.get(OPS_STEP),
+        summary=await desc.static_summary(),
+        started_at=desc.start_time.isoformat() if desc.start_time else None,
+        closed_at=desc.close_time.isoformat() if desc.close_time else None,
+    )
     if running:
         st.queues.append(await queue_state(client, desc.task_queue, "workflow"))
         for q in await _started_queues(client, handle):
             st.queues.append(await queue_state(client, q, "activity"))
         for pa in desc.raw_description.pending_activities:
-            st.pending_activities.append({
-                "activity": pa.activity_type.name, "state": PendingActivityState.Name(pa.state).removeprefix("PENDING_ACTIVITY_STATE_").lower(),
-                "attempt": pa.attempt, "last_failure": pa.last_failure.message or None})
+            st.pending_activities.append(
+                {
+                    "activity": pa.activity_type.name,
+                    "state": PendingActivityState.Name(pa.state).removeprefix("PENDING_ACTIVITY_STATE_").lower(),
+                    "attempt": pa.attempt,
+                    "last_failure": pa.last_failure.message or None,
+                }
+            )
         if st.queues[0].pollers:
             try:
                 st.report, st.report_source = await fetch_report(handle, query_timeout=query_timeout), "query"

@@ -48,7 +48,9 @@ def parse_keys(text: str, source: str = "codec key") -> list[CodecKey]:
             continue
         key_id, sep, b64 = item.partition(":")
         if not sep or not _KEY_ID.match(key_id):
-            raise CodecConfigError(f"{source}: expected KEY_ID:BASE64 (key id of letters, digits, . _ -), got {item[:12]}...")
+            raise CodecConfigError(
+                f"{source}: expected KEY_ID:BASE64 (key id of letters, digits, . _ -), got {item[:12]}..."
+            )
         try:
             raw = base64.b64decode(b64.strip(), validate=True)
         except ValueError:

@@ -145,7 +145,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if codec is None:
-        print("error: no codec key: set OPSFLOW_CODEC_KEY (a secret reference) or OPSFLOW_CODEC_KEY_FILE", file=sys.stderr)
+        print(
+            "error: no codec key: set OPSFLOW_CODEC_KEY (a secret reference) or OPSFLOW_CODEC_KEY_FILE", file=sys.stderr
+        )
         return 2
     token = None
     if args.require_auth:
@@ -167,7 +169,9 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="opsflow codec-server", description="Temporal remote codec endpoints for opsflow's payload encryption.")
+    parser = argparse.ArgumentParser(
+        prog="opsflow codec-server", description="Temporal remote codec endpoints for opsflow's payload encryption."
+    )
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 

@@ -96,7 +96,9 @@ __all__ = [
 
 class Inventory(Strict):
     environment: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
-    primary_region: str = Field(description="the region that is primary when the inventory was written; the live role is read from the database")
+    primary_region: str = Field(
+        description="the region that is primary when the inventory was written; the live role is read from the database"
+    )
     regions: dict[str, Region] = Field(min_length=2)
     traffic: Traffic
     approval: ApprovalPolicy
@@ -118,10 +120,14 @@ class Inventory(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "Inventory":
         if self.primary_region not in self.regions:
-            raise ValueError(f"primary_region {self.primary_region!r} is not one of the regions: {', '.join(self.regions)}")
+            raise ValueError(
+                f"primary_region {self.primary_region!r} is not one of the regions: {', '.join(self.regions)}"
+            )
         names = {c.name for c in self.notifications}
         if self.approval.escalation_channel and self.approval.escalation_channel not in names:
-            raise ValueError(f"approval.escalation_channel {self.approval.escalation_channel!r} is not a notification channel")
+            raise ValueError(
+                f"approval.escalation_channel {self.approval.escalation_channel!r} is not a notification channel"
+            )
         uses_azure = isinstance(self.traffic, AzureTrafficManager) or any(
             isinstance(r.database, AzureFlexibleDatabase) for r in self.regions.values()
         )

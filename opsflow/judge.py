@@ -89,10 +89,21 @@ def hodges_lehmann(canary: np.ndarray, baseline: np.ndarray, confidence: float) 
     return estimate, float(diffs[k]), float(diffs[mn - 1 - k])
 
 
-def classify(name: str, canary: list[float], baseline: list[float], *, direction: Direction = "either",
-             confidence: float = 0.98, tolerance: float = 0.25, min_samples: int = 5, critical: bool = False) -> MetricResult:
+def classify(
+    name: str,
+    canary: list[float],
+    baseline: list[float],
+    *,
+    direction: Direction = "either",
+    confidence: float = 0.98,
+    tolerance: float = 0.25,
+    min_samples: int = 5,
+    critical: bool = False,
+) -> MetricResult:
     c, b = _clean(canary), _clean(baseline)
-    res = MetricResult(name=name, classification="inconclusive", failed=False, critical=critical, canary_n=len(c), baseline_n=len(b))
+    res = MetricResult(
+        name=name, classification="inconclusive", failed=False, critical=critical, canary_n=len(c), baseline_n=len(b)
+    )
     if len(c) == 0 or len(b) == 0:
         res.reason = f"no data for the {'canary' if len(c) == 0 else 'baseline'}"
         return res
@@ -112,21 +123,31 @@ def classify(name: str, canary: list[float], baseline: list[float], *, direction
         return res
     from scipy import stats
 
-    res.p_value = float(stats.mannwhitneyu(c, b, alternative="two-sided", use_continuity=True, method="asymptotic").pvalue)
+    res.p_value = float(
+        stats.mannwhitneyu(c, b, alternative="two-sided", use_continuity=True, method="asymptotic").pvalue
+    )
     res.estimate, res.lower, res.upper = hodges_lehmann(c, b, confidence)
     bound = tolerance * abs(res.estimate)
     ratio = res.ratio
     high = res.lower > bound and (ratio is None or ratio > 1 + tolerance)
     low = res.upper < -bound and (ratio is None or ratio < 1 - tolerance)
-    figures = f"canary mean {res.canary_mean:.4g} vs baseline {res.baseline_mean:.4g} (x{ratio:.2f}), shift {res.estimate:.4g} " \
-              f"[{res.lower:.4g}, {res.upper:.4g}] at {confidence:.0%}"
+    figures = (
+        f"canary mean {res.canary_mean:.4g} vs baseline {res.baseline_mean:.4g} (x{ratio:.2f}), "
+        f"shift {res.estimate:.4g} [{res.lower:.4g}, {res.upper:.4g}] at {confidence:.0%}"
+    )
     if high and direction in ("increase", "either"):
         res.classification, res.failed, res.reason = "high", True, f"higher: {figures}"
     elif low and direction in ("decrease", "either"):
         res.classification, res.failed, res.reason = "low", True, f"lower: {figures}"
     else:
         res.classification = "pass"
-        res.reason = ("higher, but an increase is not bad: " if high else "lower, but a decrease is not bad: " if low else "within tolerance: ") + figures
+        res.reason = (
+            "higher, but an increase is not bad: "
+            if high
+            else "lower, but a decrease is not bad: "
+            if low
+            else "within tolerance: "
+        ) + figures
     return res
 
 
@@ -149,5 +170,12 @@ def judge(metrics: list[MetricResult], *, pass_score: float = 95.0, marginal_sco
                            reason="inconclusive: " + "; ".join(f"{m.name}: {m.reason}" for m in inconclusive))
     why = "; ".join(f"{m.name}: {m.reason}" for m in failed + inconclusive)
     if score >= marginal_score:
-        return JudgeResult(verdict="marginal", score=score, metrics=metrics, reason=f"score {score:g} (marginal >= {marginal_score:g}): {why}")
-    return JudgeResult(verdict="fail", score=score, metrics=metrics, reason=f"score {score:g} < {marginal_score:g}: {why}")
+        return JudgeResult(
+            verdict="marginal",
+            score=score,
+            metrics=metrics,
+            reason=f"score {score:g} (marginal >= {marginal_score:g}): {why}",
+        )
+    return JudgeResult(
+        verdict="fail", score=score, metrics=metrics, reason=f"score {score:g} < {marginal_score:g}: {why}"
+    )

@@ -183,12 +183,18 @@ class MaintenanceReport(ProcedureReport):
         """The report's figures for people (opsflow report, the CLI's summary)."""
         out = [f"window {self.window}" + (f"; overridden by {self.override.by}" if self.override else "")]
         if self.backup:
-            out.append(f"backup {self.backup.id}" + (f"; verified: {self.backup_verified}" if self.backup_verified else "; not verified"))
+            out.append(
+                f"backup {self.backup.id}"
+                + (f"; verified: {self.backup_verified}" if self.backup_verified else "; not verified")
+            )
         for i in self.items:
             line = f"{i.key}: {i.outcome} in {i.seconds:.1f}s"
             if i.before and i.after:
-                line += (f", dead tuples {i.before.n_dead_tup} -> {i.after.n_dead_tup}, table+indexes "
-                         f"{i.before.table_bytes + i.before.index_bytes} -> {i.after.table_bytes + i.after.index_bytes} bytes")
+                line += (
+                    f", dead tuples {i.before.n_dead_tup} -> {i.after.n_dead_tup}, table+indexes "
+                    f"{i.before.table_bytes + i.before.index_bytes} -> "
+                    f"{i.after.table_bytes + i.after.index_bytes} bytes"
+                )
             if i.lock_wait_seconds:
                 line += f", lock wait {i.lock_wait_seconds:.1f}s"
             if i.dropped_invalid:
@@ -219,6 +225,12 @@ class FleetReport(ProcedureReport):
     peak_concurrency: int = 0
 
     def figure_lines(self) -> list[str]:
-        return [f"at most {self.max_concurrency} at once (peak {self.peak_concurrency}), stop after {self.max_errors} failure(s)"] + [
-            f"{m.environment} ({m.workflow_id}): {m.status}" + (f", {m.tables_done} table(s) done, {m.deferred} deferred" if m.status == "succeeded" else "")
-            + (f" — {m.failure}" if m.failure else "") for m in self.members]
+        return [
+            f"at most {self.max_concurrency} at once (peak {self.peak_concurrency}), "
+            f"stop after {self.max_errors} failure(s)"
+        ] + [
+            f"{m.environment} ({m.workflow_id}): {m.status}"
+            + (f", {m.tables_done} table(s) done, {m.deferred} deferred" if m.status == "succeeded" else "")
+            + (f" — {m.failure}" if m.failure else "")
+            for m in self.members
+        ]

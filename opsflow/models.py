@@ -8,7 +8,17 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel
 
-from opsflow.inventory import AwsConnection, AzureConnection, Database, DrillPolicy, Inventory, KubernetesConfig, NotificationChannel, ReportStore, Traffic
+from opsflow.inventory import (
+    AwsConnection,
+    AzureConnection,
+    Database,
+    DrillPolicy,
+    Inventory,
+    KubernetesConfig,
+    NotificationChannel,
+    ReportStore,
+    Traffic,
+)
 
 
 def lsn_to_int(lsn: str | None) -> int | None:

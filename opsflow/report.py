@@ -24,27 +24,46 @@ def headline(r: ProcedureReport) -> str:
 def figures(r: ProcedureReport) -> list[str]:
     out = []
     if r.approval:
-        out.append(f"{'approved' if r.approval.approved else 'rejected'} by {r.approval.by} at {r.approval.at:%Y-%m-%d %H:%M:%S}Z" + (f" ({r.approval.reason})" if r.approval.reason else ""))
+        out.append(
+            f"{'approved' if r.approval.approved else 'rejected'} by {r.approval.by} "
+            f"at {r.approval.at:%Y-%m-%d %H:%M:%S}Z"
+            + (f" ({r.approval.reason})" if r.approval.reason else "")
+        )
     if isinstance(r, FailoverReport):
         if r.rto_seconds is not None:
-            out.append(f"RTO {r.rto_seconds:.2f}s ({'start' if r.emergency and not r.approval else 'approval'} → traffic moved and primary writable)")
+            out.append(
+                f"RTO {r.rto_seconds:.2f}s ({'start' if r.emergency and not r.approval else 'approval'} "
+                "→ traffic moved and primary writable)"
+            )
         if r.promotion_seconds is not None:
             out.append(f"promotion {r.promotion_seconds:.2f}s")
         if r.lag_at_promotion_bytes is not None:
             secs = f", {r.lag_at_promotion_seconds:.2f}s" if r.lag_at_promotion_seconds is not None else ""
             out.append(f"replication lag at promotion {r.lag_at_promotion_bytes} bytes{secs}")
         if r.rpo_bytes is not None:
-            out.append(f"RPO {r.rpo_bytes} bytes of WAL" + (" (proven by LSN compare)" if r.rpo_proven else " (estimate: WAL not replayed)"))
+            out.append(
+                f"RPO {r.rpo_bytes} bytes of WAL"
+                + (" (proven by LSN compare)" if r.rpo_proven else " (estimate: WAL not replayed)")
+            )
     if isinstance(r, DrillReport):
         if r.restore_point:
-            age = f", {r.restore_point_age_seconds / 60:.0f} min old at the drill (the RPO the backups give)" if r.restore_point_age_seconds is not None else ""
+            age = (
+                f", {r.restore_point_age_seconds / 60:.0f} min old at the drill (the RPO the backups give)"
+                if r.restore_point_age_seconds is not None
+                else ""
+            )
             out.append(f"restore point {r.restore_point:%Y-%m-%d %H:%M:%S}Z ({r.method} from {r.source_region}){age}")
         if r.restore_seconds is not None:
             out.append(f"restore took {r.restore_seconds:.1f}s into {r.scratch_name}")
         for c in r.checks:
-            out.append(f"check {'passed' if c.ok else 'FAILED'}: {c.kind} {c.name}" + (f" — {c.detail}" if c.detail else ""))
+            out.append(
+                f"check {'passed' if c.ok else 'FAILED'}: {c.kind} {c.name}" + (f" — {c.detail}" if c.detail else "")
+            )
         if r.scratch_deleted is not None:
-            out.append(f"scratch target {r.scratch_name} {'deleted' if r.scratch_deleted else 'NOT deleted: delete it by hand'}")
+            out.append(
+                f"scratch target {r.scratch_name} "
+                f"{'deleted' if r.scratch_deleted else 'NOT deleted: delete it by hand'}"
+            )
     out += r.figure_lines() if hasattr(r, "figure_lines") else []  # a report model that renders its own figures
     for item in r.remaining:
         out.append(f"LEFT TO DO: {item}")
@@ -57,9 +76,14 @@ def to_text(r: ProcedureReport) -> str:
 
 def to_markdown(r: ProcedureReport) -> str:
     lines = [f"# {r.procedure} `{r.workflow_id}` — {r.status}", ""]
-    lines.append(f"- environment: `{r.environment}`; requested by {r.requester}" + (f" ({r.reason})" if r.reason else ""))
+    lines.append(
+        f"- environment: `{r.environment}`; requested by {r.requester}" + (f" ({r.reason})" if r.reason else "")
+    )
     if r.started_at:
-        lines.append(f"- started {r.started_at:%Y-%m-%d %H:%M:%S}Z" + (f", ended {r.ended_at:%Y-%m-%d %H:%M:%S}Z" if r.ended_at else ""))
+        lines.append(
+            f"- started {r.started_at:%Y-%m-%d %H:%M:%S}Z"
+            + (f", ended {r.ended_at:%Y-%m-%d %H:%M:%S}Z" if r.ended_at else "")
+        )
     if r.failure:
         lines.append(f"- **{r.status}:** {r.failure}")
     lines += [f"- {f}" for f in figures(r)]

@@ -52,7 +52,9 @@ class AnalysisSpec(Strict):
     prometheus: str = Field(description="Prometheus HTTP API base URL")
     interval: Seconds = Field(default=60, description="how often the bake looks at the figures")
     step: Seconds = Field(default=10, description="query_range resolution: one sample per step")
-    min_requests: int = Field(default=100, ge=0, description="canary requests in the bake below which the judge says inconclusive")
+    min_requests: int = Field(
+        default=100, ge=0, description="canary requests in the bake below which the judge says inconclusive"
+    )
     requests: str | None = Field(default=None, description="PromQL for the request count over {interval}")
     metrics: list[MetricSpec] = Field(min_length=1)
     confidence: float = Field(default=0.98, gt=0.5, lt=1)
@@ -70,8 +72,12 @@ class RolloutPolicy(Strict):
     steps: list[int] = Field(default=[5, 25, 50, 100], description="canary weights in percent; 100 is the promotion")
     bake: Seconds = 600
     windows: list[WeeklyWindow] = Field(default=[], description="deployments only inside one of these (none: any time)")
-    freezes: list[Freeze] = Field(default=[], description="deployment freezes: one-off events or weekly (e.g. Friday after 12:00)")
-    ics: list[FreezeCalendar] = Field(default=[], description=".ics freeze calendars (holidays, sales), expanded when the inventory is loaded")
+    freezes: list[Freeze] = Field(
+        default=[], description="deployment freezes: one-off events or weekly (e.g. Friday after 12:00)"
+    )
+    ics: list[FreezeCalendar] = Field(
+        default=[], description=".ics freeze calendars (holidays, sales), expanded when the inventory is loaded"
+    )
     approval: ApprovalPolicy | None = Field(default=None, description="default: the inventory's approval policy")
     rollback_window: Seconds = Field(default=600, description="blue-green: how long the old colour is kept")
     timeout: Seconds = Field(default=900, description="bound on a rollout's wait for readiness")
@@ -238,9 +244,18 @@ def threshold_breaches(analysis: AnalysisSpec, samples: Samples) -> list[MetricV
         elif spec.min is not None and mean < spec.min:
             why = f"canary {mean:.4g} below the limit {spec.min:g}"
         if why:
-            out.append(MetricVerdict(name=ms.name, verdict="breach", canary=mean, baseline=base_mean, canary_samples=len(values),
-                                     baseline_samples=len(base), critical=spec.critical,
-                                     reason=why + (f" (baseline {base_mean:.4g})" if base_mean is not None else "")))
+            out.append(
+                MetricVerdict(
+                    name=ms.name,
+                    verdict="breach",
+                    canary=mean,
+                    baseline=base_mean,
+                    canary_samples=len(values),
+                    baseline_samples=len(base),
+                    critical=spec.critical,
+                    reason=why + (f" (baseline {base_mean:.4g})" if base_mean is not None else ""),
+                )
+            )
     return out
 
 

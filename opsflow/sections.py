@@ -89,7 +89,9 @@ def no_password_in_dsn(dsn: str) -> str:
 
 
 class _SqlAccess(Strict):
-    dsn: str = Field(description="libpq connection string without password, e.g. 'host=db port=5432 user=ops dbname=postgres'")
+    dsn: str = Field(
+        description="libpq connection string without password, e.g. 'host=db port=5432 user=ops dbname=postgres'"
+    )
     password: SecretRef | None = None
 
     _check_dsn = field_validator("dsn")(no_password_in_dsn)
@@ -151,7 +153,9 @@ class KubernetesConfig(Strict):
     kubeconfig: str | None = Field(default=None, description="path; default: in-cluster or ~/.kube/config")
     context: str | None = None
     namespace: str = "default"
-    service: str | None = Field(default=None, description="service annotated maintenance=true while the region is drained")
+    service: str | None = Field(
+        default=None, description="service annotated maintenance=true while the region is drained"
+    )
     deployments: list[DeploymentTarget] = []
 
 
@@ -199,7 +203,8 @@ class Person(Strict):
     name: str = Field(min_length=1)
     ssh_key: str | None = Field(default=None, description="OpenSSH public key, e.g. 'ssh-ed25519 AAAA... bob@laptop'")
 
-    _k = field_validator("ssh_key")(lambda v: v if v is None else check_public_key(v))  # a usable key, or the field is named
+    # a usable key, or the field is named
+    _k = field_validator("ssh_key")(lambda v: v if v is None else check_public_key(v))
 
 
 People = list[Union[str, Person]]
@@ -232,9 +237,14 @@ class ApprovalPolicy(Strict):
         roles = self.approvers if isinstance(self.approvers, dict) else {}
         unknown = [r for r in self.require if r not in roles]
         if unknown:
-            raise ValueError(f"require names role(s) {', '.join(unknown)} that are not approver groups ({', '.join(roles) or 'none'})")
+            raise ValueError(
+                f"require names role(s) {', '.join(unknown)} that are not approver groups "
+                f"({', '.join(roles) or 'none'})"
+            )
         if len(self.require) > len(self.names()):
-            raise ValueError(f"require needs {len(self.require)} different people but only {len(self.names())} approvers exist")
+            raise ValueError(
+                f"require needs {len(self.require)} different people but only {len(self.names())} approvers exist"
+            )
         if self.require_signed and any(p.ssh_key is None for p in self.people()):
             missing = [p.name for p in self.people() if p.ssh_key is None]
             raise ValueError(f"require_signed: approver(s) without ssh_key: {', '.join(missing)}")
@@ -288,7 +298,9 @@ class FailoverPolicy(Strict):
     # worker takes it over after a crash.
     heartbeat_timeout: Seconds = 30
 
-    _d = field_validator("drain", "catch_up_timeout", "promote_timeout", "heartbeat_timeout", mode="before")(parse_duration)
+    _d = field_validator("drain", "catch_up_timeout", "promote_timeout", "heartbeat_timeout", mode="before")(
+        parse_duration
+    )
 
 
 class RowCountCheck(Strict):

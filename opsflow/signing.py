@@ -103,7 +103,9 @@ def public_key_blob(line: str) -> bytes:
     try:
         kind = _Reader(blob).string().decode(errors="replace")
     except ValueError:
-        raise ValueError("not an SSH public key (the key data is truncated: copy the whole line of the .pub file)") from None
+        raise ValueError(
+            "not an SSH public key (the key data is truncated: copy the whole line of the .pub file)"
+        ) from None
     if kind != parts[0]:
         raise ValueError(f"not an SSH public key (the key is not of type {parts[0]})")
     return blob
@@ -212,7 +214,9 @@ def verify_signature(message: bytes, armored: str, public_key: str, namespace: s
         with workflow.unsafe.imports_passed_through():  # cryptography's lazy imports must not enter the sandbox
             _verify_raw(_load_public(expected), _Reader(expected).string().decode(), sig.algorithm, sig.raw, data)
     except InvalidSignature:
-        raise ValueError("signature does not match what was signed (signed for another run/gate/action, or altered)") from None
+        raise ValueError(
+            "signature does not match what was signed (signed for another run/gate/action, or altered)"
+        ) from None
 
 
 # -- what is signed ------------------------------------------------------------------------------------
@@ -282,7 +286,11 @@ def check_schedule(inventory: Any, *, procedure: str, record: dict[str, Any], pa
     if not key:
         raise ValueError(f"no SSH public key for {by!r}, who created the Schedule {schedule_id}")
     try:
-        at = signed_at if isinstance(signed_at, datetime) else datetime.fromisoformat(str(signed_at).replace("Z", "+00:00"))
+        at = (
+            signed_at
+            if isinstance(signed_at, datetime)
+            else datetime.fromisoformat(str(signed_at).replace("Z", "+00:00"))
+        )
     except ValueError:
         raise ValueError(f"the Schedule {schedule_id}'s signed_at {signed_at!r} is not an ISO time") from None
     message = schedule_payload(schedule_id=schedule_id, procedure=procedure, environment=inventory.environment,
@@ -359,9 +367,11 @@ def verify_request(policy: KeyPolicy, req: Any, *, workflow_id: str, run_id: str
         verify_signature(message, signature, key)
     except ValueError as e:
         if "does not match" in str(e):
-            raise ValueError(f"signature of {req.by!r} does not match this request: signed for another run/gate/action, "
-                             f"or the reason was altered (workflow {workflow_id}, run {run_id}, gate {gate_id or '-'}, "
-                             f"action {action})") from None
+            raise ValueError(
+                f"signature of {req.by!r} does not match this request: signed for another run/gate/action, "
+                f"or the reason was altered (workflow {workflow_id}, run {run_id}, gate {gate_id or '-'}, "
+                f"action {action})"
+            ) from None
         raise ValueError(f"{e} (request by {req.by!r})") from None
 
 
@@ -371,7 +381,9 @@ def verify_start(policy: KeyPolicy, *, environment: str, procedure: str, request
     """The start-time twin of verify_request (the workflow calls it first thing; a failure refuses the start)."""
     if not signature:
         if policy.require_signed:
-            raise ValueError(f"missing signature: this environment requires the requester ({requester!r}) to sign the start")
+            raise ValueError(
+                f"missing signature: this environment requires the requester ({requester!r}) to sign the start"
+            )
         return
     key = policy.key_of(requester)
     if not key:
@@ -395,7 +407,10 @@ def check_operator(operators: dict[str, list[Any]], procedure: str, requester: s
     allowed = operators.get(procedure)
     if not allowed:
         return
-    names = [a if isinstance(a, str) else a.get("name", "?") if isinstance(a, dict) else getattr(a, "name", str(a)) for a in allowed]
+    names = [
+        a if isinstance(a, str) else a.get("name", "?") if isinstance(a, dict) else getattr(a, "name", str(a))
+        for a in allowed
+    ]
     if requester not in names:
         raise ValueError(f"{requester!r} may not start {procedure}; operators for {procedure}: {', '.join(names)}")
 
@@ -430,7 +445,9 @@ def load_private_key(path: str | Path) -> Any:
         try:
             return loader(data, password=None)
         except TypeError:
-            raise SigningError(f"--key {p} is encrypted: add it to ssh-agent (ssh-add {p}) and sign through the agent") from None
+            raise SigningError(
+                f"--key {p} is encrypted: add it to ssh-agent (ssh-add {p}) and sign through the agent"
+            ) from None
         except ValueError:
             continue
     raise SigningError(f"--key {p} is not an OpenSSH or PEM private key")
@@ -445,7 +462,9 @@ class _Agent:
     def __init__(self, sock_path: str | None = None):
         self.path = sock_path or os.environ.get("SSH_AUTH_SOCK")
         if not self.path:
-            raise SigningError("no ssh-agent (SSH_AUTH_SOCK is not set): start one and ssh-add your key, or pass --key PATH")
+            raise SigningError(
+                "no ssh-agent (SSH_AUTH_SOCK is not set): start one and ssh-add your key, or pass --key PATH"
+            )
 
     def _call(self, message: bytes) -> _Reader:
         try:
@@ -478,7 +497,9 @@ class _Agent:
         flags = self.RSA_SHA2_512 if _Reader(blob).string() == b"ssh-rsa" else 0
         r = self._call(bytes([self.SIGN_REQUEST]) + _string(blob) + _string(data) + struct.pack(">I", flags))
         if r.take(1)[0] != self.SIGN_RESPONSE:
-            raise SigningError(f"ssh-agent refused to sign with {fingerprint(blob)} (key not loaded, or confirmation denied)")
+            raise SigningError(
+                f"ssh-agent refused to sign with {fingerprint(blob)} (key not loaded, or confirmation denied)"
+            )
         return r.string()
 
 
@@ -499,14 +520,26 @@ def sign(message: bytes, *, key_path: str | Path | None = None, public_key: str 
         if public_key:
             wanted = public_key_blob(public_key)
             if wanted not in [b for b, _ in keys]:
-                raise SigningError(f"ssh-agent does not hold the inventory's key {fingerprint(wanted)}: ssh-add it, or pass --key PATH")
+                raise SigningError(
+                    f"ssh-agent does not hold the inventory's key {fingerprint(wanted)}: ssh-add it, or pass --key PATH"
+                )
             pub = wanted
         elif len(keys) == 1:
             pub = keys[0][0]
         else:
-            raise SigningError(f"ssh-agent holds {len(keys)} keys and the inventory names none for this person: pass --key PATH")
+            raise SigningError(
+                f"ssh-agent holds {len(keys)} keys and the inventory names none for this person: pass --key PATH"
+            )
         sig = agent.sign(pub, data)
-    blob = b"SSHSIG" + struct.pack(">I", 1) + _string(pub) + _string(namespace.encode()) + _string(b"") + _string(_HASH.encode()) + _string(sig)
+    blob = (
+        b"SSHSIG"
+        + struct.pack(">I", 1)
+        + _string(pub)
+        + _string(namespace.encode())
+        + _string(b"")
+        + _string(_HASH.encode())
+        + _string(sig)
+    )
     return _armor(blob)
 
 
@@ -581,11 +614,24 @@ class SignedAction(BaseModel):
 
     def payload(self) -> bytes:
         if self.action == "schedule":  # nonce: the schedule id
-            return schedule_payload(schedule_id=self.nonce or "", procedure=self.procedure, environment=self.environment,
-                                    input_sha256=self.input_sha256 or "", by=self.by, at=self.signed_at)
+            return schedule_payload(
+                schedule_id=self.nonce or "",
+                procedure=self.procedure,
+                environment=self.environment,
+                input_sha256=self.input_sha256 or "",
+                by=self.by,
+                at=self.signed_at,
+            )
         if self.action == "start":
-            return start_payload(environment=self.environment, procedure=self.procedure, requester=self.by,
-                                 reason=self.reason, at=self.signed_at, input_sha256=self.input_sha256, nonce=self.nonce)
+            return start_payload(
+                environment=self.environment,
+                procedure=self.procedure,
+                requester=self.by,
+                reason=self.reason,
+                at=self.signed_at,
+                input_sha256=self.input_sha256,
+                nonce=self.nonce,
+            )
         return request_payload(workflow_id=self.workflow_id, run_id=self.run_id, gate_id=self.gate, action=self.action,
                                by=self.by, reason=self.reason, at=self.signed_at, full=self.full)
 

@@ -50,7 +50,9 @@ async def register_search_attributes(client: Client, namespace: str = "default")
 
     wanted = {k.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for k in SEARCH_ATTRIBUTES}
     try:
-        await client.operator_service.add_search_attributes(AddSearchAttributesRequest(namespace=namespace, search_attributes=wanted))
+        await client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(namespace=namespace, search_attributes=wanted)
+        )
     except RPCError as e:
         if e.status != RPCStatusCode.ALREADY_EXISTS:
             raise

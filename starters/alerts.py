@@ -115,7 +115,11 @@ class Receiver:
             return {**out, "outcome": "ignored", "detail": "no route maps it to a procedure"}
         to = route.to or alert.labels.get(route.to_label or "")
         if not to or to not in self.inv.regions:
-            return {**out, "outcome": "refused", "detail": f"target region {to!r} is not one of {list(self.inv.regions)}"}
+            return {
+                **out,
+                "outcome": "refused",
+                "detail": f"target region {to!r} is not one of {list(self.inv.regions)}",
+            }
         key = f"{alert.fingerprint}@{alert.startsAt}"
         async with self.lock:  # a repeat racing its first delivery finds it recorded
             if key in self.seen:

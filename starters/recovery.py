@@ -1,5 +1,6 @@
-"""`opsflow failover`, `opsflow failback`, `opsflow drill`, `opsflow readiness`: the disaster-recovery procedures. The inventory and
-the arguments become the procedure's input; opsflow.client starts it under the environment's lock."""
+"""`opsflow failover`, `opsflow failback`, `opsflow drill`, `opsflow readiness`: the disaster-recovery
+procedures. The inventory and the arguments become the procedure's input; opsflow.client starts it under the
+environment's lock."""
 
 from __future__ import annotations
 

@@ -52,8 +52,9 @@ def dev_server(**kwargs):
     kwargs.setdefault("port", free_port())
     extra = [*DEV_SERVER_TUNING, "--http-port", str(free_port()), "--metrics-port", str(free_port()),
              *kwargs.pop("dev_server_extra_args", [])]
-    return WorkflowEnvironment.start_local(dev_server_existing_path=venv_binary("temporal"), dev_server_extra_args=extra,
-                                          **kwargs)
+    return WorkflowEnvironment.start_local(
+        dev_server_existing_path=venv_binary("temporal"), dev_server_extra_args=extra, **kwargs
+    )
 
 
 # Modules whose every test builds its own lab, longest first: a parallel run may spread their tests over processes.

@@ -14,7 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 T = TypeVar("T")
 
 
-def eventually(predicate: Callable[[], T], timeout: float = 60.0, what: str = "condition", *, interval: float = 0.1) -> T:
+def eventually(
+    predicate: Callable[[], T], timeout: float = 60.0, what: str = "condition", *, interval: float = 0.1
+) -> T:
     """The predicate's first truthy value, polled every `interval` seconds; AssertionError naming `what` after
     `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -44,6 +46,8 @@ def ssh_key_pair(folder: Path, name: str) -> tuple[str, str]:
     """A new ed25519 key for `name`: (the private key file, in OpenSSH format; the public key line)."""
     key = ed25519.Ed25519PrivateKey.generate()
     path = folder / name
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     return str(path), f"{pub} {name}@laptop"

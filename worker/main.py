@@ -43,10 +43,13 @@ class FleetSettings:
     activity_threads: int = 64  # the one thread pool every sync activity of every environment runs on
     max_concurrent_activities: int = 50  # per task queue
     max_cached_workflows: int = 1000  # per workflow queue: histories kept in memory between workflow tasks
-    polls_per_queue: int | None = None  # long polls per queue and task type; default 5, and 2 (the least) past 4 environments
-    workflow_polls: int | None = None  # workflow task polls of a workflow queue (a fleet's shared queue wants ~20); default: as above
+    # long polls per queue and task type; default 5, and 2 (the least) past 4 environments
+    polls_per_queue: int | None = None
+    # workflow task polls of a workflow queue (a fleet's shared queue wants ~20); default: as above
+    workflow_polls: int | None = None
     # Workflow tasks at once per workflow queue (the SDK's default is 100). They run one at a time on the GIL anyway;
-    # 100 at once only held memory: 1000 procedures peaked at 541 MB RSS with 100, 298 MB with 20 (bench/concurrency.py).
+    # 100 at once only held memory: 1000 procedures peaked at 541 MB RSS with 100, 298 MB with 20
+    # (bench/concurrency.py).
     workflow_tasks: int = 20
     # How long a procedure's next workflow task waits for the worker that ran the last one (which has its history in
     # memory) before any worker takes it and replays the history: what a worker killed mid-procedure costs each of
@@ -57,12 +60,24 @@ class FleetSettings:
         return max(2, self.polls_per_queue or (5 if environments <= 4 else 2))
 
 
-def build_workers(client: Client, inv: Inventory, regions: list[str] | None, executor: ThreadPoolExecutor, serve_workflows: bool = True,
-                  settings: FleetSettings | None = None, skip_queues: set[str] | None = None, environments: int = 1,
-                  metrics: OpsMetrics | None = None) -> list[Worker]:
+def build_workers(
+    client: Client,
+    inv: Inventory,
+    regions: list[str] | None,
+    executor: ThreadPoolExecutor,
+    serve_workflows: bool = True,
+    settings: FleetSettings | None = None,
+    skip_queues: set[str] | None = None,
+    environments: int = 1,
+    metrics: OpsMetrics | None = None,
+) -> list[Worker]:
     """The Temporal workers one environment needs, leaving out queues already served (`skip_queues`); with
     `metrics`, each procedure's end is counted (worker/metrics.py)."""
-    from worker.registry import GLOBAL_ACTIVITIES, REGION_ACTIVITIES, WORKFLOWS  # every workflow and activity: not for `opsflow --help`
+    from worker.registry import (
+        GLOBAL_ACTIVITIES,
+        REGION_ACTIVITIES,
+        WORKFLOWS,
+    )  # every workflow and activity: not for `opsflow --help`
     from worker.trust import trust_interceptor
 
     s = settings or FleetSettings()
@@ -73,18 +88,31 @@ def build_workers(client: Client, inv: Inventory, regions: list[str] | None, exe
     interceptors = [trust_interceptor(client), ScrubInterceptor()]
     if metrics is not None:
         interceptors.append(MetricsInterceptor(metrics, LAUNCHERS))
-    common = dict(activity_executor=executor, graceful_shutdown_timeout=timedelta(seconds=30),
-                  interceptors=interceptors,
-                  max_concurrent_activities=min(s.max_concurrent_activities, s.activity_threads),
-                  max_concurrent_activity_task_polls=polls,
-                  max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE, default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE)
+    common = dict(
+        activity_executor=executor,
+        graceful_shutdown_timeout=timedelta(seconds=30),
+        interceptors=interceptors,
+        max_concurrent_activities=min(s.max_concurrent_activities, s.activity_threads),
+        max_concurrent_activity_task_polls=polls,
+        max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+        default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+    )
     workers = []
     if serve_workflows and inv.task_queue not in skip:
         skip.add(inv.task_queue)
-        workers.append(Worker(client, task_queue=inv.task_queue, workflows=WORKFLOWS, activities=GLOBAL_ACTIVITIES,
-                              max_cached_workflows=s.max_cached_workflows, max_concurrent_workflow_task_polls=workflow_polls,
-                              max_concurrent_workflow_tasks=max(s.workflow_tasks, workflow_polls),
-                              sticky_queue_schedule_to_start_timeout=timedelta(seconds=s.sticky_timeout), **common))
+        workers.append(
+            Worker(
+                client,
+                task_queue=inv.task_queue,
+                workflows=WORKFLOWS,
+                activities=GLOBAL_ACTIVITIES,
+                max_cached_workflows=s.max_cached_workflows,
+                max_concurrent_workflow_task_polls=workflow_polls,
+                max_concurrent_workflow_tasks=max(s.workflow_tasks, workflow_polls),
+                sticky_queue_schedule_to_start_timeout=timedelta(seconds=s.sticky_timeout),
+                **common,
+            )
+        )
     for region in regions if regions is not None else list(inv.regions):
         queue = inv.region_queue(region)
         if queue in skip:
@@ -100,7 +128,8 @@ async def run(inventories: list[Inventory], regions: list[str] | None, serve_wor
     runtime = None
     metrics = endpoint = None
     if metrics_port:
-        # The SDK's exporter on an internal loopback port; ours serves both, with /healthz and /readyz, on the given one.
+        # The SDK's exporter on an internal loopback port; ours serves both, with /healthz and /readyz, on the given
+        # one.
         sdk_port = free_port()
         runtime = Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=f"127.0.0.1:{sdk_port}")))
         metrics = OpsMetrics()
@@ -116,18 +145,25 @@ async def run(inventories: list[Inventory], regions: list[str] | None, serve_wor
         served: set[str] = set()
         workers = []
         for inv in inventories:
-            workers += build_workers(client, inv, regions, executor, serve_workflows, settings, served, len(inventories),
-                                     metrics)
+            workers += build_workers(
+                client, inv, regions, executor, serve_workflows, settings, served, len(inventories), metrics
+            )
         tasks = [asyncio.create_task(w.run()) for w in workers]
         queues = [w.task_queue for w in workers]
         watcher = None
         if metrics is not None:
             poll = float(os.environ.get("OPSFLOW_METRICS_POLL_SECONDS") or 15)
-            watcher = asyncio.create_task(watch(client, metrics, endpoint, {inv.environment for inv in inventories}, queues,
-                                                poll, serve_workflows))
+            watcher = asyncio.create_task(
+                watch(
+                    client, metrics, endpoint, {inv.environment for inv in inventories}, queues, poll, serve_workflows
+                )
+            )
         envs = ", ".join(inv.environment for inv in inventories)
         log.info("worker for %s serving %s", envs, ", ".join(queues))
-        print(f"opsflow worker: environment{'s' if len(inventories) > 1 else ''} {envs}, task queues {', '.join(queues)}", flush=True)
+        print(
+            f"opsflow worker: environment{'s' if len(inventories) > 1 else ''} {envs}, task queues {', '.join(queues)}",
+            flush=True,
+        )
         done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
         for t in done:
             if t in tasks and t.exception():
@@ -142,7 +178,9 @@ async def run(inventories: list[Inventory], regions: list[str] | None, serve_wor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="opsflow worker", description="Run a worker for one or many inventories' task queues.")
+    parser = argparse.ArgumentParser(
+        prog="opsflow worker", description="Run a worker for one or many inventories' task queues."
+    )
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 
@@ -156,29 +194,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", dest="inventory", action="append",
                         help="inventory YAML, or a directory of them (repeatable; default: the running lab's)")
     parser.add_argument("--region", action="append", help="serve only this region's activity queue (repeatable)")
-    parser.add_argument("--no-workflows", action="store_true", help="do not serve the workflow queue (a region-only worker)")
-    parser.add_argument("--no-regions", action="store_true", help="serve only the workflow queue (workflows, notifications, reports)")
+    parser.add_argument(
+        "--no-workflows", action="store_true", help="do not serve the workflow queue (a region-only worker)"
+    )
+    parser.add_argument(
+        "--no-regions", action="store_true", help="serve only the workflow queue (workflows, notifications, reports)"
+    )
     parser.add_argument("--metrics-port", type=int, default=_env_int("OPSFLOW_WORKER_METRICS_PORT", 0) or None,
                         help="serve /metrics (opsflow's and the SDK's), /healthz and /readyz on PORT")
     parser.add_argument("--metrics-address", default=os.environ.get("OPSFLOW_WORKER_METRICS_ADDRESS") or "127.0.0.1",
                         help="the address the metrics port binds (default 127.0.0.1; 0.0.0.0 in a pod)")
     fleet = parser.add_argument_group("fleet settings (also OPSFLOW_WORKER_* environment variables)")
-    fleet.add_argument("--activity-threads", type=int, default=_env_int("OPSFLOW_WORKER_ACTIVITY_THREADS", d.activity_threads),
-                       help=f"threads shared by all environments' activities (default {d.activity_threads})")
+    fleet.add_argument(
+        "--activity-threads",
+        type=int,
+        default=_env_int("OPSFLOW_WORKER_ACTIVITY_THREADS", d.activity_threads),
+        help=f"threads shared by all environments' activities (default {d.activity_threads})",
+    )
     fleet.add_argument("--max-concurrent-activities", type=int,
                        default=_env_int("OPSFLOW_WORKER_MAX_CONCURRENT_ACTIVITIES", d.max_concurrent_activities),
                        help=f"activities at once per task queue (default {d.max_concurrent_activities})")
-    fleet.add_argument("--max-cached-workflows", type=int, default=_env_int("OPSFLOW_WORKER_MAX_CACHED_WORKFLOWS", d.max_cached_workflows),
-                       help=f"workflows kept in memory per environment (default {d.max_cached_workflows})")
+    fleet.add_argument(
+        "--max-cached-workflows",
+        type=int,
+        default=_env_int("OPSFLOW_WORKER_MAX_CACHED_WORKFLOWS", d.max_cached_workflows),
+        help=f"workflows kept in memory per environment (default {d.max_cached_workflows})",
+    )
     fleet.add_argument("--polls-per-queue", type=int, default=_env_int("OPSFLOW_WORKER_POLLS_PER_QUEUE", 0) or None,
                        help="long polls per task queue and type (default 5; 2 when serving more than 4 environments)")
-    fleet.add_argument("--workflow-polls", type=int, default=_env_int("OPSFLOW_WORKER_WORKFLOW_POLLS", 0) or None,
-                       help="workflow task polls per workflow queue (default: --polls-per-queue's); ~20 for a fleet's shared queue")
-    fleet.add_argument("--workflow-tasks", type=int, default=_env_int("OPSFLOW_WORKER_WORKFLOW_TASKS", d.workflow_tasks),
-                       help=f"workflow tasks at once per workflow queue (default {d.workflow_tasks}; at least --workflow-polls)")
-    fleet.add_argument("--sticky-timeout", type=int, default=_env_int("OPSFLOW_WORKER_STICKY_TIMEOUT", d.sticky_timeout), metavar="SECONDS",
-                       help=f"how long a procedure's next step waits for the worker that ran its last one before another takes it "
-                            f"(default {d.sticky_timeout}: what a killed worker costs each of its procedures)")
+    fleet.add_argument(
+        "--workflow-polls",
+        type=int,
+        default=_env_int("OPSFLOW_WORKER_WORKFLOW_POLLS", 0) or None,
+        help="workflow task polls per workflow queue (default: --polls-per-queue's); ~20 for a fleet's shared queue",
+    )
+    fleet.add_argument(
+        "--workflow-tasks",
+        type=int,
+        default=_env_int("OPSFLOW_WORKER_WORKFLOW_TASKS", d.workflow_tasks),
+        help=f"workflow tasks at once per workflow queue (default {d.workflow_tasks}; at least --workflow-polls)",
+    )
+    fleet.add_argument(
+        "--sticky-timeout",
+        type=int,
+        default=_env_int("OPSFLOW_WORKER_STICKY_TIMEOUT", d.sticky_timeout),
+        metavar="SECONDS",
+        help=f"how long a procedure's next step waits for the worker that ran its last one before another takes it "
+        f"(default {d.sticky_timeout}: what a killed worker costs each of its procedures)",
+    )
 
 
 def load_inventories(given: list[str] | None, regions: list[str] | None) -> list[Inventory]:
@@ -205,13 +268,25 @@ def run_from_args(args: argparse.Namespace) -> int:
     from activities import secrets
 
     # Secret stores use one set of cloud connections per process: a fleet's inventories must agree on them.
-    connections = {(inv.aws.model_dump_json() if inv.aws else None, inv.azure.model_dump_json() if inv.azure else None) for inv in inventories}
+    connections = {
+        (inv.aws.model_dump_json() if inv.aws else None, inv.azure.model_dump_json() if inv.azure else None)
+        for inv in inventories
+    }
     if len(connections) > 1:
-        log.warning("inventories name different aws/azure connections; secret stores use those of %s", inventories[0].environment)
+        log.warning(
+            "inventories name different aws/azure connections; secret stores use those of %s",
+            inventories[0].environment,
+        )
     secrets.configure(inventories[0])
-    settings = FleetSettings(activity_threads=args.activity_threads, max_concurrent_activities=args.max_concurrent_activities,
-                             max_cached_workflows=args.max_cached_workflows, polls_per_queue=args.polls_per_queue,
-                             workflow_polls=args.workflow_polls, workflow_tasks=args.workflow_tasks, sticky_timeout=args.sticky_timeout)
+    settings = FleetSettings(
+        activity_threads=args.activity_threads,
+        max_concurrent_activities=args.max_concurrent_activities,
+        max_cached_workflows=args.max_cached_workflows,
+        polls_per_queue=args.polls_per_queue,
+        workflow_polls=args.workflow_polls,
+        workflow_tasks=args.workflow_tasks,
+        sticky_timeout=args.sticky_timeout,
+    )
     regions = [] if getattr(args, "no_regions", False) else args.region
     asyncio.run(run(inventories, regions, not args.no_workflows, args.metrics_port, settings,
                     getattr(args, "metrics_address", "127.0.0.1")))

@@ -27,9 +27,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from temporalio import workflow
+from temporalio import activity, workflow
 from temporalio.exceptions import ApplicationError
-from temporalio import activity
 from temporalio.worker import (
     ActivityInboundInterceptor,
     ExecuteActivityInput,
@@ -39,8 +38,10 @@ from temporalio.worker import (
     WorkflowInterceptorClassInput,
 )
 
+from opsflow.contracts.maintenance import WATCH_METRICS
+
 log = logging.getLogger("opsflow.metrics")
-WATCH_ACTIVITY = "watch.metrics"  # activities/maintenance.py: the metric watch after a maintenance
+WATCH_ACTIVITY = WATCH_METRICS.name  # the metric watch after a maintenance
 
 # Procedures last from seconds (a refused start) to hours (a maintenance window, a failback's rebuild).
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
@@ -52,8 +53,12 @@ class OpsMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.runs = Counter("opsflow_procedure_runs", "Procedures that ended on this worker, by outcome (report status)",
-                            ["procedure", "environment", "outcome"], registry=r)
+        self.runs = Counter(
+            "opsflow_procedure_runs",
+            "Procedures that ended on this worker, by outcome (report status)",
+            ["procedure", "environment", "outcome"],
+            registry=r,
+        )
         self.duration = Histogram("opsflow_procedure_duration_seconds", "A procedure's duration, start to end",
                                   ["procedure", "environment"], buckets=DURATION_BUCKETS, registry=r)
         self.rto = Gauge("opsflow_failover_rto_seconds", "The last failover's RTO (approval, or an emergency's start, "
@@ -105,7 +110,12 @@ class OpsMetrics:
 
     def record_last(self, r: dict) -> None:
         """The 'last run' gauges from a report (at a run's end, and from visibility at start)."""
-        procedure, env, status, ended = r.get("procedure"), r.get("environment") or "", r.get("status"), r.get("ended_at")
+        procedure, env, status, ended = (
+            r.get("procedure"),
+            r.get("environment") or "",
+            r.get("status"),
+            r.get("ended_at"),
+        )
         if r.get("dry_run") or status == "planned":
             return
         if procedure == "failover":
@@ -243,7 +253,9 @@ async def gates_waiting(client, environments: set[str]) -> list[tuple[str, str, 
         except Exception as e:  # no worker answers right now: the next poll tries again
             log.debug("progress of %s: %s", wf.id, e)
             continue
-        step = next((s for s in reversed(report.get("steps") or []) if s.get("name") == report.get("current_step")), None)
+        step = next(
+            (s for s in reversed(report.get("steps") or []) if s.get("name") == report.get("current_step")), None
+        )
         if report.get("status") != "waiting" or step is None or not str(step.get("title", "")).startswith("Approval"):
             continue
         since = _ts(step.get("started_at")) or now

@@ -34,9 +34,26 @@ REGION_ACTIVITIES = [
     maintenance.plan, maintenance.run_item, maintenance.health, maintenance.take_backup, maintenance.verify_backup,
 ]
 # Activities that belong to no region run beside the workflows.
-GLOBAL_ACTIVITIES = [rules.worker_inventory, notify.send, reports.store_report, temporal_queues.unserved_queues, statuspage.update, maintenance.watch]
+GLOBAL_ACTIVITIES = [
+    rules.worker_inventory,
+    notify.send,
+    reports.store_report,
+    temporal_queues.unserved_queues,
+    statuspage.update,
+    maintenance.watch,
+]
 
 # Rollouts (canary, blue-green): Kubernetes and the region's Prometheus on the app's region queue.
 from activities import analysis, prometheus  # noqa: E402
-REGION_ACTIVITIES += [kubernetes.rollout_status, kubernetes.create_canary, kubernetes.set_weight, kubernetes.delete_canary, kubernetes.set_image,
-                      kubernetes.create_colour, kubernetes.switch_service, kubernetes.scale_deployment, prometheus.samples, analysis.judge_step]
+REGION_ACTIVITIES += [
+    kubernetes.rollout_status,
+    kubernetes.create_canary,
+    kubernetes.set_weight,
+    kubernetes.delete_canary,
+    kubernetes.set_image,
+    kubernetes.create_colour,
+    kubernetes.switch_service,
+    kubernetes.scale_deployment,
+    prometheus.samples,
+    analysis.judge_step,
+]

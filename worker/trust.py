@@ -24,6 +24,16 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
 from activities.rules import RULEBOOK
+from opsflow.contracts.db import DB_FENCE, DB_FENCE_CONTROL_PLANE, DB_PROMOTE, DB_REBUILD_REPLICA, DB_UNFENCE
+from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE
+from opsflow.contracts.maintenance import BACKUP_TAKE, MAINT_RUN_ITEM
+from opsflow.contracts.notify import STATUSPAGE_UPDATE
+from opsflow.contracts.restore import RESTORE_DELETE, RESTORE_LEFTOVERS, RESTORE_START
+from opsflow.contracts.rollout import (
+    K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE, K8S_SET_WEIGHT,
+    K8S_SWITCH_SERVICE,
+)
+from opsflow.contracts.traffic import TRAFFIC_SWITCH
 from opsflow.inventory import ApprovalPolicy, Inventory
 from opsflow.models import Decision, RegionTarget
 from opsflow.procedures import SCHEDULABLE
@@ -36,12 +46,14 @@ log = logging.getLogger("opsflow.trust")
 # Activities that change the world -> whether they run only behind the approval gate (False: a checked start
 # is enough, e.g. a drill's scratch restore, the maintenance announcement, the undo of a fence).
 CHANGES_WORLD: dict[str, bool] = {
-    "db.fence": True, "db.promote": True, "db.rebuild_replica": True, "traffic.switch": True, "k8s.scale_up": True,
-    "db.unfence": False, "db.fence_control_plane": False, "k8s.scale_to_zero": False, "k8s.set_maintenance": False,
-    "restore.start": False, "restore.delete": False, "restore.leftovers": False,
-    "maint.run_item": True, "backup.take": False, "statuspage.update": False,
-    "k8s.create_canary": True, "k8s.set_weight": True, "k8s.set_image": True, "k8s.create_colour": True,
-    "k8s.switch_service": True, "k8s.scale_deployment": True, "k8s.delete_canary": False,
+    DB_FENCE.name: True, DB_PROMOTE.name: True, DB_REBUILD_REPLICA.name: True,
+    TRAFFIC_SWITCH.name: True, K8S_SCALE_UP.name: True,
+    DB_UNFENCE.name: False, DB_FENCE_CONTROL_PLANE.name: False,
+    K8S_SCALE_TO_ZERO.name: False, K8S_SET_MAINTENANCE.name: False,
+    RESTORE_START.name: False, RESTORE_DELETE.name: False, RESTORE_LEFTOVERS.name: False,
+    MAINT_RUN_ITEM.name: True, BACKUP_TAKE.name: False, STATUSPAGE_UPDATE.name: False,
+    K8S_CREATE_CANARY.name: True, K8S_SET_WEIGHT.name: True, K8S_SET_IMAGE.name: True, K8S_CREATE_COLOUR.name: True,
+    K8S_SWITCH_SERVICE.name: True, K8S_SCALE_DEPLOYMENT.name: True, K8S_DELETE_CANARY.name: False,
 }
 # An emergency failover passes no gate unless the inventory asks for one.
 GATE = "approval"
@@ -91,12 +103,23 @@ class Verifier:
             if req.input.name not in ("approve", "reject"):
                 continue
             [body] = await conv.decode(list(req.input.args.payloads)[:1], [dict])
-            decisions.append((Request.model_validate(body), e.event_time.ToDatetime(tzinfo=timezone.utc), req.input.name))
+            decisions.append(
+                (Request.model_validate(body), e.event_time.ToDatetime(tzinfo=timezone.utc), req.input.name)
+            )
         env = arg.get("environment") or (arg.get("inventory") or {}).get("environment") or ""
         if not env and arg.get("environments"):
             env = arg["environments"][0]
-        return RunFacts(history.events[0].workflow_execution_started_event_attributes.workflow_type.name, workflow_id, run_id,
-                        env, arg, memo, history.events[0].event_time.ToDatetime(tzinfo=timezone.utc), parent, decisions)
+        return RunFacts(
+            history.events[0].workflow_execution_started_event_attributes.workflow_type.name,
+            workflow_id,
+            run_id,
+            env,
+            arg,
+            memo,
+            history.events[0].event_time.ToDatetime(tzinfo=timezone.utc),
+            parent,
+            decisions,
+        )
 
     # -- the start ----------------------------------------------------------------------------------------------
 
@@ -118,7 +141,10 @@ class Verifier:
             self.check_start(run, inv)
             return run
         parent_id, parent_run = run.parent
-        if run.procedure == "failover" and run.workflow_id == f"{parent_id}-failover" == f"opsflow-{inv.environment}-failover":
+        if (
+            run.procedure == "failover"
+            and run.workflow_id == f"{parent_id}-failover" == f"opsflow-{inv.environment}-failover"
+        ):
             parent = await self.facts(parent_id, parent_run)
             if parent.procedure != "failback" or parent.parent is not None:
                 raise NotTrusted(f"{run.workflow_id}'s parent {parent_id} is not a failback started by a person")
@@ -135,9 +161,15 @@ class Verifier:
         if record is None:
             raise NotTrusted(f"{run.workflow_id} was started by {parent_id}, which may not start a {run.procedure}")
         try:
-            signed = signing.check_schedule(inv, procedure=run.procedure, record=record, parent_workflow_id=parent_id,
-                                            input_sha256=input_digest(run.arg, START_UNSIGNED), dry_run=bool(run.arg.get("dry_run")),
-                                            schedulable=SCHEDULABLE)
+            signed = signing.check_schedule(
+                inv,
+                procedure=run.procedure,
+                record=record,
+                parent_workflow_id=parent_id,
+                input_sha256=input_digest(run.arg, START_UNSIGNED),
+                dry_run=bool(run.arg.get("dry_run")),
+                schedulable=SCHEDULABLE,
+            )
         except ValueError as e:
             raise NotTrusted(str(e)) from None
         if signed is None:
@@ -165,7 +197,9 @@ class Verifier:
             if name == "reject":
                 return f"rejected by {req.by}"
             if all(d.by != req.by for d in gate.decisions):
-                gate.decisions.append(Decision(approved=True, by=req.by, at=at, gate=GATE, roles=policy.roles_of(req.by)))
+                gate.decisions.append(
+                    Decision(approved=True, by=req.by, at=at, gate=GATE, roles=policy.roles_of(req.by))
+                )
         return gate.missing() if gate.decisions else "no signed approval"
 
     def needs_gate(self, run: RunFacts, inv: Inventory) -> bool:
@@ -198,7 +232,9 @@ class Verifier:
             return
         missing = self.gate_passed(gate_run, inv, self.policy_of(gate_run, inv))
         if missing:
-            raise NotTrusted(f"the approval gate of {gate_run.workflow_id} has not passed by the worker's rules: {missing}")
+            raise NotTrusted(
+                f"the approval gate of {gate_run.workflow_id} has not passed by the worker's rules: {missing}"
+            )
         self.gated_ok.add(run_id)
 
 
@@ -209,7 +245,9 @@ def check_targets(inv: Inventory, args: Any) -> None:
         for value in (arg, *(getattr(arg, f, None) for f in ("target", "replica", "primary", "source"))):
             if isinstance(value, RegionTarget):
                 if value.environment != inv.environment or value.region not in inv.regions:
-                    raise NotTrusted(f"the activity targets {value.environment}/{value.region}, not a region of {inv.environment}")
+                    raise NotTrusted(
+                        f"the activity targets {value.environment}/{value.region}, not a region of {inv.environment}"
+                    )
                 if value.database != inv.regions[value.region].database:
                     raise NotTrusted(f"the activity's database for {value.region} is not the worker's inventory's")
 

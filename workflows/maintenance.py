@@ -90,11 +90,11 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
             "a status page is configured",
             page is not None,
         ),
-        StepDecl("backup", plan.backup_target, "backup.take", policy.backup.take),
+        StepDecl("backup", plan.backup_target, "the inventory asks for one (maintenance.backup.take)", policy.backup.take),
         StepDecl(
             "verify-backup",
             "the backup completed after the start and is not empty",
-            BACKUP_VERIFY,
+            "the inventory asks for it (maintenance.backup.verify)",
             policy.backup.take and policy.backup.verify,
         ),
         StepDecl("approval", f"wait for one of {', '.join(inv.approval.names())}"),

@@ -106,7 +106,9 @@ class Lab:
         """`opsflow ARGS`, forked (tests/integration/forked.py) with the lab's environment."""
         proc = forked.run("starters.cli", list(args), self.env(), ROOT, timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"opsflow {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+            raise AssertionError(
+                f"opsflow {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            )
         return proc
 
     def cli_json(self, *args: str) -> dict:
@@ -202,7 +204,9 @@ class Lab:
         handle = (await self._connect()).get_workflow_handle(wid)
         try:
             async with asyncio.timeout(timeout):
-                async for _ in handle.fetch_history_events(wait_new_event=True, event_filter_type=WorkflowHistoryEventFilterType.CLOSE_EVENT):
+                async for _ in handle.fetch_history_events(
+                    wait_new_event=True, event_filter_type=WorkflowHistoryEventFilterType.CLOSE_EVENT
+                ):
                     return True
         except TimeoutError:
             return False
@@ -228,7 +232,11 @@ def fake_aws_credentials():
     """boto3 against moto: fake credentials, and none of the developer's real AWS configuration."""
     from lab.aws_lab import FAKE_CREDENTIALS
 
-    fake = {**FAKE_CREDENTIALS, "AWS_CONFIG_FILE": "/nonexistent/aws-config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials"}
+    fake = {
+        **FAKE_CREDENTIALS,
+        "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+    }
     saved = {k: os.environ.get(k) for k in [*fake, "AWS_PROFILE"]}
     os.environ.pop("AWS_PROFILE", None)
     os.environ.update(fake)

@@ -68,10 +68,14 @@ def _run(module: str, argv: list[str], env: dict, cwd: str, stdout: str, stderr:
 class Forked:
     """A forked process with the part of subprocess.Popen the tests use."""
 
-    def __init__(self, module: str, argv: list[str], env: dict, cwd: Path | str, stdout: Path | str, stderr: Path | str):
+    def __init__(
+        self, module: str, argv: list[str], env: dict, cwd: Path | str, stdout: Path | str, stderr: Path | str
+    ):
         self.args = [module, *argv]
-        self._proc = _fork_context().Process(target=_run, args=(module, list(argv), dict(env), str(cwd), str(stdout), str(stderr)),
-                                             daemon=True)  # terminated when pytest ends, if a test left it running
+        # terminated when pytest ends, if a test left it running
+        self._proc = _fork_context().Process(
+            target=_run, args=(module, list(argv), dict(env), str(cwd), str(stdout), str(stderr)), daemon=True
+        )
         self._proc.start()
         self.pid = self._proc.pid
 

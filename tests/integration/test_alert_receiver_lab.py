@@ -26,9 +26,15 @@ def webhook(alerts: list[dict], status: str = "firing") -> dict:
 
 
 def alert(name: str, fingerprint: str, status: str = "firing", starts: str = "2026-12-06T03:00:00Z", **labels) -> dict:
-    return {"status": status, "labels": {"alertname": name, **labels},
-            "annotations": {"summary": f"{name} in {labels.get('region', '?')}"}, "startsAt": starts,
-            "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "http://prometheus:9090/graph", "fingerprint": fingerprint}
+    return {
+        "status": status,
+        "labels": {"alertname": name, **labels},
+        "annotations": {"summary": f"{name} in {labels.get('region', '?')}"},
+        "startsAt": starts,
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus:9090/graph",
+        "fingerprint": fingerprint,
+    }
 
 
 def test_an_alert_requests_a_failover_once_and_changes_nothing_before_approval(lab, worker, tmp_path):

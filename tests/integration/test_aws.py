@@ -112,19 +112,39 @@ def emu(clusters, fake_aws_credentials):
 @pytest.fixture(scope="module")
 def inventory(emu, clusters) -> Inventory:
     east, west = clusters
-    return Inventory.model_validate({
-        "environment": "lab",
-        "primary_region": "east",
-        "regions": {
-            "east": {"database": {"provider": "aws-rds", "db_instance_identifier": "orders-east", "aws_region": "us-east-1",
-                                  "dsn": east.dsn}, "traffic_endpoint": "east"},
-            "west": {"database": {"provider": "aws-rds", "db_instance_identifier": "orders-west", "aws_region": "us-west-2",
-                                  "dsn": west.dsn}, "traffic_endpoint": "west"},
-        },
-        "traffic": {"provider": "route53", "hosted_zone_id": emu.info()["hosted_zones"][ZONE], "record_name": RECORD},
-        "approval": {"approvers": ["alice"]},
-        "aws": {"endpoint_url": emu.url},
-    })
+    return Inventory.model_validate(
+        {
+            "environment": "lab",
+            "primary_region": "east",
+            "regions": {
+                "east": {
+                    "database": {
+                        "provider": "aws-rds",
+                        "db_instance_identifier": "orders-east",
+                        "aws_region": "us-east-1",
+                        "dsn": east.dsn,
+                    },
+                    "traffic_endpoint": "east",
+                },
+                "west": {
+                    "database": {
+                        "provider": "aws-rds",
+                        "db_instance_identifier": "orders-west",
+                        "aws_region": "us-west-2",
+                        "dsn": west.dsn,
+                    },
+                    "traffic_endpoint": "west",
+                },
+            },
+            "traffic": {
+                "provider": "route53",
+                "hosted_zone_id": emu.info()["hosted_zones"][ZONE],
+                "record_name": RECORD,
+            },
+            "approval": {"approvers": ["alice"]},
+            "aws": {"endpoint_url": emu.url},
+        }
+    )
 
 
 def rds(inventory: Inventory, region: str, **changes) -> RdsInstance:
@@ -173,12 +193,20 @@ def test_status_combines_sql_and_rds(inventory, clusters):
         return r if r.replay_lsn and r.replay_lsn >= p.current_lsn else None
 
     r = wait_until(caught_up, what="the replica to replay the primary's WAL")
-    assert (r.reachable, r.role, r.streaming, r.cloud_state, r.cloud_role) == (True, "replica", True, "available", "ReadReplica")
+    assert (r.reachable, r.role, r.streaming, r.cloud_state, r.cloud_role) == (
+        True,
+        "replica",
+        True,
+        "available",
+        "ReadReplica",
+    )
 
 
 def test_status_without_dsn_uses_rds_and_cloudwatch(inventory):
     provider = rds(inventory, "west", dsn=None)
-    s = wait_until(lambda: (st := provider.status()).replay_delay_seconds is not None and st, what="a ReplicaLag datapoint")
+    s = wait_until(
+        lambda: (st := provider.status()).replay_delay_seconds is not None and st, what="a ReplicaLag datapoint"
+    )
     assert (s.reachable, s.role, s.cloud_state, s.cloud_role) == (True, "replica", "available", "ReadReplica")
     assert 0 <= s.replay_delay_seconds < 60
     assert s.current_lsn is None  # only SQL knows LSNs
@@ -227,7 +255,9 @@ def test_access_denied_is_non_retryable(emu, inventory):
     emu.inject_fault(r"^s3 PutObject$", status=403, code="AccessDenied", count=1)
     with pytest.raises(ApplicationError) as e:
         store_report_s3(inventory.aws, BUCKET, "denied.json", "{}", "application/json")
-    assert e.value.non_retryable and e.value.type == "AwsAccessDenied" and f"s3://{BUCKET}/denied.json" in e.value.message
+    assert (
+        e.value.non_retryable and e.value.type == "AwsAccessDenied" and f"s3://{BUCKET}/denied.json" in e.value.message
+    )
 
 
 # -- fence ----------------------------------------------------------------------------------------------
@@ -292,7 +322,9 @@ def test_promote_of_a_dead_replica_fails_retryably_and_rds_rolls_back(emu, inven
             rds(inventory, "west").promote(False)
         assert not e.value.non_retryable and e.value.type == "PromoteFailed" and "orders-west" in e.value.message
         w = describe(emu, "orders-west", "us-west-2")
-        assert w["DBInstanceStatus"] == "available" and w["ReadReplicaSourceDBInstanceIdentifier"].endswith(":db:orders-east")
+        assert w["DBInstanceStatus"] == "available" and w["ReadReplicaSourceDBInstanceIdentifier"].endswith(
+            ":db:orders-east"
+        )
         assert emu.state()["instances"]["orders-west"]["promotion"] == "failed"
     finally:
         west.start()
@@ -316,7 +348,9 @@ def test_promote_promotes_the_cluster_and_rds_shows_it_standalone(emu, inventory
     assert any(b.get("rds_status") == "modifying" for b in beats if isinstance(b, dict)), beats
     with psycopg.connect(west.dsn) as c:
         assert c.execute("select pg_is_in_recovery()").fetchone()[0] is False
-        assert c.execute("select count(*) from orders where note = 'last write before the promotion'").fetchone()[0] == 1
+        assert (
+            c.execute("select count(*) from orders where note = 'last write before the promotion'").fetchone()[0] == 1
+        )
     w = describe(emu, "orders-west", "us-west-2")
     assert w["DBInstanceStatus"] == "available" and "ReadReplicaSourceDBInstanceIdentifier" not in w
     assert not describe(emu, "orders-east", "us-east-1").get("ReadReplicaDBInstanceIdentifiers")
@@ -346,8 +380,16 @@ def test_route53_status(inventory):
     s = Route53Router(TrafficRequest.of(inventory, "west")).status()
     assert s.serving_region == "east"
     by_region = {e.region: e for e in s.endpoints}
-    assert (by_region["east"].enabled, by_region["east"].priority, by_region["east"].monitor_status) == (True, 1, "Healthy")
-    assert (by_region["west"].enabled, by_region["west"].priority, by_region["west"].monitor_status) == (False, 2, "Healthy")
+    assert (by_region["east"].enabled, by_region["east"].priority, by_region["east"].monitor_status) == (
+        True,
+        1,
+        "Healthy",
+    )
+    assert (by_region["west"].enabled, by_region["west"].priority, by_region["west"].monitor_status) == (
+        False,
+        2,
+        "Healthy",
+    )
 
 
 def test_route53_switch_flips_primary_and_waits_insync(emu, inventory, monkeypatch):
@@ -363,7 +405,9 @@ def test_route53_switch_flips_primary_and_waits_insync(emu, inventory, monkeypat
     rrsets = client(emu, "route53").list_resource_record_sets(HostedZoneId=router.zone_id)["ResourceRecordSets"]
     failover = {r["SetIdentifier"]: r for r in rrsets if r.get("SetIdentifier")}
     assert (failover["west"]["Failover"], failover["east"]["Failover"]) == ("PRIMARY", "SECONDARY")
-    assert failover["west"]["ResourceRecords"] == [{"Value": f"orders-west.{ZONE}"}] and failover["west"].get("HealthCheckId")
+    assert failover["west"]["ResourceRecords"] == [{"Value": f"orders-west.{ZONE}"}] and failover["west"].get(
+        "HealthCheckId"
+    )
 
     # Idempotent: nothing to change, no new change batch.
     again, beats = run_in_activity(router.switch)
@@ -374,7 +418,11 @@ def test_route53_switch_flips_primary_and_waits_insync(emu, inventory, monkeypat
     seen: list = []
     env.on_heartbeat = lambda *d: seen.append(d[0])
     assert env.run(router.switch).serving_region == "west"
-    assert seen and seen[-1] == {"change_id": change_id, "status": "INSYNC", "waited_seconds": seen[-1]["waited_seconds"]}
+    assert seen and seen[-1] == {
+        "change_id": change_id,
+        "status": "INSYNC",
+        "waited_seconds": seen[-1]["waited_seconds"],
+    }
 
 
 def test_route53_health_check_sees_a_dead_region(inventory, clusters):
@@ -392,7 +440,9 @@ def test_route53_health_check_sees_a_dead_region(inventory, clusters):
 
 def test_route53_unknown_zone_is_non_retryable(inventory):
     request = TrafficRequest.of(inventory, "west")
-    request = request.model_copy(update={"traffic": request.traffic.model_copy(update={"hosted_zone_id": "ZNOSUCHZONE"})})
+    request = request.model_copy(
+        update={"traffic": request.traffic.model_copy(update={"hosted_zone_id": "ZNOSUCHZONE"})}
+    )
     with pytest.raises(ApplicationError) as e:
         Route53Router(request).status()
     assert e.value.non_retryable and "ZNOSUCHZONE" in e.value.message
@@ -425,8 +475,20 @@ def test_emulator_runs_as_a_process(workdir):
     config.write_text("s3:\n  buckets: [cli-bucket]\nroute53:\n  zones:\n    - name: cli.test.\n")
     info_file = tmp_path / "info.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lab.aws_emulator", "--config", str(config), "--port", "0", "--info-file", str(info_file)],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+        [
+            sys.executable,
+            "-m",
+            "lab.aws_emulator",
+            "--config",
+            str(config),
+            "--port",
+            "0",
+            "--info-file",
+            str(info_file),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     try:

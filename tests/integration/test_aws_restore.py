@@ -35,7 +35,16 @@ from activities.aws.rds_restore import SCRATCH_TAG, RdsPointInTimeRestore
 from activities.postgres.server import sql_status
 from activities.restore import restore_leftovers, restore_wait
 from lab.aws_emulator import RESTORES_DIR, start_emulator
-from lab.aws_lab import DUMPS_BUCKET, REPORTS_BUCKET, ZONE, aws_emulator_config, aws_lab_inventory, instance_id, s3_dump_drill, seed_dump
+from lab.aws_lab import (
+    DUMPS_BUCKET,
+    REPORTS_BUCKET,
+    ZONE,
+    aws_emulator_config,
+    aws_lab_inventory,
+    instance_id,
+    s3_dump_drill,
+    seed_dump,
+)
 from lab.postgres import Cluster, archive_now, create_replica, drop_cluster, earliest_restorable_time, init_primary
 from opsflow.inventory import AwsConnection, DrillPolicy, Inventory
 from opsflow.models import RegionTarget, RestoreRequest
@@ -92,7 +101,10 @@ def state(emu, clusters) -> dict:
             "endpoint_url": emu.url,
             "hosted_zone_id": emu.info()["hosted_zones"][ZONE],
             "record_name": f"www.{ZONE}",
-            "instances": {r: {"db_instance_identifier": instance_id(r), "aws_region": a} for r, a in (("eastus", "us-east-1"), ("westeurope", "eu-west-1"))},
+            "instances": {
+                r: {"db_instance_identifier": instance_id(r), "aws_region": a}
+                for r, a in (("eastus", "us-east-1"), ("westeurope", "eu-west-1"))
+            },
             "buckets": {"reports": REPORTS_BUCKET, "dumps": DUMPS_BUCKET},
         },
     }
@@ -138,7 +150,9 @@ def port_open(port: int) -> bool:
 def in_activity(fn, *args, timeout: float = 300):
     """Run fn as an activity would (heartbeats recorded, a start-to-close limit of `timeout`)."""
     env = ActivityEnvironment()
-    env.info = dataclasses.replace(env.info, start_to_close_timeout=timedelta(seconds=timeout), heartbeat_timeout=timedelta(seconds=60))
+    env.info = dataclasses.replace(
+        env.info, start_to_close_timeout=timedelta(seconds=timeout), heartbeat_timeout=timedelta(seconds=60)
+    )
     beats: list = []
     env.on_heartbeat = lambda *details: beats.append(details[0] if details else None)
     return env.run(fn, *args), beats
@@ -149,8 +163,15 @@ def request(inventory: Inventory, method: str, name: str = "", point: datetime |
     policy = inventory.drill.model_copy(update={"method": method})
     if drill:
         policy = DrillPolicy.model_validate({**policy.model_dump(exclude_none=True), **drill})
-    return RestoreRequest(source=RegionTarget.of(inventory, region), drill=policy, method=method, scratch_name=name, point_in_time=point,
-                          environment=environment, run_id=run_id)
+    return RestoreRequest(
+        source=RegionTarget.of(inventory, region),
+        drill=policy,
+        method=method,
+        scratch_name=name,
+        point_in_time=point,
+        environment=environment,
+        run_id=run_id,
+    )
 
 
 
@@ -160,8 +181,17 @@ def request(inventory: Inventory, method: str, name: str = "", point: datetime |
 
 def test_lab_inventory_names_the_aws_providers(inventory, emu, clusters):
     east, west = inventory.regions[EAST].database, inventory.regions[WEST].database
-    assert (east.provider, east.db_instance_identifier, east.aws_region, east.dsn) == ("aws-rds", "lab-eastus-pg", "us-east-1", clusters[EAST].dsn)
-    assert (west.provider, west.db_instance_identifier, west.aws_region) == ("aws-rds", "lab-westeurope-pg", "eu-west-1")
+    assert (east.provider, east.db_instance_identifier, east.aws_region, east.dsn) == (
+        "aws-rds",
+        "lab-eastus-pg",
+        "us-east-1",
+        clusters[EAST].dsn,
+    )
+    assert (west.provider, west.db_instance_identifier, west.aws_region) == (
+        "aws-rds",
+        "lab-westeurope-pg",
+        "eu-west-1",
+    )
     assert inventory.traffic.provider == "route53" and inventory.aws.endpoint_url == emu.url
     assert inventory.reports.s3.bucket == REPORTS_BUCKET and inventory.drill.method == "rds-pitr"
     assert inventory.azure is None
@@ -177,7 +207,11 @@ def test_lab_inventory_names_the_aws_providers(inventory, emu, clusters):
 
 def test_rds_pitr_window_follows_the_wal_archive(inventory, clusters, workdir):
     east = clusters[EAST]
-    sql(east.dsn, "create table if not exists orders (id serial primary key, note text, at timestamptz default clock_timestamp())")
+    sql(
+        east.dsn,
+        "create table if not exists orders "
+        "(id serial primary key, note text, at timestamptz default clock_timestamp())",
+    )
     made_restorable = archive_now(east)
     window = RdsPointInTimeRestore(request(inventory, "rds-pitr")).window()
     assert window.latest >= made_restorable  # the newest archived commit (archive_now's marker)
@@ -228,7 +262,8 @@ def test_rds_pitr_restores_exactly_the_rows_before_the_point(emu, inventory, clu
 
 
 def test_rds_pitr_through_the_drill_activities(emu, inventory, clusters):
-    """The drill's activities in its order, as the workflow runs them: checks verified against the source at the point."""
+    """The drill's activities in its order, as the workflow runs them: checks verified against the source at the
+    point."""
     from activities.restore import restore_delete, restore_start, restore_window, validate_checks, verify
     from opsflow.models import VerifyRequest
 
@@ -237,9 +272,13 @@ def test_rds_pitr_through_the_drill_activities(emu, inventory, clusters):
     point = server_now(east)
     sql(east.dsn, "insert into orders (note) values ('too late for the drill')")
     archive_now(east)
-    drill = {"row_counts": [{"table": "orders", "timestamp_column": "at"}],
-             "checks": [{"name": "no late row", "query": "select count(*) = 0 from orders where note = 'too late for the drill'"}],
-             "schema_objects": ["orders"]}
+    drill = {
+        "row_counts": [{"table": "orders", "timestamp_column": "at"}],
+        "checks": [
+            {"name": "no late row", "query": "select count(*) = 0 from orders where note = 'too late for the drill'"}
+        ],
+        "schema_objects": ["orders"],
+    }
     name = "opsflow-drill-pitr0003"
     req = request(inventory, "rds-pitr", name, point, **drill)
     validate_checks(req)
@@ -248,15 +287,26 @@ def test_rds_pitr_through_the_drill_activities(emu, inventory, clusters):
     restore_start(req)
     scratch, _ = in_activity(restore_wait, req)
     results = verify(VerifyRequest(source=req.source, scratch=scratch, drill=req.drill, restore_point=point))
-    assert [(r.kind, r.name, r.ok) for r in results] == [("row_count", "orders", True), ("sql", "no late row", True), ("schema", "orders", True)]
-    assert results[0].expected == results[0].actual == sql(east.dsn, "select count(*) from orders where at < %s", (point,))[0][0]
+    assert [(r.kind, r.name, r.ok) for r in results] == [
+        ("row_count", "orders", True),
+        ("sql", "no late row", True),
+        ("schema", "orders", True),
+    ]
+    assert (
+        results[0].expected
+        == results[0].actual
+        == sql(east.dsn, "select count(*) from orders where at < %s", (point,))[0][0]
+    )
     assert restore_delete(req) is True and not exists(emu, name)
 
 
 def test_rds_pitr_refuses_a_point_outside_the_window(emu, inventory, clusters):
     provider = RdsPointInTimeRestore(request(inventory, "rds-pitr"))
     window = provider.window()
-    for point, word in ((window.latest + timedelta(minutes=5), "after"), (window.earliest - timedelta(minutes=5), "before")):
+    for point, word in (
+        (window.latest + timedelta(minutes=5), "after"),
+        (window.earliest - timedelta(minutes=5), "before"),
+    ):
         with pytest.raises(ApplicationError) as e:
             provider.start("opsflow-drill-outside", point)
         assert e.value.non_retryable and e.value.type == "AwsInvalidParameter" and word in e.value.message
@@ -268,8 +318,14 @@ def test_rds_pitr_leftovers_are_removed_and_only_scratch_instances(emu, inventor
     point = RdsPointInTimeRestore(request(inventory, "rds-pitr")).window().latest
     RdsPointInTimeRestore(request(inventory, "rds-pitr", left, point)).start(left, point)
     # An instance with the prefix that no drill made (no scratch tag) is never listed nor deleted.
-    rds_client(emu).create_db_instance(DBInstanceIdentifier="opsflow-drill-notmine", DBInstanceClass="db.t3.micro", Engine="postgres",
-                                       MasterUsername="postgres", MasterUserPassword="lab-not-a-secret", AllocatedStorage=20)
+    rds_client(emu).create_db_instance(
+        DBInstanceIdentifier="opsflow-drill-notmine",
+        DBInstanceClass="db.t3.micro",
+        Engine="postgres",
+        MasterUsername="postgres",
+        MasterUserPassword="lab-not-a-secret",
+        AllocatedStorage=20,
+    )
     try:
         found, _ = in_activity(restore_leftovers, request(inventory, "rds-pitr", "opsflow-drill-current", point))
         assert found == [left]
@@ -298,7 +354,9 @@ def dumps(emu, clusters):
     return first, second
 
 
-def dump_request(inventory, state, clusters, name: str = "", point: datetime | None = None, prefix: str | None = None) -> RestoreRequest:
+def dump_request(
+    inventory, state, clusters, name: str = "", point: datetime | None = None, prefix: str | None = None
+) -> RestoreRequest:
     policy = s3_dump_drill(state, clusters["scratch"].dsn)
     if prefix is not None:
         policy["dumps"]["prefix"] = prefix
@@ -397,7 +455,10 @@ def test_rebuild_replica_after_a_real_promotion(emu, inventory, clusters):
     east, west = clusters[EAST], clusters[WEST]
     sql(east.dsn, "insert into orders (note) values ('last write on eastus')")
     primary_lsn = sql_status(RegionTarget.of(inventory, EAST).database, EAST).current_lsn
-    wait_until(lambda: (sql_status(RegionTarget.of(inventory, WEST).database, WEST).replay_lsn or "") >= primary_lsn, what="catch-up")
+    wait_until(
+        lambda: (sql_status(RegionTarget.of(inventory, WEST).database, WEST).replay_lsn or "") >= primary_lsn,
+        what="catch-up",
+    )
     RdsInstance(RegionTarget.of(inventory, EAST)).fence()
     promoted, _ = in_activity(RdsInstance(RegionTarget.of(inventory, WEST)).promote, False)
     assert not promoted.already_primary and promoted.timeline == 2
@@ -409,16 +470,32 @@ def test_rebuild_replica_after_a_real_promotion(emu, inventory, clusters):
     assert e.value.non_retryable and e.value.type == "Refused" and "timeline 2" in e.value.message
     assert describe(emu, "lab-westeurope-pg", "eu-west-1")["DBInstanceStatus"] == "available"
 
-    result, beats = in_activity(RdsInstance(RegionTarget.of(inventory, EAST)).rebuild_replica, RegionTarget.of(inventory, WEST))
+    result, beats = in_activity(
+        RdsInstance(RegionTarget.of(inventory, EAST)).rebuild_replica, RegionTarget.of(inventory, WEST)
+    )
 
-    assert result.method == "rds-read-replica" and "lab-westeurope-pg" in result.detail and "before-rebuild" in result.detail
+    assert (
+        result.method == "rds-read-replica"
+        and "lab-westeurope-pg" in result.detail
+        and "before-rebuild" in result.detail
+    )
     phases = [b["phase"] for b in beats if isinstance(b, dict)]
-    assert "deleting the old instance" in phases and "creating the read replica" in phases and "waiting for the read replica" in phases
+    assert (
+        "deleting the old instance" in phases
+        and "creating the read replica" in phases
+        and "waiting for the read replica" in phases
+    )
     e, w = describe(emu, "lab-eastus-pg"), describe(emu, "lab-westeurope-pg", "eu-west-1")
     assert e["DBInstanceStatus"] == "available" and e["ReadReplicaSourceDBInstanceIdentifier"] == w["DBInstanceArn"]
-    assert e["Endpoint"] == {"Address": "127.0.0.1", "Port": east.port}  # same endpoint: the inventory's DSN still holds
+    # same endpoint: the inventory's DSN still holds
+    assert e["Endpoint"] == {
+        "Address": "127.0.0.1",
+        "Port": east.port,
+    }
     assert w["ReadReplicaDBInstanceIdentifiers"] == [e["DBInstanceArn"]]
-    snapshots = rds_client(emu).describe_db_snapshots(DBInstanceIdentifier="lab-eastus-pg", SnapshotType="manual")["DBSnapshots"]
+    snapshots = rds_client(emu).describe_db_snapshots(DBInstanceIdentifier="lab-eastus-pg", SnapshotType="manual")[
+        "DBSnapshots"
+    ]
     assert any(s["DBSnapshotIdentifier"].startswith("lab-eastus-pg-before-rebuild-") for s in snapshots)
     assert emu.state()["instances"]["lab-eastus-pg"]["rebuilt"]["method"] in ("pg_rewind", "pg_basebackup")
 
@@ -428,7 +505,9 @@ def test_rebuild_replica_after_a_real_promotion(emu, inventory, clusters):
                what="the write on the new primary to reach the rebuilt replica")
     assert sql(east.dsn, "select count(*) from orders where note = 'last write on eastus'")[0][0] == 1
 
-    again, _ = in_activity(RdsInstance(RegionTarget.of(inventory, EAST)).rebuild_replica, RegionTarget.of(inventory, WEST))
+    again, _ = in_activity(
+        RdsInstance(RegionTarget.of(inventory, EAST)).rebuild_replica, RegionTarget.of(inventory, WEST)
+    )
     assert again.method == "already-replica"
     assert RdsInstance(RegionTarget.of(inventory, EAST)).status().cloud_role == "ReadReplica"
 
@@ -439,10 +518,14 @@ def test_rebuild_waits_for_a_replica_an_earlier_attempt_started(emu, inventory, 
     rds_client(emu).delete_db_instance(DBInstanceIdentifier="lab-eastus-pg", SkipFinalSnapshot=True)
     assert not east.is_running()  # RDS deleted the server; the lab keeps its data directory
     arn = describe(emu, "lab-westeurope-pg", "eu-west-1")["DBInstanceArn"]
-    rds_client(emu).create_db_instance_read_replica(DBInstanceIdentifier="lab-eastus-pg", SourceDBInstanceIdentifier=arn, Port=east.port)
+    rds_client(emu).create_db_instance_read_replica(
+        DBInstanceIdentifier="lab-eastus-pg", SourceDBInstanceIdentifier=arn, Port=east.port
+    )
     assert describe(emu, "lab-eastus-pg")["DBInstanceStatus"] == "creating"
 
-    result, beats = in_activity(RdsInstance(RegionTarget.of(inventory, EAST)).rebuild_replica, RegionTarget.of(inventory, WEST))
+    result, beats = in_activity(
+        RdsInstance(RegionTarget.of(inventory, EAST)).rebuild_replica, RegionTarget.of(inventory, WEST)
+    )
 
     assert result.method == "already-replica"
     phases = {b["phase"] for b in beats if isinstance(b, dict)}
@@ -503,11 +586,17 @@ def test_start_aws_emulator_as_a_lab_process(clusters, workdir):
 def test_rds_leftover_cleanup_spares_another_environment_and_the_current_run(emu, inventory, clusters):
     """Issue 8 item 6: two environments drilling on one account; each cleanup removes only its own crashed runs."""
     point = RdsPointInTimeRestore(request(inventory, "rds-pitr")).window().latest
-    other = request(inventory, "rds-pitr", "opsflow-drill-staging-aaaa0001", point, environment="staging", run_id="aaaa0001")
+    other = request(
+        inventory, "rds-pitr", "opsflow-drill-staging-aaaa0001", point, environment="staging", run_id="aaaa0001"
+    )
     RdsPointInTimeRestore(other).start(other.scratch_name, point)  # staging's drill, running now
-    mine_crashed = request(inventory, "rds-pitr", "opsflow-drill-prod-bbbb0001", point, environment="prod", run_id="bbbb0001")
+    mine_crashed = request(
+        inventory, "rds-pitr", "opsflow-drill-prod-bbbb0001", point, environment="prod", run_id="bbbb0001"
+    )
     RdsPointInTimeRestore(mine_crashed).start(mine_crashed.scratch_name, point)
-    current = request(inventory, "rds-pitr", "opsflow-drill-prod-cccc0001", point, environment="prod", run_id="cccc0001")
+    current = request(
+        inventory, "rds-pitr", "opsflow-drill-prod-cccc0001", point, environment="prod", run_id="cccc0001"
+    )
     RdsPointInTimeRestore(current).start(current.scratch_name, point)  # this run's own target, made before a crash
     try:
         tags = {t["Key"]: t["Value"] for t in describe(emu, other.scratch_name)["TagList"]}

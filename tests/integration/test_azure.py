@@ -50,7 +50,13 @@ def emulator_config(primary: Cluster, replica: Cluster) -> dict:
         "settings": {"lro_seconds": 0.3, "tm_checking_seconds": 0.6},
         "flexible_servers": {
             "pg-weu": {"resource_group": RG, "location": "westeurope", "cluster": primary.to_dict(), "role": "Primary"},
-            "pg-neu": {"resource_group": RG, "location": "northeurope", "cluster": replica.to_dict(), "role": "AsyncReplica", "source": "pg-weu"},
+            "pg-neu": {
+                "resource_group": RG,
+                "location": "northeurope",
+                "cluster": replica.to_dict(),
+                "role": "AsyncReplica",
+                "source": "pg-weu",
+            },
         },
         "traffic_manager_profiles": {
             PROFILE: {
@@ -58,7 +64,12 @@ def emulator_config(primary: Cluster, replica: Cluster) -> dict:
                 "routing_method": "Priority",
                 "endpoints": {
                     "ep-weu": {"region": "westeurope", "target": "weu.app.lab.invalid", "priority": 1},
-                    "ep-neu": {"region": "northeurope", "target": "neu.app.lab.invalid", "priority": 2, "status": "Disabled"},
+                    "ep-neu": {
+                        "region": "northeurope",
+                        "target": "neu.app.lab.invalid",
+                        "priority": 2,
+                        "status": "Disabled",
+                    },
                 },
             }
         },
@@ -75,7 +86,9 @@ class AzureLab:
 
     @property
     def conn(self) -> AzureConnection:
-        return AzureConnection(arm_endpoint=self.emu.url, credential="static-token", ca_bundle=str(self.emu.ca_path), polling_interval=0.1)
+        return AzureConnection(
+            arm_endpoint=self.emu.url, credential="static-token", ca_bundle=str(self.emu.ca_path), polling_interval=0.1
+        )
 
     def cluster(self, region: str) -> Cluster:
         return self.primary if region == "westeurope" else self.replica
@@ -96,7 +109,9 @@ class AzureLab:
     def traffic(self, to_region: str, profile: str = PROFILE) -> AzureTrafficManagerRouter:
         req = TrafficRequest(
             environment="lab",
-            traffic=AzureTrafficManager(provider="azure-traffic-manager", subscription_id=SUB, resource_group=RG, profile=profile),
+            traffic=AzureTrafficManager(
+                provider="azure-traffic-manager", subscription_id=SUB, resource_group=RG, profile=profile
+            ),
             endpoints=dict(ENDPOINTS),
             to_region=to_region,
             azure=self.conn,
@@ -134,7 +149,9 @@ def lab():
 def in_activity(fn, *args, timeout: float = 120):
     """Run fn in a Temporal activity context (as the worker would) and collect its heartbeats."""
     env = ActivityEnvironment()
-    env.info = dataclasses.replace(ActivityEnvironment.default_info(), start_to_close_timeout=timedelta(seconds=timeout))
+    env.info = dataclasses.replace(
+        ActivityEnvironment.default_info(), start_to_close_timeout=timedelta(seconds=timeout)
+    )
     beats: list = []
     env.on_heartbeat = lambda *details: beats.append(details)
     return env.run(fn, *args), beats
@@ -154,7 +171,8 @@ def test_status_shows_sql_and_arm_roles(lab: AzureLab):
     assert (p.reachable, p.role, p.cloud_role, p.cloud_state) == (True, "primary", "Primary", "Ready")
     assert (r.reachable, r.role, r.cloud_role, r.cloud_state) == (True, "replica", "AsyncReplica", "Ready")
     assert r.streaming and p.timeline == r.timeline == 1
-    assert type(p.cloud_state) is str and type(r.cloud_role) is str  # plain strings, not SDK enums (they travel in history)
+    # plain strings, not SDK enums (they travel in history)
+    assert type(p.cloud_state) is str and type(r.cloud_role) is str
 
     # What ARM says, as the SDK deserializes it.
     client = postgres_client(lab.conn, SUB)
@@ -187,7 +205,10 @@ def test_fence_through_arm_configuration_makes_the_cluster_read_only_and_unfence
     assert ei.value.type == "NotWritable"
     # It went through ARM: a configuration PUT (long-running operation) applied with ALTER SYSTEM.
     assert len(lab.requests("PUT", "/configurations/default_transaction_read_only")) == 1
-    assert sql(lab.primary, "select source from pg_settings where name = 'default_transaction_read_only'")[0][0] == "configuration file"
+    assert (
+        sql(lab.primary, "select source from pg_settings where name = 'default_transaction_read_only'")[0][0]
+        == "configuration file"
+    )
     cfg = postgres_client(lab.conn, SUB).configurations.get(RG, "pg-weu", "default_transaction_read_only")
     assert (cfg.properties.value, cfg.properties.source, cfg.properties.data_type) == ("on", "user-override", "Boolean")
     # The replica replays nothing of this: it is a server parameter of the primary only.
@@ -305,7 +326,9 @@ def test_switchover_swaps_roles_for_real(lab: AzureLab):
     """The emulator's Switchover: the replica becomes primary and the old primary follows it."""
     sql(lab.primary, "create table t (id int); insert into t values (1)")
     client = postgres_client(lab.conn, SUB)
-    poller = client.servers.begin_update(RG, "pg-neu", {"properties": {"replica": {"promoteMode": "Switchover", "promoteOption": "Planned"}}})
+    poller = client.servers.begin_update(
+        RG, "pg-neu", {"properties": {"replica": {"promoteMode": "Switchover", "promoteOption": "Planned"}}}
+    )
     server = poller.result()
     assert server.properties.replica.role == "Primary"
     old = client.servers.get(RG, "pg-weu")
@@ -341,7 +364,11 @@ def test_traffic_manager_switch_moves_traffic_and_is_idempotent(lab: AzureLab):
     # As ARM reports it, through the SDK.
     profile = traffic_manager_client(lab.conn, SUB).profiles.get(RG, PROFILE)
     eps = {e.name: e.properties for e in profile.properties.endpoints}
-    assert (eps["ep-neu"].endpoint_status, eps["ep-neu"].priority, eps["ep-neu"].endpoint_monitor_status) == ("Enabled", 1, "Online")
+    assert (eps["ep-neu"].endpoint_status, eps["ep-neu"].priority, eps["ep-neu"].endpoint_monitor_status) == (
+        "Enabled",
+        1,
+        "Online",
+    )
     assert (eps["ep-weu"].endpoint_status, eps["ep-weu"].endpoint_monitor_status) == ("Disabled", "Disabled")
     # The target was enabled before the old endpoint was disabled.
     patches = [r["path"].rsplit("/", 1)[-1] for r in lab.requests("PATCH", "/ExternalEndpoints/")]
@@ -376,11 +403,15 @@ def test_emulator_validates_bodies_like_arm(lab: AzureLab):
         client.endpoints.update(RG, PROFILE, "ExternalEndpoints", "ep-neu", {"properties": {"priority": 1}})
     assert ei.value.status_code == 400 and "priority" in ei.value.error.message
     with pytest.raises(HttpResponseError) as ei:
-        client.endpoints.update(RG, PROFILE, "ExternalEndpoints", "ep-neu", {"properties": {"endpointStatus": "Sideways"}})
+        client.endpoints.update(
+            RG, PROFILE, "ExternalEndpoints", "ep-neu", {"properties": {"endpointStatus": "Sideways"}}
+        )
     assert ei.value.status_code == 400
     pg = postgres_client(lab.conn, SUB)
     with pytest.raises(HttpResponseError) as ei:
-        pg.servers.begin_update(RG, "pg-weu", {"properties": {"replica": {"promoteMode": "Standalone", "promoteOption": "Forced"}}})
+        pg.servers.begin_update(
+            RG, "pg-weu", {"properties": {"replica": {"promoteMode": "Standalone", "promoteOption": "Forced"}}}
+        )
     assert ei.value.status_code == 400 and ei.value.error.code == "ReplicaPromotionNotAllowed"
     with pytest.raises(HttpResponseError) as ei:
         pg.configurations.begin_put(RG, "pg-weu", "default_transaction_read_only", {"properties": {"value": "maybe"}})
@@ -404,9 +435,16 @@ def _https_get(url: str, ca: Path, headers: dict | None = None) -> tuple[int, di
 
 
 def test_requests_without_a_valid_token_are_refused(lab: AzureLab, monkeypatch):
-    url = f"{lab.emu.url}/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.DBforPostgreSQL/flexibleServers/pg-weu?api-version=2026-10-01"
+    url = (
+        f"{lab.emu.url}/subscriptions/{SUB}/resourceGroups/{RG}"
+        "/providers/Microsoft.DBforPostgreSQL/flexibleServers/pg-weu?api-version=2026-10-01"
+    )
     status, body = _https_get(url, lab.emu.ca_path)
-    assert status == 401 and body["error"]["code"] == "AuthenticationFailed" and "Authorization" in body["error"]["message"]
+    assert (
+        status == 401
+        and body["error"]["code"] == "AuthenticationFailed"
+        and "Authorization" in body["error"]["message"]
+    )
     status, body = _https_get(url, lab.emu.ca_path, {"Authorization": "Bearer opsflow-lab-token"})
     assert status == 200 and body["properties"]["replica"]["role"] == "Primary"
 

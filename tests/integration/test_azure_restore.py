@@ -51,10 +51,25 @@ def emulator_config(root: Path, primary: Cluster, replica: Cluster) -> dict:
         "flexible_servers": {
             # Backups spelled out for the primary (the keys lab/inventory.py may pass); derived from the cluster for
             # the replica (it archives to the same place once promoted).
-            "pg-weu": {"resource_group": RG, "location": "westeurope", "cluster": primary.to_dict(), "role": "Primary",
-                       "backups": {"archive_dir": str(root / "wal-archive"), "base_backup_dir": str(root / "pg"),
-                                   "clusters_root": str(root / "pg"), "retention_days": 7}},
-            "pg-neu": {"resource_group": RG, "location": "northeurope", "cluster": replica.to_dict(), "role": "AsyncReplica", "source": "pg-weu"},
+            "pg-weu": {
+                "resource_group": RG,
+                "location": "westeurope",
+                "cluster": primary.to_dict(),
+                "role": "Primary",
+                "backups": {
+                    "archive_dir": str(root / "wal-archive"),
+                    "base_backup_dir": str(root / "pg"),
+                    "clusters_root": str(root / "pg"),
+                    "retention_days": 7,
+                },
+            },
+            "pg-neu": {
+                "resource_group": RG,
+                "location": "northeurope",
+                "cluster": replica.to_dict(),
+                "role": "AsyncReplica",
+                "source": "pg-weu",
+            },
         },
     }
 
@@ -69,7 +84,9 @@ class DrillLab:
 
     @property
     def conn(self) -> AzureConnection:
-        return AzureConnection(arm_endpoint=self.emu.url, credential="static-token", ca_bundle=str(self.emu.ca_path), polling_interval=0.1)
+        return AzureConnection(
+            arm_endpoint=self.emu.url, credential="static-token", ca_bundle=str(self.emu.ca_path), polling_interval=0.1
+        )
 
     @property
     def client(self):
@@ -84,10 +101,24 @@ class DrillLab:
     def db(self, region: str) -> AzureFlexibleServer:
         return AzureFlexibleServer(self.target(region))
 
-    def request(self, scratch_name: str, point: datetime | None = None, drill: DrillPolicy | None = None, server_name: str | None = None,
-                environment: str = "", run_id: str = "") -> RestoreRequest:
-        return RestoreRequest(source=self.target("westeurope", server_name), drill=drill or DrillPolicy(), method="azure-pitr",
-                              scratch_name=scratch_name, point_in_time=point, environment=environment, run_id=run_id)
+    def request(
+        self,
+        scratch_name: str,
+        point: datetime | None = None,
+        drill: DrillPolicy | None = None,
+        server_name: str | None = None,
+        environment: str = "",
+        run_id: str = "",
+    ) -> RestoreRequest:
+        return RestoreRequest(
+            source=self.target("westeurope", server_name),
+            drill=drill or DrillPolicy(),
+            method="azure-pitr",
+            scratch_name=scratch_name,
+            point_in_time=point,
+            environment=environment,
+            run_id=run_id,
+        )
 
     def provider(self, server_name: str | None = None) -> AzurePointInTimeRestore:
         return AzurePointInTimeRestore(self.request("", server_name=server_name))
@@ -129,14 +160,18 @@ def lab():
 def in_activity(fn, *args, timeout: float = 120):
     """Run fn in a Temporal activity context (as the worker would) and collect its heartbeats."""
     env = ActivityEnvironment()
-    env.info = dataclasses.replace(ActivityEnvironment.default_info(), start_to_close_timeout=timedelta(seconds=timeout))
+    env.info = dataclasses.replace(
+        ActivityEnvironment.default_info(), start_to_close_timeout=timedelta(seconds=timeout)
+    )
     beats: list = []
     env.on_heartbeat = lambda *details: beats.append(details)
     return env.run(fn, *args), beats
 
 
 def sql(where: Cluster | str, query: str, params=()):
-    with psycopg.connect(where.dsn if isinstance(where, Cluster) else where, autocommit=True, connect_timeout=5) as conn:
+    with psycopg.connect(
+        where.dsn if isinstance(where, Cluster) else where, autocommit=True, connect_timeout=5
+    ) as conn:
         cur = conn.execute(query, params)
         return cur.fetchall() if cur.description else None
 
@@ -185,7 +220,10 @@ def test_the_source_server_shows_its_backup_window(lab: DrillLab):
 
 
 def test_point_in_time_restore_holds_exactly_the_rows_committed_before_the_point(lab: DrillLab):
-    sql(lab.primary, "create table drill_rows (id int primary key, written_at timestamptz not null default clock_timestamp())")
+    sql(
+        lab.primary,
+        "create table drill_rows (id int primary key, written_at timestamptz not null default clock_timestamp())",
+    )
     for i in range(1, 11):  # one transaction each
         sql(lab.primary, "insert into drill_rows (id) values (%s)", (i,))
     time.sleep(0.02)
@@ -219,7 +257,10 @@ def test_point_in_time_restore_holds_exactly_the_rows_committed_before_the_point
     drill = DrillPolicy(row_counts=[RowCountCheck(table="drill_rows", timestamp_column="written_at")],
                         checks=[SqlCheck(name="ten rows", query="select count(*) = 10 from drill_rows")])
     results, _ = in_activity(verify, VerifyRequest(source=req.source, scratch=target, drill=drill, restore_point=noted))
-    assert [(r.name, r.ok, r.expected, r.actual) for r in results] == [("drill_rows", True, 10, 10), ("ten rows", True, None, None)]
+    assert [(r.name, r.ok, r.expected, r.actual) for r in results] == [
+        ("drill_rows", True, 10, 10),
+        ("ten rows", True, None, None),
+    ]
 
     # A retried start finds the server: no second restore.
     again = restore_start(req)
@@ -290,8 +331,18 @@ def test_a_point_in_the_future_or_before_the_earliest_restore_date_is_refused(la
     assert ei.value.non_retryable and ei.value.type == "AzureResourceNotFound" and "pg-nope" in ei.value.message
     gone = f"/subscriptions/{SUB}/resourceGroups/{RG}{PG}/pg-nope"
     with pytest.raises(HttpResponseError) as ei:
-        lab.client.servers.begin_create_or_update(RG, "opsflow-raw", {"location": "westeurope", "properties": {
-            "createMode": "PointInTimeRestore", "sourceServerResourceId": gone, "pointInTimeUTC": window.latest.isoformat()}})
+        lab.client.servers.begin_create_or_update(
+            RG,
+            "opsflow-raw",
+            {
+                "location": "westeurope",
+                "properties": {
+                    "createMode": "PointInTimeRestore",
+                    "sourceServerResourceId": gone,
+                    "pointInTimeUTC": window.latest.isoformat(),
+                },
+            },
+        )
     assert ei.value.status_code == 404 and "pg-nope" in ei.value.error.message
     with pytest.raises(HttpResponseError) as ei:
         lab.client.servers.begin_create_or_update(RG, "opsflow-raw", {"location": "westeurope", "properties": {
@@ -371,7 +422,9 @@ def test_rebuild_replica_after_a_real_promotion(lab: DrillLab):
     sql(lab.replica, "insert into orders values (2, 'on the new primary')")
     sql(lab.primary, "insert into orders select g, 'diverged' from generate_series(100, 200) g")
     # Promoted, it has backups: derived from its cluster, which archives to the primary's archive.
-    assert lab.client.servers.get(RG, "pg-neu").properties.backup.earliest_restore_date == earliest_restorable_time(lab.root / "pg")
+    assert lab.client.servers.get(RG, "pg-neu").properties.backup.earliest_restore_date == earliest_restorable_time(
+        lab.root / "pg"
+    )
 
     result, beats = in_activity(weu.rebuild_replica, lab.target("northeurope"))
     assert result.method == "azure-replica"
@@ -385,7 +438,13 @@ def test_rebuild_replica_after_a_real_promotion(lab: DrillLab):
     assert result.preserved and "on-demand backup" in result.preserved
 
     st = weu.status()
-    assert (st.role, st.streaming, st.cloud_role, st.cloud_state, st.timeline) == ("replica", True, "AsyncReplica", "Ready", 2)
+    assert (st.role, st.streaming, st.cloud_role, st.cloud_state, st.timeline) == (
+        "replica",
+        True,
+        "AsyncReplica",
+        "Ready",
+        2,
+    )
     assert not st.read_only
     server = lab.client.servers.get(RG, "pg-weu")
     assert server.properties.source_server_resource_id.endswith("/flexibleServers/pg-neu")

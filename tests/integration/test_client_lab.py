@@ -28,7 +28,9 @@ def second_environment(lab, name: str = "lab2") -> str:
 def start_fleet_worker(lab, *inventories: str) -> subprocess.Popen:
     args = [a for inv in inventories for a in ("--env", inv)]
     log = open(lab.root / "fleet-worker.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "worker.main", *args], stdout=log, stderr=subprocess.STDOUT, env=lab.env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.main", *args], stdout=log, stderr=subprocess.STDOUT, env=lab.env(), cwd=ROOT
+    )
     lab.workers.append(proc)
     return proc
 
@@ -64,7 +66,10 @@ def test_one_worker_serves_two_environments_and_status_works_without_it(lab):
     dead = wait_for(unserved, timeout=60, interval=1, what="the dead worker's queues to show as unserved")
     assert dead["temporal_status"] == "running" and dead["report_source"] is None and dead["status"] == "waiting"
     text = lab.cli("status", wid, check=True)
-    assert "no worker polls opsflow-lab (workflow queue" in text.stdout and "no worker polls opsflow-lab-westeurope" in text.stdout
+    assert (
+        "no worker polls opsflow-lab (workflow queue" in text.stdout
+        and "no worker polls opsflow-lab-westeurope" in text.stdout
+    )
     assert time.monotonic() - began < 60
 
     # The lock holds for the other environment's procedures too, and a second start here is refused (exit 3).

@@ -20,8 +20,12 @@ pytestmark = pytest.mark.lab
 def arm_admin(lab, path: str, body: dict | None = None):
     """The ARM emulator's admin API (HTTPS with the lab's test CA)."""
     ctx = ssl.create_default_context(cafile=lab.state["azure"]["ca_bundle"])
-    req = urllib.request.Request(lab.state["azure"]["arm_endpoint"] + path, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
+    req = urllib.request.Request(
+        lab.state["azure"]["arm_endpoint"] + path,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+        method="POST" if body is not None else "GET",
+    )
     with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
         return json.loads(resp.read() or b"null")
 
@@ -29,7 +33,13 @@ def arm_admin(lab, path: str, body: dict | None = None):
 def promotions_requested(lab) -> int:
     log = arm_admin(lab, "/_emulator/requests")
     entries = log["value"]
-    return sum(1 for r in entries if r.get("method") == "PATCH" and r.get("path", "").split("?")[0].endswith("/flexibleServers/lab-westeurope-pg") and r.get("status") in (200, 202))
+    return sum(
+        1
+        for r in entries
+        if r.get("method") == "PATCH"
+        and r.get("path", "").split("?")[0].endswith("/flexibleServers/lab-westeurope-pg")
+        and r.get("status") in (200, 202)
+    )
 
 
 def test_worker_killed_during_catch_up_and_during_promotion(lab):
@@ -70,7 +80,13 @@ def test_worker_killed_during_catch_up_and_during_promotion(lab):
 
 def replica_builds_requested(lab, server: str) -> int:
     entries = arm_admin(lab, "/_emulator/requests")["value"]
-    return sum(1 for r in entries if r.get("method") == "PUT" and r.get("path", "").split("?")[0].endswith(f"/flexibleServers/{server}") and r.get("status") in (200, 201, 202))
+    return sum(
+        1
+        for r in entries
+        if r.get("method") == "PUT"
+        and r.get("path", "").split("?")[0].endswith(f"/flexibleServers/{server}")
+        and r.get("status") in (200, 201, 202)
+    )
 
 
 def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab):
@@ -88,7 +104,9 @@ def test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback(lab):
     wid = lab.cli_json("failback", "--env", lab.inventory, "--to", "eastus", "--requester", "alice")["workflow_id"]
     approve(lab, wid)  # nothing destructive happens before the approval
     wait_status(lab, wid, lambda r: r["current_step"] == "rebuild", what="the rebuild")
-    wait_for(lambda: replica_builds_requested(lab, "lab-eastus-pg") == 1, what="the replica creation request", timeout=30)
+    wait_for(
+        lambda: replica_builds_requested(lab, "lab-eastus-pg") == 1, what="the replica creation request", timeout=30
+    )
     # A slow creation, to crash in the middle of it (the emulator's operations end `lro_seconds` after they began, as
     # set when they are polled: this one runs on for 8 s).
     arm_admin(lab, "/_emulator/settings", {"lro_seconds": 8})

@@ -26,6 +26,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client
 
+from opsflow.contracts.notify import NOTIFY_SEND
 from opsflow.temporal import DATA_CONVERTER
 from tests.integration import forked
 from tests.integration.conftest import FAST_RESTART, ROOT, explain, fast_recovery, wait_for
@@ -57,7 +58,9 @@ class Workers:
         flag = "--no-regions" if role == "workflow" else "--no-workflows"
         self.n += 1
         log = self.lab.root / f"worker-{role}-{self.n}.log"
-        self.procs[role] = forked.start("worker.main", ["--env", self.inventory, flag, *FAST_RESTART], self.lab.env(), ROOT, log)
+        self.procs[role] = forked.start(
+            "worker.main", ["--env", self.inventory, flag, *FAST_RESTART], self.lab.env(), ROOT, log
+        )
         self.lab.workers.append(self.procs[role])
 
     def start_all(self) -> None:
@@ -78,7 +81,7 @@ class Workers:
 
 
 async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve: bool, timeout: float = 900,
-                                       spare: tuple[str, ...] = ("notify.send",)) -> dict:
+                                       spare: tuple[str, ...] = (NOTIFY_SEND.name,)) -> dict:
     """Follow the workflow's history until it closes, killing at every activity boundary (see the module doc). The
     history is followed with a long poll, each event as it is written (reading it whole every 50 ms cost the test and
     the server more CPU than the procedure); pending activities are read only while a long step may be running.
@@ -119,7 +122,9 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
             if not approved and time.monotonic() >= next_look:
                 next_look = time.monotonic() + 0.3
                 if ((await asyncio.to_thread(lab.status, wid)).get("waiting_for") or "").startswith("approval"):
-                    await asyncio.to_thread(lab.cli, "approve", wid, "--as", "bob", "--reason", "crash suite", check=True)
+                    await asyncio.to_thread(
+                        lab.cli, "approve", wid, "--as", "bob", "--reason", "crash suite", check=True
+                    )
                     approved = True
             try:
                 await asyncio.wait_for(closed.wait(), 0.05)
@@ -174,7 +179,9 @@ async def test_emergency_failover_survives_a_kill_at_every_boundary(lab):
     setup_data(lab)
     workers = Workers(lab, inventory)
     workers.start_all()
-    wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--emergency", "--requester", "alice")["workflow_id"]
+    wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--emergency", "--requester", "alice")[
+        "workflow_id"
+    ]
     report = await run_killing_at_every_boundary(lab, workers, wid, approve=False)
     assert report["status"] == "succeeded", explain(report)
     assert report["_boundaries"] >= 5 and report["_kills"]["long_steps"] >= 1, report["_kills"]
@@ -237,9 +244,14 @@ def test_failover_completes_across_a_temporal_server_restart(lab):
     import os
 
     os.kill(proc["pid"], signal.SIGKILL)
-    wait_for(lambda: subprocess.run(["kill", "-0", str(proc["pid"])], capture_output=True).returncode != 0, what="the server gone")
+    wait_for(
+        lambda: subprocess.run(["kill", "-0", str(proc["pid"])], capture_output=True).returncode != 0,
+        what="the server gone",
+    )
     log = open(lab.root / "temporal-restarted.log", "w")
-    restarted = subprocess.Popen(proc["argv"], stdout=log, stderr=subprocess.STDOUT, cwd=lab.root, start_new_session=True)
+    restarted = subprocess.Popen(
+        proc["argv"], stdout=log, stderr=subprocess.STDOUT, cwd=lab.root, start_new_session=True
+    )
     try:
         sql(west, "SELECT pg_wal_replay_resume()")
         report = wait_end(lab, wid, timeout=300)

@@ -36,7 +36,8 @@ def wait_status(lab, wid: str, pred, timeout: float = 120, what: str = "status")
         last[:] = [lab.status(wid)]
         if pred(last[0]):
             return last[0]
-        lab.wait_change(wid, 2)  # read again when the history grows (at most 2 s later: pending activities are not in it)
+        # read again when the history grows (at most 2 s later: pending activities are not in it)
+        lab.wait_change(wid, 2)
         return None
 
     try:
@@ -48,7 +49,9 @@ def wait_status(lab, wid: str, pred, timeout: float = 120, what: str = "status")
         raise AssertionError(f"{e}; last status {r.get('status')}, failure {r.get('failure')}, steps {steps}") from None
 
 
-def wait_end(lab, wid: str, timeout: float = 180, ended=lambda r: r["status"] in TERMINAL, what: str = "the procedure to end") -> dict:
+def wait_end(
+    lab, wid: str, timeout: float = 180, ended=lambda r: r["status"] in TERMINAL, what: str = "the procedure to end"
+) -> dict:
     """The status a procedure ended with (`ended` holds), waited for on a long poll for its close event; if it is
     still open after `timeout`, the status says where it is."""
     closed = lab.wait_closed(wid, timeout)
@@ -68,9 +71,17 @@ def traffic_endpoints(lab) -> dict[str, dict]:
     from opsflow.inventory import load_inventory
 
     inv = load_inventory(lab.inventory)
-    client = TrafficManagerManagementClient(arm_credential(inv.azure), inv.traffic.subscription_id, base_url=inv.azure.arm_endpoint, connection_verify=inv.azure.ca_bundle)
+    client = TrafficManagerManagementClient(
+        arm_credential(inv.azure),
+        inv.traffic.subscription_id,
+        base_url=inv.azure.arm_endpoint,
+        connection_verify=inv.azure.ca_bundle,
+    )
     profile = client.profiles.get(inv.traffic.resource_group, inv.traffic.profile)
-    return {e.name: {"status": e.endpoint_status, "priority": e.priority, "monitor": e.endpoint_monitor_status} for e in profile.endpoints}
+    return {
+        e.name: {"status": e.endpoint_status, "priority": e.priority, "monitor": e.endpoint_monitor_status}
+        for e in profile.endpoints
+    }
 
 
 def deployments(lab, region: str) -> dict[str, tuple[int, int]]:
@@ -78,7 +89,10 @@ def deployments(lab, region: str) -> dict[str, tuple[int, int]]:
     from kubernetes import client, config
 
     api = client.AppsV1Api(config.new_client_from_config(str(lab.root / "kubeconfig"), context=f"lab-{region}"))
-    return {d.metadata.name: (d.spec.replicas, d.status.ready_replicas or 0) for d in api.list_namespaced_deployment("shop").items}
+    return {
+        d.metadata.name: (d.spec.replicas, d.status.ready_replicas or 0)
+        for d in api.list_namespaced_deployment("shop").items
+    }
 
 
 def test_planned_failover_moves_the_primary_for_real(lab, worker):
@@ -88,7 +102,9 @@ def test_planned_failover_moves_the_primary_for_real(lab, worker):
     dry = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice", "--dry-run")
     planned = [s["name"] for s in dry["steps"] if s["outcome"] == "planned"]
 
-    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice", "--reason", "integration")["workflow_id"]
+    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice", "--reason", "integration")[
+        "workflow_id"
+    ]
     wait_status(lab, wid, lambda r: r["status"] == "waiting", what="approval wait")
     refused = lab.cli("approve", wid, "--as", "mallory")
     assert refused.returncode == 1 and "may not approve" in refused.stderr
@@ -122,7 +138,9 @@ def test_planned_failover_moves_the_primary_for_real(lab, worker):
     from lab.receiver import read_notifications
 
     texts = [n["body"]["text"] for n in read_notifications(lab.root / "receiver")]
-    assert any(t.startswith("Approval needed") for t in texts) and any("Failover of lab from eastus to westeurope done" in t for t in texts)
+    assert any(t.startswith("Approval needed") for t in texts) and any(
+        "Failover of lab from eastus to westeurope done" in t for t in texts
+    )
     assert not [e for e in report["events"] if e["action"] == "notify-failed"]
     listed = lab.cli_json("list")
     assert any(r["workflow_id"] == wid and r["status"] == "succeeded" and r["procedure"] == "failover" for r in listed)
@@ -160,7 +178,13 @@ def test_no_acknowledged_write_is_lost(lab, worker):
     wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
     approve(lab, wid)
     report = wait_end(lab, wid)
-    wait_for(lambda: sql(west, "SELECT count(*) FROM ledger WHERE id > %s", max(acknowledged[-1:] or [0]) - 1) and len(acknowledged) > 0, what="writes after")
+    wait_for(
+        lambda: (
+            sql(west, "SELECT count(*) FROM ledger WHERE id > %s", max(acknowledged[-1:] or [0]) - 1)
+            and len(acknowledged) > 0
+        ),
+        what="writes after",
+    )
     before_stop = len(acknowledged)
     wait_for(lambda: len(acknowledged) > before_stop + 20, what="writes on the new primary")
     stop.set()
@@ -181,7 +205,9 @@ def test_emergency_failover_with_the_old_primary_killed(lab, worker):
     wait_for(lambda: sql(west, "SELECT count(*) FROM pg_class WHERE relname = 't'")[0][0] == 1, what="replication")
     Cluster.from_dict(lab.state["postgres"]["eastus"]).kill()
 
-    proc = lab.cli("failover", "--to", "westeurope", "--emergency", "--requester", "alice", "--wait", "--json", timeout=300)
+    proc = lab.cli(
+        "failover", "--to", "westeurope", "--emergency", "--requester", "alice", "--wait", "--json", timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     import json
 

@@ -42,7 +42,13 @@ def test_failover_failback_and_drill_complete_with_a_fifth_of_cloud_requests_fai
     assert report["rpo_bytes"] == 0
 
     wid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice")["workflow_id"]
-    wait_status(lab, wid, lambda r: (r.get("waiting_for") or "").startswith("approval"), timeout=300, what="the failback's approval")
+    wait_status(
+        lab,
+        wid,
+        lambda r: (r.get("waiting_for") or "").startswith("approval"),
+        timeout=300,
+        what="the failback's approval",
+    )
     lab.cli("approve", wid, "--as", "bob", "--reason", "faults rehearsal", check=True)
     report = wait_end(lab, wid, timeout=400)
     assert report["status"] == "succeeded", (report["failure"], report["steps"])

@@ -145,9 +145,19 @@ async def test_encrypted_history_holds_no_host_names_and_the_codec_server_decode
     import subprocess
     import sys
 
-    env = {k: v for k, v in lab.env().items() if k not in ("OPSFLOW_CODEC_KEY_FILE", "TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE")}
-    shown = subprocess.run([sys.executable, "-m", "starters.cli", "report", report["workflow_id"], "--json"], capture_output=True,
-                           text=True, env=env, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    env = {
+        k: v
+        for k, v in lab.env().items()
+        if k not in ("OPSFLOW_CODEC_KEY_FILE", "TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE")
+    }
+    shown = subprocess.run(
+        [sys.executable, "-m", "starters.cli", "report", report["workflow_id"], "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=120,
+    )
     assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "planned", shown.stderr
 
     # The UI's view: the started event's input through the codec server.
@@ -155,20 +165,35 @@ async def test_encrypted_history_holds_no_host_names_and_the_codec_server_decode
     history = await client.get_workflow_handle(report["workflow_id"]).fetch_history()
     encoded = history.events[0].workflow_execution_started_event_attributes.input
     assert encoded.payloads[0].metadata["encoding"] == b"binary/encrypted"
-    request = urllib.request.Request(f"{lab.state['codec']['server']}/decode", data=json_format.MessageToJson(encoded).encode(),
-                                     headers={"Content-Type": "application/json", "X-Namespace": "default",
-                                              "Origin": lab.state["temporal"]["ui_url"]}, method="POST")
+    request = urllib.request.Request(
+        f"{lab.state['codec']['server']}/decode",
+        data=json_format.MessageToJson(encoded).encode(),
+        headers={
+            "Content-Type": "application/json",
+            "X-Namespace": "default",
+            "Origin": lab.state["temporal"]["ui_url"],
+        },
+        method="POST",
+    )
     with urllib.request.urlopen(request, timeout=10) as resp:
         assert resp.headers["Access-Control-Allow-Origin"] == lab.state["temporal"]["ui_url"]
         decoded = json_format.Parse(resp.read(), Payloads())
     plain = json.loads(decoded.payloads[0].data)
     # The input carries no rules (the environment and the digest of the CLI's copy); the worker's answer to
     # rules.inventory, the first activity, holds the inventory the run acted by.
-    assert plain["environment"] == inv["environment"] and plain["inventory"] is None and plain["inventory_digest"]["sha256"]
+    assert (
+        plain["environment"] == inv["environment"]
+        and plain["inventory"] is None
+        and plain["inventory_digest"]["sha256"]
+    )
     completed = next(e.activity_task_completed_event_attributes.result for e in history.events
                      if e.HasField("activity_task_completed_event_attributes"))
-    request = urllib.request.Request(f"{lab.state['codec']['server']}/decode", data=json_format.MessageToJson(completed).encode(),
-                                     headers={"Content-Type": "application/json", "X-Namespace": "default"}, method="POST")
+    request = urllib.request.Request(
+        f"{lab.state['codec']['server']}/decode",
+        data=json_format.MessageToJson(completed).encode(),
+        headers={"Content-Type": "application/json", "X-Namespace": "default"},
+        method="POST",
+    )
     with urllib.request.urlopen(request, timeout=10) as resp:
         rules = json.loads(json_format.Parse(resp.read(), Payloads()).payloads[0].data)
     server = rules["environments"][0]["inventory"]["regions"]["eastus"]["database"]["server_name"]

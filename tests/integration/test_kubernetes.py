@@ -33,6 +33,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.kubernetes import TRANSIENT_RETRIES, kube_status, scale_up, scale_up_and_wait, set_maintenance
 from lab.ports import free_port
 from lab.k8s_emulator import BROKEN_ANNOTATION, NODE_NOT_READY_ANNOTATION, start_emulator, write_kubeconfig
+from opsflow.contracts.k8s import K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
 from opsflow.inventory import KubernetesConfig
 from opsflow.models import MaintenanceRequest, RegionTarget, ScaleRequest
 from tests.helpers import eventually as wait_until
@@ -139,13 +140,17 @@ def test_generation_observed_generation_and_patch_semantics(kubeconfig):
         assert dep.metadata.generation == 1
         # A spec change does; strategic merge keeps the container's ports (containers merge on name).
         dep = apps.patch_namespaced_deployment(
-            "web", "shop", {"spec": {"template": {"spec": {"containers": [{"name": "web", "image": "registry.local/app:2"}]}}}}
+            "web",
+            "shop",
+            {"spec": {"template": {"spec": {"containers": [{"name": "web", "image": "registry.local/app:2"}]}}}},
         )
         assert dep.metadata.generation == 2
         container = dep.spec.template.spec.containers[0]
         assert container.image == "registry.local/app:2" and container.ports[0].container_port == 8080
         # Status is not writable through the main resource.
-        apps.patch_namespaced_deployment("web", "shop", {"status": {"readyReplicas": 99}}, _content_type="application/merge-patch+json")
+        apps.patch_namespaced_deployment(
+            "web", "shop", {"status": {"readyReplicas": 99}}, _content_type="application/merge-patch+json"
+        )
         done = wait_until(lambda: (d := apps.read_namespaced_deployment("web", "shop")).status.observed_generation == 2
                           and d.status.updated_replicas == 1 and d)
         assert done.status.ready_replicas == 1
@@ -307,8 +312,12 @@ def test_scale_up_heartbeats_progress_in_an_activity(kubeconfig, cluster):
     cluster.seconds_per_replica = 0.5
     beats: list[dict] = []
     env = ActivityEnvironment()
-    env.info = dataclasses.replace(env.info, activity_type="k8s.scale_up", start_to_close_timeout=timedelta(seconds=30),
-                                   heartbeat_timeout=timedelta(seconds=5))
+    env.info = dataclasses.replace(
+        env.info,
+        activity_type=K8S_SCALE_UP.name,
+        start_to_close_timeout=timedelta(seconds=30),
+        heartbeat_timeout=timedelta(seconds=5),
+    )
     env.on_heartbeat = lambda *details: beats.append(details[0])
     status = env.run(scale_up, ScaleRequest(target=target(kubeconfig, deployments=(("web", 4),))))
     assert status.ready is True
@@ -327,7 +336,7 @@ def test_activities_take_exactly_one_argument():
         params = inspect.signature(fn).parameters
         assert len(params) == 1, f"{fn.__name__} must take exactly one parameter, has {list(params)}"
     names = {activity._Definition.must_from_callable(fn).name for fn in (kube_status, set_maintenance, scale_up)}
-    assert names == {"k8s.status", "k8s.set_maintenance", "k8s.scale_up"}
+    assert names == {K8S_STATUS.name, K8S_SET_MAINTENANCE.name, K8S_SCALE_UP.name}
 
 
 def test_scale_up_of_a_broken_deployment_gives_up_retryably(kubeconfig):
@@ -355,12 +364,20 @@ def test_scale_up_waits_no_longer_than_the_activity_timeout(kubeconfig):
 
 
 def test_scale_up_past_the_progress_deadline_fails_non_retryably(tmp_path):
-    seed = {"seconds_per_replica": 0.05,
-            "deployments": [{"name": "payments", "namespace": "shop", "replicas": 1, "broken": True, "progress_deadline_seconds": 1}]}
+    seed = {
+        "seconds_per_replica": 0.05,
+        "deployments": [
+            {"name": "payments", "namespace": "shop", "replicas": 1, "broken": True, "progress_deadline_seconds": 1}
+        ],
+    }
     with start_emulator(seed) as cl:
         kc = str(write_kubeconfig(tmp_path / "kc", {"lab-westeurope": cl.url}))
         with pytest.raises(ApplicationError) as err:
-            scale_up_and_wait(ScaleRequest(target=target(kc, deployments=(("payments", 3),), service=None)), wait_seconds=30, poll_seconds=0.1)
+            scale_up_and_wait(
+                ScaleRequest(target=target(kc, deployments=(("payments", 3),), service=None)),
+                wait_seconds=30,
+                poll_seconds=0.1,
+            )
     assert err.value.type == "DeploymentFailed" and err.value.non_retryable
     assert "payments" in err.value.message and "timed out progressing" in err.value.message
 
@@ -377,12 +394,18 @@ def test_scale_up_can_be_cancelled_while_waiting(kubeconfig):
 
 def test_broken_flag_through_the_api(kubeconfig, cluster):
     with api(kubeconfig) as c:
-        k8s.AppsV1Api(c).patch_namespaced_deployment("worker", "shop", {"metadata": {"annotations": {BROKEN_ANNOTATION: "true"}}})
+        k8s.AppsV1Api(c).patch_namespaced_deployment(
+            "worker", "shop", {"metadata": {"annotations": {BROKEN_ANNOTATION: "true"}}}
+        )
     with pytest.raises(ApplicationError) as err:
-        scale_up_and_wait(ScaleRequest(target=target(kubeconfig, deployments=(("worker", 3),))), wait_seconds=0.6, poll_seconds=0.1)
+        scale_up_and_wait(
+            ScaleRequest(target=target(kubeconfig, deployments=(("worker", 3),))), wait_seconds=0.6, poll_seconds=0.1
+        )
     assert err.value.type == "DeploymentNotReady" and "worker: 2 of 3 replicas ready" in err.value.message
     cluster.set_broken("worker", "shop", broken=False)  # the in-process knob: the crash loop is fixed
-    assert scale_up_and_wait(ScaleRequest(target=target(kubeconfig, deployments=(("worker", 3),))), poll_seconds=0.1).ready
+    assert scale_up_and_wait(
+        ScaleRequest(target=target(kubeconfig, deployments=(("worker", 3),))), poll_seconds=0.1
+    ).ready
 
 
 # -- errors ------------------------------------------------------------------------------------------------------
@@ -408,8 +431,13 @@ def test_unknown_namespace_is_named(kubeconfig):
 def test_unauthorized_and_forbidden_are_non_retryable(tmp_path):
     seed = {**SEED, "auth": {"token": "admin-token", "readonly_token": "viewer-token"}}
     with start_emulator(seed) as cl:
-        kc = str(write_kubeconfig(tmp_path / "kc", {"lab-westeurope": cl.url, "lab-viewer": cl.url, "lab-admin": cl.url},
-                                  tokens={"lab-viewer": "viewer-token", "lab-admin": "admin-token"}))
+        kc = str(
+            write_kubeconfig(
+                tmp_path / "kc",
+                {"lab-westeurope": cl.url, "lab-viewer": cl.url, "lab-admin": cl.url},
+                tokens={"lab-viewer": "viewer-token", "lab-admin": "admin-token"},
+            )
+        )
         with pytest.raises(ApplicationError) as err:
             kube_status(target(kc))  # no credentials
         assert err.value.non_retryable and err.value.type == "KubernetesUnauthorized"
@@ -481,8 +509,23 @@ def test_emulator_process_keeps_its_state_across_restarts(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def start() -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "lab.k8s_emulator", "--seed", str(seed_file), "--port", str(port),
-                                 "--state-file", str(state)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lab.k8s_emulator",
+                "--seed",
+                str(seed_file),
+                "--port",
+                str(port),
+                "--state-file",
+                str(state),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
         def up():
             try:

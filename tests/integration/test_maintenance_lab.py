@@ -60,7 +60,9 @@ def clusters():
 
 
 def target(cluster, region: str = "eastus") -> RegionTarget:
-    return RegionTarget(environment="lab", region=region, database=PostgresDatabase(provider="postgres", dsn=cluster.dsn))
+    return RegionTarget(
+        environment="lab", region=region, database=PostgresDatabase(provider="postgres", dsn=cluster.dsn)
+    )
 
 
 def query(cluster, text: str, params=None):
@@ -80,8 +82,15 @@ def settle(primary) -> None:
     """Wait until the replica's hot_standby_feedback no longer holds back the rows just deleted: until then they
     are 'recently dead' and VACUUM must keep them (a real effect of the lab's replica, not of the test)."""
     xid = query(primary, "select txid_current()")[0][0]
-    wait_for(lambda: query(primary, "select bool_and(backend_xmin is null or backend_xmin::text::bigint > %s) from pg_stat_replication",
-                           (xid,))[0][0], 30, "the replica's xmin feedback to pass the deletes")
+    wait_for(
+        lambda: query(
+            primary,
+            "select bool_and(backend_xmin is null or backend_xmin::text::bigint > %s) from pg_stat_replication",
+            (xid,),
+        )[0][0],
+        30,
+        "the replica's xmin feedback to pass the deletes",
+    )
 
 
 def item(kind: str, table: str | None = TABLE, **kw) -> WorkItem:
@@ -96,13 +105,22 @@ def test_auto_picks_the_bloated_table_and_vacuum_really_removes_the_dead_tuples(
     seed_bloat(primary.dsn)
     wait_for(lambda: stats(primary).n_dead_tup >= 30_000, 30, "the statistics to show the dead tuples")
     settle(primary)
-    plan = ActivityEnvironment().run(maint.plan, PlanRequest(
-        target=target(primary), backup=BackupPolicy(take=False),
-        tasks=[MaintenanceTask(kind="vacuum-analyze", tables="auto", auto={"min_dead_tuples": 1000, "dead_ratio": 0.2})]))
+    plan = ActivityEnvironment().run(
+        maint.plan,
+        PlanRequest(
+            target=target(primary),
+            backup=BackupPolicy(take=False),
+            tasks=[
+                MaintenanceTask(kind="vacuum-analyze", tables="auto", auto={"min_dead_tuples": 1000, "dead_ratio": 0.2})
+            ],
+        ),
+    )
     assert [i.table for i in plan.items] == [TABLE]
     assert "30000 dead tuples" in plan.items[0].reason and "75%" in plan.items[0].reason
 
-    result = ActivityEnvironment().run(maint.run_item, RunItemRequest(target=target(primary), item=plan.items[0], guards=GUARDS))
+    result = ActivityEnvironment().run(
+        maint.run_item, RunItemRequest(target=target(primary), item=plan.items[0], guards=GUARDS)
+    )
     assert result.outcome == "done"
     assert result.before.n_dead_tup >= 30_000 and result.before.last_vacuum is None
     assert result.after.n_dead_tup == 0 and result.after.last_vacuum is not None
@@ -117,12 +135,18 @@ def test_reindex_concurrently_cleans_up_an_invalid_ccnew_index_and_leaves_none(c
         query(primary, f"CREATE UNIQUE INDEX CONCURRENTLY {BLOAT_TABLE}_kind_ccnew ON {BLOAT_TABLE} (kind)")
     assert stats(primary).invalid_indexes == [f"{BLOAT_TABLE}_kind_ccnew"]
 
-    result = ActivityEnvironment().run(maint.run_item, RunItemRequest(target=target(primary), item=item("reindex"), guards=GUARDS))
+    result = ActivityEnvironment().run(
+        maint.run_item, RunItemRequest(target=target(primary), item=item("reindex"), guards=GUARDS)
+    )
     assert result.outcome == "done"
     assert result.dropped_invalid == [f"public.{BLOAT_TABLE}_kind_ccnew"]
     assert stats(primary).invalid_indexes == []
-    assert query(primary, "select count(*) from pg_index i join pg_class c on c.oid = i.indrelid where c.relname = %s and not i.indisvalid",
-                 (BLOAT_TABLE,)) == [(0,)]
+    assert query(
+        primary,
+        "select count(*) from pg_index i join pg_class c on c.oid = i.indrelid "
+        "where c.relname = %s and not i.indisvalid",
+        (BLOAT_TABLE,),
+    ) == [(0,)]
 
 
 def test_lock_timeout_is_honoured_while_another_session_holds_the_lock(clusters):
@@ -172,15 +196,27 @@ def test_heartbeat_delivered_cancellation_stops_the_statement_cleanly(clusters):
     t.join(30)
     assert not t.is_alive()
     assert isinstance(outcome[0], CancelledError), outcome
-    wait_for(lambda: query(primary, "select count(*) from pg_stat_activity where query = 'SELECT pg_sleep(31)'") == [(0,)], 10,
-             "the statement to be cancelled")
+    wait_for(
+        lambda: query(primary, "select count(*) from pg_stat_activity where query = 'SELECT pg_sleep(31)'") == [(0,)],
+        10,
+        "the statement to be cancelled",
+    )
 
 
 def test_replicas_still_stream_after_maintenance_and_health_says_so(clusters):
     primary, replica = clusters
-    ActivityEnvironment().run(maint.run_item, RunItemRequest(target=target(primary), item=item("vacuum-analyze"), guards=GUARDS))
-    health = ActivityEnvironment().run(maint.health, HealthRequest(primary=target(primary), replicas=[target(replica, "westeurope")],
-                                                                    max_lag_bytes=16 * 1024 * 1024, lag_wait=30))
+    ActivityEnvironment().run(
+        maint.run_item, RunItemRequest(target=target(primary), item=item("vacuum-analyze"), guards=GUARDS)
+    )
+    health = ActivityEnvironment().run(
+        maint.health,
+        HealthRequest(
+            primary=target(primary),
+            replicas=[target(replica, "westeurope")],
+            max_lag_bytes=16 * 1024 * 1024,
+            lag_wait=30,
+        ),
+    )
     assert health.ok, health.detail
     assert set(health.lag_bytes) == {"westeurope"}
     assert query(replica, "select status from pg_stat_wal_receiver") == [("streaming",)]
@@ -203,7 +239,10 @@ def test_a_table_name_that_is_an_injection_attempt_is_refused_naming_the_field_a
     # Even past validation (a hand-built item), the name reaches SQL only as a quoted identifier.
     forged = WorkItem.model_construct(task=0, kind="vacuum", table=evil, name=None, sql=None, reason="forged")
     with pytest.raises(ApplicationError, match="does not exist"):
-        ActivityEnvironment().run(maint.run_item, RunItemRequest.model_construct(target=target(primary), item=forged, guards=GUARDS, cancel_at=None))
+        ActivityEnvironment().run(
+            maint.run_item,
+            RunItemRequest.model_construct(target=target(primary), item=forged, guards=GUARDS, cancel_at=None),
+        )
     assert query(primary, "select to_regclass('lab_orders') is not null") == [(True,)]
 
 
@@ -215,12 +254,23 @@ def test_status_page_calls_arrive_in_order_and_a_retried_create_finds_the_incide
                           api_key=SecretRef(env="OPSFLOW_TEST_STATUSPAGE_KEY"))
         now = datetime.now(timezone.utc)
         env = ActivityEnvironment()
-        created = env.run(statuspage.update, StatusPageRequest(page=page, status="scheduled", body="VACUUM tonight", scheduled_for=now,
-                                                               scheduled_until=now + timedelta(hours=2)))
+        created = env.run(
+            statuspage.update,
+            StatusPageRequest(
+                page=page,
+                status="scheduled",
+                body="VACUUM tonight",
+                scheduled_for=now,
+                scheduled_until=now + timedelta(hours=2),
+            ),
+        )
         again = env.run(statuspage.update, StatusPageRequest(page=page, status="scheduled", body="VACUUM tonight"))
         assert again.incident_id == created.incident_id
         for status in ("in_progress", "completed"):
-            env.run(statuspage.update, StatusPageRequest(page=page, incident_id=created.incident_id, status=status, body=status))
+            env.run(
+                statuspage.update,
+                StatusPageRequest(page=page, incident_id=created.incident_id, status=status, body=status),
+            )
     finally:
         server.shutdown()
     calls = read_statuspage(tmp_path / "receiver")
@@ -232,14 +282,26 @@ def test_self_managed_backup_is_a_fresh_base_backup_that_verifies(clusters, tmp_
     primary, _ = clusters
     policy = BackupPolicy(directory=str(tmp_path / "backups"))
     started = datetime.now(timezone.utc) - timedelta(seconds=1)
-    backup = ActivityEnvironment().run(maint.take_backup, BackupRequest(target=target(primary), policy=policy, name="maint-test"))
+    backup = ActivityEnvironment().run(
+        maint.take_backup, BackupRequest(target=target(primary), policy=policy, name="maint-test")
+    )
     assert backup.method == "pg_basebackup" and backup.size_bytes > 1_000_000
-    detail = ActivityEnvironment().run(maint.verify_backup, VerifyBackupRequest(target=target(primary), policy=policy, backup=backup, not_before=started))
+    detail = ActivityEnvironment().run(
+        maint.verify_backup,
+        VerifyBackupRequest(target=target(primary), policy=policy, backup=backup, not_before=started),
+    )
     assert "verified" in detail
     # an old backup does not pass for a fresh one
     with pytest.raises(ApplicationError, match="before this maintenance started"):
-        ActivityEnvironment().run(maint.verify_backup, VerifyBackupRequest(target=target(primary), policy=policy, backup=backup,
-                                                                           not_before=datetime.now(timezone.utc) + timedelta(minutes=1)))
+        ActivityEnvironment().run(
+            maint.verify_backup,
+            VerifyBackupRequest(
+                target=target(primary),
+                policy=policy,
+                backup=backup,
+                not_before=datetime.now(timezone.utc) + timedelta(minutes=1),
+            ),
+        )
 
 
 def test_rds_backup_is_a_manual_snapshot_found_again_on_retry_and_verified(monkeypatch):
@@ -254,15 +316,24 @@ def test_rds_backup_is_a_manual_snapshot_found_again_on_retry_and_verified(monke
         boto3.client("rds", region_name="eu-west-1").create_db_instance(
             DBInstanceIdentifier="shop-db", DBInstanceClass="db.t3.micro", Engine="postgres", AllocatedStorage=20,
             MasterUsername="ops", MasterUserPassword="not-a-secret-1")
-        rds = RegionTarget(environment="lab", region="eu", database=AwsRdsDatabase(provider="aws-rds", db_instance_identifier="shop-db", aws_region="eu-west-1"),
-                           aws=AwsConnection())
+        rds = RegionTarget(
+            environment="lab",
+            region="eu",
+            database=AwsRdsDatabase(provider="aws-rds", db_instance_identifier="shop-db", aws_region="eu-west-1"),
+            aws=AwsConnection(),
+        )
         started = datetime.now(timezone.utc) - timedelta(seconds=5)
         request = BackupRequest(target=rds, policy=BackupPolicy(), name="opsflow-maint-test")
         first = ActivityEnvironment().run(maint.take_backup, request)
         again = ActivityEnvironment().run(maint.take_backup, request)  # a retried activity finds the same snapshot
         assert first.method == "rds-snapshot" and again.id == first.id and first.size_bytes > 0
-        assert "completed" in ActivityEnvironment().run(maint.verify_backup, VerifyBackupRequest(target=rds, policy=BackupPolicy(), backup=first, not_before=started))
-        snaps = boto3.client("rds", region_name="eu-west-1").describe_db_snapshots(DBInstanceIdentifier="shop-db")["DBSnapshots"]
+        assert "completed" in ActivityEnvironment().run(
+            maint.verify_backup,
+            VerifyBackupRequest(target=rds, policy=BackupPolicy(), backup=first, not_before=started),
+        )
+        snaps = boto3.client("rds", region_name="eu-west-1").describe_db_snapshots(DBInstanceIdentifier="shop-db")[
+            "DBSnapshots"
+        ]
         assert [s["DBSnapshotIdentifier"] for s in snaps if s["SnapshotType"] == "manual"] == ["opsflow-maint-test"]
 
 
@@ -281,8 +352,16 @@ def prometheus_url():
     (root / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "self", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}]}))
-    proc = subprocess.Popen([binary, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         from activities.prometheus import query
@@ -306,16 +385,27 @@ def test_watch_queries_prometheus_and_a_breach_ends_it_early(prometheus_url):
     from opsflow.maintenance import WatchPolicy
 
     assert query(prometheus_url, "sum(up)") == 1.0
-    assert query(prometheus_url, 'sum(up{job="nothing"})') != query(prometheus_url, 'sum(up{job="nothing"})')  # no data: NaN
+    # no data: NaN
+    assert query(prometheus_url, 'sum(up{job="nothing"})') != query(prometheus_url, 'sum(up{job="nothing"})')
     with pytest.raises(ApplicationError, match="rejected the query"):
         query(prometheus_url, "sum(up")
 
-    calm = WatchPolicy(prometheus=prometheus_url, duration=3, interval=1, queries=[{"name": "targets up", "query": "sum(up)", "min": 1}])
+    calm = WatchPolicy(
+        prometheus=prometheus_url,
+        duration=3,
+        interval=1,
+        queries=[{"name": "targets up", "query": "sum(up)", "min": 1}],
+    )
     result = ActivityEnvironment().run(maint.watch, WatchRequest(policy=calm, duration=3))
     assert result.ok and result.results[0].samples >= 2 and result.results[0].last == 1.0
 
     started = time.monotonic()
-    alarming = WatchPolicy(prometheus=prometheus_url, duration=60, interval=1, queries=[{"name": "targets up", "query": "sum(up)", "max": 0.5}])
+    alarming = WatchPolicy(
+        prometheus=prometheus_url,
+        duration=60,
+        interval=1,
+        queries=[{"name": "targets up", "query": "sum(up)", "max": 0.5}],
+    )
     result = ActivityEnvironment().run(maint.watch, WatchRequest(policy=alarming, duration=60))
     assert not result.ok and result.results[0].breached and "above 0.5" in result.results[0].detail
     assert time.monotonic() - started < 30  # the first breach ends the watch: it alerts at once

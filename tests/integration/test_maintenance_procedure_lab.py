@@ -27,14 +27,22 @@ def test_maintenance_window_on_the_lab(lab, worker, tmp_path):
     inv["maintenance"]["tasks"][1]["tables"] = ["lab_orders; DROP TABLE lab_orders"]
     (tmp_path / "evil.yaml").write_text(yaml.safe_dump(inv))
     refused = lab.cli("maintenance", "--env", str(tmp_path / "evil.yaml"), "--requester", "alice")
-    assert refused.returncode == 2 and "maintenance.tasks.1.tables: " in refused.stderr and "is not a table name" in refused.stderr
+    assert (
+        refused.returncode == 2
+        and "maintenance.tasks.1.tables: " in refused.stderr
+        and "is not a table name" in refused.stderr
+    )
     with psycopg.connect(primary, autocommit=True) as c:
         assert c.execute("select to_regclass('lab_orders') is not null").fetchone() == (True,)
 
     # the dry run prints the plan from the same declarations and changes nothing
     plan = lab.cli_json("maintenance", "--dry-run", "--requester", "alice")
     assert plan["status"] == "planned"
-    assert [s["name"] for s in plan["steps"] if s["outcome"] == "planned"][:3] == ["announce", "backup", "verify-backup"]
+    assert [s["name"] for s in plan["steps"] if s["outcome"] == "planned"][:3] == [
+        "announce",
+        "backup",
+        "verify-backup",
+    ]
     assert dead_tuples(primary) >= 30_000 and not read_statuspage(lab.root / "receiver")
 
     wait_for(lambda: dead_tuples(primary) >= 30_000, 30, what="the seeded dead tuples in the statistics")
@@ -44,10 +52,15 @@ def test_maintenance_window_on_the_lab(lab, worker, tmp_path):
     lab.cli("approve", wid, "--as", "bob", "--reason", "go", check=True)
     wait_end(lab, wid, 300, lambda r: r["status"] not in ("running", "waiting"), "the end of the maintenance")
     report = lab.cli_json("report", wid)
-    assert report["status"] == "succeeded", (report["failure"], [(s["name"], s["outcome"], s["detail"]) for s in report["steps"]])
+    assert report["status"] == "succeeded", (
+        report["failure"],
+        [(s["name"], s["outcome"], s["detail"]) for s in report["steps"]],
+    )
 
     # the Azure SDK's on-demand backup (the ARM emulator takes a real base backup), verified newer than the start
-    assert report["backup"]["method"] == "azure-on-demand" and report["backup"]["id"].endswith(report["backup"]["id"].rsplit("/", 1)[-1])
+    assert report["backup"]["method"] == "azure-on-demand" and report["backup"]["id"].endswith(
+        report["backup"]["id"].rsplit("/", 1)[-1]
+    )
     assert "completed" in report["backup_verified"]
     vacuumed = next(i for i in report["items"] if i["key"] == f"vacuum-analyze:public.{BLOAT_TABLE}")
     assert vacuumed["reason"].startswith("auto: ") and vacuumed["before"]["n_dead_tup"] >= 30_000
@@ -56,10 +69,21 @@ def test_maintenance_window_on_the_lab(lab, worker, tmp_path):
     reindexed = next(i for i in report["items"] if i["key"] == f"reindex:public.{BLOAT_TABLE}")
     assert reindexed["outcome"] == "done" and reindexed["after"]["invalid_indexes"] == []
 
-    calls = [(c["method"], (c["body"] or {}).get("incident", {}).get("status")) for c in read_statuspage(lab.root / "receiver")]
-    assert [c for c in calls if c[0] != "GET"] == [("POST", "scheduled"), ("PATCH", "in_progress"), ("PATCH", "completed")]
+    calls = [
+        (c["method"], (c["body"] or {}).get("incident", {}).get("status"))
+        for c in read_statuspage(lab.root / "receiver")
+    ]
+    assert [c for c in calls if c[0] != "GET"] == [
+        ("POST", "scheduled"),
+        ("PATCH", "in_progress"),
+        ("PATCH", "completed"),
+    ]
     steps = [s["name"] for s in report["steps"]]
-    assert steps.index("maintenance-on") < steps.index(f"vacuum-analyze:public.{BLOAT_TABLE}") < steps.index("maintenance-off")
+    assert (
+        steps.index("maintenance-on")
+        < steps.index(f"vacuum-analyze:public.{BLOAT_TABLE}")
+        < steps.index("maintenance-off")
+    )
     with psycopg.connect(lab.dsn("westeurope"), autocommit=True) as c:
         assert c.execute("select status from pg_stat_wal_receiver").fetchone() == ("streaming",)
 
@@ -79,9 +103,15 @@ def test_a_fleet_of_two_environments_one_at_a_time_through_the_cli(lab, worker, 
                            "--max-concurrency", "1", "--requester", "alice")
     fleet = started["workflow_id"]
     for child in ("opsflow-lab", "opsflow-lab2"):
-        wait_for(lambda: ((lab.status(child, missing_ok=True) or {}).get("waiting_for") or "").startswith("approval"), 180,
-                 what=f"{child} to wait for approval")
-        assert lab.cli_json("status", fleet)["members"][1 if child == "opsflow-lab" else 0]["status"] in ("not-started", "succeeded")
+        wait_for(
+            lambda: ((lab.status(child, missing_ok=True) or {}).get("waiting_for") or "").startswith("approval"),
+            180,
+            what=f"{child} to wait for approval",
+        )
+        assert lab.cli_json("status", fleet)["members"][1 if child == "opsflow-lab" else 0]["status"] in (
+            "not-started",
+            "succeeded",
+        )
         lab.cli("approve", child, "--as", "bob", check=True)
     wait_end(lab, fleet, 300, lambda r: r["status"] not in ("running", "waiting"), "the fleet to end")
     report = lab.cli_json("report", fleet)
@@ -94,7 +124,9 @@ def test_a_table_locked_by_another_session_is_retried_then_skipped_and_the_rest_
     with psycopg.connect(lab.dsn("eastus")) as holder:
         holder.execute("LOCK TABLE lab_orders IN ACCESS EXCLUSIVE MODE")  # held for the whole window
         wid = lab.cli_json("maintenance", "--requester", "alice")["workflow_id"]
-        wait_for(lambda: (lab.status(wid).get("waiting_for") or "").startswith("approval"), 120, what="the approval gate")
+        wait_for(
+            lambda: (lab.status(wid).get("waiting_for") or "").startswith("approval"), 120, what="the approval gate"
+        )
         lab.cli("approve", wid, "--as", "bob", check=True)
         wait_end(lab, wid, 300, lambda r: r["status"] not in ("running", "waiting"), "the end of the maintenance")
         holder.rollback()

@@ -77,7 +77,9 @@ def test_worker_metrics_after_real_procedures(lab, monkeypatch):
     assert value(s, "opsflow_procedure_runs_total", **runs) == 1
     assert value(s, "opsflow_procedure_duration_seconds_count", procedure="failover", environment=env) == 1
     took = ts(final["ended_at"]) - ts(final["started_at"])
-    assert value(s, "opsflow_procedure_duration_seconds_sum", procedure="failover", environment=env) == pytest.approx(took)
+    assert value(s, "opsflow_procedure_duration_seconds_sum", procedure="failover", environment=env) == pytest.approx(
+        took
+    )
     assert value(s, "opsflow_failover_rto_seconds", environment=env) == pytest.approx(final["rto_seconds"])
     assert final["rto_seconds"] > 0 and value(s, "opsflow_failover_rpo_bytes", environment=env) == 0
 
@@ -86,7 +88,9 @@ def test_worker_metrics_after_real_procedures(lab, monkeypatch):
     drill = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert drill["status"] == "succeeded", explain(drill)
     s = scrape(port)
-    assert value(s, "opsflow_drill_last_success_timestamp_seconds", environment=env) == pytest.approx(ts(drill["ended_at"]))
+    assert value(s, "opsflow_drill_last_success_timestamp_seconds", environment=env) == pytest.approx(
+        ts(drill["ended_at"])
+    )
     assert value(s, "opsflow_procedure_runs_total", procedure="drill", environment=env, outcome="succeeded") == 1
 
     # A restart keeps the last figures: read back from Temporal's visibility (the counters start again, as counters do).
@@ -98,7 +102,9 @@ def test_worker_metrics_after_real_procedures(lab, monkeypatch):
     s = wait_for(lambda: (m := scrape(port2)) and value(m, "opsflow_drill_last_success_timestamp_seconds",
                                                         environment=env) is not None and m,
                  timeout=30, what="the last drill read back")
-    assert value(s, "opsflow_drill_last_success_timestamp_seconds", environment=env) == pytest.approx(ts(drill["ended_at"]))
+    assert value(s, "opsflow_drill_last_success_timestamp_seconds", environment=env) == pytest.approx(
+        ts(drill["ended_at"])
+    )
     assert value(s, "opsflow_failover_rto_seconds", environment=env) == pytest.approx(final["rto_seconds"])
     assert value(s, "opsflow_failover_rpo_bytes", environment=env) == 0
     assert value(s, "opsflow_procedure_runs_total", **runs) is None
@@ -113,9 +119,16 @@ def test_worker_metrics_after_real_procedures(lab, monkeypatch):
         "rule_files": [str(ROOT / "deploy" / "prometheus" / "opsflow-rules.yml")],
         "scrape_configs": [{"job_name": "opsflow-worker", "static_configs": [{"targets": [f"127.0.0.1:{port2}"]}]}]}))
     prom_port = free_port()
-    prom = subprocess.Popen([str(PROMETHEUS), f"--config.file={folder}/prometheus.yml", f"--storage.tsdb.path={folder}/data",
-                             f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=subprocess.DEVNULL, stderr=open(folder / "prometheus.log", "w"))
+    prom = subprocess.Popen(
+        [
+            str(PROMETHEUS),
+            f"--config.file={folder}/prometheus.yml",
+            f"--storage.tsdb.path={folder}/data",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "prometheus.log", "w"),
+    )
     try:
         def scraped():
             try:
@@ -126,7 +139,9 @@ def test_worker_metrics_after_real_procedures(lab, monkeypatch):
             result = r.json()["data"]["result"] if r.status_code == 200 else []
             return result and float(result[0]["value"][1])
 
-        assert wait_for(scraped, timeout=60, what="Prometheus to scrape the worker") == pytest.approx(ts(drill["ended_at"]))
+        assert wait_for(scraped, timeout=60, what="Prometheus to scrape the worker") == pytest.approx(
+            ts(drill["ended_at"])
+        )
         # The shipped rules load and evaluate against the real figures; every dashboard query runs.
         api = f"http://127.0.0.1:{prom_port}/api/v1"
         rules = wait_for(lambda: [r for g in httpx.get(f"{api}/rules").json()["data"]["groups"] for r in g["rules"]

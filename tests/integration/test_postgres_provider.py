@@ -137,9 +137,9 @@ def test_status_of_replica(primary, replica):
     assert st.current_lsn and st.replay_lsn
     assert lsn_to_int(st.replay_lsn) <= lsn_to_int(st.current_lsn) <= primary_lsn(primary)
     # the replica streams under its own name
-    assert sql(primary, "select application_name, state from pg_stat_replication where application_name = 'replica'") == [
-        ("replica", "streaming")
-    ]
+    assert sql(
+        primary, "select application_name, state from pg_stat_replication where application_name = 'replica'"
+    ) == [("replica", "streaming")]
 
 
 def test_lag_shows_then_becomes_zero_after_write_is_replayed(primary, replica):
@@ -149,7 +149,10 @@ def test_lag_shows_then_becomes_zero_after_write_is_replayed(primary, replica):
 
     sql(replica, "select pg_wal_replay_pause()")
     try:
-        sql(primary, "insert into lag_rows select g, 'while paused' from generate_series(2, 1000) g on conflict do nothing")
+        sql(
+            primary,
+            "insert into lag_rows select g, 'while paused' from generate_series(2, 1000) g on conflict do nothing",
+        )
         target = primary_lsn(primary)
 
         def received_not_replayed():
@@ -266,7 +269,9 @@ def test_promote_twice_is_idempotent(lab, primary):
 
 
 def test_nothing_listening_gives_reachable_false():
-    db = PostgresDatabase(provider="postgres", dsn=f"host=127.0.0.1 port={free_port()} user=postgres dbname=postgres connect_timeout=2")
+    db = PostgresDatabase(
+        provider="postgres", dsn=f"host=127.0.0.1 port={free_port()} user=postgres dbname=postgres connect_timeout=2"
+    )
     st = sql_status(db, "west")
     assert not st.reachable
     assert st.role == "unknown"

@@ -17,7 +17,14 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.postgres.integrity import missing_objects, require_tables, row_counts, row_counts_at, run_checks, table_exists
+from activities.postgres.integrity import (
+    missing_objects,
+    require_tables,
+    row_counts,
+    row_counts_at,
+    run_checks,
+    table_exists,
+)
 from activities.postgres.server import PostgresServer, sql_check_writable, sql_fence, sql_promote, sql_status
 from lab.postgres import (
     Cluster,
@@ -126,7 +133,10 @@ def test_an_archiving_primary_keeps_a_base_backup(lab, source):
 
 
 def test_restore_to_a_time_holds_exactly_the_rows_committed_before_it(lab, source):
-    sql(source, "create table drill_rows (id int primary key, written_at timestamptz not null default clock_timestamp())")
+    sql(
+        source,
+        "create table drill_rows (id int primary key, written_at timestamptz not null default clock_timestamp())",
+    )
     for i in range(1, 11):  # one transaction each
         sql(source, "insert into drill_rows (id) values (%s)", (i,))
     sql(source, "insert into drill_rows (id) select generate_series(11, 20)")
@@ -215,12 +225,21 @@ def test_a_fenced_diverged_old_primary_is_rewound_into_a_replica_on_its_own_port
     assert st.role == "replica" and st.streaming and st.timeline == 2
     assert not st.read_only  # the fence did not survive into the replica
     assert "default_transaction_read_only" not in (rebuilt.datadir / "postgresql.auto.conf").read_text()
-    assert sql(rebuilt, "select id, note from accounts order by id") == [(1, "before the failover"), (2, "on the new primary")]
+    assert sql(rebuilt, "select id, note from accounts order by id") == [
+        (1, "before the failover"),
+        (2, "on the new primary"),
+    ]
     sql(new, "insert into accounts values (3, 'streamed')")
-    wait_for(lambda: sql(rebuilt, "select count(*) from accounts where id = 3")[0][0] == 1, 20, "row 3 on the rebuilt replica")
+    wait_for(
+        lambda: sql(rebuilt, "select count(*) from accounts where id = 3")[0][0] == 1,
+        20,
+        "row 3 on the rebuilt replica",
+    )
 
     assert rebuild_replica(new, rebuilt, lab.pg).rebuild.method == "already-streaming"  # idempotent
-    assert PostgresServer(target_of(rebuilt, "east")).rebuild_replica(target_of(new, "west")).method == "already-streaming"
+    assert (
+        PostgresServer(target_of(rebuilt, "east")).rebuild_replica(target_of(new, "west")).method == "already-streaming"
+    )
 
     # A later promotion of the rebuilt replica (the failback) gives a writable primary: no fence leaked.
     sql_promote(db_of(rebuilt), 30)
@@ -313,7 +332,10 @@ def test_row_counts_and_counts_at_a_point_in_time(verify_db):
     noon = datetime(2024, 1, 1, 12, tzinfo=timezone.utc)
     assert row_counts_at(verify_db, "verify.orders", "placed_at", noon) == 11  # strictly before: 01:00 .. 11:00
     assert row_counts_at(verify_db, "verify.orders", "placed_at", noon.replace(tzinfo=None)) == 11  # naive = UTC
-    assert row_counts(verify_db, ["verify.orders", "verify.gone"], missing_ok=True) == {"verify.orders": 48, "verify.gone": None}
+    assert row_counts(verify_db, ["verify.orders", "verify.gone"], missing_ok=True) == {
+        "verify.orders": 48,
+        "verify.gone": None,
+    }
     assert table_exists(verify_db, "verify.orders") and not table_exists(verify_db, "verify.gone")
 
 
@@ -357,7 +379,11 @@ def test_checks_pass_only_on_a_single_true_and_errors_are_failed_checks(verify_d
     assert time.monotonic() - t0 < 5
     got = {name: (ok, detail) for name, ok, detail in results}
     assert [r[0] for r in results] == [c[0] for c in checks]
-    assert got["all orders"] == (True, "true") and got["percent sign"] == (True, "true") and got["after all that"] == (True, "true")
+    assert (
+        got["all orders"] == (True, "true")
+        and got["percent sign"] == (True, "true")
+        and got["after all that"] == (True, "true")
+    )
     assert got["false"] == (False, "returned false")
     assert got["null"] == (False, "returned NULL")
     assert got["no rows"][1].startswith("returned no rows")
@@ -371,8 +397,18 @@ def test_checks_pass_only_on_a_single_true_and_errors_are_failed_checks(verify_d
 
 
 def test_missing_objects(verify_db):
-    wanted = ["verify.orders", "verify.orders_placed", "verify.big_orders", 'verify."Order Lines"', "verify.total",
-              "verify.total(int)", "verify.total(boolean)", "verify.gone", "verify.gone_function(int)", "pg_catalog.now"]
+    wanted = [
+        "verify.orders",
+        "verify.orders_placed",
+        "verify.big_orders",
+        'verify."Order Lines"',
+        "verify.total",
+        "verify.total(int)",
+        "verify.total(boolean)",
+        "verify.gone",
+        "verify.gone_function(int)",
+        "pg_catalog.now",
+    ]
     assert missing_objects(verify_db, wanted) == ["verify.total(boolean)", "verify.gone", "verify.gone_function(int)"]
     with pytest.raises(ApplicationError) as e:
         missing_objects(verify_db, ["a.b.c.d"])

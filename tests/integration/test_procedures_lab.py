@@ -35,8 +35,16 @@ def test_failback_returns_to_the_recovered_region(lab, worker):
     assert [(c["check"], c["region"]) for c in stranded["checks"] if not c["ok"]] == [("replica", "eastus")]
     assert "opsflow failback --to eastus" in stranded["failure"]
 
-    wid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice", "--reason", "eastus recovered")["workflow_id"]
-    wait_status(lab, wid, lambda r: (r.get("waiting_for") or "").startswith("approval"), timeout=180, what="approval after catch-up")
+    wid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice", "--reason", "eastus recovered")[
+        "workflow_id"
+    ]
+    wait_status(
+        lab,
+        wid,
+        lambda r: (r.get("waiting_for") or "").startswith("approval"),
+        timeout=180,
+        what="approval after catch-up",
+    )
     sql(west, "INSERT INTO journal SELECT g, 'while waiting' FROM generate_series(201, 250) g")
     lab.cli("approve", wid, "--as", "bob", "--reason", "window is now", check=True)
     report = wait_end(lab, wid, timeout=240)
@@ -84,9 +92,23 @@ def test_restore_drill_restores_exactly_the_rows_before_the_point(lab, worker):
     inv["drill"]["row_counts"].append({"table": "ledger", "timestamp_column": "created_at"})
     inventory = lab.inventory  # the lab worker's own file: it reads it again, and runs by it
     open(inventory, "w").write(yaml.safe_dump(inv))
-    proc = lab.cli("drill", "--env", str(inventory), "--point-in-time", point.isoformat(), "--requester", "alice", "--wait", "--json", timeout=400)
+    proc = lab.cli(
+        "drill",
+        "--env",
+        str(inventory),
+        "--point-in-time",
+        point.isoformat(),
+        "--requester",
+        "alice",
+        "--wait",
+        "--json",
+        timeout=400,
+    )
     report = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert proc.returncode == 0 and report["status"] == "succeeded", (report["failure"], [(s["name"], s["outcome"], s["detail"]) for s in report["steps"]])
+    assert proc.returncode == 0 and report["status"] == "succeeded", (
+        report["failure"],
+        [(s["name"], s["outcome"], s["detail"]) for s in report["steps"]],
+    )
     ledger = next(c for c in report["checks"] if c["name"] == "ledger")
     assert ledger["ok"] and ledger["actual"] == 300 and ledger["expected"] == 300
     assert all(c["ok"] for c in report["checks"]) and len(report["checks"]) == 5
@@ -124,7 +146,9 @@ def test_failover_on_the_aws_variant(aws_lab):
         inst = rds.describe_db_instances(DBInstanceIdentifier=west_id)["DBInstances"][0]
         assert not inst.get("ReadReplicaSourceDBInstanceIdentifier")  # promoted: standalone in RDS
         r53 = boto3.client("route53", endpoint_url=endpoint, region_name="us-east-1")
-        records = r53.list_resource_record_sets(HostedZoneId=aws_lab.state["aws"]["hosted_zone_id"])["ResourceRecordSets"]
+        records = r53.list_resource_record_sets(HostedZoneId=aws_lab.state["aws"]["hosted_zone_id"])[
+            "ResourceRecordSets"
+        ]
         roles = {r["SetIdentifier"]: r["Failover"] for r in records if r.get("SetIdentifier")}
         assert roles == {"shop-westeurope": "PRIMARY", "shop-eastus": "SECONDARY"}
         assert report["rpo_bytes"] == 0 and report["rpo_proven"] is True

@@ -18,14 +18,32 @@ from kubernetes import client as k8s
 from kubernetes.config import new_client_from_config
 
 from activities.analysis import judge_step
-from activities.kubernetes import create_canary, create_colour, delete_canary, rollout_status, scale_deployment, set_image, set_weight, switch_service
+from activities.kubernetes import (
+    create_canary,
+    create_colour,
+    delete_canary,
+    rollout_status,
+    scale_deployment,
+    set_image,
+    set_weight,
+    switch_service,
+)
 from activities.prometheus import samples
 from lab.k8s_emulator import start_emulator, write_kubeconfig
 from lab.ports import free_port
 from lab.processes import wait_port
 from lab.rollout import IMAGES, STABLE_IMAGE, inventory_section, seed_additions
 from opsflow.inventory import KubernetesConfig
-from opsflow.rollout import AnalysisSpec, DeploymentRequest, ImageRequest, JudgeRequest, RolloutApp, RolloutTarget, SamplesRequest, WeightRequest
+from opsflow.rollout import (
+    AnalysisSpec,
+    DeploymentRequest,
+    ImageRequest,
+    JudgeRequest,
+    RolloutApp,
+    RolloutTarget,
+    SamplesRequest,
+    WeightRequest,
+)
 from tests.helpers import eventually as wait_for
 
 pytestmark = pytest.mark.lab
@@ -45,21 +63,53 @@ def cluster():
 @pytest.fixture
 def target(tmp_path, cluster) -> RolloutTarget:
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", {"lab-eastus": cluster.url})
-    return RolloutTarget(environment="lab", region="eastus",
-                         kubernetes=KubernetesConfig(kubeconfig=str(kubeconfig), context="lab-eastus", namespace="shop"),
-                         app=RolloutApp(region="eastus", deployment="web", container="web", service="web", router={"kind": "httproute", "name": "web"}))
+    return RolloutTarget(
+        environment="lab",
+        region="eastus",
+        kubernetes=KubernetesConfig(kubeconfig=str(kubeconfig), context="lab-eastus", namespace="shop"),
+        app=RolloutApp(
+            region="eastus",
+            deployment="web",
+            container="web",
+            service="web",
+            router={"kind": "httproute", "name": "web"},
+        ),
+    )
 
 
 @pytest.fixture
 def stage(tmp_path, cluster):
     proxy, prom = free_port(), free_port()
     log = open(tmp_path / "stage.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "lab.rollout", "--dir", str(tmp_path / "stage"), "--kube", cluster.url,
-                             "--proxy-port", str(proxy), "--prometheus-port", str(prom), "--rps", "40"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lab.rollout",
+            "--dir",
+            str(tmp_path / "stage"),
+            "--kube",
+            cluster.url,
+            "--proxy-port",
+            str(proxy),
+            "--prometheus-port",
+            str(prom),
+            "--rps",
+            "40",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     wait_port(prom, 60, "prometheus", tmp_path / "stage.log", pid=proc.pid)
     wait_port(proxy, 60, "nginx", tmp_path / "stage.log", pid=proc.pid)
-    yield {"proxy": f"http://127.0.0.1:{proxy}", "prometheus": f"http://127.0.0.1:{prom}", "log": tmp_path / "stage.log"}
+    yield {
+        "proxy": f"http://127.0.0.1:{proxy}",
+        "prometheus": f"http://127.0.0.1:{prom}",
+        "log": tmp_path / "stage.log",
+    }
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(30)
 
@@ -94,13 +144,17 @@ def test_canary_lifecycle_through_the_real_client(target):
     canary = apps.read_namespaced_deployment("web-canary", "shop")
     assert canary.spec.selector.match_labels == {"app": "web-canary"}
     assert core.read_namespaced_service("web-canary", "shop").spec.selector == {"app": "web-canary"}
-    assert core.read_namespaced_service("web", "shop").spec.selector == {"app": "web"}  # stable never selects canary pods
+    # stable never selects canary pods
+    assert core.read_namespaced_service("web", "shop").spec.selector == {"app": "web"}
     again = create_canary(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))  # idempotent
     assert again.canary_ready == 1
 
     assert set_weight(WeightRequest(target=target, canary_weight=25)).weights == {"web": 75, "web-canary": 25}
     route = custom.get_namespaced_custom_object("gateway.networking.k8s.io", "v1", "shop", "httproutes", "web")
-    assert route["spec"]["rules"][0]["backendRefs"] == [{"name": "web", "port": 80, "weight": 75}, {"name": "web-canary", "port": 80, "weight": 25}]
+    assert route["spec"]["rules"][0]["backendRefs"] == [
+        {"name": "web", "port": 80, "weight": 75},
+        {"name": "web-canary", "port": 80, "weight": 25},
+    ]
     assert set_weight(WeightRequest(target=target, canary_weight=25)).weights == {"web": 75, "web-canary": 25}
 
     st = delete_canary(target)
@@ -114,7 +168,11 @@ def test_canary_lifecycle_through_the_real_client(target):
 
 def test_blue_green_switch_and_back(target):
     st = create_colour(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
-    assert st.colours == {"web": STABLE_IMAGE, "web-green": IMAGES["healthy"]} and st.replicas["web-green"] == 3 and st.active == "web"
+    assert (
+        st.colours == {"web": STABLE_IMAGE, "web-green": IMAGES["healthy"]}
+        and st.replicas["web-green"] == 3
+        and st.active == "web"
+    )
     assert switch_service(DeploymentRequest(target=target, deployment="web-green")).active == "web-green"
     assert switch_service(DeploymentRequest(target=target, deployment="web-green")).active == "web-green"
     assert switch_service(DeploymentRequest(target=target, deployment="web")).active == "web"
@@ -135,11 +193,22 @@ def test_proxy_follows_the_route_and_prometheus_scrapes_the_apps(target, stage):
     assert seen["healthy-1"] > 20 and seen["faulty-2:500"] > 0  # ~50/50, and the faulty image fails some
 
     started = datetime.now(timezone.utc)
-    analysis = AnalysisSpec.model_validate({**inventory_section({"region": "eastus", "route": "web", "prometheus": stage["prometheus"]})["analysis"],
-                                            "min_requests": 10})
+    analysis = AnalysisSpec.model_validate(
+        {
+            **inventory_section({"region": "eastus", "route": "web", "prometheus": stage["prometheus"]})["analysis"],
+            "min_requests": 10,
+        }
+    )
     time.sleep(12)  # the bake: real time for real traffic (Prometheus scrapes every second)
-    got = samples(SamplesRequest(analysis=analysis, canary="web-canary", baseline="web", start=started + timedelta(seconds=5),
-                                 end=datetime.now(timezone.utc)))
+    got = samples(
+        SamplesRequest(
+            analysis=analysis,
+            canary="web-canary",
+            baseline="web",
+            start=started + timedelta(seconds=5),
+            end=datetime.now(timezone.utc),
+        )
+    )
     err = next(m for m in got.metrics if m.name == "error-rate")
     assert len(err.canary) >= 4 and len(err.baseline) >= 4
     assert max(err.baseline) == 0 and sum(err.canary) / len(err.canary) > 0.05
@@ -150,4 +219,6 @@ def test_proxy_follows_the_route_and_prometheus_scrapes_the_apps(target, stage):
     assert "error-rate" in failed and failed["error-rate"].critical
 
     delete_canary(target)
-    wait_for(lambda: versions_served(stage["proxy"], 20) == Counter({"healthy-1": 20}), what="stable alone behind the proxy")
+    wait_for(
+        lambda: versions_served(stage["proxy"], 20) == Counter({"healthy-1": 20}), what="stable alone behind the proxy"
+    )

@@ -60,7 +60,10 @@ def deployments(lab: Lab) -> dict:
     url = lab.state["kubernetes"]["eastus"]["url"]
     with urllib.request.urlopen(f"{url}/apis/apps/v1/namespaces/shop/deployments") as r:
         items = json.loads(r.read())["items"]
-    return {d["metadata"]["name"]: (d["spec"]["template"]["spec"]["containers"][0]["image"], d["spec"]["replicas"]) for d in items}
+    return {
+        d["metadata"]["name"]: (d["spec"]["template"]["spec"]["containers"][0]["image"], d["spec"]["replicas"])
+        for d in items
+    }
 
 
 def served(lab: Lab, n: int = 30) -> Counter:
@@ -91,7 +94,9 @@ def test_status_names_the_rollout_stage(rollout_lab):
 def test_healthy_image_is_promoted_with_figures_from_prometheus(rollout_lab):
     lab, images = rollout_lab, rollout_lab.state["rollout"]["images"]
     old = lab.state["rollout"]["stable_image"]
-    report = run_rollout(lab, "canary", "--image", images["healthy"], "--steps", "25,50,100", "--bake", "15s", "--auto-promote")
+    report = run_rollout(
+        lab, "canary", "--image", images["healthy"], "--steps", "25,50,100", "--bake", "15s", "--auto-promote"
+    )
     assert report["status"] == "succeeded", report.get("failure")
     assert report["previous_image"] == old and report["image"] == images["healthy"] and not report["rolled_back"]
     assert deployments(lab)["web"][0] == images["healthy"] and "web-canary" not in deployments(lab)
@@ -102,13 +107,19 @@ def test_healthy_image_is_promoted_with_figures_from_prometheus(rollout_lab):
     assert judged[0]["canary_requests"] > 20 and prometheus_total(lab, "web-canary") > 20
     p95 = next(m for m in judged[0]["metrics"] if m["name"] == "p95-latency")
     assert 0.004 < p95["canary"] < 0.1 and 0.004 < p95["baseline"] < 0.1 and p95["canary_samples"] >= 5
-    wait_for(lambda: served(lab, 10) == Counter({images["healthy"].rsplit(":", 1)[1]: 10}), 30, what="the new stable alone behind the proxy")
+    wait_for(
+        lambda: served(lab, 10) == Counter({images["healthy"].rsplit(":", 1)[1]: 10}),
+        30,
+        what="the new stable alone behind the proxy",
+    )
 
 
 def test_faulty_image_is_rolled_back_naming_the_error_rate(rollout_lab):
     lab, images = rollout_lab, rollout_lab.state["rollout"]["images"]
     before = deployments(lab)["web"]
-    report = run_rollout(lab, "canary", "--image", images["faulty"], "--steps", "25,50,100", "--bake", "15s", "--auto-promote")
+    report = run_rollout(
+        lab, "canary", "--image", images["faulty"], "--steps", "25,50,100", "--bake", "15s", "--auto-promote"
+    )
     assert report["status"] == "failed" and report["rolled_back"]
     assert "error-rate" in report["rollback_reason"]
     breach = next(m for a in report["analysis"] for m in a["metrics"] if m["name"] == "error-rate")
@@ -149,7 +160,9 @@ def test_lab_demo_canary_promotes_the_healthy_image_and_rolls_back_the_faulty_on
     stable = lab.state["rollout"]["stable_image"]
     set_stable_image(lab, stable)
     version = stable.rsplit(":", 1)[1]
-    wait_for(lambda: served(lab, 10) == Counter({version: 10}), 30, what="the first stable image alone behind the proxy")
+    wait_for(
+        lambda: served(lab, 10) == Counter({version: 10}), 30, what="the first stable image alone behind the proxy"
+    )
 
     demo = lab.cli("lab", "demo", "--procedure", "canary", "--dir", str(lab.root), timeout=400)
     assert demo.returncode == 0, f"stdout:\n{demo.stdout}\nstderr:\n{demo.stderr}"

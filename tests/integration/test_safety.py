@@ -22,6 +22,7 @@ from temporalio.worker import Worker
 from activities.database import db_divergence, db_fence_control_plane, db_rebuild_replica, db_wait_caught_up
 from lab.ports import free_port
 from lab.postgres import Cluster, _set_port
+from opsflow.contracts.db import DB_WAIT_CAUGHT_UP
 from opsflow.models import CatchUpRequest, DivergenceRequest, RebuildRequest
 from tests.conftest import dev_server
 from tests.integration.conftest import wait_for
@@ -37,8 +38,12 @@ class CatchUpWorkflow:
     @workflow.run
     async def run(self, req: CatchUpRequest) -> None:
         await workflow.execute_activity(
-            "db.wait_caught_up", req, start_to_close_timeout=timedelta(minutes=10), heartbeat_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_attempts=1), cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            DB_WAIT_CAUGHT_UP.name,
+            req,
+            start_to_close_timeout=timedelta(minutes=10),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(maximum_attempts=1),
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
 
 
@@ -67,7 +72,9 @@ async def test_an_abort_stops_the_catch_up_within_seconds_and_polling_keeps_to_t
                               activity_executor=executor, max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
                               default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE):
                 started = time.time()
-                handle = await env.client.start_workflow(CatchUpWorkflow.run, req, id=f"catch-up-{queue}", task_queue=queue)
+                handle = await env.client.start_workflow(
+                    CatchUpWorkflow.run, req, id=f"catch-up-{queue}", task_queue=queue
+                )
 
                 async def heartbeating() -> bool:
                     desc = await handle.describe()
@@ -156,12 +163,16 @@ def test_rebuild_keeps_the_old_primary_and_reports_its_writes_after_the_split(la
 
 def test_emergency_fence_is_best_effort_and_never_raises_for_an_unreachable_region(lab):
     res = db_fence_control_plane(lab.target("westeurope"))
-    assert res.fenced and res.method == "azure-read-only-parameter" and "default_transaction_read_only=on" in res.detail, res
+    assert (
+        res.fenced and res.method == "azure-read-only-parameter" and "default_transaction_read_only=on" in res.detail
+    ), res
     assert sql(lab.primary, "show default_transaction_read_only")[0][0] == "on"
 
     from opsflow.inventory import AzureConnection
 
-    dead = AzureConnection(arm_endpoint="https://127.0.0.1:9", credential="static-token", ca_bundle=str(lab.emu.ca_path))
+    dead = AzureConnection(
+        arm_endpoint="https://127.0.0.1:9", credential="static-token", ca_bundle=str(lab.emu.ca_path)
+    )
     t0 = time.monotonic()
     res = db_fence_control_plane(lab.target("westeurope", conn=dead))
     assert not res.fenced and "by hand" in res.detail, res

@@ -88,7 +88,9 @@ def inventory(inventory_file) -> Inventory:
 
 @pytest_asyncio.fixture(scope="module")
 async def client(server, inventory) -> Client:
-    async with Worker(server.client, task_queue=inventory.task_queue, workflows=[StandInDrill, StandInMaintenance, ScheduledLaunch]):
+    async with Worker(
+        server.client, task_queue=inventory.task_queue, workflows=[StandInDrill, StandInMaintenance, ScheduledLaunch]
+    ):
         yield server.client
 
 
@@ -149,7 +151,12 @@ async def test_create_from_calendar_in_a_time_zone(cli, client, inventory):
     assert created["schedule_id"] == f"opsflow-{inventory.environment}-monthly" and created["warnings"] == []
     desc = await cli("describe", "monthly")
     assert desc["procedure"] == "drill" and desc["task_queue"] == inventory.task_queue
-    assert desc["spec"] == {"calendars": ["day_of_month=1 hour=3"], "as_given": ["calendar: day_of_month=1 hour=3"], "intervals": [], "timezone": "Europe/Berlin"}
+    assert desc["spec"] == {
+        "calendars": ["day_of_month=1 hour=3"],
+        "as_given": ["calendar: day_of_month=1 hour=3"],
+        "intervals": [],
+        "timezone": "Europe/Berlin",
+    }
     assert desc["policy"] == {"overlap": "skip", "catchup_window": "1d", "pause_on_failure": False}
     assert desc["paused"] is False and desc["note"] == "monthly restore test" and desc["inventory_current"] is True
     # The server's next action times are the calendar's, read in Berlin (03:00 local is 01:00 or 02:00 UTC): the
@@ -162,12 +169,28 @@ async def test_create_from_calendar_in_a_time_zone(cli, client, inventory):
         assert (local.day, local.hour, local.minute) == (1, 3, 0)
     # The schedule itself carries the environment and procedure, as the runs will.
     d = await client.get_schedule_handle(created["schedule_id"]).describe()
-    assert d.typed_search_attributes.get(OPS_ENVIRONMENT) == inventory.environment and d.typed_search_attributes.get(OPS_PROCEDURE) == "drill"
+    assert (
+        d.typed_search_attributes.get(OPS_ENVIRONMENT) == inventory.environment
+        and d.typed_search_attributes.get(OPS_PROCEDURE) == "drill"
+    )
 
 
 async def test_create_from_cron(cli):
-    created = await cli("create", "weekdays", "--procedure", "drill", "--cron", "30 2 * * mon-fri", "--pause-on-failure", "--catchup-window", "6h")
-    assert created["spec"]["calendars"] == ["day_of_week=mon-fri hour=2 minute=30"] and created["spec"]["timezone"] == "UTC"
+    created = await cli(
+        "create",
+        "weekdays",
+        "--procedure",
+        "drill",
+        "--cron",
+        "30 2 * * mon-fri",
+        "--pause-on-failure",
+        "--catchup-window",
+        "6h",
+    )
+    assert (
+        created["spec"]["calendars"] == ["day_of_week=mon-fri hour=2 minute=30"]
+        and created["spec"]["timezone"] == "UTC"
+    )
     assert created["policy"] == {"overlap": "skip", "catchup_window": "6h", "pause_on_failure": True}
     server = times(created["next_action_times"])
     assert len(server) >= 5 and server == sorted(server) and len(set(server)) == len(server)
@@ -201,7 +224,9 @@ async def test_bad_input_creates_nothing(cli, client, inventory, argv, needle):
 
 
 async def test_unknown_procedure_creates_nothing(cli, client, inventory):
-    assert "unknown procedure 'failover'" in await cli.fails("create", "fo", "--procedure", "failover", "--calendar", "hour=3")
+    assert "unknown procedure 'failover'" in await cli.fails(
+        "create", "fo", "--procedure", "failover", "--calendar", "hour=3"
+    )
     assert not await exists(client, schedule_id(inventory.environment, "fo"))
 
 
@@ -215,14 +240,18 @@ async def test_a_spec_the_server_refuses_is_bad_input_and_creates_nothing(cli, c
     # Past our own checks (stood aside here), the server's parser has the last word.
     from opsflow import cron
 
-    monkeypatch.setattr(cron, "check_calendar", lambda text: cron.CheckedSpec("0 0 25 * * * * # calendar: hour=25", text, {}))
+    monkeypatch.setattr(
+        cron, "check_calendar", lambda text: cron.CheckedSpec("0 0 25 * * * * # calendar: hour=25", text, {})
+    )
     msg = await cli.fails("create", "refused", "--procedure", "drill", "--calendar", "hour=25")
     assert msg.startswith("Temporal refused the schedule:") and "Hour is not in range" in msg
     assert not await exists(client, schedule_id(inventory.environment, "refused"))
 
 
 async def test_weekly_maintenance_runs_under_the_environment_id(cli, client, inventory):
-    created = await cli("create", "weekly", "--procedure", "maintenance", "--calendar", "day_of_week=sun hour=2", "--region", "eastus")
+    created = await cli(
+        "create", "weekly", "--procedure", "maintenance", "--calendar", "day_of_week=sun hour=2", "--region", "eastus"
+    )
     assert created["procedure"] == "maintenance" and created["spec"]["calendars"] == ["day_of_week=sun hour=2"]
     assert all(t.weekday() == 6 and t.hour == 2 for t in times(created["next_action_times"]))
     wid = (await cli("trigger", "weekly"))["workflow_id"]
@@ -238,7 +267,9 @@ async def test_weekly_maintenance_runs_under_the_environment_id(cli, client, inv
 
 
 async def test_trigger_starts_a_drill(cli, client, inventory):
-    await cli("create", "ondemand", "--procedure", "drill", "--calendar", "month=jan day_of_month=1", "--source", "westeurope")
+    await cli(
+        "create", "ondemand", "--procedure", "drill", "--calendar", "month=jan day_of_month=1", "--source", "westeurope"
+    )
     started = await cli("trigger", "ondemand")
     wid = started["workflow_id"]
     assert wid.startswith(f"opsflow-{inventory.environment}-ondemand-")
@@ -250,7 +281,10 @@ async def test_trigger_starts_a_drill(cli, client, inventory):
     assert inp.requester == "schedule:ondemand" and inp.source_region == "westeurope" and not inp.dry_run
     assert inp.environment == inventory.environment and inp.inventory is None and inp.point_in_time is None
     d = await client.get_workflow_handle(wid).describe()
-    assert d.typed_search_attributes.get(OPS_PROCEDURE) == "drill" and d.typed_search_attributes.get(OPS_ENVIRONMENT) == inventory.environment
+    assert (
+        d.typed_search_attributes.get(OPS_PROCEDURE) == "drill"
+        and d.typed_search_attributes.get(OPS_ENVIRONMENT) == inventory.environment
+    )
     assert d.typed_search_attributes.get(SCHEDULED_BY) == schedule_id(inventory.environment, "ondemand")
     desc = await cli("describe", "ondemand")
     assert desc["num_actions"] == 1
@@ -279,7 +313,9 @@ async def test_trigger_while_a_run_is_in_progress_is_refused(cli, client, invent
 
 async def _child_running(client, environment):
     try:
-        return (await client.get_workflow_handle(f"opsflow-{environment}").describe()).status == WorkflowExecutionStatus.RUNNING
+        return (
+            await client.get_workflow_handle(f"opsflow-{environment}").describe()
+        ).status == WorkflowExecutionStatus.RUNNING
     except Exception:
         return False
 
@@ -354,11 +390,19 @@ async def test_backfill_runs_the_missed_times_one_after_another(cli, client, inv
 
 async def test_backfill_refuses_what_it_cannot_do(cli):
     await cli("create", "bf-checks", "--procedure", "drill", "--calendar", "month=jan day_of_month=1", "--paused")
-    assert "nothing to backfill" in await cli.fails("backfill", "bf-checks", "--start", "2024-02-01", "--end", "2024-12-01")
-    assert "is in the future" in await cli.fails("backfill", "bf-checks", "--start", "2024-01-01", "--end", "2099-01-01")
+    assert "nothing to backfill" in await cli.fails(
+        "backfill", "bf-checks", "--start", "2024-02-01", "--end", "2024-12-01"
+    )
+    assert "is in the future" in await cli.fails(
+        "backfill", "bf-checks", "--start", "2024-01-01", "--end", "2099-01-01"
+    )
     assert "is not before" in await cli.fails("backfill", "bf-checks", "--start", "2024-01-02", "--end", "2024-01-01")
-    assert "not an ISO date" in await cli.fails("backfill", "bf-checks", "--start", "last tuesday", "--end", "2024-01-01")
-    assert "more than 2 scheduled times" in await cli.fails("backfill", "bf-checks", "--start", "2020-01-01", "--end", "2024-06-01", "--limit", "2")
+    assert "not an ISO date" in await cli.fails(
+        "backfill", "bf-checks", "--start", "last tuesday", "--end", "2024-01-01"
+    )
+    assert "more than 2 scheduled times" in await cli.fails(
+        "backfill", "bf-checks", "--start", "2020-01-01", "--end", "2024-06-01", "--limit", "2"
+    )
     assert (await cli("describe", "bf-checks"))["num_actions"] == 0
 
 
@@ -382,23 +426,55 @@ async def test_delete(cli, client, inventory):
 # interpreter teardown ("PyGILState_Release ... finalizing", exit 134; temporalio/sdk-python#300), which would
 # make these tests flaky for a reason that is not theirs. Once the `opsflow` entry point itself exits that way,
 # this can become `-m starters.cli`.
-_RUN_CLI = "import os, sys; from starters.cli import main; code = main(sys.argv[1:]); sys.stdout.flush(); sys.stderr.flush(); os._exit(code)"
+_RUN_CLI = (
+    "import os, sys; from starters.cli import main; code = main(sys.argv[1:]); "
+    "sys.stdout.flush(); sys.stderr.flush(); os._exit(code)"
+)
 
 
 def opsflow(server, *argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TEMPORAL_ADDRESS": server.client.service_client.config.target_host, "PYTHONPATH": str(ROOT)}
     env.pop("TEMPORAL_NAMESPACE", None)
-    return subprocess.run([sys.executable, "-c", _RUN_CLI, "schedule", *argv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", _RUN_CLI, "schedule", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 async def test_cli_subprocess(server, client, inventory_file, inventory):
-    bad = await asyncio.to_thread(opsflow, server, "create", "cli-bad", "--env", str(inventory_file), "--procedure", "drill",
-                                  "--calendar", "day_of_month=1 hour=3 minute=61")
+    bad = await asyncio.to_thread(
+        opsflow,
+        server,
+        "create",
+        "cli-bad",
+        "--env",
+        str(inventory_file),
+        "--procedure",
+        "drill",
+        "--calendar",
+        "day_of_month=1 hour=3 minute=61",
+    )
     assert bad.returncode == 2 and "minute=61: 61 is out of range for minute (0-59)" in bad.stderr
     assert not await exists(client, schedule_id(inventory.environment, "cli-bad"))
 
-    made = await asyncio.to_thread(opsflow, server, "create", "cli-made", "--env", str(inventory_file), "--procedure", "drill",
-                                   "--cron", "0 3 1 * *", "--timezone", "America/New_York")
+    made = await asyncio.to_thread(
+        opsflow,
+        server,
+        "create",
+        "cli-made",
+        "--env",
+        str(inventory_file),
+        "--procedure",
+        "drill",
+        "--cron",
+        "0 3 1 * *",
+        "--timezone",
+        "America/New_York",
+    )
     assert made.returncode == 0, made.stderr
     assert "created schedule cli-made" in made.stdout and "next:" in made.stdout
 

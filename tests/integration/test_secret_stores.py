@@ -46,7 +46,10 @@ def test_aws_secrets_manager(moto_url):
     sm.create_secret(Name="opsflow/hook", SecretString="https://hooks.example/x")
     secrets.configure(_Inv(aws=AwsConnection(endpoint_url=moto_url, default_region="eu-west-1")))
     try:
-        assert secrets.resolve(SecretRef(aws_secrets_manager={"secret_id": "opsflow/db", "key": "password"})) == "aws-s3cret"
+        assert (
+            secrets.resolve(SecretRef(aws_secrets_manager={"secret_id": "opsflow/db", "key": "password"}))
+            == "aws-s3cret"
+        )
         assert secrets.resolve(SecretRef(aws_secrets_manager={"secret_id": "opsflow/hook"})) == "https://hooks.example/x"
         with pytest.raises(ApplicationError, match="opsflow/nope: ResourceNotFoundException") as e:
             secrets.resolve(SecretRef(aws_secrets_manager={"secret_id": "opsflow/nope"}))
@@ -58,7 +61,9 @@ def test_aws_secrets_manager(moto_url):
 
 
 def test_azure_key_vault_through_the_sdk(vault):
-    secrets.configure(_Inv(azure=AzureConnection(arm_endpoint=vault.url, credential="static-token", ca_bundle=str(vault.ca_path))))
+    secrets.configure(
+        _Inv(azure=AzureConnection(arm_endpoint=vault.url, credential="static-token", ca_bundle=str(vault.ca_path)))
+    )
     try:
         ref = SecretRef(azure_key_vault={"vault_url": vault.url, "name": "db-password"})
         assert secrets.resolve(ref) == "kv-s3cret"

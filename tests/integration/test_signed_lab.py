@@ -17,16 +17,33 @@ import pytest
 import yaml
 from temporalio.client import Client, WorkflowUpdateFailedError
 
+from opsflow.client import send_update
 from opsflow.signing import Signer
 from tests.integration.conftest import wait_for
 from tests.integration.test_failover_lab import wait_end
+from workflows.procedure import Procedure
 
 pytestmark = pytest.mark.lab
 
 
 def keygen(d: Path, name: str, kind: str = "ed25519") -> tuple[str, str]:
     path = d / name
-    subprocess.run(["ssh-keygen", "-q", "-t", kind, *(["-b", "256"] if kind == "ecdsa" else []), "-N", "", "-C", name, "-f", str(path)], check=True)
+    subprocess.run(
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            kind,
+            *(["-b", "256"] if kind == "ecdsa" else []),
+            "-N",
+            "",
+            "-C",
+            name,
+            "-f",
+            str(path),
+        ],
+        check=True,
+    )
     return str(path), Path(f"{path}.pub").read_text().strip()
 
 
@@ -34,7 +51,12 @@ def keygen(d: Path, name: str, kind: str = "ed25519") -> tuple[str, str]:
 def keys(tmp_path):
     d = tmp_path / "keys"
     d.mkdir()
-    return {"carol": keygen(d, "carol"), "bob": keygen(d, "bob"), "dana": keygen(d, "dana", "ecdsa"), "eve": keygen(d, "eve")}
+    return {
+        "carol": keygen(d, "carol"),
+        "bob": keygen(d, "bob"),
+        "dana": keygen(d, "dana", "ecdsa"),
+        "eve": keygen(d, "eve"),
+    }
 
 
 @pytest.fixture
@@ -42,7 +64,12 @@ def agent(tmp_path, keys):
     sock = tmp_path / "agent.sock"
     proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(sock.exists, 10, 0.02, "the ssh-agent socket")
-    subprocess.run(["ssh-add", "-q", keys["dana"][0]], env={**os.environ, "SSH_AUTH_SOCK": str(sock)}, check=True, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        ["ssh-add", "-q", keys["dana"][0]],
+        env={**os.environ, "SSH_AUTH_SOCK": str(sock)},
+        check=True,
+        stderr=subprocess.DEVNULL,
+    )
     yield str(sock)
     proc.send_signal(signal.SIGTERM)
     proc.wait(10)
@@ -52,8 +79,13 @@ def agent(tmp_path, keys):
 def signed_lab(lab, keys):
     inv = yaml.safe_load(Path(lab.inventory).read_text())
     inv["approval"].update(
-        approvers={"platform-lead": [{"name": "bob", "ssh_key": keys["bob"][1]}], "qa": [{"name": "dana", "ssh_key": keys["dana"][1]}]},
-        require=["platform-lead", "qa"], require_signed=True)
+        approvers={
+            "platform-lead": [{"name": "bob", "ssh_key": keys["bob"][1]}],
+            "qa": [{"name": "dana", "ssh_key": keys["dana"][1]}],
+        },
+        require=["platform-lead", "qa"],
+        require_signed=True,
+    )
     inv["operators"] = {"failover": [{"name": "carol", "ssh_key": keys["carol"][1]}]}
     Path(lab.inventory).write_text(yaml.safe_dump(inv, sort_keys=False))
     lab.start_worker()
@@ -67,9 +99,13 @@ def status(lab, wid: str) -> dict:
 async def test_signed_approvals_on_the_lab(signed_lab, keys, agent, tmp_path):
     lab = signed_lab
     # Starts: not an operator, unsigned, then carol signing with her key file.
-    refused = lab.cli("failover", "--to", "westeurope", "--requester", "eve", "--key", keys["eve"][0], "--wait", "--json")
+    refused = lab.cli(
+        "failover", "--to", "westeurope", "--requester", "eve", "--key", keys["eve"][0], "--wait", "--json"
+    )
     assert refused.returncode == 1 and "'eve' may not start failover" in refused.stdout + refused.stderr, refused
-    started = lab.cli_json("failover", "--to", "westeurope", "--requester", "carol", "--reason", "signed drill", "--key", keys["carol"][0])
+    started = lab.cli_json(
+        "failover", "--to", "westeurope", "--requester", "carol", "--reason", "signed drill", "--key", keys["carol"][0]
+    )
     wid = started["workflow_id"]
     wait_for(lambda: lab.status(wid)["status"] == "waiting", 120, what="the approval gate")
 
@@ -84,15 +120,31 @@ async def test_signed_approvals_on_the_lab(signed_lab, keys, agent, tmp_path):
 
     attempts = {
         "missing signature": req("bob"),
-        "signed by another key": req("bob", **Signer(name="bob", key_path=keys["eve"][0]).sign_request(
-            workflow_id=wid, run_id=run_id, gate_id="approval", action="approve", reason="ok")),
-        "another run/gate": req("bob", **bob.sign_request(workflow_id=wid, run_id="0" * 36, gate_id="approval", action="approve", reason="ok")),
-        "stale": req("bob", **bob.sign_request(workflow_id=wid, run_id=run_id, gate_id="approval", action="approve", reason="ok",
-                                             at=now - timedelta(minutes=10))),
+        "signed by another key": req(
+            "bob",
+            **Signer(name="bob", key_path=keys["eve"][0]).sign_request(
+                workflow_id=wid, run_id=run_id, gate_id="approval", action="approve", reason="ok"
+            ),
+        ),
+        "another run/gate": req(
+            "bob",
+            **bob.sign_request(workflow_id=wid, run_id="0" * 36, gate_id="approval", action="approve", reason="ok"),
+        ),
+        "stale": req(
+            "bob",
+            **bob.sign_request(
+                workflow_id=wid,
+                run_id=run_id,
+                gate_id="approval",
+                action="approve",
+                reason="ok",
+                at=now - timedelta(minutes=10),
+            ),
+        ),
     }
     for why, body in attempts.items():
         with pytest.raises(WorkflowUpdateFailedError) as e:
-            await handle.execute_update("approve", body, result_type=dict)
+            await send_update(handle, Procedure.approve, body)
         assert why in str(e.value.cause), (why, e.value.cause)
 
     # Correct: bob through the CLI with his key file; one role is not enough.
@@ -100,8 +152,13 @@ async def test_signed_approvals_on_the_lab(signed_lab, keys, agent, tmp_path):
     st = status(lab, wid)
     assert st["status"] == "waiting" and "qa" in (st.get("waiting_for") or ""), st
     # dana through ssh-agent (no --key): her ecdsa key is in the agent.
-    done = subprocess.run([*lab_cli(lab), "approve", wid, "--as", "dana", "--reason", "qa ok"], capture_output=True, text=True,
-                          env={**lab.env(), "SSH_AUTH_SOCK": agent}, cwd=Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [*lab_cli(lab), "approve", wid, "--as", "dana", "--reason", "qa ok"],
+        capture_output=True,
+        text=True,
+        env={**lab.env(), "SSH_AUTH_SOCK": agent},
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert done.returncode == 0, done.stderr
     wait_end(lab, wid, 300, lambda r: r["status"] in ("succeeded", "failed"), "the failover to end")
 

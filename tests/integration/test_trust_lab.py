@@ -36,8 +36,20 @@ def test_an_edited_local_inventory_is_refused_and_changes_nothing(lab, worker, t
     mine["approval"]["approvers"] = ["mallory"]
     mine["approval"]["require_distinct_approver"] = False
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine))
-    proc = lab.cli("failover", "--env", str(tmp_path / "mine.yaml"), "--to", "westeurope", "--requester", "mallory", "--wait", "--json")
-    assert proc.returncode == 1 and '"status": "refused"' in proc.stdout and "approval.approvers" in proc.stdout, proc.stdout
+    proc = lab.cli(
+        "failover",
+        "--env",
+        str(tmp_path / "mine.yaml"),
+        "--to",
+        "westeurope",
+        "--requester",
+        "mallory",
+        "--wait",
+        "--json",
+    )
+    assert proc.returncode == 1 and '"status": "refused"' in proc.stdout and "approval.approvers" in proc.stdout, (
+        proc.stdout
+    )
     assert sql(lab.dsn("westeurope"), "SELECT pg_is_in_recovery()")[0][0] is True and writable(lab.dsn("eastus"))
     assert traffic_endpoints(lab)["shop-eastus"]["status"] == "Enabled"
 
@@ -53,7 +65,9 @@ def test_a_cancel_during_the_catch_up_undoes_the_fence(lab, worker):
     cancel(lab, wid)
     report = wait_end(lab, wid)
     sql(west, "SELECT pg_wal_replay_resume()")
-    assert report["status"] == "aborted" and "cancelled through Temporal, unsigned" in report["failure"], explain(report)
+    assert report["status"] == "aborted" and "cancelled through Temporal, unsigned" in report["failure"], explain(
+        report
+    )
     assert writable(east) and sql(west, "SELECT pg_is_in_recovery()")[0][0] is True
     eps = traffic_endpoints(lab)
     assert eps["shop-eastus"]["status"] == "Enabled" and eps["shop-westeurope"]["status"] == "Disabled"

@@ -19,7 +19,9 @@ from opsflow.inventory import InventoryError, load_inventory
 from starters.cli import main as cli
 from tests.workflow.conftest import inventory_dict
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 BASE = inventory_dict(environment="prod")
 BASE["approval"]["approvers"] = ["alice", "bob"]
 
@@ -140,11 +142,26 @@ def test_a_plaintext_secret_in_any_text_field_is_refused_naming_it(tmp_path, pat
 
 def test_the_plaintext_secret_rules_name_the_exact_field(tmp_path):
     for mutate, field in [
-        (lambda d: d["notifications"][0].update(url="https://hooks.slack.com/services/T/B/X", url_secret=None), r"notifications\.0\.url"),
-        (lambda d: d["regions"]["eastus"]["database"].update(dsn="postgresql://u:p@db/app"), r"regions\.eastus\.database\.(postgres\.)?dsn"),
-        (lambda d: d["regions"]["eastus"]["database"].update(dsn="postgresql://db/app?password=p"), r"regions\.eastus\.database\.(postgres\.)?dsn"),
-        (lambda d: d["regions"]["eastus"]["database"].update(password="hunter2"), r"regions\.eastus\.database\.password"),
-        (lambda d: d["regions"]["eastus"]["smoke_urls"].append("https://x/health?api_key=k"), r"regions\.eastus\.smoke_urls\.1"),
+        (
+            lambda d: d["notifications"][0].update(url="https://hooks.slack.com/services/T/B/X", url_secret=None),
+            r"notifications\.0\.url",
+        ),
+        (
+            lambda d: d["regions"]["eastus"]["database"].update(dsn="postgresql://u:p@db/app"),
+            r"regions\.eastus\.database\.(postgres\.)?dsn",
+        ),
+        (
+            lambda d: d["regions"]["eastus"]["database"].update(dsn="postgresql://db/app?password=p"),
+            r"regions\.eastus\.database\.(postgres\.)?dsn",
+        ),
+        (
+            lambda d: d["regions"]["eastus"]["database"].update(password="hunter2"),
+            r"regions\.eastus\.database\.password",
+        ),
+        (
+            lambda d: d["regions"]["eastus"]["smoke_urls"].append("https://x/health?api_key=k"),
+            r"regions\.eastus\.smoke_urls\.1",
+        ),
     ]:
         data = copy.deepcopy(BASE)
         mutate(data)
@@ -160,7 +177,9 @@ def test_the_plaintext_secret_rules_name_the_exact_field(tmp_path):
 def test_any_text_as_an_inventory_is_a_clear_error(tmp_path, text):
     f = tmp_path / "inventory.yaml"
     f.write_text(text)
-    with pytest.raises(InventoryError, match=r"inventory .*(not valid YAML|must be a mapping|is invalid|holds secrets)"):
+    with pytest.raises(
+        InventoryError, match=r"inventory .*(not valid YAML|must be a mapping|is invalid|holds secrets)"
+    ):
         load_inventory(f)
     code, err = run_cli(["drill", "--env", str(f)])
     assert code == 2 and err.startswith("error: inventory") and "Traceback" not in err
@@ -169,7 +188,9 @@ def test_any_text_as_an_inventory_is_a_clear_error(tmp_path, text):
 # -- command lines -----------------------------------------------------------------------------------------
 
 ACTIONS = ["approve", "reject", "pause", "resume", "abort", "override"]
-JUNK = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=20)
+JUNK = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=20
+)
 
 
 @pytest.fixture
@@ -203,14 +224,41 @@ def test_a_bad_point_in_time_is_named(inventory_file, when):
 
 
 @SETTINGS
-@given(command=st.sampled_from(["failover", "failback", "drill", "status", "report", "list", "verify-report", *ACTIONS]),
-       flag=st.from_regex(r"\A--[a-z][a-z-]{1,15}\Z"))
+@given(
+    command=st.sampled_from(["failover", "failback", "drill", "status", "report", "list", "verify-report", *ACTIONS]),
+    flag=st.from_regex(r"\A--[a-z][a-z-]{1,15}\Z"),
+)
 def test_an_unknown_option_is_named(inventory_file, command, flag):
-    known = {"--env", "--to", "--emergency", "--dry-run", "--requester", "--reason", "--wait", "--json", "--as", "--key", "--source",
-             "--point-in-time", "--markdown", "--environment", "--status", "--limit", "--help", "--gate", "--full", "--procedure"}
+    known = {
+        "--env",
+        "--to",
+        "--emergency",
+        "--dry-run",
+        "--requester",
+        "--reason",
+        "--wait",
+        "--json",
+        "--as",
+        "--key",
+        "--source",
+        "--point-in-time",
+        "--markdown",
+        "--environment",
+        "--status",
+        "--limit",
+        "--help",
+        "--gate",
+        "--full",
+        "--procedure",
+    }
     assume(not any(k.startswith(flag) for k in known))  # argparse accepts unambiguous prefixes
-    argv = {"failover": ["failover", "--to", "westeurope"], "failback": ["failback", "--to", "westeurope"], "drill": ["drill"],
-            "list": ["list"], "verify-report": ["verify-report", "r.json", "--env", inventory_file]}.get(command, [command, "wid", "--as", "bob", "--reason", "r"])
+    argv = {
+        "failover": ["failover", "--to", "westeurope"],
+        "failback": ["failback", "--to", "westeurope"],
+        "drill": ["drill"],
+        "list": ["list"],
+        "verify-report": ["verify-report", "r.json", "--env", inventory_file],
+    }.get(command, [command, "wid", "--as", "bob", "--reason", "r"])
     code, err = run_cli([*argv, flag, "x"])
     assert code == 2 and flag in err and "Traceback" not in err, err
 

@@ -116,10 +116,14 @@ def test_cutoff():
     assert not w.cutoff_reached(utc(2026, 11, 22, 3, 39), 20 * 60)  # 21 minutes left
     assert w.cutoff_reached(utc(2026, 11, 22, 3, 40), 20 * 60)  # 20 left: no new task
     assert w.cutoff_reached(utc(2026, 11, 22, 5, 0), 0)  # closed
-    cal = Calendar(windows=[w], freezes=[Freeze(name="db upgrade", start=utc(2026, 11, 22, 3, 30), end=utc(2026, 11, 22, 6))])
+    cal = Calendar(
+        windows=[w], freezes=[Freeze(name="db upgrade", start=utc(2026, 11, 22, 3, 30), end=utc(2026, 11, 22, 6))]
+    )
     # A freeze starting inside the window ends it early: the cutoff counts from the freeze.
     assert cal.closes_at(utc(2026, 11, 22, 3, 0)) == utc(2026, 11, 22, 3, 30)
-    assert cal.cutoff_reached(utc(2026, 11, 22, 3, 15), 15 * 60) and not cal.cutoff_reached(utc(2026, 11, 22, 3, 14), 15 * 60)
+    assert cal.cutoff_reached(utc(2026, 11, 22, 3, 15), 15 * 60) and not cal.cutoff_reached(
+        utc(2026, 11, 22, 3, 14), 15 * 60
+    )
 
 
 def test_days_and_times_as_people_write_them():
@@ -152,7 +156,9 @@ def test_bad_window_names_the_field(fields, where, needle):
 
 
 def test_bad_window_in_an_inventory_names_its_path(tmp_path):
-    inv = inventory_dict(failback={"window": {"days": ["sun"], "start": "02:00", "end": "04:00", "timezone": "Europe/Atlantis"}})
+    inv = inventory_dict(
+        failback={"window": {"days": ["sun"], "start": "02:00", "end": "04:00", "timezone": "Europe/Atlantis"}}
+    )
     (tmp_path / "inv.yaml").write_text(yaml.safe_dump(inv))
     with pytest.raises(ValueError, match=r"failback\.window\.timezone: .*unknown time zone 'Europe/Atlantis'"):
         load_inventory(tmp_path / "inv.yaml")
@@ -161,11 +167,17 @@ def test_bad_window_in_an_inventory_names_its_path(tmp_path):
 # -- freezes -----------------------------------------------------------------------------------------------
 
 
-WEEKEND = [{"days": ["fri"], "start": "12:00", "end": "00:00"}, {"days": ["sat", "sun"], "start": "00:00", "end": "00:00"}]
+WEEKEND = [
+    {"days": ["fri"], "start": "12:00", "end": "00:00"},
+    {"days": ["sat", "sun"], "start": "00:00", "end": "00:00"},
+]
 
 
 def test_weekly_freeze_friday_noon_through_the_weekend():
-    cal = Calendar(windows=[WeeklyWindow(days="tue-thu", start="10:00", end="16:00")], freezes=[Freeze(name="weekend", weekly=WEEKEND)])
+    cal = Calendar(
+        windows=[WeeklyWindow(days="tue-thu", start="10:00", end="16:00")],
+        freezes=[Freeze(name="weekend", weekly=WEEKEND)],
+    )
     assert cal.frozen(utc(2026, 11, 27, 11, 59)) is None  # Friday morning
     assert cal.frozen(utc(2026, 11, 27, 12, 0)) == FreezeHit(name="weekend", until=utc(2026, 11, 30, 0, 0))
     assert cal.frozen(utc(2026, 11, 29, 23, 0)).until == utc(2026, 11, 30, 0, 0)
@@ -218,14 +230,18 @@ def test_a_calendar_that_never_opens_says_so():
 
 
 def ics(now: datetime, path: str = "freezes.ics") -> FreezeCalendar:
-    return FreezeCalendar.model_validate({"path": path, "timezone": "Europe/Berlin"}, context={"base_dir": str(DATA), "now": now})
+    return FreezeCalendar.model_validate(
+        {"path": path, "timezone": "Europe/Berlin"}, context={"base_dir": str(DATA), "now": now}
+    )
 
 
 def test_ics_weekly_freeze_with_an_exdate_and_a_holiday():
     cal = Calendar(ics=[ics(utc(2026, 11, 1))])
     # The weekly freeze: Friday 12:00 Berlin (11:00 UTC) until Monday 00:00 Berlin.
     assert cal.frozen(utc(2026, 11, 13, 10, 59)) is None
-    assert cal.frozen(utc(2026, 11, 13, 11, 0)) == FreezeHit(name="Friday release freeze", until=utc(2026, 11, 15, 23, 0))
+    assert cal.frozen(utc(2026, 11, 13, 11, 0)) == FreezeHit(
+        name="Friday release freeze", until=utc(2026, 11, 15, 23, 0)
+    )
     # 20 November is excluded (EXDATE): that weekend is open.
     assert cal.frozen(utc(2026, 11, 21, 12, 0)) is None
     assert cal.frozen(utc(2026, 11, 28, 12, 0)).name == "Friday release freeze"
@@ -263,7 +279,9 @@ def test_bad_ics_names_the_file(tmp_path):
 def test_inventory_ics_path_is_relative_to_the_inventory(tmp_path):
     # The inventory has no calendar section of its own yet: a Calendar model loaded the way load_inventory does.
     (tmp_path / "freezes.ics").write_bytes((DATA / "freezes.ics").read_bytes())
-    cal = Calendar.model_validate({"ics": ["freezes.ics"]}, context={"base_dir": str(tmp_path), "now": utc(2026, 11, 1)})
+    cal = Calendar.model_validate(
+        {"ics": ["freezes.ics"]}, context={"base_dir": str(tmp_path), "now": utc(2026, 11, 1)}
+    )
     assert "Christmas Eve" in {e.name for e in cal.ics[0].events}
     inv = Inventory.model_validate(inventory_dict())
     assert inv.failback.window is None
@@ -315,7 +333,9 @@ def test_the_readme_example_is_valid():
     block = readme.split("### Windows and freeze calendars", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
     example = yaml.safe_load(block)
     window = WeeklyWindow.model_validate(example["window"])
-    assert window.is_open(utc(2026, 11, 21, 23, 30)) and window.closes_at(utc(2026, 11, 21, 23, 30)) == utc(2026, 11, 22, 1, 0)
+    assert window.is_open(utc(2026, 11, 21, 23, 30)) and window.closes_at(utc(2026, 11, 21, 23, 30)) == utc(
+        2026, 11, 22, 1, 0
+    )
     cal = Calendar.model_validate(example["calendar"], context={"base_dir": str(DATA), "now": utc(2026, 11, 1)})
     assert cal.frozen(utc(2026, 12, 24, 12, 0)).name == "christmas, Christmas Eve"
     assert cal.is_open(utc(2026, 12, 23, 12, 0)) and cal.closes_at(utc(2026, 12, 23, 12, 0)) == utc(2026, 12, 23, 16, 0)
@@ -329,8 +349,12 @@ ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Ame
 @given(instant=st.datetimes(min_value=datetime(2026, 1, 1), max_value=datetime(2028, 1, 1), timezones=st.just(UTC)),
        days=st.lists(st.sampled_from(["mon", "tue", "wed", "thu", "fri", "sat", "sun"]), min_size=1, max_size=7),
        start=st.integers(0, 24 * 60 - 1), end=st.integers(0, 24 * 60 - 1), zone=st.sampled_from(ZONES))
-def test_any_window_answers_agree_and_lasts_its_wall_clock_length_give_or_take_the_clock_change(instant, days, start, end, zone):
-    w = WeeklyWindow(days=days, start=f"{start // 60:02d}:{start % 60:02d}", end=f"{end // 60:02d}:{end % 60:02d}", timezone=zone)
+def test_any_window_answers_agree_and_lasts_its_wall_clock_length_give_or_take_the_clock_change(
+    instant, days, start, end, zone
+):
+    w = WeeklyWindow(
+        days=days, start=f"{start // 60:02d}:{start % 60:02d}", end=f"{end // 60:02d}:{end % 60:02d}", timezone=zone
+    )
     opens = w.next_opening(instant)
     assert w.is_open(instant) == (opens is None)
     if opens is not None:

@@ -21,8 +21,16 @@ def fake_lab(home, tmp_path, temporal_pid: int) -> str:
     lab_dir = tmp_path / "lab"
     lab_dir.mkdir()
     inventory = lab_dir / "inventory.yaml"
-    (lab_dir / "lab.json").write_text(json.dumps({"ready": True, "inventory": str(inventory), "temporal": {"address": "127.0.0.1:1"},
-                                                  "processes": {"temporal": {"pid": temporal_pid, "log": "x"}}}))
+    (lab_dir / "lab.json").write_text(
+        json.dumps(
+            {
+                "ready": True,
+                "inventory": str(inventory),
+                "temporal": {"address": "127.0.0.1:1"},
+                "processes": {"temporal": {"pid": temporal_pid, "log": "x"}},
+            }
+        )
+    )
     home.mkdir(parents=True, exist_ok=True)
     (home / "current-lab").write_text(str(lab_dir))
     return str(inventory)

@@ -177,7 +177,10 @@ async def test_codec_server_endpoints_and_cors():
         decoded = json_format.Parse(await r.text(), Payloads())
         assert list(decoded.payloads) == [payload(SECRET)]
         pre = await client.options("/decode", headers={"Origin": ui, "Access-Control-Request-Method": "POST"})
-        assert pre.headers["Access-Control-Allow-Origin"] == ui and "x-namespace" in pre.headers["Access-Control-Allow-Headers"]
+        assert (
+            pre.headers["Access-Control-Allow-Origin"] == ui
+            and "x-namespace" in pre.headers["Access-Control-Allow-Headers"]
+        )
         other = await client.options("/decode", headers={"Origin": "http://evil.example"})
         assert "Access-Control-Allow-Origin" not in other.headers
         bad = await client.post("/decode", data="not json")

@@ -1,6 +1,7 @@
-"""deploy/kubernetes: the per-region workers as a team deploys them. Rendered by the real `kubectl kustomize` (the
-Debian package scripts/setup.sh installs), validated offline against the Kubernetes schemas (kubernetes-validate), and checked
-against the worker itself: the arguments parse, the probes and the port are the worker's, the inventory is valid."""
+"""deploy/kubernetes: the per-region workers as a team deploys them. Rendered by the real `kubectl kustomize`
+(the Debian package scripts/setup.sh installs), validated offline against the Kubernetes schemas
+(kubernetes-validate), and checked against the worker itself: the arguments parse, the probes and the port are the
+worker's, the inventory is valid."""
 
 from __future__ import annotations
 
@@ -78,7 +79,9 @@ def test_each_region_overlay_renders_a_valid_worker_for_its_region(region):
 
     # The inventory comes from the generated ConfigMap (a hashed name: a change rolls the pods), mounted read-only.
     volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "inventory")
-    assert volume["configMap"]["name"] == cm["metadata"]["name"] and cm["metadata"]["name"].startswith("opsflow-inventory")
+    assert volume["configMap"]["name"] == cm["metadata"]["name"] and cm["metadata"]["name"].startswith(
+        "opsflow-inventory"
+    )
     assert yaml.safe_load(cm["data"]["inventory.yaml"])["regions"][region]
     mount = next(m for m in c["volumeMounts"] if m["name"] == "inventory")
     assert mount["readOnly"] and args.inventory[0].startswith(mount["mountPath"] + "/")

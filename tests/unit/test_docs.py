@@ -16,9 +16,15 @@ def test_example_inventory_is_valid():
 
 def test_readme_commands_parse():
     parser = build_parser()
-    for argv in (["failover", "--to", "westeurope", "--dry-run"], ["failback", "--to", "eastus"], ["drill", "--wait"],
-                 ["approve", "opsflow-lab", "--as", "bob"], ["report", "opsflow-lab", "--markdown"], ["lab", "up", "--cloud", "aws"],
-                 ["schedule", "list", "--env", "x.yaml"]):
+    for argv in (
+        ["failover", "--to", "westeurope", "--dry-run"],
+        ["failback", "--to", "eastus"],
+        ["drill", "--wait"],
+        ["approve", "opsflow-lab", "--as", "bob"],
+        ["report", "opsflow-lab", "--markdown"],
+        ["lab", "up", "--cloud", "aws"],
+        ["schedule", "list", "--env", "x.yaml"],
+    ):
         parser.parse_args(argv)
     readme = (ROOT / "README.md").read_text()
     assert readme.splitlines()[3].startswith("make demo") and "make test" in readme.splitlines()[4]

@@ -29,13 +29,22 @@ def test_valid_inventory_loads(tmp_path):
     "mutate, field",
     [
         (lambda d: d["regions"]["westeurope"]["database"].update(provider="oracle"), "regions.westeurope.database"),
-        (lambda d: d["regions"]["westeurope"]["database"].update(provider="azure-flexible"), "regions.westeurope.database.azure-flexible.server_name"),
-        (lambda d: d["regions"]["eastus"]["database"].update(provider="aws-rds"), "regions.eastus.database.aws-rds.db_instance_identifier"),
+        (
+            lambda d: d["regions"]["westeurope"]["database"].update(provider="azure-flexible"),
+            "regions.westeurope.database.azure-flexible.server_name",
+        ),
+        (
+            lambda d: d["regions"]["eastus"]["database"].update(provider="aws-rds"),
+            "regions.eastus.database.aws-rds.db_instance_identifier",
+        ),
         (lambda d: d["traffic"].pop("profile"), "traffic.azure-traffic-manager.profile"),
         (lambda d: d["regions"]["eastus"].update(traffic_endpont="x"), "regions.eastus.traffic_endpont"),
         (lambda d: d["approval"].update(approvers=[]), "approval.approvers"),
         (lambda d: d["failover"].update(drain="soon"), "failover.drain"),
-        (lambda d: d["regions"]["eastus"]["database"].update(dsn="host=db password=hunter2"), "regions.eastus.database.postgres.dsn"),
+        (
+            lambda d: d["regions"]["eastus"]["database"].update(dsn="host=db password=hunter2"),
+            "regions.eastus.database.postgres.dsn",
+        ),
         (lambda d: d.update(primary_region="mars"), "primary_region 'mars'"),
     ],
 )
@@ -63,7 +72,12 @@ def test_secret_never_in_dsn_but_reference_allowed(tmp_path):
 
 
 def test_durations():
-    assert parse_duration("90s") == 90 and parse_duration("5m") == 300 and parse_duration("1.5h") == 5400 and parse_duration(7) == 7
+    assert (
+        parse_duration("90s") == 90
+        and parse_duration("5m") == 300
+        and parse_duration("1.5h") == 5400
+        and parse_duration(7) == 7
+    )
     with pytest.raises(ValueError):
         parse_duration("tomorrow")
 

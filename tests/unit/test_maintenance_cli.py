@@ -19,8 +19,22 @@ def write(tmp_path, name: str, **overrides) -> str:
 
 def test_the_readme_commands_parse():
     parser = build_parser()
-    for argv in (["maintenance", "--env", "a.yaml", "--dry-run", "--wait", "--json"],
-                 ["maintenance", "--env", "a.yaml", "--env", "b.yaml", "--max-concurrency", "2", "--max-errors", "1", "--region", "eastus"]):
+    for argv in (
+        ["maintenance", "--env", "a.yaml", "--dry-run", "--wait", "--json"],
+        [
+            "maintenance",
+            "--env",
+            "a.yaml",
+            "--env",
+            "b.yaml",
+            "--max-concurrency",
+            "2",
+            "--max-errors",
+            "1",
+            "--region",
+            "eastus",
+        ],
+    ):
         parser.parse_args(argv)
 
 
@@ -33,7 +47,12 @@ def test_refusals_before_anything_starts(tmp_path, capsys):
     assert "unknown region 'mars'" in capsys.readouterr().err
     assert main(["maintenance", "--env", good, "--env", good]) == 2
     assert "named twice" in capsys.readouterr().err
-    other = write(tmp_path, "other", environment="other", maintenance={"window": WINDOW, "tasks": [{"kind": "vacuum", "tables": ["orders"]}]})
+    other = write(
+        tmp_path,
+        "other",
+        environment="other",
+        maintenance={"window": WINDOW, "tasks": [{"kind": "vacuum", "tables": ["orders"]}]},
+    )
     assert main(["maintenance", "--env", good, "--env", other, "--max-concurrency", "0"]) == 2
     assert "at least 1" in capsys.readouterr().err
 

@@ -13,7 +13,19 @@ from tests.workflow.conftest import inventory_dict
 WINDOW = {"days": ["sun"], "start": "02:00", "end": "04:00"}
 
 
-@pytest.mark.parametrize("evil", ["orders; DROP TABLE orders", "a.b.c", "orders--", '"Orders"', "public.", "1orders", "or ders", "pg_catalog.pg_class)"])
+@pytest.mark.parametrize(
+    "evil",
+    [
+        "orders; DROP TABLE orders",
+        "a.b.c",
+        "orders--",
+        '"Orders"',
+        "public.",
+        "1orders",
+        "or ders",
+        "pg_catalog.pg_class)",
+    ],
+)
 def test_a_table_name_that_is_not_a_plain_identifier_is_refused(evil):
     with pytest.raises(ValueError, match="is not a table name"):
         table_name(evil)
@@ -29,14 +41,31 @@ def test_table_names_get_their_schema_and_tasks_their_shape():
 
 
 def test_durations_and_sizes_parse():
-    p = MaintenancePolicy.model_validate({"window": WINDOW, "cutoff": "20m", "tasks": [{"kind": "analyze", "tables": ["t"]}],
-                                          "guards": {"lock_timeout": "500ms", "max_replication_lag": "16MB", "parallel": 2}})
-    assert p.cutoff == 1200 and p.guards.lock_timeout == 0.5 and p.guards.max_replication_lag == 16 * 1024 * 1024 and p.guards.parallel == 2
+    p = MaintenancePolicy.model_validate(
+        {
+            "window": WINDOW,
+            "cutoff": "20m",
+            "tasks": [{"kind": "analyze", "tables": ["t"]}],
+            "guards": {"lock_timeout": "500ms", "max_replication_lag": "16MB", "parallel": 2},
+        }
+    )
+    assert (
+        p.cutoff == 1200
+        and p.guards.lock_timeout == 0.5
+        and p.guards.max_replication_lag == 16 * 1024 * 1024
+        and p.guards.parallel == 2
+    )
 
 
 def test_a_bad_maintenance_section_is_refused_naming_the_field(tmp_path):
-    bad = inventory_dict(maintenance={"window": WINDOW, "on_cutoff": "explode", "tasks": [{"kind": "vacuum", "tables": ["x; DROP TABLE x"]}],
-                                      "status_page": {"page_id": "p", "api_key": {"env": "STATUSPAGE_KEY"}}})
+    bad = inventory_dict(
+        maintenance={
+            "window": WINDOW,
+            "on_cutoff": "explode",
+            "tasks": [{"kind": "vacuum", "tables": ["x; DROP TABLE x"]}],
+            "status_page": {"page_id": "p", "api_key": {"env": "STATUSPAGE_KEY"}},
+        }
+    )
     path = tmp_path / "inv.yaml"
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(InventoryError) as err:
@@ -51,5 +80,7 @@ def test_a_status_page_key_in_plain_text_is_refused(tmp_path):
                                         "status_page": {"page_id": "p", "api_key": "plain-text-key"}})
     path = tmp_path / "inv.yaml"
     path.write_text(yaml.safe_dump(plain))
-    with pytest.raises(InventoryError, match=r"maintenance\.status_page\.api_key"):  # a reference ({env: VAR}), never the key
+    with pytest.raises(
+        InventoryError, match=r"maintenance\.status_page\.api_key"
+    ):  # a reference ({env: VAR}), never the key
         load_inventory(path)

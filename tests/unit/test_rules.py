@@ -58,7 +58,9 @@ def test_the_worker_refuses_an_environment_it_does_not_hold_and_a_stale_copy(tmp
     RULEBOOK.add(worker)
     stale = Inventory.model_validate(inventory_dict(environment="prod", failover={"drain": "1s"}))
     refused = rules_for("prod", digest_of(stale))
-    assert refused.inventory is None and "failover.drain" in refused.refusal and "Nothing was changed" in refused.refusal
+    assert (
+        refused.inventory is None and "failover.drain" in refused.refusal and "Nothing was changed" in refused.refusal
+    )
     assert rules_for("prod", digest_of(worker)).inventory == worker
     assert "holds no inventory for environment 'nowhere'" in rules_for("nowhere", None).refusal
 

@@ -120,7 +120,9 @@ def test_warns_when_day_of_month_and_day_of_week_both_restrict():
 def test_format_shows_the_servers_spec_as_a_person_writes_it():
     spec = ScheduleCalendarSpec(day_of_week=(R(1, 5, 1),), hour=(R(2, 2, 1),), minute=(R(30, 30, 1),))
     assert format_calendar(spec) == "day_of_week=mon-fri hour=2 minute=30"
-    assert format_calendar(ScheduleCalendarSpec(day_of_month=(R(1, 1, 1),), hour=(R(3, 3, 1),))) == "day_of_month=1 hour=3"
+    assert (
+        format_calendar(ScheduleCalendarSpec(day_of_month=(R(1, 1, 1),), hour=(R(3, 3, 1),))) == "day_of_month=1 hour=3"
+    )
     assert format_calendar(ScheduleCalendarSpec()) == "second=0"  # every default: midnight
     assert format_calendar(ScheduleCalendarSpec(minute=(R(0, 59, 15),), hour=(R(0, 23, 1),))) == "hour=* minute=*/15"
 
@@ -139,51 +141,110 @@ def _args(tmp_path, *argv: str) -> argparse.Namespace:
 
 
 def test_build_schedule(tmp_path):
-    inv, name, schedule, warnings = build_schedule(_args(tmp_path, "monthly", "--procedure", "drill", "--calendar", "day_of_month=1 hour=3",
-                                                        "--timezone", "Europe/Berlin", "--source", "westeurope", "--pause-on-failure", "--paused"))
+    inv, name, schedule, warnings = build_schedule(
+        _args(
+            tmp_path,
+            "monthly",
+            "--procedure",
+            "drill",
+            "--calendar",
+            "day_of_month=1 hour=3",
+            "--timezone",
+            "Europe/Berlin",
+            "--source",
+            "westeurope",
+            "--pause-on-failure",
+            "--paused",
+        )
+    )
     assert name == "monthly" and warnings == []
-    assert schedule.spec.time_zone_name == "Europe/Berlin" and schedule.spec.cron_expressions == ["0 0 3 1 * * * # calendar: day_of_month=1 hour=3"]
+    assert schedule.spec.time_zone_name == "Europe/Berlin" and schedule.spec.cron_expressions == [
+        "0 0 3 1 * * * # calendar: day_of_month=1 hour=3"
+    ]
     assert schedule.policy.pause_on_failure and schedule.policy.overlap.name == "SKIP" and schedule.state.paused
     action = schedule.action
     # The schedule starts the launcher, which starts the drill under the environment's lock opsflow-unit.
-    assert action.workflow == "scheduled" and action.id == "opsflow-unit-monthly" and action.task_queue == inv.task_queue
+    assert (
+        action.workflow == "scheduled" and action.id == "opsflow-unit-monthly" and action.task_queue == inv.task_queue
+    )
     (launch,) = action.args
     assert launch.procedure == "drill" and launch.environment == "unit"
     inp = launch.arg
-    assert inp["requester"] == "schedule:monthly" and inp["source_region"] == "westeurope" and inp["environment"] == "unit"
+    assert (
+        inp["requester"] == "schedule:monthly" and inp["source_region"] == "westeurope" and inp["environment"] == "unit"
+    )
     # No rules ride in the input: the worker's inventory is what runs; the digest says which version was seen.
     assert inp["inventory"] is None and inp["inventory_digest"]["sha256"] == digest_of(inv).sha256
     assert launch.schedule_id == "opsflow-unit-monthly" and launch.by and launch.signature is None
-    assert {p.key.name: p.value for p in action.typed_search_attributes} == {"OpsProcedure": "drill", "OpsEnvironment": "unit"}
+    assert {p.key.name: p.value for p in action.typed_search_attributes} == {
+        "OpsProcedure": "drill",
+        "OpsEnvironment": "unit",
+    }
     _, _, default, _ = build_schedule(_args(tmp_path, "m2", "--procedure", "drill", "--cron", "0 3 1 * *"))
     assert not default.policy.pause_on_failure and not default.state.paused and default.spec.time_zone_name == "UTC"
 
 
 def test_maintenance_schedule_builds_its_input_under_the_environment_id(tmp_path):
-    _, _, schedule, _ = build_schedule(_args(tmp_path, "weekly", "--procedure", "maintenance", "--calendar", "day_of_week=sun hour=2",
-                                             "--region", "eastus"))
+    _, _, schedule, _ = build_schedule(
+        _args(
+            tmp_path,
+            "weekly",
+            "--procedure",
+            "maintenance",
+            "--calendar",
+            "day_of_week=sun hour=2",
+            "--region",
+            "eastus",
+        )
+    )
     action = schedule.action
     assert action.workflow == "scheduled" and action.id == "opsflow-unit-weekly"
     (launch,) = action.args
     inp = launch.arg
-    assert launch.procedure == "maintenance" and inp["requester"] == "schedule:weekly" and inp["region"] == "eastus" and not inp["dry_run"]
-    assert {p.key.name: p.value for p in action.typed_search_attributes} == {"OpsProcedure": "maintenance", "OpsEnvironment": "unit"}
+    assert (
+        launch.procedure == "maintenance"
+        and inp["requester"] == "schedule:weekly"
+        and inp["region"] == "eastus"
+        and not inp["dry_run"]
+    )
+    assert {p.key.name: p.value for p in action.typed_search_attributes} == {
+        "OpsProcedure": "maintenance",
+        "OpsEnvironment": "unit",
+    }
 
 
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--procedure", "failover", "--calendar", "hour=3"], "unknown procedure 'failover'; a schedule can run: drill, maintenance, readiness"),
+        (
+            ["--procedure", "failover", "--calendar", "hour=3"],
+            "unknown procedure 'failover'; a schedule can run: drill, maintenance, readiness",
+        ),
         (["--procedure", "drill"], "give exactly one of --calendar"),
         (["--procedure", "drill", "--calendar", "hour=25"], "bad --calendar: hour=25: 25 is out of range"),
         (["--procedure", "drill", "--cron", "0 3 1 *"], "bad --cron: cron '0 3 1 *' has 4 fields"),
-        (["--procedure", "drill", "--calendar", "hour=3", "--timezone", "Mars/Olympus"], "unknown time zone 'Mars/Olympus'"),
+        (
+            ["--procedure", "drill", "--calendar", "hour=3", "--timezone", "Mars/Olympus"],
+            "unknown time zone 'Mars/Olympus'",
+        ),
         (["--procedure", "drill", "--calendar", "hour=3", "--timezone", "../etc"], "unknown time zone"),
-        (["--procedure", "drill", "--calendar", "hour=3", "--source", "mars"], "--source: unknown region 'mars'; the inventory has: eastus, westeurope"),
-        (["--procedure", "drill", "--calendar", "hour=3", "--region", "eastus"], "--region is for --procedure maintenance"),
-        (["--procedure", "maintenance", "--calendar", "hour=3", "--source", "eastus"], "--source is for --procedure drill"),
+        (
+            ["--procedure", "drill", "--calendar", "hour=3", "--source", "mars"],
+            "--source: unknown region 'mars'; the inventory has: eastus, westeurope",
+        ),
+        (
+            ["--procedure", "drill", "--calendar", "hour=3", "--region", "eastus"],
+            "--region is for --procedure maintenance",
+        ),
+        (
+            ["--procedure", "maintenance", "--calendar", "hour=3", "--source", "eastus"],
+            "--source is for --procedure drill",
+        ),
         (["--procedure", "drill", "--calendar", "hour=3", "--catchup-window", "5s"], "at least 10s"),
-        (["--procedure", "drill", "--calendar", "hour=3", "--catchup-window", "soon"], "--catchup-window: not a duration"),
+        (
+            ["--procedure", "drill", "--calendar", "hour=3", "--catchup-window", "soon"],
+            "--catchup-window: not a duration",
+        ),
         (["--procedure", "readiness", "--every", "10s"], "--every 10s: at least 1m"),
         (["--procedure", "readiness", "--every", "often"], "--every: not a duration"),
         (["--procedure", "readiness", "--every", "30m", "--source", "eastus"], "not for --procedure readiness"),
@@ -219,15 +280,27 @@ async def test_dry_run_checks_and_shows_what_would_be_sent_without_temporal(tmp_
 
     from starters.schedules import cmd_create
 
-    args = _args(tmp_path, "monthly", "--procedure", "drill", "--calendar", "day_of_month=1 hour=3", "--timezone", "Europe/Berlin",
-                 "--dry-run", "--json")
+    args = _args(
+        tmp_path,
+        "monthly",
+        "--procedure",
+        "drill",
+        "--calendar",
+        "day_of_month=1 hour=3",
+        "--timezone",
+        "Europe/Berlin",
+        "--dry-run",
+        "--json",
+    )
     assert await cmd_create(args, client=None) == 0  # no client: nothing is asked of Temporal
     out = json.loads(capsys.readouterr().out)
     assert out["cron_sent"] == "0 0 3 1 * * * # calendar: day_of_month=1 hour=3" and out["timezone"] == "Europe/Berlin"
     assert out["workflow_id"] == "opsflow-unit" and out["next_action_times"] is None  # the environment lock
     assert "--paused" in out["why_no_times"]
     with pytest.raises(CliError, match="hour=25"):
-        await cmd_create(_args(tmp_path, "m", "--procedure", "drill", "--calendar", "hour=25", "--dry-run"), client=None)
+        await cmd_create(
+            _args(tmp_path, "m", "--procedure", "drill", "--calendar", "hour=25", "--dry-run"), client=None
+        )
 
 
 def test_a_schedule_builds_exactly_the_procedures_a_schedule_may_launch():

@@ -14,8 +14,13 @@ from tests.workflow.conftest import inventory_dict
 @pytest.fixture
 def signed(tmp_path):
     path, pub = ssh_key_pair(tmp_path, "alice")
-    inv = Inventory.model_validate(inventory_dict(environment="prod", approval={"approvers": [{"name": "alice", "ssh_key": pub}], "require_signed": True},
-                                                  operators={"drill": [{"name": "alice", "ssh_key": pub}]}))
+    inv = Inventory.model_validate(
+        inventory_dict(
+            environment="prod",
+            approval={"approvers": [{"name": "alice", "ssh_key": pub}], "require_signed": True},
+            operators={"drill": [{"name": "alice", "ssh_key": pub}]},
+        )
+    )
     sig = Signer(name="alice", key_path=path).sign_schedule(
         schedule_id="opsflow-prod-monthly", procedure="drill", environment="prod", input_sha256="ab" * 32)
     return inv, {"schedule_id": "opsflow-prod-monthly", "by": "alice", **sig}

@@ -23,7 +23,9 @@ KEY_TYPES = [("ed25519", []), ("ecdsa", ["-b", "256"]), ("rsa", ["-b", "2048"])]
 
 def keygen(dirpath: Path, name: str, kind: str, extra: list[str]) -> tuple[Path, str]:
     path = dirpath / f"{name}_{kind}"
-    subprocess.run(["ssh-keygen", "-q", "-t", kind, *extra, "-N", "", "-C", f"{name}@laptop", "-f", str(path)], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", kind, *extra, "-N", "", "-C", f"{name}@laptop", "-f", str(path)], check=True
+    )
     return path, Path(f"{path}.pub").read_text().strip()
 
 
@@ -59,15 +61,34 @@ def agent(tmp_path_factory, keys):
 def ssh_keygen_sign(key: Path, message: bytes, tmp: Path) -> str:
     msg = tmp / "msg"
     msg.write_bytes(message)
-    subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-n", "opsflow", "-f", str(key), str(msg)], check=True, capture_output=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-Y", "sign", "-n", "opsflow", "-f", str(key), str(msg)], check=True, capture_output=True
+    )
     return (tmp / "msg.sig").read_text()
 
 
-def ssh_keygen_verify(pub: str, message: bytes, sig: str, tmp: Path, namespace: str = "opsflow") -> subprocess.CompletedProcess:
+def ssh_keygen_verify(
+    pub: str, message: bytes, sig: str, tmp: Path, namespace: str = "opsflow"
+) -> subprocess.CompletedProcess:
     (tmp / "allowed").write_text(f"bob {pub}\n")
     (tmp / "sig").write_text(sig)
-    return subprocess.run(["ssh-keygen", "-Y", "verify", "-f", str(tmp / "allowed"), "-I", "bob", "-n", namespace, "-s", str(tmp / "sig")],
-                          input=message, capture_output=True)
+    return subprocess.run(
+        [
+            "ssh-keygen",
+            "-Y",
+            "verify",
+            "-f",
+            str(tmp / "allowed"),
+            "-I",
+            "bob",
+            "-n",
+            namespace,
+            "-s",
+            str(tmp / "sig"),
+        ],
+        input=message,
+        capture_output=True,
+    )
 
 
 @pytest.mark.parametrize("kind", [k for k, _ in KEY_TYPES])
@@ -148,7 +169,8 @@ RUN = dict(workflow_id="opsflow-prod", run_id="run-1", gate_id="approval", actio
 def signed(keys, who: str, key: str, *, at=NOW, reason="go", **bind) -> Req:
     b = {**RUN, **bind}
     fields = Signer(name=who, key_path=str(keys[key][0])).sign_request(
-        workflow_id=b["workflow_id"], run_id=b["run_id"], gate_id=b["gate_id"], action=b["action"], reason=reason, at=at)
+        workflow_id=b["workflow_id"], run_id=b["run_id"], gate_id=b["gate_id"], action=b["action"], reason=reason, at=at
+    )
     return Req(by=who, reason=reason, **fields)
 
 
@@ -211,12 +233,23 @@ def test_garbage_signature_is_a_clear_error(policy):
 
 
 def test_start_signature(keys, policy):
-    s = Signer(name="bob", key_path=str(keys["ed25519"][0])).sign_start(environment="prod", procedure="failover", reason="drill", at=NOW)
+    s = Signer(name="bob", key_path=str(keys["ed25519"][0])).sign_start(
+        environment="prod", procedure="failover", reason="drill", at=NOW
+    )
     verify_start(policy, environment="prod", procedure="failover", requester="bob", reason="drill", now=NOW, **s)
     with pytest.raises(ValueError, match="does not match"):
         verify_start(policy, environment="prod", procedure="maintenance", requester="bob", reason="drill", now=NOW, **s)
     with pytest.raises(ValueError, match="missing signature"):
-        verify_start(policy, environment="prod", procedure="failover", requester="bob", reason="", signature=None, signed_at=None, now=NOW)
+        verify_start(
+            policy,
+            environment="prod",
+            procedure="failover",
+            requester="bob",
+            reason="",
+            signature=None,
+            signed_at=None,
+            now=NOW,
+        )
 
 
 def test_operators():
@@ -228,7 +261,15 @@ def test_operators():
 
 def test_payload_is_canonical():
     a = request_payload(workflow_id="w", run_id="r", gate_id=None, action="pause", by="bob", reason="é", at=NOW)
-    b = request_payload(workflow_id="w", run_id="r", gate_id="", action="pause", by="bob", reason="é", at=NOW.astimezone(timezone(timedelta(hours=2))))
+    b = request_payload(
+        workflow_id="w",
+        run_id="r",
+        gate_id="",
+        action="pause",
+        by="bob",
+        reason="é",
+        at=NOW.astimezone(timezone(timedelta(hours=2))),
+    )
     assert a == b and a.isascii()
 
 
@@ -246,19 +287,49 @@ def test_verify_report_checks_every_recorded_signature(keys, tmp_path):
     from tests.workflow.conftest import inventory_dict
 
     inv = inventory_dict(environment="prod")
-    inv["approval"]["approvers"] = [{"name": "bob", "ssh_key": keys["ed25519"][1]}, {"name": "alice", "ssh_key": keys["alice"][1]}]
+    inv["approval"]["approvers"] = [
+        {"name": "bob", "ssh_key": keys["ed25519"][1]},
+        {"name": "alice", "ssh_key": keys["alice"][1]},
+    ]
     (tmp_path / "inv.yaml").write_text(yaml.safe_dump(inv))
     bob = Signer(name="bob", key_path=str(keys["ed25519"][0]))
     alice = Signer(name="alice", key_path=str(keys["alice"][0]))
-    approve = bob.sign_request(workflow_id="opsflow-prod", run_id="r1", gate_id="approval", action="approve", reason="ok", at=NOW)
+    approve = bob.sign_request(
+        workflow_id="opsflow-prod", run_id="r1", gate_id="approval", action="approve", reason="ok", at=NOW
+    )
     pause = alice.sign_request(workflow_id="opsflow-prod", run_id="r1", gate_id=None, action="pause", reason="", at=NOW)
     start = alice.sign_start(environment="prod", procedure="failover", reason="drill", at=NOW)
-    report = {"procedure": "failover", "workflow_id": "opsflow-prod", "run_id": "r1", "environment": "prod", "requester": "alice",
-              "reason": "drill", "start_signature": start["signature"], "start_signed_at": NOW.isoformat(),
-              "approvals": [{"approved": True, "by": "bob", "at": NOW.isoformat(), "reason": "ok", "gate": "approval",
-                             "signature": approve["signature"], "signed_at": NOW.isoformat()}],
-              "events": [{"action": "pause", "by": "alice", "at": NOW.isoformat(), "reason": "", "signature": pause["signature"],
-                          "signed_at": NOW.isoformat()}]}
+    report = {
+        "procedure": "failover",
+        "workflow_id": "opsflow-prod",
+        "run_id": "r1",
+        "environment": "prod",
+        "requester": "alice",
+        "reason": "drill",
+        "start_signature": start["signature"],
+        "start_signed_at": NOW.isoformat(),
+        "approvals": [
+            {
+                "approved": True,
+                "by": "bob",
+                "at": NOW.isoformat(),
+                "reason": "ok",
+                "gate": "approval",
+                "signature": approve["signature"],
+                "signed_at": NOW.isoformat(),
+            }
+        ],
+        "events": [
+            {
+                "action": "pause",
+                "by": "alice",
+                "at": NOW.isoformat(),
+                "reason": "",
+                "signature": pause["signature"],
+                "signed_at": NOW.isoformat(),
+            }
+        ],
+    }
     f = tmp_path / "r.json"
     f.write_text(json.dumps(report))
     assert cli(["verify-report", str(f), "--env", str(tmp_path / "inv.yaml")]) == 0
@@ -274,7 +345,9 @@ def test_check_start_operators_and_signature(keys):
 
     inv = SimpleNamespace(environment="prod", operators={"failover": [{"name": "bob", "ssh_key": keys["ed25519"][1]}]},
                           approval=SimpleNamespace(approvers=[], require_signed=True))
-    signed = Signer(name="bob", key_path=str(keys["ed25519"][0])).sign_start(environment="prod", procedure="failover", reason="r", at=NOW)
+    signed = Signer(name="bob", key_path=str(keys["ed25519"][0])).sign_start(
+        environment="prod", procedure="failover", reason="r", at=NOW
+    )
     memo = start_memo(signed)["opsflow-start-signature"]
     record = check_start(inv, procedure="failover", requester="bob", reason="r", memo=memo, now=NOW)
     assert record is not None and record.action == "start" and record.by == "bob"

@@ -35,15 +35,33 @@ def check(tmp_path, report, inventory) -> tuple[int, dict]:
 
 def test_a_doctored_report_fails(tmp_path):
     (alice, alice_pub), (bob, bob_pub) = key(tmp_path, "alice"), key(tmp_path, "bob")
-    inv = inventory_dict(environment="prod", approval={"approvers": [{"name": "bob", "ssh_key": bob_pub}], "require_signed": True},
-                         operators={"failover": [{"name": "alice", "ssh_key": alice_pub}]})
+    inv = inventory_dict(
+        environment="prod",
+        approval={"approvers": [{"name": "bob", "ssh_key": bob_pub}], "require_signed": True},
+        operators={"failover": [{"name": "alice", "ssh_key": alice_pub}]},
+    )
     (tmp_path / "prod.yaml").write_text(yaml.safe_dump(inv))
-    start = alice.sign_start(environment="prod", procedure="failover", reason="dr", at=AT, input_sha256="ab" * 32, nonce="n1")
-    approve = bob.sign_request(workflow_id="opsflow-prod", run_id="r1", gate_id="approval", action="approve", reason="ok", at=AT)
+    start = alice.sign_start(
+        environment="prod", procedure="failover", reason="dr", at=AT, input_sha256="ab" * 32, nonce="n1"
+    )
+    approve = bob.sign_request(
+        workflow_id="opsflow-prod", run_id="r1", gate_id="approval", action="approve", reason="ok", at=AT
+    )
     decision = {"approved": True, "by": "bob", "at": AT.isoformat(), "reason": "ok", "gate": "approval", **approve}
-    report = {"procedure": "failover", "workflow_id": "opsflow-prod", "run_id": "r1", "environment": "prod", "requester": "alice",
-              "reason": "dr", "start_signature": start["signature"], "start_signed_at": AT.isoformat(),
-              "start_input_sha256": "ab" * 32, "start_nonce": "n1", "approval": decision, "approvals": [decision]}
+    report = {
+        "procedure": "failover",
+        "workflow_id": "opsflow-prod",
+        "run_id": "r1",
+        "environment": "prod",
+        "requester": "alice",
+        "reason": "dr",
+        "start_signature": start["signature"],
+        "start_signed_at": AT.isoformat(),
+        "start_input_sha256": "ab" * 32,
+        "start_nonce": "n1",
+        "approval": decision,
+        "approvals": [decision],
+    }
     code, out = check(tmp_path, report, str(tmp_path / "prod.yaml"))
     assert code == 0 and out["verified"] == 2 and out["problems"] == []
 
@@ -51,7 +69,8 @@ def test_a_doctored_report_fails(tmp_path):
     assert code == 1 and "the start is not signed" in out["problems"][0]
     code, out = check(tmp_path, {**report, "approvals": []}, str(tmp_path / "prod.yaml"))
     assert code == 1 and "not among the recorded approvals" in out["problems"][0]
-    code, out = check(tmp_path, {**report, "start_input_sha256": "cd" * 32}, str(tmp_path / "prod.yaml"))  # another input
+    # another input
+    code, out = check(tmp_path, {**report, "start_input_sha256": "cd" * 32}, str(tmp_path / "prod.yaml"))
     assert code == 1 and out["failed"][0]["action"] == "start"
     altered = {**decision, "reason": "fine by me"}
     code, out = check(tmp_path, {**report, "approval": altered, "approvals": [altered]}, str(tmp_path / "prod.yaml"))

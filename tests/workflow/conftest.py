@@ -57,11 +57,24 @@ def inventory_dict(**overrides) -> dict:
             }
             for r in ("eastus", "westeurope")
         },
-        "traffic": {"provider": "azure-traffic-manager", "subscription_id": "sub", "resource_group": "rg", "profile": "shop"},
-        "approval": {"approvers": ["alice", "bob"], "require_distinct_approver": True, "timeout": "1h", "escalation_channel": "oncall"},
+        "traffic": {
+            "provider": "azure-traffic-manager",
+            "subscription_id": "sub",
+            "resource_group": "rg",
+            "profile": "shop",
+        },
+        "approval": {
+            "approvers": ["alice", "bob"],
+            "require_distinct_approver": True,
+            "timeout": "1h",
+            "escalation_channel": "oncall",
+        },
         "failover": {"drain": "60s", "max_planned_lag_bytes": 1024 * 1024},
         "reports_dir": str(REPORTS),
-        "notifications": [{"name": "ops", "url_secret": {"env": "OPSFLOW_TEST_WEBHOOK_OPS"}}, {"name": "oncall", "url_secret": {"env": "OPSFLOW_TEST_WEBHOOK_ONCALL"}}],
+        "notifications": [
+            {"name": "ops", "url_secret": {"env": "OPSFLOW_TEST_WEBHOOK_OPS"}},
+            {"name": "oncall", "url_secret": {"env": "OPSFLOW_TEST_WEBHOOK_ONCALL"}},
+        ],
     }
     for k, v in overrides.items():
         if isinstance(v, dict) and isinstance(inv.get(k), dict):
@@ -95,9 +108,23 @@ async def running(env, world, inventory):
     acts = world.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         # Heartbeats throttled as opsflow's worker does (2 s), so a cancel reaches a long step within seconds.
-        beat = dict(max_heartbeat_throttle_interval=timedelta(seconds=2), default_heartbeat_throttle_interval=timedelta(seconds=2))
-        workers = [Worker(env.client, task_queue=inventory.task_queue, workflows=WORKFLOWS, activities=acts, activity_executor=ex, **beat)]
-        workers += [Worker(env.client, task_queue=inventory.region_queue(r), activities=acts, activity_executor=ex, **beat)
-                    for r in inventory.regions]
+        beat = dict(
+            max_heartbeat_throttle_interval=timedelta(seconds=2),
+            default_heartbeat_throttle_interval=timedelta(seconds=2),
+        )
+        workers = [
+            Worker(
+                env.client,
+                task_queue=inventory.task_queue,
+                workflows=WORKFLOWS,
+                activities=acts,
+                activity_executor=ex,
+                **beat,
+            )
+        ]
+        workers += [
+            Worker(env.client, task_queue=inventory.region_queue(r), activities=acts, activity_executor=ex, **beat)
+            for r in inventory.regions
+        ]
         async with workers[0], workers[1], workers[2]:
             yield env

@@ -21,12 +21,13 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.rules import RULEBOOK
+from opsflow.client import send_update
 from opsflow.inventory import Inventory
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
 from tests.workflow.conftest import WORKFLOWS, inventory_dict
 from tests.workflow.world import World
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -42,13 +43,13 @@ async def planned(env, inv: Inventory, world: World) -> WorkflowHandle:
     handle = await start(env, inv, "failover", FailoverInput(inventory=inv, to_region="westeurope", requester="alice"))
     await waiting_for(handle, "approval")
     try:
-        await handle.execute_update("approve", Request(by="alice"))  # refused: never reaches history
+        await send_update(handle, Procedure.approve, Request(by="alice"))  # refused: never reaches history
     except WorkflowUpdateFailedError:
         pass
-    await handle.execute_update("pause", Request(by="alice"))
-    await handle.execute_update("approve", Request(by="bob", reason="replay"))
+    await send_update(handle, Procedure.pause, Request(by="alice"))
+    await send_update(handle, Procedure.approve, Request(by="bob", reason="replay"))
     await asyncio.sleep(0.5)
-    await handle.execute_update("resume", Request(by="alice"))
+    await send_update(handle, Procedure.resume, Request(by="alice"))
     return handle
 
 
@@ -56,7 +57,9 @@ async def emergency(env, inv: Inventory, world: World) -> WorkflowHandle:
     from workflows.failover import FailoverInput
 
     world.reachable["eastus"] = False
-    return await start(env, inv, "failover", FailoverInput(inventory=inv, to_region="westeurope", emergency=True, requester="alice"))
+    return await start(
+        env, inv, "failover", FailoverInput(inventory=inv, to_region="westeurope", emergency=True, requester="alice")
+    )
 
 
 async def failback(env, inv: Inventory, world: World) -> WorkflowHandle:
@@ -67,7 +70,7 @@ async def failback(env, inv: Inventory, world: World) -> WorkflowHandle:
     world.replay = {"eastus": world.lsn - 65536}
     handle = await start(env, inv, "failback", FailbackInput(inventory=inv, to_region="eastus", requester="alice"))
     await waiting_for(handle, "approval")
-    await handle.execute_update("approve", Request(by="bob", reason="eastus is back"))
+    await send_update(handle, Procedure.approve, Request(by="bob", reason="eastus is back"))
     return handle
 
 
@@ -92,7 +95,7 @@ async def cancelled(env, inv: Inventory, world: World) -> WorkflowHandle:
 
     handle = await start(env, inv, "failover", FailoverInput(inventory=inv, to_region="westeurope", requester="alice"))
     await waiting_for(handle, "approval")
-    await handle.execute_update("approve", Request(by="bob", reason="replay"))
+    await send_update(handle, Procedure.approve, Request(by="bob", reason="replay"))
     await waiting_for(handle, "Drain")
     await handle.cancel()
     return handle
@@ -116,7 +119,13 @@ async def readiness(env, inv: Inventory, world: World) -> WorkflowHandle:
     return await start(env, inv, "readiness", ReadinessInput(inventory=inv, requester="schedule:ready"))
 
 
-RECORDINGS = {"failover_planned": planned, "failover_emergency": emergency, "failback": failback, "drill": drill, "scheduled": scheduled}
+RECORDINGS = {
+    "failover_planned": planned,
+    "failover_emergency": emergency,
+    "failback": failback,
+    "drill": drill,
+    "scheduled": scheduled,
+}
 # Since the worker holds the rules (issue 18): inputs without rules, the worker's answer in the history.
 WORKER_RULES = "-worker-rules"
 RECORDINGS.update({f"{k}{WORKER_RULES}": v for k, v in RECORDINGS.items() if k != "scheduled"})
@@ -136,8 +145,13 @@ def recording_inventory(name: str, tmp: Path) -> Inventory:
     data = inventory_dict(environment="replay")
     if name.startswith(("drill", "scheduled")):
         data["reports_dir"] = str(tmp / "reports")
-        data["drill"] = {"method": "s3-dump", "dumps": {"bucket": "b"}, "scratch_server": {"dsn": "host=scratch dbname=postgres"},
-                         "row_counts": [{"table": "orders"}], "checks": [{"name": "no negative totals", "query": "select true"}]}
+        data["drill"] = {
+            "method": "s3-dump",
+            "dumps": {"bucket": "b"},
+            "scratch_server": {"dsn": "host=scratch dbname=postgres"},
+            "row_counts": [{"table": "orders"}],
+            "checks": [{"name": "no negative totals", "query": "select true"}],
+        }
     return Inventory.model_validate(data)
 
 
@@ -156,11 +170,22 @@ async def record(name: str) -> Path:
         inv = recording_inventory(name, Path(tmp))
         RULEBOOK.add(inv)  # the recording worker's rules
         acts = Backups().activities() if name.startswith(("drill", "scheduled")) else world.activities()
-        async with await WorkflowEnvironment.start_time_skipping(data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")) as env:
+        async with await WorkflowEnvironment.start_time_skipping(
+            data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")
+        ) as env:
             await register_search_attributes(env.client)
             with concurrent.futures.ThreadPoolExecutor(4) as ex:
                 queues = inv.all_queues()
-                workers = [Worker(env.client, task_queue=q, workflows=WORKFLOWS if q == inv.task_queue else [], activities=acts, activity_executor=ex) for q in queues]
+                workers = [
+                    Worker(
+                        env.client,
+                        task_queue=q,
+                        workflows=WORKFLOWS if q == inv.task_queue else [],
+                        activities=acts,
+                        activity_executor=ex,
+                    )
+                    for q in queues
+                ]
                 async with workers[0], workers[1], workers[2]:
                     handle = await RECORDINGS[name](env, inv, world)
                     try:

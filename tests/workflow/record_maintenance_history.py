@@ -35,20 +35,31 @@ async def record(name: str) -> Path:
         raise SystemExit(f"{out} exists: recorded histories are never re-recorded; record a new one under a new name")
     world = MaintWorld()
     world.lock_held["public.orders"] = 1
-    async with await WorkflowEnvironment.start_time_skipping(data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")) as env:
+    async with await WorkflowEnvironment.start_time_skipping(
+        data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")
+    ) as env:
         await register_search_attributes(env.client)
         now = await env.get_current_time()
         with concurrent.futures.ThreadPoolExecutor(8) as ex:
-            async with Worker(env.client, task_queue=QUEUE, workflows=[MaintenanceWorkflow, MaintenanceFleetWorkflow], activities=world.activities(),
-                              activity_executor=ex):
+            async with Worker(
+                env.client,
+                task_queue=QUEUE,
+                workflows=[MaintenanceWorkflow, MaintenanceFleetWorkflow],
+                activities=world.activities(),
+                activity_executor=ex,
+            ):
                 # Since the worker holds the rules (issue 18): inputs without rules, the worker's answer in the history.
                 new_shape = name.endswith("_worker-rules")
                 if name.startswith("maintenance_") or name == "maintenance":
                     inv = maint_inventory(now, env="replay")
                     RULEBOOK.add(inv)
                     inp = MaintenanceInput(inventory=inv, requester="alice", reason="replay")
-                    handle = await env.client.start_workflow(MaintenanceWorkflow.run, inp.without_rules(inv) if new_shape else inp,
-                                                             id="opsflow-replay", task_queue=QUEUE)
+                    handle = await env.client.start_workflow(
+                        MaintenanceWorkflow.run,
+                        inp.without_rules(inv) if new_shape else inp,
+                        id="opsflow-replay",
+                        task_queue=QUEUE,
+                    )
                     await approve_when_waiting(handle)
                 else:
                     invs = [maint_inventory(now, env=e) for e in ("replay-a", "replay-b")]
@@ -56,8 +67,12 @@ async def record(name: str) -> Path:
                         RULEBOOK.add(inv)
                     fleet = FleetInput(inventories=invs, requester="alice", max_concurrency=1)
                     wid = fleet_workflow_id([i.environment for i in invs]) if new_shape else "opsflow-replay"
-                    handle = await env.client.start_workflow(MaintenanceFleetWorkflow.run, fleet.without_rules() if new_shape else fleet,
-                                                             id=wid, task_queue=QUEUE)
+                    handle = await env.client.start_workflow(
+                        MaintenanceFleetWorkflow.run,
+                        fleet.without_rules() if new_shape else fleet,
+                        id=wid,
+                        task_queue=QUEUE,
+                    )
                     for inv in invs:
                         child = env.client.get_workflow_handle(f"opsflow-{inv.environment}")
                         while True:  # the fleet starts it once the one before has ended
@@ -74,5 +89,10 @@ async def record(name: str) -> Path:
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:] or ["maintenance", "maintenance-fleet", "maintenance_worker-rules", "maintenance-fleet_worker-rules"]:
+    for arg in sys.argv[1:] or [
+        "maintenance",
+        "maintenance-fleet",
+        "maintenance_worker-rules",
+        "maintenance-fleet_worker-rules",
+    ]:
         print(f"wrote {asyncio.run(record(arg))}")

@@ -15,13 +15,14 @@ from pathlib import Path
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from opsflow.client import send_update
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
 from activities.rules import RULEBOOK
 from opsflow.inventory import Inventory
 from tests.workflow.test_canary_workflow import NEW, Cluster, make_inventory
 from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, RolloutInput
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -32,8 +33,9 @@ async def record(name: str, variant: str = "healthy") -> None:
     out = HISTORIES / f"{name}_{variant}.json"
     if out.exists():
         raise SystemExit(f"{out} exists: recorded histories are never re-recorded; record a new one under a new name")
-    async with await WorkflowEnvironment.start_time_skipping(data_converter=DATA_CONVERTER,
-                                                             test_server_existing_path=venv_binary("temporal-test-server")) as env:
+    async with await WorkflowEnvironment.start_time_skipping(
+        data_converter=DATA_CONVERTER, test_server_existing_path=venv_binary("temporal-test-server")
+    ) as env:
         await register_search_attributes(env.client)
         inv = make_inventory()
         if new_shape:  # runs under its environment's lock: opsflow-replay
@@ -42,16 +44,27 @@ async def record(name: str, variant: str = "healthy") -> None:
         cluster = Cluster()
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
             queues = [inv.task_queue, *(inv.region_queue(r) for r in inv.regions)]
-            workers = [Worker(env.client, task_queue=q, workflows=[CanaryWorkflow, BlueGreenWorkflow], activities=cluster.activities(),
-                              activity_executor=ex) for q in queues]
+            workers = [
+                Worker(
+                    env.client,
+                    task_queue=q,
+                    workflows=[CanaryWorkflow, BlueGreenWorkflow],
+                    activities=cluster.activities(),
+                    activity_executor=ex,
+                )
+                for q in queues
+            ]
             async with workers[0], workers[1], workers[2]:
-                inp = RolloutInput(inventory=inv, image=NEW, strategy=name, auto_promote=True, requester="alice", reason="replay")
-                handle = await env.client.start_workflow(name, inp.without_rules(inv) if new_shape else inp, id="opsflow-replay",
-                                                         task_queue=inv.task_queue)
+                inp = RolloutInput(
+                    inventory=inv, image=NEW, strategy=name, auto_promote=True, requester="alice", reason="replay"
+                )
+                handle = await env.client.start_workflow(
+                    name, inp.without_rules(inv) if new_shape else inp, id="opsflow-replay", task_queue=inv.task_queue
+                )
                 while (await handle.query("progress", result_type=dict)).get("current_step") != "approval":
                     await asyncio.sleep(0.05)
-                await handle.execute_update("approve", Request(by="carol", reason="replay"))
-                await handle.execute_update("approve", Request(by="dave", reason="replay"))
+                await send_update(handle, Procedure.approve, Request(by="carol", reason="replay"))
+                await send_update(handle, Procedure.approve, Request(by="dave", reason="replay"))
                 await handle.result()
                 history = await handle.fetch_history()
     out.write_text(json.dumps(json.loads(history.to_json()), indent=1))

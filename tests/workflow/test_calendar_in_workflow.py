@@ -50,11 +50,18 @@ async def test_calendar_answers_in_a_workflow_as_outside_and_waits_for_the_openi
     (tmp_path / "freezes.ics").unlink()  # the workflow must not need the file
     soon = datetime.now(timezone.utc) + timedelta(hours=3)
     window = WeeklyWindow(days="mon-sun", start=f"{soon:%H}:00", end=f"{(soon + timedelta(hours=1)):%H}:00")
-    cal = Calendar(windows=[window], freezes=[Freeze(name="never mind", start="2020-01-01", end="2020-01-02")], ics=[ics])
+    cal = Calendar(
+        windows=[window], freezes=[Freeze(name="never mind", start="2020-01-01", end="2020-01-02")], ics=[ics]
+    )
     queue = f"calendar-{uuid.uuid4().hex[:8]}"
     async with Worker(env.client, task_queue=queue, workflows=[CalendarProbe]):
-        seen = await env.client.execute_workflow("calendar-probe", Probe(calendar=cal), id=f"probe-{uuid.uuid4().hex[:8]}",
-                                                 task_queue=queue, result_type=Seen)
+        seen = await env.client.execute_workflow(
+            "calendar-probe",
+            Probe(calendar=cal),
+            id=f"probe-{uuid.uuid4().hex[:8]}",
+            task_queue=queue,
+            result_type=Seen,
+        )
     assert seen.open == cal.is_open(seen.at) and seen.next_opening == cal.next_opening(seen.at)
     assert seen.frozen == (cal.frozen(seen.at).name if cal.frozen(seen.at) else None)
     assert not seen.open and seen.next_opening > seen.at  # the window is hours away

@@ -26,6 +26,12 @@ from temporalio.exceptions import CancelledError
 from temporalio.worker import Worker
 
 from activities.analysis import judge_step
+from opsflow.client import send_update
+from opsflow.contracts.notify import NOTIFY_SEND
+from opsflow.contracts.rollout import (
+    K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_ROLLOUT_STATUS, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE,
+    K8S_SET_WEIGHT, K8S_SWITCH_SERVICE, PROMETHEUS_SAMPLES,
+)
 from opsflow.inventory import Inventory
 from opsflow.models import NotifyRequest
 from opsflow.rollout import (DeploymentRequest, ImageRequest, MetricSamples, RolloutState, RolloutTarget,
@@ -36,8 +42,8 @@ from activities.rules import worker_inventory
 from tests.workflow.conftest import worker_holds
 from tests.workflow.conftest import inventory_dict
 from worker.main import HEARTBEAT_THROTTLE
-from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, RolloutInput
-from workflows.procedure import Request
+from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, Rollout, RolloutInput
+from workflows.procedure import Procedure, Request
 
 OLD, NEW = "registry/shop:1.0", "registry/shop:1.1"
 
@@ -58,10 +64,20 @@ class Cluster:
     started: dict = field(default_factory=dict)  # activity name -> threading.Event set when it starts
 
     def state(self) -> RolloutState:
-        return RolloutState(stable="web", stable_image=self.stable_image, stable_desired=3, stable_ready=3, stable_done=True,
-                            canary="web-canary" if self.canary_image else None, canary_image=self.canary_image,
-                            canary_ready=1 if self.canary_image else 0, weights=dict(self.weights), active=self.selector,
-                            colours=dict(self.colours), replicas=dict(self.replicas))
+        return RolloutState(
+            stable="web",
+            stable_image=self.stable_image,
+            stable_desired=3,
+            stable_ready=3,
+            stable_done=True,
+            canary="web-canary" if self.canary_image else None,
+            canary_image=self.canary_image,
+            canary_ready=1 if self.canary_image else 0,
+            weights=dict(self.weights),
+            active=self.selector,
+            colours=dict(self.colours),
+            replicas=dict(self.replicas),
+        )
 
     def _enter(self, name: str) -> None:
         self.calls.append(name)
@@ -94,86 +110,137 @@ class Cluster:
     def activities(self):
         c = self
 
-        @activity.defn(name="k8s.rollout_status")
+        @K8S_ROLLOUT_STATUS.implementation
         def rollout_status(t: RolloutTarget) -> RolloutState:
-            c._enter("k8s.rollout_status")
+            c._enter(K8S_ROLLOUT_STATUS.name)
             return c.state()
 
-        @activity.defn(name="k8s.create_canary")
+        @K8S_CREATE_CANARY.implementation
         def create_canary(r: ImageRequest) -> RolloutState:
-            c._enter("k8s.create_canary")
+            c._enter(K8S_CREATE_CANARY.name)
             c.canary_image = r.image
             return c.state()
 
-        @activity.defn(name="k8s.set_weight")
+        @K8S_SET_WEIGHT.implementation
         def set_weight(r: WeightRequest) -> RolloutState:
-            c._enter("k8s.set_weight")
+            c._enter(K8S_SET_WEIGHT.name)
             c.weights = {"web": 100 - r.canary_weight, "web-canary": r.canary_weight}
             c.weight_log.append(r.canary_weight)
             return c.state()
 
-        @activity.defn(name="k8s.delete_canary")
+        @K8S_DELETE_CANARY.implementation
         def delete_canary(t: RolloutTarget) -> RolloutState:
-            c._enter("k8s.delete_canary")
+            c._enter(K8S_DELETE_CANARY.name)
             c.weights = {"web": 100}
             c.canary_image = None
             return c.state()
 
-        @activity.defn(name="k8s.set_image")
+        @K8S_SET_IMAGE.implementation
         def set_image(r: ImageRequest) -> RolloutState:
-            c._enter("k8s.set_image")
+            c._enter(K8S_SET_IMAGE.name)
             c.stable_image = r.image
             return c.state()
 
-        @activity.defn(name="k8s.create_colour")
+        @K8S_CREATE_COLOUR.implementation
         def create_colour(r: ImageRequest) -> RolloutState:
-            c._enter("k8s.create_colour")
+            c._enter(K8S_CREATE_COLOUR.name)
             other = "web-green" if c.selector == "web" else "web"
             c.colours[other], c.replicas[other] = r.image, 3
             return c.state()
 
-        @activity.defn(name="k8s.switch_service")
+        @K8S_SWITCH_SERVICE.implementation
         def switch_service(r: DeploymentRequest) -> RolloutState:
-            c._enter("k8s.switch_service")
+            c._enter(K8S_SWITCH_SERVICE.name)
             c.selector = r.deployment
             return c.state()
 
-        @activity.defn(name="k8s.scale_deployment")
+        @K8S_SCALE_DEPLOYMENT.implementation
         def scale_deployment(r: DeploymentRequest) -> RolloutState:
-            c._enter("k8s.scale_deployment")
+            c._enter(K8S_SCALE_DEPLOYMENT.name)
             c.replicas[r.deployment] = r.replicas
             return c.state()
 
-        @activity.defn(name="prometheus.samples")
+        @PROMETHEUS_SAMPLES.implementation
         def samples(r: SamplesRequest) -> Samples:
-            c._enter("prometheus.samples")
+            c._enter(PROMETHEUS_SAMPLES.name)
             requests = 5.0 if c.behaviour == "quiet" else 1000.0
-            return Samples(metrics=[MetricSamples(name=m.name, canary=c.figures(r.canary, m.name, False), baseline=c.figures(r.baseline, m.name, True))
-                                    for m in r.analysis.metrics], canary_requests=requests, baseline_requests=requests * 3, start=r.start, end=r.end)
+            return Samples(
+                metrics=[
+                    MetricSamples(
+                        name=m.name,
+                        canary=c.figures(r.canary, m.name, False),
+                        baseline=c.figures(r.baseline, m.name, True),
+                    )
+                    for m in r.analysis.metrics
+                ],
+                canary_requests=requests,
+                baseline_requests=requests * 3,
+                start=r.start,
+                end=r.end,
+            )
 
-        @activity.defn(name="notify.send")
+        @NOTIFY_SEND.implementation
         def notify(r: NotifyRequest) -> None:
             c.notifications.append(r.notification.text)
 
-        return [worker_inventory, store_report, rollout_status, create_canary, set_weight, delete_canary, set_image, create_colour, switch_service, scale_deployment,
-                samples, notify, judge_step]
+        return [
+            worker_inventory,
+            store_report,
+            rollout_status,
+            create_canary,
+            set_weight,
+            delete_canary,
+            set_image,
+            create_colour,
+            switch_service,
+            scale_deployment,
+            samples,
+            notify,
+            judge_step,
+        ]
 
 
 ROLLOUT = {
-    "apps": {"web": {"region": "eastus", "deployment": "web", "container": "web", "service": "web", "router": {"name": "web"}}},
+    "apps": {
+        "web": {
+            "region": "eastus",
+            "deployment": "web",
+            "container": "web",
+            "service": "web",
+            "router": {"name": "web"},
+        }
+    },
     "analysis": {
-        "prometheus": "http://prometheus.example:9090", "interval": "60s", "min_requests": 100,
+        "prometheus": "http://prometheus.example:9090",
+        "interval": "60s",
+        "min_requests": 100,
         "metrics": [
-            {"name": "error-rate", "query": "errors{deployment=\"{deployment}\"}", "max": 0.05, "direction": "increase", "critical": True},
-            {"name": "p95-latency", "query": "p95{deployment=\"{deployment}\"}", "max": 1.0, "direction": "increase", "critical": True},
-            {"name": "p50-latency", "query": "p50{deployment=\"{deployment}\"}", "direction": "increase"},
-            {"name": "cpu", "query": "cpu{deployment=\"{deployment}\"}", "direction": "increase"},
+            {
+                "name": "error-rate",
+                "query": 'errors{deployment="{deployment}"}',
+                "max": 0.05,
+                "direction": "increase",
+                "critical": True,
+            },
+            {
+                "name": "p95-latency",
+                "query": 'p95{deployment="{deployment}"}',
+                "max": 1.0,
+                "direction": "increase",
+                "critical": True,
+            },
+            {"name": "p50-latency", "query": 'p50{deployment="{deployment}"}', "direction": "increase"},
+            {"name": "cpu", "query": 'cpu{deployment="{deployment}"}', "direction": "increase"},
         ],
     },
     "steps": [5, 25, 50, 100],
     "bake": "10m",
     "rollback_window": "10m",
-    "approval": {"approvers": {"platform-lead": ["carol", "erin"], "qa": ["dave"]}, "require": ["platform-lead", "qa"], "timeout": "2h"},
+    "approval": {
+        "approvers": {"platform-lead": ["carol", "erin"], "qa": ["dave"]},
+        "require": ["platform-lead", "qa"],
+        "timeout": "2h",
+    },
 }
 
 
@@ -191,10 +258,22 @@ def workers_for(env, cluster):
     queue = f"rollout-{uuid.uuid4().hex[:8]}"
     acts = cluster.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        yield queue, [Worker(env.client, task_queue=q, workflows=[CanaryWorkflow, BlueGreenWorkflow] if q == queue else [], activities=acts,
-                             activity_executor=ex, max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
-                             default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE)  # as opsflow's worker: aborts in seconds
-                      for q in (queue, f"{queue}-eastus", f"{queue}-westeurope")], ex
+        yield (
+            queue,
+            [
+                Worker(
+                    env.client,
+                    task_queue=q,
+                    workflows=[CanaryWorkflow, BlueGreenWorkflow] if q == queue else [],
+                    activities=acts,
+                    activity_executor=ex,
+                    max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+                    default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+                )  # as opsflow's worker: aborts in seconds
+                for q in (queue, f"{queue}-eastus", f"{queue}-westeurope")
+            ],
+            ex,
+        )
 
 
 @pytest_asyncio.fixture
@@ -216,7 +295,9 @@ async def start(env, worker, inventory: Inventory, procedure="canary", **kw):
     inv = inventory.model_copy(update={"workflow_task_queue": queue})
     for r, region in inv.regions.items():
         region.task_queue = f"{queue}-{r}"
-    inp = RolloutInput(inventory=inv, image=kw.pop("image", NEW), strategy=procedure, requester=kw.pop("requester", "alice"), **kw)
+    inp = RolloutInput(
+        inventory=inv, image=kw.pop("image", NEW), strategy=procedure, requester=kw.pop("requester", "alice"), **kw
+    )
     worker_holds(inv)
     return await env.client.start_workflow(procedure, inp, id=f"opsflow-{inv.environment}", task_queue=queue,
                                            id_conflict_policy=WorkflowIDConflictPolicy.FAIL)
@@ -243,8 +324,8 @@ async def until(handle, predicate, what: str, polls: int = 60) -> RolloutReport:
 
 async def approve_quorum(handle) -> None:
     await until(handle, lambda r: r.current_step == "approval" and r.status == "waiting", "the approval gate")
-    await handle.execute_update("approve", Request(by="carol", reason="platform ok"))
-    await handle.execute_update("approve", Request(by="dave", reason="qa ok"))
+    await send_update(handle, Procedure.approve, Request(by="carol", reason="platform ok"))
+    await send_update(handle, Procedure.approve, Request(by="dave", reason="qa ok"))
 
 
 async def failed(handle) -> RolloutReport:
@@ -265,7 +346,11 @@ async def freeze_covering_now(env, name: str) -> dict:
     """A freeze around the test server's clock, which runs decades ahead of the real one once the module's earlier
     tests have skipped time (2056-2096 seen; a fixed freeze ending in 2100 was sometimes already over)."""
     now = await env.get_current_time()
-    return {"name": name, "start": (now - timedelta(days=1)).isoformat(), "end": (now + timedelta(days=365)).isoformat()}
+    return {
+        "name": name,
+        "start": (now - timedelta(days=1)).isoformat(),
+        "end": (now + timedelta(days=365)).isoformat(),
+    }
 
 
 # -- canary --------------------------------------------------------------------------------------------------
@@ -278,7 +363,12 @@ async def test_healthy_canary_steps_bakes_judges_and_promotes(env, worker, clust
         await approve_quorum(handle)
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded" and not report.rolled_back
-    assert cluster.weight_log == [5, 25, 50] and cluster.stable_image == NEW and cluster.canary_image is None and cluster.weights == {"web": 100}
+    assert (
+        cluster.weight_log == [5, 25, 50]
+        and cluster.stable_image == NEW
+        and cluster.canary_image is None
+        and cluster.weights == {"web": 100}
+    )
     assert report.previous_image == OLD and report.image == NEW and report.weights == [5, 25, 50, 100]
     judged = [a for a in report.analysis if a.kind == "judge"]
     assert [a.weight for a in judged] == [5, 25, 50] and all(a.verdict == "pass" for a in judged)
@@ -286,9 +376,18 @@ async def test_healthy_canary_steps_bakes_judges_and_promotes(env, worker, clust
     assert all(m.canary is not None and m.baseline is not None for m in judged[0].metrics)
     bakes = [s for s in report.steps if s.name.startswith("bake-")]
     assert [round(s.seconds) for s in bakes] == [600, 600, 600]  # skipped by time, still the configured bake
-    assert {d.by for d in report.approvals} == {"carol", "dave"} and {r for d in report.approvals for r in d.roles} == {"platform-lead", "qa"}
+    assert {d.by for d in report.approvals} == {"carol", "dave"} and {r for d in report.approvals for r in d.roles} == {
+        "platform-lead",
+        "qa",
+    }
     names = [s.name for s in report.steps]
-    assert names.index("approval") < names.index("create-canary") < names.index("weight-5") < names.index("promote") < names.index("cleanup")
+    assert (
+        names.index("approval")
+        < names.index("create-canary")
+        < names.index("weight-5")
+        < names.index("promote")
+        < names.index("cleanup")
+    )
 
 
 async def test_quorum_needs_both_roles_each_by_a_different_person(env, worker, cluster):
@@ -296,18 +395,18 @@ async def test_quorum_needs_both_roles_each_by_a_different_person(env, worker, c
     async with serving(worker):
         handle = await start(env, worker, inv, auto_promote=True, requester="alice")
         await until(handle, lambda r: r.current_step == "approval", "the approval gate")
-        await handle.execute_update("approve", Request(by="carol"))
+        await send_update(handle, Procedure.approve, Request(by="carol"))
         r = await until(handle, lambda r: "qa" in (r.waiting_for or ""), "the gate asking for qa")
-        assert "still needs" in r.waiting_for and cluster.calls == ["k8s.rollout_status"]
+        assert "still needs" in r.waiting_for and cluster.calls == [K8S_ROLLOUT_STATUS.name]
         with pytest.raises(WorkflowUpdateFailedError):  # another platform lead does not make a qa approval
-            await handle.execute_update("approve", Request(by="carol"))
-        await handle.execute_update("approve", Request(by="erin"))
+            await send_update(handle, Procedure.approve, Request(by="carol"))
+        await send_update(handle, Procedure.approve, Request(by="erin"))
         r = await progress(handle)
-        assert r.current_step == "approval" and "qa" in r.waiting_for and "k8s.create_canary" not in cluster.calls
+        assert r.current_step == "approval" and "qa" in r.waiting_for and K8S_CREATE_CANARY.name not in cluster.calls
         with pytest.raises(WorkflowUpdateFailedError) as exc:
-            await handle.execute_update("approve", Request(by="mallory"))
+            await send_update(handle, Procedure.approve, Request(by="mallory"))
         assert "may not approve" in str(exc.value.cause)
-        await handle.execute_update("approve", Request(by="dave"))
+        await send_update(handle, Procedure.approve, Request(by="dave"))
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded"
 
@@ -322,8 +421,11 @@ async def test_faulty_canary_is_rolled_back_weight_zero_first_naming_the_metric(
     assert report.status == "failed" and report.rolled_back
     assert "error-rate" in report.rollback_reason and "above the limit 0.05" in report.rollback_reason
     assert cluster.weight_log == [5, 0]  # weight 0 first ...
-    assert cluster.calls.index("k8s.delete_canary") > len(cluster.calls) - 1 - cluster.calls[::-1].index("k8s.set_weight")  # ... then removed
-    assert cluster.stable_at_100 and "k8s.set_image" not in cluster.calls
+    # ... then removed
+    assert cluster.calls.index(K8S_DELETE_CANARY.name) > len(cluster.calls) - 1 - cluster.calls[::-1].index(
+        K8S_SET_WEIGHT.name
+    )
+    assert cluster.stable_at_100 and K8S_SET_IMAGE.name not in cluster.calls
     breach = report.analysis[-1]
     assert breach.kind == "interval" and breach.metrics[0].name == "error-rate" and breach.metrics[0].canary > 0.05
     assert any("rolled back" in n for n in cluster.notifications)
@@ -354,10 +456,10 @@ async def test_marginal_pauses_for_a_person_then_promote_goes_on(env, worker, cl
         assert r.analysis[-1].verdict == "marginal" and r.analysis[-1].score == 75
         assert cluster.canary_image == NEW and cluster.weights == {"web": 95, "web-canary": 5}  # no automatic rollback
         with pytest.raises(WorkflowUpdateFailedError):
-            await handle.execute_update("promote", Request(by="mallory"))
-        await handle.execute_update("promote", Request(by="alice", reason="cpu is expected to rise"))
+            await send_update(handle, Rollout.promote, Request(by="mallory"))
+        await send_update(handle, Rollout.promote, Request(by="alice", reason="cpu is expected to rise"))
         await until(handle, lambda r: r.current_step == "decide-25", "the decision at 25 %")
-        await handle.execute_update("promote", Request(by="alice", full=True))
+        await send_update(handle, Rollout.promote, Request(by="alice", full=True))
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded" and cluster.stable_image == NEW
     assert cluster.weight_log == [5, 25]  # --full: straight to 100 %
@@ -372,7 +474,7 @@ async def test_low_traffic_is_inconclusive_never_a_pass(env, worker, cluster):
         await approve_quorum(handle)
         r = await until(handle, lambda r: r.current_step == "decide-5", "the decision at 5 %")
         assert r.analysis[-1].verdict == "inconclusive" and "only 5 canary requests" in r.analysis[-1].reason
-        await handle.execute_update("abort", Request(by="alice", reason="not enough traffic today"))
+        await send_update(handle, Procedure.abort, Request(by="alice", reason="not enough traffic today"))
         report = await failed(handle)
     assert report.status == "aborted" and report.rolled_back and cluster.stable_at_100
 
@@ -384,7 +486,7 @@ async def test_without_auto_promote_a_person_promotes_at_the_end(env, worker, cl
         await approve_quorum(handle)
         await until(handle, lambda r: r.current_step == "promote-gate", "the promotion gate")
         assert cluster.stable_image == OLD
-        await handle.execute_update("promote", Request(by="bob"))
+        await send_update(handle, Rollout.promote, Request(by="bob"))
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded" and cluster.stable_image == NEW
 
@@ -397,13 +499,15 @@ async def test_abort_at_every_step_leaves_stable_at_100(dev_env, dev_worker, clu
     # the 5 % bake is passed quickly where the abort is aimed later (a gate waits for it; a bake aimed at lasts 2 s)
     quick = {"bake-25": ("2s", "1s"), "decide-5": ("1s", "0.5s"), "promote-gate": ("1s", "0.5s")}
     bake, interval = quick.get(when, (None, None))
-    inv = make_inventory(bake=bake, analysis={**ROLLOUT["analysis"], "interval": interval}) if bake else make_inventory()
+    inv = (
+        make_inventory(bake=bake, analysis={**ROLLOUT["analysis"], "interval": interval}) if bake else make_inventory()
+    )
     async with serving(dev_worker):
         handle = await start(dev_env, dev_worker, inv, auto_promote=when != "promote-gate")
         if when != "approval":
             await approve_quorum(handle)
         await until(handle, lambda r: r.current_step == when, when)
-        await handle.execute_update("abort", Request(by="alice", reason=f"abort at {when}"))
+        await send_update(handle, Procedure.abort, Request(by="alice", reason=f"abort at {when}"))
         report = await failed(handle)
     assert report.status == "aborted"
     assert cluster.stable_at_100, (when, cluster)
@@ -430,12 +534,12 @@ async def test_override_by_an_approver_with_a_reason(env, worker, cluster):
         await until(handle, lambda r: r.current_step == "window" and r.status == "waiting", "the override")
         assert cluster.calls == []
         with pytest.raises(WorkflowUpdateFailedError) as exc:
-            await handle.execute_update("override", Request(by="alice", reason="hotfix"))
+            await send_update(handle, Procedure.override, Request(by="alice", reason="hotfix"))
         assert "may not override" in str(exc.value.cause)
         with pytest.raises(WorkflowUpdateFailedError) as exc:
-            await handle.execute_update("override", Request(by="carol"))
+            await send_update(handle, Procedure.override, Request(by="carol"))
         assert "needs a reason" in str(exc.value.cause)
-        await handle.execute_update("override", Request(by="carol", reason="security fix CVE-2026-1"))
+        await send_update(handle, Procedure.override, Request(by="carol", reason="security fix CVE-2026-1"))
         await approve_quorum(handle)
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded"
@@ -450,14 +554,14 @@ async def test_refusals_image_already_running_and_leftover_canary(env, worker, c
         cluster.canary_image = "registry/shop:0.9"
         report = await failed(await start(env, worker, inv))
         assert report.status == "refused" and "left over" in report.failure
-    assert cluster.calls == ["k8s.rollout_status", "k8s.rollout_status"]
+    assert cluster.calls == [K8S_ROLLOUT_STATUS.name, K8S_ROLLOUT_STATUS.name]
 
 
 async def test_dry_run_plans_every_step_and_changes_nothing(env, worker, cluster):
     inv = make_inventory()
     async with serving(worker):
         report = RolloutReport.model_validate(await (await start(env, worker, inv, dry_run=True)).result())
-    assert report.status == "planned" and cluster.calls == ["k8s.rollout_status"]
+    assert report.status == "planned" and cluster.calls == [K8S_ROLLOUT_STATUS.name]
     planned = [s.name for s in report.steps if s.outcome in ("planned", "skipped")]
     assert planned[:3] == ["approval", "create-canary", "weight-5"] and planned[-3:] == ["promote", "cleanup", "notify"]
     assert "judge-50" in planned and "weight-100" not in planned
@@ -485,7 +589,7 @@ async def test_bluegreen_rollback_in_the_window_switches_back_keeping_the_old_co
         await approve_quorum(handle)
         await until(handle, lambda r: r.current_step == "post-analysis", "the rollback window")
         assert cluster.selector == "web-green"
-        await handle.execute_update("rollback", Request(by="alice", reason="customers complain"))
+        await send_update(handle, Rollout.rollback, Request(by="alice", reason="customers complain"))
         report = await failed(handle)
     assert report.status == "aborted" and report.rolled_back
     assert cluster.selector == "web" and cluster.replicas["web"] == 3 and cluster.replicas["web-green"] == 0
@@ -507,7 +611,7 @@ async def test_bluegreen_promote_ends_the_rollback_window_early(dev_env, dev_wor
         handle = await start(dev_env, dev_worker, inv, procedure="bluegreen")
         await approve_quorum(handle)
         await until(handle, lambda r: r.current_step == "post-analysis", "the rollback window")
-        await handle.execute_update("promote", Request(by="alice", reason="looks good"))
+        await send_update(handle, Rollout.promote, Request(by="alice", reason="looks good"))
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded" and cluster.replicas["web"] == 0 and cluster.selector == "web-green"
     window = next(s for s in report.steps if s.name == "post-analysis")
@@ -521,8 +625,15 @@ async def test_a_rollout_approver_promotes_signed_and_a_replayed_promote_is_refu
     from tests.helpers import ssh_key_pair
 
     (carol_key, carol_pub), (dave_key, dave_pub) = ssh_key_pair(tmp_path, "carol"), ssh_key_pair(tmp_path, "dave")
-    approval = {"approvers": {"platform-lead": [{"name": "carol", "ssh_key": carol_pub}], "qa": [{"name": "dave", "ssh_key": dave_pub}]},
-                "require": ["platform-lead", "qa"], "timeout": "2h", "require_signed": True}
+    approval = {
+        "approvers": {
+            "platform-lead": [{"name": "carol", "ssh_key": carol_pub}],
+            "qa": [{"name": "dave", "ssh_key": dave_pub}],
+        },
+        "require": ["platform-lead", "qa"],
+        "timeout": "2h",
+        "require_signed": True,
+    }
     inv = make_inventory(steps=[50, 100], approval=approval)
     carol, dave = Signer(name="carol", key_path=carol_key), Signer(name="dave", key_path=dave_key)
     async with serving(worker):
@@ -530,18 +641,28 @@ async def test_a_rollout_approver_promotes_signed_and_a_replayed_promote_is_refu
         await until(handle, lambda r: r.current_step == "approval" and r.status == "waiting", "the approval gate")
         run = (await handle.describe()).run_id
         for who in (carol, dave):
-            signed = who.sign_request(workflow_id=handle.id, run_id=run, gate_id="approval", action="approve", reason="ok",
-                                      at=await env.get_current_time())  # the workflow's clock: the test server skips time
-            await handle.execute_update("approve", Request(by=who.name, reason="ok", **signed))
+            signed = who.sign_request(
+                workflow_id=handle.id,
+                run_id=run,
+                gate_id="approval",
+                action="approve",
+                reason="ok",
+                at=await env.get_current_time(),
+            )  # the workflow's clock: the test server skips time
+            await send_update(handle, Procedure.approve, Request(by=who.name, reason="ok", **signed))
         await until(handle, lambda r: r.current_step == "promote-gate", "the promotion gate")
         with pytest.raises(WorkflowUpdateFailedError) as exc:
-            await handle.execute_update("promote", Request(by="carol"))  # unsigned
+            await send_update(handle, Rollout.promote, Request(by="carol"))  # unsigned
         assert "missing signature" in str(exc.value.cause)
-        signed = carol.sign_request(workflow_id=handle.id, run_id=run, gate_id=None, action="promote", at=await env.get_current_time())
-        await handle.execute_update("promote", Request(by="carol", **signed))
+        signed = carol.sign_request(
+            workflow_id=handle.id, run_id=run, gate_id=None, action="promote", at=await env.get_current_time()
+        )
+        await send_update(handle, Rollout.promote, Request(by="carol", **signed))
         again = {**signed, "signature": signed["signature"].replace("\n", "\r\n")}  # the same blob in other text
         with pytest.raises(WorkflowUpdateFailedError) as exc:
-            await handle.execute_update("promote", Request(by="carol", **again))
+            await send_update(handle, Rollout.promote, Request(by="carol", **again))
         assert "replayed signature" in str(exc.value.cause)
         report = RolloutReport.model_validate(await handle.result())
-    assert report.status == "succeeded" and cluster.stable_image == NEW and [e.by for e in report.promoted_by] == ["carol"]
+    assert (
+        report.status == "succeeded" and cluster.stable_image == NEW and [e.by for e in report.promoted_by] == ["carol"]
+    )

@@ -76,7 +76,9 @@ async def wait_running(handle) -> None:
 
 async def test_a_second_procedure_is_refused_with_exit_code_3(lock_env, inventory):
     first = await start_procedure(lock_env.client, inventory, "maintenance", Arg(), "maintenance")
-    assert first.id == environment_workflow_id(inventory) == f"opsflow-{inventory.environment}" and first.preempted == []
+    assert (
+        first.id == environment_workflow_id(inventory) == f"opsflow-{inventory.environment}" and first.preempted == []
+    )
     with pytest.raises(ProcedureRunning) as exc:
         await start_procedure(lock_env.client, inventory, "failover", Arg(), "planned failover")
     assert exc.value.code == 3 and exc.value.workflow_id == first.id
@@ -89,7 +91,9 @@ async def test_an_emergency_preempts_routine_work_after_its_undo(lock_env, inven
     routine = await start_procedure(lock_env.client, inventory, "maintenance", Arg(undo_seconds=1), "maintenance")
     await wait_running(routine)
     emergency = await start_procedure(lock_env.client, inventory, "failover", Arg(), "EMERGENCY failover", preempt=True)
-    assert [(p.workflow_id, p.procedure, p.outcome) for p in emergency.preempted] == [(routine.id, "maintenance", "canceled")]
+    assert [(p.workflow_id, p.procedure, p.outcome) for p in emergency.preempted] == [
+        (routine.id, "maintenance", "canceled")
+    ]
     old = await lock_env.client.get_workflow_handle(routine.id, run_id=routine.result_run_id).describe()
     new = await emergency.describe()
     assert old.status == WorkflowExecutionStatus.CANCELED and new.status == WorkflowExecutionStatus.RUNNING

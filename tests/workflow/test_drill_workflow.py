@@ -17,8 +17,18 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from activities.reports import store_report
+from opsflow.contracts.db import DB_STATUS
+from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
+from opsflow.contracts.notify import NOTIFY_SEND
+from opsflow.contracts.restore import (
+    RESTORE_DELETE, RESTORE_LEFTOVERS, RESTORE_START, RESTORE_VALIDATE_CHECKS, RESTORE_VERIFY, RESTORE_WAIT,
+    RESTORE_WINDOW,
+)
 from opsflow.inventory import Inventory
-from opsflow.models import CheckResult, DbStatus, DrillReport, RegionTarget, NotifyRequest, RestoreRequest, RestoreWindow, ScratchTarget, VerifyRequest
+from opsflow.models import (
+    CheckResult, DbStatus, DrillReport, RegionTarget, NotifyRequest, RestoreRequest, RestoreWindow, ScratchTarget,
+    VerifyRequest,
+)
 from activities.rules import worker_inventory
 from opsflow.client import ClientError, fetch_report
 from tests.helpers import eventually_async
@@ -46,25 +56,25 @@ class Backups:
     def activities(self):
         b = self
 
-        @activity.defn(name="restore.validate_checks")
+        @RESTORE_VALIDATE_CHECKS.implementation
         def validate(req: RestoreRequest) -> None:
             b.calls.append("validate")
             for c in req.drill.row_counts:
                 if c.table == "nope":
                     raise ApplicationError("unknown table 'nope' on the source", type="BadInput", non_retryable=True)
 
-        @activity.defn(name="restore.window")
+        @RESTORE_WINDOW.implementation
         def window(req: RestoreRequest) -> RestoreWindow:
             b.calls.append("window")
             return RestoreWindow(earliest=NOW - timedelta(days=7), latest=NOW - timedelta(minutes=5))
 
-        @activity.defn(name="restore.leftovers")
+        @RESTORE_LEFTOVERS.implementation
         def leftovers(req: RestoreRequest) -> list[str]:
             found = sorted(n for n in b.scratch if n.startswith(req.drill.scratch_prefix) and n != req.scratch_name)
             b.scratch -= set(found)
             return found
 
-        @activity.defn(name="restore.start")
+        @RESTORE_START.implementation
         def start(req: RestoreRequest) -> ScratchTarget:
             b.calls.append("start")
             if req.scratch_name not in b.scratch:
@@ -72,7 +82,7 @@ class Backups:
                 b.created.append(req.scratch_name)
             return ScratchTarget(name=req.scratch_name, method=req.method, ready=False)
 
-        @activity.defn(name="restore.wait")
+        @RESTORE_WAIT.implementation
         def wait(req: RestoreRequest) -> ScratchTarget:
             b.wait_attempts += 1
             if b.stall_first_wait and b.wait_attempts == 1:
@@ -83,36 +93,61 @@ class Backups:
                     time.sleep(0.05)
             if b.fail_wait:
                 raise ApplicationError("restore failed: WAL segment missing", type="RestoreFailed", non_retryable=True)
-            return ScratchTarget(name=req.scratch_name, method=req.method, ready=True, dsn="host=scratch", restore_point=req.point_in_time, detail="ready")
+            return ScratchTarget(
+                name=req.scratch_name,
+                method=req.method,
+                ready=True,
+                dsn="host=scratch",
+                restore_point=req.point_in_time,
+                detail="ready",
+            )
 
-        @activity.defn(name="restore.delete")
+        @RESTORE_DELETE.implementation
         def delete(req: RestoreRequest) -> bool:
             b.calls.append("delete")
             existed = req.scratch_name in b.scratch
             b.scratch.discard(req.scratch_name)
             return existed
 
-        @activity.defn(name="restore.verify")
+        @RESTORE_VERIFY.implementation
         def verify(req: VerifyRequest) -> list[CheckResult]:
             return [
                 CheckResult(kind="row_count", name="orders", ok=True, expected=10, actual=10),
-                CheckResult(kind="sql", name="no negative totals", ok=b.checks_ok, detail="returned false" if not b.checks_ok else "true"),
+                CheckResult(
+                    kind="sql",
+                    name="no negative totals",
+                    ok=b.checks_ok,
+                    detail="returned false" if not b.checks_ok else "true",
+                ),
             ]
 
-        @activity.defn(name="db.status")
+        @DB_STATUS.implementation
         def db_status(t: RegionTarget) -> DbStatus:
             return DbStatus(region=t.region, reachable=True, role="primary" if t.region == "eastus" else "replica")
 
-        @activity.defn(name="notify.send")
+        @NOTIFY_SEND.implementation
         def notify(req: NotifyRequest) -> list[str]:
             b.notifications.append(req.notification.text)
             return []
 
-        @activity.defn(name="temporal.unserved_queues")
+        @TEMPORAL_UNSERVED_QUEUES.implementation
         def unserved_queues(queues: list[str]) -> list[str]:
             return []
 
-        return [worker_inventory, unserved_queues, db_status, validate, window, leftovers, start, wait, delete, verify, notify, store_report]
+        return [
+            worker_inventory,
+            unserved_queues,
+            db_status,
+            validate,
+            window,
+            leftovers,
+            start,
+            wait,
+            delete,
+            verify,
+            notify,
+            store_report,
+        ]
 
 
 @pytest.fixture
@@ -124,8 +159,14 @@ def backups():
 def drill_inventory(tmp_path) -> Inventory:
     data = inventory_dict()
     data["reports_dir"] = str(tmp_path / "reports")
-    data["drill"] = {"method": "s3-dump", "dumps": {"bucket": "b"}, "scratch_server": {"dsn": "host=scratch dbname=postgres"},
-                     "row_counts": [{"table": "orders"}], "checks": [{"name": "no negative totals", "query": "select true"}], "heartbeat_timeout": "1s"}
+    data["drill"] = {
+        "method": "s3-dump",
+        "dumps": {"bucket": "b"},
+        "scratch_server": {"dsn": "host=scratch dbname=postgres"},
+        "row_counts": [{"table": "orders"}],
+        "checks": [{"name": "no negative totals", "query": "select true"}],
+        "heartbeat_timeout": "1s",
+    }
     return Inventory.model_validate(data)
 
 
@@ -133,8 +174,16 @@ def drill_inventory(tmp_path) -> Inventory:
 async def drilling(env, backups, drill_inventory):
     acts = backups.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        workers = [Worker(env.client, task_queue=q, workflows=WORKFLOWS if q == drill_inventory.task_queue else [], activities=acts, activity_executor=ex)
-                   for q in drill_inventory.all_queues()]
+        workers = [
+            Worker(
+                env.client,
+                task_queue=q,
+                workflows=WORKFLOWS if q == drill_inventory.task_queue else [],
+                activities=acts,
+                activity_executor=ex,
+            )
+            for q in drill_inventory.all_queues()
+        ]
         async with workers[0], workers[1], workers[2]:
             yield env
 
@@ -143,7 +192,9 @@ async def start(env, inv, **kw):
     from opsflow.client import start_procedure
 
     worker_holds(inv)
-    return await start_procedure(env.client, inv, "drill", DrillInput(inventory=inv, requester="schedule:monthly", **kw), "drill")
+    return await start_procedure(
+        env.client, inv, "drill", DrillInput(inventory=inv, requester="schedule:monthly", **kw), "drill"
+    )
 
 
 async def failed(handle) -> DrillReport:
@@ -198,7 +249,9 @@ async def test_cleanup_after_cancellation(drilling, backups, drill_inventory):
     assert backups.scratch == set()
 
 
-async def test_restore_outlasting_the_heartbeat_timeout_is_retried_with_one_scratch_target(drilling, backups, drill_inventory):
+async def test_restore_outlasting_the_heartbeat_timeout_is_retried_with_one_scratch_target(
+    drilling, backups, drill_inventory
+):
     backups.stall_first_wait = True
     report = DrillReport.model_validate(await (await start(drilling, drill_inventory)).result())
     assert report.status == "succeeded"
@@ -213,7 +266,9 @@ async def test_restore_outlasting_the_heartbeat_timeout_is_retried_with_one_scra
         ({"source_region": "mars"}, "unknown region 'mars'"),
     ],
 )
-async def test_bad_point_in_time_or_region_refused_before_anything_is_created(drilling, backups, drill_inventory, kw, reason):
+async def test_bad_point_in_time_or_region_refused_before_anything_is_created(
+    drilling, backups, drill_inventory, kw, reason
+):
     if kw == "future":  # the test server's clock runs ahead by the time it skipped: ask it
         kw = {"point_in_time": await drilling.get_current_time() + timedelta(days=1)}
     report = await failed(await start(drilling, drill_inventory, **kw))
@@ -233,7 +288,13 @@ async def test_unknown_table_in_a_check_is_an_error_before_anything_is_created(d
 async def test_dry_run_creates_nothing(drilling, backups, drill_inventory):
     report = DrillReport.model_validate(await (await start(drilling, drill_inventory, dry_run=True)).result())
     assert report.status == "planned" and backups.created == []
-    assert [s.name for s in report.steps if s.outcome == "planned"] == ["leftovers", "restore", "restore-wait", "verify", "cleanup"]
+    assert [s.name for s in report.steps if s.outcome == "planned"] == [
+        "leftovers",
+        "restore",
+        "restore-wait",
+        "verify",
+        "cleanup",
+    ]
 
 
 async def test_a_scheduled_drill_takes_the_environment_lock_or_is_skipped(drilling, backups, drill_inventory):
@@ -244,13 +305,17 @@ async def test_a_scheduled_drill_takes_the_environment_lock_or_is_skipped(drilli
     launch = LaunchInput(procedure="drill", environment=inv.environment, task_queue=inv.task_queue,
                          arg=DrillInput(inventory=inv, requester="schedule:monthly").model_dump(mode="json"),
                          schedule_id=f"opsflow-{inv.environment}-monthly", by="alice")
-    done = await drilling.client.execute_workflow("scheduled", launch, id=f"opsflow-{inv.environment}-monthly-1", task_queue=inv.task_queue, result_type=dict)
+    done = await drilling.client.execute_workflow(
+        "scheduled", launch, id=f"opsflow-{inv.environment}-monthly-1", task_queue=inv.task_queue, result_type=dict
+    )
     assert done["status"] == "started" and done["workflow_id"] == f"opsflow-{inv.environment}"
     assert DrillReport.model_validate(done["report"]).status == "succeeded"
 
     backups.block_wait = threading.Event()  # a drill holds the lock while the schedule fires again
     held = await start(drilling, inv)
-    skipped = await drilling.client.execute_workflow("scheduled", launch, id=f"opsflow-{inv.environment}-monthly-2", task_queue=inv.task_queue, result_type=dict)
+    skipped = await drilling.client.execute_workflow(
+        "scheduled", launch, id=f"opsflow-{inv.environment}-monthly-2", task_queue=inv.task_queue, result_type=dict
+    )
     assert skipped["status"] == "skipped" and "another procedure is running" in skipped["reason"]
     backups.block_wait.set()
     assert DrillReport.model_validate(await held.result()).status == "succeeded"
@@ -291,12 +356,16 @@ async def test_the_launcher_started_by_hand_runs_nothing(drilling, backups, dril
     by_hand = LaunchInput(procedure="drill", environment=inv.environment, task_queue=inv.task_queue, arg=drill,
                           schedule_id=f"opsflow-{inv.environment}-monthly", by="alice")
     with pytest.raises(WorkflowFailureError) as refused:
-        await drilling.client.execute_workflow("scheduled", by_hand, id=f"evil-{inv.environment}", task_queue=inv.task_queue)
+        await drilling.client.execute_workflow(
+            "scheduled", by_hand, id=f"evil-{inv.environment}", task_queue=inv.task_queue
+        )
     assert "which no Schedule" in str(refused.value.cause)
     failover = FailoverInput(inventory=inv, to_region="westeurope", requester="mallory").model_dump(mode="json")
     launch = LaunchInput(procedure="failover", environment=inv.environment, task_queue=inv.task_queue, arg=failover,
                          schedule_id=f"opsflow-{inv.environment}-x", by="mallory")
     with pytest.raises(WorkflowFailureError) as refused:
-        await drilling.client.execute_workflow("scheduled", launch, id=f"opsflow-{inv.environment}-x-1", task_queue=inv.task_queue)
+        await drilling.client.execute_workflow(
+            "scheduled", launch, id=f"opsflow-{inv.environment}-x-1", task_queue=inv.task_queue
+        )
     assert "may run drill, maintenance, readiness or dry runs, not a failover" in str(refused.value.cause)
     assert backups.created == []

@@ -9,13 +9,15 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
+from opsflow.contracts.db import DB_REBUILD_REPLICA
+from opsflow.contracts.k8s import K8S_SCALE_UP
 from opsflow.inventory import TimeWindow
 from opsflow.models import FailbackReport
-from opsflow.client import start_procedure
+from opsflow.client import send_update, start_procedure
 from tests.workflow.conftest import worker_holds
 from tests.workflow.test_failover_workflow import until_waiting
 from workflows.failback import FailbackInput
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 
 @pytest.fixture
@@ -32,20 +34,28 @@ async def rebuild_heartbeat_timeouts(handle) -> list[float]:
     return [e.activity_task_scheduled_event_attributes.heartbeat_timeout.ToTimedelta().total_seconds()
             async for e in handle.fetch_history_events()
             if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-            and e.activity_task_scheduled_event_attributes.activity_type.name == "db.rebuild_replica"]
+            and e.activity_task_scheduled_event_attributes.activity_type.name == DB_REBUILD_REPLICA.name]
 
 
 async def start(env, inventory, to="eastus", **kw):
     worker_holds(inventory)
-    return await start_procedure(env.client, inventory, "failback", FailbackInput(inventory=inventory, to_region=to, requester="alice", **kw), "test failback")
+    return await start_procedure(
+        env.client,
+        inventory,
+        "failback",
+        FailbackInput(inventory=inventory, to_region=to, requester="alice", **kw),
+        "test failback",
+    )
 
 
-async def test_failback_asks_before_destroying_then_rebuilds_catches_up_and_fails_over_back(running, failed_over, inventory):
+async def test_failback_asks_before_destroying_then_rebuilds_catches_up_and_fails_over_back(
+    running, failed_over, inventory
+):
     world = failed_over
     handle = await start(running, inventory)
     await until_waiting(handle)
     assert world.rebuilds == [] and world.primary == "westeurope"  # nothing rebuilt (destroyed) before approval
-    await handle.execute_update("approve", Request(by="bob", reason="eastus is back"))
+    await send_update(handle, Procedure.approve, Request(by="bob", reason="eastus is back"))
     report = FailbackReport.model_validate(await handle.result())
     names = [s.name for s in report.steps]
     assert names.index("approval") < names.index("rebuild") < names.index("catch-up") < names.index("failover")
@@ -61,10 +71,12 @@ async def test_failback_asks_before_destroying_then_rebuilds_catches_up_and_fail
 
 
 async def test_the_rebuild_heartbeat_timeout_is_the_inventorys_when_given(running, failed_over, inventory):
-    inv = inventory.model_copy(update={"failback": inventory.failback.model_copy(update={"rebuild_heartbeat_timeout": 7.0})})
+    inv = inventory.model_copy(
+        update={"failback": inventory.failback.model_copy(update={"rebuild_heartbeat_timeout": 7.0})}
+    )
     handle = await start(running, inv)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     assert FailbackReport.model_validate(await handle.result()).status == "succeeded"
     assert await rebuild_heartbeat_timeouts(handle) == [7.0, 7.0]
 
@@ -74,7 +86,7 @@ async def test_failback_waits_for_the_low_traffic_window(running, failed_over, i
     inv = inventory.model_copy(update={"failback": inventory.failback.model_copy(update={"window": window})})
     handle = await start(running, inv)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     report = FailbackReport.model_validate(await handle.result())  # the time-skipping server jumps to Sunday 02:00
     assert report.status == "succeeded"
     step = next(s for s in report.steps if s.name == "window")
@@ -86,11 +98,13 @@ async def test_a_person_can_override_the_window(running, failed_over, inventory)
 
     # A window that is certainly closed now: two days ahead of the test server's (skipping) clock.
     later = await running.get_current_time() + timedelta(days=2)
-    window = TimeWindow(days=[["mon", "tue", "wed", "thu", "fri", "sat", "sun"][later.weekday()]], start="02:00", end="03:00")
+    window = TimeWindow(
+        days=[["mon", "tue", "wed", "thu", "fri", "sat", "sun"][later.weekday()]], start="02:00", end="03:00"
+    )
     inv = inventory.model_copy(update={"failback": inventory.failback.model_copy(update={"window": window})})
     handle = await start(running, inv)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     for _ in range(200):
         r = FailbackReport.model_validate(await handle.query("progress", result_type=dict))
         if (r.waiting_for or "").startswith("the window") or r.status == "succeeded":
@@ -98,22 +112,26 @@ async def test_a_person_can_override_the_window(running, failed_over, inventory)
         await asyncio.sleep(0.05)
     assert (r.waiting_for or "").startswith("the window"), r
     with pytest.raises(WorkflowUpdateFailedError):
-        await handle.execute_update("override", Request(by="mallory"))
-    await handle.execute_update("override", Request(by="bob", reason="quiet enough now"))
+        await send_update(handle, Procedure.override, Request(by="mallory"))
+    await send_update(handle, Procedure.override, Request(by="bob", reason="quiet enough now"))
     report = FailbackReport.model_validate(await handle.result())
     step = next(s for s in report.steps if s.name == "window")
     assert report.status == "succeeded" and step.detail == "overridden by bob"
 
 
 async def test_a_failure_in_the_child_failover_is_reported_by_the_parent(running, failed_over, inventory):
-    failed_over.fail["k8s.scale_up"] = "quota exceeded in eastus"
+    failed_over.fail[K8S_SCALE_UP.name] = "quota exceeded in eastus"
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     with pytest.raises(WorkflowFailureError) as exc:
         await handle.result()
     report = FailbackReport.model_validate(exc.value.cause.details[0])
-    assert report.status == "failed" and "failover back to eastus failed" in report.failure and "quota exceeded" in report.failure
+    assert (
+        report.status == "failed"
+        and "failover back to eastus failed" in report.failure
+        and "quota exceeded" in report.failure
+    )
     assert report.failover is not None and report.failover.status == "failed"
     assert report.remaining and report.remaining[0] == "scale up in eastus"
 

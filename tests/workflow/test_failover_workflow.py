@@ -8,11 +8,14 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
-from opsflow.client import ProcedureRunning, fetch_report, start_procedure
+from opsflow.client import ProcedureRunning, fetch_report, send_update, start_procedure
+from opsflow.contracts.db import DB_FENCE, DB_PROMOTE, DB_WAIT_CAUGHT_UP
+from opsflow.contracts.k8s import K8S_SCALE_UP
+from opsflow.contracts.traffic import TRAFFIC_SWITCH
 from opsflow.models import FailoverReport
 from tests.workflow.conftest import worker_holds
 from workflows.failover import FailoverInput
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 
 async def start(env, inventory, to="westeurope", **kw):
@@ -48,7 +51,7 @@ async def test_planned_failover_with_approval(running, world, inventory):
     handle = await start(running, inventory)
     await until_waiting(handle)
     assert world.primary == "eastus" and not world.fenced  # nothing changes before approval
-    await handle.execute_update("approve", Request(by="bob", reason="change #42"))
+    await send_update(handle, Procedure.approve, Request(by="bob", reason="change #42"))
     report = FailoverReport.model_validate(await handle.result())
 
     assert report.status == "succeeded"
@@ -59,7 +62,20 @@ async def test_planned_failover_with_approval(running, world, inventory):
     assert report.rto_seconds is not None and report.rto_seconds >= 0
     names = [s.name for s in report.steps]
     # The runbook's order: fence and drain before catch-up, promotion before traffic, verify before scale-up.
-    order = ["approval", "maintenance", "fence", "drain", "catch-up", "promote", "traffic", "verify-writes", "verify-routing", "verify-smoke", "scale-up", "notify"]
+    order = [
+        "approval",
+        "maintenance",
+        "fence",
+        "drain",
+        "catch-up",
+        "promote",
+        "traffic",
+        "verify-writes",
+        "verify-routing",
+        "verify-smoke",
+        "scale-up",
+        "notify",
+    ]
     assert [n for n in names if n in order] == order
     drain = next(s for s in report.steps if s.name == "drain")
     assert drain.seconds == pytest.approx(60, abs=2)  # skipped by time, still the configured 60 s
@@ -70,14 +86,14 @@ async def test_non_approver_and_self_approval_are_rejected_before_history(runnin
     handle = await start(running, inventory, requester="alice")
     await until_waiting(handle)
     with pytest.raises(WorkflowUpdateFailedError) as exc:
-        await handle.execute_update("approve", Request(by="mallory"))
+        await send_update(handle, Procedure.approve, Request(by="mallory"))
     assert "may not approve" in str(exc.value.cause)
     with pytest.raises(WorkflowUpdateFailedError) as exc:
-        await handle.execute_update("approve", Request(by="alice"))
+        await send_update(handle, Procedure.approve, Request(by="alice"))
     assert "requested this procedure" in str(exc.value.cause)
     assert await update_names_in_history(handle) == []
     assert world.unchanged
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     await handle.result()
     assert await update_names_in_history(handle) == ["approve"]
 
@@ -92,10 +108,10 @@ async def test_approval_timeout_escalates_then_aborts_with_nothing_changed(runni
 
 
 async def test_failure_before_promotion_undoes_what_was_done(running, world, inventory):
-    world.fail["db.wait_caught_up"] = "replica stuck"
+    world.fail[DB_WAIT_CAUGHT_UP.name] = "replica stuck"
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     report = await failed_report(handle)
     assert report.status == "failed" and "replica stuck" in report.failure
     assert world.unchanged  # fence lifted, maintenance annotation removed, nothing promoted
@@ -104,13 +120,14 @@ async def test_failure_before_promotion_undoes_what_was_done(running, world, inv
 
 
 async def test_failure_after_promotion_goes_forward_and_lists_what_is_left(running, world, inventory):
-    world.fail["k8s.scale_up"] = "quota exceeded"
+    world.fail[K8S_SCALE_UP.name] = "quota exceeded"
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     report = await failed_report(handle)
     assert report.status == "failed" and "quota exceeded" in report.failure
-    assert world.primary == "westeurope" and world.serving == "westeurope" and "eastus" in world.fenced  # no undo past promotion
+    # no undo past promotion
+    assert world.primary == "westeurope" and world.serving == "westeurope" and "eastus" in world.fenced
     assert report.remaining[0] == "scale up in westeurope"
 
 
@@ -118,8 +135,8 @@ async def test_abort_while_waiting_for_approval(running, world, inventory):
     handle = await start(running, inventory)
     await until_waiting(handle)
     with pytest.raises(WorkflowUpdateFailedError):
-        await handle.execute_update("abort", Request(by="mallory"))
-    await handle.execute_update("abort", Request(by="alice", reason="wrong day"))
+        await send_update(handle, Procedure.abort, Request(by="mallory"))
+    await send_update(handle, Procedure.abort, Request(by="alice", reason="wrong day"))
     report = await failed_report(handle)
     assert report.status == "aborted" and "wrong day" in report.failure
     assert world.unchanged
@@ -128,10 +145,10 @@ async def test_abort_while_waiting_for_approval(running, world, inventory):
 async def test_abort_during_drain_compensates(running, world, inventory):
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     await until_waiting(handle, "Drain")
     assert "eastus" in world.fenced
-    await handle.execute_update("abort", Request(by="bob", reason="traffic spike"))
+    await send_update(handle, Procedure.abort, Request(by="bob", reason="traffic spike"))
     report = await failed_report(handle)
     assert report.status == "aborted"
     assert world.unchanged
@@ -140,13 +157,13 @@ async def test_abort_during_drain_compensates(running, world, inventory):
 async def test_pause_holds_at_the_next_step_boundary_and_resume_continues(running, world, inventory):
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("pause", Request(by="alice", reason="check dashboards"))
+    await send_update(handle, Procedure.pause, Request(by="alice", reason="check dashboards"))
     with pytest.raises(WorkflowUpdateFailedError):
-        await handle.execute_update("pause", Request(by="alice"))
-    await handle.execute_update("approve", Request(by="bob"))
+        await send_update(handle, Procedure.pause, Request(by="alice"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     report = await until_waiting(handle, "resume")
     assert report.status == "paused" and "eastus" not in world.maintenance  # held before the first change
-    await handle.execute_update("resume", Request(by="alice"))
+    await send_update(handle, Procedure.resume, Request(by="alice"))
     report = FailoverReport.model_validate(await handle.result())
     assert report.status == "succeeded"
     assert [e.action for e in report.events] == ["pause", "resume"]
@@ -160,7 +177,7 @@ async def test_abort_refused_past_the_point_of_no_return(running, world, invento
     inventory = inventory.model_copy(update={"failover": inventory.failover.model_copy(update={"drain": 0})})
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     for _ in range(400):
         r = FailoverReport.model_validate(await handle.query("progress", result_type=dict))
         if r.current_step == "promote":
@@ -168,7 +185,7 @@ async def test_abort_refused_past_the_point_of_no_return(running, world, invento
         await asyncio.sleep(0.05)
     assert r.current_step == "promote"
     with pytest.raises(WorkflowUpdateFailedError) as exc:
-        await handle.execute_update("abort", Request(by="bob"))
+        await send_update(handle, Procedure.abort, Request(by="bob"))
     assert "point of no return" in str(exc.value.cause)
     world.block_promote.set()
     assert (await handle.result())["status"] == "succeeded"
@@ -189,12 +206,14 @@ async def test_emergency_failover_with_dead_primary(running, world, inventory):
 
 
 async def test_emergency_waits_for_approval_when_the_inventory_asks(running, world, inventory):
-    inv = inventory.model_copy(update={"approval": inventory.approval.model_copy(update={"emergency_requires_approval": True})})
+    inv = inventory.model_copy(
+        update={"approval": inventory.approval.model_copy(update={"emergency_requires_approval": True})}
+    )
     world.reachable["eastus"] = False
     handle = await start(running, inv, emergency=True)
     await until_waiting(handle)
     assert world.primary == "eastus"
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     assert (await handle.result())["status"] == "succeeded"
 
 
@@ -229,20 +248,21 @@ async def test_second_procedure_on_the_same_environment_is_refused(running, worl
     with pytest.raises(ProcedureRunning) as exc:
         await start(running, inventory)
     assert exc.value.code == 3 and "another procedure is running" in str(exc.value)
-    await first.execute_update("abort", Request(by="alice"))
+    await send_update(first, Procedure.abort, Request(by="alice"))
     await failed_report(first)
 
 
 async def test_dry_run_plans_exactly_the_steps_a_real_run_takes(running, world, inventory):
     report = FailoverReport.model_validate(await (await start(running, inventory, dry_run=True)).result())
     assert report.status == "planned" and world.unchanged
-    assert not set(world.calls) & {"db.fence", "db.promote", "traffic.switch", "k8s.scale_up"}
+    assert not set(world.calls) & {DB_FENCE.name, DB_PROMOTE.name, TRAFFIC_SWITCH.name, K8S_SCALE_UP.name}
     planned = [s.name for s in report.steps if s.outcome == "planned"]
-    assert [s.name for s in report.steps if s.outcome == "skipped"] == ["verify-not-promoted"]  # only if a promotion fails
+    # only if a promotion fails
+    assert [s.name for s in report.steps if s.outcome == "skipped"] == ["verify-not-promoted"]
 
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     real = FailoverReport.model_validate(await handle.result())
     names = [s.name for s in real.steps]
     assert names[names.index("approval"):] == planned

@@ -10,10 +10,13 @@ import threading
 import pytest
 from temporalio.client import WorkflowUpdateFailedError
 
+from opsflow.client import send_update
+from opsflow.contracts.db import DB_FENCE_CONTROL_PLANE, DB_PROMOTE, DB_WAIT_CAUGHT_UP
 from opsflow.inventory import ApprovalPolicy, Inventory
 from opsflow.models import FailoverReport
 from tests.workflow.conftest import inventory_dict
 from tests.workflow.test_failover_workflow import failed_report, start, until_waiting
+from workflows.procedure import Procedure, Request
 
 
 async def until(handle, predicate, timeout=15):
@@ -38,18 +41,20 @@ def running_step(name):
 @pytest.fixture
 def inventory() -> Inventory:
     # Heartbeats throttle at 0.8 x the timeout: a short one lets a cancellation reach a stand-in quickly.
-    return Inventory.model_validate(inventory_dict(failover={"drain": "0s", "heartbeat_timeout": "2s"}, limits={"worker_wait": "30s"}))
+    return Inventory.model_validate(
+        inventory_dict(failover={"drain": "0s", "heartbeat_timeout": "2s"}, limits={"worker_wait": "30s"})
+    )
 
 
 async def test_abort_during_catch_up_cancels_it_and_undoes(running, world, inventory):
     world.block_catch_up = threading.Event()
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     await until(handle, running_step("catch-up"))
-    await handle.execute_update("abort", Request(by="alice", reason="wrong day"))
+    await send_update(handle, Procedure.abort, Request(by="alice", reason="wrong day"))
     report = await failed_report(handle)
-    assert world.cancelled == ["db.wait_caught_up"]  # the activity itself stopped; the wait was not sat out
+    assert world.cancelled == [DB_WAIT_CAUGHT_UP.name]  # the activity itself stopped; the wait was not sat out
     assert report.status == "aborted" and world.unchanged  # fence lifted, maintenance off
     catch_up = next(s for s in report.steps if s.name == "catch-up")
     assert catch_up.outcome == "failed" and catch_up.detail == "cancelled"
@@ -59,15 +64,15 @@ async def test_pause_stops_a_long_step_and_resume_runs_it_again(running, world, 
     world.block_catch_up = threading.Event()
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     await until(handle, running_step("catch-up"))
-    said = await handle.execute_update("pause", Request(by="alice"), result_type=str)
+    said = await send_update(handle, Procedure.pause, Request(by="alice"))
     assert "WRITES ARE DOWN" in said  # the old primary is fenced while we pause
     await until(handle, lambda r: r.status == "paused")
-    assert world.cancelled == ["db.wait_caught_up"]
+    assert world.cancelled == [DB_WAIT_CAUGHT_UP.name]
     assert any(sev == "critical" and "WRITES ARE DOWN" in text for sev, text, _ in world.notifications)
     world.block_catch_up.set()
-    await handle.execute_update("resume", Request(by="alice"))
+    await send_update(handle, Procedure.resume, Request(by="alice"))
     report = FailoverReport.model_validate(await handle.result())
     assert report.status == "succeeded" and world.catch_up_attempts == 2
     assert [s.outcome for s in report.steps if s.name == "catch-up"] == ["skipped", "ok"]
@@ -92,47 +97,58 @@ async def test_a_step_no_worker_picks_up_fails_naming_the_queue(running, world, 
 
 
 async def test_failed_promotion_of_a_verified_replica_is_undone(running, world, inventory):
-    world.fail["db.promote"] = "ARM: 500 InternalServerError"
+    world.fail[DB_PROMOTE.name] = "ARM: 500 InternalServerError"
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     report = await failed_report(handle)
     assert report.status == "failed" and "verifiably still a replica" in report.failure
     assert world.unchanged and not report.remaining  # the old primary writes again: no outage left behind
-    assert [s.name for s in report.steps if s.outcome == "compensated"] == ["undo:db.unfence", "undo:k8s.set_maintenance"]
+    assert [s.name for s in report.steps if s.outcome == "compensated"] == [
+        "undo:db.unfence",
+        "undo:k8s.set_maintenance",
+    ]
 
 
 async def test_failed_promotion_that_may_have_happened_goes_forward(running, world, inventory):
-    world.fail_after["db.promote"] = "timeout reading the response"
+    world.fail_after[DB_PROMOTE.name] = "timeout reading the response"
     handle = await start(running, inventory)
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     report = await failed_report(handle)
     assert world.primary == "westeurope" and "eastus" in world.fenced  # no undo: it was promoted
     assert report.remaining[:2] == ["promote in westeurope", "move traffic in westeurope"]
 
 
 async def test_quorum_of_two_roles_each_a_different_person(running, world, inventory):
-    roles = ApprovalPolicy(approvers={"platform-lead": ["alice", "carol"], "qa": ["bob", "dave"]}, require=["platform-lead", "qa"])
+    roles = ApprovalPolicy(
+        approvers={"platform-lead": ["alice", "carol"], "qa": ["bob", "dave"]}, require=["platform-lead", "qa"]
+    )
     inv = inventory.model_copy(update={"approval": roles})
     handle = await start(running, inv, requester="erin")
     await until_waiting(handle)
-    await handle.execute_update("approve", Request(by="alice"))
+    await send_update(handle, Procedure.approve, Request(by="alice"))
     r = await until_waiting(handle)
     assert "still needs an approval by role qa" in r.waiting_for and world.unchanged
-    assert "already answered" in await refused(handle.execute_update("approve", Request(by="alice")))
-    assert "gate 'promote' is not open" in await refused(handle.execute_update("approve", Request(by="bob", gate="promote")))
-    await handle.execute_update("approve", Request(by="carol"))  # a second lead is not QA
+    assert "already answered" in await refused(send_update(handle, Procedure.approve, Request(by="alice")))
+    assert "gate 'promote' is not open" in await refused(
+        send_update(handle, Procedure.approve, Request(by="bob", gate="promote"))
+    )
+    await send_update(handle, Procedure.approve, Request(by="carol"))  # a second lead is not QA
     assert world.unchanged
-    await handle.execute_update("approve", Request(by="bob"))
+    await send_update(handle, Procedure.approve, Request(by="bob"))
     report = FailoverReport.model_validate(await handle.result())
     assert report.status == "succeeded"
-    assert [(d.by, d.roles) for d in report.approvals] == [("alice", ["platform-lead"]), ("carol", ["platform-lead"]), ("bob", ["qa"])]
+    assert [(d.by, d.roles) for d in report.approvals] == [
+        ("alice", ["platform-lead"]),
+        ("carol", ["platform-lead"]),
+        ("bob", ["qa"]),
+    ]
 
 
 async def test_emergency_fences_the_old_primary_best_effort(running, world, inventory):
     world.reachable["eastus"] = False
-    world.fail["db.fence_control_plane"] = "eastus control plane unreachable"
+    world.fail[DB_FENCE_CONTROL_PLANE.name] = "eastus control plane unreachable"
     report = FailoverReport.model_validate(await (await start(running, inventory, emergency=True)).result())
     assert report.status == "succeeded" and world.primary == "westeurope"
     assert ("k8s", "eastus") in world.old_fenced
@@ -144,9 +160,6 @@ async def test_an_emergency_is_not_blocked_by_a_dead_old_region_queue(running, w
     world.unserved = {inventory.region_queue("eastus")}  # the old region's worker died with it
     report = FailoverReport.model_validate(await (await start(running, inventory, emergency=True)).result())
     assert report.status == "succeeded"
-
-
-from workflows.procedure import Request  # noqa: E402
 
 
 async def test_an_emergency_report_names_what_it_preempted(running, world, inventory):
@@ -170,18 +183,31 @@ async def test_a_busy_worker_is_waited_for_not_reported_missing(dev_env, world, 
     data = inventory.model_dump()
     data["limits"]["worker_wait"] = 3
     first = Inventory.model_validate(data)
-    second = Inventory.model_validate({**data, "environment": f"t{uuid.uuid4().hex[:8]}", "workflow_task_queue": first.task_queue,  # same queues
-                                       "regions": {r: {**v, "task_queue": first.region_queue(r)} for r, v in data["regions"].items()}})
+    second = Inventory.model_validate(
+        {
+            **data,
+            "environment": f"t{uuid.uuid4().hex[:8]}",
+            "workflow_task_queue": first.task_queue,  # same queues
+            "regions": {r: {**v, "task_queue": first.region_queue(r)} for r, v in data["regions"].items()},
+        }
+    )
     world.block_catch_up = threading.Event()
     env, acts = dev_env, world.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        async with Worker(env.client, task_queue=first.task_queue, workflows=WORKFLOWS, activities=acts, activity_executor=ex), \
-                Worker(env.client, task_queue=first.region_queue("eastus"), activities=acts, activity_executor=ex), \
-                Worker(env.client, task_queue=first.region_queue("westeurope"), activities=acts, activity_executor=ex,
-                       max_concurrent_activities=1):
+        async with (
+            Worker(env.client, task_queue=first.task_queue, workflows=WORKFLOWS, activities=acts, activity_executor=ex),
+            Worker(env.client, task_queue=first.region_queue("eastus"), activities=acts, activity_executor=ex),
+            Worker(
+                env.client,
+                task_queue=first.region_queue("westeurope"),
+                activities=acts,
+                activity_executor=ex,
+                max_concurrent_activities=1,
+            ),
+        ):
             one = await start(env, first)
             await until_waiting(one)
-            await one.execute_update("approve", Request(by="bob"))
+            await send_update(one, Procedure.approve, Request(by="bob"))
             await until(one, running_step("catch-up"))
             two = await start(env, second)
             r = await until(two, lambda r: any("busy; scheduled again" in s.detail for s in r.steps), timeout=30)
@@ -189,7 +215,7 @@ async def test_a_busy_worker_is_waited_for_not_reported_missing(dev_env, world, 
             world.block_catch_up.set()
             assert FailoverReport.model_validate(await one.result()).status == "succeeded"
             await until_waiting(two)
-            await two.execute_update("approve", Request(by="bob"))
+            await send_update(two, Procedure.approve, Request(by="bob"))
             report = FailoverReport.model_validate(await two.result())
     assert report.status == "succeeded"
     busy = [s for s in report.steps if s.outcome == "skipped" and "busy" in s.detail]

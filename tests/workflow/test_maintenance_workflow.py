@@ -19,6 +19,15 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.worker import Worker
 
+from opsflow.client import send_update
+from opsflow.contracts.db import DB_STATUS
+from opsflow.contracts.k8s import K8S_SET_MAINTENANCE
+from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
+from opsflow.contracts.maintenance import (
+    BACKUP_TAKE, BACKUP_VERIFY, MAINT_HEALTH, MAINT_PLAN, MAINT_RUN_ITEM, WATCH_METRICS,
+)
+from opsflow.contracts.notify import NOTIFY_SEND, STATUSPAGE_UPDATE
+from opsflow.contracts.traffic import HTTP_SMOKE
 from opsflow.inventory import Inventory
 from opsflow.maintenance_models import (
     BackupRequest,
@@ -46,7 +55,7 @@ from activities.rules import worker_inventory
 from tests.workflow.conftest import worker_holds
 from tests.workflow.conftest import inventory_dict
 from workflows.maintenance import FleetInput, MaintenanceFleetWorkflow, MaintenanceInput, MaintenanceWorkflow
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 QUEUE = "maint-tests"
@@ -74,13 +83,20 @@ class MaintWorld:
     def activities(self):
         w = self
 
-        @activity.defn(name="db.status")
+        @DB_STATUS.implementation
         def db_status(t: RegionTarget) -> DbStatus:
             if t.region == "eastus":
                 return DbStatus(region=t.region, reachable=True, role="primary", current_lsn="0/3000000")
-            return DbStatus(region=t.region, reachable=True, role="replica", streaming=True, current_lsn="0/3000000", replay_lsn="0/3000000")
+            return DbStatus(
+                region=t.region,
+                reachable=True,
+                role="replica",
+                streaming=True,
+                current_lsn="0/3000000",
+                replay_lsn="0/3000000",
+            )
 
-        @activity.defn(name="maint.plan")
+        @MAINT_PLAN.implementation
         def plan(req: PlanRequest) -> PlanResult:
             w.calls.append((req.target.environment, "plan"))
             if req.target.environment in w.fail_plan:
@@ -93,18 +109,24 @@ class MaintWorld:
                     items += [WorkItem(task=i, kind=task.kind, table=t, reason="listed") for t in task.tables]
             return PlanResult(items=items, backup_target="pg_basebackup into /backups")
 
-        @activity.defn(name="backup.take")
+        @BACKUP_TAKE.implementation
         def take(req: BackupRequest) -> BackupResult:
             w.calls.append((req.target.environment, "backup"))
-            return BackupResult(id=req.name, method="pg_basebackup", state="completed", completed_at=activity.info().current_attempt_scheduled_time,
-                                size_bytes=1 << 20, location=f"/backups/{req.name}")
+            return BackupResult(
+                id=req.name,
+                method="pg_basebackup",
+                state="completed",
+                completed_at=activity.info().current_attempt_scheduled_time,
+                size_bytes=1 << 20,
+                location=f"/backups/{req.name}",
+            )
 
-        @activity.defn(name="backup.verify")
+        @BACKUP_VERIFY.implementation
         def verify(req: VerifyBackupRequest) -> str:
             w.calls.append((req.target.environment, "verify-backup"))
             return f"{req.backup.id} verified"
 
-        @activity.defn(name="maint.run_item")
+        @MAINT_RUN_ITEM.implementation
         def run_item(req: RunItemRequest) -> ItemResult:
             key = req.item.key
             w.calls.append((req.target.environment, key))
@@ -113,10 +135,19 @@ class MaintWorld:
             base = dict(key=key, kind=req.item.kind, table=req.item.table, name=req.item.name, reason=req.item.reason)
             if w.lock_held.get(req.item.table, 0) > 0:
                 w.lock_held[req.item.table] -= 1
-                return ItemResult(**base, outcome="lock-timeout", detail=f"lock not granted within {req.guards.lock_timeout:g}s", lock_wait_seconds=req.guards.lock_timeout)
+                return ItemResult(
+                    **base,
+                    outcome="lock-timeout",
+                    detail=f"lock not granted within {req.guards.lock_timeout:g}s",
+                    lock_wait_seconds=req.guards.lock_timeout,
+                )
             if req.item.table in w.slow:
                 if req.cancel_at is not None:  # on_cutoff cancel: the real activity cancels itself at cancel_at
-                    return ItemResult(**base, outcome="cancelled-at-cutoff", detail="cancelled at the window's cutoff (pg_cancel_backend)")
+                    return ItemResult(
+                        **base,
+                        outcome="cancelled-at-cutoff",
+                        detail="cancelled at the window's cutoff (pg_cancel_backend)",
+                    )
                 try:
                     while True:  # until the workflow cancels it (delivered with a heartbeat, raised in this thread)
                         activity.heartbeat({"progress": "scanning heap"})
@@ -130,15 +161,22 @@ class MaintWorld:
                 try:
                     while not w.release.wait(0.05):
                         activity.heartbeat()
-                        if activity.is_cancelled():  # a pause interrupts a long statement; it runs again after the resume
+                        if (
+                            activity.is_cancelled()
+                        ):  # a pause interrupts a long statement; it runs again after the resume
                             raise CancelledError("cancelled")
                 except CancelledError:
                     w.cancelled.append(key)
                     raise
-            return ItemResult(**base, outcome="done", seconds=0.2, before=TableStats(n_dead_tup=1000, table_bytes=8192 * 10),
-                              after=TableStats(n_dead_tup=0, table_bytes=8192 * 8))
+            return ItemResult(
+                **base,
+                outcome="done",
+                seconds=0.2,
+                before=TableStats(n_dead_tup=1000, table_bytes=8192 * 10),
+                after=TableStats(n_dead_tup=0, table_bytes=8192 * 8),
+            )
 
-        @activity.defn(name="maint.health")
+        @MAINT_HEALTH.implementation
         def health(req: HealthRequest) -> HealthResult:
             last = [c for e, c in w.calls if e == req.primary.environment][-1]
             w.calls.append((req.primary.environment, "health"))
@@ -146,7 +184,7 @@ class MaintWorld:
                 return HealthResult(ok=False, detail="replica westeurope is not streaming")
             return HealthResult(ok=True, detail="healthy", lag_bytes={"westeurope": 0})
 
-        @activity.defn(name="k8s.set_maintenance")
+        @K8S_SET_MAINTENANCE.implementation
         def set_maintenance(req: MaintenanceRequest) -> KubeStatus:
             env = req.target.environment
             w.calls.append((env, f"maintenance-{'on' if req.on else 'off'}"))
@@ -154,35 +192,64 @@ class MaintWorld:
             w.peak_maintenance = max(w.peak_maintenance, len(w.maintenance))
             return KubeStatus(region=req.target.region, deployments=[], ready=True, maintenance=req.on)
 
-        @activity.defn(name="http.smoke")
+        @HTTP_SMOKE.implementation
         def smoke(t: RegionTarget) -> list[SmokeResult]:
             w.calls.append((t.environment, "smoke"))
             return [SmokeResult(url=u, status=200, ok=True, seconds=0.01) for u in t.smoke_urls]
 
-        @activity.defn(name="statuspage.update")
+        @STATUSPAGE_UPDATE.implementation
         def statuspage(req: StatusPageRequest) -> StatusPageResult:
             w.statuspage.append((req.status, req.body))
             return StatusPageResult(incident_id=req.incident_id or "inc1", status=req.status)
 
-        @activity.defn(name="watch.metrics")
+        @WATCH_METRICS.implementation
         def watch(req: WatchRequest) -> WatchResult:
             breached = any(q.name == "errors" for q in req.policy.queries)
-            return WatchResult(ok=not breached, results=[WatchQueryResult(name=q.name, query=q.query, samples=3, last=5.0, breached=breached,
-                                                                          detail="5 is above 1" if breached else "") for q in req.policy.queries])
+            return WatchResult(
+                ok=not breached,
+                results=[
+                    WatchQueryResult(
+                        name=q.name,
+                        query=q.query,
+                        samples=3,
+                        last=5.0,
+                        breached=breached,
+                        detail="5 is above 1" if breached else "",
+                    )
+                    for q in req.policy.queries
+                ],
+            )
 
-        @activity.defn(name="notify.send")
+        @NOTIFY_SEND.implementation
         def notify(req: NotifyRequest) -> list[str]:
             w.notifications.append((req.notification.severity, req.notification.text))
             return [c.name for c in req.channels]
 
-        @activity.defn(name="temporal.unserved_queues")
+        @TEMPORAL_UNSERVED_QUEUES.implementation
         def unserved(queues: list[str]) -> list[str]:
             return []
 
-        return [worker_inventory, store_report, db_status, plan, take, verify, run_item, health, set_maintenance, smoke, statuspage, watch, notify, unserved]
+        return [
+            worker_inventory,
+            store_report,
+            db_status,
+            plan,
+            take,
+            verify,
+            run_item,
+            health,
+            set_maintenance,
+            smoke,
+            statuspage,
+            watch,
+            notify,
+            unserved,
+        ]
 
 
-def window_around(now: datetime, *, opens_in: timedelta = timedelta(hours=-1), length: timedelta = timedelta(hours=3)) -> dict:
+def window_around(
+    now: datetime, *, opens_in: timedelta = timedelta(hours=-1), length: timedelta = timedelta(hours=3)
+) -> dict:
     start = now + opens_in
     end = start + length
     return {"days": [DAYS[start.weekday()]], "start": f"{start:%H:%M}", "end": f"{end:%H:%M}", "timezone": "UTC"}
@@ -192,7 +259,10 @@ def maint_inventory(now: datetime, env: str | None = None, **maintenance) -> Inv
     section = {
         "window": window_around(now),
         "cutoff": "20m",
-        "tasks": [{"kind": "vacuum-analyze", "tables": ["public.orders", "public.events"]}, {"kind": "reindex", "tables": ["public.events"]}],
+        "tasks": [
+            {"kind": "vacuum-analyze", "tables": ["public.orders", "public.events"]},
+            {"kind": "reindex", "tables": ["public.events"]},
+        ],
         "guards": {"lock_timeout": "2s", "lock_retries": 1},
         "heartbeat_timeout": "2s",  # cancellation reaches a running statement with its next heartbeat
         "backup": {"take": True, "verify": True, "directory": "/backups"},
@@ -215,15 +285,25 @@ def mworld() -> MaintWorld:
 @pytest_asyncio.fixture
 async def worker(env, mworld):
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
-        async with Worker(env.client, task_queue=QUEUE, workflows=[MaintenanceWorkflow, MaintenanceFleetWorkflow], activities=mworld.activities(),
-                          activity_executor=ex, max_concurrent_activities=16):
+        async with Worker(
+            env.client,
+            task_queue=QUEUE,
+            workflows=[MaintenanceWorkflow, MaintenanceFleetWorkflow],
+            activities=mworld.activities(),
+            activity_executor=ex,
+            max_concurrent_activities=16,
+        ):
             yield env
 
 
 async def start(env, inv: Inventory, **kw):
     worker_holds(inv)
-    return await env.client.start_workflow(MaintenanceWorkflow.run, MaintenanceInput(inventory=inv, requester="alice", **kw),
-                                           id=f"opsflow-{inv.environment}", task_queue=QUEUE)
+    return await env.client.start_workflow(
+        MaintenanceWorkflow.run,
+        MaintenanceInput(inventory=inv, requester="alice", **kw),
+        id=f"opsflow-{inv.environment}",
+        task_queue=QUEUE,
+    )
 
 
 async def until(predicate, what: str, timeout: float = 20):
@@ -238,7 +318,7 @@ async def approve_when_waiting(handle, by: str = "bob"):
     deadline = time.monotonic() + 30
     while True:
         try:
-            return await handle.execute_update("approve", Request(by=by, reason="ok"))
+            return await send_update(handle, Procedure.approve, Request(by=by, reason="ok"))
         except WorkflowUpdateFailedError:
             if time.monotonic() > deadline:
                 raise
@@ -253,7 +333,9 @@ async def failed_report(handle) -> MaintenanceReport:
     with pytest.raises(WorkflowFailureError) as info:
         await handle.result()
     details = info.value.cause.details
-    return MaintenanceReport.model_validate(details[0] if not isinstance(details[0], MaintenanceReport) else details[0].model_dump())
+    return MaintenanceReport.model_validate(
+        details[0] if not isinstance(details[0], MaintenanceReport) else details[0].model_dump()
+    )
 
 
 def keys(report: MaintenanceReport) -> list[str]:
@@ -269,9 +351,20 @@ async def test_a_whole_window_in_order(worker, mworld):
     assert report.status == "succeeded"
     e = inv.environment
     order = [c for env_, c in mworld.calls if env_ == e]
-    assert order == ["plan", "backup", "verify-backup", "maintenance-on",
-                     "vacuum-analyze:public.orders", "health", "vacuum-analyze:public.events", "health", "reindex:public.events", "health",
-                     "maintenance-off", "smoke"]
+    assert order == [
+        "plan",
+        "backup",
+        "verify-backup",
+        "maintenance-on",
+        "vacuum-analyze:public.orders",
+        "health",
+        "vacuum-analyze:public.events",
+        "health",
+        "reindex:public.events",
+        "health",
+        "maintenance-off",
+        "smoke",
+    ]
     assert [s for s, _ in mworld.statuspage] == ["scheduled", "in_progress", "completed"]
     assert keys(report) == ["vacuum-analyze:public.orders", "vacuum-analyze:public.events", "reindex:public.events"]
     assert report.items[0].before.n_dead_tup == 1000 and report.items[0].after.n_dead_tup == 0
@@ -298,20 +391,20 @@ async def test_waits_for_the_window_and_an_approver_can_override_it(worker, mwor
     handle = await start(env, inv)
     await approve_when_waiting(handle)
     with pytest.raises(WorkflowUpdateFailedError) as refused:
-        await handle.execute_update("override", Request(by="mallory", reason="now"))
+        await send_update(handle, Procedure.override, Request(by="mallory", reason="now"))
     assert "may not override" in str(refused.value.cause)
-    await until_update(handle, "override", Request(by="bob", reason="quiet night"))
+    await until_update(handle, Procedure.override, Request(by="bob", reason="quiet night"))
     report = await handle.result()
     assert report.override and report.override.by == "bob"
     assert report.window_opened_at < now + timedelta(hours=1)
     assert len(report.items) == 3  # no cutoff outside the window: the approver chose the time
 
 
-async def until_update(handle, name: str, req: Request):
+async def until_update(handle, update, req: Request):
     deadline = time.monotonic() + 20
     while True:
         try:
-            return await handle.execute_update(name, req)
+            return await send_update(handle, update, req)
         except WorkflowUpdateFailedError as e:
             if "not waiting" not in str(e.cause) or time.monotonic() > deadline:
                 raise
@@ -322,17 +415,21 @@ async def test_at_the_cutoff_no_new_table_starts_and_the_rest_is_deferred(worker
     env = worker
     now = await env.get_current_time()
     # the window closes in 40 min, cutoff 20 min: after 25 min inside the first table, no new one may start
-    inv = maint_inventory(now, window=window_around(now, opens_in=timedelta(minutes=-10), length=timedelta(minutes=50)), cutoff="20m")
+    inv = maint_inventory(
+        now, window=window_around(now, opens_in=timedelta(minutes=-10), length=timedelta(minutes=50)), cutoff="20m"
+    )
     mworld.block.add("vacuum-analyze:public.orders")
     handle = await start(env, inv)
     await approve_when_waiting(handle)
-    await asyncio.get_running_loop().run_in_executor(None, lambda: mworld.started.setdefault("vacuum-analyze:public.orders", threading.Event()).wait(20))
+    await asyncio.get_running_loop().run_in_executor(
+        None, lambda: mworld.started.setdefault("vacuum-analyze:public.orders", threading.Event()).wait(20)
+    )
     # 25 minutes pass while paused (time skips only while no activity runs): the pause interrupts the statement
-    await handle.execute_update("pause", Request(by="alice", reason="look at the graphs"))
+    await send_update(handle, Procedure.pause, Request(by="alice", reason="look at the graphs"))
     await until(lambda: mworld.cancelled, "the running statement to stop for the pause")
     await env.sleep(timedelta(minutes=25))
     mworld.release.set()
-    await handle.execute_update("resume", Request(by="alice"))
+    await send_update(handle, Procedure.resume, Request(by="alice"))
     report = await handle.result()
     assert report.status == "succeeded"
     assert keys(report) == ["vacuum-analyze:public.orders"]  # on_cutoff finish: the interrupted one ran to its end
@@ -356,7 +453,10 @@ async def test_on_cutoff_cancel_hands_the_cutoff_to_the_running_statement(worker
     closes = (now + timedelta(minutes=40)).replace(second=0, microsecond=0)
     assert abs((cancel_at - (closes - timedelta(minutes=20))).total_seconds()) < 61
     assert report.items[0].outcome == "cancelled-at-cutoff"
-    assert report.deferred[0].key == "vacuum-analyze:public.orders" and "cancelled at the window's cutoff" in report.deferred[0].reason
+    assert (
+        report.deferred[0].key == "vacuum-analyze:public.orders"
+        and "cancelled at the window's cutoff" in report.deferred[0].reason
+    )
 
 
 async def test_a_failed_health_check_stops_the_run_with_maintenance_mode_off(worker, mworld):
@@ -368,7 +468,11 @@ async def test_a_failed_health_check_stops_the_run_with_maintenance_mode_off(wor
     report = await failed_report(handle)
     assert report.status == "failed" and "not streaming" in report.failure
     e = inv.environment
-    assert [c for env_, c in mworld.calls if env_ == e][-3:] == ["vacuum-analyze:public.orders", "health", "maintenance-off"]
+    assert [c for env_, c in mworld.calls if env_ == e][-3:] == [
+        "vacuum-analyze:public.orders",
+        "health",
+        "maintenance-off",
+    ]
     assert not mworld.maintenance
     assert mworld.statuspage[-1][0] == "completed" and "ended early (failed)" in mworld.statuspage[-1][1]
     assert "vacuum-analyze:public.orders: done" in report.done
@@ -381,8 +485,10 @@ async def test_abort_in_the_middle_of_a_table_cancels_the_statement_and_turns_ma
     mworld.slow.add("public.events")
     handle = await start(env, inv)
     await approve_when_waiting(handle)
-    await asyncio.get_running_loop().run_in_executor(None, lambda: mworld.started.setdefault("vacuum-analyze:public.events", threading.Event()).wait(20))
-    await handle.execute_update("abort", Request(by="alice", reason="traffic spike"))
+    await asyncio.get_running_loop().run_in_executor(
+        None, lambda: mworld.started.setdefault("vacuum-analyze:public.events", threading.Event()).wait(20)
+    )
+    await send_update(handle, Procedure.abort, Request(by="alice", reason="traffic spike"))
     report = await failed_report(handle)
     assert report.status == "aborted"
     assert mworld.cancelled == ["vacuum-analyze:public.events"]  # the statement was stopped, not left running
@@ -401,14 +507,22 @@ async def test_a_locked_table_is_retried_after_the_others_then_skipped(worker, m
     report = await handle.result()
     e = inv.environment
     runs = [c for env_, c in mworld.calls if env_ == e and ":" in c]
-    assert runs == ["vacuum-analyze:public.orders", "vacuum-analyze:public.events", "reindex:public.events", "vacuum-analyze:public.orders"]
+    assert runs == [
+        "vacuum-analyze:public.orders",
+        "vacuum-analyze:public.events",
+        "reindex:public.events",
+        "vacuum-analyze:public.orders",
+    ]
     assert [s.key for s in report.skipped] == ["vacuum-analyze:public.orders"]
     assert "lock not granted within 2s (2 attempt(s))" in report.skipped[0].reason
 
 
 async def test_dry_run_prints_the_plan_and_changes_nothing(worker, mworld):
     env = worker
-    inv = maint_inventory(await env.get_current_time(), watch={"prometheus": "http://prom", "duration": "1h", "queries": [{"name": "p95", "query": "x", "max": 1}]})
+    inv = maint_inventory(
+        await env.get_current_time(),
+        watch={"prometheus": "http://prom", "duration": "1h", "queries": [{"name": "p95", "query": "x", "max": 1}]},
+    )
     handle = await start(env, inv, dry_run=True)
     report = await handle.result()
     assert report.status == "planned"
@@ -425,8 +539,12 @@ async def test_fleet_runs_at_most_n_at_once(worker, mworld):
     for inv in invs:
         mworld.block.add("reindex:public.events")
     worker_holds(*invs)
-    fleet = await env.client.start_workflow(MaintenanceFleetWorkflow.run, FleetInput(inventories=invs, requester="alice", max_concurrency=2),
-                                            id=fleet_workflow_id([i.environment for i in invs]), task_queue=QUEUE)
+    fleet = await env.client.start_workflow(
+        MaintenanceFleetWorkflow.run,
+        FleetInput(inventories=invs, requester="alice", max_concurrency=2),
+        id=fleet_workflow_id([i.environment for i in invs]),
+        task_queue=QUEUE,
+    )
     handles = [env.client.get_workflow_handle(f"opsflow-{i.environment}") for i in invs]
     await approve_when_waiting(handles[0])
     await approve_when_waiting(handles[1])
@@ -445,8 +563,12 @@ async def test_fleet_starts_no_new_environment_after_max_errors_failures(worker,
     invs = [maint_inventory(now, env=f"g{uuid.uuid4().hex[:6]}") for _ in range(4)]
     mworld.fail_plan.add(invs[1].environment)
     worker_holds(*invs)
-    fleet = await env.client.start_workflow(MaintenanceFleetWorkflow.run, FleetInput(inventories=invs, requester="alice", max_concurrency=1, max_errors=1),
-                                            id=fleet_workflow_id([i.environment for i in invs]), task_queue=QUEUE)
+    fleet = await env.client.start_workflow(
+        MaintenanceFleetWorkflow.run,
+        FleetInput(inventories=invs, requester="alice", max_concurrency=1, max_errors=1),
+        id=fleet_workflow_id([i.environment for i in invs]),
+        task_queue=QUEUE,
+    )
     await approve_when_waiting(env.client.get_workflow_handle(f"opsflow-{invs[0].environment}"))
     with pytest.raises(WorkflowFailureError) as info:
         await fleet.result()
@@ -465,12 +587,19 @@ async def test_parallel_runs_that_many_tables_at_once(worker, mworld):
     mworld.block.update({"vacuum-analyze:public.orders", "vacuum-analyze:public.events"})
     handle = await start(env, inv)
     await approve_when_waiting(handle)
-    both = [mworld.started.setdefault(k, threading.Event()) for k in ("vacuum-analyze:public.orders", "vacuum-analyze:public.events")]
+    both = [
+        mworld.started.setdefault(k, threading.Event())
+        for k in ("vacuum-analyze:public.orders", "vacuum-analyze:public.events")
+    ]
     await asyncio.get_running_loop().run_in_executor(None, lambda: all(e.wait(20) for e in both))
     assert "reindex:public.events" not in mworld.started  # a third waits for a free lane
     mworld.release.set()
     report = await handle.result()
-    assert sorted(keys(report)) == ["reindex:public.events", "vacuum-analyze:public.events", "vacuum-analyze:public.orders"]
+    assert sorted(keys(report)) == [
+        "reindex:public.events",
+        "vacuum-analyze:public.events",
+        "vacuum-analyze:public.orders",
+    ]
 
 
 async def test_aborting_the_fleet_cancels_the_running_environments_which_undo(worker, mworld):
@@ -479,12 +608,18 @@ async def test_aborting_the_fleet_cancels_the_running_environments_which_undo(wo
     invs = [maint_inventory(now, env=f"h{uuid.uuid4().hex[:6]}") for _ in range(3)]
     mworld.slow.add("public.orders")
     worker_holds(*invs)
-    fleet = await env.client.start_workflow(MaintenanceFleetWorkflow.run, FleetInput(inventories=invs, requester="alice", max_concurrency=2),
-                                            id=fleet_workflow_id([i.environment for i in invs]), task_queue=QUEUE)
+    fleet = await env.client.start_workflow(
+        MaintenanceFleetWorkflow.run,
+        FleetInput(inventories=invs, requester="alice", max_concurrency=2),
+        id=fleet_workflow_id([i.environment for i in invs]),
+        task_queue=QUEUE,
+    )
     for inv in invs[:2]:
         await approve_when_waiting(env.client.get_workflow_handle(f"opsflow-{inv.environment}"))
-    await until(lambda: sum(c == "vacuum-analyze:public.orders" for _, c in mworld.calls) == 2, "both environments mid-table")
-    await fleet.execute_update("abort", Request(by="alice", reason="incident elsewhere"))
+    await until(
+        lambda: sum(c == "vacuum-analyze:public.orders" for _, c in mworld.calls) == 2, "both environments mid-table"
+    )
+    await send_update(fleet, Procedure.abort, Request(by="alice", reason="incident elsewhere"))
     with pytest.raises(WorkflowFailureError) as info:
         await fleet.result()
     from opsflow.maintenance_models import FleetReport

@@ -24,13 +24,17 @@ def sample(metrics: OpsMetrics, name: str, **labels) -> float | None:
 
 async def test_ends_are_counted_once_and_not_on_replay(env, world, inventory):
     metrics = OpsMetrics()
-    beat = dict(max_heartbeat_throttle_interval=timedelta(seconds=2), default_heartbeat_throttle_interval=timedelta(seconds=2))
+    beat = dict(
+        max_heartbeat_throttle_interval=timedelta(seconds=2), default_heartbeat_throttle_interval=timedelta(seconds=2)
+    )
     acts = world.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         workers = [Worker(env.client, task_queue=inventory.task_queue, workflows=WORKFLOWS, activities=acts,
                           activity_executor=ex, interceptors=[MetricsInterceptor(metrics, LAUNCHERS)], **beat)]
-        workers += [Worker(env.client, task_queue=inventory.region_queue(r), activities=acts, activity_executor=ex, **beat)
-                    for r in inventory.regions]
+        workers += [
+            Worker(env.client, task_queue=inventory.region_queue(r), activities=acts, activity_executor=ex, **beat)
+            for r in inventory.regions
+        ]
         async with workers[0], workers[1], workers[2]:
             rejected = await start(env, inventory)
             await until_waiting(rejected)

@@ -24,7 +24,9 @@ IDS = {"maintenance-fleet_worker-rules": fleet_workflow_id(["replay-a", "replay-
 async def test_recorded_history_replays(path: Path):
     history = WorkflowHistory.from_json(IDS.get(path.stem, "opsflow-replay"), path.read_text())  # the recorded run's id
     assert len(history.events) > 10  # a whole run, not a stub
-    result = await Replayer(workflows=WORKFLOWS, data_converter=DATA_CONVERTER).replay_workflow(history, raise_on_replay_failure=False)
+    result = await Replayer(workflows=WORKFLOWS, data_converter=DATA_CONVERTER).replay_workflow(
+        history, raise_on_replay_failure=False
+    )
     assert result.replay_failure is None, result.replay_failure
 
 

@@ -14,7 +14,8 @@ from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
-with workflow.unsafe.imports_passed_through():
+with workflow.unsafe.imports_passed_through():  # the sandbox re-imports this module: cryptography must pass
+    from opsflow.client import send_update
     from opsflow.signing import Keyring, Signer, verify_request
 
 
@@ -52,8 +53,15 @@ class SigningProbe:
     def _check(self, req: SignedReq) -> None:
         info = workflow.info()
         try:
-            verify_request(Keyring(self.keys, require_signed=True), req, workflow_id=info.workflow_id, run_id=info.run_id,
-                           gate_id="approval", action="approve", now=workflow.now())
+            verify_request(
+                Keyring(self.keys, require_signed=True),
+                req,
+                workflow_id=info.workflow_id,
+                run_id=info.run_id,
+                gate_id="approval",
+                action="approve",
+                now=workflow.now(),
+            )
         except ValueError as e:
             raise ApplicationError(str(e), type="NotAllowed") from None
 
@@ -65,21 +73,27 @@ async def test_signed_update_in_the_sandbox(env, tmp_path, kind, extra):
     pub = (tmp_path / "k.pub").read_text().strip()
     queue = f"q-{uuid.uuid4().hex[:8]}"
     async with Worker(env.client, task_queue=queue, workflows=[SigningProbe]):
-        handle = await env.client.start_workflow(SigningProbe.run, Keys(keys={"bob": pub}), id=f"probe-{uuid.uuid4().hex[:8]}", task_queue=queue)
+        handle = await env.client.start_workflow(
+            SigningProbe.run, Keys(keys={"bob": pub}), id=f"probe-{uuid.uuid4().hex[:8]}", task_queue=queue
+        )
         desc = await handle.describe()
         signer = Signer(name="bob", key_path=str(key))
         now = await env.get_current_time()
 
-        wrong_gate = signer.sign_request(workflow_id=handle.id, run_id=desc.run_id, gate_id="other", action="approve", at=now)
+        wrong_gate = signer.sign_request(
+            workflow_id=handle.id, run_id=desc.run_id, gate_id="other", action="approve", at=now
+        )
         with pytest.raises(WorkflowUpdateFailedError) as e:
-            await handle.execute_update(SigningProbe.approve, SignedReq(by="bob", **wrong_gate))
+            await send_update(handle, SigningProbe.approve, SignedReq(by="bob", **wrong_gate))
         assert "another run/gate" in str(e.value.cause)
         with pytest.raises(WorkflowUpdateFailedError) as e:
-            await handle.execute_update(SigningProbe.approve, SignedReq(by="bob"))
+            await send_update(handle, SigningProbe.approve, SignedReq(by="bob"))
         assert "missing signature" in str(e.value.cause)
 
-        good = signer.sign_request(workflow_id=handle.id, run_id=desc.run_id, gate_id="approval", action="approve", at=now)
-        assert await handle.execute_update(SigningProbe.approve, SignedReq(by="bob", **good)) == "ok"
+        good = signer.sign_request(
+            workflow_id=handle.id, run_id=desc.run_id, gate_id="approval", action="approve", at=now
+        )
+        assert await send_update(handle, SigningProbe.approve, SignedReq(by="bob", **good)) == "ok"
         assert await handle.result() == ["bob"]
         # Refused updates never reached the history: only the accepted one is there.
         history = await handle.fetch_history()

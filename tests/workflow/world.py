@@ -14,6 +14,14 @@ from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities.reports import store_report
 from activities.rules import worker_inventory
+from opsflow.contracts.db import (
+    DB_CHECK_WRITABLE, DB_FENCE, DB_FENCE_CONTROL_PLANE, DB_PROMOTE, DB_REBUILD_REPLICA, DB_STATUS, DB_UNFENCE,
+    DB_WAIT_CAUGHT_UP,
+)
+from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
+from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
+from opsflow.contracts.notify import NOTIFY_SEND
+from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_STATUS, TRAFFIC_SWITCH
 from opsflow.models import (
     CatchUpRequest,
     CatchUpResult,
@@ -76,33 +84,48 @@ class World:
         if not self.reachable.get(region, True):
             return DbStatus(region=region, reachable=False, error="connection refused")
         if region == self.primary:
-            return DbStatus(region=region, reachable=True, role="primary", current_lsn=f"0/{self.lsn:X}", read_only=region in self.fenced, timeline=1 + self.promotions)
+            return DbStatus(
+                region=region,
+                reachable=True,
+                role="primary",
+                current_lsn=f"0/{self.lsn:X}",
+                read_only=region in self.fenced,
+                timeline=1 + self.promotions,
+            )
         r = self.replay.get(region, self.lsn)
-        return DbStatus(region=region, reachable=True, role="replica", streaming=self.streaming, current_lsn=f"0/{self.lsn:X}", replay_lsn=f"0/{r:X}", replay_delay_seconds=0.0)
+        return DbStatus(
+            region=region,
+            reachable=True,
+            role="replica",
+            streaming=self.streaming,
+            current_lsn=f"0/{self.lsn:X}",
+            replay_lsn=f"0/{r:X}",
+            replay_delay_seconds=0.0,
+        )
 
     def activities(self):
         w = self
 
-        @activity.defn(name="db.status")
+        @DB_STATUS.implementation
         def db_status(t: RegionTarget) -> DbStatus:
-            w._maybe_fail("db.status")
+            w._maybe_fail(DB_STATUS.name)
             return w.status_of(t.region)
 
-        @activity.defn(name="db.fence")
+        @DB_FENCE.implementation
         def db_fence(t: RegionTarget) -> DbStatus:
-            w._maybe_fail("db.fence")
+            w._maybe_fail(DB_FENCE.name)
             w.fenced.add(t.region)
             return w.status_of(t.region)
 
-        @activity.defn(name="db.unfence")
+        @DB_UNFENCE.implementation
         def db_unfence(t: RegionTarget) -> DbStatus:
-            w._maybe_fail("db.unfence")
+            w._maybe_fail(DB_UNFENCE.name)
             w.fenced.discard(t.region)
             return w.status_of(t.region)
 
-        @activity.defn(name="db.wait_caught_up")
+        @DB_WAIT_CAUGHT_UP.implementation
         def db_wait(req: CatchUpRequest) -> CatchUpResult:
-            w._maybe_fail("db.wait_caught_up")
+            w._maybe_fail(DB_WAIT_CAUGHT_UP.name)
             w.catch_up_attempts += 1
             try:
                 while w.block_catch_up is not None and not w.block_catch_up.is_set():
@@ -111,14 +134,20 @@ class World:
                         raise CancelledError()
                     time.sleep(0.02)
             except BaseException:
-                w.cancelled.append("db.wait_caught_up")
+                w.cancelled.append(DB_WAIT_CAUGHT_UP.name)
                 raise
             w.replay[req.replica.region] = w.lsn
-            return CatchUpResult(primary_lsn=f"0/{w.lsn:X}", replay_lsn=f"0/{w.lsn:X}", lag_bytes=0, replay_delay_seconds=0.0, waited_seconds=0.1)
+            return CatchUpResult(
+                primary_lsn=f"0/{w.lsn:X}",
+                replay_lsn=f"0/{w.lsn:X}",
+                lag_bytes=0,
+                replay_delay_seconds=0.0,
+                waited_seconds=0.1,
+            )
 
-        @activity.defn(name="db.promote")
+        @DB_PROMOTE.implementation
         def db_promote(req: PromoteRequest) -> PromoteResult:
-            w._maybe_fail("db.promote")
+            w._maybe_fail(DB_PROMOTE.name)
             if w.block_promote is not None:
                 w.block_promote.wait(10)
             if w.primary == req.target.region:
@@ -126,89 +155,138 @@ class World:
             replayed = w.replay.get(req.target.region, w.lsn)
             w.primary = req.target.region
             w.promotions += 1
-            if "db.promote" in w.fail_after:
-                raise ApplicationError(w.fail_after["db.promote"], type="Injected", non_retryable=True)
-            return PromoteResult(already_primary=False, seconds=0.5, timeline=1 + w.promotions, lsn_at_promotion=f"0/{replayed:X}", received_lsn=f"0/{w.lsn:X}")
+            if DB_PROMOTE.name in w.fail_after:
+                raise ApplicationError(w.fail_after[DB_PROMOTE.name], type="Injected", non_retryable=True)
+            return PromoteResult(
+                already_primary=False,
+                seconds=0.5,
+                timeline=1 + w.promotions,
+                lsn_at_promotion=f"0/{replayed:X}",
+                received_lsn=f"0/{w.lsn:X}",
+            )
 
-        @activity.defn(name="db.check_writable")
+        @DB_CHECK_WRITABLE.implementation
         def db_check_writable(t: RegionTarget) -> None:
-            w._maybe_fail("db.check_writable")
+            w._maybe_fail(DB_CHECK_WRITABLE.name)
             if t.region != w.primary or t.region in w.fenced:
                 raise ApplicationError(f"{t.region} refuses writes", type="NotWritable")
 
-        @activity.defn(name="db.rebuild_replica")
+        @DB_REBUILD_REPLICA.implementation
         def db_rebuild(req: RebuildRequest) -> RebuildResult:
-            w._maybe_fail("db.rebuild_replica")
+            w._maybe_fail(DB_REBUILD_REPLICA.name)
             w.rebuilds.append(req.target.region)
             w.fenced.discard(req.target.region)
             w.replay[req.target.region] = w.lsn
             return RebuildResult(method="pg_rewind", seconds=1.0)
 
-        @activity.defn(name="traffic.status")
+        @TRAFFIC_STATUS.implementation
         def traffic_status(req: TrafficRequest) -> TrafficStatus:
-            w._maybe_fail("traffic.status")
+            w._maybe_fail(TRAFFIC_STATUS.name)
             return w.traffic(req)
 
-        @activity.defn(name="traffic.switch")
+        @TRAFFIC_SWITCH.implementation
         def traffic_switch(req: TrafficRequest) -> TrafficStatus:
-            w._maybe_fail("traffic.switch")
+            w._maybe_fail(TRAFFIC_SWITCH.name)
             w.serving = req.to_region
             return w.traffic(req)
 
-        @activity.defn(name="k8s.status")
+        @K8S_STATUS.implementation
         def kube_status(t: RegionTarget) -> KubeStatus:
-            w._maybe_fail("k8s.status")
-            return KubeStatus(region=t.region, deployments=[DeploymentState(name="web", desired=1, ready=1 if w.kube_ready else 0)], ready=w.kube_ready, maintenance=t.region in w.maintenance)
+            w._maybe_fail(K8S_STATUS.name)
+            return KubeStatus(
+                region=t.region,
+                deployments=[DeploymentState(name="web", desired=1, ready=1 if w.kube_ready else 0)],
+                ready=w.kube_ready,
+                maintenance=t.region in w.maintenance,
+            )
 
-        @activity.defn(name="k8s.set_maintenance")
+        @K8S_SET_MAINTENANCE.implementation
         def set_maintenance(req: MaintenanceRequest) -> KubeStatus:
-            w._maybe_fail("k8s.set_maintenance")
+            w._maybe_fail(K8S_SET_MAINTENANCE.name)
             (w.maintenance.add if req.on else w.maintenance.discard)(req.target.region)
             return KubeStatus(region=req.target.region, deployments=[], ready=True, maintenance=req.on)
 
-        @activity.defn(name="k8s.scale_up")
+        @K8S_SCALE_UP.implementation
         def scale_up(req: ScaleRequest) -> KubeStatus:
-            w._maybe_fail("k8s.scale_up")
+            w._maybe_fail(K8S_SCALE_UP.name)
             w.scaled.add(req.target.region)
-            return KubeStatus(region=req.target.region, deployments=[DeploymentState(name="web", desired=3, ready=3)], ready=True)
+            return KubeStatus(
+                region=req.target.region, deployments=[DeploymentState(name="web", desired=3, ready=3)], ready=True
+            )
 
-        @activity.defn(name="http.smoke")
+        @HTTP_SMOKE.implementation
         def smoke(t: RegionTarget) -> list[SmokeResult]:
-            w._maybe_fail("http.smoke")
+            w._maybe_fail(HTTP_SMOKE.name)
             return [SmokeResult(url=u, status=200, ok=True, seconds=0.01) for u in t.smoke_urls]
 
-        @activity.defn(name="notify.send")
+        @NOTIFY_SEND.implementation
         def notify(req: NotifyRequest) -> list[str]:
             w.notifications.append((req.notification.severity, req.notification.text, list(req.notification.channels)))
             return [c.name for c in req.channels]
 
-        @activity.defn(name="db.fence_control_plane")
+        @DB_FENCE_CONTROL_PLANE.implementation
         def fence_control_plane(t: RegionTarget) -> FenceResult:
-            w._maybe_fail("db.fence_control_plane")
+            w._maybe_fail(DB_FENCE_CONTROL_PLANE.name)
             w.old_fenced.append(("db", t.region))
             return FenceResult(region=t.region, fenced=True, method="stand-in", detail="stopped")
 
-        @activity.defn(name="k8s.scale_to_zero")
+        @K8S_SCALE_TO_ZERO.implementation
         def scale_to_zero(t: RegionTarget) -> FenceResult:
-            w._maybe_fail("k8s.scale_to_zero")
+            w._maybe_fail(K8S_SCALE_TO_ZERO.name)
             w.old_fenced.append(("k8s", t.region))
             return FenceResult(region=t.region, fenced=True, method="stand-in", detail="0 replicas")
 
-        @activity.defn(name="temporal.unserved_queues")
+        @TEMPORAL_UNSERVED_QUEUES.implementation
         def unserved_queues(queues: list[str]) -> list[str]:
             gone = [q for q in queues if q in w.unserved or q in w.lost and q in w.asked]
             w.asked.update(queues)
             return gone
 
-        return [worker_inventory, store_report, fence_control_plane, scale_to_zero, unserved_queues, db_status, db_fence, db_unfence, db_wait, db_promote, db_check_writable, db_rebuild, traffic_status, traffic_switch, kube_status, set_maintenance, scale_up, smoke, notify]
+        return [
+            worker_inventory,
+            store_report,
+            fence_control_plane,
+            scale_to_zero,
+            unserved_queues,
+            db_status,
+            db_fence,
+            db_unfence,
+            db_wait,
+            db_promote,
+            db_check_writable,
+            db_rebuild,
+            traffic_status,
+            traffic_switch,
+            kube_status,
+            set_maintenance,
+            scale_up,
+            smoke,
+            notify,
+        ]
 
     def traffic(self, req: TrafficRequest) -> TrafficStatus:
         return TrafficStatus(
-            endpoints=[EndpointState(region=r, endpoint=e, enabled=r == self.serving, priority=1 if r == self.serving else 2, monitor_status="Online" if r == self.serving else "Disabled") for r, e in req.endpoints.items()],
+            endpoints=[
+                EndpointState(
+                    region=r,
+                    endpoint=e,
+                    enabled=r == self.serving,
+                    priority=1 if r == self.serving else 2,
+                    monitor_status="Online" if r == self.serving else "Disabled",
+                )
+                for r, e in req.endpoints.items()
+            ],
             serving_region=self.serving,
         )
 
     @property
     def unchanged(self) -> bool:
         """Nothing in the world differs from the start (what a refusal/abort must leave)."""
-        return self.primary == "eastus" and not self.fenced and not self.maintenance and self.serving == "eastus" and not self.scaled and self.promotions == 0
+        return (
+            self.primary == "eastus"
+            and not self.fenced
+            and not self.maintenance
+            and self.serving == "eastus"
+            and not self.scaled
+            and self.promotions == 0
+        )
