@@ -32,6 +32,7 @@ from starters.cli import build_parser
 from starters.common import CliError
 from starters.schedule_actions import schedule_id
 from tests.conftest import dev_server
+from tests.helpers import eventually_async
 from tests.workflow.conftest import inventory_dict
 
 pytestmark = pytest.mark.lab
@@ -125,17 +126,6 @@ async def exists(client: Client, sid: str) -> bool:
     except RPCError as e:
         assert e.status == RPCStatusCode.NOT_FOUND
         return False
-
-
-async def eventually(predicate, timeout: float = 30, what: str = "condition"):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 def times(values: list[str]) -> list[datetime]:
@@ -300,14 +290,14 @@ async def test_trigger_while_a_run_is_in_progress_is_refused(cli, client, invent
     msg = await cli.fails("trigger", "held", code=3)
     assert "has a run in progress" in msg and first in msg
     # The launch starts the drill after the trigger returns; until then the latest run is an earlier test's, completed.
-    await eventually(lambda: _child_running(client, inventory.environment), what="the launched drill")
+    await eventually_async(lambda: _child_running(client, inventory.environment), what="the launched drill")
     await client.get_workflow_handle(f"opsflow-{inventory.environment}").signal(StandInDrill.release)
     await handle.result()
-    await eventually(lambda: _running_cleared(cli, "held"), what="the schedule to see the run end")
+    await eventually_async(lambda: _running_cleared(cli, "held"), what="the schedule to see the run end")
     again = await cli("trigger", "held")
     # A new run (the workflow id carries the trigger time to the second, so it may repeat within one second).
     assert again["run_id"] and again["run_id"] != started["run_id"]
-    await eventually(lambda: _child_running(client, inventory.environment), what="the second launch's drill")
+    await eventually_async(lambda: _child_running(client, inventory.environment), what="the second launch's drill")
     await client.get_workflow_handle(f"opsflow-{inventory.environment}").signal(StandInDrill.release)
 
 
@@ -345,7 +335,7 @@ async def test_create_paused_and_list(cli, inventory):
         rows = await cli("list")
         return {r["name"]: r for r in rows} if "listed" in {r["name"] for r in rows} else None
 
-    rows = await eventually(listed, what="the schedule in the list (visibility is eventually consistent)")
+    rows = await eventually_async(listed, what="the schedule in the list (visibility is eventually consistent)")
     row = rows["listed"]
     assert row["paused"] is True and row["procedure"] == "drill" and row["calendars"] == ["day_of_week=sun hour=2"]
     assert row["schedule_id"] == schedule_id(inventory.environment, "listed") and row["next_action_time"]
@@ -356,7 +346,7 @@ async def test_list_only_shows_the_environment(cli, client, tmp_path, capsys):
     other.write_text(yaml.safe_dump(inventory_dict(environment=f"o{uuid.uuid4().hex[:6]}")))
     other_cli = Cli(client, other, capsys)
     await other_cli("create", "elsewhere", "--procedure", "drill", "--calendar", "hour=5")
-    await eventually(lambda: _names(other_cli, "elsewhere"), what="the other environment's schedule")
+    await eventually_async(lambda: _names(other_cli, "elsewhere"), what="the other environment's schedule")
     assert "elsewhere" not in {r["name"] for r in await cli("list")}
     assert "no schedule elsewhere in environment" in await cli.fails("describe", "elsewhere")
     await other_cli("delete", "elsewhere")
@@ -380,7 +370,7 @@ async def test_backfill_runs_the_missed_times_one_after_another(cli, client, inv
         done = [a for a in desc["recent_actions"] if a["status"] == "completed"]
         return desc if len(done) == 3 else None
 
-    desc = await eventually(three_done, what="three backfilled drills")
+    desc = await eventually_async(three_done, what="three backfilled drills")
     assert sorted(a["scheduled_at"] for a in desc["recent_actions"]) == out["scheduled_times"]
     for a in desc["recent_actions"]:
         assert a["workflow_id"] == f"{schedule_id(inventory.environment, 'yearly')}-{a['scheduled_at']}"
