@@ -404,7 +404,8 @@ dd{margin:0} .cards{display:flex;gap:12px;flex-wrap:wrap;margin:10px 0}
 .card{border:1px solid #e0e0e0;border-radius:6px;padding:8px 14px;min-width:120px}
 .card .k{color:#616161;font-size:12px;text-transform:uppercase} .card .v{font-size:20px;font-weight:600}
 svg text{font:12px system-ui,sans-serif;fill:#212121} svg .secs,svg .val,svg .ylab{fill:#616161;font-size:11px}
-svg .secs.inside{fill:#fff;font-weight:600;paint-order:stroke;stroke:rgba(0,0,0,.6);stroke-width:3px} svg .not-run{fill:#9e9e9e;font-style:italic}
+svg .secs.inside{fill:#fff;font-weight:600;paint-order:stroke;stroke:rgba(0,0,0,.6);stroke-width:3px}
+svg .not-run{fill:#9e9e9e;font-style:italic}
 svg .axis-title,svg .chart-title{font-weight:600}
 .legend span{margin-right:12px;white-space:nowrap}
 .swatch{display:inline-block;width:14px;height:10px;margin-right:4px;vertical-align:middle;border-radius:2px}

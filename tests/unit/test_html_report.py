@@ -104,8 +104,8 @@ def test_an_aborted_failover_shows_the_failed_drain_and_what_was_undone():
 
 
 def test_a_failure_past_the_promotion_lists_what_is_left_to_do():
-    """The report a failover ends with when scaling up fails after the promotion (as
-    tests/workflow/test_failover_workflow.py's run makes it): the failed step, then what a person must still do."""
+    """The recorded failover made to fail at its scale-up, past the promotion: the failed step, then what a person
+    must still do (tests/workflow/test_html_report_workflow.py renders the report such a run really ends with)."""
     report = recorded("failover_planned-worker-rules").model_copy(deep=True)
     scale = next(s for s in report.steps if s.name == "scale-up")
     scale.outcome, scale.detail = "failed", "quota exceeded"
