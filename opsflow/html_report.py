@@ -18,7 +18,8 @@ from datetime import datetime
 from html import escape
 from typing import Literal
 
-from opsflow.models import ControlEvent, Decision, FailbackReport, FailoverReport, ProcedureReport, StepRecord
+from opsflow.models import (ControlEvent, Decision, DrillReport, FailbackReport, FailoverReport, ProcedureReport,
+                            StepRecord)
 from opsflow.report import figures
 from opsflow.report_signatures import ReportCheck
 from opsflow.rollout_report import RolloutReport
@@ -272,6 +273,16 @@ def headline_cards(report: ProcedureReport) -> str:
             cards.append(("promotion", f"{report.promotion_seconds:.2f} s"))
         if report.lag_at_promotion_bytes is not None:
             cards.append(("lag at promotion", f"{report.lag_at_promotion_bytes} bytes"))
+    if isinstance(report, DrillReport):
+        if report.restore_seconds is not None:
+            cards.append(("restore", f"{report.restore_seconds:.1f} s"))
+        if report.restore_point_age_seconds is not None:
+            cards.append(("restore point age (RPO)", f"{report.restore_point_age_seconds / 60:.0f} min"))
+        if report.checks:
+            cards.append(("checks", f"{sum(c.ok for c in report.checks)} of {len(report.checks)} passed"))
+    if isinstance(report, FailbackReport) and report.rebuild_method:
+        took = f" in {report.rebuild_seconds:.1f} s" if report.rebuild_seconds is not None else ""
+        cards.append(("rebuild", f"{report.rebuild_method}{took}"))
     if isinstance(report, RolloutReport) and report.image:
         was = f" (was {report.previous_image})" if report.previous_image else ""
         cards.append((report.strategy, report.image + was))

@@ -214,6 +214,28 @@ def chromium() -> str:
     return found
 
 
+def test_a_missing_chromium_fails_the_suite_unless_skipped_knowingly(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("OPSFLOW_SKIP_CHROMIUM", raising=False)
+    with pytest.raises(pytest.fail.Exception, match="chromium is missing"):
+        chromium()
+    monkeypatch.setenv("OPSFLOW_SKIP_CHROMIUM", "1")
+    with pytest.raises(pytest.skip.Exception):
+        chromium()
+
+
+def test_a_drill_and_a_failback_show_their_own_figures():
+    drill, failback = recorded("drill-worker-rules"), recorded("failback-worker-rules")
+    page = to_html(drill)
+    assert drill.restore_seconds is not None and drill.checks
+    assert f'<div class="k">restore</div><div class="v">{drill.restore_seconds:.1f} s</div>' in page
+    n = len(drill.checks)
+    assert f'<div class="k">checks</div><div class="v">{sum(c.ok for c in drill.checks)} of {n} passed</div>' in page
+    page = to_html(failback)
+    assert '<div class="k">rebuild</div><div class="v">pg_rewind in ' in page
+    assert page.count('<svg class="gantt"') == 2 and "The failover it ran" in page  # the child failover's too
+
+
 def headless(tmp_path: Path, *args: str) -> str:
     cmd = [chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--disable-extensions",
            f"--user-data-dir={tmp_path / 'profile'}", "--disable-dev-shm-usage", *args]
