@@ -125,6 +125,8 @@ async def test_signed_approvals_on_the_lab(signed_lab, keys, agent, tmp_path):
     steps = json.loads(report_file.read_text())["steps"]
     assert len(steps) > 10 and page.count('<g class="step kind-') == len(steps)  # a row per step
     assert 'data-step="drain" data-kind="wait"' in page and 'data-step="approval" data-kind="gate"' in page
+    page = lab.cli("report", wid, "--html", "-", "--env", lab.inventory, check=True).stdout  # the keys given
+    assert f"3 of 3 signatures verify (checked against the public keys in {lab.inventory})" in page
     # A tampered report does not verify.
     data = json.loads(report_file.read_text())
     data["approvals"][0]["reason"] = "something else"
