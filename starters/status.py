@@ -4,9 +4,21 @@ worker needed) and the live report when a worker answers."""
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
 
-from opsflow.client import ProcedureStatus, connect, describe_status, fetch_report, get_handle, list_procedures
+from temporalio.client import Client, WorkflowHandle
+
+from opsflow.client import (ProcedureStatus, connect, describe_status, fetch_report, get_handle, list_procedures,
+                            recorded_rules)
+from opsflow.html_report import to_html
+from opsflow.inventory import load_inventory
+from opsflow.models import ProcedureReport
 from opsflow.report import to_markdown, to_text
+from opsflow.report_signatures import ReportCheck, check_report
+from opsflow.signing import Keyring
 from starters.common import add_json, emit
 
 
@@ -17,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = add_json(sub.add_parser("report", help="the report of a procedure"))
     r.add_argument("workflow_id")
     r.add_argument("--markdown", action="store_true")
+    r.add_argument("--html", metavar="FILE", help="write one self-contained HTML page ('-': standard output): the "
+                   "step timeline, the figures, approvals and events with their signatures checked")
+    r.add_argument("--env", metavar="INVENTORY", help="with --html: check the signatures against this inventory's "
+                   "public keys (default: the inventory the run acted by, read from its history)")
     r.set_defaults(func=cmd_report)
     ls = add_json(sub.add_parser("list", help="procedures, newest first"))
     ls.add_argument("--environment", dest="env_name")
@@ -65,14 +81,41 @@ def status_text(st: ProcedureStatus) -> str:
 
 async def cmd_report(args: argparse.Namespace) -> int:
     client = await connect()
-    report = await fetch_report(await get_handle(client, args.workflow_id))
-    if args.json:
+    handle = await get_handle(client, args.workflow_id)
+    report = await fetch_report(handle)
+    if getattr(args, "html", None):
+        check, keys_from = await report_signatures(client, handle, report, getattr(args, "env", None))
+        page = to_html(report, check, keys_from=keys_from, generated_at=datetime.now(timezone.utc))
+        if args.html == "-":
+            sys.stdout.write(page)
+        else:
+            Path(args.html).write_text(page, encoding="utf-8")
+            print(f"wrote {args.html}" + ("" if check is None else
+                                          f" (signatures {'verify' if check.ok else 'DO NOT all verify'})"))
+    elif args.json:
         emit(report, True)
     elif args.markdown:
         print(to_markdown(report), end="")
     else:
         print(to_text(report))
     return 0
+
+
+async def report_signatures(client: Client, handle: WorkflowHandle, report: ProcedureReport,
+                            env: str | None) -> tuple[ReportCheck | None, str]:
+    """The report's signatures checked as `opsflow verify-report` does, against `env`'s public keys or else those
+    of the inventory the run acted by (its history); (None, why not) when there are no keys to check against."""
+    if env:
+        inventory, keys_from = load_inventory(env), f"the public keys in {env}"
+    else:
+        inventory = await recorded_rules(client, handle)
+        keys_from = "the public keys of the inventory the run acted by (its history)"
+        if inventory is None:
+            return None, "no inventory given (--env) and none recorded in the run's history"
+    try:
+        return check_report(json.loads(report.model_dump_json()), Keyring.of(inventory)), keys_from
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"a signature record is malformed: {str(e).splitlines()[0]}"
 
 
 async def cmd_list(args: argparse.Namespace) -> int:

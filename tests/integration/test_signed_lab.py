@@ -173,6 +173,17 @@ async def test_signed_approvals_on_the_lab(signed_lab, keys, agent, tmp_path):
     assert verified.returncode == 0, verified.stdout + verified.stderr
     result = json.loads(verified.stdout)
     assert result["verified"] == 3 and not result["failed"]  # the start and both approvals
+    # The page to look at shows the same verdicts (keys: the inventory the run acted by, from its history).
+    page_file = tmp_path / "report.html"
+    lab.cli("report", wid, "--html", str(page_file), check=True)
+    page = page_file.read_text()
+    assert "3 of 3 signatures verify" in page and "the start by carol: ✓ verified" in page
+    assert page.count('<td class="sig ok">✓ verified</td>') == 2
+    steps = json.loads(report_file.read_text())["steps"]
+    assert len(steps) > 10 and page.count('<g class="step kind-') == len(steps)  # a row per step
+    assert 'data-step="drain" data-kind="wait"' in page and 'data-step="approval" data-kind="gate"' in page
+    page = lab.cli("report", wid, "--html", "-", "--env", lab.inventory, check=True).stdout  # the keys given
+    assert f"3 of 3 signatures verify (checked against the public keys in {lab.inventory})" in page
     # A tampered report does not verify.
     data = json.loads(report_file.read_text())
     data["approvals"][0]["reason"] = "something else"
