@@ -43,7 +43,10 @@ def e(value: object) -> str:
 
 def step_kind(report: ProcedureReport, step: StepRecord) -> StepKind:
     """What a step was, read from the report alone: a gate (people deciding: a gate id among the decisions,
-    an approval or override step), a timed wait (the drain, a bake, waiting for a window), an undo, an action."""
+    an approval or override step), a timed wait (the drain, a bake, waiting for a window), an undo, an action.
+    The kernel records it (`StepRecord.kind`); reports recorded before it are read from names and titles."""
+    if step.kind is not None and step.kind != "action":
+        return step.kind
     gates = {d.gate for d in report.approvals} | {"approval"}
     if step.name in gates or step.title.startswith(("Approval", "Override needed")):
         return "gate"

@@ -306,6 +306,8 @@ StepOutcome = Literal["running", "ok", "failed", "skipped", "compensated", "plan
 class StepRecord(BaseModel):
     name: str
     title: str
+    # What the step was, as the kernel knows it (None: recorded before kinds, read from names by the HTML report).
+    kind: Literal["action", "gate", "wait", "undo"] | None = None
     outcome: StepOutcome = "running"
     started_at: datetime | None = None
     ended_at: datetime | None = None

@@ -77,6 +77,8 @@ async def test_planned_failover_with_approval(running, world, inventory):
         "notify",
     ]
     assert [n for n in names if n in order] == order
+    kinds = {s.name: s.kind for s in report.steps}  # what the HTML report's timeline draws them as
+    assert (kinds["approval"], kinds["drain"], kinds["promote"]) == ("gate", "wait", "action")
     drain = next(s for s in report.steps if s.name == "drain")
     assert drain.seconds == pytest.approx(60, abs=2)  # skipped by time, still the configured 60 s
     assert any("Approval needed" in text for _, text, _ in world.notifications)

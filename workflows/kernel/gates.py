@@ -80,7 +80,7 @@ class Gates:
         no answer by the deadline escalates, then aborts or keeps waiting (the policy says which)."""
         policy = policy or self.inventory.approval
         gate = self.gates[gate_id] = GateState(gate_id, what, policy, self.report.requester, [])
-        record = self.begin_step(gate_id, f"Approval: {what}")
+        record = self.begin_step(gate_id, f"Approval: {what}", "gate")
         self.report.status = "waiting"
         wid = self.report.workflow_id
         self.report.waiting_for = self._gate_waiting(gate)

@@ -185,8 +185,8 @@ class Steps:
             raise ApplicationError(f"step {name!r} is not declared in the procedure's plan", type="BadProcedure",
                                    non_retryable=True)
 
-    def begin_step(self, name: str, title: str) -> StepRecord:
-        record = StepRecord(name=name, title=title, started_at=workflow.now())
+    def begin_step(self, name: str, title: str, kind: str = "action") -> StepRecord:
+        record = StepRecord(name=name, title=title, kind=kind, started_at=workflow.now())
         self.report.steps.append(record)
         self.report.current_step = name
         self.report.status = "running"
@@ -204,7 +204,7 @@ class Steps:
         """A timed wait shown as a step (e.g. the drain, a bake); an abort ends it at once."""
         self._check_declared(name)
         await self.boundary()
-        record = self.begin_step(name, title)
+        record = self.begin_step(name, title, "wait")
         self.report.waiting_for = f"{title} ({seconds:.0f}s)"
         self.show()
         try:
@@ -255,7 +255,7 @@ class Steps:
         run says so in `remaining`, for a person to do."""
         while self.undo_stack:
             u = self.undo_stack.pop()
-            record = self.begin_step(u.name or f"undo:{u.activity.name}", u.title)
+            record = self.begin_step(u.name or f"undo:{u.activity.name}", u.title, "undo")
             opts = self.activity_options(u.queue, u.timeout, u.heartbeat, 10)
             opts["retry_policy"] = RetryPolicy(maximum_interval=timedelta(seconds=20), maximum_attempts=10)
             try:
