@@ -1,7 +1,9 @@
 """Region failover, planned or emergency. Reads top to bottom; each step is one line.
 
-Planned:   preflight -> approval -> maintenance on + fence old primary -> drain -> wait until the replica has
-           replayed everything (LSN) -> promote -> move traffic -> verify -> scale up -> notify.
+Planned:   preflight -> approval -> maintenance on (no new traffic) -> drain (in-flight work finishes) -> fence
+           the old primary (writes stop here) -> wait until the replica has replayed everything (LSN) -> promote
+           -> move traffic -> verify -> scale up -> notify. (Runs recorded before "drain-before-fence" fenced
+           first, then drained.)
 Emergency: preflight (old region may be dead) -> [approval if the inventory asks] -> traffic off the old
            region -> forced promotion -> fence the old primary through the control plane (best effort)
            -> verify -> scale up -> notify the incident channel.
@@ -53,9 +55,13 @@ class FailoverInput(ProcedureInput):
     preempted: list[str] = []
 
 
-def declare(inp: FailoverInput, source: str) -> list[StepDecl]:
+def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[StepDecl]:
     """Every step after the preflight, and what it would change: the dry-run plan and the run's only names."""
     inv, to = inp.inventory, inp.to_region
+    drain_and_fence = [
+        StepDecl("drain", f"wait {inv.failover.drain:.0f}s for in-flight work to finish (no new traffic meanwhile)"),
+        StepDecl("fence", f"make the {source} primary read-only and end its sessions (writes are down from here)"),
+    ]
     to_region, from_r = inv.region(to), inv.region(source)
     deployments = ", ".join(f"{d.name}={d.replicas}" for d in (to_region.kubernetes.deployments if to_region.kubernetes else []))
     service = from_r.kubernetes.service if from_r.kubernetes else None
@@ -81,8 +87,7 @@ def declare(inp: FailoverInput, source: str) -> list[StepDecl]:
                 "maintenance",
                 f"annotate service {service} in {source} maintenance=true" if service else f"no service to annotate in {source}",
             ),
-            StepDecl("fence", f"make the {source} primary read-only and end its sessions (writes are down from here)"),
-            StepDecl("drain", f"wait {inv.failover.drain:.0f}s for in-flight work to finish"),
+            *(drain_and_fence if drain_first else drain_and_fence[::-1]),
             StepDecl("catch-up", f"wait until {to} has replayed all WAL of {source} (up to {inv.failover.catch_up_timeout:.0f}s)"),
             StepDecl("promote", f"promote the {to_region.database.provider} replica in {to}"),
             StepDecl("verify-not-promoted", f"ask {to}'s database whether it is still a replica; if so undo", "the promotion fails", False),
@@ -105,6 +110,7 @@ class FailoverWorkflow(Procedure):
     def __init__(self, inp: FailoverInput) -> None:
         report = FailoverReport.of(inp, emergency=inp.emergency, to_region=inp.to_region, preempted=inp.preempted)
         super().__init__(inp.inventory, report)
+        self.drain_first = True  # maintenance mode and the drain before the fence (see failover())
 
     @workflow.run
     async def run(self, inp: FailoverInput) -> FailoverReport:
@@ -193,7 +199,10 @@ class FailoverWorkflow(Procedure):
         # Emergency: the old region's queue may have no worker (it is down); it is only used best effort.
         await self.check_workers([inv.task_queue, q] + ([] if inp.emergency else [inv.region_queue(source)]))
 
-        self.declare(declare(inp, source))
+        # Stop new traffic and let in-flight work finish BEFORE the fence ends the sessions (runs recorded before
+        # fenced first: replay keeps that order).
+        self.drain_first = not inp.emergency and workflow.patched("drain-before-fence")
+        self.declare(declare(inp, source, self.drain_first))
         if inp.dry_run:
             self.plan()
             return
@@ -221,6 +230,8 @@ class FailoverWorkflow(Procedure):
             queue=old_q,
             undo=Undo(K8S_SET_MAINTENANCE, f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)),
         )
+        if self.drain_first:
+            await self.wait("drain", f"Drain {source}: let in-flight work finish", inv.failover.drain)
         await self.step(
             "fence",
             f"Fence writes on {source}",
@@ -230,7 +241,8 @@ class FailoverWorkflow(Procedure):
             undo=Undo(DB_UNFENCE, f"Lift the write fence on {source}", old),
         )
         self.writes_down = f"the old primary in {source} is fenced (read-only) until the promotion"
-        await self.wait("drain", f"Drain {source}", inv.failover.drain)
+        if not self.drain_first:
+            await self.wait("drain", f"Drain {source}", inv.failover.drain)
         caught: CatchUpResult = await self.step(
             "catch-up",
             f"Wait until {to} has replayed all WAL",

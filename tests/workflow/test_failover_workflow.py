@@ -58,8 +58,9 @@ async def test_planned_failover_with_approval(running, world, inventory):
     assert report.from_region == "eastus" and report.rpo_bytes == 0 and report.rpo_proven
     assert report.rto_seconds is not None and report.rto_seconds >= 0
     names = [s.name for s in report.steps]
-    # The runbook's order: fence and drain before catch-up, promotion before traffic, verify before scale-up.
-    order = ["approval", "maintenance", "fence", "drain", "catch-up", "promote", "traffic", "verify-writes", "verify-routing", "verify-smoke", "scale-up", "notify"]
+    # The runbook's order: no new traffic, in-flight work drains, then the fence; catch-up before promotion,
+    # promotion before traffic, verify before scale-up.
+    order = ["approval", "maintenance", "drain", "fence", "catch-up", "promote", "traffic", "verify-writes", "verify-routing", "verify-smoke", "scale-up", "notify"]
     assert [n for n in names if n in order] == order
     drain = next(s for s in report.steps if s.name == "drain")
     assert drain.seconds == pytest.approx(60, abs=2)  # skipped by time, still the configured 60 s
@@ -130,11 +131,14 @@ async def test_abort_during_drain_compensates(running, world, inventory):
     await until_waiting(handle)
     await handle.execute_update("approve", Request(by="bob"))
     await until_waiting(handle, "Drain")
-    assert "eastus" in world.fenced
+    # Draining: no new traffic (maintenance mode), but the old primary still takes in-flight writes.
+    assert "eastus" in world.maintenance and "eastus" not in world.fenced and "db.fence" not in world.calls
     await handle.execute_update("abort", Request(by="bob", reason="traffic spike"))
     report = await failed_report(handle)
     assert report.status == "aborted"
     assert world.unchanged
+    assert "db.fence" not in world.calls and "db.unfence" not in world.calls  # never fenced, nothing to lift
+    assert [s.title for s in report.steps if s.outcome == "compensated"] == ["Maintenance mode off in eastus"]
 
 
 async def test_pause_holds_at_the_next_step_boundary_and_resume_continues(running, world, inventory):
