@@ -3,10 +3,11 @@ window's on-demand backups.
 
 Replication state over SQL (activities/postgres/), the control plane over ARM. Fencing is Azure's way (no
 superuser there): the server parameter default_transaction_read_only set through ARM, then the open sessions
-are ended over SQL. Promotion is the SDK's replica promotion (PATCH properties.replica.promoteMode, promoteOption=Planned|Forced), a
-long-running operation, followed by a wait for the first committed write: promoteMode Switchover when the
-inventory names the server's virtual endpoint (Azure swaps the roles: the old primary becomes this server's read
-replica, the endpoint's writer host name follows the primary), else Standalone (the old primary is left as it is).
+are ended over SQL. Promotion is the SDK's replica promotion (PATCH properties.replica.promoteMode,
+promoteOption=Planned|Forced), a long-running operation, followed by a wait for the first committed write:
+promoteMode Switchover when the inventory names the server's virtual endpoint (Azure swaps the roles: the old
+primary becomes this server's read replica, the endpoint's writer host name follows the primary), else
+Standalone (the old primary is left as it is).
 Failback (rebuild_replica): Azure cannot turn an existing server into a read replica, so the old, diverged
 server is kept first (an on-demand backup), then deleted and created again with createMode Replica from the
 current primary (same name, so the same FQDN and DSN).

@@ -60,7 +60,8 @@ async def test_planned_failover_with_approval(running, world, inventory):
     names = [s.name for s in report.steps]
     # The runbook's order: no new traffic, in-flight work drains, then the fence; catch-up before promotion,
     # promotion before traffic, verify before scale-up.
-    order = ["approval", "maintenance", "drain", "fence", "catch-up", "promote", "traffic", "verify-writes", "verify-routing", "verify-smoke", "scale-up", "notify"]
+    order = ["approval", "maintenance", "drain", "fence", "catch-up", "promote", "traffic", "verify-writes",
+             "verify-routing", "verify-smoke", "scale-up", "notify"]
     assert [n for n in names if n in order] == order
     drain = next(s for s in report.steps if s.name == "drain")
     assert drain.seconds == pytest.approx(60, abs=2)  # skipped by time, still the configured 60 s
