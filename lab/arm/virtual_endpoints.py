@@ -32,6 +32,17 @@ HOST_SUFFIX = "postgres.database.azure.com"
 class VirtualEndpoints(Operations):
     # self.virtual_endpoints (ArmState): name (lower case) -> {"name", "resource_group", "servers": [names]}
 
+    def load_virtual_endpoints(self, config: dict) -> None:
+        """The config's virtual endpoints: {name: {"server": primary, "members": [reader]}} (the state file's win)."""
+        for name, ve in (config.get("virtual_endpoints") or {}).items():
+            server, members = ve.get("server"), ve.get("members") or []
+            if not server or len(members) != 1:
+                raise ValueError(f"virtual endpoint {name}: needs 'server' and one 'members' entry (the reader)")
+            pair = [server] + [m for m in members if m.lower() != server.lower()]
+            rg = self.servers[server.lower()]["resource_group"] if server.lower() in self.servers else ""
+            self.virtual_endpoints[name.lower()] = {"name": name, "resource_group": rg, "servers": pair,
+                                                    "reader": members[0]}
+
     def _pair(self, ve: dict) -> list[dict]:
         return [s for s in (self.servers.get(n.lower()) for n in ve["servers"]) if s is not None and not s["deleted"]]
 

@@ -36,6 +36,7 @@ class World(Restores, Replicas, TrafficManager, KeyVault):
         self.load_servers(config)
         self.load_profiles(config)
         self.load_secrets(config)
+        self.load_virtual_endpoints(config)
         self.load_state()
 
     # -- request routing -------------------------------------------------------------------------------------

@@ -256,11 +256,29 @@ def streams_from(dsn: str, primary_dsn: str) -> bool:
     return sql(dsn, "SELECT pg_is_in_recovery()")[0][0] and bool(rows) and rows[0] == ("streaming", port)
 
 
-def test_switchover_failover_and_failback_without_a_rebuild(lab, worker):
-    """With a virtual endpoint: the planned failover switches over (the old primary streams from the new one, no
-    other command), and the failback is the same move the other way: no rebuild, every row kept."""
+@pytest.fixture
+def ve_lab(lab_home):
+    """`opsflow lab up --virtual-endpoint`: the Azure lab whose servers share a virtual endpoint, named in its
+    inventory; with a worker."""
+    from lab.manage import up
+    from tests.integration.conftest import Lab, lab_root, take_down
+
+    root = lab_root()
+    lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, virtual_endpoint=True))
+    lab.start_worker()
+    yield lab
+    lab.stop_workers()
+    take_down(root)
+
+
+def test_switchover_failover_and_failback_without_a_rebuild(ve_lab):
+    """On `opsflow lab up --virtual-endpoint` the planned failover switches over (the old primary streams from the
+    new one, no other command), and the failback is the same move the other way: no rebuild, every row kept."""
+    from opsflow.inventory import load_inventory
+
+    lab = ve_lab
     east, west = lab.dsn("eastus"), lab.dsn("westeurope")
-    with_virtual_endpoint(lab)
+    assert {r.database.virtual_endpoint for r in load_inventory(lab.inventory).regions.values()} == {"lab-shop"}
     sql(east, "CREATE TABLE journal (id int PRIMARY KEY, phase text)")
     sql(east, "INSERT INTO journal SELECT g, 'before' FROM generate_series(1, 100) g")
 
