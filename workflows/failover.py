@@ -117,6 +117,9 @@ def virtual_endpoint(inp: FailoverInput, region: str) -> str | None:
     return getattr(inp.inventory.region(region).database, "virtual_endpoint", None)
 
 
+REPLICA_ROLES = ("AsyncReplica", "GeoAsyncReplica")  # Azure's replication roles of a read replica
+
+
 @workflow.defn(name="failover")
 class FailoverWorkflow(Procedure):
     @workflow.init
@@ -481,6 +484,14 @@ class FailoverWorkflow(Procedure):
             ("fence-old", f"Fence the old primary in {source} (control plane)", DB_FENCE_CONTROL_PLANE),
             ("scale-down-old", f"Scale {source}'s deployments to zero", K8S_SCALE_TO_ZERO),
         ):
+            p = self.promoted
+            if name == "fence-old" and p is not None and p.switchover and p.old_primary_role in REPLICA_ROLES:
+                # A forced switchover made it the new primary's replica: a fence would only follow it back to
+                # primary on the failback (the server parameter stays), and a replica takes no writes anyway.
+                self._check_declared(name)
+                record = self.begin_step(name, title)
+                self.end_step(record, "skipped", f"the switchover made it a replica ({p.old_primary_role})")
+                continue
             try:
                 done: FenceResult = await self.step(
                     name,

@@ -311,3 +311,36 @@ def test_switchover_failover_and_failback_without_a_rebuild(ve_lab):
     for region in ("eastus", "westeurope"):  # no data directory was moved aside or rebuilt
         datadir = Cluster.from_dict(lab.state["postgres"][region]).datadir
         assert not list(datadir.parent.glob(f"{datadir.name}.diverged-*"))
+
+
+def test_emergency_switchover_with_the_old_primary_killed_then_failback(ve_lab):
+    """Emergency on `--virtual-endpoint`: Switchover/Forced with eastus killed; Azure (the emulator) makes the old
+    primary a replica of the new one (pg_rewind), unfenced; the failback switches back without a rebuild."""
+    import json
+
+    from lab.postgres import Cluster
+
+    lab = ve_lab
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    sql(east, "CREATE TABLE t (id int)")
+    sql(east, "INSERT INTO t SELECT generate_series(1, 100)")
+    wait_for(lambda: sql(west, "SELECT count(*) FROM pg_class WHERE relname = 't'")[0][0] == 1, what="replication")
+    wait_for(lambda: sql(west, "SELECT count(*) FROM t")[0][0] == 100, what="replayed")
+    Cluster.from_dict(lab.state["postgres"]["eastus"]).kill()
+
+    proc = lab.cli("failover", "--to", "westeurope", "--emergency", "--requester", "alice", "--wait", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["status"] == "succeeded" and report["switchover"], explain(report)
+    steps = {s["name"]: s for s in report["steps"]}
+    assert steps["fence-old"]["outcome"] == "skipped"
+    sql(west, "INSERT INTO t VALUES (101)")
+    wait_for(lambda: streams_from(east, west), what="eastus streaming from westeurope after the forced switchover")
+
+    fid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice")["workflow_id"]
+    approve(lab, fid)
+    back = wait_end(lab, fid, timeout=240)
+    assert back["status"] == "succeeded", explain(back)
+    assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    sql(east, "INSERT INTO t VALUES (102)")  # writable: no fence followed it back
+    assert sql(east, "SELECT count(*) FROM t")[0][0] == 102
