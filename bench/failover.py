@@ -28,6 +28,10 @@ The figures (medians over the runs that succeeded; min and max beside them):
   (RTO - the sum of those steps' times).
 - promotion: the report's promotion_seconds (the db.promote activity: the promotion request through the
   Azure API emulator until a write commits), beside the physical limit.
+- WRITE OUTAGE: what a client sees. A writer holds a connection to the primary and INSERTs about 200 times a
+  second throughout the failover; on an error it reconnects to the other region (what an app does after a switch).
+  The figure is the longest gap between two acknowledged writes. Since "drain-before-fence" the drain runs before
+  the fence (in-flight work finishes while writes still succeed), so the outage no longer includes it.
 
 --emergency: each run kills the eastus primary (as an outage would; --primary-alive keeps it), waits until the
 lab's worker polls the procedure's queues (a worker runs before an outage), and runs an
@@ -56,6 +60,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -197,6 +202,43 @@ def foreign_workers(history, worker_pid: int) -> tuple[set[str], set[str]]:
     return before, after
 
 
+class Writer:
+    """A client writing continuously (one connection, reconnecting to the other region on an error); the gaps
+    between acknowledged writes are the write outage a client sees."""
+
+    def __init__(self, dsns: list[str]):
+        self.dsns, self.acked, self.errors = dsns, [], 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        import psycopg
+
+        i, n, conn = 0, 0, None
+        try:
+            with psycopg.connect(self.dsns[0], autocommit=True) as c:
+                c.execute("CREATE TABLE IF NOT EXISTS bench_writes (id int PRIMARY KEY, at timestamptz DEFAULT now())")
+        except psycopg.Error:
+            pass
+        while not self.stop.wait(0.005):
+            n += 1
+            try:
+                conn = conn or psycopg.connect(self.dsns[i], autocommit=True, connect_timeout=2)
+                conn.execute("INSERT INTO bench_writes (id) VALUES (%s)", (n,))
+                self.acked.append(time.monotonic())
+            except psycopg.Error:
+                self.errors += 1
+                if conn is not None:
+                    conn.close()
+                conn, i = None, 1 - i
+                time.sleep(0.02)
+        if conn is not None:
+            conn.close()
+
+    def longest_gap(self) -> float:
+        return max((b - a for a, b in zip(self.acked, self.acked[1:])), default=0.0)
+
+
 def failover_run(base: Path, number: int) -> dict:
     """A fresh lab, one planned failover through the CLI, the lab down again. Returns the run's figures."""
     from lab.manage import down, up
@@ -209,20 +251,30 @@ def failover_run(base: Path, number: int) -> dict:
         say(f"  lab up in {time.monotonic() - t0:.1f}s; planned failover {SOURCE} -> {TARGET}")
         t0 = time.monotonic()
         drain = load_inventory(state["inventory"]).failover.drain
-        started = opsflow(
-            state,
-            "failover",
-            "--env",
-            state["inventory"],
-            "--to",
-            TARGET,
-            "--requester",
-            REQUESTER,
-            "--reason",
-            "bench",
-        )
-        workflow_id = started["workflow_id"]
-        history = asyncio.run(approve_and_wait(state, workflow_id))
+        writer = Writer([state["regions"][SOURCE]["dsn"], state["regions"][TARGET]["dsn"]])
+        writer.thread.start()
+        try:
+            started = opsflow(
+                state,
+                "failover",
+                "--env",
+                state["inventory"],
+                "--to",
+                TARGET,
+                "--requester",
+                REQUESTER,
+                "--reason",
+                "bench",
+            )
+            workflow_id = started["workflow_id"]
+            history = asyncio.run(approve_and_wait(state, workflow_id))
+            acked = len(writer.acked)
+            deadline = time.monotonic() + 30
+            while len(writer.acked) < acked + 50 and time.monotonic() < deadline:  # writes on the new primary
+                time.sleep(0.05)
+        finally:
+            writer.stop.set()
+            writer.thread.join(10)
         report = FailoverReport.model_validate(opsflow(state, "report", workflow_id))
         say(f"  failover {report.status} in {time.monotonic() - t0:.1f}s (start to report)")
         if report.status != "succeeded" or report.rto_seconds is None or report.approval is None:
@@ -238,6 +290,7 @@ def failover_run(base: Path, number: int) -> dict:
                 f"that delayed the start, not the figures"
             )
         figures = figures_of_run(report, history, drain)
+        figures["write_outage_seconds"] = round(writer.longest_gap(), 4)
         figures["foreign_workers_before_start"] = sorted(before)
         figures["emulated_azure_delays"] = emulated_azure_delays(root)
         return figures
@@ -513,6 +566,7 @@ def summarize(runs: list[dict], pairs: list[dict], requested: int) -> dict:
         "orchestration_overhead_seconds": figure("orchestration_overhead_seconds"),
         "between_steps_seconds": figure("between_steps_seconds"),
         "promotion_seconds": figure("promotion_seconds"),
+        "write_outage_seconds": figure("write_outage_seconds"),
         "physical_limit_seconds": stats([p["result"] for p in pairs if p["ok"]]),
         "physical_limit_failed": [{"pair": p["run"], "error": p["error"]} for p in pairs if not p["ok"]],
         "per_run": [
@@ -661,6 +715,11 @@ def print_text(s: dict) -> None:
             "the report's promotion_seconds: request -> first write",
         ),
         (
+            "WRITE OUTAGE a client sees",
+            s["write_outage_seconds"],
+            "longest gap between acknowledged writes of a continuous writer",
+        ),
+        (
             "PHYSICAL LIMIT (pg_promote -> 1st INSERT)",
             s["physical_limit_seconds"],
             "plain primary+replica, no Temporal, no emulators",
@@ -678,13 +737,8 @@ def print_text(s: dict) -> None:
             f"promotion), {delays.get('tm_checking_seconds', '?')} s of Traffic Manager endpoint checking"
         )
     print()
-    print(
-        "per run:  "
-        + "   ".join(
-            f"#{r['run']} RTO {r['rto_seconds']:.2f}s" if "rto_seconds" in r else f"#{r['run']} failed"
-            for r in s["per_run"]
-        )
-    )
+    print("per run:  " + "   ".join(f"#{r['run']} RTO {r['rto_seconds']:.2f}s, outage {r['write_outage_seconds']:.2f}s"
+                                    if "rto_seconds" in r else f"#{r['run']} failed" for r in s["per_run"]))
 
 
 def main() -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 COMMANDS = (("up", "start the lab"), ("status", "show the lab"), ("down", "stop the lab and remove its directory"),
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if name == "up":
                 p.add_argument("--encrypt", action="store_true",
                                help="encrypt Temporal payloads (a lab key; a codec server for the UI)")
+                p.add_argument("--virtual-endpoint", action="store_true",
+                               help="Azure: a virtual endpoint over the two servers, named in the inventory: "
+                                    "failovers are switchovers (the old primary becomes the replica)")
         if name == "demo":
             p.add_argument("--drill", action="store_true",
                            help="then create the monthly restore-drill schedule and trigger it once")
@@ -51,8 +55,11 @@ def main(args: argparse.Namespace) -> int:
 
     root = (args.dir or default_dir()).resolve()
     if args.lab_command == "up":
+        if args.virtual_endpoint and args.cloud != "azure":
+            print("opsflow lab up: --virtual-endpoint is an Azure feature (not with --cloud aws)", file=sys.stderr)
+            return 2
         manage.up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults,
-                  encrypt=args.encrypt, rollout=args.rollout)
+                  encrypt=args.encrypt, rollout=args.rollout, virtual_endpoint=args.virtual_endpoint)
         s = manage.status(root)
         if args.json:
             print(json.dumps(s, indent=2))

@@ -22,6 +22,7 @@ PROFILE = "lab-shop"
 DEPLOYMENTS = [{"name": "web", "replicas": 3}, {"name": "worker", "replicas": 2}]
 STANDBY_REPLICAS = 1  # the standby region runs warm, one replica per deployment
 LRO_SECONDS = 0.5  # how long the emulated Azure operations of the lab take at the least
+VIRTUAL_ENDPOINT = "lab-shop"  # `opsflow lab up --virtual-endpoint`: writer/reader over the two servers
 
 # The receiver's channel URLs reach the worker as a real team's webhook secrets would: from the environment
 # (ops), from a secret store (oncall: Key Vault in the Azure lab, Secrets Manager in the AWS lab).
@@ -30,8 +31,9 @@ ONCALL_SECRET_NAME = "lab-oncall-webhook"
 STATUSPAGE_KEY_ENV = "OPSFLOW_LAB_STATUSPAGE_KEY"
 
 
-def arm_emulator_config(clusters: dict, receiver_port: int) -> dict:
-    """What the ARM emulator serves: a flexible server per region on the lab's clusters, one TM profile."""
+def arm_emulator_config(clusters: dict, receiver_port: int, virtual_endpoint: str | None = None) -> dict:
+    """What the ARM emulator serves: a flexible server per region on the lab's clusters, one TM profile; with
+    `virtual_endpoint`, a virtual endpoint on the primary's server whose reader is the replica."""
     servers = {}
     for region, cluster in clusters.items():
         servers[f"lab-{region}-pg"] = {
@@ -41,8 +43,13 @@ def arm_emulator_config(clusters: dict, receiver_port: int) -> dict:
             "role": "Primary" if region == PRIMARY else "AsyncReplica",
             **({} if region == PRIMARY else {"source": f"lab-{PRIMARY}-pg"}),
         }
+    endpoints = {}
+    if virtual_endpoint:
+        replica = next(r for r in clusters if r != PRIMARY)
+        endpoints[virtual_endpoint] = {"server": f"lab-{PRIMARY}-pg", "members": [f"lab-{replica}-pg"]}
     return {
         "subscription_id": SUBSCRIPTION,
+        "virtual_endpoints": endpoints,
         # The emulator is also the lab's Key Vault: the oncall channel's webhook URL lives there.
         "key_vault_secrets": {ONCALL_SECRET_NAME: f"http://127.0.0.1:{receiver_port}/oncall"},
         "settings": {"lro_seconds": LRO_SECONDS, "tm_checking_seconds": 1.0},
@@ -78,6 +85,7 @@ def lab_inventory(state: dict, root: Path) -> dict:
                 "resource_group": RESOURCE_GROUP,
                 "server_name": f"lab-{region}-pg",
                 "dsn": state["regions"][region]["dsn"],
+                **({"virtual_endpoint": state["virtual_endpoint"]} if state.get("virtual_endpoint") else {}),
             },
             "traffic_endpoint": f"shop-{region}",
             "kubernetes": {

@@ -24,7 +24,7 @@ from lab.arm_emulator import created_clusters
 from lab.aws_lab import aws_lab_inventory, drop_restored_clusters, start_aws_emulator
 from lab.aws_lab import worker_env as aws_worker_env
 from lab.inventory import (DEPLOYMENTS, LAB_WEBHOOK_ENV, PRIMARY, REGIONS, STANDBY_REPLICAS, STATUSPAGE_KEY_ENV,
-                           arm_emulator_config, lab_inventory)
+                           VIRTUAL_ENDPOINT, arm_emulator_config, lab_inventory)
 from lab.k8s_emulator import write_kubeconfig
 from lab.postgres import Cluster, create_replica, drop_cluster, init_primary
 from lab.processes import Lab, pick_port, stop_pids, wait_file
@@ -59,10 +59,11 @@ def temporal_binary() -> str:
 
 
 def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
-       faults: float = 0.0, encrypt: bool = False, rollout: bool = False) -> dict:
+       faults: float = 0.0, encrypt: bool = False, rollout: bool = False, virtual_endpoint: bool = False) -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
     tests and benchmarks take any free ports so they never meet another lab's leftovers. faults: the fraction of
-    cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults)."""
+    cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults).
+    virtual_endpoint (Azure): the servers share a virtual endpoint, named in the inventory (switchover failovers)."""
     say: Say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     lab = Lab(root)
     if lab.state.get("ready") and lab.alive("temporal"):
@@ -75,6 +76,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
     lab.faults = faults
     try:
         lab.state["with_rollout"] = rollout  # the rollout stage (lab/rollout.py): app, NGINX, Prometheus, load
+        lab.state["virtual_endpoint"] = VIRTUAL_ENDPOINT if virtual_endpoint and cloud == "azure" else None
         _up(lab, root, with_worker, say, cloud, default_ports, encrypt)
     except BaseException:
         say("lab up failed; removing what was started")
@@ -209,7 +211,8 @@ def start_arm_emulator(lab: Lab, root: Path, clusters: dict[str, Cluster], recei
     its port."""
     say("lab: Azure Resource Manager emulator (HTTPS)")
     port = pick_port()
-    (root / "arm.json").write_text(json.dumps(arm_emulator_config(clusters, receiver_port), indent=2))
+    config = arm_emulator_config(clusters, receiver_port, virtual_endpoint=lab.state.get("virtual_endpoint"))
+    (root / "arm.json").write_text(json.dumps(config, indent=2))
     lab.spawn("arm", [sys.executable, "-m", "lab.arm_emulator", "--config", str(root / "arm.json"),
                       "--port", str(port), "--ca-dir", str(root / "ca")])
     lab.state["azure"] = {"arm_endpoint": f"https://127.0.0.1:{port}", "ca_bundle": str(root / "ca" / "ca.pem")}

@@ -545,6 +545,29 @@ def _configure_standby(replica: Cluster, primary: Cluster, slot: str | None) -> 
     _set_port(datadir, replica.port)
 
 
+def shutdown_checkpoint_lsn(cluster: Cluster) -> str:
+    """The LSN of a cleanly stopped cluster's shutdown checkpoint (pg_controldata): a standby that has replayed
+    past it holds every byte the old primary wrote, so the old primary can follow it without pg_rewind (in the
+    spirit of CloudNativePG's demotion token). Raises PostgresLabError when the cluster was not shut down
+    cleanly (then no such proof exists)."""
+    out = _run([pg_bin("pg_controldata"), "-D", str(cluster.datadir)], cwd=cluster.datadir.parent, timeout=30,
+               what=f"pg_controldata of {cluster.name}")
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    state = fields.get("Database cluster state", "").strip()
+    if state != "shut down":
+        raise PostgresLabError(f"cluster {cluster.name}: not shut down cleanly (state {state!r}): no shutdown "
+                               "checkpoint to prove a standby has everything")
+    return fields["Latest checkpoint location"].strip()
+
+
+def follow_as_standby(old: Cluster, primary: Cluster, timeout: float = 30) -> None:
+    """Start a cleanly stopped former primary as a streaming standby of `primary` (which has replayed old's
+    shutdown checkpoint): no rewind, no base backup. The fence and old replication settings are dropped."""
+    _configure_standby(old, primary, None)
+    old.start(wait=True)
+    wait_streaming(old, timeout)
+
+
 def _slot_exists(primary: Cluster, slot: str) -> bool:
     with psycopg.connect(primary.dsn, connect_timeout=5, autocommit=True) as conn:
         return conn.execute("select 1 from pg_replication_slots where slot_name = %s", (slot,)).fetchone() is not None

@@ -57,6 +57,17 @@ class RegionTarget(BaseModel):
         )
 
 
+class VirtualEndpointState(BaseModel):
+    """An Azure virtual endpoint as ARM shows it: the writer always targets the pair's primary, the reader the
+    server in `reader`. error: it could not be read (missing, not allowed...)."""
+
+    name: str
+    writer: str | None = None  # the server the writer endpoint targets (the pair's primary in ARM)
+    reader: list[str] = []  # the servers the reader endpoint targets (properties.members)
+    hosts: list[str] = []
+    error: str | None = None
+
+
 class DbStatus(BaseModel):
     region: str
     reachable: bool
@@ -70,6 +81,7 @@ class DbStatus(BaseModel):
     timeline: int | None = None
     cloud_state: str | None = None  # control-plane state where there is one (Azure 'Ready', RDS 'available')
     cloud_role: str | None = None  # control-plane replication role (Azure 'Primary'/'AsyncReplica')
+    virtual_endpoint: VirtualEndpointState | None = None  # Azure, when the inventory names one
 
 
 class CatchUpRequest(BaseModel):
@@ -101,6 +113,9 @@ class PromoteResult(BaseModel):
     timeline: int | None = None
     lsn_at_promotion: str | None = None  # the replay position the new primary started from
     received_lsn: str | None = None  # what the replica had received (received - replayed = WAL lost by promotion)
+    switchover: bool = False  # Azure promoteMode Switchover: the old primary was demoted to this one's replica
+    old_primary: str | None = None  # switchover: the server that was the primary
+    old_primary_role: str | None = None  # switchover: its role in the control plane afterwards (e.g. AsyncReplica)
 
 
 class RebuildRequest(BaseModel):
@@ -400,6 +415,8 @@ class FailoverReport(ProcedureReport):
     rpo_proven: bool = False
     promotion_seconds: float | None = None
     preempted: list[str] = []  # procedures an emergency failover aborted to run
+    switchover: bool = False  # the promotion swapped roles (Azure virtual endpoint): no rebuild for the failback
+    old_primary_replica: bool | None = None  # switchover: the old primary streams from the new one (checked)
 
 
 class DrillReport(ProcedureReport):

@@ -110,6 +110,10 @@ class AzureFlexibleDatabase(_SqlAccess):
     subscription_id: str
     resource_group: str
     server_name: str
+    # The virtual endpoint over this server and its replica (Azure's writer/reader host names). Named: a planned
+    # failover promotes with promoteMode Switchover (the old primary becomes the replica), an emergency with
+    # Switchover/Forced; unnamed: Standalone promotion, and the failback rebuilds.
+    virtual_endpoint: str | None = None
 
 
 class AwsRdsDatabase(Strict):

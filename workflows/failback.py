@@ -6,6 +6,10 @@ server holds first and reporting whether it took writes after the split -> wait 
 limit, heartbeating the bytes behind -> wait for the low-traffic window (a person can override) -> the
 planned failover back, as a child workflow (the same failover workflow) -> the region left becomes the
 standby again (rebuilt as a replica of the primary) -> one report.
+
+After a switchover (Azure virtual endpoint) the recovered region's old primary already streams from the current
+primary: no rebuild (the step is recorded as skipped, the catch-up still proves it), the failover back is a
+switchover too, and the region it leaves follows the new primary by itself (no "restandby" rebuild).
 """
 
 from __future__ import annotations
@@ -64,6 +68,15 @@ def declare(inp: FailbackInput, primary: str) -> list[StepDecl]:
     ]
 
 
+def follows(old: DbStatus, primary: DbStatus | None) -> bool:
+    """The recovered region's database already streams from the current primary (after a switchover): a replica,
+    streaming, on the primary's timeline (both known)."""
+    return (
+        primary is not None and old.reachable and old.role == "replica" and old.streaming
+        and old.timeline is not None and old.timeline == primary.timeline
+    )
+
+
 @workflow.defn(name="failback")
 class FailbackWorkflow(Procedure[FailbackReport]):
     @workflow.init
@@ -96,7 +109,7 @@ class FailbackWorkflow(Procedure[FailbackReport]):
         )
         if old.reachable and old.role == "primary" and not old.read_only:
             raise Stop("refused", f"{to} is a writable primary: nothing to fail back (or a split brain: check it)")
-        primary = None
+        primary, primary_status = None, None
         for r in inv.regions:
             if r == to:
                 continue
@@ -108,7 +121,7 @@ class FailbackWorkflow(Procedure[FailbackReport]):
                 queue=inv.region_queue(r),
             )
             if s.reachable and s.role == "primary":
-                primary = r
+                primary, primary_status = r, s
         if primary is None:
             raise Stop("refused", "no reachable primary to fail back from")
         report.from_region = primary
@@ -124,28 +137,20 @@ class FailbackWorkflow(Procedure[FailbackReport]):
         approve_first = workflow.patched("approve-before-rebuild")
         if approve_first:
             decision = await self.approval_gate(
-                f"failback of {inv.environment} from {primary} to {to} (rebuilds the database in {to}; what it holds is kept first)"
+                f"failback of {inv.environment} from {primary} to {to} "
+                + ("(a switchover back: its database already streams from the primary)" if follows(old, primary_status)
+                   else f"(rebuilds the database in {to}; what it holds is kept first)")
             )
 
         # -- rebuild and catch up -------------------------------------------------------------------------
-        rebuilt: RebuildResult = await self.step(
-            "rebuild",
-            f"Rebuild {to} as a replica of {primary}",
-            DB_REBUILD_REPLICA,
-            RebuildRequest(target=target, primary=current),
-            queue=q,
-            timeout=inv.failback.rebuild_timeout,
-            heartbeat=inv.failback.rebuild_heartbeat(inv.failover),
-            attempts=5,
-            interruptible=True,
-            detail=lambda r: (
-                f"{r.method} in {r.seconds:.1f}s"
-                + (f" ({r.detail})" if r.detail else "")
-                + (f"; kept: {r.preserved}" if r.preserved else "")
-            ),
-        )
-        report.rebuild_method, report.rebuild_seconds = rebuilt.method, rebuilt.seconds
-        report.old_primary_preserved, report.divergence = rebuilt.preserved, rebuilt.divergence
+        if follows(old, primary_status) and workflow.patched("failback-after-switchover"):
+            self._check_declared("rebuild")
+            skipped = self.begin_step("rebuild", f"Rebuild {to} as a replica of {primary}")
+            self.end_step(skipped, "skipped", f"{to} already streams from {primary} (timeline {old.timeline}): "
+                                              "the failover was a switchover, nothing to rebuild")
+            report.rebuild_method, report.rebuild_seconds = "none (streaming)", 0.0
+        else:
+            await self.rebuild(inp, primary, target, current)
         await self.step(
             "catch-up",
             f"Wait until {to} has caught up with {primary}",
@@ -201,6 +206,11 @@ class FailbackWorkflow(Procedure[FailbackReport]):
 
         # The region we leave becomes the standby again, streaming from the primary we returned to.
         self.point_of_no_return = True
+        if child.switchover and child.old_primary_replica:
+            self._check_declared("restandby")
+            skipped = self.begin_step("restandby", f"Rebuild {primary} as a replica of {to}")
+            self.end_step(skipped, "skipped", f"the failover back was a switchover: {primary} streams from {to}")
+            return
         await self.step(
             "restandby",
             f"Rebuild {primary} as a replica of {to}",
@@ -212,6 +222,30 @@ class FailbackWorkflow(Procedure[FailbackReport]):
             attempts=5,
             detail=lambda r: f"{r.method} in {r.seconds:.1f}s" + (f"; kept: {r.preserved}" if r.preserved else ""),
         )
+
+    async def rebuild(self, inp: FailbackInput, primary: str, target: RegionTarget, current: RegionTarget) -> None:
+        """Make the recovered region's database a replica of the current primary (what it holds is kept first)."""
+        inv, to, report = inp.inventory, inp.to_region, self.report
+        assert isinstance(report, FailbackReport)
+        q = inv.region_queue(to)
+        rebuilt: RebuildResult = await self.step(
+            "rebuild",
+            f"Rebuild {to} as a replica of {primary}",
+            DB_REBUILD_REPLICA,
+            RebuildRequest(target=target, primary=current),
+            queue=q,
+            timeout=inv.failback.rebuild_timeout,
+            heartbeat=inv.failback.rebuild_heartbeat(inv.failover),
+            attempts=5,
+            interruptible=True,
+            detail=lambda r: (
+                f"{r.method} in {r.seconds:.1f}s"
+                + (f" ({r.detail})" if r.detail else "")
+                + (f"; kept: {r.preserved}" if r.preserved else "")
+            ),
+        )
+        report.rebuild_method, report.rebuild_seconds = rebuilt.method, rebuilt.seconds
+        report.old_primary_preserved, report.divergence = rebuilt.preserved, rebuilt.divergence
 
     async def wait_for_window(self) -> None:
         window = self.inventory.failback.window

@@ -1,10 +1,15 @@
 """Region failover, planned or emergency. Reads top to bottom; each step is one line.
 
-Planned:   preflight -> approval -> maintenance on + fence old primary -> drain -> wait until the replica has
-           replayed everything (LSN) -> promote -> move traffic -> verify -> scale up -> notify.
+Planned:   preflight -> approval -> maintenance on (no new traffic) -> drain (in-flight work finishes) -> fence
+           the old primary (writes stop here) -> wait until the replica has replayed everything (LSN) -> promote
+           -> move traffic -> verify -> scale up -> notify. (Runs recorded before "drain-before-fence" fenced
+           first, then drained.)
 Emergency: preflight (old region may be dead) -> [approval if the inventory asks] -> traffic off the old
            region -> forced promotion -> fence the old primary through the control plane (best effort)
            -> verify -> scale up -> notify the incident channel.
+On Azure with a virtual endpoint named in the inventory the promotion is a switchover (planned: Switchover/Planned,
+emergency: Switchover/Forced): the old primary becomes the new one's replica; a planned failover then lifts its
+fence and checks that it streams ("old-replica"), so failing back is the same move the other way (no rebuild).
 Until a promotion may have happened, any failure or abort undoes what was done: a failed promotion whose
 target is verifiably still a replica is undone too. After it the procedure goes forward and the report
 says what is left.
@@ -53,14 +58,20 @@ class FailoverInput(ProcedureInput):
     preempted: list[str] = []
 
 
-def declare(inp: FailoverInput, source: str) -> list[StepDecl]:
+def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[StepDecl]:
     """Every step after the preflight, and what it would change: the dry-run plan and the run's only names."""
     inv, to = inp.inventory, inp.to_region
+    drain_and_fence = [
+        StepDecl("drain", f"wait {inv.failover.drain:.0f}s for in-flight work to finish (no new traffic meanwhile)"),
+        StepDecl("fence", f"make the {source} primary read-only and end its sessions (writes are down from here)"),
+    ]
     to_region, from_r = inv.region(to), inv.region(source)
     deployments = ", ".join(f"{d.name}={d.replicas}" for d in (to_region.kubernetes.deployments if to_region.kubernetes else []))
     service = from_r.kubernetes.service if from_r.kubernetes else None
     approvers = ", ".join(inv.approval.names()) + (" (not the requester)" if inv.approval.require_distinct_approver else "")
     smoke = f"{len(to_region.smoke_urls)} smoke URL(s) in {to} answer"
+    ve = virtual_endpoint(inp, to)
+    how = f"switch over (virtual endpoint {ve}: {source} becomes its replica)" if ve else "promote"
     if inp.emergency:
         steps = [
             StepDecl(
@@ -70,7 +81,8 @@ def declare(inp: FailoverInput, source: str) -> list[StepDecl]:
                 inv.approval.emergency_requires_approval,
             ),
             StepDecl("traffic", f"{inv.traffic.provider}: send traffic to {to_region.traffic_endpoint}, disable {from_r.traffic_endpoint}"),
-            StepDecl("promote", f"force-promote the {to_region.database.provider} replica in {to} (unreplayed WAL is lost)"),
+            StepDecl("promote",
+                     f"force-{how} the {to_region.database.provider} replica in {to} (unreplayed WAL is lost)"),
             StepDecl("fence-old", f"best effort: fence the old primary in {source} through its control plane (split brain)"),
             StepDecl("scale-down-old", f"best effort: scale {source}'s deployments to zero"),
         ]
@@ -81,10 +93,9 @@ def declare(inp: FailoverInput, source: str) -> list[StepDecl]:
                 "maintenance",
                 f"annotate service {service} in {source} maintenance=true" if service else f"no service to annotate in {source}",
             ),
-            StepDecl("fence", f"make the {source} primary read-only and end its sessions (writes are down from here)"),
-            StepDecl("drain", f"wait {inv.failover.drain:.0f}s for in-flight work to finish"),
+            *(drain_and_fence if drain_first else drain_and_fence[::-1]),
             StepDecl("catch-up", f"wait until {to} has replayed all WAL of {source} (up to {inv.failover.catch_up_timeout:.0f}s)"),
-            StepDecl("promote", f"promote the {to_region.database.provider} replica in {to}"),
+            StepDecl("promote", f"{how} the {to_region.database.provider} replica in {to}"),
             StepDecl("verify-not-promoted", f"ask {to}'s database whether it is still a replica; if so undo", "the promotion fails", False),
             StepDecl(
                 "traffic", f"{inv.traffic.provider}: enable {to_region.traffic_endpoint} first, then disable {from_r.traffic_endpoint}"
@@ -95,8 +106,18 @@ def declare(inp: FailoverInput, source: str) -> list[StepDecl]:
         StepDecl("verify-routing", f"traffic is served by {to}"),
         StepDecl("verify-smoke", smoke, "smoke URLs are configured", bool(to_region.smoke_urls)),
         StepDecl("scale-up", f"scale {to}: {deployments}" if deployments else f"no deployments to scale in {to}"),
+        *([StepDecl("old-replica", f"lift the fence on {source}, now a replica of {to}, and check that it streams")]
+          if ve and not inp.emergency else []),
         StepDecl("notify", f"notify {', '.join(c.name for c in inv.notifications) or 'nobody (no channels)'}"),
     ]
+
+
+def virtual_endpoint(inp: FailoverInput, region: str) -> str | None:
+    """The Azure virtual endpoint the inventory names for the region's database (None: none, or not Azure)."""
+    return getattr(inp.inventory.region(region).database, "virtual_endpoint", None)
+
+
+REPLICA_ROLES = ("AsyncReplica", "GeoAsyncReplica")  # Azure's replication roles of a read replica
 
 
 @workflow.defn(name="failover")
@@ -105,6 +126,8 @@ class FailoverWorkflow(Procedure[FailoverReport]):
     def __init__(self, inp: FailoverInput) -> None:
         report = FailoverReport.of(inp, emergency=inp.emergency, to_region=inp.to_region, preempted=inp.preempted)
         super().__init__(inp.inventory, report)
+        self.drain_first = True  # maintenance mode and the drain before the fence (see failover())
+        self.promoted: PromoteResult | None = None
 
     @workflow.run
     async def run(self, inp: FailoverInput) -> FailoverReport:
@@ -177,6 +200,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                     "refused",
                     f"replication lag {lag} bytes is above the limit of {inv.failover.max_planned_lag_bytes} for a planned failover",
                 )
+            self.check_virtual_endpoint(inp, source, new)
             kube: KubeStatus = await self.step(
                 "preflight-k8s", f"Check deployments in {to}", K8S_STATUS, target, queue=q
             )
@@ -192,7 +216,10 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         # Emergency: the old region's queue may have no worker (it is down); it is only used best effort.
         await self.check_workers([inv.task_queue, q] + ([] if inp.emergency else [inv.region_queue(source)]))
 
-        self.declare(declare(inp, source))
+        # Stop new traffic and let in-flight work finish BEFORE the fence ends the sessions (runs recorded before
+        # fenced first: replay keeps that order).
+        self.drain_first = not inp.emergency and workflow.patched("drain-before-fence")
+        self.declare(declare(inp, source, self.drain_first))
         if inp.dry_run:
             self.plan()
             return
@@ -219,6 +246,8 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             queue=old_q,
             undo=Undo(K8S_SET_MAINTENANCE, f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)),
         )
+        if self.drain_first:
+            await self.wait("drain", f"Drain {source}: let in-flight work finish", inv.failover.drain)
         await self.step(
             "fence",
             f"Fence writes on {source}",
@@ -228,7 +257,8 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             undo=Undo(DB_UNFENCE, f"Lift the write fence on {source}", old),
         )
         self.writes_down = f"the old primary in {source} is fenced (read-only) until the promotion"
-        await self.wait("drain", f"Drain {source}", inv.failover.drain)
+        if not self.drain_first:
+            await self.wait("drain", f"Drain {source}", inv.failover.drain)
         caught: CatchUpResult = await self.step(
             "catch-up",
             f"Wait until {to} has replayed all WAL",
@@ -256,6 +286,25 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         # Planned: the old primary was fenced and the replica replayed every byte before promotion.
         report.rpo_bytes = 0
         report.rpo_proven = caught.lag_bytes == 0
+
+    def check_virtual_endpoint(self, inp: FailoverInput, source: str, new: DbStatus) -> None:
+        """A switchover needs the inventory's virtual endpoint to exist and to point where we think: its writer at
+        the primary in `source`, its reader at the replica we promote."""
+        name = virtual_endpoint(inp, inp.to_region)
+        if not name:
+            return
+        ve = new.virtual_endpoint
+        primary = getattr(inp.inventory.region(source).database, "server_name", None)
+        replica = getattr(inp.inventory.region(inp.to_region).database, "server_name", None)
+        if ve is None or ve.error:
+            why = ve.error if ve else "not reported by the database status"
+            raise Stop("refused", f"virtual endpoint {name!r}: {why}")
+        if (ve.writer or "").lower() != (primary or "").lower():
+            raise Stop("refused",
+                       f"virtual endpoint {name!r} writes to {ve.writer}, not to {primary} (the primary in {source})")
+        if (replica or "").lower() not in [r.lower() for r in ve.reader]:
+            raise Stop("refused", f"virtual endpoint {name!r} reads from {', '.join(ve.reader) or 'nothing'}, not from "
+                       f"{replica} in {inp.to_region}: Azure switches over only to the reader's target")
 
     async def emergency(self, inp: FailoverInput, source: str, new: DbStatus, old: DbStatus) -> None:
         inv, to, report = inp.inventory, inp.to_region, self.report
@@ -294,6 +343,8 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             detail=lambda p: "already primary" if p.already_primary else f"promoted in {p.seconds:.2f}s, timeline {p.timeline}",
         )
         self.report.promotion_seconds = result.seconds
+        self.report.switchover = result.switchover
+        self.promoted = result
         return result
 
     async def still_a_replica(self, target: RegionTarget, q: str) -> bool:
@@ -352,6 +403,8 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                 ),
             ),
         ]
+        if not inp.emergency and virtual_endpoint(inp, to):
+            after.append(("old primary follows", lambda: self.old_primary_follows(inp, source)))
         todo = [label for label, _ in critical + after]
         try:
             for label, fn in critical:
@@ -385,10 +438,39 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                 report.remaining.append(f"tell the team: the failover of {inv.environment} to {to} is incomplete")
             raise stop
         verb = "EMERGENCY failover" if inp.emergency else "Failover"
+        follows = "; the old primary is now a replica" if report.old_primary_replica else ""
         await self.step_notify(
-            f"{verb} of {inv.environment} from {source} to {to} done; RTO {report.rto_seconds:.1f}s",
+            f"{verb} of {inv.environment} from {source} to {to} done; RTO {report.rto_seconds:.1f}s{follows}",
             "critical" if inp.emergency else "info",
         )
+
+    async def old_primary_follows(self, inp: FailoverInput, source: str) -> None:
+        """After a switchover the old primary is the new one's replica: lift its write fence (else it would be
+        read-only when a failback switches back to it) and check that it streams. Never fails the failover."""
+        report = self.report
+        assert isinstance(report, FailoverReport)
+        if self.promoted is None or not self.promoted.switchover:
+            return
+        old = RegionTarget.of(inp.inventory, source)
+        try:
+            s: DbStatus = await self.step(
+                "old-replica",
+                f"Lift the fence on {source}, now a replica of {inp.to_region}",
+                DB_UNFENCE,
+                old,
+                queue=inp.inventory.region_queue(source),
+                timeout=300,
+                attempts=3,
+                detail=lambda s: f"{s.role}, streaming" if s.streaming else f"{s.role}, not streaming ({s.error})",
+            )
+            report.old_primary_replica = s.reachable and s.role == "replica" and s.streaming
+        except Stop as stop:
+            report.old_primary_replica, why = False, stop.reason
+        else:
+            why = f"it is {s.role}, {'streaming' if s.streaming else 'not streaming'}"
+        if not report.old_primary_replica:
+            report.remaining.append(
+                f"check that {source} streams from {inp.to_region} ({why}); else fail back with a rebuild")
 
     async def fence_old(self, inp: FailoverInput, source: str, q: str) -> None:
         """Best effort, never blocking: keep a returning old region from taking writes (split brain)."""
@@ -397,6 +479,14 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             ("fence-old", f"Fence the old primary in {source} (control plane)", DB_FENCE_CONTROL_PLANE),
             ("scale-down-old", f"Scale {source}'s deployments to zero", K8S_SCALE_TO_ZERO),
         ):
+            p = self.promoted
+            if name == "fence-old" and p is not None and p.switchover and p.old_primary_role in REPLICA_ROLES:
+                # A forced switchover made it the new primary's replica: a fence would only follow it back to
+                # primary on the failback (the server parameter stays), and a replica takes no writes anyway.
+                self._check_declared(name)
+                record = self.begin_step(name, title)
+                self.end_step(record, "skipped", f"the switchover made it a replica ({p.old_primary_role})")
+                continue
             try:
                 done: FenceResult = await self.step(
                     name,

@@ -3,8 +3,11 @@ window's on-demand backups.
 
 Replication state over SQL (activities/postgres/), the control plane over ARM. Fencing is Azure's way (no
 superuser there): the server parameter default_transaction_read_only set through ARM, then the open sessions
-are ended over SQL. Promotion is the SDK's replica promotion (PATCH properties.replica.promoteMode=Standalone,
-promoteOption=Planned|Forced), a long-running operation, followed by a wait for the first committed write.
+are ended over SQL. Promotion is the SDK's replica promotion (PATCH properties.replica.promoteMode,
+promoteOption=Planned|Forced), a long-running operation, followed by a wait for the first committed write:
+promoteMode Switchover when the inventory names the server's virtual endpoint (Azure swaps the roles: the old
+primary becomes this server's read replica, the endpoint's writer host name follows the primary), else
+Standalone (the old primary is left as it is).
 Failback (rebuild_replica): Azure cannot turn an existing server into a read replica, so the old, diverged
 server is kept first (an on-demand backup), then deleted and created again with createMode Replica from the
 current primary (same name, so the same FQDN and DSN).
@@ -27,7 +30,7 @@ from activities.postgres.connection import connect, where
 from activities.postgres.server import end_other_sessions, sql_check_writable, sql_status
 from opsflow.inventory import AzureConnection, AzureFlexibleDatabase
 from opsflow.maintenance_models import BackupResult
-from opsflow.models import DbStatus, PromoteResult, RebuildResult, RegionTarget
+from opsflow.models import DbStatus, PromoteResult, RebuildResult, RegionTarget, VirtualEndpointState
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,15 @@ SCRATCH_POINT_TAG = "opsflow-restore-point"
 # Server states (properties.state) while an operation runs; and those of a server that will not become usable.
 _BUSY_STATES = {"provisioning", "updating", "starting", "restarting", "dropping", "stopping"}
 FAILED_STATES = {"disabled", "inaccessible"}
+
+
+def _id_parts(resource_id: str | None) -> tuple[str, str] | None:
+    """(resource group, server name) of a flexible server's resource id."""
+    parts = (resource_id or "").strip("/").split("/")
+    low = [p.lower() for p in parts]
+    if "resourcegroups" not in low or "flexibleservers" not in low or low.index("flexibleservers") + 1 >= len(parts):
+        return None
+    return parts[low.index("resourcegroups") + 1], parts[low.index("flexibleservers") + 1]
 
 
 def get_server(client: Any, resource_group: str, name: str, what: str) -> Any | None:
@@ -138,8 +150,42 @@ class AzureFlexibleServer:
                 raise  # our inventory names a server ARM does not know, or we may not read it
             note = f"control plane: {e.message}"
             return status.model_copy(update={"error": f"{status.error}; {note}" if status.error else note})
-        return status.model_copy(
-            update={"cloud_state": field(server, "properties", "state"), "cloud_role": self._role(server)}
+        update = {"cloud_state": field(server, "properties", "state"), "cloud_role": self._role(server)}
+        if self.db.virtual_endpoint:
+            try:
+                update["virtual_endpoint"] = self.virtual_endpoint(server)
+            except ApplicationError as e:
+                update["virtual_endpoint"] = VirtualEndpointState(name=self.db.virtual_endpoint, error=e.message)
+        return status.model_copy(update=update)
+
+    def virtual_endpoint(self, server: Any | None = None) -> VirtualEndpointState | None:
+        """The inventory's virtual endpoint as ARM shows it, read where Azure manages it: on the pair's primary
+        (this server, or the source server of this replica). `writer` is that primary when ARM says it is one."""
+        name = self.db.virtual_endpoint
+        if not name:
+            return None
+        server = server if server is not None else self.server()
+        rg, primary = self.db.resource_group, self.db.server_name
+        if (self._role(server) or "").lower() in REPLICA_ROLES:
+            source = _id_parts(field(server, "properties", "source_server_resource_id"))
+            if source is None:
+                return VirtualEndpointState(name=name, error=f"{self.db.server_name} is a replica without a source")
+            rg, primary = source
+        what = f"get virtual endpoint {name} of flexible server {primary} (resource group {rg})"
+        with arm_errors(what):
+            try:
+                ve = self.client.virtual_endpoints.get(rg, primary, name)
+            except ResourceNotFoundError:
+                return VirtualEndpointState(name=name, error=f"server {primary} has no virtual endpoint {name!r}")
+            if primary != self.db.server_name:
+                server = self.client.servers.get(rg, primary)
+        writer = primary if (self._role(server) or "").lower() not in REPLICA_ROLES else None
+        return VirtualEndpointState(
+            name=name,
+            writer=writer,
+            reader=[str(m) for m in field(ve, "properties", "members") or []],
+            hosts=[str(h) for h in field(ve, "properties", "virtual_endpoints") or []],
+            error=None if writer else f"{primary} is not the primary in ARM",
         )
 
     def fence_control_plane(self, budget: float) -> tuple[str, list[str]]:
@@ -208,12 +254,20 @@ class AzureFlexibleServer:
         budget = self.promote_timeout if self.promote_timeout is not None else _time_budget(DEFAULT_PROMOTE_TIMEOUT)
         deadline = time.monotonic() + budget
         server = self._wait_not_updating(deadline)
+        switchover = bool(self.db.virtual_endpoint)
         if (self._role(server) or "").lower() not in REPLICA_ROLES:
             after = sql_status(self.db, self.target.region)
-            return PromoteResult(already_primary=True, seconds=0.0, timeline=after.timeline)
+            done = PromoteResult(already_primary=True, seconds=0.0, timeline=after.timeline)
+            ve = self.virtual_endpoint(server) if switchover else None
+            if ve is not None and ve.reader and ve.reader[0].lower() != self.db.server_name.lower():
+                # An earlier attempt switched over: the reader went to the old primary.
+                done = self._switched(done, (self.db.resource_group, ve.reader[0]))
+            return done
+        source = _id_parts(field(server, "properties", "source_server_resource_id"))
         before = sql_status(self.db, self.target.region)
         option = "Forced" if force else "Planned"
-        what = f"promote {self.resource} (Standalone, {option})"
+        mode = "Switchover" if switchover else "Standalone"
+        what = f"promote {self.resource} ({mode}, {option})"
         logger(log).info("%s: received %s, replayed %s", what, before.current_lsn, before.replay_lsn)
         t0 = time.monotonic()
         with arm_errors(what):
@@ -221,7 +275,7 @@ class AzureFlexibleServer:
                 poller = self.client.servers.begin_update(
                     self.db.resource_group,
                     self.db.server_name,
-                    {"properties": {"replica": {"promoteMode": "Standalone", "promoteOption": option}}},
+                    {"properties": {"replica": {"promoteMode": mode, "promoteOption": option}}},
                 )
             except HttpResponseError as e:
                 if e.status_code != 409:
@@ -240,12 +294,23 @@ class AzureFlexibleServer:
                 "select pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text"
             ).fetchone()
         after = sql_status(self.db, self.target.region)
-        return PromoteResult(
+        done = PromoteResult(
             already_primary=False,
             seconds=round(seconds, 3),
             timeline=after.timeline,
             lsn_at_promotion=replayed or before.replay_lsn,
             received_lsn=received or before.current_lsn,
+        )
+        return self._switched(done, source) if switchover else done
+
+    def _switched(self, done: PromoteResult, old: tuple[str, str] | None) -> PromoteResult:
+        """A switchover's result: which server was the primary and what ARM says it is now."""
+        role = None
+        if old is not None:
+            found = get_server(self.client, old[0], old[1], f"get flexible server {old[1]} (the old primary)")
+            role = self._role(found) if found is not None else "deleted"
+        return done.model_copy(
+            update={"switchover": True, "old_primary": old[1] if old else None, "old_primary_role": role}
         )
 
     def _wait_not_updating(self, deadline: float) -> Any:

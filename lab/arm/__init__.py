@@ -6,6 +6,7 @@
     flexible.py         flexible servers: bodies, listing, PATCH (tags), configurations
     lifecycle.py        flexible servers: create (PUT) and delete
     replicas.py         read replicas: promotion (standalone, switchover) and Replica creates
+    virtual_endpoints.py  virtual endpoints: the writer/reader host names of a replication pair
     backups.py          backups: earliest/latest restore points, point-in-time restores, on-demand backups
     traffic_manager.py  Traffic Manager profiles and endpoints
     keyvault.py         Key Vault's get-secret

@@ -3,7 +3,8 @@
     PATCH  .../flexibleServers/{server}              202 long-running operation (tags); with
                                                      properties.replica {promoteMode Standalone|Switchover,
                                                      promoteOption Planned|Forced} it REALLY promotes the lab
-                                                     cluster mapped to the server (pg_promote over SQL)
+                                                     cluster mapped to the server (pg_promote over SQL); a
+                                                     Switchover also makes the old primary its standby
     PUT    .../flexibleServers/{server}              createMode Replica (sourceServerResourceId): makes the
                                                      server a streaming replica of the source: a server that maps
                                                      to a lab cluster, even one just deleted (the old, diverged
@@ -22,12 +23,14 @@ from lab.arm.common import INVALID_BODY, REPLICA_ROLES, ArmError, bad_request, c
     pg_connect, user_tags
 from lab.arm.lifecycle import ServerLifecycle, cluster_dict, new_server
 from lab.arm.operations import Answer
-from lab.postgres import Cluster, PostgresLabError, _write_server_file, cluster_root, create_replica, rebuild_replica
+from lab.arm.virtual_endpoints import VirtualEndpoints
+from lab.postgres import Cluster, PostgresLabError, cluster_root, create_replica, follow_as_standby, rebuild_replica, \
+    shutdown_checkpoint_lsn
 
 log = logging.getLogger("opsflow.lab.arm_emulator")
 
 
-class Replicas(ServerLifecycle):
+class Replicas(ServerLifecycle, VirtualEndpoints):
     # -- promotion -----------------------------------------------------------------------------------------------
     def patch_server(self, srv: dict, body: Any, base: str, api_version: str) -> Answer:
         if not isinstance(body, dict):
@@ -80,19 +83,21 @@ class Replicas(ServerLifecycle):
             if source is None:
                 raise ArmError(400, "PlannedPromotionNotPossible", f"Server '{srv['name']}' has no source server to "
                                                                    "synchronize with; use promoteOption Forced.")
+        if mode == "switchover":
+            assert source is not None
+            self.require_virtual_endpoint(srv, source)
+        if option == "planned":
+            assert source is not None
             self._wait_synchronized(srv, source, op)
         if mode == "switchover":
-            if option != "planned":
-                raise ArmError(400, "SwitchoverNotSupported",
-                               "The emulator performs switchovers with promoteOption Planned only (a forced "
-                               "switchover would need pg_rewind).")
             assert source is not None
-            self._switchover(srv, source)
+            self._switchover(srv, source, option, op)
             return
         self._pg_promote(srv)
         with self.lock:
             srv["role"] = "Primary"
             srv["source"] = None
+            self.leave_virtual_endpoint(srv, source)
             self.probe_cache.clear()
 
     def _pg_promote(self, srv: dict) -> None:
@@ -146,32 +151,74 @@ class Replicas(ServerLifecycle):
                 )
             time.sleep(0.1)
 
-    def _switchover(self, srv: dict, source: dict) -> None:
-        """Swap roles for real: stop the source cleanly (its last WAL reaches the replica), promote the replica,
-        restart the old source as a standby of the new primary. Needs both to be lab clusters."""
+    def _switchover(self, srv: dict, source: dict, option: str, op: dict) -> None:
+        """Swap roles for real. Planned: stop the source cleanly, wait until the replica has replayed its shutdown
+        checkpoint (then it holds every byte), promote it, start the old source as its standby (no rewind). Forced:
+        promote at once; the old source is then made a standby of the new primary with pg_rewind (else a fresh
+        base backup), best effort: if that fails it stays a standalone server (role None). Lab clusters only."""
         cfg_src, cfg_dst = source.get("_cluster"), srv.get("_cluster")
         if not cfg_src or not cfg_dst:
             raise ArmError(400, "SwitchoverNotSupported",
                            "The emulator can switch over lab clusters only (servers configured with 'cluster').")
         old, new = Cluster.from_dict(cfg_src), Cluster.from_dict(cfg_dst)
-        with pg_connect(source["dsn"]) as conn:
-            conn.execute("checkpoint")
-        old.stop("fast")
-        # The shutdown checkpoint is streamed before the walsender exits; wait until it is replayed.
-        time.sleep(0.5)
-        self._pg_promote(srv)
-        auto = old.datadir / "postgresql.auto.conf"
-        kept = [ln for ln in auto.read_text().splitlines()
-                if not ln.startswith(("primary_conninfo", "primary_slot_name"))]
-        kept.append(f"primary_conninfo = 'host=127.0.0.1 port={new.port} user=postgres application_name={old.name}'")
-        # lab.postgres's own file helper (ownership, modes)
-        _write_server_file(auto, "\n".join(kept) + "\n")
-        _write_server_file(old.datadir / "standby.signal", "")
-        old.start(wait=True)
+        if option == "planned":
+            with pg_connect(source["dsn"]) as conn:
+                conn.execute("checkpoint")
+            old.stop("fast")
+            try:
+                self._wait_replayed(srv, source, shutdown_checkpoint_lsn(old), op)
+            except (ArmError, PostgresLabError) as e:
+                old.start(wait=True)  # nothing changed: the source is the primary again
+                if isinstance(e, ArmError):
+                    raise
+                raise ArmError(400, "PlannedSwitchoverNotPossible", f"{first_line(e)}; use promoteOption Forced.") \
+                    from None
+            self._pg_promote(srv)
+            try:
+                follow_as_standby(old, new)
+            except PostgresLabError as e:
+                raise ArmError(500, "InternalServerError", f"Server '{srv['name']}' is the primary now, but "
+                                                           f"'{source['name']}' did not follow it: {first_line(e)}") \
+                    from None
+            demoted = "AsyncReplica"
+        else:
+            self._pg_promote(srv)
+            demoted = "AsyncReplica"
+            try:
+                rebuild_replica(new, old, cluster_root(old))
+            except (PostgresLabError, ValueError) as e:
+                log.warning("forced switchover: %s did not become a replica of %s: %s", source["name"], srv["name"],
+                            first_line(e))
+                demoted = "None"
         with self.lock:
             srv["role"], srv["source"] = "Primary", None
-            source["role"], source["source"] = "AsyncReplica", srv["name"]
+            source["role"], source["source"] = demoted, srv["name"] if demoted != "None" else None
+            if demoted == "None":
+                self.leave_virtual_endpoint(source, srv)
+            else:
+                self.switch_virtual_endpoint(srv, source)
             self.probe_cache.clear()
+
+    def _wait_replayed(self, srv: dict, source: dict, checkpoint: str, op: dict) -> None:
+        """Planned switchover: the replica must replay past the stopped source's shutdown checkpoint."""
+        deadline = time.monotonic() + float(self.settings["planned_sync_timeout"])
+        want = lsn_int(checkpoint)
+        replay = 0
+        while True:
+            try:
+                with pg_connect(srv["dsn"]) as conn:
+                    replay = lsn_int(conn.execute("select pg_last_wal_replay_lsn()::text").fetchone()[0])
+            except Exception as e:  # noqa: BLE001
+                raise ArmError(500, "InternalServerError",
+                               f"Server '{srv['name']}' is not reachable: {first_line(e)}") from None
+            if replay > want:
+                return
+            op["percentComplete"] = 50
+            if time.monotonic() > deadline:
+                raise ArmError(400, "PlannedPromotionTimedOut",
+                               f"Read replica '{srv['name']}' did not replay the shutdown checkpoint {checkpoint} of "
+                               f"'{source['name']}' within {self.settings['planned_sync_timeout']}s.")
+            time.sleep(0.05)
 
     # -- createMode Replica ----------------------------------------------------------------------------------------
     def create_replica(self, rg: str, name: str, existing: dict | None, live: bool, source: dict, location: str,

@@ -58,6 +58,7 @@ class ArmState:
         self.servers: dict[str, dict] = {}
         self.profiles: dict[str, dict] = {}
         self.operations: dict[str, dict] = {}
+        self.virtual_endpoints: dict[str, dict] = {}  # lab/arm/virtual_endpoints.py
         self.probe_cache: dict[str, tuple[float, Any]] = {}
         self.resource_groups: set[str] = {rg.lower() for rg in config.get("resource_groups", [])}
 
@@ -92,6 +93,9 @@ class ArmState:
                 for f in ENDPOINT_FIELDS:
                     if f in e:
                         ep[f] = e[f]
+        for key, ve in (data.get("virtual_endpoints") or {}).items():
+            if isinstance(ve, dict) and isinstance(ve.get("servers"), list) and ve.get("name"):
+                self.virtual_endpoints[key] = ve
         for op_id, op in (data.get("operations") or {}).items():
             if op.get("status") == "InProgress":
                 # The emulator stopped while this ran: its outcome is unknown to ARM.
@@ -140,6 +144,7 @@ class ArmState:
                     }
                     for k, p in self.profiles.items()
                 },
+                "virtual_endpoints": {k: dict(ve) for k, ve in self.virtual_endpoints.items()},
                 "operations": {k: {f: v for f, v in op.items() if not f.startswith("_")}
                                for k, op in list(self.operations.items())[-200:]},
             }

@@ -36,6 +36,7 @@ class World(Restores, Replicas, TrafficManager, KeyVault):
         self.load_servers(config)
         self.load_profiles(config)
         self.load_secrets(config)
+        self.load_virtual_endpoints(config)
         self.load_state()
 
     # -- request routing -------------------------------------------------------------------------------------
@@ -96,6 +97,8 @@ class World(Restores, Replicas, TrafficManager, KeyVault):
             return self.list_replicas(srv)
         if len(tail) >= 2 and ltail[1] == "backups":
             return self.handle_backups(srv, method, tail, base, api_version)
+        if 2 <= len(tail) <= 3 and ltail[1] == "virtualendpoints":
+            return self.handle_virtual_endpoints(srv, method, tail, body, base, api_version)
         if len(tail) >= 2 and ltail[1] == "configurations":
             if len(tail) == 2 and method == "GET":
                 return self.list_configurations(srv)
@@ -113,6 +116,8 @@ class World(Restores, Replicas, TrafficManager, KeyVault):
         srv = self.server(segs[3], segs[7])
         if len(segs) >= 10 and segs[8] == "configurations":
             return self.get_configuration(srv, segs[9])
+        if len(segs) >= 10 and segs[8].lower() == "virtualendpoints":
+            return self.virtual_endpoint_body(self._endpoint_of(srv, segs[9]), srv)
         if len(segs) >= 10 and segs[8] == "backups":
             return self.handle_backups(srv, "GET", [srv["name"], "backups", segs[9]], "", "")[1]
         return self.server_body(srv)

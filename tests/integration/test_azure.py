@@ -23,6 +23,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import errors as pgerrors
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -326,6 +327,7 @@ def test_switchover_swaps_roles_for_real(lab: AzureLab):
     """The emulator's Switchover: the replica becomes primary and the old primary follows it."""
     sql(lab.primary, "create table t (id int); insert into t values (1)")
     client = postgres_client(lab.conn, SUB)
+    create_virtual_endpoint(lab)
     poller = client.servers.begin_update(
         RG, "pg-neu", {"properties": {"replica": {"promoteMode": "Switchover", "promoteOption": "Planned"}}}
     )
@@ -339,6 +341,121 @@ def test_switchover_swaps_roles_for_real(lab: AzureLab):
     while sql(lab.primary, "select count(*) from t")[0][0] != 2:
         assert time.monotonic() < deadline, "the old primary does not replay the new primary's writes"
         time.sleep(0.1)
+    assert lab.db("westeurope").status().role == "replica"
+
+
+# -- virtual endpoints and the switchover --------------------------------------------------------------------
+
+VE = "ve-lab"
+
+
+def ve_body(endpoint_type: str, reader: str) -> dict:
+    return {"properties": {"endpointType": endpoint_type, "members": [reader]}}
+
+
+def create_virtual_endpoint(lab: AzureLab, reader: str = "pg-neu", on: str = "pg-weu"):
+    client = postgres_client(lab.conn, SUB)
+    return client.virtual_endpoints.begin_create(RG, on, VE, ve_body("ReadWrite", reader)).result()
+
+
+def promotions(lab: AzureLab) -> list[str]:
+    """The promotions ARM ran (promoteMode/promoteOption as the emulator received them), oldest first."""
+    return [op["kind"] for op in lab.emu.world.snapshot()["operations"] if op["kind"].startswith("promote")]
+
+
+def with_ve(lab: AzureLab, region: str) -> AzureFlexibleServer:
+    target = lab.target(region)
+    db = target.database.model_copy(update={"virtual_endpoint": VE})
+    return AzureFlexibleServer(target.model_copy(update={"database": db}))
+
+
+def test_virtual_endpoints_through_the_sdk_like_arm(lab: AzureLab):
+    client = postgres_client(lab.conn, SUB)
+    with pytest.raises(ResourceNotFoundError):
+        client.virtual_endpoints.get(RG, "pg-weu", VE)
+    with pytest.raises(HttpResponseError) as exc:  # managed on the primary
+        client.virtual_endpoints.begin_create(RG, "pg-neu", VE, ve_body("ReadWrite", "pg-neu"))
+    assert exc.value.error.code == "VirtualEndpointOnReplica"
+    with pytest.raises(HttpResponseError) as exc:
+        client.virtual_endpoints.begin_create(RG, "pg-weu", VE, ve_body("ReadOnly", "pg-neu"))
+    assert exc.value.status_code == 400 and "endpointType" in exc.value.error.message
+
+    ve = create_virtual_endpoint(lab)  # a long-running operation (202, Azure-AsyncOperation), then the final GET
+    assert lab.requests("PUT", "/virtualendpoints/")
+    assert (ve.name, ve.properties.endpoint_type, ve.properties.members) == (VE, "ReadWrite", ["pg-neu"])
+    hosts = [f"{VE}.{kind}.postgres.database.azure.com" for kind in ("reader", "writer")]
+    assert ve.properties.virtual_endpoints == hosts
+    assert ve.type == "Microsoft.DBforPostgreSQL/flexibleServers/virtualEndpoints"
+    assert [v.name for v in client.virtual_endpoints.list_by_server(RG, "pg-weu")] == [VE]
+
+    # What the status shows, from either region: the writer on the primary, the reader on the replica.
+    p, r = with_ve(lab, "westeurope").status(), with_ve(lab, "northeurope").status()
+    for s in (p, r):
+        v = s.virtual_endpoint
+        assert (v.writer, v.reader, v.error) == ("pg-weu", ["pg-neu"], None)
+    missing = lab.target("northeurope")
+    missing = missing.model_copy(update={"database": missing.database.model_copy(update={"virtual_endpoint": "nope"})})
+    assert "no virtual endpoint 'nope'" in AzureFlexibleServer(missing).status().virtual_endpoint.error
+
+    client.virtual_endpoints.begin_delete(RG, "pg-weu", VE).result()
+    with pytest.raises(ResourceNotFoundError):
+        client.virtual_endpoints.get(RG, "pg-weu", VE)
+
+
+def test_switchover_needs_a_virtual_endpoint_reading_from_the_replica(lab: AzureLab):
+    client = postgres_client(lab.conn, SUB)
+    switch = {"properties": {"replica": {"promoteMode": "Switchover", "promoteOption": "Planned"}}}
+    with pytest.raises(HttpResponseError) as exc:
+        client.servers.begin_update(RG, "pg-neu", switch).result()
+    assert exc.value.error.code == "VirtualEndpointRequired"
+    create_virtual_endpoint(lab, reader="pg-weu")  # the reader on the primary: not promotable to primary
+    with pytest.raises(HttpResponseError) as exc:
+        client.servers.begin_update(RG, "pg-neu", switch).result()
+    assert exc.value.error.code == "VirtualEndpointRequired" and "reads from 'pg-weu'" in exc.value.error.message
+    assert lab.db("northeurope").status().role == "replica"  # nothing happened
+
+
+def test_planned_switchover_through_the_provider_and_back_without_a_rebuild(lab: AzureLab):
+    """promote(force=False) with a virtual endpoint: Switchover/Planned. The old primary (fenced, as a failover
+    leaves it) streams from the new one with every row; unfenced, it is switched back the same way."""
+    sql(lab.primary, "create table t (id int primary key); insert into t select generate_series(1, 100)")
+    create_virtual_endpoint(lab)
+    west, north = with_ve(lab, "westeurope"), with_ve(lab, "northeurope")
+    west.fence()
+    result, beats = in_activity(north.promote, False)
+    assert not result.already_primary and result.switchover
+    assert (result.old_primary, result.old_primary_role) == ("pg-weu", "AsyncReplica")
+    assert promotions(lab) == ["promote switchover/planned"]
+    ws = west.status()
+    assert (ws.role, ws.streaming, ws.cloud_role) == ("replica", True, "AsyncReplica")
+    v = north.status().virtual_endpoint
+    assert (v.writer, v.reader) == ("pg-neu", ["pg-weu"])
+    sql(lab.replica, "insert into t values (101)")
+    west.unfence()  # what the failover does next: the fence parameter must not follow it back to primary
+    deadline = time.monotonic() + 10
+    while sql(lab.primary, "select count(*) from t")[0][0] != 101:
+        assert time.monotonic() < deadline, "the old primary does not replay the new primary's writes"
+        time.sleep(0.1)
+    assert in_activity(north.promote, False)[0].already_primary  # idempotent: a retry says it is done
+    assert in_activity(north.promote, False)[0].switchover
+
+    back, _ = in_activity(west.promote, False)  # the failback: the same call the other way, no rebuild
+    assert back.switchover and back.old_primary == "pg-neu"
+    west.check_writable()
+    assert sql(lab.primary, "select count(*) from t")[0][0] == 101
+    ns = north.status()
+    assert (ns.role, ns.streaming) == ("replica", True)
+    assert not [r for r in lab.requests("DELETE") if "/flexibleServers/" in r["path"]]  # nothing deleted or rebuilt
+
+
+def test_forced_switchover_demotes_the_old_primary_with_a_rewind(lab: AzureLab):
+    """Emergency: Switchover/Forced promotes at once; the emulator then makes the old primary a replica."""
+    sql(lab.primary, "create table t (id int)")
+    create_virtual_endpoint(lab)
+    result, _ = in_activity(with_ve(lab, "northeurope").promote, True)
+    assert result.switchover and result.old_primary_role == "AsyncReplica"
+    assert promotions(lab) == ["promote switchover/forced"]
+    wait_streaming(lab.primary)
     assert lab.db("westeurope").status().role == "replica"
 
 

@@ -210,6 +210,38 @@ async def test_failback_survives_a_kill_at_every_boundary(lab):
     assert sql(lab.dsn("eastus"), "SELECT count(*) FROM orders")[0][0] == 500
 
 
+async def test_switchover_failover_and_failback_survive_a_kill_at_every_boundary(lab):
+    """Switchover first (issue 20, an Azure virtual endpoint): the failover there and the failback, each with a kill
+    at every boundary; one switchover asked of Azure each way, no replica built, every row kept."""
+    from tests.integration.test_failover_lab import streams_from, with_virtual_endpoint
+
+    with_virtual_endpoint(lab)
+    inventory = fast_recovery(lab)
+    lab.inventory = inventory
+    setup_data(lab)
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    workers = Workers(lab, inventory)
+    workers.start_all()
+    wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    report = await run_killing_at_every_boundary(lab, workers, wid, approve=True)
+    assert report["status"] == "succeeded", explain(report)
+    assert report["switchover"] and report["old_primary_replica"], explain(report)
+    assert report["_boundaries"] >= 8, report["_kills"]
+    assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 1  # one switchover asked of Azure
+    assert streams_from(east, west)
+
+    fid = lab.cli_json("failback", "--env", inventory, "--to", "eastus", "--requester", "alice")["workflow_id"]
+    back = await run_killing_at_every_boundary(lab, workers, fid, approve=True)
+    assert back["status"] == "succeeded", explain(back)
+    assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    assert back["_boundaries"] >= 5, back["_kills"]
+    assert arm_writes(lab, "PATCH", "/flexibleServers/lab-eastus-pg") == 1  # one switchover back
+    assert arm_writes(lab, "PUT", "/flexibleServers/lab-eastus-pg") == 0  # no replica built
+    assert arm_writes(lab, "PUT", "/flexibleServers/lab-westeurope-pg") == 0
+    wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
+    assert sql(east, "SELECT count(*) FROM orders")[0][0] == 500
+
+
 async def test_drill_survives_a_kill_at_every_boundary(lab):
     inventory = fast_recovery(lab)
     setup_data(lab)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -248,3 +249,124 @@ def test_one_procedure_per_environment(lab, worker):
     report = wait_end(lab, first)
     assert report["status"] == "aborted"
     assert sql(lab.dsn("eastus"), "SHOW default_transaction_read_only")[0][0] == "off"
+
+
+# -- switchover first (Azure virtual endpoint) ------------------------------------------------------------------
+
+VIRTUAL_ENDPOINT = "lab-shop-ve"
+
+
+def with_virtual_endpoint(lab) -> None:
+    """Create a virtual endpoint on the primary's server through the real SDK (writer: the primary, reader: the
+    replica) and name it in the lab's inventory, the one its worker holds (it reads it again when it changes)."""
+    import yaml
+
+    from activities.azure.arm import postgres_client
+    from opsflow.inventory import load_inventory
+
+    inv = load_inventory(lab.inventory)
+    east, west = inv.region("eastus").database, inv.region("westeurope").database
+    client = postgres_client(inv.azure, east.subscription_id)
+    body = {"properties": {"endpointType": "ReadWrite", "members": [west.server_name]}}
+    client.virtual_endpoints.begin_create(east.resource_group, east.server_name, VIRTUAL_ENDPOINT, body).result()
+    raw = yaml.safe_load(open(lab.inventory))
+    for region in raw["regions"].values():
+        region["database"]["virtual_endpoint"] = VIRTUAL_ENDPOINT
+    Path(lab.inventory).write_text(yaml.safe_dump(raw))
+
+
+def streams_from(dsn: str, primary_dsn: str) -> bool:
+    """A standby whose WAL receiver streams from the server at primary_dsn (its port)."""
+    port = int(sql(primary_dsn, "SELECT current_setting('port')")[0][0])
+    rows = sql(dsn, "SELECT status, sender_port FROM pg_stat_wal_receiver")
+    return sql(dsn, "SELECT pg_is_in_recovery()")[0][0] and bool(rows) and rows[0] == ("streaming", port)
+
+
+@pytest.fixture
+def ve_lab(lab_home):
+    """`opsflow lab up --virtual-endpoint`: the Azure lab whose servers share a virtual endpoint, named in its
+    inventory; with a worker."""
+    from lab.manage import up
+    from tests.integration.conftest import Lab, lab_root, take_down
+
+    root = lab_root()
+    lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, virtual_endpoint=True))
+    lab.start_worker()
+    yield lab
+    lab.stop_workers()
+    take_down(root)
+
+
+def test_switchover_failover_and_failback_without_a_rebuild(ve_lab):
+    """On `opsflow lab up --virtual-endpoint` the planned failover switches over (the old primary streams from the
+    new one, no other command), and the failback is the same move the other way: no rebuild, every row kept."""
+    from opsflow.inventory import load_inventory
+
+    lab = ve_lab
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    assert {r.database.virtual_endpoint for r in load_inventory(lab.inventory).regions.values()} == {"lab-shop"}
+    sql(east, "CREATE TABLE journal (id int PRIMARY KEY, phase text)")
+    sql(east, "INSERT INTO journal SELECT g, 'before' FROM generate_series(1, 100) g")
+
+    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    approve(lab, wid)
+    report = wait_end(lab, wid)
+    assert report["status"] == "succeeded", explain(report)
+    assert report["switchover"] and report["old_primary_replica"] and report["remaining"] == []
+    assert streams_from(east, west)  # eastus is westeurope's replica, at once
+    assert sql(east, "SHOW default_transaction_read_only")[0][0] == "off"  # the fence did not follow it
+    names = [s["name"] for s in report["steps"]]
+    assert names.index("maintenance") < names.index("drain") < names.index("fence") < names.index("promote")
+    assert "old-replica" in names
+    sql(west, "INSERT INTO journal SELECT g, 'on westeurope' FROM generate_series(101, 200) g")
+    wait_for(lambda: sql(east, "SELECT count(*) FROM journal")[0][0] == 200, what="eastus replaying westeurope")
+
+    fid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice", "--reason", "switch back")["workflow_id"]
+    approve(lab, fid)
+    back = wait_end(lab, fid, timeout=240)
+    assert back["status"] == "succeeded", explain(back)
+    steps = {s["name"]: s for s in back["steps"]}
+    assert steps["rebuild"]["outcome"] == "skipped" and steps["restandby"]["outcome"] == "skipped"
+    assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    assert sql(east, "SELECT pg_is_in_recovery()")[0][0] is False
+    sql(east, "INSERT INTO journal VALUES (201, 'after failback')")
+    wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
+    wait_for(lambda: sql(west, "SELECT count(*) FROM journal")[0][0] == 201, what="westeurope replaying eastus")
+    from lab.postgres import Cluster
+
+    for region in ("eastus", "westeurope"):  # no data directory was moved aside or rebuilt
+        datadir = Cluster.from_dict(lab.state["postgres"][region]).datadir
+        assert not list(datadir.parent.glob(f"{datadir.name}.diverged-*"))
+
+
+def test_emergency_switchover_with_the_old_primary_killed_then_failback(ve_lab):
+    """Emergency on `--virtual-endpoint`: Switchover/Forced with eastus killed; Azure (the emulator) makes the old
+    primary a replica of the new one (pg_rewind), unfenced; the failback switches back without a rebuild."""
+    import json
+
+    from lab.postgres import Cluster
+
+    lab = ve_lab
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    sql(east, "CREATE TABLE t (id int)")
+    sql(east, "INSERT INTO t SELECT generate_series(1, 100)")
+    wait_for(lambda: sql(west, "SELECT count(*) FROM pg_class WHERE relname = 't'")[0][0] == 1, what="replication")
+    wait_for(lambda: sql(west, "SELECT count(*) FROM t")[0][0] == 100, what="replayed")
+    Cluster.from_dict(lab.state["postgres"]["eastus"]).kill()
+
+    proc = lab.cli("failover", "--to", "westeurope", "--emergency", "--requester", "alice", "--wait", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["status"] == "succeeded" and report["switchover"], explain(report)
+    steps = {s["name"]: s for s in report["steps"]}
+    assert steps["fence-old"]["outcome"] == "skipped"
+    sql(west, "INSERT INTO t VALUES (101)")
+    wait_for(lambda: streams_from(east, west), what="eastus streaming from westeurope after the forced switchover")
+
+    fid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice")["workflow_id"]
+    approve(lab, fid)
+    back = wait_end(lab, fid, timeout=240)
+    assert back["status"] == "succeeded", explain(back)
+    assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    sql(east, "INSERT INTO t VALUES (102)")  # writable: no fence followed it back
+    assert sql(east, "SELECT count(*) FROM t")[0][0] == 102

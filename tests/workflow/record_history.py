@@ -101,6 +101,19 @@ async def cancelled(env, inv: Inventory, world: World) -> WorkflowHandle:
     return handle
 
 
+async def failback_switchover(env, inv: Inventory, world: World) -> WorkflowHandle:
+    """A failback after a switchover (issue 20): eastus already streams from westeurope, nothing is rebuilt."""
+    from workflows.failback import FailbackInput
+
+    world.primary, world.serving, world.promotions = "westeurope", "westeurope", 1
+    world.timelines["eastus"] = 2
+    world.replay = {"eastus": world.lsn}
+    handle = await start(env, inv, "failback", FailbackInput(inventory=inv, to_region="eastus", requester="alice"))
+    await waiting_for(handle, "approval")
+    await send_update(handle, Procedure.approve, Request(by="bob", reason="switch back"))
+    return handle
+
+
 async def scheduled_signed(env, inv: Inventory, world: World) -> WorkflowHandle:
     from workflows.drill import DrillInput
     from workflows.scheduled import LaunchInput
@@ -131,6 +144,10 @@ WORKER_RULES = "-worker-rules"
 RECORDINGS.update({f"{k}{WORKER_RULES}": v for k, v in RECORDINGS.items() if k != "scheduled"})
 RECORDINGS.update({f"scheduled{WORKER_RULES}": scheduled_signed, f"failover_cancelled{WORKER_RULES}": cancelled,
                    f"readiness{WORKER_RULES}": readiness})
+# Switchover first (issue 20): Azure databases under a virtual endpoint; the drain before the fence.
+RECORDINGS.update(
+    {f"failover_switchover{WORKER_RULES}": planned, f"failback_switchover{WORKER_RULES}": failback_switchover}
+)
 NEW_SHAPE = False  # set by record() for the worker-rules recordings
 
 
@@ -152,6 +169,11 @@ def recording_inventory(name: str, tmp: Path) -> Inventory:
             "row_counts": [{"table": "orders"}],
             "checks": [{"name": "no negative totals", "query": "select true"}],
         }
+    if "switchover" in name:
+        for region, r in data["regions"].items():
+            r["database"] = {"provider": "azure-flexible", "dsn": f"host=db-{region} dbname=app user=ops",
+                             "subscription_id": "sub", "resource_group": "rg", "server_name": f"pg-{region}",
+                             "virtual_endpoint": "ve-shop"}
     return Inventory.model_validate(data)
 
 

@@ -9,7 +9,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
 from opsflow.client import ProcedureRunning, fetch_report, send_update, start_procedure
-from opsflow.contracts.db import DB_FENCE, DB_PROMOTE, DB_WAIT_CAUGHT_UP
+from opsflow.contracts.db import DB_FENCE, DB_PROMOTE, DB_UNFENCE, DB_WAIT_CAUGHT_UP
 from opsflow.contracts.k8s import K8S_SCALE_UP
 from opsflow.contracts.traffic import TRAFFIC_SWITCH
 from opsflow.models import FailoverReport
@@ -61,21 +61,10 @@ async def test_planned_failover_with_approval(running, world, inventory):
     assert report.from_region == "eastus" and report.rpo_bytes == 0 and report.rpo_proven
     assert report.rto_seconds is not None and report.rto_seconds >= 0
     names = [s.name for s in report.steps]
-    # The runbook's order: fence and drain before catch-up, promotion before traffic, verify before scale-up.
-    order = [
-        "approval",
-        "maintenance",
-        "fence",
-        "drain",
-        "catch-up",
-        "promote",
-        "traffic",
-        "verify-writes",
-        "verify-routing",
-        "verify-smoke",
-        "scale-up",
-        "notify",
-    ]
+    # The runbook's order: no new traffic, in-flight work drains, then the fence; catch-up before promotion,
+    # promotion before traffic, verify before scale-up.
+    order = ["approval", "maintenance", "drain", "fence", "catch-up", "promote", "traffic", "verify-writes",
+             "verify-routing", "verify-smoke", "scale-up", "notify"]
     assert [n for n in names if n in order] == order
     kinds = {s.name: s.kind for s in report.steps}  # what the HTML report's timeline draws them as
     assert (kinds["approval"], kinds["drain"], kinds["promote"]) == ("gate", "wait", "action")
@@ -149,11 +138,14 @@ async def test_abort_during_drain_compensates(running, world, inventory):
     await until_waiting(handle)
     await send_update(handle, Procedure.approve, Request(by="bob"))
     await until_waiting(handle, "Drain")
-    assert "eastus" in world.fenced
+    # Draining: no new traffic (maintenance mode), but the old primary still takes in-flight writes.
+    assert "eastus" in world.maintenance and "eastus" not in world.fenced and DB_FENCE.name not in world.calls
     await send_update(handle, Procedure.abort, Request(by="bob", reason="traffic spike"))
     report = await failed_report(handle)
     assert report.status == "aborted"
     assert world.unchanged
+    assert DB_FENCE.name not in world.calls and DB_UNFENCE.name not in world.calls  # never fenced, nothing to lift
+    assert [s.title for s in report.steps if s.outcome == "compensated"] == ["Maintenance mode off in eastus"]
 
 
 async def test_pause_holds_at_the_next_step_boundary_and_resume_continues(running, world, inventory):

@@ -10,13 +10,13 @@ import xml.etree.ElementTree as ET
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from opsflow.client import start_procedure
+from opsflow.client import send_update, start_procedure
 from opsflow.html_report import OUTCOME_COLOUR, gantt_svg, to_html
 from opsflow.models import FailoverReport
 from tests.workflow.conftest import worker_holds
 from tests.workflow.test_failover_workflow import until_waiting
 from workflows.failover import FailoverInput
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -27,9 +27,9 @@ async def test_a_failure_past_the_promotion_shows_what_is_left_to_do(running, wo
     inp = FailoverInput(inventory=inventory, to_region="westeurope", requester="alice", reason="<b>drill</b> & co")
     handle = await start_procedure(running.client, inventory, "failover", inp, "test failover")
     await until_waiting(handle)
-    await handle.execute_update("pause", Request(by="alice", reason="wait for the DBA"))
-    await handle.execute_update("resume", Request(by="alice"))
-    await handle.execute_update("approve", Request(by="bob", reason="change #42"))
+    await send_update(handle, Procedure.pause, Request(by="alice", reason="wait for the DBA"))
+    await send_update(handle, Procedure.resume, Request(by="alice"))
+    await send_update(handle, Procedure.approve, Request(by="bob", reason="change #42"))
     with pytest.raises(WorkflowFailureError) as exc:
         await handle.result()
     report = FailoverReport.model_validate(exc.value.cause.details[0])

@@ -10,12 +10,13 @@ import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.worker import Replayer, Worker
 
+from opsflow.client import send_update
 from opsflow.procedures import LAUNCHERS
 from opsflow.temporal import DATA_CONVERTER
 from tests.workflow.conftest import WORKFLOWS
 from tests.workflow.test_failover_workflow import start, until_waiting
 from worker.metrics import MetricsInterceptor, OpsMetrics
-from workflows.procedure import Request
+from workflows.procedure import Procedure, Request
 
 
 def sample(metrics: OpsMetrics, name: str, **labels) -> float | None:
@@ -38,12 +39,12 @@ async def test_ends_are_counted_once_and_not_on_replay(env, world, inventory):
         async with workers[0], workers[1], workers[2]:
             rejected = await start(env, inventory)
             await until_waiting(rejected)
-            await rejected.execute_update("reject", Request(by="bob", reason="not now"))
+            await send_update(rejected, Procedure.reject, Request(by="bob", reason="not now"))
             with pytest.raises(WorkflowFailureError):
                 await rejected.result()
             approved = await start(env, inventory)
             await until_waiting(approved)
-            await approved.execute_update("approve", Request(by="bob", reason="go"))
+            await send_update(approved, Procedure.approve, Request(by="bob", reason="go"))
             report = await approved.result()
 
     env_name = inventory.environment

@@ -41,6 +41,7 @@ from opsflow.models import (
     SmokeResult,
     TrafficRequest,
     TrafficStatus,
+    VirtualEndpointState,
 )
 
 
@@ -72,6 +73,9 @@ class World:
     catch_up_attempts: int = 0
     fail_after: dict = field(default_factory=dict)  # activity name -> message: acts, then reports a failure
     hold: dict = field(default_factory=dict)  # activity name -> threading.Event: the step waits in flight until set
+    virtual_endpoint: VirtualEndpointState | None = None  # what db.status reports (default: over both servers)
+    switchovers: list = field(default_factory=list)  # (old primary, new primary, force) of each switchover
+    timelines: dict = field(default_factory=dict)  # replica region -> the timeline it follows (set by a switchover)
 
     def _maybe_fail(self, name: str) -> None:
         self.calls.append(name)
@@ -93,15 +97,9 @@ class World:
                 timeline=1 + self.promotions,
             )
         r = self.replay.get(region, self.lsn)
-        return DbStatus(
-            region=region,
-            reachable=True,
-            role="replica",
-            streaming=self.streaming,
-            current_lsn=f"0/{self.lsn:X}",
-            replay_lsn=f"0/{r:X}",
-            replay_delay_seconds=0.0,
-        )
+        return DbStatus(region=region, reachable=True, role="replica", streaming=self.streaming,
+                        current_lsn=f"0/{self.lsn:X}", replay_lsn=f"0/{r:X}", replay_delay_seconds=0.0,
+                        timeline=self.timelines.get(region))
 
     def activities(self):
         w = self
@@ -109,7 +107,13 @@ class World:
         @DB_STATUS.implementation
         def db_status(t: RegionTarget) -> DbStatus:
             w._maybe_fail(DB_STATUS.name)
-            return w.status_of(t.region)
+            status = w.status_of(t.region)
+            name = getattr(t.database, "virtual_endpoint", None)
+            if name and status.reachable:
+                other = next(r for r in w.regions if r != w.primary)
+                status.virtual_endpoint = w.virtual_endpoint or VirtualEndpointState(
+                    name=name, writer=f"pg-{w.primary}", reader=[f"pg-{other}"])
+            return status
 
         @DB_FENCE.implementation
         def db_fence(t: RegionTarget) -> DbStatus:
@@ -153,17 +157,20 @@ class World:
             if w.primary == req.target.region:
                 return PromoteResult(already_primary=True, seconds=0.0)
             replayed = w.replay.get(req.target.region, w.lsn)
+            old = w.primary
             w.primary = req.target.region
             w.promotions += 1
             if DB_PROMOTE.name in w.fail_after:
                 raise ApplicationError(w.fail_after[DB_PROMOTE.name], type="Injected", non_retryable=True)
-            return PromoteResult(
-                already_primary=False,
-                seconds=0.5,
-                timeline=1 + w.promotions,
-                lsn_at_promotion=f"0/{replayed:X}",
-                received_lsn=f"0/{w.lsn:X}",
-            )
+            result = PromoteResult(already_primary=False, seconds=0.5, timeline=1 + w.promotions,
+                                   lsn_at_promotion=f"0/{replayed:X}", received_lsn=f"0/{w.lsn:X}")
+            if getattr(req.target.database, "virtual_endpoint", None):  # Azure promoteMode Switchover
+                w.switchovers.append((old, w.primary, req.force))
+                w.replay[old] = w.lsn
+                w.timelines[old] = 1 + w.promotions  # it follows the new primary's timeline
+                return result.model_copy(
+                    update={"switchover": True, "old_primary": f"pg-{old}", "old_primary_role": "AsyncReplica"})
+            return result
 
         @DB_CHECK_WRITABLE.implementation
         def db_check_writable(t: RegionTarget) -> None:

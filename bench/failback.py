@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Failback after a planned failover on the lab: the switchover path against the rebuild path, side by side.
+
+    python bench/failback.py [--runs N] [--json]
+
+Each run brings up a FRESH Azure lab in a temporary directory (`opsflow lab up`, with `--virtual-endpoint` for the
+switchover path), writes some rows, runs a planned failover eastus -> westeurope and then the failback to eastus
+the way a person does (`opsflow failover|failback ... --requester alice`, `opsflow approve ... --as bob` as soon as
+it waits), and tears the lab down. The paths alternate run by run (rebuild, switchover, rebuild, ...) so that the
+machine's load falls on both alike.
+
+The figures (medians over the runs that succeeded; min and max beside them):
+
+- failback: the failback's report, started -> ended (workflow time), minus the time it waited for the approval
+  (the bench approves at once; a person would not).
+- rebuild: the `rebuild` step (rebuild path: Azure's on-demand backup, delete, create as a replica; switchover
+  path: skipped) plus `restandby` (the region left rebuilt as a replica; switchover path: skipped).
+- failover back: the child failover (its own drain of the lab's 3 s included).
+
+Progress goes to stderr; the result to stdout (--json: one JSON object). Nothing here asserts on timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from failover import REQUESTER, RunFailed, approve_and_wait, attempt, ignore_interrupts, opsflow, say, stats  # noqa: E402
+
+from opsflow.models import FailbackReport, FailoverReport  # noqa: E402
+
+PATHS = ("rebuild", "switchover")
+
+
+def failback_run(base: Path, number: int, path: str) -> dict:
+    """A fresh lab, a planned failover, the failback, the lab down. Returns the failback's figures."""
+    import psycopg
+
+    from lab.manage import down, up
+
+    root = base / f"lab-{number}-{path}"
+    try:
+        state = up(root, with_worker=True, quiet=True, default_ports=False, virtual_endpoint=path == "switchover")
+        east = state["regions"]["eastus"]["dsn"]
+        with psycopg.connect(east, autocommit=True) as conn:
+            conn.execute("CREATE TABLE bench_rows (id int PRIMARY KEY, pad text)")
+            conn.execute("INSERT INTO bench_rows SELECT g, repeat('x', 200) FROM generate_series(1, 50000) g")
+        inv = state["inventory"]
+        wid = opsflow(state, "failover", "--env", inv, "--to", "westeurope", "--requester", REQUESTER)["workflow_id"]
+        asyncio.run(approve_and_wait(state, wid))
+        failover = FailoverReport.model_validate(opsflow(state, "report", wid))
+        if failover.status != "succeeded":
+            raise RunFailed(f"failover {failover.status}: {failover.failure}")
+        say(f"  {path}: failover done (switchover: {failover.switchover}); failback to eastus")
+        fid = opsflow(state, "failback", "--env", inv, "--to", "eastus", "--requester", REQUESTER)["workflow_id"]
+        asyncio.run(approve_and_wait(state, fid))
+        report = FailbackReport.model_validate(opsflow(state, "report", fid))
+        if report.status != "succeeded" or report.ended_at is None:
+            raise RunFailed(f"failback {report.status}: {report.failure}")
+        steps = {s.name: s for s in report.steps}
+        waited = steps["approval"].seconds or 0.0
+        total = (report.ended_at - report.started_at).total_seconds() - waited
+        rebuild = sum(steps[n].seconds or 0.0 for n in ("rebuild", "restandby") if n in steps)
+        say(f"  {path}: failback in {total:.1f}s (rebuild {rebuild:.1f}s, {report.rebuild_method})")
+        return {"path": path, "failback_seconds": round(total, 3), "rebuild_seconds": round(rebuild, 3),
+                "failover_back_seconds": steps["failover"].seconds, "rebuild_method": report.rebuild_method}
+    finally:
+        ignore_interrupts(lambda: down(root, quiet=True))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="failbacks per path (default 3)")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    args = parser.parse_args()
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="opsflow-bench-failback-", dir="/dev/shm") as tmp:
+        for i in range(args.runs):
+            for path in PATHS:
+                say(f"run {i + 1}/{args.runs}, {path} path")
+                runs.append({"path": path, **attempt(f"{path} failback", i + 1, args.runs, failback_run, Path(tmp),
+                                                     i + 1, path)})
+    summary = {}
+    for path in PATHS:
+        ok = [r["result"] for r in runs if r["path"] == path and r["ok"]]
+        summary[path] = {key: stats([r[key] for r in ok]) for key in ("failback_seconds", "rebuild_seconds",
+                                                                       "failover_back_seconds")}
+        summary[path]["runs_ok"] = len(ok)
+        summary[path]["failed"] = [r["error"] for r in runs if r["path"] == path and not r["ok"]]
+    rb, sw = (summary[p]["failback_seconds"] for p in PATHS)
+    summary["speedup"] = round(rb["median"] / sw["median"], 2) if rb and sw else None
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print("failback after a planned failover eastus -> westeurope, fresh lab per run (medians; min-max)")
+    for path in PATHS:
+        s = summary[path]
+        line = "   ".join(
+            f"{k.removesuffix('_seconds').replace('_', ' ')} {v['median']:.2f} s ({v['min']:.2f}-{v['max']:.2f})"
+            for k, v in s.items()
+            if isinstance(v, dict) and v
+        )
+        print(f"{path:<11} n={s['runs_ok']}  {line}")
+        for e in s["failed"]:
+            print(f"  FAILED (left out): {e}")
+    print(f"the switchover path is {summary['speedup']}x faster (failback medians)" if summary["speedup"] else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
