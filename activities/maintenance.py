@@ -18,9 +18,10 @@ from activities import prometheus
 from activities.context import heartbeat, time_limit
 from activities.http_checks import probe
 from activities.postgres.backup import base_backup, verify_base_backup
-from activities.postgres.maintenance import dead_tuple_candidates, missing_tables, run_maintenance
+from activities.postgres.maintenance import (dead_tuple_candidates, missing_tables, run_maintenance,
+                                             wraparound_candidates)
 from activities.providers import database_provider
-from opsflow.maintenance import table_name
+from opsflow.maintenance import VACUUM_KINDS, table_name
 from opsflow.models import lsn_to_int
 from opsflow.maintenance_models import (
     BackupRequest,
@@ -51,8 +52,9 @@ def _sql_db(target):
 
 @activity.defn(name="maint.plan")
 def plan(req: PlanRequest) -> PlanResult:
-    """The work, in order: each task's tables (listed ones must exist; `auto` ones picked by their dead
-    tuples, with the reason), bounded by max_tables; and what the backup will use."""
+    """The work, in order: each task's tables (listed ones must exist; `auto` ones picked, with the reason: for
+    a vacuum task the tables nearing transaction-ID wraparound first, as `vacuum-freeze`, then by their dead
+    tuples), bounded by max_tables; and what the backup will use."""
     db = _sql_db(req.target)
     items: list[WorkItem] = []
     missing: list[str] = []
@@ -61,13 +63,20 @@ def plan(req: PlanRequest) -> PlanResult:
             items.append(WorkItem(task=i, kind="sql", name=task.name, sql=task.sql, reason="listed"))
             continue
         if task.tables == "auto":
-            picked = dead_tuple_candidates(db, task.auto.min_dead_tuples, task.auto.dead_ratio, task.auto.limit)
-            for table, why in picked:
+            picked: list[tuple[str, str, str]] = []  # (table, kind, why)
+            if task.kind in VACUUM_KINDS and task.auto.freeze_ratio is not None:
+                old = wraparound_candidates(db, task.auto.freeze_ratio, task.auto.limit)
+                picked += [(t, "vacuum-freeze", why) for t, why in old]
+            if task.kind != "vacuum-freeze":
+                dead = dead_tuple_candidates(db, task.auto.min_dead_tuples, task.auto.dead_ratio, task.auto.limit)
+                seen = {t for t, _, _ in picked}
+                picked += [(t, task.kind, why) for t, why in dead if t not in seen]
+            for table, kind, why in picked[: task.auto.limit]:
                 try:
                     table_name(table)
                 except ValueError:
                     continue  # a catalog name that is not a plain identifier: never sent back as SQL
-                items.append(WorkItem(task=i, kind=task.kind, table=table, reason=f"auto: {why}"))
+                items.append(WorkItem(task=i, kind=kind, table=table, reason=f"auto: {why}"))
         else:
             gone = missing_tables(db, list(task.tables))
             missing += [t for t in gone if t not in missing]

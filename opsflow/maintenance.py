@@ -40,15 +40,22 @@ def parse_size(value: object) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
-TaskKind = Literal["vacuum", "analyze", "vacuum-analyze", "reindex", "sql"]
+TaskKind = Literal["vacuum", "analyze", "vacuum-analyze", "vacuum-freeze", "reindex", "sql"]
+VACUUM_KINDS = ("vacuum", "vacuum-analyze", "vacuum-freeze")
 
 
 class AutoSelect(Strict):
-    """`tables: auto`: the tables of pg_stat_user_tables with at least `min_dead_tuples` dead tuples and a dead
-    share of at least `dead_ratio`, worst first, at most `limit` of them."""
+    """`tables: auto`: for a vacuum task, first the tables nearing transaction-ID wraparound -- `age(relfrozenxid)`
+    (its TOAST table's included) at least `freeze_ratio` of `autovacuum_freeze_max_age`, or `mxid_age(relminmxid)`
+    at least that share of `autovacuum_multixact_freeze_max_age` -- oldest first, each given `VACUUM (FREEZE,
+    ANALYZE)` (as `vacuumdb --min-xid-age/--min-mxid-age`, before the anti-wraparound autovacuum starts on its
+    own at a time nobody chose); then the tables of pg_stat_user_tables with at least `min_dead_tuples` dead
+    tuples and a dead share of at least `dead_ratio`, worst first; at most `limit` tables in all.
+    `freeze_ratio: null` looks at dead tuples only."""
 
     min_dead_tuples: int = Field(default=10_000, ge=0)
     dead_ratio: float = Field(default=0.1, ge=0, le=1)
+    freeze_ratio: float | None = Field(default=0.5, gt=0, le=2)
     limit: int = Field(default=100, ge=1, le=1000)
 
 

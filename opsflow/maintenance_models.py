@@ -51,6 +51,8 @@ class TableStats(BaseModel):
     last_vacuum: datetime | None = None
     last_analyze: datetime | None = None
     invalid_indexes: list[str] = []
+    xid_age: int | None = None  # age(relfrozenxid), the greater of the table's and its TOAST table's
+    mxid_age: int | None = None  # mxid_age(relminmxid)
 
 
 class RunItemRequest(BaseModel):
@@ -189,6 +191,8 @@ class MaintenanceReport(ProcedureReport):
             if i.before and i.after:
                 line += (f", dead tuples {i.before.n_dead_tup} -> {i.after.n_dead_tup}, table+indexes "
                          f"{i.before.table_bytes + i.before.index_bytes} -> {i.after.table_bytes + i.after.index_bytes} bytes")
+                if i.before.xid_age is not None and i.after.xid_age is not None:
+                    line += f", XID age {i.before.xid_age} -> {i.after.xid_age}"
             if i.lock_wait_seconds:
                 line += f", lock wait {i.lock_wait_seconds:.1f}s"
             if i.dropped_invalid:

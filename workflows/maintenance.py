@@ -65,7 +65,8 @@ class MaintenanceInput(ProcedureInput):
     reason: str = ""
 
 
-VERBS = {"vacuum": "VACUUM", "analyze": "ANALYZE", "vacuum-analyze": "VACUUM (ANALYZE)", "reindex": "REINDEX CONCURRENTLY"}
+VERBS = {"vacuum": "VACUUM", "analyze": "ANALYZE", "vacuum-analyze": "VACUUM (ANALYZE)",
+         "vacuum-freeze": "VACUUM (FREEZE, ANALYZE)", "reindex": "REINDEX CONCURRENTLY"}
 
 
 def breaches(w: WatchResult) -> str:
@@ -401,9 +402,11 @@ class MaintenanceWorkflow(Procedure):
             if r.outcome != "done":
                 return f"{r.outcome}: {r.detail}"
             if r.before and r.after:
+                ages = (f", XID age {r.before.xid_age} -> {r.after.xid_age}"
+                        if r.before.xid_age is not None and r.after.xid_age is not None else "")
                 return (
                     f"dead tuples {r.before.n_dead_tup} -> {r.after.n_dead_tup}, size {r.before.table_bytes + r.before.index_bytes} -> "
-                    f"{r.after.table_bytes + r.after.index_bytes} bytes, lock wait {r.lock_wait_seconds:.1f}s"
+                    f"{r.after.table_bytes + r.after.index_bytes} bytes, lock wait {r.lock_wait_seconds:.1f}s" + ages
                 )
             return f"done in {r.seconds:.1f}s"
 

@@ -21,6 +21,7 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from activities.context import heartbeat as _heartbeat
 from activities.postgres.connection import (bad_input, connect, error_line, is_name_error, redact, sql_errors,
                                             timeout_ms, where)
+from opsflow.maintenance import VACUUM_KINDS
 from opsflow.maintenance_models import ItemResult, TableStats
 
 
@@ -46,8 +47,10 @@ def table_stats(conn: psycopg.Connection, table: str) -> Any:
                greatest(s.last_vacuum, s.last_autovacuum), greatest(s.last_analyze, s.last_autoanalyze),
                coalesce((select array_agg(ic.relname::text order by ic.relname)
                            from pg_index i join pg_class ic on ic.oid = i.indexrelid
-                          where i.indrelid = c.oid and not i.indisvalid), '{}')
+                          where i.indrelid = c.oid and not i.indisvalid), '{}'),
+               greatest(age(c.relfrozenxid), age(t.relfrozenxid)), mxid_age(c.relminmxid)
           from pg_class c join pg_namespace n on n.oid = c.relnamespace
+          left join pg_class t on t.oid = c.reltoastrelid
           left join pg_stat_user_tables s on s.relid = c.oid
          where n.nspname = %s and c.relname = %s and c.relkind in ('r', 'p', 'm')
         """,
@@ -55,7 +58,7 @@ def table_stats(conn: psycopg.Connection, table: str) -> Any:
     ).fetchone()
     if row is None:
         return None
-    live, dead, tbytes, ibytes, last_vacuum, last_analyze, invalid = row
+    live, dead, tbytes, ibytes, last_vacuum, last_analyze, invalid, xid_age, mxid_age = row
     return TableStats(
         n_live_tup=live or 0,
         n_dead_tup=dead or 0,
@@ -64,6 +67,8 @@ def table_stats(conn: psycopg.Connection, table: str) -> Any:
         last_vacuum=last_vacuum,
         last_analyze=last_analyze,
         invalid_indexes=list(invalid),
+        xid_age=xid_age,
+        mxid_age=mxid_age,
     )
 
 
@@ -105,6 +110,45 @@ def dead_tuple_candidates(db: Any, min_dead_tuples: int, dead_ratio: float, limi
     ]
 
 
+def wraparound_candidates(db: Any, freeze_ratio: float, limit: int) -> list[tuple[str, str]]:
+    """(schema.table, why) of the tables whose transaction-ID age (the greater of the table's and its TOAST
+    table's age(relfrozenxid)) has reached `freeze_ratio` of autovacuum_freeze_max_age, or whose multixact age
+    (mxid_age(relminmxid)) that share of autovacuum_multixact_freeze_max_age, the oldest (by that share) first.
+    A per-table autovacuum_freeze_max_age storage parameter is honoured where set. Catalog only, no lock."""
+    with connect(db) as conn, sql_errors(db, "wraparound selection"):
+        rows = conn.execute(
+            """
+            with t as (
+              select n.nspname, c.relname,
+                     greatest(age(c.relfrozenxid), age(tc.relfrozenxid))::bigint as xid_age,
+                     mxid_age(c.relminmxid)::bigint as mxid_age,
+                     least(current_setting('autovacuum_freeze_max_age')::bigint,
+                           coalesce((select option_value::bigint from pg_options_to_table(c.reloptions)
+                                      where option_name = 'autovacuum_freeze_max_age'),
+                                    current_setting('autovacuum_freeze_max_age')::bigint)) as xid_max,
+                     current_setting('autovacuum_multixact_freeze_max_age')::bigint as mxid_max
+                from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                left join pg_class tc on tc.oid = c.reltoastrelid
+               where c.relkind in ('r', 'm') and n.nspname not in ('pg_catalog', 'information_schema')
+                 and n.nspname !~ '^pg_(toast|temp_)'
+            )
+            select nspname, relname, xid_age, mxid_age, xid_max, mxid_max,
+                   greatest(xid_age::float8 / xid_max, mxid_age::float8 / mxid_max) as share
+              from t
+             where xid_age::float8 / xid_max >= %s or mxid_age::float8 / mxid_max >= %s
+             order by share desc, nspname, relname
+             limit %s
+            """,
+            (freeze_ratio, freeze_ratio, limit),
+        ).fetchall()
+    return [
+        (f"{s}.{t}", f"XID age {xid} ({xid / xmax:.0%} of autovacuum_freeze_max_age {xmax}), multixact age {mxid} "
+                     f"({mxid / mmax:.0%} of {mmax}); threshold {freeze_ratio:.0%}: VACUUM (FREEZE) before the "
+                     "anti-wraparound autovacuum")
+        for s, t, xid, mxid, xmax, mmax, _share in rows
+    ]
+
+
 def replication_lag_bytes(db: Any) -> dict[str, int]:
     """Bytes each streaming replica of the primary `db` has still to replay (pg_stat_replication)."""
     with connect(db) as conn, sql_errors(db, "replication lag"):
@@ -123,6 +167,7 @@ def _maintenance_statement(item: Any) -> sql.Composable:
         "vacuum": sql.SQL("VACUUM {}"),
         "analyze": sql.SQL("ANALYZE {}"),
         "vacuum-analyze": sql.SQL("VACUUM (ANALYZE) {}"),
+        "vacuum-freeze": sql.SQL("VACUUM (FREEZE, ANALYZE) {}"),
         "reindex": sql.SQL("REINDEX TABLE CONCURRENTLY {}"),
     }[item.kind].format(table)
 
@@ -270,7 +315,7 @@ def run_maintenance(
                 result.dropped_invalid += _drop_invalid_ccnew(watch, item.table)
         if item.table and result.outcome != "lock-timeout":
             with sql_errors(db, f"statistics of {item.table}"):
-                if item.kind in ("vacuum", "vacuum-analyze") and result.outcome == "done":
+                if item.kind in VACUUM_KINDS and result.outcome == "done":
                     # the statistics collector reports a VACUUM's effect asynchronously; wait until it shows
                     deadline = time.monotonic() + 10
                     while True:

@@ -319,3 +319,70 @@ def test_watch_queries_prometheus_and_a_breach_ends_it_early(prometheus_url):
     result = ActivityEnvironment().run(maint.watch, WatchRequest(policy=alarming, duration=60))
     assert not result.ok and result.results[0].breached and "above 0.5" in result.results[0].detail
     assert time.monotonic() - started < 30  # the first breach ends the watch: it alerts at once
+
+
+@pytest.fixture(scope="module")
+def aged_cluster():
+    """A cluster of this test's own with autovacuum_freeze_max_age at its minimum (100 000; it needs a restart),
+    so that a table can be made old for real in a second: 70 000 transactions burnt after it was created."""
+    root = Path(tempfile.mkdtemp(prefix="opsflow-maint-xid-"))
+    cluster = init_primary(root, "aged")
+    try:
+        query(cluster, "ALTER SYSTEM SET autovacuum_freeze_max_age = 100000")
+        cluster.stop("fast")
+        cluster.start(wait=True)
+        yield cluster
+    finally:
+        try:
+            cluster.stop("fast")
+        except Exception:
+            cluster.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def burn_xids(cluster, n: int) -> None:
+    with psycopg.connect(cluster.dsn, autocommit=True) as c:
+        c.execute("SET synchronous_commit = off")
+        c.execute(f"DO $$ BEGIN FOR i IN 1..{int(n)} LOOP PERFORM txid_current(); COMMIT; END LOOP; END $$")
+
+
+def test_a_table_near_wraparound_is_picked_first_frozen_and_its_xid_age_reported_before_and_after(aged_cluster):
+    db = aged_cluster
+    assert query(db, "show autovacuum_freeze_max_age") == [("100000",)]
+    query(db, "CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+    query(db, "INSERT INTO ledger SELECT g, repeat('x', 3000) FROM generate_series(1, 50) g")  # a TOAST table too
+    burn_xids(db, 70_000)
+    # a young table with many dead tuples, created after the burn: picked for its dead tuples, after the old one
+    query(db, "CREATE TABLE churn (id int PRIMARY KEY) WITH (autovacuum_enabled = off)")
+    query(db, "INSERT INTO churn SELECT generate_series(1, 20000)")
+    query(db, "DELETE FROM churn WHERE id <= 15000")
+    wait_for(lambda: stats(db, "public.churn").n_dead_tup >= 15_000, 30, "the statistics to show the dead tuples")
+    old = stats(db, "public.ledger")
+    assert old.xid_age >= 70_000 and stats(db, "public.churn").xid_age < 1_000
+
+    task = MaintenanceTask(kind="vacuum-analyze", tables="auto", auto={"min_dead_tuples": 1000, "dead_ratio": 0.2})
+    plan = ActivityEnvironment().run(maint.plan, PlanRequest(target=target(db), backup=BackupPolicy(take=False),
+                                                             tasks=[task]))
+    assert [(i.kind, i.table) for i in plan.items] == [("vacuum-freeze", "public.ledger"),
+                                                       ("vacuum-analyze", "public.churn")]
+    assert "of autovacuum_freeze_max_age 100000" in plan.items[0].reason and "7" in plan.items[0].reason
+    assert "15000 dead tuples" in plan.items[1].reason
+
+    # freeze_ratio above the table's share: not picked for its age (the threshold is honoured, not just a sort)
+    strict = MaintenanceTask(kind="vacuum", tables="auto", auto={"freeze_ratio": 0.9, "min_dead_tuples": 10**9})
+    assert ActivityEnvironment().run(maint.plan, PlanRequest(target=target(db), backup=BackupPolicy(take=False),
+                                                             tasks=[strict])).items == []
+
+    result = ActivityEnvironment().run(maint.run_item, RunItemRequest(target=target(db), item=plan.items[0],
+                                                                      guards=GUARDS))
+    assert result.outcome == "done", result
+    assert result.before.xid_age >= 70_000 and result.after.xid_age < 100, (result.before, result.after)
+    assert result.after.last_analyze is not None  # FREEZE with ANALYZE
+    assert stats(db, "public.ledger").xid_age < 1_000
+    # every row frozen: the visibility map says all-frozen for every page of the table
+    assert query(db, "CREATE EXTENSION IF NOT EXISTS pg_visibility") is None
+    assert query(db, "SELECT bool_and(all_frozen) FROM pg_visibility_map('ledger')") == [(True,)]
+    from opsflow.maintenance_models import ItemResult, MaintenanceReport  # the report says it to a person
+    line = next(x for x in MaintenanceReport(workflow_id="w", environment="lab", requester="a", items=[
+        ItemResult.model_validate(result.model_dump())]).figure_lines() if x.startswith("vacuum-freeze:"))
+    assert f"XID age {result.before.xid_age} -> {result.after.xid_age}" in line
