@@ -19,7 +19,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities.context import heartbeat as _heartbeat
-from activities.postgres.connection import (bad_input, connect, error_line, is_name_error, redact, sql_errors,
+from activities.postgres.connection import (APPLICATION_NAME, bad_input, connect, error_line, is_name_error, redact, sql_errors,
                                             timeout_ms, where)
 from opsflow.maintenance import VACUUM_KINDS
 from opsflow.maintenance_models import ItemResult, TableStats
@@ -214,6 +214,65 @@ def _progress(conn: psycopg.Connection, pid: int) -> tuple[str, bool]:
     return line, bool(waiting)
 
 
+def _identical_running(conn: psycopg.Connection, text: str, own_pid: int) -> list[tuple[int, bool]]:
+    """(pid, started by opsflow) of the other sessions of this database running exactly `text` now: what a
+    previous attempt of this item left running when its worker died (its backend goes on until it next talks to
+    the client), or the same statement typed by a person."""
+    return [
+        (pid, app == APPLICATION_NAME)
+        for pid, app in conn.execute(
+            """
+            select pid, application_name from pg_stat_activity
+             where datname = current_database() and state = 'active' and pid <> %s and backend_type = 'client backend'
+               and query = left(%s, (select setting::int - 1 from pg_settings where name = 'track_activity_query_size'))
+             order by query_start
+            """,
+            (own_pid, text),
+        ).fetchall()
+    ]
+
+
+def _wait_for_identical(
+    watch: psycopg.Connection, item: Any, text: str, own_pid: int, started: float, poll: float,
+    cancel_at: datetime | None,
+) -> tuple[list[int], bool]:
+    """Wait, heartbeating its progress, until no identical statement runs any more, instead of queueing a second
+    one behind its lock. Returns the pids waited for and whether the cutoff cancelled ours among them. An abort
+    (cancellation) or the cutoff cancels those opsflow started (pg_cancel_backend); a person's is left alone."""
+    waited: list[int] = []
+    at_cutoff = False
+    while others := _identical_running(watch, text, own_pid):
+        waited += [p for p, _ in others if p not in waited]
+        pid = others[0][0]
+        line, _ = _progress(watch, pid)
+        _heartbeat({"item": item.key, "progress": f"waiting for the identical statement already running (pid {pid}): "
+                    f"{line}", "seconds": round(time.monotonic() - started, 1)})
+        if activity.in_activity() and activity.is_cancelled():
+            for p, ours in others:
+                if ours:
+                    watch.execute("select pg_cancel_backend(%s)", (p,))
+            raise CancelledError("activity cancelled")
+        if cancel_at is not None and not at_cutoff and datetime.now(timezone.utc) >= cancel_at:
+            at_cutoff = True
+            for p, ours in others:
+                if ours:
+                    watch.execute("select pg_cancel_backend(%s)", (p,))
+        time.sleep(poll)
+    return waited, at_cutoff
+
+
+def _done_by_other(before: Any, after: Any, kind: str) -> bool:
+    """Whether the statement waited for did this item's work (a VACUUM or ANALYZE leaves its timestamp; for
+    the others it cannot be told, and they run again)."""
+    if before is None or after is None:
+        return False
+    if kind in VACUUM_KINDS:
+        return after.last_vacuum is not None and after.last_vacuum != before.last_vacuum
+    if kind == "analyze":
+        return after.last_analyze is not None and after.last_analyze != before.last_analyze
+    return False
+
+
 def run_maintenance(
     db: Any, item: Any, guards: Any, *, cancel_at: datetime | None = None, poll: float = MAINTENANCE_POLL
 ) -> Any:
@@ -245,9 +304,28 @@ def run_maintenance(
                     return result
                 if result.before is None:
                     raise bad_input(f"table {item.table} does not exist on {where(db)}")
+            pid = work.info.backend_pid
+            # A retry after a worker died mid-statement: that statement may still run on its backend. Wait for it
+            # rather than start a second one behind its lock (and never drop the _ccnew index it is building).
+            waited, at_cutoff = _wait_for_identical(watch, item, _maintenance_statement(item).as_string(work), pid,
+                                                    started, poll, cancel_at)
+            if waited:
+                pids = ", ".join(str(p) for p in waited)
+                seconds = time.monotonic() - started
+                result.detail = f"waited {seconds:.1f}s for the identical statement already running (pid {pids})"
+                if at_cutoff:
+                    result.outcome = "cancelled-at-cutoff"
+                    result.detail += "; cancelled at the window's cutoff (pg_cancel_backend)"
+                    result.seconds = seconds
+                    return result
+                if item.table and _done_by_other(result.before, table_stats(watch, item.table), item.kind):
+                    result.detail += ", which did the work: not run again"
+                    result.seconds = seconds
+                    result.after = table_stats(watch, item.table)
+                    return result
+                result.detail += "; it did not finish the work: run again"
             if item.kind == "reindex":
                 result.dropped_invalid = _drop_invalid_ccnew(work, item.table)
-            pid = work.info.backend_pid
         failure: list[BaseException] = []
 
         def execute() -> None:

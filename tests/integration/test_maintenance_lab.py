@@ -386,3 +386,53 @@ def test_a_table_near_wraparound_is_picked_first_frozen_and_its_xid_age_reported
     line = next(x for x in MaintenanceReport(workflow_id="w", environment="lab", requester="a", items=[
         ItemResult.model_validate(result.model_dump())]).figure_lines() if x.startswith("vacuum-freeze:"))
     assert f"XID age {result.before.xid_age} -> {result.after.xid_age}" in line
+
+
+CRASHING_WORKER = """
+import sys
+from temporalio.testing import ActivityEnvironment
+from activities import maintenance as maint
+from opsflow.maintenance_models import RunItemRequest
+ActivityEnvironment().run(maint.run_item, RunItemRequest.model_validate_json(sys.argv[1]))
+"""
+
+
+def test_a_retry_after_a_worker_died_mid_vacuum_waits_for_the_vacuum_still_running(aged_cluster):
+    """The first attempt runs in a process of its own (a worker), killed with SIGKILL mid-VACUUM: its backend goes
+    on vacuuming. The retry finds it, waits for it, and does not start a second VACUUM (vacuum_count ends at 1)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    db = aged_cluster
+    query(db, "CREATE TABLE crashy (id int PRIMARY KEY, v text) WITH (autovacuum_enabled = off)")
+    query(db, "INSERT INTO crashy SELECT g, md5(g::text) FROM generate_series(1, 100000) g")
+    query(db, "DELETE FROM crashy WHERE id % 2 = 0")
+    request = RunItemRequest(target=target(db), item=item("vacuum", "public.crashy"), guards=GUARDS)
+    # the first worker's VACUUM is throttled (vacuum_cost_delay, for that session only) so that it is caught midway
+    env = {**os.environ, "PGOPTIONS": "-c vacuum_cost_delay=2 -c vacuum_cost_limit=1"}
+    worker = subprocess.Popen([sys.executable, "-c", CRASHING_WORKER, request.model_dump_json()], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        running = "select pid from pg_stat_progress_vacuum where relid = 'crashy'::regclass"
+        wait_for(lambda: query(db, running), 60, "the first worker's VACUUM to run")
+        orphan = query(db, running)[0][0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert query(db, "select state from pg_stat_activity where pid = %s", (orphan,)) == [("active",)]  # goes on
+    assert query(db, "select vacuum_count from pg_stat_user_tables where relname = 'crashy'") == [(0,)]
+
+    env = ActivityEnvironment()
+    beats: list = []
+    env.on_heartbeat = lambda *d: beats.append(d)
+    result = env.run(maint.run_item, request)  # the retry, on another worker
+    assert result.outcome == "done", result
+    assert f"already running (pid {orphan})" in result.detail and "not run again" in result.detail
+    assert any(f"(pid {orphan})" in b[0]["progress"] for b in beats)  # it said what it was waiting for
+    assert query(db, "select vacuum_count from pg_stat_user_tables where relname = 'crashy'") == [(1,)]
+    assert result.before.n_dead_tup >= 50_000 and result.after.n_dead_tup == 0 and result.after.last_vacuum
+    assert query(db, "select count(*) from pg_stat_activity where query like 'VACUUM %%crashy%%'") == [(0,)]
