@@ -177,8 +177,11 @@ class MaintenanceWorkflow(Procedure):
                 RegionTarget.of(inv, r),
                 queue=inv.region_queue(r),
             )
-        primaries = [r for r, s in statuses.items() if s.reachable and s.role == "primary"]
-        region = inp.region or (primaries[0] if primaries else None)
+        if workflow.patched("maintenance-writable-primary"):
+            region = self.find_primary(inp, statuses)
+        else:
+            primaries = [r for r, s in statuses.items() if s.reachable and s.role == "primary"]
+            region = inp.region or (primaries[0] if primaries else None)
         if region is None:
             raise Stop("refused", "no region's database answers as the primary")
         if region not in inv.regions:
@@ -306,6 +309,35 @@ class MaintenanceWorkflow(Procedure):
         record = self.begin_step("notify", "Notify")
         await self.notify(self.summary(), severity="warning" if report.deferred or report.skipped or report.watch_breached else "info")
         self.end_step(record, "ok", self.summary())
+
+    def find_primary(self, inp: MaintenanceInput, statuses: dict[str, DbStatus]) -> str | None:
+        """The writable primary (the one `--region` names, else the one that takes writes). After a planned
+        failover the old primary is still a primary, fenced read-only, and not yet a replica of the new one: it
+        is said to be so, with the command that makes it a replica again, rather than taken for the primary or
+        reported as a replica that does not stream."""
+        primaries = [r for r, s in statuses.items() if s.reachable and s.role == "primary"]
+        writable = [r for r in primaries if not statuses[r].read_only]
+        region = inp.region or (writable[0] if writable else primaries[0] if primaries else None)
+        fenced = [r for r in primaries if statuses[r].read_only and r != region]
+        if region in primaries and statuses[region].read_only:
+            now = f"; the primary now is {writable[0]} (run without --region)" if writable else ""
+            raise Stop(
+                "refused",
+                f"the database in {region} is fenced (read-only: default_transaction_read_only is on){now}: "
+                "VACUUM and REINDEX need the writable primary",
+            )
+        if fenced and region is not None:
+            raise Stop(
+                "refused",
+                "; ".join(
+                    f"the database in {r} is the old primary, fenced (read-only) and not yet a replica of {region}, "
+                    f"the primary now: maintenance needs every replica streaming. Rebuild it as a replica with "
+                    f"`opsflow failback --to {r}` (it keeps what the old server holds, rebuilds it from {region}, "
+                    "waits for it to catch up, then fails back after approval), then run the maintenance again"
+                    for r in fenced
+                ),
+            )
+        return region
 
     # -- the window ------------------------------------------------------------------------------------------
 

@@ -28,6 +28,12 @@ def test_failback_returns_to_the_recovered_region(lab, worker):
     sql(east, "INSERT INTO journal SELECT g, 'before' FROM generate_series(1, 100) g")
     failover(lab, "westeurope")
     sql(west, "INSERT INTO journal SELECT g, 'on westeurope' FROM generate_series(101, 200) g")
+    # The maintenance window finds the new primary and says what the fenced old one needs (issue 22).
+    refused = lab.cli("maintenance", "--dry-run", "--requester", "alice", "--json")
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "not streaming" not in said, said
+    assert "eastus is the old primary, fenced (read-only) and not yet a replica of westeurope" in said, said
+    assert "opsflow failback --to eastus" in said, said
 
     wid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice", "--reason", "eastus recovered")["workflow_id"]
     wait_status(lab, wid, lambda r: (r.get("waiting_for") or "").startswith("approval"), timeout=180, what="approval after catch-up")

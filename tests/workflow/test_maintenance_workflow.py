@@ -69,12 +69,15 @@ class MaintWorld:
     cancel_at: dict = field(default_factory=dict)
     release: threading.Event = field(default_factory=threading.Event)
     block: set = field(default_factory=set)  # keys that wait for `release`
+    db: dict = field(default_factory=dict)  # region -> the DbStatus it answers (default: eastus primary)
 
     def activities(self):
         w = self
 
         @activity.defn(name="db.status")
         def db_status(t: RegionTarget) -> DbStatus:
+            if t.region in w.db:
+                return w.db[t.region]
             if t.region == "eastus":
                 return DbStatus(region=t.region, reachable=True, role="primary", current_lsn="0/3000000")
             return DbStatus(region=t.region, reachable=True, role="replica", streaming=True, current_lsn="0/3000000", replay_lsn="0/3000000")
@@ -494,3 +497,29 @@ async def test_aborting_the_fleet_cancels_the_running_environments_which_undo(wo
     assert [m.status for m in report.members] == ["aborted", "aborted", "not-started"]
     assert not mworld.maintenance  # each child turned maintenance mode off again
     assert sorted(mworld.cancelled) == ["vacuum-analyze:public.orders"] * 2  # their running statements were stopped
+
+
+async def test_after_a_planned_failover_the_fenced_old_primary_is_named_with_the_command_that_fixes_it(worker, mworld):
+    env = worker
+    # eastus: the old primary, fenced read-only, not a replica yet; westeurope: promoted, takes writes
+    mworld.db = {"eastus": DbStatus(region="eastus", reachable=True, role="primary", read_only=True),
+                 "westeurope": DbStatus(region="westeurope", reachable=True, role="primary")}
+    inv = maint_inventory(await env.get_current_time())
+    report = await failed_report(await start(env, inv))
+    assert report.status == "refused" and report.region is None
+    assert "not streaming" not in report.failure and "replicas are not healthy" not in report.failure
+    assert "eastus is the old primary, fenced (read-only) and not yet a replica of westeurope" in report.failure
+    assert "`opsflow failback --to eastus`" in report.failure
+    assert not [c for e, c in mworld.calls if e == inv.environment]  # nothing planned, nothing changed
+
+    # --region naming the fenced one: refused, naming the writable primary
+    report = await failed_report(await start(env, inv, region="eastus"))
+    assert "eastus is fenced (read-only" in report.failure and "the primary now is westeurope" in report.failure
+
+    # once the old primary is a streaming replica again, the window runs on the new primary
+    mworld.db["eastus"] = DbStatus(region="eastus", reachable=True, role="replica", streaming=True,
+                                   current_lsn="0/3000000", replay_lsn="0/3000000")
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    assert report.status == "succeeded" and report.region == "westeurope"
