@@ -167,6 +167,7 @@ class MaintenanceReport(ProcedureReport):
     region: str | None = None
     window: str = ""
     window_opened_at: datetime | None = None
+    calendar: list[str] = []  # what the freezes did to the window: skipped, opened late, shortened
     override: ControlEvent | None = None
     backup: BackupResult | None = None
     backup_verified: str | None = None
@@ -184,6 +185,7 @@ class MaintenanceReport(ProcedureReport):
     def figure_lines(self) -> list[str]:
         """The report's figures for people (opsflow report, the CLI's summary)."""
         out = [f"window {self.window}" + (f"; overridden by {self.override.by}" if self.override else "")]
+        out += [f"CALENDAR {n}" for n in self.calendar]
         if self.backup:
             out.append(f"backup {self.backup.id}" + (f"; verified: {self.backup_verified}" if self.backup_verified else "; not verified"))
         for i in self.items:

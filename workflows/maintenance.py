@@ -35,7 +35,7 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory
     from opsflow.procedures import fleet_workflow_id
     from opsflow.rules import InventoryDigest, ProcedureInput, digest_of
-    from opsflow.maintenance import MaintenancePolicy
+    from opsflow.maintenance import MaintenancePolicy, calendar_notes
     from opsflow.maintenance_models import (
         BackupRequest,
         Deferred,
@@ -81,7 +81,6 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
     """Every step after the preflight: the dry-run plan, and the only step names the run may record."""
     inv, policy = inp.inventory, inp.inventory.maintenance
     assert policy is not None
-    w = policy.window
     page, service = policy.status_page, (inv.regions[region].kubernetes.service if inv.regions[region].kubernetes else None)
     smoke = inv.regions[region].smoke_urls
     decls = [
@@ -99,7 +98,7 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
             policy.backup.take and policy.backup.verify,
         ),
         StepDecl("approval", f"wait for one of {', '.join(inv.approval.names())}"),
-        StepDecl("window", f"wait for the window ({', '.join(w.days)} {w.start}-{w.end} {w.timezone})", "outside the window"),
+        StepDecl("window", f"wait for the window ({policy.window_text()})", "outside the window"),
         StepDecl(
             "maintenance-on",
             f"annotate service {service} in {region} maintenance=true",
@@ -162,9 +161,11 @@ class MaintenanceWorkflow(Procedure):
         if policy is None:
             raise Stop("refused", f"the inventory of {inv.environment} has no maintenance: section")
         self.policy: MaintenancePolicy = policy
-        self.calendar = Calendar(windows=[policy.window])
-        w = policy.window
-        report.window = f"{', '.join(w.days)} {w.start}-{w.end} {w.timezone}, cutoff {policy.cutoff:.0f}s, on_cutoff {policy.on_cutoff}"
+        self.freezes_honoured = workflow.patched("maintenance-calendar-freezes")
+        self.calendar = policy.calendar(inv.rollout) if self.freezes_honoured else Calendar(windows=[policy.window])
+        report.window = f"{policy.window_text()}, cutoff {policy.cutoff:.0f}s, on_cutoff {policy.on_cutoff}"
+        if self.freezes_honoured and (self.calendar.freezes or self.calendar.ics):
+            report.window += "; " + "; ".join(self.calendar.describe().split("; ")[1:])
 
         # -- preflight: refuse before changing anything ------------------------------------------------------
         await self.check_workers(inv.all_queues())
@@ -342,6 +343,9 @@ class MaintenanceWorkflow(Procedure):
     # -- the window ------------------------------------------------------------------------------------------
 
     async def wait_for_window(self) -> None:
+        if self.freezes_honoured:
+            _, notes = calendar_notes(self.calendar, Calendar(windows=[self.policy.window]), workflow.now())
+            self.mreport.calendar = notes
         opens = self.calendar.next_opening(workflow.now())
         if opens is None:
             self.in_window = True
@@ -356,7 +360,8 @@ class MaintenanceWorkflow(Procedure):
         await self.boundary()
         self.in_window = self.window_override is None or self.calendar.is_open(workflow.now())
         self.mreport.window_opened_at = workflow.now()
-        self.end_step(record, "ok", f"overridden by {self.window_override.by}" if self.window_override else "window open")
+        said = f"overridden by {self.window_override.by}" if self.window_override else "window open"
+        self.end_step(record, "ok", "; ".join([said, *self.mreport.calendar]))
 
     def overridden(self, event: ControlEvent) -> str:
         self.mreport.override = event

@@ -523,3 +523,56 @@ async def test_after_a_planned_failover_the_fenced_old_primary_is_named_with_the
     await approve_when_waiting(handle)
     report = await handle.result()
     assert report.status == "succeeded" and report.region == "westeurope"
+
+
+async def test_a_rollout_freeze_over_the_window_skips_it_to_the_next_one_and_the_report_says_so(worker, mworld):
+    from tests.workflow.test_canary_workflow import ROLLOUT
+
+    env = worker
+    now = await env.get_current_time()
+    freeze = {"name": "release freeze", "start": (now + timedelta(hours=4)).isoformat(),
+              "end": (now + timedelta(hours=8)).isoformat()}
+    raw = inventory_dict(workflow_task_queue=QUEUE, rollout={**ROLLOUT, "freezes": [freeze]}, maintenance={
+        "window": window_around(now, opens_in=timedelta(hours=5), length=timedelta(hours=2)),
+        "tasks": [{"kind": "vacuum", "tables": ["public.orders"]}], "backup": {"take": False}})
+    for r in raw["regions"].values():
+        r["task_queue"] = QUEUE
+    inv = Inventory.model_validate(raw)
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    assert report.status == "succeeded"
+    # not the window in 5 hours (frozen), the same one a week later
+    opened = now + timedelta(days=7, hours=5)
+    assert opened - timedelta(minutes=1) <= report.window_opened_at <= opened + timedelta(minutes=5)
+    assert len(report.calendar) == 1 and "is skipped (freeze release freeze)" in report.calendar[0], report.calendar
+    assert "frozen release freeze" in report.window
+    window_step = next(s for s in report.steps if s.name == "window")
+    assert "is skipped (freeze release freeze)" in window_step.detail
+    assert any(line.startswith("CALENDAR the window") for line in report.figure_lines())
+
+
+async def test_a_freeze_starting_inside_the_window_shortens_it_and_the_cutoff_comes_earlier(worker, mworld):
+    env = worker
+    now = await env.get_current_time()
+    # open since 10 minutes for 3 hours, but a freeze starts in 30 minutes: with a 40-minute cutoff nothing starts
+    freeze = {"name": "payroll run", "start": (now + timedelta(minutes=30)).isoformat(),
+              "end": (now + timedelta(hours=2)).isoformat()}
+    inv = maint_inventory(now, window=window_around(now, opens_in=timedelta(minutes=-10), length=timedelta(hours=3)),
+                          cutoff="40m", freezes=[freeze], backup={"take": False})
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    assert report.status == "succeeded"
+    assert keys(report) == []
+    assert [d.key for d in report.deferred] == ["vacuum-analyze:public.orders", "vacuum-analyze:public.events",
+                                                "reindex:public.events"]
+    assert len(report.calendar) == 1 and "is shortened" in report.calendar[0], report.calendar
+    assert "(freeze payroll run starts)" in report.calendar[0]
+
+    # without the freeze the same window runs every table (the freeze made the difference)
+    inv = maint_inventory(await env.get_current_time(), cutoff="40m", backup={"take": False})
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    assert len(keys(report)) == 3 and report.calendar == []
