@@ -18,8 +18,8 @@ from activities import prometheus
 from activities.context import heartbeat, time_limit
 from activities.http_checks import probe
 from activities.postgres.backup import base_backup, verify_base_backup
-from activities.postgres.maintenance import (dead_tuple_candidates, missing_tables, run_maintenance,
-                                             wraparound_candidates)
+from activities.postgres.maintenance import (bloated_index_tables, dead_tuple_candidates, missing_tables,
+                                             run_maintenance, wraparound_candidates)
 from activities.providers import database_provider
 from opsflow.maintenance import VACUUM_KINDS, table_name
 from opsflow.models import lsn_to_int
@@ -54,7 +54,8 @@ def _sql_db(target):
 def plan(req: PlanRequest) -> PlanResult:
     """The work, in order: each task's tables (listed ones must exist; `auto` ones picked, with the reason: for
     a vacuum task the tables nearing transaction-ID wraparound first, as `vacuum-freeze`, then by their dead
-    tuples), bounded by max_tables; and what the backup will use."""
+    tuples; for a reindex task by the bloat of their btree indexes), bounded by max_tables; and what the backup
+    will use."""
     db = _sql_db(req.target)
     items: list[WorkItem] = []
     missing: list[str] = []
@@ -67,7 +68,11 @@ def plan(req: PlanRequest) -> PlanResult:
             if task.kind in VACUUM_KINDS and task.auto.freeze_ratio is not None:
                 old = wraparound_candidates(db, task.auto.freeze_ratio, task.auto.limit)
                 picked += [(t, "vacuum-freeze", why) for t, why in old]
-            if task.kind != "vacuum-freeze":
+            if task.kind == "reindex":
+                a = task.auto
+                picked += [(t, "reindex", why) for t, why in bloated_index_tables(db, a.min_index_bloat,
+                                                                                  a.min_index_bytes, a.limit)]
+            elif task.kind != "vacuum-freeze":
                 dead = dead_tuple_candidates(db, task.auto.min_dead_tuples, task.auto.dead_ratio, task.auto.limit)
                 seen = {t for t, _, _ in picked}
                 picked += [(t, task.kind, why) for t, why in dead if t not in seen]

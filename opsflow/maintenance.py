@@ -52,12 +52,19 @@ class AutoSelect(Strict):
     ANALYZE)` (as `vacuumdb --min-xid-age/--min-mxid-age`, before the anti-wraparound autovacuum starts on its
     own at a time nobody chose); then the tables of pg_stat_user_tables with at least `min_dead_tuples` dead
     tuples and a dead share of at least `dead_ratio`, worst first; at most `limit` tables in all.
-    `freeze_ratio: null` looks at dead tuples only."""
+    `freeze_ratio: null` looks at dead tuples only. For a reindex task: the tables with a btree index of at
+    least `min_index_bytes` that is at least `min_index_bloat` bloat, the most wasted bytes first."""
 
     min_dead_tuples: int = Field(default=10_000, ge=0)
     dead_ratio: float = Field(default=0.1, ge=0, le=1)
     freeze_ratio: float | None = Field(default=0.5, gt=0, le=2)
+    # a reindex task: the tables with a btree index of at least min_index_bytes that is at least min_index_bloat
+    # bloat (pgstattuple's leaf density where the extension is installed, else the catalogue estimate)
+    min_index_bloat: float = Field(default=0.3, gt=0, le=1)
+    min_index_bytes: int = 1024 * 1024
     limit: int = Field(default=100, ge=1, le=1000)
+
+    _s = field_validator("min_index_bytes", mode="before")(parse_size)
 
 
 class MaintenanceTask(Strict):

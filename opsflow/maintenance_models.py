@@ -43,6 +43,14 @@ class PlanResult(BaseModel):
     backup_target: str = ""  # what the backup will use, or why it cannot
 
 
+class IndexBloat(BaseModel):
+    name: str  # schema.index
+    bytes: int
+    bloat: float  # the share of the index that is bloat, 0..1
+    method: str  # pgstattuple | estimate
+    detail: str = ""
+
+
 class TableStats(BaseModel):
     n_live_tup: int = 0
     n_dead_tup: int = 0
@@ -53,6 +61,9 @@ class TableStats(BaseModel):
     invalid_indexes: list[str] = []
     xid_age: int | None = None  # age(relfrozenxid), the greater of the table's and its TOAST table's
     mxid_age: int | None = None  # mxid_age(relminmxid)
+    table_bloat: float | None = None  # dead and free space of the heap, 0..1 (before and after only)
+    bloat_method: str | None = None  # pgstattuple | estimate
+    indexes: list[IndexBloat] = []  # each btree index's bloat
 
 
 class RunItemRequest(BaseModel):
@@ -195,6 +206,12 @@ class MaintenanceReport(ProcedureReport):
                          f"{i.before.table_bytes + i.before.index_bytes} -> {i.after.table_bytes + i.after.index_bytes} bytes")
                 if i.before.xid_age is not None and i.after.xid_age is not None:
                     line += f", XID age {i.before.xid_age} -> {i.after.xid_age}"
+                if i.before.table_bloat is not None and i.after.table_bloat is not None:
+                    line += (f", table bloat {i.before.table_bloat:.0%} -> {i.after.table_bloat:.0%} "
+                             f"({i.after.bloat_method})")
+                after = {b.name: b for b in i.after.indexes}
+                line += "".join(f", index {b.name} bloat {b.bloat:.0%} -> {after[b.name].bloat:.0%}"
+                                for b in i.before.indexes if b.name in after)
             if i.lock_wait_seconds:
                 line += f", lock wait {i.lock_wait_seconds:.1f}s"
             if i.dropped_invalid:

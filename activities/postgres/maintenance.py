@@ -19,6 +19,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities.context import heartbeat as _heartbeat
+from activities.postgres.bloat import bloated_index_candidates, has_pgstattuple, index_bloat, table_bloat
 from activities.postgres.connection import (APPLICATION_NAME, bad_input, connect, error_line, is_name_error, redact, sql_errors,
                                             timeout_ms, where)
 from opsflow.maintenance import VACUUM_KINDS
@@ -26,6 +27,7 @@ from opsflow.maintenance_models import ItemResult, TableStats
 
 
 MAINTENANCE_POLL = 1.0  # how often the watching session samples progress and heartbeats
+BLOAT_KINDS = ("vacuum", "vacuum-analyze", "vacuum-freeze", "reindex")  # measured before and after
 CCNEW = "_ccnew"  # REINDEX CONCURRENTLY names its new index <index>_ccnew[N]; a failed run leaves it invalid
 
 
@@ -38,8 +40,9 @@ def _ident(table: str) -> sql.Composable:
     return sql.Identifier(*_split_table(table))
 
 
-def table_stats(conn: psycopg.Connection, table: str) -> Any:
-    """n_live_tup, n_dead_tup, sizes, last (auto)vacuum/analyze and invalid indexes of a table, or None."""
+def table_stats(conn: psycopg.Connection, table: str, bloat: bool = False) -> Any:
+    """n_live_tup, n_dead_tup, sizes, last (auto)vacuum/analyze, invalid indexes and XID ages of a table, or None;
+    with `bloat` its table and index bloat too (activities/postgres/bloat.py: reads the table and its indexes)."""
     schema, name = _split_table(table)
     row = conn.execute(
         """
@@ -59,7 +62,14 @@ def table_stats(conn: psycopg.Connection, table: str) -> Any:
     if row is None:
         return None
     live, dead, tbytes, ibytes, last_vacuum, last_analyze, invalid, xid_age, mxid_age = row
+    measured: dict[str, Any] = {}
+    if bloat:
+        pgstattuple = has_pgstattuple(conn)
+        ratio, method = table_bloat(conn, schema, name, pgstattuple)
+        measured = {"table_bloat": ratio, "bloat_method": method,
+                    "indexes": index_bloat(conn, schema, name, pgstattuple)}
     return TableStats(
+        **measured,
         n_live_tup=live or 0,
         n_dead_tup=dead or 0,
         table_bytes=tbytes or 0,
@@ -147,6 +157,12 @@ def wraparound_candidates(db: Any, freeze_ratio: float, limit: int) -> list[tupl
                      "anti-wraparound autovacuum")
         for s, t, xid, mxid, xmax, mmax, _share in rows
     ]
+
+
+def bloated_index_tables(db: Any, min_bloat: float, min_bytes: int, limit: int) -> list[tuple[str, str]]:
+    """(schema.table, why) of the tables with a btree index bloated beyond the thresholds, worst first."""
+    with connect(db) as conn, sql_errors(db, "index bloat"):
+        return bloated_index_candidates(conn, min_bloat, min_bytes, limit)
 
 
 def replication_lag_bytes(db: Any) -> dict[str, int]:
@@ -297,7 +313,7 @@ def run_maintenance(
                 )
             if item.table:
                 try:
-                    result.before = table_stats(watch, item.table)
+                    result.before = table_stats(watch, item.table, bloat=item.kind in BLOAT_KINDS)
                 except pgerrors.LockNotAvailable:
                     result.outcome, result.detail = "lock-timeout", f"lock not granted within {guards.lock_timeout:g}s"
                     result.seconds = time.monotonic() - started
@@ -321,7 +337,7 @@ def run_maintenance(
                 if item.table and _done_by_other(result.before, table_stats(watch, item.table), item.kind):
                     result.detail += ", which did the work: not run again"
                     result.seconds = seconds
-                    result.after = table_stats(watch, item.table)
+                    result.after = table_stats(watch, item.table, bloat=item.kind in BLOAT_KINDS)
                     return result
                 result.detail += "; it did not finish the work: run again"
             if item.kind == "reindex":
@@ -404,9 +420,9 @@ def run_maintenance(
                         ):
                             break
                         time.sleep(0.1)
-                    result.after = after
+                    result.after = table_stats(watch, item.table, bloat=True)
                 else:
-                    result.after = table_stats(watch, item.table)
+                    result.after = table_stats(watch, item.table, bloat=item.kind in BLOAT_KINDS)
         return result
     finally:
         for c in (work, watch):

@@ -436,3 +436,54 @@ def test_a_retry_after_a_worker_died_mid_vacuum_waits_for_the_vacuum_still_runni
     assert query(db, "select vacuum_count from pg_stat_user_tables where relname = 'crashy'") == [(1,)]
     assert result.before.n_dead_tup >= 50_000 and result.after.n_dead_tup == 0 and result.after.last_vacuum
     assert query(db, "select count(*) from pg_stat_activity where query like 'VACUUM %%crashy%%'") == [(0,)]
+
+
+def test_reindex_is_picked_by_measured_index_bloat_and_the_bloat_is_reported_before_and_after(clusters):
+    from activities.postgres.bloat import index_bloat
+
+    primary, _ = clusters
+    query(primary, "CREATE TABLE IF NOT EXISTS sparse (id int PRIMARY KEY, k int) WITH (autovacuum_enabled = off)")
+    query(primary, "CREATE INDEX IF NOT EXISTS sparse_k ON sparse (k)")
+    query(primary, "CREATE TABLE IF NOT EXISTS dense (id int PRIMARY KEY)")  # well-packed: never picked
+    query(primary, "INSERT INTO dense SELECT generate_series(1, 100000) ON CONFLICT DO NOTHING")
+    query(primary, "INSERT INTO sparse SELECT g, g FROM generate_series(1, 200000) g ON CONFLICT DO NOTHING")
+    query(primary, "DELETE FROM sparse WHERE id % 10 < 7")  # 70% gone, spread over every leaf page
+    settle(primary)
+    query(primary, "VACUUM (ANALYZE) sparse")  # the dead entries go; the leaf pages stay, a third full
+    query(primary, "ANALYZE dense")
+    task = MaintenanceTask(kind="reindex", tables="auto", auto={"min_index_bloat": 0.4, "min_index_bytes": "256kB"})
+    request = PlanRequest(target=target(primary), backup=BackupPolicy(take=False), tasks=[task])
+
+    # without pgstattuple: the catalogue estimate
+    query(primary, "DROP EXTENSION IF EXISTS pgstattuple")
+    picked = {i.table: i for i in ActivityEnvironment().run(maint.plan, request).items}  # (other tests' too)
+    assert "public.sparse" in picked and "public.dense" not in picked, picked
+    assert picked["public.sparse"].kind == "reindex"
+    assert "index public.sparse_k " in picked["public.sparse"].reason and "(estimate:" in picked["public.sparse"].reason
+
+    # with pgstattuple: measured (average leaf density against the fillfactor)
+    query(primary, "CREATE EXTENSION pgstattuple")
+    picked = {i.table: i for i in ActivityEnvironment().run(maint.plan, request).items}
+    assert "public.sparse" in picked and "public.dense" not in picked, picked
+    assert "(pgstattuple: average leaf density" in picked["public.sparse"].reason
+    with psycopg.connect(primary.dsn, autocommit=True) as c:
+        measured = {b.name: b for b in index_bloat(c, "public", "sparse")}
+        estimated = {b.name: b for b in index_bloat(c, "public", "sparse", measured=False)}
+    for name in ("public.sparse_k", "public.sparse_pkey"):  # the two methods agree to within 15 points
+        assert measured[name].bloat > 0.5 and abs(measured[name].bloat - estimated[name].bloat) < 0.15, (
+            measured[name], estimated[name])
+
+    result = ActivityEnvironment().run(maint.run_item, RunItemRequest(target=target(primary),
+                                                                      item=picked["public.sparse"], guards=GUARDS))
+    assert result.outcome == "done"
+    before = {b.name: b for b in result.before.indexes}
+    after = {b.name: b for b in result.after.indexes}
+    assert before["public.sparse_k"].bloat > 0.5 and after["public.sparse_k"].bloat < 0.1, (before, after)
+    assert after["public.sparse_k"].bytes < before["public.sparse_k"].bytes / 2
+    assert result.after.bloat_method == "pgstattuple" and result.after.table_bloat is not None
+    from opsflow.maintenance_models import ItemResult, MaintenanceReport
+
+    lines = MaintenanceReport(workflow_id="w", environment="lab", requester="a",
+                              items=[ItemResult.model_validate(result.model_dump())]).figure_lines()
+    assert any("index public.sparse_k bloat" in line for line in lines), lines
+    assert "public.sparse" not in {i.table for i in ActivityEnvironment().run(maint.plan, request).items}
