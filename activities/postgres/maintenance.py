@@ -248,9 +248,27 @@ def _identical_running(conn: psycopg.Connection, text: str, own_pid: int) -> lis
     ]
 
 
+def _previous_before() -> Any:
+    """On a retry, the statistics before that the previous attempt heartbeated (None on a first attempt)."""
+    if not activity.in_activity():
+        return None
+    details = activity.info().heartbeat_details
+    before = details[0].get("before") if details and isinstance(details[0], dict) else None
+    try:
+        return TableStats.model_validate(before) if before else None
+    except ValueError:
+        return None
+
+
+def _beat(item: Any, progress: str, started: float, before: Any) -> None:
+    """Progress, and the statistics before (a retry after a crash reads them back: did that attempt finish?)."""
+    _heartbeat({"item": item.key, "progress": progress, "seconds": round(time.monotonic() - started, 1),
+                "before": before.model_dump(mode="json") if before is not None else None})
+
+
 def _wait_for_identical(
     watch: psycopg.Connection, item: Any, text: str, own_pid: int, started: float, poll: float,
-    cancel_at: datetime | None,
+    cancel_at: datetime | None, before: Any = None,
 ) -> tuple[list[int], bool]:
     """Wait, heartbeating its progress, until no identical statement runs any more, instead of queueing a second
     one behind its lock. Returns the pids waited for and whether the cutoff cancelled ours among them. An abort
@@ -261,8 +279,7 @@ def _wait_for_identical(
         waited += [p for p, _ in others if p not in waited]
         pid = others[0][0]
         line, _ = _progress(watch, pid)
-        _heartbeat({"item": item.key, "progress": f"waiting for the identical statement already running (pid {pid}): "
-                    f"{line}", "seconds": round(time.monotonic() - started, 1)})
+        _beat(item, f"waiting for the identical statement already running (pid {pid}): {line}", started, before)
         if activity.in_activity() and activity.is_cancelled():
             for p, ours in others:
                 if ours:
@@ -323,22 +340,30 @@ def run_maintenance(
             pid = work.info.backend_pid
             # A retry after a worker died mid-statement: that statement may still run on its backend. Wait for it
             # rather than start a second one behind its lock (and never drop the _ccnew index it is building).
+            # The earlier attempt's statistics before (from its last heartbeat) tell whether it finished.
+            prior = _previous_before()
+            if prior is not None:
+                result.before = prior
             waited, at_cutoff = _wait_for_identical(watch, item, _maintenance_statement(item).as_string(work), pid,
-                                                    started, poll, cancel_at)
+                                                    started, poll, cancel_at, result.before)
+            seconds = time.monotonic() - started
             if waited:
                 pids = ", ".join(str(p) for p in waited)
-                seconds = time.monotonic() - started
                 result.detail = f"waited {seconds:.1f}s for the identical statement already running (pid {pids})"
                 if at_cutoff:
                     result.outcome = "cancelled-at-cutoff"
                     result.detail += "; cancelled at the window's cutoff (pg_cancel_backend)"
                     result.seconds = seconds
                     return result
-                if item.table and _done_by_other(result.before, table_stats(watch, item.table), item.kind):
-                    result.detail += ", which did the work: not run again"
+            if (waited or prior) and item.table:
+                if _done_by_other(result.before, table_stats(watch, item.table), item.kind):
+                    result.detail = (result.detail + ", which did the work" if waited else
+                                     "the previous attempt's statement finished after its worker stopped") + \
+                        ": not run again"
                     result.seconds = seconds
                     result.after = table_stats(watch, item.table, bloat=item.kind in BLOAT_KINDS)
                     return result
+            if waited:
                 result.detail += "; it did not finish the work: run again"
             if item.kind == "reindex":
                 result.dropped_invalid = _drop_invalid_ccnew(work, item.table)
@@ -365,7 +390,7 @@ def run_maintenance(
                 if waiting:
                     result.lock_wait_seconds += now - last_sample
                 last_sample = now
-                _heartbeat({"item": item.key, "progress": line, "seconds": round(now - started, 1)})
+                _beat(item, line, started, result.before)
                 if activity.in_activity() and activity.is_cancelled():
                     raise CancelledError("activity cancelled")
                 if cancel_at is not None and cancelled_by is None and datetime.now(timezone.utc) >= cancel_at:

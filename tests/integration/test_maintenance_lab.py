@@ -487,3 +487,34 @@ def test_reindex_is_picked_by_measured_index_bloat_and_the_bloat_is_reported_bef
                               items=[ItemResult.model_validate(result.model_dump())]).figure_lines()
     assert any("index public.sparse_k bloat" in line for line in lines), lines
     assert "public.sparse" not in {i.table for i in ActivityEnvironment().run(maint.plan, request).items}
+
+
+def test_a_retry_after_the_dead_workers_vacuum_already_finished_does_not_vacuum_again(aged_cluster):
+    """The previous attempt's last heartbeat carries the statistics before; its VACUUM finished after the worker
+    died (last_vacuum moved): the retry reports it done, and vacuum_count stays 1."""
+    import dataclasses
+
+    db = aged_cluster
+    query(db, "CREATE TABLE finished (id int PRIMARY KEY) WITH (autovacuum_enabled = off)")
+    query(db, "INSERT INTO finished SELECT generate_series(1, 10000)")
+    query(db, "DELETE FROM finished WHERE id <= 5000")
+    wait_for(lambda: stats(db, "public.finished").n_dead_tup >= 5000, 30, "the statistics to show the dead tuples")
+    before = stats(db, "public.finished")
+    query(db, "VACUUM public.finished")  # what the dead worker's backend did on its own
+    count = "select vacuum_count from pg_stat_user_tables where relname = 'finished'"
+    wait_for(lambda: query(db, count) == [(1,)], 10, "the VACUUM in the statistics")
+
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=[
+        {"item": "vacuum:public.finished", "progress": "scanning heap", "before": before.model_dump(mode="json")}])
+    result = env.run(maint.run_item, RunItemRequest(target=target(db), item=item("vacuum", "public.finished"),
+                                                    guards=GUARDS))
+    assert result.outcome == "done" and "finished after its worker stopped: not run again" in result.detail, result
+    assert result.before.n_dead_tup >= 5000 and result.after.n_dead_tup == 0  # the report's before is the first's
+    assert query(db, count) == [(1,)]
+    # a first attempt (no heartbeat details) vacuums, as always
+    again = ActivityEnvironment().run(maint.run_item, RunItemRequest(target=target(db),
+                                                                     item=item("vacuum", "public.finished"),
+                                                                     guards=GUARDS))
+    assert again.outcome == "done" and again.detail == ""
+    assert query(db, count) == [(2,)]
