@@ -43,10 +43,14 @@ class PlanResult(BaseModel):
     backup_target: str = ""  # what the backup will use, or why it cannot
 
 
+def _share(v: float | None) -> str:
+    return "unknown" if v is None else f"{v:.0%}"
+
+
 class IndexBloat(BaseModel):
     name: str  # schema.index
     bytes: int
-    bloat: float  # the share of the index that is bloat, 0..1
+    bloat: float | None  # the share of the index that is bloat, 0..1 (None: unknown, no statistics yet)
     method: str  # pgstattuple | estimate
     detail: str = ""
 
@@ -206,11 +210,11 @@ class MaintenanceReport(ProcedureReport):
                          f"{i.before.table_bytes + i.before.index_bytes} -> {i.after.table_bytes + i.after.index_bytes} bytes")
                 if i.before.xid_age is not None and i.after.xid_age is not None:
                     line += f", XID age {i.before.xid_age} -> {i.after.xid_age}"
-                if i.before.table_bloat is not None and i.after.table_bloat is not None:
-                    line += (f", table bloat {i.before.table_bloat:.0%} -> {i.after.table_bloat:.0%} "
+                if i.after.bloat_method is not None:
+                    line += (f", table bloat {_share(i.before.table_bloat)} -> {_share(i.after.table_bloat)} "
                              f"({i.after.bloat_method})")
                 after = {b.name: b for b in i.after.indexes}
-                line += "".join(f", index {b.name} bloat {b.bloat:.0%} -> {after[b.name].bloat:.0%}"
+                line += "".join(f", index {b.name} bloat {_share(b.bloat)} -> {_share(after[b.name].bloat)}"
                                 for b in i.before.indexes if b.name in after)
             if i.lock_wait_seconds:
                 line += f", lock wait {i.lock_wait_seconds:.1f}s"

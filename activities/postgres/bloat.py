@@ -62,6 +62,10 @@ def index_bloat(conn: psycopg.Connection, schema: str, table: str, measured: boo
             density = 0.0 if density != density else float(density)  # NaN: no leaf page yet
             ratio = max(0.0, 1 - density / fill) if density else 0.0
             detail = f"pgstattuple: average leaf density {density:.0f}% (fillfactor {fill})"
+        elif reltuples < 0:  # never vacuumed nor analyzed: nothing to estimate from
+            out.append(IndexBloat(name=f"{schema}.{name}", bytes=size, bloat=None, method="estimate",
+                                  detail="unknown: no statistics yet (never analyzed)"))
+            continue
         else:
             entry = 8 + ((int(width) + 7) // 8) * 8 + 4
             per_page = max(1, int((block - 24 - 16) * fill / 100) // entry)
@@ -73,8 +77,11 @@ def index_bloat(conn: psycopg.Connection, schema: str, table: str, measured: boo
     return out
 
 
-def table_bloat(conn: psycopg.Connection, schema: str, table: str, measured: bool | None = None) -> tuple[float, str]:
-    """(the share of the table's heap that is dead or free space, 0..1; how it was found)."""
+def table_bloat(
+    conn: psycopg.Connection, schema: str, table: str, measured: bool | None = None
+) -> tuple[float | None, str]:
+    """(the share of the table's heap that is dead or free space, 0..1, None when it cannot be told; how it was
+    found)."""
     measured = has_pgstattuple(conn) if measured is None else measured
     if measured:
         dead, free = conn.execute(
@@ -93,7 +100,9 @@ def table_bloat(conn: psycopg.Connection, schema: str, table: str, measured: boo
         (schema, table),
     ).fetchone()
     relpages, reltuples, reloptions, block, width = row
-    if relpages <= 1 or reltuples <= 0:
+    if reltuples < 0 or not width:  # never analyzed: the estimate has nothing to go on
+        return None, "estimate"
+    if relpages <= 1 or reltuples == 0:
         return 0.0, "estimate"
     fill = _fillfactor(reloptions, TABLE_FILLFACTOR)
     row_bytes = 24 + ((int(width) + 7) // 8) * 8 + 4  # heap tuple header, data, line pointer
@@ -118,7 +127,8 @@ def bloated_index_candidates(conn: Any, min_bloat: float, min_bytes: int, limit:
     ).fetchall()
     found = []
     for schema, table in tables:
-        worst = [b for b in index_bloat(conn, schema, table, measured) if b.bytes >= min_bytes and b.bloat >= min_bloat]
+        worst = [b for b in index_bloat(conn, schema, table, measured)
+                 if b.bytes >= min_bytes and b.bloat is not None and b.bloat >= min_bloat]
         if worst:
             wasted = sum(b.bytes * b.bloat for b in worst)
             why = "; ".join(f"index {b.name} {b.bloat:.0%} bloat of {b.bytes} bytes ({b.detail})" for b in worst)
