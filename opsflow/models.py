@@ -389,6 +389,13 @@ class FailoverReport(ProcedureReport):
     preempted: list[str] = []  # procedures an emergency failover aborted to run
 
 
+class ObjectiveResult(BaseModel):
+    name: str  # restore_time | restore_point_age
+    objective_seconds: float
+    measured_seconds: float
+    met: bool
+
+
 class DrillReport(ProcedureReport):
     procedure: str = "drill"
     source_region: str | None = None
@@ -397,6 +404,8 @@ class DrillReport(ProcedureReport):
     restore_point: datetime | None = None
     restore_point_age_seconds: float | None = None  # the RPO the backups really give
     restore_seconds: float | None = None
+    latest_point_age_seconds: float | None = None  # the newest restorable point's age: what the RPO is judged on
+    objectives: list[ObjectiveResult] = []  # drill.objectives, judged
     checks: list[CheckResult] = []
     scratch_deleted: bool | None = None
     stored_at: list[str] = []
