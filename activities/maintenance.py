@@ -17,12 +17,13 @@ from activities import prometheus
 from activities.context import heartbeat, time_limit
 from activities.http_checks import probe
 from activities.postgres.backup import base_backup, verify_base_backup
-from activities.postgres.maintenance import dead_tuple_candidates, missing_tables, run_maintenance
+from activities.postgres.maintenance import (bloated_index_tables, dead_tuple_candidates, missing_tables,
+                                             run_maintenance, wraparound_candidates)
 from activities.providers import database_provider
 from opsflow.contracts.maintenance import (
     BACKUP_TAKE, BACKUP_VERIFY, MAINT_HEALTH, MAINT_PLAN, MAINT_RUN_ITEM, WATCH_METRICS,
 )
-from opsflow.maintenance import table_name
+from opsflow.maintenance import VACUUM_KINDS, table_name
 from opsflow.models import lsn_to_int
 from opsflow.maintenance_models import (
     BackupRequest,
@@ -53,8 +54,10 @@ def _sql_db(target):
 
 @MAINT_PLAN.implementation
 def plan(req: PlanRequest) -> PlanResult:
-    """The work, in order: each task's tables (listed ones must exist; `auto` ones picked by their dead
-    tuples, with the reason), bounded by max_tables; and what the backup will use."""
+    """The work, in order: each task's tables (listed ones must exist; `auto` ones picked, with the reason: for
+    a vacuum task the tables nearing transaction-ID wraparound first, as `vacuum-freeze`, then by their dead
+    tuples; for a reindex task by the bloat of their btree indexes), bounded by max_tables; and what the backup
+    will use."""
     db = _sql_db(req.target)
     items: list[WorkItem] = []
     missing: list[str] = []
@@ -63,13 +66,24 @@ def plan(req: PlanRequest) -> PlanResult:
             items.append(WorkItem(task=i, kind="sql", name=task.name, sql=task.sql, reason="listed"))
             continue
         if task.tables == "auto":
-            picked = dead_tuple_candidates(db, task.auto.min_dead_tuples, task.auto.dead_ratio, task.auto.limit)
-            for table, why in picked:
+            picked: list[tuple[str, str, str]] = []  # (table, kind, why)
+            if task.kind in VACUUM_KINDS and task.auto.freeze_ratio is not None:
+                old = wraparound_candidates(db, task.auto.freeze_ratio, task.auto.limit)
+                picked += [(t, "vacuum-freeze", why) for t, why in old]
+            if task.kind == "reindex":
+                a = task.auto
+                picked += [(t, "reindex", why) for t, why in bloated_index_tables(db, a.min_index_bloat,
+                                                                                  a.min_index_bytes, a.limit)]
+            elif task.kind != "vacuum-freeze":
+                dead = dead_tuple_candidates(db, task.auto.min_dead_tuples, task.auto.dead_ratio, task.auto.limit)
+                seen = {t for t, _, _ in picked}
+                picked += [(t, task.kind, why) for t, why in dead if t not in seen]
+            for table, kind, why in picked[: task.auto.limit]:
                 try:
                     table_name(table)
                 except ValueError:
                     continue  # a catalog name that is not a plain identifier: never sent back as SQL
-                items.append(WorkItem(task=i, kind=task.kind, table=table, reason=f"auto: {why}"))
+                items.append(WorkItem(task=i, kind=kind, table=table, reason=f"auto: {why}"))
         else:
             gone = missing_tables(db, list(task.tables))
             missing += [t for t in gone if t not in missing]

@@ -11,6 +11,9 @@ tables (T tables of R rows, three quarters deleted, autovacuum off):
   no status page, no maintenance mode: the table work and what the procedure adds to it). Measured from the
   first table step's start to the last health check's end in the report (workflow time), and the whole run.
 - vacuumdb: `vacuumdb --analyze --table ... ` on the same tables, one session, wall time.
+- bloat before/after of both (dead + free space of the heap, btree index bloat; pgstattuple where installed, else
+  the catalogue estimate): VACUUM makes dead space free space but gives none back, so the table figure barely
+  moves -- what REINDEX or an online rebuild would take back.
 
 ratio = procedure tables phase / vacuumdb. The procedure adds per table: a Temporal activity round trip, the
 statistics before/after (which waits for the statistics collector to show the VACUUM), the progress watcher,
@@ -52,6 +55,7 @@ def seed(dsn: str, tables: list[str], rows: int) -> None:
             )
             c.execute(f"INSERT INTO {t} SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, %s) g", (rows,))
             c.execute(f"DELETE FROM {t} WHERE id % 4 <> 0")
+            c.execute(f"ANALYZE {t}")  # statistics, as a live table has: the bloat estimate reads them
         # the replica's hot_standby_feedback must have passed the deletes, else VACUUM keeps them (recently dead)
         xid = c.execute("select txid_current()").fetchone()[0]
         deadline = time.monotonic() + 60
@@ -61,6 +65,30 @@ def seed(dsn: str, tables: list[str], rows: int) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError("the replica's xmin feedback did not pass the deletes")
             time.sleep(0.1)
+
+
+def bloat_of(dsn: str, tables: list[str]) -> dict:
+    """Mean table bloat (dead + free space) and index bloat of the tables, and the method (pgstattuple or the
+    catalogue estimate), as the procedure's report measures them (activities/postgres/bloat.py)."""
+    from activities.postgres.bloat import has_pgstattuple, index_bloat, table_bloat
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for t in tables:
+            c.execute(f"ANALYZE {t}")  # the estimate reads pg_stats and reltuples
+        measured = has_pgstattuple(c)
+        heap = [table_bloat(c, *t.split("."), measured)[0] for t in tables]
+        index = [b.bloat for t in tables for b in index_bloat(c, *t.split("."), measured)]
+    return {"table": statistics.mean(heap), "index": statistics.mean(index),
+            "method": "pgstattuple" if measured else "estimate"}
+
+
+def report_bloat(report: dict, when: str) -> dict:
+    """The procedure's own figures (its report), unknown (NaN) where the table had no statistics yet."""
+    stats = [i[when] for i in report["items"] if i.get(when) and i[when].get("bloat_method")]
+    heap = [s["table_bloat"] for s in stats if s["table_bloat"] is not None]
+    index = [b["bloat"] for s in stats for b in s["indexes"] if b["bloat"] is not None]
+    return {"table": statistics.mean(heap) if heap else float("nan"),
+            "index": statistics.mean(index) if index else float("nan"), "method": stats[0]["bloat_method"]}
 
 
 def vacuumdb_seconds(dsn: str, tables: list[str]) -> float:
@@ -102,6 +130,7 @@ async def procedure_seconds(state: dict, inventory: Path) -> tuple[float, float,
     wid = json.loads(out.stdout)["workflow_id"]
     client = await Client.connect(state["temporal"]["address"], namespace="default", data_converter=DATA_CONVERTER)
     handle = client.get_workflow_handle(wid)
+    deadline = time.monotonic() + 300
     while True:
         try:
             p = await handle.query("progress", result_type=dict, rpc_timeout=timedelta(seconds=2))
@@ -109,6 +138,8 @@ async def procedure_seconds(state: dict, inventory: Path) -> tuple[float, float,
             p = {}
         if (p.get("waiting_for") or "").startswith("approval"):
             break
+        if p.get("status") in ("refused", "failed", "aborted") or time.monotonic() > deadline:
+            raise RuntimeError(f"the maintenance did not reach its approval: {p.get('status')} {p.get('failure')}")
         await asyncio.sleep(0.1)
     await send_update(handle, Procedure.approve, Request(by="bob", reason="bench"))
     try:
@@ -144,14 +175,16 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from lab.manage import down, up
+    from lab.manage import down, start_worker, up
+    from lab.processes import Lab
 
     tables = [f"public.bench_t{i}" for i in range(1, args.tables + 1)]
     root = Path(tempfile.mkdtemp(prefix="opsflow-bench-maint-")) / "lab"
     os.environ["OPSFLOW_HOME"] = str(root.parent / "home")
     say(f"lab up in {root}")
-    state = up(root, with_worker=True, quiet=True, default_ports=False)
-    runs = []
+    state = up(root, with_worker=False, quiet=True, default_ports=False)  # the worker reads the bench's rules
+    runs: list[dict] = []
+    bloat: list[dict] = []  # per run: (before, after) of the procedure and of vacuumdb
     try:
         inv = yaml.safe_load(Path(state["inventory"]).read_text())
         inv["maintenance"].update(
@@ -160,8 +193,10 @@ def main() -> int:
             maintenance_mode=False,
             backup={"take": False, "verify": False},
         )
-        inventory = root / "bench-inventory.yaml"
+        # The worker holds the rules a procedure runs by: the bench's inventory is the one it reads.
+        inventory = Path(state["inventory"])
         inventory.write_text(yaml.safe_dump(inv, sort_keys=False))
+        start_worker(Lab(root))
         dsn = state["regions"]["eastus"]["dsn"]
         for n in range(1, args.runs + 1):
             seed(dsn, tables, args.rows)
@@ -170,33 +205,28 @@ def main() -> int:
                 say(f"run {n}: the procedure {report['status']}: {report.get('failure')}; left out")
                 continue
             seed(dsn, tables, args.rows)
+            vacuumdb_before = bloat_of(dsn, tables)
             direct = vacuumdb_seconds(dsn, tables)
-            runs.append(
-                {
-                    "procedure_tables_seconds": phase,
-                    "procedure_total_seconds": total,
-                    "vacuumdb_seconds": direct,
-                    "ratio": phase / direct,
-                }
-            )
+            vacuumdb_after = bloat_of(dsn, tables)
+            runs.append({"procedure_tables_seconds": phase, "procedure_total_seconds": total,
+                         "vacuumdb_seconds": direct, "ratio": phase / direct})
+            bloat.append({"procedure": (report_bloat(report, "before"), report_bloat(report, "after")),
+                          "vacuumdb": (vacuumdb_before, vacuumdb_after)})
             say(
-                f"run {n}: procedure tables phase {phase:.2f}s (whole run {total:.2f}s), "
-                f"vacuumdb {direct:.2f}s, ratio {phase / direct:.1f}"
+                f"run {n}: procedure tables phase {phase:.2f}s (whole run {total:.2f}s), vacuumdb {direct:.2f}s, ratio {phase / direct:.1f}"
             )
     finally:
         down(root, quiet=True)
     if not runs:
         say("no run succeeded")
         return 1
-    result = {
-        "tables": args.tables,
-        "rows_per_table": args.rows,
-        "runs": len(runs),
-        **{k: median_min_max([r[k] for r in runs]) for k in runs[0]},
-        "per_table_overhead_seconds": statistics.median(
-            [(r["procedure_tables_seconds"] - r["vacuumdb_seconds"]) / args.tables for r in runs]
-        ),
-    }
+    result = {"tables": args.tables, "rows_per_table": args.rows, "runs": len(runs),
+              **{k: median_min_max([r[k] for r in runs]) for k in runs[0]},
+              "per_table_overhead_seconds": statistics.median(
+                  [(r["procedure_tables_seconds"] - r["vacuumdb_seconds"]) / args.tables for r in runs]),
+              "bloat": {who: {when: {k: statistics.median(b[who][i][k] for b in bloat) for k in ("table", "index")}
+                              | {"method": bloat[0][who][i]["method"]} for i, when in enumerate(("before", "after"))}
+                        for who in ("procedure", "vacuumdb")}}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -213,6 +243,10 @@ def main() -> int:
             s = result[key]
             print(f"  {label:<32} {s['median']:8.2f}  [{s['min']:.2f}-{s['max']:.2f}]")
         print(f"  overhead per table (median)      {result['per_table_overhead_seconds']:8.2f} s")
+        for who in ("procedure", "vacuumdb"):  # dead + free space of the heap, and of the btree indexes
+            b = result["bloat"][who]
+            print(f"  bloat, {who:<10} table {b['before']['table']:.0%} -> {b['after']['table']:.0%}, "
+                  f"indexes {b['before']['index']:.0%} -> {b['after']['index']:.0%} ({b['after']['method']})")
     return 0
 
 

@@ -26,14 +26,14 @@ import hashlib
 import re
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Iterable, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 from temporalio.exceptions import ApplicationError
 
 __all__ = ["Calendar", "Day", "Freeze", "FreezeCalendar", "FreezeEvent", "FreezeHit", "ICS_HORIZON_DAYS", "NeverOpens",
-           "SEARCH_DAYS", "WeeklyWindow", "load_ics", "wall_to_instant"]
+           "SEARCH_DAYS", "MonthlyWindow", "WeeklyWindow", "Window", "load_ics", "wall_to_instant"]
 
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _FULL_DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
@@ -140,50 +140,42 @@ def _parse_days(value: Any) -> Any:
     return [d for d in DAYS if d in days]
 
 
-class WeeklyWindow(_Strict):
-    """A weekly window, e.g. Sunday 02:00-04:00 UTC. `days` are the days it OPENS on; `end <= start` crosses
-    midnight into the next day; `start == end` lasts 24 hours (wall clock)."""
+def _hhmm(v: Any) -> Any:
+    if isinstance(v, int) and not isinstance(v, bool):  # YAML 1.1 reads an unquoted 22:30 as 1350 (base 60)
+        v = f"{v // 60:02d}:{v % 60:02d}"
+    elif isinstance(v, time):
+        v = v.strftime("%H:%M")
+    elif isinstance(v, str) and re.match(r"^\d:[0-5]\d$", v.strip()):
+        v = "0" + v.strip()
+    if not isinstance(v, str) or not re.match(_HHMM, v):
+        raise ValueError(f"{v!r} is not a time of day HH:MM (00:00-23:59; quote it in YAML, e.g. \"02:00\")")
+    return v
 
-    days: list[Day] = Field(min_length=1, description="days the window opens: [sun], [mon-fri], 'sat,sun'")
-    start: str = Field(description="HH:MM wall-clock time in `timezone`")
-    end: str = Field(description="HH:MM; at or before start: the next day")
-    timezone: str = "UTC"
 
-    _days = field_validator("days", mode="before")(_parse_days)
-    _tz = field_validator("timezone")(_check_zone)
+class _Recurring(_Strict):
+    """What a recurring window answers, given its `occurrences` (each subclass declares its own fields: start,
+    end, timezone, and when it recurs)."""
 
-    @field_validator("start", "end", mode="before")
-    @classmethod
-    def _hhmm(cls, v: Any) -> Any:
-        if isinstance(v, int) and not isinstance(v, bool):  # YAML 1.1 reads an unquoted 22:30 as 1350 (base 60)
-            v = f"{v // 60:02d}:{v % 60:02d}"
-        elif isinstance(v, time):
-            v = v.strftime("%H:%M")
-        elif isinstance(v, str) and re.match(r"^\d:[0-5]\d$", v.strip()):
-            v = "0" + v.strip()
-        if not isinstance(v, str) or not re.match(_HHMM, v):
-            raise ValueError(f"{v!r} is not a time of day HH:MM (00:00-23:59; quote it in YAML, e.g. \"02:00\")")
-        return v
+    _LOOKAHEAD_DAYS: ClassVar[int] = 8  # far enough to see the next opening (and a chained window's end)
+    if TYPE_CHECKING:  # declared by each subclass, in its own field order
+        start: str
+        end: str
+        timezone: str
 
-    # -- the occurrences ---------------------------------------------------------------------------------
+    def occurrences(self, first_day: date, last_day: date) -> list[tuple[datetime, datetime]]:
+        raise NotImplementedError
+
     def _times(self) -> tuple[time, time, int]:
         s, e = time.fromisoformat(self.start), time.fromisoformat(self.end)
         return s, e, (0 if e > s else 1)
 
-    def occurrences(self, first_day: date, last_day: date) -> list[tuple[datetime, datetime]]:
-        """(opens, closes) in UTC for every window opening on a local day in [first_day, last_day]."""
+    def _span_on(self, day: date) -> tuple[datetime, datetime] | None:
+        """(opens, closes) in UTC of the window opening on local `day` (DST as the module says), or None."""
         zone = _zone(self.timezone)
         s, e, days_later = self._times()
-        out = []
-        day = first_day
-        while day <= last_day:
-            if DAYS[day.weekday()] in self.days:
-                opens = wall_to_instant(day, s, zone)
-                closes = wall_to_instant(day + timedelta(days=days_later), e, zone, last=True)
-                if closes > opens:
-                    out.append((opens, closes))
-            day += timedelta(days=1)
-        return out
+        opens = wall_to_instant(day, s, zone)
+        closes = wall_to_instant(day + timedelta(days=days_later), e, zone, last=True)
+        return (opens, closes) if closes > opens else None
 
     def spans(self, since: datetime, until: datetime) -> list[tuple[datetime, datetime]]:
         """Merged open spans (UTC) that overlap [since, until]."""
@@ -209,7 +201,7 @@ class WeeklyWindow(_Strict):
         now = _aware(now)
         if self.is_open(now):
             return None
-        for a, _ in self.spans(now, now + timedelta(days=8)):
+        for a, _ in self.spans(now, now + timedelta(days=self._LOOKAHEAD_DAYS)):
             if a > now:
                 return a.astimezone(now.tzinfo)
         raise NeverOpens(f"the window {self.describe()} never opens")  # unreachable with at least one day
@@ -230,8 +222,125 @@ class WeeklyWindow(_Strict):
         return self.time_left(now) <= timedelta(seconds=cutoff_seconds)
 
     def describe(self) -> str:
+        raise NotImplementedError
+
+
+class WeeklyWindow(_Recurring):
+    """A weekly window, e.g. Sunday 02:00-04:00 UTC. `days` are the days it OPENS on; `end <= start` crosses
+    midnight into the next day; `start == end` lasts 24 hours (wall clock)."""
+
+    days: list[Day] = Field(min_length=1, description="days the window opens: [sun], [mon-fri], 'sat,sun'")
+    start: str = Field(description="HH:MM wall-clock time in `timezone`")
+    end: str = Field(description="HH:MM; at or before start: the next day")
+    timezone: str = "UTC"
+
+    _days = field_validator("days", mode="before")(_parse_days)
+    _tz = field_validator("timezone")(_check_zone)
+    _t = field_validator("start", "end", mode="before")(_hhmm)
+
+    def occurrences(self, first_day: date, last_day: date) -> list[tuple[datetime, datetime]]:
+        """(opens, closes) in UTC for every window opening on a local day in [first_day, last_day]."""
+        out = []
+        day = first_day
+        while day <= last_day:
+            if DAYS[day.weekday()] in self.days and (span := self._span_on(day)):
+                out.append(span)
+            day += timedelta(days=1)
+        return out
+
+    def describe(self) -> str:
         days = _describe_days(self.days)
         return f"{days} {self.start}-{self.end}{' (next day)' if self.end <= self.start else ''} {self.timezone}"
+
+
+_ORDINALS = {"1st": 1, "first": 1, "2nd": 2, "second": 2, "3rd": 3, "third": 3, "4th": 4, "fourth": 4, "5th": 5,
+             "fifth": 5, "last": -1}
+_ORDINAL_NAMES = {1: "1st", 2: "2nd", 3: "3rd", 4: "4th", 5: "5th", -1: "last"}
+_MONTHLY = re.compile(r"^\s*(?P<nth>\w+)\s+(?P<day>[a-z]+)(?:\s*\+\s*(?P<offset>\d+)\s*d(?:ays?)?)?"
+                      r"(?:\s+(?P<start>\d{1,2}:\d\d)\s*-\s*(?P<end>\d{1,2}:\d\d))?(?:\s+(?P<tz>\S+))?\s*$", re.I)
+
+
+class MonthlyWindow(_Recurring):
+    """A monthly window by weekday: "2nd sun 02:00-04:00", "last sat 22:00-02:00 Europe/Berlin", or with an
+    offset in days after that weekday as AWS SSM's schedule offset ("2nd tue +5d 02:00-04:00": the Sunday after
+    Patch Tuesday). The dates come from dateutil's rrule (RFC 5545 BYDAY=2SU semantics: a month with no 5th
+    Sunday has no "5th sun" window); the wall times and DST are those of WeeklyWindow."""
+
+    _LOOKAHEAD_DAYS: ClassVar[int] = 70  # two months and the offset: the next opening is always within
+
+    monthly: str = Field(description="which weekday of the month: 1st..5th or last, and the day: '2nd sun'")
+    offset_days: int = Field(default=0, ge=0, le=14, description="days after that weekday (SSM's ScheduleOffset)")
+    start: str = Field(description="HH:MM wall-clock time in `timezone`")
+    end: str = Field(description="HH:MM; at or before start: the next day")
+    timezone: str = "UTC"
+
+    _tz = field_validator("timezone")(_check_zone)
+    _t = field_validator("start", "end", mode="before")(_hhmm)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        if not isinstance(data, str):
+            return data
+        m = _MONTHLY.match(data)
+        if not m or not m.group("start"):
+            raise ValueError(f"{data!r} is not a monthly window: write e.g. \"2nd sun 02:00-04:00\", "
+                             "\"last sat 22:00-02:00 Europe/Berlin\" or \"2nd tue +5d 02:00-04:00\"")
+        out: dict[str, Any] = {"monthly": f"{m.group('nth')} {m.group('day')}", "start": m.group("start"),
+                               "end": m.group("end")}
+        if m.group("offset"):
+            out["offset_days"] = int(m.group("offset"))
+        if m.group("tz"):
+            out["timezone"] = m.group("tz")
+        return out
+
+    @field_validator("monthly")
+    @classmethod
+    def _which(cls, v: str) -> str:
+        parts = v.strip().lower().split()
+        ok = len(parts) == 2 and parts[0] in _ORDINALS
+        if ok:
+            try:
+                day = _parse_days([parts[1]])
+            except ValueError:
+                ok = False
+            else:
+                ok = isinstance(day, list) and len(day) == 1
+        if not ok:
+            raise ValueError(f"{v!r}: write the weekday of the month as '<1st|2nd|3rd|4th|5th|last> <day>', "
+                             "e.g. '2nd sun'")
+        return f"{_ORDINAL_NAMES[_ORDINALS[parts[0]]]} {day[0]}"
+
+    def occurrences(self, first_day: date, last_day: date) -> list[tuple[datetime, datetime]]:
+        from dateutil.rrule import MONTHLY, rrule, weekday
+
+        nth, day = self.monthly.split()
+        begin = first_day - timedelta(days=self.offset_days)
+        rule = rrule(MONTHLY, byweekday=weekday(DAYS.index(day), _ORDINALS[nth]),
+                     dtstart=datetime.combine(begin.replace(day=1), time(0)), until=datetime.combine(last_day, time(0)))
+        out = []
+        for occurrence in rule:
+            local = occurrence.date() + timedelta(days=self.offset_days)
+            if first_day <= local <= last_day and (span := self._span_on(local)):
+                out.append(span)
+        return out
+
+    def describe(self) -> str:
+        offset = f" +{self.offset_days}d" if self.offset_days else ""
+        return (f"{self.monthly}{offset} of the month {self.start}-{self.end}"
+                f"{' (next day)' if self.end <= self.start else ''} {self.timezone}")
+
+
+def _window_kind(v: Any) -> str:
+    if isinstance(v, (str, MonthlyWindow)) or (isinstance(v, dict) and "monthly" in v):
+        return "monthly"
+    return "weekly"
+
+
+# A window, weekly or monthly (a string or a dict with `monthly:`), validated as exactly one of them so that an
+# error names that one's fields only.
+Window = Annotated[Annotated[WeeklyWindow, Tag("weekly")] | Annotated[MonthlyWindow, Tag("monthly")],
+                   Discriminator(_window_kind)]
 
 
 def _describe_days(days: list[str]) -> str:
@@ -427,7 +536,7 @@ class FreezeHit(_Strict):
 class Calendar(_Strict):
     """Open = inside one of `windows` (no windows: always) and in none of `freezes`/`ics`."""
 
-    windows: list[WeeklyWindow] = []
+    windows: list[Window] = []
     freezes: list[Freeze] = []
     ics: list[FreezeCalendar] = []
 

@@ -9,11 +9,12 @@ field, and nothing runs. The activities still build SQL with `psycopg.sql.Identi
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from opsflow.calendar import WeeklyWindow
+from opsflow.calendar import Calendar, Freeze, FreezeCalendar, WeeklyWindow, Window
 from opsflow.sections import SecretRef, Seconds, Strict, parse_duration
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -40,16 +41,30 @@ def parse_size(value: object) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
-TaskKind = Literal["vacuum", "analyze", "vacuum-analyze", "reindex", "sql"]
+TaskKind = Literal["vacuum", "analyze", "vacuum-analyze", "vacuum-freeze", "reindex", "sql"]
+VACUUM_KINDS = ("vacuum", "vacuum-analyze", "vacuum-freeze")
 
 
 class AutoSelect(Strict):
-    """`tables: auto`: the tables of pg_stat_user_tables with at least `min_dead_tuples` dead tuples and a dead
-    share of at least `dead_ratio`, worst first, at most `limit` of them."""
+    """`tables: auto`: for a vacuum task, first the tables nearing transaction-ID wraparound -- `age(relfrozenxid)`
+    (its TOAST table's included) at least `freeze_ratio` of `autovacuum_freeze_max_age`, or `mxid_age(relminmxid)`
+    at least that share of `autovacuum_multixact_freeze_max_age` -- oldest first, each given `VACUUM (FREEZE,
+    ANALYZE)` (as `vacuumdb --min-xid-age/--min-mxid-age`, before the anti-wraparound autovacuum starts on its
+    own at a time nobody chose); then the tables of pg_stat_user_tables with at least `min_dead_tuples` dead
+    tuples and a dead share of at least `dead_ratio`, worst first; at most `limit` tables in all.
+    `freeze_ratio: null` looks at dead tuples only. For a reindex task: the tables with a btree index of at
+    least `min_index_bytes` that is at least `min_index_bloat` bloat, the most wasted bytes first."""
 
     min_dead_tuples: int = Field(default=10_000, ge=0)
     dead_ratio: float = Field(default=0.1, ge=0, le=1)
+    freeze_ratio: float | None = Field(default=0.5, gt=0, le=2)
+    # a reindex task: the tables with a btree index of at least min_index_bytes that is at least min_index_bloat
+    # bloat (pgstattuple's leaf density where the extension is installed, else the catalogue estimate)
+    min_index_bloat: float = Field(default=0.3, gt=0, le=1)
+    min_index_bytes: int = 1024 * 1024
     limit: int = Field(default=100, ge=1, le=1000)
+
+    _s = field_validator("min_index_bytes", mode="before")(parse_size)
 
 
 class MaintenanceTask(Strict):
@@ -133,7 +148,15 @@ class WatchPolicy(Strict):
 
 
 class MaintenancePolicy(Strict):
-    window: WeeklyWindow
+    # weekly ({days: [sun], start: "02:00", end: "04:00", timezone: UTC}) or monthly by weekday ("2nd sun
+    # 02:00-04:00 Europe/Berlin", {monthly: 2nd tue, offset_days: 5, start: ..., end: ...})
+    window: Window
+    # No maintenance while a freeze holds: these, and the rollout section's freezes and .ics calendars (the
+    # same calendar as deployments) unless rollout_freezes is false. A freeze over the window's start delays
+    # it, one over its end shortens it, one over all of it skips it: the report says which.
+    freezes: list[Freeze] = []
+    ics: list[FreezeCalendar] = []
+    rollout_freezes: bool = True
     cutoff: Seconds = 0  # no new task starts when less than this is left of the window
     on_cutoff: Literal["finish", "cancel"] = "finish"  # cancel: the running statement too (pg_cancel_backend)
     tasks: list[MaintenanceTask] = Field(min_length=1)
@@ -148,3 +171,45 @@ class MaintenancePolicy(Strict):
     max_tables: int = Field(default=500, ge=1, le=5000)
 
     _d = field_validator("cutoff", "heartbeat_timeout", mode="before")(parse_duration)
+
+    def calendar(self, rollout: object | None = None) -> Calendar:
+        """The window with the freezes it honours: its own, and the rollout section's (`rollout`, the inventory's
+        RolloutPolicy) unless rollout_freezes is false."""
+        freezes, ics = list(self.freezes), list(self.ics)
+        if self.rollout_freezes and rollout is not None:
+            freezes += list(getattr(rollout, "freezes", []))
+            ics += list(getattr(rollout, "ics", []))
+        return Calendar(windows=[self.window], freezes=freezes, ics=ics)
+
+    def window_text(self) -> str:
+        w = self.window
+        return f"{', '.join(w.days)} {w.start}-{w.end} {w.timezone}" if isinstance(w, WeeklyWindow) else w.describe()
+
+
+def calendar_notes(calendar: Calendar, window: Calendar, now: datetime) -> tuple[datetime, list[str]]:
+    """When `calendar` (the window and its freezes) next opens from `now` (now if open), and what the freezes did
+    to the window (`window`, the same without freezes) on the way: each occurrence skipped, an opening delayed,
+    a closing brought forward. Pure (workflow-safe): a function of `now` only."""
+    opens = calendar.next_opening(now) or now
+    notes: list[str] = []
+
+    def why(at: datetime) -> str:
+        hit = calendar.frozen(at)
+        return f"freeze {hit.name}" if hit else "a freeze"
+
+    t = now
+    for _ in range(60):  # a year of monthly windows at most
+        p = window.next_opening(t) or t
+        if p >= opens:
+            break
+        closes = window.closes_at(p) or p
+        if opens < closes:
+            notes.append(f"the window of {p:%Y-%m-%d %H:%M}Z opens late, at {opens:%H:%M}Z ({why(p)})")
+            break
+        notes.append(f"the window {p:%Y-%m-%d %H:%M}-{closes:%H:%M}Z is skipped ({why(p)})")
+        t = closes
+    planned, actual = window.closes_at(opens), calendar.closes_at(opens)
+    if planned and actual and actual < planned:
+        notes.append(f"the window of {opens:%Y-%m-%d} is shortened: it closes at {actual:%H:%M}Z instead of "
+                     f"{planned:%H:%M}Z ({why(actual)} starts)")
+    return opens, notes

@@ -43,6 +43,18 @@ class PlanResult(BaseModel):
     backup_target: str = ""  # what the backup will use, or why it cannot
 
 
+def _share(v: float | None) -> str:
+    return "unknown" if v is None else f"{v:.0%}"
+
+
+class IndexBloat(BaseModel):
+    name: str  # schema.index
+    bytes: int
+    bloat: float | None  # the share of the index that is bloat, 0..1 (None: unknown, no statistics yet)
+    method: str  # pgstattuple | estimate
+    detail: str = ""
+
+
 class TableStats(BaseModel):
     n_live_tup: int = 0
     n_dead_tup: int = 0
@@ -51,6 +63,11 @@ class TableStats(BaseModel):
     last_vacuum: datetime | None = None
     last_analyze: datetime | None = None
     invalid_indexes: list[str] = []
+    xid_age: int | None = None  # age(relfrozenxid), the greater of the table's and its TOAST table's
+    mxid_age: int | None = None  # mxid_age(relminmxid)
+    table_bloat: float | None = None  # dead and free space of the heap, 0..1 (before and after only)
+    bloat_method: str | None = None  # pgstattuple | estimate
+    indexes: list[IndexBloat] = []  # each btree index's bloat
 
 
 class RunItemRequest(BaseModel):
@@ -165,6 +182,7 @@ class MaintenanceReport(ProcedureReport):
     region: str | None = None
     window: str = ""
     window_opened_at: datetime | None = None
+    calendar: list[str] = []  # what the freezes did to the window: skipped, opened late, shortened
     override: ControlEvent | None = None
     backup: BackupResult | None = None
     backup_verified: str | None = None
@@ -182,6 +200,7 @@ class MaintenanceReport(ProcedureReport):
     def figure_lines(self) -> list[str]:
         """The report's figures for people (opsflow report, the CLI's summary)."""
         out = [f"window {self.window}" + (f"; overridden by {self.override.by}" if self.override else "")]
+        out += [f"CALENDAR {n}" for n in self.calendar]
         if self.backup:
             out.append(
                 f"backup {self.backup.id}"
@@ -192,9 +211,16 @@ class MaintenanceReport(ProcedureReport):
             if i.before and i.after:
                 line += (
                     f", dead tuples {i.before.n_dead_tup} -> {i.after.n_dead_tup}, table+indexes "
-                    f"{i.before.table_bytes + i.before.index_bytes} -> "
-                    f"{i.after.table_bytes + i.after.index_bytes} bytes"
+                    f"{i.before.table_bytes + i.before.index_bytes} -> {i.after.table_bytes + i.after.index_bytes} bytes"
                 )
+                if i.before.xid_age is not None and i.after.xid_age is not None:
+                    line += f", XID age {i.before.xid_age} -> {i.after.xid_age}"
+                if i.after.bloat_method is not None:
+                    line += (f", table bloat {_share(i.before.table_bloat)} -> {_share(i.after.table_bloat)} "
+                             f"({i.after.bloat_method})")
+                after = {b.name: b for b in i.after.indexes}
+                line += "".join(f", index {b.name} bloat {_share(b.bloat)} -> {_share(after[b.name].bloat)}"
+                                for b in i.before.indexes if b.name in after)
             if i.lock_wait_seconds:
                 line += f", lock wait {i.lock_wait_seconds:.1f}s"
             if i.dropped_invalid:

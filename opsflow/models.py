@@ -419,6 +419,13 @@ class FailoverReport(ProcedureReport):
     old_primary_replica: bool | None = None  # switchover: the old primary streams from the new one (checked)
 
 
+class ObjectiveResult(BaseModel):
+    name: str  # restore_time | restore_point_age
+    objective_seconds: float
+    measured_seconds: float
+    met: bool
+
+
 class DrillReport(ProcedureReport):
     procedure: str = "drill"
     source_region: str | None = None
@@ -427,6 +434,8 @@ class DrillReport(ProcedureReport):
     restore_point: datetime | None = None
     restore_point_age_seconds: float | None = None  # the RPO the backups really give
     restore_seconds: float | None = None
+    latest_point_age_seconds: float | None = None  # the newest restorable point's age: what the RPO is judged on
+    objectives: list[ObjectiveResult] = []  # drill.objectives, judged
     checks: list[CheckResult] = []
     scratch_deleted: bool | None = None
 

@@ -325,6 +325,17 @@ class S3Location(Strict):
     prefix: str = ""
 
 
+class DrillObjectives(Strict):
+    """What the restore test proves: the restore took at most `restore_time` (the RTO a restore allows) and the
+    newest restorable point was at most `restore_point_age` old (the RPO the backups give). A miss fails the
+    drill (after the scratch target is deleted), naming the objective and the figure."""
+
+    restore_time: Seconds | None = None
+    restore_point_age: Seconds | None = None
+
+    _d = field_validator("restore_time", "restore_point_age", mode="before")(parse_duration)
+
+
 class DrillPolicy(Strict):
     """The monthly restore test: where to restore, what to verify."""
 
@@ -341,6 +352,7 @@ class DrillPolicy(Strict):
     checks: list[SqlCheck] = []
     schema_objects: list[str] = []
     notify_channels: list[str] = []
+    objectives: DrillObjectives | None = None  # e.g. {restore_time: 30m, restore_point_age: 15m}
 
     _d = field_validator("retention", "restore_timeout", "heartbeat_timeout", mode="before")(parse_duration)
 

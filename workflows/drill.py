@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
         CheckResult,
         DbStatus,
         DrillReport,
+        ObjectiveResult,
         RegionTarget,
         RestoreRequest,
         RestoreWindow,
@@ -109,6 +110,7 @@ class DrillWorkflow(Procedure[DrillReport]):
             raise Stop("refused", f"the point in time {point.isoformat()} is after the latest restorable time {window.latest.isoformat()}")
         req.point_in_time = report.restore_point = point
         report.restore_point_age_seconds = (workflow.now() - point).total_seconds()
+        report.latest_point_age_seconds = (workflow.now() - window.latest).total_seconds()
 
         await self.check_workers([inv.task_queue, q])
         self.declare(declare(inp, source, method, name, point))
@@ -152,6 +154,8 @@ class DrillWorkflow(Procedure[DrillReport]):
         if scratch.restore_point and scratch.restore_point != point:  # a dump restores to when it was taken
             report.restore_point = scratch.restore_point
             report.restore_point_age_seconds = (workflow.now() - scratch.restore_point).total_seconds()
+            if inp.point_in_time is None:  # the newest dump is the newest restorable point
+                report.latest_point_age_seconds = report.restore_point_age_seconds
         checks: list[CheckResult] = await self.step(
             "verify",
             "Verify integrity",
@@ -164,10 +168,16 @@ class DrillWorkflow(Procedure[DrillReport]):
             detail=lambda rs: f"{sum(r.ok for r in rs)}/{len(rs)} checks passed",
         )
         report.checks = checks
+        report.objectives = judge_objectives(policy.objectives, report)
         await self.undo()  # delete the scratch target now; on failure or cancellation `conclude` does it
         failed = [c for c in checks if not c.ok]
         if failed:
             raise Stop("failed", "integrity check(s) failed: " + "; ".join(f"{c.kind} {c.name}: {c.detail}" for c in failed))
+        missed = [o for o in report.objectives if not o.met]
+        if missed:
+            raise Stop("failed", "objective(s) missed: " + "; ".join(
+                f"{o.name.replace('_', ' ')} {o.measured_seconds:.0f}s, objective {o.objective_seconds:.0f}s"
+                for o in missed))
 
     async def current_primary(self) -> str:
         """The region whose database is primary now (after a failover it is not the inventory's)."""
@@ -205,6 +215,23 @@ class DrillWorkflow(Procedure[DrillReport]):
         )
         if report.restore_seconds is not None:
             line += f", restored in {report.restore_seconds:.0f}s, checks {ok}/{len(report.checks)}"
+        if report.objectives:
+            line += ", objectives " + ", ".join(f"{o.name} {'met' if o.met else 'MISSED'}" for o in report.objectives)
         if report.failure:
             line += f" — {report.failure}"
         await self.notify(line, severity="info" if status == "succeeded" else "critical", channels=inv.drill.notify_channels or None)
+
+
+def judge_objectives(objectives, report: DrillReport) -> list[ObjectiveResult]:
+    """drill.objectives against the figures measured: restore time (RTO of a restore), the newest restorable
+    point's age (the RPO the backups give)."""
+    if objectives is None:
+        return []
+    out = []
+    figures = (("restore_time", objectives.restore_time, report.restore_seconds),
+               ("restore_point_age", objectives.restore_point_age, report.latest_point_age_seconds))
+    for name, target, measured in figures:
+        if target is not None and measured is not None:
+            out.append(ObjectiveResult(name=name, objective_seconds=target, measured_seconds=measured,
+                                       met=measured <= target))
+    return out

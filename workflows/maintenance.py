@@ -35,7 +35,7 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory
     from opsflow.procedures import fleet_workflow_id
     from opsflow.rules import InventoryDigest, ProcedureInput, digest_of
-    from opsflow.maintenance import MaintenancePolicy
+    from opsflow.maintenance import MaintenancePolicy, calendar_notes
     from opsflow.maintenance_models import (
         BackupRequest,
         Deferred,
@@ -65,7 +65,8 @@ class MaintenanceInput(ProcedureInput):
     reason: str = ""
 
 
-VERBS = {"vacuum": "VACUUM", "analyze": "ANALYZE", "vacuum-analyze": "VACUUM (ANALYZE)", "reindex": "REINDEX CONCURRENTLY"}
+VERBS = {"vacuum": "VACUUM", "analyze": "ANALYZE", "vacuum-analyze": "VACUUM (ANALYZE)",
+         "vacuum-freeze": "VACUUM (FREEZE, ANALYZE)", "reindex": "REINDEX CONCURRENTLY"}
 
 
 def breaches(w: WatchResult) -> str:
@@ -80,7 +81,6 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
     """Every step after the preflight: the dry-run plan, and the only step names the run may record."""
     inv, policy = inp.inventory, inp.inventory.maintenance
     assert policy is not None
-    w = policy.window
     page, service = policy.status_page, (inv.regions[region].kubernetes.service if inv.regions[region].kubernetes else None)
     smoke = inv.regions[region].smoke_urls
     decls = [
@@ -98,7 +98,7 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
             policy.backup.take and policy.backup.verify,
         ),
         StepDecl("approval", f"wait for one of {', '.join(inv.approval.names())}"),
-        StepDecl("window", f"wait for the window ({', '.join(w.days)} {w.start}-{w.end} {w.timezone})", "outside the window"),
+        StepDecl("window", f"wait for the window ({policy.window_text()})", "outside the window"),
         StepDecl(
             "maintenance-on",
             f"annotate service {service} in {region} maintenance=true",
@@ -156,9 +156,11 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
         if policy is None:
             raise Stop("refused", f"the inventory of {inv.environment} has no maintenance: section")
         self.policy: MaintenancePolicy = policy
-        self.calendar = Calendar(windows=[policy.window])
-        w = policy.window
-        report.window = f"{', '.join(w.days)} {w.start}-{w.end} {w.timezone}, cutoff {policy.cutoff:.0f}s, on_cutoff {policy.on_cutoff}"
+        self.freezes_honoured = workflow.patched("maintenance-calendar-freezes")
+        self.calendar = policy.calendar(inv.rollout) if self.freezes_honoured else Calendar(windows=[policy.window])
+        report.window = f"{policy.window_text()}, cutoff {policy.cutoff:.0f}s, on_cutoff {policy.on_cutoff}"
+        if self.freezes_honoured and (self.calendar.freezes or self.calendar.ics):
+            report.window += "; " + "; ".join(self.calendar.describe().split("; ")[1:])
 
         # -- preflight: refuse before changing anything ------------------------------------------------------
         await self.check_workers(inv.all_queues())
@@ -171,8 +173,11 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
                 RegionTarget.of(inv, r),
                 queue=inv.region_queue(r),
             )
-        primaries = [r for r, s in statuses.items() if s.reachable and s.role == "primary"]
-        region = inp.region or (primaries[0] if primaries else None)
+        if workflow.patched("maintenance-writable-primary"):
+            region = self.find_primary(inp, statuses)
+        else:
+            primaries = [r for r, s in statuses.items() if s.reachable and s.role == "primary"]
+            region = inp.region or (primaries[0] if primaries else None)
         if region is None:
             raise Stop("refused", "no region's database answers as the primary")
         if region not in inv.regions:
@@ -301,9 +306,41 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
         await self.notify(self.summary(), severity="warning" if report.deferred or report.skipped or report.watch_breached else "info")
         self.end_step(record, "ok", self.summary())
 
+    def find_primary(self, inp: MaintenanceInput, statuses: dict[str, DbStatus]) -> str | None:
+        """The writable primary (the one `--region` names, else the one that takes writes). After a planned
+        failover the old primary is still a primary, fenced read-only, and not yet a replica of the new one: it
+        is said to be so, with the command that makes it a replica again, rather than taken for the primary or
+        reported as a replica that does not stream."""
+        primaries = [r for r, s in statuses.items() if s.reachable and s.role == "primary"]
+        writable = [r for r in primaries if not statuses[r].read_only]
+        region = inp.region or (writable[0] if writable else primaries[0] if primaries else None)
+        fenced = [r for r in primaries if statuses[r].read_only and r != region]
+        if region in primaries and statuses[region].read_only:
+            now = f"; the primary now is {writable[0]} (run without --region)" if writable else ""
+            raise Stop(
+                "refused",
+                f"the database in {region} is fenced (read-only: default_transaction_read_only is on){now}: "
+                "VACUUM and REINDEX need the writable primary",
+            )
+        if fenced and region is not None:
+            raise Stop(
+                "refused",
+                "; ".join(
+                    f"the database in {r} is the old primary, fenced (read-only) and not yet a replica of {region}, "
+                    f"the primary now: maintenance needs every replica streaming. Rebuild it as a replica with "
+                    f"`opsflow failback --to {r}` (it keeps what the old server holds, rebuilds it from {region}, "
+                    "waits for it to catch up, then fails back after approval), then run the maintenance again"
+                    for r in fenced
+                ),
+            )
+        return region
+
     # -- the window ------------------------------------------------------------------------------------------
 
     async def wait_for_window(self) -> None:
+        if self.freezes_honoured:
+            _, notes = calendar_notes(self.calendar, Calendar(windows=[self.policy.window]), workflow.now())
+            self.report.calendar = notes
         opens = self.calendar.next_opening(workflow.now())
         if opens is None:
             self.in_window = True
@@ -318,7 +355,8 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
         await self.boundary()
         self.in_window = self.window_override is None or self.calendar.is_open(workflow.now())
         self.report.window_opened_at = workflow.now()
-        self.end_step(record, "ok", f"overridden by {self.window_override.by}" if self.window_override else "window open")
+        said = f"overridden by {self.window_override.by}" if self.window_override else "window open"
+        self.end_step(record, "ok", "; ".join([said, *self.report.calendar]))
 
     def overridden(self, event: ControlEvent) -> str:
         self.report.override = event
@@ -396,9 +434,11 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
             if r.outcome != "done":
                 return f"{r.outcome}: {r.detail}"
             if r.before and r.after:
+                ages = (f", XID age {r.before.xid_age} -> {r.after.xid_age}"
+                        if r.before.xid_age is not None and r.after.xid_age is not None else "")
                 return (
                     f"dead tuples {r.before.n_dead_tup} -> {r.after.n_dead_tup}, size {r.before.table_bytes + r.before.index_bytes} -> "
-                    f"{r.after.table_bytes + r.after.index_bytes} bytes, lock wait {r.lock_wait_seconds:.1f}s"
+                    f"{r.after.table_bytes + r.after.index_bytes} bytes, lock wait {r.lock_wait_seconds:.1f}s" + ages
                 )
             return f"done in {r.seconds:.1f}s"
 

@@ -19,12 +19,24 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities.context import heartbeat as _heartbeat
-from activities.postgres.connection import (bad_input, connect, error_line, is_name_error, redact, sql_errors,
-                                            timeout_ms, where)
+from activities.postgres.bloat import bloated_index_candidates, has_pgstattuple, index_bloat, table_bloat
+from activities.postgres.connection import (
+    APPLICATION_NAME,
+    bad_input,
+    connect,
+    error_line,
+    is_name_error,
+    redact,
+    sql_errors,
+    timeout_ms,
+    where,
+)
+from opsflow.maintenance import VACUUM_KINDS
 from opsflow.maintenance_models import ItemResult, TableStats
 
 
 MAINTENANCE_POLL = 1.0  # how often the watching session samples progress and heartbeats
+BLOAT_KINDS = ("vacuum", "vacuum-analyze", "vacuum-freeze", "reindex")  # measured before and after
 CCNEW = "_ccnew"  # REINDEX CONCURRENTLY names its new index <index>_ccnew[N]; a failed run leaves it invalid
 
 
@@ -37,8 +49,9 @@ def _ident(table: str) -> sql.Composable:
     return sql.Identifier(*_split_table(table))
 
 
-def table_stats(conn: psycopg.Connection, table: str) -> Any:
-    """n_live_tup, n_dead_tup, sizes, last (auto)vacuum/analyze and invalid indexes of a table, or None."""
+def table_stats(conn: psycopg.Connection, table: str, bloat: bool = False) -> Any:
+    """n_live_tup, n_dead_tup, sizes, last (auto)vacuum/analyze, invalid indexes and XID ages of a table, or None;
+    with `bloat` its table and index bloat too (activities/postgres/bloat.py: reads the table and its indexes)."""
     schema, name = _split_table(table)
     row = conn.execute(
         """
@@ -46,8 +59,10 @@ def table_stats(conn: psycopg.Connection, table: str) -> Any:
                greatest(s.last_vacuum, s.last_autovacuum), greatest(s.last_analyze, s.last_autoanalyze),
                coalesce((select array_agg(ic.relname::text order by ic.relname)
                            from pg_index i join pg_class ic on ic.oid = i.indexrelid
-                          where i.indrelid = c.oid and not i.indisvalid), '{}')
+                          where i.indrelid = c.oid and not i.indisvalid), '{}'),
+               greatest(age(c.relfrozenxid), age(t.relfrozenxid)), mxid_age(c.relminmxid)
           from pg_class c join pg_namespace n on n.oid = c.relnamespace
+          left join pg_class t on t.oid = c.reltoastrelid
           left join pg_stat_user_tables s on s.relid = c.oid
          where n.nspname = %s and c.relname = %s and c.relkind in ('r', 'p', 'm')
         """,
@@ -55,8 +70,15 @@ def table_stats(conn: psycopg.Connection, table: str) -> Any:
     ).fetchone()
     if row is None:
         return None
-    live, dead, tbytes, ibytes, last_vacuum, last_analyze, invalid = row
+    live, dead, tbytes, ibytes, last_vacuum, last_analyze, invalid, xid_age, mxid_age = row
+    measured: dict[str, Any] = {}
+    if bloat:
+        pgstattuple = has_pgstattuple(conn)
+        ratio, method = table_bloat(conn, schema, name, pgstattuple)
+        measured = {"table_bloat": ratio, "bloat_method": method,
+                    "indexes": index_bloat(conn, schema, name, pgstattuple)}
     return TableStats(
+        **measured,
         n_live_tup=live or 0,
         n_dead_tup=dead or 0,
         table_bytes=tbytes or 0,
@@ -64,6 +86,8 @@ def table_stats(conn: psycopg.Connection, table: str) -> Any:
         last_vacuum=last_vacuum,
         last_analyze=last_analyze,
         invalid_indexes=list(invalid),
+        xid_age=xid_age,
+        mxid_age=mxid_age,
     )
 
 
@@ -105,6 +129,51 @@ def dead_tuple_candidates(db: Any, min_dead_tuples: int, dead_ratio: float, limi
     ]
 
 
+def wraparound_candidates(db: Any, freeze_ratio: float, limit: int) -> list[tuple[str, str]]:
+    """(schema.table, why) of the tables whose transaction-ID age (the greater of the table's and its TOAST
+    table's age(relfrozenxid)) has reached `freeze_ratio` of autovacuum_freeze_max_age, or whose multixact age
+    (mxid_age(relminmxid)) that share of autovacuum_multixact_freeze_max_age, the oldest (by that share) first.
+    A per-table autovacuum_freeze_max_age storage parameter is honoured where set. Catalog only, no lock."""
+    with connect(db) as conn, sql_errors(db, "wraparound selection"):
+        rows = conn.execute(
+            """
+            with t as (
+              select n.nspname, c.relname,
+                     greatest(age(c.relfrozenxid), age(tc.relfrozenxid))::bigint as xid_age,
+                     mxid_age(c.relminmxid)::bigint as mxid_age,
+                     least(current_setting('autovacuum_freeze_max_age')::bigint,
+                           coalesce((select option_value::bigint from pg_options_to_table(c.reloptions)
+                                      where option_name = 'autovacuum_freeze_max_age'),
+                                    current_setting('autovacuum_freeze_max_age')::bigint)) as xid_max,
+                     current_setting('autovacuum_multixact_freeze_max_age')::bigint as mxid_max
+                from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                left join pg_class tc on tc.oid = c.reltoastrelid
+               where c.relkind in ('r', 'm') and n.nspname not in ('pg_catalog', 'information_schema')
+                 and n.nspname !~ '^pg_(toast|temp_)'
+            )
+            select nspname, relname, xid_age, mxid_age, xid_max, mxid_max,
+                   greatest(xid_age::float8 / xid_max, mxid_age::float8 / mxid_max) as share
+              from t
+             where xid_age::float8 / xid_max >= %s or mxid_age::float8 / mxid_max >= %s
+             order by share desc, nspname, relname
+             limit %s
+            """,
+            (freeze_ratio, freeze_ratio, limit),
+        ).fetchall()
+    return [
+        (f"{s}.{t}", f"XID age {xid} ({xid / xmax:.0%} of autovacuum_freeze_max_age {xmax}), multixact age {mxid} "
+                     f"({mxid / mmax:.0%} of {mmax}); threshold {freeze_ratio:.0%}: VACUUM (FREEZE) before the "
+                     "anti-wraparound autovacuum")
+        for s, t, xid, mxid, xmax, mmax, _share in rows
+    ]
+
+
+def bloated_index_tables(db: Any, min_bloat: float, min_bytes: int, limit: int) -> list[tuple[str, str]]:
+    """(schema.table, why) of the tables with a btree index bloated beyond the thresholds, worst first."""
+    with connect(db) as conn, sql_errors(db, "index bloat"):
+        return bloated_index_candidates(conn, min_bloat, min_bytes, limit)
+
+
 def replication_lag_bytes(db: Any) -> dict[str, int]:
     """Bytes each streaming replica of the primary `db` has still to replay (pg_stat_replication)."""
     with connect(db) as conn, sql_errors(db, "replication lag"):
@@ -123,6 +192,7 @@ def _maintenance_statement(item: Any) -> sql.Composable:
         "vacuum": sql.SQL("VACUUM {}"),
         "analyze": sql.SQL("ANALYZE {}"),
         "vacuum-analyze": sql.SQL("VACUUM (ANALYZE) {}"),
+        "vacuum-freeze": sql.SQL("VACUUM (FREEZE, ANALYZE) {}"),
         "reindex": sql.SQL("REINDEX TABLE CONCURRENTLY {}"),
     }[item.kind].format(table)
 
@@ -169,6 +239,82 @@ def _progress(conn: psycopg.Connection, pid: int) -> tuple[str, bool]:
     return line, bool(waiting)
 
 
+def _identical_running(conn: psycopg.Connection, text: str, own_pid: int) -> list[tuple[int, bool]]:
+    """(pid, started by opsflow) of the other sessions of this database running exactly `text` now: what a
+    previous attempt of this item left running when its worker died (its backend goes on until it next talks to
+    the client), or the same statement typed by a person."""
+    return [
+        (pid, app == APPLICATION_NAME)
+        for pid, app in conn.execute(
+            """
+            select pid, application_name from pg_stat_activity
+             where datname = current_database() and state = 'active' and pid <> %s and backend_type = 'client backend'
+               and query = left(%s, (select setting::int - 1 from pg_settings where name = 'track_activity_query_size'))
+             order by query_start
+            """,
+            (own_pid, text),
+        ).fetchall()
+    ]
+
+
+def _previous_before() -> Any:
+    """On a retry, the statistics before that the previous attempt heartbeated (None on a first attempt)."""
+    if not activity.in_activity():
+        return None
+    details = activity.info().heartbeat_details
+    before = details[0].get("before") if details and isinstance(details[0], dict) else None
+    try:
+        return TableStats.model_validate(before) if before else None
+    except ValueError:
+        return None
+
+
+def _beat(item: Any, progress: str, started: float, before: Any) -> None:
+    """Progress, and the statistics before (a retry after a crash reads them back: did that attempt finish?)."""
+    _heartbeat({"item": item.key, "progress": progress, "seconds": round(time.monotonic() - started, 1),
+                "before": before.model_dump(mode="json") if before is not None else None})
+
+
+def _wait_for_identical(
+    watch: psycopg.Connection, item: Any, text: str, own_pid: int, started: float, poll: float,
+    cancel_at: datetime | None, before: Any = None,
+) -> tuple[list[int], bool]:
+    """Wait, heartbeating its progress, until no identical statement runs any more, instead of queueing a second
+    one behind its lock. Returns the pids waited for and whether the cutoff cancelled ours among them. An abort
+    (cancellation) or the cutoff cancels those opsflow started (pg_cancel_backend); a person's is left alone."""
+    waited: list[int] = []
+    at_cutoff = False
+    while others := _identical_running(watch, text, own_pid):
+        waited += [p for p, _ in others if p not in waited]
+        pid = others[0][0]
+        line, _ = _progress(watch, pid)
+        _beat(item, f"waiting for the identical statement already running (pid {pid}): {line}", started, before)
+        if activity.in_activity() and activity.is_cancelled():
+            for p, ours in others:
+                if ours:
+                    watch.execute("select pg_cancel_backend(%s)", (p,))
+            raise CancelledError("activity cancelled")
+        if cancel_at is not None and not at_cutoff and datetime.now(timezone.utc) >= cancel_at:
+            at_cutoff = True
+            for p, ours in others:
+                if ours:
+                    watch.execute("select pg_cancel_backend(%s)", (p,))
+        time.sleep(poll)
+    return waited, at_cutoff
+
+
+def _done_by_other(before: Any, after: Any, kind: str) -> bool:
+    """Whether the statement waited for did this item's work (a VACUUM or ANALYZE leaves its timestamp; for
+    the others it cannot be told, and they run again)."""
+    if before is None or after is None:
+        return False
+    if kind in VACUUM_KINDS:
+        return after.last_vacuum is not None and after.last_vacuum != before.last_vacuum
+    if kind == "analyze":
+        return after.last_analyze is not None and after.last_analyze != before.last_analyze
+    return False
+
+
 def run_maintenance(
     db: Any, item: Any, guards: Any, *, cancel_at: datetime | None = None, poll: float = MAINTENANCE_POLL
 ) -> Any:
@@ -193,16 +339,43 @@ def run_maintenance(
                 )
             if item.table:
                 try:
-                    result.before = table_stats(watch, item.table)
+                    result.before = table_stats(watch, item.table, bloat=item.kind in BLOAT_KINDS)
                 except pgerrors.LockNotAvailable:
                     result.outcome, result.detail = "lock-timeout", f"lock not granted within {guards.lock_timeout:g}s"
                     result.seconds = time.monotonic() - started
                     return result
                 if result.before is None:
                     raise bad_input(f"table {item.table} does not exist on {where(db)}")
+            pid = work.info.backend_pid
+            # A retry after a worker died mid-statement: that statement may still run on its backend. Wait for it
+            # rather than start a second one behind its lock (and never drop the _ccnew index it is building).
+            # The earlier attempt's statistics before (from its last heartbeat) tell whether it finished.
+            prior = _previous_before()
+            if prior is not None:
+                result.before = prior
+            waited, at_cutoff = _wait_for_identical(watch, item, _maintenance_statement(item).as_string(work), pid,
+                                                    started, poll, cancel_at, result.before)
+            seconds = time.monotonic() - started
+            if waited:
+                pids = ", ".join(str(p) for p in waited)
+                result.detail = f"waited {seconds:.1f}s for the identical statement already running (pid {pids})"
+                if at_cutoff:
+                    result.outcome = "cancelled-at-cutoff"
+                    result.detail += "; cancelled at the window's cutoff (pg_cancel_backend)"
+                    result.seconds = seconds
+                    return result
+            if (waited or prior) and item.table:
+                if _done_by_other(result.before, table_stats(watch, item.table), item.kind):
+                    result.detail = (result.detail + ", which did the work" if waited else
+                                     "the previous attempt's statement finished after its worker stopped") + \
+                        ": not run again"
+                    result.seconds = seconds
+                    result.after = table_stats(watch, item.table, bloat=item.kind in BLOAT_KINDS)
+                    return result
+            if waited:
+                result.detail += "; it did not finish the work: run again"
             if item.kind == "reindex":
                 result.dropped_invalid = _drop_invalid_ccnew(work, item.table)
-            pid = work.info.backend_pid
         failure: list[BaseException] = []
 
         def execute() -> None:
@@ -226,7 +399,7 @@ def run_maintenance(
                 if waiting:
                     result.lock_wait_seconds += now - last_sample
                 last_sample = now
-                _heartbeat({"item": item.key, "progress": line, "seconds": round(now - started, 1)})
+                _beat(item, line, started, result.before)
                 if activity.in_activity() and activity.is_cancelled():
                     raise CancelledError("activity cancelled")
                 if cancel_at is not None and cancelled_by is None and datetime.now(timezone.utc) >= cancel_at:
@@ -270,7 +443,7 @@ def run_maintenance(
                 result.dropped_invalid += _drop_invalid_ccnew(watch, item.table)
         if item.table and result.outcome != "lock-timeout":
             with sql_errors(db, f"statistics of {item.table}"):
-                if item.kind in ("vacuum", "vacuum-analyze") and result.outcome == "done":
+                if item.kind in VACUUM_KINDS and result.outcome == "done":
                     # the statistics collector reports a VACUUM's effect asynchronously; wait until it shows
                     deadline = time.monotonic() + 10
                     while True:
@@ -281,9 +454,9 @@ def run_maintenance(
                         ):
                             break
                         time.sleep(0.1)
-                    result.after = after
+                    result.after = table_stats(watch, item.table, bloat=True)
                 else:
-                    result.after = table_stats(watch, item.table)
+                    result.after = table_stats(watch, item.table, bloat=item.kind in BLOAT_KINDS)
         return result
     finally:
         for c in (work, watch):

@@ -409,3 +409,202 @@ def test_watch_queries_prometheus_and_a_breach_ends_it_early(prometheus_url):
     result = ActivityEnvironment().run(maint.watch, WatchRequest(policy=alarming, duration=60))
     assert not result.ok and result.results[0].breached and "above 0.5" in result.results[0].detail
     assert time.monotonic() - started < 30  # the first breach ends the watch: it alerts at once
+
+
+@pytest.fixture(scope="module")
+def aged_cluster():
+    """A cluster of this test's own with autovacuum_freeze_max_age at its minimum (100 000; it needs a restart),
+    so that a table can be made old for real in a second: 70 000 transactions burnt after it was created."""
+    root = Path(tempfile.mkdtemp(prefix="opsflow-maint-xid-"))
+    cluster = init_primary(root, "aged")
+    try:
+        query(cluster, "ALTER SYSTEM SET autovacuum_freeze_max_age = 100000")
+        cluster.stop("fast")
+        cluster.start(wait=True)
+        yield cluster
+    finally:
+        try:
+            cluster.stop("fast")
+        except Exception:
+            cluster.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def burn_xids(cluster, n: int) -> None:
+    with psycopg.connect(cluster.dsn, autocommit=True) as c:
+        c.execute("SET synchronous_commit = off")
+        c.execute(f"DO $$ BEGIN FOR i IN 1..{int(n)} LOOP PERFORM txid_current(); COMMIT; END LOOP; END $$")
+
+
+def test_a_table_near_wraparound_is_picked_first_frozen_and_its_xid_age_reported_before_and_after(aged_cluster):
+    db = aged_cluster
+    assert query(db, "show autovacuum_freeze_max_age") == [("100000",)]
+    query(db, "CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+    query(db, "INSERT INTO ledger SELECT g, repeat('x', 3000) FROM generate_series(1, 50) g")  # a TOAST table too
+    burn_xids(db, 70_000)
+    # a young table with many dead tuples, created after the burn: picked for its dead tuples, after the old one
+    query(db, "CREATE TABLE churn (id int PRIMARY KEY) WITH (autovacuum_enabled = off)")
+    query(db, "INSERT INTO churn SELECT generate_series(1, 20000)")
+    query(db, "DELETE FROM churn WHERE id <= 15000")
+    wait_for(lambda: stats(db, "public.churn").n_dead_tup >= 15_000, 30, "the statistics to show the dead tuples")
+    old = stats(db, "public.ledger")
+    assert old.xid_age >= 70_000 and stats(db, "public.churn").xid_age < 1_000
+
+    task = MaintenanceTask(kind="vacuum-analyze", tables="auto", auto={"min_dead_tuples": 1000, "dead_ratio": 0.2})
+    plan = ActivityEnvironment().run(maint.plan, PlanRequest(target=target(db), backup=BackupPolicy(take=False),
+                                                             tasks=[task]))
+    assert [(i.kind, i.table) for i in plan.items] == [("vacuum-freeze", "public.ledger"),
+                                                       ("vacuum-analyze", "public.churn")]
+    assert "of autovacuum_freeze_max_age 100000" in plan.items[0].reason and "7" in plan.items[0].reason
+    assert "15000 dead tuples" in plan.items[1].reason
+
+    # freeze_ratio above the table's share: not picked for its age (the threshold is honoured, not just a sort)
+    strict = MaintenanceTask(kind="vacuum", tables="auto", auto={"freeze_ratio": 0.9, "min_dead_tuples": 10**9})
+    assert ActivityEnvironment().run(maint.plan, PlanRequest(target=target(db), backup=BackupPolicy(take=False),
+                                                             tasks=[strict])).items == []
+
+    result = ActivityEnvironment().run(maint.run_item, RunItemRequest(target=target(db), item=plan.items[0],
+                                                                      guards=GUARDS))
+    assert result.outcome == "done", result
+    assert result.before.xid_age >= 70_000 and result.after.xid_age < 100, (result.before, result.after)
+    assert result.after.last_analyze is not None  # FREEZE with ANALYZE
+    assert stats(db, "public.ledger").xid_age < 1_000
+    # every row frozen: the visibility map says all-frozen for every page of the table
+    assert query(db, "CREATE EXTENSION IF NOT EXISTS pg_visibility") is None
+    assert query(db, "SELECT bool_and(all_frozen) FROM pg_visibility_map('ledger')") == [(True,)]
+    from opsflow.maintenance_models import ItemResult, MaintenanceReport  # the report says it to a person
+    line = next(x for x in MaintenanceReport(workflow_id="w", environment="lab", requester="a", items=[
+        ItemResult.model_validate(result.model_dump())]).figure_lines() if x.startswith("vacuum-freeze:"))
+    assert f"XID age {result.before.xid_age} -> {result.after.xid_age}" in line
+
+
+CRASHING_WORKER = """
+import sys
+from temporalio.testing import ActivityEnvironment
+from activities import maintenance as maint
+from opsflow.maintenance_models import RunItemRequest
+ActivityEnvironment().run(maint.run_item, RunItemRequest.model_validate_json(sys.argv[1]))
+"""
+
+
+def test_a_retry_after_a_worker_died_mid_vacuum_waits_for_the_vacuum_still_running(aged_cluster):
+    """The first attempt runs in a process of its own (a worker), killed with SIGKILL mid-VACUUM: its backend goes
+    on vacuuming. The retry finds it, waits for it, and does not start a second VACUUM (vacuum_count ends at 1)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    db = aged_cluster
+    query(db, "CREATE TABLE crashy (id int PRIMARY KEY, v text) WITH (autovacuum_enabled = off)")
+    query(db, "INSERT INTO crashy SELECT g, md5(g::text) FROM generate_series(1, 100000) g")
+    query(db, "DELETE FROM crashy WHERE id % 2 = 0")
+    request = RunItemRequest(target=target(db), item=item("vacuum", "public.crashy"), guards=GUARDS)
+    # the first worker's VACUUM is throttled (vacuum_cost_delay, for that session only) so that it is caught midway
+    env = {**os.environ, "PGOPTIONS": "-c vacuum_cost_delay=2 -c vacuum_cost_limit=1"}
+    worker = subprocess.Popen([sys.executable, "-c", CRASHING_WORKER, request.model_dump_json()], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        running = "select pid from pg_stat_progress_vacuum where relid = 'crashy'::regclass"
+        wait_for(lambda: query(db, running), 60, "the first worker's VACUUM to run")
+        orphan = query(db, running)[0][0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert query(db, "select state from pg_stat_activity where pid = %s", (orphan,)) == [("active",)]  # goes on
+    assert query(db, "select vacuum_count from pg_stat_user_tables where relname = 'crashy'") == [(0,)]
+
+    env = ActivityEnvironment()
+    beats: list = []
+    env.on_heartbeat = lambda *d: beats.append(d)
+    result = env.run(maint.run_item, request)  # the retry, on another worker
+    assert result.outcome == "done", result
+    assert f"already running (pid {orphan})" in result.detail and "not run again" in result.detail
+    assert any(f"(pid {orphan})" in b[0]["progress"] for b in beats)  # it said what it was waiting for
+    assert query(db, "select vacuum_count from pg_stat_user_tables where relname = 'crashy'") == [(1,)]
+    assert result.before.n_dead_tup >= 50_000 and result.after.n_dead_tup == 0 and result.after.last_vacuum
+    assert query(db, "select count(*) from pg_stat_activity where query like 'VACUUM %%crashy%%'") == [(0,)]
+
+
+def test_reindex_is_picked_by_measured_index_bloat_and_the_bloat_is_reported_before_and_after(clusters):
+    from activities.postgres.bloat import index_bloat
+
+    primary, _ = clusters
+    query(primary, "CREATE TABLE IF NOT EXISTS sparse (id int PRIMARY KEY, k int) WITH (autovacuum_enabled = off)")
+    query(primary, "CREATE INDEX IF NOT EXISTS sparse_k ON sparse (k)")
+    query(primary, "CREATE TABLE IF NOT EXISTS dense (id int PRIMARY KEY)")  # well-packed: never picked
+    query(primary, "INSERT INTO dense SELECT generate_series(1, 100000) ON CONFLICT DO NOTHING")
+    query(primary, "INSERT INTO sparse SELECT g, g FROM generate_series(1, 200000) g ON CONFLICT DO NOTHING")
+    query(primary, "DELETE FROM sparse WHERE id % 10 < 7")  # 70% gone, spread over every leaf page
+    settle(primary)
+    query(primary, "VACUUM (ANALYZE) sparse")  # the dead entries go; the leaf pages stay, a third full
+    query(primary, "ANALYZE dense")
+    task = MaintenanceTask(kind="reindex", tables="auto", auto={"min_index_bloat": 0.4, "min_index_bytes": "256kB"})
+    request = PlanRequest(target=target(primary), backup=BackupPolicy(take=False), tasks=[task])
+
+    # without pgstattuple: the catalogue estimate
+    query(primary, "DROP EXTENSION IF EXISTS pgstattuple")
+    picked = {i.table: i for i in ActivityEnvironment().run(maint.plan, request).items}  # (other tests' too)
+    assert "public.sparse" in picked and "public.dense" not in picked, picked
+    assert picked["public.sparse"].kind == "reindex"
+    assert "index public.sparse_k " in picked["public.sparse"].reason and "(estimate:" in picked["public.sparse"].reason
+
+    # with pgstattuple: measured (average leaf density against the fillfactor)
+    query(primary, "CREATE EXTENSION pgstattuple")
+    picked = {i.table: i for i in ActivityEnvironment().run(maint.plan, request).items}
+    assert "public.sparse" in picked and "public.dense" not in picked, picked
+    assert "(pgstattuple: average leaf density" in picked["public.sparse"].reason
+    with psycopg.connect(primary.dsn, autocommit=True) as c:
+        measured = {b.name: b for b in index_bloat(c, "public", "sparse")}
+        estimated = {b.name: b for b in index_bloat(c, "public", "sparse", measured=False)}
+    for name in ("public.sparse_k", "public.sparse_pkey"):  # the two methods agree to within 15 points
+        assert measured[name].bloat > 0.5 and abs(measured[name].bloat - estimated[name].bloat) < 0.15, (
+            measured[name], estimated[name])
+
+    result = ActivityEnvironment().run(maint.run_item, RunItemRequest(target=target(primary),
+                                                                      item=picked["public.sparse"], guards=GUARDS))
+    assert result.outcome == "done"
+    before = {b.name: b for b in result.before.indexes}
+    after = {b.name: b for b in result.after.indexes}
+    assert before["public.sparse_k"].bloat > 0.5 and after["public.sparse_k"].bloat < 0.1, (before, after)
+    assert after["public.sparse_k"].bytes < before["public.sparse_k"].bytes / 2
+    assert result.after.bloat_method == "pgstattuple" and result.after.table_bloat is not None
+    from opsflow.maintenance_models import ItemResult, MaintenanceReport
+
+    lines = MaintenanceReport(workflow_id="w", environment="lab", requester="a",
+                              items=[ItemResult.model_validate(result.model_dump())]).figure_lines()
+    assert any("index public.sparse_k bloat" in line for line in lines), lines
+    assert "public.sparse" not in {i.table for i in ActivityEnvironment().run(maint.plan, request).items}
+
+
+def test_a_retry_after_the_dead_workers_vacuum_already_finished_does_not_vacuum_again(aged_cluster):
+    """The previous attempt's last heartbeat carries the statistics before; its VACUUM finished after the worker
+    died (last_vacuum moved): the retry reports it done, and vacuum_count stays 1."""
+    import dataclasses
+
+    db = aged_cluster
+    query(db, "CREATE TABLE finished (id int PRIMARY KEY) WITH (autovacuum_enabled = off)")
+    query(db, "INSERT INTO finished SELECT generate_series(1, 10000)")
+    query(db, "DELETE FROM finished WHERE id <= 5000")
+    wait_for(lambda: stats(db, "public.finished").n_dead_tup >= 5000, 30, "the statistics to show the dead tuples")
+    before = stats(db, "public.finished")
+    query(db, "VACUUM public.finished")  # what the dead worker's backend did on its own
+    count = "select vacuum_count from pg_stat_user_tables where relname = 'finished'"
+    wait_for(lambda: query(db, count) == [(1,)], 10, "the VACUUM in the statistics")
+
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=[
+        {"item": "vacuum:public.finished", "progress": "scanning heap", "before": before.model_dump(mode="json")}])
+    result = env.run(maint.run_item, RunItemRequest(target=target(db), item=item("vacuum", "public.finished"),
+                                                    guards=GUARDS))
+    assert result.outcome == "done" and "finished after its worker stopped: not run again" in result.detail, result
+    assert result.before.n_dead_tup >= 5000 and result.after.n_dead_tup == 0  # the report's before is the first's
+    assert query(db, count) == [(1,)]
+    # a first attempt (no heartbeat details) vacuums, as always
+    again = ActivityEnvironment().run(maint.run_item, RunItemRequest(target=target(db),
+                                                                     item=item("vacuum", "public.finished"),
+                                                                     guards=GUARDS))
+    assert again.outcome == "done" and again.detail == ""
+    assert query(db, count) == [(2,)]

@@ -34,6 +34,12 @@ def test_failback_returns_to_the_recovered_region(lab, worker):
     assert stranded["ready"] is False and stranded["primary_region"] == "westeurope"
     assert [(c["check"], c["region"]) for c in stranded["checks"] if not c["ok"]] == [("replica", "eastus")]
     assert "opsflow failback --to eastus" in stranded["failure"]
+    # The maintenance window finds the new primary and says what the fenced old one needs (issue 22).
+    refused = lab.cli("maintenance", "--dry-run", "--requester", "alice", "--json")
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "not streaming" not in said, said
+    assert "eastus is the old primary, fenced (read-only) and not yet a replica of westeurope" in said, said
+    assert "opsflow failback --to eastus" in said, said
 
     wid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice", "--reason", "eastus recovered")[
         "workflow_id"

@@ -25,6 +25,7 @@ from opsflow.contracts.restore import (
     RESTORE_WINDOW,
 )
 from opsflow.inventory import Inventory
+from opsflow.sections import DrillObjectives
 from opsflow.models import (
     CheckResult, DbStatus, DrillReport, RegionTarget, NotifyRequest, RestoreRequest, RestoreWindow, ScratchTarget,
     VerifyRequest,
@@ -369,3 +370,20 @@ async def test_the_launcher_started_by_hand_runs_nothing(drilling, backups, dril
         )
     assert "may run drill, maintenance, readiness or dry runs, not a failover" in str(refused.value.cause)
     assert backups.created == []
+
+
+async def test_objectives_are_judged_and_a_missed_one_fails_the_drill_naming_it(drilling, backups, drill_inventory):
+    # the newest restorable point is at least 5 minutes old: an RPO objective of one minute is missed
+    inv = drill_inventory.model_copy(deep=True)
+    inv.drill = inv.drill.model_copy(update={"objectives": DrillObjectives(restore_time="1h", restore_point_age="1m")})
+    report = await failed(await start(drilling, inv))
+    assert report.status == "failed", report.failure
+    assert "objective(s) missed: restore point age" in report.failure and "objective 60s" in report.failure
+    assert [(o.name, o.met) for o in report.objectives] == [("restore_time", True), ("restore_point_age", False)]
+    assert report.scratch_deleted is True and backups.scratch == set()
+    assert "restore_point_age MISSED" in backups.notifications[-1]
+
+    inv.drill = inv.drill.model_copy(update={"objectives": DrillObjectives(restore_time=3600, restore_point_age=10**9)})
+    report = DrillReport.model_validate(await (await start(drilling, inv)).result())
+    assert report.status == "succeeded" and all(o.met for o in report.objectives) and len(report.objectives) == 2
+    assert report.objectives[1].measured_seconds == report.latest_point_age_seconds >= 300

@@ -79,12 +79,15 @@ class MaintWorld:
     cancel_at: dict = field(default_factory=dict)
     release: threading.Event = field(default_factory=threading.Event)
     block: set = field(default_factory=set)  # keys that wait for `release`
+    db: dict = field(default_factory=dict)  # region -> the DbStatus it answers (default: eastus primary)
 
     def activities(self):
         w = self
 
         @DB_STATUS.implementation
         def db_status(t: RegionTarget) -> DbStatus:
+            if t.region in w.db:
+                return w.db[t.region]
             if t.region == "eastus":
                 return DbStatus(region=t.region, reachable=True, role="primary", current_lsn="0/3000000")
             return DbStatus(
@@ -630,3 +633,82 @@ async def test_aborting_the_fleet_cancels_the_running_environments_which_undo(wo
     assert [m.status for m in report.members] == ["aborted", "aborted", "not-started"]
     assert not mworld.maintenance  # each child turned maintenance mode off again
     assert sorted(mworld.cancelled) == ["vacuum-analyze:public.orders"] * 2  # their running statements were stopped
+
+
+async def test_after_a_planned_failover_the_fenced_old_primary_is_named_with_the_command_that_fixes_it(worker, mworld):
+    env = worker
+    # eastus: the old primary, fenced read-only, not a replica yet; westeurope: promoted, takes writes
+    mworld.db = {"eastus": DbStatus(region="eastus", reachable=True, role="primary", read_only=True),
+                 "westeurope": DbStatus(region="westeurope", reachable=True, role="primary")}
+    inv = maint_inventory(await env.get_current_time())
+    report = await failed_report(await start(env, inv))
+    assert report.status == "refused" and report.region is None
+    assert "not streaming" not in report.failure and "replicas are not healthy" not in report.failure
+    assert "eastus is the old primary, fenced (read-only) and not yet a replica of westeurope" in report.failure
+    assert "`opsflow failback --to eastus`" in report.failure
+    assert not [c for e, c in mworld.calls if e == inv.environment]  # nothing planned, nothing changed
+
+    # --region naming the fenced one: refused, naming the writable primary
+    report = await failed_report(await start(env, inv, region="eastus"))
+    assert "eastus is fenced (read-only" in report.failure and "the primary now is westeurope" in report.failure
+
+    # once the old primary is a streaming replica again, the window runs on the new primary
+    mworld.db["eastus"] = DbStatus(region="eastus", reachable=True, role="replica", streaming=True,
+                                   current_lsn="0/3000000", replay_lsn="0/3000000")
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    assert report.status == "succeeded" and report.region == "westeurope"
+
+
+async def test_a_rollout_freeze_over_the_window_skips_it_to_the_next_one_and_the_report_says_so(worker, mworld):
+    from tests.workflow.test_canary_workflow import ROLLOUT
+
+    env = worker
+    now = await env.get_current_time()
+    freeze = {"name": "release freeze", "start": (now + timedelta(hours=4)).isoformat(),
+              "end": (now + timedelta(hours=8)).isoformat()}
+    raw = inventory_dict(workflow_task_queue=QUEUE, rollout={**ROLLOUT, "freezes": [freeze]}, maintenance={
+        "window": window_around(now, opens_in=timedelta(hours=5), length=timedelta(hours=2)),
+        "tasks": [{"kind": "vacuum", "tables": ["public.orders"]}], "backup": {"take": False}})
+    for r in raw["regions"].values():
+        r["task_queue"] = QUEUE
+    inv = Inventory.model_validate(raw)
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    assert report.status == "succeeded"
+    # not the window in 5 hours (frozen), the same one a week later
+    opened = now + timedelta(days=7, hours=5)
+    assert opened - timedelta(minutes=1) <= report.window_opened_at <= opened + timedelta(minutes=5)
+    assert len(report.calendar) == 1 and "is skipped (freeze release freeze)" in report.calendar[0], report.calendar
+    assert "frozen release freeze" in report.window
+    window_step = next(s for s in report.steps if s.name == "window")
+    assert "is skipped (freeze release freeze)" in window_step.detail
+    assert any(line.startswith("CALENDAR the window") for line in report.figure_lines())
+
+
+async def test_a_freeze_starting_inside_the_window_shortens_it_and_the_cutoff_comes_earlier(worker, mworld):
+    env = worker
+    now = await env.get_current_time()
+    # open since 10 minutes for 3 hours, but a freeze starts in 30 minutes: with a 40-minute cutoff nothing starts
+    freeze = {"name": "payroll run", "start": (now + timedelta(minutes=30)).isoformat(),
+              "end": (now + timedelta(hours=2)).isoformat()}
+    inv = maint_inventory(now, window=window_around(now, opens_in=timedelta(minutes=-10), length=timedelta(hours=3)),
+                          cutoff="40m", freezes=[freeze], backup={"take": False})
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    assert report.status == "succeeded"
+    assert keys(report) == []
+    assert [d.key for d in report.deferred] == ["vacuum-analyze:public.orders", "vacuum-analyze:public.events",
+                                                "reindex:public.events"]
+    assert len(report.calendar) == 1 and "is shortened" in report.calendar[0], report.calendar
+    assert "(freeze payroll run starts)" in report.calendar[0]
+
+    # without the freeze the same window runs every table (the freeze made the difference)
+    inv = maint_inventory(await env.get_current_time(), cutoff="40m", backup={"take": False})
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    assert len(keys(report)) == 3 and report.calendar == []

@@ -6,6 +6,9 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from opsflow.client import start_procedure
+from opsflow.contracts.db import DB_STATUS
+from opsflow.contracts.k8s import K8S_STATUS
+from opsflow.contracts.traffic import TRAFFIC_STATUS
 from opsflow.models import ReadinessReport
 from tests.workflow.conftest import worker_holds
 from workflows.readiness import ReadinessInput
@@ -32,7 +35,7 @@ async def test_a_healthy_environment_is_ready_and_nothing_changed(running, world
                                                            ("kubernetes", "westeurope"), ("traffic", None),
                                                            ("workers", None)}
     assert world.unchanged and not world.rebuilds
-    assert set(world.calls) <= {"db.status", "k8s.status", "traffic.status"}  # reads only
+    assert set(world.calls) <= {DB_STATUS.name, K8S_STATUS.name, TRAFFIC_STATUS.name}  # reads only
 
 
 @pytest.mark.parametrize("breakage, expected", [
