@@ -213,7 +213,8 @@ def main() -> int:
             bloat.append({"procedure": (report_bloat(report, "before"), report_bloat(report, "after")),
                           "vacuumdb": (vacuumdb_before, vacuumdb_after)})
             say(
-                f"run {n}: procedure tables phase {phase:.2f}s (whole run {total:.2f}s), vacuumdb {direct:.2f}s, ratio {phase / direct:.1f}"
+                f"run {n}: procedure tables phase {phase:.2f}s (whole run {total:.2f}s), vacuumdb {direct:.2f}s, "
+                f"ratio {phase / direct:.1f}"
             )
     finally:
         down(root, quiet=True)

@@ -211,7 +211,8 @@ class MaintenanceReport(ProcedureReport):
             if i.before and i.after:
                 line += (
                     f", dead tuples {i.before.n_dead_tup} -> {i.after.n_dead_tup}, table+indexes "
-                    f"{i.before.table_bytes + i.before.index_bytes} -> {i.after.table_bytes + i.after.index_bytes} bytes"
+                    f"{i.before.table_bytes + i.before.index_bytes} -> "
+                    f"{i.after.table_bytes + i.after.index_bytes} bytes"
                 )
                 if i.before.xid_age is not None and i.after.xid_age is not None:
                     line += f", XID age {i.before.xid_age} -> {i.after.xid_age}"
