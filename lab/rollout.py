@@ -96,7 +96,7 @@ def inventory_section(rollout: dict) -> dict:
             "requests": 'sum(increase(http_requests_total{deployment="{deployment}"}[{interval}]))',
             "metrics": [
                 {"name": "error-rate", "query": f"{errors} / {requests}", "max": 0.05, "direction": "increase",
-                 "critical": True},
+                 "critical": True, "missing": "zero", "effect": 0.1},
                 {"name": "p95-latency", "query": p95, "max": 0.25, "direction": "increase"},
             ],
         },

@@ -15,6 +15,7 @@ from opsflow.calendar import Calendar, Freeze, FreezeCalendar, NeverOpens, Weekl
 from opsflow.sections import ApprovalPolicy, KubernetesConfig, Seconds, Strict, parse_duration
 
 Direction = Literal["increase", "decrease", "either"]
+Missing = Literal["zero", "skip", "inconclusive"]
 
 
 # -- the inventory's `rollout:` section ----------------------------------------------------------------------
@@ -46,6 +47,15 @@ class MetricSpec(Strict):
     judge: bool = True
     direction: Direction = "increase"
     critical: bool = False
+    missing: Missing = Field(
+        default="inconclusive",
+        description="a missing or empty series / NaN points (Kayenta's nanStrategy): zero = the value is 0 (no 5xx "
+        "series yet: no errors), skip = leave the metric out of the score, inconclusive = never a pass",
+    )
+    effect: float | None = Field(
+        default=None, ge=0, description="effect size: the relative change (0.1 = 10 %) a clear shift must exceed to "
+        "fail; default: analysis.tolerance",
+    )
 
 
 class AnalysisSpec(Strict):
@@ -190,7 +200,7 @@ class MetricVerdict(BaseModel):
     """One metric at one step: the canary's and the baseline's figures and what was decided."""
 
     name: str
-    verdict: Literal["pass", "high", "low", "inconclusive", "breach"]
+    verdict: Literal["pass", "high", "low", "inconclusive", "breach", "skipped"]
     canary: float | None = None  # mean over the window
     baseline: float | None = None
     ratio: float | None = None

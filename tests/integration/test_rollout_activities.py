@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+import json
+import urllib.parse
 import urllib.request
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -151,3 +153,53 @@ def test_proxy_follows_the_route_and_prometheus_scrapes_the_apps(target, stage):
 
     delete_canary(target)
     wait_for(lambda: versions_served(stage["proxy"], 20) == Counter({"healthy-1": 20}), what="stable alone behind the proxy")
+
+
+def test_a_series_that_does_not_exist_yet_is_judged_by_the_metrics_missing_policy(target, stage):
+    """A healthy canary has served no 5xx: its 5xx series does not exist in Prometheus. `missing: zero` reads
+    it as an error rate of 0 on every step of the window (pass); the default says inconclusive; skip leaves it
+    out of the score."""
+    create_canary(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
+    set_weight(WeightRequest(target=target, canary_weight=50))
+    wait_for(lambda: versions_served(stage["proxy"], 40)["healthy-2"] > 10, what="traffic split")
+    started = datetime.now(timezone.utc)
+    section = inventory_section({"region": "eastus", "route": "web", "prometheus": stage["prometheus"]})["analysis"]
+    zero = AnalysisSpec.model_validate({**section, "min_requests": 10})
+    assert zero.metrics[0].name == "error-rate" and zero.metrics[0].missing == "zero"
+
+    def enough():  # real traffic for real scrapes (every second), until the latency has samples enough to judge
+        end = datetime.now(timezone.utc)
+        got = samples(SamplesRequest(analysis=zero, canary="web-canary", baseline="web", start=started, end=end))
+        p95 = next(m for m in got.metrics if m.name == "p95-latency")
+        return (end, got) if min(len(p95.canary), len(p95.baseline)) >= zero.min_samples + 1 else None
+
+    end, got = wait_for(enough, what="latency samples enough to judge")
+
+    def series(deployment: str) -> list:
+        q = urllib.parse.quote(f'http_requests_total{{deployment="{deployment}",status=~"5.."}}')
+        with urllib.request.urlopen(f"{stage['prometheus']}/api/v1/query?query={q}", timeout=5) as r:
+            return json.loads(r.read())["data"]["result"]
+
+    assert series("web-canary") == [] and series("web") == []  # no 5xx series at all, not a zero
+    window = SamplesRequest(analysis=zero, canary="web-canary", baseline="web", start=started, end=end)
+    err = next(m for m in got.metrics if m.name == "error-rate")
+    grid = int((end - started).total_seconds() / zero.step) + 1
+    assert err.canary == [0.0] * grid and err.baseline == [0.0] * grid  # every step of the window, zero
+    step = judge_step(JudgeRequest(analysis=zero, samples=got, weight=50))
+    assert {m.name: m.verdict for m in step.metrics}["error-rate"] == "pass"
+    assert step.verdict == "pass", step.reason
+
+    def policy(missing: str) -> AnalysisSpec:
+        return zero.model_copy(update={"metrics": [zero.metrics[0].model_copy(update={"missing": missing}),
+                                                   *zero.metrics[1:]]})
+
+    strict = policy("inconclusive")
+    got = samples(window.model_copy(update={"analysis": strict}))
+    assert next(m for m in got.metrics if m.name == "error-rate").canary == []
+    step = judge_step(JudgeRequest(analysis=strict, samples=got, weight=50))
+    assert step.verdict == "inconclusive" and "error-rate: no data for the canary" in step.reason
+    skip = policy("skip")
+    step = judge_step(JudgeRequest(analysis=skip, samples=samples(window.model_copy(update={"analysis": skip})),
+                                   weight=50))
+    assert {m.name: m.verdict for m in step.metrics}["error-rate"] == "skipped" and step.verdict == "pass", step.reason
+    delete_canary(target)
