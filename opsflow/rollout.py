@@ -34,7 +34,8 @@ class RolloutApp(Strict):
     container: str | None = Field(default=None, description="the container whose image changes; default: the first")
     service: str = Field(description="the stable service (blue-green switches its selector)")
     router: RouterRef | None = Field(default=None, description="required for canary rollouts")
-    canary_replicas: int = Field(default=1, ge=1)
+    canary_replicas: int = Field(default=1, ge=1, description="the canary's size at creation, and its least size "
+                                 "as it follows its weight (ceil(weight x stable's replicas))")
 
 
 class MetricSpec(Strict):
@@ -141,6 +142,7 @@ class RolloutState(BaseModel):
     canary: str | None = None  # exists
     canary_image: str | None = None
     canary_ready: int = 0
+    canary_replicas: int = 0  # desired
     weights: dict[str, int] = {}  # backend service -> weight
     active: str | None = None  # blue-green: the deployment the service selects
     colours: dict[str, str] = {}  # deployment -> image, for the stable's colours

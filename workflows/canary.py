@@ -1,8 +1,8 @@
 """Canary rollout and blue-green deployment. Reads top to bottom; each step is one line.
 
 Canary:     preflight (window/freeze, stable healthy, image differs, no leftover canary) -> approvals (quorum of
-            roles) -> create the canary (stable's spec, new image) and wait until ready -> for each weight: set
-            the weight -> bake, looking at the figures every interval (a broken limit rolls back at once) ->
+            roles) -> create the canary (stable's spec, new image) and wait until ready -> for each weight: size
+            the canary (ceil(weight x stable's replicas), ready) -> set the weight -> bake, looking at the figures every interval (a broken limit rolls back at once) ->
             judge (Mann-Whitney against the stable baseline) -> pass: next weight / marginal or inconclusive:
             wait for a person (promote or abort) / fail: automatic rollback -> promote (stable gets the image,
             rollout status waited, weights 100/0, canary removed) -> notify.
@@ -26,7 +26,7 @@ from workflows.procedure import A, R, Procedure, Request, StepDecl, Stop, Undo, 
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.contracts.base import Activity
-    from opsflow.contracts.rollout import ANALYSIS_JUDGE, K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_ROLLOUT_STATUS, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE, K8S_SET_WEIGHT, K8S_SWITCH_SERVICE, PROMETHEUS_SAMPLES
+    from opsflow.contracts.rollout import ANALYSIS_JUDGE, K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_ROLLOUT_STATUS, K8S_SCALE_CANARY, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE, K8S_SET_WEIGHT, K8S_SWITCH_SERVICE, PROMETHEUS_SAMPLES
     from opsflow.rules import ProcedureInput
     from opsflow.models import ControlEvent
     from opsflow.rollout import (
@@ -348,7 +348,8 @@ class Rollout(Procedure):
         return "overridden: the rollout goes on outside its window"
 
 
-def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: float, stable_image: str | None) -> list[StepDecl]:
+def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: float, stable_image: str | None,
+                capacity: bool = False) -> list[StepDecl]:
     decls = [
         StepDecl("approval", "wait for the approvals (quorum)"),
         StepDecl(
@@ -357,6 +358,8 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
         ),
     ]
     for w in steps[:-1]:
+        if capacity:
+            decls.append(StepDecl(f"scale-{w}", f"size the canary for {w} %: ceil({w} % of stable's replicas), ready"))
         decls += [
             StepDecl(f"weight-{w}", f"route {w} % to the canary via httproute {app.router.name if app.router else '?'}"),
             StepDecl(f"bake-{w}", f"bake {bake:.0f}s, checking limits every interval"),
@@ -406,7 +409,8 @@ class CanaryWorkflow(Rollout):
             raise Stop(
                 "refused", f"httproute {self.app.router.name if self.app.router else '?'} sends nothing to service {self.app.service}"
             )
-        self.declare(canary_plan(inp, self.app, steps, bake, state.stable_image))
+        capacity = workflow.patched("canary-capacity")  # runs started before it never sized the canary
+        self.declare(canary_plan(inp, self.app, steps, bake, state.stable_image, capacity))
         if inp.dry_run:
             self.plan()
             return
@@ -429,6 +433,18 @@ class CanaryWorkflow(Rollout):
             if self.promote_full:
                 break
             self.promote_request = None
+            if capacity:  # capacity before traffic: the canary can serve its share when the weight moves
+                await self.step(
+                    f"scale-{w}",
+                    f"Size the canary for {w} %",
+                    K8S_SCALE_CANARY,
+                    WeightRequest(target=t, canary_weight=w),
+                    queue=q,
+                    timeout=self.policy.timeout,
+                    heartbeat=10,
+                    interruptible=True,
+                    detail=lambda s: f"{s.canary} {s.canary_replicas} replica(s), stable {s.stable_desired}",
+                )
             await self.step(
                 f"weight-{w}",
                 f"Route {w} % to the canary",

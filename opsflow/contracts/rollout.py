@@ -17,6 +17,7 @@ from opsflow.rollout import (
 
 K8S_ROLLOUT_STATUS = Activity("k8s.rollout_status", RolloutTarget, RolloutState)
 K8S_CREATE_CANARY = Activity("k8s.create_canary", ImageRequest, RolloutState)
+K8S_SCALE_CANARY = Activity("k8s.scale_canary", WeightRequest, RolloutState)
 K8S_SET_WEIGHT = Activity("k8s.set_weight", WeightRequest, RolloutState)
 K8S_DELETE_CANARY = Activity("k8s.delete_canary", RolloutTarget, RolloutState)
 K8S_SET_IMAGE = Activity("k8s.set_image", ImageRequest, RolloutState)

@@ -20,7 +20,8 @@ from kubernetes import client as k8s
 from kubernetes.config import new_client_from_config
 
 from activities.analysis import judge_step
-from activities.kubernetes import create_canary, create_colour, delete_canary, rollout_status, scale_deployment, set_image, set_weight, switch_service
+from activities.kubernetes import (create_canary, create_colour, delete_canary, rollout_status, scale_canary,
+                                  scale_deployment, set_image, set_weight, switch_service)
 from activities.prometheus import samples
 from lab.k8s_emulator import start_emulator, write_kubeconfig
 from lab.ports import free_port
@@ -112,6 +113,39 @@ def test_canary_lifecycle_through_the_real_client(target):
 
     st = set_image(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
     assert st.stable_image == IMAGES["healthy"] and st.stable_done
+
+
+def test_the_canary_follows_its_weight_against_stables_current_replicas(target):
+    """ceil(weight x stable's replicas), at least 1, ready before the weight moves; stable is never scaled; a
+    stable that grew meanwhile (an autoscaler) is read again at each step."""
+    apps, _, _ = api(target)
+    create_canary(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
+    sizes = {}
+    for w in (5, 25, 50, 75):
+        st = scale_canary(WeightRequest(target=target, canary_weight=w))
+        assert st.canary_ready == st.canary_replicas  # ready: the weight may move now
+        sizes[w] = apps.read_namespaced_deployment("web-canary", "shop").spec.replicas
+        assert apps.read_namespaced_deployment("web", "shop").spec.replicas == 3  # stable untouched
+    assert sizes == {5: 1, 25: 1, 50: 2, 75: 3}  # stable has 3
+    assert scale_canary(WeightRequest(target=target, canary_weight=75)).canary_replicas == 3  # again: no change
+    apps.patch_namespaced_deployment_scale("web", "shop", {"spec": {"replicas": 8}})  # stable grew
+    st = scale_canary(WeightRequest(target=target, canary_weight=50))
+    assert st.canary_replicas == 4 and st.stable_desired == 8
+    # the inventory's canary_replicas is the least size
+    floor = target.model_copy(update={"app": target.app.model_copy(update={"canary_replicas": 2})})
+    assert scale_canary(WeightRequest(target=floor, canary_weight=5)).canary_replicas == 2
+    delete_canary(target)
+    with pytest.raises(Exception, match="web-canary"):  # no canary: an error naming it, nothing created
+        scale_canary(WeightRequest(target=target, canary_weight=25))
+    assert rollout_status(target).canary is None
+
+
+def test_blue_green_starts_the_new_colour_at_the_active_colours_current_size(target):
+    apps, _, _ = api(target)
+    apps.patch_namespaced_deployment_scale("web", "shop", {"spec": {"replicas": 5}})  # an autoscaler grew it
+    st = create_colour(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
+    assert st.replicas == {"web": 5, "web-green": 5}
+    assert apps.read_namespaced_deployment("web-green", "shop").status.ready_replicas == 5
 
 
 def test_blue_green_switch_and_back(target):

@@ -100,6 +100,15 @@ def test_healthy_image_is_promoted_with_figures_from_prometheus(rollout_lab):
     assert [a["weight"] for a in judged] == [25, 50] and all(a["verdict"] == "pass" for a in judged)
     # the figures come from Prometheus: real request counts and latencies of the two deployments
     assert judged[0]["canary_requests"] > 20 and prometheus_total(lab, "web-canary") > 20
+    # no 5xx so far: the error-rate's series does not exist in Prometheus; `missing: zero` reads it as 0, a pass
+    err = next(m for m in judged[0]["metrics"] if m["name"] == "error-rate")
+    assert err["verdict"] == "pass" and err["canary"] == 0 and err["canary_samples"] >= 5, err
+    # capacity follows weight: ceil(weight x stable's 3 replicas), before the weight moves
+    steps = [s["name"] for s in report["steps"]]
+    assert steps.index("scale-25") < steps.index("weight-25") < steps.index("scale-50") < steps.index("weight-50")
+    details = {s["name"]: s["detail"] for s in report["steps"]}
+    assert details["scale-25"] == "web-canary 1 replica(s), stable 3", details
+    assert details["scale-50"] == "web-canary 2 replica(s), stable 3", details
     p95 = next(m for m in judged[0]["metrics"] if m["name"] == "p95-latency")
     assert 0.004 < p95["canary"] < 0.1 and 0.004 < p95["baseline"] < 0.1 and p95["canary_samples"] >= 5
     wait_for(lambda: served(lab, 10) == Counter({images["healthy"].rsplit(":", 1)[1]: 10}), 30, what="the new stable alone behind the proxy")

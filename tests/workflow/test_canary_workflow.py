@@ -104,6 +104,12 @@ class Cluster:
             c.canary_image = r.image
             return c.state()
 
+        @activity.defn(name="k8s.scale_canary")
+        def scale_canary(r: WeightRequest) -> RolloutState:
+            c._enter("k8s.scale_canary")
+            c.replicas["web-canary"] = max(1, -(-3 * r.canary_weight // 100))
+            return c.state()
+
         @activity.defn(name="k8s.set_weight")
         def set_weight(r: WeightRequest) -> RolloutState:
             c._enter("k8s.set_weight")
@@ -154,7 +160,7 @@ class Cluster:
         def notify(r: NotifyRequest) -> None:
             c.notifications.append(r.notification.text)
 
-        return [worker_inventory, rollout_status, create_canary, set_weight, delete_canary, set_image, create_colour, switch_service, scale_deployment,
+        return [worker_inventory, rollout_status, create_canary, scale_canary, set_weight, delete_canary, set_image, create_colour, switch_service, scale_deployment,
                 samples, notify, judge_step]
 
 
@@ -288,6 +294,21 @@ async def test_healthy_canary_steps_bakes_judges_and_promotes(env, worker, clust
     assert {d.by for d in report.approvals} == {"carol", "dave"} and {r for d in report.approvals for r in d.roles} == {"platform-lead", "qa"}
     names = [s.name for s in report.steps]
     assert names.index("approval") < names.index("create-canary") < names.index("weight-5") < names.index("promote") < names.index("cleanup")
+
+
+async def test_the_canary_is_sized_for_each_weight_before_the_weight_moves(env, worker, cluster):
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(), auto_promote=True)
+        await approve_quorum(handle)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded"
+    moves = [c for c in cluster.calls if c in ("k8s.scale_canary", "k8s.set_weight")]
+    assert moves == ["k8s.scale_canary", "k8s.set_weight"] * 3  # capacity first, then traffic, at each weight
+    names = [s.name for s in report.steps]
+    assert [n for n in names if n.startswith(("scale-", "weight-"))] == [
+        "scale-5", "weight-5", "scale-25", "weight-25", "scale-50", "weight-50"]
+    details = {s.name: s.detail for s in report.steps}
+    assert "web-canary" in details["scale-50"] and "stable 3" in details["scale-50"]
 
 
 async def test_quorum_needs_both_roles_each_by_a_different_person(env, worker, cluster):
@@ -458,7 +479,8 @@ async def test_dry_run_plans_every_step_and_changes_nothing(env, worker, cluster
         report = RolloutReport.model_validate(await (await start(env, worker, inv, dry_run=True)).result())
     assert report.status == "planned" and cluster.calls == ["k8s.rollout_status"]
     planned = [s.name for s in report.steps if s.outcome in ("planned", "skipped")]
-    assert planned[:3] == ["approval", "create-canary", "weight-5"] and planned[-3:] == ["promote", "cleanup", "notify"]
+    assert planned[:4] == ["approval", "create-canary", "scale-5", "weight-5"]
+    assert planned[-3:] == ["promote", "cleanup", "notify"]
     assert "judge-50" in planned and "weight-100" not in planned
 
 
