@@ -86,8 +86,14 @@ class RolloutPolicy(Strict):
     approval: ApprovalPolicy | None = Field(default=None, description="default: the inventory's approval policy")
     rollback_window: Seconds = Field(default=600, description="blue-green: how long the old colour is kept")
     timeout: Seconds = Field(default=900, description="bound on a rollout's wait for readiness")
+    on_freeze: Literal["hold", "rollback"] = Field(
+        default="hold",
+        description="a freeze that begins or a window that closes during a rollout: hold the current weight (bake "
+        "and analysis go on) until it opens or a person decides, or roll back",
+    )
+    hold_max: Seconds = Field(default=72 * 3600, gt=0, description="bound on a hold; then the rollout rolls back")
 
-    _d = field_validator("bake", "rollback_window", "timeout", mode="before")(parse_duration)
+    _d = field_validator("bake", "rollback_window", "timeout", "hold_max", mode="before")(parse_duration)
 
     @field_validator("steps")
     @classmethod

@@ -19,6 +19,7 @@ class RolloutReport(ProcedureReport):
     rollback_reason: str | None = None
     weights: list[int] = []  # the plan
     weight: int = 0  # the canary's weight now
+    held: str | None = None  # held by the calendar now: why (a freeze began, the window closed)
     analysis: list[StepAnalysis] = []
     overrides: list[ControlEvent] = []
     promoted_by: list[ControlEvent] = []

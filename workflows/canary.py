@@ -86,6 +86,7 @@ class Rollout(Procedure):
         self.rollback_request: ControlEvent | None = None
         self.deciding = False  # waiting for a person after a marginal/inconclusive judgement (or to promote)
         self.switched = False  # blue-green: the service points at the new colour
+        self.calendar_hold = False  # the calendar is looked at during the run too (see hold())
 
     # -- preflight ---------------------------------------------------------------------------------------
     async def preflight(self) -> RolloutState:
@@ -115,6 +116,7 @@ class Rollout(Procedure):
             queue=self.queue,
             detail=lambda s: f"stable {s.stable_image} {s.stable_ready}/{s.stable_desired}, weights {s.weights}",
         )
+        self.calendar_hold = workflow.patched("rollout-calendar-hold")  # runs started before: calendar at start only
         return state
 
     async def calendar(self) -> None:
@@ -144,6 +146,79 @@ class Rollout(Procedure):
         o = self.window_override
         assert o is not None
         self.end_step(record, "ok", f"overridden by {o.by}: {o.reason}")
+
+    def closed_now(self) -> str | None:
+        """Why the calendar is closed now, if the run looks at it (and nobody has overridden it)."""
+        if not self.calendar_hold or self.window_override is not None:
+            return None
+        return closed_because(self.policy, workflow.now())
+
+    async def hold(self, name: str, weight: int, canary: str, baseline: str, baseline_image: str) -> None:
+        """A freeze that began, or a window that closed, during the run: no further step. The weight stays, the
+        figures are still looked at every interval (a broken limit rolls back), until the calendar opens, an
+        approver overrides (`opsflow override`, or `promote` with a reason) or someone aborts. `on_freeze:
+        rollback` rolls back instead; a hold longer than `hold_max` rolls back too."""
+        assert isinstance(self.report, RolloutReport)
+        report, why = self.report, self.closed_now()
+        if why is None:
+            return
+        if self.policy.on_freeze == "rollback":
+            report.rollback_reason = f"{why} began during the rollout (on_freeze: rollback)"
+            raise Stop("failed", f"rolled back: {report.rollback_reason}")
+        await self.boundary()
+        record = self.begin_step(name, f"Hold at {weight} %: {why}")
+        wid = report.workflow_id
+        report.held = f"at {weight} %: {why}"
+        report.waiting_for = (f"the calendar to open ({why}); go on now: opsflow override {wid} --as NAME "
+                              f"--reason WHY; stop: opsflow abort {wid} --as NAME")
+        self.awaiting_override = True
+        self.show()
+        await self.notify(f"{report.procedure} of {self.inp.image} held at {weight} %: {why}", severity="warning")
+        interval, start, checks = max(self.policy.analysis.interval, 1.0), workflow.now(), 0
+        try:
+            while True:
+                try:
+                    await workflow.wait_condition(lambda: self.window_override is not None or self.interrupting(),
+                                                  timeout=timedelta(seconds=interval))
+                except asyncio.TimeoutError:
+                    pass
+                held = (workflow.now() - start).total_seconds()
+                if self.abort_requested is not None or self.rollback_request is not None:
+                    self.end_step(record, "failed", f"aborted while held ({held:.0f}s)")
+                    await self.stop_if_asked()
+                who = self.window_override or self.promote_request
+                if who is not None:
+                    self.end_step(record, "ok", f"overridden by {who.by} after {held:.0f}s: {who.reason}")
+                    return
+                if self.closed_now() is None:
+                    self.end_step(record, "ok",
+                                  f"the calendar opened after {held:.0f}s; {checks} check(s), no limit broken")
+                    return
+                if held >= self.policy.hold_max:
+                    self.end_step(record, "failed", f"held {held:.0f}s, longer than hold_max")
+                    report.rollback_reason = f"held by the calendar ({why}) longer than {self.policy.hold_max:.0f}s"
+                    raise Stop("failed", f"rolled back: {report.rollback_reason}")
+                if weight > 0:  # traffic on the new version: its figures are still watched
+                    checks += 1
+                    await self.watch(record, weight, canary, baseline, baseline_image, start)
+        finally:
+            self.awaiting_override = False
+            report.held = None
+            report.waiting_for = None
+
+    async def watch(self, record, weight: int, canary: str, baseline: str, baseline_image: str, start) -> None:
+        """One look at the figures during a hold: a broken limit rolls back."""
+        assert isinstance(self.report, RolloutReport)
+        got = await self.samples(canary, baseline, start, workflow.now(), baseline_image)
+        breaches = threshold_breaches(self.policy.analysis, got)
+        if breaches:
+            result = StepAnalysis(weight=weight, kind="interval", verdict="fail", start=start, end=workflow.now(),
+                                  canary_requests=got.canary_requests, baseline_requests=got.baseline_requests,
+                                  metrics=breaches, reason="; ".join(f"{b.name}: {b.reason}" for b in breaches))
+            self.report.analysis.append(result)
+            self.end_step(record, "failed", result.reason)
+            self.report.rollback_reason = self.failure_text(result)
+            raise Stop("failed", f"rolled back automatically: {self.report.rollback_reason}")
 
     def rollout_policy(self):
         return self.policy.approval or self.inventory.approval
@@ -212,6 +287,11 @@ class Rollout(Procedure):
             if self.promote_request is not None:
                 self.end_step(record, "ok", f"ended early: promoted by {self.promote_request.by}")
                 return None
+            why = self.closed_now() if self.policy.on_freeze == "rollback" else None
+            if why is not None:  # `hold` waits for the bake to end; `rollback` does not wait
+                self.end_step(record, "failed", f"{why} (on_freeze: rollback)")
+                self.report.rollback_reason = f"{why} began during the rollout (on_freeze: rollback)"
+                raise Stop("failed", f"rolled back: {self.report.rollback_reason}")
             checks += 1
             got = await self.samples(canary, baseline, start, workflow.now(), baseline_image, baseline_window)
             breaches = threshold_breaches(self.policy.analysis, got)
@@ -314,6 +394,8 @@ class Rollout(Procedure):
         self.promote_full = self.promote_full or req.full
         assert isinstance(self.report, RolloutReport)
         self.report.promoted_by.append(self.promote_request)
+        if (self.report.current_step or "").startswith("hold"):
+            self.report.overrides.append(self.promote_request)  # a promote during a hold sets the calendar aside
         return "promoting straight to 100 %" if req.full else "going on to the next step now"
 
     @promote.validator
@@ -321,8 +403,16 @@ class Rollout(Procedure):
         self.check_operator(req, "promote")
         if self.point_of_no_return or self.report.status in ("succeeded", "failed", "aborted", "refused"):
             raise ApplicationError("nothing to promote: the rollout is past its steps", type="NotWaiting")
-        if not (self.report.current_step or "").startswith(("bake", "decide", "judge", "weight", "promote-gate", "post-analysis")):
+        steps = ("bake", "decide", "judge", "weight", "promote-gate", "post-analysis", "hold")
+        if not (self.report.current_step or "").startswith(steps):
             raise ApplicationError(f"nothing to promote yet (current step: {self.report.current_step})", type="NotWaiting")
+        if (self.report.current_step or "").startswith("hold"):
+            if req.by not in self.override_policy().names():
+                raise ApplicationError(f"held by the calendar: only an approver may override it "
+                                       f"({', '.join(self.override_policy().names())})", type="NotAllowed")
+            if not req.reason.strip():
+                raise ApplicationError("held by the calendar: a promote overrides it and needs a reason (--reason)",
+                                       type="BadInput")
 
     @workflow.update
     def rollback(self, req: Request) -> str:
@@ -348,8 +438,12 @@ class Rollout(Procedure):
         return "overridden: the rollout goes on outside its window"
 
 
+HOLD = "hold the weight while the calendar is closed (bake and analysis go on)"
+HELD = "a freeze begins or the window closes during the run"
+
+
 def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: float, stable_image: str | None,
-                capacity: bool = False) -> list[StepDecl]:
+                capacity: bool = False, calendar: bool = False) -> list[StepDecl]:
     decls = [
         StepDecl("approval", "wait for the approvals (quorum)"),
         StepDecl(
@@ -358,6 +452,8 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
         ),
     ]
     for w in steps[:-1]:
+        if calendar:
+            decls.append(StepDecl(f"hold-{w}", HOLD, HELD))
         if capacity:
             decls.append(StepDecl(f"scale-{w}", f"size the canary for {w} %: ceil({w} % of stable's replicas), ready"))
         decls += [
@@ -366,6 +462,7 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
             StepDecl(f"judge-{w}", "judge canary against stable (Mann-Whitney)"),
             StepDecl(f"decide-{w}", "wait for a person to promote or abort", "the judgement is marginal or inconclusive"),
         ]
+    decls += [StepDecl("hold-promote", HOLD, HELD)] if calendar else []
     decls += [
         StepDecl("promote-gate", "wait for a person to promote", "no --auto-promote", not inp.auto_promote),
         StepDecl("promote", f"set {app.deployment} to {inp.image} (was {stable_image}); wait for rollout status"),
@@ -410,7 +507,7 @@ class CanaryWorkflow(Rollout):
                 "refused", f"httproute {self.app.router.name if self.app.router else '?'} sends nothing to service {self.app.service}"
             )
         capacity = workflow.patched("canary-capacity")  # runs started before it never sized the canary
-        self.declare(canary_plan(inp, self.app, steps, bake, state.stable_image, capacity))
+        self.declare(canary_plan(inp, self.app, steps, bake, state.stable_image, capacity, self.calendar_hold))
         if inp.dry_run:
             self.plan()
             return
@@ -429,7 +526,9 @@ class CanaryWorkflow(Rollout):
             undo=Undo(K8S_DELETE_CANARY, "Remove the canary (stable keeps 100 %)", t),
             detail=lambda s: f"{s.canary} ready {s.canary_ready}",
         )
+        stable, stable_image = self.app.deployment, state.stable_image or ""
         for w in steps[:-1]:
+            await self.hold(f"hold-{w}", report.weight, t.canary, stable, stable_image)  # no step while closed
             if self.promote_full:
                 break
             self.promote_request = None
@@ -468,6 +567,7 @@ class CanaryWorkflow(Rollout):
                 raise Stop("failed", f"rolled back automatically: {report.rollback_reason}")
             if result.verdict in ("marginal", "inconclusive"):
                 await self.decide(f"decide-{w}", f"the canary at {w} % is {result.verdict}")
+        await self.hold("hold-promote", report.weight, t.canary, stable, stable_image)
         if not inp.auto_promote and not self.promote_full and self.promote_request is None:
             await self.decide("promote-gate", f"promote {inp.image} to 100 %")
 
@@ -497,11 +597,13 @@ class CanaryWorkflow(Rollout):
         self.end_step(record, "ok", f"{inp.image} promoted on {self.app.deployment}")
 
 
-def bluegreen_plan(inp: RolloutInput, app: RolloutApp, active: str, other: str, window: float) -> list[StepDecl]:
+def bluegreen_plan(inp: RolloutInput, app: RolloutApp, active: str, other: str, window: float,
+                   calendar: bool = False) -> list[StepDecl]:
     return [
         StepDecl("approval", "wait for the approvals (quorum)"),
         StepDecl("create-colour", f"run {other} with {inp.image} at {active}'s size beside it; wait until ready"),
         StepDecl("pre-analysis", f"check {other} is fully ready before any traffic"),
+        *([StepDecl("hold-switch", "hold before the switch while the calendar is closed", HELD)] if calendar else []),
         StepDecl("switch", f"point service {app.service} at {other}"),
         StepDecl("post-analysis", f"watch {other} for {window:.0f}s against {active}'s figures before the switch; switch back on failure"),
         StepDecl(
@@ -536,7 +638,7 @@ class BlueGreenWorkflow(Rollout):
         if previous == inp.image:
             raise Stop("refused", f"{active} already runs {inp.image}")
         window = self.policy.rollback_window
-        self.declare(bluegreen_plan(inp, self.app, active, other, window))
+        self.declare(bluegreen_plan(inp, self.app, active, other, window, self.calendar_hold))
         if inp.dry_run:
             self.plan()
             return
@@ -565,6 +667,7 @@ class BlueGreenWorkflow(Rollout):
         )
         if pre.colours.get(other) != inp.image:
             raise Stop("failed", f"{other} does not run {inp.image} (runs {pre.colours.get(other)})")
+        await self.hold("hold-switch", 0, other, active, previous or "")  # no traffic moves while closed
         switched_at = workflow.now()
         await self.step(
             "switch",

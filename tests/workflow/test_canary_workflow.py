@@ -14,7 +14,7 @@ import contextlib
 import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
@@ -462,6 +462,69 @@ async def test_override_by_an_approver_with_a_reason(env, worker, cluster):
     assert [(o.by, o.reason) for o in report.overrides] == [("carol", "security fix CVE-2026-1")]
 
 
+async def freeze_from(env, name: str, after: timedelta, lasting: timedelta) -> dict:
+    now = await env.get_current_time()
+    return {"name": name, "start": (now + after).isoformat(), "end": (now + after + lasting).isoformat()}
+
+
+async def test_a_freeze_that_begins_during_the_run_holds_the_weight_until_it_ends(env, worker, cluster):
+    """Bakes of 10 minutes: the freeze begins at 15 min, during the bake at 25 %. That bake and its judgement go
+    on; then no further step (the weight stays 25 %, the figures are still read) until the freeze ends at 75 min."""
+    freeze = await freeze_from(env, "incident", timedelta(minutes=15), timedelta(hours=1))
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(freezes=[freeze]), auto_promote=True)
+        await approve_quorum(handle)
+        held = await until(handle, lambda r: r.held is not None, "the hold", polls=120)
+        assert held.current_step == "hold-50" and "incident" in held.held and held.held.startswith("at 25 %")
+        assert "opsflow override" in held.waiting_for and cluster.weights == {"web": 75, "web-canary": 25}
+        assert held.status == "running"
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and cluster.weight_log == [5, 25, 50] and report.held is None
+    steps = {s.name: s for s in report.steps}
+    hold = steps["hold-50"]
+    assert hold.outcome == "ok" and "the calendar opened" in hold.detail and "check(s), no limit broken" in hold.detail
+    assert steps["weight-50"].started_at >= datetime.fromisoformat(freeze["end"])  # nothing moved in the freeze
+    assert steps["judge-25"].ended_at >= datetime.fromisoformat(freeze["start"])  # the bake went on into it
+    assert "hold-5" not in steps and "hold-25" not in steps  # open then: nothing held
+    assert any("held at 25 %" in n and "incident" in n for n in cluster.notifications)
+
+
+async def test_on_freeze_rollback_rolls_back_when_a_freeze_begins_during_a_bake(env, worker, cluster):
+    freeze = await freeze_from(env, "incident", timedelta(minutes=15), timedelta(hours=1))
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(freezes=[freeze], on_freeze="rollback"), auto_promote=True)
+        await approve_quorum(handle)
+        report = await failed(handle)
+    assert report.status == "failed" and report.rolled_back and cluster.stable_at_100
+    assert "incident" in report.rollback_reason and "on_freeze: rollback" in report.rollback_reason
+    bake = next(s for s in report.steps if s.name == "bake-25")
+    assert bake.outcome == "failed" and bake.ended_at < datetime.fromisoformat(freeze["start"]) + timedelta(minutes=2)
+    assert cluster.weight_log == [5, 25, 0]
+
+
+async def test_a_hold_ends_by_an_approvers_override_not_by_the_requesters_promote(dev_env, dev_worker, cluster):
+    """On the dev server (Updates during a hold's timer): a freeze begins seconds into the run."""
+    freeze = await freeze_from(dev_env, "incident", timedelta(seconds=3), timedelta(days=1))
+    inv = make_inventory(freezes=[freeze], bake="2s", analysis={**ROLLOUT["analysis"], "interval": "0.5s"})
+    async with serving(dev_worker):
+        handle = await start(dev_env, dev_worker, inv, auto_promote=True)
+        await approve_quorum(handle)
+        held = await until(handle, lambda r: r.held is not None, "the hold")
+        with pytest.raises(WorkflowUpdateFailedError) as exc:
+            await handle.execute_update("promote", Request(by="alice", reason="please"))
+        assert "only an approver may override" in str(exc.value.cause)
+        with pytest.raises(WorkflowUpdateFailedError) as exc:
+            await handle.execute_update("promote", Request(by="carol"))
+        assert "needs a reason" in str(exc.value.cause)
+        await handle.execute_update("override", Request(by="carol", reason="the fix must ship"))
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and cluster.stable_image == NEW
+    hold = next(s for s in report.steps if s.name == held.current_step)
+    assert hold.outcome == "ok" and "overridden by carol" in hold.detail
+    assert [(o.by, o.reason) for o in report.overrides] == [("carol", "the fix must ship")]
+    assert len([s for s in report.steps if s.name.startswith("hold-")]) == 1  # overridden for the rest of the run
+
+
 async def test_refusals_image_already_running_and_leftover_canary(env, worker, cluster):
     inv = make_inventory()
     async with serving(worker):
@@ -479,8 +542,11 @@ async def test_dry_run_plans_every_step_and_changes_nothing(env, worker, cluster
         report = RolloutReport.model_validate(await (await start(env, worker, inv, dry_run=True)).result())
     assert report.status == "planned" and cluster.calls == ["k8s.rollout_status"]
     planned = [s.name for s in report.steps if s.outcome in ("planned", "skipped")]
-    assert planned[:4] == ["approval", "create-canary", "scale-5", "weight-5"]
-    assert planned[-3:] == ["promote", "cleanup", "notify"]
+    assert planned[:5] == ["approval", "create-canary", "hold-5", "scale-5", "weight-5"]
+    assert planned[-4:] == ["promote-gate", "promote", "cleanup", "notify"]
+    holds = [s for s in report.steps if s.name.startswith("hold-")]
+    assert [s.name for s in holds] == ["hold-5", "hold-25", "hold-50", "hold-promote"]
+    assert all(s.outcome == "planned" and "when a freeze begins" in s.detail for s in holds)
     assert "judge-50" in planned and "weight-100" not in planned
 
 
@@ -510,6 +576,20 @@ async def test_bluegreen_rollback_in_the_window_switches_back_keeping_the_old_co
         report = await failed(handle)
     assert report.status == "aborted" and report.rolled_back
     assert cluster.selector == "web" and cluster.replicas["web"] == 3 and cluster.replicas["web-green"] == 0
+
+
+async def test_bluegreen_holds_the_switch_while_a_freeze_that_began_after_the_start_lasts(env, worker, cluster):
+    freeze = await freeze_from(env, "incident", timedelta(minutes=5), timedelta(hours=1))
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(freezes=[freeze]), procedure="bluegreen")
+        await until(handle, lambda r: r.current_step == "approval" and r.status == "waiting", "the approval gate")
+        await env.sleep(600)  # the approvers take ten minutes: the freeze has begun
+        await approve_quorum(handle)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and cluster.selector == "web-green"
+    steps = {s.name: s for s in report.steps}
+    assert steps["hold-switch"].outcome == "ok" and "the calendar opened" in steps["hold-switch"].detail
+    assert steps["switch"].started_at >= datetime.fromisoformat(freeze["end"])
 
 
 async def test_bluegreen_failure_in_the_window_switches_back(env, worker, cluster):
