@@ -75,6 +75,30 @@ class AnalysisSpec(Strict):
     _d = field_validator("interval", "step", mode="before")(parse_duration)
 
 
+class HttpCheck(Strict):
+    """An HTTP check run at every look during a bake, beside the metrics (Flagger's webhooks): `smoke` GETs the URL
+    and expects `status` (and `body` in the answer); `webhook` POSTs the rollout's context as JSON and passes on
+    a 2xx answer (unless its JSON says "pass": false). A critical check that fails rolls back at once; a
+    non-critical one is counted, and a bake with such failures is at best marginal (a person decides)."""
+
+    name: str
+    kind: Literal["smoke", "webhook"] = "smoke"
+    url: str = Field(description="http(s) URL; {app}, {weight} and {version} are filled in")
+    status: int = Field(default=200, ge=100, le=599, description="smoke: the expected status")
+    body: str | None = Field(default=None, description="smoke: a text the answer's body must contain")
+    critical: bool = True
+    timeout: Seconds = Field(default=10, gt=0, le=120)
+
+    _d = field_validator("timeout", mode="before")(parse_duration)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
+
+
 class RolloutPolicy(Strict):
     apps: dict[str, RolloutApp] = Field(min_length=1)
     analysis: AnalysisSpec
@@ -86,6 +110,7 @@ class RolloutPolicy(Strict):
     approval: ApprovalPolicy | None = Field(default=None, description="default: the inventory's approval policy")
     rollback_window: Seconds = Field(default=600, description="blue-green: how long the old colour is kept")
     timeout: Seconds = Field(default=900, description="bound on a rollout's wait for readiness")
+    checks: list[HttpCheck] = Field(default=[], description="HTTP checks run at every look during a bake")
     on_freeze: Literal["hold", "rollback"] = Field(
         default="hold",
         description="a freeze that begins or a window that closes during a rollout: hold the current weight (bake "
@@ -153,6 +178,23 @@ class RolloutState(BaseModel):
     active: str | None = None  # blue-green: the deployment the service selects
     colours: dict[str, str] = {}  # deployment -> image, for the stable's colours
     replicas: dict[str, int] = {}
+
+
+class ChecksRequest(BaseModel):
+    checks: list[HttpCheck]
+    app: str
+    image: str
+    weight: int
+    phase: str = "bake"
+
+
+class CheckResult(BaseModel):
+    name: str
+    ok: bool
+    critical: bool
+    status: int | None = None
+    reason: str = ""
+    seconds: float = 0
 
 
 class ImageRequest(BaseModel):

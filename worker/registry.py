@@ -38,6 +38,6 @@ GLOBAL_ACTIVITIES = [rules.worker_inventory, notify.send, reports.store_report, 
 
 # Rollouts (canary, blue-green): Kubernetes and the region's Prometheus on the app's region queue.
 from activities import analysis, prometheus  # noqa: E402
-REGION_ACTIVITIES += [kubernetes.scale_canary]
+REGION_ACTIVITIES += [kubernetes.scale_canary, http_checks.checks]
 REGION_ACTIVITIES += [kubernetes.rollout_status, kubernetes.create_canary, kubernetes.set_weight, kubernetes.delete_canary, kubernetes.set_image,
                       kubernetes.create_colour, kubernetes.switch_service, kubernetes.scale_deployment, prometheus.samples, analysis.judge_step]

@@ -27,12 +27,15 @@ from workflows.procedure import A, R, Procedure, Request, StepDecl, Stop, Undo, 
 with workflow.unsafe.imports_passed_through():
     from opsflow.contracts.base import Activity
     from opsflow.contracts.rollout import ANALYSIS_JUDGE, K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_ROLLOUT_STATUS, K8S_SCALE_CANARY, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE, K8S_SET_WEIGHT, K8S_SWITCH_SERVICE, PROMETHEUS_SAMPLES
+    from opsflow.contracts.rollout import HTTP_CHECKS
     from opsflow.rules import ProcedureInput
     from opsflow.models import ControlEvent
     from opsflow.rollout import (
+        ChecksRequest,
         DeploymentRequest,
         ImageRequest,
         JudgeRequest,
+        MetricVerdict,
         RolloutApp,
         RolloutPolicy,
         RolloutState,
@@ -87,6 +90,7 @@ class Rollout(Procedure):
         self.deciding = False  # waiting for a person after a marginal/inconclusive judgement (or to promote)
         self.switched = False  # blue-green: the service points at the new colour
         self.calendar_hold = False  # the calendar is looked at during the run too (see hold())
+        self.bake_check_failures: list[str] = []  # non-critical HTTP checks that failed in the current bake
 
     # -- preflight ---------------------------------------------------------------------------------------
     async def preflight(self) -> RolloutState:
@@ -268,6 +272,7 @@ class Rollout(Procedure):
         assert isinstance(self.report, RolloutReport)
         await self.boundary()
         record = self.begin_step(name, title)
+        self.bake_check_failures = []
         interval = max(self.policy.analysis.interval, 1.0)
         start = workflow.now()
         checks = 0
@@ -294,7 +299,7 @@ class Rollout(Procedure):
                 raise Stop("failed", f"rolled back: {self.report.rollback_reason}")
             checks += 1
             got = await self.samples(canary, baseline, start, workflow.now(), baseline_image, baseline_window)
-            breaches = threshold_breaches(self.policy.analysis, got)
+            breaches = threshold_breaches(self.policy.analysis, got) + await self.http_checks(weight)
             if breaches:
                 result = StepAnalysis(
                     weight=weight,
@@ -311,8 +316,25 @@ class Rollout(Procedure):
                 self.end_step(record, "failed", result.reason)
                 return result
         self.report.waiting_for = None
-        self.end_step(record, "ok", f"{checks} check(s), no limit broken")
+        failures = self.bake_check_failures
+        self.end_step(record, "ok", f"{checks} check(s), no limit broken"
+                      + (f"; {len(failures)} non-critical HTTP check failure(s)" if failures else ""))
         return None
+
+    async def http_checks(self, weight: int) -> list[MetricVerdict]:
+        """The policy's HTTP checks at one look of a bake: a failed critical one is a breach (rolls back at once),
+        a failed non-critical one is counted (the judgement of this bake is then marginal at best)."""
+        assert isinstance(self.report, RolloutReport)
+        if not self.policy.checks:
+            return []
+        bound = sum(c.timeout for c in self.policy.checks) + 10
+        req = ChecksRequest(checks=self.policy.checks, app=self.app.deployment, image=self.inp.image, weight=weight)
+        results = await self.run_activity(HTTP_CHECKS, req, timeout=bound)
+        self.report.checks_run += len(results)
+        self.report.check_failures += [r for r in results if not r.ok]
+        self.bake_check_failures += [f"{r.name}: {r.reason}" for r in results if not r.ok and not r.critical]
+        return [MetricVerdict(name=f"check {r.name}", verdict="breach", critical=True, reason=r.reason)
+                for r in results if not r.ok and r.critical]
 
     def interrupting(self) -> bool:
         return self.abort_requested is not None or self.rollback_request is not None or self.promote_request is not None
@@ -333,6 +355,10 @@ class Rollout(Procedure):
         result: StepAnalysis = await self.run_activity(
             ANALYSIS_JUDGE, JudgeRequest(analysis=self.policy.analysis, samples=got, weight=weight)
         )
+        if self.bake_check_failures and result.verdict == "pass":  # a person looks at what the checks saw
+            result.verdict = "marginal"
+            result.reason = (f"{len(self.bake_check_failures)} non-critical HTTP check failure(s) in the bake ("
+                             + "; ".join(self.bake_check_failures[:3]) + f"); {result.reason}")
         self.report.analysis.append(result)
         self.end_step(record, "ok" if result.verdict == "pass" else "failed", f"{result.verdict} (score {result.score}): {result.reason}")
         return result
@@ -340,6 +366,9 @@ class Rollout(Procedure):
     def failure_text(self, result: StepAnalysis) -> str:
         parts = []
         for m in result.failed_metrics():
+            if m.canary is None and m.baseline is None:  # an HTTP check: no figures, its reason says it
+                parts.append(f"{m.name} failed: {m.reason}")
+                continue
             figures = f"canary {m.canary:.4g}" if m.canary is not None else "canary ?"
             figures += f" vs baseline {m.baseline:.4g}" if m.baseline is not None else ""
             parts.append(f"{m.name} {m.verdict}: {figures} ({m.reason})")

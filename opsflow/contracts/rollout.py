@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from opsflow.contracts.base import Activity
 from opsflow.rollout import (
+    CheckResult,
+    ChecksRequest,
     DeploymentRequest,
     ImageRequest,
     JudgeRequest,
@@ -25,4 +27,5 @@ K8S_CREATE_COLOUR = Activity("k8s.create_colour", ImageRequest, RolloutState)
 K8S_SWITCH_SERVICE = Activity("k8s.switch_service", DeploymentRequest, RolloutState)
 K8S_SCALE_DEPLOYMENT = Activity("k8s.scale_deployment", DeploymentRequest, RolloutState)
 PROMETHEUS_SAMPLES = Activity("prometheus.samples", SamplesRequest, Samples)
+HTTP_CHECKS = Activity("http.checks", ChecksRequest, list[CheckResult])
 ANALYSIS_JUDGE = Activity("analysis.judge", JudgeRequest, StepAnalysis)

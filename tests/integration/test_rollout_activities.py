@@ -20,6 +20,7 @@ from kubernetes import client as k8s
 from kubernetes.config import new_client_from_config
 
 from activities.analysis import judge_step
+from activities.http_checks import checks
 from activities.kubernetes import (create_canary, create_colour, delete_canary, rollout_status, scale_canary,
                                   scale_deployment, set_image, set_weight, switch_service)
 from activities.prometheus import samples
@@ -28,6 +29,7 @@ from lab.ports import free_port
 from lab.processes import wait_port
 from lab.rollout import IMAGES, STABLE_IMAGE, inventory_section, seed_additions
 from opsflow.inventory import KubernetesConfig
+from opsflow.rollout import ChecksRequest, HttpCheck
 from opsflow.rollout import AnalysisSpec, DeploymentRequest, ImageRequest, JudgeRequest, RolloutApp, RolloutTarget, SamplesRequest, WeightRequest
 from tests.helpers import eventually as wait_for
 
@@ -237,3 +239,35 @@ def test_a_series_that_does_not_exist_yet_is_judged_by_the_metrics_missing_polic
                                    weight=50))
     assert {m.name: m.verdict for m in step.metrics}["error-rate"] == "skipped" and step.verdict == "pass", step.reason
     delete_canary(target)
+
+
+def test_http_checks_smoke_through_the_proxy_and_a_webhook_that_answers_pass_or_fail(target, stage, tmp_path):
+    """Smoke URLs through the stage's real NGINX to the real app (status and body), and the lab receiver's
+    webhook gate (as Flagger's): a 2xx pass, a 403 with a reason fail; nothing listening is a failed check,
+    never an exception."""
+    from lab.receiver import read_notifications, serve
+
+    gate = serve(tmp_path / "receiver")
+    hook = f"http://127.0.0.1:{gate.server_port}/gate/load-test"
+    wait_for(lambda: versions_served(stage["proxy"], 5)["healthy-1"] == 5, what="stable behind the proxy")
+    req = ChecksRequest(app="web", image=IMAGES["healthy"], weight=25, checks=[
+        HttpCheck(name="home", url=stage["proxy"] + "/", body="web healthy-1 200"),
+        HttpCheck(name="wrong-body", url=stage["proxy"] + "/", body="not in it", critical=False),
+        HttpCheck(name="missing", url=stage["proxy"] + "/nope", status=404, critical=False),
+        HttpCheck(name="load-test", kind="webhook", url=hook),
+        HttpCheck(name="nobody", url=f"http://127.0.0.1:{free_port()}/", timeout=2),
+    ])
+    got = {r.name: r for r in checks(req)}
+    assert got["home"].ok and got["home"].status == 200
+    assert not got["wrong-body"].ok and "does not contain 'not in it'" in got["wrong-body"].reason
+    assert not got["missing"].ok and got["missing"].reason == "HTTP 200, expected 404"  # the app answers any path
+    assert got["load-test"].ok and got["load-test"].reason == "HTTP 200: pass"
+    assert not got["nobody"].ok and got["nobody"].reason.startswith("no answer") and got["nobody"].critical
+    sent = [n for n in read_notifications(tmp_path / "receiver") if n["path"] == "/gate/load-test"]
+    assert sent[-1]["body"] == {"check": "load-test", "app": "web", "image": IMAGES["healthy"], "weight": 25,
+                                "phase": "bake"}
+
+    (tmp_path / "receiver" / "fail-load-test").write_text("p99 above 2 s under load")
+    r = checks(req.model_copy(update={"checks": [req.checks[3]]}))[0]
+    assert not r.ok and r.status == 403 and r.reason == "HTTP 403: fail: p99 above 2 s under load"
+    gate.shutdown()

@@ -28,7 +28,7 @@ from temporalio.worker import Worker
 from activities.analysis import judge_step
 from opsflow.inventory import Inventory
 from opsflow.models import NotifyRequest
-from opsflow.rollout import (DeploymentRequest, ImageRequest, MetricSamples, RolloutState, RolloutTarget,
+from opsflow.rollout import (CheckResult, ChecksRequest, DeploymentRequest, ImageRequest, MetricSamples, RolloutState, RolloutTarget,
                              Samples, SamplesRequest, WeightRequest)
 from opsflow.rollout_report import RolloutReport
 from activities.rules import worker_inventory
@@ -55,6 +55,7 @@ class Cluster:
     notifications: list = field(default_factory=list)
     block: dict = field(default_factory=dict)  # activity name -> threading.Event it waits for (heartbeating)
     started: dict = field(default_factory=dict)  # activity name -> threading.Event set when it starts
+    failing_checks: set = field(default_factory=set)  # names of the HTTP checks that fail
 
     def state(self) -> RolloutState:
         return RolloutState(stable="web", stable_image=self.stable_image, stable_desired=3, stable_ready=3, stable_done=True,
@@ -156,12 +157,20 @@ class Cluster:
             return Samples(metrics=[MetricSamples(name=m.name, canary=c.figures(r.canary, m.name, False), baseline=c.figures(r.baseline, m.name, True))
                                     for m in r.analysis.metrics], canary_requests=requests, baseline_requests=requests * 3, start=r.start, end=r.end)
 
+        @activity.defn(name="http.checks")
+        def checks(r: ChecksRequest) -> list[CheckResult]:
+            c._enter("http.checks")
+            return [CheckResult(name=k.name, ok=k.name not in c.failing_checks, critical=k.critical,
+                                status=500 if k.name in c.failing_checks else 200,
+                                reason="HTTP 500, expected 200" if k.name in c.failing_checks else "HTTP 200")
+                    for k in r.checks]
+
         @activity.defn(name="notify.send")
         def notify(r: NotifyRequest) -> None:
             c.notifications.append(r.notification.text)
 
         return [worker_inventory, rollout_status, create_canary, scale_canary, set_weight, delete_canary, set_image, create_colour, switch_service, scale_deployment,
-                samples, notify, judge_step]
+                samples, notify, judge_step, checks]
 
 
 ROLLOUT = {
@@ -523,6 +532,39 @@ async def test_a_hold_ends_by_an_approvers_override_not_by_the_requesters_promot
     assert hold.outcome == "ok" and "overridden by carol" in hold.detail
     assert [(o.by, o.reason) for o in report.overrides] == [("carol", "the fix must ship")]
     assert len([s for s in report.steps if s.name.startswith("hold-")]) == 1  # overridden for the rest of the run
+
+
+CHECKS = [{"name": "checkout", "url": "http://shop.example/checkout", "body": "ok"},
+          {"name": "load-test", "kind": "webhook", "url": "http://loadtester.example/gate", "critical": False}]
+
+
+async def test_http_checks_run_in_every_bake_and_a_critical_failure_rolls_back(env, worker, cluster):
+    cluster.failing_checks = {"checkout"}
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(checks=CHECKS), auto_promote=True)
+        await approve_quorum(handle)
+        report = await failed(handle)
+    assert report.rolled_back and cluster.stable_at_100 and cluster.weight_log == [5, 0]
+    assert "check checkout failed: HTTP 500, expected 200" in report.rollback_reason
+    bake = next(s for s in report.steps if s.name == "bake-5")
+    assert bake.outcome == "failed" and round(bake.seconds) == 60  # at the first look, not at the end of the bake
+    assert report.checks_run == 2 and [f.name for f in report.check_failures] == ["checkout"]
+
+
+async def test_a_non_critical_check_failure_is_counted_and_a_person_decides(env, worker, cluster):
+    cluster.failing_checks = {"load-test"}
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(checks=CHECKS, steps=[5, 100]), auto_promote=True)
+        await approve_quorum(handle)
+        r = await until(handle, lambda r: r.current_step == "decide-5" and r.status == "waiting", "the decision")
+        judged = r.analysis[-1]
+        assert judged.verdict == "marginal" and "10 non-critical HTTP check failure(s)" in judged.reason
+        assert "load-test: HTTP 500" in judged.reason
+        await handle.execute_update("promote", Request(by="carol", reason="the load tester is flaky"))
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and report.checks_run == 20 and len(report.check_failures) == 10
+    bake = next(s for s in report.steps if s.name == "bake-5")
+    assert "10 non-critical HTTP check failure(s)" in bake.detail
 
 
 async def test_refusals_image_already_running_and_leftover_canary(env, worker, cluster):
