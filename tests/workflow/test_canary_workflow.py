@@ -61,6 +61,7 @@ class Cluster:
         return RolloutState(stable="web", stable_image=self.stable_image, stable_desired=3, stable_ready=3, stable_done=True,
                             canary="web-canary" if self.canary_image else None, canary_image=self.canary_image,
                             canary_ready=1 if self.canary_image else 0, weights=dict(self.weights), active=self.selector,
+                            canary_replicas=self.replicas.get("web-canary", 1) if self.canary_image else 0,
                             colours=dict(self.colours), replicas=dict(self.replicas))
 
     def _enter(self, name: str) -> None:
@@ -317,7 +318,8 @@ async def test_the_canary_is_sized_for_each_weight_before_the_weight_moves(env, 
     assert [n for n in names if n.startswith(("scale-", "weight-"))] == [
         "scale-5", "weight-5", "scale-25", "weight-25", "scale-50", "weight-50"]
     details = {s.name: s.detail for s in report.steps}
-    assert "web-canary" in details["scale-50"] and "stable 3" in details["scale-50"]
+    assert details["scale-5"] == "web-canary 1 replica(s), stable 3"
+    assert details["scale-50"] == "web-canary 2 replica(s), stable 3"
 
 
 async def test_quorum_needs_both_roles_each_by_a_different_person(env, worker, cluster):
