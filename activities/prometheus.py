@@ -26,7 +26,9 @@ def fill(template: str, *, deployment: str, version: str = "", interval: float |
     return out
 
 
-def query_range(base: str, query: str, start: datetime, end: datetime, step: float, *, zero: bool = False) -> list[float]:
+def query_range(
+    base: str, query: str, start: datetime, end: datetime, step: float, *, zero: bool = False
+) -> list[float]:
     """The values of a query that returns one series (sum over the rest); NaN/absent points are left out, or,
     with `zero` (a metric's `missing: zero`), are 0: every point of the step grid from start to end has a value,
     so a series that does not exist yet (no 5xx so far) reads as zeros rather than as no data."""

@@ -156,7 +156,8 @@ def judge(metrics: list[MetricResult], *, pass_score: float = 95.0, marginal_sco
     skipped, all_metrics = [m for m in metrics if m.classification == "skipped"], metrics
     metrics = [m for m in metrics if m.classification != "skipped"]
     if not metrics:
-        why = "no metrics to judge" + (f" (skipped for want of data: {', '.join(m.name for m in skipped)})" if skipped else "")
+        names = ", ".join(m.name for m in skipped)
+        why = "no metrics to judge" + (f" (skipped for want of data: {names})" if skipped else "")
         return JudgeResult(verdict="inconclusive", score=0.0, metrics=all_metrics, reason=why)
     result = _score(metrics, pass_score, marginal_score)
     result.metrics = all_metrics

@@ -1,8 +1,10 @@
 """Canary rollout and blue-green deployment. Reads top to bottom; each step is one line.
 
 Canary:     preflight (window/freeze, stable healthy, image differs, no leftover canary) -> approvals (quorum of
-            roles) -> create the canary (stable's spec, new image) and wait until ready -> for each weight: size
-            the canary (ceil(weight x stable's replicas), ready) -> set the weight -> bake, looking at the figures every interval (a broken limit rolls back at once) ->
+            roles) -> create the canary (stable's spec, new image) and wait until ready -> for each weight: hold
+            while the calendar is closed -> size the canary (ceil(weight x stable's replicas), ready) -> set the
+            weight -> bake, looking at the figures and the HTTP checks every interval (a broken limit or a
+            failed critical check rolls back at once) ->
             judge (Mann-Whitney against the stable baseline) -> pass: next weight / marginal or inconclusive:
             wait for a person (promote or abort) / fail: automatic rollback -> promote (stable gets the image,
             rollout status waited, weights 100/0, canary removed) -> notify.
@@ -26,8 +28,20 @@ from workflows.procedure import A, R, Procedure, Request, StepDecl, Stop, Undo, 
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.contracts.base import Activity
-    from opsflow.contracts.rollout import ANALYSIS_JUDGE, K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_ROLLOUT_STATUS, K8S_SCALE_CANARY, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE, K8S_SET_WEIGHT, K8S_SWITCH_SERVICE, PROMETHEUS_SAMPLES
-    from opsflow.contracts.rollout import HTTP_CHECKS
+    from opsflow.contracts.rollout import (
+        ANALYSIS_JUDGE,
+        HTTP_CHECKS,
+        K8S_CREATE_CANARY,
+        K8S_CREATE_COLOUR,
+        K8S_DELETE_CANARY,
+        K8S_ROLLOUT_STATUS,
+        K8S_SCALE_CANARY,
+        K8S_SCALE_DEPLOYMENT,
+        K8S_SET_IMAGE,
+        K8S_SET_WEIGHT,
+        K8S_SWITCH_SERVICE,
+        PROMETHEUS_SAMPLES,
+    )
     from opsflow.rules import ProcedureInput
     from opsflow.models import ControlEvent
     from opsflow.rollout import (

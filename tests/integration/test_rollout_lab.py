@@ -157,7 +157,8 @@ def test_a_webhook_check_that_fails_rolls_a_healthy_canary_back(rollout_lab):
     finally:
         fail.unlink()
     assert report["status"] == "failed" and report["rolled_back"]
-    assert report["rollback_reason"] == "at 25 %: check rollout-gate failed: HTTP 403: fail: the load test saw p99 above 2 s"
+    assert report["rollback_reason"] == (
+        "at 25 %: check rollout-gate failed: HTTP 403: fail: the load test saw p99 above 2 s")
     assert report["checks_run"] >= 2 and "rollout-gate" in [f["name"] for f in report["check_failures"]]
     assert deployments(lab)["web"] == before and "web-canary" not in deployments(lab)
     assert route_weights(lab) == {"web": 100}

@@ -173,7 +173,8 @@ def test_judge_activity_applies_each_metrics_policy():
     assert step.verdict == "pass", step.reason
     assert by == {"error-rate": "pass", "saturation": "skipped", "latency": "pass"}
     # the same figures under the default policy wait for a person
-    default = spec.model_copy(update={"metrics": [m.model_copy(update={"missing": "inconclusive"}) for m in spec.metrics]})
+    default = spec.model_copy(
+        update={"metrics": [m.model_copy(update={"missing": "inconclusive"}) for m in spec.metrics]})
     assert judge_step(JudgeRequest(analysis=default, samples=samples, weight=25)).verdict == "inconclusive"
 
 

@@ -28,8 +28,8 @@ from temporalio.worker import Worker
 from activities.analysis import judge_step
 from opsflow.inventory import Inventory
 from opsflow.models import NotifyRequest
-from opsflow.rollout import (CheckResult, ChecksRequest, DeploymentRequest, ImageRequest, MetricSamples, RolloutState, RolloutTarget,
-                             Samples, SamplesRequest, WeightRequest)
+from opsflow.rollout import (CheckResult, ChecksRequest, DeploymentRequest, ImageRequest, MetricSamples,
+                             RolloutState, RolloutTarget, Samples, SamplesRequest, WeightRequest)
 from opsflow.rollout_report import RolloutReport
 from activities.rules import worker_inventory
 from tests.workflow.conftest import worker_holds
@@ -170,8 +170,8 @@ class Cluster:
         def notify(r: NotifyRequest) -> None:
             c.notifications.append(r.notification.text)
 
-        return [worker_inventory, rollout_status, create_canary, scale_canary, set_weight, delete_canary, set_image, create_colour, switch_service, scale_deployment,
-                samples, notify, judge_step, checks]
+        return [worker_inventory, rollout_status, create_canary, scale_canary, set_weight, delete_canary, set_image,
+                create_colour, switch_service, scale_deployment, samples, notify, judge_step, checks]
 
 
 ROLLOUT = {
