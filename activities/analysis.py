@@ -21,7 +21,8 @@ def judge_step(req: JudgeRequest) -> StepAnalysis:
         spec = specs[ms.name]
         if spec.judge:
             results.append(classify(ms.name, ms.canary, ms.baseline, direction=spec.direction, confidence=a.confidence,
-                                    tolerance=a.tolerance, min_samples=a.min_samples, critical=spec.critical))
+                                    tolerance=a.tolerance, min_samples=a.min_samples, critical=spec.critical,
+                                    effect=spec.effect, missing=spec.missing))
     verdict = judge(results, pass_score=a.pass_score, marginal_score=a.marginal_score)
     metrics = [
         MetricVerdict(

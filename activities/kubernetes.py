@@ -33,7 +33,7 @@ from temporalio.exceptions import ApplicationError
 from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
 from opsflow.contracts.rollout import (
     K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_ROLLOUT_STATUS, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE,
-    K8S_SET_WEIGHT, K8S_SWITCH_SERVICE,
+    K8S_SCALE_CANARY, K8S_SET_WEIGHT, K8S_SWITCH_SERVICE,
 )
 from opsflow.inventory import KubernetesConfig
 from opsflow.models import DeploymentState, FenceResult, KubeStatus, MaintenanceRequest, RegionTarget, ScaleRequest
@@ -589,6 +589,7 @@ def _rollout_state(c: _Cluster, target: RolloutTarget) -> RolloutState:
     if canary is not None:
         state.canary, state.canary_image = target.canary, _container(canary, app.container).image
         state.canary_ready = (canary.status.ready_replicas or 0) if canary.status else 0
+        state.canary_replicas = canary.spec.replicas or 0
     if app.router is not None:
         rule = _route_rule(_route(c, target), app.service)
         state.weights = {ref["name"]: int(ref.get("weight", 1)) for ref in rule.get("backendRefs", [])}
@@ -720,6 +721,41 @@ def create_canary(req: ImageRequest) -> RolloutState:
         _ensure_copy(c, target, target.canary, req.image, target.app.canary_replicas, target.canary_suffix)
         _ensure_service_copy(c, target.app.service, target.canary_service, keys, target.canary_suffix)
         _wait_done(c, target.canary, req.wait_seconds or _wait_bound(None), f"canary {target.canary}")
+        return _rollout_state(c, target)
+
+
+def canary_size(stable_replicas: int, weight: int) -> int:
+    """The canary's replicas for `weight` % of the traffic stable's `stable_replicas` serve: ceil, at least 1."""
+    return max(1, -(-stable_replicas * weight // 100))
+
+
+@K8S_SCALE_CANARY.implementation
+def scale_canary(req: WeightRequest) -> RolloutState:
+    """Capacity follows weight (Argo's setCanaryScale, Flagger's autoscaler reference): the canary gets
+    ceil(weight % x stable's current replicas), at least 1 and never fewer than `canary_replicas`, and is waited
+    ready, before the weight moves. Stable is read now (an autoscaler may have changed it) and never scaled:
+    its remaining share never lacks the pods it had."""
+    target = req.target
+    with _rollout_cluster(target) as c:
+        with c.call(f"deployment {c.ns}/{target.app.deployment}"):
+            stable = c.apps.read_namespaced_deployment_scale(
+                target.app.deployment, c.ns, _request_timeout=REQUEST_TIMEOUT
+            )
+        want = max(canary_size(stable.spec.replicas or 0, req.canary_weight), target.app.canary_replicas)
+        with c.call(f"deployment {c.ns}/{target.canary}"):
+            scale = c.apps.read_namespaced_deployment_scale(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT)
+        if scale.spec.replicas != want:
+            with c.call(f"deployment {c.ns}/{target.canary}"):
+                c.apps.patch_namespaced_deployment_scale(
+                    target.canary,
+                    c.ns,
+                    {"spec": {"replicas": want}},
+                    _content_type=_MERGE_PATCH,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            _logger().info("%s: canary %s %d -> %d replicas for %d %% (stable %d)", c.where, target.canary,
+                           scale.spec.replicas or 0, want, req.canary_weight, stable.spec.replicas or 0)
+        _wait_done(c, target.canary, _wait_bound(None), f"canary {target.canary}")
         return _rollout_state(c, target)
 
 

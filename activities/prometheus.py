@@ -27,8 +27,12 @@ def fill(template: str, *, deployment: str, version: str = "", interval: float |
     return out
 
 
-def query_range(base: str, query: str, start: datetime, end: datetime, step: float) -> list[float]:
-    """The values of a query that returns one series (sum over the rest); NaN/absent points are left out."""
+def query_range(
+    base: str, query: str, start: datetime, end: datetime, step: float, *, zero: bool = False
+) -> list[float]:
+    """The values of a query that returns one series (sum over the rest); NaN/absent points are left out, or,
+    with `zero` (a metric's `missing: zero`), are 0: every point of the step grid from start to end has a value,
+    so a series that does not exist yet (no 5xx so far) reads as zeros rather than as no data."""
     params = {
         "query": query,
         "start": f"{start.timestamp():.3f}",
@@ -50,16 +54,20 @@ def query_range(base: str, query: str, start: datetime, end: datetime, step: flo
         raise ApplicationError(
             f"prometheus {base}: HTTP {r.status_code}: {body.get('error', r.text[:200])}", type="PrometheusError"
         )
-    series = body["data"]["result"]
-    if len(series) > 1:  # several series: sum them point by point, as sum() would
-        points: dict[float, float] = {}
-        for s in series:
-            for t, v in s["values"]:
-                points[t] = points.get(t, 0.0) + float(v)
-        values = [points[t] for t in sorted(points)]
-    else:
-        values = [float(v) for _, v in series[0]["values"]] if series else []
-    return [v for v in values if math.isfinite(v)]
+    points: dict[float, float] = {}  # several series: summed point by point, as sum() would
+    for s in body["data"]["result"]:
+        for t, v in s["values"]:
+            points[round(float(t), 3)] = points.get(round(float(t), 3), 0.0) + float(v)
+    if not zero:
+        return [v for _, v in sorted(points.items()) if math.isfinite(v)]
+    step = max(step, 0.001)
+    first, span = round(start.timestamp(), 3), end.timestamp() - start.timestamp()
+    grid = [round(first + k * step, 3) for k in range(int(span / step + 1e-9) + 1)] if span >= 0 else []
+    out = []
+    for t in grid:
+        v = points.get(t, 0.0)
+        out.append(v if math.isfinite(v) else 0.0)
+    return out
 
 
 def query(url: str, promql: str, *, at: datetime | None = None, timeout: float | httpx.Timeout = TIMEOUT) -> float:
@@ -123,6 +131,7 @@ def samples(req: SamplesRequest) -> Samples:
                     req.start,
                     req.end,
                     a.step,
+                    zero=m.missing == "zero",
                 ),
                 baseline=query_range(
                     a.prometheus,
@@ -130,6 +139,7 @@ def samples(req: SamplesRequest) -> Samples:
                     b_start,
                     b_end,
                     a.step,
+                    zero=m.missing == "zero",
                 ),
             )
         )

@@ -128,7 +128,7 @@ def _up(lab: Lab, root: Path, with_worker: bool, say: Say, cloud: str, default_p
     inventory = root / "inventory.yaml"
     inv = aws_lab_inventory(lab.state, root) if cloud == "aws" else lab_inventory(lab.state, root)
     if lab.state.get("rollout"):
-        inv["rollout"] = rollout.inventory_section(lab.state["rollout"])
+        inv["rollout"] = rollout.inventory_section(lab.state["rollout"], lab.state["receiver"]["url"])
     inventory.write_text(yaml.safe_dump(inv, sort_keys=False))
     lab.state["inventory"] = str(inventory)
     lab.state["dir"] = str(root)

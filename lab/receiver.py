@@ -2,6 +2,8 @@
 
 POST any path: the JSON body is appended to <dir>/notifications.jsonl (what Slack/webhooks would get).
 GET /health/<region>: 200 "ok", or 503 when <dir>/unhealthy-<region> exists (for smoke-test failures).
+POST /gate/<name>: a rollout's webhook check (as Flagger's): recorded like any POST; answers 200 {"pass": true},
+or 403 {"pass": false, "reason": ...} when <dir>/fail-<name> exists (its text is the reason).
 /statuspage/v1/pages/<page>/incidents[...]: a status page in the shape of Atlassian Statuspage's API (create,
 list scheduled, update scheduled-maintenance incidents); every call is appended to <dir>/statuspage.jsonl.
 Run: python -m lab.receiver --dir DIR --port N
@@ -76,6 +78,12 @@ def make_handler(root: Path):
                 return
             with lock, open(root / "notifications.jsonl", "a") as f:
                 f.write(json.dumps({"at": time.time(), "path": self.path, "body": payload}) + "\n")
+            parts = self.path.strip("/").split("/")
+            if len(parts) == 2 and parts[0] == "gate":
+                fail = root / f"fail-{parts[1]}"
+                if fail.exists():
+                    return self._json(403, {"pass": False, "reason": fail.read_text().strip() or "failed"})
+                return self._json(200, {"pass": True})
             self.send_response(200)
             self.end_headers()
             self.wfile.write(b"ok")

@@ -79,8 +79,10 @@ def start(lab: Lab, root: Path, kube_url: str, region: str) -> dict:
             "state": str(root / "rollout" / "state.json")}
 
 
-def inventory_section(rollout: dict) -> dict:
-    """The lab inventory's `rollout:` section for the stage."""
+def inventory_section(rollout: dict, receiver: str | None = None) -> dict:
+    """The lab inventory's `rollout:` section for the stage; with the lab's receiver, HTTP checks in every bake:
+    a smoke GET through the proxy (non-critical: it may reach either version) and the receiver's webhook gate
+    (critical; it fails while <receiver dir>/fail-rollout exists)."""
     requests = 'sum(rate(http_requests_total{deployment="{deployment}"}[5s]))'
     errors = 'sum(rate(http_requests_total{deployment="{deployment}",status=~"5.."}[5s]))'
     p95 = ('histogram_quantile(0.95, sum by (le) '
@@ -96,7 +98,7 @@ def inventory_section(rollout: dict) -> dict:
             "requests": 'sum(increase(http_requests_total{deployment="{deployment}"}[{interval}]))',
             "metrics": [
                 {"name": "error-rate", "query": f"{errors} / {requests}", "max": 0.05, "direction": "increase",
-                 "critical": True},
+                 "critical": True, "missing": "zero", "effect": 0.1},
                 {"name": "p95-latency", "query": p95, "max": 0.25, "direction": "increase"},
             ],
         },
@@ -104,6 +106,10 @@ def inventory_section(rollout: dict) -> dict:
         "bake": "15s",
         "approval": {"approvers": {"platform-lead": ["carol"], "qa": ["dave"]}, "require": ["platform-lead", "qa"]},
         "rollback_window": "20s",
+        **({"checks": [
+            {"name": "smoke", "url": rollout["proxy"] + "/", "status": 200, "critical": False, "timeout": 5},
+            {"name": "rollout-gate", "kind": "webhook", "url": f"{receiver}/gate/rollout", "timeout": 5},
+        ]} if receiver else {}),
     }
 
 

@@ -13,10 +13,17 @@ Per metric (``classify``), as Kayenta's MannWhitneyClassifier:
   bound. Kayenta's later versions also require an effect size (the mean ratio canary/baseline) beyond a
   threshold; here that threshold is the same ``tolerance`` (ratio > 1 + tolerance for high, < 1 - tolerance
   for low), so a statistically clear but tiny shift (a few percent on a large sample) still passes.
+- ``effect`` (per metric; default ``tolerance``) is the effect size: how far, relative, the canary may move
+  before a statistically clear shift fails (0.1: 10 %; an error rate may allow less than a latency).
+- ``missing`` (per metric, as Kayenta's nanStrategy) says what a missing or empty series, or NaN points, mean:
+  ``zero`` -> the value is 0 (no 5xx series yet is no errors; the Prometheus activity fills the query's
+  step grid with zeros, the judge replaces NaN), ``skip`` -> a side with no data leaves the metric out of
+  the score (``skipped``), ``inconclusive`` (the default) -> the metric is inconclusive, never a pass.
 - ``direction`` says which shift is bad: ``increase`` (only high fails), ``decrease`` (only low fails),
   ``either``.
 
-The score (``judge``): 100 x passed / judged metrics, where inconclusive metrics count as not passed (a
+The score (``judge``): 100 x passed / judged metrics (skipped ones are not judged), where inconclusive metrics
+count as not passed (a
 canary cannot pass on missing data). ``fail`` when a critical metric fails (score 0), else ``pass`` at or
 above ``pass_score``, ``marginal`` at or above ``marginal_score``, else ``fail``. Any inconclusive metric
 makes the whole result ``inconclusive`` unless something already failed.
@@ -33,7 +40,8 @@ import numpy as np
 from pydantic import BaseModel
 
 Direction = Literal["increase", "decrease", "either"]
-Classification = Literal["pass", "high", "low", "inconclusive"]
+Classification = Literal["pass", "high", "low", "inconclusive", "skipped"]
+Missing = Literal["zero", "skip", "inconclusive"]
 Verdict = Literal["pass", "marginal", "fail", "inconclusive"]
 
 
@@ -89,23 +97,25 @@ def hodges_lehmann(canary: np.ndarray, baseline: np.ndarray, confidence: float) 
     return estimate, float(diffs[k]), float(diffs[mn - 1 - k])
 
 
-def classify(
-    name: str,
-    canary: list[float],
-    baseline: list[float],
-    *,
-    direction: Direction = "either",
-    confidence: float = 0.98,
-    tolerance: float = 0.25,
-    min_samples: int = 5,
-    critical: bool = False,
-) -> MetricResult:
-    c, b = _clean(canary), _clean(baseline)
-    res = MetricResult(
-        name=name, classification="inconclusive", failed=False, critical=critical, canary_n=len(c), baseline_n=len(b)
-    )
+def _zeroed(values: list[float] | np.ndarray) -> np.ndarray:
+    a = np.asarray(values, dtype=float)
+    return np.where(np.isfinite(a), a, 0.0)
+
+
+def classify(name: str, canary: list[float], baseline: list[float], *, direction: Direction = "either",
+             confidence: float = 0.98, tolerance: float = 0.25, min_samples: int = 5, critical: bool = False,
+             effect: float | None = None, missing: Missing = "inconclusive") -> MetricResult:
+    clean = _zeroed if missing == "zero" else _clean
+    c, b = clean(canary), clean(baseline)
+    tolerance = tolerance if effect is None else effect
+    res = MetricResult(name=name, classification="inconclusive", failed=False, critical=critical, canary_n=len(c),
+                       baseline_n=len(b))
     if len(c) == 0 or len(b) == 0:
-        res.reason = f"no data for the {'canary' if len(c) == 0 else 'baseline'}"
+        side = "canary" if len(c) == 0 else "baseline"
+        if missing == "skip":
+            res.classification, res.reason = "skipped", f"no data for the {side}: left out of the score (missing: skip)"
+        else:
+            res.reason = f"no data for the {side}"
         return res
     res.canary_mean, res.baseline_mean = float(np.mean(c)), float(np.mean(b))
     res.canary_median, res.baseline_median = float(np.median(c)), float(np.median(b))
@@ -153,8 +163,20 @@ def classify(
 
 def judge(metrics: list[MetricResult], *, pass_score: float = 95.0, marginal_score: float = 75.0) -> JudgeResult:
     """Score the metric verdicts as NetflixACAJudge does; a failed critical metric fails the canary at once."""
+    skipped, all_metrics = [m for m in metrics if m.classification == "skipped"], metrics
+    metrics = [m for m in metrics if m.classification != "skipped"]
     if not metrics:
-        return JudgeResult(verdict="inconclusive", score=0.0, metrics=[], reason="no metrics to judge")
+        names = ", ".join(m.name for m in skipped)
+        why = "no metrics to judge" + (f" (skipped for want of data: {names})" if skipped else "")
+        return JudgeResult(verdict="inconclusive", score=0.0, metrics=all_metrics, reason=why)
+    result = _score(metrics, pass_score, marginal_score)
+    result.metrics = all_metrics
+    if skipped:
+        result.reason += f" ({len(skipped)} skipped for want of data: {', '.join(m.name for m in skipped)})"
+    return result
+
+
+def _score(metrics: list[MetricResult], pass_score: float, marginal_score: float) -> JudgeResult:
     critical = [m for m in metrics if m.failed and m.critical]
     passed = sum(1 for m in metrics if m.classification == "pass" and not m.failed)
     score = round(100.0 * passed / len(metrics), 1)

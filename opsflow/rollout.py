@@ -15,6 +15,7 @@ from opsflow.calendar import Calendar, Freeze, FreezeCalendar, NeverOpens, Weekl
 from opsflow.sections import ApprovalPolicy, KubernetesConfig, Seconds, Strict, parse_duration
 
 Direction = Literal["increase", "decrease", "either"]
+Missing = Literal["zero", "skip", "inconclusive"]
 
 
 # -- the inventory's `rollout:` section ----------------------------------------------------------------------
@@ -33,7 +34,8 @@ class RolloutApp(Strict):
     container: str | None = Field(default=None, description="the container whose image changes; default: the first")
     service: str = Field(description="the stable service (blue-green switches its selector)")
     router: RouterRef | None = Field(default=None, description="required for canary rollouts")
-    canary_replicas: int = Field(default=1, ge=1)
+    canary_replicas: int = Field(default=1, ge=1, description="the canary's size at creation, and its least size "
+                                 "as it follows its weight (ceil(weight x stable's replicas))")
 
 
 class MetricSpec(Strict):
@@ -46,6 +48,15 @@ class MetricSpec(Strict):
     judge: bool = True
     direction: Direction = "increase"
     critical: bool = False
+    missing: Missing = Field(
+        default="inconclusive",
+        description="a missing or empty series / NaN points (Kayenta's nanStrategy): zero = the value is 0 (no 5xx "
+        "series yet: no errors), skip = leave the metric out of the score, inconclusive = never a pass",
+    )
+    effect: float | None = Field(
+        default=None, ge=0, description="effect size: the relative change (0.1 = 10 %) a clear shift must exceed to "
+        "fail; default: analysis.tolerance",
+    )
 
 
 class AnalysisSpec(Strict):
@@ -66,6 +77,30 @@ class AnalysisSpec(Strict):
     _d = field_validator("interval", "step", mode="before")(parse_duration)
 
 
+class HttpCheck(Strict):
+    """An HTTP check run at every look during a bake, beside the metrics (Flagger's webhooks): `smoke` GETs the URL
+    and expects `status` (and `body` in the answer); `webhook` POSTs the rollout's context as JSON and passes on
+    a 2xx answer (unless its JSON says "pass": false). A critical check that fails rolls back at once; a
+    non-critical one is counted, and a bake with such failures is at best marginal (a person decides)."""
+
+    name: str
+    kind: Literal["smoke", "webhook"] = "smoke"
+    url: str = Field(description="http(s) URL; {app}, {weight} and {version} are filled in")
+    status: int = Field(default=200, ge=100, le=599, description="smoke: the expected status")
+    body: str | None = Field(default=None, description="smoke: a text the answer's body must contain")
+    critical: bool = True
+    timeout: Seconds = Field(default=10, gt=0, le=120)
+
+    _d = field_validator("timeout", mode="before")(parse_duration)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
+
+
 class RolloutPolicy(Strict):
     apps: dict[str, RolloutApp] = Field(min_length=1)
     analysis: AnalysisSpec
@@ -81,8 +116,15 @@ class RolloutPolicy(Strict):
     approval: ApprovalPolicy | None = Field(default=None, description="default: the inventory's approval policy")
     rollback_window: Seconds = Field(default=600, description="blue-green: how long the old colour is kept")
     timeout: Seconds = Field(default=900, description="bound on a rollout's wait for readiness")
+    checks: list[HttpCheck] = Field(default=[], description="HTTP checks run at every look during a bake")
+    on_freeze: Literal["hold", "rollback"] = Field(
+        default="hold",
+        description="a freeze that begins or a window that closes during a rollout: hold the current weight (bake "
+        "and analysis go on) until it opens or a person decides, or roll back",
+    )
+    hold_max: Seconds = Field(default=72 * 3600, gt=0, description="bound on a hold; then the rollout rolls back")
 
-    _d = field_validator("bake", "rollback_window", "timeout", mode="before")(parse_duration)
+    _d = field_validator("bake", "rollback_window", "timeout", "hold_max", mode="before")(parse_duration)
 
     @field_validator("steps")
     @classmethod
@@ -137,10 +179,28 @@ class RolloutState(BaseModel):
     canary: str | None = None  # exists
     canary_image: str | None = None
     canary_ready: int = 0
+    canary_replicas: int = 0  # desired
     weights: dict[str, int] = {}  # backend service -> weight
     active: str | None = None  # blue-green: the deployment the service selects
     colours: dict[str, str] = {}  # deployment -> image, for the stable's colours
     replicas: dict[str, int] = {}
+
+
+class ChecksRequest(BaseModel):
+    checks: list[HttpCheck]
+    app: str
+    image: str
+    weight: int
+    phase: str = "bake"
+
+
+class CheckResult(BaseModel):
+    name: str
+    ok: bool
+    critical: bool
+    status: int | None = None
+    reason: str = ""
+    seconds: float = 0
 
 
 class ImageRequest(BaseModel):
@@ -196,7 +256,7 @@ class MetricVerdict(BaseModel):
     """One metric at one step: the canary's and the baseline's figures and what was decided."""
 
     name: str
-    verdict: Literal["pass", "high", "low", "inconclusive", "breach"]
+    verdict: Literal["pass", "high", "low", "inconclusive", "breach", "skipped"]
     canary: float | None = None  # mean over the window
     baseline: float | None = None
     ratio: float | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from opsflow.models import ControlEvent, ProcedureReport
-from opsflow.rollout import StepAnalysis
+from opsflow.rollout import CheckResult, StepAnalysis
 
 
 class RolloutReport(ProcedureReport):
@@ -19,6 +19,9 @@ class RolloutReport(ProcedureReport):
     rollback_reason: str | None = None
     weights: list[int] = []  # the plan
     weight: int = 0  # the canary's weight now
+    checks_run: int = 0  # HTTP checks (rollout.checks) run during the bakes
+    check_failures: list[CheckResult] = []  # every failed one, critical or not
+    held: str | None = None  # held by the calendar now: why (a freeze began, the window closed)
     analysis: list[StepAnalysis] = []
     overrides: list[ControlEvent] = []
     promoted_by: list[ControlEvent] = []

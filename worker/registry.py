@@ -45,6 +45,7 @@ GLOBAL_ACTIVITIES = [
 
 # Rollouts (canary, blue-green): Kubernetes and the region's Prometheus on the app's region queue.
 from activities import analysis, prometheus  # noqa: E402
+REGION_ACTIVITIES += [kubernetes.scale_canary, http_checks.checks]
 REGION_ACTIVITIES += [
     kubernetes.rollout_status,
     kubernetes.create_canary,

@@ -1,8 +1,10 @@
 """Canary rollout and blue-green deployment. Reads top to bottom; each step is one line.
 
 Canary:     preflight (window/freeze, stable healthy, image differs, no leftover canary) -> approvals (quorum of
-            roles) -> create the canary (stable's spec, new image) and wait until ready -> for each weight: set
-            the weight -> bake, looking at the figures every interval (a broken limit rolls back at once) ->
+            roles) -> create the canary (stable's spec, new image) and wait until ready -> for each weight: hold
+            while the calendar is closed -> size the canary (ceil(weight x stable's replicas), ready) -> set the
+            weight -> bake, looking at the figures and the HTTP checks every interval (a broken limit or a
+            failed critical check rolls back at once) ->
             judge (Mann-Whitney against the stable baseline) -> pass: next weight / marginal or inconclusive:
             wait for a person (promote or abort) / fail: automatic rollback -> promote (stable gets the image,
             rollout status waited, weights 100/0, canary removed) -> notify.
@@ -26,13 +28,28 @@ from workflows.procedure import A, R, Procedure, Request, StepDecl, Stop, Undo, 
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.contracts.base import Activity
-    from opsflow.contracts.rollout import ANALYSIS_JUDGE, K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_ROLLOUT_STATUS, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE, K8S_SET_WEIGHT, K8S_SWITCH_SERVICE, PROMETHEUS_SAMPLES
+    from opsflow.contracts.rollout import (
+        ANALYSIS_JUDGE,
+        HTTP_CHECKS,
+        K8S_CREATE_CANARY,
+        K8S_CREATE_COLOUR,
+        K8S_DELETE_CANARY,
+        K8S_ROLLOUT_STATUS,
+        K8S_SCALE_CANARY,
+        K8S_SCALE_DEPLOYMENT,
+        K8S_SET_IMAGE,
+        K8S_SET_WEIGHT,
+        K8S_SWITCH_SERVICE,
+        PROMETHEUS_SAMPLES,
+    )
     from opsflow.rules import ProcedureInput
     from opsflow.models import ControlEvent
     from opsflow.rollout import (
+        ChecksRequest,
         DeploymentRequest,
         ImageRequest,
         JudgeRequest,
+        MetricVerdict,
         RolloutApp,
         RolloutPolicy,
         RolloutState,
@@ -86,6 +103,8 @@ class Rollout(Procedure[RolloutReport]):
         self.rollback_request: ControlEvent | None = None
         self.deciding = False  # waiting for a person after a marginal/inconclusive judgement (or to promote)
         self.switched = False  # blue-green: the service points at the new colour
+        self.calendar_hold = False  # the calendar is looked at during the run too (see hold())
+        self.bake_check_failures: list[str] = []  # non-critical HTTP checks that failed in the current bake
 
     # -- preflight ---------------------------------------------------------------------------------------
     async def preflight(self) -> RolloutState:
@@ -114,6 +133,7 @@ class Rollout(Procedure[RolloutReport]):
             queue=self.queue,
             detail=lambda s: f"stable {s.stable_image} {s.stable_ready}/{s.stable_desired}, weights {s.weights}",
         )
+        self.calendar_hold = workflow.patched("rollout-calendar-hold")  # runs started before: calendar at start only
         return state
 
     async def calendar(self) -> None:
@@ -143,6 +163,79 @@ class Rollout(Procedure[RolloutReport]):
         o = self.window_override
         assert o is not None
         self.end_step(record, "ok", f"overridden by {o.by}: {o.reason}")
+
+    def closed_now(self) -> str | None:
+        """Why the calendar is closed now, if the run looks at it (and nobody has overridden it)."""
+        if not self.calendar_hold or self.window_override is not None:
+            return None
+        return closed_because(self.policy, workflow.now())
+
+    async def hold(self, name: str, weight: int, canary: str, baseline: str, baseline_image: str) -> None:
+        """A freeze that began, or a window that closed, during the run: no further step. The weight stays, the
+        figures are still looked at every interval (a broken limit rolls back), until the calendar opens, an
+        approver overrides (`opsflow override`, or `promote` with a reason) or someone aborts. `on_freeze:
+        rollback` rolls back instead; a hold longer than `hold_max` rolls back too."""
+        assert isinstance(self.report, RolloutReport)
+        report, why = self.report, self.closed_now()
+        if why is None:
+            return
+        if self.policy.on_freeze == "rollback":
+            report.rollback_reason = f"{why} began during the rollout (on_freeze: rollback)"
+            raise Stop("failed", f"rolled back: {report.rollback_reason}")
+        await self.boundary()
+        record = self.begin_step(name, f"Hold at {weight} %: {why}")
+        wid = report.workflow_id
+        report.held = f"at {weight} %: {why}"
+        report.waiting_for = (f"the calendar to open ({why}); go on now: opsflow override {wid} --as NAME "
+                              f"--reason WHY; stop: opsflow abort {wid} --as NAME")
+        self.awaiting_override = True
+        self.show()
+        await self.notify(f"{report.procedure} of {self.inp.image} held at {weight} %: {why}", severity="warning")
+        interval, start, checks = max(self.policy.analysis.interval, 1.0), workflow.now(), 0
+        try:
+            while True:
+                try:
+                    await workflow.wait_condition(lambda: self.window_override is not None or self.interrupting(),
+                                                  timeout=timedelta(seconds=interval))
+                except asyncio.TimeoutError:
+                    pass
+                held = (workflow.now() - start).total_seconds()
+                if self.abort_requested is not None or self.rollback_request is not None:
+                    self.end_step(record, "failed", f"aborted while held ({held:.0f}s)")
+                    await self.stop_if_asked()
+                who = self.window_override or self.promote_request
+                if who is not None:
+                    self.end_step(record, "ok", f"overridden by {who.by} after {held:.0f}s: {who.reason}")
+                    return
+                if self.closed_now() is None:
+                    self.end_step(record, "ok",
+                                  f"the calendar opened after {held:.0f}s; {checks} check(s), no limit broken")
+                    return
+                if held >= self.policy.hold_max:
+                    self.end_step(record, "failed", f"held {held:.0f}s, longer than hold_max")
+                    report.rollback_reason = f"held by the calendar ({why}) longer than {self.policy.hold_max:.0f}s"
+                    raise Stop("failed", f"rolled back: {report.rollback_reason}")
+                if weight > 0:  # traffic on the new version: its figures are still watched
+                    checks += 1
+                    await self.watch(record, weight, canary, baseline, baseline_image, start)
+        finally:
+            self.awaiting_override = False
+            report.held = None
+            report.waiting_for = None
+
+    async def watch(self, record, weight: int, canary: str, baseline: str, baseline_image: str, start) -> None:
+        """One look at the figures during a hold: a broken limit rolls back."""
+        assert isinstance(self.report, RolloutReport)
+        got = await self.samples(canary, baseline, start, workflow.now(), baseline_image)
+        breaches = threshold_breaches(self.policy.analysis, got)
+        if breaches:
+            result = StepAnalysis(weight=weight, kind="interval", verdict="fail", start=start, end=workflow.now(),
+                                  canary_requests=got.canary_requests, baseline_requests=got.baseline_requests,
+                                  metrics=breaches, reason="; ".join(f"{b.name}: {b.reason}" for b in breaches))
+            self.report.analysis.append(result)
+            self.end_step(record, "failed", result.reason)
+            self.report.rollback_reason = self.failure_text(result)
+            raise Stop("failed", f"rolled back automatically: {self.report.rollback_reason}")
 
     def rollout_policy(self):
         return self.policy.approval or self.inventory.approval
@@ -191,6 +284,7 @@ class Rollout(Procedure[RolloutReport]):
         A `promote` ends the bake early (returns None, as does a bake with nothing wrong)."""
         await self.boundary()
         record = self.begin_step(name, title)
+        self.bake_check_failures = []
         interval = max(self.policy.analysis.interval, 1.0)
         start = workflow.now()
         checks = 0
@@ -210,9 +304,14 @@ class Rollout(Procedure[RolloutReport]):
             if self.promote_request is not None:
                 self.end_step(record, "ok", f"ended early: promoted by {self.promote_request.by}")
                 return None
+            why = self.closed_now() if self.policy.on_freeze == "rollback" else None
+            if why is not None:  # `hold` waits for the bake to end; `rollback` does not wait
+                self.end_step(record, "failed", f"{why} (on_freeze: rollback)")
+                self.report.rollback_reason = f"{why} began during the rollout (on_freeze: rollback)"
+                raise Stop("failed", f"rolled back: {self.report.rollback_reason}")
             checks += 1
             got = await self.samples(canary, baseline, start, workflow.now(), baseline_image, baseline_window)
-            breaches = threshold_breaches(self.policy.analysis, got)
+            breaches = threshold_breaches(self.policy.analysis, got) + await self.http_checks(weight)
             if breaches:
                 result = StepAnalysis(
                     weight=weight,
@@ -229,8 +328,25 @@ class Rollout(Procedure[RolloutReport]):
                 self.end_step(record, "failed", result.reason)
                 return result
         self.report.waiting_for = None
-        self.end_step(record, "ok", f"{checks} check(s), no limit broken")
+        failures = self.bake_check_failures
+        self.end_step(record, "ok", f"{checks} check(s), no limit broken"
+                      + (f"; {len(failures)} non-critical HTTP check failure(s)" if failures else ""))
         return None
+
+    async def http_checks(self, weight: int) -> list[MetricVerdict]:
+        """The policy's HTTP checks at one look of a bake: a failed critical one is a breach (rolls back at once),
+        a failed non-critical one is counted (the judgement of this bake is then marginal at best)."""
+        assert isinstance(self.report, RolloutReport)
+        if not self.policy.checks:
+            return []
+        bound = sum(c.timeout for c in self.policy.checks) + 10
+        req = ChecksRequest(checks=self.policy.checks, app=self.app.deployment, image=self.inp.image, weight=weight)
+        results = await self.run_activity(HTTP_CHECKS, req, timeout=bound)
+        self.report.checks_run += len(results)
+        self.report.check_failures += [r for r in results if not r.ok]
+        self.bake_check_failures += [f"{r.name}: {r.reason}" for r in results if not r.ok and not r.critical]
+        return [MetricVerdict(name=f"check {r.name}", verdict="breach", critical=True, reason=r.reason)
+                for r in results if not r.ok and r.critical]
 
     def interrupting(self) -> bool:
         return self.abort_requested is not None or self.rollback_request is not None or self.promote_request is not None
@@ -250,6 +366,10 @@ class Rollout(Procedure[RolloutReport]):
         result: StepAnalysis = await self.run_activity(
             ANALYSIS_JUDGE, JudgeRequest(analysis=self.policy.analysis, samples=got, weight=weight)
         )
+        if self.bake_check_failures and result.verdict == "pass":  # a person looks at what the checks saw
+            result.verdict = "marginal"
+            result.reason = (f"{len(self.bake_check_failures)} non-critical HTTP check failure(s) in the bake ("
+                             + "; ".join(self.bake_check_failures[:3]) + f"); {result.reason}")
         self.report.analysis.append(result)
         self.end_step(record, "ok" if result.verdict == "pass" else "failed", f"{result.verdict} (score {result.score}): {result.reason}")
         return result
@@ -257,6 +377,9 @@ class Rollout(Procedure[RolloutReport]):
     def failure_text(self, result: StepAnalysis) -> str:
         parts = []
         for m in result.failed_metrics():
+            if m.canary is None and m.baseline is None:  # an HTTP check: no figures, its reason says it
+                parts.append(f"{m.name} failed: {m.reason}")
+                continue
             figures = f"canary {m.canary:.4g}" if m.canary is not None else "canary ?"
             figures += f" vs baseline {m.baseline:.4g}" if m.baseline is not None else ""
             parts.append(f"{m.name} {m.verdict}: {figures} ({m.reason})")
@@ -309,6 +432,8 @@ class Rollout(Procedure[RolloutReport]):
         self.promote_request = self.event("promote-full" if req.full else "promote", req, signed_as="promote")
         self.promote_full = self.promote_full or req.full
         self.report.promoted_by.append(self.promote_request)
+        if (self.report.current_step or "").startswith("hold"):
+            self.report.overrides.append(self.promote_request)  # a promote during a hold sets the calendar aside
         return "promoting straight to 100 %" if req.full else "going on to the next step now"
 
     @promote.validator
@@ -316,8 +441,16 @@ class Rollout(Procedure[RolloutReport]):
         self.check_operator(req, "promote")
         if self.point_of_no_return or self.report.status in ("succeeded", "failed", "aborted", "refused"):
             raise ApplicationError("nothing to promote: the rollout is past its steps", type="NotWaiting")
-        if not (self.report.current_step or "").startswith(("bake", "decide", "judge", "weight", "promote-gate", "post-analysis")):
+        steps = ("bake", "decide", "judge", "weight", "promote-gate", "post-analysis", "hold")
+        if not (self.report.current_step or "").startswith(steps):
             raise ApplicationError(f"nothing to promote yet (current step: {self.report.current_step})", type="NotWaiting")
+        if (self.report.current_step or "").startswith("hold"):
+            if req.by not in self.override_policy().names():
+                raise ApplicationError(f"held by the calendar: only an approver may override it "
+                                       f"({', '.join(self.override_policy().names())})", type="NotAllowed")
+            if not req.reason.strip():
+                raise ApplicationError("held by the calendar: a promote overrides it and needs a reason (--reason)",
+                                       type="BadInput")
 
     @workflow.update
     def rollback(self, req: Request) -> str:
@@ -342,7 +475,12 @@ class Rollout(Procedure[RolloutReport]):
         return "overridden: the rollout goes on outside its window"
 
 
-def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: float, stable_image: str | None) -> list[StepDecl]:
+HOLD = "hold the weight while the calendar is closed (bake and analysis go on)"
+HELD = "a freeze begins or the window closes during the run"
+
+
+def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: float, stable_image: str | None,
+                capacity: bool = False, calendar: bool = False) -> list[StepDecl]:
     decls = [
         StepDecl("approval", "wait for the approvals (quorum)"),
         StepDecl(
@@ -351,12 +489,17 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
         ),
     ]
     for w in steps[:-1]:
+        if calendar:
+            decls.append(StepDecl(f"hold-{w}", HOLD, HELD))
+        if capacity:
+            decls.append(StepDecl(f"scale-{w}", f"size the canary for {w} %: ceil({w} % of stable's replicas), ready"))
         decls += [
             StepDecl(f"weight-{w}", f"route {w} % to the canary via httproute {app.router.name if app.router else '?'}"),
             StepDecl(f"bake-{w}", f"bake {bake:.0f}s, checking limits every interval"),
             StepDecl(f"judge-{w}", "judge canary against stable (Mann-Whitney)"),
             StepDecl(f"decide-{w}", "wait for a person to promote or abort", "the judgement is marginal or inconclusive"),
         ]
+    decls += [StepDecl("hold-promote", HOLD, HELD)] if calendar else []
     decls += [
         StepDecl("promote-gate", "wait for a person to promote", "no --auto-promote", not inp.auto_promote),
         StepDecl("promote", f"set {app.deployment} to {inp.image} (was {stable_image}); wait for rollout status"),
@@ -399,7 +542,8 @@ class CanaryWorkflow(Rollout):
             raise Stop(
                 "refused", f"httproute {self.app.router.name if self.app.router else '?'} sends nothing to service {self.app.service}"
             )
-        self.declare(canary_plan(inp, self.app, steps, bake, state.stable_image))
+        capacity = workflow.patched("canary-capacity")  # runs started before it never sized the canary
+        self.declare(canary_plan(inp, self.app, steps, bake, state.stable_image, capacity, self.calendar_hold))
         if inp.dry_run:
             self.plan()
             return
@@ -418,10 +562,24 @@ class CanaryWorkflow(Rollout):
             undo=Undo(K8S_DELETE_CANARY, "Remove the canary (stable keeps 100 %)", t),
             detail=lambda s: f"{s.canary} ready {s.canary_ready}",
         )
+        stable, stable_image = self.app.deployment, state.stable_image or ""
         for w in steps[:-1]:
+            await self.hold(f"hold-{w}", report.weight, t.canary, stable, stable_image)  # no step while closed
             if self.promote_full:
                 break
             self.promote_request = None
+            if capacity:  # capacity before traffic: the canary can serve its share when the weight moves
+                await self.step(
+                    f"scale-{w}",
+                    f"Size the canary for {w} %",
+                    K8S_SCALE_CANARY,
+                    WeightRequest(target=t, canary_weight=w),
+                    queue=q,
+                    timeout=self.policy.timeout,
+                    heartbeat=10,
+                    interruptible=True,
+                    detail=lambda s: f"{s.canary} {s.canary_replicas} replica(s), stable {s.stable_desired}",
+                )
             await self.step(
                 f"weight-{w}",
                 f"Route {w} % to the canary",
@@ -445,6 +603,7 @@ class CanaryWorkflow(Rollout):
                 raise Stop("failed", f"rolled back automatically: {report.rollback_reason}")
             if result.verdict in ("marginal", "inconclusive"):
                 await self.decide(f"decide-{w}", f"the canary at {w} % is {result.verdict}")
+        await self.hold("hold-promote", report.weight, t.canary, stable, stable_image)
         if not inp.auto_promote and not self.promote_full and self.promote_request is None:
             await self.decide("promote-gate", f"promote {inp.image} to 100 %")
 
@@ -474,11 +633,13 @@ class CanaryWorkflow(Rollout):
         self.end_step(record, "ok", f"{inp.image} promoted on {self.app.deployment}")
 
 
-def bluegreen_plan(inp: RolloutInput, app: RolloutApp, active: str, other: str, window: float) -> list[StepDecl]:
+def bluegreen_plan(inp: RolloutInput, app: RolloutApp, active: str, other: str, window: float,
+                   calendar: bool = False) -> list[StepDecl]:
     return [
         StepDecl("approval", "wait for the approvals (quorum)"),
         StepDecl("create-colour", f"run {other} with {inp.image} at {active}'s size beside it; wait until ready"),
         StepDecl("pre-analysis", f"check {other} is fully ready before any traffic"),
+        *([StepDecl("hold-switch", "hold before the switch while the calendar is closed", HELD)] if calendar else []),
         StepDecl("switch", f"point service {app.service} at {other}"),
         StepDecl("post-analysis", f"watch {other} for {window:.0f}s against {active}'s figures before the switch; switch back on failure"),
         StepDecl(
@@ -512,7 +673,7 @@ class BlueGreenWorkflow(Rollout):
         if previous == inp.image:
             raise Stop("refused", f"{active} already runs {inp.image}")
         window = self.policy.rollback_window
-        self.declare(bluegreen_plan(inp, self.app, active, other, window))
+        self.declare(bluegreen_plan(inp, self.app, active, other, window, self.calendar_hold))
         if inp.dry_run:
             self.plan()
             return
@@ -541,6 +702,7 @@ class BlueGreenWorkflow(Rollout):
         )
         if pre.colours.get(other) != inp.image:
             raise Stop("failed", f"{other} does not run {inp.image} (runs {pre.colours.get(other)})")
+        await self.hold("hold-switch", 0, other, active, previous or "")  # no traffic moves while closed
         switched_at = workflow.now()
         await self.step(
             "switch",

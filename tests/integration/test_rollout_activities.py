@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+import json
+import urllib.parse
 import urllib.request
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -18,22 +20,16 @@ from kubernetes import client as k8s
 from kubernetes.config import new_client_from_config
 
 from activities.analysis import judge_step
-from activities.kubernetes import (
-    create_canary,
-    create_colour,
-    delete_canary,
-    rollout_status,
-    scale_deployment,
-    set_image,
-    set_weight,
-    switch_service,
-)
+from activities.http_checks import checks
+from activities.kubernetes import (create_canary, create_colour, delete_canary, rollout_status, scale_canary,
+                                  scale_deployment, set_image, set_weight, switch_service)
 from activities.prometheus import samples
 from lab.k8s_emulator import start_emulator, write_kubeconfig
 from lab.ports import free_port
 from lab.processes import wait_port
 from lab.rollout import IMAGES, STABLE_IMAGE, inventory_section, seed_additions
 from opsflow.inventory import KubernetesConfig
+from opsflow.rollout import ChecksRequest, HttpCheck
 from opsflow.rollout import (
     AnalysisSpec,
     DeploymentRequest,
@@ -166,6 +162,39 @@ def test_canary_lifecycle_through_the_real_client(target):
     assert st.stable_image == IMAGES["healthy"] and st.stable_done
 
 
+def test_the_canary_follows_its_weight_against_stables_current_replicas(target):
+    """ceil(weight x stable's replicas), at least 1, ready before the weight moves; stable is never scaled; a
+    stable that grew meanwhile (an autoscaler) is read again at each step."""
+    apps, _, _ = api(target)
+    create_canary(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
+    sizes = {}
+    for w in (5, 25, 50, 75):
+        st = scale_canary(WeightRequest(target=target, canary_weight=w))
+        assert st.canary_ready == st.canary_replicas  # ready: the weight may move now
+        sizes[w] = apps.read_namespaced_deployment("web-canary", "shop").spec.replicas
+        assert apps.read_namespaced_deployment("web", "shop").spec.replicas == 3  # stable untouched
+    assert sizes == {5: 1, 25: 1, 50: 2, 75: 3}  # stable has 3
+    assert scale_canary(WeightRequest(target=target, canary_weight=75)).canary_replicas == 3  # again: no change
+    apps.patch_namespaced_deployment_scale("web", "shop", {"spec": {"replicas": 8}})  # stable grew
+    st = scale_canary(WeightRequest(target=target, canary_weight=50))
+    assert st.canary_replicas == 4 and st.stable_desired == 8
+    # the inventory's canary_replicas is the least size
+    floor = target.model_copy(update={"app": target.app.model_copy(update={"canary_replicas": 2})})
+    assert scale_canary(WeightRequest(target=floor, canary_weight=5)).canary_replicas == 2
+    delete_canary(target)
+    with pytest.raises(Exception, match="web-canary"):  # no canary: an error naming it, nothing created
+        scale_canary(WeightRequest(target=target, canary_weight=25))
+    assert rollout_status(target).canary is None
+
+
+def test_blue_green_starts_the_new_colour_at_the_active_colours_current_size(target):
+    apps, _, _ = api(target)
+    apps.patch_namespaced_deployment_scale("web", "shop", {"spec": {"replicas": 5}})  # an autoscaler grew it
+    st = create_colour(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
+    assert st.replicas == {"web": 5, "web-green": 5}
+    assert apps.read_namespaced_deployment("web-green", "shop").status.ready_replicas == 5
+
+
 def test_blue_green_switch_and_back(target):
     st = create_colour(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
     assert (
@@ -222,3 +251,85 @@ def test_proxy_follows_the_route_and_prometheus_scrapes_the_apps(target, stage):
     wait_for(
         lambda: versions_served(stage["proxy"], 20) == Counter({"healthy-1": 20}), what="stable alone behind the proxy"
     )
+
+
+def test_a_series_that_does_not_exist_yet_is_judged_by_the_metrics_missing_policy(target, stage):
+    """A healthy canary has served no 5xx: its 5xx series does not exist in Prometheus. `missing: zero` reads
+    it as an error rate of 0 on every step of the window (pass); the default says inconclusive; skip leaves it
+    out of the score."""
+    create_canary(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
+    set_weight(WeightRequest(target=target, canary_weight=50))
+    wait_for(lambda: versions_served(stage["proxy"], 40)["healthy-2"] > 10, what="traffic split")
+    started = datetime.now(timezone.utc)
+    section = inventory_section({"region": "eastus", "route": "web", "prometheus": stage["prometheus"]})["analysis"]
+    zero = AnalysisSpec.model_validate({**section, "min_requests": 10})
+    assert zero.metrics[0].name == "error-rate" and zero.metrics[0].missing == "zero"
+
+    def enough():  # real traffic for real scrapes (every second), until the latency has samples enough to judge
+        end = datetime.now(timezone.utc)
+        got = samples(SamplesRequest(analysis=zero, canary="web-canary", baseline="web", start=started, end=end))
+        p95 = next(m for m in got.metrics if m.name == "p95-latency")
+        return (end, got) if min(len(p95.canary), len(p95.baseline)) >= zero.min_samples + 1 else None
+
+    end, got = wait_for(enough, what="latency samples enough to judge")
+
+    def series(deployment: str) -> list:
+        q = urllib.parse.quote(f'http_requests_total{{deployment="{deployment}",status=~"5.."}}')
+        with urllib.request.urlopen(f"{stage['prometheus']}/api/v1/query?query={q}", timeout=5) as r:
+            return json.loads(r.read())["data"]["result"]
+
+    assert series("web-canary") == [] and series("web") == []  # no 5xx series at all, not a zero
+    window = SamplesRequest(analysis=zero, canary="web-canary", baseline="web", start=started, end=end)
+    err = next(m for m in got.metrics if m.name == "error-rate")
+    grid = int((end - started).total_seconds() / zero.step) + 1
+    assert err.canary == [0.0] * grid and err.baseline == [0.0] * grid  # every step of the window, zero
+    step = judge_step(JudgeRequest(analysis=zero, samples=got, weight=50))
+    assert {m.name: m.verdict for m in step.metrics}["error-rate"] == "pass"
+    assert step.verdict == "pass", step.reason
+
+    def policy(missing: str) -> AnalysisSpec:
+        return zero.model_copy(update={"metrics": [zero.metrics[0].model_copy(update={"missing": missing}),
+                                                   *zero.metrics[1:]]})
+
+    strict = policy("inconclusive")
+    got = samples(window.model_copy(update={"analysis": strict}))
+    assert next(m for m in got.metrics if m.name == "error-rate").canary == []
+    step = judge_step(JudgeRequest(analysis=strict, samples=got, weight=50))
+    assert step.verdict == "inconclusive" and "error-rate: no data for the canary" in step.reason
+    skip = policy("skip")
+    step = judge_step(JudgeRequest(analysis=skip, samples=samples(window.model_copy(update={"analysis": skip})),
+                                   weight=50))
+    assert {m.name: m.verdict for m in step.metrics}["error-rate"] == "skipped" and step.verdict == "pass", step.reason
+    delete_canary(target)
+
+
+def test_http_checks_smoke_through_the_proxy_and_a_webhook_that_answers_pass_or_fail(target, stage, tmp_path):
+    """Smoke URLs through the stage's real NGINX to the real app (status and body), and the lab receiver's
+    webhook gate (as Flagger's): a 2xx pass, a 403 with a reason fail; nothing listening is a failed check,
+    never an exception."""
+    from lab.receiver import read_notifications, serve
+
+    gate = serve(tmp_path / "receiver")
+    hook = f"http://127.0.0.1:{gate.server_port}/gate/load-test"
+    wait_for(lambda: versions_served(stage["proxy"], 5)["healthy-1"] == 5, what="stable behind the proxy")
+    req = ChecksRequest(app="web", image=IMAGES["healthy"], weight=25, checks=[
+        HttpCheck(name="home", url=stage["proxy"] + "/", body="web healthy-1 200"),
+        HttpCheck(name="wrong-body", url=stage["proxy"] + "/", body="not in it", critical=False),
+        HttpCheck(name="missing", url=stage["proxy"] + "/nope", status=404, critical=False),
+        HttpCheck(name="load-test", kind="webhook", url=hook),
+        HttpCheck(name="nobody", url=f"http://127.0.0.1:{free_port()}/", timeout=2),
+    ])
+    got = {r.name: r for r in checks(req)}
+    assert got["home"].ok and got["home"].status == 200
+    assert not got["wrong-body"].ok and "does not contain 'not in it'" in got["wrong-body"].reason
+    assert not got["missing"].ok and got["missing"].reason == "HTTP 200, expected 404"  # the app answers any path
+    assert got["load-test"].ok and got["load-test"].reason == "HTTP 200: pass"
+    assert not got["nobody"].ok and got["nobody"].reason.startswith("no answer") and got["nobody"].critical
+    sent = [n for n in read_notifications(tmp_path / "receiver") if n["path"] == "/gate/load-test"]
+    assert sent[-1]["body"] == {"check": "load-test", "app": "web", "image": IMAGES["healthy"], "weight": 25,
+                                "phase": "bake"}
+
+    (tmp_path / "receiver" / "fail-load-test").write_text("p99 above 2 s under load")
+    r = checks(req.model_copy(update={"checks": [req.checks[3]]}))[0]
+    assert not r.ok and r.status == 403 and r.reason == "HTTP 403: fail: p99 above 2 s under load"
+    gate.shutdown()

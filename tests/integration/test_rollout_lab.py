@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections import Counter
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
+from lab.receiver import read_notifications
 from tests.integration.conftest import Lab, wait_for
 from tests.integration.test_failover_lab import wait_end
 
@@ -105,6 +107,15 @@ def test_healthy_image_is_promoted_with_figures_from_prometheus(rollout_lab):
     assert [a["weight"] for a in judged] == [25, 50] and all(a["verdict"] == "pass" for a in judged)
     # the figures come from Prometheus: real request counts and latencies of the two deployments
     assert judged[0]["canary_requests"] > 20 and prometheus_total(lab, "web-canary") > 20
+    # no 5xx so far: the error-rate's series does not exist in Prometheus; `missing: zero` reads it as 0, a pass
+    err = next(m for m in judged[0]["metrics"] if m["name"] == "error-rate")
+    assert err["verdict"] == "pass" and err["canary"] == 0 and err["canary_samples"] >= 5, err
+    # capacity follows weight: ceil(weight x stable's 3 replicas), before the weight moves
+    steps = [s["name"] for s in report["steps"]]
+    assert steps.index("scale-25") < steps.index("weight-25") < steps.index("scale-50") < steps.index("weight-50")
+    details = {s["name"]: s["detail"] for s in report["steps"]}
+    assert details["scale-25"] == "web-canary 1 replica(s), stable 3", details
+    assert details["scale-50"] == "web-canary 2 replica(s), stable 3", details
     p95 = next(m for m in judged[0]["metrics"] if m["name"] == "p95-latency")
     assert 0.004 < p95["canary"] < 0.1 and 0.004 < p95["baseline"] < 0.1 and p95["canary_samples"] >= 5
     wait_for(
@@ -140,6 +151,30 @@ def test_bluegreen_switch_and_automatic_switch_back(rollout_lab):
     d = deployments(lab)
     assert d["web"] == (stable, 3) and d["web-green"][1] == 0
     wait_for(lambda: served(lab, 10) == Counter({stable.rsplit(":", 1)[1]: 10}), 30, what="blue alone behind the proxy")
+
+
+def test_a_webhook_check_that_fails_rolls_a_healthy_canary_back(rollout_lab):
+    """The lab's inventory checks every bake over HTTP: a smoke GET through NGINX and the receiver's webhook gate
+    (critical). The gate says fail: the healthy image is rolled back at the first look, naming the check.
+    (After the blue-green test: a canary re-created within seconds of the faulty one would see that one's last
+    5xx in the error rate's 5 s rate window: the lab's queries select by deployment, not by version.)"""
+    lab, images = rollout_lab, rollout_lab.state["rollout"]["images"]
+    before = deployments(lab)["web"]
+    healthy = images["healthy"].rsplit(":", 1)[0] + ":healthy-3"  # another healthy build: no metric breaks
+    fail = Path(lab.state["receiver"]["dir"]) / "fail-rollout"
+    fail.write_text("the load test saw p99 above 2 s")
+    try:
+        report = run_rollout(lab, "canary", "--image", healthy, "--steps", "25,100", "--bake", "15s", "--auto-promote")
+    finally:
+        fail.unlink()
+    assert report["status"] == "failed" and report["rolled_back"]
+    assert report["rollback_reason"] == (
+        "at 25 %: check rollout-gate failed: HTTP 403: fail: the load test saw p99 above 2 s")
+    assert report["checks_run"] >= 2 and "rollout-gate" in [f["name"] for f in report["check_failures"]]
+    assert deployments(lab)["web"] == before and "web-canary" not in deployments(lab)
+    assert route_weights(lab) == {"web": 100}
+    gate = [n for n in read_notifications(Path(lab.state["receiver"]["dir"])) if n["path"] == "/gate/rollout"]
+    assert gate and gate[-1]["body"]["weight"] == 25 and gate[-1]["body"]["image"] == healthy
 
 
 def set_stable_image(lab: Lab, image: str) -> None:

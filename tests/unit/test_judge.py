@@ -103,3 +103,87 @@ def test_score_and_critical():
     assert mixed.verdict == "marginal" and mixed.score == 75
     assert judge([ok, bad]).verdict == "fail"
     assert judge([]).verdict == "inconclusive"
+
+
+# -- missing data (Kayenta's nanStrategy) and the per-metric effect size ---------------------------------------
+
+def test_missing_series_is_inconclusive_by_default_zero_or_skipped_when_the_metric_says_so():
+    # no 5xx series yet: the canary's error-rate query returns nothing, the baseline's zeros
+    never_failed = [0.0] * 30
+    assert classify("error-rate", [], never_failed).classification == "inconclusive"
+    zero = classify("error-rate", [], never_failed, missing="zero")
+    # with no points at all even `zero` has nothing to compare (the Prometheus activity fills the step grid)
+    assert zero.classification == "inconclusive" and "no data for the canary" in zero.reason
+    nan_points = [float("nan")] * 30  # 0/0 when nothing was served in a step
+    assert classify("error-rate", nan_points, never_failed).classification == "inconclusive"
+    z = classify("error-rate", nan_points, never_failed, missing="zero")
+    assert z.classification == "pass" and z.canary_n == 30 and z.canary_mean == 0
+    # zero does not hide real errors: NaN steps are 0, the failing steps still count
+    errors = [float("nan")] * 5 + [0.2] * 25
+    assert classify("error-rate", errors, never_failed, missing="zero", direction="increase").classification == "high"
+    s = classify("error-rate", [], never_failed, missing="skip")
+    assert s.classification == "skipped" and not s.failed and "missing: skip" in s.reason
+    # skip is only for a side with no data at all: too few samples stay inconclusive
+    assert classify("error-rate", [0.1, 0.2], never_failed, missing="skip").classification == "inconclusive"
+
+
+def test_a_skipped_metric_is_left_out_of_the_score():
+    ok = classify("latency", BASE, list(BASE))
+    skipped = classify("queue-depth", [], BASE, missing="skip")
+    inconclusive = classify("queue-depth", [], BASE)
+    v = judge([ok, skipped])
+    assert v.verdict == "pass" and v.score == 100 and "1 skipped for want of data: queue-depth" in v.reason
+    assert [m.name for m in v.metrics] == ["latency", "queue-depth"]  # still reported
+    assert judge([ok, inconclusive]).verdict == "inconclusive"  # the default: a person decides
+    only = judge([skipped])
+    assert only.verdict == "inconclusive" and "skipped for want of data: queue-depth" in only.reason
+
+
+def test_effect_size_is_per_metric():
+    base = list(np.random.default_rng(1).normal(1.0, 0.01, 400))
+    canary = list(np.random.default_rng(2).normal(1.05, 0.01, 400))  # 5 % higher, statistically clear
+    assert classify("latency", canary, base, direction="increase").classification == "pass"  # tolerance 25 %
+    strict = classify("latency", canary, base, direction="increase", effect=0.02)
+    assert strict.classification == "high" and strict.failed
+    # a looser metric lets a 30 % shift pass that the global tolerance fails
+    slower = [v * 1.3 for v in base[:100]]
+    assert classify("latency", slower, base, direction="increase").classification == "high"
+    assert classify("latency", slower, base, direction="increase", effect=0.5).classification == "pass"
+
+
+def test_judge_activity_applies_each_metrics_policy():
+    from datetime import datetime, timezone
+
+    from activities.analysis import judge_step
+    from opsflow.rollout import AnalysisSpec, JudgeRequest, MetricSamples, Samples
+
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    spec = AnalysisSpec(prometheus="http://prometheus", min_requests=0, metrics=[
+        {"name": "error-rate", "query": "e", "missing": "zero", "critical": True, "effect": 0.1},
+        {"name": "saturation", "query": "s", "missing": "skip"},
+        {"name": "latency", "query": "l"},
+    ])
+    samples = Samples(start=now, end=now, metrics=[
+        MetricSamples(name="error-rate", canary=[float("nan")] * 20, baseline=[0.0] * 20),
+        MetricSamples(name="saturation", canary=[], baseline=[]),
+        MetricSamples(name="latency", canary=BASE[:30], baseline=BASE[30:]),
+    ])
+    step = judge_step(JudgeRequest(analysis=spec, samples=samples, weight=25))
+    by = {m.name: m.verdict for m in step.metrics}
+    assert step.verdict == "pass", step.reason
+    assert by == {"error-rate": "pass", "saturation": "skipped", "latency": "pass"}
+    # the same figures under the default policy wait for a person
+    default = spec.model_copy(
+        update={"metrics": [m.model_copy(update={"missing": "inconclusive"}) for m in spec.metrics]})
+    assert judge_step(JudgeRequest(analysis=default, samples=samples, weight=25)).verdict == "inconclusive"
+
+
+def test_policy_rejects_an_unknown_missing_strategy():
+    from pydantic import ValidationError
+
+    from opsflow.rollout import MetricSpec
+
+    with pytest.raises(ValidationError, match="missing"):
+        MetricSpec(name="m", query="q", missing="replace")
+    with pytest.raises(ValidationError, match="effect"):
+        MetricSpec(name="m", query="q", effect=-1)

@@ -1,6 +1,6 @@
 """Record the rollout procedures' histories for the replay test (tests/workflow/test_replay.py).
 
-    python -m tests.workflow.record_rollout_history canary|bluegreen
+    python -m tests.workflow.record_rollout_history canary|bluegreen [healthy|worker-rules|held-checked]
 
 As record_history.py: a recorded history is never re-recorded (the recorder refuses to overwrite)."""
 
@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from temporalio.testing import WorkflowEnvironment
@@ -20,7 +21,7 @@ from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
 from activities.rules import RULEBOOK
 from opsflow.inventory import Inventory
-from tests.workflow.test_canary_workflow import NEW, Cluster, make_inventory
+from tests.workflow.test_canary_workflow import CHECKS, NEW, Cluster, make_inventory
 from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, RolloutInput
 from workflows.procedure import Procedure, Request
 
@@ -28,8 +29,10 @@ HISTORIES = Path(__file__).parent / "histories"
 
 
 async def record(name: str, variant: str = "healthy") -> None:
-    """variant `healthy`: as recorded first; `worker-rules`: the input without rules, the worker's in the history."""
-    new_shape = variant == "worker-rules"
+    """variant `healthy`: as recorded first; `worker-rules`: the input without rules, the worker's in the history;
+    `held-checked` (issue 21): as worker-rules, plus the canary sized per weight, HTTP checks in every bake and a
+    freeze that begins during the run (15 min after the start, for an hour) and holds it."""
+    new_shape = variant in ("worker-rules", "held-checked")
     out = HISTORIES / f"{name}_{variant}.json"
     if out.exists():
         raise SystemExit(f"{out} exists: recorded histories are never re-recorded; record a new one under a new name")
@@ -38,6 +41,11 @@ async def record(name: str, variant: str = "healthy") -> None:
     ) as env:
         await register_search_attributes(env.client)
         inv = make_inventory()
+        if variant == "held-checked":
+            now = await env.get_current_time()
+            freeze = {"name": "incident", "start": (now + timedelta(minutes=15)).isoformat(),
+                      "end": (now + timedelta(minutes=75)).isoformat()}
+            inv = make_inventory(freezes=[freeze], checks=CHECKS)
         if new_shape:  # runs under its environment's lock: opsflow-replay
             inv = Inventory.model_validate({**inv.model_dump(mode="json"), "environment": "replay"})
             RULEBOOK.add(inv)

@@ -14,7 +14,7 @@ import contextlib
 import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
@@ -30,12 +30,12 @@ from opsflow.client import send_update
 from opsflow.contracts.notify import NOTIFY_SEND
 from opsflow.contracts.rollout import (
     K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_ROLLOUT_STATUS, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE,
-    K8S_SET_WEIGHT, K8S_SWITCH_SERVICE, PROMETHEUS_SAMPLES,
+    HTTP_CHECKS, K8S_SCALE_CANARY, K8S_SET_WEIGHT, K8S_SWITCH_SERVICE, PROMETHEUS_SAMPLES,
 )
 from opsflow.inventory import Inventory
 from opsflow.models import NotifyRequest
-from opsflow.rollout import (DeploymentRequest, ImageRequest, MetricSamples, RolloutState, RolloutTarget,
-                             Samples, SamplesRequest, WeightRequest)
+from opsflow.rollout import (CheckResult, ChecksRequest, DeploymentRequest, ImageRequest, MetricSamples,
+                             RolloutState, RolloutTarget, Samples, SamplesRequest, WeightRequest)
 from opsflow.rollout_report import RolloutReport
 from activities.reports import store_report
 from activities.rules import worker_inventory
@@ -62,6 +62,7 @@ class Cluster:
     notifications: list = field(default_factory=list)
     block: dict = field(default_factory=dict)  # activity name -> threading.Event it waits for (heartbeating)
     started: dict = field(default_factory=dict)  # activity name -> threading.Event set when it starts
+    failing_checks: set = field(default_factory=set)  # names of the HTTP checks that fail
 
     def state(self) -> RolloutState:
         return RolloutState(
@@ -75,6 +76,7 @@ class Cluster:
             canary_ready=1 if self.canary_image else 0,
             weights=dict(self.weights),
             active=self.selector,
+            canary_replicas=self.replicas.get("web-canary", 1) if self.canary_image else 0,
             colours=dict(self.colours),
             replicas=dict(self.replicas),
         )
@@ -119,6 +121,12 @@ class Cluster:
         def create_canary(r: ImageRequest) -> RolloutState:
             c._enter(K8S_CREATE_CANARY.name)
             c.canary_image = r.image
+            return c.state()
+
+        @K8S_SCALE_CANARY.implementation
+        def scale_canary(r: WeightRequest) -> RolloutState:
+            c._enter(K8S_SCALE_CANARY.name)
+            c.replicas["web-canary"] = max(1, -(-3 * r.canary_weight // 100))
             return c.state()
 
         @K8S_SET_WEIGHT.implementation
@@ -179,6 +187,14 @@ class Cluster:
                 end=r.end,
             )
 
+        @HTTP_CHECKS.implementation
+        def checks(r: ChecksRequest) -> list[CheckResult]:
+            c._enter(HTTP_CHECKS.name)
+            return [CheckResult(name=k.name, ok=k.name not in c.failing_checks, critical=k.critical,
+                                status=500 if k.name in c.failing_checks else 200,
+                                reason="HTTP 500, expected 200" if k.name in c.failing_checks else "HTTP 200")
+                    for k in r.checks]
+
         @NOTIFY_SEND.implementation
         def notify(r: NotifyRequest) -> None:
             c.notifications.append(r.notification.text)
@@ -188,6 +204,7 @@ class Cluster:
             store_report,
             rollout_status,
             create_canary,
+            scale_canary,
             set_weight,
             delete_canary,
             set_image,
@@ -197,6 +214,7 @@ class Cluster:
             samples,
             notify,
             judge_step,
+            checks,
         ]
 
 
@@ -390,6 +408,22 @@ async def test_healthy_canary_steps_bakes_judges_and_promotes(env, worker, clust
     )
 
 
+async def test_the_canary_is_sized_for_each_weight_before_the_weight_moves(env, worker, cluster):
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(), auto_promote=True)
+        await approve_quorum(handle)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded"
+    moves = [c for c in cluster.calls if c in ("k8s.scale_canary", "k8s.set_weight")]
+    assert moves == ["k8s.scale_canary", "k8s.set_weight"] * 3  # capacity first, then traffic, at each weight
+    names = [s.name for s in report.steps]
+    assert [n for n in names if n.startswith(("scale-", "weight-"))] == [
+        "scale-5", "weight-5", "scale-25", "weight-25", "scale-50", "weight-50"]
+    details = {s.name: s.detail for s in report.steps}
+    assert details["scale-5"] == "web-canary 1 replica(s), stable 3"
+    assert details["scale-50"] == "web-canary 2 replica(s), stable 3"
+
+
 async def test_quorum_needs_both_roles_each_by_a_different_person(env, worker, cluster):
     inv = make_inventory()
     async with serving(worker):
@@ -546,6 +580,102 @@ async def test_override_by_an_approver_with_a_reason(env, worker, cluster):
     assert [(o.by, o.reason) for o in report.overrides] == [("carol", "security fix CVE-2026-1")]
 
 
+async def freeze_from(env, name: str, after: timedelta, lasting: timedelta) -> dict:
+    now = await env.get_current_time()
+    return {"name": name, "start": (now + after).isoformat(), "end": (now + after + lasting).isoformat()}
+
+
+async def test_a_freeze_that_begins_during_the_run_holds_the_weight_until_it_ends(env, worker, cluster):
+    """Bakes of 10 minutes: the freeze begins at 15 min, during the bake at 25 %. That bake and its judgement go
+    on; then no further step (the weight stays 25 %, the figures are still read) until the freeze ends at 75 min."""
+    freeze = await freeze_from(env, "incident", timedelta(minutes=15), timedelta(hours=1))
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(freezes=[freeze]), auto_promote=True)
+        await approve_quorum(handle)
+        held = await until(handle, lambda r: r.held is not None, "the hold", polls=120)
+        assert held.current_step == "hold-50" and "incident" in held.held and held.held.startswith("at 25 %")
+        assert "opsflow override" in held.waiting_for and cluster.weights == {"web": 75, "web-canary": 25}
+        assert held.status == "running"
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and cluster.weight_log == [5, 25, 50] and report.held is None
+    steps = {s.name: s for s in report.steps}
+    hold = steps["hold-50"]
+    assert hold.outcome == "ok" and "the calendar opened" in hold.detail and "check(s), no limit broken" in hold.detail
+    assert steps["weight-50"].started_at >= datetime.fromisoformat(freeze["end"])  # nothing moved in the freeze
+    assert steps["judge-25"].ended_at >= datetime.fromisoformat(freeze["start"])  # the bake went on into it
+    assert "hold-5" not in steps and "hold-25" not in steps  # open then: nothing held
+    assert any("held at 25 %" in n and "incident" in n for n in cluster.notifications)
+
+
+async def test_on_freeze_rollback_rolls_back_when_a_freeze_begins_during_a_bake(env, worker, cluster):
+    freeze = await freeze_from(env, "incident", timedelta(minutes=15), timedelta(hours=1))
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(freezes=[freeze], on_freeze="rollback"), auto_promote=True)
+        await approve_quorum(handle)
+        report = await failed(handle)
+    assert report.status == "failed" and report.rolled_back and cluster.stable_at_100
+    assert "incident" in report.rollback_reason and "on_freeze: rollback" in report.rollback_reason
+    bake = next(s for s in report.steps if s.name == "bake-25")
+    assert bake.outcome == "failed" and bake.ended_at < datetime.fromisoformat(freeze["start"]) + timedelta(minutes=2)
+    assert cluster.weight_log == [5, 25, 0]
+
+
+async def test_a_hold_ends_by_an_approvers_override_not_by_the_requesters_promote(dev_env, dev_worker, cluster):
+    """On the dev server (Updates during a hold's timer): a freeze begins seconds into the run."""
+    freeze = await freeze_from(dev_env, "incident", timedelta(seconds=3), timedelta(days=1))
+    inv = make_inventory(freezes=[freeze], bake="2s", analysis={**ROLLOUT["analysis"], "interval": "0.5s"})
+    async with serving(dev_worker):
+        handle = await start(dev_env, dev_worker, inv, auto_promote=True)
+        await approve_quorum(handle)
+        held = await until(handle, lambda r: r.held is not None, "the hold")
+        with pytest.raises(WorkflowUpdateFailedError) as exc:
+            await send_update(handle, Rollout.promote, Request(by="alice", reason="please"))
+        assert "only an approver may override" in str(exc.value.cause)
+        with pytest.raises(WorkflowUpdateFailedError) as exc:
+            await send_update(handle, Rollout.promote, Request(by="carol"))
+        assert "needs a reason" in str(exc.value.cause)
+        await send_update(handle, Procedure.override, Request(by="carol", reason="the fix must ship"))
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and cluster.stable_image == NEW
+    hold = next(s for s in report.steps if s.name == held.current_step)
+    assert hold.outcome == "ok" and "overridden by carol" in hold.detail
+    assert [(o.by, o.reason) for o in report.overrides] == [("carol", "the fix must ship")]
+    assert len([s for s in report.steps if s.name.startswith("hold-")]) == 1  # overridden for the rest of the run
+
+
+CHECKS = [{"name": "checkout", "url": "http://shop.example/checkout", "body": "ok"},
+          {"name": "load-test", "kind": "webhook", "url": "http://loadtester.example/gate", "critical": False}]
+
+
+async def test_http_checks_run_in_every_bake_and_a_critical_failure_rolls_back(env, worker, cluster):
+    cluster.failing_checks = {"checkout"}
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(checks=CHECKS), auto_promote=True)
+        await approve_quorum(handle)
+        report = await failed(handle)
+    assert report.rolled_back and cluster.stable_at_100 and cluster.weight_log == [5, 0]
+    assert "check checkout failed: HTTP 500, expected 200" in report.rollback_reason
+    bake = next(s for s in report.steps if s.name == "bake-5")
+    assert bake.outcome == "failed" and round(bake.seconds) == 60  # at the first look, not at the end of the bake
+    assert report.checks_run == 2 and [f.name for f in report.check_failures] == ["checkout"]
+
+
+async def test_a_non_critical_check_failure_is_counted_and_a_person_decides(env, worker, cluster):
+    cluster.failing_checks = {"load-test"}
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(checks=CHECKS, steps=[5, 100]), auto_promote=True)
+        await approve_quorum(handle)
+        r = await until(handle, lambda r: r.current_step == "decide-5" and r.status == "waiting", "the decision")
+        judged = r.analysis[-1]
+        assert judged.verdict == "marginal" and "10 non-critical HTTP check failure(s)" in judged.reason
+        assert "load-test: HTTP 500" in judged.reason
+        await send_update(handle, Rollout.promote, Request(by="carol", reason="the load tester is flaky"))
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and report.checks_run == 20 and len(report.check_failures) == 10
+    bake = next(s for s in report.steps if s.name == "bake-5")
+    assert "10 non-critical HTTP check failure(s)" in bake.detail
+
+
 async def test_refusals_image_already_running_and_leftover_canary(env, worker, cluster):
     inv = make_inventory()
     async with serving(worker):
@@ -563,7 +693,11 @@ async def test_dry_run_plans_every_step_and_changes_nothing(env, worker, cluster
         report = RolloutReport.model_validate(await (await start(env, worker, inv, dry_run=True)).result())
     assert report.status == "planned" and cluster.calls == [K8S_ROLLOUT_STATUS.name]
     planned = [s.name for s in report.steps if s.outcome in ("planned", "skipped")]
-    assert planned[:3] == ["approval", "create-canary", "weight-5"] and planned[-3:] == ["promote", "cleanup", "notify"]
+    assert planned[:5] == ["approval", "create-canary", "hold-5", "scale-5", "weight-5"]
+    assert planned[-4:] == ["promote-gate", "promote", "cleanup", "notify"]
+    holds = [s for s in report.steps if s.name.startswith("hold-")]
+    assert [s.name for s in holds] == ["hold-5", "hold-25", "hold-50", "hold-promote"]
+    assert all(s.outcome == "planned" and "when a freeze begins" in s.detail for s in holds)
     assert "judge-50" in planned and "weight-100" not in planned
 
 
@@ -593,6 +727,20 @@ async def test_bluegreen_rollback_in_the_window_switches_back_keeping_the_old_co
         report = await failed(handle)
     assert report.status == "aborted" and report.rolled_back
     assert cluster.selector == "web" and cluster.replicas["web"] == 3 and cluster.replicas["web-green"] == 0
+
+
+async def test_bluegreen_holds_the_switch_while_a_freeze_that_began_after_the_start_lasts(env, worker, cluster):
+    freeze = await freeze_from(env, "incident", timedelta(minutes=5), timedelta(hours=1))
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(freezes=[freeze]), procedure="bluegreen")
+        await until(handle, lambda r: r.current_step == "approval" and r.status == "waiting", "the approval gate")
+        await env.sleep(600)  # the approvers take ten minutes: the freeze has begun
+        await approve_quorum(handle)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and cluster.selector == "web-green"
+    steps = {s.name: s for s in report.steps}
+    assert steps["hold-switch"].outcome == "ok" and "the calendar opened" in steps["hold-switch"].detail
+    assert steps["switch"].started_at >= datetime.fromisoformat(freeze["end"])
 
 
 async def test_bluegreen_failure_in_the_window_switches_back(env, worker, cluster):
