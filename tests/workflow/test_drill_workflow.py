@@ -373,7 +373,8 @@ async def test_the_launcher_started_by_hand_runs_nothing(drilling, backups, dril
 
 
 async def test_objectives_are_judged_and_a_missed_one_fails_the_drill_naming_it(drilling, backups, drill_inventory):
-    # the newest restorable point is at least 5 minutes old: an RPO objective of one minute is missed
+    # the newest restorable point is at least 5 minutes old: an RPO objective of one minute is missed (the
+    # time-skipping server may have skipped years by now in this module: the objective met below is generous)
     inv = drill_inventory.model_copy(deep=True)
     inv.drill = inv.drill.model_copy(update={"objectives": DrillObjectives(restore_time="1h", restore_point_age="1m")})
     report = await failed(await start(drilling, inv))
@@ -383,7 +384,7 @@ async def test_objectives_are_judged_and_a_missed_one_fails_the_drill_naming_it(
     assert report.scratch_deleted is True and backups.scratch == set()
     assert "restore_point_age MISSED" in backups.notifications[-1]
 
-    inv.drill = inv.drill.model_copy(update={"objectives": DrillObjectives(restore_time=3600, restore_point_age=10**9)})
+    inv.drill = inv.drill.model_copy(update={"objectives": DrillObjectives(restore_time=3600, restore_point_age=10**11)})
     report = DrillReport.model_validate(await (await start(drilling, inv)).result())
     assert report.status == "succeeded" and all(o.met for o in report.objectives) and len(report.objectives) == 2
     assert report.objectives[1].measured_seconds == report.latest_point_age_seconds >= 300
