@@ -96,7 +96,9 @@ class Rollout(Procedure[RolloutReport]):
     strategy: str  # the procedure's name: canary | bluegreen
 
     def __init__(self, inp: RolloutInput) -> None:
-        super().__init__(inp.inventory, RolloutReport.of(inp, image=inp.image, procedure=self.strategy, strategy=self.strategy))
+        super().__init__(
+            inp.inventory, RolloutReport.of(inp, image=inp.image, procedure=self.strategy, strategy=self.strategy)
+        )
         self.inp = inp
         self.promote_request: ControlEvent | None = None
         self.promote_full = False
@@ -118,11 +120,15 @@ class Rollout(Procedure[RolloutReport]):
             raise Stop("refused", str(e)) from None
         region = inv.regions.get(self.app.region)
         if region is None or region.kubernetes is None:
-            raise Stop("refused", f"rollout.apps.{name}.region {self.app.region!r} is not a region with a kubernetes section")
+            raise Stop(
+                "refused", f"rollout.apps.{name}.region {self.app.region!r} is not a region with a kubernetes section"
+            )
         if inp.strategy == "canary" and self.app.router is None:
             raise Stop("refused", f"rollout.apps.{name} has no router: a canary needs one (blue-green does not)")
         report.app, report.region, report.image = name, self.app.region, inp.image
-        self.target = RolloutTarget(environment=inv.environment, region=self.app.region, kubernetes=region.kubernetes, app=self.app)
+        self.target = RolloutTarget(
+            environment=inv.environment, region=self.app.region, kubernetes=region.kubernetes, app=self.app
+        )
         self.queue = inv.region_queue(self.app.region)
         await self.calendar()
         state: RolloutState = await self.step(
@@ -143,17 +149,22 @@ class Rollout(Procedure[RolloutReport]):
             return
         if not self.inp.override:
             raise Stop(
-                "refused", f"{why} (nothing changed; an approver may override: --override, then opsflow override ID --as NAME --reason WHY)"
+                "refused",
+                f"{why} (nothing changed; an approver may override: --override, then opsflow override ID --as NAME "
+                "--reason WHY)",
             )
         record = self.begin_step("window", f"Override needed: {why}")
         policy = self.rollout_policy()
         self.report.status = "waiting"
-        self.report.waiting_for = (
-            f"an override by an approver ({', '.join(policy.names())}): opsflow override {self.report.workflow_id} --as NAME --reason WHY"
-        )
+        approvers = ", ".join(policy.names())
+        self.report.waiting_for = (f"an override by an approver ({approvers}): "
+                                   f"opsflow override {self.report.workflow_id} --as NAME --reason WHY")
         self.show()  # before the notification, as histories recorded before the kernel's override wait have it
         await self.notify(f"Override needed for a {self.inp.strategy} of {self.inp.image}: {why}", severity="warning")
-        if not await self.wait_for_override(self.report.waiting_for, timedelta(seconds=policy.timeout)) and self.abort_requested is None:
+        if (
+            not await self.wait_for_override(self.report.waiting_for, timedelta(seconds=policy.timeout))
+            and self.abort_requested is None
+        ):
             self.end_step(record, "failed", "no override by the deadline")
             raise Stop("refused", f"{why}; no override within {policy.timeout:.0f}s")
         self.report.waiting_for = None
@@ -261,7 +272,9 @@ class Rollout(Procedure[RolloutReport]):
         except ActivityError as err:
             raise Stop("failed", f"{activity.name}: {failure_message(err)}") from None
 
-    async def samples(self, canary: str, baseline: str, start, end, baseline_version: str, baseline_window=None) -> Samples:
+    async def samples(
+        self, canary: str, baseline: str, start, end, baseline_version: str, baseline_window=None
+    ) -> Samples:
         a = self.policy.analysis
         b_start, b_end = baseline_window or (None, None)
         req = SamplesRequest(
@@ -278,7 +291,15 @@ class Rollout(Procedure[RolloutReport]):
         return await self.run_activity(PROMETHEUS_SAMPLES, req)
 
     async def bake(
-        self, name: str, title: str, seconds: float, weight: int, canary: str, baseline: str, baseline_image: str, baseline_window=None
+        self,
+        name: str,
+        title: str,
+        seconds: float,
+        weight: int,
+        canary: str,
+        baseline: str,
+        baseline_image: str,
+        baseline_window=None,
     ) -> StepAnalysis | None:
         """Wait `seconds`, looking at the figures every interval: a broken limit fails fast (returns that analysis).
         A `promote` ends the bake early (returns None, as does a bake with nothing wrong)."""
@@ -292,10 +313,14 @@ class Rollout(Procedure[RolloutReport]):
             left = seconds - (workflow.now() - start).total_seconds()
             if left <= 0:
                 break
-            self.report.waiting_for = f"{title}: {left:.0f}s left (opsflow promote {self.report.workflow_id} --as NAME skips it)"
+            self.report.waiting_for = (
+                f"{title}: {left:.0f}s left (opsflow promote {self.report.workflow_id} --as NAME skips it)"
+            )
             self.show()
             try:
-                await workflow.wait_condition(lambda: self.interrupting(), timeout=timedelta(seconds=min(interval, left)))
+                await workflow.wait_condition(
+                    lambda: self.interrupting(), timeout=timedelta(seconds=min(interval, left))
+                )
             except asyncio.TimeoutError:
                 pass
             if self.abort_requested is not None or self.rollback_request is not None:
@@ -371,7 +396,11 @@ class Rollout(Procedure[RolloutReport]):
             result.reason = (f"{len(self.bake_check_failures)} non-critical HTTP check failure(s) in the bake ("
                              + "; ".join(self.bake_check_failures[:3]) + f"); {result.reason}")
         self.report.analysis.append(result)
-        self.end_step(record, "ok" if result.verdict == "pass" else "failed", f"{result.verdict} (score {result.score}): {result.reason}")
+        self.end_step(
+            record,
+            "ok" if result.verdict == "pass" else "failed",
+            f"{result.verdict} (score {result.score}): {result.reason}",
+        )
         return result
 
     def failure_text(self, result: StepAnalysis) -> str:
@@ -391,7 +420,9 @@ class Rollout(Procedure[RolloutReport]):
         record = self.begin_step(name, question)
         self.report.status = "waiting"
         wid = self.report.workflow_id
-        self.report.waiting_for = f"{question}: opsflow promote {wid} --as NAME [--full], or opsflow abort {wid} --as NAME"
+        self.report.waiting_for = (
+            f"{question}: opsflow promote {wid} --as NAME [--full], or opsflow abort {wid} --as NAME"
+        )
         self.deciding = True
         self.promote_request = None
         self.show()
@@ -411,7 +442,9 @@ class Rollout(Procedure[RolloutReport]):
         p = self.promote_request
         assert p is not None
         self.end_step(
-            record, "ok", f"promoted by {p.by}" + (" (full)" if self.promote_full else "") + (f": {p.reason}" if p.reason else "")
+            record,
+            "ok",
+            f"promoted by {p.by}" + (" (full)" if self.promote_full else "") + (f": {p.reason}" if p.reason else ""),
         )
 
     async def finalize(self) -> None:
@@ -443,7 +476,9 @@ class Rollout(Procedure[RolloutReport]):
             raise ApplicationError("nothing to promote: the rollout is past its steps", type="NotWaiting")
         steps = ("bake", "decide", "judge", "weight", "promote-gate", "post-analysis", "hold")
         if not (self.report.current_step or "").startswith(steps):
-            raise ApplicationError(f"nothing to promote yet (current step: {self.report.current_step})", type="NotWaiting")
+            raise ApplicationError(
+                f"nothing to promote yet (current step: {self.report.current_step})", type="NotWaiting"
+            )
         if (self.report.current_step or "").startswith("hold"):
             if req.by not in self.override_policy().names():
                 raise ApplicationError(f"held by the calendar: only an approver may override it "
@@ -485,7 +520,8 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
         StepDecl("approval", "wait for the approvals (quorum)"),
         StepDecl(
             "create-canary",
-            f"create {app.deployment}-canary ({app.canary_replicas} replica(s)) from {app.deployment} with {inp.image}; wait until ready",
+            f"create {app.deployment}-canary ({app.canary_replicas} replica(s)) from {app.deployment} with "
+            f"{inp.image}; wait until ready",
         ),
     ]
     for w in steps[:-1]:
@@ -494,10 +530,14 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
         if capacity:
             decls.append(StepDecl(f"scale-{w}", f"size the canary for {w} %: ceil({w} % of stable's replicas), ready"))
         decls += [
-            StepDecl(f"weight-{w}", f"route {w} % to the canary via httproute {app.router.name if app.router else '?'}"),
+            StepDecl(
+                f"weight-{w}", f"route {w} % to the canary via httproute {app.router.name if app.router else '?'}"
+            ),
             StepDecl(f"bake-{w}", f"bake {bake:.0f}s, checking limits every interval"),
             StepDecl(f"judge-{w}", "judge canary against stable (Mann-Whitney)"),
-            StepDecl(f"decide-{w}", "wait for a person to promote or abort", "the judgement is marginal or inconclusive"),
+            StepDecl(
+                f"decide-{w}", "wait for a person to promote or abort", "the judgement is marginal or inconclusive"
+            ),
         ]
     decls += [StepDecl("hold-promote", HOLD, HELD)] if calendar else []
     decls += [
@@ -530,17 +570,23 @@ class CanaryWorkflow(Rollout):
         bake = inp.bake if inp.bake is not None else self.policy.bake
         report.weights, report.previous_image = steps, state.stable_image
         if not state.stable_done:
-            raise Stop("refused", f"stable {self.app.deployment} is not healthy ({state.stable_ready}/{state.stable_desired} ready)")
+            raise Stop(
+                "refused",
+                f"stable {self.app.deployment} is not healthy ({state.stable_ready}/{state.stable_desired} ready)",
+            )
         if state.stable_image == inp.image:
             raise Stop("refused", f"{self.app.deployment} already runs {inp.image}")
         if state.canary is not None:
             raise Stop(
                 "refused",
-                f"a canary is left over: {state.canary} ({state.canary_image}); remove it first (opsflow canary ... after kubectl delete)",
+                f"a canary is left over: {state.canary} ({state.canary_image}); remove it first (opsflow canary ... "
+                "after kubectl delete)",
             )
         if self.app.service not in state.weights:
             raise Stop(
-                "refused", f"httproute {self.app.router.name if self.app.router else '?'} sends nothing to service {self.app.service}"
+                "refused",
+                f"httproute {self.app.router.name if self.app.router else '?'} sends nothing to service "
+                f"{self.app.service}",
             )
         capacity = workflow.patched("canary-capacity")  # runs started before it never sized the canary
         self.declare(canary_plan(inp, self.app, steps, bake, state.stable_image, capacity, self.calendar_hold))
@@ -548,7 +594,9 @@ class CanaryWorkflow(Rollout):
             self.plan()
             return
 
-        await self.approvals(f"canary of {inp.image} on {self.app.deployment} in {self.app.region} (now {state.stable_image})")
+        await self.approvals(
+            f"canary of {inp.image} on {self.app.deployment} in {self.app.region} (now {state.stable_image})"
+        )
         t, q = self.target, self.queue
         await self.step(
             "create-canary",
@@ -591,7 +639,9 @@ class CanaryWorkflow(Rollout):
             )
             report.weight = w
             started = workflow.now()
-            broken = await self.bake(f"bake-{w}", f"Bake at {w} %", bake, w, t.canary, self.app.deployment, state.stable_image or "")
+            broken = await self.bake(
+                f"bake-{w}", f"Bake at {w} %", bake, w, t.canary, self.app.deployment, state.stable_image or ""
+            )
             if broken is not None:
                 report.rollback_reason = self.failure_text(broken)
                 raise Stop("failed", f"rolled back automatically: {report.rollback_reason}")
@@ -641,9 +691,14 @@ def bluegreen_plan(inp: RolloutInput, app: RolloutApp, active: str, other: str, 
         StepDecl("pre-analysis", f"check {other} is fully ready before any traffic"),
         *([StepDecl("hold-switch", "hold before the switch while the calendar is closed", HELD)] if calendar else []),
         StepDecl("switch", f"point service {app.service} at {other}"),
-        StepDecl("post-analysis", f"watch {other} for {window:.0f}s against {active}'s figures before the switch; switch back on failure"),
         StepDecl(
-            "switch-back", f"point service {app.service} back at {active}", "the post-promotion analysis fails or a person rolls back"
+            "post-analysis",
+            f"watch {other} for {window:.0f}s against {active}'s figures before the switch; switch back on failure",
+        ),
+        StepDecl(
+            "switch-back",
+            f"point service {app.service} back at {active}",
+            "the post-promotion analysis fails or a person rolls back",
         ),
         StepDecl("scale-down", f"scale {active} to 0 after the rollback window"),
         StepDecl("notify", "notify the channels"),
@@ -678,7 +733,9 @@ class BlueGreenWorkflow(Rollout):
             self.plan()
             return
 
-        await self.approvals(f"blue-green of {inp.image} on {self.app.deployment} in {self.app.region} (now {previous} on {active})")
+        await self.approvals(
+            f"blue-green of {inp.image} on {self.app.deployment} in {self.app.region} (now {previous} on {active})"
+        )
         t, q = self.target, self.queue
         await self.step(
             "create-colour",
@@ -689,7 +746,9 @@ class BlueGreenWorkflow(Rollout):
             timeout=self.policy.timeout,
             heartbeat=10,
             interruptible=True,
-            undo=Undo(K8S_SCALE_DEPLOYMENT, f"Scale {other} to 0", DeploymentRequest(target=t, deployment=other, replicas=0)),
+            undo=Undo(
+                K8S_SCALE_DEPLOYMENT, f"Scale {other} to 0", DeploymentRequest(target=t, deployment=other, replicas=0)
+            ),
             detail=lambda s: f"{other} {s.replicas.get(other)} replicas with {s.colours.get(other)}",
         )
         pre: RolloutState = await self.step(
@@ -710,7 +769,11 @@ class BlueGreenWorkflow(Rollout):
             K8S_SWITCH_SERVICE,
             DeploymentRequest(target=t, deployment=other),
             queue=q,
-            undo=Undo(K8S_SWITCH_SERVICE, f"Switch {self.app.service} back to {active}", DeploymentRequest(target=t, deployment=active)),
+            undo=Undo(
+                K8S_SWITCH_SERVICE,
+                f"Switch {self.app.service} back to {active}",
+                DeploymentRequest(target=t, deployment=active),
+            ),
             detail=lambda s: f"serving: {s.active}",
         )
         report.active = other

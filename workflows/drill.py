@@ -16,7 +16,15 @@ from workflows.procedure import Procedure, StepDecl, Stop, Undo
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.contracts.db import DB_STATUS
-    from opsflow.contracts.restore import RESTORE_DELETE, RESTORE_LEFTOVERS, RESTORE_START, RESTORE_VALIDATE_CHECKS, RESTORE_VERIFY, RESTORE_WAIT, RESTORE_WINDOW
+    from opsflow.contracts.restore import (
+        RESTORE_DELETE,
+        RESTORE_LEFTOVERS,
+        RESTORE_START,
+        RESTORE_VALIDATE_CHECKS,
+        RESTORE_VERIFY,
+        RESTORE_WAIT,
+        RESTORE_WINDOW,
+    )
     from activities.providers import default_restore_method
     from opsflow.rules import ProcedureInput
     from opsflow.models import (
@@ -44,12 +52,16 @@ def declare(inp: DrillInput, source: str, method: str, name: str, point: datetim
     """Every step after the restore point is known: the dry-run plan and the run's only names."""
     policy = inp.inventory.drill
     return [
-        StepDecl("leftovers", f"delete scratch targets of finished drills of {inp.inventory.environment} ({policy.scratch_prefix}-*)"),
+        StepDecl(
+            "leftovers",
+            f"delete scratch targets of finished drills of {inp.inventory.environment} ({policy.scratch_prefix}-*)",
+        ),
         StepDecl("restore", f"{method}: restore {source} as of {point.isoformat()} into {name}"),
         StepDecl("restore-wait", f"wait for {name} (up to {policy.restore_timeout:.0f}s)"),
         StepDecl(
             "verify",
-            f"{len(policy.row_counts)} row count(s), {len(policy.checks)} SQL check(s), {len(policy.schema_objects)} schema object(s)",
+            f"{len(policy.row_counts)} row count(s), {len(policy.checks)} SQL check(s), {len(policy.schema_objects)} "
+            "schema object(s)",
         ),
         StepDecl("cleanup", f"delete {name} (always: after success, failure or abort)"),
     ]
@@ -88,7 +100,12 @@ class DrillWorkflow(Procedure[DrillReport]):
         )
 
         await self.step(
-            "validate", "Check that the verified tables exist on the source", RESTORE_VALIDATE_CHECKS, req, queue=q, attempts=3
+            "validate",
+            "Check that the verified tables exist on the source",
+            RESTORE_VALIDATE_CHECKS,
+            req,
+            queue=q,
+            attempts=3,
         )
         window: RestoreWindow = await self.step(
             "window",
@@ -104,10 +121,15 @@ class DrillWorkflow(Procedure[DrillReport]):
         if window.earliest and point < window.earliest:
             raise Stop(
                 "refused",
-                f"the point in time {point.isoformat()} is before the earliest restorable time {window.earliest.isoformat()} (retention)",
+                f"the point in time {point.isoformat()} is before the earliest restorable time "
+                f"{window.earliest.isoformat()} (retention)",
             )
         if point > window.latest:
-            raise Stop("refused", f"the point in time {point.isoformat()} is after the latest restorable time {window.latest.isoformat()}")
+            raise Stop(
+                "refused",
+                f"the point in time {point.isoformat()} is after the latest restorable time "
+                f"{window.latest.isoformat()}",
+            )
         req.point_in_time = report.restore_point = point
         report.restore_point_age_seconds = (workflow.now() - point).total_seconds()
         report.latest_point_age_seconds = (workflow.now() - window.latest).total_seconds()
@@ -160,7 +182,9 @@ class DrillWorkflow(Procedure[DrillReport]):
             "verify",
             "Verify integrity",
             RESTORE_VERIFY,
-            VerifyRequest(source=req.source, scratch=scratch, drill=policy, restore_point=scratch.restore_point or point),
+            VerifyRequest(
+                source=req.source, scratch=scratch, drill=policy, restore_point=scratch.restore_point or point
+            ),
             queue=q,
             timeout=1800,
             heartbeat=policy.heartbeat_timeout,  # a worker lost mid-check is retried within it, not after 30 min
@@ -172,7 +196,9 @@ class DrillWorkflow(Procedure[DrillReport]):
         await self.undo()  # delete the scratch target now; on failure or cancellation `conclude` does it
         failed = [c for c in checks if not c.ok]
         if failed:
-            raise Stop("failed", "integrity check(s) failed: " + "; ".join(f"{c.kind} {c.name}: {c.detail}" for c in failed))
+            raise Stop(
+                "failed", "integrity check(s) failed: " + "; ".join(f"{c.kind} {c.name}: {c.detail}" for c in failed)
+            )
         missed = [o for o in report.objectives if not o.met]
         if missed:
             raise Stop("failed", "objective(s) missed: " + "; ".join(
@@ -209,7 +235,8 @@ class DrillWorkflow(Procedure[DrillReport]):
         status = report.status if report.status != "running" else "succeeded"
         ok = sum(c.ok for c in report.checks)
         line = (
-            f"restore drill {inv.environment}/{report.source_region}: {status}; restore point {report.restore_point:%Y-%m-%d %H:%M}Z"
+            f"restore drill {inv.environment}/{report.source_region}: {status}; restore point "
+            f"{report.restore_point:%Y-%m-%d %H:%M}Z"
             if report.restore_point
             else f"restore drill {inv.environment}: {status}"
         )
@@ -219,7 +246,9 @@ class DrillWorkflow(Procedure[DrillReport]):
             line += ", objectives " + ", ".join(f"{o.name} {'met' if o.met else 'MISSED'}" for o in report.objectives)
         if report.failure:
             line += f" — {report.failure}"
-        await self.notify(line, severity="info" if status == "succeeded" else "critical", channels=inv.drill.notify_channels or None)
+        await self.notify(
+            line, severity="info" if status == "succeeded" else "critical", channels=inv.drill.notify_channels or None
+        )
 
 
 def judge_objectives(objectives, report: DrillReport) -> list[ObjectiveResult]:

@@ -180,7 +180,11 @@ class FailbackWorkflow(Procedure[FailbackReport]):
         self._check_declared("failover")
         record = self.begin_step("failover", f"Planned failover {primary} -> {to} (child workflow)")
         child_input = FailoverInput(
-            inventory=inv, to_region=to, requester=inp.requester, reason=f"failback: {inp.reason}".strip(": "), approval=decision
+            inventory=inv,
+            to_region=to,
+            requester=inp.requester,
+            reason=f"failback: {inp.reason}".strip(": "),
+            approval=decision,
         )
         if self.worker_rules:  # the child takes the worker's rules itself; it is told the digest of these
             child_input = child_input.without_rules(inv)
@@ -256,14 +260,18 @@ class FailbackWorkflow(Procedure[FailbackReport]):
             return
         self._check_declared("window")
         record = self.begin_step(
-            "window", f"Wait for the low-traffic window ({', '.join(window.days)} {window.start}-{window.end} {window.timezone})"
+            "window",
+            f"Wait for the low-traffic window ({', '.join(window.days)} {window.start}-{window.end} {window.timezone})",
         )
         await self.wait_for_override(
-            f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} --as NAME)",
+            f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} "
+            "--as NAME)",
             opens - workflow.now(),
         )
         self.report.window_opened_at = workflow.now()
-        self.end_step(record, "ok", f"overridden by {self.window_override.by}" if self.window_override else "window open")
+        self.end_step(
+            record, "ok", f"overridden by {self.window_override.by}" if self.window_override else "window open"
+        )
         await self.boundary()
 
     def overridden(self, event: ControlEvent) -> str:

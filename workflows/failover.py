@@ -22,7 +22,15 @@ from temporalio import workflow
 from workflows.procedure import Procedure, StepDecl, Stop, Undo
 
 with workflow.unsafe.imports_passed_through():
-    from opsflow.contracts.db import DB_CHECK_WRITABLE, DB_FENCE, DB_FENCE_CONTROL_PLANE, DB_PROMOTE, DB_STATUS, DB_UNFENCE, DB_WAIT_CAUGHT_UP
+    from opsflow.contracts.db import (
+        DB_CHECK_WRITABLE,
+        DB_FENCE,
+        DB_FENCE_CONTROL_PLANE,
+        DB_PROMOTE,
+        DB_STATUS,
+        DB_UNFENCE,
+        DB_WAIT_CAUGHT_UP,
+    )
     from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
     from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_STATUS, TRAFFIC_SWITCH
     from opsflow.rules import ProcedureInput
@@ -66,9 +74,13 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[S
         StepDecl("fence", f"make the {source} primary read-only and end its sessions (writes are down from here)"),
     ]
     to_region, from_r = inv.region(to), inv.region(source)
-    deployments = ", ".join(f"{d.name}={d.replicas}" for d in (to_region.kubernetes.deployments if to_region.kubernetes else []))
+    deployments = ", ".join(
+        f"{d.name}={d.replicas}" for d in (to_region.kubernetes.deployments if to_region.kubernetes else [])
+    )
     service = from_r.kubernetes.service if from_r.kubernetes else None
-    approvers = ", ".join(inv.approval.names()) + (" (not the requester)" if inv.approval.require_distinct_approver else "")
+    approvers = ", ".join(inv.approval.names()) + (
+        " (not the requester)" if inv.approval.require_distinct_approver else ""
+    )
     smoke = f"{len(to_region.smoke_urls)} smoke URL(s) in {to} answer"
     ve = virtual_endpoint(inp, to)
     how = f"switch over (virtual endpoint {ve}: {source} becomes its replica)" if ve else "promote"
@@ -80,10 +92,17 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[S
                 "the inventory requires approval for emergencies",
                 inv.approval.emergency_requires_approval,
             ),
-            StepDecl("traffic", f"{inv.traffic.provider}: send traffic to {to_region.traffic_endpoint}, disable {from_r.traffic_endpoint}"),
-            StepDecl("promote",
-                     f"force-{how} the {to_region.database.provider} replica in {to} (unreplayed WAL is lost)"),
-            StepDecl("fence-old", f"best effort: fence the old primary in {source} through its control plane (split brain)"),
+            StepDecl(
+                "traffic",
+                f"{inv.traffic.provider}: send traffic to {to_region.traffic_endpoint}, disable "
+                f"{from_r.traffic_endpoint}",
+            ),
+            StepDecl(
+                "promote", f"force-{how} the {to_region.database.provider} replica in {to} (unreplayed WAL is lost)"
+            ),
+            StepDecl(
+                "fence-old", f"best effort: fence the old primary in {source} through its control plane (split brain)"
+            ),
             StepDecl("scale-down-old", f"best effort: scale {source}'s deployments to zero"),
         ]
     else:
@@ -91,14 +110,26 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[S
             StepDecl("approval", f"wait for one of {approvers}"),
             StepDecl(
                 "maintenance",
-                f"annotate service {service} in {source} maintenance=true" if service else f"no service to annotate in {source}",
+                f"annotate service {service} in {source} maintenance=true"
+                if service
+                else f"no service to annotate in {source}",
             ),
             *(drain_and_fence if drain_first else drain_and_fence[::-1]),
-            StepDecl("catch-up", f"wait until {to} has replayed all WAL of {source} (up to {inv.failover.catch_up_timeout:.0f}s)"),
-            StepDecl("promote", f"{how} the {to_region.database.provider} replica in {to}"),
-            StepDecl("verify-not-promoted", f"ask {to}'s database whether it is still a replica; if so undo", "the promotion fails", False),
             StepDecl(
-                "traffic", f"{inv.traffic.provider}: enable {to_region.traffic_endpoint} first, then disable {from_r.traffic_endpoint}"
+                "catch-up",
+                f"wait until {to} has replayed all WAL of {source} (up to {inv.failover.catch_up_timeout:.0f}s)",
+            ),
+            StepDecl("promote", f"{how} the {to_region.database.provider} replica in {to}"),
+            StepDecl(
+                "verify-not-promoted",
+                f"ask {to}'s database whether it is still a replica; if so undo",
+                "the promotion fails",
+                False,
+            ),
+            StepDecl(
+                "traffic",
+                f"{inv.traffic.provider}: enable {to_region.traffic_endpoint} first, then disable "
+                f"{from_r.traffic_endpoint}",
             ),
         ]
     return steps + [
@@ -152,8 +183,15 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         if parent is None:
             raise Stop("refused", "an approval in the input is honoured only from a failback of the same environment")
         policy = self.inventory.approval
-        if decision.by not in policy.names() or policy.require_distinct_approver and decision.by == self.report.requester:
-            raise Stop("refused", f"the approval handed down by {parent.workflow_id} is by {decision.by!r}, who may not approve")
+        if (
+            decision.by not in policy.names()
+            or policy.require_distinct_approver
+            and decision.by == self.report.requester
+        ):
+            raise Stop(
+                "refused",
+                f"the approval handed down by {parent.workflow_id} is by {decision.by!r}, who may not approve",
+            )
         try:
             signing.verify_request(signing.Keyring.of(self.inventory, policy), decision, workflow_id=parent.workflow_id,
                                    run_id=parent.run_id, gate_id=decision.gate or "approval", action="approve",
@@ -191,14 +229,17 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         old = statuses[source]
         if not inp.emergency:
             if not old.reachable:
-                raise Stop("refused", f"the primary in {source} is unreachable: a planned failover needs it (use --emergency)")
+                raise Stop(
+                    "refused", f"the primary in {source} is unreachable: a planned failover needs it (use --emergency)"
+                )
             if not new.streaming:
                 raise Stop("refused", f"the replica in {to} is not streaming from {source}")
             lag = (lsn_to_int(old.current_lsn) or 0) - (lsn_to_int(new.replay_lsn) or 0)
             if lag > inv.failover.max_planned_lag_bytes:
                 raise Stop(
                     "refused",
-                    f"replication lag {lag} bytes is above the limit of {inv.failover.max_planned_lag_bytes} for a planned failover",
+                    f"replication lag {lag} bytes is above the limit of {inv.failover.max_planned_lag_bytes} for a "
+                    "planned failover",
                 )
             self.check_virtual_endpoint(inp, source, new)
             kube: KubeStatus = await self.step(
@@ -208,7 +249,10 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                 raise Stop(
                     "refused",
                     f"Kubernetes in {to} is not ready: "
-                    + "; ".join(kube.waiting or [f"{d.name} {d.ready}/{d.desired}" for d in kube.deployments if d.ready < d.desired]),
+                    + "; ".join(
+                        kube.waiting
+                        or [f"{d.name} {d.ready}/{d.desired}" for d in kube.deployments if d.ready < d.desired]
+                    ),
                 )
         await self.step(
             "preflight-traffic", "Check traffic routing", TRAFFIC_STATUS, TrafficRequest.of(inv, to), queue=q
@@ -235,7 +279,11 @@ class FailoverWorkflow(Procedure[FailoverReport]):
 
         if inp.approval is not None:
             decision = report.approval = self.parent_approval(inp.approval)
-            self.end_step(self.begin_step("approval", "Approval (given to the parent procedure)"), "ok", f"approved by {decision.by}")
+            self.end_step(
+                self.begin_step("approval", "Approval (given to the parent procedure)"),
+                "ok",
+                f"approved by {decision.by}",
+            )
         else:
             decision = await self.approval_gate(f"planned failover of {inv.environment} from {source} to {to}")
         await self.step(
@@ -244,7 +292,9 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             K8S_SET_MAINTENANCE,
             MaintenanceRequest(target=old, on=True),
             queue=old_q,
-            undo=Undo(K8S_SET_MAINTENANCE, f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)),
+            undo=Undo(
+                K8S_SET_MAINTENANCE, f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)
+            ),
         )
         if self.drain_first:
             await self.wait("drain", f"Drain {source}: let in-flight work finish", inv.failover.drain)
@@ -274,14 +324,19 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             heartbeat=inv.failover.heartbeat_timeout,
             attempts=3,
             interruptible=True,
-            detail=lambda c: f"replayed up to {c.replay_lsn}, {c.lag_bytes} bytes behind, waited {c.waited_seconds:.1f}s",
+            detail=lambda c: (
+                f"replayed up to {c.replay_lsn}, {c.lag_bytes} bytes behind, waited {c.waited_seconds:.1f}s"
+            ),
         )
         report.lag_at_promotion_bytes = caught.lag_bytes
         report.lag_at_promotion_seconds = caught.replay_delay_seconds
 
         await self.boundary()
         self.point_of_no_return = True  # a promotion may happen from here: no abort (it is refused, not lost)
-        critical = [("promote", lambda: self.promote(target, q, force=False)), ("move traffic", lambda: self.move_traffic(inp))]
+        critical = [
+            ("promote", lambda: self.promote(target, q, force=False)),
+            ("move traffic", lambda: self.move_traffic(inp)),
+        ]
         await self.forward(inp, source, critical, since=decision.at)
         # Planned: the old primary was fenced and the replica replayed every byte before promotion.
         report.rpo_bytes = 0
@@ -318,7 +373,9 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         async def promote() -> None:
             promoted.append(await self.promote(target, q, force=True))
 
-        await self.forward(inp, source, [("move traffic", lambda: self.move_traffic(inp)), ("promote", promote)], since=since)
+        await self.forward(
+            inp, source, [("move traffic", lambda: self.move_traffic(inp)), ("promote", promote)], since=since
+        )
         # Data-loss estimate: WAL the replica received but had not replayed when promoted, plus what the old
         # primary had written beyond that (known only when it still answered at preflight).
         p = promoted[0]
@@ -340,7 +397,9 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             timeout=inv.failover.promote_timeout,
             heartbeat=inv.failover.heartbeat_timeout,
             attempts=5,
-            detail=lambda p: "already primary" if p.already_primary else f"promoted in {p.seconds:.2f}s, timeline {p.timeline}",
+            detail=lambda p: (
+                "already primary" if p.already_primary else f"promoted in {p.seconds:.2f}s, timeline {p.timeline}"
+            ),
         )
         self.report.promotion_seconds = result.seconds
         self.report.switchover = result.switchover
@@ -382,10 +441,20 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         traffic = TrafficRequest.of(inv, to)
         heartbeat = inv.failover.heartbeat_timeout
         after = [
-            ("verify writes", lambda: self.step("verify-writes", f"Verify {to} accepts writes", DB_CHECK_WRITABLE, target, queue=q)),
+            (
+                "verify writes",
+                lambda: self.step("verify-writes", f"Verify {to} accepts writes", DB_CHECK_WRITABLE, target, queue=q),
+            ),
             ("verify routing", lambda: self.verify_routing(traffic, q)),
             *(
-                [("smoke tests", lambda: self.step("verify-smoke", f"Smoke tests in {to}", HTTP_SMOKE, target, queue=q, attempts=10))]
+                [
+                    (
+                        "smoke tests",
+                        lambda: self.step(
+                            "verify-smoke", f"Smoke tests in {to}", HTTP_SMOKE, target, queue=q, attempts=10
+                        ),
+                    )
+                ]
                 if target.smoke_urls
                 else []
             ),
@@ -417,7 +486,9 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                         and workflow.patched("undo-unpromoted")
                         and await self.still_a_replica(target, q)
                     ):
-                        self.point_of_no_return = False  # nothing irreversible happened: undo, the old primary writes again
+                        self.point_of_no_return = (
+                            False  # nothing irreversible happened: undo, the old primary writes again
+                        )
                         raise Stop(
                             "failed",
                             f"{stop.reason}; {to} is verifiably still a replica, so the failover was undone "

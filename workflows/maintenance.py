@@ -28,7 +28,14 @@ from workflows.procedure import Procedure, Request, StepDecl, Stop, Undo, child_
 with workflow.unsafe.imports_passed_through():
     from opsflow.contracts.db import DB_STATUS
     from opsflow.contracts.k8s import K8S_SET_MAINTENANCE
-    from opsflow.contracts.maintenance import BACKUP_TAKE, BACKUP_VERIFY, MAINT_HEALTH, MAINT_PLAN, MAINT_RUN_ITEM, WATCH_METRICS
+    from opsflow.contracts.maintenance import (
+        BACKUP_TAKE,
+        BACKUP_VERIFY,
+        MAINT_HEALTH,
+        MAINT_PLAN,
+        MAINT_RUN_ITEM,
+        WATCH_METRICS,
+    )
     from opsflow.contracts.notify import STATUSPAGE_UPDATE
     from opsflow.contracts.traffic import HTTP_SMOKE
     from opsflow.calendar import Calendar
@@ -81,7 +88,10 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
     """Every step after the preflight: the dry-run plan, and the only step names the run may record."""
     inv, policy = inp.inventory, inp.inventory.maintenance
     assert policy is not None
-    page, service = policy.status_page, (inv.regions[region].kubernetes.service if inv.regions[region].kubernetes else None)
+    page, service = (
+        policy.status_page,
+        (inv.regions[region].kubernetes.service if inv.regions[region].kubernetes else None),
+    )
     smoke = inv.regions[region].smoke_urls
     decls = [
         StepDecl(
@@ -90,7 +100,9 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
             "a status page is configured",
             page is not None,
         ),
-        StepDecl("backup", plan.backup_target, "the inventory asks for one (maintenance.backup.take)", policy.backup.take),
+        StepDecl(
+            "backup", plan.backup_target, "the inventory asks for one (maintenance.backup.take)", policy.backup.take
+        ),
         StepDecl(
             "verify-backup",
             "the backup completed after the start and is not empty",
@@ -110,7 +122,10 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
     for item in plan.items:
         decls.append(StepDecl(item.key, f"{item_title(item)} ({item.reason})"))
         decls.append(
-            StepDecl(f"health:{item.key}", "health: database answers, replicas within the lag limit" + (", smoke URLs" if smoke else ""))
+            StepDecl(
+                f"health:{item.key}",
+                "health: database answers, replicas within the lag limit" + (", smoke URLs" if smoke else ""),
+            )
         )
     return decls + [
         StepDecl(
@@ -122,7 +137,9 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
         StepDecl("smoke", f"{len(smoke)} smoke URL(s) answer", "smoke URLs are configured", bool(smoke)),
         StepDecl(
             "watch",
-            f"watch {len(policy.watch.queries)} metric(s) for {policy.watch.duration:.0f}s" if policy.watch else "watch metrics",
+            f"watch {len(policy.watch.queries)} metric(s) for {policy.watch.duration:.0f}s"
+            if policy.watch
+            else "watch metrics",
             "watch is configured",
             policy.watch is not None,
         ),
@@ -185,13 +202,18 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
         if statuses[region].role != "primary" or not statuses[region].reachable:
             raise Stop(
                 "refused",
-                f"the database in {region} is not a reachable primary ({statuses[region].error or statuses[region].role}): "
+                f"the database in {region} is not a reachable primary "
+                f"({statuses[region].error or statuses[region].role}): "
                 "VACUUM and REINDEX need the primary",
             )
         report.region = region
         self.target, self.queue = RegionTarget.of(inv, region), inv.region_queue(region)
         self.replicas = [RegionTarget.of(inv, r) for r in inv.regions if r != region]
-        bad = [f"{r}: {s.error or 'not streaming'}" for r, s in statuses.items() if r != region and not (s.reachable and s.streaming)]
+        bad = [
+            f"{r}: {s.error or 'not streaming'}"
+            for r, s in statuses.items()
+            if r != region and not (s.reachable and s.streaming)
+        ]
         if bad:
             raise Stop("refused", "replicas are not healthy: " + "; ".join(bad))
         plan: PlanResult = await self.step(
@@ -207,7 +229,8 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
             raise Stop("refused", f"listed table(s) do not exist on {region}: {', '.join(plan.missing)}")
         report.planned = plan.items
         report.deferred += [
-            Deferred(key=i.key, reason=f"over maintenance.max_tables ({policy.max_tables}): next window") for i in plan.over_limit
+            Deferred(key=i.key, reason=f"over maintenance.max_tables ({policy.max_tables}): next window")
+            for i in plan.over_limit
         ]
         self.items_left = list(plan.items)
         self.declare(declare(inp, region, plan))
@@ -220,12 +243,16 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
         opens = self.calendar.next_opening(now) or now
         closes = self.calendar.closes_at(opens) if opens != now else self.calendar.closes_at(now)
         if policy.status_page:
-            text = f"Database maintenance of {inv.environment}: " + ", ".join(sorted({item_title(i).split(" ")[0] for i in plan.items}))
+            text = f"Database maintenance of {inv.environment}: " + ", ".join(
+                sorted({item_title(i).split(" ")[0] for i in plan.items})
+            )
             res: StatusPageResult = await self.step(
                 "announce",
                 "Announce the maintenance on the status page",
                 STATUSPAGE_UPDATE,
-                StatusPageRequest(page=policy.status_page, status="scheduled", body=text, scheduled_for=opens, scheduled_until=closes),
+                StatusPageRequest(
+                    page=policy.status_page, status="scheduled", body=text, scheduled_for=opens, scheduled_until=closes
+                ),
                 queue=inv.task_queue,
                 detail=lambda r: f"incident {r.incident_id}",
             )
@@ -236,7 +263,9 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
                 "backup",
                 plan.backup_target,
                 BACKUP_TAKE,
-                BackupRequest(target=self.target, policy=policy.backup, name=f"opsflow-maint-{workflow.info().run_id[:8]}"),
+                BackupRequest(
+                    target=self.target, policy=policy.backup, name=f"opsflow-maint-{workflow.info().run_id[:8]}"
+                ),
                 queue=self.queue,
                 timeout=policy.backup.timeout + 60,
                 heartbeat=max(policy.heartbeat_timeout, 30),
@@ -249,7 +278,9 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
                     "verify-backup",
                     "Verify the backup",
                     BACKUP_VERIFY,
-                    VerifyBackupRequest(target=self.target, policy=policy.backup, backup=report.backup, not_before=started),
+                    VerifyBackupRequest(
+                        target=self.target, policy=policy.backup, backup=report.backup, not_before=started
+                    ),
                     queue=self.queue,
                     timeout=policy.backup.timeout,
                     heartbeat=None,
@@ -299,11 +330,14 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
             report.watch, report.watch_breached = watched.results, not watched.ok
             if not watched.ok:
                 await self.notify(
-                    f"Maintenance of {inv.environment}: metrics breached after the window: {breaches(watched)}", severity="critical"
+                    f"Maintenance of {inv.environment}: metrics breached after the window: {breaches(watched)}",
+                    severity="critical",
                 )
         await self.status_page("status-completed", "completed", self.summary())
         record = self.begin_step("notify", "Notify")
-        await self.notify(self.summary(), severity="warning" if report.deferred or report.skipped or report.watch_breached else "info")
+        await self.notify(
+            self.summary(), severity="warning" if report.deferred or report.skipped or report.watch_breached else "info"
+        )
         self.end_step(record, "ok", self.summary())
 
     def find_primary(self, inp: MaintenanceInput, statuses: dict[str, DbStatus]) -> str | None:
@@ -348,7 +382,8 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
             return
         record = self.begin_step("window", "Wait for the maintenance window")
         await self.wait_for_override(
-            f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} --as NAME)",
+            f"the window opening at {opens:%Y-%m-%d %H:%M}Z (override: opsflow override {self.report.workflow_id} "
+            "--as NAME)",
             opens - workflow.now(),
         )
         self.report.waiting_for = None
@@ -405,7 +440,9 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
                         continue
                     report.items.append(result)
                     if result.outcome in ("lock-timeout", "statement-timeout"):
-                        report.skipped.append(Deferred(key=item.key, reason=f"{result.detail} ({tries[item.key]} attempt(s))"))
+                        report.skipped.append(
+                            Deferred(key=item.key, reason=f"{result.detail} ({tries[item.key]} attempt(s))")
+                        )
                     elif result.outcome == "cancelled-at-cutoff":
                         report.deferred.append(Deferred(key=item.key, reason=result.detail))
                     await self.health(item)
@@ -422,7 +459,9 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
                 break
         if self.items_left:
             report.deferred += [
-                Deferred(key=i.key, reason=f"the cutoff ({self.policy.cutoff:.0f}s before the window closes) was reached")
+                Deferred(
+                    key=i.key, reason=f"the cutoff ({self.policy.cutoff:.0f}s before the window closes) was reached"
+                )
                 for i in self.items_left
             ]
             self.items_left = []
@@ -437,7 +476,8 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
                 ages = (f", XID age {r.before.xid_age} -> {r.after.xid_age}"
                         if r.before.xid_age is not None and r.after.xid_age is not None else "")
                 return (
-                    f"dead tuples {r.before.n_dead_tup} -> {r.after.n_dead_tup}, size {r.before.table_bytes + r.before.index_bytes} -> "
+                    f"dead tuples {r.before.n_dead_tup} -> {r.after.n_dead_tup}, size "
+                    f"{r.before.table_bytes + r.before.index_bytes} -> "
                     f"{r.after.table_bytes + r.after.index_bytes} bytes, lock wait {r.lock_wait_seconds:.1f}s" + ages
                 )
             return f"done in {r.seconds:.1f}s"
@@ -461,7 +501,12 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
             f"health:{item.key}",
             f"Health after {item_title(item)}",
             MAINT_HEALTH,
-            HealthRequest(primary=self.target, replicas=self.replicas, max_lag_bytes=guards.max_replication_lag, lag_wait=guards.lag_wait),
+            HealthRequest(
+                primary=self.target,
+                replicas=self.replicas,
+                max_lag_bytes=guards.max_replication_lag,
+                lag_wait=guards.lag_wait,
+            ),
             queue=self.queue,
             timeout=guards.lag_wait + 120,
             heartbeat=60,
@@ -511,9 +556,15 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
         r.done = [f"{i.key}: {i.outcome}" for i in r.items]
         r.not_done = [f"{d.key}: {d.reason}" for d in r.deferred + r.skipped]
         if r.status in ("failed", "aborted"):
-            r.not_done += [f"{i.key}: not started ({r.status})" for i in self.items_left if i.key not in {d.key for d in r.deferred}]
+            r.not_done += [
+                f"{i.key}: not started ({r.status})"
+                for i in self.items_left
+                if i.key not in {d.key for d in r.deferred}
+            ]
             await self.status_page(
-                "status-ended-early", "completed", f"The maintenance ended early ({r.status}): {r.failure}. {self.summary()}"
+                "status-ended-early",
+                "completed",
+                f"The maintenance ended early ({r.status}): {r.failure}. {self.summary()}",
             )
         r.status, r.current_step = status, step
 
@@ -593,7 +644,9 @@ class MaintenanceFleetWorkflow(Procedure[FleetReport]):
         report = self.report
         self.declare(
             [
-                StepDecl(f"env:{i.environment}", f"maintenance of {i.environment} (child workflow opsflow-{i.environment})")
+                StepDecl(
+                    f"env:{i.environment}", f"maintenance of {i.environment} (child workflow opsflow-{i.environment})"
+                )
                 for i in inp.inventories
             ]
         )
@@ -610,8 +663,9 @@ class MaintenanceFleetWorkflow(Procedure[FleetReport]):
             member.status = "running"
             self.show()
             try:
-                child_input = MaintenanceInput(inventory=inv, region=inp.region, dry_run=inp.dry_run, requester=inp.requester,
-                                               reason=inp.reason)
+                child_input = MaintenanceInput(
+                    inventory=inv, region=inp.region, dry_run=inp.dry_run, requester=inp.requester, reason=inp.reason
+                )
                 handle = await workflow.start_child_workflow(
                     MaintenanceWorkflow.run,
                     child_input.without_rules(inv) if self.worker_rules else child_input,
@@ -653,7 +707,8 @@ class MaintenanceFleetWorkflow(Procedure[FleetReport]):
             for h in children:
                 try:
                     await h.signal(
-                        MaintenanceWorkflow.abort_from_fleet, Request(by=a.by, reason=f"fleet {report.workflow_id} aborted: {a.reason}")
+                        MaintenanceWorkflow.abort_from_fleet,
+                        Request(by=a.by, reason=f"fleet {report.workflow_id} aborted: {a.reason}"),
                     )
                 except Exception:  # noqa: BLE001 - the child has ended meanwhile
                     pass
@@ -661,14 +716,18 @@ class MaintenanceFleetWorkflow(Procedure[FleetReport]):
         for m in report.members:
             if m.status == "not-started":
                 m.failure = (
-                    "aborted before it started" if self.abort_requested else f"not started: {failed} failed (max_errors {inp.max_errors})"
+                    "aborted before it started"
+                    if self.abort_requested
+                    else f"not started: {failed} failed (max_errors {inp.max_errors})"
                 )
         await self.boundary()
         if failed:
             raise Stop(
                 "failed",
                 f"{failed} of {len(inp.inventories)} environment(s) failed: "
-                + "; ".join(f"{m.environment} {m.status}" for m in report.members if m.status not in ("succeeded", "planned")),
+                + "; ".join(
+                    f"{m.environment} {m.status}" for m in report.members if m.status not in ("succeeded", "planned")
+                ),
             )
 
 
