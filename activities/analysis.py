@@ -5,7 +5,6 @@ An activity because scipy is no workflow code; it is pure computation, so it nev
 
 from __future__ import annotations
 
-
 from opsflow.contracts.rollout import ANALYSIS_JUDGE
 from opsflow.judge import classify, judge
 from opsflow.rollout import JudgeRequest, MetricVerdict, StepAnalysis, threshold_breaches

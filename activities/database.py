@@ -15,8 +15,15 @@ from activities.postgres.divergence import sql_divergence
 from activities.postgres.server import open_status_connection, sql_status_on
 from activities.providers import database_provider
 from opsflow.contracts.db import (
-    DB_CHECK_WRITABLE, DB_DIVERGENCE, DB_FENCE, DB_FENCE_CONTROL_PLANE, DB_PROMOTE, DB_REBUILD_REPLICA, DB_STATUS,
-    DB_UNFENCE, DB_WAIT_CAUGHT_UP,
+    DB_CHECK_WRITABLE,
+    DB_DIVERGENCE,
+    DB_FENCE,
+    DB_FENCE_CONTROL_PLANE,
+    DB_PROMOTE,
+    DB_REBUILD_REPLICA,
+    DB_STATUS,
+    DB_UNFENCE,
+    DB_WAIT_CAUGHT_UP,
 )
 from opsflow.models import (
     CatchUpRequest,

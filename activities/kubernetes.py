@@ -27,13 +27,21 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import ConfigException, load_incluster_config, load_kube_config
 from temporalio import activity
-from activities.context import heartbeat as _heartbeat, sleep_or_cancelled
 from temporalio.exceptions import ApplicationError
 
+from activities.context import heartbeat as _heartbeat
+from activities.context import sleep_or_cancelled
 from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
 from opsflow.contracts.rollout import (
-    K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_ROLLOUT_STATUS, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE,
-    K8S_SCALE_CANARY, K8S_SET_WEIGHT, K8S_SWITCH_SERVICE,
+    K8S_CREATE_CANARY,
+    K8S_CREATE_COLOUR,
+    K8S_DELETE_CANARY,
+    K8S_ROLLOUT_STATUS,
+    K8S_SCALE_CANARY,
+    K8S_SCALE_DEPLOYMENT,
+    K8S_SET_IMAGE,
+    K8S_SET_WEIGHT,
+    K8S_SWITCH_SERVICE,
 )
 from opsflow.inventory import KubernetesConfig
 from opsflow.models import DeploymentState, FenceResult, KubeStatus, MaintenanceRequest, RegionTarget, ScaleRequest

@@ -17,14 +17,23 @@ from activities import prometheus
 from activities.context import heartbeat, time_limit
 from activities.http_checks import probe
 from activities.postgres.backup import base_backup, verify_base_backup
-from activities.postgres.maintenance import (bloated_index_tables, dead_tuple_candidates, missing_tables,
-                                             run_maintenance, wraparound_candidates)
+from activities.postgres.maintenance import (
+    bloated_index_tables,
+    dead_tuple_candidates,
+    missing_tables,
+    run_maintenance,
+    wraparound_candidates,
+)
 from activities.providers import database_provider
 from opsflow.contracts.maintenance import (
-    BACKUP_TAKE, BACKUP_VERIFY, MAINT_HEALTH, MAINT_PLAN, MAINT_RUN_ITEM, WATCH_METRICS,
+    BACKUP_TAKE,
+    BACKUP_VERIFY,
+    MAINT_HEALTH,
+    MAINT_PLAN,
+    MAINT_RUN_ITEM,
+    WATCH_METRICS,
 )
 from opsflow.maintenance import VACUUM_KINDS, table_name
-from opsflow.models import lsn_to_int
 from opsflow.maintenance_models import (
     BackupRequest,
     BackupResult,
@@ -40,6 +49,7 @@ from opsflow.maintenance_models import (
     WatchResult,
     WorkItem,
 )
+from opsflow.models import lsn_to_int
 
 
 def _sql_db(target):

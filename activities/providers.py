@@ -11,8 +11,17 @@ from datetime import datetime
 from typing import Protocol
 
 from activities.postgres.server import PostgresServer
-from opsflow.models import (DbStatus, PromoteResult, RebuildResult, RegionTarget, RestoreRequest, RestoreWindow,
-                            ScratchTarget, TrafficRequest, TrafficStatus)
+from opsflow.models import (
+    DbStatus,
+    PromoteResult,
+    RebuildResult,
+    RegionTarget,
+    RestoreRequest,
+    RestoreWindow,
+    ScratchTarget,
+    TrafficRequest,
+    TrafficStatus,
+)
 
 
 class DatabaseProvider(Protocol):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from opsflow.contracts.notify import REPORT_STORE
 from opsflow.inventory import AwsConnection
 from opsflow.models import StoreReportRequest

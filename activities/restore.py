@@ -10,7 +10,12 @@ from activities.context import Backoff, check_cancelled, heartbeating, sleep_or_
 from activities.postgres.integrity import missing_objects, require_tables, row_counts, row_counts_at, run_checks
 from activities.providers import restore_provider
 from opsflow.contracts.restore import (
-    RESTORE_DELETE, RESTORE_LEFTOVERS, RESTORE_START, RESTORE_VALIDATE_CHECKS, RESTORE_VERIFY, RESTORE_WAIT,
+    RESTORE_DELETE,
+    RESTORE_LEFTOVERS,
+    RESTORE_START,
+    RESTORE_VALIDATE_CHECKS,
+    RESTORE_VERIFY,
+    RESTORE_WAIT,
     RESTORE_WINDOW,
 )
 from opsflow.inventory import PostgresDatabase

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from activities.providers import traffic_provider
 from opsflow.contracts.traffic import TRAFFIC_STATUS, TRAFFIC_SWITCH
 from opsflow.models import TrafficRequest, TrafficStatus

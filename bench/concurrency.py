@@ -100,7 +100,6 @@ def replica_caught_up(state: dict) -> None:
     replica looks a whole segment (16 MB) behind, above the lab's lag limit for a planned failover. Commit
     something and wait until the replica has replayed it, so the preflights see the replica as it is."""
     import psycopg
-
     from failover import wait_replayed
 
     with psycopg.connect(state["regions"]["eastus"]["dsn"], autocommit=True) as conn:
@@ -153,8 +152,8 @@ async def wait_pollers(
 async def run_procedures(state: dict, inv_dir: Path, procedures: int) -> dict:
     from temporalio.client import WorkflowFailureError
 
-    from opsflow.inventory import load_inventory
     from opsflow.client import connect
+    from opsflow.inventory import load_inventory
     from workflows.drill import DrillInput
     from workflows.failover import FailoverInput
 

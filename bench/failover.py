@@ -348,6 +348,7 @@ async def wait_served(state: dict, timeout: float = 60) -> None:
     emergency started at once waited ~0.7 s for its first decision, which a worker running before the emergency
     (the real case) does not cost."""
     from concurrency import wait_pollers
+
     from opsflow.client import connect
     from opsflow.inventory import load_inventory
 

@@ -140,11 +140,11 @@ def steps_from_history(history) -> dict:
 
 
 async def noop_bench(state: dict, runs: int, steps: int, variants: list[str]) -> dict:
+    from bench_workflows import RawInput, RawWorkflow, StepsInput, StepsWorkflow, noop
     from temporalio.worker import Worker
 
-    from bench_workflows import RawInput, RawWorkflow, StepsInput, StepsWorkflow, noop
-    from opsflow.inventory import load_inventory
     from opsflow.client import connect
+    from opsflow.inventory import load_inventory
 
     inv = load_inventory(state["inventory"])
     client = await connect(state["temporal"]["address"], namespace="default")
@@ -201,6 +201,7 @@ def inventory_conversion(state: dict) -> dict:
     """What converting the whole inventory costs (it travels in every procedure's input, decoded at each start
     and at each replay after the workflow left the cache)."""
     from bench_workflows import StepsInput
+
     from opsflow.inventory import load_inventory
     from opsflow.temporal import DATA_CONVERTER
 

@@ -977,8 +977,13 @@ class AwsEmulator(Emulator):
         without a WAL archive; latest None when nothing after the base backup is archived yet."""
         if not inst.cluster:
             return None, None
-        from lab.postgres import Cluster, archive_dir_of, cluster_root, earliest_restorable_time, \
-            last_archived_commit_time
+        from lab.postgres import (
+            Cluster,
+            archive_dir_of,
+            cluster_root,
+            earliest_restorable_time,
+            last_archived_commit_time,
+        )
 
         cluster = Cluster.from_dict(inst.cluster)
         archive = archive_dir_of(cluster)

@@ -23,8 +23,17 @@ from lab import rollout
 from lab.arm_emulator import created_clusters
 from lab.aws_lab import aws_lab_inventory, drop_restored_clusters, start_aws_emulator
 from lab.aws_lab import worker_env as aws_worker_env
-from lab.inventory import (DEPLOYMENTS, LAB_WEBHOOK_ENV, PRIMARY, REGIONS, STANDBY_REPLICAS, STATUSPAGE_KEY_ENV,
-                           VIRTUAL_ENDPOINT, arm_emulator_config, lab_inventory)
+from lab.inventory import (
+    DEPLOYMENTS,
+    LAB_WEBHOOK_ENV,
+    PRIMARY,
+    REGIONS,
+    STANDBY_REPLICAS,
+    STATUSPAGE_KEY_ENV,
+    VIRTUAL_ENDPOINT,
+    arm_emulator_config,
+    lab_inventory,
+)
 from lab.k8s_emulator import write_kubeconfig
 from lab.postgres import Cluster, create_replica, drop_cluster, init_primary
 from lab.processes import Lab, pick_port, stop_pids, wait_file

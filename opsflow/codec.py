@@ -145,8 +145,9 @@ def configured_keys(environ: dict[str, str] | None = None) -> list[CodecKey] | N
         except (yaml.YAMLError, ValidationError) as e:
             raise CodecConfigError(f"{KEY_ENV} must be a secret reference such as '{{env: VAR}}' or "
                                    f"'{{aws_secrets_manager: {{secret_id: ID}}}}': {str(e).splitlines()[0]}") from None
-        from activities.secrets import resolve
         from temporalio.exceptions import ApplicationError
+
+        from activities.secrets import resolve
 
         try:
             return parse_keys(resolve(ref), f"{KEY_ENV} ({ref.describe()})")

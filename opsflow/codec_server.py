@@ -131,8 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from opsflow.codec import CodecConfigError, codec_from_env
     from opsflow.client import lab_state
+    from opsflow.codec import CodecConfigError, codec_from_env
 
     if not is_loopback(args.host) and not args.require_auth:
         print(f"error: --host {args.host or '(every interface)'} is not a loopback address: the codec server decrypts "

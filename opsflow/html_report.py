@@ -18,8 +18,15 @@ from datetime import datetime
 from html import escape
 from typing import Literal
 
-from opsflow.models import (ControlEvent, Decision, DrillReport, FailbackReport, FailoverReport, ProcedureReport,
-                            StepRecord)
+from opsflow.models import (
+    ControlEvent,
+    Decision,
+    DrillReport,
+    FailbackReport,
+    FailoverReport,
+    ProcedureReport,
+    StepRecord,
+)
 from opsflow.report import figures
 from opsflow.report_signatures import ReportCheck
 from opsflow.rollout_report import RolloutReport

@@ -37,7 +37,6 @@ from opsflow.sections import (
     KubernetesConfig,
     Limits,
     NotificationChannel,
-    parse_duration,
     People,
     Person,
     PostgresDatabase,
@@ -52,6 +51,7 @@ from opsflow.sections import (
     Strict,
     TimeWindow,
     Traffic,
+    parse_duration,
 )
 
 # What `from opsflow.inventory import X` has always given: the sections' models, and the whole.

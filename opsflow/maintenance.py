@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from opsflow.calendar import Calendar, Freeze, FreezeCalendar, WeeklyWindow, Window
-from opsflow.sections import SecretRef, Seconds, Strict, parse_duration
+from opsflow.sections import Seconds, SecretRef, Strict, parse_duration
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB)?\s*$")

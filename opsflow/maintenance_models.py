@@ -10,7 +10,6 @@ from pydantic import BaseModel
 from opsflow.maintenance import BackupPolicy, Guards, MaintenanceTask, StatusPage, TaskKind, WatchPolicy
 from opsflow.models import ControlEvent, ProcedureReport, RegionTarget, SmokeResult
 
-
 # -- activity requests and results ----------------------------------------------------------------------------
 
 

@@ -29,12 +29,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
-from temporalio import workflow
-
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from temporalio import workflow
 
 NAMESPACE = "opsflow"
 # How far a signature's time may be from the workflow's clock (either way: clocks drift).

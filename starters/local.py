@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 
 from opsflow.client import ClientError
-from worker.main import add_arguments as worker_arguments, run_from_args as run_worker
+from worker.main import add_arguments as worker_arguments
+from worker.main import run_from_args as run_worker
 
 try:  # an optional part: a source checkout has lab/, the production image (Dockerfile) does not
     from lab import cli as lab_cli

@@ -10,8 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 from opsflow.client import connect, inventory_path, start_procedure
 from opsflow.inventory import Inventory, load_inventory
-from starters.common import (CliError, add_json, add_key_argument, approver_for, requester, run_started,
-                             start_signer)
+from starters.common import CliError, add_json, add_key_argument, approver_for, requester, run_started, start_signer
 from workflows.drill import DrillInput
 from workflows.failback import FailbackInput
 from workflows.failover import FailoverInput

@@ -9,8 +9,17 @@ import argparse
 
 from opsflow.client import connect, get_handle, inventory_path, start_procedure
 from opsflow.inventory import load_inventory, parse_duration
-from starters.common import (CliError, SigningFailed, add_key_argument, request_signature, requester, run_started,
-                             send_request, show_request_result, start_signer)
+from starters.common import (
+    CliError,
+    SigningFailed,
+    add_key_argument,
+    request_signature,
+    requester,
+    run_started,
+    send_request,
+    show_request_result,
+    start_signer,
+)
 from workflows.canary import Rollout, RolloutInput
 from workflows.procedure import Request
 

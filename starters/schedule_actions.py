@@ -16,8 +16,15 @@ from datetime import timedelta
 from typing import Any, Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from temporalio.client import (Schedule, ScheduleActionStartWorkflow, ScheduleIntervalSpec, ScheduleOverlapPolicy,
-                               SchedulePolicy, ScheduleSpec, ScheduleState)
+from temporalio.client import (
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleState,
+)
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from opsflow import cron
@@ -28,8 +35,8 @@ from opsflow.signing import SigningError
 from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE
 from starters.common import CliError, SigningFailed, signer_for
 from workflows.drill import DrillInput
-from workflows.readiness import ReadinessInput
 from workflows.maintenance import MaintenanceInput
+from workflows.readiness import ReadinessInput
 from workflows.scheduled import LaunchInput
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,50}$")

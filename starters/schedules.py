@@ -44,8 +44,16 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from temporalio.api.workflowservice.v1 import ListScheduleMatchingTimesRequest
-from temporalio.client import (Client, Schedule, ScheduleActionStartWorkflow, ScheduleAlreadyRunningError,
-                               ScheduleBackfill, ScheduleDescription, ScheduleHandle, ScheduleOverlapPolicy)
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleBackfill,
+    ScheduleDescription,
+    ScheduleHandle,
+    ScheduleOverlapPolicy,
+)
 from temporalio.service import RPCError, RPCStatusCode
 
 from opsflow.client import connect, inventory_path
@@ -53,8 +61,16 @@ from opsflow.cron import format_calendar
 from opsflow.inventory import Inventory
 from opsflow.temporal import OPS_PROCEDURE
 from starters.common import CliError, add_key_argument, emit
-from starters.schedule_actions import (PROCEDURES, attributes, build_schedule, check_name, procedure_of,
-                                       schedule_id, schedule_inventory, user)
+from starters.schedule_actions import (
+    PROCEDURES,
+    attributes,
+    build_schedule,
+    check_name,
+    procedure_of,
+    schedule_id,
+    schedule_inventory,
+    user,
+)
 from starters.schedule_show import description, inventory_current, iso, local_time, outcomes
 
 OVERLAP = {"skip": ScheduleOverlapPolicy.SKIP, "buffer-one": ScheduleOverlapPolicy.BUFFER_ONE,

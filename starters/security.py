@@ -13,7 +13,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from opsflow.codec import new_key_line
-from opsflow.codec_server import add_arguments as codec_server_arguments, run_from_args as run_codec_server
+from opsflow.codec_server import add_arguments as codec_server_arguments
+from opsflow.codec_server import run_from_args as run_codec_server
 from opsflow.inventory import load_inventory
 from opsflow.report_signatures import check_report
 from opsflow.signing import Keyring

@@ -11,8 +11,15 @@ from pathlib import Path
 
 from temporalio.client import Client, WorkflowHandle
 
-from opsflow.client import (ProcedureStatus, connect, describe_status, fetch_report, get_handle, list_procedures,
-                            recorded_rules)
+from opsflow.client import (
+    ProcedureStatus,
+    connect,
+    describe_status,
+    fetch_report,
+    get_handle,
+    list_procedures,
+    recorded_rules,
+)
 from opsflow.html_report import to_html
 from opsflow.inventory import load_inventory
 from opsflow.models import ProcedureReport

@@ -1,7 +1,18 @@
 """What a worker runs: every procedure workflow and every activity, by task queue role."""
 
-from activities import database, http_checks, kubernetes, notify, reports, restore, temporal_queues, traffic
-from activities import maintenance, rules, statuspage
+from activities import (
+    database,
+    http_checks,
+    kubernetes,
+    maintenance,
+    notify,
+    reports,
+    restore,
+    rules,
+    statuspage,
+    temporal_queues,
+    traffic,
+)
 from opsflow.procedures import workflow_classes
 
 WORKFLOWS = workflow_classes()  # the one list of procedures (opsflow/procedures.py)
@@ -45,6 +56,7 @@ GLOBAL_ACTIVITIES = [
 
 # Rollouts (canary, blue-green): Kubernetes and the region's Prometheus on the app's region queue.
 from activities import analysis, prometheus  # noqa: E402
+
 REGION_ACTIVITIES += [kubernetes.scale_canary, http_checks.checks]
 REGION_ACTIVITIES += [
     kubernetes.rollout_status,

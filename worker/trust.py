@@ -24,13 +24,19 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
 from activities.rules import RULEBOOK
+from opsflow import signing
 from opsflow.contracts.db import DB_FENCE, DB_FENCE_CONTROL_PLANE, DB_PROMOTE, DB_REBUILD_REPLICA, DB_UNFENCE
 from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE
 from opsflow.contracts.maintenance import BACKUP_TAKE, MAINT_RUN_ITEM
 from opsflow.contracts.notify import STATUSPAGE_UPDATE
 from opsflow.contracts.restore import RESTORE_DELETE, RESTORE_LEFTOVERS, RESTORE_START
 from opsflow.contracts.rollout import (
-    K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE, K8S_SET_WEIGHT,
+    K8S_CREATE_CANARY,
+    K8S_CREATE_COLOUR,
+    K8S_DELETE_CANARY,
+    K8S_SCALE_DEPLOYMENT,
+    K8S_SET_IMAGE,
+    K8S_SET_WEIGHT,
     K8S_SWITCH_SERVICE,
 )
 from opsflow.contracts.traffic import TRAFFIC_SWITCH
@@ -38,7 +44,6 @@ from opsflow.inventory import ApprovalPolicy, Inventory
 from opsflow.models import Decision, RegionTarget
 from opsflow.procedures import SCHEDULABLE
 from opsflow.rules import START_UNSIGNED, input_digest
-from opsflow import signing
 from workflows.procedure import GateState, Request
 
 log = logging.getLogger("opsflow.trust")

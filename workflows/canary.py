@@ -24,7 +24,7 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows.procedure import A, R, Procedure, Request, StepDecl, Stop, Undo, failure_message
+from workflows.procedure import A, Procedure, R, Request, StepDecl, Stop, Undo, failure_message
 
 with workflow.unsafe.imports_passed_through():
     from opsflow.contracts.base import Activity
@@ -42,7 +42,6 @@ with workflow.unsafe.imports_passed_through():
         K8S_SWITCH_SERVICE,
         PROMETHEUS_SAMPLES,
     )
-    from opsflow.rules import ProcedureInput
     from opsflow.models import ControlEvent
     from opsflow.rollout import (
         ChecksRequest,
@@ -62,6 +61,7 @@ with workflow.unsafe.imports_passed_through():
         threshold_breaches,
     )
     from opsflow.rollout_report import RolloutReport
+    from opsflow.rules import ProcedureInput
 
 
 class RolloutInput(ProcedureInput):

@@ -15,6 +15,7 @@ from temporalio import workflow
 from workflows.procedure import Procedure, StepDecl, Stop, Undo
 
 with workflow.unsafe.imports_passed_through():
+    from activities.providers import default_restore_method
     from opsflow.contracts.db import DB_STATUS
     from opsflow.contracts.restore import (
         RESTORE_DELETE,
@@ -25,8 +26,6 @@ with workflow.unsafe.imports_passed_through():
         RESTORE_WAIT,
         RESTORE_WINDOW,
     )
-    from activities.providers import default_restore_method
-    from opsflow.rules import ProcedureInput
     from opsflow.models import (
         CheckResult,
         DbStatus,
@@ -38,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         ScratchTarget,
         VerifyRequest,
     )
+    from opsflow.rules import ProcedureInput
 
 
 class DrillInput(ProcedureInput):

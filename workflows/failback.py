@@ -14,7 +14,6 @@ switchover too, and the region it leaves follows the new primary by itself (no "
 
 from __future__ import annotations
 
-
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
@@ -24,7 +23,6 @@ from workflows.procedure import Procedure, StepDecl, Stop, child_task_timeout, f
 with workflow.unsafe.imports_passed_through():
     from opsflow.contracts.db import DB_REBUILD_REPLICA, DB_STATUS, DB_WAIT_CAUGHT_UP
     from opsflow.contracts.k8s import K8S_STATUS
-    from opsflow.rules import ProcedureInput
     from opsflow.models import (
         CatchUpRequest,
         ControlEvent,
@@ -36,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         RebuildResult,
         RegionTarget,
     )
+    from opsflow.rules import ProcedureInput
 
 
 class FailbackInput(ProcedureInput):

@@ -22,6 +22,7 @@ from temporalio import workflow
 from workflows.procedure import Procedure, StepDecl, Stop, Undo
 
 with workflow.unsafe.imports_passed_through():
+    from opsflow import signing
     from opsflow.contracts.db import (
         DB_CHECK_WRITABLE,
         DB_FENCE,
@@ -33,8 +34,6 @@ with workflow.unsafe.imports_passed_through():
     )
     from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
     from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_STATUS, TRAFFIC_SWITCH
-    from opsflow.rules import ProcedureInput
-    from opsflow import signing
     from opsflow.models import (
         CatchUpRequest,
         CatchUpResult,
@@ -52,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         TrafficStatus,
         lsn_to_int,
     )
+    from opsflow.rules import ProcedureInput
 
 
 class FailoverInput(ProcedureInput):

@@ -26,6 +26,7 @@ from temporalio.exceptions import ApplicationError, ChildWorkflowError
 from workflows.procedure import Procedure, Request, StepDecl, Stop, Undo, child_task_timeout, failure_message
 
 with workflow.unsafe.imports_passed_through():
+    from opsflow.calendar import Calendar
     from opsflow.contracts.db import DB_STATUS
     from opsflow.contracts.k8s import K8S_SET_MAINTENANCE
     from opsflow.contracts.maintenance import (
@@ -38,10 +39,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from opsflow.contracts.notify import STATUSPAGE_UPDATE
     from opsflow.contracts.traffic import HTTP_SMOKE
-    from opsflow.calendar import Calendar
     from opsflow.inventory import Inventory
-    from opsflow.procedures import fleet_workflow_id
-    from opsflow.rules import InventoryDigest, ProcedureInput, digest_of
     from opsflow.maintenance import MaintenancePolicy, calendar_notes
     from opsflow.maintenance_models import (
         BackupRequest,
@@ -63,6 +61,8 @@ with workflow.unsafe.imports_passed_through():
         WorkItem,
     )
     from opsflow.models import ControlEvent, DbStatus, MaintenanceRequest, RegionTarget
+    from opsflow.procedures import fleet_workflow_id
+    from opsflow.rules import InventoryDigest, ProcedureInput, digest_of
 
 
 class MaintenanceInput(ProcedureInput):

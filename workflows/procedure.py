@@ -26,11 +26,11 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.models import ControlEvent, ProcedureReport
 
 from workflows.kernel.common import A, R, Request, Stop, child_task_timeout, failure_message
-from workflows.kernel.steps import StepDecl, Steps, Undo
-from workflows.kernel.gates import GateState, Gates
 from workflows.kernel.controls import Controls
-from workflows.kernel.rules import Rules
+from workflows.kernel.gates import Gates, GateState
 from workflows.kernel.reports import Reports
+from workflows.kernel.rules import Rules
+from workflows.kernel.steps import StepDecl, Steps, Undo
 from workflows.kernel.ui import Display
 
 # What a procedure module needs of the kernel, in one import (the parts are in workflows/kernel/).

@@ -16,9 +16,9 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ApplicationError, ChildWorkflowError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
+    from opsflow import signing
     from opsflow.procedures import SCHEDULABLE
     from opsflow.temporal import OPS_ENVIRONMENT, OPS_PROCEDURE
-    from opsflow import signing
 
 
 class LaunchInput(BaseModel):

@@ -16,12 +16,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from psycopg import errors as pgerrors, sql
+from psycopg import errors as pgerrors
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from temporalio.exceptions import ApplicationError
 
 from activities.aws.session import aws_errors, client, utc
-from activities.context import heartbeat as _heartbeat, sleep_or_cancelled as _sleep
+from activities.context import heartbeat as _heartbeat
+from activities.context import sleep_or_cancelled as _sleep
 from activities.postgres.connection import connect, sql_errors, where
 from activities.secrets import resolve
 from opsflow.inventory import AwsConnection

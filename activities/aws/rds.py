@@ -13,7 +13,8 @@ from psycopg.conninfo import conninfo_to_dict
 from temporalio.exceptions import ApplicationError
 
 from activities.aws.session import Poll, aws_errors, client, error_code, heartbeat_details
-from activities.context import heartbeat as _heartbeat, time_limit as _time_limit
+from activities.context import heartbeat as _heartbeat
+from activities.context import time_limit as _time_limit
 from activities.postgres.connection import connect
 from activities.postgres.server import sql_check_writable, sql_fence, sql_status, sql_unfence
 from opsflow.inventory import AwsConnection

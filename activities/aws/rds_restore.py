@@ -12,7 +12,8 @@ from temporalio.exceptions import ApplicationError
 
 from activities.aws.rds import RdsInstance
 from activities.aws.session import Poll, aws_errors, error_code, utc
-from activities.context import heartbeat as _heartbeat, time_limit as _time_limit
+from activities.context import heartbeat as _heartbeat
+from activities.context import time_limit as _time_limit
 from opsflow.models import RestoreRequest, RestoreWindow, ScratchTarget
 
 log = logging.getLogger(__name__)

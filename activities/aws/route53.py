@@ -9,7 +9,8 @@ from typing import Any
 from temporalio.exceptions import ApplicationError
 
 from activities.aws.session import Poll, aws_errors, client, heartbeat_details
-from activities.context import heartbeat as _heartbeat, time_limit as _time_limit
+from activities.context import heartbeat as _heartbeat
+from activities.context import time_limit as _time_limit
 from opsflow.inventory import AwsConnection
 from opsflow.models import EndpointState, TrafficRequest, TrafficStatus
 

@@ -33,7 +33,6 @@ from temporalio.exceptions import ApplicationError
 from activities.context import sleep_or_cancelled as _sleep
 from opsflow.inventory import AwsConnection
 
-
 _THROTTLED = {
     "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled", "RequestThrottledException",
     "RequestLimitExceeded", "TooManyRequestsException", "SlowDown", "PriorRequestNotComplete", "BandwidthLimitExceeded",

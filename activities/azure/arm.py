@@ -29,7 +29,8 @@ from azure.core.exceptions import (
 )
 from temporalio.exceptions import ApplicationError
 
-from activities.context import check_cancelled, heartbeat as _heartbeat
+from activities.context import check_cancelled
+from activities.context import heartbeat as _heartbeat
 from opsflow.inventory import AzureConnection
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,9 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from temporalio.exceptions import ApplicationError
 
 from activities.azure.arm import arm_errors, error_code, field, postgres_client, same_id, utc, wait_poller
-from activities.context import heartbeat as _heartbeat, logger, shielded, sleep_or_cancelled as _sleep
+from activities.context import heartbeat as _heartbeat
+from activities.context import logger, shielded
+from activities.context import sleep_or_cancelled as _sleep
 from activities.context import time_limit as _time_budget
 from activities.postgres.connection import connect, where
 from activities.postgres.server import end_other_sessions, sql_check_writable, sql_status

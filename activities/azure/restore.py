@@ -14,9 +14,19 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from temporalio.exceptions import ApplicationError
 
 from activities.azure.arm import arm_errors, field, iso, parse_time, postgres_client, utc, wait_poller
-from activities.azure.flexible_server import (FAILED_STATES, SCRATCH_POINT_TAG, SCRATCH_RUN_TAG, SCRATCH_SOURCE_TAG,
-                                              SCRATCH_TAG, get_server, server_state, server_tags)
-from activities.context import heartbeat as _heartbeat, logger, sleep_or_cancelled as _sleep
+from activities.azure.flexible_server import (
+    FAILED_STATES,
+    SCRATCH_POINT_TAG,
+    SCRATCH_RUN_TAG,
+    SCRATCH_SOURCE_TAG,
+    SCRATCH_TAG,
+    get_server,
+    server_state,
+    server_tags,
+)
+from activities.context import heartbeat as _heartbeat
+from activities.context import logger
+from activities.context import sleep_or_cancelled as _sleep
 from activities.context import time_limit as _time_budget
 from activities.postgres.connection import connect, where
 from opsflow.inventory import AzureConnection, AzureFlexibleDatabase, PostgresDatabase

@@ -10,7 +10,9 @@ from typing import Any
 from temporalio.exceptions import ApplicationError
 
 from activities.azure.arm import arm_errors, field, traffic_manager_client
-from activities.context import heartbeat as _heartbeat, logger, sleep_or_cancelled as _sleep
+from activities.context import heartbeat as _heartbeat
+from activities.context import logger
+from activities.context import sleep_or_cancelled as _sleep
 from activities.context import time_limit as _time_budget
 from opsflow.inventory import AzureConnection, AzureTrafficManager
 from opsflow.models import EndpointState, TrafficRequest, TrafficStatus

@@ -22,7 +22,6 @@ from temporalio.exceptions import ApplicationError
 
 from activities.secrets import resolve
 
-
 APPLICATION_NAME = "opsflow"
 
 

@@ -15,13 +15,21 @@ from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
-from psycopg import errors as pgerrors, sql
+from psycopg import errors as pgerrors
+from psycopg import sql
 from temporalio.exceptions import ApplicationError
 
 from activities.context import heartbeat as _heartbeat
-from activities.postgres.connection import (bad_input, connect, error_line, is_name_error, redact, sql_errors,
-                                            timeout_ms, where)
-
+from activities.postgres.connection import (
+    bad_input,
+    connect,
+    error_line,
+    is_name_error,
+    redact,
+    sql_errors,
+    timeout_ms,
+    where,
+)
 
 CHECK_STATEMENT_TIMEOUT = 60.0
 COUNT_STATEMENT_TIMEOUT = 600.0

@@ -14,7 +14,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
-from psycopg import errors as pgerrors, sql
+from psycopg import errors as pgerrors
+from psycopg import sql
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
@@ -33,7 +34,6 @@ from activities.postgres.connection import (
 )
 from opsflow.maintenance import VACUUM_KINDS
 from opsflow.maintenance_models import ItemResult, TableStats
-
 
 MAINTENANCE_POLL = 1.0  # how often the watching session samples progress and heartbeats
 BLOAT_KINDS = ("vacuum", "vacuum-analyze", "vacuum-freeze", "reindex")  # measured before and after

@@ -13,7 +13,9 @@ from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict
 from temporalio.exceptions import ApplicationError
 
-from activities.context import heartbeat as _heartbeat, logger, sleep_or_cancelled as _sleep, time_limit
+from activities.context import heartbeat as _heartbeat
+from activities.context import logger, time_limit
+from activities.context import sleep_or_cancelled as _sleep
 from activities.postgres.connection import connect, dsn_of, redact, sql_errors, where
 from opsflow.models import DbStatus, PromoteResult, RebuildResult, RegionTarget, lsn_to_int
 

@@ -29,8 +29,15 @@ from typing import Any
 
 from lab.arm.common import PG_TYPE, REPLICA_ROLES, ArmError, first_line, iso, now_iso
 from lab.arm.operations import Answer, Operations
-from lab.postgres import Cluster, PostgresLabError, archive_dir_of, cluster_root, earliest_restorable_time, \
-    last_archived_commit_time, take_base_backup
+from lab.postgres import (
+    Cluster,
+    PostgresLabError,
+    archive_dir_of,
+    cluster_root,
+    earliest_restorable_time,
+    last_archived_commit_time,
+    take_base_backup,
+)
 
 log = logging.getLogger("opsflow.lab.arm_emulator")
 

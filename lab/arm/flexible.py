@@ -28,8 +28,23 @@ import psycopg
 from psycopg import sql
 
 from lab.arm.backups import Backups, backups_config
-from lab.arm.common import INVALID_BODY, PG_TYPE, REPLICA_ROLES, ROLES, TAG_ERROR, TAG_LATEST_RESTORE, TAG_PORT, \
-    TAG_REBUILD, ArmError, bad_request, first_line, iso, not_found_resource, now_iso, pg_connect
+from lab.arm.common import (
+    INVALID_BODY,
+    PG_TYPE,
+    REPLICA_ROLES,
+    ROLES,
+    TAG_ERROR,
+    TAG_LATEST_RESTORE,
+    TAG_PORT,
+    TAG_REBUILD,
+    ArmError,
+    bad_request,
+    first_line,
+    iso,
+    not_found_resource,
+    now_iso,
+    pg_connect,
+)
 from lab.arm.operations import Answer
 from lab.arm.state import lifecycle_fields
 from lab.postgres import Cluster

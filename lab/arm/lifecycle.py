@@ -18,8 +18,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from lab.arm.common import AZURE_PG_PORT, INVALID_BODY, PG_NS, PG_TYPE, REPLICA_ROLES, ArmError, bad_request, \
-    check_tags, not_found_resource, now_iso, user_tags
+from lab.arm.common import (
+    AZURE_PG_PORT,
+    INVALID_BODY,
+    PG_NS,
+    PG_TYPE,
+    REPLICA_ROLES,
+    ArmError,
+    bad_request,
+    check_tags,
+    not_found_resource,
+    now_iso,
+    user_tags,
+)
 from lab.arm.flexible import FlexibleServers
 from lab.arm.operations import Answer
 from lab.arm.state import lifecycle_fields

@@ -19,13 +19,29 @@ import logging
 import time
 from typing import Any
 
-from lab.arm.common import INVALID_BODY, REPLICA_ROLES, ArmError, bad_request, check_tags, first_line, lsn_int, \
-    pg_connect, user_tags
+from lab.arm.common import (
+    INVALID_BODY,
+    REPLICA_ROLES,
+    ArmError,
+    bad_request,
+    check_tags,
+    first_line,
+    lsn_int,
+    pg_connect,
+    user_tags,
+)
 from lab.arm.lifecycle import ServerLifecycle, cluster_dict, new_server
 from lab.arm.operations import Answer
 from lab.arm.virtual_endpoints import VirtualEndpoints
-from lab.postgres import Cluster, PostgresLabError, cluster_root, create_replica, follow_as_standby, rebuild_replica, \
-    shutdown_checkpoint_lsn
+from lab.postgres import (
+    Cluster,
+    PostgresLabError,
+    cluster_root,
+    create_replica,
+    follow_as_standby,
+    rebuild_replica,
+    shutdown_checkpoint_lsn,
+)
 
 log = logging.getLogger("opsflow.lab.arm_emulator")
 

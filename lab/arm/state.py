@@ -12,8 +12,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab.arm.common import DEFAULT_SETTINGS, DEFAULT_SUBSCRIPTION, PG_TYPE, TM_TYPE, ArmError, bad_request, \
-    first_line, now_iso, pg_connect
+from lab.arm.common import (
+    DEFAULT_SETTINGS,
+    DEFAULT_SUBSCRIPTION,
+    PG_TYPE,
+    TM_TYPE,
+    ArmError,
+    bad_request,
+    first_line,
+    now_iso,
+    pg_connect,
+)
 
 log = logging.getLogger("opsflow.lab.arm_emulator")
 

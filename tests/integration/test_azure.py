@@ -22,8 +22,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import errors as pgerrors
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from psycopg import errors as pgerrors
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 

@@ -31,8 +31,8 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import ActivityEnvironment
 
 from activities.kubernetes import TRANSIENT_RETRIES, kube_status, scale_up, scale_up_and_wait, set_maintenance
-from lab.ports import free_port
 from lab.k8s_emulator import BROKEN_ANNOTATION, NODE_NOT_READY_ANNOTATION, start_emulator, write_kubeconfig
+from lab.ports import free_port
 from opsflow.contracts.k8s import K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
 from opsflow.inventory import KubernetesConfig
 from opsflow.models import MaintenanceRequest, RegionTarget, ScaleRequest

@@ -20,9 +20,9 @@ from temporalio.testing import ActivityEnvironment
 from activities import maintenance as maint
 from activities import statuspage
 from activities.postgres.maintenance import table_stats
-from lab.seed import BLOAT_TABLE, seed_bloat
 from lab.postgres import create_replica, init_primary
 from lab.receiver import read_statuspage, serve
+from lab.seed import BLOAT_TABLE, seed_bloat
 from opsflow.inventory import InventoryError, PostgresDatabase, SecretRef, load_inventory
 from opsflow.maintenance import BackupPolicy, Guards, MaintenanceTask, StatusPage
 from opsflow.maintenance_models import (

@@ -7,8 +7,8 @@ import psycopg
 import pytest
 import yaml
 
-from lab.seed import BLOAT_TABLE
 from lab.receiver import read_statuspage
+from lab.seed import BLOAT_TABLE
 from tests.integration.conftest import wait_for
 from tests.integration.test_failover_lab import wait_end
 

@@ -3,12 +3,12 @@ rollout stage (app processes, NGINX following the HTTPRoute, Prometheus scraping
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import json
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -21,18 +21,28 @@ from kubernetes.config import new_client_from_config
 
 from activities.analysis import judge_step
 from activities.http_checks import checks
-from activities.kubernetes import (create_canary, create_colour, delete_canary, rollout_status, scale_canary,
-                                  scale_deployment, set_image, set_weight, switch_service)
+from activities.kubernetes import (
+    create_canary,
+    create_colour,
+    delete_canary,
+    rollout_status,
+    scale_canary,
+    scale_deployment,
+    set_image,
+    set_weight,
+    switch_service,
+)
 from activities.prometheus import samples
 from lab.k8s_emulator import start_emulator, write_kubeconfig
 from lab.ports import free_port
 from lab.processes import wait_port
 from lab.rollout import IMAGES, STABLE_IMAGE, inventory_section, seed_additions
 from opsflow.inventory import KubernetesConfig
-from opsflow.rollout import ChecksRequest, HttpCheck
 from opsflow.rollout import (
     AnalysisSpec,
+    ChecksRequest,
     DeploymentRequest,
+    HttpCheck,
     ImageRequest,
     JudgeRequest,
     RolloutApp,

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from opsflow.inventory import InventoryError, load_inventory
 from starters.cli import main as cli

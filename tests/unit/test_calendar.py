@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from opsflow.calendar import Calendar, Freeze, FreezeCalendar, FreezeHit, NeverOpens, WeeklyWindow, wall_to_instant
@@ -72,8 +73,8 @@ def test_fall_back_new_york():
 
 
 def test_wall_to_instant_gap_and_fold():
-    from zoneinfo import ZoneInfo
     from datetime import date, time
+    from zoneinfo import ZoneInfo
 
     berlin = ZoneInfo("Europe/Berlin")
     assert wall_to_instant(date(2026, 3, 29), time(2, 30), berlin) == utc(2026, 3, 29, 1, 0)  # the jump

@@ -15,18 +15,25 @@ from aiohttp.test_utils import TestClient, TestServer
 from google.protobuf import json_format
 from temporalio import activity, workflow
 from temporalio.api.common.v1 import Payload, Payloads, SearchAttributes
+from temporalio.api.failure.v1 import Failure
 from temporalio.client import WorkflowFailureError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.api.failure.v1 import Failure
 from temporalio.converter import DataConverter, DefaultFailureConverter
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from opsflow.codec import (CodecConfigError, CodecKey, EncryptionCodec, UnencryptedPayloadError, configured_keys,
-                           new_key_line, parse_keys)
-from opsflow.codec_server import build_app
 from lab.ports import free_port
+from opsflow.codec import (
+    CodecConfigError,
+    CodecKey,
+    EncryptionCodec,
+    UnencryptedPayloadError,
+    configured_keys,
+    new_key_line,
+    parse_keys,
+)
+from opsflow.codec_server import build_app
 from opsflow.temporal import DATA_CONVERTER, OPS_PROCEDURE, register_search_attributes
 from tests.conftest import venv_binary
 

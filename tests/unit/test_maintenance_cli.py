@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import yaml
 
-from starters.cli import build_parser, main
 from opsflow.procedures import fleet_workflow_id as fleet_id
+from starters.cli import build_parser, main
 from tests.workflow.conftest import inventory_dict
 
 WINDOW = {"days": ["sun"], "start": "02:00", "end": "04:00"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from activities.rules import Rulebook, rules_for, RULEBOOK
+from activities.rules import RULEBOOK, Rulebook, rules_for
 from opsflow.inventory import Inventory, load_inventory
 from opsflow.rules import differences, digest_of, input_digest
 from tests.workflow.conftest import inventory_dict

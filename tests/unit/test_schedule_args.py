@@ -9,11 +9,12 @@ import argparse
 
 import pytest
 import yaml
-from temporalio.client import ScheduleCalendarSpec, ScheduleRange as R
+from temporalio.client import ScheduleCalendarSpec
+from temporalio.client import ScheduleRange as R
 
+from opsflow.cron import CalendarError, check_calendar, check_cron, check_field, format_calendar
 from opsflow.rules import digest_of
 from starters.common import CliError
-from opsflow.cron import CalendarError, check_calendar, check_cron, check_field, format_calendar
 from starters.schedule_actions import build_schedule
 from starters.schedules import register
 from tests.workflow.conftest import inventory_dict

@@ -10,13 +10,13 @@ import pytest_asyncio
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from lab.ports import free_port
 from activities.rules import RULEBOOK
+from lab.ports import free_port
 from opsflow.inventory import Inventory
+from opsflow.procedures import workflow_classes
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import dev_server, venv_binary
 from tests.workflow.world import World
-from opsflow.procedures import workflow_classes
 
 WORKFLOWS = workflow_classes()  # what the worker registers (opsflow/procedures.py)
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.rules import RULEBOOK
 from opsflow.client import send_update
+from opsflow.inventory import Inventory
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
-from activities.rules import RULEBOOK
-from opsflow.inventory import Inventory
 from tests.workflow.test_canary_workflow import CHECKS, NEW, Cluster, make_inventory
 from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, RolloutInput
 from workflows.procedure import Procedure, Request

@@ -10,7 +10,14 @@ import threading
 from opsflow.client import send_update
 from opsflow.contracts.rollout import K8S_CREATE_CANARY, K8S_DELETE_CANARY, K8S_SET_WEIGHT
 from tests.workflow.test_canary_workflow import (  # noqa: F401
-    OLD, approve_quorum, cluster, failed, make_inventory, start, until, worker,
+    OLD,
+    approve_quorum,
+    cluster,
+    failed,
+    make_inventory,
+    start,
+    until,
+    worker,
 )
 from workflows.procedure import Procedure, Request
 

@@ -26,21 +26,39 @@ from temporalio.exceptions import CancelledError
 from temporalio.worker import Worker
 
 from activities.analysis import judge_step
+from activities.reports import store_report
+from activities.rules import worker_inventory
 from opsflow.client import send_update
 from opsflow.contracts.notify import NOTIFY_SEND
 from opsflow.contracts.rollout import (
-    K8S_CREATE_CANARY, K8S_CREATE_COLOUR, K8S_DELETE_CANARY, K8S_ROLLOUT_STATUS, K8S_SCALE_DEPLOYMENT, K8S_SET_IMAGE,
-    HTTP_CHECKS, K8S_SCALE_CANARY, K8S_SET_WEIGHT, K8S_SWITCH_SERVICE, PROMETHEUS_SAMPLES,
+    HTTP_CHECKS,
+    K8S_CREATE_CANARY,
+    K8S_CREATE_COLOUR,
+    K8S_DELETE_CANARY,
+    K8S_ROLLOUT_STATUS,
+    K8S_SCALE_CANARY,
+    K8S_SCALE_DEPLOYMENT,
+    K8S_SET_IMAGE,
+    K8S_SET_WEIGHT,
+    K8S_SWITCH_SERVICE,
+    PROMETHEUS_SAMPLES,
 )
 from opsflow.inventory import Inventory
 from opsflow.models import NotifyRequest
-from opsflow.rollout import (CheckResult, ChecksRequest, DeploymentRequest, ImageRequest, MetricSamples,
-                             RolloutState, RolloutTarget, Samples, SamplesRequest, WeightRequest)
+from opsflow.rollout import (
+    CheckResult,
+    ChecksRequest,
+    DeploymentRequest,
+    ImageRequest,
+    MetricSamples,
+    RolloutState,
+    RolloutTarget,
+    Samples,
+    SamplesRequest,
+    WeightRequest,
+)
 from opsflow.rollout_report import RolloutReport
-from activities.reports import store_report
-from activities.rules import worker_inventory
-from tests.workflow.conftest import worker_holds
-from tests.workflow.conftest import inventory_dict
+from tests.workflow.conftest import inventory_dict, worker_holds
 from worker.main import HEARTBEAT_THROTTLE
 from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, Rollout, RolloutInput
 from workflows.procedure import Procedure, Request

@@ -17,24 +17,35 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from activities.reports import store_report
+from activities.rules import worker_inventory
+from opsflow.client import ClientError, fetch_report
 from opsflow.contracts.db import DB_STATUS
 from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
 from opsflow.contracts.notify import NOTIFY_SEND
 from opsflow.contracts.restore import (
-    RESTORE_DELETE, RESTORE_LEFTOVERS, RESTORE_START, RESTORE_VALIDATE_CHECKS, RESTORE_VERIFY, RESTORE_WAIT,
+    RESTORE_DELETE,
+    RESTORE_LEFTOVERS,
+    RESTORE_START,
+    RESTORE_VALIDATE_CHECKS,
+    RESTORE_VERIFY,
+    RESTORE_WAIT,
     RESTORE_WINDOW,
 )
 from opsflow.inventory import Inventory
-from opsflow.sections import DrillObjectives
 from opsflow.models import (
-    CheckResult, DbStatus, DrillReport, RegionTarget, NotifyRequest, RestoreRequest, RestoreWindow, ScratchTarget,
+    CheckResult,
+    DbStatus,
+    DrillReport,
+    NotifyRequest,
+    RegionTarget,
+    RestoreRequest,
+    RestoreWindow,
+    ScratchTarget,
     VerifyRequest,
 )
-from activities.rules import worker_inventory
-from opsflow.client import ClientError, fetch_report
+from opsflow.sections import DrillObjectives
 from tests.helpers import eventually_async
-from tests.workflow.conftest import worker_holds
-from tests.workflow.conftest import WORKFLOWS, inventory_dict
+from tests.workflow.conftest import WORKFLOWS, inventory_dict, worker_holds
 from workflows.drill import DrillInput
 
 NOW = datetime.now(timezone.utc)

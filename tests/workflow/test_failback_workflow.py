@@ -9,11 +9,11 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
+from opsflow.client import send_update, start_procedure
 from opsflow.contracts.db import DB_REBUILD_REPLICA
 from opsflow.contracts.k8s import K8S_SCALE_UP
 from opsflow.inventory import TimeWindow
 from opsflow.models import FailbackReport
-from opsflow.client import send_update, start_procedure
 from tests.workflow.conftest import worker_holds
 from tests.workflow.test_failover_workflow import until_waiting
 from workflows.failback import FailbackInput

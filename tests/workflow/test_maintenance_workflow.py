@@ -19,12 +19,19 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.worker import Worker
 
+from activities.reports import store_report
+from activities.rules import worker_inventory
 from opsflow.client import send_update
 from opsflow.contracts.db import DB_STATUS
 from opsflow.contracts.k8s import K8S_SET_MAINTENANCE
 from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
 from opsflow.contracts.maintenance import (
-    BACKUP_TAKE, BACKUP_VERIFY, MAINT_HEALTH, MAINT_PLAN, MAINT_RUN_ITEM, WATCH_METRICS,
+    BACKUP_TAKE,
+    BACKUP_VERIFY,
+    MAINT_HEALTH,
+    MAINT_PLAN,
+    MAINT_RUN_ITEM,
+    WATCH_METRICS,
 )
 from opsflow.contracts.notify import NOTIFY_SEND, STATUSPAGE_UPDATE
 from opsflow.contracts.traffic import HTTP_SMOKE
@@ -50,10 +57,7 @@ from opsflow.maintenance_models import (
 )
 from opsflow.models import DbStatus, KubeStatus, MaintenanceRequest, NotifyRequest, RegionTarget, SmokeResult
 from opsflow.procedures import fleet_workflow_id
-from activities.reports import store_report
-from activities.rules import worker_inventory
-from tests.workflow.conftest import worker_holds
-from tests.workflow.conftest import inventory_dict
+from tests.workflow.conftest import inventory_dict, worker_holds
 from workflows.maintenance import FleetInput, MaintenanceFleetWorkflow, MaintenanceInput, MaintenanceWorkflow
 from workflows.procedure import Procedure, Request
 

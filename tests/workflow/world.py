@@ -15,7 +15,13 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from activities.reports import store_report
 from activities.rules import worker_inventory
 from opsflow.contracts.db import (
-    DB_CHECK_WRITABLE, DB_FENCE, DB_FENCE_CONTROL_PLANE, DB_PROMOTE, DB_REBUILD_REPLICA, DB_STATUS, DB_UNFENCE,
+    DB_CHECK_WRITABLE,
+    DB_FENCE,
+    DB_FENCE_CONTROL_PLANE,
+    DB_PROMOTE,
+    DB_REBUILD_REPLICA,
+    DB_STATUS,
+    DB_UNFENCE,
     DB_WAIT_CAUGHT_UP,
 )
 from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
@@ -28,10 +34,10 @@ from opsflow.models import (
     DbStatus,
     DeploymentState,
     EndpointState,
+    FenceResult,
     KubeStatus,
     MaintenanceRequest,
     NotifyRequest,
-    FenceResult,
     PromoteRequest,
     PromoteResult,
     RebuildRequest,

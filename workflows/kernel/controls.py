@@ -9,9 +9,9 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from opsflow import signing  # cryptography: a native extension, must not be re-imported in the sandbox
     from opsflow.inventory import ApprovalPolicy
     from opsflow.models import ControlEvent
-    from opsflow import signing  # cryptography: a native extension, must not be re-imported in the sandbox
 
 from workflows.kernel.common import Request
 

@@ -11,13 +11,13 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from opsflow import signing  # cryptography: a native extension, must not be re-imported in the sandbox
+    from opsflow.contracts.kernel import RULES_INVENTORY
     from opsflow.inventory import Inventory
     from opsflow.procedures import SCHEDULABLE
     from opsflow.rules import START_UNSIGNED, InventoryDigest, RulesRequest, WorkerRules, input_digest
-    from opsflow import signing  # cryptography: a native extension, must not be re-imported in the sandbox
-    from opsflow.contracts.kernel import RULES_INVENTORY
 
-from workflows.kernel.common import Stop, failure_message, RETRY_NEVER
+from workflows.kernel.common import RETRY_NEVER, Stop, failure_message
 
 
 class Rules:

@@ -12,11 +12,11 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
-    from opsflow.models import StepRecord
     from opsflow.contracts.base import Activity
     from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
+    from opsflow.models import StepRecord
 
-from workflows.kernel.common import A, R, Stop, failure_message, not_started, RETRY_NEVER
+from workflows.kernel.common import RETRY_NEVER, A, R, Stop, failure_message, not_started
 
 
 @dataclass

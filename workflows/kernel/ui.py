@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
+    from opsflow.contracts.notify import NOTIFY_SEND
     from opsflow.models import ControlEvent, Notification, NotifyRequest
     from opsflow.temporal import OPS_STATUS, OPS_STEP
-    from opsflow.contracts.notify import NOTIFY_SEND
 
-from workflows.kernel.common import failure_message, NOTIFY_HEARTBEAT
+from workflows.kernel.common import NOTIFY_HEARTBEAT, failure_message
 
 
 class Display:
