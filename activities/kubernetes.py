@@ -45,6 +45,7 @@ from opsflow.contracts.rollout import (
 )
 from opsflow.inventory import KubernetesConfig
 from opsflow.models import DeploymentState, FenceResult, KubeStatus, MaintenanceRequest, RegionTarget, ScaleRequest
+from opsflow.rollout import DeploymentRequest, ImageRequest, RolloutState, RolloutTarget, WeightRequest
 
 log = logging.getLogger(__name__)
 
@@ -504,7 +505,6 @@ def scale_to_zero(target: RegionTarget) -> FenceResult:
 # services by backendRef weight. Blue-green keeps two colours, `<stable>` and `<stable>-green`, and switches
 # the stable service's selector between them. Every activity looks before it acts.
 
-from opsflow.rollout import DeploymentRequest, ImageRequest, RolloutState, RolloutTarget, WeightRequest  # noqa: E402
 
 GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES = "gateway.networking.k8s.io", "v1", "httproutes"
 CANARY_OF = "opsflow.dev/canary-of"

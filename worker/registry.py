@@ -1,11 +1,13 @@
 """What a worker runs: every procedure workflow and every activity, by task queue role."""
 
 from activities import (
+    analysis,
     database,
     http_checks,
     kubernetes,
     maintenance,
     notify,
+    prometheus,
     reports,
     restore,
     rules,
@@ -55,8 +57,6 @@ GLOBAL_ACTIVITIES = [
 ]
 
 # Rollouts (canary, blue-green): Kubernetes and the region's Prometheus on the app's region queue.
-from activities import analysis, prometheus  # noqa: E402
-
 REGION_ACTIVITIES += [kubernetes.scale_canary, http_checks.checks]
 REGION_ACTIVITIES += [
     kubernetes.rollout_status,
