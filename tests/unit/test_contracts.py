@@ -103,3 +103,19 @@ def test_the_literal_finder_reports_a_name_and_not_a_mention(tmp_path):
     sample.write_text('"""Calls db.status."""\nstep("s", "S", \'db.status\', t)  # "k8s.status"\n'
                       'log("db.status failed")\n')
     assert name_literals(sample, tmp_path) == ["wf.py:2: 'db.status'"]
+
+
+def updates_by_name(path: Path) -> list[str]:
+    """Calls that send an Update by its name (`handle.execute_update("approve", ...)`) instead of by the method."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [f"{path.relative_to(ROOT)}:{node.lineno}" for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("execute_update", "start_update") and node.args
+            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)]
+
+
+def test_no_update_is_sent_by_its_name():
+    """`send_update(handle, Procedure.approve, req)`: a renamed Update fails at import, not at 3 a.m."""
+    found = [hit for package in ("opsflow", "activities", "workflows", "worker", "starters", "lab", "bench", "tests")
+             for path in sorted((ROOT / package).rglob("*.py")) for hit in updates_by_name(path)]
+    assert not found, "send the Update by its method (opsflow.client.send_update): " + ", ".join(found)
