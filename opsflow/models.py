@@ -435,6 +435,7 @@ class DrillReport(ProcedureReport):
     restore_point_age_seconds: float | None = None  # the RPO the backups really give
     restore_seconds: float | None = None
     latest_point_age_seconds: float | None = None  # the newest restorable point's age: what the RPO is judged on
+    restore_point_chosen: Literal["given", "newest", "random"] | None = None  # how the restore point was chosen
     objectives: list[ObjectiveResult] = []  # drill.objectives, judged
     checks: list[CheckResult] = []
     scratch_deleted: bool | None = None

@@ -353,6 +353,10 @@ class DrillPolicy(Strict):
     schema_objects: list[str] = []
     notify_channels: list[str] = []
     objectives: DrillObjectives | None = None  # e.g. {restore_time: 30m, restore_point_age: 15m}
+    # Which point a drill restores when none is given: the newest, or one at random within the restorable window
+    # (AWS Backup's RANDOM_WITHIN_WINDOW): a backup that only restores well when fresh is found out. Point in time
+    # methods only (a dump restores to when it was taken).
+    restore_point: Literal["newest", "random"] = "newest"
 
     _d = field_validator("retention", "restore_timeout", "heartbeat_timeout", mode="before")(parse_duration)
 
@@ -360,6 +364,9 @@ class DrillPolicy(Strict):
     def _s3(self) -> "DrillPolicy":
         if self.method == "s3-dump" and (self.dumps is None or self.scratch_server is None):
             raise ValueError("method s3-dump needs 'dumps' (bucket/prefix) and 'scratch_server' (dsn)")
+        if self.method == "s3-dump" and self.restore_point == "random":
+            raise ValueError("restore_point random needs a point-in-time method (azure-pitr, rds-pitr): a dump "
+                             "restores to when it was taken")
         return self
 
 

@@ -8,7 +8,7 @@ success, failure or cancellation) -> keep the report (local + S3) -> notify with
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 
@@ -115,7 +115,9 @@ class DrillWorkflow(Procedure[DrillReport]):
             queue=q,
             detail=lambda w: f"{w.earliest or '?'} .. {w.latest}" + (f"; {w.detail}" if w.detail else ""),
         )
-        point = inp.point_in_time or window.latest
+        if inp.point_in_time:
+            report.restore_point_chosen = "given"
+        point = inp.point_in_time or self.choose_point(window, policy.retention, method)
         if point > workflow.now():
             raise Stop("refused", f"the point in time {point.isoformat()} is in the future")
         if window.earliest and point < window.earliest:
@@ -204,6 +206,21 @@ class DrillWorkflow(Procedure[DrillReport]):
             raise Stop("failed", "objective(s) missed: " + "; ".join(
                 f"{o.name.replace('_', ' ')} {o.measured_seconds:.0f}s, objective {o.objective_seconds:.0f}s"
                 for o in missed))
+
+    def choose_point(self, window: RestoreWindow, retention: float, method: str) -> datetime:
+        """No point given: the newest, or one at random within the restorable window (seeded by the run, so a
+        replay chooses the same)."""
+        if self.inventory.drill.restore_point != "random":
+            self.report.restore_point_chosen = "newest"
+            return window.latest
+        if method == "s3-dump":
+            raise Stop("refused", "drill.restore_point random needs a point-in-time method (azure-pitr, rds-pitr): "
+                                  "the s3-dump method restores a dump to when it was taken")
+        earliest = max(window.earliest or window.latest - timedelta(seconds=retention),
+                       window.latest - timedelta(seconds=retention))
+        span = max(0.0, (window.latest - earliest).total_seconds())
+        self.report.restore_point_chosen = "random"
+        return earliest + timedelta(seconds=workflow.random().uniform(0, span))
 
     async def current_primary(self) -> str:
         """The region whose database is primary now (after a failover it is not the inventory's)."""

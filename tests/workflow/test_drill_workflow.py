@@ -400,3 +400,30 @@ async def test_objectives_are_judged_and_a_missed_one_fails_the_drill_naming_it(
     report = DrillReport.model_validate(await (await start(drilling, inv)).result())
     assert report.status == "succeeded" and all(o.met for o in report.objectives) and len(report.objectives) == 2
     assert report.objectives[1].measured_seconds == report.latest_point_age_seconds >= 300
+
+
+async def test_a_random_restore_point_falls_within_the_window_and_differs_between_runs(drilling, backups,
+                                                                                      drill_inventory):
+    """drill.restore_point random (AWS Backup's RANDOM_WITHIN_WINDOW): each run restores its own point of the window
+    the provider reports (here the last 7 days, the retention, up to 5 minutes ago); the default is the newest."""
+    inv = drill_inventory.model_copy(deep=True)  # the environment the module's worker serves
+    inv.drill = inv.drill.model_copy(update={"method": "rds-pitr", "restore_point": "random"})
+    points = []
+    for _ in range(3):
+        report = DrillReport.model_validate(await (await start(drilling, inv)).result())
+        assert report.status == "succeeded" and report.restore_point_chosen == "random"
+        assert NOW - timedelta(days=7, minutes=5) <= report.restore_point <= NOW - timedelta(minutes=5)
+        points.append(report.restore_point)
+    assert len(set(points)) == 3
+
+    inv.drill = inv.drill.model_copy(update={"restore_point": "newest"})
+    newest = DrillReport.model_validate(await (await start(drilling, inv)).result())
+    assert newest.restore_point_chosen == "newest" and newest.restore_point == NOW - timedelta(minutes=5)
+
+
+def test_a_random_restore_point_needs_a_point_in_time_method():
+    data = inventory_dict()
+    data["drill"] = {"method": "s3-dump", "dumps": {"bucket": "b"}, "scratch_server": {"dsn": "host=s dbname=postgres"},
+                     "restore_point": "random"}
+    with pytest.raises(ValueError, match="restore_point random needs a point-in-time method"):
+        Inventory.model_validate(data)
