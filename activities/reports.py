@@ -2,33 +2,60 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from datetime import datetime, timezone
 from pathlib import Path
 
+from activities.rules import RULEBOOK
 from opsflow.contracts.notify import REPORT_STORE
+from opsflow.html_report import to_html
 from opsflow.inventory import AwsConnection
-from opsflow.models import StoreReportRequest
+from opsflow.models import ProcedureReport, StoreReportRequest
+from opsflow.procedures import REPORT_TYPES
+from opsflow.report_signatures import check_report
+from opsflow.signing import Keyring
+
+log = logging.getLogger(__name__)
+
+
+def html_page(request: StoreReportRequest) -> str | None:
+    """The report as the one-page HTML `opsflow report --html` writes, its signatures checked against the worker's
+    own inventory; None (and a log line) when it cannot be rendered: the JSON and Markdown are kept regardless."""
+    try:
+        data = json.loads(request.json_text)
+        report = REPORT_TYPES.get(data.get("procedure", ""), ProcedureReport).model_validate(data)
+        inventory = RULEBOOK.get(request.environment)
+        check = check_report(data, Keyring.of(inventory)) if inventory is not None else None
+        keys_from = "the worker's inventory" if inventory is not None else "no inventory held by the worker"
+        return to_html(report, check, keys_from=keys_from, generated_at=datetime.now(timezone.utc))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("the HTML report of %s was not rendered: %s", request.workflow_id, e)
+        return None
 
 
 @REPORT_STORE.implementation
 def store_report(request: StoreReportRequest) -> list[str]:
-    """Write <reports_dir>/<environment>/<workflow id>.{json,md}, and the same keys under the S3 prefix. Idempotent."""
+    """Write <reports_dir>/<environment>/<workflow id>.{json,md,html}, and the same keys under the S3 prefix.
+    Idempotent."""
     stem = request.workflow_id.replace("/", "_")
     folder = Path(request.reports_dir) / request.environment
     folder.mkdir(parents=True, exist_ok=True)
     places = []
-    for ext, body in (("json", request.json_text), ("md", request.markdown)):
+    page = html_page(request)
+    kept = [("json", request.json_text, "application/json"), ("md", request.markdown, "text/markdown")]
+    if page is not None:
+        kept.append(("html", page, "text/html; charset=utf-8"))
+    for ext, body, _ in kept:
         path = folder / f"{stem}.{ext}"
-        path.write_text(body)
+        path.write_text(body, encoding="utf-8")
         places.append(str(path))
     if request.store.s3 is not None:
         from activities.aws.reports import store_report_s3  # boto3 loads on first use (~0.5 s of start-up)
 
         s3 = request.store.s3
         prefix = f"{s3.prefix.rstrip('/')}/" if s3.prefix else ""
-        for ext, body, ctype in (
-            ("json", request.json_text, "application/json"),
-            ("md", request.markdown, "text/markdown"),
-        ):
+        for ext, body, ctype in kept:
             places.append(
                 store_report_s3(
                     request.aws or AwsConnection(),

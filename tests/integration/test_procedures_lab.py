@@ -77,7 +77,7 @@ def readiness(lab) -> dict:
     assert report["status"] in ("succeeded", "failed") and not [s for s in report["steps"] if s["name"] == "promote"]
     # Every procedure's report is kept where the drill's is (the reports directory; S3 where configured).
     kept = lab.cli_json("report", report["workflow_id"])["stored_at"]
-    assert sorted(p.rsplit(".", 1)[1] for p in kept) == ["json", "md"]
+    assert sorted(p.rsplit(".", 1)[1] for p in kept) == ["html", "json", "md"]
     assert json.loads(open(next(p for p in kept if p.endswith(".json"))).read())["procedure"] == "readiness"
     return report
 

@@ -88,6 +88,10 @@ async def test_each_region_feeds_the_readiness_gauge(running, world, inventory):
 
 async def test_the_report_is_kept_like_every_procedures(running, world, inventory):
     report = await run(running, inventory)
-    assert sorted(p.rsplit(".", 1)[1] for p in report.stored_at) == ["json", "md"]
+    assert sorted(p.rsplit(".", 1)[1] for p in report.stored_at) == ["html", "json", "md"]
     kept = ReadinessReport.model_validate_json(open(next(p for p in report.stored_at if p.endswith(".json"))).read())
     assert kept.workflow_id == report.workflow_id and kept.checks == report.checks
+    # The page `opsflow report --html` writes, its signatures checked against the worker's inventory.
+    page = open(next(p for p in report.stored_at if p.endswith(".html")), encoding="utf-8").read()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "the worker&#x27;s inventory" in page
+    assert page.count('class="step ') == len(report.steps)
