@@ -432,8 +432,8 @@ async def test_the_canary_is_sized_for_each_weight_before_the_weight_moves(env, 
         await approve_quorum(handle)
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded"
-    moves = [c for c in cluster.calls if c in ("k8s.scale_canary", "k8s.set_weight")]
-    assert moves == ["k8s.scale_canary", "k8s.set_weight"] * 3  # capacity first, then traffic, at each weight
+    moves = [c for c in cluster.calls if c in (K8S_SCALE_CANARY.name, K8S_SET_WEIGHT.name)]
+    assert moves == [K8S_SCALE_CANARY.name, K8S_SET_WEIGHT.name] * 3  # capacity first, then traffic, at each weight
     names = [s.name for s in report.steps]
     assert [n for n in names if n.startswith(("scale-", "weight-"))] == [
         "scale-5", "weight-5", "scale-25", "weight-25", "scale-50", "weight-50"]

@@ -11,6 +11,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from opsflow.client import send_update, start_procedure
+from opsflow.contracts.k8s import K8S_SCALE_UP
 from opsflow.html_report import OUTCOME_COLOUR, gantt_svg, to_html
 from opsflow.models import FailoverReport
 from tests.workflow.conftest import worker_holds
@@ -22,7 +23,7 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 
 async def test_a_failure_past_the_promotion_shows_what_is_left_to_do(running, world, inventory):
-    world.fail["k8s.scale_up"] = "quota exceeded"
+    world.fail[K8S_SCALE_UP.name] = "quota exceeded"
     worker_holds(inventory)
     inp = FailoverInput(inventory=inventory, to_region="westeurope", requester="alice", reason="<b>drill</b> & co")
     handle = await start_procedure(running.client, inventory, "failover", inp, "test failover")

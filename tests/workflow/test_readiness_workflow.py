@@ -46,7 +46,7 @@ async def test_a_healthy_environment_is_ready_and_nothing_changed(running, world
     # A fenced primary: no writable primary, and the fenced one protects nothing.
     (lambda w: w.fenced.add("eastus"), [("database", None), ("replica", "eastus")]),
     (lambda w: setattr(w, "serving", "westeurope"), [("traffic", None)]),
-    (lambda w: w.fail.update({"k8s.status": "forbidden"}), [("kubernetes", "westeurope")]),
+    (lambda w: w.fail.update({K8S_STATUS.name: "forbidden"}), [("kubernetes", "westeurope")]),
 ])
 async def test_not_ready_names_what_is_not_and_every_check_still_runs(running, world, inventory, breakage, expected):
     breakage(world)
