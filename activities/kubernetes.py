@@ -567,6 +567,17 @@ def _route(c: _Cluster, target: RolloutTarget) -> dict:
         )
 
 
+def _patch_route_rules(c: _Cluster, route: dict) -> None:
+    """Write back the route's rules as changed in `route`, guarded by the resourceVersion it was read at."""
+    name = route["metadata"]["name"]
+    body = {"metadata": {"resourceVersion": route["metadata"]["resourceVersion"]},
+            "spec": {"rules": route["spec"]["rules"]}}
+    with c.call(f"httproute {c.ns}/{name}"):
+        k8s.CustomObjectsApi(c.api).patch_namespaced_custom_object(
+            GATEWAY_GROUP, GATEWAY_VERSION, c.ns, HTTPROUTES, name, body, _request_timeout=REQUEST_TIMEOUT
+        )
+
+
 def _route_rule(route: dict, service: str) -> dict:
     for rule in route.get("spec", {}).get("rules", []):
         if any(ref.get("name") == service for ref in rule.get("backendRefs", [])):
@@ -795,20 +806,7 @@ def set_weight(req: WeightRequest) -> RolloutState:
             )
         else:
             canary_ref["weight"] = req.canary_weight
-        body = {
-            "metadata": {"resourceVersion": route["metadata"]["resourceVersion"]},
-            "spec": {"rules": route["spec"]["rules"]},
-        }
-        with c.call(f"httproute {c.ns}/{route['metadata']['name']}"):
-            k8s.CustomObjectsApi(c.api).patch_namespaced_custom_object(
-                GATEWAY_GROUP,
-                GATEWAY_VERSION,
-                c.ns,
-                HTTPROUTES,
-                route["metadata"]["name"],
-                body,
-                _request_timeout=REQUEST_TIMEOUT,
-            )
+        _patch_route_rules(c, route)
         _logger().info(
             "%s: route %s: stable %d%%, canary %d%%",
             c.where,
@@ -832,20 +830,7 @@ def delete_canary(target: RolloutTarget) -> RolloutState:
                 r["name"] == target.app.service and int(r.get("weight", 1)) != 100 for r in refs
             ):
                 rule["backendRefs"] = [{**r, "weight": 100} for r in refs if r["name"] != target.canary_service]
-                body = {
-                    "metadata": {"resourceVersion": route["metadata"]["resourceVersion"]},
-                    "spec": {"rules": route["spec"]["rules"]},
-                }
-                with c.call(f"httproute {c.ns}/{route['metadata']['name']}"):
-                    k8s.CustomObjectsApi(c.api).patch_namespaced_custom_object(
-                        GATEWAY_GROUP,
-                        GATEWAY_VERSION,
-                        c.ns,
-                        HTTPROUTES,
-                        route["metadata"]["name"],
-                        body,
-                        _request_timeout=REQUEST_TIMEOUT,
-                    )
+                _patch_route_rules(c, route)
         for what, delete in (
             (
                 f"service {c.ns}/{target.canary_service}",

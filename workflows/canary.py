@@ -186,7 +186,6 @@ class Rollout(Procedure[RolloutReport]):
         figures are still looked at every interval (a broken limit rolls back), until the calendar opens, an
         approver overrides (`opsflow override`, or `promote` with a reason) or someone aborts. `on_freeze:
         rollback` rolls back instead; a hold longer than `hold_max` rolls back too."""
-        assert isinstance(self.report, RolloutReport)
         report, why = self.report, self.closed_now()
         if why is None:
             return
@@ -236,7 +235,6 @@ class Rollout(Procedure[RolloutReport]):
 
     async def watch(self, record, weight: int, canary: str, baseline: str, baseline_image: str, start) -> None:
         """One look at the figures during a hold: a broken limit rolls back."""
-        assert isinstance(self.report, RolloutReport)
         got = await self.samples(canary, baseline, start, workflow.now(), baseline_image)
         breaches = threshold_breaches(self.policy.analysis, got)
         if breaches:
@@ -361,7 +359,6 @@ class Rollout(Procedure[RolloutReport]):
     async def http_checks(self, weight: int) -> list[MetricVerdict]:
         """The policy's HTTP checks at one look of a bake: a failed critical one is a breach (rolls back at once),
         a failed non-critical one is counted (the judgement of this bake is then marginal at best)."""
-        assert isinstance(self.report, RolloutReport)
         if not self.policy.checks:
             return []
         bound = sum(c.timeout for c in self.policy.checks) + 10

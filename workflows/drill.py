@@ -216,8 +216,8 @@ class DrillWorkflow(Procedure[DrillReport]):
         if method == "s3-dump":
             raise Stop("refused", "drill.restore_point random needs a point-in-time method (azure-pitr, rds-pitr): "
                                   "the s3-dump method restores a dump to when it was taken")
-        earliest = max(window.earliest or window.latest - timedelta(seconds=retention),
-                       window.latest - timedelta(seconds=retention))
+        oldest = window.latest - timedelta(seconds=retention)
+        earliest = max(window.earliest, oldest) if window.earliest else oldest
         span = max(0.0, (window.latest - earliest).total_seconds())
         self.report.restore_point_chosen = "random"
         return earliest + timedelta(seconds=workflow.random().uniform(0, span))

@@ -229,7 +229,6 @@ class FailbackWorkflow(Procedure[FailbackReport]):
     async def rebuild(self, inp: FailbackInput, primary: str, target: RegionTarget, current: RegionTarget) -> None:
         """Make the recovered region's database a replica of the current primary (what it holds is kept first)."""
         inv, to, report = inp.inventory, inp.to_region, self.report
-        assert isinstance(report, FailbackReport)
         q = inv.region_queue(to)
         rebuilt: RebuildResult = await self.step(
             "rebuild",

@@ -519,7 +519,6 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         """After a switchover the old primary is the new one's replica: lift its write fence (else it would be
         read-only when a failback switches back to it) and check that it streams. Never fails the failover."""
         report = self.report
-        assert isinstance(report, FailoverReport)
         if self.promoted is None or not self.promoted.switchover:
             return
         old = RegionTarget.of(inp.inventory, source)

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import tempfile
 import uuid
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from opsflow.procedures import workflow_classes
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import dev_server, venv_binary
 from tests.workflow.world import World
+from worker.main import HEARTBEAT_THROTTLE
 
 WORKFLOWS = workflow_classes()  # what the worker registers (opsflow/procedures.py)
 
@@ -95,6 +95,18 @@ def worker_holds(*inventories: Inventory) -> None:
         RULEBOOK.add(inv)
 
 
+# Heartbeats throttled as opsflow's worker does (2 s), so a cancel reaches a long step within seconds.
+HEARTBEATS = dict(max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+                  default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE)
+
+
+def queue_workers(client, inv: Inventory, activities: list, executor, **options) -> list[Worker]:
+    """A Temporal worker per task queue of the inventory (its workflow queue first, with the workflows; then one per
+    region), each with `activities`: the workers a deployed environment would have, in one process."""
+    return [Worker(client, task_queue=q, workflows=WORKFLOWS if q == inv.task_queue else [], activities=activities,
+                   activity_executor=executor, **options) for q in inv.all_queues()]
+
+
 @pytest.fixture
 def world() -> World:
     return World()
@@ -105,26 +117,7 @@ async def running(env, world, inventory):
     """A worker serving every queue of the inventory with the world's stand-in activities."""
     import concurrent.futures
 
-    acts = world.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        # Heartbeats throttled as opsflow's worker does (2 s), so a cancel reaches a long step within seconds.
-        beat = dict(
-            max_heartbeat_throttle_interval=timedelta(seconds=2),
-            default_heartbeat_throttle_interval=timedelta(seconds=2),
-        )
-        workers = [
-            Worker(
-                env.client,
-                task_queue=inventory.task_queue,
-                workflows=WORKFLOWS,
-                activities=acts,
-                activity_executor=ex,
-                **beat,
-            )
-        ]
-        workers += [
-            Worker(env.client, task_queue=inventory.region_queue(r), activities=acts, activity_executor=ex, **beat)
-            for r in inventory.regions
-        ]
+        workers = queue_workers(env.client, inventory, world.activities(), ex, **HEARTBEATS)
         async with workers[0], workers[1], workers[2]:
             yield env

@@ -18,14 +18,13 @@ from pathlib import Path
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
 from activities.rules import RULEBOOK
 from opsflow.client import send_update
 from opsflow.inventory import Inventory
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
-from tests.workflow.conftest import WORKFLOWS, inventory_dict
+from tests.workflow.conftest import inventory_dict, queue_workers
 from tests.workflow.world import World
 from workflows.procedure import Procedure, Request
 
@@ -197,17 +196,7 @@ async def record(name: str) -> Path:
         ) as env:
             await register_search_attributes(env.client)
             with concurrent.futures.ThreadPoolExecutor(4) as ex:
-                queues = inv.all_queues()
-                workers = [
-                    Worker(
-                        env.client,
-                        task_queue=q,
-                        workflows=WORKFLOWS if q == inv.task_queue else [],
-                        activities=acts,
-                        activity_executor=ex,
-                    )
-                    for q in queues
-                ]
+                workers = queue_workers(env.client, inv, acts, ex)
                 async with workers[0], workers[1], workers[2]:
                     handle = await RECORDINGS[name](env, inv, world)
                     try:

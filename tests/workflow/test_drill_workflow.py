@@ -14,7 +14,6 @@ import pytest_asyncio
 from temporalio import activity
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
-from temporalio.worker import Worker
 
 from activities.reports import store_report
 from activities.rules import worker_inventory
@@ -45,7 +44,7 @@ from opsflow.models import (
 )
 from opsflow.sections import DrillObjectives
 from tests.helpers import eventually_async
-from tests.workflow.conftest import WORKFLOWS, inventory_dict, worker_holds
+from tests.workflow.conftest import inventory_dict, queue_workers, worker_holds
 from workflows.drill import DrillInput
 
 NOW = datetime.now(timezone.utc)
@@ -184,18 +183,8 @@ def drill_inventory(tmp_path) -> Inventory:
 
 @pytest_asyncio.fixture
 async def drilling(env, backups, drill_inventory):
-    acts = backups.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        workers = [
-            Worker(
-                env.client,
-                task_queue=q,
-                workflows=WORKFLOWS if q == drill_inventory.task_queue else [],
-                activities=acts,
-                activity_executor=ex,
-            )
-            for q in drill_inventory.all_queues()
-        ]
+        workers = queue_workers(env.client, drill_inventory, backups.activities(), ex)
         async with workers[0], workers[1], workers[2]:
             yield env
 

@@ -4,16 +4,15 @@ report (success and failure alike), and never again when its history is replayed
 from __future__ import annotations
 
 import concurrent.futures
-from datetime import timedelta
 
 import pytest
 from temporalio.client import WorkflowFailureError
-from temporalio.worker import Replayer, Worker
+from temporalio.worker import Replayer
 
 from opsflow.client import send_update
 from opsflow.procedures import LAUNCHERS
 from opsflow.temporal import DATA_CONVERTER
-from tests.workflow.conftest import WORKFLOWS
+from tests.workflow.conftest import HEARTBEATS, WORKFLOWS, queue_workers
 from tests.workflow.test_failover_workflow import start, until_waiting
 from worker.metrics import MetricsInterceptor, OpsMetrics
 from workflows.procedure import Procedure, Request
@@ -25,17 +24,9 @@ def sample(metrics: OpsMetrics, name: str, **labels) -> float | None:
 
 async def test_ends_are_counted_once_and_not_on_replay(env, world, inventory):
     metrics = OpsMetrics()
-    beat = dict(
-        max_heartbeat_throttle_interval=timedelta(seconds=2), default_heartbeat_throttle_interval=timedelta(seconds=2)
-    )
-    acts = world.activities()
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        workers = [Worker(env.client, task_queue=inventory.task_queue, workflows=WORKFLOWS, activities=acts,
-                          activity_executor=ex, interceptors=[MetricsInterceptor(metrics, LAUNCHERS)], **beat)]
-        workers += [
-            Worker(env.client, task_queue=inventory.region_queue(r), activities=acts, activity_executor=ex, **beat)
-            for r in inventory.regions
-        ]
+        workers = queue_workers(env.client, inventory, world.activities(), ex,
+                                interceptors=[MetricsInterceptor(metrics, LAUNCHERS)], **HEARTBEATS)
         async with workers[0], workers[1], workers[2]:
             rejected = await start(env, inventory)
             await until_waiting(rejected)

@@ -19,7 +19,7 @@ from opsflow.models import Decision, FailoverReport
 from opsflow.rules import START_UNSIGNED, input_digest
 from opsflow.signing import Signer, start_memo
 from tests.helpers import ssh_key_pair
-from tests.workflow.conftest import inventory_dict, worker_holds
+from tests.workflow.conftest import inventory_dict, queue_workers, worker_holds
 from tests.workflow.test_failover_workflow import failed_report, start, until_waiting, update_names_in_history
 from workflows.failover import FailoverInput
 from workflows.procedure import Procedure, Request
@@ -210,21 +210,9 @@ class running_worker:
     def __init__(self, env, world, inv):
         import concurrent.futures
 
-        from temporalio.worker import Worker
-
-        from tests.workflow.conftest import WORKFLOWS
 
         self.ex = concurrent.futures.ThreadPoolExecutor(8)
-        acts = world.activities()
-        self.workers = [
-            Worker(
-                env.client, task_queue=inv.task_queue, workflows=WORKFLOWS, activities=acts, activity_executor=self.ex
-            )
-        ]
-        self.workers += [
-            Worker(env.client, task_queue=inv.region_queue(r), activities=acts, activity_executor=self.ex)
-            for r in inv.regions
-        ]
+        self.workers = queue_workers(env.client, inv, world.activities(), self.ex)
 
     async def __aenter__(self):
         for w in self.workers:
@@ -386,29 +374,12 @@ async def test_a_rogue_workflow_worker_cannot_drive_a_promotion(dev_env, world, 
 async def test_honest_signed_use_passes_the_worker_check(dev_env, world, signed_inventory):
     import concurrent.futures
 
-    from temporalio.worker import Worker
-
-    from tests.workflow.conftest import WORKFLOWS
     from worker.trust import trust_interceptor
 
     inv, paths = signed_inventory
-    acts = world.activities()
-    trust = dict(interceptors=[trust_interceptor(dev_env.client)])
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        workers = [
-            Worker(
-                dev_env.client,
-                task_queue=inv.task_queue,
-                workflows=WORKFLOWS,
-                activities=acts,
-                activity_executor=ex,
-                **trust,
-            )
-        ]
-        workers += [
-            Worker(dev_env.client, task_queue=inv.region_queue(r), activities=acts, activity_executor=ex, **trust)
-            for r in inv.regions
-        ]
+        workers = queue_workers(dev_env.client, inv, world.activities(), ex,
+                                interceptors=[trust_interceptor(dev_env.client)])
         async with workers[0], workers[1], workers[2]:
             alice, bob = Signer(name="alice", key_path=paths["alice"]), Signer(name="bob", key_path=paths["bob"])
             inp = FailoverInput(inventory=inv, to_region="westeurope", requester="alice")
