@@ -133,8 +133,11 @@ def test_faulty_image_is_rolled_back_naming_the_error_rate(rollout_lab):
     )
     assert report["status"] == "failed" and report["rolled_back"]
     assert "error-rate" in report["rollback_reason"]
-    breach = next(m for a in report["analysis"] for m in a["metrics"] if m["name"] == "error-rate")
-    assert breach["canary"] > 0.05 and breach["baseline"] < 0.01  # faulty: ~15 % 5xx, measured by Prometheus
+    # the look that failed it: a breach of the 5 % limit, or a clear shift from the baseline (the judge), whichever
+    # came first; its mean may sit under 15 % (Prometheus drops a new 5xx series' first increment)
+    failed = [m for a in report["analysis"] for m in a["metrics"] if m["verdict"] in ("breach", "high")]
+    assert failed and {m["name"] for m in failed} == {"error-rate"}, failed
+    assert failed[0]["canary"] > 0.02 and failed[0]["baseline"] < 0.01, failed  # faulty: ~15 % 5xx
     assert deployments(lab)["web"] == before and "web-canary" not in deployments(lab)
     assert route_weights(lab) == {"web": 100}
     undo = [s["name"] for s in report["steps"] if s["outcome"] == "compensated"]
