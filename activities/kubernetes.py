@@ -45,7 +45,15 @@ from opsflow.contracts.rollout import (
 )
 from opsflow.inventory import KubernetesConfig
 from opsflow.models import DeploymentState, FenceResult, KubeStatus, MaintenanceRequest, RegionTarget, ScaleRequest
-from opsflow.rollout import DeploymentRequest, ImageRequest, RolloutState, RolloutTarget, WeightRequest
+from opsflow.rollout import (
+    BASELINE_SUFFIX,
+    DeploymentRequest,
+    ImageRequest,
+    RolloutState,
+    RolloutTarget,
+    RouterRef,
+    WeightRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -554,9 +562,9 @@ def _maybe(c: _Cluster, what: str, read) -> Any:
 
 
 def _route(c: _Cluster, target: RolloutTarget) -> dict:
-    if target.app.router is None:
+    if not isinstance(target.app.router, RouterRef):
         raise ApplicationError(
-            f"app {target.app.deployment} has no router in the inventory: a canary needs one",
+            f"app {target.app.deployment} has no httproute router in the inventory",
             type="BadInput",
             non_retryable=True,
         )
@@ -609,7 +617,7 @@ def _rollout_state(c: _Cluster, target: RolloutTarget) -> RolloutState:
         state.canary, state.canary_image = target.canary, _container(canary, app.container).image
         state.canary_ready = (canary.status.ready_replicas or 0) if canary.status else 0
         state.canary_replicas = canary.spec.replicas or 0
-    if app.router is not None:
+    if isinstance(app.router, RouterRef):  # nginx and traffic-manager: router.status (activities/routers.py)
         rule = _route_rule(_route(c, target), app.service)
         state.weights = {ref["name"]: int(ref.get("weight", 1)) for ref in rule.get("backendRefs", [])}
     with c.call(f"service {c.ns}/{app.service}"):
@@ -778,43 +786,53 @@ def scale_canary(req: WeightRequest) -> RolloutState:
         return _rollout_state(c, target)
 
 
-@K8S_SET_WEIGHT.implementation
-def set_weight(req: WeightRequest) -> RolloutState:
-    """Send `canary_weight` % of the route's traffic to the canary service, the rest to the stable service."""
-    target = req.target
+def role_services(target: RolloutTarget) -> dict[str, str]:
+    """role -> the service the HTTPRoute's backendRef names: stable, canary, baseline."""
+    s = target.app.service
+    return {"stable": s, "canary": f"{s}{target.canary_suffix}", "baseline": f"{s}{BASELINE_SUFFIX}"}
+
+
+def httproute_shares(target: RolloutTarget) -> dict[str, int]:
+    """The HTTPRoute's weights by role (roles without a backendRef left out). No change."""
+    with _rollout_cluster(target) as c:
+        rule = _route_rule(_route(c, target), target.app.service)
+    by_service = {ref["name"]: int(ref.get("weight", 1)) for ref in rule.get("backendRefs", [])}
+    return {role: by_service[svc] for role, svc in role_services(target).items() if svc in by_service}
+
+
+def httproute_set_shares(target: RolloutTarget, shares: dict[str, int]) -> RolloutState:
+    """The HTTPRoute's backendRefs get `shares` (role -> weight): stable's weight changes in place, the canary's
+    (and the baseline's) backendRef is added as a copy of stable's when missing. A role at 0 that has no backendRef
+    is left without one. Guarded by the route's resourceVersion; already so is success."""
+    services = role_services(target)
     with _rollout_cluster(target) as c:
         route = _route(c, target)
         rule = _route_rule(route, target.app.service)
         refs = rule["backendRefs"]
-        stable_ref = next(r for r in refs if r["name"] == target.app.service)
-        canary_ref = next((r for r in refs if r["name"] == target.canary_service), None)
-        want = {target.app.service: 100 - req.canary_weight, target.canary_service: req.canary_weight}
         have = {r["name"]: int(r.get("weight", 1)) for r in refs}
-        if all(have.get(k) == v for k, v in want.items()) or (
-            req.canary_weight == 0 and canary_ref is None and have[target.app.service] == 100
-        ):
-            _logger().info("%s: route %s already at canary %d%%", c.where, route["metadata"]["name"], req.canary_weight)
+        want = {services[role]: w for role, w in shares.items() if w > 0 or services[role] in have}
+        if all(have.get(k) == v for k, v in want.items()):
+            _logger().info("%s: route %s already at %s", c.where, route["metadata"]["name"], shares)
             return _rollout_state(c, target)
-        stable_ref["weight"] = want[target.app.service]
-        if canary_ref is None:
-            refs.append(
-                {
-                    **{k: v for k, v in stable_ref.items() if k not in ("name", "weight")},
-                    "name": target.canary_service,
-                    "weight": req.canary_weight,
-                }
-            )
-        else:
-            canary_ref["weight"] = req.canary_weight
+        stable_ref = next(r for r in refs if r["name"] == target.app.service)
+        for name, weight in want.items():
+            ref = next((r for r in refs if r["name"] == name), None)
+            if ref is None:
+                refs.append({**{k: v for k, v in stable_ref.items() if k not in ("name", "weight")},
+                             "name": name, "weight": weight})
+            else:
+                ref["weight"] = weight
         _patch_route_rules(c, route)
-        _logger().info(
-            "%s: route %s: stable %d%%, canary %d%%",
-            c.where,
-            route["metadata"]["name"],
-            100 - req.canary_weight,
-            req.canary_weight,
-        )
+        _logger().info("%s: route %s: %s", c.where, route["metadata"]["name"],
+                       ", ".join(f"{role} {w}%" for role, w in shares.items()))
         return _rollout_state(c, target)
+
+
+@K8S_SET_WEIGHT.implementation
+def set_weight(req: WeightRequest) -> RolloutState:
+    """Send `canary_weight` % of the route's traffic to the canary service, the rest to the stable service (runs
+    started before the router interface; see activities/routers.py)."""
+    return httproute_set_shares(req.target, {"stable": 100 - req.canary_weight, "canary": req.canary_weight})
 
 
 @K8S_DELETE_CANARY.implementation
@@ -822,14 +840,20 @@ def delete_canary(target: RolloutTarget) -> RolloutState:
     """Route everything to the stable service (the canary's backendRef removed), then delete the canary's service and
     deployment. Stable is never touched. Nothing to delete is success."""
     with _rollout_cluster(target) as c:
-        if target.app.router is not None:
+        if isinstance(target.app.router, RouterRef):  # other routers were set to 0 % by the workflow before
             route = _route(c, target)
             rule = _route_rule(route, target.app.service)
             refs = rule["backendRefs"]
-            if any(r["name"] == target.canary_service for r in refs) or any(
-                r["name"] == target.app.service and int(r.get("weight", 1)) != 100 for r in refs
-            ):
-                rule["backendRefs"] = [{**r, "weight": 100} for r in refs if r["name"] != target.canary_service]
+            gone = [r for r in refs if r["name"] == target.canary_service]
+            left = [r for r in refs if r["name"] != target.canary_service]
+            stable_ref = next((r for r in left if r["name"] == target.app.service), None)
+            changed = bool(gone)
+            if gone and stable_ref is not None:  # the copy's share goes back to stable; a baseline keeps its own
+                stable_ref["weight"] = int(stable_ref.get("weight", 1)) + sum(int(r.get("weight", 1)) for r in gone)
+            if stable_ref is not None and len(left) == 1 and int(stable_ref.get("weight", 1)) != 100:
+                stable_ref["weight"], changed = 100, True
+            if changed:
+                rule["backendRefs"] = left
                 _patch_route_rules(c, route)
         for what, delete in (
             (

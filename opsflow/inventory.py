@@ -149,7 +149,8 @@ class Inventory(Strict):
         return self.workflow_task_queue or f"opsflow-{self.environment}"
 
     def all_queues(self) -> list[str]:
-        return [self.task_queue, *(self.region_queue(r) for r in self.regions)]
+        routers = sorted(self.rollout.router_queues()) if self.rollout else []  # a router's own (the NGINX host)
+        return [self.task_queue, *(self.region_queue(r) for r in self.regions), *routers]
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -7,25 +7,89 @@ Plain pydantic models, no I/O: they travel in workflow inputs and history. The s
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
 
 from opsflow.calendar import Calendar, Freeze, FreezeCalendar, NeverOpens, WeeklyWindow
-from opsflow.sections import ApprovalPolicy, KubernetesConfig, Seconds, Strict, parse_duration
+from opsflow.sections import ApprovalPolicy, AzureConnection, KubernetesConfig, Seconds, Strict, parse_duration
 
 Direction = Literal["increase", "decrease", "either"]
 Missing = Literal["zero", "skip", "inconclusive"]
+BASELINE_SUFFIX = "-baseline"
 
 
 # -- the inventory's `rollout:` section ----------------------------------------------------------------------
 
 
 class RouterRef(Strict):
-    """What splits traffic between stable and canary: a Gateway API HTTPRoute whose backendRefs carry weights."""
+    """What splits traffic between stable and canary: a Gateway API HTTPRoute whose backendRefs carry weights
+    (the default kind)."""
 
     kind: Literal["httproute"] = "httproute"
     name: str
+
+
+class NginxRouter(Strict):
+    """Plain NGINX in front of services outside Kubernetes: opsflow owns `upstream_file` (it holds the one upstream
+    block; nginx.conf includes it), writes it on the host through the worker of `queue`, runs `test` (nginx -t) and
+    then `reload`. A role's weight becomes the `weight=` of its servers; 0 % marks them `down`."""
+
+    kind: Literal["nginx"]
+    upstream_file: str = Field(description="absolute path of the file that holds the upstream block, on the host")
+    upstream: str = Field(description="the upstream's name (proxy_pass http://NAME)")
+    servers: dict[Literal["stable", "canary", "baseline"], list[str]] = Field(
+        description="host:port of the servers of each role: stable, canary (and baseline for analysis.baseline: fresh)"
+    )
+    test: list[str] = Field(default=["nginx", "-t"], min_length=1, description="checks the config before a reload")
+    reload: list[str] = Field(default=["nginx", "-s", "reload"], min_length=1,
+                              description="e.g. [docker, exec, nginx-lb, nginx, -s, reload]")
+    queue: str | None = Field(default=None, description="the task queue of the worker on the NGINX host; default: "
+                              "the app's region queue")
+    timeout: Seconds = Field(default=30, gt=0, le=300, description="bound on the test and the reload commands")
+
+    _d = field_validator("timeout", mode="before")(parse_duration)
+
+    @model_validator(mode="after")
+    def _roles(self) -> "NginxRouter":
+        if not self.upstream_file.startswith("/"):
+            raise ValueError(f"upstream_file {self.upstream_file!r} must be an absolute path")
+        for role in ("stable", "canary"):
+            if not self.servers.get(role):
+                raise ValueError(f"servers.{role} names no server (host:port)")
+        seen: dict[str, str] = {}
+        for role, addrs in self.servers.items():
+            for a in addrs:
+                if a in seen:
+                    raise ValueError(f"server {a} is in servers.{seen[a]} and servers.{role}")
+                seen[a] = role
+        return self
+
+
+class TrafficManagerRouter(Strict):
+    """Azure Traffic Manager, weighted routing, for a region-level canary: the canary's share is the weight of
+    `canary_endpoint` against `stable_endpoint` (weights 1..1000; 0 % disables the endpoint)."""
+
+    kind: Literal["traffic-manager"]
+    subscription_id: str
+    resource_group: str
+    profile: str
+    stable_endpoint: str
+    canary_endpoint: str
+    endpoint_type: Literal["ExternalEndpoints", "AzureEndpoints", "NestedEndpoints"] = "ExternalEndpoints"
+    queue: str | None = Field(default=None, description="default: the app's region queue")
+
+
+def _router_kind(v) -> str:
+    return (v.get("kind") or "httproute") if isinstance(v, dict) else getattr(v, "kind", "httproute")
+
+
+Router = Annotated[
+    Annotated[RouterRef, Tag("httproute")] | Annotated[NginxRouter, Tag("nginx")]
+    | Annotated[TrafficManagerRouter, Tag("traffic-manager")],
+    Discriminator(_router_kind, custom_error_type="router_kind",
+                  custom_error_message="router.kind is one of httproute, nginx, traffic-manager"),
+]
 
 
 class RolloutApp(Strict):
@@ -33,7 +97,8 @@ class RolloutApp(Strict):
     deployment: str = Field(description="the stable deployment")
     container: str | None = Field(default=None, description="the container whose image changes; default: the first")
     service: str = Field(description="the stable service (blue-green switches its selector)")
-    router: RouterRef | None = Field(default=None, description="required for canary rollouts")
+    router: Router | None = Field(default=None, description="required for canary rollouts: httproute (default), "
+                                  "nginx or traffic-manager")
     canary_replicas: int = Field(default=1, ge=1, description="the canary's size at creation, and its least size "
                                  "as it follows its weight (ceil(weight x stable's replicas))")
 
@@ -73,6 +138,12 @@ class AnalysisSpec(Strict):
     min_samples: int = Field(default=5, ge=1)
     pass_score: float = Field(default=95, ge=0, le=100)
     marginal_score: float = Field(default=75, ge=0, le=100)
+    baseline: Literal["stable", "fresh"] = Field(
+        default="stable",
+        description="what the canary is judged against: the warm stable fleet, or (Kayenta's practice) a fresh "
+        "`<app>-baseline` from stable's spec and image, as big as the canary, started with it and given the same "
+        "weight; removed at the end (promote or rollback)",
+    )
 
     _d = field_validator("interval", "step", mode="before")(parse_duration)
 
@@ -137,7 +208,18 @@ class RolloutPolicy(Strict):
     def _scores(self) -> "RolloutPolicy":
         if self.analysis.marginal_score > self.analysis.pass_score:
             raise ValueError("analysis.marginal_score must not be above analysis.pass_score")
+        if self.analysis.baseline == "fresh":
+            why = fresh_baseline_refusal(self.steps)
+            if why:
+                raise ValueError(why)
+            for name, app in self.apps.items():
+                why = fresh_baseline_router_refusal(app)
+                if why:
+                    raise ValueError(f"apps.{name}: {why}")
         return self
+
+    def router_queues(self) -> set[str]:
+        return {q for a in self.apps.values() if (q := getattr(a.router, "queue", None))}
 
     def app(self, name: str | None) -> tuple[str, RolloutApp]:
         if name is None:
@@ -149,6 +231,24 @@ class RolloutPolicy(Strict):
         return name, self.apps[name]
 
 
+def fresh_baseline_refusal(steps: list[int]) -> str | None:
+    """A fresh baseline takes the canary's weight too: no weight below 100 may be above 50."""
+    high = [w for w in steps if 50 < w < 100]
+    if high:
+        return (f"analysis.baseline: fresh gives the baseline the canary's weight too, so the steps below 100 are at "
+                f"most 50 (not {', '.join(map(str, high))})")
+    return None
+
+
+def fresh_baseline_router_refusal(app: RolloutApp) -> str | None:
+    r = app.router
+    if isinstance(r, TrafficManagerRouter):
+        return "analysis.baseline: fresh needs a three-way split; the traffic-manager router has two endpoints"
+    if isinstance(r, NginxRouter) and not r.servers.get("baseline"):
+        return "analysis.baseline: fresh needs router.servers.baseline (the baseline's host:port)"
+    return None
+
+
 # -- what the activities act on -------------------------------------------------------------------------------
 
 
@@ -158,6 +258,11 @@ class RolloutTarget(BaseModel):
     kubernetes: KubernetesConfig
     app: RolloutApp
     canary_suffix: str = "-canary"
+    azure: AzureConnection | None = None  # the traffic-manager router: how to reach ARM
+
+    def baseline_target(self) -> "RolloutTarget":
+        """The fresh baseline, `<app>-baseline`, handled as a canary copy of its own (its service too)."""
+        return self.model_copy(update={"canary_suffix": BASELINE_SUFFIX})
 
     @property
     def canary(self) -> str:
@@ -212,6 +317,23 @@ class ImageRequest(BaseModel):
 class WeightRequest(BaseModel):
     target: RolloutTarget
     canary_weight: int = Field(ge=0, le=100)
+    baseline: bool = False  # a fresh baseline gets the canary's weight too (stable: 100 - 2 x weight)
+
+    def shares(self) -> dict[str, int]:
+        """role -> percent: stable, canary (and baseline)."""
+        w = self.canary_weight
+        if self.baseline:
+            return {"stable": max(0, 100 - 2 * w), "canary": w, "baseline": w}
+        return {"stable": 100 - w, "canary": w}
+
+
+class RouterState(BaseModel):
+    """What a router sends where, by role (stable, canary, baseline), in percent, and what it is."""
+
+    kind: str
+    router: str  # e.g. "nginx upstream web in /etc/nginx/conf.d/web-upstream.conf"
+    weights: dict[str, int] = {}
+    detail: str = ""
 
 
 class DeploymentRequest(BaseModel):

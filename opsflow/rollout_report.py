@@ -19,6 +19,8 @@ class RolloutReport(ProcedureReport):
     rollback_reason: str | None = None
     weights: list[int] = []  # the plan
     weight: int = 0  # the canary's weight now
+    router: str | None = None  # what split the traffic (kind: httproute, nginx, traffic-manager)
+    baseline: str | None = None  # analysis.baseline: fresh: the deployment the canary was judged against
     checks_run: int = 0  # HTTP checks (rollout.checks) run during the bakes
     check_failures: list[CheckResult] = []  # every failed one, critical or not
     held: str | None = None  # held by the calendar now: why (a freeze began, the window closed)

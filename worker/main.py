@@ -76,6 +76,7 @@ def build_workers(
     from worker.registry import (
         GLOBAL_ACTIVITIES,
         REGION_ACTIVITIES,
+        ROUTER_ACTIVITIES,
         WORKFLOWS,
     )  # every workflow and activity: not for `opsflow --help`
     from worker.trust import trust_interceptor
@@ -119,6 +120,11 @@ def build_workers(
             continue
         skip.add(queue)
         workers.append(Worker(client, task_queue=queue, activities=REGION_ACTIVITIES, **common))
+    # a rollout router's own queue (`router.queue`: the worker on the NGINX host), served by a worker of all regions
+    for queue in sorted(inv.rollout.router_queues() if inv.rollout and regions is None else []):
+        if queue not in skip:
+            skip.add(queue)
+            workers.append(Worker(client, task_queue=queue, activities=ROUTER_ACTIVITIES, **common))
     return workers
 
 

@@ -10,6 +10,7 @@ from activities import (
     prometheus,
     reports,
     restore,
+    routers,
     rules,
     statuspage,
     temporal_queues,
@@ -57,7 +58,8 @@ GLOBAL_ACTIVITIES = [
 ]
 
 # Rollouts (canary, blue-green): Kubernetes and the region's Prometheus on the app's region queue.
-REGION_ACTIVITIES += [kubernetes.scale_canary, http_checks.checks]
+ROUTER_ACTIVITIES = [routers.router_status, routers.router_set_weight]  # also on a router's own queue
+REGION_ACTIVITIES += [kubernetes.scale_canary, http_checks.checks, *ROUTER_ACTIVITIES]
 REGION_ACTIVITIES += [
     kubernetes.rollout_status,
     kubernetes.create_canary,

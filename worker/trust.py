@@ -38,6 +38,7 @@ from opsflow.contracts.rollout import (
     K8S_SET_IMAGE,
     K8S_SET_WEIGHT,
     K8S_SWITCH_SERVICE,
+    ROUTER_SET_WEIGHT,
 )
 from opsflow.contracts.traffic import TRAFFIC_SWITCH
 from opsflow.inventory import ApprovalPolicy, Inventory
@@ -59,6 +60,7 @@ CHANGES_WORLD: dict[str, bool] = {
     MAINT_RUN_ITEM.name: True, BACKUP_TAKE.name: False, STATUSPAGE_UPDATE.name: False,
     K8S_CREATE_CANARY.name: True, K8S_SET_WEIGHT.name: True, K8S_SET_IMAGE.name: True, K8S_CREATE_COLOUR.name: True,
     K8S_SWITCH_SERVICE.name: True, K8S_SCALE_DEPLOYMENT.name: True, K8S_DELETE_CANARY.name: False,
+    ROUTER_SET_WEIGHT.name: True,
 }
 # An emergency failover passes no gate unless the inventory asks for one.
 GATE = "approval"

@@ -41,6 +41,8 @@ with workflow.unsafe.imports_passed_through():
         K8S_SET_WEIGHT,
         K8S_SWITCH_SERVICE,
         PROMETHEUS_SAMPLES,
+        ROUTER_SET_WEIGHT,
+        ROUTER_STATUS,
     )
     from opsflow.models import ControlEvent
     from opsflow.rollout import (
@@ -53,11 +55,15 @@ with workflow.unsafe.imports_passed_through():
         RolloutPolicy,
         RolloutState,
         RolloutTarget,
+        RouterRef,
+        RouterState,
         Samples,
         SamplesRequest,
         StepAnalysis,
         WeightRequest,
         closed_because,
+        fresh_baseline_refusal,
+        fresh_baseline_router_refusal,
         threshold_breaches,
     )
     from opsflow.rollout_report import RolloutReport
@@ -129,6 +135,8 @@ class Rollout(Procedure[RolloutReport]):
         self.target = RolloutTarget(
             environment=inv.environment, region=self.app.region, kubernetes=region.kubernetes, app=self.app
         )
+        if self.app.router is not None and self.app.router.kind == "traffic-manager":
+            self.target.azure = inv.azure  # how the worker reaches ARM
         self.queue = inv.region_queue(self.app.region)
         await self.calendar()
         state: RolloutState = await self.step(
@@ -511,8 +519,21 @@ HOLD = "hold the weight while the calendar is closed (bake and analysis go on)"
 HELD = "a freeze begins or the window closes during the run"
 
 
+def router_name(app: RolloutApp) -> str:
+    r = app.router
+    if isinstance(r, RouterRef):
+        return f"httproute {r.name}"
+    if r is not None and r.kind == "nginx":
+        return f"nginx upstream {r.upstream} ({r.upstream_file})"
+    if r is not None and r.kind == "traffic-manager":
+        return f"traffic manager {r.profile} ({r.stable_endpoint} / {r.canary_endpoint})"
+    return "?"
+
+
 def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: float, stable_image: str | None,
-                capacity: bool = False, calendar: bool = False) -> list[StepDecl]:
+                capacity: bool = False, calendar: bool = False, routers: bool = False,
+                fresh: bool = False) -> list[StepDecl]:
+    baseline = f"{app.deployment}-baseline"
     decls = [
         StepDecl("approval", "wait for the approvals (quorum)"),
         StepDecl(
@@ -521,17 +542,21 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
             f"{inp.image}; wait until ready",
         ),
     ]
+    if fresh:
+        decls.append(StepDecl("create-baseline", f"create {baseline} from {app.deployment} with its image "
+                              f"{stable_image}, as big as the canary; wait until ready"))
     for w in steps[:-1]:
         if calendar:
             decls.append(StepDecl(f"hold-{w}", HOLD, HELD))
         if capacity:
             decls.append(StepDecl(f"scale-{w}", f"size the canary for {w} %: ceil({w} % of stable's replicas), ready"))
+        if capacity and fresh:
+            decls.append(StepDecl(f"scale-baseline-{w}", f"size {baseline} as the canary, ready"))
+        share = f"{w} % to the canary and {w} % to {baseline}" if fresh else f"{w} % to the canary"
         decls += [
-            StepDecl(
-                f"weight-{w}", f"route {w} % to the canary via httproute {app.router.name if app.router else '?'}"
-            ),
+            StepDecl(f"weight-{w}", f"route {share} via {router_name(app)}"),
             StepDecl(f"bake-{w}", f"bake {bake:.0f}s, checking limits every interval"),
-            StepDecl(f"judge-{w}", "judge canary against stable (Mann-Whitney)"),
+            StepDecl(f"judge-{w}", f"judge canary against {baseline if fresh else 'stable'} (Mann-Whitney)"),
             StepDecl(
                 f"decide-{w}", "wait for a person to promote or abort", "the judgement is marginal or inconclusive"
             ),
@@ -540,6 +565,8 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
     decls += [
         StepDecl("promote-gate", "wait for a person to promote", "no --auto-promote", not inp.auto_promote),
         StepDecl("promote", f"set {app.deployment} to {inp.image} (was {stable_image}); wait for rollout status"),
+        *([StepDecl("route-stable", f"route 100 % to stable via {router_name(app)}")] if routers else []),
+        *([StepDecl("remove-baseline", f"delete {baseline}")] if fresh else []),
         StepDecl("cleanup", f"route 100 % to {app.service}; delete the canary"),
         StepDecl("notify", "notify the channels"),
     ]
@@ -579,14 +606,30 @@ class CanaryWorkflow(Rollout):
                 f"a canary is left over: {state.canary} ({state.canary_image}); remove it first (opsflow canary ... "
                 "after kubectl delete)",
             )
-        if self.app.service not in state.weights:
-            raise Stop(
-                "refused",
-                f"httproute {self.app.router.name if self.app.router else '?'} sends nothing to service "
-                f"{self.app.service}",
-            )
+        httproute = isinstance(self.app.router, RouterRef)
+        if httproute and self.app.service not in state.weights:
+            raise Stop("refused", f"{router_name(self.app)} sends nothing to service {self.app.service}")
         capacity = workflow.patched("canary-capacity")  # runs started before it never sized the canary
-        self.declare(canary_plan(inp, self.app, steps, bake, state.stable_image, capacity, self.calendar_hold))
+        # the router chosen by kind (router.* activities) and the fresh baseline; runs started before: k8s.set_weight
+        routers = workflow.patched("rollout-routers")
+        fresh = routers and self.policy.analysis.baseline == "fresh"
+        if routers:
+            report.router = self.app.router.kind if self.app.router else None
+        t, rq = self.target, self.queue
+        if routers:
+            rq = getattr(self.app.router, "queue", None) or self.queue
+            why = (fresh_baseline_refusal(steps) or fresh_baseline_router_refusal(self.app)) if fresh else None
+            if why:
+                raise Stop("refused", why)
+        if routers and not httproute:  # the HTTPRoute's weights came with the preflight
+            have: RouterState = await self.step(
+                "router", f"Check {router_name(self.app)}", ROUTER_STATUS, t, queue=rq,
+                detail=lambda s: f"{s.router}: {s.detail}")
+            if have.weights.get("stable", 0) != 100:
+                raise Stop("refused", f"{have.router} does not send 100 % to stable ({have.detail}): a canary or "
+                           "baseline is left over, or the inventory's servers/endpoints are not the router's")
+        self.declare(canary_plan(inp, self.app, steps, bake, state.stable_image, capacity, self.calendar_hold,
+                                 routers, fresh))
         if inp.dry_run:
             self.plan()
             return
@@ -594,7 +637,7 @@ class CanaryWorkflow(Rollout):
         await self.approvals(
             f"canary of {inp.image} on {self.app.deployment} in {self.app.region} (now {state.stable_image})"
         )
-        t, q = self.target, self.queue
+        q = self.queue
         await self.step(
             "create-canary",
             f"Create the canary with {inp.image}",
@@ -608,8 +651,24 @@ class CanaryWorkflow(Rollout):
             detail=lambda s: f"{s.canary} ready {s.canary_ready}",
         )
         stable, stable_image = self.app.deployment, state.stable_image or ""
+        baseline, bt = stable, t.baseline_target()  # what the canary is judged against: stable, or a fresh copy
+        if fresh:
+            baseline = bt.canary
+            report.baseline = baseline
+            await self.step(
+                "create-baseline",
+                f"Create {baseline} with {stable_image}",
+                K8S_CREATE_CANARY,
+                ImageRequest(target=bt, image=stable_image),
+                queue=q,
+                timeout=self.policy.timeout,
+                heartbeat=10,
+                interruptible=True,
+                undo=Undo(K8S_DELETE_CANARY, f"Remove {baseline}", bt),
+                detail=lambda s: f"{baseline} ready {s.canary_ready}",
+            )
         for w in steps[:-1]:
-            await self.hold(f"hold-{w}", report.weight, t.canary, stable, stable_image)  # no step while closed
+            await self.hold(f"hold-{w}", report.weight, t.canary, baseline, stable_image)  # no step while closed
             if self.promote_full:
                 break
             self.promote_request = None
@@ -625,32 +684,54 @@ class CanaryWorkflow(Rollout):
                     interruptible=True,
                     detail=lambda s: f"{s.canary} {s.canary_replicas} replica(s), stable {s.stable_desired}",
                 )
-            await self.step(
-                f"weight-{w}",
-                f"Route {w} % to the canary",
-                K8S_SET_WEIGHT,
-                WeightRequest(target=t, canary_weight=w),
-                queue=q,
-                undo=Undo(K8S_SET_WEIGHT, "Canary weight back to 0", WeightRequest(target=t, canary_weight=0)),
-                detail=lambda s: ", ".join(f"{k}={v}" for k, v in s.weights.items()),
-            )
+            if capacity and fresh:
+                await self.step(
+                    f"scale-baseline-{w}",
+                    f"Size {baseline} as the canary",
+                    K8S_SCALE_CANARY,
+                    WeightRequest(target=bt, canary_weight=w),
+                    queue=q,
+                    timeout=self.policy.timeout,
+                    heartbeat=10,
+                    interruptible=True,
+                    detail=lambda s: f"{s.canary} {s.canary_replicas} replica(s)",
+                )
+            if routers:
+                await self.step(
+                    f"weight-{w}",
+                    f"Route {w} % to the canary" + (f" and {w} % to {baseline}" if fresh else ""),
+                    ROUTER_SET_WEIGHT,
+                    WeightRequest(target=t, canary_weight=w, baseline=fresh),
+                    queue=rq,
+                    undo=Undo(ROUTER_SET_WEIGHT, "Everything back to stable",
+                              WeightRequest(target=t, canary_weight=0, baseline=fresh)),
+                    detail=lambda s: s.detail,
+                )
+            else:
+                await self.step(
+                    f"weight-{w}",
+                    f"Route {w} % to the canary",
+                    K8S_SET_WEIGHT,
+                    WeightRequest(target=t, canary_weight=w),
+                    queue=q,
+                    undo=Undo(K8S_SET_WEIGHT, "Canary weight back to 0", WeightRequest(target=t, canary_weight=0)),
+                    detail=lambda s: ", ".join(f"{k}={v}" for k, v in s.weights.items()),
+                )
             report.weight = w
             started = workflow.now()
-            broken = await self.bake(
-                f"bake-{w}", f"Bake at {w} %", bake, w, t.canary, self.app.deployment, state.stable_image or ""
-            )
+            broken = await self.bake(f"bake-{w}", f"Bake at {w} %", bake, w, t.canary, baseline, stable_image)
             if broken is not None:
                 report.rollback_reason = self.failure_text(broken)
                 raise Stop("failed", f"rolled back automatically: {report.rollback_reason}")
             if self.promote_request is not None:
                 continue  # a person promoted during the bake: no judgement for this weight
-            result = await self.judge(f"judge-{w}", w, t.canary, self.app.deployment, state.stable_image or "", started)
+            result = await self.judge(f"judge-{w}", w, t.canary, baseline, stable_image, started)
             if result.verdict == "fail":
                 report.rollback_reason = self.failure_text(result)
                 raise Stop("failed", f"rolled back automatically: {report.rollback_reason}")
             if result.verdict in ("marginal", "inconclusive"):
                 await self.decide(f"decide-{w}", f"the canary at {w} % is {result.verdict}")
-        await self.hold("hold-promote", report.weight, t.canary, stable, stable_image)
+        await self.hold("hold-promote", report.weight, t.canary, baseline, stable_image)
         if not inp.auto_promote and not self.promote_full and self.promote_request is None:
             await self.decide("promote-gate", f"promote {inp.image} to 100 %")
 
@@ -667,6 +748,13 @@ class CanaryWorkflow(Rollout):
             heartbeat=10,
             detail=lambda s: f"{s.stable_image} {s.stable_ready}/{s.stable_desired} ready",
         )
+        if routers:
+            await self.step("route-stable", "Route 100 % to stable", ROUTER_SET_WEIGHT,
+                            WeightRequest(target=t, canary_weight=0, baseline=fresh), queue=rq,
+                            detail=lambda s: s.detail)
+        if fresh:
+            await self.step("remove-baseline", f"Remove {baseline}", K8S_DELETE_CANARY, bt, queue=q,
+                            detail=lambda s: f"{bt.canary} removed")
         await self.step(
             "cleanup",
             "Route 100 % to stable and remove the canary",

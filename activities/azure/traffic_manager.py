@@ -215,3 +215,90 @@ class AzureTrafficManagerRouter:
                 }
             )
             _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+
+
+# -- weighted routing: a region-level canary (the rollout's traffic-manager router) --------------------------
+
+TM_WEIGHT_SCALE = 10  # a share of p % is the endpoint weight 10 x p (Traffic Manager takes 1..1000)
+
+
+class TrafficManagerWeights:
+    """The canary's share as Traffic Manager endpoint weights (weighted routing): stable and canary endpoints get
+    10 x their percent; an endpoint at 0 % is Disabled (Traffic Manager's weights start at 1)."""
+
+    def __init__(self, router: Any, conn: AzureConnection | None):
+        self.r = router  # opsflow.rollout.TrafficManagerRouter
+        self.conn = conn or AzureConnection()
+        self._client: Any = None
+
+    @property
+    def resource(self) -> str:
+        return (f"Traffic Manager profile {self.r.profile} (resource group {self.r.resource_group}, "
+                f"subscription {self.r.subscription_id})")
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = traffic_manager_client(self.conn, self.r.subscription_id)
+        return self._client
+
+    def roles(self) -> dict[str, str]:
+        return {"stable": self.r.stable_endpoint, "canary": self.r.canary_endpoint}
+
+    def endpoints(self) -> dict[str, Any]:
+        """role -> endpoint, read from the profile; a profile without weighted routing or without an endpoint the
+        inventory names is refused (non-retryable), naming what it has."""
+        with arm_errors(f"get {self.resource}"):
+            profile = self.client.profiles.get(self.r.resource_group, self.r.profile)
+        method = field(profile, "properties", "traffic_routing_method") or field(profile, "traffic_routing_method")
+        if (method or "").lower() != "weighted":
+            raise ApplicationError(f"{self.resource} routes by {method}, not Weighted: a canary needs weighted "
+                                   "routing", type="TrafficConfig", non_retryable=True)
+        found = {(field(e, "name") or "").lower(): e for e in (field(profile, "properties", "endpoints") or
+                                                                 field(profile, "endpoints") or [])}
+        missing = [n for n in self.roles().values() if n.lower() not in found]
+        if missing:
+            raise ApplicationError(
+                f"{self.resource} has no endpoint {', '.join(missing)}; it has: "
+                f"{', '.join(field(e, 'name') for e in found.values()) or 'none'}",
+                type="AzureResourceNotFound", non_retryable=True)
+        return {role: found[name.lower()] for role, name in self.roles().items()}
+
+    @staticmethod
+    def _props(e: Any, key: str) -> Any:
+        v = field(e, "properties", key)
+        return v if v is not None else field(e, key)
+
+    def shares(self, endpoints: dict[str, Any] | None = None) -> dict[str, int]:
+        """role -> percent, as weighted routing answers: an enabled endpoint's weight over the enabled total."""
+        eps = endpoints if endpoints is not None else self.endpoints()
+        weights = {role: (self._props(e, "weight") or 1) if (self._props(e, "endpoint_status") or "").lower()
+                   == "enabled" else 0 for role, e in eps.items()}
+        total = sum(weights.values())
+        return {role: round(100 * w / total) if total else 0 for role, w in weights.items()}
+
+    def set(self, shares: dict[str, int]) -> dict[str, int]:
+        """Give each role its share; the endpoint that gains weight first, so no moment has both disabled."""
+        eps = self.endpoints()
+        order = sorted(shares, key=lambda role: -shares[role])  # the larger share first: never both at 0
+        for role in order:
+            e, pct = eps[role], shares[role]
+            enabled = (self._props(e, "endpoint_status") or "").lower() == "enabled"
+            props: dict[str, Any] = {}
+            if pct > 0:
+                if not enabled:
+                    props["endpointStatus"] = "Enabled"
+                if self._props(e, "weight") != pct * TM_WEIGHT_SCALE:
+                    props["weight"] = pct * TM_WEIGHT_SCALE
+            elif enabled:
+                props["endpointStatus"] = "Disabled"
+            if not props:
+                continue
+            name = field(e, "name")
+            what = f"update endpoint {name} of {self.resource} ({', '.join(f'{k}={v}' for k, v in props.items())})"
+            logger(log).info(what)
+            _heartbeat(what)
+            with arm_errors(what):
+                self.client.endpoints.update(self.r.resource_group, self.r.profile, self.r.endpoint_type, name,
+                                             {"properties": props})
+        return self.shares()

@@ -11,6 +11,7 @@ from opsflow.rollout import (
     JudgeRequest,
     RolloutState,
     RolloutTarget,
+    RouterState,
     Samples,
     SamplesRequest,
     StepAnalysis,
@@ -29,3 +30,8 @@ K8S_SCALE_DEPLOYMENT = Activity("k8s.scale_deployment", DeploymentRequest, Rollo
 PROMETHEUS_SAMPLES = Activity("prometheus.samples", SamplesRequest, Samples)
 HTTP_CHECKS = Activity("http.checks", ChecksRequest, list[CheckResult])
 ANALYSIS_JUDGE = Activity("analysis.judge", JudgeRequest, StepAnalysis)
+
+# The router the app's inventory names (httproute, nginx, traffic-manager), chosen by kind in activities/routers.py;
+# run on the router's queue (the worker on the NGINX host) or the region's.
+ROUTER_STATUS = Activity("router.status", RolloutTarget, RouterState)
+ROUTER_SET_WEIGHT = Activity("router.set_weight", WeightRequest, RouterState)

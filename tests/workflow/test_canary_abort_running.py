@@ -8,7 +8,7 @@ import asyncio
 import threading
 
 from opsflow.client import send_update
-from opsflow.contracts.rollout import K8S_CREATE_CANARY, K8S_DELETE_CANARY, K8S_SET_WEIGHT
+from opsflow.contracts.rollout import K8S_CREATE_CANARY, K8S_DELETE_CANARY, K8S_SET_WEIGHT, ROUTER_SET_WEIGHT
 from tests.workflow.test_canary_workflow import (  # noqa: F401
     OLD,
     approve_quorum,
@@ -35,3 +35,4 @@ async def test_abort_while_the_canary_is_being_created(env, worker, cluster):  #
     assert report.status == "aborted" and report.rolled_back
     assert cluster.canary_image is None and cluster.weights == {"web": 100} and cluster.stable_image == OLD
     assert K8S_DELETE_CANARY.name in cluster.calls and K8S_SET_WEIGHT.name not in cluster.calls
+    assert ROUTER_SET_WEIGHT.name not in cluster.calls

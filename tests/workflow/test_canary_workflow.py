@@ -42,6 +42,8 @@ from opsflow.contracts.rollout import (
     K8S_SET_WEIGHT,
     K8S_SWITCH_SERVICE,
     PROMETHEUS_SAMPLES,
+    ROUTER_SET_WEIGHT,
+    ROUTER_STATUS,
 )
 from opsflow.inventory import Inventory
 from opsflow.models import NotifyRequest
@@ -53,6 +55,7 @@ from opsflow.rollout import (
     MetricSamples,
     RolloutState,
     RolloutTarget,
+    RouterState,
     Samples,
     SamplesRequest,
     WeightRequest,
@@ -81,6 +84,9 @@ class Cluster:
     block: dict = field(default_factory=dict)  # activity name -> threading.Event it waits for (heartbeating)
     started: dict = field(default_factory=dict)  # activity name -> threading.Event set when it starts
     failing_checks: set = field(default_factory=set)  # names of the HTTP checks that fail
+    baseline_image: str | None = None  # analysis.baseline: fresh: web-baseline's image
+    router_queues: list = field(default_factory=list)  # the queue each router.* activity ran on
+    sampled: list = field(default_factory=list)  # (canary, baseline) deployments of each Prometheus query
 
     def state(self) -> RolloutState:
         return RolloutState(
@@ -111,7 +117,8 @@ class Cluster:
 
     @property
     def stable_at_100(self) -> bool:
-        return self.canary_image is None and self.weights == {"web": 100} and self.stable_image == OLD
+        return (self.canary_image is None and self.baseline_image is None and self.weights == {"web": 100}
+                and self.stable_image == OLD)
 
     def figures(self, deployment: str, metric: str, baseline: bool) -> list[float]:
         rng = np.random.default_rng(abs(hash((deployment, metric, baseline))) % 2**32)
@@ -138,14 +145,39 @@ class Cluster:
         @K8S_CREATE_CANARY.implementation
         def create_canary(r: ImageRequest) -> RolloutState:
             c._enter(K8S_CREATE_CANARY.name)
-            c.canary_image = r.image
+            if r.target.canary_suffix == "-baseline":
+                c.baseline_image = r.image
+            else:
+                c.canary_image = r.image
             return c.state()
 
         @K8S_SCALE_CANARY.implementation
         def scale_canary(r: WeightRequest) -> RolloutState:
             c._enter(K8S_SCALE_CANARY.name)
-            c.replicas["web-canary"] = max(1, -(-3 * r.canary_weight // 100))
+            c.replicas[r.target.canary] = max(1, -(-3 * r.canary_weight // 100))
             return c.state()
+
+        def shares(weights: dict) -> dict:
+            return {role: weights.get(svc, 0) for role, svc in
+                    (("stable", "web"), ("canary", "web-canary"), ("baseline", "web-baseline"))}
+
+        @ROUTER_STATUS.implementation
+        def router_status(t: RolloutTarget) -> RouterState:
+            c._enter(ROUTER_STATUS.name)
+            c.router_queues.append(activity.info().task_queue)
+            return RouterState(kind=t.app.router.kind, router="stand-in", weights=shares(c.weights))
+
+        @ROUTER_SET_WEIGHT.implementation
+        def router_set_weight(r: WeightRequest) -> RouterState:
+            c._enter(ROUTER_SET_WEIGHT.name)
+            c.router_queues.append(activity.info().task_queue)
+            want = r.shares()
+            c.weights = {svc: want[role] for role, svc in
+                         (("stable", "web"), ("canary", "web-canary"), ("baseline", "web-baseline"))
+                         if want.get(role) or role == "stable"}
+            c.weight_log.append((r.canary_weight, "+baseline") if r.baseline else r.canary_weight)
+            return RouterState(kind=r.target.app.router.kind, router="stand-in", weights=shares(c.weights),
+                               detail=str(want))
 
         @K8S_SET_WEIGHT.implementation
         def set_weight(r: WeightRequest) -> RolloutState:
@@ -157,6 +189,11 @@ class Cluster:
         @K8S_DELETE_CANARY.implementation
         def delete_canary(t: RolloutTarget) -> RolloutState:
             c._enter(K8S_DELETE_CANARY.name)
+            if t.canary_suffix == "-baseline":
+                c.calls[-1] = "delete-baseline"
+                c.baseline_image = None
+                c.weights.pop("web-baseline", None)
+                return c.state()
             c.weights = {"web": 100}
             c.canary_image = None
             return c.state()
@@ -189,6 +226,7 @@ class Cluster:
         @PROMETHEUS_SAMPLES.implementation
         def samples(r: SamplesRequest) -> Samples:
             c._enter(PROMETHEUS_SAMPLES.name)
+            c.sampled.append((r.canary, r.baseline))
             requests = 5.0 if c.behaviour == "quiet" else 1000.0
             return Samples(
                 metrics=[
@@ -233,6 +271,8 @@ class Cluster:
             notify,
             judge_step,
             checks,
+            router_status,
+            router_set_weight,
         ]
 
 
@@ -400,7 +440,7 @@ async def test_healthy_canary_steps_bakes_judges_and_promotes(env, worker, clust
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded" and not report.rolled_back
     assert (
-        cluster.weight_log == [5, 25, 50]
+        cluster.weight_log == [5, 25, 50, 0]  # 0: traffic back on stable before the canary is removed
         and cluster.stable_image == NEW
         and cluster.canary_image is None
         and cluster.weights == {"web": 100}
@@ -432,8 +472,8 @@ async def test_the_canary_is_sized_for_each_weight_before_the_weight_moves(env, 
         await approve_quorum(handle)
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded"
-    moves = [c for c in cluster.calls if c in (K8S_SCALE_CANARY.name, K8S_SET_WEIGHT.name)]
-    assert moves == [K8S_SCALE_CANARY.name, K8S_SET_WEIGHT.name] * 3  # capacity first, then traffic, at each weight
+    moves = [c for c in cluster.calls if c in (K8S_SCALE_CANARY.name, ROUTER_SET_WEIGHT.name)]
+    assert moves == [K8S_SCALE_CANARY.name, ROUTER_SET_WEIGHT.name] * 3 + [ROUTER_SET_WEIGHT.name]  # capacity first
     names = [s.name for s in report.steps]
     assert [n for n in names if n.startswith(("scale-", "weight-"))] == [
         "scale-5", "weight-5", "scale-25", "weight-25", "scale-50", "weight-50"]
@@ -475,7 +515,7 @@ async def test_faulty_canary_is_rolled_back_weight_zero_first_naming_the_metric(
     assert cluster.weight_log == [5, 0]  # weight 0 first ...
     # ... then removed
     assert cluster.calls.index(K8S_DELETE_CANARY.name) > len(cluster.calls) - 1 - cluster.calls[::-1].index(
-        K8S_SET_WEIGHT.name
+        ROUTER_SET_WEIGHT.name
     )
     assert cluster.stable_at_100 and K8S_SET_IMAGE.name not in cluster.calls
     breach = report.analysis[-1]
@@ -514,7 +554,7 @@ async def test_marginal_pauses_for_a_person_then_promote_goes_on(env, worker, cl
         await send_update(handle, Rollout.promote, Request(by="alice", full=True))
         report = RolloutReport.model_validate(await handle.result())
     assert report.status == "succeeded" and cluster.stable_image == NEW
-    assert cluster.weight_log == [5, 25]  # --full: straight to 100 %
+    assert cluster.weight_log == [5, 25, 0]  # --full: straight to 100 %
     assert [e.action for e in report.promoted_by] == ["promote", "promote-full"]
 
 
@@ -615,7 +655,7 @@ async def test_a_freeze_that_begins_during_the_run_holds_the_weight_until_it_end
         assert "opsflow override" in held.waiting_for and cluster.weights == {"web": 75, "web-canary": 25}
         assert held.status == "running"
         report = RolloutReport.model_validate(await handle.result())
-    assert report.status == "succeeded" and cluster.weight_log == [5, 25, 50] and report.held is None
+    assert report.status == "succeeded" and cluster.weight_log == [5, 25, 50, 0] and report.held is None
     steps = {s.name: s for s in report.steps}
     hold = steps["hold-50"]
     assert hold.outcome == "ok" and "the calendar opened" in hold.detail and "check(s), no limit broken" in hold.detail
@@ -712,7 +752,7 @@ async def test_dry_run_plans_every_step_and_changes_nothing(env, worker, cluster
     assert report.status == "planned" and cluster.calls == [K8S_ROLLOUT_STATUS.name]
     planned = [s.name for s in report.steps if s.outcome in ("planned", "skipped")]
     assert planned[:5] == ["approval", "create-canary", "hold-5", "scale-5", "weight-5"]
-    assert planned[-4:] == ["promote-gate", "promote", "cleanup", "notify"]
+    assert planned[-5:] == ["promote-gate", "promote", "route-stable", "cleanup", "notify"]
     holds = [s for s in report.steps if s.name.startswith("hold-")]
     assert [s.name for s in holds] == ["hold-5", "hold-25", "hold-50", "hold-promote"]
     assert all(s.outcome == "planned" and "when a freeze begins" in s.detail for s in holds)
@@ -832,3 +872,84 @@ async def test_a_rollout_approver_promotes_signed_and_a_replayed_promote_is_refu
     assert (
         report.status == "succeeded" and cluster.stable_image == NEW and [e.by for e in report.promoted_by] == ["carol"]
     )
+
+
+# -- routers (chosen by kind) and the fresh baseline ---------------------------------------------------------
+
+NGINX = {"kind": "nginx", "upstream_file": "/etc/nginx/conf.d/web-upstream.conf", "upstream": "web",
+         "servers": {"stable": ["10.0.0.1:8080", "10.0.0.2:8080"], "canary": ["10.0.0.3:8080"],
+                     "baseline": ["10.0.0.4:8080"]},
+         "reload": ["docker", "exec", "nginx-lb", "nginx", "-s", "reload"]}
+
+
+def app_with(router: dict) -> dict:
+    return {"web": {**ROLLOUT["apps"]["web"], "router": router}}
+
+
+async def test_an_nginx_router_moves_the_weight_on_its_own_queue_and_routes_stable_before_the_cleanup(
+        env, worker, cluster):
+    queue, _, _ = worker
+    inv = make_inventory(apps=app_with({**NGINX, "queue": f"{queue}-westeurope"}))  # the worker on the NGINX host
+    async with serving(worker):
+        handle = await start(env, worker, inv, auto_promote=True)
+        await approve_quorum(handle)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and report.router == "nginx" and cluster.stable_image == NEW
+    assert cluster.weight_log == [5, 25, 50, 0] and K8S_SET_WEIGHT.name not in cluster.calls
+    assert cluster.router_queues == [f"{queue}-westeurope"] * 5  # the check, three weights, back to stable
+    names = [s.name for s in report.steps]
+    assert names.index("router") < names.index("approval") < names.index("weight-5")
+    assert names.index("promote") < names.index("route-stable") < names.index("cleanup")
+    assert cluster.calls.index(ROUTER_SET_WEIGHT.name, cluster.calls.index(K8S_SET_IMAGE.name)) < cluster.calls.index(
+        K8S_DELETE_CANARY.name)  # 0 % through the router, then the canary removed
+
+
+async def test_a_router_that_does_not_send_everything_to_stable_is_refused_before_any_change(env, worker, cluster):
+    cluster.weights = {"web": 75, "web-canary": 25}  # a canary left over in the upstream file
+    async with serving(worker):
+        report = await failed(await start(env, worker, make_inventory(apps=app_with(NGINX))))
+    assert report.status == "refused" and "does not send 100 % to stable" in report.failure
+    assert cluster.calls == [K8S_ROLLOUT_STATUS.name, ROUTER_STATUS.name]
+
+
+FRESH = {**ROLLOUT["analysis"], "baseline": "fresh"}
+
+
+async def test_a_fresh_baseline_is_started_with_the_canary_weighted_alike_judged_against_and_removed(
+        env, worker, cluster):
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(analysis=FRESH, steps=[5, 25, 50, 100]), auto_promote=True)
+        await approve_quorum(handle)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and report.baseline == "web-baseline"
+    names = [s.name for s in report.steps]
+    assert names.index("create-canary") < names.index("create-baseline") < names.index("scale-5")
+    assert names.index("scale-5") < names.index("scale-baseline-5") < names.index("weight-5")
+    assert names.index("route-stable") < names.index("remove-baseline") < names.index("cleanup")
+    assert cluster.weight_log == [(5, "+baseline"), (25, "+baseline"), (50, "+baseline"), (0, "+baseline")]
+    assert cluster.replicas["web-baseline"] == cluster.replicas["web-canary"] == 2  # as big as the canary at 50 %
+    assert set(cluster.sampled) == {("web-canary", "web-baseline")}  # judged against the baseline, not stable
+    assert cluster.baseline_image is None and cluster.canary_image is None and cluster.weights == {"web": 100}
+    details = {s.name: s.detail for s in report.steps}
+    assert details["weight-50"] == str({"stable": 0, "canary": 50, "baseline": 50})
+
+
+async def test_a_faulty_canary_against_a_fresh_baseline_rolls_back_removing_both(env, worker, cluster):
+    cluster.behaviour = "faulty"
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(analysis=FRESH), auto_promote=True)
+        await approve_quorum(handle)
+        report = await failed(handle)
+    assert report.rolled_back and "error-rate" in report.rollback_reason
+    assert cluster.weight_log == [(5, "+baseline"), (0, "+baseline")]
+    undo = [s.name for s in report.steps if s.outcome == "compensated"]
+    assert undo == ["undo:router.set_weight", "undo:k8s.delete_canary", "undo:k8s.delete_canary"]  # 0 %, then both
+    assert cluster.calls[-3:] == [ROUTER_SET_WEIGHT.name, "delete-baseline", K8S_DELETE_CANARY.name]
+    assert cluster.stable_at_100
+
+
+async def test_a_fresh_baseline_refuses_weights_above_50_before_any_change(env, worker, cluster):
+    async with serving(worker):
+        report = await failed(await start(env, worker, make_inventory(analysis=FRESH), steps=[25, 75, 100]))
+    assert report.status == "refused" and "at most 50 (not 75)" in report.failure
+    assert cluster.calls == [K8S_ROLLOUT_STATUS.name]
