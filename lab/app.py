@@ -83,9 +83,13 @@ def make_server(port: int, deployment: str, image: str) -> ThreadingHTTPServer:
             requests.labels(status=str(code), **labels).inc()
             self._answer(code, f"{deployment} {labels['version']} {code}\n".encode())
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = Server(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     return server
+
+
+class Server(ThreadingHTTPServer):
+    allow_reuse_port = True  # the next image's process binds the port while this one finishes (the nginx router)
 
 
 def main(argv: list[str] | None = None) -> int:

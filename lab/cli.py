@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 "(e.g. 0.2)")
             p.add_argument("--rollout", action="store_true",
                            help="also the rollout stage: app processes, NGINX, Prometheus, load")
+            p.add_argument("--router", choices=["httproute", "nginx"], default="httproute",
+                           help="with --rollout: what splits the canary's traffic: the HTTPRoute (NGINX follows it, "
+                                "as a gateway would), or plain NGINX whose upstream file opsflow writes")
             if name == "up":
                 p.add_argument("--encrypt", action="store_true",
                                help="encrypt Temporal payloads (a lab key; a codec server for the UI)")
@@ -59,7 +62,8 @@ def main(args: argparse.Namespace) -> int:
             print("opsflow lab up: --virtual-endpoint is an Azure feature (not with --cloud aws)", file=sys.stderr)
             return 2
         manage.up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults,
-                  encrypt=args.encrypt, rollout=args.rollout, virtual_endpoint=args.virtual_endpoint)
+                  encrypt=args.encrypt, rollout=args.rollout, virtual_endpoint=args.virtual_endpoint,
+                  router=args.router)
         s = manage.status(root)
         if args.json:
             print(json.dumps(s, indent=2))

@@ -68,7 +68,8 @@ def temporal_binary() -> str:
 
 
 def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
-       faults: float = 0.0, encrypt: bool = False, rollout: bool = False, virtual_endpoint: bool = False) -> dict:
+       faults: float = 0.0, encrypt: bool = False, rollout: bool = False, virtual_endpoint: bool = False,
+       router: str = "httproute") -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
     tests and benchmarks take any free ports so they never meet another lab's leftovers. faults: the fraction of
     cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults).
@@ -85,6 +86,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
     lab.faults = faults
     try:
         lab.state["with_rollout"] = rollout  # the rollout stage (lab/rollout.py): app, NGINX, Prometheus, load
+        lab.state["rollout_router"] = router  # httproute | nginx (the upstream file opsflow writes)
         lab.state["virtual_endpoint"] = VIRTUAL_ENDPOINT if virtual_endpoint and cloud == "azure" else None
         _up(lab, root, with_worker, say, cloud, default_ports, encrypt)
     except BaseException:
@@ -133,7 +135,8 @@ def _up(lab: Lab, root: Path, with_worker: bool, say: Say, cloud: str, default_p
     seed_demo_data(clusters[PRIMARY])
     if lab.state.get("with_rollout"):
         say("lab: rollout stage (app processes, NGINX, Prometheus, load)")
-        lab.state["rollout"] = rollout.start(lab, root, lab.state["kubernetes"][PRIMARY]["url"], PRIMARY)
+        lab.state["rollout"] = rollout.start(lab, root, lab.state["kubernetes"][PRIMARY]["url"], PRIMARY,
+                                             router=lab.state.get("rollout_router") or "httproute")
     inventory = root / "inventory.yaml"
     inv = aws_lab_inventory(lab.state, root) if cloud == "aws" else lab_inventory(lab.state, root)
     if lab.state.get("rollout"):

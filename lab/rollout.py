@@ -10,6 +10,12 @@ discovery (a file_sd target list, one target per app process). A load generator 
 through NGINX. NGINX and Prometheus run as this user with their own prefix and data directory in the lab.
 
 The Kubernetes API is polled every ~0.25 s over plain HTTP (the emulator has no watch).
+
+With `--router nginx` (`opsflow lab up --rollout --router nginx`) NGINX is plain NGINX in front of services
+outside Kubernetes: each deployment's process has a fixed port (web, web-canary, web-baseline; a new image's
+process takes the port over, SO_REUSEPORT), nginx.conf includes `upstream.conf`, and that file is opsflow's: the
+worker writes it, runs `nginx -t` and reloads (activities/nginx.py). The stage writes it once, stable alone, as a
+person would have, and never follows the HTTPRoute.
 """
 
 from __future__ import annotations
@@ -46,6 +52,18 @@ NGINX = "/usr/sbin/nginx"
 PROMETHEUS = "/usr/bin/prometheus"
 
 
+def serves(port: int, version: str) -> bool:
+    """The port answers with `version` (a new image's process has taken over a fixed port)."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        conn.request("GET", "/healthz")
+        ok = conn.getresponse().headers.get("X-Version") == version
+        conn.close()
+        return ok
+    except (OSError, http.client.HTTPException):
+        return False
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
@@ -66,17 +84,28 @@ def seed_additions(seed: dict) -> dict:
     return seed
 
 
-def start(lab: Lab, root: Path, kube_url: str, region: str) -> dict:
+ROLES = {"stable": APP, "canary": f"{APP}-canary", "baseline": f"{APP}-baseline"}  # the nginx router's servers
+
+
+def start(lab: Lab, root: Path, kube_url: str, region: str, router: str = "httproute") -> dict:
     """Start the stage as a lab process; returns what `opsflow lab status` shows under `rollout`."""
     proxy_port, prom_port = free_port(), free_port()
+    ports = {name: free_port() for name in ROLES.values()} if router == "nginx" else {}
     lab.spawn("rollout", [sys.executable, "-m", "lab.rollout", "--dir", str(root / "rollout"), "--kube", kube_url,
                           "--namespace", NAMESPACE, "--route", APP, "--proxy-port", str(proxy_port),
-                          "--prometheus-port", str(prom_port)])
+                          "--prometheus-port", str(prom_port),
+                          *(a for name, p in ports.items() for a in ("--app-port", f"{name}={p}"))])
     lab.wait_port("rollout", prom_port, what="prometheus")
     lab.wait_port("rollout", proxy_port, what="nginx")
+    d = root / "rollout" / "nginx"
+    nginx = [NGINX, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")]
     return {"images": dict(IMAGES), "stable_image": STABLE_IMAGE, "app": APP, "namespace": NAMESPACE, "region": region,
             "route": APP, "prometheus": f"http://127.0.0.1:{prom_port}", "proxy": f"http://127.0.0.1:{proxy_port}",
-            "state": str(root / "rollout" / "state.json")}
+            "state": str(root / "rollout" / "state.json"), "router": router,
+            **({"nginx": {"upstream_file": str(d / "upstream.conf"), "upstream": APP,
+                          "servers": {role: [f"127.0.0.1:{ports[name]}"] for role, name in ROLES.items()},
+                          "test": [NGINX, "-t", "-q", *nginx[1:]], "reload": [*nginx, "-s", "reload"]}}
+               if router == "nginx" else {})}
 
 
 def inventory_section(rollout: dict, receiver: str | None = None) -> dict:
@@ -89,7 +118,8 @@ def inventory_section(rollout: dict, receiver: str | None = None) -> dict:
            '(rate(http_request_duration_seconds_bucket{deployment="{deployment}"}[5s])))')
     return {
         "apps": {APP: {"region": rollout["region"], "deployment": APP, "container": APP, "service": APP,
-                       "router": {"kind": "httproute", "name": rollout["route"]}}},
+                       "router": ({"kind": "nginx", **rollout["nginx"]} if rollout.get("router") == "nginx"
+                                  else {"kind": "httproute", "name": rollout["route"]})}},
         "analysis": {
             "prometheus": rollout["prometheus"],
             "interval": "5s",
@@ -136,6 +166,7 @@ class Stage:
     route: str
     proxy_port: int
     prom_port: int
+    app_ports: dict[str, int] = field(default_factory=dict)  # the nginx router: each deployment's fixed port
     apps: dict[str, AppProcess] = field(default_factory=dict)
     retiring: list[AppProcess] = field(default_factory=list)
     rendered: str = ""
@@ -166,12 +197,14 @@ class Stage:
             cur = self.apps.get(name)
             if cur is not None and cur.image == image and cur.proc.poll() is None:
                 continue
-            port = free_port()
+            port = self.app_ports.get(name) or free_port()
             proc = subprocess.Popen([sys.executable, "-m", "lab.app", "--port", str(port), "--deployment", name,
                                      "--image", image],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None)
             deadline = time.monotonic() + 15
-            while not port_open(port) and time.monotonic() < deadline and proc.poll() is None:
+            version = image.rsplit(":", 1)[-1]
+            while time.monotonic() < deadline and proc.poll() is None and not (
+                    serves(port, version) if name in self.app_ports else port_open(port)):
                 time.sleep(0.05)
             log.info("app %s runs %s on port %d (pid %d)", name, image, port, proc.pid)
             if cur is not None:
@@ -298,10 +331,33 @@ scrape_configs:
                          for a in self.apps.values()},
                 "nginx": self.rendered.splitlines()[0] if self.rendered else None}
 
+    def render_fixed(self) -> str:
+        """The nginx router: nginx.conf includes upstream.conf, which opsflow's worker writes (stable alone at first,
+        as a person would have it)."""
+        d = self.root / "nginx"
+        upstream = d / "upstream.conf"
+        if not upstream.exists():
+            server = f"127.0.0.1:{self.app_ports[APP]}"
+            upstream.write_text(f"upstream {APP} {{\n    server {server};\n    keepalive 16;\n}}\n")
+        conf = self.render([], {}, [])
+        head = "# plain NGINX: the upstream is opsflow's file (the nginx router), not the HTTPRoute\n"
+        route = "  upstream route {\n    server 127.0.0.1:1 down;\n    keepalive 16;\n  }\n"
+        conf = conf.split("\n", 1)[1].replace(route, f"  include {upstream};\n")
+        # a server that refuses (a process taking over its port) is retried on another; a 500 is the answer
+        return head + conf.replace("proxy_pass http://route;", f"proxy_pass http://{APP};").replace(
+            "proxy_next_upstream off;", "proxy_next_upstream error;")
+
     def step(self) -> None:
         deployments, services, routes = self.observe()
         self.run_apps(deployments)
         self.write_targets()
+        if self.app_ports:  # the nginx router: opsflow's worker writes the upstream and reloads
+            state = self.root / "state.json"
+            if not state.exists() or json.loads(state.read_text()) != self.state():
+                state.write_text(json.dumps(self.state(), indent=1))
+            if self.retiring:
+                self.stop_retired()
+            return
         config = self.render(deployments, services, routes)
         if config != self.rendered:
             self.apply(config)
@@ -359,15 +415,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--proxy-port", type=int, required=True)
     p.add_argument("--prometheus-port", type=int, required=True)
     p.add_argument("--rps", type=float, default=40.0, help="load generator: requests per second through the proxy")
+    p.add_argument("--app-port", action="append", default=[], metavar="DEPLOYMENT=PORT",
+                   help="the nginx router: a deployment's fixed port (NGINX's upstream file names it)")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (args.dir / "nginx").mkdir(parents=True, exist_ok=True)
-    stage = Stage(args.dir, args.kube, args.namespace, args.route, args.proxy_port, args.prometheus_port)
+    stage = Stage(args.dir, args.kube, args.namespace, args.route, args.proxy_port, args.prometheus_port,
+                  {n: int(p) for n, p in (a.split("=", 1) for a in args.app_port)})
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     stage.start_prometheus()
-    stage.apply(stage.render([], {}, []))
+    stage.apply(stage.render_fixed() if stage.app_ports else stage.render([], {}, []))
     load(args.proxy_port, args.rps, done)
     try:
         while not done.is_set():

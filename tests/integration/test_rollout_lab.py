@@ -40,12 +40,14 @@ def rollout_lab(tmp_path_factory):
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def run_rollout(lab: Lab, *args: str) -> dict:
+def run_rollout(lab: Lab, *args: str, during=None) -> dict:
     started = lab.cli_json(*args, "--requester", "alice")
     wid = started["workflow_id"]
     wait_for(lambda: lab.status(wid)["current_step"] == "approval", 60, what="the approval gate")
     lab.cli("approve", wid, "--as", "carol", check=True)
     lab.cli("approve", wid, "--as", "dave", check=True)
+    if during is not None:  # a look while it runs (e.g. the split at a weight)
+        during(wid)
 
     wait_end(lab, wid, 240, lambda r: r["status"] not in ("running", "waiting", "paused"), "the rollout to end")
     return lab.cli_json("report", wid)
@@ -141,7 +143,7 @@ def test_faulty_image_is_rolled_back_naming_the_error_rate(rollout_lab):
     assert deployments(lab)["web"] == before and "web-canary" not in deployments(lab)
     assert route_weights(lab) == {"web": 100}
     undo = [s["name"] for s in report["steps"] if s["outcome"] == "compensated"]
-    assert undo == ["undo:k8s.set_weight", "undo:k8s.delete_canary"]  # weight 0 first, then the canary removed
+    assert undo == ["undo:router.set_weight", "undo:k8s.delete_canary"]  # weight 0 first, then the canary removed
 
 
 def test_bluegreen_switch_and_automatic_switch_back(rollout_lab):
