@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
@@ -234,6 +235,32 @@ class TrafficManager(ArmState):
             result = self.endpoint_body(prof, ep)
         self.persist()
         return result
+
+    def dns_answers(self, profile: str, queries: int, seed: int = 0) -> dict:
+        """Admin: which endpoint each of `queries` DNS queries gets, as Traffic Manager answers: the endpoints it
+        may answer with are the enabled ones its probes find Online (or still checking; all enabled ones when none
+        is); weighted routing picks one at random in proportion to its weight, priority routing the lowest
+        priority number. Returns {"answers": {endpoint: count}, "routing_method": ...}."""
+        with self.lock:
+            prof = self.profiles.get(profile.lower())
+            if prof is None:
+                raise ArmError(404, "ResourceNotFound", f"no profile {profile!r}")
+            now = time.time()
+            enabled = [e for e in prof["endpoints"].values() if e["status"] == "Enabled"]
+            serving = [e for e in enabled if self.monitor_status(prof, e, now) in ("Online", "CheckingEndpoint")]
+            serving = serving or enabled
+            method = prof["routing_method"]
+        answers = {e["name"]: 0 for e in prof["endpoints"].values()}
+        if serving and prof["status"] == "Enabled":
+            if method.lower() == "weighted":
+                rng = random.Random(seed)
+                picks = rng.choices(serving, weights=[e["weight"] for e in serving], k=queries)
+                for e in picks:
+                    answers[e["name"]] += 1
+            else:
+                best = min(serving, key=lambda e: e["priority"] if e["priority"] is not None else 1001)
+                answers[best["name"]] = queries
+        return {"answers": answers, "queries": queries, "routing_method": method}
 
     def profiles_snapshot(self) -> dict:
         with self.lock:

@@ -142,6 +142,8 @@ class World(Restores, Replicas, TrafficManager, KeyVault):
             PUT  /vault/secrets/{name}                              {"value": "..."}
             POST /trafficmanagerprofiles/{profile}/endpoints/{endpoint}/health  {"healthy": false}
             POST /flexibleServers/{server}                          {"state": "Stopped"|null} (the reported state)
+            POST /trafficmanagerprofiles/{profile}/dns              {"queries": n, "seed": s}: the endpoints n DNS
+                                                                    queries would get (the profile's routing method)
         """
         if len(segs) == 3 and segs[:2] == ["vault", "secrets"] and method == "PUT":
             if not isinstance(body, dict) or not isinstance(body.get("value"), str):
@@ -158,6 +160,12 @@ class World(Restores, Replicas, TrafficManager, KeyVault):
             if not isinstance(body, dict) or not isinstance(body.get("healthy"), bool):
                 raise bad_request('body must be {"healthy": true|false}')
             return 200, self.set_endpoint_health(segs[1], segs[3], body["healthy"])
+        if len(segs) == 3 and segs[0].lower() == "trafficmanagerprofiles" and segs[2] == "dns" and method == "POST":
+            body = body if isinstance(body, dict) else {}
+            queries = body.get("queries", 1000)
+            if isinstance(queries, bool) or not isinstance(queries, int) or not 1 <= queries <= 100000:
+                raise bad_request('body must be {"queries": 1..100000, "seed": n}')
+            return 200, self.dns_answers(segs[1], queries, int(body.get("seed") or 0))
         if len(segs) == 2 and segs[0].lower() == "flexibleservers" and method == "POST":
             if not isinstance(body, dict) or "state" not in body:
                 raise bad_request('body must be {"state": "Stopped" | ... | null}')
