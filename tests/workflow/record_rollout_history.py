@@ -1,6 +1,6 @@
 """Record the rollout procedures' histories for the replay test (tests/workflow/test_replay.py).
 
-    python -m tests.workflow.record_rollout_history canary|bluegreen [healthy|worker-rules|held-checked]
+    python -m tests.workflow.record_rollout_history canary|bluegreen [healthy|worker-rules|held-checked|nginx-fresh]
 
 As record_history.py: a recorded history is never re-recorded (the recorder refuses to overwrite)."""
 
@@ -21,7 +21,7 @@ from opsflow.client import send_update
 from opsflow.inventory import Inventory
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
-from tests.workflow.test_canary_workflow import CHECKS, NEW, Cluster, make_inventory
+from tests.workflow.test_canary_workflow import CHECKS, FRESH, NEW, NGINX, Cluster, app_with, make_inventory
 from workflows.canary import BlueGreenWorkflow, CanaryWorkflow, RolloutInput
 from workflows.procedure import Procedure, Request
 
@@ -31,8 +31,9 @@ HISTORIES = Path(__file__).parent / "histories"
 async def record(name: str, variant: str = "healthy") -> None:
     """variant `healthy`: as recorded first; `worker-rules`: the input without rules, the worker's in the history;
     `held-checked` (issue 21): as worker-rules, plus the canary sized per weight, HTTP checks in every bake and a
-    freeze that begins during the run (15 min after the start, for an hour) and holds it."""
-    new_shape = variant in ("worker-rules", "held-checked")
+    freeze that begins during the run (15 min after the start, for an hour) and holds it; `nginx-fresh` (issue
+    21): as worker-rules, the nginx router (router.* activities, route-stable) and a fresh baseline."""
+    new_shape = variant in ("worker-rules", "held-checked", "nginx-fresh")
     out = HISTORIES / f"{name}_{variant}.json"
     if out.exists():
         raise SystemExit(f"{out} exists: recorded histories are never re-recorded; record a new one under a new name")
@@ -46,6 +47,8 @@ async def record(name: str, variant: str = "healthy") -> None:
             freeze = {"name": "incident", "start": (now + timedelta(minutes=15)).isoformat(),
                       "end": (now + timedelta(minutes=75)).isoformat()}
             inv = make_inventory(freezes=[freeze], checks=CHECKS)
+        if variant == "nginx-fresh":
+            inv = make_inventory(apps=app_with(NGINX), analysis=FRESH)
         if new_shape:  # runs under its environment's lock: opsflow-replay
             inv = Inventory.model_validate({**inv.model_dump(mode="json"), "environment": "replay"})
             RULEBOOK.add(inv)
