@@ -67,6 +67,7 @@ def test_nginx_canary_at_25_takes_a_quarter_of_real_requests_then_is_promoted(ng
     assert report["status"] == "succeeded", report.get("failure")
     assert report["router"] == "nginx" and deployments(lab)["web"][0] == images["healthy"]
     seen = split["seen"]
+    print(f"nginx router at 25 %: {seen[new]} of 200 client requests to the canary ({dict(seen)})")
     assert sum(seen.values()) == 200 and 0.17 < seen[new] / 200 < 0.33, seen  # about a quarter to the canary
     assert split["upstream"][s["canary"]].startswith("weight=25") and split["upstream"][s["stable"]].startswith(
         "weight=75"), split
