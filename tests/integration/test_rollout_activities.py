@@ -33,6 +33,7 @@ from activities.kubernetes import (
     switch_service,
 )
 from activities.prometheus import samples
+from activities.routers import router_set_weight, router_status
 from lab.k8s_emulator import start_emulator, write_kubeconfig
 from lab.ports import free_port
 from lab.processes import wait_port
@@ -170,6 +171,29 @@ def test_canary_lifecycle_through_the_real_client(target):
 
     st = set_image(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
     assert st.stable_image == IMAGES["healthy"] and st.stable_done
+
+
+def test_a_fresh_baseline_through_the_httproute_router_three_ways_and_removed_without_touching_the_canary(target):
+    """The router interface on the HTTPRoute: a fresh baseline (a canary copy with suffix -baseline) gets the
+    canary's weight; removing it gives its share back to stable and leaves the canary's weight as it was."""
+    _, core, custom = api(target)
+    baseline = target.baseline_target()
+    create_canary(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
+    st = create_canary(ImageRequest(target=baseline, image=STABLE_IMAGE, wait_seconds=30))
+    assert st.canary == "web-baseline" and st.canary_image == STABLE_IMAGE and st.canary_ready == 1
+    assert core.read_namespaced_service("web-baseline", "shop").spec.selector == {"app": "web-baseline"}
+    got = router_set_weight(WeightRequest(target=target, canary_weight=25, baseline=True))
+    assert got.weights == {"stable": 50, "canary": 25, "baseline": 25} and got.kind == "httproute"
+    assert router_status(target).weights == got.weights
+    route = custom.get_namespaced_custom_object("gateway.networking.k8s.io", "v1", "shop", "httproutes", "web")
+    assert {r["name"]: r["weight"] for r in route["spec"]["rules"][0]["backendRefs"]} == {
+        "web": 50, "web-canary": 25, "web-baseline": 25}
+    st = delete_canary(baseline)  # an undo that comes before the weight's: the canary keeps its 25 %
+    assert st.weights == {"web": 75, "web-canary": 25} and st.canary is None  # the baseline (its target's copy)
+    assert rollout_status(target).canary == "web-canary"
+    assert router_set_weight(WeightRequest(target=target, canary_weight=0, baseline=True)).weights == {
+        "stable": 100, "canary": 0}
+    assert delete_canary(target).weights == {"web": 100}
 
 
 def test_the_canary_follows_its_weight_against_stables_current_replicas(target):
