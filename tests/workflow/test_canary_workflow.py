@@ -45,7 +45,7 @@ from opsflow.contracts.rollout import (
     ROUTER_SET_WEIGHT,
     ROUTER_STATUS,
 )
-from opsflow.inventory import Inventory
+from opsflow.inventory import AzureConnection, Inventory
 from opsflow.models import NotifyRequest
 from opsflow.rollout import (
     CheckResult,
@@ -87,6 +87,7 @@ class Cluster:
     baseline_image: str | None = None  # analysis.baseline: fresh: web-baseline's image
     router_queues: list = field(default_factory=list)  # the queue each router.* activity ran on
     sampled: list = field(default_factory=list)  # (canary, baseline) deployments of each Prometheus query
+    router_azure: list = field(default_factory=list)  # the ARM connection each router.set_weight was given
 
     def state(self) -> RolloutState:
         return RolloutState(
@@ -171,6 +172,7 @@ class Cluster:
         def router_set_weight(r: WeightRequest) -> RouterState:
             c._enter(ROUTER_SET_WEIGHT.name)
             c.router_queues.append(activity.info().task_queue)
+            c.router_azure.append(r.target.azure)
             want = r.shares()
             c.weights = {svc: want[role] for role, svc in
                          (("stable", "web"), ("canary", "web-canary"), ("baseline", "web-baseline"))
@@ -953,3 +955,20 @@ async def test_a_fresh_baseline_refuses_weights_above_50_before_any_change(env, 
         report = await failed(await start(env, worker, make_inventory(analysis=FRESH), steps=[25, 75, 100]))
     assert report.status == "refused" and "at most 50 (not 75)" in report.failure
     assert cluster.calls == [K8S_ROLLOUT_STATUS.name]
+
+
+TM = {"kind": "traffic-manager", "subscription_id": "sub", "resource_group": "rg-global", "profile": "tm-shop",
+      "stable_endpoint": "shop-eastus", "canary_endpoint": "shop-westus"}
+
+
+async def test_a_traffic_manager_canary_is_weighted_through_arm_as_the_inventory_connects(env, worker, cluster):
+    arm = AzureConnection(arm_endpoint="https://arm.example.test", credential="default")
+    inv = make_inventory(apps=app_with(TM)).model_copy(update={"azure": arm})
+    async with serving(worker):
+        handle = await start(env, worker, inv, auto_promote=True, steps=[10, 100])
+        await approve_quorum(handle)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and report.router == "traffic-manager"
+    assert cluster.weight_log == [10, 0] and cluster.router_azure == [arm, arm]
+    assert "traffic manager tm-shop (shop-eastus / shop-westus)" in next(
+        s.title for s in report.steps if s.name == "router")
