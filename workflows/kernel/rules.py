@@ -12,6 +12,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from opsflow import signing  # cryptography: a native extension, must not be re-imported in the sandbox
+    from opsflow.alert_routes import REQUESTABLE
     from opsflow.contracts.kernel import RULES_INVENTORY
     from opsflow.inventory import Inventory
     from opsflow.procedures import SCHEDULABLE
@@ -110,9 +111,21 @@ class Rules:
             )
         except ValueError as e:
             raise Stop("refused", str(e)) from None
+        self.check_alert_requester(received)
         if record is not None:
             self.report.start_signature, self.report.start_signed_at = record.signature, record.signed_at
             self.report.start_input_sha256, self.report.start_nonce = record.input_sha256, record.nonce
+
+    def check_alert_requester(self, received: Any) -> None:
+        """The alert receiver's name (the inventory's `alerts.requester`) may request a planned failover, which waits
+        at its approval gate, and nothing else: an alert may request a failover, never perform one."""
+        alerts = getattr(self.inventory, "alerts", None)
+        if alerts is None or self.report.requester != alerts.requester:
+            return
+        if self.report.procedure not in REQUESTABLE or getattr(received, "emergency", False):
+            what = "an emergency failover" if getattr(received, "emergency", False) else f"a {self.report.procedure}"
+            raise Stop("refused", f"{alerts.requester!r} is the alert receiver (alerts.requester): an alert may "
+                                  f"request a planned failover, never start {what}")
 
     def check_child(self, parent: Any, received: Any = None) -> None:
         """A child run: a Schedule's launch (its signed creation is in the memo), or a parent that starts this
