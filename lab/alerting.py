@@ -5,8 +5,8 @@ a team").
     signals      python -m lab.alerting: /metrics with `lab_region_degraded{region}`, 1 while <dir>/degraded-<region>
                  exists (flip it: `touch <lab>/alerting/degraded-eastus`), and the worker's metrics when it runs
     prometheus   scrapes them every second; the lab's rule RegionDegraded fires at once; alerts go to Alertmanager
-    alertmanager routes RegionDegraded by webhook to the receiver; repeats every few seconds (repeat_interval), so
-                 the lab shows a repeat starting nothing
+    alertmanager routes RegionDegraded by webhook (with the receiver's bearer token) to the receiver; repeats every
+                 few seconds (repeat_interval), so the lab shows a repeat starting nothing
     receiver     `opsflow alert-receiver` as the inventory's alerts.requester ("alertmanager", an operator of the
                  failover with its own SSH key, which signs the start): a planned failover to westeurope, waiting
                  at its approval gate
@@ -17,6 +17,7 @@ a team").
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -67,7 +68,11 @@ def prepare(lab: Lab, root: Path) -> None:
         "dir": str(d), "key": str(d / "receiver.key"), "public_key": new_key(d),
         "signals": f"http://127.0.0.1:{pick_port()}", "prometheus": f"http://127.0.0.1:{pick_port()}",
         "alertmanager": f"http://127.0.0.1:{pick_port()}", "receiver": f"http://127.0.0.1:{pick_port()}/alerts",
+        "token_file": str(d / "receiver.token"),
     }
+    token = Path(lab.state["alerting"]["token_file"])
+    token.touch(mode=0o600)
+    token.write_text(secrets.token_urlsafe(24) + "\n")
 
 
 def port_of(url: str) -> int:
@@ -118,6 +123,7 @@ receivers:
     webhook_configs:
       - url: {a['receiver']}
         send_resolved: true
+        http_config: {{authorization: {{credentials_file: {a['token_file']}}}}}
 """)
     lab.spawn("alert-signals", [sys.executable, "-m", "lab.alerting", "--dir", str(d), "--port",
                                 str(port_of(a["signals"]))])
@@ -128,8 +134,9 @@ receivers:
                                    f"--web.listen-address={host_of(a['prometheus'])}", "--log.level=warn",
                                    "--rules.alert.resend-delay=1s", "--storage.tsdb.retention.time=1d"])
     lab.spawn("alert-receiver", [sys.executable, "-m", "starters.cli", "alert-receiver", "--env",
-                                 lab.state["inventory"], "--key", a["key"], "--port", str(port_of(a["receiver"])),
-                                 "--state", str(d / "receiver-state.json")], env=env)
+                                 lab.state["inventory"], "--key", a["key"], "--token-file", a["token_file"],
+                                 "--port", str(port_of(a["receiver"])), "--state", str(d / "receiver-state.json")],
+              env=env)
     for name, url in (("alert-signals", a["signals"]), ("alertmanager", a["alertmanager"]),
                       ("alert-prometheus", a["prometheus"]), ("alert-receiver", a["receiver"])):
         lab.wait_port(name, port_of(url))

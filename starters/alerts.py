@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import logging
 import threading
@@ -117,12 +118,16 @@ class Receiver:
                 "waiting_for": "approval"}
 
 
-def serve(receiver: Receiver, address: str, port: int, ready: threading.Event | None = None) -> None:
+def serve(receiver: Receiver, address: str, port: int, token: str | None = None) -> None:
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="alert-receiver-loop", daemon=True).start()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802
+            given = self.headers.get("Authorization", "")
+            if token is not None and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return self._send(401, {"error": "Alertmanager's webhook must send the bearer token of --token-file "
+                                                 "(http_config.authorization.credentials_file)"})
             if self.path.split("?")[0] not in ("/", "/alerts"):
                 return self._send(404, {"error": "POST Alertmanager's webhook to /alerts"})
             try:
@@ -169,8 +174,16 @@ def run_receiver(args: argparse.Namespace) -> int:
         receiver = Receiver(inv, args.key, state)
     except (OSError, json.JSONDecodeError) as e:
         raise CliError(f"--state {state}: {e}") from None
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise CliError(f"--token-file {args.token_file}: {e}") from None
+        if not token:
+            raise CliError(f"--token-file {args.token_file} is empty")
     try:
-        serve(receiver, args.address, args.port)
+        serve(receiver, args.address, args.port, token)
     except OSError as e:
         raise ClientError(f"cannot listen on {args.address}:{args.port}: {e}", 2) from None
     return 0
@@ -183,6 +196,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_key_argument(p)  # the key of the inventory's alerts.requester, where starts are signed
     p.add_argument("--address", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9095, help="listen port (default 9095)")
+    p.add_argument("--token-file", metavar="FILE", help="refuse a POST without this bearer token (Alertmanager's "
+                                                        "webhook http_config.authorization.credentials_file)")
     p.add_argument("--state", metavar="FILE", help="where the firings already handled are kept "
                                                    "(default ./opsflow-alerts-<environment>.json)")
     p.set_defaults(func=run_receiver)

@@ -79,18 +79,22 @@ def test_a_real_alert_requests_one_signed_failover_that_waits_for_approval(alert
     refused = lab.cli("approve", wid, "--as", REQUESTER, "--key", key, "--reason", "an alert approving itself")
     assert refused.returncode != 0 and "may not approve" in refused.stderr + refused.stdout, refused
 
-    # A resolved alert requests nothing; a new firing while the environment is busy is refused, not remembered.
+    # Only Alertmanager (its bearer token) may post; a resolved alert requests nothing; a new firing while the
+    # environment is busy is refused, not remembered.
+    token = Path(a["token_file"]).read_text().strip()
+    auth = {"Authorization": f"Bearer {token}"}
     fingerprint, since = firing.split("@")
     body = {"version": "4", "status": "resolved", "receiver": "opsflow", "groupLabels": {}, "commonLabels": {},
             "commonAnnotations": {}, "externalURL": a["alertmanager"], "groupKey": "{}", "truncatedAlerts": 0,
             "alerts": [{"status": "resolved", "labels": {"alertname": ALERT, "region": "eastus"}, "annotations": {},
                         "startsAt": since, "endsAt": since, "generatorURL": "", "fingerprint": fingerprint}]}
-    assert httpx.post(a["receiver"], json=body, timeout=60).json()["results"][0]["outcome"] == "ignored"
+    assert httpx.post(a["receiver"], json=body, timeout=10).status_code == 401
+    assert httpx.post(a["receiver"], json=body, headers=auth, timeout=60).json()["results"][0]["outcome"] == "ignored"
     body["alerts"][0].update(status="firing", startsAt="2030-01-01T00:00:00Z")
-    busy = httpx.post(a["receiver"], json=body, timeout=60).json()["results"][0]
+    busy = httpx.post(a["receiver"], json=body, headers=auth, timeout=60).json()["results"][0]
     assert busy["outcome"] == "refused" and busy["workflow_id"] == wid
     assert json.loads(state_file.read_text()) == {firing: wid}
-    bad = httpx.post(a["receiver"], json={"alerts": [{"labels": {}}]}, timeout=10)
+    bad = httpx.post(a["receiver"], json={"alerts": [{"labels": {}}]}, headers=auth, timeout=10)
     assert bad.status_code == 400 and "version" in bad.json()["error"]
 
     degrade(lab.state, "eastus", on=False)
