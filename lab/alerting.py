@@ -142,6 +142,17 @@ receivers:
         lab.wait_port(name, port_of(url))
 
 
+def restart_receiver(root: Path, env: dict, forget: bool = False) -> None:
+    """Stop the receiver and start it again (a pod rescheduled); `forget`: without its state file (an emptyDir)."""
+    lab = Lab(root)
+    argv = lab.state["processes"]["alert-receiver"]["argv"]
+    lab.stop_process("alert-receiver")
+    if forget:
+        (Path(lab.state["alerting"]["dir"]) / "receiver-state.json").unlink(missing_ok=True)
+    lab.spawn("alert-receiver", argv, env=env)
+    lab.wait_port("alert-receiver", port_of(lab.state["alerting"]["receiver"]))
+
+
 def degrade(state: dict, region: str, on: bool = True) -> None:
     """Flip the lab's signal: RegionDegraded fires for `region` (or stops)."""
     flag = Path(state["alerting"]["dir"]) / f"degraded-{region}"

@@ -7,8 +7,9 @@ nothing before a person approves it at its gate (the gate's notification tells t
 bind it like any requester: its copy of the inventory (routes included) must be the worker's, the requester must
 be an operator, and the worker refuses that name anything but a planned failover. Alertmanager repeats a firing
 alert every `repeat_interval` and retries on errors: an alert is recognised by its fingerprint and its `startsAt`
-(the same firing), remembered in a state file, so a repeat starts nothing; the environment's lock refuses a second
-procedure anyway.
+(the same firing), remembered in a state file and in the memo of the run it started (`ALERT_MEMO`), so a repeat
+starts nothing, even after a restart that lost the state file (a pod's emptyDir): a firing not in the file is
+looked up in Temporal's visibility first. The environment's lock refuses a second procedure anyway.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import json
 import logging
 import threading
 from collections import Counter
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from opsflow.alert_routes import AlertRouting
 from opsflow.client import ClientError, ProcedureRunning, connect, inventory_path, start_procedure
@@ -32,6 +35,8 @@ from opsflow.inventory import Inventory, load_inventory
 from starters.common import CliError, add_key_argument, start_signer
 
 log = logging.getLogger("opsflow.alerts")
+# The memo key of a run an alert requested: its firing (fingerprint@startsAt), read back by a restarted receiver.
+ALERT_MEMO = "opsflow-alert"
 
 
 class Alert(BaseModel):
@@ -94,28 +99,56 @@ class Receiver:
         async with self.lock:  # a repeat racing its first delivery finds it recorded
             if key in self.seen:
                 return {**out, "outcome": "duplicate", "workflow_id": self.seen[key]}
+            if self.client is None:
+                self.client = await connect()
+            earlier = await self.requested_before(key, alert.startsAt)
+            if earlier is not None:
+                self.remember(key, earlier)
+                return {**out, "outcome": "duplicate", "workflow_id": earlier, "detail": "found in Temporal"}
             summary = alert.annotations.get("summary") or alert.annotations.get("description") or ""
             reason = f"requested by alert {name} ({alert.fingerprint}, firing since {alert.startsAt})" + (
                 f": {summary}" if summary else "")
             from workflows.failover import FailoverInput
 
             inp = FailoverInput(inventory=self.inv, to_region=to, requester=self.requester, reason=reason[:500])
-            if self.client is None:
-                self.client = await connect()
             try:
                 handle = await start_procedure(self.client, self.inv, "failover", inp,
                                                f"Planned failover of {self.inv.environment} to {to}, requested by "
-                                               f"alert {name}", signer=start_signer(self.inv, self.requester, self.key))
+                                               f"alert {name}", memo={ALERT_MEMO: key},
+                                               signer=start_signer(self.inv, self.requester, self.key))
             except ProcedureRunning as e:
                 # Not remembered: once the environment is free, the alert's next repeat requests it.
                 return {**out, "outcome": "refused", "detail": str(e), "workflow_id": e.workflow_id}
-            self.seen[key] = handle.id
-            tmp = self.state.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.seen, indent=1))
-            tmp.replace(self.state)
+            self.remember(key, handle.id)
         log.info("alert %s (%s) requested a failover to %s: %s", name, alert.fingerprint, to, handle.id)
         return {**out, "outcome": "started", "workflow_id": handle.id, "procedure": "failover", "to": to,
                 "waiting_for": "approval"}
+
+
+    def remember(self, key: str, workflow_id: str) -> None:
+        self.seen[key] = workflow_id
+        tmp = self.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.seen, indent=1))
+        tmp.replace(self.state)
+
+    async def requested_before(self, key: str, starts_at: str) -> str | None:
+        """The workflow id of a run this firing already requested, from Temporal's visibility (its memo), or None.
+        Runs started since the alert began (an hour of clock skew allowed); a server without the query: None."""
+        query = f"OpsEnvironment = '{self.inv.environment}' AND OpsProcedure = 'failover'"
+        try:
+            since = datetime.fromisoformat(starts_at.replace("Z", "+00:00")) - timedelta(hours=1)
+            query += f" AND StartTime >= '{since.isoformat()}'"
+        except ValueError:
+            pass  # not a time: the newest runs
+        try:
+            async for wf in self.client.list_workflows(query, limit=200):
+                if await wf.memo_value(ALERT_MEMO, None) == key:
+                    return wf.id
+        except RPCError as e:
+            if e.status in (RPCStatusCode.UNIMPLEMENTED, RPCStatusCode.INVALID_ARGUMENT):
+                return None
+            raise
+        return None
 
 
 def serve(receiver: Receiver, address: str, port: int, token: str | None = None) -> None:

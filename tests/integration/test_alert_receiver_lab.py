@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lab.alerting import ALERT, REQUESTER, degrade
+from lab.alerting import ALERT, REQUESTER, degrade, restart_receiver
+from lab.manage import worker_env
 from lab.receiver import read_notifications
 from tests.integration.conftest import Lab, lab_root, take_down, wait_for
 from tests.integration.test_failover_lab import sql, wait_end, wait_status
@@ -73,6 +74,13 @@ def test_a_real_alert_requests_one_signed_failover_that_waits_for_approval(alert
     listed = lab.cli_json("list")
     runs = [r for r in (listed if isinstance(listed, list) else listed["procedures"]) if r.get("workflow_id") == wid]
     assert len(runs) == 1, runs
+
+    # The receiver restarts without its state file (a rescheduled pod): the next repeat finds the run in Temporal.
+    restart_receiver(lab.root, worker_env(lab.state), forget=True)
+    assert wait_for(lambda: state_file.exists() and json.loads(state_file.read_text()), timeout=30,
+                    what="a repeat after the restart") == {firing: wid}
+    outcomes = httpx.get(a["receiver"], timeout=5).json()["outcomes"]
+    assert outcomes.get("duplicate", 0) >= 1 and "started" not in outcomes, outcomes
 
     # The receiver's name may not approve (it is not an approver; the inventory refuses one that is).
     key = a["key"]
