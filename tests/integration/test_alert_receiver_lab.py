@@ -60,7 +60,8 @@ def test_a_real_alert_requests_one_signed_failover_that_waits_for_approval(alert
     assert sql(lab.dsn("eastus"), "SELECT pg_is_in_recovery()")[0][0] is False
     assert sql(lab.dsn("westeurope"), "SELECT pg_is_in_recovery()")[0][0] is True
     texts = [json.dumps(n) for n in read_notifications(Path(lab.state["receiver"]["dir"]))]
-    assert any("Approval needed" in t and wid in t for t in texts)
+    assert any("Approval needed" in t and wid in t and f"Requested by {REQUESTER}: requested by alert {ALERT}" in t
+               for t in texts), texts
     alerts = httpx.get(f"{a['prometheus']}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
     assert [(x["labels"]["alertname"], x["labels"]["region"], x["state"]) for x in alerts] == [
         (ALERT, "eastus", "firing")]
