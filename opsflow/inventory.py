@@ -102,7 +102,7 @@ __all__ = [
     "Traffic",
 ]
 
-# Optional sections added after inventories had digests: left out of the serialised form when absent (Strict).
+# Optional sections added after inventories had digests: left out of the serialised form when absent (LateFields).
 LATE_SECTIONS = frozenset({"alerts"})
 
 
