@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if name == "up":
                 p.add_argument("--encrypt", action="store_true",
                                help="encrypt Temporal payloads (a lab key; a codec server for the UI)")
+                p.add_argument("--alerts", action="store_true",
+                               help="also Prometheus, Alertmanager and opsflow alert-receiver: an alert requests a "
+                                    "failover that waits for approval (lab/alerting.py)")
                 p.add_argument("--virtual-endpoint", action="store_true",
                                help="Azure: a virtual endpoint over the two servers, named in the inventory: "
                                     "failovers are switchovers (the old primary becomes the replica)")
@@ -63,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
             return 2
         manage.up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults,
                   encrypt=args.encrypt, rollout=args.rollout, virtual_endpoint=args.virtual_endpoint,
-                  router=args.router)
+                  router=args.router, alerts=args.alerts)
         s = manage.status(root)
         if args.json:
             print(json.dumps(s, indent=2))

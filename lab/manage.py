@@ -19,7 +19,7 @@ from typing import Callable
 
 import yaml
 
-from lab import rollout
+from lab import alerting, rollout
 from lab.arm_emulator import created_clusters
 from lab.aws_lab import aws_lab_inventory, drop_restored_clusters, start_aws_emulator
 from lab.aws_lab import worker_env as aws_worker_env
@@ -69,11 +69,12 @@ def temporal_binary() -> str:
 
 def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
        faults: float = 0.0, encrypt: bool = False, rollout: bool = False, virtual_endpoint: bool = False,
-       router: str = "httproute") -> dict:
+       router: str = "httproute", alerts: bool = False) -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
     tests and benchmarks take any free ports so they never meet another lab's leftovers. faults: the fraction of
     cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults).
-    virtual_endpoint (Azure): the servers share a virtual endpoint, named in the inventory (switchover failovers)."""
+    virtual_endpoint (Azure): the servers share a virtual endpoint, named in the inventory (switchover failovers).
+    alerts: the alerting stage (lab/alerting.py): Prometheus, Alertmanager and `opsflow alert-receiver`."""
     say: Say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     lab = Lab(root)
     if lab.state.get("ready") and lab.alive("temporal"):
@@ -88,6 +89,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
         lab.state["with_rollout"] = rollout  # the rollout stage (lab/rollout.py): app, NGINX, Prometheus, load
         lab.state["rollout_router"] = router  # httproute | nginx (the upstream file opsflow writes)
         lab.state["virtual_endpoint"] = VIRTUAL_ENDPOINT if virtual_endpoint and cloud == "azure" else None
+        lab.state["with_alerts"] = alerts
         _up(lab, root, with_worker, say, cloud, default_ports, encrypt)
     except BaseException:
         say("lab up failed; removing what was started")
@@ -138,9 +140,13 @@ def _up(lab: Lab, root: Path, with_worker: bool, say: Say, cloud: str, default_p
         lab.state["rollout"] = rollout.start(lab, root, lab.state["kubernetes"][PRIMARY]["url"], PRIMARY,
                                              router=lab.state.get("rollout_router") or "httproute")
     inventory = root / "inventory.yaml"
+    if lab.state.get("with_alerts"):
+        alerting.prepare(lab, root)
     inv = aws_lab_inventory(lab.state, root) if cloud == "aws" else lab_inventory(lab.state, root)
     if lab.state.get("rollout"):
         inv["rollout"] = rollout.inventory_section(lab.state["rollout"], lab.state["receiver"]["url"])
+    if lab.state.get("alerting"):
+        inv.update(alerting.inventory_section(lab.state))
     inventory.write_text(yaml.safe_dump(inv, sort_keys=False))
     lab.state["inventory"] = str(inventory)
     lab.state["dir"] = str(root)
@@ -148,6 +154,9 @@ def _up(lab: Lab, root: Path, with_worker: bool, say: Say, cloud: str, default_p
 
     if with_worker:
         start_worker(lab)
+    if lab.state.get("alerting"):
+        say("lab: alerting stage (Prometheus, Alertmanager, opsflow alert-receiver)")
+        alerting.start(lab, worker_env(lab.state))
     lab.state["ready"] = True
     lab.save()
 
@@ -279,6 +288,7 @@ def status(root: Path) -> dict:
         "receiver": lab.state.get("receiver"),
         "codec": lab.state.get("codec"),
         "rollout": lab.state.get("rollout"),
+        "alerting": lab.state.get("alerting"),
         "worker_metrics": lab.state.get("worker_metrics"),
         "processes": procs,
     }
@@ -297,6 +307,10 @@ def print_status(s: dict) -> None:
         print(f"  ARM          {s['azure']['arm_endpoint']} (CA {s['azure']['ca_bundle']})")
     if s.get("worker_metrics"):
         print(f"  metrics      {s['worker_metrics']} (the worker's; Prometheus rules and dashboard in deploy/)")
+    if s.get("alerting"):
+        a = s["alerting"]
+        print(f"  alerting     Prometheus {a['prometheus']}, Alertmanager {a['alertmanager']}, "
+              f"receiver {a['receiver']} (fire RegionDegraded: touch {a['dir']}/degraded-{PRIMARY})")
     if s.get("codec"):
         print(f"  encrypted    codec server {s['codec']['server']} (the UI uses it), key file {s['codec']['key_file']}")
     for name, p in s["processes"].items():

@@ -6,7 +6,12 @@ run by (opsflow/rules.py); the model is recorded in each run's history, so it mu
 names where a secret lives (``SecretRef``); activities fetch it on the worker.
 
 Built last, from one module per section: opsflow/sections.py (regions, databases, traffic, approvals, limits,
-policies), opsflow/maintenance.py, opsflow/rollout.py.
+policies), opsflow/maintenance.py, opsflow/rollout.py, opsflow/alert_routes.py.
+
+A new optional section is added to `LATE_SECTIONS` (a new optional field of a section, to its model's
+`late_fields`): absent, it is left out of the serialised inventory, so the digest of an inventory without it
+(opsflow/rules.py: what a requester's start, a Schedule's stored input and the worker compare) stays what it was,
+and the rules an upgraded worker records decode on a worker not yet upgraded (`extra="forbid"`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from opsflow.alert_routes import AlertRouting
 from opsflow.maintenance import MaintenancePolicy
 from opsflow.rollout import RolloutPolicy
 from opsflow.secret_scan import plaintext_secrets
@@ -35,6 +41,7 @@ from opsflow.sections import (
     FailoverPolicy,
     InventoryError,
     KubernetesConfig,
+    LateFields,
     Limits,
     NotificationChannel,
     People,
@@ -56,6 +63,7 @@ from opsflow.sections import (
 
 # What `from opsflow.inventory import X` has always given: the sections' models, and the whole.
 __all__ = [
+    "AlertRouting",
     "ApprovalPolicy",
     "AwsConnection",
     "AwsRdsDatabase",
@@ -94,7 +102,11 @@ __all__ = [
     "Traffic",
 ]
 
-class Inventory(Strict):
+# Optional sections added after inventories had digests: left out of the serialised form when absent (LateFields).
+LATE_SECTIONS = frozenset({"alerts"})
+
+
+class Inventory(LateFields):
     environment: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     primary_region: str = Field(
         description="the region that is primary when the inventory was written; the live role is read from the database"
@@ -116,6 +128,9 @@ class Inventory(Strict):
     workflow_task_queue: str | None = None
     rollout: RolloutPolicy | None = None  # canary and blue-green (opsflow/rollout.py)
     maintenance: MaintenancePolicy | None = None  # the maintenance window (opsflow/maintenance.py)
+    alerts: AlertRouting | None = None  # which alerts request a failover (opsflow/alert_routes.py)
+
+    late_fields = LATE_SECTIONS
 
     @model_validator(mode="after")
     def _consistent(self) -> "Inventory":
@@ -128,12 +143,27 @@ class Inventory(Strict):
             raise ValueError(
                 f"approval.escalation_channel {self.approval.escalation_channel!r} is not a notification channel"
             )
+        if self.alerts is not None:
+            self._check_alerts(self.alerts)
         uses_azure = isinstance(self.traffic, AzureTrafficManager) or any(
             isinstance(r.database, AzureFlexibleDatabase) for r in self.regions.values()
         )
         if uses_azure and self.azure is None:
             self.azure = AzureConnection()
         return self
+
+    def _check_alerts(self, alerts: AlertRouting) -> None:
+        for i, route in enumerate(alerts.routes):
+            if route.to is not None and route.to not in self.regions:
+                raise ValueError(f"alerts.routes.{i}.to: {route.to!r} is not a region ({', '.join(self.regions)})")
+        if alerts.requester in self.approval.names():
+            raise ValueError(f"alerts.requester {alerts.requester!r} is an approver: an alert may request a "
+                             "failover, never approve one")
+        for procedure in {r.procedure for r in alerts.routes}:
+            allowed = [p if isinstance(p, str) else p.name for p in self.operators.get(procedure, [])]
+            if allowed and alerts.requester not in allowed:
+                raise ValueError(f"alerts.requester {alerts.requester!r} is not among the operators of {procedure} "
+                                 f"({', '.join(allowed)}): every start it requested would be refused")
 
     # -- derived names ---------------------------------------------------------------------------------
     def region(self, name: str) -> Region:

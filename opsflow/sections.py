@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from opsflow.calendar import WeeklyWindow
 from opsflow.signing import check_public_key
@@ -23,6 +31,25 @@ class InventoryError(ValueError):
 class Strict(BaseModel):
     # A typo in a key is an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class LateFields(Strict):
+    """A model that gained optional fields after inventories had digests (opsflow/rules.py), named in its
+    `late_fields`: left out of the serialised form while unset (None), so an inventory without them keeps its digest
+    (a Schedule's stored one, a requester's copy one version behind) and its recorded form (which a worker not yet
+    upgraded decodes: `extra="forbid"`). A model adding its first such field derives from this instead of Strict
+    (only these models pay for a serializer in Python)."""
+
+    late_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_late_fields(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if self.late_fields and isinstance(data, dict):
+            for name in self.late_fields:
+                if name in data and data[name] is None:
+                    del data[name]
+        return data
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

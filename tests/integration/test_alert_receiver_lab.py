@@ -1,111 +1,119 @@
-"""`opsflow alert-receiver` on the lab: Alertmanager's webhook payloads over real HTTP request a failover that waits at
-its approval gate, once per firing."""
+"""An alert may request a failover, never perform one (issue 23), on the lab's alerting stage (lab/alerting.py): a
+real Prometheus evaluates a rule on a lab signal, a real Alertmanager (Debian's prometheus-alertmanager) routes the
+firing alert by webhook to `opsflow alert-receiver`, which starts the failover the inventory's `alerts:` section
+maps it to, signed with the receiver's own operator key; the failover waits at its approval gate, the approvers are
+told, and Alertmanager's repeats of the firing start nothing."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from tests.integration import forked
-from tests.integration.conftest import ROOT, wait_for
-from tests.integration.test_failover_lab import sql, wait_status
-from worker.metrics import free_port
+from lab.alerting import ALERT, REQUESTER, degrade, restart_receiver
+from lab.manage import worker_env
+from lab.receiver import read_notifications
+from tests.integration.conftest import Lab, lab_root, take_down, wait_for
+from tests.integration.test_failover_lab import sql, wait_end, wait_status
 
 pytestmark = pytest.mark.lab
 
 
-def webhook(alerts: list[dict], status: str = "firing") -> dict:
-    """Alertmanager's webhook body (version 4), as its notifier sends it."""
-    return {"version": "4", "groupKey": '{}:{alertname="DatabaseDown"}', "truncatedAlerts": 0, "status": status,
-            "receiver": "opsflow", "groupLabels": {"alertname": "DatabaseDown"}, "commonLabels": {},
-            "commonAnnotations": {}, "externalURL": "http://alertmanager:9093", "alerts": alerts}
+@pytest.fixture
+def alert_lab(lab_home):
+    from lab.manage import up
+
+    root = lab_root()
+    lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, alerts=True))
+    yield lab
+    lab.stop_workers()
+    take_down(root)
 
 
-def alert(name: str, fingerprint: str, status: str = "firing", starts: str = "2026-12-06T03:00:00Z", **labels) -> dict:
-    return {
-        "status": status,
-        "labels": {"alertname": name, **labels},
-        "annotations": {"summary": f"{name} in {labels.get('region', '?')}"},
-        "startsAt": starts,
-        "endsAt": "0001-01-01T00:00:00Z",
-        "generatorURL": "http://prometheus:9090/graph",
-        "fingerprint": fingerprint,
-    }
+def webhook_total(alertmanager: str) -> tuple[float, float]:
+    """Alertmanager's own count of webhook notifications: (sent, failed)."""
+    text = httpx.get(f"{alertmanager}/metrics", timeout=5).text
+    found = dict(re.findall(r'^alertmanager_notifications(_failed)?_total\{integration="webhook"\} (\S+)$', text,
+                            re.MULTILINE))
+    return float(found.get("", 0)), float(found.get("_failed", 0))
 
 
-def test_an_alert_requests_a_failover_once_and_changes_nothing_before_approval(lab, worker, tmp_path):
-    routes = tmp_path / "routes.yaml"
-    routes.write_text(yaml.safe_dump({"routes": [
-        {"alertname": "DatabaseDown", "match": {"region": "eastus"}, "procedure": "failover", "to": "westeurope"}]}))
-    port = free_port()
-    receiver = forked.start("starters.cli", ["alert-receiver", "--routes", str(routes), "--as", "alice", "--port",
-                                             str(port), "--state", str(tmp_path / "state.json")],
-                            lab.env(), ROOT, lab.root / "alert-receiver.log")
-    try:
-        url = f"http://127.0.0.1:{port}/alerts"
+def test_a_real_alert_requests_one_signed_failover_that_waits_for_approval(alert_lab, tmp_path):
+    lab, a = alert_lab, alert_lab.state["alerting"]
+    state_file = Path(a["dir"]) / "receiver-state.json"
+    lab.start_worker()
+    assert webhook_total(a["alertmanager"]) == (0, 0)
 
-        def up():
-            try:
-                return httpx.get(url, timeout=2).json()["ok"]
-            except httpx.TransportError:
-                return False
+    degrade(lab.state, "eastus")  # the lab's signal: Prometheus's rule RegionDegraded fires for eastus
+    started = wait_for(lambda: state_file.exists() and json.loads(state_file.read_text()), timeout=60,
+                       what="Alertmanager's webhook to start a failover")
+    [(firing, wid)] = started.items()
+    assert wid == "opsflow-lab"
 
-        wait_for(up, timeout=30, what="the alert receiver")
-        firing = alert("DatabaseDown", "a1b2c3d4", region="eastus", severity="critical")
-        other = alert("DiskFull", "ffff0000", region="eastus")
-        r = httpx.post(url, json=webhook([firing, other]), timeout=60)
-        assert r.status_code == 200, r.text
-        first, ignored = r.json()["results"]
-        assert first["outcome"] == "started" and first["to"] == "westeurope", first
-        assert ignored["outcome"] == "ignored"
-        wid = first["workflow_id"]
+    # It waits at its gate, started by the receiver's name with its own key; nothing changed; the approvers are told.
+    report = wait_status(lab, wid, lambda s: (s.get("waiting_for") or "").startswith("approval"), what="approval")
+    assert report["requester"] == REQUESTER and f"requested by alert {ALERT}" in report["reason"]
+    assert report["start_signature"].startswith("-----BEGIN SSH SIGNATURE-----") and report["start_nonce"]
+    assert sql(lab.dsn("eastus"), "SELECT pg_is_in_recovery()")[0][0] is False
+    assert sql(lab.dsn("westeurope"), "SELECT pg_is_in_recovery()")[0][0] is True
+    texts = [json.dumps(n) for n in read_notifications(Path(lab.state["receiver"]["dir"]))]
+    assert any("Approval needed" in t and wid in t and f"Requested by {REQUESTER}: requested by alert {ALERT}" in t
+               for t in texts), texts
+    alerts = httpx.get(f"{a['prometheus']}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
+    assert [(x["labels"]["alertname"], x["labels"]["region"], x["state"]) for x in alerts] == [
+        (ALERT, "eastus", "firing")]
 
-        # It waits at its gate; nothing changed; the on-call is told how to approve.
-        report = wait_status(lab, wid, lambda s: (s.get("waiting_for") or "").startswith("approval"),
-                             what="approval wait")
-        assert report["requester"] == "alice" and "alert DatabaseDown (a1b2c3d4" in report["reason"]
-        assert sql(lab.dsn("eastus"), "SELECT pg_is_in_recovery()")[0][0] is False
-        assert sql(lab.dsn("westeurope"), "SELECT pg_is_in_recovery()")[0][0] is True
-        from lab.receiver import read_notifications
+    # Alertmanager repeats the firing (repeat_interval 2 s): each repeat is delivered and starts nothing.
+    wait_for(lambda: webhook_total(a["alertmanager"])[0] >= 3, timeout=60, what="two repeats of the notification")
+    assert webhook_total(a["alertmanager"])[1] == 0
+    outcomes = httpx.get(a["receiver"], timeout=5).json()["outcomes"]
+    assert outcomes["started"] == 1 and outcomes["duplicate"] >= 2, outcomes
+    assert json.loads(state_file.read_text()) == {firing: wid}
+    listed = lab.cli_json("list")
+    runs = [r for r in (listed if isinstance(listed, list) else listed["procedures"]) if r.get("workflow_id") == wid]
+    assert len(runs) == 1, runs
 
-        texts = [json.dumps(n) for n in read_notifications(Path(lab.state["receiver"]["dir"]))]
-        assert any("Approval needed" in t and wid in t for t in texts)
+    # The receiver restarts without its state file (a rescheduled pod): the next repeat finds the run in Temporal.
+    restart_receiver(lab.root, worker_env(lab.state), forget=True)
+    assert wait_for(lambda: state_file.exists() and json.loads(state_file.read_text()), timeout=30,
+                    what="a repeat after the restart") == {firing: wid}
+    outcomes = httpx.get(a["receiver"], timeout=5).json()["outcomes"]
+    assert outcomes.get("duplicate", 0) >= 1 and "started" not in outcomes, outcomes
 
-        # Alertmanager repeats the firing (repeat_interval, retries): nothing new starts.
-        again = httpx.post(url, json=webhook([firing]), timeout=60).json()["results"][0]
-        assert again == {"alertname": "DatabaseDown", "fingerprint": "a1b2c3d4", "outcome": "duplicate",
-                         "workflow_id": wid}
-        assert json.loads((tmp_path / "state.json").read_text()) == {"a1b2c3d4@2026-12-06T03:00:00Z": wid}
-        runs = lab.cli_json("list")
-        runs = runs if isinstance(runs, list) else runs.get("procedures", runs)
-        assert len([p for p in runs if p.get("workflow_id") == wid]) == 1
+    # The receiver's name may not approve (it is not an approver; the inventory refuses one that is).
+    key = a["key"]
+    refused = lab.cli("approve", wid, "--as", REQUESTER, "--key", key, "--reason", "an alert approving itself")
+    assert refused.returncode != 0 and "may not approve" in refused.stderr + refused.stdout, refused
 
-        # A resolved alert requests nothing; a new firing while the environment is busy is refused, not remembered.
-        resolved = httpx.post(url, json=webhook([{**firing, "status": "resolved"}], "resolved"), timeout=60)
-        assert resolved.json()["results"][0]["outcome"] == "ignored"
-        later = alert("DatabaseDown", "a1b2c3d4", starts="2026-12-06T05:00:00Z", region="eastus")
-        busy = httpx.post(url, json=webhook([later]), timeout=60).json()["results"][0]
-        assert busy["outcome"] == "refused" and busy["workflow_id"] == wid
-        assert len(json.loads((tmp_path / "state.json").read_text())) == 1
+    # Only Alertmanager (its bearer token) may post; a resolved alert requests nothing; a new firing while the
+    # environment is busy is refused, not remembered.
+    token = Path(a["token_file"]).read_text().strip()
+    auth = {"Authorization": f"Bearer {token}"}
+    fingerprint, since = firing.split("@")
+    body = {"version": "4", "status": "resolved", "receiver": "opsflow", "groupLabels": {}, "commonLabels": {},
+            "commonAnnotations": {}, "externalURL": a["alertmanager"], "groupKey": "{}", "truncatedAlerts": 0,
+            "alerts": [{"status": "resolved", "labels": {"alertname": ALERT, "region": "eastus"}, "annotations": {},
+                        "startsAt": since, "endsAt": since, "generatorURL": "", "fingerprint": fingerprint}]}
+    assert httpx.post(a["receiver"], json=body, timeout=10).status_code == 401
+    assert httpx.post(a["receiver"], json=body, headers=auth, timeout=60).json()["results"][0]["outcome"] == "ignored"
+    body["alerts"][0].update(status="firing", startsAt="2030-01-01T00:00:00Z")
+    busy = httpx.post(a["receiver"], json=body, headers=auth, timeout=60).json()["results"][0]
+    assert busy["outcome"] == "refused" and busy["workflow_id"] == wid
+    assert json.loads(state_file.read_text()) == {firing: wid}
+    bad = httpx.post(a["receiver"], json={"alerts": [{"labels": {}}]}, headers=auth, timeout=10)
+    assert bad.status_code == 400 and "version" in bad.json()["error"]
 
-        # Not a webhook payload: 400 naming what is wrong.
-        bad = httpx.post(url, json={"alerts": [{"labels": {}}]}, timeout=10)
-        assert bad.status_code == 400 and "version" in bad.json()["error"]
-    finally:
-        receiver.kill()
-        receiver.wait(10)
+    degrade(lab.state, "eastus", on=False)
     lab.cli("abort", wid, "--as", "alice", "--reason", "test over", check=True)
+    assert wait_end(lab, wid)["status"] == "aborted"
 
-
-def test_bad_routes_are_refused_naming_what_is_wrong(lab, tmp_path):
-    routes = tmp_path / "routes.yaml"
-    routes.write_text(yaml.safe_dump({"routes": [{"alertname": "DatabaseDown", "to": "mars"}]}))
-    proc = lab.cli("alert-receiver", "--routes", str(routes), "--as", "alice", "--port", str(free_port()))
-    assert proc.returncode == 2 and "'mars', not a region" in proc.stderr
-    routes.write_text(yaml.safe_dump({"routes": [{"alertname": "DatabaseDown"}]}))
-    proc = lab.cli("alert-receiver", "--routes", str(routes), "--as", "alice", "--port", str(free_port()))
-    assert proc.returncode == 2 and "exactly one of to" in proc.stderr
+    # The worker binds the receiver's name to a planned failover: even signed with its key, an emergency is refused.
+    lab.cli("failover", "--to", "westeurope", "--emergency", "--requester", REQUESTER, "--key", key,
+            "--reason", "an alert acting", check=True)
+    ended = wait_end(lab, wid, ended=lambda r: r["status"] in ("refused", "failed", "succeeded", "aborted")
+                     and r.get("run_id") != report.get("run_id"))
+    assert ended["status"] == "refused" and "never start an emergency failover" in ended["failure"], ended
+    assert sql(lab.dsn("westeurope"), "SELECT pg_is_in_recovery()")[0][0] is True

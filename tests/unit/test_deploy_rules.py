@@ -87,3 +87,39 @@ def test_every_dashboard_panel_queries_what_the_worker_exports():
             assert named <= known, f"{p['title']} queries {named - known}, which the worker does not export"
     var = dash["templating"]["list"][1]
     assert metric_names(var["query"]["query"]) <= known
+
+
+# -- deploy/alertmanager: the alert-requested failovers' routing (README "Running opsflow as a team") ------------
+
+ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+
+
+def amtool(*args: str) -> str:
+    found = shutil.which("amtool")
+    if not found:
+        pytest.fail("amtool is missing: the Debian package prometheus-alertmanager ships it (scripts/setup.sh)")
+    out = subprocess.run([found, *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_amtool_checks_the_alertmanager_config():
+    assert "SUCCESS" in amtool("check-config", str(ALERTMANAGER))
+
+
+def test_the_alerts_the_example_inventory_routes_reach_the_receiver_and_the_pager():
+    from opsflow.inventory import load_inventory
+
+    inv = load_inventory(ROOT / "docs" / "inventory.example.yaml")
+    assert inv.alerts is not None
+    for route in inv.alerts.routes:
+        labels = {"alertname": route.alertname, **route.match, **({route.to_label: "westeurope"} if route.to_label
+                                                                  else {})}
+        found = amtool("config", "routes", "test", f"--config.file={ALERTMANAGER}",
+                       *(f"{k}={v}" for k, v in labels.items())).strip()
+        assert found == "opsflow-failover-request,on-call", (labels, found)
+    opsflow_alerts = [r["alert"] for g in yaml.safe_load((RULES / "opsflow-rules.yml").read_text())["groups"]
+                      for r in g["rules"]]
+    for name in opsflow_alerts:  # opsflow's own alerts page people and request nothing
+        assert amtool("config", "routes", "test", f"--config.file={ALERTMANAGER}", f"alertname={name}").strip() \
+            == "on-call"

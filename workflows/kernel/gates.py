@@ -85,7 +85,12 @@ class Gates:
         wid = self.report.workflow_id
         self.report.waiting_for = self._gate_waiting(gate)
         self.show()
-        await self.notify(f"Approval needed: {what}. Approve: opsflow approve {wid} --as NAME", severity="warning")
+        asked = ""  # who asked and why: an alert's request (opsflow alert-receiver) says which alert
+        if workflow.patched("approval-notice-names-requester"):
+            asked = f" Requested by {self.report.requester}" + (f": {self.report.reason}" if self.report.reason else "")
+            asked = asked.rstrip(".") + "."
+        await self.notify(f"Approval needed: {what}.{asked} Approve: opsflow approve {wid} --as NAME",
+                          severity="warning")
 
         def decided() -> bool:
             return gate.outcome is not None or self.abort_requested is not None

@@ -12,6 +12,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from opsflow import signing  # cryptography: a native extension, must not be re-imported in the sandbox
+    from opsflow.alert_routes import REQUESTABLE
     from opsflow.contracts.kernel import RULES_INVENTORY
     from opsflow.inventory import Inventory
     from opsflow.procedures import SCHEDULABLE
@@ -110,9 +111,25 @@ class Rules:
             )
         except ValueError as e:
             raise Stop("refused", str(e)) from None
+        self.check_alert_requester(received, self.report.requester)
         if record is not None:
             self.report.start_signature, self.report.start_signed_at = record.signature, record.signed_at
             self.report.start_input_sha256, self.report.start_nonce = record.input_sha256, record.nonce
+
+    def check_alert_requester(self, received: Any, by: str | None, scheduled: bool = False) -> None:
+        """The alert receiver's name (the inventory's `alerts.requester`) may request a planned failover, which waits
+        at its approval gate, and nothing else (`by`: who started this run, or created the Schedule that launched
+        it): an alert may request a failover, never perform one."""
+        alerts = getattr(self.inventory, "alerts", None)
+        if alerts is None or by != alerts.requester:
+            return
+        if scheduled:
+            raise Stop("refused", f"{by!r} is the alert receiver (alerts.requester): a Schedule it created launches "
+                                  "nothing")
+        if self.report.procedure not in REQUESTABLE or getattr(received, "emergency", False):
+            what = "an emergency failover" if getattr(received, "emergency", False) else f"a {self.report.procedure}"
+            raise Stop("refused", f"{alerts.requester!r} is the alert receiver (alerts.requester): an alert may "
+                                  f"request a planned failover, never start {what}")
 
     def check_child(self, parent: Any, received: Any = None) -> None:
         """A child run: a Schedule's launch (its signed creation is in the memo), or a parent that starts this
@@ -134,6 +151,7 @@ class Rules:
         except ValueError as e:
             raise Stop("refused", str(e)) from None
         self.report.scheduled_by, self.report.schedule_id = record.get("by"), record.get("schedule_id")
+        self.check_alert_requester(received, record.get("by"), scheduled=True)
         if signed is not None:
             self.report.start_signature, self.report.start_signed_at = signed.signature, signed.signed_at
             self.report.start_input_sha256 = signed.input_sha256
