@@ -18,6 +18,7 @@ command -v promtool >/dev/null || [[ " ${missing[*]} " == *" prometheus "* ]] ||
 command -v ssh-keygen >/dev/null || missing+=(openssh-client)  # signed requests are tested with real SSH keys
 command -v kubectl >/dev/null || missing+=(kubectl)
 command -v chromium >/dev/null || missing+=(chromium)  # the HTML report's test renders it in a headless Chromium
+[[ -x /usr/sbin/mariadbd ]] || missing+=(mariadb-server)  # the MySQL restore test's scratch and source servers
 if (( ${#missing[@]} )); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     echo "setup: installing ${missing[*]} (apt)"
