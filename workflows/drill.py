@@ -100,7 +100,10 @@ class DrillWorkflow(Procedure[DrillReport]):
             raise Stop("refused", f"unknown region {source!r}; the inventory has: {', '.join(inv.regions)}")
         method = policy.method or default_restore_method(inv.region(source).database.provider)
         # One scratch target per drill, named by the run: a retried or crashed step finds the same one.
-        name = f"{policy.scratch_prefix}-{workflow.info().run_id.replace('-', '')[:8]}"
+        # (the run id's last 8 hex digits: its first are a time prefix (UUIDv7) that drills a minute apart share)
+        run_hex = workflow.info().run_id.replace("-", "")
+        run8 = run_hex[-8:] if workflow.patched("scratch-name-random-part") else run_hex[:8]
+        name = f"{policy.scratch_prefix}-{run8}"
         report.source_region, report.method, report.scratch_name = source, method, name
         q = inv.region_queue(source)
         req = RestoreRequest(
