@@ -598,6 +598,49 @@ def test_mysql_scratch_server_a_crashed_drill_left_is_stopped_and_removed(invent
         left.stop()
 
 
+# -- the drill's trend, read back from reports kept in S3 ----------------------------------------------------------
+
+
+def test_drill_history_reads_the_last_drills_back_from_s3(emu, inventory, tmp_path):
+    """restore.history against S3 (report.store writes there, as the workers do): only drills, newest N, oldest
+    first, the running drill left out, a report that is not JSON of a report skipped."""
+    from activities.reports import drill_history, store_report
+    from opsflow.models import DrillHistoryRequest, DrillReport, ObjectiveResult, StoreReportRequest
+    from opsflow.report import to_markdown
+
+    env = "trend-s3"
+    start = datetime(2026, 11, 1, 2, tzinfo=timezone.utc)
+
+    def keep(report) -> None:
+        store_report(StoreReportRequest(environment=env, workflow_id=f"opsflow-{env}-{report.run_id}",
+                                        reports_dir=str(tmp_path), store=inventory.reports, aws=inventory.aws,
+                                        json_text=report.model_dump_json(), markdown=to_markdown(report)))
+
+    for i in range(4):  # four monthly drills, the third missing its RPO
+        keep(DrillReport(workflow_id=f"opsflow-{env}", environment=env, requester="schedule", run_id=f"run-{i}",
+                         started_at=start + timedelta(days=30 * i), status="failed" if i == 2 else "succeeded",
+                         method="rds-pitr", restore_seconds=100.0 + i, latest_point_age_seconds=60.0 * (i + 1),
+                         objectives=[ObjectiveResult(name="restore_point_age", objective_seconds=150,
+                                                     measured_seconds=60.0 * (i + 1), met=i < 2)]))
+    from opsflow.models import ProcedureReport
+
+    keep(ProcedureReport(procedure="failover", workflow_id=f"opsflow-{env}", environment=env, requester="a",
+                         run_id="failover-1", status="succeeded"))
+    s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=emu.url)
+    prefix = f"{inventory.reports.s3.prefix.rstrip('/')}/" if inventory.reports.s3.prefix else ""
+    s3.put_object(Bucket=inventory.reports.s3.bucket, Key=f"{prefix}{env}/garbage.json", Body=b"{not json")
+
+    request = DrillHistoryRequest(environment=env, reports_dir=str(tmp_path / "elsewhere"), store=inventory.reports,
+                                  aws=inventory.aws, limit=3, exclude_run="run-3")
+    runs = drill_history(request)
+    assert [r.run_id for r in runs] == ["run-0", "run-1", "run-2"]  # S3, not the (empty) local directory
+    assert [(r.status, r.objectives_met, r.missed) for r in runs] == [
+        ("succeeded", True, []), ("succeeded", True, []), ("failed", False, ["restore_point_age"])]
+    assert all(r.stored_at.startswith(f"s3://{inventory.reports.s3.bucket}/") for r in runs)
+    assert [r.run_id for r in drill_history(request.model_copy(update={"limit": 2, "exclude_run": ""}))] == [
+        "run-2", "run-3"]
+
+
 # -- failback: the old primary made a read replica of the new one --------------------------------------
 
 
