@@ -598,6 +598,46 @@ def test_mysql_scratch_server_a_crashed_drill_left_is_stopped_and_removed(invent
         left.stop()
 
 
+def test_mysql_scratch_server_dies_with_a_killed_worker_and_its_directory_goes_at_the_next_drill(
+        inventory, mysql_source, workdir, monkeypatch):
+    """A worker SIGKILLed mid-restore: its scratch server goes with it (PR_SET_PDEATHSIG), no orphan keeps the port
+    and the memory; the data directory it left is removed by the next drill's leftovers step."""
+    import signal
+    import subprocess
+    import sys
+
+    from activities.mysql import SCRATCH_DIR_ENV, ScratchServer
+
+    root = workdir / "mysql-scratch"
+    monkeypatch.setenv(SCRATCH_DIR_ENV, str(root))
+    script = ("import sys, time; from pathlib import Path; from activities.mysql import ScratchServer; "
+              "s = ScratchServer(Path(sys.argv[1]), 'opsflow-drill-killed01'); "
+              f"s.start({{'environment': {inventory.environment!r}, 'run': 'killed01'}}); "
+              "print(s.proc.pid, s.port, flush=True); time.sleep(600)")
+    worker = subprocess.Popen([sys.executable, "-c", script, str(root)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        pid, port = (int(x) for x in worker.stdout.readline().split())
+        assert port_open(port)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+        def gone() -> bool:
+            try:
+                return b"mariadbd" not in Path(f"/proc/{pid}/comm").read_bytes()  # a reused pid is another program
+            except OSError:
+                return True
+
+        wait_until(gone, what="the scratch server to die with its worker")
+        assert not port_open(port)
+        left = ScratchServer(root, "opsflow-drill-killed01")
+        assert left.dir.exists()  # what the dead worker could not remove
+        found, _ = in_activity(restore_leftovers, mysql_request(inventory, mysql_source, "opsflow-drill-next0001"))
+        assert found == ["opsflow-drill-killed01"] and not left.dir.exists()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
 # -- the drill's trend, read back from reports kept in S3 ----------------------------------------------------------
 
 
