@@ -119,6 +119,10 @@ def restore_provider(request: "RestoreRequest") -> RestoreProvider:
         from activities.aws.dump_restore import S3DumpRestore
 
         return S3DumpRestore(request)
+    if request.method == "s3-mysqldump":
+        from activities.mysql import MysqlDumpRestore
+
+        return MysqlDumpRestore(request)
     raise ValueError(f"unknown restore method {request.method!r}")
 
 

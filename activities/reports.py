@@ -9,9 +9,10 @@ from pathlib import Path
 
 from activities.rules import RULEBOOK
 from opsflow.contracts.notify import REPORT_STORE
+from opsflow.contracts.restore import RESTORE_HISTORY
 from opsflow.html_report import to_html
 from opsflow.inventory import AwsConnection
-from opsflow.models import ProcedureReport, StoreReportRequest
+from opsflow.models import DrillHistoryRequest, DrillReport, DrillRun, ProcedureReport, StoreReportRequest
 from opsflow.procedures import REPORT_TYPES
 from opsflow.report_signatures import check_report
 from opsflow.signing import Keyring
@@ -66,3 +67,55 @@ def store_report(request: StoreReportRequest) -> list[str]:
                 )
             )
     return places
+
+
+# How many stored reports a history reads at most (the procedures of an environment share its reports folder).
+HISTORY_SCAN = 500
+
+
+@RESTORE_HISTORY.implementation
+def drill_history(request: DrillHistoryRequest) -> list[DrillRun]:
+    """The last `limit` drills of the environment, oldest first, read back from their stored reports: from S3 when
+    the inventory names a bucket (every worker writes there), else the local reports directory. A report that
+    cannot be read is skipped (and logged); dry runs are never stored."""
+
+    def wanted(text: str, where: str) -> DrillRun | None:
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or data.get("procedure") != "drill":
+                return None
+            report = DrillReport.model_validate(data)
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            log.warning("drill history: %s is not a readable report: %s", where, str(e)[:200])
+            return None
+        if report.dry_run or (request.exclude_run and report.run_id == request.exclude_run):
+            return None
+        return DrillRun.of(report, where)
+
+    if request.limit <= 0:
+        return []
+    if request.store.s3 is not None:
+        from activities.aws.reports import read_reports_s3  # boto3 loads on first use
+
+        s3 = request.store.s3
+        prefix = f"{s3.prefix.rstrip('/')}/" if s3.prefix else ""
+        runs = read_reports_s3(request.aws or AwsConnection(), s3.bucket, f"{prefix}{request.environment}/", wanted,
+                               request.limit, HISTORY_SCAN)
+    else:
+        folder = Path(request.reports_dir) / request.environment
+        files = sorted(folder.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name), reverse=True) \
+            if folder.is_dir() else []
+        runs = []
+        for path in files[:HISTORY_SCAN]:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as e:
+                log.warning("drill history: %s: %s", path, e)
+                continue
+            run = wanted(text, str(path))
+            if run is not None:
+                runs.append(run)
+                if len(runs) >= request.limit:
+                    break
+    epoch = datetime.min.replace(tzinfo=timezone.utc)
+    return sorted(runs, key=lambda r: r.started_at or epoch)

@@ -12,6 +12,7 @@ from activities.providers import restore_provider
 from opsflow.contracts.restore import (
     RESTORE_DELETE,
     RESTORE_LEFTOVERS,
+    RESTORE_MYSQL_DUMP,
     RESTORE_START,
     RESTORE_VALIDATE_CHECKS,
     RESTORE_VERIFY,
@@ -19,7 +20,14 @@ from opsflow.contracts.restore import (
     RESTORE_WINDOW,
 )
 from opsflow.inventory import PostgresDatabase
-from opsflow.models import CheckResult, RestoreRequest, RestoreWindow, ScratchTarget, VerifyRequest
+from opsflow.models import (
+    CheckResult,
+    MysqlRestoreResult,
+    RestoreRequest,
+    RestoreWindow,
+    ScratchTarget,
+    VerifyRequest,
+)
 
 
 @RESTORE_WINDOW.implementation
@@ -73,6 +81,15 @@ def restore_delete(request: RestoreRequest) -> bool:
         return restore_provider(request).delete(request.scratch_name)
 
 
+@RESTORE_MYSQL_DUMP.implementation
+def restore_mysql_dump(request: RestoreRequest) -> MysqlRestoreResult:
+    """s3-mysqldump: the dump at or before the point loaded into a scratch MariaDB/MySQL server started on this
+    worker, verified, and the server stopped and removed, whatever happens (activities/mysql.py)."""
+    from activities.mysql import MysqlDumpRestore  # PyMySQL loads for the drills that use it
+
+    return MysqlDumpRestore(request).restore_and_verify()
+
+
 def _scratch_db(request: VerifyRequest) -> PostgresDatabase:
     if not request.scratch.dsn:
         raise ApplicationError(f"scratch target {request.scratch.name} has no DSN", type="BadInput", non_retryable=True)
@@ -99,6 +116,10 @@ def _source_db(request) -> PostgresDatabase:
 @RESTORE_VALIDATE_CHECKS.implementation
 def validate_checks(request: RestoreRequest) -> None:
     """Before anything is created: every table named by a row-count check exists on the source."""
+    if request.method == "s3-mysqldump":
+        from activities.mysql import MysqlDumpRestore
+
+        return MysqlDumpRestore(request).validate()
     tables = [c.table for c in request.drill.row_counts]
     if tables:
         require_tables(_source_db(request), tables)

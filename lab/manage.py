@@ -251,6 +251,8 @@ def worker_env(state: dict) -> dict:
         env.update({var: f"{state['receiver']['url']}/{channel}" for channel, var in LAB_WEBHOOK_ENV.items()})
     if state.get("cloud") == "aws":
         env.update(aws_worker_env())
+    if state.get("inventory"):  # the MySQL restore test's scratch servers: in the lab's folder, gone with it
+        env["OPSFLOW_MYSQL_SCRATCH_DIR"] = str(Path(state["inventory"]).parent / "mysql-scratch")
     return env
 
 

@@ -27,7 +27,7 @@ from opsflow.models import (
     ProcedureReport,
     StepRecord,
 )
-from opsflow.report import figures
+from opsflow.report import TREND_HEADER, figures, trend_row, trend_runs, trend_summary
 from opsflow.report_signatures import ReportCheck
 from opsflow.rollout_report import RolloutReport
 
@@ -366,6 +366,21 @@ def rollout_section(report: RolloutReport) -> str:
             f'<th>requests canary / baseline</th><th>reason</th></tr></thead><tbody>{rows}</tbody></table></section>')
 
 
+def trend_section(report: DrillReport) -> str:
+    """The drills before this one (read back from their stored reports) and this one: the trend across runs."""
+    runs = trend_runs(report)
+    if not runs:
+        return ""
+    head = "".join(f"<th>{e(h)}</th>" for h in TREND_HEADER)
+    rows = "".join(
+        f'<tr class="{"this-run" if run.stored_at == "this run" else ""}">'
+        + "".join(f'<td style="color:{OUTCOME_COLOUR.get("ok" if c == "succeeded" else c, "inherit")}">{e(c)}</td>'
+                  if i == 1 else f"<td>{e(c)}</td>" for i, c in enumerate(trend_row(run)))
+        + "</tr>" for run in runs)
+    return (f'<section class="trend"><h2>Trend: the last {len(runs)} drills</h2><p>{e(trend_summary(runs))}</p>'
+            f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></section>")
+
+
 def steps_table(report: ProcedureReport) -> str:
     rows = "".join(
         f'<tr class="outcome-{e(s.outcome)}"><td>{e(s.title)}</td><td>{e(step_kind(report, s))}</td>'
@@ -406,6 +421,8 @@ def report_body(report: ProcedureReport, check: ReportCheck | None, keys_from: s
             people_table(report, check)]
     if isinstance(report, RolloutReport):
         out.append(rollout_section(report))
+    if isinstance(report, DrillReport):
+        out.append(trend_section(report))
     out += ["<h2>Steps</h2>", steps_table(report)]
     if isinstance(report, FailbackReport) and report.failover is not None:
         out.append('<div class="child"><h2>The failover it ran</h2>'
@@ -438,6 +455,7 @@ text-align:left;vertical-align:top} th{background:#fafafa} td.num{text-align:rig
 .reason{max-width:420px;overflow-wrap:anywhere} .sig.ok{color:#2e7d32} .sig.bad{color:#c62828;font-weight:600}
 .sig.none,.sig.unchecked{color:#757575} ul.sigsum.bad{color:#c62828} ul.sigsum.ok{color:#2e7d32}
 .charts{display:flex;flex-wrap:wrap;gap:16px} .child{margin-left:16px;border-left:3px solid #e0e0e0;padding-left:12px}
+tr.this-run td{font-weight:600}
 footer{margin-top:28px;color:#9e9e9e;font-size:12px}
 """
 

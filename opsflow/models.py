@@ -287,6 +287,15 @@ class ScratchTarget(BaseModel):
     detail: str = ""
 
 
+class MysqlRestoreResult(BaseModel):
+    """restore.mysql_dump: a mysqldump restored into a scratch server on the worker, verified, and removed."""
+
+    scratch: ScratchTarget  # the dump restored (restore_point: when it was taken) and where
+    restore_seconds: float  # download, scratch server start and load, as the worker measured them
+    checks: list[CheckResult] = []
+    cleaned: bool  # the scratch server stopped and its data directory removed
+
+
 class VerifyRequest(BaseModel):
     source: RegionTarget
     scratch: ScratchTarget
@@ -311,6 +320,17 @@ class StoreReportRequest(BaseModel):
     aws: AwsConnection | None = None
     json_text: str
     markdown: str
+
+
+class DrillHistoryRequest(BaseModel):
+    """Read back the last `limit` drills of an environment from their stored reports (the trend across runs)."""
+
+    environment: str
+    reports_dir: str
+    store: ReportStore
+    aws: AwsConnection | None = None
+    limit: int = 10
+    exclude_run: str = ""  # the running drill's own run id: it is not one of the earlier runs
 
 
 # -- reports --------------------------------------------------------------------------------------------
@@ -426,6 +446,35 @@ class ObjectiveResult(BaseModel):
     met: bool
 
 
+class DrillRun(BaseModel):
+    """One drill as its stored report tells it: a row of the trend across runs."""
+
+    workflow_id: str
+    run_id: str = ""
+    started_at: datetime | None = None
+    status: str
+    method: str | None = None
+    restore_point_chosen: str | None = None
+    restore_seconds: float | None = None
+    restore_point_age_seconds: float | None = None
+    latest_point_age_seconds: float | None = None
+    checks_passed: int = 0
+    checks: int = 0
+    objectives_met: bool | None = None  # None: the drill had no objectives
+    missed: list[str] = []  # the objectives it missed
+    stored_at: str = ""  # where the report was read
+
+    @classmethod
+    def of(cls, r: "DrillReport", stored_at: str = "") -> "DrillRun":
+        return cls(workflow_id=r.workflow_id, run_id=r.run_id, started_at=r.started_at, status=r.status,
+                   method=r.method, restore_point_chosen=r.restore_point_chosen, restore_seconds=r.restore_seconds,
+                   restore_point_age_seconds=r.restore_point_age_seconds,
+                   latest_point_age_seconds=r.latest_point_age_seconds,
+                   checks_passed=sum(c.ok for c in r.checks), checks=len(r.checks),
+                   objectives_met=all(o.met for o in r.objectives) if r.objectives else None,
+                   missed=[o.name for o in r.objectives if not o.met], stored_at=stored_at)
+
+
 class DrillReport(ProcedureReport):
     procedure: str = "drill"
     source_region: str | None = None
@@ -439,6 +488,9 @@ class DrillReport(ProcedureReport):
     objectives: list[ObjectiveResult] = []  # drill.objectives, judged
     checks: list[CheckResult] = []
     scratch_deleted: bool | None = None
+    window_earliest: datetime | None = None  # the restorable window the restore point was chosen in
+    window_latest: datetime | None = None
+    trend: list[DrillRun] = []  # the drills before this one, oldest first, read back from their stored reports
 
 
 class FailbackReport(ProcedureReport):

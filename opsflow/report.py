@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from opsflow.models import DrillReport, FailoverReport, ProcedureReport
+from opsflow.models import DrillReport, DrillRun, FailoverReport, ProcedureReport
 
 MARK = {"ok": "✓", "failed": "✗", "running": "…", "skipped": "-", "compensated": "↺", "planned": "•"}
 
@@ -53,6 +53,9 @@ def figures(r: ProcedureReport) -> list[str]:
                 else ""
             )
             out.append(f"restore point {r.restore_point:%Y-%m-%d %H:%M:%S}Z ({r.method} from {r.source_region}){age}")
+        chosen = point_choice(r)
+        if chosen:
+            out.append(chosen)
         if r.restore_seconds is not None:
             out.append(f"restore took {r.restore_seconds:.1f}s into {r.scratch_name}")
         for c in r.checks:
@@ -68,6 +71,76 @@ def figures(r: ProcedureReport) -> list[str]:
     for item in r.remaining:
         out.append(f"LEFT TO DO: {item}")
     return out
+
+
+def point_choice(r: DrillReport) -> str:
+    """How the restore point was chosen, and the restorable window it was chosen in."""
+    window = "the restorable window"
+    if r.window_earliest and r.window_latest:
+        window += f" {r.window_earliest:%Y-%m-%d %H:%M:%S}Z .. {r.window_latest:%Y-%m-%d %H:%M:%S}Z"
+    how = {"random": f"restore point chosen at random within {window} (drill.restore_point: random)",
+           "newest": f"restore point chosen: the newest of {window}",
+           "given": f"restore point given by the requester, within {window}"}
+    return how.get(r.restore_point_chosen or "", "")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400 * 3), ("h", 3600 * 3), ("min", 600)):
+        if seconds >= size:
+            return f"{seconds / (size / 3 if unit != 'min' else 60):.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+TREND_HEADER = ("started (UTC)", "status", "restore time", "restore point age", "chosen", "newest point age (RPO)",
+                "checks", "objectives")
+
+
+def trend_row(run: DrillRun) -> tuple[str, ...]:
+    objectives = ("met" if run.objectives_met else "MISSED " + ", ".join(run.missed)) \
+        if run.objectives_met is not None else "-"
+    started = f"{run.started_at:%Y-%m-%d %H:%M}" if run.started_at else "?"
+    return (started + (" (this run)" if run.stored_at == "this run" else ""), run.status,
+            _duration(run.restore_seconds), _duration(run.restore_point_age_seconds), run.restore_point_chosen or "-",
+            _duration(run.latest_point_age_seconds), f"{run.checks_passed}/{run.checks}", objectives)
+
+
+def trend_runs(r: DrillReport) -> list[DrillRun]:
+    """The earlier drills read back, and this one last (once it has a restore)."""
+    return [*r.trend, DrillRun.of(r, "this run")] if r.trend else []
+
+
+def trend_summary(runs: list[DrillRun]) -> str:
+    """One line over the runs: how many passed, the objectives, the restore time's median and worst."""
+    if not runs:
+        return "no drills stored yet"
+    ok = sum(x.status == "succeeded" for x in runs)
+    judged = [x for x in runs if x.objectives_met is not None]
+    times = sorted(x.restore_seconds for x in runs if x.restore_seconds is not None)
+    out = f"{ok} of {len(runs)} drill(s) succeeded"
+    if judged:
+        out += f"; objectives met in {sum(bool(x.objectives_met) for x in judged)} of {len(judged)}"
+    if times:
+        out += f"; restore time median {_duration(times[len(times) // 2])}, worst {_duration(times[-1])}"
+    return out
+
+
+def trend_text(runs: list[DrillRun]) -> str:
+    rows = [TREND_HEADER, *(trend_row(x) for x in runs)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TREND_HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([*lines, trend_summary(runs)])
+
+
+def trend_markdown(r: DrillReport) -> list[str]:
+    runs = trend_runs(r)
+    if not runs:
+        return []
+    lines = ["", f"## Trend: the last {len(runs)} drills", "", trend_summary(runs), "",
+             "| " + " | ".join(TREND_HEADER) + " |", "|" + " --- |" * len(TREND_HEADER)]
+    lines += ["| " + " | ".join(trend_row(run)) + " |" for run in runs]
+    return lines
 
 
 def to_text(r: ProcedureReport) -> str:
@@ -95,6 +168,8 @@ def to_markdown(r: ProcedureReport) -> str:
         end = f"{s.ended_at:%H:%M:%S}" if s.ended_at else ""
         secs = f"{s.seconds:.2f}" if s.seconds is not None else ""
         lines.append(f"| {s.title} | {s.outcome} | {start} | {end} | {secs} | {s.detail.replace('|', '/')} |")
+    if isinstance(r, DrillReport):
+        lines += trend_markdown(r)
     return "\n".join(lines) + "\n"
 
 

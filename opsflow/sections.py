@@ -352,6 +352,26 @@ class S3Location(Strict):
     prefix: str = ""
 
 
+class MysqlSource(Strict):
+    """A MySQL/MariaDB server reached over SQL: the drill's source, whose rows the restore is counted against."""
+
+    host: str
+    port: int = Field(default=3306, ge=1, le=65535)
+    user: str
+    password: SecretRef | None = None
+
+
+class MysqlDrill(Strict):
+    """method s3-mysqldump: the newest `mysqldump` file under drill.dumps (plain or gzip), loaded into a scratch
+    MariaDB/MySQL server the worker starts for the drill (mariadbd, mariadb-install-db and the mariadb client on
+    the worker: Debian's mariadb-server), verified, then the server stopped and its data directory removed."""
+
+    database: str = Field(pattern=r"^[A-Za-z0-9_$]{1,64}$", description="the schema the dump is loaded into and the "
+                          "checks run in")
+    # The live server the row counts compare against (as of the dump with a timestamp column); none: no row counts.
+    source: MysqlSource | None = None
+
+
 class DrillObjectives(Strict):
     """What the restore test proves: the restore took at most `restore_time` (the RTO a restore allows) and the
     newest restorable point was at most `restore_point_age` old (the RPO the backups give). A miss fails the
@@ -360,18 +380,21 @@ class DrillObjectives(Strict):
     restore_time: Seconds | None = None
     restore_point_age: Seconds | None = None
 
-    _d = field_validator("restore_time", "restore_point_age", mode="before")(parse_duration)
+    # None stays None: an objective not set round-trips (the worker's rules travel as JSON with nulls)
+    _d = field_validator("restore_time", "restore_point_age", mode="before")(
+        lambda v: v if v is None else parse_duration(v))
 
 
 class DrillPolicy(Strict):
     """The monthly restore test: where to restore, what to verify."""
 
     # Default: by the source region's database provider (azure-flexible -> azure-pitr, aws-rds -> rds-pitr).
-    method: Literal["azure-pitr", "rds-pitr", "s3-dump"] | None = None
+    method: Literal["azure-pitr", "rds-pitr", "s3-dump", "s3-mysqldump"] | None = None
     scratch_prefix: str = Field(default="opsflow-drill", pattern=r"^[a-z][a-z0-9-]{2,40}$")
     # s3-dump: where the dumps are, and the PostgreSQL server that hosts the scratch database.
     dumps: S3Location | None = None
     scratch_server: _SqlAccess | None = None
+    mysql: MysqlDrill | None = None  # s3-mysqldump: the database the dump holds, the MySQL source
     retention: Seconds = 7 * 86400
     restore_timeout: Seconds = 4 * 3600
     heartbeat_timeout: Seconds = 120
@@ -384,6 +407,9 @@ class DrillPolicy(Strict):
     # (AWS Backup's RANDOM_WITHIN_WINDOW): a backup that only restores well when fresh is found out. Point in time
     # methods only (a dump restores to when it was taken).
     restore_point: Literal["newest", "random"] = "newest"
+    # The trend across runs: this many earlier drills are read back from their stored reports (reports_dir, S3)
+    # and shown in the report beside this one (restore time, restore point age, objectives); 0: none.
+    trend: int = Field(default=10, ge=0, le=100)
 
     _d = field_validator("retention", "restore_timeout", "heartbeat_timeout", mode="before")(parse_duration)
 
@@ -391,7 +417,11 @@ class DrillPolicy(Strict):
     def _s3(self) -> "DrillPolicy":
         if self.method == "s3-dump" and (self.dumps is None or self.scratch_server is None):
             raise ValueError("method s3-dump needs 'dumps' (bucket/prefix) and 'scratch_server' (dsn)")
-        if self.method == "s3-dump" and self.restore_point == "random":
+        if self.method == "s3-mysqldump" and (self.dumps is None or self.mysql is None):
+            raise ValueError("method s3-mysqldump needs 'dumps' (bucket/prefix) and 'mysql' (database)")
+        if self.method == "s3-mysqldump" and self.row_counts and (self.mysql is None or self.mysql.source is None):
+            raise ValueError("row_counts of method s3-mysqldump need 'mysql.source' (the server to count against)")
+        if self.method in ("s3-dump", "s3-mysqldump") and self.restore_point == "random":
             raise ValueError("restore_point random needs a point-in-time method (azure-pitr, rds-pitr): a dump "
                              "restores to when it was taken")
         return self

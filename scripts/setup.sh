@@ -20,6 +20,7 @@ command -v kubectl >/dev/null || missing+=(kubectl)
 command -v chromium >/dev/null || missing+=(chromium)  # the HTML report's test renders it in a headless Chromium
 # Alertmanager in the lab (opsflow lab up --alerts); its amtool checks deploy/alertmanager
 [[ -x /usr/bin/prometheus-alertmanager && -x /usr/bin/amtool ]] || missing+=(prometheus-alertmanager)
+[[ -x /usr/sbin/mariadbd ]] || missing+=(mariadb-server)  # the MySQL restore test's scratch and source servers
 if (( ${#missing[@]} )); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     echo "setup: installing ${missing[*]} (apt)"

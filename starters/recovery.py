@@ -10,7 +10,16 @@ from datetime import datetime, timedelta, timezone
 
 from opsflow.client import connect, inventory_path, start_procedure
 from opsflow.inventory import Inventory, load_inventory
-from starters.common import CliError, add_json, add_key_argument, approver_for, requester, run_started, start_signer
+from starters.common import (
+    CliError,
+    add_json,
+    add_key_argument,
+    approver_for,
+    emit,
+    requester,
+    run_started,
+    start_signer,
+)
 from workflows.drill import DrillInput
 from workflows.failback import FailbackInput
 from workflows.failover import FailoverInput
@@ -44,7 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     fb.set_defaults(func=cmd_failback)
 
     d = add_json(sub.add_parser("drill",
-                                help="restore test: restore a backup to a scratch target, verify it, delete it"))
+                                help="restore test: restore a backup to a scratch target, verify it, delete it; "
+                                     "`drill history`: the last drills read back from their stored reports"))
+    d.add_argument("action", nargs="?", metavar="history",
+                   help="history: the trend across runs (restore time, restore point age, objectives), no drill run")
+    d.add_argument("--last", type=int, metavar="N", help="history: how many drills (default: the inventory's "
+                   "drill.trend, else 10)")
     d.add_argument("--env", help=ENV_HELP)
     d.add_argument("--source", metavar="REGION", help="default: the inventory's primary region")
     d.add_argument("--point-in-time", metavar="ISO", help="default: the latest restorable time")
@@ -122,6 +136,12 @@ def point_in_time(given: str | None, inv: Inventory) -> datetime | None:
 
 async def cmd_drill(args: argparse.Namespace) -> int:
     inv = load_inventory(inventory_path(args.env))
+    if args.action == "history":
+        return drill_history(inv, args)
+    if args.action is not None:
+        raise CliError(f"opsflow drill {args.action}: the only word after drill is `history`")
+    if args.last is not None:
+        raise CliError("--last is for `opsflow drill history`")
     if args.source:
         inv.region(args.source)
     point = point_in_time(args.point_in_time, inv)
@@ -133,6 +153,29 @@ async def cmd_drill(args: argparse.Namespace) -> int:
     handle = await start_procedure(client, inv, "drill", inp, f"Restore drill{dry(args)} of {inv.environment}",
                                    signer=start_signer(inv, who, args.key))
     return await run_started(handle, args, f"restore drill of {inv.environment}", None)
+
+
+def drill_history(inv: Inventory, args: argparse.Namespace) -> int:
+    """The last drills of the environment, read back from their stored reports where the worker keeps them (the
+    inventory's S3 bucket, else its reports directory): the same reading the drill's report does."""
+    from activities.reports import drill_history as read_history
+    from opsflow.models import DrillHistoryRequest
+    from opsflow.report import trend_summary, trend_text
+
+    for flag in ("source", "point_in_time", "requester", "reason"):
+        if getattr(args, flag):
+            raise CliError(f"--{flag.replace('_', '-')} is for starting a drill, not for `opsflow drill history`")
+    last = args.last if args.last is not None else (inv.drill.trend or 10)
+    if last < 1:
+        raise CliError(f"--last {last}: give at least 1")
+    runs = read_history(DrillHistoryRequest(environment=inv.environment, reports_dir=inv.reports_dir,
+                                            store=inv.reports, aws=inv.aws, limit=last))
+    where = (f"s3://{inv.reports.s3.bucket}/{inv.reports.s3.prefix}" if inv.reports.s3 is not None
+             else inv.reports_dir)
+    emit({"environment": inv.environment, "read_from": where, "summary": trend_summary(runs),
+          "drills": [r.model_dump(mode="json") for r in runs]}, args.json,
+         f"restore drills of {inv.environment} (from {where}):\n" + (trend_text(runs) if runs else trend_summary(runs)))
+    return 0
 
 
 async def cmd_readiness(args: argparse.Namespace) -> int:

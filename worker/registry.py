@@ -45,6 +45,7 @@ REGION_ACTIVITIES = [
     restore.restore_delete,
     restore.validate_checks,
     restore.verify,
+    restore.restore_mysql_dump,
     maintenance.plan, maintenance.run_item, maintenance.health, maintenance.take_backup, maintenance.verify_backup,
 ]
 # Activities that belong to no region run beside the workflows.
@@ -52,6 +53,7 @@ GLOBAL_ACTIVITIES = [
     rules.worker_inventory,
     notify.send,
     reports.store_report,
+    reports.drill_history,
     temporal_queues.unserved_queues,
     statuspage.update,
     maintenance.watch,

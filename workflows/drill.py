@@ -11,7 +11,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from temporalio import workflow
+from temporalio.exceptions import ActivityError
 
+from workflows.kernel.common import failure_message
 from workflows.procedure import Procedure, StepDecl, Stop, Undo
 
 with workflow.unsafe.imports_passed_through():
@@ -19,7 +21,9 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.contracts.db import DB_STATUS
     from opsflow.contracts.restore import (
         RESTORE_DELETE,
+        RESTORE_HISTORY,
         RESTORE_LEFTOVERS,
+        RESTORE_MYSQL_DUMP,
         RESTORE_START,
         RESTORE_VALIDATE_CHECKS,
         RESTORE_VERIFY,
@@ -28,8 +32,11 @@ with workflow.unsafe.imports_passed_through():
     )
     from opsflow.models import (
         CheckResult,
+        ControlEvent,
         DbStatus,
+        DrillHistoryRequest,
         DrillReport,
+        MysqlRestoreResult,
         ObjectiveResult,
         RegionTarget,
         RestoreRequest,
@@ -51,18 +58,24 @@ class DrillInput(ProcedureInput):
 def declare(inp: DrillInput, source: str, method: str, name: str, point: datetime) -> list[StepDecl]:
     """Every step after the restore point is known: the dry-run plan and the run's only names."""
     policy = inp.inventory.drill
+    leftovers = StepDecl(
+        "leftovers",
+        f"delete scratch targets of finished drills of {inp.inventory.environment} ({policy.scratch_prefix}-*)",
+    )
+    checks = (f"{len(policy.row_counts)} row count(s), {len(policy.checks)} SQL check(s), "
+              f"{len(policy.schema_objects)} schema object(s)")
+    if method == "s3-mysqldump":
+        return [
+            leftovers,
+            StepDecl("restore", f"{method}: the dump of {point.isoformat()} or before into a scratch MariaDB/MySQL "
+                                f"server {name} on the worker; {checks}; the server stopped and removed"),
+            StepDecl("cleanup", f"delete {name} if a worker crash left it (always)"),
+        ]
     return [
-        StepDecl(
-            "leftovers",
-            f"delete scratch targets of finished drills of {inp.inventory.environment} ({policy.scratch_prefix}-*)",
-        ),
+        leftovers,
         StepDecl("restore", f"{method}: restore {source} as of {point.isoformat()} into {name}"),
         StepDecl("restore-wait", f"wait for {name} (up to {policy.restore_timeout:.0f}s)"),
-        StepDecl(
-            "verify",
-            f"{len(policy.row_counts)} row count(s), {len(policy.checks)} SQL check(s), {len(policy.schema_objects)} "
-            "schema object(s)",
-        ),
+        StepDecl("verify", checks),
         StepDecl("cleanup", f"delete {name} (always: after success, failure or abort)"),
     ]
 
@@ -87,7 +100,10 @@ class DrillWorkflow(Procedure[DrillReport]):
             raise Stop("refused", f"unknown region {source!r}; the inventory has: {', '.join(inv.regions)}")
         method = policy.method or default_restore_method(inv.region(source).database.provider)
         # One scratch target per drill, named by the run: a retried or crashed step finds the same one.
-        name = f"{policy.scratch_prefix}-{workflow.info().run_id.replace('-', '')[:8]}"
+        # (the run id's last 8 hex digits: its first are a time prefix (UUIDv7) that drills a minute apart share)
+        run_hex = workflow.info().run_id.replace("-", "")
+        run8 = run_hex[-8:] if workflow.patched("scratch-name-random-part") else run_hex[:8]
+        name = f"{policy.scratch_prefix}-{run8}"
         report.source_region, report.method, report.scratch_name = source, method, name
         q = inv.region_queue(source)
         req = RestoreRequest(
@@ -115,6 +131,7 @@ class DrillWorkflow(Procedure[DrillReport]):
             queue=q,
             detail=lambda w: f"{w.earliest or '?'} .. {w.latest}" + (f"; {w.detail}" if w.detail else ""),
         )
+        report.window_earliest, report.window_latest = window.earliest, window.latest
         if inp.point_in_time:
             report.restore_point_chosen = "given"
         point = inp.point_in_time or self.choose_point(window, policy.retention, method)
@@ -153,6 +170,9 @@ class DrillWorkflow(Procedure[DrillReport]):
         # From here on the scratch target may exist: its deletion is owed whatever happens.
         self.owe(Undo(RESTORE_DELETE, f"Delete scratch target {name}", req, queue=q, timeout=policy.restore_timeout,
                       name="cleanup", heartbeat=policy.heartbeat_timeout))
+        if method == "s3-mysqldump":  # a new method: no run recorded before it takes this branch
+            checks = await self.restore_mysql(req, inp.point_in_time is None)
+            return await self.judge(report, policy, checks)
         started = workflow.now()
         await self.step(
             "restore",
@@ -193,6 +213,34 @@ class DrillWorkflow(Procedure[DrillReport]):
             attempts=3,
             detail=lambda rs: f"{sum(r.ok for r in rs)}/{len(rs)} checks passed",
         )
+        await self.judge(report, policy, checks)
+
+    async def restore_mysql(self, req: RestoreRequest, newest: bool) -> list[CheckResult]:
+        """s3-mysqldump: restore, verify and remove in one step, on one worker (its scratch server lives there)."""
+        policy = req.drill
+        result: MysqlRestoreResult = await self.step(
+            "restore",
+            f"Restore the dump into scratch server {req.scratch_name}, verify it, remove it",
+            RESTORE_MYSQL_DUMP,
+            req,
+            queue=self.inventory.region_queue(req.source.region),
+            timeout=policy.restore_timeout,
+            heartbeat=policy.heartbeat_timeout,
+            attempts=3,
+            interruptible=True,
+            detail=lambda r: r.scratch.detail + ("" if r.cleaned else "; NOT removed"),
+        )
+        report = self.report
+        report.restore_seconds = result.restore_seconds
+        if result.scratch.restore_point:  # a dump restores to when it was taken
+            report.restore_point = result.scratch.restore_point
+            report.restore_point_age_seconds = (workflow.now() - result.scratch.restore_point).total_seconds()
+            if newest:
+                report.latest_point_age_seconds = report.restore_point_age_seconds
+        return result.checks
+
+    async def judge(self, report: DrillReport, policy, checks: list[CheckResult]) -> None:
+        """Checks and objectives; the scratch target deleted before a failure is said."""
         report.checks = checks
         report.objectives = judge_objectives(policy.objectives, report)
         await self.undo()  # delete the scratch target now; on failure or cancellation `conclude` does it
@@ -213,9 +261,9 @@ class DrillWorkflow(Procedure[DrillReport]):
         if self.inventory.drill.restore_point != "random":
             self.report.restore_point_chosen = "newest"
             return window.latest
-        if method == "s3-dump":
+        if method in ("s3-dump", "s3-mysqldump"):
             raise Stop("refused", "drill.restore_point random needs a point-in-time method (azure-pitr, rds-pitr): "
-                                  "the s3-dump method restores a dump to when it was taken")
+                                  f"the {method} method restores a dump to when it was taken")
         oldest = window.latest - timedelta(seconds=retention)
         earliest = max(window.earliest, oldest) if window.earliest else oldest
         span = max(0.0, (window.latest - earliest).total_seconds())
@@ -238,6 +286,24 @@ class DrillWorkflow(Procedure[DrillReport]):
                 return region
         return inv.primary_region
 
+    async def read_trend(self) -> None:
+        """The drills before this one, read back from their stored reports (drill.trend of them): shown in this
+        report beside its own figures. Best effort and bounded: a history that cannot be read is an event."""
+        inv, report = self.inventory, self.report
+        if not inv.drill.trend:
+            return
+        request = DrillHistoryRequest(environment=inv.environment, reports_dir=inv.reports_dir, store=inv.reports,
+                                      aws=inv.aws, limit=inv.drill.trend, exclude_run=workflow.info().run_id)
+        opts = self.activity_options(inv.task_queue, 60, None, 3)
+        opts.pop("cancellation_type")
+        try:
+            report.trend = await workflow.execute_activity(
+                RESTORE_HISTORY.name, request, result_type=RESTORE_HISTORY.result_type,
+                summary=f"read the last {inv.drill.trend} drills' reports", **opts)
+        except ActivityError as err:
+            report.events.append(ControlEvent(action="trend-unread", by="opsflow", at=workflow.now(),
+                                              reason=failure_message(err)))
+
     async def finalize(self) -> None:
         """Keep the evidence: the report as JSON and Markdown, locally and in S3; then one line to the channels."""
         report, inv = self.report, self.inventory
@@ -248,6 +314,8 @@ class DrillWorkflow(Procedure[DrillReport]):
         deletions = [s for s in report.steps if s.name in ("cleanup", "undo:restore.delete")]
         if deletions:
             report.scratch_deleted = all(s.outcome == "compensated" for s in deletions)
+        if workflow.patched("drill-trend"):
+            await self.read_trend()
         await self.store_report()  # before the summary line, as drills always have (the kernel keeps others' after)
         status = report.status if report.status != "running" else "succeeded"
         ok = sum(c.ok for c in report.checks)

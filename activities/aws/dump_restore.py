@@ -52,7 +52,105 @@ def upload_dump(
     return f"s3://{bucket}/{key}"
 
 
-class S3DumpRestore:
+class S3Dumps:
+    """The dumps under drill.dumps (bucket/prefix), for the dump restores (PostgreSQL here, MySQL in
+    activities/mysql.py): listed, dated, picked for a point, downloaded with heartbeats."""
+
+    POLL = 1.0
+
+    def __init__(self, request: RestoreRequest):
+        drill = request.drill
+        if drill.dumps is None:
+            raise ApplicationError(f"restore method {request.method} needs drill.dumps (bucket/prefix)",
+                                   type="BadInput", non_retryable=True)
+        self.request = request
+        self.bucket = drill.dumps.bucket
+        self.prefix = drill.dumps.prefix.lstrip("/")
+        self.conn = request.source.aws or AwsConnection()
+
+    @property
+    def where(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def _s3(self) -> Any:
+        return client(self.conn, "s3")
+
+    # dumps --------------------------------------------------------------------------------------------
+    def objects(self) -> list[dict[str, Any]]:
+        objs: list[dict[str, Any]] = []
+        with aws_errors(f"S3 dumps under {self.where}"):
+            for page in self._s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+                objs += [o for o in page.get("Contents", []) if o.get("Size", 0) > 0 and not o["Key"].endswith("/")]
+        if not objs:
+            raise ApplicationError(f"no dumps under {self.where}", type="RestoreUnavailable", non_retryable=True)
+        return sorted(objs, key=lambda o: (o["LastModified"], o["Key"]))
+
+    def dump_time(self, obj: dict[str, Any]) -> datetime:
+        with aws_errors(f"S3 object s3://{self.bucket}/{obj['Key']}"):
+            meta = self._s3().head_object(Bucket=self.bucket, Key=obj["Key"]).get("Metadata", {}) or {}
+        text = meta.get(DUMP_TIME_METADATA)
+        if text:
+            try:
+                return utc(datetime.fromisoformat(text))
+            except ValueError:
+                log.warning(
+                    "s3://%s/%s: unreadable %s metadata %r; using LastModified",
+                    self.bucket,
+                    obj["Key"],
+                    DUMP_TIME_METADATA,
+                    text,
+                )
+        return utc(obj["LastModified"])
+
+    def window(self) -> RestoreWindow:
+        objs = self.objects()
+        newest = objs[-1]
+        latest = self.dump_time(newest)
+        earliest = self.dump_time(objs[0]) if len(objs) > 1 else latest
+        return RestoreWindow(
+            earliest=min(earliest, latest),
+            latest=latest,
+            detail=f"s3://{self.bucket}/{newest['Key']} ({newest.get('Size', 0)} bytes; {len(objs)} dump(s))",
+        )
+
+    def pick(self, point: datetime) -> tuple[dict[str, Any], datetime]:
+        point = utc(point)
+        for obj in reversed(self.objects()):
+            when = self.dump_time(obj)
+            if when <= point:
+                return obj, when
+        raise ApplicationError(
+            f"no dump under {self.where} was taken at or before {point.isoformat()}",
+            type="RestoreUnavailable",
+            non_retryable=True,
+        )
+
+    def download(self, bucket: str, key: str, path: Path, size: int) -> None:
+        """boto3's threaded download in a helper thread; this (the activity's) thread heartbeats the progress."""
+        seen = [0]
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with aws_errors(f"S3 object s3://{bucket}/{key}"):
+                    self._s3().download_file(
+                        bucket, key, str(path), Callback=lambda n: seen.__setitem__(0, seen[0] + n)
+                    )
+            except BaseException as e:  # noqa: BLE001 - re-raised in the activity's thread
+                failure.append(e)
+
+        t = threading.Thread(target=run, name=f"download-{key}", daemon=True)
+        t.start()
+        while True:
+            _heartbeat({"phase": "download", "key": key, "bytes": seen[0], "of": size})
+            t.join(timeout=self.POLL)
+            if not t.is_alive():
+                break
+        if failure:
+            raise failure[0]
+
+
+class S3DumpRestore(S3Dumps):
     """RestoreProvider for method "s3-dump": the newest `pg_dump -Fc` object under drill.dumps (bucket/prefix),
     restored with pg_restore into a new database named like the scratch target on drill.scratch_server.
 
@@ -76,78 +174,16 @@ class S3DumpRestore:
 
     METHOD = "s3-dump"
     MARKER = "opsflow-restore "
-    POLL = 1.0
 
     def __init__(self, request: RestoreRequest):
-        drill = request.drill
-        if drill.dumps is None or drill.scratch_server is None:
+        if request.drill.dumps is None or request.drill.scratch_server is None:
             raise ApplicationError(
                 "restore method s3-dump needs drill.dumps (bucket/prefix) and drill.scratch_server (dsn)",
                 type="BadInput",
                 non_retryable=True,
             )
-        self.request = request
-        self.bucket = drill.dumps.bucket
-        self.prefix = drill.dumps.prefix.lstrip("/")
-        self.server = drill.scratch_server
-        self.conn = request.source.aws or AwsConnection()
-
-    @property
-    def where(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
-
-    def _s3(self) -> Any:
-        return client(self.conn, "s3")
-
-    # dumps --------------------------------------------------------------------------------------------
-    def _objects(self) -> list[dict[str, Any]]:
-        objs: list[dict[str, Any]] = []
-        with aws_errors(f"S3 dumps under {self.where}"):
-            for page in self._s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
-                objs += [o for o in page.get("Contents", []) if o.get("Size", 0) > 0 and not o["Key"].endswith("/")]
-        if not objs:
-            raise ApplicationError(f"no dumps under {self.where}", type="RestoreUnavailable", non_retryable=True)
-        return sorted(objs, key=lambda o: (o["LastModified"], o["Key"]))
-
-    def _dump_time(self, obj: dict[str, Any]) -> datetime:
-        with aws_errors(f"S3 object s3://{self.bucket}/{obj['Key']}"):
-            meta = self._s3().head_object(Bucket=self.bucket, Key=obj["Key"]).get("Metadata", {}) or {}
-        text = meta.get(DUMP_TIME_METADATA)
-        if text:
-            try:
-                return utc(datetime.fromisoformat(text))
-            except ValueError:
-                log.warning(
-                    "s3://%s/%s: unreadable %s metadata %r; using LastModified",
-                    self.bucket,
-                    obj["Key"],
-                    DUMP_TIME_METADATA,
-                    text,
-                )
-        return utc(obj["LastModified"])
-
-    def window(self) -> RestoreWindow:
-        objs = self._objects()
-        newest = objs[-1]
-        latest = self._dump_time(newest)
-        earliest = self._dump_time(objs[0]) if len(objs) > 1 else latest
-        return RestoreWindow(
-            earliest=min(earliest, latest),
-            latest=latest,
-            detail=f"s3://{self.bucket}/{newest['Key']} ({newest.get('Size', 0)} bytes; {len(objs)} dump(s))",
-        )
-
-    def _pick(self, point: datetime) -> tuple[dict[str, Any], datetime]:
-        point = utc(point)
-        for obj in reversed(self._objects()):
-            when = self._dump_time(obj)
-            if when <= point:
-                return obj, when
-        raise ApplicationError(
-            f"no dump under {self.where} was taken at or before {point.isoformat()}",
-            type="RestoreUnavailable",
-            non_retryable=True,
-        )
+        super().__init__(request)
+        self.server = request.drill.scratch_server
 
     # the scratch database -----------------------------------------------------------------------------
     @staticmethod
@@ -215,7 +251,7 @@ class S3DumpRestore:
         with self._connect() as conn, sql_errors(self.server, f"start restore into {name}"):
             info = self._info(conn, name)
             if info is None or not info.get("key"):
-                obj, when = self._pick(point)
+                obj, when = self.pick(point)
                 info = {
                     "state": "pending",
                     "bucket": self.bucket,
@@ -269,30 +305,6 @@ class S3DumpRestore:
                 conn.execute("select pg_advisory_unlock(hashtextextended(%s, 0))", (lock_key,))
             return self._target(name, info, True, f"restored from s3://{info['bucket']}/{info['key']}")
 
-    def _download(self, bucket: str, key: str, path: Path, size: int) -> None:
-        """boto3's threaded download in a helper thread; this (the activity's) thread heartbeats the progress."""
-        seen = [0]
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                with aws_errors(f"S3 object s3://{bucket}/{key}"):
-                    self._s3().download_file(
-                        bucket, key, str(path), Callback=lambda n: seen.__setitem__(0, seen[0] + n)
-                    )
-            except BaseException as e:  # noqa: BLE001 - re-raised in the activity's thread
-                failure.append(e)
-
-        t = threading.Thread(target=run, name=f"download-{key}", daemon=True)
-        t.start()
-        while True:
-            _heartbeat({"phase": "download", "key": key, "bytes": seen[0], "of": size})
-            t.join(timeout=self.POLL)
-            if not t.is_alive():
-                break
-        if failure:
-            raise failure[0]
-
     def _restore(self, conn, name: str, info: dict[str, Any]) -> None:
         binary = _pg_restore_binary()
         key = info["key"]
@@ -300,7 +312,7 @@ class S3DumpRestore:
         started = time.monotonic()
         try:
             path = tmpdir / "dump"
-            self._download(info["bucket"], key, path, int(info.get("size") or 0))
+            self.download(info["bucket"], key, path, int(info.get("size") or 0))
             # A clean database: what a dead attempt restored partly goes.
             self._drop(conn, name)
             conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
@@ -318,7 +330,7 @@ class S3DumpRestore:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     env=env,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
                 try:
                     while proc.poll() is None:
@@ -405,7 +417,7 @@ def _pg_restore_binary() -> str:
     return found
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGKILL it when the worker dies, so no orphaned pg_restore keeps writing."""
     try:
         import ctypes

@@ -448,6 +448,239 @@ def test_s3_dump_that_is_not_a_dump_is_a_clear_error(emu, inventory, state, clus
     assert e.value.non_retryable and "nothing-here/" in e.value.message
 
 
+# -- a mysqldump in S3, restored into a scratch MariaDB the worker starts (method s3-mysqldump) -------------------
+
+
+@pytest.fixture(scope="module")
+def mysql_source(workdir):
+    """The application's MySQL (a real MariaDB): database shop, orders with a commit-time column, customers."""
+    from lab.mysql import start_source
+
+    server = start_source(workdir / "mysql")
+    try:
+        with server.connect() as conn, conn.cursor() as cur:
+            cur.execute("create database shop")
+            cur.execute("create table shop.customers (id int primary key, name varchar(40) not null)")
+            cur.execute("create table shop.orders (id int auto_increment primary key, customer int not null, "
+                        "total decimal(10,2) not null, created_at timestamp(6) not null default current_timestamp(6))")
+            cur.execute("insert into shop.customers values (1, 'ada'), (2, 'brian'), (3, 'chen')")
+            cur.executemany("insert into shop.orders (customer, total) values (%s, %s)",
+                            [(1 + i % 3, 10 + i) for i in range(200)])
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def mysqldump(emu, mysql_source):
+    """One gzip mysqldump of shop in the lab's S3; then more orders, written after the dump."""
+    from lab.mysql import seed_mysqldump
+
+    seeded = seed_mysqldump(emu.url, mysql_source, "shop", bucket=DUMPS_BUCKET)
+    time.sleep(0.01)
+    with mysql_source.connect() as conn, conn.cursor() as cur:
+        cur.executemany("insert into shop.orders (customer, total) values (%s, %s)", [(1, 1)] * 25)
+    return seeded
+
+
+def mysql_request(inventory, mysql_source, name: str, **drill) -> RestoreRequest:
+    policy = {
+        "dumps": {"bucket": DUMPS_BUCKET, "prefix": "mysql/"},
+        "mysql": {"database": "shop", "source": {"host": "127.0.0.1", "port": mysql_source.port, "user": "root"}},
+        "row_counts": [{"table": "orders", "timestamp_column": "created_at"}, {"table": "customers"}],
+        "checks": [{"name": "no negative totals", "query": "select count(*) = 0 from orders where total < 0"},
+                   {"name": "every order has a customer", "query":
+                    "select count(*) = 0 from orders o left join customers c on c.id = o.customer where c.id is null"}],
+        "schema_objects": ["orders", "customers"],
+        **drill,
+    }
+    return request(inventory, "s3-mysqldump", name, datetime.now(timezone.utc), **policy)
+
+
+def mariadbd_running(datadir: Path) -> bool:
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"--datadir={datadir}".encode() in (proc / "cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_mysqldump_restored_into_a_scratch_mariadb_verified_and_removed(inventory, mysql_source, mysqldump,
+                                                                        workdir, monkeypatch):
+    """The Maintenance API guide's monthly recovery test: the newest mysqldump from S3 into a scratch MariaDB the
+    worker starts, row counts against the source as of the dump, SQL checks, and nothing left behind."""
+    from activities.mysql import SCRATCH_DIR_ENV
+    from activities.restore import restore_mysql_dump, restore_window, validate_checks
+
+    monkeypatch.setenv(SCRATCH_DIR_ENV, str(workdir / "mysql-scratch"))
+    req = mysql_request(inventory, mysql_source, "opsflow-drill-my000001")
+    validate_checks(req)
+    window = restore_window(req)
+    assert window.latest == mysqldump["dump_time"] and mysqldump["key"] in window.detail
+    started = time.monotonic()
+    result, beats = in_activity(restore_mysql_dump, req)
+    took = time.monotonic() - started
+
+    assert [(c.kind, c.name, c.ok) for c in result.checks] == [
+        ("row_count", "orders", True), ("row_count", "customers", True), ("sql", "no negative totals", True),
+        ("sql", "every order has a customer", True), ("schema", "orders", True), ("schema", "customers", True)]
+    orders = result.checks[0]
+    assert orders.expected == orders.actual == 200  # as of the dump: the 25 orders written after it are not counted
+    assert result.scratch.restore_point == mysqldump["dump_time"] and "MariaDB" in result.scratch.detail
+    assert 0 < result.restore_seconds <= took and result.cleaned
+    phases = [b.get("phase") for b in beats if isinstance(b, dict)]
+    assert "download" in phases and "verify" in phases
+    scratch = workdir / "mysql-scratch" / "opsflow-drill-my000001"
+    assert not scratch.exists() and not mariadbd_running(scratch / "data")
+    print(f"mysqldump restore test: restored in {result.restore_seconds:.1f}s, {took:.1f}s with the checks")
+
+
+def test_mysql_restore_test_cleans_up_after_a_bad_dump_and_a_failed_check(emu, inventory, mysql_source, mysqldump,
+                                                                         workdir, monkeypatch):
+    from activities.mysql import SCRATCH_DIR_ENV
+    from activities.restore import restore_mysql_dump, validate_checks
+
+    monkeypatch.setenv(SCRATCH_DIR_ENV, str(workdir / "mysql-scratch"))
+    # A failed check is a result, and the server is removed all the same.
+    bad = mysql_request(inventory, mysql_source, "opsflow-drill-my000002",
+                        checks=[{"name": "a thousand orders", "query": "select count(*) = 1000 from orders"},
+                                {"name": "broken", "query": "select nope from nowhere"}])
+    result, _ = in_activity(restore_mysql_dump, bad)
+    assert [(c.name, c.ok) for c in result.checks if c.kind == "sql"] == [("a thousand orders", False),
+                                                                           ("broken", False)]
+    assert "returned 0" in result.checks[2].detail and "nowhere" in result.checks[3].detail
+    assert result.cleaned and not (workdir / "mysql-scratch" / "opsflow-drill-my000002").exists()
+
+    # A file that is not a dump: a clear, non-retryable error, and nothing left behind.
+    junk = workdir / "junk.sql"
+    junk.write_text("this is not SQL at all;\n")
+    upload_dump(AwsConnection(endpoint_url=emu.url), DUMPS_BUCKET, "mysql-junk/bad.sql", junk)
+    req = mysql_request(inventory, mysql_source, "opsflow-drill-my000003",
+                        dumps={"bucket": DUMPS_BUCKET, "prefix": "mysql-junk/"})
+    with pytest.raises(ApplicationError) as e:
+        in_activity(restore_mysql_dump, req)
+    assert e.value.non_retryable and e.value.type == "BadInput" and "syntax" in e.value.message.lower()
+    scratch = workdir / "mysql-scratch" / "opsflow-drill-my000003"
+    assert not scratch.exists() and not mariadbd_running(scratch / "data")
+
+    # A table the source does not have: refused before anything is created.
+    with pytest.raises(ApplicationError) as e:
+        validate_checks(mysql_request(inventory, mysql_source, "opsflow-drill-my000004",
+                                      row_counts=[{"table": "invoices"}]))
+    assert e.value.non_retryable and "'invoices'" in e.value.message
+
+
+def test_mysql_scratch_server_a_crashed_drill_left_is_stopped_and_removed(inventory, mysql_source, workdir,
+                                                                          monkeypatch):
+    from activities.mysql import SCRATCH_DIR_ENV, ScratchServer
+    from activities.restore import restore_delete
+
+    root = workdir / "mysql-scratch"
+    monkeypatch.setenv(SCRATCH_DIR_ENV, str(root))
+    left = ScratchServer(root, "opsflow-drill-crashed9")  # a worker died mid-drill: its server runs on
+    left.start({"environment": inventory.environment, "run": "crashed9"})
+    other = ScratchServer(root, "opsflow-drill-staging1")  # another environment's drill, running now
+    other.start({"environment": "staging", "run": "staging1"})
+    try:
+        found, _ = in_activity(restore_leftovers, mysql_request(inventory, mysql_source, "opsflow-drill-current1",
+                                                               ))
+        assert found == ["opsflow-drill-crashed9"]
+        assert not left.dir.exists() and not mariadbd_running(left.datadir)
+        assert other.dir.exists() and mariadbd_running(other.datadir)
+        with pytest.raises(ApplicationError) as e:
+            restore_delete(mysql_request(inventory, mysql_source, "opsflow-drill-staging1"))
+        assert e.value.type == "Refused" and "staging" in e.value.message
+        assert restore_delete(mysql_request(inventory, mysql_source, "opsflow-drill-gone0001")) is False
+    finally:
+        other.stop()
+        left.stop()
+
+
+def test_mysql_scratch_server_dies_with_a_killed_worker_and_its_directory_goes_at_the_next_drill(
+        inventory, mysql_source, workdir, monkeypatch):
+    """A worker SIGKILLed mid-restore: its scratch server goes with it (PR_SET_PDEATHSIG), no orphan keeps the port
+    and the memory; the data directory it left is removed by the next drill's leftovers step."""
+    import signal
+    import subprocess
+    import sys
+
+    from activities.mysql import SCRATCH_DIR_ENV, ScratchServer
+
+    root = workdir / "mysql-scratch"
+    monkeypatch.setenv(SCRATCH_DIR_ENV, str(root))
+    script = ("import sys, time; from pathlib import Path; from activities.mysql import ScratchServer; "
+              "s = ScratchServer(Path(sys.argv[1]), 'opsflow-drill-killed01'); "
+              f"s.start({{'environment': {inventory.environment!r}, 'run': 'killed01'}}); "
+              "print(s.proc.pid, s.port, flush=True); time.sleep(600)")
+    worker = subprocess.Popen([sys.executable, "-c", script, str(root)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        pid, port = (int(x) for x in worker.stdout.readline().split())
+        assert port_open(port)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+        def gone() -> bool:
+            try:
+                return b"mariadbd" not in Path(f"/proc/{pid}/comm").read_bytes()  # a reused pid is another program
+            except OSError:
+                return True
+
+        wait_until(gone, what="the scratch server to die with its worker")
+        assert not port_open(port)
+        left = ScratchServer(root, "opsflow-drill-killed01")
+        assert left.dir.exists()  # what the dead worker could not remove
+        found, _ = in_activity(restore_leftovers, mysql_request(inventory, mysql_source, "opsflow-drill-next0001"))
+        assert found == ["opsflow-drill-killed01"] and not left.dir.exists()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
+# -- the drill's trend, read back from reports kept in S3 ----------------------------------------------------------
+
+
+def test_drill_history_reads_the_last_drills_back_from_s3(emu, inventory, tmp_path):
+    """restore.history against S3 (report.store writes there, as the workers do): only drills, newest N, oldest
+    first, the running drill left out, a report that is not JSON of a report skipped."""
+    from activities.reports import drill_history, store_report
+    from opsflow.models import DrillHistoryRequest, DrillReport, ObjectiveResult, StoreReportRequest
+    from opsflow.report import to_markdown
+
+    env = "trend-s3"
+    start = datetime(2026, 11, 1, 2, tzinfo=timezone.utc)
+
+    def keep(report) -> None:
+        store_report(StoreReportRequest(environment=env, workflow_id=f"opsflow-{env}-{report.run_id}",
+                                        reports_dir=str(tmp_path), store=inventory.reports, aws=inventory.aws,
+                                        json_text=report.model_dump_json(), markdown=to_markdown(report)))
+
+    for i in range(4):  # four monthly drills, the third missing its RPO
+        keep(DrillReport(workflow_id=f"opsflow-{env}", environment=env, requester="schedule", run_id=f"run-{i}",
+                         started_at=start + timedelta(days=30 * i), status="failed" if i == 2 else "succeeded",
+                         method="rds-pitr", restore_seconds=100.0 + i, latest_point_age_seconds=60.0 * (i + 1),
+                         objectives=[ObjectiveResult(name="restore_point_age", objective_seconds=150,
+                                                     measured_seconds=60.0 * (i + 1), met=i < 2)]))
+    from opsflow.models import ProcedureReport
+
+    keep(ProcedureReport(procedure="failover", workflow_id=f"opsflow-{env}", environment=env, requester="a",
+                         run_id="failover-1", status="succeeded"))
+    s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=emu.url)
+    prefix = f"{inventory.reports.s3.prefix.rstrip('/')}/" if inventory.reports.s3.prefix else ""
+    s3.put_object(Bucket=inventory.reports.s3.bucket, Key=f"{prefix}{env}/garbage.json", Body=b"{not json")
+
+    request = DrillHistoryRequest(environment=env, reports_dir=str(tmp_path / "elsewhere"), store=inventory.reports,
+                                  aws=inventory.aws, limit=3, exclude_run="run-3")
+    runs = drill_history(request)
+    assert [r.run_id for r in runs] == ["run-0", "run-1", "run-2"]  # S3, not the (empty) local directory
+    assert [(r.status, r.objectives_met, r.missed) for r in runs] == [
+        ("succeeded", True, []), ("succeeded", True, []), ("failed", False, ["restore_point_age"])]
+    assert all(r.stored_at.startswith(f"s3://{inventory.reports.s3.bucket}/") for r in runs)
+    assert [r.run_id for r in drill_history(request.model_copy(update={"limit": 2, "exclude_run": ""}))] == [
+        "run-2", "run-3"]
+
+
 # -- failback: the old primary made a read replica of the new one --------------------------------------
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -86,6 +86,7 @@ def test_restore_drill_restores_exactly_the_rows_before_the_point(lab, worker):
     east = lab.dsn("eastus")
     sql(east, "CREATE TABLE ledger (id int PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT clock_timestamp())")
     sql(east, "INSERT INTO ledger (id) SELECT generate_series(1, 300)")
+    rows_in = sql(east, "SELECT clock_timestamp()")[0][0].astimezone(timezone.utc)
     time.sleep(1.1)
     point = sql(east, "SELECT clock_timestamp()")[0][0].astimezone(timezone.utc)
     time.sleep(1.1)
@@ -133,6 +134,37 @@ def test_restore_drill_restores_exactly_the_rows_before_the_point(lab, worker):
     bad = lab.cli("drill", "--point-in-time", "2999-01-01T00:00:00Z", "--requester", "alice")
     assert bad.returncode == 2 and "in the future" in bad.stderr
 
+    # drill.restore_point random (AWS Backup's RANDOM_WITHIN_WINDOW): a point of the restorable window, restored and
+    # verified as of that point. The retention is cut to the time since the ledger's first rows, so the window
+    # holds them (the lab's backups reach back to before the table existed).
+    retention = int((datetime.now(timezone.utc) - rows_in).total_seconds() - 1.5)
+    inv["drill"].update(restore_point="random", retention=f"{retention}s",
+                        objectives={"restore_time": "10m", "restore_point_age": "1m"})
+    open(inventory, "w").write(yaml.safe_dump(inv))
+    proc = lab.cli("drill", "--requester", "alice", "--wait", "--json", timeout=400)
+    second = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert proc.returncode == 0 and second["status"] == "succeeded", (
+        second["failure"], [(s["name"], s["outcome"], s["detail"]) for s in second["steps"]])
+    chosen = datetime.fromisoformat(second["restore_point"])
+    earliest, latest = (datetime.fromisoformat(second[k]) for k in ("window_earliest", "window_latest"))
+    assert second["restore_point_chosen"] == "random"
+    assert max(earliest, latest - timedelta(seconds=retention)) <= chosen <= latest and rows_in < chosen
+    ledger = next(c for c in second["checks"] if c["name"] == "ledger")
+    committed = sql(east, "SELECT count(*) FROM ledger WHERE created_at < %s", chosen)[0][0]
+    assert ledger["ok"] and ledger["actual"] == ledger["expected"] == committed and 300 <= committed <= 450
+    assert [(o["name"], o["met"]) for o in second["objectives"]] == [("restore_time", True),
+                                                                    ("restore_point_age", True)]
+    md = open(next(p for p in second["stored_at"] if p.endswith(".md"))).read()
+    assert "restore point chosen at random within the restorable window" in md
+    # The trend: the first drill read back from its stored report, beside this one.
+    assert [r["run_id"] for r in second["trend"]] == [report["run_id"]]
+    assert "## Trend: the last 2 drills" in md and "2 of 2 drill(s) succeeded; objectives met in 1 of 1" in md
+    history = lab.cli_json("drill", "history")
+    assert [d["run_id"] for d in history["drills"]] == [report["run_id"], second["run_id"]]
+    assert [d["restore_point_chosen"] for d in history["drills"]] == ["given", "random"]
+    print(f"random restore point {chosen:%H:%M:%S.%f} in {earliest:%H:%M:%S} .. {latest:%H:%M:%S}: {committed} "
+          f"ledger rows; restored in {second['restore_seconds']:.1f}s")
+
 
 def test_failover_on_the_aws_variant(aws_lab):
     aws_lab.start_worker()
@@ -160,3 +192,64 @@ def test_failover_on_the_aws_variant(aws_lab):
         assert report["rpo_bytes"] == 0 and report["rpo_proven"] is True
     finally:
         aws_lab.stop_workers()
+
+
+def test_mysqldump_restore_test_end_to_end_on_the_aws_variant(aws_lab):
+    """The Maintenance API guide's monthly recovery test: the application's MySQL (a real MariaDB) dumped with
+    mysqldump into the lab's S3; `opsflow drill` restores the newest dump into a scratch MariaDB the worker starts,
+    counts rows against the source as of the dump, runs the SQL checks, and removes the server; the report is kept
+    in S3, and `opsflow drill history` reads it back from there."""
+    import yaml
+
+    from lab.mysql import seed_mysqldump, start_source
+    from tests.integration.test_aws_restore import mariadbd_running
+
+    source = start_source(aws_lab.root / "mysql-source")
+    try:
+        with source.connect() as conn, conn.cursor() as cur:
+            cur.execute("create database shop")
+            cur.execute("create table shop.orders (id int auto_increment primary key, total decimal(10,2) not null, "
+                        "created_at timestamp(6) not null default current_timestamp(6))")
+            cur.executemany("insert into shop.orders (total) values (%s)", [(i,) for i in range(1, 301)])
+        dumps = aws_lab.state["aws"]["buckets"]["dumps"]
+        seeded = seed_mysqldump(aws_lab.state["aws"]["endpoint_url"], source, "shop", bucket=dumps)
+        with source.connect() as conn, conn.cursor() as cur:  # written after the dump: not in the restore
+            cur.executemany("insert into shop.orders (total) values (%s)", [(1,)] * 40)
+        inv = yaml.safe_load(open(aws_lab.inventory))
+        inv["drill"] = {
+            "method": "s3-mysqldump",
+            "dumps": {"bucket": dumps, "prefix": "mysql/"},
+            "mysql": {"database": "shop", "source": {"host": "127.0.0.1", "port": source.port, "user": "root"}},
+            "row_counts": [{"table": "orders", "timestamp_column": "created_at"}],
+            "checks": [{"name": "no negative totals", "query": "select count(*) = 0 from orders where total < 0"}],
+            "schema_objects": ["orders"],
+            "objectives": {"restore_time": "5m"},
+            "heartbeat_timeout": "30s",
+        }
+        open(aws_lab.inventory, "w").write(yaml.safe_dump(inv))
+        aws_lab.start_worker()
+        proc = aws_lab.cli("drill", "--requester", "alice", "--wait", "--json", timeout=400)
+        report = json.loads(proc.stdout[proc.stdout.index("{"):])
+        assert proc.returncode == 0 and report["status"] == "succeeded", explain(report)
+        assert report["method"] == "s3-mysqldump" and report["restore_point_chosen"] == "newest"
+        assert datetime.fromisoformat(report["restore_point"]) == seeded["dump_time"]
+        orders = report["checks"][0]
+        assert (orders["name"], orders["ok"], orders["expected"], orders["actual"]) == ("orders", True, 300, 300)
+        assert all(c["ok"] for c in report["checks"]) and len(report["checks"]) == 3
+        assert [s["name"] for s in report["steps"] if s["name"] in ("leftovers", "restore", "cleanup")] == [
+            "leftovers", "restore", "cleanup"]
+        assert seeded["key"] in next(s for s in report["steps"] if s["name"] == "restore")["detail"]
+        assert report["scratch_deleted"] is True and report["objectives"][0]["met"] is True
+        scratch = aws_lab.root / "mysql-scratch"
+        assert not (scratch.exists() and any(scratch.iterdir())), list(scratch.iterdir())
+        assert not mariadbd_running(scratch / report["scratch_name"] / "data")
+        assert any(p.startswith("s3://") and p.endswith(".json") for p in report["stored_at"])
+        history = aws_lab.cli_json("drill", "history")
+        assert history["read_from"].startswith("s3://") and [d["run_id"] for d in history["drills"]] == [
+            report["run_id"]]
+        took = datetime.fromisoformat(report["ended_at"]) - datetime.fromisoformat(report["started_at"])
+        print(f"mysqldump restore test on the lab: restored in {report['restore_seconds']:.1f}s, the drill took "
+              f"{took.total_seconds():.1f}s")
+    finally:
+        aws_lab.stop_workers()
+        source.stop()

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import yaml
 from temporalio import activity
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
-from activities.reports import store_report
+from activities.reports import drill_history, store_report
 from activities.rules import worker_inventory
 from opsflow.client import ClientError, fetch_report
 from opsflow.contracts.db import DB_STATUS
@@ -24,6 +29,7 @@ from opsflow.contracts.notify import NOTIFY_SEND
 from opsflow.contracts.restore import (
     RESTORE_DELETE,
     RESTORE_LEFTOVERS,
+    RESTORE_MYSQL_DUMP,
     RESTORE_START,
     RESTORE_VALIDATE_CHECKS,
     RESTORE_VERIFY,
@@ -35,6 +41,7 @@ from opsflow.models import (
     CheckResult,
     DbStatus,
     DrillReport,
+    MysqlRestoreResult,
     NotifyRequest,
     RegionTarget,
     RestoreRequest,
@@ -48,6 +55,7 @@ from tests.workflow.conftest import inventory_dict, queue_workers, worker_holds
 from workflows.drill import DrillInput
 
 NOW = datetime.now(timezone.utc)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Backups:
@@ -132,6 +140,18 @@ class Backups:
                 ),
             ]
 
+        @RESTORE_MYSQL_DUMP.implementation
+        def mysql_dump(req: RestoreRequest) -> MysqlRestoreResult:
+            b.calls.append("mysql_dump")
+            b.created.append(req.scratch_name)  # made and removed within the activity
+            return MysqlRestoreResult(
+                scratch=ScratchTarget(name=req.scratch_name, method=req.method, ready=True,
+                                      restore_point=NOW - timedelta(hours=2), detail="s3://b/mysql/shop.sql.gz"),
+                restore_seconds=42.0, cleaned=True,
+                checks=[CheckResult(kind="row_count", name="orders", ok=True, expected=200, actual=200),
+                        CheckResult(kind="sql", name="no negative totals", ok=b.checks_ok,
+                                    detail="true" if b.checks_ok else "returned 0, not true")])
+
         @DB_STATUS.implementation
         def db_status(t: RegionTarget) -> DbStatus:
             return DbStatus(region=t.region, reachable=True, role="primary" if t.region == "eastus" else "replica")
@@ -156,8 +176,10 @@ class Backups:
             wait,
             delete,
             verify,
+            mysql_dump,
             notify,
             store_report,
+            drill_history,
         ]
 
 
@@ -416,3 +438,76 @@ def test_a_random_restore_point_needs_a_point_in_time_method():
                      "restore_point": "random"}
     with pytest.raises(ValueError, match="restore_point random needs a point-in-time method"):
         Inventory.model_validate(data)
+
+
+async def test_the_trend_reads_the_earlier_drills_back_from_their_stored_reports(drilling, backups, drill_inventory,
+                                                                                  tmp_path):
+    """drill.trend: each drill's report shows the drills before it (read back from the reports directory, where
+    every procedure's report is kept), oldest first, with restore time, restore point age and objectives; the
+    Markdown and HTML pages show the table, and `opsflow drill history` reads the same."""
+    inv = drill_inventory.model_copy(deep=True)  # the environment the module's worker serves, its own reports folder
+    objectives = DrillObjectives(restore_time="1h", restore_point_age="1m")
+    inv.drill = inv.drill.model_copy(update={"trend": 2, "objectives": objectives})
+    first = await failed(await start(drilling, inv))  # the newest point is at least 5 min old: RPO missed
+    assert first.status == "failed" and first.trend == []
+    # another procedure's report in the same folder is not a drill; an unreadable file is skipped
+    folder = tmp_path / "reports" / inv.environment
+    (folder / f"opsflow-{inv.environment}-aaaaaaaa.json").write_text('{"procedure": "failover", "workflow_id": "x"}')
+    (folder / f"opsflow-{inv.environment}-bbbbbbbb.json").write_text('{"procedure": "drill", "status": 7')
+    inv.drill = inv.drill.model_copy(update={"objectives": DrillObjectives(restore_point_age=10**11)})
+    second = DrillReport.model_validate(await (await start(drilling, inv)).result())
+    third = DrillReport.model_validate(await (await start(drilling, inv)).result())
+
+    assert second.status == "succeeded" and [r.run_id for r in second.trend] == [first.run_id]
+    was = second.trend[0]
+    assert (was.status, was.objectives_met, was.missed, was.checks) == ("failed", False, ["restore_point_age"], 2)
+    assert was.restore_seconds == first.restore_seconds and was.latest_point_age_seconds >= 300
+    assert was.stored_at.endswith(".json") and f"/{inv.environment}/" in was.stored_at
+    # drill.trend 2: the two before it, oldest first; never itself
+    assert [r.run_id for r in third.trend] == [first.run_id, second.run_id]
+    assert third.trend[1].objectives_met is True
+    md = open(next(p for p in third.stored_at if p.endswith(".md"))).read()
+    assert "## Trend: the last 3 drills" in md, md
+    assert "2 of 3 drill(s) succeeded; objectives met in 2 of 3" in md
+    assert "MISSED restore_point_age" in md and "(this run)" in md
+    html = open(next(p for p in third.stored_at if p.endswith(".html"))).read()
+    assert "Trend: the last 3 drills" in html and 'class="this-run"' in html
+
+    # `opsflow drill history --json`: the same reading, from the CLI's copy of the inventory (no Temporal needed)
+    inv_file = tmp_path / "inventory.yaml"
+    inv_file.write_text(yaml.safe_dump(inv.model_dump(mode="json", exclude_none=True)))
+    proc = subprocess.run([sys.executable, "-m", "starters.cli", "drill", "history", "--env", str(inv_file), "--last",
+                           "5", "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert [d["run_id"] for d in shown["drills"]] == [first.run_id, second.run_id, third.run_id]
+    assert shown["summary"].startswith("2 of 3 drill(s) succeeded") and shown["read_from"] == inv.reports_dir
+    text = subprocess.run([sys.executable, "-m", "starters.cli", "drill", "history", "--env", str(inv_file)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT).stdout
+    assert "restore point age" in text and text.count("rds-pitr") == 0 and text.count(" newest ") == 3
+
+
+async def test_a_mysqldump_drill_restores_verifies_and_removes_in_one_step(drilling, backups, drill_inventory):
+    """method s3-mysqldump: the scratch server lives on the worker that restores, so restore, checks and removal
+    are one step; the restore point is the dump's time; a failed check fails the drill naming it."""
+    inv = drill_inventory.model_copy(deep=True)
+    data = inv.drill.model_dump(exclude_none=True)
+    data.update(method="s3-mysqldump", mysql={"database": "shop", "source": {"host": "mysql", "user": "ops"}})
+    data.pop("scratch_server")
+    inv.drill = type(inv.drill).model_validate(data)
+    plan = DrillReport.model_validate(await (await start(drilling, inv, dry_run=True)).result())
+    assert [s.name for s in plan.steps if s.outcome == "planned"] == ["leftovers", "restore", "cleanup"]
+
+    report = DrillReport.model_validate(await (await start(drilling, inv)).result())
+    assert report.status == "succeeded" and report.method == "s3-mysqldump", report.failure
+    assert report.restore_point == NOW - timedelta(hours=2) and report.restore_seconds == 42.0
+    assert report.latest_point_age_seconds == report.restore_point_age_seconds >= 7200
+    assert [s.name for s in report.steps if s.name in ("restore", "restore-wait", "verify", "cleanup")] == [
+        "restore", "cleanup"]
+    assert "s3://b/mysql/shop.sql.gz" in next(s for s in report.steps if s.name == "restore").detail
+    assert report.scratch_deleted is True and [c.name for c in report.checks] == ["orders", "no negative totals"]
+
+    backups.checks_ok = False
+    report = await failed(await start(drilling, inv))
+    assert report.status == "failed" and "no negative totals: returned 0" in report.failure
+    assert report.scratch_deleted is True and "start" not in backups.calls

@@ -24,9 +24,14 @@ class Reports:
         report, inv = self.report, self.inventory
         if inv is None or report.dry_run:  # refused before the worker's rules were taken, or a plan: nothing to keep
             return
+        run_id = workflow.info().run_id
+        # The whole run id: its first 8 characters are a time prefix (UUIDv7) that runs a minute apart share, and
+        # one run's report overwrote the other's (the drill's trend read one drill where two had run).
+        stem = f"{report.workflow_id}-{run_id}" if workflow.patched("report-whole-run-id") else \
+            f"{report.workflow_id}-{run_id[:8]}"
         request = StoreReportRequest(
             environment=inv.environment,
-            workflow_id=f"{report.workflow_id}-{workflow.info().run_id[:8]}",
+            workflow_id=stem,
             reports_dir=inv.reports_dir,
             store=inv.reports,
             aws=inv.aws,
