@@ -385,8 +385,10 @@ class DrillObjectives(Strict):
         lambda v: v if v is None else parse_duration(v))
 
 
-class DrillPolicy(Strict):
+class DrillPolicy(LateFields):
     """The monthly restore test: where to restore, what to verify."""
+
+    late_fields = frozenset({"mysql", "trend"})  # added after inventories had digests
 
     # Default: by the source region's database provider (azure-flexible -> azure-pitr, aws-rds -> rds-pitr).
     method: Literal["azure-pitr", "rds-pitr", "s3-dump", "s3-mysqldump"] | None = None
@@ -408,10 +410,14 @@ class DrillPolicy(Strict):
     # methods only (a dump restores to when it was taken).
     restore_point: Literal["newest", "random"] = "newest"
     # The trend across runs: this many earlier drills are read back from their stored reports (reports_dir, S3)
-    # and shown in the report beside this one (restore time, restore point age, objectives); 0: none.
-    trend: int = Field(default=10, ge=0, le=100)
+    # and shown in the report beside this one (restore time, restore point age, objectives); 0: none; unset: 10.
+    trend: int | None = Field(default=None, ge=0, le=100)
 
     _d = field_validator("retention", "restore_timeout", "heartbeat_timeout", mode="before")(parse_duration)
+
+    @property
+    def trend_runs(self) -> int:
+        return 10 if self.trend is None else self.trend
 
     @model_validator(mode="after")
     def _s3(self) -> "DrillPolicy":

@@ -165,7 +165,7 @@ def drill_history(inv: Inventory, args: argparse.Namespace) -> int:
     for flag in ("source", "point_in_time", "requester", "reason"):
         if getattr(args, flag):
             raise CliError(f"--{flag.replace('_', '-')} is for starting a drill, not for `opsflow drill history`")
-    last = args.last if args.last is not None else (inv.drill.trend or 10)
+    last = args.last if args.last is not None else (inv.drill.trend_runs or 10)
     if last < 1:
         raise CliError(f"--last {last}: give at least 1")
     runs = read_history(DrillHistoryRequest(environment=inv.environment, reports_dir=inv.reports_dir,

@@ -290,16 +290,16 @@ class DrillWorkflow(Procedure[DrillReport]):
         """The drills before this one, read back from their stored reports (drill.trend of them): shown in this
         report beside its own figures. Best effort and bounded: a history that cannot be read is an event."""
         inv, report = self.inventory, self.report
-        if not inv.drill.trend:
+        if not inv.drill.trend_runs:
             return
         request = DrillHistoryRequest(environment=inv.environment, reports_dir=inv.reports_dir, store=inv.reports,
-                                      aws=inv.aws, limit=inv.drill.trend, exclude_run=workflow.info().run_id)
+                                      aws=inv.aws, limit=inv.drill.trend_runs, exclude_run=workflow.info().run_id)
         opts = self.activity_options(inv.task_queue, 60, None, 3)
         opts.pop("cancellation_type")
         try:
             report.trend = await workflow.execute_activity(
                 RESTORE_HISTORY.name, request, result_type=RESTORE_HISTORY.result_type,
-                summary=f"read the last {inv.drill.trend} drills' reports", **opts)
+                summary=f"read the last {inv.drill.trend_runs} drills' reports", **opts)
         except ActivityError as err:
             report.events.append(ControlEvent(action="trend-unread", by="opsflow", at=workflow.now(),
                                               reason=failure_message(err)))
