@@ -408,6 +408,8 @@ def emulated_azure_delays(root: Path) -> dict:
 
 def figures_of_run(report: FailoverReport, history, drain: float) -> dict:
     work = activity_seconds_per_step(report, history)
+    if report.drain_seconds is not None:  # "drain-until-idle": the drain took what it waited, not the configured
+        drain = report.drain_seconds
     work["drain"] = drain
     steps = {}
     for s in report.steps:
