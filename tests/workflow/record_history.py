@@ -147,6 +147,10 @@ RECORDINGS.update({f"scheduled{WORKER_RULES}": scheduled_signed, f"failover_canc
 RECORDINGS.update(
     {f"failover_switchover{WORKER_RULES}": planned, f"failback_switchover{WORKER_RULES}": failback_switchover}
 )
+# Self-managed switchover and the drain until idle (issue 20): provider postgres whose hosts the worker reaches.
+RECORDINGS.update(
+    {f"failover_self-managed{WORKER_RULES}": planned, f"failback_self-managed{WORKER_RULES}": failback_switchover}
+)
 NEW_SHAPE = False  # set by record() for the worker-rules recordings
 
 
@@ -173,6 +177,9 @@ def recording_inventory(name: str, tmp: Path) -> Inventory:
             r["database"] = {"provider": "azure-flexible", "dsn": f"host=db-{region} dbname=app user=ops",
                              "subscription_id": "sub", "resource_group": "rg", "server_name": f"pg-{region}",
                              "virtual_endpoint": "ve-shop"}
+    if "self-managed" in name:
+        for region, r in data["regions"].items():
+            r["database"]["host"] = {"run": ["ssh", f"postgres@db-{region}"], "data_dir": "/var/lib/postgresql/15/main"}
     return Inventory.model_validate(data)
 
 
