@@ -109,6 +109,9 @@ class PostgresHost(Strict):
     # [] runs it on the worker's own host. Programs run as the server's OS user (never root: pg_ctl refuses).
     run: list[str] = []
     data_dir: str = Field(pattern=_HOST_PATH, description="the server's data directory (holds PG_VERSION)")
+    config_dir: str | None = Field(default=None, pattern=_HOST_PATH,
+                                   description="pg_ctl -D where postgresql.conf is, when not in data_dir (Debian: "
+                                               "/etc/postgresql/15/main)")
     bin_dir: str = Field(default="/usr/lib/postgresql/15/bin", pattern=_HOST_PATH,
                          description="where pg_ctl and pg_controldata are")
     log_file: str | None = Field(default=None, pattern=_HOST_PATH,

@@ -93,9 +93,14 @@ def _tool(host: Any, name: str) -> str:
     return f"{host.bin_dir.rstrip('/')}/{name}"
 
 
+def _pg_ctl_dir(host: Any) -> str:
+    # pg_ctl finds the data directory from a configuration-only directory itself (postgres -C data_directory)
+    return host.config_dir or host.data_dir
+
+
 def server_running(host: Any) -> bool:
     """pg_ctl status: 0 running, 3 not running; 4 (no data directory) is an inventory error."""
-    p = run_on_host(host, [_tool(host, "pg_ctl"), "status", "-D", host.data_dir], "pg_ctl status")
+    p = run_on_host(host, [_tool(host, "pg_ctl"), "status", "-D", _pg_ctl_dir(host)], "pg_ctl status")
     if p.returncode == 4:
         raise ApplicationError(f"pg_ctl status: {host.data_dir} is not a data directory on the host",
                                type="HostConfig", non_retryable=True)
@@ -116,15 +121,15 @@ def start_server(host: Any) -> None:
         return
     log = host.log_file or f"{host.data_dir.rstrip('/')}/opsflow-pg_ctl.log"
     timeout = str(max(1, int(host.command_timeout) - 5))
-    _check(run_on_host(host, [_tool(host, "pg_ctl"), "start", "-D", host.data_dir, "-l", log, "-w", "-t", timeout],
+    _check(run_on_host(host, [_tool(host, "pg_ctl"), "start", "-D", _pg_ctl_dir(host), "-l", log, "-w", "-t", timeout],
                        "pg_ctl start"), "pg_ctl start")
 
 
 def stop_server(host: Any) -> None:
     """pg_ctl stop -m fast -w: sessions ended, a shutdown checkpoint written and sent to the standbys."""
     timeout = str(max(1, int(host.command_timeout) - 5))
-    _check(run_on_host(host, [_tool(host, "pg_ctl"), "stop", "-D", host.data_dir, "-m", "fast", "-w", "-t", timeout],
-                       "pg_ctl stop"), "pg_ctl stop")
+    args = [_tool(host, "pg_ctl"), "stop", "-D", _pg_ctl_dir(host), "-m", "fast", "-w", "-t", timeout]
+    _check(run_on_host(host, args, "pg_ctl stop"), "pg_ctl stop")
 
 
 # -- the activities' bodies ---------------------------------------------------------------------------------------

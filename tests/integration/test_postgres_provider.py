@@ -500,3 +500,30 @@ def test_drain_ends_when_the_sessions_are_idle_or_at_its_limit(primary):
         idle = sql_drain(db, 30)
         assert idle.idle and idle.busy_sessions == 0 and idle.detail == "sessions idle"
         assert time.monotonic() - t0 < 5
+
+
+def test_host_commands_with_the_configuration_elsewhere(lab):
+    """Debian's layout: postgresql.conf in a configuration directory apart from the data directory (config_dir):
+    pg_ctl is pointed at it, pg_controldata at the data directory."""
+    from activities.postgres.host import controldata, server_running, start_server, stop_server
+    from lab.postgres import _give_to_server_user
+
+    c = lab.primary("sw-debian")
+    c.stop()
+    etc = lab.root / "sw-debian-etc"
+    etc.mkdir()
+    (etc / "postgresql.conf").write_text(
+        f"data_directory = '{c.datadir}'\nhba_file = '{c.datadir}/pg_hba.conf'\n"
+        f"ident_file = '{c.datadir}/pg_ident.conf'\ninclude '{c.datadir}/postgresql.conf'\n")
+    _give_to_server_user(etc)
+    _give_to_server_user(etc / "postgresql.conf")
+    target = with_host(c, "east")
+    host = target.database.host.model_copy(update={"config_dir": str(etc)})
+    (c.datadir / "postgresql.conf").rename(c.datadir / "postgresql.conf.moved")  # only the copy under etc is read
+    (etc / "postgresql.conf").write_text((etc / "postgresql.conf").read_text().replace(
+        f"{c.datadir}/postgresql.conf", f"{c.datadir}/postgresql.conf.moved"))
+    assert not server_running(host)
+    start_server(host)
+    assert server_running(host) and sql(c, "select current_setting('config_file')")[0][0] == f"{etc}/postgresql.conf"
+    stop_server(host)
+    assert not server_running(host) and controldata(host)["Database cluster state"] == "shut down"
