@@ -10,17 +10,23 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities.context import Backoff, Every, heartbeat, sleep_or_cancelled, time_limit
+from activities.postgres import host
 from activities.postgres.connection import where
 from activities.postgres.divergence import sql_divergence
+from activities.postgres.drain import sql_drain
 from activities.postgres.server import open_status_connection, sql_status_on
 from activities.providers import database_provider
 from opsflow.contracts.db import (
     DB_CHECK_WRITABLE,
     DB_DIVERGENCE,
+    DB_DRAIN,
     DB_FENCE,
     DB_FENCE_CONTROL_PLANE,
+    DB_FOLLOW,
     DB_PROMOTE,
     DB_REBUILD_REPLICA,
+    DB_SHUT_DOWN,
+    DB_START,
     DB_STATUS,
     DB_UNFENCE,
     DB_WAIT_CAUGHT_UP,
@@ -31,12 +37,17 @@ from opsflow.models import (
     DbStatus,
     Divergence,
     DivergenceRequest,
+    DrainRequest,
+    DrainResult,
     FenceResult,
+    FollowRequest,
     PromoteRequest,
     PromoteResult,
     RebuildRequest,
     RebuildResult,
     RegionTarget,
+    ShutdownRequest,
+    ShutdownResult,
     lsn_to_int,
 )
 
@@ -271,3 +282,36 @@ def db_fence_control_plane(target: RegionTarget) -> FenceResult:
             detail=f"fence the old primary in {target.region} by hand: {type(e).__name__}: {e}",
         )
     return FenceResult(region=target.region, fenced=True, method=method, detail="; ".join(actions))
+
+
+@DB_DRAIN.implementation
+def db_drain(request: DrainRequest) -> DrainResult:
+    """The drain of a planned failover (maintenance mode is on): wait until no application session of the old
+    primary is in a transaction, at most `limit_seconds`; the fence then ends what is left. A database without a
+    SQL DSN (RDS without one) cannot be looked at: the whole limit is waited."""
+    db = request.target.database
+    if not getattr(db, "dsn", None):
+        t0 = time.monotonic()
+        sleep_or_cancelled(request.limit_seconds, "drain: no SQL access, waiting the whole limit")
+        return DrainResult(waited_seconds=round(time.monotonic() - t0, 3), idle=False,
+                           detail="drain limit reached (no SQL access to look at the sessions)")
+    return sql_drain(db, request.limit_seconds)
+
+
+@DB_SHUT_DOWN.implementation
+def db_shut_down(request: ShutdownRequest) -> ShutdownResult:
+    """Self-managed switchover (activities/postgres/host.py): a clean shutdown of the fenced old primary and the
+    proof that the replica replayed its shutdown checkpoint; not proven: the old primary is started again."""
+    return host.shut_down_for_switchover(request.target, request.replica, request.timeout_seconds)
+
+
+@DB_START.implementation
+def db_start(target: RegionTarget) -> DbStatus:
+    """Start a self-managed server that a switchover shut down (idempotent): the undo before any promotion."""
+    return host.start_again(target)
+
+
+@DB_FOLLOW.implementation
+def db_follow(request: FollowRequest) -> DbStatus:
+    """Start the cleanly shut down old primary as a standby of the new one; returns once it streams, unfenced."""
+    return host.follow(request.target, request.primary, request.timeout_seconds)

@@ -3,11 +3,13 @@
 
     python bench/failback.py [--runs N] [--json]
 
-Each run brings up a FRESH Azure lab in a temporary directory (`opsflow lab up`, with `--virtual-endpoint` for the
-switchover path), writes some rows, runs a planned failover eastus -> westeurope and then the failback to eastus
+Each run brings up a FRESH lab in a temporary directory: `opsflow lab up` for the rebuild path (Azure, standalone
+promotion), `--virtual-endpoint` for Azure's switchover, `--self-managed` for the self-managed switchover (provider
+postgres with host access: clean shutdown, shutdown-checkpoint proof, the old primary started as a standby), writes
+some rows, runs a planned failover eastus -> westeurope and then the failback to eastus
 the way a person does (`opsflow failover|failback ... --requester alice`, `opsflow approve ... --as bob` as soon as
-it waits), and tears the lab down. The paths alternate run by run (rebuild, switchover, rebuild, ...) so that the
-machine's load falls on both alike.
+it waits), and tears the lab down. The paths alternate run by run (rebuild, switchover, self-managed, rebuild, ...)
+so that the machine's load falls on all alike. `--paths` picks some.
 
 The figures (medians over the runs that succeeded; min and max beside them):
 
@@ -37,7 +39,8 @@ from failover import REQUESTER, RunFailed, approve_and_wait, attempt, ignore_int
 
 from opsflow.models import FailbackReport, FailoverReport  # noqa: E402
 
-PATHS = ("rebuild", "switchover")
+PATHS = ("rebuild", "switchover", "self-managed")
+LAB_FLAGS = {"rebuild": {}, "switchover": {"virtual_endpoint": True}, "self-managed": {"self_managed": True}}
 
 
 def failback_run(base: Path, number: int, path: str) -> dict:
@@ -48,7 +51,7 @@ def failback_run(base: Path, number: int, path: str) -> dict:
 
     root = base / f"lab-{number}-{path}"
     try:
-        state = up(root, with_worker=True, quiet=True, default_ports=False, virtual_endpoint=path == "switchover")
+        state = up(root, with_worker=True, quiet=True, default_ports=False, **LAB_FLAGS[path])
         east = state["regions"]["eastus"]["dsn"]
         with psycopg.connect(east, autocommit=True) as conn:
             conn.execute("CREATE TABLE bench_rows (id int PRIMARY KEY, pad text)")
@@ -80,38 +83,44 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="failbacks per path (default 3)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
     args = parser.parse_args()
+    paths = [p for p in args.paths.split(",") if p]
+    if not paths or set(paths) - set(PATHS):
+        parser.error(f"--paths: choose among {', '.join(PATHS)}")
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="opsflow-bench-failback-", dir="/dev/shm") as tmp:
         for i in range(args.runs):
-            for path in PATHS:
+            for path in paths:
                 say(f"run {i + 1}/{args.runs}, {path} path")
                 runs.append({"path": path, **attempt(f"{path} failback", i + 1, args.runs, failback_run, Path(tmp),
                                                      i + 1, path)})
-    summary = {}
-    for path in PATHS:
+    summary: dict = {}
+    for path in paths:
         ok = [r["result"] for r in runs if r["path"] == path and r["ok"]]
         summary[path] = {key: stats([r[key] for r in ok]) for key in ("failback_seconds", "rebuild_seconds",
                                                                        "failover_back_seconds")}
         summary[path]["runs_ok"] = len(ok)
         summary[path]["failed"] = [r["error"] for r in runs if r["path"] == path and not r["ok"]]
-    rb, sw = (summary[p]["failback_seconds"] for p in PATHS)
-    summary["speedup"] = round(rb["median"] / sw["median"], 2) if rb and sw else None
+    rb = summary.get("rebuild", {}).get("failback_seconds")
+    summary["speedup"] = {p: round(rb["median"] / summary[p]["failback_seconds"]["median"], 2) for p in paths
+                          if p != "rebuild" and rb and summary[p]["failback_seconds"]}
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print("failback after a planned failover eastus -> westeurope, fresh lab per run (medians; min-max)")
-    for path in PATHS:
+    for path in paths:
         s = summary[path]
         line = "   ".join(
             f"{k.removesuffix('_seconds').replace('_', ' ')} {v['median']:.2f} s ({v['min']:.2f}-{v['max']:.2f})"
             for k, v in s.items()
             if isinstance(v, dict) and v
         )
-        print(f"{path:<11} n={s['runs_ok']}  {line}")
+        print(f"{path:<12} n={s['runs_ok']}  {line}")
         for e in s["failed"]:
             print(f"  FAILED (left out): {e}")
-    print(f"the switchover path is {summary['speedup']}x faster (failback medians)" if summary["speedup"] else "")
+    for path, x in summary["speedup"].items():
+        print(f"the {path} path is {x}x faster than the rebuild path (failback medians)")
     return 0
 
 

@@ -9,9 +9,11 @@ and the CLI read (lab_inventory: the Azure variant; lab/aws_lab.py builds the AW
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from lab.postgres import SERVER_USER, Cluster, pg_bin
 from lab.seed import BLOAT_TABLE
 
 REGIONS = ("eastus", "westeurope")
@@ -79,7 +81,7 @@ def lab_inventory(state: dict, root: Path) -> dict:
     regions = {}
     for region in REGIONS:
         regions[region] = {
-            "database": {
+            "database": self_managed_database(state, region) if state.get("self_managed") else {
                 "provider": "azure-flexible",
                 "subscription_id": SUBSCRIPTION,
                 "resource_group": RESOURCE_GROUP,
@@ -129,6 +131,16 @@ def lab_inventory(state: dict, root: Path) -> dict:
         "reports_dir": str(root / "reports"),
         "maintenance": lab_maintenance(receiver),
     }
+
+
+def self_managed_database(state: dict, region: str) -> dict:
+    """`opsflow lab up --self-managed`: the region's cluster as provider postgres, its host reached on this machine
+    (as the postgres OS user when the lab runs as root: pg_ctl refuses root)."""
+    cluster = Cluster.from_dict(state["postgres"][region])
+    run = ["runuser", "-u", SERVER_USER, "--"] if os.geteuid() == 0 else []
+    return {"provider": "postgres", "dsn": state["regions"][region]["dsn"],
+            "host": {"run": run, "data_dir": str(cluster.datadir), "bin_dir": str(Path(pg_bin("pg_ctl")).parent),
+                     "log_file": str(cluster.logfile), "command_timeout": "60s"}}
 
 
 def lab_maintenance(receiver: str) -> dict:

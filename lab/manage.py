@@ -69,12 +69,14 @@ def temporal_binary() -> str:
 
 def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
        faults: float = 0.0, encrypt: bool = False, rollout: bool = False, virtual_endpoint: bool = False,
-       router: str = "httproute", alerts: bool = False) -> dict:
+       router: str = "httproute", alerts: bool = False, self_managed: bool = False) -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
     tests and benchmarks take any free ports so they never meet another lab's leftovers. faults: the fraction of
     cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults).
     virtual_endpoint (Azure): the servers share a virtual endpoint, named in the inventory (switchover failovers).
-    alerts: the alerting stage (lab/alerting.py): Prometheus, Alertmanager and `opsflow alert-receiver`."""
+    alerts: the alerting stage (lab/alerting.py): Prometheus, Alertmanager and `opsflow alert-receiver`.
+    self_managed: the inventory names the databases as self-managed PostgreSQL (provider postgres) with host access
+    (switchover failovers without a rebuild); the ARM emulator still serves Traffic Manager."""
     say: Say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     lab = Lab(root)
     if lab.state.get("ready") and lab.alive("temporal"):
@@ -90,6 +92,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
         lab.state["rollout_router"] = router  # httproute | nginx (the upstream file opsflow writes)
         lab.state["virtual_endpoint"] = VIRTUAL_ENDPOINT if virtual_endpoint and cloud == "azure" else None
         lab.state["with_alerts"] = alerts
+        lab.state["self_managed"] = self_managed and cloud == "azure"
         _up(lab, root, with_worker, say, cloud, default_ports, encrypt)
     except BaseException:
         say("lab up failed; removing what was started")

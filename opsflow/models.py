@@ -118,6 +118,45 @@ class PromoteResult(BaseModel):
     old_primary_role: str | None = None  # switchover: its role in the control plane afterwards (e.g. AsyncReplica)
 
 
+class DrainRequest(BaseModel):
+    """Wait until the old primary's application sessions have no transaction in progress, at most limit_seconds."""
+
+    target: RegionTarget
+    limit_seconds: float
+
+
+class DrainResult(BaseModel):
+    waited_seconds: float
+    idle: bool  # True: it ended because the sessions were idle; False: the limit was reached
+    busy_sessions: int = 0  # application sessions still in a transaction at the end (the fence ends them)
+    detail: str = ""
+
+
+class ShutdownRequest(BaseModel):
+    """Self-managed switchover: shut the fenced old primary (`target`) down cleanly, read its shutdown checkpoint
+    LSN (pg_controldata) and wait until `replica` has replayed past it, at most timeout_seconds."""
+
+    target: RegionTarget
+    replica: RegionTarget
+    timeout_seconds: float = 60
+
+
+class ShutdownResult(BaseModel):
+    proven: bool  # the replica holds every byte the old primary wrote: it may follow the new one without a rewind
+    checkpoint_lsn: str | None = None  # the old primary's shutdown checkpoint ("Latest checkpoint location")
+    replay_lsn: str | None = None  # what the replica had replayed when last read
+    seconds: float = 0.0
+    detail: str = ""  # not proven: why (the old primary was started again, fenced: the standalone path follows)
+
+
+class FollowRequest(BaseModel):
+    """Start the cleanly shut down old primary (`target`) as a streaming standby of `primary`."""
+
+    target: RegionTarget
+    primary: RegionTarget
+    timeout_seconds: float = 60
+
+
 class RebuildRequest(BaseModel):
     """Make `target` (a recovered region whose old database diverged or is gone) a streaming replica of `primary`."""
 
@@ -437,6 +476,9 @@ class FailoverReport(ProcedureReport):
     preempted: list[str] = []  # procedures an emergency failover aborted to run
     switchover: bool = False  # the promotion swapped roles (Azure virtual endpoint): no rebuild for the failback
     old_primary_replica: bool | None = None  # switchover: the old primary streams from the new one (checked)
+    switchover_detail: str | None = None  # self-managed: the shutdown checkpoint proof, or why it was not proven
+    drain_seconds: float | None = None  # how long the drain waited
+    drain_ended: str | None = None  # why: "sessions idle" or "drain limit reached, N sessions ended by the fence"
 
 
 class ObjectiveResult(BaseModel):

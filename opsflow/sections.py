@@ -124,10 +124,35 @@ class _SqlAccess(Strict):
     _check_dsn = field_validator("dsn")(no_password_in_dsn)
 
 
+_HOST_PATH = r"^/[A-Za-z0-9_./@%+=:,-]*$"  # an absolute path with nothing a remote shell would split or expand
+
+
+class PostgresHost(Strict):
+    """How the worker reaches a self-managed server's host, for a switchover without a rebuild (a clean shutdown,
+    pg_controldata, standby.signal, a start as the new primary's standby). Without it the server is reached over
+    SQL only: a planned failover leaves it fenced and the failback needs a rebuild on the host."""
+
+    # The command prefix that runs a program on the host, e.g. ["ssh", "-o", "BatchMode=yes", "postgres@db-east"];
+    # [] runs it on the worker's own host. Programs run as the server's OS user (never root: pg_ctl refuses).
+    run: list[str] = []
+    data_dir: str = Field(pattern=_HOST_PATH, description="the server's data directory (holds PG_VERSION)")
+    config_dir: str | None = Field(default=None, pattern=_HOST_PATH,
+                                   description="pg_ctl -D where postgresql.conf is, when not in data_dir (Debian: "
+                                               "/etc/postgresql/15/main)")
+    bin_dir: str = Field(default="/usr/lib/postgresql/15/bin", pattern=_HOST_PATH,
+                         description="where pg_ctl and pg_controldata are")
+    log_file: str | None = Field(default=None, pattern=_HOST_PATH,
+                                 description="pg_ctl start -l (default: <data_dir>/opsflow-pg_ctl.log)")
+    command_timeout: Seconds = Field(default=120, gt=0, description="bound of one command (a stop, a start)")
+
+    _d = field_validator("command_timeout", mode="before")(parse_duration)
+
+
 class PostgresDatabase(_SqlAccess):
-    """Self-managed PostgreSQL, reached over SQL only."""
+    """Self-managed PostgreSQL, reached over SQL, and on its host when `host` says how (switchover)."""
 
     provider: Literal["postgres"]
+    host: PostgresHost | None = None
 
 
 class AzureFlexibleDatabase(_SqlAccess):

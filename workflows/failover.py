@@ -10,6 +10,12 @@ Emergency: preflight (old region may be dead) -> [approval if the inventory asks
 On Azure with a virtual endpoint named in the inventory the promotion is a switchover (planned: Switchover/Planned,
 emergency: Switchover/Forced): the old primary becomes the new one's replica; a planned failover then lifts its
 fence and checks that it streams ("old-replica"), so failing back is the same move the other way (no rebuild).
+Self-managed PostgreSQL whose host the inventory reaches (database.host) switches over too, in the spirit of
+CloudNativePG's demotion token: after the catch-up the old primary is shut down cleanly ("shut-down") and the
+replica must replay past its shutdown checkpoint before the promotion; then the old primary starts as the new
+one's standby ("old-replica"), no pg_rewind, no base backup. Not proven: it starts again, fenced, and the failover
+goes on standalone (the failback rebuilds). The drain ends as soon as no application session is in a
+transaction (at most failover.drain).
 Until a promotion may have happened, any failure or abort undoes what was done: a failed promotion whose
 target is verifiably still a replica is undone too. After it the procedure goes forward and the report
 says what is left.
@@ -25,9 +31,13 @@ with workflow.unsafe.imports_passed_through():
     from opsflow import signing
     from opsflow.contracts.db import (
         DB_CHECK_WRITABLE,
+        DB_DRAIN,
         DB_FENCE,
         DB_FENCE_CONTROL_PLANE,
+        DB_FOLLOW,
         DB_PROMOTE,
+        DB_SHUT_DOWN,
+        DB_START,
         DB_STATUS,
         DB_UNFENCE,
         DB_WAIT_CAUGHT_UP,
@@ -39,14 +49,19 @@ with workflow.unsafe.imports_passed_through():
         CatchUpResult,
         DbStatus,
         Decision,
+        DrainRequest,
+        DrainResult,
         FailoverReport,
         FenceResult,
+        FollowRequest,
         KubeStatus,
         MaintenanceRequest,
         PromoteRequest,
         PromoteResult,
         RegionTarget,
         ScaleRequest,
+        ShutdownRequest,
+        ShutdownResult,
         TrafficRequest,
         TrafficStatus,
         lsn_to_int,
@@ -66,11 +81,15 @@ class FailoverInput(ProcedureInput):
     preempted: list[str] = []
 
 
-def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[StepDecl]:
+def declare(inp: FailoverInput, source: str, drain_first: bool = True, until_idle: bool = False,
+            host_switchover: bool = False) -> list[StepDecl]:
     """Every step after the preflight, and what it would change: the dry-run plan and the run's only names."""
     inv, to = inp.inventory, inp.to_region
+    drain = (f"wait until {source}'s application sessions are idle (no transaction in progress), at most "
+             f"{inv.failover.drain:.0f}s" if until_idle
+             else f"wait {inv.failover.drain:.0f}s for in-flight work to finish (no new traffic meanwhile)")
     drain_and_fence = [
-        StepDecl("drain", f"wait {inv.failover.drain:.0f}s for in-flight work to finish (no new traffic meanwhile)"),
+        StepDecl("drain", drain),
         StepDecl("fence", f"make the {source} primary read-only and end its sessions (writes are down from here)"),
     ]
     to_region, from_r = inv.region(to), inv.region(source)
@@ -84,6 +103,8 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[S
     smoke = f"{len(to_region.smoke_urls)} smoke URL(s) in {to} answer"
     ve = virtual_endpoint(inp, to)
     how = f"switch over (virtual endpoint {ve}: {source} becomes its replica)" if ve else "promote"
+    if host_switchover:
+        how = f"promote (a switchover: {source} then follows it, no rebuild)"
     if inp.emergency:
         steps = [
             StepDecl(
@@ -119,6 +140,9 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[S
                 "catch-up",
                 f"wait until {to} has replayed all WAL of {source} (up to {inv.failover.catch_up_timeout:.0f}s)",
             ),
+            *([StepDecl("shut-down", f"shut {source} down cleanly and wait until {to} has replayed its shutdown "
+                                     f"checkpoint (not proven: {source} starts again, fenced; standalone promotion)")]
+              if host_switchover else []),
             StepDecl("promote", f"{how} the {to_region.database.provider} replica in {to}"),
             StepDecl(
                 "verify-not-promoted",
@@ -138,7 +162,10 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[S
         StepDecl("verify-smoke", smoke, "smoke URLs are configured", bool(to_region.smoke_urls)),
         StepDecl("scale-up", f"scale {to}: {deployments}" if deployments else f"no deployments to scale in {to}"),
         *([StepDecl("old-replica", f"lift the fence on {source}, now a replica of {to}, and check that it streams")]
-          if ve and not inp.emergency else []),
+          if ve and not inp.emergency and not host_switchover else []),
+        *([StepDecl("old-replica", f"start {source} as a standby of {to} (standby.signal, primary_conninfo; no "
+                                   "pg_rewind, no base backup), unfenced, and check that it streams")]
+          if host_switchover else []),
         StepDecl("notify", f"notify {', '.join(c.name for c in inv.notifications) or 'nobody (no channels)'}"),
     ]
 
@@ -146,6 +173,13 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[S
 def virtual_endpoint(inp: FailoverInput, region: str) -> str | None:
     """The Azure virtual endpoint the inventory names for the region's database (None: none, or not Azure)."""
     return getattr(inp.inventory.region(region).database, "virtual_endpoint", None)
+
+
+def host_switchover(inp: FailoverInput, source: str) -> bool:
+    """A planned failover between self-managed servers whose old primary's host the inventory reaches."""
+    dbs = [inp.inventory.region(r).database for r in (source, inp.to_region)]
+    return (not inp.emergency and all(d.provider == "postgres" for d in dbs)
+            and getattr(dbs[0], "host", None) is not None)
 
 
 REPLICA_ROLES = ("AsyncReplica", "GeoAsyncReplica")  # Azure's replication roles of a read replica
@@ -158,6 +192,9 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         report = FailoverReport.of(inp, emergency=inp.emergency, to_region=inp.to_region, preempted=inp.preempted)
         super().__init__(inp.inventory, report)
         self.drain_first = True  # maintenance mode and the drain before the fence (see failover())
+        self.until_idle = False  # the drain ends when the sessions are idle (see failover())
+        self.host_switchover = False  # self-managed switchover: shut-down, promote, old-replica (see failover())
+        self.switchover_proven = False  # the replica replayed the old primary's shutdown checkpoint
         self.promoted: PromoteResult | None = None
 
     @workflow.run
@@ -263,7 +300,10 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         # Stop new traffic and let in-flight work finish BEFORE the fence ends the sessions (runs recorded before
         # fenced first: replay keeps that order).
         self.drain_first = not inp.emergency and workflow.patched("drain-before-fence")
-        self.declare(declare(inp, source, self.drain_first))
+        # The drain as long as needed (runs recorded before waited the whole drain on a timer).
+        self.until_idle = self.drain_first and workflow.patched("drain-until-idle")
+        self.host_switchover = host_switchover(inp, source) and workflow.patched("self-managed-switchover")
+        self.declare(declare(inp, source, self.drain_first, self.until_idle, self.host_switchover))
         if inp.dry_run:
             self.plan()
             return
@@ -296,7 +336,9 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                 K8S_SET_MAINTENANCE, f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)
             ),
         )
-        if self.drain_first:
+        if self.until_idle:
+            await self.drain(inp, source)
+        elif self.drain_first:
             await self.wait("drain", f"Drain {source}: let in-flight work finish", inv.failover.drain)
         await self.step(
             "fence",
@@ -330,6 +372,8 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         )
         report.lag_at_promotion_bytes = caught.lag_bytes
         report.lag_at_promotion_seconds = caught.replay_delay_seconds
+        if self.host_switchover:
+            await self.shut_down(inp, source)
 
         await self.boundary()
         self.point_of_no_return = True  # a promotion may happen from here: no abort (it is refused, not lost)
@@ -341,6 +385,54 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         # Planned: the old primary was fenced and the replica replayed every byte before promotion.
         report.rpo_bytes = 0
         report.rpo_proven = caught.lag_bytes == 0
+
+    async def drain(self, inp: FailoverInput, source: str) -> None:
+        """Maintenance mode is on: wait until no application session of the old primary is in a transaction, at
+        most failover.drain; the fence ends what is left. The report says how long and why it ended."""
+        inv, report = inp.inventory, self.report
+        limit = inv.failover.drain
+        d: DrainResult = await self.step(
+            "drain",
+            f"Drain {source}: wait until its sessions are idle (at most {limit:.0f}s)",
+            DB_DRAIN,
+            DrainRequest(target=RegionTarget.of(inv, source), limit_seconds=limit),
+            queue=inv.region_queue(source),
+            timeout=limit + 60,
+            heartbeat=inv.failover.heartbeat_timeout,
+            attempts=3,
+            detail=lambda d: f"{d.detail} after {d.waited_seconds:.1f}s",
+            kind="wait",
+            waiting=f"Drain {source}: its sessions to be idle (at most {limit:.0f}s)",
+        )
+        report.drain_seconds = d.waited_seconds
+        report.drain_ended = (
+            "sessions idle" if d.idle else f"drain limit reached, {d.busy_sessions} session(s) ended by the fence"
+        )
+
+    async def shut_down(self, inp: FailoverInput, source: str) -> None:
+        """Self-managed switchover: shut the fenced old primary down cleanly and prove that the replica replayed its
+        shutdown checkpoint. Not proven: it runs again, fenced, and the failover goes on standalone."""
+        inv, to, report = inp.inventory, inp.to_region, self.report
+        old = RegionTarget.of(inv, source)
+        host = inv.region(source).database.host
+        wait = min(inv.failover.catch_up_timeout, 60.0)
+        shut: ShutdownResult = await self.step(
+            "shut-down",
+            f"Shut {source} down cleanly; {to} must replay its shutdown checkpoint",
+            DB_SHUT_DOWN,
+            ShutdownRequest(target=old, replica=RegionTarget.of(inv, to), timeout_seconds=wait),
+            queue=inv.region_queue(source),
+            timeout=wait + 3 * host.command_timeout + 30,
+            heartbeat=inv.failover.heartbeat_timeout,
+            attempts=3,
+            undo=Undo(DB_START, f"Start {source} again (the primary, fenced)", old),
+            undo_timeout=host.command_timeout + 30,
+            detail=lambda s: s.detail if s.proven else (
+                f"switchover not proven: {s.detail}; {source} runs again, fenced: standalone promotion, the failback "
+                "rebuilds"),
+        )
+        self.switchover_proven = shut.proven
+        report.switchover_detail = shut.detail if shut.proven else f"not proven, standalone promotion: {shut.detail}"
 
     def check_virtual_endpoint(self, inp: FailoverInput, source: str, new: DbStatus) -> None:
         """A switchover needs the inventory's virtual endpoint to exist and to point where we think: its writer at
@@ -402,7 +494,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             ),
         )
         self.report.promotion_seconds = result.seconds
-        self.report.switchover = result.switchover
+        self.report.switchover = result.switchover or self.switchover_proven
         self.promoted = result
         return result
 
@@ -472,7 +564,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                 ),
             ),
         ]
-        if not inp.emergency and virtual_endpoint(inp, to):
+        if not inp.emergency and (virtual_endpoint(inp, to) or self.host_switchover):
             after.append(("old primary follows", lambda: self.old_primary_follows(inp, source)))
         todo = [label for label, _ in critical + after]
         try:
@@ -519,20 +611,40 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         """After a switchover the old primary is the new one's replica: lift its write fence (else it would be
         read-only when a failback switches back to it) and check that it streams. Never fails the failover."""
         report = self.report
-        if self.promoted is None or not self.promoted.switchover:
+        if self.host_switchover and not self.switchover_proven:
+            self._check_declared("old-replica")
+            record = self.begin_step("old-replica", f"Start {source} as a standby of {inp.to_region}")
+            self.end_step(record, "skipped", f"the switchover was not proven ({report.switchover_detail}): {source} "
+                                             "stays a fenced primary; the failback rebuilds it")
+            return
+        if self.promoted is None or not report.switchover:
             return
         old = RegionTarget.of(inp.inventory, source)
         try:
-            s: DbStatus = await self.step(
-                "old-replica",
-                f"Lift the fence on {source}, now a replica of {inp.to_region}",
-                DB_UNFENCE,
-                old,
-                queue=inp.inventory.region_queue(source),
-                timeout=300,
-                attempts=3,
-                detail=lambda s: f"{s.role}, streaming" if s.streaming else f"{s.role}, not streaming ({s.error})",
-            )
+            if self.host_switchover:
+                host = inp.inventory.region(source).database.host
+                s: DbStatus = await self.step(
+                    "old-replica",
+                    f"Start {source} as a standby of {inp.to_region} (no rewind, no base backup)",
+                    DB_FOLLOW,
+                    FollowRequest(target=old, primary=RegionTarget.of(inp.inventory, inp.to_region)),
+                    queue=inp.inventory.region_queue(source),
+                    timeout=2 * host.command_timeout + 90,
+                    heartbeat=inp.inventory.failover.heartbeat_timeout,
+                    attempts=3,
+                    detail=lambda s: f"{s.role}, streaming" if s.streaming else f"{s.role}, not streaming ({s.error})",
+                )
+            else:
+                s = await self.step(
+                    "old-replica",
+                    f"Lift the fence on {source}, now a replica of {inp.to_region}",
+                    DB_UNFENCE,
+                    old,
+                    queue=inp.inventory.region_queue(source),
+                    timeout=300,
+                    attempts=3,
+                    detail=lambda s: f"{s.role}, streaming" if s.streaming else f"{s.role}, not streaming ({s.error})",
+                )
             report.old_primary_replica = s.reachable and s.role == "replica" and s.streaming
         except Stop as stop:
             report.old_primary_replica, why = False, stop.reason

@@ -9,12 +9,17 @@ from opsflow.models import (
     DbStatus,
     Divergence,
     DivergenceRequest,
+    DrainRequest,
+    DrainResult,
     FenceResult,
+    FollowRequest,
     PromoteRequest,
     PromoteResult,
     RebuildRequest,
     RebuildResult,
     RegionTarget,
+    ShutdownRequest,
+    ShutdownResult,
 )
 
 DB_STATUS = Activity("db.status", RegionTarget, DbStatus)
@@ -26,3 +31,9 @@ DB_WAIT_CAUGHT_UP = Activity("db.wait_caught_up", CatchUpRequest, CatchUpResult)
 DB_REBUILD_REPLICA = Activity("db.rebuild_replica", RebuildRequest, RebuildResult)
 DB_DIVERGENCE = Activity("db.divergence", DivergenceRequest, Divergence)
 DB_FENCE_CONTROL_PLANE = Activity("db.fence_control_plane", RegionTarget, FenceResult)
+# Planned failover: wait until the old primary's application sessions are idle (at most the drain limit).
+DB_DRAIN = Activity("db.drain", DrainRequest, DrainResult)
+# Self-managed switchover (provider "postgres" with `host`): clean shutdown + proof, start again, follow.
+DB_SHUT_DOWN = Activity("db.shut_down", ShutdownRequest, ShutdownResult)
+DB_START = Activity("db.start", RegionTarget, DbStatus)
+DB_FOLLOW = Activity("db.follow", FollowRequest, DbStatus)

@@ -242,6 +242,45 @@ async def test_switchover_failover_and_failback_survive_a_kill_at_every_boundary
     assert sql(east, "SELECT count(*) FROM orders")[0][0] == 500
 
 
+async def test_self_managed_switchover_and_failback_survive_a_kill_at_every_boundary(lab):
+    """Self-managed switchover (issue 20): the lab's clusters as provider postgres with host access; the failover
+    and the failback each with a kill at every boundary, and in the middle of the shutdown and the follow: the old
+    primary follows the new one each way, no promotion asked of Azure, no data directory rebuilt, every row kept."""
+    import yaml
+
+    from lab.inventory import self_managed_database
+    from lab.postgres import Cluster
+    from tests.integration.test_failover_lab import streams_from
+
+    raw = yaml.safe_load(open(lab.inventory))
+    for region, r in raw["regions"].items():
+        r["database"] = self_managed_database(lab.state, region)
+    Path(lab.inventory).write_text(yaml.safe_dump(raw))
+    inventory = fast_recovery(lab)
+    lab.inventory = inventory
+    setup_data(lab)
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    workers = Workers(lab, inventory)
+    workers.start_all()
+    wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    report = await run_killing_at_every_boundary(lab, workers, wid, approve=True)
+    assert report["status"] == "succeeded", explain(report)
+    assert report["switchover"] and report["old_primary_replica"], explain(report)
+    assert report["_boundaries"] >= 8, report["_kills"]
+    assert streams_from(east, west)
+
+    fid = lab.cli_json("failback", "--env", inventory, "--to", "eastus", "--requester", "alice")["workflow_id"]
+    back = await run_killing_at_every_boundary(lab, workers, fid, approve=True)
+    assert back["status"] == "succeeded", explain(back)
+    assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
+    assert sql(east, "SELECT count(*) FROM orders")[0][0] == 500
+    assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 0  # nothing asked of Azure's servers
+    for region in ("eastus", "westeurope"):
+        datadir = Cluster.from_dict(lab.state["postgres"][region]).datadir
+        assert not list(datadir.parent.glob(f"{datadir.name}.diverged-*"))
+
+
 async def test_drill_survives_a_kill_at_every_boundary(lab):
     inventory = fast_recovery(lab)
     setup_data(lab)

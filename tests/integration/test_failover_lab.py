@@ -370,3 +370,63 @@ def test_emergency_switchover_with_the_old_primary_killed_then_failback(ve_lab):
     assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
     sql(east, "INSERT INTO t VALUES (102)")  # writable: no fence followed it back
     assert sql(east, "SELECT count(*) FROM t")[0][0] == 102
+
+
+@pytest.fixture
+def sm_lab(lab_home):
+    """`opsflow lab up --self-managed`: the clusters as provider postgres whose hosts the worker reaches; with a
+    worker."""
+    from lab.manage import up
+    from tests.integration.conftest import Lab, lab_root, take_down
+
+    root = lab_root()
+    lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, self_managed=True))
+    lab.start_worker()
+    yield lab
+    lab.stop_workers()
+    take_down(root)
+
+
+def test_self_managed_switchover_and_failback_without_a_rebuild(sm_lab):
+    """On `opsflow lab up --self-managed` the planned failover shuts eastus down cleanly, proves westeurope replayed
+    its shutdown checkpoint, promotes, and starts eastus as westeurope's standby (no other command); the failback
+    is the same move the other way: no rebuild, every row kept, the same data directories."""
+    from lab.postgres import Cluster
+    from opsflow.inventory import load_inventory
+
+    lab = sm_lab
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    assert {r.database.provider for r in load_inventory(lab.inventory).regions.values()} == {"postgres"}
+    sql(east, "CREATE TABLE journal (id int PRIMARY KEY, phase text)")
+    sql(east, "INSERT INTO journal SELECT g, 'before' FROM generate_series(1, 100) g")
+
+    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    approve(lab, wid)
+    report = wait_end(lab, wid)
+    assert report["status"] == "succeeded", explain(report)
+    assert report["switchover"] and report["old_primary_replica"] and report["remaining"] == []
+    assert report["drain_ended"] == "sessions idle" and report["drain_seconds"] < 3  # not the lab's 3 s drain
+    assert "past the shutdown checkpoint" in report["switchover_detail"]
+    assert streams_from(east, west)  # eastus is westeurope's standby, at once
+    assert sql(east, "SHOW default_transaction_read_only")[0][0] == "off"  # the fence did not follow it
+    names = [s["name"] for s in report["steps"]]
+    assert names.index("fence") < names.index("catch-up") < names.index("shut-down") < names.index("promote")
+    assert names.index("promote") < names.index("old-replica")
+    sql(west, "INSERT INTO journal SELECT g, 'on westeurope' FROM generate_series(101, 200) g")
+    wait_for(lambda: sql(east, "SELECT count(*) FROM journal")[0][0] == 200, what="eastus replaying westeurope")
+
+    fid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice", "--reason", "switch back")["workflow_id"]
+    approve(lab, fid)
+    back = wait_end(lab, fid, timeout=240)
+    assert back["status"] == "succeeded", explain(back)
+    steps = {s["name"]: s for s in back["steps"]}
+    assert steps["rebuild"]["outcome"] == "skipped" and steps["restandby"]["outcome"] == "skipped"
+    assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    assert sql(east, "SELECT pg_is_in_recovery()")[0][0] is False
+    assert sql(east, "SELECT count(*) FROM journal")[0][0] == 200  # every row kept
+    sql(east, "INSERT INTO journal VALUES (201, 'after failback')")
+    wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
+    wait_for(lambda: sql(west, "SELECT count(*) FROM journal")[0][0] == 201, what="westeurope replaying eastus")
+    for region in ("eastus", "westeurope"):  # no data directory was moved aside or rebuilt
+        datadir = Cluster.from_dict(lab.state["postgres"][region]).datadir
+        assert not list(datadir.parent.glob(f"{datadir.name}.diverged-*"))

@@ -413,3 +413,117 @@ def test_lab_errors_are_clear(lab, monkeypatch):
     monkeypatch.setenv("OPSFLOW_PG_BINDIR", "/nonexistent")
     with pytest.raises(PostgresLabError, match="postgresql-15"):
         pg_bin("initdb")
+
+
+# -- the host: a switchover without a rebuild; the drain ---------------------------------------------------
+
+
+def with_host(cluster: Cluster, region: str) -> RegionTarget:
+    """The cluster as provider postgres whose host is this machine (as the postgres OS user when we are root)."""
+    from lab.inventory import self_managed_database
+
+    state = {"postgres": {region: cluster.to_dict()}, "regions": {region: {"dsn": cluster.dsn}}}
+    return RegionTarget(environment="lab", region=region,
+                        database=PostgresDatabase.model_validate(self_managed_database(state, region)))
+
+
+@pytest.fixture(scope="module")
+def pair(lab) -> tuple[Cluster, Cluster]:
+    p = lab.primary("sw-primary")
+    return p, lab.replica(p, "sw-replica")
+
+
+def test_switchover_not_proven_starts_the_old_primary_again_fenced(pair):
+    from activities.postgres.host import shut_down_for_switchover
+    from activities.postgres.server import sql_fence, sql_unfence
+
+    p, r = pair
+    old, new = with_host(p, "east"), with_host(r, "west")
+    sql_fence(old.database)
+    sql(r, "select pg_wal_replay_pause()")  # it receives the shutdown checkpoint but does not replay it
+    try:
+        result = shut_down_for_switchover(old, new, timeout=1)
+    finally:
+        sql(r, "select pg_wal_replay_resume()")
+    assert not result.proven and result.checkpoint_lsn
+    assert f"did not replay past the shutdown checkpoint {result.checkpoint_lsn} of east within 1s" in result.detail
+    status = sql_status(old.database, "east")  # running again: the primary, still fenced (today's path)
+    assert status.role == "primary" and status.read_only
+    sql_unfence(old.database)
+    wait_replayed(r, primary_lsn(p))  # and the replica goes on streaming from it
+
+
+def test_switchover_proven_then_the_old_primary_follows_without_a_rewind(lab, pair):
+    from activities.postgres.host import follow, shut_down_for_switchover
+    from activities.postgres.server import sql_fence
+
+    p, r = pair
+    old, new = with_host(p, "east"), with_host(r, "west")
+    sql(p, "create table handover (id int primary key)")
+    sql(p, "insert into handover select generate_series(1, 1000)")
+    sql_fence(old.database)
+    result = shut_down_for_switchover(old, new, timeout=20)
+    assert result.proven and lsn_to_int(result.replay_lsn) > lsn_to_int(result.checkpoint_lsn)
+    assert not p.is_running()
+    server(r).promote(force=False)
+    status = follow(old, new, timeout=30)
+    assert status.role == "replica" and status.streaming and not status.read_only
+    assert not list(p.datadir.parent.glob(f"{p.datadir.name}.diverged-*"))  # the same data directory, no rewind
+    sql(r, "insert into handover values (1001)")
+    wait_for(lambda: sql(p, "select count(*) from handover")[0][0] == 1001, 20, "the old primary replaying")
+    assert follow(old, new, timeout=5).streaming  # idempotent: already streaming, only checked
+    with pytest.raises(ApplicationError) as e:  # a standby is not the primary to shut down
+        shut_down_for_switchover(old, new, timeout=1)
+    assert e.value.type == "NotPrimary" and e.value.non_retryable
+
+
+def test_follow_refuses_a_running_primary(lab):
+    from activities.postgres.host import follow
+
+    alone = lab.primary("sw-alone")
+    with pytest.raises(ApplicationError) as e:
+        follow(with_host(alone, "east"), with_host(alone, "west"), timeout=1)
+    assert e.value.type == "FollowRefused" and "runs as a primary" in e.value.message
+
+
+def test_drain_ends_when_the_sessions_are_idle_or_at_its_limit(primary):
+    from activities.postgres.drain import sql_drain
+
+    db = db_of(primary)
+    with psycopg.connect(primary.dsn, autocommit=False, application_name="shop") as app:
+        app.execute("select 1")  # a transaction in progress
+        busy = sql_drain(db, 0.5)
+        assert not busy.idle and busy.busy_sessions == 1 and busy.waited_seconds >= 0.5
+        assert busy.detail.startswith("drain limit reached, 1 session(s)")
+        app.commit()  # idle now
+        t0 = time.monotonic()
+        idle = sql_drain(db, 30)
+        assert idle.idle and idle.busy_sessions == 0 and idle.detail == "sessions idle"
+        assert time.monotonic() - t0 < 5
+
+
+def test_host_commands_with_the_configuration_elsewhere(lab):
+    """Debian's layout: postgresql.conf in a configuration directory apart from the data directory (config_dir):
+    pg_ctl is pointed at it, pg_controldata at the data directory."""
+    from activities.postgres.host import controldata, server_running, start_server, stop_server
+    from lab.postgres import _give_to_server_user
+
+    c = lab.primary("sw-debian")
+    c.stop()
+    etc = lab.root / "sw-debian-etc"
+    etc.mkdir()
+    (etc / "postgresql.conf").write_text(
+        f"data_directory = '{c.datadir}'\nhba_file = '{c.datadir}/pg_hba.conf'\n"
+        f"ident_file = '{c.datadir}/pg_ident.conf'\ninclude '{c.datadir}/postgresql.conf'\n")
+    _give_to_server_user(etc)
+    _give_to_server_user(etc / "postgresql.conf")
+    target = with_host(c, "east")
+    host = target.database.host.model_copy(update={"config_dir": str(etc)})
+    (c.datadir / "postgresql.conf").rename(c.datadir / "postgresql.conf.moved")  # only the copy under etc is read
+    (etc / "postgresql.conf").write_text((etc / "postgresql.conf").read_text().replace(
+        f"{c.datadir}/postgresql.conf", f"{c.datadir}/postgresql.conf.moved"))
+    assert not server_running(host)
+    start_server(host)
+    assert server_running(host) and sql(c, "select current_setting('config_file')")[0][0] == f"{etc}/postgresql.conf"
+    stop_server(host)
+    assert not server_running(host) and controldata(host)["Database cluster state"] == "shut down"

@@ -46,6 +46,14 @@ def test_valid_inventory_loads(tmp_path):
             "regions.eastus.database.postgres.dsn",
         ),
         (lambda d: d.update(primary_region="mars"), "primary_region 'mars'"),
+        (  # a path a remote shell would split or expand
+            lambda d: d["regions"]["eastus"]["database"].update(host={"data_dir": "/var/lib/pg data; rm -rf /"}),
+            "regions.eastus.database.postgres.host.data_dir",
+        ),
+        (
+            lambda d: d["regions"]["eastus"]["database"].update(host={"run": []}),
+            "regions.eastus.database.postgres.host.data_dir",
+        ),
     ],
 )
 def test_invalid_inventory_names_the_field(tmp_path, mutate, field):

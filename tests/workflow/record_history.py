@@ -150,6 +150,10 @@ RECORDINGS.update(
 # The restore test (issue 22): the trend read back at the end (patch drill-trend), whole-run-id report names and
 # scratch names by the run id's random part; the MySQL dump restore in one step.
 RECORDINGS.update({f"drill_trend{WORKER_RULES}": drill, f"drill_mysqldump{WORKER_RULES}": drill})
+# Self-managed switchover and the drain until idle (issue 20): provider postgres whose hosts the worker reaches.
+RECORDINGS.update(
+    {f"failover_self-managed{WORKER_RULES}": planned, f"failback_self-managed{WORKER_RULES}": failback_switchover}
+)
 NEW_SHAPE = False  # set by record() for the worker-rules recordings
 
 
@@ -180,6 +184,9 @@ def recording_inventory(name: str, tmp: Path) -> Inventory:
             r["database"] = {"provider": "azure-flexible", "dsn": f"host=db-{region} dbname=app user=ops",
                              "subscription_id": "sub", "resource_group": "rg", "server_name": f"pg-{region}",
                              "virtual_endpoint": "ve-shop"}
+    if "self-managed" in name:
+        for region, r in data["regions"].items():
+            r["database"]["host"] = {"run": ["ssh", f"postgres@db-{region}"], "data_dir": "/var/lib/postgresql/15/main"}
     return Inventory.model_validate(data)
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
 from opsflow.client import ProcedureRunning, fetch_report, send_update, start_procedure
-from opsflow.contracts.db import DB_FENCE, DB_PROMOTE, DB_UNFENCE, DB_WAIT_CAUGHT_UP
+from opsflow.contracts.db import DB_DRAIN, DB_FENCE, DB_PROMOTE, DB_UNFENCE, DB_WAIT_CAUGHT_UP
 from opsflow.contracts.k8s import K8S_SCALE_UP
 from opsflow.contracts.traffic import TRAFFIC_SWITCH
 from opsflow.models import FailoverReport
@@ -69,7 +70,9 @@ async def test_planned_failover_with_approval(running, world, inventory):
     kinds = {s.name: s.kind for s in report.steps}  # what the HTML report's timeline draws them as
     assert (kinds["approval"], kinds["drain"], kinds["promote"]) == ("gate", "wait", "action")
     drain = next(s for s in report.steps if s.name == "drain")
-    assert drain.seconds == pytest.approx(60, abs=2)  # skipped by time, still the configured 60 s
+    # No session in a transaction: the drain ends at once, not after the configured 60 s.
+    assert drain.detail.startswith("sessions idle") and report.drain_ended == "sessions idle"
+    assert report.drain_seconds is not None and report.drain_seconds < 1
     assert any("Approval needed" in text for _, text, _ in world.notifications)
 
 
@@ -134,6 +137,7 @@ async def test_abort_while_waiting_for_approval(running, world, inventory):
 
 
 async def test_abort_during_drain_compensates(running, world, inventory):
+    world.busy_sessions, world.block_drain = 2, threading.Event()
     handle = await start(running, inventory)
     await until_waiting(handle)
     await send_update(handle, Procedure.approve, Request(by="bob"))
@@ -145,6 +149,7 @@ async def test_abort_during_drain_compensates(running, world, inventory):
     assert report.status == "aborted"
     assert world.unchanged
     assert DB_FENCE.name not in world.calls and DB_UNFENCE.name not in world.calls  # never fenced, nothing to lift
+    assert DB_DRAIN.name in world.cancelled  # the drain stopped on the abort
     assert [s.title for s in report.steps if s.outcome == "compensated"] == ["Maintenance mode off in eastus"]
 
 
@@ -164,7 +169,6 @@ async def test_pause_holds_at_the_next_step_boundary_and_resume_continues(runnin
 
 
 async def test_abort_refused_past_the_point_of_no_return(running, world, inventory):
-    import threading
 
     world.block_promote = threading.Event()
     # Queries do not skip time: no drain, so the procedure reaches the promotion while we poll.

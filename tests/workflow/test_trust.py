@@ -245,6 +245,8 @@ def consistent(world) -> bool:
 @pytest.mark.parametrize("where", ["approval", "drain", "catch-up"])
 async def test_a_cancel_before_the_promotion_is_an_abort_with_its_undo(running, world, inventory, where):
     world.block_catch_up = threading.Event() if where == "catch-up" else None
+    if where == "drain":
+        world.busy_sessions, world.block_drain = 1, threading.Event()
     handle = await start(running, inventory)
     await until_waiting(handle)
     if where != "approval":

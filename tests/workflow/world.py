@@ -16,10 +16,14 @@ from activities.reports import store_report
 from activities.rules import worker_inventory
 from opsflow.contracts.db import (
     DB_CHECK_WRITABLE,
+    DB_DRAIN,
     DB_FENCE,
     DB_FENCE_CONTROL_PLANE,
+    DB_FOLLOW,
     DB_PROMOTE,
     DB_REBUILD_REPLICA,
+    DB_SHUT_DOWN,
+    DB_START,
     DB_STATUS,
     DB_UNFENCE,
     DB_WAIT_CAUGHT_UP,
@@ -33,8 +37,11 @@ from opsflow.models import (
     CatchUpResult,
     DbStatus,
     DeploymentState,
+    DrainRequest,
+    DrainResult,
     EndpointState,
     FenceResult,
+    FollowRequest,
     KubeStatus,
     MaintenanceRequest,
     NotifyRequest,
@@ -44,6 +51,8 @@ from opsflow.models import (
     RebuildResult,
     RegionTarget,
     ScaleRequest,
+    ShutdownRequest,
+    ShutdownResult,
     SmokeResult,
     TrafficRequest,
     TrafficStatus,
@@ -82,6 +91,10 @@ class World:
     virtual_endpoint: VirtualEndpointState | None = None  # what db.status reports (default: over both servers)
     switchovers: list = field(default_factory=list)  # (old primary, new primary, force) of each switchover
     timelines: dict = field(default_factory=dict)  # replica region -> the timeline it follows (set by a switchover)
+    busy_sessions: int = 0  # application sessions in a transaction on the old primary during the drain
+    block_drain: threading.Event | None = None  # with busy sessions: the drain waits (heartbeating) until set
+    stopped: set = field(default_factory=set)  # self-managed servers shut down cleanly (a switchover)
+    proof: str | None = None  # self-managed switchover: None proven; else why the shutdown proved nothing
 
     def _maybe_fail(self, name: str) -> None:
         self.calls.append(name)
@@ -91,7 +104,7 @@ class World:
             raise ApplicationError(self.fail[name], type="Injected", non_retryable=True)
 
     def status_of(self, region: str) -> DbStatus:
-        if not self.reachable.get(region, True):
+        if not self.reachable.get(region, True) or region in self.stopped:
             return DbStatus(region=region, reachable=False, error="connection refused")
         if region == self.primary:
             return DbStatus(
@@ -154,6 +167,50 @@ class World:
                 replay_delay_seconds=0.0,
                 waited_seconds=0.1,
             )
+
+        @DB_DRAIN.implementation
+        def db_drain(req: DrainRequest) -> DrainResult:
+            w._maybe_fail(DB_DRAIN.name)
+            if not w.busy_sessions:
+                return DrainResult(waited_seconds=0.05, idle=True, detail="sessions idle")
+            try:
+                while w.block_drain is not None and not w.block_drain.is_set():
+                    activity.heartbeat()
+                    if activity.is_cancelled():
+                        raise CancelledError()
+                    time.sleep(0.02)
+            except BaseException:
+                w.cancelled.append(DB_DRAIN.name)
+                raise
+            return DrainResult(waited_seconds=req.limit_seconds, idle=False, busy_sessions=w.busy_sessions,
+                               detail=f"drain limit reached, {w.busy_sessions} session(s) still in a transaction")
+
+        @DB_SHUT_DOWN.implementation
+        def db_shut_down(req: ShutdownRequest) -> ShutdownResult:
+            w._maybe_fail(DB_SHUT_DOWN.name)
+            if w.proof is not None:
+                return ShutdownResult(proven=False, checkpoint_lsn=f"0/{w.lsn:X}", detail=w.proof)
+            w.stopped.add(req.target.region)
+            w.lsn += 0x28  # the shutdown checkpoint record, streamed and replayed
+            w.replay[req.replica.region] = w.lsn
+            return ShutdownResult(proven=True, checkpoint_lsn=f"0/{w.lsn - 0x28:X}", replay_lsn=f"0/{w.lsn:X}",
+                                  detail=f"{req.replica.region} replayed past the shutdown checkpoint")
+
+        @DB_START.implementation
+        def db_start(t: RegionTarget) -> DbStatus:
+            w._maybe_fail(DB_START.name)
+            w.stopped.discard(t.region)
+            return w.status_of(t.region)
+
+        @DB_FOLLOW.implementation
+        def db_follow(req: FollowRequest) -> DbStatus:
+            w._maybe_fail(DB_FOLLOW.name)
+            old = req.target.region
+            w.stopped.discard(old)
+            w.fenced.discard(old)
+            w.replay[old] = w.lsn
+            w.timelines[old] = 1 + w.promotions
+            return w.status_of(old)
 
         @DB_PROMOTE.implementation
         def db_promote(req: PromoteRequest) -> PromoteResult:
@@ -268,6 +325,10 @@ class World:
             db_promote,
             db_check_writable,
             db_rebuild,
+            db_drain,
+            db_shut_down,
+            db_start,
+            db_follow,
             traffic_status,
             traffic_switch,
             kube_status,
@@ -302,4 +363,5 @@ class World:
             and self.serving == "eastus"
             and not self.scaled
             and self.promotions == 0
+            and not self.stopped
         )

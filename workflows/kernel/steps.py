@@ -89,6 +89,8 @@ class Steps:
         undo: Undo | None = None,
         undo_timeout: float = 60,
         interruptible: bool = False,
+        kind: str = "action",
+        waiting: str | None = None,
     ) -> R:
         """Run one activity as a recorded step, between step boundaries (pause/abort are honoured there).
 
@@ -96,11 +98,15 @@ class Steps:
         `interruptible` steps (long waits) are also cancelled by a pause and run again after the resume.
         `undo=Undo(activity, title, arg)` registers what reverses this step should the procedure stop before
         the point of no return (on the step's queue); it is owed as soon as the step has started, since it may
-        have acted."""
+        have acted. `kind` is how the timeline draws it ("wait": an activity that waits, e.g. the drain) and
+        `waiting` what `opsflow status` shows as waited for meanwhile."""
         self._check_declared(name)
         while True:
             await self.boundary()
-            record = self.begin_step(name, title)
+            record = self.begin_step(name, title, kind)
+            if waiting:
+                self.report.waiting_for = waiting
+                self.show()
             opts = self.activity_options(queue, timeout, heartbeat, attempts)
             handle = workflow.start_activity(activity.name, arg, result_type=activity.result_type, summary=title,
                                              **opts)
@@ -131,6 +137,8 @@ class Steps:
                 self.end_step(record, "failed", "cancelled")
                 raise
             self.end_step(record, "ok", detail(result) if detail else "")
+            if waiting:
+                self.report.waiting_for = None
             if self.abort_requested is not None:
                 await self.boundary()
             return result
