@@ -148,9 +148,10 @@ class PostgresHost(Strict):
     _d = field_validator("command_timeout", mode="before")(parse_duration)
 
 
-class PostgresDatabase(_SqlAccess):
+class PostgresDatabase(_SqlAccess, LateFields):
     """Self-managed PostgreSQL, reached over SQL, and on its host when `host` says how (switchover)."""
 
+    late_fields = frozenset({"host"})  # added after inventories had digests
     provider: Literal["postgres"]
     host: PostgresHost | None = None
 
