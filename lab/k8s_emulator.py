@@ -95,7 +95,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import ipaddress
 import json
 import logging
@@ -108,7 +107,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
@@ -116,6 +114,27 @@ from urllib.parse import parse_qs, urlsplit
 
 from lab.emulator import Emulator, is_admin_path
 from lab.faults import Fault
+from lab.k8s import autoscaler, tables, workloads
+from lab.k8s.resources import (
+    BY_KIND,
+    CATEGORIES,
+    DEPLOYMENTS,
+    HPAS,
+    HTTPROUTES,
+    NAMESPACES,
+    NODES,
+    PODS,
+    REPLICASETS,
+    RESOURCES,
+    SERVICES,
+    SHORT,
+    VERBS,
+    Key,
+    Obj,
+    Resource,
+    now_iso,
+    selector_string,
+)
 
 log = logging.getLogger("lab.k8s_emulator")
 
@@ -134,50 +153,6 @@ SERVER_VERSION = {
     "platform": "linux/amd64",
 }
 
-Obj = dict[str, Any]
-
-
-# -- resources -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Resource:
-    plural: str
-    kind: str
-    group: str
-    namespaced: bool
-    subresources: tuple[str, ...] = ()
-    version: str = "v1"
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-    @property
-    def qualified(self) -> str:
-        """'deployments.apps', 'services': how the API server names a resource in messages."""
-        return f"{self.plural}.{self.group}" if self.group else self.plural
-
-    @property
-    def qualified_kind(self) -> str:
-        return f"{self.kind}.{self.group}" if self.group else self.kind
-
-
-NAMESPACES = Resource("namespaces", "Namespace", "", namespaced=False, subresources=("status",))
-NODES = Resource("nodes", "Node", "", namespaced=False, subresources=("status",))
-SERVICES = Resource("services", "Service", "", namespaced=True, subresources=("status",))
-DEPLOYMENTS = Resource("deployments", "Deployment", "apps", namespaced=True, subresources=("status", "scale"))
-# Gateway API HTTPRoute: the router a canary sets weights on (backendRefs[].weight); the lab's proxy follows it.
-HTTPROUTES = Resource("httproutes", "HTTPRoute", "gateway.networking.k8s.io", namespaced=True, subresources=("status",))
-_RESOURCES = {(r.group, r.plural): r for r in (NAMESPACES, NODES, SERVICES, DEPLOYMENTS, HTTPROUTES)}
-_VERBS = {
-    NAMESPACES: ["create", "delete", "get", "list", "patch", "update"],
-    NODES: ["get", "list", "patch", "update"],
-    SERVICES: ["create", "delete", "get", "list", "patch", "update"],
-    DEPLOYMENTS: ["create", "delete", "get", "list", "patch", "update"],
-    HTTPROUTES: ["create", "delete", "get", "list", "patch", "update"],
-}
-_SHORT = {NAMESPACES: ["ns"], NODES: ["no"], SERVICES: ["svc"], DEPLOYMENTS: ["deploy"], HTTPROUTES: []}
 
 
 # -- errors as the API server reports them ---------------------------------------------------------------
@@ -396,8 +371,7 @@ PATCHERS: dict[str, Callable[[Any, Any], Any]] = {
 # -- object shapes -----------------------------------------------------------------------------------------
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+_now = now_iso
 
 
 def _max_unavailable(spec: Obj) -> Any:
@@ -413,10 +387,6 @@ def _scaled(value: Any, total: int, round_up: bool) -> int:
         return 0
     pct = int(m.group(1)) * total
     return -(-pct // 100) if round_up else pct // 100
-
-
-def selector_string(labels: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 def namespace_object(name: str) -> Obj:
@@ -500,9 +470,6 @@ def httproute_object(name: str, namespace: str, backends: list) -> Obj:
 
 # -- the store and the controller ----------------------------------------------------------------------------
 
-Key = tuple[str, str, str]  # (plural, namespace or "", name)
-
-
 class Cluster:
     """All objects of one emulated cluster, the deployment/node controller, and the annotation knobs."""
 
@@ -521,6 +488,11 @@ class Cluster:
         self._templates: dict[Key, str] = {}
         self._stepped_at: dict[Key, float] = {}
         self._progress_at: dict[Key, float] = {}
+        self._previous: dict[Key, str] = {}  # a deployment's template before its latest change (its old pods')
+        self.pod_seq = 0
+        self.pod_logs: dict[Key, list[str]] = {}
+        self.hpa_sync_seconds = autoscaler.DEFAULT_SYNC_SECONDS
+        self.hpa_synced_at: dict[Key, float] = {}
 
     # -- storage -----------------------------------------------------------------------------------------
     def _stamp(self, obj: Obj, res: Resource, *, new: bool) -> None:
@@ -531,7 +503,7 @@ class Cluster:
         if new:
             meta["uid"] = str(uuid.uuid4())
             meta["creationTimestamp"] = _now()
-            if res is DEPLOYMENTS:
+            if res in GENERATED:
                 meta["generation"] = 1
         self._dirty = True
 
@@ -557,16 +529,21 @@ class Cluster:
             meta.setdefault("annotations", {}).setdefault("deployment.kubernetes.io/revision", "1")
             self._templates[key] = _template_hash(obj)
             self._progress_at[key] = time.monotonic()
+        if res is PODS:
+            self.pod_seq = max(self.pod_seq, _pod_seq(obj))
         return obj
 
     def seed(self, seed: dict) -> None:
         with self.lock:
             if "seconds_per_replica" in seed:
                 self.seconds_per_replica = float(seed["seconds_per_replica"])
+            if "hpa_sync_seconds" in seed:
+                self.hpa_sync_seconds = float(seed["hpa_sync_seconds"])
             if seed.get("auth"):
                 self.auth = dict(seed["auth"])
             namespaces = ["default", "kube-system", *seed.get("namespaces", [])]
-            for d in [*seed.get("deployments", []), *seed.get("services", []), *seed.get("httproutes", [])]:
+            for d in [*seed.get("deployments", []), *seed.get("services", []), *seed.get("httproutes", []),
+                      *seed.get("hpas", [])]:
                 namespaces.append(d.get("namespace", "default"))
             for ns in dict.fromkeys(namespaces):
                 self.put_new(NAMESPACES, namespace_object(ns))
@@ -591,6 +568,10 @@ class Cluster:
             for r in seed.get("httproutes", []):
                 route = httproute_object(r["name"], r.get("namespace", "default"), r.get("backends", []))
                 self.put_new(HTTPROUTES, route)
+            for h in seed.get("hpas", []):
+                self.put_new(HPAS, autoscaler.hpa_object(h["name"], h.get("namespace", "default"),
+                                                         h.get("deployment", h["name"]), int(h.get("min", 1)),
+                                                         int(h["max"]), int(h.get("cpu", 70))))
 
     def load_state(self) -> bool:
         if not self.state_file or not self.state_file.exists():
@@ -601,12 +582,14 @@ class Cluster:
             self.seconds_per_replica = float(data.get("seconds_per_replica", self.seconds_per_replica))
             self.auth = data.get("auth", self.auth) or {}
             for obj in data["objects"]:
-                res = _RESOURCES[(_group_of(obj), _plural_of(obj))]
+                res = BY_KIND[obj["kind"]]
                 key = (res.plural, obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
                 self.objects[key] = obj
                 if res is DEPLOYMENTS:
                     self._templates[key] = _template_hash(obj)
                     self._progress_at[key] = time.monotonic()
+                if res is PODS:
+                    self.pod_seq = max(self.pod_seq, _pod_seq(obj))
                 if res is SERVICES and obj.get("spec", {}).get("clusterIP", "None") != "None":
                     self._ip = max(self._ip, int(ipaddress.IPv4Address(obj["spec"]["clusterIP"])))
         log.info("loaded %d objects from %s", len(self.objects), self.state_file)
@@ -646,9 +629,12 @@ class Cluster:
         now = time.monotonic()
         with self.lock:
             nodes_ready = self._reconcile_nodes()
+            autoscaler.reconcile(self, now)
             for key, obj in list(self.objects.items()):
                 if key[0] == "deployments":
                     self._reconcile_deployment(key, obj, now, nodes_ready)
+            workloads.collect_garbage(self)
+            workloads.sync_endpoints(self)
         if self._dirty and now - self._saved_at > 0.5:
             self.save_state()
 
@@ -684,6 +670,8 @@ class Cluster:
 
         template = _template_hash(obj)
         if self._templates.get(key) != template:  # a rollout: every current pod is now an old one
+            if key in self._templates:
+                self._previous[key] = self._templates[key]
             self._templates[key] = template
             old, updated, new_ready = old + updated, 0, 0
             self._progress_at[key] = now
@@ -726,6 +714,8 @@ class Cluster:
         if new_status != before:
             obj["status"] = new_status
             self._stamp(obj, DEPLOYMENTS, new=False)
+        workloads.sync_deployment(self, key, obj, old=old, updated=updated, new_ready=new_ready, current=template,
+                                  previous=self._previous.get(key), broken=broken)
 
     # -- API operations ----------------------------------------------------------------------------------
     def get(self, res: Resource, ns: str, name: str) -> Obj:
@@ -742,18 +732,17 @@ class Cluster:
         return [o for o in items if match_labels(o["metadata"].get("labels", {})) and match_fields(o)]
 
 
-def _group_of(obj: Obj) -> str:
-    api = obj.get("apiVersion", "v1")
-    return api.split("/")[0] if "/" in api else ""
-
-
-def _plural_of(obj: Obj) -> str:
-    return {"Namespace": "namespaces", "Node": "nodes", "Service": "services", "Deployment": "deployments",
-            "HTTPRoute": "httproutes"}[obj["kind"]]
-
-
 def _template_hash(obj: Obj) -> str:
-    return hashlib.sha256(json.dumps(obj.get("spec", {}).get("template", {}), sort_keys=True).encode()).hexdigest()[:10]
+    return workloads.template_hash(obj.get("spec", {}).get("template"))
+
+
+def _pod_seq(pod: Obj) -> int:
+    """The sequence number in a pod's IP (10.244.x.y), so pods made after a restart get new ones."""
+    ip = (pod.get("status") or {}).get("podIP")
+    return int(ipaddress.IPv4Address(ip)) - (10 << 24 | 244 << 16) if ip else 0
+
+
+GENERATED = (DEPLOYMENTS, REPLICASETS, HPAS)  # kinds whose metadata.generation counts spec changes
 
 
 def _deployment_status(target: int, total: int, ready: int, generation: int, spec: Obj, *, complete_deadline: bool,
@@ -876,6 +865,9 @@ def validate(res: Resource, obj: Obj) -> None:
                 if not _is_int(w) or not 0 <= w <= 1_000_000:
                     raise invalid(res, name, f"spec.rules[{i}].backendRefs[{j}].weight", w,
                                   "must be between 0 and 1000000")
+    if res is HPAS:
+        for field, value, why in autoscaler.problems(obj):
+            raise invalid(res, name, field, value, why)
     if res is SERVICES:
         for i, p in enumerate((obj.get("spec") or {}).get("ports") or []):
             if not _is_int(p.get("port")) or not 0 < p["port"] < 65536:
@@ -897,11 +889,9 @@ class Route:
 def parse_path(path: str) -> Route | None:
     parts = [p for p in path.split("/") if p]
     if len(parts) >= 2 and parts[0] == "api" and parts[1] == "v1":
-        group, rest = "", parts[2:]
+        group, version, rest = "", "v1", parts[2:]
     elif len(parts) >= 3 and parts[0] == "apis":
-        group, rest = parts[1], parts[3:]
-        if parts[2] != "v1":
-            return None
+        group, version, rest = parts[1], parts[2], parts[3:]
     else:
         return None
     if not rest:
@@ -909,8 +899,8 @@ def parse_path(path: str) -> Route | None:
     ns = None
     if rest[0] == "namespaces" and len(rest) >= 3 and rest[2] not in ("status", "finalize"):
         ns, rest = rest[1], rest[2:]
-    res = _RESOURCES.get((group, rest[0]))
-    if res is None or (ns is not None and not res.namespaced) or len(rest) > 3:
+    res = RESOURCES.get((group, rest[0]))
+    if res is None or res.version != version or (ns is not None and not res.namespaced) or len(rest) > 3:
         return None
     name = rest[1] if len(rest) > 1 else None
     sub = rest[2] if len(rest) > 2 else None
@@ -1020,7 +1010,7 @@ class _Handler(BaseHTTPRequestHandler):
                                f'{verb} resource "{what}" in API group "{route.res.group}"{where}',
                                _details(route.res, route.name))
             if query.get("watch") in ("true", "1"):
-                raise bad_request("watch is not supported by the opsflow lab emulator")
+                return self._watch(route, query)
             code, body = self._dispatch(method, route, query)
             self._send(code, body)
         except ApiError as e:
@@ -1045,35 +1035,90 @@ class _Handler(BaseHTTPRequestHandler):
         raise ApiError(401, "Unauthorized", "Unauthorized")
 
     def _discovery(self, path: str) -> Obj | None:
+        groups: dict[str, list[str]] = {}
+        for res in RESOURCES.values():
+            if res.group and res.version not in groups.setdefault(res.group, []):
+                groups[res.group].append(res.version)
+
+        def group_entry(g: str) -> Obj:
+            versions = [{"groupVersion": f"{g}/{v}", "version": v} for v in groups[g]]
+            return {"name": g, "versions": versions, "preferredVersion": versions[0]}
+
         if path == "/api":
             return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
         if path == "/apis":
-            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-                {"name": g, "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
-                 "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"}} for g in ("apps", HTTPROUTES.group)]}
-        if path == "/apis/apps":
-            return {"kind": "APIGroup", "apiVersion": "v1", "name": "apps",
-                    "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
-                    "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}
-        for prefix, group in (("/api/v1", ""), ("/apis/apps/v1", "apps"),
-                              (f"/apis/{HTTPROUTES.group}/v1", HTTPROUTES.group)):
-            if path == prefix:
-                resources = []
-                for res in _RESOURCES.values():
-                    if res.group != group:
-                        continue
-                    resources.append({"name": res.plural, "singularName": res.kind.lower(),
-                                      "namespaced": res.namespaced, "kind": res.kind, "verbs": _VERBS[res],
-                                      "shortNames": _SHORT[res]})
-                    for sub in res.subresources:
-                        kind = "Scale" if sub == "scale" else res.kind
-                        resources.append({"name": f"{res.plural}/{sub}", "singularName": "",
-                                          "namespaced": res.namespaced, "kind": kind,
-                                          "verbs": ["get", "patch", "update"],
-                                          **({"group": "autoscaling", "version": "v1"} if sub == "scale" else {})})
-                return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/v1" if group else "v1",
-                        "resources": resources}
-        return None
+            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [group_entry(g) for g in groups]}
+        parts = [p for p in path.split("/") if p]
+        if len(parts) == 2 and parts[0] == "apis" and parts[1] in groups:
+            return {"kind": "APIGroup", "apiVersion": "v1", **group_entry(parts[1])}
+        if parts == ["api", "v1"]:
+            group, version = "", "v1"
+        elif len(parts) == 3 and parts[0] == "apis" and parts[2] in groups.get(parts[1], []):
+            group, version = parts[1], parts[2]
+        else:
+            return None
+        resources = []
+        for res in RESOURCES.values():
+            if res.group != group or res.version != version:
+                continue
+            resources.append({"name": res.plural, "singularName": res.kind.lower(), "namespaced": res.namespaced,
+                              "kind": res.kind, "verbs": VERBS[res], "shortNames": SHORT[res],
+                              **({"categories": CATEGORIES[res]} if res in CATEGORIES else {})})
+            for sub in res.subresources:
+                kind = {"scale": "Scale", "log": "Pod"}.get(sub, res.kind)
+                resources.append({"name": f"{res.plural}/{sub}", "singularName": "", "namespaced": res.namespaced,
+                                  "kind": kind, "verbs": ["get"] if sub == "log" else ["get", "patch", "update"],
+                                  **({"group": "autoscaling", "version": "v1"} if sub == "scale" else {})})
+        return {"kind": "APIResourceList", "apiVersion": "v1",
+                "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
+
+    def _watch(self, route: Route, query: dict) -> None:
+        """``?watch=true`` on a list: a chunked stream of ADDED/MODIFIED/DELETED events (one JSON object a line),
+        from ``resourceVersion`` on, until ``timeoutSeconds`` (at most 30 min) or the emulator stops. Polled from
+        the store every 50 ms: what ``kubectl rollout status`` and informers need."""
+        res, c = route.res, self.cluster
+        assert res is not None
+        if route.name is not None:
+            raise bad_request("watch a list with fieldSelector=metadata.name=NAME")
+        labels = _parse_label_selector(query.get("labelSelector"))
+        fields = _parse_field_selector(query.get("fieldSelector"))
+        since = int(query["resourceVersion"]) if str(query.get("resourceVersion", "")).isdigit() else 0
+        deadline = time.monotonic() + min(float(query.get("timeoutSeconds") or 1800), 1800)
+
+        def matching() -> dict[Key, Obj]:
+            with c.lock:
+                return {k: copy.deepcopy(o) for k, o in c.objects.items() if k[0] == res.plural
+                        and (route.namespace is None or k[1] == route.namespace)
+                        and labels(o["metadata"].get("labels", {})) and fields(o)}
+
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        current = matching()
+        seen = {k: o for k, o in current.items() if since and int(o["metadata"]["resourceVersion"]) <= since}
+        try:
+            while True:
+                events = []
+                for k, o in current.items():
+                    if k not in seen or o["metadata"]["resourceVersion"] != seen[k]["metadata"]["resourceVersion"]:
+                        events.append(("ADDED" if k not in seen else "MODIFIED", o))
+                for k in [k for k in seen if k not in current]:
+                    events.append(("DELETED", seen.pop(k)))
+                seen.update(current)
+                for kind, o in events:
+                    data = json.dumps({"type": kind, "object": o}).encode() + b"\n"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                if events:
+                    self.wfile.flush()
+                if time.monotonic() >= deadline or self.emulator.stop_event.wait(0.05):
+                    break
+                current = matching()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            self.close_connection = True
 
     # -- verbs -------------------------------------------------------------------------------------------
     def _dispatch(self, method: str, route: Route, query: dict) -> tuple[int, Obj]:
@@ -1086,6 +1131,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if method == "GET":
                     items = c.list(res, route.namespace if res.namespaced else None, query.get("labelSelector"),
                                    query.get("fieldSelector"))
+                    if tables.wanted(self.headers.get("Accept")) and (table := tables.table(
+                            res, items, str(c.rv), include_object=query.get("includeObject", "Metadata"))):
+                        return 200, table
                     return 200, {"kind": f"{res.kind}List", "apiVersion": res.api_version,
                                  "metadata": {"resourceVersion": str(c.rv)},
                                  "items": [{k: v for k, v in copy.deepcopy(o).items()
@@ -1108,6 +1156,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                              "details": {**_details(res, name), "uid": obj["metadata"]["uid"]}}
             obj = c.get(res, ns, name)
+            if sub == "log":
+                if method != "GET":
+                    raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on pods/log")
+                return 200, workloads.pod_log(c, obj, query)
+            include = query.get("includeObject", "Metadata")
+            if method == "GET" and sub is None and tables.wanted(self.headers.get("Accept")) and (
+                    table := tables.table(res, [obj], str(c.rv), include_object=include)):
+                return 200, table
             if sub == "scale":
                 return self._scale(method, res, ns, name, obj, query, dry_run)
             if method == "GET":
@@ -1170,7 +1226,7 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     meta.pop(k, None)
         validate(res, merged)
-        if res is DEPLOYMENTS and merged.get("spec") != obj.get("spec"):
+        if res in GENERATED and merged.get("spec") != obj.get("spec"):
             merged["metadata"]["generation"] = int(obj["metadata"].get("generation", 1)) + 1
         def without(d: Obj, key: str) -> Obj:
             return {k: v for k, v in d.items() if k != key}
@@ -1264,6 +1320,12 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # idle keep-alive connections must not hold up stop()
     allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # a client that left (kubectl ends a watch by closing it)
+            log.debug("client %s went away", client_address)
+            return
+        super().handle_error(request, client_address)
 
 
 class K8sEmulator(Emulator):
