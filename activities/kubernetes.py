@@ -31,7 +31,13 @@ from temporalio.exceptions import ApplicationError
 
 from activities.context import heartbeat as _heartbeat
 from activities.context import sleep_or_cancelled
-from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
+from opsflow.contracts.k8s import (
+    K8S_LOWER_AUTOSCALERS,
+    K8S_SCALE_TO_ZERO,
+    K8S_SCALE_UP,
+    K8S_SET_MAINTENANCE,
+    K8S_STATUS,
+)
 from opsflow.contracts.rollout import (
     K8S_CREATE_CANARY,
     K8S_CREATE_COLOUR,
@@ -44,7 +50,16 @@ from opsflow.contracts.rollout import (
     K8S_SWITCH_SERVICE,
 )
 from opsflow.inventory import KubernetesConfig
-from opsflow.models import DeploymentState, FenceResult, KubeStatus, MaintenanceRequest, RegionTarget, ScaleRequest
+from opsflow.models import (
+    AutoscalerChange,
+    AutoscalerResult,
+    DeploymentState,
+    FenceResult,
+    KubeStatus,
+    MaintenanceRequest,
+    RegionTarget,
+    ScaleRequest,
+)
 from opsflow.rollout import DeploymentRequest, ImageRequest, RolloutState, RolloutTarget, WeightRequest
 
 log = logging.getLogger(__name__)
@@ -54,6 +69,10 @@ REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds for every API call
 POLL_SECONDS = 1.0  # how often scale_up looks at the rollout (and heartbeats)
 DEFAULT_WAIT_SECONDS = 600.0  # scale_up's wait bound outside an activity, or without a start-to-close timeout
 _MERGE_PATCH = "application/merge-patch+json"
+# On an HPA a failover changed: its bounds before the first change, and whether they were raised or lowered, so a
+# later failover (the failback) restores them. Removed when they are restored.
+AUTOSCALER_BEFORE = "opsflow.dev/autoscaler-before"
+LOWERED_MIN_REPLICAS = 1  # an old region's HPA floor after a failover: it serves nothing, its HPA may scale it down
 
 
 def _logger() -> logging.LoggerAdapter | logging.Logger:
@@ -133,6 +152,8 @@ class _Cluster:
         self.target, self.cfg, self.api = target, cfg, api
         self.apps = k8s.AppsV1Api(api)
         self.core = k8s.CoreV1Api(api)
+        self.autoscaling = k8s.AutoscalingV2Api(api)
+        self._hpas: list[k8s.V2HorizontalPodAutoscaler] | None = None
         self.ns = cfg.namespace
         ctx = f"context {cfg.context}, " if cfg.context else ""
         self.where = f"region {target.region} ({ctx}{api.configuration.host})"
@@ -287,6 +308,110 @@ class _Cluster:
         _logger().info("%s: scaled %s %d -> %d", self.where, what, current, replicas)
 
 
+    # -- autoscalers -------------------------------------------------------------------------------------
+    def autoscalers(self, deployment: str) -> list[k8s.V2HorizontalPodAutoscaler]:
+        """The namespace's HPAs (autoscaling/v2) that scale this deployment. [] when the cluster serves no
+        autoscaling/v2 or this identity may not list HPAs (said in the log: their bounds are then not followed)."""
+        if self._hpas is None:
+            what = f"horizontalpodautoscalers in {self.ns}"
+            try:
+                with self.call(what):
+                    self._hpas = self.autoscaling.list_namespaced_horizontal_pod_autoscaler(
+                        self.ns, _request_timeout=REQUEST_TIMEOUT
+                    ).items
+            except ApplicationError as e:
+                about = (e.details[0] if e.details and isinstance(e.details[0], dict) else {}).get("object")
+                missing_api = e.type == "KubernetesNotFound" and about == what  # not "namespace ...": no HPA API
+                if e.type != "KubernetesForbidden" and not missing_api:
+                    raise
+                _logger().warning("%s: cannot list HPAs (%s); autoscalers not followed", self.where, e.message)
+                self._hpas = []
+        return [
+            h
+            for h in self._hpas
+            if h.spec.scale_target_ref.kind == "Deployment" and h.spec.scale_target_ref.name == deployment
+        ]
+
+    def set_autoscaler(self, hpa: k8s.V2HorizontalPodAutoscaler, plan: "_HpaPlan") -> None:
+        name = hpa.metadata.name
+        body = {
+            "metadata": {"annotations": {AUTOSCALER_BEFORE: plan.annotation}},
+            "spec": {"minReplicas": plan.min_after, "maxReplicas": plan.max_after},
+        }
+        with self.call(f"horizontalpodautoscaler {self.ns}/{name}"):
+            self.autoscaling.patch_namespaced_horizontal_pod_autoscaler(
+                name, self.ns, body, _content_type=_MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT
+            )
+        _logger().info(
+            "%s: HPA %s/%s %s: min %d -> %d, max %d -> %d",
+            self.where, self.ns, name, plan.action, plan.min_now, plan.min_after, plan.max_now, plan.max_after,
+        )
+
+    def follow_autoscalers(self, deployment: str, replicas: int | None) -> list[AutoscalerChange]:
+        """Raise (``replicas``: the inventory's figure) or lower (None) the bounds of the deployment's HPAs."""
+        changes = []
+        for hpa in self.autoscalers(deployment):
+            plan = _HpaPlan.of(hpa, replicas)
+            if plan.changes_anything:
+                self.set_autoscaler(hpa, plan)
+            changes.append(plan.change(self.target.region, self.ns, hpa.metadata.name, deployment))
+        return changes
+
+
+class _HpaPlan:
+    """What to do to one HPA. Raising (a failover's new region): minReplicas to at least the inventory's replicas,
+    maxReplicas to at least that, from the values before the first change when they are kept on the HPA (so a
+    failback restores them). Lowering (the old region): the values kept from a raise come back; else minReplicas
+    goes down to LOWERED_MIN_REPLICAS, its values kept on the HPA. Idempotent: a retry finds the annotation."""
+
+    def __init__(self, min_now: int, max_now: int, before: tuple[int, int, str] | None, replicas: int | None):
+        self.min_now, self.max_now = min_now, max_now
+        base = (before[0], before[1]) if before else (min_now, max_now)
+        self.min_before, self.max_before = base
+        if replicas is not None:  # raise
+            self.min_after = max(base[0], replicas)
+            self.max_after = max(base[1], self.min_after)
+            restored = (self.min_after, self.max_after) == base
+            self.action = ("restored" if before else "unchanged") if restored else "raised"
+            self.keep = None if restored else (base[0], base[1], "raised")
+        elif before and before[2] == "raised":  # lower a region a failover had raised: back to what it was
+            self.min_after, self.max_after, self.action, self.keep = base[0], base[1], "restored", None
+        else:
+            self.min_after, self.max_after = min(base[0], LOWERED_MIN_REPLICAS), base[1]
+            lowered = self.min_after != base[0]
+            self.action = "lowered" if lowered else "unchanged"
+            self.keep = (base[0], base[1], "lowered") if lowered else None
+        self.annotation = (
+            json.dumps({"minReplicas": self.keep[0], "maxReplicas": self.keep[1], "by": self.keep[2]})
+            if self.keep
+            else None
+        )
+        self.kept_now = before
+
+    @classmethod
+    def of(cls, hpa: k8s.V2HorizontalPodAutoscaler, replicas: int | None) -> "_HpaPlan":
+        raw = (hpa.metadata.annotations or {}).get(AUTOSCALER_BEFORE)
+        before = None
+        if raw:
+            try:
+                d = json.loads(raw)
+                before = (int(d["minReplicas"]), int(d["maxReplicas"]), str(d.get("by", "raised")))
+            except (ValueError, KeyError, TypeError):
+                _logger().warning("HPA %s: unreadable %s annotation %r; taking its bounds now as the values "
+                                  "before", hpa.metadata.name, AUTOSCALER_BEFORE, raw)
+        return cls(hpa.spec.min_replicas or 1, hpa.spec.max_replicas, before, replicas)
+
+    @property
+    def changes_anything(self) -> bool:
+        return (self.min_after, self.max_after) != (self.min_now, self.max_now) or self.keep != self.kept_now
+
+    def change(self, region: str, namespace: str, name: str, deployment: str) -> AutoscalerChange:
+        return AutoscalerChange(
+            region=region, namespace=namespace, name=name, deployment=deployment, min_before=self.min_before,
+            max_before=self.max_before, min_after=self.min_after, max_after=self.max_after, action=self.action,
+        )
+
+
 class _Rollout:
     """A deployment's rollout as `kubectl rollout status` judges it."""
 
@@ -418,7 +543,10 @@ def scale_up_and_wait(
     bound = _wait_bound(wait_seconds)
     started = time.monotonic()
     with _cluster(target) as c:
+        autoscalers = []
         for d in c.cfg.deployments:
+            # the HPA first: one whose maxReplicas is below the inventory's figure would scale the deployment back
+            autoscalers += c.follow_autoscalers(d.name, d.replicas)
             c.scale_to_at_least(d.name, d.replicas)
         while True:
             rollouts = c.rollouts()
@@ -444,7 +572,7 @@ def scale_up_and_wait(
                     progress["desired"],
                     time.monotonic() - started,
                 )
-                return c.status(rollouts)
+                return c.status(rollouts).model_copy(update={"autoscalers": autoscalers})
             elapsed = time.monotonic() - started
             if elapsed >= bound:
                 raise ApplicationError(
@@ -453,6 +581,20 @@ def scale_up_and_wait(
                     type="DeploymentNotReady",
                 )
             _sleep(min(poll_seconds, max(0.05, bound - elapsed)))
+
+
+@K8S_LOWER_AUTOSCALERS.implementation
+def lower_autoscalers(target: RegionTarget) -> AutoscalerResult:
+    """A failover's OLD region: the HPAs of its inventory deployments give up the floor a failover had raised
+    (their values before come back), or go down to minReplicas LOWERED_MIN_REPLICAS, their values kept on the HPA
+    for the failback. Deployments are not scaled here: the HPA does it as load allows."""
+    if target.kubernetes is None:
+        return AutoscalerResult(region=target.region)
+    with _cluster(target) as c:
+        changes = []
+        for d in c.cfg.deployments:
+            changes += c.follow_autoscalers(d.name, None)
+        return AutoscalerResult(region=target.region, changes=changes)
 
 
 @K8S_SCALE_TO_ZERO.implementation
