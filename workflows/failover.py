@@ -32,9 +32,16 @@ with workflow.unsafe.imports_passed_through():
         DB_UNFENCE,
         DB_WAIT_CAUGHT_UP,
     )
-    from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
+    from opsflow.contracts.k8s import (
+        K8S_LOWER_AUTOSCALERS,
+        K8S_SCALE_TO_ZERO,
+        K8S_SCALE_UP,
+        K8S_SET_MAINTENANCE,
+        K8S_STATUS,
+    )
     from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_STATUS, TRAFFIC_SWITCH
     from opsflow.models import (
+        AutoscalerResult,
         CatchUpRequest,
         CatchUpResult,
         DbStatus,
@@ -66,7 +73,7 @@ class FailoverInput(ProcedureInput):
     preempted: list[str] = []
 
 
-def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[StepDecl]:
+def declare(inp: FailoverInput, source: str, drain_first: bool = True, autoscalers: bool = False) -> list[StepDecl]:
     """Every step after the preflight, and what it would change: the dry-run plan and the run's only names."""
     inv, to = inp.inventory, inp.to_region
     drain_and_fence = [
@@ -136,11 +143,23 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[S
         StepDecl("verify-writes", f"{to} accepts writes"),
         StepDecl("verify-routing", f"traffic is served by {to}"),
         StepDecl("verify-smoke", smoke, "smoke URLs are configured", bool(to_region.smoke_urls)),
-        StepDecl("scale-up", f"scale {to}: {deployments}" if deployments else f"no deployments to scale in {to}"),
+        StepDecl("scale-up", f"scale {to}: {deployments}" + (" (raising their HPAs' minReplicas to match)"
+                                                              if autoscalers else "")
+                 if deployments else f"no deployments to scale in {to}"),
+        *([StepDecl("autoscalers-old", f"lower the HPAs of {source}'s deployments to minReplicas 1 (the values "
+                                       "before are kept on each HPA for the failback)")]
+          if lowers_old_autoscalers(inp, source, autoscalers) else []),
         *([StepDecl("old-replica", f"lift the fence on {source}, now a replica of {to}, and check that it streams")]
           if ve and not inp.emergency else []),
         StepDecl("notify", f"notify {', '.join(c.name for c in inv.notifications) or 'nobody (no channels)'}"),
     ]
+
+
+def lowers_old_autoscalers(inp: FailoverInput, source: str, patched: bool) -> bool:
+    """A planned failover lowers the old region's HPAs (an emergency scaled its deployments to zero: an HPA leaves
+    a deployment at zero alone, and the old region may not answer)."""
+    k8s_old = inp.inventory.region(source).kubernetes
+    return patched and not inp.emergency and bool(k8s_old and k8s_old.deployments)
 
 
 def virtual_endpoint(inp: FailoverInput, region: str) -> str | None:
@@ -158,6 +177,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         report = FailoverReport.of(inp, emergency=inp.emergency, to_region=inp.to_region, preempted=inp.preempted)
         super().__init__(inp.inventory, report)
         self.drain_first = True  # maintenance mode and the drain before the fence (see failover())
+        self.autoscalers = False  # lower the old region's HPAs after the scale-up (see failover())
         self.promoted: PromoteResult | None = None
 
     @workflow.run
@@ -263,7 +283,10 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         # Stop new traffic and let in-flight work finish BEFORE the fence ends the sessions (runs recorded before
         # fenced first: replay keeps that order).
         self.drain_first = not inp.emergency and workflow.patched("drain-before-fence")
-        self.declare(declare(inp, source, self.drain_first))
+        # The scale-up raises the new region's HPAs (inside the activity); a planned failover then lowers the old
+        # region's (a new step: runs recorded before have none).
+        self.autoscalers = workflow.patched("autoscalers-follow")
+        self.declare(declare(inp, source, self.drain_first, self.autoscalers))
         if inp.dry_run:
             self.plan()
             return
@@ -458,20 +481,10 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                 if target.smoke_urls
                 else []
             ),
-            (
-                "scale up",
-                lambda: self.step(
-                    "scale-up",
-                    f"Scale up {to}",
-                    K8S_SCALE_UP,
-                    ScaleRequest(target=target),
-                    queue=q,
-                    timeout=900,
-                    heartbeat=heartbeat,
-                    detail=lambda k: ", ".join(f"{d.name} {d.ready}/{d.desired}" for d in k.deployments),
-                ),
-            ),
+            ("scale up", lambda: self.scale_up(target, q, heartbeat)),
         ]
+        if lowers_old_autoscalers(inp, source, self.autoscalers):
+            after.append(("lower the old region's autoscalers", lambda: self.lower_old_autoscalers(inp, source)))
         if not inp.emergency and virtual_endpoint(inp, to):
             after.append(("old primary follows", lambda: self.old_primary_follows(inp, source)))
         todo = [label for label, _ in critical + after]
@@ -514,6 +527,44 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             f"{verb} of {inv.environment} from {source} to {to} done; RTO {report.rto_seconds:.1f}s{follows}",
             "critical" if inp.emergency else "info",
         )
+
+    async def scale_up(self, target: RegionTarget, q: str, heartbeat: float) -> KubeStatus:
+        status: KubeStatus = await self.step(
+            "scale-up",
+            f"Scale up {target.region}",
+            K8S_SCALE_UP,
+            ScaleRequest(target=target),
+            queue=q,
+            timeout=900,
+            heartbeat=heartbeat,
+            detail=lambda k: ", ".join(
+                [f"{d.name} {d.ready}/{d.desired}" for d in k.deployments]
+                + [f"HPA {a.name} min {a.min_before}->{a.min_after}, max {a.max_before}->{a.max_after}"
+                   for a in k.autoscalers if a.action != "unchanged"]
+            ),
+        )
+        self.report.autoscalers += status.autoscalers
+        return status
+
+    async def lower_old_autoscalers(self, inp: FailoverInput, source: str) -> None:
+        """The old region's HPAs give up their floor (or get back the values a failover raised them from), so its
+        idle pods can go. Best effort: never fails the failover; what is not done is listed."""
+        try:
+            result: AutoscalerResult = await self.step(
+                "autoscalers-old",
+                f"Lower {source}'s autoscalers",
+                K8S_LOWER_AUTOSCALERS,
+                RegionTarget.of(inp.inventory, source),
+                queue=inp.inventory.region_queue(source),
+                timeout=60,
+                attempts=3,
+                detail=lambda r: ", ".join(
+                    f"HPA {a.name} {a.action}: min {a.min_before}->{a.min_after}, max {a.max_before}->{a.max_after}"
+                    for a in r.changes) or "no HPA",
+            )
+            self.report.autoscalers += result.changes
+        except Stop as stop:
+            self.report.remaining.append(f"lower the HPAs of {source}'s deployments by hand ({stop.reason})")
 
     async def old_primary_follows(self, inp: FailoverInput, source: str) -> None:
         """After a switchover the old primary is the new one's replica: lift its write fence (else it would be
