@@ -895,7 +895,8 @@ def scale_canary(req: WeightRequest) -> RolloutState:
     """Capacity follows weight (Argo's setCanaryScale, Flagger's autoscaler reference): the canary gets
     ceil(weight % x stable's current replicas), at least 1 and never fewer than `canary_replicas`, and is waited
     ready, before the weight moves. Stable is read now (an autoscaler may have changed it) and never scaled:
-    its remaining share never lacks the pods it had."""
+    its remaining share never lacks the pods it had. An HPA on stable gets a copy for the canary, its bounds
+    scaled to the weight, set before the canary is scaled (and deleted with the canary)."""
     target = req.target
     with _rollout_cluster(target) as c:
         with c.call(f"deployment {c.ns}/{target.app.deployment}"):
@@ -903,6 +904,10 @@ def scale_canary(req: WeightRequest) -> RolloutState:
                 target.app.deployment, c.ns, _request_timeout=REQUEST_TIMEOUT
             )
         want = max(canary_size(stable.spec.replicas or 0, req.canary_weight), target.app.canary_replicas)
+        stable_hpas = c.autoscalers(target.app.deployment)
+        if stable_hpas:  # the HPA first: bounds of a smaller weight would scale the canary back
+            lo, hi = _copy_autoscaler(c, stable_hpas[0], target, req.canary_weight)
+            want = min(max(want, lo), hi)
         with c.call(f"deployment {c.ns}/{target.canary}"):
             scale = c.apps.read_namespaced_deployment_scale(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT)
         if scale.spec.replicas != want:
@@ -918,6 +923,36 @@ def scale_canary(req: WeightRequest) -> RolloutState:
                            scale.spec.replicas or 0, want, req.canary_weight, stable.spec.replicas or 0)
         _wait_done(c, target.canary, _wait_bound(None), f"canary {target.canary}")
         return _rollout_state(c, target)
+
+
+def _copy_autoscaler(
+    c: _Cluster, stable_hpa: k8s.V2HorizontalPodAutoscaler, target: RolloutTarget, weight: int
+) -> tuple[int, int]:
+    """The canary's own HPA, a copy of stable's with its bounds scaled to the weight (ceil, at least 1 and at least
+    `canary_replicas`), created or corrected; its (min, max). Flagger's autoscalerRef does the same with a copy."""
+    lo = max(canary_size(stable_hpa.spec.min_replicas or 1, weight), target.app.canary_replicas)
+    hi = max(canary_size(stable_hpa.spec.max_replicas, weight), lo)
+    name, what = target.canary, f"horizontalpodautoscaler {c.ns}/{target.canary}"
+    existing = _maybe(c, what, lambda: c.autoscaling.read_namespaced_horizontal_pod_autoscaler(
+        name, c.ns, _request_timeout=REQUEST_TIMEOUT))
+    if existing is None:
+        spec = c.api.sanitize_for_serialization(stable_hpa.spec)
+        spec.update(minReplicas=lo, maxReplicas=hi)
+        spec["scaleTargetRef"] = {**spec["scaleTargetRef"], "name": name}
+        body = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "spec": spec,
+                "metadata": {"name": name, "labels": {CANARY_OF: target.app.deployment}}}
+        with c.call(what):
+            c.autoscaling.create_namespaced_horizontal_pod_autoscaler(c.ns, body, _request_timeout=REQUEST_TIMEOUT)
+        _logger().info("%s: created HPA %s (%d..%d) from %s's for %d %%", c.where, name, lo, hi,
+                       stable_hpa.metadata.name, weight)
+    elif (existing.spec.min_replicas, existing.spec.max_replicas) != (lo, hi):
+        with c.call(what):
+            c.autoscaling.patch_namespaced_horizontal_pod_autoscaler(
+                name, c.ns, {"spec": {"minReplicas": lo, "maxReplicas": hi}}, _content_type=_MERGE_PATCH,
+                _request_timeout=REQUEST_TIMEOUT)
+        _logger().info("%s: HPA %s %d..%d -> %d..%d for %d %%", c.where, name, existing.spec.min_replicas,
+                       existing.spec.max_replicas, lo, hi, weight)
+    return lo, hi
 
 
 @K8S_SET_WEIGHT.implementation
@@ -978,6 +1013,10 @@ def delete_canary(target: RolloutTarget) -> RolloutState:
                 f"service {c.ns}/{target.canary_service}",
                 lambda: c.core.delete_namespaced_service(target.canary_service, c.ns, _request_timeout=REQUEST_TIMEOUT),
             ),
+            (  # the canary's copy of stable's HPA (k8s.scale_canary), if any
+                f"horizontalpodautoscaler {c.ns}/{target.canary}",
+                lambda: _delete_canary_autoscaler(c, target),
+            ),
             (
                 f"deployment {c.ns}/{target.canary}",
                 lambda: c.apps.delete_namespaced_deployment(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT),
@@ -986,6 +1025,15 @@ def delete_canary(target: RolloutTarget) -> RolloutState:
             if _maybe(c, what, delete) is not None:
                 _logger().info("%s: deleted %s", c.where, what)
         return _rollout_state(c, target)
+
+
+def _delete_canary_autoscaler(c: _Cluster, target: RolloutTarget) -> Any:
+    """Delete the canary's HPA, only one opsflow made (labelled as the canary's). None when there is none."""
+    hpa = c.autoscaling.read_namespaced_horizontal_pod_autoscaler(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT)
+    if (hpa.metadata.labels or {}).get(CANARY_OF) != target.app.deployment:
+        return None
+    return c.autoscaling.delete_namespaced_horizontal_pod_autoscaler(target.canary, c.ns,
+                                                                     _request_timeout=REQUEST_TIMEOUT)
 
 
 @K8S_SET_IMAGE.implementation

@@ -27,6 +27,14 @@ What it serves (core ``v1`` and ``apps/v1``, JSON only):
   ``$patch: delete|replace``) and ``application/json-patch+json`` (RFC 6902), delete;
   ``/status`` subresource
 * ``deployments/{name}/scale``: ``GET``/``PATCH``/``PUT`` of an ``autoscaling/v1`` ``Scale``
+* what a cluster derives (lab/k8s/workloads.py): ReplicaSets (``apps/v1``, one per pod template, with the
+  ``deployment.kubernetes.io/revision`` annotation ``kubectl rollout history|undo`` read), Pods (one per replica,
+  owned by their ReplicaSet: phase, Ready condition, container statuses, ``CrashLoopBackOff`` when broken),
+  ``pods/{name}/log`` (``tailLines``), Endpoints and EndpointSlices (``discovery.k8s.io/v1``) of services
+* HorizontalPodAutoscalers (``autoscaling/v2``, lab/k8s/autoscaler.py) and a controller keeping each target
+  deployment inside ``[minReplicas, maxReplicas]``
+* ``?watch=true`` on lists (chunked events; ``kubectl rollout status``), and server-side ``Table`` answers when
+  the client asks for them (``kubectl get``'s columns, lab/k8s/tables.py)
 
 Semantics kept from the real API server: ``resourceVersion`` bumps on every write and
 is a precondition when the request carries one (409 ``Conflict``); deployments'
@@ -80,6 +88,10 @@ Seed (JSON or YAML)::
         selector: {app: web}          # default {app: <name>}
     httproutes:                       # Gateway API HTTPRoutes (one rule; backendRefs with weights)
       - {name: web, namespace: shop, backends: [{name: web, port: 80, weight: 100}]}
+    hpas:                             # HorizontalPodAutoscalers on deployments (autoscaling/v2)
+      - {name: web, namespace: shop, deployment: web, min: 3, max: 10, cpu: 70}
+    hpa_sync_seconds: 0.5             # optional: the HPA controller's period (Kubernetes: 15 s)
+      - {name: web, namespace: shop, backends: [{name: web, port: 80, weight: 100}]}
     auth: {token: s3cret, readonly_token: peek}   # optional
 
 Run as a process (logs only, on stderr)::
@@ -115,6 +127,8 @@ from urllib.parse import parse_qs, urlsplit
 from lab.emulator import Emulator, is_admin_path
 from lab.faults import Fault
 from lab.k8s import autoscaler, tables, workloads
+from lab.k8s.errors import ApiError, bad_request, conflict, invalid, not_found, status_details
+from lab.k8s.patches import PATCHERS
 from lab.k8s.resources import (
     BY_KIND,
     CATEGORIES,
@@ -153,219 +167,6 @@ SERVER_VERSION = {
     "platform": "linux/amd64",
 }
 
-
-
-# -- errors as the API server reports them ---------------------------------------------------------------
-
-
-class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str, details: dict | None = None):
-        super().__init__(message)
-        self.code, self.reason, self.message, self.details = code, reason, message, details
-
-    def status(self) -> Obj:
-        body: Obj = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                     "message": self.message, "reason": self.reason, "code": self.code}
-        if self.details is not None:
-            body["details"] = self.details
-        return body
-
-
-def _details(res: Resource, name: str | None, **extra: Any) -> dict:
-    d: dict = {"name": name, "kind": res.plural} if name else {"kind": res.plural}
-    if res.group:
-        d["group"] = res.group
-    d.update(extra)
-    return d
-
-
-def not_found(res: Resource, name: str) -> ApiError:
-    return ApiError(404, "NotFound", f'{res.qualified} "{name}" not found', _details(res, name))
-
-
-def invalid(res: Resource, name: str, field: str, value: Any, why: str) -> ApiError:
-    msg = f"{field}: Invalid value: {json.dumps(value)}: {why}"
-    return ApiError(422, "Invalid", f'{res.qualified_kind} "{name}" is invalid: {msg}',
-                    {"name": name, "group": res.group, "kind": res.kind,
-                     "causes": [{"reason": "FieldValueInvalid", "message": f"Invalid value: {json.dumps(value)}: {why}",
-                                 "field": field}]})
-
-
-def conflict(res: Resource, name: str) -> ApiError:
-    return ApiError(409, "Conflict", f'Operation cannot be fulfilled on {res.qualified} "{name}": the object has been '
-                    "modified; please apply your changes to the latest version and try again", _details(res, name))
-
-
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, "BadRequest", message)
-
-
-# -- patches -----------------------------------------------------------------------------------------------
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: maps merge recursively, null deletes, everything else replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-# Lists of built-in types that strategic merge patch merges by a key instead of replacing.
-_MERGE_KEYS: dict[str, tuple[str, ...]] = {
-    "containers": ("name",),
-    "initContainers": ("name",),
-    "ephemeralContainers": ("name",),
-    "env": ("name",),
-    "volumes": ("name",),
-    "volumeMounts": ("mountPath",),
-    "imagePullSecrets": ("name",),
-    "conditions": ("type",),
-    "ports": ("containerPort", "port"),  # container ports merge on containerPort, service ports on port
-    "ownerReferences": ("uid",),
-    "hostAliases": ("ip",),
-    "tolerations": (),
-}
-_MERGE_PRIMITIVES = {"finalizers"}
-
-
-def _merge_key(field: str, items: list) -> str | None:
-    for key in _MERGE_KEYS.get(field, ()):
-        if items and all(isinstance(i, dict) and key in i for i in items):
-            return key
-    return None
-
-
-def strategic_merge_patch(target: Any, patch: Any) -> Any:
-    """The part of Kubernetes' strategic merge patch that built-in objects need."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    if patch.get("$patch") == "replace":
-        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
-    if patch.get("$patch") == "delete":
-        return None
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if key.startswith("$setElementOrder/") or key in ("$retainKeys", "$patch"):
-            continue
-        if key.startswith("$deleteFromPrimitiveList/"):
-            field = key.split("/", 1)[1]
-            if isinstance(result.get(field), list):
-                result[field] = [v for v in result[field] if v not in value]
-            continue
-        if value is None:
-            result.pop(key, None)
-        elif isinstance(value, list):
-            merged = _merge_list(key, result.get(key), value)
-            if merged is None:
-                result.pop(key, None)
-            else:
-                result[key] = merged
-        elif isinstance(value, dict):
-            merged = strategic_merge_patch(result.get(key), value)
-            if merged is None:
-                result.pop(key, None)
-            else:
-                result[key] = merged
-        else:
-            result[key] = value
-    return result
-
-
-def _merge_list(field: str, current: Any, patch: list) -> list | None:
-    if any(isinstance(i, dict) and i.get("$patch") == "replace" for i in patch):
-        return [copy.deepcopy(i) for i in patch if not (isinstance(i, dict) and "$patch" in i)]
-    current = current if isinstance(current, list) else []
-    if field in _MERGE_PRIMITIVES:
-        return current + [v for v in patch if v not in current]
-    real = [i for i in patch if not (isinstance(i, dict) and i.get("$patch") == "delete")]
-    key = _merge_key(field, [i for i in patch if isinstance(i, dict) and set(i) != {"$patch"}] or real)
-    if key is None or not all(isinstance(i, dict) and key in i for i in current):
-        return [copy.deepcopy(i) for i in real]
-    out = copy.deepcopy(current)
-    for item in patch:
-        idx = next((n for n, c in enumerate(out) if c.get(key) == item.get(key)), None)
-        if item.get("$patch") == "delete":
-            if idx is not None:
-                out.pop(idx)
-        elif idx is None:
-            out.append(copy.deepcopy(item))
-        else:
-            out[idx] = strategic_merge_patch(out[idx], item)
-    return out
-
-
-def _pointer(path: str) -> list[str]:
-    if path == "":
-        return []
-    if not path.startswith("/"):
-        raise bad_request(f"json patch: invalid JSON pointer {path!r}")
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def _walk(doc: Any, parts: list[str]) -> Any:
-    for p in parts:
-        if isinstance(doc, list):
-            doc = doc[int(p)]
-        elif isinstance(doc, dict):
-            doc = doc[p]
-        else:
-            raise KeyError(p)
-    return doc
-
-
-def json_patch(doc: Any, ops: list) -> Any:
-    """RFC 6902 JSON patch (add, remove, replace, move, copy, test)."""
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        try:
-            kind, parts = op["op"], _pointer(op["path"])
-            if kind in ("move", "copy"):
-                src = _pointer(op["from"])
-                value = copy.deepcopy(_walk(doc, src))
-                if kind == "move":
-                    parent = _walk(doc, src[:-1])
-                    del parent[int(src[-1]) if isinstance(parent, list) else src[-1]]
-                kind, op = "add", {"value": value}
-            if kind == "test":
-                if _walk(doc, parts) != op["value"]:
-                    raise ApiError(422, "Invalid", f"json patch: test operation failed at {'/'.join(parts)}")
-                continue
-            if not parts:
-                doc = copy.deepcopy(op["value"]) if kind != "remove" else None
-                continue
-            parent, last = _walk(doc, parts[:-1]), parts[-1]
-            if isinstance(parent, list):
-                if kind == "add":
-                    parent.insert(len(parent) if last == "-" else int(last), copy.deepcopy(op["value"]))
-                elif kind == "remove":
-                    del parent[int(last)]
-                else:
-                    parent[int(last)] = copy.deepcopy(op["value"])
-            else:
-                if kind in ("remove", "replace") and last not in parent:
-                    raise KeyError(last)
-                if kind == "remove":
-                    del parent[last]
-                else:
-                    parent[last] = copy.deepcopy(op["value"])
-        except ApiError:
-            raise
-        except (KeyError, IndexError, ValueError, TypeError) as e:
-            raise ApiError(422, "Invalid", f"json patch: cannot apply {op!r}: {e}") from None
-    return doc
-
-
-PATCHERS: dict[str, Callable[[Any, Any], Any]] = {
-    "application/merge-patch+json": merge_patch,
-    "application/strategic-merge-patch+json": strategic_merge_patch,
-    "application/json-patch+json": json_patch,
-}
 
 
 # -- object shapes -----------------------------------------------------------------------------------------
@@ -1008,7 +809,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(403, "Forbidden",
                                f'{route.res.qualified} "{route.name or ""}" is forbidden: User "lab-readonly" cannot '
                                f'{verb} resource "{what}" in API group "{route.res.group}"{where}',
-                               _details(route.res, route.name))
+                               status_details(route.res, route.name))
             if query.get("watch") in ("true", "1"):
                 return self._watch(route, query)
             code, body = self._dispatch(method, route, query)
@@ -1154,7 +955,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if res is SERVICES:  # as the API server: a deleted service comes back as the object
                     return 200, copy.deepcopy(obj)
                 return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                             "details": {**_details(res, name), "uid": obj["metadata"]["uid"]}}
+                             "details": {**status_details(res, name), "uid": obj["metadata"]["uid"]}}
             obj = c.get(res, ns, name)
             if sub == "log":
                 if method != "GET":
@@ -1262,11 +1063,13 @@ class _Handler(BaseHTTPRequestHandler):
             spec.setdefault("revisionHistoryLimit", 10)
             spec.setdefault("strategy", {"type": "RollingUpdate",
                                          "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}})
-        body["status"] = {} if res is not NAMESPACES else {"phase": "Active"}
+        # what the API server serializes for a new object (an HPA's counts are not omitempty)
+        body["status"] = {NAMESPACES: {"phase": "Active"},
+                          HPAS: {"currentReplicas": 0, "desiredReplicas": 0}}.get(res, {})
         validate(res, body)
         name = meta["name"]
         if (res.plural, ns if res.namespaced else "", name) in c.objects:
-            raise ApiError(409, "AlreadyExists", f'{res.qualified} "{name}" already exists', _details(res, name))
+            raise ApiError(409, "AlreadyExists", f'{res.qualified} "{name}" already exists', status_details(res, name))
         if dry_run:
             return 201, body
         obj = c.put_new(res, body)
