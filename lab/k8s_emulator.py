@@ -381,6 +381,7 @@ class Cluster:
         with self.lock:
             self.rv = int(data.get("resourceVersion", 0))
             self.seconds_per_replica = float(data.get("seconds_per_replica", self.seconds_per_replica))
+            self.hpa_sync_seconds = float(data.get("hpa_sync_seconds", self.hpa_sync_seconds))
             self.auth = data.get("auth", self.auth) or {}
             for obj in data["objects"]:
                 res = BY_KIND[obj["kind"]]
@@ -402,10 +403,10 @@ class Cluster:
         with self.lock:
             if not (self._dirty or force):
                 return
-            objects = sorted(self.objects.values(),
-                             key=lambda o: (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]))
+            # in the store's order (creation order): a ReplicaSet's oldest pods stay the ready ones after a restart
+            objects = list(self.objects.values())
             data = {"resourceVersion": self.rv, "seconds_per_replica": self.seconds_per_replica, "auth": self.auth,
-                    "objects": objects}
+                    "hpa_sync_seconds": self.hpa_sync_seconds, "objects": objects}
             self._dirty = False
             self._saved_at = time.monotonic()
         tmp = self.state_file.with_suffix(self.state_file.suffix + ".tmp")

@@ -504,6 +504,14 @@ def test_each_region_talks_to_its_own_cluster(tmp_path):
 # -- the emulator as a process ---------------------------------------------------------------------------------
 
 
+def pods(kubeconfig: str) -> list[tuple[str, str, bool]]:
+    """The web pods: name, IP, Ready, as the real client lists them."""
+    with api(kubeconfig) as c:
+        items = k8s.CoreV1Api(c).list_namespaced_pod("shop", label_selector="app=web").items
+    return sorted((p.metadata.name, p.status.pod_ip,
+                   any(x.type == "Ready" and x.status == "True" for x in p.status.conditions)) for p in items)
+
+
 def test_emulator_process_keeps_its_state_across_restarts(tmp_path):
     seed_file = tmp_path / "seed.yaml"
     seed_file.write_text(
@@ -556,6 +564,8 @@ def test_emulator_process_keeps_its_state_across_restarts(tmp_path):
         t = target(kc, deployments=(("web", 3),))
         assert scale_up_and_wait(ScaleRequest(target=t), poll_seconds=0.1).ready
         set_maintenance(MaintenanceRequest(target=t, on=True))
+        pods_before = pods(kc)
+        assert len(pods_before) == 3 and all(ready for _, _, ready in pods_before)
     finally:
         out, err = stop(proc)
     assert out == b""  # nothing but logs, and those go to stderr
@@ -566,6 +576,7 @@ def test_emulator_process_keeps_its_state_across_restarts(tmp_path):
     try:
         status = kube_status(target(kc, deployments=(("web", 3),)))
         assert status.deployments[0].desired == 3 and status.deployments[0].ready == 3 and status.maintenance is True
+        assert pods(kc) == pods_before  # the same pods (names, IPs), still ready: nothing recreated or flipped
     finally:
         stop(proc)
 
