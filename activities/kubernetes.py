@@ -906,7 +906,8 @@ def scale_canary(req: WeightRequest) -> RolloutState:
         want = max(canary_size(stable.spec.replicas or 0, req.canary_weight), target.app.canary_replicas)
         stable_hpas = c.autoscalers(target.app.deployment)
         if stable_hpas:  # the HPA first: bounds of a smaller weight would scale the canary back
-            lo, hi = _copy_autoscaler(c, stable_hpas[0], target, req.canary_weight)
+            lo, hi = _copy_autoscaler(c, stable_hpas[0], target, target.canary, req.canary_weight,
+                                      target.app.canary_replicas)
             want = min(max(want, lo), hi)
         with c.call(f"deployment {c.ns}/{target.canary}"):
             scale = c.apps.read_namespaced_deployment_scale(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT)
@@ -926,13 +927,15 @@ def scale_canary(req: WeightRequest) -> RolloutState:
 
 
 def _copy_autoscaler(
-    c: _Cluster, stable_hpa: k8s.V2HorizontalPodAutoscaler, target: RolloutTarget, weight: int
+    c: _Cluster, stable_hpa: k8s.V2HorizontalPodAutoscaler, target: RolloutTarget, name: str, weight: int,
+    at_least: int = 1,
 ) -> tuple[int, int]:
-    """The canary's own HPA, a copy of stable's with its bounds scaled to the weight (ceil, at least 1 and at least
-    `canary_replicas`), created or corrected; its (min, max). Flagger's autoscalerRef does the same with a copy."""
-    lo = max(canary_size(stable_hpa.spec.min_replicas or 1, weight), target.app.canary_replicas)
+    """Deployment `name`'s own HPA (the canary's, a blue-green colour's), a copy of stable's with its bounds scaled to
+    the weight (ceil, at least 1 and at least `at_least`), created or corrected; its (min, max). Flagger's
+    autoscalerRef does the same with a copy."""
+    lo = max(canary_size(stable_hpa.spec.min_replicas or 1, weight), at_least)
     hi = max(canary_size(stable_hpa.spec.max_replicas, weight), lo)
-    name, what = target.canary, f"horizontalpodautoscaler {c.ns}/{target.canary}"
+    what = f"horizontalpodautoscaler {c.ns}/{name}"
     existing = _maybe(c, what, lambda: c.autoscaling.read_namespaced_horizontal_pod_autoscaler(
         name, c.ns, _request_timeout=REQUEST_TIMEOUT))
     if existing is None:
@@ -1056,13 +1059,18 @@ def set_image(req: ImageRequest) -> RolloutState:
 
 @K8S_CREATE_COLOUR.implementation
 def create_colour(req: ImageRequest) -> RolloutState:
-    """Blue-green: the colour the service does not select gets the image at the active colour's size; waits ready."""
+    """Blue-green: the colour the service does not select gets the image at the active colour's size (and a copy of
+    its HPA, when it has one and the other colour none); waits ready."""
     target = req.target
     with _rollout_cluster(target) as c:
         state = _rollout_state(c, target)
         active = state.active or target.app.deployment
         other = target.app.deployment if active != target.app.deployment else f"{target.app.deployment}{GREEN_SUFFIX}"
         size = max(state.replicas.get(active, 1), 1)
+        active_hpas = c.autoscalers(active)
+        if active_hpas and not c.autoscalers(other):  # the new colour gets the active colour's HPA, whole
+            lo, hi = _copy_autoscaler(c, active_hpas[0], target, other, 100)
+            size = min(max(size, lo), hi)
         if other == target.app.deployment:  # the stable name exists already: only its image and size change
             dep = c.deployment(other)
             container = _container(dep, target.app.container)

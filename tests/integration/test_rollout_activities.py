@@ -239,6 +239,37 @@ def test_blue_green_starts_the_new_colour_at_the_active_colours_current_size(tar
     assert apps.read_namespaced_deployment("web-green", "shop").status.ready_replicas == 5
 
 
+def test_blue_green_copies_the_active_colours_hpa_whole(target):
+    """The new colour gets the active colour's HPA (same bounds and metrics): the HPA controller keeps it at the
+    active colour's size instead of at the copy's defaults; a second run finds the copy and leaves it."""
+    from kubernetes.config import new_client_from_config
+
+    from lab.k8s.autoscaler import hpa_object
+
+    apps, _, _ = api(target)
+    auto = k8s.AutoscalingV2Api(new_client_from_config(config_file=target.kubernetes.kubeconfig, context="lab-eastus",
+                                                       persist_config=False))
+    auto.create_namespaced_horizontal_pod_autoscaler("shop", hpa_object("web", "shop", "web", 4, 9, cpu=65))
+    wait_for(lambda: apps.read_namespaced_deployment("web", "shop").spec.replicas == 4, timeout=10,
+             what="stable's HPA to raise web to its min 4")
+    st = create_colour(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
+    assert st.replicas == {"web": 4, "web-green": 4}
+    green = auto.read_namespaced_horizontal_pod_autoscaler("web-green", "shop")
+    assert (green.spec.min_replicas, green.spec.max_replicas) == (4, 9)
+    assert green.spec.scale_target_ref.name == "web-green"
+    assert green.spec.metrics[0].resource.target.average_utilization == 65
+
+    def synced() -> bool:
+        h = auto.read_namespaced_horizontal_pod_autoscaler("web-green", "shop")
+        return h.status.observed_generation == h.metadata.generation and h.status.desired_replicas == 4
+
+    wait_for(synced, timeout=10, what="the green HPA to see web-green")
+    assert apps.read_namespaced_deployment("web-green", "shop").spec.replicas == 4
+    create_colour(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))  # again: nothing new
+    assert sorted(h.metadata.name for h in auto.list_namespaced_horizontal_pod_autoscaler("shop").items) == [
+        "web", "web-green"]
+
+
 def test_blue_green_switch_and_back(target):
     st = create_colour(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
     assert (
