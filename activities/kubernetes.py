@@ -31,7 +31,13 @@ from temporalio.exceptions import ApplicationError
 
 from activities.context import heartbeat as _heartbeat
 from activities.context import sleep_or_cancelled
-from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
+from opsflow.contracts.k8s import (
+    K8S_LOWER_AUTOSCALERS,
+    K8S_SCALE_TO_ZERO,
+    K8S_SCALE_UP,
+    K8S_SET_MAINTENANCE,
+    K8S_STATUS,
+)
 from opsflow.contracts.rollout import (
     K8S_CREATE_CANARY,
     K8S_CREATE_COLOUR,
@@ -44,7 +50,16 @@ from opsflow.contracts.rollout import (
     K8S_SWITCH_SERVICE,
 )
 from opsflow.inventory import KubernetesConfig
-from opsflow.models import DeploymentState, FenceResult, KubeStatus, MaintenanceRequest, RegionTarget, ScaleRequest
+from opsflow.models import (
+    AutoscalerChange,
+    AutoscalerResult,
+    DeploymentState,
+    FenceResult,
+    KubeStatus,
+    MaintenanceRequest,
+    RegionTarget,
+    ScaleRequest,
+)
 from opsflow.rollout import (
     BASELINE_SUFFIX,
     DeploymentRequest,
@@ -62,6 +77,10 @@ REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds for every API call
 POLL_SECONDS = 1.0  # how often scale_up looks at the rollout (and heartbeats)
 DEFAULT_WAIT_SECONDS = 600.0  # scale_up's wait bound outside an activity, or without a start-to-close timeout
 _MERGE_PATCH = "application/merge-patch+json"
+# On an HPA a failover changed: its bounds before the first change, and whether they were raised or lowered, so a
+# later failover (the failback) restores them. Removed when they are restored.
+AUTOSCALER_BEFORE = "opsflow.dev/autoscaler-before"
+LOWERED_MIN_REPLICAS = 1  # an old region's HPA floor after a failover: it serves nothing, its HPA may scale it down
 
 
 def _logger() -> logging.LoggerAdapter | logging.Logger:
@@ -141,6 +160,8 @@ class _Cluster:
         self.target, self.cfg, self.api = target, cfg, api
         self.apps = k8s.AppsV1Api(api)
         self.core = k8s.CoreV1Api(api)
+        self.autoscaling = k8s.AutoscalingV2Api(api)
+        self._hpas: list[k8s.V2HorizontalPodAutoscaler] | None = None
         self.ns = cfg.namespace
         ctx = f"context {cfg.context}, " if cfg.context else ""
         self.where = f"region {target.region} ({ctx}{api.configuration.host})"
@@ -295,6 +316,110 @@ class _Cluster:
         _logger().info("%s: scaled %s %d -> %d", self.where, what, current, replicas)
 
 
+    # -- autoscalers -------------------------------------------------------------------------------------
+    def autoscalers(self, deployment: str) -> list[k8s.V2HorizontalPodAutoscaler]:
+        """The namespace's HPAs (autoscaling/v2) that scale this deployment. [] when the cluster serves no
+        autoscaling/v2 or this identity may not list HPAs (said in the log: their bounds are then not followed)."""
+        if self._hpas is None:
+            what = f"horizontalpodautoscalers in {self.ns}"
+            try:
+                with self.call(what):
+                    self._hpas = self.autoscaling.list_namespaced_horizontal_pod_autoscaler(
+                        self.ns, _request_timeout=REQUEST_TIMEOUT
+                    ).items
+            except ApplicationError as e:
+                about = (e.details[0] if e.details and isinstance(e.details[0], dict) else {}).get("object")
+                missing_api = e.type == "KubernetesNotFound" and about == what  # not "namespace ...": no HPA API
+                if e.type != "KubernetesForbidden" and not missing_api:
+                    raise
+                _logger().warning("%s: cannot list HPAs (%s); autoscalers not followed", self.where, e.message)
+                self._hpas = []
+        return [
+            h
+            for h in self._hpas
+            if h.spec.scale_target_ref.kind == "Deployment" and h.spec.scale_target_ref.name == deployment
+        ]
+
+    def set_autoscaler(self, hpa: k8s.V2HorizontalPodAutoscaler, plan: "_HpaPlan") -> None:
+        name = hpa.metadata.name
+        body = {
+            "metadata": {"annotations": {AUTOSCALER_BEFORE: plan.annotation}},
+            "spec": {"minReplicas": plan.min_after, "maxReplicas": plan.max_after},
+        }
+        with self.call(f"horizontalpodautoscaler {self.ns}/{name}"):
+            self.autoscaling.patch_namespaced_horizontal_pod_autoscaler(
+                name, self.ns, body, _content_type=_MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT
+            )
+        _logger().info(
+            "%s: HPA %s/%s %s: min %d -> %d, max %d -> %d",
+            self.where, self.ns, name, plan.action, plan.min_now, plan.min_after, plan.max_now, plan.max_after,
+        )
+
+    def follow_autoscalers(self, deployment: str, replicas: int | None) -> list[AutoscalerChange]:
+        """Raise (``replicas``: the inventory's figure) or lower (None) the bounds of the deployment's HPAs."""
+        changes = []
+        for hpa in self.autoscalers(deployment):
+            plan = _HpaPlan.of(hpa, replicas)
+            if plan.changes_anything:
+                self.set_autoscaler(hpa, plan)
+            changes.append(plan.change(self.target.region, self.ns, hpa.metadata.name, deployment))
+        return changes
+
+
+class _HpaPlan:
+    """What to do to one HPA. Raising (a failover's new region): minReplicas to at least the inventory's replicas,
+    maxReplicas to at least that, from the values before the first change when they are kept on the HPA (so a
+    failback restores them). Lowering (the old region): the values kept from a raise come back; else minReplicas
+    goes down to LOWERED_MIN_REPLICAS, its values kept on the HPA. Idempotent: a retry finds the annotation."""
+
+    def __init__(self, min_now: int, max_now: int, before: tuple[int, int, str] | None, replicas: int | None):
+        self.min_now, self.max_now = min_now, max_now
+        base = (before[0], before[1]) if before else (min_now, max_now)
+        self.min_before, self.max_before = base
+        if replicas is not None:  # raise
+            self.min_after = max(base[0], replicas)
+            self.max_after = max(base[1], self.min_after)
+            restored = (self.min_after, self.max_after) == base
+            self.action = ("restored" if before else "unchanged") if restored else "raised"
+            self.keep = None if restored else (base[0], base[1], "raised")
+        elif before and before[2] == "raised":  # lower a region a failover had raised: back to what it was
+            self.min_after, self.max_after, self.action, self.keep = base[0], base[1], "restored", None
+        else:
+            self.min_after, self.max_after = min(base[0], LOWERED_MIN_REPLICAS), base[1]
+            lowered = self.min_after != base[0]
+            self.action = "lowered" if lowered else "unchanged"
+            self.keep = (base[0], base[1], "lowered") if lowered else None
+        self.annotation = (
+            json.dumps({"minReplicas": self.keep[0], "maxReplicas": self.keep[1], "by": self.keep[2]})
+            if self.keep
+            else None
+        )
+        self.kept_now = before
+
+    @classmethod
+    def of(cls, hpa: k8s.V2HorizontalPodAutoscaler, replicas: int | None) -> "_HpaPlan":
+        raw = (hpa.metadata.annotations or {}).get(AUTOSCALER_BEFORE)
+        before = None
+        if raw:
+            try:
+                d = json.loads(raw)
+                before = (int(d["minReplicas"]), int(d["maxReplicas"]), str(d.get("by", "raised")))
+            except (ValueError, KeyError, TypeError):
+                _logger().warning("HPA %s: unreadable %s annotation %r; taking its bounds now as the values "
+                                  "before", hpa.metadata.name, AUTOSCALER_BEFORE, raw)
+        return cls(hpa.spec.min_replicas or 1, hpa.spec.max_replicas, before, replicas)
+
+    @property
+    def changes_anything(self) -> bool:
+        return (self.min_after, self.max_after) != (self.min_now, self.max_now) or self.keep != self.kept_now
+
+    def change(self, region: str, namespace: str, name: str, deployment: str) -> AutoscalerChange:
+        return AutoscalerChange(
+            region=region, namespace=namespace, name=name, deployment=deployment, min_before=self.min_before,
+            max_before=self.max_before, min_after=self.min_after, max_after=self.max_after, action=self.action,
+        )
+
+
 class _Rollout:
     """A deployment's rollout as `kubectl rollout status` judges it."""
 
@@ -426,7 +551,10 @@ def scale_up_and_wait(
     bound = _wait_bound(wait_seconds)
     started = time.monotonic()
     with _cluster(target) as c:
+        autoscalers = []
         for d in c.cfg.deployments:
+            # the HPA first: one whose maxReplicas is below the inventory's figure would scale the deployment back
+            autoscalers += c.follow_autoscalers(d.name, d.replicas)
             c.scale_to_at_least(d.name, d.replicas)
         while True:
             rollouts = c.rollouts()
@@ -452,7 +580,7 @@ def scale_up_and_wait(
                     progress["desired"],
                     time.monotonic() - started,
                 )
-                return c.status(rollouts)
+                return c.status(rollouts).model_copy(update={"autoscalers": autoscalers})
             elapsed = time.monotonic() - started
             if elapsed >= bound:
                 raise ApplicationError(
@@ -461,6 +589,20 @@ def scale_up_and_wait(
                     type="DeploymentNotReady",
                 )
             _sleep(min(poll_seconds, max(0.05, bound - elapsed)))
+
+
+@K8S_LOWER_AUTOSCALERS.implementation
+def lower_autoscalers(target: RegionTarget) -> AutoscalerResult:
+    """A failover's OLD region: the HPAs of its inventory deployments give up the floor a failover had raised
+    (their values before come back), or go down to minReplicas LOWERED_MIN_REPLICAS, their values kept on the HPA
+    for the failback. Deployments are not scaled here: the HPA does it as load allows."""
+    if target.kubernetes is None:
+        return AutoscalerResult(region=target.region)
+    with _cluster(target) as c:
+        changes = []
+        for d in c.cfg.deployments:
+            changes += c.follow_autoscalers(d.name, None)
+        return AutoscalerResult(region=target.region, changes=changes)
 
 
 @K8S_SCALE_TO_ZERO.implementation
@@ -761,7 +903,8 @@ def scale_canary(req: WeightRequest) -> RolloutState:
     """Capacity follows weight (Argo's setCanaryScale, Flagger's autoscaler reference): the canary gets
     ceil(weight % x stable's current replicas), at least 1 and never fewer than `canary_replicas`, and is waited
     ready, before the weight moves. Stable is read now (an autoscaler may have changed it) and never scaled:
-    its remaining share never lacks the pods it had."""
+    its remaining share never lacks the pods it had. An HPA on stable gets a copy for the canary, its bounds
+    scaled to the weight, set before the canary is scaled (and deleted with the canary)."""
     target = req.target
     with _rollout_cluster(target) as c:
         with c.call(f"deployment {c.ns}/{target.app.deployment}"):
@@ -769,6 +912,11 @@ def scale_canary(req: WeightRequest) -> RolloutState:
                 target.app.deployment, c.ns, _request_timeout=REQUEST_TIMEOUT
             )
         want = max(canary_size(stable.spec.replicas or 0, req.canary_weight), target.app.canary_replicas)
+        stable_hpas = c.autoscalers(target.app.deployment)
+        if stable_hpas:  # the HPA first: bounds of a smaller weight would scale the canary back
+            lo, hi = _copy_autoscaler(c, stable_hpas[0], target, target.canary, req.canary_weight,
+                                      target.app.canary_replicas)
+            want = min(max(want, lo), hi)
         with c.call(f"deployment {c.ns}/{target.canary}"):
             scale = c.apps.read_namespaced_deployment_scale(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT)
         if scale.spec.replicas != want:
@@ -784,6 +932,38 @@ def scale_canary(req: WeightRequest) -> RolloutState:
                            scale.spec.replicas or 0, want, req.canary_weight, stable.spec.replicas or 0)
         _wait_done(c, target.canary, _wait_bound(None), f"canary {target.canary}")
         return _rollout_state(c, target)
+
+
+def _copy_autoscaler(
+    c: _Cluster, stable_hpa: k8s.V2HorizontalPodAutoscaler, target: RolloutTarget, name: str, weight: int,
+    at_least: int = 1,
+) -> tuple[int, int]:
+    """Deployment `name`'s own HPA (the canary's, a blue-green colour's), a copy of stable's with its bounds scaled to
+    the weight (ceil, at least 1 and at least `at_least`), created or corrected; its (min, max). Flagger's
+    autoscalerRef does the same with a copy."""
+    lo = max(canary_size(stable_hpa.spec.min_replicas or 1, weight), at_least)
+    hi = max(canary_size(stable_hpa.spec.max_replicas, weight), lo)
+    what = f"horizontalpodautoscaler {c.ns}/{name}"
+    existing = _maybe(c, what, lambda: c.autoscaling.read_namespaced_horizontal_pod_autoscaler(
+        name, c.ns, _request_timeout=REQUEST_TIMEOUT))
+    if existing is None:
+        spec = c.api.sanitize_for_serialization(stable_hpa.spec)
+        spec.update(minReplicas=lo, maxReplicas=hi)
+        spec["scaleTargetRef"] = {**spec["scaleTargetRef"], "name": name}
+        body = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "spec": spec,
+                "metadata": {"name": name, "labels": {CANARY_OF: target.app.deployment}}}
+        with c.call(what):
+            c.autoscaling.create_namespaced_horizontal_pod_autoscaler(c.ns, body, _request_timeout=REQUEST_TIMEOUT)
+        _logger().info("%s: created HPA %s (%d..%d) from %s's for %d %%", c.where, name, lo, hi,
+                       stable_hpa.metadata.name, weight)
+    elif (existing.spec.min_replicas, existing.spec.max_replicas) != (lo, hi):
+        with c.call(what):
+            c.autoscaling.patch_namespaced_horizontal_pod_autoscaler(
+                name, c.ns, {"spec": {"minReplicas": lo, "maxReplicas": hi}}, _content_type=_MERGE_PATCH,
+                _request_timeout=REQUEST_TIMEOUT)
+        _logger().info("%s: HPA %s %d..%d -> %d..%d for %d %%", c.where, name, existing.spec.min_replicas,
+                       existing.spec.max_replicas, lo, hi, weight)
+    return lo, hi
 
 
 def role_services(target: RolloutTarget) -> dict[str, str]:
@@ -860,6 +1040,10 @@ def delete_canary(target: RolloutTarget) -> RolloutState:
                 f"service {c.ns}/{target.canary_service}",
                 lambda: c.core.delete_namespaced_service(target.canary_service, c.ns, _request_timeout=REQUEST_TIMEOUT),
             ),
+            (  # the canary's copy of stable's HPA (k8s.scale_canary), if any
+                f"horizontalpodautoscaler {c.ns}/{target.canary}",
+                lambda: _delete_canary_autoscaler(c, target),
+            ),
             (
                 f"deployment {c.ns}/{target.canary}",
                 lambda: c.apps.delete_namespaced_deployment(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT),
@@ -868,6 +1052,15 @@ def delete_canary(target: RolloutTarget) -> RolloutState:
             if _maybe(c, what, delete) is not None:
                 _logger().info("%s: deleted %s", c.where, what)
         return _rollout_state(c, target)
+
+
+def _delete_canary_autoscaler(c: _Cluster, target: RolloutTarget) -> Any:
+    """Delete the canary's HPA, only one opsflow made (labelled as the canary's). None when there is none."""
+    hpa = c.autoscaling.read_namespaced_horizontal_pod_autoscaler(target.canary, c.ns, _request_timeout=REQUEST_TIMEOUT)
+    if (hpa.metadata.labels or {}).get(CANARY_OF) != target.app.deployment:
+        return None
+    return c.autoscaling.delete_namespaced_horizontal_pod_autoscaler(target.canary, c.ns,
+                                                                     _request_timeout=REQUEST_TIMEOUT)
 
 
 @K8S_SET_IMAGE.implementation
@@ -890,13 +1083,18 @@ def set_image(req: ImageRequest) -> RolloutState:
 
 @K8S_CREATE_COLOUR.implementation
 def create_colour(req: ImageRequest) -> RolloutState:
-    """Blue-green: the colour the service does not select gets the image at the active colour's size; waits ready."""
+    """Blue-green: the colour the service does not select gets the image at the active colour's size (and a copy of
+    its HPA, when it has one and the other colour none); waits ready."""
     target = req.target
     with _rollout_cluster(target) as c:
         state = _rollout_state(c, target)
         active = state.active or target.app.deployment
         other = target.app.deployment if active != target.app.deployment else f"{target.app.deployment}{GREEN_SUFFIX}"
         size = max(state.replicas.get(active, 1), 1)
+        active_hpas = c.autoscalers(active)
+        if active_hpas and not c.autoscalers(other):  # the new colour gets the active colour's HPA, whole
+            lo, hi = _copy_autoscaler(c, active_hpas[0], target, other, 100)
+            size = min(max(size, lo), hi)
         if other == target.app.deployment:  # the stable name exists already: only its image and size change
             dep = c.deployment(other)
             container = _container(dep, target.app.container)

@@ -23,6 +23,10 @@ RESOURCE_GROUP = "opsflow-lab"
 PROFILE = "lab-shop"
 DEPLOYMENTS = [{"name": "web", "replicas": 3}, {"name": "worker", "replicas": 2}]
 STANDBY_REPLICAS = 1  # the standby region runs warm, one replica per deployment
+# HorizontalPodAutoscalers (region role -> (minReplicas, maxReplicas)), as the seeds' clusters run them (CitadelBuy:
+# min 3, max 10). The standby's max is below the inventory's replicas: a failover must raise it, or the HPA would
+# scale the deployment back.
+AUTOSCALERS = {"web": {"primary": (3, 10), "standby": (STANDBY_REPLICAS, 2)}}
 LRO_SECONDS = 0.5  # how long the emulated Azure operations of the lab take at the least
 VIRTUAL_ENDPOINT = "lab-shop"  # `opsflow lab up --virtual-endpoint`: writer/reader over the two servers
 

@@ -27,6 +27,14 @@ What it serves (core ``v1`` and ``apps/v1``, JSON only):
   ``$patch: delete|replace``) and ``application/json-patch+json`` (RFC 6902), delete;
   ``/status`` subresource
 * ``deployments/{name}/scale``: ``GET``/``PATCH``/``PUT`` of an ``autoscaling/v1`` ``Scale``
+* what a cluster derives (lab/k8s/workloads.py): ReplicaSets (``apps/v1``, one per pod template, with the
+  ``deployment.kubernetes.io/revision`` annotation ``kubectl rollout history|undo`` read), Pods (one per replica,
+  owned by their ReplicaSet: phase, Ready condition, container statuses, ``CrashLoopBackOff`` when broken),
+  ``pods/{name}/log`` (``tailLines``), Endpoints and EndpointSlices (``discovery.k8s.io/v1``) of services
+* HorizontalPodAutoscalers (``autoscaling/v2``, lab/k8s/autoscaler.py) and a controller keeping each target
+  deployment inside ``[minReplicas, maxReplicas]``
+* ``?watch=true`` on lists (chunked events; ``kubectl rollout status``), and server-side ``Table`` answers when
+  the client asks for them (``kubectl get``'s columns, lab/k8s/tables.py)
 
 Semantics kept from the real API server: ``resourceVersion`` bumps on every write and
 is a precondition when the request carries one (409 ``Conflict``); deployments'
@@ -80,6 +88,10 @@ Seed (JSON or YAML)::
         selector: {app: web}          # default {app: <name>}
     httproutes:                       # Gateway API HTTPRoutes (one rule; backendRefs with weights)
       - {name: web, namespace: shop, backends: [{name: web, port: 80, weight: 100}]}
+    hpas:                             # HorizontalPodAutoscalers on deployments (autoscaling/v2)
+      - {name: web, namespace: shop, deployment: web, min: 3, max: 10, cpu: 70}
+    hpa_sync_seconds: 0.5             # optional: the HPA controller's period (Kubernetes: 15 s)
+      - {name: web, namespace: shop, backends: [{name: web, port: 80, weight: 100}]}
     auth: {token: s3cret, readonly_token: peek}   # optional
 
 Run as a process (logs only, on stderr)::
@@ -95,7 +107,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import ipaddress
 import json
 import logging
@@ -108,7 +119,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
@@ -116,6 +126,29 @@ from urllib.parse import parse_qs, urlsplit
 
 from lab.emulator import Emulator, is_admin_path
 from lab.faults import Fault
+from lab.k8s import autoscaler, tables, workloads
+from lab.k8s.errors import ApiError, bad_request, conflict, invalid, not_found, status_details
+from lab.k8s.patches import PATCHERS
+from lab.k8s.resources import (
+    BY_KIND,
+    CATEGORIES,
+    DEPLOYMENTS,
+    HPAS,
+    HTTPROUTES,
+    NAMESPACES,
+    NODES,
+    PODS,
+    REPLICASETS,
+    RESOURCES,
+    SERVICES,
+    SHORT,
+    VERBS,
+    Key,
+    Obj,
+    Resource,
+    now_iso,
+    selector_string,
+)
 
 log = logging.getLogger("lab.k8s_emulator")
 
@@ -134,270 +167,12 @@ SERVER_VERSION = {
     "platform": "linux/amd64",
 }
 
-Obj = dict[str, Any]
-
-
-# -- resources -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Resource:
-    plural: str
-    kind: str
-    group: str
-    namespaced: bool
-    subresources: tuple[str, ...] = ()
-    version: str = "v1"
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-    @property
-    def qualified(self) -> str:
-        """'deployments.apps', 'services': how the API server names a resource in messages."""
-        return f"{self.plural}.{self.group}" if self.group else self.plural
-
-    @property
-    def qualified_kind(self) -> str:
-        return f"{self.kind}.{self.group}" if self.group else self.kind
-
-
-NAMESPACES = Resource("namespaces", "Namespace", "", namespaced=False, subresources=("status",))
-NODES = Resource("nodes", "Node", "", namespaced=False, subresources=("status",))
-SERVICES = Resource("services", "Service", "", namespaced=True, subresources=("status",))
-DEPLOYMENTS = Resource("deployments", "Deployment", "apps", namespaced=True, subresources=("status", "scale"))
-# Gateway API HTTPRoute: the router a canary sets weights on (backendRefs[].weight); the lab's proxy follows it.
-HTTPROUTES = Resource("httproutes", "HTTPRoute", "gateway.networking.k8s.io", namespaced=True, subresources=("status",))
-_RESOURCES = {(r.group, r.plural): r for r in (NAMESPACES, NODES, SERVICES, DEPLOYMENTS, HTTPROUTES)}
-_VERBS = {
-    NAMESPACES: ["create", "delete", "get", "list", "patch", "update"],
-    NODES: ["get", "list", "patch", "update"],
-    SERVICES: ["create", "delete", "get", "list", "patch", "update"],
-    DEPLOYMENTS: ["create", "delete", "get", "list", "patch", "update"],
-    HTTPROUTES: ["create", "delete", "get", "list", "patch", "update"],
-}
-_SHORT = {NAMESPACES: ["ns"], NODES: ["no"], SERVICES: ["svc"], DEPLOYMENTS: ["deploy"], HTTPROUTES: []}
-
-
-# -- errors as the API server reports them ---------------------------------------------------------------
-
-
-class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str, details: dict | None = None):
-        super().__init__(message)
-        self.code, self.reason, self.message, self.details = code, reason, message, details
-
-    def status(self) -> Obj:
-        body: Obj = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                     "message": self.message, "reason": self.reason, "code": self.code}
-        if self.details is not None:
-            body["details"] = self.details
-        return body
-
-
-def _details(res: Resource, name: str | None, **extra: Any) -> dict:
-    d: dict = {"name": name, "kind": res.plural} if name else {"kind": res.plural}
-    if res.group:
-        d["group"] = res.group
-    d.update(extra)
-    return d
-
-
-def not_found(res: Resource, name: str) -> ApiError:
-    return ApiError(404, "NotFound", f'{res.qualified} "{name}" not found', _details(res, name))
-
-
-def invalid(res: Resource, name: str, field: str, value: Any, why: str) -> ApiError:
-    msg = f"{field}: Invalid value: {json.dumps(value)}: {why}"
-    return ApiError(422, "Invalid", f'{res.qualified_kind} "{name}" is invalid: {msg}',
-                    {"name": name, "group": res.group, "kind": res.kind,
-                     "causes": [{"reason": "FieldValueInvalid", "message": f"Invalid value: {json.dumps(value)}: {why}",
-                                 "field": field}]})
-
-
-def conflict(res: Resource, name: str) -> ApiError:
-    return ApiError(409, "Conflict", f'Operation cannot be fulfilled on {res.qualified} "{name}": the object has been '
-                    "modified; please apply your changes to the latest version and try again", _details(res, name))
-
-
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, "BadRequest", message)
-
-
-# -- patches -----------------------------------------------------------------------------------------------
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: maps merge recursively, null deletes, everything else replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-# Lists of built-in types that strategic merge patch merges by a key instead of replacing.
-_MERGE_KEYS: dict[str, tuple[str, ...]] = {
-    "containers": ("name",),
-    "initContainers": ("name",),
-    "ephemeralContainers": ("name",),
-    "env": ("name",),
-    "volumes": ("name",),
-    "volumeMounts": ("mountPath",),
-    "imagePullSecrets": ("name",),
-    "conditions": ("type",),
-    "ports": ("containerPort", "port"),  # container ports merge on containerPort, service ports on port
-    "ownerReferences": ("uid",),
-    "hostAliases": ("ip",),
-    "tolerations": (),
-}
-_MERGE_PRIMITIVES = {"finalizers"}
-
-
-def _merge_key(field: str, items: list) -> str | None:
-    for key in _MERGE_KEYS.get(field, ()):
-        if items and all(isinstance(i, dict) and key in i for i in items):
-            return key
-    return None
-
-
-def strategic_merge_patch(target: Any, patch: Any) -> Any:
-    """The part of Kubernetes' strategic merge patch that built-in objects need."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    if patch.get("$patch") == "replace":
-        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
-    if patch.get("$patch") == "delete":
-        return None
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if key.startswith("$setElementOrder/") or key in ("$retainKeys", "$patch"):
-            continue
-        if key.startswith("$deleteFromPrimitiveList/"):
-            field = key.split("/", 1)[1]
-            if isinstance(result.get(field), list):
-                result[field] = [v for v in result[field] if v not in value]
-            continue
-        if value is None:
-            result.pop(key, None)
-        elif isinstance(value, list):
-            merged = _merge_list(key, result.get(key), value)
-            if merged is None:
-                result.pop(key, None)
-            else:
-                result[key] = merged
-        elif isinstance(value, dict):
-            merged = strategic_merge_patch(result.get(key), value)
-            if merged is None:
-                result.pop(key, None)
-            else:
-                result[key] = merged
-        else:
-            result[key] = value
-    return result
-
-
-def _merge_list(field: str, current: Any, patch: list) -> list | None:
-    if any(isinstance(i, dict) and i.get("$patch") == "replace" for i in patch):
-        return [copy.deepcopy(i) for i in patch if not (isinstance(i, dict) and "$patch" in i)]
-    current = current if isinstance(current, list) else []
-    if field in _MERGE_PRIMITIVES:
-        return current + [v for v in patch if v not in current]
-    real = [i for i in patch if not (isinstance(i, dict) and i.get("$patch") == "delete")]
-    key = _merge_key(field, [i for i in patch if isinstance(i, dict) and set(i) != {"$patch"}] or real)
-    if key is None or not all(isinstance(i, dict) and key in i for i in current):
-        return [copy.deepcopy(i) for i in real]
-    out = copy.deepcopy(current)
-    for item in patch:
-        idx = next((n for n, c in enumerate(out) if c.get(key) == item.get(key)), None)
-        if item.get("$patch") == "delete":
-            if idx is not None:
-                out.pop(idx)
-        elif idx is None:
-            out.append(copy.deepcopy(item))
-        else:
-            out[idx] = strategic_merge_patch(out[idx], item)
-    return out
-
-
-def _pointer(path: str) -> list[str]:
-    if path == "":
-        return []
-    if not path.startswith("/"):
-        raise bad_request(f"json patch: invalid JSON pointer {path!r}")
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def _walk(doc: Any, parts: list[str]) -> Any:
-    for p in parts:
-        if isinstance(doc, list):
-            doc = doc[int(p)]
-        elif isinstance(doc, dict):
-            doc = doc[p]
-        else:
-            raise KeyError(p)
-    return doc
-
-
-def json_patch(doc: Any, ops: list) -> Any:
-    """RFC 6902 JSON patch (add, remove, replace, move, copy, test)."""
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        try:
-            kind, parts = op["op"], _pointer(op["path"])
-            if kind in ("move", "copy"):
-                src = _pointer(op["from"])
-                value = copy.deepcopy(_walk(doc, src))
-                if kind == "move":
-                    parent = _walk(doc, src[:-1])
-                    del parent[int(src[-1]) if isinstance(parent, list) else src[-1]]
-                kind, op = "add", {"value": value}
-            if kind == "test":
-                if _walk(doc, parts) != op["value"]:
-                    raise ApiError(422, "Invalid", f"json patch: test operation failed at {'/'.join(parts)}")
-                continue
-            if not parts:
-                doc = copy.deepcopy(op["value"]) if kind != "remove" else None
-                continue
-            parent, last = _walk(doc, parts[:-1]), parts[-1]
-            if isinstance(parent, list):
-                if kind == "add":
-                    parent.insert(len(parent) if last == "-" else int(last), copy.deepcopy(op["value"]))
-                elif kind == "remove":
-                    del parent[int(last)]
-                else:
-                    parent[int(last)] = copy.deepcopy(op["value"])
-            else:
-                if kind in ("remove", "replace") and last not in parent:
-                    raise KeyError(last)
-                if kind == "remove":
-                    del parent[last]
-                else:
-                    parent[last] = copy.deepcopy(op["value"])
-        except ApiError:
-            raise
-        except (KeyError, IndexError, ValueError, TypeError) as e:
-            raise ApiError(422, "Invalid", f"json patch: cannot apply {op!r}: {e}") from None
-    return doc
-
-
-PATCHERS: dict[str, Callable[[Any, Any], Any]] = {
-    "application/merge-patch+json": merge_patch,
-    "application/strategic-merge-patch+json": strategic_merge_patch,
-    "application/json-patch+json": json_patch,
-}
 
 
 # -- object shapes -----------------------------------------------------------------------------------------
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+_now = now_iso
 
 
 def _max_unavailable(spec: Obj) -> Any:
@@ -413,10 +188,6 @@ def _scaled(value: Any, total: int, round_up: bool) -> int:
         return 0
     pct = int(m.group(1)) * total
     return -(-pct // 100) if round_up else pct // 100
-
-
-def selector_string(labels: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 def namespace_object(name: str) -> Obj:
@@ -500,9 +271,6 @@ def httproute_object(name: str, namespace: str, backends: list) -> Obj:
 
 # -- the store and the controller ----------------------------------------------------------------------------
 
-Key = tuple[str, str, str]  # (plural, namespace or "", name)
-
-
 class Cluster:
     """All objects of one emulated cluster, the deployment/node controller, and the annotation knobs."""
 
@@ -521,6 +289,11 @@ class Cluster:
         self._templates: dict[Key, str] = {}
         self._stepped_at: dict[Key, float] = {}
         self._progress_at: dict[Key, float] = {}
+        self._previous: dict[Key, str] = {}  # a deployment's template before its latest change (its old pods')
+        self.pod_seq = 0
+        self.pod_logs: dict[Key, list[str]] = {}
+        self.hpa_sync_seconds = autoscaler.DEFAULT_SYNC_SECONDS
+        self.hpa_synced_at: dict[Key, float] = {}
 
     # -- storage -----------------------------------------------------------------------------------------
     def _stamp(self, obj: Obj, res: Resource, *, new: bool) -> None:
@@ -531,7 +304,7 @@ class Cluster:
         if new:
             meta["uid"] = str(uuid.uuid4())
             meta["creationTimestamp"] = _now()
-            if res is DEPLOYMENTS:
+            if res in GENERATED:
                 meta["generation"] = 1
         self._dirty = True
 
@@ -557,16 +330,21 @@ class Cluster:
             meta.setdefault("annotations", {}).setdefault("deployment.kubernetes.io/revision", "1")
             self._templates[key] = _template_hash(obj)
             self._progress_at[key] = time.monotonic()
+        if res is PODS:
+            self.pod_seq = max(self.pod_seq, _pod_seq(obj))
         return obj
 
     def seed(self, seed: dict) -> None:
         with self.lock:
             if "seconds_per_replica" in seed:
                 self.seconds_per_replica = float(seed["seconds_per_replica"])
+            if "hpa_sync_seconds" in seed:
+                self.hpa_sync_seconds = float(seed["hpa_sync_seconds"])
             if seed.get("auth"):
                 self.auth = dict(seed["auth"])
             namespaces = ["default", "kube-system", *seed.get("namespaces", [])]
-            for d in [*seed.get("deployments", []), *seed.get("services", []), *seed.get("httproutes", [])]:
+            for d in [*seed.get("deployments", []), *seed.get("services", []), *seed.get("httproutes", []),
+                      *seed.get("hpas", [])]:
                 namespaces.append(d.get("namespace", "default"))
             for ns in dict.fromkeys(namespaces):
                 self.put_new(NAMESPACES, namespace_object(ns))
@@ -591,6 +369,10 @@ class Cluster:
             for r in seed.get("httproutes", []):
                 route = httproute_object(r["name"], r.get("namespace", "default"), r.get("backends", []))
                 self.put_new(HTTPROUTES, route)
+            for h in seed.get("hpas", []):
+                self.put_new(HPAS, autoscaler.hpa_object(h["name"], h.get("namespace", "default"),
+                                                         h.get("deployment", h["name"]), int(h.get("min", 1)),
+                                                         int(h["max"]), int(h.get("cpu", 70))))
 
     def load_state(self) -> bool:
         if not self.state_file or not self.state_file.exists():
@@ -599,14 +381,17 @@ class Cluster:
         with self.lock:
             self.rv = int(data.get("resourceVersion", 0))
             self.seconds_per_replica = float(data.get("seconds_per_replica", self.seconds_per_replica))
+            self.hpa_sync_seconds = float(data.get("hpa_sync_seconds", self.hpa_sync_seconds))
             self.auth = data.get("auth", self.auth) or {}
             for obj in data["objects"]:
-                res = _RESOURCES[(_group_of(obj), _plural_of(obj))]
+                res = BY_KIND[obj["kind"]]
                 key = (res.plural, obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
                 self.objects[key] = obj
                 if res is DEPLOYMENTS:
                     self._templates[key] = _template_hash(obj)
                     self._progress_at[key] = time.monotonic()
+                if res is PODS:
+                    self.pod_seq = max(self.pod_seq, _pod_seq(obj))
                 if res is SERVICES and obj.get("spec", {}).get("clusterIP", "None") != "None":
                     self._ip = max(self._ip, int(ipaddress.IPv4Address(obj["spec"]["clusterIP"])))
         log.info("loaded %d objects from %s", len(self.objects), self.state_file)
@@ -618,10 +403,10 @@ class Cluster:
         with self.lock:
             if not (self._dirty or force):
                 return
-            objects = sorted(self.objects.values(),
-                             key=lambda o: (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]))
+            # in the store's order (creation order): a ReplicaSet's oldest pods stay the ready ones after a restart
+            objects = list(self.objects.values())
             data = {"resourceVersion": self.rv, "seconds_per_replica": self.seconds_per_replica, "auth": self.auth,
-                    "objects": objects}
+                    "hpa_sync_seconds": self.hpa_sync_seconds, "objects": objects}
             self._dirty = False
             self._saved_at = time.monotonic()
         tmp = self.state_file.with_suffix(self.state_file.suffix + ".tmp")
@@ -646,9 +431,12 @@ class Cluster:
         now = time.monotonic()
         with self.lock:
             nodes_ready = self._reconcile_nodes()
+            autoscaler.reconcile(self, now)
             for key, obj in list(self.objects.items()):
                 if key[0] == "deployments":
                     self._reconcile_deployment(key, obj, now, nodes_ready)
+            workloads.collect_garbage(self)
+            workloads.sync_endpoints(self)
         if self._dirty and now - self._saved_at > 0.5:
             self.save_state()
 
@@ -684,6 +472,8 @@ class Cluster:
 
         template = _template_hash(obj)
         if self._templates.get(key) != template:  # a rollout: every current pod is now an old one
+            if key in self._templates:
+                self._previous[key] = self._templates[key]
             self._templates[key] = template
             old, updated, new_ready = old + updated, 0, 0
             self._progress_at[key] = now
@@ -726,6 +516,8 @@ class Cluster:
         if new_status != before:
             obj["status"] = new_status
             self._stamp(obj, DEPLOYMENTS, new=False)
+        workloads.sync_deployment(self, key, obj, old=old, updated=updated, new_ready=new_ready, current=template,
+                                  previous=self._previous.get(key), broken=broken)
 
     # -- API operations ----------------------------------------------------------------------------------
     def get(self, res: Resource, ns: str, name: str) -> Obj:
@@ -742,18 +534,17 @@ class Cluster:
         return [o for o in items if match_labels(o["metadata"].get("labels", {})) and match_fields(o)]
 
 
-def _group_of(obj: Obj) -> str:
-    api = obj.get("apiVersion", "v1")
-    return api.split("/")[0] if "/" in api else ""
-
-
-def _plural_of(obj: Obj) -> str:
-    return {"Namespace": "namespaces", "Node": "nodes", "Service": "services", "Deployment": "deployments",
-            "HTTPRoute": "httproutes"}[obj["kind"]]
-
-
 def _template_hash(obj: Obj) -> str:
-    return hashlib.sha256(json.dumps(obj.get("spec", {}).get("template", {}), sort_keys=True).encode()).hexdigest()[:10]
+    return workloads.template_hash(obj.get("spec", {}).get("template"))
+
+
+def _pod_seq(pod: Obj) -> int:
+    """The sequence number in a pod's IP (10.244.x.y), so pods made after a restart get new ones."""
+    ip = (pod.get("status") or {}).get("podIP")
+    return int(ipaddress.IPv4Address(ip)) - (10 << 24 | 244 << 16) if ip else 0
+
+
+GENERATED = (DEPLOYMENTS, REPLICASETS, HPAS)  # kinds whose metadata.generation counts spec changes
 
 
 def _deployment_status(target: int, total: int, ready: int, generation: int, spec: Obj, *, complete_deadline: bool,
@@ -876,6 +667,9 @@ def validate(res: Resource, obj: Obj) -> None:
                 if not _is_int(w) or not 0 <= w <= 1_000_000:
                     raise invalid(res, name, f"spec.rules[{i}].backendRefs[{j}].weight", w,
                                   "must be between 0 and 1000000")
+    if res is HPAS:
+        for field, value, why in autoscaler.problems(obj):
+            raise invalid(res, name, field, value, why)
     if res is SERVICES:
         for i, p in enumerate((obj.get("spec") or {}).get("ports") or []):
             if not _is_int(p.get("port")) or not 0 < p["port"] < 65536:
@@ -897,11 +691,9 @@ class Route:
 def parse_path(path: str) -> Route | None:
     parts = [p for p in path.split("/") if p]
     if len(parts) >= 2 and parts[0] == "api" and parts[1] == "v1":
-        group, rest = "", parts[2:]
+        group, version, rest = "", "v1", parts[2:]
     elif len(parts) >= 3 and parts[0] == "apis":
-        group, rest = parts[1], parts[3:]
-        if parts[2] != "v1":
-            return None
+        group, version, rest = parts[1], parts[2], parts[3:]
     else:
         return None
     if not rest:
@@ -909,8 +701,8 @@ def parse_path(path: str) -> Route | None:
     ns = None
     if rest[0] == "namespaces" and len(rest) >= 3 and rest[2] not in ("status", "finalize"):
         ns, rest = rest[1], rest[2:]
-    res = _RESOURCES.get((group, rest[0]))
-    if res is None or (ns is not None and not res.namespaced) or len(rest) > 3:
+    res = RESOURCES.get((group, rest[0]))
+    if res is None or res.version != version or (ns is not None and not res.namespaced) or len(rest) > 3:
         return None
     name = rest[1] if len(rest) > 1 else None
     sub = rest[2] if len(rest) > 2 else None
@@ -1018,9 +810,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(403, "Forbidden",
                                f'{route.res.qualified} "{route.name or ""}" is forbidden: User "lab-readonly" cannot '
                                f'{verb} resource "{what}" in API group "{route.res.group}"{where}',
-                               _details(route.res, route.name))
+                               status_details(route.res, route.name))
             if query.get("watch") in ("true", "1"):
-                raise bad_request("watch is not supported by the opsflow lab emulator")
+                return self._watch(route, query)
             code, body = self._dispatch(method, route, query)
             self._send(code, body)
         except ApiError as e:
@@ -1045,35 +837,90 @@ class _Handler(BaseHTTPRequestHandler):
         raise ApiError(401, "Unauthorized", "Unauthorized")
 
     def _discovery(self, path: str) -> Obj | None:
+        groups: dict[str, list[str]] = {}
+        for res in RESOURCES.values():
+            if res.group and res.version not in groups.setdefault(res.group, []):
+                groups[res.group].append(res.version)
+
+        def group_entry(g: str) -> Obj:
+            versions = [{"groupVersion": f"{g}/{v}", "version": v} for v in groups[g]]
+            return {"name": g, "versions": versions, "preferredVersion": versions[0]}
+
         if path == "/api":
             return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
         if path == "/apis":
-            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-                {"name": g, "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
-                 "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"}} for g in ("apps", HTTPROUTES.group)]}
-        if path == "/apis/apps":
-            return {"kind": "APIGroup", "apiVersion": "v1", "name": "apps",
-                    "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
-                    "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}
-        for prefix, group in (("/api/v1", ""), ("/apis/apps/v1", "apps"),
-                              (f"/apis/{HTTPROUTES.group}/v1", HTTPROUTES.group)):
-            if path == prefix:
-                resources = []
-                for res in _RESOURCES.values():
-                    if res.group != group:
-                        continue
-                    resources.append({"name": res.plural, "singularName": res.kind.lower(),
-                                      "namespaced": res.namespaced, "kind": res.kind, "verbs": _VERBS[res],
-                                      "shortNames": _SHORT[res]})
-                    for sub in res.subresources:
-                        kind = "Scale" if sub == "scale" else res.kind
-                        resources.append({"name": f"{res.plural}/{sub}", "singularName": "",
-                                          "namespaced": res.namespaced, "kind": kind,
-                                          "verbs": ["get", "patch", "update"],
-                                          **({"group": "autoscaling", "version": "v1"} if sub == "scale" else {})})
-                return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/v1" if group else "v1",
-                        "resources": resources}
-        return None
+            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [group_entry(g) for g in groups]}
+        parts = [p for p in path.split("/") if p]
+        if len(parts) == 2 and parts[0] == "apis" and parts[1] in groups:
+            return {"kind": "APIGroup", "apiVersion": "v1", **group_entry(parts[1])}
+        if parts == ["api", "v1"]:
+            group, version = "", "v1"
+        elif len(parts) == 3 and parts[0] == "apis" and parts[2] in groups.get(parts[1], []):
+            group, version = parts[1], parts[2]
+        else:
+            return None
+        resources = []
+        for res in RESOURCES.values():
+            if res.group != group or res.version != version:
+                continue
+            resources.append({"name": res.plural, "singularName": res.kind.lower(), "namespaced": res.namespaced,
+                              "kind": res.kind, "verbs": VERBS[res], "shortNames": SHORT[res],
+                              **({"categories": CATEGORIES[res]} if res in CATEGORIES else {})})
+            for sub in res.subresources:
+                kind = {"scale": "Scale", "log": "Pod"}.get(sub, res.kind)
+                resources.append({"name": f"{res.plural}/{sub}", "singularName": "", "namespaced": res.namespaced,
+                                  "kind": kind, "verbs": ["get"] if sub == "log" else ["get", "patch", "update"],
+                                  **({"group": "autoscaling", "version": "v1"} if sub == "scale" else {})})
+        return {"kind": "APIResourceList", "apiVersion": "v1",
+                "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
+
+    def _watch(self, route: Route, query: dict) -> None:
+        """``?watch=true`` on a list: a chunked stream of ADDED/MODIFIED/DELETED events (one JSON object a line),
+        from ``resourceVersion`` on, until ``timeoutSeconds`` (at most 30 min) or the emulator stops. Polled from
+        the store every 50 ms: what ``kubectl rollout status`` and informers need."""
+        res, c = route.res, self.cluster
+        assert res is not None
+        if route.name is not None:
+            raise bad_request("watch a list with fieldSelector=metadata.name=NAME")
+        labels = _parse_label_selector(query.get("labelSelector"))
+        fields = _parse_field_selector(query.get("fieldSelector"))
+        since = int(query["resourceVersion"]) if str(query.get("resourceVersion", "")).isdigit() else 0
+        deadline = time.monotonic() + min(float(query.get("timeoutSeconds") or 1800), 1800)
+
+        def matching() -> dict[Key, Obj]:
+            with c.lock:
+                return {k: copy.deepcopy(o) for k, o in c.objects.items() if k[0] == res.plural
+                        and (route.namespace is None or k[1] == route.namespace)
+                        and labels(o["metadata"].get("labels", {})) and fields(o)}
+
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        current = matching()
+        seen = {k: o for k, o in current.items() if since and int(o["metadata"]["resourceVersion"]) <= since}
+        try:
+            while True:
+                events = []
+                for k, o in current.items():
+                    if k not in seen or o["metadata"]["resourceVersion"] != seen[k]["metadata"]["resourceVersion"]:
+                        events.append(("ADDED" if k not in seen else "MODIFIED", o))
+                for k in [k for k in seen if k not in current]:
+                    events.append(("DELETED", seen.pop(k)))
+                seen.update(current)
+                for kind, o in events:
+                    data = json.dumps({"type": kind, "object": o}).encode() + b"\n"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                if events:
+                    self.wfile.flush()
+                if time.monotonic() >= deadline or self.emulator.stop_event.wait(0.05):
+                    break
+                current = matching()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            self.close_connection = True
 
     # -- verbs -------------------------------------------------------------------------------------------
     def _dispatch(self, method: str, route: Route, query: dict) -> tuple[int, Obj]:
@@ -1086,6 +933,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if method == "GET":
                     items = c.list(res, route.namespace if res.namespaced else None, query.get("labelSelector"),
                                    query.get("fieldSelector"))
+                    if tables.wanted(self.headers.get("Accept")) and (table := tables.table(
+                            res, items, str(c.rv), include_object=query.get("includeObject", "Metadata"))):
+                        return 200, table
                     return 200, {"kind": f"{res.kind}List", "apiVersion": res.api_version,
                                  "metadata": {"resourceVersion": str(c.rv)},
                                  "items": [{k: v for k, v in copy.deepcopy(o).items()
@@ -1106,8 +956,16 @@ class _Handler(BaseHTTPRequestHandler):
                 if res is SERVICES:  # as the API server: a deleted service comes back as the object
                     return 200, copy.deepcopy(obj)
                 return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                             "details": {**_details(res, name), "uid": obj["metadata"]["uid"]}}
+                             "details": {**status_details(res, name), "uid": obj["metadata"]["uid"]}}
             obj = c.get(res, ns, name)
+            if sub == "log":
+                if method != "GET":
+                    raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on pods/log")
+                return 200, workloads.pod_log(c, obj, query)
+            include = query.get("includeObject", "Metadata")
+            if method == "GET" and sub is None and tables.wanted(self.headers.get("Accept")) and (
+                    table := tables.table(res, [obj], str(c.rv), include_object=include)):
+                return 200, table
             if sub == "scale":
                 return self._scale(method, res, ns, name, obj, query, dry_run)
             if method == "GET":
@@ -1170,7 +1028,7 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     meta.pop(k, None)
         validate(res, merged)
-        if res is DEPLOYMENTS and merged.get("spec") != obj.get("spec"):
+        if res in GENERATED and merged.get("spec") != obj.get("spec"):
             merged["metadata"]["generation"] = int(obj["metadata"].get("generation", 1)) + 1
         def without(d: Obj, key: str) -> Obj:
             return {k: v for k, v in d.items() if k != key}
@@ -1206,11 +1064,13 @@ class _Handler(BaseHTTPRequestHandler):
             spec.setdefault("revisionHistoryLimit", 10)
             spec.setdefault("strategy", {"type": "RollingUpdate",
                                          "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}})
-        body["status"] = {} if res is not NAMESPACES else {"phase": "Active"}
+        # what the API server serializes for a new object (an HPA's counts are not omitempty)
+        body["status"] = {NAMESPACES: {"phase": "Active"},
+                          HPAS: {"currentReplicas": 0, "desiredReplicas": 0}}.get(res, {})
         validate(res, body)
         name = meta["name"]
         if (res.plural, ns if res.namespaced else "", name) in c.objects:
-            raise ApiError(409, "AlreadyExists", f'{res.qualified} "{name}" already exists', _details(res, name))
+            raise ApiError(409, "AlreadyExists", f'{res.qualified} "{name}" already exists', status_details(res, name))
         if dry_run:
             return 201, body
         obj = c.put_new(res, body)
@@ -1264,6 +1124,12 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # idle keep-alive connections must not hold up stop()
     allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # a client that left (kubectl ends a watch by closing it)
+            log.debug("client %s went away", client_address)
+            return
+        super().handle_error(request, client_address)
 
 
 class K8sEmulator(Emulator):

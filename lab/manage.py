@@ -24,6 +24,7 @@ from lab.arm_emulator import created_clusters
 from lab.aws_lab import aws_lab_inventory, drop_restored_clusters, start_aws_emulator
 from lab.aws_lab import worker_env as aws_worker_env
 from lab.inventory import (
+    AUTOSCALERS,
     DEPLOYMENTS,
     LAB_WEBHOOK_ENV,
     PRIMARY,
@@ -218,6 +219,9 @@ def start_kubernetes(lab: Lab, root: Path, say: Say) -> None:
             "nodes": [f"{region}-node-1", f"{region}-node-2"],
             "deployments": [{"name": d["name"], "namespace": "shop", "replicas": replicas(d)} for d in DEPLOYMENTS],
             "services": [{"name": "web", "namespace": "shop"}],
+            "hpas": [{"name": name, "namespace": "shop", "min": bounds[role][0], "max": bounds[role][1]}
+                     for name, bounds in AUTOSCALERS.items()
+                     for role in ["primary" if region == PRIMARY else "standby"]],
         }
         if region == PRIMARY and lab.state.get("with_rollout"):
             rollout.seed_additions(seed)

@@ -253,12 +253,34 @@ class DeploymentState(BaseModel):
     ready: int
 
 
+class AutoscalerChange(BaseModel):
+    """What a failover did to one HorizontalPodAutoscaler: its bounds before and after. The values before the first
+    change are also kept on the HPA itself (annotation opsflow.dev/autoscaler-before) until a later failover
+    restores them."""
+
+    region: str
+    namespace: str
+    name: str  # the HPA
+    deployment: str  # its scale target
+    min_before: int
+    max_before: int
+    min_after: int
+    max_after: int
+    action: Literal["raised", "lowered", "restored", "unchanged"]
+
+
+class AutoscalerResult(BaseModel):
+    region: str
+    changes: list[AutoscalerChange] = []
+
+
 class KubeStatus(BaseModel):
     region: str
     deployments: list[DeploymentState]
     ready: bool
     maintenance: bool | None = None
     waiting: list[str] = []  # why it is not ready: rollouts in progress, nodes not Ready
+    autoscalers: list[AutoscalerChange] = []  # k8s.scale_up: the HPAs of the inventory's deployments it raised
 
 
 class SmokeResult(BaseModel):
@@ -479,6 +501,7 @@ class FailoverReport(ProcedureReport):
     switchover_detail: str | None = None  # self-managed: the shutdown checkpoint proof, or why it was not proven
     drain_seconds: float | None = None  # how long the drain waited
     drain_ended: str | None = None  # why: "sessions idle" or "drain limit reached, N sessions ended by the fence"
+    autoscalers: list[AutoscalerChange] = []  # HPAs raised in the new region, lowered in the old (values before)
 
 
 class ObjectiveResult(BaseModel):

@@ -41,6 +41,7 @@ REGION_ACTIVITIES = [
     kubernetes.set_maintenance,
     kubernetes.scale_up,
     kubernetes.scale_to_zero,
+    kubernetes.lower_autoscalers,
     http_checks.smoke,
     restore.restore_window,
     restore.restore_leftovers,

@@ -42,9 +42,16 @@ with workflow.unsafe.imports_passed_through():
         DB_UNFENCE,
         DB_WAIT_CAUGHT_UP,
     )
-    from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
+    from opsflow.contracts.k8s import (
+        K8S_LOWER_AUTOSCALERS,
+        K8S_SCALE_TO_ZERO,
+        K8S_SCALE_UP,
+        K8S_SET_MAINTENANCE,
+        K8S_STATUS,
+    )
     from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_STATUS, TRAFFIC_SWITCH
     from opsflow.models import (
+        AutoscalerResult,
         CatchUpRequest,
         CatchUpResult,
         DbStatus,
@@ -82,7 +89,7 @@ class FailoverInput(ProcedureInput):
 
 
 def declare(inp: FailoverInput, source: str, drain_first: bool = True, until_idle: bool = False,
-            host_switchover: bool = False) -> list[StepDecl]:
+            host_switchover: bool = False, autoscalers: bool = False) -> list[StepDecl]:
     """Every step after the preflight, and what it would change: the dry-run plan and the run's only names."""
     inv, to = inp.inventory, inp.to_region
     drain = (f"wait until {source}'s application sessions are idle (no transaction in progress), at most "
@@ -160,7 +167,12 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True, until_idl
         StepDecl("verify-writes", f"{to} accepts writes"),
         StepDecl("verify-routing", f"traffic is served by {to}"),
         StepDecl("verify-smoke", smoke, "smoke URLs are configured", bool(to_region.smoke_urls)),
-        StepDecl("scale-up", f"scale {to}: {deployments}" if deployments else f"no deployments to scale in {to}"),
+        StepDecl("scale-up", f"scale {to}: {deployments}" + (" (raising their HPAs' minReplicas to match)"
+                                                              if autoscalers else "")
+                 if deployments else f"no deployments to scale in {to}"),
+        *([StepDecl("autoscalers-old", f"lower the HPAs of {source}'s deployments to minReplicas 1 (the values "
+                                       "before are kept on each HPA for the failback)")]
+          if lowers_old_autoscalers(inp, source, autoscalers) else []),
         *([StepDecl("old-replica", f"lift the fence on {source}, now a replica of {to}, and check that it streams")]
           if ve and not inp.emergency and not host_switchover else []),
         *([StepDecl("old-replica", f"start {source} as a standby of {to} (standby.signal, primary_conninfo; no "
@@ -168,6 +180,13 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True, until_idl
           if host_switchover else []),
         StepDecl("notify", f"notify {', '.join(c.name for c in inv.notifications) or 'nobody (no channels)'}"),
     ]
+
+
+def lowers_old_autoscalers(inp: FailoverInput, source: str, patched: bool) -> bool:
+    """A planned failover lowers the old region's HPAs (an emergency scaled its deployments to zero: an HPA leaves
+    a deployment at zero alone, and the old region may not answer)."""
+    k8s_old = inp.inventory.region(source).kubernetes
+    return patched and not inp.emergency and bool(k8s_old and k8s_old.deployments)
 
 
 def virtual_endpoint(inp: FailoverInput, region: str) -> str | None:
@@ -195,6 +214,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         self.until_idle = False  # the drain ends when the sessions are idle (see failover())
         self.host_switchover = False  # self-managed switchover: shut-down, promote, old-replica (see failover())
         self.switchover_proven = False  # the replica replayed the old primary's shutdown checkpoint
+        self.autoscalers = False  # lower the old region's HPAs after the scale-up (see failover())
         self.promoted: PromoteResult | None = None
 
     @workflow.run
@@ -303,7 +323,10 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         # The drain as long as needed (runs recorded before waited the whole drain on a timer).
         self.until_idle = self.drain_first and workflow.patched("drain-until-idle")
         self.host_switchover = host_switchover(inp, source) and workflow.patched("self-managed-switchover")
-        self.declare(declare(inp, source, self.drain_first, self.until_idle, self.host_switchover))
+        # The scale-up raises the new region's HPAs (inside the activity); a planned failover then lowers the old
+        # region's (a new step: runs recorded before have none).
+        self.autoscalers = workflow.patched("autoscalers-follow")
+        self.declare(declare(inp, source, self.drain_first, self.until_idle, self.host_switchover, self.autoscalers))
         if inp.dry_run:
             self.plan()
             return
@@ -550,20 +573,10 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                 if target.smoke_urls
                 else []
             ),
-            (
-                "scale up",
-                lambda: self.step(
-                    "scale-up",
-                    f"Scale up {to}",
-                    K8S_SCALE_UP,
-                    ScaleRequest(target=target),
-                    queue=q,
-                    timeout=900,
-                    heartbeat=heartbeat,
-                    detail=lambda k: ", ".join(f"{d.name} {d.ready}/{d.desired}" for d in k.deployments),
-                ),
-            ),
+            ("scale up", lambda: self.scale_up(target, q, heartbeat)),
         ]
+        if lowers_old_autoscalers(inp, source, self.autoscalers):
+            after.append(("lower the old region's autoscalers", lambda: self.lower_old_autoscalers(inp, source)))
         if not inp.emergency and (virtual_endpoint(inp, to) or self.host_switchover):
             after.append(("old primary follows", lambda: self.old_primary_follows(inp, source)))
         todo = [label for label, _ in critical + after]
@@ -606,6 +619,44 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             f"{verb} of {inv.environment} from {source} to {to} done; RTO {report.rto_seconds:.1f}s{follows}",
             "critical" if inp.emergency else "info",
         )
+
+    async def scale_up(self, target: RegionTarget, q: str, heartbeat: float) -> KubeStatus:
+        status: KubeStatus = await self.step(
+            "scale-up",
+            f"Scale up {target.region}",
+            K8S_SCALE_UP,
+            ScaleRequest(target=target),
+            queue=q,
+            timeout=900,
+            heartbeat=heartbeat,
+            detail=lambda k: ", ".join(
+                [f"{d.name} {d.ready}/{d.desired}" for d in k.deployments]
+                + [f"HPA {a.name} min {a.min_before}->{a.min_after}, max {a.max_before}->{a.max_after}"
+                   for a in k.autoscalers if a.action != "unchanged"]
+            ),
+        )
+        self.report.autoscalers += status.autoscalers
+        return status
+
+    async def lower_old_autoscalers(self, inp: FailoverInput, source: str) -> None:
+        """The old region's HPAs give up their floor (or get back the values a failover raised them from), so its
+        idle pods can go. Best effort: never fails the failover; what is not done is listed."""
+        try:
+            result: AutoscalerResult = await self.step(
+                "autoscalers-old",
+                f"Lower {source}'s autoscalers",
+                K8S_LOWER_AUTOSCALERS,
+                RegionTarget.of(inp.inventory, source),
+                queue=inp.inventory.region_queue(source),
+                timeout=60,
+                attempts=3,
+                detail=lambda r: ", ".join(
+                    f"HPA {a.name} {a.action}: min {a.min_before}->{a.min_after}, max {a.max_before}->{a.max_after}"
+                    for a in r.changes) or "no HPA",
+            )
+            self.report.autoscalers += result.changes
+        except Stop as stop:
+            self.report.remaining.append(f"lower the HPAs of {source}'s deployments by hand ({stop.reason})")
 
     async def old_primary_follows(self, inp: FailoverInput, source: str) -> None:
         """After a switchover the old primary is the new one's replica: lift its write fence (else it would be

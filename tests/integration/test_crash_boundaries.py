@@ -31,7 +31,7 @@ from opsflow.temporal import DATA_CONVERTER
 from tests.integration import forked
 from tests.integration.conftest import FAST_RESTART, ROOT, explain, fast_recovery, wait_for
 from tests.integration.test_crash import arm_admin
-from tests.integration.test_failover_lab import sql, timeline, wait_end, wait_status
+from tests.integration.test_failover_lab import autoscaler, sql, timeline, wait_end, wait_status
 
 pytestmark = [pytest.mark.lab, pytest.mark.crash]
 
@@ -172,6 +172,10 @@ async def test_planned_failover_survives_a_kill_at_every_boundary(lab):
     assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 1  # one promotion asked of Azure
     assert timeline(lab.dsn("westeurope")) == 2  # and one happened
     assert report["rpo_bytes"] == 0 and sql(lab.dsn("westeurope"), "SELECT count(*) FROM orders")[0][0] == 500
+    # the HPAs followed once, whatever was killed: raised in westeurope, lowered in eastus, the values before kept
+    assert [(a["region"], a["min_before"], a["min_after"], a["action"]) for a in report["autoscalers"]] == [
+        ("westeurope", 1, 3, "raised"), ("eastus", 3, 1, "lowered")]
+    assert autoscaler(lab, "westeurope") == (3, 3, True) and autoscaler(lab, "eastus") == (1, 10, True)
 
 
 async def test_emergency_failover_survives_a_kill_at_every_boundary(lab):
@@ -208,6 +212,7 @@ async def test_failback_survives_a_kill_at_every_boundary(lab):
     assert arm_writes(lab, "PATCH", "/flexibleServers/lab-eastus-pg") - promotions_before == 1  # one promotion back
     assert sql(lab.dsn("eastus"), "SELECT pg_is_in_recovery()")[0][0] is False
     assert sql(lab.dsn("eastus"), "SELECT count(*) FROM orders")[0][0] == 500
+    assert autoscaler(lab, "eastus") == (3, 10, False) and autoscaler(lab, "westeurope") == (1, 2, False)
 
 
 async def test_switchover_failover_and_failback_survive_a_kill_at_every_boundary(lab):

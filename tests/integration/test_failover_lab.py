@@ -297,9 +297,22 @@ def ve_lab(lab_home):
     take_down(root)
 
 
+def autoscaler(lab, region: str, name: str = "web") -> tuple[int, int, bool]:
+    """An HPA's minReplicas and maxReplicas, and whether it keeps values from before a failover (read as kubectl)."""
+    from kubernetes import client, config
+
+    from activities.kubernetes import AUTOSCALER_BEFORE
+
+    api = client.AutoscalingV2Api(config.new_client_from_config(str(lab.root / "kubeconfig"), context=f"lab-{region}"))
+    h = api.read_namespaced_horizontal_pod_autoscaler(name, "shop")
+    return h.spec.min_replicas, h.spec.max_replicas, AUTOSCALER_BEFORE in (h.metadata.annotations or {})
+
+
 def test_switchover_failover_and_failback_without_a_rebuild(ve_lab):
     """On `opsflow lab up --virtual-endpoint` the planned failover switches over (the old primary streams from the
-    new one, no other command), and the failback is the same move the other way: no rebuild, every row kept."""
+    new one, no other command), and the failback is the same move the other way: no rebuild, every row kept.
+    The lab's clusters run an HPA on web (eastus min 3 max 10, westeurope min 1 max 2): the failover raises
+    westeurope's to the inventory's 3 replicas and lowers eastus's; the failback restores both."""
     from opsflow.inventory import load_inventory
 
     lab = ve_lab
@@ -308,11 +321,19 @@ def test_switchover_failover_and_failback_without_a_rebuild(ve_lab):
     sql(east, "CREATE TABLE journal (id int PRIMARY KEY, phase text)")
     sql(east, "INSERT INTO journal SELECT g, 'before' FROM generate_series(1, 100) g")
 
+    hpas_before = {r: autoscaler(lab, r) for r in ("eastus", "westeurope")}
+    assert hpas_before == {"eastus": (3, 10, False), "westeurope": (1, 2, False)}
     wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
     approve(lab, wid)
     report = wait_end(lab, wid)
     assert report["status"] == "succeeded", explain(report)
     assert report["switchover"] and report["old_primary_replica"] and report["remaining"] == []
+    # the HPAs follow: westeurope's floor is the inventory's replicas (its max 2 would have scaled web back)
+    assert autoscaler(lab, "westeurope") == (3, 3, True) and autoscaler(lab, "eastus") == (1, 10, True)
+    assert [(a["region"], a["min_before"], a["max_before"], a["min_after"], a["max_after"], a["action"])
+            for a in report["autoscalers"]] == [("westeurope", 1, 2, 3, 3, "raised"),
+                                                ("eastus", 3, 10, 1, 10, "lowered")]
+    assert deployments(lab, "westeurope")["web"] == (3, 3)
     assert streams_from(east, west)  # eastus is westeurope's replica, at once
     assert sql(east, "SHOW default_transaction_read_only")[0][0] == "off"  # the fence did not follow it
     names = [s["name"] for s in report["steps"]]
@@ -328,6 +349,9 @@ def test_switchover_failover_and_failback_without_a_rebuild(ve_lab):
     steps = {s["name"]: s for s in back["steps"]}
     assert steps["rebuild"]["outcome"] == "skipped" and steps["restandby"]["outcome"] == "skipped"
     assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    assert {r: autoscaler(lab, r) for r in ("eastus", "westeurope")} == hpas_before  # restored, nothing kept
+    assert {(a["region"], a["action"]) for a in back["failover"]["autoscalers"]} == {
+        ("eastus", "restored"), ("westeurope", "restored")}
     assert sql(east, "SELECT pg_is_in_recovery()")[0][0] is False
     sql(east, "INSERT INTO journal VALUES (201, 'after failback')")
     wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
@@ -368,6 +392,11 @@ def test_emergency_switchover_with_the_old_primary_killed_then_failback(ve_lab):
     back = wait_end(lab, fid, timeout=240)
     assert back["status"] == "succeeded", explain(back)
     assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    # the emergency raised westeurope's HPA and left eastus's (its deployments went to zero); the failback restores
+    assert {r: autoscaler(lab, r) for r in ("eastus", "westeurope")} == {"eastus": (3, 10, False),
+                                                                         "westeurope": (1, 2, False)}
+    assert {(a["region"], a["action"]) for a in back["failover"]["autoscalers"]} == {
+        ("eastus", "unchanged"), ("westeurope", "restored")}
     sql(east, "INSERT INTO t VALUES (102)")  # writable: no fence followed it back
     assert sql(east, "SELECT count(*) FROM t")[0][0] == 102
 

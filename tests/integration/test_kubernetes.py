@@ -30,7 +30,15 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import ActivityEnvironment
 
-from activities.kubernetes import TRANSIENT_RETRIES, kube_status, scale_up, scale_up_and_wait, set_maintenance
+from activities.kubernetes import (
+    AUTOSCALER_BEFORE,
+    TRANSIENT_RETRIES,
+    kube_status,
+    lower_autoscalers,
+    scale_up,
+    scale_up_and_wait,
+    set_maintenance,
+)
 from lab.k8s_emulator import BROKEN_ANNOTATION, NODE_NOT_READY_ANNOTATION, start_emulator, write_kubeconfig
 from lab.ports import free_port
 from opsflow.contracts.k8s import K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
@@ -496,6 +504,14 @@ def test_each_region_talks_to_its_own_cluster(tmp_path):
 # -- the emulator as a process ---------------------------------------------------------------------------------
 
 
+def pods(kubeconfig: str) -> list[tuple[str, str, bool]]:
+    """The web pods: name, IP, Ready, as the real client lists them."""
+    with api(kubeconfig) as c:
+        items = k8s.CoreV1Api(c).list_namespaced_pod("shop", label_selector="app=web").items
+    return sorted((p.metadata.name, p.status.pod_ip,
+                   any(x.type == "Ready" and x.status == "True" for x in p.status.conditions)) for p in items)
+
+
 def test_emulator_process_keeps_its_state_across_restarts(tmp_path):
     seed_file = tmp_path / "seed.yaml"
     seed_file.write_text(
@@ -548,6 +564,8 @@ def test_emulator_process_keeps_its_state_across_restarts(tmp_path):
         t = target(kc, deployments=(("web", 3),))
         assert scale_up_and_wait(ScaleRequest(target=t), poll_seconds=0.1).ready
         set_maintenance(MaintenanceRequest(target=t, on=True))
+        pods_before = pods(kc)
+        assert len(pods_before) == 3 and all(ready for _, _, ready in pods_before)
     finally:
         out, err = stop(proc)
     assert out == b""  # nothing but logs, and those go to stderr
@@ -558,6 +576,7 @@ def test_emulator_process_keeps_its_state_across_restarts(tmp_path):
     try:
         status = kube_status(target(kc, deployments=(("web", 3),)))
         assert status.deployments[0].desired == 3 and status.deployments[0].ready == 3 and status.maintenance is True
+        assert pods(kc) == pods_before  # the same pods (names, IPs), still ready: nothing recreated or flipped
     finally:
         stop(proc)
 
@@ -578,3 +597,85 @@ def test_emergency_scale_to_zero_of_the_old_region_is_best_effort(kubeconfig, tm
     res = scale_to_zero(target(dead))
     assert not res.fenced and "by hand" in res.detail and "shop/web" in res.detail, res
     assert time.monotonic() - started < 60
+
+
+# -- autoscalers: a failover raises the new region's HPA floor, lowers the old one's, a failback restores both ----
+
+
+HPA_SEED = {
+    "seconds_per_replica": 0.05,
+    "hpa_sync_seconds": 0.1,
+    "deployments": [{"name": "web", "namespace": "shop", "replicas": 1}, {"name": "worker", "namespace": "shop"}],
+    "services": [{"name": "web", "namespace": "shop"}],
+    "hpas": [{"name": "web", "namespace": "shop", "min": 1, "max": 2}],
+}
+
+
+def hpa_bounds(kubeconfig: str, name: str = "web") -> tuple[int, int, str | None]:
+    with api(kubeconfig) as c:
+        h = k8s.AutoscalingV2Api(c).read_namespaced_horizontal_pod_autoscaler(name, "shop")
+    return h.spec.min_replicas, h.spec.max_replicas, (h.metadata.annotations or {}).get(AUTOSCALER_BEFORE)
+
+
+def test_scale_up_raises_the_hpa_then_lowering_restores_it(tmp_path):
+    emu = start_emulator(HPA_SEED)
+    try:
+        kc = str(write_kubeconfig(tmp_path / "kubeconfig", {"lab-westeurope": emu.url}))
+        t = target(kc, deployments=(("web", 3), ("worker", 1)))
+        status = scale_up_and_wait(ScaleRequest(target=t), poll_seconds=0.1)
+        # an HPA with max 2 would have scaled web back from 3: it was raised first, its bounds before kept on it
+        assert [(a.name, a.deployment, a.min_before, a.max_before, a.min_after, a.max_after, a.action)
+                for a in status.autoscalers] == [("web", "web", 1, 2, 3, 3, "raised")]
+        assert hpa_bounds(kc)[:2] == (3, 3) and json.loads(hpa_bounds(kc)[2]) == {
+            "minReplicas": 1, "maxReplicas": 2, "by": "raised"}
+        assert {d.name: d.ready for d in status.deployments} == {"web": 3, "worker": 1}
+        with api(kc) as c:  # once the HPA controller has seen its new bounds, web is still at 3 (not 2)
+            auto = k8s.AutoscalingV2Api(c)
+
+            def synced() -> bool:
+                h = auto.read_namespaced_horizontal_pod_autoscaler("web", "shop")
+                return h.status.observed_generation == h.metadata.generation and h.status.desired_replicas == 3
+
+            wait_until(synced, timeout=10, what="the HPA controller to observe its raised bounds")
+            assert k8s.AppsV1Api(c).read_namespaced_deployment_scale("web", "shop").spec.replicas == 3
+        again = scale_up_and_wait(ScaleRequest(target=t), poll_seconds=0.1)  # a retry: same report, no new write
+        assert again.autoscalers == status.autoscalers
+
+        lowered = lower_autoscalers(t)  # a failback makes this the old region: the values before come back
+        assert [(a.min_before, a.max_before, a.min_after, a.max_after, a.action) for a in lowered.changes] == [
+            (1, 2, 1, 2, "restored")]
+        assert hpa_bounds(kc) == (1, 2, None)
+    finally:
+        emu.stop()
+
+
+def test_lowering_an_old_region_keeps_its_values_for_the_failback(tmp_path):
+    seed = dict(HPA_SEED, hpas=[{"name": "web", "namespace": "shop", "min": 3, "max": 10}],
+                deployments=[{"name": "web", "namespace": "shop", "replicas": 3}])
+    emu = start_emulator(seed)
+    try:
+        kc = str(write_kubeconfig(tmp_path / "kubeconfig", {"lab-westeurope": emu.url}))
+        t = target(kc, deployments=(("web", 3),))
+        first = lower_autoscalers(t)
+        assert [(a.min_before, a.max_before, a.min_after, a.max_after, a.action) for a in first.changes] == [
+            (3, 10, 1, 10, "lowered")]
+        assert lower_autoscalers(t) == first  # idempotent: the kept values are not overwritten by the lowered ones
+        assert hpa_bounds(kc)[:2] == (1, 10)
+        back = scale_up_and_wait(ScaleRequest(target=t), poll_seconds=0.1)  # the failback's scale-up
+        assert [(a.min_after, a.max_after, a.action) for a in back.autoscalers] == [(3, 10, "restored")]
+        assert hpa_bounds(kc) == (3, 10, None)
+    finally:
+        emu.stop()
+
+
+def test_no_hpa_or_no_permission_to_list_them_is_not_an_error(kubeconfig, tmp_path):
+    t = target(kubeconfig, deployments=(("web", 1),))
+    assert lower_autoscalers(t).changes == []
+    assert scale_up_and_wait(ScaleRequest(target=t), poll_seconds=0.1).autoscalers == []
+    emu = start_emulator(HPA_SEED)
+    try:
+        kc = str(write_kubeconfig(tmp_path / "ro", {"lab-westeurope": emu.url}))
+        emu.inject_fault("GET /apis/autoscaling/v2/namespaces/shop/horizontalpodautoscalers", status=403)
+        assert lower_autoscalers(target(kc, deployments=(("web", 1),))).changes == []
+    finally:
+        emu.stop()

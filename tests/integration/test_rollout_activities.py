@@ -221,12 +221,77 @@ def test_the_canary_follows_its_weight_against_stables_current_replicas(target):
     assert rollout_status(target).canary is None
 
 
+def test_an_hpa_on_stable_is_copied_for_the_canary_with_bounds_scaled_to_its_weight(target):
+    """Stable's HPA (min 2, max 10) gets a copy for the canary, its bounds ceil(weight x stable's), set before the
+    canary is scaled so the copy never scales it back; deleted with the canary; stable's is never touched."""
+    from kubernetes.config import new_client_from_config
+
+    from lab.k8s.autoscaler import hpa_object
+
+    apps, _, _ = api(target)
+    auto = k8s.AutoscalingV2Api(new_client_from_config(config_file=target.kubernetes.kubeconfig, context="lab-eastus",
+                                                       persist_config=False))
+    auto.create_namespaced_horizontal_pod_autoscaler("shop", hpa_object("web", "shop", "web", 2, 10, cpu=60))
+    create_canary(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
+    seen = {}
+    for w in (5, 25, 50, 75):
+        st = scale_canary(WeightRequest(target=target, canary_weight=w))
+        h = auto.read_namespaced_horizontal_pod_autoscaler("web-canary", "shop")
+        seen[w] = (h.spec.min_replicas, h.spec.max_replicas, st.canary_replicas)
+        assert h.spec.scale_target_ref.name == "web-canary"
+        assert h.spec.metrics[0].resource.target.average_utilization == 60  # stable's metrics, copied
+
+        def synced() -> bool:  # the HPA controller has seen the bounds and the canary's size
+            x = auto.read_namespaced_horizontal_pod_autoscaler("web-canary", "shop")
+            return x.status.observed_generation == x.metadata.generation and \
+                x.status.desired_replicas == st.canary_replicas
+
+        wait_for(synced, timeout=10, what=f"the canary's HPA at {w} %")
+        assert apps.read_namespaced_deployment("web-canary", "shop").spec.replicas == st.canary_replicas
+    assert seen == {5: (1, 1, 1), 25: (1, 3, 1), 50: (1, 5, 2), 75: (2, 8, 3)}
+    stable = auto.read_namespaced_horizontal_pod_autoscaler("web", "shop")
+    assert (stable.spec.min_replicas, stable.spec.max_replicas) == (2, 10)
+    delete_canary(target)
+    assert [h.metadata.name for h in auto.list_namespaced_horizontal_pod_autoscaler("shop").items] == ["web"]
+
+
 def test_blue_green_starts_the_new_colour_at_the_active_colours_current_size(target):
     apps, _, _ = api(target)
     apps.patch_namespaced_deployment_scale("web", "shop", {"spec": {"replicas": 5}})  # an autoscaler grew it
     st = create_colour(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
     assert st.replicas == {"web": 5, "web-green": 5}
     assert apps.read_namespaced_deployment("web-green", "shop").status.ready_replicas == 5
+
+
+def test_blue_green_copies_the_active_colours_hpa_whole(target):
+    """The new colour gets the active colour's HPA (same bounds and metrics): the HPA controller keeps it at the
+    active colour's size instead of at the copy's defaults; a second run finds the copy and leaves it."""
+    from kubernetes.config import new_client_from_config
+
+    from lab.k8s.autoscaler import hpa_object
+
+    apps, _, _ = api(target)
+    auto = k8s.AutoscalingV2Api(new_client_from_config(config_file=target.kubernetes.kubeconfig, context="lab-eastus",
+                                                       persist_config=False))
+    auto.create_namespaced_horizontal_pod_autoscaler("shop", hpa_object("web", "shop", "web", 4, 9, cpu=65))
+    wait_for(lambda: apps.read_namespaced_deployment("web", "shop").spec.replicas == 4, timeout=10,
+             what="stable's HPA to raise web to its min 4")
+    st = create_colour(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))
+    assert st.replicas == {"web": 4, "web-green": 4}
+    green = auto.read_namespaced_horizontal_pod_autoscaler("web-green", "shop")
+    assert (green.spec.min_replicas, green.spec.max_replicas) == (4, 9)
+    assert green.spec.scale_target_ref.name == "web-green"
+    assert green.spec.metrics[0].resource.target.average_utilization == 65
+
+    def synced() -> bool:
+        h = auto.read_namespaced_horizontal_pod_autoscaler("web-green", "shop")
+        return h.status.observed_generation == h.metadata.generation and h.status.desired_replicas == 4
+
+    wait_for(synced, timeout=10, what="the green HPA to see web-green")
+    assert apps.read_namespaced_deployment("web-green", "shop").spec.replicas == 4
+    create_colour(ImageRequest(target=target, image=IMAGES["healthy"], wait_seconds=30))  # again: nothing new
+    assert sorted(h.metadata.name for h in auto.list_namespaced_horizontal_pod_autoscaler("shop").items) == [
+        "web", "web-green"]
 
 
 def test_blue_green_switch_and_back(target):

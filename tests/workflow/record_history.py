@@ -154,6 +154,16 @@ RECORDINGS.update({f"drill_trend{WORKER_RULES}": drill, f"drill_mysqldump{WORKER
 RECORDINGS.update(
     {f"failover_self-managed{WORKER_RULES}": planned, f"failback_self-managed{WORKER_RULES}": failback_switchover}
 )
+
+
+async def planned_autoscalers(env, inv: Inventory, world: World) -> WorkflowHandle:
+    """A planned failover where both regions' web has an HPA: raised in the new region, lowered in the old."""
+    world.hpas = {"eastus": (3, 10), "westeurope": (1, 2)}
+    return await planned(env, inv, world)
+
+
+# Autoscalers follow a failover (issue 20): the old region's HPAs lowered (patched "autoscalers-follow").
+RECORDINGS[f"failover_autoscalers{WORKER_RULES}"] = planned_autoscalers
 NEW_SHAPE = False  # set by record() for the worker-rules recordings
 
 

@@ -11,7 +11,7 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
 from opsflow.client import ProcedureRunning, fetch_report, send_update, start_procedure
 from opsflow.contracts.db import DB_DRAIN, DB_FENCE, DB_PROMOTE, DB_UNFENCE, DB_WAIT_CAUGHT_UP
-from opsflow.contracts.k8s import K8S_SCALE_UP
+from opsflow.contracts.k8s import K8S_LOWER_AUTOSCALERS, K8S_SCALE_UP
 from opsflow.contracts.traffic import TRAFFIC_SWITCH
 from opsflow.models import FailoverReport
 from tests.workflow.conftest import worker_holds
@@ -273,3 +273,45 @@ async def test_report_is_readable_after_a_failure(running, world, inventory):
         await handle.result()
     report = await fetch_report(handle)
     assert report.status == "refused"
+
+
+async def test_autoscalers_raised_in_the_new_region_lowered_in_the_old(running, world, inventory):
+    world.hpas = {"eastus": (3, 10), "westeurope": (1, 2)}
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    assert world.hpas == {"eastus": (3, 10), "westeurope": (1, 2)}  # nothing before approval
+    await send_update(handle, Procedure.approve, Request(by="bob"))
+    report = FailoverReport.model_validate(await handle.result())
+    assert report.status == "succeeded"
+    assert world.hpas == {"eastus": (1, 10), "westeurope": (3, 3)}
+    names = [s.name for s in report.steps]
+    assert names.index("scale-up") < names.index("autoscalers-old") < names.index("notify")
+    assert [(a.region, a.min_before, a.max_before, a.min_after, a.max_after, a.action) for a in report.autoscalers] == [
+        ("westeurope", 1, 2, 3, 3, "raised"), ("eastus", 3, 10, 1, 10, "lowered")]
+    step = {s.name: s for s in report.steps}
+    assert "HPA web min 1->3, max 2->3" in step["scale-up"].detail
+    assert step["autoscalers-old"].detail == "HPA web lowered: min 3->1, max 10->10"
+
+
+async def test_lowering_the_old_autoscalers_never_fails_the_failover(running, world, inventory):
+    world.hpas = {"eastus": (3, 10), "westeurope": (1, 2)}
+    world.fail[K8S_LOWER_AUTOSCALERS.name] = "forbidden: cannot patch horizontalpodautoscalers"
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await send_update(handle, Procedure.approve, Request(by="bob"))
+    report = FailoverReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and world.primary == "westeurope"
+    assert world.hpas["westeurope"] == (3, 3) and world.hpas["eastus"] == (3, 10)
+    assert any("lower the HPAs of eastus's deployments by hand" in r and "forbidden" in r for r in report.remaining)
+    assert {s.name: s.outcome for s in report.steps}["autoscalers-old"] == "failed"
+
+
+async def test_emergency_leaves_the_old_autoscalers_alone(running, world, inventory):
+    """An emergency scales the old region's deployments to zero (an HPA leaves those alone); the old region may not
+    answer: no step for its HPAs."""
+    world.hpas = {"eastus": (3, 10), "westeurope": (1, 2)}
+    world.reachable["eastus"] = False
+    report = FailoverReport.model_validate(await (await start(running, inventory, emergency=True)).result())
+    assert report.status == "succeeded" and "autoscalers-old" not in [s.name for s in report.steps]
+    assert K8S_LOWER_AUTOSCALERS.name not in world.calls
+    assert world.hpas == {"eastus": (3, 10), "westeurope": (3, 3)}

@@ -28,11 +28,19 @@ from opsflow.contracts.db import (
     DB_UNFENCE,
     DB_WAIT_CAUGHT_UP,
 )
-from opsflow.contracts.k8s import K8S_SCALE_TO_ZERO, K8S_SCALE_UP, K8S_SET_MAINTENANCE, K8S_STATUS
+from opsflow.contracts.k8s import (
+    K8S_LOWER_AUTOSCALERS,
+    K8S_SCALE_TO_ZERO,
+    K8S_SCALE_UP,
+    K8S_SET_MAINTENANCE,
+    K8S_STATUS,
+)
 from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
 from opsflow.contracts.notify import NOTIFY_SEND
 from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_STATUS, TRAFFIC_SWITCH
 from opsflow.models import (
+    AutoscalerChange,
+    AutoscalerResult,
     CatchUpRequest,
     CatchUpResult,
     DbStatus,
@@ -95,6 +103,7 @@ class World:
     block_drain: threading.Event | None = None  # with busy sessions: the drain waits (heartbeating) until set
     stopped: set = field(default_factory=set)  # self-managed servers shut down cleanly (a switchover)
     proof: str | None = None  # self-managed switchover: None proven; else why the shutdown proved nothing
+    hpas: dict = field(default_factory=dict)  # region -> (min, max) of an HPA on web; scale_up raises, lower lowers
 
     def _maybe_fail(self, name: str) -> None:
         self.calls.append(name)
@@ -280,9 +289,24 @@ class World:
         def scale_up(req: ScaleRequest) -> KubeStatus:
             w._maybe_fail(K8S_SCALE_UP.name)
             w.scaled.add(req.target.region)
+            changes = []
+            if req.target.region in w.hpas:
+                lo, hi = w.hpas[req.target.region]
+                w.hpas[req.target.region] = (max(lo, 3), max(hi, lo, 3))
+                changes = [w.hpa_change(req.target.region, (lo, hi), "raised")]
             return KubeStatus(
-                region=req.target.region, deployments=[DeploymentState(name="web", desired=3, ready=3)], ready=True
+                region=req.target.region, deployments=[DeploymentState(name="web", desired=3, ready=3)], ready=True,
+                autoscalers=changes,
             )
+
+        @K8S_LOWER_AUTOSCALERS.implementation
+        def lower_autoscalers(t: RegionTarget) -> AutoscalerResult:
+            w._maybe_fail(K8S_LOWER_AUTOSCALERS.name)
+            if t.region not in w.hpas:
+                return AutoscalerResult(region=t.region)
+            before = w.hpas[t.region]
+            w.hpas[t.region] = (1, before[1])
+            return AutoscalerResult(region=t.region, changes=[w.hpa_change(t.region, before, "lowered")])
 
         @HTTP_SMOKE.implementation
         def smoke(t: RegionTarget) -> list[SmokeResult]:
@@ -334,9 +358,15 @@ class World:
             kube_status,
             set_maintenance,
             scale_up,
+            lower_autoscalers,
             smoke,
             notify,
         ]
+
+    def hpa_change(self, region: str, before: tuple[int, int], action: str) -> AutoscalerChange:
+        after = self.hpas[region]
+        return AutoscalerChange(region=region, namespace="shop", name="web", deployment="web", min_before=before[0],
+                                max_before=before[1], min_after=after[0], max_after=after[1], action=action)
 
     def traffic(self, req: TrafficRequest) -> TrafficStatus:
         return TrafficStatus(
