@@ -19,11 +19,13 @@ from activities.http_checks import probe
 from activities.postgres.backup import base_backup, verify_base_backup
 from activities.postgres.maintenance import (
     bloated_index_tables,
+    bloated_tables,
     dead_tuple_candidates,
     missing_tables,
     run_maintenance,
     wraparound_candidates,
 )
+from activities.postgres.repack import repack_table
 from activities.providers import database_provider
 from opsflow.contracts.maintenance import (
     BACKUP_TAKE,
@@ -66,8 +68,8 @@ def _sql_db(target):
 def plan(req: PlanRequest) -> PlanResult:
     """The work, in order: each task's tables (listed ones must exist; `auto` ones picked, with the reason: for
     a vacuum task the tables nearing transaction-ID wraparound first, as `vacuum-freeze`, then by their dead
-    tuples; for a reindex task by the bloat of their btree indexes), bounded by max_tables; and what the backup
-    will use."""
+    tuples; for a reindex task by the bloat of their btree indexes; for a repack task by their table bloat),
+    bounded by max_tables; and what the backup will use."""
     db = _sql_db(req.target)
     items: list[WorkItem] = []
     missing: list[str] = []
@@ -84,6 +86,10 @@ def plan(req: PlanRequest) -> PlanResult:
                 a = task.auto
                 picked += [(t, "reindex", why) for t, why in bloated_index_tables(db, a.min_index_bloat,
                                                                                   a.min_index_bytes, a.limit)]
+            elif task.kind == "repack":
+                a = task.auto
+                picked += [(t, "repack", why) for t, why in bloated_tables(db, a.min_table_bloat,
+                                                                           a.min_table_bytes, a.limit)]
             elif task.kind != "vacuum-freeze":
                 dead = dead_tuple_candidates(db, task.auto.min_dead_tuples, task.auto.dead_ratio, task.auto.limit)
                 seen = {t for t, _, _ in picked}
@@ -137,7 +143,10 @@ def _writable(path: Path) -> bool:
 
 @MAINT_RUN_ITEM.implementation
 def run_item(req: RunItemRequest) -> ItemResult:
-    """One table (or named statement) under the guards; progress heartbeated; cancellation stops it cleanly."""
+    """One table (or named statement) under the guards; progress heartbeated; cancellation stops it cleanly.
+    A repack is pg_repack's online rebuild (activities/postgres/repack.py), with its own lock and lag guards."""
+    if req.item.kind == "repack":
+        return repack_table(_sql_db(req.target), req.item, req.guards, cancel_at=req.cancel_at)
     return run_maintenance(_sql_db(req.target), req.item, req.guards, cancel_at=req.cancel_at)
 
 

@@ -41,7 +41,7 @@ def parse_size(value: object) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
-TaskKind = Literal["vacuum", "analyze", "vacuum-analyze", "vacuum-freeze", "reindex", "sql"]
+TaskKind = Literal["vacuum", "analyze", "vacuum-analyze", "vacuum-freeze", "reindex", "repack", "sql"]
 VACUUM_KINDS = ("vacuum", "vacuum-analyze", "vacuum-freeze")
 
 
@@ -53,7 +53,9 @@ class AutoSelect(Strict):
     own at a time nobody chose); then the tables of pg_stat_user_tables with at least `min_dead_tuples` dead
     tuples and a dead share of at least `dead_ratio`, worst first; at most `limit` tables in all.
     `freeze_ratio: null` looks at dead tuples only. For a reindex task: the tables with a btree index of at
-    least `min_index_bytes` that is at least `min_index_bloat` bloat, the most wasted bytes first."""
+    least `min_index_bytes` that is at least `min_index_bloat` bloat, the most wasted bytes first. For a repack
+    task (an online rebuild with pg_repack): the tables of at least `min_table_bytes` whose heap is at least
+    `min_table_bloat` dead or free space, the most wasted bytes first."""
 
     min_dead_tuples: int = Field(default=10_000, ge=0)
     dead_ratio: float = Field(default=0.1, ge=0, le=1)
@@ -62,9 +64,13 @@ class AutoSelect(Strict):
     # bloat (pgstattuple's leaf density where the extension is installed, else the catalogue estimate)
     min_index_bloat: float = Field(default=0.3, gt=0, le=1)
     min_index_bytes: int = 1024 * 1024
+    # a repack task: the tables of at least min_table_bytes whose heap is at least min_table_bloat dead or free
+    # space (pgstattuple_approx where installed, else the catalogue estimate)
+    min_table_bloat: float = Field(default=0.3, gt=0, le=1)
+    min_table_bytes: int = 8 * 1024 * 1024
     limit: int = Field(default=100, ge=1, le=1000)
 
-    _s = field_validator("min_index_bytes", mode="before")(parse_size)
+    _s = field_validator("min_index_bytes", "min_table_bytes", mode="before")(parse_size)
 
 
 class MaintenanceTask(Strict):

@@ -77,7 +77,11 @@ class RunItemRequest(BaseModel):
     cancel_at: datetime | None = None
 
 
-ItemOutcome = Literal["done", "lock-timeout", "statement-timeout", "cancelled-at-cutoff", "cancelled", "failed"]
+# skipped: not started, for a reason the detail gives (pg_repack: the extension or the client is missing, no
+# primary key, a replica lagging beyond the guard)
+ItemOutcome = Literal[
+    "done", "lock-timeout", "statement-timeout", "cancelled-at-cutoff", "cancelled", "failed", "skipped"
+]
 
 
 class ItemResult(BaseModel):

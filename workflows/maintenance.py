@@ -73,7 +73,7 @@ class MaintenanceInput(ProcedureInput):
 
 
 VERBS = {"vacuum": "VACUUM", "analyze": "ANALYZE", "vacuum-analyze": "VACUUM (ANALYZE)",
-         "vacuum-freeze": "VACUUM (FREEZE, ANALYZE)", "reindex": "REINDEX CONCURRENTLY"}
+         "vacuum-freeze": "VACUUM (FREEZE, ANALYZE)", "reindex": "REINDEX CONCURRENTLY", "repack": "pg_repack"}
 
 
 def breaches(w: WatchResult) -> str:
@@ -439,7 +439,7 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
                         self.items_left.append(item)
                         continue
                     report.items.append(result)
-                    if result.outcome in ("lock-timeout", "statement-timeout"):
+                    if result.outcome in ("lock-timeout", "statement-timeout", "skipped"):
                         report.skipped.append(
                             Deferred(key=item.key, reason=f"{result.detail} ({tries[item.key]} attempt(s))")
                         )
@@ -488,7 +488,9 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
             MAINT_RUN_ITEM,
             RunItemRequest(target=self.target, item=item, guards=guards, cancel_at=self.cancel_at()),
             queue=self.queue,
-            timeout=guards.statement_timeout + guards.lock_timeout + 120,
+            # a repack first waits (up to lag_wait) for the replicas to come under the lag guard
+            timeout=guards.statement_timeout + guards.lock_timeout + 120 + (guards.lag_wait if item.kind == "repack"
+                                                                            else 0),
             heartbeat=self.policy.heartbeat_timeout,
             attempts=3,
             interruptible=True,

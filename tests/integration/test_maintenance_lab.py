@@ -608,3 +608,109 @@ def test_a_retry_after_the_dead_workers_vacuum_already_finished_does_not_vacuum_
                                                                      guards=GUARDS))
     assert again.outcome == "done" and again.detail == ""
     assert query(db, count) == [(2,)]
+
+
+def test_repack_rebuilds_a_bloated_table_online_while_a_writer_keeps_writing(clusters):
+    """The real pg_repack (Debian postgresql-15-repack) on a table bloated for real, picked by its measured bloat:
+    skipped with the command that installs it while the extension is missing; then rebuilt, the table more than
+    halved, while a concurrent writer inserts and updates without one error, and every row it wrote is there."""
+    from activities.postgres.repack import client_binary
+
+    if client_binary() is None:
+        pytest.skip("pg_repack is not installed (scripts/setup.sh installs postgresql-15-repack)")
+    primary, _ = clusters
+    query(primary, "DROP TABLE IF EXISTS rp")
+    query(primary, "CREATE TABLE rp (id bigint PRIMARY KEY, v int NOT NULL, payload text NOT NULL) "
+                   "WITH (autovacuum_enabled = off)")
+    query(primary, "INSERT INTO rp SELECT g, 0, repeat(md5(g::text), 4) FROM generate_series(1, 400000) g")
+    query(primary, "DELETE FROM rp WHERE id % 4 <> 0")  # three quarters dead, spread over every page
+    settle(primary)
+    query(primary, "VACUUM (ANALYZE) rp")  # dead space becomes free space: only a rewrite gives it back
+    query(primary, "DROP EXTENSION IF EXISTS pg_repack")
+    task = MaintenanceTask(kind="repack", tables="auto", auto={"min_table_bloat": 0.5, "min_table_bytes": "4MB"})
+    planned = PlanRequest(target=target(primary), tasks=[task], backup=BackupPolicy(take=False))
+    picked = {i.table: i for i in ActivityEnvironment().run(maint.plan, planned).items}
+    assert picked["public.rp"].kind == "repack" and "table bloat" in picked["public.rp"].reason, picked
+    guards = Guards(lock_timeout=1, statement_timeout=120, lag_wait=5)
+    request = RunItemRequest(target=target(primary), item=picked["public.rp"], guards=guards)
+
+    skipped = ActivityEnvironment().run(maint.run_item, request)
+    assert skipped.outcome == "skipped" and "CREATE EXTENSION pg_repack" in skipped.detail, skipped
+    query(primary, "CREATE EXTENSION pg_repack")
+
+    written: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        with psycopg.connect(primary.dsn, autocommit=True) as c:
+            n = 1_000_000
+            while not stop.is_set():
+                n += 1
+                try:
+                    c.execute("INSERT INTO rp VALUES (%s, 1, 'during')", (n,))
+                    c.execute("UPDATE rp SET v = v + 1 WHERE id = %s", ((n % 100_000) * 4,))
+                    written.append(n)
+                except psycopg.Error as e:
+                    errors.append(str(e))
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(written) > 50, 20, "the writer to write")
+        before_rebuild = len(written)
+        result = ActivityEnvironment().run(maint.run_item, request)
+        during = len(written) - before_rebuild  # writes made while pg_repack ran
+        after_rebuild = len(written)
+        wait_for(lambda: len(written) > after_rebuild + 50, 20, "the writer to write after the rebuild")
+    finally:
+        stop.set()
+        thread.join(20)
+    assert result.outcome == "done", result
+    b, a = result.before, result.after
+    print(f"repack: {b.table_bytes} -> {a.table_bytes} table bytes, bloat {b.table_bloat} -> {a.table_bloat} "
+          f"({a.bloat_method}) in {result.seconds:.1f}s; writer {during} writes during it, {len(errors)} errors")
+    assert errors == [] and during > 10
+    assert a.table_bytes < b.table_bytes / 2 and b.table_bloat > 0.5 and a.table_bloat < 0.2, (b, a)
+    assert query(primary, "select count(*) from rp where id > 1000000")[0][0] == len(written)  # none lost
+    assert query(primary, "select count(*) from rp where id <= 400000")[0][0] == 100_000
+    assert query(primary, "select count(*) from pg_trigger where tgname = 'repack_trigger'") == [(0,)]
+    assert "public.rp" not in {i.table for i in ActivityEnvironment().run(maint.plan, planned).items}
+
+
+def test_repack_guards_a_held_lock_gives_up_without_killing_and_a_lagging_replica_is_waited_for(clusters):
+    """--wait-timeout/--no-kill-backend: a session holding the table keeps its lock and its transaction (outcome
+    lock-timeout, retried later by the workflow); a replica whose replay is paused lags beyond the guard: the
+    rebuild does not start (skipped, the lag said) -- and starts once the replica catches up."""
+    from activities.postgres.repack import client_binary
+
+    if client_binary() is None:
+        pytest.skip("pg_repack is not installed (scripts/setup.sh installs postgresql-15-repack)")
+    primary, replica = clusters
+    query(primary, "CREATE EXTENSION IF NOT EXISTS pg_repack")
+    query(primary, "DROP TABLE IF EXISTS rp_guarded")
+    query(primary, "CREATE TABLE rp_guarded (id bigint PRIMARY KEY, payload text)")
+    query(primary, "INSERT INTO rp_guarded SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+    request = RunItemRequest(target=target(primary), item=item("repack", "public.rp_guarded"),
+                             guards=Guards(lock_timeout=1, statement_timeout=60, lag_wait=2,
+                                           max_replication_lag=64 * 1024))
+    holder = psycopg.connect(primary.dsn)
+    try:
+        holder.execute("LOCK TABLE rp_guarded IN ACCESS SHARE MODE")
+        result = ActivityEnvironment().run(maint.run_item, request)
+        assert result.outcome == "lock-timeout" and "--no-kill-backend" in result.detail, result
+        assert holder.execute("select count(*) from rp_guarded").fetchone() == (20000,)  # not cancelled
+    finally:
+        holder.rollback()
+        holder.close()
+
+    query(replica, "select pg_wal_replay_pause()")
+    try:
+        query(primary, "CREATE TABLE IF NOT EXISTS lag_filler (payload text)")
+        query(primary, "INSERT INTO lag_filler SELECT repeat(md5(g::text), 8) FROM generate_series(1, 5000) g")
+        result = ActivityEnvironment().run(maint.run_item, request)
+        assert result.outcome == "skipped" and "replication lag above 65536 bytes" in result.detail, result
+    finally:
+        query(replica, "select pg_wal_replay_resume()")
+    result = ActivityEnvironment().run(maint.run_item, request)
+    assert result.outcome == "done", result
