@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from temporalio.exceptions import ApplicationError
@@ -33,10 +34,14 @@ from opsflow.contracts.maintenance import (
     MAINT_HEALTH,
     MAINT_PLAN,
     MAINT_RUN_ITEM,
+    WATCH_JUDGE,
     WATCH_METRICS,
 )
 from opsflow.maintenance import VACUUM_KINDS, table_name
 from opsflow.maintenance_models import (
+    AppJudgement,
+    AppJudgeRequest,
+    AppMetric,
     BackupRequest,
     BackupResult,
     HealthRequest,
@@ -274,3 +279,50 @@ def watch(req: WatchRequest) -> WatchResult:
             break
         time.sleep(min(req.policy.interval, max(0.0, deadline - time.monotonic())))
     return WatchResult(ok=not any(r.breached for r in results.values()), results=list(results.values()))
+
+
+@WATCH_JUDGE.implementation
+def judge_app(req: AppJudgeRequest) -> AppJudgement:
+    """The application during the window against the minutes before it: each watch query's values over
+    [max(since, now - recent), now] against [baseline_start, baseline_end], one every `step` (Prometheus
+    query_range), judged by the canary's judge (opsflow/judge.py); a value beyond the query's max/min fails it
+    whatever the rank test says. A Prometheus that does not answer is inconclusive (the work goes on, the health
+    checks still guard it); a query it rejects is bad input."""
+    from opsflow.judge import classify, judge  # numpy/scipy: loaded where used
+
+    d = req.policy.during
+    if d is None:
+        raise ApplicationError("watch.during is not configured", type="BadInput", non_retryable=True)
+    now = datetime.now(timezone.utc)
+    start = max(req.since, now - timedelta(seconds=d.recent))
+    verdicts, metrics = [], []
+    try:
+        for q in req.policy.queries:
+            heartbeat(q.name)
+            zero = q.missing == "zero"
+            before = prometheus.query_range(req.policy.prometheus, q.query, req.baseline_start, req.baseline_end,
+                                            d.step, zero=zero)
+            during = prometheus.query_range(req.policy.prometheus, q.query, start, now, d.step, zero=zero)
+            limit = next((f"{v:g} is above its max {q.max:g}" for v in during if q.max is not None and v > q.max),
+                         None) or next((f"{v:g} is below its min {q.min:g}" for v in during
+                                        if q.min is not None and v < q.min), None)
+            r = classify(q.name, during, before, direction=q.direction, confidence=d.confidence,
+                         tolerance=d.tolerance, min_samples=d.min_samples, effect=q.effect, missing=q.missing)
+            if limit:
+                r.classification, r.failed, r.reason = "high" if "above" in limit else "low", True, limit
+            if q.judge or limit:
+                verdicts.append(r)
+            metrics.append(AppMetric(name=q.name, verdict="breach" if limit else r.classification,
+                                     baseline=r.baseline_mean, current=r.canary_mean, ratio=r.ratio,
+                                     p_value=r.p_value, samples=r.canary_n,
+                                     reason=r.reason.replace("canary", "window").replace("baseline", "before")))
+    except ApplicationError as e:
+        if e.type == "BadInput":
+            raise
+        return AppJudgement(after=req.after, at=now, verdict="inconclusive", reason=f"not judged: {e}")
+    if not verdicts:
+        return AppJudgement(after=req.after, at=now, verdict="inconclusive", reason="no query is judged",
+                            metrics=metrics)
+    v = judge(verdicts)
+    reason = v.reason.replace("canary", "window").replace("baseline", "before")
+    return AppJudgement(after=req.after, at=now, verdict=v.verdict, score=v.score, reason=reason, metrics=metrics)

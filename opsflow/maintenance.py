@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from opsflow.calendar import Calendar, Freeze, FreezeCalendar, WeeklyWindow, Window
+from opsflow.rollout import Direction, Missing
 from opsflow.sections import Seconds, SecretRef, Strict, parse_duration
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -142,6 +143,31 @@ class WatchQuery(Strict):
     query: str = Field(description="PromQL returning one number")
     max: float | None = None
     min: float | None = None
+    # watch.during: how the canary's judge reads this query's values in the window against those before it
+    judge: bool = True  # false: only its max/min apply during the window
+    direction: Direction = "increase"  # which shift is a worsening (an error rate, a latency: increase)
+    effect: float | None = Field(default=None, ge=0)  # the relative change a clear shift must exceed (default:
+    # during.tolerance)
+    missing: Missing = "inconclusive"  # no series (e.g. no 5xx yet): zero | skip | inconclusive
+
+
+class DuringWatch(Strict):
+    """The application watched during the window: after each table (once its health check passed), each watch
+    query's values since the work began (the last `recent` of them, one every `step`) are judged against its
+    values in the `baseline` before the work began, with the canary's judge (opsflow/judge.py: Mann-Whitney,
+    Hodges-Lehmann shift, effect size), and against its max/min. A significant worsening (verdict fail) stops
+    new work -- no further table is started, the rest is deferred -- and alerts the notification channels; the
+    table that is running finishes (`opsflow abort` stops it too). Too few values yet is inconclusive: the
+    work goes on."""
+
+    baseline: Seconds = 900
+    recent: Seconds = 300
+    step: Seconds = 15
+    confidence: float = Field(default=0.98, gt=0.5, lt=1)
+    tolerance: float = Field(default=0.25, ge=0)
+    min_samples: int = Field(default=5, ge=1)
+
+    _d = field_validator("baseline", "recent", "step", mode="before")(parse_duration)
 
 
 class WatchPolicy(Strict):
@@ -149,6 +175,7 @@ class WatchPolicy(Strict):
     duration: Seconds = 3600
     interval: Seconds = 60
     queries: list[WatchQuery] = Field(min_length=1)
+    during: DuringWatch | None = None  # also watch between tables (judged against before the window)
 
     _d = field_validator("duration", "interval", mode="before")(parse_duration)
 
