@@ -714,3 +714,59 @@ def test_repack_guards_a_held_lock_gives_up_without_killing_and_a_lagging_replic
         query(replica, "select pg_wal_replay_resume()")
     result = ActivityEnvironment().run(maint.run_item, request)
     assert result.outcome == "done", result
+
+
+def test_the_app_is_judged_against_before_the_window_on_real_prometheus(prometheus_url):
+    """watch.judge on a real Prometheus: the request rate of its own query endpoint (what it scrapes of itself)
+    stands for the app's error rate. Quiet before the work and after it began: no worsening (pass). Then a
+    burst of requests, as an app failing would raise its errors: the canary's judge finds it significantly
+    higher than before the window, a fail (what stops new work), figures given."""
+    from datetime import datetime, timezone
+
+    import httpx
+
+    from activities.prometheus import query_range
+    from opsflow.maintenance import WatchPolicy
+    from opsflow.maintenance_models import AppJudgeRequest
+
+    metric = 'sum(rate(prometheus_http_requests_total{handler="/api/v1/query"}[3s]))'
+    policy = WatchPolicy(prometheus=prometheus_url, duration=60, interval=1,
+                         queries=[{"name": "query rate", "query": metric, "missing": "zero"}],
+                         during={"baseline": "20s", "recent": "8s", "step": "1s", "min_samples": 5})
+
+    def history() -> datetime | None:
+        now = datetime.now(timezone.utc)
+        return now if len(query_range(prometheus_url, metric, now - timedelta(seconds=20), now, 1)) >= 15 else None
+
+    began = wait_for(history, 60, "20 s of Prometheus's own figures before the work begins", interval=1)
+
+    def judged():
+        j = ActivityEnvironment().run(maint.judge_app, AppJudgeRequest(
+            policy=policy, after="vacuum:public.t", since=began, baseline_end=began,
+            baseline_start=began - timedelta(seconds=20)))
+        return j if j.verdict != "inconclusive" else None  # inconclusive until 5 values since the work began
+
+    steady = wait_for(judged, 30, "a conclusive judgement of the quiet app", interval=1)
+    assert steady.verdict == "pass" and not steady.worse, steady
+
+    stop = threading.Event()
+
+    def burst() -> None:
+        with httpx.Client() as client:
+            while not stop.is_set():
+                client.get(f"{prometheus_url}/api/v1/query", params={"query": "1"})
+
+    threads = [threading.Thread(target=burst, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        worse = wait_for(lambda: (j := judged()) is not None and j.worse and j, 40, "the judge to find it worse",
+                         interval=1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    m = worse.metrics[0]
+    print(f"judged: steady {steady.verdict} ({steady.reason}); burst {worse.verdict}: {worse.reason}")
+    assert worse.verdict == "fail" and m.verdict == "high" and m.current > 5 * (m.baseline or 0.01), worse
+    assert "higher" in worse.reason and "window mean" in worse.reason, worse.reason
