@@ -112,8 +112,13 @@ class Guards(Strict):
     parallel: int = Field(default=1, ge=1, le=16)  # tables at once, like vacuumdb --jobs
     max_replication_lag: int = 64 * 1024 * 1024  # bytes; no new task starts while a replica lags more
     lag_wait: Seconds = 600  # how long to wait for a lagging replica before the run stops
+    # repack: pg_repack waits for every transaction older than its copy to finish before it swaps; one left open
+    # (idle in transaction, a long report) would hold it, and the table, for as long. After this it gives up on
+    # the table (lock-timeout: retried after the others, then skipped, the transaction named).
+    transaction_wait: Seconds = 60
 
-    _d = field_validator("lock_timeout", "statement_timeout", "lag_wait", mode="before")(parse_duration)
+    _d = field_validator("lock_timeout", "statement_timeout", "lag_wait", "transaction_wait",
+                         mode="before")(parse_duration)
     _s = field_validator("max_replication_lag", mode="before")(parse_size)
 
 

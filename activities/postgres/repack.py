@@ -12,6 +12,10 @@ Guards, before and during each table:
 - locks: `--wait-timeout=<guards.lock_timeout> --no-kill-backend`: where another session holds a lock the swap
   needs, pg_repack gives up on the table rather than cancel or terminate that session (outcome lock-timeout,
   retried after the others as any locked table is);
+- older transactions: before its swap pg_repack waits for every transaction older than its copy to finish
+  ("Waiting for N transactions to finish. First PID: P"), on any table; one left open would hold it without
+  end. After `guards.transaction_wait` it is interrupted and the table given up (lock-timeout: retried after
+  the others, then skipped), the transaction named;
 - `guards.statement_timeout` bounds the run; a cancelled activity (abort) or the cutoff interrupts pg_repack
   (SIGINT: it drops its log table and trigger) and what it might have left is cleaned up.
 The client runs with the connection's parameters in libpq's environment variables (PGHOST, ..., PGPASSWORD),
@@ -137,6 +141,33 @@ def wait_for_lag(db: Any, guards: Any, started: float) -> str | None:
         time.sleep(1)
 
 
+_WAITING = re.compile(r"Waiting for (\d+) transactions? to finish\. First PID: (\d+)")
+
+
+def _holder(conn: psycopg.Connection, pid: int) -> str:
+    row = conn.execute(
+        "select state, now() - xact_start, left(query, 80), application_name from pg_stat_activity where pid = %s",
+        (pid,),
+    ).fetchone()
+    if row is None:
+        return f"pid {pid}"
+    state, age, text, app = row
+    return f"pid {pid} ({app or 'no application_name'}, {state}, transaction open {age}, last query: {text})"
+
+
+def _still_waiting(conn: psycopg.Connection) -> bool:
+    """Whether pg_repack is still in its loop of waiting for older transactions (it alternates repack_apply and
+    the virtualxid check until they end, then goes on to lock and swap)."""
+    try:
+        return bool(conn.execute(
+            "select exists (select 1 from pg_stat_activity where application_name = %s and datname = "
+            "current_database() and (query like '%%virtualxid%%' or query like '%%repack_apply%%'))",
+            (APPLICATION,),
+        ).fetchone()[0])
+    except psycopg.Error:
+        return True
+
+
 def _progress(conn: psycopg.Connection) -> str:
     row = conn.execute(
         "select state, wait_event_type, left(query, 80) from pg_stat_activity where application_name = %s "
@@ -203,12 +234,35 @@ def repack_table(
             proc = subprocess.Popen(argv, env=client_env(db), stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)  # a Ctrl-C to the worker is not the rebuild's
             stopped_by: str | None = None
+            seen = 0  # how much of the client's output was read
+            waiting_since: float | None = None  # since when it has been waiting for older transactions
+            holder = ""
+            waits: list = []
             try:
                 while proc.poll() is None:
+                    fresh = os.pread(out.fileno(), 1 << 16, seen)
+                    seen += len(fresh)
+                    waits = _WAITING.findall(fresh.decode(errors="replace")) or waits
+                    if waits and waiting_since is None and fresh:
+                        waiting_since = time.monotonic()
+                    elif waiting_since is not None and not _still_waiting(watch):
+                        waiting_since, waits = None, []  # the older transactions ended: it moved on to the swap
+                    if (stopped_by is None and waiting_since is not None
+                            and time.monotonic() - waiting_since > guards.transaction_wait):
+                        stopped_by = "transactions"
+                        try:
+                            holder = _holder(watch, int(waits[-1][1]) if waits else 0)
+                        except psycopg.Error:
+                            holder = ""
+                        proc.send_signal(signal.SIGINT)
                     try:
                         line = _progress(watch)
                     except psycopg.Error:
                         line = ""
+                    if waiting_since is not None:
+                        line = (f"waiting {time.monotonic() - waiting_since:.0f}s for older transactions to finish "
+                                f"(first pid {waits[-1][1] if waits else '?'}; "
+                                f"gives up after {guards.transaction_wait:g}s)")
                     heartbeat({"item": item.key, "progress": f"pg_repack: {line or 'running'}",
                                "seconds": round(time.monotonic() - started, 1)})
                     if activity.in_activity() and activity.is_cancelled():
@@ -233,11 +287,18 @@ def repack_table(
         last = " ".join(line.strip() for line in text.strip().splitlines()[-3:])
         if stopped_by is not None:
             _interrupt(proc)
-            dropped = _leftovers(watch, item.table)
-            result.outcome = "cancelled-at-cutoff" if stopped_by == "cutoff" else "statement-timeout"
-            result.detail = ("interrupted at the window's cutoff" if stopped_by == "cutoff" else
-                             f"pg_repack ran over {guards.statement_timeout:g}s: interrupted") + (
-                                 f"; dropped {', '.join(dropped)}" if dropped else "")
+            try:
+                dropped = _leftovers(watch, item.table)
+            except psycopg.Error as e:
+                dropped = [f"nothing: its trigger and log could not be dropped yet ({str(e).strip()})"]
+            result.outcome = {"cutoff": "cancelled-at-cutoff", "transactions": "lock-timeout"}.get(
+                stopped_by, "statement-timeout")
+            result.detail = {
+                "cutoff": "interrupted at the window's cutoff",
+                "transactions": f"pg_repack waited over {guards.transaction_wait:g}s (transaction_wait) for older "
+                                f"transactions to finish, held by {holder or 'an open transaction'}: interrupted",
+            }.get(stopped_by, f"pg_repack ran over {guards.statement_timeout:g}s: interrupted") + (
+                f"; dropped {', '.join(dropped)}" if dropped else "")
         elif "due to timeout" in text or "Another pg_repack command may be running" in text:
             result.outcome = "lock-timeout"
             result.detail = (f"a lock was not granted within {guards.lock_timeout:g}s (--wait-timeout, "

@@ -704,6 +704,22 @@ def test_repack_guards_a_held_lock_gives_up_without_killing_and_a_lagging_replic
         holder.rollback()
         holder.close()
 
+    # a transaction left open on another table: pg_repack would wait for it before its swap, without end
+    idle = psycopg.connect(primary.dsn)
+    try:
+        idle.execute("select txid_current()")  # a transaction open, idle, holding no lock on the table
+        started = time.monotonic()
+        result = ActivityEnvironment().run(maint.run_item, request.model_copy(
+            update={"guards": request.guards.model_copy(update={"transaction_wait": 2})}))
+        assert result.outcome == "lock-timeout", result
+        assert f"held by pid {idle.info.backend_pid} " in result.detail and "idle in transaction" in result.detail
+        assert time.monotonic() - started < 30
+        assert query(primary, "select count(*) from pg_trigger where tgname = 'repack_trigger'") == [(0,)]
+        assert idle.execute("select 1").fetchone() == (1,)  # its transaction was left alone
+    finally:
+        idle.rollback()
+        idle.close()
+
     query(replica, "select pg_wal_replay_pause()")
     try:
         query(primary, "CREATE TABLE IF NOT EXISTS lag_filler (payload text)")
