@@ -76,7 +76,7 @@ def client_version(binary: str) -> str:
 
 def client_env(db: Any) -> dict[str, str]:
     """The environment the client connects with: the DSN's parameters and the password, as libpq variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env = dict(os.environ)  # the worker's own libpq settings (PGSSLMODE, PGOPTIONS...) as its connections have
     for key, value in conninfo_to_dict(db.dsn).items():
         if key in _PG_ENV and value is not None:
             env[_PG_ENV[key]] = str(value)
@@ -168,6 +168,57 @@ def _still_waiting(conn: psycopg.Connection) -> bool:
         return True
 
 
+REPACK_LOCK_KEY = 16185446  # pg_repack's advisory lock per table: (16185446, -2147483648 + relid)
+
+
+def _running_repack(conn: psycopg.Connection, table: str) -> tuple[int, int] | None:
+    """(pid, relfilenode) of a pg_repack already rebuilding this table (its advisory lock), or None: what an
+    earlier attempt left running when its worker died (the client runs in its own session and goes on)."""
+    schema, name = _split_table(table)
+    return conn.execute(
+        """
+        select l.pid, c.relfilenode from pg_class c join pg_namespace n on n.oid = c.relnamespace
+          join pg_locks l on l.locktype = 'advisory' and l.classid = %s and l.objsubid = 2 and l.granted
+                         and l.objid::bigint = (c.oid::bigint + 2147483648) %% 4294967296
+         where n.nspname = %s and c.relname = %s
+        """,
+        (REPACK_LOCK_KEY, schema, name),
+    ).fetchone()
+
+
+def _wait_for_running(conn: psycopg.Connection, item: Any, guards: Any, started: float, poll: float) -> str | None:
+    """Wait, heartbeating, for a pg_repack already rebuilding the table to end, instead of starting a second one
+    (which would fail on its lock, or rebuild the table twice). Returns what happened, or None when none ran.
+    An abort cancels it (pg_cancel_backend: the client stops and cleans up)."""
+    found = _running_repack(conn, item.table)
+    if found is None:
+        return None
+    pid, relfilenode = found
+    while (now := _running_repack(conn, item.table)) is not None:
+        line = _progress(conn)
+        heartbeat({"item": item.key, "progress": f"waiting for the pg_repack already rebuilding {item.table} (pid "
+                   f"{pid}): {line or 'running'}", "seconds": round(time.monotonic() - started, 1)})
+        if activity.in_activity() and activity.is_cancelled():
+            conn.execute("select pg_cancel_backend(%s)", (now[0],))
+            raise CancelledError("activity cancelled")
+        if time.monotonic() - started > guards.statement_timeout:
+            return f"timeout: the pg_repack already running (pid {pid}) ran over {guards.statement_timeout:g}s"
+        time.sleep(poll)
+    after = _relfilenode(conn, item.table)
+    if after is not None and after != relfilenode:
+        return f"done: waited {time.monotonic() - started:.1f}s for the pg_repack already rebuilding it (pid {pid}), " \
+               "which finished the rebuild: not run again"
+    return f"again: waited {time.monotonic() - started:.1f}s for the pg_repack already running (pid {pid}); it " \
+           "ended without the swap: run again"
+
+
+def _relfilenode(conn: psycopg.Connection, table: str) -> int | None:
+    schema, name = _split_table(table)
+    row = conn.execute("select c.relfilenode from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+                       "where n.nspname = %s and c.relname = %s", (schema, name)).fetchone()
+    return row[0] if row else None
+
+
 def _progress(conn: psycopg.Connection) -> str:
     row = conn.execute(
         "select state, wait_event_type, left(query, 80) from pg_stat_activity where application_name = %s "
@@ -219,6 +270,13 @@ def repack_table(
                 raise ApplicationError(f"table {item.table} does not exist on {where(db)}", type="BadInput",
                                        non_retryable=True)
             why = preconditions(watch, item.table, binary)
+            waited = _wait_for_running(watch, item, guards, started, poll) if why is None else None
+            if waited is not None and not waited.startswith("again: "):
+                outcome, _, result.detail = waited.partition(": ")
+                result.outcome = "done" if outcome == "done" else "statement-timeout"
+                result.after = table_stats(watch, item.table, bloat=True)
+                result.seconds = time.monotonic() - started
+                return result
             if why is None:
                 why = wait_for_lag(db, guards, started)
             if why is not None:

@@ -786,3 +786,53 @@ def test_the_app_is_judged_against_before_the_window_on_real_prometheus(promethe
     print(f"judged: steady {steady.verdict} ({steady.reason}); burst {worse.verdict}: {worse.reason}")
     assert worse.verdict == "fail" and m.verdict == "high" and m.current > 5 * (m.baseline or 0.01), worse
     assert "higher" in worse.reason and "window mean" in worse.reason, worse.reason
+
+
+def test_a_retry_waits_for_the_pg_repack_a_dead_worker_left_running_and_does_not_rebuild_twice(clusters):
+    """A worker that died mid-rebuild leaves its pg_repack client running (its own session). The retry finds it by
+    pg_repack's advisory lock on the table, waits for it, and reports the rebuild it finished: one rebuild."""
+    import subprocess
+
+    from activities.postgres.repack import client_binary, client_env
+
+    binary = client_binary()
+    if binary is None:
+        pytest.skip("pg_repack is not installed (scripts/setup.sh installs postgresql-15-repack)")
+    primary, _ = clusters
+    query(primary, "CREATE EXTENSION IF NOT EXISTS pg_repack")
+    query(primary, "DROP TABLE IF EXISTS rp_orphan")
+    query(primary, "CREATE TABLE rp_orphan (id bigint PRIMARY KEY, payload text)")
+    query(primary, "INSERT INTO rp_orphan SELECT g, md5(g::text) FROM generate_series(1, 40000) g")
+    query(primary, "DELETE FROM rp_orphan WHERE id % 2 = 0")
+    node = "select relfilenode from pg_class where relname = 'rp_orphan'"
+    (before,) = query(primary, node)[0]
+    # The dead worker's pg_repack, held before its swap by a transaction open elsewhere (so the retry meets it)
+    idle = psycopg.connect(primary.dsn)
+    idle.execute("select txid_current()")
+    orphan = subprocess.Popen([binary, "--table", "public.rp_orphan", "--no-kill-backend"],
+                              env=client_env(PostgresDatabase(provider="postgres", dsn=primary.dsn)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: query(primary, "select 1 from pg_locks where locktype = 'advisory' and classid = 16185446"),
+                 30, "the orphaned pg_repack to take its lock on the table")
+        beats: list = []
+
+        def beat(*details) -> None:
+            beats.append(details)
+            if "already rebuilding" in details[0]["progress"]:  # the retry waits for it: the old transaction ends,
+                idle.rollback()  # the orphan swaps and finishes
+
+        env = ActivityEnvironment()
+        env.on_heartbeat = beat
+        result = env.run(maint.run_item, RunItemRequest(target=target(primary), item=item("repack", "public.rp_orphan"),
+                                                        guards=Guards(lock_timeout=1, statement_timeout=60)))
+        assert orphan.wait(30) == 0
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        idle.close()
+    assert result.outcome == "done" and "not run again" in result.detail, result
+    assert "(pid " in result.detail and any("already rebuilding public.rp_orphan" in b[0]["progress"] for b in beats)
+    (after,) = query(primary, node)[0]
+    assert after != before and result.after.table_bytes < result.before.table_bytes, (result.before, result.after)
+    assert query(primary, "select count(*) from rp_orphan") == [(20000,)]
