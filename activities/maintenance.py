@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from temporalio.exceptions import ApplicationError
@@ -19,11 +20,13 @@ from activities.http_checks import probe
 from activities.postgres.backup import base_backup, verify_base_backup
 from activities.postgres.maintenance import (
     bloated_index_tables,
+    bloated_tables,
     dead_tuple_candidates,
     missing_tables,
     run_maintenance,
     wraparound_candidates,
 )
+from activities.postgres.repack import repack_table
 from activities.providers import database_provider
 from opsflow.contracts.maintenance import (
     BACKUP_TAKE,
@@ -31,10 +34,14 @@ from opsflow.contracts.maintenance import (
     MAINT_HEALTH,
     MAINT_PLAN,
     MAINT_RUN_ITEM,
+    WATCH_JUDGE,
     WATCH_METRICS,
 )
 from opsflow.maintenance import VACUUM_KINDS, table_name
 from opsflow.maintenance_models import (
+    AppJudgement,
+    AppJudgeRequest,
+    AppMetric,
     BackupRequest,
     BackupResult,
     HealthRequest,
@@ -66,8 +73,8 @@ def _sql_db(target):
 def plan(req: PlanRequest) -> PlanResult:
     """The work, in order: each task's tables (listed ones must exist; `auto` ones picked, with the reason: for
     a vacuum task the tables nearing transaction-ID wraparound first, as `vacuum-freeze`, then by their dead
-    tuples; for a reindex task by the bloat of their btree indexes), bounded by max_tables; and what the backup
-    will use."""
+    tuples; for a reindex task by the bloat of their btree indexes; for a repack task by their table bloat),
+    bounded by max_tables; and what the backup will use."""
     db = _sql_db(req.target)
     items: list[WorkItem] = []
     missing: list[str] = []
@@ -84,6 +91,10 @@ def plan(req: PlanRequest) -> PlanResult:
                 a = task.auto
                 picked += [(t, "reindex", why) for t, why in bloated_index_tables(db, a.min_index_bloat,
                                                                                   a.min_index_bytes, a.limit)]
+            elif task.kind == "repack":
+                a = task.auto
+                picked += [(t, "repack", why) for t, why in bloated_tables(db, a.min_table_bloat,
+                                                                           a.min_table_bytes, a.limit)]
             elif task.kind != "vacuum-freeze":
                 dead = dead_tuple_candidates(db, task.auto.min_dead_tuples, task.auto.dead_ratio, task.auto.limit)
                 seen = {t for t, _, _ in picked}
@@ -137,7 +148,10 @@ def _writable(path: Path) -> bool:
 
 @MAINT_RUN_ITEM.implementation
 def run_item(req: RunItemRequest) -> ItemResult:
-    """One table (or named statement) under the guards; progress heartbeated; cancellation stops it cleanly."""
+    """One table (or named statement) under the guards; progress heartbeated; cancellation stops it cleanly.
+    A repack is pg_repack's online rebuild (activities/postgres/repack.py), with its own lock and lag guards."""
+    if req.item.kind == "repack":
+        return repack_table(_sql_db(req.target), req.item, req.guards, cancel_at=req.cancel_at)
     return run_maintenance(_sql_db(req.target), req.item, req.guards, cancel_at=req.cancel_at)
 
 
@@ -265,3 +279,50 @@ def watch(req: WatchRequest) -> WatchResult:
             break
         time.sleep(min(req.policy.interval, max(0.0, deadline - time.monotonic())))
     return WatchResult(ok=not any(r.breached for r in results.values()), results=list(results.values()))
+
+
+@WATCH_JUDGE.implementation
+def judge_app(req: AppJudgeRequest) -> AppJudgement:
+    """The application during the window against the minutes before it: each watch query's values over
+    [max(since, now - recent), now] against [baseline_start, baseline_end], one every `step` (Prometheus
+    query_range), judged by the canary's judge (opsflow/judge.py); a value beyond the query's max/min fails it
+    whatever the rank test says. A Prometheus that does not answer is inconclusive (the work goes on, the health
+    checks still guard it); a query it rejects is bad input."""
+    from opsflow.judge import classify, judge  # numpy/scipy: loaded where used
+
+    d = req.policy.during
+    if d is None:
+        raise ApplicationError("watch.during is not configured", type="BadInput", non_retryable=True)
+    now = datetime.now(timezone.utc)
+    start = max(req.since, now - timedelta(seconds=d.recent))
+    verdicts, metrics = [], []
+    try:
+        for q in req.policy.queries:
+            heartbeat(q.name)
+            zero = q.missing == "zero"
+            before = prometheus.query_range(req.policy.prometheus, q.query, req.baseline_start, req.baseline_end,
+                                            d.step, zero=zero)
+            during = prometheus.query_range(req.policy.prometheus, q.query, start, now, d.step, zero=zero)
+            limit = next((f"{v:g} is above its max {q.max:g}" for v in during if q.max is not None and v > q.max),
+                         None) or next((f"{v:g} is below its min {q.min:g}" for v in during
+                                        if q.min is not None and v < q.min), None)
+            r = classify(q.name, during, before, direction=q.direction, confidence=d.confidence,
+                         tolerance=d.tolerance, min_samples=d.min_samples, effect=q.effect, missing=q.missing)
+            if limit:
+                r.classification, r.failed, r.reason = "high" if "above" in limit else "low", True, limit
+            if q.judge or limit:
+                verdicts.append(r)
+            metrics.append(AppMetric(name=q.name, verdict="breach" if limit else r.classification,
+                                     baseline=r.baseline_mean, current=r.canary_mean, ratio=r.ratio,
+                                     p_value=r.p_value, samples=r.canary_n,
+                                     reason=r.reason.replace("canary", "window").replace("baseline", "before")))
+    except ApplicationError as e:
+        if e.type == "BadInput":
+            raise
+        return AppJudgement(after=req.after, at=now, verdict="inconclusive", reason=f"not judged: {e}")
+    if not verdicts:
+        return AppJudgement(after=req.after, at=now, verdict="inconclusive", reason="no query is judged",
+                            metrics=metrics)
+    v = judge(verdicts)
+    reason = v.reason.replace("canary", "window").replace("baseline", "before")
+    return AppJudgement(after=req.after, at=now, verdict=v.verdict, score=v.score, reason=reason, metrics=metrics)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""The maintenance window's overhead against running `vacuumdb` directly on the same tables.
+"""The maintenance window against running the DBA's tool directly on the same tables: `vacuumdb` for a
+vacuum-analyze task, `pg_repack` for a repack task (the online rebuild).
 
-    python bench/maintenance.py [--runs N] [--tables T] [--rows R] [--json]
+    python bench/maintenance.py [--runs N] [--tables T] [--rows R] [--kinds vacuum-analyze,repack] [--json]
 
 One lab (Temporal dev server, PostgreSQL primary + streaming replica, emulators, a worker) in a temporary
 directory, torn down at the end (also on failure or Ctrl-C). Each run, twice over the same freshly bloated
@@ -11,6 +12,10 @@ tables (T tables of R rows, three quarters deleted, autovacuum off):
   no status page, no maintenance mode: the table work and what the procedure adds to it). Measured from the
   first table step's start to the last health check's end in the report (workflow time), and the whole run.
 - vacuumdb: `vacuumdb --analyze --table ... ` on the same tables, one session, wall time.
+- repack (`--kinds` has it): the procedure with a `repack` task on the same tables (pg_repack under its guards:
+  extension and key checks, replication lag before each table, --wait-timeout/--no-kill-backend) against
+  `pg_repack --table ... --wait-timeout 5 --no-kill-backend` run directly; here the heap bloat goes, as it does
+  not with VACUUM.
 - bloat before/after of both (dead + free space of the heap, btree index bloat; pgstattuple where installed, else
   the catalogue estimate): VACUUM makes dead space free space but gives none back, so the table figure barely
   moves -- what REINDEX or an online rebuild would take back.
@@ -100,6 +105,24 @@ def vacuumdb_seconds(dsn: str, tables: list[str]) -> float:
     return time.monotonic() - started
 
 
+def pg_repack_seconds(dsn: str, tables: list[str]) -> float:
+    """`pg_repack` itself on the same tables (the connection in libpq's environment, as the activity passes it)."""
+    from activities.postgres.repack import client_binary, client_env
+    from opsflow.inventory import PostgresDatabase
+
+    binary = client_binary()
+    if binary is None:
+        raise RuntimeError("pg_repack is not installed (scripts/setup.sh installs postgresql-15-repack)")
+    argv = [binary, "--wait-timeout", "5", "--no-kill-backend", *[a for t in tables for a in ("--table", t)]]
+    started = time.monotonic()
+    env = client_env(PostgresDatabase(provider="postgres", dsn=dsn))
+    subprocess.run(argv, check=True, capture_output=True, env=env)
+    return time.monotonic() - started
+
+
+DIRECT = {"vacuum-analyze": ("vacuumdb --analyze", vacuumdb_seconds), "repack": ("pg_repack", pg_repack_seconds)}
+
+
 async def procedure_seconds(state: dict, inventory: Path) -> tuple[float, float, dict]:
     from temporalio.client import Client, WorkflowFailureError
 
@@ -172,8 +195,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tables", type=int, default=5)
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--kinds", default="vacuum-analyze,repack", help="the window's tasks compared: "
+                        "vacuum-analyze (against vacuumdb) and/or repack (against pg_repack)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in DIRECT]
+    if unknown:
+        parser.error(f"--kinds: unknown {', '.join(unknown)}; known: {', '.join(DIRECT)}")
 
     from lab.manage import down, start_worker, up
     from lab.processes import Lab
@@ -183,73 +212,81 @@ def main() -> int:
     os.environ["OPSFLOW_HOME"] = str(root.parent / "home")
     say(f"lab up in {root}")
     state = up(root, with_worker=False, quiet=True, default_ports=False)  # the worker reads the bench's rules
-    runs: list[dict] = []
-    bloat: list[dict] = []  # per run: (before, after) of the procedure and of vacuumdb
+    results: dict[str, dict] = {}
     try:
-        inv = yaml.safe_load(Path(state["inventory"]).read_text())
-        inv["maintenance"].update(
-            tasks=[{"kind": "vacuum-analyze", "tables": tables}],
-            status_page=None,
-            maintenance_mode=False,
-            backup={"take": False, "verify": False},
-        )
-        # The worker holds the rules a procedure runs by: the bench's inventory is the one it reads.
+        lab = Lab(root)
         inventory = Path(state["inventory"])
-        inventory.write_text(yaml.safe_dump(inv, sort_keys=False))
-        start_worker(Lab(root))
         dsn = state["regions"]["eastus"]["dsn"]
-        for n in range(1, args.runs + 1):
-            seed(dsn, tables, args.rows)
-            phase, total, report = asyncio.run(procedure_seconds(state, inventory))
-            if report["status"] != "succeeded":
-                say(f"run {n}: the procedure {report['status']}: {report.get('failure')}; left out")
-                continue
-            seed(dsn, tables, args.rows)
-            vacuumdb_before = bloat_of(dsn, tables)
-            direct = vacuumdb_seconds(dsn, tables)
-            vacuumdb_after = bloat_of(dsn, tables)
-            runs.append({"procedure_tables_seconds": phase, "procedure_total_seconds": total,
-                         "vacuumdb_seconds": direct, "ratio": phase / direct})
-            bloat.append({"procedure": (report_bloat(report, "before"), report_bloat(report, "after")),
-                          "vacuumdb": (vacuumdb_before, vacuumdb_after)})
-            say(
-                f"run {n}: procedure tables phase {phase:.2f}s (whole run {total:.2f}s), vacuumdb {direct:.2f}s, "
-                f"ratio {phase / direct:.1f}"
+        for kind in kinds:
+            label, direct_seconds = DIRECT[kind]
+            inv = yaml.safe_load(inventory.read_text())
+            inv["maintenance"].update(
+                tasks=[{"kind": kind, "tables": tables}],
+                status_page=None,
+                maintenance_mode=False,
+                backup={"take": False, "verify": False},
             )
+            # The worker holds the rules a procedure runs by: the bench's inventory is the one it reads.
+            inventory.write_text(yaml.safe_dump(inv, sort_keys=False))
+            if lab.alive("worker"):
+                lab.stop_process("worker")
+            start_worker(lab)
+            runs: list[dict] = []
+            bloat: list[dict] = []  # per run: (before, after) of the procedure and of the tool
+            for n in range(1, args.runs + 1):
+                seed(dsn, tables, args.rows)
+                phase, total, report = asyncio.run(procedure_seconds(state, inventory))
+                if report["status"] != "succeeded" or any(i["outcome"] != "done" for i in report["items"]):
+                    say(f"{kind} run {n}: the procedure {report['status']}: {report.get('failure')} "
+                        f"{[(i['key'], i['outcome'], i['detail']) for i in report['items'] if i['outcome'] != 'done']}"
+                        "; left out")
+                    continue
+                seed(dsn, tables, args.rows)
+                tool_before = bloat_of(dsn, tables)
+                direct = direct_seconds(dsn, tables)
+                tool_after = bloat_of(dsn, tables)
+                runs.append({"procedure_tables_seconds": phase, "procedure_total_seconds": total,
+                             "tool_seconds": direct, "ratio": phase / direct})
+                bloat.append({"procedure": (report_bloat(report, "before"), report_bloat(report, "after")),
+                              "tool": (tool_before, tool_after)})
+                say(f"{kind} run {n}: procedure tables phase {phase:.2f}s (whole run {total:.2f}s), {label} "
+                    f"{direct:.2f}s, ratio {phase / direct:.1f}")
+            if runs:
+                results[kind] = {
+                    "tool": label, "runs": len(runs),
+                    **{k: median_min_max([r[k] for r in runs]) for k in runs[0]},
+                    "per_table_overhead_seconds": statistics.median(
+                        [(r["procedure_tables_seconds"] - r["tool_seconds"]) / args.tables for r in runs]),
+                    "bloat": {who: {when: {k: statistics.median(b[who][i][k] for b in bloat)
+                                           for k in ("table", "index")} | {"method": bloat[0][who][i]["method"]}
+                                    for i, when in enumerate(("before", "after"))}
+                              for who in ("procedure", "tool")}}
     finally:
         down(root, quiet=True)
-    if not runs:
+    if not results:
         say("no run succeeded")
         return 1
-    result = {"tables": args.tables, "rows_per_table": args.rows, "runs": len(runs),
-              **{k: median_min_max([r[k] for r in runs]) for k in runs[0]},
-              "per_table_overhead_seconds": statistics.median(
-                  [(r["procedure_tables_seconds"] - r["vacuumdb_seconds"]) / args.tables for r in runs]),
-              "bloat": {who: {when: {k: statistics.median(b[who][i][k] for b in bloat) for k in ("table", "index")}
-                              | {"method": bloat[0][who][i]["method"]} for i, when in enumerate(("before", "after"))}
-                        for who in ("procedure", "vacuumdb")}}
+    result = {"tables": args.tables, "rows_per_table": args.rows, "kinds": results}
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(
-            f"maintenance window vs vacuumdb, {args.tables} tables x {args.rows} rows (3/4 dead), "
-            f"{len(runs)} run(s), median [min-max]:"
-        )
+        return 0
+    for kind, r in results.items():
+        print(f"maintenance window ({kind}) vs {r['tool']}, {args.tables} tables x {args.rows} rows (3/4 dead), "
+              f"{r['runs']} run(s), median [min-max]:")
         for key, label in (
-            ("vacuumdb_seconds", "vacuumdb --analyze"),
+            ("tool_seconds", r["tool"]),
             ("procedure_tables_seconds", "procedure, tables phase"),
             ("procedure_total_seconds", "procedure, whole run"),
-            ("ratio", "ratio tables phase / vacuumdb"),
+            ("ratio", "ratio tables phase / tool"),
         ):
-            s = result[key]
+            s = r[key]
             print(f"  {label:<32} {s['median']:8.2f}  [{s['min']:.2f}-{s['max']:.2f}]")
-        print(f"  overhead per table (median)      {result['per_table_overhead_seconds']:8.2f} s")
-        for who in ("procedure", "vacuumdb"):  # dead + free space of the heap, and of the btree indexes
-            b = result["bloat"][who]
-            print(f"  bloat, {who:<10} table {b['before']['table']:.0%} -> {b['after']['table']:.0%}, "
+        print(f"  overhead per table (median)      {r['per_table_overhead_seconds']:8.2f} s")
+        for who, name in (("procedure", "procedure"), ("tool", r["tool"])):  # heap and btree bloat
+            b = r["bloat"][who]
+            print(f"  bloat, {name:<18} table {b['before']['table']:.0%} -> {b['after']['table']:.0%}, "
                   f"indexes {b['before']['index']:.0%} -> {b['after']['index']:.0%} ({b['after']['method']})")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

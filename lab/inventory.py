@@ -149,8 +149,8 @@ def self_managed_database(state: dict, region: str) -> dict:
 
 def lab_maintenance(receiver: str) -> dict:
     """A maintenance window open whenever the lab runs (it opened an hour ago and lasts 23h59m, every day), the
-    bloated table picked by `auto`, an on-demand backup (the ARM emulator takes a real base backup), a status
-    page on the receiver."""
+    bloated table picked by `auto` (then rebuilt online by pg_repack), an on-demand backup (the ARM emulator
+    takes a real base backup), a status page on the receiver."""
     opened = datetime.now(timezone.utc) - timedelta(hours=1)
     return {
         "window": {"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "start": f"{opened:%H:%M}",
@@ -161,10 +161,11 @@ def lab_maintenance(receiver: str) -> dict:
             {"kind": "vacuum-analyze", "tables": "auto", "auto": {"min_dead_tuples": 1000, "dead_ratio": 0.2}},
             {"kind": "analyze", "tables": ["public.lab_orders"]},
             {"kind": "reindex", "tables": [f"public.{BLOAT_TABLE}"]},
+            {"kind": "repack", "tables": [f"public.{BLOAT_TABLE}"]},  # pg_repack: the free space given back online
             {"kind": "sql", "name": "purge negative totals", "sql": "DELETE FROM lab_orders WHERE total < 0"},
         ],
         "guards": {"lock_timeout": "2s", "lock_retries": 1, "statement_timeout": "10m", "max_replication_lag": "16MB",
-                   "lag_wait": "60s"},
+                   "lag_wait": "60s", "transaction_wait": "5s"},
         "backup": {"take": True, "verify": True},
         "status_page": {"api_url": f"{receiver}/statuspage/v1", "page_id": "lab",
                         "api_key": {"env": STATUSPAGE_KEY_ENV}},

@@ -17,6 +17,9 @@ def seed_demo_data(primary: Cluster) -> None:
         c.execute("CREATE TABLE IF NOT EXISTS lab_orders (id serial PRIMARY KEY, total numeric NOT NULL, "
                   "created_at timestamptz NOT NULL DEFAULT clock_timestamp())")
         c.execute("INSERT INTO lab_orders (total) SELECT (random() * 100)::numeric(10,2) FROM generate_series(1, 200)")
+        # pg_repack (Debian postgresql-15-repack) for the window's online rebuild, where the server has it
+        if c.execute("select 1 from pg_available_extensions where name = 'pg_repack'").fetchone():
+            c.execute("CREATE EXTENSION IF NOT EXISTS pg_repack")
     seed_bloat(primary.dsn)
     archive_now(primary)
 

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from opsflow.calendar import Calendar, Freeze, FreezeCalendar, WeeklyWindow, Window
+from opsflow.rollout import Direction, Missing
 from opsflow.sections import Seconds, SecretRef, Strict, parse_duration
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -41,7 +42,7 @@ def parse_size(value: object) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
-TaskKind = Literal["vacuum", "analyze", "vacuum-analyze", "vacuum-freeze", "reindex", "sql"]
+TaskKind = Literal["vacuum", "analyze", "vacuum-analyze", "vacuum-freeze", "reindex", "repack", "sql"]
 VACUUM_KINDS = ("vacuum", "vacuum-analyze", "vacuum-freeze")
 
 
@@ -53,7 +54,9 @@ class AutoSelect(Strict):
     own at a time nobody chose); then the tables of pg_stat_user_tables with at least `min_dead_tuples` dead
     tuples and a dead share of at least `dead_ratio`, worst first; at most `limit` tables in all.
     `freeze_ratio: null` looks at dead tuples only. For a reindex task: the tables with a btree index of at
-    least `min_index_bytes` that is at least `min_index_bloat` bloat, the most wasted bytes first."""
+    least `min_index_bytes` that is at least `min_index_bloat` bloat, the most wasted bytes first. For a repack
+    task (an online rebuild with pg_repack): the tables of at least `min_table_bytes` whose heap is at least
+    `min_table_bloat` dead or free space, the most wasted bytes first."""
 
     min_dead_tuples: int = Field(default=10_000, ge=0)
     dead_ratio: float = Field(default=0.1, ge=0, le=1)
@@ -62,9 +65,13 @@ class AutoSelect(Strict):
     # bloat (pgstattuple's leaf density where the extension is installed, else the catalogue estimate)
     min_index_bloat: float = Field(default=0.3, gt=0, le=1)
     min_index_bytes: int = 1024 * 1024
+    # a repack task: the tables of at least min_table_bytes whose heap is at least min_table_bloat dead or free
+    # space (pgstattuple_approx where installed, else the catalogue estimate)
+    min_table_bloat: float = Field(default=0.3, gt=0, le=1)
+    min_table_bytes: int = 8 * 1024 * 1024
     limit: int = Field(default=100, ge=1, le=1000)
 
-    _s = field_validator("min_index_bytes", mode="before")(parse_size)
+    _s = field_validator("min_index_bytes", "min_table_bytes", mode="before")(parse_size)
 
 
 class MaintenanceTask(Strict):
@@ -105,8 +112,13 @@ class Guards(Strict):
     parallel: int = Field(default=1, ge=1, le=16)  # tables at once, like vacuumdb --jobs
     max_replication_lag: int = 64 * 1024 * 1024  # bytes; no new task starts while a replica lags more
     lag_wait: Seconds = 600  # how long to wait for a lagging replica before the run stops
+    # repack: pg_repack waits for every transaction older than its copy to finish before it swaps; one left open
+    # (idle in transaction, a long report) would hold it, and the table, for as long. After this it gives up on
+    # the table (lock-timeout: retried after the others, then skipped, the transaction named).
+    transaction_wait: Seconds = 60
 
-    _d = field_validator("lock_timeout", "statement_timeout", "lag_wait", mode="before")(parse_duration)
+    _d = field_validator("lock_timeout", "statement_timeout", "lag_wait", "transaction_wait",
+                         mode="before")(parse_duration)
     _s = field_validator("max_replication_lag", mode="before")(parse_size)
 
 
@@ -136,6 +148,31 @@ class WatchQuery(Strict):
     query: str = Field(description="PromQL returning one number")
     max: float | None = None
     min: float | None = None
+    # watch.during: how the canary's judge reads this query's values in the window against those before it
+    judge: bool = True  # false: only its max/min apply during the window
+    direction: Direction = "increase"  # which shift is a worsening (an error rate, a latency: increase)
+    effect: float | None = Field(default=None, ge=0)  # the relative change a clear shift must exceed (default:
+    # during.tolerance)
+    missing: Missing = "inconclusive"  # no series (e.g. no 5xx yet): zero | skip | inconclusive
+
+
+class DuringWatch(Strict):
+    """The application watched during the window: after each table (once its health check passed), each watch
+    query's values since the work began (the last `recent` of them, one every `step`) are judged against its
+    values in the `baseline` before the work began, with the canary's judge (opsflow/judge.py: Mann-Whitney,
+    Hodges-Lehmann shift, effect size), and against its max/min. A significant worsening (verdict fail) stops
+    new work -- no further table is started, the rest is deferred -- and alerts the notification channels; the
+    table that is running finishes (`opsflow abort` stops it too). Too few values yet is inconclusive: the
+    work goes on."""
+
+    baseline: Seconds = 900
+    recent: Seconds = 300
+    step: Seconds = 15
+    confidence: float = Field(default=0.98, gt=0.5, lt=1)
+    tolerance: float = Field(default=0.25, ge=0)
+    min_samples: int = Field(default=5, ge=1)
+
+    _d = field_validator("baseline", "recent", "step", mode="before")(parse_duration)
 
 
 class WatchPolicy(Strict):
@@ -143,6 +180,7 @@ class WatchPolicy(Strict):
     duration: Seconds = 3600
     interval: Seconds = 60
     queries: list[WatchQuery] = Field(min_length=1)
+    during: DuringWatch | None = None  # also watch between tables (judged against before the window)
 
     _d = field_validator("duration", "interval", mode="before")(parse_duration)
 

@@ -77,7 +77,11 @@ class RunItemRequest(BaseModel):
     cancel_at: datetime | None = None
 
 
-ItemOutcome = Literal["done", "lock-timeout", "statement-timeout", "cancelled-at-cutoff", "cancelled", "failed"]
+# skipped: not started, for a reason the detail gives (pg_repack: the extension or the client is missing, no
+# primary key, a replica lagging beyond the guard)
+ItemOutcome = Literal[
+    "done", "lock-timeout", "statement-timeout", "cancelled-at-cutoff", "cancelled", "failed", "skipped"
+]
 
 
 class ItemResult(BaseModel):
@@ -168,6 +172,38 @@ class WatchResult(BaseModel):
     results: list[WatchQueryResult]
 
 
+class AppJudgeRequest(BaseModel):
+    policy: WatchPolicy  # with `during`
+    after: str  # the item just done
+    baseline_start: datetime
+    baseline_end: datetime  # when the work began
+    since: datetime  # the window's values start here at the earliest (when the work began)
+
+
+class AppMetric(BaseModel):
+    name: str
+    verdict: str  # pass | high | low | inconclusive | skipped | breach
+    baseline: float | None = None  # mean before the window
+    current: float | None = None  # mean in the window
+    ratio: float | None = None
+    p_value: float | None = None
+    samples: int = 0
+    reason: str = ""
+
+
+class AppJudgement(BaseModel):
+    after: str
+    at: datetime | None = None
+    verdict: str  # pass | marginal | fail | inconclusive
+    score: float = 0.0
+    reason: str = ""
+    metrics: list[AppMetric] = []
+
+    @property
+    def worse(self) -> bool:
+        return self.verdict == "fail"
+
+
 # -- reports --------------------------------------------------------------------------------------------------
 
 
@@ -193,6 +229,8 @@ class MaintenanceReport(ProcedureReport):
     status_page_incident: str | None = None
     watch: list[WatchQueryResult] = []
     watch_breached: bool = False
+    app: list[AppJudgement] = []  # watch.during: the application judged after each table
+    stopped_by_app: str | None = None  # a significant worsening stopped new work: why
     done: list[str] = []
     not_done: list[str] = []
 
@@ -228,6 +266,13 @@ class MaintenanceReport(ProcedureReport):
             out.append(line + (f" ({i.reason})" if i.reason.startswith("auto") else ""))
         out += [f"SKIPPED {d.key}: {d.reason}" for d in self.skipped]
         out += [f"DEFERRED {d.key}: {d.reason}" for d in self.deferred]
+        for j in self.app:
+            out.append(f"app after {j.after}: {j.verdict.upper() if j.worse else j.verdict} (score {j.score:g})"
+                       + "".join(f"; {m.name} {m.current if m.current is None else f'{m.current:.4g}'} vs "
+                                 f"{m.baseline if m.baseline is None else f'{m.baseline:.4g}'} before ({m.verdict})"
+                                 for m in j.metrics))
+        if self.stopped_by_app:
+            out.append(f"STOPPED (no new table started): {self.stopped_by_app}")
         out += [f"watch {w.name}: {'BREACHED ' + w.detail if w.breached else f'ok, last {w.last}'}" for w in self.watch]
         if self.status in ("failed", "aborted"):
             out += [f"NOT DONE {n}" for n in self.not_done]

@@ -12,6 +12,9 @@ VENV=${VENV:-.venv}
 # installed only when missing.
 missing=()
 [[ -x /usr/lib/postgresql/15/bin/initdb || -n "${OPSFLOW_PG_BINDIR:-}" ]] || missing+=(postgresql-15)
+# the maintenance window's online rebuild: the pg_repack client and the server's extension, one package
+{ command -v pg_repack >/dev/null && [[ -f /usr/share/postgresql/15/extension/pg_repack.control ]]; } \
+  || missing+=(postgresql-15-repack)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v promtool >/dev/null || [[ " ${missing[*]} " == *" prometheus "* ]] || missing+=(prometheus)

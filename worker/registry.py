@@ -62,6 +62,7 @@ GLOBAL_ACTIVITIES = [
     temporal_queues.unserved_queues,
     statuspage.update,
     maintenance.watch,
+    maintenance.judge_app,
 ]
 
 # Rollouts (canary, blue-green): Kubernetes and the region's Prometheus on the app's region queue.

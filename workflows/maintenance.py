@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         MAINT_HEALTH,
         MAINT_PLAN,
         MAINT_RUN_ITEM,
+        WATCH_JUDGE,
         WATCH_METRICS,
     )
     from opsflow.contracts.notify import STATUSPAGE_UPDATE
@@ -42,6 +43,8 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.inventory import Inventory
     from opsflow.maintenance import MaintenancePolicy, calendar_notes
     from opsflow.maintenance_models import (
+        AppJudgement,
+        AppJudgeRequest,
         BackupRequest,
         Deferred,
         FleetMember,
@@ -73,7 +76,7 @@ class MaintenanceInput(ProcedureInput):
 
 
 VERBS = {"vacuum": "VACUUM", "analyze": "ANALYZE", "vacuum-analyze": "VACUUM (ANALYZE)",
-         "vacuum-freeze": "VACUUM (FREEZE, ANALYZE)", "reindex": "REINDEX CONCURRENTLY"}
+         "vacuum-freeze": "VACUUM (FREEZE, ANALYZE)", "reindex": "REINDEX CONCURRENTLY", "repack": "pg_repack"}
 
 
 def breaches(w: WatchResult) -> str:
@@ -93,6 +96,7 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
         (inv.regions[region].kubernetes.service if inv.regions[region].kubernetes else None),
     )
     smoke = inv.regions[region].smoke_urls
+    during = policy.watch.during if policy.watch else None
     decls = [
         StepDecl(
             "announce",
@@ -127,6 +131,9 @@ def declare(inp: MaintenanceInput, region: str, plan: PlanResult) -> list[StepDe
                 "health: database answers, replicas within the lag limit" + (", smoke URLs" if smoke else ""),
             )
         )
+        if during is not None:
+            decls.append(StepDecl(f"app:{item.key}", f"judge the app's metrics against the {during.baseline:.0f}s "
+                                  "before the window (a significant worsening stops new work and alerts)"))
     return decls + [
         StepDecl(
             "maintenance-off",
@@ -157,6 +164,8 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
         self.in_window = False
         self.incident: str | None = None
         self.items_left: list[WorkItem] = []
+        self.app_watch = False  # watch.during: the application judged between tables
+        self.work_began = None
 
     @workflow.run
     async def run(self, inp: MaintenanceInput) -> MaintenanceReport:
@@ -291,6 +300,9 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
         await self.wait_for_window()
 
         # -- in the window -------------------------------------------------------------------------------------
+        if policy.watch is not None and policy.watch.during is not None:
+            self.app_watch = workflow.patched("maintenance-watch-during")
+        self.work_began = workflow.now()  # the application's figures before this are the baseline
         service = inv.regions[region].kubernetes.service if inv.regions[region].kubernetes else None
         if policy.maintenance_mode and service:
             await self.step(
@@ -427,7 +439,7 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
 
             async def lane() -> None:
                 while todo:
-                    if self.cutoff_reached():
+                    if self.cutoff_reached() or self.report.stopped_by_app:
                         return
                     item = todo.pop(0)
                     tries[item.key] = tries.get(item.key, 0) + 1
@@ -439,13 +451,14 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
                         self.items_left.append(item)
                         continue
                     report.items.append(result)
-                    if result.outcome in ("lock-timeout", "statement-timeout"):
+                    if result.outcome in ("lock-timeout", "statement-timeout", "skipped"):
                         report.skipped.append(
                             Deferred(key=item.key, reason=f"{result.detail} ({tries[item.key]} attempt(s))")
                         )
                     elif result.outcome == "cancelled-at-cutoff":
                         report.deferred.append(Deferred(key=item.key, reason=result.detail))
                     await self.health(item)
+                    await self.judge_app(item)
 
             lanes = [asyncio.ensure_future(lane()) for _ in range(guards.parallel)]
             try:
@@ -455,15 +468,13 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
                     other.cancel()
                 await asyncio.gather(*lanes, return_exceptions=True)
                 raise
-            if self.cutoff_reached() or not retry:
+            if self.cutoff_reached() or not retry or report.stopped_by_app:
                 break
         if self.items_left:
-            report.deferred += [
-                Deferred(
-                    key=i.key, reason=f"the cutoff ({self.policy.cutoff:.0f}s before the window closes) was reached"
-                )
-                for i in self.items_left
-            ]
+            why = (f"not started: the application worsened during the window ({report.stopped_by_app})"
+                   if report.stopped_by_app else
+                   f"the cutoff ({self.policy.cutoff:.0f}s before the window closes) was reached")
+            report.deferred += [Deferred(key=i.key, reason=why) for i in self.items_left]
             self.items_left = []
 
     async def run_item(self, item: WorkItem) -> ItemResult:
@@ -488,7 +499,9 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
             MAINT_RUN_ITEM,
             RunItemRequest(target=self.target, item=item, guards=guards, cancel_at=self.cancel_at()),
             queue=self.queue,
-            timeout=guards.statement_timeout + guards.lock_timeout + 120,
+            # a repack first waits (up to lag_wait) for the replicas to come under the lag guard
+            timeout=guards.statement_timeout + guards.lock_timeout + 120 + (guards.lag_wait if item.kind == "repack"
+                                                                            else 0),
             heartbeat=self.policy.heartbeat_timeout,
             attempts=3,
             interruptible=True,
@@ -516,6 +529,37 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
         )
         if not h.ok:
             raise Stop("failed", f"health check after {item_title(item)}: {h.detail}")
+
+    async def judge_app(self, item: WorkItem) -> None:
+        """watch.during: the app's metrics since the work began against the minutes before it (the canary's
+        judge, in an activity); a significant worsening stops new work (no further table starts) and alerts."""
+        if not self.app_watch:
+            return
+        watch = self.policy.watch
+        assert watch is not None and watch.during is not None and self.work_began is not None
+        j: AppJudgement = await self.step(
+            f"app:{item.key}",
+            f"Judge the application after {item_title(item)}",
+            WATCH_JUDGE,
+            AppJudgeRequest(policy=watch, after=item.key, since=self.work_began, baseline_end=self.work_began,
+                            baseline_start=self.work_began - timedelta(seconds=watch.during.baseline)),
+            queue=self.inventory.task_queue,
+            timeout=120 + 30 * len(watch.queries),
+            heartbeat=60,
+            attempts=3,
+            detail=lambda j: f"{j.verdict} (score {j.score:g}): {j.reason}",
+        )
+        self.report.app.append(j)
+        if j.worse and not self.report.stopped_by_app:
+            self.report.stopped_by_app = f"after {item.key}: {j.reason}"
+            left = [i.key for i in self.items_left]
+            await self.notify(
+                f"Maintenance of {self.inventory.environment}: the application worsened during the window after "
+                f"{item_title(item)}: {j.reason}. No new table is started"
+                + (f" ({len(left)} deferred: {', '.join(left)})" if left else "")
+                + "; the running one finishes, then maintenance mode goes off.",
+                severity="critical",
+            )
 
     # -- status page, summary, the end ----------------------------------------------------------------------------
 
@@ -546,6 +590,8 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
             text += f"; deferred: {', '.join(d.key for d in r.deferred)}"
         if r.backup:
             text += f"; backup {r.backup.id.rsplit('/', 1)[-1]}"
+        if r.stopped_by_app:
+            text += f"; STOPPED: the application worsened during the window ({r.stopped_by_app})"
         if r.watch_breached:
             text += "; METRICS BREACHED after the window"
         return text

@@ -135,3 +135,26 @@ def bloated_index_candidates(conn: Any, min_bloat: float, min_bytes: int, limit:
             found.append((wasted, f"{schema}.{table}", f"{why}; threshold {min_bloat:.0%}"))
     found.sort(key=lambda f: (-f[0], f[1]))
     return [(t, why) for _, t, why in found[:limit]]
+
+
+def bloated_table_candidates(conn: Any, min_bloat: float, min_bytes: int, limit: int) -> list[tuple[str, str]]:
+    """(schema.table, why) of the tables of at least `min_bytes` whose heap is at least `min_bloat` dead or free
+    space, the most wasted bytes first: what an online rebuild (pg_repack) gives back."""
+    measured = has_pgstattuple(conn)
+    tables = conn.execute(
+        """
+        select n.nspname, c.relname, pg_relation_size(c.oid)
+          from pg_class c join pg_namespace n on n.oid = c.relnamespace
+         where c.relkind = 'r' and pg_relation_size(c.oid) >= %s
+           and n.nspname not in ('pg_catalog', 'information_schema', 'repack') and n.nspname !~ '^pg_(toast|temp_)'
+        """,
+        (min_bytes,),
+    ).fetchall()
+    found = []
+    for schema, table, size in tables:
+        ratio, method = table_bloat(conn, schema, table, measured)
+        if ratio is not None and ratio >= min_bloat:
+            found.append((size * ratio, f"{schema}.{table}",
+                          f"table bloat {ratio:.0%} of {size} bytes ({method}); threshold {min_bloat:.0%}"))
+    found.sort(key=lambda f: (-f[0], f[1]))
+    return [(t, why) for _, t, why in found[:limit]]

@@ -20,7 +20,13 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities.context import heartbeat as _heartbeat
-from activities.postgres.bloat import bloated_index_candidates, has_pgstattuple, index_bloat, table_bloat
+from activities.postgres.bloat import (
+    bloated_index_candidates,
+    bloated_table_candidates,
+    has_pgstattuple,
+    index_bloat,
+    table_bloat,
+)
 from activities.postgres.connection import (
     APPLICATION_NAME,
     bad_input,
@@ -172,6 +178,12 @@ def bloated_index_tables(db: Any, min_bloat: float, min_bytes: int, limit: int) 
     """(schema.table, why) of the tables with a btree index bloated beyond the thresholds, worst first."""
     with connect(db) as conn, sql_errors(db, "index bloat"):
         return bloated_index_candidates(conn, min_bloat, min_bytes, limit)
+
+
+def bloated_tables(db: Any, min_bloat: float, min_bytes: int, limit: int) -> list[tuple[str, str]]:
+    """(schema.table, why) of the tables whose heap is bloated beyond the thresholds, worst first (pg_repack)."""
+    with connect(db) as conn, sql_errors(db, "table bloat"):
+        return bloated_table_candidates(conn, min_bloat, min_bytes, limit)
 
 
 def replication_lag_bytes(db: Any) -> dict[str, int]:

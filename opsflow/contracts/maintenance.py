@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from opsflow.contracts.base import Activity
 from opsflow.maintenance_models import (
+    AppJudgement,
+    AppJudgeRequest,
     BackupRequest,
     BackupResult,
     HealthRequest,
@@ -23,3 +25,4 @@ MAINT_HEALTH = Activity("maint.health", HealthRequest, HealthResult)
 BACKUP_TAKE = Activity("backup.take", BackupRequest, BackupResult)
 BACKUP_VERIFY = Activity("backup.verify", VerifyBackupRequest, str)
 WATCH_METRICS = Activity("watch.metrics", WatchRequest, WatchResult)
+WATCH_JUDGE = Activity("watch.judge", AppJudgeRequest, AppJudgement)  # the app during the window vs before it

@@ -608,3 +608,231 @@ def test_a_retry_after_the_dead_workers_vacuum_already_finished_does_not_vacuum_
                                                                      guards=GUARDS))
     assert again.outcome == "done" and again.detail == ""
     assert query(db, count) == [(2,)]
+
+
+def test_repack_rebuilds_a_bloated_table_online_while_a_writer_keeps_writing(clusters):
+    """The real pg_repack (Debian postgresql-15-repack) on a table bloated for real, picked by its measured bloat:
+    skipped with the command that installs it while the extension is missing; then rebuilt, the table more than
+    halved, while a concurrent writer inserts and updates without one error, and every row it wrote is there."""
+    from activities.postgres.repack import client_binary
+
+    if client_binary() is None:
+        pytest.skip("pg_repack is not installed (scripts/setup.sh installs postgresql-15-repack)")
+    primary, _ = clusters
+    query(primary, "DROP TABLE IF EXISTS rp")
+    query(primary, "CREATE TABLE rp (id bigint PRIMARY KEY, v int NOT NULL, payload text NOT NULL) "
+                   "WITH (autovacuum_enabled = off)")
+    query(primary, "INSERT INTO rp SELECT g, 0, repeat(md5(g::text), 4) FROM generate_series(1, 400000) g")
+    query(primary, "DELETE FROM rp WHERE id % 4 <> 0")  # three quarters dead, spread over every page
+    settle(primary)
+    query(primary, "VACUUM (ANALYZE) rp")  # dead space becomes free space: only a rewrite gives it back
+    query(primary, "DROP EXTENSION IF EXISTS pg_repack")
+    task = MaintenanceTask(kind="repack", tables="auto", auto={"min_table_bloat": 0.5, "min_table_bytes": "4MB"})
+    planned = PlanRequest(target=target(primary), tasks=[task], backup=BackupPolicy(take=False))
+    picked = {i.table: i for i in ActivityEnvironment().run(maint.plan, planned).items}
+    assert picked["public.rp"].kind == "repack" and "table bloat" in picked["public.rp"].reason, picked
+    guards = Guards(lock_timeout=1, statement_timeout=120, lag_wait=5)
+    request = RunItemRequest(target=target(primary), item=picked["public.rp"], guards=guards)
+
+    skipped = ActivityEnvironment().run(maint.run_item, request)
+    assert skipped.outcome == "skipped" and "CREATE EXTENSION pg_repack" in skipped.detail, skipped
+    query(primary, "CREATE EXTENSION pg_repack")
+
+    written: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        with psycopg.connect(primary.dsn, autocommit=True) as c:
+            n = 1_000_000
+            while not stop.is_set():
+                n += 1
+                try:
+                    c.execute("INSERT INTO rp VALUES (%s, 1, 'during')", (n,))
+                    c.execute("UPDATE rp SET v = v + 1 WHERE id = %s", ((n % 100_000) * 4,))
+                    written.append(n)
+                except psycopg.Error as e:
+                    errors.append(str(e))
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(written) > 50, 20, "the writer to write")
+        before_rebuild = len(written)
+        result = ActivityEnvironment().run(maint.run_item, request)
+        during = len(written) - before_rebuild  # writes made while pg_repack ran
+        after_rebuild = len(written)
+        wait_for(lambda: len(written) > after_rebuild + 50, 20, "the writer to write after the rebuild")
+    finally:
+        stop.set()
+        thread.join(20)
+    assert result.outcome == "done", result
+    b, a = result.before, result.after
+    print(f"repack: {b.table_bytes} -> {a.table_bytes} table bytes, bloat {b.table_bloat} -> {a.table_bloat} "
+          f"({a.bloat_method}) in {result.seconds:.1f}s; writer {during} writes during it, {len(errors)} errors")
+    assert errors == [] and during > 10
+    assert a.table_bytes < b.table_bytes / 2 and b.table_bloat > 0.5 and a.table_bloat < 0.2, (b, a)
+    assert query(primary, "select count(*) from rp where id > 1000000")[0][0] == len(written)  # none lost
+    assert query(primary, "select count(*) from rp where id <= 400000")[0][0] == 100_000
+    assert query(primary, "select count(*) from pg_trigger where tgname = 'repack_trigger'") == [(0,)]
+    assert "public.rp" not in {i.table for i in ActivityEnvironment().run(maint.plan, planned).items}
+
+
+def test_repack_guards_a_held_lock_gives_up_without_killing_and_a_lagging_replica_is_waited_for(clusters):
+    """--wait-timeout/--no-kill-backend: a session holding the table keeps its lock and its transaction (outcome
+    lock-timeout, retried later by the workflow); a replica whose replay is paused lags beyond the guard: the
+    rebuild does not start (skipped, the lag said) -- and starts once the replica catches up."""
+    from activities.postgres.repack import client_binary
+
+    if client_binary() is None:
+        pytest.skip("pg_repack is not installed (scripts/setup.sh installs postgresql-15-repack)")
+    primary, replica = clusters
+    query(primary, "CREATE EXTENSION IF NOT EXISTS pg_repack")
+    query(primary, "DROP TABLE IF EXISTS rp_guarded")
+    query(primary, "CREATE TABLE rp_guarded (id bigint PRIMARY KEY, payload text)")
+    query(primary, "INSERT INTO rp_guarded SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+    request = RunItemRequest(target=target(primary), item=item("repack", "public.rp_guarded"),
+                             guards=Guards(lock_timeout=1, statement_timeout=60, lag_wait=2,
+                                           max_replication_lag=64 * 1024))
+    holder = psycopg.connect(primary.dsn)
+    try:
+        holder.execute("LOCK TABLE rp_guarded IN ACCESS SHARE MODE")
+        result = ActivityEnvironment().run(maint.run_item, request)
+        assert result.outcome == "lock-timeout" and "--no-kill-backend" in result.detail, result
+        assert holder.execute("select count(*) from rp_guarded").fetchone() == (20000,)  # not cancelled
+    finally:
+        holder.rollback()
+        holder.close()
+
+    # a transaction left open on another table: pg_repack would wait for it before its swap, without end
+    idle = psycopg.connect(primary.dsn)
+    try:
+        idle.execute("select txid_current()")  # a transaction open, idle, holding no lock on the table
+        started = time.monotonic()
+        result = ActivityEnvironment().run(maint.run_item, request.model_copy(
+            update={"guards": request.guards.model_copy(update={"transaction_wait": 2})}))
+        assert result.outcome == "lock-timeout", result
+        assert f"held by pid {idle.info.backend_pid} " in result.detail and "idle in transaction" in result.detail
+        assert time.monotonic() - started < 30
+        assert query(primary, "select count(*) from pg_trigger where tgname = 'repack_trigger'") == [(0,)]
+        assert idle.execute("select 1").fetchone() == (1,)  # its transaction was left alone
+    finally:
+        idle.rollback()
+        idle.close()
+
+    query(replica, "select pg_wal_replay_pause()")
+    try:
+        query(primary, "CREATE TABLE IF NOT EXISTS lag_filler (payload text)")
+        query(primary, "INSERT INTO lag_filler SELECT repeat(md5(g::text), 8) FROM generate_series(1, 5000) g")
+        result = ActivityEnvironment().run(maint.run_item, request)
+        assert result.outcome == "skipped" and "replication lag above 65536 bytes" in result.detail, result
+    finally:
+        query(replica, "select pg_wal_replay_resume()")
+    result = ActivityEnvironment().run(maint.run_item, request)
+    assert result.outcome == "done", result
+
+
+def test_the_app_is_judged_against_before_the_window_on_real_prometheus(prometheus_url):
+    """watch.judge on a real Prometheus: the request rate of its own query endpoint (what it scrapes of itself)
+    stands for the app's error rate. Quiet before the work and after it began: no worsening (pass). Then a
+    burst of requests, as an app failing would raise its errors: the canary's judge finds it significantly
+    higher than before the window, a fail (what stops new work), figures given."""
+    from datetime import datetime, timezone
+
+    import httpx
+
+    from activities.prometheus import query_range
+    from opsflow.maintenance import WatchPolicy
+    from opsflow.maintenance_models import AppJudgeRequest
+
+    metric = 'sum(rate(prometheus_http_requests_total{handler="/api/v1/query"}[3s]))'
+    policy = WatchPolicy(prometheus=prometheus_url, duration=60, interval=1,
+                         queries=[{"name": "query rate", "query": metric, "missing": "zero"}],
+                         during={"baseline": "20s", "recent": "8s", "step": "1s", "min_samples": 5})
+
+    def history() -> datetime | None:
+        now = datetime.now(timezone.utc)
+        return now if len(query_range(prometheus_url, metric, now - timedelta(seconds=20), now, 1)) >= 15 else None
+
+    began = wait_for(history, 60, "20 s of Prometheus's own figures before the work begins", interval=1)
+
+    def judged():
+        j = ActivityEnvironment().run(maint.judge_app, AppJudgeRequest(
+            policy=policy, after="vacuum:public.t", since=began, baseline_end=began,
+            baseline_start=began - timedelta(seconds=20)))
+        return j if j.verdict != "inconclusive" else None  # inconclusive until 5 values since the work began
+
+    steady = wait_for(judged, 30, "a conclusive judgement of the quiet app", interval=1)
+    assert steady.verdict == "pass" and not steady.worse, steady
+
+    stop = threading.Event()
+
+    def burst() -> None:
+        with httpx.Client() as client:
+            while not stop.is_set():
+                client.get(f"{prometheus_url}/api/v1/query", params={"query": "1"})
+
+    threads = [threading.Thread(target=burst, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        worse = wait_for(lambda: (j := judged()) is not None and j.worse and j, 40, "the judge to find it worse",
+                         interval=1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    m = worse.metrics[0]
+    print(f"judged: steady {steady.verdict} ({steady.reason}); burst {worse.verdict}: {worse.reason}")
+    assert worse.verdict == "fail" and m.verdict == "high" and m.current > 5 * (m.baseline or 0.01), worse
+    assert "higher" in worse.reason and "window mean" in worse.reason, worse.reason
+
+
+def test_a_retry_waits_for_the_pg_repack_a_dead_worker_left_running_and_does_not_rebuild_twice(clusters):
+    """A worker that died mid-rebuild leaves its pg_repack client running (its own session). The retry finds it by
+    pg_repack's advisory lock on the table, waits for it, and reports the rebuild it finished: one rebuild."""
+    import subprocess
+
+    from activities.postgres.repack import client_binary, client_env
+
+    binary = client_binary()
+    if binary is None:
+        pytest.skip("pg_repack is not installed (scripts/setup.sh installs postgresql-15-repack)")
+    primary, _ = clusters
+    query(primary, "CREATE EXTENSION IF NOT EXISTS pg_repack")
+    query(primary, "DROP TABLE IF EXISTS rp_orphan")
+    query(primary, "CREATE TABLE rp_orphan (id bigint PRIMARY KEY, payload text)")
+    query(primary, "INSERT INTO rp_orphan SELECT g, md5(g::text) FROM generate_series(1, 40000) g")
+    query(primary, "DELETE FROM rp_orphan WHERE id % 2 = 0")
+    node = "select relfilenode from pg_class where relname = 'rp_orphan'"
+    (before,) = query(primary, node)[0]
+    # The dead worker's pg_repack, held before its swap by a transaction open elsewhere (so the retry meets it)
+    idle = psycopg.connect(primary.dsn)
+    idle.execute("select txid_current()")
+    orphan = subprocess.Popen([binary, "--table", "public.rp_orphan", "--no-kill-backend"],
+                              env=client_env(PostgresDatabase(provider="postgres", dsn=primary.dsn)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: query(primary, "select 1 from pg_locks where locktype = 'advisory' and classid = 16185446"),
+                 30, "the orphaned pg_repack to take its lock on the table")
+        beats: list = []
+
+        def beat(*details) -> None:
+            beats.append(details)
+            if "already rebuilding" in details[0]["progress"]:  # the retry waits for it: the old transaction ends,
+                idle.rollback()  # the orphan swaps and finishes
+
+        env = ActivityEnvironment()
+        env.on_heartbeat = beat
+        result = env.run(maint.run_item, RunItemRequest(target=target(primary), item=item("repack", "public.rp_orphan"),
+                                                        guards=Guards(lock_timeout=1, statement_timeout=60)))
+        assert orphan.wait(30) == 0
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        idle.close()
+    assert result.outcome == "done" and "not run again" in result.detail, result
+    assert "(pid " in result.detail and any("already rebuilding public.rp_orphan" in b[0]["progress"] for b in beats)
+    (after,) = query(primary, node)[0]
+    assert after != before and result.after.table_bytes < result.before.table_bytes, (result.before, result.after)
+    assert query(primary, "select count(*) from rp_orphan") == [(20000,)]

@@ -3,7 +3,9 @@
     python -m tests.workflow.record_maintenance_history [maintenance | maintenance-fleet]
 
 maintenance: a whole window (announce, backup, approval, a table whose lock is held once and retried, health
-checks, maintenance mode off, status page completed); maintenance-fleet: two environments, one at a time.
+checks, maintenance mode off, status page completed); maintenance-fleet: two environments, one at a time;
+maintenance_watch-during-repack_worker-rules: a repack task and watch.during, the app judged after each table,
+worse after the second (no further table started, the rest deferred, the alert).
 Like every recorded history it is never re-recorded (the recorder refuses to overwrite).
 """
 
@@ -23,7 +25,13 @@ from activities.rules import RULEBOOK
 from opsflow.procedures import fleet_workflow_id
 from opsflow.temporal import DATA_CONVERTER, register_search_attributes
 from tests.conftest import venv_binary
-from tests.workflow.test_maintenance_workflow import QUEUE, MaintWorld, approve_when_waiting, maint_inventory
+from tests.workflow.test_maintenance_workflow import (
+    QUEUE,
+    WATCHED,
+    MaintWorld,
+    approve_when_waiting,
+    maint_inventory,
+)
 from workflows.maintenance import FleetInput, MaintenanceFleetWorkflow, MaintenanceInput, MaintenanceWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -52,6 +60,12 @@ async def record(name: str) -> Path:
                 new_shape = name.endswith("_worker-rules")
                 if name.startswith("maintenance_") or name == "maintenance":
                     inv = maint_inventory(now, env="replay")
+                    if "watch-during" in name:
+                        inv = maint_inventory(now, env="replay", watch=WATCHED, tasks=[
+                            {"kind": "vacuum-analyze", "tables": ["public.orders"]},
+                            {"kind": "repack", "tables": ["public.events", "public.orders"]},
+                        ])
+                        world.app_worse_after.add("repack:public.events")
                     RULEBOOK.add(inv)
                     inp = MaintenanceInput(inventory=inv, requester="alice", reason="replay")
                     handle = await env.client.start_workflow(

@@ -31,12 +31,16 @@ from opsflow.contracts.maintenance import (
     MAINT_HEALTH,
     MAINT_PLAN,
     MAINT_RUN_ITEM,
+    WATCH_JUDGE,
     WATCH_METRICS,
 )
 from opsflow.contracts.notify import NOTIFY_SEND, STATUSPAGE_UPDATE
 from opsflow.contracts.traffic import HTTP_SMOKE
 from opsflow.inventory import Inventory
 from opsflow.maintenance_models import (
+    AppJudgement,
+    AppJudgeRequest,
+    AppMetric,
     BackupRequest,
     BackupResult,
     HealthRequest,
@@ -84,6 +88,9 @@ class MaintWorld:
     release: threading.Event = field(default_factory=threading.Event)
     block: set = field(default_factory=set)  # keys that wait for `release`
     db: dict = field(default_factory=dict)  # region -> the DbStatus it answers (default: eastus primary)
+    app_worse_after: set = field(default_factory=set)  # keys after which the app's judgement is a fail
+    judged: list = field(default_factory=list)  # the AppJudgeRequests
+    skip: dict = field(default_factory=dict)  # table -> the reason its item is skipped (pg_repack's guards)
 
     def activities(self):
         w = self
@@ -140,6 +147,8 @@ class MaintWorld:
             w.cancel_at[key] = req.cancel_at
             w.started.setdefault(key, threading.Event()).set()
             base = dict(key=key, kind=req.item.kind, table=req.item.table, name=req.item.name, reason=req.item.reason)
+            if req.item.table in w.skip:
+                return ItemResult(**base, outcome="skipped", detail=w.skip[req.item.table])
             if w.lock_held.get(req.item.table, 0) > 0:
                 w.lock_held[req.item.table] -= 1
                 return ItemResult(
@@ -227,6 +236,17 @@ class MaintWorld:
                 ],
             )
 
+        @WATCH_JUDGE.implementation
+        def judge_app(req: AppJudgeRequest) -> AppJudgement:
+            w.judged.append(req)
+            w.calls.append((None, f"app:{req.after}"))
+            worse = req.after in w.app_worse_after
+            metric = AppMetric(name="error rate", verdict="high" if worse else "pass", baseline=0.001,
+                               current=0.2 if worse else 0.001, samples=20)
+            return AppJudgement(after=req.after, verdict="fail" if worse else "pass", score=0 if worse else 100,
+                                reason="error rate: higher: window mean 0.2 vs before 0.001" if worse else "score 100",
+                                metrics=[metric])
+
         @NOTIFY_SEND.implementation
         def notify(req: NotifyRequest) -> list[str]:
             w.notifications.append((req.notification.severity, req.notification.text))
@@ -249,6 +269,7 @@ class MaintWorld:
             smoke,
             statuspage,
             watch,
+            judge_app,
             notify,
             unserved,
         ]
@@ -716,3 +737,73 @@ async def test_a_freeze_starting_inside_the_window_shortens_it_and_the_cutoff_co
     await approve_when_waiting(handle)
     report = await handle.result()
     assert len(keys(report)) == 3 and report.calendar == []
+
+
+WATCHED = {"prometheus": "http://127.0.0.1:9", "duration": "1m", "interval": "10s",
+           "queries": [{"name": "error rate", "query": "sum(rate(errors[1m]))", "max": 0.05}],
+           "during": {"baseline": "10m", "recent": "5m", "step": "15s"}}
+
+
+async def test_a_significant_worsening_of_the_app_during_the_window_stops_new_work_and_alerts(worker, mworld):
+    """watch.during: after each table (and its health check) the app is judged against the minutes before the
+    work began; a fail stops new work -- the rest deferred, said -- alerts, and the window still ends cleanly."""
+    env = worker
+    inv = maint_inventory(await env.get_current_time(), watch=WATCHED, status_page=None)
+    mworld.app_worse_after.add("vacuum-analyze:public.orders")
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    assert report.status == "succeeded"
+    order = [c for _, c in mworld.calls if c != "plan"]
+    assert order[order.index("maintenance-on"):] == ["maintenance-on", "vacuum-analyze:public.orders", "health",
+                                                     "app:vacuum-analyze:public.orders", "maintenance-off", "smoke"]
+    assert keys(report) == ["vacuum-analyze:public.orders"]  # no further table was started
+    assert [d.key for d in report.deferred] == ["vacuum-analyze:public.events", "reindex:public.events"]
+    assert all("the application worsened" in d.reason and "error rate" in d.reason for d in report.deferred)
+    assert report.stopped_by_app and "after vacuum-analyze:public.orders" in report.stopped_by_app
+    assert [j.verdict for j in report.app] == ["fail"]
+    alerts = [t for sev, t in mworld.notifications if sev == "critical"]
+    assert len(alerts) == 1 and "worsened during the window" in alerts[0] and "2 deferred" in alerts[0], alerts
+    assert not mworld.maintenance and not report.maintenance_mode_on
+    lines = report.figure_lines()
+    assert any(line.startswith("STOPPED (no new table started)") for line in lines), lines
+    assert any("app after vacuum-analyze:public.orders: FAIL" in line for line in lines), lines
+    # the baseline is the 10 minutes before the work began, the window's values start there
+    req = mworld.judged[0]
+    assert req.baseline_end == req.since and req.baseline_end - req.baseline_start == timedelta(minutes=10)
+    assert [s.name for s in report.steps if s.name.startswith("app:")] == ["app:vacuum-analyze:public.orders"]
+
+
+async def test_a_steady_app_lets_every_table_run_and_each_is_judged(worker, mworld):
+    env = worker
+    inv = maint_inventory(await env.get_current_time(), watch=WATCHED, status_page=None)
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    assert report.status == "succeeded" and not report.stopped_by_app and not report.deferred
+    assert [j.after for j in report.app] == keys(report) == ["vacuum-analyze:public.orders",
+                                                            "vacuum-analyze:public.events", "reindex:public.events"]
+    assert not [t for sev, t in mworld.notifications if sev == "critical"]
+    # without watch.during nothing is judged (and no app: step is declared)
+    mworld.judged.clear()
+    inv = maint_inventory(await env.get_current_time(), watch={**WATCHED, "during": None}, status_page=None)
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    assert report.status == "succeeded" and not mworld.judged and not report.app
+
+
+async def test_a_repack_skipped_by_its_guards_is_listed_as_skipped_with_the_reason(worker, mworld):
+    env = worker
+    inv = maint_inventory(await env.get_current_time(), status_page=None,
+                          tasks=[{"kind": "repack", "tables": ["public.orders", "public.events"]}])
+    why = "the pg_repack extension is not installed in database shop: run `CREATE EXTENSION pg_repack;`"
+    mworld.skip["public.orders"] = why
+    handle = await start(env, inv)
+    await approve_when_waiting(handle)
+    report = await handle.result()
+    assert report.status == "succeeded"
+    assert [(i.key, i.outcome) for i in report.items] == [("repack:public.orders", "skipped"),
+                                                          ("repack:public.events", "done")]
+    assert [d.key for d in report.skipped] == ["repack:public.orders"] and why in report.skipped[0].reason
+    assert "skipped: repack:public.orders" in mworld.notifications[-1][1]
