@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from opsflow.calendar import Calendar, Freeze, FreezeCalendar, WeeklyWindow, Window
 from opsflow.rollout import Direction, Missing
-from opsflow.sections import Seconds, SecretRef, Strict, parse_duration
+from opsflow.sections import LateFields, Seconds, SecretRef, Strict, parse_duration
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB)?\s*$")
@@ -46,7 +46,7 @@ TaskKind = Literal["vacuum", "analyze", "vacuum-analyze", "vacuum-freeze", "rein
 VACUUM_KINDS = ("vacuum", "vacuum-analyze", "vacuum-freeze")
 
 
-class AutoSelect(Strict):
+class AutoSelect(LateFields):
     """`tables: auto`: for a vacuum task, first the tables nearing transaction-ID wraparound -- `age(relfrozenxid)`
     (its TOAST table's included) at least `freeze_ratio` of `autovacuum_freeze_max_age`, or `mxid_age(relminmxid)`
     at least that share of `autovacuum_multixact_freeze_max_age` -- oldest first, each given `VACUUM (FREEZE,
@@ -57,6 +57,8 @@ class AutoSelect(Strict):
     least `min_index_bytes` that is at least `min_index_bloat` bloat, the most wasted bytes first. For a repack
     task (an online rebuild with pg_repack): the tables of at least `min_table_bytes` whose heap is at least
     `min_table_bloat` dead or free space, the most wasted bytes first."""
+
+    late_fields = frozenset({"min_table_bloat", "min_table_bytes"})  # added after inventories had digests
 
     min_dead_tuples: int = Field(default=10_000, ge=0)
     dead_ratio: float = Field(default=0.1, ge=0, le=1)
@@ -105,7 +107,9 @@ class MaintenanceTask(Strict):
         return self.name if self.kind == "sql" and self.name else self.kind
 
 
-class Guards(Strict):
+class Guards(LateFields):
+    late_fields = frozenset({"transaction_wait"})  # added after inventories had digests
+
     lock_timeout: Seconds = 5  # per session: a table whose lock is held is retried later, then skipped
     lock_retries: int = Field(default=1, ge=0, le=10)
     statement_timeout: Seconds = 3600
@@ -143,7 +147,9 @@ class StatusPage(Strict):
     title: str = "Scheduled database maintenance"
 
 
-class WatchQuery(Strict):
+class WatchQuery(LateFields):
+    late_fields = frozenset({"judge", "direction", "effect", "missing"})  # added after inventories had digests
+
     name: str
     query: str = Field(description="PromQL returning one number")
     max: float | None = None
@@ -175,7 +181,9 @@ class DuringWatch(Strict):
     _d = field_validator("baseline", "recent", "step", mode="before")(parse_duration)
 
 
-class WatchPolicy(Strict):
+class WatchPolicy(LateFields):
+    late_fields = frozenset({"during"})  # added after inventories had digests
+
     prometheus: str = Field(description="Prometheus base URL")
     duration: Seconds = 3600
     interval: Seconds = 60

@@ -12,7 +12,15 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
 
 from opsflow.calendar import Calendar, Freeze, FreezeCalendar, NeverOpens, WeeklyWindow
-from opsflow.sections import ApprovalPolicy, AzureConnection, KubernetesConfig, Seconds, Strict, parse_duration
+from opsflow.sections import (
+    ApprovalPolicy,
+    AzureConnection,
+    KubernetesConfig,
+    LateFields,
+    Seconds,
+    Strict,
+    parse_duration,
+)
 
 Direction = Literal["increase", "decrease", "either"]
 Missing = Literal["zero", "skip", "inconclusive"]
@@ -124,7 +132,9 @@ class MetricSpec(Strict):
     )
 
 
-class AnalysisSpec(Strict):
+class AnalysisSpec(LateFields):
+    late_fields = frozenset({"baseline"})  # added after inventories had digests
+
     prometheus: str = Field(description="Prometheus HTTP API base URL")
     interval: Seconds = Field(default=60, description="how often the bake looks at the figures")
     step: Seconds = Field(default=10, description="query_range resolution: one sample per step")

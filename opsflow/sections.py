@@ -34,20 +34,21 @@ class Strict(BaseModel):
 
 
 class LateFields(Strict):
-    """A model that gained optional fields after inventories had digests (opsflow/rules.py), named in its
-    `late_fields`: left out of the serialised form while unset (None), so an inventory without them keeps its digest
-    (a Schedule's stored one, a requester's copy one version behind) and its recorded form (which a worker not yet
-    upgraded decodes: `extra="forbid"`). A model adding its first such field derives from this instead of Strict
-    (only these models pay for a serializer in Python)."""
+    """A model that gained fields after inventories had digests (opsflow/rules.py), named in its `late_fields`:
+    left out of the serialised form while at their default (unset), so an inventory that does not set them keeps
+    its digest (a Schedule's stored one, a requester's copy one version behind) and its recorded form (which a worker
+    not yet upgraded decodes: `extra="forbid"`). A model adding its first such field derives from this instead of
+    Strict (only these models pay for a serializer in Python)."""
 
     late_fields: ClassVar[frozenset[str]] = frozenset()
 
     @model_serializer(mode="wrap")
-    def _omit_absent_late_fields(self, handler: SerializerFunctionWrapHandler) -> Any:
+    def _omit_default_late_fields(self, handler: SerializerFunctionWrapHandler) -> Any:
         data = handler(self)
         if self.late_fields and isinstance(data, dict):
+            fields = type(self).model_fields
             for name in self.late_fields:
-                if name in data and data[name] is None:
+                if name in data and getattr(self, name) == fields[name].get_default(call_default_factory=True):
                     del data[name]
         return data
 
