@@ -17,6 +17,7 @@ import asyncio
 import signal
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 from temporalio.api.enums.v1 import EventType, PendingActivityState
@@ -74,7 +75,8 @@ class Workers:
 
 async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve: bool, timeout: float = 900,
                                        spare: tuple[str, ...] = (NOTIFY_SEND.name,),
-                                       approvers: tuple[str, ...] = ("bob",), each_kind_once: bool = False) -> dict:
+                                       approvers: tuple[str, ...] = ("bob",), each_kind_once: bool = False,
+                                       long_once: tuple[str, ...] = ()) -> dict:
     """Follow the workflow's history until it closes, killing at every activity boundary (see the module doc). The
     history is followed with a long poll, each event as it is written (reading it whole every 50 ms cost the test and
     the server more CPU than the procedure); pending activities are read only while a long step may be running.
@@ -84,6 +86,8 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
     `approvers`: who approves, one after the other, while the procedure waits for an approval (a quorum).
     `each_kind_once`: kill the workflow worker after the first completion of each activity type only, not after
     every one (a rollout's bake looks at the figures every few seconds: the same two activities, over and over).
+    `long_once`: long steps of these types are killed in the middle the first time only (each kill costs the
+    heartbeat timeout; a maintenance window updates its status page three times).
 
     The report comes back with `_boundaries` (workflow worker kills between steps), `_kinds` (the activity types
     those kills followed), `_long` (the activity types killed in the middle) and `_kills` (per worker)."""
@@ -103,7 +107,9 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
             if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
                 scheduled = e.activity_task_scheduled_event_attributes
                 scheduled_type[e.event_id] = scheduled.activity_type.name
-                if scheduled.heartbeat_timeout.seconds and scheduled.activity_type.name not in spare:
+                kind = scheduled.activity_type.name
+                if scheduled.heartbeat_timeout.seconds and kind not in spare and not (
+                        kind in long_once and kind in long_kinds):
                     long_steps[e.event_id] = scheduled.activity_id
             elif e.event_type in ACTIVITY_CLOSED:
                 scheduled_id = getattr(e, ACTIVITY_CLOSED[e.event_type]).scheduled_event_id
@@ -156,6 +162,13 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
         keep = Path(tempfile.gettempdir()) / f"opsflow-crash-logs-{wid}-{int(time.time())}"
         shutil.copytree(lab.root, keep, ignore=shutil.ignore_patterns("pg", "*.db*", "data"), dirs_exist_ok=True)
         report["failure"] = f"{report['failure']} (logs kept in {keep})"
+    def seconds(step: dict) -> float:
+        start, end = step.get("started_at"), step.get("ended_at")
+        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds() if start and end else 0
+
+    slow = sorted(((seconds(s), s["name"]) for s in report.get("steps", [])), reverse=True)[:6]
+    print(f"{report.get('procedure')} {wid}: {report['status']}; killed after {kinds}, in the middle of {long_kinds};"
+          " slowest steps " + ", ".join(f"{name} {secs:.1f}s" for secs, name in slow))  # shown when a test fails
     report["_boundaries"] = boundaries
     report["_kinds"] = kinds
     report["_long"] = long_kinds

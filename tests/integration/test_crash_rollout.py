@@ -1,8 +1,9 @@
 """The crash suite for the rest (issue 21): a canary, a blue-green and a maintenance window, each with the workers
 SIGKILLed at its activity boundaries and in the middle of its long steps (tests/integration/crash_kit.py), on one lab
-with the rollout stage (real app processes behind a real NGINX, real Prometheus, real PostgreSQL). Each completes,
-and each side effect happened once, counted where it lands: the Kubernetes emulator's request log (one canary created
-and removed, each weight written once, the promotion once; one colour created, one switch, one scale-down; the
+with the rollout stage (real app processes behind a real NGINX, real Prometheus, real PostgreSQL). Each completes
+(the faulty canary: rolls back), and each side effect happened once, counted where it lands: the Kubernetes
+emulator's request log (one canary created and removed, each weight written once, the promotion once or never;
+one colour created, one switch, one scale-down; the
 maintenance annotation on once and off once), the receiver (each status-page call once), the ARM emulator (one
 backup) and PostgreSQL's own statistics (each table vacuumed/analyzed once).
 
@@ -12,8 +13,10 @@ each activity type (`each_kind_once`), not after every one — a bake looks at P
 table. Every kind of boundary is still crossed by a fresh worker replaying the history; which kinds were killed is
 asserted. Every long (heartbeating) step is killed in the middle when it is caught running (the region worker), but
 the steps whose heartbeat timeout is 60 s (maint.health: a read-only look at lag, retried as a read) and notify.send
-(10 s, killed in the drill's run) are spared. Short bakes (10 s) and rollback window (10 s) and one canary weight
-(50 %) keep the waiting down; the 5 s heartbeat of the maintenance items comes from the test's inventory."""
+(10 s, killed in the drill's run) are spared, and of the maintenance window's three status-page updates only the
+first (the create, which must find its incident again rather than open a second) is killed in the middle. Short
+bakes (10-15 s), a 10 s rollback window and one canary weight (50 %) keep the waiting down; the 5 s heartbeat of
+the maintenance items comes from the test's inventory."""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from lab.receiver import read_statuspage
 from lab.seed import BLOAT_TABLE
 from opsflow.contracts.k8s import K8S_SET_MAINTENANCE
 from opsflow.contracts.maintenance import MAINT_HEALTH, MAINT_PLAN, MAINT_RUN_ITEM
-from opsflow.contracts.notify import NOTIFY_SEND
+from opsflow.contracts.notify import NOTIFY_SEND, STATUSPAGE_UPDATE
 from opsflow.contracts.rollout import (
     ANALYSIS_JUDGE,
     HTTP_CHECKS,
@@ -121,6 +124,33 @@ async def test_canary_survives_a_kill_at_every_boundary(crash_lab):
     wait_for(lambda: set(served(lab, 10)) == {version}, 30, what="the new stable alone behind the proxy")
 
 
+async def test_faulty_canary_rolls_back_cleanly_through_a_kill_at_every_boundary(crash_lab):
+    """The faulty image (~15 % HTTP 500) with the workers killed: rolled back automatically, once — the weight
+    back to 0, then the canary removed —, stable never touched."""
+    lab, workers = crash_lab
+    stable = deployments(lab)["web"]
+    image = lab.state["rollout"]["images"]["faulty"]
+    kube(lab, "/_emulator/requests", "DELETE")
+    wid = lab.cli_json("canary", "--image", image, "--steps", "50,100", "--bake", "15s", "--auto-promote",
+                       "--requester", "alice")["workflow_id"]
+    report = await run_killing_at_every_boundary(lab, workers, wid, approve=True, approvers=APPROVERS,
+                                                 each_kind_once=True, timeout=300)
+    assert report["status"] == "failed" and report["rolled_back"], explain(report)
+    assert "error-rate" in report["rollback_reason"], report["rollback_reason"]
+    undo = [s["name"] for s in report["steps"] if s["outcome"] == "compensated"]
+    assert undo == ["undo:k8s.set_weight", "undo:k8s.delete_canary"], explain(report)
+    assert set(report["_kinds"]) >= {K8S_CREATE_CANARY.name, K8S_SET_WEIGHT.name, PROMETHEUS_SAMPLES.name,
+                                     K8S_DELETE_CANARY.name}, report["_kinds"]
+
+    writes = kube_writes(lab)
+    assert counted(writes, "POST", f"{NS}/deployments") == 1, writes  # one canary created
+    assert counted(writes, "DELETE", f"{NS}/deployments/web-canary") == 1, writes  # and removed once
+    assert counted(writes, "PATCH", f"{NS}/httproutes/web") == 3, writes  # 50/50, 100/0, the canary's ref gone
+    assert counted(writes, "PATCH", f"{NS}/deployments/web") == 0, writes  # stable never touched
+    assert route_weights(lab) == {"web": 100} and deployments(lab)["web"] == stable
+    assert "web-canary" not in deployments(lab)
+
+
 async def test_bluegreen_survives_a_kill_at_every_boundary(crash_lab):
     lab, workers = crash_lab
     inv = yaml.safe_load(open(workers.inventory))
@@ -163,11 +193,12 @@ async def test_maintenance_window_survives_a_kill_at_every_boundary(crash_lab):
     kube(lab, "/_emulator/requests", "DELETE")
     wid = lab.cli_json("maintenance", "--requester", "alice", "--reason", "crash suite")["workflow_id"]
     report = await run_killing_at_every_boundary(lab, workers, wid, approve=True, each_kind_once=True,
-                                                 spare=(NOTIFY_SEND.name, MAINT_HEALTH.name), timeout=300)
+                                                 spare=(NOTIFY_SEND.name, MAINT_HEALTH.name),
+                                                 long_once=(STATUSPAGE_UPDATE.name,), timeout=300)
     assert report["status"] == "succeeded", explain(report)
     assert set(report["_kinds"]) >= {MAINT_PLAN.name, MAINT_RUN_ITEM.name, MAINT_HEALTH.name,
                                      K8S_SET_MAINTENANCE.name}, report["_kinds"]
-    assert MAINT_RUN_ITEM.name in report["_long"], report["_long"]
+    assert MAINT_RUN_ITEM.name in report["_long"] and STATUSPAGE_UPDATE.name in report["_long"], report["_long"]
     assert [i["outcome"] for i in report["items"]] == ["done"] * len(report["items"]), report["items"]
     keys = [i["key"] for i in report["items"]]
     assert len(keys) == len(set(keys)) >= 3, keys  # each item once in the report
