@@ -76,7 +76,7 @@ class Workers:
 async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve: bool, timeout: float = 900,
                                        spare: tuple[str, ...] = (NOTIFY_SEND.name,),
                                        approvers: tuple[str, ...] = ("bob",), each_kind_once: bool = False,
-                                       long_once: tuple[str, ...] = ()) -> dict:
+                                       long_once: tuple[str, ...] = (), expected: str = "succeeded") -> dict:
     """Follow the workflow's history until it closes, killing at every activity boundary (see the module doc). The
     history is followed with a long poll, each event as it is written (reading it whole every 50 ms cost the test and
     the server more CPU than the procedure); pending activities are read only while a long step may be running.
@@ -87,7 +87,8 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
     `each_kind_once`: kill the workflow worker after the first completion of each activity type only, not after
     every one (a rollout's bake looks at the figures every few seconds: the same two activities, over and over).
     `long_once`: long steps of these types are killed in the middle the first time only (each kill costs the
-    heartbeat timeout; a maintenance window updates its status page three times).
+    heartbeat timeout; a maintenance window updates its status page three times). `expected`: the status the run
+    should end with (a faulty canary's is "failed", rolled back); another keeps the lab's logs for the reader.
 
     The report comes back with `_boundaries` (workflow worker kills between steps), `_kinds` (the activity types
     those kills followed), `_long` (the activity types killed in the middle) and `_kills` (per worker)."""
@@ -156,7 +157,7 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
     except TimeoutError:
         raise AssertionError(f"{wid} did not finish in {timeout:.0f}s; kills {workers.kills}") from None
     report = wait_end(lab, wid, timeout=120)
-    if report["status"] != "succeeded":  # keep the lab's logs for whoever reads the failure
+    if report["status"] != expected:  # keep the lab's logs for whoever reads the failure
         import shutil
 
         keep = Path(tempfile.gettempdir()) / f"opsflow-crash-logs-{wid}-{int(time.time())}"

@@ -134,7 +134,7 @@ async def test_faulty_canary_rolls_back_cleanly_through_a_kill_at_every_boundary
     wid = lab.cli_json("canary", "--image", image, "--steps", "50,100", "--bake", "15s", "--auto-promote",
                        "--requester", "alice")["workflow_id"]
     report = await run_killing_at_every_boundary(lab, workers, wid, approve=True, approvers=APPROVERS,
-                                                 each_kind_once=True, timeout=300)
+                                                 each_kind_once=True, timeout=300, expected="failed")
     assert report["status"] == "failed" and report["rolled_back"], explain(report)
     assert "error-rate" in report["rollback_reason"], report["rollback_reason"]
     undo = [s["name"] for s in report["steps"] if s["outcome"] == "compensated"]
