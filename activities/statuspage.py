@@ -15,6 +15,7 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.context import heartbeating
 from activities.secrets import resolve
 from opsflow.contracts.notify import STATUSPAGE_UPDATE
 from opsflow.maintenance_models import StatusPageRequest, StatusPageResult
@@ -53,7 +54,8 @@ def update(req: StatusPageRequest) -> StatusPageResult:
     page = req.page.page_id
     workflow_id = activity.info().workflow_id if activity.in_activity() else "local"
     try:
-        with _client(req) as http:
+        # heartbeats while it sends: a worker lost mid-call is noticed within the heartbeat timeout, not the step's
+        with heartbeating("status page"), _client(req) as http:
             if req.incident_id is None:
                 for incident in _check(http.get(f"/pages/{page}/incidents/scheduled"), "list scheduled maintenances"):
                     if ((incident.get("metadata") or {}).get("opsflow") or {}).get("workflow_id") == workflow_id:

@@ -739,6 +739,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve("DELETE")
 
     def _send(self, code: int, body: Any) -> None:
+        if not is_admin_path(self.path):  # the request log (GET /_emulator/requests), as the other emulators keep
+            self.emulator.log_request(self.command, self.path, code)
         if isinstance(body, str):
             data, ctype = body.encode(), "text/plain; charset=utf-8"
         else:

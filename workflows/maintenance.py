@@ -23,6 +23,7 @@ from temporalio import workflow
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
+from workflows.kernel.common import NOTIFY_HEARTBEAT
 from workflows.procedure import Procedure, Request, StepDecl, Stop, Undo, child_task_timeout, failure_message
 
 with workflow.unsafe.imports_passed_through():
@@ -263,6 +264,7 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
                     page=policy.status_page, status="scheduled", body=text, scheduled_for=opens, scheduled_until=closes
                 ),
                 queue=inv.task_queue,
+                heartbeat=self.statuspage_heartbeat(),
                 detail=lambda r: f"incident {r.incident_id}",
             )
             self.incident = report.status_page_incident = res.incident_id
@@ -563,6 +565,11 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
 
     # -- status page, summary, the end ----------------------------------------------------------------------------
 
+    def statuspage_heartbeat(self) -> float | None:
+        """statuspage.update heartbeats: a worker lost while it ran one cost the window its 60 s bound (found by the
+        crash suite, the worker killed just after it took the announcement); now the heartbeat timeout."""
+        return NOTIFY_HEARTBEAT if workflow.patched("statuspage-heartbeat") else None
+
     async def status_page(self, name: str, status: str, body: str) -> None:
         """Best effort once announced: a status page that does not answer is noted, never stops the maintenance."""
         if self.incident is None or self.policy.status_page is None:
@@ -573,7 +580,7 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
                 STATUSPAGE_UPDATE.name,
                 StatusPageRequest(page=self.policy.status_page, incident_id=self.incident, status=status, body=body),  # type: ignore[arg-type]
                 result_type=STATUSPAGE_UPDATE.result_type,
-                **self.activity_options(self.inventory.task_queue, 60, None, 5),
+                **self.activity_options(self.inventory.task_queue, 60, self.statuspage_heartbeat(), 5),
             )
             self.end_step(record, "ok", status)
         except Exception as err:  # noqa: BLE001 - an ActivityError; the procedure goes on

@@ -3,148 +3,25 @@ failover, failback and drill, in one run per procedure on one lab; each complete
 exactly once (promotions, replicas built, scratch servers created and deleted: counted at the ARM emulator).
 Plus: the Temporal dev server killed and restarted in the middle of a procedure (it persists to a sqlite file).
 
-How the boundaries are found: the test watches the workflow's history and its pending activities (the Temporal
-client, not sleeps). Two worker processes: one serves the workflow queue, one the region queues. At every
-ActivityTaskCompleted the workflow worker is SIGKILLed (the next step must be decided by a fresh worker replaying
-the history), and while each heartbeating (long) step is running, the worker running it is SIGKILLed in the
-middle of it (the retry must find the world half-changed and finish the job once; notify.send, the same step in
-every procedure, only in the drill's run). A pending activity, not the
-history, says a step is running: the history records an activity's start only when it closes. Each killed worker
-is replaced at once. The test inventory's heartbeat timeout is 5 s and its workflow task timeout 1 s
-(conftest.fast_recovery), so a killed step or decision is taken over within seconds."""
+How: tests/integration/crash_kit.py (the workers, the run that kills them). notify.send, the same step in
+every procedure, is killed in the middle only in the drill's run. The test inventory's heartbeat timeout is 5 s and
+its workflow task timeout 1 s (conftest.fast_recovery), so a killed step or decision is taken over within seconds."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
-from temporalio.api.enums.v1 import EventType, PendingActivityState
-from temporalio.client import Client
 
-from opsflow.contracts.notify import NOTIFY_SEND
-from opsflow.temporal import DATA_CONVERTER
-from tests.integration import forked
-from tests.integration.conftest import FAST_RESTART, ROOT, explain, fast_recovery, wait_for
+from tests.integration.conftest import explain, fast_recovery, wait_for
+from tests.integration.crash_kit import Workers, run_killing_at_every_boundary
 from tests.integration.test_crash import arm_admin
 from tests.integration.test_failover_lab import autoscaler, sql, timeline, wait_end, wait_status
 
 pytestmark = [pytest.mark.lab, pytest.mark.crash]
 
 OK = (200, 201, 202)
-ACTIVITY_CLOSED = {  # the event types that end an activity, and their attributes' field
-    EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity_task_completed_event_attributes",
-    EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "activity_task_failed_event_attributes",
-    EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "activity_task_timed_out_event_attributes",
-    EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED: "activity_task_canceled_event_attributes",
-}
-
-
-class Workers:
-    """The workflow worker and the region worker of a lab, each replaced at once after a SIGKILL (forked from a
-    process that imported it already: forked.py, so the procedure waits for the server's timeouts, not for a
-    Python start)."""
-
-    def __init__(self, lab, inventory: str):
-        self.lab, self.inventory, self.n = lab, inventory, 0
-        self.procs: dict[str, forked.Forked] = {}
-        self.kills = {"workflow": 0, "region": 0}
-
-    def start(self, role: str) -> None:
-        flag = "--no-regions" if role == "workflow" else "--no-workflows"
-        self.n += 1
-        log = self.lab.root / f"worker-{role}-{self.n}.log"
-        self.procs[role] = forked.start(
-            "worker.main", ["--env", self.inventory, flag, *FAST_RESTART], self.lab.env(), ROOT, log
-        )
-        self.lab.workers.append(self.procs[role])
-
-    def start_all(self) -> None:
-        self.start("workflow")
-        self.start("region")
-
-    def role_of(self, identity: str) -> str | None:
-        """Which of our workers an activity's `last_worker_identity` (the SDK's default, pid@host) names."""
-        pid = identity.split("@")[0]
-        return next((role for role, proc in self.procs.items() if str(proc.pid) == pid), None)
-
-    def kill(self, role: str) -> None:
-        proc = self.procs[role]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        self.kills[role] += 1
-        self.start(role)
-
-
-async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve: bool, timeout: float = 900,
-                                       spare: tuple[str, ...] = (NOTIFY_SEND.name,)) -> dict:
-    """Follow the workflow's history until it closes, killing at every activity boundary (see the module doc). The
-    history is followed with a long poll, each event as it is written (reading it whole every 50 ms cost the test and
-    the server more CPU than the procedure); pending activities are read only while a long step may be running.
-    `spare`: long steps not killed in the middle. notify.send is the same step in every procedure (Procedure.notify),
-    and a kill in the middle of it costs its 10 s heartbeat timeout: the drill's run kills it, the others spare it."""
-    client = await Client.connect(lab.state["temporal"]["address"], data_converter=DATA_CONVERTER)
-    handle = client.get_workflow_handle(wid)
-    long_steps: dict[int, str] = {}  # scheduled event id -> activity id, of the long steps not yet closed
-    killed_running: set[str] = set()
-    boundaries = 0
-    closed = asyncio.Event()
-
-    async def follow_history() -> None:
-        nonlocal boundaries
-        async for e in handle.fetch_history_events(wait_new_event=True):
-            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-                scheduled = e.activity_task_scheduled_event_attributes
-                if scheduled.heartbeat_timeout.seconds and scheduled.activity_type.name not in spare:
-                    long_steps[e.event_id] = scheduled.activity_id
-            elif e.event_type in ACTIVITY_CLOSED:
-                long_steps.pop(getattr(e, ACTIVITY_CLOSED[e.event_type]).scheduled_event_id, None)
-                if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
-                    boundaries += 1
-                    workers.kill("workflow")  # between two steps
-        closed.set()
-
-    async def kill_long_steps_and_approve() -> None:
-        approved, next_look = not approve, 0.0
-        while not closed.is_set():
-            if set(long_steps.values()) - killed_running:
-                for act in (await handle.describe()).raw_description.pending_activities:
-                    running = act.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
-                    if running and act.activity_id in long_steps.values() and act.activity_id not in killed_running:
-                        role = workers.role_of(act.last_worker_identity)
-                        if role is not None:  # else started by a worker killed since: its retry is killed instead
-                            killed_running.add(act.activity_id)
-                            workers.kill(role)  # in the middle of a long step
-            if not approved and time.monotonic() >= next_look:
-                next_look = time.monotonic() + 0.3
-                if ((await asyncio.to_thread(lab.status, wid)).get("waiting_for") or "").startswith("approval"):
-                    await asyncio.to_thread(
-                        lab.cli, "approve", wid, "--as", "bob", "--reason", "crash suite", check=True
-                    )
-                    approved = True
-            try:
-                await asyncio.wait_for(closed.wait(), 0.05)
-            except TimeoutError:
-                pass
-
-    try:
-        await asyncio.wait_for(asyncio.gather(follow_history(), kill_long_steps_and_approve()), timeout)
-    except TimeoutError:
-        raise AssertionError(f"{wid} did not finish in {timeout:.0f}s; kills {workers.kills}") from None
-    report = wait_end(lab, wid, timeout=120)
-    if report["status"] != "succeeded":  # keep the lab's logs for whoever reads the failure
-        import shutil
-
-        keep = Path(tempfile.gettempdir()) / f"opsflow-crash-logs-{wid}-{int(time.time())}"
-        shutil.copytree(lab.root, keep, ignore=shutil.ignore_patterns("pg", "*.db*"), dirs_exist_ok=True)
-        report["failure"] = f"{report['failure']} (logs kept in {keep})"
-    report["_boundaries"] = boundaries
-    report["_kills"] = dict(workers.kills, long_steps=len(killed_running))
-    return report
 
 
 def arm_writes(lab, method: str, path_end: str) -> int:
