@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
+import yaml
 
+from lab.inventory import self_managed_database
+from lab.postgres import Cluster
 from tests.integration.conftest import explain, fast_recovery, wait_for
 from tests.integration.crash_kit import Workers, run_killing_at_every_boundary
 from tests.integration.test_crash import arm_admin
-from tests.integration.test_failover_lab import autoscaler, sql, timeline, wait_end, wait_status
+from tests.integration.test_failover_lab import autoscaler, sql, streams_from, timeline, wait_end, wait_status
 
 pytestmark = [pytest.mark.lab, pytest.mark.crash]
 
@@ -128,12 +132,6 @@ async def test_self_managed_switchover_and_failback_survive_a_kill_at_every_boun
     """Self-managed switchover (issue 20): the lab's clusters as provider postgres with host access; the failover
     and the failback each with a kill at every boundary, and in the middle of the shutdown and the follow: the old
     primary follows the new one each way, no promotion asked of Azure, no data directory rebuilt, every row kept."""
-    import yaml
-
-    from lab.inventory import self_managed_database
-    from lab.postgres import Cluster
-    from tests.integration.test_failover_lab import streams_from
-
     raw = yaml.safe_load(open(lab.inventory))
     for region, r in raw["regions"].items():
         r["database"] = self_managed_database(lab.state, region)
