@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 p.add_argument("--virtual-endpoint", action="store_true",
                                help="Azure: a virtual endpoint over the two servers, named in the inventory: "
                                     "failovers are switchovers (the old primary becomes the replica)")
+                p.add_argument("--database", choices=["cloud", "patroni"], default="cloud",
+                               help="patroni: real Patroni clusters on etcd (eastus primary, westeurope standby "
+                                    "cluster), provider 'patroni' in the inventory (Azure lab for the rest)")
         if name == "demo":
             p.add_argument("--drill", action="store_true",
                            help="then create the monthly restore-drill schedule and trigger it once")
@@ -58,8 +61,13 @@ def main(args: argparse.Namespace) -> int:
         if args.virtual_endpoint and args.cloud != "azure":
             print("opsflow lab up: --virtual-endpoint is an Azure feature (not with --cloud aws)", file=sys.stderr)
             return 2
+        if args.database == "patroni" and (args.cloud != "azure" or args.virtual_endpoint):
+            print("opsflow lab up: --database patroni runs with the Azure lab's traffic (not with --cloud aws or "
+                  "--virtual-endpoint)", file=sys.stderr)
+            return 2
         manage.up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults,
-                  encrypt=args.encrypt, rollout=args.rollout, virtual_endpoint=args.virtual_endpoint)
+                  encrypt=args.encrypt, rollout=args.rollout, virtual_endpoint=args.virtual_endpoint,
+                  database=args.database)
         s = manage.status(root)
         if args.json:
             print(json.dumps(s, indent=2))

@@ -79,7 +79,7 @@ def lab_inventory(state: dict, root: Path) -> dict:
     regions = {}
     for region in REGIONS:
         regions[region] = {
-            "database": {
+            "database": patroni_database(state, region) if state.get("patroni") else {
                 "provider": "azure-flexible",
                 "subscription_id": SUBSCRIPTION,
                 "resource_group": RESOURCE_GROUP,
@@ -129,6 +129,13 @@ def lab_inventory(state: dict, root: Path) -> dict:
         "reports_dir": str(root / "reports"),
         "maintenance": lab_maintenance(receiver),
     }
+
+
+def patroni_database(state: dict, region: str) -> dict:
+    """`opsflow lab up --database patroni`: the region's Patroni cluster (lab/patroni.py)."""
+    r = state["patroni"]["regions"][region]
+    return {"provider": "patroni", "dsn": r["dsn"], "rest_api": [r["rest_api"]], "scope": r["scope"],
+            "replication_address": f"127.0.0.1:{r['port']}"}
 
 
 def lab_maintenance(receiver: str) -> dict:

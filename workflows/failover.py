@@ -84,6 +84,8 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[S
     smoke = f"{len(to_region.smoke_urls)} smoke URL(s) in {to} answer"
     ve = virtual_endpoint(inp, to)
     how = f"switch over (virtual endpoint {ve}: {source} becomes its replica)" if ve else "promote"
+    if patroni(inp, to) and not inp.emergency:
+        how = f"switch over (Patroni: {source} becomes a standby cluster of {to}, then {to} is promoted)"
     if inp.emergency:
         steps = [
             StepDecl(
@@ -138,7 +140,7 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[S
         StepDecl("verify-smoke", smoke, "smoke URLs are configured", bool(to_region.smoke_urls)),
         StepDecl("scale-up", f"scale {to}: {deployments}" if deployments else f"no deployments to scale in {to}"),
         *([StepDecl("old-replica", f"lift the fence on {source}, now a replica of {to}, and check that it streams")]
-          if ve and not inp.emergency else []),
+          if switches_over(inp, to) and not inp.emergency else []),
         StepDecl("notify", f"notify {', '.join(c.name for c in inv.notifications) or 'nobody (no channels)'}"),
     ]
 
@@ -146,6 +148,16 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True) -> list[S
 def virtual_endpoint(inp: FailoverInput, region: str) -> str | None:
     """The Azure virtual endpoint the inventory names for the region's database (None: none, or not Azure)."""
     return getattr(inp.inventory.region(region).database, "virtual_endpoint", None)
+
+
+def patroni(inp: FailoverInput, region: str) -> bool:
+    """Patroni clusters: a planned failover is a switchover too (the old cluster becomes a standby cluster)."""
+    return inp.inventory.region(region).database.provider == "patroni"
+
+
+def switches_over(inp: FailoverInput, region: str) -> bool:
+    """A planned failover to `region` leaves the old primary a replica of the new one (no rebuild to come back)."""
+    return bool(virtual_endpoint(inp, region)) or patroni(inp, region)
 
 
 REPLICA_ROLES = ("AsyncReplica", "GeoAsyncReplica")  # Azure's replication roles of a read replica
@@ -334,7 +346,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         await self.boundary()
         self.point_of_no_return = True  # a promotion may happen from here: no abort (it is refused, not lost)
         critical = [
-            ("promote", lambda: self.promote(target, q, force=False)),
+            ("promote", lambda: self.promote(target, q, force=False, demote=old if patroni(inp, to) else None)),
             ("move traffic", lambda: self.move_traffic(inp)),
         ]
         await self.forward(inp, source, critical, since=decision.at)
@@ -386,13 +398,16 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         report.rpo_bytes = max(received, last_primary or 0) - replayed
         report.rpo_proven = False
 
-    async def promote(self, target: RegionTarget, q: str, force: bool) -> PromoteResult:
+    async def promote(
+        self, target: RegionTarget, q: str, force: bool, demote: RegionTarget | None = None
+    ) -> PromoteResult:
         inv = self.inventory
         result: PromoteResult = await self.step(
             "promote",
-            f"{'Force-promote' if force else 'Promote'} the replica in {target.region}",
+            f"{'Force-promote' if force else 'Promote'} the replica in {target.region}"
+            + (f" ({demote.region} demoted first)" if demote else ""),
             DB_PROMOTE,
-            PromoteRequest(target=target, force=force),
+            PromoteRequest(target=target, force=force, demote=demote),
             queue=q,
             timeout=inv.failover.promote_timeout,
             heartbeat=inv.failover.heartbeat_timeout,
@@ -472,7 +487,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                 ),
             ),
         ]
-        if not inp.emergency and virtual_endpoint(inp, to):
+        if not inp.emergency and switches_over(inp, to):
             after.append(("old primary follows", lambda: self.old_primary_follows(inp, source)))
         todo = [label for label, _ in critical + after]
         try:
