@@ -59,6 +59,7 @@ class PatroniCluster:
         self.region = target.region
         self.db = target.database
         self.timeout = timeout
+        self._scope_checked = False
 
     # -- the REST API -----------------------------------------------------------------------------------------
 
@@ -98,19 +99,24 @@ class PatroniCluster:
             f"{self.region}: no Patroni REST API answers ({'; '.join(errors)})", type="PatroniUnreachable"
         )
 
+    def check_scope(self) -> None:
+        """The REST API serves the cluster the inventory names (scope): a wrong URL must not switch another cluster
+        over. Once per provider object; no scope in the inventory, no check."""
+        if not self.db.scope or self._scope_checked:
+            return
+        _, me = self._request("GET", "/patroni")
+        scope = (me.get("patroni") or {}).get("scope") if isinstance(me, dict) else None
+        if scope != self.db.scope:
+            raise ApplicationError(
+                f"{self.region}: the Patroni REST API at {self.db.rest_api[0]} serves cluster {scope!r}, not "
+                f"{self.db.scope!r} (the inventory's scope)",
+                type="PatroniScopeMismatch",
+                non_retryable=True,
+            )
+        self._scope_checked = True
+
     def cluster(self) -> dict:
-        """GET /cluster, after checking the scope the inventory names (a wrong URL must not switch another
-        cluster over)."""
-        if self.db.scope:
-            _, me = self._request("GET", "/patroni")
-            scope = (me.get("patroni") or {}).get("scope") if isinstance(me, dict) else None
-            if scope and scope != self.db.scope:
-                raise ApplicationError(
-                    f"{self.region}: the Patroni REST API at {self.db.rest_api[0]} serves cluster {scope!r}, not "
-                    f"{self.db.scope!r} (the inventory's scope)",
-                    type="PatroniScopeMismatch",
-                    non_retryable=True,
-                )
+        self.check_scope()
         status, data = self._request("GET", "/cluster")
         if status != 200 or not isinstance(data, dict):
             raise ApplicationError(f"{self.region}: GET /cluster answered {status}: {data}", type="PatroniError")
@@ -120,12 +126,14 @@ class PatroniCluster:
         return next((m for m in self.cluster().get("members", []) if m.get("role") in LEADER_ROLES), None)
 
     def config(self) -> dict:
+        self.check_scope()
         status, data = self._request("GET", "/config")
         if status != 200 or not isinstance(data, dict):
             raise ApplicationError(f"{self.region}: GET /config answered {status}: {data}", type="PatroniError")
         return data
 
     def patch_config(self, patch: dict) -> dict:
+        self.check_scope()
         status, data = self._request("PATCH", "/config", patch)
         if status != 200:
             raise ApplicationError(
