@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from temporalio.exceptions import ApplicationError
 
 from activities.context import heartbeat, sleep_or_cancelled, time_limit
@@ -257,7 +258,7 @@ class PatroniCluster:
                     old_primary=old.region if old else None,
                     old_primary_role=(old.status().cloud_role if old else None),
                 )
-            if before.reachable:
+            if before.reachable and not self._promoting():
                 raise ApplicationError(
                     f"{self.region}: not a standby cluster, yet {where(self.db)} is a replica: the dsn must reach the "
                     "cluster's leader (a switchover inside one cluster is Patroni's POST /switchover)",
@@ -288,6 +289,16 @@ class PatroniCluster:
             old_primary=old.region if old else None,
             old_primary_role=(old.status().cloud_role if old else None),
         )
+
+    def _promoting(self) -> bool:
+        """The cluster leads (no standby_cluster any more) and its leader is the server the dsn reaches, still
+        leaving recovery: a promotion requested by an earlier attempt of this activity."""
+        leader = self.leader()
+        if not leader or leader.get("role") not in ("leader", "master", "primary"):
+            return False
+        dsn = conninfo_to_dict(self.db.dsn)
+        return (str(leader.get("host")), int(leader.get("port") or 0)) == (
+            str(dsn.get("host") or dsn.get("hostaddr")), int(dsn.get("port") or 5432))
 
     def _writable(self) -> bool:
         try:
