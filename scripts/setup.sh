@@ -8,8 +8,8 @@ VENV=${VENV:-.venv}
 
 # Debian packages the lab runs for real: PostgreSQL 15 (+ pg_repack), NGINX (the canary's traffic split),
 # Prometheus (canary analysis, the maintenance watch; its promtool checks deploy/prometheus' alert rules), OpenSSH's
-# ssh-keygen, kubectl (renders deploy/kubernetes), Chromium (the HTML report's test renders it headless). Each is
-# installed only when missing.
+# ssh-keygen, kubectl (renders deploy/kubernetes), Chromium (the HTML report's test renders it headless), Patroni and
+# etcd (the Patroni lab). Each is installed only when missing.
 missing=()
 [[ -x /usr/lib/postgresql/15/bin/initdb || -n "${OPSFLOW_PG_BINDIR:-}" ]] || missing+=(postgresql-15)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
@@ -18,6 +18,9 @@ command -v promtool >/dev/null || [[ " ${missing[*]} " == *" prometheus "* ]] ||
 command -v ssh-keygen >/dev/null || missing+=(openssh-client)  # signed requests are tested with real SSH keys
 command -v kubectl >/dev/null || missing+=(kubectl)
 command -v chromium >/dev/null || missing+=(chromium)  # the HTML report's test renders it in a headless Chromium
+# `opsflow lab up --database patroni`: Patroni clusters on an etcd (tests/integration/test_patroni_lab.py)
+[[ -x /usr/bin/patroni ]] || missing+=(patroni)
+[[ -x /usr/bin/etcd ]] || missing+=(etcd-server)
 if (( ${#missing[@]} )); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     echo "setup: installing ${missing[*]} (apt)"
