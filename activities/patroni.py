@@ -227,7 +227,18 @@ class PatroniCluster:
         """Emergency fence of an old primary: the read-only parameter in its dynamic configuration (Patroni applies
         it when the region comes back), and its sessions ended when it answers now."""
         self.timeout = min(self.timeout, max(budget / 4, 1.0))
-        self.patch_config(_fence_patch(True))
+        try:
+            self.patch_config(_fence_patch(True))
+        except ApplicationError as e:
+            if e.non_retryable:
+                raise
+            raise ApplicationError(
+                f"{e.message}. Before it comes back, make it a standby cluster of the new primary in its DCS, e.g. "
+                f"patronictl -c <its patroni.yml> edit-config -s standby_cluster.host=<new primary> -s "
+                f"standby_cluster.port=<port>: else Patroni restarts it as a writable primary on a timeline of its "
+                f"own, which it would not rewind later",
+                type=e.type,
+            ) from None
         actions = [f"set {FENCE_PARAMETER}=on in the dynamic configuration of Patroni cluster "
                    f"{self.db.scope or self.region}"]
         try:
@@ -350,6 +361,18 @@ class PatroniCluster:
         demotes the old primary and rewinds it when it diverged (use_pg_rewind). Idempotent."""
         started = time.monotonic()
         other = PatroniCluster(primary)
+        mine, theirs = sql_status(self.db, self.region), sql_status(other.db, primary.region)
+        if mine.reachable and mine.role == "primary" and mine.timeline is not None and mine.timeline == theirs.timeline:
+            # Promoted on its own after the split (Patroni restarted it as leader): the same timeline id with another
+            # history, which Patroni's rewind check takes for the same timeline. Following would mix two histories.
+            raise ApplicationError(
+                f"{self.region}: its primary writes on timeline {mine.timeline} like the one in {primary.region}, "
+                f"with a history of its own (it was promoted again after the split): it cannot follow "
+                f"{primary.region} without a new copy. Keep what it holds (pg_dump), make it a standby cluster "
+                f"(PATCH /config standby_cluster) and reinitialise its members (patronictl reinit), then fail back",
+                type="RebuildNotSupported",
+                non_retryable=True,
+            )
         host, port = other.db.replication_address.rsplit(":", 1)
         want = {"host": host, "port": int(port), "create_replica_methods": ["basebackup"]}
         current = self.standby_source()
@@ -362,6 +385,16 @@ class PatroniCluster:
         limit = time_limit(600.0)
         self._until(f"{self.region} to run as a standby leader", self._standby_leader_running, limit)
         self._until(f"{self.region} to stream from {primary.region}", self._streaming, limit)
+        replayed = lsn_to_int(self._sql("select pg_last_wal_replay_lsn()::text")[0]) or 0
+        if replayed > (lsn_to_int(other._sql("select pg_current_wal_lsn()::text")[0]) or 0):
+            raise ApplicationError(
+                f"{self.region}: replayed past {primary.region}'s current position: its history diverged and Patroni "
+                "did not rewind it; reinitialise its members (patronictl reinit)",
+                type="RebuildNotSupported",
+                non_retryable=True,
+            )
+        if FENCE_PARAMETER in (self.config().get("postgresql", {}).get("parameters") or {}):
+            self.patch_config(_fence_patch(False))  # a fence set by hand or by the emergency would follow it back
         return RebuildResult(
             method="patroni-standby-cluster",
             seconds=round(time.monotonic() - started, 3),

@@ -13,6 +13,7 @@ other's through Patroni's REST API (activities/patroni.py); nothing here knows t
     start(lab, root, say) -> dict[str, Cluster]   etcd, both clusters, westeurope streaming; the lab state's
                                                   "patroni" section (REST URLs, scopes, ports) that
                                                   lab.inventory.lab_inventory turns into provider "patroni"
+    kill(lab, region) / restart(lab, region)      a region's Patroni and PostgreSQL die / its Patroni comes back
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import signal
 import stat
 import time
 import urllib.request
@@ -31,7 +33,7 @@ import yaml
 
 from lab.inventory import PRIMARY, REGIONS
 from lab.postgres import DEFAULT_BINDIR, Cluster
-from lab.processes import Lab, pick_port
+from lab.processes import Lab, pick_port, stop_pid
 
 PATRONI = "/usr/bin/patroni"
 ETCD = "/usr/bin/etcd"
@@ -174,7 +176,7 @@ def start(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
         clusters[region] = Cluster(name=f"patroni-{region}", datadir=Path(cfg["postgresql"]["data_dir"]),
                                    port=pg_port, logfile=Path(lab.state["processes"][name]["log"]))
         state["regions"][region] = {"rest_api": rest, "scope": scope(region), "port": pg_port,
-                                    "dsn": clusters[region].dsn}
+                                    "dsn": clusters[region].dsn, "config": str(path)}
     lab.state["patroni"] = state
     lab.save()
     return clusters
@@ -187,3 +189,24 @@ def _streams(port: int) -> bool:
             return c.execute("select status = 'streaming' from pg_stat_wal_receiver").fetchone() == (True,)
     except psycopg.Error:
         return False
+
+
+def kill(lab: Lab, region: str) -> None:
+    """The region dies: its Patroni (SIGKILL) and its PostgreSQL (SIGKILL, in a session of its own)."""
+    info = lab.state["processes"].pop(f"patroni-{region}")
+    lab.save()
+    try:
+        os.killpg(info["pid"], signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    stop_pid(info["pid"], timeout=5)  # reaps it
+    Cluster.from_dict(lab.state["postgres"][region]).kill()
+
+
+def restart(lab: Lab, region: str) -> None:
+    """The region comes back: its Patroni started again on the same configuration; returns once its REST API
+    answers (what Patroni then does with PostgreSQL is its own decision)."""
+    r = lab.state["patroni"]["regions"][region]
+    name = f"patroni-{region}"
+    lab.spawn(name, _as_server_user([PATRONI, r["config"]]))
+    _wait("answering on its REST API", lambda: _get(f"{r['rest_api']}/patroni")[0] != 0, lab, name)

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from temporalio.exceptions import ApplicationError
 
@@ -39,6 +40,21 @@ def patroni_lab():
 
 def rest(lab, region: str, path: str) -> dict:
     return httpx.get(lab.state["patroni"]["regions"][region]["rest_api"] + path, timeout=5).json()
+
+
+def processes(lab):
+    """The lab's own process table (lab.json), where its Patroni processes are killed and started again."""
+    from lab.processes import Lab as Processes
+
+    return Processes(lab.root)
+
+
+def answers_and(check, *args) -> bool:
+    """check(*args), False while the server does not accept connections yet (Patroni is starting it)."""
+    try:
+        return check(*args)
+    except psycopg.OperationalError:
+        return False
 
 
 def leader_role(lab, region: str) -> str:
@@ -110,3 +126,80 @@ def test_provider_reads_patroni_and_refuses_another_cluster(patroni_lab):
     assert err.value.type == "PatroniScopeMismatch" and err.value.non_retryable
     assert leader_role(patroni_lab, "westeurope") == "standby_leader"  # nothing was changed
     assert leader_role(patroni_lab, "eastus") == "leader"
+
+
+def test_emergency_with_eastus_dead_then_it_rejoins_and_fails_back(patroni_lab):
+    """eastus dies (Patroni and PostgreSQL SIGKILLed): the emergency promotes westeurope alone and leaves the old
+    cluster's fence to a person, saying how (its REST API is down). Done as it says (patronictl against its DCS),
+    eastus comes back as a standby cluster following westeurope; the failback switches back, every row kept."""
+    import json
+    import subprocess
+
+    from lab import patroni
+
+    lab = patroni_lab
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    sql(east, "CREATE TABLE emergency (id int PRIMARY KEY)")
+    sql(east, "INSERT INTO emergency SELECT generate_series(1, 100)")
+    wait_for(lambda: sql(west, "SELECT to_regclass('emergency') IS NOT NULL")[0][0], what="the table replicated")
+    wait_for(lambda: sql(west, "SELECT count(*) FROM emergency")[0][0] == 100, what="the rows replayed")
+    patroni.kill(processes(lab), "eastus")
+
+    proc = lab.cli("failover", "--to", "westeurope", "--emergency", "--requester", "alice", "--wait", "--json")
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert proc.returncode == 0 and report["status"] == "succeeded", explain(report)
+    assert not report["switchover"] and leader_role(lab, "westeurope") == "leader"
+    hint = next(r for r in report["remaining"] if "fence the old primary in eastus" in r)
+    assert "patronictl" in hint and "standby_cluster" in hint
+    sql(west, "INSERT INTO emergency VALUES (101)")
+
+    # What the report asks of a person, before eastus comes back: make it a standby cluster of westeurope.
+    regions = lab.state["patroni"]["regions"]
+    port = regions["westeurope"]["port"]
+    subprocess.run(["patronictl", "-c", regions["eastus"]["config"], "edit-config", "--force",
+                    "-s", "standby_cluster.host=127.0.0.1", "-s", f"standby_cluster.port={port}",
+                    "-s", "standby_cluster.create_replica_methods=[basebackup]"], check=True, capture_output=True)
+    patroni.restart(processes(lab), "eastus")
+    try:
+        wait_for(lambda: answers_and(streams_from, east, west), timeout=90, what="eastus streaming from westeurope")
+    except AssertionError as e:
+        log = Path(processes(lab).state["processes"]["patroni-eastus"]["log"]).read_text(errors="replace")
+        raise AssertionError(f"{e}\neastus' Patroni log:\n" + "\n".join(log.splitlines()[-40:])) from None
+
+    fid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice")["workflow_id"]
+    approve(lab, fid)
+    back = wait_end(lab, fid, timeout=240)
+    assert back["status"] == "succeeded", explain(back)
+    assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    assert (leader_role(lab, "eastus"), leader_role(lab, "westeurope")) == ("leader", "standby_leader")
+    sql(east, "INSERT INTO emergency VALUES (102)")
+    assert sql(east, "SELECT count(*) FROM emergency")[0][0] == 102
+    wait_for(lambda: sql(west, "SELECT count(*) FROM emergency")[0][0] == 102, what="westeurope following eastus")
+
+
+def test_rebuild_is_idempotent_and_refuses_a_cluster_promoted_on_its_own(patroni_lab):
+    """rebuild_replica on a standby cluster already following is success without a change. A cluster that came back
+    leading on its own (eastus killed, westeurope promoted, eastus restarted with nothing to tell it: Patroni
+    promotes it again, on the same timeline id with another history) is refused, non-retryable, before anything is
+    changed: Patroni's rewind check would take the two histories for one. Last in the module: it leaves a split."""
+    from activities.patroni import PatroniCluster
+    from lab import patroni
+    from opsflow.inventory import load_inventory
+    from opsflow.models import RegionTarget
+
+    lab = patroni_lab
+    inv = load_inventory(lab.inventory)
+    east, west = RegionTarget.of(inv, "eastus"), RegionTarget.of(inv, "westeurope")
+    assert PatroniCluster(west).rebuild_replica(east).method == "already-streaming"
+
+    patroni.kill(processes(lab), "eastus")
+    assert not PatroniCluster(west).promote(force=True).already_primary
+    patroni.restart(processes(lab), "eastus")
+    tli = timeline(lab.dsn("westeurope"))
+    wait_for(lambda: PatroniCluster(east).status().model_dump(include={"role", "timeline"})
+             == {"role": "primary", "timeline": tli}, timeout=90, what="eastus leading again on its own")
+    with pytest.raises(ApplicationError) as err:
+        PatroniCluster(east).rebuild_replica(west)
+    assert err.value.type == "RebuildNotSupported" and err.value.non_retryable
+    assert "patronictl reinit" in err.value.message
+    assert "standby_cluster" not in rest(lab, "eastus", "/config")  # nothing was changed
