@@ -128,6 +128,35 @@ def test_provider_reads_patroni_and_refuses_another_cluster(patroni_lab):
     assert leader_role(patroni_lab, "eastus") == "leader"
 
 
+def test_a_promotion_retried_after_the_demotion_picks_up_where_it_was(patroni_lab):
+    """A worker that died after demoting the old cluster: the retried promotion finds it already following (no
+    second PATCH), proves the replay and promotes; retried once more, it is already the primary. Then back."""
+    from activities.patroni import PatroniCluster
+    from opsflow.inventory import load_inventory
+    from opsflow.models import RegionTarget
+
+    lab = patroni_lab
+    inv = load_inventory(lab.inventory)
+    east, west = RegionTarget.of(inv, "eastus"), RegionTarget.of(inv, "westeurope")
+    E, W = PatroniCluster(east), PatroniCluster(west)
+    E.fence()
+    W._demote(E)  # the first attempt got this far
+    assert leader_role(lab, "eastus") == "standby_leader" and leader_role(lab, "westeurope") == "standby_leader"
+    demoted_to = E.config()["standby_cluster"]
+    first = W.promote(False, demote=east)
+    assert not first.already_primary and first.switchover and first.old_primary_role == "standby_leader"
+    assert E.config()["standby_cluster"] == demoted_to  # found as the first attempt left it
+    again = W.promote(False, demote=east)
+    assert again.already_primary and again.switchover
+    E.unfence()
+    assert answers_and(streams_from, lab.dsn("eastus"), lab.dsn("westeurope"))
+    # back as the module found it: eastus leads
+    W.fence()
+    assert E.promote(False, demote=west).switchover
+    W.unfence()
+    assert (leader_role(lab, "eastus"), leader_role(lab, "westeurope")) == ("leader", "standby_leader")
+
+
 def test_emergency_with_eastus_dead_then_it_rejoins_and_fails_back(patroni_lab):
     """eastus dies (Patroni and PostgreSQL SIGKILLed): the emergency promotes westeurope alone and leaves the old
     cluster's fence to a person, saying how (its REST API is down). Done as it says (patronictl against its DCS),
