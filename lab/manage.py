@@ -284,6 +284,7 @@ def status(root: Path) -> dict:
         "regions": {r: {"dsn": v["dsn"], "postgres_running": pg.get(r, {}).get("running")}
                     for r, v in lab.state.get("regions", {}).items()},
         "azure": lab.state.get("azure"),
+        "patroni": lab.state.get("patroni"),
         "kubernetes": lab.state.get("kubernetes"),
         "receiver": lab.state.get("receiver"),
         "codec": lab.state.get("codec"),
@@ -302,6 +303,8 @@ def print_status(s: dict) -> None:
     print(f"  inventory    {s['inventory']}")
     for r, v in s["regions"].items():
         print(f"  {r:<12} {v['dsn']}  ({'running' if v['postgres_running'] else 'STOPPED'})")
+    for r, v in ((s.get("patroni") or {}).get("regions") or {}).items():
+        print(f"  Patroni      {r}: cluster {v['scope']}, REST API {v['rest_api']} (config {v['config']})")
     if s.get("azure"):
         print(f"  ARM          {s['azure']['arm_endpoint']} (CA {s['azure']['ca_bundle']})")
     if s.get("worker_metrics"):
