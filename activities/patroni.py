@@ -38,6 +38,7 @@ from activities.postgres.server import end_other_sessions, sql_check_writable, s
 from opsflow.models import DbStatus, PromoteResult, RebuildResult, RegionTarget, lsn_to_int
 
 FENCE_PARAMETER = "default_transaction_read_only"
+PATRONI_SESSIONS = ("Patroni",)  # Patroni's own connection (its application_name): a fence leaves it alone
 SETTLE_TIMEOUT = 60.0  # a PATCH /config reaching PostgreSQL (a reload; a demotion restarts the server)
 PROOF_TIMEOUT = 60.0  # the new region replaying the old primary's last record
 POLL = 0.2
@@ -61,41 +62,50 @@ class PatroniCluster:
         self.db = target.database
         self.timeout = timeout
         self._scope_checked = False
+        self._http: httpx.Client | None = None
 
     # -- the REST API -----------------------------------------------------------------------------------------
 
     def _client(self) -> httpx.Client:
-        auth = None
-        if self.db.rest_password is not None:
-            from activities.secrets import resolve
+        """One HTTP client per provider object, kept: a new one loads the CA bundle again (~0.2 s each), which
+        made a poll of the REST API cost more than the wait it polled."""
+        if self._http is None:
+            auth = None
+            if self.db.rest_password is not None:
+                from activities.secrets import resolve
 
-            auth = httpx.BasicAuth(self.db.rest_username or "patroni", resolve(self.db.rest_password))
-        return httpx.Client(timeout=self.timeout, auth=auth, verify=self.db.ca_bundle or True)
+                auth = httpx.BasicAuth(self.db.rest_username or "patroni", resolve(self.db.rest_password))
+            self._http = httpx.Client(auth=auth, verify=self.db.ca_bundle or True)
+        return self._http
+
+    def __del__(self) -> None:
+        if getattr(self, "_http", None) is not None:
+            self._http.close()
 
     def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """The first member that answers (any HTTP status): its status and JSON body. No member answering is a
         retryable PatroniUnreachable; 401/403 a non-retryable PermissionDenied."""
         errors = []
-        with self._client() as client:
-            for base in self.db.rest_api:
-                url = base.rstrip("/") + path
-                try:
-                    r = client.request(method, url, json=body)
-                except httpx.HTTPError as e:
-                    errors.append(f"{url}: {type(e).__name__}: {e}")
-                    continue
-                if r.status_code in (401, 403):
-                    raise ApplicationError(
-                        f"{self.region}: Patroni {method} {path} refused ({r.status_code}): check rest_username and "
-                        "rest_password against restapi.authentication",
-                        type="PermissionDenied",
-                        non_retryable=True,
-                    )
-                try:
-                    data = r.json()
-                except ValueError:
-                    data = r.text
-                return r.status_code, data
+        client = self._client()
+        for base in self.db.rest_api:
+            url = base.rstrip("/") + path
+            try:
+                r = client.request(method, url, json=body, timeout=self.timeout)
+            except httpx.HTTPError as e:
+                errors.append(f"{url}: {type(e).__name__}: {e}")
+                continue
+            if r.status_code in (401, 403):
+                raise ApplicationError(
+                    f"{self.region}: Patroni {method} {path} refused ({r.status_code}): check rest_username and "
+                    "rest_password against restapi.authentication",
+                    type="PermissionDenied",
+                    non_retryable=True,
+                )
+            try:
+                data = r.json()
+            except ValueError:
+                data = r.text
+            return r.status_code, data
         raise ApplicationError(
             f"{self.region}: no Patroni REST API answers ({'; '.join(errors)})", type="PatroniUnreachable"
         )
@@ -209,7 +219,7 @@ class PatroniCluster:
         self._until("the fence (default_transaction_read_only=on) to reach PostgreSQL",
                     lambda: self._read_only_is(True), SETTLE_TIMEOUT)
         with connect(self.db) as conn, sql_errors(self.db, "fence"):
-            end_other_sessions(conn, self.db)
+            end_other_sessions(conn, self.db, keep=PATRONI_SESSIONS)
 
     def unfence(self) -> None:
         """Lift the fence (the parameter removed from the dynamic configuration). On a standby leader (the old
@@ -244,7 +254,7 @@ class PatroniCluster:
         try:
             with connect(self.db, connect_timeout=3) as conn:
                 if self._read_only_is(True):
-                    end_other_sessions(conn, self.db)
+                    end_other_sessions(conn, self.db, keep=PATRONI_SESSIONS)
                     actions.append(f"ended the sessions on {where(self.db)}")
         except (ApplicationError, psycopg.Error):
             actions.append(f"{where(self.db)} does not answer now; Patroni applies the fence when it does")

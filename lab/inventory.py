@@ -128,7 +128,7 @@ def lab_inventory(state: dict, root: Path) -> dict:
         },
         "reports_dir": str(root / "reports"),
         "maintenance": lab_maintenance(receiver),
-    }
+    } | ({"drill": {}} if state.get("patroni") else {})  # Patroni's clusters are no Azure servers: no PITR there
 
 
 def patroni_database(state: dict, region: str) -> dict:

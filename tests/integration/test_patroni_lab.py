@@ -116,6 +116,15 @@ def test_provider_reads_patroni_and_refuses_another_cluster(patroni_lab):
 
     inv = load_inventory(patroni_lab.inventory)
     west = RegionTarget.of(inv, "westeurope")
+    # The fence ends the clients' sessions, not Patroni's own (killing it stalls Patroni's REST API and HA loop).
+    east, dsn = RegionTarget.of(inv, "eastus"), patroni_lab.dsn("eastus")
+    patronis = "SELECT pid FROM pg_stat_activity WHERE application_name = 'Patroni'"
+    before = sql(dsn, patronis)
+    with psycopg.connect(dsn, autocommit=True) as client:
+        database_provider(east).fence()
+        assert client.closed or client.broken or not answers_and(client.execute, "SELECT 1")
+    assert before and sql(dsn, patronis) == before and sql(dsn, "SHOW default_transaction_read_only") == [("on",)]
+    database_provider(east).unfence()
     s = database_provider(west).status()
     assert (s.role, s.streaming, s.cloud_role, s.cloud_state) == ("replica", True, "standby_leader", "running")
     wrong = west.model_copy(update={"database": west.database.model_copy(update={"scope": "lab-eastus"})})
