@@ -57,6 +57,20 @@ def answers_and(check, *args) -> bool:
         return False
 
 
+def promote_attempts(lab, wid: str) -> int:
+    """The attempt of db.promote that completed, from the procedure's history (Temporal records the last one)."""
+    from opsflow.contracts.db import DB_PROMOTE
+
+    async def read() -> int:
+        history = await (await lab._connect()).get_workflow_handle(wid).fetch_history()
+        scheduled = {e.event_id for e in history.events
+                     if e.activity_task_scheduled_event_attributes.activity_type.name == DB_PROMOTE.name}
+        return max(e.activity_task_started_event_attributes.attempt for e in history.events
+                   if e.activity_task_started_event_attributes.scheduled_event_id in scheduled)
+
+    return lab._run(read(), timeout=30)
+
+
 def leader_role(lab, region: str) -> str:
     return rest(lab, region, "/cluster")["members"][0]["role"]
 
@@ -135,6 +149,39 @@ def test_provider_reads_patroni_and_refuses_another_cluster(patroni_lab):
     assert err.value.type == "PatroniScopeMismatch" and err.value.non_retryable
     assert leader_role(patroni_lab, "westeurope") == "standby_leader"  # nothing was changed
     assert leader_role(patroni_lab, "eastus") == "leader"
+
+
+def test_worker_killed_after_the_demotion_another_finishes_the_switchover(patroni_lab):
+    """The worker is SIGKILLed once the promotion has demoted eastus (its configuration names westeurope) and
+    before it returns: a second worker's attempt finds the demotion done and completes it; one failover, no
+    rebuild, eastus following. Then back, as the module found it."""
+    from activities.patroni import PatroniCluster
+    from opsflow.inventory import load_inventory
+    from opsflow.models import RegionTarget
+    from tests.integration.conftest import FAST_RESTART
+    from tests.integration.test_failover_lab import wait_status
+
+    lab = patroni_lab
+    first = lab.workers[-1]
+    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    approve(lab, wid)
+    wait_status(lab, wid, lambda r: r["current_step"] == "promote", what="the promotion")
+    wait_for(lambda: "standby_cluster" in rest(lab, "eastus", "/config"), timeout=30, what="eastus demoted")
+    lab.kill_worker(first)
+    lab.start_worker(*FAST_RESTART)
+    report = wait_end(lab, wid, timeout=180)
+    assert report["status"] == "succeeded", explain(report)
+    assert report["switchover"] and report["old_primary_replica"] and report["remaining"] == []
+    assert promote_attempts(lab, wid) == 2  # the kill hit the promotion: its second attempt finished it
+    assert (leader_role(lab, "westeurope"), leader_role(lab, "eastus")) == ("leader", "standby_leader")
+    assert answers_and(streams_from, lab.dsn("eastus"), lab.dsn("westeurope"))
+
+    inv = load_inventory(lab.inventory)
+    east, west = RegionTarget.of(inv, "eastus"), RegionTarget.of(inv, "westeurope")
+    PatroniCluster(west).fence()
+    assert PatroniCluster(east).promote(False, demote=west).switchover
+    PatroniCluster(west).unfence()
+    assert (leader_role(lab, "eastus"), leader_role(lab, "westeurope")) == ("leader", "standby_leader")
 
 
 def test_a_promotion_retried_after_the_demotion_picks_up_where_it_was(patroni_lab):
