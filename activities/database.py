@@ -73,7 +73,10 @@ def db_unfence(target: RegionTarget) -> DbStatus:
 
 @DB_PROMOTE.implementation
 def db_promote(request: PromoteRequest) -> PromoteResult:
-    return database_provider(request.target).promote(request.force)
+    provider = database_provider(request.target)
+    if request.demote is not None:  # a provider that demotes the old primary itself (Patroni)
+        return provider.promote(request.force, demote=request.demote)
+    return provider.promote(request.force)
 
 
 @DB_CHECK_WRITABLE.implementation

@@ -67,6 +67,10 @@ def database_provider(target: RegionTarget) -> DatabaseProvider:
         from activities.aws.rds import RdsInstance
 
         return RdsInstance(target)
+    if kind == "patroni":
+        from activities.patroni import PatroniCluster
+
+        return PatroniCluster(target)
     raise ValueError(f"unknown database provider {kind!r}")
 
 

@@ -4,8 +4,8 @@
     python bench/failback.py [--runs N] [--json]
 
 Each run brings up a FRESH lab in a temporary directory: `opsflow lab up` for the rebuild path (Azure, standalone
-promotion), `--virtual-endpoint` for Azure's switchover, `--self-managed` for the self-managed switchover (provider
-postgres with host access: clean shutdown, shutdown-checkpoint proof, the old primary started as a standby), writes
+promotion), `--virtual-endpoint` for Azure's switchover, `--database self-managed` for the self-managed
+switchover (provider postgres with host access: clean shutdown, shutdown-checkpoint proof, the old primary started as a standby), writes
 some rows, runs a planned failover eastus -> westeurope and then the failback to eastus
 the way a person does (`opsflow failover|failback ... --requester alice`, `opsflow approve ... --as bob` as soon as
 it waits), and tears the lab down. The paths alternate run by run (rebuild, switchover, self-managed, rebuild, ...)
@@ -40,7 +40,7 @@ from failover import REQUESTER, RunFailed, approve_and_wait, attempt, ignore_int
 from opsflow.models import FailbackReport, FailoverReport  # noqa: E402
 
 PATHS = ("rebuild", "switchover", "self-managed")
-LAB_FLAGS = {"rebuild": {}, "switchover": {"virtual_endpoint": True}, "self-managed": {"self_managed": True}}
+LAB_FLAGS = {"rebuild": {}, "switchover": {"virtual_endpoint": True}, "self-managed": {"database": "self-managed"}}
 
 
 def failback_run(base: Path, number: int, path: str) -> dict:

@@ -240,6 +240,9 @@ class Writer:
         return max((b - a for a, b in zip(self.acked, self.acked[1:])), default=0.0)
 
 
+DATABASE = "cloud"  # --database patroni: the planned runs on Patroni clusters
+
+
 def failover_run(base: Path, number: int) -> dict:
     """A fresh lab, one planned failover through the CLI, the lab down again. Returns the run's figures."""
     from lab.manage import down, up
@@ -248,7 +251,7 @@ def failover_run(base: Path, number: int) -> dict:
     root = base / f"lab-{number}"
     t0 = time.monotonic()
     try:
-        state = up(root, with_worker=True, quiet=True, default_ports=False)
+        state = up(root, with_worker=True, quiet=True, default_ports=False, database=DATABASE)
         say(f"  lab up in {time.monotonic() - t0:.1f}s; planned failover {SOURCE} -> {TARGET}")
         t0 = time.monotonic()
         drain = load_inventory(state["inventory"]).failover.drain
@@ -760,7 +763,11 @@ def main() -> int:
     parser.add_argument(
         "--primary-alive", action="store_true", help="with --emergency: do not kill the old primary first"
     )
+    parser.add_argument("--database", choices=["cloud", "patroni"], default="cloud",
+                        help="planned runs on `opsflow lab up --database patroni` (Patroni clusters)")
     args = parser.parse_args()
+    global DATABASE
+    DATABASE = args.database
     if args.runs < 1:
         parser.error("--runs must be at least 1")
 

@@ -47,9 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 p.add_argument("--virtual-endpoint", action="store_true",
                                help="Azure: a virtual endpoint over the two servers, named in the inventory: "
                                     "failovers are switchovers (the old primary becomes the replica)")
-                p.add_argument("--self-managed", action="store_true",
-                               help="the databases as self-managed PostgreSQL (provider postgres) whose hosts the "
-                                    "worker reaches: failovers are switchovers without a rebuild")
+                p.add_argument("--database", choices=["cloud", "self-managed", "patroni"], default="cloud",
+                               help="cloud: the cloud's managed servers (Azure flexible server, RDS); self-managed: "
+                                    "provider postgres whose hosts the worker reaches (switchovers without a "
+                                    "rebuild); patroni: real Patroni clusters on etcd (eastus primary, westeurope "
+                                    "standby cluster), provider 'patroni' (Azure lab for the traffic)")
         if name == "demo":
             p.add_argument("--drill", action="store_true",
                            help="then create the monthly restore-drill schedule and trigger it once")
@@ -64,16 +66,16 @@ def main(args: argparse.Namespace) -> int:
 
     root = (args.dir or default_dir()).resolve()
     if args.lab_command == "up":
-        if args.self_managed and (args.cloud != "azure" or args.virtual_endpoint):
-            print("opsflow lab up: --self-managed goes with the Azure lab's traffic manager, without "
-                  "--virtual-endpoint", file=sys.stderr)
-            return 2
         if args.virtual_endpoint and args.cloud != "azure":
             print("opsflow lab up: --virtual-endpoint is an Azure feature (not with --cloud aws)", file=sys.stderr)
             return 2
+        if args.database != "cloud" and (args.cloud != "azure" or args.virtual_endpoint):
+            print(f"opsflow lab up: --database {args.database} runs with the Azure lab's traffic (not with --cloud aws "
+                  "or --virtual-endpoint)", file=sys.stderr)
+            return 2
         manage.up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults,
                   encrypt=args.encrypt, rollout=args.rollout, virtual_endpoint=args.virtual_endpoint,
-                  router=args.router, alerts=args.alerts, self_managed=args.self_managed)
+                  router=args.router, alerts=args.alerts, database=args.database)
         s = manage.status(root)
         if args.json:
             print(json.dumps(s, indent=2))

@@ -85,7 +85,8 @@ def lab_inventory(state: dict, root: Path) -> dict:
     regions = {}
     for region in REGIONS:
         regions[region] = {
-            "database": self_managed_database(state, region) if state.get("self_managed") else {
+            "database": patroni_database(state, region) if state.get("patroni")
+            else self_managed_database(state, region) if state.get("self_managed") else {
                 "provider": "azure-flexible",
                 "subscription_id": SUBSCRIPTION,
                 "resource_group": RESOURCE_GROUP,
@@ -134,12 +135,19 @@ def lab_inventory(state: dict, root: Path) -> dict:
         },
         "reports_dir": str(root / "reports"),
         "maintenance": lab_maintenance(receiver),
-    }
+    } | ({"drill": {}} if state.get("patroni") else {})  # Patroni's clusters are no Azure servers: no PITR there
+
+
+def patroni_database(state: dict, region: str) -> dict:
+    """`opsflow lab up --database patroni`: the region's Patroni cluster (lab/patroni.py)."""
+    r = state["patroni"]["regions"][region]
+    return {"provider": "patroni", "dsn": r["dsn"], "rest_api": [r["rest_api"]], "scope": r["scope"],
+            "replication_address": f"127.0.0.1:{r['port']}"}
 
 
 def self_managed_database(state: dict, region: str) -> dict:
-    """`opsflow lab up --self-managed`: the region's cluster as provider postgres, its host reached on this machine
-    (as the postgres OS user when the lab runs as root: pg_ctl refuses root)."""
+    """`opsflow lab up --database self-managed`: the region's cluster as provider postgres, its host reached on this
+    machine (as the postgres OS user when the lab runs as root: pg_ctl refuses root)."""
     cluster = Cluster.from_dict(state["postgres"][region])
     run = ["runuser", "-u", SERVER_USER, "--"] if os.geteuid() == 0 else []
     return {"provider": "postgres", "dsn": state["regions"][region]["dsn"],

@@ -19,7 +19,7 @@ from typing import Callable
 
 import yaml
 
-from lab import alerting, rollout
+from lab import alerting, patroni, rollout
 from lab.arm_emulator import created_clusters
 from lab.aws_lab import aws_lab_inventory, drop_restored_clusters, start_aws_emulator
 from lab.aws_lab import worker_env as aws_worker_env
@@ -70,14 +70,15 @@ def temporal_binary() -> str:
 
 def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
        faults: float = 0.0, encrypt: bool = False, rollout: bool = False, virtual_endpoint: bool = False,
-       router: str = "httproute", alerts: bool = False, self_managed: bool = False) -> dict:
+       router: str = "httproute", alerts: bool = False, database: str = "cloud") -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
     tests and benchmarks take any free ports so they never meet another lab's leftovers. faults: the fraction of
     cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults).
     virtual_endpoint (Azure): the servers share a virtual endpoint, named in the inventory (switchover failovers).
     alerts: the alerting stage (lab/alerting.py): Prometheus, Alertmanager and `opsflow alert-receiver`.
-    self_managed: the inventory names the databases as self-managed PostgreSQL (provider postgres) with host access
-    (switchover failovers without a rebuild); the ARM emulator still serves Traffic Manager."""
+    database="self-managed": the inventory names the databases as self-managed PostgreSQL (provider postgres) with
+    host access (switchover failovers without a rebuild); the ARM emulator still serves Traffic Manager.
+    database="patroni": Patroni clusters on etcd instead of plain PostgreSQL (lab/patroni.py), provider "patroni"."""
     say: Say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     lab = Lab(root)
     if lab.state.get("ready") and lab.alive("temporal"):
@@ -93,7 +94,8 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
         lab.state["rollout_router"] = router  # httproute | nginx (the upstream file opsflow writes)
         lab.state["virtual_endpoint"] = VIRTUAL_ENDPOINT if virtual_endpoint and cloud == "azure" else None
         lab.state["with_alerts"] = alerts
-        lab.state["self_managed"] = self_managed and cloud == "azure"
+        lab.state["database"] = database
+        lab.state["self_managed"] = database == "self-managed" and cloud == "azure"
         _up(lab, root, with_worker, say, cloud, default_ports, encrypt)
     except BaseException:
         say("lab up failed; removing what was started")
@@ -131,14 +133,16 @@ def _up(lab: Lab, root: Path, with_worker: bool, say: Say, cloud: str, default_p
         say("lab: AWS emulator (moto: RDS, Route 53, S3)")
         start_aws_emulator(lab, clusters, root)
     else:
-        ports["arm"] = start_arm_emulator(lab, root, clusters, rport, say)
+        # Patroni's clusters are not Azure servers: the emulator serves Traffic Manager and Key Vault only then.
+        servers = {} if lab.state.get("database") == "patroni" else clusters
+        ports["arm"] = start_arm_emulator(lab, root, servers, rport, say)
 
     for name, p in ports.items():
         lab.wait_port(name, p)
     if cloud != "aws":
         wait_file(root / "ca" / "ca.pem", 30)
 
-    seed_demo_data(clusters[PRIMARY])
+    seed_demo_data(clusters[PRIMARY], archive=lab.state.get("database") != "patroni")
     if lab.state.get("with_rollout"):
         say("lab: rollout stage (app processes, NGINX, Prometheus, load)")
         lab.state["rollout"] = rollout.start(lab, root, lab.state["kubernetes"][PRIMARY]["url"], PRIMARY,
@@ -197,7 +201,14 @@ def start_temporal(lab: Lab, root: Path, default_ports: bool) -> int:
 
 
 def start_postgres(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
-    """Real PostgreSQL: primary in eastus (archiving WAL for restore drills), streaming replica in westeurope."""
+    """Real PostgreSQL: primary in eastus (archiving WAL for restore drills), streaming replica in westeurope;
+    with --database patroni, Patroni clusters (lab/patroni.py)."""
+    if lab.state.get("database") == "patroni":
+        clusters = patroni.start(lab, root, say)
+        lab.state["postgres"] = {r: c.to_dict() for r, c in clusters.items()}
+        lab.state["regions"] = {r: {"dsn": c.dsn} for r, c in clusters.items()}
+        lab.save()
+        return clusters
     say("lab: PostgreSQL primary (eastus) and streaming replica (westeurope)")
     clusters = {PRIMARY: init_primary(root / "pg", f"{PRIMARY}", archive_dir=root / "wal-archive")}
     clusters["westeurope"] = create_replica(clusters[PRIMARY], root / "pg", "westeurope")
@@ -293,6 +304,7 @@ def status(root: Path) -> dict:
         "regions": {r: {"dsn": v["dsn"], "postgres_running": pg.get(r, {}).get("running")}
                     for r, v in lab.state.get("regions", {}).items()},
         "azure": lab.state.get("azure"),
+        "patroni": lab.state.get("patroni"),
         "kubernetes": lab.state.get("kubernetes"),
         "receiver": lab.state.get("receiver"),
         "codec": lab.state.get("codec"),
@@ -312,6 +324,8 @@ def print_status(s: dict) -> None:
     print(f"  inventory    {s['inventory']}")
     for r, v in s["regions"].items():
         print(f"  {r:<12} {v['dsn']}  ({'running' if v['postgres_running'] else 'STOPPED'})")
+    for r, v in ((s.get("patroni") or {}).get("regions") or {}).items():
+        print(f"  Patroni      {r}: cluster {v['scope']}, REST API {v['rest_api']} (config {v['config']})")
     if s.get("azure"):
         print(f"  ARM          {s['azure']['arm_endpoint']} (CA {s['azure']['ca_bundle']})")
     if s.get("worker_metrics"):

@@ -10,9 +10,9 @@ from lab.postgres import Cluster, archive_now
 BLOAT_TABLE = "lab_events"
 
 
-def seed_demo_data(primary: Cluster) -> None:
+def seed_demo_data(primary: Cluster, archive: bool = True) -> None:
     """A small table the drills verify (restore point counts, checks), and WAL archived so a drill can restore
-    to now: recovery can only replay archived WAL."""
+    to now: recovery can only replay archived WAL (archive=False: a primary that does not archive, Patroni's)."""
     with psycopg.connect(primary.dsn, autocommit=True) as c:
         c.execute("CREATE TABLE IF NOT EXISTS lab_orders (id serial PRIMARY KEY, total numeric NOT NULL, "
                   "created_at timestamptz NOT NULL DEFAULT clock_timestamp())")
@@ -21,7 +21,8 @@ def seed_demo_data(primary: Cluster) -> None:
         if c.execute("select 1 from pg_available_extensions where name = 'pg_repack'").fetchone():
             c.execute("CREATE EXTENSION IF NOT EXISTS pg_repack")
     seed_bloat(primary.dsn)
-    archive_now(primary)
+    if archive:
+        archive_now(primary)
 
 
 def seed_bloat(dsn: str, rows: int = 40_000, deleted: int = 30_000) -> None:

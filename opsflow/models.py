@@ -105,6 +105,9 @@ class CatchUpResult(BaseModel):
 class PromoteRequest(BaseModel):
     target: RegionTarget
     force: bool = False  # emergency: do not wait for the old primary
+    # A planned switchover where the provider demotes the old primary itself (Patroni: the old cluster becomes a
+    # standby cluster of the new one before it is promoted). None: the provider's own promotion only.
+    demote: RegionTarget | None = None
 
 
 class PromoteResult(BaseModel):

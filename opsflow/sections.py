@@ -170,6 +170,26 @@ class AzureFlexibleDatabase(_SqlAccess):
     virtual_endpoint: str | None = None
 
 
+class PatroniDatabase(_SqlAccess):
+    """A Patroni cluster per region, driven through Patroni's REST API (never around it); LSNs over SQL. Across
+    regions the standby region runs a Patroni standby cluster (`standby_cluster` in its dynamic configuration);
+    a planned failover demotes the old cluster to a standby cluster of the new one, then promotes the new one."""
+
+    provider: Literal["patroni"]
+    rest_api: list[str] = Field(
+        min_length=1, description="the members' REST API base URLs (http(s)://host:8008); the first that answers"
+    )
+    replication_address: str = Field(
+        pattern=r"^[^\s:]+:\d+$",
+        description="host:port another region's standby cluster streams from (the leader, or an address that "
+        "follows it)",
+    )
+    scope: str | None = Field(default=None, description="the Patroni cluster's name, checked against its REST API")
+    rest_username: str | None = None
+    rest_password: SecretRef | None = None  # Patroni's restapi.authentication, for PATCH /config
+    ca_bundle: str | None = None  # an https REST API signed by a private CA
+
+
 class AwsRdsDatabase(Strict):
     """Amazon RDS for PostgreSQL: control plane over boto3, lag over SQL where reachable."""
 
@@ -182,7 +202,9 @@ class AwsRdsDatabase(Strict):
     _check_dsn = field_validator("dsn")(lambda v: v if v is None else no_password_in_dsn(v))
 
 
-Database = Annotated[Union[PostgresDatabase, AzureFlexibleDatabase, AwsRdsDatabase], Field(discriminator="provider")]
+Database = Annotated[
+    Union[PostgresDatabase, AzureFlexibleDatabase, PatroniDatabase, AwsRdsDatabase], Field(discriminator="provider")
+]
 
 
 class AzureTrafficManager(Strict):

@@ -8,8 +8,8 @@ VENV=${VENV:-.venv}
 
 # Debian packages the lab runs for real: PostgreSQL 15 (+ pg_repack), NGINX (the canary's traffic split),
 # Prometheus (canary analysis, the maintenance watch; its promtool checks deploy/prometheus' alert rules), OpenSSH's
-# ssh-keygen, kubectl (renders deploy/kubernetes), Chromium (the HTML report's test renders it headless). Each is
-# installed only when missing.
+# ssh-keygen, kubectl (renders deploy/kubernetes), Chromium (the HTML report's test renders it headless), Patroni and
+# etcd (the Patroni lab). Each is installed only when missing.
 missing=()
 [[ -x /usr/lib/postgresql/15/bin/initdb || -n "${OPSFLOW_PG_BINDIR:-}" ]] || missing+=(postgresql-15)
 # the maintenance window's online rebuild: the pg_repack client and the server's extension, one package
@@ -24,6 +24,9 @@ command -v chromium >/dev/null || missing+=(chromium)  # the HTML report's test 
 # Alertmanager in the lab (opsflow lab up --alerts); its amtool checks deploy/alertmanager
 [[ -x /usr/bin/prometheus-alertmanager && -x /usr/bin/amtool ]] || missing+=(prometheus-alertmanager)
 [[ -x /usr/sbin/mariadbd ]] || missing+=(mariadb-server)  # the MySQL restore test's scratch and source servers
+# `opsflow lab up --database patroni`: Patroni clusters on an etcd (tests/integration/test_patroni_lab.py)
+[[ -x /usr/bin/patroni ]] || missing+=(patroni)
+[[ -x /usr/bin/etcd ]] || missing+=(etcd-server)
 if (( ${#missing[@]} )); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     echo "setup: installing ${missing[*]} (apt)"

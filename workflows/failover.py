@@ -112,6 +112,8 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True, until_idl
     how = f"switch over (virtual endpoint {ve}: {source} becomes its replica)" if ve else "promote"
     if host_switchover:
         how = f"promote (a switchover: {source} then follows it, no rebuild)"
+    if patroni(inp, to) and not inp.emergency:
+        how = f"switch over (Patroni: {source} becomes a standby cluster of {to}, then {to} is promoted)"
     if inp.emergency:
         steps = [
             StepDecl(
@@ -174,7 +176,7 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True, until_idl
                                        "before are kept on each HPA for the failback)")]
           if lowers_old_autoscalers(inp, source, autoscalers) else []),
         *([StepDecl("old-replica", f"lift the fence on {source}, now a replica of {to}, and check that it streams")]
-          if ve and not inp.emergency and not host_switchover else []),
+          if switches_over(inp, to) and not inp.emergency and not host_switchover else []),
         *([StepDecl("old-replica", f"start {source} as a standby of {to} (standby.signal, primary_conninfo; no "
                                    "pg_rewind, no base backup), unfenced, and check that it streams")]
           if host_switchover else []),
@@ -199,6 +201,16 @@ def host_switchover(inp: FailoverInput, source: str) -> bool:
     dbs = [inp.inventory.region(r).database for r in (source, inp.to_region)]
     return (not inp.emergency and all(d.provider == "postgres" for d in dbs)
             and getattr(dbs[0], "host", None) is not None)
+
+
+def patroni(inp: FailoverInput, region: str) -> bool:
+    """Patroni clusters: a planned failover is a switchover too (the old cluster becomes a standby cluster)."""
+    return inp.inventory.region(region).database.provider == "patroni"
+
+
+def switches_over(inp: FailoverInput, region: str) -> bool:
+    """A planned failover to `region` leaves the old primary a replica of the new one (no rebuild to come back)."""
+    return bool(virtual_endpoint(inp, region)) or patroni(inp, region)
 
 
 REPLICA_ROLES = ("AsyncReplica", "GeoAsyncReplica")  # Azure's replication roles of a read replica
@@ -401,7 +413,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         await self.boundary()
         self.point_of_no_return = True  # a promotion may happen from here: no abort (it is refused, not lost)
         critical = [
-            ("promote", lambda: self.promote(target, q, force=False)),
+            ("promote", lambda: self.promote(target, q, force=False, demote=old if patroni(inp, to) else None)),
             ("move traffic", lambda: self.move_traffic(inp)),
         ]
         await self.forward(inp, source, critical, since=decision.at)
@@ -501,13 +513,16 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         report.rpo_bytes = max(received, last_primary or 0) - replayed
         report.rpo_proven = False
 
-    async def promote(self, target: RegionTarget, q: str, force: bool) -> PromoteResult:
+    async def promote(
+        self, target: RegionTarget, q: str, force: bool, demote: RegionTarget | None = None
+    ) -> PromoteResult:
         inv = self.inventory
         result: PromoteResult = await self.step(
             "promote",
-            f"{'Force-promote' if force else 'Promote'} the replica in {target.region}",
+            f"{'Force-promote' if force else 'Promote'} the replica in {target.region}"
+            + (f" ({demote.region} demoted first)" if demote else ""),
             DB_PROMOTE,
-            PromoteRequest(target=target, force=force),
+            PromoteRequest(target=target, force=force, demote=demote),
             queue=q,
             timeout=inv.failover.promote_timeout,
             heartbeat=inv.failover.heartbeat_timeout,
@@ -577,7 +592,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         ]
         if lowers_old_autoscalers(inp, source, self.autoscalers):
             after.append(("lower the old region's autoscalers", lambda: self.lower_old_autoscalers(inp, source)))
-        if not inp.emergency and (virtual_endpoint(inp, to) or self.host_switchover):
+        if not inp.emergency and (switches_over(inp, to) or self.host_switchover):
             after.append(("old primary follows", lambda: self.old_primary_follows(inp, source)))
         todo = [label for label, _ in critical + after]
         try:

@@ -165,12 +165,14 @@ def sql_fence(db: Any) -> None:
         end_other_sessions(conn, db)
 
 
-def end_other_sessions(conn: psycopg.Connection, db: Any) -> None:
+def end_other_sessions(conn: psycopg.Connection, db: Any, keep: tuple[str, ...] = ()) -> None:
     """End the other client sessions (walsenders and our own session stay), so that none keeps a read-write
     transaction past a fence. Sessions this role may not end (another provider's superuser) are skipped with
-    a warning."""
+    a warning. `keep`: application names whose sessions stay (Patroni's own)."""
     others = conn.execute(
-        "select pid, usename from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()"
+        "select pid, usename from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid() "
+        "and not coalesce(application_name = any(%s), false)",
+        (list(keep),),
     ).fetchall()
     skipped = []
     for pid, user in others:

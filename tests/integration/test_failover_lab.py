@@ -403,13 +403,13 @@ def test_emergency_switchover_with_the_old_primary_killed_then_failback(ve_lab):
 
 @pytest.fixture
 def sm_lab(lab_home):
-    """`opsflow lab up --self-managed`: the clusters as provider postgres whose hosts the worker reaches; with a
-    worker."""
+    """`opsflow lab up --database self-managed`: the clusters as provider postgres whose hosts the worker reaches;
+    with a worker."""
     from lab.manage import up
     from tests.integration.conftest import Lab, lab_root, take_down
 
     root = lab_root()
-    lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, self_managed=True))
+    lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, database="self-managed"))
     lab.start_worker()
     yield lab
     lab.stop_workers()
@@ -417,8 +417,8 @@ def sm_lab(lab_home):
 
 
 def test_self_managed_switchover_and_failback_without_a_rebuild(sm_lab):
-    """On `opsflow lab up --self-managed` the planned failover shuts eastus down cleanly, proves westeurope replayed
-    its shutdown checkpoint, promotes, and starts eastus as westeurope's standby (no other command); the failback
+    """On `opsflow lab up --database self-managed` the planned failover shuts eastus down cleanly, proves westeurope
+    replayed its shutdown checkpoint, promotes, and starts eastus as westeurope's standby (no other command); the failback
     is the same move the other way: no rebuild, every row kept, the same data directories."""
     from lab.postgres import Cluster
     from opsflow.inventory import load_inventory

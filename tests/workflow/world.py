@@ -98,6 +98,7 @@ class World:
     hold: dict = field(default_factory=dict)  # activity name -> threading.Event: the step waits in flight until set
     virtual_endpoint: VirtualEndpointState | None = None  # what db.status reports (default: over both servers)
     switchovers: list = field(default_factory=list)  # (old primary, new primary, force) of each switchover
+    demoted: list = field(default_factory=list)  # (demoted, promoted) of each promotion asked to demote (Patroni)
     timelines: dict = field(default_factory=dict)  # replica region -> the timeline it follows (set by a switchover)
     busy_sessions: int = 0  # application sessions in a transaction on the old primary during the drain
     block_drain: threading.Event | None = None  # with busy sessions: the drain waits (heartbeating) until set
@@ -236,7 +237,9 @@ class World:
                 raise ApplicationError(w.fail_after[DB_PROMOTE.name], type="Injected", non_retryable=True)
             result = PromoteResult(already_primary=False, seconds=0.5, timeline=1 + w.promotions,
                                    lsn_at_promotion=f"0/{replayed:X}", received_lsn=f"0/{w.lsn:X}")
-            if getattr(req.target.database, "virtual_endpoint", None):  # Azure promoteMode Switchover
+            if req.demote is not None:  # Patroni: the old cluster was made a standby cluster of this one first
+                w.demoted.append((req.demote.region, req.target.region))
+            if getattr(req.target.database, "virtual_endpoint", None) or req.demote is not None:  # a switchover
                 w.switchovers.append((old, w.primary, req.force))
                 w.replay[old] = w.lsn
                 w.timelines[old] = 1 + w.promotions  # it follows the new primary's timeline

@@ -1,0 +1,413 @@
+"""Patroni: the `DatabaseProvider` for provider "patroni", one Patroni cluster per region, driven through Patroni's
+REST API (GET /cluster, /patroni, /config; PATCH /config) and never around it; replication state and LSNs over SQL
+(activities/postgres/server.py), like the other providers.
+
+Across regions the standby region runs a Patroni *standby cluster*: `standby_cluster: {host, port}` in its dynamic
+configuration makes its leader a "standby leader" streaming from the other region. A planned failover is a
+switchover in two PATCHes, with a proof in between:
+
+1. demote the old cluster: PATCH its /config with `standby_cluster` pointing at the new region's
+   `replication_address`. Patroni shuts the old primary down cleanly (its walsenders send everything, the shutdown
+   checkpoint included, to the new region, which streams from it) and restarts it as a standby leader;
+2. the proof: the new region must have replayed at least as far as the old server got (its replay position after
+   the clean shutdown, read over SQL); else the old cluster is put back and nothing was lost;
+3. promote the new cluster: PATCH its /config with `standby_cluster: null`; wait until a probe write commits.
+
+The old primary's last record precedes the new timeline's fork point, so it follows the new timeline without
+pg_rewind or a base backup, and failing back is the same move the other way. An emergency promotes only (the old
+region may be dead); a failback's rebuild makes the old cluster a standby cluster of the primary (Patroni rewinds
+it with pg_rewind when it diverged; `use_pg_rewind` in its configuration).
+
+The write fence is a parameter of the cluster's dynamic configuration (`default_transaction_read_only`), set and
+lifted through PATCH /config like any Patroni setting, and the sessions that were open are ended over SQL.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from temporalio.exceptions import ApplicationError
+
+from activities.context import heartbeat, sleep_or_cancelled, time_limit
+from activities.postgres.connection import connect, sql_errors, where
+from activities.postgres.server import end_other_sessions, sql_check_writable, sql_status
+from opsflow.models import DbStatus, PromoteResult, RebuildResult, RegionTarget, lsn_to_int
+
+FENCE_PARAMETER = "default_transaction_read_only"
+PATRONI_SESSIONS = ("Patroni",)  # Patroni's own connection (its application_name): a fence leaves it alone
+SETTLE_TIMEOUT = 60.0  # a PATCH /config reaching PostgreSQL (a reload; a demotion restarts the server)
+PROOF_TIMEOUT = 60.0  # the new region replaying the old primary's last record
+POLL = 0.2
+LEADER_ROLES = ("leader", "master", "primary", "standby_leader")
+
+
+def _fence_patch(on: bool) -> dict:
+    return {"postgresql": {"parameters": {FENCE_PARAMETER: "on" if on else None}}}
+
+
+class PatroniCluster:
+    """DatabaseProvider for provider "patroni": the Patroni cluster of one region."""
+
+    DEFAULT_PROMOTE_TIMEOUT = 300.0
+
+    def __init__(self, target: RegionTarget, *, timeout: float = 5.0):
+        if target.database.provider != "patroni":
+            raise ValueError(f"PatroniCluster serves provider 'patroni', not {target.database.provider!r}")
+        self.target = target
+        self.region = target.region
+        self.db = target.database
+        self.timeout = timeout
+        self._scope_checked = False
+        self._http: httpx.Client | None = None
+
+    # -- the REST API -----------------------------------------------------------------------------------------
+
+    def _client(self) -> httpx.Client:
+        """One HTTP client per provider object, kept: a new one loads the CA bundle again (~0.2 s each), which
+        made a poll of the REST API cost more than the wait it polled."""
+        if self._http is None:
+            auth = None
+            if self.db.rest_password is not None:
+                from activities.secrets import resolve
+
+                auth = httpx.BasicAuth(self.db.rest_username or "patroni", resolve(self.db.rest_password))
+            self._http = httpx.Client(auth=auth, verify=self.db.ca_bundle or True)
+        return self._http
+
+    def __del__(self) -> None:
+        if getattr(self, "_http", None) is not None:
+            self._http.close()
+
+    def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """The first member that answers (any HTTP status): its status and JSON body. No member answering is a
+        retryable PatroniUnreachable; 401/403 a non-retryable PermissionDenied."""
+        errors = []
+        client = self._client()
+        for base in self.db.rest_api:
+            url = base.rstrip("/") + path
+            try:
+                r = client.request(method, url, json=body, timeout=self.timeout)
+            except httpx.HTTPError as e:
+                errors.append(f"{url}: {type(e).__name__}: {e}")
+                continue
+            if r.status_code in (401, 403):
+                raise ApplicationError(
+                    f"{self.region}: Patroni {method} {path} refused ({r.status_code}): check rest_username and "
+                    "rest_password against restapi.authentication",
+                    type="PermissionDenied",
+                    non_retryable=True,
+                )
+            try:
+                data = r.json()
+            except ValueError:
+                data = r.text
+            return r.status_code, data
+        raise ApplicationError(
+            f"{self.region}: no Patroni REST API answers ({'; '.join(errors)})", type="PatroniUnreachable"
+        )
+
+    def check_scope(self) -> None:
+        """The REST API serves the cluster the inventory names (scope): a wrong URL must not switch another cluster
+        over. Once per provider object; no scope in the inventory, no check."""
+        if not self.db.scope or self._scope_checked:
+            return
+        _, me = self._request("GET", "/patroni")
+        scope = (me.get("patroni") or {}).get("scope") if isinstance(me, dict) else None
+        if scope != self.db.scope:
+            raise ApplicationError(
+                f"{self.region}: the Patroni REST API at {self.db.rest_api[0]} serves cluster {scope!r}, not "
+                f"{self.db.scope!r} (the inventory's scope)",
+                type="PatroniScopeMismatch",
+                non_retryable=True,
+            )
+        self._scope_checked = True
+
+    def cluster(self) -> dict:
+        self.check_scope()
+        status, data = self._request("GET", "/cluster")
+        if status != 200 or not isinstance(data, dict):
+            raise ApplicationError(f"{self.region}: GET /cluster answered {status}: {data}", type="PatroniError")
+        return data
+
+    def leader(self) -> dict | None:
+        return next((m for m in self.cluster().get("members", []) if m.get("role") in LEADER_ROLES), None)
+
+    def config(self) -> dict:
+        self.check_scope()
+        status, data = self._request("GET", "/config")
+        if status != 200 or not isinstance(data, dict):
+            raise ApplicationError(f"{self.region}: GET /config answered {status}: {data}", type="PatroniError")
+        return data
+
+    def patch_config(self, patch: dict) -> dict:
+        self.check_scope()
+        status, data = self._request("PATCH", "/config", patch)
+        if status != 200:
+            raise ApplicationError(
+                f"{self.region}: PATCH /config {patch} answered {status}: {data}",
+                type="PatroniError",
+                non_retryable=status in (400, 422),
+            )
+        return data
+
+    def standby_source(self) -> dict | None:
+        return self.config().get("standby_cluster") or None
+
+    # -- waiting ----------------------------------------------------------------------------------------------
+
+    def _until(self, what: str, check, timeout: float) -> Any:
+        """Poll check() (None/False: not yet) with heartbeats until it returns something, at most `timeout`."""
+        started = time.monotonic()
+        last_error = ""
+        while True:
+            try:
+                found = check()
+            except ApplicationError as e:
+                if e.non_retryable:
+                    raise
+                found, last_error = None, e.message
+            except psycopg.Error as e:
+                found, last_error = None, str(e).strip()
+            if found:
+                return found
+            waited = time.monotonic() - started
+            if waited > timeout:
+                raise ApplicationError(
+                    f"{self.region}: {what}: not after {timeout:.0f}s" + (f" ({last_error})" if last_error else ""),
+                    type="PatroniTimeout",
+                )
+            sleep_or_cancelled(POLL, {"phase": what, "waited_seconds": round(waited, 1)}, what=what)
+
+    def _sql(self, query: str) -> tuple:
+        with connect(self.db, connect_timeout=5) as conn, sql_errors(self.db, "patroni"):
+            return conn.execute(query).fetchone()
+
+    def _read_only_is(self, want: bool) -> bool:
+        return self._sql(f"select current_setting('{FENCE_PARAMETER}')::bool")[0] == want
+
+    def _standby_leader_running(self) -> bool:
+        leader = self.leader()
+        return bool(leader and leader.get("role") == "standby_leader" and leader.get("state") == "running")
+
+    def _streaming(self) -> bool:
+        in_recovery, status = self._sql(
+            "select pg_is_in_recovery(), (select status from pg_stat_wal_receiver limit 1)"
+        )
+        return bool(in_recovery and status == "streaming")
+
+    # -- DatabaseProvider ----------------------------------------------------------------------------------------
+
+    def status(self) -> DbStatus:
+        s = sql_status(self.db, self.region)
+        try:
+            leader = self.leader()
+        except ApplicationError as e:
+            if e.non_retryable:
+                raise
+            return s.model_copy(update={"cloud_state": f"Patroni: {e.message}"})
+        if leader is None:
+            return s.model_copy(update={"cloud_state": "no leader", "cloud_role": None})
+        return s.model_copy(update={"cloud_state": leader.get("state"), "cloud_role": leader.get("role")})
+
+    def fence(self) -> None:
+        """Read-only through the dynamic configuration (Patroni reloads PostgreSQL), then end the open sessions."""
+        self.patch_config(_fence_patch(True))
+        self._until("the fence (default_transaction_read_only=on) to reach PostgreSQL",
+                    lambda: self._read_only_is(True), SETTLE_TIMEOUT)
+        with connect(self.db) as conn, sql_errors(self.db, "fence"):
+            end_other_sessions(conn, self.db, keep=PATRONI_SESSIONS)
+
+    def unfence(self) -> None:
+        """Lift the fence (the parameter removed from the dynamic configuration). On a standby leader (the old
+        primary after a switchover) also wait until it streams, so the status that follows says so."""
+        self.patch_config(_fence_patch(False))
+        self._until("the fence's removal to reach PostgreSQL", lambda: self._read_only_is(False), SETTLE_TIMEOUT)
+        if self._sql("select pg_is_in_recovery()")[0]:
+            try:
+                self._until("streaming from the primary", self._streaming, SETTLE_TIMEOUT / 2)
+            except ApplicationError as e:
+                if e.non_retryable:
+                    raise  # else: the status tells the caller it does not stream
+
+    def fence_control_plane(self, budget: float) -> tuple[str, list[str]]:
+        """Emergency fence of an old primary: the read-only parameter in its dynamic configuration (Patroni applies
+        it when the region comes back), and its sessions ended when it answers now."""
+        self.timeout = min(self.timeout, max(budget / 4, 1.0))
+        try:
+            self.patch_config(_fence_patch(True))
+        except ApplicationError as e:
+            if e.non_retryable:
+                raise
+            raise ApplicationError(
+                f"{e.message}. Before it comes back, make it a standby cluster of the new primary in its DCS, e.g. "
+                f"patronictl -c <its patroni.yml> edit-config -s standby_cluster.host=<new primary> -s "
+                f"standby_cluster.port=<port>: else Patroni restarts it as a writable primary on a timeline of its "
+                f"own, which it would not rewind later",
+                type=e.type,
+            ) from None
+        actions = [f"set {FENCE_PARAMETER}=on in the dynamic configuration of Patroni cluster "
+                   f"{self.db.scope or self.region}"]
+        try:
+            with connect(self.db, connect_timeout=3) as conn:
+                if self._read_only_is(True):
+                    end_other_sessions(conn, self.db, keep=PATRONI_SESSIONS)
+                    actions.append(f"ended the sessions on {where(self.db)}")
+        except (ApplicationError, psycopg.Error):
+            actions.append(f"{where(self.db)} does not answer now; Patroni applies the fence when it does")
+        return "patroni-read-only", actions
+
+    def check_writable(self) -> None:
+        sql_check_writable(self.db, region=self.region)
+
+    def promote(self, force: bool, demote: RegionTarget | None = None) -> PromoteResult:
+        """Promote this region's standby cluster (standby_cluster removed from its dynamic configuration) and wait
+        until a write commits. With `demote` (a planned switchover), first make the old region's cluster a standby
+        cluster of this one and prove this one has replayed everything the old primary wrote."""
+        timeout = time_limit(self.DEFAULT_PROMOTE_TIMEOUT)
+        started = time.monotonic()
+        old = PatroniCluster(demote) if demote is not None and not force else None
+        before = sql_status(self.db, self.region)
+        source = self.standby_source()
+        if source is None:
+            if before.reachable and before.role == "primary":
+                return PromoteResult(
+                    already_primary=True, seconds=0.0, timeline=before.timeline, switchover=old is not None,
+                    old_primary=old.region if old else None,
+                    old_primary_role=(old.status().cloud_role if old else None),
+                )
+            if before.reachable and not self._promoting():
+                raise ApplicationError(
+                    f"{self.region}: not a standby cluster, yet {where(self.db)} is a replica: the dsn must reach the "
+                    "cluster's leader (a switchover inside one cluster is Patroni's POST /switchover)",
+                    type="PatroniNotStandbyCluster",
+                    non_retryable=True,
+                )
+        token = None
+        if old is not None:
+            token = self._demote(old)
+        received, replayed = before.current_lsn, before.replay_lsn
+        heartbeat({"phase": "promoting", "received_lsn": received, "replayed_lsn": replayed, "token": token})
+        if source is not None:
+            try:
+                self.patch_config({"standby_cluster": None})
+            except ApplicationError:
+                if old is not None:  # never leave two standby clusters following each other: the old one leads
+                    old.patch_config({"standby_cluster": None})
+                raise
+        self._until("the promoted leader to accept writes", self._writable, max(timeout - 5, 10))
+        after = sql_status(self.db, self.region)
+        return PromoteResult(
+            already_primary=source is None,
+            seconds=round(time.monotonic() - started, 3),
+            timeline=after.timeline,
+            lsn_at_promotion=replayed,
+            received_lsn=received,
+            switchover=old is not None,
+            old_primary=old.region if old else None,
+            old_primary_role=(old.status().cloud_role if old else None),
+        )
+
+    def _promoting(self) -> bool:
+        """The cluster leads (no standby_cluster any more) and its leader is the server the dsn reaches, still
+        leaving recovery: a promotion requested by an earlier attempt of this activity."""
+        leader = self.leader()
+        if not leader or leader.get("role") not in ("leader", "master", "primary"):
+            return False
+        dsn = conninfo_to_dict(self.db.dsn)
+        return (str(leader.get("host")), int(leader.get("port") or 0)) == (
+            str(dsn.get("host") or dsn.get("hostaddr")), int(dsn.get("port") or 5432))
+
+    def _writable(self) -> bool:
+        try:
+            self.check_writable()
+        except ApplicationError as e:
+            if e.type == "NotWritable":
+                return False
+            raise
+        return True
+
+    def _demote(self, old: "PatroniCluster") -> str:
+        """Make `old` a standby cluster of this region and return its last replayed position once this region has
+        replayed at least that far (the proof that nothing the old primary wrote is missing here). When the proof
+        cannot be made, the old cluster is put back as it was and the promotion fails (retryable)."""
+        host, port = self.db.replication_address.rsplit(":", 1)
+        want = {"host": host, "port": int(port), "create_replica_methods": ["basebackup"]}
+        current = old.standby_source()
+        if current is None or (current.get("host"), int(current.get("port") or 0)) != (want["host"], want["port"]):
+            heartbeat({"phase": f"demoting {old.region}"})
+            old.patch_config({"standby_cluster": want})
+        try:
+            old._until(f"{old.region} to run as a standby leader", old._standby_leader_running, SETTLE_TIMEOUT)
+            token = old._until(f"{old.region}'s last position after its clean shutdown",
+                               lambda: old._sql("select case when pg_is_in_recovery() then "
+                                                "pg_last_wal_replay_lsn()::text end")[0],
+                               SETTLE_TIMEOUT)
+
+            def replayed_enough() -> bool:
+                replay = self._sql("select pg_last_wal_replay_lsn()::text")[0]
+                return (lsn_to_int(replay) or 0) >= (lsn_to_int(token) or 0)
+
+            self._until(f"{self.region} to replay up to {old.region}'s last position {token}", replayed_enough,
+                        PROOF_TIMEOUT)
+            return token
+        except ApplicationError as e:
+            # Not proven: put the old cluster back as the primary (it holds everything), nothing was promoted.
+            try:
+                old.patch_config({"standby_cluster": None})
+            except ApplicationError:
+                pass
+            raise ApplicationError(
+                f"{self.region}: the switchover could not be proven safe ({e.message}); {old.region} was put back "
+                "as the primary cluster",
+                type="SwitchoverNotProven",
+            ) from None
+
+    def rebuild_replica(self, primary: RegionTarget) -> RebuildResult:
+        """Make this region's cluster a standby cluster of `primary` (a failback after an emergency). Patroni
+        demotes the old primary and rewinds it when it diverged (use_pg_rewind). Idempotent."""
+        started = time.monotonic()
+        other = PatroniCluster(primary)
+        mine, theirs = sql_status(self.db, self.region), sql_status(other.db, primary.region)
+        if mine.reachable and mine.role == "primary" and mine.timeline is not None and mine.timeline == theirs.timeline:
+            # Promoted on its own after the split (Patroni restarted it as leader): the same timeline id with another
+            # history, which Patroni's rewind check takes for the same timeline. Following would mix two histories.
+            raise ApplicationError(
+                f"{self.region}: its primary writes on timeline {mine.timeline} like the one in {primary.region}, "
+                f"with a history of its own (it was promoted again after the split): it cannot follow "
+                f"{primary.region} without a new copy. Keep what it holds (pg_dump), make it a standby cluster "
+                f"(PATCH /config standby_cluster) and reinitialise its members (patronictl reinit), then fail back",
+                type="RebuildNotSupported",
+                non_retryable=True,
+            )
+        host, port = other.db.replication_address.rsplit(":", 1)
+        want = {"host": host, "port": int(port), "create_replica_methods": ["basebackup"]}
+        current = self.standby_source()
+        if current and (current.get("host"), int(current.get("port") or 0)) == (host, int(port)):
+            if self._standby_leader_running() and self._streaming():
+                return RebuildResult(method="already-streaming", seconds=0.0,
+                                     detail=f"{self.region} already streams from {primary.region}")
+        else:
+            self.patch_config({"standby_cluster": want})
+        limit = time_limit(600.0)
+        self._until(f"{self.region} to run as a standby leader", self._standby_leader_running, limit)
+        self._until(f"{self.region} to stream from {primary.region}", self._streaming, limit)
+        replayed = lsn_to_int(self._sql("select pg_last_wal_replay_lsn()::text")[0]) or 0
+        if replayed > (lsn_to_int(other._sql("select pg_current_wal_lsn()::text")[0]) or 0):
+            raise ApplicationError(
+                f"{self.region}: replayed past {primary.region}'s current position: its history diverged and Patroni "
+                "did not rewind it; reinitialise its members (patronictl reinit)",
+                type="RebuildNotSupported",
+                non_retryable=True,
+            )
+        if FENCE_PARAMETER in (self.config().get("postgresql", {}).get("parameters") or {}):
+            self.patch_config(_fence_patch(False))  # a fence set by hand or by the emergency would follow it back
+        return RebuildResult(
+            method="patroni-standby-cluster",
+            seconds=round(time.monotonic() - started, 3),
+            detail=f"Patroni cluster {self.db.scope or self.region} is a standby cluster of {primary.region} "
+            f"({self.db.replication_address} -> {other.db.replication_address})",
+        )

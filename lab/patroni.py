@@ -1,0 +1,212 @@
+"""Real Patroni for the lab (`opsflow lab up --database patroni`): Debian's /usr/bin/patroni (3.0.x) on an etcd
+(Debian's etcd-server, /usr/bin/etcd, v3 API) on lab ports, one single-member Patroni cluster per region:
+
+    eastus      scope lab-eastus       the primary cluster (its leader is the primary)
+    westeurope  scope lab-westeurope   a standby cluster (dynamic configuration `standby_cluster`) whose standby
+                                       leader streams from eastus's leader
+
+Both clusters share one etcd under their own scopes (a real deployment has one DCS per region). PostgreSQL
+listens on loopback and trusts it (no passwords in the lab, like lab/postgres.py); Patroni runs as the `postgres`
+OS user when we are root. The failover moves `standby_cluster` from one cluster's dynamic configuration to the
+other's through Patroni's REST API (activities/patroni.py); nothing here knows the procedures.
+
+    start(lab, root, say) -> dict[str, Cluster]   etcd, both clusters, westeurope streaming; the lab state's
+                                                  "patroni" section (REST URLs, scopes, ports) that
+                                                  lab.inventory.lab_inventory turns into provider "patroni"
+    kill(lab, region) / restart(lab, region)      a region's Patroni and PostgreSQL die / its Patroni comes back
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import stat
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import psycopg
+import yaml
+
+from lab.inventory import PRIMARY, REGIONS
+from lab.postgres import DEFAULT_BINDIR, Cluster
+from lab.processes import Lab, pick_port, stop_pid
+
+PATRONI = "/usr/bin/patroni"
+ETCD = "/usr/bin/etcd"
+SERVER_USER = "postgres"
+START_TIMEOUT = 90.0
+# Short loops so a lab switchover takes seconds: Patroni checks ttl >= loop_wait + 2 * retry_timeout.
+DCS = {"ttl": 12, "loop_wait": 1, "retry_timeout": 5, "maximum_lag_on_failover": 16 * 1024 * 1024}
+PARAMETERS = {
+    "max_connections": 100,
+    "shared_buffers": "32MB",
+    "wal_level": "replica",
+    "max_wal_senders": 10,
+    "max_replication_slots": 10,
+    "wal_keep_size": "512MB",
+    "wal_log_hints": "on",
+    "hot_standby": "on",
+    "hot_standby_feedback": "on",
+    "wal_receiver_status_interval": "1s",
+    "wal_retrieve_retry_interval": "1s",
+    "unix_socket_directories": "",
+}
+HBA = ["host all all 127.0.0.0/8 trust", "host replication all 127.0.0.0/8 trust"]
+
+Say = Callable[..., None]
+
+
+def scope(region: str) -> str:
+    return f"lab-{region}"
+
+
+def _owned_dir(path: Path) -> Path:
+    """A directory the postgres OS user owns (when we are root), reachable through its parents (search bit)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        u = pwd.getpwnam(SERVER_USER)
+        os.chown(path, u.pw_uid, u.pw_gid)
+        for parent in path.resolve().parents:
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                os.chmod(parent, stat.S_IMODE(mode) | stat.S_IXOTH)
+    return path
+
+
+def _as_server_user(argv: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return argv
+    return ["setpriv", f"--reuid={SERVER_USER}", f"--regid={SERVER_USER}", "--init-groups", "--", *argv]
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:  # Patroni answers 503 with a JSON body (e.g. GET /primary on a replica)
+        try:
+            return e.code, json.loads(e.read() or b"{}")
+        except ValueError:
+            return e.code, {}
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def _wait(what: str, check: Callable[[], bool], lab: Lab, name: str, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if not lab.alive(name):
+            raise RuntimeError(f"{name} died while {what} (log {lab.state['processes'][name]['log']})")
+        if time.monotonic() > deadline:
+            log = Path(lab.state["processes"][name]["log"])
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:]) if log.exists() else ""
+            raise RuntimeError(f"{name}: not {what} after {timeout:.0f}s (log {log}):\n{tail}")
+        time.sleep(0.2)
+
+
+def start_etcd(lab: Lab, root: Path) -> str:
+    client, peer = pick_port(), pick_port()
+    data = root / "etcd"
+    data.mkdir(parents=True, exist_ok=True)
+    lab.spawn("etcd", [ETCD, "--name", "lab", "--data-dir", str(data),
+                       "--listen-client-urls", f"http://127.0.0.1:{client}",
+                       "--advertise-client-urls", f"http://127.0.0.1:{client}",
+                       "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                       "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                       "--initial-cluster", f"lab=http://127.0.0.1:{peer}", "--log-level", "warn"])
+    lab.wait_port("etcd", client)
+    return f"127.0.0.1:{client}"
+
+
+def _config(region: str, root: Path, etcd: str, rest_port: int, pg_port: int, standby_of: int | None) -> dict:
+    base = _owned_dir(root / "patroni" / region)
+    dcs: dict = {**DCS, "postgresql": {"use_pg_rewind": True, "use_slots": False, "parameters": PARAMETERS}}
+    if standby_of is not None:
+        dcs["standby_cluster"] = {"host": "127.0.0.1", "port": standby_of, "create_replica_methods": ["basebackup"]}
+    return {
+        "scope": scope(region),
+        "namespace": "/opsflow-lab/",
+        "name": f"{region}-1",
+        "restapi": {"listen": f"127.0.0.1:{rest_port}", "connect_address": f"127.0.0.1:{rest_port}"},
+        "etcd3": {"hosts": [etcd]},
+        "bootstrap": {"dcs": dcs, "initdb": [{"encoding": "UTF8"}, {"locale": "C"}, "data-checksums"]},
+        "postgresql": {
+            "listen": f"127.0.0.1:{pg_port}",
+            "connect_address": f"127.0.0.1:{pg_port}",
+            "data_dir": str(base / "data"),
+            "bin_dir": os.environ.get("OPSFLOW_PG_BINDIR") or str(DEFAULT_BINDIR),
+            "pgpass": str(base / "pgpass"),
+            "authentication": {"superuser": {"username": "postgres"}, "replication": {"username": "postgres"},
+                               "rewind": {"username": "postgres"}},
+            "pg_hba": HBA,
+            "parameters": {"unix_socket_directories": ""},
+        },
+        "log": {"level": "WARNING"},
+    }
+
+
+def start(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
+    """etcd, then the primary cluster in `primary`, then the standby cluster in each other region streaming from
+    it. Returns the clusters (Cluster objects over Patroni's data directories: the lab's seed, status and teardown
+    use them); lab.state["patroni"] holds what the inventory needs."""
+    say("lab: Patroni clusters on etcd (eastus primary, westeurope standby cluster)")
+    etcd = start_etcd(lab, root)
+    state: dict = {"etcd": etcd, "regions": {}}
+    clusters: dict[str, Cluster] = {}
+    primary_port = None
+    for region in [PRIMARY, *[r for r in REGIONS if r != PRIMARY]]:
+        rest_port, pg_port = pick_port(), pick_port()
+        cfg = _config(region, root, etcd, rest_port, pg_port, None if region == PRIMARY else primary_port)
+        path = root / "patroni" / f"{region}.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        os.chmod(path, 0o644)
+        name = f"patroni-{region}"
+        lab.spawn(name, _as_server_user([PATRONI, str(path)]))
+        rest = f"http://127.0.0.1:{rest_port}"
+        if region == PRIMARY:
+            primary_port = pg_port
+            _wait("leader (GET /primary 200)", lambda: _get(f"{rest}/primary")[0] == 200, lab, name)
+        else:
+            _wait("a streaming standby leader",
+                  lambda: _get(f"{rest}/patroni")[1].get("role") == "standby_leader" and _streams(pg_port), lab, name)
+        clusters[region] = Cluster(name=f"patroni-{region}", datadir=Path(cfg["postgresql"]["data_dir"]),
+                                   port=pg_port, logfile=Path(lab.state["processes"][name]["log"]))
+        state["regions"][region] = {"rest_api": rest, "scope": scope(region), "port": pg_port,
+                                    "dsn": clusters[region].dsn, "config": str(path)}
+    lab.state["patroni"] = state
+    lab.save()
+    return clusters
+
+
+def _streams(port: int) -> bool:
+    """Whether the server on `port` runs a streaming WAL receiver (Patroni 3.0's /patroni does not say)."""
+    try:
+        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", connect_timeout=2) as c:
+            return c.execute("select status = 'streaming' from pg_stat_wal_receiver").fetchone() == (True,)
+    except psycopg.Error:
+        return False
+
+
+def kill(lab: Lab, region: str) -> None:
+    """The region dies: its Patroni (SIGKILL) and its PostgreSQL (SIGKILL, in a session of its own)."""
+    info = lab.state["processes"].pop(f"patroni-{region}")
+    lab.save()
+    try:
+        os.killpg(info["pid"], signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    stop_pid(info["pid"], timeout=5)  # reaps it
+    Cluster.from_dict(lab.state["postgres"][region]).kill()
+
+
+def restart(lab: Lab, region: str) -> None:
+    """The region comes back: its Patroni started again on the same configuration; returns once its REST API
+    answers (what Patroni then does with PostgreSQL is its own decision)."""
+    r = lab.state["patroni"]["regions"][region]
+    name = f"patroni-{region}"
+    lab.spawn(name, _as_server_user([PATRONI, r["config"]]))
+    _wait("answering on its REST API", lambda: _get(f"{r['rest_api']}/patroni")[0] != 0, lab, name)

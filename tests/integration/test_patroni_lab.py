@@ -1,0 +1,290 @@
+"""`opsflow lab up --database patroni`: real Patroni (Debian's 3.0) on etcd, one cluster per region, eastus the
+primary cluster and westeurope a standby cluster. The same failover and failback as on the other labs, through
+Patroni's REST API: the old cluster becomes a standby cluster of the new one (no rewind, no base backup), and the
+failback is the same move back, every row kept. One lab for the module: each test leaves eastus the primary."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from temporalio.exceptions import ApplicationError
+
+from tests.integration.conftest import Lab, explain, take_down, wait_for
+from tests.integration.test_failover_lab import approve, sql, streams_from, timeline, wait_end
+
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists("/usr/bin/patroni") and os.path.exists("/usr/bin/etcd")),
+    reason="Debian's patroni and etcd-server are not installed (scripts/setup.sh installs them)",
+)
+
+
+@pytest.fixture(scope="module")
+def patroni_lab():
+    from lab.manage import up
+
+    root = Path(tempfile.mkdtemp(prefix="opsflow-lab-test-")) / "lab"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPSFLOW_HOME", str(root.parent / "home"))
+        mp.delenv("TEMPORAL_ADDRESS", raising=False)
+        lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, database="patroni"))
+        lab.start_worker()
+        yield lab
+        lab.stop_workers()
+        take_down(root)
+
+
+def rest(lab, region: str, path: str) -> dict:
+    return httpx.get(lab.state["patroni"]["regions"][region]["rest_api"] + path, timeout=5).json()
+
+
+def processes(lab):
+    """The lab's own process table (lab.json), where its Patroni processes are killed and started again."""
+    from lab.processes import Lab as Processes
+
+    return Processes(lab.root)
+
+
+def answers_and(check, *args) -> bool:
+    """check(*args), False while the server does not accept connections yet (Patroni is starting it)."""
+    try:
+        return check(*args)
+    except psycopg.OperationalError:
+        return False
+
+
+def promote_attempts(lab, wid: str) -> int:
+    """The attempt of db.promote that completed, from the procedure's history (Temporal records the last one)."""
+    from opsflow.contracts.db import DB_PROMOTE
+
+    async def read() -> int:
+        history = await (await lab._connect()).get_workflow_handle(wid).fetch_history()
+        scheduled = {e.event_id for e in history.events
+                     if e.activity_task_scheduled_event_attributes.activity_type.name == DB_PROMOTE.name}
+        return max(e.activity_task_started_event_attributes.attempt for e in history.events
+                   if e.activity_task_started_event_attributes.scheduled_event_id in scheduled)
+
+    return lab._run(read(), timeout=30)
+
+
+def leader_role(lab, region: str) -> str:
+    return rest(lab, region, "/cluster")["members"][0]["role"]
+
+
+def test_switchover_failover_and_failback_through_patroni(patroni_lab):
+    """The planned failover demotes eastus to a standby cluster of westeurope (its dynamic configuration), then
+    promotes westeurope; eastus streams from it at once, unfenced; the failback is the same move back."""
+    lab = patroni_lab
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    assert (leader_role(lab, "eastus"), leader_role(lab, "westeurope")) == ("leader", "standby_leader")
+    start_tli = timeline(east)
+    sql(east, "CREATE TABLE journal (id int PRIMARY KEY, phase text)")
+    sql(east, "INSERT INTO journal SELECT g, 'before' FROM generate_series(1, 100) g")
+
+    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    approve(lab, wid)
+    report = wait_end(lab, wid)
+    assert report["status"] == "succeeded", explain(report)
+    assert report["switchover"] and report["old_primary_replica"] and report["remaining"] == []
+    assert report["rpo_bytes"] == 0 and report["rpo_proven"]
+    names = [s["name"] for s in report["steps"]]
+    assert names.index("fence") < names.index("catch-up") < names.index("promote") < names.index("old-replica")
+    # Patroni's own state says what happened: westeurope leads, eastus is a standby cluster following it.
+    assert (leader_role(lab, "westeurope"), leader_role(lab, "eastus")) == ("leader", "standby_leader")
+    west_port = lab.state["patroni"]["regions"]["westeurope"]["port"]
+    assert rest(lab, "eastus", "/config")["standby_cluster"]["port"] == west_port
+    assert "standby_cluster" not in rest(lab, "westeurope", "/config")
+    # The fence was a dynamic-configuration parameter of eastus' cluster: lifted again, nothing left behind.
+    assert "default_transaction_read_only" not in rest(lab, "eastus", "/config")["postgresql"]["parameters"]
+    assert streams_from(east, west) and timeline(east) == timeline(west) == start_tli + 1
+    sql(west, "INSERT INTO journal SELECT g, 'on westeurope' FROM generate_series(101, 200) g")
+    wait_for(lambda: sql(east, "SELECT count(*) FROM journal")[0][0] == 200, what="eastus replaying westeurope")
+
+    fid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice", "--reason", "switch back")["workflow_id"]
+    approve(lab, fid)
+    back = wait_end(lab, fid, timeout=240)
+    assert back["status"] == "succeeded", explain(back)
+    steps = {s["name"]: s for s in back["steps"]}
+    assert steps["rebuild"]["outcome"] == "skipped" and steps["restandby"]["outcome"] == "skipped"
+    assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    assert (leader_role(lab, "eastus"), leader_role(lab, "westeurope")) == ("leader", "standby_leader")
+    sql(east, "INSERT INTO journal VALUES (201, 'after failback')")
+    wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
+    wait_for(lambda: sql(west, "SELECT count(*) FROM journal")[0][0] == 201, what="westeurope replaying eastus")
+    assert sql(east, "SELECT count(*), count(DISTINCT phase) FROM journal")[0] == (201, 3)
+    assert timeline(east) == start_tli + 2  # two promotions, no rebuild: one data directory each, never replaced
+    ids = {r: rest(lab, r, "/patroni")["database_system_identifier"] for r in ("eastus", "westeurope")}
+    assert ids["eastus"] == ids["westeurope"]
+
+
+def test_provider_reads_patroni_and_refuses_another_cluster(patroni_lab):
+    """The provider's status carries Patroni's view (the leader's role and state); an inventory whose scope is not
+    the cluster the REST API serves is refused before anything is changed (non-retryable)."""
+    from activities.providers import database_provider
+    from opsflow.inventory import load_inventory
+    from opsflow.models import PromoteRequest, RegionTarget
+
+    inv = load_inventory(patroni_lab.inventory)
+    west = RegionTarget.of(inv, "westeurope")
+    # The fence ends the clients' sessions, not Patroni's own (killing it stalls Patroni's REST API and HA loop).
+    east, dsn = RegionTarget.of(inv, "eastus"), patroni_lab.dsn("eastus")
+    patronis = "SELECT pid FROM pg_stat_activity WHERE application_name = 'Patroni'"
+    before = sql(dsn, patronis)
+    with psycopg.connect(dsn, autocommit=True) as client:
+        database_provider(east).fence()
+        assert client.closed or client.broken or not answers_and(client.execute, "SELECT 1")
+    assert before and sql(dsn, patronis) == before and sql(dsn, "SHOW default_transaction_read_only") == [("on",)]
+    database_provider(east).unfence()
+    s = database_provider(west).status()
+    assert (s.role, s.streaming, s.cloud_role, s.cloud_state) == ("replica", True, "standby_leader", "running")
+    wrong = west.model_copy(update={"database": west.database.model_copy(update={"scope": "lab-eastus"})})
+    from activities.database import db_promote
+
+    with pytest.raises(ApplicationError) as err:
+        db_promote(PromoteRequest(target=wrong, demote=RegionTarget.of(inv, "eastus")))
+    assert err.value.type == "PatroniScopeMismatch" and err.value.non_retryable
+    assert leader_role(patroni_lab, "westeurope") == "standby_leader"  # nothing was changed
+    assert leader_role(patroni_lab, "eastus") == "leader"
+
+
+def test_worker_killed_after_the_demotion_another_finishes_the_switchover(patroni_lab):
+    """The worker is SIGKILLed once the promotion has demoted eastus (its configuration names westeurope) and
+    before it returns: a second worker's attempt finds the demotion done and completes it; one failover, no
+    rebuild, eastus following. Then back, as the module found it."""
+    from activities.patroni import PatroniCluster
+    from opsflow.inventory import load_inventory
+    from opsflow.models import RegionTarget
+    from tests.integration.conftest import FAST_RESTART
+    from tests.integration.test_failover_lab import wait_status
+
+    lab = patroni_lab
+    first = lab.workers[-1]
+    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    approve(lab, wid)
+    wait_status(lab, wid, lambda r: r["current_step"] == "promote", what="the promotion")
+    wait_for(lambda: "standby_cluster" in rest(lab, "eastus", "/config"), timeout=30, what="eastus demoted")
+    lab.kill_worker(first)
+    lab.start_worker(*FAST_RESTART)
+    report = wait_end(lab, wid, timeout=180)
+    assert report["status"] == "succeeded", explain(report)
+    assert report["switchover"] and report["old_primary_replica"] and report["remaining"] == []
+    assert promote_attempts(lab, wid) == 2  # the kill hit the promotion: its second attempt finished it
+    assert (leader_role(lab, "westeurope"), leader_role(lab, "eastus")) == ("leader", "standby_leader")
+    assert answers_and(streams_from, lab.dsn("eastus"), lab.dsn("westeurope"))
+
+    inv = load_inventory(lab.inventory)
+    east, west = RegionTarget.of(inv, "eastus"), RegionTarget.of(inv, "westeurope")
+    PatroniCluster(west).fence()
+    assert PatroniCluster(east).promote(False, demote=west).switchover
+    PatroniCluster(west).unfence()
+    assert (leader_role(lab, "eastus"), leader_role(lab, "westeurope")) == ("leader", "standby_leader")
+
+
+def test_a_promotion_retried_after_the_demotion_picks_up_where_it_was(patroni_lab):
+    """A worker that died after demoting the old cluster: the retried promotion finds it already following (no
+    second PATCH), proves the replay and promotes; retried once more, it is already the primary. Then back."""
+    from activities.patroni import PatroniCluster
+    from opsflow.inventory import load_inventory
+    from opsflow.models import RegionTarget
+
+    lab = patroni_lab
+    inv = load_inventory(lab.inventory)
+    east, west = RegionTarget.of(inv, "eastus"), RegionTarget.of(inv, "westeurope")
+    E, W = PatroniCluster(east), PatroniCluster(west)
+    E.fence()
+    W._demote(E)  # the first attempt got this far
+    assert leader_role(lab, "eastus") == "standby_leader" and leader_role(lab, "westeurope") == "standby_leader"
+    demoted_to = E.config()["standby_cluster"]
+    first = W.promote(False, demote=east)
+    assert not first.already_primary and first.switchover and first.old_primary_role == "standby_leader"
+    assert E.config()["standby_cluster"] == demoted_to  # found as the first attempt left it
+    again = W.promote(False, demote=east)
+    assert again.already_primary and again.switchover
+    E.unfence()
+    assert answers_and(streams_from, lab.dsn("eastus"), lab.dsn("westeurope"))
+    # back as the module found it: eastus leads
+    W.fence()
+    assert E.promote(False, demote=west).switchover
+    W.unfence()
+    assert (leader_role(lab, "eastus"), leader_role(lab, "westeurope")) == ("leader", "standby_leader")
+
+
+def test_emergency_with_eastus_dead_then_it_rejoins_and_fails_back(patroni_lab):
+    """eastus dies (Patroni and PostgreSQL SIGKILLed): the emergency promotes westeurope alone and leaves the old
+    cluster's fence to a person, saying how (its REST API is down). Done as it says (patronictl against its DCS),
+    eastus comes back as a standby cluster following westeurope; the failback switches back, every row kept."""
+    import json
+    import subprocess
+
+    from lab import patroni
+
+    lab = patroni_lab
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    sql(east, "CREATE TABLE emergency (id int PRIMARY KEY)")
+    sql(east, "INSERT INTO emergency SELECT generate_series(1, 100)")
+    wait_for(lambda: sql(west, "SELECT to_regclass('emergency') IS NOT NULL")[0][0], what="the table replicated")
+    wait_for(lambda: sql(west, "SELECT count(*) FROM emergency")[0][0] == 100, what="the rows replayed")
+    patroni.kill(processes(lab), "eastus")
+
+    proc = lab.cli("failover", "--to", "westeurope", "--emergency", "--requester", "alice", "--wait", "--json")
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert proc.returncode == 0 and report["status"] == "succeeded", explain(report)
+    assert not report["switchover"] and leader_role(lab, "westeurope") == "leader"
+    hint = next(r for r in report["remaining"] if "fence the old primary in eastus" in r)
+    assert "patronictl" in hint and "standby_cluster" in hint
+    sql(west, "INSERT INTO emergency VALUES (101)")
+
+    # What the report asks of a person, before eastus comes back: make it a standby cluster of westeurope.
+    regions = lab.state["patroni"]["regions"]
+    port = regions["westeurope"]["port"]
+    subprocess.run(["patronictl", "-c", regions["eastus"]["config"], "edit-config", "--force",
+                    "-s", "standby_cluster.host=127.0.0.1", "-s", f"standby_cluster.port={port}",
+                    "-s", "standby_cluster.create_replica_methods=[basebackup]"], check=True, capture_output=True)
+    patroni.restart(processes(lab), "eastus")
+    try:
+        wait_for(lambda: answers_and(streams_from, east, west), timeout=90, what="eastus streaming from westeurope")
+    except AssertionError as e:
+        log = Path(processes(lab).state["processes"]["patroni-eastus"]["log"]).read_text(errors="replace")
+        raise AssertionError(f"{e}\neastus' Patroni log:\n" + "\n".join(log.splitlines()[-40:])) from None
+
+    fid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice")["workflow_id"]
+    approve(lab, fid)
+    back = wait_end(lab, fid, timeout=240)
+    assert back["status"] == "succeeded", explain(back)
+    assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    assert (leader_role(lab, "eastus"), leader_role(lab, "westeurope")) == ("leader", "standby_leader")
+    sql(east, "INSERT INTO emergency VALUES (102)")
+    assert sql(east, "SELECT count(*) FROM emergency")[0][0] == 102
+    wait_for(lambda: sql(west, "SELECT count(*) FROM emergency")[0][0] == 102, what="westeurope following eastus")
+
+
+def test_rebuild_is_idempotent_and_refuses_a_cluster_promoted_on_its_own(patroni_lab):
+    """rebuild_replica on a standby cluster already following is success without a change. A cluster that came back
+    leading on its own (eastus killed, westeurope promoted, eastus restarted with nothing to tell it: Patroni
+    promotes it again, on the same timeline id with another history) is refused, non-retryable, before anything is
+    changed: Patroni's rewind check would take the two histories for one. Last in the module: it leaves a split."""
+    from activities.patroni import PatroniCluster
+    from lab import patroni
+    from opsflow.inventory import load_inventory
+    from opsflow.models import RegionTarget
+
+    lab = patroni_lab
+    inv = load_inventory(lab.inventory)
+    east, west = RegionTarget.of(inv, "eastus"), RegionTarget.of(inv, "westeurope")
+    assert PatroniCluster(west).rebuild_replica(east).method == "already-streaming"
+
+    patroni.kill(processes(lab), "eastus")
+    assert not PatroniCluster(west).promote(force=True).already_primary
+    patroni.restart(processes(lab), "eastus")
+    tli = timeline(lab.dsn("westeurope"))
+    wait_for(lambda: PatroniCluster(east).status().model_dump(include={"role", "timeline"})
+             == {"role": "primary", "timeline": tli}, timeout=90, what="eastus leading again on its own")
+    with pytest.raises(ApplicationError) as err:
+        PatroniCluster(east).rebuild_replica(west)
+    assert err.value.type == "RebuildNotSupported" and err.value.non_retryable
+    assert "patronictl reinit" in err.value.message
+    assert "standby_cluster" not in rest(lab, "eastus", "/config")  # nothing was changed

@@ -1,0 +1,95 @@
+"""Patroni (provider "patroni") on the time-skipping server: a planned failover asks the promotion to demote the old
+cluster first (it becomes a standby cluster of the new one), then unfences it and checks it streams; an emergency
+only promotes; the failback after a switchover switches back without a rebuild. The lab test
+(tests/integration/test_patroni_lab.py) runs the same against real Patroni."""
+
+from __future__ import annotations
+
+import pytest
+
+from opsflow.client import send_update
+from opsflow.inventory import Inventory, InventoryError, load_inventory
+from opsflow.models import FailbackReport, FailoverReport
+from tests.workflow.conftest import inventory_dict
+from tests.workflow.test_failback_workflow import start as start_failback
+from tests.workflow.test_failover_switchover import approved
+from tests.workflow.test_failover_workflow import start, until_waiting
+from workflows.procedure import Procedure, Request
+
+
+def patroni_inventory() -> dict:
+    inv = inventory_dict()
+    for i, (region, r) in enumerate(inv["regions"].items()):
+        r["database"] = {
+            "provider": "patroni",
+            "dsn": f"host=pg-{region} dbname=app user=ops",
+            "rest_api": [f"https://pg-{region}-1:8008", f"https://pg-{region}-2:8008"],
+            "replication_address": f"pg-{region}:5432",
+            "scope": f"shop-{region}",
+            "rest_username": "opsflow",
+            "rest_password": {"env": "PATRONI_REST_PASSWORD"},
+        }
+    return inv
+
+
+@pytest.fixture
+def inventory() -> Inventory:
+    return Inventory.model_validate(patroni_inventory())
+
+
+async def test_planned_failover_demotes_the_old_cluster_then_it_follows(running, world, inventory):
+    report = await approved(running, inventory)
+    assert report.status == "succeeded" and report.switchover and report.old_primary_replica
+    assert world.demoted == [("eastus", "westeurope")]
+    assert "eastus" not in world.fenced  # the old-replica step lifted its fence
+    names = [s.name for s in report.steps]
+    assert names.index("fence") < names.index("catch-up") < names.index("promote") < names.index("old-replica")
+    promote = next(s for s in report.steps if s.name == "promote")
+    assert "eastus demoted first" in promote.title
+
+
+async def test_dry_run_plans_the_patroni_switchover(running, world, inventory):
+    report = FailoverReport.model_validate(await (await start(running, inventory, dry_run=True)).result())
+    plan = {s.name: s for s in report.steps}
+    assert "eastus becomes a standby cluster of westeurope" in plan["promote"].detail
+    assert plan["old-replica"].outcome == "planned" and world.unchanged
+
+
+async def test_emergency_promotes_only(running, world, inventory):
+    world.reachable["eastus"] = False
+    report = FailoverReport.model_validate(await (await start(running, inventory, emergency=True)).result())
+    assert report.status == "succeeded" and not report.switchover
+    assert world.demoted == []  # the old region may be dead: nothing is asked of it before the promotion
+    assert "old-replica" not in [s.name for s in report.steps]
+
+
+async def test_failback_after_a_patroni_switchover_switches_back(running, world, inventory):
+    assert (await approved(running, inventory)).old_primary_replica
+    handle = await start_failback(running, inventory)
+    await until_waiting(handle)
+    await send_update(handle, Procedure.approve, Request(by="bob"))
+    report = FailbackReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and world.primary == "eastus" and world.rebuilds == []
+    assert world.demoted == [("eastus", "westeurope"), ("westeurope", "eastus")]
+    assert report.rebuild_method == "none (streaming)"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rest_api": []}, "rest_api"),
+        ({"replication_address": "pg-eastus"}, "replication_address"),
+        ({"dsn": "host=pg user=ops password=x"}, "must not hold a password"),
+        ({"rest_password": "plain"}, "rest_password"),
+    ],
+)
+def test_inventory_names_the_bad_patroni_field(tmp_path, change, message):
+    import yaml
+
+    inv = patroni_inventory()
+    inv["regions"]["eastus"]["database"].update(change)
+    path = tmp_path / "inv.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    with pytest.raises(InventoryError) as err:
+        load_inventory(str(path))
+    assert "regions.eastus.database" in str(err.value) and message in str(err.value)
