@@ -5,8 +5,8 @@
 
 Each run brings up a FRESH lab in a temporary directory: `opsflow lab up` for the rebuild path (Azure, standalone
 promotion), `--virtual-endpoint` for Azure's switchover, `--database self-managed` for the self-managed
-switchover (provider postgres with host access: clean shutdown, shutdown-checkpoint proof, the old primary started as a standby), writes
-some rows, runs a planned failover eastus -> westeurope and then the failback to eastus
+switchover (provider postgres with host access: clean shutdown, shutdown-checkpoint proof, the old primary
+started as a standby), writes some rows, runs a planned failover eastus -> westeurope and then the failback to eastus
 the way a person does (`opsflow failover|failback ... --requester alice`, `opsflow approve ... --as bob` as soon as
 it waits), and tears the lab down. The paths alternate run by run (rebuild, switchover, self-managed, rebuild, ...)
 so that the machine's load falls on all alike. `--paths` picks some.

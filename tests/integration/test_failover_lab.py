@@ -418,8 +418,8 @@ def sm_lab(lab_home):
 
 def test_self_managed_switchover_and_failback_without_a_rebuild(sm_lab):
     """On `opsflow lab up --database self-managed` the planned failover shuts eastus down cleanly, proves westeurope
-    replayed its shutdown checkpoint, promotes, and starts eastus as westeurope's standby (no other command); the failback
-    is the same move the other way: no rebuild, every row kept, the same data directories."""
+    replayed its shutdown checkpoint, promotes, and starts eastus as westeurope's standby (no other command); the
+    failback is the same move the other way: no rebuild, every row kept, the same data directories."""
     from lab.postgres import Cluster
     from opsflow.inventory import load_inventory
 
