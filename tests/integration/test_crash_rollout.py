@@ -43,9 +43,9 @@ from opsflow.contracts.rollout import (
     K8S_SCALE_CANARY,
     K8S_SCALE_DEPLOYMENT,
     K8S_SET_IMAGE,
-    K8S_SET_WEIGHT,
     K8S_SWITCH_SERVICE,
     PROMETHEUS_SAMPLES,
+    ROUTER_SET_WEIGHT,
 )
 from tests.integration.conftest import explain, fast_recovery, lab_root, wait_for
 from tests.integration.crash_kit import Workers, run_killing_at_every_boundary
@@ -106,7 +106,7 @@ async def test_canary_survives_a_kill_at_every_boundary(crash_lab):
     assert report["status"] == "succeeded", explain(report)
     assert not report["rolled_back"] and report["image"] == image
     kinds = set(report["_kinds"])
-    assert kinds >= {K8S_ROLLOUT_STATUS.name, K8S_CREATE_CANARY.name, K8S_SCALE_CANARY.name, K8S_SET_WEIGHT.name,
+    assert kinds >= {K8S_ROLLOUT_STATUS.name, K8S_CREATE_CANARY.name, K8S_SCALE_CANARY.name, ROUTER_SET_WEIGHT.name,
                      PROMETHEUS_SAMPLES.name, HTTP_CHECKS.name, ANALYSIS_JUDGE.name, K8S_SET_IMAGE.name,
                      K8S_DELETE_CANARY.name}, report["_kinds"]
     assert K8S_CREATE_CANARY.name in report["_long"], report["_long"]  # waits for the canary's readiness
@@ -138,8 +138,8 @@ async def test_faulty_canary_rolls_back_cleanly_through_a_kill_at_every_boundary
     assert report["status"] == "failed" and report["rolled_back"], explain(report)
     assert "error-rate" in report["rollback_reason"], report["rollback_reason"]
     undo = [s["name"] for s in report["steps"] if s["outcome"] == "compensated"]
-    assert undo == ["undo:k8s.set_weight", "undo:k8s.delete_canary"], explain(report)
-    assert set(report["_kinds"]) >= {K8S_CREATE_CANARY.name, K8S_SET_WEIGHT.name, PROMETHEUS_SAMPLES.name,
+    assert undo == [f"undo:{ROUTER_SET_WEIGHT.name}", f"undo:{K8S_DELETE_CANARY.name}"], explain(report)
+    assert set(report["_kinds"]) >= {K8S_CREATE_CANARY.name, ROUTER_SET_WEIGHT.name, PROMETHEUS_SAMPLES.name,
                                      K8S_DELETE_CANARY.name}, report["_kinds"]
 
     writes = kube_writes(lab)
