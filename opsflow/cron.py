@@ -257,13 +257,13 @@ def _runs(values: list[int]) -> tuple[ScheduleRange, ...]:
     return tuple(ScheduleRange(a, b) for a, b in out)
 
 
-def _dst_trouble(window: object, today: date, days: int) -> tuple[list[date], timedelta]:
-    """The local dates (from `today`, for `days`) on which the window opens at a wall time that does not exist
-    (spring forward) or happens twice (fall back), and the largest such shift."""
+def _dst_trouble(window: object, today: date, days: int, at: time | None = None) -> tuple[list[date], timedelta]:
+    """The local dates (from `today`, for `days`) on which the window opens, where the wall time `at` (default: its
+    start) does not exist (spring forward) or happens twice (fall back), and the largest such shift."""
     from opsflow.calendar import _zone
 
     zone = _zone(window.timezone)  # type: ignore[attr-defined]
-    at = time.fromisoformat(window.start)  # type: ignore[attr-defined]
+    at = at or time.fromisoformat(window.start)  # type: ignore[attr-defined]
     opened = window.occurrences(today, today + timedelta(days=days))  # type: ignore[attr-defined]
     bad, shift = [], timedelta(0)
     for day in sorted({a.astimezone(zone).date() for a, _ in opened}):
@@ -294,6 +294,10 @@ def window_spec(window: object, today: date, years: int = 5) -> WindowSpec:
     if fire < 0:
         raise CalendarError(f"the window {window.describe()!r} opens at a time the clocks skip or repeat "
                             f"({bad[0]}), too close to midnight to fire {_hours(lead)} early on the same day; "
+                            "move its start, or give --calendar/--cron")
+    if lead and _dst_trouble(window, today, 366 * years, time(fire // 60, fire % 60))[0]:
+        raise CalendarError(f"the window {window.describe()!r} opens at a time the clocks skip or repeat "
+                            f"({bad[0]}), and so does {fire // 60:02d}:{fire % 60:02d}, {_hours(lead)} earlier; "
                             "move its start, or give --calendar/--cron")
     at = {"hour": (ScheduleRange(fire // 60),), "minute": (ScheduleRange(fire % 60),), "second": (ScheduleRange(0),)}
     comment = f"window: {window.describe()}"

@@ -117,6 +117,9 @@ def test_the_dst_lead_is_needed_where_it_is_taken():
         ("3rd fri +8d 02:00-04:00", "falls on day 23-29"),
         # the clocks skip 00:00-01:00 in Santiago on some Sundays: no room to fire an hour early on the same day
         ({"days": ["sun"], "start": "00:30", "end": "02:00", "timezone": "America/Santiago"}, "too close to midnight"),
+        # St John's skips 02:00-03:00 in March and repeats 01:00-02:00 in November: an hour early is no way out
+        ({"days": ["sun"], "start": "02:30", "end": "03:30", "timezone": "America/St_Johns"},
+         "and so does 01:30, 1h earlier"),
     ],
 )
 def test_a_window_no_calendar_follows_is_refused(text, needle):
