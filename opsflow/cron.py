@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
 
 from temporalio.client import ScheduleCalendarSpec, ScheduleRange
 
@@ -213,3 +214,110 @@ def format_calendar(spec: ScheduleCalendarSpec) -> str:
             continue
         parts.append(f"{key}={','.join(_render(key, r) for r in ranges) if ranges else '*'}")
     return " ".join(parts) or "second=0"
+
+
+# -- the maintenance window as a Schedule's calendar -----------------------------------------------------------
+
+# opsflow.calendar counts days mon=0..sun=6; Temporal sun=0..sat=6
+_TEMPORAL_DAY = {d: (i + 1) % 7 for i, d in enumerate(["mon", "tue", "wed", "thu", "fri", "sat", "sun"])}
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """A window's openings as a Schedule's structured calendar, in its time zone. It fires when the window opens,
+    or `lead` earlier where the opening time falls in a DST gap or fold on some date of the window (the run then
+    waits for the window to open)."""
+
+    calendar: ScheduleCalendarSpec
+    timezone: str
+    text: str  # as `format_calendar` shows it
+    lead: timedelta = timedelta(0)
+    dst_dates: tuple[str, ...] = ()  # the window's dates whose opening time the clocks skip or repeat
+
+    def warnings(self) -> list[str]:
+        if not self.lead:
+            return []
+        return [f"the window opens at a time the clocks skip or repeat on {', '.join(self.dst_dates[:3])} "
+                f"({self.timezone}): Temporal skips such a time (that window would not run) or fires twice; so the "
+                f"schedule fires {_hours(self.lead)} before the window, and each run waits for the window to open"]
+
+
+def _hours(td: timedelta) -> str:
+    m = int(td.total_seconds()) // 60
+    return f"{m // 60}h{m % 60:02d}" if m % 60 else f"{m // 60}h"
+
+
+def _runs(values: list[int]) -> tuple[ScheduleRange, ...]:
+    out: list[list[int]] = []
+    for v in sorted(set(values)):
+        if out and v == out[-1][1] + 1:
+            out[-1][1] = v
+        else:
+            out.append([v, v])
+    return tuple(ScheduleRange(a, b) for a, b in out)
+
+
+def _dst_trouble(window: object, today: date, days: int, at: time | None = None) -> tuple[list[date], timedelta]:
+    """The local dates (from `today`, for `days`) on which the window opens, where the wall time `at` (default: its
+    start) does not exist (spring forward) or happens twice (fall back), and the largest such shift."""
+    from opsflow.calendar import _zone
+
+    zone = _zone(window.timezone)  # type: ignore[attr-defined]
+    at = at or time.fromisoformat(window.start)  # type: ignore[attr-defined]
+    opened = window.occurrences(today, today + timedelta(days=days))  # type: ignore[attr-defined]
+    bad, shift = [], timedelta(0)
+    for day in sorted({a.astimezone(zone).date() for a, _ in opened}):
+        naive = datetime.combine(day, at)
+        early, late = naive.replace(tzinfo=zone), naive.replace(tzinfo=zone, fold=1)
+        if early.utcoffset() != late.utcoffset():
+            bad.append(day)
+            shift = max(shift, abs(early.utcoffset() - late.utcoffset()))  # type: ignore[operator]
+    return bad, shift
+
+
+def window_spec(window: object, today: date, years: int = 5) -> WindowSpec:
+    """The inventory's maintenance window (a WeeklyWindow or MonthlyWindow of opsflow.calendar) -> the Schedule
+    calendar that fires when it opens. Temporal matches a day only when it satisfies BOTH day_of_month and
+    day_of_week, so the n-th weekday of the month is that weekday on days 7(n-1)+1..7n; an offset of d days
+    shifts both the weekday and the days by d. A window the calendar cannot follow exactly is refused
+    (CalendarError): 'last <day>' (its days depend on the month's length) and an n-th weekday plus offset that
+    can pass the 28th into the next month (Temporal would skip the months where it does). Where the opening
+    time falls in a DST gap or fold on one of the window's dates in the next `years` from `today`, the schedule
+    fires that shift earlier on every date (Temporal skips a skipped time and fires twice at a repeated one)."""
+    from opsflow.calendar import MonthlyWindow, WeeklyWindow
+
+    if not isinstance(window, (WeeklyWindow, MonthlyWindow)):
+        raise CalendarError(f"not a maintenance window: {window!r}")
+    bad, lead = _dst_trouble(window, today, 366 * years)
+    hour, minute = (int(x) for x in window.start.split(":"))
+    fire = hour * 60 + minute - int(lead.total_seconds()) // 60
+    if fire < 0:
+        raise CalendarError(f"the window {window.describe()!r} opens at a time the clocks skip or repeat "
+                            f"({bad[0]}), too close to midnight to fire {_hours(lead)} early on the same day; "
+                            "move its start, or give --calendar/--cron")
+    if lead and _dst_trouble(window, today, 366 * years, time(fire // 60, fire % 60))[0]:
+        raise CalendarError(f"the window {window.describe()!r} opens at a time the clocks skip or repeat "
+                            f"({bad[0]}), and so does {fire // 60:02d}:{fire % 60:02d}, {_hours(lead)} earlier; "
+                            "move its start, or give --calendar/--cron")
+    at = {"hour": (ScheduleRange(fire // 60),), "minute": (ScheduleRange(fire % 60),), "second": (ScheduleRange(0),)}
+    comment = f"window: {window.describe()}"
+    if isinstance(window, WeeklyWindow):
+        spec = ScheduleCalendarSpec(day_of_week=_runs([_TEMPORAL_DAY[d] for d in window.days]), comment=comment, **at)
+    else:
+        nth, day = window.monthly.split()
+        d = window.offset_days
+        if nth == "last":
+            raise CalendarError(f"the window {window.describe()!r} cannot be a Schedule's calendar: the days of the "
+                                "last weekday depend on the month's length; use 4th or 5th, or give --calendar/--cron")
+        n = int(nth[0])
+        first, last = 7 * (n - 1) + 1 + d, 7 * n + d
+        if last > 28 and not (n == 5 and d == 0):
+            raise CalendarError(
+                f"the window {window.describe()!r} cannot be a Schedule's calendar: {nth} {day} + {d} days falls on "
+                f"day {first}-{last}, past the 28th, so in some months it is in the next month, where Temporal "
+                "would not follow it (those months would be skipped); choose a window within the month, or give "
+                "--calendar/--cron")
+        spec = ScheduleCalendarSpec(day_of_week=(ScheduleRange((_TEMPORAL_DAY[day] + d) % 7),),
+                                    day_of_month=(ScheduleRange(first, min(last, 31)),), comment=comment, **at)
+    return WindowSpec(calendar=spec, timezone=window.timezone, text=format_calendar(spec), lead=lead,
+                      dst_dates=tuple(str(b) for b in bad))

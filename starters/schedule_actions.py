@@ -12,7 +12,7 @@ import argparse
 import getpass
 import re
 from dataclasses import replace
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any, Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -161,6 +161,19 @@ PROCEDURES: dict[str, Callable[[Inventory, str, str, argparse.Namespace], Schedu
 }
 
 
+def maintenance_window_spec(inv: Inventory, today: date | None = None) -> tuple[ScheduleSpec, list[str], str]:
+    """The Schedule spec of the inventory's maintenance window (weekly or monthly, in its time zone): one place,
+    `opsflow.cron.window_spec`. A window a Temporal calendar cannot follow is exit 2, naming why."""
+    if inv.maintenance is None:
+        raise CliError("the inventory has no maintenance: section, so no window to schedule; add one "
+                       "(see README, Maintenance window) or give --calendar/--cron")
+    try:
+        ws = cron.window_spec(inv.maintenance.window, today or date.today())
+    except cron.CalendarError as e:
+        raise CliError(f"maintenance.window: {e}") from None
+    return ScheduleSpec(calendars=[ws.calendar]), ws.warnings(), ws.timezone
+
+
 def build_schedule(args: argparse.Namespace) -> tuple[Inventory, str, Schedule, list[str]]:
     """Check what a person needs a clear message for and build the Schedule, touching nothing (no Temporal call).
     The server reads the calendar when the schedule is created (`schedule create`)."""
@@ -168,10 +181,20 @@ def build_schedule(args: argparse.Namespace) -> tuple[Inventory, str, Schedule, 
     if args.procedure not in PROCEDURES:
         raise CliError(f"unknown procedure {args.procedure!r}; a schedule can run: {', '.join(PROCEDURES)}")
     every = getattr(args, "every", None)
-    if sum(bool(w) for w in (args.calendar, args.cron, every)) != 1:
-        raise CliError("give exactly one of --calendar (e.g. 'day_of_month=1 hour=3'), --cron (e.g. '0 3 1 * *') "
-                       "and --every (e.g. 30m)")
-    if every:
+    window = bool(getattr(args, "window", False))
+    if args.procedure == "maintenance" and not (args.calendar or args.cron or every):
+        window = True  # the inventory's maintenance window is the default calendar of a maintenance schedule
+    if sum(bool(w) for w in (args.calendar, args.cron, every, window)) != 1:
+        raise CliError("give exactly one of --calendar (e.g. 'day_of_month=1 hour=3'), --cron (e.g. '0 3 1 * *'), "
+                       "--every (e.g. 30m) and --window (maintenance: the inventory's window)")
+    if window and args.procedure != "maintenance":
+        raise CliError("--window is for --procedure maintenance: it reads the inventory's maintenance window")
+    if window and args.timezone not in (None, "UTC"):
+        raise CliError("--timezone does not go with the maintenance window: the window has its own time zone "
+                       "(maintenance.window.timezone in the inventory)")
+    if window:
+        spec, warnings = ScheduleSpec(), []  # from the inventory's window, below
+    elif every:
         try:
             interval = timedelta(seconds=parse_duration(every))
         except ValueError as e:
@@ -193,6 +216,8 @@ def build_schedule(args: argparse.Namespace) -> tuple[Inventory, str, Schedule, 
     if catchup < timedelta(seconds=10):
         raise CliError("--catchup-window must be at least 10s (Temporal's minimum)")
     inv = schedule_inventory(args)
+    if window:
+        spec, warnings, tz = maintenance_window_spec(inv)
     for flag, region in (("--source", args.source), ("--region", args.region)):
         if region is not None and region not in inv.regions:
             raise CliError(f"{flag}: unknown region {region!r}; the inventory has: {', '.join(inv.regions)}")

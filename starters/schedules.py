@@ -1,7 +1,8 @@
 """`opsflow schedule ...`: procedures on a Temporal Schedule (the monthly restore drill, the weekly maintenance).
 
     opsflow schedule create NAME --env INVENTORY --procedure drill|maintenance
-                            (--calendar "day_of_month=1 hour=3" | --cron "0 3 1 * *") [--timezone Europe/Berlin]
+                            (--calendar "day_of_month=1 hour=3" | --cron "0 3 1 * *" | --every 30m
+                             | --window) [--timezone Europe/Berlin]
                             [--source REGION (drill) | --region REGION (maintenance)]
                             [--pause-on-failure | --keep-going] [--catchup-window 1d] [--paused] [--note TEXT]
                             [--json]
@@ -30,6 +31,11 @@ workflow a schedule starts (the API's `keep_original_workflow_id` policy is not 
 server we ship ignored it when tried), so a scheduled run cannot hold the environment's lock id
 `opsflow-<environment>` itself: a scheduled maintenance runs as `opsflow-<environment>-<time>`, a scheduled
 drill as `opsflow-<environment>-<NAME>-<time>`. Overlapping runs of one schedule are skipped.
+
+A maintenance schedule fires, by default (`--window`), when the inventory's maintenance window opens: the spec is
+derived from the window, weekly or monthly by weekday, in its time zone (`opsflow.cron.window_spec`; "2nd sun" is
+day_of_week=sun day_of_month=8-14, which Temporal matches on days satisfying both), and shown as the server reads
+it. A window no Temporal calendar follows exactly ("last sun", an offset that can pass the 28th) is refused.
 
 A procedure's input (with the inventory) is stored in the schedule when it is created: after changing the
 inventory, delete and create the schedule again (`describe` tells when the stored inventory is stale).
@@ -105,6 +111,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="e.g. '0 3 1 * *' (minute hour day_of_month month day_of_week)")
     when.add_argument("--every", metavar="DURATION",
                       help="a fixed interval, e.g. 30m (readiness checks); at least 1m")
+    when.add_argument("--window", action="store_true",
+                      help="maintenance: fire when the inventory's maintenance window opens, weekly or monthly, in its "
+                           "time zone (the default for --procedure maintenance)")
     c.add_argument("--timezone", default="UTC",
                    help="IANA time zone the calendar is read in (default UTC), e.g. Europe/Berlin")
     c.add_argument("--source", metavar="REGION",
@@ -167,6 +176,7 @@ def _show_dry_run(inv: Inventory, name: str, schedule: Schedule, warnings: list[
     out = {"name": name, "schedule_id": schedule_id(inv.environment, name), "environment": inv.environment,
            "procedure": procedure_of(action), "workflow_id": f"opsflow-{inv.environment}",
            "task_queue": action.task_queue, "cron_sent": (schedule.spec.cron_expressions or [None])[0],
+           "calendars": [format_calendar(c) for c in schedule.spec.calendars],
            "every": [str(i.every) for i in schedule.spec.intervals],
            "timezone": schedule.spec.time_zone_name, "paused": schedule.state.paused,
            "warnings": warnings, "next_action_times": None,
@@ -179,7 +189,7 @@ def _show_dry_run(inv: Inventory, name: str, schedule: Schedule, warnings: list[
         print(f"note: {w}")
     print(f"would create schedule {name} ({out['schedule_id']}): {action.workflow} of {inv.environment}, "
           f"runs as {out['workflow_id']}")
-    spec = out["cron_sent"] or ", ".join(f"every {e}" for e in out["every"])
+    spec = out["cron_sent"] or " | ".join(out["calendars"]) or ", ".join(f"every {e}" for e in out["every"])
     print(f"  spec sent to Temporal: {spec}  [{out['timezone']}]")
     print(f"  next runs: {out['why_no_times']}")
     return 0
@@ -207,7 +217,8 @@ async def cmd_create(args, client: Client | None = None) -> int:
     desc = await _firstdescription(handle)
     if not desc.info.next_action_times:  # the server finds no time the calendar matches
         await handle.delete()
-        given = (args.calendar and f"--calendar {args.calendar!r}") or f"--cron {args.cron!r}"
+        given = ((args.calendar and f"--calendar {args.calendar!r}") or (args.cron and f"--cron {args.cron!r}")
+                 or "the maintenance window")
         read_as = ", ".join(format_calendar(c) for c in desc.schedule.spec.calendars)
         zone = desc.schedule.spec.time_zone_name or "UTC"
         raise CliError(f"{given} never fires: Temporal finds no time matching it ({read_as} in {zone}); "

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -251,6 +251,48 @@ async def test_weekly_maintenance_runs_under_the_environment_id(cli, client, inv
     assert launched["workflow_id"] == f"opsflow-{inventory.environment}"
     result = launched["report"]
     assert result["input"]["requester"] == "schedule:weekly" and result["input"]["region"] == "eastus"
+
+
+@pytest.mark.parametrize(
+    "window, calendar, dst",
+    [
+        # the US clocks spring forward on the 2nd Sunday of March: that day has no 02:30, so it fires an hour early
+        ("2nd sun 02:30-04:00 America/New_York", "day_of_month=8-14 day_of_week=sun hour=1 minute=30", True),
+        # and fall back on the 1st Sunday of November: 01:30 happens twice, so it fires at 00:30, once
+        ("1st sun 01:30-03:00 America/New_York", "day_of_month=1-7 day_of_week=sun minute=30", True),
+        ("2nd tue +5d 03:00-05:00 Europe/Berlin", "day_of_month=13-19 day_of_week=sun hour=3", False),
+    ],
+)
+async def test_a_monthly_maintenance_window_is_the_schedules_calendar(client, tmp_path, capsys, window, calendar,
+                                                                     dst):
+    """No --calendar: the schedule fires when the inventory's window opens. The server's own matching times over
+    three years are each the window's opening (or an hour before it where the clocks skip it), once per window."""
+    from opsflow.calendar import Calendar
+    from starters.schedules import matching_times
+
+    path = tmp_path / "maintenance.yaml"
+    inv = inventory_dict(environment=f"m{uuid.uuid4().hex[:6]}",
+                         maintenance={"window": window, "tasks": [{"kind": "vacuum", "tables": ["orders"]}]})
+    path.write_text(yaml.safe_dump(inv))
+    c = Cli(client, path, capsys)
+    inventory = Inventory.model_validate(inv)
+    zone = inventory.maintenance.window.timezone
+    created = await c("create", "monthly", "--procedure", "maintenance", "--paused")
+    desc = await c("describe", "monthly")
+    for shown in (created, desc):
+        assert shown["spec"]["calendars"] == [calendar] and shown["spec"]["timezone"] == zone
+        assert shown["spec"]["as_given"] == [f"window: {inventory.maintenance.window.describe()}"]
+    assert bool(created["warnings"]) == dst  # the DST note
+    # The server's reading of the spec, against the calendar module's openings of the window.
+    start, end = datetime(2027, 1, 1, tzinfo=timezone.utc), datetime(2030, 1, 1, tzinfo=timezone.utc)
+    fires = await matching_times(client, client.get_schedule_handle(created["schedule_id"]), start, end)
+    w = inventory.maintenance.window
+    opens = sorted(a for a, _ in w.occurrences(date(2027, 1, 1), date(2029, 12, 31)) if start <= a < end)
+    assert len(opens) == 36 and len(fires) == len(opens)
+    cal = Calendar(windows=[w])
+    for f, o in zip(fires, opens):
+        assert (cal.next_opening(f) or f) == o and o - f <= timedelta(hours=1)
+    await c("delete", "monthly")
 
 
 # -- trigger: a drill runs --------------------------------------------------------------------------------
