@@ -231,7 +231,8 @@ class TrafficManager(ArmState):
 
     def put_profile(self, rg: str, name: str, body: Any) -> Answer:
         """Create or replace profile `name` from an ARM body (properties.trafficRoutingMethod, dnsConfig,
-        monitorConfig, endpoints[{name, type, properties}]); its endpoints start Online (no probing period)."""
+        monitorConfig, endpoints[{name, type, properties}]); its endpoints start Online (no probing period). A
+        restarted emulator has it still (its state file)."""
         props = body.get("properties") if isinstance(body, dict) else None
         if not isinstance(props, dict):
             raise bad_request(INVALID_BODY, "InvalidRequestContent")
@@ -262,6 +263,7 @@ class TrafficManager(ArmState):
             prof = profile_from_config(name, config)
         except ValueError as e:
             raise bad_request(str(e)) from None
+        prof["origin"] = "api"  # kept across a restart of the emulator (its state file)
         with self.lock:
             self.resource_groups.add(rg.lower())
             self.profiles[name.lower()] = prof

@@ -14,10 +14,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from azure.core.exceptions import HttpResponseError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities.azure.arm import traffic_manager_client
 from activities.routers import router_set_weight, router_status
+from lab.arm.world import World
 from lab.arm_emulator import start_emulator
 from opsflow.inventory import AzureConnection, KubernetesConfig
 from opsflow.rollout import RolloutApp, RolloutTarget, WeightRequest
@@ -114,10 +117,6 @@ def test_a_priority_profile_or_a_missing_endpoint_is_refused_naming_it(emu):
 
 def test_a_weighted_profile_created_through_the_sdk_serves_a_canary(emu):
     """The emulator's PUT of a profile (profiles.create_or_update), as a lab test makes one beside the lab's own."""
-    from azure.core.exceptions import HttpResponseError
-
-    from activities.azure.arm import traffic_manager_client
-
     t = target(emu)
     client = traffic_manager_client(t.azure, SUB)
     eps = [{"name": n, "type": "Microsoft.Network/trafficManagerProfiles/externalEndpoints",
@@ -128,6 +127,11 @@ def test_a_weighted_profile_created_through_the_sdk_serves_a_canary(emu):
     assert made.traffic_routing_method == "Weighted" and [e.name for e in made.endpoints] == ["shop-eastus",
                                                                                               "shop-westus"]
     assert run(router_status, target(emu, profile="tm-made")).weights == {"stable": 100, "canary": 0}
+    run(router_set_weight, WeightRequest(target=target(emu, profile="tm-made"), canary_weight=25))
+    # an emulator restarted on the same state file still has the profile, at its weights
+    again = World({"subscription_id": SUB}, emu.world.state_path).profiles["tm-made"]
+    assert {n: (e["weight"], e["status"]) for n, e in again["endpoints"].items()} == {
+        "shop-eastus": (750, "Enabled"), "shop-westus": (250, "Enabled")}
     with pytest.raises(HttpResponseError) as exc:
         client.profiles.create_or_update(RG, "tm-bad", {"location": "global",
                                                         "properties": {"trafficRoutingMethod": "Random"}})
