@@ -7,11 +7,11 @@ The lab's own profile is the failover's (priority routing); this module's setup 
 it through the SDK (`profiles.create_or_update`, the stable region's endpoint at 100 %, the canary region's
 disabled) and points the inventory's app at it; the default lab is unchanged.
 
-Analysis: a region-level canary's traffic reaches another region's front door, which the lab does not run (its one
-proxy follows the HTTPRoute), so no request reaches the canary pods and there are no per-endpoint figures. The
-module's inventory therefore judges what it can: error-rate with `missing: zero` (a canary without 5xx passes),
-p95 latency `missing: skip`, `min_requests: 0`; the bake's HTTP checks (the smoke GET and the receiver's webhook
-gate, critical) run at every step as on the HTTPRoute lab, and the rollout auto-promotes.
+Traffic: a region-level canary's clients reach whichever endpoint Traffic Manager's DNS answers name. The lab runs
+one region's front door (NGINX following the HTTPRoute, which stays at 100 % stable), so the module's DNS clients
+(a thread while a rollout runs) ask the profile for answers and send each request where its answer points: the
+stable endpoint to the lab's proxy, the canary endpoint straight to the canary's app process. Prometheus scrapes
+both, so the canary is judged on its real figures with the lab's own analysis (min_requests, error rate, p95).
 
 One lab for the module; the rollouts run one after another."""
 
@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import json
 import ssl
+import threading
 import time
+import urllib.error
 import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,22 +68,67 @@ def tm_lab(tmp_path_factory):
         inv["rollout"]["apps"]["web"]["router"] = {
             "kind": "traffic-manager", "subscription_id": SUBSCRIPTION, "resource_group": RESOURCE_GROUP,
             "profile": PROFILE, "stable_endpoint": STABLE, "canary_endpoint": CANARY}
-        analysis = inv["rollout"]["analysis"]
-        analysis["min_requests"] = 0
-        next(m for m in analysis["metrics"] if m["name"] == "p95-latency")["missing"] = "skip"
         Path(lab.inventory).write_text(yaml.safe_dump(inv, sort_keys=False))
         lab.start_worker()
         yield lab
 
 
-def dns(lab: Lab, queries: int = QUERIES) -> dict[str, int]:
+def dns(lab: Lab, queries: int = QUERIES, seed: int = 0) -> dict[str, int]:
     """Which endpoint each of `queries` DNS queries for the profile gets, as weighted routing answers."""
     azure = lab.state["azure"]
     req = urllib.request.Request(f"{azure['arm_endpoint']}/_emulator/trafficmanagerprofiles/{PROFILE}/dns",
-                                 method="POST", data=json.dumps({"queries": queries}).encode(),
+                                 method="POST", data=json.dumps({"queries": queries, "seed": seed}).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, context=ssl.create_default_context(cafile=azure["ca_bundle"]), timeout=10) as r:
         return json.loads(r.read())["answers"]
+
+
+def app_port(lab: Lab, deployment: str) -> int | None:
+    """The port of `deployment`'s app process, from the Prometheus targets the rollout stage writes."""
+    targets = json.loads((lab.root / "rollout" / "prometheus" / "targets.json").read_text() or "[]")
+    return next((int(t["targets"][0].rsplit(":", 1)[1]) for t in targets
+                 if t["labels"]["lab_deployment"] == deployment), None)
+
+
+@contextmanager
+def dns_clients(lab: Lab) -> Iterator[Counter]:
+    """Clients that follow the profile's DNS answers (20 a batch, one after another) while the block runs:
+    the stable endpoint is the lab's proxy, the canary endpoint the canary's app process. Yields what they got, by
+    endpoint and status."""
+    got: Counter = Counter()
+    stop = threading.Event()
+
+    def loop() -> None:
+        seed = 1
+        while not stop.wait(0.05):
+            seed += 1
+            try:
+                answers = dns(lab, 20, seed)
+            except OSError:
+                continue
+            port = app_port(lab, "web-canary")
+            urls = {STABLE: lab.state["rollout"]["proxy"] + "/",
+                    CANARY: f"http://127.0.0.1:{port}/" if port else None}
+            for endpoint, n in answers.items():
+                for _ in range(n):
+                    if urls[endpoint] is None:
+                        got[(endpoint, "no server")] += 1
+                        continue
+                    try:
+                        with urllib.request.urlopen(urls[endpoint], timeout=5) as r:
+                            got[(endpoint, r.status)] += 1
+                    except urllib.error.HTTPError as e:
+                        got[(endpoint, e.code)] += 1
+                    except OSError:
+                        got[(endpoint, "refused")] += 1
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield got
+    finally:
+        stop.set()
+        t.join(10)
 
 
 def test_region_level_canary_takes_its_share_of_dns_answers_at_each_step_then_is_promoted(tm_lab):
@@ -91,8 +141,10 @@ def test_region_level_canary_takes_its_share_of_dns_answers_at_each_step_then_is
             wait_for(lambda w=w: lab.status(wid)["current_step"] == f"bake-{w}", 90, what=f"the bake at {w} %")
             split[w] = dns(lab)
 
-    report = run_rollout(lab, "canary", "--image", images["healthy"], "--steps", "25,50,100", "--bake", "10s",
-                         "--auto-promote", during=at_each_step)
+    with dns_clients(lab) as got:
+        report = run_rollout(lab, "canary", "--image", images["healthy"], "--steps", "25,50,100", "--bake", "15s",
+                             "--auto-promote", during=at_each_step)
+    print(f"traffic-manager router: DNS clients got {dict(got)}")
     assert report["status"] == "succeeded", report.get("failure")
     assert report["router"] == "traffic-manager" and deployments(lab)["web"][0] == images["healthy"]
     for w, answers in split.items():
@@ -105,6 +157,10 @@ def test_region_level_canary_takes_its_share_of_dns_answers_at_each_step_then_is
     assert details["route-stable"] == "stable 100%, canary 0%", details
     judged = [a for a in report["analysis"] if a["kind"] == "judge"]
     assert [a["weight"] for a in judged] == [25, 50] and all(a["verdict"] == "pass" for a in judged), judged
+    # judged on the canary's own figures: the requests the DNS clients sent to the canary region
+    assert all(a["canary_requests"] >= 20 for a in judged), judged
+    # no 5xx anywhere; a batch answered just before the canary endpoint was disabled may find its process gone
+    assert got[(CANARY, 200)] >= 40 and not [k for k in got if k[1] not in (200, "refused", "no server")], got
     assert report["checks_run"] >= 4  # smoke + webhook gate at each of the two bakes
     # at the end: stable's endpoint alone answers, the canary's disabled; the canary deployment removed
     assert dns(lab) == {STABLE: QUERIES, CANARY: 0}
@@ -127,10 +183,26 @@ def test_an_abort_during_a_bake_disables_the_canary_endpoint(tm_lab):
               f"{time.monotonic() - sent:.1f} s after `opsflow abort` was run")
         wait_end(lab, wid, 60, lambda r: r["status"] not in ("running", "waiting", "paused"), "the abort")
 
-    report = run_rollout(lab, "canary", "--image", healthy, "--steps", "25,100", "--bake", "60s",
-                         "--auto-promote", during=abort_in_bake)
+    with dns_clients(lab):
+        report = run_rollout(lab, "canary", "--image", healthy, "--steps", "25,100", "--bake", "60s",
+                             "--auto-promote", during=abort_in_bake)
     assert report["status"] == "aborted" and report["rolled_back"], report
     undo = [st["name"] for st in report["steps"] if st["outcome"] == "compensated"]
     assert undo == ["undo:router.set_weight", "undo:k8s.delete_canary"], undo
     assert dns(lab) == {STABLE: QUERIES, CANARY: 0}  # no DNS answer sends a client to the canary region
+    assert deployments(lab)["web"] == before and "web-canary" not in deployments(lab)
+
+
+def test_a_faulty_canary_region_is_rolled_back_on_its_error_rate(tm_lab):
+    lab, images = tm_lab, tm_lab.state["rollout"]["images"]
+    before = deployments(lab)["web"]
+    with dns_clients(lab) as got:
+        report = run_rollout(lab, "canary", "--image", images["faulty"], "--steps", "25,50,100", "--bake", "15s",
+                             "--auto-promote")
+    print(f"traffic-manager router, faulty canary: DNS clients got {dict(got)}; {report.get('rollback_reason')}")
+    assert report["status"] == "failed" and report["rolled_back"] and "error-rate" in report["rollback_reason"]
+    assert got[(CANARY, 500)] > 0 and not [k for k in got if k[0] == STABLE and k[1] != 200], got
+    undo = [st["name"] for st in report["steps"] if st["outcome"] == "compensated"]
+    assert undo == ["undo:router.set_weight", "undo:k8s.delete_canary"], undo
+    assert dns(lab) == {STABLE: QUERIES, CANARY: 0}
     assert deployments(lab)["web"] == before and "web-canary" not in deployments(lab)
