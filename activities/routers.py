@@ -48,7 +48,7 @@ class TrafficManagerSplit:
     def __init__(self, target: RolloutTarget):
         assert isinstance(target.app.router, TrafficManagerRouter)
         self.tm = TrafficManagerWeights(target.app.router, target.azure)
-        self.name = f"traffic manager {self.tm.resource}"
+        self.name = self.tm.resource
 
     def shares(self) -> dict[str, int]:
         return self.tm.shares()

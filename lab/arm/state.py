@@ -90,6 +90,10 @@ class ArmState:
             return
         for key, s in (data.get("servers") or {}).items():
             self._load_server(key, s)
+        for key, rec in (data.get("api_profiles") or {}).items():  # made by a PUT: not in the config
+            if key not in self.profiles and isinstance(rec, dict) and rec.get("resource_group"):
+                self.profiles[key] = rec
+                self.resource_groups.add(rec["resource_group"].lower())
         for key, p in (data.get("profiles") or {}).items():
             prof = self.profiles.get(key)
             if prof is None:
@@ -153,6 +157,7 @@ class ArmState:
                     }
                     for k, p in self.profiles.items()
                 },
+                "api_profiles": {k: p for k, p in self.profiles.items() if p.get("origin") == "api"},
                 "virtual_endpoints": {k: dict(ve) for k, ve in self.virtual_endpoints.items()},
                 "operations": {k: {f: v for f, v in op.items() if not f.startswith("_")}
                                for k, op in list(self.operations.items())[-200:]},

@@ -5,6 +5,8 @@
                                                      CheckingEndpoint for a while after enabling, then Online
                                                      (Degraded when the emulator is told it is unhealthy),
                                                      Inactive when the profile is disabled
+    PUT    .../trafficmanagerprofiles/{profile}      create or replace a profile (routing method, DNS, monitor,
+                                                     endpoints), as profiles.create_or_update does
     GET|PATCH|PUT .../trafficmanagerprofiles/{profile}/{AzureEndpoints|ExternalEndpoints}/{endpoint}
                                                      endpointStatus, priority (1..1000, unique in the profile),
                                                      weight, target
@@ -205,12 +207,15 @@ class TrafficManager(ArmState):
                 raise ArmError(405, "MethodNotAllowed", f"The method {method} is not allowed on a profile collection.")
             profs = [p for p in self.profiles.values() if p["resource_group"].lower() == rg.lower()]
             return 200, {"value": [self.profile_body(p) for p in profs]}, {}
+        if len(tail) == 1 and method == "PUT":
+            return self.put_profile(rg, tail[0], body)
         prof = self.profile(rg, tail[0])
         if len(tail) == 1:
             if method == "GET":
                 return 200, self.profile_body(prof), {}
             raise ArmError(405, "MethodNotAllowed",
-                           f"The emulator does not support {method} on a profile; change its endpoints.")
+                           f"The emulator does not support {method} on a profile; PUT it whole or change its "
+                           "endpoints.")
         if len(tail) == 3 and ltail[1] in ENDPOINT_TYPES:
             etype, name = ENDPOINT_TYPES[ltail[1]], tail[2]
             if method == "GET":
@@ -223,6 +228,47 @@ class TrafficManager(ArmState):
                 return self.write_endpoint(prof, etype, name, body, method)
             raise ArmError(405, "MethodNotAllowed", f"The emulator does not support {method} on an endpoint.")
         raise not_found_resource(f"{TM_TYPE}/{'/'.join(tail[1:])}", tail[0], rg)
+
+    def put_profile(self, rg: str, name: str, body: Any) -> Answer:
+        """Create or replace profile `name` from an ARM body (properties.trafficRoutingMethod, dnsConfig,
+        monitorConfig, endpoints[{name, type, properties}]); its endpoints start Online (no probing period). A
+        restarted emulator has it still (its state file)."""
+        props = body.get("properties") if isinstance(body, dict) else None
+        if not isinstance(props, dict):
+            raise bad_request(INVALID_BODY, "InvalidRequestContent")
+        method = props.get("trafficRoutingMethod")
+        if method not in ("Priority", "Weighted", "Performance", "Geographic", "MultiValue", "Subnet"):
+            raise bad_request(f"The value {method!r} of trafficRoutingMethod is invalid.")
+        other = self.profiles.get(name.lower())
+        if other is not None and other["resource_group"].lower() != rg.lower():
+            raise ArmError(409, "Conflict", f"A profile named {name!r} exists in resource group "
+                           f"{other['resource_group']!r}.")
+        endpoints = {}
+        for e in props.get("endpoints") or []:
+            ep_props = e.get("properties") or {} if isinstance(e, dict) else None
+            if not isinstance(ep_props, dict) or not e.get("name"):
+                raise bad_request("Each endpoint needs a name and properties.")
+            endpoints[e["name"]] = {
+                "type": str(e.get("type") or "externalEndpoints").rsplit("/", 1)[-1],
+                "region": ep_props.get("endpointLocation"), "target": ep_props.get("target"),
+                "target_resource_id": ep_props.get("targetResourceId"), "priority": ep_props.get("priority"),
+                "weight": ep_props.get("weight", 1), "status": ep_props.get("endpointStatus", "Enabled")}
+        dns = props.get("dnsConfig") or {}
+        config = {"resource_group": rg, "routing_method": method, "status": props.get("profileStatus", "Enabled"),
+                  "relative_name": dns.get("relativeName", name.lower()), "ttl": dns.get("ttl", 30),
+                  "monitor": {k: v for k, v in (props.get("monitorConfig") or {}).items()
+                              if k != "profileMonitorStatus"} or None,
+                  "endpoints": endpoints}
+        try:
+            prof = profile_from_config(name, config)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        prof["origin"] = "api"  # kept across a restart of the emulator (its state file)
+        with self.lock:
+            self.resource_groups.add(rg.lower())
+            self.profiles[name.lower()] = prof
+        self.persist()
+        return (200 if other is not None else 201), self.profile_body(prof), {}
 
     def set_endpoint_health(self, profile: str, endpoint: str, healthy: bool) -> dict:
         """Admin: what Traffic Manager's probes of an endpoint find."""

@@ -14,10 +14,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from azure.core.exceptions import HttpResponseError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities.azure.arm import traffic_manager_client
 from activities.routers import router_set_weight, router_status
+from lab.arm.world import World
 from lab.arm_emulator import start_emulator
 from opsflow.inventory import AzureConnection, KubernetesConfig
 from opsflow.rollout import RolloutApp, RolloutTarget, WeightRequest
@@ -110,3 +113,26 @@ def test_a_priority_profile_or_a_missing_endpoint_is_refused_naming_it(emu):
     with pytest.raises(ApplicationError) as exc:
         run(router_set_weight, WeightRequest(target=target(emu, canary="shop-northeu"), canary_weight=5))
     assert exc.value.non_retryable and "no endpoint shop-northeu" in str(exc.value) and "shop-westus" in str(exc.value)
+
+
+def test_a_weighted_profile_created_through_the_sdk_serves_a_canary(emu):
+    """The emulator's PUT of a profile (profiles.create_or_update), as a lab test makes one beside the lab's own."""
+    t = target(emu)
+    client = traffic_manager_client(t.azure, SUB)
+    eps = [{"name": n, "type": "Microsoft.Network/trafficManagerProfiles/externalEndpoints",
+            "properties": {"target": f"{n}.lab.invalid", "weight": w, "endpointStatus": s}}
+           for n, w, s in (("shop-eastus", 1000, "Enabled"), ("shop-westus", 1, "Disabled"))]
+    made = client.profiles.create_or_update(RG, "tm-made", {
+        "location": "global", "properties": {"trafficRoutingMethod": "Weighted", "endpoints": eps}})
+    assert made.traffic_routing_method == "Weighted" and [e.name for e in made.endpoints] == ["shop-eastus",
+                                                                                              "shop-westus"]
+    assert run(router_status, target(emu, profile="tm-made")).weights == {"stable": 100, "canary": 0}
+    run(router_set_weight, WeightRequest(target=target(emu, profile="tm-made"), canary_weight=25))
+    # an emulator restarted on the same state file still has the profile, at its weights
+    again = World({"subscription_id": SUB}, emu.world.state_path).profiles["tm-made"]
+    assert {n: (e["weight"], e["status"]) for n, e in again["endpoints"].items()} == {
+        "shop-eastus": (750, "Enabled"), "shop-westus": (250, "Enabled")}
+    with pytest.raises(HttpResponseError) as exc:
+        client.profiles.create_or_update(RG, "tm-bad", {"location": "global",
+                                                        "properties": {"trafficRoutingMethod": "Random"}})
+    assert exc.value.status_code == 400 and "'Random' of trafficRoutingMethod is invalid" in str(exc.value)
