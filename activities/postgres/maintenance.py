@@ -281,6 +281,19 @@ def _previous_before() -> Any:
         return None
 
 
+def _scheduled_if_retried() -> datetime | None:
+    """On a retry, when this step was first scheduled (None on a first attempt, or outside an activity)."""
+    if not activity.in_activity() or activity.info().attempt <= 1:
+        return None
+    return activity.info().scheduled_time
+
+
+def _done_since(after: Any, kind: str, since: datetime) -> bool:
+    """Whether the table was vacuumed (analyzed) since `since`: a retry's proof that the dead attempt finished."""
+    stamp = after.last_vacuum if kind in VACUUM_KINDS else after.last_analyze if kind == "analyze" else None
+    return stamp is not None and stamp >= since
+
+
 def _beat(item: Any, progress: str, started: float, before: Any) -> None:
     """Progress, and the statistics before (a retry after a crash reads them back: did that attempt finish?)."""
     _heartbeat({"item": item.key, "progress": progress, "seconds": round(time.monotonic() - started, 1),
@@ -376,8 +389,14 @@ def run_maintenance(
                     result.detail += "; cancelled at the window's cutoff (pg_cancel_backend)"
                     result.seconds = seconds
                     return result
-            if (waited or prior) and item.table:
-                if _done_by_other(result.before, table_stats(watch, item.table), item.kind):
+            # A previous attempt that died before its first heartbeat reached the server left no statistics
+            # before: a VACUUM/ANALYZE of the table since this step was first scheduled is then its work.
+            since = _scheduled_if_retried() if prior is None else None
+            if (waited or prior or since) and item.table:
+                now = table_stats(watch, item.table)
+                done = (_done_by_other(result.before, now, item.kind) if since is None
+                        else _done_since(now, item.kind, since))
+                if done:
                     result.detail = (result.detail + ", which did the work" if waited else
                                      "the previous attempt's statement finished after its worker stopped") + \
                         ": not run again"

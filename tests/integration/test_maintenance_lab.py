@@ -610,6 +610,35 @@ def test_a_retry_after_the_dead_workers_vacuum_already_finished_does_not_vacuum_
     assert query(db, count) == [(2,)]
 
 
+def test_a_retry_whose_dead_attempt_never_heartbeated_goes_by_when_the_step_was_scheduled(aged_cluster):
+    """A worker killed before its first heartbeat reached the server leaves no statistics before; its VACUUM went
+    on alone. The retry takes a VACUUM since the step was first scheduled as that attempt's work (vacuum_count
+    stays 1); one from before the step was scheduled is not (the table is vacuumed again)."""
+    import dataclasses
+    from datetime import datetime, timedelta, timezone
+
+    db = aged_cluster
+    query(db, "CREATE TABLE unbeaten (id int PRIMARY KEY) WITH (autovacuum_enabled = off)")
+    query(db, "INSERT INTO unbeaten SELECT generate_series(1, 1000)")
+    scheduled = datetime.now(timezone.utc) - timedelta(seconds=1)
+    query(db, "VACUUM public.unbeaten")  # what the dead worker's backend did on its own
+    count = "select vacuum_count from pg_stat_user_tables where relname = 'unbeaten'"
+    wait_for(lambda: query(db, count) == [(1,)], 10, "the VACUUM in the statistics")
+
+    def retry(at: datetime):
+        env = ActivityEnvironment()
+        env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=[], scheduled_time=at)
+        return env.run(maint.run_item, RunItemRequest(target=target(db), item=item("vacuum", "public.unbeaten"),
+                                                      guards=GUARDS))
+
+    result = retry(scheduled)
+    assert result.outcome == "done" and "finished after its worker stopped: not run again" in result.detail, result
+    assert query(db, count) == [(1,)]
+    result = retry(datetime.now(timezone.utc) + timedelta(seconds=5))  # scheduled after that VACUUM
+    assert result.outcome == "done" and "not run again" not in result.detail, result
+    wait_for(lambda: query(db, count) == [(2,)], 10, "the second VACUUM in the statistics")
+
+
 def test_repack_rebuilds_a_bloated_table_online_while_a_writer_keeps_writing(clusters):
     """The real pg_repack (Debian postgresql-15-repack) on a table bloated for real, picked by its measured bloat:
     skipped with the command that installs it while the extension is missing; then rebuilt, the table more than
