@@ -121,7 +121,8 @@ async def test_canary_survives_a_kill_at_every_boundary(crash_lab):
     assert counted(writes, "DELETE", f"{NS}/horizontalpodautoscalers/web-canary") == 1, writes
     assert counted(writes, "PATCH", f"{NS}/deployments/web-canary/scale") <= 1, writes
     assert counted(writes, "PATCH", f"{NS}/deployments/web") == 1, writes  # promoted once
-    assert counted(writes, "PATCH", f"{NS}/httproutes/web") == 2, writes  # 50/50 once, then 100/0 once
+    # 50/50 once, 100/0 once (route-stable), the canary's backendRef removed once (delete-canary)
+    assert counted(writes, "PATCH", f"{NS}/httproutes/web") == 3, writes
     assert route_weights(lab) == {"web": 100}  # weights end 100/0 (the canary's backendRef gone)
     assert deployments(lab)["web"][0] == image and "web-canary" not in deployments(lab)
     version = image.rsplit(":", 1)[1]
