@@ -339,23 +339,12 @@ def test_switchover_failover_and_failback_without_a_rebuild(ve_lab):
     names = [s["name"] for s in report["steps"]]
     assert names.index("maintenance") < names.index("drain") < names.index("fence") < names.index("promote")
     assert "old-replica" in names
-    sql(west, "INSERT INTO journal SELECT g, 'on westeurope' FROM generate_series(101, 200) g")
-    wait_for(lambda: sql(east, "SELECT count(*) FROM journal")[0][0] == 200, what="eastus replaying westeurope")
-
-    fid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice", "--reason", "switch back")["workflow_id"]
-    approve(lab, fid)
-    back = wait_end(lab, fid, timeout=240)
-    assert back["status"] == "succeeded", explain(back)
-    steps = {s["name"]: s for s in back["steps"]}
-    assert steps["rebuild"]["outcome"] == "skipped" and steps["restandby"]["outcome"] == "skipped"
-    assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    back = fail_back_by_switchover(lab, east, west)
     assert {r: autoscaler(lab, r) for r in ("eastus", "westeurope")} == hpas_before  # restored, nothing kept
     assert {(a["region"], a["action"]) for a in back["failover"]["autoscalers"]} == {
         ("eastus", "restored"), ("westeurope", "restored")}
     assert sql(east, "SELECT pg_is_in_recovery()")[0][0] is False
-    sql(east, "INSERT INTO journal VALUES (201, 'after failback')")
-    wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
-    wait_for(lambda: sql(west, "SELECT count(*) FROM journal")[0][0] == 201, what="westeurope replaying eastus")
+    follows_eastus_again(east, west)
     from lab.postgres import Cluster
 
     for region in ("eastus", "westeurope"):  # no data directory was moved aside or rebuilt
@@ -441,6 +430,18 @@ def test_self_managed_switchover_and_failback_without_a_rebuild(sm_lab):
     names = [s["name"] for s in report["steps"]]
     assert names.index("fence") < names.index("catch-up") < names.index("shut-down") < names.index("promote")
     assert names.index("promote") < names.index("old-replica")
+    fail_back_by_switchover(lab, east, west)
+    assert sql(east, "SELECT pg_is_in_recovery()")[0][0] is False
+    assert sql(east, "SELECT count(*) FROM journal")[0][0] == 200  # every row kept
+    follows_eastus_again(east, west)
+    for region in ("eastus", "westeurope"):  # no data directory was moved aside or rebuilt
+        datadir = Cluster.from_dict(lab.state["postgres"][region]).datadir
+        assert not list(datadir.parent.glob(f"{datadir.name}.diverged-*"))
+
+
+def fail_back_by_switchover(lab, east: str, west: str) -> dict:
+    """After a switchover eastus -> westeurope: rows 101-200 written on westeurope reach eastus (its replica now),
+    then the failback switches back, with no rebuild and no restandby. The failback's report."""
     sql(west, "INSERT INTO journal SELECT g, 'on westeurope' FROM generate_series(101, 200) g")
     wait_for(lambda: sql(east, "SELECT count(*) FROM journal")[0][0] == 200, what="eastus replaying westeurope")
 
@@ -451,11 +452,11 @@ def test_self_managed_switchover_and_failback_without_a_rebuild(sm_lab):
     steps = {s["name"]: s for s in back["steps"]}
     assert steps["rebuild"]["outcome"] == "skipped" and steps["restandby"]["outcome"] == "skipped"
     assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
-    assert sql(east, "SELECT pg_is_in_recovery()")[0][0] is False
-    assert sql(east, "SELECT count(*) FROM journal")[0][0] == 200  # every row kept
+    return back
+
+
+def follows_eastus_again(east: str, west: str) -> None:
+    """After the failback: a row written on eastus reaches westeurope, which streams from it again."""
     sql(east, "INSERT INTO journal VALUES (201, 'after failback')")
     wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
     wait_for(lambda: sql(west, "SELECT count(*) FROM journal")[0][0] == 201, what="westeurope replaying eastus")
-    for region in ("eastus", "westeurope"):  # no data directory was moved aside or rebuilt
-        datadir = Cluster.from_dict(lab.state["postgres"][region]).datadir
-        assert not list(datadir.parent.glob(f"{datadir.name}.diverged-*"))

@@ -15,7 +15,15 @@ import pytest
 from temporalio.exceptions import ApplicationError
 
 from tests.integration.conftest import Lab, explain, take_down, wait_for
-from tests.integration.test_failover_lab import approve, sql, streams_from, timeline, wait_end
+from tests.integration.test_failover_lab import (
+    approve,
+    fail_back_by_switchover,
+    follows_eastus_again,
+    sql,
+    streams_from,
+    timeline,
+    wait_end,
+)
 
 pytestmark = pytest.mark.skipif(
     not (os.path.exists("/usr/bin/patroni") and os.path.exists("/usr/bin/etcd")),
@@ -101,20 +109,9 @@ def test_switchover_failover_and_failback_through_patroni(patroni_lab):
     # The fence was a dynamic-configuration parameter of eastus' cluster: lifted again, nothing left behind.
     assert "default_transaction_read_only" not in rest(lab, "eastus", "/config")["postgresql"]["parameters"]
     assert streams_from(east, west) and timeline(east) == timeline(west) == start_tli + 1
-    sql(west, "INSERT INTO journal SELECT g, 'on westeurope' FROM generate_series(101, 200) g")
-    wait_for(lambda: sql(east, "SELECT count(*) FROM journal")[0][0] == 200, what="eastus replaying westeurope")
-
-    fid = lab.cli_json("failback", "--to", "eastus", "--requester", "alice", "--reason", "switch back")["workflow_id"]
-    approve(lab, fid)
-    back = wait_end(lab, fid, timeout=240)
-    assert back["status"] == "succeeded", explain(back)
-    steps = {s["name"]: s for s in back["steps"]}
-    assert steps["rebuild"]["outcome"] == "skipped" and steps["restandby"]["outcome"] == "skipped"
-    assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    fail_back_by_switchover(lab, east, west)
     assert (leader_role(lab, "eastus"), leader_role(lab, "westeurope")) == ("leader", "standby_leader")
-    sql(east, "INSERT INTO journal VALUES (201, 'after failback')")
-    wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
-    wait_for(lambda: sql(west, "SELECT count(*) FROM journal")[0][0] == 201, what="westeurope replaying eastus")
+    follows_eastus_again(east, west)
     assert sql(east, "SELECT count(*), count(DISTINCT phase) FROM journal")[0] == (201, 3)
     assert timeline(east) == start_tli + 2  # two promotions, no rebuild: one data directory each, never replaced
     ids = {r: rest(lab, r, "/patroni")["database_system_identifier"] for r in ("eastus", "westeurope")}
