@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--router", choices=["httproute", "nginx"], default="httproute",
                            help="with --rollout: what splits the canary's traffic: the HTTPRoute (NGINX follows it, "
                                 "as a gateway would), or plain NGINX whose upstream file opsflow writes")
+            p.add_argument("--database", choices=["cloud", "self-managed", "patroni"], default="cloud",
+                           help="cloud: the cloud's managed servers (Azure flexible server, RDS); self-managed: "
+                                "provider postgres whose hosts the worker reaches (switchovers without a "
+                                "rebuild); patroni: real Patroni clusters on etcd (eastus primary, westeurope "
+                                "standby cluster), provider 'patroni' (Azure lab for the traffic)")
             if name == "up":
                 p.add_argument("--encrypt", action="store_true",
                                help="encrypt Temporal payloads (a lab key; a codec server for the UI)")
@@ -47,11 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 p.add_argument("--virtual-endpoint", action="store_true",
                                help="Azure: a virtual endpoint over the two servers, named in the inventory: "
                                     "failovers are switchovers (the old primary becomes the replica)")
-                p.add_argument("--database", choices=["cloud", "self-managed", "patroni"], default="cloud",
-                               help="cloud: the cloud's managed servers (Azure flexible server, RDS); self-managed: "
-                                    "provider postgres whose hosts the worker reaches (switchovers without a "
-                                    "rebuild); patroni: real Patroni clusters on etcd (eastus primary, westeurope "
-                                    "standby cluster), provider 'patroni' (Azure lab for the traffic)")
         if name == "demo":
             p.add_argument("--drill", action="store_true",
                            help="then create the monthly restore-drill schedule and trigger it once")
@@ -96,8 +96,12 @@ def main(args: argparse.Namespace) -> int:
             print(json.dumps({"down": True, "dir": str(root)}))
         return 0
     if args.lab_command == "demo":
+        if args.database != "cloud" and (args.cloud != "azure" or args.procedure != "failover"):
+            print(f"opsflow lab demo: --database {args.database} is for the failover demo on the Azure lab (not with "
+                  "--cloud aws or --procedure maintenance|canary)", file=sys.stderr)
+            return 2
         if args.procedure == "canary":
             return rollout_demo.run_canary_demo(root, with_worker=not args.no_worker, cloud=args.cloud)
         return demo.run_demo(root, with_worker=not args.no_worker, cloud=args.cloud, with_drill=args.drill,
-                             procedure=args.procedure)
+                             procedure=args.procedure, database=args.database)
     raise AssertionError(args.lab_command)

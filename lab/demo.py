@@ -13,6 +13,7 @@ from temporalio.client import WorkflowFailureError
 
 from activities.postgres.server import sql_status
 from lab.manage import print_status, status, up, worker_env
+from lab.processes import Lab
 from opsflow.client import connect, environment_workflow_id, fetch_report, follow, send_update, start_procedure
 from opsflow.inventory import load_inventory
 from opsflow.report import ProgressLines, figures, headline
@@ -66,10 +67,37 @@ async def demo(state: dict) -> int:
     for f in figures(report):
         print(f"  {f}")
     code = 0 if report.status == "succeeded" else 1
+    if code == 0:
+        print_following(inv.regions[target].database.provider, source, target, report)
     print(f"\nreport:      opsflow report {handle.id} --markdown")
     print(f"Temporal UI: {ui}")
     print("the lab stays up; tear it down with: opsflow lab down")
     return code
+
+
+def print_following(provider: str, source: str, target: str, report) -> None:
+    """After the failover: how the old primary follows the new one now, and the command that fails back."""
+    if report.old_primary_replica:
+        how = {"postgres": f"{source} was shut down cleanly and started as a standby of {target}: it streams from "
+                           f"{target} without a rebuild (no pg_rewind, no base backup)",
+               "patroni": f"{source} is now a Patroni standby cluster whose standby leader streams from {target}"
+               }.get(provider, f"{source} is now a streaming replica of {target} (switchover)")
+        if report.switchover_detail:
+            how += f"\n  proof: {report.switchover_detail}"
+    else:
+        how = f"{source} is fenced, not yet a replica: the failback rebuilds it as one first"
+    print(f"\nold primary: {how}")
+    print(f"fail back:   opsflow failback --to {source} --requester {REQUESTER}  (then approve as {APPROVER})")
+
+
+def flavour_refusal(root: Path, database: str) -> str | None:
+    """Why the demo cannot run with --database `database` on the lab already running in `root`, if it cannot."""
+    lab = Lab(root)
+    running = lab.state.get("database") or "cloud"
+    if not (lab.state.get("ready") and lab.alive("temporal")) or running == database:
+        return None
+    return (f"opsflow lab demo: the lab in {root} runs with --database {running}, not {database}; take it down "
+            f"first (opsflow lab down), then run: opsflow lab demo --database {database}")
 
 
 def drill_schedule(state: dict) -> int:
@@ -138,8 +166,12 @@ async def maintenance_demo(state: dict) -> int:
 
 
 def run_demo(root: Path, with_worker: bool = True, cloud: str = "azure", with_drill: bool = False,
-             procedure: str = "failover") -> int:
-    state = up(root, with_worker=with_worker, cloud=cloud)
+             procedure: str = "failover", database: str = "cloud") -> int:
+    refusal = flavour_refusal(root, database)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
+    state = up(root, with_worker=with_worker, cloud=cloud, database=database)
     print_status(status(root))
     code = asyncio.run(maintenance_demo(state) if procedure == "maintenance" else demo(state))
     if with_drill and code == 0:

@@ -439,6 +439,27 @@ def test_self_managed_switchover_and_failback_without_a_rebuild(sm_lab):
         assert not list(datadir.parent.glob(f"{datadir.name}.diverged-*"))
 
 
+def test_lab_demo_on_self_managed_postgres_leaves_eastus_streaming_from_westeurope(sm_lab):
+    """`opsflow lab demo --database self-managed`, as the README says: on this lab (the demo's `lab up` finds it up)
+    the planned failover with approval, then what the old primary does now and the failback's command; a demo asking
+    for another flavour is refused, naming both and `opsflow lab down`."""
+    lab = sm_lab
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    other = lab.cli("lab", "demo", "--database", "patroni", "--no-worker", "--dir", str(lab.root))
+    assert other.returncode == 2 and "runs with --database self-managed, not patroni" in other.stderr
+    assert "opsflow lab down" in other.stderr
+
+    demo = lab.cli("lab", "demo", "--database", "self-managed", "--no-worker", "--dir", str(lab.root), timeout=300)
+    assert demo.returncode == 0, f"stdout:\n{demo.stdout}\nstderr:\n{demo.stderr}"
+    assert "planned failover eastus -> westeurope started" in demo.stdout
+    assert "the demo approves as bob" in demo.stdout
+    assert "old primary: eastus was shut down cleanly and started as a standby of westeurope" in demo.stdout
+    assert "past the shutdown checkpoint" in demo.stdout
+    assert "fail back:   opsflow failback --to eastus --requester alice" in demo.stdout
+    assert streams_from(east, west)
+    assert sql(west, "SELECT pg_is_in_recovery()")[0][0] is False
+
+
 def fail_back_by_switchover(lab, east: str, west: str) -> dict:
     """After a switchover eastus -> westeurope: rows 101-200 written on westeurope reach eastus (its replica now),
     then the failback switches back, with no rebuild and no restandby. The failback's report."""
