@@ -96,8 +96,9 @@ def flavour_refusal(root: Path, database: str) -> str | None:
     running = lab.state.get("database") or "cloud"
     if not (lab.state.get("ready") and lab.alive("temporal")) or running == database:
         return None
+    again = "opsflow lab demo" + ("" if database == "cloud" else f" --database {database}")
     return (f"opsflow lab demo: the lab in {root} runs with --database {running}, not {database}; take it down "
-            f"first (opsflow lab down), then run: opsflow lab demo --database {database}")
+            f"first (opsflow lab down), then run: {again}")
 
 
 def drill_schedule(state: dict) -> int:
