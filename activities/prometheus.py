@@ -33,6 +33,14 @@ def query_range(
     """The values of a query that returns one series (sum over the rest); NaN/absent points are left out, or,
     with `zero` (a metric's `missing: zero`), are 0: every point of the step grid from start to end has a value,
     so a series that does not exist yet (no 5xx so far) reads as zeros rather than as no data."""
+    return query_range_filled(base, query, start, end, step, zero=zero)[0]
+
+
+def query_range_filled(
+    base: str, query: str, start: datetime, end: datetime, step: float, *, zero: bool = False
+) -> tuple[list[float], int]:
+    """query_range, and how many of the leading values are zeros filled in before the series had any point
+    (with `zero`; all of them when it has none): an absolute limit leaves those out (threshold_breaches)."""
     params = {
         "query": query,
         "start": f"{start.timestamp():.3f}",
@@ -59,15 +67,17 @@ def query_range(
         for t, v in s["values"]:
             points[round(float(t), 3)] = points.get(round(float(t), 3), 0.0) + float(v)
     if not zero:
-        return [v for _, v in sorted(points.items()) if math.isfinite(v)]
+        return [v for _, v in sorted(points.items()) if math.isfinite(v)], 0
     step = max(step, 0.001)
     first, span = round(start.timestamp(), 3), end.timestamp() - start.timestamp()
     grid = [round(first + k * step, 3) for k in range(int(span / step + 1e-9) + 1)] if span >= 0 else []
-    out = []
-    for t in grid:
+    out, leading = [], None
+    for k, t in enumerate(grid):
         v = points.get(t, 0.0)
+        if leading is None and t in points:
+            leading = k
         out.append(v if math.isfinite(v) else 0.0)
-    return out
+    return out, len(out) if leading is None else leading
 
 
 def query(url: str, promql: str, *, at: datetime | None = None, timeout: float | httpx.Timeout = TIMEOUT) -> float:
@@ -122,25 +132,29 @@ def samples(req: SamplesRequest) -> Samples:
     out = []
     for m in a.metrics:
         activity.heartbeat(m.name) if activity.in_activity() else None
+        canary, canary_filled = query_range_filled(
+            a.prometheus,
+            fill(m.query, deployment=req.canary, version=req.canary_version, interval=a.interval),
+            req.start,
+            req.end,
+            a.step,
+            zero=m.missing == "zero",
+        )
+        baseline, baseline_filled = query_range_filled(
+            a.prometheus,
+            fill(m.query, deployment=req.baseline, version=req.baseline_version, interval=a.interval),
+            b_start,
+            b_end,
+            a.step,
+            zero=m.missing == "zero",
+        )
         out.append(
             MetricSamples(
                 name=m.name,
-                canary=query_range(
-                    a.prometheus,
-                    fill(m.query, deployment=req.canary, version=req.canary_version, interval=a.interval),
-                    req.start,
-                    req.end,
-                    a.step,
-                    zero=m.missing == "zero",
-                ),
-                baseline=query_range(
-                    a.prometheus,
-                    fill(m.query, deployment=req.baseline, version=req.baseline_version, interval=a.interval),
-                    b_start,
-                    b_end,
-                    a.step,
-                    zero=m.missing == "zero",
-                ),
+                canary=canary,
+                baseline=baseline,
+                canary_filled=canary_filled,
+                baseline_filled=baseline_filled,
             )
         )
     canary_requests = baseline_requests = None

@@ -173,7 +173,8 @@ async def faulty_run(state: dict, client: Client, steps: str | None) -> dict:
     start = ts(step(report, "create-canary")["started_at"])
     removed = ts(step(report, "undo:k8s.delete_canary")["ended_at"])
     first = next(s["name"] for s in report["steps"] if s["name"].startswith("weight-"))
-    traffic, zero = ts(step(report, first)["ended_at"]), ts(step(report, "undo:k8s.set_weight")["ended_at"])
+    undo = next(s["name"] for s in report["steps"] if s["name"] in ("undo:router.set_weight", "undo:k8s.set_weight"))
+    traffic, zero = ts(step(report, first)["ended_at"]), ts(step(report, undo)["ended_at"])
     failed = next(a for a in report["analysis"] if a["verdict"] == "fail")
     time.sleep(0.5)  # the last requests of the span answered
     span = client.between(start, removed)

@@ -368,6 +368,9 @@ class MetricSamples(BaseModel):
     name: str
     canary: list[float]
     baseline: list[float]
+    # `missing: zero`: how many leading values are zeros filled in before the series had any point
+    canary_filled: int = 0
+    baseline_filled: int = 0
 
 
 class Samples(BaseModel):
@@ -418,17 +421,32 @@ class StepAnalysis(BaseModel):
         return [m for m in self.metrics if m.verdict in ("high", "low", "breach")]
 
 
-def threshold_breaches(analysis: AnalysisSpec, samples: Samples) -> list[MetricVerdict]:
-    """Absolute limits on the canary's mean in the window: pure arithmetic, safe in a workflow."""
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if v == v and v not in (float("inf"), float("-inf"))]
+
+
+def recent(analysis: AnalysisSpec, values: list[float], filled: int = 0) -> list[float]:
+    """The values an absolute limit judges (as Argo and Flagger do, the latest measurement): the last
+    `analysis.interval` worth of samples, leaving out the zeros `missing: zero` filled in before the series had
+    any point (unless the series never had one: then its value is 0)."""
+    if 0 < filled < len(values):
+        values = values[filled:]
+    n = max(1, round(analysis.interval / max(analysis.step, 0.001)))
+    return _finite(values[-n:])
+
+
+def threshold_breaches(analysis: AnalysisSpec, samples: Samples, *, latest: bool = False) -> list[MetricVerdict]:
+    """Absolute limits on the canary's mean in the window: pure arithmetic, safe in a workflow. With `latest`
+    (patch "limit-on-recent-samples"), on the last interval's samples (recent()) rather than the whole window."""
     out = []
     specs = {m.name: m for m in analysis.metrics}
     for ms in samples.metrics:
         spec = specs.get(ms.name)
-        values = [v for v in ms.canary if v == v and v not in (float("inf"), float("-inf"))]
+        values = recent(analysis, ms.canary, ms.canary_filled) if latest else _finite(ms.canary)
         if spec is None or not values:
             continue
         mean = sum(values) / len(values)
-        base = [v for v in ms.baseline if v == v and v not in (float("inf"), float("-inf"))]
+        base = recent(analysis, ms.baseline, ms.baseline_filled) if latest else _finite(ms.baseline)
         base_mean = sum(base) / len(base) if base else None
         why = None
         if spec.max is not None and mean > spec.max:

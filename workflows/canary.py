@@ -244,7 +244,8 @@ class Rollout(Procedure[RolloutReport]):
     async def watch(self, record, weight: int, canary: str, baseline: str, baseline_image: str, start) -> None:
         """One look at the figures during a hold: a broken limit rolls back."""
         got = await self.samples(canary, baseline, start, workflow.now(), baseline_image)
-        breaches = threshold_breaches(self.policy.analysis, got)
+        latest = workflow.patched("limit-on-recent-samples")  # the last interval's samples, not the whole window
+        breaches = threshold_breaches(self.policy.analysis, got, latest=latest)
         if breaches:
             result = StepAnalysis(weight=weight, kind="interval", verdict="fail", start=start, end=workflow.now(),
                                   canary_requests=got.canary_requests, baseline_requests=got.baseline_requests,
@@ -342,7 +343,8 @@ class Rollout(Procedure[RolloutReport]):
                 raise Stop("failed", f"rolled back: {self.report.rollback_reason}")
             checks += 1
             got = await self.samples(canary, baseline, start, workflow.now(), baseline_image, baseline_window)
-            breaches = threshold_breaches(self.policy.analysis, got) + await self.http_checks(weight)
+            latest = workflow.patched("limit-on-recent-samples")  # the last interval's samples, not the whole window
+            breaches = threshold_breaches(self.policy.analysis, got, latest=latest) + await self.http_checks(weight)
             if breaches:
                 result = StepAnalysis(
                     weight=weight,

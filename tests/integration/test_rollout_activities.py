@@ -382,6 +382,7 @@ def test_a_series_that_does_not_exist_yet_is_judged_by_the_metrics_missing_polic
     err = next(m for m in got.metrics if m.name == "error-rate")
     grid = int((end - started).total_seconds() / zero.step) + 1
     assert err.canary == [0.0] * grid and err.baseline == [0.0] * grid  # every step of the window, zero
+    assert err.canary_filled == grid and err.baseline_filled == grid  # all filled in: no series had a point
     step = judge_step(JudgeRequest(analysis=zero, samples=got, weight=50))
     assert {m.name: m.verdict for m in step.metrics}["error-rate"] == "pass"
     assert step.verdict == "pass", step.reason

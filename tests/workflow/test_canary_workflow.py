@@ -77,7 +77,7 @@ class Cluster:
     selector: str = "web"  # blue-green: the deployment the service selects
     colours: dict = field(default_factory=lambda: {"web": OLD})
     replicas: dict = field(default_factory=lambda: {"web": 3})
-    behaviour: str = "healthy"  # healthy | faulty | slow | marginal | quiet
+    behaviour: str = "healthy"  # healthy | faulty | late-faulty | slow | marginal | quiet
     weight_log: list = field(default_factory=list)
     calls: list = field(default_factory=list)
     notifications: list = field(default_factory=list)
@@ -129,6 +129,8 @@ class Cluster:
         if not baseline:
             if b == "faulty" and metric == "error-rate":
                 values = list(rng.uniform(0.1, 0.2, 30))
+            if b == "late-faulty" and metric == "error-rate":  # no 5xx series for 26 steps (filled zeros), then 15 %
+                values = [0.0] * 26 + [0.15] * 4
             if b == "slow" and metric == "p95-latency":
                 values = [v + 0.3 for v in values]
             if b == "marginal" and metric == "cpu":
@@ -236,6 +238,7 @@ class Cluster:
                         name=m.name,
                         canary=c.figures(r.canary, m.name, False),
                         baseline=c.figures(r.baseline, m.name, True),
+                        canary_filled=26 if c.behaviour == "late-faulty" and m.name == "error-rate" else 0,
                     )
                     for m in r.analysis.metrics
                 ],
@@ -523,6 +526,21 @@ async def test_faulty_canary_is_rolled_back_weight_zero_first_naming_the_metric(
     breach = report.analysis[-1]
     assert breach.kind == "interval" and breach.metrics[0].name == "error-rate" and breach.metrics[0].canary > 0.05
     assert any("rolled back" in n for n in cluster.notifications)
+
+
+async def test_a_limit_is_judged_on_the_recent_samples_not_diluted_by_filled_zeros(env, worker, cluster):
+    """Patch "limit-on-recent-samples": the 5xx series appears late (26 filled zeros, then 15 %): the whole
+    window's mean (2 %) is under the 5 % limit, the recent samples' is not -- rolled back at the first look."""
+    cluster.behaviour = "late-faulty"
+    async with serving(worker):
+        handle = await start(env, worker, make_inventory(), auto_promote=True)
+        await approve_quorum(handle)
+        report = await failed(handle)
+    assert report.rolled_back and "above the limit 0.05" in report.rollback_reason
+    breach = report.analysis[-1]
+    assert breach.kind == "interval" and [(m.name, m.canary, m.canary_samples) for m in breach.metrics] == [
+        ("error-rate", 0.15, 4)
+    ]
 
 
 async def test_judge_failure_without_a_broken_limit_rolls_back(env, worker, cluster):
