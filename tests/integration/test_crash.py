@@ -12,7 +12,7 @@ import pytest
 
 from lab.inventory import LRO_SECONDS
 from tests.integration.conftest import FAST_RESTART, explain, fast_recovery, wait_for
-from tests.integration.test_failover_lab import approve, sql, timeline, wait_end, wait_status
+from tests.integration.test_failover_lab import approve, sql, timeline, wait_approval, wait_end, wait_status
 
 pytestmark = pytest.mark.lab
 
@@ -49,10 +49,10 @@ def test_worker_killed_during_catch_up_and_during_promotion(lab):
     sql(east, "CREATE TABLE orders (id int PRIMARY KEY)")
     sql(east, "INSERT INTO orders SELECT generate_series(1, 1000)")
     wait_for(lambda: sql(west, "SELECT count(*) FROM pg_class WHERE relname = 'orders'")[0][0] == 1, what="replication")
+    wid = lab.cli_json("failover", "--env", lab.inventory, "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    wait_approval(lab, wid)  # the preflight has measured the lag: now pause
     sql(west, "SELECT pg_wal_replay_pause()")  # the replica falls behind: the catch-up wait has to wait
     sql(east, "INSERT INTO orders SELECT generate_series(1001, 2000)")
-
-    wid = lab.cli_json("failover", "--env", lab.inventory, "--to", "westeurope", "--requester", "alice")["workflow_id"]
     approve(lab, wid)
     wait_status(lab, wid, lambda r: r["current_step"] == "catch-up", what="the catch-up wait")
     time.sleep(1)

@@ -180,14 +180,15 @@ async def test_drill_survives_a_kill_at_every_boundary(lab):
 def test_failover_completes_across_a_temporal_server_restart(lab):
     """The dev server persists to a sqlite file in the lab: killed in the middle of the catch-up and started again
     on the same file and port, the procedure completes."""
-    from tests.integration.test_failover_lab import approve
+    from tests.integration.test_failover_lab import approve, wait_approval
 
     setup_data(lab)
     west = lab.dsn("westeurope")
     lab.start_worker()
+    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    wait_approval(lab, wid)  # the preflight has measured the lag: now pause
     sql(west, "SELECT pg_wal_replay_pause()")  # the catch-up has to wait
     sql(lab.dsn("eastus"), "INSERT INTO orders SELECT generate_series(501, 1000)")
-    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
     approve(lab, wid)
     wait_status(lab, wid, lambda r: r["current_step"] == "catch-up", what="the catch-up wait")
 

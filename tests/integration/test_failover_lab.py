@@ -59,8 +59,16 @@ def wait_end(
     return wait_status(lab, wid, ended, timeout if closed else 1, what)
 
 
-def approve(lab, wid: str) -> None:
+def wait_approval(lab, wid: str) -> None:
+    """Until the procedure waits at its approval gate: the preflight (and its lag check) has passed.
+
+    A test that pauses a replica's replay does it after this: the lab's archive_timeout (60 s) switches WAL
+    segments, and a paused replica is then a whole segment (16 MiB) behind, above the planned-failover limit."""
     wait_status(lab, wid, lambda r: (r.get("waiting_for") or "").startswith("approval"), what="approval wait")
+
+
+def approve(lab, wid: str) -> None:
+    wait_approval(lab, wid)
     lab.cli("approve", wid, "--as", "bob", "--reason", "integration test", check=True)
 
 

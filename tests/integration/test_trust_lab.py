@@ -9,7 +9,14 @@ import yaml
 
 from tests.integration.conftest import explain
 from tests.integration.test_crash import LRO_SECONDS, arm_admin
-from tests.integration.test_failover_lab import approve, sql, traffic_endpoints, wait_end, wait_status
+from tests.integration.test_failover_lab import (
+    approve,
+    sql,
+    traffic_endpoints,
+    wait_approval,
+    wait_end,
+    wait_status,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -56,9 +63,10 @@ def test_an_edited_local_inventory_is_refused_and_changes_nothing(lab, worker, t
 
 def test_a_cancel_during_the_catch_up_undoes_the_fence(lab, worker):
     east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    wait_approval(lab, wid)  # the preflight has measured the lag: now pause
     sql(west, "SELECT pg_wal_replay_pause()")  # the catch-up waits: a step in flight to cancel
     sql(east, "CREATE TABLE IF NOT EXISTS filler (id int); INSERT INTO filler SELECT generate_series(1, 100)")
-    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
     approve(lab, wid)
     wait_status(lab, wid, lambda r: r.get("current_step") == "catch-up", what="the catch-up")
     assert not writable(east)  # fenced
