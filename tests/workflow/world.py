@@ -36,7 +36,7 @@ from opsflow.contracts.k8s import (
     K8S_STATUS,
 )
 from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
-from opsflow.contracts.notify import NOTIFY_SEND
+from opsflow.contracts.notify import NOTIFY_SEND, REPORT_STORE
 from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_STATUS, TRAFFIC_SWITCH
 from opsflow.models import (
     AutoscalerChange,
@@ -62,6 +62,7 @@ from opsflow.models import (
     ShutdownRequest,
     ShutdownResult,
     SmokeResult,
+    StoreReportRequest,
     TrafficRequest,
     TrafficStatus,
     VirtualEndpointState,
@@ -105,6 +106,9 @@ class World:
     stopped: set = field(default_factory=set)  # self-managed servers shut down cleanly (a switchover)
     proof: str | None = None  # self-managed switchover: None proven; else why the shutdown proved nothing
     hpas: dict = field(default_factory=dict)  # region -> (min, max) of an HPA on web; scale_up raises, lower lowers
+    # activity names whose first attempt is taken by a worker that dies: no heartbeat, no answer (until set)
+    lost_first: set = field(default_factory=set)
+    lost_answer: threading.Event = field(default_factory=threading.Event)
 
     def _maybe_fail(self, name: str) -> None:
         self.calls.append(name)
@@ -333,6 +337,12 @@ class World:
             w.old_fenced.append(("k8s", t.region))
             return FenceResult(region=t.region, fenced=True, method="stand-in", detail="0 replicas")
 
+        @REPORT_STORE.implementation
+        def store(req: StoreReportRequest) -> list[str]:
+            if REPORT_STORE.name in w.lost_first and activity.info().attempt == 1:
+                w.lost_answer.wait(120)
+            return store_report(req)
+
         @TEMPORAL_UNSERVED_QUEUES.implementation
         def unserved_queues(queues: list[str]) -> list[str]:
             gone = [q for q in queues if q in w.unserved or q in w.lost and q in w.asked]
@@ -341,7 +351,7 @@ class World:
 
         return [
             worker_inventory,
-            store_report,
+            store,
             fence_control_plane,
             scale_to_zero,
             unserved_queues,
