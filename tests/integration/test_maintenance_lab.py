@@ -865,3 +865,51 @@ def test_a_retry_waits_for_the_pg_repack_a_dead_worker_left_running_and_does_not
     (after,) = query(primary, node)[0]
     assert after != before and result.after.table_bytes < result.before.table_bytes, (result.before, result.after)
     assert query(primary, "select count(*) from rp_orphan") == [(20000,)]
+
+
+def test_a_retry_after_the_dead_workers_pg_repack_already_finished_does_not_rebuild_twice(clusters):
+    """A worker that died mid-rebuild; its pg_repack went on and finished before the retry looked. The retry tells by
+    the table, as a VACUUM's retry does (activities/postgres/maintenance.finished_before): with the statistics that
+    attempt heartbeated, by the table's new file; without (it died before its first heartbeat), by pg_repack's
+    ANALYZE since the step was first scheduled. Either way: done, not rebuilt again. Scheduled after it: rebuilt."""
+    import dataclasses
+    import subprocess
+    from datetime import datetime, timedelta, timezone
+
+    from activities.postgres.repack import client_binary, client_env
+
+    binary = client_binary()
+    if binary is None:
+        pytest.skip("pg_repack is not installed (scripts/setup.sh installs postgresql-15-repack)")
+    primary, _ = clusters
+    query(primary, "CREATE EXTENSION IF NOT EXISTS pg_repack")
+    query(primary, "DROP TABLE IF EXISTS rp_gone")
+    query(primary, "CREATE TABLE rp_gone (id bigint PRIMARY KEY, payload text) WITH (autovacuum_enabled = off)")
+    query(primary, "INSERT INTO rp_gone SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+    query(primary, "DELETE FROM rp_gone WHERE id % 2 = 0")
+    before = stats(primary, "public.rp_gone")
+    scheduled = datetime.now(timezone.utc) - timedelta(seconds=1)
+    subprocess.run([binary, "--table", "public.rp_gone", "--no-kill-backend"], check=True, timeout=60,
+                   env=client_env(PostgresDatabase(provider="postgres", dsn=primary.dsn)),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # what the dead worker's client did alone
+    rebuilt = stats(primary, "public.rp_gone")
+    assert rebuilt.relfilenode != before.relfilenode
+    wait_for(lambda: stats(primary, "public.rp_gone").last_analyze, 10, "pg_repack's ANALYZE in the statistics")
+
+    def retry(details: list, at: datetime | None = None):
+        env = ActivityEnvironment()
+        env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=details,
+                                       scheduled_time=at or env.info.scheduled_time)
+        return env.run(maint.run_item, RunItemRequest(target=target(primary), item=item("repack", "public.rp_gone"),
+                                                      guards=GUARDS))
+
+    heartbeated = [{"item": "repack:public.rp_gone", "progress": "pg_repack: running",
+                    "before": before.model_dump(mode="json")}]
+    for result in (retry(heartbeated), retry([], scheduled)):
+        assert result.outcome == "done" and "finished after its worker stopped: not run again" in result.detail, \
+            result
+        assert stats(primary, "public.rp_gone").relfilenode == rebuilt.relfilenode  # not rebuilt again
+    assert retry(heartbeated).before.table_bytes == before.table_bytes  # the report's before is the first attempt's
+    result = retry([], datetime.now(timezone.utc) + timedelta(seconds=5))  # scheduled after that rebuild
+    assert result.outcome == "done" and "not run again" not in (result.detail or ""), result
+    assert stats(primary, "public.rp_gone").relfilenode != rebuilt.relfilenode
