@@ -8,33 +8,29 @@ from __future__ import annotations
 import pytest
 
 from opsflow.client import send_update
-from opsflow.inventory import Inventory, InventoryError, load_inventory
+from opsflow.inventory import InventoryError, load_inventory
 from opsflow.models import FailbackReport, FailoverReport
-from tests.workflow.conftest import inventory_dict
+from tests.workflow.conftest import with_databases
 from tests.workflow.test_failback_workflow import start as start_failback
 from tests.workflow.test_failover_switchover import approved
 from tests.workflow.test_failover_workflow import start, until_waiting
 from workflows.procedure import Procedure, Request
 
 
+def DATABASES(region: str) -> dict:  # noqa: N802 - the inventory fixture's (tests/workflow/conftest.py)
+    return {
+        "provider": "patroni",
+        "dsn": f"host=pg-{region} dbname=app user=ops",
+        "rest_api": [f"https://pg-{region}-1:8008", f"https://pg-{region}-2:8008"],
+        "replication_address": f"pg-{region}:5432",
+        "scope": f"shop-{region}",
+        "rest_username": "opsflow",
+        "rest_password": {"env": "PATRONI_REST_PASSWORD"},
+    }
+
+
 def patroni_inventory() -> dict:
-    inv = inventory_dict()
-    for i, (region, r) in enumerate(inv["regions"].items()):
-        r["database"] = {
-            "provider": "patroni",
-            "dsn": f"host=pg-{region} dbname=app user=ops",
-            "rest_api": [f"https://pg-{region}-1:8008", f"https://pg-{region}-2:8008"],
-            "replication_address": f"pg-{region}:5432",
-            "scope": f"shop-{region}",
-            "rest_username": "opsflow",
-            "rest_password": {"env": "PATRONI_REST_PASSWORD"},
-        }
-    return inv
-
-
-@pytest.fixture
-def inventory() -> Inventory:
-    return Inventory.model_validate(patroni_inventory())
+    return with_databases(DATABASES)
 
 
 async def test_planned_failover_demotes_the_old_cluster_then_it_follows(running, world, inventory):

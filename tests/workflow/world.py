@@ -117,6 +117,19 @@ class World:
         if name in self.fail:
             raise ApplicationError(self.fail[name], type="Injected", non_retryable=True)
 
+    def _wait_while_blocked(self, block: threading.Event | None, name: str) -> None:
+        """A long step in flight: heartbeat until `block` is set (at once when None); a cancellation ends it, and
+        the activity's name is recorded in `cancelled`."""
+        try:
+            while block is not None and not block.is_set():
+                activity.heartbeat()
+                if activity.is_cancelled():
+                    raise CancelledError()
+                time.sleep(0.02)
+        except BaseException:
+            self.cancelled.append(name)
+            raise
+
     def status_of(self, region: str) -> DbStatus:
         if not self.reachable.get(region, True) or region in self.stopped:
             return DbStatus(region=region, reachable=False, error="connection refused")
@@ -164,15 +177,7 @@ class World:
         def db_wait(req: CatchUpRequest) -> CatchUpResult:
             w._maybe_fail(DB_WAIT_CAUGHT_UP.name)
             w.catch_up_attempts += 1
-            try:
-                while w.block_catch_up is not None and not w.block_catch_up.is_set():
-                    activity.heartbeat()
-                    if activity.is_cancelled():
-                        raise CancelledError()
-                    time.sleep(0.02)
-            except BaseException:
-                w.cancelled.append(DB_WAIT_CAUGHT_UP.name)
-                raise
+            w._wait_while_blocked(w.block_catch_up, DB_WAIT_CAUGHT_UP.name)
             w.replay[req.replica.region] = w.lsn
             return CatchUpResult(
                 primary_lsn=f"0/{w.lsn:X}",
@@ -187,15 +192,7 @@ class World:
             w._maybe_fail(DB_DRAIN.name)
             if not w.busy_sessions:
                 return DrainResult(waited_seconds=0.05, idle=True, detail="sessions idle")
-            try:
-                while w.block_drain is not None and not w.block_drain.is_set():
-                    activity.heartbeat()
-                    if activity.is_cancelled():
-                        raise CancelledError()
-                    time.sleep(0.02)
-            except BaseException:
-                w.cancelled.append(DB_DRAIN.name)
-                raise
+            w._wait_while_blocked(w.block_drain, DB_DRAIN.name)
             return DrainResult(waited_seconds=req.limit_seconds, idle=False, busy_sessions=w.busy_sessions,
                                detail=f"drain limit reached, {w.busy_sessions} session(s) still in a transaction")
 
