@@ -4,6 +4,7 @@ and the CLI read (lab_inventory: the Azure variant; lab/aws_lab.py builds the AW
 
     arm_emulator_config(clusters, receiver_port) -> dict   flexible servers on the lab's clusters, one TM profile
     lab_inventory(state, root) -> dict                     the inventory for lab.json's state
+    lab_database(state) -> str                             its database flavour: cloud | self-managed | patroni
     lab_maintenance(receiver_url) -> dict                  its maintenance section: a window open whenever the lab runs
 """
 
@@ -79,14 +80,23 @@ def arm_emulator_config(clusters: dict, receiver_port: int, virtual_endpoint: st
     }
 
 
+def lab_database(state: dict) -> str:
+    """The lab's database flavour, as `opsflow lab up --database` recorded it (state["database"]): cloud, self-managed
+    or patroni. A state file written before that key reads as what it held then (a missing key is the cloud)."""
+    return state.get("database") or (
+        "patroni" if state.get("patroni") else "self-managed" if state.get("self_managed") else "cloud")
+
+
 def lab_inventory(state: dict, root: Path) -> dict:
     receiver = state["receiver"]["url"]
     arm = state["azure"]["arm_endpoint"]
+    database = lab_database(state)
+    self_managed = database == "self-managed" and state.get("cloud", "azure") == "azure"  # host access: Azure's lab
     regions = {}
     for region in REGIONS:
         regions[region] = {
-            "database": patroni_database(state, region) if state.get("patroni")
-            else self_managed_database(state, region) if state.get("self_managed") else {
+            "database": patroni_database(state, region) if database == "patroni"
+            else self_managed_database(state, region) if self_managed else {
                 "provider": "azure-flexible",
                 "subscription_id": SUBSCRIPTION,
                 "resource_group": RESOURCE_GROUP,
@@ -135,7 +145,7 @@ def lab_inventory(state: dict, root: Path) -> dict:
         },
         "reports_dir": str(root / "reports"),
         "maintenance": lab_maintenance(receiver),
-    } | ({"drill": {}} if state.get("patroni") else {})  # Patroni's clusters are no Azure servers: no PITR there
+    } | ({"drill": {}} if database == "patroni" else {})  # Patroni's clusters are no Azure servers: no PITR there
 
 
 def patroni_database(state: dict, region: str) -> dict:

@@ -94,8 +94,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
         lab.state["rollout_router"] = router  # httproute | nginx (the upstream file opsflow writes)
         lab.state["virtual_endpoint"] = VIRTUAL_ENDPOINT if virtual_endpoint and cloud == "azure" else None
         lab.state["with_alerts"] = alerts
-        lab.state["database"] = database
-        lab.state["self_managed"] = database == "self-managed" and cloud == "azure"
+        lab.state["database"] = database  # what follows from it: lab/inventory.py lab_database
         _up(lab, root, with_worker, say, cloud, default_ports, encrypt)
     except BaseException:
         say("lab up failed; removing what was started")
