@@ -817,22 +817,31 @@ def test_the_app_is_judged_against_before_the_window_on_real_prometheus(promethe
     assert "higher" in worse.reason and "window mean" in worse.reason, worse.reason
 
 
+def half_deleted_for_repack(cluster, table: str, rows: int, options: str = "") -> str:
+    """The pg_repack client (the test is skipped without it), its extension in the database, and a new `table` of
+    `rows` rows with a primary key, every other one deleted. Returns the client's path."""
+    from activities.postgres.repack import client_binary
+
+    binary = client_binary()
+    if binary is None:
+        pytest.skip("pg_repack is not installed (scripts/setup.sh installs postgresql-15-repack)")
+    query(cluster, "CREATE EXTENSION IF NOT EXISTS pg_repack")
+    query(cluster, f"DROP TABLE IF EXISTS {table}")
+    query(cluster, f"CREATE TABLE {table} (id bigint PRIMARY KEY, payload text){options}")
+    query(cluster, f"INSERT INTO {table} SELECT g, md5(g::text) FROM generate_series(1, {rows}) g")
+    query(cluster, f"DELETE FROM {table} WHERE id % 2 = 0")
+    return binary
+
+
 def test_a_retry_waits_for_the_pg_repack_a_dead_worker_left_running_and_does_not_rebuild_twice(clusters):
     """A worker that died mid-rebuild leaves its pg_repack client running (its own session). The retry finds it by
     pg_repack's advisory lock on the table, waits for it, and reports the rebuild it finished: one rebuild."""
     import subprocess
 
-    from activities.postgres.repack import client_binary, client_env
+    from activities.postgres.repack import client_env
 
-    binary = client_binary()
-    if binary is None:
-        pytest.skip("pg_repack is not installed (scripts/setup.sh installs postgresql-15-repack)")
     primary, _ = clusters
-    query(primary, "CREATE EXTENSION IF NOT EXISTS pg_repack")
-    query(primary, "DROP TABLE IF EXISTS rp_orphan")
-    query(primary, "CREATE TABLE rp_orphan (id bigint PRIMARY KEY, payload text)")
-    query(primary, "INSERT INTO rp_orphan SELECT g, md5(g::text) FROM generate_series(1, 40000) g")
-    query(primary, "DELETE FROM rp_orphan WHERE id % 2 = 0")
+    binary = half_deleted_for_repack(primary, "rp_orphan", 40000)
     node = "select relfilenode from pg_class where relname = 'rp_orphan'"
     (before,) = query(primary, node)[0]
     # The dead worker's pg_repack, held before its swap by a transaction open elsewhere (so the retry meets it)
@@ -876,17 +885,10 @@ def test_a_retry_after_the_dead_workers_pg_repack_already_finished_does_not_rebu
     import subprocess
     from datetime import datetime, timedelta, timezone
 
-    from activities.postgres.repack import client_binary, client_env
+    from activities.postgres.repack import client_env
 
-    binary = client_binary()
-    if binary is None:
-        pytest.skip("pg_repack is not installed (scripts/setup.sh installs postgresql-15-repack)")
     primary, _ = clusters
-    query(primary, "CREATE EXTENSION IF NOT EXISTS pg_repack")
-    query(primary, "DROP TABLE IF EXISTS rp_gone")
-    query(primary, "CREATE TABLE rp_gone (id bigint PRIMARY KEY, payload text) WITH (autovacuum_enabled = off)")
-    query(primary, "INSERT INTO rp_gone SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
-    query(primary, "DELETE FROM rp_gone WHERE id % 2 = 0")
+    binary = half_deleted_for_repack(primary, "rp_gone", 20000, " WITH (autovacuum_enabled = off)")
     before = stats(primary, "public.rp_gone")
     scheduled = datetime.now(timezone.utc) - timedelta(seconds=1)
     subprocess.run([binary, "--table", "public.rp_gone", "--no-kill-backend"], check=True, timeout=60,
