@@ -18,7 +18,7 @@ import contextvars
 import logging
 import threading
 import time
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 from temporalio import activity
@@ -114,9 +114,7 @@ class heartbeating:  # noqa: N801 - used as a function: `with heartbeating("..."
 
     async def __aexit__(self, *exc: Any) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
+            self._task.cancel()  # not awaited: a cancellation of the activity itself must not be absorbed here
 
 
 @contextmanager
