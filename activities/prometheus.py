@@ -176,8 +176,11 @@ def samples(req: SamplesRequest) -> Samples:
             return number(query(a.prometheus, promql, at=req.end))
 
         whole = canary_count(window)
-        # what an absolute limit judges: the samples since start, at most the last interval (opsflow.rollout.recent)
-        recent = whole if window <= a.interval else canary_count(a.interval)
+        # the requests behind what an absolute limit judges (the last interval of samples, opsflow.rollout.recent):
+        # the last interval's, also early in a bake (before the first weight the canary had no traffic; later, the
+        # rate windows of the samples hold the previous weight's traffic too), so that short windows (a [1s]
+        # increase() holds one scrape: no value) do not hide the first requests
+        recent = whole if window == a.interval else canary_count(a.interval)
         seen = recent is not None  # Prometheus has the canary's series (scraped twice in the span): it counts
         # no series: the canary served no request that Prometheus counted (0, not "unknown")
         canary_requests, recent_requests = whole or 0.0, recent or 0.0

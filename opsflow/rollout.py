@@ -142,9 +142,9 @@ class AnalysisSpec(LateFields):
         default=100, ge=0, description="canary requests in the bake below which the judge says inconclusive"
     )
     limit_min_requests: int = Field(
-        default=20, ge=0, description="canary requests since the weight moved (at most the last interval) below "
-        "which a limit (max/min) does not judge at a look: not enough traffic yet, neither pass nor fail (needs "
-        "`requests`; without it limits judge whatever samples there are)",
+        default=20, ge=0, description="canary requests in the last interval below which a limit (max/min) does "
+        "not judge at a look: not enough traffic yet, neither pass nor fail (needs `requests`; without it limits "
+        "judge whatever samples there are)",
     )
     requests: str | None = Field(default=None, description="PromQL for the request count over {interval}")
     metrics: list[MetricSpec] = Field(min_length=1)
@@ -382,8 +382,8 @@ class Samples(BaseModel):
     metrics: list[MetricSamples]
     canary_requests: float | None = None
     baseline_requests: float | None = None
-    # the canary's requests in the span a limit judges: since `start`, at most the last interval (with `requests`;
-    # 0 when Prometheus has no such series). None: not counted (no `requests`, or an activity from before)
+    # the canary's requests in the span a limit judges: the last interval (with `requests`; 0 when Prometheus has
+    # no such series). None: not counted (no `requests`, or an activity from before)
     canary_recent_requests: float | None = None
     # Prometheus has the canary's request series in the recent span (it counts from here on); None: not asked
     canary_seen: bool | None = None
@@ -456,8 +456,7 @@ def limit_shortfall(analysis: AnalysisSpec, samples: Samples, *, recent_span: bo
     count = samples.canary_recent_requests if recent_span else samples.canary_requests
     if analysis.requests is None or count is None or count >= analysis.limit_min_requests:
         return None
-    span = (samples.end - samples.start).total_seconds()
-    span = min(span, analysis.interval) if recent_span else span
+    span = analysis.interval if recent_span else (samples.end - samples.start).total_seconds()
     return (f"not enough traffic yet: {count:.0f} canary request(s) in the last {span:.0f}s, limits judge from "
             f"{analysis.limit_min_requests}")
 

@@ -66,11 +66,10 @@ def test_a_limit_does_not_judge_below_limit_min_requests():
     from opsflow.rollout import limit_shortfall
 
     why = limit_shortfall(COUNTED, counted(8))
-    assert why == "not enough traffic yet: 8 canary request(s) in the last 3s, limits judge from 20"
+    assert why == "not enough traffic yet: 8 canary request(s) in the last 5s, limits judge from 20"
     assert limit_shortfall(COUNTED, counted(20)) is None  # at the minimum: the limit judges
     assert limit_shortfall(COUNTED, counted(0)) is not None  # no request series at all: 0, not "unknown"
-    # the recent span is at most one interval; the whole window (the judge's) is named as such
-    assert "in the last 5s" in limit_shortfall(COUNTED, counted(8, seconds=40))
+    # the recent span is one interval (the limits' samples); the whole window (the judge's) is named as such
     assert "in the last 40s" in limit_shortfall(COUNTED, counted(100, 8, seconds=40), recent_span=False)
     # not counted: no `requests` query (or a result from before the count): the limits judge as they always did
     assert limit_shortfall(SPEC, counted(8)) is None
