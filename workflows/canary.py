@@ -599,7 +599,7 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
             decls.append(StepDecl(f"scale-baseline-{w}", f"size {baseline} as the canary, ready"))
         if scraped and w == steps[0]:
             decls.append(StepDecl("scraped", "wait until Prometheus counts the canary's requests (at most 2 "
-                                  "intervals), before any traffic reaches it"))
+                                  "intervals or 30 s), before any traffic reaches it"))
         share = f"{w} % to the canary and {w} % to {baseline}" if fresh else f"{w} % to the canary"
         decls += [
             StepDecl(f"weight-{w}", f"route {share} via {router_name(app)}"),
@@ -643,13 +643,13 @@ class CanaryWorkflow(Rollout):
 
     async def scraped(self, canary: str, baseline: str, baseline_image: str) -> None:
         """Before the first weight: wait until Prometheus counts the canary's requests (`requests` has its series
-        over the last interval), polling every step, at most 2 intervals (then on: the limits wait for traffic
-        enough anyway). A counter's first scrape is no increase for rate(): requests served before it are lost to
-        the figures, and the first looks would see no traffic for seconds (on the lab: up to 10 s)."""
+        over the last interval), polling every step, at most 2 intervals or 30 s, whichever is longer (then on: the
+        limits wait for traffic enough anyway). A counter's first scrape is no increase for rate(): requests served
+        before it are lost to the figures, and the first looks would see no traffic for seconds (lab: up to 10 s)."""
         await self.boundary()
         a = self.policy.analysis
         record = self.begin_step("scraped", f"Wait until Prometheus scrapes {canary}", "wait")
-        bound, every, start = max(2 * a.interval, 10.0), max(a.step, 1.0), workflow.now()
+        bound, every, start = max(2 * a.interval, 30.0), max(a.step, 1.0), workflow.now()
         while True:
             now = workflow.now()
             got = await self.samples(canary, baseline, now - timedelta(seconds=a.interval), now, baseline_image)
