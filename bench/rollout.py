@@ -18,9 +18,10 @@ Per run, N of each (default 3):
 - FAULTY IMAGE: `opsflow canary --image registry.lab/shop:faulty-2 --auto-promote` (the faulty app answers ~15 %
   of its requests 500). Figures: the share of the client's requests answered 5xx from the canary's start (the
   create-canary step's start, workflow time on this machine's clock) to its removal (the end of the undo that
-  deletes it) -- goal <= 2 % --, the 5xx count and the requests in that span; seconds from the canary's start to
-  the rollback's end (canary removed), and from the first canary traffic (weight-25's end) to the weight back at
-  0 (the undo's end).
+  deletes it) -- goal <= 2 % --, the 5xx count and the requests in that span, and the share from the first
+  weight's move to the removal (the canary's time with traffic, which a wait before it does not dilute); seconds
+  from the canary's start to the rollback's end (canary removed), and from the first canary traffic (weight-25's
+  end) to the weight back at 0 (the undo's end).
 - ABORT DURING A BAKE: a healthy image (`...:healthy-3`, steps 25/100, bake 60 s); once the bake runs and the
   client has had 5 answers from the canary, `abort` (by carol, through the Update the CLI sends). Figure: seconds
   from the abort until the last request the canary answered (its answer time at the client) -- goal <= 2 s --; the
@@ -180,7 +181,9 @@ async def faulty_run(state: dict, client: Client, steps: str | None) -> dict:
     span = client.between(start, removed)
     errors = sum(1 for e in span if e[2] >= 500)
     canary_version = image.rsplit(":", 1)[1]
+    exposed = client.between(traffic, removed)  # from the first weight's move: the canary's time with traffic
     return {"share_5xx": errors / len(span) if span else 0.0, "errors_5xx": errors, "requests": len(span),
+            "share_5xx_with_traffic": sum(1 for e in exposed if e[2] >= 500) / len(exposed) if exposed else 0.0,
             "canary_answers": sum(1 for e in span if e[3] == canary_version),
             "start_to_rollback_seconds": removed - start, "traffic_to_weight0_seconds": zero - traffic,
             "traffic_to_failed_look_seconds": ts(failed["end"]) - traffic, "failed_at_weight": failed["weight"],
@@ -260,7 +263,8 @@ def main() -> int:
     result: dict = {"runs": args.runs, "client_rps": args.rps, "client_refused": client.refused if client else 0}
     if faulty:
         result["faulty"] = {"runs": len(faulty), **{k: median_min_max([r[k] for r in faulty]) for k in (
-            "share_5xx", "errors_5xx", "requests", "start_to_rollback_seconds", "traffic_to_weight0_seconds",
+            "share_5xx", "errors_5xx", "requests", "share_5xx_with_traffic", "start_to_rollback_seconds",
+            "traffic_to_weight0_seconds",
             "traffic_to_failed_look_seconds")}, "steps": args.steps or "25,50,100 (the lab's)",
                             "reason": faulty[-1]["reason"]}
     if aborts:
@@ -276,6 +280,8 @@ def main() -> int:
         print(f"    client requests answered 5xx  {f['share_5xx']['median']:8.2%}  "
               f"[{f['share_5xx']['min']:.2%}-{f['share_5xx']['max']:.2%}]  (goal <= 2 %; "
               f"{f['errors_5xx']['median']:.0f} of {f['requests']['median']:.0f})")
+        w = f["share_5xx_with_traffic"]
+        print(f"    ... from the first weight's move only {w['median']:8.2%}  [{w['min']:.2%}-{w['max']:.2%}]")
         for key, label in (("start_to_rollback_seconds", "start -> rolled back (s)"),
                            ("traffic_to_failed_look_seconds", "first canary traffic -> failing look (s)"),
                            ("traffic_to_weight0_seconds", "first canary traffic -> weight 0 (s)")):

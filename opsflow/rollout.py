@@ -133,13 +133,18 @@ class MetricSpec(Strict):
 
 
 class AnalysisSpec(LateFields):
-    late_fields = frozenset({"baseline"})  # added after inventories had digests
+    late_fields = frozenset({"baseline", "limit_min_requests"})  # added after inventories had digests
 
     prometheus: str = Field(description="Prometheus HTTP API base URL")
     interval: Seconds = Field(default=60, description="how often the bake looks at the figures")
     step: Seconds = Field(default=10, description="query_range resolution: one sample per step")
     min_requests: int = Field(
         default=100, ge=0, description="canary requests in the bake below which the judge says inconclusive"
+    )
+    limit_min_requests: int = Field(
+        default=20, ge=0, description="canary requests in the last interval below which a limit (max/min) does "
+        "not judge at a look: not enough traffic yet, neither pass nor fail (needs `requests`; without it limits "
+        "judge whatever samples there are)",
     )
     requests: str | None = Field(default=None, description="PromQL for the request count over {interval}")
     metrics: list[MetricSpec] = Field(min_length=1)
@@ -377,6 +382,11 @@ class Samples(BaseModel):
     metrics: list[MetricSamples]
     canary_requests: float | None = None
     baseline_requests: float | None = None
+    # the canary's requests in the span a limit judges: the last interval (with `requests`; 0 when Prometheus has
+    # no such series). None: not counted (no `requests`, or an activity from before)
+    canary_recent_requests: float | None = None
+    # Prometheus has the canary's request series in the recent span (it counts from here on); None: not asked
+    canary_seen: bool | None = None
     start: datetime
     end: datetime
 
@@ -433,6 +443,22 @@ def recent(analysis: AnalysisSpec, values: list[float], filled: int = 0) -> list
         values = values[filled:]
     n = max(1, round(analysis.interval / max(analysis.step, 0.001)))
     return _finite(values[-n:])
+
+
+def has_limits(analysis: AnalysisSpec) -> bool:
+    return any(m.max is not None or m.min is not None for m in analysis.metrics)
+
+
+def limit_shortfall(analysis: AnalysisSpec, samples: Samples, *, recent_span: bool = True) -> str | None:
+    """Why the limits may not judge these samples -- not enough canary traffic in the span judged (the recent one,
+    or with `recent_span=False` the whole window) -- or None when they may (or when the requests are not counted:
+    no `analysis.requests`). Neither a pass nor a fail."""
+    count = samples.canary_recent_requests if recent_span else samples.canary_requests
+    if analysis.requests is None or count is None or count >= analysis.limit_min_requests:
+        return None
+    span = analysis.interval if recent_span else (samples.end - samples.start).total_seconds()
+    return (f"not enough traffic yet: {count:.0f} canary request(s) in the last {span:.0f}s, limits judge from "
+            f"{analysis.limit_min_requests}")
 
 
 def threshold_breaches(analysis: AnalysisSpec, samples: Samples, *, latest: bool = False) -> list[MetricVerdict]:
