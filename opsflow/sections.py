@@ -229,7 +229,8 @@ class DeploymentTarget(Strict):
     replicas: int = Field(ge=0, description="replicas to run when this region is primary")
 
 
-class KubernetesConfig(Strict):
+class KubernetesConfig(LateFields):
+    late_fields = frozenset({"standby_min_replicas"})  # added after inventories had digests
     kubeconfig: str | None = Field(default=None, description="path; default: in-cluster or ~/.kube/config")
     context: str | None = None
     namespace: str = "default"
@@ -237,6 +238,10 @@ class KubernetesConfig(Strict):
         default=None, description="service annotated maintenance=true while the region is drained"
     )
     deployments: list[DeploymentTarget] = []
+    standby_min_replicas: int = Field(
+        default=1, ge=1, description="the HPA floor (minReplicas) of this region's deployments while another region "
+        "is primary: a planned failover lowers its HPAs to it (never raises them), the failback restores them"
+    )
 
 
 class Region(Strict):
