@@ -113,7 +113,9 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True, until_idl
     if host_switchover:
         how = f"promote (a switchover: {source} then follows it, no rebuild)"
     if patroni(inp, to) and not inp.emergency:
-        how = f"switch over (Patroni: {source} becomes a standby cluster of {to}, then {to} is promoted)"
+        how = (f"switch over (Patroni: {source} becomes a standby cluster of {to}, then {to} is promoted)"
+               if to_region.database.layout == "per-region" else f"switch over (Patroni's POST /switchover in one "
+               f"cluster: {to}'s member leads, {source}'s follows it)")
     if inp.emergency:
         steps = [
             StepDecl(
