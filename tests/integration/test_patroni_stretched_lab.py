@@ -113,8 +113,8 @@ def test_failover_and_failback_are_patronis_own_switchovers(stretched_lab):
 
 def test_bad_candidates_are_refused_before_anything_changes(stretched_lab):
     """Through the activity (db.promote) as the failover calls it: a member name the cluster does not have, a
-    candidate that lags the leader: each a non-retryable error naming what is wrong; eastus-1 still leads, unfenced,
-    and westeurope-1 streams again."""
+    candidate that lags the leader, one that does not stream: each a non-retryable error naming what is wrong;
+    eastus-1 still leads, unfenced, and westeurope-1 streams again."""
     from activities.database import db_promote
     from opsflow.models import PromoteRequest
 
@@ -145,6 +145,17 @@ def test_bad_candidates_are_refused_before_anything_changes(stretched_lab):
             assert "bytes behind the leader's" in refused(west, "PatroniCandidateLagging")
         finally:
             sql(lab.dsn("westeurope"), "SELECT pg_wal_replay_resume()")
+        # not streaming: westeurope-1 runs as a replica (so Patroni says) but its WAL receiver is gone (an empty
+        # primary_conninfo behind Patroni's back, which a paused Patroni leaves alone)
+        sql(lab.dsn("westeurope"), "ALTER SYSTEM SET primary_conninfo = ''")
+        try:
+            sql(lab.dsn("westeurope"), "SELECT pg_reload_conf()")
+            wait_for(lambda: not sql(lab.dsn("westeurope"), "SELECT 1 FROM pg_stat_wal_receiver"), timeout=30,
+                     what="westeurope-1's WAL receiver gone")
+            assert "does not stream from the leader" in refused(west, "PatroniCandidateNotStreaming")
+        finally:
+            sql(lab.dsn("westeurope"), "ALTER SYSTEM RESET primary_conninfo")
+            sql(lab.dsn("westeurope"), "SELECT pg_reload_conf()")
     finally:
         assert httpx.patch(rest + "/config", json={"pause": False}, timeout=5).status_code == 200
     wait_for(lambda: streams_from(lab.dsn("westeurope"), lab.dsn("eastus")), timeout=60,
