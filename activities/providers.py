@@ -68,9 +68,9 @@ def database_provider(target: RegionTarget) -> DatabaseProvider:
 
         return RdsInstance(target)
     if kind == "patroni":
-        from activities.patroni import PatroniCluster
+        from activities.patroni import PatroniCluster, PatroniMember
 
-        return PatroniCluster(target)
+        return PatroniMember(target) if target.database.layout == "stretched" else PatroniCluster(target)
     raise ValueError(f"unknown database provider {kind!r}")
 
 

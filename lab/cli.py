@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 p.add_argument("--alerts", action="store_true",
                                help="also Prometheus, Alertmanager and opsflow alert-receiver: an alert requests a "
                                     "failover that waits for approval (lab/alerting.py)")
+                p.add_argument("--patroni-layout", choices=["per-region", "stretched"], default="per-region",
+                               help="with --database patroni: a Patroni cluster per region (standby clusters), or "
+                                    "ONE cluster whose members are the regions (Patroni's own switchover)")
                 p.add_argument("--virtual-endpoint", action="store_true",
                                help="Azure: a virtual endpoint over the two servers, named in the inventory: "
                                     "failovers are switchovers (the old primary becomes the replica)")
@@ -69,13 +72,17 @@ def main(args: argparse.Namespace) -> int:
         if args.virtual_endpoint and args.cloud != "azure":
             print("opsflow lab up: --virtual-endpoint is an Azure feature (not with --cloud aws)", file=sys.stderr)
             return 2
+        if args.patroni_layout != "per-region" and args.database != "patroni":
+            print("opsflow lab up: --patroni-layout is for --database patroni", file=sys.stderr)
+            return 2
         if args.database != "cloud" and (args.cloud != "azure" or args.virtual_endpoint):
             print(f"opsflow lab up: --database {args.database} runs with the Azure lab's traffic (not with --cloud aws "
                   "or --virtual-endpoint)", file=sys.stderr)
             return 2
         manage.up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults,
                   encrypt=args.encrypt, rollout=args.rollout, virtual_endpoint=args.virtual_endpoint,
-                  router=args.router, alerts=args.alerts, database=args.database)
+                  router=args.router, alerts=args.alerts, database=args.database,
+                  patroni_layout=args.patroni_layout)
         s = manage.status(root)
         if args.json:
             print(json.dumps(s, indent=2))

@@ -151,6 +151,10 @@ def lab_inventory(state: dict, root: Path) -> dict:
 def patroni_database(state: dict, region: str) -> dict:
     """`opsflow lab up --database patroni`: the region's Patroni cluster (lab/patroni.py)."""
     r = state["patroni"]["regions"][region]
+    if r.get("member"):  # one cluster stretched across the regions: each region's member, every member's REST API
+        others = [o["rest_api"] for n, o in state["patroni"]["regions"].items() if n != region]
+        return {"provider": "patroni", "layout": "stretched", "member": r["member"], "scope": r["scope"],
+                "dsn": r["dsn"], "rest_api": [r["rest_api"], *others]}
     return {"provider": "patroni", "dsn": r["dsn"], "rest_api": [r["rest_api"]], "scope": r["scope"],
             "replication_address": f"127.0.0.1:{r['port']}"}
 

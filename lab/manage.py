@@ -70,7 +70,8 @@ def temporal_binary() -> str:
 
 def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
        faults: float = 0.0, encrypt: bool = False, rollout: bool = False, virtual_endpoint: bool = False,
-       router: str = "httproute", alerts: bool = False, database: str = "cloud") -> dict:
+       router: str = "httproute", alerts: bool = False, database: str = "cloud",
+       patroni_layout: str = "per-region") -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
     tests and benchmarks take any free ports so they never meet another lab's leftovers. faults: the fraction of
     cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults).
@@ -78,7 +79,8 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
     alerts: the alerting stage (lab/alerting.py): Prometheus, Alertmanager and `opsflow alert-receiver`.
     database="self-managed": the inventory names the databases as self-managed PostgreSQL (provider postgres) with
     host access (switchover failovers without a rebuild); the ARM emulator still serves Traffic Manager.
-    database="patroni": Patroni clusters on etcd instead of plain PostgreSQL (lab/patroni.py), provider "patroni"."""
+    database="patroni": Patroni clusters on etcd instead of plain PostgreSQL (lab/patroni.py), provider "patroni";
+    patroni_layout="stretched": one Patroni cluster whose members are the regions (a cluster per region else)."""
     say: Say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     lab = Lab(root)
     if lab.state.get("ready") and lab.alive("temporal"):
@@ -95,6 +97,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
         lab.state["virtual_endpoint"] = VIRTUAL_ENDPOINT if virtual_endpoint and cloud == "azure" else None
         lab.state["with_alerts"] = alerts
         lab.state["database"] = database  # what follows from it: lab/inventory.py lab_database
+        lab.state["patroni_layout"] = patroni_layout if database == "patroni" else None
         _up(lab, root, with_worker, say, cloud, default_ports, encrypt)
     except BaseException:
         say("lab up failed; removing what was started")

@@ -170,24 +170,50 @@ class AzureFlexibleDatabase(_SqlAccess):
     virtual_endpoint: str | None = None
 
 
-class PatroniDatabase(_SqlAccess):
-    """A Patroni cluster per region, driven through Patroni's REST API (never around it); LSNs over SQL. Across
-    regions the standby region runs a Patroni standby cluster (`standby_cluster` in its dynamic configuration);
-    a planned failover demotes the old cluster to a standby cluster of the new one, then promotes the new one."""
+class PatroniDatabase(_SqlAccess, LateFields):
+    """Patroni, driven through its REST API (never around it); LSNs over SQL. Two layouts:
 
+    - "per-region" (the default): a Patroni cluster per region, the standby region a Patroni standby cluster
+      (`standby_cluster` in its dynamic configuration); a planned failover demotes the old cluster to a standby
+      cluster of the new one, then promotes the new one;
+    - "stretched": the regions are members of ONE Patroni cluster (one DCS across regions), each region naming its
+      `member`; a planned failover is Patroni's own switchover (POST /switchover leader -> candidate), an emergency
+      its failover (POST /failover to the candidate)."""
+
+    late_fields = frozenset({"layout", "member"})  # added after inventories had digests
     provider: Literal["patroni"]
     rest_api: list[str] = Field(
         min_length=1, description="the members' REST API base URLs (http(s)://host:8008); the first that answers"
     )
-    replication_address: str = Field(
+    replication_address: str | None = Field(
+        default=None,
         pattern=r"^[^\s:]+:\d+$",
         description="host:port another region's standby cluster streams from (the leader, or an address that "
-        "follows it)",
+        "follows it); layout per-region only, where it is required",
+    )
+    layout: Literal["per-region", "stretched"] = Field(
+        default="per-region",
+        description="per-region: a Patroni cluster per region (standby clusters across regions); stretched: the "
+        "regions are members of one cluster (switchovers are Patroni's own)",
+    )
+    member: str | None = Field(
+        default=None, min_length=1,
+        description="layout stretched: the name of this region's Patroni member (its `name` in patroni.yml)",
     )
     scope: str | None = Field(default=None, description="the Patroni cluster's name, checked against its REST API")
     rest_username: str | None = None
     rest_password: SecretRef | None = None  # Patroni's restapi.authentication, for PATCH /config
     ca_bundle: str | None = None  # an https REST API signed by a private CA
+
+    @model_validator(mode="after")
+    def _layout_needs(self) -> "PatroniDatabase":
+        if self.layout == "per-region" and not self.replication_address:
+            raise ValueError("layout per-region needs replication_address (host:port another region streams from)")
+        if self.layout == "stretched" and not self.member:
+            raise ValueError("layout stretched needs member: the name of this region's Patroni member")
+        if self.layout == "stretched" and not self.scope:
+            raise ValueError("layout stretched needs scope: the one cluster's name, checked against its REST API")
+        return self
 
 
 class AwsRdsDatabase(Strict):
@@ -229,7 +255,8 @@ class DeploymentTarget(Strict):
     replicas: int = Field(ge=0, description="replicas to run when this region is primary")
 
 
-class KubernetesConfig(Strict):
+class KubernetesConfig(LateFields):
+    late_fields = frozenset({"standby_min_replicas"})  # added after inventories had digests
     kubeconfig: str | None = Field(default=None, description="path; default: in-cluster or ~/.kube/config")
     context: str | None = None
     namespace: str = "default"
@@ -237,6 +264,10 @@ class KubernetesConfig(Strict):
         default=None, description="service annotated maintenance=true while the region is drained"
     )
     deployments: list[DeploymentTarget] = []
+    standby_min_replicas: int = Field(
+        default=1, ge=1, description="the HPA floor (minReplicas) of this region's deployments while another region "
+        "is primary: a planned failover lowers its HPAs to it (never raises them), the failback restores them"
+    )
 
 
 class Region(Strict):
