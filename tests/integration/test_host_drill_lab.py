@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -92,6 +92,26 @@ def test_host_pitr_drill_restores_checks_and_removes_the_scratch_server(sm_lab):
     leftovers = next(s for s in report["steps"] if s["name"] == "leftovers")
     assert leftovers["detail"] == "removed opsflow-drill-dead0001"
     assert list(scratch.iterdir()) == [] and not processes_under(scratch)  # every scratch server stopped, removed
+
+    # restore_point random: a point inside the restorable window, restored and counted as of that point. The 50 rows
+    # are archived now; the retention starts the window at the seed's newest commit, so it holds them.
+    from lab.postgres import Cluster, archive_now
+
+    archive_now(Cluster.from_dict(lab.state["postgres"]["eastus"]))
+    seeded = datetime.fromisoformat(report["window_latest"])
+    retention = (datetime.now(seeded.tzinfo) - seeded).total_seconds()
+    raw = yaml.safe_load(open(lab.inventory))
+    raw["drill"].update(restore_point="random", retention=f"{retention:.3f}s")
+    open(lab.inventory, "w").write(yaml.safe_dump(raw))
+    code, second = drill(lab)
+    assert code == 0 and second["status"] == "succeeded", explain(second)
+    chosen = datetime.fromisoformat(second["restore_point"])
+    assert second["restore_point_chosen"] == "random"
+    assert seeded - timedelta(seconds=1) <= chosen <= datetime.fromisoformat(second["window_latest"])
+    orders = next(c for c in second["checks"] if c["name"] == "lab_orders")
+    committed = sql(east, "SELECT count(*) FROM lab_orders WHERE created_at < %s", chosen)[0][0]
+    assert orders["ok"] and orders["actual"] == orders["expected"] == committed and 200 <= committed <= 250
+    assert list(scratch.iterdir()) == [] and not processes_under(scratch)
 
     # No base backup where the inventory says: a clear failure before anything is made.
     empty = lab.root / "drill" / "no-backups"
