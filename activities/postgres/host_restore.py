@@ -116,14 +116,15 @@ class HostPointInTimeRestore:
         dirs = [n for n in names if _SAFE.match(n) and not n.startswith(".")]
         found: dict[str, datetime] = {}
         if dirs:
-            p = self._run(["stat", "-c", "%Y:%n", *[f"{self.base}/{d}/backup_manifest" for d in dirs]],
+            # GNU stat's %.9Y: the modification time to the nanosecond (a commit a moment after the backup is
+            # after it)
+            p = self._run(["stat", "-c", "%.9Y:%n", *[f"{self.base}/{d}/backup_manifest" for d in dirs]],
                           "read the base backups' manifests", check=False)
             for line in p.stdout.splitlines():
                 stamp, _, path = line.partition(":")
-                if stamp.isdigit() and path.endswith("/backup_manifest"):
-                    # whole seconds, rounded up: a restore point at or after it is past the backup's end
+                if re.fullmatch(r"\d+(\.\d+)?", stamp) and path.endswith("/backup_manifest"):
                     found[path[len(self.base) + 1:-len("/backup_manifest")]] = datetime.fromtimestamp(
-                        int(stamp) + 1, timezone.utc)
+                        float(stamp), timezone.utc)
         if not found:
             raise _bad(f"no base backup under {self.base} on the host (a directory per backup holding "
                        f"backup_manifest, made by pg_basebackup -D {self.base}/<name> -Ft or -Fp)", "NoBaseBackup")

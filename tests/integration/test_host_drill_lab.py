@@ -38,25 +38,46 @@ def processes_under(path: Path) -> list[str]:
     return found
 
 
+def scratch_servers(scratch: Path) -> list[str]:
+    """The postmasters of scratch servers under `scratch` (`postgres -D <scratch>/<name>/data`)."""
+    return [cmd for cmd in processes_under(scratch) if cmd.split()[0].endswith("/postgres")]
+
+
 def drill(lab) -> tuple[int, dict]:
     proc = lab.cli("drill", "--requester", "alice", "--wait", "--json", timeout=400)
     return proc.returncode, json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
-@pytest.fixture
-def sm_lab(lab_home):
+@pytest.fixture(scope="module")
+def sm_lab(tmp_path_factory):
+    """`opsflow lab up --database self-managed` with a worker, shared by this module's tests."""
     from lab.manage import up
     from tests.integration.conftest import Lab, lab_root, take_down
 
-    root = lab_root()
-    lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, database="self-managed"))
-    lab.start_worker()
-    yield lab
-    lab.stop_workers()
-    take_down(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPSFLOW_HOME", str(tmp_path_factory.mktemp("home")))
+        mp.delenv("TEMPORAL_ADDRESS", raising=False)
+        root = lab_root()
+        lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, database="self-managed"))
+        lab.start_worker()
+        yield lab
+        lab.stop_workers()
+        take_down(root)
 
 
-def test_host_pitr_drill_restores_checks_and_removes_the_scratch_server(sm_lab):
+@pytest.fixture
+def inventory(sm_lab):
+    """The lab's inventory (the one its worker holds) as a dict to change and write; put back after the test."""
+    text = open(sm_lab.inventory).read()
+    yield yaml.safe_load(text)
+    open(sm_lab.inventory, "w").write(text)
+
+
+def write(lab, inv: dict) -> None:
+    open(lab.inventory, "w").write(yaml.safe_dump(inv))
+
+
+def test_host_pitr_drill_restores_checks_and_removes_the_scratch_server(sm_lab, inventory):
     from activities.postgres.host_restore import HostPointInTimeRestore
     from opsflow.inventory import load_inventory
     from opsflow.models import RegionTarget, RestoreRequest
@@ -76,7 +97,7 @@ def test_host_pitr_drill_restores_checks_and_removes_the_scratch_server(sm_lab):
     left = wait_for(lambda: (t := dead.status("opsflow-drill-dead0001")).ready and t, timeout=120,
                     what="the leftover scratch server")
     assert sql(left.dsn, "SELECT count(*) FROM lab_orders")[0][0] == 200
-    assert processes_under(scratch / "opsflow-drill-dead0001")
+    assert scratch_servers(scratch / "opsflow-drill-dead0001")
 
     # Committed after the newest archived commit: not restorable, and not expected (counted as of the point).
     sql(east, "INSERT INTO lab_orders (total) SELECT 1 FROM generate_series(1, 50)")
@@ -100,9 +121,8 @@ def test_host_pitr_drill_restores_checks_and_removes_the_scratch_server(sm_lab):
     archive_now(Cluster.from_dict(lab.state["postgres"]["eastus"]))
     seeded = datetime.fromisoformat(report["window_latest"])
     retention = (datetime.now(seeded.tzinfo) - seeded).total_seconds()
-    raw = yaml.safe_load(open(lab.inventory))
-    raw["drill"].update(restore_point="random", retention=f"{retention:.3f}s")
-    open(lab.inventory, "w").write(yaml.safe_dump(raw))
+    inventory["drill"].update(restore_point="random", retention=f"{retention:.3f}s")
+    write(lab, inventory)
     code, second = drill(lab)
     assert code == 0 and second["status"] == "succeeded", explain(second)
     chosen = datetime.fromisoformat(second["restore_point"])
@@ -116,11 +136,77 @@ def test_host_pitr_drill_restores_checks_and_removes_the_scratch_server(sm_lab):
     # No base backup where the inventory says: a clear failure before anything is made.
     empty = lab.root / "drill" / "no-backups"
     empty.mkdir()
-    raw = yaml.safe_load(open(lab.inventory))
-    raw["drill"]["host"]["base_backups"] = str(empty)
-    open(lab.inventory, "w").write(yaml.safe_dump(raw))
+    inventory["drill"]["host"]["base_backups"] = str(empty)
+    write(lab, inventory)
     code, bad = drill(lab)
     assert code != 0 and bad["status"] == "failed", explain(bad)
     assert f"no base backup under {empty}" in bad["failure"]
     assert "leftovers" not in [s["name"] for s in bad["steps"]]
     assert list(scratch.iterdir()) == []
+
+
+HOLD = """#!/bin/sh
+# drill.host.run for the tests: `pg_ctl status` waits while the hold file exists (the restore-wait step is then
+# blocked with its scratch server running), everything else runs at once
+case " $* " in *" status "*) while [ -e {hold} ]; do sleep 0.05; done ;; esac
+exec "$@"
+"""
+
+
+def held(lab, inventory: dict, tmp: Path) -> Path:
+    """The inventory's drill.host.run behind a hold (HOLD); returns the hold file (it exists: holding)."""
+    hold, script = tmp / "hold", tmp / "run-held"
+    script.write_text(HOLD.format(hold=hold))
+    script.chmod(0o755)
+    tmp.chmod(0o755)
+    hold.touch()
+    inventory["drill"]["host"]["run"] = [str(script), *inventory["drill"]["host"]["run"]]
+    inventory["drill"]["heartbeat_timeout"] = "5s"  # a killed worker's wait is taken over within seconds
+    write(lab, inventory)
+    return hold
+
+
+def until_scratch_server_runs(lab, wid: str, scratch: Path) -> None:
+    from tests.integration.test_failover_lab import wait_status
+
+    wait_status(lab, wid, lambda r: r.get("current_step") == "restore-wait", what="the restore-wait step")
+    wait_for(lambda: scratch_servers(scratch), timeout=60, what="the scratch server running")
+
+
+def test_an_aborted_drill_stops_and_removes_its_scratch_server(sm_lab, inventory, tmp_path):
+    from tests.integration.test_failover_lab import wait_end
+
+    lab = sm_lab
+    scratch = Path(inventory["drill"]["host"]["scratch_dir"])
+    hold = held(lab, inventory, tmp_path)
+    wid = lab.cli_json("drill", "--requester", "alice")["workflow_id"]
+    until_scratch_server_runs(lab, wid, scratch)
+    lab.cli("abort", wid, "--as", "alice", "--reason", "test", check=True)
+    hold.unlink()
+    report = wait_end(lab, wid)
+    assert report["status"] == "aborted", explain(report)
+    assert report["scratch_deleted"] is True
+    assert list(scratch.iterdir()) == [] and not processes_under(scratch)
+
+
+def test_a_worker_killed_mid_restore_is_replaced_and_the_drill_completes(sm_lab, inventory, tmp_path):
+    from tests.integration.test_failover_lab import wait_end
+
+    lab = sm_lab
+    scratch = Path(inventory["drill"]["host"]["scratch_dir"])
+    hold = held(lab, inventory, tmp_path)
+    wid = lab.cli_json("drill", "--requester", "alice")["workflow_id"]
+    until_scratch_server_runs(lab, wid, scratch)
+    (started,) = [p.name for p in scratch.glob("*/start-*.log")]  # one start, on this port
+    port = started.split("-")[2].removesuffix(".log")
+    for worker in list(lab.workers):
+        lab.kill_worker(worker)
+    lab.workers.clear()
+    lab.start_worker()
+    hold.unlink()
+    report = wait_end(lab, wid)
+    assert report["status"] == "succeeded", explain(report)
+    assert all(c["ok"] for c in report["checks"]) and report["scratch_deleted"] is True
+    wait = next(s for s in report["steps"] if s["name"] == "restore-wait")
+    assert wait["detail"].endswith(f"promoted on 127.0.0.1:{port}")  # the same server, taken over: not redone
+    assert list(scratch.iterdir()) == [] and not processes_under(scratch)

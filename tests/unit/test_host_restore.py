@@ -46,8 +46,8 @@ def test_backups_are_the_directories_with_a_manifest_and_end_when_it_was_written
         os.utime(tmp_path / "backups" / name / "backup_manifest", (mtime, mtime))
     (tmp_path / "backups" / ".20251203T000000Z.partial-1").mkdir()  # being written: never a candidate
     found = p.backups()
-    assert found == {"20251201T000000Z": datetime.fromtimestamp(1_764_547_201, timezone.utc),
-                     "20251202T000000Z": datetime.fromtimestamp(1_764_633_601, timezone.utc)}
+    assert found == {"20251201T000000Z": datetime.fromtimestamp(1_764_547_200, timezone.utc),
+                     "20251202T000000Z": datetime.fromtimestamp(1_764_633_600, timezone.utc)}
     with pytest.raises(ApplicationError) as e:  # an archive without a commit: no restorable window
         p.window()
     assert e.value.type == "NoArchivedCommit" and "is archive_command archiving there?" in e.value.message
