@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -209,4 +211,31 @@ def test_a_worker_killed_mid_restore_is_replaced_and_the_drill_completes(sm_lab,
     assert all(c["ok"] for c in report["checks"]) and report["scratch_deleted"] is True
     wait = next(s for s in report["steps"] if s["name"] == "restore-wait")
     assert wait["detail"].endswith(f"promoted on 127.0.0.1:{port}")  # the same server, taken over: not redone
+    assert list(scratch.iterdir()) == [] and not processes_under(scratch)
+
+
+def test_a_hole_in_the_wal_archive_fails_the_drill_clearly_and_removes_the_scratch_server(sm_lab, inventory, tmp_path):
+    """What a drill is for: an archive that cannot replay to the restore point (segments lost) is a failed drill
+    that says so (the scratch server's own words), and the scratch server is removed all the same."""
+    from lab.postgres import Cluster, archive_now, make_server_dir
+
+    lab = sm_lab
+    east = lab.dsn("eastus")
+    for n in range(3):  # segments of their own after the base backup's WAL
+        sql(east, "INSERT INTO lab_orders (total) VALUES (%s)", n)
+        sql(east, "SELECT pg_switch_wal()")
+    archive_now(Cluster.from_dict(lab.state["postgres"]["eastus"]))
+    archive = Path(inventory["drill"]["host"]["wal_archive"])
+    holed = make_server_dir(tmp_path / "holed-archive")
+    newest = max(p for p in archive.iterdir() if re.fullmatch(r"[0-9A-F]{24}", p.name))
+    shutil.copy2(newest, holed)  # only the newest segment: the WAL from the backup's end up to it is lost
+    os.chmod(holed / newest.name, 0o644)
+    inventory["drill"]["host"]["wal_archive"] = str(holed)
+    write(lab, inventory)
+    code, report = drill(lab)
+    assert code != 0 and report["status"] == "failed", explain(report)
+    assert "stopped before the restore was done" in report["failure"]
+    assert "recovery ended before configured recovery target was reached" in report["failure"]
+    assert report["scratch_deleted"] is True
+    scratch = Path(inventory["drill"]["host"]["scratch_dir"])
     assert list(scratch.iterdir()) == [] and not processes_under(scratch)
