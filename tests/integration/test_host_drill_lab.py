@@ -239,3 +239,41 @@ def test_a_hole_in_the_wal_archive_fails_the_drill_clearly_and_removes_the_scrat
     assert report["scratch_deleted"] is True
     scratch = Path(inventory["drill"]["host"]["scratch_dir"])
     assert list(scratch.iterdir()) == [] and not processes_under(scratch)
+
+
+RECORD = """#!/bin/sh
+# drill.host.run for the crash test: every command the drill runs on the host, one line each, then run
+echo "$*" >> {log}
+exec "$@"
+"""
+
+
+@pytest.mark.crash
+async def test_drill_survives_a_kill_at_every_boundary(sm_lab, inventory, tmp_path):
+    """SIGKILL the workflow or region worker at every activity boundary of a host-pitr drill (and in the middle of
+    its long steps): it completes, the scratch server was started once and removed, nothing is left on the host."""
+    from tests.integration.conftest import fast_recovery
+    from tests.integration.crash_kit import Workers, run_killing_at_every_boundary
+
+    lab = sm_lab
+    lab.stop_workers()
+    lab.workers.clear()
+    log, script = tmp_path / "commands.log", tmp_path / "run-recorded"
+    script.write_text(RECORD.format(log=log))
+    script.chmod(0o755)
+    tmp_path.chmod(0o777)
+    inventory["drill"]["host"]["run"] = [str(script), *inventory["drill"]["host"]["run"]]
+    write(lab, inventory)
+    workers = Workers(lab, fast_recovery(lab))
+    workers.start_all()
+    wid = lab.cli_json("drill", "--requester", "alice")["workflow_id"]
+    report = await run_killing_at_every_boundary(lab, workers, wid, approve=False, spare=())
+    assert report["status"] == "succeeded", explain(report)
+    assert report["_kills"]["long_steps"] >= 1, report["_kills"]
+    assert report["scratch_deleted"] is True and all(c["ok"] for c in report["checks"])
+    commands = log.read_text().splitlines()
+    name = report["scratch_name"]
+    assert len([c for c in commands if " start -D " in c and name in c]) == 1  # one scratch server started
+    assert [c for c in commands if c.endswith(f"rm -rf {inventory['drill']['host']['scratch_dir']}/{name}")]
+    scratch = Path(inventory["drill"]["host"]["scratch_dir"])
+    assert list(scratch.iterdir()) == [] and not processes_under(scratch)
