@@ -277,3 +277,28 @@ async def test_drill_survives_a_kill_at_every_boundary(sm_lab, inventory, tmp_pa
     assert [c for c in commands if c.endswith(f"rm -rf {inventory['drill']['host']['scratch_dir']}/{name}")]
     scratch = Path(inventory["drill"]["host"]["scratch_dir"])
     assert list(scratch.iterdir()) == [] and not processes_under(scratch)
+
+
+def test_after_a_failover_the_drill_restores_the_new_primary_on_its_new_timeline(sm_lab, inventory):
+    """After `opsflow failover --to westeurope` (a switchover: eastus follows it) westeurope archives its new timeline
+    into the same archive; the drill restores the base backup of the old timeline and follows the new one to the
+    newest commit, counted against westeurope."""
+    from lab.postgres import Cluster, archive_now
+    from tests.integration.test_failover_lab import approve, wait_end
+
+    lab = sm_lab
+    if not [w for w in lab.workers if w.poll() is None]:
+        lab.start_worker()
+    wid = lab.cli_json("failover", "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    approve(lab, wid)
+    assert wait_end(lab, wid)["status"] == "succeeded"
+    west = lab.dsn("westeurope")
+    sql(west, "INSERT INTO lab_orders (total) SELECT 2 FROM generate_series(1, 30)")
+    archive_now(Cluster.from_dict(lab.state["postgres"]["westeurope"]))
+    code, report = drill(lab)
+    assert code == 0 and report["status"] == "succeeded", explain(report)
+    assert report["source_region"] == "westeurope"
+    orders = next(c for c in report["checks"] if c["name"] == "lab_orders")
+    assert orders["ok"] and orders["actual"] == orders["expected"] == sql(west, "SELECT count(*) FROM lab_orders")[0][0]
+    scratch = Path(inventory["drill"]["host"]["scratch_dir"])
+    assert list(scratch.iterdir()) == [] and not processes_under(scratch)
