@@ -127,6 +127,10 @@ def restore_provider(request: "RestoreRequest") -> RestoreProvider:
         from activities.mysql import MysqlDumpRestore
 
         return MysqlDumpRestore(request)
+    if request.method == "host-pitr":
+        from activities.postgres.host_restore import HostPointInTimeRestore
+
+        return HostPointInTimeRestore(request)
     raise ValueError(f"unknown restore method {request.method!r}")
 
 

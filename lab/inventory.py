@@ -145,7 +145,8 @@ def lab_inventory(state: dict, root: Path) -> dict:
         },
         "reports_dir": str(root / "reports"),
         "maintenance": lab_maintenance(receiver),
-    } | ({"drill": {}} if database == "patroni" else {})  # Patroni's clusters are no Azure servers: no PITR there
+    } | ({"drill": {}} if database == "patroni" else {}  # Patroni's clusters are no Azure servers: no PITR there
+         ) | ({"drill": self_managed_drill(state, root)} if self_managed else {})
 
 
 def patroni_database(state: dict, region: str) -> dict:
@@ -167,6 +168,25 @@ def self_managed_database(state: dict, region: str) -> dict:
     return {"provider": "postgres", "dsn": state["regions"][region]["dsn"],
             "host": {"run": run, "data_dir": str(cluster.datadir), "bin_dir": str(Path(pg_bin("pg_ctl")).parent),
                      "log_file": str(cluster.logfile), "command_timeout": "60s"}}
+
+
+def self_managed_drill(state: dict, root: Path) -> dict:
+    """`opsflow lab up --database self-managed`: the drill restores the primary's tar base backup (lab/manage.py takes
+    it) and its WAL archive on this machine (method host-pitr), as the postgres OS user when the lab runs as root."""
+    run = ["runuser", "-u", SERVER_USER, "--"] if os.geteuid() == 0 else []
+    return {
+        "method": "host-pitr",
+        "host": {"run": run, "base_backups": str(root / "drill" / "base-backups"),
+                 "wal_archive": str(root / "wal-archive"), "scratch_dir": str(root / "drill" / "scratch"),
+                 "bin_dir": str(Path(pg_bin("pg_ctl")).parent), "command_timeout": "60s"},
+        "row_counts": [{"table": "lab_orders", "timestamp_column": "created_at"}],
+        "checks": [{"name": "no negative totals",
+                    "query": "SELECT NOT EXISTS (SELECT 1 FROM lab_orders WHERE total < 0)"}],
+        "schema_objects": ["public.lab_orders", "public.lab_orders_pkey"],
+        "retention": "7d",
+        "restore_timeout": "10m",
+        "heartbeat_timeout": "30s",
+    }
 
 
 def lab_maintenance(receiver: str) -> dict:

@@ -36,7 +36,7 @@ from lab.inventory import (
     lab_inventory,
 )
 from lab.k8s_emulator import write_kubeconfig
-from lab.postgres import Cluster, create_replica, drop_cluster, init_primary
+from lab.postgres import Cluster, create_replica, drop_cluster, init_primary, make_server_dir, take_tar_base_backup
 from lab.processes import Lab, pick_port, stop_pids, wait_file
 from lab.seed import seed_demo_data
 from opsflow.client import lab_pointer, pid_alive
@@ -214,6 +214,9 @@ def start_postgres(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
     say("lab: PostgreSQL primary (eastus) and streaming replica (westeurope)")
     clusters = {PRIMARY: init_primary(root / "pg", f"{PRIMARY}", archive_dir=root / "wal-archive")}
     clusters["westeurope"] = create_replica(clusters[PRIMARY], root / "pg", "westeurope")
+    if lab.state.get("database") == "self-managed":  # the drill's host-pitr: a tar base backup, a scratch directory
+        take_tar_base_backup(clusters[PRIMARY], root / "drill" / "base-backups")
+        make_server_dir(root / "drill" / "scratch")
     lab.state["postgres"] = {r: c.to_dict() for r, c in clusters.items()}
     lab.state["regions"] = {r: {"dsn": c.dsn} for r, c in clusters.items()}
     lab.save()

@@ -452,6 +452,38 @@ class MysqlDrill(Strict):
     source: MysqlSource | None = None
 
 
+class DrillHost(Strict):
+    """method host-pitr, for self-managed PostgreSQL: on the host where the backups live, the newest base backup
+    (a directory per backup under `base_backups`, made by `pg_basebackup -D <base_backups>/<name>` with -Ft [-z] or
+    -Fp: it holds backup_manifest) restored into a scratch data directory under `scratch_dir`, the archived WAL
+    replayed to the restore point (restore_command reading `wal_archive`: plain segments, as archive_command copies
+    them), a scratch server started on a free port, checked over SQL at `address`, then stopped and removed.
+    Commands run through the `run` prefix (as database.host.run), as the server's OS user, each bounded."""
+
+    run: list[str] = []  # e.g. ["ssh", "-o", "BatchMode=yes", "postgres@db-backup"]; []: the worker's own host
+    base_backups: str = Field(pattern=_HOST_PATH, description="the directory holding one directory per base backup")
+    wal_archive: str = Field(pattern=_HOST_PATH, description="the WAL archive archive_command copies segments to")
+    scratch_dir: str = Field(pattern=_HOST_PATH, description="where scratch data directories are made (and removed)")
+    bin_dir: str = Field(default="/usr/lib/postgresql/15/bin", pattern=_HOST_PATH,
+                         description="where pg_ctl and pg_waldump are")
+    # The scratch server listens here and the worker connects here (the source's user, database and password:
+    # a restore copies the roles); ports are picked at random in [ports[0], ports[1]].
+    address: str = Field(default="127.0.0.1", pattern=r"^[A-Za-z0-9_.:-]+$")
+    ports: tuple[int, int] = (54000, 54999)
+    shared_buffers: str = Field(default="128MB", pattern=r"^\d+(kB|MB|GB)$",
+                                description="the scratch server's, not the source's (it may share the host)")
+    command_timeout: Seconds = Field(default=120, gt=0, description="bound of one command (a listing, a start); "
+                                     "the extraction of a base backup is bounded by drill.restore_timeout")
+
+    _d = field_validator("command_timeout", mode="before")(parse_duration)
+
+    @model_validator(mode="after")
+    def _ports(self) -> "DrillHost":
+        if not 1024 <= self.ports[0] <= self.ports[1] <= 65535:
+            raise ValueError("ports is a range [low, high] within 1024..65535")
+        return self
+
+
 class DrillObjectives(Strict):
     """What the restore test proves: the restore took at most `restore_time` (the RTO a restore allows) and the
     newest restorable point was at most `restore_point_age` old (the RPO the backups give). A miss fails the
@@ -468,15 +500,16 @@ class DrillObjectives(Strict):
 class DrillPolicy(LateFields):
     """The monthly restore test: where to restore, what to verify."""
 
-    late_fields = frozenset({"mysql", "trend"})  # added after inventories had digests
+    late_fields = frozenset({"mysql", "trend", "host"})  # added after inventories had digests
 
     # Default: by the source region's database provider (azure-flexible -> azure-pitr, aws-rds -> rds-pitr).
-    method: Literal["azure-pitr", "rds-pitr", "s3-dump", "s3-mysqldump"] | None = None
+    method: Literal["azure-pitr", "rds-pitr", "s3-dump", "s3-mysqldump", "host-pitr"] | None = None
     scratch_prefix: str = Field(default="opsflow-drill", pattern=r"^[a-z][a-z0-9-]{2,40}$")
     # s3-dump: where the dumps are, and the PostgreSQL server that hosts the scratch database.
     dumps: S3Location | None = None
     scratch_server: _SqlAccess | None = None
     mysql: MysqlDrill | None = None  # s3-mysqldump: the database the dump holds, the MySQL source
+    host: DrillHost | None = None  # host-pitr: the base backups, the WAL archive, the scratch directory, on a host
     retention: Seconds = 7 * 86400
     restore_timeout: Seconds = 4 * 3600
     heartbeat_timeout: Seconds = 120
@@ -507,9 +540,11 @@ class DrillPolicy(LateFields):
             raise ValueError("method s3-mysqldump needs 'dumps' (bucket/prefix) and 'mysql' (database)")
         if self.method == "s3-mysqldump" and self.row_counts and (self.mysql is None or self.mysql.source is None):
             raise ValueError("row_counts of method s3-mysqldump need 'mysql.source' (the server to count against)")
+        if self.method == "host-pitr" and self.host is None:
+            raise ValueError("method host-pitr needs 'host' (base_backups, wal_archive, scratch_dir)")
         if self.method in ("s3-dump", "s3-mysqldump") and self.restore_point == "random":
-            raise ValueError("restore_point random needs a point-in-time method (azure-pitr, rds-pitr): a dump "
-                             "restores to when it was taken")
+            raise ValueError("restore_point random needs a point-in-time method (azure-pitr, rds-pitr, host-pitr): "
+                             "a dump restores to when it was taken")
         return self
 
 

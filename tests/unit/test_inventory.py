@@ -56,6 +56,17 @@ def test_valid_inventory_loads(tmp_path):
             lambda d: d["regions"]["eastus"]["database"].update(host={"run": []}),
             "regions.eastus.database.postgres.host.data_dir",
         ),
+        (lambda d: d.update(drill={"method": "host-pitr"}), "method host-pitr needs 'host'"),
+        (  # the drill's host paths: nothing a remote shell would split or expand
+            lambda d: d.update(drill={"method": "host-pitr", "host": {
+                "base_backups": "/backups/$(reboot)", "wal_archive": "/wal", "scratch_dir": "/scratch"}}),
+            "drill.host.base_backups",
+        ),
+        (
+            lambda d: d.update(drill={"method": "host-pitr", "host": {
+                "base_backups": "/b", "wal_archive": "/wal", "scratch_dir": "/s", "ports": [80, 90]}}),
+            "ports is a range [low, high] within 1024..65535",
+        ),
     ],
 )
 def test_invalid_inventory_names_the_field(tmp_path, mutate, field):
