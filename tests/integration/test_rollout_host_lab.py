@@ -1,0 +1,151 @@
+"""A canary outside Kubernetes on the lab (`opsflow lab up --rollout --router nginx --workload host`): the app's
+instances are real processes that the worker starts, checks and stops with the inventory's commands
+(lab/host_app.py, as a Compose service or a systemd unit would be), plain NGINX splits real requests by the upstream
+file the worker writes, Prometheus judges. The router's and the workload's activities run on their own queue, served
+by a second worker started with `--router-queue` (the worker on the NGINX host); the first serves the workflows and
+the regions only.
+
+One lab for the module; the rollouts run one after another."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Lab, wait_for
+from tests.integration.test_rollout_lab import prometheus_total, run_rollout, served
+from tests.integration.test_rollout_nginx_lab import servers, upstream
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def host_lab(tmp_path_factory):
+    import os
+
+    from lab.manage import down, up
+
+    root = tmp_path_factory.mktemp("rollout-host") / "lab"
+    saved = {k: os.environ.get(k) for k in ("OPSFLOW_HOME", "TEMPORAL_ADDRESS")}
+    os.environ["OPSFLOW_HOME"] = str(root.parent / "home")
+    os.environ.pop("TEMPORAL_ADDRESS", None)
+    state = up(root, with_worker=False, quiet=True, default_ports=False, rollout=True, router="nginx",
+               workload="host")
+    lab = Lab(root, state)
+    lab.start_worker("--region", "eastus", "--region", "westeurope")  # workflows and regions, not the router queue
+    queue = state["rollout"]["queue"]
+    router = lab.start_worker("--router-queue", queue)
+    log = root / "worker-1.log"
+    wait_for(lambda: log.exists() and f"task queues {queue}\n" in log.read_text(), 60, what="the router worker")
+    yield lab, router
+    lab.stop_workers()
+    down(root, quiet=True)
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def host(lab: Lab, role: str) -> tuple[int, str]:
+    """What the host says of a role's instance (the script the worker runs): exit status, last line."""
+    p = subprocess.run([sys.executable, "-m", "lab.host_app", "--dir", str(Path(lab.root) / "rollout" / "host"),
+                        "check", role], capture_output=True, text=True, timeout=30)
+    return p.returncode, p.stdout.strip().splitlines()[-1]
+
+
+def served_at_once(lab: Lab, n: int, clients: int = 4) -> Counter:
+    """`served` by a few clients at once: n requests within about a second, well inside the first look of a bake
+    (a faulty canary may be rolled back at that look)."""
+    with ThreadPoolExecutor(clients) as pool:
+        return sum(pool.map(lambda _: served(lab, n // clients), range(clients)), Counter())
+
+
+def activities(lab: Lab, wid: str) -> list[tuple[str, str, str]]:
+    """(activity type, task queue, identity of the worker that started it) from the run's history."""
+    async def read():
+        client = await lab._connect()
+        scheduled, out = {}, []
+        async for e in client.get_workflow_handle(wid).fetch_history_events():
+            if e.HasField("activity_task_scheduled_event_attributes"):
+                a = e.activity_task_scheduled_event_attributes
+                scheduled[e.event_id] = (a.activity_type.name, a.task_queue.name)
+            elif e.HasField("activity_task_started_event_attributes"):
+                a = e.activity_task_started_event_attributes
+                out.append((*scheduled[a.scheduled_event_id], a.identity))
+        return out
+
+    return lab._run(read(), timeout=60)
+
+
+def the_router_worker_ran_the_host_and_router_steps(lab: Lab, router, wid: str) -> Counter:
+    queue, ran = lab.state["rollout"]["queue"], activities(lab, wid)
+    mine = [(name, q, who) for name, q, who in ran if name.startswith(("router.", "k8s."))]
+    assert mine and all(q == queue and who.startswith(f"{router.pid}@") for _, q, who in mine), mine
+    others = [(name, q, who) for name, q, who in ran if not name.startswith(("router.", "k8s."))]
+    assert others and not any(q == queue or who.startswith(f"{router.pid}@") for _, q, who in others), others
+    return Counter(name for name, _, _ in mine)
+
+
+def test_a_healthy_host_canary_takes_a_quarter_of_real_requests_then_is_promoted(host_lab):
+    lab, router = host_lab
+    images, s = lab.state["rollout"]["images"], servers(lab)
+    old, new = host(lab, "stable")[1], images["healthy"]
+    assert host(lab, "canary")[0] == 3 and set(upstream(lab)) == {s["stable"]}  # stable alone, as a person had it
+    split: dict = {}
+
+    def at_25(wid: str) -> None:  # during the bake at 25 %: the canary process runs; what a client of NGINX gets
+        wait_for(lambda: lab.status(wid)["current_step"] == "bake-25", 90, what="the bake at 25 %")
+        split["canary"] = host(lab, "canary")
+        split["seen"] = served(lab, 200)
+        split["wid"] = wid
+
+    report = run_rollout(lab, "canary", "--image", new, "--steps", "25,100", "--bake", "15s", "--auto-promote",
+                         during=at_25)
+    assert report["status"] == "succeeded", report.get("failure")
+    assert split["canary"] == (0, new), split
+    seen, v = split["seen"], new.rsplit(":", 1)[1]
+    print(f"host canary at 25 %: {seen[v]} of 200 client requests reached it ({dict(seen)})")
+    assert sum(seen.values()) == 200 and 0.17 < seen[v] / 200 < 0.33, seen
+    judged = [a for a in report["analysis"] if a["kind"] != "interval"]
+    assert judged and judged[0]["verdict"] == "pass" and judged[0]["canary_requests"] > 20, judged
+    assert prometheus_total(lab, "web-canary") > 20  # Prometheus scraped the canary process's own counters
+    # promoted: stable's instance serves the new image, the canary's is stopped, NGINX sends everything to stable
+    assert host(lab, "stable") == (0, new) and host(lab, "canary")[0] == 3 and old != new
+    after = upstream(lab)
+    assert after[s["stable"]].startswith("weight=100") and after[s["canary"]] == "down", after
+    wait_for(lambda: served(lab, 20) == Counter({v: 20}), 30, what="the new stable alone behind NGINX")
+    ran = the_router_worker_ran_the_host_and_router_steps(lab, router, split["wid"])
+    assert ran["k8s.create_canary"] == 1 and ran["k8s.set_image"] == 1 and ran["k8s.delete_canary"] == 1, ran
+
+
+def test_a_faulty_host_canary_is_rolled_back_and_its_process_stopped(host_lab):
+    lab, router = host_lab
+    images, s = lab.state["rollout"]["images"], servers(lab)
+    stable = host(lab, "stable")[1]
+    split: dict = {}
+
+    def at_25(wid: str) -> None:
+        wait_for(lambda: lab.status(wid)["current_step"] == "bake-25", 90, what="the bake at 25 %")
+        split["before"], split["seen"], split["wid"] = upstream(lab), served_at_once(lab, 160), wid
+        split["after"] = upstream(lab)
+
+    report = run_rollout(lab, "canary", "--image", images["faulty"], "--steps", "25,50,100", "--bake", "15s",
+                         "--auto-promote", during=at_25)
+    assert report["status"] == "failed" and report["rolled_back"], report.get("failure")
+    assert "error-rate" in report["rollback_reason"], report["rollback_reason"]
+    v = images["faulty"].rsplit(":", 1)[1]
+    seen = split["seen"]
+    reached = seen[v] + seen[f"{v}:500"]
+    print(f"faulty host canary at 25 %: {reached} of 160 client requests reached it, {seen[f'{v}:500']} got a 500")
+    assert split["before"] == split["after"] and split["after"][s["canary"]].startswith("weight=25"), split
+    assert sum(seen.values()) == 160 and 0.15 < reached / 160 < 0.35, seen
+    undo = [st["name"] for st in report["steps"] if st["outcome"] == "compensated"]
+    assert undo == ["undo:router.set_weight", "undo:k8s.delete_canary"], undo
+    assert host(lab, "canary")[0] == 3 and host(lab, "stable") == (0, stable)  # stopped; stable untouched
+    after = upstream(lab)
+    assert after[s["stable"]].startswith("weight=100") and after[s["canary"]] == "down", after
+    wait_for(lambda: served(lab, 20) == Counter({stable.rsplit(":", 1)[1]: 20}), 30, what="stable alone")
+    the_router_worker_ran_the_host_and_router_steps(lab, router, split["wid"])
