@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.integration.conftest import Lab, wait_for
 from tests.integration.test_rollout_lab import prometheus_total, run_rollout, served
@@ -121,16 +122,19 @@ def test_a_healthy_host_canary_takes_a_quarter_of_real_requests_then_is_promoted
     assert ran["k8s.create_canary"] == 1 and ran["k8s.set_image"] == 1 and ran["k8s.delete_canary"] == 1, ran
 
 
-def test_a_faulty_host_canary_is_rolled_back_and_its_process_stopped(host_lab):
+def test_a_faulty_host_canary_judged_against_a_fresh_baseline_is_rolled_back_and_both_stopped(host_lab):
     lab, router = host_lab
     images, s = lab.state["rollout"]["images"], servers(lab)
+    inv = yaml.safe_load(open(lab.inventory))
+    inv["rollout"]["analysis"]["baseline"] = "fresh"  # both workers read their inventory again when it changes
+    Path(lab.inventory).write_text(yaml.safe_dump(inv, sort_keys=False))
     stable = host(lab, "stable")[1]
     split: dict = {}
 
     def at_25(wid: str) -> None:
         wait_for(lambda: lab.status(wid)["current_step"] == "bake-25", 90, what="the bake at 25 %")
         split["before"], split["seen"], split["wid"] = upstream(lab), served_at_once(lab, 160), wid
-        split["after"] = upstream(lab)
+        split["after"], split["baseline"] = upstream(lab), host(lab, "baseline")
 
     report = run_rollout(lab, "canary", "--image", images["faulty"], "--steps", "25,50,100", "--bake", "15s",
                          "--auto-promote", during=at_25)
@@ -141,11 +145,15 @@ def test_a_faulty_host_canary_is_rolled_back_and_its_process_stopped(host_lab):
     reached = seen[v] + seen[f"{v}:500"]
     print(f"faulty host canary at 25 %: {reached} of 160 client requests reached it, {seen[f'{v}:500']} got a 500")
     assert split["before"] == split["after"] and split["after"][s["canary"]].startswith("weight=25"), split
-    assert sum(seen.values()) == 160 and 0.15 < reached / 160 < 0.35, seen
+    assert sum(seen.values()) == 160 and 0.15 < reached / 160 < 0.35, seen  # stable 50 %, baseline 25 %
     undo = [st["name"] for st in report["steps"] if st["outcome"] == "compensated"]
-    assert undo == ["undo:router.set_weight", "undo:k8s.delete_canary"], undo
-    assert host(lab, "canary")[0] == 3 and host(lab, "stable") == (0, stable)  # stopped; stable untouched
+    assert undo == ["undo:router.set_weight", "undo:k8s.delete_canary", "undo:k8s.delete_canary"], undo
+    assert split["baseline"] == (0, stable), split  # the fresh baseline: a process of stable's image
+    failed = [a for a in report["analysis"] if a["verdict"] == "fail"][-1]
+    assert failed["baseline_requests"] > 10 and prometheus_total(lab, "web-baseline") > 10, failed
+    assert host(lab, "canary")[0] == 3 == host(lab, "baseline")[0]  # both stopped
+    assert host(lab, "stable") == (0, stable)  # stable untouched
     after = upstream(lab)
-    assert after[s["stable"]].startswith("weight=100") and after[s["canary"]] == "down", after
+    assert after[s["stable"]].startswith("weight=100") and after[s["canary"]] == "down" == after[s["baseline"]], after
     wait_for(lambda: served(lab, 20) == Counter({stable.rsplit(":", 1)[1]: 20}), 30, what="stable alone")
     the_router_worker_ran_the_host_and_router_steps(lab, router, split["wid"])
