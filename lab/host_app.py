@@ -75,16 +75,24 @@ def start(d: Path, role: str, image: str, wait: float = 15.0) -> int:
         proc = subprocess.Popen([sys.executable, "-m", "lab.app", "--port", str(port), "--deployment", NAMES[role],
                                  "--image", image], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True)  # outlives this script, as a unit outlives systemctl
+    # recorded at once (the old one too, until it is stopped): a start cut short (an abort) leaves nothing `stop`
+    # does not find
+    (d / f"{role}.json").write_text(json.dumps({"pid": proc.pid, "image": image, "port": port,
+                                                "old": old["pid"] if old else None}))
     deadline = time.monotonic() + wait
     while not serves(port, version(image)):
         if proc.poll() is not None or time.monotonic() > deadline:
             print(f"{NAMES[role]} did not serve {image} on port {port} (exit {proc.poll()})", file=sys.stderr)
             terminate(proc.pid)
+            if old is not None:  # the old instance goes on serving, as before
+                (d / f"{role}.json").write_text(json.dumps(old))
+            else:
+                (d / f"{role}.json").unlink(missing_ok=True)
             return 1
         time.sleep(0.05)
-    (d / f"{role}.json").write_text(json.dumps({"pid": proc.pid, "image": image, "port": port}))
     if old is not None:
         terminate(old["pid"])
+    (d / f"{role}.json").write_text(json.dumps({"pid": proc.pid, "image": image, "port": port, "old": None}))
     print(f"{NAMES[role]} serves {image} on port {port} (pid {proc.pid})")
     return 0
 
@@ -102,6 +110,12 @@ def check(d: Path, role: str) -> int:
 
 
 def stop(d: Path, role: str) -> int:
+    try:
+        old = json.loads((d / f"{role}.json").read_text()).get("old")
+    except (OSError, ValueError):
+        old = None
+    if old and alive(old):  # a replaced instance a cut-short start left running
+        terminate(old)
     info = running(d, role)
     if info is not None:
         terminate(info["pid"])

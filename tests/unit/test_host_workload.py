@@ -14,7 +14,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.host_workload import HostInstances
 from opsflow.client import ClientError
-from opsflow.rollout import RolloutApp, RolloutPolicy, RolloutTarget
+from opsflow.rollout import ImageRequest, RolloutApp, RolloutPolicy, RolloutTarget
 from worker.main import check_router_queues
 
 NGINX = {"kind": "nginx", "upstream_file": "/etc/nginx/conf.d/web.conf", "upstream": "web",
@@ -147,3 +147,25 @@ def test_a_router_queue_worker_serves_only_the_inventorys_router_queues():
     with pytest.raises(ClientError, match="leave out --region"):
         check_router_queues([Inv()], ["opsflow-prod-lb1"], argparse.Namespace(region=["eastus"], no_regions=False,
                                                                              no_workflows=False))
+
+
+def test_a_run_cannot_bring_a_host_command_of_its_own(host):
+    """The worker runs only the commands its own inventory gives an app: a run's copy with another `start` is
+    refused before anything runs on the host."""
+    from types import SimpleNamespace
+
+    from activities import workloads
+    from activities.rules import RULEBOOK
+
+    d, target = host
+    mine = RolloutPolicy.model_validate({"apps": {"web": target.app}, "analysis": ANALYSIS})
+    RULEBOOK.add(SimpleNamespace(environment=target.environment, rollout=mine))
+    try:
+        assert workloads.rollout_status(target).stable_image == "shop:1"  # the worker's own: runs
+        evil = target.model_copy(deep=True)
+        evil.app.workload.start = ["/bin/sh", "-c", "{image}"]
+        with pytest.raises(ApplicationError, match="is not one of prod's inventory on this worker") as e:
+            workloads.create_canary(ImageRequest(target=evil, image="shop:2"))
+        assert e.value.type == "NotTrusted" and not (d / "canary.image").exists()
+    finally:
+        RULEBOOK._inventories.pop(target.environment, None)
