@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timezone
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,60 @@ def test_a_faulty_host_canary_judged_against_a_fresh_baseline_is_rolled_back_and
     assert after[s["stable"]].startswith("weight=100") and after[s["canary"]] == "down" == after[s["baseline"]], after
     wait_for(lambda: served(lab, 20) == Counter({stable.rsplit(":", 1)[1]: 20}), 30, what="stable alone")
     the_router_worker_ran_the_host_and_router_steps(lab, router, split["wid"])
+
+
+def abort_to_weight_zero(lab: Lab, wid: str) -> tuple[float, float]:
+    """Seconds from the abort's acceptance to the router's weight 0 done (the history's own times): the part of an
+    abort opsflow owns, without the CLI's start-up."""
+    async def read():
+        client = await lab._connect()
+        events = [e async for e in client.get_workflow_handle(wid).fetch_history_events()]
+        last = max(i for i, e in enumerate(events) if e.HasField("workflow_execution_update_accepted_event_attributes"))
+        done = next(e for e in events[last:] if e.HasField("activity_task_completed_event_attributes"))
+        accepted = events[last].event_time.ToDatetime().replace(tzinfo=timezone.utc)
+        zero = done.event_time.ToDatetime().replace(tzinfo=timezone.utc)
+        return accepted.timestamp(), (zero - accepted).total_seconds()
+
+    return lab._run(read(), timeout=60)
+
+
+def test_an_abort_during_a_bake_stops_the_canary_process_on_a_restarted_router_worker(host_lab):
+    """The worker on the NGINX host is killed during the bake and started again; an abort then sends everything to
+    stable and stops the canary's process, both run by the new worker."""
+    lab, router = host_lab
+    images, s = lab.state["rollout"]["images"], servers(lab)
+    inv = yaml.safe_load(open(lab.inventory))
+    inv["rollout"]["analysis"]["baseline"] = "stable"
+    Path(lab.inventory).write_text(yaml.safe_dump(inv, sort_keys=False))
+    stable, image = host(lab, "stable")[1], images["healthy"].rsplit(":", 1)[0] + ":healthy-4"
+    queue, got = lab.state["rollout"]["queue"], {}
+
+    def abort_in_bake(wid: str) -> None:
+        wait_for(lambda: lab.status(wid)["current_step"] == "bake-25", 90, what="the bake at 25 %")
+        lab.kill_worker(router)
+        log = Path(lab.root) / f"worker-{len(lab.workers)}.log"
+        got["router"] = lab.start_worker("--router-queue", queue)
+        wait_for(lambda: log.exists() and f"task queues {queue}\n" in log.read_text(), 60, what="the new worker")
+        assert served_at_once(lab, 80)["healthy-4"] > 5  # the canary still has its share
+        sent, got["sent"] = time.monotonic(), time.time()
+        lab.cli("abort", wid, "--as", "alice", "--reason", "stopped by hand", check=True)
+        returned, got["looks"] = time.monotonic(), []
+        wait_for(lambda: got["looks"].append(1) or "healthy-4" not in served(lab, 20), 30,
+                 what="no request to the canary")
+        got["seconds"], got["returned"], got["wid"] = time.monotonic() - sent, returned - sent, wid
+
+    report = run_rollout(lab, "canary", "--image", image, "--steps", "25,100", "--bake", "60s", "--auto-promote",
+                         during=abort_in_bake)
+    accepted, zero = abort_to_weight_zero(lab, got["wid"])  # the abort: the last Update; the undo's first: weight
+    print(f"host canary: abort during the bake at 25 %: accepted {accepted - got['sent']:.2f} s after `opsflow abort` "
+          f"was run, weight 0 in NGINX {zero:.2f} s after that; the CLI returned after {got['returned']:.1f} s; "
+          f"{len(got['looks'])} look(s) of 20 requests until none reached the canary ({got['seconds']:.1f} s)")
+    assert report["status"] == "aborted" and report["rolled_back"], report
+    undo = [st["name"] for st in report["steps"] if st["outcome"] == "compensated"]
+    assert undo == ["undo:router.set_weight", "undo:k8s.delete_canary"], undo
+    assert host(lab, "canary")[0] == 3 and host(lab, "stable") == (0, stable)
+    after = upstream(lab)
+    assert after[s["stable"]].startswith("weight=100") and after[s["canary"]] == "down", after
+    ran = activities(lab, got["wid"])
+    undone = [who for name, q, who in ran if name in ("router.set_weight", "k8s.delete_canary")][-2:]
+    assert all(who.startswith(f"{got['router'].pid}@") for who in undone), ran  # the new worker on the NGINX host
