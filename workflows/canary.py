@@ -584,11 +584,13 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
                 capacity: bool = False, calendar: bool = False, routers: bool = False,
                 fresh: bool = False, scraped: bool = False) -> list[StepDecl]:
     baseline = f"{app.deployment}-baseline"
+    host = app.workload is not None  # one instance per role on the host (activities/workloads.py)
     decls = [
         StepDecl("approval", "wait for the approvals (quorum)"),
         StepDecl(
             "create-canary",
-            f"create {app.deployment}-canary ({app.canary_replicas} replica(s)) from {app.deployment} with "
+            f"start {app.deployment}-canary on the host with {inp.image}; wait until its check says ready" if host
+            else f"create {app.deployment}-canary ({app.canary_replicas} replica(s)) from {app.deployment} with "
             f"{inp.image}; wait until ready",
         ),
     ]
@@ -599,7 +601,8 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
         if calendar:
             decls.append(StepDecl(f"hold-{w}", HOLD, HELD))
         if capacity:
-            decls.append(StepDecl(f"scale-{w}", f"size the canary for {w} %: ceil({w} % of stable's replicas), ready"))
+            decls.append(StepDecl(f"scale-{w}", f"check the canary's one instance is ready for {w} %" if host
+                                  else f"size the canary for {w} %: ceil({w} % of stable's replicas), ready"))
         if capacity and fresh:
             decls.append(StepDecl(f"scale-baseline-{w}", f"size {baseline} as the canary, ready"))
         if scraped and w == steps[0]:
