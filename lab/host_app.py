@@ -79,6 +79,10 @@ def start(d: Path, role: str, image: str, wait: float = 15.0) -> int:
     # does not find
     (d / f"{role}.json").write_text(json.dumps({"pid": proc.pid, "image": image, "port": port,
                                                 "old": old["pid"] if old else None}))
+    with open(d / "starts.log", "a") as f:  # what the lab's tests count: one process per start that did anything
+        f.write(f"{role} {image} {proc.pid}\n")
+    while (d / "hold-start").exists():  # the lab's tests: a start held open, to kill the worker that runs it
+        time.sleep(0.05)
     deadline = time.monotonic() + wait
     while not serves(port, version(image)):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -40,14 +40,16 @@ def host_lab(tmp_path_factory):
     state = up(root, with_worker=False, quiet=True, default_ports=False, rollout=True, router="nginx",
                workload="host")
     lab = Lab(root, state)
-    lab.start_worker("--region", "eastus", "--region", "westeurope")  # workflows and regions, not the router queue
-    queue = state["rollout"]["queue"]
-    router = lab.start_worker("--router-queue", queue)
-    log = root / "worker-1.log"
-    wait_for(lambda: log.exists() and f"task queues {queue}\n" in log.read_text(), 60, what="the router worker")
-    yield lab, router
-    lab.stop_workers()
-    down(root, quiet=True)
+    try:
+        lab.start_worker("--region", "eastus", "--region", "westeurope")  # workflows and regions, not the router's
+        queue = state["rollout"]["queue"]
+        routers = [lab.start_worker("--router-queue", queue)]  # the last is the one running (tests restart it)
+        log = root / "worker-1.log"
+        wait_for(lambda: log.exists() and f"task queues {queue}\n" in log.read_text(), 60, what="the router worker")
+        yield lab, routers
+    finally:
+        lab.stop_workers()
+        down(root, quiet=True)
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
@@ -66,8 +68,8 @@ def served_at_once(lab: Lab, n: int, clients: int = 4) -> Counter:
         return sum(pool.map(lambda _: served(lab, n // clients), range(clients)), Counter())
 
 
-def activities(lab: Lab, wid: str) -> list[tuple[str, str, str]]:
-    """(activity type, task queue, identity of the worker that started it) from the run's history."""
+def activities(lab: Lab, wid: str, attempts: bool = False) -> list[tuple]:
+    """(activity type, task queue, identity of the worker that started it[, attempt]) from the run's history."""
     async def read():
         client = await lab._connect()
         scheduled, out = {}, []
@@ -77,10 +79,19 @@ def activities(lab: Lab, wid: str) -> list[tuple[str, str, str]]:
                 scheduled[e.event_id] = (a.activity_type.name, a.task_queue.name)
             elif e.HasField("activity_task_started_event_attributes"):
                 a = e.activity_task_started_event_attributes
-                out.append((*scheduled[a.scheduled_event_id], a.identity))
+                out.append((*scheduled[a.scheduled_event_id], a.identity, *([a.attempt] if attempts else [])))
         return out
 
     return lab._run(read(), timeout=60)
+
+
+def restart_router_worker(lab: Lab, routers: list) -> None:
+    """SIGKILL the worker on the "NGINX host" and start another, serving the same queue."""
+    queue = lab.state["rollout"]["queue"]
+    lab.kill_worker(routers[-1])
+    log = Path(lab.root) / f"worker-{len(lab.workers)}.log"
+    routers.append(lab.start_worker("--router-queue", queue))
+    wait_for(lambda: log.exists() and f"task queues {queue}\n" in log.read_text(), 60, what="the new worker")
 
 
 def the_router_worker_ran_the_host_and_router_steps(lab: Lab, router, wid: str) -> Counter:
@@ -93,7 +104,7 @@ def the_router_worker_ran_the_host_and_router_steps(lab: Lab, router, wid: str) 
 
 
 def test_a_healthy_host_canary_takes_a_quarter_of_real_requests_then_is_promoted(host_lab):
-    lab, router = host_lab
+    lab, routers = host_lab
     images, s = lab.state["rollout"]["images"], servers(lab)
     old, new = host(lab, "stable")[1], images["healthy"]
     assert host(lab, "canary")[0] == 3 and set(upstream(lab)) == {s["stable"]}  # stable alone, as a person had it
@@ -120,12 +131,12 @@ def test_a_healthy_host_canary_takes_a_quarter_of_real_requests_then_is_promoted
     after = upstream(lab)
     assert after[s["stable"]].startswith("weight=100") and after[s["canary"]] == "down", after
     wait_for(lambda: served(lab, 20) == Counter({v: 20}), 30, what="the new stable alone behind NGINX")
-    ran = the_router_worker_ran_the_host_and_router_steps(lab, router, split["wid"])
+    ran = the_router_worker_ran_the_host_and_router_steps(lab, routers[-1], split["wid"])
     assert ran["k8s.create_canary"] == 1 and ran["k8s.set_image"] == 1 and ran["k8s.delete_canary"] == 1, ran
 
 
 def test_a_faulty_host_canary_judged_against_a_fresh_baseline_is_rolled_back_and_both_stopped(host_lab):
-    lab, router = host_lab
+    lab, routers = host_lab
     images, s = lab.state["rollout"]["images"], servers(lab)
     inv = yaml.safe_load(open(lab.inventory))
     inv["rollout"]["analysis"]["baseline"] = "fresh"  # both workers read their inventory again when it changes
@@ -158,7 +169,7 @@ def test_a_faulty_host_canary_judged_against_a_fresh_baseline_is_rolled_back_and
     after = upstream(lab)
     assert after[s["stable"]].startswith("weight=100") and after[s["canary"]] == "down" == after[s["baseline"]], after
     wait_for(lambda: served(lab, 20) == Counter({stable.rsplit(":", 1)[1]: 20}), 30, what="stable alone")
-    the_router_worker_ran_the_host_and_router_steps(lab, router, split["wid"])
+    the_router_worker_ran_the_host_and_router_steps(lab, routers[-1], split["wid"])
 
 
 def abort_to_weight_zero(lab: Lab, wid: str) -> tuple[float, float]:
@@ -179,20 +190,17 @@ def abort_to_weight_zero(lab: Lab, wid: str) -> tuple[float, float]:
 def test_an_abort_during_a_bake_stops_the_canary_process_on_a_restarted_router_worker(host_lab):
     """The worker on the NGINX host is killed during the bake and started again; an abort then sends everything to
     stable and stops the canary's process, both run by the new worker."""
-    lab, router = host_lab
+    lab, routers = host_lab
     images, s = lab.state["rollout"]["images"], servers(lab)
     inv = yaml.safe_load(open(lab.inventory))
     inv["rollout"]["analysis"]["baseline"] = "stable"
     Path(lab.inventory).write_text(yaml.safe_dump(inv, sort_keys=False))
     stable, image = host(lab, "stable")[1], images["healthy"].rsplit(":", 1)[0] + ":healthy-4"
-    queue, got = lab.state["rollout"]["queue"], {}
+    got: dict = {}
 
     def abort_in_bake(wid: str) -> None:
         wait_for(lambda: lab.status(wid)["current_step"] == "bake-25", 90, what="the bake at 25 %")
-        lab.kill_worker(router)
-        log = Path(lab.root) / f"worker-{len(lab.workers)}.log"
-        got["router"] = lab.start_worker("--router-queue", queue)
-        wait_for(lambda: log.exists() and f"task queues {queue}\n" in log.read_text(), 60, what="the new worker")
+        restart_router_worker(lab, routers)
         assert served_at_once(lab, 80)["healthy-4"] > 5  # the canary still has its share
         sent, got["sent"] = time.monotonic(), time.time()
         lab.cli("abort", wid, "--as", "alice", "--reason", "stopped by hand", check=True)
@@ -215,4 +223,36 @@ def test_an_abort_during_a_bake_stops_the_canary_process_on_a_restarted_router_w
     assert after[s["stable"]].startswith("weight=100") and after[s["canary"]] == "down", after
     ran = activities(lab, got["wid"])
     undone = [who for name, q, who in ran if name in ("router.set_weight", "k8s.delete_canary")][-2:]
-    assert all(who.startswith(f"{got['router'].pid}@") for who in undone), ran  # the new worker on the NGINX host
+    assert all(who.startswith(f"{routers[-1].pid}@") for who in undone), ran  # the new worker on the NGINX host
+
+
+def test_a_router_worker_killed_while_it_starts_the_canary_starts_it_once(host_lab):
+    """The worker on the NGINX host dies while the canary's start runs on the host; the retry, on a new worker,
+    finds the instance the first start made (its `check`) and starts nothing; the canary is promoted."""
+    lab, routers = host_lab
+    d = Path(lab.root) / "rollout" / "host"
+    image = lab.state["rollout"]["images"]["healthy"].rsplit(":", 1)[0] + ":healthy-5"
+    starts, got = d / "starts.log", {}
+    before = starts.read_text().splitlines()
+
+    def canary_starts() -> list[str]:
+        return [line for line in starts.read_text().splitlines()[len(before):] if line.startswith("canary ")]
+
+    def kill_in_start(wid: str) -> None:
+        got["wid"] = wid
+        wait_for(lambda: canary_starts(), 60, what="the canary's start on the host")
+        restart_router_worker(lab, routers)  # the start is held open (hold-start): the worker dies inside it
+        (d / "hold-start").unlink()
+
+    (d / "hold-start").touch()
+    try:
+        report = run_rollout(lab, "canary", "--image", image, "--steps", "25,100", "--bake", "15s", "--auto-promote",
+                             during=kill_in_start)
+    finally:
+        (d / "hold-start").unlink(missing_ok=True)
+    assert report["status"] == "succeeded", report.get("failure")
+    created = [(who, attempt) for name, _, who, attempt in activities(lab, got["wid"], attempts=True)
+               if name == "k8s.create_canary"]
+    assert len(created) == 1 and created[0][1] >= 2 and created[0][0].startswith(f"{routers[-1].pid}@"), created
+    assert len(canary_starts()) == 1, canary_starts()  # one canary process, though its start ran twice
+    assert host(lab, "stable") == (0, image) and host(lab, "canary")[0] == 3
