@@ -39,13 +39,8 @@ from opsflow.contracts.k8s import (
     K8S_STATUS,
 )
 from opsflow.contracts.rollout import (
-    K8S_CREATE_CANARY,
     K8S_CREATE_COLOUR,
-    K8S_DELETE_CANARY,
-    K8S_ROLLOUT_STATUS,
-    K8S_SCALE_CANARY,
     K8S_SCALE_DEPLOYMENT,
-    K8S_SET_IMAGE,
     K8S_SET_WEIGHT,
     K8S_SWITCH_SERVICE,
 )
@@ -676,6 +671,9 @@ class _Place:
 
 @contextmanager
 def _rollout_cluster(target: RolloutTarget) -> Iterator[_Cluster]:
+    if target.kubernetes is None:
+        raise ApplicationError(f"{target.region} has no kubernetes section: {target.app.deployment} is not a "
+                               "Deployment there", type="BadInput", non_retryable=True)
     api = new_api_client(target.kubernetes)
     try:
         yield _Cluster(_Place(target.region), target.kubernetes, api)  # type: ignore[arg-type]
@@ -880,14 +878,12 @@ def _ensure_copy(c: _Cluster, target: RolloutTarget, name: str, image: str, repl
     _logger().info("%s: created deployment %s (%s x%d) from %s", c.where, name, image, replicas, app.deployment)
 
 
-@K8S_ROLLOUT_STATUS.implementation
 def rollout_status(target: RolloutTarget) -> RolloutState:
     """Stable deployment (image, readiness), canary (if any), router weights, blue-green colours. No change."""
     with _rollout_cluster(target) as c:
         return _rollout_state(c, target)
 
 
-@K8S_CREATE_CANARY.implementation
 def create_canary(req: ImageRequest) -> RolloutState:
     """Create `<stable>-canary` from the stable's spec with the new image and its service, then wait until it is
     ready (heartbeating). An existing canary with another image is corrected."""
@@ -906,7 +902,6 @@ def canary_size(stable_replicas: int, weight: int) -> int:
     return max(1, -(-stable_replicas * weight // 100))
 
 
-@K8S_SCALE_CANARY.implementation
 def scale_canary(req: WeightRequest) -> RolloutState:
     """Capacity follows weight (Argo's setCanaryScale, Flagger's autoscaler reference): the canary gets
     ceil(weight % x stable's current replicas), at least 1 and never fewer than `canary_replicas`, and is waited
@@ -1023,7 +1018,6 @@ def set_weight(req: WeightRequest) -> RolloutState:
     return httproute_set_shares(req.target, {"stable": 100 - req.canary_weight, "canary": req.canary_weight})
 
 
-@K8S_DELETE_CANARY.implementation
 def delete_canary(target: RolloutTarget) -> RolloutState:
     """Route everything to the stable service (the canary's backendRef removed), then delete the canary's service and
     deployment. Stable is never touched. Nothing to delete is success."""
@@ -1071,7 +1065,6 @@ def _delete_canary_autoscaler(c: _Cluster, target: RolloutTarget) -> Any:
                                                                      _request_timeout=REQUEST_TIMEOUT)
 
 
-@K8S_SET_IMAGE.implementation
 def set_image(req: ImageRequest) -> RolloutState:
     """Give the stable deployment the image (the promotion), then wait for `rollout status` (heartbeating)."""
     target = req.target

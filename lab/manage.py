@@ -71,7 +71,7 @@ def temporal_binary() -> str:
 def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
        faults: float = 0.0, encrypt: bool = False, rollout: bool = False, virtual_endpoint: bool = False,
        router: str = "httproute", alerts: bool = False, database: str = "cloud",
-       patroni_layout: str = "per-region") -> dict:
+       patroni_layout: str = "per-region", workload: str = "kubernetes") -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
     tests and benchmarks take any free ports so they never meet another lab's leftovers. faults: the fraction of
     cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults).
@@ -94,6 +94,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
     try:
         lab.state["with_rollout"] = rollout  # the rollout stage (lab/rollout.py): app, NGINX, Prometheus, load
         lab.state["rollout_router"] = router  # httproute | nginx (the upstream file opsflow writes)
+        lab.state["rollout_workload"] = workload  # kubernetes | host (lab/host_app.py, run by the worker)
         lab.state["virtual_endpoint"] = VIRTUAL_ENDPOINT if virtual_endpoint and cloud == "azure" else None
         lab.state["with_alerts"] = alerts
         lab.state["database"] = database  # what follows from it: lab/inventory.py lab_database
@@ -148,7 +149,8 @@ def _up(lab: Lab, root: Path, with_worker: bool, say: Say, cloud: str, default_p
     if lab.state.get("with_rollout"):
         say("lab: rollout stage (app processes, NGINX, Prometheus, load)")
         lab.state["rollout"] = rollout.start(lab, root, lab.state["kubernetes"][PRIMARY]["url"], PRIMARY,
-                                             router=lab.state.get("rollout_router") or "httproute")
+                                             router=lab.state.get("rollout_router") or "httproute",
+                                             workload=lab.state.get("rollout_workload") or "kubernetes")
     inventory = root / "inventory.yaml"
     if lab.state.get("with_alerts"):
         alerting.prepare(lab, root)

@@ -101,6 +101,7 @@ class Rollout(Procedure[RolloutReport]):
     app: RolloutApp
     target: RolloutTarget
     queue: str
+    workload_queue: str  # where the app's own activities (k8s.*, chosen by kind in activities/workloads.py) run
 
     strategy: str  # the procedure's name: canary | bluegreen
 
@@ -128,10 +129,13 @@ class Rollout(Procedure[RolloutReport]):
         except ValueError as e:
             raise Stop("refused", str(e)) from None
         region = inv.regions.get(self.app.region)
-        if region is None or region.kubernetes is None:
+        host = self.app.workload is not None  # the app runs on hosts (activities/workloads.py), not in a cluster
+        if region is None or (region.kubernetes is None and not host):
             raise Stop(
                 "refused", f"rollout.apps.{name}.region {self.app.region!r} is not a region with a kubernetes section"
             )
+        if host and self.strategy != "canary":
+            raise Stop("refused", f"rollout.apps.{name} runs on hosts (workload.kind host): canary only, no blue-green")
         if inp.strategy == "canary" and self.app.router is None:
             raise Stop("refused", f"rollout.apps.{name} has no router: a canary needs one (blue-green does not)")
         report.app, report.region, report.image = name, self.app.region, inp.image
@@ -141,13 +145,14 @@ class Rollout(Procedure[RolloutReport]):
         if self.app.router is not None and self.app.router.kind == "traffic-manager":
             self.target.azure = inv.azure  # how the worker reaches ARM
         self.queue = inv.region_queue(self.app.region)
+        self.workload_queue = self.app.workload_queue() or self.queue  # a host workload: the NGINX host's worker
         await self.calendar()
         state: RolloutState = await self.step(
             "preflight",
             f"Check {self.app.deployment} in {self.app.region}",
             K8S_ROLLOUT_STATUS,
             self.target,
-            queue=self.queue,
+            queue=self.workload_queue,
             detail=lambda s: f"stable {s.stable_image} {s.stable_ready}/{s.stable_desired}, weights {s.weights}",
         )
         self.calendar_hold = workflow.patched("rollout-calendar-hold")  # runs started before: calendar at start only
@@ -579,11 +584,13 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
                 capacity: bool = False, calendar: bool = False, routers: bool = False,
                 fresh: bool = False, scraped: bool = False) -> list[StepDecl]:
     baseline = f"{app.deployment}-baseline"
+    host = app.workload is not None  # one instance per role on the host (activities/workloads.py)
     decls = [
         StepDecl("approval", "wait for the approvals (quorum)"),
         StepDecl(
             "create-canary",
-            f"create {app.deployment}-canary ({app.canary_replicas} replica(s)) from {app.deployment} with "
+            f"start {app.deployment}-canary on the host with {inp.image}; wait until its check says ready" if host
+            else f"create {app.deployment}-canary ({app.canary_replicas} replica(s)) from {app.deployment} with "
             f"{inp.image}; wait until ready",
         ),
     ]
@@ -594,7 +601,8 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
         if calendar:
             decls.append(StepDecl(f"hold-{w}", HOLD, HELD))
         if capacity:
-            decls.append(StepDecl(f"scale-{w}", f"size the canary for {w} %: ceil({w} % of stable's replicas), ready"))
+            decls.append(StepDecl(f"scale-{w}", f"check the canary's one instance is ready for {w} %" if host
+                                  else f"size the canary for {w} %: ceil({w} % of stable's replicas), ready"))
         if capacity and fresh:
             decls.append(StepDecl(f"scale-baseline-{w}", f"size {baseline} as the canary, ready"))
         if scraped and w == steps[0]:
@@ -636,8 +644,8 @@ class CanaryWorkflow(Rollout):
     async def create(self, name: str, title: str, target: RolloutTarget, image: str, undo: str) -> None:
         """Create the canary (or the fresh baseline: `target` is then `<app>-baseline`) from stable's spec with
         `image`, and wait until it is ready; its removal is owed from here on."""
-        await self.step(name, title, K8S_CREATE_CANARY, ImageRequest(target=target, image=image), queue=self.queue,
-                        timeout=self.policy.timeout, heartbeat=10, interruptible=True,
+        await self.step(name, title, K8S_CREATE_CANARY, ImageRequest(target=target, image=image),
+                        queue=self.workload_queue, timeout=self.policy.timeout, heartbeat=10, interruptible=True,
                         undo=Undo(K8S_DELETE_CANARY, undo, target),
                         detail=lambda s: f"{target.canary} ready {s.canary_ready}")
 
@@ -675,7 +683,7 @@ class CanaryWorkflow(Rollout):
         """Size the canary (or the fresh baseline) for `weight` (ceil(weight x stable's replicas)), ready."""
         stable = target.canary_suffix != BASELINE_SUFFIX  # the canary's detail names stable's size too
         await self.step(name, title, K8S_SCALE_CANARY, WeightRequest(target=target, canary_weight=weight),
-                        queue=self.queue, timeout=self.policy.timeout, heartbeat=10, interruptible=True,
+                        queue=self.workload_queue, timeout=self.policy.timeout, heartbeat=10, interruptible=True,
                         detail=lambda s: f"{s.canary} {s.canary_replicas} replica(s)"
                         + (f", stable {s.stable_desired}" if stable else ""))
 
@@ -734,7 +742,7 @@ class CanaryWorkflow(Rollout):
         await self.approvals(
             f"canary of {inp.image} on {self.app.deployment} in {self.app.region} (now {state.stable_image})"
         )
-        q = self.queue
+        q = self.workload_queue
         await self.create("create-canary", f"Create the canary with {inp.image}", t, inp.image,
                           "Remove the canary (stable keeps 100 %)")
         stable, stable_image = self.app.deployment, state.stable_image or ""

@@ -90,6 +90,7 @@ class Cluster:
     router_azure: list = field(default_factory=list)  # the ARM connection each router.set_weight was given
     rps: float | None = None  # the canary's requests a second, counted from the bake's start (analysis.requests)
     unseen: int = 0  # with rps: how many Prometheus queries do not know the canary's series yet
+    ran_on: list = field(default_factory=list)  # (activity, task queue) of every call
 
     def state(self) -> RolloutState:
         return RolloutState(
@@ -110,6 +111,7 @@ class Cluster:
 
     def _enter(self, name: str) -> None:
         self.calls.append(name)
+        self.ran_on.append((name, activity.info().task_queue))
         self.started.setdefault(name, threading.Event()).set()
         gate = self.block.pop(name, None)  # blocks the first call only (the undo may call it again)
         while gate is not None and not gate.is_set():
@@ -1073,3 +1075,35 @@ async def test_a_traffic_manager_canary_is_weighted_through_arm_as_the_inventory
     assert cluster.weight_log == [10, 0] and cluster.router_azure == [arm, arm]
     assert "traffic manager tm-shop (shop-eastus / shop-westus)" in next(
         s.title for s in report.steps if s.name == "router")
+
+
+# -- a host workload (outside Kubernetes), its activities on the NGINX host's queue ------------------------------
+
+HOST = {"kind": "host", "run": ["ssh", "deploy@web1"], "start": ["shop-instance", "start", "{role}", "{image}"],
+        "check": ["shop-instance", "check", "{role}"], "stop": ["shop-instance", "stop", "{role}"]}
+
+
+async def test_a_host_workloads_activities_run_on_the_nginx_hosts_queue_with_the_router(env, worker, cluster):
+    """The same declared activities (k8s.*, chosen by kind on the worker); only their queue differs: the router's."""
+    queue, _, _ = worker
+    lb = f"{queue}-westeurope"  # the worker on the NGINX host (app region: eastus)
+    inv = make_inventory(apps={"web": {**app_with({**NGINX, "queue": lb})["web"], "workload": HOST}},
+                         analysis={**ROLLOUT["analysis"], "baseline": "fresh"}, steps=[5, 25, 50, 100])
+    inv.regions["eastus"].kubernetes = None  # a region without a cluster serves a host workload
+    async with serving(worker):
+        handle = await start(env, worker, inv, auto_promote=True)
+        await approve_quorum(handle)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and cluster.stable_image == NEW and report.baseline == "web-baseline"
+    own = {name: q for name, q in cluster.ran_on if name.startswith(("k8s.", "router."))}
+    assert set(own) >= {K8S_ROLLOUT_STATUS.name, K8S_CREATE_CANARY.name, K8S_SCALE_CANARY.name, K8S_SET_IMAGE.name,
+                        K8S_DELETE_CANARY.name, ROUTER_SET_WEIGHT.name} and set(own.values()) == {lb}, own
+    others = {q for name, q in cluster.ran_on if not name.startswith(("k8s.", "router."))}
+    assert others == {f"{queue}-eastus"}, others  # Prometheus and the judge: the app's region
+
+
+async def test_a_host_workload_refuses_bluegreen_before_any_change(env, worker, cluster):
+    inv = make_inventory(apps={"web": {**app_with(NGINX)["web"], "workload": HOST}})
+    async with serving(worker):
+        report = await failed(await start(env, worker, inv, procedure="bluegreen"))
+    assert report.status == "refused" and "workload.kind host" in report.failure and cluster.calls == []
