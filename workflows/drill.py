@@ -262,8 +262,8 @@ class DrillWorkflow(Procedure[DrillReport]):
             self.report.restore_point_chosen = "newest"
             return window.latest
         if method in ("s3-dump", "s3-mysqldump"):
-            raise Stop("refused", "drill.restore_point random needs a point-in-time method (azure-pitr, rds-pitr): "
-                                  f"the {method} method restores a dump to when it was taken")
+            raise Stop("refused", "drill.restore_point random needs a point-in-time method (azure-pitr, rds-pitr, "
+                                  f"host-pitr): the {method} method restores a dump to when it was taken")
         oldest = window.latest - timedelta(seconds=retention)
         earliest = max(window.earliest, oldest) if window.earliest else oldest
         span = max(0.0, (window.latest - earliest).total_seconds())
