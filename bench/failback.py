@@ -43,6 +43,12 @@ PATHS = ("rebuild", "switchover", "self-managed")
 LAB_FLAGS = {"rebuild": {}, "switchover": {"virtual_endpoint": True}, "self-managed": {"database": "self-managed"}}
 
 
+def step_times(report) -> str:
+    """Each step's start (from the report's start) and seconds, as the report records them (workflow time)."""
+    return ", ".join(f"{s.name} @{(s.started_at - report.started_at).total_seconds():.2f}+{s.seconds:.2f}"
+                     for s in report.steps if s.seconds is not None)
+
+
 def failback_run(base: Path, number: int, path: str) -> dict:
     """A fresh lab, a planned failover, the failback, the lab down. Returns the failback's figures."""
     import psycopg
@@ -73,6 +79,9 @@ def failback_run(base: Path, number: int, path: str) -> dict:
         total = (report.ended_at - report.started_at).total_seconds() - waited
         rebuild = sum(steps[n].seconds or 0.0 for n in ("rebuild", "restandby") if n in steps)
         say(f"  {path}: failback in {total:.1f}s (rebuild {rebuild:.1f}s, {report.rebuild_method})")
+        say("    failback steps: " + step_times(report))
+        if report.failover is not None:
+            say("    failover back:  " + step_times(report.failover))
         return {"path": path, "failback_seconds": round(total, 3), "rebuild_seconds": round(rebuild, 3),
                 "failover_back_seconds": steps["failover"].seconds, "rebuild_method": report.rebuild_method}
     finally:

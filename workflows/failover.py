@@ -23,6 +23,8 @@ says what is left.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from temporalio import workflow
 
 from workflows.procedure import Procedure, StepDecl, Stop, Undo
@@ -88,10 +90,46 @@ class FailoverInput(ProcedureInput):
     preempted: list[str] = []
 
 
-def declare(inp: FailoverInput, source: str, drain_first: bool = True, until_idle: bool = False,
-            host_switchover: bool = False, autoscalers: bool = False) -> list[StepDecl]:
+@dataclass(frozen=True)
+class FailoverPlan:
+    """What a run decided once its preflight was done: the path it takes, fixed for the rest of the run (built in
+    one place, FailoverWorkflow.decide). What changes as it goes (point_of_no_return, writes_down, promoted,
+    switchover_proven) stays on the workflow."""
+
+    source: str  # the primary's region at the preflight
+    # Maintenance mode and the drain before the fence (runs recorded before "drain-before-fence" fenced first).
+    drain_first: bool = True
+    # The drain ends when the sessions are idle (runs recorded before "drain-until-idle" waited on a timer).
+    until_idle: bool = False
+    # Self-managed switchover: shut-down, promote, old-replica ("self-managed-switchover").
+    host_switchover: bool = False
+    # The scale-up raises the new region's HPAs ("autoscalers-follow"; the activity does it).
+    autoscalers: bool = False
+    # A planned failover lowers the old region's HPAs afterwards (a step of its own).
+    lower_old_autoscalers: bool = False
+    # The old primary becomes the new one's replica: "virtual-endpoint" (Azure), "patroni", "host" (self-managed),
+    # None (standalone promotion: it stays fenced until a failback rebuilds it).
+    old_follows: str | None = None
+
+
+def plan_of(inp: FailoverInput, source: str, drain_first: bool = True, until_idle: bool = False,
+            host_switch: bool = False, autoscalers: bool = False) -> FailoverPlan:
+    """The plan from the preflight's findings and the run's patch decisions (no workflow call: pure)."""
+    to = inp.to_region
+    old_follows = None
+    if host_switch:
+        old_follows = "host"
+    elif not inp.emergency and switches_over(inp, to):
+        old_follows = "patroni" if patroni(inp, to) else "virtual-endpoint"
+    return FailoverPlan(source=source, drain_first=drain_first, until_idle=until_idle, host_switchover=host_switch,
+                        autoscalers=autoscalers, lower_old_autoscalers=lowers_old_autoscalers(inp, source, autoscalers),
+                        old_follows=old_follows)
+
+
+def declare(inp: FailoverInput, plan: FailoverPlan) -> list[StepDecl]:
     """Every step after the preflight, and what it would change: the dry-run plan and the run's only names."""
-    inv, to = inp.inventory, inp.to_region
+    inv, to, source = inp.inventory, inp.to_region, plan.source
+    drain_first, until_idle, host_switchover = plan.drain_first, plan.until_idle, plan.host_switchover
     drain = (f"wait until {source}'s application sessions are idle (no transaction in progress), at most "
              f"{inv.failover.drain:.0f}s" if until_idle
              else f"wait {inv.failover.drain:.0f}s for in-flight work to finish (no new traffic meanwhile)")
@@ -170,13 +208,13 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True, until_idl
         StepDecl("verify-routing", f"traffic is served by {to}"),
         StepDecl("verify-smoke", smoke, "smoke URLs are configured", bool(to_region.smoke_urls)),
         StepDecl("scale-up", f"scale {to}: {deployments}" + (" (raising their HPAs' minReplicas to match)"
-                                                              if autoscalers else "")
+                                                              if plan.autoscalers else "")
                  if deployments else f"no deployments to scale in {to}"),
         *([StepDecl("autoscalers-old", f"lower the HPAs of {source}'s deployments to minReplicas 1 (the values "
                                        "before are kept on each HPA for the failback)")]
-          if lowers_old_autoscalers(inp, source, autoscalers) else []),
+          if plan.lower_old_autoscalers else []),
         *([StepDecl("old-replica", f"lift the fence on {source}, now a replica of {to}, and check that it streams")]
-          if switches_over(inp, to) and not inp.emergency and not host_switchover else []),
+          if plan.old_follows in ("virtual-endpoint", "patroni") else []),
         *([StepDecl("old-replica", f"start {source} as a standby of {to} (standby.signal, primary_conninfo; no "
                                    "pg_rewind, no base backup), unfenced, and check that it streams")]
           if host_switchover else []),
@@ -222,11 +260,8 @@ class FailoverWorkflow(Procedure[FailoverReport]):
     def __init__(self, inp: FailoverInput) -> None:
         report = FailoverReport.of(inp, emergency=inp.emergency, to_region=inp.to_region, preempted=inp.preempted)
         super().__init__(inp.inventory, report)
-        self.drain_first = True  # maintenance mode and the drain before the fence (see failover())
-        self.until_idle = False  # the drain ends when the sessions are idle (see failover())
-        self.host_switchover = False  # self-managed switchover: shut-down, promote, old-replica (see failover())
+        self.how: FailoverPlan | None = None  # decided once, after the preflight (decide())
         self.switchover_proven = False  # the replica replayed the old primary's shutdown checkpoint
-        self.autoscalers = False  # lower the old region's HPAs after the scale-up (see failover())
         self.promoted: PromoteResult | None = None
 
     @workflow.run
@@ -329,26 +364,32 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         # Emergency: the old region's queue may have no worker (it is down); it is only used best effort.
         await self.check_workers([inv.task_queue, q] + ([] if inp.emergency else [inv.region_queue(source)]))
 
-        # Stop new traffic and let in-flight work finish BEFORE the fence ends the sessions (runs recorded before
-        # fenced first: replay keeps that order).
-        self.drain_first = not inp.emergency and workflow.patched("drain-before-fence")
-        # The drain as long as needed (runs recorded before waited the whole drain on a timer).
-        self.until_idle = self.drain_first and workflow.patched("drain-until-idle")
-        self.host_switchover = host_switchover(inp, source) and workflow.patched("self-managed-switchover")
-        # The scale-up raises the new region's HPAs (inside the activity); a planned failover then lowers the old
-        # region's (a new step: runs recorded before have none).
-        self.autoscalers = workflow.patched("autoscalers-follow")
-        self.declare(declare(inp, source, self.drain_first, self.until_idle, self.host_switchover, self.autoscalers))
+        how = self.how = self.decide(inp, source)
+        self.declare(declare(inp, how))
         if inp.dry_run:
             self.plan()
             return
         if inp.emergency:
-            await self.emergency(inp, source, new, old)
+            await self.emergency(inp, how, new, old)
         else:
-            await self.planned(inp, source)
+            await self.planned(inp, how)
 
-    async def planned(self, inp: FailoverInput, source: str) -> None:
-        inv, to, report = inp.inventory, inp.to_region, self.report
+    def decide(self, inp: FailoverInput, source: str) -> FailoverPlan:
+        """The run's plan, once the preflight is done. Every patch decision of the path is taken here, in this
+        order and at this point of the history (recorded runs replay them where they were taken)."""
+        # Stop new traffic and let in-flight work finish BEFORE the fence ends the sessions (runs recorded before
+        # fenced first: replay keeps that order).
+        drain_first = not inp.emergency and workflow.patched("drain-before-fence")
+        # The drain as long as needed (runs recorded before waited the whole drain on a timer).
+        until_idle = drain_first and workflow.patched("drain-until-idle")
+        host_switch = host_switchover(inp, source) and workflow.patched("self-managed-switchover")
+        # The scale-up raises the new region's HPAs (inside the activity); a planned failover then lowers the old
+        # region's (a new step: runs recorded before have none).
+        autoscalers = workflow.patched("autoscalers-follow")
+        return plan_of(inp, source, drain_first, until_idle, host_switch, autoscalers)
+
+    async def planned(self, inp: FailoverInput, how: FailoverPlan) -> None:
+        inv, to, report, source = inp.inventory, inp.to_region, self.report, how.source
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
         old, old_q = RegionTarget.of(inv, source), inv.region_queue(source)
 
@@ -371,9 +412,9 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                 K8S_SET_MAINTENANCE, f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)
             ),
         )
-        if self.until_idle:
+        if how.until_idle:
             await self.drain(inp, source)
-        elif self.drain_first:
+        elif how.drain_first:
             await self.wait("drain", f"Drain {source}: let in-flight work finish", inv.failover.drain)
         await self.step(
             "fence",
@@ -384,7 +425,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             undo=Undo(DB_UNFENCE, f"Lift the write fence on {source}", old),
         )
         self.writes_down = f"the old primary in {source} is fenced (read-only) until the promotion"
-        if not self.drain_first:
+        if not how.drain_first:
             await self.wait("drain", f"Drain {source}", inv.failover.drain)
         caught: CatchUpResult = await self.step(
             "catch-up",
@@ -407,7 +448,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         )
         report.lag_at_promotion_bytes = caught.lag_bytes
         report.lag_at_promotion_seconds = caught.replay_delay_seconds
-        if self.host_switchover:
+        if how.host_switchover:
             await self.shut_down(inp, source)
 
         await self.boundary()
@@ -416,7 +457,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             ("promote", lambda: self.promote(target, q, force=False, demote=old if patroni(inp, to) else None)),
             ("move traffic", lambda: self.move_traffic(inp)),
         ]
-        await self.forward(inp, source, critical, since=decision.at)
+        await self.forward(inp, how, critical, since=decision.at)
         # Planned: the old primary was fenced and the replica replayed every byte before promotion.
         report.rpo_bytes = 0
         report.rpo_proven = caught.lag_bytes == 0
@@ -488,8 +529,8 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             raise Stop("refused", f"virtual endpoint {name!r} reads from {', '.join(ve.reader) or 'nothing'}, not from "
                        f"{replica} in {inp.to_region}: Azure switches over only to the reader's target")
 
-    async def emergency(self, inp: FailoverInput, source: str, new: DbStatus, old: DbStatus) -> None:
-        inv, to, report = inp.inventory, inp.to_region, self.report
+    async def emergency(self, inp: FailoverInput, how: FailoverPlan, new: DbStatus, old: DbStatus) -> None:
+        inv, to, report, source = inp.inventory, inp.to_region, self.report, how.source
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
         since = workflow.now()
         if inv.approval.emergency_requires_approval:
@@ -501,7 +542,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             promoted.append(await self.promote(target, q, force=True))
 
         await self.forward(
-            inp, source, [("move traffic", lambda: self.move_traffic(inp)), ("promote", promote)], since=since
+            inp, how, [("move traffic", lambda: self.move_traffic(inp)), ("promote", promote)], since=since
         )
         # Data-loss estimate: WAL the replica received but had not replayed when promoted, plus what the old
         # primary had written beyond that (known only when it still answered at preflight).
@@ -564,9 +605,9 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             detail=lambda t: f"serving region: {t.serving_region}",
         )
 
-    async def forward(self, inp: FailoverInput, source: str, critical: list, since) -> None:
+    async def forward(self, inp: FailoverInput, how: FailoverPlan, critical: list, since) -> None:
         """Past the point of no return: run to the end; a failure lists what a person must still do."""
-        inv, to, report = inp.inventory, inp.to_region, self.report
+        inv, to, report, source = inp.inventory, inp.to_region, self.report, how.source
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
         traffic = TrafficRequest.of(inv, to)
         heartbeat = inv.failover.heartbeat_timeout
@@ -590,10 +631,10 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             ),
             ("scale up", lambda: self.scale_up(target, q, heartbeat)),
         ]
-        if lowers_old_autoscalers(inp, source, self.autoscalers):
+        if how.lower_old_autoscalers:
             after.append(("lower the old region's autoscalers", lambda: self.lower_old_autoscalers(inp, source)))
-        if not inp.emergency and (switches_over(inp, to) or self.host_switchover):
-            after.append(("old primary follows", lambda: self.old_primary_follows(inp, source)))
+        if how.old_follows is not None:
+            after.append(("old primary follows", lambda: self.old_primary_follows(inp, how)))
         todo = [label for label, _ in critical + after]
         try:
             for label, fn in critical:
@@ -673,11 +714,11 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         except Stop as stop:
             self.report.remaining.append(f"lower the HPAs of {source}'s deployments by hand ({stop.reason})")
 
-    async def old_primary_follows(self, inp: FailoverInput, source: str) -> None:
+    async def old_primary_follows(self, inp: FailoverInput, how: FailoverPlan) -> None:
         """After a switchover the old primary is the new one's replica: lift its write fence (else it would be
         read-only when a failback switches back to it) and check that it streams. Never fails the failover."""
-        report = self.report
-        if self.host_switchover and not self.switchover_proven:
+        report, source = self.report, how.source
+        if how.host_switchover and not self.switchover_proven:
             self._check_declared("old-replica")
             record = self.begin_step("old-replica", f"Start {source} as a standby of {inp.to_region}")
             self.end_step(record, "skipped", f"the switchover was not proven ({report.switchover_detail}): {source} "
@@ -687,7 +728,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             return
         old = RegionTarget.of(inp.inventory, source)
         try:
-            if self.host_switchover:
+            if how.host_switchover:
                 host = inp.inventory.region(source).database.host
                 s: DbStatus = await self.step(
                     "old-replica",
