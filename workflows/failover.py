@@ -23,7 +23,9 @@ says what is left.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 from temporalio import workflow
 
@@ -222,6 +224,18 @@ def declare(inp: FailoverInput, plan: FailoverPlan) -> list[StepDecl]:
     ]
 
 
+async def together(calls: dict[str, Callable[[], Awaitable[Any]]]) -> dict[str, Any]:
+    """Run read-only steps at once: each one's result, or what it raised, by key (`got` gives it back or raises)."""
+    results = await asyncio.gather(*(call() for call in calls.values()), return_exceptions=True)
+    return dict(zip(calls, results))
+
+
+def got(result: Any) -> Any:
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 def lowers_old_autoscalers(inp: FailoverInput, source: str, patched: bool) -> bool:
     """A planned failover lowers the old region's HPAs (an emergency scaled its deployments to zero: an HPA leaves
     a deployment at zero alone, and the old region may not answer)."""
@@ -311,22 +325,39 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
 
         # -- preflight: refuse before changing anything --------------------------------------------------
-        new: DbStatus = await self.step("preflight", f"Check the database in {to}", DB_STATUS, target, queue=q)
-        if new.reachable and new.role == "primary":
-            raise Stop("refused", f"{to} is already the primary")
-        if not new.reachable:
-            raise Stop("refused", f"the database in {to} is unreachable: {new.error}")
         others = [r for r in inv.regions if r != to]
-        statuses = {}
-        for r in others:
-            statuses[r] = await self.step(
+        checks = {
+            "new": lambda: self.step("preflight", f"Check the database in {to}", DB_STATUS, target, queue=q),
+            **{f"db:{r}": (lambda r=r: self.step(
                 f"preflight-{r}",
                 f"Check the database in {r}",
                 DB_STATUS,
                 RegionTarget.of(inv, r),
                 queue=inv.region_queue(r) if not inp.emergency else q,
                 attempts=2 if inp.emergency else 5,
-            )
+            )) for r in others},
+            "k8s": lambda: self.step("preflight-k8s", f"Check deployments in {to}", K8S_STATUS, target, queue=q),
+            "traffic": lambda: self.step(
+                "preflight-traffic", "Check traffic routing", TRAFFIC_STATUS, TrafficRequest.of(inv, to), queue=q
+            ),
+        }
+        if inp.emergency:
+            del checks["k8s"]  # the emergency does not wait for the new region's deployments (it scales them up)
+        # The preflight's reads at once (each a read-only step; runs recorded before read one after the other, and
+        # only as far as the first refusal). The refusals below keep their order either way.
+        ahead = await together(checks) if workflow.patched("preflight-together") else None
+
+        async def check(key: str):
+            return got(ahead[key]) if ahead is not None else await checks[key]()
+
+        new: DbStatus = await check("new")
+        if new.reachable and new.role == "primary":
+            raise Stop("refused", f"{to} is already the primary")
+        if not new.reachable:
+            raise Stop("refused", f"the database in {to} is unreachable: {new.error}")
+        statuses = {}
+        for r in others:
+            statuses[r] = await check(f"db:{r}")
         primaries = [r for r, s in statuses.items() if s.reachable and s.role == "primary"]
         source = primaries[0] if primaries else (inv.primary_region if inv.primary_region != to else others[0])
         report.from_region = source
@@ -346,9 +377,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                     "planned failover",
                 )
             self.check_virtual_endpoint(inp, source, new)
-            kube: KubeStatus = await self.step(
-                "preflight-k8s", f"Check deployments in {to}", K8S_STATUS, target, queue=q
-            )
+            kube: KubeStatus = await check("k8s")
             if not kube.ready:
                 raise Stop(
                     "refused",
@@ -358,9 +387,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                         or [f"{d.name} {d.ready}/{d.desired}" for d in kube.deployments if d.ready < d.desired]
                     ),
                 )
-        await self.step(
-            "preflight-traffic", "Check traffic routing", TRAFFIC_STATUS, TrafficRequest.of(inv, to), queue=q
-        )
+        await check("traffic")
         # Emergency: the old region's queue may have no worker (it is down); it is only used best effort.
         await self.check_workers([inv.task_queue, q] + ([] if inp.emergency else [inv.region_queue(source)]))
 

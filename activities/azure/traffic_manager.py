@@ -10,8 +10,8 @@ from typing import Any
 from temporalio.exceptions import ApplicationError
 
 from activities.azure.arm import arm_errors, field, traffic_manager_client
+from activities.context import Backoff, logger
 from activities.context import heartbeat as _heartbeat
-from activities.context import logger
 from activities.context import sleep_or_cancelled as _sleep
 from activities.context import time_limit as _time_budget
 from opsflow.inventory import AzureConnection, AzureTrafficManager
@@ -185,6 +185,8 @@ class AzureTrafficManagerRouter:
 
     def _wait_online(self, target_key: str, deadline: float) -> None:
         started = time.monotonic()
+        # Quick looks first (an endpoint already probed is Online at once), then the inventory's cadence.
+        backoff = Backoff(0.05, max(0.2, min(self.conn.polling_interval, 5.0)))
         while True:
             profile = self._profile()
             e = self._endpoints(profile)[target_key]
@@ -214,7 +216,7 @@ class AzureTrafficManagerRouter:
                     "waited_seconds": round(waited, 1),
                 }
             )
-            _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+            _sleep(backoff.next())
 
 
 # -- weighted routing: a region-level canary (the rollout's traffic-manager router) --------------------------
