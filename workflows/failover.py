@@ -1,6 +1,7 @@
 """Region failover, planned or emergency. Reads top to bottom; each step is one line.
 
-Planned:   preflight -> approval -> maintenance on (no new traffic) -> drain (in-flight work finishes) -> fence
+Planned:   preflight -> approval -> maintenance on (no new traffic) -> [Traffic Manager: the new region's endpoint
+           enabled behind the old one's, so its probes pass meanwhile] -> drain (in-flight work finishes) -> fence
            the old primary (writes stop here) -> wait until the replica has replayed everything (LSN) -> promote
            -> move traffic -> verify -> scale up -> notify. (Runs recorded before "drain-before-fence" fenced
            first, then drained.)
@@ -53,7 +54,7 @@ with workflow.unsafe.imports_passed_through():
         K8S_SET_MAINTENANCE,
         K8S_STATUS,
     )
-    from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_STATUS, TRAFFIC_SWITCH
+    from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_PREPARE, TRAFFIC_STATUS, TRAFFIC_SWITCH
     from opsflow.models import (
         AutoscalerResult,
         CatchUpRequest,
@@ -112,10 +113,13 @@ class FailoverPlan:
     # The old primary becomes the new one's replica: "virtual-endpoint" (Azure), "patroni", "host" (self-managed),
     # None (standalone promotion: it stays fenced until a failback rebuilds it).
     old_follows: str | None = None
+    # Traffic Manager: the new region's endpoint enabled behind the old one's right after the maintenance mode, so
+    # its probes have passed when the traffic moves ("traffic-warm"; it was disabled at the preflight).
+    warm_traffic: bool = False
 
 
 def plan_of(inp: FailoverInput, source: str, drain_first: bool = True, until_idle: bool = False,
-            host_switch: bool = False, autoscalers: bool = False) -> FailoverPlan:
+            host_switch: bool = False, autoscalers: bool = False, warm_traffic: bool = False) -> FailoverPlan:
     """The plan from the preflight's findings and the run's patch decisions (no workflow call: pure)."""
     to = inp.to_region
     old_follows = None
@@ -125,7 +129,7 @@ def plan_of(inp: FailoverInput, source: str, drain_first: bool = True, until_idl
         old_follows = "patroni" if patroni(inp, to) else "virtual-endpoint"
     return FailoverPlan(source=source, drain_first=drain_first, until_idle=until_idle, host_switchover=host_switch,
                         autoscalers=autoscalers, lower_old_autoscalers=lowers_old_autoscalers(inp, source, autoscalers),
-                        old_follows=old_follows)
+                        old_follows=old_follows, warm_traffic=warm_traffic)
 
 
 def declare(inp: FailoverInput, plan: FailoverPlan) -> list[StepDecl]:
@@ -184,6 +188,10 @@ def declare(inp: FailoverInput, plan: FailoverPlan) -> list[StepDecl]:
                 if service
                 else f"no service to annotate in {source}",
             ),
+            *([StepDecl("traffic-warm", f"{inv.traffic.provider}: enable {to_region.traffic_endpoint} behind "
+                                        f"{from_r.traffic_endpoint} (no traffic while {source}'s serves) so its health "
+                                        "probes have passed when the traffic moves")]
+              if plan.warm_traffic else []),
             *(drain_and_fence if drain_first else drain_and_fence[::-1]),
             StepDecl(
                 "catch-up",
@@ -387,11 +395,11 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                         or [f"{d.name} {d.ready}/{d.desired}" for d in kube.deployments if d.ready < d.desired]
                     ),
                 )
-        await check("traffic")
+        routing: TrafficStatus = await check("traffic")
         # Emergency: the old region's queue may have no worker (it is down); it is only used best effort.
         await self.check_workers([inv.task_queue, q] + ([] if inp.emergency else [inv.region_queue(source)]))
 
-        how = self.how = self.decide(inp, source)
+        how = self.how = self.decide(inp, source, routing)
         self.declare(declare(inp, how))
         if inp.dry_run:
             self.plan()
@@ -401,7 +409,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         else:
             await self.planned(inp, how)
 
-    def decide(self, inp: FailoverInput, source: str) -> FailoverPlan:
+    def decide(self, inp: FailoverInput, source: str, routing: TrafficStatus) -> FailoverPlan:
         """The run's plan, once the preflight is done. Every patch decision of the path is taken here, in this
         order and at this point of the history (recorded runs replay them where they were taken)."""
         # Stop new traffic and let in-flight work finish BEFORE the fence ends the sessions (runs recorded before
@@ -413,7 +421,13 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         # The scale-up raises the new region's HPAs (inside the activity); a planned failover then lowers the old
         # region's (a new step: runs recorded before have none).
         autoscalers = workflow.patched("autoscalers-follow")
-        return plan_of(inp, source, drain_first, until_idle, host_switch, autoscalers)
+        # Traffic Manager probes an endpoint only while it is enabled: the new region's, disabled at the preflight, is
+        # enabled behind the old one's before the fence, not at the switch (runs recorded before waited for the
+        # probes inside the traffic step).
+        warm = (not inp.emergency and inp.inventory.traffic.provider == "azure-traffic-manager"
+                and any(e.region == inp.to_region and not e.enabled for e in routing.endpoints)
+                and workflow.patched("traffic-warm"))
+        return plan_of(inp, source, drain_first, until_idle, host_switch, autoscalers, warm)
 
     async def planned(self, inp: FailoverInput, how: FailoverPlan) -> None:
         inv, to, report, source = inp.inventory, inp.to_region, self.report, how.source
@@ -439,6 +453,20 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                 K8S_SET_MAINTENANCE, f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)
             ),
         )
+        if how.warm_traffic:
+            await self.step(
+                "traffic-warm",
+                f"Enable {to}'s traffic endpoint behind {source}'s (no traffic yet; its health probes start)",
+                TRAFFIC_PREPARE,
+                TrafficRequest.of(inv, to),
+                queue=q,
+                timeout=120,
+                attempts=3,
+                undo=Undo(TRAFFIC_SWITCH, f"Traffic to {source} only again", TrafficRequest.of(inv, source)),
+                undo_timeout=300,
+                detail=lambda t: ", ".join(f"{e.endpoint} {'enabled' if e.enabled else 'disabled'} ({e.monitor_status})"
+                                           for e in t.endpoints),
+            )
         if how.until_idle:
             await self.drain(inp, source)
         elif how.drain_first:

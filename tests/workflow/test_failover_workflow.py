@@ -63,10 +63,12 @@ async def test_planned_failover_with_approval(running, world, inventory):
     assert report.rto_seconds is not None and report.rto_seconds >= 0
     names = [s.name for s in report.steps]
     # The runbook's order: no new traffic, in-flight work drains, then the fence; catch-up before promotion,
-    # promotion before traffic, verify before scale-up.
-    order = ["approval", "maintenance", "drain", "fence", "catch-up", "promote", "traffic", "verify-writes",
-             "verify-routing", "verify-smoke", "scale-up", "notify"]
+    # promotion before traffic, verify before scale-up. The new region's endpoint is enabled (behind the old one's:
+    # no traffic yet) before the fence, so that its probes have passed when the traffic moves.
+    order = ["approval", "maintenance", "traffic-warm", "drain", "fence", "catch-up", "promote", "traffic",
+             "verify-writes", "verify-routing", "verify-smoke", "scale-up", "notify"]
     assert [n for n in names if n in order] == order
+    assert world.prepared == ["westeurope"] and not world.warm  # the switch disabled eastus's endpoint
     kinds = {s.name: s.kind for s in report.steps}  # what the HTML report's timeline draws them as
     assert (kinds["approval"], kinds["drain"], kinds["promote"]) == ("gate", "wait", "action")
     drain = next(s for s in report.steps if s.name == "drain")
@@ -108,9 +110,11 @@ async def test_failure_before_promotion_undoes_what_was_done(running, world, inv
     await send_update(handle, Procedure.approve, Request(by="bob"))
     report = await failed_report(handle)
     assert report.status == "failed" and "replica stuck" in report.failure
-    assert world.unchanged  # fence lifted, maintenance annotation removed, nothing promoted
+    assert world.unchanged  # fence lifted, westeurope's endpoint out again, maintenance annotation removed
     compensated = [s.title for s in report.steps if s.outcome == "compensated"]
-    assert compensated == ["Lift the write fence on eastus", "Maintenance mode off in eastus"]
+    assert compensated == ["Lift the write fence on eastus", "Traffic to eastus only again",
+                           "Maintenance mode off in eastus"]
+    assert world.prepared == ["westeurope"]  # its endpoint was enabled behind eastus's before the fence
 
 
 async def test_failure_after_promotion_goes_forward_and_lists_what_is_left(running, world, inventory):
@@ -150,7 +154,8 @@ async def test_abort_during_drain_compensates(running, world, inventory):
     assert world.unchanged
     assert DB_FENCE.name not in world.calls and DB_UNFENCE.name not in world.calls  # never fenced, nothing to lift
     assert DB_DRAIN.name in world.cancelled  # the drain stopped on the abort
-    assert [s.title for s in report.steps if s.outcome == "compensated"] == ["Maintenance mode off in eastus"]
+    assert [s.title for s in report.steps if s.outcome == "compensated"] == ["Traffic to eastus only again",
+                                                                               "Maintenance mode off in eastus"]
 
 
 async def test_pause_holds_at_the_next_step_boundary_and_resume_continues(running, world, inventory):
