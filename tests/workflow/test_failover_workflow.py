@@ -78,6 +78,16 @@ async def test_planned_failover_with_approval(running, world, inventory):
     assert any("Approval needed" in text for _, text, _ in world.notifications)
 
 
+async def test_no_traffic_warm_up_when_the_new_endpoint_is_enabled_already(running, world, inventory):
+    world.warm = {"westeurope"}  # enabled (behind eastus) before the failover: Traffic Manager probes it already
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await send_update(handle, Procedure.approve, Request(by="bob"))
+    report = FailoverReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and world.serving == "westeurope"
+    assert world.prepared == [] and "traffic-warm" not in [s.name for s in report.steps]
+
+
 async def test_non_approver_and_self_approval_are_rejected_before_history(running, world, inventory):
     handle = await start(running, inventory, requester="alice")
     await until_waiting(handle)
