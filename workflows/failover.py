@@ -453,24 +453,20 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                 K8S_SET_MAINTENANCE, f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)
             ),
         )
+        ahead: dict = {}
         if how.warm_traffic:
-            await self.step(
-                "traffic-warm",
-                f"Enable {to}'s traffic endpoint behind {source}'s (no traffic yet; its health probes start)",
-                TRAFFIC_PREPARE,
-                TrafficRequest.of(inv, to),
-                queue=q,
-                timeout=120,
-                attempts=3,
-                undo=Undo(TRAFFIC_SWITCH, f"Traffic to {source} only again", TrafficRequest.of(inv, source)),
-                undo_timeout=300,
-                detail=lambda t: ", ".join(f"{e.endpoint} {'enabled' if e.enabled else 'disabled'} ({e.monitor_status})"
-                                           for e in t.endpoints),
-            )
+            ahead["warm"] = lambda: self.warm_traffic(inp, source)
         if how.until_idle:
-            await self.drain(inp, source)
+            ahead["drain"] = lambda: self.drain(inp, source)
         elif how.drain_first:
-            await self.wait("drain", f"Drain {source}: let in-flight work finish", inv.failover.drain)
+            limit = inv.failover.drain
+            ahead["drain"] = lambda: self.wait("drain", f"Drain {source}: let in-flight work finish", limit)
+        if len(ahead) > 1:  # both only wait (Traffic Manager's probes, the sessions): at once (a new shape)
+            for result in (await together(ahead)).values():
+                got(result)
+        else:
+            for call in ahead.values():
+                await call()
         await self.step(
             "fence",
             f"Fence writes on {source}",
@@ -516,6 +512,28 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         # Planned: the old primary was fenced and the replica replayed every byte before promotion.
         report.rpo_bytes = 0
         report.rpo_proven = caught.lag_bytes == 0
+
+    async def warm_traffic(self, inp: FailoverInput, source: str) -> None:
+        """The new region's endpoint enabled behind the old one's (traffic.prepare), so Traffic Manager probes it
+        before the switch. Best effort: if it fails, the traffic step waits for the probes as before."""
+        inv, to = inp.inventory, inp.to_region
+        try:
+            await self.step(
+                "traffic-warm",
+                f"Enable {to}'s traffic endpoint behind {source}'s (no traffic yet; its health probes start)",
+                TRAFFIC_PREPARE,
+                TrafficRequest.of(inv, to),
+                queue=inv.region_queue(to),
+                timeout=120,
+                attempts=3,
+                undo=Undo(TRAFFIC_SWITCH, f"Traffic to {source} only again", TrafficRequest.of(inv, source)),
+                undo_timeout=300,
+                detail=lambda t: ", ".join(f"{e.endpoint} {'enabled' if e.enabled else 'disabled'} ({e.monitor_status})"
+                                           for e in t.endpoints),
+            )
+        except Stop as stop:
+            if stop.status != "failed":
+                raise  # an abort stays an abort
 
     async def drain(self, inp: FailoverInput, source: str) -> None:
         """Maintenance mode is on: wait until no application session of the old primary is in a transaction, at

@@ -12,7 +12,7 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from opsflow.client import ProcedureRunning, fetch_report, send_update, start_procedure
 from opsflow.contracts.db import DB_DRAIN, DB_FENCE, DB_PROMOTE, DB_UNFENCE, DB_WAIT_CAUGHT_UP
 from opsflow.contracts.k8s import K8S_LOWER_AUTOSCALERS, K8S_SCALE_UP
-from opsflow.contracts.traffic import TRAFFIC_SWITCH
+from opsflow.contracts.traffic import TRAFFIC_PREPARE, TRAFFIC_SWITCH
 from opsflow.models import FailoverReport
 from tests.workflow.conftest import worker_holds
 from workflows.failover import FailoverInput
@@ -86,6 +86,17 @@ async def test_no_traffic_warm_up_when_the_new_endpoint_is_enabled_already(runni
     report = FailoverReport.model_validate(await handle.result())
     assert report.status == "succeeded" and world.serving == "westeurope"
     assert world.prepared == [] and "traffic-warm" not in [s.name for s in report.steps]
+
+
+async def test_a_failed_traffic_warm_up_does_not_stop_the_failover(running, world, inventory):
+    world.fail[TRAFFIC_PREPARE.name] = "ARM said no"
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await send_update(handle, Procedure.approve, Request(by="bob"))
+    report = FailoverReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and world.serving == "westeurope" and world.primary == "westeurope"
+    warm = next(s for s in report.steps if s.name == "traffic-warm")
+    assert warm.outcome == "failed" and "ARM said no" in warm.detail  # the traffic step waited for the probes
 
 
 async def test_non_approver_and_self_approval_are_rejected_before_history(running, world, inventory):
