@@ -17,9 +17,11 @@ The figures (medians over the runs that succeeded; min and max beside them):
   (the bench approves at once; a person would not).
 - rebuild: the `rebuild` step (rebuild path: Azure's on-demand backup, delete, create as a replica; switchover
   path: skipped) plus `restandby` (the region left rebuilt as a replica; switchover path: skipped).
-- failover back: the child failover (its own drain of the lab's 3 s included).
+- failover back: the child failover (its drain included: until the sessions are idle, at most the lab's 3 s).
 
-Progress goes to stderr; the result to stdout (--json: one JSON object). Nothing here asserts on timings.
+Progress goes to stderr, with each run's steps (failback and failover back: start after the report's start, and
+seconds), which is where to look for where the seconds go; the result to stdout (--json: one JSON object). Nothing
+here asserts on timings.
 """
 
 from __future__ import annotations
