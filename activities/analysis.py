@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from opsflow.contracts.rollout import ANALYSIS_JUDGE
 from opsflow.judge import classify, judge
-from opsflow.rollout import JudgeRequest, MetricVerdict, StepAnalysis, threshold_breaches
+from opsflow.rollout import JudgeRequest, MetricVerdict, StepAnalysis, limit_shortfall, threshold_breaches
 
 
 @ANALYSIS_JUDGE.implementation
@@ -41,7 +41,9 @@ def judge_step(req: JudgeRequest) -> StepAnalysis:
         )
         for r in verdict.metrics
     ]
-    breaches = threshold_breaches(a, s)
+    # the limits on the whole bake, unless it had too little traffic for them (then low traffic decides below)
+    short = limit_shortfall(a, s, recent_span=False)
+    breaches = [] if short else threshold_breaches(a, s)
     out = StepAnalysis(
         weight=req.weight,
         kind="judge",
@@ -66,4 +68,8 @@ def judge_step(req: JudgeRequest) -> StepAnalysis:
         # low traffic is never a pass
         out.verdict = "inconclusive" if verdict.verdict != "fail" else "fail"
         out.reason = f"only {s.canary_requests:.0f} canary requests (at least {a.min_requests}); " + out.reason
+    if short and out.verdict == "pass":  # limit_min_requests above min_requests: the limits did not judge
+        out.verdict = "inconclusive"
+    if short:
+        out.reason = f"limits not judged ({short}); " + out.reason
     return out

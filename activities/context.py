@@ -13,6 +13,7 @@ of the worker (worker/main.py sets it to a couple of seconds, so a cancellation 
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import threading
@@ -70,28 +71,50 @@ def sleep_or_cancelled(seconds: float, *details: Any, what: str = "") -> None:
     check_cancelled(what)
 
 
-@contextmanager
-def heartbeating(what: str, every: float = 2.0) -> Iterator[None]:
-    """Heartbeat `what` every `every` seconds from a helper thread while the block runs: a blocking call (one
-    long SQL statement) keeps the activity alive and a killed worker is noticed within the heartbeat timeout.
-    The thread runs in a copy of this thread's context, where the activity's context lives."""
-    if not activity.in_activity():
-        yield
-        return
-    done = threading.Event()
-    beat = contextvars.copy_context()
+class heartbeating:  # noqa: N801 - used as a function: `with heartbeating("..."):`
+    """Heartbeat `what` every `every` seconds while the block runs: a blocking call (one long SQL statement, a
+    request to the cloud) keeps the activity alive and a killed worker is noticed within the heartbeat timeout.
+    `with` (a synchronous activity): from a helper thread, in a copy of this thread's context (where the activity's
+    context lives); `async with` (an asynchronous one): from a task on the activity's event loop. Outside an
+    activity: nothing."""
 
-    def loop() -> None:
-        while not done.wait(every):
-            beat.run(activity.heartbeat, what)
+    def __init__(self, what: str, every: float = 2.0):
+        self.what, self.every = what, every
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._task: asyncio.Task | None = None
 
-    thread = threading.Thread(target=loop, name=f"heartbeat: {what}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
+    def __enter__(self) -> None:
+        if not activity.in_activity():
+            return
+        beat = contextvars.copy_context()
+
+        def loop() -> None:
+            while not self._done.wait(self.every):
+                beat.run(activity.heartbeat, self.what)
+
+        self._thread = threading.Thread(target=loop, name=f"heartbeat: {self.what}", daemon=True)
+        self._thread.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    async def __aenter__(self) -> None:
+        if not activity.in_activity():
+            return
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self.every)
+                activity.heartbeat(self.what)
+
+        self._task = asyncio.create_task(loop(), name=f"heartbeat: {self.what}")
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._task is not None:
+            self._task.cancel()  # not awaited: a cancellation of the activity itself must not be absorbed here
 
 
 @contextmanager

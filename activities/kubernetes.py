@@ -39,13 +39,8 @@ from opsflow.contracts.k8s import (
     K8S_STATUS,
 )
 from opsflow.contracts.rollout import (
-    K8S_CREATE_CANARY,
     K8S_CREATE_COLOUR,
-    K8S_DELETE_CANARY,
-    K8S_ROLLOUT_STATUS,
-    K8S_SCALE_CANARY,
     K8S_SCALE_DEPLOYMENT,
-    K8S_SET_IMAGE,
     K8S_SET_WEIGHT,
     K8S_SWITCH_SERVICE,
 )
@@ -80,7 +75,9 @@ _MERGE_PATCH = "application/merge-patch+json"
 # On an HPA a failover changed: its bounds before the first change, and whether they were raised or lowered, so a
 # later failover (the failback) restores them. Removed when they are restored.
 AUTOSCALER_BEFORE = "opsflow.dev/autoscaler-before"
-LOWERED_MIN_REPLICAS = 1  # an old region's HPA floor after a failover: it serves nothing, its HPA may scale it down
+# An old region's HPA floor after a failover, unless its inventory says otherwise (kubernetes.standby_min_replicas):
+# it serves nothing, its HPA may scale it down.
+LOWERED_MIN_REPLICAS = 1
 
 
 def _logger() -> logging.LoggerAdapter | logging.Logger:
@@ -355,11 +352,13 @@ class _Cluster:
             self.where, self.ns, name, plan.action, plan.min_now, plan.min_after, plan.max_now, plan.max_after,
         )
 
-    def follow_autoscalers(self, deployment: str, replicas: int | None) -> list[AutoscalerChange]:
-        """Raise (``replicas``: the inventory's figure) or lower (None) the bounds of the deployment's HPAs."""
+    def follow_autoscalers(self, deployment: str, replicas: int | None,
+                           floor: int = LOWERED_MIN_REPLICAS) -> list[AutoscalerChange]:
+        """Raise (``replicas``: the inventory's figure) or lower (None, to at most ``floor``) the bounds of the
+        deployment's HPAs."""
         changes = []
         for hpa in self.autoscalers(deployment):
-            plan = _HpaPlan.of(hpa, replicas)
+            plan = _HpaPlan.of(hpa, replicas, floor)
             if plan.changes_anything:
                 self.set_autoscaler(hpa, plan)
             changes.append(plan.change(self.target.region, self.ns, hpa.metadata.name, deployment))
@@ -370,9 +369,11 @@ class _HpaPlan:
     """What to do to one HPA. Raising (a failover's new region): minReplicas to at least the inventory's replicas,
     maxReplicas to at least that, from the values before the first change when they are kept on the HPA (so a
     failback restores them). Lowering (the old region): the values kept from a raise come back; else minReplicas
-    goes down to LOWERED_MIN_REPLICAS, its values kept on the HPA. Idempotent: a retry finds the annotation."""
+    goes down to the floor (the inventory's standby_min_replicas; never up), its values kept on the HPA. Idempotent:
+    a retry finds the annotation."""
 
-    def __init__(self, min_now: int, max_now: int, before: tuple[int, int, str] | None, replicas: int | None):
+    def __init__(self, min_now: int, max_now: int, before: tuple[int, int, str] | None, replicas: int | None,
+                 floor: int = LOWERED_MIN_REPLICAS):
         self.min_now, self.max_now = min_now, max_now
         base = (before[0], before[1]) if before else (min_now, max_now)
         self.min_before, self.max_before = base
@@ -385,7 +386,7 @@ class _HpaPlan:
         elif before and before[2] == "raised":  # lower a region a failover had raised: back to what it was
             self.min_after, self.max_after, self.action, self.keep = base[0], base[1], "restored", None
         else:
-            self.min_after, self.max_after = min(base[0], LOWERED_MIN_REPLICAS), base[1]
+            self.min_after, self.max_after = min(base[0], floor), base[1]
             lowered = self.min_after != base[0]
             self.action = "lowered" if lowered else "unchanged"
             self.keep = (base[0], base[1], "lowered") if lowered else None
@@ -397,7 +398,8 @@ class _HpaPlan:
         self.kept_now = before
 
     @classmethod
-    def of(cls, hpa: k8s.V2HorizontalPodAutoscaler, replicas: int | None) -> "_HpaPlan":
+    def of(cls, hpa: k8s.V2HorizontalPodAutoscaler, replicas: int | None,
+           floor: int = LOWERED_MIN_REPLICAS) -> "_HpaPlan":
         raw = (hpa.metadata.annotations or {}).get(AUTOSCALER_BEFORE)
         before = None
         if raw:
@@ -407,7 +409,7 @@ class _HpaPlan:
             except (ValueError, KeyError, TypeError):
                 _logger().warning("HPA %s: unreadable %s annotation %r; taking its bounds now as the values "
                                   "before", hpa.metadata.name, AUTOSCALER_BEFORE, raw)
-        return cls(hpa.spec.min_replicas or 1, hpa.spec.max_replicas, before, replicas)
+        return cls(hpa.spec.min_replicas or 1, hpa.spec.max_replicas, before, replicas, floor)
 
     @property
     def changes_anything(self) -> bool:
@@ -594,14 +596,15 @@ def scale_up_and_wait(
 @K8S_LOWER_AUTOSCALERS.implementation
 def lower_autoscalers(target: RegionTarget) -> AutoscalerResult:
     """A failover's OLD region: the HPAs of its inventory deployments give up the floor a failover had raised
-    (their values before come back), or go down to minReplicas LOWERED_MIN_REPLICAS, their values kept on the HPA
-    for the failback. Deployments are not scaled here: the HPA does it as load allows."""
+    (their values before come back), or go down to minReplicas `kubernetes.standby_min_replicas` (1 by default; an
+    HPA already below it is left alone), their values kept on the HPA for the failback. Deployments are not scaled
+    here: the HPA does it as load allows."""
     if target.kubernetes is None:
         return AutoscalerResult(region=target.region)
     with _cluster(target) as c:
         changes = []
         for d in c.cfg.deployments:
-            changes += c.follow_autoscalers(d.name, None)
+            changes += c.follow_autoscalers(d.name, None, target.kubernetes.standby_min_replicas)
         return AutoscalerResult(region=target.region, changes=changes)
 
 
@@ -668,6 +671,9 @@ class _Place:
 
 @contextmanager
 def _rollout_cluster(target: RolloutTarget) -> Iterator[_Cluster]:
+    if target.kubernetes is None:
+        raise ApplicationError(f"{target.region} has no kubernetes section: {target.app.deployment} is not a "
+                               "Deployment there", type="BadInput", non_retryable=True)
     api = new_api_client(target.kubernetes)
     try:
         yield _Cluster(_Place(target.region), target.kubernetes, api)  # type: ignore[arg-type]
@@ -872,14 +878,12 @@ def _ensure_copy(c: _Cluster, target: RolloutTarget, name: str, image: str, repl
     _logger().info("%s: created deployment %s (%s x%d) from %s", c.where, name, image, replicas, app.deployment)
 
 
-@K8S_ROLLOUT_STATUS.implementation
 def rollout_status(target: RolloutTarget) -> RolloutState:
     """Stable deployment (image, readiness), canary (if any), router weights, blue-green colours. No change."""
     with _rollout_cluster(target) as c:
         return _rollout_state(c, target)
 
 
-@K8S_CREATE_CANARY.implementation
 def create_canary(req: ImageRequest) -> RolloutState:
     """Create `<stable>-canary` from the stable's spec with the new image and its service, then wait until it is
     ready (heartbeating). An existing canary with another image is corrected."""
@@ -898,7 +902,6 @@ def canary_size(stable_replicas: int, weight: int) -> int:
     return max(1, -(-stable_replicas * weight // 100))
 
 
-@K8S_SCALE_CANARY.implementation
 def scale_canary(req: WeightRequest) -> RolloutState:
     """Capacity follows weight (Argo's setCanaryScale, Flagger's autoscaler reference): the canary gets
     ceil(weight % x stable's current replicas), at least 1 and never fewer than `canary_replicas`, and is waited
@@ -1015,7 +1018,6 @@ def set_weight(req: WeightRequest) -> RolloutState:
     return httproute_set_shares(req.target, {"stable": 100 - req.canary_weight, "canary": req.canary_weight})
 
 
-@K8S_DELETE_CANARY.implementation
 def delete_canary(target: RolloutTarget) -> RolloutState:
     """Route everything to the stable service (the canary's backendRef removed), then delete the canary's service and
     deployment. Stable is never touched. Nothing to delete is success."""
@@ -1063,7 +1065,6 @@ def _delete_canary_autoscaler(c: _Cluster, target: RolloutTarget) -> Any:
                                                                      _request_timeout=REQUEST_TIMEOUT)
 
 
-@K8S_SET_IMAGE.implementation
 def set_image(req: ImageRequest) -> RolloutState:
     """Give the stable deployment the image (the promotion), then wait for `rollout status` (heartbeating)."""
     target = req.target

@@ -411,3 +411,240 @@ class PatroniCluster:
             detail=f"Patroni cluster {self.db.scope or self.region} is a standby cluster of {primary.region} "
             f"({self.db.replication_address} -> {other.db.replication_address})",
         )
+
+
+# -- layout "stretched": the regions are members of ONE Patroni cluster ------------------------------------------
+
+SWITCHOVER_TIMEOUT = 45.0  # Patroni answers POST /switchover|/failover once it sees the new leader (it polls ~20 s)
+CANDIDATE_LAG_WAIT = 10.0  # the candidate replaying the fenced leader's last position, before anything is asked
+REPLICA_ROLES = ("replica", "sync_standby", "quorum_standby")
+LEADS = ("leader", "master", "primary")
+RUNNING_STATES = ("running", "streaming")
+
+
+class PatroniMember(PatroniCluster):
+    """DatabaseProvider for provider "patroni" with layout "stretched": this region's member (`member`) of the one
+    Patroni cluster the regions share (one DCS across regions). A planned failover is Patroni's own switchover
+    (POST /switchover {leader, candidate}: Patroni stops the leader cleanly, promotes the candidate, and the old
+    leader follows as a replica: no rebuild); an emergency is POST /failover {candidate}. Before asking, the
+    candidate must be a member, a running replica that streams, and have replayed the (fenced) leader's last
+    position: else a non-retryable error names what is wrong, and nothing was changed.
+
+    The fence is the same dynamic-configuration parameter, which in one cluster reaches every member: the candidate
+    is read-only too until the promotion lifts it, once it leads (the old leader follows, read-only anyway)."""
+
+    def member(self, cluster: dict | None = None) -> dict | None:
+        cluster = self.cluster() if cluster is None else cluster
+        return next((m for m in cluster.get("members", []) if m.get("name") == self.db.member), None)
+
+    def known_member(self, cluster: dict) -> dict:
+        m = self.member(cluster)
+        if m is None:
+            names = ", ".join(str(x.get("name")) for x in cluster.get("members", [])) or "none"
+            raise ApplicationError(
+                f"{self.region}: {self.db.member!r} is not a member of Patroni cluster {self.db.scope!r} (its "
+                f"members: {names}); check database.member in the inventory. Nothing was changed",
+                type="PatroniMemberUnknown",
+                non_retryable=True,
+            )
+        return m
+
+    def _leads(self) -> bool:
+        m = self.member()
+        return bool(m and m.get("role") in LEADS and m.get("state") == "running")
+
+    def status(self) -> DbStatus:
+        s = sql_status(self.db, self.region)
+        try:
+            m = self.member()
+        except ApplicationError as e:
+            if e.non_retryable:
+                raise
+            return s.model_copy(update={"cloud_state": f"Patroni: {e.message}"})
+        if m is None:
+            return s.model_copy(update={"cloud_state": f"not a member of cluster {self.db.scope}", "cloud_role": None})
+        return s.model_copy(update={"cloud_state": m.get("state"), "cloud_role": m.get("role")})
+
+    def fence_control_plane(self, budget: float) -> tuple[str, list[str]]:
+        """After an emergency in one cluster the new leader holds the cluster's leader lock in the DCS: Patroni
+        demotes a member that does not hold it, and rejoins it as a replica when its region returns. A fence in the
+        dynamic configuration would reach the new leader too: none is set."""
+        self.timeout = min(self.timeout, max(budget / 4, 1.0))
+        try:
+            cluster = self.cluster()
+        except ApplicationError as e:
+            if e.non_retryable:
+                raise
+            return "patroni-leader-lock", [f"{self.region}: {e.message}; Patroni's leader lock keeps member "
+                                           f"{self.db.member} from leading when it returns (one DCS)"]
+        leader = next((m for m in cluster.get("members", []) if m.get("role") in LEADS), None)
+        if leader is not None and leader.get("name") == self.db.member:
+            raise ApplicationError(
+                f"{self.region}: member {self.db.member} still holds the leader lock of cluster {self.db.scope}",
+                type="PatroniStillLeader",
+            )
+        return "patroni-leader-lock", [
+            f"member {self.db.member} does not hold the leader lock of cluster {self.db.scope} (leader: "
+            f"{leader.get('name') if leader else 'none'}): Patroni keeps it a replica (one DCS)"]
+
+    def _check_candidate(self, me: dict, planned: bool) -> None:
+        name, role, state = me.get("name"), me.get("role"), me.get("state")
+        if (me.get("tags") or {}).get("nofailover"):
+            raise ApplicationError(
+                f"{self.region}: member {name} is tagged nofailover: Patroni never promotes it. Nothing was changed",
+                type="PatroniCandidateNotEligible", non_retryable=True)
+        if role in LEADS:
+            return
+        if role not in REPLICA_ROLES or state not in RUNNING_STATES:
+            raise ApplicationError(
+                f"{self.region}: member {name} is {role}, {state}: not a running replica to promote. Nothing was "
+                "changed", type="PatroniCandidateNotStreaming", non_retryable=True)
+        if planned and not self._streaming():
+            raise ApplicationError(
+                f"{self.region}: member {name} does not stream from the leader (pg_stat_wal_receiver): a "
+                "switchover to it cannot be proven safe. Nothing was changed",
+                type="PatroniCandidateNotStreaming", non_retryable=True)
+
+    def _prove_caught_up(self, old: "PatroniMember") -> tuple[str, str]:
+        """The candidate has replayed at least as far as the old leader's current position (it is fenced: only
+        Patroni writes there), within CANDIDATE_LAG_WAIT; else PatroniCandidateLagging. Returns (leader's position,
+        candidate's replay position)."""
+        token = old._sql("select pg_current_wal_lsn()::text")[0]
+        seen = {"replay": None}
+
+        def caught() -> str | None:
+            replay = seen["replay"] = self._sql("select pg_last_wal_replay_lsn()::text")[0]
+            return replay if (lsn_to_int(replay) or 0) >= (lsn_to_int(token) or 0) else None
+
+        try:
+            replayed = self._until(f"{self.region} to replay up to the leader's {token}", caught, CANDIDATE_LAG_WAIT)
+        except ApplicationError as e:
+            if e.non_retryable or e.type != "PatroniTimeout":
+                raise
+            lag = (lsn_to_int(token) or 0) - (lsn_to_int(seen["replay"]) or 0)
+            raise ApplicationError(
+                f"{self.region}: member {self.db.member} has replayed up to {seen['replay']}, {lag} bytes behind "
+                f"the leader's {token} (in {old.region}) after {CANDIDATE_LAG_WAIT:.0f}s: a switchover now would "
+                "lose them. Nothing was changed; fence the leader and wait for the catch-up",
+                {"lag_bytes": lag}, type="PatroniCandidateLagging", non_retryable=True) from None
+        return token, replayed
+
+    def _post(self, action: str, body: dict) -> tuple[int, Any]:
+        """POST /switchover or /failover to the first member that accepts a connection. Only a refused connection
+        moves on to the next member: a request that may have been received is never sent twice (a timeout is a
+        retryable error; the next attempt looks at the cluster first)."""
+        errors = []
+        client = self._client()
+        for base in self.db.rest_api:
+            url = base.rstrip("/") + f"/{action}"
+            try:
+                r = client.post(url, json=body, timeout=SWITCHOVER_TIMEOUT)
+            except httpx.ConnectError as e:
+                errors.append(f"{url}: {e}")
+                continue
+            except httpx.HTTPError as e:
+                raise ApplicationError(f"{self.region}: POST /{action} {body}: no answer ({type(e).__name__}: {e}); "
+                                       "the next attempt looks at the cluster first", type="PatroniTimeout") from None
+            if r.status_code in (401, 403):
+                raise ApplicationError(
+                    f"{self.region}: Patroni POST /{action} refused ({r.status_code}): check rest_username and "
+                    "rest_password against restapi.authentication", type="PermissionDenied", non_retryable=True)
+            return r.status_code, r.text.strip()
+        raise ApplicationError(
+            f"{self.region}: no Patroni REST API answers ({'; '.join(errors)})", type="PatroniUnreachable")
+
+    def promote(self, force: bool, demote: RegionTarget | None = None) -> PromoteResult:
+        """Make this region's member the cluster's leader: planned (`demote`: the old leader's region), Patroni's
+        switchover from it; forced, Patroni's failover. Looks before it acts: a member that leads already (an earlier
+        attempt, or Patroni's own failover) is promoted. A planned promotion then lifts the cluster's fence."""
+        timeout = time_limit(self.DEFAULT_PROMOTE_TIMEOUT)
+        started = time.monotonic()
+        old = None
+        if demote is not None and not force:
+            if demote.database.provider != "patroni" or getattr(demote.database, "layout", None) != "stretched" \
+                    or demote.database.scope != self.db.scope:
+                raise ApplicationError(
+                    f"{self.region}: {demote.region} is not a member of the same stretched Patroni cluster "
+                    f"{self.db.scope!r}: check both regions' database.layout and scope", type="PatroniLayoutMismatch",
+                    non_retryable=True)
+            old = PatroniMember(demote)
+        elif not force:
+            raise ApplicationError(f"{self.region}: a planned switchover needs the old leader's region",
+                                   type="PatroniLayoutMismatch", non_retryable=True)
+        cluster = self.cluster()
+        me = self.known_member(cluster)
+        before = sql_status(self.db, self.region)
+        received = replayed = None
+        if me.get("role") not in LEADS:
+            self._check_candidate(me, planned=old is not None)
+            if old is not None:
+                old_m = old.known_member(cluster)
+                leader = next((m for m in cluster.get("members", []) if m.get("role") in LEADS), None)
+                if leader is None or leader.get("name") != old_m.get("name"):
+                    raise ApplicationError(
+                        f"{self.region}: the leader of cluster {self.db.scope} is "
+                        f"{leader.get('name') if leader else 'nobody'}, not {old.region}'s member {old_m.get('name')}:"
+                        " nothing to switch over from. Nothing was changed",
+                        type="PatroniLeaderMismatch", non_retryable=True)
+                received, replayed = self._prove_caught_up(old)
+                body = {"leader": old_m["name"], "candidate": me["name"]}
+            else:
+                received, replayed = before.current_lsn, before.replay_lsn
+                body = {"candidate": me["name"]}
+            action = "failover" if old is None else "switchover"
+            heartbeat({"phase": f"POST /{action}", "body": body, "leader_lsn": received, "replayed_lsn": replayed})
+            status, text = self._post(action, body)
+            if status != 200 or "instead of" in text:
+                if self._leads():  # a request of an earlier attempt got there first
+                    pass
+                elif status in (400, 412) or "instead of" in text:
+                    raise ApplicationError(f"{self.region}: Patroni refused POST /{action} {body}: {status} {text}",
+                                           type="PatroniRefused", non_retryable=True)
+                else:
+                    raise ApplicationError(f"{self.region}: POST /{action} {body} answered {status} {text}",
+                                           type="PatroniError")
+            self._until(f"member {me['name']} to lead cluster {self.db.scope}", self._leads, SETTLE_TIMEOUT)
+        if old is not None and FENCE_PARAMETER in (self.config().get("postgresql", {}).get("parameters") or {}):
+            self.patch_config(_fence_patch(False))  # the fence reached every member: the new leader takes writes
+        self._until("the new leader to accept writes", self._writable, max(timeout - 5, 10))
+        after = sql_status(self.db, self.region)
+        old_role = None
+        if old is not None:
+            old_m = old.member()
+            old_role = old_m.get("role") if old_m else None
+        return PromoteResult(
+            already_primary=me.get("role") in LEADS,
+            seconds=round(time.monotonic() - started, 3),
+            timeline=after.timeline,
+            lsn_at_promotion=replayed,
+            received_lsn=received,
+            switchover=old is not None,
+            old_primary=old.region if old else None,
+            old_primary_role=old_role,
+        )
+
+    def rebuild_replica(self, primary: RegionTarget) -> RebuildResult:
+        """In one cluster Patroni rejoins a returning old leader as a replica itself (pg_rewind when it diverged,
+        use_pg_rewind): wait until this member streams; one that does not is for `patronictl reinit`."""
+        started = time.monotonic()
+        cluster = self.cluster()
+        me = self.known_member(cluster)
+        if me.get("role") in LEADS:
+            raise ApplicationError(
+                f"{self.region}: member {me.get('name')} leads cluster {self.db.scope}: it is no replica to rebuild",
+                type="RebuildNotSupported", non_retryable=True)
+        if self._streaming():
+            return RebuildResult(method="already-streaming", seconds=0.0,
+                                 detail=f"member {me.get('name')} already streams from the leader")
+        try:
+            self._until(f"member {me.get('name')} to stream from the leader", self._streaming,
+                        min(time_limit(600.0), 300.0))
+        except ApplicationError as e:
+            if e.non_retryable:
+                raise
+            raise ApplicationError(
+                f"{self.region}: member {me.get('name')} does not stream ({e.message}): reinitialise it "
+                f"(patronictl -c <its patroni.yml> reinit {self.db.scope} {me.get('name')}), then fail back",
+                type="RebuildNotSupported", non_retryable=True) from None
+        return RebuildResult(method="patroni-rejoined", seconds=round(time.monotonic() - started, 3),
+                             detail=f"member {me.get('name')} rejoined cluster {self.db.scope} as a replica")

@@ -7,7 +7,7 @@ is non-retryable; an unreachable server or a 5xx is retried.
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import httpx
 from temporalio import activity
@@ -74,7 +74,7 @@ def query_range_filled(
     out, leading = [], None
     for k, t in enumerate(grid):
         v = points.get(t, 0.0)
-        if leading is None and t in points:
+        if leading is None and math.isfinite(points.get(t, math.nan)):  # a NaN point (0/0: no traffic) is no data
             leading = k
         out.append(v if math.isfinite(v) else 0.0)
     return out, len(out) if leading is None else leading
@@ -124,18 +124,28 @@ def number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def ending_at(start: datetime, end: datetime, step: float) -> datetime:
+    """The start of the step grid that ends at `end` (rather than somewhere in the last step): the last sample is
+    the freshest Prometheus has, which is what a look soon after the weight moved needs."""
+    span = (end - start).total_seconds()
+    if span <= 0:
+        return start
+    return end - timedelta(seconds=math.floor(span / max(step, 0.001) + 1e-9) * max(step, 0.001))
+
+
 @PROMETHEUS_SAMPLES.implementation
 def samples(req: SamplesRequest) -> Samples:
     """Every metric's values for canary and baseline over [start, end] at the analysis step, and the request volume."""
     a = req.analysis
     b_start, b_end = req.baseline_start or req.start, req.baseline_end or req.end
+    start, b_grid = ending_at(req.start, req.end, a.step), ending_at(b_start, b_end, a.step)
     out = []
     for m in a.metrics:
         activity.heartbeat(m.name) if activity.in_activity() else None
         canary, canary_filled = query_range_filled(
             a.prometheus,
             fill(m.query, deployment=req.canary, version=req.canary_version, interval=a.interval),
-            req.start,
+            start,
             req.end,
             a.step,
             zero=m.missing == "zero",
@@ -143,7 +153,7 @@ def samples(req: SamplesRequest) -> Samples:
         baseline, baseline_filled = query_range_filled(
             a.prometheus,
             fill(m.query, deployment=req.baseline, version=req.baseline_version, interval=a.interval),
-            b_start,
+            b_grid,
             b_end,
             a.step,
             zero=m.missing == "zero",
@@ -157,16 +167,23 @@ def samples(req: SamplesRequest) -> Samples:
                 baseline_filled=baseline_filled,
             )
         )
-    canary_requests = baseline_requests = None
+    canary_requests = baseline_requests = recent_requests = seen = None
     if a.requests:
         window = (req.end - req.start).total_seconds()
-        canary_requests = number(
-            query(
-                a.prometheus,
-                fill(a.requests, deployment=req.canary, version=req.canary_version, interval=window),
-                at=req.end,
-            )
-        )
+
+        def canary_count(seconds: float) -> float | None:
+            promql = fill(a.requests, deployment=req.canary, version=req.canary_version, interval=seconds)
+            return number(query(a.prometheus, promql, at=req.end))
+
+        whole = canary_count(window)
+        # the requests behind what an absolute limit judges (the last interval of samples, opsflow.rollout.recent):
+        # the last interval's, also early in a bake (before the first weight the canary had no traffic; later, the
+        # rate windows of the samples hold the previous weight's traffic too), so that short windows (a [1s]
+        # increase() holds one scrape: no value) do not hide the first requests
+        recent = whole if window == a.interval else canary_count(a.interval)
+        seen = recent is not None  # Prometheus has the canary's series (scraped twice in the span): it counts
+        # no series: the canary served no request that Prometheus counted (0, not "unknown")
+        canary_requests, recent_requests = whole or 0.0, recent or 0.0
         baseline_requests = number(
             query(
                 a.prometheus,
@@ -179,6 +196,5 @@ def samples(req: SamplesRequest) -> Samples:
                 at=b_end,
             )
         )
-    return Samples(
-        metrics=out, canary_requests=canary_requests, baseline_requests=baseline_requests, start=req.start, end=req.end
-    )
+    return Samples(metrics=out, canary_requests=canary_requests, baseline_requests=baseline_requests,
+                   canary_recent_requests=recent_requests, canary_seen=seen, start=req.start, end=req.end)

@@ -73,9 +73,9 @@ def database_provider(target: RegionTarget) -> DatabaseProvider:
 
         return RdsInstance(target)
     if kind == "patroni":
-        from activities.patroni import PatroniCluster
+        from activities.patroni import PatroniCluster, PatroniMember
 
-        return PatroniCluster(target)
+        return PatroniMember(target) if target.database.layout == "stretched" else PatroniCluster(target)
     raise ValueError(f"unknown database provider {kind!r}")
 
 
@@ -132,6 +132,10 @@ def restore_provider(request: "RestoreRequest") -> RestoreProvider:
         from activities.mysql import MysqlDumpRestore
 
         return MysqlDumpRestore(request)
+    if request.method == "host-pitr":
+        from activities.postgres.host_restore import HostPointInTimeRestore
+
+        return HostPointInTimeRestore(request)
     raise ValueError(f"unknown restore method {request.method!r}")
 
 

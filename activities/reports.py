@@ -7,6 +7,7 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
+from activities.context import heartbeating
 from activities.rules import RULEBOOK
 from opsflow.contracts.notify import REPORT_STORE
 from opsflow.contracts.restore import RESTORE_HISTORY
@@ -38,7 +39,12 @@ def html_page(request: StoreReportRequest) -> str | None:
 @REPORT_STORE.implementation
 def store_report(request: StoreReportRequest) -> list[str]:
     """Write <reports_dir>/<environment>/<workflow id>.{json,md,html}, and the same keys under the S3 prefix.
-    Idempotent."""
+    Idempotent. Heartbeats while it writes (a worker lost mid-write is noticed within the heartbeat timeout)."""
+    with heartbeating("storing the report"):
+        return _store_report(request)
+
+
+def _store_report(request: StoreReportRequest) -> list[str]:
     stem = request.workflow_id.replace("/", "_")
     folder = Path(request.reports_dir) / request.environment
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,6 +81,12 @@ HISTORY_SCAN = 500
 
 @RESTORE_HISTORY.implementation
 def drill_history(request: DrillHistoryRequest) -> list[DrillRun]:
+    """The drills before this one (see `_drill_history`), heartbeating while it reads."""
+    with heartbeating("reading the drills' reports"):
+        return _drill_history(request)
+
+
+def _drill_history(request: DrillHistoryRequest) -> list[DrillRun]:
     """The last `limit` drills of the environment, oldest first, read back from their stored reports: from S3 when
     the inventory names a bucket (every worker writes there), else the local reports directory. A report that
     cannot be read is skipped (and logged); dry runs are never stored."""

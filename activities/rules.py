@@ -16,6 +16,7 @@ from pathlib import Path
 
 from temporalio import activity
 
+from activities.context import heartbeating
 from opsflow.contracts.kernel import RULES_INVENTORY
 from opsflow.inventory import Inventory, InventoryError, load_inventory
 from opsflow.rules import EnvironmentRules, RulesRequest, WorkerRules, differences, digest_of, mismatch_message
@@ -127,11 +128,13 @@ async def nonce_used_elsewhere(nonce: str) -> str | None:
 async def worker_inventory(req: RulesRequest) -> WorkerRules:
     """The worker's inventory for each environment asked, or why the start is refused (a digest that differs
     names the settings; an environment this worker does not hold; a start signature already used)."""
-    # Reading an inventory file that changed is blocking I/O: off the worker's event loop.
-    out = [await asyncio.to_thread(rules_for, env, seen) for env, seen in req.environments.items()]
-    if req.start_nonce and all(r.inventory is not None for r in out):
-        used_by = await nonce_used_elsewhere(req.start_nonce)
-        if used_by:
-            for r in out:
-                r.inventory, r.refusal = None, f"replayed start signature: run {used_by} was already started with it"
+    async with heartbeating("reading the rules"):  # a worker lost meanwhile costs the heartbeat timeout
+        # Reading an inventory file that changed is blocking I/O: off the worker's event loop.
+        out = [await asyncio.to_thread(rules_for, env, seen) for env, seen in req.environments.items()]
+        if req.start_nonce and all(r.inventory is not None for r in out):
+            used_by = await nonce_used_elsewhere(req.start_nonce)
+            if used_by:
+                refusal = f"replayed start signature: run {used_by} was already started with it"
+                for r in out:
+                    r.inventory, r.refusal = None, refusal
     return WorkerRules(environments=out, worker=f"{os.getpid()}@{os.uname().nodename}")

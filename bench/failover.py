@@ -250,6 +250,7 @@ class Writer:
 
 
 DATABASE = "cloud"  # --database patroni: the planned runs on Patroni clusters
+PATRONI_LAYOUT = "per-region"  # --patroni-layout stretched: one Patroni cluster across the regions
 
 
 def failover_run(base: Path, number: int) -> dict:
@@ -260,7 +261,8 @@ def failover_run(base: Path, number: int) -> dict:
     root = base / f"lab-{number}"
     t0 = time.monotonic()
     try:
-        state = up(root, with_worker=True, quiet=True, default_ports=False, database=DATABASE)
+        state = up(root, with_worker=True, quiet=True, default_ports=False, database=DATABASE,
+                   patroni_layout=PATRONI_LAYOUT)
         say(f"  lab up in {time.monotonic() - t0:.1f}s; planned failover {SOURCE} -> {TARGET}")
         t0 = time.monotonic()
         drain = load_inventory(state["inventory"]).failover.drain
@@ -774,9 +776,11 @@ def main() -> int:
     )
     parser.add_argument("--database", choices=["cloud", "patroni"], default="cloud",
                         help="planned runs on `opsflow lab up --database patroni` (Patroni clusters)")
+    parser.add_argument("--patroni-layout", choices=["per-region", "stretched"], default="per-region",
+                        help="with --database patroni: one cluster per region, or one stretched across them")
     args = parser.parse_args()
-    global DATABASE
-    DATABASE = args.database
+    global DATABASE, PATRONI_LAYOUT
+    DATABASE, PATRONI_LAYOUT = args.database, args.patroni_layout
     if args.runs < 1:
         parser.error("--runs must be at least 1")
 

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Canary rollouts on the lab's real traffic, measured at a client of the proxy.
 
-    python bench/rollout.py [--runs N] [--rps R] [--json]
+    python bench/rollout.py [--runs N] [--rps R] [--router nginx [--workload host]] [--json]
 
 One lab with the rollout stage (`opsflow lab up --rollout`: the Kubernetes emulator, one real app process per
 deployment, a real NGINX splitting traffic by the HTTPRoute's weights, a real Prometheus scraping the apps, the
 stage's own steady load) and a worker, in a temporary directory, torn down at the end (also on failure or Ctrl-C).
 The lab's inventory as it comes (analysis every 5 s over 1 s samples, error rate limit 5 %, steps 25/50/100, bake
-15 s), approvals by its quorum (carol, dave) as soon as it waits.
+15 s), approvals by its quorum (carol, dave) as soon as it waits. `--router nginx` runs the stage's NGINX as plain
+NGINX (the worker writes its upstream file); `--workload host` as well puts the app outside Kubernetes (each role's
+process started, checked and stopped by the worker through lab/host_app.py).
 
 Beside the stage's load, the bench's own CLIENT sends R requests a second (default 40) through NGINX from 4
 threads on keep-alive connections, and records each request's send time, answer time, HTTP status and the
@@ -18,9 +20,10 @@ Per run, N of each (default 3):
 - FAULTY IMAGE: `opsflow canary --image registry.lab/shop:faulty-2 --auto-promote` (the faulty app answers ~15 %
   of its requests 500). Figures: the share of the client's requests answered 5xx from the canary's start (the
   create-canary step's start, workflow time on this machine's clock) to its removal (the end of the undo that
-  deletes it) -- goal <= 2 % --, the 5xx count and the requests in that span; seconds from the canary's start to
-  the rollback's end (canary removed), and from the first canary traffic (weight-25's end) to the weight back at
-  0 (the undo's end).
+  deletes it) -- goal <= 2 % --, the 5xx count and the requests in that span, and the share from the first
+  weight's move to the removal (the canary's time with traffic, which a wait before it does not dilute); seconds
+  from the canary's start to the rollback's end (canary removed), and from the first canary traffic (weight-25's
+  end) to the weight back at 0 (the undo's end).
 - ABORT DURING A BAKE: a healthy image (`...:healthy-3`, steps 25/100, bake 60 s); once the bake runs and the
   client has had 5 answers from the canary, `abort` (by carol, through the Update the CLI sends). Figure: seconds
   from the abort until the last request the canary answered (its answer time at the client) -- goal <= 2 s --; the
@@ -180,7 +183,9 @@ async def faulty_run(state: dict, client: Client, steps: str | None) -> dict:
     span = client.between(start, removed)
     errors = sum(1 for e in span if e[2] >= 500)
     canary_version = image.rsplit(":", 1)[1]
+    exposed = client.between(traffic, removed)  # from the first weight's move: the canary's time with traffic
     return {"share_5xx": errors / len(span) if span else 0.0, "errors_5xx": errors, "requests": len(span),
+            "share_5xx_with_traffic": sum(1 for e in exposed if e[2] >= 500) / len(exposed) if exposed else 0.0,
             "canary_answers": sum(1 for e in span if e[3] == canary_version),
             "start_to_rollback_seconds": removed - start, "traffic_to_weight0_seconds": zero - traffic,
             "traffic_to_failed_look_seconds": ts(failed["end"]) - traffic, "failed_at_weight": failed["weight"],
@@ -222,8 +227,14 @@ def main() -> int:
     parser.add_argument("--steps", help="the canary's weights for the faulty image (default: the lab inventory's, "
                         "25,50,100); e.g. 5,25,50,100, the house default")
     parser.add_argument("--only", choices=("faulty", "abort"), help="one of the two measures")
+    parser.add_argument("--router", choices=("httproute", "nginx"), default="httproute",
+                        help="the lab's router (opsflow lab up --router)")
+    parser.add_argument("--workload", choices=("kubernetes", "host"), default="kubernetes",
+                        help="host: the app outside Kubernetes (with --router nginx; opsflow lab up --workload)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.workload == "host" and args.router != "nginx":
+        parser.error("--workload host runs behind plain NGINX: add --router nginx")
 
     from lab.manage import down, up
 
@@ -235,7 +246,8 @@ def main() -> int:
     aborts: list[dict] = []
     client = None
     try:
-        state = up(root, with_worker=True, quiet=True, default_ports=False, rollout=True)
+        state = up(root, with_worker=True, quiet=True, default_ports=False, rollout=True, router=args.router,
+                   workload=args.workload)
         client = Client(state["rollout"]["proxy"], args.rps).start()
         for n in range(1, args.runs + 1):
             for kind, fn, out in (("faulty", faulty_run, faulty), ("abort", abort_run, aborts)):
@@ -257,10 +269,12 @@ def main() -> int:
     if not faulty and not aborts:
         say("no run succeeded")
         return 1
-    result: dict = {"runs": args.runs, "client_rps": args.rps, "client_refused": client.refused if client else 0}
+    result: dict = {"runs": args.runs, "client_rps": args.rps, "client_refused": client.refused if client else 0,
+                    "router": args.router, "workload": args.workload}
     if faulty:
         result["faulty"] = {"runs": len(faulty), **{k: median_min_max([r[k] for r in faulty]) for k in (
-            "share_5xx", "errors_5xx", "requests", "start_to_rollback_seconds", "traffic_to_weight0_seconds",
+            "share_5xx", "errors_5xx", "requests", "share_5xx_with_traffic", "start_to_rollback_seconds",
+            "traffic_to_weight0_seconds",
             "traffic_to_failed_look_seconds")}, "steps": args.steps or "25,50,100 (the lab's)",
                             "reason": faulty[-1]["reason"]}
     if aborts:
@@ -269,13 +283,16 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"canary rollouts on the lab, measured at a client of the proxy ({args.rps:.0f} req/s), median [min-max]:")
+    print(f"canary rollouts on the lab ({args.router} router, {args.workload} workload), measured at a client of the "
+          f"proxy ({args.rps:.0f} req/s), median [min-max]:")
     if faulty:
         f = result["faulty"]
         print(f"  faulty image ({f['runs']} run(s), steps {f['steps']}), canary start -> removal:")
         print(f"    client requests answered 5xx  {f['share_5xx']['median']:8.2%}  "
               f"[{f['share_5xx']['min']:.2%}-{f['share_5xx']['max']:.2%}]  (goal <= 2 %; "
               f"{f['errors_5xx']['median']:.0f} of {f['requests']['median']:.0f})")
+        w = f["share_5xx_with_traffic"]
+        print(f"    ... from the first weight's move only {w['median']:8.2%}  [{w['min']:.2%}-{w['max']:.2%}]")
         for key, label in (("start_to_rollback_seconds", "start -> rolled back (s)"),
                            ("traffic_to_failed_look_seconds", "first canary traffic -> failing look (s)"),
                            ("traffic_to_weight0_seconds", "first canary traffic -> weight 0 (s)")):

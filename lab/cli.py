@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--router", choices=["httproute", "nginx"], default="httproute",
                            help="with --rollout: what splits the canary's traffic: the HTTPRoute (NGINX follows it, "
                                 "as a gateway would), or plain NGINX whose upstream file opsflow writes")
+            p.add_argument("--workload", choices=["kubernetes", "host"], default="kubernetes",
+                           help="with --rollout --router nginx: the app as Deployments of the Kubernetes emulator, or "
+                                "as instances on a host that the worker starts, checks and stops (lab/host_app.py)")
             p.add_argument("--database", choices=["cloud", "self-managed", "patroni"], default="cloud",
                            help="cloud: the cloud's managed servers (Azure flexible server, RDS); self-managed: "
                                 "provider postgres whose hosts the worker reaches (switchovers without a "
@@ -49,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 p.add_argument("--alerts", action="store_true",
                                help="also Prometheus, Alertmanager and opsflow alert-receiver: an alert requests a "
                                     "failover that waits for approval (lab/alerting.py)")
+                p.add_argument("--patroni-layout", choices=["per-region", "stretched"], default="per-region",
+                               help="with --database patroni: a Patroni cluster per region (standby clusters), or "
+                                    "ONE cluster whose members are the regions (Patroni's own switchover)")
                 p.add_argument("--virtual-endpoint", action="store_true",
                                help="Azure: a virtual endpoint over the two servers, named in the inventory: "
                                     "failovers are switchovers (the old primary becomes the replica)")
@@ -69,13 +75,21 @@ def main(args: argparse.Namespace) -> int:
         if args.virtual_endpoint and args.cloud != "azure":
             print("opsflow lab up: --virtual-endpoint is an Azure feature (not with --cloud aws)", file=sys.stderr)
             return 2
+        if args.workload == "host" and not (args.rollout and args.router == "nginx"):
+            print("opsflow lab up: --workload host runs behind plain NGINX: add --rollout --router nginx",
+                  file=sys.stderr)
+            return 2
+        if args.patroni_layout != "per-region" and args.database != "patroni":
+            print("opsflow lab up: --patroni-layout is for --database patroni", file=sys.stderr)
+            return 2
         if args.database != "cloud" and (args.cloud != "azure" or args.virtual_endpoint):
             print(f"opsflow lab up: --database {args.database} runs with the Azure lab's traffic (not with --cloud aws "
                   "or --virtual-endpoint)", file=sys.stderr)
             return 2
         manage.up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults,
                   encrypt=args.encrypt, rollout=args.rollout, virtual_endpoint=args.virtual_endpoint,
-                  router=args.router, alerts=args.alerts, database=args.database)
+                  router=args.router, alerts=args.alerts, database=args.database,
+                  patroni_layout=args.patroni_layout, workload=args.workload)
         s = manage.status(root)
         if args.json:
             print(json.dumps(s, indent=2))

@@ -12,6 +12,7 @@ from pathlib import Path
 from temporalio.client import WorkflowFailureError
 
 from activities.postgres.server import sql_status
+from lab.inventory import lab_database
 from lab.manage import print_status, status, up, worker_env
 from lab.processes import Lab
 from opsflow.client import connect, environment_workflow_id, fetch_report, follow, send_update, start_procedure
@@ -93,7 +94,7 @@ def print_following(provider: str, source: str, target: str, report) -> None:
 def flavour_refusal(root: Path, database: str) -> str | None:
     """Why the demo cannot run with --database `database` on the lab already running in `root`, if it cannot."""
     lab = Lab(root)
-    running = lab.state.get("database") or "cloud"
+    running = lab_database(lab.state)
     if not (lab.state.get("ready") and lab.alive("temporal")) or running == database:
         return None
     again = "opsflow lab demo" + ("" if database == "cloud" else f" --database {database}")

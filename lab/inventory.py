@@ -4,6 +4,7 @@ and the CLI read (lab_inventory: the Azure variant; lab/aws_lab.py builds the AW
 
     arm_emulator_config(clusters, receiver_port) -> dict   flexible servers on the lab's clusters, one TM profile
     lab_inventory(state, root) -> dict                     the inventory for lab.json's state
+    lab_database(state) -> str                             its database flavour: cloud | self-managed | patroni
     lab_maintenance(receiver_url) -> dict                  its maintenance section: a window open whenever the lab runs
 """
 
@@ -79,14 +80,23 @@ def arm_emulator_config(clusters: dict, receiver_port: int, virtual_endpoint: st
     }
 
 
+def lab_database(state: dict) -> str:
+    """The lab's database flavour, as `opsflow lab up --database` recorded it (state["database"]): cloud, self-managed
+    or patroni. A state file written before that key reads as what it held then (a missing key is the cloud)."""
+    return state.get("database") or (
+        "patroni" if state.get("patroni") else "self-managed" if state.get("self_managed") else "cloud")
+
+
 def lab_inventory(state: dict, root: Path) -> dict:
     receiver = state["receiver"]["url"]
     arm = state["azure"]["arm_endpoint"]
+    database = lab_database(state)
+    self_managed = database == "self-managed" and state.get("cloud", "azure") == "azure"  # host access: Azure's lab
     regions = {}
     for region in REGIONS:
         regions[region] = {
-            "database": patroni_database(state, region) if state.get("patroni")
-            else self_managed_database(state, region) if state.get("self_managed") else {
+            "database": patroni_database(state, region) if database == "patroni"
+            else self_managed_database(state, region) if self_managed else {
                 "provider": "azure-flexible",
                 "subscription_id": SUBSCRIPTION,
                 "resource_group": RESOURCE_GROUP,
@@ -135,12 +145,17 @@ def lab_inventory(state: dict, root: Path) -> dict:
         },
         "reports_dir": str(root / "reports"),
         "maintenance": lab_maintenance(receiver),
-    } | ({"drill": {}} if state.get("patroni") else {})  # Patroni's clusters are no Azure servers: no PITR there
+    } | ({"drill": {}} if database == "patroni" else {}  # Patroni's clusters are no Azure servers: no PITR there
+         ) | ({"drill": self_managed_drill(state, root)} if self_managed else {})
 
 
 def patroni_database(state: dict, region: str) -> dict:
     """`opsflow lab up --database patroni`: the region's Patroni cluster (lab/patroni.py)."""
     r = state["patroni"]["regions"][region]
+    if r.get("member"):  # one cluster stretched across the regions: each region's member, every member's REST API
+        others = [o["rest_api"] for n, o in state["patroni"]["regions"].items() if n != region]
+        return {"provider": "patroni", "layout": "stretched", "member": r["member"], "scope": r["scope"],
+                "dsn": r["dsn"], "rest_api": [r["rest_api"], *others]}
     return {"provider": "patroni", "dsn": r["dsn"], "rest_api": [r["rest_api"]], "scope": r["scope"],
             "replication_address": f"127.0.0.1:{r['port']}"}
 
@@ -153,6 +168,25 @@ def self_managed_database(state: dict, region: str) -> dict:
     return {"provider": "postgres", "dsn": state["regions"][region]["dsn"],
             "host": {"run": run, "data_dir": str(cluster.datadir), "bin_dir": str(Path(pg_bin("pg_ctl")).parent),
                      "log_file": str(cluster.logfile), "command_timeout": "60s"}}
+
+
+def self_managed_drill(state: dict, root: Path) -> dict:
+    """`opsflow lab up --database self-managed`: the drill restores the primary's tar base backup (lab/manage.py takes
+    it) and its WAL archive on this machine (method host-pitr), as the postgres OS user when the lab runs as root."""
+    run = ["runuser", "-u", SERVER_USER, "--"] if os.geteuid() == 0 else []
+    return {
+        "method": "host-pitr",
+        "host": {"run": run, "base_backups": str(root / "drill" / "base-backups"),
+                 "wal_archive": str(root / "wal-archive"), "scratch_dir": str(root / "drill" / "scratch"),
+                 "bin_dir": str(Path(pg_bin("pg_ctl")).parent), "command_timeout": "60s"},
+        "row_counts": [{"table": "lab_orders", "timestamp_column": "created_at"}],
+        "checks": [{"name": "no negative totals",
+                    "query": "SELECT NOT EXISTS (SELECT 1 FROM lab_orders WHERE total < 0)"}],
+        "schema_objects": ["public.lab_orders", "public.lab_orders_pkey"],
+        "retention": "7d",
+        "restore_timeout": "10m",
+        "heartbeat_timeout": "30s",
+    }
 
 
 def lab_maintenance(receiver: str) -> dict:

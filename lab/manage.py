@@ -36,7 +36,7 @@ from lab.inventory import (
     lab_inventory,
 )
 from lab.k8s_emulator import write_kubeconfig
-from lab.postgres import Cluster, create_replica, drop_cluster, init_primary
+from lab.postgres import Cluster, create_replica, drop_cluster, init_primary, make_server_dir, take_tar_base_backup
 from lab.processes import Lab, pick_port, stop_pids, wait_file
 from lab.seed import seed_demo_data
 from opsflow.client import lab_pointer, pid_alive
@@ -70,7 +70,8 @@ def temporal_binary() -> str:
 
 def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
        faults: float = 0.0, encrypt: bool = False, rollout: bool = False, virtual_endpoint: bool = False,
-       router: str = "httproute", alerts: bool = False, database: str = "cloud") -> dict:
+       router: str = "httproute", alerts: bool = False, database: str = "cloud",
+       patroni_layout: str = "per-region", workload: str = "kubernetes") -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
     tests and benchmarks take any free ports so they never meet another lab's leftovers. faults: the fraction of
     cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults).
@@ -78,7 +79,8 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
     alerts: the alerting stage (lab/alerting.py): Prometheus, Alertmanager and `opsflow alert-receiver`.
     database="self-managed": the inventory names the databases as self-managed PostgreSQL (provider postgres) with
     host access (switchover failovers without a rebuild); the ARM emulator still serves Traffic Manager.
-    database="patroni": Patroni clusters on etcd instead of plain PostgreSQL (lab/patroni.py), provider "patroni"."""
+    database="patroni": Patroni clusters on etcd instead of plain PostgreSQL (lab/patroni.py), provider "patroni";
+    patroni_layout="stretched": one Patroni cluster whose members are the regions (a cluster per region else)."""
     say: Say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     lab = Lab(root)
     if lab.state.get("ready") and lab.alive("temporal"):
@@ -92,10 +94,11 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
     try:
         lab.state["with_rollout"] = rollout  # the rollout stage (lab/rollout.py): app, NGINX, Prometheus, load
         lab.state["rollout_router"] = router  # httproute | nginx (the upstream file opsflow writes)
+        lab.state["rollout_workload"] = workload  # kubernetes | host (lab/host_app.py, run by the worker)
         lab.state["virtual_endpoint"] = VIRTUAL_ENDPOINT if virtual_endpoint and cloud == "azure" else None
         lab.state["with_alerts"] = alerts
-        lab.state["database"] = database
-        lab.state["self_managed"] = database == "self-managed" and cloud == "azure"
+        lab.state["database"] = database  # what follows from it: lab/inventory.py lab_database
+        lab.state["patroni_layout"] = patroni_layout if database == "patroni" else None
         _up(lab, root, with_worker, say, cloud, default_ports, encrypt)
     except BaseException:
         say("lab up failed; removing what was started")
@@ -146,7 +149,8 @@ def _up(lab: Lab, root: Path, with_worker: bool, say: Say, cloud: str, default_p
     if lab.state.get("with_rollout"):
         say("lab: rollout stage (app processes, NGINX, Prometheus, load)")
         lab.state["rollout"] = rollout.start(lab, root, lab.state["kubernetes"][PRIMARY]["url"], PRIMARY,
-                                             router=lab.state.get("rollout_router") or "httproute")
+                                             router=lab.state.get("rollout_router") or "httproute",
+                                             workload=lab.state.get("rollout_workload") or "kubernetes")
     inventory = root / "inventory.yaml"
     if lab.state.get("with_alerts"):
         alerting.prepare(lab, root)
@@ -212,6 +216,9 @@ def start_postgres(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
     say("lab: PostgreSQL primary (eastus) and streaming replica (westeurope)")
     clusters = {PRIMARY: init_primary(root / "pg", f"{PRIMARY}", archive_dir=root / "wal-archive")}
     clusters["westeurope"] = create_replica(clusters[PRIMARY], root / "pg", "westeurope")
+    if lab.state.get("database") == "self-managed":  # the drill's host-pitr: a tar base backup, a scratch directory
+        take_tar_base_backup(clusters[PRIMARY], root / "drill" / "base-backups")
+        make_server_dir(root / "drill" / "scratch")
     lab.state["postgres"] = {r: c.to_dict() for r, c in clusters.items()}
     lab.state["regions"] = {r: {"dsn": c.dsn} for r, c in clusters.items()}
     lab.save()

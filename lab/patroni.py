@@ -14,6 +14,9 @@ other's through Patroni's REST API (activities/patroni.py); nothing here knows t
                                                   "patroni" section (REST URLs, scopes, ports) that
                                                   lab.inventory.lab_inventory turns into provider "patroni"
     kill(lab, region) / restart(lab, region)      a region's Patroni and PostgreSQL die / its Patroni comes back
+
+With `opsflow lab up --database patroni --patroni-layout stretched` the regions are instead members of ONE cluster
+(scope lab-stretched, members eastus-1 and westeurope-1, one etcd): a failover is Patroni's own switchover.
 """
 
 from __future__ import annotations
@@ -122,13 +125,14 @@ def start_etcd(lab: Lab, root: Path) -> str:
     return f"127.0.0.1:{client}"
 
 
-def _config(region: str, root: Path, etcd: str, rest_port: int, pg_port: int, standby_of: int | None) -> dict:
+def _config(region: str, root: Path, etcd: str, rest_port: int, pg_port: int, standby_of: int | None,
+            cluster: str | None = None) -> dict:
     base = _owned_dir(root / "patroni" / region)
     dcs: dict = {**DCS, "postgresql": {"use_pg_rewind": True, "use_slots": False, "parameters": PARAMETERS}}
     if standby_of is not None:
         dcs["standby_cluster"] = {"host": "127.0.0.1", "port": standby_of, "create_replica_methods": ["basebackup"]}
     return {
-        "scope": scope(region),
+        "scope": cluster or scope(region),
         "namespace": "/opsflow-lab/",
         "name": f"{region}-1",
         "restapi": {"listen": f"127.0.0.1:{rest_port}", "connect_address": f"127.0.0.1:{rest_port}"},
@@ -151,8 +155,11 @@ def _config(region: str, root: Path, etcd: str, rest_port: int, pg_port: int, st
 
 def start(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
     """etcd, then the primary cluster in `primary`, then the standby cluster in each other region streaming from
-    it. Returns the clusters (Cluster objects over Patroni's data directories: the lab's seed, status and teardown
-    use them); lab.state["patroni"] holds what the inventory needs."""
+    it (or, with lab.state["patroni_layout"] == "stretched", one cluster whose members are the regions). Returns the
+    clusters (Cluster objects over Patroni's data directories: the lab's seed, status and teardown use them);
+    lab.state["patroni"] holds what the inventory needs."""
+    if lab.state.get("patroni_layout") == "stretched":
+        return start_stretched(lab, root, say)
     say("lab: Patroni clusters on etcd (eastus primary, westeurope standby cluster)")
     etcd = start_etcd(lab, root)
     state: dict = {"etcd": etcd, "regions": {}}
@@ -177,6 +184,42 @@ def start(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
                                    port=pg_port, logfile=Path(lab.state["processes"][name]["log"]))
         state["regions"][region] = {"rest_api": rest, "scope": scope(region), "port": pg_port,
                                     "dsn": clusters[region].dsn, "config": str(path)}
+    lab.state["patroni"] = state
+    lab.save()
+    return clusters
+
+
+STRETCHED_SCOPE = "lab-stretched"
+
+
+def member(region: str) -> str:
+    return f"{region}-1"
+
+
+def start_stretched(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
+    """One Patroni cluster (scope lab-stretched) whose members are the regions, one DCS (etcd) across them: eastus-1
+    bootstraps and leads, westeurope-1 clones it (pg_basebackup, Patroni's default) and streams from the leader."""
+    say("lab: one Patroni cluster stretched across the regions on etcd (eastus-1 leader, westeurope-1 replica)")
+    etcd = start_etcd(lab, root)
+    state: dict = {"etcd": etcd, "layout": "stretched", "scope": STRETCHED_SCOPE, "regions": {}}
+    clusters: dict[str, Cluster] = {}
+    for region in [PRIMARY, *[r for r in REGIONS if r != PRIMARY]]:
+        rest_port, pg_port = pick_port(), pick_port()
+        cfg = _config(region, root, etcd, rest_port, pg_port, None, cluster=STRETCHED_SCOPE)
+        path = root / "patroni" / f"{region}.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        os.chmod(path, 0o644)
+        name = f"patroni-{region}"
+        lab.spawn(name, _as_server_user([PATRONI, str(path)]))
+        rest = f"http://127.0.0.1:{rest_port}"
+        if region == PRIMARY:
+            _wait("leader (GET /primary 200)", lambda: _get(f"{rest}/primary")[0] == 200, lab, name)
+        else:
+            _wait("a streaming replica", lambda: _get(f"{rest}/replica")[0] == 200 and _streams(pg_port), lab, name)
+        clusters[region] = Cluster(name=f"patroni-{region}", datadir=Path(cfg["postgresql"]["data_dir"]),
+                                   port=pg_port, logfile=Path(lab.state["processes"][name]["log"]))
+        state["regions"][region] = {"rest_api": rest, "scope": STRETCHED_SCOPE, "member": member(region),
+                                    "port": pg_port, "dsn": clusters[region].dsn, "config": str(path)}
     lab.state["patroni"] = state
     lab.save()
     return clusters

@@ -180,6 +180,9 @@ def _make_dir(path: Path) -> Path:
     return path
 
 
+make_server_dir = _make_dir  # a directory the server user owns (a drill's scratch directory)
+
+
 # -- ports ---------------------------------------------------------------------------------------------------
 
 
@@ -702,6 +705,25 @@ def take_base_backup(primary: Cluster, dest: Path) -> Path:
             "source": {"name": primary.name, "port": primary.port},
         }
         (tmp / BACKUP_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def take_tar_base_backup(primary: Cluster, backups: Path) -> Path:
+    """A base backup as many self-managed hosts keep them (the drill's host-pitr method restores it):
+    `pg_basebackup -Ft -z -X stream` into a new directory <backups>/<UTC stamp>/ holding base.tar.gz, pg_wal.tar.gz
+    and backup_manifest, owned by the server user; written under a dot-name and renamed into place. Returns it."""
+    backups = _make_dir(Path(backups).resolve())
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest, tmp = backups / stamp, backups / f".{stamp}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _run([pg_bin("pg_basebackup"), "-d", _conninfo_to(primary, "opsflow_tar_backup"), "-D", str(tmp), "-Ft", "-z",
+              "-X", "stream", "-c", "fast", "--no-sync"],
+             cwd=backups, timeout=600, what=f"tar base backup of {primary.name}", logfile=primary.logfile)
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

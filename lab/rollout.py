@@ -16,6 +16,10 @@ outside Kubernetes: each deployment's process has a fixed port (web, web-canary,
 process takes the port over, SO_REUSEPORT), nginx.conf includes `upstream.conf`, and that file is opsflow's: the
 worker writes it, runs `nginx -t` and reloads (activities/nginx.py). The stage writes it once, stable alone, as a
 person would have, and never follows the HTTPRoute.
+
+With `--workload host` as well, the app runs outside Kubernetes: no process follows the emulator's deployments;
+each role's instance is started, checked and stopped by `lab/host_app.py`, the script the inventory's host workload
+runs through the worker (the stage starts stable with it at the start and stops every role at the end).
 """
 
 from __future__ import annotations
@@ -87,14 +91,17 @@ def seed_additions(seed: dict) -> dict:
 ROLES = {"stable": APP, "canary": f"{APP}-canary", "baseline": f"{APP}-baseline"}  # the nginx router's servers
 
 
-def start(lab: Lab, root: Path, kube_url: str, region: str, router: str = "httproute") -> dict:
+def start(lab: Lab, root: Path, kube_url: str, region: str, router: str = "httproute",
+          workload: str = "kubernetes") -> dict:
     """Start the stage as a lab process; returns what `opsflow lab status` shows under `rollout`."""
     proxy_port, prom_port = free_port(), free_port()
     ports = {name: free_port() for name in ROLES.values()} if router == "nginx" else {}
+    host_dir = root / "rollout" / "host"
     lab.spawn("rollout", [sys.executable, "-m", "lab.rollout", "--dir", str(root / "rollout"), "--kube", kube_url,
                           "--namespace", NAMESPACE, "--route", APP, "--proxy-port", str(proxy_port),
                           "--prometheus-port", str(prom_port),
-                          *(a for name, p in ports.items() for a in ("--app-port", f"{name}={p}"))])
+                          *(a for name, p in ports.items() for a in ("--app-port", f"{name}={p}")),
+                          *(["--host-dir", str(host_dir)] if workload == "host" else [])])
     lab.wait_port("rollout", prom_port, what="prometheus")
     lab.wait_port("rollout", proxy_port, what="nginx")
     d = root / "rollout" / "nginx"
@@ -105,7 +112,13 @@ def start(lab: Lab, root: Path, kube_url: str, region: str, router: str = "httpr
             **({"nginx": {"upstream_file": str(d / "upstream.conf"), "upstream": APP,
                           "servers": {role: [f"127.0.0.1:{ports[name]}"] for role, name in ROLES.items()},
                           "test": [NGINX, "-t", "-q", *nginx[1:]], "reload": [*nginx, "-s", "reload"]}}
-               if router == "nginx" else {})}
+               if router == "nginx" else {}),
+            **({"workload": {"kind": "host", "run": [], "timeout": "30s",
+                             **{verb: [sys.executable, "-m", "lab.host_app", "--dir", str(host_dir), verb, "{role}",
+                                       *(["{image}"] if verb == "start" else [])]
+                                for verb in ("start", "check", "stop")}},
+                "queue": f"opsflow-lab-{region}-lb"}  # the worker on the "NGINX host" (--router-queue)
+               if workload == "host" else {})}
 
 
 def inventory_section(rollout: dict, receiver: str | None = None) -> dict:
@@ -118,8 +131,11 @@ def inventory_section(rollout: dict, receiver: str | None = None) -> dict:
            '(rate(http_request_duration_seconds_bucket{deployment="{deployment}"}[5s])))')
     return {
         "apps": {APP: {"region": rollout["region"], "deployment": APP, "container": APP, "service": APP,
-                       "router": ({"kind": "nginx", **rollout["nginx"]} if rollout.get("router") == "nginx"
-                                  else {"kind": "httproute", "name": rollout["route"]})}},
+                       "router": ({"kind": "nginx", **rollout["nginx"],
+                                   **({"queue": rollout["queue"]} if rollout.get("queue") else {})}
+                                  if rollout.get("router") == "nginx"
+                                  else {"kind": "httproute", "name": rollout["route"]}),
+                       **({"workload": rollout["workload"]} if rollout.get("workload") else {})}},
         "analysis": {
             "prometheus": rollout["prometheus"],
             "interval": "5s",
@@ -167,6 +183,7 @@ class Stage:
     proxy_port: int
     prom_port: int
     app_ports: dict[str, int] = field(default_factory=dict)  # the nginx router: each deployment's fixed port
+    host_dir: Path | None = None  # the host workload: lab/host_app.py runs the instances, not the emulator
     apps: dict[str, AppProcess] = field(default_factory=dict)
     retiring: list[AppProcess] = field(default_factory=list)
     rendered: str = ""
@@ -347,7 +364,30 @@ scrape_configs:
         return head + conf.replace("proxy_pass http://route;", f"proxy_pass http://{APP};").replace(
             "proxy_next_upstream off;", "proxy_next_upstream error;")
 
+    def start_host(self) -> None:
+        """The host workload: the roles' fixed ports for lab/host_app.py, stable started with it (as a unit that was
+        running before opsflow came), and Prometheus told of every role's port (a stopped one is just down)."""
+        from lab import host_app
+
+        assert self.host_dir is not None
+        self.host_dir.mkdir(parents=True, exist_ok=True)
+        ports = {role: self.app_ports[name] for role, name in ROLES.items()}
+        (self.host_dir / "ports.json").write_text(json.dumps(ports))
+        if host_app.start(self.host_dir, "stable", STABLE_IMAGE) != 0:
+            raise RuntimeError("the host workload's stable instance did not start")
+        path = self.root / "prometheus" / "targets.json"
+        path.write_text(json.dumps([{"targets": [f"127.0.0.1:{p}"], "labels": {"lab_deployment": ROLES[r]}}
+                                    for r, p in ports.items()], indent=1))
+
+    def stop_host(self) -> None:
+        from lab import host_app
+
+        for role in ROLES:
+            host_app.stop(self.host_dir, role)
+
     def step(self) -> None:
+        if self.host_dir is not None:  # the worker runs the instances (lab/host_app.py); nothing to follow
+            return
         deployments, services, routes = self.observe()
         self.run_apps(deployments)
         self.write_targets()
@@ -368,6 +408,8 @@ scrape_configs:
             self.stop_retired()
 
     def stop(self) -> None:
+        if self.host_dir is not None:
+            self.stop_host()
         self.retiring.extend(self.apps.values())
         self.apps.clear()
         for p in (self.nginx, self.prometheus):
@@ -417,15 +459,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rps", type=float, default=40.0, help="load generator: requests per second through the proxy")
     p.add_argument("--app-port", action="append", default=[], metavar="DEPLOYMENT=PORT",
                    help="the nginx router: a deployment's fixed port (NGINX's upstream file names it)")
+    p.add_argument("--host-dir", type=Path, help="the host workload: lab/host_app.py's directory (with --app-port)")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (args.dir / "nginx").mkdir(parents=True, exist_ok=True)
     stage = Stage(args.dir, args.kube, args.namespace, args.route, args.proxy_port, args.prometheus_port,
-                  {n: int(p) for n, p in (a.split("=", 1) for a in args.app_port)})
+                  {n: int(p) for n, p in (a.split("=", 1) for a in args.app_port)}, host_dir=args.host_dir)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     stage.start_prometheus()
+    if stage.host_dir is not None:
+        stage.start_host()
     stage.apply(stage.render_fixed() if stage.app_ports else stage.render([], {}, []))
     load(args.proxy_port, args.rps, done)
     try:

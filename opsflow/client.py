@@ -369,12 +369,14 @@ async def get_handle(client: Client, workflow_id: str) -> WorkflowHandle:
     return handle
 
 
-async def fetch_report(handle: WorkflowHandle, query_timeout: float | None = None) -> ProcedureReport:
+async def fetch_report(handle: WorkflowHandle, query_timeout: float | None = None,
+                       client: Client | None = None) -> ProcedureReport:
     """Running: the `progress` query (needs a worker; `query_timeout` bounds the wait for one). Ended: the
-    result, or the report the kernel put in the failure's (or cancellation's) details."""
+    result, or the report the kernel put in the failure's (or cancellation's) details. `client`: the caller's, on
+    which a Schedule's running launch's procedure is looked up (see launched_report)."""
     desc = await handle.describe()
     if desc.workflow_type in LAUNCHERS:
-        return await launched_report(handle, desc, query_timeout)
+        return await launched_report(handle, desc, query_timeout, client)
     if desc.status == WorkflowExecutionStatus.RUNNING:
         timeout = timedelta(seconds=query_timeout) if query_timeout else None
         return parse_report(await handle.query("progress", result_type=dict, rpc_timeout=timeout))
@@ -384,29 +386,40 @@ async def fetch_report(handle: WorkflowHandle, query_timeout: float | None = Non
         return report_in_failure(handle, desc, e)
 
 
-def report_in_failure(handle: WorkflowHandle, desc: WorkflowExecutionDescription,
-                      e: WorkflowFailureError) -> ProcedureReport:
-    """The report the kernel put in a failed (or cancelled) procedure's failure details."""
+def report_data_in_failure(e: WorkflowFailureError) -> dict | None:
+    """The report (as data) the kernel put in a failed (or cancelled) procedure's failure details, or None."""
     cause = e.cause
     while cause is not None:
         details = getattr(cause, "details", None)
         if details and isinstance(details[0], dict) and "procedure" in details[0]:
-            return parse_report(details[0])
+            return details[0]
         cause = cause.__cause__
-    raise ClientError(f"{handle.id} ended {desc.status.name.lower()}: {e.cause}", 1) from None
+    return None
+
+
+def report_in_failure(handle: WorkflowHandle, desc: WorkflowExecutionDescription,
+                      e: WorkflowFailureError) -> ProcedureReport:
+    """The report the kernel put in a failed (or cancelled) procedure's failure details."""
+    data = report_data_in_failure(e)
+    if data is None:
+        raise ClientError(f"{handle.id} ended {desc.status.name.lower()}: {e.cause}", 1) from None
+    return parse_report(data)
 
 
 async def launched_report(handle: WorkflowHandle, desc: WorkflowExecutionDescription,
-                          query_timeout: float | None) -> ProcedureReport:
+                          query_timeout: float | None, client: Client | None) -> ProcedureReport:
     """A Schedule's launch (the id `opsflow schedule trigger` prints) reports its procedure: the child it runs
-    under the environment's lock id while it runs, the report it returned after; a skipped launch says why."""
+    under the environment's lock id while it runs (looked up on `client`, the caller's), the report it returned
+    after; a skipped launch says why."""
     if desc.status == WorkflowExecutionStatus.RUNNING:
         children = desc.raw_description.pending_children
         if not children:
             raise ClientError(f"{handle.id} is a Schedule's launch that has not started its procedure yet", 1)
-        # The SDK's handle keeps its client private; the child is on the same one.
-        child = handle._client.get_workflow_handle(children[0].workflow_id, run_id=children[0].run_id)
-        return await fetch_report(child, query_timeout=query_timeout)
+        if client is None:
+            raise ClientError(f"{handle.id} is a Schedule's launch: its running procedure is read on a client "
+                              "(fetch_report(..., client=...))", 1)
+        child = client.get_workflow_handle(children[0].workflow_id, run_id=children[0].run_id)
+        return await fetch_report(child, query_timeout=query_timeout, client=client)
     try:
         launched = await handle.result()
     except WorkflowFailureError as e:  # the procedure failed: its report is in the failure's details
@@ -646,14 +659,14 @@ async def describe_status(client: Client, workflow_id: str, query_timeout: float
             )
         if st.queues[0].pollers:
             try:
-                st.report, st.report_source = await fetch_report(handle, query_timeout=query_timeout), "query"
+                st.report, st.report_source = await fetch_report(handle, query_timeout, client), "query"
             except (RPCError, asyncio.TimeoutError) as e:
                 st.note = f"no live progress (the progress query failed: {e}); shown from Temporal's own record"
         else:
             st.note = "no live progress (no worker polls the workflow queue); shown from Temporal's own record"
     else:
         try:
-            st.report, st.report_source = await fetch_report(handle), "result"
+            st.report, st.report_source = await fetch_report(handle, client=client), "result"
         except ClientError as e:
             st.note = str(e)
     return st

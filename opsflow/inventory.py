@@ -151,12 +151,29 @@ class Inventory(LateFields):
             )
         if self.alerts is not None:
             self._check_alerts(self.alerts)
+        self._check_stretched_patroni()
         uses_azure = isinstance(self.traffic, AzureTrafficManager) or any(
             isinstance(r.database, AzureFlexibleDatabase) for r in self.regions.values()
         )
         if uses_azure and self.azure is None:
             self.azure = AzureConnection()
         return self
+
+    def _check_stretched_patroni(self) -> None:
+        """Regions in one stretched Patroni cluster: all of them, one scope, a member each."""
+        stretched = {n: r.database for n, r in self.regions.items()
+                     if isinstance(r.database, PatroniDatabase) and r.database.layout == "stretched"}
+        if not stretched:
+            return
+        if len(stretched) != len(self.regions):
+            others = ", ".join(n for n in self.regions if n not in stretched)
+            raise ValueError(f"regions {', '.join(stretched)} are members of a stretched Patroni cluster, {others} "
+                             "not: every region must be (database.layout: stretched) or none")
+        if len({d.scope for d in stretched.values()}) != 1:
+            raise ValueError("the regions of a stretched Patroni cluster name different scopes ("
+                             + ", ".join(f"{n}: {d.scope}" for n, d in stretched.items()) + "): one cluster, one scope")
+        if len({d.member for d in stretched.values()}) != len(stretched):
+            raise ValueError("the regions of a stretched Patroni cluster name the same member: each its own")
 
     def _check_alerts(self, alerts: AlertRouting) -> None:
         for i, route in enumerate(alerts.routes):

@@ -67,6 +67,7 @@ class TableStats(BaseModel):
     table_bloat: float | None = None  # dead and free space of the heap, 0..1 (before and after only)
     bloat_method: str | None = None  # pgstattuple | estimate
     indexes: list[IndexBloat] = []  # each btree index's bloat
+    relfilenode: int | None = None  # the table's file: a rebuild (pg_repack) gives it a new one
 
 
 class RunItemRequest(BaseModel):

@@ -6,6 +6,7 @@ Plain pydantic models, no I/O: they travel in workflow inputs and history. The s
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -100,7 +101,64 @@ Router = Annotated[
 ]
 
 
-class RolloutApp(Strict):
+_HOST_ARG = r"^[A-Za-z0-9_./@%+=:,{}-]+$"  # nothing a remote shell would split or expand ({...}: filled in)
+HOST_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:@-]*$")  # an image reference a command may carry to the host
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+HOST_ROLES = ("stable", "canary", "baseline")
+
+
+class HostWorkload(Strict):
+    """The app outside Kubernetes (`workload.kind: host`): one instance per role (stable, canary, a fresh baseline)
+    on a host, e.g. a Compose service or a systemd unit, behind the nginx router (`router.servers` has each role's
+    address). The worker runs `start`, `check` and `stop` through `run` (a prefix such as ssh; [] runs them on the
+    worker's own host), as `database.host.run` does for self-managed PostgreSQL; every argument is checked so a
+    remote shell splits nothing, and each command is bounded by `timeout`. In the arguments {role} (stable, canary,
+    baseline), {name} (web, web-canary, web-baseline), {image} and {version} (the image's tag) are filled in."""
+
+    kind: Literal["host"]
+    run: list[str] = Field(default=[], description="the command prefix that reaches the host, e.g. [ssh, -o, "
+                           "BatchMode=yes, deploy@web1]; [] runs on the worker's host")
+    start: list[str] = Field(min_length=1, description="starts (or replaces) {role}'s instance with {image}/{version}; "
+                             "e.g. [systemctl, start, shop@{role}:{version}]")
+    check: list[str] = Field(min_length=1, description="exit 0 printing the image {role}'s instance serves when it is "
+                             "up and ready; exit 3 when it does not run; anything else: not ready")
+    stop: list[str] = Field(min_length=1, description="stops {role}'s instance; stopping a stopped one succeeds")
+    timeout: Seconds = Field(default=120, gt=0, le=3600,
+                             description="bound of one command, and of the wait until an instance is ready")
+    queue: str | None = Field(default=None, description="the task queue of the worker that runs the commands; "
+                              "default: the router's queue, else the app's region queue")
+
+    _d = field_validator("timeout", mode="before")(parse_duration)
+
+    @model_validator(mode="after")
+    def _arguments(self) -> "HostWorkload":
+        for field in ("run", "start", "check", "stop"):
+            for arg in getattr(self, field):
+                if not re.match(_HOST_ARG, arg):
+                    raise ValueError(f"{field}: argument {arg!r} has characters a remote shell would split or expand")
+                allowed = {"role", "name", "image", "version"} if field == "start" else set() if field == "run" \
+                    else {"role", "name"}
+                unknown = [p for p in _PLACEHOLDER.findall(arg) if p not in allowed]
+                if unknown:
+                    raise ValueError(f"{field}: {{{unknown[0]}}} is not one of "
+                                     f"{', '.join('{' + a + '}' for a in sorted(allowed)) or 'none (a prefix)'}")
+        if not any(p in ("image", "version") for a in self.start for p in _PLACEHOLDER.findall(a)):
+            raise ValueError("start names neither {image} nor {version}: the instance would not get the new version")
+        return self
+
+    def command(self, which: str, role: str, name: str, image: str = "") -> list[str]:
+        """The command `which` (start, check, stop) for `role`, placeholders filled, behind the prefix."""
+        values = {"role": role, "name": name, "image": image, "version": version_of_image(image)}
+        return [*self.run, *(_PLACEHOLDER.sub(lambda m: values[m.group(1)], a) for a in getattr(self, which))]
+
+
+def version_of_image(image: str) -> str:
+    last = image.rsplit("/", 1)[-1]
+    return last.rsplit(":", 1)[-1] if ":" in last else "latest"
+
+
+class RolloutApp(LateFields):
+    late_fields = frozenset({"workload"})  # added after inventories had digests
     region: str = Field(description="the region whose cluster runs the app")
     deployment: str = Field(description="the stable deployment")
     container: str | None = Field(default=None, description="the container whose image changes; default: the first")
@@ -109,6 +167,22 @@ class RolloutApp(Strict):
                                   "nginx or traffic-manager")
     canary_replicas: int = Field(default=1, ge=1, description="the canary's size at creation, and its least size "
                                  "as it follows its weight (ceil(weight x stable's replicas))")
+    workload: HostWorkload | None = Field(default=None, description="the app runs on hosts, not in Kubernetes: how "
+                                          "the worker starts, checks and stops an instance (default: a Deployment)")
+
+    @model_validator(mode="after")
+    def _host(self) -> "RolloutApp":
+        if self.workload is not None and not isinstance(self.router, NginxRouter):
+            raise ValueError("workload.kind host needs the nginx router (router.kind: nginx, its servers the "
+                             "instances' host:port)")
+        return self
+
+    def workload_queue(self) -> str | None:
+        """Where the host workload's commands run: its queue, else the router's (the worker on the NGINX host);
+        None for a Kubernetes Deployment (the region's queue)."""
+        if self.workload is None:
+            return None
+        return self.workload.queue or getattr(self.router, "queue", None)
 
 
 class MetricSpec(Strict):
@@ -133,13 +207,18 @@ class MetricSpec(Strict):
 
 
 class AnalysisSpec(LateFields):
-    late_fields = frozenset({"baseline"})  # added after inventories had digests
+    late_fields = frozenset({"baseline", "limit_min_requests"})  # added after inventories had digests
 
     prometheus: str = Field(description="Prometheus HTTP API base URL")
     interval: Seconds = Field(default=60, description="how often the bake looks at the figures")
     step: Seconds = Field(default=10, description="query_range resolution: one sample per step")
     min_requests: int = Field(
         default=100, ge=0, description="canary requests in the bake below which the judge says inconclusive"
+    )
+    limit_min_requests: int = Field(
+        default=20, ge=0, description="canary requests in the last interval below which a limit (max/min) does "
+        "not judge at a look: not enough traffic yet, neither pass nor fail (needs `requests`; without it limits "
+        "judge whatever samples there are)",
     )
     requests: str | None = Field(default=None, description="PromQL for the request count over {interval}")
     metrics: list[MetricSpec] = Field(min_length=1)
@@ -229,7 +308,8 @@ class RolloutPolicy(Strict):
         return self
 
     def router_queues(self) -> set[str]:
-        return {q for a in self.apps.values() if (q := getattr(a.router, "queue", None))}
+        """The queues of workers outside the regions (the NGINX host's): routers' and host workloads' own."""
+        return {q for a in self.apps.values() for q in (getattr(a.router, "queue", None), a.workload_queue()) if q}
 
     def app(self, name: str | None) -> tuple[str, RolloutApp]:
         if name is None:
@@ -265,7 +345,7 @@ def fresh_baseline_router_refusal(app: RolloutApp) -> str | None:
 class RolloutTarget(BaseModel):
     environment: str
     region: str
-    kubernetes: KubernetesConfig
+    kubernetes: KubernetesConfig | None = None  # None: a host workload's region may have no cluster
     app: RolloutApp
     canary_suffix: str = "-canary"
     azure: AzureConnection | None = None  # the traffic-manager router: how to reach ARM
@@ -377,6 +457,11 @@ class Samples(BaseModel):
     metrics: list[MetricSamples]
     canary_requests: float | None = None
     baseline_requests: float | None = None
+    # the canary's requests in the span a limit judges: the last interval (with `requests`; 0 when Prometheus has
+    # no such series). None: not counted (no `requests`, or an activity from before)
+    canary_recent_requests: float | None = None
+    # Prometheus has the canary's request series in the recent span (it counts from here on); None: not asked
+    canary_seen: bool | None = None
     start: datetime
     end: datetime
 
@@ -433,6 +518,22 @@ def recent(analysis: AnalysisSpec, values: list[float], filled: int = 0) -> list
         values = values[filled:]
     n = max(1, round(analysis.interval / max(analysis.step, 0.001)))
     return _finite(values[-n:])
+
+
+def has_limits(analysis: AnalysisSpec) -> bool:
+    return any(m.max is not None or m.min is not None for m in analysis.metrics)
+
+
+def limit_shortfall(analysis: AnalysisSpec, samples: Samples, *, recent_span: bool = True) -> str | None:
+    """Why the limits may not judge these samples -- not enough canary traffic in the span judged (the recent one,
+    or with `recent_span=False` the whole window) -- or None when they may (or when the requests are not counted:
+    no `analysis.requests`). Neither a pass nor a fail."""
+    count = samples.canary_recent_requests if recent_span else samples.canary_requests
+    if analysis.requests is None or count is None or count >= analysis.limit_min_requests:
+        return None
+    span = analysis.interval if recent_span else (samples.end - samples.start).total_seconds()
+    return (f"not enough traffic yet: {count:.0f} canary request(s) in the last {span:.0f}s, limits judge from "
+            f"{analysis.limit_min_requests}")
 
 
 def threshold_breaches(analysis: AnalysisSpec, samples: Samples, *, latest: bool = False) -> list[MetricVerdict]:

@@ -170,24 +170,50 @@ class AzureFlexibleDatabase(_SqlAccess):
     virtual_endpoint: str | None = None
 
 
-class PatroniDatabase(_SqlAccess):
-    """A Patroni cluster per region, driven through Patroni's REST API (never around it); LSNs over SQL. Across
-    regions the standby region runs a Patroni standby cluster (`standby_cluster` in its dynamic configuration);
-    a planned failover demotes the old cluster to a standby cluster of the new one, then promotes the new one."""
+class PatroniDatabase(_SqlAccess, LateFields):
+    """Patroni, driven through its REST API (never around it); LSNs over SQL. Two layouts:
 
+    - "per-region" (the default): a Patroni cluster per region, the standby region a Patroni standby cluster
+      (`standby_cluster` in its dynamic configuration); a planned failover demotes the old cluster to a standby
+      cluster of the new one, then promotes the new one;
+    - "stretched": the regions are members of ONE Patroni cluster (one DCS across regions), each region naming its
+      `member`; a planned failover is Patroni's own switchover (POST /switchover leader -> candidate), an emergency
+      its failover (POST /failover to the candidate)."""
+
+    late_fields = frozenset({"layout", "member"})  # added after inventories had digests
     provider: Literal["patroni"]
     rest_api: list[str] = Field(
         min_length=1, description="the members' REST API base URLs (http(s)://host:8008); the first that answers"
     )
-    replication_address: str = Field(
+    replication_address: str | None = Field(
+        default=None,
         pattern=r"^[^\s:]+:\d+$",
         description="host:port another region's standby cluster streams from (the leader, or an address that "
-        "follows it)",
+        "follows it); layout per-region only, where it is required",
+    )
+    layout: Literal["per-region", "stretched"] = Field(
+        default="per-region",
+        description="per-region: a Patroni cluster per region (standby clusters across regions); stretched: the "
+        "regions are members of one cluster (switchovers are Patroni's own)",
+    )
+    member: str | None = Field(
+        default=None, min_length=1,
+        description="layout stretched: the name of this region's Patroni member (its `name` in patroni.yml)",
     )
     scope: str | None = Field(default=None, description="the Patroni cluster's name, checked against its REST API")
     rest_username: str | None = None
     rest_password: SecretRef | None = None  # Patroni's restapi.authentication, for PATCH /config
     ca_bundle: str | None = None  # an https REST API signed by a private CA
+
+    @model_validator(mode="after")
+    def _layout_needs(self) -> "PatroniDatabase":
+        if self.layout == "per-region" and not self.replication_address:
+            raise ValueError("layout per-region needs replication_address (host:port another region streams from)")
+        if self.layout == "stretched" and not self.member:
+            raise ValueError("layout stretched needs member: the name of this region's Patroni member")
+        if self.layout == "stretched" and not self.scope:
+            raise ValueError("layout stretched needs scope: the one cluster's name, checked against its REST API")
+        return self
 
 
 class AwsRdsDatabase(Strict):
@@ -229,7 +255,8 @@ class DeploymentTarget(Strict):
     replicas: int = Field(ge=0, description="replicas to run when this region is primary")
 
 
-class KubernetesConfig(Strict):
+class KubernetesConfig(LateFields):
+    late_fields = frozenset({"standby_min_replicas"})  # added after inventories had digests
     kubeconfig: str | None = Field(default=None, description="path; default: in-cluster or ~/.kube/config")
     context: str | None = None
     namespace: str = "default"
@@ -237,6 +264,10 @@ class KubernetesConfig(Strict):
         default=None, description="service annotated maintenance=true while the region is drained"
     )
     deployments: list[DeploymentTarget] = []
+    standby_min_replicas: int = Field(
+        default=1, ge=1, description="the HPA floor (minReplicas) of this region's deployments while another region "
+        "is primary: a planned failover lowers its HPAs to it (never raises them), the failback restores them"
+    )
 
 
 class Region(Strict):
@@ -421,6 +452,38 @@ class MysqlDrill(Strict):
     source: MysqlSource | None = None
 
 
+class DrillHost(Strict):
+    """method host-pitr, for self-managed PostgreSQL: on the host where the backups live, the newest base backup
+    (a directory per backup under `base_backups`, made by `pg_basebackup -D <base_backups>/<name>` with -Ft [-z] or
+    -Fp: it holds backup_manifest) restored into a scratch data directory under `scratch_dir`, the archived WAL
+    replayed to the restore point (restore_command reading `wal_archive`: plain segments, as archive_command copies
+    them), a scratch server started on a free port, checked over SQL at `address`, then stopped and removed.
+    Commands run through the `run` prefix (as database.host.run), as the server's OS user, each bounded."""
+
+    run: list[str] = []  # e.g. ["ssh", "-o", "BatchMode=yes", "postgres@db-backup"]; []: the worker's own host
+    base_backups: str = Field(pattern=_HOST_PATH, description="the directory holding one directory per base backup")
+    wal_archive: str = Field(pattern=_HOST_PATH, description="the WAL archive archive_command copies segments to")
+    scratch_dir: str = Field(pattern=_HOST_PATH, description="where scratch data directories are made (and removed)")
+    bin_dir: str = Field(default="/usr/lib/postgresql/15/bin", pattern=_HOST_PATH,
+                         description="where pg_ctl and pg_waldump are")
+    # The scratch server listens here and the worker connects here (the source's user, database and password:
+    # a restore copies the roles); ports are picked at random in [ports[0], ports[1]].
+    address: str = Field(default="127.0.0.1", pattern=r"^[A-Za-z0-9_.:-]+$")
+    ports: tuple[int, int] = (54000, 54999)
+    shared_buffers: str = Field(default="128MB", pattern=r"^\d+(kB|MB|GB)$",
+                                description="the scratch server's, not the source's (it may share the host)")
+    command_timeout: Seconds = Field(default=120, gt=0, description="bound of one command (a listing, a start); "
+                                     "the extraction of a base backup is bounded by drill.restore_timeout")
+
+    _d = field_validator("command_timeout", mode="before")(parse_duration)
+
+    @model_validator(mode="after")
+    def _ports(self) -> "DrillHost":
+        if not 1024 <= self.ports[0] <= self.ports[1] <= 65535:
+            raise ValueError("ports is a range [low, high] within 1024..65535")
+        return self
+
+
 class DrillObjectives(Strict):
     """What the restore test proves: the restore took at most `restore_time` (the RTO a restore allows) and the
     newest restorable point was at most `restore_point_age` old (the RPO the backups give). A miss fails the
@@ -437,15 +500,16 @@ class DrillObjectives(Strict):
 class DrillPolicy(LateFields):
     """The monthly restore test: where to restore, what to verify."""
 
-    late_fields = frozenset({"mysql", "trend"})  # added after inventories had digests
+    late_fields = frozenset({"mysql", "trend", "host"})  # added after inventories had digests
 
     # Default: by the source region's database provider (azure-flexible -> azure-pitr, aws-rds -> rds-pitr).
-    method: Literal["azure-pitr", "rds-pitr", "s3-dump", "s3-mysqldump"] | None = None
+    method: Literal["azure-pitr", "rds-pitr", "s3-dump", "s3-mysqldump", "host-pitr"] | None = None
     scratch_prefix: str = Field(default="opsflow-drill", pattern=r"^[a-z][a-z0-9-]{2,40}$")
     # s3-dump: where the dumps are, and the PostgreSQL server that hosts the scratch database.
     dumps: S3Location | None = None
     scratch_server: _SqlAccess | None = None
     mysql: MysqlDrill | None = None  # s3-mysqldump: the database the dump holds, the MySQL source
+    host: DrillHost | None = None  # host-pitr: the base backups, the WAL archive, the scratch directory, on a host
     retention: Seconds = 7 * 86400
     restore_timeout: Seconds = 4 * 3600
     heartbeat_timeout: Seconds = 120
@@ -476,9 +540,11 @@ class DrillPolicy(LateFields):
             raise ValueError("method s3-mysqldump needs 'dumps' (bucket/prefix) and 'mysql' (database)")
         if self.method == "s3-mysqldump" and self.row_counts and (self.mysql is None or self.mysql.source is None):
             raise ValueError("row_counts of method s3-mysqldump need 'mysql.source' (the server to count against)")
+        if self.method == "host-pitr" and self.host is None:
+            raise ValueError("method host-pitr needs 'host' (base_backups, wal_archive, scratch_dir)")
         if self.method in ("s3-dump", "s3-mysqldump") and self.restore_point == "random":
-            raise ValueError("restore_point random needs a point-in-time method (azure-pitr, rds-pitr): a dump "
-                             "restores to when it was taken")
+            raise ValueError("restore_point random needs a point-in-time method (azure-pitr, rds-pitr, host-pitr): "
+                             "a dump restores to when it was taken")
         return self
 
 

@@ -89,7 +89,7 @@ def status_text(st: ProcedureStatus) -> str:
 async def cmd_report(args: argparse.Namespace) -> int:
     client = await connect()
     handle = await get_handle(client, args.workflow_id)
-    report = await fetch_report(handle)
+    report = await fetch_report(handle, client=client)
     if getattr(args, "html", None):
         check, keys_from = await report_signatures(client, handle, report, getattr(args, "env", None))
         page = to_html(report, check, keys_from=keys_from, generated_at=datetime.now(timezone.utc))

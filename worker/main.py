@@ -70,9 +70,11 @@ def build_workers(
     skip_queues: set[str] | None = None,
     environments: int = 1,
     metrics: OpsMetrics | None = None,
+    router_queues: list[str] | None = None,
 ) -> list[Worker]:
     """The Temporal workers one environment needs, leaving out queues already served (`skip_queues`); with
-    `metrics`, each procedure's end is counted (worker/metrics.py)."""
+    `metrics`, each procedure's end is counted (worker/metrics.py). With `router_queues` (`--router-queue`: the
+    worker on the NGINX host) only those of the environment's router/host-workload queues, nothing else."""
     from worker.registry import (
         GLOBAL_ACTIVITIES,
         REGION_ACTIVITIES,
@@ -99,6 +101,12 @@ def build_workers(
         default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
     )
     workers = []
+    if router_queues is not None:
+        mine = inv.rollout.router_queues() if inv.rollout else set()
+        for queue in sorted(q for q in router_queues if q in mine and q not in skip):
+            skip.add(queue)
+            workers.append(Worker(client, task_queue=queue, activities=ROUTER_ACTIVITIES, **common))
+        return workers
     if serve_workflows and inv.task_queue not in skip:
         skip.add(inv.task_queue)
         workers.append(
@@ -129,7 +137,8 @@ def build_workers(
 
 
 async def run(inventories: list[Inventory], regions: list[str] | None, serve_workflows: bool, metrics_port: int | None,
-              settings: FleetSettings | None = None, metrics_address: str = "127.0.0.1") -> None:
+              settings: FleetSettings | None = None, metrics_address: str = "127.0.0.1",
+              router_queues: list[str] | None = None) -> None:
     settings = settings or FleetSettings()
     runtime = None
     metrics = endpoint = None
@@ -152,7 +161,8 @@ async def run(inventories: list[Inventory], regions: list[str] | None, serve_wor
         workers = []
         for inv in inventories:
             workers += build_workers(
-                client, inv, regions, executor, serve_workflows, settings, served, len(inventories), metrics
+                client, inv, regions, executor, serve_workflows, settings, served, len(inventories), metrics,
+                router_queues,
             )
         tasks = [asyncio.create_task(w.run()) for w in workers]
         queues = [w.task_queue for w in workers]
@@ -206,6 +216,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-regions", action="store_true", help="serve only the workflow queue (workflows, notifications, reports)"
     )
+    parser.add_argument("--router-queue", action="append", metavar="QUEUE",
+                        help="serve only this router's queue (router.queue / workload.queue in the inventory): the "
+                        "worker on the NGINX host, running the router's and the host workload's activities "
+                        "(repeatable; no workflows, no regions)")
     parser.add_argument("--metrics-port", type=int, default=_env_int("OPSFLOW_WORKER_METRICS_PORT", 0) or None,
                         help="serve /metrics (opsflow's and the SDK's), /healthz and /readyz on PORT")
     parser.add_argument("--metrics-address", default=os.environ.get("OPSFLOW_WORKER_METRICS_ADDRESS") or "127.0.0.1",
@@ -264,10 +278,26 @@ def load_inventories(given: list[str] | None, regions: list[str] | None) -> list
     return inventories
 
 
+def check_router_queues(inventories: list[Inventory], queues: list[str], args: argparse.Namespace) -> None:
+    """`--router-queue`: each queue one an inventory's router or host workload names; alone (no region flags)."""
+    if args.region or getattr(args, "no_regions", False) or args.no_workflows:
+        raise ClientError("--router-queue serves only router queues: leave out --region, --no-regions and "
+                          "--no-workflows")
+    have = {q for inv in inventories for q in (inv.rollout.router_queues() if inv.rollout else set())}
+    for q in queues:
+        if q not in have:
+            raise ClientError(f"--router-queue {q}: no router.queue or workload.queue of "
+                              f"{', '.join(inv.environment for inv in inventories)} names it (they name: "
+                              f"{', '.join(sorted(have)) or 'none'})")
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    router_queues = getattr(args, "router_queue", None)
     try:
         inventories = load_inventories(args.inventory, args.region)
+        if router_queues:
+            check_router_queues(inventories, router_queues, args)
     except (InventoryError, ClientError) as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "code", 2)
@@ -294,8 +324,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         sticky_timeout=args.sticky_timeout,
     )
     regions = [] if getattr(args, "no_regions", False) else args.region
-    asyncio.run(run(inventories, regions, not args.no_workflows, args.metrics_port, settings,
-                    getattr(args, "metrics_address", "127.0.0.1")))
+    asyncio.run(run(inventories, regions, not args.no_workflows and not router_queues, args.metrics_port, settings,
+                    getattr(args, "metrics_address", "127.0.0.1"), router_queues or None))
     return 0
 
 

@@ -303,13 +303,13 @@ async def read_back(client, metrics: OpsMetrics, environments: set[str], per_typ
 async def _final_report(client, wf) -> dict | None:
     from temporalio.client import WorkflowFailureError
 
+    from opsflow.client import report_data_in_failure
+
     handle = client.get_workflow_handle(wf.id, run_id=wf.run_id, result_type=dict)
     try:
         return await handle.result(follow_runs=False, rpc_timeout=_rpc(5))
-    except WorkflowFailureError as e:
-        cause = e.cause
-        details = getattr(cause, "details", None) or ()
-        return details[0] if details and isinstance(details[0], dict) else None
+    except WorkflowFailureError as e:  # failed or cancelled: the report the kernel put in the failure
+        return report_data_in_failure(e)
 
 
 # -- the endpoint ------------------------------------------------------------------------------------------------

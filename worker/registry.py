@@ -15,6 +15,7 @@ from activities import (
     statuspage,
     temporal_queues,
     traffic,
+    workloads,
 )
 from opsflow.procedures import workflow_classes
 
@@ -67,14 +68,20 @@ GLOBAL_ACTIVITIES = [
 ]
 
 # Rollouts (canary, blue-green): Kubernetes and the region's Prometheus on the app's region queue.
-ROUTER_ACTIVITIES = [routers.router_status, routers.router_set_weight]  # also on a router's own queue
-REGION_ACTIVITIES += [kubernetes.scale_canary, http_checks.checks, *ROUTER_ACTIVITIES]
+# Also on a router's own queue (the worker on the NGINX host, `opsflow worker --router-queue`): the router and the
+# app's workload activities, chosen by kind (activities/routers.py, activities/workloads.py).
+ROUTER_ACTIVITIES = [
+    routers.router_status,
+    routers.router_set_weight,
+    workloads.rollout_status,
+    workloads.create_canary,
+    workloads.scale_canary,
+    workloads.delete_canary,
+    workloads.set_image,
+]
+REGION_ACTIVITIES += [http_checks.checks, *ROUTER_ACTIVITIES]
 REGION_ACTIVITIES += [
-    kubernetes.rollout_status,
-    kubernetes.create_canary,
     kubernetes.set_weight,
-    kubernetes.delete_canary,
-    kubernetes.set_image,
     kubernetes.create_colour,
     kubernetes.switch_service,
     kubernetes.scale_deployment,

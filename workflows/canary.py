@@ -46,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from opsflow.models import ControlEvent
     from opsflow.rollout import (
+        BASELINE_SUFFIX,
         ChecksRequest,
         DeploymentRequest,
         ImageRequest,
@@ -64,6 +65,8 @@ with workflow.unsafe.imports_passed_through():
         closed_because,
         fresh_baseline_refusal,
         fresh_baseline_router_refusal,
+        has_limits,
+        limit_shortfall,
         threshold_breaches,
     )
     from opsflow.rollout_report import RolloutReport
@@ -98,6 +101,7 @@ class Rollout(Procedure[RolloutReport]):
     app: RolloutApp
     target: RolloutTarget
     queue: str
+    workload_queue: str  # where the app's own activities (k8s.*, chosen by kind in activities/workloads.py) run
 
     strategy: str  # the procedure's name: canary | bluegreen
 
@@ -125,10 +129,13 @@ class Rollout(Procedure[RolloutReport]):
         except ValueError as e:
             raise Stop("refused", str(e)) from None
         region = inv.regions.get(self.app.region)
-        if region is None or region.kubernetes is None:
+        host = self.app.workload is not None  # the app runs on hosts (activities/workloads.py), not in a cluster
+        if region is None or (region.kubernetes is None and not host):
             raise Stop(
                 "refused", f"rollout.apps.{name}.region {self.app.region!r} is not a region with a kubernetes section"
             )
+        if host and self.strategy != "canary":
+            raise Stop("refused", f"rollout.apps.{name} runs on hosts (workload.kind host): canary only, no blue-green")
         if inp.strategy == "canary" and self.app.router is None:
             raise Stop("refused", f"rollout.apps.{name} has no router: a canary needs one (blue-green does not)")
         report.app, report.region, report.image = name, self.app.region, inp.image
@@ -138,13 +145,14 @@ class Rollout(Procedure[RolloutReport]):
         if self.app.router is not None and self.app.router.kind == "traffic-manager":
             self.target.azure = inv.azure  # how the worker reaches ARM
         self.queue = inv.region_queue(self.app.region)
+        self.workload_queue = self.app.workload_queue() or self.queue  # a host workload: the NGINX host's worker
         await self.calendar()
         state: RolloutState = await self.step(
             "preflight",
             f"Check {self.app.deployment} in {self.app.region}",
             K8S_ROLLOUT_STATUS,
             self.target,
-            queue=self.queue,
+            queue=self.workload_queue,
             detail=lambda s: f"stable {s.stable_image} {s.stable_ready}/{s.stable_desired}, weights {s.weights}",
         )
         self.calendar_hold = workflow.patched("rollout-calendar-hold")  # runs started before: calendar at start only
@@ -244,8 +252,7 @@ class Rollout(Procedure[RolloutReport]):
     async def watch(self, record, weight: int, canary: str, baseline: str, baseline_image: str, start) -> None:
         """One look at the figures during a hold: a broken limit rolls back."""
         got = await self.samples(canary, baseline, start, workflow.now(), baseline_image)
-        latest = workflow.patched("limit-on-recent-samples")  # the last interval's samples, not the whole window
-        breaches = threshold_breaches(self.policy.analysis, got, latest=latest)
+        breaches, _ = self.limits(got)
         if breaches:
             result = StepAnalysis(weight=weight, kind="interval", verdict="fail", start=start, end=workflow.now(),
                                   canary_requests=got.canary_requests, baseline_requests=got.baseline_requests,
@@ -308,26 +315,34 @@ class Rollout(Procedure[RolloutReport]):
         baseline_image: str,
         baseline_window=None,
     ) -> StepAnalysis | None:
-        """Wait `seconds`, looking at the figures every interval: a broken limit fails fast (returns that analysis).
-        A `promote` ends the bake early (returns None, as does a bake with nothing wrong)."""
+        """Wait `seconds`, looking at the figures every interval (more often in the first one, first_look_cadence):
+        a broken limit fails fast (returns that analysis). A `promote` ends the bake early (returns None, as does a
+        bake with nothing wrong)."""
         await self.boundary()
         record = self.begin_step(name, title)
         self.bake_check_failures = []
         interval = max(self.policy.analysis.interval, 1.0)
+        early = self.first_look_cadence()  # in the first interval after the weight moved: look sooner
         start = workflow.now()
-        checks = 0
+        checks = short_looks = 0
+        short: str | None = None
+        checked = False  # the HTTP checks ran in the first interval (they run once there, then at every look)
+        looked = start
         while True:
-            left = seconds - (workflow.now() - start).total_seconds()
+            elapsed = (workflow.now() - start).total_seconds()
+            left = seconds - elapsed
             if left <= 0:
                 break
             self.report.waiting_for = (
                 f"{title}: {left:.0f}s left (opsflow promote {self.report.workflow_id} --as NAME skips it)"
+                + (f"; limits: {short}" if short else "")
             )
             self.show()
+            cadence = interval
+            if early is not None and elapsed < interval:  # every `early` s from the last look's start, not its end
+                cadence = max(early - (workflow.now() - looked).total_seconds(), 0.1)
             try:
-                await workflow.wait_condition(
-                    lambda: self.interrupting(), timeout=timedelta(seconds=min(interval, left))
-                )
+                await workflow.wait_condition(self.interrupting, timeout=timedelta(seconds=min(cadence, left)))
             except asyncio.TimeoutError:
                 pass
             if self.abort_requested is not None or self.rollback_request is not None:
@@ -342,9 +357,14 @@ class Rollout(Procedure[RolloutReport]):
                 self.report.rollback_reason = f"{why} began during the rollout (on_freeze: rollback)"
                 raise Stop("failed", f"rolled back: {self.report.rollback_reason}")
             checks += 1
-            got = await self.samples(canary, baseline, start, workflow.now(), baseline_image, baseline_window)
-            latest = workflow.patched("limit-on-recent-samples")  # the last interval's samples, not the whole window
-            breaches = threshold_breaches(self.policy.analysis, got, latest=latest) + await self.http_checks(weight)
+            looked = workflow.now()
+            got = await self.samples(canary, baseline, start, looked, baseline_image, baseline_window)
+            breaches, short = self.limits(got)
+            short_looks += short is not None
+            soon = early is not None and (workflow.now() - start).total_seconds() < interval
+            if not (soon and (short is not None or checked)):  # not at every early look, nor with too little traffic
+                breaches += await self.http_checks(weight)
+                checked = True
             if breaches:
                 result = StepAnalysis(
                     weight=weight,
@@ -363,8 +383,36 @@ class Rollout(Procedure[RolloutReport]):
         self.report.waiting_for = None
         failures = self.bake_check_failures
         self.end_step(record, "ok", f"{checks} check(s), no limit broken"
+                      + (f" ({short_looks} with not enough traffic yet)" if short_looks else "")
                       + (f"; {len(failures)} non-critical HTTP check failure(s)" if failures else ""))
         return None
+
+    def first_look_cadence(self) -> float | None:
+        """Patch "first-look-sooner": seconds between the looks of a bake in its first interval, so a broken canary
+        is caught as soon as Prometheus has traffic enough to judge, not one whole interval after the weight moved.
+        Each look is gated by limit_min_requests (too few canary requests: no verdict), and goes on in the first
+        interval after the first verdict too (a series that does not exist yet -- no 5xx so far -- may appear a
+        scrape or two after the requests are counted). One query step (a look sooner than Prometheus' resolution
+        sees nothing new), at least 1 s and a tenth of the interval: at most 10 extra looks a weight. The HTTP
+        checks run at the first look with traffic enough, then every interval. None (every interval) for runs
+        started before, and when the limits cannot count the canary's requests (no `analysis.requests`: a verdict
+        on too little data) or there are no limits."""
+        if not workflow.patched("first-look-sooner"):
+            return None
+        a = self.policy.analysis
+        if a.requests is None or not has_limits(a):
+            return None
+        return max(a.step, a.interval / 10, 1.0)
+
+    def limits(self, got: Samples) -> tuple[list[MetricVerdict], str | None]:
+        """The absolute limits at one look: what they break, or why they may not judge yet (patch
+        "limit-min-requests": fewer than `analysis.limit_min_requests` canary requests in the span judged;
+        neither a pass nor a fail)."""
+        latest = workflow.patched("limit-on-recent-samples")  # the last interval's samples, not the whole window
+        short = limit_shortfall(self.policy.analysis, got) if workflow.patched("limit-min-requests") else None
+        if short is not None:
+            return [], short
+        return threshold_breaches(self.policy.analysis, got, latest=latest), None
 
     async def http_checks(self, weight: int) -> list[MetricVerdict]:
         """The policy's HTTP checks at one look of a bake: a failed critical one is a breach (rolls back at once),
@@ -534,13 +582,15 @@ def router_name(app: RolloutApp) -> str:
 
 def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: float, stable_image: str | None,
                 capacity: bool = False, calendar: bool = False, routers: bool = False,
-                fresh: bool = False) -> list[StepDecl]:
+                fresh: bool = False, scraped: bool = False) -> list[StepDecl]:
     baseline = f"{app.deployment}-baseline"
+    host = app.workload is not None  # one instance per role on the host (activities/workloads.py)
     decls = [
         StepDecl("approval", "wait for the approvals (quorum)"),
         StepDecl(
             "create-canary",
-            f"create {app.deployment}-canary ({app.canary_replicas} replica(s)) from {app.deployment} with "
+            f"start {app.deployment}-canary on the host with {inp.image}; wait until its check says ready" if host
+            else f"create {app.deployment}-canary ({app.canary_replicas} replica(s)) from {app.deployment} with "
             f"{inp.image}; wait until ready",
         ),
     ]
@@ -551,9 +601,13 @@ def canary_plan(inp: RolloutInput, app: RolloutApp, steps: list[int], bake: floa
         if calendar:
             decls.append(StepDecl(f"hold-{w}", HOLD, HELD))
         if capacity:
-            decls.append(StepDecl(f"scale-{w}", f"size the canary for {w} %: ceil({w} % of stable's replicas), ready"))
+            decls.append(StepDecl(f"scale-{w}", f"check the canary's one instance is ready for {w} %" if host
+                                  else f"size the canary for {w} %: ceil({w} % of stable's replicas), ready"))
         if capacity and fresh:
             decls.append(StepDecl(f"scale-baseline-{w}", f"size {baseline} as the canary, ready"))
+        if scraped and w == steps[0]:
+            decls.append(StepDecl("scraped", "wait until Prometheus counts the canary's requests (at most 2 "
+                                  "intervals or 30 s), before any traffic reaches it"))
         share = f"{w} % to the canary and {w} % to {baseline}" if fresh else f"{w} % to the canary"
         decls += [
             StepDecl(f"weight-{w}", f"route {share} via {router_name(app)}"),
@@ -586,6 +640,52 @@ class CanaryWorkflow(Rollout):
     @workflow.run
     async def run(self, inp: RolloutInput) -> RolloutReport:
         return await self.conclude(inp, self.canary)
+
+    async def create(self, name: str, title: str, target: RolloutTarget, image: str, undo: str) -> None:
+        """Create the canary (or the fresh baseline: `target` is then `<app>-baseline`) from stable's spec with
+        `image`, and wait until it is ready; its removal is owed from here on."""
+        await self.step(name, title, K8S_CREATE_CANARY, ImageRequest(target=target, image=image),
+                        queue=self.workload_queue, timeout=self.policy.timeout, heartbeat=10, interruptible=True,
+                        undo=Undo(K8S_DELETE_CANARY, undo, target),
+                        detail=lambda s: f"{target.canary} ready {s.canary_ready}")
+
+    async def scraped(self, canary: str, baseline: str, baseline_image: str) -> None:
+        """Before the first weight: wait until Prometheus counts the canary's requests (`requests` has its series
+        over the last interval), polling every step, at most 2 intervals or 30 s, whichever is longer (then on: the
+        limits wait for traffic enough anyway). A counter's first scrape is no increase for rate(): requests served
+        before it are lost to the figures, and the first looks would see no traffic for seconds (lab: up to 10 s)."""
+        await self.boundary()
+        a = self.policy.analysis
+        record = self.begin_step("scraped", f"Wait until Prometheus scrapes {canary}", "wait")
+        bound, every, start = max(2 * a.interval, 30.0), max(a.step, 1.0), workflow.now()
+        while True:
+            now = workflow.now()
+            got = await self.samples(canary, baseline, now - timedelta(seconds=a.interval), now, baseline_image)
+            waited = (workflow.now() - start).total_seconds()
+            if got.canary_seen is not False:
+                self.end_step(record, "ok", f"{canary}'s requests are counted (after {waited:.1f}s)")
+                return
+            if waited >= bound:
+                self.end_step(record, "ok", f"{canary} not scraped within {bound:.0f}s; going on (no limit judges "
+                              "before the canary served limit_min_requests)")
+                return
+            self.report.waiting_for = f"Prometheus to scrape {canary}, before any traffic reaches it"
+            self.show()
+            try:
+                await workflow.wait_condition(self.interrupting, timeout=timedelta(seconds=every))
+            except asyncio.TimeoutError:
+                pass
+            if self.abort_requested is not None or self.rollback_request is not None:
+                self.end_step(record, "failed", "aborted")
+                await self.stop_if_asked()
+
+    async def size(self, name: str, title: str, target: RolloutTarget, weight: int) -> None:
+        """Size the canary (or the fresh baseline) for `weight` (ceil(weight x stable's replicas)), ready."""
+        stable = target.canary_suffix != BASELINE_SUFFIX  # the canary's detail names stable's size too
+        await self.step(name, title, K8S_SCALE_CANARY, WeightRequest(target=target, canary_weight=weight),
+                        queue=self.workload_queue, timeout=self.policy.timeout, heartbeat=10, interruptible=True,
+                        detail=lambda s: f"{s.canary} {s.canary_replicas} replica(s)"
+                        + (f", stable {s.stable_desired}" if stable else ""))
 
     async def canary(self, inp: RolloutInput) -> None:
         self.inp = inp
@@ -630,8 +730,11 @@ class CanaryWorkflow(Rollout):
             if have.weights.get("stable", 0) != 100:
                 raise Stop("refused", f"{have.router} does not send 100 % to stable ({have.detail}): a canary or "
                            "baseline is left over, or the inventory's servers/endpoints are not the router's")
+        # Prometheus scrapes the canary before it gets traffic (its first requests are not lost to rate()); runs
+        # started before moved the weight at once and looked at the figures one interval later
+        scraped = workflow.patched("first-look-sooner") and self.policy.analysis.requests is not None
         self.declare(canary_plan(inp, self.app, steps, bake, state.stable_image, capacity, self.calendar_hold,
-                                 routers, fresh))
+                                 routers, fresh, scraped))
         if inp.dry_run:
             self.plan()
             return
@@ -639,65 +742,27 @@ class CanaryWorkflow(Rollout):
         await self.approvals(
             f"canary of {inp.image} on {self.app.deployment} in {self.app.region} (now {state.stable_image})"
         )
-        q = self.queue
-        await self.step(
-            "create-canary",
-            f"Create the canary with {inp.image}",
-            K8S_CREATE_CANARY,
-            ImageRequest(target=t, image=inp.image),
-            queue=q,
-            timeout=self.policy.timeout,
-            heartbeat=10,
-            interruptible=True,
-            undo=Undo(K8S_DELETE_CANARY, "Remove the canary (stable keeps 100 %)", t),
-            detail=lambda s: f"{s.canary} ready {s.canary_ready}",
-        )
+        q = self.workload_queue
+        await self.create("create-canary", f"Create the canary with {inp.image}", t, inp.image,
+                          "Remove the canary (stable keeps 100 %)")
         stable, stable_image = self.app.deployment, state.stable_image or ""
         baseline, bt = stable, t.baseline_target()  # what the canary is judged against: stable, or a fresh copy
         if fresh:
             baseline = bt.canary
             report.baseline = baseline
-            await self.step(
-                "create-baseline",
-                f"Create {baseline} with {stable_image}",
-                K8S_CREATE_CANARY,
-                ImageRequest(target=bt, image=stable_image),
-                queue=q,
-                timeout=self.policy.timeout,
-                heartbeat=10,
-                interruptible=True,
-                undo=Undo(K8S_DELETE_CANARY, f"Remove {baseline}", bt),
-                detail=lambda s: f"{baseline} ready {s.canary_ready}",
-            )
+            await self.create("create-baseline", f"Create {baseline} with {stable_image}", bt, stable_image,
+                              f"Remove {baseline}")
         for w in steps[:-1]:
             await self.hold(f"hold-{w}", report.weight, t.canary, baseline, stable_image)  # no step while closed
             if self.promote_full:
                 break
             self.promote_request = None
             if capacity:  # capacity before traffic: the canary can serve its share when the weight moves
-                await self.step(
-                    f"scale-{w}",
-                    f"Size the canary for {w} %",
-                    K8S_SCALE_CANARY,
-                    WeightRequest(target=t, canary_weight=w),
-                    queue=q,
-                    timeout=self.policy.timeout,
-                    heartbeat=10,
-                    interruptible=True,
-                    detail=lambda s: f"{s.canary} {s.canary_replicas} replica(s), stable {s.stable_desired}",
-                )
+                await self.size(f"scale-{w}", f"Size the canary for {w} %", t, w)
             if capacity and fresh:
-                await self.step(
-                    f"scale-baseline-{w}",
-                    f"Size {baseline} as the canary",
-                    K8S_SCALE_CANARY,
-                    WeightRequest(target=bt, canary_weight=w),
-                    queue=q,
-                    timeout=self.policy.timeout,
-                    heartbeat=10,
-                    interruptible=True,
-                    detail=lambda s: f"{s.canary} {s.canary_replicas} replica(s)",
-                )
+                await self.size(f"scale-baseline-{w}", f"Size {baseline} as the canary", bt, w)
+            if scraped and w == steps[0]:
+                await self.scraped(t.canary, baseline, stable_image)
             if routers:
                 await self.step(
                     f"weight-{w}",

@@ -294,12 +294,11 @@ class DrillWorkflow(Procedure[DrillReport]):
             return
         request = DrillHistoryRequest(environment=inv.environment, reports_dir=inv.reports_dir, store=inv.reports,
                                       aws=inv.aws, limit=inv.drill.trend_runs, exclude_run=workflow.info().run_id)
-        opts = self.activity_options(inv.task_queue, 60, None, 3)
-        opts.pop("cancellation_type")
         try:
             report.trend = await workflow.execute_activity(
                 RESTORE_HISTORY.name, request, result_type=RESTORE_HISTORY.result_type,
-                summary=f"read the last {inv.drill.trend_runs} drills' reports", **opts)
+                summary=f"read the last {inv.drill.trend_runs} drills' reports",
+                **self.aside_options(RESTORE_HISTORY, 60, 3))
         except ActivityError as err:
             report.events.append(ControlEvent(action="trend-unread", by="opsflow", at=workflow.now(),
                                               reason=failure_message(err)))

@@ -157,7 +157,9 @@ def declare(inp: FailoverInput, plan: FailoverPlan) -> list[StepDecl]:
     if host_switchover:
         how = f"promote (a switchover: {source} then follows it, no rebuild)"
     if patroni(inp, to) and not inp.emergency:
-        how = f"switch over (Patroni: {source} becomes a standby cluster of {to}, then {to} is promoted)"
+        how = (f"switch over (Patroni: {source} becomes a standby cluster of {to}, then {to} is promoted)"
+               if to_region.database.layout == "per-region" else f"switch over (Patroni's POST /switchover in one "
+               f"cluster: {to}'s member leads, {source}'s follows it)")
     if inp.emergency:
         steps = [
             StepDecl(
@@ -220,8 +222,9 @@ def declare(inp: FailoverInput, plan: FailoverPlan) -> list[StepDecl]:
         StepDecl("scale-up", f"scale {to}: {deployments}" + (" (raising their HPAs' minReplicas to match)"
                                                               if plan.autoscalers else "")
                  if deployments else f"no deployments to scale in {to}"),
-        *([StepDecl("autoscalers-old", f"lower the HPAs of {source}'s deployments to minReplicas 1 (the values "
-                                       "before are kept on each HPA for the failback)")]
+        *([StepDecl("autoscalers-old", f"lower the HPAs of {source}'s deployments to minReplicas "
+                                       f"{from_r.kubernetes.standby_min_replicas} (the values before are kept on each "
+                                       "HPA for the failback)")]
           if plan.lower_old_autoscalers else []),
         *([StepDecl("old-replica", f"lift the fence on {source}, now a replica of {to}, and check that it streams")]
           if plan.old_follows in ("virtual-endpoint", "patroni") else []),

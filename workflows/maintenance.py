@@ -23,7 +23,6 @@ from temporalio import workflow
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
 
-from workflows.kernel.common import NOTIFY_HEARTBEAT
 from workflows.procedure import Procedure, Request, StepDecl, Stop, Undo, child_task_timeout, failure_message
 
 with workflow.unsafe.imports_passed_through():
@@ -568,7 +567,7 @@ class MaintenanceWorkflow(Procedure[MaintenanceReport]):
     def statuspage_heartbeat(self) -> float | None:
         """statuspage.update heartbeats: a worker lost while it ran one cost the window its 60 s bound (found by the
         crash suite, the worker killed just after it took the announcement); now the heartbeat timeout."""
-        return NOTIFY_HEARTBEAT if workflow.patched("statuspage-heartbeat") else None
+        return STATUSPAGE_UPDATE.heartbeat if workflow.patched("statuspage-heartbeat") else None
 
     async def status_page(self, name: str, status: str, body: str) -> None:
         """Best effort once announced: a status page that does not answer is noted, never stops the maintenance."""

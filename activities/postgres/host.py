@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from typing import Any
 
@@ -56,30 +57,43 @@ def _host_env() -> dict[str, str]:
     return env
 
 
-def run_on_host(host: Any, args: list[str], what: str) -> subprocess.CompletedProcess:
-    """Run a program on the database's host through the inventory's prefix, heartbeating; bounded."""
+def run_on_host(host: Any, args: list[str], what: str, *, timeout: float | None = None,
+                input: str | None = None) -> subprocess.CompletedProcess:
+    """Run a program on the database's host through the inventory's prefix, heartbeating; bounded (by `timeout`,
+    default host.command_timeout). `input` (small: a configuration file's lines) is written to its stdin. The output
+    goes to a temporary file, not a pipe: a long one (pg_waldump's) never blocks the program."""
     cmd = [*host.run, *args]
-    try:
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, cwd="/", env=_host_env())
-    except OSError as e:
-        raise ApplicationError(f"{what}: cannot run {cmd[0]}: {e.strerror}", type="HostCommandFailed",
-                               non_retryable=True) from None
-    deadline = time.monotonic() + host.command_timeout
-    while p.poll() is None:
-        if time.monotonic() > deadline:
-            p.kill()
-            p.communicate()
-            raise ApplicationError(f"{what}: no answer after {host.command_timeout:.0f}s", type="HostCommandTimeout")
-        heartbeat(what)
+    limit = host.command_timeout if timeout is None else timeout
+    with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as out:
         try:
-            sleep_or_cancelled(0.1)
-        except BaseException:
-            p.kill()
-            p.communicate()
-            raise
-    out = p.communicate()[0]
-    return subprocess.CompletedProcess(cmd, p.returncode, redact(out, None), None)
+            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE, stdout=out,
+                                 stderr=subprocess.STDOUT, text=True, cwd="/", env=_host_env())
+        except OSError as e:
+            raise ApplicationError(f"{what}: cannot run {cmd[0]}: {e.strerror}", type="HostCommandFailed",
+                                   non_retryable=True) from None
+        if input is not None:
+            assert p.stdin is not None
+            try:
+                p.stdin.write(input)
+                p.stdin.close()
+            except BrokenPipeError:
+                pass
+        deadline = time.monotonic() + limit
+        while p.poll() is None:
+            if time.monotonic() > deadline:
+                p.kill()
+                p.wait()
+                raise ApplicationError(f"{what}: no answer after {limit:.0f}s", type="HostCommandTimeout")
+            heartbeat(what)
+            try:
+                sleep_or_cancelled(0.1)
+            except BaseException:
+                p.kill()
+                p.wait()
+                raise
+        out.seek(0)
+        text = out.read()
+    return subprocess.CompletedProcess(cmd, p.returncode, redact(text, None), None)
 
 
 def _check(p: subprocess.CompletedProcess, what: str) -> str:

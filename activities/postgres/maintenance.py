@@ -66,7 +66,7 @@ def table_stats(conn: psycopg.Connection, table: str, bloat: bool = False) -> An
                coalesce((select array_agg(ic.relname::text order by ic.relname)
                            from pg_index i join pg_class ic on ic.oid = i.indexrelid
                           where i.indrelid = c.oid and not i.indisvalid), '{}'),
-               greatest(age(c.relfrozenxid), age(t.relfrozenxid)), mxid_age(c.relminmxid)
+               greatest(age(c.relfrozenxid), age(t.relfrozenxid)), mxid_age(c.relminmxid), c.relfilenode
           from pg_class c join pg_namespace n on n.oid = c.relnamespace
           left join pg_class t on t.oid = c.reltoastrelid
           left join pg_stat_user_tables s on s.relid = c.oid
@@ -76,7 +76,7 @@ def table_stats(conn: psycopg.Connection, table: str, bloat: bool = False) -> An
     ).fetchone()
     if row is None:
         return None
-    live, dead, tbytes, ibytes, last_vacuum, last_analyze, invalid, xid_age, mxid_age = row
+    live, dead, tbytes, ibytes, last_vacuum, last_analyze, invalid, xid_age, mxid_age, relfilenode = row
     measured: dict[str, Any] = {}
     if bloat:
         pgstattuple = has_pgstattuple(conn)
@@ -94,6 +94,7 @@ def table_stats(conn: psycopg.Connection, table: str, bloat: bool = False) -> An
         invalid_indexes=list(invalid),
         xid_age=xid_age,
         mxid_age=mxid_age,
+        relfilenode=relfilenode,
     )
 
 
@@ -269,32 +270,48 @@ def _identical_running(conn: psycopg.Connection, text: str, own_pid: int) -> lis
     ]
 
 
-def _previous_before() -> Any:
-    """On a retry, the statistics before that the previous attempt heartbeated (None on a first attempt)."""
-    if not activity.in_activity():
-        return None
+def earlier_attempt() -> tuple[Any, datetime | None]:
+    """What a retry knows of the attempt before it, whose worker died mid-item (its statement or pg_repack may have
+    gone on, and finished): (the table's statistics before, as that attempt heartbeated them, None) or, when it
+    died before its first heartbeat reached the server, (None, when this step was first scheduled). (None, None)
+    on a first attempt or outside an activity."""
+    if not activity.in_activity() or activity.info().attempt <= 1:
+        return None, None
     details = activity.info().heartbeat_details
     before = details[0].get("before") if details and isinstance(details[0], dict) else None
     try:
-        return TableStats.model_validate(before) if before else None
-    except ValueError:
-        return None
+        return TableStats.model_validate(before), None
+    except ValueError:  # none heartbeated (or unreadable)
+        return None, activity.info().scheduled_time
 
 
-def _scheduled_if_retried() -> datetime | None:
-    """On a retry, when this step was first scheduled (None on a first attempt, or outside an activity)."""
-    if not activity.in_activity() or activity.info().attempt <= 1:
-        return None
-    return activity.info().scheduled_time
+def _mark(stats: Any, kind: str) -> Any:
+    """What this kind of work leaves in the table's statistics: VACUUM's and ANALYZE's timestamps, a rebuild's new
+    file (pg_repack); None for the kinds that leave nothing to tell by (REINDEX, sql)."""
+    if kind == "repack":
+        return stats.relfilenode
+    return stats.last_vacuum if kind in VACUUM_KINDS else stats.last_analyze if kind == "analyze" else None
 
 
-def _done_since(after: Any, kind: str, since: datetime) -> bool:
-    """Whether the table was vacuumed (analyzed) since `since`: a retry's proof that the dead attempt finished."""
-    stamp = after.last_vacuum if kind in VACUUM_KINDS else after.last_analyze if kind == "analyze" else None
-    return stamp is not None and stamp >= since
+def finished_before(kind: str, now: Any, before: Any = None, since: datetime | None = None) -> bool:
+    """Did a statement started before this attempt (a dead attempt's, or the identical one waited for) do this
+    item's work? Given `since` (a retry whose attempt died before its first heartbeat: when the step was first
+    scheduled), it was done at or after then (by the VACUUM's or ANALYZE's timestamp; pg_repack analyzes the table
+    after its swap). Else, from the statistics `before` it started from, its mark moved (`_mark`). The kinds that
+    leave no mark cannot tell: they run again."""
+    if now is None:
+        return False
+    if since is not None:
+        done_at = now.last_vacuum if kind in VACUUM_KINDS else now.last_analyze if kind in ("analyze", "repack") \
+            else None
+        return done_at is not None and done_at >= since
+    if before is None or kind == "repack" and before.relfilenode is None:  # a file unknown before: no telling
+        return False
+    mark = _mark(now, kind)
+    return mark is not None and mark != _mark(before, kind)
 
 
-def _beat(item: Any, progress: str, started: float, before: Any) -> None:
+def beat(item: Any, progress: str, started: float, before: Any) -> None:
     """Progress, and the statistics before (a retry after a crash reads them back: did that attempt finish?)."""
     _heartbeat({"item": item.key, "progress": progress, "seconds": round(time.monotonic() - started, 1),
                 "before": before.model_dump(mode="json") if before is not None else None})
@@ -313,7 +330,7 @@ def _wait_for_identical(
         waited += [p for p, _ in others if p not in waited]
         pid = others[0][0]
         line, _ = _progress(watch, pid)
-        _beat(item, f"waiting for the identical statement already running (pid {pid}): {line}", started, before)
+        beat(item, f"waiting for the identical statement already running (pid {pid}): {line}", started, before)
         if activity.in_activity() and activity.is_cancelled():
             for p, ours in others:
                 if ours:
@@ -326,18 +343,6 @@ def _wait_for_identical(
                     watch.execute("select pg_cancel_backend(%s)", (p,))
         time.sleep(poll)
     return waited, at_cutoff
-
-
-def _done_by_other(before: Any, after: Any, kind: str) -> bool:
-    """Whether the statement waited for did this item's work (a VACUUM or ANALYZE leaves its timestamp; for
-    the others it cannot be told, and they run again)."""
-    if before is None or after is None:
-        return False
-    if kind in VACUUM_KINDS:
-        return after.last_vacuum is not None and after.last_vacuum != before.last_vacuum
-    if kind == "analyze":
-        return after.last_analyze is not None and after.last_analyze != before.last_analyze
-    return False
 
 
 def run_maintenance(
@@ -375,7 +380,7 @@ def run_maintenance(
             # A retry after a worker died mid-statement: that statement may still run on its backend. Wait for it
             # rather than start a second one behind its lock (and never drop the _ccnew index it is building).
             # The earlier attempt's statistics before (from its last heartbeat) tell whether it finished.
-            prior = _previous_before()
+            prior, since = earlier_attempt()
             if prior is not None:
                 result.before = prior
             waited, at_cutoff = _wait_for_identical(watch, item, _maintenance_statement(item).as_string(work), pid,
@@ -391,12 +396,9 @@ def run_maintenance(
                     return result
             # A previous attempt that died before its first heartbeat reached the server left no statistics
             # before: a VACUUM/ANALYZE of the table since this step was first scheduled is then its work.
-            since = _scheduled_if_retried() if prior is None else None
             if (waited or prior or since) and item.table:
                 now = table_stats(watch, item.table)
-                done = (_done_by_other(result.before, now, item.kind) if since is None
-                        else _done_since(now, item.kind, since))
-                if done:
+                if finished_before(item.kind, now, result.before, since):
                     result.detail = (result.detail + ", which did the work" if waited else
                                      "the previous attempt's statement finished after its worker stopped") + \
                         ": not run again"
@@ -430,7 +432,7 @@ def run_maintenance(
                 if waiting:
                     result.lock_wait_seconds += now - last_sample
                 last_sample = now
-                _beat(item, line, started, result.before)
+                beat(item, line, started, result.before)
                 if activity.in_activity() and activity.is_cancelled():
                     raise CancelledError("activity cancelled")
                 if cancel_at is not None and cancelled_by is None and datetime.now(timezone.utc) >= cancel_at:

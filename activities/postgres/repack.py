@@ -39,9 +39,8 @@ from psycopg.conninfo import conninfo_to_dict
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
-from activities.context import heartbeat
 from activities.postgres.connection import connect, sql_errors, where
-from activities.postgres.maintenance import replication_lag_bytes, table_stats
+from activities.postgres.maintenance import beat, earlier_attempt, finished_before, replication_lag_bytes, table_stats
 from activities.secrets import resolve
 from opsflow.maintenance_models import ItemResult
 
@@ -123,7 +122,7 @@ def preconditions(conn: psycopg.Connection, table: str, binary: str | None) -> s
     return None
 
 
-def wait_for_lag(db: Any, guards: Any, started: float) -> str | None:
+def wait_for_lag(db: Any, guards: Any, item: Any, started: float, before: Any) -> str | None:
     """Wait (heartbeating) until every replica lags at most max_replication_lag; why not within lag_wait."""
     deadline = time.monotonic() + guards.lag_wait
     while True:
@@ -131,8 +130,7 @@ def wait_for_lag(db: Any, guards: Any, started: float) -> str | None:
         over = {r: lag for r, lag in lags.items() if lag > guards.max_replication_lag}
         if not over:
             return None
-        heartbeat({"progress": f"waiting for replication lag under {guards.max_replication_lag} bytes: {over}",
-                   "seconds": round(time.monotonic() - started, 1)})
+        beat(item, f"waiting for replication lag under {guards.max_replication_lag} bytes: {over}", started, before)
         if time.monotonic() >= deadline:
             return (f"replication lag above {guards.max_replication_lag} bytes for {guards.lag_wait:g}s before the "
                     "rebuild: " + ", ".join(f"{r} {lag}" for r, lag in over.items()))
@@ -186,37 +184,31 @@ def _running_repack(conn: psycopg.Connection, table: str) -> tuple[int, int] | N
     ).fetchone()
 
 
-def _wait_for_running(conn: psycopg.Connection, item: Any, guards: Any, started: float, poll: float) -> str | None:
+def _wait_for_running(conn: psycopg.Connection, item: Any, guards: Any, started: float, poll: float,
+                      before: Any) -> str | None:
     """Wait, heartbeating, for a pg_repack already rebuilding the table to end, instead of starting a second one
     (which would fail on its lock, or rebuild the table twice). Returns what happened, or None when none ran.
     An abort cancels it (pg_cancel_backend: the client stops and cleans up)."""
     found = _running_repack(conn, item.table)
     if found is None:
         return None
-    pid, relfilenode = found
+    pid = found[0]
+    at_start = table_stats(conn, item.table)
     while (now := _running_repack(conn, item.table)) is not None:
         line = _progress(conn)
-        heartbeat({"item": item.key, "progress": f"waiting for the pg_repack already rebuilding {item.table} (pid "
-                   f"{pid}): {line or 'running'}", "seconds": round(time.monotonic() - started, 1)})
+        beat(item, f"waiting for the pg_repack already rebuilding {item.table} (pid {pid}): {line or 'running'}",
+             started, before)
         if activity.in_activity() and activity.is_cancelled():
             conn.execute("select pg_cancel_backend(%s)", (now[0],))
             raise CancelledError("activity cancelled")
         if time.monotonic() - started > guards.statement_timeout:
             return f"timeout: the pg_repack already running (pid {pid}) ran over {guards.statement_timeout:g}s"
         time.sleep(poll)
-    after = _relfilenode(conn, item.table)
-    if after is not None and after != relfilenode:
+    if finished_before("repack", table_stats(conn, item.table), at_start):
         return f"done: waited {time.monotonic() - started:.1f}s for the pg_repack already rebuilding it (pid {pid}), " \
                "which finished the rebuild: not run again"
     return f"again: waited {time.monotonic() - started:.1f}s for the pg_repack already running (pid {pid}); it " \
            "ended without the swap: run again"
-
-
-def _relfilenode(conn: psycopg.Connection, table: str) -> int | None:
-    schema, name = _split_table(table)
-    row = conn.execute("select c.relfilenode from pg_class c join pg_namespace n on n.oid = c.relnamespace "
-                       "where n.nspname = %s and c.relname = %s", (schema, name)).fetchone()
-    return row[0] if row else None
 
 
 def _progress(conn: psycopg.Connection) -> str:
@@ -270,7 +262,15 @@ def repack_table(
                 raise ApplicationError(f"table {item.table} does not exist on {where(db)}", type="BadInput",
                                        non_retryable=True)
             why = preconditions(watch, item.table, binary)
-            waited = _wait_for_running(watch, item, guards, started, poll) if why is None else None
+            # A retry after a worker died mid-rebuild: its pg_repack runs on (its own session and process). Wait for
+            # it; or, gone already, tell by the table whether it finished (the statistics that attempt heartbeated).
+            prior, since = earlier_attempt()
+            if prior is not None:
+                result.before = prior
+            waited = _wait_for_running(watch, item, guards, started, poll, result.before) if why is None else None
+            if (waited is None and why is None and (prior or since)
+                    and finished_before(item.kind, table_stats(watch, item.table), prior, since)):
+                waited = "done: the previous attempt's pg_repack finished after its worker stopped: not run again"
             if waited is not None and not waited.startswith("again: "):
                 outcome, _, result.detail = waited.partition(": ")
                 result.outcome = "done" if outcome == "done" else "statement-timeout"
@@ -278,7 +278,7 @@ def repack_table(
                 result.seconds = time.monotonic() - started
                 return result
             if why is None:
-                why = wait_for_lag(db, guards, started)
+                why = wait_for_lag(db, guards, item, started, result.before)
             if why is not None:
                 result.outcome, result.detail = "skipped", why
                 result.seconds = time.monotonic() - started
@@ -321,8 +321,7 @@ def repack_table(
                         line = (f"waiting {time.monotonic() - waiting_since:.0f}s for older transactions to finish "
                                 f"(first pid {waits[-1][1] if waits else '?'}; "
                                 f"gives up after {guards.transaction_wait:g}s)")
-                    heartbeat({"item": item.key, "progress": f"pg_repack: {line or 'running'}",
-                               "seconds": round(time.monotonic() - started, 1)})
+                    beat(item, f"pg_repack: {line or 'running'}", started, result.before)
                     if activity.in_activity() and activity.is_cancelled():
                         raise CancelledError("activity cancelled")
                     if stopped_by is None and cancel_at is not None and datetime.now(timezone.utc) >= cancel_at:

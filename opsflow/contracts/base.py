@@ -14,14 +14,21 @@ A = TypeVar("A")
 R = TypeVar("R")
 F = TypeVar("F", bound=Callable[..., Any])
 
+# seconds: the heartbeat timeout of an activity whose implementation heartbeats while it blocks (every 2 s, with
+# activities.context.heartbeating): a worker lost just after it took the task costs this, not the start-to-close.
+HEARTBEATS = 10.0
+
 
 @dataclass(frozen=True, eq=False)
 class Activity(Generic[A, R]):
-    """One activity's contract. `result` is None for an activity that returns nothing."""
+    """One activity's contract. `result` is None for an activity that returns nothing. `heartbeat`: the heartbeat
+    timeout the kernel schedules it with unless a step says otherwise (its implementation heartbeats; see
+    HEARTBEATS); None: it does not heartbeat of itself."""
 
     name: str
     arg: type[A]
     result: type[R] | None = None
+    heartbeat: float | None = None
 
     def implementation(self, fn: F) -> F:
         """The decorator of the function that implements this contract (a Temporal activity of this name)."""

@@ -96,12 +96,10 @@ async def test_failback_survives_a_kill_at_every_boundary(lab):
     assert autoscaler(lab, "eastus") == (3, 10, False) and autoscaler(lab, "westeurope") == (1, 2, False)
 
 
-async def test_switchover_failover_and_failback_survive_a_kill_at_every_boundary(lab):
-    """Switchover first (issue 20, an Azure virtual endpoint): the failover there and the failback, each with a kill
-    at every boundary; one switchover asked of Azure each way, no replica built, every row kept."""
-    from tests.integration.test_failover_lab import streams_from, with_virtual_endpoint
-
-    with_virtual_endpoint(lab)
+async def switch_over_and_back(lab) -> tuple[dict, dict]:
+    """The failover to westeurope and the failback, on the lab's inventory as it stands, each with a kill at every
+    boundary: each a switchover (no replica rebuilt), the old primary following the new one each way, every row
+    kept. Returns the two reports."""
     inventory = fast_recovery(lab)
     lab.inventory = inventory
     setup_data(lab)
@@ -113,19 +111,29 @@ async def test_switchover_failover_and_failback_survive_a_kill_at_every_boundary
     assert report["status"] == "succeeded", explain(report)
     assert report["switchover"] and report["old_primary_replica"], explain(report)
     assert report["_boundaries"] >= 8, report["_kills"]
-    assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 1  # one switchover asked of Azure
     assert streams_from(east, west)
 
     fid = lab.cli_json("failback", "--env", inventory, "--to", "eastus", "--requester", "alice")["workflow_id"]
     back = await run_killing_at_every_boundary(lab, workers, fid, approve=True)
     assert back["status"] == "succeeded", explain(back)
     assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
+    wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
+    assert sql(east, "SELECT count(*) FROM orders")[0][0] == 500
+    return report, back
+
+
+async def test_switchover_failover_and_failback_survive_a_kill_at_every_boundary(lab):
+    """Switchover first (issue 20, an Azure virtual endpoint): the failover there and the failback, each with a kill
+    at every boundary; one switchover asked of Azure each way, no replica built, every row kept."""
+    from tests.integration.test_failover_lab import with_virtual_endpoint
+
+    with_virtual_endpoint(lab)
+    _, back = await switch_over_and_back(lab)
     assert back["_boundaries"] >= 5, back["_kills"]
+    assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 1  # one switchover asked of Azure
     assert arm_writes(lab, "PATCH", "/flexibleServers/lab-eastus-pg") == 1  # one switchover back
     assert arm_writes(lab, "PUT", "/flexibleServers/lab-eastus-pg") == 0  # no replica built
     assert arm_writes(lab, "PUT", "/flexibleServers/lab-westeurope-pg") == 0
-    wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
-    assert sql(east, "SELECT count(*) FROM orders")[0][0] == 500
 
 
 async def test_self_managed_switchover_and_failback_survive_a_kill_at_every_boundary(lab):
@@ -136,25 +144,7 @@ async def test_self_managed_switchover_and_failback_survive_a_kill_at_every_boun
     for region, r in raw["regions"].items():
         r["database"] = self_managed_database(lab.state, region)
     Path(lab.inventory).write_text(yaml.safe_dump(raw))
-    inventory = fast_recovery(lab)
-    lab.inventory = inventory
-    setup_data(lab)
-    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
-    workers = Workers(lab, inventory)
-    workers.start_all()
-    wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--requester", "alice")["workflow_id"]
-    report = await run_killing_at_every_boundary(lab, workers, wid, approve=True)
-    assert report["status"] == "succeeded", explain(report)
-    assert report["switchover"] and report["old_primary_replica"], explain(report)
-    assert report["_boundaries"] >= 8, report["_kills"]
-    assert streams_from(east, west)
-
-    fid = lab.cli_json("failback", "--env", inventory, "--to", "eastus", "--requester", "alice")["workflow_id"]
-    back = await run_killing_at_every_boundary(lab, workers, fid, approve=True)
-    assert back["status"] == "succeeded", explain(back)
-    assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"]
-    wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
-    assert sql(east, "SELECT count(*) FROM orders")[0][0] == 500
+    await switch_over_and_back(lab)
     assert arm_writes(lab, "PATCH", "/flexibleServers/lab-westeurope-pg") == 0  # nothing asked of Azure's servers
     for region in ("eastus", "westeurope"):
         datadir = Cluster.from_dict(lab.state["postgres"][region]).datadir

@@ -668,6 +668,29 @@ def test_lowering_an_old_region_keeps_its_values_for_the_failback(tmp_path):
         emu.stop()
 
 
+def test_the_old_regions_floor_is_the_inventorys_standby_min_replicas(tmp_path):
+    """kubernetes.standby_min_replicas: 2 lowers an HPA at 3/10 to 2 (not 1), kept for the failback; an HPA already
+    below the floor (1/2) is left alone, never raised by a lowering."""
+    seed = dict(HPA_SEED, hpas=[{"name": "web", "namespace": "shop", "min": 3, "max": 10},
+                                {"name": "worker", "namespace": "shop", "min": 1, "max": 2}],
+                deployments=[{"name": "web", "namespace": "shop", "replicas": 3},
+                             {"name": "worker", "namespace": "shop", "replicas": 1}])
+    emu = start_emulator(seed)
+    try:
+        kc = str(write_kubeconfig(tmp_path / "kubeconfig", {"lab-westeurope": emu.url}))
+        t = target(kc, deployments=(("web", 3), ("worker", 1)))
+        t.kubernetes.standby_min_replicas = 2
+        lowered = lower_autoscalers(t)
+        assert [(a.name, a.min_before, a.min_after, a.max_after, a.action) for a in lowered.changes] == [
+            ("web", 3, 2, 10, "lowered"), ("worker", 1, 1, 2, "unchanged")]
+        assert hpa_bounds(kc)[:2] == (2, 10) and hpa_bounds(kc, "worker") == (1, 2, None)
+        back = scale_up_and_wait(ScaleRequest(target=t), poll_seconds=0.1)  # the failback's scale-up
+        assert [(a.name, a.min_after, a.action) for a in back.autoscalers] == [("web", 3, "restored"),
+                                                                              ("worker", 1, "unchanged")]
+    finally:
+        emu.stop()
+
+
 def test_no_hpa_or_no_permission_to_list_them_is_not_an_error(kubeconfig, tmp_path):
     t = target(kubeconfig, deployments=(("web", 1),))
     assert lower_autoscalers(t).changes == []

@@ -817,22 +817,31 @@ def test_the_app_is_judged_against_before_the_window_on_real_prometheus(promethe
     assert "higher" in worse.reason and "window mean" in worse.reason, worse.reason
 
 
+def half_deleted_for_repack(cluster, table: str, rows: int, options: str = "") -> str:
+    """The pg_repack client (the test is skipped without it), its extension in the database, and a new `table` of
+    `rows` rows with a primary key, every other one deleted. Returns the client's path."""
+    from activities.postgres.repack import client_binary
+
+    binary = client_binary()
+    if binary is None:
+        pytest.skip("pg_repack is not installed (scripts/setup.sh installs postgresql-15-repack)")
+    query(cluster, "CREATE EXTENSION IF NOT EXISTS pg_repack")
+    query(cluster, f"DROP TABLE IF EXISTS {table}")
+    query(cluster, f"CREATE TABLE {table} (id bigint PRIMARY KEY, payload text){options}")
+    query(cluster, f"INSERT INTO {table} SELECT g, md5(g::text) FROM generate_series(1, {rows}) g")
+    query(cluster, f"DELETE FROM {table} WHERE id % 2 = 0")
+    return binary
+
+
 def test_a_retry_waits_for_the_pg_repack_a_dead_worker_left_running_and_does_not_rebuild_twice(clusters):
     """A worker that died mid-rebuild leaves its pg_repack client running (its own session). The retry finds it by
     pg_repack's advisory lock on the table, waits for it, and reports the rebuild it finished: one rebuild."""
     import subprocess
 
-    from activities.postgres.repack import client_binary, client_env
+    from activities.postgres.repack import client_env
 
-    binary = client_binary()
-    if binary is None:
-        pytest.skip("pg_repack is not installed (scripts/setup.sh installs postgresql-15-repack)")
     primary, _ = clusters
-    query(primary, "CREATE EXTENSION IF NOT EXISTS pg_repack")
-    query(primary, "DROP TABLE IF EXISTS rp_orphan")
-    query(primary, "CREATE TABLE rp_orphan (id bigint PRIMARY KEY, payload text)")
-    query(primary, "INSERT INTO rp_orphan SELECT g, md5(g::text) FROM generate_series(1, 40000) g")
-    query(primary, "DELETE FROM rp_orphan WHERE id % 2 = 0")
+    binary = half_deleted_for_repack(primary, "rp_orphan", 40000)
     node = "select relfilenode from pg_class where relname = 'rp_orphan'"
     (before,) = query(primary, node)[0]
     # The dead worker's pg_repack, held before its swap by a transaction open elsewhere (so the retry meets it)
@@ -865,3 +874,44 @@ def test_a_retry_waits_for_the_pg_repack_a_dead_worker_left_running_and_does_not
     (after,) = query(primary, node)[0]
     assert after != before and result.after.table_bytes < result.before.table_bytes, (result.before, result.after)
     assert query(primary, "select count(*) from rp_orphan") == [(20000,)]
+
+
+def test_a_retry_after_the_dead_workers_pg_repack_already_finished_does_not_rebuild_twice(clusters):
+    """A worker that died mid-rebuild; its pg_repack went on and finished before the retry looked. The retry tells by
+    the table, as a VACUUM's retry does (activities/postgres/maintenance.finished_before): with the statistics that
+    attempt heartbeated, by the table's new file; without (it died before its first heartbeat), by pg_repack's
+    ANALYZE since the step was first scheduled. Either way: done, not rebuilt again. Scheduled after it: rebuilt."""
+    import dataclasses
+    import subprocess
+    from datetime import datetime, timedelta, timezone
+
+    from activities.postgres.repack import client_env
+
+    primary, _ = clusters
+    binary = half_deleted_for_repack(primary, "rp_gone", 20000, " WITH (autovacuum_enabled = off)")
+    before = stats(primary, "public.rp_gone")
+    scheduled = datetime.now(timezone.utc) - timedelta(seconds=1)
+    subprocess.run([binary, "--table", "public.rp_gone", "--no-kill-backend"], check=True, timeout=60,
+                   env=client_env(PostgresDatabase(provider="postgres", dsn=primary.dsn)),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # what the dead worker's client did alone
+    rebuilt = stats(primary, "public.rp_gone")
+    assert rebuilt.relfilenode != before.relfilenode
+    wait_for(lambda: stats(primary, "public.rp_gone").last_analyze, 10, "pg_repack's ANALYZE in the statistics")
+
+    def retry(details: list, at: datetime | None = None):
+        env = ActivityEnvironment()
+        env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=details,
+                                       scheduled_time=at or env.info.scheduled_time)
+        return env.run(maint.run_item, RunItemRequest(target=target(primary), item=item("repack", "public.rp_gone"),
+                                                      guards=GUARDS))
+
+    heartbeated = [{"item": "repack:public.rp_gone", "progress": "pg_repack: running",
+                    "before": before.model_dump(mode="json")}]
+    for result in (retry(heartbeated), retry([], scheduled)):
+        assert result.outcome == "done" and "finished after its worker stopped: not run again" in result.detail, \
+            result
+        assert stats(primary, "public.rp_gone").relfilenode == rebuilt.relfilenode  # not rebuilt again
+    assert retry(heartbeated).before.table_bytes == before.table_bytes  # the report's before is the first attempt's
+    result = retry([], datetime.now(timezone.utc) + timedelta(seconds=5))  # scheduled after that rebuild
+    assert result.outcome == "done" and "not run again" not in (result.detail or ""), result
+    assert stats(primary, "public.rp_gone").relfilenode != rebuilt.relfilenode

@@ -341,6 +341,8 @@ def test_proxy_follows_the_route_and_prometheus_scrapes_the_apps(target, stage):
     assert len(err.canary) >= 4 and len(err.baseline) >= 4
     assert max(err.baseline) == 0 and sum(err.canary) / len(err.canary) > 0.05
     assert got.canary_requests and got.canary_requests > 50
+    # what a limit judges: the canary's requests in the last interval (5 s) of the ~7 s window, counted apart
+    assert got.canary_recent_requests is not None and 10 < got.canary_recent_requests < got.canary_requests
     step = judge_step(JudgeRequest(analysis=analysis, samples=got, weight=50))
     assert step.verdict == "fail"
     failed = {m.name: m for m in step.failed_metrics()}

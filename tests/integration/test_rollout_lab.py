@@ -150,6 +150,13 @@ def test_faulty_image_is_rolled_back_naming_the_error_rate(rollout_lab):
     failed = [m for a in report["analysis"] for m in a["metrics"] if m["verdict"] in ("breach", "high")]
     assert failed and {m["name"] for m in failed} == {"error-rate"}, failed
     assert failed[0]["canary"] > 0.02 and failed[0]["baseline"] < 0.01, failed  # faulty: ~15 % 5xx
+    # before any traffic Prometheus counted the canary's requests (step scraped); a limit judged only on traffic
+    # enough (limit_min_requests: 20 by default), at one of the looks every second of the bake's first interval
+    steps = [s["name"] for s in report["steps"]]
+    assert steps.index("scale-25") < steps.index("scraped") < steps.index("weight-25"), steps
+    assert "requests are counted" in next(s for s in report["steps"] if s["name"] == "scraped")["detail"]
+    look = next(a for a in report["analysis"] if a["verdict"] == "fail")
+    assert look["kind"] != "interval" or look["canary_requests"] >= 20, look
     assert deployments(lab)["web"] == before and "web-canary" not in deployments(lab)
     assert route_weights(lab) == {"web": 100}
     undo = [s["name"] for s in report["steps"] if s["outcome"] == "compensated"]

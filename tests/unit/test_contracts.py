@@ -119,3 +119,12 @@ def test_no_update_is_sent_by_its_name():
     found = [hit for package in ("opsflow", "activities", "workflows", "worker", "starters", "lab", "bench", "tests")
              for path in sorted((ROOT / package).rglob("*.py")) for hit in updates_by_name(path)]
     assert not found, "send the Update by its method (opsflow.client.send_update): " + ", ".join(found)
+
+
+def test_a_contract_with_a_heartbeat_timeout_is_implemented_by_an_activity_that_heartbeats():
+    """The kernel schedules these with the contract's heartbeat timeout: one that never heartbeats would time out."""
+    silent = sorted(
+        registered_name(fn) for fn in REGISTERED
+        if BY_NAME[registered_name(fn)].heartbeat and "heartbeat" not in inspect.getsource(fn).split('"""')[-1]
+    )
+    assert not silent, f"declared with a heartbeat timeout but do not heartbeat: {silent}"

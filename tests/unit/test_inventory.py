@@ -56,6 +56,17 @@ def test_valid_inventory_loads(tmp_path):
             lambda d: d["regions"]["eastus"]["database"].update(host={"run": []}),
             "regions.eastus.database.postgres.host.data_dir",
         ),
+        (lambda d: d.update(drill={"method": "host-pitr"}), "method host-pitr needs 'host'"),
+        (  # the drill's host paths: nothing a remote shell would split or expand
+            lambda d: d.update(drill={"method": "host-pitr", "host": {
+                "base_backups": "/backups/$(reboot)", "wal_archive": "/wal", "scratch_dir": "/scratch"}}),
+            "drill.host.base_backups",
+        ),
+        (
+            lambda d: d.update(drill={"method": "host-pitr", "host": {
+                "base_backups": "/b", "wal_archive": "/wal", "scratch_dir": "/s", "ports": [80, 90]}}),
+            "ports is a range [low, high] within 1024..65535",
+        ),
     ],
 )
 def test_invalid_inventory_names_the_field(tmp_path, mutate, field):
@@ -117,3 +128,43 @@ def test_an_inventory_written_before_the_late_fields_keeps_its_digest():
     inv = Inventory.model_validate(raw)
     assert digest_of(inv).sha256 == "bf7d7de3cad3ea4f407b7fa6701e7cc91abf5d2c28ff65c2c47669389c64565d"
     assert Inventory.model_validate(inv.model_dump(mode="json")) == inv
+
+
+def patroni(layout: str = "stretched", **extra) -> dict:
+    return {"provider": "patroni", "dsn": "host=db port=5432 user=ops dbname=postgres",
+            "rest_api": ["http://db:8008"], "layout": layout, "scope": "shop", **extra}
+
+
+@pytest.mark.parametrize(
+    "east, west, message",
+    [
+        (patroni(member="e1"), patroni(), "regions.westeurope.database.patroni: Value error, layout stretched needs "
+                                          "member"),
+        (patroni(member="e1"), patroni(member="e1"), "name the same member"),
+        (patroni(member="e1"), patroni(member="w1", scope="other"), "name different scopes"),
+        (patroni(member="e1"), patroni("per-region", replication_address="db-w:5432"),
+         "regions eastus are members of a stretched Patroni cluster, westeurope not"),
+        (patroni("per-region"), patroni("per-region", replication_address="db-w:5432"),
+         "layout per-region needs replication_address"),
+    ],
+)
+def test_patroni_layouts_are_checked_at_load(tmp_path, east, west, message):
+    """Stretched: every region a member of the one cluster (one scope, a member each); per-region: a replication
+    address. Refused at load time, naming what is wrong."""
+    data = copy.deepcopy(inventory_dict())
+    data["regions"]["eastus"]["database"], data["regions"]["westeurope"]["database"] = east, west
+    with pytest.raises(InventoryError) as exc:
+        load_inventory(write(tmp_path, data))
+    assert message in str(exc.value)
+
+
+def test_a_stretched_patroni_inventory_loads_and_per_region_keeps_its_form():
+    data = copy.deepcopy(inventory_dict())
+    data["regions"]["eastus"]["database"] = patroni(member="e1")
+    data["regions"]["westeurope"]["database"] = patroni(member="w1")
+    inv = Inventory.model_validate(data)
+    assert inv.region("westeurope").database.member == "w1"
+    per_region = {k: v for k, v in patroni("per-region", replication_address="db:5432").items() if k != "layout"}
+    data["regions"]["eastus"]["database"] = data["regions"]["westeurope"]["database"] = per_region
+    dumped = Inventory.model_validate(data).model_dump(mode="json")["regions"]["eastus"]["database"]
+    assert "layout" not in dumped and "member" not in dumped  # late fields: an older inventory's digest stays

@@ -3,6 +3,7 @@ from __future__ import annotations
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import pytest_asyncio
@@ -84,9 +85,20 @@ def inventory_dict(**overrides) -> dict:
     return inv
 
 
+def with_databases(database: Callable[[str], dict]) -> dict:
+    """inventory_dict() whose every region's database is `database(region)` over the default one (another provider,
+    the host a self-managed server is reached on...)."""
+    inv = inventory_dict()
+    for region, r in inv["regions"].items():
+        r["database"] = {**r["database"], **database(region)}
+    return inv
+
+
 @pytest.fixture
-def inventory() -> Inventory:
-    return Inventory.model_validate(inventory_dict())
+def inventory(request) -> Inventory:
+    """The test inventory; in a module that sets `DATABASES = lambda region: {...}`, with those databases."""
+    databases = getattr(request.module, "DATABASES", None)
+    return Inventory.model_validate(with_databases(databases) if databases else inventory_dict())
 
 
 def worker_holds(*inventories: Inventory) -> None:

@@ -88,6 +88,9 @@ class Cluster:
     router_queues: list = field(default_factory=list)  # the queue each router.* activity ran on
     sampled: list = field(default_factory=list)  # (canary, baseline) deployments of each Prometheus query
     router_azure: list = field(default_factory=list)  # the ARM connection each router.set_weight was given
+    rps: float | None = None  # the canary's requests a second, counted from the bake's start (analysis.requests)
+    unseen: int = 0  # with rps: how many Prometheus queries do not know the canary's series yet
+    ran_on: list = field(default_factory=list)  # (activity, task queue) of every call
 
     def state(self) -> RolloutState:
         return RolloutState(
@@ -108,6 +111,7 @@ class Cluster:
 
     def _enter(self, name: str) -> None:
         self.calls.append(name)
+        self.ran_on.append((name, activity.info().task_queue))
         self.started.setdefault(name, threading.Event()).set()
         gate = self.block.pop(name, None)  # blocks the first call only (the undo may call it again)
         while gate is not None and not gate.is_set():
@@ -232,7 +236,14 @@ class Cluster:
             c._enter(PROMETHEUS_SAMPLES.name)
             c.sampled.append((r.canary, r.baseline))
             requests = 5.0 if c.behaviour == "quiet" else 1000.0
+            window = (r.end - r.start).total_seconds()
+            recent = seen = None
+            if c.rps is not None:  # traffic since the weight moved, as Prometheus counts it
+                requests, recent = c.rps * window, c.rps * min(window, r.analysis.interval)
+                seen, c.unseen = c.unseen <= 0, c.unseen - 1
             return Samples(
+                canary_recent_requests=recent,
+                canary_seen=seen,
                 metrics=[
                     MetricSamples(
                         name=m.name,
@@ -541,6 +552,80 @@ async def test_a_limit_is_judged_on_the_recent_samples_not_diluted_by_filled_zer
     assert breach.kind == "interval" and [(m.name, m.canary, m.canary_samples) for m in breach.metrics] == [
         ("error-rate", 0.15, 4)
     ]
+
+
+def counted_inventory(**rollout) -> Inventory:
+    """Limits that count the canary's requests (`analysis.requests`): looks every 60 s, one sample per 10 s."""
+    analysis = {**ROLLOUT["analysis"], "step": "10s", **rollout.pop("analysis", {}),
+                "requests": 'sum(increase(req{deployment="{deployment}"}[{interval}]))'}
+    return make_inventory(analysis=analysis, **rollout)
+
+
+async def test_the_first_look_comes_as_soon_as_the_canary_served_enough_requests(env, worker, cluster):
+    """Patch "first-look-sooner": in its first interval (60 s) a bake looks every query step (10 s); a look with
+    fewer than limit_min_requests (20) canary requests is no verdict and runs no HTTP check. A faulty canary at
+    1 request/s: 10 requests at 10 s (not enough yet), 20 at 20 s: rolled back then, 40 s before the old first
+    look."""
+    cluster.behaviour, cluster.rps, cluster.unseen = "faulty", 1.0, 2
+    inv = counted_inventory(checks=[{"name": "smoke", "url": "http://web.example/health"}])
+    async with serving(worker):
+        handle = await start(env, worker, inv, auto_promote=True)
+        await approve_quorum(handle)
+        report = await failed(handle)
+    assert report.rolled_back and "error-rate breach" in report.rollback_reason and cluster.weight_log == [5, 0]
+    # before any traffic: Prometheus scrapes the canary (asked every 10 s: not yet, not yet, yes)
+    names = [s.name for s in report.steps]
+    assert names.index("scale-5") < names.index("scraped") < names.index("weight-5")
+    scraped = next(s for s in report.steps if s.name == "scraped")
+    assert scraped.outcome == "ok" and scraped.detail.startswith("web-canary's requests are counted (after ")
+    assert float(scraped.detail.rsplit(" ", 1)[1].rstrip("s)")) == pytest.approx(20, abs=1)
+    moved = cluster.calls.index(ROUTER_SET_WEIGHT.name)
+    assert cluster.calls[moved - 4:moved] == [K8S_SCALE_CANARY.name] + [PROMETHEUS_SAMPLES.name] * 3
+    breach = report.analysis[-1]
+    assert breach.kind == "interval" and breach.weight == 5 and breach.canary_requests == pytest.approx(20, abs=1)
+    assert (breach.end - breach.start).total_seconds() == pytest.approx(20, abs=1)
+    baked = cluster.calls[cluster.calls.index(ROUTER_SET_WEIGHT.name) + 1:]
+    baked = baked[:baked.index(ROUTER_SET_WEIGHT.name)]  # from the weight's move to its undo
+    assert baked == [PROMETHEUS_SAMPLES.name, PROMETHEUS_SAMPLES.name, HTTP_CHECKS.name]
+
+
+async def test_a_healthy_canary_is_looked_at_soon_then_every_interval(env, worker, cluster):
+    cluster.rps = 1.0
+    async with serving(worker):
+        inv = counted_inventory(steps=[50, 100], checks=[{"name": "smoke", "url": "http://web.example/health"}])
+        handle = await start(env, worker, inv, auto_promote=True)
+        await approve_quorum(handle)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded"
+    bake = next(s for s in report.steps if s.name == "bake-50")
+    # every 10 s in the first minute (10 requests at 10 s: not enough yet), then every 60 s to 600 s
+    assert bake.detail == "15 check(s), no limit broken (1 with not enough traffic yet)"
+    baked = cluster.calls[cluster.calls.index(ROUTER_SET_WEIGHT.name) + 1:]
+    s, c = PROMETHEUS_SAMPLES.name, HTTP_CHECKS.name  # the checks: at 20 s (the first verdict), then at 60 s
+    assert baked[:8] == [s, s, c, s, s, s, s, c] and baked[8:10] == [s, c]
+    assert [a.verdict for a in report.analysis] == ["pass"]
+
+
+async def test_a_burst_of_errors_on_too_little_traffic_is_left_to_a_person(env, worker, cluster):
+    """Patch "limit-min-requests": a canary whose error rate is over its limit (judged by the limit alone, not the
+    rank test) but that served 6 requests in the whole bake (one error is 17 %) breaks no limit -- every look says
+    not enough traffic yet -- and the judge says inconclusive: a person decides (the old arithmetic rolled it back
+    at the first look)."""
+    cluster.behaviour, cluster.rps = "faulty", 0.01
+    metrics = [{**ROLLOUT["analysis"]["metrics"][0], "judge": False}, *ROLLOUT["analysis"]["metrics"][1:]]
+    async with serving(worker):
+        handle = await start(env, worker, counted_inventory(analysis={"metrics": metrics}), auto_promote=True)
+        await approve_quorum(handle)
+        r = await until(handle, lambda r: r.current_step == "decide-5" and r.status == "waiting", "the decision at 5 %")
+        assert cluster.weights == {"web": 95, "web-canary": 5} and not r.rolled_back
+        bake = next(s for s in r.steps if s.name == "bake-5")
+        assert bake.outcome == "ok" and "not enough traffic yet" in bake.detail
+        judged = r.analysis[-1]
+        assert judged.kind == "judge" and judged.verdict == "inconclusive" and not judged.failed_metrics()
+        assert "limits not judged (not enough traffic yet: 6 canary request(s) in the last 600s" in judged.reason
+        await send_update(handle, Procedure.abort, Request(by="alice", reason="too little traffic to tell"))
+        report = await failed(handle)
+    assert report.status == "aborted" and report.rolled_back and cluster.stable_at_100
 
 
 async def test_judge_failure_without_a_broken_limit_rolls_back(env, worker, cluster):
@@ -990,3 +1075,35 @@ async def test_a_traffic_manager_canary_is_weighted_through_arm_as_the_inventory
     assert cluster.weight_log == [10, 0] and cluster.router_azure == [arm, arm]
     assert "traffic manager tm-shop (shop-eastus / shop-westus)" in next(
         s.title for s in report.steps if s.name == "router")
+
+
+# -- a host workload (outside Kubernetes), its activities on the NGINX host's queue ------------------------------
+
+HOST = {"kind": "host", "run": ["ssh", "deploy@web1"], "start": ["shop-instance", "start", "{role}", "{image}"],
+        "check": ["shop-instance", "check", "{role}"], "stop": ["shop-instance", "stop", "{role}"]}
+
+
+async def test_a_host_workloads_activities_run_on_the_nginx_hosts_queue_with_the_router(env, worker, cluster):
+    """The same declared activities (k8s.*, chosen by kind on the worker); only their queue differs: the router's."""
+    queue, _, _ = worker
+    lb = f"{queue}-westeurope"  # the worker on the NGINX host (app region: eastus)
+    inv = make_inventory(apps={"web": {**app_with({**NGINX, "queue": lb})["web"], "workload": HOST}},
+                         analysis={**ROLLOUT["analysis"], "baseline": "fresh"}, steps=[5, 25, 50, 100])
+    inv.regions["eastus"].kubernetes = None  # a region without a cluster serves a host workload
+    async with serving(worker):
+        handle = await start(env, worker, inv, auto_promote=True)
+        await approve_quorum(handle)
+        report = RolloutReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and cluster.stable_image == NEW and report.baseline == "web-baseline"
+    own = {name: q for name, q in cluster.ran_on if name.startswith(("k8s.", "router."))}
+    assert set(own) >= {K8S_ROLLOUT_STATUS.name, K8S_CREATE_CANARY.name, K8S_SCALE_CANARY.name, K8S_SET_IMAGE.name,
+                        K8S_DELETE_CANARY.name, ROUTER_SET_WEIGHT.name} and set(own.values()) == {lb}, own
+    others = {q for name, q in cluster.ran_on if not name.startswith(("k8s.", "router."))}
+    assert others == {f"{queue}-eastus"}, others  # Prometheus and the judge: the app's region
+
+
+async def test_a_host_workload_refuses_bluegreen_before_any_change(env, worker, cluster):
+    inv = make_inventory(apps={"web": {**app_with(NGINX)["web"], "workload": HOST}})
+    async with serving(worker):
+        report = await failed(await start(env, worker, inv, procedure="bluegreen"))
+    assert report.status == "refused" and "workload.kind host" in report.failure and cluster.calls == []

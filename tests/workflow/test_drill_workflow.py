@@ -354,7 +354,7 @@ async def test_a_scheduled_drill_takes_the_environment_lock_or_is_skipped(drilli
 
     async def drill_running() -> DrillReport | None:
         try:
-            report = await fetch_report(running, query_timeout=5)
+            report = await fetch_report(running, query_timeout=5, client=drilling.client)
         except ClientError:  # the launch has not started its drill yet
             return None
         return report if report.status == "running" else None

@@ -10,31 +10,27 @@ import pytest
 from opsflow.client import send_update
 from opsflow.inventory import Inventory, InventoryError, load_inventory
 from opsflow.models import FailbackReport, FailoverReport
-from tests.workflow.conftest import inventory_dict
+from tests.workflow.conftest import with_databases
 from tests.workflow.test_failback_workflow import start as start_failback
 from tests.workflow.test_failover_switchover import approved
 from tests.workflow.test_failover_workflow import start, until_waiting
 from workflows.procedure import Procedure, Request
 
 
+def DATABASES(region: str) -> dict:  # noqa: N802 - the inventory fixture's (tests/workflow/conftest.py)
+    return {
+        "provider": "patroni",
+        "dsn": f"host=pg-{region} dbname=app user=ops",
+        "rest_api": [f"https://pg-{region}-1:8008", f"https://pg-{region}-2:8008"],
+        "replication_address": f"pg-{region}:5432",
+        "scope": f"shop-{region}",
+        "rest_username": "opsflow",
+        "rest_password": {"env": "PATRONI_REST_PASSWORD"},
+    }
+
+
 def patroni_inventory() -> dict:
-    inv = inventory_dict()
-    for i, (region, r) in enumerate(inv["regions"].items()):
-        r["database"] = {
-            "provider": "patroni",
-            "dsn": f"host=pg-{region} dbname=app user=ops",
-            "rest_api": [f"https://pg-{region}-1:8008", f"https://pg-{region}-2:8008"],
-            "replication_address": f"pg-{region}:5432",
-            "scope": f"shop-{region}",
-            "rest_username": "opsflow",
-            "rest_password": {"env": "PATRONI_REST_PASSWORD"},
-        }
-    return inv
-
-
-@pytest.fixture
-def inventory() -> Inventory:
-    return Inventory.model_validate(patroni_inventory())
+    return with_databases(DATABASES)
 
 
 async def test_planned_failover_demotes_the_old_cluster_then_it_follows(running, world, inventory):
@@ -93,3 +89,30 @@ def test_inventory_names_the_bad_patroni_field(tmp_path, change, message):
     with pytest.raises(InventoryError) as err:
         load_inventory(str(path))
     assert "regions.eastus.database" in str(err.value) and message in str(err.value)
+
+
+def stretched_inventory() -> Inventory:
+    """Both regions members of ONE Patroni cluster (layout stretched)."""
+    inv = patroni_inventory()
+    for region, r in inv["regions"].items():
+        db = r["database"]
+        db.pop("replication_address")
+        db.update(layout="stretched", member=f"pg-{region}-1", scope="shop")
+    return Inventory.model_validate(inv)
+
+
+@pytest.mark.parametrize("inventory", [stretched_inventory()], ids=["stretched"])  # the worker's inventory too
+async def test_stretched_cluster_plans_patronis_own_switchover(running, world, inventory):
+    """One cluster stretched across the regions: the plan names Patroni's POST /switchover; the run is the same
+    story (the promotion gets the old region, then the old member's fence is lifted and it is checked to stream)."""
+    dry = FailoverReport.model_validate(await (await start(running, inventory, dry_run=True)).result())
+    plan = {s.name: s for s in dry.steps}
+    assert "POST /switchover in one cluster: westeurope's member leads, eastus's follows it" in plan["promote"].detail
+    assert "standby cluster" not in plan["promote"].detail and world.unchanged
+
+
+@pytest.mark.parametrize("inventory", [stretched_inventory()], ids=["stretched"])
+async def test_stretched_cluster_runs_the_same_steps(running, world, inventory):
+    report = await approved(running, inventory)
+    assert report.status == "succeeded" and report.switchover and report.old_primary_replica
+    assert world.demoted == [("eastus", "westeurope")]

@@ -5,33 +5,18 @@ standalone and says so; the failback after it switches back without a rebuild.""
 
 from __future__ import annotations
 
-import pytest
-
 from opsflow.client import send_update
 from opsflow.contracts.db import DB_FOLLOW, DB_PROMOTE, DB_SHUT_DOWN, DB_START
-from opsflow.inventory import Inventory
-from opsflow.models import FailbackReport, FailoverReport
-from tests.workflow.conftest import inventory_dict
-from tests.workflow.test_failback_workflow import start as start_failback
+from opsflow.models import FailoverReport
+from tests.workflow.test_failover_switchover import approved, switched_back
 from tests.workflow.test_failover_workflow import failed_report, start, until_waiting
 from workflows.procedure import Procedure, Request
 
 
-@pytest.fixture
-def inventory() -> Inventory:
+def DATABASES(region: str) -> dict:  # noqa: N802 - the inventory fixture's (tests/workflow/conftest.py)
     """Both regions self-managed, each host reached over ssh."""
-    inv = inventory_dict()
-    for region, r in inv["regions"].items():
-        r["database"]["host"] = {"run": ["ssh", "-o", "BatchMode=yes", f"postgres@db-{region}"],
-                                 "data_dir": "/var/lib/postgresql/15/main"}
-    return Inventory.model_validate(inv)
-
-
-async def approved(running, inventory, **kw) -> FailoverReport:
-    handle = await start(running, inventory, **kw)
-    await until_waiting(handle)
-    await send_update(handle, Procedure.approve, Request(by="bob"))
-    return FailoverReport.model_validate(await handle.result())
+    return {"host": {"run": ["ssh", "-o", "BatchMode=yes", f"postgres@db-{region}"],
+                     "data_dir": "/var/lib/postgresql/15/main"}}
 
 
 async def test_planned_failover_shuts_down_proves_promotes_and_the_old_primary_follows(running, world, inventory):
@@ -76,11 +61,7 @@ async def test_undo_after_the_shutdown_starts_it_again_before_lifting_the_fence(
 
 
 async def test_failback_after_it_is_a_switchover_back_without_a_rebuild(running, world, inventory):
-    assert (await approved(running, inventory)).old_primary_replica
-    handle = await start_failback(running, inventory)
-    await until_waiting(handle)
-    await send_update(handle, Procedure.approve, Request(by="bob"))
-    report = FailbackReport.model_validate(await handle.result())
+    report = await switched_back(running, inventory)
     assert report.status == "succeeded" and world.primary == "eastus" and world.rebuilds == []
     steps = {s.name: s for s in report.steps}
     assert steps["rebuild"].outcome == "skipped" and steps["restandby"].outcome == "skipped"

@@ -8,9 +8,7 @@ import pytest
 
 from opsflow.client import send_update
 from opsflow.contracts.db import DB_UNFENCE
-from opsflow.inventory import Inventory
 from opsflow.models import FailbackReport, FailoverReport, VirtualEndpointState
-from tests.workflow.conftest import inventory_dict
 from tests.workflow.test_failback_workflow import start as start_failback
 from tests.workflow.test_failover_workflow import failed_report, start, until_waiting
 from workflows.procedure import Procedure, Request
@@ -18,20 +16,12 @@ from workflows.procedure import Procedure, Request
 VE = "ve-shop"
 
 
-@pytest.fixture
-def inventory() -> Inventory:
+
+
+def DATABASES(region: str) -> dict:  # noqa: N802 - the inventory fixture's (tests/workflow/conftest.py)
     """Both regions on Azure flexible servers (pg-eastus, pg-westeurope) under one virtual endpoint."""
-    inv = inventory_dict()
-    for region, r in inv["regions"].items():
-        r["database"] = {
-            "provider": "azure-flexible",
-            "dsn": f"host=db-{region} dbname=app user=ops",
-            "subscription_id": "sub",
-            "resource_group": "rg",
-            "server_name": f"pg-{region}",
-            "virtual_endpoint": VE,
-        }
-    return Inventory.model_validate(inv)
+    return {"provider": "azure-flexible", "subscription_id": "sub", "resource_group": "rg",
+            "server_name": f"pg-{region}", "virtual_endpoint": VE}
 
 
 async def approved(running, inventory, **kw) -> FailoverReport:
@@ -39,6 +29,15 @@ async def approved(running, inventory, **kw) -> FailoverReport:
     await until_waiting(handle)
     await send_update(handle, Procedure.approve, Request(by="bob"))
     return FailoverReport.model_validate(await handle.result())
+
+
+async def switched_back(running, inventory) -> FailbackReport:
+    """The failback (approved by bob) after an approved failover that left the old primary a replica."""
+    assert (await approved(running, inventory)).old_primary_replica
+    handle = await start_failback(running, inventory)
+    await until_waiting(handle)
+    await send_update(handle, Procedure.approve, Request(by="bob"))
+    return FailbackReport.model_validate(await handle.result())
 
 
 async def test_planned_failover_switches_over_and_the_old_primary_follows(running, world, inventory):
@@ -114,11 +113,7 @@ async def test_emergency_uses_a_forced_switchover(running, world, inventory):
 
 
 async def test_failback_after_a_switchover_is_a_switchover_back_without_a_rebuild(running, world, inventory):
-    assert (await approved(running, inventory)).old_primary_replica
-    handle = await start_failback(running, inventory)
-    await until_waiting(handle)
-    await send_update(handle, Procedure.approve, Request(by="bob"))
-    report = FailbackReport.model_validate(await handle.result())
+    report = await switched_back(running, inventory)
     assert report.status == "succeeded" and world.primary == "eastus"
     assert world.rebuilds == []  # neither region rebuilt
     assert world.switchovers == [("eastus", "westeurope", False), ("westeurope", "eastus", False)]

@@ -8,10 +8,12 @@ import asyncio
 import threading
 
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowUpdateFailedError
 
 from opsflow.client import send_update
 from opsflow.contracts.db import DB_FENCE_CONTROL_PLANE, DB_PROMOTE, DB_WAIT_CAUGHT_UP
+from opsflow.contracts.notify import REPORT_STORE
 from opsflow.inventory import ApprovalPolicy, Inventory
 from opsflow.models import FailoverReport
 from tests.workflow.conftest import inventory_dict
@@ -76,6 +78,33 @@ async def test_pause_stops_a_long_step_and_resume_runs_it_again(running, world, 
     report = FailoverReport.model_validate(await handle.result())
     assert report.status == "succeeded" and world.catch_up_attempts == 2
     assert [s.outcome for s in report.steps if s.name == "catch-up"] == ["skipped", "ok"]
+
+
+async def test_a_worker_lost_with_the_report_costs_the_heartbeat_timeout_not_the_bound(running, world, inventory):
+    """The report's keeping heartbeats: a worker killed just after it took report.store is noticed within the kernel's
+    heartbeat timeout (10 s) and the next attempt keeps the report, not after the 60 s start-to-close."""
+    world.lost_first.add(REPORT_STORE.name)
+    try:
+        handle = await start(running, inventory)
+        await until_waiting(handle)
+        await send_update(handle, Procedure.approve, Request(by="bob"))
+        report = FailoverReport.model_validate(await handle.result())
+    finally:
+        world.lost_answer.set()
+    assert report.status == "succeeded" and report.stored_at  # kept by the second attempt
+    events = {}
+    async for e in handle.fetch_history_events():
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            if e.activity_task_scheduled_event_attributes.activity_type.name == REPORT_STORE.name:
+                events["scheduled"] = e
+        elif "scheduled" in events and e.event_type in (EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED,
+                                                        EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED):
+            events.setdefault(e.event_type, e)
+    started = events[EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED].activity_task_started_event_attributes
+    assert started.attempt == 2
+    took = events[EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED].event_time.ToDatetime() \
+        - events["scheduled"].event_time.ToDatetime()
+    assert took.total_seconds() < 30  # heartbeat timeout + the retry's 1 s; the start-to-close is 60 s
 
 
 async def test_a_queue_without_worker_is_refused_before_any_change(running, world, inventory):

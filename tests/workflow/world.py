@@ -36,7 +36,7 @@ from opsflow.contracts.k8s import (
     K8S_STATUS,
 )
 from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
-from opsflow.contracts.notify import NOTIFY_SEND
+from opsflow.contracts.notify import NOTIFY_SEND, REPORT_STORE
 from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_PREPARE, TRAFFIC_STATUS, TRAFFIC_SWITCH
 from opsflow.models import (
     AutoscalerChange,
@@ -62,6 +62,7 @@ from opsflow.models import (
     ShutdownRequest,
     ShutdownResult,
     SmokeResult,
+    StoreReportRequest,
     TrafficRequest,
     TrafficStatus,
     VirtualEndpointState,
@@ -107,6 +108,9 @@ class World:
     stopped: set = field(default_factory=set)  # self-managed servers shut down cleanly (a switchover)
     proof: str | None = None  # self-managed switchover: None proven; else why the shutdown proved nothing
     hpas: dict = field(default_factory=dict)  # region -> (min, max) of an HPA on web; scale_up raises, lower lowers
+    # activity names whose first attempt is taken by a worker that dies: no heartbeat, no answer (until set)
+    lost_first: set = field(default_factory=set)
+    lost_answer: threading.Event = field(default_factory=threading.Event)
 
     def _maybe_fail(self, name: str) -> None:
         self.calls.append(name)
@@ -114,6 +118,19 @@ class World:
             self.hold[name].wait(30)
         if name in self.fail:
             raise ApplicationError(self.fail[name], type="Injected", non_retryable=True)
+
+    def _wait_while_blocked(self, block: threading.Event | None, name: str) -> None:
+        """A long step in flight: heartbeat until `block` is set (at once when None); a cancellation ends it, and
+        the activity's name is recorded in `cancelled`."""
+        try:
+            while block is not None and not block.is_set():
+                activity.heartbeat()
+                if activity.is_cancelled():
+                    raise CancelledError()
+                time.sleep(0.02)
+        except BaseException:
+            self.cancelled.append(name)
+            raise
 
     def status_of(self, region: str) -> DbStatus:
         if not self.reachable.get(region, True) or region in self.stopped:
@@ -162,15 +179,7 @@ class World:
         def db_wait(req: CatchUpRequest) -> CatchUpResult:
             w._maybe_fail(DB_WAIT_CAUGHT_UP.name)
             w.catch_up_attempts += 1
-            try:
-                while w.block_catch_up is not None and not w.block_catch_up.is_set():
-                    activity.heartbeat()
-                    if activity.is_cancelled():
-                        raise CancelledError()
-                    time.sleep(0.02)
-            except BaseException:
-                w.cancelled.append(DB_WAIT_CAUGHT_UP.name)
-                raise
+            w._wait_while_blocked(w.block_catch_up, DB_WAIT_CAUGHT_UP.name)
             w.replay[req.replica.region] = w.lsn
             return CatchUpResult(
                 primary_lsn=f"0/{w.lsn:X}",
@@ -185,15 +194,7 @@ class World:
             w._maybe_fail(DB_DRAIN.name)
             if not w.busy_sessions:
                 return DrainResult(waited_seconds=0.05, idle=True, detail="sessions idle")
-            try:
-                while w.block_drain is not None and not w.block_drain.is_set():
-                    activity.heartbeat()
-                    if activity.is_cancelled():
-                        raise CancelledError()
-                    time.sleep(0.02)
-            except BaseException:
-                w.cancelled.append(DB_DRAIN.name)
-                raise
+            w._wait_while_blocked(w.block_drain, DB_DRAIN.name)
             return DrainResult(waited_seconds=req.limit_seconds, idle=False, busy_sessions=w.busy_sessions,
                                detail=f"drain limit reached, {w.busy_sessions} session(s) still in a transaction")
 
@@ -344,6 +345,12 @@ class World:
             w.old_fenced.append(("k8s", t.region))
             return FenceResult(region=t.region, fenced=True, method="stand-in", detail="0 replicas")
 
+        @REPORT_STORE.implementation
+        def store(req: StoreReportRequest) -> list[str]:
+            if REPORT_STORE.name in w.lost_first and activity.info().attempt == 1:
+                w.lost_answer.wait(120)
+            return store_report(req)
+
         @TEMPORAL_UNSERVED_QUEUES.implementation
         def unserved_queues(queues: list[str]) -> list[str]:
             gone = [q for q in queues if q in w.unserved or q in w.lost and q in w.asked]
@@ -352,7 +359,7 @@ class World:
 
         return [
             worker_inventory,
-            store_report,
+            store,
             fence_control_plane,
             scale_to_zero,
             unserved_queues,

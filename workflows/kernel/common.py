@@ -15,7 +15,6 @@ with workflow.unsafe.imports_passed_through():
 A = TypeVar("A")
 R = TypeVar("R")
 RETRY_NEVER = ["BadInput", "Refused", "NotFound"]
-NOTIFY_HEARTBEAT = 10  # seconds; notify.send heartbeats every 2 s while it sends
 
 
 class Request(BaseModel):

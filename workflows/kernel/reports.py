@@ -38,12 +38,10 @@ class Reports:
             json_text=report.model_dump_json(indent=2),
             markdown=to_markdown(report),
         )
-        opts = self.activity_options(inv.task_queue, 60, None, 5)
-        opts.pop("cancellation_type")
-        try:
+        try:  # a worker lost while it writes costs the heartbeat timeout, not the 60 s bound (the activity heartbeats)
             report.stored_at = await workflow.execute_activity(
                 REPORT_STORE.name, request, result_type=REPORT_STORE.result_type,
-                summary=f"store the {report.procedure} report", **opts)
+                summary=f"store the {report.procedure} report", **self.aside_options(REPORT_STORE, 60, 5))
         except ActivityError as err:
             report.events.append(ControlEvent(action="report-store-failed", by="opsflow", at=workflow.now(),
                                               reason=failure_message(err)))

@@ -41,6 +41,7 @@ class Rules:
                 RULES_INVENTORY.name, RulesRequest(environments=wanted, start_nonce=nonce),
                 result_type=RULES_INVENTORY.result_type, task_queue=workflow.info().task_queue,
                 schedule_to_start_timeout=timedelta(seconds=60), start_to_close_timeout=timedelta(seconds=30),
+                heartbeat_timeout=timedelta(seconds=RULES_INVENTORY.heartbeat),  # a worker lost costs this, not 30 s
                 retry_policy=RetryPolicy(maximum_attempts=3, non_retryable_error_types=RETRY_NEVER),
                 summary=f"the worker's rules for {', '.join(wanted)}")
         except ActivityError as err:

@@ -74,6 +74,14 @@ class Steps:
             cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
 
+    def aside_options(self, activity: Activity, timeout: float, attempts: int) -> dict:
+        """The options of what the kernel runs beside the steps, best effort, on the workflow's queue (a notification,
+        the report's keeping, the drill's trend): bounded, with the contract's heartbeat timeout, and not waited for
+        should the procedure be cancelled meanwhile."""
+        opts = self.activity_options(self.inventory.task_queue, timeout, activity.heartbeat, attempts)
+        opts.pop("cancellation_type")
+        return opts
+
     async def step(
         self,
         name: str,
@@ -99,7 +107,8 @@ class Steps:
         `undo=Undo(activity, title, arg)` registers what reverses this step should the procedure stop before
         the point of no return (on the step's queue); it is owed as soon as the step has started, since it may
         have acted. `kind` is how the timeline draws it ("wait": an activity that waits, e.g. the drain) and
-        `waiting` what `opsflow status` shows as waited for meanwhile."""
+        `waiting` what `opsflow status` shows as waited for meanwhile. `heartbeat`: the heartbeat timeout, by default
+        the contract's (the kernel's own activities heartbeat: a worker lost just after it took one costs that)."""
         self._check_declared(name)
         while True:
             await self.boundary()
@@ -107,7 +116,7 @@ class Steps:
             if waiting:
                 self.report.waiting_for = waiting
                 self.show()
-            opts = self.activity_options(queue, timeout, heartbeat, attempts)
+            opts = self.activity_options(queue, timeout, heartbeat or activity.heartbeat, attempts)
             handle = workflow.start_activity(activity.name, arg, result_type=activity.result_type, summary=title,
                                              **opts)
             if undo is not None:
@@ -264,7 +273,7 @@ class Steps:
         while self.undo_stack:
             u = self.undo_stack.pop()
             record = self.begin_step(u.name or f"undo:{u.activity.name}", u.title, "undo")
-            opts = self.activity_options(u.queue, u.timeout, u.heartbeat, 10)
+            opts = self.activity_options(u.queue, u.timeout, u.heartbeat or u.activity.heartbeat, 10)
             opts["retry_policy"] = RetryPolicy(maximum_interval=timedelta(seconds=20), maximum_attempts=10)
             try:
                 await workflow.execute_activity(u.activity.name, u.arg, summary=u.title, **opts)

@@ -10,7 +10,7 @@ with workflow.unsafe.imports_passed_through():
     from opsflow.models import ControlEvent, Notification, NotifyRequest
     from opsflow.temporal import OPS_STATUS, OPS_STEP
 
-from workflows.kernel.common import NOTIFY_HEARTBEAT, failure_message
+from workflows.kernel.common import failure_message
 
 
 class Display:
@@ -31,10 +31,9 @@ class Display:
             channels=self.inventory.notifications,
         )
         # A worker lost while it sends costs the heartbeat timeout, not the 30 s bound (the activity heartbeats).
-        opts = self.activity_options(self.inventory.task_queue, 30, NOTIFY_HEARTBEAT, 3)
-        opts.pop("cancellation_type")
         try:
-            await workflow.execute_activity(NOTIFY_SEND.name, request, summary=f"notify: {text[:60]}", **opts)
+            await workflow.execute_activity(NOTIFY_SEND.name, request, summary=f"notify: {text[:60]}",
+                                            **self.aside_options(NOTIFY_SEND, 30, 3))
         except ActivityError as err:
             self.report.events.append(
                 ControlEvent(action="notify-failed", by="opsflow", at=workflow.now(), reason=failure_message(err))

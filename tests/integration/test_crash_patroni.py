@@ -1,0 +1,105 @@
+"""The crash suite on real Patroni (issue 20): the worker SIGKILLed at every activity boundary of a planned failover
+and of the failback (its own steps and its child's, the failover back), and in the middle of each long step (the
+promotion among them), on both Patroni layouts: a cluster per region (`opsflow lab up --database patroni`, the old
+cluster demoted to a standby cluster) and one cluster stretched across the regions (`--patroni-layout stretched`,
+Patroni's own POST /switchover). Each run completes; one promotion each way (the timeline moves by exactly one), the
+old primary follows the new one, no data directory is replaced (no rebuild), every row kept. The machinery is
+tests/integration/crash_kit.py's."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from opsflow.contracts.db import DB_PROMOTE
+from opsflow.temporal import DATA_CONVERTER
+from tests.helpers import eventually_async
+from tests.integration.conftest import Lab, explain, fast_recovery, take_down, wait_for
+from tests.integration.crash_kit import Workers, run_killing_at_every_boundary
+from tests.integration.test_crash_boundaries import setup_data
+from tests.integration.test_failover_lab import sql, streams_from, timeline
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.crash,
+    pytest.mark.skipif(not (os.path.exists("/usr/bin/patroni") and os.path.exists("/usr/bin/etcd")),
+                       reason="Debian's patroni and etcd-server are not installed (scripts/setup.sh installs them)"),
+]
+
+
+@pytest.fixture(scope="module", params=["per-region", "stretched"])
+def patroni_crash_lab(request):
+    """A Patroni lab without a worker of its own: the crash kit's two workers are the only ones (a third would take
+    steps the kills then miss)."""
+    from lab.manage import up
+
+    root = Path(tempfile.mkdtemp(prefix="opsflow-lab-test-")) / "lab"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPSFLOW_HOME", str(root.parent / "home"))
+        mp.delenv("TEMPORAL_ADDRESS", raising=False)
+        lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, database="patroni",
+                           patroni_layout=request.param))
+        yield lab
+        lab.stop_workers()
+        take_down(root)
+
+
+def datadirs(lab) -> dict[str, int]:
+    """Each region's data directory inode: a rebuild (a new base backup, Patroni's reinit) replaces it."""
+    return {r: os.stat(lab.state["postgres"][r]["datadir"]).st_ino for r in ("eastus", "westeurope")}
+
+
+async def kill_at_every_boundary_of_the_child(lab, workers: Workers, child_id: str) -> dict:
+    """The crash kit's run on the failback's child (the planned failover back, started once the failback's own
+    steps before it are done): the kit follows one workflow's history, and the child's steps are in the child's."""
+    client = await Client.connect(lab.state["temporal"]["address"], data_converter=DATA_CONVERTER)
+
+    async def started() -> bool:
+        try:
+            await client.get_workflow_handle(child_id).describe()
+        except RPCError:
+            return False
+        return True
+
+    await eventually_async(started, timeout=300, what=f"the failback's child {child_id}", interval=0.2)
+    return await run_killing_at_every_boundary(lab, workers, child_id, approve=False)
+
+
+async def test_patroni_failover_and_failback_survive_a_kill_at_every_boundary(patroni_crash_lab):
+    lab = patroni_crash_lab
+    inventory = fast_recovery(lab)
+    lab.inventory = inventory
+    setup_data(lab)
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    tli, dirs = timeline(east), datadirs(lab)
+    workers = Workers(lab, inventory)
+    workers.start_all()
+
+    wid = lab.cli_json("failover", "--env", inventory, "--to", "westeurope", "--requester", "alice")["workflow_id"]
+    report = await run_killing_at_every_boundary(lab, workers, wid, approve=True)
+    assert report["status"] == "succeeded", explain(report)
+    assert report["switchover"] and report["old_primary_replica"] and report["remaining"] == [], explain(report)
+    assert report["_boundaries"] >= 8 and report["_kills"]["long_steps"] >= 2, report["_kills"]
+    assert DB_PROMOTE.name in report["_long"], report["_long"]  # killed in the middle of the switchover itself
+    assert timeline(west) == tli + 1  # one promotion, whatever was killed
+    wait_for(lambda: streams_from(east, west), what="eastus streaming from westeurope")
+
+    fid = lab.cli_json("failback", "--env", inventory, "--to", "eastus", "--requester", "alice")["workflow_id"]
+    back, child = await asyncio.gather(run_killing_at_every_boundary(lab, workers, fid, approve=True),
+                                       kill_at_every_boundary_of_the_child(lab, workers, f"{fid}-failover"))
+    assert back["status"] == "succeeded", explain(back)
+    assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"], explain(back)
+    assert back["_boundaries"] >= 5, back["_kills"]
+    # the failover back (the failback's child workflow) was killed at its boundaries too, the switchover among them
+    assert child["status"] == "succeeded" and child["_boundaries"] >= 8, child["_kills"]
+    assert DB_PROMOTE.name in child["_kinds"], child["_kinds"]
+    assert timeline(east) == tli + 2  # one promotion back
+    wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
+    assert sql(east, "SELECT count(*) FROM orders")[0][0] == 500
+    assert datadirs(lab) == dirs  # no rebuild either way
