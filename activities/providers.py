@@ -52,6 +52,11 @@ class TrafficProvider(Protocol):
     def switch(self) -> TrafficStatus:
         """Send traffic to request.to_region: its endpoint enabled first, the others disabled. Idempotent."""
 
+    def prepare(self) -> TrafficStatus:
+        """Before a planned switch: make request.to_region's endpoint ready to serve without sending it traffic
+        (Traffic Manager: enabled behind the serving endpoint, so its probes run; Route 53: nothing, its health
+        checks always run). Idempotent."""
+
 
 def database_provider(target: RegionTarget) -> DatabaseProvider:
     kind = target.database.provider

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from activities.providers import traffic_provider
-from opsflow.contracts.traffic import TRAFFIC_STATUS, TRAFFIC_SWITCH
+from opsflow.contracts.traffic import TRAFFIC_PREPARE, TRAFFIC_STATUS, TRAFFIC_SWITCH
 from opsflow.models import TrafficRequest, TrafficStatus
 
 
@@ -15,3 +15,8 @@ def traffic_status(request: TrafficRequest) -> TrafficStatus:
 @TRAFFIC_SWITCH.implementation
 def traffic_switch(request: TrafficRequest) -> TrafficStatus:
     return traffic_provider(request).switch()
+
+
+@TRAFFIC_PREPARE.implementation
+def traffic_prepare(request: TrafficRequest) -> TrafficStatus:
+    return traffic_provider(request).prepare()

@@ -17,9 +17,11 @@ The figures (medians over the runs that succeeded; min and max beside them):
   (the bench approves at once; a person would not).
 - rebuild: the `rebuild` step (rebuild path: Azure's on-demand backup, delete, create as a replica; switchover
   path: skipped) plus `restandby` (the region left rebuilt as a replica; switchover path: skipped).
-- failover back: the child failover (its own drain of the lab's 3 s included).
+- failover back: the child failover (its drain included: until the sessions are idle, at most the lab's 3 s).
 
-Progress goes to stderr; the result to stdout (--json: one JSON object). Nothing here asserts on timings.
+Progress goes to stderr, with each run's steps (failback and failover back: start after the report's start, and
+seconds), which is where to look for where the seconds go; the result to stdout (--json: one JSON object). Nothing
+here asserts on timings.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ from opsflow.models import FailbackReport, FailoverReport  # noqa: E402
 
 PATHS = ("rebuild", "switchover", "self-managed")
 LAB_FLAGS = {"rebuild": {}, "switchover": {"virtual_endpoint": True}, "self-managed": {"database": "self-managed"}}
+
+
+def step_times(report) -> str:
+    """Each step's start (from the report's start) and seconds, as the report records them (workflow time)."""
+    return ", ".join(f"{s.name} @{(s.started_at - report.started_at).total_seconds():.2f}+{s.seconds:.2f}"
+                     for s in report.steps if s.seconds is not None)
 
 
 def failback_run(base: Path, number: int, path: str) -> dict:
@@ -73,6 +81,9 @@ def failback_run(base: Path, number: int, path: str) -> dict:
         total = (report.ended_at - report.started_at).total_seconds() - waited
         rebuild = sum(steps[n].seconds or 0.0 for n in ("rebuild", "restandby") if n in steps)
         say(f"  {path}: failback in {total:.1f}s (rebuild {rebuild:.1f}s, {report.rebuild_method})")
+        say("    failback steps: " + step_times(report))
+        if report.failover is not None:
+            say("    failover back:  " + step_times(report.failover))
         return {"path": path, "failback_seconds": round(total, 3), "rebuild_seconds": round(rebuild, 3),
                 "failover_back_seconds": steps["failover"].seconds, "rebuild_method": report.rebuild_method}
     finally:

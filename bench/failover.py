@@ -148,16 +148,18 @@ async def approve_and_wait(state: dict, workflow_id: str):
 def activity_seconds_per_step(report: FailoverReport, history) -> dict[str, float]:
     """Execution time (ActivityTaskStarted -> its close) of the activities each step ran, by step name.
 
-    An activity belongs to the step that began last before the activity was scheduled (steps run one after
-    the other, and a step schedules its activity in the same workflow task that begins it)."""
+    An activity belongs to the step whose title is its summary (a step schedules its activity with its title as
+    the summary; preflight reads run at once since "preflight-together"), else to the step that began last before
+    the activity was scheduled."""
     from temporalio.api.enums.v1 import EventType
 
     def at(event) -> datetime:
         return event.event_time.ToDatetime(tzinfo=timezone.utc)
 
     scheduled: dict[int, datetime] = {}
+    summary: dict[int, str] = {}
     started: dict[int, datetime] = {}
-    ran: list[tuple[datetime, float]] = []  # (scheduled at, execution seconds)
+    ran: list[tuple[datetime, float, str | None]] = []  # (scheduled at, execution seconds, summary)
     closing = {
         EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity_task_completed_event_attributes",
         EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "activity_task_failed_event_attributes",
@@ -166,17 +168,24 @@ def activity_seconds_per_step(report: FailoverReport, history) -> dict[str, floa
     for event in history.events:
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             scheduled[event.event_id] = at(event)
+            if event.HasField("user_metadata") and event.user_metadata.HasField("summary"):
+                try:
+                    summary[event.event_id] = json.loads(event.user_metadata.summary.data)
+                except ValueError:
+                    pass
         elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
             started[event.activity_task_started_event_attributes.scheduled_event_id] = at(event)
         elif event.event_type in closing:
             sid = getattr(event, closing[event.event_type]).scheduled_event_id
             if sid in started:
-                ran.append((scheduled[sid], (at(event) - started[sid]).total_seconds()))
+                ran.append((scheduled[sid], (at(event) - started[sid]).total_seconds(), summary.get(sid)))
 
     steps = sorted((s for s in report.steps if s.started_at), key=lambda s: s.started_at)
     work: dict[str, float] = {}
-    for when, seconds in ran:
+    for when, seconds, title in ran:
         owner = [s for s in steps if s.started_at <= when]
+        named = [s for s in owner if s.title == title]
+        owner = named or owner
         if owner:
             work[owner[-1].name] = work.get(owner[-1].name, 0.0) + seconds
     return work

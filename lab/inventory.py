@@ -121,7 +121,7 @@ def lab_inventory(state: dict, root: Path) -> dict:
         "traffic": {"provider": "azure-traffic-manager", "subscription_id": SUBSCRIPTION,
                     "resource_group": RESOURCE_GROUP, "profile": PROFILE},
         "azure": {"arm_endpoint": arm, "credential": "static-token", "ca_bundle": state["azure"]["ca_bundle"],
-                  "polling_interval": 0.2},
+                  "polling_interval": 0.1},
         "approval": {"approvers": ["alice", "bob"], "require_distinct_approver": True, "timeout": "1h",
                      "on_timeout": "abort", "escalation_channel": "oncall"},
         # A short drain keeps the demo brisk; production inventories keep the 60 s default or more.

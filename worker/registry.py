@@ -38,6 +38,7 @@ REGION_ACTIVITIES = [
     database.db_follow,
     traffic.traffic_status,
     traffic.traffic_switch,
+    traffic.traffic_prepare,
     kubernetes.kube_status,
     kubernetes.set_maintenance,
     kubernetes.scale_up,

@@ -40,7 +40,7 @@ from opsflow.contracts.rollout import (
     K8S_SWITCH_SERVICE,
     ROUTER_SET_WEIGHT,
 )
-from opsflow.contracts.traffic import TRAFFIC_SWITCH
+from opsflow.contracts.traffic import TRAFFIC_PREPARE, TRAFFIC_SWITCH
 from opsflow.inventory import ApprovalPolicy, Inventory
 from opsflow.models import Decision, RegionTarget
 from opsflow.procedures import SCHEDULABLE
@@ -53,7 +53,7 @@ log = logging.getLogger("opsflow.trust")
 # is enough, e.g. a drill's scratch restore, the maintenance announcement, the undo of a fence).
 CHANGES_WORLD: dict[str, bool] = {
     DB_FENCE.name: True, DB_PROMOTE.name: True, DB_REBUILD_REPLICA.name: True,
-    TRAFFIC_SWITCH.name: True, K8S_SCALE_UP.name: True,
+    TRAFFIC_SWITCH.name: True, TRAFFIC_PREPARE.name: True, K8S_SCALE_UP.name: True,
     DB_UNFENCE.name: False, DB_FENCE_CONTROL_PLANE.name: False,
     K8S_SCALE_TO_ZERO.name: False, K8S_SET_MAINTENANCE.name: False,
     RESTORE_START.name: False, RESTORE_DELETE.name: False, RESTORE_LEFTOVERS.name: False,

@@ -1,6 +1,7 @@
 """Region failover, planned or emergency. Reads top to bottom; each step is one line.
 
-Planned:   preflight -> approval -> maintenance on (no new traffic) -> drain (in-flight work finishes) -> fence
+Planned:   preflight -> approval -> maintenance on (no new traffic) -> [Traffic Manager: the new region's endpoint
+           enabled behind the old one's, so its probes pass meanwhile] -> drain (in-flight work finishes) -> fence
            the old primary (writes stop here) -> wait until the replica has replayed everything (LSN) -> promote
            -> move traffic -> verify -> scale up -> notify. (Runs recorded before "drain-before-fence" fenced
            first, then drained.)
@@ -22,6 +23,10 @@ says what is left.
 """
 
 from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 from temporalio import workflow
 
@@ -49,7 +54,7 @@ with workflow.unsafe.imports_passed_through():
         K8S_SET_MAINTENANCE,
         K8S_STATUS,
     )
-    from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_STATUS, TRAFFIC_SWITCH
+    from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_PREPARE, TRAFFIC_STATUS, TRAFFIC_SWITCH
     from opsflow.models import (
         AutoscalerResult,
         CatchUpRequest,
@@ -88,10 +93,49 @@ class FailoverInput(ProcedureInput):
     preempted: list[str] = []
 
 
-def declare(inp: FailoverInput, source: str, drain_first: bool = True, until_idle: bool = False,
-            host_switchover: bool = False, autoscalers: bool = False) -> list[StepDecl]:
+@dataclass(frozen=True)
+class FailoverPlan:
+    """What a run decided once its preflight was done: the path it takes, fixed for the rest of the run (built in
+    one place, FailoverWorkflow.decide). What changes as it goes (point_of_no_return, writes_down, promoted,
+    switchover_proven) stays on the workflow."""
+
+    source: str  # the primary's region at the preflight
+    # Maintenance mode and the drain before the fence (runs recorded before "drain-before-fence" fenced first).
+    drain_first: bool = True
+    # The drain ends when the sessions are idle (runs recorded before "drain-until-idle" waited on a timer).
+    until_idle: bool = False
+    # Self-managed switchover: shut-down, promote, old-replica ("self-managed-switchover").
+    host_switchover: bool = False
+    # The scale-up raises the new region's HPAs ("autoscalers-follow"; the activity does it).
+    autoscalers: bool = False
+    # A planned failover lowers the old region's HPAs afterwards (a step of its own).
+    lower_old_autoscalers: bool = False
+    # The old primary becomes the new one's replica: "virtual-endpoint" (Azure), "patroni", "host" (self-managed),
+    # None (standalone promotion: it stays fenced until a failback rebuilds it).
+    old_follows: str | None = None
+    # Traffic Manager: the new region's endpoint enabled behind the old one's right after the maintenance mode, so
+    # its probes have passed when the traffic moves ("traffic-warm"; it was disabled at the preflight).
+    warm_traffic: bool = False
+
+
+def plan_of(inp: FailoverInput, source: str, drain_first: bool = True, until_idle: bool = False,
+            host_switch: bool = False, autoscalers: bool = False, warm_traffic: bool = False) -> FailoverPlan:
+    """The plan from the preflight's findings and the run's patch decisions (no workflow call: pure)."""
+    to = inp.to_region
+    old_follows = None
+    if host_switch:
+        old_follows = "host"
+    elif not inp.emergency and switches_over(inp, to):
+        old_follows = "patroni" if patroni(inp, to) else "virtual-endpoint"
+    return FailoverPlan(source=source, drain_first=drain_first, until_idle=until_idle, host_switchover=host_switch,
+                        autoscalers=autoscalers, lower_old_autoscalers=lowers_old_autoscalers(inp, source, autoscalers),
+                        old_follows=old_follows, warm_traffic=warm_traffic)
+
+
+def declare(inp: FailoverInput, plan: FailoverPlan) -> list[StepDecl]:
     """Every step after the preflight, and what it would change: the dry-run plan and the run's only names."""
-    inv, to = inp.inventory, inp.to_region
+    inv, to, source = inp.inventory, inp.to_region, plan.source
+    drain_first, until_idle, host_switchover = plan.drain_first, plan.until_idle, plan.host_switchover
     drain = (f"wait until {source}'s application sessions are idle (no transaction in progress), at most "
              f"{inv.failover.drain:.0f}s" if until_idle
              else f"wait {inv.failover.drain:.0f}s for in-flight work to finish (no new traffic meanwhile)")
@@ -146,6 +190,10 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True, until_idl
                 if service
                 else f"no service to annotate in {source}",
             ),
+            *([StepDecl("traffic-warm", f"{inv.traffic.provider}: enable {to_region.traffic_endpoint} behind "
+                                        f"{from_r.traffic_endpoint} (no traffic while {source}'s serves) so its health "
+                                        "probes have passed when the traffic moves")]
+              if plan.warm_traffic else []),
             *(drain_and_fence if drain_first else drain_and_fence[::-1]),
             StepDecl(
                 "catch-up",
@@ -172,19 +220,31 @@ def declare(inp: FailoverInput, source: str, drain_first: bool = True, until_idl
         StepDecl("verify-routing", f"traffic is served by {to}"),
         StepDecl("verify-smoke", smoke, "smoke URLs are configured", bool(to_region.smoke_urls)),
         StepDecl("scale-up", f"scale {to}: {deployments}" + (" (raising their HPAs' minReplicas to match)"
-                                                              if autoscalers else "")
+                                                              if plan.autoscalers else "")
                  if deployments else f"no deployments to scale in {to}"),
         *([StepDecl("autoscalers-old", f"lower the HPAs of {source}'s deployments to minReplicas "
                                        f"{from_r.kubernetes.standby_min_replicas} (the values before are kept on each "
                                        "HPA for the failback)")]
-          if lowers_old_autoscalers(inp, source, autoscalers) else []),
+          if plan.lower_old_autoscalers else []),
         *([StepDecl("old-replica", f"lift the fence on {source}, now a replica of {to}, and check that it streams")]
-          if switches_over(inp, to) and not inp.emergency and not host_switchover else []),
+          if plan.old_follows in ("virtual-endpoint", "patroni") else []),
         *([StepDecl("old-replica", f"start {source} as a standby of {to} (standby.signal, primary_conninfo; no "
                                    "pg_rewind, no base backup), unfenced, and check that it streams")]
           if host_switchover else []),
         StepDecl("notify", f"notify {', '.join(c.name for c in inv.notifications) or 'nobody (no channels)'}"),
     ]
+
+
+async def together(calls: dict[str, Callable[[], Awaitable[Any]]]) -> dict[str, Any]:
+    """Run read-only steps at once: each one's result, or what it raised, by key (`got` gives it back or raises)."""
+    results = await asyncio.gather(*(call() for call in calls.values()), return_exceptions=True)
+    return dict(zip(calls, results))
+
+
+def got(result: Any) -> Any:
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def lowers_old_autoscalers(inp: FailoverInput, source: str, patched: bool) -> bool:
@@ -225,11 +285,8 @@ class FailoverWorkflow(Procedure[FailoverReport]):
     def __init__(self, inp: FailoverInput) -> None:
         report = FailoverReport.of(inp, emergency=inp.emergency, to_region=inp.to_region, preempted=inp.preempted)
         super().__init__(inp.inventory, report)
-        self.drain_first = True  # maintenance mode and the drain before the fence (see failover())
-        self.until_idle = False  # the drain ends when the sessions are idle (see failover())
-        self.host_switchover = False  # self-managed switchover: shut-down, promote, old-replica (see failover())
+        self.how: FailoverPlan | None = None  # decided once, after the preflight (decide())
         self.switchover_proven = False  # the replica replayed the old primary's shutdown checkpoint
-        self.autoscalers = False  # lower the old region's HPAs after the scale-up (see failover())
         self.promoted: PromoteResult | None = None
 
     @workflow.run
@@ -279,22 +336,39 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
 
         # -- preflight: refuse before changing anything --------------------------------------------------
-        new: DbStatus = await self.step("preflight", f"Check the database in {to}", DB_STATUS, target, queue=q)
-        if new.reachable and new.role == "primary":
-            raise Stop("refused", f"{to} is already the primary")
-        if not new.reachable:
-            raise Stop("refused", f"the database in {to} is unreachable: {new.error}")
         others = [r for r in inv.regions if r != to]
-        statuses = {}
-        for r in others:
-            statuses[r] = await self.step(
+        checks = {
+            "new": lambda: self.step("preflight", f"Check the database in {to}", DB_STATUS, target, queue=q),
+            **{f"db:{r}": (lambda r=r: self.step(
                 f"preflight-{r}",
                 f"Check the database in {r}",
                 DB_STATUS,
                 RegionTarget.of(inv, r),
                 queue=inv.region_queue(r) if not inp.emergency else q,
                 attempts=2 if inp.emergency else 5,
-            )
+            )) for r in others},
+            "k8s": lambda: self.step("preflight-k8s", f"Check deployments in {to}", K8S_STATUS, target, queue=q),
+            "traffic": lambda: self.step(
+                "preflight-traffic", "Check traffic routing", TRAFFIC_STATUS, TrafficRequest.of(inv, to), queue=q
+            ),
+        }
+        if inp.emergency:
+            del checks["k8s"]  # the emergency does not wait for the new region's deployments (it scales them up)
+        # The preflight's reads at once (each a read-only step; runs recorded before read one after the other, and
+        # only as far as the first refusal). The refusals below keep their order either way.
+        ahead = await together(checks) if workflow.patched("preflight-together") else None
+
+        async def check(key: str):
+            return got(ahead[key]) if ahead is not None else await checks[key]()
+
+        new: DbStatus = await check("new")
+        if new.reachable and new.role == "primary":
+            raise Stop("refused", f"{to} is already the primary")
+        if not new.reachable:
+            raise Stop("refused", f"the database in {to} is unreachable: {new.error}")
+        statuses = {}
+        for r in others:
+            statuses[r] = await check(f"db:{r}")
         primaries = [r for r, s in statuses.items() if s.reachable and s.role == "primary"]
         source = primaries[0] if primaries else (inv.primary_region if inv.primary_region != to else others[0])
         report.from_region = source
@@ -314,9 +388,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                     "planned failover",
                 )
             self.check_virtual_endpoint(inp, source, new)
-            kube: KubeStatus = await self.step(
-                "preflight-k8s", f"Check deployments in {to}", K8S_STATUS, target, queue=q
-            )
+            kube: KubeStatus = await check("k8s")
             if not kube.ready:
                 raise Stop(
                     "refused",
@@ -326,32 +398,42 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                         or [f"{d.name} {d.ready}/{d.desired}" for d in kube.deployments if d.ready < d.desired]
                     ),
                 )
-        await self.step(
-            "preflight-traffic", "Check traffic routing", TRAFFIC_STATUS, TrafficRequest.of(inv, to), queue=q
-        )
+        routing: TrafficStatus = await check("traffic")
         # Emergency: the old region's queue may have no worker (it is down); it is only used best effort.
         await self.check_workers([inv.task_queue, q] + ([] if inp.emergency else [inv.region_queue(source)]))
 
-        # Stop new traffic and let in-flight work finish BEFORE the fence ends the sessions (runs recorded before
-        # fenced first: replay keeps that order).
-        self.drain_first = not inp.emergency and workflow.patched("drain-before-fence")
-        # The drain as long as needed (runs recorded before waited the whole drain on a timer).
-        self.until_idle = self.drain_first and workflow.patched("drain-until-idle")
-        self.host_switchover = host_switchover(inp, source) and workflow.patched("self-managed-switchover")
-        # The scale-up raises the new region's HPAs (inside the activity); a planned failover then lowers the old
-        # region's (a new step: runs recorded before have none).
-        self.autoscalers = workflow.patched("autoscalers-follow")
-        self.declare(declare(inp, source, self.drain_first, self.until_idle, self.host_switchover, self.autoscalers))
+        how = self.how = self.decide(inp, source, routing)
+        self.declare(declare(inp, how))
         if inp.dry_run:
             self.plan()
             return
         if inp.emergency:
-            await self.emergency(inp, source, new, old)
+            await self.emergency(inp, how, new, old)
         else:
-            await self.planned(inp, source)
+            await self.planned(inp, how)
 
-    async def planned(self, inp: FailoverInput, source: str) -> None:
-        inv, to, report = inp.inventory, inp.to_region, self.report
+    def decide(self, inp: FailoverInput, source: str, routing: TrafficStatus) -> FailoverPlan:
+        """The run's plan, once the preflight is done. Every patch decision of the path is taken here, in this
+        order and at this point of the history (recorded runs replay them where they were taken)."""
+        # Stop new traffic and let in-flight work finish BEFORE the fence ends the sessions (runs recorded before
+        # fenced first: replay keeps that order).
+        drain_first = not inp.emergency and workflow.patched("drain-before-fence")
+        # The drain as long as needed (runs recorded before waited the whole drain on a timer).
+        until_idle = drain_first and workflow.patched("drain-until-idle")
+        host_switch = host_switchover(inp, source) and workflow.patched("self-managed-switchover")
+        # The scale-up raises the new region's HPAs (inside the activity); a planned failover then lowers the old
+        # region's (a new step: runs recorded before have none).
+        autoscalers = workflow.patched("autoscalers-follow")
+        # Traffic Manager probes an endpoint only while it is enabled: the new region's, disabled at the preflight, is
+        # enabled behind the old one's before the fence, not at the switch (runs recorded before waited for the
+        # probes inside the traffic step).
+        warm = (not inp.emergency and inp.inventory.traffic.provider == "azure-traffic-manager"
+                and any(e.region == inp.to_region and not e.enabled for e in routing.endpoints)
+                and workflow.patched("traffic-warm"))
+        return plan_of(inp, source, drain_first, until_idle, host_switch, autoscalers, warm)
+
+    async def planned(self, inp: FailoverInput, how: FailoverPlan) -> None:
+        inv, to, report, source = inp.inventory, inp.to_region, self.report, how.source
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
         old, old_q = RegionTarget.of(inv, source), inv.region_queue(source)
 
@@ -374,10 +456,20 @@ class FailoverWorkflow(Procedure[FailoverReport]):
                 K8S_SET_MAINTENANCE, f"Maintenance mode off in {source}", MaintenanceRequest(target=old, on=False)
             ),
         )
-        if self.until_idle:
-            await self.drain(inp, source)
-        elif self.drain_first:
-            await self.wait("drain", f"Drain {source}: let in-flight work finish", inv.failover.drain)
+        ahead: dict = {}
+        if how.warm_traffic:
+            ahead["warm"] = lambda: self.warm_traffic(inp, source)
+        if how.until_idle:
+            ahead["drain"] = lambda: self.drain(inp, source)
+        elif how.drain_first:
+            limit = inv.failover.drain
+            ahead["drain"] = lambda: self.wait("drain", f"Drain {source}: let in-flight work finish", limit)
+        if len(ahead) > 1:  # both only wait (Traffic Manager's probes, the sessions): at once (a new shape)
+            for result in (await together(ahead)).values():
+                got(result)
+        else:
+            for call in ahead.values():
+                await call()
         await self.step(
             "fence",
             f"Fence writes on {source}",
@@ -387,7 +479,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             undo=Undo(DB_UNFENCE, f"Lift the write fence on {source}", old),
         )
         self.writes_down = f"the old primary in {source} is fenced (read-only) until the promotion"
-        if not self.drain_first:
+        if not how.drain_first:
             await self.wait("drain", f"Drain {source}", inv.failover.drain)
         caught: CatchUpResult = await self.step(
             "catch-up",
@@ -410,7 +502,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         )
         report.lag_at_promotion_bytes = caught.lag_bytes
         report.lag_at_promotion_seconds = caught.replay_delay_seconds
-        if self.host_switchover:
+        if how.host_switchover:
             await self.shut_down(inp, source)
 
         await self.boundary()
@@ -419,10 +511,32 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             ("promote", lambda: self.promote(target, q, force=False, demote=old if patroni(inp, to) else None)),
             ("move traffic", lambda: self.move_traffic(inp)),
         ]
-        await self.forward(inp, source, critical, since=decision.at)
+        await self.forward(inp, how, critical, since=decision.at)
         # Planned: the old primary was fenced and the replica replayed every byte before promotion.
         report.rpo_bytes = 0
         report.rpo_proven = caught.lag_bytes == 0
+
+    async def warm_traffic(self, inp: FailoverInput, source: str) -> None:
+        """The new region's endpoint enabled behind the old one's (traffic.prepare), so Traffic Manager probes it
+        before the switch. Best effort: if it fails, the traffic step waits for the probes as before."""
+        inv, to = inp.inventory, inp.to_region
+        try:
+            await self.step(
+                "traffic-warm",
+                f"Enable {to}'s traffic endpoint behind {source}'s (no traffic yet; its health probes start)",
+                TRAFFIC_PREPARE,
+                TrafficRequest.of(inv, to),
+                queue=inv.region_queue(to),
+                timeout=120,
+                attempts=3,
+                undo=Undo(TRAFFIC_SWITCH, f"Traffic to {source} only again", TrafficRequest.of(inv, source)),
+                undo_timeout=300,
+                detail=lambda t: ", ".join(f"{e.endpoint} {'enabled' if e.enabled else 'disabled'} ({e.monitor_status})"
+                                           for e in t.endpoints),
+            )
+        except Stop as stop:
+            if stop.status != "failed":
+                raise  # an abort stays an abort
 
     async def drain(self, inp: FailoverInput, source: str) -> None:
         """Maintenance mode is on: wait until no application session of the old primary is in a transaction, at
@@ -491,8 +605,8 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             raise Stop("refused", f"virtual endpoint {name!r} reads from {', '.join(ve.reader) or 'nothing'}, not from "
                        f"{replica} in {inp.to_region}: Azure switches over only to the reader's target")
 
-    async def emergency(self, inp: FailoverInput, source: str, new: DbStatus, old: DbStatus) -> None:
-        inv, to, report = inp.inventory, inp.to_region, self.report
+    async def emergency(self, inp: FailoverInput, how: FailoverPlan, new: DbStatus, old: DbStatus) -> None:
+        inv, to, report, source = inp.inventory, inp.to_region, self.report, how.source
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
         since = workflow.now()
         if inv.approval.emergency_requires_approval:
@@ -504,7 +618,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             promoted.append(await self.promote(target, q, force=True))
 
         await self.forward(
-            inp, source, [("move traffic", lambda: self.move_traffic(inp)), ("promote", promote)], since=since
+            inp, how, [("move traffic", lambda: self.move_traffic(inp)), ("promote", promote)], since=since
         )
         # Data-loss estimate: WAL the replica received but had not replayed when promoted, plus what the old
         # primary had written beyond that (known only when it still answered at preflight).
@@ -567,9 +681,9 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             detail=lambda t: f"serving region: {t.serving_region}",
         )
 
-    async def forward(self, inp: FailoverInput, source: str, critical: list, since) -> None:
+    async def forward(self, inp: FailoverInput, how: FailoverPlan, critical: list, since) -> None:
         """Past the point of no return: run to the end; a failure lists what a person must still do."""
-        inv, to, report = inp.inventory, inp.to_region, self.report
+        inv, to, report, source = inp.inventory, inp.to_region, self.report, how.source
         target, q = RegionTarget.of(inv, to), inv.region_queue(to)
         traffic = TrafficRequest.of(inv, to)
         heartbeat = inv.failover.heartbeat_timeout
@@ -593,10 +707,10 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             ),
             ("scale up", lambda: self.scale_up(target, q, heartbeat)),
         ]
-        if lowers_old_autoscalers(inp, source, self.autoscalers):
+        if how.lower_old_autoscalers:
             after.append(("lower the old region's autoscalers", lambda: self.lower_old_autoscalers(inp, source)))
-        if not inp.emergency and (switches_over(inp, to) or self.host_switchover):
-            after.append(("old primary follows", lambda: self.old_primary_follows(inp, source)))
+        if how.old_follows is not None:
+            after.append(("old primary follows", lambda: self.old_primary_follows(inp, how)))
         todo = [label for label, _ in critical + after]
         try:
             for label, fn in critical:
@@ -676,11 +790,11 @@ class FailoverWorkflow(Procedure[FailoverReport]):
         except Stop as stop:
             self.report.remaining.append(f"lower the HPAs of {source}'s deployments by hand ({stop.reason})")
 
-    async def old_primary_follows(self, inp: FailoverInput, source: str) -> None:
+    async def old_primary_follows(self, inp: FailoverInput, how: FailoverPlan) -> None:
         """After a switchover the old primary is the new one's replica: lift its write fence (else it would be
         read-only when a failback switches back to it) and check that it streams. Never fails the failover."""
-        report = self.report
-        if self.host_switchover and not self.switchover_proven:
+        report, source = self.report, how.source
+        if how.host_switchover and not self.switchover_proven:
             self._check_declared("old-replica")
             record = self.begin_step("old-replica", f"Start {source} as a standby of {inp.to_region}")
             self.end_step(record, "skipped", f"the switchover was not proven ({report.switchover_detail}): {source} "
@@ -690,7 +804,7 @@ class FailoverWorkflow(Procedure[FailoverReport]):
             return
         old = RegionTarget.of(inp.inventory, source)
         try:
-            if self.host_switchover:
+            if how.host_switchover:
                 host = inp.inventory.region(source).database.host
                 s: DbStatus = await self.step(
                     "old-replica",

@@ -24,8 +24,8 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from temporalio.exceptions import ApplicationError
 
 from activities.azure.arm import arm_errors, error_code, field, postgres_client, same_id, utc, wait_poller
+from activities.context import Backoff, logger, shielded
 from activities.context import heartbeat as _heartbeat
-from activities.context import logger, shielded
 from activities.context import sleep_or_cancelled as _sleep
 from activities.context import time_limit as _time_budget
 from activities.postgres.connection import connect, where
@@ -329,6 +329,7 @@ class AzureFlexibleServer:
             _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
 
     def _wait_writable(self, deadline: float, t0: float) -> None:
+        backoff = Backoff(0.05, 1.0)  # the promotion's operation is done: writable at once, or soon
         while True:
             try:
                 sql_check_writable(self.db, region=self.target.region)
@@ -344,7 +345,7 @@ class AzureFlexibleServer:
                     "last": last,
                 }
             )
-            _sleep(0.2)
+            _sleep(backoff.next())
 
     def check_writable(self) -> None:
         sql_check_writable(self.db, region=self.target.region)

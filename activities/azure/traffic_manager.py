@@ -10,8 +10,8 @@ from typing import Any
 from temporalio.exceptions import ApplicationError
 
 from activities.azure.arm import arm_errors, field, traffic_manager_client
+from activities.context import Backoff, logger
 from activities.context import heartbeat as _heartbeat
-from activities.context import logger
 from activities.context import sleep_or_cancelled as _sleep
 from activities.context import time_limit as _time_budget
 from opsflow.inventory import AzureConnection, AzureTrafficManager
@@ -183,8 +183,40 @@ class AzureTrafficManagerRouter:
                 self._patch(e, props)
         return self.status()
 
+    def prepare(self) -> TrafficStatus:
+        """Before a planned switch (priority routing): enable the target's endpoint behind every enabled one, so that
+        Traffic Manager probes it (CheckingEndpoint, then Online) while the failover fences and promotes, and the
+        switch finds it Online. It takes no traffic while an endpoint ahead of it is Online. Nothing is done when
+        it is enabled already, when the profile does not route by priority (an enabled endpoint would take a share
+        at once) or when no enabled endpoint is Online (it would take the traffic at once). Idempotent."""
+        to_region = self.request.to_region
+        if to_region not in self.request.endpoints:
+            raise ApplicationError(f"traffic: region {to_region!r} has no endpoint in the inventory",
+                                   type="TrafficConfig", non_retryable=True)
+        profile = self._profile()
+        found = self._endpoints(profile)
+        target_key = self.request.endpoints[to_region].lower()
+        target = found[target_key]
+
+        def enabled(e: Any) -> bool:
+            return (field(e, "properties", "endpoint_status") or "").lower() == "enabled"
+
+        ahead = [e for k, e in found.items() if k != target_key and enabled(e)]
+        online = [e for e in ahead if field(e, "properties", "endpoint_monitor_status") == "Online"]
+        if enabled(target) or not self._priority_routing(profile) or not online:
+            return self._state(profile)
+        last = max(field(e, "properties", "priority") or 0 for e in ahead)
+        props: dict[str, Any] = {"endpointStatus": "Enabled"}
+        if (field(target, "properties", "priority") or 0) <= last:
+            used = {field(e, "properties", "priority") for e in found.values()}
+            props["priority"] = next(p for p in range(last + 1, 1001) if p not in used)
+        self._patch(target, props)
+        return self.status()
+
     def _wait_online(self, target_key: str, deadline: float) -> None:
         started = time.monotonic()
+        # Quick looks first (an endpoint already probed is Online at once), then the inventory's cadence.
+        backoff = Backoff(0.05, max(0.2, min(self.conn.polling_interval, 5.0)))
         while True:
             profile = self._profile()
             e = self._endpoints(profile)[target_key]
@@ -214,7 +246,7 @@ class AzureTrafficManagerRouter:
                     "waited_seconds": round(waited, 1),
                 }
             )
-            _sleep(max(0.2, min(self.conn.polling_interval, 5.0)))
+            _sleep(backoff.next())
 
 
 # -- weighted routing: a region-level canary (the rollout's traffic-manager router) --------------------------

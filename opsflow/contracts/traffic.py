@@ -7,4 +7,7 @@ from opsflow.models import RegionTarget, SmokeResult, TrafficRequest, TrafficSta
 
 TRAFFIC_STATUS = Activity("traffic.status", TrafficRequest, TrafficStatus)
 TRAFFIC_SWITCH = Activity("traffic.switch", TrafficRequest, TrafficStatus)
+# Before a planned switch: the target's endpoint in the router's rotation behind the serving one (no traffic yet), so
+# its health probes have passed by the switch.
+TRAFFIC_PREPARE = Activity("traffic.prepare", TrafficRequest, TrafficStatus)
 HTTP_SMOKE = Activity("http.smoke", RegionTarget, list[SmokeResult])

@@ -34,6 +34,7 @@ from lab.arm_emulator import ArmEmulator, start_emulator
 from lab.postgres import Cluster, create_replica, init_primary, wait_streaming
 from opsflow.inventory import AzureConnection, AzureFlexibleDatabase, AzureTrafficManager
 from opsflow.models import RegionTarget, TrafficRequest
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.lab
 
@@ -498,6 +499,40 @@ def test_traffic_manager_switch_moves_traffic_and_is_idempotent(lab: AzureLab):
     back = lab.traffic("westeurope").switch()
     assert back.serving_region == "westeurope"
     assert {e.endpoint: (e.enabled, e.priority) for e in back.endpoints} == {"ep-weu": (True, 1), "ep-neu": (False, 2)}
+
+
+def test_traffic_manager_prepare_enables_the_target_behind_the_serving_endpoint(lab: AzureLab):
+    """traffic.prepare (a planned failover's "traffic-warm"): the target's endpoint enabled behind the serving one,
+    so Traffic Manager probes it while traffic stays; the switch then finds it Online and does not wait."""
+    tm = lab.traffic("northeurope")
+    prepared, _ = in_activity(tm.prepare)
+    states = {e.endpoint: (e.enabled, e.priority) for e in prepared.endpoints}
+    assert states == {"ep-weu": (True, 1), "ep-neu": (True, 2)} and prepared.serving_region == "westeurope"
+    n = len(lab.requests("PATCH"))
+    assert tm.prepare().serving_region == "westeurope" and len(lab.requests("PATCH")) == n  # idempotent
+
+    def online() -> bool:
+        return {e.endpoint: e.monitor_status for e in tm.status().endpoints}["ep-neu"] == "Online"
+
+    eventually(online, timeout=30, what="ep-neu Online (probed while enabled behind ep-weu)")
+    assert tm.status().serving_region == "westeurope"  # still behind: no traffic before the switch
+    after, beats = in_activity(tm.switch)
+    assert after.serving_region == "northeurope"
+    assert {e.endpoint: (e.enabled, e.priority) for e in after.endpoints} == {"ep-weu": (False, 2), "ep-neu": (True, 1)}
+    assert not any("CheckingEndpoint" in json.dumps(b, default=str) for b in beats), beats  # nothing to wait for
+
+    # Back, the way a failover's undo goes: the old endpoint alone again.
+    back = lab.traffic("westeurope").switch()
+    assert {e.endpoint: (e.enabled, e.priority) for e in back.endpoints} == {"ep-weu": (True, 1), "ep-neu": (False, 2)}
+
+
+def test_traffic_manager_prepare_changes_nothing_when_no_endpoint_ahead_is_online(lab: AzureLab):
+    """Enabled behind an endpoint that is not Online, the target would take the traffic at once: left alone."""
+    lab.emu.set_endpoint_health(PROFILE, "ep-weu", False)
+    n = len(lab.requests("PATCH"))
+    st = lab.traffic("northeurope").prepare()
+    assert {e.endpoint: e.enabled for e in st.endpoints} == {"ep-weu": True, "ep-neu": False}
+    assert len(lab.requests("PATCH")) == n
 
 
 def test_traffic_manager_switch_to_a_degraded_endpoint_fails_clearly_and_leaves_traffic(lab: AzureLab):

@@ -12,7 +12,7 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from opsflow.client import ProcedureRunning, fetch_report, send_update, start_procedure
 from opsflow.contracts.db import DB_DRAIN, DB_FENCE, DB_PROMOTE, DB_UNFENCE, DB_WAIT_CAUGHT_UP
 from opsflow.contracts.k8s import K8S_LOWER_AUTOSCALERS, K8S_SCALE_UP
-from opsflow.contracts.traffic import TRAFFIC_SWITCH
+from opsflow.contracts.traffic import TRAFFIC_PREPARE, TRAFFIC_SWITCH
 from opsflow.models import FailoverReport
 from tests.workflow.conftest import worker_holds
 from workflows.failover import FailoverInput
@@ -63,10 +63,12 @@ async def test_planned_failover_with_approval(running, world, inventory):
     assert report.rto_seconds is not None and report.rto_seconds >= 0
     names = [s.name for s in report.steps]
     # The runbook's order: no new traffic, in-flight work drains, then the fence; catch-up before promotion,
-    # promotion before traffic, verify before scale-up.
-    order = ["approval", "maintenance", "drain", "fence", "catch-up", "promote", "traffic", "verify-writes",
-             "verify-routing", "verify-smoke", "scale-up", "notify"]
+    # promotion before traffic, verify before scale-up. The new region's endpoint is enabled (behind the old one's:
+    # no traffic yet) before the fence, so that its probes have passed when the traffic moves.
+    order = ["approval", "maintenance", "traffic-warm", "drain", "fence", "catch-up", "promote", "traffic",
+             "verify-writes", "verify-routing", "verify-smoke", "scale-up", "notify"]
     assert [n for n in names if n in order] == order
+    assert world.prepared == ["westeurope"] and not world.warm  # the switch disabled eastus's endpoint
     kinds = {s.name: s.kind for s in report.steps}  # what the HTML report's timeline draws them as
     assert (kinds["approval"], kinds["drain"], kinds["promote"]) == ("gate", "wait", "action")
     drain = next(s for s in report.steps if s.name == "drain")
@@ -74,6 +76,27 @@ async def test_planned_failover_with_approval(running, world, inventory):
     assert drain.detail.startswith("sessions idle") and report.drain_ended == "sessions idle"
     assert report.drain_seconds is not None and report.drain_seconds < 1
     assert any("Approval needed" in text for _, text, _ in world.notifications)
+
+
+async def test_no_traffic_warm_up_when_the_new_endpoint_is_enabled_already(running, world, inventory):
+    world.warm = {"westeurope"}  # enabled (behind eastus) before the failover: Traffic Manager probes it already
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await send_update(handle, Procedure.approve, Request(by="bob"))
+    report = FailoverReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and world.serving == "westeurope"
+    assert world.prepared == [] and "traffic-warm" not in [s.name for s in report.steps]
+
+
+async def test_a_failed_traffic_warm_up_does_not_stop_the_failover(running, world, inventory):
+    world.fail[TRAFFIC_PREPARE.name] = "ARM said no"
+    handle = await start(running, inventory)
+    await until_waiting(handle)
+    await send_update(handle, Procedure.approve, Request(by="bob"))
+    report = FailoverReport.model_validate(await handle.result())
+    assert report.status == "succeeded" and world.serving == "westeurope" and world.primary == "westeurope"
+    warm = next(s for s in report.steps if s.name == "traffic-warm")
+    assert warm.outcome == "failed" and "ARM said no" in warm.detail  # the traffic step waited for the probes
 
 
 async def test_non_approver_and_self_approval_are_rejected_before_history(running, world, inventory):
@@ -108,9 +131,11 @@ async def test_failure_before_promotion_undoes_what_was_done(running, world, inv
     await send_update(handle, Procedure.approve, Request(by="bob"))
     report = await failed_report(handle)
     assert report.status == "failed" and "replica stuck" in report.failure
-    assert world.unchanged  # fence lifted, maintenance annotation removed, nothing promoted
+    assert world.unchanged  # fence lifted, westeurope's endpoint out again, maintenance annotation removed
     compensated = [s.title for s in report.steps if s.outcome == "compensated"]
-    assert compensated == ["Lift the write fence on eastus", "Maintenance mode off in eastus"]
+    assert compensated == ["Lift the write fence on eastus", "Traffic to eastus only again",
+                           "Maintenance mode off in eastus"]
+    assert world.prepared == ["westeurope"]  # its endpoint was enabled behind eastus's before the fence
 
 
 async def test_failure_after_promotion_goes_forward_and_lists_what_is_left(running, world, inventory):
@@ -150,7 +175,8 @@ async def test_abort_during_drain_compensates(running, world, inventory):
     assert world.unchanged
     assert DB_FENCE.name not in world.calls and DB_UNFENCE.name not in world.calls  # never fenced, nothing to lift
     assert DB_DRAIN.name in world.cancelled  # the drain stopped on the abort
-    assert [s.title for s in report.steps if s.outcome == "compensated"] == ["Maintenance mode off in eastus"]
+    assert [s.title for s in report.steps if s.outcome == "compensated"] == ["Traffic to eastus only again",
+                                                                               "Maintenance mode off in eastus"]
 
 
 async def test_pause_holds_at_the_next_step_boundary_and_resume_continues(running, world, inventory):

@@ -135,6 +135,7 @@ async def test_failed_promotion_of_a_verified_replica_is_undone(running, world, 
     assert world.unchanged and not report.remaining  # the old primary writes again: no outage left behind
     assert [s.name for s in report.steps if s.outcome == "compensated"] == [
         "undo:db.unfence",
+        "undo:traffic.switch",  # the new region's endpoint, enabled behind the old one's (traffic-warm), disabled
         "undo:k8s.set_maintenance",
     ]
 

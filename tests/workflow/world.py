@@ -37,7 +37,7 @@ from opsflow.contracts.k8s import (
 )
 from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
 from opsflow.contracts.notify import NOTIFY_SEND, REPORT_STORE
-from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_STATUS, TRAFFIC_SWITCH
+from opsflow.contracts.traffic import HTTP_SMOKE, TRAFFIC_PREPARE, TRAFFIC_STATUS, TRAFFIC_SWITCH
 from opsflow.models import (
     AutoscalerChange,
     AutoscalerResult,
@@ -80,6 +80,8 @@ class World:
     fenced: set = field(default_factory=set)
     maintenance: set = field(default_factory=set)
     serving: str = "eastus"
+    warm: set = field(default_factory=set)  # endpoints enabled behind the serving one (traffic.prepare)
+    prepared: list = field(default_factory=list)  # the regions traffic.prepare was called for
     scaled: set = field(default_factory=set)
     promotions: int = 0
     rebuilds: list = field(default_factory=list)
@@ -271,6 +273,15 @@ class World:
         def traffic_switch(req: TrafficRequest) -> TrafficStatus:
             w._maybe_fail(TRAFFIC_SWITCH.name)
             w.serving = req.to_region
+            w.warm.clear()  # the others are disabled
+            return w.traffic(req)
+
+        @TRAFFIC_PREPARE.implementation
+        def traffic_prepare(req: TrafficRequest) -> TrafficStatus:
+            w._maybe_fail(TRAFFIC_PREPARE.name)
+            w.prepared.append(req.to_region)
+            if req.to_region != w.serving:
+                w.warm.add(req.to_region)
             return w.traffic(req)
 
         @K8S_STATUS.implementation
@@ -365,6 +376,7 @@ class World:
             db_follow,
             traffic_status,
             traffic_switch,
+            traffic_prepare,
             kube_status,
             set_maintenance,
             scale_up,
@@ -384,9 +396,9 @@ class World:
                 EndpointState(
                     region=r,
                     endpoint=e,
-                    enabled=r == self.serving,
+                    enabled=r == self.serving or r in self.warm,
                     priority=1 if r == self.serving else 2,
-                    monitor_status="Online" if r == self.serving else "Disabled",
+                    monitor_status="Online" if r == self.serving or r in self.warm else "Disabled",
                 )
                 for r, e in req.endpoints.items()
             ],
@@ -401,6 +413,7 @@ class World:
             and not self.fenced
             and not self.maintenance
             and self.serving == "eastus"
+            and not self.warm
             and not self.scaled
             and self.promotions == 0
             and not self.stopped
