@@ -145,8 +145,7 @@ def lab_inventory(state: dict, root: Path) -> dict:
         },
         "reports_dir": str(root / "reports"),
         "maintenance": lab_maintenance(receiver),
-    } | ({"drill": {}} if database == "patroni" else {}  # Patroni's clusters are no Azure servers: no PITR there
-         ) | ({"drill": self_managed_drill(state, root)} if self_managed else {})
+    } | ({"drill": self_managed_drill(state, root)} if self_managed or database == "patroni" else {})
 
 
 def patroni_database(state: dict, region: str) -> dict:
@@ -171,8 +170,9 @@ def self_managed_database(state: dict, region: str) -> dict:
 
 
 def self_managed_drill(state: dict, root: Path) -> dict:
-    """`opsflow lab up --database self-managed`: the drill restores the primary's tar base backup (lab/manage.py takes
-    it) and its WAL archive on this machine (method host-pitr), as the postgres OS user when the lab runs as root."""
+    """`opsflow lab up --database self-managed` or `patroni`: the drill restores the primary's (the eastus leader's)
+    tar base backup (lab/manage.py takes it) and the WAL archive on this machine (method host-pitr), as the postgres
+    OS user when the lab runs as root."""
     run = ["runuser", "-u", SERVER_USER, "--"] if os.geteuid() == 0 else []
     return {
         "method": "host-pitr",

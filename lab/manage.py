@@ -145,7 +145,7 @@ def _up(lab: Lab, root: Path, with_worker: bool, say: Say, cloud: str, default_p
     if cloud != "aws":
         wait_file(root / "ca" / "ca.pem", 30)
 
-    seed_demo_data(clusters[PRIMARY], archive=lab.state.get("database") != "patroni")
+    seed_demo_data(clusters[PRIMARY])
     if lab.state.get("with_rollout"):
         say("lab: rollout stage (app processes, NGINX, Prometheus, load)")
         lab.state["rollout"] = rollout.start(lab, root, lab.state["kubernetes"][PRIMARY]["url"], PRIMARY,
@@ -209,6 +209,8 @@ def start_postgres(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
     with --database patroni, Patroni clusters (lab/patroni.py)."""
     if lab.state.get("database") == "patroni":
         clusters = patroni.start(lab, root, say)
+        take_tar_base_backup(clusters[PRIMARY], root / "drill" / "base-backups")  # the drill's host-pitr, as below
+        make_server_dir(root / "drill" / "scratch")
         lab.state["postgres"] = {r: c.to_dict() for r, c in clusters.items()}
         lab.state["regions"] = {r: {"dsn": c.dsn} for r, c in clusters.items()}
         lab.save()

@@ -8,7 +8,8 @@
 Both clusters share one etcd under their own scopes (a real deployment has one DCS per region). PostgreSQL
 listens on loopback and trusts it (no passwords in the lab, like lab/postgres.py); Patroni runs as the `postgres`
 OS user when we are root. The failover moves `standby_cluster` from one cluster's dynamic configuration to the
-other's through Patroni's REST API (activities/patroni.py); nothing here knows the procedures.
+other's through Patroni's REST API (activities/patroni.py); nothing here knows the procedures. Every leader
+archives its WAL into one shared directory, <root>/wal-archive (archiving(): the drill's host-pitr restores from it).
 
     start(lab, root, say) -> dict[str, Cluster]   etcd, both clusters, westeurope streaming; the lab state's
                                                   "patroni" section (REST URLs, scopes, ports) that
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shlex
 import signal
 import stat
 import time
@@ -61,6 +63,15 @@ PARAMETERS = {
 HBA = ["host all all 127.0.0.0/8 trust", "host replication all 127.0.0.0/8 trust"]
 
 Say = Callable[..., None]
+
+
+def archiving(archive: Path) -> dict:
+    """Every cluster's leader archives its WAL into ONE shared directory (the drill's host-pitr restores from it,
+    across a failover's new timelines); a segment already there is never overwritten (an old leader must not clobber
+    the new one's WAL), as lab/postgres.py's archive_command."""
+    target = shlex.quote(str(_owned_dir(archive)))
+    return {"archive_mode": "on", "archive_command": f"test ! -f {target}/%f && cp %p {target}/%f",
+            "archive_timeout": 60}
 
 
 def scope(region: str) -> str:
@@ -128,7 +139,8 @@ def start_etcd(lab: Lab, root: Path) -> str:
 def _config(region: str, root: Path, etcd: str, rest_port: int, pg_port: int, standby_of: int | None,
             cluster: str | None = None) -> dict:
     base = _owned_dir(root / "patroni" / region)
-    dcs: dict = {**DCS, "postgresql": {"use_pg_rewind": True, "use_slots": False, "parameters": PARAMETERS}}
+    dcs: dict = {**DCS, "postgresql": {"use_pg_rewind": True, "use_slots": False,
+                                       "parameters": PARAMETERS | archiving(root / "wal-archive")}}
     if standby_of is not None:
         dcs["standby_cluster"] = {"host": "127.0.0.1", "port": standby_of, "create_replica_methods": ["basebackup"]}
     return {

@@ -257,6 +257,8 @@ class HostPointInTimeRestore:
         restore = f"cp {self.archive}/%f %p"
         settings = {
             "listen_addresses": self.host.address,
+            # Its own pg_hba.conf, not the source's: Patroni's postgresql.conf names the source's by absolute path.
+            "hba_file": f"{data}/pg_hba.conf",
             "unix_socket_directories": "",  # TCP only: a deep scratch directory overflows a socket path's 107 bytes
             "archive_mode": "off",
             "restore_command": restore,

@@ -1,7 +1,8 @@
 """`opsflow lab up --database patroni`: real Patroni (Debian's 3.0) on etcd, one cluster per region, eastus the
 primary cluster and westeurope a standby cluster. The same failover and failback as on the other labs, through
 Patroni's REST API: the old cluster becomes a standby cluster of the new one (no rewind, no base backup), and the
-failback is the same move back, every row kept. One lab for the module: each test leaves eastus the primary."""
+failback is the same move back, every row kept; the drill (host-pitr) restores the shared WAL archive. One lab for
+the module: each test leaves eastus the primary."""
 
 from __future__ import annotations
 
@@ -259,6 +260,44 @@ def test_emergency_with_eastus_dead_then_it_rejoins_and_fails_back(patroni_lab):
     wait_for(lambda: sql(west, "SELECT count(*) FROM emergency")[0][0] == 102, what="westeurope following eastus")
 
 
+def test_drill_restores_the_shared_archive_and_removes_its_scratch_server(patroni_lab):
+    """The drill's host-pitr on Patroni: the eastus leader's tar base backup (taken at `lab up`) and the WAL every
+    leader archived into the one shared archive, replayed (across the earlier tests' failovers' timelines) into a
+    scratch server as of the newest archived commit; its checks' rows as of that point; the server removed."""
+    drill_as_of_the_newest_archived_commit(patroni_lab)
+
+
+def drill_as_of_the_newest_archived_commit(lab) -> None:
+    """50 rows archived (a commit after them), 30 more not: `opsflow drill` succeeds restoring eastus as of the newest
+    archived commit (the 50 in, the 30 out) and leaves no scratch server (shared with the stretched layout's test)."""
+    import json
+    from datetime import datetime
+
+    from lab.postgres import Cluster, archive_now
+    from opsflow.inventory import load_inventory
+    from tests.integration.test_host_drill_lab import processes_under
+
+    drill = load_inventory(lab.inventory).drill
+    assert drill.method == "host-pitr" and drill.host is not None
+    scratch = Path(drill.host.scratch_dir)
+    east = lab.dsn("eastus")
+    sql(east, "INSERT INTO lab_orders (total) SELECT 1 FROM generate_series(1, 50)")
+    archive_now(Cluster.from_dict(lab.state["postgres"]["eastus"]))  # those 50 restorable: a commit after them
+    archived = sql(east, "SELECT count(*) FROM lab_orders")[0][0]
+    sql(east, "INSERT INTO lab_orders (total) SELECT 1 FROM generate_series(1, 30)")  # after it: not restorable
+
+    proc = lab.cli("drill", "--requester", "alice", "--wait", "--json", timeout=400)
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert proc.returncode == 0 and report["status"] == "succeeded", explain(report)
+    assert report["method"] == "host-pitr" and report["source_region"] == "eastus"
+    assert datetime.fromisoformat(report["restore_point"]) == datetime.fromisoformat(report["window_latest"])
+    orders = next(c for c in report["checks"] if c["name"] == "lab_orders")
+    assert orders["ok"] and orders["actual"] == orders["expected"] == archived >= 250, orders
+    assert sql(east, "SELECT count(*) FROM lab_orders")[0][0] == archived + 30
+    assert all(c["ok"] for c in report["checks"]) and report["scratch_deleted"] is True
+    assert list(scratch.iterdir()) == [] and not processes_under(scratch)  # the scratch server stopped, removed
+
+
 def test_rebuild_is_idempotent_and_refuses_a_cluster_promoted_on_its_own(patroni_lab):
     """rebuild_replica on a standby cluster already following is success without a change. A cluster that came back
     leading on its own (eastus killed, westeurope promoted, eastus restarted with nothing to tell it: Patroni
@@ -285,3 +324,4 @@ def test_rebuild_is_idempotent_and_refuses_a_cluster_promoted_on_its_own(patroni
     assert err.value.type == "RebuildNotSupported" and err.value.non_retryable
     assert "patronictl reinit" in err.value.message
     assert "standby_cluster" not in rest(lab, "eastus", "/config")  # nothing was changed
+

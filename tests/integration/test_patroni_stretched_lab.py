@@ -208,6 +208,14 @@ def test_emergency_with_eastus_dead_then_it_rejoins_and_fails_back(stretched_lab
              timeout=60, what="westeurope-1 following eastus-1")
 
 
+
+def test_drill_restores_the_shared_archive_and_removes_its_scratch_server(stretched_lab):
+    """The drill's host-pitr on the stretched cluster: the same as on the per-region layout (both members archive
+    into the one shared archive; the earlier tests' switchovers and failover are timelines the replay follows)."""
+    from tests.integration.test_patroni_lab import drill_as_of_the_newest_archived_commit
+
+    drill_as_of_the_newest_archived_commit(stretched_lab)
+
 def answers(check, *args) -> bool:
     """check(*args), False while the server does not accept connections yet (Patroni is starting it)."""
     import psycopg
