@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.integration.conftest import explain, wait_for
+from tests.integration.conftest import explain, printed_report, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -218,9 +218,8 @@ def test_emergency_failover_with_the_old_primary_killed(lab, worker):
         "failover", "--to", "westeurope", "--emergency", "--requester", "alice", "--wait", "--json", timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    import json
 
-    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    report = printed_report(proc)
     assert report["status"] == "succeeded" and report["emergency"] is True
     names = [s["name"] for s in report["steps"]]
     assert names.index("traffic") < names.index("promote") and "drain" not in names and "approval" not in names
@@ -363,7 +362,6 @@ def test_switchover_failover_and_failback_without_a_rebuild(ve_lab):
 def test_emergency_switchover_with_the_old_primary_killed_then_failback(ve_lab):
     """Emergency on `--virtual-endpoint`: Switchover/Forced with eastus killed; Azure (the emulator) makes the old
     primary a replica of the new one (pg_rewind), unfenced; the failback switches back without a rebuild."""
-    import json
 
     from lab.postgres import Cluster
 
@@ -377,7 +375,7 @@ def test_emergency_switchover_with_the_old_primary_killed_then_failback(ve_lab):
 
     proc = lab.cli("failover", "--to", "westeurope", "--emergency", "--requester", "alice", "--wait", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    report = printed_report(proc)
     assert report["status"] == "succeeded" and report["switchover"], explain(report)
     steps = {s["name"]: s for s in report["steps"]}
     assert steps["fence-old"]["outcome"] == "skipped"

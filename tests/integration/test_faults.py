@@ -4,11 +4,9 @@ still complete, on the real SDK clients' retries and Temporal's."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.integration.conftest import Lab, lab_root
+from tests.integration.conftest import Lab, lab_root, printed_report
 from tests.integration.test_crash import arm_admin
 from tests.integration.test_failover_lab import sql, wait_end, wait_status
 from tests.integration.test_procedures_lab import failover
@@ -55,7 +53,7 @@ def test_failover_failback_and_drill_complete_with_a_fifth_of_cloud_requests_fai
     assert sql(east, "SELECT pg_is_in_recovery()")[0][0] is False
 
     proc = lab.cli("drill", "--requester", "alice", "--wait", "--json", timeout=600)
-    drill = json.loads(proc.stdout[proc.stdout.index("{"):])
+    drill = printed_report(proc)
     assert drill["status"] == "succeeded" and drill["scratch_deleted"] is True, (drill["failure"], drill["steps"])
 
     injected = arm_admin(lab, "/_emulator/counts")["random_faults"]

@@ -5,7 +5,6 @@ no base backup fails clearly and makes nothing."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -16,7 +15,7 @@ import psycopg
 import pytest
 import yaml
 
-from tests.integration.conftest import explain, wait_for
+from tests.integration.conftest import explain, printed_report, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -47,7 +46,7 @@ def scratch_servers(scratch: Path) -> list[str]:
 
 def drill(lab) -> tuple[int, dict]:
     proc = lab.cli("drill", "--requester", "alice", "--wait", "--json", timeout=400)
-    return proc.returncode, json.loads(proc.stdout[proc.stdout.index("{"):])
+    return proc.returncode, printed_report(proc)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import explain, wait_for
+from tests.integration.conftest import explain, printed_report, wait_for
 from tests.integration.test_failover_lab import wait_end, wait_status
 from worker.metrics import free_port
 
@@ -85,7 +85,7 @@ def test_worker_metrics_after_real_procedures(lab, monkeypatch):
 
     # A restore drill: its success time.
     proc = lab.cli("drill", "--requester", "alice", "--wait", "--json", timeout=400)
-    drill = json.loads(proc.stdout[proc.stdout.index("{"):])
+    drill = printed_report(proc)
     assert drill["status"] == "succeeded", explain(drill)
     s = scrape(port)
     assert value(s, "opsflow_drill_last_success_timestamp_seconds", environment=env) == pytest.approx(

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from temporalio.exceptions import ApplicationError
 
-from tests.integration.conftest import Lab, explain, take_down, wait_for
+from tests.integration.conftest import Lab, explain, printed_report, take_down, wait_for
 from tests.integration.test_failover_lab import (
     approve,
     fail_back_by_switchover,
@@ -215,7 +215,6 @@ def test_emergency_with_eastus_dead_then_it_rejoins_and_fails_back(patroni_lab):
     """eastus dies (Patroni and PostgreSQL SIGKILLed): the emergency promotes westeurope alone and leaves the old
     cluster's fence to a person, saying how (its REST API is down). Done as it says (patronictl against its DCS),
     eastus comes back as a standby cluster following westeurope; the failback switches back, every row kept."""
-    import json
     import subprocess
 
     from lab import patroni
@@ -229,7 +228,7 @@ def test_emergency_with_eastus_dead_then_it_rejoins_and_fails_back(patroni_lab):
     patroni.kill(processes(lab), "eastus")
 
     proc = lab.cli("failover", "--to", "westeurope", "--emergency", "--requester", "alice", "--wait", "--json")
-    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    report = printed_report(proc)
     assert proc.returncode == 0 and report["status"] == "succeeded", explain(report)
     assert not report["switchover"] and leader_role(lab, "westeurope") == "leader"
     hint = next(r for r in report["remaining"] if "fence the old primary in eastus" in r)
@@ -270,7 +269,6 @@ def test_drill_restores_the_shared_archive_and_removes_its_scratch_server(patron
 def drill_as_of_the_newest_archived_commit(lab) -> None:
     """50 rows archived (a commit after them), 30 more not: `opsflow drill` succeeds restoring eastus as of the newest
     archived commit (the 50 in, the 30 out) and leaves no scratch server (shared with the stretched layout's test)."""
-    import json
     from datetime import datetime
 
     from lab.postgres import Cluster, archive_now
@@ -287,7 +285,7 @@ def drill_as_of_the_newest_archived_commit(lab) -> None:
     sql(east, "INSERT INTO lab_orders (total) SELECT 1 FROM generate_series(1, 30)")  # after it: not restorable
 
     proc = lab.cli("drill", "--requester", "alice", "--wait", "--json", timeout=400)
-    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    report = printed_report(proc)
     assert proc.returncode == 0 and report["status"] == "succeeded", explain(report)
     assert report["method"] == "host-pitr" and report["source_region"] == "eastus"
     assert datetime.fromisoformat(report["restore_point"]) == datetime.fromisoformat(report["window_latest"])

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.integration.conftest import explain, wait_for
+from tests.integration.conftest import explain, printed_report, wait_for
 from tests.integration.test_failover_lab import approve, sql, timeline, wait_end, wait_status
 
 pytestmark = pytest.mark.lab
@@ -111,7 +111,7 @@ def test_restore_drill_restores_exactly_the_rows_before_the_point(lab, worker):
         "--json",
         timeout=400,
     )
-    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    report = printed_report(proc)
     assert proc.returncode == 0 and report["status"] == "succeeded", (
         report["failure"],
         [(s["name"], s["outcome"], s["detail"]) for s in report["steps"]],
@@ -142,7 +142,7 @@ def test_restore_drill_restores_exactly_the_rows_before_the_point(lab, worker):
                         objectives={"restore_time": "10m", "restore_point_age": "1m"})
     open(inventory, "w").write(yaml.safe_dump(inv))
     proc = lab.cli("drill", "--requester", "alice", "--wait", "--json", timeout=400)
-    second = json.loads(proc.stdout[proc.stdout.index("{"):])
+    second = printed_report(proc)
     assert proc.returncode == 0 and second["status"] == "succeeded", (
         second["failure"], [(s["name"], s["outcome"], s["detail"]) for s in second["steps"]])
     chosen = datetime.fromisoformat(second["restore_point"])
@@ -229,7 +229,7 @@ def test_mysqldump_restore_test_end_to_end_on_the_aws_variant(aws_lab):
         open(aws_lab.inventory, "w").write(yaml.safe_dump(inv))
         aws_lab.start_worker()
         proc = aws_lab.cli("drill", "--requester", "alice", "--wait", "--json", timeout=400)
-        report = json.loads(proc.stdout[proc.stdout.index("{"):])
+        report = printed_report(proc)
         assert proc.returncode == 0 and report["status"] == "succeeded", explain(report)
         assert report["method"] == "s3-mysqldump" and report["restore_point_chosen"] == "newest"
         assert datetime.fromisoformat(report["restore_point"]) == seeded["dump_time"]
