@@ -55,9 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 p.add_argument("--patroni-layout", choices=["per-region", "stretched"], default="per-region",
                                help="with --database patroni: a Patroni cluster per region (standby clusters), or "
                                     "ONE cluster whose members are the regions (Patroni's own switchover)")
-                p.add_argument("--virtual-endpoint", action="store_true",
+                p.add_argument("--virtual-endpoint", action=argparse.BooleanOptionalAction, default=None,
                                help="Azure: a virtual endpoint over the two servers, named in the inventory: "
-                                    "failovers are switchovers (the old primary becomes the replica)")
+                                    "failovers are switchovers (the old primary becomes the replica). The default "
+                                    "with the Azure cloud servers; --no-virtual-endpoint for the standalone "
+                                    "promotion and the failback's rebuild")
         if name == "demo":
             p.add_argument("--drill", action="store_true",
                            help="then create the monthly restore-drill schedule and trigger it once")
@@ -86,6 +88,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"opsflow lab up: --database {args.database} runs with the Azure lab's traffic (not with --cloud aws "
                   "or --virtual-endpoint)", file=sys.stderr)
             return 2
+        if args.virtual_endpoint is None:  # switchover first: what a team would set up on Azure today
+            args.virtual_endpoint = args.cloud == "azure" and args.database == "cloud"
         manage.up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults,
                   encrypt=args.encrypt, rollout=args.rollout, virtual_endpoint=args.virtual_endpoint,
                   router=args.router, alerts=args.alerts, database=args.database,

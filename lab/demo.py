@@ -173,7 +173,9 @@ def run_demo(root: Path, with_worker: bool = True, cloud: str = "azure", with_dr
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
-    state = up(root, with_worker=with_worker, cloud=cloud, database=database)
+    # Switchover first: Azure's cloud servers under a virtual endpoint, as `opsflow lab up` brings them up.
+    state = up(root, with_worker=with_worker, cloud=cloud, database=database,
+               virtual_endpoint=cloud == "azure" and database == "cloud")
     print_status(status(root))
     code = asyncio.run(maintenance_demo(state) if procedure == "maintenance" else demo(state))
     if with_drill and code == 0:
