@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Failback after a planned failover on the lab: the switchover path against the rebuild path, side by side.
 
-    python bench/failback.py [--runs N] [--json]
+    python bench/failback.py [--runs N] [--rows N] [--json]
 
 Each run brings up a FRESH lab in a temporary directory: `opsflow lab up` for the rebuild path (Azure, standalone
 promotion), `--virtual-endpoint` for Azure's switchover, `--database self-managed` for the self-managed
@@ -51,7 +51,7 @@ def step_times(report) -> str:
                      for s in report.steps if s.seconds is not None)
 
 
-def failback_run(base: Path, number: int, path: str) -> dict:
+def failback_run(base: Path, number: int, path: str, rows: int = 50000) -> dict:
     """A fresh lab, a planned failover, the failback, the lab down. Returns the failback's figures."""
     import psycopg
 
@@ -63,7 +63,8 @@ def failback_run(base: Path, number: int, path: str) -> dict:
         east = state["regions"]["eastus"]["dsn"]
         with psycopg.connect(east, autocommit=True) as conn:
             conn.execute("CREATE TABLE bench_rows (id int PRIMARY KEY, pad text)")
-            conn.execute("INSERT INTO bench_rows SELECT g, repeat('x', 200) FROM generate_series(1, 50000) g")
+            conn.execute("INSERT INTO bench_rows SELECT g, repeat('x', 200) FROM generate_series(1, %s) g", (rows,))
+            size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
         inv = state["inventory"]
         wid = opsflow(state, "failover", "--env", inv, "--to", "westeurope", "--requester", REQUESTER)["workflow_id"]
         asyncio.run(approve_and_wait(state, wid))
@@ -84,7 +85,8 @@ def failback_run(base: Path, number: int, path: str) -> dict:
         say("    failback steps: " + step_times(report))
         if report.failover is not None:
             say("    failover back:  " + step_times(report.failover))
-        return {"path": path, "failback_seconds": round(total, 3), "rebuild_seconds": round(rebuild, 3),
+        return {"path": path, "database_mb": round(size / 2**20, 1), "failback_seconds": round(total, 3),
+                "rebuild_seconds": round(rebuild, 3),
                 "failover_back_seconds": steps["failover"].seconds, "rebuild_method": report.rebuild_method}
     finally:
         ignore_interrupts(lambda: down(root, quiet=True))
@@ -93,6 +95,9 @@ def failback_run(base: Path, number: int, path: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="failbacks per path (default 3)")
+    parser.add_argument("--rows", type=int, default=50000,
+                        help="rows of ~250 bytes written before the failover (default 50000; the report prints the "
+                             "database's size): the rebuild copies them, a switchover does not")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
     args = parser.parse_args()
@@ -105,12 +110,12 @@ def main() -> int:
             for path in paths:
                 say(f"run {i + 1}/{args.runs}, {path} path")
                 runs.append({"path": path, **attempt(f"{path} failback", i + 1, args.runs, failback_run, Path(tmp),
-                                                     i + 1, path)})
+                                                     i + 1, path, args.rows)})
     summary: dict = {}
     for path in paths:
         ok = [r["result"] for r in runs if r["path"] == path and r["ok"]]
-        summary[path] = {key: stats([r[key] for r in ok]) for key in ("failback_seconds", "rebuild_seconds",
-                                                                       "failover_back_seconds")}
+        summary[path] = {key: stats([r[key] for r in ok]) for key in ("database_mb", "failback_seconds",
+                                                                       "rebuild_seconds", "failover_back_seconds")}
         summary[path]["runs_ok"] = len(ok)
         summary[path]["failed"] = [r["error"] for r in runs if r["path"] == path and not r["ok"]]
     rb = summary.get("rebuild", {}).get("failback_seconds")
@@ -123,6 +128,7 @@ def main() -> int:
     for path in paths:
         s = summary[path]
         line = "   ".join(
+            f"database {v['median']:.0f} MB" if k == "database_mb" else
             f"{k.removesuffix('_seconds').replace('_', ' ')} {v['median']:.2f} s ({v['min']:.2f}-{v['max']:.2f})"
             for k, v in s.items()
             if isinstance(v, dict) and v
