@@ -114,13 +114,6 @@ class Lab:
     def cli_json(self, *args: str) -> dict:
         return json.loads(self.cli(*args, "--json", check=True).stdout)
 
-
-def printed_report(proc) -> dict:
-    """The JSON report a `--wait --json` command printed after its progress lines; a command that printed none
-    (it failed before the report) fails the test with its exit code and error output."""
-    assert "{" in proc.stdout, f"no report printed (exit {proc.returncode}): {proc.stderr[-2000:]}"
-    return printed_report(proc)
-
     def start_worker(self, *flags: str) -> forked.Forked:
         log = self.root / f"worker-{len(self.workers)}.log"
         proc = forked.start("worker.main", ["--env", self.inventory, *flags], self.env(), ROOT, log)
@@ -286,3 +279,10 @@ def explain(report: dict) -> str:
 
 def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = "condition"):
     return eventually(predicate, timeout, what, interval=interval)
+
+
+def printed_report(proc) -> dict:
+    """The JSON report a `--wait --json` command printed after its progress lines; a command that printed none
+    (it failed before the report) fails the test with its exit code and error output."""
+    assert "{" in proc.stdout, f"no report printed (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
