@@ -17,6 +17,7 @@ import time
 
 from temporalio.exceptions import ApplicationError
 
+from activities.commands import run_bounded
 from activities.context import heartbeat, logger, sleep_or_cancelled
 from opsflow.rollout import BASELINE_SUFFIX, HOST_IMAGE, HostWorkload, RolloutState, RolloutTarget
 
@@ -27,26 +28,7 @@ NOT_RUNNING = 3  # LSB's "program is not running", as systemctl is-active and pg
 
 def _run(w: HostWorkload, cmd: list[str], what: str) -> subprocess.CompletedProcess:
     """Run one command on the host, heartbeating; bounded by the workload's timeout."""
-    try:
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, cwd="/", env=dict(os.environ))
-    except OSError as e:
-        raise ApplicationError(f"{what}: cannot run {cmd[0]}: {e.strerror}", type="HostCommandFailed",
-                               non_retryable=True) from None
-    deadline = time.monotonic() + w.timeout
-    while p.poll() is None:
-        if time.monotonic() > deadline:
-            p.kill()
-            p.communicate()
-            raise ApplicationError(f"{what}: no answer after {w.timeout:.0f}s", type="HostCommandTimeout")
-        heartbeat(what)
-        try:
-            sleep_or_cancelled(0.05)
-        except BaseException:
-            p.kill()
-            p.communicate()
-            raise
-    return subprocess.CompletedProcess(cmd, p.returncode, p.communicate()[0], None)
+    return run_bounded(cmd, what, w.timeout, env=dict(os.environ))
 
 
 def _tail(p: subprocess.CompletedProcess) -> str:

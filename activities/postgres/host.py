@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 import time
 from typing import Any
 
@@ -27,6 +26,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from temporalio.exceptions import ApplicationError
 
+from activities.commands import run_bounded
 from activities.context import heartbeat, sleep_or_cancelled
 from activities.postgres.connection import connect, dsn_of, redact, sql_errors, where
 from activities.postgres.server import sql_status, sql_streams_from
@@ -62,38 +62,9 @@ def run_on_host(host: Any, args: list[str], what: str, *, timeout: float | None 
     """Run a program on the database's host through the inventory's prefix, heartbeating; bounded (by `timeout`,
     default host.command_timeout). `input` (small: a configuration file's lines) is written to its stdin. The output
     goes to a temporary file, not a pipe: a long one (pg_waldump's) never blocks the program."""
-    cmd = [*host.run, *args]
     limit = host.command_timeout if timeout is None else timeout
-    with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as out:
-        try:
-            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE, stdout=out,
-                                 stderr=subprocess.STDOUT, text=True, cwd="/", env=_host_env())
-        except OSError as e:
-            raise ApplicationError(f"{what}: cannot run {cmd[0]}: {e.strerror}", type="HostCommandFailed",
-                                   non_retryable=True) from None
-        if input is not None:
-            assert p.stdin is not None
-            try:
-                p.stdin.write(input)
-                p.stdin.close()
-            except BrokenPipeError:
-                pass
-        deadline = time.monotonic() + limit
-        while p.poll() is None:
-            if time.monotonic() > deadline:
-                p.kill()
-                p.wait()
-                raise ApplicationError(f"{what}: no answer after {limit:.0f}s", type="HostCommandTimeout")
-            heartbeat(what)
-            try:
-                sleep_or_cancelled(0.1)
-            except BaseException:
-                p.kill()
-                p.wait()
-                raise
-        out.seek(0)
-        text = out.read()
-    return subprocess.CompletedProcess(cmd, p.returncode, redact(text, None), None)
+    p = run_bounded([*host.run, *args], what, limit, env=_host_env(), input=input, poll=0.1)
+    return subprocess.CompletedProcess(p.args, p.returncode, redact(p.stdout, None), None)
 
 
 def _check(p: subprocess.CompletedProcess, what: str) -> str:
