@@ -201,17 +201,22 @@ class PatroniCluster:
 
     # -- DatabaseProvider ----------------------------------------------------------------------------------------
 
+    def _shown(self) -> tuple[dict | None, str]:
+        """The member whose state and role this region's status shows (a cluster per region: its leader), and what
+        the status says when there is none."""
+        return self.leader(), "no leader"
+
     def status(self) -> DbStatus:
         s = sql_status(self.db, self.region)
         try:
-            leader = self.leader()
+            member, absent = self._shown()
         except ApplicationError as e:
             if e.non_retryable:
                 raise
             return s.model_copy(update={"cloud_state": f"Patroni: {e.message}"})
-        if leader is None:
-            return s.model_copy(update={"cloud_state": "no leader", "cloud_role": None})
-        return s.model_copy(update={"cloud_state": leader.get("state"), "cloud_role": leader.get("role")})
+        if member is None:
+            return s.model_copy(update={"cloud_state": absent, "cloud_role": None})
+        return s.model_copy(update={"cloud_state": member.get("state"), "cloud_role": member.get("role")})
 
     def fence(self) -> None:
         """Read-only through the dynamic configuration (Patroni reloads PostgreSQL), then end the open sessions."""
@@ -453,17 +458,8 @@ class PatroniMember(PatroniCluster):
         m = self.member()
         return bool(m and m.get("role") in LEADS and m.get("state") == "running")
 
-    def status(self) -> DbStatus:
-        s = sql_status(self.db, self.region)
-        try:
-            m = self.member()
-        except ApplicationError as e:
-            if e.non_retryable:
-                raise
-            return s.model_copy(update={"cloud_state": f"Patroni: {e.message}"})
-        if m is None:
-            return s.model_copy(update={"cloud_state": f"not a member of cluster {self.db.scope}", "cloud_role": None})
-        return s.model_copy(update={"cloud_state": m.get("state"), "cloud_role": m.get("role")})
+    def _shown(self) -> tuple[dict | None, str]:
+        return self.member(), f"not a member of cluster {self.db.scope}"
 
     def fence_control_plane(self, budget: float) -> tuple[str, list[str]]:
         """After an emergency in one cluster the new leader holds the cluster's leader lock in the DCS: Patroni
