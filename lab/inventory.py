@@ -36,6 +36,16 @@ VIRTUAL_ENDPOINT = "lab-shop"  # `opsflow lab up --virtual-endpoint`: writer/rea
 LAB_WEBHOOK_ENV = {"ops": "OPSFLOW_LAB_WEBHOOK_OPS", "oncall": "OPSFLOW_LAB_WEBHOOK_ONCALL"}
 ONCALL_SECRET_NAME = "lab-oncall-webhook"
 STATUSPAGE_KEY_ENV = "OPSFLOW_LAB_STATUSPAGE_KEY"
+# What every lab drill checks on its restore, whichever way it restores.
+LAB_DRILL_CHECKS = {
+    "row_counts": [{"table": "lab_orders", "timestamp_column": "created_at"}],
+    "checks": [{"name": "no negative totals",
+                "query": "SELECT NOT EXISTS (SELECT 1 FROM lab_orders WHERE total < 0)"}],
+    "schema_objects": ["public.lab_orders", "public.lab_orders_pkey"],
+    "retention": "7d",
+    "restore_timeout": "10m",
+    "heartbeat_timeout": "30s",
+}
 
 
 def arm_emulator_config(clusters: dict, receiver_port: int, virtual_endpoint: str | None = None) -> dict:
@@ -133,16 +143,7 @@ def lab_inventory(state: dict, root: Path) -> dict:
         "notifications": [{"name": "ops", "url_secret": {"env": LAB_WEBHOOK_ENV["ops"]}},
                           {"name": "oncall", "url_secret": {"azure_key_vault": {"vault_url": arm,
                                                                                 "name": ONCALL_SECRET_NAME}}}],
-        "drill": {
-            "method": "azure-pitr",
-            "row_counts": [{"table": "lab_orders", "timestamp_column": "created_at"}],
-            "checks": [{"name": "no negative totals",
-                        "query": "SELECT NOT EXISTS (SELECT 1 FROM lab_orders WHERE total < 0)"}],
-            "schema_objects": ["public.lab_orders", "public.lab_orders_pkey"],
-            "retention": "7d",
-            "restore_timeout": "10m",
-            "heartbeat_timeout": "30s",
-        },
+        "drill": {"method": "azure-pitr", **LAB_DRILL_CHECKS},
         "reports_dir": str(root / "reports"),
         "maintenance": lab_maintenance(receiver),
     } | ({"drill": self_managed_drill(state, root)} if self_managed or database == "patroni" else {})

@@ -217,6 +217,9 @@ def start_postgres(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
         return clusters
     say("lab: PostgreSQL primary (eastus) and streaming replica (westeurope)")
     clusters = {PRIMARY: init_primary(root / "pg", f"{PRIMARY}", archive_dir=root / "wal-archive")}
+    # Each cluster in the state as soon as it runs: an `up` that fails after it stops it (down reads the state).
+    lab.state["postgres"] = {PRIMARY: clusters[PRIMARY].to_dict()}
+    lab.save()
     clusters["westeurope"] = create_replica(clusters[PRIMARY], root / "pg", "westeurope")
     if lab.state.get("database") == "self-managed":  # the drill's host-pitr: a tar base backup, a scratch directory
         take_tar_base_backup(clusters[PRIMARY], root / "drill" / "base-backups")

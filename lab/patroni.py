@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shlex
 import signal
 import stat
 import time
@@ -37,7 +36,7 @@ import psycopg
 import yaml
 
 from lab.inventory import PRIMARY, REGIONS
-from lab.postgres import DEFAULT_BINDIR, Cluster
+from lab.postgres import DEFAULT_BINDIR, Cluster, archive_command
 from lab.processes import Lab, pick_port, stop_pid
 
 PATRONI = "/usr/bin/patroni"
@@ -68,10 +67,8 @@ Say = Callable[..., None]
 def archiving(archive: Path) -> dict:
     """Every cluster's leader archives its WAL into ONE shared directory (the drill's host-pitr restores from it,
     across a failover's new timelines); a segment already there is never overwritten (an old leader must not clobber
-    the new one's WAL), as lab/postgres.py's archive_command."""
-    target = shlex.quote(str(_owned_dir(archive)))
-    return {"archive_mode": "on", "archive_command": f"test ! -f {target}/%f && cp %p {target}/%f",
-            "archive_timeout": 60}
+    the new one's WAL; the same bytes again are a success), lab/postgres.py's archive_command."""
+    return {"archive_mode": "on", "archive_command": archive_command(_owned_dir(archive)), "archive_timeout": 60}
 
 
 def scope(region: str) -> str:
@@ -180,25 +177,33 @@ def start(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
     for region in [PRIMARY, *[r for r in REGIONS if r != PRIMARY]]:
         rest_port, pg_port = pick_port(), pick_port()
         cfg = _config(region, root, etcd, rest_port, pg_port, None if region == PRIMARY else primary_port)
-        path = root / "patroni" / f"{region}.yml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        os.chmod(path, 0o644)
-        name = f"patroni-{region}"
-        lab.spawn(name, _as_server_user([PATRONI, str(path)]))
-        rest = f"http://127.0.0.1:{rest_port}"
         if region == PRIMARY:
             primary_port = pg_port
-            _wait("leader (GET /primary 200)", lambda: _get(f"{rest}/primary")[0] == 200, lab, name)
+            what, ready = "leader (GET /primary 200)", lambda rest, port: _get(f"{rest}/primary")[0] == 200
         else:
-            _wait("a streaming standby leader",
-                  lambda: _get(f"{rest}/patroni")[1].get("role") == "standby_leader" and _streams(pg_port), lab, name)
-        clusters[region] = Cluster(name=f"patroni-{region}", datadir=Path(cfg["postgresql"]["data_dir"]),
-                                   port=pg_port, logfile=Path(lab.state["processes"][name]["log"]))
-        state["regions"][region] = {"rest_api": rest, "scope": scope(region), "port": pg_port,
-                                    "dsn": clusters[region].dsn, "config": str(path)}
+            what, ready = "a streaming standby leader", \
+                lambda rest, port: _get(f"{rest}/patroni")[1].get("role") == "standby_leader" and _streams(port)
+        clusters[region], state["regions"][region] = _start_member(lab, root, region, cfg, what, ready)
+        state["regions"][region]["scope"] = scope(region)
     lab.state["patroni"] = state
     lab.save()
     return clusters
+
+
+def _start_member(lab: Lab, root: Path, region: str, cfg: dict, what: str,
+                  ready: Callable[[str, int], bool]) -> tuple[Cluster, dict]:
+    """Write a member's configuration, start its Patroni and wait until `ready(rest_api, pg_port)`. Returns its
+    cluster and what lab.state["patroni"]["regions"] keeps of it."""
+    path = root / "patroni" / f"{region}.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    os.chmod(path, 0o644)
+    name = f"patroni-{region}"
+    lab.spawn(name, _as_server_user([PATRONI, str(path)]))
+    rest, port = f"http://{cfg['restapi']['listen']}", int(cfg["postgresql"]["listen"].rsplit(":", 1)[1])
+    _wait(what, lambda: ready(rest, port), lab, name)
+    cluster = Cluster(name=name, datadir=Path(cfg["postgresql"]["data_dir"]), port=port,
+                      logfile=Path(lab.state["processes"][name]["log"]))
+    return cluster, {"rest_api": rest, "port": port, "dsn": cluster.dsn, "config": str(path)}
 
 
 STRETCHED_SCOPE = "lab-stretched"
@@ -216,22 +221,13 @@ def start_stretched(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
     state: dict = {"etcd": etcd, "layout": "stretched", "scope": STRETCHED_SCOPE, "regions": {}}
     clusters: dict[str, Cluster] = {}
     for region in [PRIMARY, *[r for r in REGIONS if r != PRIMARY]]:
-        rest_port, pg_port = pick_port(), pick_port()
-        cfg = _config(region, root, etcd, rest_port, pg_port, None, cluster=STRETCHED_SCOPE)
-        path = root / "patroni" / f"{region}.yml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        os.chmod(path, 0o644)
-        name = f"patroni-{region}"
-        lab.spawn(name, _as_server_user([PATRONI, str(path)]))
-        rest = f"http://127.0.0.1:{rest_port}"
+        cfg = _config(region, root, etcd, pick_port(), pick_port(), None, cluster=STRETCHED_SCOPE)
         if region == PRIMARY:
-            _wait("leader (GET /primary 200)", lambda: _get(f"{rest}/primary")[0] == 200, lab, name)
+            what, ready = "leader (GET /primary 200)", lambda rest, port: _get(f"{rest}/primary")[0] == 200
         else:
-            _wait("a streaming replica", lambda: _get(f"{rest}/replica")[0] == 200 and _streams(pg_port), lab, name)
-        clusters[region] = Cluster(name=f"patroni-{region}", datadir=Path(cfg["postgresql"]["data_dir"]),
-                                   port=pg_port, logfile=Path(lab.state["processes"][name]["log"]))
-        state["regions"][region] = {"rest_api": rest, "scope": STRETCHED_SCOPE, "member": member(region),
-                                    "port": pg_port, "dsn": clusters[region].dsn, "config": str(path)}
+            what, ready = "a streaming replica", lambda rest, port: _get(f"{rest}/replica")[0] == 200 and _streams(port)
+        clusters[region], state["regions"][region] = _start_member(lab, root, region, cfg, what, ready)
+        state["regions"][region].update(scope=STRETCHED_SCOPE, member=member(region))
     lab.state["patroni"] = state
     lab.save()
     return clusters
