@@ -381,6 +381,17 @@ class Cluster:
 _CONF_FILE = "opsflow.conf"  # included from postgresql.conf; copied to replicas by pg_basebackup
 
 
+def archive_command(archive_dir: Path) -> str:
+    """The lab's archive_command, for a WAL archive that several servers share (a primary and the replicas that may
+    become primary). A segment already archived is never overwritten (an old primary must not clobber the new one's
+    WAL); one archived again with the same bytes is a success, as PostgreSQL's documentation asks ("Continuous
+    Archiving"): a promoted replica archives the segments it holds of the old timeline, and a failure there made every
+    clean shutdown wait on the archiver's retries (3 s of each switchover). The copy is renamed into place whole."""
+    target = shlex.quote(str(archive_dir))
+    return (f"if test -f {target}/%f; then cmp -s %p {target}/%f; "
+            f"else cp %p {target}/%f.partial && mv {target}/%f.partial {target}/%f; fi")
+
+
 def _conf_text(port: int, archive_dir: Path | None, host: str = "127.0.0.1") -> str:
     lines = [
         "# written by opsflow lab (lab/postgres.py)",
@@ -403,10 +414,7 @@ def _conf_text(port: int, archive_dir: Path | None, host: str = "127.0.0.1") -> 
         "log_connections = off",
     ]
     if archive_dir is not None:
-        target = shlex.quote(str(archive_dir))
-        # Never overwrite a segment already archived (an old primary must not clobber the new one's WAL).
-        command = f"test ! -f {target}/%f && cp %p {target}/%f"
-        quoted = command.replace(chr(39), chr(39) * 2)
+        quoted = archive_command(archive_dir).replace(chr(39), chr(39) * 2)
         lines += ["archive_mode = on", f"archive_command = '{quoted}'", "archive_timeout = 60"]
     return "\n".join(lines) + "\n"
 
@@ -827,7 +835,7 @@ def archive_dir_of(cluster: Cluster) -> Path | None:
         return None
     if not re.search(r"(?m)^archive_mode = on$", text):
         return None
-    m = re.search(r"(?m)^archive_command = 'test ! -f (.+?)/%f && cp", text)
+    m = re.search(r"(?m)^archive_command = 'if test -f (.+?)/%f; then", text)  # archive_command()'s
     if not m:
         return None
     return Path(shlex.split(m.group(1).replace("''", "'"))[0])
