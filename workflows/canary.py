@@ -147,6 +147,10 @@ class Rollout(Procedure[RolloutReport]):
         self.queue = inv.region_queue(self.app.region)
         self.workload_queue = self.app.workload_queue() or self.queue  # a host workload: the NGINX host's worker
         await self.calendar()
+        # The queues its steps run on, the router's among them: one without a worker is named, before any change
+        # (the router check would wait out its timeout); runs recorded before did not look (the kernel's patch)
+        await self.check_workers([inv.task_queue, self.queue, self.workload_queue,
+                                  getattr(self.app.router, "queue", None) or self.queue])
         state: RolloutState = await self.step(
             "preflight",
             f"Check {self.app.deployment} in {self.app.region}",

@@ -29,6 +29,7 @@ from activities.analysis import judge_step
 from activities.reports import store_report
 from activities.rules import worker_inventory
 from opsflow.client import send_update
+from opsflow.contracts.kernel import TEMPORAL_UNSERVED_QUEUES
 from opsflow.contracts.notify import NOTIFY_SEND
 from opsflow.contracts.rollout import (
     HTTP_CHECKS,
@@ -91,6 +92,8 @@ class Cluster:
     rps: float | None = None  # the canary's requests a second, counted from the bake's start (analysis.requests)
     unseen: int = 0  # with rps: how many Prometheus queries do not know the canary's series yet
     ran_on: list = field(default_factory=list)  # (activity, task queue) of every call
+    unserved: set = field(default_factory=set)  # task queues no worker serves
+    asked_queues: list = field(default_factory=list)  # the queues the preflight asked about
 
     def state(self) -> RolloutState:
         return RolloutState(
@@ -271,6 +274,11 @@ class Cluster:
         def notify(r: NotifyRequest) -> None:
             c.notifications.append(r.notification.text)
 
+        @TEMPORAL_UNSERVED_QUEUES.implementation
+        def unserved_queues(queues: list[str]) -> list[str]:
+            c.asked_queues.extend(queues)
+            return [q for q in queues if q in c.unserved]
+
         return [
             worker_inventory,
             store_report,
@@ -289,6 +297,7 @@ class Cluster:
             checks,
             router_status,
             router_set_weight,
+            unserved_queues,
         ]
 
 
@@ -1007,6 +1016,20 @@ async def test_an_nginx_router_moves_the_weight_on_its_own_queue_and_routes_stab
     assert names.index("promote") < names.index("route-stable") < names.index("cleanup")
     assert cluster.calls.index(ROUTER_SET_WEIGHT.name, cluster.calls.index(K8S_SET_IMAGE.name)) < cluster.calls.index(
         K8S_DELETE_CANARY.name)  # 0 % through the router, then the canary removed
+
+
+async def test_a_router_queue_without_a_worker_is_named_before_any_change(env, worker, cluster):
+    """The NGINX host's worker is down: the preflight names its queue at once (the router check would otherwise wait
+    out its timeout on a queue nobody polls), nothing is asked of the cluster or the router."""
+    queue, _, _ = worker
+    router_queue = f"{queue}-nginx-host"
+    cluster.unserved = {router_queue}
+    inv = make_inventory(apps=app_with({**NGINX, "queue": router_queue}))
+    async with serving(worker):
+        report = await failed(await start(env, worker, inv))
+    assert report.status == "refused" and f"no worker serves {router_queue}" in (report.failure or ""), report.failure
+    assert set(cluster.asked_queues) == {queue, f"{queue}-eastus", router_queue}
+    assert cluster.calls == [] and cluster.router_queues == [] and cluster.stable_at_100
 
 
 async def test_a_router_that_does_not_send_everything_to_stable_is_refused_before_any_change(env, worker, cluster):
