@@ -46,15 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 "provider postgres whose hosts the worker reaches (switchovers without a "
                                 "rebuild); patroni: real Patroni clusters on etcd (eastus primary, westeurope "
                                 "standby cluster), provider 'patroni' (Azure lab for the traffic)")
+            p.add_argument("--patroni-layout", choices=["per-region", "stretched"], default="per-region",
+                           help="with --database patroni: a Patroni cluster per region (standby clusters), or "
+                                "ONE cluster whose members are the regions (Patroni's own switchover)")
             if name == "up":
                 p.add_argument("--encrypt", action="store_true",
                                help="encrypt Temporal payloads (a lab key; a codec server for the UI)")
                 p.add_argument("--alerts", action="store_true",
                                help="also Prometheus, Alertmanager and opsflow alert-receiver: an alert requests a "
                                     "failover that waits for approval (lab/alerting.py)")
-                p.add_argument("--patroni-layout", choices=["per-region", "stretched"], default="per-region",
-                               help="with --database patroni: a Patroni cluster per region (standby clusters), or "
-                                    "ONE cluster whose members are the regions (Patroni's own switchover)")
                 p.add_argument("--virtual-endpoint", action=argparse.BooleanOptionalAction, default=None,
                                help="Azure: a virtual endpoint over the two servers, named in the inventory: "
                                     "failovers are switchovers (the old primary becomes the replica). The default "
@@ -114,6 +114,9 @@ def main(args: argparse.Namespace) -> int:
             print(json.dumps({"down": True, "dir": str(root)}))
         return 0
     if args.lab_command == "demo":
+        if args.patroni_layout != "per-region" and args.database != "patroni":
+            print("opsflow lab demo: --patroni-layout is for --database patroni", file=sys.stderr)
+            return 2
         if args.database != "cloud" and (args.cloud != "azure" or args.procedure != "failover"):
             print(f"opsflow lab demo: --database {args.database} is for the failover demo on the Azure lab (not with "
                   "--cloud aws or --procedure maintenance|canary)", file=sys.stderr)
@@ -121,5 +124,5 @@ def main(args: argparse.Namespace) -> int:
         if args.procedure == "canary":
             return rollout_demo.run_canary_demo(root, with_worker=not args.no_worker, cloud=args.cloud)
         return demo.run_demo(root, with_worker=not args.no_worker, cloud=args.cloud, with_drill=args.drill,
-                             procedure=args.procedure, database=args.database)
+                             procedure=args.procedure, database=args.database, patroni_layout=args.patroni_layout)
     raise AssertionError(args.lab_command)

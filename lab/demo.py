@@ -69,19 +69,24 @@ async def demo(state: dict) -> int:
         print(f"  {f}")
     code = 0 if report.status == "succeeded" else 1
     if code == 0:
-        print_following(inv.regions[target].database.provider, source, target, report)
+        print_following(inv.regions[target].database, source, target, report)
     print(f"\nreport:      opsflow report {handle.id} --markdown")
     print(f"Temporal UI: {ui}")
     print("the lab stays up; tear it down with: opsflow lab down")
     return code
 
 
-def print_following(provider: str, source: str, target: str, report) -> None:
+def print_following(database, source: str, target: str, report) -> None:
     """After the failover: how the old primary follows the new one now, and the command that fails back."""
+    provider = database.provider
+    if provider == "patroni" and getattr(database, "layout", None) == "stretched":
+        provider = "patroni-stretched"
     if report.old_primary_replica:
         how = {"postgres": f"{source} was shut down cleanly and started as a standby of {target}: it streams from "
                            f"{target} without a rebuild (no pg_rewind, no base backup)",
-               "patroni": f"{source} is now a Patroni standby cluster whose standby leader streams from {target}"
+               "patroni": f"{source} is now a Patroni standby cluster whose standby leader streams from {target}",
+               "patroni-stretched": f"{source}'s member is now a replica in the same Patroni cluster, streaming from "
+                                    f"{target}'s member, the leader (Patroni's own switchover)",
                }.get(provider, f"{source} is now a streaming replica of {target} (switchover)")
         if report.switchover_detail:
             how += f"\n  proof: {report.switchover_detail}"
@@ -91,14 +96,20 @@ def print_following(provider: str, source: str, target: str, report) -> None:
     print(f"fail back:   opsflow failback --to {source} --requester {REQUESTER}  (then approve as {APPROVER})")
 
 
-def flavour_refusal(root: Path, database: str) -> str | None:
-    """Why the demo cannot run with --database `database` on the lab already running in `root`, if it cannot."""
+def flavour_refusal(root: Path, database: str, patroni_layout: str = "per-region") -> str | None:
+    """Why the demo cannot run with --database `database` (and its Patroni layout) on the lab already running in
+    `root`, if it cannot."""
     lab = Lab(root)
     running = lab_database(lab.state)
-    if not (lab.state.get("ready") and lab.alive("temporal")) or running == database:
+    if running == "patroni":
+        running_layout = lab.state.get("patroni_layout") or "per-region"
+        running, wanted = f"patroni --patroni-layout {running_layout}", f"patroni --patroni-layout {patroni_layout}"
+    else:
+        wanted = database if database != "patroni" else f"patroni --patroni-layout {patroni_layout}"
+    if not (lab.state.get("ready") and lab.alive("temporal")) or running == wanted:
         return None
-    again = "opsflow lab demo" + ("" if database == "cloud" else f" --database {database}")
-    return (f"opsflow lab demo: the lab in {root} runs with --database {running}, not {database}; take it down "
+    again = "opsflow lab demo" + ("" if database == "cloud" else f" --database {wanted}")
+    return (f"opsflow lab demo: the lab in {root} runs with --database {running}, not {wanted}; take it down "
             f"first (opsflow lab down), then run: {again}")
 
 
@@ -168,13 +179,13 @@ async def maintenance_demo(state: dict) -> int:
 
 
 def run_demo(root: Path, with_worker: bool = True, cloud: str = "azure", with_drill: bool = False,
-             procedure: str = "failover", database: str = "cloud") -> int:
-    refusal = flavour_refusal(root, database)
+             procedure: str = "failover", database: str = "cloud", patroni_layout: str = "per-region") -> int:
+    refusal = flavour_refusal(root, database, patroni_layout)
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
     # Switchover first: Azure's cloud servers under a virtual endpoint, as `opsflow lab up` brings them up.
-    state = up(root, with_worker=with_worker, cloud=cloud, database=database,
+    state = up(root, with_worker=with_worker, cloud=cloud, database=database, patroni_layout=patroni_layout,
                virtual_endpoint=cloud == "azure" and database == "cloud")
     print_status(status(root))
     code = asyncio.run(maintenance_demo(state) if procedure == "maintenance" else demo(state))

@@ -7,14 +7,12 @@ lab for the module: each test leaves eastus-1 the leader."""
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import httpx
 import pytest
 from temporalio.exceptions import ApplicationError
 
-from tests.integration.conftest import Lab, explain, printed_report, take_down, wait_for
+from tests.integration.conftest import explain, module_lab, printed_report, wait_for
 from tests.integration.test_failover_lab import (
     approve,
     fail_back_by_switchover,
@@ -33,18 +31,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def stretched_lab():
-    from lab.manage import up
-
-    root = Path(tempfile.mkdtemp(prefix="opsflow-lab-test-")) / "lab"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OPSFLOW_HOME", str(root.parent / "home"))
-        mp.delenv("TEMPORAL_ADDRESS", raising=False)
-        lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, database="patroni",
-                           patroni_layout="stretched"))
-        lab.start_worker()
+    with module_lab(database="patroni", patroni_layout="stretched") as lab:
         yield lab
-        lab.stop_workers()
-        take_down(root)
 
 
 def members(lab) -> dict[str, tuple[str, str]]:
@@ -204,6 +192,27 @@ def test_drill_restores_the_shared_archive_and_removes_its_scratch_server(stretc
     from tests.integration.test_patroni_lab import drill_as_of_the_newest_archived_commit
 
     drill_as_of_the_newest_archived_commit(stretched_lab)
+
+
+def test_lab_demo_on_the_stretched_cluster_leaves_eastus_a_replica_of_westeurope(stretched_lab):
+    """`opsflow lab demo --database patroni --patroni-layout stretched`, as the README says: on this lab (the demo's
+    `lab up` finds it up) the planned failover with approval, and how the old leader follows; a demo asking for the
+    other layout is refused, naming both. Last in the module: it leaves westeurope-1 the leader."""
+    lab = stretched_lab
+    east, west = lab.dsn("eastus"), lab.dsn("westeurope")
+    other = lab.cli("lab", "demo", "--database", "patroni", "--no-worker", "--dir", str(lab.root))
+    assert other.returncode == 2, other.stderr
+    assert ("runs with --database patroni --patroni-layout stretched, not patroni --patroni-layout per-region"
+            in other.stderr) and "opsflow lab down" in other.stderr
+
+    demo = lab.cli("lab", "demo", "--database", "patroni", "--patroni-layout", "stretched", "--no-worker",
+                   "--dir", str(lab.root), timeout=300)
+    assert demo.returncode == 0, f"stdout:\n{demo.stdout}\nstderr:\n{demo.stderr}"
+    assert "planned failover eastus -> westeurope started" in demo.stdout
+    assert "old primary: eastus's member is now a replica in the same Patroni cluster" in demo.stdout
+    assert "fail back:   opsflow failback --to eastus --requester alice" in demo.stdout
+    assert leader(lab) == "westeurope-1"
+    wait_for(lambda: answers(streams_from, east, west), timeout=60, what="eastus-1 following westeurope-1")
 
 def answers(check, *args) -> bool:
     """check(*args), False while the server does not accept connections yet (Patroni is starting it)."""
