@@ -57,21 +57,31 @@ def dev_server(**kwargs):
     )
 
 
-# Modules whose every test builds its own lab, longest first: a parallel run may spread their tests over processes.
-# Every other module runs whole in one process, in order (module-scoped labs and servers, tests that build on the
-# one before).
-SPREAD = ("tests/integration/test_crash_boundaries.py", "tests/integration/test_crash.py",
-          "tests/integration/test_procedures_lab.py", "tests/integration/test_failover_lab.py",
-          "tests/integration/test_maintenance_procedure_lab.py", "tests/integration/test_trust_lab.py")
+# Modules whose every test builds its own lab (or a lab per parameter), longest first: a parallel run may spread
+# their tests over processes. Every other module runs whole in one process, in order (module-scoped labs and
+# servers, tests that build on the one before).
+SPREAD = ("tests/integration/test_crash_patroni.py", "tests/integration/test_crash_boundaries.py",
+          "tests/integration/test_crash.py", "tests/integration/test_procedures_lab.py",
+          "tests/integration/test_failover_lab.py", "tests/integration/test_maintenance_procedure_lab.py",
+          "tests/integration/test_trust_lab.py")
 # Then the longest whole modules; the rest after them, in collection order (the short ones last: no process is left
 # running one long test while the others are idle).
 LONG_MODULES = ("tests/integration/test_crash_rollout.py", "tests/integration/test_faults.py",
                 "tests/integration/test_rollout_lab.py",
                 "tests/integration/test_aws_restore.py", "tests/integration/test_azure_restore.py")
 ORDER = {module: i for i, module in enumerate(SPREAD + LONG_MODULES)}
-# The two failback crash tests (a failover, then a failback with workers killed: ~45-60 s each) start first.
-FIRST = ("tests/integration/test_crash_boundaries.py::test_failback_survives_a_kill_at_every_boundary",
+# The longest tests start first, longest first (the clean clone's --durations: 350, 230, 200, 200, 180 s; then
+# the failback ones, ~45-60 s each): one of them started last was the suite's tail.
+_PATRONI = ("tests/integration/test_crash_patroni.py::"
+            "test_patroni_failover_and_failback_survive_a_kill_at_every_boundary")
+_BOUNDARIES = "tests/integration/test_crash_boundaries.py::test_"
+FIRST = (f"{_PATRONI}[stretched]", f"{_PATRONI}[per-region]",
+         f"{_BOUNDARIES}self_managed_switchover_and_failback_survive_a_kill_at_every_boundary",
+         f"{_BOUNDARIES}switchover_failover_and_failback_survive_a_kill_at_every_boundary",
+         f"{_BOUNDARIES}planned_failover_survives_a_kill_at_every_boundary",
+         f"{_BOUNDARIES}failback_survives_a_kill_at_every_boundary",
          "tests/integration/test_crash.py::test_worker_killed_during_replica_rebuild_and_catch_up_of_a_failback")
+FIRST_RANK = {nodeid: i for i, nodeid in enumerate(FIRST)}
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -93,4 +103,5 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(config, items):
     """SPREAD's tests first, then the long modules, longest first; the other processes take the rest meanwhile."""
-    items.sort(key=lambda item: (item.nodeid not in FIRST, ORDER.get(item.nodeid.split("::", 1)[0], len(ORDER))))
+    items.sort(key=lambda item: (FIRST_RANK.get(item.nodeid, len(FIRST)),
+                                 ORDER.get(item.nodeid.split("::", 1)[0], len(ORDER))))

@@ -13,7 +13,9 @@ import os
 import signal
 import subprocess
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -286,3 +288,26 @@ def printed_report(proc) -> dict:
     (it failed before the report) fails the test with its exit code and error output."""
     assert "{" in proc.stdout, f"no report printed (exit {proc.returncode}): {proc.stderr[-2000:]}"
     return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+@contextmanager
+def module_lab(*, worker: bool = True, **flags) -> Iterator[Lab]:
+    """A lab shared by one module's tests: `opsflow lab up` with `flags` (database="patroni", ...), an OPSFLOW_HOME
+    of its own, and a worker unless `worker=False` (the crash kit brings its own two). Taken down afterwards, also
+    when it came only half up."""
+    from lab.manage import up
+
+    root = lab_root()
+    lab = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPSFLOW_HOME", str(root.parent / "home"))
+        mp.delenv("TEMPORAL_ADDRESS", raising=False)
+        try:
+            lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, **flags))
+            if worker:
+                lab.start_worker()
+            yield lab
+        finally:
+            if lab is not None:
+                lab.stop_workers()
+            take_down(root)

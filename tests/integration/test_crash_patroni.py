@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
-from pathlib import Path
 
 import pytest
 from temporalio.client import Client
@@ -20,7 +18,7 @@ from temporalio.service import RPCError
 from opsflow.contracts.db import DB_PROMOTE
 from opsflow.temporal import DATA_CONVERTER
 from tests.helpers import eventually_async
-from tests.integration.conftest import Lab, explain, fast_recovery, take_down, wait_for
+from tests.integration.conftest import explain, fast_recovery, module_lab, wait_for
 from tests.integration.crash_kit import Workers, run_killing_at_every_boundary
 from tests.integration.test_crash_boundaries import setup_data
 from tests.integration.test_failover_lab import sql, streams_from, timeline
@@ -37,17 +35,8 @@ pytestmark = [
 def patroni_crash_lab(request):
     """A Patroni lab without a worker of its own: the crash kit's two workers are the only ones (a third would take
     steps the kills then miss)."""
-    from lab.manage import up
-
-    root = Path(tempfile.mkdtemp(prefix="opsflow-lab-test-")) / "lab"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OPSFLOW_HOME", str(root.parent / "home"))
-        mp.delenv("TEMPORAL_ADDRESS", raising=False)
-        lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, database="patroni",
-                           patroni_layout=request.param))
+    with module_lab(worker=False, database="patroni", patroni_layout=request.param) as lab:
         yield lab
-        lab.stop_workers()
-        take_down(root)
 
 
 def datadirs(lab) -> dict[str, int]:

@@ -50,20 +50,12 @@ def drill(lab) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def sm_lab(tmp_path_factory):
+def sm_lab():
     """`opsflow lab up --database self-managed` with a worker, shared by this module's tests."""
-    from lab.manage import up
-    from tests.integration.conftest import Lab, lab_root, take_down
+    from tests.integration.conftest import module_lab
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OPSFLOW_HOME", str(tmp_path_factory.mktemp("home")))
-        mp.delenv("TEMPORAL_ADDRESS", raising=False)
-        root = lab_root()
-        lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, database="self-managed"))
-        lab.start_worker()
+    with module_lab(database="self-managed") as lab:
         yield lab
-        lab.stop_workers()
-        take_down(root)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ the module: each test leaves eastus the primary."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import psycopg
 import pytest
 from temporalio.exceptions import ApplicationError
 
-from tests.integration.conftest import Lab, explain, printed_report, take_down, wait_for
+from tests.integration.conftest import explain, module_lab, printed_report, wait_for
 from tests.integration.test_failover_lab import (
     approve,
     fail_back_by_switchover,
@@ -34,17 +33,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def patroni_lab():
-    from lab.manage import up
-
-    root = Path(tempfile.mkdtemp(prefix="opsflow-lab-test-")) / "lab"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OPSFLOW_HOME", str(root.parent / "home"))
-        mp.delenv("TEMPORAL_ADDRESS", raising=False)
-        lab = Lab(root, up(root, with_worker=False, quiet=True, default_ports=False, database="patroni"))
-        lab.start_worker()
+    with module_lab(database="patroni") as lab:
         yield lab
-        lab.stop_workers()
-        take_down(root)
 
 
 def rest(lab, region: str, path: str) -> dict:
