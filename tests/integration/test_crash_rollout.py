@@ -47,10 +47,10 @@ from opsflow.contracts.rollout import (
     PROMETHEUS_SAMPLES,
     ROUTER_SET_WEIGHT,
 )
-from tests.integration.conftest import explain, fast_recovery, lab_root, wait_for
+from tests.integration.conftest import explain, fast_recovery, module_lab, wait_for
 from tests.integration.crash_kit import Workers, run_killing_at_every_boundary
 from tests.integration.test_crash_boundaries import arm_writes
-from tests.integration.test_rollout_lab import deployments, rollout_lab_up, route_weights, served
+from tests.integration.test_rollout_lab import deployments, route_weights, served
 
 pytestmark = [pytest.mark.lab, pytest.mark.crash]
 
@@ -63,8 +63,7 @@ APPROVERS = ("carol", "dave")  # the lab's rollout quorum: platform-lead and qa
 def crash_lab() -> Iterator[tuple]:
     """The rollout lab, its inventory made quick to recover (fast_recovery; maintenance items heartbeat every 5 s;
     the three table tasks, not the SQL statement), and the two workers the runs kill."""
-    root = lab_root()
-    with rollout_lab_up(root) as lab:
+    with module_lab(worker=False, rollout=True) as lab:
         inventory = fast_recovery(lab)
         inv = yaml.safe_load(open(inventory))
         inv["maintenance"]["heartbeat_timeout"] = "5s"
@@ -73,9 +72,6 @@ def crash_lab() -> Iterator[tuple]:
         workers = Workers(lab, inventory)
         workers.start_all()
         yield lab, workers
-    import shutil
-
-    shutil.rmtree(root.parent, ignore_errors=True)
 
 
 def kube(lab, path: str, method: str = "GET"):

@@ -17,7 +17,7 @@ import yaml
 from activities.prometheus import query, query_range
 from lab.receiver import read_notifications
 from lab.rollout import IMAGES
-from tests.integration.conftest import Lab, explain, wait_for
+from tests.integration.conftest import Lab, explain, module_lab, wait_for
 from tests.integration.test_failover_lab import wait_end
 
 pytestmark = pytest.mark.lab
@@ -27,22 +27,9 @@ ERRORS = 'sum(rate(http_requests_total{deployment="web",status=~"5.."}[5s]))'
 
 
 @pytest.fixture(scope="module")
-def rollout_lab(tmp_path_factory):
-    import os
-
-    from lab.manage import down, up
-
-    root = tmp_path_factory.mktemp("maint-watch") / "lab"
-    saved = {k: os.environ.get(k) for k in ("OPSFLOW_HOME", "TEMPORAL_ADDRESS")}
-    os.environ["OPSFLOW_HOME"] = str(root.parent / "home")
-    os.environ.pop("TEMPORAL_ADDRESS", None)
-    state = up(root, with_worker=False, quiet=True, default_ports=False, rollout=True)
-    lab = Lab(root, state)
-    yield lab
-    lab.stop_workers()
-    down(root, quiet=True)
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+def rollout_lab():
+    with module_lab(worker=False, rollout=True) as lab:
+        yield lab
 
 
 def set_stable_image(lab: Lab, image: str) -> None:

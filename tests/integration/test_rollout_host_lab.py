@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.conftest import Lab, wait_for
+from tests.integration.conftest import Lab, module_lab, wait_for
 from tests.integration.test_rollout_lab import prometheus_total, run_rollout, served
 from tests.integration.test_rollout_nginx_lab import servers, upstream
 
@@ -28,30 +28,14 @@ pytestmark = pytest.mark.lab
 
 
 @pytest.fixture(scope="module")
-def host_lab(tmp_path_factory):
-    import os
-
-    from lab.manage import down, up
-
-    root = tmp_path_factory.mktemp("rollout-host") / "lab"
-    saved = {k: os.environ.get(k) for k in ("OPSFLOW_HOME", "TEMPORAL_ADDRESS")}
-    os.environ["OPSFLOW_HOME"] = str(root.parent / "home")
-    os.environ.pop("TEMPORAL_ADDRESS", None)
-    state = up(root, with_worker=False, quiet=True, default_ports=False, rollout=True, router="nginx",
-               workload="host")
-    lab = Lab(root, state)
-    try:
+def host_lab():
+    with module_lab(worker=False, rollout=True, router="nginx", workload="host") as lab:
         lab.start_worker("--region", "eastus", "--region", "westeurope")  # workflows and regions, not the router's
-        queue = state["rollout"]["queue"]
+        queue = lab.state["rollout"]["queue"]
         routers = [lab.start_worker("--router-queue", queue)]  # the last is the one running (tests restart it)
-        log = root / "worker-1.log"
+        log = lab.root / "worker-1.log"
         wait_for(lambda: log.exists() and f"task queues {queue}\n" in log.read_text(), 60, what="the router worker")
         yield lab, routers
-    finally:
-        lab.stop_workers()
-        down(root, quiet=True)
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def host(lab: Lab, role: str) -> tuple[int, str]:

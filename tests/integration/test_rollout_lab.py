@@ -8,45 +8,21 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
 from lab.receiver import read_notifications
-from tests.integration.conftest import Lab, wait_for
+from tests.integration.conftest import Lab, module_lab, wait_for
 from tests.integration.test_failover_lab import wait_end
 
 pytestmark = pytest.mark.lab
 
 
-@contextmanager
-def rollout_lab_up(root: Path) -> Iterator[Lab]:
-    """A lab with the rollout stage in `root`, without a worker (a module's lab: test_crash_rollout shares it)."""
-    import os
-
-    from lab.manage import down, up
-
-    saved = {k: os.environ.get(k) for k in ("OPSFLOW_HOME", "TEMPORAL_ADDRESS")}
-    os.environ["OPSFLOW_HOME"] = str(root.parent / "home")
-    os.environ.pop("TEMPORAL_ADDRESS", None)
-    state = up(root, with_worker=False, quiet=True, default_ports=False, rollout=True)
-    lab = Lab(root, state)
-    try:
-        yield lab
-    finally:
-        lab.stop_workers()
-        down(root, quiet=True)
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
 @pytest.fixture(scope="module")
-def rollout_lab(tmp_path_factory):
-    with rollout_lab_up(tmp_path_factory.mktemp("rollout") / "lab") as lab:
-        lab.start_worker()
+def rollout_lab():
+    with module_lab(rollout=True) as lab:
         yield lab
 
 

@@ -13,30 +13,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.conftest import Lab, wait_for
+from tests.integration.conftest import Lab, module_lab, wait_for
 from tests.integration.test_rollout_lab import deployments, prometheus_total, run_rollout, served
 
 pytestmark = pytest.mark.lab
 
 
 @pytest.fixture(scope="module")
-def nginx_lab(tmp_path_factory):
-    import os
-
-    from lab.manage import down, up
-
-    root = tmp_path_factory.mktemp("rollout-nginx") / "lab"
-    saved = {k: os.environ.get(k) for k in ("OPSFLOW_HOME", "TEMPORAL_ADDRESS")}
-    os.environ["OPSFLOW_HOME"] = str(root.parent / "home")
-    os.environ.pop("TEMPORAL_ADDRESS", None)
-    state = up(root, with_worker=False, quiet=True, default_ports=False, rollout=True, router="nginx")
-    lab = Lab(root, state)
-    lab.start_worker()
-    yield lab
-    lab.stop_workers()
-    down(root, quiet=True)
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+def nginx_lab():
+    with module_lab(rollout=True, router="nginx") as lab:
+        yield lab
 
 
 def upstream(lab: Lab) -> dict[str, str]:

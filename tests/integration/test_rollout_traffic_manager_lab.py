@@ -34,9 +34,9 @@ import yaml
 from activities.azure.arm import traffic_manager_client
 from lab.inventory import RESOURCE_GROUP, SUBSCRIPTION
 from opsflow.inventory import AzureConnection
-from tests.integration.conftest import Lab, wait_for
+from tests.integration.conftest import Lab, module_lab, wait_for
 from tests.integration.test_failover_lab import wait_end
-from tests.integration.test_rollout_lab import deployments, rollout_lab_up, route_weights, run_rollout
+from tests.integration.test_rollout_lab import deployments, route_weights, run_rollout
 
 pytestmark = pytest.mark.lab
 
@@ -45,8 +45,8 @@ QUERIES = 2000
 
 
 @pytest.fixture(scope="module")
-def tm_lab(tmp_path_factory):
-    with rollout_lab_up(tmp_path_factory.mktemp("rollout-tm") / "lab") as lab:
+def tm_lab():
+    with module_lab(worker=False, rollout=True) as lab:
         azure = lab.state["azure"]
         conn = AzureConnection(arm_endpoint=azure["arm_endpoint"], credential="static-token",
                                ca_bundle=azure["ca_bundle"], polling_interval=0.2)
