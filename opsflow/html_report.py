@@ -27,7 +27,7 @@ from opsflow.models import (
     ProcedureReport,
     StepRecord,
 )
-from opsflow.report import TREND_HEADER, figures, trend_row, trend_runs, trend_summary
+from opsflow.report import TREND_HEADER, figures, shown_detail, trend_row, trend_runs, trend_summary
 from opsflow.report_signatures import ReportCheck
 from opsflow.rollout_report import RolloutReport
 
@@ -155,7 +155,7 @@ def gantt_svg(report: ProcedureReport) -> str:
         kind, colour = step_kind(report, s), OUTCOME_COLOUR.get(s.outcome, "#757575")
         label = s.title if len(s.title) <= 46 else s.title[:45] + "…"
         tip = f"{s.title} — {s.outcome}" + (f", {s.seconds:.2f}s" if s.seconds is not None else "") + (
-            f": {s.detail}" if s.detail else "")
+            f": {shown_detail(s)}" if shown_detail(s) else "")
         out.append(f'<g class="step kind-{kind} outcome-{e(s.outcome)}" data-step="{e(s.name)}" '
                    f'data-kind="{kind}" data-outcome="{e(s.outcome)}"><title>{e(tip)}</title>')
         out.append(f'<text class="label" x="{x0 - 8}" y="{y + ROW_H / 2 + 4:.1f}" text-anchor="end">'
@@ -387,7 +387,8 @@ def steps_table(report: ProcedureReport) -> str:
         f'<td style="color:{OUTCOME_COLOUR.get(s.outcome, "#000")}">{e(s.outcome)}</td>'
         f'<td>{e(f"{s.started_at:%H:%M:%S.%f}"[:12] if s.started_at else "")}</td>'
         f'<td>{e(f"{s.ended_at:%H:%M:%S.%f}"[:12] if s.ended_at else "")}</td>'
-        f'<td class="num">{"" if s.seconds is None else f"{s.seconds:.3f}"}</td><td class="reason">{e(s.detail)}</td>'
+        f'<td class="num">{"" if s.seconds is None else f"{s.seconds:.3f}"}</td>'
+        f'<td class="reason">{e(shown_detail(s))}</td>'
         "</tr>" for s in report.steps)
     return ('<table class="steps"><thead><tr><th>step</th><th>kind</th><th>outcome</th><th>start (UTC)</th>'
             f'<th>end</th><th>seconds</th><th>detail</th></tr></thead><tbody>{rows}</tbody></table>')

@@ -7,9 +7,21 @@ from opsflow.models import DrillReport, DrillRun, FailoverReport, ProcedureRepor
 MARK = {"ok": "✓", "failed": "✗", "running": "…", "skipped": "-", "compensated": "↺", "planned": "•"}
 
 
+def shown_detail(step) -> str:
+    """A step's detail as shown beside its title: a dry run's planned step carries its title again in its detail
+    (with the condition after it, "(when ...)"); shown once, the condition alone beside it."""
+    detail = step.detail or ""
+    if step.title and detail.startswith(step.title):
+        detail = detail[len(step.title):].strip()
+        if detail.startswith("(") and detail.endswith(")"):
+            detail = detail[1:-1]
+    return detail
+
+
 def step_line(step) -> str:
-    secs = f"{step.seconds:7.2f}s" if step.seconds is not None else "        "
-    detail = f"  ({step.detail})" if step.detail else ""
+    # a dry run's steps did not run: no seconds
+    secs = f"{step.seconds:7.2f}s" if step.seconds is not None and step.outcome != "planned" else "        "
+    detail = f"  ({shown_detail(step)})" if shown_detail(step) else ""
     return f"  {MARK.get(step.outcome, '?')} {secs}  {step.title}{detail}"
 
 
@@ -167,7 +179,7 @@ def to_markdown(r: ProcedureReport) -> str:
         start = f"{s.started_at:%H:%M:%S}" if s.started_at else ""
         end = f"{s.ended_at:%H:%M:%S}" if s.ended_at else ""
         secs = f"{s.seconds:.2f}" if s.seconds is not None else ""
-        lines.append(f"| {s.title} | {s.outcome} | {start} | {end} | {secs} | {s.detail.replace('|', '/')} |")
+        lines.append(f"| {s.title} | {s.outcome} | {start} | {end} | {secs} | {shown_detail(s).replace('|', '/')} |")
     if isinstance(r, DrillReport):
         lines += trend_markdown(r)
     return "\n".join(lines) + "\n"
