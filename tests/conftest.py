@@ -66,7 +66,8 @@ SPREAD = ("tests/integration/test_crash_patroni.py", "tests/integration/test_cra
           "tests/integration/test_trust_lab.py")
 # Then the longest whole modules; the rest after them, in collection order (the short ones last: no process is left
 # running one long test while the others are idle).
-LONG_MODULES = ("tests/integration/test_crash_rollout.py", "tests/integration/test_faults.py",
+LONG_MODULES = ("tests/integration/test_crash_rollout.py", "tests/integration/test_crash_patroni_emergency.py",
+                "tests/integration/test_faults.py",
                 "tests/integration/test_rollout_lab.py",
                 "tests/integration/test_aws_restore.py", "tests/integration/test_azure_restore.py")
 ORDER = {module: i for i, module in enumerate(SPREAD + LONG_MODULES)}
