@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from temporalio.exceptions import ApplicationError
 
 from activities.context import heartbeat, sleep_or_cancelled, time_limit
@@ -63,6 +63,26 @@ class PatroniCluster:
         self.timeout = timeout
         self._scope_checked = False
         self._http: httpx.Client | None = None
+
+    @property
+    def sql(self) -> Any:
+        """Where SQL goes: the inventory's dsn; with `sql_target: leader`, the host and port of the member Patroni says
+        leads the cluster now (GET /cluster), with the dsn's user, database and password (a cluster of several
+        members, no proxy that follows the leader). The dsn as it is while no leader is known (an election, a region
+        that does not answer)."""
+        if getattr(self.db, "sql_target", "dsn") != "leader":
+            return self.db
+        try:
+            leader = self.leader()
+        except ApplicationError as e:
+            if e.non_retryable:
+                raise
+            return self.db
+        if not leader or not leader.get("host") or not leader.get("port"):
+            return self.db
+        params = {k: v for k, v in conninfo_to_dict(self.db.dsn).items() if k != "hostaddr"}
+        params.update(host=str(leader["host"]), port=str(leader["port"]))
+        return self.db.model_copy(update={"dsn": make_conninfo("", **params)})
 
     # -- the REST API -----------------------------------------------------------------------------------------
 
@@ -183,7 +203,7 @@ class PatroniCluster:
             sleep_or_cancelled(POLL, {"phase": what, "waited_seconds": round(waited, 1)}, what=what)
 
     def _sql(self, query: str) -> tuple:
-        with connect(self.db, connect_timeout=5) as conn, sql_errors(self.db, "patroni"):
+        with connect(db := self.sql, connect_timeout=5) as conn, sql_errors(db, "patroni"):
             return conn.execute(query).fetchone()
 
     def _read_only_is(self, want: bool) -> bool:
@@ -207,7 +227,7 @@ class PatroniCluster:
         return self.leader(), "no leader"
 
     def status(self) -> DbStatus:
-        s = sql_status(self.db, self.region)
+        s = sql_status(self.sql, self.region)
         try:
             member, absent = self._shown()
         except ApplicationError as e:
@@ -223,8 +243,9 @@ class PatroniCluster:
         self.patch_config(_fence_patch(True))
         self._until("the fence (default_transaction_read_only=on) to reach PostgreSQL",
                     lambda: self._read_only_is(True), SETTLE_TIMEOUT)
-        with connect(self.db) as conn, sql_errors(self.db, "fence"):
-            end_other_sessions(conn, self.db, keep=PATRONI_SESSIONS)
+        db = self.sql
+        with connect(db) as conn, sql_errors(db, "fence"):
+            end_other_sessions(conn, db, keep=PATRONI_SESSIONS)
 
     def unfence(self) -> None:
         """Lift the fence (the parameter removed from the dynamic configuration). On a standby leader (the old
@@ -256,17 +277,18 @@ class PatroniCluster:
             ) from None
         actions = [f"set {FENCE_PARAMETER}=on in the dynamic configuration of Patroni cluster "
                    f"{self.db.scope or self.region}"]
+        db = self.sql
         try:
-            with connect(self.db, connect_timeout=3) as conn:
+            with connect(db, connect_timeout=3) as conn:
                 if self._read_only_is(True):
-                    end_other_sessions(conn, self.db, keep=PATRONI_SESSIONS)
-                    actions.append(f"ended the sessions on {where(self.db)}")
+                    end_other_sessions(conn, db, keep=PATRONI_SESSIONS)
+                    actions.append(f"ended the sessions on {where(db)}")
         except (ApplicationError, psycopg.Error):
-            actions.append(f"{where(self.db)} does not answer now; Patroni applies the fence when it does")
+            actions.append(f"{where(db)} does not answer now; Patroni applies the fence when it does")
         return "patroni-read-only", actions
 
     def check_writable(self) -> None:
-        sql_check_writable(self.db, region=self.region)
+        sql_check_writable(self.sql, region=self.region)
 
     def promote(self, force: bool, demote: RegionTarget | None = None) -> PromoteResult:
         """Promote this region's standby cluster (standby_cluster removed from its dynamic configuration) and wait
@@ -275,7 +297,7 @@ class PatroniCluster:
         timeout = time_limit(self.DEFAULT_PROMOTE_TIMEOUT)
         started = time.monotonic()
         old = PatroniCluster(demote) if demote is not None and not force else None
-        before = sql_status(self.db, self.region)
+        before = sql_status(self.sql, self.region)
         source = self.standby_source()
         if source is None:
             if before.reachable and before.role == "primary":
@@ -286,7 +308,7 @@ class PatroniCluster:
                 )
             if before.reachable and not self._promoting():
                 raise ApplicationError(
-                    f"{self.region}: not a standby cluster, yet {where(self.db)} is a replica: the dsn must reach the "
+                    f"{self.region}: not a standby cluster, yet {where(self.sql)} is a replica: the dsn must reach the "
                     "cluster's leader (a switchover inside one cluster is Patroni's POST /switchover)",
                     type="PatroniNotStandbyCluster",
                     non_retryable=True,
@@ -304,7 +326,7 @@ class PatroniCluster:
                     old.patch_config({"standby_cluster": None})
                 raise
         self._until("the promoted leader to accept writes", self._writable, max(timeout - 5, 10))
-        after = sql_status(self.db, self.region)
+        after = sql_status(self.sql, self.region)
         return PromoteResult(
             already_primary=source is None,
             seconds=round(time.monotonic() - started, 3),
@@ -322,7 +344,7 @@ class PatroniCluster:
         leader = self.leader()
         if not leader or leader.get("role") not in ("leader", "master", "primary"):
             return False
-        dsn = conninfo_to_dict(self.db.dsn)
+        dsn = conninfo_to_dict(self.sql.dsn)
         return (str(leader.get("host")), int(leader.get("port") or 0)) == (
             str(dsn.get("host") or dsn.get("hostaddr")), int(dsn.get("port") or 5432))
 
@@ -376,7 +398,7 @@ class PatroniCluster:
         demotes the old primary and rewinds it when it diverged (use_pg_rewind). Idempotent."""
         started = time.monotonic()
         other = PatroniCluster(primary)
-        mine, theirs = sql_status(self.db, self.region), sql_status(other.db, primary.region)
+        mine, theirs = sql_status(self.sql, self.region), sql_status(other.sql, primary.region)
         if mine.reachable and mine.role == "primary" and mine.timeline is not None and mine.timeline == theirs.timeline:
             # Promoted on its own after the split (Patroni restarted it as leader): the same timeline id with another
             # history, which Patroni's rewind check takes for the same timeline. Following would mix two histories.
@@ -569,7 +591,7 @@ class PatroniMember(PatroniCluster):
                                    type="PatroniLayoutMismatch", non_retryable=True)
         cluster = self.cluster()
         me = self.known_member(cluster)
-        before = sql_status(self.db, self.region)
+        before = sql_status(self.sql, self.region)
         received = replayed = None
         if me.get("role") not in LEADS:
             self._check_candidate(me, planned=old is not None)
@@ -603,7 +625,7 @@ class PatroniMember(PatroniCluster):
         if old is not None and FENCE_PARAMETER in (self.config().get("postgresql", {}).get("parameters") or {}):
             self.patch_config(_fence_patch(False))  # the fence reached every member: the new leader takes writes
         self._until("the new leader to accept writes", self._writable, max(timeout - 5, 10))
-        after = sql_status(self.db, self.region)
+        after = sql_status(self.sql, self.region)
         old_role = None
         if old is not None:
             old_m = old.member()

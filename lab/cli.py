@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="with --database patroni: a Patroni cluster per region (standby clusters), or "
                                 "ONE cluster whose members are the regions (Patroni's own switchover)")
             if name == "up":
+                p.add_argument("--patroni-members", type=int, choices=[1, 2, 3], default=1,
+                               help="with --database patroni (per-region): members in each region's cluster (Patroni "
+                                    "clones them from the leader; the inventory's SQL follows whichever leads)")
                 p.add_argument("--encrypt", action="store_true",
                                help="encrypt Temporal payloads (a lab key; a codec server for the UI)")
                 p.add_argument("--alerts", action="store_true",
@@ -84,6 +87,9 @@ def main(args: argparse.Namespace) -> int:
         if args.patroni_layout != "per-region" and args.database != "patroni":
             print("opsflow lab up: --patroni-layout is for --database patroni", file=sys.stderr)
             return 2
+        if args.patroni_members != 1 and (args.database != "patroni" or args.patroni_layout != "per-region"):
+            print("opsflow lab up: --patroni-members is for --database patroni (per-region layout)", file=sys.stderr)
+            return 2
         if args.database != "cloud" and (args.cloud != "azure" or args.virtual_endpoint):
             print(f"opsflow lab up: --database {args.database} runs with the Azure lab's traffic (not with --cloud aws "
                   "or --virtual-endpoint)", file=sys.stderr)
@@ -93,7 +99,8 @@ def main(args: argparse.Namespace) -> int:
         manage.up(root, with_worker=not args.no_worker, quiet=args.json, cloud=args.cloud, faults=args.faults,
                   encrypt=args.encrypt, rollout=args.rollout, virtual_endpoint=args.virtual_endpoint,
                   router=args.router, alerts=args.alerts, database=args.database,
-                  patroni_layout=args.patroni_layout, workload=args.workload)
+                  patroni_layout=args.patroni_layout, workload=args.workload,
+                  patroni_members=args.patroni_members)
         s = manage.status(root)
         if args.json:
             print(json.dumps(s, indent=2))

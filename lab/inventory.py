@@ -156,8 +156,10 @@ def patroni_database(state: dict, region: str) -> dict:
         others = [o["rest_api"] for n, o in state["patroni"]["regions"].items() if n != region]
         return {"provider": "patroni", "layout": "stretched", "member": r["member"], "scope": r["scope"],
                 "dsn": r["dsn"], "rest_api": [r["rest_api"], *others]}
-    return {"provider": "patroni", "dsn": r["dsn"], "rest_api": [r["rest_api"]], "scope": r["scope"],
-            "replication_address": f"127.0.0.1:{r['port']}"}
+    members = r.get("members") or []  # more than one: SQL goes to whichever member leads (sql_target leader)
+    return {"provider": "patroni", "dsn": r["dsn"], "rest_api": [r["rest_api"], *(m["rest_api"] for m in members)],
+            "scope": r["scope"], "replication_address": f"127.0.0.1:{r['port']}"} | (
+        {"sql_target": "leader"} if members else {})
 
 
 def self_managed_database(state: dict, region: str) -> dict:

@@ -71,7 +71,7 @@ def temporal_binary() -> str:
 def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "azure", default_ports: bool = True,
        faults: float = 0.0, encrypt: bool = False, rollout: bool = False, virtual_endpoint: bool = False,
        router: str = "httproute", alerts: bool = False, database: str = "cloud",
-       patroni_layout: str = "per-region", workload: str = "kubernetes") -> dict:
+       patroni_layout: str = "per-region", workload: str = "kubernetes", patroni_members: int = 1) -> dict:
     """Start the lab in `root`. default_ports: take Temporal's usual 7233/8233 when free (a person's lab);
     tests and benchmarks take any free ports so they never meet another lab's leftovers. faults: the fraction of
     cloud API requests (ARM, Kubernetes, AWS) the emulators answer with 429/503/a dropped connection (lab.faults).
@@ -80,7 +80,8 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
     database="self-managed": the inventory names the databases as self-managed PostgreSQL (provider postgres) with
     host access (switchover failovers without a rebuild); the ARM emulator still serves Traffic Manager.
     database="patroni": Patroni clusters on etcd instead of plain PostgreSQL (lab/patroni.py), provider "patroni";
-    patroni_layout="stretched": one Patroni cluster whose members are the regions (a cluster per region else)."""
+    patroni_layout="stretched": one Patroni cluster whose members are the regions (a cluster per region else);
+    patroni_members (per-region): members in each region's cluster (the inventory's SQL then follows the leader)."""
     say: Say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     lab = Lab(root)
     if lab.state.get("ready") and lab.alive("temporal"):
@@ -99,6 +100,7 @@ def up(root: Path, with_worker: bool = True, quiet: bool = False, cloud: str = "
         lab.state["with_alerts"] = alerts
         lab.state["database"] = database  # what follows from it: lab/inventory.py lab_database
         lab.state["patroni_layout"] = patroni_layout if database == "patroni" else None
+        lab.state["patroni_members"] = patroni_members if database == "patroni" else None
         _up(lab, root, with_worker, say, cloud, default_ports, encrypt)
     except BaseException:
         say("lab up failed; removing what was started")
@@ -370,7 +372,7 @@ def down(root: Path, quiet: bool = False, keep_dir: bool = False) -> None:
             if not quiet:
                 print(f"lab: dropping {d.get('name')}: {e}", file=sys.stderr)
     drop_restored_clusters(root)
-    for d in lab.state.get("postgres", {}).values():
+    for d in [*lab.state.get("postgres", {}).values(), *(c.to_dict() for c in patroni.member_clusters(lab.state))]:
         try:
             Cluster.from_dict(d).stop(mode="immediate")
         except Exception as e:  # a cluster already gone is fine; anything else is reported, and we go on

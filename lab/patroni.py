@@ -134,8 +134,8 @@ def start_etcd(lab: Lab, root: Path) -> str:
 
 
 def _config(region: str, root: Path, etcd: str, rest_port: int, pg_port: int, standby_of: int | None,
-            cluster: str | None = None) -> dict:
-    base = _owned_dir(root / "patroni" / region)
+            cluster: str | None = None, number: int = 1) -> dict:
+    base = _owned_dir(root / "patroni" / (region if number == 1 else f"{region}-{number}"))
     dcs: dict = {**DCS, "postgresql": {"use_pg_rewind": True, "use_slots": False,
                                        "parameters": PARAMETERS | archiving(root / "wal-archive")}}
     if standby_of is not None:
@@ -143,7 +143,7 @@ def _config(region: str, root: Path, etcd: str, rest_port: int, pg_port: int, st
     return {
         "scope": cluster or scope(region),
         "namespace": "/opsflow-lab/",
-        "name": f"{region}-1",
+        "name": f"{region}-{number}",
         "restapi": {"listen": f"127.0.0.1:{rest_port}", "connect_address": f"127.0.0.1:{rest_port}"},
         "etcd3": {"hosts": [etcd]},
         "bootstrap": {"dcs": dcs, "initdb": [{"encoding": "UTF8"}, {"locale": "C"}, "data-checksums"]},
@@ -185,19 +185,42 @@ def start(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
                 lambda rest, port: _get(f"{rest}/patroni")[1].get("role") == "standby_leader" and _streams(port)
         clusters[region], state["regions"][region] = _start_member(lab, root, region, cfg, what, ready)
         state["regions"][region]["scope"] = scope(region)
+        lab.state["patroni"] = state
+        lab.save()
+        state["regions"][region]["members"] = [
+            _more(lab, root, region, etcd, n, None if region == PRIMARY else primary_port)
+            for n in range(2, int(lab.state.get("patroni_members") or 1) + 1)]
     lab.state["patroni"] = state
     lab.save()
     return clusters
 
 
+def _more(lab: Lab, root: Path, region: str, etcd: str, number: int, standby_of: int | None) -> dict:
+    """Another member of a region's cluster (`--patroni-members N`): Patroni clones it from the cluster's leader
+    (in a standby cluster: from the standby leader, a cascade) and it streams from it. Returns what the lab keeps
+    of it (its PostgreSQL's cluster dict among them, for the teardown)."""
+    cfg = _config(region, root, etcd, pick_port(), pick_port(), standby_of, number=number)
+    cluster, kept = _start_member(lab, root, region, cfg, f"member {region}-{number} streaming",
+                                  lambda rest, port: _get(f"{rest}/patroni")[1].get("role") in ("replica", "standby")
+                                  and _streams(port), number)
+    return {**kept, "name": f"{region}-{number}", "cluster": cluster.to_dict()}
+
+
+def member_clusters(state: dict) -> list[Cluster]:
+    """The PostgreSQL of every member beyond a region's first (its first is in state["postgres"])."""
+    regions = (state.get("patroni") or {}).get("regions") or {}
+    return [Cluster.from_dict(m["cluster"]) for r in regions.values() for m in r.get("members") or []]
+
+
 def _start_member(lab: Lab, root: Path, region: str, cfg: dict, what: str,
-                  ready: Callable[[str, int], bool]) -> tuple[Cluster, dict]:
+                  ready: Callable[[str, int], bool], number: int = 1) -> tuple[Cluster, dict]:
     """Write a member's configuration, start its Patroni and wait until `ready(rest_api, pg_port)`. Returns its
     cluster and what lab.state["patroni"]["regions"] keeps of it."""
-    path = root / "patroni" / f"{region}.yml"
+    suffix = "" if number == 1 else f"-{number}"
+    path = root / "patroni" / f"{region}{suffix}.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     os.chmod(path, 0o644)
-    name = f"patroni-{region}"
+    name = f"patroni-{region}{suffix}"
     lab.spawn(name, _as_server_user([PATRONI, str(path)]))
     rest, port = f"http://{cfg['restapi']['listen']}", int(cfg["postgresql"]["listen"].rsplit(":", 1)[1])
     _wait(what, lambda: ready(rest, port), lab, name)
@@ -243,21 +266,25 @@ def _streams(port: int) -> bool:
 
 
 def kill(lab: Lab, region: str) -> None:
-    """The region dies: its Patroni (SIGKILL) and its PostgreSQL (SIGKILL, in a session of its own)."""
-    info = lab.state["processes"].pop(f"patroni-{region}")
-    lab.save()
-    try:
-        os.killpg(info["pid"], signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    stop_pid(info["pid"], timeout=5)  # reaps it
-    Cluster.from_dict(lab.state["postgres"][region]).kill()
+    """The region dies: its Patroni (SIGKILL) and its PostgreSQL (SIGKILL, in a session of its own), every member."""
+    members = (lab.state["patroni"]["regions"][region].get("members") or [])
+    for name in [f"patroni-{region}", *(f"patroni-{m['name']}" for m in members)]:
+        info = lab.state["processes"].pop(name)
+        lab.save()
+        try:
+            os.killpg(info["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        stop_pid(info["pid"], timeout=5)  # reaps it
+    for cluster in [Cluster.from_dict(lab.state["postgres"][region]), *(Cluster.from_dict(m["cluster"])
+                                                                        for m in members)]:
+        cluster.kill()
 
 
 def restart(lab: Lab, region: str) -> None:
     """The region comes back: its Patroni started again on the same configuration; returns once its REST API
     answers (what Patroni then does with PostgreSQL is its own decision)."""
     r = lab.state["patroni"]["regions"][region]
-    name = f"patroni-{region}"
-    lab.spawn(name, _as_server_user([PATRONI, r["config"]]))
-    _wait("answering on its REST API", lambda: _get(f"{r['rest_api']}/patroni")[0] != 0, lab, name)
+    for name, m in [(f"patroni-{region}", r), *((f"patroni-{m['name']}", m) for m in r.get("members") or [])]:
+        lab.spawn(name, _as_server_user([PATRONI, m["config"]]))
+        _wait("answering on its REST API", lambda m=m: _get(f"{m['rest_api']}/patroni")[0] != 0, lab, name)

@@ -180,7 +180,7 @@ class PatroniDatabase(_SqlAccess, LateFields):
       `member`; a planned failover is Patroni's own switchover (POST /switchover leader -> candidate), an emergency
       its failover (POST /failover to the candidate)."""
 
-    late_fields = frozenset({"layout", "member"})  # added after inventories had digests
+    late_fields = frozenset({"layout", "member", "sql_target"})  # added after inventories had digests
     provider: Literal["patroni"]
     rest_api: list[str] = Field(
         min_length=1, description="the members' REST API base URLs (http(s)://host:8008); the first that answers"
@@ -200,6 +200,13 @@ class PatroniDatabase(_SqlAccess, LateFields):
         default=None, min_length=1,
         description="layout stretched: the name of this region's Patroni member (its `name` in patroni.yml)",
     )
+    sql_target: Literal["dsn", "leader"] = Field(
+        default="dsn",
+        description="dsn: SQL goes to the dsn as it is (a proxy or DNS name that follows the region's leader, e.g. "
+        "HAProxy checking GET /leader); leader: to the host and port of the member Patroni says leads (GET "
+        "/cluster), with the dsn's user, database and password (a region of several members and no such proxy); "
+        "layout per-region only",
+    )
     scope: str | None = Field(default=None, description="the Patroni cluster's name, checked against its REST API")
     rest_username: str | None = None
     rest_password: SecretRef | None = None  # Patroni's restapi.authentication, for PATCH /config
@@ -209,6 +216,8 @@ class PatroniDatabase(_SqlAccess, LateFields):
     def _layout_needs(self) -> "PatroniDatabase":
         if self.layout == "per-region" and not self.replication_address:
             raise ValueError("layout per-region needs replication_address (host:port another region streams from)")
+        if self.layout == "stretched" and self.sql_target != "dsn":
+            raise ValueError("sql_target leader is for layout per-region (a stretched region's SQL goes to its member)")
         if self.layout == "stretched" and not self.member:
             raise ValueError("layout stretched needs member: the name of this region's Patroni member")
         if self.layout == "stretched" and not self.scope:

@@ -146,6 +146,9 @@ def patroni(layout: str = "stretched", **extra) -> dict:
          "regions eastus are members of a stretched Patroni cluster, westeurope not"),
         (patroni("per-region"), patroni("per-region", replication_address="db-w:5432"),
          "layout per-region needs replication_address"),
+        (patroni(member="e1", sql_target="leader"), patroni(member="w1"), "sql_target leader is for layout per-region"),
+        (patroni("per-region", replication_address="db:5432", sql_target="primary"),
+         patroni("per-region", replication_address="db-w:5432"), "sql_target"),
     ],
 )
 def test_patroni_layouts_are_checked_at_load(tmp_path, east, west, message):
@@ -168,3 +171,4 @@ def test_a_stretched_patroni_inventory_loads_and_per_region_keeps_its_form():
     data["regions"]["eastus"]["database"] = data["regions"]["westeurope"]["database"] = per_region
     dumped = Inventory.model_validate(data).model_dump(mode="json")["regions"]["eastus"]["database"]
     assert "layout" not in dumped and "member" not in dumped  # late fields: an older inventory's digest stays
+    assert "sql_target" not in dumped
