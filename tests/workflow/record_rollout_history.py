@@ -1,7 +1,7 @@
 """Record the rollout procedures' histories for the replay test (tests/workflow/test_replay.py).
 
     python -m tests.workflow.record_rollout_history canary|bluegreen \
-        [healthy|worker-rules|held-checked|nginx-fresh|first-look|host]
+        [healthy|worker-rules|held-checked|nginx-fresh|first-look|host|workers-checked]
 
 As record_history.py: a recorded history is never re-recorded (the recorder refuses to overwrite)."""
 
@@ -48,8 +48,10 @@ async def record(name: str, variant: str = "healthy") -> None:
     (issue 21): as worker-rules, limits that count the canary's requests (`analysis.requests`): the canary waits
     to be scraped (`scraped`), each bake looks every step in its first interval, a look with too few requests is
     no verdict (patches first-look-sooner, limit-min-requests); `host` (issue 21): as nginx-fresh, the app a host
-    workload, its activities and the router's on the NGINX host's queue."""
-    new_shape = variant in ("worker-rules", "held-checked", "nginx-fresh", "first-look", "host")
+    workload, its activities and the router's on the NGINX host's queue; `workers-checked` (stop 29): as host (a
+    blue-green: as worker-rules), the preflight first checks a worker serves each queue the rollout uses, the NGINX
+    host's among them (the kernel's check-workers patch)."""
+    new_shape = variant in ("worker-rules", "held-checked", "nginx-fresh", "first-look", "host", "workers-checked")
     out = HISTORIES / f"{name}_{variant}.json"
     if out.exists():
         raise SystemExit(f"{out} exists: recorded histories are never re-recorded; record a new one under a new name")
@@ -67,7 +69,7 @@ async def record(name: str, variant: str = "healthy") -> None:
             inv = make_inventory(apps=app_with(NGINX), analysis=FRESH)
         if variant == "first-look":
             inv = counted_inventory(checks=CHECKS)
-        if variant == "host":
+        if variant == "host" or variant == "workers-checked" and name == "canary":  # blue-green: not on hosts
             web = {**app_with({**NGINX, "queue": "opsflow-replay-lb"})["web"], "workload": HOST}
             inv = make_inventory(apps={"web": web}, analysis=FRESH)
         if new_shape:  # runs under its environment's lock: opsflow-replay
