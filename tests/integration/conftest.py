@@ -81,6 +81,9 @@ def take_down(root: Path) -> None:
 
     from lab.manage import down
 
+    keep = os.environ.get("OPSFLOW_TEST_KEEP_LOGS")  # a directory: each lab's logs copied there before it goes
+    if keep and (root / "logs").is_dir():
+        shutil.copytree(root / "logs", Path(keep) / root.parent.name, dirs_exist_ok=True)
     down(root, quiet=True)
     shutil.rmtree(root.parent, ignore_errors=True)
 
