@@ -182,13 +182,7 @@ def self_managed_drill(state: dict, root: Path) -> dict:
         "host": {"run": run, "base_backups": str(root / "drill" / "base-backups"),
                  "wal_archive": str(root / "wal-archive"), "scratch_dir": str(root / "drill" / "scratch"),
                  "bin_dir": str(Path(pg_bin("pg_ctl")).parent), "command_timeout": "60s"},
-        "row_counts": [{"table": "lab_orders", "timestamp_column": "created_at"}],
-        "checks": [{"name": "no negative totals",
-                    "query": "SELECT NOT EXISTS (SELECT 1 FROM lab_orders WHERE total < 0)"}],
-        "schema_objects": ["public.lab_orders", "public.lab_orders_pkey"],
-        "retention": "7d",
-        "restore_timeout": "10m",
-        "heartbeat_timeout": "30s",
+        **LAB_DRILL_CHECKS,
     }
 
 
