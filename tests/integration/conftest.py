@@ -23,6 +23,11 @@ from tests.helpers import eventually
 from tests.integration import forked
 
 ROOT = Path(__file__).resolve().parents[2]
+# The Patroni labs' modules: Debian's patroni and etcd-server, which scripts/setup.sh installs.
+NEEDS_PATRONI = pytest.mark.skipif(
+    not (os.path.exists("/usr/bin/patroni") and os.path.exists("/usr/bin/etcd")),
+    reason="Debian's patroni and etcd-server are not installed (scripts/setup.sh installs them)",
+)
 # Worker flags for tests that SIGKILL workers: a killed worker costs each procedure the sticky timeout at its next
 # step (10 s by default), 1 s with these.
 FAST_RESTART = ("--sticky-timeout", "1")

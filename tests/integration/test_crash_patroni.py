@@ -18,7 +18,7 @@ from temporalio.service import RPCError
 from opsflow.contracts.db import DB_PROMOTE
 from opsflow.temporal import DATA_CONVERTER
 from tests.helpers import eventually_async
-from tests.integration.conftest import explain, fast_recovery, module_lab, wait_for
+from tests.integration.conftest import NEEDS_PATRONI, explain, fast_recovery, module_lab, wait_for
 from tests.integration.crash_kit import Workers, run_killing_at_every_boundary
 from tests.integration.test_crash_boundaries import setup_data
 from tests.integration.test_failover_lab import sql, streams_from, timeline
@@ -26,8 +26,7 @@ from tests.integration.test_failover_lab import sql, streams_from, timeline
 pytestmark = [
     pytest.mark.lab,
     pytest.mark.crash,
-    pytest.mark.skipif(not (os.path.exists("/usr/bin/patroni") and os.path.exists("/usr/bin/etcd")),
-                       reason="Debian's patroni and etcd-server are not installed (scripts/setup.sh installs them)"),
+    NEEDS_PATRONI,
 ]
 
 

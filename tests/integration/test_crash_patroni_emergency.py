@@ -7,13 +7,11 @@ tests/integration/crash_kit.py's."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from lab import patroni
 from opsflow.contracts.db import DB_PROMOTE
-from tests.integration.conftest import explain, fast_recovery, module_lab, wait_for
+from tests.integration.conftest import NEEDS_PATRONI, explain, fast_recovery, module_lab, wait_for
 from tests.integration.crash_kit import Workers, run_killing_at_every_boundary
 from tests.integration.test_failover_lab import sql, timeline
 from tests.integration.test_patroni_lab import leader_role, processes
@@ -21,8 +19,7 @@ from tests.integration.test_patroni_lab import leader_role, processes
 pytestmark = [
     pytest.mark.lab,
     pytest.mark.crash,
-    pytest.mark.skipif(not (os.path.exists("/usr/bin/patroni") and os.path.exists("/usr/bin/etcd")),
-                       reason="Debian's patroni and etcd-server are not installed (scripts/setup.sh installs them)"),
+    NEEDS_PATRONI,
 ]
 
 

@@ -6,7 +6,6 @@ the module: each test leaves eastus the primary."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,7 @@ import psycopg
 import pytest
 from temporalio.exceptions import ApplicationError
 
-from tests.integration.conftest import explain, module_lab, printed_report, wait_for
+from tests.integration.conftest import NEEDS_PATRONI, explain, module_lab, printed_report, wait_for
 from tests.integration.test_failover_lab import (
     approve,
     fail_back_by_switchover,
@@ -25,10 +24,7 @@ from tests.integration.test_failover_lab import (
     wait_end,
 )
 
-pytestmark = pytest.mark.skipif(
-    not (os.path.exists("/usr/bin/patroni") and os.path.exists("/usr/bin/etcd")),
-    reason="Debian's patroni and etcd-server are not installed (scripts/setup.sh installs them)",
-)
+pytestmark = NEEDS_PATRONI
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,15 @@ rebuild, every row kept."""
 
 from __future__ import annotations
 
-import os
-
 import httpx
 import pytest
 
-from tests.integration.conftest import explain, module_lab, wait_for
+from tests.integration.conftest import NEEDS_PATRONI, explain, module_lab, wait_for
 from tests.integration.test_failover_lab import approve, sql, wait_end
 
 pytestmark = [
     pytest.mark.lab,
-    pytest.mark.skipif(not (os.path.exists("/usr/bin/patroni") and os.path.exists("/usr/bin/etcd")),
-                       reason="Debian's patroni and etcd-server are not installed (scripts/setup.sh installs them)"),
+    NEEDS_PATRONI,
 ]
 
 

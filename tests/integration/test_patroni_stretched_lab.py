@@ -12,7 +12,7 @@ import httpx
 import pytest
 from temporalio.exceptions import ApplicationError
 
-from tests.integration.conftest import explain, module_lab, printed_report, wait_for
+from tests.integration.conftest import NEEDS_PATRONI, explain, module_lab, printed_report, wait_for
 from tests.integration.test_failover_lab import (
     approve,
     fail_back_by_switchover,
@@ -23,10 +23,7 @@ from tests.integration.test_failover_lab import (
     wait_end,
 )
 
-pytestmark = pytest.mark.skipif(
-    not (os.path.exists("/usr/bin/patroni") and os.path.exists("/usr/bin/etcd")),
-    reason="Debian's patroni and etcd-server are not installed (scripts/setup.sh installs them)",
-)
+pytestmark = NEEDS_PATRONI
 
 
 @pytest.fixture(scope="module")
