@@ -185,8 +185,6 @@ def start(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
                 lambda rest, port: _get(f"{rest}/patroni")[1].get("role") == "standby_leader" and _streams(port)
         clusters[region], state["regions"][region] = _start_member(lab, root, region, cfg, what, ready)
         state["regions"][region]["scope"] = scope(region)
-        lab.state["patroni"] = state
-        lab.save()
         state["regions"][region]["members"] = [
             _more(lab, root, region, etcd, n, None if region == PRIMARY else primary_port)
             for n in range(2, int(lab.state.get("patroni_members") or 1) + 1)]

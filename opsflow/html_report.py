@@ -154,8 +154,9 @@ def gantt_svg(report: ProcedureReport) -> str:
         y = TOP + i * ROW_H
         kind, colour = step_kind(report, s), OUTCOME_COLOUR.get(s.outcome, "#757575")
         label = s.title if len(s.title) <= 46 else s.title[:45] + "…"
+        shown = shown_detail(s)
         tip = f"{s.title} — {s.outcome}" + (f", {s.seconds:.2f}s" if s.seconds is not None else "") + (
-            f": {shown_detail(s)}" if shown_detail(s) else "")
+            f": {shown}" if shown else "")
         out.append(f'<g class="step kind-{kind} outcome-{e(s.outcome)}" data-step="{e(s.name)}" '
                    f'data-kind="{kind}" data-outcome="{e(s.outcome)}"><title>{e(tip)}</title>')
         out.append(f'<text class="label" x="{x0 - 8}" y="{y + ROW_H / 2 + 4:.1f}" text-anchor="end">'

@@ -21,7 +21,8 @@ def shown_detail(step) -> str:
 def step_line(step) -> str:
     # a dry run's steps did not run: no seconds
     secs = f"{step.seconds:7.2f}s" if step.seconds is not None and step.outcome != "planned" else "        "
-    detail = f"  ({shown_detail(step)})" if shown_detail(step) else ""
+    shown = shown_detail(step)
+    detail = f"  ({shown})" if shown else ""
     return f"  {MARK.get(step.outcome, '?')} {secs}  {step.title}{detail}"
 
 
