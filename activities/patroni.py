@@ -7,10 +7,12 @@ configuration makes its leader a "standby leader" streaming from the other regio
 switchover in two PATCHes, with a proof in between:
 
 1. demote the old cluster: PATCH its /config with `standby_cluster` pointing at the new region's
-   `replication_address`. Patroni shuts the old primary down cleanly (its walsenders send everything, the shutdown
-   checkpoint included, to the new region, which streams from it) and restarts it as a standby leader;
+   `replication_address`. Patroni 3.0 stops the old primary with an IMMEDIATE shutdown (ha.follow: demote
+   "immediate-nolock"), so what it wrote last may not have streamed, and restarts it as a standby leader (its crash
+   recovery replays its own WAL to the end first);
 2. the proof: the new region must have replayed at least as far as the old server got (its replay position after
-   the clean shutdown, read over SQL); else the old cluster is put back and nothing was lost;
+   that restart, read over SQL): the fence and the catch-up before leave little or nothing to miss, and what is
+   missing must still arrive; else the old cluster is put back and nothing was lost;
 3. promote the new cluster: PATCH its /config with `standby_cluster: null`; wait until a probe write commits.
 
 The old primary's last record precedes the new timeline's fork point, so it follows the new timeline without
@@ -36,6 +38,7 @@ from activities.context import heartbeat, sleep_or_cancelled, time_limit
 from activities.postgres.connection import connect, sql_errors, where
 from activities.postgres.server import end_other_sessions, sql_check_writable, sql_status
 from opsflow.models import DbStatus, PromoteResult, RebuildResult, RegionTarget, lsn_to_int
+from opsflow.sections import PatroniStandbySettings
 
 FENCE_PARAMETER = "default_transaction_read_only"
 PATRONI_SESSIONS = ("Patroni",)  # Patroni's own connection (its application_name): a fence leaves it alone
@@ -45,8 +48,22 @@ POLL = 0.2
 LEADER_ROLES = ("leader", "master", "primary", "standby_leader")
 
 
-def _fence_patch(on: bool) -> dict:
-    return {"postgresql": {"parameters": {FENCE_PARAMETER: "on" if on else None}}}
+# Each state of the fence in two spellings that PostgreSQL reads alike, PATCHed in turn (PatroniCluster._fence_to):
+# Patroni 3.0 takes a dynamic-configuration change that arrives while its PostgreSQL (re)starts for applied without
+# writing it to postgresql.conf (Config.reload_config compares parameters only in state "running"), so it never
+# arrives; a demoted old primary restarting as a standby leader is such a moment. Only a new change is applied then.
+FENCE_SPELLINGS = {True: ("on", "true"), False: (None, "off")}
+NUDGE_AFTER = 10.0  # without the fence's change in PostgreSQL this long, it is PATCHed again in its other spelling
+
+
+def _same_source(current: dict | None, want: dict) -> bool:
+    """A standby_cluster section that already follows what `want` names (its host and port, as text: lists too)."""
+    return bool(current) and (str(current.get("host")), str(current.get("port"))) == (str(want["host"]),
+                                                                                      str(want["port"]))
+
+
+def _fence_patch(on: bool, spelling: int = 0) -> dict:
+    return {"postgresql": {"parameters": {FENCE_PARAMETER: FENCE_SPELLINGS[on][spelling]}}}
 
 
 class PatroniCluster:
@@ -177,6 +194,30 @@ class PatroniCluster:
     def standby_source(self) -> dict | None:
         return self.config().get("standby_cluster") or None
 
+    def standby_settings(self) -> PatroniStandbySettings:
+        """What this region's cluster keeps in its standby_cluster whenever it follows another region."""
+        return self.db.standby_cluster or PatroniStandbySettings()
+
+    def check_slot_for(self, follower: "PatroniCluster") -> None:
+        """A follower streaming through a slot (its standby_cluster.primary_slot_name) needs that slot here, on
+        this region's leader; Patroni creates it from the cluster's permanent `slots`. Without it the follower
+        would never stream: refused before anything changes, naming the fix."""
+        slot = follower.standby_settings().primary_slot_name
+        if slot is None:
+            return
+        db = self.sql
+        with connect(db, connect_timeout=5) as conn, sql_errors(db, "patroni"):
+            found = conn.execute("select slot_type from pg_replication_slots where slot_name = %s", (slot,)).fetchone()
+        if found is None or found[0] != "physical":
+            raise ApplicationError(
+                f"{self.region}: no physical replication slot {slot!r} on {where(db)}, which {follower.region}'s "
+                f"standby_cluster.primary_slot_name names: add it to the permanent slots of Patroni cluster "
+                f"{self.db.scope or self.region} (patronictl edit-config: slots: {{{slot}: {{type: physical}}}}), "
+                f"then start again ({follower.region} was not made to follow)",
+                type="PatroniSlotMissing",
+                non_retryable=True,
+            )
+
     # -- waiting ----------------------------------------------------------------------------------------------
 
     def _until(self, what: str, check, timeout: float) -> Any:
@@ -238,11 +279,31 @@ class PatroniCluster:
             return s.model_copy(update={"cloud_state": absent, "cloud_role": None})
         return s.model_copy(update={"cloud_state": member.get("state"), "cloud_role": member.get("role")})
 
+    def _fence_to(self, on: bool, what: str) -> None:
+        """Set (on) or lift the fence in the dynamic configuration and wait until this region's PostgreSQL has it,
+        PATCHing it again in its other spelling every NUDGE_AFTER s without it (FENCE_SPELLINGS: a change Patroni
+        took while PostgreSQL restarted never arrives otherwise). At most SETTLE_TIMEOUT."""
+        started = time.monotonic()
+        for patches in range(1, 1000):
+            spelling = (patches - 1) % 2
+            self.patch_config(_fence_patch(on, spelling))
+            left = SETTLE_TIMEOUT - (time.monotonic() - started)
+            try:
+                self._until(what, lambda: self._read_only_is(on), min(NUDGE_AFTER, max(left, 0.0)))
+                return
+            except ApplicationError as e:
+                if e.non_retryable:
+                    raise
+                if left <= NUDGE_AFTER:
+                    last = e.message.partition(" (")[2]  # the last error of the wait, if any
+                    raise ApplicationError(f"{self.region}: {what}: not after {time.monotonic() - started:.0f}s, "
+                                           f"PATCHed {patches} time(s)" + (f" ({last}" if last else ""),
+                                           type="PatroniTimeout") from None
+            heartbeat({"phase": what, "patched_again": FENCE_SPELLINGS[on][1 - spelling]})
+
     def fence(self) -> None:
         """Read-only through the dynamic configuration (Patroni reloads PostgreSQL), then end the open sessions."""
-        self.patch_config(_fence_patch(True))
-        self._until("the fence (default_transaction_read_only=on) to reach PostgreSQL",
-                    lambda: self._read_only_is(True), SETTLE_TIMEOUT)
+        self._fence_to(True, "the fence (default_transaction_read_only=on) to reach PostgreSQL")
         db = self.sql
         with connect(db) as conn, sql_errors(db, "fence"):
             end_other_sessions(conn, db, keep=PATRONI_SESSIONS)
@@ -250,8 +311,7 @@ class PatroniCluster:
     def unfence(self) -> None:
         """Lift the fence (the parameter removed from the dynamic configuration). On a standby leader (the old
         primary after a switchover) also wait until it streams, so the status that follows says so."""
-        self.patch_config(_fence_patch(False))
-        self._until("the fence's removal to reach PostgreSQL", lambda: self._read_only_is(False), SETTLE_TIMEOUT)
+        self._fence_to(False, "the fence's removal to reach PostgreSQL")
         if self._sql("select pg_is_in_recovery()")[0]:
             try:
                 self._until("streaming from the primary", self._streaming, SETTLE_TIMEOUT / 2)
@@ -357,19 +417,34 @@ class PatroniCluster:
             raise
         return True
 
+    def _replayed_all_of(self, old: "PatroniCluster") -> None:
+        """Before the demotion: this region has replayed what the (fenced) old primary has flushed. Patroni stops it
+        with an immediate shutdown, and a standby leader streaming through a slot cannot fetch what it missed from
+        the old server once that is a standby (it asks for a read-write session): so nothing may be missing now."""
+        flushed = old._sql("select case when not pg_is_in_recovery() then pg_current_wal_flush_lsn()::text end")[0]
+        if flushed is None:
+            return
+
+        def replayed() -> bool:
+            return (lsn_to_int(self._sql("select pg_last_wal_replay_lsn()::text")[0]) or 0) >= lsn_to_int(flushed)
+
+        self._until(f"{self.region} to replay {old.region}'s flushed position {flushed} before its demotion",
+                    replayed, PROOF_TIMEOUT)
+
     def _demote(self, old: "PatroniCluster") -> str:
         """Make `old` a standby cluster of this region and return its last replayed position once this region has
         replayed at least that far (the proof that nothing the old primary wrote is missing here). When the proof
         cannot be made, the old cluster is put back as it was and the promotion fails (retryable)."""
-        host, port = self.db.replication_address.rsplit(":", 1)
-        want = {"host": host, "port": int(port), "create_replica_methods": ["basebackup"]}
+        want = old.standby_settings().of(self.db.replication_address)
         current = old.standby_source()
-        if current is None or (current.get("host"), int(current.get("port") or 0)) != (want["host"], want["port"]):
+        if not _same_source(current, want):
+            self.check_slot_for(old)
+            self._replayed_all_of(old)
             heartbeat({"phase": f"demoting {old.region}"})
             old.patch_config({"standby_cluster": want})
         try:
             old._until(f"{old.region} to run as a standby leader", old._standby_leader_running, SETTLE_TIMEOUT)
-            token = old._until(f"{old.region}'s last position after its clean shutdown",
+            token = old._until(f"{old.region}'s last position after its restart",
                                lambda: old._sql("select case when pg_is_in_recovery() then "
                                                 "pg_last_wal_replay_lsn()::text end")[0],
                                SETTLE_TIMEOUT)
@@ -410,14 +485,14 @@ class PatroniCluster:
                 type="RebuildNotSupported",
                 non_retryable=True,
             )
-        host, port = other.db.replication_address.rsplit(":", 1)
-        want = {"host": host, "port": int(port), "create_replica_methods": ["basebackup"]}
+        want = self.standby_settings().of(other.db.replication_address)
         current = self.standby_source()
-        if current and (current.get("host"), int(current.get("port") or 0)) == (host, int(port)):
+        if _same_source(current, want):
             if self._standby_leader_running() and self._streaming():
                 return RebuildResult(method="already-streaming", seconds=0.0,
                                      detail=f"{self.region} already streams from {primary.region}")
         else:
+            other.check_slot_for(self)
             self.patch_config({"standby_cluster": want})
         limit = time_limit(600.0)
         self._until(f"{self.region} to run as a standby leader", self._standby_leader_running, limit)
@@ -430,8 +505,8 @@ class PatroniCluster:
                 type="RebuildNotSupported",
                 non_retryable=True,
             )
-        if FENCE_PARAMETER in (self.config().get("postgresql", {}).get("parameters") or {}):
-            self.patch_config(_fence_patch(False))  # a fence set by hand or by the emergency would follow it back
+        # a fence set by hand or by the emergency would follow it back when it leads again
+        self._fence_to(False, "the fence's removal to reach PostgreSQL")
         return RebuildResult(
             method="patroni-standby-cluster",
             seconds=round(time.monotonic() - started, 3),
@@ -622,8 +697,8 @@ class PatroniMember(PatroniCluster):
                     raise ApplicationError(f"{self.region}: POST /{action} {body} answered {status} {text}",
                                            type="PatroniError")
             self._until(f"member {me['name']} to lead cluster {self.db.scope}", self._leads, SETTLE_TIMEOUT)
-        if old is not None and FENCE_PARAMETER in (self.config().get("postgresql", {}).get("parameters") or {}):
-            self.patch_config(_fence_patch(False))  # the fence reached every member: the new leader takes writes
+        if old is not None:  # the fence reached every member: lifted, the new leader takes writes
+            self._fence_to(False, "the fence's removal to reach the new leader")
         self._until("the new leader to accept writes", self._writable, max(timeout - 5, 10))
         after = sql_status(self.sql, self.region)
         old_role = None

@@ -149,6 +149,12 @@ def lab_inventory(state: dict, root: Path) -> dict:
     } | ({"drill": self_managed_drill(state, root)} if self_managed or database == "patroni" else {})
 
 
+def replication_address(r: dict) -> str:
+    """What another region's standby cluster streams from: every member of the region's Patroni cluster (lab.state's
+    "patroni" region `r`), in libpq's list form; streaming through a slot, it asks for the read-write one."""
+    return ",".join(f"127.0.0.1:{p}" for p in [r["port"], *(m["port"] for m in r.get("members") or [])])
+
+
 def patroni_database(state: dict, region: str) -> dict:
     """`opsflow lab up --database patroni`: the region's Patroni cluster (lab/patroni.py)."""
     r = state["patroni"]["regions"][region]
@@ -158,8 +164,9 @@ def patroni_database(state: dict, region: str) -> dict:
                 "dsn": r["dsn"], "rest_api": [r["rest_api"], *others]}
     members = r.get("members") or []  # more than one: SQL goes to whichever member leads (sql_target leader)
     return {"provider": "patroni", "dsn": r["dsn"], "rest_api": [r["rest_api"], *(m["rest_api"] for m in members)],
-            "scope": r["scope"], "replication_address": f"127.0.0.1:{r['port']}"} | (
-        {"sql_target": "leader"} if members else {})
+            "scope": r["scope"], "replication_address": replication_address(r)} | (
+        {"sql_target": "leader"} if members else {}) | (
+        {"standby_cluster": r["standby_cluster"]} if r.get("standby_cluster") else {})
 
 
 def self_managed_database(state: dict, region: str) -> dict:

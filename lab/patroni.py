@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shlex
 import signal
 import stat
 import time
@@ -69,6 +70,20 @@ def archiving(archive: Path) -> dict:
     across a failover's new timelines); a segment already there is never overwritten (an old leader must not clobber
     the new one's WAL; the same bytes again are a success), lab/postgres.py's archive_command."""
     return {"archive_mode": "on", "archive_command": archive_command(_owned_dir(archive)), "archive_timeout": 60}
+
+
+def standby_settings(root: Path, region: str) -> dict:
+    """What the region's cluster keeps in its standby_cluster whenever it follows the other region (the inventory's
+    database.standby_cluster): a slot on the other region's leader, which that cluster keeps permanently
+    (permanent_slots()), and the shared WAL archive as a fallback when streaming falls behind."""
+    return {"primary_slot_name": f"opsflow_{region}",
+            "restore_command": f"cp {shlex.quote(str(root / 'wal-archive'))}/%f %p"}
+
+
+def permanent_slots(region: str) -> dict:
+    """The slots the other regions' standby clusters stream through from this region's cluster (standby_settings()):
+    Patroni keeps them on its leader, a standby leader included, so they are there when this region leads."""
+    return {f"opsflow_{other}": {"type": "physical"} for other in REGIONS if other != region}
 
 
 def scope(region: str) -> str:
@@ -133,13 +148,20 @@ def start_etcd(lab: Lab, root: Path) -> str:
     return f"127.0.0.1:{client}"
 
 
-def _config(region: str, root: Path, etcd: str, rest_port: int, pg_port: int, standby_of: int | None,
+def _config(region: str, root: Path, etcd: str, rest_port: int, pg_port: int, standby_of: list[int] | None,
             cluster: str | None = None, number: int = 1) -> dict:
     base = _owned_dir(root / "patroni" / (region if number == 1 else f"{region}-{number}"))
-    dcs: dict = {**DCS, "postgresql": {"use_pg_rewind": True, "use_slots": False,
+    # Patroni's defaults for slots (use_slots), like a production cluster: a standby leader then streams through
+    # its primary_slot_name and asks its source for a read-write session (target_session_attrs)
+    dcs: dict = {**DCS, "postgresql": {"use_pg_rewind": True,
                                        "parameters": PARAMETERS | archiving(root / "wal-archive")}}
+    if cluster is None:  # a cluster per region
+        dcs["slots"] = permanent_slots(region)
     if standby_of is not None:
-        dcs["standby_cluster"] = {"host": "127.0.0.1", "port": standby_of, "create_replica_methods": ["basebackup"]}
+        dcs["standby_cluster"] = {"host": ",".join("127.0.0.1" for _ in standby_of),
+                                  "port": ",".join(map(str, standby_of)) if len(standby_of) > 1 else standby_of[0],
+                                  "create_replica_methods": ["basebackup"],
+                                  **standby_settings(root, region)}
     return {
         "scope": cluster or scope(region),
         "namespace": "/opsflow-lab/",
@@ -173,27 +195,29 @@ def start(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
     etcd = start_etcd(lab, root)
     state: dict = {"etcd": etcd, "regions": {}}
     clusters: dict[str, Cluster] = {}
-    primary_port = None
+    primary_ports: list[int] = []  # every member of the primary cluster, once it runs
     for region in [PRIMARY, *[r for r in REGIONS if r != PRIMARY]]:
         rest_port, pg_port = pick_port(), pick_port()
-        cfg = _config(region, root, etcd, rest_port, pg_port, None if region == PRIMARY else primary_port)
+        cfg = _config(region, root, etcd, rest_port, pg_port, None if region == PRIMARY else primary_ports)
         if region == PRIMARY:
-            primary_port = pg_port
             what, ready = "leader (GET /primary 200)", lambda rest, port: _get(f"{rest}/primary")[0] == 200
         else:
             what, ready = "a streaming standby leader", \
                 lambda rest, port: _get(f"{rest}/patroni")[1].get("role") == "standby_leader" and _streams(port)
         clusters[region], state["regions"][region] = _start_member(lab, root, region, cfg, what, ready)
-        state["regions"][region]["scope"] = scope(region)
+        state["regions"][region].update(scope=scope(region), standby_cluster=standby_settings(root, region))
         state["regions"][region]["members"] = [
-            _more(lab, root, region, etcd, n, None if region == PRIMARY else primary_port)
+            _more(lab, root, region, etcd, n, None if region == PRIMARY else primary_ports)
             for n in range(2, int(lab.state.get("patroni_members") or 1) + 1)]
+        if region == PRIMARY:
+            r = state["regions"][region]
+            primary_ports = [r["port"], *(m["port"] for m in r["members"])]
     lab.state["patroni"] = state
     lab.save()
     return clusters
 
 
-def _more(lab: Lab, root: Path, region: str, etcd: str, number: int, standby_of: int | None) -> dict:
+def _more(lab: Lab, root: Path, region: str, etcd: str, number: int, standby_of: list[int] | None) -> dict:
     """Another member of a region's cluster (`--patroni-members N`): Patroni clones it from the cluster's leader
     (in a standby cluster: from the standby leader, a cascade) and it streams from it. Returns what the lab keeps
     of it (its PostgreSQL's cluster dict among them, for the teardown)."""

@@ -170,6 +170,34 @@ class AzureFlexibleDatabase(_SqlAccess):
     virtual_endpoint: str | None = None
 
 
+class PatroniStandbySettings(Strict):
+    """What this region's cluster keeps in its `standby_cluster` (Patroni's dynamic configuration) whenever it follows
+    another region, beside the host and port opsflow sets: a failover that demotes it writes these again, so the
+    settings it had as a standby cluster (a slot, a restore_command reading the WAL archive) are not lost."""
+
+    primary_slot_name: str | None = Field(
+        default=None, pattern=r"^[a-z0-9_]{1,63}$",
+        description="the physical replication slot on the other region's leader this cluster streams through "
+        "(checked to exist there before the switchover: a permanent slot in that cluster's `slots`)",
+    )
+    restore_command: str | None = Field(
+        default=None, min_length=1, description="WAL from the archive when streaming falls behind (e.g. pgBackRest)"
+    )
+    archive_cleanup_command: str | None = Field(default=None, min_length=1)
+    recovery_min_apply_delay: str | None = Field(default=None, pattern=r"^\d+\s*(ms|s|min|h|d)?$")
+    create_replica_methods: list[str] = Field(
+        default_factory=lambda: ["basebackup"], min_length=1,
+        description="how a member of this standby cluster is copied (keys of its `postgresql` section)",
+    )
+
+    def of(self, address: str) -> dict:
+        """The `standby_cluster` section following `address` (host:port, or several: libpq's lists of hosts and
+        ports) with these settings."""
+        hosts, ports = zip(*(a.rsplit(":", 1) for a in address.split(",")))
+        port: int | str = int(ports[0]) if len(set(ports)) == 1 else ",".join(ports)
+        return {"host": ",".join(hosts), "port": port, **self.model_dump(exclude_none=True)}
+
+
 class PatroniDatabase(_SqlAccess, LateFields):
     """Patroni, driven through its REST API (never around it); LSNs over SQL. Two layouts:
 
@@ -180,16 +208,18 @@ class PatroniDatabase(_SqlAccess, LateFields):
       `member`; a planned failover is Patroni's own switchover (POST /switchover leader -> candidate), an emergency
       its failover (POST /failover to the candidate)."""
 
-    late_fields = frozenset({"layout", "member", "sql_target"})  # added after inventories had digests
+    # added after inventories had digests
+    late_fields = frozenset({"layout", "member", "sql_target", "standby_cluster"})
     provider: Literal["patroni"]
     rest_api: list[str] = Field(
         min_length=1, description="the members' REST API base URLs (http(s)://host:8008); the first that answers"
     )
     replication_address: str | None = Field(
         default=None,
-        pattern=r"^[^\s:]+:\d+$",
+        pattern=r"^[^\s:,]+:\d+(,[^\s:,]+:\d+)*$",
         description="host:port another region's standby cluster streams from (the leader, or an address that "
-        "follows it); layout per-region only, where it is required",
+        "follows it), or the members' host:port,host:port,... (libpq tries them in turn; a standby leader streaming "
+        "through a slot asks for the read-write one, the leader); layout per-region only, where it is required",
     )
     layout: Literal["per-region", "stretched"] = Field(
         default="per-region",
@@ -207,6 +237,11 @@ class PatroniDatabase(_SqlAccess, LateFields):
         "/cluster), with the dsn's user, database and password (a region of several members and no such proxy); "
         "layout per-region only",
     )
+    standby_cluster: PatroniStandbySettings | None = Field(
+        default=None,
+        description="layout per-region: what this region's cluster keeps in its standby_cluster section whenever it "
+        "follows another region (slot, restore_command, ...); none: create_replica_methods [basebackup] alone",
+    )
     scope: str | None = Field(default=None, description="the Patroni cluster's name, checked against its REST API")
     rest_username: str | None = None
     rest_password: SecretRef | None = None  # Patroni's restapi.authentication, for PATCH /config
@@ -218,6 +253,8 @@ class PatroniDatabase(_SqlAccess, LateFields):
             raise ValueError("layout per-region needs replication_address (host:port another region streams from)")
         if self.layout == "stretched" and self.sql_target != "dsn":
             raise ValueError("sql_target leader is for layout per-region (a stretched region's SQL goes to its member)")
+        if self.layout == "stretched" and self.standby_cluster is not None:
+            raise ValueError("standby_cluster is for layout per-region (a stretched region's member is a replica)")
         if self.layout == "stretched" and not self.member:
             raise ValueError("layout stretched needs member: the name of this region's Patroni member")
         if self.layout == "stretched" and not self.scope:

@@ -91,7 +91,13 @@ def test_switchover_failover_and_failback_through_patroni(patroni_lab):
     # Patroni's own state says what happened: westeurope leads, eastus is a standby cluster following it.
     assert (leader_role(lab, "westeurope"), leader_role(lab, "eastus")) == ("leader", "standby_leader")
     west_port = lab.state["patroni"]["regions"]["westeurope"]["port"]
-    assert rest(lab, "eastus", "/config")["standby_cluster"]["port"] == west_port
+    demoted = rest(lab, "eastus", "/config")["standby_cluster"]
+    assert demoted["port"] == west_port
+    # eastus follows with the settings the inventory gives it as a standby cluster: its slot on westeurope (there
+    # because westeurope's cluster keeps it permanently) and the shared WAL archive
+    assert demoted["primary_slot_name"] == "opsflow_eastus" and "wal-archive" in demoted["restore_command"]
+    wait_for(lambda: sql(west, "SELECT active FROM pg_replication_slots WHERE slot_name = 'opsflow_eastus'")
+             == [(True,)], 30, what="eastus streaming through its slot on westeurope")
     assert "standby_cluster" not in rest(lab, "westeurope", "/config")
     # The fence was a dynamic-configuration parameter of eastus' cluster: lifted again, nothing left behind.
     assert "default_transaction_read_only" not in rest(lab, "eastus", "/config")["postgresql"]["parameters"]
@@ -131,6 +137,14 @@ def test_provider_reads_patroni_and_refuses_another_cluster(patroni_lab):
     with pytest.raises(ApplicationError) as err:
         db_promote(PromoteRequest(target=wrong, demote=RegionTarget.of(inv, "eastus")))
     assert err.value.type == "PatroniScopeMismatch" and err.value.non_retryable
+    # eastus would follow through a slot westeurope does not keep: refused, naming the slot and the fix
+    settings = east.database.standby_cluster.model_copy(update={"primary_slot_name": "opsflow_missing"})
+    slotless = east.model_copy(update={"database": east.database.model_copy(update={"standby_cluster": settings})})
+    with pytest.raises(ApplicationError) as err:
+        db_promote(PromoteRequest(target=west, demote=slotless))
+    assert err.value.type == "PatroniSlotMissing" and err.value.non_retryable
+    assert "'opsflow_missing'" in err.value.message and "slots" in err.value.message
+    assert "standby_cluster" not in rest(patroni_lab, "eastus", "/config")
     assert leader_role(patroni_lab, "westeurope") == "standby_leader"  # nothing was changed
     assert leader_role(patroni_lab, "eastus") == "leader"
 
@@ -280,6 +294,54 @@ def drill_as_of_the_newest_archived_commit(lab) -> None:
     assert sql(east, "SELECT count(*) FROM lab_orders")[0][0] == archived + 30
     assert all(c["ok"] for c in report["checks"]) and report["scratch_deleted"] is True
     assert list(scratch.iterdir()) == [] and not processes_under(scratch)  # the scratch server stopped, removed
+
+
+def test_a_fence_removal_patroni_took_while_postgres_was_down_is_patched_again(patroni_lab):
+    """Patroni 3.0 takes a change of the dynamic configuration that arrives while its PostgreSQL does not run for
+    applied, without writing it to postgresql.conf: under load, the unfence of a demoted old primary restarting as a
+    standby leader met that, and the cluster stayed read-only into the failback. Made on purpose here, on the primary
+    (a standby's recovery settings would make Patroni rewrite postgresql.conf at times): Patroni paused, eastus'
+    PostgreSQL stopped, its fence lifted in the configuration, PostgreSQL started again by hand on its old
+    postgresql.conf. The provider's unfence finds the fence still there and PATCHes it again (spelled "off")."""
+    import json
+
+    from activities.patroni import FENCE_PARAMETER, PatroniCluster, _fence_patch
+    from lab.postgres import Cluster
+    from opsflow.inventory import load_inventory
+    from opsflow.models import RegionTarget
+
+    lab = patroni_lab
+    E = PatroniCluster(RegionTarget.of(load_inventory(lab.inventory), "eastus"))
+    east, pg = lab.dsn("eastus"), Cluster.from_dict(lab.state["postgres"]["eastus"])
+    pg.logfile = pg.datadir.parent / "started-by-hand.log"  # a file of the server's OS user (Patroni's is root's)
+    cache = pg.datadir / "patroni.dynamic.json"
+
+    def taken() -> bool:  # what Patroni has taken of the dynamic configuration (its cache, written every loop)
+        return FENCE_PARAMETER not in json.loads(cache.read_text())["postgresql"]["parameters"]
+
+    E.fence()
+    E.patch_config({"pause": True})  # Patroni leaves PostgreSQL alone (stopped, started by hand)
+    try:
+        wait_for(lambda: rest(lab, "eastus", "/patroni").get("pause") is True, 15, what="Patroni paused")
+        pg.stop("fast")
+        wait_for(lambda: rest(lab, "eastus", "/patroni")["state"] != "running", 15, what="seen stopped")
+        E.patch_config(_fence_patch(False))
+        wait_for(taken, 15, what="the removal taken by Patroni while PostgreSQL is down")
+        pg.start()
+        wait_for(lambda: rest(lab, "eastus", "/patroni")["state"] == "running", 30, what="seen running")
+        # the lost change: nothing in the configuration, yet PostgreSQL is read-only
+        assert FENCE_PARAMETER not in rest(lab, "eastus", "/config")["postgresql"]["parameters"]
+        assert sql(east, "SHOW default_transaction_read_only") == [("on",)]
+        E.unfence()
+        assert sql(east, "SHOW default_transaction_read_only") == [("off",)]
+    finally:
+        E.patch_config({"pause": None})
+    assert rest(lab, "eastus", "/config")["postgresql"]["parameters"][FENCE_PARAMETER] == "off"  # PATCHed again
+    E.patch_config(_fence_patch(False))  # the default again, as the module found it
+    wait_for(lambda: FENCE_PARAMETER not in rest(lab, "eastus", "/config")["postgresql"]["parameters"], 15,
+             what="the configuration as the module found it")
+    wait_for(lambda: answers_and(streams_from, lab.dsn("westeurope"), east), 30, what="westeurope streaming again")
+    assert (leader_role(lab, "eastus"), leader_role(lab, "westeurope")) == ("leader", "standby_leader")
 
 
 def test_rebuild_is_idempotent_and_refuses_a_cluster_promoted_on_its_own(patroni_lab):

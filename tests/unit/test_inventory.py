@@ -149,6 +149,14 @@ def patroni(layout: str = "stretched", **extra) -> dict:
         (patroni(member="e1", sql_target="leader"), patroni(member="w1"), "sql_target leader is for layout per-region"),
         (patroni("per-region", replication_address="db:5432", sql_target="primary"),
          patroni("per-region", replication_address="db-w:5432"), "sql_target"),
+        (patroni(member="e1", standby_cluster={"restore_command": "x"}), patroni(member="w1"),
+         "standby_cluster is for layout per-region"),
+        (patroni("per-region", replication_address="db:5432", standby_cluster={"primary_slot_name": "East-1"}),
+         patroni("per-region", replication_address="db-w:5432"), "standby_cluster.primary_slot_name"),
+        (patroni("per-region", replication_address="db:5432,"), patroni("per-region", replication_address="w:1"),
+         "replication_address"),
+        (patroni("per-region", replication_address="db:5432", standby_cluster={"recovery_min_apply_delay": "soon"}),
+         patroni("per-region", replication_address="db-w:5432"), "standby_cluster.recovery_min_apply_delay"),
     ],
 )
 def test_patroni_layouts_are_checked_at_load(tmp_path, east, west, message):
@@ -171,4 +179,26 @@ def test_a_stretched_patroni_inventory_loads_and_per_region_keeps_its_form():
     data["regions"]["eastus"]["database"] = data["regions"]["westeurope"]["database"] = per_region
     dumped = Inventory.model_validate(data).model_dump(mode="json")["regions"]["eastus"]["database"]
     assert "layout" not in dumped and "member" not in dumped  # late fields: an older inventory's digest stays
-    assert "sql_target" not in dumped
+    assert "sql_target" not in dumped and "standby_cluster" not in dumped
+
+
+def test_a_region_s_standby_settings_are_what_it_follows_with():
+    """database.standby_cluster: what the region's cluster keeps in its standby_cluster section whenever it follows
+    (the host and port are the other region's replication_address); unset: basebackup alone, as before."""
+    from opsflow.sections import PatroniDatabase
+
+    plain = PatroniDatabase.model_validate(patroni("per-region", replication_address="db:5432"))
+    assert plain.standby_cluster is None
+    kept = PatroniDatabase.model_validate(patroni(
+        "per-region", replication_address="db:5432",
+        standby_cluster={"primary_slot_name": "dr_eastus", "restore_command": "pgbackrest --stanza=shop archive-get "
+                         "%f %p", "recovery_min_apply_delay": "5min"}))
+    assert kept.standby_cluster.of("db-w.internal:6432") == {
+        "host": "db-w.internal", "port": 6432, "primary_slot_name": "dr_eastus",
+        "restore_command": "pgbackrest --stanza=shop archive-get %f %p", "recovery_min_apply_delay": "5min",
+        "create_replica_methods": ["basebackup"]}
+    # the members of a region listed (libpq tries them in turn): one port, or one per host
+    assert plain.standby_cluster is None and PatroniDatabase.model_validate(patroni(
+        "per-region", replication_address="pg-e1:5432,pg-e2:5432")).replication_address == "pg-e1:5432,pg-e2:5432"
+    listed = [kept.standby_cluster.of(a) for a in ("pg-e1:5432,pg-e2:5432", "h:5432,h:5433")]
+    assert [(s["host"], s["port"]) for s in listed] == [("pg-e1,pg-e2", 5432), ("h,h", "5432,5433")]
