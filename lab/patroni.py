@@ -36,9 +36,10 @@ from typing import Callable
 import psycopg
 import yaml
 
-from lab.inventory import PRIMARY, REGIONS
+from lab.inventory import PRIMARY, REGIONS, replication_address
 from lab.postgres import DEFAULT_BINDIR, Cluster, archive_command
 from lab.processes import Lab, pick_port, stop_pid
+from opsflow.sections import PatroniStandbySettings
 
 PATRONI = "/usr/bin/patroni"
 ETCD = "/usr/bin/etcd"
@@ -148,7 +149,7 @@ def start_etcd(lab: Lab, root: Path) -> str:
     return f"127.0.0.1:{client}"
 
 
-def _config(region: str, root: Path, etcd: str, rest_port: int, pg_port: int, standby_of: list[int] | None,
+def _config(region: str, root: Path, etcd: str, rest_port: int, pg_port: int, standby_of: str | None,
             cluster: str | None = None, number: int = 1) -> dict:
     base = _owned_dir(root / "patroni" / (region if number == 1 else f"{region}-{number}"))
     # Patroni's defaults for slots (use_slots), like a production cluster: a standby leader then streams through
@@ -158,10 +159,8 @@ def _config(region: str, root: Path, etcd: str, rest_port: int, pg_port: int, st
     if cluster is None:  # a cluster per region
         dcs["slots"] = permanent_slots(region)
     if standby_of is not None:
-        dcs["standby_cluster"] = {"host": ",".join("127.0.0.1" for _ in standby_of),
-                                  "port": ",".join(map(str, standby_of)) if len(standby_of) > 1 else standby_of[0],
-                                  "create_replica_methods": ["basebackup"],
-                                  **standby_settings(root, region)}
+        # what opsflow writes when it demotes a cluster (activities/patroni.py), from the start
+        dcs["standby_cluster"] = PatroniStandbySettings(**standby_settings(root, region)).of(standby_of)
     return {
         "scope": cluster or scope(region),
         "namespace": "/opsflow-lab/",
@@ -195,10 +194,10 @@ def start(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
     etcd = start_etcd(lab, root)
     state: dict = {"etcd": etcd, "regions": {}}
     clusters: dict[str, Cluster] = {}
-    primary_ports: list[int] = []  # every member of the primary cluster, once it runs
+    primary = ""  # the primary cluster's replication address (every member), once it runs
     for region in [PRIMARY, *[r for r in REGIONS if r != PRIMARY]]:
         rest_port, pg_port = pick_port(), pick_port()
-        cfg = _config(region, root, etcd, rest_port, pg_port, None if region == PRIMARY else primary_ports)
+        cfg = _config(region, root, etcd, rest_port, pg_port, None if region == PRIMARY else primary)
         if region == PRIMARY:
             what, ready = "leader (GET /primary 200)", lambda rest, port: _get(f"{rest}/primary")[0] == 200
         else:
@@ -207,17 +206,16 @@ def start(lab: Lab, root: Path, say: Say) -> dict[str, Cluster]:
         clusters[region], state["regions"][region] = _start_member(lab, root, region, cfg, what, ready)
         state["regions"][region].update(scope=scope(region), standby_cluster=standby_settings(root, region))
         state["regions"][region]["members"] = [
-            _more(lab, root, region, etcd, n, None if region == PRIMARY else primary_ports)
+            _more(lab, root, region, etcd, n, None if region == PRIMARY else primary)
             for n in range(2, int(lab.state.get("patroni_members") or 1) + 1)]
         if region == PRIMARY:
-            r = state["regions"][region]
-            primary_ports = [r["port"], *(m["port"] for m in r["members"])]
+            primary = replication_address(state["regions"][region])
     lab.state["patroni"] = state
     lab.save()
     return clusters
 
 
-def _more(lab: Lab, root: Path, region: str, etcd: str, number: int, standby_of: list[int] | None) -> dict:
+def _more(lab: Lab, root: Path, region: str, etcd: str, number: int, standby_of: str | None) -> dict:
     """Another member of a region's cluster (`--patroni-members N`): Patroni clones it from the cluster's leader
     (in a standby cluster: from the standby leader, a cascade) and it streams from it. Returns what the lab keeps
     of it (its PostgreSQL's cluster dict among them, for the teardown)."""

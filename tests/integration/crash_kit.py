@@ -22,9 +22,12 @@ from pathlib import Path
 
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client
+from temporalio.service import RPCError
 
+from opsflow.contracts.db import DB_PROMOTE
 from opsflow.contracts.notify import NOTIFY_SEND
 from opsflow.temporal import DATA_CONVERTER
+from tests.helpers import eventually_async
 from tests.integration import forked
 from tests.integration.conftest import FAST_RESTART, ROOT
 from tests.integration.test_failover_lab import wait_end
@@ -174,4 +177,29 @@ async def run_killing_at_every_boundary(lab, workers: Workers, wid: str, approve
     report["_kinds"] = kinds
     report["_long"] = long_kinds
     report["_kills"] = dict(workers.kills, long_steps=len(killed_running))
+    return report
+
+
+async def run_killing_at_every_boundary_with_child(lab, workers: Workers, wid: str, approve: bool) -> dict:
+    """A failback: run_killing_at_every_boundary on it and, at once, on its child (the planned failover back,
+    `<wid>-failover`, started once the failback's own steps before it are done; its steps are in its own history).
+    The child's run must succeed with a kill at each of its boundaries, the promotion's among them."""
+    client = await Client.connect(lab.state["temporal"]["address"], data_converter=DATA_CONVERTER)
+    child_id = f"{wid}-failover"
+
+    async def child() -> dict:
+        async def started() -> bool:
+            try:
+                await client.get_workflow_handle(child_id).describe()
+            except RPCError:
+                return False
+            return True
+
+        await eventually_async(started, timeout=300, what=f"the failback's child {child_id}", interval=0.2)
+        return await run_killing_at_every_boundary(lab, workers, child_id, approve=False)
+
+    report, back = await asyncio.gather(run_killing_at_every_boundary(lab, workers, wid, approve=approve), child())
+    assert back["status"] == "succeeded" and back["_boundaries"] >= 8, back["_kills"]
+    assert DB_PROMOTE.name in back["_kinds"], back["_kinds"]
+    report["_child"] = back
     return report

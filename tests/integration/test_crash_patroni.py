@@ -8,18 +8,13 @@ tests/integration/crash_kit.py's."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import pytest
-from temporalio.client import Client
-from temporalio.service import RPCError
 
 from opsflow.contracts.db import DB_PROMOTE
-from opsflow.temporal import DATA_CONVERTER
-from tests.helpers import eventually_async
 from tests.integration.conftest import NEEDS_PATRONI, explain, fast_recovery, module_lab, wait_for
-from tests.integration.crash_kit import Workers, run_killing_at_every_boundary
+from tests.integration.crash_kit import Workers, run_killing_at_every_boundary, run_killing_at_every_boundary_with_child
 from tests.integration.test_crash_boundaries import setup_data
 from tests.integration.test_failover_lab import sql, streams_from, timeline
 
@@ -43,22 +38,6 @@ def datadirs(lab) -> dict[str, int]:
     return {r: os.stat(lab.state["postgres"][r]["datadir"]).st_ino for r in ("eastus", "westeurope")}
 
 
-async def kill_at_every_boundary_of_the_child(lab, workers: Workers, child_id: str) -> dict:
-    """The crash kit's run on the failback's child (the planned failover back, started once the failback's own
-    steps before it are done): the kit follows one workflow's history, and the child's steps are in the child's."""
-    client = await Client.connect(lab.state["temporal"]["address"], data_converter=DATA_CONVERTER)
-
-    async def started() -> bool:
-        try:
-            await client.get_workflow_handle(child_id).describe()
-        except RPCError:
-            return False
-        return True
-
-    await eventually_async(started, timeout=300, what=f"the failback's child {child_id}", interval=0.2)
-    return await run_killing_at_every_boundary(lab, workers, child_id, approve=False)
-
-
 async def test_patroni_failover_and_failback_survive_a_kill_at_every_boundary(patroni_crash_lab):
     lab = patroni_crash_lab
     inventory = fast_recovery(lab)
@@ -79,14 +58,10 @@ async def test_patroni_failover_and_failback_survive_a_kill_at_every_boundary(pa
     wait_for(lambda: streams_from(east, west), what="eastus streaming from westeurope")
 
     fid = lab.cli_json("failback", "--env", inventory, "--to", "eastus", "--requester", "alice")["workflow_id"]
-    back, child = await asyncio.gather(run_killing_at_every_boundary(lab, workers, fid, approve=True),
-                                       kill_at_every_boundary_of_the_child(lab, workers, f"{fid}-failover"))
+    back = await run_killing_at_every_boundary_with_child(lab, workers, fid, approve=True)
     assert back["status"] == "succeeded", explain(back)
     assert back["rebuild_method"] == "none (streaming)" and back["failover"]["switchover"], explain(back)
     assert back["_boundaries"] >= 5, back["_kills"]
-    # the failover back (the failback's child workflow) was killed at its boundaries too, the switchover among them
-    assert child["status"] == "succeeded" and child["_boundaries"] >= 8, child["_kills"]
-    assert DB_PROMOTE.name in child["_kinds"], child["_kinds"]
     assert timeline(east) == tli + 2  # one promotion back
     wait_for(lambda: streams_from(west, east), what="westeurope streaming from eastus")
     assert sql(east, "SELECT count(*) FROM orders")[0][0] == 500
