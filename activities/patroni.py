@@ -26,6 +26,7 @@ lifted through PATCH /config like any Patroni setting, and the sessions that wer
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -284,7 +285,7 @@ class PatroniCluster:
         PATCHing it again in its other spelling every NUDGE_AFTER s without it (FENCE_SPELLINGS: a change Patroni
         took while PostgreSQL restarted never arrives otherwise). At most SETTLE_TIMEOUT."""
         started = time.monotonic()
-        for patches in range(1, 1000):
+        for patches in itertools.count(1):  # ends by returning, or raising at SETTLE_TIMEOUT
             spelling = (patches - 1) % 2
             self.patch_config(_fence_patch(on, spelling))
             left = SETTLE_TIMEOUT - (time.monotonic() - started)
